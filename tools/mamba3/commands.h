@@ -1,0 +1,9 @@
+#pragma once
+// Every subcommand adds itself to the app through one of these.
+#include <CLI/CLI.hpp>
+
+namespace mamba3::cli {
+
+void register_info(CLI::App& app);
+
+}  // namespace mamba3::cli
