@@ -3,6 +3,7 @@
 // Views share the holder (a slice along the leading dimension, a reshape); there is no autograd and no laziness.
 #include <cstdint>
 #include <initializer_list>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,6 +65,9 @@ class Tensor {
   DType dtype_ = DType::F32;
   Shape shape_;
 };
+
+// Tensors by name (a checkpoint's state_dict).
+using TensorMap = std::map<std::string, Tensor>;
 
 // Throws with `what` naming the tensor when its shape differs from `expected`.
 void check_shape(const Tensor& t, const Shape& expected, const std::string& what);

@@ -1,0 +1,13 @@
+#pragma once
+// y = x·Wᵀ (PyTorch Linear without bias): x (M, K), W (Nout, K), y (M, Nout), all f32 row-major.
+// Cost 2·M·K·Nout FLOPs; reads 4·Nout·K weight bytes. M = 1 goes through sgemv (memory-bound, reaches the
+// bandwidth ceiling), larger M through OpenBLAS sgemm.
+#include <cstdint>
+
+namespace mamba3 {
+
+void linear(const float* x, int64_t M, int64_t K, const float* W, int64_t Nout, float* y);
+// The plain reference: loops, float64 accumulation.
+void linear_reference(const float* x, int64_t M, int64_t K, const float* W, int64_t Nout, float* y);
+
+}  // namespace mamba3

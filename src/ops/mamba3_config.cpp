@@ -1,0 +1,88 @@
+#include "ops/mamba3_config.h"
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace mamba3 {
+
+int64_t Mamba3Config::num_angles() const {
+  int64_t split = int64_t(double(d_state) * rope_fraction);
+  if (split % 2 != 0) split -= 1;
+  return split / 2;
+}
+
+void Mamba3Config::validate(const std::string& context) const {
+  MAMBA3_CHECK(d_model > 0, "{}: d_model must be positive, got {}", context, d_model);
+  MAMBA3_CHECK(d_state > 0, "{}: d_state must be positive, got {}", context, d_state);
+  MAMBA3_CHECK(expand > 0, "{}: expand must be positive, got {}", context, expand);
+  MAMBA3_CHECK(headdim > 0, "{}: headdim must be positive, got {}", context, headdim);
+  MAMBA3_CHECK(d_inner() > 0 && d_inner() % headdim == 0, "{}: d_inner = int(expand·d_model) = {} is not divisible by headdim {}",
+               context, d_inner(), headdim);
+  MAMBA3_CHECK(ngroups > 0, "{}: ngroups must be positive, got {}", context, ngroups);
+  MAMBA3_CHECK(nheads() % ngroups == 0, "{}: nheads {} is not divisible by ngroups {}", context, nheads(), ngroups);
+  MAMBA3_CHECK(rope_fraction == 0.5 || rope_fraction == 1.0, "{}: rope_fraction must be 0.5 or 1.0, got {}", context,
+               rope_fraction);
+  MAMBA3_CHECK(num_angles() > 0, "{}: d_state {} with rope_fraction {} leaves no rotary angle", context, d_state,
+               rope_fraction);
+  MAMBA3_CHECK(!is_mimo || mimo_rank >= 1, "{}: mimo_rank must be at least 1, got {}", context, mimo_rank);
+  MAMBA3_CHECK(!is_mimo || d_state % 2 == 0, "{}: MIMO pairs (i, i + d_state/2) and needs an even d_state, got {}",
+               context, d_state);
+  MAMBA3_CHECK(chunk_size >= 1, "{}: chunk_size must be at least 1, got {}", context, chunk_size);
+  MAMBA3_CHECK(A_floor >= 0, "{}: A_floor must be non-negative, got {}", context, A_floor);
+}
+
+namespace {
+template <typename T>
+void read(const nlohmann::json& j, const char* key, T& out, const std::string& context) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return;
+  try {
+    if constexpr (std::is_same_v<T, bool>) {
+      MAMBA3_CHECK(it->is_boolean(), "{}: field '{}' must be true or false", context, key);
+    } else if constexpr (std::is_integral_v<T>) {
+      MAMBA3_CHECK(it->is_number_integer(), "{}: field '{}' must be an integer", context, key);
+    } else {
+      MAMBA3_CHECK(it->is_number(), "{}: field '{}' must be a number", context, key);
+    }
+    out = it->get<T>();
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: field '{}': {}", context, key, e.what());
+  }
+}
+}  // namespace
+
+Mamba3Config Mamba3Config::from_json(const nlohmann::json& j, const std::string& context) {
+  MAMBA3_CHECK(j.is_object(), "{}: expected a JSON object", context);
+  Mamba3Config c;
+  read(j, "d_model", c.d_model, context);
+  read(j, "d_state", c.d_state, context);
+  read(j, "expand", c.expand, context);
+  read(j, "headdim", c.headdim, context);
+  read(j, "ngroups", c.ngroups, context);
+  read(j, "rope_fraction", c.rope_fraction, context);
+  read(j, "A_floor", c.A_floor, context);
+  read(j, "is_outproj_norm", c.is_outproj_norm, context);
+  read(j, "is_mimo", c.is_mimo, context);
+  read(j, "mimo_rank", c.mimo_rank, context);
+  read(j, "chunk_size", c.chunk_size, context);
+  if (auto it = j.find("A_activation"); it != j.end()) {
+    std::string v = it->is_string() ? it->get<std::string>() : "";
+    if (v == "heavy_tail") {
+      c.a_activation = AActivation::HeavyTail;
+    } else if (v == "softplus") {
+      c.a_activation = AActivation::Softplus;
+    } else {
+      fail("{}: field 'A_activation' must be \"heavy_tail\" or \"softplus\", got {}", context, it->dump());
+    }
+  }
+  return c;
+}
+
+std::string Mamba3Config::describe() const {
+  return fmt::format("Mamba3({} d_model {}, d_state {}, headdim {}, heads {}, groups {}, rope {}, outnorm {}, chunk {})",
+                     is_mimo ? fmt::format("MIMO R={}", mimo_rank) : std::string("SISO"), d_model, d_state, headdim,
+                     nheads(), ngroups, rope_fraction, is_outproj_norm, chunk_size);
+}
+
+}  // namespace mamba3

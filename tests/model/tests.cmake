@@ -1,0 +1,1 @@
+mamba3_test(test_mixer_golden model/test_mixer_golden.cpp)
