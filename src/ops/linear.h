@@ -7,6 +7,8 @@
 namespace mamba3 {
 
 void linear(const float* x, int64_t M, int64_t K, const float* W, int64_t Nout, float* y);
+// OpenBLAS is switched to one thread on first use: parallelism comes from our OpenMP threads only.
+void use_single_threaded_blas();
 // The plain reference: loops, float64 accumulation.
 void linear_reference(const float* x, int64_t M, int64_t K, const float* W, int64_t Nout, float* y);
 

@@ -86,6 +86,7 @@ inline void bias_rotate(const float* in, const float* bias, const float* cs, con
 inline void rmsnorm_rows(float* v, int64_t count, int64_t N, const float* w) {
   for (int64_t c = 0; c < count; ++c, v += N) {
     float ss = 0;
+#pragma omp simd reduction(+ : ss)
     for (int64_t n = 0; n < N; ++n) ss += v[n] * v[n];
     float r = 1.0f / std::sqrt(ss / float(N) + kNormEps);
     for (int64_t n = 0; n < N; ++n) v[n] = v[n] * r * w[n];
@@ -103,6 +104,7 @@ inline void output_stage(const Mamba3Config& c, const Mamba3HeadParams& p, int64
     float rstd = 1.0f;
     if (nw) {
       float ss = 0;
+#pragma omp simd reduction(+ : ss)
       for (int64_t q = 0; q < P; ++q) ss += yr[q] * yr[q];
       rstd = 1.0f / std::sqrt(ss / float(P) + kNormEps);
     }

@@ -1,9 +1,12 @@
 #include "ops/mamba3_scan.h"
 
 #include <algorithm>
+#include <cblas.h>
+
 #include <cmath>
 
 #include "core/parallel.h"
+#include "ops/linear.h"
 
 namespace mamba3 {
 
@@ -24,7 +27,7 @@ namespace {
 struct ScanScratch {
   std::vector<float> dt, adt, lam;        // (L)
   std::vector<float> q, k;                // (C·R, N)
-  std::vector<float> v, y;                // (C·R, P)
+  std::vector<float> v, y, vw;            // (C·R, P)
   std::vector<float> w;                   // (C·R, C·R) score weights
   std::vector<float> Lam, scale;          // (C)
   std::vector<float> phi, cs, sn;         // (S)
@@ -33,7 +36,7 @@ struct ScanScratch {
   void resize(const Mamba3Config& c, int64_t L) {
     const int64_t C = std::min(c.chunk_size, L), R = c.rank(), N = c.d_state, P = c.headdim, S = c.num_angles();
     dt.resize(L), adt.resize(L), lam.resize(L);
-    q.resize(C * R * N), k.resize(C * R * N), v.resize(C * R * P), y.resize(C * R * P);
+    q.resize(C * R * N), k.resize(C * R * N), v.resize(C * R * P), y.resize(C * R * P), vw.resize(C * R * P);
     w.resize(C * R * C * R), Lam.resize(C), scale.resize(C);
     phi.resize(S), cs.resize(S), sn.resize(S), state.resize(P * N);
   }
@@ -98,55 +101,45 @@ void scan_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, int6
       s.scale[tl] = s.lam[t] * s.dt[t] + next_sigma;
     }
 
-    // Score weights: strictly earlier steps decay and use scale; the same step uses γ (spec §5.3).
+    // Scores q·k for the whole chunk (one small GEMM), then the causal weights: strictly earlier steps decay and
+    // use scale, the same step uses γ (spec §5.3), later steps are masked.
     float* W = s.w.data();
+    const float* Q = s.q.data();
+    const float* K = s.k.data();
+    const float* V = s.v.data();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(rows), int(N), 1.0f, Q, int(N), K, int(N), 0.0f,
+                W, int(rows));
     for (int64_t j = 0; j < rows; ++j) {
       const int64_t tl = j / R;
-      const float* qj = s.q.data() + j * N;
-      const int64_t cols = (tl + 1) * R;
-      for (int64_t jj = 0; jj < cols; ++jj) {
+      float* wrow = W + j * rows;
+      for (int64_t jj = 0; jj < rows; ++jj) {
         const int64_t sl = jj / R;
-        const float* kj = s.k.data() + jj * N;
-        float dot = 0;
-        for (int64_t n = 0; n < N; ++n) dot += qj[n] * kj[n];
-        const float coef = sl < tl ? std::exp(s.Lam[tl] - s.Lam[sl]) * s.scale[sl] : s.lam[c0 + tl] * s.dt[c0 + tl];
-        W[j * rows + jj] = coef * dot;
+        const float coef = sl < tl    ? std::exp(s.Lam[tl] - s.Lam[sl]) * s.scale[sl]
+                           : sl == tl ? s.lam[c0 + tl] * s.dt[c0 + tl]
+                                      : 0.0f;
+        wrow[jj] *= coef;
       }
     }
-    // y = W·v + e^{Λ_t}·H·q + D·v
+    // y = e^{Λ_t}·(q·Hᵀ) + D·v + W·v
+    float* Y = s.y.data();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(P), int(N), 1.0f, Q, int(N), Hs, int(N), 0.0f, Y,
+                int(P));
     for (int64_t j = 0; j < rows; ++j) {
-      const int64_t tl = j / R;
-      float* y = s.y.data() + j * P;
-      const float* vj = s.v.data() + j * P;
-      const float* qj = s.q.data() + j * N;
-      const float decay = std::exp(s.Lam[tl]);
-      for (int64_t q = 0; q < P; ++q) {
-        const float* hrow = Hs + q * N;
-        float dot = 0;
-        for (int64_t n = 0; n < N; ++n) dot += hrow[n] * qj[n];
-        y[q] = decay * dot + Dh * vj[q];
-      }
-      const int64_t cols = (tl + 1) * R;
-      for (int64_t jj = 0; jj < cols; ++jj) {
-        const float wj = W[j * rows + jj];
-        const float* vv = s.v.data() + jj * P;
-        for (int64_t q = 0; q < P; ++q) y[q] += wj * vv[q];
-      }
+      const float decay = std::exp(s.Lam[j / R]);
+      for (int64_t q = 0; q < P; ++q) Y[j * P + q] = decay * Y[j * P + q] + Dh * V[j * P + q];
     }
-    // Carry the state to the chunk's end.
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(P), int(rows), 1.0f, W, int(rows), V, int(P),
+                1.0f, Y, int(P));
+    // Carry the state to the chunk's end: H ← e^{Λ_last}·H + (w ⊙ V)ᵀ·K.
     {
       const float last = s.Lam[T - 1];
-      const float chunk_decay = std::exp(last);
-      for (int64_t jj = 0; jj < rows; ++jj) s.w[jj] = std::exp(last - s.Lam[jj / R]) * s.scale[jj / R];
-      for (int64_t q = 0; q < P; ++q) {
-        float* hrow = Hs + q * N;
-        for (int64_t n = 0; n < N; ++n) hrow[n] *= chunk_decay;
-        for (int64_t jj = 0; jj < rows; ++jj) {
-          const float a = s.w[jj] * s.v[jj * P + q];
-          const float* kj = s.k.data() + jj * N;
-          for (int64_t n = 0; n < N; ++n) hrow[n] += a * kj[n];
-        }
+      float* VW = s.vw.data();
+      for (int64_t jj = 0; jj < rows; ++jj) {
+        const float w = std::exp(last - s.Lam[jj / R]) * s.scale[jj / R];
+        for (int64_t q = 0; q < P; ++q) VW[jj * P + q] = w * V[jj * P + q];
       }
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(P), int(N), int(rows), 1.0f, VW, int(P), K, int(N),
+                  std::exp(last), Hs, int(N));
     }
     for (int64_t tl = 0; tl < T; ++tl) {
       const int64_t t = c0 + tl;
@@ -166,6 +159,7 @@ void scan_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, int6
 void mamba3_scan(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t batch, int64_t L, const float* zx,
                  Mamba3StateView state, float* o) {
   if (L == 0) return;
+  use_single_threaded_blas();  // the chunk GEMMs run inside our threads
   const int64_t H = c.nheads(), P = c.headdim, N = c.d_state, R = c.rank(), S = c.num_angles();
   std::vector<ScanScratch> scratch(static_cast<size_t>(max_threads()));
   parallel_for(batch * H, [&](int64_t task) {

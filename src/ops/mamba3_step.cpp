@@ -63,6 +63,7 @@ void mamba3_step(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t batch
       for (int64_t r = 0; r < R; ++r) {
         const float* qr = s.q.data() + r * N;
         float dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t n = 0; n < N; ++n) dot += hrow[n] * qr[n];
         s.y[r * P + q] = dot + p.D[h] * s.v[r * P + q];
       }
