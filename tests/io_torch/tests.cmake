@@ -1,0 +1,1 @@
+mamba3_test(test_torch_checkpoint io_torch/test_torch_checkpoint.cpp)
