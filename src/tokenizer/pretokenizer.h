@@ -1,0 +1,47 @@
+#pragma once
+// Pre-tokenization: a regular expression (PCRE2 in UTF + UCP mode, JIT-compiled) cuts text into pieces that BPE then
+// encodes one by one. Split behaviour is Hugging Face's "Isolated": every match is a piece, and so is every stretch of
+// text between matches (the split patterns below match every character, so in practice only matches occur).
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace mamba3 {
+
+// The split patterns of the well-known byte-level BPE vocabularies, as their reference implementations write them.
+// `\s` is taken to mean Unicode White_Space (as in Rust's regex and Oniguruma, the engines of tiktoken and
+// Hugging Face tokenizers); see SplitRegex.
+namespace patterns {
+extern const char* const gpt2;    // GPT-2, r50k/p50k, GPT-NeoX (ByteLevel with use_regex)
+extern const char* const cl100k;  // GPT-3.5/4
+extern const char* const o200k;   // GPT-4o
+extern const char* const llama3;  // Llama 3 / 3.1 (tiktoken-style file)
+// Returns the pattern for "gpt2" | "r50k" | "cl100k" | "o200k" | "llama3"; throws mamba3::Error otherwise.
+const char* by_name(std::string_view name);
+}  // namespace patterns
+
+class SplitRegex {
+ public:
+  // Compiles `pattern` (PCRE2 syntax, which covers the Oniguruma/fancy-regex patterns of tokenizer files). Before
+  // compiling, `\s`/`\S` are rewritten to \p{White_Space}/\P{White_Space}: PCRE2 alone would leave out U+0085 (NEL),
+  // which the reference engines count as white space. `origin` names the file and entry for error messages.
+  SplitRegex(std::string_view pattern, std::string_view origin);
+  ~SplitRegex();
+  SplitRegex(const SplitRegex&) = delete;
+  SplitRegex& operator=(const SplitRegex&) = delete;
+
+  // Appends the pieces of `text` (valid UTF-8, not checked) to `out`, in order; they concatenate to `text`.
+  void split(std::string_view text, std::vector<std::string_view>& out) const;
+  const std::string& pattern() const { return pattern_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::string pattern_;
+};
+
+// The rewrite that SplitRegex applies (exposed for tests).
+std::string rewrite_whitespace_classes(std::string_view pattern);
+
+}  // namespace mamba3
