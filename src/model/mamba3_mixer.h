@@ -20,6 +20,10 @@ struct Mamba3State {
   int64_t batch() const { return ssm.dim(0); }
   size_t nbytes() const { return angle.nbytes() + ssm.nbytes() + k.nbytes() + v.nbytes(); }
   Mamba3State clone() const { return {angle.clone(), ssm.clone(), k.clone(), v.clone()}; }
+  // Rows [b0, b1) as views sharing this state's storage (prefill one sequence of a batch in place).
+  Mamba3State rows(int64_t b0, int64_t b1) const {
+    return {angle.slice(b0, b1), ssm.slice(b0, b1), k.slice(b0, b1), v.slice(b0, b1)};
+  }
   Mamba3StateView view();
 };
 
