@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include "core/error.h"
@@ -10,7 +11,9 @@
 namespace mamba3 {
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
-  tmp_path_ = path_ + ".tmp." + std::to_string(::getpid());
+  // Unique per live object, not just per process: two writers of one target (threads saving the same checkpoint)
+  // must not share, truncate or delete each other's temporary file.
+  tmp_path_ = fmt::format("{}.tmp.{}.{:x}", path_, ::getpid(), reinterpret_cast<uintptr_t>(this));
   file_ = std::fopen(tmp_path_.c_str(), "wb");
   if (!file_) fail("{}: cannot create temporary file {}: {}", path_, tmp_path_, std::strerror(errno));
 }

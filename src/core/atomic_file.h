@@ -9,7 +9,7 @@ namespace mamba3 {
 
 class AtomicFile {
  public:
-  explicit AtomicFile(std::string path);  // opens `path.tmp.<pid>` for writing; throws naming the path
+  explicit AtomicFile(std::string path);  // opens `path.tmp.<pid>.<id>` for writing; throws naming the path
   ~AtomicFile();                           // removes the temporary file unless commit() ran
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;

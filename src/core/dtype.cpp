@@ -83,6 +83,20 @@ uint16_t f32_to_f16(float f) {
 }
 
 namespace {
+// f64 -> f32 rounding to odd: when the double is not exactly a float, truncate toward zero and set the last bit.
+// Rounding that result to bf16/f16 (≥ 2 bits narrower) then equals rounding the double directly; plain float(v)
+// would round twice and can land on a tie that the double was not on.
+float f64_to_f32_round_odd(double v) {
+  float f = float(v);
+  if (std::isnan(v) || double(f) == v) return f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if (std::fabs(double(f)) > std::fabs(v)) --bits;  // rounded away from zero (possibly to inf): step back
+  bits |= 1u;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 double load(const void* p, DType t, size_t i) {
   switch (t) {
     case DType::F32: return static_cast<const float*>(p)[i];
@@ -98,8 +112,8 @@ void store(void* p, DType t, size_t i, double v) {
   switch (t) {
     case DType::F32: static_cast<float*>(p)[i] = float(v); break;
     case DType::F64: static_cast<double*>(p)[i] = v; break;
-    case DType::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(float(v)); break;
-    case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(float(v)); break;
+    case DType::BF16: static_cast<uint16_t*>(p)[i] = f32_to_bf16(f64_to_f32_round_odd(v)); break;
+    case DType::F16: static_cast<uint16_t*>(p)[i] = f32_to_f16(f64_to_f32_round_odd(v)); break;
     case DType::I32: static_cast<int32_t*>(p)[i] = int32_t(v); break;
     case DType::I64: static_cast<int64_t*>(p)[i] = int64_t(v); break;
   }

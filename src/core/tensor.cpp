@@ -12,13 +12,30 @@ std::string shape_str(const Shape& shape) {
 }
 
 int64_t shape_numel(const Shape& shape) {
+  // A zero anywhere makes the product 0, however large the other dimensions (which alone could overflow).
+  for (int64_t d : shape)
+    if (d == 0) return 0;
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;
 }
 
+namespace {
+// Rejects negative dimensions and shapes whose size in bytes does not fit in int64 (where numel() would wrap).
+void check_valid_shape(const Shape& shape, DType dtype) {
+  int64_t bytes = int64_t(dtype_size(dtype));
+  bool has_zero = false, overflow = false;
+  for (int64_t d : shape) {
+    MAMBA3_CHECK(d >= 0, "tensor: negative dimension in shape {}", shape_str(shape));
+    has_zero |= d == 0;
+    overflow |= __builtin_mul_overflow(bytes, d, &bytes);
+  }
+  MAMBA3_CHECK(has_zero || !overflow, "tensor: shape {} of {} is too large", shape_str(shape), dtype_name(dtype));
+}
+}  // namespace
+
 Tensor Tensor::empty(DType dtype, Shape shape) {
-  for (int64_t d : shape) MAMBA3_CHECK(d >= 0, "tensor: negative dimension in shape {}", shape_str(shape));
+  check_valid_shape(shape, dtype);
   Tensor t;
   t.dtype_ = dtype;
   t.shape_ = std::move(shape);
@@ -38,6 +55,7 @@ Tensor Tensor::zeros(DType dtype, Shape shape) {
 }
 
 Tensor Tensor::view_of(std::shared_ptr<const void> holder, const void* data, DType dtype, Shape shape) {
+  check_valid_shape(shape, dtype);
   Tensor t;
   t.holder_ = std::move(holder);
   t.data_ = const_cast<void*>(data);
@@ -47,6 +65,7 @@ Tensor Tensor::view_of(std::shared_ptr<const void> holder, const void* data, DTy
 }
 
 Tensor Tensor::from_floats(const std::vector<float>& values, Shape shape) {
+  check_valid_shape(shape, DType::F32);
   MAMBA3_CHECK(int64_t(values.size()) == shape_numel(shape), "tensor: {} values for shape {}", values.size(),
                shape_str(shape));
   Tensor t = empty(DType::F32, std::move(shape));
@@ -61,6 +80,7 @@ Tensor Tensor::to(DType dtype) const {
 }
 
 Tensor Tensor::reshape(Shape shape) const {
+  check_valid_shape(shape, dtype_);
   MAMBA3_CHECK(shape_numel(shape) == numel(), "tensor: cannot reshape {} to {}", shape_str(shape_), shape_str(shape));
   Tensor t = *this;
   t.shape_ = std::move(shape);

@@ -33,6 +33,8 @@ Entry parse_entry(const std::string& path, const std::string& name, const json& 
   if (sh == value.end() || !sh->is_array()) return bad("missing or non-array field 'shape'");
   for (const auto& d : *sh) {
     if (!d.is_number_unsigned()) return bad("field 'shape' holds a value that is not a non-negative integer");
+    if (d.get<uint64_t>() > uint64_t(INT64_MAX))
+      return bad(fmt::format("field 'shape' holds the dimension {}, past 2^63 - 1", d.get<uint64_t>()));
     e.shape.push_back(d.get<int64_t>());
   }
   auto off = value.find("data_offsets");
@@ -41,15 +43,22 @@ Entry parse_entry(const std::string& path, const std::string& name, const json& 
     return bad("field 'data_offsets' must be two non-negative integers");
   e.begin = (*off)[0].get<uint64_t>();
   e.end = (*off)[1].get<uint64_t>();
-  if (e.begin > e.end || e.end > data_size)
+  if (e.begin > e.end)
+    return bad(fmt::format("data_offsets [{}, {}]: begin is past end", e.begin, e.end));
+  if (e.end > data_size)
     return bad(fmt::format("data_offsets [{}, {}] outside the data section of {} bytes", e.begin, e.end, data_size));
-  // Overflow-safe product of the shape.
-  unsigned __int128 bytes = dtype_size(e.dtype);
-  for (int64_t d : e.shape) bytes *= uint64_t(d);
+  // The shape's size in bytes, overflow-checked: a product that wraps (even in 128 bits: 2^63·2^63·4·8 = 2^131)
+  // could otherwise match a small span. A zero dimension makes any other dimension legal.
+  bool has_zero = std::find(e.shape.begin(), e.shape.end(), 0) != e.shape.end();
+  uint64_t bytes = dtype_size(e.dtype);
+  bool overflow = false;
+  for (int64_t d : e.shape) overflow |= __builtin_mul_overflow(bytes, uint64_t(d), &bytes);
+  if (has_zero) bytes = 0;
+  if (overflow && !has_zero)
+    return bad(fmt::format("shape {} of {} needs more than 2^64 bytes", shape_str(e.shape), dtype_name(e.dtype)));
   if (bytes != e.end - e.begin)
     return bad(fmt::format("shape {} of {} needs {} bytes but data_offsets span {}", shape_str(e.shape),
-                           dtype_name(e.dtype), uint64_t(std::min<unsigned __int128>(bytes, UINT64_MAX)),
-                           e.end - e.begin));
+                           dtype_name(e.dtype), bytes, e.end - e.begin));
   return e;
 }
 
@@ -98,9 +107,10 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     }
     entries.push_back(parse_entry(path, it.key(), *it, data_size));
   }
-  // No two tensors may share bytes.
+  // No two tensors may share bytes. Empty tensors hold none, so they may sit at any offset (even inside another).
   std::vector<const Entry*> by_offset;
-  for (const auto& e : entries) by_offset.push_back(&e);
+  for (const auto& e : entries)
+    if (e.begin != e.end) by_offset.push_back(&e);
   std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < by_offset.size(); ++i)
     MAMBA3_CHECK(by_offset[i]->begin >= by_offset[i - 1]->end, "{}: tensors '{}' and '{}' overlap in the data section",
@@ -141,6 +151,7 @@ void write_safetensors(const std::string& path, const NamedTensors& tensors,
   for (const auto& [name, t] : tensors) {
     MAMBA3_CHECK(name != "__metadata__" && names.insert(name).second, "{}: duplicate or reserved tensor name '{}'",
                  path, name);
+    MAMBA3_CHECK(t.defined(), "{}: tensor '{}' is undefined (holds no storage)", path, name);
     header[name] = {{"dtype", std::string(dtype_name(t.dtype()))},
                     {"shape", t.shape()},
                     {"data_offsets", {offset, offset + t.nbytes()}}};
