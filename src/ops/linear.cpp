@@ -6,6 +6,7 @@
 #include <mutex>
 
 #include "core/parallel.h"
+#include "ops/linear_small_m.h"
 
 extern "C" void openblas_set_num_threads(int);
 
@@ -29,6 +30,7 @@ void use_single_threaded_blas() {
 
 void linear(const float* x, int64_t M, int64_t K, const float* W, int64_t Nout, float* y) {
   if (M == 0 || Nout == 0) return;
+  if (M <= kSmallM) return linear_small_m(x, M, K, W, Nout, y);  // decode: batch-invariant, bandwidth-bound
   use_single_threaded_blas();
   // Split the output columns (rows of W, contiguous) into one block per thread, 16-aligned for the kernels.
   const int64_t threads = std::min<int64_t>(max_threads(), std::max<int64_t>(1, Nout / 64));
@@ -36,13 +38,8 @@ void linear(const float* x, int64_t M, int64_t K, const float* W, int64_t Nout, 
   parallel_for(threads, [&](int64_t i) {
     const int64_t n0 = std::min(Nout, i * block), n1 = std::min(Nout, n0 + block);
     if (n0 >= n1) return;
-    if (M == 1) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, blasint(n1 - n0), blasint(K), 1.0f, W + n0 * K, blasint(K), x, 1, 0.0f,
-                  y + n0, 1);
-    } else {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blasint(M), blasint(n1 - n0), blasint(K), 1.0f, x,
-                  blasint(K), W + n0 * K, blasint(K), 0.0f, y + n0, blasint(Nout));
-    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blasint(M), blasint(n1 - n0), blasint(K), 1.0f, x,
+                blasint(K), W + n0 * K, blasint(K), 0.0f, y + n0, blasint(Nout));
   });
 }
 

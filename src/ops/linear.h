@@ -1,7 +1,7 @@
 #pragma once
 // y = x·Wᵀ (PyTorch Linear without bias): x (M, K), W (Nout, K), y (M, Nout), all f32 row-major.
-// Cost 2·M·K·Nout FLOPs; reads 4·Nout·K weight bytes. M = 1 goes through sgemv (memory-bound, reaches the
-// bandwidth ceiling), larger M through OpenBLAS sgemm.
+// Cost 2·M·K·Nout FLOPs; reads 4·Nout·K weight bytes. M ≤ 16 (decode) goes through our batch-invariant
+// bandwidth-bound kernel (linear_small_m.h), larger M through OpenBLAS sgemm.
 #include <cstdint>
 
 namespace mamba3 {

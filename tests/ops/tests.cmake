@@ -1,0 +1,1 @@
+mamba3_test(test_linear ops/test_linear.cpp)
