@@ -8,23 +8,6 @@
 
 namespace mamba3 {
 
-size_t StringHash::operator()(std::string_view s) const noexcept {
-  // FNV-1a over 8-byte words: token pieces are short, so a cheap hash beats a strong one.
-  uint64_t h = 0xcbf29ce484222325ull ^ s.size();
-  size_t i = 0;
-  for (; i + 8 <= s.size(); i += 8) {
-    uint64_t w;
-    std::memcpy(&w, s.data() + i, 8);
-    h = (h ^ w) * 0x100000001b3ull;
-    h ^= h >> 29;
-  }
-  uint64_t tail = 0;
-  std::memcpy(&tail, s.data() + i, s.size() - i);
-  h = (h ^ tail) * 0x100000001b3ull;
-  h ^= h >> 32;
-  return size_t(h * 0x9E3779B97F4A7C15ull >> 7);
-}
-
 namespace {
 inline size_t mix(uint64_t k) {
   k ^= k >> 31;
@@ -35,7 +18,7 @@ inline size_t mix(uint64_t k) {
 constexpr uint32_t kNoRank = UINT32_MAX;
 }  // namespace
 
-bool BpeModel::add_token(uint32_t id, std::string bytes) {
+bool BpeModel::add_token(uint32_t id, std::string_view bytes) {
   if (!byte_ids_init_) {
     std::fill(std::begin(byte_ids_), std::end(byte_ids_), kNone);
     byte_ids_init_ = true;
@@ -44,7 +27,7 @@ bool BpeModel::add_token(uint32_t id, std::string bytes) {
     auto& slot = byte_ids_[static_cast<unsigned char>(bytes[0])];
     if (slot == kNone) slot = id;
   }
-  return token_ids_.emplace(std::move(bytes), id).second;
+  return token_ids_.insert(bytes, id);
 }
 
 void BpeModel::grow_pairs() {
@@ -70,21 +53,20 @@ void BpeModel::add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t 
 }
 
 void BpeModel::add_merges_from_ranks() {
-  for (const auto& [bytes, id] : token_ids_) {
-    const std::string_view t = bytes;
+  token_ids_.for_each([&](std::string_view t, uint32_t id) {
     for (size_t k = 1; k < t.size(); ++k) {
       const auto l = find(t.substr(0, k));
       if (!l) continue;
       const auto r = find(t.substr(k));
       if (r) add_merge(*l, *r, id, id);
     }
-  }
+  });
 }
 
 std::optional<uint32_t> BpeModel::find(std::string_view bytes) const {
-  const auto it = token_ids_.find(bytes);
-  if (it == token_ids_.end()) return std::nullopt;
-  return it->second;
+  const uint32_t* id = token_ids_.find(bytes);
+  if (!id) return std::nullopt;
+  return *id;
 }
 
 const BpeModel::Pair* BpeModel::find_pair(uint32_t l, uint32_t r) const {
@@ -121,10 +103,7 @@ void BpeModel::encode_piece(std::string_view piece, std::vector<uint32_t>& out) 
     for (unsigned char b : piece) out.push_back(byte_token(b));
     return;
   }
-  if (piece.size() <= 96)
-    merge_scan(piece, out);
-  else
-    merge_heap(piece, out);
+  merge(piece, out);
 }
 
 void BpeModel::merge_scan(std::string_view piece, std::vector<uint32_t>& out) const {

@@ -6,16 +6,11 @@
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
-namespace mamba3 {
+#include "tokenizer/string_table.h"
 
-struct StringHash {
-  using is_transparent = void;
-  size_t operator()(std::string_view s) const noexcept;
-};
-using TokenMap = std::unordered_map<std::string, uint32_t, StringHash, std::equal_to<>>;
+namespace mamba3 {
 
 class BpeModel {
  public:
@@ -23,7 +18,7 @@ class BpeModel {
 
   // Adds a regular token (its raw bytes). Fails if the bytes or the id are already present.
   // Returns false (adding nothing) when the bytes are already there.
-  bool add_token(uint32_t id, std::string bytes);
+  bool add_token(uint32_t id, std::string_view bytes);
   // Declares that tokens `left` and `right` merge into `merged` with priority `rank` (lower first). A later
   // declaration of the same pair replaces the earlier one (as a Hugging Face merges list with duplicates does).
   void add_merge(uint32_t left, uint32_t right, uint32_t rank, uint32_t merged);
@@ -34,7 +29,15 @@ class BpeModel {
   void set_whole_piece_lookup(bool on) { whole_piece_ = on; }
 
   std::optional<uint32_t> find(std::string_view bytes) const;
-  const TokenMap& tokens() const { return token_ids_; }
+  size_t token_count() const { return token_ids_.size(); }
+  // Encodes a piece that is not a single byte nor (with whole-piece lookup) a token itself.
+  void merge(std::string_view piece, std::vector<uint32_t>& out) const {
+    if (piece.size() <= 96)
+      merge_scan(piece, out);
+    else
+      merge_heap(piece, out);
+  }
+  bool whole_piece_lookup() const { return whole_piece_; }
   size_t merge_count() const { return pair_count_; }
 
   // Encodes one piece (non-empty), appending its ids to `out`. Throws mamba3::Error when a byte has no token.
@@ -54,7 +57,7 @@ class BpeModel {
   void grow_pairs();
   uint32_t byte_token(unsigned char b) const;
 
-  TokenMap token_ids_;
+  StringTable<uint32_t> token_ids_;
   uint32_t byte_ids_[256];
   bool byte_ids_init_ = false;
   std::vector<Pair> pairs_;  // open addressing, linear probing, power-of-two size

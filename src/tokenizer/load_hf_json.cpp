@@ -219,7 +219,7 @@ Tokenizer Tokenizer::from_hf_json_text(std::string_view text, const std::string&
   } catch (const json::exception& e) {
     fail("{}: unexpected structure: {}", origin, e.what());
   }
-  if (t.bpe.tokens().empty()) L.error("model.vocab", "is empty");
+  if (t.bpe.token_count() == 0) L.error("model.vocab", "is empty");
   return TokenizerBuilder::make(std::move(impl));
 }
 

@@ -89,7 +89,7 @@ SplitRegex::SplitRegex(std::string_view pattern, std::string_view origin)
 
 SplitRegex::~SplitRegex() = default;
 
-void SplitRegex::split(std::string_view text, std::vector<std::string_view>& out) const {
+void SplitRegex::split_impl(std::string_view text, void (*emit)(void*, std::string_view), void* ctx) const {
   struct MatchData {
     pcre2_match_data* md;
     ~MatchData() { pcre2_match_data_free(md); }
@@ -106,9 +106,9 @@ void SplitRegex::split(std::string_view text, std::vector<std::string_view>& out
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) fail("split pattern \"{}\": matching failed: {}", pattern_, pcre2_message(rc));
     const size_t s = ov[0], e = ov[1];
-    if (s > last) out.emplace_back(text.data() + last, s - last);
+    if (s > last) emit(ctx, std::string_view(text.data() + last, s - last));
     if (e > s) {
-      out.emplace_back(text.data() + s, e - s);
+      emit(ctx, std::string_view(text.data() + s, e - s));
       pos = e;
     } else {
       // An empty match: step over one character so the scan moves on.
@@ -121,7 +121,7 @@ void SplitRegex::split(std::string_view text, std::vector<std::string_view>& out
     }
     last = e;
   }
-  if (last < n) out.emplace_back(text.data() + last, n - last);
+  if (last < n) emit(ctx, std::string_view(text.data() + last, n - last));
 }
 
 }  // namespace mamba3

@@ -31,11 +31,19 @@ class SplitRegex {
   SplitRegex(const SplitRegex&) = delete;
   SplitRegex& operator=(const SplitRegex&) = delete;
 
-  // Appends the pieces of `text` (valid UTF-8, not checked) to `out`, in order; they concatenate to `text`.
-  void split(std::string_view text, std::vector<std::string_view>& out) const;
+  // Calls `f(piece)` for the pieces of `text` (valid UTF-8, not checked), in order; they concatenate to `text`.
+  template <typename F>
+  void split(std::string_view text, F&& f) const {
+    split_impl(text, [](void* ctx, std::string_view piece) { (*static_cast<F*>(ctx))(piece); }, &f);
+  }
+  // Appends the pieces to `out`.
+  void split(std::string_view text, std::vector<std::string_view>& out) const {
+    split(text, [&out](std::string_view piece) { out.push_back(piece); });
+  }
   const std::string& pattern() const { return pattern_; }
 
  private:
+  void split_impl(std::string_view text, void (*emit)(void*, std::string_view), void* ctx) const;
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::string pattern_;

@@ -1,5 +1,7 @@
 #include "tokenizer/tokenizer.h"
 
+#include <algorithm>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -15,32 +17,102 @@ namespace {
 // Per-call memo of piece → ids: prose repeats its words, and a hash lookup is cheaper than a merge loop.
 struct PieceCache {
   static constexpr size_t kMaxEntries = 1 << 16;
-  std::unordered_map<std::string, std::pair<uint32_t, uint32_t>, StringHash, std::equal_to<>> map;
+  StringTable<std::pair<uint32_t, uint32_t>> map;  // piece → (offset, count) in ids
   std::vector<uint32_t> ids;
+};
+
+// A direct-mapped cache in front of everything for pieces of up to 16 bytes that encode to up to 3 ids: the key is
+// held inline, so the frequent words of a text are found with one access to a small (L2-sized) array instead of a
+// probe into the multi-megabyte vocabulary table.
+struct HotCache {
+  struct Entry {
+    uint64_t lo = 0, hi = 0;
+    uint32_t len = 0, count = 0;  // len 0: empty
+    uint32_t ids[3] = {};
+    uint32_t pad = 0;
+  };
+  std::vector<Entry> entries;
+  size_t mask = 0;
+  explicit HotCache(size_t text_bytes) {
+    size_t n = 16;
+    while (n < 8192 && n * 8 < text_bytes) n *= 2;
+    entries.resize(n);
+    mask = n - 1;
+  }
+  // The piece's bytes as two little-endian words, zero-padded (1 ≤ n ≤ 16).
+  static void key(const char* p, size_t n, uint64_t& lo, uint64_t& hi) {
+    uint64_t a, b;
+    if (n >= 8) {
+      std::memcpy(&a, p, 8);
+      std::memcpy(&b, p + n - 8, 8);
+      lo = a;
+      hi = n == 8 ? 0 : b >> (8 * (16 - n));
+    } else if (n >= 4) {
+      uint32_t x, y;
+      std::memcpy(&x, p, 4);
+      std::memcpy(&y, p + n - 4, 4);
+      lo = uint64_t(x) | uint64_t(y >> (8 * (8 - n))) << 32;
+      hi = 0;
+    } else {
+      lo = uint8_t(p[0]) | (n > 1 ? uint64_t(uint8_t(p[1])) << 8 : 0) | (n > 2 ? uint64_t(uint8_t(p[2])) << 16 : 0);
+      hi = 0;
+    }
+  }
+  Entry& slot(uint64_t lo, uint64_t hi, size_t n) {
+    const __uint128_t m = __uint128_t(lo ^ 0xe7037ed1a0b428dbull) * (hi ^ n ^ 0x8ebc6af09c88c6e3ull);
+    return entries[size_t(uint64_t(m) ^ uint64_t(m >> 64)) & mask];
+  }
 };
 
 struct EncodeContext {
   const Tokenizer::Impl& t;
   std::vector<uint32_t>& out;
-  std::vector<std::vector<std::string_view>> pieces;  // one list per pre-tokenization step
   std::deque<std::string> owned;                      // pieces that gained a prefix space (stable addresses)
   PieceCache cache;
+  HotCache hot;
+
+  EncodeContext(const Tokenizer::Impl& tok, std::vector<uint32_t>& ids, size_t text_bytes)
+      : t(tok), out(ids), hot(text_bytes) {}
 
   void piece(std::string_view p) {
     if (p.empty()) return;
     if (p.size() == 1 || !t.cache_pieces) return t.bpe.encode_piece(p, out);
-    if (auto it = cache.map.find(p); it != cache.map.end()) {
-      const auto [offset, count] = it->second;
-      out.insert(out.end(), cache.ids.begin() + offset, cache.ids.begin() + offset + count);
+    if (p.size() > 16) return piece_slow(p);
+    uint64_t lo, hi;
+    HotCache::key(p.data(), p.size(), lo, hi);
+    HotCache::Entry& e = hot.slot(lo, hi, p.size());
+    if (e.len == p.size() && e.lo == lo && e.hi == hi) {
+      out.insert(out.end(), e.ids, e.ids + e.count);
       return;
     }
     const size_t before = out.size();
-    t.bpe.encode_piece(p, out);
+    piece_slow(p);
+    const size_t count = out.size() - before;
+    if (count <= 3) {
+      e.lo = lo;
+      e.hi = hi;
+      e.len = uint32_t(p.size());
+      e.count = uint32_t(count);
+      std::copy(out.begin() + before, out.end(), e.ids);
+    }
+  }
+
+  void piece_slow(std::string_view p) {
+    const BpeModel& bpe = t.bpe;
+    if (bpe.whole_piece_lookup()) {
+      if (const auto id = bpe.find(p)) return out.push_back(*id);
+    }
+    if (const auto* hit = cache.map.find(p)) {
+      out.insert(out.end(), cache.ids.begin() + hit->first, cache.ids.begin() + hit->first + hit->second);
+      return;
+    }
+    const size_t before = out.size();
+    bpe.merge(p, out);
     if (cache.map.size() >= PieceCache::kMaxEntries) {
       cache.map.clear();
       cache.ids.clear();
     }
-    cache.map.emplace(std::string(p), std::pair{uint32_t(cache.ids.size()), uint32_t(out.size() - before)});
+    cache.map.insert(p, std::pair{uint32_t(cache.ids.size()), uint32_t(out.size() - before)});
     cache.ids.insert(cache.ids.end(), out.begin() + before, out.end());
   }
 
@@ -56,10 +128,7 @@ struct EncodeContext {
       run(step + 1, with_space);
       return;
     }
-    auto& list = pieces[step];
-    list.clear();
-    st.regex->split(s, list);
-    for (size_t i = 0; i < list.size(); ++i) run(step + 1, pieces[step][i]);
+    st.regex->split(s, [this, step](std::string_view piece) { run(step + 1, piece); });
   }
 };
 
@@ -87,7 +156,7 @@ void Tokenizer::encode_into(std::string_view text, bool allow_special, std::vect
     text = repaired;
   }
   const Impl& t = *impl_;
-  EncodeContext ctx{t, out, std::vector<std::vector<std::string_view>>(t.steps.size()), {}, {}};
+  EncodeContext ctx(t, out, text.size());
   size_t pos = 0;
   while (pos < text.size()) {
     const auto m = t.added.find(text, pos, allow_special);
@@ -137,7 +206,7 @@ std::string Tokenizer::describe() const {
   const Impl& t = *impl_;
   const char* kind = t.kind == Kind::HuggingFace ? "tokenizer.json" : t.kind == Kind::Tiktoken ? "tiktoken" : "bytes";
   return fmt::format("{} {}: {} ids ({} regular, {} added), {} merges{}{}", kind, t.origin, vocab_size(),
-                     t.bpe.tokens().size(), t.added.tokens().size(), t.bpe.merge_count(),
+                     t.bpe.token_count(), t.added.tokens().size(), t.bpe.merge_count(),
                      t.pattern_note.empty() ? "" : ", ", t.pattern_note);
 }
 

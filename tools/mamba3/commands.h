@@ -5,5 +5,6 @@
 namespace mamba3::cli {
 
 void register_info(CLI::App& app);
+void register_tokenize(CLI::App& app);
 
 }  // namespace mamba3::cli
