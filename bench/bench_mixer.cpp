@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <random>
 
-#include "bench_util.h"
+#include "ops/machine.h"
 #include "core/parallel.h"
 #include "model/mamba3_mixer.h"
 
@@ -43,7 +43,7 @@ TensorMap random_weights(const Mamba3Config& c, std::mt19937& rng) {
 
 int main() {
   std::printf("mamba3 bench_mixer: %d threads\n", max_threads());
-  const double bw = bench::measure_read_bandwidth();
+  const double bw = mamba3::measure_read_bandwidth();
   std::printf("measured read bandwidth: %.1f GB/s\n", bw / 1e9);
   std::mt19937 rng(0);
 
@@ -55,12 +55,12 @@ int main() {
     Mamba3Mixer mixer(c, random_weights(c, rng));
     const char* name = rank ? "MIMO R=4" : "SISO";
     const double gemm_flops_per_token = 2.0 * double(c.d_model) * double(c.d_in_proj() + c.d_inner());
-    const double sgemm_rate = bench::measure_linear_flops(2048, c.d_model, c.d_in_proj());
+    const double sgemm_rate = mamba3::measure_linear_flops(2048, c.d_model, c.d_in_proj());
 
     {  // prefill, batch 1, seqlen 2048
       const int64_t L = 2048;
       Tensor u = random_tensor(rng, {1, L, c.d_model}, 1.0f);
-      double s = bench::median_seconds(5, [&] {
+      double s = mamba3::median_seconds(5, [&] {
         Mamba3State st = mixer.new_state(1);
         mixer.prefill(u, st);
       });
@@ -72,7 +72,7 @@ int main() {
       Tensor u = random_tensor(rng, {batch, c.d_model}, 1.0f);
       Tensor out = Tensor::empty(DType::F32, {batch, c.d_model});
       Mamba3State st = mixer.new_state(batch);
-      double s = bench::median_seconds(50, [&] { mixer.step(u, st, out); });
+      double s = mamba3::median_seconds(50, [&] { mixer.step(u, st, out); });
       const double weight_bytes = 4.0 * double(c.d_model) * double(c.d_in_proj() + c.d_inner());
       const double floor_s = (weight_bytes + 2.0 * double(st.nbytes())) / bw;
       char shape[32];

@@ -6,5 +6,7 @@ namespace mamba3::cli {
 
 void register_info(CLI::App& app);
 void register_tokenize(CLI::App& app);
+void register_generate(CLI::App& app);
+void register_bench(CLI::App& app);
 
 }  // namespace mamba3::cli

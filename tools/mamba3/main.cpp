@@ -8,7 +8,9 @@
 int main(int argc, char** argv) {
   CLI::App app{"mamba3: a C++ engine for Mamba-3 state space models"};
   app.require_subcommand(1);
+  mamba3::cli::register_generate(app);
   mamba3::cli::register_info(app);
+  mamba3::cli::register_bench(app);
   mamba3::cli::register_tokenize(app);
   try {
     app.parse(argc, argv);

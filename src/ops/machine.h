@@ -1,5 +1,5 @@
 #pragma once
-// Small timing helpers shared by the benchmark programs: medians of repeated runs and the machine's measured
+// Timing helpers shared by the benchmarks and `mamba3 bench`: medians of repeated runs and the machine's measured
 // ceilings (memory bandwidth, sgemm rate) that every result is compared against.
 #include <algorithm>
 #include <chrono>
@@ -7,7 +7,7 @@
 #include <functional>
 #include <vector>
 
-namespace mamba3::bench {
+namespace mamba3 {
 
 // Median wall time in seconds of `reps` runs of fn (after one warm-up run).
 inline double median_seconds(int reps, const std::function<void()>& fn) {
@@ -27,4 +27,4 @@ double measure_read_bandwidth();
 // sgemm rate in FLOP/s for y (M, N) = x (M, K)·Wᵀ, through the same linear() the engine uses.
 double measure_linear_flops(int64_t M, int64_t K, int64_t N);
 
-}  // namespace mamba3::bench
+}  // namespace mamba3

@@ -1,11 +1,11 @@
-#include "bench_util.h"
+#include "ops/machine.h"
 
 #include <vector>
 
 #include "core/parallel.h"
 #include "ops/linear.h"
 
-namespace mamba3::bench {
+namespace mamba3 {
 
 double measure_read_bandwidth() {
   const size_t n = size_t(256) << 20;  // 1 GiB of floats
@@ -13,7 +13,7 @@ double measure_read_bandwidth() {
   volatile float sink = 0;
   double s = median_seconds(5, [&] {
     float total = 0;
-#pragma omp parallel for reduction(+ : total)
+#pragma omp parallel for simd reduction(+ : total)
     for (int64_t i = 0; i < int64_t(n); ++i) total += buf[size_t(i)];
     sink = total;
   });
@@ -27,4 +27,4 @@ double measure_linear_flops(int64_t M, int64_t K, int64_t N) {
   return 2.0 * double(M) * double(K) * double(N) / s;
 }
 
-}  // namespace mamba3::bench
+}  // namespace mamba3
