@@ -3,7 +3,7 @@ BUILD ?= build
 JOBS  ?= $(shell nproc)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps configure build test bench clean
+.PHONY: all deps configure build test bench run clean
 
 all: build
 
@@ -23,6 +23,14 @@ test: build
 
 bench: build
 	$(BUILD)/bench/bench_mixer
+	$(BUILD)/tools/mamba3/mamba3 bench
+
+# Generation on CPU. Until the embedded default model lands, MODEL defaults to a small golden test model
+# (random weights: the text is noise, the path through the engine is the real one).
+MODEL ?= ../shared/golden/lm_hybrid
+PROMPT ?= Mamba-3 is
+run: build
+	$(BUILD)/tools/mamba3/mamba3 generate -m $(MODEL) -p "$(PROMPT)" -n 32 --seed 1
 
 clean:
 	rm -rf $(BUILD)

@@ -99,5 +99,33 @@ TEST(LmGolden, EveryCaseFromSafetensorsAndPytorchBin) {
   }
 }
 
+// Weights stored as bf16 or f16 on disk load (widened to f32) and stay within the bf16 tolerance of the golden
+// README; the same greedy continuation comes out.
+TEST(LmGolden, HalfPrecisionCheckpointsLoad) {
+  auto cases = golden_cases("lm_");
+  ASSERT_FALSE(cases.empty());
+  for (const auto& dir : cases) {
+    Weights w = load_weights(dir.string());
+    for (DType dt : {DType::BF16, DType::F16}) {
+      TensorMap half;
+      for (const auto& [name, t] : w.tensors()) half[name] = t.to(dt);
+      const auto file = std::filesystem::temp_directory_path() / "mamba3_half.safetensors";
+      NamedTensors named(half.begin(), half.end());
+      write_safetensors(file.string(), named);
+      auto reread = SafetensorsFile::open(file.string());
+      LanguageModel m(ModelConfig::load((dir / "config.json").string()), reread.tensors(), file.string());
+      std::filesystem::remove(file);
+      auto expected = SafetensorsFile::open((dir / "expected.safetensors").string());
+      std::ifstream pj(dir / "prompt.json");
+      auto inputs = read_ids(nlohmann::json::parse(pj)["input_ids"]);
+      ModelCache cache = m.new_cache(1);
+      Tensor logits = m.prefill(inputs[0], cache, 0, true);
+      const double e = rel_l2(logits, logits_at(expected.get("prefill_logits_f64"), 0, 0, int64_t(inputs[0].size())));
+      EXPECT_LE(e, 2e-2) << dir << " " << dtype_name(dt);
+      EXPECT_GT(e, 0.0) << dir << ": rounding to " << dtype_name(dt) << " should change something";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace mamba3::test
