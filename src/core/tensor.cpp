@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -105,6 +106,10 @@ void Tensor::copy_from(const Tensor& other) {
   MAMBA3_CHECK(other.shape_ == shape_, "tensor: copy from shape {} into shape {}", shape_str(other.shape_),
                shape_str(shape_));
   convert_floats(other.data_, other.dtype_, data_, dtype_, size_t(numel()));
+}
+
+bool has_shape(const Tensor& t, std::initializer_list<int64_t> expected) {
+  return t.shape().size() == expected.size() && std::equal(expected.begin(), expected.end(), t.shape().begin());
 }
 
 void check_shape(const Tensor& t, const Shape& expected, const std::string& what) {

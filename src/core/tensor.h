@@ -69,6 +69,9 @@ class Tensor {
 // Tensors by name (a checkpoint's state_dict).
 using TensorMap = std::map<std::string, Tensor>;
 
+// Whether t has exactly this shape (no allocation: usable on hot paths).
+bool has_shape(const Tensor& t, std::initializer_list<int64_t> expected);
+
 // Throws with `what` naming the tensor when its shape differs from `expected`.
 void check_shape(const Tensor& t, const Shape& expected, const std::string& what);
 

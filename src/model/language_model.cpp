@@ -142,8 +142,7 @@ void LanguageModel::run_blocks(Scratch& s, int64_t rows, ModelCache& cache, int6
     norm(residual, rows, b.norm_w, b.norm_b, normed);
     if (b.mamba) {
       if (decode) {
-        Tensor in = s.normed.slice(0, rows), out = s.hidden.slice(0, rows);
-        b.mamba->step(in, lc.mamba, out);
+        b.mamba->step(normed, rows, lc.mamba, hidden);
       } else {
         Mamba3State st = lc.mamba.rows(row, row + 1);
         Tensor out = b.mamba->prefill(s.normed.slice(0, rows).reshape({1, rows, D}), st);
@@ -183,7 +182,7 @@ Tensor LanguageModel::prefill(std::span<const int64_t> ids, ModelCache& cache, i
 void LanguageModel::step(std::span<const int64_t> ids, ModelCache& cache, Tensor& logits) const {
   const int64_t B = cache.batch(), D = config_.d_model, V = config_.vocab_padded();
   MAMBA3_CHECK(int64_t(ids.size()) == B, "step: {} ids for a cache of {} rows", ids.size(), B);
-  check_shape(logits, {B, V}, "step: logits");
+  if (!has_shape(logits, {B, V}) || logits.dtype() != DType::F32) check_shape(logits, {B, V}, "step: logits (F32)");
   check_ids(ids);
   Scratch& s = *scratch_;
   s.reserve(config_, B);

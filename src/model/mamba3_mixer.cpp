@@ -74,6 +74,14 @@ Mamba3Mixer::Mamba3Mixer(const Mamba3Config& config, const TensorMap& weights, c
     params_[s.name] = t.to(DType::F32);
     if (used) used->insert(full);
   }
+  auto get = [&](const char* name) -> const float* {
+    auto it = params_.find(name);
+    return it == params_.end() ? nullptr : it->second.data<float>();
+  };
+  head_ = {get("dt_bias"), get("B_bias"), get("C_bias"), get("mimo_x"), get("mimo_z"),
+           get("mimo_o"),  get("D"),      get("norm.weight")};
+  in_proj_ = get("in_proj.weight"), out_proj_ = get("out_proj.weight");
+  B_norm_ = get("B_norm.weight"), C_norm_ = get("C_norm.weight");
 }
 
 const Tensor& Mamba3Mixer::param(const std::string& name) const {
@@ -88,25 +96,27 @@ size_t Mamba3Mixer::parameter_count() const {
   return n;
 }
 
-Mamba3HeadParams Mamba3Mixer::head_params() const {
-  auto get = [&](const char* name) -> const float* {
-    auto it = params_.find(name);
-    return it == params_.end() ? nullptr : it->second.data<float>();
-  };
-  return {get("dt_bias"), get("B_bias"), get("C_bias"), get("mimo_x"), get("mimo_z"),
-          get("mimo_o"),  get("D"),      get("norm.weight")};
-}
 
 void Mamba3Mixer::check_io(const Tensor& u, const Mamba3State& state, int64_t rank, const char* what) const {
   const Mamba3Config& c = config_;
   MAMBA3_CHECK(u.dtype() == DType::F32, "Mamba3 {}: input must be F32, got {}", what, dtype_name(u.dtype()));
   MAMBA3_CHECK(u.ndim() == rank && u.dim(-1) == c.d_model, "Mamba3 {}: input shape {} should be ({}d_model={})", what,
                shape_str(u.shape()), rank == 3 ? "batch, seqlen, " : "batch, ", c.d_model);
-  const int64_t B = u.dim(0), H = c.nheads();
-  check_shape(state.angle, {B, H, c.num_angles()}, fmt::format("Mamba3 {}: angle state", what));
-  check_shape(state.ssm, {B, H, c.headdim, c.d_state}, fmt::format("Mamba3 {}: ssm state", what));
-  check_shape(state.k, {B, c.rank(), H, c.d_state}, fmt::format("Mamba3 {}: k state", what));
-  check_shape(state.v, {B, H, c.headdim}, fmt::format("Mamba3 {}: v state", what));
+  check_state(state, u.dim(0), what);
+}
+
+void Mamba3Mixer::check_state(const Mamba3State& state, int64_t B, const char* what) const {
+  const Mamba3Config& c = config_;
+  const int64_t H = c.nheads();
+  // Shapes are compared without building a Shape; messages are only formatted on failure.
+  if (!has_shape(state.angle, {B, H, c.num_angles()}))
+    check_shape(state.angle, {B, H, c.num_angles()}, fmt::format("Mamba3 {}: angle state", what));
+  if (!has_shape(state.ssm, {B, H, c.headdim, c.d_state}))
+    check_shape(state.ssm, {B, H, c.headdim, c.d_state}, fmt::format("Mamba3 {}: ssm state", what));
+  if (!has_shape(state.k, {B, c.rank(), H, c.d_state}))
+    check_shape(state.k, {B, c.rank(), H, c.d_state}, fmt::format("Mamba3 {}: k state", what));
+  if (!has_shape(state.v, {B, H, c.headdim}))
+    check_shape(state.v, {B, H, c.headdim}, fmt::format("Mamba3 {}: v state", what));
   for (const Tensor* t : {&state.angle, &state.ssm, &state.k, &state.v})
     MAMBA3_CHECK(t->dtype() == DType::F32, "Mamba3 {}: states must be F32", what);
 }
@@ -129,16 +139,22 @@ Tensor Mamba3Mixer::prefill(const Tensor& u, Mamba3State& state) const {
 
 void Mamba3Mixer::step(const Tensor& u, Mamba3State& state, Tensor& out) const {
   check_io(u, state, 2, "step");
+  if (!has_shape(out, {u.dim(0), config_.d_model}) || out.dtype() != DType::F32)
+    check_shape(out, {u.dim(0), config_.d_model}, "Mamba3 step: output (F32)");
+  step(u.data<float>(), u.dim(0), state, out.data<float>());
+}
+
+void Mamba3Mixer::step(const float* u, int64_t B, Mamba3State& state, float* out) const {
   const Mamba3Config& c = config_;
-  const int64_t B = u.dim(0);
-  check_shape(out, {B, c.d_model}, "Mamba3 step: output");
+  check_state(state, B, "step");
+  const Mamba3HeadParams p = head_params();
   ws_->reserve(c, B);
   float* zx = ws_->zx.data<float>();
   float* o = ws_->o.data<float>();
-  linear(u.data<float>(), B, c.d_model, param("in_proj.weight").data<float>(), c.d_in_proj(), zx);
-  mamba3_normalize_bc(c, param("B_norm.weight").data<float>(), param("C_norm.weight").data<float>(), B, zx);
-  mamba3_step(c, head_params(), B, zx, state.view(), o, ws_->step);
-  linear(o, B, c.d_inner(), param("out_proj.weight").data<float>(), c.d_model, out.data<float>());
+  linear(u, B, c.d_model, in_proj_, c.d_in_proj(), zx);
+  mamba3_normalize_bc(c, B_norm_, C_norm_, B, zx);
+  mamba3_step(c, p, B, zx, state.view(), o, ws_->step);
+  linear(o, B, c.d_inner(), out_proj_, c.d_model, out);
 }
 
 Tensor Mamba3Mixer::step(const Tensor& u, Mamba3State& state) const {

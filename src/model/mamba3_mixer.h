@@ -47,6 +47,9 @@ class Mamba3Mixer {
   // size it allocates nothing.
   void step(const Tensor& u, Mamba3State& state, Tensor& out) const;
   Tensor step(const Tensor& u, Mamba3State& state) const;
+  // The same on raw rows: u (batch, d_model), out (batch, d_model); batch must match the state. For the model's
+  // decode loop, which keeps its activations in reused buffers.
+  void step(const float* u, int64_t batch, Mamba3State& state, float* out) const;
 
   // The float64 reference (straight loops, per-token recurrence) with the same interface.
   Tensor prefill_reference(const Tensor& u, Mamba3State& state) const;
@@ -58,10 +61,14 @@ class Mamba3Mixer {
  private:
   struct Workspace;
   void check_io(const Tensor& u, const Mamba3State& state, int64_t rank, const char* what) const;
-  Mamba3HeadParams head_params() const;
+  void check_state(const Mamba3State& state, int64_t batch, const char* what) const;  // allocation-free when valid
+  Mamba3HeadParams head_params() const { return head_; }
 
   Mamba3Config config_;
   TensorMap params_;
+  // Raw views of params_ (stable: tensor buffers never move), so the hot paths do no lookups.
+  Mamba3HeadParams head_{};
+  const float *in_proj_ = nullptr, *out_proj_ = nullptr, *B_norm_ = nullptr, *C_norm_ = nullptr;
   std::unique_ptr<Workspace> ws_;  // scratch reused across calls (the layer is not safe for concurrent calls)
 };
 
