@@ -1,0 +1,2 @@
+# Mamba-3 mixer backward: the float64 reference (per-token reverse mode).
+target_sources(mamba3 PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/ops/mamba3_reference_backward.cpp)
