@@ -1,5 +1,6 @@
 #include "model/model_cache.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include <nlohmann/json.hpp>
@@ -25,6 +26,8 @@ ModelCache::ModelCache(const ModelConfig& config, std::vector<LayerCache> layers
 
 ModelCache ModelCache::clone() const {
   ModelCache c = *this;
+  c.storage_.clear();
+  c.capacity_ = 0;
   for (auto& l : c.layers_)
     if (l.mamba.ssm.defined()) l.mamba = l.mamba.clone();
   return c;
@@ -55,6 +58,89 @@ ModelCache ModelCache::fork(int64_t row, int64_t n) const {
     c.layers_.push_back(std::move(nl));
   }
   return c;
+}
+
+namespace {
+// Copies row `src_row` of every tensor of `src` into row `dst_row` of `dst` (same per-row shapes).
+void copy_state_row(const Mamba3State& src, int64_t src_row, Mamba3State& dst, int64_t dst_row) {
+  auto one = [&](const Tensor& s, Tensor& d) {
+    const size_t row_bytes = s.nbytes() / size_t(std::max<int64_t>(s.dim(0), 1));
+    std::memcpy(static_cast<char*>(d.raw()) + size_t(dst_row) * row_bytes,
+                static_cast<const char*>(s.raw()) + size_t(src_row) * row_bytes, row_bytes);
+  };
+  one(src.angle, dst.angle), one(src.ssm, dst.ssm), one(src.k, dst.k), one(src.v, dst.v);
+}
+}  // namespace
+
+void ModelCache::grow_storage(int64_t rows) {
+  if (storage_.empty()) {  // the current tight tensors become the storage
+    for (const auto& l : layers_) storage_.push_back(l.mamba);
+    capacity_ = batch_;
+  }
+  if (rows <= capacity_) return;
+  const int64_t cap = std::max(rows, 2 * capacity_);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Mamba3State& old = storage_[i];
+    if (!old.ssm.defined()) continue;
+    auto bigger = [&](const Tensor& t) {
+      Shape s = t.shape();
+      s[0] = cap;
+      return Tensor::empty(t.dtype(), s);
+    };
+    Mamba3State grown{bigger(old.angle), bigger(old.ssm), bigger(old.k), bigger(old.v)};
+    for (int64_t r = 0; r < batch_; ++r) copy_state_row(old, r, grown, r);
+    storage_[i] = std::move(grown);
+  }
+  capacity_ = cap;
+}
+
+void ModelCache::reserve(int64_t rows) {
+  grow_storage(std::max(rows, batch_));
+  refresh_views();
+}
+
+void ModelCache::refresh_views() {
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (storage_[i].ssm.defined()) layers_[i].mamba = storage_[i].rows(0, batch_);
+}
+
+void ModelCache::append(const ModelCache& other) {
+  MAMBA3_CHECK(other.layers_.size() == layers_.size() && other.shape_signature() == shape_signature(),
+               "cache append: the caches belong to models of different configurations");
+  if (other.batch_ == 0) return;
+  grow_storage(batch_ + other.batch_);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const LayerCache& src = other.layers_[i];
+    MAMBA3_CHECK(src.mamba.ssm.defined() == storage_[i].ssm.defined(),
+                 "cache append: layer {} is a Mamba-3 layer in one cache and not in the other", i);
+    if (src.mamba.ssm.defined()) {
+      MAMBA3_CHECK(src.mamba.ssm.dim(0) == other.batch_, "cache append: layer {} state has {} rows, expected {}", i,
+                   src.mamba.ssm.dim(0), other.batch_);
+      for (int64_t r = 0; r < other.batch_; ++r) copy_state_row(src.mamba, r, storage_[i], batch_ + r);
+    }
+    layers_[i].attn.insert(layers_[i].attn.end(), src.attn.begin(), src.attn.end());
+  }
+  positions_.insert(positions_.end(), other.positions_.begin(), other.positions_.end());
+  batch_ += other.batch_;
+  refresh_views();
+}
+
+void ModelCache::remove_row(int64_t row) {
+  MAMBA3_CHECK(row >= 0 && row < batch_, "cache remove_row: row {} of {}", row, batch_);
+  grow_storage(batch_);
+  const int64_t last = batch_ - 1;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (storage_[i].ssm.defined() && row != last) copy_state_row(storage_[i], last, storage_[i], row);
+    auto& attn = layers_[i].attn;
+    if (!attn.empty()) {
+      if (row != last) attn[size_t(row)] = std::move(attn[size_t(last)]);
+      attn.pop_back();
+    }
+  }
+  positions_[size_t(row)] = positions_[size_t(last)];
+  positions_.pop_back();
+  batch_ = last;
+  refresh_views();
 }
 
 size_t ModelCache::nbytes() const {

@@ -32,6 +32,16 @@ class ModelCache {
   ModelCache fork(int64_t row, int64_t n) const;
   size_t nbytes() const;
 
+  // Rows joining and leaving a running batch (continuous batching). append: the rows of `other` (a cache of the same
+  // model) go after this cache's rows; storage grows geometrically, so the rows already here are not copied again
+  // on every join (amortised O(rows appended)). remove_row: the last row moves into `row`'s place (O(one row), no
+  // reallocation); the batch may become empty. Views of the state tensors taken before either call are invalid.
+  void append(const ModelCache& other);
+  void remove_row(int64_t row);
+  // Rows the storage holds before append must reallocate (>= batch()); reserve makes room for `rows` up front.
+  int64_t capacity() const { return storage_.empty() ? batch_ : capacity_; }
+  void reserve(int64_t rows);
+
   // Atomic write of every state tensor to a safetensors file (with the model config in its metadata); load checks
   // that the file belongs to a model of the same shape.
   void save(const std::string& path) const;
@@ -39,10 +49,16 @@ class ModelCache {
 
  private:
   nlohmann::json shape_signature() const;
+  void grow_storage(int64_t rows);  // makes storage_ hold at least `rows` rows (keeps the current ones)
+  void refresh_views();             // layers_[i].mamba = rows [0, batch_) of storage_[i]
   ModelConfig config_;
   std::vector<LayerCache> layers_;
   std::vector<int64_t> positions_;
   int64_t batch_ = 0;
+  // Mamba-3 layers' state with spare rows (empty until append/remove_row first need it; then layers_[i].mamba are
+  // views of its first batch_ rows). Copies made by clone/fork/load are tight and have none.
+  std::vector<Mamba3State> storage_;
+  int64_t capacity_ = 0;
 };
 
 }  // namespace mamba3

@@ -12,6 +12,9 @@ int main(int argc, char** argv) {
   mamba3::cli::register_info(app);
   mamba3::cli::register_bench(app);
   mamba3::cli::register_tokenize(app);
+#ifdef MAMBA3_HAVE_SERVER
+  mamba3::cli::register_serve(app);
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,96 @@
+// `mamba3 serve`: the OpenAI-compatible HTTP server (continuous batching, state reuse) over one model directory.
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+
+#include "commands.h"
+#include "core/parallel.h"
+#include "model/language_model.h"
+#include "server/http_server.h"
+#include "tokenizer/tokenizer.h"
+
+namespace mamba3::cli {
+
+namespace {
+
+struct ServeArgs {
+  std::string model, host = "127.0.0.1", device = "cpu", api_key, alias;
+  int port = 8080, threads = 0, http_threads = 0;
+  server::EngineOptions engine;
+  server::ServerLimits limits;
+  int64_t state_cache_mb = 1024, max_body_kb = 1024;
+};
+
+void run(ServeArgs& a) {
+  MAMBA3_CHECK(a.device == "cpu", "--device {}: only the CPU backend is built in this version", a.device);
+  MAMBA3_CHECK(a.port >= 0 && a.port <= 65535, "--port: {} is not a TCP port", a.port);
+  MAMBA3_CHECK(a.state_cache_mb >= 0 && a.max_body_kb >= 1, "--state-cache-mb must be >= 0 and --max-body-kb >= 1");
+  if (a.threads > 0) set_threads(a.threads);
+  namespace fs = std::filesystem;
+  LanguageModel model = LanguageModel::load(a.model);
+  Tokenizer tok = fs::exists(fs::path(a.model) / "tokenizer.json") || fs::exists(fs::path(a.model) / "tokenizer.model")
+                      ? Tokenizer::from_model_dir(a.model)
+                      : Tokenizer::bytes();
+  if (tok.kind() == Tokenizer::Kind::Bytes)
+    std::fprintf(stderr, "note: no tokenizer in %s: bytes are token ids (0-255)\n", a.model.c_str());
+  server::ChatTemplate tmpl = server::ChatTemplate::from_model_dir(a.model);
+  a.engine.state_cache_bytes = size_t(a.state_cache_mb) << 20;
+  server::ServerOptions so;
+  so.host = a.host, so.port = a.port, so.api_key = a.api_key, so.threads = a.http_threads, so.limits = a.limits;
+  so.max_body_bytes = size_t(a.max_body_kb) << 10;
+  so.model_name = !a.alias.empty() ? a.alias : fs::path(a.model).lexically_normal().filename().string();
+  if (so.model_name.empty()) so.model_name = fs::path(a.model).lexically_normal().parent_path().filename().string();
+
+  // SIGINT/SIGTERM are taken by sigwait below (blocked before any thread starts, so every thread inherits that).
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  server::Engine engine(model, tok, a.engine);
+  server::HttpServer http(engine, tok, tmpl, so);
+  http.start();
+  std::fprintf(stderr, "mamba3 serve: model '%s' (%s), chat template %s, listening on http://%s:%d%s\n",
+               so.model_name.c_str(), a.model.c_str(), tmpl.from_file ? "chat_template.json" : "default",
+               a.host.c_str(), http.port(), a.api_key.empty() ? "" : " (API key required)");
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::fprintf(stderr, "mamba3 serve: signal %d, stopping\n", sig);
+  http.stop();
+  engine.stop();
+}
+
+}  // namespace
+
+void register_serve(CLI::App& app) {
+  static ServeArgs a;
+  auto* cmd = app.add_subcommand("serve", "OpenAI-compatible HTTP server with continuous batching and state reuse");
+  cmd->add_option("-m,--model", a.model, "model directory (config.json + weights [+ tokenizer])")->required();
+  cmd->add_option("--host", a.host, "address to bind")->capture_default_str();
+  cmd->add_option("--port", a.port, "TCP port (0: any free port, printed on stderr)")->capture_default_str();
+  cmd->add_option("--device", a.device, "cpu (cuda: not built yet)")->capture_default_str();
+  cmd->add_option("--api-key", a.api_key, "require 'Authorization: Bearer KEY' (except /health)");
+  cmd->add_option("--alias", a.alias, "model name in the API (default: the directory name)");
+  cmd->add_option("--max-batch", a.engine.max_batch, "sequences decoded together")->capture_default_str();
+  cmd->add_option("--max-queue", a.engine.max_queue, "requests waiting beyond the batch (then 429)")
+      ->capture_default_str();
+  cmd->add_option("--lane-rows", a.engine.lane_rows,
+                  "rows per decode call (<= 16: batch-invariant results; larger: BLAS, faster, not bit-exact)")
+      ->capture_default_str();
+  cmd->add_option("--prefill-block", a.engine.prefill_block, "prompt segment length (state reuse granularity)")
+      ->capture_default_str();
+  cmd->add_option("--prefill-budget", a.engine.prefill_budget, "prompt tokens prefilled between decode steps")
+      ->capture_default_str();
+  cmd->add_option("--state-cache-mb", a.state_cache_mb, "memory for cached prompt states (0 = off)")
+      ->capture_default_str();
+  cmd->add_option("--max-prompt-tokens", a.limits.max_prompt_tokens, "longest prompt accepted")->capture_default_str();
+  cmd->add_option("--max-tokens", a.limits.max_tokens, "largest max_tokens accepted")->capture_default_str();
+  cmd->add_option("--max-n", a.limits.max_n, "largest n accepted")->capture_default_str();
+  cmd->add_option("--max-body-kb", a.max_body_kb, "largest request body")->capture_default_str();
+  cmd->add_option("--threads", a.threads, "CPU threads for the model (default: all cores)");
+  cmd->add_option("--http-threads", a.http_threads, "HTTP worker threads (default: max-batch + max-queue + 8)");
+  cmd->callback([] { run(a); });
+}
+
+}  // namespace mamba3::cli
