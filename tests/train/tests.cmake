@@ -1,2 +1,3 @@
 mamba3_test(test_mixer_backward_golden train/test_mixer_backward_golden.cpp)
 mamba3_test(test_mixer_backward_fd train/test_mixer_backward_fd.cpp)
+mamba3_test(test_mixer_backward_fast train/test_mixer_backward_fast.cpp)
