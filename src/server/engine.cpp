@@ -305,10 +305,16 @@ bool Engine::advance(Choice& c, float* logits) {
   c.history.push_back(id);
   ++c.counts[id];
   c.last = id;
-  auto end = [&](std::string text, const char* reason) {
-    c.job->push({c.index, std::move(text), reason}, true);
+  {
     std::lock_guard lock(mu_);
-    --active_;
+    ++metrics_.generated_tokens;
+  }
+  auto end = [&](std::string text, const char* reason) {
+    {
+      std::lock_guard lock(mu_);
+      --active_;  // before the client can see the end, so /health and /metrics agree with the answer
+    }
+    c.job->push({c.index, std::move(text), reason}, true);
     return false;
   };
   if (std::find(r.stop_ids.begin(), r.stop_ids.end(), id) != r.stop_ids.end()) {
@@ -367,7 +373,6 @@ void Engine::decode_lanes() {
   std::lock_guard lock(mu_);
   const auto now = std::chrono::steady_clock::now();
   if (produced_ > 0) {  // tokens sampled this iteration, first tokens of new choices included
-    metrics_.generated_tokens += produced_;
     recent_.emplace_back(now, produced_);
     produced_ = 0;
   }
