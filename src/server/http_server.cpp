@@ -1,5 +1,9 @@
 #include "server/http_server.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <csignal>
 #include <ctime>
 #include <random>
@@ -18,6 +22,7 @@ struct HttpServer::Impl {
   std::vector<int64_t> eos_ids;
   httplib::Server svr;
   std::atomic<int64_t> next_id{0};
+  int listen_socket = -1;
   const std::time_t started = std::time(nullptr);
 
   Impl(Engine& e, const Tokenizer& t, ChatTemplate c, ServerOptions o)
@@ -178,6 +183,15 @@ struct HttpServer::Impl {
   }
 
   void routes() {
+    // Debian's compiled cpp-httplib listens with a backlog of 5: a burst of connections overflows it (the kernel
+    // drops them; clients stall for seconds or fail). Remember the socket and listen again with a deep backlog.
+    svr.set_socket_options([this](int sock) {
+      int yes = 1;
+      ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+      // Accepted sockets inherit it: each streamed token leaves at once (Nagle + delayed ACK would add ~40 ms).
+      ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &yes, sizeof yes);
+      listen_socket = sock;
+    });
     svr.set_payload_max_length(opt.max_body_bytes);
     svr.set_read_timeout(30);
     svr.set_write_timeout(30);
@@ -266,6 +280,7 @@ void HttpServer::bind() {
                  o.host, o.port);
     port_ = o.port;
   }
+  if (impl_->listen_socket >= 0) ::listen(impl_->listen_socket, SOMAXCONN);
   bound_ = true;
 }
 
