@@ -1,3 +1,4 @@
 mamba3_test(test_mixer_backward_golden train/test_mixer_backward_golden.cpp)
 mamba3_test(test_mixer_backward_fd train/test_mixer_backward_fd.cpp)
 mamba3_test(test_mixer_backward_fast train/test_mixer_backward_fast.cpp)
+include(${CMAKE_CURRENT_SOURCE_DIR}/train/lm_tests.cmake)
