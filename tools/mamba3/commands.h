@@ -9,5 +9,7 @@ void register_tokenize(CLI::App& app);
 void register_generate(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_serve(CLI::App& app);
+void register_prepare(CLI::App& app);
+void register_train(CLI::App& app);
 
 }  // namespace mamba3::cli

@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   mamba3::cli::register_info(app);
   mamba3::cli::register_bench(app);
   mamba3::cli::register_tokenize(app);
+  mamba3::cli::register_prepare(app);
+  mamba3::cli::register_train(app);
 #ifdef MAMBA3_HAVE_SERVER
   mamba3::cli::register_serve(app);
 #endif

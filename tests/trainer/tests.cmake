@@ -1,0 +1,9 @@
+# Training tool: AdamW, schedules, data, checkpoints, the loop (with a small differentiable problem), and the CLI.
+mamba3_test(test_trainer_optimizer trainer/test_optimizer.cpp)
+mamba3_test(test_trainer_data trainer/test_data.cpp)
+mamba3_test(test_trainer_loop trainer/test_trainer.cpp)
+mamba3_test(test_trainer_checkpoint trainer/test_checkpoint.cpp)
+if(TARGET mamba3_cli)
+  add_test(NAME test_trainer_cli COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/trainer/test_cli.sh $<TARGET_FILE:mamba3_cli>)
+  set_tests_properties(test_trainer_cli PROPERTIES LABELS cpu TIMEOUT 300)
+endif()
