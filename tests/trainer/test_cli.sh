@@ -78,6 +78,15 @@ else
     && echo "ok: generate loads the checkpoint" || fail "generate: $(cat "$tmp/err")"
   "$bin" train --resume --steps 5 --data "$tmp/b.txt" --out "$tmp/run" >/dev/null 2>"$tmp/err" \
     && [ "$(wc -l < "$tmp/run/log.jsonl")" = 5 ] && echo "ok: --resume continues to step 5" || fail "resume: $(cat "$tmp/err")"
+  # Kill after step 3 (last checkpoint: step 2), resume: the loss sequence equals the uninterrupted run's exactly.
+  exact=("$bin" train --config "$tmp/config.json" --data "$tmp/b.txt" --steps 5 --batch 2 --seq-len 16 --eval-every 2 --save-every 2 --seed 3)
+  "${exact[@]}" --out "$tmp/whole" >/dev/null 2>&1
+  "${exact[@]}" --out "$tmp/cut" --stop-after 3 >/dev/null 2>&1
+  "$bin" train --resume --data "$tmp/b.txt" --out "$tmp/cut" >/dev/null 2>"$tmp/err" || fail "resume after kill: $(cat "$tmp/err")"
+  losses() { grep -o '"\(loss\|val_loss\|step\)":[^,}]*' "$1/log.jsonl" | tr '\n' ' '; }
+  a=$(losses "$tmp/whole"); b=$(losses "$tmp/cut")
+  if [ -n "$a" ] && [ "$a" = "$b" ]; then echo "ok: resume after a kill repeats the loss sequence exactly"
+  else fail "resumed losses differ: [$a] vs [$b]"; fi
 fi
 
 echo "$failures failure(s)"

@@ -26,6 +26,7 @@ struct TrainArgs {
   std::string config, data, out, tokenizer = "bytes", device = "cpu";
   double val_fraction = 0.05;
   bool resume = false;
+  int64_t stop_after = -1;
   TrainOptions options;
 };
 
@@ -44,6 +45,8 @@ void register_train(CLI::App& app) {
   cmd->add_option("--val-fraction", a.val_fraction, "validation share of a text --data")->capture_default_str();
   cmd->add_option("--device", a.device, "cpu (cuda: not built yet)")->capture_default_str();
   cmd->add_flag("--resume", a.resume, "continue the checkpoint in --out (its options, unless given again)");
+  cmd->add_option("--stop-after", a.stop_after,
+                  "stop after this step as if killed (no save beyond the last checkpoint; tests --resume)");
   // Options that a resumed run takes from the checkpoint unless given on the command line.
   CLI::Option* given[] = {
       cmd->add_option("--steps", o.steps, "optimizer steps in total")->capture_default_str(),
@@ -77,6 +80,7 @@ void register_train(CLI::App& app) {
     job.out_dir = a.out;
     job.resume = a.resume;
     job.progress = stderr;
+    job.stop_after = a.stop_after;
     if (a.resume) {
       const Checkpoint ck = load_checkpoint(a.out);
       // The checkpoint's options are the base; flags given now override them.
