@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "core/parallel.h"
+#include "ops/parallel_work.h"
 
 namespace mamba3 {
 
@@ -14,7 +14,7 @@ void attention_backward(const AttentionShape& s, const float* q, int64_t Lq, int
   const int64_t H = s.heads, Hkv = s.kv_heads, hd = s.head_dim, group = H / Hkv;
   // Per query head partial dk/dv (Lk, hd), summed over the group afterwards in head order (deterministic).
   std::vector<float> pk(size_t(H * Lk * hd)), pv(size_t(H * Lk * hd));
-  parallel_for(H, [&](int64_t h) {
+  parallel_for_work(H, 4 * Lq * Lk * hd, [&](int64_t h) {
     const int64_t kvh = h / group;
     float* dkh = pk.data() + h * Lk * hd;
     float* dvh = pv.data() + h * Lk * hd;
@@ -57,7 +57,7 @@ void attention_backward(const AttentionShape& s, const float* q, int64_t Lq, int
       }
     }
   });
-  parallel_for(Hkv, [&](int64_t kvh) {
+  parallel_for_work(Hkv, 2 * Lk * group * hd, [&](int64_t kvh) {
     for (int64_t j = 0; j < Lk; ++j) {
       float* dkj = dk + (j * Hkv + kvh) * hd;
       float* dvj = dv + (j * Hkv + kvh) * hd;

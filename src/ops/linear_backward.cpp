@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "core/parallel.h"
+#include "ops/parallel_work.h"
 #include "ops/linear.h"
 
 namespace mamba3 {
@@ -22,7 +22,7 @@ void gemm_rows_parallel(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
   // Enough rows per block that each sgemm call amortises its packing; at most one block per thread.
   const int64_t nblocks = std::min<int64_t>(max_threads(), std::max<int64_t>(1, m / 16));
   const int64_t block = (m + nblocks - 1) / nblocks;
-  parallel_for(nblocks, [&](int64_t i) {
+  parallel_for_work(nblocks, block * n * k, [&](int64_t i) {
     const int64_t m0 = i * block, m1 = std::min(m, m0 + block);
     if (m0 >= m1) return;
     const float* a = trans_a ? A + m0 : A + m0 * lda;  // rows m0.. of op(A) are columns of A when transposed
@@ -43,7 +43,7 @@ void linear_backward_weight(const float* dy, int64_t M, int64_t Nout, const floa
 
 void bias_backward(const float* dy, int64_t M, int64_t Nout, float* db) {
   constexpr int64_t kCols = 64;
-  parallel_for((Nout + kCols - 1) / kCols, [&](int64_t blk) {
+  parallel_for_work((Nout + kCols - 1) / kCols, kCols * M, [&](int64_t blk) {
     const int64_t j0 = blk * kCols, j1 = std::min(Nout, j0 + kCols);
     std::vector<double> acc(size_t(j1 - j0), 0.0);
     for (int64_t r = 0; r < M; ++r)

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "core/parallel.h"
+#include "ops/parallel_work.h"
 
 namespace mamba3 {
 
@@ -18,12 +18,12 @@ template <typename RowFn>
 void blocked_rows(int64_t rows, int64_t D, float* dw, float* db, RowFn&& row_fn) {
   const int64_t nblocks = (rows + kRowBlock - 1) / kRowBlock;
   std::vector<double> pw(size_t(nblocks * D), 0.0), pb(db ? size_t(nblocks * D) : 0, 0.0);
-  parallel_for(nblocks, [&](int64_t blk) {
+  parallel_for_work(nblocks, 4 * kRowBlock * D, [&](int64_t blk) {
     double* w = pw.data() + blk * D;
     double* b = db ? pb.data() + blk * D : nullptr;
     for (int64_t r = blk * kRowBlock; r < std::min(rows, (blk + 1) * kRowBlock); ++r) row_fn(r, w, b);
   });
-  parallel_for((D + 63) / 64, [&](int64_t cb) {
+  parallel_for_work((D + 63) / 64, 64 * nblocks, [&](int64_t cb) {
     for (int64_t i = cb * 64; i < std::min(D, (cb + 1) * 64); ++i) {
       double sw = 0, sb = 0;
       for (int64_t blk = 0; blk < nblocks; ++blk) {

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/parallel.h"
+#include "ops/parallel_work.h"
 #include "ops/attention.h"
 #include "ops/attention_backward.h"
 #include "ops/linear.h"
@@ -40,7 +40,7 @@ void attention_train_forward(const AttentionConfig& a, int64_t d_model, const At
   act.ctx.resize(size_t(N * d.ctx_w));
   linear(x, N, d_model, p.in_w, d.width, act.proj.data());  // (N, qkv + mlp)
   if (p.in_b)
-    parallel_for(N, [&](int64_t r) {
+    parallel_for_work(N, d.width + d.ctx_w, [&](int64_t r) {
       for (int64_t j = 0; j < d.width; ++j) act.proj[size_t(r * d.width + j)] += p.in_b[j];
     });
   // Causal depthwise conv per sequence: out[t] = b + Σ_k w[k]·in[t − (K−1) + k], zero before the sequence start.
@@ -48,7 +48,7 @@ void attention_train_forward(const AttentionConfig& a, int64_t d_model, const At
   int64_t qkv_ld = d.width;
   if (K > 0) {
     act.qkv.resize(size_t(N * d.qkv));
-    parallel_for(N, [&](int64_t r) {
+    parallel_for_work(N, d.width + d.ctx_w, [&](int64_t r) {
       const int64_t t = r % L;
       float* o = act.qkv.data() + r * d.qkv;
       for (int64_t ch = 0; ch < d.qkv; ++ch) {
@@ -61,7 +61,7 @@ void attention_train_forward(const AttentionConfig& a, int64_t d_model, const At
     qkv_src = act.qkv.data();
     qkv_ld = d.qkv;
   }
-  parallel_for(N, [&](int64_t r) {
+  parallel_for_work(N, d.width + d.ctx_w, [&](int64_t r) {
     const int64_t t = r % L;
     const float* row = qkv_src + r * qkv_ld;
     float* qt = act.q.data() + r * d.H * d.hd;
@@ -78,7 +78,7 @@ void attention_train_forward(const AttentionConfig& a, int64_t d_model, const At
   for (int64_t b = 0; b < B; ++b)
     attention(s, act.q.data() + b * L * d.H * d.hd, L, 0, act.k.data() + b * L * d.Hkv * d.hd,
               act.v.data() + b * L * d.Hkv * d.hd, L, act.att.data() + b * L * d.H * d.hd);
-  parallel_for(N, [&](int64_t r) {
+  parallel_for_work(N, d.width + d.ctx_w, [&](int64_t r) {
     float* c = act.ctx.data() + r * d.ctx_w;
     std::copy_n(act.att.data() + r * d.H * d.hd, d.H * d.hd, c);
     const float* m = act.proj.data() + r * d.width + d.qkv;  // MLP branch: up ⊙ silu(gate)
@@ -86,7 +86,7 @@ void attention_train_forward(const AttentionConfig& a, int64_t d_model, const At
   });
   linear(act.ctx.data(), N, d.ctx_w, p.out_w, d_model, out);
   if (p.out_b)
-    parallel_for(N, [&](int64_t r) {
+    parallel_for_work(N, d.width + d.ctx_w, [&](int64_t r) {
       for (int64_t j = 0; j < d_model; ++j) out[r * d_model + j] += p.out_b[j];
     });
 }
@@ -104,7 +104,7 @@ void attention_train_backward(const AttentionConfig& a, int64_t d_model, const A
 
   // MLP branch and the attention output's gradient.
   std::vector<float> dproj(size_t(N * d.width), 0.0f), datt(size_t(N * d.H * d.hd));
-  parallel_for(N, [&](int64_t r) {
+  parallel_for_work(N, d.width + d.ctx_w, [&](int64_t r) {
     const float* dc = dctx.data() + r * d.ctx_w;
     std::copy_n(dc, d.H * d.hd, datt.data() + r * d.H * d.hd);
     const float* m = act.proj.data() + r * d.width + d.qkv;
@@ -134,7 +134,7 @@ void attention_train_backward(const AttentionConfig& a, int64_t d_model, const A
     dqkv = dqkv_conv.data();
     dqkv_ld = d.qkv;
   }
-  parallel_for(N, [&](int64_t r) {
+  parallel_for_work(N, d.width + d.ctx_w, [&](int64_t r) {
     const int64_t t = r % L;
     float* qt = dq.data() + r * d.H * d.hd;
     float* kt = dk.data() + r * d.Hkv * d.hd;
@@ -150,7 +150,7 @@ void attention_train_backward(const AttentionConfig& a, int64_t d_model, const A
   if (K > 0) {
     // in[t'] feeds out[t' + (K−1) − k] through tap k. Channels are independent: parallel over channel blocks.
     constexpr int64_t kCh = 16;
-    parallel_for((d.qkv + kCh - 1) / kCh, [&](int64_t cb) {
+    parallel_for_work((d.qkv + kCh - 1) / kCh, kCh * N * K, [&](int64_t cb) {
       for (int64_t ch = cb * kCh; ch < std::min(d.qkv, (cb + 1) * kCh); ++ch) {
         double db = 0;
         std::vector<double> dw(size_t(K), 0.0);

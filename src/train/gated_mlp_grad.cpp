@@ -2,7 +2,7 @@
 
 #include <vector>
 
-#include "core/parallel.h"
+#include "ops/parallel_work.h"
 #include "ops/linear.h"
 #include "ops/linear_backward.h"
 #include "ops/mamba3_common.h"
@@ -12,7 +12,7 @@ namespace mamba3 {
 void gated_mlp_train_forward(const float* fc1, const float* fc2, int64_t D, int64_t d_ff, const float* x,
                              int64_t rows, float* h, float* o, float* y) {
   linear(x, rows, D, fc1, 2 * d_ff, h);  // (rows, 2·d_ff)
-  parallel_for(rows, [&](int64_t r) {
+  parallel_for_work(rows, 4 * d_ff, [&](int64_t r) {
     const float* hr = h + r * 2 * d_ff;
     float* orow = o + r * d_ff;
     for (int64_t j = 0; j < d_ff; ++j) orow[j] = hr[j] * detail::silu(hr[d_ff + j]);
@@ -26,7 +26,7 @@ void gated_mlp_train_backward(const float* fc1, const float* fc2, int64_t D, int
   std::vector<float> dh(size_t(rows * 2 * d_ff)), dout(size_t(rows * d_ff));
   linear_backward_weight(dy, rows, D, o, d_ff, dfc2);
   linear_backward_input(dy, rows, D, fc2, d_ff, dout.data());  // (rows, d_ff)
-  parallel_for(rows, [&](int64_t r) {
+  parallel_for_work(rows, 4 * d_ff, [&](int64_t r) {
     const float* dor = dout.data() + r * d_ff;
     const float* hr = h + r * 2 * d_ff;
     float* dhr = dh.data() + r * 2 * d_ff;

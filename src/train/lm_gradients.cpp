@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "core/parallel.h"
+#include "ops/parallel_work.h"
 #include "model/mamba3_mixer.h"
 #include "model/mamba3_mixer_backward.h"
 #include "ops/linear.h"
@@ -180,11 +180,11 @@ double lm_loss_and_grad(const ModelConfig& c, const TensorMap& params, const int
     }
   Tensor hidden = Tensor::empty(DType::F32, {B, L, D});
   Tensor residual = Tensor::empty(DType::F32, {B, L, D});
-  parallel_for(N, [&](int64_t r) { std::copy_n(emb + inputs[size_t(r)] * D, D, hidden.data<float>() + r * D); });
+  parallel_for_work(N, D, [&](int64_t r) { std::copy_n(emb + inputs[size_t(r)] * D, D, hidden.data<float>() + r * D); });
   auto add_into_residual = [&](bool first) {
     float* res = residual.data<float>();
     const float* hid = hidden.data<float>();
-    parallel_for(N, [&](int64_t r) {
+    parallel_for_work(N, D, [&](int64_t r) {
       for (int64_t j = r * D; j < (r + 1) * D; ++j) res[j] = first ? hid[j] : hid[j] + res[j];
     });
   };

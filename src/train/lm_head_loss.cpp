@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "core/parallel.h"
+#include "ops/parallel_work.h"
 #include "ops/linear.h"
 #include "ops/linear_backward.h"
 
@@ -18,7 +18,7 @@ double lm_head_cross_entropy(const float* hidden, int64_t N, int64_t D, const fl
   for (int64_t r0 = 0; r0 < N; r0 += kRows) {
     const int64_t n = std::min(kRows, N - r0);
     linear(hidden + r0 * D, n, D, W, Vp, logits.data());  // (n, Vp)
-    parallel_for(n, [&](int64_t i) {
+    parallel_for_work(n, 8 * Vp, [&](int64_t i) {
       float* l = logits.data() + i * Vp;
       double mx = -INFINITY;
       for (int64_t v = 0; v < Vp; ++v) mx = std::max(mx, double(l[v]));
