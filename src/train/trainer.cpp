@@ -237,13 +237,13 @@ TrainResult train(TrainJob job) {
     write_loss_curve(svg_path, history, title);
   };
 
+  TensorMap g;  // the loss function's output, reused across calls (lm_loss_and_grad rewrites it in place)
   for (int64_t step = result.first_step; step < o.steps; ++step) {
     const auto t0 = Clock::now();
     TensorMap grads;
     double loss = 0;
     for (int64_t micro = 0; micro < o.accum; ++micro) {
       for (int64_t b = 0; b < B; ++b) sampler.sample(step, micro * B + b, tokens.data() + b * window);
-      TensorMap g;
       const double l = job.loss(job.config, job.params, tokens.data(), B, L, &g);
       MAMBA3_CHECK(std::isfinite(l), "step {}: the loss is {} (training diverged; lower --lr?)", step + 1, l);
       loss += l / double(o.accum);

@@ -27,7 +27,8 @@
 namespace mamba3 {
 
 // tokens: (B, L+1) ids; inputs [0, L), targets [1, L]. Returns the mean cross-entropy (or whatever the problem's
-// mean loss is); fills (*grads)[name] (f32, the shape of params[name]) for every parameter when grads != nullptr.
+// mean loss is); fills (*grads)[name] (f32, the shape of params[name]) for every parameter when grads != nullptr,
+// overwriting what the map holds (the trainer passes the same map back on every call, so tensors can be reused).
 using LossFn = std::function<double(const ModelConfig& config, const TensorMap& params, const int64_t* tokens,
                                     int64_t B, int64_t L, TensorMap* grads)>;
 
