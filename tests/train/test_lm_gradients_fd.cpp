@@ -1,7 +1,7 @@
 // Finite-difference checks of lm_loss_and_grad on whole tiny models (SISO + MLP + LayerNorm, MIMO, hybrids with
 // attention: GQA, rotary in both pairings, causal and not, conv, MLP branch; tied and untied heads). For every
 // parameter tensor, the analytic directional derivative along (a) a random ±1 direction over sampled entries and
-// (b) the entry of largest gradient is compared with a Richardson-extrapolated central difference of the f32 loss.
+// (b) single entries, random and of largest gradient, is compared with a Richardson-extrapolated central difference of the f32 loss.
 // A guard test shows that a gradient perturbed by a few percent in one entry is caught.
 #include <gtest/gtest.h>
 
@@ -42,17 +42,21 @@ double loss_at(const ModelConfig& c, TensorMap& w, const std::vector<int64_t>& t
   return loss;
 }
 
-// The directions checked for each tensor: random signs over up to 12 entries, and the largest-gradient entry.
+// The directions checked for each tensor: two of random signs over up to 12 entries, two single random entries,
+// and the largest-gradient entry (last).
 std::vector<Direction> directions(const TensorMap& w, const TensorMap& g, std::mt19937& rng) {
   std::vector<Direction> out;
   for (const auto& [name, t] : w) {
-    Direction a{name, {}};
     const int64_t n = t.numel(), k = std::min<int64_t>(n, 12);
     std::vector<int64_t> idx(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) idx[size_t(i)] = i;
-    std::shuffle(idx.begin(), idx.end(), rng);
-    for (int64_t j = 0; j < k; ++j) a.entries.push_back({idx[size_t(j)], (rng() & 1) ? 1.0f : -1.0f});
-    out.push_back(a);
+    for (int rep = 0; rep < 2; ++rep) {
+      Direction a{name, {}};
+      std::shuffle(idx.begin(), idx.end(), rng);
+      for (int64_t j = 0; j < k; ++j) a.entries.push_back({idx[size_t(j)], (rng() & 1) ? 1.0f : -1.0f});
+      out.push_back(a);
+      out.push_back({name, {{idx[0], 1.0f}}});  // one random entry alone
+    }
     const float* gd = g.at(name).data<float>();
     int64_t best = 0;
     for (int64_t i = 1; i < n; ++i)
@@ -170,11 +174,11 @@ TEST(LmGradientsFd, GuardCatchesAPerturbedGradient) {
     std::vector<Direction> mine;
     for (const Direction& d : dirs)
       if (d.tensor == name) mine.push_back(d);
-    ASSERT_EQ(mine.size(), 2u);
+    ASSERT_EQ(mine.size(), 5u);
     EXPECT_LE(check_gradients(c, w, tokens, g, mine).worst_ratio, 1.0) << "unperturbed gradient must pass";
     TensorMap bad = g;
     bad[name] = g.at(name).clone();
-    bad[name].data<float>()[mine[1].entries[0].first] *= 1.05f;
+    bad[name].data<float>()[mine.back().entries[0].first] *= 1.05f;
     EXPECT_GT(check_gradients(c, w, tokens, bad, mine).worst_ratio, 1.0) << "5% error in the largest entry missed";
   }
 }
