@@ -70,7 +70,7 @@ Tensor Tensor::from_floats(const std::vector<float>& values, Shape shape) {
   MAMBA3_CHECK(int64_t(values.size()) == shape_numel(shape), "tensor: {} values for shape {}", values.size(),
                shape_str(shape));
   Tensor t = empty(DType::F32, std::move(shape));
-  std::memcpy(t.data_, values.data(), values.size() * sizeof(float));
+  if (!values.empty()) std::memcpy(t.data_, values.data(), values.size() * sizeof(float));
   return t;
 }
 

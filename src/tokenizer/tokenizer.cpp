@@ -51,7 +51,7 @@ struct HotCache {
       uint32_t x, y;
       std::memcpy(&x, p, 4);
       std::memcpy(&y, p + n - 4, 4);
-      lo = uint64_t(x) | uint64_t(y >> (8 * (8 - n))) << 32;
+      lo = uint64_t(x) | (n == 4 ? 0 : uint64_t(y >> (8 * (8 - n))) << 32);  // n == 4: x holds everything
       hi = 0;
     } else {
       lo = uint8_t(p[0]) | (n > 1 ? uint64_t(uint8_t(p[1])) << 8 : 0) | (n > 2 ? uint64_t(uint8_t(p[2])) << 16 : 0);

@@ -89,7 +89,7 @@ uint32_t crc32(const std::string& s) {
 }
 
 void le(std::string& s, uint64_t v, int bytes) {
-  for (int k = 0; k < bytes; ++k) s.push_back(char((v >> (8 * k)) & 0xFF));
+  for (int k = 0; k < bytes; ++k) s.push_back(char(k < 8 ? (v >> (8 * k)) & 0xFF : 0));
 }
 
 class PickleWriter {
