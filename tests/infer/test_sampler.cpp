@@ -1,5 +1,8 @@
 // The token sampler: distribution() against its definition (hand-computed and an independent float64 reference),
 // sample() against distribution() and against the documented draw, determinism, padding, and bad inputs.
+// This file replaces the global operator new/delete (malloc/free underneath); GCC's mismatch warning does not
+// know that the pair is replaced together.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
