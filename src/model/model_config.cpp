@@ -8,6 +8,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "core/json_field.h"
 
 namespace mamba3 {
 
@@ -20,22 +21,6 @@ bool ModelConfig::is_attention_layer(int64_t i) const {
 }
 
 namespace {
-
-template <typename T>
-void field(const json& j, const char* key, T& out, const std::string& ctx) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return;
-  bool ok;
-  if constexpr (std::is_same_v<T, bool>) {
-    ok = it->is_boolean();
-  } else if constexpr (std::is_integral_v<T>) {
-    ok = it->is_number_integer();
-  } else {
-    ok = it->is_number();
-  }
-  MAMBA3_CHECK(ok, "{}: field '{}' has the wrong type ({})", ctx, key, it->dump());
-  out = it->get<T>();
-}
 
 void reject_unknown(const json& j, const std::set<std::string>& known, const std::string& ctx) {
   for (auto it = j.begin(); it != j.end(); ++it)
@@ -52,16 +37,16 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& context) {
                   "norm_epsilon"},
                  context);
   ModelConfig c;
-  field(j, "d_model", c.d_model, context);
-  field(j, "d_intermediate", c.d_intermediate, context);
-  field(j, "n_layer", c.n_layer, context);
-  field(j, "vocab_size", c.vocab_size, context);
-  field(j, "rms_norm", c.rms_norm, context);
-  field(j, "residual_in_fp32", c.residual_in_fp32, context);
-  field(j, "fused_add_norm", c.fused_add_norm, context);
-  field(j, "pad_vocab_size_multiple", c.pad_vocab_size_multiple, context);
-  field(j, "tie_embeddings", c.tie_embeddings, context);
-  field(j, "norm_epsilon", c.norm_epsilon, context);
+  read_json_field(j, "d_model", c.d_model, context);
+  read_json_field(j, "d_intermediate", c.d_intermediate, context);
+  read_json_field(j, "n_layer", c.n_layer, context);
+  read_json_field(j, "vocab_size", c.vocab_size, context);
+  read_json_field(j, "rms_norm", c.rms_norm, context);
+  read_json_field(j, "residual_in_fp32", c.residual_in_fp32, context);
+  read_json_field(j, "fused_add_norm", c.fused_add_norm, context);
+  read_json_field(j, "pad_vocab_size_multiple", c.pad_vocab_size_multiple, context);
+  read_json_field(j, "tie_embeddings", c.tie_embeddings, context);
+  read_json_field(j, "norm_epsilon", c.norm_epsilon, context);
   MAMBA3_CHECK(c.d_model > 0, "{}: field 'd_model' must be positive", context);
   MAMBA3_CHECK(c.n_layer > 0, "{}: field 'n_layer' must be positive", context);
   MAMBA3_CHECK(c.vocab_size > 0, "{}: field 'vocab_size' must be positive", context);
@@ -96,19 +81,19 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& context) {
                   "softmax_scale", "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved"},
                  actx);
   AttentionConfig& a = c.attn;
-  field(attn, "num_heads", a.num_heads, actx);
-  field(attn, "num_heads_kv", a.num_heads_kv, actx);
-  field(attn, "head_dim", a.head_dim, actx);
-  field(attn, "mlp_dim", a.mlp_dim, actx);
-  field(attn, "qkv_proj_bias", a.qkv_proj_bias, actx);
-  field(attn, "out_proj_bias", a.out_proj_bias, actx);
-  field(attn, "softmax_scale", a.softmax_scale, actx);
-  field(attn, "causal", a.causal, actx);
+  read_json_field(attn, "num_heads", a.num_heads, actx);
+  read_json_field(attn, "num_heads_kv", a.num_heads_kv, actx);
+  read_json_field(attn, "head_dim", a.head_dim, actx);
+  read_json_field(attn, "mlp_dim", a.mlp_dim, actx);
+  read_json_field(attn, "qkv_proj_bias", a.qkv_proj_bias, actx);
+  read_json_field(attn, "out_proj_bias", a.out_proj_bias, actx);
+  read_json_field(attn, "softmax_scale", a.softmax_scale, actx);
+  read_json_field(attn, "causal", a.causal, actx);
   a.causal_given = attn.contains("causal");
-  field(attn, "d_conv", a.d_conv, actx);
-  field(attn, "rotary_emb_dim", a.rotary_emb_dim, actx);
-  field(attn, "rotary_emb_base", a.rotary_emb_base, actx);
-  field(attn, "rotary_emb_interleaved", a.rotary_emb_interleaved, actx);
+  read_json_field(attn, "d_conv", a.d_conv, actx);
+  read_json_field(attn, "rotary_emb_dim", a.rotary_emb_dim, actx);
+  read_json_field(attn, "rotary_emb_base", a.rotary_emb_base, actx);
+  read_json_field(attn, "rotary_emb_interleaved", a.rotary_emb_interleaved, actx);
   if (!c.attn_layer_idx.empty()) {
     MAMBA3_CHECK(a.num_heads > 0, "{}: field 'num_heads' is required and must be positive", actx);
     if (a.head_dim == 0) {

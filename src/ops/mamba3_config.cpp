@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_field.h"
 
 namespace mamba3 {
 
@@ -32,40 +33,21 @@ void Mamba3Config::validate(const std::string& context) const {
   MAMBA3_CHECK(A_floor >= 0, "{}: A_floor must be non-negative, got {}", context, A_floor);
 }
 
-namespace {
-template <typename T>
-void read(const nlohmann::json& j, const char* key, T& out, const std::string& context) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return;
-  try {
-    if constexpr (std::is_same_v<T, bool>) {
-      MAMBA3_CHECK(it->is_boolean(), "{}: field '{}' must be true or false", context, key);
-    } else if constexpr (std::is_integral_v<T>) {
-      MAMBA3_CHECK(it->is_number_integer(), "{}: field '{}' must be an integer", context, key);
-    } else {
-      MAMBA3_CHECK(it->is_number(), "{}: field '{}' must be a number", context, key);
-    }
-    out = it->get<T>();
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: field '{}': {}", context, key, e.what());
-  }
-}
-}  // namespace
 
 Mamba3Config Mamba3Config::from_json(const nlohmann::json& j, const std::string& context) {
   MAMBA3_CHECK(j.is_object(), "{}: expected a JSON object", context);
   Mamba3Config c;
-  read(j, "d_model", c.d_model, context);
-  read(j, "d_state", c.d_state, context);
-  read(j, "expand", c.expand, context);
-  read(j, "headdim", c.headdim, context);
-  read(j, "ngroups", c.ngroups, context);
-  read(j, "rope_fraction", c.rope_fraction, context);
-  read(j, "A_floor", c.A_floor, context);
-  read(j, "is_outproj_norm", c.is_outproj_norm, context);
-  read(j, "is_mimo", c.is_mimo, context);
-  read(j, "mimo_rank", c.mimo_rank, context);
-  read(j, "chunk_size", c.chunk_size, context);
+  read_json_field(j, "d_model", c.d_model, context);
+  read_json_field(j, "d_state", c.d_state, context);
+  read_json_field(j, "expand", c.expand, context);
+  read_json_field(j, "headdim", c.headdim, context);
+  read_json_field(j, "ngroups", c.ngroups, context);
+  read_json_field(j, "rope_fraction", c.rope_fraction, context);
+  read_json_field(j, "A_floor", c.A_floor, context);
+  read_json_field(j, "is_outproj_norm", c.is_outproj_norm, context);
+  read_json_field(j, "is_mimo", c.is_mimo, context);
+  read_json_field(j, "mimo_rank", c.mimo_rank, context);
+  read_json_field(j, "chunk_size", c.chunk_size, context);
   if (auto it = j.find("A_activation"); it != j.end()) {
     std::string v = it->is_string() ? it->get<std::string>() : "";
     if (v == "heavy_tail") {
