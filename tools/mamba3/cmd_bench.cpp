@@ -1,12 +1,16 @@
 // `mamba3 bench`: speed of a randomly initialised Mamba-3 language model on this CPU (no checkpoint needed):
 // prefill tokens/s and decode tokens/s per batch size, against the memory floor of decoding
 // (bytes of weights + 2 × bytes of decode state per step, over the measured read bandwidth).
+#include <algorithm>
 #include <cstdio>
 #include <random>
 
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#ifdef MAMBA3_HAVE_CUDA
+#include "bench_cuda.h"
+#endif
 #include "core/parallel.h"
 #include "model/init_weights.h"
 #include "model/language_model.h"
@@ -69,6 +73,10 @@ void bench_model(const std::string& name, const ModelConfig& c, const BenchArgs&
 
 void register_bench(CLI::App& app) {
   static BenchArgs a;
+  static std::string device = "cpu";
+#ifdef MAMBA3_HAVE_CUDA
+  static CudaBenchArgs ca;
+#endif
   auto* cmd = app.add_subcommand("bench", "Measure prefill and decode speed of a random-initialised model");
   cmd->add_option("--preset", a.presets, "model classes to measure: 130m, 370m")->capture_default_str();
   cmd->add_option("--config", a.config, "measure the model of this config.json instead of the presets");
@@ -76,7 +84,28 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--prompt", a.prompt, "prefill length")->capture_default_str();
   cmd->add_option("--steps", a.steps, "decode steps timed (median)")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
+  cmd->add_option("--device", device, "cpu, or cuda (presets 1.5b, 1.5b-mimo)")->capture_default_str();
+#ifdef MAMBA3_HAVE_CUDA
+  cmd->add_option("--precision", ca.precision, "cuda: weights and matrix inputs, bf16 or f32")->capture_default_str();
+  cmd->add_option("--lengths", ca.lengths, "cuda: prefill n + decode n runs (empty: skip)")->capture_default_str();
+  cmd->add_option("--long-batch", ca.long_batch, "cuda: batch of the prefill+decode runs")->capture_default_str();
+  cmd->add_option("--max-decode-steps", ca.max_decode_steps,
+                  "cuda: time at most this many decode steps per run and extrapolate (0: all)");
+#endif
   cmd->callback([] {
+    if (device == "cuda") {
+#ifdef MAMBA3_HAVE_CUDA
+      ca.config = a.config;
+      if (a.presets != std::vector<std::string>{"130m", "370m"}) ca.presets = a.presets;
+      if (a.batches != std::vector<int64_t>{1, 8}) ca.batches = a.batches;
+      ca.steps = std::max<int64_t>(a.steps, 20);
+      run_cuda_bench(ca);
+      return;
+#else
+      fail("--device cuda: this build has no CUDA backend (configure with -DMAMBA3_CUDA=ON on a machine with nvcc)");
+#endif
+    }
+    MAMBA3_CHECK(device == "cpu", "--device: '{}' is not one of cpu, cuda", device);
     if (a.threads > 0) set_threads(a.threads);
     MAMBA3_CHECK(a.prompt >= 1 && a.steps >= 1, "--prompt and --steps must be at least 1");
     for (int64_t b : a.batches) MAMBA3_CHECK(b >= 1, "--batch: sizes must be at least 1, got {}", b);

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the CUDA tests and the CLI on this machine (sm_90, portable x86-64-v3 host code) and packs them, with the
+# shared libraries the GPU machine's image lacks, into gpu-bundle/bundle.tar.xz (git-ignored). The device tool
+# carries gpu-bundle/ and golden/ to the GPU machine, where scripts/gpu_run.sh unpacks and runs them: that machine
+# has no package manager and no network, and building there would spend GPU time on compiling.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build-bundle}
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAMBA3_CUDA=ON -DMAMBA3_NATIVE=OFF \
+  -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DMAMBA3_TEST_AREAS=cuda >/dev/null
+targets=(mamba3_cli)
+for t in $(grep -ho 'mamba3_cuda_test([a-z0-9_]*' tests/cuda/*.tests.cmake | sed 's/mamba3_cuda_test(//'); do
+  targets+=("$t")
+done
+nice cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}"
+stage=$(mktemp -d)
+mkdir -p "$stage/bin" "$stage/lib"
+cp "$BUILD/tools/mamba3/mamba3" "$stage/bin/"
+for t in "${targets[@]:1}"; do cp "$BUILD/tests/$t" "$stage/bin/"; done
+strip "$stage"/bin/*
+# Non-system libraries the binaries need, except the CUDA ones (the GPU machine has its own toolkit).
+for lib in $(ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u); do
+  case "$(basename "$lib")" in
+    libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|libstdc++.so*|libgcc_s.so*|libcuda*|libcublas*) ;;
+    *) cp -L "$lib" "$stage/lib/" ;;
+  esac
+done
+mkdir -p gpu-bundle
+tar -C "$stage" -cJf gpu-bundle/bundle.tar.xz bin lib
+rm -rf "$stage"
+ls -la gpu-bundle/bundle.tar.xz

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine: unpacks gpu-bundle/bundle.tar.xz (made by scripts/gpu_bundle.sh), runs every CUDA test binary
+# (the `cuda` ctest label), a compute-sanitizer memcheck pass at small sizes, and the benchmark given in BENCH_ARGS.
+# Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" scripts/gpu_run.sh [tests|bench|all]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-out}
+mkdir -p "$OUT" run
+tar -C run -xJf gpu-bundle/bundle.tar.xz
+export LD_LIBRARY_PATH="$PWD/run/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}"
+export MAMBA3_GOLDEN_DIR="$PWD/golden"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+status=0
+if [[ $what == tests || $what == all ]]; then
+  for t in run/bin/test_*; do
+    name=$(basename "$t")
+    if "$t" --gtest_brief=1 > "$OUT/$name.log" 2>&1; then
+      echo "PASS $name"
+    else
+      echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
+    fi
+  done
+  if [[ -n ${SANITIZE_FILTER:-} ]]; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 run/bin/test_mamba3_gpu --gtest_filter="$SANITIZE_FILTER" \
+      > "$OUT/memcheck.log" 2>&1 && echo "PASS memcheck" || { echo "FAIL memcheck"; status=1; tail -30 "$OUT/memcheck.log"; }
+  fi
+fi
+if [[ $what == bench || $what == all ]]; then
+  run/bin/mamba3 bench --device cuda ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+fi
+exit $status

@@ -1,0 +1,130 @@
+#include <cuda_bf16.h>
+
+#include "cuda/basic_kernels.h"
+
+namespace mamba3::cuda {
+namespace {
+
+__device__ __forceinline__ void store_act(void* out, int64_t i, float v, bool bf16) {
+  if (bf16)
+    static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16(v);
+  else
+    static_cast<float*>(out)[i] = v;
+}
+
+__device__ __forceinline__ float load_weight(const void* w, int64_t i, bool bf16) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(w)[i]) : static_cast<const float*>(w)[i];
+}
+
+// Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
+__device__ float block_sum(float v, float* shared32) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();  // shared32 may still be read by a previous call
+  if (lane == 0) shared32[warp] = v;
+  __syncthreads();
+  float total = 0;
+  for (int i = 0; i < warps; ++i) total += shared32[i];
+  return total;
+}
+
+__global__ void add_bias_kernel(float* y, int64_t m, int64_t n, int64_t ld, const float* bias) {
+  const int64_t total = m * n;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    y[(i / n) * ld + i % n] += bias[i % n];
+}
+
+__global__ void embed_kernel(const int32_t* ids, const void* table, bool bf16, int64_t d, float* out) {
+  const int64_t row = blockIdx.x, id = ids[row];
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = load_weight(table, id * d + j, bf16);
+}
+
+// One block per row; the row's sum stays in registers when d ≤ blockDim·8, else it is re-read from memory.
+__global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d, bool first, const float* w,
+                                const float* b, float eps, void* out, bool bf16) {
+  __shared__ float shared32[32];
+  const int64_t row = blockIdx.x;
+  const float* h = hidden + row * d;
+  float* r = residual + row * d;
+  float sum = 0, sumsq = 0;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    float v = first ? h[j] : h[j] + r[j];
+    r[j] = v;
+    sum += v;
+    sumsq += v * v;
+  }
+  float mean = 0, rstd;
+  if (b) {
+    mean = block_sum(sum, shared32) / float(d);
+    // Second pass for the variance: numerically safer than E[x²] − mean².
+    float dev = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      float c = r[j] - mean;
+      dev += c * c;
+    }
+    rstd = rsqrtf(block_sum(dev, shared32) / float(d) + eps);
+  } else {
+    rstd = rsqrtf(block_sum(sumsq, shared32) / float(d) + eps);
+  }
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    float v = (r[j] - mean) * rstd * w[j];
+    if (b) v += b[j];
+    store_act(out, row * d + j, v, bf16);
+  }
+}
+
+__global__ void gated_silu_kernel(const float* in, int64_t rows, int64_t f, void* out, bool bf16) {
+  const int64_t total = rows * f;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / f, j = i % f;
+    const float y = in[row * 2 * f + j], g = in[row * 2 * f + f + j];
+    store_act(out, i, y * (g / (1.0f + expf(-g))), bf16);
+  }
+}
+
+__global__ void to_activation_kernel(const float* in, int64_t n, void* out, bool bf16) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    store_act(out, i, in[i], bf16);
+}
+
+unsigned grid_for(int64_t n, int threads) {
+  int64_t blocks = (n + threads - 1) / threads;
+  return unsigned(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
+}
+
+}  // namespace
+
+void add_bias(cudaStream_t s, float* y, int64_t m, int64_t n, int64_t ld, const float* bias) {
+  add_bias_kernel<<<grid_for(m * n, 256), 256, 0, s>>>(y, m, n, ld, bias);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void embed(cudaStream_t s, const int32_t* ids, int64_t rows, const void* table, Precision table_precision, int64_t d,
+           float* out) {
+  if (rows == 0) return;
+  embed_kernel<<<unsigned(rows), 256, 0, s>>>(ids, table, table_precision == Precision::BF16, d, out);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void add_norm(cudaStream_t s, const float* hidden, float* residual, int64_t rows, int64_t d, bool first,
+              const float* w, const float* b, float eps, void* out, Precision out_precision) {
+  if (rows == 0) return;
+  const int threads = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);
+  add_norm_kernel<<<unsigned(rows), threads, 0, s>>>(hidden, residual, d, first, w, b, eps, out,
+                                                      out_precision == Precision::BF16);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* out, Precision out_precision) {
+  if (rows * f == 0) return;
+  gated_silu_kernel<<<grid_for(rows * f, 256), 256, 0, s>>>(in, rows, f, out, out_precision == Precision::BF16);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void to_activation(cudaStream_t s, const float* in, int64_t n, void* out, Precision out_precision) {
+  if (n == 0) return;
+  to_activation_kernel<<<grid_for(n, 256), 256, 0, s>>>(in, n, out, out_precision == Precision::BF16);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+}  // namespace mamba3::cuda

@@ -1,0 +1,69 @@
+#include "cuda/cuda_context.h"
+
+#include <fmt/format.h>
+
+namespace mamba3::cuda {
+
+void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line) {
+  throw Error(fmt::format("CUDA error '{}' ({}) in {} at {}:{}", cudaGetErrorString(err), int(err), what, file, line));
+}
+
+void throw_cublas_error(cublasStatus_t status, const char* what, const char* file, int line) {
+  throw Error(fmt::format("cuBLAS error '{}' in {} at {}:{}", cublasGetStatusString(status), what, file, line));
+}
+
+const char* precision_name(Precision p) { return p == Precision::F32 ? "f32" : "bf16"; }
+
+Precision parse_precision(const std::string& name) {
+  if (name == "f32") return Precision::F32;
+  if (name == "bf16") return Precision::BF16;
+  fail("precision: '{}' is not one of f32, bf16", name);
+}
+
+DeviceInfo device_info() {
+  DeviceInfo d;
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    d.why_not = cudaGetErrorString(err);
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return d;
+  }
+  if (count == 0) {
+    d.why_not = "no CUDA device";
+    return d;
+  }
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    d.why_not = "cudaGetDeviceProperties failed";
+    return d;
+  }
+  d.available = true;
+  d.name = prop.name;
+  d.sm_count = prop.multiProcessorCount;
+  d.cc_major = prop.major;
+  d.cc_minor = prop.minor;
+  d.memory_bytes = prop.totalGlobalMem;
+  d.l2_bytes = size_t(prop.l2CacheSize);
+  return d;
+}
+
+Context::Context() : info_(device_info()) {
+  MAMBA3_CHECK(info_.available, "--device cuda: no usable CUDA device ({})", info_.why_not);
+  MAMBA3_CUDA_CHECK(cudaSetDevice(0));
+  MAMBA3_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  MAMBA3_CUBLAS_CHECK(cublasCreate(&cublas_));
+  MAMBA3_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  // A fixed workspace keeps cuBLAS from allocating inside captured graphs.
+  const size_t workspace = size_t(32) << 20;
+  MAMBA3_CUDA_CHECK(cudaMalloc(&cublas_workspace_, workspace));
+  MAMBA3_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, workspace));
+}
+
+Context::~Context() {
+  if (cublas_) cublasDestroy(cublas_);
+  if (cublas_workspace_) cudaFree(cublas_workspace_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+}  // namespace mamba3::cuda

@@ -1,0 +1,47 @@
+#pragma once
+// The device, its stream and cuBLAS handle, and the numeric mode of the CUDA backend.
+#include <cstddef>
+#include <string>
+
+#include "cuda/cuda_check.h"
+
+namespace mamba3::cuda {
+
+// F32: the exact mode — weights and activations f32, cuBLAS in pedantic f32 (no TF32), for comparisons with the
+// CPU and the golden data. BF16: weights and matrix-product inputs bf16 with f32 accumulation (the official GPU
+// convention). In both, the residual stream, matrix-product outputs and the Mamba-3 states are f32.
+enum class Precision { F32, BF16 };
+const char* precision_name(Precision p);
+Precision parse_precision(const std::string& name);  // "f32" | "bf16"; throws naming the value
+
+struct DeviceInfo {
+  bool available = false;
+  std::string name;          // "NVIDIA H100 80GB HBM3"
+  std::string why_not;       // when !available: the driver's answer
+  int sm_count = 0, cc_major = 0, cc_minor = 0;
+  size_t memory_bytes = 0, l2_bytes = 0;
+};
+// Device 0, or available = false when there is no usable device (no driver, no GPU). Never throws.
+DeviceInfo device_info();
+
+// Owns a non-blocking stream and a cuBLAS handle bound to it. Not thread-safe: one per model.
+class Context {
+ public:
+  Context();  // throws mamba3::Error when no device is usable
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t cublas() const { return cublas_; }
+  const DeviceInfo& info() const { return info_; }
+  void sync() const { MAMBA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+ private:
+  DeviceInfo info_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  void* cublas_workspace_ = nullptr;
+};
+
+}  // namespace mamba3::cuda

@@ -1,0 +1,345 @@
+#include "cuda/cuda_model.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <set>
+
+#include "cuda/attention_gpu.h"
+#include "cuda/basic_kernels.h"
+#include "cuda/device_buffer.h"
+#include "cuda/gpu_matrix.h"
+#include "cuda/mamba3_layer_gpu.h"
+#include "io/weights.h"
+#include "model/gated_mlp.h"
+
+namespace mamba3::cuda {
+
+namespace {
+
+// Activation buffers for `rows` token rows (a prefill segment, or one decode step of a batch).
+struct Workspace {
+  DeviceBuffer ids, hidden, residual, normed, mlp, mlp_act, zx, o, logits;
+  int64_t rows = 0, logit_rows = 0;
+};
+
+}  // namespace
+
+struct GpuCache::Impl {
+  int64_t batch = 0, capacity = 0;
+  std::vector<int64_t> positions;
+  std::vector<std::unique_ptr<GpuMamba3State>> mamba;      // per layer (null for attention layers)
+  std::vector<std::unique_ptr<GpuAttentionCache>> attn;    // per layer (null for Mamba-3 layers)
+  Workspace ws;                                            // the decode step's buffers
+  int steps_run = 0;                                       // eager steps before capture
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t graph_exec = nullptr;
+
+  ~Impl() {
+    if (graph_exec) cudaGraphExecDestroy(graph_exec);
+    if (graph) cudaGraphDestroy(graph);
+  }
+};
+
+GpuCache::GpuCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuCache::GpuCache(GpuCache&&) noexcept = default;
+GpuCache& GpuCache::operator=(GpuCache&&) noexcept = default;
+GpuCache::~GpuCache() = default;
+int64_t GpuCache::batch() const { return impl_->batch; }
+int64_t GpuCache::capacity() const { return impl_->capacity; }
+int64_t GpuCache::position(int64_t row) const { return impl_->positions.at(size_t(row)); }
+int32_t* GpuCache::device_ids() const { return impl_->ws.ids.as<int32_t>(); }
+float* GpuCache::device_logits() const { return impl_->ws.logits.as<float>(); }
+
+struct CudaModel::Impl {
+  struct Block {
+    std::unique_ptr<GpuMamba3Layer> mamba;
+    std::unique_ptr<GpuAttentionLayer> attention;
+    GpuMatrix fc1, fc2;
+    bool has_mlp = false;
+    DeviceBuffer norm_w, norm_b, norm2_w, norm2_b;
+  };
+
+  ModelConfig config;
+  Precision precision;
+  std::unique_ptr<Context> ctx;
+  GpuMatrix embedding, lm_head;  // lm_head aliases the embedding's buffer when tied (see `head`)
+  bool tied = true;
+  DeviceBuffer norm_f_w, norm_f_b;
+  std::vector<Block> blocks;
+  bool use_graphs = true;
+  mutable Workspace prefill_ws;
+
+  const GpuMatrix& head() const { return tied ? embedding : lm_head; }
+  size_t act() const { return activation_size(precision); }
+
+  void reserve(Workspace& ws, int64_t rows, int64_t logit_rows) const {
+    const ModelConfig& c = config;
+    if (rows > ws.rows) {
+      int64_t zx_cols = 0, o_cols = 0;
+      for (const Block& b : blocks)
+        if (b.mamba) zx_cols = std::max(zx_cols, b.mamba->config().d_in_proj()), o_cols = b.mamba->config().d_inner();
+      ws.ids.resize(size_t(rows) * 4);
+      ws.hidden.resize(size_t(rows * c.d_model) * 4);
+      ws.residual.resize(size_t(rows * c.d_model) * 4);
+      ws.normed.resize(size_t(rows * c.d_model) * act());
+      ws.mlp.resize(size_t(rows * 2 * std::max<int64_t>(1, c.d_ff())) * 4);
+      ws.mlp_act.resize(size_t(rows * std::max<int64_t>(1, c.d_ff())) * act());
+      ws.zx.resize(size_t(rows * std::max<int64_t>(1, zx_cols)) * 4);
+      ws.o.resize(size_t(rows * std::max<int64_t>(1, o_cols)) * act());
+      ws.rows = rows;
+    }
+    if (logit_rows > ws.logit_rows) {
+      ws.logits.resize(size_t(logit_rows * c.vocab_padded()) * 4);
+      ws.logit_rows = logit_rows;
+    }
+  }
+
+  const float* nb(const DeviceBuffer& b) const { return b.empty() ? nullptr : b.as<float>(); }
+
+  // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1), starting from ws.hidden
+  // (the embeddings). Leaves norm_f's output in ws.normed.
+  void run_blocks(Workspace& ws, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L, bool decode) const {
+    const ModelConfig& c = config;
+    const int64_t D = c.d_model, rows = batch * L;
+    const float eps = float(c.norm_epsilon);
+    const cudaStream_t s = ctx->stream();
+    float* hidden = ws.hidden.as<float>();
+    float* residual = ws.residual.as<float>();
+    char* normed = ws.normed.as<char>();
+    for (size_t li = 0; li < blocks.size(); ++li) {
+      const Block& b = blocks[li];
+      add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
+      if (b.mamba) {
+        b.mamba->forward(*ctx, normed, batch, L, cache.mamba[li]->rows_from(row0), ws.zx.as<float>(), ws.o.raw(),
+                         hidden);
+      } else if (decode) {
+        b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
+      } else {
+        for (int64_t r = 0; r < batch; ++r)
+          b.attention->prefill(*ctx, normed + size_t(r * L * D) * act(), L, *cache.attn[li], row0 + r,
+                               cache.positions[size_t(row0 + r)], hidden + r * L * D);
+      }
+      if (b.has_mlp) {
+        add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
+        linear(*ctx, b.fc1, normed, rows, ws.mlp.as<float>());
+        gated_silu(s, ws.mlp.as<float>(), rows, c.d_ff(), ws.mlp_act.raw(), precision);
+        linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
+      }
+    }
+    add_norm(s, hidden, residual, rows, D, false, norm_f_w.as<float>(), nb(norm_f_b), eps, normed, precision);
+  }
+
+  void decode(GpuCache::Impl& cache) const {
+    Workspace& ws = cache.ws;
+    const int64_t B = cache.batch;
+    embed(ctx->stream(), ws.ids.as<int32_t>(), B, embedding.weight.raw(), precision, config.d_model,
+          ws.hidden.as<float>());
+    run_blocks(ws, cache, 0, B, 1, true);
+    linear(*ctx, head(), ws.normed.raw(), B, ws.logits.as<float>());
+  }
+};
+
+CudaModel CudaModel::load(const std::string& dir, Precision precision) {
+  namespace fs = std::filesystem;
+  MAMBA3_CHECK(fs::is_directory(dir), "{}: not a model directory", dir);
+  ModelConfig config = ModelConfig::load((fs::path(dir) / "config.json").string());
+  Weights weights = load_weights(dir);
+  return CudaModel(config, weights.tensors(), weights.source(), precision);
+}
+
+CudaModel::CudaModel(const ModelConfig& config, const TensorMap& w, const std::string& source, Precision precision)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.config = config;
+  m.precision = precision;
+  m.ctx = std::make_unique<Context>();
+  const ModelConfig& c = m.config;
+  const int64_t D = c.d_model, V = c.vocab_padded();
+  std::set<std::string> used;
+  m.embedding = GpuMatrix::upload(load_parameter(w, "backbone.embedding.weight", {V, D}, source, &used), precision);
+  m.tied = c.tie_embeddings;
+  if (c.tie_embeddings) {
+    if (w.count("lm_head.weight")) load_parameter(w, "lm_head.weight", {V, D}, source, &used);
+  } else {
+    m.lm_head = GpuMatrix::upload(load_parameter(w, "lm_head.weight", {V, D}, source, &used), precision);
+  }
+  auto load_norm = [&](const std::string& p, DeviceBuffer& weight, DeviceBuffer& bias) {
+    weight = upload_f32(load_parameter(w, p + ".weight", {D}, source, &used));
+    if (!c.rms_norm) bias = upload_f32(load_parameter(w, p + ".bias", {D}, source, &used));
+  };
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string p = "backbone.layers." + std::to_string(i) + ".";
+    Impl::Block b;
+    load_norm(p + "norm", b.norm_w, b.norm_b);
+    if (c.is_attention_layer(i)) {
+      b.attention = std::make_unique<GpuAttentionLayer>(c.attn, D, w, p + "mixer.", source, &used, precision);
+    } else {
+      b.mamba = std::make_unique<GpuMamba3Layer>(c.ssm, w, p + "mixer.", source, &used, precision);
+    }
+    if (c.d_intermediate > 0) {
+      load_norm(p + "norm2", b.norm2_w, b.norm2_b);
+      const int64_t F = c.d_ff();
+      b.fc1 = GpuMatrix::upload(load_parameter(w, p + "mlp.fc1.weight", {2 * F, D}, source, &used), precision);
+      b.fc2 = GpuMatrix::upload(load_parameter(w, p + "mlp.fc2.weight", {D, F}, source, &used), precision);
+      b.has_mlp = true;
+    }
+    m.blocks.push_back(std::move(b));
+  }
+  load_norm("backbone.norm_f", m.norm_f_w, m.norm_f_b);
+  for (const auto& [name, t] : w)
+    MAMBA3_CHECK(used.count(name), "{}: unexpected tensor '{}' (not a parameter of this configuration)", source, name);
+}
+
+CudaModel::CudaModel(CudaModel&&) noexcept = default;
+CudaModel::~CudaModel() = default;
+const ModelConfig& CudaModel::config() const { return impl_->config; }
+Precision CudaModel::precision() const { return impl_->precision; }
+const Context& CudaModel::context() const { return *impl_->ctx; }
+void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
+
+size_t CudaModel::parameter_bytes() const {
+  const Impl& m = *impl_;
+  size_t n = m.embedding.nbytes() + m.lm_head.nbytes() + m.norm_f_w.bytes() + m.norm_f_b.bytes();
+  for (const Impl::Block& b : m.blocks) {
+    if (b.mamba) n += b.mamba->parameter_bytes();
+    if (b.attention) n += b.attention->parameter_bytes();
+    n += b.fc1.nbytes() + b.fc2.nbytes() + b.norm_w.bytes() + b.norm_b.bytes() + b.norm2_w.bytes() + b.norm2_b.bytes();
+  }
+  return n;
+}
+
+size_t CudaModel::state_bytes_per_sequence() const {
+  size_t n = 0;
+  for (const Impl::Block& b : impl_->blocks)
+    if (b.mamba) n += size_t(Mamba3StateSizes(b.mamba->config()).total()) * sizeof(float);
+  return n;
+}
+
+GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
+  MAMBA3_CHECK(batch >= 1, "cache: batch must be at least 1, got {}", batch);
+  MAMBA3_CHECK(capacity >= 1, "cache: capacity must be at least 1, got {}", capacity);
+  auto c = std::make_unique<GpuCache::Impl>();
+  c->batch = batch;
+  c->capacity = capacity;
+  c->positions.assign(size_t(batch), 0);
+  for (const Impl::Block& b : impl_->blocks) {
+    c->mamba.push_back(b.mamba ? std::make_unique<GpuMamba3State>(b.mamba->config(), batch) : nullptr);
+    c->attn.push_back(b.attention ? std::make_unique<GpuAttentionCache>(b.attention->new_cache(batch, capacity))
+                                  : nullptr);
+  }
+  impl_->reserve(c->ws, batch, batch);
+  return GpuCache(std::move(c));
+}
+
+Tensor CudaModel::prefill(std::span<const int64_t> ids, int64_t batch, int64_t length, GpuCache& cache, int64_t row0,
+                          bool all_logits) const {
+  const Impl& m = *impl_;
+  GpuCache::Impl& c = *cache.impl_;
+  const ModelConfig& cfg = m.config;
+  MAMBA3_CHECK(batch >= 1 && length >= 1, "prefill: empty prompt (batch {}, length {})", batch, length);
+  MAMBA3_CHECK(int64_t(ids.size()) == batch * length, "prefill: {} ids for {} prompts of {} tokens", ids.size(), batch,
+               length);
+  MAMBA3_CHECK(row0 >= 0 && row0 + batch <= c.batch, "prefill: rows [{}, {}) outside the cache's batch of {}", row0,
+               row0 + batch, c.batch);
+  for (size_t i = 0; i < ids.size(); ++i)
+    MAMBA3_CHECK(ids[i] >= 0 && ids[i] < cfg.vocab_size,
+                 "token id {} at position {} is outside the vocabulary [0, {})", ids[i], i, cfg.vocab_size);
+  bool has_attention = false;
+  for (const auto& a : c.attn) has_attention |= a != nullptr;
+  if (has_attention)
+    for (int64_t r = row0; r < row0 + batch; ++r)
+      MAMBA3_CHECK(c.positions[size_t(r)] + length <= c.capacity,
+                   "prefill: row {} would hold {} tokens, more than the cache capacity {}", r,
+                   c.positions[size_t(r)] + length, c.capacity);
+
+  // Long prompts go through in segments (the states carry over), bounding the activation memory.
+  const int64_t row_budget = 16384;
+  const int64_t seg = std::max<int64_t>(1, std::min(length, row_budget / batch));
+  const int64_t V = cfg.vocab_padded(), D = cfg.d_model;
+  Tensor out = Tensor::empty(DType::F32, {all_logits ? batch * length : batch, V});
+  Workspace& ws = m.prefill_ws;
+  std::vector<int32_t> seg_ids;
+  for (int64_t t0 = 0; t0 < length; t0 += seg) {
+    const int64_t L = std::min(seg, length - t0), rows = batch * L;
+    m.reserve(ws, rows, all_logits ? rows : batch);
+    seg_ids.resize(size_t(rows));
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t t = 0; t < L; ++t) seg_ids[size_t(b * L + t)] = int32_t(ids[size_t(b * length + t0 + t)]);
+    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(ws.ids.raw(), seg_ids.data(), size_t(rows) * 4, cudaMemcpyHostToDevice,
+                                      m.ctx->stream()));
+    embed(m.ctx->stream(), ws.ids.as<int32_t>(), rows, m.embedding.weight.raw(), m.precision, D,
+          ws.hidden.as<float>());
+    m.run_blocks(ws, c, row0, batch, L, false);
+    for (int64_t r = row0; r < row0 + batch; ++r) c.positions[size_t(r)] += L;
+    if (all_logits) {
+      linear(*m.ctx, m.head(), ws.normed.raw(), rows, ws.logits.as<float>());
+      std::vector<float> host(size_t(rows * V));
+      MAMBA3_CUDA_CHECK(cudaMemcpyAsync(host.data(), ws.logits.raw(), host.size() * 4, cudaMemcpyDeviceToHost,
+                                        m.ctx->stream()));
+      m.ctx->sync();
+      for (int64_t b = 0; b < batch; ++b)
+        std::copy_n(host.data() + b * L * V, L * V, out.data<float>() + (b * length + t0) * V);
+    } else if (t0 + L == length) {
+      // The last position of each prompt: rows b·L + L − 1, a strided view of the normed activations.
+      const char* last = ws.normed.as<char>() + size_t((L - 1) * D) * m.act();
+      linear(*m.ctx, m.head(), last, batch, ws.logits.as<float>(), L * D);
+      MAMBA3_CUDA_CHECK(cudaMemcpyAsync(out.raw(), ws.logits.raw(), out.nbytes(), cudaMemcpyDeviceToHost,
+                                        m.ctx->stream()));
+    }
+  }
+  m.ctx->sync();
+  return out;
+}
+
+void CudaModel::step_device(GpuCache& cache) const {
+  const Impl& m = *impl_;
+  GpuCache::Impl& c = *cache.impl_;
+  bool has_attention = false;
+  for (const auto& a : c.attn) has_attention |= a != nullptr;
+  if (has_attention)
+    for (int64_t r = 0; r < c.batch; ++r)
+      MAMBA3_CHECK(c.positions[size_t(r)] < c.capacity, "step: row {} is full (capacity {} tokens)", r, c.capacity);
+  const cudaStream_t s = m.ctx->stream();
+  if (!m.use_graphs || c.steps_run == 0) {
+    m.decode(c);  // the first step runs eagerly: it sizes every lazily allocated scratch before any capture
+  } else {
+    if (!c.graph_exec) {
+      MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+      try {
+        m.decode(c);
+      } catch (...) {
+        cudaGraph_t broken = nullptr;
+        cudaStreamEndCapture(s, &broken);
+        if (broken) cudaGraphDestroy(broken);
+        throw;
+      }
+      MAMBA3_CUDA_CHECK(cudaStreamEndCapture(s, &c.graph));
+      MAMBA3_CUDA_CHECK(cudaGraphInstantiate(&c.graph_exec, c.graph, 0));
+    }
+    MAMBA3_CUDA_CHECK(cudaGraphLaunch(c.graph_exec, s));
+  }
+  ++c.steps_run;
+  for (auto& p : c.positions) ++p;
+}
+
+void CudaModel::step(std::span<const int64_t> ids, GpuCache& cache, Tensor& logits) const {
+  const Impl& m = *impl_;
+  GpuCache::Impl& c = *cache.impl_;
+  const int64_t B = c.batch, V = m.config.vocab_padded();
+  MAMBA3_CHECK(int64_t(ids.size()) == B, "step: {} ids for a cache of {} rows", ids.size(), B);
+  if (!has_shape(logits, {B, V}) || logits.dtype() != DType::F32) check_shape(logits, {B, V}, "step: logits (F32)");
+  std::vector<int32_t> ids32(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    MAMBA3_CHECK(ids[i] >= 0 && ids[i] < m.config.vocab_size,
+                 "token id {} at position {} is outside the vocabulary [0, {})", ids[i], i, m.config.vocab_size);
+    ids32[i] = int32_t(ids[i]);
+  }
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(c.ws.ids.raw(), ids32.data(), ids32.size() * 4, cudaMemcpyHostToDevice,
+                                    m.ctx->stream()));
+  step_device(cache);
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(logits.raw(), c.ws.logits.raw(), logits.nbytes(), cudaMemcpyDeviceToHost,
+                                    m.ctx->stream()));
+  m.ctx->sync();
+}
+
+}  // namespace mamba3::cuda

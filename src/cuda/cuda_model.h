@@ -1,0 +1,74 @@
+#pragma once
+// The whole Mamba-3 language model (spec §9) on one GPU: weights uploaded once, decode states and KV caches on the
+// device, prefill of a batch of equal-length prompts, and a decode step that can be captured once as a CUDA graph
+// and replayed. Same semantics as LanguageModel on the CPU (model/language_model.h).
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "cuda/cuda_context.h"
+#include "model/model_config.h"
+
+namespace mamba3::cuda {
+
+class CudaModel;
+
+// Everything a batch of sequences carries between calls on the device, plus the decode step's buffers (fixed
+// addresses, so a graph captured for this cache stays valid) and that graph.
+class GpuCache {
+ public:
+  GpuCache(GpuCache&&) noexcept;
+  GpuCache& operator=(GpuCache&&) noexcept;
+  ~GpuCache();
+
+  int64_t batch() const;
+  int64_t capacity() const;  // tokens per row the attention caches hold (unused by pure Mamba-3 models)
+  int64_t position(int64_t row) const;
+  // Device buffers of the decode step: ids (batch) int32 in, logits (batch, V_pad) f32 out.
+  int32_t* device_ids() const;
+  float* device_logits() const;
+
+ private:
+  friend class CudaModel;
+  struct Impl;
+  explicit GpuCache(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+class CudaModel {
+ public:
+  static CudaModel load(const std::string& dir, Precision precision);
+  CudaModel(const ModelConfig& config, const TensorMap& weights, const std::string& source, Precision precision);
+  CudaModel(CudaModel&&) noexcept;
+  ~CudaModel();
+
+  const ModelConfig& config() const;
+  Precision precision() const;
+  const Context& context() const;
+  size_t parameter_bytes() const;       // on the device
+  size_t state_bytes_per_sequence() const;
+
+  // A zeroed cache of `batch` rows; attention layers hold up to `capacity` tokens per row.
+  GpuCache new_cache(int64_t batch, int64_t capacity = 4096) const;
+
+  // Feeds `batch` prompts of `length` tokens each (ids row-major (batch, length)) into rows [row0, row0 + batch)
+  // of `cache`, continuing their states. Returns the logits (batch, V_pad) of each prompt's last position, or of
+  // every position (batch·length, V_pad) when all_logits, on the host.
+  Tensor prefill(std::span<const int64_t> ids, int64_t batch, int64_t length, GpuCache& cache, int64_t row0 = 0,
+                 bool all_logits = false) const;
+
+  // One token for every row: ids (batch) → logits (batch, V_pad) on the host.
+  void step(std::span<const int64_t> ids, GpuCache& cache, Tensor& logits) const;
+  // The device-resident form: reads cache.device_ids(), writes cache.device_logits(), no host transfer or sync.
+  // With graphs on (default), the first call runs eagerly, the second captures the step, later calls replay it.
+  void step_device(GpuCache& cache) const;
+  void set_use_graphs(bool on);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mamba3::cuda

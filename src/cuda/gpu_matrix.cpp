@@ -1,0 +1,47 @@
+#include "cuda/gpu_matrix.h"
+
+#include <vector>
+
+#include "cuda/basic_kernels.h"
+
+namespace mamba3::cuda {
+
+GpuMatrix GpuMatrix::upload(const Tensor& w, Precision precision, const Tensor* bias) {
+  MAMBA3_CHECK(w.ndim() == 2, "GpuMatrix: weight must be 2-D, got {}", shape_str(w.shape()));
+  GpuMatrix m;
+  m.n = w.dim(0);
+  m.k = w.dim(1);
+  m.precision = precision;
+  const DType dt = precision == Precision::F32 ? DType::F32 : DType::BF16;
+  Tensor host = w.to(dt);
+  m.weight = DeviceBuffer(host.nbytes());
+  m.weight.upload(host.raw(), host.nbytes());
+  if (bias && bias->defined()) {
+    check_shape(*bias, {m.n}, "GpuMatrix: bias");
+    m.bias = upload_f32(*bias);
+  }
+  return m;
+}
+
+DeviceBuffer upload_f32(const Tensor& t) {
+  Tensor host = t.to(DType::F32);
+  DeviceBuffer b(host.nbytes());
+  if (host.nbytes()) b.upload(host.raw(), host.nbytes());
+  return b;
+}
+
+void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, int64_t x_stride,
+            int64_t y_stride) {
+  if (m == 0) return;
+  const int64_t ldx = x_stride ? x_stride : w.k, ldy = y_stride ? y_stride : w.n;
+  const float one = 1.0f, zero = 0.0f;
+  // Column-major view: yᵀ (N × M) = W (K × N, transposed) · xᵀ (K × M).
+  const bool f32 = w.precision == Precision::F32;
+  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), int(m), int(w.k), &one,
+                                   w.weight.raw(), f32 ? CUDA_R_32F : CUDA_R_16BF, int(w.k), x,
+                                   f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldx), &zero, y, CUDA_R_32F, int(ldy),
+                                   f32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (!w.bias.empty()) add_bias(ctx.stream(), y, m, w.n, ldy, w.bias.as<float>());
+}
+
+}  // namespace mamba3::cuda

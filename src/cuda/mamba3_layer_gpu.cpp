@@ -1,0 +1,67 @@
+#include "cuda/mamba3_layer_gpu.h"
+
+#include "model/mamba3_mixer.h"
+
+namespace mamba3::cuda {
+
+GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows) : batch(batch_rows), sizes(c) {
+  buffer.resize(size_t(batch * sizes.total()) * sizeof(float));
+  MAMBA3_CUDA_CHECK(cudaMemset(buffer.raw(), 0, buffer.bytes()));
+}
+
+Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
+  float* base = buffer.as<float>();
+  float* angle = base;
+  float* ssm = angle + batch * sizes.angle;
+  float* k = ssm + batch * sizes.ssm;
+  float* v = k + batch * sizes.k;
+  return {angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v};
+}
+
+GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,
+                               const std::string& source, std::set<std::string>* used, Precision precision)
+    : config_(config), precision_(precision) {
+  const std::string why = mamba3_gpu_supported(config);
+  MAMBA3_CHECK(why.empty(), "{}: {}: the CUDA backend does not support this Mamba-3 configuration ({})", source, prefix,
+               why);
+  // The CPU layer performs every name and shape check and widens to f32; this one uploads its parameters.
+  const Mamba3Mixer host(config, weights, prefix, source, used);
+  in_proj_ = GpuMatrix::upload(host.param("in_proj.weight"), precision);
+  out_proj_ = GpuMatrix::upload(host.param("out_proj.weight"), precision);
+  auto up = [&](const char* name, DeviceBuffer& dst) -> const float* {
+    if (name == std::string("norm.weight") && !config.is_outproj_norm) return nullptr;
+    if ((name == std::string("mimo_x") || name == std::string("mimo_z") || name == std::string("mimo_o")) &&
+        !config.is_mimo)
+      return nullptr;
+    dst = upload_f32(host.param(name));
+    return dst.as<float>();
+  };
+  params_.dt_bias = up("dt_bias", dt_bias_);
+  params_.B_bias = up("B_bias", B_bias_);
+  params_.C_bias = up("C_bias", C_bias_);
+  params_.B_norm = up("B_norm.weight", B_norm_);
+  params_.C_norm = up("C_norm.weight", C_norm_);
+  params_.D = up("D", D_);
+  params_.mimo_x = up("mimo_x", mimo_x_);
+  params_.mimo_z = up("mimo_z", mimo_z_);
+  params_.mimo_o = up("mimo_o", mimo_o_);
+  params_.norm = up("norm.weight", norm_);
+}
+
+size_t GpuMamba3Layer::parameter_bytes() const {
+  size_t n = in_proj_.nbytes() + out_proj_.nbytes();
+  for (const DeviceBuffer* b : {&dt_bias_, &B_bias_, &C_bias_, &B_norm_, &C_norm_, &D_, &mimo_x_, &mimo_z_, &mimo_o_,
+                                &norm_})
+    n += b->bytes();
+  return n;
+}
+
+void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state,
+                             float* zx, void* o, float* out) const {
+  const int64_t rows = batch * L;
+  linear(ctx, in_proj_, x, rows, zx);
+  mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_);
+  linear(ctx, out_proj_, o, rows, out);
+}
+
+}  // namespace mamba3::cuda

@@ -1,0 +1,60 @@
+#pragma once
+// One Mamba-3 mixer layer on the GPU: in_proj (cuBLAS) → the fused recurrent kernel → out_proj (cuBLAS).
+// Parameters are checked exactly as on the CPU (they are loaded through Mamba3Mixer first).
+#include <set>
+#include <string>
+
+#include "core/tensor.h"
+#include "cuda/gpu_matrix.h"
+#include "cuda/mamba3_gpu.h"
+#include "ops/mamba3_config.h"
+
+namespace mamba3::cuda {
+
+// Per-row sizes (floats) of the four state tensors and their sum.
+struct Mamba3StateSizes {
+  int64_t angle, ssm, k, v;
+  explicit Mamba3StateSizes(const Mamba3Config& c)
+      : angle(c.nheads() * c.num_angles()),
+        ssm(c.nheads() * c.headdim * c.d_state),
+        k(c.rank() * c.nheads() * c.d_state),
+        v(c.nheads() * c.headdim) {}
+  int64_t total() const { return angle + ssm + k + v; }
+};
+
+// The state of `batch` rows in one allocation: [angle | ssm | k | v], each (batch, …).
+struct GpuMamba3State {
+  DeviceBuffer buffer;
+  int64_t batch = 0;
+  Mamba3StateSizes sizes;
+
+  GpuMamba3State(const Mamba3Config& c, int64_t batch);  // zeroed
+  // Views of rows [row, batch).
+  Mamba3GpuState rows_from(int64_t row) const;
+};
+
+class GpuMamba3Layer {
+ public:
+  GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,
+                 const std::string& source, std::set<std::string>* used, Precision precision);
+
+  const Mamba3Config& config() const { return config_; }
+  size_t parameter_bytes() const;
+  // Scratch the caller provides for `rows` tokens: zx (rows·d_in_proj f32) and o (rows·d_inner activations).
+  size_t zx_bytes(int64_t rows) const { return size_t(rows * config_.d_in_proj()) * 4; }
+  size_t o_bytes(int64_t rows) const { return size_t(rows * config_.d_inner()) * activation_size(precision_); }
+
+  // x: (batch·L, d_model) activations, `batch` sequences of L tokens continuing `state` (rows from its first);
+  // out: (batch·L, d_model) f32.
+  void forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state, float* zx, void* o,
+               float* out) const;
+
+ private:
+  Mamba3Config config_;
+  Precision precision_;
+  GpuMatrix in_proj_, out_proj_;
+  DeviceBuffer dt_bias_, B_bias_, C_bias_, B_norm_, C_norm_, D_, mimo_x_, mimo_z_, mimo_o_, norm_;
+  Mamba3GpuParams params_{};
+};
+
+}  // namespace mamba3::cuda

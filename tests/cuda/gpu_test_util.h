@@ -1,0 +1,56 @@
+#pragma once
+// Helpers for the CUDA tests: moving tensors to and from the device, reading a GPU Mamba-3 state back.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "core/tensor.h"
+#include "cuda/cuda_context.h"
+#include "cuda/device_buffer.h"
+#include "cuda/mamba3_layer_gpu.h"
+#include "model/mamba3_mixer.h"
+
+#define MAMBA3_REQUIRE_GPU()                                                              \
+  do {                                                                                    \
+    if (!::mamba3::cuda::device_info().available) GTEST_SKIP() << "no CUDA device";        \
+  } while (0)
+
+namespace mamba3::test {
+
+// A float tensor as device activations of `p` (f32, or bf16 rounded to nearest even).
+inline cuda::DeviceBuffer to_device_activation(const Tensor& t, cuda::Precision p) {
+  Tensor host = t.to(p == cuda::Precision::F32 ? DType::F32 : DType::BF16);
+  cuda::DeviceBuffer b(host.nbytes());
+  b.upload(host.raw(), host.nbytes());
+  return b;
+}
+
+inline Tensor from_device_f32(const void* dev, Shape shape) {
+  Tensor t = Tensor::empty(DType::F32, std::move(shape));
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  MAMBA3_CUDA_CHECK(cudaMemcpy(t.raw(), dev, t.nbytes(), cudaMemcpyDeviceToHost));
+  return t;
+}
+
+// Fills n floats of device memory with NaN, so that unwritten outputs fail the comparisons.
+inline void poison(void* dev, size_t bytes) { MAMBA3_CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
+
+// The state of rows [0, batch) as host tensors in the CPU layout.
+inline Mamba3State download_state(const cuda::GpuMamba3State& s, const Mamba3Config& c) {
+  const int64_t B = s.batch, H = c.nheads(), S = c.num_angles(), P = c.headdim, N = c.d_state, R = c.rank();
+  cuda::Mamba3GpuState v = s.rows_from(0);
+  return {from_device_f32(v.angle, {B, H, S}), from_device_f32(v.ssm, {B, H, P, N}), from_device_f32(v.k, {B, R, H, N}),
+          from_device_f32(v.v, {B, H, P})};
+}
+
+// Writes a host state (CPU layout) into the GPU state.
+inline void upload_state(const Mamba3State& h, cuda::GpuMamba3State& s) {
+  cuda::Mamba3GpuState v = s.rows_from(0);
+  const Tensor* src[] = {&h.angle, &h.ssm, &h.k, &h.v};
+  float* dst[] = {v.angle, v.ssm, v.k, v.v};
+  for (int i = 0; i < 4; ++i)
+    MAMBA3_CUDA_CHECK(cudaMemcpy(dst[i], src[i]->data<float>(), src[i]->nbytes(), cudaMemcpyHostToDevice));
+}
+
+}  // namespace mamba3::test

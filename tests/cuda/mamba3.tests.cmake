@@ -1,0 +1,2 @@
+mamba3_cuda_test(test_mamba3_gpu ${CMAKE_CURRENT_LIST_DIR}/test_mamba3_gpu.cpp)
+mamba3_cuda_test(test_model_gpu ${CMAKE_CURRENT_LIST_DIR}/test_model_gpu.cpp)

@@ -1,0 +1,15 @@
+# CUDA backend tests: label `cuda` (they need a GPU; without one each reports itself skipped, never passed).
+# Built only when the backend is; parts owned by different files register themselves in cuda/*.tests.cmake.
+if(TARGET mamba3_cuda)
+  function(mamba3_cuda_test name)
+    add_executable(${name} ${ARGN})
+    target_link_libraries(${name} PRIVATE mamba3_test_support mamba3_cuda GTest::gtest_main)
+    target_include_directories(${name} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/cuda)
+    add_test(NAME ${name} COMMAND ${name})
+    set_tests_properties(${name} PROPERTIES LABELS cuda SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+  endfunction()
+  file(GLOB MAMBA3_CUDA_TEST_LISTS CONFIGURE_DEPENDS ${CMAKE_CURRENT_LIST_DIR}/*.tests.cmake)
+  foreach(list ${MAMBA3_CUDA_TEST_LISTS})
+    include(${list})
+  endforeach()
+endif()

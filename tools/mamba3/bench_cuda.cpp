@@ -1,0 +1,153 @@
+#include "bench_cuda.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "cuda/cuda_model.h"
+#include "cuda/device_buffer.h"
+#include "model/init_weights.h"
+
+namespace mamba3::cli {
+
+namespace {
+
+using cuda::CudaModel;
+using cuda::GpuCache;
+
+// The paper's 1.5B class (spec §13.3): d_model 2048, 24 blocks of Mamba-3 + GatedMLP, d_state 128, headdim 64,
+// expand 2, Llama-3 vocabulary, tied embeddings. MIMO rank 4 shrinks the MLP to keep the parameter count.
+ModelConfig cuda_preset(const std::string& name) {
+  const bool mimo = name == "1.5b-mimo";
+  MAMBA3_CHECK(name == "1.5b" || mimo, "--preset: unknown preset '{}' (known on cuda: 1.5b, 1.5b-mimo)", name);
+  nlohmann::json ssm = {{"layer", "Mamba3"}, {"d_state", 128}, {"headdim", 64}, {"expand", 2}};
+  if (mimo) ssm["is_mimo"] = true, ssm["mimo_rank"] = 4;
+  nlohmann::json j = {{"d_model", 2048}, {"n_layer", 24}, {"vocab_size", 128256}, {"d_intermediate", mimo ? 3824 : 4096},
+                      {"ssm_cfg", ssm}, {"tie_embeddings", true}};
+  return ModelConfig::from_json(j, "preset " + name);
+}
+
+// Device-to-device copy bandwidth, counting bytes read plus bytes written (the ceiling the decode step is held to).
+double measure_copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  cuda::DeviceBuffer a(bytes), b(bytes);
+  MAMBA3_CUDA_CHECK(cudaMemset(a.raw(), 1, bytes));
+  cudaEvent_t e0, e1;
+  MAMBA3_CUDA_CHECK(cudaEventCreate(&e0));
+  MAMBA3_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    MAMBA3_CUDA_CHECK(cudaEventRecord(e0));
+    MAMBA3_CUDA_CHECK(cudaMemcpy(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice));
+    MAMBA3_CUDA_CHECK(cudaEventRecord(e1));
+    MAMBA3_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t = 0;
+    MAMBA3_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * double(bytes) / (double(ms[ms.size() / 2]) * 1e-3);
+}
+
+// Median milliseconds of `n` graph-replayed decode steps, each timed with events on the model's stream.
+double median_step_ms(const CudaModel& m, GpuCache& cache, int64_t n) {
+  const cudaStream_t s = m.context().stream();
+  cudaEvent_t e0, e1;
+  MAMBA3_CUDA_CHECK(cudaEventCreate(&e0));
+  MAMBA3_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int64_t i = 0; i < n; ++i) {
+    MAMBA3_CUDA_CHECK(cudaEventRecord(e0, s));
+    m.step_device(cache);
+    MAMBA3_CUDA_CHECK(cudaEventRecord(e1, s));
+    MAMBA3_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t = 0;
+    MAMBA3_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(ms.begin(), ms.end());
+  return double(ms[ms.size() / 2]);
+}
+
+std::vector<int64_t> random_ids(std::mt19937& rng, int64_t n, int64_t vocab) {
+  std::vector<int64_t> ids(size_t(n));
+  for (auto& id : ids) id = int64_t(rng() % uint32_t(vocab));
+  return ids;
+}
+
+void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArgs& a, double copy_bw) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const TensorMap w = init_weights(c, 1);
+  CudaModel m(c, w, name, cuda::parse_precision(a.precision));
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double wbytes = double(m.parameter_bytes()), sbytes = double(m.state_bytes_per_sequence());
+  const int64_t V = c.vocab_padded();
+  std::printf("\n%s: %s weights %.2f GB on the device, decode state %.1f MB per sequence (f32), built in %.0f s\n",
+              name.c_str(), a.precision.c_str(), wbytes / 1e9, sbytes / 1e6, load_s);
+  std::mt19937 rng(7);
+
+  std::printf("  %-10s %10s %12s %12s %10s %10s\n", "decode", "ms/step", "tokens/s", "MB moved", "GB/s",
+              "of copy");
+  for (int64_t B : a.batches) {
+    GpuCache cache = m.new_cache(B, 64);
+    m.prefill(random_ids(rng, B * 16, c.vocab_size), B, 16, cache);
+    const std::vector<int32_t> ids(size_t(B), 1);
+    MAMBA3_CUDA_CHECK(cudaMemcpy(cache.device_ids(), ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+    for (int i = 0; i < 3; ++i) m.step_device(cache);  // eager, capture, first replay
+    m.context().sync();
+    const double ms = median_step_ms(m, cache, a.steps);
+    // Bytes of one step: every weight once (the lm_head reads the whole embedding), each state read and written,
+    // the logits written.
+    const double bytes = wbytes + 2.0 * sbytes * double(B) + 4.0 * double(B * V);
+    const double gbs = bytes / (ms * 1e-3) / 1e9;
+    std::printf("  b%-9ld %10.3f %12.0f %12.0f %10.0f %9.0f%%\n", long(B), ms, double(B) / (ms * 1e-3), bytes / 1e6,
+                gbs, 100.0 * gbs * 1e9 / copy_bw);
+  }
+
+  if (a.lengths.empty()) return;
+  const int64_t B = a.long_batch;
+  std::printf("  prefill n + decode n at batch %ld\n  %-8s %10s %14s %12s %12s %12s\n", long(B), "n", "total s",
+              "prefill tok/s", "prefill s", "decode s", "ms/step");
+  for (int64_t n : a.lengths) {
+    GpuCache cache = m.new_cache(B, 64);
+    const std::vector<int64_t> prompt = random_ids(rng, B * n, c.vocab_size);
+    m.context().sync();
+    auto p0 = std::chrono::steady_clock::now();
+    m.prefill(prompt, B, n, cache);
+    const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count();
+    const int64_t timed = a.max_decode_steps > 0 ? std::min(n, a.max_decode_steps) : n;
+    auto d0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < timed; ++i) m.step_device(cache);
+    m.context().sync();
+    double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - d0).count();
+    const double per_step = decode_s / double(timed);
+    decode_s = per_step * double(n);
+    std::printf("  %-8ld %10.2f %14.0f %12.2f %12.2f %12.3f%s\n", long(n), prefill_s + decode_s,
+                double(B * n) / prefill_s, prefill_s, decode_s, per_step * 1e3,
+                timed < n ? "  (decode extrapolated)" : "");
+  }
+}
+
+}  // namespace
+
+void run_cuda_bench(const CudaBenchArgs& a) {
+  const cuda::DeviceInfo info = cuda::device_info();
+  MAMBA3_CHECK(info.available, "--device cuda: no usable CUDA device ({})", info.why_not);
+  const double bw = measure_copy_bandwidth();
+  std::printf("mamba3 bench --device cuda: %s, %d SMs, %.0f GB; device-to-device copy %.0f GB/s (read + write)\n",
+              info.name.c_str(), info.sm_count, double(info.memory_bytes) / 1e9, bw / 1e9);
+  if (!a.config.empty()) {
+    bench_one(a.config, ModelConfig::load(a.config), a, bw);
+  } else {
+    for (const auto& p : a.presets) bench_one("Mamba-3 " + p + " (random init)", cuda_preset(p), a, bw);
+  }
+}
+
+}  // namespace mamba3::cli
