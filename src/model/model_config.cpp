@@ -138,6 +138,9 @@ json ModelConfig::to_json() const {
                   {"mimo_rank", ssm.mimo_rank},
                   {"chunk_size", ssm.chunk_size},
                   {"A_activation", ssm.a_activation == AActivation::HeavyTail ? "heavy_tail" : "softplus"}};
+  // The ablation switches (spec §15) only when on, so default configs stay exactly what mamba_ssm writes and reads.
+  if (ssm.no_rotary) ssm_cfg["no_rotary"] = true;
+  if (ssm.euler) ssm_cfg["euler"] = true;
   json attn_cfg = json::object();
   if (!attn_layer_idx.empty()) {
     attn_cfg = {{"num_heads", attn.num_heads},

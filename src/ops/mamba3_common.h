@@ -54,13 +54,16 @@ inline HeadScalars head_scalars(const Mamba3Config& c, const float* zx, int64_t 
   float f = c.a_activation == AActivation::HeavyTail ? (a_logit >= 0 ? 1.0f + a_logit : 1.0f / (1.0f - a_logit))
                                                      : softplus(a_logit);
   float A = std::min(-f, -float(c.A_floor));
-  return {dt, A * dt, sigmoid(dd[2 * H + h])};
+  // Euler ablation (spec §15): λ ≡ 1, so β = 0, γ = Δ and the shifted γ vanishes; the trap logit is ignored.
+  return {dt, A * dt, c.euler ? 1.0f : sigmoid(dd[2 * H + h])};
 }
 
-// φ ← wrap(φ + π·tanh(θ)·Δ) for the S angles of one head; also returns cos/sin of the new angles.
-inline void advance_angles(const float* theta, float dt, int64_t S, float* phi, float* cs, float* sn) {
+// φ ← wrap(φ + π·tanh(θ)·Δ) for the S angles of one head; also returns cos/sin of the new angles. With the
+// no-rotary ablation (spec §15) the increment is 0 and θ is ignored (φ stays at its start, 0 for new sequences).
+inline void advance_angles(const Mamba3Config& c, const float* theta, float dt, float* phi, float* cs, float* sn) {
+  const int64_t S = c.num_angles();
   for (int64_t i = 0; i < S; ++i) {
-    float a = phi[i] + float(std::numbers::pi) * std::tanh(theta[i]) * dt;
+    float a = c.no_rotary ? phi[i] : phi[i] + float(std::numbers::pi) * std::tanh(theta[i]) * dt;
     a -= kTwoPi * std::floor(a / kTwoPi);
     phi[i] = a;
     cs[i] = std::cos(a);

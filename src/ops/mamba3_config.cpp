@@ -48,6 +48,8 @@ Mamba3Config Mamba3Config::from_json(const nlohmann::json& j, const std::string&
   read_json_field(j, "is_mimo", c.is_mimo, context);
   read_json_field(j, "mimo_rank", c.mimo_rank, context);
   read_json_field(j, "chunk_size", c.chunk_size, context);
+  read_json_field(j, "no_rotary", c.no_rotary, context);
+  read_json_field(j, "euler", c.euler, context);
   if (auto it = j.find("A_activation"); it != j.end()) {
     std::string v = it->is_string() ? it->get<std::string>() : "";
     if (v == "heavy_tail") {
@@ -62,9 +64,10 @@ Mamba3Config Mamba3Config::from_json(const nlohmann::json& j, const std::string&
 }
 
 std::string Mamba3Config::describe() const {
-  return fmt::format("Mamba3({} d_model {}, d_state {}, headdim {}, heads {}, groups {}, rope {}, outnorm {}, chunk {})",
-                     is_mimo ? fmt::format("MIMO R={}", mimo_rank) : std::string("SISO"), d_model, d_state, headdim,
-                     nheads(), ngroups, rope_fraction, is_outproj_norm, chunk_size);
+  return fmt::format(
+      "Mamba3({} d_model {}, d_state {}, headdim {}, heads {}, groups {}, rope {}, outnorm {}, chunk {}{}{})",
+      is_mimo ? fmt::format("MIMO R={}", mimo_rank) : std::string("SISO"), d_model, d_state, headdim, nheads(), ngroups,
+      rope_fraction, is_outproj_norm, chunk_size, no_rotary ? ", no_rotary" : "", euler ? ", euler" : "");
 }
 
 }  // namespace mamba3

@@ -24,6 +24,9 @@ struct Mamba3Config {
   int64_t mimo_rank = 4;  // used only when is_mimo
   int64_t chunk_size = 64;
   AActivation a_activation = AActivation::HeavyTail;
+  // Non-official ablation switches (spec §15; ssm_cfg keys "no_rotary" and "euler", written only when true).
+  bool no_rotary = false;  // angle increments ≡ 0: Rot is the identity, the θ columns of in_proj are ignored
+  bool euler = false;      // λ ≡ 1: β = 0, γ = Δ (exponential-Euler update), the trap columns are ignored
 
   int64_t rank() const { return is_mimo ? mimo_rank : 1; }                // R
   int64_t d_inner() const { return int64_t(expand * double(d_model)); }  // int(expand·d_model)

@@ -64,10 +64,12 @@ void mamba3_reference(const Mamba3Config& c, const Mamba3ReferenceWeights& w, in
         const double al = zx[size_t(c.off_A() + hh)];
         const double f = c.a_activation == AActivation::HeavyTail ? (al >= 0 ? 1 + al : 1 / (1 - al)) : softplus(al);
         const double A = std::min(-f, -c.A_floor);
-        const double lam = sigmoid(zx[size_t(c.off_trap() + hh)]);
+        // Ablation switches (spec §15): euler forces λ = 1; no_rotary forces the angle increments to 0.
+        const double lam = c.euler ? 1.0 : sigmoid(zx[size_t(c.off_trap() + hh)]);
         const double alpha = std::exp(A * dt), beta = (1 - lam) * dt * alpha, gamma = lam * dt;
         double* ph = &phi[size_t(hh * S)];
-        for (int64_t i = 0; i < S; ++i) ph[i] += std::numbers::pi * std::tanh(zx[size_t(c.off_angles() + i)]) * dt;
+        if (!c.no_rotary)
+          for (int64_t i = 0; i < S; ++i) ph[i] += std::numbers::pi * std::tanh(zx[size_t(c.off_angles() + i)]) * dt;
 
         std::vector<double> q(size_t(R * N)), k(size_t(R * N)), v(size_t(R * P)), vp(size_t(R * P));
         for (int64_t r = 0; r < R; ++r) {

@@ -142,7 +142,9 @@ void prepare(const Layer& l, const double* zx, const double* phi_before, double*
       for (int64_t n = 0; n < l.N; ++n) dst[n] = src[n] * r * w[n];
     }
   }
-  for (int64_t i = 0; i < l.S; ++i) tk.th[size_t(i)] = std::tanh(zx[c.off_angles() + i]);
+  // Ablation switches (spec §15): no_rotary makes every angle increment 0 (tanh θ taken as 0, and θ gets no
+  // gradient below); euler fixes λ = 1 (the trap logit gets no gradient).
+  for (int64_t i = 0; i < l.S; ++i) tk.th[size_t(i)] = c.no_rotary ? 0.0 : std::tanh(zx[c.off_angles() + i]);
   for (int64_t h = 0; h < l.H; ++h) {
     const double dt = softplus(zx[c.off_dt() + h] + l.dt_bias[h]);
     const double a = zx[c.off_A() + h];
@@ -156,7 +158,7 @@ void prepare(const Layer& l, const double* zx, const double* phi_before, double*
     }
     const bool clamped = -f > -l.A_floor;  // A = min(−f, −A_floor) takes the constant
     const double A = clamped ? -l.A_floor : -f;
-    const double lam = sigmoid(zx[c.off_trap() + h]);
+    const double lam = c.euler ? 1.0 : sigmoid(zx[c.off_trap() + h]);
     const double alpha = std::exp(A * dt);
     tk.dt[size_t(h)] = dt, tk.A[size_t(h)] = A, tk.dA_dlogit[size_t(h)] = clamped ? 0.0 : -df;
     tk.lam[size_t(h)] = lam, tk.alpha[size_t(h)] = alpha;
@@ -485,7 +487,7 @@ void backward_row(const Layer& l, int64_t L, const double* u, const double* dout
       double ddt = dADT * cur.A[size_t(hh)] + dbeta * (1 - lam) * al + dgamma * lam;
       const double dlam = -dbeta * dt * al + dgamma * dt;
       dzx[size_t(c.off_A() + hh)] += dADT * dt * cur.dA_dlogit[size_t(hh)];
-      dzx[size_t(c.off_trap() + hh)] += dlam * lam * (1 - lam);
+      if (!c.euler) dzx[size_t(c.off_trap() + hh)] += dlam * lam * (1 - lam);
 
       // Rotation: (a, b) ↦ (a c − b s, a s + b c); dφ = −d(out_a)·out_b + d(out_b)·out_a.
       std::fill(dphi.begin(), dphi.end(), 0.0);
@@ -512,6 +514,7 @@ void backward_row(const Layer& l, int64_t L, const double* u, const double* dout
         double& dP = dPhi[size_t(hh * S + i)];
         dP += dphi[size_t(i)];
         const double th = cur.th[size_t(i)];
+        if (c.no_rotary) continue;
         ddt += dP * kPi * th;
         dzx[size_t(c.off_angles() + i)] += dP * kPi * dt * (1 - th * th);
       }

@@ -79,7 +79,7 @@ void scan_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, int6
     for (int64_t tl = 0; tl < T; ++tl) {
       const int64_t t = c0 + tl;
       const float* row = zx + t * d_in;
-      advance_angles(row + c.off_angles(), s.dt[t], S, s.phi.data(), s.cs.data(), s.sn.data());
+      advance_angles(c, row + c.off_angles(), s.dt[t], s.phi.data(), s.cs.data(), s.sn.data());
       for (int64_t r = 0; r < R; ++r) {
         const int64_t j = tl * R + r;
         bias_rotate(row + c.off_C() + (r * G + g) * N, p.C_bias + (h * R + r) * N, s.cs.data(), s.sn.data(), N, S,

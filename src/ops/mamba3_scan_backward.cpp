@@ -55,7 +55,7 @@ ScalarsGrad scalars_grad(const Mamba3Config& c, const float* zx, int64_t h, cons
     df = a > 20.0f ? 1.0f : sigmoid(a);
   }
   const bool clamped = -f > -float(c.A_floor);
-  return {softplus(arg), std::min(-f, -float(c.A_floor)), sigmoid(dd[2 * H + h]), clamped ? 0.0f : -df,
+  return {softplus(arg), std::min(-f, -float(c.A_floor)), c.euler ? 1.0f : sigmoid(dd[2 * H + h]), clamped ? 0.0f : -df,
           arg > 20.0f ? 1.0f : sigmoid(arg)};
 }
 
@@ -216,7 +216,7 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
   // Angles φ_t for every token (wrapped as the forward does).
   for (int64_t i = 0; i < S; ++i) s.phi[size_t(i)] = io.init_angle ? io.init_angle[h * S + i] : 0.0f;
   for (int64_t t = 0; t < L; ++t)
-    advance_angles(zx + t * d_in + c.off_angles(), s.dt[size_t(t)], S, s.phi.data(), s.cs.data() + t * S,
+    advance_angles(c, zx + t * d_in + c.off_angles(), s.dt[size_t(t)], s.phi.data(), s.cs.data() + t * S,
                    s.sn.data() + t * S);
 
   // The effective initial state: h_{−1} plus the pending (k, x) pair with σ̄_0 (spec §5.1).
@@ -406,6 +406,11 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
       float ang = 0;
       for (int64_t i = 0; i < S; ++i) {
         s.dPhi[size_t(i)] += s.dphi[size_t(i)];
+        // no_rotary: the increments are 0 whatever θ and Δ are, so neither gets a gradient from the angles.
+        if (c.no_rotary) {
+          io.dth[(t * H + h) * S + i] = 0.0f;
+          continue;
+        }
         const float th = std::tanh(row[c.off_angles() + i]);
         ang += s.dPhi[size_t(i)] * kPiF * th;
         io.dth[(t * H + h) * S + i] = s.dPhi[size_t(i)] * kPiF * s.dt[size_t(t)] * (1.0f - th * th);
@@ -451,7 +456,7 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
     dz[c.off_dt() + h] = dsp;
     g.dt_bias += dsp;
     dz[c.off_A() + h] = s.dadt[size_t(t)] * dt * s.dAdl[size_t(t)];
-    dz[c.off_trap() + h] = dlam * lam * (1.0f - lam);
+    dz[c.off_trap() + h] = c.euler ? 0.0f : dlam * lam * (1.0f - lam);  // euler: λ does not depend on trap
   }
 }
 

@@ -38,7 +38,7 @@ void mamba3_step(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t batch
 
     HeadScalars sc = head_scalars(c, row, h, p.dt_bias);
     const float alpha = std::exp(sc.adt), beta = (1.0f - sc.lam) * sc.dt * alpha, gamma = sc.lam * sc.dt;
-    advance_angles(row + c.off_angles(), sc.dt, S, phi, s.cs.data(), s.sn.data());
+    advance_angles(c, row + c.off_angles(), sc.dt, phi, s.cs.data(), s.sn.data());
     for (int64_t r = 0; r < R; ++r) {
       bias_rotate(row + c.off_C() + (r * G + g) * N, p.C_bias + (h * R + r) * N, s.cs.data(), s.sn.data(), N, S,
                   mimo, s.q.data() + r * N);
