@@ -7,3 +7,5 @@ if(TARGET mamba3_cli)
   add_test(NAME test_trainer_cli COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/trainer/test_cli.sh $<TARGET_FILE:mamba3_cli>)
   set_tests_properties(test_trainer_cli PROPERTIES LABELS cpu TIMEOUT 300)
 endif()
+# Held-out perplexity (train/perplexity.h).
+mamba3_test(test_trainer_perplexity trainer/test_perplexity.cpp)

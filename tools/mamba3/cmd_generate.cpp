@@ -5,6 +5,7 @@
 
 #include "commands.h"
 #include "core/parallel.h"
+#include "default_model.h"
 #include "infer/generator.h"
 #include "model/language_model.h"
 #include "tokenizer/tokenizer.h"
@@ -60,8 +61,9 @@ void run(const GenerateArgs& a) {
   MAMBA3_CHECK(a.batch >= 1, "--batch: must be at least 1, got {}", a.batch);
   MAMBA3_CHECK(a.prompt.empty() || a.ids.empty(), "give either -p/--prompt or --ids, not both");
 
-  LanguageModel model = LanguageModel::load(a.model);
-  Tokenizer tok = find_tokenizer(a.model);
+  const std::string dir = a.model.empty() ? find_default_model() : a.model;
+  LanguageModel model = LanguageModel::load(dir);
+  Tokenizer tok = find_tokenizer(dir);
   std::vector<int64_t> prompt;
   if (!a.ids.empty()) {
     prompt = parse_ids(a.ids);
@@ -120,7 +122,9 @@ void run(const GenerateArgs& a) {
 void register_generate(CLI::App& app) {
   static GenerateArgs a;
   auto* cmd = app.add_subcommand("generate", "Generate text with a Mamba-3 language model");
-  cmd->add_option("-m,--model", a.model, "model directory (config.json + weights [+ tokenizer])")->required();
+  cmd->add_option("-m,--model", a.model,
+                  "model directory (config.json + weights [+ tokenizer]); default: $MAMBA3_MODEL_DIR, else the "
+                  "repository's models/default");
   cmd->add_option("-p,--prompt", a.prompt, "prompt text (encoded with the model's tokenizer)");
   cmd->add_option("--ids", a.ids, "prompt as comma-separated token ids instead of text");
   cmd->add_option("-n,--max-tokens", a.max_tokens, "tokens to generate per sequence")->capture_default_str();

@@ -11,5 +11,6 @@ void register_bench(CLI::App& app);
 void register_serve(CLI::App& app);
 void register_prepare(CLI::App& app);
 void register_train(CLI::App& app);
+void register_eval(CLI::App& app);
 
 }  // namespace mamba3::cli
