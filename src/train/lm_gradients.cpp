@@ -104,6 +104,30 @@ double lm_loss_and_grad(const ModelConfig& c, const TensorMap& params, const int
     MAMBA3_CHECK(tokens[i] >= 0 && tokens[i] < c.vocab_size,
                  "lm_loss_and_grad: token {} at row {} position {} is outside the vocabulary [0, {})", tokens[i],
                  i / (L + 1), i % (L + 1), c.vocab_size);
+  std::vector<int64_t> inputs(static_cast<size_t>(B * L)), targets(static_cast<size_t>(B * L));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      inputs[size_t(b * L + t)] = tokens[b * (L + 1) + t];
+      targets[size_t(b * L + t)] = tokens[b * (L + 1) + t + 1];
+    }
+  return lm_loss_and_grad_labels(c, params, inputs.data(), targets.data(), B, L, grads);
+}
+
+double lm_loss_and_grad_labels(const ModelConfig& c, const TensorMap& params, const int64_t* input_ids,
+                               const int64_t* target_ids, int64_t B, int64_t L, TensorMap* grads) {
+  MAMBA3_CHECK(B >= 1 && L >= 1, "lm_loss_and_grad: need B ≥ 1 and L ≥ 1, got B {} L {}", B, L);
+  MAMBA3_CHECK(input_ids != nullptr && target_ids != nullptr, "lm_loss_and_grad: inputs or targets is null");
+  int64_t labelled = 0;
+  for (int64_t i = 0; i < B * L; ++i) {
+    MAMBA3_CHECK(input_ids[i] >= 0 && input_ids[i] < c.vocab_size,
+                 "lm_loss_and_grad: input {} at row {} position {} is outside the vocabulary [0, {})", input_ids[i],
+                 i / L, i % L, c.vocab_size);
+    MAMBA3_CHECK(target_ids[i] < c.vocab_size,
+                 "lm_loss_and_grad: target {} at row {} position {} is outside the vocabulary [0, {})", target_ids[i],
+                 i / L, i % L, c.vocab_size);
+    labelled += target_ids[i] >= 0;
+  }
+  MAMBA3_CHECK(labelled > 0, "lm_loss_and_grad: no position has a target (all {} are negative)", B * L);
   use_single_threaded_blas();
   const int64_t D = c.d_model, V = c.vocab_padded(), N = B * L, dff = c.d_ff();
   const bool want = grads != nullptr;
@@ -172,12 +196,7 @@ double lm_loss_and_grad(const ModelConfig& c, const TensorMap& params, const int
   };
 
   // Forward. `residual` and `hidden` follow spec §9.3; each layer keeps what its backward needs.
-  std::vector<int64_t> inputs(static_cast<size_t>(N)), targets(static_cast<size_t>(N));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < L; ++t) {
-      inputs[size_t(b * L + t)] = tokens[b * (L + 1) + t];
-      targets[size_t(b * L + t)] = tokens[b * (L + 1) + t + 1];
-    }
+  const std::vector<int64_t> inputs(input_ids, input_ids + N);
   Tensor hidden = Tensor::empty(DType::F32, {B, L, D});
   Tensor residual = Tensor::empty(DType::F32, {B, L, D});
   parallel_for_work(N, D, [&](int64_t r) { std::copy_n(emb + inputs[size_t(r)] * D, D, hidden.data<float>() + r * D); });
@@ -216,12 +235,28 @@ double lm_loss_and_grad(const ModelConfig& c, const TensorMap& params, const int
   Tensor normed_f = Tensor::empty(DType::F32, {B, L, D});
   norm(norm_f, residual.data<float>(), normed_f.data<float>());
 
-  // Loss, and the gradient of the lm_head and of norm_f's output.
-  const double scale = 1.0 / double(N);
-  Tensor dnormed = want ? Tensor::empty(DType::F32, {B, L, D}) : Tensor();
+  // Loss, and the gradient of the lm_head and of norm_f's output. Only labelled positions reach the lm_head: when
+  // some are unlabelled their rows are gathered first and their gradient is zero.
+  const double scale = 1.0 / double(labelled);
+  Tensor dnormed = want ? Tensor::zeros(DType::F32, {B, L, D}) : Tensor();
   float* dhead = want ? pt.grad(c.tie_embeddings ? "backbone.embedding.weight" : "lm_head.weight") : nullptr;
-  const double loss = scale * lm_head_cross_entropy(normed_f.data<float>(), N, D, head, V, targets.data(), scale,
-                                                    want ? dnormed.data<float>() : nullptr, dhead);
+  double loss = 0;
+  if (labelled == N) {
+    loss = scale * lm_head_cross_entropy(normed_f.data<float>(), N, D, head, V, target_ids, scale,
+                                         want ? dnormed.data<float>() : nullptr, dhead);
+  } else {
+    std::vector<int64_t> rows, targets;
+    for (int64_t r = 0; r < N; ++r)
+      if (target_ids[r] >= 0) rows.push_back(r), targets.push_back(target_ids[r]);
+    std::vector<float> h(static_cast<size_t>(labelled * D)), dh(want ? h.size() : 0);
+    for (size_t i = 0; i < rows.size(); ++i)
+      std::copy_n(normed_f.data<float>() + rows[i] * D, D, h.data() + int64_t(i) * D);
+    loss = scale * lm_head_cross_entropy(h.data(), labelled, D, head, V, targets.data(), scale,
+                                         want ? dh.data() : nullptr, dhead);
+    if (want)
+      for (size_t i = 0; i < rows.size(); ++i)
+        std::copy_n(dh.data() + int64_t(i) * D, D, dnormed.data<float>() + rows[i] * D);
+  }
   if (!want) return loss;
 
   // Backward. `g` is the gradient of the residual stream (every hidden added into it shares it).

@@ -19,4 +19,11 @@ namespace mamba3 {
 double lm_loss_and_grad(const ModelConfig& config, const TensorMap& params, const int64_t* tokens, int64_t B,
                         int64_t L, TensorMap* grads);
 
+// The same with the labels given apart (supervised sequence tasks, src/tasks): inputs (B, L) ids; targets (B, L),
+// targets[i] the label of the output at input position i, or a negative value for "no loss here". Returns the mean
+// cross-entropy over the labelled positions (at least one is required); the gradients are those of that mean.
+// lm_loss_and_grad(tokens) equals this with inputs = tokens[:, :L] and targets = tokens[:, 1:].
+double lm_loss_and_grad_labels(const ModelConfig& config, const TensorMap& params, const int64_t* inputs,
+                               const int64_t* targets, int64_t B, int64_t L, TensorMap* grads);
+
 }  // namespace mamba3

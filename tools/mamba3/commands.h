@@ -11,6 +11,7 @@ void register_bench(CLI::App& app);
 void register_serve(CLI::App& app);
 void register_prepare(CLI::App& app);
 void register_train(CLI::App& app);
+void register_task(CLI::App& app);
 void register_eval(CLI::App& app);
 
 }  // namespace mamba3::cli

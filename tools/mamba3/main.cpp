@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   mamba3::cli::register_tokenize(app);
   mamba3::cli::register_prepare(app);
   mamba3::cli::register_train(app);
+  mamba3::cli::register_task(app);
   mamba3::cli::register_eval(app);
 #ifdef MAMBA3_HAVE_SERVER
   mamba3::cli::register_serve(app);
