@@ -9,6 +9,7 @@
 #include "cuda/device_buffer.h"
 #include "cuda/gpu_matrix.h"
 #include "cuda/mamba3_layer_gpu.h"
+#include "cuda/sampling_gpu.h"
 #include "io/weights.h"
 #include "model/gated_mlp.h"
 
@@ -31,6 +32,7 @@ struct GpuCache::Impl {
   std::vector<std::unique_ptr<GpuAttentionCache>> attn;    // per layer (null for Mamba-3 layers)
   Workspace ws;                                            // the decode step's buffers
   int steps_run = 0;                                       // eager steps before capture
+  const GpuSampler* graph_sampler = nullptr;               // the sampler captured in the graph (if any)
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t graph_exec = nullptr;
 
@@ -49,6 +51,13 @@ int64_t GpuCache::capacity() const { return impl_->capacity; }
 int64_t GpuCache::position(int64_t row) const { return impl_->positions.at(size_t(row)); }
 int32_t* GpuCache::device_ids() const { return impl_->ws.ids.as<int32_t>(); }
 float* GpuCache::device_logits() const { return impl_->ws.logits.as<float>(); }
+void GpuCache::upload_logits(const Tensor& logits) const {
+  MAMBA3_CHECK(logits.dtype() == DType::F32 && logits.ndim() == 2 && logits.dim(0) == impl_->batch &&
+                   logits.nbytes() <= impl_->ws.logits.bytes(),
+               "upload_logits: expected F32 logits ({}, V_pad), got {} {}", impl_->batch, dtype_name(logits.dtype()),
+               shape_str(logits.shape()));
+  impl_->ws.logits.upload(logits.raw(), logits.nbytes());
+}
 
 struct CudaModel::Impl {
   struct Block {
@@ -273,7 +282,7 @@ Tensor CudaModel::prefill(std::span<const int64_t> ids, int64_t batch, int64_t l
     for (int64_t r = row0; r < row0 + batch; ++r) c.positions[size_t(r)] += L;
     if (all_logits) {
       linear(*m.ctx, m.head(), ws.normed.raw(), rows, ws.logits.as<float>());
-      std::vector<float> host(size_t(rows * V));
+      std::vector<float> host(static_cast<size_t>(rows * V));
       MAMBA3_CUDA_CHECK(cudaMemcpyAsync(host.data(), ws.logits.raw(), host.size() * 4, cudaMemcpyDeviceToHost,
                                         m.ctx->stream()));
       m.ctx->sync();
@@ -291,7 +300,7 @@ Tensor CudaModel::prefill(std::span<const int64_t> ids, int64_t batch, int64_t l
   return out;
 }
 
-void CudaModel::step_device(GpuCache& cache) const {
+void CudaModel::step_device(GpuCache& cache, const GpuSampler* sampler) const {
   const Impl& m = *impl_;
   GpuCache::Impl& c = *cache.impl_;
   bool has_attention = false;
@@ -300,13 +309,27 @@ void CudaModel::step_device(GpuCache& cache) const {
     for (int64_t r = 0; r < c.batch; ++r)
       MAMBA3_CHECK(c.positions[size_t(r)] < c.capacity, "step: row {} is full (capacity {} tokens)", r, c.capacity);
   const cudaStream_t s = m.ctx->stream();
+  if (sampler)
+    MAMBA3_CHECK(sampler->batch() == c.batch && sampler->n_logits() == m.config.vocab_padded(),
+                 "step: the sampler is for batch {} and {} logits, the cache for batch {} and {}", sampler->batch(),
+                 sampler->n_logits(), c.batch, m.config.vocab_padded());
+  auto enqueue = [&] {
+    m.decode(c);
+    if (sampler) sampler->sample(*m.ctx, c.ws.logits.as<float>(), c.ws.ids.as<int32_t>());
+  };
+  if (c.graph_exec && c.graph_sampler != sampler) {  // captured with another sampler: capture again
+    cudaGraphExecDestroy(c.graph_exec);
+    cudaGraphDestroy(c.graph);
+    c.graph_exec = nullptr;
+    c.graph = nullptr;
+  }
   if (!m.use_graphs || c.steps_run == 0) {
-    m.decode(c);  // the first step runs eagerly: it sizes every lazily allocated scratch before any capture
+    enqueue();  // the first step runs eagerly: it sizes every lazily allocated scratch before any capture
   } else {
     if (!c.graph_exec) {
       MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
       try {
-        m.decode(c);
+        enqueue();
       } catch (...) {
         cudaGraph_t broken = nullptr;
         cudaStreamEndCapture(s, &broken);
@@ -315,6 +338,7 @@ void CudaModel::step_device(GpuCache& cache) const {
       }
       MAMBA3_CUDA_CHECK(cudaStreamEndCapture(s, &c.graph));
       MAMBA3_CUDA_CHECK(cudaGraphInstantiate(&c.graph_exec, c.graph, 0));
+      c.graph_sampler = sampler;
     }
     MAMBA3_CUDA_CHECK(cudaGraphLaunch(c.graph_exec, s));
   }

@@ -14,6 +14,7 @@
 namespace mamba3::cuda {
 
 class CudaModel;
+class GpuSampler;
 
 // Everything a batch of sequences carries between calls on the device, plus the decode step's buffers (fixed
 // addresses, so a graph captured for this cache stays valid) and that graph.
@@ -29,6 +30,8 @@ class GpuCache {
   // Device buffers of the decode step: ids (batch) int32 in, logits (batch, V_pad) f32 out.
   int32_t* device_ids() const;
   float* device_logits() const;
+  // Copies host logits (batch, V_pad) into device_logits() (to sample the first token after a prefill).
+  void upload_logits(const Tensor& logits) const;
 
  private:
   friend class CudaModel;
@@ -63,7 +66,9 @@ class CudaModel {
   void step(std::span<const int64_t> ids, GpuCache& cache, Tensor& logits) const;
   // The device-resident form: reads cache.device_ids(), writes cache.device_logits(), no host transfer or sync.
   // With graphs on (default), the first call runs eagerly, the second captures the step, later calls replay it.
-  void step_device(GpuCache& cache) const;
+  // With a sampler, the step also samples the next ids from the logits into cache.device_ids() (captured in the
+  // same graph), so a generation loop moves only the chosen ids to the host.
+  void step_device(GpuCache& cache, const GpuSampler* sampler = nullptr) const;
   void set_use_graphs(bool on);
 
  private:

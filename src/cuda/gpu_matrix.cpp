@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "cuda/basic_kernels.h"
+#include "cuda/gemv_small_m.h"
 
 namespace mamba3::cuda {
 
@@ -37,10 +38,14 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
   const float one = 1.0f, zero = 0.0f;
   // Column-major view: yᵀ (N × M) = W (K × N, transposed) · xᵀ (K × M).
   const bool f32 = w.precision == Precision::F32;
-  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), int(m), int(w.k), &one,
+  if (!f32 && gemv_small_m_supported(m, w.k, ldx, w.weight.raw(), x)) {
+    gemv_small_m(ctx.stream(), w.weight.raw(), w.n, w.k, x, m, ldx, y, ldy);
+  } else {
+    MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), int(m), int(w.k), &one,
                                    w.weight.raw(), f32 ? CUDA_R_32F : CUDA_R_16BF, int(w.k), x,
                                    f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldx), &zero, y, CUDA_R_32F, int(ldy),
                                    f32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
   if (!w.bias.empty()) add_bias(ctx.stream(), y, m, w.n, ldy, w.bias.as<float>());
 }
 

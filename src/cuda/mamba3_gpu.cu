@@ -1,4 +1,5 @@
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 
 #include <fmt/format.h>
 
@@ -35,44 +36,184 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Shared floats the kernel needs (see the layout at the top of the kernel).
 size_t shared_floats(int N, int P, int S, int rmax) { return size_t(3 * rmax * N + 3 * P + 4 * rmax * P + 3 * S + 16); }
 
-// One block per (sequence b, head h); warp w owns head channels [8w, 8w + 8), lane l owns state channels
-// n = l + 32j (j < NPT). The P×N state lives in registers for the whole token loop; per token, the block stages the
-// head's normalised, biased, rotated keys and queries in shared memory. RMAX ≥ R (ranks beyond R are masked).
-template <int NPT, int RMAX>
-__global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArgs a) {
-  extern __shared__ float smem[];
-  const int H = a.H, P = a.P, N = a.N, R = a.R, S = a.S;
-  const int b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / a.G);
-  const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
+// Shared-memory views of one block: the head's per-token staging area (see carve()).
+struct Stage {
+  float* kbuf;  // [2][RMAX][N] keys: current and previous token (double buffer)
+  float* qbuf;  // [RMAX][N] queries
+  float* xbuf;  // [2][P] x of the current and previous token
+  float* zbuf;  // [P] gate
+  float* ybuf;  // [RMAX][P] y before the output stage
+  float* mx;    // [RMAX][P] mimo_x (1 for SISO)
+  float* mz;    // [RMAX][P] mimo_z
+  float* mo;    // [RMAX][P] mimo_o
+  float* phi;   // [S] cumulative angles
+  float* cs;    // [S]
+  float* sn;    // [S]
+  float* misc;  // [16]: Δ, α, β, γ, rstd of the 2R B/C vectors (4…), rstd of y_r (12…)
+};
 
-  float* kbuf = smem;                   // [2][RMAX][N] keys: current and previous token (double buffer)
-  float* qbuf = kbuf + 2 * RMAX * N;    // [RMAX][N] queries
-  float* xbuf = qbuf + RMAX * N;        // [2][P] x of the current and previous token
-  float* zbuf = xbuf + 2 * P;           // [P] gate
-  float* ybuf = zbuf + P;               // [RMAX][P] y before the output stage
-  float* mx = ybuf + RMAX * P;          // [RMAX][P] mimo_x (1 for SISO)
-  float* mz = mx + RMAX * P;            // [RMAX][P] mimo_z
-  float* mo = mz + RMAX * P;            // [RMAX][P] mimo_o
-  float* phi = mo + RMAX * P;           // [S] cumulative angles
-  float* cs = phi + S;                  // [S]
-  float* sn = cs + S;                   // [S]
-  float* misc = sn + S;                 // [16]: Δ, α, β, γ, rstd of the 2R B/C vectors (4…), rstd of y_r (12…)
+template <int RMAX>
+__device__ Stage carve(float* smem, const KernelArgs& a) {
+  Stage s;
+  s.kbuf = smem;
+  s.qbuf = s.kbuf + 2 * RMAX * a.N;
+  s.xbuf = s.qbuf + RMAX * a.N;
+  s.zbuf = s.xbuf + 2 * a.P;
+  s.ybuf = s.zbuf + a.P;
+  s.mx = s.ybuf + RMAX * a.P;
+  s.mz = s.mx + RMAX * a.P;
+  s.mo = s.mz + RMAX * a.P;
+  s.phi = s.mo + RMAX * a.P;
+  s.cs = s.phi + a.S;
+  s.sn = s.cs + a.S;
+  s.misc = s.sn + a.S;
+  return s;
+}
 
-  const int64_t bh = int64_t(b) * H + h;
+// MIMO vectors, the carried angles, and the previous token's k and x (the cache) into shared memory.
+template <int RMAX>
+__device__ void load_head(const KernelArgs& a, const Stage& s, int b, int h) {
+  const int P = a.P, N = a.N, R = a.R, tid = threadIdx.x, nthreads = blockDim.x;
+  const int64_t bh = int64_t(b) * a.H + h;
   for (int i = tid; i < RMAX * P; i += nthreads) {
     const int r = i / P, q = i % P;
     const bool use = a.mimo && r < R;
-    mx[i] = use ? a.p.mimo_x[(h * R + r) * P + q] : 1.0f;
-    mz[i] = use ? a.p.mimo_z[(h * R + r) * P + q] : 1.0f;
-    mo[i] = use ? a.p.mimo_o[(h * R + r) * P + q] : 1.0f;
+    s.mx[i] = use ? a.p.mimo_x[(h * R + r) * P + q] : 1.0f;
+    s.mz[i] = use ? a.p.mimo_z[(h * R + r) * P + q] : 1.0f;
+    s.mo[i] = use ? a.p.mimo_o[(h * R + r) * P + q] : 1.0f;
   }
-  for (int i = tid; i < S; i += nthreads) phi[i] = a.st.angle[bh * S + i];
-  int cur = 0;  // kbuf/xbuf half holding the current token; 1 − cur holds the previous one (the cache's k, v)
+  for (int i = tid; i < a.S; i += nthreads) s.phi[i] = a.st.angle[bh * a.S + i];
   for (int i = tid; i < R * N; i += nthreads) {
     const int r = i / N, n = i % N;
-    kbuf[RMAX * N + r * N + n] = a.st.k[((int64_t(b) * R + r) * H + h) * N + n];
+    s.kbuf[RMAX * N + r * N + n] = a.st.k[((int64_t(b) * R + r) * a.H + h) * N + n];
   }
-  for (int i = tid; i < P; i += nthreads) xbuf[P + i] = a.st.v[bh * P + i];
+  for (int i = tid; i < P; i += nthreads) s.xbuf[P + i] = a.st.v[bh * P + i];
+}
+
+// Everything of one token before the state update (spec §2): raw B, C, x, z into shared memory; Δ, α, β, γ; the
+// B/C RMSNorm (one warp per vector); the angle update (wrapped, as on the CPU); weight, bias, rotation (spec §3).
+// Ends with the block synchronised.
+template <int RMAX>
+__device__ void stage_token(const KernelArgs& a, const Stage& s, const float* row, float* kc, float* xc, int h,
+                            int g) {
+  const int H = a.H, P = a.P, N = a.N, R = a.R, S = a.S;
+  const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
+  for (int i = tid; i < R * N; i += nthreads) {
+    const int r = i / N, n = i % N;
+    kc[i] = row[a.off_B + (r * a.G + g) * N + n];
+    s.qbuf[i] = row[a.off_C + (r * a.G + g) * N + n];
+  }
+  for (int i = tid; i < P; i += nthreads) {
+    xc[i] = row[a.off_x + h * P + i];
+    s.zbuf[i] = row[h * P + i];
+  }
+  if (tid == 0) {
+    const float dt = softplus_f(row[a.off_dt + h] + a.p.dt_bias[h]);
+    const float al = row[a.off_dt + H + h];
+    const float f = a.heavy_tail ? (al >= 0.0f ? 1.0f + al : 1.0f / (1.0f - al)) : softplus_f(al);
+    const float A = fminf(-f, -a.A_floor);
+    const float lam = a.euler ? 1.0f : sigmoid_f(row[a.off_dt + 2 * H + h]);
+    const float alpha = expf(A * dt);
+    s.misc[0] = dt;
+    s.misc[1] = alpha;
+    s.misc[2] = (1.0f - lam) * dt * alpha;
+    s.misc[3] = lam * dt;
+  }
+  __syncthreads();
+  for (int vec = warp; vec < 2 * R; vec += warps) {
+    const float* v = vec < R ? kc + vec * N : s.qbuf + (vec - R) * N;
+    float ss = 0.0f;
+    for (int n = lane; n < N; n += 32) ss += v[n] * v[n];
+    ss = warp_sum(ss);
+    if (lane == 0) s.misc[4 + vec] = rsqrtf(ss / float(N) + kNormEps);
+  }
+  for (int i = tid; i < S; i += nthreads) {
+    float ang = a.no_rotary ? s.phi[i] : s.phi[i] + kPi * tanhf(row[a.off_angles + i]) * s.misc[0];
+    ang -= kTwoPi * floorf(ang / kTwoPi);
+    s.phi[i] = ang;
+    sincosf(ang, &s.sn[i], &s.cs[i]);
+  }
+  __syncthreads();
+  for (int i = tid; i < R * N; i += nthreads) {
+    const int r = i / N, n = i % N;
+    kc[i] = kc[i] * s.misc[4 + r] * a.p.B_norm[n] + a.p.B_bias[(h * R + r) * N + n];
+    s.qbuf[i] = s.qbuf[i] * s.misc[4 + R + r] * a.p.C_norm[n] + a.p.C_bias[(h * R + r) * N + n];
+  }
+  __syncthreads();
+  const bool halves = a.mimo;  // rotary pairing: MIMO (i, i + N/2), SISO (2i, 2i + 1)
+  for (int i = tid; i < R * S; i += nthreads) {
+    const int r = i / S, j = i % S;
+    const int ia = r * N + (halves ? j : 2 * j), ib = ia + (halves ? N / 2 : 1);
+    const float c = s.cs[j], sv = s.sn[j];
+    const float k0 = kc[ia], k1 = kc[ib];
+    kc[ia] = k0 * c - k1 * sv;
+    kc[ib] = k0 * sv + k1 * c;
+    const float q0 = s.qbuf[ia], q1 = s.qbuf[ib];
+    s.qbuf[ia] = q0 * c - q1 * sv;
+    s.qbuf[ib] = q0 * sv + q1 * c;
+  }
+  __syncthreads();
+}
+
+// Output stage (spec §7) of one token from s.ybuf: optional per-head RMSNorm of each y_r, gate, MIMO contraction.
+template <int RMAX>
+__device__ void output_token(const KernelArgs& a, const Stage& s, int h, int64_t o_base) {
+  const int P = a.P, R = a.R;
+  const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
+  if (a.p.norm) {
+    for (int r = warp; r < R; r += warps) {
+      float ss = 0.0f;
+      for (int q = lane; q < P; q += 32) ss += s.ybuf[r * P + q] * s.ybuf[r * P + q];
+      ss = warp_sum(ss);
+      if (lane == 0) s.misc[12 + r] = rsqrtf(ss / float(P) + kNormEps);
+    }
+    __syncthreads();
+  }
+  for (int q = tid; q < P; q += nthreads) {
+    const float z = s.zbuf[q];
+    float acc = 0.0f;
+    for (int r = 0; r < R; ++r) {
+      float y = s.ybuf[r * P + q];
+      if (a.p.norm) y = y * s.misc[12 + r] * a.p.norm[h * P + q];
+      if (a.mimo) {
+        const float zz = s.mz[r * P + q] * z;
+        acc += s.mo[r * P + q] * y * (zz * sigmoid_f(zz));
+      } else {
+        acc = y * (z * sigmoid_f(z));
+      }
+    }
+    if (a.o_bf16)
+      static_cast<__nv_bfloat16*>(a.o)[o_base + q] = __float2bfloat16(acc);
+    else
+      static_cast<float*>(a.o)[o_base + q] = acc;
+  }
+}
+
+// The last token's angles, k (rotated, biased) and x become the cache (spec §5.4).
+template <int RMAX>
+__device__ void store_tail(const KernelArgs& a, const Stage& s, int b, int h, const float* klast, const float* xlast) {
+  const int tid = threadIdx.x, nthreads = blockDim.x, N = a.N, R = a.R;
+  const int64_t bh = int64_t(b) * a.H + h;
+  for (int i = tid; i < a.S; i += nthreads) a.st.angle[bh * a.S + i] = s.phi[i];
+  for (int i = tid; i < R * N; i += nthreads) {
+    const int r = i / N, n = i % N;
+    a.st.k[((int64_t(b) * R + r) * a.H + h) * N + n] = klast[i];
+  }
+  for (int i = tid; i < a.P; i += nthreads) a.st.v[bh * a.P + i] = xlast[i];
+}
+
+// Prefill (and decode when the decode kernel does not apply): one block per (sequence b, head h); warp w owns head
+// channels [8w, 8w + 8), lane l owns state channels n = l + 32j (j < NPT). The P×N state lives in registers for the
+// whole token loop. RMAX ≥ R (ranks beyond R are masked).
+template <int NPT, int RMAX>
+__global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArgs a) {
+  extern __shared__ float smem[];
+  const int H = a.H, P = a.P, N = a.N, R = a.R;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / a.G);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Stage s = carve<RMAX>(smem, a);
+  const int64_t bh = int64_t(b) * H + h;
+  load_head<RMAX>(a, s, b, h);
 
   float hs[kRowsPerWarp][NPT];
   const float* ssm_in = a.st.ssm + bh * P * N;
@@ -86,77 +227,17 @@ __global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArg
     }
   }
 
-  const bool halves = a.mimo;  // rotary pairing: MIMO (i, i + N/2), SISO (2i, 2i + 1) (spec §3)
+  int cur = 0;  // kbuf/xbuf half holding the current token; 1 − cur holds the previous one
   for (int t = 0; t < a.L; ++t) {
     const float* row = a.zx + (int64_t(b) * a.L + t) * a.d_in;
-    float* kc = kbuf + cur * RMAX * N;
-    const float* kp = kbuf + (1 - cur) * RMAX * N;
-    float* xc = xbuf + cur * P;
-    const float* xp = xbuf + (1 - cur) * P;
+    float* kc = s.kbuf + cur * RMAX * N;
+    const float* kp = s.kbuf + (1 - cur) * RMAX * N;
+    float* xc = s.xbuf + cur * P;
+    const float* xp = s.xbuf + (1 - cur) * P;
+    stage_token<RMAX>(a, s, row, kc, xc, h, g);
 
-    // Raw B, C of the head's group, x, z, and the per-head scalars (spec §2.2).
-    for (int i = tid; i < R * N; i += nthreads) {
-      const int r = i / N, n = i % N;
-      kc[i] = row[a.off_B + (r * a.G + g) * N + n];
-      qbuf[i] = row[a.off_C + (r * a.G + g) * N + n];
-    }
-    for (int i = tid; i < P; i += nthreads) {
-      xc[i] = row[a.off_x + h * P + i];
-      zbuf[i] = row[h * P + i];
-    }
-    if (tid == 0) {
-      const float dt = softplus_f(row[a.off_dt + h] + a.p.dt_bias[h]);
-      const float al = row[a.off_dt + H + h];
-      const float f = a.heavy_tail ? (al >= 0.0f ? 1.0f + al : 1.0f / (1.0f - al)) : softplus_f(al);
-      const float A = fminf(-f, -a.A_floor);
-      const float lam = a.euler ? 1.0f : sigmoid_f(row[a.off_dt + 2 * H + h]);
-      const float alpha = expf(A * dt);
-      misc[0] = dt;
-      misc[1] = alpha;
-      misc[2] = (1.0f - lam) * dt * alpha;
-      misc[3] = lam * dt;
-    }
-    __syncthreads();
-
-    // RMS of each B/C vector (one warp per vector) and the angle update (spec §2.3, wrapped as on the CPU).
-    for (int vec = warp; vec < 2 * R; vec += warps) {
-      const float* v = vec < R ? kc + vec * N : qbuf + (vec - R) * N;
-      float ss = 0.0f;
-      for (int n = lane; n < N; n += 32) ss += v[n] * v[n];
-      ss = warp_sum(ss);
-      if (lane == 0) misc[4 + vec] = rsqrtf(ss / float(N) + kNormEps);
-    }
-    for (int i = tid; i < S; i += nthreads) {
-      float ang = a.no_rotary ? phi[i] : phi[i] + kPi * tanhf(row[a.off_angles + i]) * misc[0];
-      ang -= kTwoPi * floorf(ang / kTwoPi);
-      phi[i] = ang;
-      sincosf(ang, &sn[i], &cs[i]);
-    }
-    __syncthreads();
-
-    // Normalise, weight and bias (spec §2.4) ...
-    for (int i = tid; i < R * N; i += nthreads) {
-      const int r = i / N, n = i % N;
-      kc[i] = kc[i] * misc[4 + r] * a.p.B_norm[n] + a.p.B_bias[(h * R + r) * N + n];
-      qbuf[i] = qbuf[i] * misc[4 + R + r] * a.p.C_norm[n] + a.p.C_bias[(h * R + r) * N + n];
-    }
-    __syncthreads();
-    // ... then rotate (spec §3).
-    for (int i = tid; i < R * S; i += nthreads) {
-      const int r = i / S, s = i % S;
-      const int ia = r * N + (halves ? s : 2 * s), ib = ia + (halves ? N / 2 : 1);
-      const float c = cs[s], sv = sn[s];
-      float k0 = kc[ia], k1 = kc[ib];
-      kc[ia] = k0 * c - k1 * sv;
-      kc[ib] = k0 * sv + k1 * c;
-      float q0 = qbuf[ia], q1 = qbuf[ib];
-      qbuf[ia] = q0 * c - q1 * sv;
-      qbuf[ib] = q0 * sv + q1 * c;
-    }
-    __syncthreads();
-
-    // State update h ← α h + β Σ_r v_prev,r k_prev,rᵀ + γ Σ_r v_r k_rᵀ and y_r = h q_r + D v_r (spec §4.1).
-    const float alpha = misc[1], beta = misc[2], gamma = misc[3], Dh = a.p.D[h];
+    // h ← α h + β Σ_r v_prev,r k_prev,rᵀ + γ Σ_r v_r k_rᵀ and y_r = h q_r + D v_r (spec §4.1).
+    const float alpha = s.misc[1], beta = s.misc[2], gamma = s.misc[3], Dh = a.p.D[h];
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
       const int p = warp * kRowsPerWarp + i;
@@ -164,8 +245,8 @@ __global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArg
       float vprev[RMAX], vcur[RMAX], part[RMAX];
 #pragma unroll
       for (int r = 0; r < RMAX; ++r) {
-        vprev[r] = r < R ? beta * mx[r * P + p] * xp[p] : 0.0f;
-        vcur[r] = r < R ? gamma * mx[r * P + p] * xc[p] : 0.0f;
+        vprev[r] = r < R ? beta * s.mx[r * P + p] * xp[p] : 0.0f;
+        vcur[r] = r < R ? gamma * s.mx[r * P + p] * xc[p] : 0.0f;
         part[r] = 0.0f;
       }
 #pragma unroll
@@ -179,53 +260,23 @@ __global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArg
           hs[i][j] = hv;
 #pragma unroll
           for (int r = 0; r < RMAX; ++r)
-            if (r < R) part[r] += hv * qbuf[r * N + n];
+            if (r < R) part[r] += hv * s.qbuf[r * N + n];
         }
       }
 #pragma unroll
       for (int r = 0; r < RMAX; ++r) {
         if (r < R) {
           const float y = warp_sum(part[r]);
-          if (lane == 0) ybuf[r * P + p] = y + Dh * mx[r * P + p] * xc[p];
+          if (lane == 0) s.ybuf[r * P + p] = y + Dh * s.mx[r * P + p] * xc[p];
         }
       }
     }
     __syncthreads();
-
-    // Output stage (spec §7): optional per-head RMSNorm of each y_r, gate, MIMO contraction.
-    if (a.p.norm) {
-      for (int r = warp; r < R; r += warps) {
-        float ss = 0.0f;
-        for (int q = lane; q < P; q += 32) ss += ybuf[r * P + q] * ybuf[r * P + q];
-        ss = warp_sum(ss);
-        if (lane == 0) misc[12 + r] = rsqrtf(ss / float(P) + kNormEps);
-      }
-      __syncthreads();
-    }
-    const int64_t o_base = (int64_t(b) * a.L + t) * a.d_inner + int64_t(h) * P;
-    for (int q = tid; q < P; q += nthreads) {
-      const float z = zbuf[q];
-      float acc = 0.0f;
-      for (int r = 0; r < R; ++r) {
-        float y = ybuf[r * P + q];
-        if (a.p.norm) y = y * misc[12 + r] * a.p.norm[h * P + q];
-        if (a.mimo) {
-          const float zz = mz[r * P + q] * z;
-          acc += mo[r * P + q] * y * (zz * sigmoid_f(zz));
-        } else {
-          acc = y * (z * sigmoid_f(z));
-        }
-      }
-      if (a.o_bf16)
-        static_cast<__nv_bfloat16*>(a.o)[o_base + q] = __float2bfloat16(acc);
-      else
-        static_cast<float*>(a.o)[o_base + q] = acc;
-    }
+    output_token<RMAX>(a, s, h, (int64_t(b) * a.L + t) * a.d_inner + int64_t(h) * P);
     cur ^= 1;
     __syncthreads();  // the next token overwrites zbuf, qbuf and the buffers read above
   }
 
-  // Final decode state (spec §5.4): h, φ, and the last token's k (rotated, biased) and x.
   float* ssm_out = a.st.ssm + bh * P * N;
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
@@ -236,13 +287,64 @@ __global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArg
       if (p < P && n < N) ssm_out[int64_t(p) * N + n] = hs[i][j];
     }
   }
-  for (int i = tid; i < S; i += nthreads) a.st.angle[bh * S + i] = phi[i];
-  const float* klast = kbuf + (1 - cur) * RMAX * N;
-  for (int i = tid; i < R * N; i += nthreads) {
-    const int r = i / N, n = i % N;
-    a.st.k[((int64_t(b) * R + r) * H + h) * N + n] = klast[i];
+  store_tail<RMAX>(a, s, b, h, s.kbuf + (1 - cur) * RMAX * N, s.xbuf + (1 - cur) * P);
+}
+
+// Decode (L = 1), memory-bound: every state is read and written once. The P×N state is copied into shared memory
+// asynchronously (cp.async, 16-byte pieces) at block start, so the copy is in flight while the token is staged and
+// uses no registers; shared memory, not the register file, then bounds the bytes in flight per SM.
+template <int RMAX>
+__global__ void __launch_bounds__(256) mamba3_decode_kernel(KernelArgs a) {
+  extern __shared__ float smem[];
+  const int H = a.H, P = a.P, N = a.N, R = a.R;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / a.G);
+  const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
+  const int64_t bh = int64_t(b) * H + h;
+  float* hsm = smem;  // [P][N]
+  const Stage s = carve<RMAX>(smem + P * N, a);
+  const float4* src = reinterpret_cast<const float4*>(a.st.ssm + bh * P * N);
+  for (int i = tid; i < P * N / 4; i += nthreads) __pipeline_memcpy_async(hsm + 4 * i, src + i, 16);
+  __pipeline_commit();
+  load_head<RMAX>(a, s, b, h);
+  float* kc = s.kbuf;
+  const float* kp = s.kbuf + RMAX * N;
+  float* xc = s.xbuf;
+  const float* xp = s.xbuf + P;
+  stage_token<RMAX>(a, s, a.zx + int64_t(b) * a.d_in, kc, xc, h, g);
+  __pipeline_wait_prior(0);
+  __syncthreads();
+
+  const float alpha = s.misc[1], beta = s.misc[2], gamma = s.misc[3], Dh = a.p.D[h];
+  float* ssm_out = a.st.ssm + bh * P * N;
+  for (int p = warp; p < P; p += warps) {
+    float vprev[RMAX], vcur[RMAX], part[RMAX];
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      vprev[r] = r < R ? beta * s.mx[r * P + p] * xp[p] : 0.0f;
+      vcur[r] = r < R ? gamma * s.mx[r * P + p] * xc[p] : 0.0f;
+      part[r] = 0.0f;
+    }
+    for (int n = lane; n < N; n += 32) {
+      float hv = alpha * hsm[p * N + n];
+#pragma unroll
+      for (int r = 0; r < RMAX; ++r)
+        if (r < R) hv += vprev[r] * kp[r * N + n] + vcur[r] * kc[r * N + n];
+      ssm_out[int64_t(p) * N + n] = hv;
+#pragma unroll
+      for (int r = 0; r < RMAX; ++r)
+        if (r < R) part[r] += hv * s.qbuf[r * N + n];
+    }
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      if (r < R) {
+        const float y = warp_sum(part[r]);
+        if (lane == 0) s.ybuf[r * P + p] = y + Dh * s.mx[r * P + p] * xc[p];
+      }
+    }
   }
-  for (int i = tid; i < P; i += nthreads) a.st.v[bh * P + i] = xbuf[(1 - cur) * P + i];
+  __syncthreads();
+  output_token<RMAX>(a, s, h, int64_t(b) * a.d_inner + int64_t(h) * P);
+  store_tail<RMAX>(a, s, b, h, kc, xc);
 }
 
 template <int NPT, int RMAX>
@@ -250,6 +352,25 @@ void launch(cudaStream_t s, const KernelArgs& a, int blocks) {
   const int threads = ((a.P + kRowsPerWarp - 1) / kRowsPerWarp) * 32;
   const size_t bytes = shared_floats(a.N, a.P, a.S, RMAX) * sizeof(float);
   mamba3_recurrent_kernel<NPT, RMAX><<<blocks, threads < 64 ? 64 : threads, bytes, s>>>(a);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+// Shared bytes of the decode kernel (the state plus the staging area), or 0 when it does not apply.
+size_t decode_shared_bytes(const KernelArgs& a, int rmax) {
+  const size_t bytes = (size_t(a.P) * a.N + shared_floats(a.N, a.P, a.S, rmax)) * sizeof(float);
+  const bool aligned = reinterpret_cast<uintptr_t>(a.st.ssm) % 16 == 0 && (size_t(a.P) * a.N) % 4 == 0;
+  return a.L == 1 && aligned && bytes <= size_t(200) * 1024 ? bytes : 0;
+}
+
+template <int RMAX>
+void launch_decode(cudaStream_t s, const KernelArgs& a, int blocks, size_t bytes) {
+  static size_t raised = 48 * 1024;  // the default dynamic shared-memory limit; raised once per instance
+  if (bytes > raised) {
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(mamba3_decode_kernel<RMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(200 * 1024)));
+    raised = 200 * 1024;
+  }
+  mamba3_decode_kernel<RMAX><<<blocks, 256, bytes, s>>>(a);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -306,6 +427,13 @@ void mamba3_recurrent_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3Gpu
   a.st = state;
   a.o = o;
   const int blocks = int(batch * c.nheads());
+  if (const size_t bytes = decode_shared_bytes(a, a.R == 1 ? 1 : 4)) {
+    if (a.R == 1)
+      launch_decode<1>(s, a, blocks, bytes);
+    else
+      launch_decode<4>(s, a, blocks, bytes);
+    return;
+  }
   if (a.R == 1)
     launch_for_state<1>(s, a, blocks);
   else

@@ -4,17 +4,24 @@
 
 namespace mamba3::cuda {
 
+namespace {
+// Sections start on 16-byte boundaries (the decode kernel copies the ssm state in 16-byte pieces).
+int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
+}  // namespace
+
 GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows) : batch(batch_rows), sizes(c) {
-  buffer.resize(size_t(batch * sizes.total()) * sizeof(float));
+  const int64_t floats = round4(batch * sizes.angle) + round4(batch * sizes.ssm) + round4(batch * sizes.k) +
+                         batch * sizes.v;
+  buffer.resize(size_t(floats) * sizeof(float));
   MAMBA3_CUDA_CHECK(cudaMemset(buffer.raw(), 0, buffer.bytes()));
 }
 
 Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
   float* base = buffer.as<float>();
   float* angle = base;
-  float* ssm = angle + batch * sizes.angle;
-  float* k = ssm + batch * sizes.ssm;
-  float* v = k + batch * sizes.k;
+  float* ssm = angle + round4(batch * sizes.angle);
+  float* k = ssm + round4(batch * sizes.ssm);
+  float* v = k + round4(batch * sizes.k);
   return {angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v};
 }
 

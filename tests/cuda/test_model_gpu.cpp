@@ -10,6 +10,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cuda/cuda_model.h"
+#include "cuda/generator_gpu.h"
+#include "infer/generator.h"
 #include "gpu_test_util.h"
 #include "io/safetensors.h"
 #include "model/init_weights.h"
@@ -54,7 +56,7 @@ void run_golden_lm(const std::filesystem::path& dir, Precision p) {
   Tensor step_logits = Tensor::empty(DType::F32, {B, V});
   Tensor ref_all = step_ref.to(DType::F32);
   for (int64_t t = 0; t < T; ++t) {
-    std::vector<int64_t> step_ids(size_t(B));
+    std::vector<int64_t> step_ids(static_cast<size_t>(B));
     for (int64_t b = 0; b < B; ++b) step_ids[size_t(b)] = greedy.data<int64_t>()[b * T + t];
     m.step(step_ids, cache, step_logits);
     Tensor ref = Tensor::empty(DType::F32, {B, V});
@@ -124,7 +126,7 @@ TEST(ModelGpu, MatchesCpuOnRandomModels) {
     ModelCache cpu_cache = cpu.new_cache(B);
     cuda::GpuCache gpu_cache = gpu.new_cache(B, 400);
     for (int64_t r = 0; r < B; ++r) {
-      std::vector<int64_t> ids(size_t(lengths[r]));
+      std::vector<int64_t> ids(static_cast<size_t>(lengths[r]));
       for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
       Tensor ref = cpu.prefill(ids, cpu_cache, r);
       Tensor got = gpu.prefill(ids, 1, lengths[r], gpu_cache, r);
@@ -136,7 +138,7 @@ TEST(ModelGpu, MatchesCpuOnRandomModels) {
     EXPECT_LE(rel_l2(gpu.prefill(more, 1, 63, gpu_cache, 1), cpu.prefill(more, cpu_cache, 1)), 1e-5) << "continuation";
     Tensor cpu_logits = Tensor::empty(DType::F32, {B, V}), gpu_logits = Tensor::empty(DType::F32, {B, V});
     for (int64_t t = 0; t < steps; ++t) {
-      std::vector<int64_t> ids(size_t(B));
+      std::vector<int64_t> ids(static_cast<size_t>(B));
       for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
       cpu.step(ids, cpu_cache, cpu_logits);
       gpu.step(ids, gpu_cache, gpu_logits);
@@ -154,7 +156,7 @@ TEST(ModelGpu, BatchedPrefillEqualsRowByRow) {
   cuda::CudaModel gpu(c, w, cs.name, Precision::F32);
   std::mt19937 rng(9);
   const int64_t B = 3, L = 70;
-  std::vector<int64_t> ids(size_t(B * L));
+  std::vector<int64_t> ids(static_cast<size_t>(B * L));
   for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
   cuda::GpuCache a = gpu.new_cache(B, 128), b = gpu.new_cache(B, 128);
   Tensor batched = gpu.prefill(ids, B, L, a);
@@ -176,18 +178,44 @@ TEST(ModelGpu, GraphReplayEqualsEager) {
     eager.set_use_graphs(false);
     const int64_t B = 4, L = 9, V = c.vocab_padded();
     std::mt19937 rng(4);
-    std::vector<int64_t> ids(size_t(B * L));
+    std::vector<int64_t> ids(static_cast<size_t>(B * L));
     for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
     cuda::GpuCache ce = eager.new_cache(B, 64), cg = graphed.new_cache(B, 64);
     eager.prefill(ids, B, L, ce);
     graphed.prefill(ids, B, L, cg);
     Tensor le = Tensor::empty(DType::F32, {B, V}), lg = Tensor::empty(DType::F32, {B, V});
     for (int t = 0; t < 12; ++t) {
-      std::vector<int64_t> step(size_t(B));
+      std::vector<int64_t> step(static_cast<size_t>(B));
       for (auto& id : step) id = int64_t(rng() % uint32_t(c.vocab_size));
       eager.step(step, ce, le);
       graphed.step(step, cg, lg);
       ASSERT_EQ(rel_l2(lg, le), 0.0) << "step " << t;
+    }
+  }
+}
+
+// Greedy generation on the GPU (sampling on the device, graph-replayed steps) gives the CPU generator's ids, for
+// every golden model, batch 3 (one prefill per row), and stops at a stop id.
+TEST(ModelGpu, GreedyGenerationEqualsCpu) {
+  MAMBA3_REQUIRE_GPU();
+  auto cases = golden_cases("lm_");
+  ASSERT_FALSE(cases.empty());
+  for (const auto& dir : cases) {
+    SCOPED_TRACE(dir.string());
+    LanguageModel cpu = LanguageModel::load(dir.string());
+    const std::vector<int64_t> prompt = {3, 1, 4, 1, 5, 9, 2, 6};
+    GenerateOptions opt;
+    opt.max_new_tokens = 20;
+    opt.sampling.temperature = 0;
+    auto ref = generate_n(cpu, prompt, 3, opt);
+    auto got = cuda::generate_gpu(dir.string(), "f32", prompt, 3, opt, {}, nullptr);
+    ASSERT_EQ(got, ref);
+    opt.stop_ids = {ref[0][5]};
+    auto stopped = cuda::generate_gpu(dir.string(), "f32", prompt, 3, opt, {}, nullptr);
+    for (const auto& row : stopped) {
+      ASSERT_FALSE(row.empty());
+      EXPECT_EQ(row.back(), ref[0][5]);
+      EXPECT_LE(row.size(), 6u);
     }
   }
 }

@@ -77,7 +77,7 @@ double median_step_ms(const CudaModel& m, GpuCache& cache, int64_t n) {
 }
 
 std::vector<int64_t> random_ids(std::mt19937& rng, int64_t n, int64_t vocab) {
-  std::vector<int64_t> ids(size_t(n));
+  std::vector<int64_t> ids(static_cast<size_t>(n));
   for (auto& id : ids) id = int64_t(rng() % uint32_t(vocab));
   return ids;
 }
@@ -98,7 +98,7 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
   for (int64_t B : a.batches) {
     GpuCache cache = m.new_cache(B, 64);
     m.prefill(random_ids(rng, B * 16, c.vocab_size), B, 16, cache);
-    const std::vector<int32_t> ids(size_t(B), 1);
+    const std::vector<int32_t> ids(static_cast<size_t>(B), 1);
     MAMBA3_CUDA_CHECK(cudaMemcpy(cache.device_ids(), ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
     for (int i = 0; i < 3; ++i) m.step_device(cache);  // eager, capture, first replay
     m.context().sync();

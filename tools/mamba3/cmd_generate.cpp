@@ -4,6 +4,9 @@
 #include <sstream>
 
 #include "commands.h"
+#ifdef MAMBA3_HAVE_CUDA
+#include "cuda/generator_gpu.h"
+#endif
 #include "core/parallel.h"
 #include "default_model.h"
 #include "infer/generator.h"
@@ -21,6 +24,7 @@ struct GenerateArgs {
   bool greedy = false, print_ids = false, no_stats = false;
   int threads = 0;
   std::vector<int64_t> stop_ids;
+  std::string device = "cpu", precision = "bf16";
 };
 
 std::vector<int64_t> parse_ids(const std::string& text) {
@@ -61,8 +65,11 @@ void run(const GenerateArgs& a) {
   MAMBA3_CHECK(a.batch >= 1, "--batch: must be at least 1, got {}", a.batch);
   MAMBA3_CHECK(a.prompt.empty() || a.ids.empty(), "give either -p/--prompt or --ids, not both");
 
+  MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device: '{}' is not one of cpu, cuda", a.device);
+#ifndef MAMBA3_HAVE_CUDA
+  MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build has no CUDA backend (configure with -DMAMBA3_CUDA=ON)");
+#endif
   const std::string dir = a.model.empty() ? find_default_model() : a.model;
-  LanguageModel model = LanguageModel::load(dir);
   Tokenizer tok = find_tokenizer(dir);
   std::vector<int64_t> prompt;
   if (!a.ids.empty()) {
@@ -91,7 +98,11 @@ void run(const GenerateArgs& a) {
     }
     return true;
   };
-  auto out = generate_n(model, prompt, a.batch, opt, on_token, &stats);
+  std::vector<std::vector<int64_t>> out;
+#ifdef MAMBA3_HAVE_CUDA
+  if (a.device == "cuda") out = cuda::generate_gpu(dir, a.precision, prompt, a.batch, opt, on_token, &stats);
+#endif
+  if (a.device == "cpu") out = generate_n(LanguageModel::load(dir), prompt, a.batch, opt, on_token, &stats);
   if (stream) {
     std::fputs((decoders[0].finish() + "\n").c_str(), stdout);
   } else {
@@ -140,6 +151,10 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--batch", a.batch, "number of continuations sampled from the prompt (one prefill, forked)")
       ->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
+  cmd->add_option("--device", a.device, "cpu, or cuda (decode steps as CUDA graphs, sampling on the GPU)")
+      ->capture_default_str();
+  cmd->add_option("--precision", a.precision, "cuda: bf16 (weights and matrix inputs) or f32 (exact mode)")
+      ->capture_default_str();
   cmd->add_flag("--greedy", a.greedy, "greedy decoding (same as --temperature 0)");
   cmd->add_flag("--print-ids", a.print_ids, "print the generated token ids (one JSON list per sequence)");
   cmd->add_flag("--no-stats", a.no_stats, "do not print the speed summary on stderr");
