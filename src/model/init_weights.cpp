@@ -68,9 +68,9 @@ TensorMap init_weights(const ModelConfig& c, uint64_t seed) {
     } else {
       const int64_t H = m.nheads(), R = m.rank(), N = m.d_state, P = m.headdim;
       Tensor dt_bias = Tensor::empty(DType::F32, {H});
-      const double lo = std::log(1e-3), hi = std::log(1e-1);
+      const double lo = std::log(m.dt_min), hi = std::log(m.dt_max);
       for (int64_t h = 0; h < H; ++h) {
-        const double dt = std::max(std::exp(init.unit() * (hi - lo) + lo), 1e-4);
+        const double dt = std::max(std::exp(init.unit() * (hi - lo) + lo), m.dt_init_floor);
         dt_bias.data<float>()[h] = float(dt + std::log(-std::expm1(-dt)));  // softplus⁻¹(dt)
       }
       const std::string q = p + "mixer.";

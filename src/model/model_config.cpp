@@ -141,6 +141,11 @@ json ModelConfig::to_json() const {
   // The ablation switches (spec §15) only when on, so default configs stay exactly what mamba_ssm writes and reads.
   if (ssm.no_rotary) ssm_cfg["no_rotary"] = true;
   if (ssm.euler) ssm_cfg["euler"] = true;
+  // Official init-only keys: written when they differ from the official defaults (mamba_ssm accepts them).
+  const Mamba3Config defaults;
+  if (ssm.dt_min != defaults.dt_min) ssm_cfg["dt_min"] = ssm.dt_min;
+  if (ssm.dt_max != defaults.dt_max) ssm_cfg["dt_max"] = ssm.dt_max;
+  if (ssm.dt_init_floor != defaults.dt_init_floor) ssm_cfg["dt_init_floor"] = ssm.dt_init_floor;
   json attn_cfg = json::object();
   if (!attn_layer_idx.empty()) {
     attn_cfg = {{"num_heads", attn.num_heads},

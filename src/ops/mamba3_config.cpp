@@ -31,6 +31,9 @@ void Mamba3Config::validate(const std::string& context) const {
                context, d_state);
   MAMBA3_CHECK(chunk_size >= 1, "{}: chunk_size must be at least 1, got {}", context, chunk_size);
   MAMBA3_CHECK(A_floor >= 0, "{}: A_floor must be non-negative, got {}", context, A_floor);
+  MAMBA3_CHECK(dt_min > 0 && dt_max >= dt_min && dt_init_floor >= 0,
+               "{}: need 0 < dt_min ≤ dt_max and dt_init_floor ≥ 0, got dt_min {}, dt_max {}, dt_init_floor {}", context,
+               dt_min, dt_max, dt_init_floor);
 }
 
 
@@ -44,6 +47,9 @@ Mamba3Config Mamba3Config::from_json(const nlohmann::json& j, const std::string&
   read_json_field(j, "ngroups", c.ngroups, context);
   read_json_field(j, "rope_fraction", c.rope_fraction, context);
   read_json_field(j, "A_floor", c.A_floor, context);
+  read_json_field(j, "dt_min", c.dt_min, context);
+  read_json_field(j, "dt_max", c.dt_max, context);
+  read_json_field(j, "dt_init_floor", c.dt_init_floor, context);
   read_json_field(j, "is_outproj_norm", c.is_outproj_norm, context);
   read_json_field(j, "is_mimo", c.is_mimo, context);
   read_json_field(j, "mimo_rank", c.mimo_rank, context);

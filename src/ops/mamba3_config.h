@@ -19,6 +19,8 @@ struct Mamba3Config {
   int64_t ngroups = 1;
   double rope_fraction = 0.5;
   double A_floor = 1e-4;
+  // Range of the initial Δ (official constructor arguments, spec §1.1; used by init_weights only).
+  double dt_min = 0.001, dt_max = 0.1, dt_init_floor = 1e-4;
   bool is_outproj_norm = false;
   bool is_mimo = false;
   int64_t mimo_rank = 4;  // used only when is_mimo
