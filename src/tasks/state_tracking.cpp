@@ -41,12 +41,21 @@ std::vector<std::string> task_names() { return {"parity", "mod_arith", "mod_arit
 
 TaskSpec task_spec(const std::string& name) {
   // Train 3…40, test beyond 40 up to 256 (Grazzi et al. 2024); mod_arith rounds lengths down to odd values.
-  if (name == "parity") return {name, TaskKind::Parity, 3, 40, {40, 64, 128, 256}, 2, false};
-  if (name == "mod_arith") return {name, TaskKind::ModArith, 3, 39, {39, 63, 127, 255}, kModulus, true};
+  if (name == "parity") return {name, TaskKind::Parity, 3, 40, {40, 64, 128, 256}, 2, false, Labels::Prefix};
+  if (name == "mod_arith")
+    return {name, TaskKind::ModArith, 3, 39, {39, 63, 127, 255}, kModulus, true, Labels::Prefix};
   if (name == "mod_arith_brackets")
-    return {name, TaskKind::ModArithBrackets, 3, 40, {40, 64, 128, 256}, kModulus, false};
+    return {name, TaskKind::ModArithBrackets, 3, 40, {40, 64, 128, 256}, kModulus, false, Labels::Final};
   fail("unknown task '{}' (tasks: parity, mod_arith, mod_arith_brackets)", name);
 }
+
+Labels parse_labels(const std::string& name) {
+  if (name == "final") return Labels::Final;
+  if (name == "prefix") return Labels::Prefix;
+  fail("labels must be 'final' or 'prefix', got '{}'", name);
+}
+
+std::string labels_name(Labels labels) { return labels == Labels::Final ? "final" : "prefix"; }
 
 TaskRng TaskRng::stream(uint64_t seed, uint64_t a, uint64_t b) {
   TaskRng r(seed ^ 0x6a09e667f3bcc909ULL);
@@ -94,7 +103,7 @@ Example generate_example(const TaskSpec& spec, int64_t n, TaskRng& rng) {
         const int64_t bit = rng.below(2);
         parity ^= bit;
         ex.ids.push_back(kDigit0 + bit);
-        ex.labels[size_t(t)] = parity;  // running parity of x_1 … x_t
+        if (spec.labels == Labels::Prefix) ex.labels[size_t(t)] = parity;  // running parity of x_1 … x_t
       }
       ex.answer = parity;
       break;
@@ -108,6 +117,7 @@ Example generate_example(const TaskSpec& spec, int64_t n, TaskRng& rng) {
           ex.ids.push_back(kDigit0 + d);
           // ids[0] is '^', so the operator just before this digit (expression position t − 1) is ids[t].
           term = t == 0 || ex.ids[size_t(t)] != kTimes ? d : mod5(term * d);
+          if (spec.labels == Labels::Prefix) ex.labels[size_t(t + 1)] = mod5(total + sign * term);  // x_1 … x_{t+1}
         } else {
           const int64_t op = kPlus + rng.below(3);
           ex.ids.push_back(op);

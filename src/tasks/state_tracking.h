@@ -8,15 +8,18 @@
 //   0–4 the digits '0'…'4' (parity bits are '0' and '1'; answers are digits too)
 //   5 '+'   6 '-'   7 '*'   8 '('   9 ')'   10 '='   11 '^' (start of sequence)
 // An example of length n is the token sequence  ^ x_1 … x_n =  (n + 2 ids); the answer is read at '='.
-//   parity              x = n bits; answer = (number of 1s) mod 2. Labels at every bit (running parity of the
-//                       prefix, x_1…x_t) and at '=' (the whole string's parity).
+//   parity              x = n bits; answer = (number of 1s) mod 2.
 //   mod_arith           x = an expression d (op d)* of odd length n, d ∈ 0…4, op ∈ {+, -, *} uniform; usual
 //                       precedence (* before + and -, left to right); answer = value mod 5 (Delétang's
-//                       "modular arithmetic", regular). Label at '=' only.
+//                       "modular arithmetic", regular).
 //   mod_arith_brackets  x = an expression of exactly n characters from Delétang's grammar (context-free):
 //                       n = 1: d, 2: -d, 3: (d), 4: (-d), n ≥ 5: (E op F) with |E| uniform in [1, n − 4],
 //                       |F| = n − 3 − |E|, op ∈ {+, -} uniform (their default, without *); answer = value mod 5.
-//                       Label at '=' only.
+// Labels (where the loss is taken): always at '=' (the answer). With Labels::Prefix also after every proper prefix
+// that is itself a complete input: parity after every bit (the running parity of x_1…x_t), mod_arith after every
+// digit (the value of the expression x_1…x_t); the bracket grammar has no complete proper prefix, so its labels
+// are the answer only either way. Defaults: prefix for parity and mod_arith, final for mod_arith_brackets (see
+// docs/state_tracking.md for why).
 // Generation is a pure function of (task, length, seed): the random source is our own (SplitMix64 with rejection
 // sampling), so examples are identical on every platform and standard library.
 #include <cstdint>
@@ -39,6 +42,7 @@ constexpr int64_t kVocabSize = 12;
 constexpr int64_t kModulus = 5;
 
 enum class TaskKind { Parity, ModArith, ModArithBrackets };
+enum class Labels { Final, Prefix };
 
 struct TaskSpec {
   std::string name;
@@ -47,6 +51,7 @@ struct TaskSpec {
   std::vector<int64_t> test_lengths;  // default evaluation lengths (the first is the longest training length)
   int64_t classes;                    // answers are the ids 0 … classes − 1 (2 for parity, 5 otherwise)
   bool odd_lengths_only;              // mod_arith: expressions have odd length
+  Labels labels;                      // where the loss is taken (above)
 
   // The nearest valid length ≤ n (mod_arith: odd); throws if there is none.
   int64_t valid_length(int64_t n) const;
@@ -54,6 +59,9 @@ struct TaskSpec {
 
 // "parity", "mod_arith" or "mod_arith_brackets"; anything else throws naming the valid names.
 TaskSpec task_spec(const std::string& name);
+// "final" or "prefix"; anything else throws.
+Labels parse_labels(const std::string& name);
+std::string labels_name(Labels labels);
 std::vector<std::string> task_names();
 
 // Deterministic random numbers: SplitMix64 (Steele, Lea & Flood 2014), uniform integers by rejection.

@@ -62,6 +62,11 @@ sed 's/"vocab_size": 12/"vocab_size": 10/' "$configs/mamba3.json" >"$tmp/small_v
 expect_error "vocabulary too small" "vocab_size 10" "$bin" task parity --model-config "$tmp/small_vocab.json" --steps 2
 sed 's/"no_rotary": true/"no_rotary": "yes"/' "$configs/no_rotary.json" >"$tmp/bad_switch.json"
 expect_error "switch not a boolean" "no_rotary" "$bin" task parity --model-config "$tmp/bad_switch.json" --steps 2
+expect_error "bad labels" "final' or 'prefix'" \
+  "$bin" task parity --model-config "$configs/mamba3.json" --steps 1 --labels all
+"$bin" task mod_arith --model-config "$configs/mamba3.json" "${small[@]}" --labels final --out "$tmp/final" \
+  >/dev/null 2>&1 && grep -q '"labels": "final"' "$tmp/final/result.json" && echo "ok: --labels final" \
+  || fail "--labels final not honoured"
 expect_error "zero steps" "--steps" "$bin" task parity --model-config "$configs/mamba3.json" --steps 0
 expect_error "bad test length" "--test-lengths" \
   "$bin" task parity --model-config "$configs/mamba3.json" --steps 1 --test-lengths 0

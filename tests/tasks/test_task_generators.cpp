@@ -126,13 +126,37 @@ TEST(TaskGenerators, ModArithAnswersMatchAParser) {
         }
       }
       EXPECT_EQ(ex.answer, Parser(b).parse()) << b;
-      for (size_t k = 0; k + 1 < ex.labels.size(); ++k) EXPECT_EQ(ex.labels[k], -1) << "label only at '='";
+      // Prefix labels: after each digit, the value of the expression so far; none after operators or at '^'.
+      for (size_t k = 0; k < b.size(); ++k) {
+        const int64_t want = k % 2 == 0 ? Parser(b.substr(0, k + 1)).parse() : -1;
+        EXPECT_EQ(ex.labels[k + 1], want) << b << " prefix " << k + 1;
+      }
       with_times += b.find('*') != std::string::npos;
       mixed += b.find('*') != std::string::npos && b.find_first_of("+-") != std::string::npos;
     }
   }
   EXPECT_GT(mixed, 500) << "precedence must be exercised";
   EXPECT_GT(with_times, 500);
+}
+
+TEST(TaskGenerators, FinalLabelsOnlyAtEquals) {
+  for (const std::string& name : task_names()) {
+    TaskSpec spec = task_spec(name);
+    EXPECT_EQ(spec.labels, name == "mod_arith_brackets" ? Labels::Final : Labels::Prefix) << name;
+    const TaskSpec prefix = spec;
+    spec.labels = Labels::Final;
+    for (uint64_t i = 0; i < 20; ++i) {
+      TaskRng a = TaskRng::stream(3, 1, i), b = TaskRng::stream(3, 1, i);
+      const Example ex = generate_example(spec, 21, a), ep = generate_example(prefix, 21, b);
+      EXPECT_EQ(ex.ids, ep.ids) << "the labels never change the examples";
+      EXPECT_EQ(ex.answer, ep.answer);
+      for (size_t k = 0; k + 1 < ex.labels.size(); ++k) EXPECT_EQ(ex.labels[k], -1) << name << " label only at '='";
+      EXPECT_EQ(ex.labels.back(), ex.answer);
+    }
+  }
+  EXPECT_EQ(parse_labels("final"), Labels::Final);
+  EXPECT_EQ(parse_labels("prefix"), Labels::Prefix);
+  EXPECT_THROW(parse_labels("all"), Error);
 }
 
 TEST(TaskGenerators, ModArithRejectsEvenLengths) {

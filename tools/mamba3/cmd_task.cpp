@@ -26,7 +26,7 @@ namespace mamba3::cli {
 namespace {
 
 struct TaskArgs {
-  std::string name, model_config, out, device = "cpu", label;
+  std::string name, model_config, out, device = "cpu", label, labels;
   int threads = 0;
   tasks::TaskTrainOptions options;
 };
@@ -42,17 +42,18 @@ std::string model_label(const ModelConfig& c) {
 void run(const TaskArgs& a) {
   MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda (got '{}')", a.device);
   MAMBA3_CHECK(a.device == "cpu", "--device cuda: CUDA training is not built yet (use --device cpu)");
-  const tasks::TaskSpec spec = tasks::task_spec(a.name);
+  tasks::TaskSpec spec = tasks::task_spec(a.name);
+  if (!a.labels.empty()) spec.labels = tasks::parse_labels(a.labels);
   const ModelConfig config = ModelConfig::load(a.model_config);
   tasks::TaskTrainOptions o = a.options;
   o.validate();
   if (a.threads > 0) set_threads(a.threads);
   if (!a.out.empty()) prepare_output_dir(a.out);
   o.progress = stderr;
-  std::fprintf(stderr, "task %s: train lengths %lld-%lld, %s, %lld steps of %lld sequences, %d threads\n",
+  std::fprintf(stderr, "task %s: train lengths %lld-%lld, %s labels, %s, %lld steps of %lld sequences, %d threads\n",
                spec.name.c_str(), static_cast<long long>(spec.train_min), static_cast<long long>(spec.train_max),
-               config.ssm.describe().c_str(), static_cast<long long>(o.steps), static_cast<long long>(o.batch),
-               max_threads());
+               tasks::labels_name(spec.labels).c_str(), config.ssm.describe().c_str(), static_cast<long long>(o.steps),
+               static_cast<long long>(o.batch), max_threads());
   const tasks::TaskRunResult r = tasks::run_task(spec, config, o);
 
   std::printf("task %s  model %s  steps %lld  train %.1f s  eval %.1f s\n", spec.name.c_str(),
@@ -137,6 +138,9 @@ void register_task(CLI::App& app) {
   cmd->add_option("--log-every", o.log_every, "progress line every N steps")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--label", a.label, "series name in accuracy.svg (default: from the config's switches)");
+  cmd->add_option("--labels", a.labels,
+                  "where the loss is taken: final (the answer only) or prefix (also after every complete prefix; "
+                  "default: prefix for parity and mod_arith, final for mod_arith_brackets)");
   cmd->callback([] {
     a.options.test_lengths = lengths;
     run(a);
