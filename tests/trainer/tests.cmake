@@ -7,5 +7,8 @@ if(TARGET mamba3_cli)
   add_test(NAME test_trainer_cli COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/trainer/test_cli.sh $<TARGET_FILE:mamba3_cli>)
   set_tests_properties(test_trainer_cli PROPERTIES LABELS cpu TIMEOUT 300)
 endif()
-# Held-out perplexity (train/perplexity.h).
+# Held-out perplexity (train/perplexity.h), and the shipped default model against the figure in its README.
 mamba3_test(test_trainer_perplexity trainer/test_perplexity.cpp)
+mamba3_test(test_default_model trainer/test_default_model.cpp)
+target_compile_definitions(test_default_model PRIVATE MAMBA3_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+set_tests_properties(test_default_model PROPERTIES TIMEOUT 300)
