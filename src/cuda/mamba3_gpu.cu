@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 
@@ -290,20 +292,23 @@ __global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArg
   store_tail<RMAX>(a, s, b, h, s.kbuf + (1 - cur) * RMAX * N, s.xbuf + (1 - cur) * P);
 }
 
-// Decode (L = 1), memory-bound: every state is read and written once. The P×N state is copied into shared memory
-// asynchronously (cp.async, 16-byte pieces) at block start, so the copy is in flight while the token is staged and
-// uses no registers; shared memory, not the register file, then bounds the bytes in flight per SM.
+// Decode (L = 1), memory-bound: every state is read and written once. One block per (sequence, head, chunk of
+// `rows` head channels): the block copies its rows × N slice of the state into shared memory asynchronously
+// (cp.async, 16-byte pieces) at start, so the copy is in flight while the token is staged and takes no registers.
+// Small blocks (a chunk of 16 channels when the output has no per-head norm) keep many blocks, and so many state
+// copies, in flight per SM; the token staging (B/C norm, rotation) is repeated per chunk, which costs little.
 template <int RMAX>
-__global__ void __launch_bounds__(256) mamba3_decode_kernel(KernelArgs a) {
+__global__ void __launch_bounds__(256) mamba3_decode_kernel(KernelArgs a, int rows) {
   extern __shared__ float smem[];
   const int H = a.H, P = a.P, N = a.N, R = a.R;
-  const int b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / a.G);
+  const int chunks = P / rows, item = blockIdx.x / chunks, p0 = (blockIdx.x % chunks) * rows;
+  const int b = item / H, h = item % H, g = h / (H / a.G);
   const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
-  const int64_t bh = int64_t(b) * H + h;
-  float* hsm = smem;  // [P][N]
-  const Stage s = carve<RMAX>(smem + P * N, a);
-  const float4* src = reinterpret_cast<const float4*>(a.st.ssm + bh * P * N);
-  for (int i = tid; i < P * N / 4; i += nthreads) __pipeline_memcpy_async(hsm + 4 * i, src + i, 16);
+  float* hsm = smem;  // [rows][N]
+  const Stage s = carve<RMAX>(smem + rows * N, a);
+  const int64_t base = (int64_t(item) * P + p0) * N;
+  const float4* src = reinterpret_cast<const float4*>(a.st.ssm + base);
+  for (int i = tid; i < rows * N / 4; i += nthreads) __pipeline_memcpy_async(hsm + 4 * i, src + i, 16);
   __pipeline_commit();
   load_head<RMAX>(a, s, b, h);
   float* kc = s.kbuf;
@@ -311,12 +316,16 @@ __global__ void __launch_bounds__(256) mamba3_decode_kernel(KernelArgs a) {
   float* xc = s.xbuf;
   const float* xp = s.xbuf + P;
   stage_token<RMAX>(a, s, a.zx + int64_t(b) * a.d_in, kc, xc, h, g);
+  // Every read of this head's old angle, k and v is done (stage_token ends synchronised): count this chunk in.
+  __shared__ int last_chunk;
+  if (tid == 0) last_chunk = chunks == 1 || atomicAdd(&a.st.arrivals[item], 1) == chunks - 1;
   __pipeline_wait_prior(0);
   __syncthreads();
 
   const float alpha = s.misc[1], beta = s.misc[2], gamma = s.misc[3], Dh = a.p.D[h];
-  float* ssm_out = a.st.ssm + bh * P * N;
-  for (int p = warp; p < P; p += warps) {
+  float* ssm_out = a.st.ssm + base;
+  for (int i = warp; i < rows; i += warps) {
+    const int p = p0 + i;
     float vprev[RMAX], vcur[RMAX], part[RMAX];
 #pragma unroll
     for (int r = 0; r < RMAX; ++r) {
@@ -325,11 +334,11 @@ __global__ void __launch_bounds__(256) mamba3_decode_kernel(KernelArgs a) {
       part[r] = 0.0f;
     }
     for (int n = lane; n < N; n += 32) {
-      float hv = alpha * hsm[p * N + n];
+      float hv = alpha * hsm[i * N + n];
 #pragma unroll
       for (int r = 0; r < RMAX; ++r)
         if (r < R) hv += vprev[r] * kp[r * N + n] + vcur[r] * kc[r * N + n];
-      ssm_out[int64_t(p) * N + n] = hv;
+      ssm_out[int64_t(i) * N + n] = hv;
 #pragma unroll
       for (int r = 0; r < RMAX; ++r)
         if (r < R) part[r] += hv * s.qbuf[r * N + n];
@@ -343,8 +352,34 @@ __global__ void __launch_bounds__(256) mamba3_decode_kernel(KernelArgs a) {
     }
   }
   __syncthreads();
-  output_token<RMAX>(a, s, h, int64_t(b) * a.d_inner + int64_t(h) * P);
-  store_tail<RMAX>(a, s, b, h, kc, xc);
+  // The output stage of this chunk's channels (the per-head norm needs all P, so it implies one chunk).
+  const int64_t o_base = int64_t(b) * a.d_inner + int64_t(h) * P;
+  if (rows == P) {
+    output_token<RMAX>(a, s, h, o_base);
+  } else {
+    for (int q = p0 + tid; q < p0 + rows; q += nthreads) {
+      const float z = s.zbuf[q];
+      float acc = 0.0f;
+      for (int r = 0; r < R; ++r) {
+        const float y = s.ybuf[r * P + q];
+        if (a.mimo) {
+          const float zz = s.mz[r * P + q] * z;
+          acc += s.mo[r * P + q] * y * (zz * sigmoid_f(zz));
+        } else {
+          acc = y * (z * sigmoid_f(z));
+        }
+      }
+      if (a.o_bf16)
+        static_cast<__nv_bfloat16*>(a.o)[o_base + q] = __float2bfloat16(acc);
+      else
+        static_cast<float*>(a.o)[o_base + q] = acc;
+    }
+  }
+  // Every chunk computed the same angles, k and x; the last to arrive writes them and re-arms the counter.
+  if (last_chunk) {
+    store_tail<RMAX>(a, s, b, h, kc, xc);
+    if (tid == 0 && chunks > 1) a.st.arrivals[item] = 0;
+  }
 }
 
 template <int NPT, int RMAX>
@@ -355,22 +390,31 @@ void launch(cudaStream_t s, const KernelArgs& a, int blocks) {
   MAMBA3_LAUNCH_CHECK();
 }
 
-// Shared bytes of the decode kernel (the state plus the staging area), or 0 when it does not apply.
+// Head channels per decode block. Whole heads: chunks of 16 channels (4× the blocks, each repeating the token
+// staging) measured slower on an H200 (1.5B SISO, b128: 8.6 ms/step against 7.1 ms for whole heads), as did a
+// persistent grid that prefetches the next head's state (8.2 ms): the per-head staging chain, not the state
+// bandwidth, bounds this kernel today (docs/perf.md). Chunked blocks stay supported (tested) for a later staging
+// design; a chunk needs P % rows == 0 and no output norm.
+int decode_rows(const KernelArgs& a) { return a.P; }
+
+// Shared bytes of the decode kernel (its state slice plus the staging area), or 0 when it does not apply.
 size_t decode_shared_bytes(const KernelArgs& a, int rmax) {
-  const size_t bytes = (size_t(a.P) * a.N + shared_floats(a.N, a.P, a.S, rmax)) * sizeof(float);
-  const bool aligned = reinterpret_cast<uintptr_t>(a.st.ssm) % 16 == 0 && (size_t(a.P) * a.N) % 4 == 0;
+  const int rows = decode_rows(a);
+  const size_t bytes = (size_t(rows) * a.N + shared_floats(a.N, a.P, a.S, rmax)) * sizeof(float);
+  const bool aligned = reinterpret_cast<uintptr_t>(a.st.ssm) % 16 == 0 && (size_t(rows) * a.N) % 4 == 0;
   return a.L == 1 && aligned && bytes <= size_t(200) * 1024 ? bytes : 0;
 }
 
 template <int RMAX>
-void launch_decode(cudaStream_t s, const KernelArgs& a, int blocks, size_t bytes) {
-  static size_t raised = 48 * 1024;  // the default dynamic shared-memory limit; raised once per instance
-  if (bytes > raised) {
+void launch_decode(cudaStream_t s, const KernelArgs& a, int items, size_t bytes) {
+  static bool raised = false;  // the dynamic shared-memory limit (48 KB by default), raised once per instance
+  if (!raised) {
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(mamba3_decode_kernel<RMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(200 * 1024)));
-    raised = 200 * 1024;
+    raised = true;
   }
-  mamba3_decode_kernel<RMAX><<<blocks, 256, bytes, s>>>(a);
+  const int rows = decode_rows(a), threads = rows == a.P ? 256 : 128;
+  mamba3_decode_kernel<RMAX><<<items * (a.P / rows), threads, bytes, s>>>(a, rows);
   MAMBA3_LAUNCH_CHECK();
 }
 

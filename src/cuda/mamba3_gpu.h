@@ -32,11 +32,14 @@ struct Mamba3GpuParams {
 
 // Decode state of `batch` consecutive rows, f32, layouts of spec §4.2: angle (b, H, S), ssm (b, H, P, N),
 // k (b, R, H, N), v (b, H, P).
+// `arrivals` (b, H) int32, zero between calls: the decode kernel's per-head counter of finished channel chunks (the
+// last chunk of a head writes its angle, k and v, after every chunk has read the old ones).
 struct Mamba3GpuState {
   float* angle;
   float* ssm;
   float* k;
   float* v;
+  int* arrivals;
 };
 
 // Largest supported sizes of the fused kernel (checked by mamba3_gpu_supported).

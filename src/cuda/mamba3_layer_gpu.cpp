@@ -9,9 +9,10 @@ namespace {
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 }  // namespace
 
-GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows) : batch(batch_rows), sizes(c) {
+GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows)
+    : batch(batch_rows), heads(c.nheads()), sizes(c) {
   const int64_t floats = round4(batch * sizes.angle) + round4(batch * sizes.ssm) + round4(batch * sizes.k) +
-                         batch * sizes.v;
+                         round4(batch * sizes.v) + batch * heads;
   buffer.resize(size_t(floats) * sizeof(float));
   MAMBA3_CUDA_CHECK(cudaMemset(buffer.raw(), 0, buffer.bytes()));
 }
@@ -22,7 +23,9 @@ Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
   float* ssm = angle + round4(batch * sizes.angle);
   float* k = ssm + round4(batch * sizes.ssm);
   float* v = k + round4(batch * sizes.k);
-  return {angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v};
+  int* arrivals = reinterpret_cast<int*>(v + round4(batch * sizes.v));
+  return {angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v,
+          arrivals + row * heads};
 }
 
 GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,

@@ -22,10 +22,10 @@ struct Mamba3StateSizes {
   int64_t total() const { return angle + ssm + k + v; }
 };
 
-// The state of `batch` rows in one allocation: [angle | ssm | k | v], each (batch, …).
+// The state of `batch` rows in one allocation: [angle | ssm | k | v | arrivals], each (batch, …).
 struct GpuMamba3State {
   DeviceBuffer buffer;
-  int64_t batch = 0;
+  int64_t batch = 0, heads = 0;
   Mamba3StateSizes sizes;
 
   GpuMamba3State(const Mamba3Config& c, int64_t batch);  // zeroed
