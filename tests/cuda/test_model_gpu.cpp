@@ -51,7 +51,9 @@ void run_golden_lm(const std::filesystem::path& dir, Precision p) {
   EXPECT_LE(rel_l2(logits, prefill_ref.reshape({B * L, V})), tol) << "prefill logits";
   for (int64_t b = 0; b < B; ++b) {
     const int64_t got = argmax(logits.data<float>() + (b * L + L - 1) * V, vocab);
-    if (p == Precision::F32) EXPECT_EQ(got, greedy.data<int64_t>()[b * T]) << "greedy id 0, row " << b;
+    if (p == Precision::F32) {
+      EXPECT_EQ(got, greedy.data<int64_t>()[b * T]) << "greedy id 0, row " << b;
+    }
   }
   Tensor step_logits = Tensor::empty(DType::F32, {B, V});
   Tensor ref_all = step_ref.to(DType::F32);
@@ -63,10 +65,12 @@ void run_golden_lm(const std::filesystem::path& dir, Precision p) {
     for (int64_t b = 0; b < B; ++b)
       std::copy_n(ref_all.data<float>() + (b * T + t) * V, V, ref.data<float>() + b * V);
     EXPECT_LE(rel_l2(step_logits, ref), tol) << "step " << t;
-    if (p == Precision::F32 && t + 1 < T)
-      for (int64_t b = 0; b < B; ++b)
+    if (p == Precision::F32 && t + 1 < T) {
+      for (int64_t b = 0; b < B; ++b) {
         EXPECT_EQ(argmax(step_logits.data<float>() + b * V, vocab), greedy.data<int64_t>()[b * T + t + 1])
             << "greedy id " << t + 1 << ", row " << b;
+      }
+    }
   }
 }
 
