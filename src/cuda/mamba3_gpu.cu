@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "cuda/mamba3_gpu.h"
+#include "cuda/mamba3_stage_gpu.h"
 
 namespace mamba3::cuda {
 namespace {
@@ -440,11 +441,16 @@ std::string mamba3_gpu_supported(const Mamba3Config& c) {
 }
 
 void mamba3_recurrent_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuParams& p, int64_t batch, int64_t L,
-                          const float* zx, Mamba3GpuState state, void* o, Precision o_precision) {
+                          const float* zx, Mamba3GpuState state, void* o, Precision o_precision,
+                          Mamba3GpuPath path, const Mamba3GpuStage& prefill_stage) {
   const std::string why = mamba3_gpu_supported(c);
   MAMBA3_CHECK(why.empty(), "Mamba-3 CUDA kernel: unsupported configuration ({})", why);
   if (batch == 0 || L == 0) return;
   MAMBA3_CHECK(batch * c.nheads() < (int64_t(1) << 31), "Mamba-3 CUDA kernel: batch {} too large", batch);
+  if (path == Mamba3GpuPath::Staged) {
+    mamba3_staged_gpu(s, c, p, batch, L, zx, state, o, o_precision, prefill_stage);
+    return;
+  }
   KernelArgs a{};
   a.H = int(c.nheads());
   a.P = int(c.headdim);

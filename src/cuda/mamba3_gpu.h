@@ -30,17 +30,35 @@ struct Mamba3GpuParams {
   const float* norm;     // (d_inner) or null (is_outproj_norm false)
 };
 
+// Scratch of the staged path for `tokens` tokens of each of `batch` sequences (f32, batch-major):
+// phi (b, tokens, H, S) wrapped angles; k (b, tokens + 1, R, H, N) keys, slot 0 the cached k_{-1}, slot t + 1 token t;
+// q (b, tokens, R, H, N) queries; scal (b, tokens, H, 4) α, β, γ, 0.
+struct Mamba3GpuStage {
+  float* phi = nullptr;
+  float* k = nullptr;
+  float* q = nullptr;
+  float* scal = nullptr;
+  int64_t tokens = 0;  // capacity per sequence (0: none)
+};
+
 // Decode state of `batch` consecutive rows, f32, layouts of spec §4.2: angle (b, H, S), ssm (b, H, P, N),
 // k (b, R, H, N), v (b, H, P).
-// `arrivals` (b, H) int32, zero between calls: the decode kernel's per-head counter of finished channel chunks (the
-// last chunk of a head writes its angle, k and v, after every chunk has read the old ones).
+// `arrivals` (b, H) int32, zero between calls: the fused decode kernel's per-head counter of finished channel chunks
+// (the last chunk of a head writes its angle, k and v, after every chunk has read the old ones).
+// `stage`: the staged path's scratch for one token of these rows (decode), owned with the state so that a captured
+// decode graph keeps valid addresses.
 struct Mamba3GpuState {
   float* angle;
   float* ssm;
   float* k;
   float* v;
   int* arrivals;
+  Mamba3GpuStage stage;
 };
+
+// Which kernels run the recurrence. Staged (default): an angle scan, a fully parallel staging kernel (B/C norm, bias,
+// rotation, α/β/γ) and a streaming state kernel. Fused: the single kernel that stages every token per head.
+enum class Mamba3GpuPath { Staged, Fused };
 
 // Largest supported sizes of the fused kernel (checked by mamba3_gpu_supported).
 constexpr int64_t kMamba3GpuMaxRank = 4;
@@ -50,8 +68,18 @@ constexpr int64_t kMamba3GpuMaxHeaddim = 128;  // 16 warps of 8 channels
 // Empty when the kernel handles the configuration, else the reason (names the field).
 std::string mamba3_gpu_supported(const Mamba3Config& c);
 
+// Floats of a Mamba3GpuStage for `tokens` tokens of `batch` sequences, and its view of `base` (16-byte aligned).
+int64_t mamba3_gpu_stage_floats(const Mamba3Config& c, int64_t batch, int64_t tokens);
+Mamba3GpuStage mamba3_gpu_stage_view(const Mamba3Config& c, float* base, int64_t batch, int64_t tokens);
+// Tokens per sequence a prefill stage of `batch` sequences holds within `max_bytes` (at least 1, at most L): a longer
+// prefill runs in segments of that many tokens.
+int64_t mamba3_gpu_stage_tokens(const Mamba3Config& c, int64_t batch, int64_t L, size_t max_bytes);
+
 // zx: (batch, L, d_in_proj) f32 in_proj outputs; o: (batch, L, d_inner) in the precision's activation dtype.
+// Staged path: L = 1 uses state.stage; L > 1 uses `prefill_stage` (sized for `batch` sequences), in segments of
+// prefill_stage.tokens tokens.
 void mamba3_recurrent_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuParams& p, int64_t batch, int64_t L,
-                          const float* zx, Mamba3GpuState state, void* o, Precision o_precision);
+                          const float* zx, Mamba3GpuState state, void* o, Precision o_precision,
+                          Mamba3GpuPath path = Mamba3GpuPath::Staged, const Mamba3GpuStage& prefill_stage = {});
 
 }  // namespace mamba3::cuda

@@ -10,9 +10,9 @@ int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 }  // namespace
 
 GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows)
-    : batch(batch_rows), heads(c.nheads()), sizes(c) {
+    : batch(batch_rows), heads(c.nheads()), sizes(c), config(c) {
   const int64_t floats = round4(batch * sizes.angle) + round4(batch * sizes.ssm) + round4(batch * sizes.k) +
-                         round4(batch * sizes.v) + batch * heads;
+                         round4(batch * sizes.v) + round4(batch * heads) + mamba3_gpu_stage_floats(c, batch, 1);
   buffer.resize(size_t(floats) * sizeof(float));
   MAMBA3_CUDA_CHECK(cudaMemset(buffer.raw(), 0, buffer.bytes()));
 }
@@ -24,8 +24,15 @@ Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
   float* k = ssm + round4(batch * sizes.ssm);
   float* v = k + round4(batch * sizes.k);
   int* arrivals = reinterpret_cast<int*>(v + round4(batch * sizes.v));
+  float* stage_base = reinterpret_cast<float*>(arrivals) + round4(batch * heads);
+  // The decode stage is batch-major per array: row `row`'s views start `row` rows in.
+  Mamba3GpuStage stage = mamba3_gpu_stage_view(config, stage_base, batch, 1);
+  stage.phi += row * sizes.angle;
+  stage.k += row * 2 * sizes.k;
+  stage.q += row * sizes.k;
+  stage.scal += row * heads * 4;
   return {angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v,
-          arrivals + row * heads};
+          arrivals + row * heads, stage};
 }
 
 GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,
@@ -70,7 +77,13 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
                              float* zx, void* o, float* out) const {
   const int64_t rows = batch * L;
   linear(ctx, in_proj_, x, rows, zx);
-  mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_);
+  Mamba3GpuStage stage;
+  if (path_ == Mamba3GpuPath::Staged && L > 1) {
+    const int64_t tokens = mamba3_gpu_stage_tokens(config_, batch, L, prefill_stage_bytes_);
+    prefill_stage_.reserve(size_t(mamba3_gpu_stage_floats(config_, batch, tokens)) * sizeof(float));
+    stage = mamba3_gpu_stage_view(config_, prefill_stage_.as<float>(), batch, tokens);
+  }
+  mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_, path_, stage);
   linear(ctx, out_proj_, o, rows, out);
 }
 

@@ -22,11 +22,13 @@ struct Mamba3StateSizes {
   int64_t total() const { return angle + ssm + k + v; }
 };
 
-// The state of `batch` rows in one allocation: [angle | ssm | k | v | arrivals], each (batch, …).
+// The state of `batch` rows in one allocation: [angle | ssm | k | v | arrivals | decode stage], each (batch, …); the
+// decode stage is the staged path's one-token scratch (kept with the state so a captured decode graph stays valid).
 struct GpuMamba3State {
   DeviceBuffer buffer;
   int64_t batch = 0, heads = 0;
   Mamba3StateSizes sizes;
+  Mamba3Config config;
 
   GpuMamba3State(const Mamba3Config& c, int64_t batch);  // zeroed
   // Views of rows [row, batch).
@@ -39,6 +41,11 @@ class GpuMamba3Layer {
                  const std::string& source, std::set<std::string>* used, Precision precision);
 
   const Mamba3Config& config() const { return config_; }
+  // Kernels of the recurrence (default: staged); the fused path stays for comparison.
+  void set_path(Mamba3GpuPath path) { path_ = path; }
+  Mamba3GpuPath path() const { return path_; }
+  // Bound on the staged prefill's scratch (k, q, φ, α/β/γ per token); a longer prefill runs in segments.
+  void set_prefill_stage_bytes(size_t bytes) { prefill_stage_bytes_ = bytes; }
   size_t parameter_bytes() const;
   // Scratch the caller provides for `rows` tokens: zx (rows·d_in_proj f32) and o (rows·d_inner activations).
   size_t zx_bytes(int64_t rows) const { return size_t(rows * config_.d_in_proj()) * 4; }
@@ -55,6 +62,9 @@ class GpuMamba3Layer {
   GpuMatrix in_proj_, out_proj_;
   DeviceBuffer dt_bias_, B_bias_, C_bias_, B_norm_, C_norm_, D_, mimo_x_, mimo_z_, mimo_o_, norm_;
   Mamba3GpuParams params_{};
+  Mamba3GpuPath path_ = Mamba3GpuPath::Staged;
+  size_t prefill_stage_bytes_ = size_t(256) << 20;
+  mutable DeviceBuffer prefill_stage_;  // grow-only; prefill only (decode uses the state's stage)
 };
 
 }  // namespace mamba3::cuda

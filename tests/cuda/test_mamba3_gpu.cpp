@@ -1,7 +1,8 @@
 // The Mamba-3 layer on the GPU: every golden mixer case (prefill, caches, decode steps) in the exact f32 mode within
 // the golden README's float32 tolerance and in bf16 within 2e-2; and against the CPU layer on random layers of
 // awkward shapes (batch 3, L = 1/63/65/300, MIMO ranks 2 and 4, groups 2, output norm, the ablation switches),
-// prefill then 32 decode steps, plus split prefills (continuation from a carried state).
+// prefill then 32 decode steps, plus split prefills (continuation from a carried state). Every check runs for both
+// kernel paths (staged: angle scan + staging + streaming state kernels; fused: one kernel per head).
 #include <gtest/gtest.h>
 
 #include <random>
@@ -15,6 +16,14 @@ namespace mamba3::test {
 namespace {
 
 using cuda::Precision;
+using cuda::Mamba3GpuPath;
+
+// Every GPU check below runs once per kernel path.
+class Mamba3GpuPaths : public ::testing::TestWithParam<Mamba3GpuPath> {};
+
+std::string path_name(const ::testing::TestParamInfo<Mamba3GpuPath>& info) {
+  return info.param == Mamba3GpuPath::Staged ? "Staged" : "Fused";
+}
 
 // Runs a GPU layer over (B, L, D) input u from `state`, returning (B, L, D).
 Tensor gpu_forward(const cuda::GpuMamba3Layer& layer, const cuda::Context& ctx, const Tensor& u,
@@ -43,13 +52,14 @@ Mamba3State golden_state(const SafetensorsFile& f, const std::string& prefix) {
           f.get(prefix + "k_state").to(DType::F32), f.get(prefix + "v_state").to(DType::F32)};
 }
 
-void run_golden(const std::string& path, Precision p) {
+void run_golden(const std::string& path, Precision p, Mamba3GpuPath kernels) {
   SCOPED_TRACE(path + " " + cuda::precision_name(p));
   const double out_tol = p == Precision::F32 ? 1e-5 : 2e-2, cache_tol = p == Precision::F32 ? 1e-5 : 5e-2;
   auto f = SafetensorsFile::open(path);
   const Mamba3Config c = golden_mixer_config(f);
   cuda::Context ctx;
   cuda::GpuMamba3Layer layer(c, f.tensors(), "", path, nullptr, p);
+  layer.set_path(kernels);
   const Tensor u = f.get("u").to(DType::F32), u_step = f.get("u_step").to(DType::F32);
   cuda::GpuMamba3State state(c, u.dim(0));
   Tensor out = gpu_forward(layer, ctx, u, state, p);
@@ -63,18 +73,18 @@ void run_golden(const std::string& path, Precision p) {
   expect_state_near(download_state(state, c), golden_state(f, "final_cache."), cache_tol, "final_cache");
 }
 
-TEST(Mamba3Gpu, GoldenCasesF32) {
+TEST_P(Mamba3GpuPaths, GoldenCasesF32) {
   MAMBA3_REQUIRE_GPU();
   auto cases = golden_cases("mixer_");
   ASSERT_FALSE(cases.empty()) << "no golden mixer cases in " << golden_dir();
-  for (const auto& path : cases) run_golden(path.string(), Precision::F32);
+  for (const auto& path : cases) run_golden(path.string(), Precision::F32, GetParam());
 }
 
-TEST(Mamba3Gpu, GoldenCasesBf16) {
+TEST_P(Mamba3GpuPaths, GoldenCasesBf16) {
   MAMBA3_REQUIRE_GPU();
   auto cases = golden_cases("mixer_");
   ASSERT_FALSE(cases.empty()) << "no golden mixer cases in " << golden_dir();
-  for (const auto& path : cases) run_golden(path.string(), Precision::BF16);
+  for (const auto& path : cases) run_golden(path.string(), Precision::BF16, GetParam());
 }
 
 struct RandomCase {
@@ -113,7 +123,7 @@ Mamba3Config make_config(const RandomCase& rc) {
   return c;
 }
 
-TEST(Mamba3Gpu, MatchesCpuOnRandomLayers) {
+TEST_P(Mamba3GpuPaths, MatchesCpuOnRandomLayers) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   std::mt19937 rng(7);
@@ -125,6 +135,7 @@ TEST(Mamba3Gpu, MatchesCpuOnRandomLayers) {
       TensorMap w = random_mixer_weights(c, rng);
       Mamba3Mixer cpu(c, w);
       cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
+      gpu.set_path(GetParam());
       const Tensor u = random_tensor(rng, {B, L, c.d_model});
       Mamba3State cpu_state = cpu.new_state(B);
       cuda::GpuMamba3State gpu_state(c, B);
@@ -144,7 +155,7 @@ TEST(Mamba3Gpu, MatchesCpuOnRandomLayers) {
 }
 
 // A prefill split in two (the second continuing from the carried state) equals the whole prefill, on the GPU.
-TEST(Mamba3Gpu, SplitPrefillEqualsWhole) {
+TEST_P(Mamba3GpuPaths, SplitPrefillEqualsWhole) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   std::mt19937 rng(11);
@@ -152,6 +163,7 @@ TEST(Mamba3Gpu, SplitPrefillEqualsWhole) {
     const Mamba3Config c = make_config(rc);
     TensorMap w = random_mixer_weights(c, rng);
     cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
+    gpu.set_path(GetParam());
     const Tensor u = random_tensor(rng, {2, 90, c.d_model});
     cuda::GpuMamba3State whole(c, 2), split(c, 2);
     Tensor all = gpu_forward(gpu, ctx, u, whole, Precision::F32);
@@ -160,6 +172,74 @@ TEST(Mamba3Gpu, SplitPrefillEqualsWhole) {
     EXPECT_LE(rel_l2(a, tokens(all, 0, 37)), 1e-6) << rc.name;
     EXPECT_LE(rel_l2(b, tokens(all, 37, 90)), 1e-5) << rc.name;
     expect_state_near(download_state(split, c), download_state(whole, c), 1e-5, rc.name);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, Mamba3GpuPaths, ::testing::Values(Mamba3GpuPath::Staged, Mamba3GpuPath::Fused),
+                         path_name);
+
+// The staged path in segments (a stage budget of a few tokens, so the angle scan, k cache hand-over and state carry
+// cross segment boundaries inside one call) equals the CPU and the fused path, for SISO, MIMO and groups.
+TEST(Mamba3Gpu, StagedPrefillInSegmentsMatchesCpuAndFused) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(13);
+  const int64_t B = 3, L = 77;
+  for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[3], kRandomCases[4], kRandomCases[8]}) {
+    SCOPED_TRACE(rc.name);
+    const Mamba3Config c = make_config(rc);
+    TensorMap w = random_mixer_weights(c, rng);
+    Mamba3Mixer cpu(c, w);
+    cuda::GpuMamba3Layer staged(c, w, "", "random", nullptr, Precision::F32);
+    cuda::GpuMamba3Layer fused(c, w, "", "random", nullptr, Precision::F32);
+    fused.set_path(Mamba3GpuPath::Fused);
+    // About 5 tokens per segment (16 segments, the last one shorter).
+    const size_t per_token = size_t(B * (c.nheads() * c.num_angles() + 2 * c.rank() * c.nheads() * c.d_state +
+                                         4 * c.nheads()) * 4);
+    staged.set_prefill_stage_bytes(5 * per_token);
+    const Tensor u = random_tensor(rng, {B, L, c.d_model});
+    Mamba3State cpu_state = cpu.new_state(B);
+    cuda::GpuMamba3State s_state(c, B), f_state(c, B);
+    const Tensor ref = cpu.prefill(u, cpu_state);
+    const Tensor ys = gpu_forward(staged, ctx, u, s_state, Precision::F32);
+    const Tensor yf = gpu_forward(fused, ctx, u, f_state, Precision::F32);
+    EXPECT_LE(rel_l2(ys, ref), 1e-5) << "staged vs cpu";
+    EXPECT_LE(rel_l2(ys, yf), 1e-5) << "staged vs fused";
+    expect_state_near(download_state(s_state, c), cpu_state, 1e-5, "staged state");
+    expect_state_near(download_state(s_state, c), download_state(f_state, c), 1e-5, "staged vs fused state");
+  }
+}
+
+// Decode on rows [1, 3) of a 4-row state (the row offset of the state's decode stage) equals the CPU on those rows.
+TEST(Mamba3Gpu, StagedDecodeOnRowOffset) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(17);
+  for (const RandomCase& rc : {kRandomCases[0], kRandomCases[4]}) {
+    SCOPED_TRACE(rc.name);
+    const Mamba3Config c = make_config(rc);
+    TensorMap w = random_mixer_weights(c, rng);
+    Mamba3Mixer cpu(c, w);
+    cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
+    Mamba3State cpu_state = cpu.new_state(2);
+    cuda::GpuMamba3State state(c, 4);
+    const Tensor u = random_tensor(rng, {2, 9, c.d_model});
+    cpu.prefill(u, cpu_state);
+    {
+      cuda::DeviceBuffer x = to_device_activation(u, Precision::F32);
+      cuda::DeviceBuffer zx(gpu.zx_bytes(18)), o(gpu.o_bytes(18)), out(size_t(18 * c.d_model) * 4);
+      gpu.forward(ctx, x.raw(), 2, 9, state.rows_from(1), zx.as<float>(), o.raw(), out.as<float>());
+      ctx.sync();
+    }
+    for (int t = 0; t < 3; ++t) {
+      const Tensor xs = random_tensor(rng, {2, 1, c.d_model});
+      const Tensor ref = cpu.prefill(xs, cpu_state);
+      cuda::DeviceBuffer x = to_device_activation(xs, Precision::F32);
+      cuda::DeviceBuffer zx(gpu.zx_bytes(2)), o(gpu.o_bytes(2)), out(size_t(2 * c.d_model) * 4);
+      gpu.forward(ctx, x.raw(), 2, 1, state.rows_from(1), zx.as<float>(), o.raw(), out.as<float>());
+      ctx.sync();
+      EXPECT_LE(rel_l2(from_device_f32(out.raw(), {2, 1, c.d_model}), ref), 1e-5) << "step " << t;
+    }
   }
 }
 
