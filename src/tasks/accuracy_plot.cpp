@@ -97,7 +97,8 @@ std::string accuracy_plot_svg(const std::vector<AccuracySeries>& series, const s
       svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3.5\" fill=\"{}\"><title>{}: length {}, {:.1f}%"
                          "</title></circle>\n",
                          px(double(len)), py(acc), color, escape_xml(s.label), len, 100 * acc);
-    const double lx = left + pw - 190, ly = top + ph - 14 - 18 * double(series.size() - 1 - k);
+    // Legend top right: at the longest lengths accuracy is rarely near 100 %.
+    const double lx = left + pw - 190, ly = top + 30 + 18 * double(k);
     svg += fmt::format(
         "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"2\"/>"
         "<text x=\"{4}\" y=\"{5}\">{6}</text>\n",

@@ -1,7 +1,7 @@
 #pragma once
 // Accuracy against sequence length as a self-contained SVG: one polyline with markers per series (a model or an
 // ablation), the chance level as a dashed line and the longest training length as a dotted vertical line. Lengths
-// are on a log2 axis (test lengths usually double). Written atomically.
+// are on a log2 axis (test lengths usually double); the legend sits in the top right corner. Written atomically.
 #include <cstdint>
 #include <string>
 #include <utility>
