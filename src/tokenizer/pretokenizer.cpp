@@ -4,6 +4,7 @@
 #include <pcre2.h>
 
 #include "core/error.h"
+#include "tokenizer/ascii_split.h"
 
 namespace mamba3 {
 
@@ -54,6 +55,7 @@ struct SplitRegex::Impl {
   bool jit = false;
   pcre2_jit_stack* stack = nullptr;
   pcre2_match_context* context = nullptr;
+  AsciiPattern ascii = AsciiPattern::None;
   ~Impl() {
     if (context) pcre2_match_context_free(context);
     if (stack) pcre2_jit_stack_free(stack);
@@ -85,27 +87,44 @@ SplitRegex::SplitRegex(std::string_view pattern, std::string_view origin)
     impl_->stack = pcre2_jit_stack_create(32 * 1024, 4 * 1024 * 1024, nullptr);
     pcre2_jit_stack_assign(impl_->context, nullptr, impl_->stack);
   }
+  impl_->ascii = ascii_pattern_for(pattern);
 }
 
 SplitRegex::~SplitRegex() = default;
 
-void SplitRegex::split_impl(std::string_view text, void (*emit)(void*, std::string_view), void* ctx) const {
+void SplitRegex::split_impl(std::string_view text, void (*emit)(void*, std::string_view), void* ctx,
+                            bool fast) const {
   struct MatchData {
-    pcre2_match_data* md;
-    ~MatchData() { pcre2_match_data_free(md); }
-  } data{pcre2_match_data_create_from_pattern(impl_->code, nullptr)};
-  MAMBA3_CHECK(data.md, "out of memory creating PCRE2 match data");
+    pcre2_match_data* md = nullptr;
+    ~MatchData() {
+      if (md) pcre2_match_data_free(md);
+    }
+  } data;
+  const PCRE2_SIZE* ov = nullptr;
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   const size_t n = text.size();
-  const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(data.md);
+  const AsciiPattern ascii = fast ? impl_->ascii : AsciiPattern::None;
   size_t pos = 0, last = 0;
   while (pos <= n) {
-    const int rc = impl_->jit
-                       ? pcre2_jit_match(impl_->code, subject, n, pos, PCRE2_NO_UTF_CHECK, data.md, impl_->context)
-                       : pcre2_match(impl_->code, subject, n, pos, PCRE2_NO_UTF_CHECK, data.md, impl_->context);
-    if (rc == PCRE2_ERROR_NOMATCH) break;
-    if (rc < 0) fail("split pattern \"{}\": matching failed: {}", pattern_, pcre2_message(rc));
-    const size_t s = ov[0], e = ov[1];
+    size_t s = pos, e = 0;
+    // The ASCII specialisation answers for most positions of most texts (see ascii_split.h); it reports exactly the
+    // match PCRE2 would, or 0 to leave the position to PCRE2.
+    if (ascii != AsciiPattern::None && pos < n && static_cast<unsigned char>(text[pos]) < 0x80)
+      e = ascii_match(ascii, text.data(), n, pos);
+    if (e == 0) {
+      if (!data.md) {
+        data.md = pcre2_match_data_create_from_pattern(impl_->code, nullptr);
+        MAMBA3_CHECK(data.md, "out of memory creating PCRE2 match data");
+        ov = pcre2_get_ovector_pointer(data.md);
+      }
+      const int rc = impl_->jit
+                         ? pcre2_jit_match(impl_->code, subject, n, pos, PCRE2_NO_UTF_CHECK, data.md, impl_->context)
+                         : pcre2_match(impl_->code, subject, n, pos, PCRE2_NO_UTF_CHECK, data.md, impl_->context);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) fail("split pattern \"{}\": matching failed: {}", pattern_, pcre2_message(rc));
+      s = ov[0];
+      e = ov[1];
+    }
     if (s > last) emit(ctx, std::string_view(text.data() + last, s - last));
     if (e > s) {
       emit(ctx, std::string_view(text.data() + s, e - s));
@@ -123,5 +142,7 @@ void SplitRegex::split_impl(std::string_view text, void (*emit)(void*, std::stri
   }
   if (last < n) emit(ctx, std::string_view(text.data() + last, n - last));
 }
+
+bool SplitRegex::has_ascii_fast_path() const { return impl_->ascii != AsciiPattern::None; }
 
 }  // namespace mamba3

@@ -2,6 +2,8 @@
 // Pre-tokenization: a regular expression (PCRE2 in UTF + UCP mode, JIT-compiled) cuts text into pieces that BPE then
 // encodes one by one. Split behaviour is Hugging Face's "Isolated": every match is a piece, and so is every stretch of
 // text between matches (the split patterns below match every character, so in practice only matches occur).
+// For the patterns below, positions whose match depends on ASCII characters only are matched by an exact ASCII
+// specialisation instead of PCRE2 (ascii_split.h explains and tests/tokenizer checks the equivalence).
 #include <memory>
 #include <string>
 #include <string_view>
@@ -34,16 +36,23 @@ class SplitRegex {
   // Calls `f(piece)` for the pieces of `text` (valid UTF-8, not checked), in order; they concatenate to `text`.
   template <typename F>
   void split(std::string_view text, F&& f) const {
-    split_impl(text, [](void* ctx, std::string_view piece) { (*static_cast<F*>(ctx))(piece); }, &f);
+    split_impl(text, [](void* ctx, std::string_view piece) { (*static_cast<F*>(ctx))(piece); }, &f, true);
   }
   // Appends the pieces to `out`.
   void split(std::string_view text, std::vector<std::string_view>& out) const {
     split(text, [&out](std::string_view piece) { out.push_back(piece); });
   }
   const std::string& pattern() const { return pattern_; }
+  // The same split computed by PCRE2 alone, without the ASCII specialisation (ascii_split.h); for tests.
+  void split_pcre2_only(std::string_view text, std::vector<std::string_view>& out) const {
+    auto f = [&out](std::string_view piece) { out.push_back(piece); };
+    split_impl(text, [](void* ctx, std::string_view piece) { (*static_cast<decltype(f)*>(ctx))(piece); }, &f, false);
+  }
+  // Whether the pattern is one of those with an exact ASCII specialisation.
+  bool has_ascii_fast_path() const;
 
  private:
-  void split_impl(std::string_view text, void (*emit)(void*, std::string_view), void* ctx) const;
+  void split_impl(std::string_view text, void (*emit)(void*, std::string_view), void* ctx, bool fast) const;
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::string pattern_;

@@ -40,8 +40,11 @@ class Tokenizer {
   // Text → ids. Invalid UTF-8 is first repaired (each maximal invalid subpart becomes U+FFFD), which is what the
   // references do when bytes reach them as a string. Special tokens in the text become their ids only when
   // `allow_special`; otherwise they are encoded as ordinary text. Non-special added tokens are always matched.
-  std::vector<uint32_t> encode(std::string_view text, bool allow_special = false) const;
-  void encode_into(std::string_view text, bool allow_special, std::vector<uint32_t>& out) const;
+  // With `threads` > 1, a long text (≥ 1 MiB) is cut at line starts where the split pattern provably cannot match
+  // across (see tokenizer.cpp) and the parts are encoded on that many threads (a small pool that lives as long as
+  // the process); the ids are the same as with one thread.
+  std::vector<uint32_t> encode(std::string_view text, bool allow_special = false, unsigned threads = 1) const;
+  void encode_into(std::string_view text, bool allow_special, std::vector<uint32_t>& out, unsigned threads = 1) const;
   // Ids → bytes, concatenated (may be invalid UTF-8 when a character is split across tokens).
   std::string decode_bytes(std::span<const uint32_t> ids) const;
   // Ids → text: decode_bytes with invalid sequences replaced by U+FFFD, as the references decode.

@@ -1,5 +1,7 @@
 #pragma once
 // The shared state behind Tokenizer, filled by the loaders (load_hf_json.cpp, load_tiktoken.cpp, tokenizer.cpp).
+#include <atomic>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,7 +31,13 @@ struct Tokenizer::Impl {
   std::vector<std::string> id_bytes;
   std::vector<uint8_t> id_kind;
   std::vector<uint32_t> prefix, suffix;
-  bool cache_pieces = true;  // memoise BPE results of pieces within one encode call
+  bool cache_pieces = true;  // memoise BPE results of pieces (per thread, across calls: tokenizer.cpp)
+  uint64_t serial = next_serial();  // names this tokenizer's caches; never reused
+
+  static uint64_t next_serial() {
+    static std::atomic<uint64_t> counter{0};
+    return ++counter;
+  }
 
   // Records the bytes that decode yields for `id` (added/special content overrides a regular entry).
   void set_id(uint32_t id, const std::string& bytes, uint8_t what) {

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "tokenizer/pretokenizer.h"
 #include "tokenizer/tokenizer.h"
 
 namespace mamba3 {
@@ -150,6 +151,39 @@ TEST(RefDecode, MatchesTextDecoder) {
     ++n;
   }
   EXPECT_GE(n, 500u);
+}
+
+// The Brown corpus (6 MB) through the fast paths: the ASCII specialisation of the split patterns gives PCRE2's pieces
+// (ascii_split.h), and encoding on 2 and 3 threads (cut at line starts) gives the single-thread ids, for every
+// vocabulary and file format. Encoding twice also checks that the caches kept across calls change nothing.
+TEST(RefBrown, FastPathsAgree) {
+  std::ifstream in(refs_dir() / "brown.txt", std::ios::binary);
+  ASSERT_TRUE(in) << "missing brown.txt";
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  const std::string text = ss.str();
+  ASSERT_GT(text.size(), size_t(4) << 20);
+  for (const char* p : {patterns::gpt2, patterns::cl100k, patterns::o200k}) {
+    SplitRegex re(p, "test");
+    std::vector<std::string_view> fast, slow;
+    re.split(text, fast);
+    re.split_pcre2_only(text, slow);
+    ASSERT_EQ(fast.size(), slow.size()) << p;
+    size_t differ = 0;
+    for (size_t i = 0; i < fast.size(); ++i)
+      differ += fast[i].data() != slow[i].data() || fast[i].size() != slow[i].size();
+    EXPECT_EQ(differ, 0u) << p;
+  }
+  const std::pair<const char*, const char*> files[] = {
+      {"cl100k.tiktoken", "cl100k"}, {"o200k.tiktoken", "o200k"},  {"r50k.tiktoken", "gpt2"},
+      {"gpt2.tokenizer.json", ""},   {"llama3.tiktoken", "llama3"}, {"llama31.tokenizer.json", ""}};
+  for (const auto& [file, pattern] : files) {
+    const Tokenizer tok = Tokenizer::load((refs_dir() / file).string(), pattern);
+    const auto one = tok.encode(text);
+    EXPECT_EQ(tok.encode(text), one) << file << ": second call";
+    EXPECT_EQ(tok.encode(text, false, 2), one) << file << ": 2 threads";
+    EXPECT_EQ(tok.encode(text, false, 3), one) << file << ": 3 threads";
+  }
 }
 
 TEST(RefStrings, EnoughOfThem) {

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 
 #include "core/error.h"
@@ -110,6 +111,110 @@ TEST(PreTokenizer, WhitespaceMeansUnicodeWhiteSpace) {
   // As white space each NEL is its own piece (\s+(?!\S) then \s+); as punctuation both would form one piece.
   EXPECT_EQ(pieces, (std::vector<std::string_view>{"a", "\xC2\x85", "\xC2\x85", "b"}));
   EXPECT_EQ(rewrite_whitespace_classes(R"([^\s\p{L}]|\S|\\s)"), R"([^\p{White_Space}\p{L}]|\P{White_Space}|\\s)");
+}
+
+// The ASCII specialisation (ascii_split.h) must give exactly PCRE2's pieces. Checked exhaustively on short strings
+// over an alphabet with one or more members of every class the patterns distinguish — each contraction letter in
+// both cases, other letters, digits, every ASCII white-space character, '/', other punctuation and controls — and
+// non-ASCII characters that the patterns treat specially (Ll, Lu, Lt, Lm, Lo, marks, Nd, Nl, No, NBSP, NEL, ſ which
+// folds to s, a symbol), then on longer random strings over it, and on every ASCII string of up to 2 bytes followed by
+// each alphabet member.
+struct SplitChecker {
+  std::vector<std::unique_ptr<SplitRegex>> regexes;
+  size_t checked = 0, mismatches = 0;
+  SplitChecker() {
+    for (const char* p : {patterns::gpt2, patterns::cl100k, patterns::o200k}) {
+      regexes.push_back(std::make_unique<SplitRegex>(p, "test"));
+      EXPECT_TRUE(regexes.back()->has_ascii_fast_path());
+    }
+  }
+  void check(const std::string& s) {
+    std::vector<std::string_view> fast, slow;
+    for (const auto& re : regexes) {
+      fast.clear();
+      slow.clear();
+      re->split(s, fast);
+      re->split_pcre2_only(s, slow);
+      ++checked;
+      // Compare as offsets (equal views of the same buffer), so that equal bytes at other places do not pass.
+      bool same = fast.size() == slow.size();
+      for (size_t i = 0; same && i < fast.size(); ++i)
+        same = fast[i].data() == slow[i].data() && fast[i].size() == slow[i].size();
+      if (!same && ++mismatches <= 10) {
+        std::string shown;
+        for (unsigned char c : s) shown += fmt::format("\\x{:02X}", c);
+        ADD_FAILURE() << "pattern " << re->pattern() << ": pieces differ from PCRE2's on \"" << shown << "\"";
+      }
+    }
+  }
+};
+
+const std::vector<std::string>& split_alphabet() {
+  static const std::vector<std::string> a = {
+      "'", "s", "S", "t", "T", "r", "R", "e", "E", "v", "V", "m", "M", "l", "L", "d", "D", "a", "Z", "0", "9",
+      " ", "\t", "\n", "\r", "\v", "\f", ".", "/", std::string(1, '\0'), "\x1F", "\x7F",
+      "\xC3\xA9" /* é Ll */, "\xC3\x89" /* É Lu */, "\xC7\x85" /* ǅ Lt */, "\xCA\xB0" /* ʰ Lm */,
+      "\xE4\xB8\xAD" /* 中 Lo */, "\xCC\x81" /* combining acute, Mn */, "\xD9\xA3" /* ٣ Nd */,
+      "\xE2\x85\xAB" /* Ⅻ Nl */, "\xC2\xBD" /* ½ No */, "\xC2\xA0" /* NBSP */, "\xC2\x85" /* NEL */, "\xC5\xBF" /* ſ */, "\xE2\x82\xAC" /* € */};
+  return a;
+}
+
+TEST(AsciiSplit, ExhaustiveShortStringsAgreeWithPcre2) {
+  SplitChecker c;
+  const auto& a = split_alphabet();
+  std::string s;
+  for (size_t len = 1; len <= 4; ++len) {
+    std::vector<size_t> digit(len, 0);
+    while (true) {
+      s.clear();
+      for (size_t d : digit) s += a[d];
+      c.check(s);
+      size_t k = 0;
+      while (k < len && ++digit[k] == a.size()) digit[k++] = 0;
+      if (k == len) break;
+    }
+  }
+  EXPECT_EQ(c.mismatches, 0u) << "of " << c.checked;
+  EXPECT_GT(c.checked, 3u * 4'000'000);
+}
+
+TEST(AsciiSplit, EveryAsciiPairAndRandomStringsAgreeWithPcre2) {
+  SplitChecker c;
+  const auto& a = split_alphabet();
+  for (int x = 0; x < 128; ++x)
+    for (int y = -1; y < 128; ++y)
+      for (size_t z = 0; z <= a.size(); ++z) {
+        std::string s(1, char(x));
+        if (y >= 0) s += char(y);
+        if (z < a.size()) s += a[z];
+        c.check(s);
+      }
+  std::mt19937 rng(20261130);
+  std::string s;
+  for (int i = 0; i < 200'000; ++i) {
+    s.clear();
+    const size_t len = 5 + rng() % 28;
+    // Mostly ASCII, in runs, the way text is: pick a member, repeat it a few times now and then.
+    while (s.size() < len) {
+      const std::string& m = a[rng() % a.size()];
+      const size_t repeat = rng() % 4 == 0 ? 1 + rng() % 5 : 1;
+      for (size_t r = 0; r < repeat; ++r) s += m;
+    }
+    c.check(s);
+  }
+  // Long runs of letters (upper, lower, mixed), which the scanner reads 16 bytes at a time, ended by every member.
+  for (int i = 0; i < 20'000; ++i) {
+    s.clear();
+    while (s.size() < 80) {
+      const size_t len = 1 + rng() % 40;
+      const int kind = int(rng() % 3);
+      for (size_t k = 0; k < len; ++k)
+        s += char((kind == 0 ? 'a' : kind == 1 ? 'A' : (rng() % 2 ? 'a' : 'A')) + rng() % 26);
+      s += a[rng() % a.size()];
+    }
+    c.check(s);
+  }
+  EXPECT_EQ(c.mismatches, 0u) << "of " << c.checked;
 }
 
 TEST(PreTokenizer, BadPatternNamesOrigin) {
