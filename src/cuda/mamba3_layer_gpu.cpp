@@ -78,12 +78,14 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
   const int64_t rows = batch * L;
   linear(ctx, in_proj_, x, rows, zx);
   Mamba3GpuStage stage;
-  if (path_ == Mamba3GpuPath::Staged && L > 1) {
+  const Mamba3GpuPath path =
+      auto_path_ && L == 1 && batch * config_.nheads() <= 1024 ? Mamba3GpuPath::Fused : path_;
+  if (path == Mamba3GpuPath::Staged && L > 1) {
     const int64_t tokens = mamba3_gpu_stage_tokens(config_, batch, L, prefill_stage_bytes_);
     prefill_stage_.reserve(size_t(mamba3_gpu_stage_floats(config_, batch, tokens)) * sizeof(float));
     stage = mamba3_gpu_stage_view(config_, prefill_stage_.as<float>(), batch, tokens);
   }
-  mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_, path_, stage);
+  mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_, path, stage);
   linear(ctx, out_proj_, o, rows, out);
 }
 
