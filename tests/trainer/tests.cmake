@@ -11,4 +11,6 @@ endif()
 mamba3_test(test_trainer_perplexity trainer/test_perplexity.cpp)
 mamba3_test(test_default_model trainer/test_default_model.cpp)
 target_compile_definitions(test_default_model PRIVATE MAMBA3_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+# GCC 12 reports a false maybe-uninitialized inside libstdc++'s <regex> at -O2 with the sanitizers (CI stage 2).
+target_compile_options(test_default_model PRIVATE -Wno-maybe-uninitialized)
 set_tests_properties(test_default_model PROPERTIES TIMEOUT 300)
