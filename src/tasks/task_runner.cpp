@@ -71,7 +71,9 @@ TaskRunResult run_task(const TaskSpec& spec, const ModelConfig& config, const Ta
   AdamW opt({0.9, 0.95, 1e-8, o.weight_decay}, r.params);
   LrSchedule sched;
   sched.peak = o.lr, sched.min_lr_ratio = o.min_lr_ratio, sched.warmup = o.warmup, sched.total = o.steps;
-  TensorMap grads;
+  std::unique_ptr<TrainEngine> engine =
+      o.engine ? o.engine(config, r.params, opt)
+               : cpu_train_engine(config, r.params, opt, lm_loss_and_grad, lm_loss_and_grad_labels);
   std::vector<int64_t> inputs, labels;
   const auto t0 = std::chrono::steady_clock::now();
   double window_loss = 0, window_norm = 0;
@@ -87,11 +89,11 @@ TaskRunResult run_task(const TaskSpec& spec, const ModelConfig& config, const Ta
       std::copy(ex.ids.begin(), ex.ids.end(), inputs.begin() + b * L);
       std::copy(ex.labels.begin(), ex.labels.end(), labels.begin() + b * L);
     }
-    const double loss = lm_loss_and_grad_labels(config, r.params, inputs.data(), labels.data(), o.batch, L, &grads);
+    const double loss = engine->accumulate_labels(inputs.data(), labels.data(), o.batch, L, 1.0);
     MAMBA3_CHECK(std::isfinite(loss), "task {}: the loss is not finite at step {} (lower --lr?)", spec.name, step + 1);
-    const double norm = clip_grad_norm(grads, o.clip);
+    const double norm = engine->clip(o.clip);
     const double lr = sched.at(step);
-    opt.step(r.params, grads, lr);
+    engine->update(lr);
     window_loss += loss, window_norm += norm, ++window;
     if ((step + 1) % o.log_every == 0 || step + 1 == o.steps) {
       StepRecord rec;
@@ -105,6 +107,7 @@ TaskRunResult run_task(const TaskSpec& spec, const ModelConfig& config, const Ta
       window_loss = window_norm = 0, window = 0;
     }
   }
+  engine->sync_to_host();
   r.train_seconds = seconds_since(t0);
   const auto t1 = std::chrono::steady_clock::now();
   r.accuracy = evaluate_task(spec, config, r.params, o.test_lengths.empty() ? spec.test_lengths : o.test_lengths,

@@ -37,6 +37,7 @@ struct TaskTrainOptions {
   std::vector<int64_t> test_lengths;  // empty: the task's defaults
   int64_t log_every = 50;
   std::FILE* progress = nullptr;  // progress lines; nullptr = silent
+  TrainEngineFactory engine;      // where training runs (e.g. CUDA); empty = CPU. Evaluation runs on the CPU.
 
   void validate() const;  // throws naming the option
 };

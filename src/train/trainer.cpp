@@ -138,13 +138,13 @@ std::vector<StepRecord> truncate_log(const std::string& path, int64_t step) {
   return kept;
 }
 
-double mean_val_loss(const TrainJob& job, const TensorMap& params, const std::vector<int64_t>& windows,
+double mean_val_loss(const TrainJob& job, TrainEngine& engine, const std::vector<int64_t>& windows,
                      int64_t n_windows) {
   const int64_t L = job.options.seq_len, B = job.options.batch;
   double sum = 0;
   for (int64_t first = 0; first < n_windows; first += B) {
     const int64_t n = std::min(B, n_windows - first);
-    sum += double(n) * job.loss(job.config, params, windows.data() + first * (L + 1), n, L, nullptr);
+    sum += double(n) * engine.loss(windows.data() + first * (L + 1), n, L);
   }
   return sum / double(n_windows);
 }
@@ -180,7 +180,7 @@ TrainResult train(TrainJob job) {
   const TrainOptions& o = job.options;
   o.validate();
   MAMBA3_CHECK(job.data != nullptr, "no training data");
-  MAMBA3_CHECK(static_cast<bool>(job.loss), "no loss function");
+  MAMBA3_CHECK(job.loss || job.engine, "no loss function");
   const int64_t B = o.batch, L = o.seq_len, window = L + 1;
   prepare_output_dir(job.out_dir);
   const std::string log_path = (fs::path(job.out_dir) / "log.jsonl").string();
@@ -232,33 +232,33 @@ TrainResult train(TrainJob job) {
   const auto started = Clock::now();
   const std::string title = fmt::format("{} — loss", fs::path(job.out_dir).filename().string());
 
+  std::unique_ptr<TrainEngine> engine = job.engine ? job.engine(job.config, job.params, optimizer)
+                                                  : cpu_train_engine(job.config, job.params, optimizer, job.loss);
   auto save = [&](int64_t done) {
+    engine->sync_to_host();
     save_checkpoint(job.out_dir, job.config, job.params, optimizer, done, options_json);
     write_loss_curve(svg_path, history, title);
   };
 
-  TensorMap g;  // the loss function's output, reused across calls (lm_loss_and_grad rewrites it in place)
   for (int64_t step = result.first_step; step < o.steps; ++step) {
     const auto t0 = Clock::now();
-    TensorMap grads;
     double loss = 0;
     for (int64_t micro = 0; micro < o.accum; ++micro) {
       for (int64_t b = 0; b < B; ++b) sampler.sample(step, micro * B + b, tokens.data() + b * window);
-      const double l = job.loss(job.config, job.params, tokens.data(), B, L, &g);
+      const double l = engine->accumulate(tokens.data(), B, L, 1.0 / double(o.accum));
       MAMBA3_CHECK(std::isfinite(l), "step {}: the loss is {} (training diverged; lower --lr?)", step + 1, l);
       loss += l / double(o.accum);
-      accumulate_grads(grads, g, 1.0 / double(o.accum));
     }
     StepRecord r;
     r.step = step + 1;
     r.loss = loss;
-    r.grad_norm = clip_grad_norm(grads, o.clip);
+    r.grad_norm = engine->clip(o.clip);
     r.lr = schedule.at(step);
-    optimizer.step(job.params, grads, r.lr);
+    engine->update(r.lr);
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     r.tokens_per_s = double(B * L * o.accum) / std::max(dt, 1e-9);
     const bool eval = o.eval_every > 0 && (r.step % o.eval_every == 0 || r.step == o.steps);
-    if (eval) r.val_loss = mean_val_loss(job, job.params, val_tokens, n_val);
+    if (eval) r.val_loss = mean_val_loss(job, *engine, val_tokens, n_val);
     if (r.step % o.log_every == 0 || eval || r.step == o.steps) {
       const std::string line = record_json(r).dump() + "\n";
       MAMBA3_CHECK(std::fputs(line.c_str(), log) >= 0 && std::fflush(log) == 0, "{}: write failed", log_path);
@@ -270,11 +270,13 @@ TrainResult train(TrainJob job) {
     progress.update(r, per_step * double(o.steps - r.step), eval);
     result.final_step = r.step;
     if (job.stop_after >= 0 && r.step >= job.stop_after) {
+      engine->sync_to_host();
       result.params = job.params;
       return result;
     }
     if ((o.save_every > 0 && r.step % o.save_every == 0) || r.step == o.steps) save(r.step);
   }
+  engine->sync_to_host();
   result.params = std::move(job.params);
   return result;
 }

@@ -23,14 +23,13 @@
 #include "core/tensor.h"
 #include "model/model_config.h"
 #include "train/data.h"
+#include "train/train_engine.h"
 
 namespace mamba3 {
 
-// tokens: (B, L+1) ids; inputs [0, L), targets [1, L]. Returns the mean cross-entropy (or whatever the problem's
-// mean loss is); fills (*grads)[name] (f32, the shape of params[name]) for every parameter when grads != nullptr,
-// overwriting what the map holds (the trainer passes the same map back on every call, so tensors can be reused).
-using LossFn = std::function<double(const ModelConfig& config, const TensorMap& params, const int64_t* tokens,
-                                    int64_t B, int64_t L, TensorMap* grads)>;
+// LossFn (train/train_engine.h): tokens (B, L+1) ids, inputs [0, L), targets [1, L] → the mean cross-entropy (or
+// whatever the problem's mean loss is), filling (*grads)[name] (f32, the shape of params[name]) for every parameter
+// when grads != nullptr, overwriting what the map holds (the same map comes back on every call).
 
 struct TrainOptions {
   int64_t steps = 1000;  // optimizer steps in total (a resumed run continues up to this)
@@ -68,7 +67,8 @@ struct TrainJob {
   const TokenData* data = nullptr;
   TrainOptions options;
   std::string out_dir;
-  LossFn loss;
+  LossFn loss;                          // the CPU engine's loss (unused when `engine` is set)
+  TrainEngineFactory engine;            // the device engine (e.g. CUDA); empty = the CPU engine over `loss`
   bool resume = false;                  // continue from the checkpoint in out_dir
   std::FILE* progress = nullptr;        // progress lines (stderr in the CLI); nullptr = silent
   int64_t stop_after = -1;              // tests: return after this step without the final save (a simulated kill)

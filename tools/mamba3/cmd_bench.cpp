@@ -10,6 +10,9 @@
 #include "commands.h"
 #ifdef MAMBA3_HAVE_CUDA
 #include "bench_cuda.h"
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+#include "bench_train_cuda.h"
+#endif
 #endif
 #include "core/parallel.h"
 #include "model/init_weights.h"
@@ -77,6 +80,10 @@ void register_bench(CLI::App& app) {
 #ifdef MAMBA3_HAVE_CUDA
   static CudaBenchArgs ca;
 #endif
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+  static CudaTrainBenchArgs ta;
+  static bool train = false;
+#endif
   auto* cmd = app.add_subcommand("bench", "Measure prefill and decode speed of a random-initialised model");
   cmd->add_option("--preset", a.presets, "model classes to measure: 130m, 370m")->capture_default_str();
   cmd->add_option("--config", a.config, "measure the model of this config.json instead of the presets");
@@ -92,8 +99,23 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--max-decode-steps", ca.max_decode_steps,
                   "cuda: time at most this many decode steps per run and extrapolate (0: all)");
 #endif
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+  cmd->add_flag("--train", train, "cuda: training throughput and MFU (presets 125m, 125m-mimo) instead of inference");
+  cmd->add_option("--seq-len", ta.seq_len, "cuda --train: tokens per sequence")->capture_default_str();
+  cmd->add_option("--train-batch", ta.batch, "cuda --train: sequences per step")->capture_default_str();
+  cmd->add_option("--peak-tflops", ta.peak_tflops, "cuda --train: the device's dense bf16 peak (0: by name)");
+#endif
   cmd->callback([] {
     if (device == "cuda") {
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+      if (train) {
+        ta.config = a.config;
+        ta.precision = ca.precision;
+        if (a.presets != std::vector<std::string>{"130m", "370m"}) ta.presets = a.presets;
+        run_cuda_train_bench(ta);
+        return;
+      }
+#endif
 #ifdef MAMBA3_HAVE_CUDA
       ca.config = a.config;
       if (a.presets != std::vector<std::string>{"130m", "370m"}) ca.presets = a.presets;

@@ -12,6 +12,9 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+#include "cuda/train/train_engine_gpu.h"
+#endif
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/parallel.h"
@@ -26,7 +29,7 @@ namespace mamba3::cli {
 namespace {
 
 struct TaskArgs {
-  std::string name, model_config, out, device = "cpu", label, labels;
+  std::string name, model_config, out, device = "cpu", precision = "f32", label, labels;
   int threads = 0;
   tasks::TaskTrainOptions options;
 };
@@ -41,7 +44,9 @@ std::string model_label(const ModelConfig& c) {
 
 void run(const TaskArgs& a) {
   MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda (got '{}')", a.device);
-  MAMBA3_CHECK(a.device == "cpu", "--device cuda: CUDA training is not built yet (use --device cpu)");
+#ifndef MAMBA3_HAVE_CUDA_TRAIN
+  MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build has no CUDA backend (build with -DMAMBA3_CUDA=ON)");
+#endif
   tasks::TaskSpec spec = tasks::task_spec(a.name);
   if (!a.labels.empty()) spec.labels = tasks::parse_labels(a.labels);
   const ModelConfig config = ModelConfig::load(a.model_config);
@@ -50,6 +55,14 @@ void run(const TaskArgs& a) {
   if (a.threads > 0) set_threads(a.threads);
   if (!a.out.empty()) prepare_output_dir(a.out);
   o.progress = stderr;
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+  if (a.device == "cuda") {
+    const cuda::DeviceInfo dev = cuda::device_info();
+    MAMBA3_CHECK(dev.available, "--device cuda: no usable CUDA device ({})", dev.why_not);
+    o.engine = cuda::cuda_train_engine_factory(cuda::parse_precision(a.precision));
+    std::fprintf(stderr, "training on %s (%s); evaluation on the CPU\n", dev.name.c_str(), a.precision.c_str());
+  }
+#endif
   std::fprintf(stderr, "task %s: train lengths %lld-%lld, %s labels, %s, %lld steps of %lld sequences, %d threads\n",
                spec.name.c_str(), static_cast<long long>(spec.train_min), static_cast<long long>(spec.train_max),
                tasks::labels_name(spec.labels).c_str(), config.ssm.describe().c_str(), static_cast<long long>(o.steps),
@@ -122,7 +135,9 @@ void register_task(CLI::App& app) {
   cmd->add_option("--model-config", a.model_config, "model config.json (vocab_size ≥ 12; e.g. configs/tasks/)")
       ->required();
   cmd->add_option("--steps", o.steps, "optimizer steps")->capture_default_str();
-  cmd->add_option("--device", a.device, "cpu (cuda: not built yet)")->capture_default_str();
+  cmd->add_option("--device", a.device, "where to train: cpu or cuda (evaluation runs on the CPU)")
+      ->capture_default_str();
+  cmd->add_option("--precision", a.precision, "cuda: f32 (exact) or bf16 (mixed precision)")->capture_default_str();
   cmd->add_option("-o,--out", a.out, "directory for result.json, accuracy.svg, loss.svg and the model");
   cmd->add_option("--seed", o.seed, "seed of the initial weights and of the training data")->capture_default_str();
   cmd->add_option("--batch", o.batch, "sequences per step (all of one length)")->capture_default_str();

@@ -13,6 +13,10 @@
 #include "train/data.h"
 #include "train/trainer.h"
 
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+#include "cuda/train/train_engine_gpu.h"
+#endif
+
 #if __has_include("train/lm_gradients.h")
 #include "train/lm_gradients.h"
 #define MAMBA3_HAVE_LM_GRADIENTS 1
@@ -23,7 +27,7 @@ namespace mamba3::cli {
 namespace {
 
 struct TrainArgs {
-  std::string config, data, out, tokenizer = "bytes", device = "cpu";
+  std::string config, data, out, tokenizer = "bytes", device = "cpu", precision = "bf16";
   double val_fraction = 0.05;
   bool resume = false;
   int64_t stop_after = -1;
@@ -43,7 +47,10 @@ void register_train(CLI::App& app) {
   cmd->add_option("-t,--tokenizer", a.tokenizer, "tokenizer for a text --data: tokenizer.json, rank file, 'bytes'")
       ->capture_default_str();
   cmd->add_option("--val-fraction", a.val_fraction, "validation share of a text --data")->capture_default_str();
-  cmd->add_option("--device", a.device, "cpu (cuda: not built yet)")->capture_default_str();
+  cmd->add_option("--device", a.device, "cpu or cuda")->capture_default_str();
+  cmd->add_option("--precision", a.precision,
+                  "cuda: bf16 (mixed: bf16 matrix-product inputs, f32 master weights, states and sums) or f32 (exact)")
+      ->capture_default_str();
   cmd->add_flag("--resume", a.resume, "continue the checkpoint in --out (its options, unless given again)");
   cmd->add_option("--stop-after", a.stop_after,
                   "stop after this step as if killed (no save beyond the last checkpoint; tests --resume)");
@@ -75,7 +82,15 @@ void register_train(CLI::App& app) {
   static std::vector<CLI::Option*> flags(std::begin(given), std::end(given));
   cmd->callback([] {
     MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda (got '{}')", a.device);
-    MAMBA3_CHECK(a.device == "cpu", "--device cuda: training on CUDA is not built yet (use --device cpu)");
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+    const cuda::Precision precision = cuda::parse_precision(a.precision);
+    if (a.device == "cuda") {
+      const cuda::DeviceInfo dev = cuda::device_info();
+      MAMBA3_CHECK(dev.available, "--device cuda: no usable CUDA device ({})", dev.why_not);
+    }
+#else
+    MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build has no CUDA backend (build with -DMAMBA3_CUDA=ON)");
+#endif
     TrainJob job;
     job.out_dir = a.out;
     job.resume = a.resume;
@@ -124,6 +139,12 @@ void register_train(CLI::App& app) {
     job.data = &data;
 #ifdef MAMBA3_HAVE_LM_GRADIENTS
     job.loss = lm_loss_and_grad;
+#ifdef MAMBA3_HAVE_CUDA_TRAIN
+    if (a.device == "cuda") {
+      job.engine = cuda::cuda_train_engine_factory(precision);
+      std::fprintf(stderr, "training on %s (%s)\n", cuda::device_info().name.c_str(), cuda::precision_name(precision));
+    }
+#endif
 #else
     check_token_data(data, job.config.vocab_size, job.options.seq_len + 1, job.options.eval_every > 0);
     prepare_output_dir(a.out);

@@ -1,0 +1,241 @@
+#include "cuda/train/lm_train_gpu.h"
+
+#include <set>
+#include <string>
+
+#include "core/error.h"
+#include "cuda/basic_kernels.h"
+#include "cuda/train/attention_train_gpu.h"
+#include "cuda/train/embedding_train_gpu.h"
+#include "cuda/train/gated_mlp_train_gpu.h"
+#include "cuda/train/lm_head_loss_gpu.h"
+#include "cuda/train/mamba3_train_gpu.h"
+#include "cuda/train/norm_train_gpu.h"
+#include "ops/mamba3_config.h"
+
+namespace mamba3::cuda {
+
+namespace {
+
+struct NormSlot {
+  const float *w = nullptr, *b = nullptr;
+  float *dw = nullptr, *db = nullptr;
+};
+
+}  // namespace
+
+struct GpuLmTrainer::Layer {
+  NormSlot norm, norm2;
+  bool attention = false;
+  Mamba3TrainWeights mw{};
+  Mamba3TrainGrads mg{};
+  std::unique_ptr<AttentionTrainGpu> attn;
+  AttentionTrainWeights aw{};
+  AttentionTrainGrads ag{};
+  const float *fc1 = nullptr, *fc2 = nullptr;
+  float *dfc1 = nullptr, *dfc2 = nullptr;
+  // Activations kept for the backward, (B·L, …) each; grow-only.
+  DeviceBuffer res_in, normed, res_mid, normed2, mlp_h, mlp_o;
+};
+
+// Buffers of one call, reused across calls (grow-only).
+struct GpuLmTrainer::Work {
+  DeviceBuffer ids, targets;           // int32 (B·L)
+  DeviceBuffer hidden, residual, dnormed, grad;  // f32 (B·L, D)
+  DeviceBuffer mlp_scratch;            // f32 (B·L, 2·d_ff)
+  NormGradScratch norm_scratch;
+  LmHeadScratch head_scratch;
+  std::unique_ptr<Mamba3TrainGpu> mamba;  // shared by every Mamba-3 layer (it keeps nothing between calls)
+  std::vector<int32_t> host_ids, host_targets;
+};
+
+GpuLmTrainer::GpuLmTrainer(const ModelConfig& c, const TensorMap& params, Precision precision)
+    : config_(c), ctx_(std::make_unique<Context>()), gemm_(precision), work_(std::make_unique<Work>()) {
+  // The parameter list of lm_gradients.cpp: each present with its shape, nothing else.
+  std::set<std::string> used;
+  auto need = [&](const std::string& name, const Shape& shape) {
+    auto it = params.find(name);
+    MAMBA3_CHECK(it != params.end(), "GPU training: missing parameter '{}'", name);
+    check_shape(it->second, shape, "GPU training: parameter " + name);
+    used.insert(name);
+  };
+  const int64_t D = c.d_model, V = c.vocab_padded(), dff = c.d_ff();
+  need("backbone.embedding.weight", {V, D});
+  if (!c.tie_embeddings || params.count("lm_head.weight")) need("lm_head.weight", {V, D});
+  auto need_norm = [&](const std::string& name) {
+    need(name + ".weight", {D});
+    if (!c.rms_norm) need(name + ".bias", {D});
+  };
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string p = "backbone.layers." + std::to_string(i) + ".";
+    need_norm(p + "norm");
+    const std::string mp = p + "mixer.";
+    if (c.is_attention_layer(i)) {
+      const AttentionConfig& a = c.attn;
+      const int64_t qkv = a.qkv_dim(), mlp = a.mlp_dim ? a.mlp_width() : 0;
+      need(mp + "in_proj.weight", {qkv + mlp, D});
+      if (a.qkv_proj_bias) need(mp + "in_proj.bias", {qkv + mlp});
+      if (a.d_conv > 0) need(mp + "conv1d.weight", {qkv, 1, a.d_conv}), need(mp + "conv1d.bias", {qkv});
+      need(mp + "out_proj.weight", {D, a.num_heads * a.head_dim + mlp / 2});
+      if (a.out_proj_bias) need(mp + "out_proj.bias", {D});
+    } else {
+      for (const auto& [name, shape] : mamba3_parameter_shapes(c.ssm)) need(mp + name, shape);
+    }
+    if (c.d_intermediate > 0) {
+      need_norm(p + "norm2");
+      need(p + "mlp.fc1.weight", {2 * dff, D});
+      need(p + "mlp.fc2.weight", {D, dff});
+    }
+  }
+  need_norm("backbone.norm_f");
+  for (const auto& [name, t] : params)
+    MAMBA3_CHECK(used.count(name), "GPU training: unexpected tensor '{}' (not a parameter of this configuration)",
+                 name);
+
+  store_ = std::make_unique<GpuParamStore>(params);
+  GpuParamStore& s = *store_;
+  auto norm_slot = [&](const std::string& name) {
+    NormSlot n;
+    n.w = s.param(name + ".weight"), n.dw = s.grad(name + ".weight");
+    if (!c.rms_norm) n.b = s.param(name + ".bias"), n.db = s.grad(name + ".bias");
+    return n;
+  };
+  auto p_if = [&](const std::string& name) -> float* { return s.has(name) ? s.param(name) : nullptr; };
+  auto g_if = [&](const std::string& name) -> float* { return s.has(name) ? s.grad(name) : nullptr; };
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    auto l = std::make_unique<Layer>();
+    const std::string p = "backbone.layers." + std::to_string(i) + ".", mp = p + "mixer.";
+    l->norm = norm_slot(p + "norm");
+    if (c.is_attention_layer(i)) {
+      l->attention = true;
+      l->attn = std::make_unique<AttentionTrainGpu>(c.attn, D);
+      l->aw = {p_if(mp + "in_proj.weight"), p_if(mp + "in_proj.bias"), p_if(mp + "conv1d.weight"),
+               p_if(mp + "conv1d.bias"), p_if(mp + "out_proj.weight"), p_if(mp + "out_proj.bias")};
+      l->ag = {g_if(mp + "in_proj.weight"), g_if(mp + "in_proj.bias"), g_if(mp + "conv1d.weight"),
+               g_if(mp + "conv1d.bias"), g_if(mp + "out_proj.weight"), g_if(mp + "out_proj.bias")};
+    } else {
+      l->mw = {p_if(mp + "in_proj.weight"), p_if(mp + "out_proj.weight"), p_if(mp + "dt_bias"), p_if(mp + "B_bias"),
+               p_if(mp + "C_bias"), p_if(mp + "mimo_x"), p_if(mp + "mimo_z"), p_if(mp + "mimo_o"), p_if(mp + "D"),
+               p_if(mp + "B_norm.weight"), p_if(mp + "C_norm.weight"), p_if(mp + "norm.weight")};
+      l->mg = {g_if(mp + "in_proj.weight"), g_if(mp + "out_proj.weight"), g_if(mp + "dt_bias"), g_if(mp + "B_bias"),
+               g_if(mp + "C_bias"), g_if(mp + "mimo_x"), g_if(mp + "mimo_z"), g_if(mp + "mimo_o"), g_if(mp + "D"),
+               g_if(mp + "B_norm.weight"), g_if(mp + "C_norm.weight"), g_if(mp + "norm.weight")};
+      if (!work_->mamba) work_->mamba = std::make_unique<Mamba3TrainGpu>(c.ssm);
+    }
+    if (c.d_intermediate > 0) {
+      l->norm2 = norm_slot(p + "norm2");
+      l->fc1 = s.param(p + "mlp.fc1.weight"), l->dfc1 = s.grad(p + "mlp.fc1.weight");
+      l->fc2 = s.param(p + "mlp.fc2.weight"), l->dfc2 = s.grad(p + "mlp.fc2.weight");
+    }
+    layers_.push_back(std::move(l));
+  }
+}
+
+GpuLmTrainer::~GpuLmTrainer() = default;
+
+double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t B, int64_t L, bool want_grad,
+                         double scale) {
+  const ModelConfig& c = config_;
+  MAMBA3_CHECK(B >= 1 && L >= 1, "GPU training: need B ≥ 1 and L ≥ 1, got B {} L {}", B, L);
+  const int64_t N = B * L, D = c.d_model, V = c.vocab_padded(), dff = c.d_ff();
+  Work& w = *work_;
+  // Ids to int32 on the device, checked on the host first.
+  w.host_ids.resize(size_t(N)), w.host_targets.resize(size_t(N));
+  int64_t labelled = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    MAMBA3_CHECK(inputs[i] >= 0 && inputs[i] < c.vocab_size,
+                 "GPU training: input {} at row {} position {} is outside the vocabulary [0, {})", inputs[i], i / L,
+                 i % L, c.vocab_size);
+    MAMBA3_CHECK(targets[i] < c.vocab_size,
+                 "GPU training: target {} at row {} position {} is outside the vocabulary [0, {})", targets[i], i / L,
+                 i % L, c.vocab_size);
+    w.host_ids[size_t(i)] = int32_t(inputs[i]);
+    w.host_targets[size_t(i)] = targets[i] < 0 ? -1 : int32_t(targets[i]);
+    labelled += targets[i] >= 0;
+  }
+  MAMBA3_CHECK(labelled > 0, "GPU training: no position has a target (all {} are negative)", N);
+  const cudaStream_t st = ctx_->stream();
+  const size_t act = size_t(N * D) * 4;
+  w.ids.reserve(size_t(N) * 4), w.targets.reserve(size_t(N) * 4);
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  MAMBA3_CUDA_CHECK(
+      cudaMemcpyAsync(w.targets.raw(), w.host_targets.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  for (DeviceBuffer* b : {&w.hidden, &w.residual, &w.dnormed, &w.grad}) b->reserve(act);
+  float* hidden = w.hidden.as<float>();
+  float* residual = w.residual.as<float>();
+  const float eps = float(c.norm_epsilon);
+  GpuParamStore& s = *store_;
+  const float* emb = s.param("backbone.embedding.weight");
+  const std::string head_name = c.tie_embeddings ? "backbone.embedding.weight" : "lm_head.weight";
+  const float* head = s.param(head_name);
+
+  // Forward (spec §9.3): residual ← hidden + residual before every norm.
+  embed(st, w.ids.as<int32_t>(), N, emb, Precision::F32, D, hidden);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    Layer& l = *layers_[i];
+    if (i == 0) {
+      MAMBA3_CUDA_CHECK(cudaMemcpyAsync(residual, hidden, act, cudaMemcpyDeviceToDevice, st));
+    } else {
+      add_inplace_gpu(st, residual, hidden, N * D);
+    }
+    l.res_in.reserve(act), l.normed.reserve(act);
+    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(l.res_in.raw(), residual, act, cudaMemcpyDeviceToDevice, st));
+    norm_forward_gpu(st, residual, N, D, l.norm.w, l.norm.b, eps, l.normed.as<float>());
+    if (l.attention) {
+      l.attn->forward(*ctx_, gemm_, l.aw, l.normed.as<float>(), B, L, hidden);
+    } else {
+      w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.normed.as<float>(), hidden);
+    }
+    if (l.fc1) {
+      add_inplace_gpu(st, residual, hidden, N * D);
+      l.res_mid.reserve(act), l.normed2.reserve(act);
+      l.mlp_h.reserve(size_t(N * 2 * dff) * 4), l.mlp_o.reserve(size_t(N * dff) * 4);
+      MAMBA3_CUDA_CHECK(cudaMemcpyAsync(l.res_mid.raw(), residual, act, cudaMemcpyDeviceToDevice, st));
+      norm_forward_gpu(st, residual, N, D, l.norm2.w, l.norm2.b, eps, l.normed2.as<float>());
+      gated_mlp_forward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
+                            l.mlp_o.as<float>(), hidden);
+    }
+  }
+  add_inplace_gpu(st, residual, hidden, N * D);
+  const NormSlot norm_f{s.param("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.param("backbone.norm_f.bias"),
+                        s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
+  float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
+  norm_forward_gpu(st, residual, N, D, norm_f.w, norm_f.b, eps, normed_f);
+
+  // Loss; the gradient of the mean over the labelled positions, times `scale`, flows from here.
+  float* dnormed = w.dnormed.as<float>();
+  const double grad_scale = scale / double(labelled);
+  const double loss_sum =
+      lm_head_cross_entropy_gpu(*ctx_, gemm_, normed_f, N, D, head, V, w.targets.as<int32_t>(), grad_scale,
+                                want_grad ? dnormed : nullptr, want_grad ? s.grad(head_name) : nullptr,
+                                w.head_scratch);
+  const double loss = loss_sum / double(labelled);
+  if (!want_grad) return loss;
+
+  // Backward: `g` is the gradient of the residual stream.
+  float* g = w.grad.as<float>();
+  norm_backward_gpu(st, residual, dnormed, N, D, norm_f.w, norm_f.b, eps, g, false, norm_f.dw, norm_f.db,
+                    w.norm_scratch);
+  for (size_t i = layers_.size(); i-- > 0;) {
+    Layer& l = *layers_[i];
+    if (l.fc1) {
+      w.mlp_scratch.reserve(size_t(N * 2 * dff) * 4);
+      gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
+                             l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>());
+      norm_backward_gpu(st, l.res_mid.as<float>(), dnormed, N, D, l.norm2.w, l.norm2.b, eps, g, true, l.norm2.dw,
+                        l.norm2.db, w.norm_scratch);
+    }
+    if (l.attention) {
+      l.attn->backward(*ctx_, gemm_, l.aw, l.ag, l.normed.as<float>(), B, L, g, dnormed);
+    } else {
+      w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.normed.as<float>(), g, dnormed);
+    }
+    norm_backward_gpu(st, l.res_in.as<float>(), dnormed, N, D, l.norm.w, l.norm.b, eps, g, true, l.norm.dw,
+                      l.norm.db, w.norm_scratch);
+  }
+  const EmbeddingGradPlan plan = EmbeddingGradPlan::build(w.host_ids.data(), N);
+  embedding_backward_gpu(st, plan, g, D, s.grad("backbone.embedding.weight"));
+  return loss;
+}
+
+}  // namespace mamba3::cuda

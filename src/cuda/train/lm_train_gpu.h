@@ -1,0 +1,47 @@
+#pragma once
+// The whole language model's loss and gradient on the GPU (training): the CPU's train/lm_gradients.cpp step for
+// step — forward with the activations each backward needs, the lm_head fused with the cross-entropy, then every
+// layer's backward in reverse — with the parameters and their gradient sum in a GpuParamStore. Mamba-3 mixers keep
+// nothing from their forward (the backward recomputes from the mixer input); attention layers keep theirs.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/tensor.h"
+#include "cuda/cuda_context.h"
+#include "cuda/train/param_store_gpu.h"
+#include "cuda/train/train_gemm.h"
+#include "model/model_config.h"
+
+namespace mamba3::cuda {
+
+class GpuLmTrainer {
+ public:
+  // Checks the parameters exactly as lm_loss_and_grad does (every one present with its shape, no stray tensor)
+  // and uploads them. precision: F32 (exact, for tests) or BF16 (mixed: bf16 matrix-product inputs, f32 rest).
+  GpuLmTrainer(const ModelConfig& config, const TensorMap& params, Precision precision);
+  ~GpuLmTrainer();
+  GpuLmTrainer(const GpuLmTrainer&) = delete;
+  GpuLmTrainer& operator=(const GpuLmTrainer&) = delete;
+
+  // inputs, targets: host (B, L) ids (targets < 0: no loss there; at least one labelled). Returns the mean
+  // cross-entropy over the labelled positions; with want_grad, adds scale·∇(that mean) to store().grads().
+  double run(const int64_t* inputs, const int64_t* targets, int64_t B, int64_t L, bool want_grad, double scale);
+
+  GpuParamStore& store() { return *store_; }
+  const Context& context() const { return *ctx_; }
+  const ModelConfig& config() const { return config_; }
+  Precision precision() const { return gemm_.precision(); }
+
+ private:
+  struct Layer;
+  ModelConfig config_;
+  std::unique_ptr<Context> ctx_;
+  std::unique_ptr<GpuParamStore> store_;
+  TrainGemm gemm_;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  struct Work;
+  std::unique_ptr<Work> work_;
+};
+
+}  // namespace mamba3::cuda

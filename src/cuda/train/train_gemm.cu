@@ -1,0 +1,56 @@
+#include "cuda/train/train_gemm.h"
+
+#include <cuda_bf16.h>
+
+namespace mamba3::cuda {
+
+namespace {
+
+__global__ void f32_to_bf16_2d_kernel(const float* __restrict__ src, int64_t rows, int64_t cols, int64_t ld,
+                                      __nv_bfloat16* __restrict__ dst) {
+  const int64_t total = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    dst[i] = __float2bfloat16_rn(src[r * ld + c]);
+  }
+}
+
+}  // namespace
+
+void f32_to_bf16_2d(cudaStream_t s, const float* src, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst) {
+  const int64_t total = rows * cols;
+  if (total == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65536);
+  f32_to_bf16_2d_kernel<<<unsigned(blocks), threads, 0, s>>>(src, rows, cols, ld,
+                                                              reinterpret_cast<__nv_bfloat16*>(dst));
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void TrainGemm::run(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                    const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  MAMBA3_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, "TrainGemm: sizes {}×{}×{} exceed cuBLAS's int",
+               m, n, k);
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major X with stride ld is the
+  // column-major Xᵀ with the same ld: so B goes first, with B's own transpose flag.
+  const cublasOperation_t opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  if (precision_ == Precision::F32) {
+    MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_32F, int(ldb),
+                                     A, CUDA_R_32F, int(lda), &beta, C, CUDA_R_32F, int(ldc),
+                                     CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
+  // Stored shapes of A and B (rows × cols of the row-major storage), packed into bf16 scratch.
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+  a16_.reserve(size_t(a_rows * a_cols) * 2);
+  b16_.reserve(size_t(b_rows * b_cols) * 2);
+  f32_to_bf16_2d(ctx.stream(), A, a_rows, a_cols, lda, a16_.as<uint16_t>());
+  f32_to_bf16_2d(ctx.stream(), B, b_rows, b_cols, ldb, b16_.as<uint16_t>());
+  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, b16_.raw(), CUDA_R_16BF,
+                                   int(std::max<int64_t>(b_cols, 1)), a16_.raw(), CUDA_R_16BF,
+                                   int(std::max<int64_t>(a_cols, 1)), &beta, C, CUDA_R_32F, int(ldc),
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace mamba3::cuda

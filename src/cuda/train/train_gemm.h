@@ -1,0 +1,35 @@
+#pragma once
+// Matrix products of GPU training, row-major like the CPU code they mirror: C = α·op(A)·op(B) + β·C with every
+// operand f32 in memory (master weights, activations and gradients are f32).
+//   Precision::F32  — cuBLAS in pedantic f32 (no TF32): the exact mode, compared against the CPU in tests.
+//   Precision::BF16 — mixed precision: A and B are rounded to bf16 (nearest even) into scratch first, the product
+//                     runs on tensor cores with f32 accumulation and writes f32 (the official training convention).
+#include <cstdint>
+
+#include "cuda/cuda_context.h"
+#include "cuda/device_buffer.h"
+
+namespace mamba3::cuda {
+
+// One per stream of work: owns the bf16 scratch (grow-only). Calls are ordered on ctx's stream, so reusing the
+// scratch from one call to the next is safe.
+class TrainGemm {
+ public:
+  explicit TrainGemm(Precision precision = Precision::F32) : precision_(precision) {}
+  Precision precision() const { return precision_; }
+  void set_precision(Precision p) { precision_ = p; }
+
+  // op(A) is (m × k): A is stored (m × k) with row stride lda, or (k × m) when ta. op(B) is (k × n): B is (k × n)
+  // with stride ldb, or (n × k) when tb. C (m × n), stride ldc. β = 0 overwrites C (which may hold NaN).
+  void run(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+ private:
+  Precision precision_;
+  DeviceBuffer a16_, b16_;
+};
+
+// dst (rows × cols, packed, bf16 bits) = src (rows × cols, row stride ld) rounded to nearest even.
+void f32_to_bf16_2d(cudaStream_t s, const float* src, int64_t rows, int64_t cols, int64_t ld, uint16_t* dst);
+
+}  // namespace mamba3::cuda

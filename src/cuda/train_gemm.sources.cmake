@@ -1,0 +1,4 @@
+# GPU training: the row-major matrix-product helper (f32 exact / bf16 mixed precision).
+if(TARGET mamba3_cuda)
+  target_sources(mamba3_cuda PRIVATE ${CMAKE_CURRENT_LIST_DIR}/train/train_gemm.cu)
+endif()

@@ -1,0 +1,179 @@
+// GPU training of the whole language model against the CPU (train/lm_gradients.h, train/trainer.h): loss and every
+// parameter gradient on the tiny models of every layer kind, labels with gaps, determinism, and whole training runs
+// (the CUDA engine follows the CPU engine's losses; --resume on the GPU reproduces an uninterrupted run exactly).
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "../train/lm_test_models.h"
+#include "cuda/train/lm_train_gpu.h"
+#include "cuda/train/train_engine_gpu.h"
+#include "gpu_test_util.h"
+#include "support/test_support.h"
+#include "train/lm_gradients.h"
+#include "train/trainer.h"
+
+namespace mamba3 {
+namespace {
+
+using test::lm_cases;
+using test::lm_test_tokens;
+using test::lm_test_weights;
+
+void split(const std::vector<int64_t>& tokens, int64_t B, int64_t L, std::vector<int64_t>& in,
+           std::vector<int64_t>& tg) {
+  in.resize(size_t(B * L)), tg.resize(size_t(B * L));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < L; ++t)
+      in[size_t(b * L + t)] = tokens[size_t(b * (L + 1) + t)], tg[size_t(b * L + t)] = tokens[size_t(b * (L + 1) + t + 1)];
+}
+
+// GPU loss and gradients vs CPU; tolerances per precision (f32: reduction order only; bf16: rounded GEMM inputs).
+void check_case(const ModelConfig& c, const TensorMap& params, const std::vector<int64_t>& in,
+                const std::vector<int64_t>& tg, int64_t B, int64_t L, cuda::Precision prec, const std::string& what) {
+  TensorMap cpu_grads;
+  const double cpu_loss = lm_loss_and_grad_labels(c, params, in.data(), tg.data(), B, L, &cpu_grads);
+  cuda::GpuLmTrainer gpu(c, params, prec);
+  const double scale = 0.5;  // the sum is scaled: checks that `scale` reaches every gradient
+  const double gpu_loss = gpu.run(in.data(), tg.data(), B, L, true, scale);
+  const bool f32 = prec == cuda::Precision::F32;
+  EXPECT_NEAR(gpu_loss, cpu_loss, (f32 ? 1e-5 : 1e-2) * std::abs(cpu_loss)) << what;
+  TensorMap gpu_grads;
+  gpu.store().download(gpu.store().grads(), gpu_grads);
+  ASSERT_EQ(gpu_grads.size(), cpu_grads.size()) << what;
+  for (const auto& [name, ref] : cpu_grads) {
+    Tensor want = ref.clone();
+    for (int64_t i = 0; i < want.numel(); ++i) want.data<float>()[i] *= float(scale);
+    double ref_norm = 0;
+    for (int64_t i = 0; i < want.numel(); ++i) ref_norm += double(want.data<float>()[i]) * want.data<float>()[i];
+    if (ref_norm == 0) {  // e.g. the stored tied lm_head copy: no gradient of its own
+      const Tensor& got = gpu_grads.at(name);
+      for (int64_t i = 0; i < got.numel(); ++i) ASSERT_EQ(got.data<float>()[i], 0.0f) << what << " " << name;
+      continue;
+    }
+    const double err = test::rel_l2(gpu_grads.at(name), want);
+    EXPECT_LE(err, f32 ? 2e-5 : 4e-2) << what << ": gradient of " << name;
+  }
+}
+
+TEST(LmTrainGpu, LossAndGradientsMatchCpuOnEveryLayerKind) {
+  MAMBA3_REQUIRE_GPU();
+  for (const auto& lc : lm_cases()) {
+    const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+    const TensorMap params = lm_test_weights(c, 3);
+    for (auto [B, L] : {std::pair<int64_t, int64_t>{3, 70}, {1, 1}, {2, 17}}) {
+      const auto tokens = lm_test_tokens(c, B, L, uint32_t(B * 100 + L));
+      std::vector<int64_t> in, tg;
+      split(tokens, B, L, in, tg);
+      for (cuda::Precision p : {cuda::Precision::F32, cuda::Precision::BF16})
+        check_case(c, params, in, tg, B, L, p,
+                   lc.name + " B " + std::to_string(B) + " L " + std::to_string(L) + " " + cuda::precision_name(p));
+    }
+  }
+}
+
+TEST(LmTrainGpu, UnlabelledPositionsGetNoLoss) {
+  MAMBA3_REQUIRE_GPU();
+  const auto lc = lm_cases()[1];
+  const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+  const TensorMap params = lm_test_weights(c, 5);
+  const int64_t B = 2, L = 40;
+  std::vector<int64_t> in, tg;
+  split(lm_test_tokens(c, B, L, 9), B, L, in, tg);
+  for (size_t i = 0; i < tg.size(); i += 3) tg[i] = -1;
+  check_case(c, params, in, tg, B, L, cuda::Precision::F32, "labels with gaps");
+}
+
+TEST(LmTrainGpu, GradientsAreDeterministic) {
+  MAMBA3_REQUIRE_GPU();
+  for (const auto& lc : lm_cases()) {
+    const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+    const TensorMap params = lm_test_weights(c, 4);
+    const int64_t B = 3, L = 65;
+    std::vector<int64_t> in, tg;
+    split(lm_test_tokens(c, B, L, 1), B, L, in, tg);
+    TensorMap g[2];
+    for (int k = 0; k < 2; ++k) {
+      cuda::GpuLmTrainer gpu(c, params, cuda::Precision::BF16);
+      gpu.run(in.data(), tg.data(), B, L, true, 1.0);
+      gpu.store().download(gpu.store().grads(), g[k]);
+    }
+    for (const auto& [name, t] : g[0])
+      EXPECT_EQ(0, std::memcmp(t.raw(), g[1].at(name).raw(), t.nbytes())) << lc.name << ": " << name;
+  }
+}
+
+TEST(LmTrainGpu, RejectsBadParametersAndTokens) {
+  MAMBA3_REQUIRE_GPU();
+  const auto lc = lm_cases()[0];
+  const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+  TensorMap params = lm_test_weights(c, 1);
+  params["stray.weight"] = Tensor::zeros(DType::F32, {2});
+  EXPECT_THROW(cuda::GpuLmTrainer(c, params, cuda::Precision::F32), Error);
+  params.erase("stray.weight");
+  cuda::GpuLmTrainer gpu(c, params, cuda::Precision::F32);
+  std::vector<int64_t> in = {1, 2, c.vocab_size}, tg = {1, 2, 3};
+  EXPECT_THROW(gpu.run(in.data(), tg.data(), 1, 3, true, 1.0), Error);
+}
+
+// A short run of the trainer with the CUDA engine follows the CPU engine's losses; killing and resuming on the GPU
+// reproduces the uninterrupted GPU run exactly.
+TEST(LmTrainGpu, TrainerRunsFollowTheCpuAndResumeExactly) {
+  MAMBA3_REQUIRE_GPU();
+  const auto lc = lm_cases()[0];
+  const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+  TokenData data;
+  std::mt19937 rng(7);
+  for (int i = 0; i < 4000; ++i) data.train.push_back(uint32_t(rng() % 40));
+  for (int i = 0; i < 600; ++i) data.val.push_back(uint32_t(rng() % 40));
+  data.vocab_size = 40;
+  data.source = "random tokens";
+  TrainOptions o;
+  o.steps = 12, o.batch = 3, o.seq_len = 33, o.accum = 2, o.lr = 3e-3, o.warmup = 2, o.eval_every = 6;
+  o.eval_windows = 4, o.save_every = 4, o.clip = 0.5;
+  const auto root = std::filesystem::temp_directory_path() / ("mamba3_gpu_train_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(root);
+  auto job = [&](const std::string& dir, bool gpu) {
+    TrainJob j;
+    j.config = c;
+    j.params = lm_test_weights(c, 2);
+    j.data = &data;
+    j.options = o;
+    j.out_dir = (root / dir).string();
+    j.loss = lm_loss_and_grad;
+    if (gpu) j.engine = cuda::cuda_train_engine_factory(cuda::Precision::F32);
+    return j;
+  };
+  const TrainResult cpu = train(job("cpu", false));
+  const TrainResult gpu = train(job("gpu", true));
+  ASSERT_EQ(cpu.records.size(), gpu.records.size());
+  for (size_t i = 0; i < cpu.records.size(); ++i) {
+    EXPECT_NEAR(gpu.records[i].loss, cpu.records[i].loss, 1e-4 * std::abs(cpu.records[i].loss)) << "step " << i + 1;
+    EXPECT_NEAR(gpu.records[i].grad_norm, cpu.records[i].grad_norm, 1e-3 * cpu.records[i].grad_norm);
+    if (cpu.records[i].val_loss) {
+      ASSERT_TRUE(gpu.records[i].val_loss.has_value());
+      EXPECT_NEAR(*gpu.records[i].val_loss, *cpu.records[i].val_loss, 1e-4 * *cpu.records[i].val_loss);
+    }
+  }
+  EXPECT_LT(gpu.records.back().loss, gpu.records.front().loss);
+  // Kill after step 6 (checkpoint at 4), resume: the same losses as the uninterrupted GPU run, bit for bit.
+  TrainJob killed = job("resume", true);
+  killed.stop_after = 6;
+  train(std::move(killed));
+  TrainJob resumed = job("resume", true);
+  resumed.resume = true;
+  const TrainResult rest = train(std::move(resumed));
+  ASSERT_EQ(rest.first_step, 4);
+  for (const StepRecord& r : rest.records) EXPECT_EQ(r.loss, gpu.records[size_t(r.step - 1)].loss) << "step " << r.step;
+  for (const auto& [name, t] : gpu.params)
+    EXPECT_EQ(0, std::memcmp(t.raw(), rest.params.at(name).raw(), t.nbytes())) << name;
+  std::filesystem::remove_all(root);
+}
+
+}  // namespace
+}  // namespace mamba3

@@ -1,0 +1,102 @@
+#include "bench_train_cuda.h"
+
+#include <chrono>
+#include <cstdio>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "cuda/cuda_context.h"
+#include "cuda/train/train_engine_gpu.h"
+#include "model/init_weights.h"
+#include "model/model_config.h"
+#include "train/optimizer.h"
+
+namespace mamba3::cli {
+
+namespace {
+
+// The 125M class of the paper's scaling runs, in the 1.5B preset's shape: Mamba-3 blocks with a GatedMLP of twice
+// d_model, d_state 128, headdim 64, expand 2, tied embeddings (GPT-NeoX vocabulary). MIMO rank 4 trims the MLP to
+// keep the parameter count, as the 1.5B MIMO preset does.
+ModelConfig train_preset(const std::string& name) {
+  const bool mimo = name == "125m-mimo";
+  MAMBA3_CHECK(name == "125m" || mimo, "--preset: unknown training preset '{}' (known: 125m, 125m-mimo)", name);
+  nlohmann::json ssm = {{"layer", "Mamba3"}, {"d_state", 128}, {"headdim", 64}, {"expand", 2}};
+  if (mimo) ssm["is_mimo"] = true, ssm["mimo_rank"] = 4;
+  nlohmann::json j = {{"d_model", 768},        {"n_layer", 12}, {"vocab_size", 50277},
+                      {"d_intermediate", mimo ? 1408 : 1536}, {"ssm_cfg", ssm}, {"tie_embeddings", true}};
+  return ModelConfig::from_json(j, "preset " + name);
+}
+
+// Matrix-product FLOPs per token of one training step: 6 per weight of every product (2 forward, 4 backward) —
+// in_proj, out_proj, fc1, fc2 and the lm_head. The chunked scan's FLOPs are left out (so the MFU is conservative).
+double train_flops_per_token(const ModelConfig& c) {
+  const Mamba3Config& s = c.ssm;
+  double w = double(c.vocab_padded()) * double(c.d_model);
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    if (c.is_attention_layer(i)) continue;  // (the presets have none)
+    w += double(s.d_in_proj()) * double(c.d_model) + double(c.d_model) * double(s.d_inner());
+    if (c.d_intermediate > 0) w += 3.0 * double(c.d_ff()) * double(c.d_model);
+  }
+  return 6.0 * w;
+}
+
+double parameter_count(const TensorMap& p) {
+  double n = 0;
+  for (const auto& [name, t] : p) n += double(t.numel());
+  return n;
+}
+
+void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBenchArgs& a, double peak) {
+  TensorMap params = init_weights(c, 1);
+  AdamW opt({0.9, 0.95, 1e-8, 0.1}, params);
+  auto engine = cuda::cuda_train_engine(c, params, opt, cuda::parse_precision(a.precision));
+  const int64_t B = a.batch, L = a.seq_len;
+  std::mt19937 rng(3);
+  std::vector<int64_t> tokens(size_t(B * (L + 1)));
+  for (auto& t : tokens) t = int64_t(rng() % uint32_t(c.vocab_size));
+  auto step = [&] {
+    const double loss = engine->accumulate(tokens.data(), B, L, 1.0);
+    engine->clip(1.0);
+    engine->update(1e-4);
+    return loss;
+  };
+  for (int i = 0; i < 2; ++i) step();
+  const auto t0 = std::chrono::steady_clock::now();
+  double loss = 0;
+  for (int64_t i = 0; i < a.steps; ++i) loss = step();  // the loss read synchronises each step
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(a.steps);
+  const double tok_s = double(B * L) / s, tflops = train_flops_per_token(c) * tok_s / 1e12;
+  std::printf("  %-28s %8.1fM %6lld×%-5lld %10.1f %10.0f %9.1f %6.1f%%   (loss %.3f)\n", label.c_str(),
+              parameter_count(params) / 1e6, static_cast<long long>(B), static_cast<long long>(L), s * 1e3, tok_s,
+              tflops, 100.0 * tflops / peak, loss);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+void run_cuda_train_bench(const CudaTrainBenchArgs& a) {
+  const cuda::DeviceInfo dev = cuda::device_info();
+  MAMBA3_CHECK(dev.available, "--device cuda: no usable CUDA device ({})", dev.why_not);
+  MAMBA3_CHECK(a.batch >= 1 && a.seq_len >= 1 && a.steps >= 1, "--batch, --seq-len and --steps must be ≥ 1");
+  double peak = a.peak_tflops;
+  if (peak <= 0) {
+    const bool hopper = dev.name.find("H100") != std::string::npos || dev.name.find("H200") != std::string::npos;
+    peak = hopper ? 989.0 : 0.0;
+    MAMBA3_CHECK(peak > 0, "--peak-tflops: unknown dense bf16 peak for '{}'; pass it", dev.name);
+  }
+  std::printf("mamba3 bench --train: %s, %s, peak %.0f TFLOP/s (dense bf16); one step = forward + backward + clip + "
+              "AdamW; FLOPs = 6 × matrix weights per token (scan excluded)\n",
+              dev.name.c_str(), a.precision.c_str(), peak);
+  std::printf("  %-28s %9s %12s %10s %10s %9s %7s\n", "model", "params", "batch×len", "ms/step", "tokens/s",
+              "TFLOP/s", "MFU");
+  if (!a.config.empty()) {
+    bench_one(a.config, ModelConfig::load(a.config), a, peak);
+    return;
+  }
+  for (const auto& p : a.presets) bench_one("Mamba-3 " + p + " (random init)", train_preset(p), a, peak);
+}
+
+}  // namespace mamba3::cli
