@@ -1,0 +1,27 @@
+#include "cuda/train/gated_mlp_train_gpu.h"
+
+namespace mamba3::cuda {
+
+void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
+                           int64_t d_ff, const float* x, int64_t rows, float* h, float* o, float* y) {
+  if (rows <= 0) return;
+  gemm.run(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, D, fc1, D, 0.0f, h, 2 * d_ff);  // h (rows, 2·d_ff)
+  gated_silu_forward_gpu(ctx.stream(), h, rows, d_ff, o);                               // o (rows, d_ff)
+  gemm.run(ctx, false, true, rows, D, d_ff, 1.0f, o, d_ff, fc2, d_ff, 0.0f, y, D);      // y (rows, D)
+}
+
+void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
+                            int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
+                            const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch) {
+  if (rows <= 0) return;
+  const int64_t F2 = 2 * d_ff;
+  gemm.run(ctx, true, false, D, d_ff, rows, 1.0f, dy, D, o, d_ff, 1.0f, dfc2, d_ff);  // dfc2 += dyᵀ·o (D, d_ff)
+  // do = dy·fc2 lands in the first half of each scratch row (stride 2·d_ff), so the activation backward can turn
+  // it into [da, dg] in place and the scratch needs no room for do beside dh.
+  gemm.run(ctx, false, false, rows, d_ff, D, 1.0f, dy, D, fc2, d_ff, 0.0f, scratch, F2);
+  gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch);                      // dh (rows, 2·d_ff)
+  gemm.run(ctx, true, false, F2, D, rows, 1.0f, scratch, F2, x, D, 1.0f, dfc1, D);    // dfc1 += dhᵀ·x (2·d_ff, D)
+  gemm.run(ctx, false, false, rows, D, F2, 1.0f, scratch, F2, fc1, D, 0.0f, dx, D);   // dx = dh·fc1 (rows, D)
+}
+
+}  // namespace mamba3::cuda

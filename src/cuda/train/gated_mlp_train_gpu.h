@@ -1,0 +1,31 @@
+#pragma once
+// GatedMLP of GPU training (spec §9.5), the math of train/gated_mlp_grad.h on device buffers, every matrix product
+// through TrainGemm (so its precision mode applies):
+//   [a, g] = x·fc1ᵀ; o = a ⊙ silu(g); y = o·fc2ᵀ.
+//   Backward: do = dy·fc2, dfc2 += dyᵀ·o, da = do·silu(g), dg = do·a·silu′(g), dfc1 += [da, dg]ᵀ·x, dx = [da, dg]·fc1.
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cuda/cuda_context.h"
+#include "cuda/train/train_gemm.h"
+
+namespace mamba3::cuda {
+
+// fc1 (2·d_ff, D), fc2 (D, d_ff), x and y (rows, D); h (rows, 2·d_ff) pre-activations and o (rows, d_ff) gated
+// values are written and kept for the backward.
+void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
+                           int64_t d_ff, const float* x, int64_t rows, float* h, float* o, float* y);
+
+// dx (rows, D) is overwritten; dfc1 and dfc2 are added to. scratch: rows·2·d_ff floats (contents lost).
+void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
+                            int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
+                            const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch);
+
+// The element-wise halves (exposed for tests and reuse):
+// o[r, j] = h[r, j]·silu(h[r, d_ff + j]).
+void gated_silu_forward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_t d_ff, float* o);
+// In place on dh (rows, 2·d_ff): on entry dh[r, j] (j < d_ff) holds do[r, j]; on exit dh[r, :] = [da, dg].
+void gated_silu_backward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_t d_ff, float* dh);
+
+}  // namespace mamba3::cuda

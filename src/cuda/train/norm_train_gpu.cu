@@ -1,0 +1,174 @@
+#include <algorithm>
+
+#include "cuda/train/block_reduce.cuh"
+#include "cuda/train/norm_train_gpu.h"
+
+namespace mamba3::cuda {
+namespace {
+
+using train_detail::block_sum;
+using train_detail::grid_for;
+using train_detail::kMaxWarps;
+using train_detail::threads_for;
+
+// Blocks of rows in the backward: enough to fill the GPU, few enough that the partials (blocks·D doubles) stay
+// small. Depends only on `rows`, so the summation order — and the result — is the same on every call.
+constexpr int64_t kMaxRowBlocks = 512;
+constexpr int64_t kMinRowsPerBlock = 8;
+
+int64_t rows_per_block(int64_t rows) {
+  return std::max(kMinRowsPerBlock, (rows + kMaxRowBlocks - 1) / kMaxRowBlocks);
+}
+
+// y = Norm(x)·w (+ b), one block per row, float64 statistics exactly as ops/norm.cpp forms them.
+// Cost: reads x twice (three times for LayerNorm) and w, writes y: ~3·rows·D floats of traffic.
+__global__ void norm_forward_kernel(const float* x, int64_t rows, int64_t D, const float* w, const float* b,
+                                    float eps, float* y) {
+  __shared__ double red[kMaxWarps];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* xr = x + r * D;
+    float* yr = y + r * D;
+    if (!b) {
+      double ss = 0;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) ss += double(xr[j]) * xr[j];
+      ss = block_sum(ss, red);
+      const float sc = float(1.0 / sqrt(ss / double(D) + double(eps)));
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) yr[j] = xr[j] * sc * w[j];
+    } else {
+      double sum = 0;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) sum += xr[j];
+      const double mean = block_sum(sum, red) / double(D);
+      double ss = 0;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        const double d = double(xr[j]) - mean;
+        ss += d * d;
+      }
+      ss = block_sum(ss, red);
+      const float sc = float(1.0 / sqrt(ss / double(D) + double(eps)));
+      const float m = float(mean);
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) yr[j] = (xr[j] - m) * sc * w[j] + b[j];
+    }
+  }
+}
+
+// dx for the rows [blk·rpb, (blk+1)·rpb) and this block's partial weight (and bias) sums pw/pb (D doubles each,
+// each thread owning the columns j ≡ threadIdx mod blockDim, so no two threads touch one partial).
+// Cost: reads x, dy twice, w; writes dx; ~5·rows·D floats of traffic plus the partials.
+__global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
+                                          bool layer, float eps, float* dx, bool accumulate, double* partial_w,
+                                          double* partial_b, int64_t rpb) {
+  __shared__ double red[kMaxWarps];
+  double* pw = partial_w + int64_t(blockIdx.x) * D;
+  double* pb = partial_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    pw[j] = 0;
+    if (pb) pb[j] = 0;
+  }
+  const int64_t r0 = int64_t(blockIdx.x) * rpb, r1 = r0 + rpb < rows ? r0 + rpb : rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * D;
+    const float* gr = dy + r * D;
+    float* dxr = dx + r * D;
+    if (!layer) {
+      double ss = 0, gx = 0;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        ss += double(xr[j]) * xr[j];
+        gx += double(gr[j]) * w[j] * xr[j];
+      }
+      ss = block_sum(ss, red);
+      gx = block_sum(gx, red);
+      const double s = 1.0 / sqrt(ss / double(D) + double(eps));
+      const double c = s * s * s * gx / double(D);
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        pw[j] += double(gr[j]) * xr[j] * s;
+        const float v = float(s * double(gr[j]) * w[j] - c * xr[j]);
+        dxr[j] = accumulate ? dxr[j] + v : v;
+      }
+    } else {
+      double sum = 0;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) sum += xr[j];
+      const double mean = block_sum(sum, red) / double(D);
+      double ss = 0;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        const double d = double(xr[j]) - mean;
+        ss += d * d;
+      }
+      ss = block_sum(ss, red);
+      const double s = 1.0 / sqrt(ss / double(D) + double(eps));
+      double mg = 0, mgx = 0;
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
+        mg += g;
+        mgx += g * xh;
+        pw[j] += double(gr[j]) * xh;
+        if (pb) pb[j] += gr[j];
+      }
+      mg = block_sum(mg, red) / double(D);
+      mgx = block_sum(mgx, red) / double(D);
+      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+        const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
+        const float v = float(s * (g - mg - xh * mgx));
+        dxr[j] = accumulate ? dxr[j] + v : v;
+      }
+    }
+  }
+}
+
+// dw[j] += Σ_blk pw[blk, j] (and db), the blocks added in order: the deterministic second stage.
+__global__ void norm_backward_sum_kernel(const double* partial_w, const double* partial_b, int64_t nblocks,
+                                         int64_t D, float* dw, float* db) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < D; j += int64_t(gridDim.x) * blockDim.x) {
+    double sw = 0, sb = 0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      sw += partial_w[blk * D + j];
+      if (db) sb += partial_b[blk * D + j];
+    }
+    dw[j] += float(sw);
+    if (db) db[j] += float(sb);
+  }
+}
+
+__global__ void add_inplace_kernel(float* y, const float* x, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] += x[i];
+}
+
+}  // namespace
+
+void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, const float* w, const float* b,
+                      float eps, float* y) {
+  if (rows <= 0 || D <= 0) return;
+  const int threads = threads_for(D);
+  norm_forward_kernel<<<unsigned(std::min<int64_t>(rows, 1 << 20)), threads, 0, s>>>(x, rows, D, w, b, eps, y);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
+                       const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
+                       NormGradScratch& scratch) {
+  if (rows <= 0 || D <= 0) return;
+  MAMBA3_CHECK(b_or_null || !db_or_null, "norm_backward_gpu: a bias gradient asked of an RMSNorm (no bias)");
+  const int64_t rpb = rows_per_block(rows), nblocks = (rows + rpb - 1) / rpb;
+  const bool with_db = db_or_null != nullptr;
+  scratch.partial.reserve(size_t(nblocks * D) * sizeof(double) * (with_db ? 2 : 1));
+  double* pw = scratch.partial.as<double>();
+  double* pb = with_db ? pw + nblocks * D : nullptr;
+  norm_backward_rows_kernel<<<unsigned(nblocks), threads_for(D), 0, s>>>(
+      x, dy, rows, D, w, b_or_null != nullptr, eps, dx, accumulate_dx, pw, pb, rpb);
+  MAMBA3_LAUNCH_CHECK();
+  norm_backward_sum_kernel<<<grid_for(D, 256), 256, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void add_inplace_gpu(cudaStream_t s, float* y, const float* x, int64_t n) {
+  if (n <= 0) return;
+  add_inplace_kernel<<<grid_for(n, 256), 256, 0, s>>>(y, x, n);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void copy_gpu(cudaStream_t s, float* dst, const float* src, int64_t n) {
+  if (n <= 0 || dst == src) return;
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, s));
+}
+
+}  // namespace mamba3::cuda

@@ -1,0 +1,38 @@
+#pragma once
+// Row norms of GPU training (spec §9.3), f32 in and out with float64 row statistics, the semantics and eps
+// handling of ops/norm.h and ops/norm_backward.h:
+//   RMSNorm   y = x·s·w,        s = (mean x² + ε)^−½
+//   LayerNorm y = x̂·w + b,      x̂ = (x − mean)·s, s = (var + ε)^−½ (biased variance)
+// Backward: RMSNorm dx = s·g − x·s³·mean(g·x), g = dy·w, dw += Σ dy·x·s; LayerNorm dx = s·(g − mean g − x̂·mean(g·x̂)),
+// dw += Σ dy·x̂, db += Σ dy. The weight/bias sums are deterministic: per-block float64 partials over fixed row
+// ranges, then added in block order (no atomics).
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cuda/device_buffer.h"
+
+namespace mamba3::cuda {
+
+// The per-block partial sums of norm_backward_gpu (grow-only; reuse one per stream).
+struct NormGradScratch {
+  DeviceBuffer partial;
+};
+
+// x, y: (rows, D); b null = RMSNorm. y may alias x.
+void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, const float* w, const float* b,
+                      float eps, float* y);
+
+// x, dy, dx: (rows, D). dx is written (it may alias dy), or added to when accumulate_dx. dw (D) and db (D) are
+// added to; b_or_null and db_or_null are both null for RMSNorm (db_or_null may be null for LayerNorm to skip the
+// bias gradient).
+void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
+                       const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
+                       NormGradScratch& scratch);
+
+// y[i] += x[i] for n floats.
+void add_inplace_gpu(cudaStream_t s, float* y, const float* x, int64_t n);
+// dst[i] = src[i] for n floats (ordered on s).
+void copy_gpu(cudaStream_t s, float* dst, const float* src, int64_t n);
+
+}  // namespace mamba3::cuda

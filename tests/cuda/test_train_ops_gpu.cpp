@@ -1,0 +1,443 @@
+// The dense ops of GPU training against their CPU counterparts, on awkward shapes (rows 1/3/67/300, D 48/130,
+// d_ff 70, Vp 259 and a few thousand): RMSNorm/LayerNorm forward and backward, GatedMLP forward and backward,
+// the lm_head + cross-entropy (ignored targets, several row blocks), the embedding backward (a CPU scatter-add),
+// and AdamW with gradient clipping and accumulation over several steps. Relative L2 within 1e-5 in the exact f32
+// mode and 2e-2 with bf16 matrix products. Outputs that are overwritten start as NaN; accumulated (+=) outputs
+// start random and their increments are compared. Every reduction is run twice and must repeat bit for bit.
+#include <gtest/gtest.h>
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <random>
+
+#include "cuda/train/adamw_gpu.h"
+#include "cuda/train/embedding_train_gpu.h"
+#include "cuda/train/gated_mlp_train_gpu.h"
+#include "cuda/train/lm_head_loss_gpu.h"
+#include "cuda/train/norm_train_gpu.h"
+#include "gpu_test_util.h"
+#include "ops/norm.h"
+#include "ops/norm_backward.h"
+#include "support/test_support.h"
+#include "train/gated_mlp_grad.h"
+#include "train/lm_head_loss.h"
+#include "train/optimizer.h"
+
+namespace mamba3::test {
+namespace {
+
+using cuda::DeviceBuffer;
+using cuda::Precision;
+
+double tol_for(Precision p) { return p == Precision::F32 ? 1e-5 : 2e-2; }
+
+// Uploads and waits, so kernels on the context's (non-blocking) stream see the data.
+DeviceBuffer up(const Tensor& t) {
+  DeviceBuffer b(t.nbytes());
+  b.upload(t.raw(), t.nbytes());
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  return b;
+}
+DeviceBuffer poisoned(int64_t floats) {
+  DeviceBuffer b(size_t(floats) * sizeof(float));
+  poison(b.raw(), b.bytes());
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  return b;
+}
+Tensor down(const DeviceBuffer& b, Shape shape) { return from_device_f32(b.raw(), std::move(shape)); }
+
+Tensor minus(const Tensor& a, const Tensor& b) {
+  Tensor d = a.clone();
+  for (int64_t i = 0; i < d.numel(); ++i) d.data<float>()[i] -= b.data<float>()[i];
+  return d;
+}
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+struct Shape2 {
+  int64_t rows, D;
+};
+const Shape2 kNormShapes[] = {{1, 48}, {3, 130}, {67, 48}, {300, 130}, {300, 48}, {4099, 130}};
+
+// ---------------------------------------------------------------------------------------------------------- norms
+
+TEST(TrainOpsGpu, NormForwardMatchesCpu) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(1);
+  for (const auto [rows, D] : kNormShapes)
+    for (bool layer : {false, true}) {
+      SCOPED_TRACE(fmt::format("rows {} D {} {}", rows, D, layer ? "LayerNorm" : "RMSNorm"));
+      const Tensor x = random_tensor(rng, {rows, D}, -1.5f, 2.5f), w = random_tensor(rng, {D}, 0.5f, 1.5f),
+                   b = random_tensor(rng, {D}, -0.5f, 0.5f);
+      Tensor ref = Tensor::empty(DType::F32, {rows, D});
+      if (layer)
+        layernorm(x.data<float>(), rows, D, w.data<float>(), b.data<float>(), 1e-5f, ref.data<float>());
+      else
+        rmsnorm(x.data<float>(), rows, D, w.data<float>(), 1e-5f, ref.data<float>());
+      DeviceBuffer dx = up(x), dw = up(w), db = up(b), dy = poisoned(rows * D);
+      cuda::norm_forward_gpu(ctx.stream(), dx.as<float>(), rows, D, dw.as<float>(), layer ? db.as<float>() : nullptr,
+                             1e-5f, dy.as<float>());
+      EXPECT_LE(rel_l2(down(dy, {rows, D}), ref), 1e-6);
+      // In place (y aliases x), as ops/norm.h allows.
+      cuda::norm_forward_gpu(ctx.stream(), dx.as<float>(), rows, D, dw.as<float>(), layer ? db.as<float>() : nullptr,
+                             1e-5f, dx.as<float>());
+      EXPECT_TRUE(same_bits(down(dx, {rows, D}), down(dy, {rows, D})));
+    }
+}
+
+TEST(TrainOpsGpu, NormBackwardMatchesCpuAndRepeats) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::NormGradScratch scratch;
+  std::mt19937 rng(2);
+  for (const auto [rows, D] : kNormShapes)
+    for (bool layer : {false, true})
+      for (bool accumulate : {false, true}) {
+        SCOPED_TRACE(fmt::format("rows {} D {} {} accumulate {}", rows, D, layer ? "LayerNorm" : "RMSNorm",
+                                 accumulate));
+        const Tensor x = random_tensor(rng, {rows, D}, -1.5f, 2.5f), g = random_tensor(rng, {rows, D}),
+                     w = random_tensor(rng, {D}, 0.5f, 1.5f), b = random_tensor(rng, {D}, -0.5f, 0.5f);
+        const Tensor dx0 = random_tensor(rng, {rows, D}), dw0 = random_tensor(rng, {D}, -5.0f, 5.0f),
+                     db0 = random_tensor(rng, {D}, -5.0f, 5.0f);
+        Tensor dx_ref = dx0.clone(), dw_ref = dw0.clone(), db_ref = db0.clone();
+        if (layer)
+          layernorm_backward(x.data<float>(), g.data<float>(), rows, D, w.data<float>(), 1e-5f,
+                             dx_ref.data<float>(), dw_ref.data<float>(), db_ref.data<float>(), accumulate);
+        else
+          rmsnorm_backward(x.data<float>(), g.data<float>(), rows, D, w.data<float>(), 1e-5f, dx_ref.data<float>(),
+                           dw_ref.data<float>(), accumulate);
+        DeviceBuffer dev_x = up(x), dev_g = up(g), dev_w = up(w), dev_b = up(b);
+        Tensor results[2][3];
+        for (auto& res : results) {  // twice from the same start: the sums must repeat bit for bit
+          DeviceBuffer dev_dx = accumulate ? up(dx0) : poisoned(rows * D), dev_dw = up(dw0), dev_db = up(db0);
+          cuda::norm_backward_gpu(ctx.stream(), dev_x.as<float>(), dev_g.as<float>(), rows, D, dev_w.as<float>(),
+                                  layer ? dev_b.as<float>() : nullptr, 1e-5f, dev_dx.as<float>(), accumulate,
+                                  dev_dw.as<float>(), layer ? dev_db.as<float>() : nullptr, scratch);
+          res[0] = down(dev_dx, {rows, D});
+          res[1] = down(dev_dw, {D});
+          res[2] = down(dev_db, {D});
+        }
+        const Tensor& got_dx = results[0][0];
+        EXPECT_LE(rel_l2(accumulate ? minus(got_dx, dx0) : got_dx, accumulate ? minus(dx_ref, dx0) : dx_ref), 1e-5);
+        EXPECT_LE(rel_l2(minus(results[0][1], dw0), minus(dw_ref, dw0)), 1e-5) << "dw";
+        if (layer) {
+          EXPECT_LE(rel_l2(minus(results[0][2], db0), minus(db_ref, db0)), 1e-5) << "db";
+        } else {
+          EXPECT_TRUE(same_bits(results[0][2], db0)) << "RMSNorm touched db";
+        }
+        for (int k = 0; k < 3; ++k) EXPECT_TRUE(same_bits(results[0][k], results[1][k])) << "not repeatable " << k;
+        if (!accumulate) {  // dx may alias dy
+          DeviceBuffer dev_gx = up(g), dev_dw = up(dw0), dev_db = up(db0);
+          cuda::norm_backward_gpu(ctx.stream(), dev_x.as<float>(), dev_gx.as<float>(), rows, D, dev_w.as<float>(),
+                                  layer ? dev_b.as<float>() : nullptr, 1e-5f, dev_gx.as<float>(), false,
+                                  dev_dw.as<float>(), layer ? dev_db.as<float>() : nullptr, scratch);
+          EXPECT_TRUE(same_bits(down(dev_gx, {rows, D}), results[0][0])) << "dx aliasing dy";
+          EXPECT_TRUE(same_bits(down(dev_dw, {D}), results[0][1])) << "dw with dx aliasing dy";
+        }
+      }
+}
+
+TEST(TrainOpsGpu, AddInplaceAndCopy) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(3);
+  const int64_t n = 100003;
+  const Tensor a = random_tensor(rng, {n}), b = random_tensor(rng, {n});
+  DeviceBuffer da = up(a), db = up(b), dc = poisoned(n);
+  cuda::add_inplace_gpu(ctx.stream(), da.as<float>(), db.as<float>(), n);
+  cuda::copy_gpu(ctx.stream(), dc.as<float>(), da.as<float>(), n);
+  Tensor ref = a.clone();
+  for (int64_t i = 0; i < n; ++i) ref.data<float>()[i] += b.data<float>()[i];
+  EXPECT_TRUE(same_bits(down(dc, {n}), ref));
+}
+
+// ------------------------------------------------------------------------------------------------------ GatedMLP
+
+class TrainOpsGpuPrecision : public ::testing::TestWithParam<Precision> {};
+
+TEST_P(TrainOpsGpuPrecision, GatedMlpMatchesCpu) {
+  MAMBA3_REQUIRE_GPU();
+  const Precision p = GetParam();
+  const double tol = tol_for(p);
+  cuda::Context ctx;
+  cuda::TrainGemm gemm(p);
+  std::mt19937 rng(4);
+  const int64_t F = 70;
+  for (const auto [rows, D] : {Shape2{1, 48}, Shape2{3, 130}, Shape2{67, 48}, Shape2{300, 130}}) {
+    SCOPED_TRACE(fmt::format("rows {} D {} d_ff {}", rows, D, F));
+    const Tensor fc1 = random_tensor(rng, {2 * F, D}, -0.3f, 0.3f), fc2 = random_tensor(rng, {D, F}, -0.3f, 0.3f);
+    const Tensor x = random_tensor(rng, {rows, D}, -2.0f, 2.0f), dy = random_tensor(rng, {rows, D});
+    const Tensor dfc1_0 = random_tensor(rng, {2 * F, D}), dfc2_0 = random_tensor(rng, {D, F});
+    Tensor h = Tensor::empty(DType::F32, {rows, 2 * F}), o = Tensor::empty(DType::F32, {rows, F}),
+           y = Tensor::empty(DType::F32, {rows, D}), dx = Tensor::empty(DType::F32, {rows, D});
+    Tensor dfc1 = dfc1_0.clone(), dfc2 = dfc2_0.clone();
+    gated_mlp_train_forward(fc1.data<float>(), fc2.data<float>(), D, F, x.data<float>(), rows, h.data<float>(),
+                            o.data<float>(), y.data<float>());
+    gated_mlp_train_backward(fc1.data<float>(), fc2.data<float>(), D, F, x.data<float>(), rows, h.data<float>(),
+                             o.data<float>(), dy.data<float>(), dx.data<float>(), dfc1.data<float>(),
+                             dfc2.data<float>());
+    DeviceBuffer g_fc1 = up(fc1), g_fc2 = up(fc2), g_x = up(x), g_dy = up(dy), g_dfc1 = up(dfc1_0),
+                 g_dfc2 = up(dfc2_0);
+    DeviceBuffer g_h = poisoned(rows * 2 * F), g_o = poisoned(rows * F), g_y = poisoned(rows * D),
+                 g_dx = poisoned(rows * D), g_scratch = poisoned(rows * 2 * F);
+    cuda::gated_mlp_forward_gpu(ctx, gemm, g_fc1.as<float>(), g_fc2.as<float>(), D, F, g_x.as<float>(), rows,
+                                g_h.as<float>(), g_o.as<float>(), g_y.as<float>());
+    cuda::gated_mlp_backward_gpu(ctx, gemm, g_fc1.as<float>(), g_fc2.as<float>(), D, F, g_x.as<float>(), rows,
+                                 g_h.as<float>(), g_o.as<float>(), g_dy.as<float>(), g_dx.as<float>(),
+                                 g_dfc1.as<float>(), g_dfc2.as<float>(), g_scratch.as<float>());
+    EXPECT_LE(rel_l2(down(g_h, {rows, 2 * F}), h), tol) << "h";
+    EXPECT_LE(rel_l2(down(g_o, {rows, F}), o), tol) << "o";
+    EXPECT_LE(rel_l2(down(g_y, {rows, D}), y), tol) << "y";
+    EXPECT_LE(rel_l2(down(g_dx, {rows, D}), dx), tol) << "dx";
+    EXPECT_LE(rel_l2(minus(down(g_dfc1, {2 * F, D}), dfc1_0), minus(dfc1, dfc1_0)), tol) << "dfc1";
+    EXPECT_LE(rel_l2(minus(down(g_dfc2, {D, F}), dfc2_0), minus(dfc2, dfc2_0)), tol) << "dfc2";
+  }
+}
+
+// ------------------------------------------------------------------------------------------ lm_head + cross-entropy
+
+struct LmCase {
+  int64_t N, D, Vp, block;  // block 0 = automatic
+  double ignored;           // fraction of rows without a target
+};
+
+TEST_P(TrainOpsGpuPrecision, LmHeadCrossEntropyMatchesCpu) {
+  MAMBA3_REQUIRE_GPU();
+  const Precision p = GetParam();
+  const double tol = tol_for(p);
+  cuda::Context ctx;
+  cuda::TrainGemm gemm(p);
+  std::mt19937 rng(5);
+  const LmCase cases[] = {{1, 48, 259, 0, 0.0},      {3, 130, 259, 0, 0.34},  {67, 48, 3001, 0, 0.2},
+                          {300, 130, 259, 64, 0.25}, {300, 48, 2053, 0, 0.1}, {67, 130, 3001, 16, 0.5}};
+  for (const LmCase& c : cases) {
+    SCOPED_TRACE(fmt::format("N {} D {} Vp {} block {}", c.N, c.D, c.Vp, c.block));
+    const Tensor hidden = random_tensor(rng, {c.N, c.D}), W = random_tensor(rng, {c.Vp, c.D}, -0.5f, 0.5f);
+    const Tensor dW0 = random_tensor(rng, {c.Vp, c.D}, -0.01f, 0.01f);
+    std::vector<int32_t> targets(static_cast<size_t>(c.N));
+    std::uniform_int_distribution<int32_t> tok(0, int32_t(c.Vp - 1));
+    std::bernoulli_distribution skip(c.ignored);
+    for (auto& t : targets) t = skip(rng) ? -1 : tok(rng);
+    // The CPU reference takes only rows with a target: gather them, run, scatter dhidden back (zero elsewhere).
+    std::vector<int64_t> kept_rows, kept_targets;
+    for (int64_t r = 0; r < c.N; ++r)
+      if (targets[size_t(r)] >= 0) {
+        kept_rows.push_back(r);
+        kept_targets.push_back(targets[size_t(r)]);
+      }
+    const int64_t n = int64_t(kept_rows.size());
+    ASSERT_GT(n, 0);
+    const double scale = 1.0 / double(n);
+    Tensor h_kept = Tensor::empty(DType::F32, {n, c.D}), dh_kept = Tensor::empty(DType::F32, {n, c.D});
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(h_kept.data<float>() + i * c.D, hidden.data<float>() + kept_rows[size_t(i)] * c.D,
+                  size_t(c.D) * sizeof(float));
+    Tensor dW_ref = dW0.clone(), dh_ref = Tensor::zeros(DType::F32, {c.N, c.D});
+    const double loss_ref = lm_head_cross_entropy(h_kept.data<float>(), n, c.D, W.data<float>(), c.Vp,
+                                                  kept_targets.data(), scale, dh_kept.data<float>(),
+                                                  dW_ref.data<float>());
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(dh_ref.data<float>() + kept_rows[size_t(i)] * c.D, dh_kept.data<float>() + i * c.D,
+                  size_t(c.D) * sizeof(float));
+
+    DeviceBuffer g_h = up(hidden), g_W = up(W), g_t = DeviceBuffer::from(targets);
+    MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+    cuda::LmHeadScratch scratch;
+    scratch.max_block_rows = c.block;
+    double losses[2];
+    Tensor dh[2], dW[2];
+    for (int k = 0; k < 2; ++k) {  // twice: loss and gradients must repeat bit for bit
+      DeviceBuffer g_dh = poisoned(c.N * c.D), g_dW = up(dW0);
+      losses[k] = cuda::lm_head_cross_entropy_gpu(ctx, gemm, g_h.as<float>(), c.N, c.D, g_W.as<float>(), c.Vp,
+                                                  g_t.as<int32_t>(), scale, g_dh.as<float>(), g_dW.as<float>(),
+                                                  scratch);
+      dh[k] = down(g_dh, {c.N, c.D});
+      dW[k] = down(g_dW, {c.Vp, c.D});
+    }
+    EXPECT_NEAR(losses[0], loss_ref, tol * std::abs(loss_ref)) << "loss";
+    EXPECT_LE(rel_l2(dh[0], dh_ref), tol) << "dhidden";
+    EXPECT_LE(rel_l2(minus(dW[0], dW0), minus(dW_ref, dW0)), tol) << "dW";
+    for (int64_t r = 0; r < c.N; ++r) {
+      if (targets[size_t(r)] >= 0) continue;
+      for (int64_t j = 0; j < c.D; ++j) {
+        ASSERT_EQ(dh[0].data<float>()[r * c.D + j], 0.0f) << "ignored row " << r;
+      }
+    }
+    EXPECT_EQ(losses[0], losses[1]);
+    EXPECT_TRUE(same_bits(dh[0], dh[1])) << "dhidden not repeatable";
+    EXPECT_TRUE(same_bits(dW[0], dW[1])) << "dW not repeatable";
+    // Loss only: the same logits, the same sum.
+    const double loss_only = cuda::lm_head_cross_entropy_gpu(ctx, gemm, g_h.as<float>(), c.N, c.D, g_W.as<float>(),
+                                                             c.Vp, g_t.as<int32_t>(), scale, nullptr, nullptr,
+                                                             scratch);
+    EXPECT_EQ(loss_only, losses[0]);
+  }
+}
+
+TEST(TrainOpsGpu, LmHeadAllTargetsIgnored) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::TrainGemm gemm(Precision::F32);
+  std::mt19937 rng(6);
+  const int64_t N = 5, D = 48, Vp = 259;
+  const Tensor W0 = random_tensor(rng, {Vp, D});
+  DeviceBuffer g_h = up(random_tensor(rng, {N, D})), g_W = up(random_tensor(rng, {Vp, D})), g_dW = up(W0);
+  DeviceBuffer g_t = DeviceBuffer::from(std::vector<int32_t>(size_t(N), -1)), g_dh = poisoned(N * D);
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  cuda::LmHeadScratch scratch;
+  EXPECT_EQ(cuda::lm_head_cross_entropy_gpu(ctx, gemm, g_h.as<float>(), N, D, g_W.as<float>(), Vp,
+                                            g_t.as<int32_t>(), 1.0, g_dh.as<float>(), g_dW.as<float>(), scratch),
+            0.0);
+  EXPECT_TRUE(same_bits(down(g_dh, {N, D}), Tensor::zeros(DType::F32, {N, D})));
+  EXPECT_TRUE(same_bits(down(g_dW, {Vp, D}), W0));
+}
+
+INSTANTIATE_TEST_SUITE_P(Precisions, TrainOpsGpuPrecision, ::testing::Values(Precision::F32, Precision::BF16),
+                         [](const ::testing::TestParamInfo<Precision>& info) {
+                           return std::string(cuda::precision_name(info.param));
+                         });
+
+// ----------------------------------------------------------------------------------------------------- embedding
+
+TEST(TrainOpsGpu, EmbeddingBackwardIsTheOrderedScatterAdd) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(7);
+  const int64_t V = 50;
+  cuda::EmbeddingGradPlan reused;
+  for (const auto [rows, D] : {Shape2{1, 48}, Shape2{300, 130}, Shape2{3, 130}, Shape2{4099, 48}, Shape2{67, 48}}) {
+    SCOPED_TRACE(fmt::format("rows {} D {}", rows, D));
+    // Skewed ids: id 7 takes about a third of the rows, so long runs of one id are covered.
+    std::vector<int32_t> ids(static_cast<size_t>(rows));
+    std::uniform_int_distribution<int32_t> tok(0, int32_t(V - 1));
+    for (auto& id : ids) id = rng() % 3 == 0 ? 7 : tok(rng);
+    const Tensor dy = random_tensor(rng, {rows, D}), table0 = random_tensor(rng, {V, D});
+    Tensor ref = table0.clone();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < D; ++j) ref.data<float>()[ids[size_t(r)] * D + j] += dy.data<float>()[r * D + j];
+    const cuda::EmbeddingGradPlan plan = cuda::EmbeddingGradPlan::build(ids.data(), rows);
+    DeviceBuffer g_dy = up(dy), g_table = up(table0), g_table2 = up(table0);
+    cuda::embedding_backward_gpu(ctx.stream(), plan, g_dy.as<float>(), D, g_table.as<float>());
+    EXPECT_TRUE(same_bits(down(g_table, {V, D}), ref)) << "rel_l2 " << rel_l2(down(g_table, {V, D}), ref);
+    // The reused plan (grown and shrunk across the shapes), uploaded on the stream.
+    reused.rebuild(ctx.stream(), ids.data(), rows);
+    cuda::embedding_backward_gpu(ctx.stream(), reused, g_dy.as<float>(), D, g_table2.as<float>());
+    EXPECT_TRUE(same_bits(down(g_table2, {V, D}), ref)) << "rebuilt plan";
+  }
+  const int32_t bad[] = {3, -1};
+  EXPECT_THROW(cuda::EmbeddingGradPlan::build(bad, 2), Error);
+}
+
+// --------------------------------------------------------------------------------------------------------- AdamW
+
+TEST(TrainOpsGpu, SumOfSquaresIsDeterministic) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::ReduceScratch scratch;
+  std::mt19937 rng(8);
+  for (int64_t n : {int64_t(1), int64_t(5), int64_t(100003), int64_t(3000017)}) {
+    const Tensor g = random_tensor(rng, {n}, -3.0f, 3.0f);
+    double ref = 0;
+    for (int64_t i = 0; i < n; ++i) ref += double(g.data<float>()[i]) * g.data<float>()[i];
+    DeviceBuffer dg = up(g);
+    const double a = cuda::sum_of_squares_gpu(ctx.stream(), dg.as<float>(), n, scratch);
+    const double b = cuda::sum_of_squares_gpu(ctx.stream(), dg.as<float>(), n, scratch);
+    EXPECT_NEAR(a, ref, 1e-10 * ref) << "n " << n;
+    EXPECT_EQ(a, b) << "n " << n;
+  }
+}
+
+TEST(TrainOpsGpu, GradientAccumulationMatchesCpu) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(9);
+  const int64_t n = 70001;
+  TensorMap sum;
+  DeviceBuffer g_sum = up(Tensor::zeros(DType::F32, {n}));
+  for (int micro = 0; micro < 3; ++micro) {
+    const TensorMap g{{"w", random_tensor(rng, {n})}};
+    accumulate_grads(sum, g, 1.0 / 3.0);
+    DeviceBuffer dg = up(g.at("w"));
+    cuda::scaled_add_gpu(ctx.stream(), g_sum.as<float>(), dg.as<float>(), n, float(1.0 / 3.0));
+  }
+  EXPECT_LE(rel_l2(down(g_sum, {n}), sum.at("w")), 1e-6);
+}
+
+// Several steps of CPU clip_grad_norm + AdamW::step against the GPU pieces doing the same, decayed and non-decayed
+// tensors, clipping active on some steps and not on others.
+TEST(TrainOpsGpu, AdamWWithClippingMatchesCpuOverSteps) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::ReduceScratch scratch;
+  std::mt19937 rng(10);
+  const AdamWConfig config{0.9, 0.95, 1e-8, 0.1};
+  const double max_norm = 4.0;
+  TensorMap params{{"layers.0.mixer.in_proj.weight", random_tensor(rng, {67, 48})},
+                   {"layers.0.norm.weight", random_tensor(rng, {130}, 0.5f, 1.5f)},
+                   {"lm_head.weight", random_tensor(rng, {259, 48})}};
+  const TensorMap params0 = [&] {
+    TensorMap m;
+    for (const auto& [name, t] : params) m[name] = t.clone();
+    return m;
+  }();
+  AdamW cpu(config, params);
+  struct GpuTensor {
+    DeviceBuffer p, m, v;
+    int64_t n;
+  };
+  std::map<std::string, GpuTensor> gpu;
+  for (const auto& [name, t] : params) {
+    const Tensor zeros = Tensor::zeros(DType::F32, t.shape());
+    gpu[name] = GpuTensor{up(t), up(zeros), up(zeros), t.numel()};
+  }
+  int clipped = 0;
+  for (int step = 0; step < 6; ++step) {
+    SCOPED_TRACE(fmt::format("step {}", step));
+    const float gscale = step % 2 == 0 ? 0.02f : 1.0f;  // odd steps exceed max_norm
+    TensorMap grads;
+    for (const auto& [name, t] : params) grads[name] = random_tensor(rng, t.shape(), -gscale, gscale);
+    std::map<std::string, DeviceBuffer> g_dev;
+    for (const auto& [name, g] : grads) g_dev[name] = up(g);
+    const double lr = 1e-2 * (1.0 - 0.1 * step);
+    const double norm_ref = clip_grad_norm(grads, max_norm);
+    cpu.step(params, grads, lr);
+
+    double sumsq = 0;
+    for (const auto& [name, g] : g_dev)
+      sumsq += cuda::sum_of_squares_gpu(ctx.stream(), g.as<float>(), gpu[name].n, scratch);
+    const double norm = std::sqrt(sumsq);
+    EXPECT_NEAR(norm, norm_ref, 1e-10 * norm_ref);
+    if (norm > max_norm) {
+      ++clipped;
+      for (auto& [name, g] : g_dev)
+        cuda::scale_gpu(ctx.stream(), g.as<float>(), gpu[name].n, float(max_norm / (norm + 1e-6)));
+    }
+    for (auto& [name, t] : gpu) {
+      cuda::AdamWStepParams a;
+      a.lr = lr;
+      a.beta1 = config.beta1;
+      a.beta2 = config.beta2;
+      a.eps = config.eps;
+      a.weight_decay = uses_weight_decay(name) ? config.weight_decay : 0.0;
+      a.t = step + 1;
+      cuda::adamw_update_gpu(ctx.stream(), t.p.as<float>(), g_dev[name].as<float>(), t.m.as<float>(),
+                             t.v.as<float>(), t.n, a);
+    }
+  }
+  EXPECT_GT(clipped, 0);
+  std::map<std::string, Tensor> state;
+  for (const auto& [name, t] : cpu.state_tensors()) state[name] = t;
+  for (const auto& [name, t] : gpu) {
+    SCOPED_TRACE(name);
+    const Shape& shape = params.at(name).shape();
+    EXPECT_LE(rel_l2(minus(down(t.p, shape), params0.at(name)), minus(params.at(name), params0.at(name))), 1e-5);
+    EXPECT_LE(rel_l2(down(t.m, shape), state.at("exp_avg." + name)), 1e-5);
+    EXPECT_LE(rel_l2(down(t.v, shape), state.at("exp_avg_sq." + name)), 1e-5);
+  }
+}
+
+}  // namespace
+}  // namespace mamba3::test
