@@ -45,6 +45,7 @@ struct GpuLmTrainer::Work {
   DeviceBuffer mlp_scratch;            // f32 (B·L, 2·d_ff)
   NormGradScratch norm_scratch;
   LmHeadScratch head_scratch;
+  EmbeddingGradPlan embedding_plan;  // rebuilt per call without a host wait
   std::unique_ptr<Mamba3TrainGpu> mamba;  // shared by every Mamba-3 layer (it keeps nothing between calls)
   std::vector<int32_t> host_ids, host_targets;
 };
@@ -233,8 +234,8 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
     norm_backward_gpu(st, l.res_in.as<float>(), dnormed, N, D, l.norm.w, l.norm.b, eps, g, true, l.norm.dw,
                       l.norm.db, w.norm_scratch);
   }
-  const EmbeddingGradPlan plan = EmbeddingGradPlan::build(w.host_ids.data(), N);
-  embedding_backward_gpu(st, plan, g, D, s.grad("backbone.embedding.weight"));
+  w.embedding_plan.rebuild(st, w.host_ids.data(), N);
+  embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));
   return loss;
 }
 

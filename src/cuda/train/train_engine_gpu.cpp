@@ -55,7 +55,7 @@ class CudaTrainEngine final : public TrainEngine {
       AdamWStepParams p;
       p.lr = lr, p.beta1 = a.beta1, p.beta2 = a.beta2, p.eps = a.eps;
       p.weight_decay = decay_[i] ? a.weight_decay : 0.0;
-      p.step = steps_;
+      p.t = steps_;
       adamw_update_gpu(st, s.params() + off, s.grads() + off, s.exp_avg() + off, s.exp_avg_sq() + off,
                        entries[i].numel, p);
     }
