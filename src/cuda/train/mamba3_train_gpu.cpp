@@ -1,0 +1,195 @@
+// Orchestration of the Mamba-3 mixer's GPU training pass: projections through TrainGemm, then the per-token, chunk
+// and reduction kernels (mamba3_train_token.cu, mamba3_train_chunk.cu) in stream order. No host round trips.
+#include "cuda/train/mamba3_train_gpu.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "cuda/train/mamba3_train_kernels.h"
+
+namespace mamba3::cuda {
+
+using namespace train_detail;
+
+namespace {
+
+MixerDims make_dims(const Mamba3Config& c, int64_t B, int64_t L) {
+  MAMBA3_CHECK(B <= std::numeric_limits<int>::max() && L <= std::numeric_limits<int>::max() &&
+                   B * c.nheads() <= std::numeric_limits<int>::max() && B * L <= std::numeric_limits<int>::max(),
+               "Mamba3TrainGpu: batch {} × length {} too large", B, L);
+  MixerDims d{};
+  d.B = int(B), d.L = int(L), d.H = int(c.nheads()), d.P = int(c.headdim), d.N = int(c.d_state);
+  d.R = int(c.rank()), d.G = int(c.ngroups), d.S = int(c.num_angles()), d.din = int(c.d_in_proj());
+  d.d_inner = int(c.d_inner());
+  d.off_x = int(c.off_x()), d.off_B = int(c.off_B()), d.off_C = int(c.off_C()), d.off_dt = int(c.off_dt());
+  d.off_A = int(c.off_A()), d.off_trap = int(c.off_trap()), d.off_ang = int(c.off_angles());
+  d.mimo = c.is_mimo, d.euler = c.euler, d.no_rotary = c.no_rotary;
+  d.heavy_tail = c.a_activation == AActivation::HeavyTail, d.outnorm = c.is_outproj_norm;
+  d.A_floor = float(c.A_floor);
+  return d;
+}
+
+void check_weights(const Mamba3Config& c, const Mamba3TrainWeights& w) {
+  MAMBA3_CHECK(w.in_proj && w.out_proj && w.dt_bias && w.B_bias && w.C_bias && w.D && w.B_norm && w.C_norm,
+               "Mamba3TrainGpu: a required weight pointer is null");
+  MAMBA3_CHECK(!c.is_mimo || (w.mimo_x && w.mimo_z && w.mimo_o), "Mamba3TrainGpu: MIMO needs mimo_x, mimo_z, mimo_o");
+  MAMBA3_CHECK(!c.is_outproj_norm || w.norm, "Mamba3TrainGpu: is_outproj_norm needs norm.weight");
+}
+
+float* f(const DeviceBuffer& b, size_t offset = 0) { return b.as<float>() + offset; }
+void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int64_t>(n, 1)) * sizeof(float)); }
+
+}  // namespace
+
+Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c) : c_(c) {
+  c_.validate("Mamba3TrainGpu");
+  MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
+  MAMBA3_CHECK(c_.num_angles() <= 32 * kLaneAngles, "Mamba3TrainGpu: {} rotary angles > {} are not supported",
+               c_.num_angles(), 32 * kLaneAngles);
+}
+
+int Mamba3TrainGpu::chunk_length(int64_t L, bool backward) {
+  if (max_smem_ == 0) {
+    int dev = 0;
+    MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  }
+  const MixerDims d = make_dims(c_, 1, 1);
+  for (int T = int(std::min<int64_t>(64 / c_.rank(), L)); T >= 1; --T) {
+    const size_t need = backward ? std::max(chunk_forward_smem_bytes(d, T, true), chunk_reverse_smem_bytes(d, T))
+                                 : chunk_forward_smem_bytes(d, T, false);
+    if (need <= size_t(max_smem_)) return T;
+  }
+  fail("Mamba3TrainGpu: headdim {} × d_state {} tiles exceed the device's {} bytes of shared memory per block",
+               c_.headdim, c_.d_state, max_smem_);
+}
+
+void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
+                             const float* u) {
+  const MixerDims d = make_dims(c_, B, L);
+  const int64_t M = B * L, din = d.din, BHL = B * d.H * L;
+  const cudaStream_t s = ctx.stream();
+  reserve_floats(zx_raw_, M * din);
+  reserve_floats(zx_, M * din);
+  reserve_floats(scalars_, 5 * BHL);
+  reserve_floats(cs_, BHL * d.S);
+  reserve_floats(sn_, BHL * d.S);
+  reserve_floats(o_, M * d.d_inner);
+  gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(zx_raw_), din);
+  launch_normalize_bc(s, d, f(zx_raw_), w.B_norm, w.C_norm, f(zx_));
+  const TokenScalars sc{f(scalars_), f(scalars_, BHL), f(scalars_, 2 * BHL), f(scalars_, 3 * BHL),
+                        f(scalars_, 4 * BHL)};
+  launch_token_scalars(s, d, f(zx_), w.dt_bias, sc);
+  launch_angles(s, d, f(zx_), sc.dt, f(cs_), f(sn_));
+}
+
+namespace {
+
+// The chunk kernels' inputs shared by forward and backward.
+ChunkParams base_params(const MixerDims& d, int T, const Mamba3TrainWeights& w, const float* zx, const float* scalars,
+                        const float* cs, const float* sn, float* o) {
+  const int64_t BHL = int64_t(d.B) * d.H * d.L;
+  ChunkParams p{};
+  p.d = d, p.T = T, p.zx = zx;
+  p.dt = scalars, p.A = scalars + BHL, p.lam = scalars + 2 * BHL;
+  p.cs = cs, p.sn = sn;
+  p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
+  p.D = w.D, p.norm = w.norm, p.o = o;
+  return p;
+}
+
+}  // namespace
+
+void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
+                             const float* u, float* out) {
+  MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::forward: negative batch {} or length {}", B, L);
+  if (B == 0 || L == 0) return;
+  check_weights(c_, w);
+  const MixerDims d = make_dims(c_, B, L);
+  prepare(ctx, gemm, w, B, L, u);
+  const ChunkParams p = base_params(d, chunk_length(L, false), w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  launch_chunk_forward(ctx.stream(), p, false);
+  gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f, out,
+           c_.d_model);
+}
+
+void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w,
+                              const Mamba3TrainGrads& g, int64_t B, int64_t L, const float* u, const float* dout,
+                              float* du) {
+  MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::backward: negative batch {} or length {}", B, L);
+  if (B == 0 || L == 0) return;
+  check_weights(c_, w);
+  const MixerDims d = make_dims(c_, B, L);
+  const int64_t M = B * L, D = c_.d_model, din = d.din, di = d.d_inner, BH = B * d.H, BHL = BH * L;
+  const int64_t H = d.H, R = d.R, N = d.N, P = d.P, S = d.S, RG = R * d.G;
+  const cudaStream_t s = ctx.stream();
+  prepare(ctx, gemm, w, B, L, u);
+
+  const int T = chunk_length(L, true);
+  const int64_t chunks = (L + T - 1) / T;
+  reserve_floats(dO_, M * di);
+  reserve_floats(dzx_, M * din);
+  reserve_floats(dy_, BHL * R * P);
+  reserve_floats(Hc_, BH * chunks * P * N);
+  reserve_floats(dBn_, M * H * R * N);
+  reserve_floats(dCn_, M * H * R * N);
+  reserve_floats(dphi_, BHL * S);
+  reserve_floats(sgrad_, 3 * BHL);
+  reserve_floats(dth_, M * H * S);
+  // Partials, one row per batch row (per token row for the B/C norm weights), reduced over rows at the end.
+  const int64_t n_dtb = BH, n_D = BH, n_bias = BH * R * N, n_mimo = BH * R * P, n_norm = BH * P, n_bcn = M * RG * N;
+  const int64_t o_D = n_dtb, o_Bb = o_D + n_D, o_Cb = o_Bb + n_bias, o_mx = o_Cb + n_bias, o_mz = o_mx + n_mimo,
+                o_mo = o_mz + n_mimo, o_nm = o_mo + n_mimo, o_Bn = o_nm + n_norm, o_Cn = o_Bn + n_bcn;
+  reserve_floats(part_, o_Cn + n_bcn);
+
+  // dO = dout·W_out (the gradient of the gated output o).
+  gemm.run(ctx, false, false, M, di, D, 1.0f, dout, D, w.out_proj, di, 0.0f, f(dO_), di);
+
+  ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
+  p.part_mimo_z = f(part_, o_mz), p.part_mimo_o = f(part_, o_mo), p.part_norm = f(part_, o_nm);
+  p.dBn = f(dBn_), p.dCn = f(dCn_), p.dphi = f(dphi_);
+  p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
+  p.part_B_bias = f(part_, o_Bb), p.part_C_bias = f(part_, o_Cb), p.part_mimo_x = f(part_, o_mx);
+  p.part_D = f(part_, o_D);
+  launch_chunk_forward(s, p, true);
+  launch_chunk_reverse(s, p);
+
+  AngleBackwardParams ap{};
+  ap.d = d, ap.zx = f(zx_);
+  ap.dt = f(scalars_), ap.A = f(scalars_, BHL), ap.lam = f(scalars_, 2 * BHL), ap.dAdl = f(scalars_, 3 * BHL);
+  ap.dsp = f(scalars_, 4 * BHL);
+  ap.dphi = f(dphi_), ap.dadt = p.dadt, ap.dgam = p.dgam, ap.dscale = p.dscale;
+  ap.dth = f(dth_), ap.dzx = f(dzx_), ap.part_dt_bias = f(part_);
+  launch_angle_scalar_backward(s, ap);
+  launch_bc_norm_backward(s, d, f(zx_raw_), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
+                          f(part_, o_Cn));
+
+  // Parameter partials summed over rows in a fixed order.
+  struct Sum {
+    float* dst;
+    int64_t offset, rows, cols;
+  };
+  const Sum sums[] = {{g.dt_bias, 0, B, H},
+                      {g.D, o_D, B, H},
+                      {g.B_bias, o_Bb, B, H * R * N},
+                      {g.C_bias, o_Cb, B, H * R * N},
+                      {c_.is_mimo ? g.mimo_x : nullptr, o_mx, B, H * R * P},
+                      {c_.is_mimo ? g.mimo_z : nullptr, o_mz, B, H * R * P},
+                      {c_.is_mimo ? g.mimo_o : nullptr, o_mo, B, H * R * P},
+                      {c_.is_outproj_norm ? g.norm : nullptr, o_nm, B, H * P},
+                      {g.B_norm, o_Bn, M * RG, N},
+                      {g.C_norm, o_Cn, M * RG, N}};
+  size_t scratch = 1;
+  for (const Sum& x : sums) scratch = std::max(scratch, colsum_scratch_floats(x.rows, x.cols));
+  reserve_floats(colsum_, int64_t(scratch));
+  for (const Sum& x : sums)
+    if (x.dst) colsum_add(s, f(part_, size_t(x.offset)), x.rows, x.cols, x.dst, f(colsum_));
+
+  // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o.
+  gemm.run(ctx, false, false, M, D, din, 1.0f, f(dzx_), din, w.in_proj, D, 0.0f, du, D);
+  if (g.in_proj) gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
+  if (g.out_proj) gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(o_), di, 1.0f, g.out_proj, di);
+}
+
+}  // namespace mamba3::cuda

@@ -1,0 +1,93 @@
+#pragma once
+// Kernels of the Mamba-3 mixer's GPU training pass (used by mamba3_train_gpu.cpp only): plain parameter structs and
+// their launchers. Layouts: M = B·L token rows (batch-major); "bh" = b·H + h indexes one (sequence, head) task, and
+// per-task arrays are (B·H, L, …). Every launcher enqueues on the given stream and checks the launch.
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace mamba3::cuda::train_detail {
+
+constexpr int kChunkThreads = 256;  // threads of a chunk block
+constexpr int kMaxRank = 4;         // R ≤ 4 (MIMO)
+constexpr int kLaneAngles = 8;      // angles per lane in the angle backward: S ≤ 256
+
+// Sizes and switches of a Mamba3Config as the kernels need them (spec §1.2).
+struct MixerDims {
+  int B, L, H, P, N, R, G, S, din, d_inner;
+  int off_x, off_B, off_C, off_dt, off_A, off_trap, off_ang;
+  bool mimo, euler, no_rotary, heavy_tail, outnorm;
+  float A_floor;
+};
+
+// Per-token, per-head scalars of spec §2.2, (B·H, L) each, with the derivatives the backward needs.
+struct TokenScalars {
+  float* dt;    // Δ
+  float* A;     // A (Λ sums A·Δ)
+  float* lam;   // λ (1 under euler)
+  float* dAdl;  // dA/d(dd_A), 0 where the A_floor clamp binds
+  float* dsp;   // softplus′(dd_dt + dt_bias)
+};
+
+// zx (M, din) = zx_raw with every B and C vector RMS-normalised and scaled by B_norm / C_norm.
+void launch_normalize_bc(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
+                         const float* C_norm, float* zx);
+void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt_bias, TokenScalars out);
+// cos/sin (B·H, L, S) of the cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0.
+void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn);
+
+// Everything a chunk kernel reads and writes; entries a pass does not use may be null.
+struct ChunkParams {
+  MixerDims d;
+  int T;                       // GPU chunk length in tokens (T·R ≤ 64)
+  const float* zx;             // (M, din), B/C normalised
+  const float *dt, *A, *lam;   // (B·H, L)
+  const float *cs, *sn;        // (B·H, L, S)
+  const float *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *norm;
+  float* o;                    // (M, d_inner) gated output (forward and backward pass 1)
+  // Backward, pass 1 (forward over chunks).
+  const float* dO;             // (M, d_inner) gradient of o
+  float* dzx;                  // (M, din): z columns (pass 1), x columns (reverse pass)
+  float* dy;                   // (B·H, L, R, P) gradient of y
+  float* Hc;                   // (B·H, chunks, P, N) state at each chunk start
+  float *part_mimo_z, *part_mimo_o, *part_norm;  // (B, H, R, P) ×2, (B, H, P)
+  // Backward, reverse pass.
+  float *dBn, *dCn;            // (M, H, R, N) gradient of the normalised B / C seen by each head
+  float* dphi;                 // (B·H, L, S) per-token gradient of φ_t (before the reverse cumulative sum)
+  float *dadt, *dgam, *dscale; // (B·H, L) gradients of A·Δ, γ and scale
+  float *part_B_bias, *part_C_bias, *part_mimo_x, *part_D;  // (B, H, R, N) ×2, (B, H, R, P), (B, H)
+};
+
+size_t chunk_forward_smem_bytes(const MixerDims& d, int T, bool backward);
+size_t chunk_reverse_smem_bytes(const MixerDims& d, int T);
+// Forward over chunks: o; with `backward` also Hc, dy, dz and the output-stage parameter partials.
+void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward);
+// Reverse over chunks (needs pass 1's Hc and dy).
+void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p);
+
+// The angle gradient's reverse cumulative sum (→ dθ per head, Δ's share) and the per-token scalar gradients
+// (→ dzx's dt, A, trap columns; dt_bias partials (B, H)).
+struct AngleBackwardParams {
+  MixerDims d;
+  const float* zx;
+  const float *dt, *A, *lam, *dAdl, *dsp;  // (B·H, L)
+  const float *dphi, *dadt, *dgam, *dscale;
+  float* dth;           // (M, H, S)
+  float* dzx;           // (M, din)
+  float* part_dt_bias;  // (B, H)
+};
+void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
+
+// Per row: heads summed into their B/C groups, the B/C RMSNorm backward (→ dzx's B, C columns, weight partials
+// (M·R·G, N) each) and θ summed over heads (→ dzx's angle columns).
+void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
+                             const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
+                             float* part_B_norm, float* part_C_norm);
+
+// out[c] += Σ_r in[r·cols + c] over rows in a fixed order (deterministic; no atomics). scratch holds
+// colsum_scratch_floats(rows, cols) floats.
+size_t colsum_scratch_floats(int64_t rows, int64_t cols);
+void colsum_add(cudaStream_t s, const float* in, int64_t rows, int64_t cols, float* out, float* scratch);
+
+}  // namespace mamba3::cuda::train_detail

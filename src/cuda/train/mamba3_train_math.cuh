@@ -1,0 +1,60 @@
+#pragma once
+// Device helpers shared by the training kernels: the CPU's scalar functions (src/ops/mamba3_common.h) in f32, a
+// deterministic warp sum and the rotary pairing of spec §3.
+#include <cuda_runtime.h>
+
+namespace mamba3::cuda::train_detail {
+
+constexpr float kPi = 3.14159265358979323846f;
+constexpr float kTwoPi = 6.28318530717958647692f;
+constexpr float kEps = 1e-5f;  // RMSNorm epsilon (B/C and output norms)
+
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Butterfly sum: every lane gets the same, fixed-order result (no atomics, bit-reproducible).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Rotary pair holding element n: SISO pairs (2i, 2i+1), MIMO ("halves") pairs (i, i + N/2), i < S. False when n
+// passes through unrotated.
+__device__ __forceinline__ bool rotary_pair(int n, int N, int S, bool halves, int& i, int& a, int& b) {
+  if (halves) {
+    const int half = N / 2;
+    if (n < S) {
+      i = n, a = n, b = n + half;
+      return true;
+    }
+    if (n >= half && n < half + S) {
+      i = n - half, a = i, b = n;
+      return true;
+    }
+    return false;
+  }
+  if (n < 2 * S) {
+    i = n / 2, a = 2 * i, b = a + 1;
+    return true;
+  }
+  return false;
+}
+
+// Element n of Rot(in + bias, φ) (cs, sn: the token's S cosines and sines).
+__device__ __forceinline__ float bias_rotate_at(const float* in, const float* bias, const float* cs, const float* sn,
+                                                int n, int N, int S, bool halves) {
+  int i, a, b;
+  if (!rotary_pair(n, N, S, halves, i, a, b)) return in[n] + bias[n];
+  const float va = in[a] + bias[a], vb = in[b] + bias[b];
+  return n == a ? va * cs[i] - vb * sn[i] : va * sn[i] + vb * cs[i];
+}
+
+// Element n of Rot(·, φ)ᵀ·g: the gradient through the rotation (g: gradient of the rotated vector).
+__device__ __forceinline__ float unrotate_at(const float* g, const float* cs, const float* sn, int n, int N, int S,
+                                             bool halves) {
+  int i, a, b;
+  if (!rotary_pair(n, N, S, halves, i, a, b)) return g[n];
+  return n == a ? g[a] * cs[i] + g[b] * sn[i] : g[b] * cs[i] - g[a] * sn[i];
+}
+
+}  // namespace mamba3::cuda::train_detail

@@ -1,0 +1,236 @@
+// Per-token kernels of the Mamba-3 mixer's GPU training pass: B/C normalisation, the scalars of spec §2.2, the angle
+// scan, and on the way back the angle/scalar gradients, the B/C RMSNorm backward and deterministic column sums.
+// All f32 with the CPU's formulas (src/ops/mamba3_common.h, mamba3_scan_backward.cpp).
+#include "cuda/cuda_check.h"
+#include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_math.cuh"
+
+namespace mamba3::cuda::train_detail {
+
+namespace {
+
+unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+
+// One block per row; warps take the (which, r, g) vectors. Reads 2·R·G·N + din, writes din floats per row.
+__global__ void normalize_bc_kernel(MixerDims d, const float* __restrict__ zx_raw, const float* __restrict__ B_norm,
+                                    const float* __restrict__ C_norm, float* __restrict__ zx) {
+  const int64_t m = blockIdx.x;
+  const float* src = zx_raw + m * d.din;
+  float* dst = zx + m * d.din;
+  for (int e = threadIdx.x; e < d.din; e += blockDim.x)
+    if (e < d.off_B || e >= d.off_dt) dst[e] = src[e];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
+  for (int item = warp; item < 2 * RG; item += warps) {
+    const int off = (item < RG ? d.off_B : d.off_C) + (item % RG) * d.N;
+    const float* w = item < RG ? B_norm : C_norm;
+    float ss = 0;
+    for (int n = lane; n < d.N; n += 32) ss += src[off + n] * src[off + n];
+    const float r = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
+    for (int n = lane; n < d.N; n += 32) dst[off + n] = src[off + n] * r * w[n];
+  }
+}
+
+// One thread per (bh, t).
+__global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt_bias,
+                                     TokenScalars out) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= int64_t(d.B) * d.H * d.L) return;
+  const int64_t bh = e / d.L, t = e % d.L;
+  const int b = int(bh / d.H), h = int(bh % d.H);
+  const float* dd = zx + (int64_t(b) * d.L + t) * d.din + d.off_dt;
+  const float arg = dd[h] + dt_bias[h], a = dd[d.H + h];
+  float f, df;
+  if (d.heavy_tail) {
+    f = a >= 0 ? 1.0f + a : 1.0f / (1.0f - a);
+    df = a >= 0 ? 1.0f : 1.0f / ((1.0f - a) * (1.0f - a));
+  } else {
+    f = softplus_f(a);
+    df = a > 20.0f ? 1.0f : sigmoid_f(a);
+  }
+  out.dt[e] = softplus_f(arg);
+  out.A[e] = fminf(-f, -d.A_floor);
+  out.lam[e] = d.euler ? 1.0f : sigmoid_f(dd[2 * d.H + h]);
+  out.dAdl[e] = -f > -d.A_floor ? 0.0f : -df;
+  out.dsp[e] = arg > 20.0f ? 1.0f : sigmoid_f(arg);
+}
+
+// One thread per (bh, i), sequential in t (the cumulative sum is a scan). Reads L·(1 + 1), writes 2·L floats.
+__global__ void angles_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
+                              float* __restrict__ cs, float* __restrict__ sn) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= int64_t(d.B) * d.H * d.S) return;
+  const int64_t bh = e / d.S;
+  const int i = int(e % d.S), b = int(bh / d.H);
+  float phi = 0;
+  for (int t = 0; t < d.L; ++t) {
+    const int64_t st = bh * d.L + t;
+    if (!d.no_rotary) phi += kPi * tanhf(zx[(int64_t(b) * d.L + t) * d.din + d.off_ang + i]) * dt[st];
+    phi -= kTwoPi * floorf(phi / kTwoPi);
+    cs[st * d.S + i] = cosf(phi);
+    sn[st * d.S + i] = sinf(phi);
+  }
+}
+
+// One warp per bh walking t backwards: lanes hold the running dΦ of their angles; lane 0 finishes the token's
+// scalar gradients (spec §2.2 chain: scale_t = γ_t + σ̄_{t+1}, γ = λΔ, σ̄ = (1−λ)Δ, A·Δ, Δ's angle share).
+__global__ void angle_scalar_backward_kernel(AngleBackwardParams p) {
+  const MixerDims& d = p.d;
+  const int lane = threadIdx.x % 32;
+  const int64_t bh = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (bh >= int64_t(d.B) * d.H) return;  // whole warps leave together
+  const int b = int(bh / d.H), h = int(bh % d.H);
+  float dPhi[kLaneAngles];
+#pragma unroll
+  for (int k = 0; k < kLaneAngles; ++k) dPhi[k] = 0;
+  float dtb = 0;
+  for (int t = d.L - 1; t >= 0; --t) {
+    const int64_t st = bh * d.L + t, row = int64_t(b) * d.L + t;
+    const float dtv = p.dt[st];
+    float ang = 0;
+#pragma unroll
+    for (int k = 0; k < kLaneAngles; ++k) {
+      const int i = lane + 32 * k;
+      if (i >= d.S) continue;
+      dPhi[k] += p.dphi[st * d.S + i];
+      float g = 0;
+      // no_rotary: the increments are 0 whatever θ and Δ are, so neither gets a gradient from the angles.
+      if (!d.no_rotary) {
+        const float th = tanhf(p.zx[row * d.din + d.off_ang + i]);
+        ang += dPhi[k] * kPi * th;
+        g = dPhi[k] * kPi * dtv * (1.0f - th * th);
+      }
+      p.dth[(row * d.H + h) * d.S + i] = g;
+    }
+    ang = warp_sum(ang);
+    if (lane == 0) {
+      const float lam = p.lam[st], dadt = p.dadt[st];
+      const float dgam = p.dgam[st] + p.dscale[st];
+      const float dsig = t > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
+      const float ddt = dadt * p.A[st] + dgam * lam + dsig * (1.0f - lam) + ang;
+      const float dlam = (dgam - dsig) * dtv;
+      const float dsp = ddt * p.dsp[st];
+      float* dz = p.dzx + row * d.din;
+      dz[d.off_dt + h] = dsp;
+      dz[d.off_A + h] = dadt * dtv * p.dAdl[st];
+      dz[d.off_trap + h] = d.euler ? 0.0f : dlam * lam * (1.0f - lam);  // euler: λ does not depend on trap
+      dtb += dsp;
+    }
+  }
+  if (lane == 0) p.part_dt_bias[bh] = dtb;
+}
+
+// One block per row; warps take the (which, r, g) vectors: acc = Σ_{h ∈ g} dBn/dCn, then the RMSNorm backward.
+__global__ void bc_norm_backward_kernel(MixerDims d, const float* __restrict__ zx_raw,
+                                        const float* __restrict__ B_norm, const float* __restrict__ C_norm,
+                                        const float* __restrict__ dBn, const float* __restrict__ dCn,
+                                        const float* __restrict__ dth, float* __restrict__ dzx,
+                                        float* __restrict__ part_B, float* __restrict__ part_C) {
+  const int64_t m = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
+  const int hpg = d.H / d.G;
+  for (int item = warp; item < 2 * RG; item += warps) {
+    const bool isB = item < RG;
+    const int rg = item % RG, r = rg / d.G, g = rg % d.G;
+    const int off = (isB ? d.off_B : d.off_C) + rg * d.N;
+    const float* x = zx_raw + m * d.din + off;
+    const float* w = isB ? B_norm : C_norm;
+    const float* src = (isB ? dBn : dCn) + m * d.H * d.R * d.N;
+    float* part = (isB ? part_B : part_C) + (m * RG + rg) * d.N;
+    auto group_sum = [&](int n) {
+      float acc = 0;
+      for (int h = g * hpg; h < (g + 1) * hpg; ++h) acc += src[(int64_t(h) * d.R + r) * d.N + n];
+      return acc;
+    };
+    float ss = 0;
+    for (int n = lane; n < d.N; n += 32) ss += x[n] * x[n];
+    const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
+    float mean = 0;
+    for (int n = lane; n < d.N; n += 32) {
+      const float acc = group_sum(n);
+      part[n] = acc * x[n] * rstd;
+      mean += acc * w[n] * x[n] * rstd;
+    }
+    mean = warp_sum(mean) / float(d.N);
+    for (int n = lane; n < d.N; n += 32) dzx[m * d.din + off + n] = rstd * (group_sum(n) * w[n] - x[n] * rstd * mean);
+  }
+  for (int i = threadIdx.x; i < d.S; i += blockDim.x) {
+    float a = 0;
+    for (int h = 0; h < d.H; ++h) a += dth[(m * d.H + h) * d.S + i];
+    dzx[m * d.din + d.off_ang + i] = a;
+  }
+}
+
+// Block (32, 8): 32 columns, 8 row phases summed in a fixed order; grid (column tiles, row segments).
+constexpr int kSegRows = 1024;
+__global__ void colsum_kernel(const float* __restrict__ in, int64_t rows, int64_t cols, int64_t seg_rows,
+                              float* __restrict__ out, bool accumulate) {
+  __shared__ float red[8][33];
+  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t r0 = int64_t(blockIdx.y) * seg_rows, r1 = min(rows, r0 + seg_rows);
+  float acc = 0;
+  if (c < cols)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) acc += in[r * cols + c];
+  red[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float s = red[0][threadIdx.x];
+    for (int k = 1; k < 8; ++k) s += red[k][threadIdx.x];
+    float* dst = out + int64_t(blockIdx.y) * cols + c;
+    *dst = accumulate ? *dst + s : s;
+  }
+}
+
+}  // namespace
+
+void launch_normalize_bc(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
+                         const float* C_norm, float* zx) {
+  normalize_bc_kernel<<<unsigned(int64_t(d.B) * d.L), 256, 0, s>>>(d, zx_raw, B_norm, C_norm, zx);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt_bias, TokenScalars out) {
+  token_scalars_kernel<<<blocks_for(int64_t(d.B) * d.H * d.L, 256), 256, 0, s>>>(d, zx, dt_bias, out);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn) {
+  angles_kernel<<<blocks_for(int64_t(d.B) * d.H * d.S, 128), 128, 0, s>>>(d, zx, dt, cs, sn);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) {
+  angle_scalar_backward_kernel<<<blocks_for(int64_t(p.d.B) * p.d.H, 4), 128, 0, s>>>(p);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
+                             const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
+                             float* part_B_norm, float* part_C_norm) {
+  bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 256, 0, s>>>(d, zx_raw, B_norm, C_norm, dBn, dCn, dth, dzx,
+                                                                       part_B_norm, part_C_norm);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+size_t colsum_scratch_floats(int64_t rows, int64_t cols) {
+  const int64_t segs = (rows + kSegRows - 1) / kSegRows;
+  return segs > 1 ? size_t(segs * cols) : 1;
+}
+
+void colsum_add(cudaStream_t s, const float* in, int64_t rows, int64_t cols, float* out, float* scratch) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t segs = (rows + kSegRows - 1) / kSegRows;
+  const dim3 block(32, 8);
+  const unsigned tiles = unsigned((cols + 31) / 32);
+  if (segs == 1) {
+    colsum_kernel<<<dim3(tiles, 1), block, 0, s>>>(in, rows, cols, rows, out, true);
+    MAMBA3_LAUNCH_CHECK();
+    return;
+  }
+  // Two levels: fixed segments of kSegRows rows into scratch (segs, cols), then the segments into out.
+  colsum_kernel<<<dim3(tiles, unsigned(segs)), block, 0, s>>>(in, rows, cols, kSegRows, scratch, false);
+  MAMBA3_LAUNCH_CHECK();
+  colsum_kernel<<<dim3(tiles, 1), block, 0, s>>>(scratch, segs, cols, segs, out, true);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+}  // namespace mamba3::cuda::train_detail

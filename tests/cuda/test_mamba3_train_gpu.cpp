@@ -1,0 +1,253 @@
+// The Mamba-3 mixer's GPU training forward and backward (Mamba3TrainGpu) against the CPU: the forward output against
+// the CPU mixer's prefill and every gradient (du and each parameter) against the CPU's f32 chunked backward
+// (mamba3_mixer_backward) on random layers of awkward shapes (batch 3, L = 1/63/65/300, MIMO ranks 2–4, groups 2,
+// output norm, both A activations, the A_floor clamp, the euler and no_rotary ablations); every golden mixer case's
+// grad.* tensors in the exact f32 mode; bf16 mixed precision; determinism and accumulation.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+
+#include "../model/mixer_case.h"
+#include "../model/random_mixer.h"
+#include "cuda/train/mamba3_train_gpu.h"
+#include "gpu_test_util.h"
+#include "model/mamba3_mixer_backward.h"
+#include "ops/mamba3_reference_backward.h"
+#include "support/test_support.h"
+
+namespace mamba3::test {
+namespace {
+
+using cuda::Precision;
+
+// Both the GPU and the CPU f32 backward are within the golden README's 5e-5 (gradients) and 1e-5 (outputs) of the
+// float64 truth, and they chunk differently (GPU T·R ≤ 64, CPU config.chunk_size), so their rounding errors are
+// independent: the difference may reach the sum of the two bounds.
+constexpr double kOutTolF32 = 2e-5, kGradTolF32 = 1e-4;
+constexpr double kTolBF16 = 2e-2;                          // bf16 projections (the flash-attention-style bound)
+constexpr double kGoldenOutTol = 1e-5, kGoldenGradTol = 5e-5;  // golden README, float32
+
+// The layer's parameters and zeroed gradients on the device.
+struct DeviceLayer {
+  std::map<std::string, cuda::DeviceBuffer> w, g;
+  std::map<std::string, Shape> shapes;
+
+  explicit DeviceLayer(const Mamba3Mixer& m) {
+    for (const auto& [name, shape] : mamba3_parameter_shapes(m.config())) {
+      shapes[name] = shape;
+      Tensor t = m.param(name).to(DType::F32);
+      w[name] = cuda::DeviceBuffer(t.nbytes());
+      w[name].upload(t.raw(), t.nbytes());
+      g[name] = cuda::DeviceBuffer(t.nbytes());
+    }
+    zero_grads();
+  }
+  void zero_grads() {
+    for (auto& [name, b] : g) MAMBA3_CUDA_CHECK(cudaMemset(b.raw(), 0, b.bytes()));
+  }
+  const float* wp(const char* name) const { return w.count(name) ? w.at(name).as<float>() : nullptr; }
+  float* gp(const char* name) const { return g.count(name) ? g.at(name).as<float>() : nullptr; }
+  cuda::Mamba3TrainWeights weights() const {
+    return {wp("in_proj.weight"), wp("out_proj.weight"), wp("dt_bias"), wp("B_bias"),
+            wp("C_bias"),         wp("mimo_x"),          wp("mimo_z"),  wp("mimo_o"),
+            wp("D"),              wp("B_norm.weight"),   wp("C_norm.weight"), wp("norm.weight")};
+  }
+  cuda::Mamba3TrainGrads grads() const {
+    return {gp("in_proj.weight"), gp("out_proj.weight"), gp("dt_bias"), gp("B_bias"),
+            gp("C_bias"),         gp("mimo_x"),          gp("mimo_z"),  gp("mimo_o"),
+            gp("D"),              gp("B_norm.weight"),   gp("C_norm.weight"), gp("norm.weight")};
+  }
+  TensorMap download_grads() const {
+    TensorMap out;
+    for (const auto& [name, b] : g) out[name] = from_device_f32(b.raw(), shapes.at(name));
+    return out;
+  }
+};
+
+struct GpuResult {
+  Tensor out, du;
+  TensorMap grads;
+};
+
+// Forward then backward on the GPU from freshly zeroed gradients; out and du are poisoned (NaN) first.
+GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p) {
+  const Mamba3Config& c = m.config();
+  const int64_t B = u.dim(0), L = u.dim(1);
+  const size_t act_bytes = size_t(B * L * c.d_model) * sizeof(float);
+  cuda::Context ctx;
+  cuda::TrainGemm gemm(p);
+  cuda::Mamba3TrainGpu train(c);
+  DeviceLayer layer(m);
+  cuda::DeviceBuffer u_dev = to_device_activation(u, Precision::F32);
+  cuda::DeviceBuffer dout_dev = to_device_activation(dout, Precision::F32);
+  cuda::DeviceBuffer out{act_bytes}, du{act_bytes};
+  poison(out.raw(), out.bytes());
+  poison(du.raw(), du.bytes());
+  train.forward(ctx, gemm, layer.weights(), B, L, u_dev.as<float>(), out.as<float>());
+  train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, u_dev.as<float>(), dout_dev.as<float>(),
+                 du.as<float>());
+  ctx.sync();
+  return {from_device_f32(out.raw(), {B, L, c.d_model}), from_device_f32(du.raw(), {B, L, c.d_model}),
+          layer.download_grads()};
+}
+
+// Checks the output, du and every parameter gradient against their tolerances; worst/where: the largest error.
+void compare(const GpuResult& got, const Tensor& out_ref, const Tensor& du_ref, const TensorMap& grads_ref,
+             double out_tol, double grad_tol, double& worst, std::string& where) {
+  worst = 0;
+  auto check = [&](const Tensor& a, const Tensor& b, double tol, const std::string& name) {
+    const double e = rel_l2(a, b);
+    EXPECT_LE(e, tol) << name;
+    if (!(e <= worst)) worst = e, where = name;  // NaN sticks
+  };
+  check(got.out, out_ref, out_tol, "out");
+  check(got.du, du_ref, grad_tol, "grad.u");
+  EXPECT_EQ(got.grads.size(), grads_ref.size());
+  for (const auto& [name, t] : grads_ref) {
+    auto it = got.grads.find(name);
+    ASSERT_NE(it, got.grads.end()) << name;
+    check(it->second, t, grad_tol, "grad." + name);
+  }
+}
+
+TEST(Mamba3TrainGpu, GoldenCasesF32) {
+  MAMBA3_REQUIRE_GPU();
+  auto cases = golden_cases("mixer_");
+  std::erase_if(cases, [](const auto& p) { return p.extension() != ".safetensors"; });
+  ASSERT_FALSE(cases.empty()) << "no mixer_*.safetensors in " << golden_dir();
+  for (const auto& path : cases) {
+    SCOPED_TRACE(path.string());
+    auto f = SafetensorsFile::open(path.string());
+    Mamba3Mixer mixer(golden_mixer_config(f), f.tensors(), "", path.string());
+    const GpuResult r = run_gpu(mixer, f.get("u").to(DType::F32), f.get("dout").to(DType::F32), Precision::F32);
+    TensorMap ref;
+    for (const auto& [name, t] : f.tensors())
+      if (name.starts_with("grad.") && name != "grad.u") ref[name.substr(5)] = t;
+    std::string where;
+    double worst = 0;
+    compare(r, f.get("prefill_out_f64"), f.get("grad.u"), ref, kGoldenOutTol, kGoldenGradTol, worst, where);
+    std::printf("  %-40s worst rel L2 vs golden %.2e (%s)\n", path.filename().c_str(), worst, where.c_str());
+  }
+}
+
+struct LayerCase {
+  const char* name;
+  Mamba3Config c;
+};
+
+Mamba3Config small(bool mimo, int64_t rank) {
+  Mamba3Config c;
+  c.d_model = 16, c.d_state = 16, c.headdim = 8, c.expand = 2, c.chunk_size = 16;
+  c.is_mimo = mimo, c.mimo_rank = rank;
+  return c;
+}
+
+std::vector<LayerCase> layer_cases() {
+  std::vector<LayerCase> v;
+  v.push_back({"siso", small(false, 1)});
+  Mamba3Config c = small(false, 1);
+  c.ngroups = 2, c.is_outproj_norm = true;
+  v.push_back({"siso ngroups 2 outnorm", c});
+  v.push_back({"mimo R=2", small(true, 2)});
+  c = small(true, 3);
+  c.ngroups = 2, c.is_outproj_norm = true;
+  v.push_back({"mimo R=3 ngroups 2 outnorm", c});
+  c = small(true, 4);
+  c.rope_fraction = 1.0;
+  v.push_back({"mimo R=4 rope 1.0", c});
+  c = small(false, 1);
+  c.rope_fraction = 1.0, c.A_floor = 1.0;  // the clamp binds on about half of the (token, head)s
+  v.push_back({"siso rope 1.0 A_floor clamp", c});
+  c = small(false, 1);
+  c.a_activation = AActivation::Softplus;
+  v.push_back({"siso softplus A", c});
+  c = small(false, 1);
+  c.euler = true;
+  v.push_back({"siso euler", c});
+  c = small(false, 1);
+  c.no_rotary = true;
+  v.push_back({"siso no_rotary", c});
+  c = small(true, 2);
+  c.euler = true, c.no_rotary = true, c.is_outproj_norm = true;
+  v.push_back({"mimo R=2 euler no_rotary outnorm", c});
+  c = small(false, 1);
+  c.d_model = 32, c.d_state = 64, c.headdim = 32;  // wider tiles (P·N = 2048)
+  v.push_back({"siso d_state 64 headdim 32", c});
+  return v;
+}
+
+void run_against_cpu(const LayerCase& lc, int64_t L, Precision p, double out_tol, double grad_tol) {
+  SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + " " + cuda::precision_name(p));
+  const Mamba3Config& c = lc.c;
+  const int64_t batch = 3;
+  std::mt19937 rng(uint32_t(300 + L));
+  Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
+  const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+  Mamba3State state = mixer.new_state(batch);
+  const Tensor out_ref = mixer.prefill(u, state);
+  const Mamba3MixerGradients ref = mamba3_mixer_backward(mixer, u, dout);
+  const GpuResult r = run_gpu(mixer, u, dout, p);
+  std::string where;
+  double worst = 0;
+  compare(r, out_ref, ref.u, ref.params, out_tol, grad_tol, worst, where);
+  std::printf("  %-34s L=%-3lld %s worst rel L2 vs CPU %.2e (%s)\n", lc.name, (long long)L, cuda::precision_name(p),
+              worst, where.c_str());
+}
+
+TEST(Mamba3TrainGpu, MatchesCpuF32OnAwkwardShapes) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : layer_cases())
+    for (int64_t L : {1, 63, 65, 300}) run_against_cpu(lc, L, Precision::F32, kOutTolF32, kGradTolF32);
+}
+
+TEST(Mamba3TrainGpu, MatchesCpuBF16) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : layer_cases())
+    for (int64_t L : {1, 65}) run_against_cpu(lc, L, Precision::BF16, kTolBF16, kTolBF16);
+}
+
+// Two backward calls give bit-identical gradients; a second call into the same destinations adds (≈ 2×).
+TEST(Mamba3TrainGpu, DeterministicAndAccumulating) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : layer_cases()) {
+    SCOPED_TRACE(lc.name);
+    const Mamba3Config& c = lc.c;
+    const int64_t B = 3, L = 130;
+    std::mt19937 rng(7);
+    Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
+    const Tensor u = random_tensor(rng, {B, L, c.d_model}), dout = random_tensor(rng, {B, L, c.d_model});
+    cuda::Context ctx;
+    cuda::TrainGemm gemm(Precision::F32);
+    cuda::Mamba3TrainGpu train(c);
+    DeviceLayer layer(mixer);
+    cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+    cuda::DeviceBuffer du(ud.bytes());
+    auto backward = [&] {
+      poison(du.raw(), du.bytes());
+      train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(), du.as<float>());
+      ctx.sync();
+      return std::make_pair(from_device_f32(du.raw(), {B, L, c.d_model}), layer.download_grads());
+    };
+    const auto [du1, g1] = backward();
+    layer.zero_grads();
+    const auto [du2, g2] = backward();
+    EXPECT_EQ(std::memcmp(du1.raw(), du2.raw(), du1.nbytes()), 0) << "du";
+    for (const auto& [name, t] : g1)
+      EXPECT_EQ(std::memcmp(t.raw(), g2.at(name).raw(), t.nbytes()), 0) << "grad." << name << " not bit-identical";
+    const auto [du3, g3] = backward();  // accumulates onto g2
+    for (const auto& [name, t] : g1) {
+      Tensor twice = t.to(DType::F32);
+      for (int64_t i = 0; i < twice.numel(); ++i) twice.data<float>()[i] *= 2.0f;
+      EXPECT_LE(rel_l2(g3.at(name), twice), 1e-6) << "grad." << name << " not accumulated";
+    }
+  }
+}
+
+TEST(Mamba3TrainGpu, UnsupportedConfigThrows) {
+  Mamba3Config c = small(true, 5);
+  EXPECT_THROW(cuda::Mamba3TrainGpu{c}, Error);
+}
+
+}  // namespace
+}  // namespace mamba3::test
