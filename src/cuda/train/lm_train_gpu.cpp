@@ -12,6 +12,7 @@
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/norm_train_gpu.h"
 #include "ops/mamba3_config.h"
+#include "ops/mamba3_reference_backward.h"
 
 namespace mamba3::cuda {
 
