@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: unpacks gpu-bundle/bundle.tar.xz (made by scripts/gpu_bundle.sh), runs every CUDA test binary
 # (the `cuda` ctest label), a compute-sanitizer memcheck pass at small sizes, and the benchmark given in BENCH_ARGS.
-# Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" scripts/gpu_run.sh [tests|bench|all]
+# Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" [TESTS='test_*train*'] [SANITIZE_BIN=test_x]
+# scripts/gpu_run.sh [tests|bench|all]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -14,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$O
 cat "$OUT/gpu.txt"
 status=0
 if [[ $what == tests || $what == all ]]; then
-  for t in run/bin/test_*; do
+  for t in run/bin/${TESTS:-test_*}; do
     name=$(basename "$t")
     if "$t" --gtest_brief=1 > "$OUT/$name.log" 2>&1; then
       echo "PASS $name"
@@ -23,7 +24,7 @@ if [[ $what == tests || $what == all ]]; then
     fi
   done
   if [[ -n ${SANITIZE_FILTER:-} ]]; then
-    compute-sanitizer --tool memcheck --error-exitcode 9 run/bin/test_mamba3_gpu --gtest_filter="$SANITIZE_FILTER" \
+    compute-sanitizer --tool memcheck --error-exitcode 9 run/bin/${SANITIZE_BIN:-test_mamba3_gpu} --gtest_filter="$SANITIZE_FILTER" \
       > "$OUT/memcheck.log" 2>&1 && echo "PASS memcheck" || { echo "FAIL memcheck"; status=1; tail -30 "$OUT/memcheck.log"; }
   fi
 fi

