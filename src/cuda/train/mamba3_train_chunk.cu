@@ -16,6 +16,11 @@ namespace mamba3::cuda::train_detail {
 namespace {
 
 constexpr int kWarps = kChunkThreads / 32;
+// Register micro-tiles: a thread owns kTile consecutive rows × kTile columns (strided by the column-tile count in the
+// row-by-column products, consecutive in the square score tiles), loading kTile + kTile shared operands per k-step for
+// kTile² FMAs. Every output still sums its terms in the plain loop's order (rows past the end are clamped for the
+// loads and never stored).
+constexpr int kTile = 4;
 
 // Float offsets of the forward kernel's shared-memory tiles.
 struct FwdLayout {
@@ -90,27 +95,34 @@ __device__ __forceinline__ void build_chunk(const ChunkParams& p, int64_t bh, in
   }
 }
 
-// One thread: the chunk-local decay prefix Λ (summed in token order as the CPU does), e^Λ, γ = λΔ and
+// Called by the whole block (it holds two barriers): the chunk-local decay prefix Λ (summed in token order by one
+// thread as the CPU does, from A and Δ staged in Λ and e^Λ by one thread per token), e^Λ, γ = λΔ and
 // scale_t = γ_t + (1 − λ_{t+1})·Δ_{t+1} (the next token may lie in the next chunk; 0 after the last).
 __device__ __forceinline__ void chunk_scalars(const ChunkParams& p, int64_t bh, int c0, int Tc, float* Lam, float* scale, float* gam,
                               float* eL) {
   const int L = p.d.L;
-  float run = 0;
-  for (int tl = 0; tl < Tc; ++tl) {
+  for (int tl = threadIdx.x; tl < Tc; tl += kChunkThreads) {
     const int64_t st = bh * L + c0 + tl;
     const float dt = p.dt[st], lam = p.lam[st];
-    run += p.A[st] * dt;
-    Lam[tl] = run;
-    eL[tl] = expf(run);
+    Lam[tl] = p.A[st], eL[tl] = dt;
     gam[tl] = lam * dt;
     const float next = c0 + tl + 1 < L ? (1.0f - p.lam[st + 1]) * p.dt[st + 1] : 0.0f;
     scale[tl] = lam * dt + next;
   }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float run = 0;
+    for (int tl = 0; tl < Tc; ++tl) run += Lam[tl] * eL[tl], Lam[tl] = run;
+  }
+  __syncthreads();
+  for (int tl = threadIdx.x; tl < Tc; tl += kChunkThreads) eL[tl] = expf(Lam[tl]);
 }
 
 // Forward over chunks for one (b, h) = blockIdx.x. Per chunk of rows = T·R: scores r²·N, y r·P·(2N + r),
 // state update 3·r·P·N FLOPs, i.e. ≈ R·(T·R·(N + P) + 5·P·N) per token and head; traffic per token and head
 // ≈ 2·R·N + 2·P reads + P writes (backward: + P + R·P + P, and P·N per chunk for H_c), all else in shared memory.
+// The products run as kTile×kTile register tiles (shared loads per FMA 2/kTile); the score tiles straddling the
+// diagonal also form their masked entries, ≈ kTile/(T·R) more score FLOPs.
 template <bool kBwd>
 __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const ChunkParams p) {
   extern __shared__ float sm[];
@@ -141,44 +153,118 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
       for (int e = tid; e < P * N; e += kChunkThreads)
         p.Hc[(bh * chunks + ci) * P * N + e] = sH[(e / N) * ldN + e % N];
     build_chunk(p, bh, b, h, c0, Tc, sQ, sK, sV, ldN, ldP);
-    if (tid == 0) {
-      chunk_scalars(p, bh, c0, Tc, Lam, scale, gam, eL);
-      for (int tl = 0; tl < Tc; ++tl) wv[tl] = expf(Lam[Tc - 1] - Lam[tl]) * scale[tl];
-    }
+    chunk_scalars(p, bh, c0, Tc, Lam, scale, gam, eL);
+    for (int tl = tid; tl < Tc; tl += kChunkThreads) wv[tl] = expf(Lam[Tc - 1] - Lam[tl]) * scale[tl];
     __syncthreads();
 
     // Causal weights W = (q·kᵀ) ⊙ coef, and y = e^Λ·(q·Hᵀ) + D·v.
-    for (int e = tid; e < rows * rows; e += kChunkThreads) {
-      const int j = e / rows, jj = e % rows, tl = j / R, sl = jj / R;
-      float w = 0.0f;
-      if (sl <= tl) {
-        float dot = 0.0f;
-        for (int n = 0; n < N; ++n) dot += sQ[j * ldN + n] * sK[jj * ldN + n];
-        w = dot * (sl < tl ? expf(Lam[tl] - Lam[sl]) * scale[sl] : gam[tl]);
+    const int rt = (rows + kTile - 1) / kTile, pt = (P + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
+    for (int t = tid; t < rt * rt; t += kChunkThreads) {
+      const int j0 = (t / rt) * kTile, k0 = (t % rt) * kTile;
+      float acc[kTile][kTile] = {};
+      if (k0 / R <= min(j0 + kTile - 1, rows - 1) / R) {  // else the tile lies wholly above the causal diagonal
+        int jr[kTile], kr[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1) * ldN, kr[a] = min(k0 + a, rows - 1) * ldN;
+        for (int n = 0; n < N; ++n) {
+          float x[kTile], y[kTile];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] + n], y[a] = sK[kr[a] + n];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+        }
       }
-      sW[j * ldR + jj] = w;
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) {
+          const int j = j0 + a, jj = k0 + c;
+          if (j >= rows || jj >= rows) continue;
+          const int tl = j / R, sl = jj / R;
+          sW[j * ldR + jj] = sl <= tl ? acc[a][c] * (sl < tl ? expf(Lam[tl] - Lam[sl]) * scale[sl] : gam[tl]) : 0.0f;
+        }
     }
-    for (int e = tid; e < rows * P; e += kChunkThreads) {
-      const int j = e / P, q = e % P;
-      float dot = 0.0f;
-      for (int n = 0; n < N; ++n) dot += sQ[j * ldN + n] * sH[q * ldN + n];
-      sY[j * ldP + q] = eL[j / R] * dot + Dh * sV[j * ldP + q];
+    for (int t = tid; t < rt * pt; t += kChunkThreads) {
+      const int j0 = (t / pt) * kTile, q0 = t % pt;
+      int jr[kTile], qr[kTile];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1) * ldN, qr[a] = min(q0 + a * pt, P - 1) * ldN;
+      float acc[kTile][kTile] = {};
+      for (int n = 0; n < N; ++n) {
+        float x[kTile], y[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] + n], y[a] = sH[qr[a] + n];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+      }
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) {
+          const int j = j0 + a, q = q0 + c * pt;
+          if (j < rows && q < P) sY[j * ldP + q] = eL[j / R] * acc[a][c] + Dh * sV[j * ldP + q];
+        }
     }
     __syncthreads();
 
     // y += W·v; the state to the chunk's end: H ← e^{Λ_last}·H + (w ⊙ v)ᵀ·k.
-    for (int e = tid; e < rows * P; e += kChunkThreads) {
-      const int j = e / P, q = e % P, end = (j / R + 1) * R;
-      float acc = 0.0f;
-      for (int jj = 0; jj < end; ++jj) acc += sW[j * ldR + jj] * sV[jj * ldP + q];
-      sY[j * ldP + q] += acc;
+    for (int t = tid; t < rt * pt; t += kChunkThreads) {
+      const int j0 = (t / pt) * kTile, q0 = t % pt;
+      int jr[kTile], qc[kTile], end[kTile];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a) {
+        const int j = min(j0 + a, rows - 1);
+        jr[a] = j * ldR, end[a] = (j / R + 1) * R, qc[a] = min(q0 + a * pt, P - 1);
+      }
+      float acc[kTile][kTile] = {};
+      for (int jj = 0; jj < end[kTile - 1]; ++jj) {  // end[] grows with the row
+        float v[kTile];
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) v[c] = sV[jj * ldP + qc[c]];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+          if (jj < end[a]) {
+            const float w = sW[jr[a] + jj];
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) acc[a][c] += w * v[c];
+          }
+      }
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) {
+          const int j = j0 + a, q = q0 + c * pt;
+          if (j < rows && q < P) sY[j * ldP + q] += acc[a][c];
+        }
     }
     const float elast = eL[Tc - 1];
-    for (int e = tid; e < P * N; e += kChunkThreads) {
-      const int q = e / N, n = e % N;
-      float acc = 0.0f;
-      for (int jj = 0; jj < rows; ++jj) acc += (wv[jj / R] * sV[jj * ldP + q]) * sK[jj * ldN + n];
-      sH[q * ldN + n] = elast * sH[q * ldN + n] + acc;
+    for (int t = tid; t < pt * nt; t += kChunkThreads) {
+      const int q0 = (t / nt) * kTile, n0 = t % nt;
+      int qc[kTile], nc[kTile];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a) qc[a] = min(q0 + a, P - 1), nc[a] = min(n0 + a * nt, N - 1);
+      float acc[kTile][kTile] = {};
+      for (int jj = 0; jj < rows; ++jj) {
+        const float wj = wv[jj / R];
+        float x[kTile], y[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) x[a] = wj * sV[jj * ldP + qc[a]], y[a] = sK[jj * ldN + nc[a]];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+      }
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) {
+          const int q = q0 + a, n = n0 + c * nt;
+          if (q < P && n < N) sH[q * ldN + n] = elast * sH[q * ldN + n] + acc[a][c];
+        }
     }
     __syncthreads();
 
@@ -264,7 +350,8 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
 // Reverse over chunks for one (b, h) = blockIdx.x, carrying dH (P×N). Per chunk of rows = T·R: scores and their
 // gradient r²·(N + P), dV/dQ/dK r²·(P + 2N) + 8·r·P·N, dH 2·r·P·N FLOPs (causal halves counted), i.e.
 // ≈ R·(2·T·R·(N + P) + 10·P·N) per token and head; traffic per token and head ≈ 2·R·N + P + R·P reads (zx, dy)
-// + P·N per chunk (H_c), and 2·R·N (dB̂, dĈ) + P + S + 3 writes.
+// + P·N per chunk (H_c), and 2·R·N (dB̂, dĈ) + P + S + 3 writes. Products as in the forward: kTile×kTile register
+// tiles, diagonal score tiles formed whole.
 __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const ChunkParams p) {
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
@@ -294,19 +381,48 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
     for (int e = tid; e < rows * P; e += kChunkThreads)
       dY[(e / P) * ldP + e % P] = p.dy[((bh * d.L + c0) * R) * P + e];
     for (int e = tid; e < P * N; e += kChunkThreads) Hc[(e / N) * ldN + e % N] = p.Hc[(bh * chunks + ci) * P * N + e];
-    if (tid == 0) {
-      chunk_scalars(p, bh, c0, Tc, Lam, scale, gam, eL);
-      for (int tl = 0; tl < Tc; ++tl) e2[tl] = expf(Lam[Tc - 1] - Lam[tl]);
-    }
+    chunk_scalars(p, bh, c0, Tc, Lam, scale, gam, eL);
+    for (int tl = tid; tl < Tc; tl += kChunkThreads) e2[tl] = expf(Lam[Tc - 1] - Lam[tl]);
     __syncthreads();
 
     // Scores S = q·kᵀ and dW = dy·vᵀ; E = d loss/d coef without scale (→ Λ, scale, γ); Sm ← W, dW ← dS.
-    for (int e = tid; e < rows * rows; e += kChunkThreads) {
-      const int j = e / rows, jj = e % rows, tl = j / R, sl = jj / R;
+    const int rt = (rows + kTile - 1) / kTile, pt = (P + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
+    for (int t = tid; t < rt * rt; t += kChunkThreads) {
+      const int j0 = (t / rt) * kTile, k0 = (t % rt) * kTile;
+      float as[kTile][kTile] = {}, adw[kTile][kTile] = {};
+      if (k0 / R <= min(j0 + kTile - 1, rows - 1) / R) {  // else the tile lies wholly above the causal diagonal
+        int jr[kTile], kr[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), kr[a] = min(k0 + a, rows - 1);
+        for (int n = 0; n < N; ++n) {
+          float x[kTile], y[kTile];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] * ldN + n], y[a] = sK[kr[a] * ldN + n];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) as[a][c] += x[a] * y[c];
+        }
+        for (int q = 0; q < P; ++q) {
+          float x[kTile], y[kTile];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a) x[a] = dY[jr[a] * ldP + q], y[a] = sV[kr[a] * ldP + q];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) adw[a][c] += x[a] * y[c];
+        }
+      }
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) {
+      const int j = j0 + a, jj = k0 + c;
+      if (j >= rows || jj >= rows) continue;
+      const int tl = j / R, sl = jj / R;
       float s = 0.0f, dw = 0.0f, cf = 0.0f, ge = 0.0f;
       if (sl <= tl) {
-        for (int n = 0; n < N; ++n) s += sQ[j * ldN + n] * sK[jj * ldN + n];
-        for (int q = 0; q < P; ++q) dw += dY[j * ldP + q] * sV[jj * ldP + q];
+        s = as[a][c], dw = adw[a][c];
         if (sl < tl) {
           const float ex = expf(Lam[tl] - Lam[sl]);
           cf = ex * scale[sl];
@@ -319,35 +435,121 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
       Sm[j * ldR + jj] = s * cf;
       dW[j * ldR + jj] = dw * cf;
       sE[j * ldR + jj] = ge;
+        }
     }
     __syncthreads();
 
     // dV = Wᵀ·dy + D·dy + w ⊙ (k·dHᵀ); dQ = dS·k + e^Λ ⊙ (dy·H_c); dK = dSᵀ·q + w ⊙ (v·dH); T1 = q·H_cᵀ, T2 = k·dHᵀ.
-    for (int e = tid; e < rows * P; e += kChunkThreads) {
-      const int j = e / P, q = e % P, tl = j / R;
-      float acc = 0.0f, t1 = 0.0f, t2 = 0.0f;
-      for (int jj = tl * R; jj < rows; ++jj) acc += Sm[jj * ldR + j] * dY[jj * ldP + q];
+    for (int t = tid; t < rt * pt; t += kChunkThreads) {
+      const int j0 = (t / pt) * kTile, q0 = t % pt;
+      int jr[kTile], qc[kTile], beg[kTile];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, qc[a] = min(q0 + a * pt, P - 1);
+      float acc[kTile][kTile] = {}, t1[kTile][kTile] = {}, t2[kTile][kTile] = {};
+      for (int jj = beg[0]; jj < rows; ++jj) {  // beg[] grows with the row
+        float v[kTile];
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) v[c] = dY[jj * ldP + qc[c]];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+          if (jj >= beg[a]) {
+            const float w = Sm[jj * ldR + jr[a]];
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) acc[a][c] += w * v[c];
+          }
+      }
       for (int n = 0; n < N; ++n) {
-        t1 += sQ[j * ldN + n] * Hc[q * ldN + n];
-        t2 += sK[j * ldN + n] * dH[q * ldN + n];
+        float x[kTile], y[kTile], x2[kTile], y2[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) {
+          x[a] = sQ[jr[a] * ldN + n], y[a] = Hc[qc[a] * ldN + n];
+          x2[a] = sK[jr[a] * ldN + n], y2[a] = dH[qc[a] * ldN + n];
+        }
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) t1[a][c] += x[a] * y[c], t2[a][c] += x2[a] * y2[c];
       }
-      const float dy = dY[j * ldP + q];
-      dD += dy * sV[j * ldP + q];
-      T1[j * ldP + q] = t1;
-      T2[j * ldP + q] = t2;
-      dV[j * ldP + q] = acc + Dh * dy + e2[tl] * scale[tl] * t2;
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) {
+          const int j = j0 + a, q = q0 + c * pt, tl = j / R;
+          if (j >= rows || q >= P) continue;
+          const float dy = dY[j * ldP + q];
+          T1[j * ldP + q] = t1[a][c];
+          T2[j * ldP + q] = t2[a][c];
+          dV[j * ldP + q] = acc[a][c] + Dh * dy + e2[tl] * scale[tl] * t2[a][c];
+        }
     }
-    for (int e = tid; e < rows * N; e += kChunkThreads) {
-      const int j = e / N, n = e % N, tl = j / R, end = (tl + 1) * R;
-      float aq = 0.0f, bq = 0.0f, ak = 0.0f, bk = 0.0f;
-      for (int jj = 0; jj < end; ++jj) aq += dW[j * ldR + jj] * sK[jj * ldN + n];
-      for (int jj = tl * R; jj < rows; ++jj) ak += dW[jj * ldR + j] * sQ[jj * ldN + n];
-      for (int q = 0; q < P; ++q) {
-        bq += dY[j * ldP + q] * Hc[q * ldN + n];
-        bk += sV[j * ldP + q] * dH[q * ldN + n];
+    for (int e = tid; e < rows * P; e += kChunkThreads) dD += dY[(e / P) * ldP + e % P] * sV[(e / P) * ldP + e % P];
+    for (int t = tid; t < rt * nt; t += kChunkThreads) {
+      const int j0 = (t / nt) * kTile, n0 = t % nt;
+      int jr[kTile], nc[kTile], beg[kTile];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, nc[a] = min(n0 + a * nt, N - 1);
+      {
+        float aq[kTile][kTile] = {}, bq[kTile][kTile] = {};
+        for (int jj = 0; jj < beg[kTile - 1] + R; ++jj) {  // row a sums jj < beg[a] + R
+          float y[kTile];
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) y[c] = sK[jj * ldN + nc[c]];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+            if (jj < beg[a] + R) {
+              const float w = dW[jr[a] * ldR + jj];
+#pragma unroll
+              for (int c = 0; c < kTile; ++c) aq[a][c] += w * y[c];
+            }
+        }
+        for (int q = 0; q < P; ++q) {
+          float x[kTile], y[kTile];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a) x[a] = dY[jr[a] * ldP + q], y[a] = Hc[q * ldN + nc[a]];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) bq[a][c] += x[a] * y[c];
+        }
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) {
+            const int j = j0 + a, n = n0 + c * nt;
+            if (j < rows && n < N) dQ[j * ldN + n] = aq[a][c] + eL[j / R] * bq[a][c];
+          }
       }
-      dQ[j * ldN + n] = aq + eL[tl] * bq;
-      dK[j * ldN + n] = ak + e2[tl] * scale[tl] * bk;
+      {
+        float ak[kTile][kTile] = {}, bk[kTile][kTile] = {};
+        for (int jj = beg[0]; jj < rows; ++jj) {
+          float y[kTile];
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) y[c] = sQ[jj * ldN + nc[c]];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+            if (jj >= beg[a]) {
+              const float w = dW[jj * ldR + jr[a]];
+#pragma unroll
+              for (int c = 0; c < kTile; ++c) ak[a][c] += w * y[c];
+            }
+        }
+        for (int q = 0; q < P; ++q) {
+          float x[kTile], y[kTile];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a) x[a] = sV[jr[a] * ldP + q], y[a] = dH[q * ldN + nc[a]];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) bk[a][c] += x[a] * y[c];
+        }
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) {
+            const int j = j0 + a, n = n0 + c * nt, tl = j / R;
+            if (j < rows && n < N) dK[j * ldN + n] = ak[a][c] + e2[tl] * scale[tl] * bk[a][c];
+          }
+      }
     }
     {
       float dot = 0.0f;
@@ -365,11 +567,29 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
       if (lane == 0) dLamHc[j] = eL[j / R] * a, dws[j] = c;
     }
     const float elast = eL[Tc - 1];
-    for (int e = tid; e < P * N; e += kChunkThreads) {
-      const int q = e / N, n = e % N;
-      float acc = 0.0f;
-      for (int j = 0; j < rows; ++j) acc += eL[j / R] * dY[j * ldP + q] * sQ[j * ldN + n];
-      dH[q * ldN + n] = elast * dH[q * ldN + n] + acc;
+    for (int t = tid; t < pt * nt; t += kChunkThreads) {
+      const int q0 = (t / nt) * kTile, n0 = t % nt;
+      int qc[kTile], nc[kTile];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a) qc[a] = min(q0 + a, P - 1), nc[a] = min(n0 + a * nt, N - 1);
+      float acc[kTile][kTile] = {};
+      for (int j = 0; j < rows; ++j) {
+        const float ej = eL[j / R];
+        float x[kTile], y[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) x[a] = ej * dY[j * ldP + qc[a]], y[a] = sQ[j * ldN + nc[a]];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+      }
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) {
+          const int q = q0 + a, n = n0 + c * nt;
+          if (q < P && n < N) dH[q * ldN + n] = elast * dH[q * ldN + n] + acc[a][c];
+        }
     }
     if (tid == 0) {
       float s = 0.0f;
