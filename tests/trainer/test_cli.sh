@@ -56,7 +56,11 @@ expect_error "train: ids ≥ vocab" "≥ the model's vocab_size 100" "${train[@]
 expect_error "train: unsupported layer" "ssm_cfg.layer" "${train[@]}" --config "$tmp/mamba2.json" --data "$tmp/tokens.bin" --out "$tmp/o4"
 expect_error "train: unknown config field" "n_layers_typo" "${train[@]}" --config "$tmp/typo.json" --data "$tmp/tokens.bin" --out "$tmp/o5"
 expect_error "train: non-writable output" "cannot be created" "${train[@]}" --config "$tmp/config.json" --data "$tmp/tokens.bin" --out "$tmp/a.txt/sub"
-expect_error "train: cuda" "not built yet" "${train[@]}" --config "$tmp/config.json" --data "$tmp/tokens.bin" --out "$tmp/o6" --device cuda
+# --device cuda without a usable GPU (or in a build without the backend) fails before training with a clear error.
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  expect_error "train: cuda" "\(no usable CUDA device\|no CUDA backend\)" "${train[@]}" --config "$tmp/config.json" \
+    --data "$tmp/tokens.bin" --out "$tmp/o6" --device cuda
+fi
 expect_error "train: no config" "--config is required" "${train[@]}" --data "$tmp/tokens.bin" --out "$tmp/o7"
 expect_error "train: too short" "too few for one window" "$bin" train --steps 3 --batch 2 --seq-len 20000 --config "$tmp/config.json" --data "$tmp/tokens.bin" --out "$tmp/o8"
 expect_error "train: resume without checkpoint" "no checkpoint" "${train[@]}" --resume --data "$tmp/tokens.bin" --out "$tmp/o9"
