@@ -23,6 +23,10 @@ if [[ $what == tests || $what == all ]]; then
       echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
     fi
   done
+  for s in tests/cuda/*.sh; do  # CLI tests on the GPU (they take the binary)
+    name=$(basename "$s" .sh)
+    if bash "$s" run/bin/mamba3 > "$OUT/$name.log" 2>&1; then echo "PASS $name"; else echo "FAIL $name"; status=1; tail -20 "$OUT/$name.log"; fi
+  done
   if [[ -n ${SANITIZE_FILTER:-} ]]; then
     compute-sanitizer --tool memcheck --error-exitcode 9 run/bin/${SANITIZE_BIN:-test_mamba3_gpu} --gtest_filter="$SANITIZE_FILTER" \
       > "$OUT/memcheck.log" 2>&1 && echo "PASS memcheck" || { echo "FAIL memcheck"; status=1; tail -30 "$OUT/memcheck.log"; }
