@@ -22,7 +22,9 @@ struct ServeArgs {
 };
 
 void run(ServeArgs& a) {
-  MAMBA3_CHECK(a.device == "cpu", "--device {}: only the CPU backend is built in this version", a.device);
+  MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda (got '{}')", a.device);
+  MAMBA3_CHECK(a.device == "cpu", "--device cuda: the server does not run on the CUDA backend yet (generate, bench and "
+               "train do); serve on the CPU with --device cpu");
   MAMBA3_CHECK(a.port >= 0 && a.port <= 65535, "--port: {} is not a TCP port", a.port);
   MAMBA3_CHECK(a.state_cache_mb >= 0 && a.max_body_kb >= 1, "--state-cache-mb must be >= 0 and --max-body-kb >= 1");
   if (a.threads > 0) set_threads(a.threads);
@@ -69,7 +71,7 @@ void register_serve(CLI::App& app) {
   cmd->add_option("-m,--model", a.model, "model directory (config.json + weights [+ tokenizer])")->required();
   cmd->add_option("--host", a.host, "address to bind")->capture_default_str();
   cmd->add_option("--port", a.port, "TCP port (0: any free port, printed on stderr)")->capture_default_str();
-  cmd->add_option("--device", a.device, "cpu (cuda: not built yet)")->capture_default_str();
+  cmd->add_option("--device", a.device, "cpu (the server has no CUDA path yet)")->capture_default_str();
   cmd->add_option("--api-key", a.api_key, "require 'Authorization: Bearer KEY' (except /health)");
   cmd->add_option("--alias", a.alias, "model name in the API (default: the directory name)");
   cmd->add_option("--max-batch", a.engine.max_batch, "sequences decoded together")->capture_default_str();
