@@ -162,4 +162,14 @@ int64_t validation_windows(const std::vector<uint32_t>& tokens, int64_t window, 
   return n;
 }
 
+void split_windows(const int64_t* tokens, int64_t B, int64_t L, std::vector<int64_t>& inputs,
+                   std::vector<int64_t>& targets) {
+  inputs.resize(size_t(B * L)), targets.resize(size_t(B * L));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      inputs[size_t(b * L + t)] = tokens[b * (L + 1) + t];
+      targets[size_t(b * L + t)] = tokens[b * (L + 1) + t + 1];
+    }
+}
+
 }  // namespace mamba3

@@ -68,4 +68,9 @@ class WindowSampler {
 int64_t validation_windows(const std::vector<uint32_t>& tokens, int64_t window, int64_t count,
                            std::vector<int64_t>& out);
 
+// Language-model windows (B rows of L+1 ids) as inputs (B, L) = ids [0, L) and targets (B, L) = ids [1, L] of each
+// row (both resized).
+void split_windows(const int64_t* tokens, int64_t B, int64_t L, std::vector<int64_t>& inputs,
+                   std::vector<int64_t>& targets);
+
 }  // namespace mamba3

@@ -15,6 +15,7 @@
 #include "ops/mamba3_reference_backward.h"
 #include "ops/norm_backward.h"
 #include "train/attention_layer_grad.h"
+#include "train/data.h"
 #include "train/gated_mlp_grad.h"
 #include "train/lm_head_loss.h"
 
@@ -104,12 +105,8 @@ double lm_loss_and_grad(const ModelConfig& c, const TensorMap& params, const int
     MAMBA3_CHECK(tokens[i] >= 0 && tokens[i] < c.vocab_size,
                  "lm_loss_and_grad: token {} at row {} position {} is outside the vocabulary [0, {})", tokens[i],
                  i / (L + 1), i % (L + 1), c.vocab_size);
-  std::vector<int64_t> inputs(static_cast<size_t>(B * L)), targets(static_cast<size_t>(B * L));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < L; ++t) {
-      inputs[size_t(b * L + t)] = tokens[b * (L + 1) + t];
-      targets[size_t(b * L + t)] = tokens[b * (L + 1) + t + 1];
-    }
+  std::vector<int64_t> inputs, targets;
+  split_windows(tokens, B, L, inputs, targets);
   return lm_loss_and_grad_labels(c, params, inputs.data(), targets.data(), B, L, grads);
 }
 

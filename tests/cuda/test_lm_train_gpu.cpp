@@ -27,10 +27,7 @@ using test::lm_test_weights;
 
 void split(const std::vector<int64_t>& tokens, int64_t B, int64_t L, std::vector<int64_t>& in,
            std::vector<int64_t>& tg) {
-  in.resize(size_t(B * L)), tg.resize(size_t(B * L));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < L; ++t)
-      in[size_t(b * L + t)] = tokens[size_t(b * (L + 1) + t)], tg[size_t(b * L + t)] = tokens[size_t(b * (L + 1) + t + 1)];
+  split_windows(tokens.data(), B, L, in, tg);
 }
 
 // GPU loss and gradients vs CPU; tolerances per precision (f32: reduction order only; bf16: rounded GEMM inputs).

@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "cuda/train/adamw_gpu.h"
 #include "cuda/train/lm_train_gpu.h"
+#include "train/data.h"
 
 namespace mamba3::cuda {
 
@@ -72,14 +73,7 @@ class CudaTrainEngine final : public TrainEngine {
   }
 
  private:
-  void split(const int64_t* tokens, int64_t B, int64_t L) {
-    inputs_.resize(size_t(B * L)), targets_.resize(size_t(B * L));
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < L; ++t) {
-        inputs_[size_t(b * L + t)] = tokens[b * (L + 1) + t];
-        targets_[size_t(b * L + t)] = tokens[b * (L + 1) + t + 1];
-      }
-  }
+  void split(const int64_t* tokens, int64_t B, int64_t L) { split_windows(tokens, B, L, inputs_, targets_); }
 
   TensorMap& params_;
   AdamW& optimizer_;
