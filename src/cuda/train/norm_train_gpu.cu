@@ -20,6 +20,21 @@ int64_t rows_per_block(int64_t rows) {
   return std::max(kMinRowsPerBlock, (rows + kMaxRowBlocks - 1) / kMaxRowBlocks);
 }
 
+// LayerNorm statistics of one row (the whole block): mean and 1/√(biased variance + ε), in float64 as ops/norm.cpp
+// forms them; shared by the forward and the backward so both see the same numbers.
+__device__ void layernorm_stats(const float* xr, int64_t D, float eps, double* red, double& mean, double& rstd) {
+  double sum = 0;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) sum += xr[j];
+  mean = block_sum(sum, red) / double(D);
+  double ss = 0;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    const double d = double(xr[j]) - mean;
+    ss += d * d;
+  }
+  ss = block_sum(ss, red);
+  rstd = 1.0 / sqrt(ss / double(D) + double(eps));
+}
+
 // y = Norm(x)·w (+ b), one block per row, float64 statistics exactly as ops/norm.cpp forms them.
 // Cost: reads x twice (three times for LayerNorm) and w, writes y: ~3·rows·D floats of traffic.
 __global__ void norm_forward_kernel(const float* x, int64_t rows, int64_t D, const float* w, const float* b,
@@ -35,16 +50,9 @@ __global__ void norm_forward_kernel(const float* x, int64_t rows, int64_t D, con
       const float sc = float(1.0 / sqrt(ss / double(D) + double(eps)));
       for (int64_t j = threadIdx.x; j < D; j += blockDim.x) yr[j] = xr[j] * sc * w[j];
     } else {
-      double sum = 0;
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) sum += xr[j];
-      const double mean = block_sum(sum, red) / double(D);
-      double ss = 0;
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-        const double d = double(xr[j]) - mean;
-        ss += d * d;
-      }
-      ss = block_sum(ss, red);
-      const float sc = float(1.0 / sqrt(ss / double(D) + double(eps)));
+      double mean, rstd;
+      layernorm_stats(xr, D, eps, red, mean, rstd);
+      const float sc = float(rstd);
       const float m = float(mean);
       for (int64_t j = threadIdx.x; j < D; j += blockDim.x) yr[j] = (xr[j] - m) * sc * w[j] + b[j];
     }
@@ -85,16 +93,8 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
         dxr[j] = accumulate ? dxr[j] + v : v;
       }
     } else {
-      double sum = 0;
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) sum += xr[j];
-      const double mean = block_sum(sum, red) / double(D);
-      double ss = 0;
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-        const double d = double(xr[j]) - mean;
-        ss += d * d;
-      }
-      ss = block_sum(ss, red);
-      const double s = 1.0 / sqrt(ss / double(D) + double(eps));
+      double mean, s;
+      layernorm_stats(xr, D, eps, red, mean, s);
       double mg = 0, mgx = 0;
       for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
         const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
