@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <unordered_map>
 
+#include "server/cpu_backend.h"
 #include "server/prefix_cache.h"
 #include "server/stop_matcher.h"
 
@@ -57,35 +58,27 @@ void Job::fail(const std::string& message) {
 struct Engine::Choice {
   std::shared_ptr<Job> job;
   int64_t index = 0;
-  Sampler sampler;
-  std::vector<int64_t> history;                // prompt + generated ids (repetition penalty)
-  std::unordered_map<int64_t, int64_t> counts;  // generated id → times (presence/frequency penalties)
   StreamDecoder decoder;
   StopMatcher stop;
   int64_t generated = 0;
-  int64_t last = -1;  // the token fed at the next step
-};
-
-struct Engine::Lane {
-  ModelCache cache;
-  std::vector<std::unique_ptr<Choice>> rows;  // rows[r] is row r of cache
-  Tensor logits;                              // (lane_rows, V_pad)
-  std::vector<int64_t> ids;
 };
 
 struct Engine::Prefill {
   std::shared_ptr<Job> job;
   bool started = false;
-  ModelCache cache;                  // 1 row
-  std::vector<int64_t> ends;         // ascending segment ends; the last is the prompt length
-  std::vector<int64_t> snapshots;    // ends after which the state goes into the prefix cache
+  std::unique_ptr<PromptState> state;  // 1 sequence
+  std::vector<int64_t> ends;           // ascending segment ends; the last is the prompt length
+  std::vector<int64_t> snapshots;      // ends after which the state goes into the prefix cache
   int64_t pos = 0;
-  std::vector<float> logits;         // of the last token prefilled (V_pad)
-  int64_t accounted = 0;             // choices already placed in a lane or ended (their rows are theirs to release)
+  std::vector<float> logits;           // of the last token prefilled (V_pad)
+  int64_t accounted = 0;               // choices already joined or ended (their slots are theirs to release)
 };
 
 Engine::Engine(const LanguageModel& model, const Tokenizer& tokenizer, EngineOptions options)
-    : model_(model), tokenizer_(tokenizer), options_(options),
+    : Engine(std::make_unique<CpuBackend>(model, options.lane_rows), tokenizer, options) {}
+
+Engine::Engine(std::unique_ptr<EngineBackend> backend, const Tokenizer& tokenizer, EngineOptions options)
+    : backend_(std::move(backend)), tokenizer_(tokenizer), options_(options),
       prefix_cache_(std::make_unique<PrefixCache>(options.state_cache_bytes)) {
   MAMBA3_CHECK(options_.max_batch >= 1 && options_.max_queue >= 0 && options_.lane_rows >= 1 &&
                    options_.prefill_block >= 1 && options_.prefill_budget >= 1,
@@ -93,6 +86,9 @@ Engine::Engine(const LanguageModel& model, const Tokenizer& tokenizer, EngineOpt
                "max_queue {} non-negative",
                options_.max_batch, options_.lane_rows, options_.prefill_block, options_.prefill_budget,
                options_.max_queue);
+  MAMBA3_CHECK(options_.max_batch <= backend_->max_sequences(),
+               "engine: max_batch {} exceeds the {} sequences the {} backend holds", options_.max_batch,
+               backend_->max_sequences(), backend_->device());
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -108,11 +104,15 @@ void Engine::stop() {
 }
 
 std::shared_ptr<Job> Engine::submit(GenerationRequest r) {
-  const int64_t V = model_.config().vocab_size;
+  const int64_t V = backend_->config().vocab_size;
   MAMBA3_CHECK(!r.prompt.empty(), "the prompt is empty (it must hold at least one token)");
   for (int64_t id : r.prompt) MAMBA3_CHECK(id >= 0 && id < V, "prompt token id {} is outside the vocabulary [0, {})", id, V);
   MAMBA3_CHECK(r.n >= 1 && r.n <= options_.max_batch, "n must lie in [1, {}], got {}", options_.max_batch, r.n);
   MAMBA3_CHECK(r.max_tokens >= 1, "max_tokens must be at least 1, got {}", r.max_tokens);
+  if (const int64_t cap = backend_->max_sequence_length(); cap > 0)
+    MAMBA3_CHECK(int64_t(r.prompt.size()) + r.max_tokens <= cap,
+                 "the prompt ({} tokens) plus max_tokens ({}) exceed the {} tokens a sequence may hold on this server",
+                 r.prompt.size(), r.max_tokens, cap);
   r.sampling.validate();
   auto job = std::make_shared<Job>(std::move(r));
   {
@@ -151,15 +151,13 @@ void Engine::loop() {
   for (;;) {
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stopping_ || !queue_.empty() || !prefills_.empty() || !lanes_.empty(); });
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty() || !prefills_.empty() || !choices_.empty(); });
       if (stopping_) break;
     }
     admit();
     run_prefills();
-    decode_lanes();
-    compact_lanes();
+    decode();
     std::lock_guard lock(mu_);
-    metrics_.lanes = int64_t(lanes_.size());
     metrics_.cache_bytes = prefix_cache_->bytes();
     metrics_.cache_entries = prefix_cache_->entries();
   }
@@ -167,9 +165,8 @@ void Engine::loop() {
   std::lock_guard lock(mu_);
   for (auto& j : queue_) j->fail("the server is shutting down");
   for (auto& p : prefills_) p->job->fail("the server is shutting down");
-  for (auto& l : lanes_)
-    for (auto& c : l->rows) c->job->fail("the server is shutting down");
-  queue_.clear(), prefills_.clear(), lanes_.clear();
+  for (auto& [seq, c] : choices_) c->job->fail("the server is shutting down");
+  queue_.clear(), prefills_.clear(), choices_.clear();
 }
 
 bool Engine::admit() {
@@ -187,7 +184,7 @@ bool Engine::admit() {
     prefills_.push_back(std::move(p));
   }
   metrics_.queue_depth = int64_t(queue_.size());
-  return !prefills_.empty() || !lanes_.empty();
+  return !prefills_.empty() || !choices_.empty();
 }
 
 void Engine::run_prefills() {
@@ -217,22 +214,21 @@ void Engine::run_prefills() {
           auto hit = prefix_cache_->lookup(r.prompt, p.ends);
           std::lock_guard lock(mu_);
           if (hit) {
-            p.cache = std::move(hit->state);
+            p.state = backend_->copy(*hit->state);
             p.pos = hit->tokens;
             p.logits = std::move(hit->logits);
             p.job->cached_tokens_ = hit->tokens;
             ++metrics_.cache_hits;
             metrics_.cache_hit_tokens += hit->tokens;
           } else {
-            p.cache = model_.new_cache(1);
+            p.state = backend_->new_prompt_state();
             ++metrics_.cache_misses;
           }
         }
         while (p.pos < L && spent < options_.prefill_budget) {
           const int64_t end = *std::upper_bound(p.ends.begin(), p.ends.end(), p.pos);
           std::span<const int64_t> seg(r.prompt.data() + p.pos, size_t(end - p.pos));
-          Tensor lg = model_.prefill(seg, p.cache, 0);  // (1, V_pad)
-          p.logits.assign(lg.data<float>(), lg.data<float>() + lg.numel());
+          backend_->prefill(seg, *p.state, p.logits);
           spent += end - p.pos;
           {
             std::lock_guard lock(mu_);
@@ -240,7 +236,8 @@ void Engine::run_prefills() {
           }
           p.pos = end;
           if (std::find(p.snapshots.begin(), p.snapshots.end(), end) != p.snapshots.end())
-            prefix_cache_->insert(std::span(r.prompt).first(size_t(end)), p.cache, p.logits);
+            prefix_cache_->insert(std::span(r.prompt).first(size_t(end)), *p.state, p.logits,
+                                  [&](const PromptState& x) { return backend_->copy(x); });
         }
         if (p.pos == L) {
           start_choices(p);
@@ -266,45 +263,25 @@ void Engine::run_prefills() {
 void Engine::start_choices(Prefill& p) {
   const GenerationRequest& r = p.job->request();
   for (int64_t i = 0; i < r.n; ++i) {
-    SamplingParams sp = r.sampling;
-    sp.seed = r.sampling.seed + uint64_t(i);
-    auto c = std::unique_ptr<Choice>(new Choice{p.job, i, Sampler(sp, model_.config().vocab_size), r.prompt, {},
-                                                StreamDecoder(tokenizer_), StopMatcher(r.stop), 0, -1});
-    std::vector<float> logits = p.logits;
-    const bool live = advance(*c, logits.data());
-    ++p.accounted;  // from here on the choice's row is released by its lane or was released by advance
-    if (live) place(std::move(c), p.cache);
+    SequenceSampling sp{r.sampling, r.presence_penalty, r.frequency_penalty};
+    sp.params.seed = r.sampling.seed + uint64_t(i);
+    auto c = std::unique_ptr<Choice>(new Choice{p.job, i, StreamDecoder(tokenizer_), StopMatcher(r.stop), 0});
+    const int64_t seq = next_seq_++;
+    const int64_t first = backend_->join(seq, *p.state, p.logits, r.prompt, sp);
+    ++p.accounted;  // from here on the choice's slot is released by decode() or was released by accept
+    if (accept(*c, first)) {
+      choices_.emplace(seq, std::move(c));
+    } else {
+      backend_->leave(seq);
+    }
   }
 }
 
-void Engine::place(std::unique_ptr<Choice> c, const ModelCache& row_state) {
-  Lane* best = nullptr;
-  for (auto& l : lanes_)
-    if (int64_t(l->rows.size()) < options_.lane_rows && (!best || l->rows.size() > best->rows.size())) best = l.get();
-  if (!best) {
-    auto lane = std::make_unique<Lane>();
-    lane->cache = row_state.fork(0, 1);
-    lane->cache.reserve(options_.lane_rows);
-    lane->logits = Tensor::empty(DType::F32, {options_.lane_rows, model_.config().vocab_padded()});
-    lane->rows.push_back(std::move(c));
-    lanes_.push_back(std::move(lane));
-    return;
-  }
-  best->cache.append(row_state);
-  best->rows.push_back(std::move(c));
-}
-
-bool Engine::advance(Choice& c, float* logits) {
+bool Engine::accept(Choice& c, int64_t id) {
   const GenerationRequest& r = c.job->request();
-  if (r.presence_penalty != 0 || r.frequency_penalty != 0)
-    for (const auto& [id, n] : c.counts) logits[id] -= r.presence_penalty + r.frequency_penalty * float(n);
-  const int64_t id = c.sampler.sample(logits, model_.config().vocab_padded(), c.history);
   ++c.generated;
   ++produced_;
   ++c.job->completion_tokens_;
-  c.history.push_back(id);
-  ++c.counts[id];
-  c.last = id;
   {
     std::lock_guard lock(mu_);
     ++metrics_.generated_tokens;
@@ -333,41 +310,46 @@ bool Engine::advance(Choice& c, float* logits) {
   return true;
 }
 
-void Engine::decode_lanes() {
-  const int64_t Vp = model_.config().vocab_padded();
-  for (auto& lane_ptr : lanes_) {
-    Lane& lane = *lane_ptr;
+void Engine::leave(int64_t seq) {
+  backend_->leave(seq);
+  choices_.erase(seq);
+}
+
+void Engine::decode() {
+  // Cancelled sequences leave before the step.
+  std::vector<int64_t> gone;
+  for (const auto& [seq, c] : choices_)
+    if (c->job->cancelled()) gone.push_back(seq);
+  for (int64_t seq : gone) {
+    leave(seq);
+    std::lock_guard lock(mu_);
+    --active_;
+    ++metrics_.cancelled;
+  }
+  if (!choices_.empty()) {
     try {
-      // Cancelled sequences leave before the step (the last row moves into the freed place).
-      for (int64_t r = int64_t(lane.rows.size()) - 1; r >= 0; --r) {
-        if (!lane.rows[size_t(r)]->job->cancelled()) continue;
-        lane.cache.remove_row(r);
-        lane.rows[size_t(r)] = std::move(lane.rows.back());
-        lane.rows.pop_back();
-        std::lock_guard lock(mu_);
-        --active_;
-        ++metrics_.cancelled;
-      }
-      const int64_t B = int64_t(lane.rows.size());
-      if (B == 0) continue;
-      lane.ids.resize(size_t(B));
-      for (int64_t r = 0; r < B; ++r) lane.ids[size_t(r)] = lane.rows[size_t(r)]->last;
-      Tensor logits = lane.logits.slice(0, B);
-      model_.step(lane.ids, lane.cache, logits);
-      std::vector<int64_t> done;
-      for (int64_t r = 0; r < B; ++r)
-        if (!advance(*lane.rows[size_t(r)], logits.data<float>() + r * Vp)) done.push_back(r);
-      for (auto r = done.rbegin(); r != done.rend(); ++r) {
-        lane.cache.remove_row(*r);
-        lane.rows[size_t(*r)] = std::move(lane.rows.back());
-        lane.rows.pop_back();
+      backend_->step(stepped_);
+      for (const auto& [seq, id] : stepped_) {
+        auto it = choices_.find(seq);
+        if (it == choices_.end()) continue;
+        if (!accept(*it->second, id)) leave(seq);
       }
     } catch (const std::exception& e) {
-      for (auto& c : lane.rows) c->job->fail(std::string("decoding failed: ") + e.what());
+      // The backend's state can no longer be trusted: every decoding sequence fails.
+      std::vector<int64_t> all;
+      for (const auto& [seq, c] : choices_) {
+        c->job->fail(std::string("decoding failed: ") + e.what());
+        all.push_back(seq);
+      }
+      for (int64_t seq : all) {
+        try {
+          leave(seq);
+        } catch (const std::exception&) {
+          choices_.erase(seq);
+        }
+      }
       std::lock_guard lock(mu_);
-      active_ -= int64_t(lane.rows.size());
-      lane.rows.clear();
-      lane.cache = ModelCache();
+      active_ -= int64_t(all.size());
     }
   }
   std::lock_guard lock(mu_);
@@ -377,21 +359,6 @@ void Engine::decode_lanes() {
     produced_ = 0;
   }
   while (!recent_.empty() && now - recent_.front().first > std::chrono::seconds(10)) recent_.pop_front();
-}
-
-void Engine::compact_lanes() {
-  std::erase_if(lanes_, [](const std::unique_ptr<Lane>& l) { return l->rows.empty(); });
-  // Merge the two smallest lanes while they fit in one: fewer decode calls per step.
-  for (;;) {
-    if (lanes_.size() < 2) return;
-    std::sort(lanes_.begin(), lanes_.end(), [](const auto& a, const auto& b) { return a->rows.size() < b->rows.size(); });
-    Lane& small = *lanes_[0];
-    Lane& big = *lanes_[1];
-    if (int64_t(small.rows.size() + big.rows.size()) > options_.lane_rows) return;
-    big.cache.append(small.cache);
-    for (auto& c : small.rows) big.rows.push_back(std::move(c));
-    lanes_.erase(lanes_.begin());
-  }
 }
 
 }  // namespace mamba3::server

@@ -1,15 +1,17 @@
 #pragma once
-// The scheduler: one thread owns the model and runs continuous batching. Request threads only submit a Job and
-// read its events. Each iteration the engine (1) admits queued jobs while the active sequences stay within
-// max_batch, (2) prefills admitted prompts (a bounded number of tokens per iteration, so running streams keep
-// flowing), reusing states from the prefix cache, and forks a finished prompt into its n choices, (3) advances
-// every active sequence by one token and (4) removes finished or cancelled sequences at once.
+// The scheduler: one thread owns the backend (the model on its device) and runs continuous batching. Request
+// threads only submit a Job and read its events. Each iteration the engine (1) admits queued jobs while the active
+// sequences stay within max_batch, (2) prefills admitted prompts (a bounded number of tokens per iteration, so
+// running streams keep flowing), reusing states from the prefix cache, and lets a finished prompt's n choices join
+// the decoding set, (3) advances every decoding sequence by one token and (4) lets finished or cancelled sequences
+// leave at once. The backend (engine_backend.h) computes and samples; the engine owns text, stops and metrics.
 //
 // Exactness. A prompt is prefilled in segments that end at fixed places: the caller's boundaries (chat message
 // ends), every multiple of prefill_block, and the prompt's end. The prefix cache stores states only at such ends
 // and a lookup accepts only a length that is also a segment end of the new prompt, so a cache hit computes exactly
-// what a miss computes. Decoding runs in lanes of at most lane_rows rows (≤ 16 keeps the batch-invariant small-M
-// kernel), and choice i samples with seed + i: a request's output does not depend on what else is running.
+// what a miss computes. Choice i samples with seed + i, and both backends decode a sequence independently of its
+// neighbours (CPU: lanes of ≤ 16 rows keep the batch-invariant small-M kernel; CUDA: a fixed number of slots, so
+// every step has the same shape): a request's output does not depend on what else is running.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -20,10 +22,12 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "infer/sampler.h"
 #include "model/language_model.h"
+#include "server/engine_backend.h"
 #include "tokenizer/tokenizer.h"
 
 namespace mamba3::server {
@@ -31,7 +35,7 @@ namespace mamba3::server {
 struct EngineOptions {
   int64_t max_batch = 64;        // active sequences (decoding or being prefilled)
   int64_t max_queue = 256;       // jobs waiting for admission; beyond it submit() refuses
-  int64_t lane_rows = 16;        // rows per decode call
+  int64_t lane_rows = 16;        // rows per decode call (CPU backend)
   int64_t prefill_block = 256;   // prompts are prefilled in segments ending at multiples of this
   int64_t prefill_budget = 512;  // prompt tokens prefilled per iteration (whole segments; at least one)
   size_t state_cache_bytes = size_t(1) << 30;
@@ -92,7 +96,7 @@ struct EngineMetrics {
   int64_t requests = 0, rejected = 0, cancelled = 0;
   int64_t prompt_tokens = 0, prefilled_tokens = 0, generated_tokens = 0;
   int64_t cache_hits = 0, cache_misses = 0, cache_hit_tokens = 0;
-  int64_t queue_depth = 0, active_sequences = 0, lanes = 0;
+  int64_t queue_depth = 0, active_sequences = 0;
   size_t cache_bytes = 0, cache_entries = 0;
   double tokens_per_second = 0;  // generated tokens over the last 10 s
 };
@@ -104,7 +108,10 @@ class QueueFull : public std::runtime_error {
 
 class Engine {
  public:
+  // On the CPU (a CpuBackend with options.lane_rows).
   Engine(const LanguageModel& model, const Tokenizer& tokenizer, EngineOptions options);
+  // On any backend (max_batch must not exceed backend->max_sequences()).
+  Engine(std::unique_ptr<EngineBackend> backend, const Tokenizer& tokenizer, EngineOptions options);
   ~Engine();  // stops the thread; unfinished jobs fail
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -114,24 +121,21 @@ class Engine {
   void stop();
   EngineMetrics metrics() const;
   const EngineOptions& options() const { return options_; }
-  const LanguageModel& model() const { return model_; }
+  const EngineBackend& backend() const { return *backend_; }
 
  private:
   struct Choice;
-  struct Lane;
   struct Prefill;
   void loop();
   bool admit();                      // moves queued jobs into prefills_; false when there is nothing to do
   void run_prefills();
-  void start_choices(Prefill& p);    // samples the first token of every choice and puts the live ones in lanes
-  void decode_lanes();
-  void place(std::unique_ptr<Choice> c, const ModelCache& row_state);
-  void compact_lanes();
-  // Samples from `logits` for c, emits text; returns whether c goes on.
-  bool advance(Choice& c, float* logits);
-  void finish(Choice& c, const char* reason);
+  void start_choices(Prefill& p);    // every choice joins the backend with its first token
+  void decode();
+  // Takes c's newly sampled token `id`, emits text; returns whether c goes on.
+  bool accept(Choice& c, int64_t id);
+  void leave(int64_t seq);           // the backend lets go of seq and the engine forgets it
 
-  const LanguageModel& model_;
+  std::unique_ptr<EngineBackend> backend_;
   const Tokenizer& tokenizer_;
   EngineOptions options_;
 
@@ -144,7 +148,9 @@ class Engine {
 
   // Engine-thread state.
   std::vector<std::unique_ptr<Prefill>> prefills_;
-  std::vector<std::unique_ptr<Lane>> lanes_;
+  std::unordered_map<int64_t, std::unique_ptr<Choice>> choices_;  // decoding, by backend sequence id
+  int64_t next_seq_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> stepped_;              // the backend's (seq, token) of one step
   std::unique_ptr<class PrefixCache> prefix_cache_;
   std::atomic<int64_t> active_{0};
   int64_t produced_ = 0;  // tokens sampled since the last metrics update

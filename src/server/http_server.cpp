@@ -171,7 +171,6 @@ struct HttpServer::Impl {
     metric("tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.", m.tokens_per_second);
     metric("queue_depth", "gauge", "Requests waiting for admission.", double(m.queue_depth));
     metric("active_sequences", "gauge", "Sequences being prefilled or decoded.", double(m.active_sequences));
-    metric("decode_lanes", "gauge", "Decode calls per step (lanes of batched rows).", double(m.lanes));
     metric("state_cache_hits_total", "counter", "Prompts that continued from a cached prefix state.",
            double(m.cache_hits));
     metric("state_cache_misses_total", "counter", "Prompts prefilled from the start.", double(m.cache_misses));

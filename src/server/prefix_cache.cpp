@@ -21,24 +21,23 @@ std::optional<PrefixCache::Hit> PrefixCache::lookup(std::span<const int64_t> ids
     if (it == index_.end()) continue;
     lru_.splice(lru_.begin(), lru_, it->second);  // now most recently used
     const Entry& e = *it->second;
-    return Hit{len, e.state.clone(), e.logits};
+    return Hit{len, e.state, e.logits};
   }
   return std::nullopt;
 }
 
-void PrefixCache::insert(std::span<const int64_t> prefix, const ModelCache& state, std::span<const float> logits) {
+void PrefixCache::insert(std::span<const int64_t> prefix, const PromptState& state, std::span<const float> logits,
+                         const Copier& copy) {
   if (budget_ == 0 || prefix.empty()) return;
   std::string key = key_of(prefix);
-  const size_t bytes = state.nbytes() / size_t(std::max<int64_t>(state.batch(), 1)) + logits.size() * sizeof(float) +
-                       key.size();
+  const size_t bytes = state.bytes() + logits.size() * sizeof(float) + key.size();
   if (bytes > budget_) return;
   if (auto it = index_.find(key); it != index_.end()) {  // already there: refresh its recency only
     lru_.splice(lru_.begin(), lru_, it->second);
     return;
   }
   evict_to(budget_ - bytes);
-  Entry e{key, state.batch() == 1 ? state.clone() : state.fork(0, 1), std::vector<float>(logits.begin(), logits.end()),
-          bytes};
+  Entry e{key, std::shared_ptr<const PromptState>(copy(state)), std::vector<float>(logits.begin(), logits.end()), bytes};
   lru_.push_front(std::move(e));
   index_.emplace(std::move(key), lru_.begin());
   bytes_ += bytes;

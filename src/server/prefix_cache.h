@@ -11,7 +11,10 @@
 #include <unordered_map>
 #include <vector>
 
-#include "model/model_cache.h"
+#include <functional>
+#include <memory>
+
+#include "server/engine_backend.h"
 
 namespace mamba3::server {
 
@@ -21,13 +24,16 @@ class PrefixCache {
 
   struct Hit {
     int64_t tokens = 0;         // length of the matched prefix
-    ModelCache state;           // a private copy (1 row), free to continue
+    std::shared_ptr<const PromptState> state;  // the stored state: copy it before continuing
     std::vector<float> logits;  // (V_pad) of the prefix's last token
   };
   // The longest stored prefix of `ids` whose length is one of `lengths` (any order; each in [1, ids.size()]).
   std::optional<Hit> lookup(std::span<const int64_t> ids, std::span<const int64_t> lengths);
-  // Stores a copy of `state` (row 0) for `prefix`. Skipped when one entry alone exceeds the budget.
-  void insert(std::span<const int64_t> prefix, const ModelCache& state, std::span<const float> logits);
+  // Stores copy(state) for `prefix` (copy is called only when the entry is stored). Skipped when one entry alone
+  // exceeds the budget.
+  using Copier = std::function<std::unique_ptr<PromptState>(const PromptState&)>;
+  void insert(std::span<const int64_t> prefix, const PromptState& state, std::span<const float> logits,
+              const Copier& copy);
 
   size_t bytes() const { return bytes_; }
   size_t entries() const { return lru_.size(); }
@@ -36,7 +42,7 @@ class PrefixCache {
  private:
   struct Entry {
     std::string key;  // the prefix's token ids as raw bytes
-    ModelCache state;
+    std::shared_ptr<const PromptState> state;
     std::vector<float> logits;
     size_t bytes = 0;
   };

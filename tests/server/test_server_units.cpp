@@ -4,6 +4,7 @@
 
 #include "model/language_model.h"
 #include "server/api.h"
+#include "server/cpu_backend.h"
 #include "server/prefix_cache.h"
 #include "server/stop_matcher.h"
 #include "support/test_support.h"
@@ -34,23 +35,27 @@ TEST(StopMatcher, HoldsBackPossibleStartsAndCutsAtTheFirstStop) {
 
 TEST(PrefixCache, LongestAllowedLengthLruAndBudget) {
   LanguageModel m = LanguageModel::load((test::golden_dir() / "lm_siso_mlp").string());
-  ModelCache s = m.new_cache(1);
+  CpuBackend backend(m, 16);
+  auto s_ptr = backend.new_prompt_state();
+  const PromptState& s = *s_ptr;
+  const PrefixCache::Copier copy = [&](const PromptState& x) { return backend.copy(x); };
   std::vector<int64_t> ids = {1, 2, 3, 4, 5, 6, 7, 8};
   std::vector<float> logits(size_t(m.config().vocab_padded()), 0.5f);
-  const size_t entry = s.nbytes() + logits.size() * 4 + 4 * 8;
+  const size_t entry = s.bytes() + logits.size() * 4 + 4 * 8;
   PrefixCache cache(2 * entry + 16);
-  cache.insert(std::span(ids).first(2), s, logits);
-  cache.insert(std::span(ids).first(4), s, logits);
+  cache.insert(std::span(ids).first(2), s, logits, copy);
+  cache.insert(std::span(ids).first(4), s, logits, copy);
   std::vector<int64_t> lengths = {2, 4, 8};
   auto hit = cache.lookup(ids, lengths);
   ASSERT_TRUE(hit);
   EXPECT_EQ(hit->tokens, 4);
   EXPECT_EQ(hit->logits, logits);
+  EXPECT_NE(hit->state.get(), &s);  // a stored copy, not the caller's state
   std::vector<int64_t> only2 = {2, 3};
   EXPECT_EQ(cache.lookup(ids, only2)->tokens, 2);  // 4 is not an allowed length here; 2 is now most recent
   std::vector<int64_t> other = {1, 9, 9, 9};
   EXPECT_FALSE(cache.lookup(other, lengths));
-  cache.insert(std::span(ids).first(6), s, logits);  // evicts the least recently used (length 4)
+  cache.insert(std::span(ids).first(6), s, logits, copy);  // evicts the least recently used (length 4)
   EXPECT_EQ(cache.entries(), 2u);
   EXPECT_LE(cache.bytes(), cache.budget());
   std::vector<int64_t> all = {2, 4, 6};
@@ -58,7 +63,7 @@ TEST(PrefixCache, LongestAllowedLengthLruAndBudget) {
   std::vector<int64_t> l4 = {4};
   EXPECT_FALSE(cache.lookup(ids, l4));
   PrefixCache off(0);
-  off.insert(std::span(ids).first(2), s, logits);
+  off.insert(std::span(ids).first(2), s, logits, copy);
   EXPECT_EQ(off.entries(), 0u);
 }
 
