@@ -1,7 +1,9 @@
 // Server benchmark: a random-initialised Mamba-3 model behind the real HTTP server (in-process, loopback), C
 // concurrent streaming clients each sending one request; reports generated tokens/s, p50/p99 time to first token
 // and inter-token latency, next to the same requests sent one at a time.
-//   bench_server [--preset 130m|tiny] [--concurrency 1,8,64,256] [--prompt 16] [--max-tokens 16] [--lane-rows 16]
+//   bench_server [--device cpu|cuda] [--preset 130m|tiny|1.5b] [--concurrency 1,8,64,256] [--prompt 16]
+//                [--max-tokens 16] [--lane-rows 16] [--sequential 4] [--precision bf16|f32]
+// On cuda the engine has max_batch = C decode slots (the one-by-one baseline: 1 slot).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -17,7 +19,11 @@
 
 #include "model/init_weights.h"
 #include "model/language_model.h"
+#include "server/cpu_backend.h"
 #include "server/http_server.h"
+#ifdef MAMBA3_HAVE_CUDA
+#include "server/cuda_backend.h"
+#endif
 
 using namespace mamba3;
 using Clock = std::chrono::steady_clock;
@@ -77,12 +83,14 @@ std::vector<int> parse_list(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string preset = "130m";
+  std::string preset = "130m", device = "cpu", precision = "bf16";
   std::vector<int> concurrency = {1, 8, 64, 256};
   int prompt = 16, max_tokens = 16, lane_rows = 16, sequential = 4;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
+    else if (k == "--device") device = v;
+    else if (k == "--precision") precision = v;
     else if (k == "--concurrency") concurrency = parse_list(v);
     else if (k == "--prompt") prompt = std::stoi(v);
     else if (k == "--max-tokens") max_tokens = std::stoi(v);
@@ -90,17 +98,56 @@ int main(int argc, char** argv) {
     else if (k == "--sequential") sequential = std::stoi(v);
     else { std::fprintf(stderr, "unknown flag %s\n", k.c_str()); return 2; }
   }
-  const bool tiny = preset == "tiny";
+  const bool tiny = preset == "tiny", big = preset == "1.5b";
+  if (!tiny && !big && preset != "130m") {
+    std::fprintf(stderr, "unknown preset %s (130m, tiny, 1.5b)\n", preset.c_str());
+    return 2;
+  }
   nlohmann::json cfg = {{"d_model", tiny ? 128 : 768}, {"n_layer", tiny ? 2 : 24}, {"vocab_size", tiny ? 512 : 50277},
                         {"ssm_cfg", {{"layer", "Mamba3"}, {"d_state", tiny ? 16 : 128}, {"headdim", tiny ? 16 : 64}}}};
+  if (big)  // the 1.5B class of the paper's speed table (as `mamba3 bench --device cuda --preset 1.5b`)
+    cfg = {{"d_model", 2048}, {"n_layer", 24}, {"vocab_size", 128256}, {"d_intermediate", 4096},
+           {"ssm_cfg", {{"layer", "Mamba3"}, {"d_state", 128}, {"headdim", 64}, {"expand", 2}}},
+           {"tie_embeddings", true}};
   const ModelConfig c = ModelConfig::from_json(cfg, "bench preset " + preset);
-  LanguageModel model(c, init_weights(c, 1), "random " + preset);
+  std::unique_ptr<LanguageModel> model;
+  double params = 0;
+#ifdef MAMBA3_HAVE_CUDA
+  std::unique_ptr<cuda::CudaModel> gpu;
+#endif
+  if (device == "cpu") {
+    model = std::make_unique<LanguageModel>(c, init_weights(c, 1), "random " + preset);
+    params = double(model->parameter_count());
+  } else if (device == "cuda") {
+#ifdef MAMBA3_HAVE_CUDA
+    const TensorMap w = init_weights(c, 1);
+    for (const auto& [name, t] : w) params += double(t.numel());
+    gpu = std::make_unique<cuda::CudaModel>(c, w, "random " + preset, cuda::parse_precision(precision));
+#else
+    std::fprintf(stderr, "this build has no CUDA backend\n");
+    return 2;
+#endif
+  } else {
+    std::fprintf(stderr, "unknown device %s (cpu, cuda)\n", device.c_str());
+    return 2;
+  }
+  const int64_t capacity = prompt + max_tokens + 1;
+  // A fresh engine per row of the table: on cuda its decode slots are max_batch.
+  auto make_engine = [&](const Tokenizer& tok, server::EngineOptions eo) {
+    std::unique_ptr<server::EngineBackend> backend;
+#ifdef MAMBA3_HAVE_CUDA
+    if (gpu) backend = std::make_unique<server::CudaBackend>(*gpu, eo.max_batch, capacity);
+#endif
+    if (!backend) backend = std::make_unique<server::CpuBackend>(*model, eo.lane_rows);
+    return std::make_unique<server::Engine>(std::move(backend), tok, eo);
+  };
   // Bytes plus one named special per remaining id, so that every sampled id is a visible token event.
   std::vector<std::string> specials;
   for (int64_t id = 256; id < c.vocab_size; ++id) specials.push_back("<t" + std::to_string(id) + ">");
   const Tokenizer tok = Tokenizer::bytes(specials);
-  std::printf("bench_server: %s (%.1fM parameters), prompt %d tokens, %d generated per request, lanes of %d rows\n",
-              preset.c_str(), double(model.parameter_count()) / 1e6, prompt, max_tokens, lane_rows);
+  std::printf("bench_server: %s (%.1fM parameters) on %s, prompt %d tokens, %d generated per request%s\n",
+              preset.c_str(), params / 1e6, device.c_str(), prompt, max_tokens,
+              device == "cpu" ? (", lanes of " + std::to_string(lane_rows) + " rows").c_str() : "");
   std::printf("%8s %9s %11s %10s %10s %10s %10s %14s\n", "clients", "requests", "tokens/s", "TTFT p50", "TTFT p99",
               "ITL p50", "ITL p99", "vs one-by-one");
   std::mt19937 rng(11);
@@ -115,10 +162,11 @@ int main(int argc, char** argv) {
   {
     server::EngineOptions eo;
     eo.lane_rows = lane_rows;
-    server::Engine engine(model, tok, eo);
+    if (device == "cuda") eo.max_batch = 1;
+    auto engine = make_engine(tok, eo);
     server::ServerOptions so;
     so.port = 0;
-    server::HttpServer http(engine, tok, server::ChatTemplate{}, so);
+    server::HttpServer http(*engine, tok, server::ChatTemplate{}, so);
     http.start();
     const auto t0 = Clock::now();
     int64_t tokens = 0;
@@ -131,10 +179,10 @@ int main(int argc, char** argv) {
     eo.max_batch = C;
     eo.max_queue = C;
     eo.lane_rows = lane_rows;
-    server::Engine engine(model, tok, eo);
+    auto engine = make_engine(tok, eo);
     server::ServerOptions so;
     so.port = 0;
-    server::HttpServer http(engine, tok, server::ChatTemplate{}, so);
+    server::HttpServer http(*engine, tok, server::ChatTemplate{}, so);
     http.start();
     std::vector<std::string> bodies;
     for (int i = 0; i < C; ++i) bodies.push_back(body_for(i));

@@ -8,15 +8,15 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-bundle}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAMBA3_CUDA=ON -DMAMBA3_NATIVE=OFF \
   -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DMAMBA3_TEST_AREAS=cuda >/dev/null
-targets=(mamba3_cli)
+targets=(mamba3_cli bench_server)
 for t in $(grep -ho 'mamba3_cuda_test([a-z0-9_]*' tests/cuda/*.tests.cmake | sed 's/mamba3_cuda_test(//'); do
   targets+=("$t")
 done
 nice cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}"
 stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib"
-cp "$BUILD/tools/mamba3/mamba3" "$stage/bin/"
-for t in "${targets[@]:1}"; do cp "$BUILD/tests/$t" "$stage/bin/"; done
+cp "$BUILD/tools/mamba3/mamba3" "$BUILD/bench/bench_server" "$stage/bin/"
+for t in "${targets[@]:2}"; do cp "$BUILD/tests/$t" "$stage/bin/"; done
 strip "$stage"/bin/*
 # Non-system libraries the binaries need, except the CUDA ones (the GPU machine has its own toolkit).
 for lib in $(ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u); do

@@ -31,6 +31,9 @@ struct GpuCache::Impl {
   std::vector<std::unique_ptr<GpuMamba3State>> mamba;      // per layer (null for attention layers)
   std::vector<std::unique_ptr<GpuAttentionCache>> attn;    // per layer (null for Mamba-3 layers)
   Workspace ws;                                            // the decode step's buffers
+  DeviceBuffer active;                                     // (batch) int32: rows that decode steps advance
+  std::vector<uint8_t> active_host;                        // the same on the host (positions, capacity check)
+  std::vector<int32_t> active_staging;                     // source of the last mask upload (kept alive)
   int steps_run = 0;                                       // eager steps before capture
   const GpuSampler* graph_sampler = nullptr;               // the sampler captured in the graph (if any)
   cudaGraph_t graph = nullptr;
@@ -119,8 +122,9 @@ struct CudaModel::Impl {
       const Block& b = blocks[li];
       add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
       if (b.mamba) {
-        b.mamba->forward(*ctx, normed, batch, L, cache.mamba[li]->rows_from(row0), ws.zx.as<float>(), ws.o.raw(),
-                         hidden);
+        Mamba3GpuState state = cache.mamba[li]->rows_from(row0);
+        if (decode) state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
+        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden);
       } else if (decode) {
         b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
@@ -237,6 +241,10 @@ GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
                                   : nullptr);
   }
   impl_->reserve(c->ws, batch, batch);
+  c->active_host.assign(size_t(batch), 1);
+  c->active_staging.assign(size_t(batch), 1);
+  c->active = DeviceBuffer(size_t(batch) * sizeof(int32_t));
+  c->active.upload(c->active_staging.data(), c->active.bytes());
   return GpuCache(std::move(c));
 }
 
@@ -307,7 +315,8 @@ void CudaModel::step_device(GpuCache& cache, const GpuSampler* sampler) const {
   for (const auto& a : c.attn) has_attention |= a != nullptr;
   if (has_attention)
     for (int64_t r = 0; r < c.batch; ++r)
-      MAMBA3_CHECK(c.positions[size_t(r)] < c.capacity, "step: row {} is full (capacity {} tokens)", r, c.capacity);
+      MAMBA3_CHECK(!c.active_host[size_t(r)] || c.positions[size_t(r)] < c.capacity,
+                   "step: row {} is full (capacity {} tokens)", r, c.capacity);
   const cudaStream_t s = m.ctx->stream();
   if (sampler)
     MAMBA3_CHECK(sampler->batch() == c.batch && sampler->n_logits() == m.config.vocab_padded(),
@@ -343,7 +352,73 @@ void CudaModel::step_device(GpuCache& cache, const GpuSampler* sampler) const {
     MAMBA3_CUDA_CHECK(cudaGraphLaunch(c.graph_exec, s));
   }
   ++c.steps_run;
-  for (auto& p : c.positions) ++p;
+  for (int64_t r = 0; r < c.batch; ++r) c.positions[size_t(r)] += c.active_host[size_t(r)] ? 1 : 0;
+}
+
+void CudaModel::set_active(GpuCache& cache, std::span<const uint8_t> active) const {
+  GpuCache::Impl& c = *cache.impl_;
+  MAMBA3_CHECK(int64_t(active.size()) == c.batch, "set_active: {} flags for a cache of {} rows", active.size(), c.batch);
+  bool same = true;
+  for (int64_t r = 0; r < c.batch; ++r) same &= (active[size_t(r)] != 0) == (c.active_host[size_t(r)] != 0);
+  if (same) return;
+  // The previous upload may still read the staging vector: wait for the stream before rewriting it.
+  impl_->ctx->sync();
+  for (int64_t r = 0; r < c.batch; ++r) {
+    c.active_host[size_t(r)] = active[size_t(r)] != 0;
+    c.active_staging[size_t(r)] = active[size_t(r)] != 0;
+  }
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(c.active.raw(), c.active_staging.data(), c.active.bytes(), cudaMemcpyHostToDevice,
+                                    impl_->ctx->stream()));
+}
+
+void CudaModel::copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, int64_t dst_row) const {
+  const GpuCache::Impl& a = *src.impl_;
+  GpuCache::Impl& b = *dst.impl_;
+  MAMBA3_CHECK(src_row >= 0 && src_row < a.batch && dst_row >= 0 && dst_row < b.batch,
+               "copy_row: row {} of {} → row {} of {} is outside the caches", src_row, a.batch, dst_row, b.batch);
+  MAMBA3_CHECK(a.mamba.size() == impl_->blocks.size() && b.mamba.size() == impl_->blocks.size() &&
+                   a.capacity == b.capacity,
+               "copy_row: the caches must come from this model with equal capacity ({} vs {})", a.capacity,
+               b.capacity);
+  if (&a == &b && src_row == dst_row) return;
+  const cudaStream_t s = impl_->ctx->stream();
+  auto copy = [&](void* to, const void* from, size_t bytes) {
+    if (bytes) MAMBA3_CUDA_CHECK(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, s));
+  };
+  const int64_t position = a.positions[size_t(src_row)];
+  for (size_t li = 0; li < impl_->blocks.size(); ++li) {
+    if (a.mamba[li]) {
+      const Mamba3StateSizes& z = a.mamba[li]->sizes;
+      const Mamba3GpuState from = a.mamba[li]->rows_from(src_row), to = b.mamba[li]->rows_from(dst_row);
+      copy(to.angle, from.angle, size_t(z.angle) * 4);
+      copy(to.ssm, from.ssm, size_t(z.ssm) * 4);
+      copy(to.k, from.k, size_t(z.k) * 4);
+      copy(to.v, from.v, size_t(z.v) * 4);
+    }
+    if (a.attn[li]) {
+      const GpuAttentionCache& x = *a.attn[li];
+      GpuAttentionCache& y = *b.attn[li];
+      const size_t row_kv = x.k.bytes() / size_t(x.batch), token_kv = row_kv / size_t(x.capacity);
+      const size_t row_conv = x.conv.bytes() / size_t(x.batch);
+      copy(y.k.as<char>() + row_kv * size_t(dst_row), x.k.as<char>() + row_kv * size_t(src_row),
+           token_kv * size_t(position));
+      copy(y.v.as<char>() + row_kv * size_t(dst_row), x.v.as<char>() + row_kv * size_t(src_row),
+           token_kv * size_t(position));
+      copy(y.conv.as<char>() + row_conv * size_t(dst_row), x.conv.as<char>() + row_conv * size_t(src_row), row_conv);
+      copy(y.lengths.as<char>() + 4 * size_t(dst_row), x.lengths.as<char>() + 4 * size_t(src_row), 4);
+    }
+  }
+  b.positions[size_t(dst_row)] = position;
+}
+
+size_t CudaModel::row_bytes(const GpuCache& cache) const {
+  const GpuCache::Impl& c = *cache.impl_;
+  size_t n = 0;
+  for (size_t li = 0; li < c.mamba.size(); ++li) {
+    if (c.mamba[li]) n += size_t(c.mamba[li]->sizes.total()) * sizeof(float);
+    if (c.attn[li]) n += (c.attn[li]->k.bytes() + c.attn[li]->v.bytes() + c.attn[li]->conv.bytes()) / size_t(c.batch);
+  }
+  return n;
 }
 
 void CudaModel::step(std::span<const int64_t> ids, GpuCache& cache, Tensor& logits) const {

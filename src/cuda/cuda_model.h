@@ -69,6 +69,20 @@ class CudaModel {
   // With a sampler, the step also samples the next ids from the logits into cache.device_ids() (captured in the
   // same graph), so a generation loop moves only the chosen ids to the host.
   void step_device(GpuCache& cache, const GpuSampler* sampler = nullptr) const;
+
+  // Rows joining and leaving a fixed batch (the server's slots). set_active: only rows with active[r] != 0 take part
+  // in later decode steps — the Mamba-3 kernels skip the others' state (unchanged, no bandwidth spent), their
+  // positions do not advance and the capacity check ignores them; their logits and sampled ids are meaningless.
+  // Rows start active. The mask lives on the device (a captured graph stays valid); the copy is queued on the
+  // model's stream. Attention layers of inactive rows still append to their KV cache (never past its capacity);
+  // copy_row overwrites all of that when a sequence takes the row.
+  void set_active(GpuCache& cache, std::span<const uint8_t> active) const;
+  // Row dst_row of `dst` becomes a copy of row src_row of `src` (Mamba-3 states, attention KV up to the row's
+  // position, conv state, position). The caches must come from this model with equal attention capacity. Queued
+  // on the model's stream (device-to-device copies).
+  void copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, int64_t dst_row) const;
+  // Bytes of one row of `cache` on the device (states, and the attention capacity).
+  size_t row_bytes(const GpuCache& cache) const;
   void set_use_graphs(bool on);
 
  private:

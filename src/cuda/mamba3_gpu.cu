@@ -213,6 +213,7 @@ __global__ void __launch_bounds__(kMaxThreads) mamba3_recurrent_kernel(KernelArg
   extern __shared__ float smem[];
   const int H = a.H, P = a.P, N = a.N, R = a.R;
   const int b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / a.G);
+  if (mamba3_row_skipped(a.st, a.L, b)) return;  // an inactive decode row (block-uniform, before any barrier)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const Stage s = carve<RMAX>(smem, a);
   const int64_t bh = int64_t(b) * H + h;
@@ -304,6 +305,9 @@ __global__ void __launch_bounds__(256) mamba3_decode_kernel(KernelArgs a, int ro
   const int H = a.H, P = a.P, N = a.N, R = a.R;
   const int chunks = P / rows, item = blockIdx.x / chunks, p0 = (blockIdx.x % chunks) * rows;
   const int b = item / H, h = item % H, g = h / (H / a.G);
+  // An inactive row: every chunk of its heads returns here (block-uniform, before any barrier), so none reads or
+  // writes its state nor counts itself into arrivals[item], which stays 0.
+  if (mamba3_row_skipped(a.st, a.L, b)) return;
   const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
   float* hsm = smem;  // [rows][N]
   const Stage s = carve<RMAX>(smem + rows * N, a);

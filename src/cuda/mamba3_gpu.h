@@ -47,6 +47,12 @@ struct Mamba3GpuStage {
 // (the last chunk of a head writes its angle, k and v, after every chunk has read the old ones).
 // `stage`: the staged path's scratch for one token of these rows (decode), owned with the state so that a captured
 // decode graph keeps valid addresses.
+// `active` (b) int32 on the device, entry b for this view's row b (a view rows_from(row0) of a slot mask takes
+// mask + row0), or null: every row active. A decode call (L = 1) skips each row whose entry is 0 on both paths: its
+// blocks, warps and threads return before touching its angle, ssm, k, v, arrivals or stage scratch, so the row's
+// state is bitwise unchanged and its output rows of `o` are left as they were (unspecified). The kernels read the
+// mask when they run, so a captured decode graph follows later changes of its contents. Prefill (L > 1) ignores
+// the mask: it always runs every row of the call (a slot still being prefilled is typically inactive in decode).
 struct Mamba3GpuState {
   float* angle;
   float* ssm;
@@ -54,6 +60,7 @@ struct Mamba3GpuState {
   float* v;
   int* arrivals;
   Mamba3GpuStage stage;
+  const int32_t* active = nullptr;
 };
 
 // Which kernels run the recurrence. Staged (default): an angle scan, a fully parallel staging kernel (B/C norm, bias,

@@ -32,7 +32,7 @@ Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
   stage.q += row * sizes.k;
   stage.scal += row * heads * 4;
   return {angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v,
-          arrivals + row * heads, stage};
+          arrivals + row * heads, stage, /*active=*/nullptr};
 }
 
 GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,

@@ -31,7 +31,7 @@ struct GpuMamba3State {
   Mamba3Config config;
 
   GpuMamba3State(const Mamba3Config& c, int64_t batch);  // zeroed
-  // Views of rows [row, batch).
+  // Views of rows [row, batch); `active` null (all rows active): set it on the view to skip rows in decode.
   Mamba3GpuState rows_from(int64_t row) const;
 };
 
@@ -54,7 +54,8 @@ class GpuMamba3Layer {
   size_t o_bytes(int64_t rows) const { return size_t(rows * config_.d_inner()) * activation_size(precision_); }
 
   // x: (batch·L, d_model) activations, `batch` sequences of L tokens continuing `state` (rows from its first);
-  // out: (batch·L, d_model) f32.
+  // out: (batch·L, d_model) f32. A decode step (L = 1) skips the rows that state.active marks inactive (their state
+  // is unchanged; their rows of o and out are unspecified).
   void forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state, float* zx, void* o,
                float* out) const;
 

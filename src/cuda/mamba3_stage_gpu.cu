@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(256) mamba3_angle_kernel(StageArgs a, int tota
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= total) return;
   const int i = idx % a.S, bh = idx / a.S, h = bh % a.H, b = bh / a.H;
+  if (mamba3_row_skipped(a.st, a.L, b)) return;  // an inactive decode row keeps its angles
   const float bias = a.p.dt_bias[h];
   const int64_t step = int64_t(a.H) * a.S;
   float* out = a.sg.phi + int64_t(b) * a.Lc * step + int64_t(h) * a.S + i;
@@ -91,6 +92,7 @@ __global__ void __launch_bounds__(kStageThreads, 3) mamba3_stage_kernel(StageArg
   const int r = u % R;
   u /= R;
   const int tl = u % a.Lc, b = u / a.Lc;
+  if (mamba3_row_skipped(a.st, a.L, b)) return;  // warp-uniform: an inactive decode row keeps its k cache
   const int hg = H / a.G, h0 = g * hg + c * kHeadsPerUnit, h1 = min(h0 + kHeadsPerUnit, (g + 1) * hg);
   const float* row = zx_row(a, b, tl);
   const float* Braw = row + a.off_B + (r * a.G + g) * N;
@@ -254,6 +256,9 @@ __global__ void __launch_bounds__(kMaxThreads) mamba3_stream_kernel(StageArgs a)
   float* smem = reinterpret_cast<float*>(smem4);
   const int H = a.H, P = a.P, N = a.N, R = a.R, Lc = a.Lc;
   const int b = blockIdx.x / H, h = blockIdx.x % H;
+  // Decode falls back to this kernel when the decode kernel does not apply: an inactive row returns (block-uniform,
+  // before any barrier or copy).
+  if (mamba3_row_skipped(a.st, a.L, b)) return;
   const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32;
   const int sf = slot_floats(R, N, P), RN = R * N;
   float* ring = smem;
@@ -388,6 +393,7 @@ __global__ void __launch_bounds__(256) mamba3_stream_decode_kernel(StageArgs a, 
   const int H = a.H, P = a.P, N = a.N, R = a.R, RN = R * N;
   const int chunks = P / rows, item = blockIdx.x / chunks, p0 = (blockIdx.x % chunks) * rows;
   const int b = item / H, h = item % H;
+  if (mamba3_row_skipped(a.st, a.L, b)) return;  // an inactive row (block-uniform, before any copy or barrier)
   const int tid = threadIdx.x, nthreads = blockDim.x, warp = tid / 32, lane = tid % 32, warps = nthreads / 32;
   float* hsm = smem;         // (rows, N); rows·N is a multiple of 4
   float* kp = hsm + rows * N;  // (R, N)

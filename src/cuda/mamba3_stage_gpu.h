@@ -14,6 +14,15 @@
 
 namespace mamba3::cuda {
 
+#ifdef __CUDACC__
+// Whether a call of L tokens skips view row b (Mamba3GpuState::active; decode only). Callers pass the b of their
+// block (or warp, or thread) so that all its threads read the same mask word — one load per warp, served as a
+// broadcast — and return together before their first barrier.
+__device__ __forceinline__ bool mamba3_row_skipped(const Mamba3GpuState& st, int L, int b) {
+  return L == 1 && st.active != nullptr && __ldg(st.active + b) == 0;
+}
+#endif
+
 void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuParams& p, int64_t batch, int64_t L,
                        const float* zx, Mamba3GpuState state, void* o, Precision o_precision,
                        const Mamba3GpuStage& prefill_stage);

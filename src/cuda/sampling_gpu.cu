@@ -25,22 +25,31 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kUnroll = 8;
 constexpr int64_t kTile = int64_t(kUnroll) * kThreads;
 
-// What the per-id functions need of one row (copied out of the kernel arguments).
+// What the per-id functions need of one row (copied out of the kernel arguments and the row's parameters).
 struct RowCtx {
   const float* logits;   // this row's n_logits
   const uint32_t* seen;  // this row's words
+  const int32_t* counts;  // this row's n_logits generated counts; null when presence = frequency = 0 (not read)
   int64_t vocab;
-  float penalty, temperature, zmax;
+  float penalty, presence, frequency, temperature, zmax;
   int mass_shift;
 };
 
-// The penalised logit of id i (< vocab): the CPU Sampler's step 1, with NaN → −inf and +inf → FLT_MAX.
+// The penalised logit of id i (< vocab), in the order of sampling_gpu.h: NaN → −inf and +inf → FLT_MAX; then
+// OpenAI's presence/frequency penalty, l − (presence + frequency·n), rounded as written (the _rn intrinsics keep
+// nvcc from fusing it into an FMA); then the CPU Sampler's step 1 (repetition penalty). An overflow of either
+// penalty (or −inf − (−inf)) is mapped again as the raw logit was.
 __device__ __forceinline__ float penalised(const RowCtx& r, int64_t i) {
   float l = r.logits[i];
   if (isnan(l)) l = -INFINITY;
   if (l == INFINITY) l = FLT_MAX;
+  if (r.counts != nullptr) {
+    const int32_t n = r.counts[i];
+    if (n > 0) l = __fsub_rn(l, __fadd_rn(r.presence, __fmul_rn(r.frequency, float(n))));
+  }
   const float pen = r.penalty;
   if (pen != 1.0f && ((r.seen[i >> 5] >> (i & 31)) & 1u)) l = l < 0.0f ? l * pen : l / pen;
+  if (!(l <= FLT_MAX)) l = isnan(l) ? -INFINITY : FLT_MAX;  // −inf passes unchanged
   return l;
 }
 
@@ -241,12 +250,51 @@ __device__ __forceinline__ uint64_t survivor_weight(const Filters& f, float t, i
   return mass(t, f.mass_shift);
 }
 
-// One block per row. Cost per row: see sampling_gpu.h.
+// Row `row`'s parameters: its entry of a.params in per-row mode, else the uniform ones. Field by field through
+// volatile reads: nvcc 13.0 (-O3) miscompiled `p = a.params[row]` in one branch and field assignments from `a` in
+// the other, reading a.temperature in both (the per-row temperature was never loaded: rows sampled greedily).
+__device__ __forceinline__ SamplerRowParams row_params(const SamplerKernelArgs& a, int64_t row) {
+  SamplerRowParams p;
+  if (a.params != nullptr) {
+    const volatile SamplerRowParams& q = a.params[row];
+    p.temperature = q.temperature;
+    p.top_p = q.top_p;
+    p.min_p = q.min_p;
+    p.penalty = q.penalty;
+    p.presence = q.presence;
+    p.frequency = q.frequency;
+    p.top_k = q.top_k;
+    p.seed = q.seed;
+  } else {
+    p.temperature = a.temperature;
+    p.top_p = a.top_p;
+    p.min_p = a.min_p;
+    p.penalty = a.penalty;
+    p.top_k = a.top_k;
+    p.seed = a.seed;
+  }
+  return p;
+}
+
+// One block per row (per entry of a.rows when set). Cost per row: see sampling_gpu.h.
 __global__ void __launch_bounds__(kThreads) sample_kernel(SamplerKernelArgs args) {
   __shared__ Shared sh;
   const SamplerKernelArgs& a = args;
-  const int64_t row = blockIdx.x;
-  RowCtx r{a.logits + row * a.n_logits, a.seen + row * a.words, a.vocab, a.penalty, a.temperature, 0.0f,
+  const int64_t blk = blockIdx.x;
+  const int64_t row = a.rows != nullptr ? a.rows[blk] : blk;  // the state (and id) this block samples
+  // An inactive row: the whole block leaves here, before any barrier, writing nothing.
+  if (a.active != nullptr && a.active[row] == 0) return;
+  const SamplerRowParams p = row_params(a, row);
+  const bool counted = a.counts != nullptr && (p.presence != 0.0f || p.frequency != 0.0f);
+  RowCtx r{a.logits + blk * a.n_logits,
+           a.seen + row * a.words,
+           counted ? a.counts + row * a.n_logits : nullptr,
+           a.vocab,
+           p.penalty,
+           p.presence,
+           p.frequency,
+           p.temperature,
+           0.0f,
            a.mass_shift};
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 
@@ -291,22 +339,24 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SamplerKernelArgs args
     }
   r.zmax = bv;
 
-  const bool greedy = a.temperature == 0.0f || a.top_k == 1;
+  // The block-wide return below follows the barrier above, and bv is the same in every thread.
+  const bool greedy = p.temperature == 0.0f || p.top_k == 1;
   if (greedy || bv == -INFINITY) {  // every logit −inf/NaN: id 0 (the CPU would throw)
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0) {  // every read of this row's counts and seen bits happened before the barrier above
       a.ids[row] = bi;
       a.seen[row * a.words + (bi >> 5)] |= 1u << (bi & 31);
+      if (a.counts != nullptr) a.counts[row * a.n_logits + bi] += 1;
     }
     return;
   }
 
-  Filters f{false, false, 0, 0, double(a.min_p), a.mass_shift};
+  Filters f{false, false, 0, 0, double(p.min_p), a.mass_shift};
   // 4. Top-k threshold: the k-th largest key.
-  f.topk_on = a.top_k > 0 && a.top_k < a.vocab;
-  if (f.topk_on) f.kth = radix_select(r, sh, false, uint64_t(a.top_k), false, 0);
+  f.topk_on = p.top_k > 0 && p.top_k < a.vocab;
+  if (f.topk_on) f.kth = radix_select(r, sh, false, uint64_t(p.top_k), false, 0);
 
   // 5. Top-p threshold over the top-k survivors: mass ≥ ⌈top_p · total⌉ in fixed point.
-  if (a.top_p < 1.0f) {
+  if (p.top_p < 1.0f) {
     uint64_t mine = 0;
     for (int64_t s = 0; s < a.vocab; s += kTile) {
       float t[kUnroll];
@@ -318,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SamplerKernelArgs args
       }
     }
     const uint64_t total = block_sum_u64(mine, sh);
-    uint64_t goal = uint64_t(ceil(double(a.top_p) * double(total)));
+    uint64_t goal = uint64_t(ceil(double(p.top_p) * double(total)));
     if (goal > total) goal = total;
     if (goal < 1) goal = 1;
     f.pth = radix_select(r, sh, true, goal, f.topk_on, f.kth);
@@ -339,7 +389,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SamplerKernelArgs args
     }
   }
   const uint64_t total = block_sum_u64(mine, sh);  // ≥ 2^s: the maximum survives every filter
-  const double draw = uniform(a.seed, row, a.counters[row]);
+  // Per-row mode: the stream ignores the row (slot), so a sequence's draws depend only on its seed and step.
+  const double draw = uniform(p.seed, a.params != nullptr ? 0 : row, a.counters[row]);
   uint64_t target = uint64_t(draw * double(total));
   if (target >= total) target = total - 1;
   if (threadIdx.x == 0) sh.chosen = -1;
@@ -389,6 +440,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SamplerKernelArgs args
     const int id = sh.chosen >= 0 ? sh.chosen : bi;  // the fallback cannot trigger (the sums are exact)
     a.ids[row] = id;
     a.seen[row * a.words + (id >> 5)] |= 1u << (id & 31);
+    if (a.counts != nullptr) a.counts[row * a.n_logits + id] += 1;
     a.counters[row] += 1;
   }
 }
@@ -401,20 +453,25 @@ __global__ void start_row_kernel(SamplerKernelArgs a, int64_t row, const int64_t
     const int64_t id = prompt[j];
     if (id >= 0 && id < a.n_logits) atomicOr(&seen[id >> 5], 1u << (id & 31));
   }
+  if (a.counts != nullptr) {
+    int32_t* counts = a.counts + row * a.n_logits;
+    for (int64_t i = threadIdx.x; i < a.n_logits; i += blockDim.x) counts[i] = 0;
+  }
   if (threadIdx.x == 0) a.counters[row] = 0;
 }
 
 }  // namespace
 
 void sampler_sample(cudaStream_t stream, const SamplerKernelArgs& a) {
-  if (a.batch == 0) return;
-  sample_kernel<<<unsigned(a.batch), kThreads, 0, stream>>>(a);
+  const int64_t blocks = a.rows != nullptr ? a.n_rows : a.batch;
+  if (blocks == 0) return;
+  sample_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(a);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void sampler_start_row(cudaStream_t stream, const SamplerKernelArgs& a, int64_t row, const int64_t* prompt,
                        int64_t count) {
-  start_row_kernel<<<1, 256, 0, stream>>>(a, row, prompt, count);
+  start_row_kernel<<<1, 512, 0, stream>>>(a, row, prompt, count);
   MAMBA3_LAUNCH_CHECK();
 }
 

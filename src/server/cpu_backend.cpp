@@ -42,7 +42,11 @@ void CpuBackend::prefill(std::span<const int64_t> ids, PromptState& state, std::
 int64_t CpuBackend::sample(Sequence& s, float* logits) {
   const SequenceSampling& sp = s.sampling;
   if (sp.presence_penalty != 0 || sp.frequency_penalty != 0)
-    for (const auto& [id, n] : s.counts) logits[id] -= sp.presence_penalty + sp.frequency_penalty * float(n);
+    for (const auto& [id, n] : s.counts) {
+      // Rounded step by step (volatile: no fused multiply-add), as the GPU sampler does.
+      const volatile float scaled = sp.frequency_penalty * float(n);
+      logits[id] -= sp.presence_penalty + scaled;
+    }
   const int64_t id = s.sampler.sample(logits, model_.config().vocab_padded(), s.history);
   s.history.push_back(id);
   ++s.counts[id];

@@ -1,11 +1,15 @@
 // The Mamba-3 layer on the GPU: every golden mixer case (prefill, caches, decode steps) in the exact f32 mode within
 // the golden README's float32 tolerance and in bf16 within 2e-2; and against the CPU layer on random layers of
 // awkward shapes (batch 3, L = 1/63/65/300, MIMO ranks 2 and 4, groups 2, output norm, the ablation switches),
-// prefill then 32 decode steps, plus split prefills (continuation from a carried state). Every check runs for both
-// kernel paths (staged: angle scan + staging + streaming state kernels; fused: one kernel per head).
+// prefill then 32 decode steps, plus split prefills (continuation from a carried state) and decode steps that skip
+// the rows a slot mask marks inactive (Mamba3GpuState::active). Every check runs for both kernel paths (staged:
+// angle scan + staging + streaming state kernels; fused: one kernel per head).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstring>
 #include <random>
+#include <vector>
 
 #include "../model/mixer_case.h"
 #include "../model/random_mixer.h"
@@ -172,6 +176,178 @@ TEST_P(Mamba3GpuPaths, SplitPrefillEqualsWhole) {
     EXPECT_LE(rel_l2(a, tokens(all, 0, 37)), 1e-6) << rc.name;
     EXPECT_LE(rel_l2(b, tokens(all, 37, 90)), 1e-5) << rc.name;
     expect_state_near(download_state(split, c), download_state(whole, c), 1e-5, rc.name);
+  }
+}
+
+// The B rows of a state view as host tensors (CPU layout), read through the view's own pointers.
+Mamba3State download_view(const cuda::Mamba3GpuState& v, const Mamba3Config& c, int64_t B) {
+  const int64_t H = c.nheads(), S = c.num_angles(), P = c.headdim, N = c.d_state, R = c.rank();
+  return {from_device_f32(v.angle, {B, H, S}), from_device_f32(v.ssm, {B, H, P, N}), from_device_f32(v.k, {B, R, H, N}),
+          from_device_f32(v.v, {B, H, P})};
+}
+
+// Writes host rows (CPU layout) through a state view.
+void upload_view(const Mamba3State& h, const cuda::Mamba3GpuState& v) {
+  const Tensor* src[] = {&h.angle, &h.ssm, &h.k, &h.v};
+  float* dst[] = {v.angle, v.ssm, v.k, v.v};
+  for (int i = 0; i < 4; ++i)
+    MAMBA3_CUDA_CHECK(cudaMemcpy(dst[i], src[i]->data<float>(), src[i]->nbytes(), cudaMemcpyHostToDevice));
+}
+
+// Bytes of one row (leading dimension) of t, and a pointer to row b.
+size_t row_bytes(const Tensor& t) { return t.nbytes() / size_t(t.dim(0)); }
+const char* row_ptr(const Tensor& t, int64_t b) { return static_cast<const char*>(t.raw()) + size_t(b) * row_bytes(t); }
+
+// Whether row b of two tensors of one shape holds the same bits.
+bool same_row(const Tensor& a, const Tensor& b, int64_t row) {
+  return a.shape() == b.shape() && std::memcmp(row_ptr(a, row), row_ptr(b, row), row_bytes(a)) == 0;
+}
+
+void expect_same_state_row(const Mamba3State& got, const Mamba3State& want, int64_t row, const std::string& what) {
+  EXPECT_TRUE(same_row(got.angle, want.angle, row)) << what << ": angle of row " << row;
+  EXPECT_TRUE(same_row(got.ssm, want.ssm, row)) << what << ": ssm of row " << row;
+  EXPECT_TRUE(same_row(got.k, want.k, row)) << what << ": k of row " << row;
+  EXPECT_TRUE(same_row(got.v, want.v, row)) << what << ": v of row " << row;
+}
+
+// Copies row b of src into dst (same shapes).
+void copy_state_row(Mamba3State& dst, const Mamba3State& src, int64_t b) {
+  Tensor* d[] = {&dst.angle, &dst.ssm, &dst.k, &dst.v};
+  const Tensor* s[] = {&src.angle, &src.ssm, &src.k, &src.v};
+  for (int i = 0; i < 4; ++i)
+    std::memcpy(static_cast<char*>(d[i]->raw()) + size_t(b) * row_bytes(*d[i]), row_ptr(*s[i], b), row_bytes(*s[i]));
+}
+
+// Runs the layer over (B, L, D) input x from a state view; returns the recurrent kernel's output o (B, L, d_inner)
+// (f32 precision), poisoned before the call so that rows the kernel skips hold NaN.
+Tensor layer_o(const cuda::GpuMamba3Layer& layer, const cuda::Context& ctx, const Tensor& x,
+               const cuda::Mamba3GpuState& view) {
+  const Mamba3Config& c = layer.config();
+  const int64_t B = x.dim(0), L = x.dim(1), rows = B * L;
+  cuda::DeviceBuffer xd = to_device_activation(x, Precision::F32);
+  cuda::DeviceBuffer zx(layer.zx_bytes(rows)), o(layer.o_bytes(rows)), out(size_t(rows * c.d_model) * 4);
+  poison(zx.raw(), zx.bytes());
+  poison(o.raw(), o.bytes());
+  layer.forward(ctx, xd.raw(), B, L, view, zx.as<float>(), o.raw(), out.as<float>());
+  ctx.sync();
+  return from_device_f32(o.raw(), {B, L, c.d_inner()});
+}
+
+// Every fused decode counter is back to 0 (the protocol's invariant between calls).
+void expect_arrivals_zero(const cuda::GpuMamba3State& s, const std::string& what) {
+  std::vector<int32_t> arrivals(size_t(s.batch * s.heads));
+  MAMBA3_CUDA_CHECK(cudaMemcpy(arrivals.data(), s.rows_from(0).arrivals, arrivals.size() * sizeof(int32_t),
+                               cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < arrivals.size(); ++i) ASSERT_EQ(arrivals[i], 0) << what << ": arrivals[" << i << "]";
+}
+
+// Where the B rows of the view lie in their state: `row0` rows in (the view rows_from(row0), the mask pointer offset
+// by row0), and the ssm pointer moved by `ssm_shift` floats (off 16 bytes: the decode kernels do not apply, so decode
+// runs in the prefill kernels of both paths).
+struct MaskLayout {
+  const char* name;
+  int64_t row0, ssm_shift;
+};
+
+// A decode step with rows marked inactive (Mamba3GpuState::active) leaves those rows' state bitwise unchanged and
+// computes the active rows bitwise as the same step without a mask; re-activated rows then continue as if the masked
+// step had never happened for them. Prefill ignores the mask; a mask of ones equals no mask.
+TEST_P(Mamba3GpuPaths, DecodeSkipsInactiveRows) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(19);
+  const int64_t B = 5;
+  const std::vector<int32_t> pattern = {1, 0, 1, 1, 0}, ones(B, 1), zeros(B, 0);
+  const MaskLayout layouts[] = {{"rows 0..4", 0, 0}, {"view from row 1", 1, 0}, {"ssm off 16 bytes", 0, 1}};
+  for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[3], kRandomCases[4]}) {
+    for (const MaskLayout& lay : layouts) {
+      SCOPED_TRACE(std::string(rc.name) + ", " + lay.name);
+      const Mamba3Config c = make_config(rc);
+      TensorMap w = random_mixer_weights(c, rng);
+      cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
+      gpu.set_path(GetParam());
+      // A runs with the mask; R, without, is the reference. The shifted ssm needs one spare row of room.
+      const int64_t rows = lay.row0 + B + (lay.ssm_shift ? 1 : 0);
+      cuda::GpuMamba3State A(c, rows), R(c, rows);
+      auto view_of = [&](const cuda::GpuMamba3State& s) {
+        cuda::Mamba3GpuState v = s.rows_from(lay.row0);
+        v.ssm += lay.ssm_shift;
+        return v;
+      };
+      const cuda::Mamba3GpuState vr = view_of(R);
+      cuda::Mamba3GpuState va = view_of(A);
+      // The mask covers every row of the state (rows before the view inactive); the view sees it from its row 0.
+      cuda::DeviceBuffer mask(size_t(rows) * sizeof(int32_t));
+      auto set_mask = [&](const std::vector<int32_t>& m) {
+        std::vector<int32_t> all(size_t(rows), 0);
+        std::copy(m.begin(), m.end(), all.begin() + lay.row0);
+        mask.upload(all.data(), all.size() * sizeof(int32_t));
+      };
+      va.active = mask.as<int32_t>() + lay.row0;
+      // Rows before the view (zeros), to check that nothing touches them.
+      const Mamba3State outside = lay.row0 ? download_view(A.rows_from(0), c, lay.row0) : Mamba3State{};
+
+      // Prefill runs every row of the call, even with all of them marked inactive.
+      set_mask(zeros);
+      const Tensor u = random_tensor(rng, {B, 6, c.d_model});
+      const Tensor o_pre_a = layer_o(gpu, ctx, u, va), o_pre_r = layer_o(gpu, ctx, u, vr);
+      const Mamba3State pre_a = download_view(va, c, B), pre_r = download_view(vr, c, B);
+      for (int64_t b = 0; b < B; ++b) {
+        EXPECT_TRUE(same_row(o_pre_a, o_pre_r, b)) << "prefill o of row " << b;
+        expect_same_state_row(pre_a, pre_r, b, "prefill");
+      }
+
+      // Warm-up decode steps with every row marked active equal those without a mask.
+      set_mask(ones);
+      for (int t = 0; t < 3; ++t) {
+        const Tensor x = random_tensor(rng, {B, 1, c.d_model});
+        const Tensor oa = layer_o(gpu, ctx, x, va), orf = layer_o(gpu, ctx, x, vr);
+        for (int64_t b = 0; b < B; ++b) EXPECT_TRUE(same_row(oa, orf, b)) << "warm-up step " << t << " o of row " << b;
+      }
+      const Mamba3State warm_a = download_view(va, c, B), warm_r = download_view(vr, c, B);
+      for (int64_t b = 0; b < B; ++b) expect_same_state_row(warm_a, warm_r, b, "after warm-up");
+      expect_arrivals_zero(A, "after warm-up");
+
+      // The masked step: R (a copy of A) takes the same step on every row.
+      MAMBA3_CUDA_CHECK(cudaMemcpy(R.buffer.raw(), A.buffer.raw(), A.buffer.bytes(), cudaMemcpyDeviceToDevice));
+      set_mask(pattern);
+      const Mamba3State before = download_view(va, c, B);
+      const Tensor x1 = random_tensor(rng, {B, 1, c.d_model});
+      const Tensor o1a = layer_o(gpu, ctx, x1, va), o1r = layer_o(gpu, ctx, x1, vr);
+      const Mamba3State after_a = download_view(va, c, B), after_r = download_view(vr, c, B);
+      for (int64_t b = 0; b < B; ++b) {
+        if (pattern[size_t(b)]) {
+          EXPECT_TRUE(same_row(o1a, o1r, b)) << "masked step: o of active row " << b;
+          expect_same_state_row(after_a, after_r, b, "masked step, active row");
+        } else {
+          expect_same_state_row(after_a, before, b, "masked step, inactive row");
+          // The unmasked step changes this row's state, so the check above can tell a skipped row from a stepped one.
+          EXPECT_FALSE(same_row(after_r.ssm, before.ssm, b)) << "the reference step left row " << b << " unchanged";
+        }
+      }
+      expect_arrivals_zero(A, "after the masked step");
+
+      // Every row active again: the masked rows continue from their state before the masked step. The reference
+      // holds R's stepped rows and the skipped rows' earlier state.
+      Mamba3State skipped = after_r.clone();
+      for (int64_t b = 0; b < B; ++b)
+        if (!pattern[size_t(b)]) copy_state_row(skipped, before, b);
+      upload_view(skipped, vr);
+      set_mask(ones);
+      const Tensor x2 = random_tensor(rng, {B, 1, c.d_model});
+      const Tensor o2a = layer_o(gpu, ctx, x2, va), o2r = layer_o(gpu, ctx, x2, vr);
+      const Mamba3State end_a = download_view(va, c, B), end_r = download_view(vr, c, B);
+      for (int64_t b = 0; b < B; ++b) {
+        EXPECT_TRUE(same_row(o2a, o2r, b)) << "step after re-activation: o of row " << b;
+        expect_same_state_row(end_a, end_r, b, "step after re-activation");
+      }
+      expect_arrivals_zero(A, "after re-activation");
+
+      if (lay.row0) {
+        const Mamba3State outside_end = download_view(A.rows_from(0), c, lay.row0);
+        for (int64_t b = 0; b < lay.row0; ++b) expect_same_state_row(outside_end, outside, b, "row outside the view");
+      }
+    }
   }
 }
 

@@ -6,15 +6,19 @@
 #include "commands.h"
 #include "core/parallel.h"
 #include "model/language_model.h"
+#include "server/cpu_backend.h"
 #include "server/http_server.h"
 #include "tokenizer/tokenizer.h"
+#ifdef MAMBA3_HAVE_SERVER_CUDA
+#include "server/cuda_backend.h"
+#endif
 
 namespace mamba3::cli {
 
 namespace {
 
 struct ServeArgs {
-  std::string model, host = "127.0.0.1", device = "cpu", api_key, alias;
+  std::string model, host = "127.0.0.1", device = "cpu", precision = "bf16", api_key, alias;
   int port = 8080, threads = 0, http_threads = 0;
   server::EngineOptions engine;
   server::ServerLimits limits;
@@ -23,13 +27,31 @@ struct ServeArgs {
 
 void run(ServeArgs& a) {
   MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda (got '{}')", a.device);
-  MAMBA3_CHECK(a.device == "cpu", "--device cuda: the server does not run on the CUDA backend yet (generate, bench and "
-               "train do); serve on the CPU with --device cpu");
+#ifndef MAMBA3_HAVE_SERVER_CUDA
+  MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build of mamba3 has no CUDA backend (nvcc was not found when it "
+               "was configured); rebuild with the CUDA toolkit, or serve with --device cpu");
+#endif
   MAMBA3_CHECK(a.port >= 0 && a.port <= 65535, "--port: {} is not a TCP port", a.port);
   MAMBA3_CHECK(a.state_cache_mb >= 0 && a.max_body_kb >= 1, "--state-cache-mb must be >= 0 and --max-body-kb >= 1");
   if (a.threads > 0) set_threads(a.threads);
   namespace fs = std::filesystem;
-  LanguageModel model = LanguageModel::load(a.model);
+  // The model on its device, and the engine's backend over it.
+  std::unique_ptr<LanguageModel> cpu_model;
+#ifdef MAMBA3_HAVE_SERVER_CUDA
+  std::unique_ptr<cuda::CudaModel> gpu_model;
+#endif
+  std::unique_ptr<server::EngineBackend> backend;
+  if (a.device == "cpu") {
+    cpu_model = std::make_unique<LanguageModel>(LanguageModel::load(a.model));
+    backend = std::make_unique<server::CpuBackend>(*cpu_model, a.engine.lane_rows);
+  } else {
+#ifdef MAMBA3_HAVE_SERVER_CUDA
+    gpu_model = std::make_unique<cuda::CudaModel>(cuda::CudaModel::load(a.model, cuda::parse_precision(a.precision)));
+    // Every slot holds a whole sequence: the longest prompt plus the most tokens a request may ask for.
+    backend = std::make_unique<server::CudaBackend>(*gpu_model, a.engine.max_batch,
+                                                    a.limits.max_prompt_tokens + a.limits.max_tokens);
+#endif
+  }
   Tokenizer tok = fs::exists(fs::path(a.model) / "tokenizer.json") || fs::exists(fs::path(a.model) / "tokenizer.model")
                       ? Tokenizer::from_model_dir(a.model)
                       : Tokenizer::bytes();
@@ -50,11 +72,11 @@ void run(ServeArgs& a) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  server::Engine engine(model, tok, a.engine);
+  server::Engine engine(std::move(backend), tok, a.engine);
   server::HttpServer http(engine, tok, tmpl, so);
   http.start();
-  std::fprintf(stderr, "mamba3 serve: model '%s' (%s), chat template %s, listening on http://%s:%d%s\n",
-               so.model_name.c_str(), a.model.c_str(), tmpl.from_file ? "chat_template.json" : "default",
+  std::fprintf(stderr, "mamba3 serve: model '%s' (%s) on %s, chat template %s, listening on http://%s:%d%s\n",
+               so.model_name.c_str(), a.model.c_str(), a.device.c_str(), tmpl.from_file ? "chat_template.json" : "default",
                a.host.c_str(), http.port(), a.api_key.empty() ? "" : " (API key required)");
   int sig = 0;
   sigwait(&stop_signals, &sig);
@@ -71,7 +93,9 @@ void register_serve(CLI::App& app) {
   cmd->add_option("-m,--model", a.model, "model directory (config.json + weights [+ tokenizer])")->required();
   cmd->add_option("--host", a.host, "address to bind")->capture_default_str();
   cmd->add_option("--port", a.port, "TCP port (0: any free port, printed on stderr)")->capture_default_str();
-  cmd->add_option("--device", a.device, "cpu (the server has no CUDA path yet)")->capture_default_str();
+  cmd->add_option("--device", a.device, "cpu or cuda (one GPU; --max-batch decode slots)")->capture_default_str();
+  cmd->add_option("--precision", a.precision, "cuda: bf16 (weights and matrix inputs) or f32 (exact mode)")
+      ->capture_default_str();
   cmd->add_option("--api-key", a.api_key, "require 'Authorization: Bearer KEY' (except /health)");
   cmd->add_option("--alias", a.alias, "model name in the API (default: the directory name)");
   cmd->add_option("--max-batch", a.engine.max_batch, "sequences decoded together")->capture_default_str();
