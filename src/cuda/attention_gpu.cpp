@@ -71,6 +71,7 @@ GpuAttentionCache GpuAttentionLayer::new_cache(int64_t batch, int64_t capacity) 
   c.v.resize(kv);
   c.conv.resize(size_t(batch * a.d_conv * a.qkv_dim()) * sizeof(float));
   c.lengths.resize(size_t(batch) * sizeof(int32_t));
+  reserve(c.step_scratch, batch);
   for (DeviceBuffer* b : {&c.k, &c.v, &c.conv, &c.lengths})
     if (!b->empty()) MAMBA3_CUDA_CHECK(cudaMemset(b->raw(), 0, b->bytes()));
   // cudaMemset runs on the legacy stream, which a non-blocking Context stream does not wait for.
@@ -78,19 +79,26 @@ GpuAttentionCache GpuAttentionLayer::new_cache(int64_t batch, int64_t capacity) 
   return c;
 }
 
+void GpuAttentionLayer::reserve(AttentionScratch& s, int64_t n) const {
+  const AttentionConfig& a = config_;
+  const int64_t H = a.num_heads, hd = a.head_dim, qkv = a.qkv_dim();
+  const int64_t mlp = mlp_width_of(a), width = qkv + mlp, ctx_w = H * hd + mlp / 2;
+  s.proj.reserve(size_t(n * width) * sizeof(float));
+  if (a.d_conv > 0) s.qkv.reserve(size_t(n * qkv) * sizeof(float));
+  s.q.reserve(size_t(n * H * hd) * sizeof(float));
+  s.ctx.reserve(size_t(n * ctx_w) * activation_size(precision_));
+}
+
 void GpuAttentionLayer::run(const Context& ctx, const void* x, int64_t rows, int64_t tokens, GpuAttentionCache& cache,
-                            int64_t row0, int64_t start, bool from_lengths, float* out) const {
+                            int64_t row0, int64_t start, bool from_lengths, AttentionScratch& s, float* out) const {
   const AttentionConfig& a = config_;
   const int64_t n = rows * tokens, H = a.num_heads, Hkv = a.kv_heads(), hd = a.head_dim, qkv = a.qkv_dim();
   const int64_t mlp = mlp_width_of(a), width = qkv + mlp, ctx_w = H * hd + mlp / 2;
   MAMBA3_CHECK(n * H <= std::numeric_limits<int32_t>::max(), "GpuAttentionLayer: {} tokens × {} heads is too many",
                n, H);
-  proj_.reserve(size_t(n * width) * sizeof(float));
-  if (a.d_conv > 0) qkv_.reserve(size_t(n * qkv) * sizeof(float));
-  q_.reserve(size_t(n * H * hd) * sizeof(float));
-  ctx_.reserve(size_t(n * ctx_w) * activation_size(precision_));
+  reserve(s, n);  // a no-op for the decode step (new_cache sized it)
 
-  linear(ctx, in_proj_, x, n, proj_.as<float>());  // (n, qkv + mlp)
+  linear(ctx, in_proj_, x, n, s.proj.as<float>());  // (n, qkv + mlp)
 
   detail::AttentionKernelArgs k{};
   k.tok = {rows, tokens, row0, start, cache.lengths.as<int32_t>(), from_lengths};
@@ -109,18 +117,18 @@ void GpuAttentionLayer::run(const Context& ctx, const void* x, int64_t rows, int
   k.causal = a.causal;
   k.bf16 = precision_ == Precision::BF16;
   k.scale = a.softmax_scale != 0 ? float(a.softmax_scale) : float(1.0 / std::sqrt(double(hd)));
-  k.proj = proj_.as<float>();
-  k.qkv_conv = a.d_conv > 0 ? qkv_.as<float>() : nullptr;
+  k.proj = s.proj.as<float>();
+  k.qkv_conv = a.d_conv > 0 ? s.qkv.as<float>() : nullptr;
   k.conv_w = conv_w_.as<float>();
   k.conv_b = conv_b_.as<float>();
   k.conv_state = cache.conv.as<float>();
-  k.q = q_.as<float>();
+  k.q = s.q.as<float>();
   k.k_cache = cache.k.as<float>();
   k.v_cache = cache.v.as<float>();
-  k.ctx = ctx_.raw();
+  k.ctx = s.ctx.raw();
   detail::attention_middle(ctx.stream(), k);
 
-  linear(ctx, out_proj_, ctx_.raw(), n, out);  // (n, d_model)
+  linear(ctx, out_proj_, s.ctx.raw(), n, out);  // (n, d_model)
 }
 
 void GpuAttentionLayer::prefill(const Context& ctx, const void* x, int64_t L, GpuAttentionCache& cache, int64_t row,
@@ -132,7 +140,7 @@ void GpuAttentionLayer::prefill(const Context& ctx, const void* x, int64_t L, Gp
                "GpuAttentionLayer::prefill: {} tokens after {} exceed the cache capacity {}", L, start,
                cache.capacity);
   if (L == 0) return;
-  run(ctx, x, 1, L, cache, row, start, false, out);
+  run(ctx, x, 1, L, cache, row, start, false, prefill_scratch_, out);
   detail::attention_set_length(ctx.stream(), cache.lengths.as<int32_t>(), row, start + L);
 }
 
@@ -140,7 +148,7 @@ void GpuAttentionLayer::step(const Context& ctx, const void* x, int64_t B, GpuAt
                              float* out) const {
   check_cache(cache, config_, "step");
   MAMBA3_CHECK(B == cache.batch, "GpuAttentionLayer::step: {} tokens for a cache of batch {}", B, cache.batch);
-  run(ctx, x, B, 1, cache, 0, 0, true, out);
+  run(ctx, x, B, 1, cache, 0, 0, true, cache.step_scratch, out);
   detail::attention_bump_lengths(ctx.stream(), cache.lengths.as<int32_t>(), B);
 }
 

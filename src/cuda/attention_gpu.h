@@ -9,8 +9,8 @@
 // rotary, KV cache, scores and softmax are f32. The attention context enters out_proj in the activation dtype.
 //
 // Decode (step) reads each row's position from the device (`lengths`), so it can be captured in a CUDA graph and
-// replayed; scratch buffers only grow, so after one call with a given row count later calls allocate nothing.
-// The scratch is the layer's own: one layer runs on one stream at a time (not thread-safe).
+// replayed; its scratch belongs to the cache (allocated by new_cache), prefill's to the layer (grown on demand):
+// a captured decode step stays valid whatever is prefilled later. One layer runs on one stream at a time.
 //
 // Kernels: plain f32 CUDA cores, one block per (token, head) for the attention (no tensor cores, no sharing of
 // K/V loads between the query heads of a group); measured on an H200, bf16, d_model 2560, 32 heads (8 kv),
@@ -33,11 +33,22 @@
 
 namespace mamba3::cuda {
 
-// One attention layer's cache for a batch of rows.
+// Scratch of one attention call, grown on demand (never shrunk).
+struct AttentionScratch {
+  DeviceBuffer proj;  // (tokens, qkv + mlp) f32: in_proj output
+  DeviceBuffer qkv;   // (tokens, qkv) f32: conv output (d_conv > 0)
+  DeviceBuffer q;     // (tokens, H, hd) f32 after rotary
+  DeviceBuffer ctx;   // (tokens, H·hd + mlp/2) activation dtype: out_proj input
+};
+
+// One attention layer's cache for a batch of rows. It also owns the decode step's scratch (one token per row,
+// sized by new_cache): a captured decode graph keeps pointing at it while prefills of other caches grow the
+// layer's own prefill scratch.
 struct GpuAttentionCache {
   DeviceBuffer k, v;     // (batch, capacity, Hkv, head_dim) f32, k after rotary
   DeviceBuffer conv;     // (batch, d_conv, qkv_dim) f32: the last d_conv pre-conv inputs, oldest first (d_conv > 0)
   DeviceBuffer lengths;  // (batch) int32 on the device: tokens held per row
+  AttentionScratch step_scratch;
   int64_t batch = 0, capacity = 0;
 };
 
@@ -73,7 +84,8 @@ class GpuAttentionLayer {
 
  private:
   void run(const Context& ctx, const void* x, int64_t rows, int64_t tokens, GpuAttentionCache& cache, int64_t row0,
-           int64_t start, bool from_lengths, float* out) const;
+           int64_t start, bool from_lengths, AttentionScratch& scratch, float* out) const;
+  void reserve(AttentionScratch& s, int64_t tokens) const;
 
   AttentionConfig config_;
   int64_t d_model_;
@@ -81,11 +93,7 @@ class GpuAttentionLayer {
   GpuMatrix in_proj_, out_proj_;
   DeviceBuffer conv_w_, conv_b_;  // (qkv, d_conv), (qkv) f32 when d_conv > 0
 
-  // Scratch, grown on demand (never shrunk).
-  mutable DeviceBuffer proj_;  // (tokens, qkv + mlp) f32: in_proj output
-  mutable DeviceBuffer qkv_;   // (tokens, qkv) f32: conv output (d_conv > 0)
-  mutable DeviceBuffer q_;     // (tokens, H, hd) f32 after rotary
-  mutable DeviceBuffer ctx_;   // (tokens, H·hd + mlp/2) activation dtype: out_proj input
+  mutable AttentionScratch prefill_scratch_;
 };
 
 namespace detail {
