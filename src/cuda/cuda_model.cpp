@@ -411,6 +411,32 @@ void CudaModel::copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, in
   b.positions[size_t(dst_row)] = position;
 }
 
+void CudaModel::reset_row(GpuCache& cache, int64_t row) const {
+  GpuCache::Impl& c = *cache.impl_;
+  MAMBA3_CHECK(row >= 0 && row < c.batch, "reset_row: row {} outside the cache's batch of {}", row, c.batch);
+  const cudaStream_t s = impl_->ctx->stream();
+  auto zero = [&](void* at, size_t bytes) {
+    if (bytes) MAMBA3_CUDA_CHECK(cudaMemsetAsync(at, 0, bytes, s));
+  };
+  for (size_t li = 0; li < c.mamba.size(); ++li) {
+    if (c.mamba[li]) {
+      const Mamba3StateSizes& z = c.mamba[li]->sizes;
+      const Mamba3GpuState v = c.mamba[li]->rows_from(row);
+      zero(v.angle, size_t(z.angle) * 4);
+      zero(v.ssm, size_t(z.ssm) * 4);
+      zero(v.k, size_t(z.k) * 4);
+      zero(v.v, size_t(z.v) * 4);
+    }
+    if (c.attn[li]) {  // the KV rows past the length are never read
+      GpuAttentionCache& a = *c.attn[li];
+      const size_t row_conv = a.conv.bytes() / size_t(a.batch);
+      zero(a.conv.as<char>() + row_conv * size_t(row), row_conv);
+      zero(a.lengths.as<char>() + 4 * size_t(row), 4);
+    }
+  }
+  c.positions[size_t(row)] = 0;
+}
+
 size_t CudaModel::row_bytes(const GpuCache& cache) const {
   const GpuCache::Impl& c = *cache.impl_;
   size_t n = 0;

@@ -81,6 +81,9 @@ class CudaModel {
   // position, conv state, position). The caches must come from this model with equal attention capacity. Queued
   // on the model's stream (device-to-device copies).
   void copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, int64_t dst_row) const;
+  // Row `row` of `cache` becomes empty: zero Mamba-3 states, no attention tokens, position 0 (queued on the model's
+  // stream).
+  void reset_row(GpuCache& cache, int64_t row) const;
   // Bytes of one row of `cache` on the device (states, and the attention capacity).
   size_t row_bytes(const GpuCache& cache) const;
   void set_use_graphs(bool on);

@@ -9,7 +9,8 @@ namespace mamba3::server {
 CudaBackend::CudaBackend(const cuda::CudaModel& model, int64_t slots, int64_t capacity)
     : model_(model), slots_(slots), capacity_(capacity),
       cache_(model.new_cache(slots, capacity)),
-      sampler_(cuda::GpuSampler::per_row(model.config().vocab_size, model.config().vocab_padded(), slots)) {
+      sampler_(cuda::GpuSampler::per_row(model.config().vocab_size, model.config().vocab_padded(), slots)),
+      pool_(std::make_shared<GpuCachePool>()) {
   MAMBA3_CHECK(slots >= 1 && capacity >= 1, "cuda server: slots {} and capacity {} must be at least 1", slots, capacity);
   for (int64_t i = 0; i < model.config().n_layer; ++i) has_attention_ |= model.config().is_attention_layer(i);
   first_logits_ = cuda::DeviceBuffer(size_t(model.config().vocab_padded()) * sizeof(float));
@@ -25,16 +26,31 @@ CudaBackend::CudaBackend(const cuda::CudaModel& model, int64_t slots, int64_t ca
 
 CudaBackend::~CudaBackend() = default;
 
-std::unique_ptr<PromptState> CudaBackend::new_prompt_state() {
+CudaPromptState::~CudaPromptState() {
+  if (auto pool = pool_.lock(); pool && pool->spare.size() < pool->max_spare) pool->spare.push_back(std::move(cache));
+}
+
+std::unique_ptr<CudaPromptState> CudaBackend::take_state() {
+  if (!pool_->spare.empty()) {
+    cuda::GpuCache c = std::move(pool_->spare.back());
+    pool_->spare.pop_back();
+    return std::make_unique<CudaPromptState>(std::move(c), row_bytes_, pool_);
+  }
   cuda::GpuCache c = model_.new_cache(1, capacity_);
-  const size_t bytes = model_.row_bytes(c);
-  return std::make_unique<CudaPromptState>(std::move(c), bytes);
+  row_bytes_ = model_.row_bytes(c);
+  return std::make_unique<CudaPromptState>(std::move(c), row_bytes_, pool_);
+}
+
+std::unique_ptr<PromptState> CudaBackend::new_prompt_state() {
+  auto s = take_state();
+  model_.reset_row(s->cache, 0);
+  return s;
 }
 
 std::unique_ptr<PromptState> CudaBackend::copy(const PromptState& state) {
   const auto& from = dynamic_cast<const CudaPromptState&>(state);
-  auto to = new_prompt_state();
-  model_.copy_row(from.cache, 0, dynamic_cast<CudaPromptState&>(*to).cache, 0);
+  auto to = take_state();
+  model_.copy_row(from.cache, 0, to->cache, 0);
   return to;
 }
 

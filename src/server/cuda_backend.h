@@ -17,14 +17,24 @@
 
 namespace mamba3::server {
 
+// Spare 1-row caches: a prompt state's device memory is reused, not freed (cudaFree synchronises the device and
+// a 1.5B model's state is ~50 MB).
+struct GpuCachePool {
+  std::vector<cuda::GpuCache> spare;
+  size_t max_spare = 8;
+};
+
 class CudaPromptState final : public PromptState {
  public:
-  CudaPromptState(cuda::GpuCache cache, size_t bytes) : cache(std::move(cache)), bytes_(bytes) {}
+  CudaPromptState(cuda::GpuCache cache, size_t bytes, std::weak_ptr<GpuCachePool> pool)
+      : cache(std::move(cache)), bytes_(bytes), pool_(std::move(pool)) {}
+  ~CudaPromptState() override;
   size_t bytes() const override { return bytes_; }
   cuda::GpuCache cache;  // 1 row
 
  private:
   size_t bytes_;
+  std::weak_ptr<GpuCachePool> pool_;
 };
 
 class CudaBackend final : public EngineBackend {
@@ -60,6 +70,9 @@ class CudaBackend final : public EngineBackend {
   std::vector<int64_t> free_;        // free slots (a stack; lowest slot on top)
   std::unordered_map<int64_t, int64_t> slot_of_;
   std::vector<int32_t> ids_;         // (slots) the step's sampled ids on the host
+  std::shared_ptr<GpuCachePool> pool_;
+  size_t row_bytes_ = 0;
+  std::unique_ptr<CudaPromptState> take_state();  // from the pool (contents undefined) or new
 };
 
 }  // namespace mamba3::server

@@ -1,5 +1,5 @@
-// The server on the CUDA backend. (1) GPU cache rows as decode slots: prompts prefilled alone, copied into slots,
-// rows masked in and out (copy_row, set_active) — logits equal the CPU model's for every live row, on the golden
+// The server on the CUDA backend. (1) GPU cache rows as decode slots: prompts prefilled alone (in one reused,
+// reset 1-row cache), copied into slots, rows masked in and out (reset_row, copy_row, set_active) — logits equal the CPU model's for every live row, on the golden
 // SISO, MIMO and hybrid (attention) models. (2) The engine over CudaBackend: 32 concurrent seeded requests return
 // exactly what each returns alone, n > 1 choices equal single requests with seed + i, a prefix-cache hit prefills
 // only the new tokens and changes nothing, greedy output in f32 mode equals the CPU server's, and the HTTP API
@@ -60,9 +60,10 @@ TEST_P(GpuSlots, JoinAndLeaveMatchTheCpuModel) {
   };
   std::vector<Seq> live;
   std::vector<uint8_t> active(size_t(S), 0);
+  cuda::GpuCache one = gpu.new_cache(1, cap);  // reused for every prompt: reset_row must empty it
   auto join = [&](int64_t slot, int64_t length) {
     const auto prompt = random_ids(rng, length, c.vocab_size);
-    cuda::GpuCache one = gpu.new_cache(1, cap);
+    gpu.reset_row(one, 0);
     Tensor g = gpu.prefill(prompt, 1, length, one);
     gpu.copy_row(one, 0, slots, slot);
     ModelCache cc = cpu.new_cache(1);
