@@ -29,7 +29,13 @@ void TaskTrainOptions::validate() const {
   MAMBA3_CHECK(clip >= 0, "--clip must be ≥ 0 (got {})", clip);
   MAMBA3_CHECK(eval_samples >= 1, "--eval-samples must be ≥ 1 (got {})", eval_samples);
   MAMBA3_CHECK(log_every >= 1, "log_every must be ≥ 1 (got {})", log_every);
+  MAMBA3_CHECK(curriculum >= 0, "--curriculum must be ≥ 0 steps (got {})", curriculum);
   for (int64_t n : test_lengths) MAMBA3_CHECK(n >= 1, "--test-lengths: {} is not a length (≥ 1)", n);
+}
+
+int64_t curriculum_max_length(const TaskSpec& spec, int64_t step, int64_t curriculum) {
+  if (curriculum <= 0 || step >= curriculum) return spec.train_max;
+  return spec.train_min + (spec.train_max - spec.train_min) * (step + 1) / curriculum;
 }
 
 double LengthAccuracy::scaled(int64_t classes) const {
@@ -80,7 +86,9 @@ TaskRunResult run_task(const TaskSpec& spec, const ModelConfig& config, const Ta
   int64_t window = 0;
   for (int64_t step = 0; step < o.steps; ++step) {
     TaskRng len_rng = TaskRng::stream(o.seed, uint64_t(step), 0xffffffffULL);
-    const int64_t n = sample_train_length(spec, len_rng), L = n + 2;
+    TaskSpec lengths = spec;
+    lengths.train_max = curriculum_max_length(spec, step, o.curriculum);
+    const int64_t n = sample_train_length(lengths, len_rng), L = n + 2;
     inputs.resize(size_t(o.batch * L));
     labels.resize(size_t(o.batch * L));
     for (int64_t b = 0; b < o.batch; ++b) {
@@ -141,6 +149,7 @@ nlohmann::json task_result_json(const TaskSpec& spec, const ModelConfig& config,
             {"lr", o.lr},
             {"min_lr_ratio", o.min_lr_ratio},
             {"warmup", o.warmup},
+            {"curriculum", o.curriculum},
             {"weight_decay", o.weight_decay},
             {"clip", o.clip},
             {"seed", o.seed},

@@ -36,11 +36,18 @@ struct TaskTrainOptions {
   int64_t eval_samples = 500;         // per test length
   std::vector<int64_t> test_lengths;  // empty: the task's defaults
   int64_t log_every = 50;
+  // Length curriculum: over the first `curriculum` steps the longest training length grows linearly from the
+  // task's shortest to its longest (step s draws from [train_min, train_min + (train_max − train_min)·(s+1)/c]);
+  // 0 = off (every step draws from all training lengths).
+  int64_t curriculum = 0;
   std::FILE* progress = nullptr;  // progress lines; nullptr = silent
   TrainEngineFactory engine;      // where training runs (e.g. CUDA); empty = CPU. Evaluation runs on the CPU.
 
   void validate() const;  // throws naming the option
 };
+
+// The longest training length step `step` may draw under a curriculum of `curriculum` steps (see TaskTrainOptions).
+int64_t curriculum_max_length(const TaskSpec& spec, int64_t step, int64_t curriculum);
 
 struct LengthAccuracy {
   int64_t length = 0, samples = 0, correct = 0;

@@ -128,3 +128,30 @@ TEST(TaskRunner, AccuracyPlot) {
 
 }  // namespace
 }  // namespace mamba3::tasks
+
+namespace mamba3::tasks {
+namespace {
+
+TEST(TaskRunner, CurriculumGrowsTheLongestTrainingLength) {
+  const TaskSpec spec = task_spec("mod_arith_brackets");
+  ASSERT_LT(spec.train_min, spec.train_max);
+  EXPECT_EQ(curriculum_max_length(spec, 0, 0), spec.train_max);  // off
+  EXPECT_EQ(curriculum_max_length(spec, 0, 100), spec.train_min + (spec.train_max - spec.train_min) / 100);
+  EXPECT_EQ(curriculum_max_length(spec, 99, 100), spec.train_max);
+  EXPECT_EQ(curriculum_max_length(spec, 5000, 100), spec.train_max);
+  int64_t last = 0;
+  for (int64_t s = 0; s < 100; ++s) {
+    const int64_t m = curriculum_max_length(spec, s, 100);
+    EXPECT_GE(m, spec.train_min);
+    EXPECT_LE(m, spec.train_max);
+    EXPECT_GE(m, last) << "step " << s;
+    last = m;
+  }
+  EXPECT_LT(curriculum_max_length(spec, 10, 100), spec.train_max / 2);
+  TaskTrainOptions o;
+  o.curriculum = -1;
+  EXPECT_THROW(o.validate(), Error);
+}
+
+}  // namespace
+}  // namespace mamba3::tasks

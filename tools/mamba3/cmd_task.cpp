@@ -150,6 +150,9 @@ void register_task(CLI::App& app) {
   cmd->add_option("--eval-seed", o.eval_seed, "seed of the test set (shared by every model)")->capture_default_str();
   cmd->add_option("--test-lengths", lengths, "test lengths (default: the task's, see docs/state_tracking.md)")
       ->delimiter(',');
+  cmd->add_option("--curriculum", o.curriculum,
+                  "steps over which the longest training length grows from the shortest (0: off)")
+      ->capture_default_str();
   cmd->add_option("--log-every", o.log_every, "progress line every N steps")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--label", a.label, "series name in accuracy.svg (default: from the config's switches)");
