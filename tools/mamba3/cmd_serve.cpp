@@ -18,7 +18,7 @@ namespace mamba3::cli {
 namespace {
 
 struct ServeArgs {
-  std::string model, host = "127.0.0.1", device = "cpu", precision = "bf16", api_key, alias;
+  std::string model, host = "127.0.0.1", device = "auto", precision = "bf16", api_key, alias;
   int port = 8080, threads = 0, http_threads = 0;
   server::EngineOptions engine;
   server::ServerLimits limits;
@@ -26,8 +26,15 @@ struct ServeArgs {
 };
 
 void run(ServeArgs& a) {
-  MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda (got '{}')", a.device);
-#ifndef MAMBA3_HAVE_SERVER_CUDA
+  MAMBA3_CHECK(a.device == "auto" || a.device == "cpu" || a.device == "cuda",
+               "--device must be auto, cpu or cuda (got '{}')", a.device);
+#ifdef MAMBA3_HAVE_SERVER_CUDA
+  // auto: the GPU when this build has the CUDA backend and the driver reports a device, else the CPU.
+  const cuda::DeviceInfo gpu = cuda::device_info();
+  if (a.device == "auto") a.device = gpu.available ? "cuda" : "cpu";
+  MAMBA3_CHECK(a.device == "cpu" || gpu.available, "--device cuda: no usable CUDA device ({})", gpu.why_not);
+#else
+  if (a.device == "auto") a.device = "cpu";
   MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build of mamba3 has no CUDA backend (nvcc was not found when it "
                "was configured); rebuild with the CUDA toolkit, or serve with --device cpu");
 #endif
@@ -93,7 +100,9 @@ void register_serve(CLI::App& app) {
   cmd->add_option("-m,--model", a.model, "model directory (config.json + weights [+ tokenizer])")->required();
   cmd->add_option("--host", a.host, "address to bind")->capture_default_str();
   cmd->add_option("--port", a.port, "TCP port (0: any free port, printed on stderr)")->capture_default_str();
-  cmd->add_option("--device", a.device, "cpu or cuda (one GPU; --max-batch decode slots)")->capture_default_str();
+  cmd->add_option("--device", a.device,
+                  "auto (cuda when built and a GPU is present, else cpu), cpu, or cuda (one GPU; --max-batch slots)")
+      ->capture_default_str();
   cmd->add_option("--precision", a.precision, "cuda: bf16 (weights and matrix inputs) or f32 (exact mode)")
       ->capture_default_str();
   cmd->add_option("--api-key", a.api_key, "require 'Authorization: Bearer KEY' (except /health)");
@@ -102,7 +111,7 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--max-queue", a.engine.max_queue, "requests waiting beyond the batch (then 429)")
       ->capture_default_str();
   cmd->add_option("--lane-rows", a.engine.lane_rows,
-                  "rows per decode call (<= 16: batch-invariant results; larger: BLAS, faster, not bit-exact)")
+                  "cpu: rows per decode call (<= 16: batch-invariant results; larger: BLAS, faster, not bit-exact)")
       ->capture_default_str();
   cmd->add_option("--prefill-block", a.engine.prefill_block, "prompt segment length (state reuse granularity)")
       ->capture_default_str();
