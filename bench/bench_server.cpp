@@ -2,7 +2,7 @@
 // concurrent streaming clients each sending one request; reports generated tokens/s, p50/p99 time to first token
 // and inter-token latency, next to the same requests sent one at a time.
 //   bench_server [--device cpu|cuda] [--preset 130m|tiny|1.5b] [--concurrency 1,8,64,256] [--prompt 16]
-//                [--max-tokens 16] [--lane-rows 16] [--sequential 4] [--precision bf16|f32]
+//                [--max-tokens 16] [--lane-rows 16] [--sequential 4] [--precision bf16|f32] [--prefill-batch 1]
 // On cuda the engine has max_batch = C decode slots (the one-by-one baseline: 1 slot).
 #include <algorithm>
 #include <chrono>
@@ -85,7 +85,7 @@ std::vector<int> parse_list(const std::string& s) {
 int main(int argc, char** argv) {
   std::string preset = "130m", device = "cpu", precision = "bf16";
   std::vector<int> concurrency = {1, 8, 64, 256};
-  int prompt = 16, max_tokens = 16, lane_rows = 16, sequential = 4;
+  int prompt = 16, max_tokens = 16, lane_rows = 16, sequential = 4, prefill_batch = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--preset") preset = v;
@@ -96,6 +96,7 @@ int main(int argc, char** argv) {
     else if (k == "--max-tokens") max_tokens = std::stoi(v);
     else if (k == "--lane-rows") lane_rows = std::stoi(v);
     else if (k == "--sequential") sequential = std::stoi(v);
+    else if (k == "--prefill-batch") prefill_batch = std::stoi(v);
     else { std::fprintf(stderr, "unknown flag %s\n", k.c_str()); return 2; }
   }
   const bool tiny = preset == "tiny", big = preset == "1.5b";
@@ -145,8 +146,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> specials;
   for (int64_t id = 256; id < c.vocab_size; ++id) specials.push_back("<t" + std::to_string(id) + ">");
   const Tokenizer tok = Tokenizer::bytes(specials);
-  std::printf("bench_server: %s (%.1fM parameters) on %s, prompt %d tokens, %d generated per request%s\n",
-              preset.c_str(), params / 1e6, device.c_str(), prompt, max_tokens,
+  std::printf("bench_server: %s (%.1fM parameters) on %s, prompt %d tokens, %d generated per request, prefill batch %d%s\n",
+              preset.c_str(), params / 1e6, device.c_str(), prompt, max_tokens, prefill_batch,
               device == "cpu" ? (", lanes of " + std::to_string(lane_rows) + " rows").c_str() : "");
   std::printf("%8s %9s %11s %10s %10s %10s %10s %14s\n", "clients", "requests", "tokens/s", "TTFT p50", "TTFT p99",
               "ITL p50", "ITL p99", "vs one-by-one");
@@ -179,6 +180,7 @@ int main(int argc, char** argv) {
     eo.max_batch = C;
     eo.max_queue = C;
     eo.lane_rows = lane_rows;
+    eo.prefill_batch = prefill_batch;
     auto engine = make_engine(tok, eo);
     server::ServerOptions so;
     so.port = 0;

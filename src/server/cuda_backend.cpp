@@ -59,6 +59,30 @@ void CudaBackend::prefill(std::span<const int64_t> ids, PromptState& state, std:
   logits.assign(lg.data<float>(), lg.data<float>() + lg.numel());
 }
 
+void CudaBackend::prefill_batch(std::span<const std::span<const int64_t>> segments,
+                                std::span<PromptState* const> states, std::span<std::vector<float>* const> logits) {
+  const int64_t n = int64_t(segments.size());
+  if (n == 1) return prefill(segments[0], *states[0], *logits[0]);
+  if (n == 0) return;
+  const int64_t len = int64_t(segments[0].size());
+  batch_ids_.clear();
+  for (const auto& seg : segments) {
+    MAMBA3_CHECK(int64_t(seg.size()) == len, "cuda server: batched prefill segments of {} and {} tokens", len,
+                 seg.size());
+    batch_ids_.insert(batch_ids_.end(), seg.begin(), seg.end());
+  }
+  if (!batch_cache_ || batch_cache_->batch() < n)
+    batch_cache_ = std::make_unique<cuda::GpuCache>(model_.new_cache(n, capacity_));
+  for (int64_t i = 0; i < n; ++i)
+    model_.copy_row(dynamic_cast<CudaPromptState&>(*states[size_t(i)]).cache, 0, *batch_cache_, i);
+  const Tensor lg = model_.prefill(batch_ids_, n, len, *batch_cache_, 0);  // (n, V_pad)
+  const int64_t Vp = lg.dim(1);
+  for (int64_t i = 0; i < n; ++i) {
+    model_.copy_row(*batch_cache_, i, dynamic_cast<CudaPromptState&>(*states[size_t(i)]).cache, 0);
+    logits[size_t(i)]->assign(lg.data<float>() + i * Vp, lg.data<float>() + (i + 1) * Vp);
+  }
+}
+
 int64_t CudaBackend::join(int64_t seq, const PromptState& state, std::span<const float> logits,
                           std::span<const int64_t> prompt, const SequenceSampling& sampling) {
   MAMBA3_CHECK(!slot_of_.count(seq), "engine: sequence {} joined twice", seq);

@@ -51,6 +51,10 @@ class CudaBackend final : public EngineBackend {
   std::unique_ptr<PromptState> new_prompt_state() override;
   std::unique_ptr<PromptState> copy(const PromptState& state) override;
   void prefill(std::span<const int64_t> ids, PromptState& state, std::vector<float>& logits) override;
+  // Equal-length segments of several prompts in one model call: each state is copied into a row of a staging
+  // cache, prefilled together, and copied back.
+  void prefill_batch(std::span<const std::span<const int64_t>> segments, std::span<PromptState* const> states,
+                     std::span<std::vector<float>* const> logits) override;
 
   int64_t join(int64_t seq, const PromptState& state, std::span<const float> logits, std::span<const int64_t> prompt,
                const SequenceSampling& sampling) override;
@@ -71,6 +75,8 @@ class CudaBackend final : public EngineBackend {
   std::unordered_map<int64_t, int64_t> slot_of_;
   std::vector<int32_t> ids_;         // (slots) the step's sampled ids on the host
   std::shared_ptr<GpuCachePool> pool_;
+  std::unique_ptr<cuda::GpuCache> batch_cache_;  // staging rows of prefill_batch (grown on demand)
+  std::vector<int64_t> batch_ids_;
   size_t row_bytes_ = 0;
   std::unique_ptr<CudaPromptState> take_state();  // from the pool (contents undefined) or new
 };

@@ -65,7 +65,9 @@ struct Engine::Choice {
 
 struct Engine::Prefill {
   std::shared_ptr<Job> job;
-  bool started = false;
+  bool started = false;                // planned: ends, snapshots, prefix-cache lookup
+  bool over = false;                   // done, cancelled or failed: leaves at the end of run_prefills
+  std::shared_ptr<const PromptState> cached;  // a prefix-cache hit not yet copied into `state`
   std::unique_ptr<PromptState> state;  // 1 sequence
   std::vector<int64_t> ends;           // ascending segment ends; the last is the prompt length
   std::vector<int64_t> snapshots;      // ends after which the state goes into the prefix cache
@@ -81,11 +83,11 @@ Engine::Engine(std::unique_ptr<EngineBackend> backend, const Tokenizer& tokenize
     : backend_(std::move(backend)), tokenizer_(tokenizer), options_(options),
       prefix_cache_(std::make_unique<PrefixCache>(options.state_cache_bytes)) {
   MAMBA3_CHECK(options_.max_batch >= 1 && options_.max_queue >= 0 && options_.lane_rows >= 1 &&
-                   options_.prefill_block >= 1 && options_.prefill_budget >= 1,
-               "engine: max_batch {}, lane_rows {}, prefill_block {}, prefill_budget {} must be at least 1 and "
-               "max_queue {} non-negative",
+                   options_.prefill_block >= 1 && options_.prefill_budget >= 1 && options_.prefill_batch >= 1,
+               "engine: max_batch {}, lane_rows {}, prefill_block {}, prefill_budget {}, prefill_batch {} must be at "
+               "least 1 and max_queue {} non-negative",
                options_.max_batch, options_.lane_rows, options_.prefill_block, options_.prefill_budget,
-               options_.max_queue);
+               options_.prefill_batch, options_.max_queue);
   MAMBA3_CHECK(options_.max_batch <= backend_->max_sequences(),
                "engine: max_batch {} exceeds the {} sequences the {} backend holds", options_.max_batch,
                backend_->max_sequences(), backend_->device());
@@ -187,76 +189,133 @@ bool Engine::admit() {
   return !prefills_.empty() || !choices_.empty();
 }
 
+// The segments of p's prompt and the prefix-cache lookup, once. A hit only records the stored state: the copy is
+// made when p first runs (or starts its choices), so a long queue does not hold one state per waiting prompt.
+void Engine::plan(Prefill& p) {
+  if (p.started) return;
+  p.started = true;
+  const GenerationRequest& r = p.job->request();
+  const int64_t L = int64_t(r.prompt.size()), block = options_.prefill_block;
+  for (int64_t b : r.boundaries)
+    if (b > 0 && b < L) p.ends.push_back(b), p.snapshots.push_back(b);
+  for (int64_t b = block; b < L; b += block) p.ends.push_back(b);
+  p.ends.push_back(L);
+  std::sort(p.ends.begin(), p.ends.end());
+  p.ends.erase(std::unique(p.ends.begin(), p.ends.end()), p.ends.end());
+  if (L / block * block > 0) p.snapshots.push_back(L / block * block);
+  p.snapshots.push_back(L);
+  auto hit = prefix_cache_->lookup(r.prompt, p.ends);
+  std::lock_guard lock(mu_);
+  if (hit) {
+    p.cached = std::move(hit->state);
+    p.pos = hit->tokens;
+    p.logits = std::move(hit->logits);
+    p.job->cached_tokens_ = hit->tokens;
+    ++metrics_.cache_hits;
+    metrics_.cache_hit_tokens += hit->tokens;
+  } else {
+    ++metrics_.cache_misses;
+  }
+}
+
+void Engine::open(Prefill& p) {
+  if (p.state) return;
+  p.state = p.cached ? backend_->copy(*p.cached) : backend_->new_prompt_state();
+  p.cached.reset();
+}
+
 void Engine::run_prefills() {
-  const int64_t block = options_.prefill_block;
   int64_t spent = 0;
-  for (auto it = prefills_.begin(); it != prefills_.end() && spent < options_.prefill_budget;) {
-    Prefill& p = **it;
-    const GenerationRequest& r = p.job->request();
-    const int64_t L = int64_t(r.prompt.size());
-    bool drop = false;
-    try {
+  auto fail = [&](Prefill& p, const std::exception& e) {
+    p.job->fail(std::string("prefill failed: ") + e.what());
+    p.over = true;
+  };
+  // Rounds: the oldest prompt with work left runs its next segment, together with up to prefill_batch − 1 later
+  // prompts whose next segment has the same length (one backend call), until the budget is spent.
+  while (spent < options_.prefill_budget) {
+    std::vector<Prefill*> group;
+    int64_t len = 0;
+    for (auto& ptr : prefills_) {
+      Prefill& p = *ptr;
+      if (p.over) continue;
       if (p.job->cancelled()) {
-        drop = true;
+        p.over = true;
         std::lock_guard lock(mu_);
         ++metrics_.cancelled;
-      } else {
-        if (!p.started) {
-          p.started = true;
-          for (int64_t b : r.boundaries)
-            if (b > 0 && b < L) p.ends.push_back(b), p.snapshots.push_back(b);
-          for (int64_t b = block; b < L; b += block) p.ends.push_back(b);
-          p.ends.push_back(L);
-          std::sort(p.ends.begin(), p.ends.end());
-          p.ends.erase(std::unique(p.ends.begin(), p.ends.end()), p.ends.end());
-          if (L / block * block > 0) p.snapshots.push_back(L / block * block);
-          p.snapshots.push_back(L);
-          auto hit = prefix_cache_->lookup(r.prompt, p.ends);
-          std::lock_guard lock(mu_);
-          if (hit) {
-            p.state = backend_->copy(*hit->state);
-            p.pos = hit->tokens;
-            p.logits = std::move(hit->logits);
-            p.job->cached_tokens_ = hit->tokens;
-            ++metrics_.cache_hits;
-            metrics_.cache_hit_tokens += hit->tokens;
-          } else {
-            p.state = backend_->new_prompt_state();
-            ++metrics_.cache_misses;
-          }
-        }
-        while (p.pos < L && spent < options_.prefill_budget) {
-          const int64_t end = *std::upper_bound(p.ends.begin(), p.ends.end(), p.pos);
-          std::span<const int64_t> seg(r.prompt.data() + p.pos, size_t(end - p.pos));
-          backend_->prefill(seg, *p.state, p.logits);
-          spent += end - p.pos;
-          {
-            std::lock_guard lock(mu_);
-            metrics_.prefilled_tokens += end - p.pos;
-          }
-          p.pos = end;
-          if (std::find(p.snapshots.begin(), p.snapshots.end(), end) != p.snapshots.end())
-            prefix_cache_->insert(std::span(r.prompt).first(size_t(end)), *p.state, p.logits,
-                                  [&](const PromptState& x) { return backend_->copy(x); });
-        }
-        if (p.pos == L) {
-          start_choices(p);
-          drop = true;
-        }
+        continue;
       }
+      try {
+        plan(p);
+      } catch (const std::exception& e) {
+        fail(p, e);
+        continue;
+      }
+      const int64_t L = int64_t(p.job->request().prompt.size());
+      if (p.pos == L) continue;
+      const int64_t seg = *std::upper_bound(p.ends.begin(), p.ends.end(), p.pos) - p.pos;
+      if (group.empty()) {
+        len = seg;
+        group.push_back(&p);
+      } else if (seg == len && spent + len * int64_t(group.size() + 1) <= options_.prefill_budget) {
+        group.push_back(&p);
+      }
+      if (int64_t(group.size()) >= options_.prefill_batch) break;
+    }
+    if (group.empty()) break;
+    std::vector<std::span<const int64_t>> segments;
+    std::vector<PromptState*> states;
+    std::vector<std::vector<float>*> logits;
+    try {
+      for (Prefill* p : group) {
+        open(*p);
+        segments.emplace_back(p->job->request().prompt.data() + p->pos, size_t(len));
+        states.push_back(p->state.get());
+        logits.push_back(&p->logits);
+      }
+      backend_->prefill_batch(segments, states, logits);
     } catch (const std::exception& e) {
-      p.job->fail(std::string("prefill failed: ") + e.what());
-      drop = true;
+      for (Prefill* p : group) fail(*p, e);
+      continue;
     }
-    if (drop) {
-      if (p.accounted < r.n) {  // cancelled or failed before every choice was placed or ended
-        std::lock_guard lock(mu_);
-        active_ -= r.n - p.accounted;
+    spent += len * int64_t(group.size());
+    {
+      std::lock_guard lock(mu_);
+      metrics_.prefilled_tokens += len * int64_t(group.size());
+    }
+    for (Prefill* p : group) {
+      const auto& prompt = p->job->request().prompt;
+      p->pos += len;
+      try {
+        if (std::find(p->snapshots.begin(), p->snapshots.end(), p->pos) != p->snapshots.end())
+          prefix_cache_->insert(std::span(prompt).first(size_t(p->pos)), *p->state, p->logits,
+                                [&](const PromptState& x) { return backend_->copy(x); });
+      } catch (const std::exception& e) {
+        fail(*p, e);
       }
-      it = prefills_.erase(it);
-    } else {
-      ++it;
     }
+  }
+  // Prompts now complete start their choices; finished, cancelled and failed prefills leave.
+  for (auto it = prefills_.begin(); it != prefills_.end();) {
+    Prefill& p = **it;
+    const GenerationRequest& r = p.job->request();
+    if (!p.over && p.started && p.pos == int64_t(r.prompt.size())) {
+      try {
+        open(p);
+        start_choices(p);
+      } catch (const std::exception& e) {
+        p.job->fail(std::string("prefill failed: ") + e.what());
+      }
+      p.over = true;
+    }
+    if (!p.over) {
+      ++it;
+      continue;
+    }
+    if (p.accounted < r.n) {  // cancelled or failed before every choice was placed or ended
+      std::lock_guard lock(mu_);
+      active_ -= r.n - p.accounted;
+    }
+    it = prefills_.erase(it);
   }
 }
 

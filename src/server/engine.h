@@ -38,6 +38,10 @@ struct EngineOptions {
   int64_t lane_rows = 16;        // rows per decode call (CPU backend)
   int64_t prefill_block = 256;   // prompts are prefilled in segments ending at multiples of this
   int64_t prefill_budget = 512;  // prompt tokens prefilled per iteration (whole segments; at least one)
+  // Prompts whose next segments have equal length are prefilled together, up to this many per backend call. 1
+  // keeps a request's output independent of the others; more is faster on the GPU, but a batched matrix product may
+  // round differently than the same rows alone (the CPU backend always runs them one by one).
+  int64_t prefill_batch = 1;
   size_t state_cache_bytes = size_t(1) << 30;
 };
 
@@ -129,6 +133,8 @@ class Engine {
   void loop();
   bool admit();                      // moves queued jobs into prefills_; false when there is nothing to do
   void run_prefills();
+  void plan(Prefill& p);             // segments and prefix-cache lookup, once
+  void open(Prefill& p);             // p's own state (a copy of the cached prefix, or a fresh one)
   void start_choices(Prefill& p);    // every choice joins the backend with its first token
   void decode();
   // Takes c's newly sampled token `id`, emits text; returns whether c goes on.

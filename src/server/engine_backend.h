@@ -47,6 +47,12 @@ class EngineBackend {
   virtual std::unique_ptr<PromptState> copy(const PromptState& state) = 0;
   // Feeds `ids` into `state`; `logits` becomes the (V_pad) logits of the last one.
   virtual void prefill(std::span<const int64_t> ids, PromptState& state, std::vector<float>& logits) = 0;
+  // Several prompts' segments of equal length at once (segments[i] into states[i], logits into *logits[i]).
+  // Default: one by one.
+  virtual void prefill_batch(std::span<const std::span<const int64_t>> segments, std::span<PromptState* const> states,
+                             std::span<std::vector<float>* const> logits) {
+    for (size_t i = 0; i < segments.size(); ++i) prefill(segments[i], *states[i], *logits[i]);
+  }
 
   // Sequence `seq` (an id unique among the joined ones) starts decoding from a copy of `state` (which stays valid:
   // n choices join from one state). Its first token is sampled from `logits` with `sampling` and `prompt` as the

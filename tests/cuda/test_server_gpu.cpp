@@ -264,6 +264,44 @@ TEST_P(GpuEngine, RejectsRequestsLongerThanASlotHolds) {
   EXPECT_THROW(server::Engine(std::make_unique<server::CudaBackend>(gpu, 2, 32), tok, too_many), Error);
 }
 
+TEST_P(GpuEngine, BatchedPrefillMatchesPromptsPrefilledAlone) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::CudaModel gpu = cuda::CudaModel::load(golden_model(GetParam()), Precision::F32);
+  server::CudaBackend backend(gpu, 2, 128);
+  std::mt19937 rng(8);
+  const int64_t V = gpu.config().vocab_size;
+  std::vector<std::vector<int64_t>> first, second;
+  std::vector<std::unique_ptr<server::PromptState>> batched, alone;
+  std::vector<std::vector<float>> lb(3), la(3);
+  for (int i = 0; i < 3; ++i) {
+    first.push_back(random_ids(rng, 20, V));
+    second.push_back(random_ids(rng, 9, V));
+    batched.push_back(backend.new_prompt_state());
+    alone.push_back(backend.new_prompt_state());
+  }
+  // Two rounds (the second continues the states the first left), batched and one by one.
+  for (const auto* segs : {&first, &second}) {
+    std::vector<std::span<const int64_t>> spans;
+    std::vector<server::PromptState*> states;
+    std::vector<std::vector<float>*> outs;
+    for (int i = 0; i < 3; ++i) {
+      spans.emplace_back((*segs)[size_t(i)]);
+      states.push_back(batched[size_t(i)].get());
+      outs.push_back(&lb[size_t(i)]);
+      backend.prefill((*segs)[size_t(i)], *alone[size_t(i)], la[size_t(i)]);
+    }
+    backend.prefill_batch(spans, states, outs);
+    for (int i = 0; i < 3; ++i) {
+      const int64_t n = int64_t(la[size_t(i)].size());
+      ASSERT_EQ(int64_t(lb[size_t(i)].size()), n);
+      Tensor a = Tensor::empty(DType::F32, {1, n}), b = Tensor::empty(DType::F32, {1, n});
+      std::copy(la[size_t(i)].begin(), la[size_t(i)].end(), a.data<float>());
+      std::copy(lb[size_t(i)].begin(), lb[size_t(i)].end(), b.data<float>());
+      EXPECT_LE(test::rel_l2(b, a), 1e-5) << "prompt " << i;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Golden, GpuEngine, ::testing::Values("lm_siso_mlp", "lm_mimo", "lm_hybrid"));
 
 TEST(GpuServerHttp, CompletionAndStreamFromTheCudaBackend) {

@@ -269,33 +269,45 @@ TEST_F(ServerHttp, BatchingDoesNotChangeResults) {
     if (i % 6 == 2) r["presence_penalty"] = 0.7;
     return r;
   };
-  std::vector<std::string> alone(N), together(N);
+  std::vector<std::string> alone(N);
   for (int i = 0; i < N; ++i) alone[size_t(i)] = s.post_json("/v1/completions", request(i))["choices"].dump();
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
-  for (int i = 0; i < N; ++i)
-    threads.emplace_back([&, i] {
-      json r = request(i);
-      if (i % 2) r["stream"] = true;  // half of them streamed
-      auto [status, body] = s.post("/v1/completions", r.dump());
-      if (status != 200) {
-        ++failures;
-        together[size_t(i)] = "HTTP " + std::to_string(status) + ": " + body;
-        return;
-      }
-      if (i % 2) {
-        auto texts = stream_texts(body, false, r["n"].get<int>());
-        json choices = json::parse(alone[size_t(i)]);
-        bool same = texts.size() == choices.size();
-        for (size_t k = 0; same && k < texts.size(); ++k) same = texts[k] == choices[k]["text"];
-        together[size_t(i)] = same ? alone[size_t(i)] : "stream differs";
-      } else {
-        together[size_t(i)] = json::parse(body)["choices"].dump();
-      }
-    });
-  for (auto& t : threads) t.join();
-  EXPECT_EQ(failures, 0);
-  for (int i = 0; i < N; ++i) EXPECT_EQ(together[size_t(i)], alone[size_t(i)]) << "request " << i;
+  auto concurrently = [&](const Live& server) {
+    std::vector<std::string> together(N);
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (int i = 0; i < N; ++i)
+      threads.emplace_back([&, i] {
+        json r = request(i);
+        if (i % 2) r["stream"] = true;  // half of them streamed
+        auto [status, body] = server.post("/v1/completions", r.dump());
+        if (status != 200) {
+          ++failures;
+          together[size_t(i)] = "HTTP " + std::to_string(status) + ": " + body;
+          return;
+        }
+        if (i % 2) {
+          auto texts = stream_texts(body, false, r["n"].get<int>());
+          json choices = json::parse(alone[size_t(i)]);
+          bool same = texts.size() == choices.size();
+          for (size_t k = 0; same && k < texts.size(); ++k) same = texts[k] == choices[k]["text"];
+          together[size_t(i)] = same ? alone[size_t(i)] : "stream differs";
+        } else {
+          together[size_t(i)] = json::parse(body)["choices"].dump();
+        }
+      });
+    for (auto& t : threads) t.join();
+    EXPECT_EQ(failures, 0);
+    for (int i = 0; i < N; ++i) EXPECT_EQ(together[size_t(i)], alone[size_t(i)]) << "request " << i;
+  };
+  concurrently(s);
+  // Prompts grouped into batched prefill calls (short segments, a small budget: many rounds and groups). The CPU
+  // backend runs a group one by one, so the results stay exact.
+  EngineOptions grouped = eo;
+  grouped.prefill_batch = 4;
+  grouped.prefill_block = 4;
+  grouped.prefill_budget = 24;
+  Live g(*model_, *tok_, grouped);
+  concurrently(g);
 }
 
 TEST_F(ServerHttp, PrefixReuseSkipsPrefillAndChangesNothing) {

@@ -115,6 +115,10 @@ void register_serve(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--prefill-block", a.engine.prefill_block, "prompt segment length (state reuse granularity)")
       ->capture_default_str();
+  cmd->add_option("--prefill-batch", a.engine.prefill_batch,
+                  "cuda: prompts prefilled in one call (1: exact, a request's output never depends on the others; "
+                  "more: faster under load, may differ in the last bits)")
+      ->capture_default_str();
   cmd->add_option("--prefill-budget", a.engine.prefill_budget, "prompt tokens prefilled between decode steps")
       ->capture_default_str();
   cmd->add_option("--state-cache-mb", a.state_cache_mb, "memory for cached prompt states (0 = off)")
