@@ -451,8 +451,10 @@ void mamba3_recurrent_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3Gpu
   MAMBA3_CHECK(why.empty(), "Mamba-3 CUDA kernel: unsupported configuration ({})", why);
   if (batch == 0 || L == 0) return;
   MAMBA3_CHECK(batch * c.nheads() < (int64_t(1) << 31), "Mamba-3 CUDA kernel: batch {} too large", batch);
-  if (path == Mamba3GpuPath::Staged) {
-    mamba3_staged_gpu(s, c, p, batch, L, zx, state, o, o_precision, prefill_stage);
+  if (path == Mamba3GpuPath::Staged || path == Mamba3GpuPath::Chunked) {
+    // Chunked: the staged kernels with the tensor-core chunk kernel for bf16 prefills (f32 keeps the exact stream).
+    mamba3_staged_gpu(s, c, p, batch, L, zx, state, o, o_precision, prefill_stage,
+                      path == Mamba3GpuPath::Chunked && o_precision == Precision::BF16);
     return;
   }
   KernelArgs a{};

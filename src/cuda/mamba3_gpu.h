@@ -32,7 +32,7 @@ struct Mamba3GpuParams {
 
 // Scratch of the staged path for `tokens` tokens of each of `batch` sequences (f32, batch-major):
 // phi (b, tokens, H, S) wrapped angles; k (b, tokens + 1, R, H, N) keys, slot 0 the cached k_{-1}, slot t + 1 token t;
-// q (b, tokens, R, H, N) queries; scal (b, tokens, H, 4) α, β, γ, 0.
+// q (b, tokens, R, H, N) queries; scal (b, tokens, H, 4) α, β, γ, A·Δ.
 struct Mamba3GpuStage {
   float* phi = nullptr;
   float* k = nullptr;
@@ -65,7 +65,11 @@ struct Mamba3GpuState {
 
 // Which kernels run the recurrence. Staged (default): an angle scan, a fully parallel staging kernel (B/C norm, bias,
 // rotation, α/β/γ) and a streaming state kernel. Fused: the single kernel that stages every token per head.
-enum class Mamba3GpuPath { Staged, Fused };
+// Chunked (opt-in, not yet validated as a default): Staged, except that a bf16 prefill (L > 1) runs the chunked
+// tensor-core state kernel of spec §5.3 (mamba3_chunk_gpu.h); f32 layers and decode steps run exactly as Staged.
+// GpuMamba3Layer routes it (it calls mamba3_staged_gpu with chunked_prefill); mamba3_recurrent_gpu itself only knows
+// Staged and Fused.
+enum class Mamba3GpuPath { Staged, Fused, Chunked };
 
 // Largest supported sizes of the fused kernel (checked by mamba3_gpu_supported).
 constexpr int64_t kMamba3GpuMaxRank = 4;

@@ -1,5 +1,8 @@
 #include "cuda/mamba3_layer_gpu.h"
 
+#include <cstdlib>
+
+#include "cuda/mamba3_stage_gpu.h"
 #include "model/mamba3_mixer.h"
 
 namespace mamba3::cuda {
@@ -7,6 +10,19 @@ namespace mamba3::cuda {
 namespace {
 // Sections start on 16-byte boundaries (the decode kernel copies the ssm state in 16-byte pieces).
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
+
+// MAMBA3_PREFILL_PATH, read once per process (the bench and users compare the paths without rebuilding).
+Mamba3GpuPath env_default_path() {
+  static const Mamba3GpuPath path = [] {
+    const char* v = std::getenv("MAMBA3_PREFILL_PATH");
+    const std::string s = v ? v : "";
+    if (s.empty() || s == "staged") return Mamba3GpuPath::Staged;
+    if (s == "fused") return Mamba3GpuPath::Fused;
+    if (s == "chunked") return Mamba3GpuPath::Chunked;
+    throw Error(fmt::format("MAMBA3_PREFILL_PATH='{}': expected staged, fused or chunked", s));
+  }();
+  return path;
+}
 }  // namespace
 
 GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows)
@@ -37,7 +53,7 @@ Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
 
 GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,
                                const std::string& source, std::set<std::string>* used, Precision precision)
-    : config_(config), precision_(precision) {
+    : config_(config), precision_(precision), path_(env_default_path()) {
   const std::string why = mamba3_gpu_supported(config);
   MAMBA3_CHECK(why.empty(), "{}: {}: the CUDA backend does not support this Mamba-3 configuration ({})", source, prefix,
                why);
@@ -78,14 +94,25 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
   const int64_t rows = batch * L;
   linear(ctx, in_proj_, x, rows, zx);
   Mamba3GpuStage stage;
-  const Mamba3GpuPath path =
+  const Mamba3GpuPath chosen =
       auto_path_ && L == 1 && batch * config_.nheads() <= 1024 ? Mamba3GpuPath::Fused : path_;
+  // Chunked: the staged kernels, with the chunked state kernel for bf16 prefills (f32 keeps the exact stream kernel).
+  const bool chunked = chosen == Mamba3GpuPath::Chunked && L > 1 && precision_ == Precision::BF16;
+  const Mamba3GpuPath path = chosen == Mamba3GpuPath::Chunked ? Mamba3GpuPath::Staged : chosen;
   if (path == Mamba3GpuPath::Staged && L > 1) {
     const int64_t tokens = mamba3_gpu_stage_tokens(config_, batch, L, prefill_stage_bytes_);
     prefill_stage_.reserve(size_t(mamba3_gpu_stage_floats(config_, batch, tokens)) * sizeof(float));
     stage = mamba3_gpu_stage_view(config_, prefill_stage_.as<float>(), batch, tokens);
   }
-  mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_, path, stage);
+  if (chunked) {
+    MAMBA3_CHECK(rows < (int64_t(1) << 31) && batch * config_.nheads() < (int64_t(1) << 31),
+                 "Mamba-3 CUDA kernel: batch {} too large", batch);
+    if (rows > 0)
+      mamba3_staged_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_, stage,
+                        /*chunked_prefill=*/true);
+  } else {
+    mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_, path, stage);
+  }
   linear(ctx, out_proj_, o, rows, out);
 }
 

@@ -43,7 +43,9 @@ class GpuMamba3Layer {
   const Mamba3Config& config() const { return config_; }
   // Kernels of the recurrence. Default (until set_path): staged, except decode steps of at most 1024 (sequence,
   // head) pairs, where the fused kernel's single launch wins (H200, 1.5B: b1 1.6 vs 1.9 ms, b16 2.3 vs 2.5 ms; b128
-  // staged 6.2 vs 7.1 ms).
+  // staged 6.2 vs 7.1 ms). The environment variable MAMBA3_PREFILL_PATH (read once per process: staged | fused |
+  // chunked; unset or empty: staged) replaces the default path, the small-batch decode rule staying; chunked runs
+  // bf16 prefills on the chunked tensor-core kernel (Mamba3GpuPath::Chunked), opt-in until validated.
   void set_path(Mamba3GpuPath path) { path_ = path, auto_path_ = false; }
   Mamba3GpuPath path() const { return path_; }
   // Bound on the staged prefill's scratch (k, q, φ, α/β/γ per token); a longer prefill runs in segments.

@@ -5,6 +5,8 @@
 
 #include "cuda/mamba3_stage_gpu.h"
 
+#include "cuda/mamba3_chunk_gpu.h"
+
 namespace mamba3::cuda {
 namespace {
 
@@ -75,9 +77,10 @@ __global__ void __launch_bounds__(256) mamba3_angle_kernel(StageArgs a, int tota
 // One warp per (b, token tl, rank r, group g, chunk of kHeadsPerUnit heads of g): the RMSNorm of the raw B and C
 // vectors (spec §2.4) and their weights, then per head the bias and the rotation by φ (spec §3) → k (slot tl + 1), q.
 // Lane l owns rotary pair slots j = l + 32m: SISO (2j, 2j + 1), MIMO (j, j + N/2); an odd N's last coordinate is a
-// slot of its own. Warps with r = 0 also write α, β, γ of their heads (spec §2.2). For the segment's last token the
-// warp moves the cached k of its heads to slot 0 (the state kernel's k_{−1}) and stores the new k in the cache (each
-// lane reads and writes the same coordinates; no other warp touches them).
+// slot of its own. Warps with r = 0 also write α, β, γ and A·Δ of their heads (spec §2.2; the chunked kernel sums
+// A·Δ into its decay prefix). For the segment's last token the warp moves the cached k of its heads to slot 0 (the
+// state kernel's k_{−1}) and stores the new k in the cache (each lane reads and writes the same coordinates; no other
+// warp touches them).
 // Bytes per token: reads 2·R·G·N raw floats (+ biases, φ: cached), writes 2·R·H·N + 4·H floats.
 __global__ void __launch_bounds__(kStageThreads, 3) mamba3_stage_kernel(StageArgs a, int chunks, int units) {
   const int unit = int((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5);  // warp-uniform
@@ -189,7 +192,7 @@ __global__ void __launch_bounds__(kStageThreads, 3) mamba3_stage_kernel(StageArg
     const float lam = a.euler ? 1.0f : sigmoid_f(row[a.off_dt + 2 * H + h]);
     const float alpha = expf(A * dt);
     reinterpret_cast<float4*>(a.sg.scal)[(int64_t(b) * a.Lc + tl) * H + h] =
-        make_float4(alpha, (1.0f - lam) * dt * alpha, lam * dt, 0.0f);
+        make_float4(alpha, (1.0f - lam) * dt * alpha, lam * dt, A * dt);
   }
 }
 
@@ -551,7 +554,7 @@ int64_t mamba3_gpu_stage_tokens(const Mamba3Config& c, int64_t batch, int64_t L,
 
 void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuParams& p, int64_t batch, int64_t L,
                        const float* zx, Mamba3GpuState state, void* o, Precision o_precision,
-                       const Mamba3GpuStage& prefill_stage) {
+                       const Mamba3GpuStage& prefill_stage, bool chunked_prefill) {
   const Mamba3GpuStage& stage = L == 1 ? state.stage : prefill_stage;
   MAMBA3_CHECK(stage.tokens >= 1 && stage.phi && stage.k && stage.q && stage.scal,
                "Mamba-3 CUDA staged path: no stage scratch for {} tokens", L);
@@ -597,6 +600,11 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
     MAMBA3_LAUNCH_CHECK();
     const bool decoded = a.R == 1 ? try_launch_decode<1>(s, a, items) : try_launch_decode<4>(s, a, items);
     if (decoded) continue;
+    if (chunked_prefill && a.L > 1) {
+      const Mamba3ChunkArgs ca{a.H,   a.P,    a.N,      a.R, a.L,  a.t0, a.Lc, a.d_in, a.d_inner,
+                               a.off_x, a.mimo, a.o_bf16, a.p, a.zx, a.st, a.sg, a.o};
+      if (mamba3_chunk_gpu(s, ca, batch)) continue;  // else the shape is out of its reach: the stream kernel
+    }
     if (a.R == 1)
       launch_stream_for_state<1>(s, a, items);
     else

@@ -5,7 +5,9 @@
 //   2. staging: one warp per (sequence, token, rank, group, 4 heads), fully parallel → k, q (normed, biased,
 //      rotated), α, β, γ; the segment's last token also moves the cached k to slot 0 and stores the new k;
 //   3. state: a streaming kernel per (sequence, head) (prefill: state in registers, the next tokens' k, q, x, z,
-//      scalars prefetched by cp.async into a ring) or per (sequence, head, 16 channels) (decode: state by cp.async).
+//      scalars prefetched by cp.async into a ring) or per (sequence, head, 16 channels) (decode: state by cp.async);
+//      with chunked_prefill, a prefill (L > 1) runs the chunked tensor-core kernel instead (mamba3_chunk_gpu.h;
+//      Mamba3GpuPath::Chunked, bf16 layers), falling back to the stream kernel for shapes out of its reach.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -25,6 +27,6 @@ __device__ __forceinline__ bool mamba3_row_skipped(const Mamba3GpuState& st, int
 
 void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuParams& p, int64_t batch, int64_t L,
                        const float* zx, Mamba3GpuState state, void* o, Precision o_precision,
-                       const Mamba3GpuStage& prefill_stage);
+                       const Mamba3GpuStage& prefill_stage, bool chunked_prefill = false);
 
 }  // namespace mamba3::cuda

@@ -2,8 +2,10 @@
 // the golden README's float32 tolerance and in bf16 within 2e-2; and against the CPU layer on random layers of
 // awkward shapes (batch 3, L = 1/63/65/300, MIMO ranks 2 and 4, groups 2, output norm, the ablation switches),
 // prefill then 32 decode steps, plus split prefills (continuation from a carried state) and decode steps that skip
-// the rows a slot mask marks inactive (Mamba3GpuState::active). Every check runs for both kernel paths (staged:
-// angle scan + staging + streaming state kernels; fused: one kernel per head).
+// the rows a slot mask marks inactive (Mamba3GpuState::active). Every check runs for the three kernel paths (staged:
+// angle scan + staging + streaming state kernels; fused: one kernel per head; chunked: staged with the chunked
+// tensor-core state kernel for bf16 prefills, so its f32 checks run the staged kernels and its bf16 golden check the
+// chunked one). A dedicated test runs bf16 chunked prefills of awkward shapes against the CPU.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 
 #include "../model/mixer_case.h"
 #include "../model/random_mixer.h"
+#include "cuda/mamba3_chunk_gpu.h"
 #include "gpu_test_util.h"
 #include "support/test_support.h"
 
@@ -26,7 +29,12 @@ using cuda::Mamba3GpuPath;
 class Mamba3GpuPaths : public ::testing::TestWithParam<Mamba3GpuPath> {};
 
 std::string path_name(const ::testing::TestParamInfo<Mamba3GpuPath>& info) {
-  return info.param == Mamba3GpuPath::Staged ? "Staged" : "Fused";
+  switch (info.param) {
+    case Mamba3GpuPath::Staged: return "Staged";
+    case Mamba3GpuPath::Fused: return "Fused";
+    case Mamba3GpuPath::Chunked: return "Chunked";
+  }
+  return "Unknown";
 }
 
 // Runs a GPU layer over (B, L, D) input u from `state`, returning (B, L, D).
@@ -351,8 +359,92 @@ TEST_P(Mamba3GpuPaths, DecodeSkipsInactiveRows) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, Mamba3GpuPaths, ::testing::Values(Mamba3GpuPath::Staged, Mamba3GpuPath::Fused),
+INSTANTIATE_TEST_SUITE_P(Kernels, Mamba3GpuPaths,
+                         ::testing::Values(Mamba3GpuPath::Staged, Mamba3GpuPath::Fused, Mamba3GpuPath::Chunked),
                          path_name);
+
+// The chunked tensor-core prefill (bf16 layers) against the CPU f32 layer on awkward shapes: lengths around the
+// chunk sizes (63 new tokens per chunk for R = 1, 31 for R = 2, 20 for R = 3, 15 for R = 4: L = 63/64/65 crosses the
+// first chunk boundary, where the β term pairs with the previous chunk's last k and v), ranks 1–4, groups 2, output
+// norm, headdim 16/24/64/128 (24: channels padded to the 16-wide tiles; 128 without norm: two channel slices per head),
+// d_state 16/48/64/128/256; then decode steps continuing from the chunked prefill's state. Outputs and final states
+// (ssm, k, v, angle) within the bf16 tolerance 2e-2 (relative L2).
+struct ChunkCase {
+  const char* name;
+  int64_t d_model, d_state, headdim, ngroups, rank;
+  bool outnorm;
+};
+
+const ChunkCase kChunkCases[] = {
+    {"siso d_state 16 headdim 16 groups 2 outnorm", 64, 16, 16, 2, 1, true},
+    {"siso d_state 128 headdim 64 groups 2 outnorm", 128, 128, 64, 2, 1, true},
+    {"mimo r2 d_state 64 headdim 16 groups 2 outnorm", 64, 64, 16, 2, 2, true},
+    {"mimo r4 d_state 128 headdim 64 groups 2 outnorm", 128, 128, 64, 2, 4, true},
+    {"mimo r4 d_state 16 headdim 64 groups 2 outnorm", 128, 16, 64, 2, 4, true},
+    {"mimo r3 d_state 48 headdim 24 groups 2 outnorm", 96, 48, 24, 2, 3, true},
+    {"siso d_state 256 headdim 128 groups 2 (2 slices)", 128, 256, 128, 2, 1, false},
+    {"mimo r2 d_state 64 headdim 128 (2 slices)", 128, 64, 128, 1, 2, false},
+};
+
+TEST(Mamba3Gpu, ChunkedBf16PrefillMatchesCpu) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(23);
+  const int64_t B = 3;
+  const double tol = 2e-2;
+  for (const ChunkCase& cc : kChunkCases) {
+    Mamba3Config c;
+    c.d_model = cc.d_model;
+    c.d_state = cc.d_state;
+    c.headdim = cc.headdim;
+    c.ngroups = cc.ngroups;
+    c.is_mimo = cc.rank > 1;
+    c.mimo_rank = cc.rank;
+    c.is_outproj_norm = cc.outnorm;
+    c.chunk_size = 16;
+    c.validate("chunk case");
+    for (int64_t L : {1, 2, 63, 64, 65, 300}) {
+      SCOPED_TRACE(std::string(cc.name) + " L=" + std::to_string(L));
+      TensorMap w = random_mixer_weights(c, rng);
+      Mamba3Mixer cpu(c, w);
+      cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::BF16);
+      gpu.set_path(Mamba3GpuPath::Chunked);
+      const Tensor u = random_tensor(rng, {B, L, c.d_model});
+      Mamba3State cpu_state = cpu.new_state(B);
+      cuda::GpuMamba3State gpu_state(c, B);
+      const Tensor ref = cpu.prefill(u, cpu_state);
+      EXPECT_LE(rel_l2(gpu_forward(gpu, ctx, u, gpu_state, Precision::BF16), ref), tol) << "prefill";
+      expect_state_near(download_state(gpu_state, c), cpu_state, tol, "after prefill");
+      for (int64_t t = 0; t < 3; ++t) {
+        const Tensor x = random_tensor(rng, {B, 1, c.d_model});
+        const Tensor y_ref = cpu.prefill(x, cpu_state);
+        EXPECT_LE(rel_l2(gpu_forward(gpu, ctx, x, gpu_state, Precision::BF16), y_ref), tol) << "decode step " << t;
+      }
+      expect_state_near(download_state(gpu_state, c), cpu_state, tol, "after decode");
+      if (L == 300) {
+        // In segments of 70 tokens (stage budget): segment starts (k_{−1} from stage slot 0, x_{−1} from the v state)
+        // fall inside chunks of the whole-prefill layout.
+        cuda::GpuMamba3Layer seg(c, w, "", "random", nullptr, Precision::BF16);
+        seg.set_path(Mamba3GpuPath::Chunked);
+        seg.set_prefill_stage_bytes(70 * size_t(B * (c.nheads() * c.num_angles() +
+                                                     2 * c.rank() * c.nheads() * c.d_state + 4 * c.nheads()) * 4));
+        Mamba3State seg_ref = cpu.new_state(B);
+        const Tensor seg_out_ref = cpu.prefill(u, seg_ref);
+        cuda::GpuMamba3State seg_state(c, B);
+        EXPECT_LE(rel_l2(gpu_forward(seg, ctx, u, seg_state, Precision::BF16), seg_out_ref), tol) << "segmented";
+        expect_state_near(download_state(seg_state, c), seg_ref, tol, "after segmented prefill");
+      }
+    }
+  }
+}
+
+// The chunked kernel's shared-memory layout fits the sizes the tests above use and the 1.5B (two blocks per SM).
+TEST(Mamba3Gpu, ChunkedLayoutFits) {
+  EXPECT_LE(cuda::mamba3_chunk_gpu_shared_bytes(128, 64, 1, true), size_t(113) * 1024) << "1.5B SISO";
+  EXPECT_LE(cuda::mamba3_chunk_gpu_shared_bytes(256, 128, 1, false), size_t(227) * 1024) << "N 256, P 128, 2 slices";
+  EXPECT_LE(cuda::mamba3_chunk_gpu_shared_bytes(128, 128, 4, true), size_t(227) * 1024) << "P 128 with norm";
+  EXPECT_GT(cuda::mamba3_chunk_gpu_shared_bytes(256, 128, 4, true), size_t(227) * 1024) << "falls back (see header)";
+}
 
 // The staged path in segments (a stage budget of a few tokens, so the angle scan, k cache hand-over and state carry
 // cross segment boundaries inside one call) equals the CPU and the fused path, for SISO, MIMO and groups.
