@@ -111,6 +111,7 @@ int main(int argc, char** argv) {
            {"ssm_cfg", {{"layer", "Mamba3"}, {"d_state", 128}, {"headdim", 64}, {"expand", 2}}},
            {"tie_embeddings", true}};
   const ModelConfig c = ModelConfig::from_json(cfg, "bench preset " + preset);
+  const auto built_from = Clock::now();
   std::unique_ptr<LanguageModel> model;
   double params = 0;
 #ifdef MAMBA3_HAVE_CUDA
@@ -132,6 +133,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "unknown device %s (cpu, cuda)\n", device.c_str());
     return 2;
   }
+  std::fprintf(stderr, "bench_server: model ready in %.1f s\n",
+               std::chrono::duration<double>(Clock::now() - built_from).count());
   const int64_t capacity = prompt + max_tokens + 1;
   // A fresh engine per row of the table: on cuda its decode slots are max_batch.
   auto make_engine = [&](const Tokenizer& tok, server::EngineOptions eo) {
@@ -149,6 +152,7 @@ int main(int argc, char** argv) {
   std::printf("bench_server: %s (%.1fM parameters) on %s, prompt %d tokens, %d generated per request, prefill batch %d%s\n",
               preset.c_str(), params / 1e6, device.c_str(), prompt, max_tokens, prefill_batch,
               device == "cpu" ? (", lanes of " + std::to_string(lane_rows) + " rows").c_str() : "");
+  std::fflush(stdout);  // every line reaches a pipe at once (a run cut short by a time limit keeps its rows)
   std::printf("%8s %9s %11s %10s %10s %10s %10s %14s\n", "clients", "requests", "tokens/s", "TTFT p50", "TTFT p99",
               "ITL p50", "ITL p99", "vs one-by-one");
   std::mt19937 rng(11);
@@ -174,6 +178,7 @@ int main(int argc, char** argv) {
     for (int i = 0; i < sequential; ++i) tokens += int64_t(one_request(http.port(), body_for(i), t0).tokens.size());
     one_by_one = double(tokens) / std::chrono::duration<double>(Clock::now() - t0).count();
     std::printf("%8s %9d %11.1f   (one request at a time: the baseline)\n", "1 (seq)", sequential, one_by_one);
+    std::fflush(stdout);
   }
   for (int C : concurrency) {
     server::EngineOptions eo;
