@@ -20,11 +20,8 @@ __device__ __forceinline__ void accumulate(const uint4& wv, const uint4& xv, flo
 }
 
 // Warp w of block b computes output column n = b·8 + w for all M rows: lanes stride over K in 8-element (16-byte)
-// pieces, then a warp reduction per row. Each iteration issues U pieces of W per lane before using any (U·16 bytes
-// in flight per lane: at M = 1 a K = 2048 row is one round trip, not four), and accumulates them in the order
-// i, i + 32, i + 64, … — the order the kernel always used, so the results are unchanged bit for bit.
-// Bytes: N·K·2 (W, streamed once) + M·K·2 per block (x, from L2); FLOPs 2·M·N·K.
-template <int M, int U>
+// pieces, two pieces in flight per lane per iteration, then a warp reduction per row.
+template <int M>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k,
                                                           const __nv_bfloat16* __restrict__ x, int64_t x_stride,
                                                           float* __restrict__ y, int64_t y_stride) {
@@ -37,15 +34,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
 #pragma unroll
   for (int r = 0; r < M; ++r) acc[r] = 0.0f;
   int64_t i = lane;
-  for (; i + 32 * (U - 1) < pieces; i += 32 * U) {
-    uint4 wv[U];
+  for (; i + 32 < pieces; i += 64) {
+    const uint4 w0 = __ldcs(wrow + i), w1 = __ldcs(wrow + i + 32);  // streamed: read once, keep out of L1
 #pragma unroll
-    for (int u = 0; u < U; ++u) wv[u] = __ldcs(wrow + i + 32 * u);  // streamed: read once, keep out of L1
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < M; ++r)
-        accumulate(wv[u], __ldg(reinterpret_cast<const uint4*>(x + r * x_stride) + i + 32 * u), acc[r]);
+    for (int r = 0; r < M; ++r) {
+      const uint4* xr = reinterpret_cast<const uint4*>(x + r * x_stride);
+      accumulate(w0, __ldg(xr + i), acc[r]);
+      accumulate(w1, __ldg(xr + i + 32), acc[r]);
+    }
   }
   for (; i < pieces; i += 32) {
     const uint4 w0 = __ldcs(wrow + i);
@@ -65,9 +61,7 @@ template <int M>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
             int64_t y_stride) {
   const unsigned blocks = unsigned((n + kWarps - 1) / kWarps);
-  // More pieces in flight for few rows (the x loads of many rows would cost registers instead).
-  constexpr int U = M <= 2 ? 8 : 4;
-  gemv_kernel<M, U><<<blocks, kWarps * 32, 0, s>>>(static_cast<const __nv_bfloat16*>(w), n, k,
+  gemv_kernel<M><<<blocks, kWarps * 32, 0, s>>>(static_cast<const __nv_bfloat16*>(w), n, k,
                                                 static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride);
   MAMBA3_LAUNCH_CHECK();
 }
