@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cuda/cuda_check.h"
 #include "cuda/cuda_model.h"
 #include "cuda/device_buffer.h"
 #include "model/init_weights.h"
@@ -76,17 +77,63 @@ double median_step_ms(const CudaModel& m, GpuCache& cache, int64_t n) {
   return double(ms[ms.size() / 2]);
 }
 
+// Dense bf16 matrix-product throughput (cuBLAS, f32 accumulation) on 8192³, median of 10: the ceiling of prefill.
+double measure_gemm_flops() {
+  const int n = 8192;
+  cuda::Context ctx;
+  cuda::DeviceBuffer a(size_t(n) * n * 2), b(size_t(n) * n * 2), c(size_t(n) * n * 4);
+  MAMBA3_CUDA_CHECK(cudaMemset(a.raw(), 0, a.bytes()));
+  MAMBA3_CUDA_CHECK(cudaMemset(b.raw(), 0, b.bytes()));
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  const float one = 1.0f, zero = 0.0f;
+  auto gemm = [&] {
+    MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &one, a.raw(), CUDA_R_16BF, n,
+                                     b.raw(), CUDA_R_16BF, n, &zero, c.raw(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT));
+  };
+  cudaEvent_t e0, e1;
+  MAMBA3_CUDA_CHECK(cudaEventCreate(&e0));
+  MAMBA3_CUDA_CHECK(cudaEventCreate(&e1));
+  gemm();
+  std::vector<float> ms;
+  for (int i = 0; i < 10; ++i) {
+    MAMBA3_CUDA_CHECK(cudaEventRecord(e0, ctx.stream()));
+    gemm();
+    MAMBA3_CUDA_CHECK(cudaEventRecord(e1, ctx.stream()));
+    MAMBA3_CUDA_CHECK(cudaEventSynchronize(e1));
+    float t = 0;
+    MAMBA3_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
+    ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * double(n) * n * n / (double(ms[ms.size() / 2]) * 1e-3);
+}
+
+// Matrix-product FLOPs per prompt token of a prefill: 2 per weight of every projection (in_proj, out_proj, fc1, fc2,
+// attention), the embedding and the lm_head left out (the lm_head runs on each prompt's last token only).
+double prefill_flops_per_token(const TensorMap& w) {
+  double weights = 0;
+  for (const auto& [name, t] : w)
+    if (t.ndim() == 2 && name.find("embedding") == std::string::npos && name.find("lm_head") == std::string::npos)
+      weights += double(t.numel());
+  return 2.0 * weights;
+}
+
 std::vector<int64_t> random_ids(std::mt19937& rng, int64_t n, int64_t vocab) {
   std::vector<int64_t> ids(static_cast<size_t>(n));
   for (auto& id : ids) id = int64_t(rng() % uint32_t(vocab));
   return ids;
 }
 
-void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArgs& a, double copy_bw) {
+void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArgs& a, double copy_bw,
+               double gemm_flops) {
   const auto t0 = std::chrono::steady_clock::now();
   const TensorMap w = init_weights(c, 1);
   CudaModel m(c, w, name, cuda::parse_precision(a.precision));
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double prefill_floor = gemm_flops / prefill_flops_per_token(w);  // tokens/s if only the products counted
   const double wbytes = double(m.parameter_bytes()), sbytes = double(m.state_bytes_per_sequence());
   const int64_t V = c.vocab_padded();
   std::printf("\n%s: %s weights %.2f GB on the device, decode state %.1f MB per sequence (f32), built in %.0f s\n",
@@ -113,8 +160,10 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
 
   if (a.lengths.empty()) return;
   const int64_t B = a.long_batch;
-  std::printf("  prefill n + decode n at batch %ld\n  %-8s %10s %14s %12s %12s %12s\n", long(B), "n", "total s",
-              "prefill tok/s", "prefill s", "decode s", "ms/step");
+  std::printf("  prefill n + decode n at batch %ld; prefill floor %.0f tokens/s (%.2f GFLOP per token in the projections "
+              "at the measured GEMM rate)\n  %-8s %10s %14s %9s %12s %12s %12s\n",
+              long(B), prefill_floor, prefill_flops_per_token(w) / 1e9, "n", "total s", "prefill tok/s",
+              "of floor", "prefill s", "decode s", "ms/step");
   for (int64_t n : a.lengths) {
     GpuCache cache = m.new_cache(B, 64);
     const std::vector<int64_t> prompt = random_ids(rng, B * n, c.vocab_size);
@@ -129,8 +178,9 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
     double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - d0).count();
     const double per_step = decode_s / double(timed);
     decode_s = per_step * double(n);
-    std::printf("  %-8ld %10.2f %14.0f %12.2f %12.2f %12.3f%s\n", long(n), prefill_s + decode_s,
-                double(B * n) / prefill_s, prefill_s, decode_s, per_step * 1e3,
+    std::printf("  %-8ld %10.2f %14.0f %8.0f%% %12.2f %12.2f %12.3f%s\n", long(n), prefill_s + decode_s,
+                double(B * n) / prefill_s, 100.0 * double(B * n) / prefill_s / prefill_floor, prefill_s, decode_s,
+                per_step * 1e3,
                 timed < n ? "  (decode extrapolated)" : "");
   }
 }
@@ -141,12 +191,14 @@ void run_cuda_bench(const CudaBenchArgs& a) {
   const cuda::DeviceInfo info = cuda::device_info();
   MAMBA3_CHECK(info.available, "--device cuda: no usable CUDA device ({})", info.why_not);
   const double bw = measure_copy_bandwidth();
-  std::printf("mamba3 bench --device cuda: %s, %d SMs, %.0f GB; device-to-device copy %.0f GB/s (read + write)\n",
-              info.name.c_str(), info.sm_count, double(info.memory_bytes) / 1e9, bw / 1e9);
+  const double gemm = measure_gemm_flops();
+  std::printf("mamba3 bench --device cuda: %s, %d SMs, %.0f GB; device-to-device copy %.0f GB/s (read + write); bf16 "
+              "GEMM %.0f TFLOP/s (8192³)\n",
+              info.name.c_str(), info.sm_count, double(info.memory_bytes) / 1e9, bw / 1e9, gemm / 1e12);
   if (!a.config.empty()) {
-    bench_one(a.config, ModelConfig::load(a.config), a, bw);
+    bench_one(a.config, ModelConfig::load(a.config), a, bw, gemm);
   } else {
-    for (const auto& p : a.presets) bench_one("Mamba-3 " + p + " (random init)", cuda_preset(p), a, bw);
+    for (const auto& p : a.presets) bench_one("Mamba-3 " + p + " (random init)", cuda_preset(p), a, bw, gemm);
   }
 }
 
