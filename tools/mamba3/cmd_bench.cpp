@@ -87,14 +87,18 @@ void register_bench(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Measure prefill and decode speed of a random-initialised model");
   cmd->add_option("--preset", a.presets, "model classes to measure: 130m, 370m")->capture_default_str();
   cmd->add_option("--config", a.config, "measure the model of this config.json instead of the presets");
-  cmd->add_option("--batch", a.batches, "decode batch sizes")->capture_default_str();
+  cmd->add_option("--batch", a.batches, "decode batch sizes (space- or comma-separated)")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--prompt", a.prompt, "prefill length")->capture_default_str();
   cmd->add_option("--steps", a.steps, "decode steps timed (median)")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--device", device, "cpu, or cuda (presets 1.5b, 1.5b-mimo)")->capture_default_str();
 #ifdef MAMBA3_HAVE_CUDA
   cmd->add_option("--precision", ca.precision, "cuda: weights and matrix inputs, bf16 or f32")->capture_default_str();
-  cmd->add_option("--lengths", ca.lengths, "cuda: prefill n + decode n runs (empty: skip)")->capture_default_str();
+  cmd->add_option("--lengths", ca.lengths, "cuda: prefill n + decode n runs (empty: skip)")
+      ->delimiter(',')
+      ->capture_default_str();
   cmd->add_option("--long-batch", ca.long_batch, "cuda: batch of the prefill+decode runs")->capture_default_str();
   cmd->add_option("--max-decode-steps", ca.max_decode_steps,
                   "cuda: time at most this many decode steps per run and extrapolate (0: all)");
