@@ -2,7 +2,8 @@
 // the CPU mixer's prefill and every gradient (du and each parameter) against the CPU's f32 chunked backward
 // (mamba3_mixer_backward) on random layers of awkward shapes (batch 3, L = 1/63/65/300, MIMO ranks 2–4, groups 2,
 // output norm, both A activations, the A_floor clamp, the euler and no_rotary ablations); every golden mixer case's
-// grad.* tensors in the exact f32 mode; bf16 mixed precision; determinism and accumulation.
+// grad.* tensors in the exact f32 mode; bf16 mixed precision, with the chunk products in f32 and on tensor cores
+// (set_chunk_tensor_cores); determinism and accumulation.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -70,14 +71,16 @@ struct GpuResult {
   TensorMap grads;
 };
 
-// Forward then backward on the GPU from freshly zeroed gradients; out and du are poisoned (NaN) first.
-GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p) {
+// Forward then backward on the GPU from freshly zeroed gradients; out and du are poisoned (NaN) first. tc: the chunk
+// products on tensor cores (only in effect with Precision::BF16); set explicitly, whatever MAMBA3_TRAIN_CHUNK says.
+GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p, bool tc = false) {
   const Mamba3Config& c = m.config();
   const int64_t B = u.dim(0), L = u.dim(1);
   const size_t act_bytes = size_t(B * L * c.d_model) * sizeof(float);
   cuda::Context ctx;
   cuda::TrainGemm gemm(p);
   cuda::Mamba3TrainGpu train(c);
+  train.set_chunk_tensor_cores(tc);
   DeviceLayer layer(m);
   cuda::DeviceBuffer u_dev = to_device_activation(u, Precision::F32);
   cuda::DeviceBuffer dout_dev = to_device_activation(dout, Precision::F32);
@@ -213,8 +216,7 @@ TEST(Mamba3TrainGpu, MatchesCpuBF16) {
 }
 
 // Two backward calls give bit-identical gradients; a second call into the same destinations adds (≈ 2×).
-TEST(Mamba3TrainGpu, DeterministicAndAccumulating) {
-  MAMBA3_REQUIRE_GPU();
+void check_deterministic_and_accumulating(Precision p, bool tc) {
   for (const LayerCase& lc : layer_cases()) {
     SCOPED_TRACE(lc.name);
     const Mamba3Config& c = lc.c;
@@ -223,8 +225,9 @@ TEST(Mamba3TrainGpu, DeterministicAndAccumulating) {
     Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
     const Tensor u = random_tensor(rng, {B, L, c.d_model}), dout = random_tensor(rng, {B, L, c.d_model});
     cuda::Context ctx;
-    cuda::TrainGemm gemm(Precision::F32);
+    cuda::TrainGemm gemm(p);
     cuda::Mamba3TrainGpu train(c);
+    train.set_chunk_tensor_cores(tc);
     DeviceLayer layer(mixer);
     cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
     cuda::DeviceBuffer du(ud.bytes());
@@ -247,6 +250,76 @@ TEST(Mamba3TrainGpu, DeterministicAndAccumulating) {
       EXPECT_LE(rel_l2(g3.at(name), twice), 1e-6) << "grad." << name << " not accumulated";
     }
   }
+}
+
+TEST(Mamba3TrainGpu, DeterministicAndAccumulating) {
+  MAMBA3_REQUIRE_GPU();
+  check_deterministic_and_accumulating(Precision::F32, false);
+}
+
+TEST(Mamba3TrainGpu, TensorCoreChunksDeterministicAndAccumulating) {
+  MAMBA3_REQUIRE_GPU();
+  check_deterministic_and_accumulating(Precision::BF16, true);
+}
+
+bool bit_identical(const GpuResult& a, const GpuResult& b) {
+  auto same = [](const Tensor& x, const Tensor& y) {
+    return x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
+  };
+  if (!same(a.out, b.out) || !same(a.du, b.du) || a.grads.size() != b.grads.size()) return false;
+  for (const auto& [name, t] : a.grads)
+    if (!b.grads.count(name) || !same(t, b.grads.at(name))) return false;
+  return true;
+}
+
+// The layer cases plus the 125M model's tiles (N 128, P 64: the chunk length drops below 64 rows to fit the reverse
+// kernel's shared memory) and a wide MIMO one.
+std::vector<LayerCase> tensor_core_cases() {
+  std::vector<LayerCase> v = layer_cases();
+  Mamba3Config c = small(false, 1);
+  c.d_model = 64, c.d_state = 128, c.headdim = 64;
+  v.push_back({"siso d_state 128 headdim 64", c});
+  c = small(true, 4);
+  c.d_model = 32, c.d_state = 64, c.headdim = 16, c.ngroups = 2, c.is_outproj_norm = true;
+  v.push_back({"mimo R=4 d_state 64 ngroups 2 outnorm", c});
+  return v;
+}
+
+// bf16 mode with the chunk products on tensor cores: every gradient within the bf16 tolerance of the bf16 mode's f32
+// chunk products and (L ≥ 63; see MatchesCpuBF16 for L = 1) of the CPU's f32 backward; the switch takes effect (the
+// results differ from the f32 chunk path's) and is ignored in the exact f32 mode (bit-identical there).
+TEST(Mamba3TrainGpu, TensorCoreChunksBF16) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases())
+    for (int64_t L : {1, 63, 65, 300}) {
+      const Mamba3Config& c = lc.c;
+      if (L == 1 && !c.is_mimo && c.is_outproj_norm) continue;  // rounding noise only (see run_against_cpu)
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const int64_t batch = L == 300 ? 2 : 3;
+      std::mt19937 rng(uint32_t(500 + L));
+      Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
+      const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+      const GpuResult tc = run_gpu(mixer, u, dout, Precision::BF16, true);
+      const GpuResult plain = run_gpu(mixer, u, dout, Precision::BF16, false);
+      EXPECT_FALSE(bit_identical(tc, plain)) << "the tensor-core switch had no effect";
+      std::string where;
+      double worst_plain = 0, worst_cpu = 0;
+      compare(tc, plain.out, plain.du, plain.grads, kTolBF16, kTolBF16, worst_plain, where);
+      std::printf("  %-38s L=%-3lld tc vs f32 chunks %.2e (%s)", lc.name, (long long)L, worst_plain, where.c_str());
+      if (L >= 63) {
+        Mamba3State state = mixer.new_state(batch);
+        const Tensor out_ref = mixer.prefill(u, state);
+        const Mamba3MixerGradients ref = mamba3_mixer_backward(mixer, u, dout);
+        compare(tc, out_ref, ref.u, ref.params, kTolBF16, kTolBF16, worst_cpu, where);
+        std::printf(", vs CPU f32 %.2e (%s)", worst_cpu, where.c_str());
+      }
+      std::printf("\n");
+      if (L == 65) {  // the f32 mode ignores the switch
+        const GpuResult a = run_gpu(mixer, u, dout, Precision::F32, true);
+        const GpuResult b = run_gpu(mixer, u, dout, Precision::F32, false);
+        EXPECT_TRUE(bit_identical(a, b)) << "the f32 mode must keep the exact chunk products";
+      }
+    }
 }
 
 TEST(Mamba3TrainGpu, UnsupportedConfigThrows) {

@@ -9,6 +9,7 @@
 // Every sum runs in a fixed order owned by one thread (or a butterfly warp sum): bit-reproducible, no atomics.
 #include "cuda/cuda_check.h"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_chunk_tc.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 
 namespace mamba3::cuda::train_detail {
@@ -16,6 +17,7 @@ namespace mamba3::cuda::train_detail {
 namespace {
 
 constexpr int kWarps = kChunkThreads / 32;
+static_assert(tc::kWarps == kWarps, "the tensor-core products deal their tiles to the chunk block's warps");
 // Register micro-tiles: a thread owns kTile consecutive rows × kTile columns (strided by the column-tile count in the
 // row-by-column products, consecutive in the square score tiles), loading kTile + kTile shared operands per k-step for
 // kTile² FMAs. Every output still sums its terms in the plain loop's order (rows past the end are clamped for the
@@ -123,7 +125,11 @@ __device__ __forceinline__ void chunk_scalars(const ChunkParams& p, int64_t bh, 
 // ≈ 2·R·N + 2·P reads + P writes (backward: + P + R·P + P, and P·N per chunk for H_c), all else in shared memory.
 // The products run as kTile×kTile register tiles (shared loads per FMA 2/kTile); the score tiles straddling the
 // diagonal also form their masked entries, ≈ kTile/(T·R) more score FLOPs.
-template <bool kBwd>
+// kTC (bf16 mode, chunk path "tc"): the four products on tensor cores instead (mamba3_train_chunk_tc.cuh: m16n8k16
+// bf16 × bf16 → f32, 16×8 output tiles dealt to the 8 warps, fragments formed from the same f32 tiles). Per chunk of
+// 64 rows (N 128, P 64): 752 mma = 3.1 MFLOP (scores 20 causal tiles, y 32, W·v 80 mma, state 256); the shared-memory
+// layout, the traffic above and every epilogue are the f32 path's.
+template <bool kBwd, bool kTC>
 __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const ChunkParams p) {
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
@@ -157,114 +163,124 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
     for (int tl = tid; tl < Tc; tl += kChunkThreads) wv[tl] = expf(Lam[Tc - 1] - Lam[tl]) * scale[tl];
     __syncthreads();
 
+    [[maybe_unused]] const tc::Tiles tt{rows, R, N, P, ldN, ldP, ldR, sQ, sK, sV, Lam, scale, gam, eL, Dh};
     // Causal weights W = (q·kᵀ) ⊙ coef, and y = e^Λ·(q·Hᵀ) + D·v.
-    const int rt = (rows + kTile - 1) / kTile, pt = (P + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
-    for (int t = tid; t < rt * rt; t += kChunkThreads) {
-      const int j0 = (t / rt) * kTile, k0 = (t % rt) * kTile;
-      float acc[kTile][kTile] = {};
-      if (k0 / R <= min(j0 + kTile - 1, rows - 1) / R) {  // else the tile lies wholly above the causal diagonal
-        int jr[kTile], kr[kTile];
+    [[maybe_unused]] const int rt = (rows + kTile - 1) / kTile, pt = (P + kTile - 1) / kTile,
+                               nt = (N + kTile - 1) / kTile;
+    if constexpr (kTC) {
+      tc::fwd_scores_y(tt, sH, sW, sY, warp, lane);
+    } else {
+      for (int t = tid; t < rt * rt; t += kChunkThreads) {
+        const int j0 = (t / rt) * kTile, k0 = (t % rt) * kTile;
+        float acc[kTile][kTile] = {};
+        if (k0 / R <= min(j0 + kTile - 1, rows - 1) / R) {  // else the tile lies wholly above the causal diagonal
+          int jr[kTile], kr[kTile];
 #pragma unroll
-        for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1) * ldN, kr[a] = min(k0 + a, rows - 1) * ldN;
+          for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1) * ldN, kr[a] = min(k0 + a, rows - 1) * ldN;
+          for (int n = 0; n < N; ++n) {
+            float x[kTile], y[kTile];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] + n], y[a] = sK[kr[a] + n];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a)
+#pragma unroll
+              for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+          }
+        }
+#pragma unroll
+        for (int a = 0; a < kTile; ++a)
+#pragma unroll
+          for (int c = 0; c < kTile; ++c) {
+            const int j = j0 + a, jj = k0 + c;
+            if (j >= rows || jj >= rows) continue;
+            const int tl = j / R, sl = jj / R;
+            sW[j * ldR + jj] = sl <= tl ? acc[a][c] * (sl < tl ? expf(Lam[tl] - Lam[sl]) * scale[sl] : gam[tl]) : 0.0f;
+          }
+      }
+      for (int t = tid; t < rt * pt; t += kChunkThreads) {
+        const int j0 = (t / pt) * kTile, q0 = t % pt;
+        int jr[kTile], qr[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1) * ldN, qr[a] = min(q0 + a * pt, P - 1) * ldN;
+        float acc[kTile][kTile] = {};
         for (int n = 0; n < N; ++n) {
           float x[kTile], y[kTile];
 #pragma unroll
-          for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] + n], y[a] = sK[kr[a] + n];
+          for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] + n], y[a] = sH[qr[a] + n];
 #pragma unroll
           for (int a = 0; a < kTile; ++a)
 #pragma unroll
             for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
         }
-      }
-#pragma unroll
-      for (int a = 0; a < kTile; ++a)
-#pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-          const int j = j0 + a, jj = k0 + c;
-          if (j >= rows || jj >= rows) continue;
-          const int tl = j / R, sl = jj / R;
-          sW[j * ldR + jj] = sl <= tl ? acc[a][c] * (sl < tl ? expf(Lam[tl] - Lam[sl]) * scale[sl] : gam[tl]) : 0.0f;
-        }
-    }
-    for (int t = tid; t < rt * pt; t += kChunkThreads) {
-      const int j0 = (t / pt) * kTile, q0 = t % pt;
-      int jr[kTile], qr[kTile];
-#pragma unroll
-      for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1) * ldN, qr[a] = min(q0 + a * pt, P - 1) * ldN;
-      float acc[kTile][kTile] = {};
-      for (int n = 0; n < N; ++n) {
-        float x[kTile], y[kTile];
-#pragma unroll
-        for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] + n], y[a] = sH[qr[a] + n];
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
 #pragma unroll
-          for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+          for (int c = 0; c < kTile; ++c) {
+            const int j = j0 + a, q = q0 + c * pt;
+            if (j < rows && q < P) sY[j * ldP + q] = eL[j / R] * acc[a][c] + Dh * sV[j * ldP + q];
+          }
       }
-#pragma unroll
-      for (int a = 0; a < kTile; ++a)
-#pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-          const int j = j0 + a, q = q0 + c * pt;
-          if (j < rows && q < P) sY[j * ldP + q] = eL[j / R] * acc[a][c] + Dh * sV[j * ldP + q];
-        }
     }
     __syncthreads();
 
     // y += W·v; the state to the chunk's end: H ← e^{Λ_last}·H + (w ⊙ v)ᵀ·k.
-    for (int t = tid; t < rt * pt; t += kChunkThreads) {
-      const int j0 = (t / pt) * kTile, q0 = t % pt;
-      int jr[kTile], qc[kTile], end[kTile];
+    const float elast = eL[Tc - 1];
+    if constexpr (kTC) {
+      tc::fwd_wv_state(tt, sW, wv, elast, sH, sY, warp, lane);
+    } else {
+      for (int t = tid; t < rt * pt; t += kChunkThreads) {
+        const int j0 = (t / pt) * kTile, q0 = t % pt;
+        int jr[kTile], qc[kTile], end[kTile];
 #pragma unroll
-      for (int a = 0; a < kTile; ++a) {
-        const int j = min(j0 + a, rows - 1);
-        jr[a] = j * ldR, end[a] = (j / R + 1) * R, qc[a] = min(q0 + a * pt, P - 1);
-      }
-      float acc[kTile][kTile] = {};
-      for (int jj = 0; jj < end[kTile - 1]; ++jj) {  // end[] grows with the row
-        float v[kTile];
+        for (int a = 0; a < kTile; ++a) {
+          const int j = min(j0 + a, rows - 1);
+          jr[a] = j * ldR, end[a] = (j / R + 1) * R, qc[a] = min(q0 + a * pt, P - 1);
+        }
+        float acc[kTile][kTile] = {};
+        for (int jj = 0; jj < end[kTile - 1]; ++jj) {  // end[] grows with the row
+          float v[kTile];
 #pragma unroll
-        for (int c = 0; c < kTile; ++c) v[c] = sV[jj * ldP + qc[c]];
+          for (int c = 0; c < kTile; ++c) v[c] = sV[jj * ldP + qc[c]];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+            if (jj < end[a]) {
+              const float w = sW[jr[a] + jj];
+#pragma unroll
+              for (int c = 0; c < kTile; ++c) acc[a][c] += w * v[c];
+            }
+        }
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
-          if (jj < end[a]) {
-            const float w = sW[jr[a] + jj];
 #pragma unroll
-            for (int c = 0; c < kTile; ++c) acc[a][c] += w * v[c];
+          for (int c = 0; c < kTile; ++c) {
+            const int j = j0 + a, q = q0 + c * pt;
+            if (j < rows && q < P) sY[j * ldP + q] += acc[a][c];
           }
       }
+      for (int t = tid; t < pt * nt; t += kChunkThreads) {
+        const int q0 = (t / nt) * kTile, n0 = t % nt;
+        int qc[kTile], nc[kTile];
 #pragma unroll
-      for (int a = 0; a < kTile; ++a)
+        for (int a = 0; a < kTile; ++a) qc[a] = min(q0 + a, P - 1), nc[a] = min(n0 + a * nt, N - 1);
+        float acc[kTile][kTile] = {};
+        for (int jj = 0; jj < rows; ++jj) {
+          const float wj = wv[jj / R];
+          float x[kTile], y[kTile];
 #pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-          const int j = j0 + a, q = q0 + c * pt;
-          if (j < rows && q < P) sY[j * ldP + q] += acc[a][c];
+          for (int a = 0; a < kTile; ++a) x[a] = wj * sV[jj * ldP + qc[a]], y[a] = sK[jj * ldN + nc[a]];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
         }
-    }
-    const float elast = eL[Tc - 1];
-    for (int t = tid; t < pt * nt; t += kChunkThreads) {
-      const int q0 = (t / nt) * kTile, n0 = t % nt;
-      int qc[kTile], nc[kTile];
-#pragma unroll
-      for (int a = 0; a < kTile; ++a) qc[a] = min(q0 + a, P - 1), nc[a] = min(n0 + a * nt, N - 1);
-      float acc[kTile][kTile] = {};
-      for (int jj = 0; jj < rows; ++jj) {
-        const float wj = wv[jj / R];
-        float x[kTile], y[kTile];
-#pragma unroll
-        for (int a = 0; a < kTile; ++a) x[a] = wj * sV[jj * ldP + qc[a]], y[a] = sK[jj * ldN + nc[a]];
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
 #pragma unroll
-          for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+          for (int c = 0; c < kTile; ++c) {
+            const int q = q0 + a, n = n0 + c * nt;
+            if (q < P && n < N) sH[q * ldN + n] = elast * sH[q * ldN + n] + acc[a][c];
+          }
       }
-#pragma unroll
-      for (int a = 0; a < kTile; ++a)
-#pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-          const int q = q0 + a, n = n0 + c * nt;
-          if (q < P && n < N) sH[q * ldN + n] = elast * sH[q * ldN + n] + acc[a][c];
-        }
     }
     __syncthreads();
 
@@ -352,6 +368,11 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
 // ≈ R·(2·T·R·(N + P) + 10·P·N) per token and head; traffic per token and head ≈ 2·R·N + P + R·P reads (zx, dy)
 // + P·N per chunk (H_c), and 2·R·N (dB̂, dĈ) + P + S + 3 writes. Products as in the forward: kTile×kTile register
 // tiles, diagonal score tiles formed whole.
+// kTC (bf16 mode, chunk path "tc"): the products on tensor cores (mamba3_train_chunk_tc.cuh: m16n8k16 bf16 × bf16 →
+// f32, 16×8 output tiles dealt to the 8 warps, fragments formed from the same f32 tiles, dH accumulated in f32). Per
+// chunk of 64 rows (N 128, P 64): 1920 mma = 7.9 MFLOP (scores + dW 240, dV/T1/T2 592, dQ/dK 832, dH 256); the
+// shared-memory layout, the traffic above and every epilogue are the f32 path's.
+template <bool kTC>
 __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const ChunkParams p) {
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
@@ -384,173 +405,184 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
     chunk_scalars(p, bh, c0, Tc, Lam, scale, gam, eL);
     for (int tl = tid; tl < Tc; tl += kChunkThreads) e2[tl] = expf(Lam[Tc - 1] - Lam[tl]);
     __syncthreads();
+    [[maybe_unused]] const tc::Tiles tt{rows, R, N, P, ldN, ldP, ldR, sQ, sK, sV, Lam, scale, gam, eL, Dh};
+    [[maybe_unused]] const tc::RevTiles tr{dY, Hc, dH, Sm, dW, sE, dV, T1, T2, dQ, dK, e2};
 
     // Scores S = q·kᵀ and dW = dy·vᵀ; E = d loss/d coef without scale (→ Λ, scale, γ); Sm ← W, dW ← dS.
-    const int rt = (rows + kTile - 1) / kTile, pt = (P + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
-    for (int t = tid; t < rt * rt; t += kChunkThreads) {
-      const int j0 = (t / rt) * kTile, k0 = (t % rt) * kTile;
-      float as[kTile][kTile] = {}, adw[kTile][kTile] = {};
-      if (k0 / R <= min(j0 + kTile - 1, rows - 1) / R) {  // else the tile lies wholly above the causal diagonal
-        int jr[kTile], kr[kTile];
+    [[maybe_unused]] const int rt = (rows + kTile - 1) / kTile, pt = (P + kTile - 1) / kTile,
+                               nt = (N + kTile - 1) / kTile;
+    if constexpr (kTC) {
+      tc::rev_scores(tt, tr, warp, lane);
+    } else {
+      for (int t = tid; t < rt * rt; t += kChunkThreads) {
+        const int j0 = (t / rt) * kTile, k0 = (t % rt) * kTile;
+        float as[kTile][kTile] = {}, adw[kTile][kTile] = {};
+        if (k0 / R <= min(j0 + kTile - 1, rows - 1) / R) {  // else the tile lies wholly above the causal diagonal
+          int jr[kTile], kr[kTile];
 #pragma unroll
-        for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), kr[a] = min(k0 + a, rows - 1);
-        for (int n = 0; n < N; ++n) {
-          float x[kTile], y[kTile];
+          for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), kr[a] = min(k0 + a, rows - 1);
+          for (int n = 0; n < N; ++n) {
+            float x[kTile], y[kTile];
 #pragma unroll
-          for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] * ldN + n], y[a] = sK[kr[a] * ldN + n];
+            for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] * ldN + n], y[a] = sK[kr[a] * ldN + n];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) as[a][c] += x[a] * y[c];
+          }
+          for (int q = 0; q < P; ++q) {
+            float x[kTile], y[kTile];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a) x[a] = dY[jr[a] * ldP + q], y[a] = sV[kr[a] * ldP + q];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) adw[a][c] += x[a] * y[c];
+          }
+        }
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
 #pragma unroll
-          for (int c = 0; c < kTile; ++c) as[a][c] += x[a] * y[c];
+          for (int c = 0; c < kTile; ++c) {
+        const int j = j0 + a, jj = k0 + c;
+        if (j >= rows || jj >= rows) continue;
+        const int tl = j / R, sl = jj / R;
+        float s = 0.0f, dw = 0.0f, cf = 0.0f, ge = 0.0f;
+        if (sl <= tl) {
+          s = as[a][c], dw = adw[a][c];
+          if (sl < tl) {
+            const float ex = expf(Lam[tl] - Lam[sl]);
+            cf = ex * scale[sl];
+            ge = dw * s * ex;
+          } else {
+            cf = gam[tl];
+            ge = dw * s;
+          }
         }
-        for (int q = 0; q < P; ++q) {
-          float x[kTile], y[kTile];
-#pragma unroll
-          for (int a = 0; a < kTile; ++a) x[a] = dY[jr[a] * ldP + q], y[a] = sV[kr[a] * ldP + q];
-#pragma unroll
-        for (int a = 0; a < kTile; ++a)
-#pragma unroll
-          for (int c = 0; c < kTile; ++c) adw[a][c] += x[a] * y[c];
-        }
+        Sm[j * ldR + jj] = s * cf;
+        dW[j * ldR + jj] = dw * cf;
+        sE[j * ldR + jj] = ge;
+          }
       }
-#pragma unroll
-      for (int a = 0; a < kTile; ++a)
-#pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-      const int j = j0 + a, jj = k0 + c;
-      if (j >= rows || jj >= rows) continue;
-      const int tl = j / R, sl = jj / R;
-      float s = 0.0f, dw = 0.0f, cf = 0.0f, ge = 0.0f;
-      if (sl <= tl) {
-        s = as[a][c], dw = adw[a][c];
-        if (sl < tl) {
-          const float ex = expf(Lam[tl] - Lam[sl]);
-          cf = ex * scale[sl];
-          ge = dw * s * ex;
-        } else {
-          cf = gam[tl];
-          ge = dw * s;
-        }
-      }
-      Sm[j * ldR + jj] = s * cf;
-      dW[j * ldR + jj] = dw * cf;
-      sE[j * ldR + jj] = ge;
-        }
     }
     __syncthreads();
 
     // dV = Wᵀ·dy + D·dy + w ⊙ (k·dHᵀ); dQ = dS·k + e^Λ ⊙ (dy·H_c); dK = dSᵀ·q + w ⊙ (v·dH); T1 = q·H_cᵀ, T2 = k·dHᵀ.
-    for (int t = tid; t < rt * pt; t += kChunkThreads) {
-      const int j0 = (t / pt) * kTile, q0 = t % pt;
-      int jr[kTile], qc[kTile], beg[kTile];
+    if constexpr (kTC) {
+      tc::rev_dv_dq_dk(tt, tr, warp, lane);
+    } else {
+      for (int t = tid; t < rt * pt; t += kChunkThreads) {
+        const int j0 = (t / pt) * kTile, q0 = t % pt;
+        int jr[kTile], qc[kTile], beg[kTile];
 #pragma unroll
-      for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, qc[a] = min(q0 + a * pt, P - 1);
-      float acc[kTile][kTile] = {}, t1[kTile][kTile] = {}, t2[kTile][kTile] = {};
-      for (int jj = beg[0]; jj < rows; ++jj) {  // beg[] grows with the row
-        float v[kTile];
+        for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, qc[a] = min(q0 + a * pt, P - 1);
+        float acc[kTile][kTile] = {}, t1[kTile][kTile] = {}, t2[kTile][kTile] = {};
+        for (int jj = beg[0]; jj < rows; ++jj) {  // beg[] grows with the row
+          float v[kTile];
 #pragma unroll
-        for (int c = 0; c < kTile; ++c) v[c] = dY[jj * ldP + qc[c]];
-#pragma unroll
-        for (int a = 0; a < kTile; ++a)
-          if (jj >= beg[a]) {
-            const float w = Sm[jj * ldR + jr[a]];
-#pragma unroll
-            for (int c = 0; c < kTile; ++c) acc[a][c] += w * v[c];
-          }
-      }
-      for (int n = 0; n < N; ++n) {
-        float x[kTile], y[kTile], x2[kTile], y2[kTile];
-#pragma unroll
-        for (int a = 0; a < kTile; ++a) {
-          x[a] = sQ[jr[a] * ldN + n], y[a] = Hc[qc[a] * ldN + n];
-          x2[a] = sK[jr[a] * ldN + n], y2[a] = dH[qc[a] * ldN + n];
-        }
-#pragma unroll
-        for (int a = 0; a < kTile; ++a)
-#pragma unroll
-          for (int c = 0; c < kTile; ++c) t1[a][c] += x[a] * y[c], t2[a][c] += x2[a] * y2[c];
-      }
-#pragma unroll
-      for (int a = 0; a < kTile; ++a)
-#pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-          const int j = j0 + a, q = q0 + c * pt, tl = j / R;
-          if (j >= rows || q >= P) continue;
-          const float dy = dY[j * ldP + q];
-          T1[j * ldP + q] = t1[a][c];
-          T2[j * ldP + q] = t2[a][c];
-          dV[j * ldP + q] = acc[a][c] + Dh * dy + e2[tl] * scale[tl] * t2[a][c];
-        }
-    }
-    for (int e = tid; e < rows * P; e += kChunkThreads) dD += dY[(e / P) * ldP + e % P] * sV[(e / P) * ldP + e % P];
-    for (int t = tid; t < rt * nt; t += kChunkThreads) {
-      const int j0 = (t / nt) * kTile, n0 = t % nt;
-      int jr[kTile], nc[kTile], beg[kTile];
-#pragma unroll
-      for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, nc[a] = min(n0 + a * nt, N - 1);
-      {
-        float aq[kTile][kTile] = {}, bq[kTile][kTile] = {};
-        for (int jj = 0; jj < beg[kTile - 1] + R; ++jj) {  // row a sums jj < beg[a] + R
-          float y[kTile];
-#pragma unroll
-          for (int c = 0; c < kTile; ++c) y[c] = sK[jj * ldN + nc[c]];
-#pragma unroll
-          for (int a = 0; a < kTile; ++a)
-            if (jj < beg[a] + R) {
-              const float w = dW[jr[a] * ldR + jj];
-#pragma unroll
-              for (int c = 0; c < kTile; ++c) aq[a][c] += w * y[c];
-            }
-        }
-        for (int q = 0; q < P; ++q) {
-          float x[kTile], y[kTile];
-#pragma unroll
-          for (int a = 0; a < kTile; ++a) x[a] = dY[jr[a] * ldP + q], y[a] = Hc[q * ldN + nc[a]];
-#pragma unroll
-        for (int a = 0; a < kTile; ++a)
-#pragma unroll
-          for (int c = 0; c < kTile; ++c) bq[a][c] += x[a] * y[c];
-        }
-#pragma unroll
-        for (int a = 0; a < kTile; ++a)
-#pragma unroll
-          for (int c = 0; c < kTile; ++c) {
-            const int j = j0 + a, n = n0 + c * nt;
-            if (j < rows && n < N) dQ[j * ldN + n] = aq[a][c] + eL[j / R] * bq[a][c];
-          }
-      }
-      {
-        float ak[kTile][kTile] = {}, bk[kTile][kTile] = {};
-        for (int jj = beg[0]; jj < rows; ++jj) {
-          float y[kTile];
-#pragma unroll
-          for (int c = 0; c < kTile; ++c) y[c] = sQ[jj * ldN + nc[c]];
+          for (int c = 0; c < kTile; ++c) v[c] = dY[jj * ldP + qc[c]];
 #pragma unroll
           for (int a = 0; a < kTile; ++a)
             if (jj >= beg[a]) {
-              const float w = dW[jj * ldR + jr[a]];
+              const float w = Sm[jj * ldR + jr[a]];
 #pragma unroll
-              for (int c = 0; c < kTile; ++c) ak[a][c] += w * y[c];
+              for (int c = 0; c < kTile; ++c) acc[a][c] += w * v[c];
             }
         }
-        for (int q = 0; q < P; ++q) {
-          float x[kTile], y[kTile];
+        for (int n = 0; n < N; ++n) {
+          float x[kTile], y[kTile], x2[kTile], y2[kTile];
 #pragma unroll
-          for (int a = 0; a < kTile; ++a) x[a] = sV[jr[a] * ldP + q], y[a] = dH[q * ldN + nc[a]];
+          for (int a = 0; a < kTile; ++a) {
+            x[a] = sQ[jr[a] * ldN + n], y[a] = Hc[qc[a] * ldN + n];
+            x2[a] = sK[jr[a] * ldN + n], y2[a] = dH[qc[a] * ldN + n];
+          }
 #pragma unroll
-        for (int a = 0; a < kTile; ++a)
+          for (int a = 0; a < kTile; ++a)
 #pragma unroll
-          for (int c = 0; c < kTile; ++c) bk[a][c] += x[a] * y[c];
+            for (int c = 0; c < kTile; ++c) t1[a][c] += x[a] * y[c], t2[a][c] += x2[a] * y2[c];
         }
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
 #pragma unroll
           for (int c = 0; c < kTile; ++c) {
-            const int j = j0 + a, n = n0 + c * nt, tl = j / R;
-            if (j < rows && n < N) dK[j * ldN + n] = ak[a][c] + e2[tl] * scale[tl] * bk[a][c];
+            const int j = j0 + a, q = q0 + c * pt, tl = j / R;
+            if (j >= rows || q >= P) continue;
+            const float dy = dY[j * ldP + q];
+            T1[j * ldP + q] = t1[a][c];
+            T2[j * ldP + q] = t2[a][c];
+            dV[j * ldP + q] = acc[a][c] + Dh * dy + e2[tl] * scale[tl] * t2[a][c];
           }
       }
+      for (int t = tid; t < rt * nt; t += kChunkThreads) {
+        const int j0 = (t / nt) * kTile, n0 = t % nt;
+        int jr[kTile], nc[kTile], beg[kTile];
+#pragma unroll
+        for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, nc[a] = min(n0 + a * nt, N - 1);
+        {
+          float aq[kTile][kTile] = {}, bq[kTile][kTile] = {};
+          for (int jj = 0; jj < beg[kTile - 1] + R; ++jj) {  // row a sums jj < beg[a] + R
+            float y[kTile];
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) y[c] = sK[jj * ldN + nc[c]];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a)
+              if (jj < beg[a] + R) {
+                const float w = dW[jr[a] * ldR + jj];
+#pragma unroll
+                for (int c = 0; c < kTile; ++c) aq[a][c] += w * y[c];
+              }
+          }
+          for (int q = 0; q < P; ++q) {
+            float x[kTile], y[kTile];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a) x[a] = dY[jr[a] * ldP + q], y[a] = Hc[q * ldN + nc[a]];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) bq[a][c] += x[a] * y[c];
+          }
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) {
+              const int j = j0 + a, n = n0 + c * nt;
+              if (j < rows && n < N) dQ[j * ldN + n] = aq[a][c] + eL[j / R] * bq[a][c];
+            }
+        }
+        {
+          float ak[kTile][kTile] = {}, bk[kTile][kTile] = {};
+          for (int jj = beg[0]; jj < rows; ++jj) {
+            float y[kTile];
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) y[c] = sQ[jj * ldN + nc[c]];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a)
+              if (jj >= beg[a]) {
+                const float w = dW[jj * ldR + jr[a]];
+#pragma unroll
+                for (int c = 0; c < kTile; ++c) ak[a][c] += w * y[c];
+              }
+          }
+          for (int q = 0; q < P; ++q) {
+            float x[kTile], y[kTile];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a) x[a] = sV[jr[a] * ldP + q], y[a] = dH[q * ldN + nc[a]];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) bk[a][c] += x[a] * y[c];
+          }
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) {
+              const int j = j0 + a, n = n0 + c * nt, tl = j / R;
+              if (j < rows && n < N) dK[j * ldN + n] = ak[a][c] + e2[tl] * scale[tl] * bk[a][c];
+            }
+        }
+      }
     }
+    for (int e = tid; e < rows * P; e += kChunkThreads) dD += dY[(e / P) * ldP + e % P] * sV[(e / P) * ldP + e % P];
     {
       float dot = 0.0f;
       for (int e = tid; e < P * N; e += kChunkThreads) dot += dH[(e / N) * ldN + e % N] * Hc[(e / N) * ldN + e % N];
@@ -567,29 +599,33 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
       if (lane == 0) dLamHc[j] = eL[j / R] * a, dws[j] = c;
     }
     const float elast = eL[Tc - 1];
-    for (int t = tid; t < pt * nt; t += kChunkThreads) {
-      const int q0 = (t / nt) * kTile, n0 = t % nt;
-      int qc[kTile], nc[kTile];
+    if constexpr (kTC) {
+      tc::rev_dstate(tt, tr, elast, warp, lane);
+    } else {
+      for (int t = tid; t < pt * nt; t += kChunkThreads) {
+        const int q0 = (t / nt) * kTile, n0 = t % nt;
+        int qc[kTile], nc[kTile];
 #pragma unroll
-      for (int a = 0; a < kTile; ++a) qc[a] = min(q0 + a, P - 1), nc[a] = min(n0 + a * nt, N - 1);
-      float acc[kTile][kTile] = {};
-      for (int j = 0; j < rows; ++j) {
-        const float ej = eL[j / R];
-        float x[kTile], y[kTile];
+        for (int a = 0; a < kTile; ++a) qc[a] = min(q0 + a, P - 1), nc[a] = min(n0 + a * nt, N - 1);
+        float acc[kTile][kTile] = {};
+        for (int j = 0; j < rows; ++j) {
+          const float ej = eL[j / R];
+          float x[kTile], y[kTile];
 #pragma unroll
-        for (int a = 0; a < kTile; ++a) x[a] = ej * dY[j * ldP + qc[a]], y[a] = sQ[j * ldN + nc[a]];
+          for (int a = 0; a < kTile; ++a) x[a] = ej * dY[j * ldP + qc[a]], y[a] = sQ[j * ldN + nc[a]];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+        }
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
 #pragma unroll
-          for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+          for (int c = 0; c < kTile; ++c) {
+            const int q = q0 + a, n = n0 + c * nt;
+            if (q < P && n < N) dH[q * ldN + n] = elast * dH[q * ldN + n] + acc[a][c];
+          }
       }
-#pragma unroll
-      for (int a = 0; a < kTile; ++a)
-#pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-          const int q = q0 + a, n = n0 + c * nt;
-          if (q < P && n < N) dH[q * ldN + n] = elast * dH[q * ldN + n] + acc[a][c];
-        }
     }
     if (tid == 0) {
       float s = 0.0f;
@@ -716,12 +752,19 @@ size_t chunk_reverse_smem_bytes(const MixerDims& d, int T) { return size_t(RevLa
 
 void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward) {
   const size_t bytes = chunk_forward_smem_bytes(p.d, p.T, backward);
-  if (backward) launch_with_smem(chunk_forward_kernel<true>, s, p, bytes);
-  else launch_with_smem(chunk_forward_kernel<false>, s, p, bytes);
+  if (backward) {
+    if (p.tc) launch_with_smem(chunk_forward_kernel<true, true>, s, p, bytes);
+    else launch_with_smem(chunk_forward_kernel<true, false>, s, p, bytes);
+  } else {
+    if (p.tc) launch_with_smem(chunk_forward_kernel<false, true>, s, p, bytes);
+    else launch_with_smem(chunk_forward_kernel<false, false>, s, p, bytes);
+  }
 }
 
 void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p) {
-  launch_with_smem(chunk_reverse_kernel, s, p, chunk_reverse_smem_bytes(p.d, p.T));
+  const size_t bytes = chunk_reverse_smem_bytes(p.d, p.T);
+  if (p.tc) launch_with_smem(chunk_reverse_kernel<true>, s, p, bytes);
+  else launch_with_smem(chunk_reverse_kernel<false>, s, p, bytes);
 }
 
 }  // namespace mamba3::cuda::train_detail

@@ -3,7 +3,9 @@
 #include "cuda/train/mamba3_train_gpu.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "cuda/train/mamba3_train_kernels.h"
 
@@ -36,12 +38,25 @@ void check_weights(const Mamba3Config& c, const Mamba3TrainWeights& w) {
   MAMBA3_CHECK(!c.is_outproj_norm || w.norm, "Mamba3TrainGpu: is_outproj_norm needs norm.weight");
 }
 
+// MAMBA3_TRAIN_CHUNK, read once per process: the bf16 mode's chunk products on tensor cores ("tc") or in f32 ("f32",
+// the default while the tensor-core path is validated).
+bool env_chunk_tensor_cores() {
+  static const bool tc = [] {
+    const char* v = std::getenv("MAMBA3_TRAIN_CHUNK");
+    const std::string s = v ? v : "";
+    if (s.empty() || s == "f32") return false;
+    if (s == "tc") return true;
+    fail("MAMBA3_TRAIN_CHUNK='{}': expected tc or f32", s);
+  }();
+  return tc;
+}
+
 float* f(const DeviceBuffer& b, size_t offset = 0) { return b.as<float>() + offset; }
 void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int64_t>(n, 1)) * sizeof(float)); }
 
 }  // namespace
 
-Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c) : c_(c) {
+Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c) : c_(c), chunk_tc_(env_chunk_tensor_cores()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
   MAMBA3_CHECK(c_.num_angles() <= 32 * kLaneAngles, "Mamba3TrainGpu: {} rotary angles > {} are not supported",
@@ -107,7 +122,8 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   check_weights(c_, w);
   const MixerDims d = make_dims(c_, B, L);
   prepare(ctx, gemm, w, B, L, u);
-  const ChunkParams p = base_params(d, chunk_length(L, false), w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  ChunkParams p = base_params(d, chunk_length(L, false), w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
   launch_chunk_forward(ctx.stream(), p, false);
   gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f, out,
            c_.d_model);
@@ -146,6 +162,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   gemm.run(ctx, false, false, M, di, D, 1.0f, dout, D, w.out_proj, di, 0.0f, f(dO_), di);
 
   ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
   p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
   p.part_mimo_z = f(part_, o_mz), p.part_mimo_o = f(part_, o_mo), p.part_norm = f(part_, o_nm);
   p.dBn = f(dBn_), p.dCn = f(dCn_), p.dphi = f(dphi_);

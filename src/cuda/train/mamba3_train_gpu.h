@@ -42,6 +42,13 @@ class Mamba3TrainGpu {
   // tiles fit the device. Needs a device.
   int chunk_length(int64_t L, bool backward);
 
+  // Chunk path of the bf16 mode: true runs the chunk kernels' products on tensor cores (mma.sync, operands rounded to
+  // bf16, f32 accumulation, states kept f32), false the exact f32 products. Only used when the TrainGemm runs in
+  // Precision::BF16 (the f32 mode is always exact). Default from MAMBA3_TRAIN_CHUNK, read once per process: "tc" or
+  // "f32" (unset: f32); any other value throws.
+  void set_chunk_tensor_cores(bool on) { chunk_tc_ = on; }
+  bool chunk_tensor_cores() const { return chunk_tc_; }
+
  private:
   // in_proj, B/C normalisation, per-token scalars and angles (shared by forward and backward).
   void prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
@@ -49,6 +56,7 @@ class Mamba3TrainGpu {
 
   Mamba3Config c_;
   int max_smem_ = 0;  // opt-in shared memory per block of the device (queried on first use)
+  bool chunk_tc_ = false;  // tensor-core chunk products in the bf16 mode (set_chunk_tensor_cores)
   // Forward: zx_raw (M, d_in), zx (M, d_in) B/C normalised, scalars 5 × (B·H, L), cs/sn (B·H, L, S), o (M, d_inner).
   DeviceBuffer zx_raw_, zx_, scalars_, cs_, sn_, o_;
   // Backward: dO (M, d_inner), dzx (M, d_in), dy (B·H, L, R, P), Hc (B·H, chunks, P, N), dBn/dCn (M, H, R, N),

@@ -41,6 +41,7 @@ void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const fl
 struct ChunkParams {
   MixerDims d;
   int T;                       // GPU chunk length in tokens (T·R ≤ 64)
+  bool tc;                     // products on tensor cores (bf16 operands, f32 accumulation): the bf16 mode's "tc" path
   const float* zx;             // (M, din), B/C normalised
   const float *dt, *A, *lam;   // (B·H, L)
   const float *cs, *sn;        // (B·H, L, S)
