@@ -125,6 +125,7 @@ int main(int argc, char** argv) {
     const TensorMap w = init_weights(c, 1);
     for (const auto& [name, t] : w) params += double(t.numel());
     gpu = std::make_unique<cuda::CudaModel>(c, w, "random " + preset, cuda::parse_precision(precision));
+    if (prefill_batch > 1) gpu->set_prefill_row_block(256);  // as `mamba3 serve --prefill-batch`
 #else
     std::fprintf(stderr, "this build has no CUDA backend\n");
     return 2;

@@ -96,7 +96,7 @@ void GpuAttentionLayer::run(const Context& ctx, const void* x, int64_t rows, int
   const int64_t mlp = mlp_width_of(a), width = qkv + mlp, ctx_w = H * hd + mlp / 2;
   MAMBA3_CHECK(n * H <= std::numeric_limits<int32_t>::max(), "GpuAttentionLayer: {} tokens × {} heads is too many",
                n, H);
-  reserve(s, n);  // a no-op for the decode step (new_cache sized it)
+  reserve(s, ctx.padded_rows(n));  // a no-op for the decode step (new_cache sized it)
 
   linear(ctx, in_proj_, x, n, s.proj.as<float>());  // (n, qkv + mlp)
 

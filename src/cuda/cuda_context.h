@@ -37,11 +37,37 @@ class Context {
   const DeviceInfo& info() const { return info_; }
   void sync() const { MAMBA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
+  // Fixed-shape matrix products (0: off). When set, linear() (gpu_matrix.h) calls cuBLAS with exactly this many rows
+  // per call, padding the last block, so a row's result never depends on how many rows share the call (the server's
+  // exact batched prefill: prompts prefilled together equal prompts prefilled alone). Buffers that linear() reads
+  // or writes must then hold padded_rows(m) rows. Set for the duration of a call by RowBlockScope.
+  int64_t gemm_row_block() const { return gemm_row_block_; }
+  int64_t padded_rows(int64_t m) const {
+    return gemm_row_block_ > 0 ? (m + gemm_row_block_ - 1) / gemm_row_block_ * gemm_row_block_ : m;
+  }
+
  private:
+  friend class RowBlockScope;
+  mutable int64_t gemm_row_block_ = 0;
   DeviceInfo info_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
+};
+
+// Sets ctx's matrix-product row block for the lifetime of the scope (restores the previous value).
+class RowBlockScope {
+ public:
+  RowBlockScope(const Context& ctx, int64_t rows) : ctx_(ctx), saved_(ctx.gemm_row_block_) {
+    ctx.gemm_row_block_ = rows;
+  }
+  ~RowBlockScope() { ctx_.gemm_row_block_ = saved_; }
+  RowBlockScope(const RowBlockScope&) = delete;
+  RowBlockScope& operator=(const RowBlockScope&) = delete;
+
+ private:
+  const Context& ctx_;
+  int64_t saved_;
 };
 
 }  // namespace mamba3::cuda

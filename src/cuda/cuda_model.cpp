@@ -20,6 +20,7 @@ namespace {
 // Activation buffers for `rows` token rows (a prefill segment, or one decode step of a batch).
 struct Workspace {
   DeviceBuffer ids, hidden, residual, normed, mlp, mlp_act, zx, o, logits;
+  DeviceBuffer last;  // (logit rows, D) activations: each prompt's last row, gathered for fixed-shape products
   int64_t rows = 0, logit_rows = 0;
 };
 
@@ -79,6 +80,7 @@ struct CudaModel::Impl {
   DeviceBuffer norm_f_w, norm_f_b;
   std::vector<Block> blocks;
   bool use_graphs = true;
+  int64_t prefill_row_block = 0;  // Context::gemm_row_block during prefill (0: off)
   mutable Workspace prefill_ws;
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
@@ -86,6 +88,10 @@ struct CudaModel::Impl {
 
   void reserve(Workspace& ws, int64_t rows, int64_t logit_rows) const {
     const ModelConfig& c = config;
+    // Fixed-shape products (Context::gemm_row_block) need the padded last block, plus one block of slack for the
+    // per-sequence attention products whose padding runs past their sequence's rows.
+    if (const int64_t block = ctx->gemm_row_block(); block > 0)
+      rows = ctx->padded_rows(rows) + block, logit_rows = ctx->padded_rows(logit_rows);
     if (rows > ws.rows) {
       int64_t zx_cols = 0, o_cols = 0;
       for (const Block& b : blocks)
@@ -102,6 +108,7 @@ struct CudaModel::Impl {
     }
     if (logit_rows > ws.logit_rows) {
       ws.logits.resize(size_t(logit_rows * c.vocab_padded()) * 4);
+      ws.last.resize(size_t(logit_rows * c.d_model) * act());
       ws.logit_rows = logit_rows;
     }
   }
@@ -209,6 +216,10 @@ const ModelConfig& CudaModel::config() const { return impl_->config; }
 Precision CudaModel::precision() const { return impl_->precision; }
 const Context& CudaModel::context() const { return *impl_->ctx; }
 void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
+void CudaModel::set_prefill_row_block(int64_t rows) {
+  MAMBA3_CHECK(rows >= 0, "set_prefill_row_block: {} rows", rows);
+  impl_->prefill_row_block = rows;
+}
 
 size_t CudaModel::parameter_bytes() const {
   const Impl& m = *impl_;
@@ -275,6 +286,7 @@ Tensor CudaModel::prefill(std::span<const int64_t> ids, int64_t batch, int64_t l
   const int64_t V = cfg.vocab_padded(), D = cfg.d_model;
   Tensor out = Tensor::empty(DType::F32, {all_logits ? batch * length : batch, V});
   Workspace& ws = m.prefill_ws;
+  const RowBlockScope fixed_shapes(*m.ctx, m.prefill_row_block);
   std::vector<int32_t> seg_ids;
   for (int64_t t0 = 0; t0 < length; t0 += seg) {
     const int64_t L = std::min(seg, length - t0), rows = batch * L;
@@ -299,7 +311,14 @@ Tensor CudaModel::prefill(std::span<const int64_t> ids, int64_t batch, int64_t l
     } else if (t0 + L == length) {
       // The last position of each prompt: rows b·L + L − 1, a strided view of the normed activations.
       const char* last = ws.normed.as<char>() + size_t((L - 1) * D) * m.act();
-      linear(*m.ctx, m.head(), last, batch, ws.logits.as<float>(), L * D);
+      if (m.prefill_row_block > 0) {  // fixed-shape products read whole blocks: gather the rows first
+        MAMBA3_CUDA_CHECK(cudaMemcpy2DAsync(ws.last.raw(), size_t(D) * m.act(), last, size_t(L * D) * m.act(),
+                                            size_t(D) * m.act(), size_t(batch), cudaMemcpyDeviceToDevice,
+                                            m.ctx->stream()));
+        linear(*m.ctx, m.head(), ws.last.raw(), batch, ws.logits.as<float>());
+      } else {
+        linear(*m.ctx, m.head(), last, batch, ws.logits.as<float>(), L * D);
+      }
       MAMBA3_CUDA_CHECK(cudaMemcpyAsync(out.raw(), ws.logits.raw(), out.nbytes(), cudaMemcpyDeviceToHost,
                                         m.ctx->stream()));
     }

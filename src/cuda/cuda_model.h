@@ -87,6 +87,10 @@ class CudaModel {
   // Bytes of one row of `cache` on the device (states, and the attention capacity).
   size_t row_bytes(const GpuCache& cache) const;
   void set_use_graphs(bool on);
+  // Prefill's matrix products in fixed blocks of `rows` rows (0: off, the default): a prompt's results then do not
+  // depend on how many prompts are prefilled in the same call (the server's exact batched prefill), at the cost of
+  // padding the last block. Decode steps are unaffected.
+  void set_prefill_row_block(int64_t rows);
 
  private:
   struct Impl;

@@ -38,13 +38,21 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
   const float one = 1.0f, zero = 0.0f;
   // Column-major view: yᵀ (N × M) = W (K × N, transposed) · xᵀ (K × M).
   const bool f32 = w.precision == Precision::F32;
-  if (!f32 && gemv_small_m_supported(m, w.k, ldx, w.weight.raw(), x)) {
+  auto gemm = [&](const void* xb, int64_t rows, float* yb) {
+    MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), int(rows), int(w.k), &one,
+                                   w.weight.raw(), f32 ? CUDA_R_32F : CUDA_R_16BF, int(w.k), xb,
+                                   f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldx), &zero, yb, CUDA_R_32F, int(ldy),
+                                   f32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  };
+  if (const int64_t block = ctx.gemm_row_block(); block > 0) {
+    // Always `block` rows per call (the last block padded: the caller's buffers hold padded_rows(m) rows).
+    const size_t elem = activation_size(w.precision);
+    for (int64_t r0 = 0; r0 < m; r0 += block)
+      gemm(static_cast<const char*>(x) + size_t(r0 * ldx) * elem, block, y + r0 * ldy);
+  } else if (!f32 && gemv_small_m_supported(m, w.k, ldx, w.weight.raw(), x)) {
     gemv_small_m(ctx.stream(), w.weight.raw(), w.n, w.k, x, m, ldx, y, ldy);
   } else {
-    MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), int(m), int(w.k), &one,
-                                   w.weight.raw(), f32 ? CUDA_R_32F : CUDA_R_16BF, int(w.k), x,
-                                   f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldx), &zero, y, CUDA_R_32F, int(ldy),
-                                   f32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    gemm(x, m, y);
   }
   if (!w.bias.empty()) add_bias(ctx.stream(), y, m, w.n, ldy, w.bias.as<float>());
 }

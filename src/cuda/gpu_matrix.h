@@ -28,7 +28,8 @@ struct GpuMatrix {
 DeviceBuffer upload_f32(const Tensor& t);
 
 // y (M, N) f32 = x (M, K) · Wᵀ (+ bias). x holds activations of W's precision, rows `x_stride` elements apart
-// (K when packed); y rows are `y_stride` floats apart (N when packed).
+// (K when packed); y rows are `y_stride` floats apart (N when packed). With ctx.gemm_row_block() set, every cuBLAS
+// call has exactly that many rows (x and y must hold ctx.padded_rows(M) rows; the padding rows' y is meaningless).
 void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, int64_t x_stride = 0,
             int64_t y_stride = 0);
 

@@ -38,9 +38,9 @@ struct EngineOptions {
   int64_t lane_rows = 16;        // rows per decode call (CPU backend)
   int64_t prefill_block = 256;   // prompts are prefilled in segments ending at multiples of this
   int64_t prefill_budget = 512;  // prompt tokens prefilled per iteration (whole segments; at least one)
-  // Prompts whose next segments have equal length are prefilled together, up to this many per backend call. 1
-  // keeps a request's output independent of the others; more is faster on the GPU, but a batched matrix product may
-  // round differently than the same rows alone (the CPU backend always runs them one by one).
+  // Prompts whose next segments have equal length are prefilled together, up to this many per backend call (the
+  // CPU backend still runs them one by one). On CUDA, set the model's prefill row block (CudaModel::
+  // set_prefill_row_block) with it, or a batched matrix product may round differently than the same rows alone.
   int64_t prefill_batch = 1;
   size_t state_cache_bytes = size_t(1) << 30;
 };

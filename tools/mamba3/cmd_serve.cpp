@@ -54,6 +54,8 @@ void run(ServeArgs& a) {
   } else {
 #ifdef MAMBA3_HAVE_SERVER_CUDA
     gpu_model = std::make_unique<cuda::CudaModel>(cuda::CudaModel::load(a.model, cuda::parse_precision(a.precision)));
+    // Batched prefill stays exact: fixed 256-row matrix products, so a prompt's results do not depend on its company.
+    if (a.engine.prefill_batch > 1) gpu_model->set_prefill_row_block(256);
     // Every slot holds a whole sequence: the longest prompt plus the most tokens a request may ask for.
     backend = std::make_unique<server::CudaBackend>(*gpu_model, a.engine.max_batch,
                                                     a.limits.max_prompt_tokens + a.limits.max_tokens);
@@ -116,8 +118,8 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--prefill-block", a.engine.prefill_block, "prompt segment length (state reuse granularity)")
       ->capture_default_str();
   cmd->add_option("--prefill-batch", a.engine.prefill_batch,
-                  "cuda: prompts prefilled in one call (1: exact, a request's output never depends on the others; "
-                  "more: faster under load, may differ in the last bits)")
+                  "cuda: prompts prefilled in one call (more than 1: faster under load; the prefill's matrix products "
+                  "then run in fixed 256-row blocks so that outputs stay those of requests sent alone)")
       ->capture_default_str();
   cmd->add_option("--prefill-budget", a.engine.prefill_budget, "prompt tokens prefilled between decode steps")
       ->capture_default_str();
