@@ -136,12 +136,11 @@ int main(int argc, char** argv) {
   }
   std::fprintf(stderr, "bench_server: model ready in %.1f s\n",
                std::chrono::duration<double>(Clock::now() - built_from).count());
-  const int64_t capacity = prompt + max_tokens + 1;
   // A fresh engine per row of the table: on cuda its decode slots are max_batch.
   auto make_engine = [&](const Tokenizer& tok, server::EngineOptions eo) {
     std::unique_ptr<server::EngineBackend> backend;
 #ifdef MAMBA3_HAVE_CUDA
-    if (gpu) backend = std::make_unique<server::CudaBackend>(*gpu, eo.max_batch, capacity);
+    if (gpu) backend = std::make_unique<server::CudaBackend>(*gpu, eo.max_batch, int64_t(prompt + max_tokens + 1));
 #endif
     if (!backend) backend = std::make_unique<server::CpuBackend>(*model, eo.lane_rows);
     return std::make_unique<server::Engine>(std::move(backend), tok, eo);
