@@ -139,17 +139,10 @@ std::vector<server::GenerationRequest> mixed_requests(const ModelConfig& c, int 
   return rs;
 }
 
-class GpuEngine : public ::testing::TestWithParam<std::string> {};
-
-TEST_P(GpuEngine, ConcurrentRequestsReturnWhatEachReturnsAlone) {
-  MAMBA3_REQUIRE_GPU();
-  cuda::CudaModel gpu = cuda::CudaModel::load(golden_model(GetParam()), Precision::BF16);
-  const Tokenizer tok = tokenizer_for(gpu.config());
-  server::EngineOptions eo;
-  eo.max_batch = 32;
-  eo.max_queue = 64;
-  eo.prefill_budget = 64;  // prompts join over several iterations while others decode
-  const auto requests = mixed_requests(gpu.config(), 32);
+// Every request's texts when all are submitted at once, and when each is sent alone (a fresh engine for each mode).
+std::pair<std::vector<std::vector<std::string>>, std::vector<std::vector<std::string>>> together_and_alone(
+    const cuda::CudaModel& gpu, const Tokenizer& tok, const server::EngineOptions& eo,
+    const std::vector<server::GenerationRequest>& requests) {
   std::vector<std::vector<std::string>> together, alone;
   {
     auto engine = gpu_engine(gpu, tok, eo);
@@ -161,6 +154,21 @@ TEST_P(GpuEngine, ConcurrentRequestsReturnWhatEachReturnsAlone) {
     auto engine = gpu_engine(gpu, tok, eo);
     for (const auto& r : requests) alone.push_back(texts_of(engine->submit(r)));
   }
+  return {together, alone};
+}
+
+class GpuEngine : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GpuEngine, ConcurrentRequestsReturnWhatEachReturnsAlone) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::CudaModel gpu = cuda::CudaModel::load(golden_model(GetParam()), Precision::BF16);
+  const Tokenizer tok = tokenizer_for(gpu.config());
+  server::EngineOptions eo;
+  eo.max_batch = 32;
+  eo.max_queue = 64;
+  eo.prefill_budget = 64;  // prompts join over several iterations while others decode
+  const auto requests = mixed_requests(gpu.config(), 32);
+  const auto [together, alone] = together_and_alone(gpu, tok, eo, requests);
   int nonempty = 0;
   for (size_t i = 0; i < requests.size(); ++i) {
     EXPECT_EQ(together[i], alone[i]) << "request " << i;
@@ -328,17 +336,7 @@ TEST_P(GpuEngine, BatchedPrefillEngineReturnsWhatEachReturnsAlone) {
   eo.prefill_batch = 8;
   eo.prefill_block = 8;  // many equal-length segments to group
   const auto requests = mixed_requests(gpu.config(), 16);
-  std::vector<std::vector<std::string>> together, alone;
-  {
-    auto engine = gpu_engine(gpu, tok, eo);
-    std::vector<std::shared_ptr<server::Job>> jobs;
-    for (const auto& r : requests) jobs.push_back(engine->submit(r));
-    for (auto& j : jobs) together.push_back(texts_of(j));
-  }
-  {
-    auto engine = gpu_engine(gpu, tok, eo);
-    for (const auto& r : requests) alone.push_back(texts_of(engine->submit(r)));
-  }
+  const auto [together, alone] = together_and_alone(gpu, tok, eo, requests);
   for (size_t i = 0; i < requests.size(); ++i) EXPECT_EQ(together[i], alone[i]) << "request " << i;
 }
 

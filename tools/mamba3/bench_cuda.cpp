@@ -31,40 +31,16 @@ ModelConfig cuda_preset(const std::string& name) {
   return ModelConfig::from_json(j, "preset " + name);
 }
 
-// Device-to-device copy bandwidth, counting bytes read plus bytes written (the ceiling the decode step is held to).
-double measure_copy_bandwidth() {
-  const size_t bytes = size_t(1) << 30;
-  cuda::DeviceBuffer a(bytes), b(bytes);
-  MAMBA3_CUDA_CHECK(cudaMemset(a.raw(), 1, bytes));
-  cudaEvent_t e0, e1;
-  MAMBA3_CUDA_CHECK(cudaEventCreate(&e0));
-  MAMBA3_CUDA_CHECK(cudaEventCreate(&e1));
-  std::vector<float> ms;
-  for (int i = 0; i < 12; ++i) {
-    MAMBA3_CUDA_CHECK(cudaEventRecord(e0));
-    MAMBA3_CUDA_CHECK(cudaMemcpy(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice));
-    MAMBA3_CUDA_CHECK(cudaEventRecord(e1));
-    MAMBA3_CUDA_CHECK(cudaEventSynchronize(e1));
-    float t = 0;
-    MAMBA3_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-    if (i >= 2) ms.push_back(t);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  std::sort(ms.begin(), ms.end());
-  return 2.0 * double(bytes) / (double(ms[ms.size() / 2]) * 1e-3);
-}
-
-// Median milliseconds of `n` graph-replayed decode steps, each timed with events on the model's stream.
-double median_step_ms(const CudaModel& m, GpuCache& cache, int64_t n) {
-  const cudaStream_t s = m.context().stream();
+// Median milliseconds of `n` calls of f, each timed with events on stream s.
+template <typename F>
+double median_event_ms(cudaStream_t s, int64_t n, F&& f) {
   cudaEvent_t e0, e1;
   MAMBA3_CUDA_CHECK(cudaEventCreate(&e0));
   MAMBA3_CUDA_CHECK(cudaEventCreate(&e1));
   std::vector<float> ms;
   for (int64_t i = 0; i < n; ++i) {
     MAMBA3_CUDA_CHECK(cudaEventRecord(e0, s));
-    m.step_device(cache);
+    f();
     MAMBA3_CUDA_CHECK(cudaEventRecord(e1, s));
     MAMBA3_CUDA_CHECK(cudaEventSynchronize(e1));
     float t = 0;
@@ -75,6 +51,21 @@ double median_step_ms(const CudaModel& m, GpuCache& cache, int64_t n) {
   cudaEventDestroy(e1);
   std::sort(ms.begin(), ms.end());
   return double(ms[ms.size() / 2]);
+}
+
+// Device-to-device copy bandwidth, counting bytes read plus bytes written (the ceiling the decode step is held to).
+double measure_copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  cuda::DeviceBuffer a(bytes), b(bytes);
+  MAMBA3_CUDA_CHECK(cudaMemset(a.raw(), 1, bytes));
+  auto copy = [&] { MAMBA3_CUDA_CHECK(cudaMemcpy(b.raw(), a.raw(), bytes, cudaMemcpyDeviceToDevice)); };
+  copy(), copy();  // warm-up
+  return 2.0 * double(bytes) / (median_event_ms(nullptr, 10, copy) * 1e-3);
+}
+
+// Median milliseconds of `n` graph-replayed decode steps.
+double median_step_ms(const CudaModel& m, GpuCache& cache, int64_t n) {
+  return median_event_ms(m.context().stream(), n, [&] { m.step_device(cache); });
 }
 
 // Dense bf16 matrix-product throughput (cuBLAS, f32 accumulation) on 8192³, median of 10: the ceiling of prefill.
@@ -91,24 +82,9 @@ double measure_gemm_flops() {
                                      b.raw(), CUDA_R_16BF, n, &zero, c.raw(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
                                      CUBLAS_GEMM_DEFAULT));
   };
-  cudaEvent_t e0, e1;
-  MAMBA3_CUDA_CHECK(cudaEventCreate(&e0));
-  MAMBA3_CUDA_CHECK(cudaEventCreate(&e1));
-  gemm();
-  std::vector<float> ms;
-  for (int i = 0; i < 10; ++i) {
-    MAMBA3_CUDA_CHECK(cudaEventRecord(e0, ctx.stream()));
-    gemm();
-    MAMBA3_CUDA_CHECK(cudaEventRecord(e1, ctx.stream()));
-    MAMBA3_CUDA_CHECK(cudaEventSynchronize(e1));
-    float t = 0;
-    MAMBA3_CUDA_CHECK(cudaEventElapsedTime(&t, e0, e1));
-    ms.push_back(t);
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  std::sort(ms.begin(), ms.end());
-  return 2.0 * double(n) * n * n / (double(ms[ms.size() / 2]) * 1e-3);
+  gemm();  // warm-up
+  const double ms = median_event_ms(ctx.stream(), 10, gemm);
+  return 2.0 * double(n) * n * n / (ms * 1e-3);
 }
 
 // Matrix-product FLOPs per prompt token of a prefill: 2 per weight of every projection (in_proj, out_proj, fc1, fc2,
