@@ -40,14 +40,61 @@ __global__ void embed_kernel(const int32_t* ids, const void* table, bool bf16, i
 }
 
 // One block per row; the row's sum stays in registers when d ≤ blockDim·8, else it is re-read from memory.
+// One block per row: residual ← hidden (+ residual), out ← norm(residual). When d ≤ blockDim·kNormCached the row's
+// values and weights stay in registers across the reduction, so nothing is re-read after it (a decode step runs this
+// twice per block at batch 1, where its latency chain is the whole cost); the arithmetic is the same either way.
+constexpr int kNormCached = 8;
 __global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d, bool first, const float* w,
                                 const float* b, float eps, void* out, bool bf16) {
   __shared__ float shared32[32];
   const int64_t row = blockIdx.x;
   const float* h = hidden + row * d;
   float* r = residual + row * d;
+  const int64_t stride = blockDim.x;
+  if (d <= stride * kNormCached) {
+    float v[kNormCached], wv[kNormCached], bv[kNormCached];
+    float sum = 0, sumsq = 0;
+#pragma unroll
+    for (int i = 0; i < kNormCached; ++i) {
+      const int64_t j = threadIdx.x + i * stride;
+      v[i] = 0.0f;
+      if (j < d) {
+        v[i] = first ? h[j] : h[j] + r[j];
+        wv[i] = w[j];
+        bv[i] = b ? b[j] : 0.0f;
+        r[j] = v[i];
+        sum += v[i];
+        sumsq += v[i] * v[i];
+      }
+    }
+    float mean = 0, rstd;
+    if (b) {
+      mean = block_sum(sum, shared32) / float(d);
+      float dev = 0;  // second pass for the variance: numerically safer than E[x²] − mean²
+#pragma unroll
+      for (int i = 0; i < kNormCached; ++i) {
+        if (threadIdx.x + i * stride < d) {
+          const float c = v[i] - mean;
+          dev += c * c;
+        }
+      }
+      rstd = rsqrtf(block_sum(dev, shared32) / float(d) + eps);
+    } else {
+      rstd = rsqrtf(block_sum(sumsq, shared32) / float(d) + eps);
+    }
+#pragma unroll
+    for (int i = 0; i < kNormCached; ++i) {
+      const int64_t j = threadIdx.x + i * stride;
+      if (j < d) {
+        float o = (v[i] - mean) * rstd * wv[i];
+        if (b) o += bv[i];
+        store_act(out, row * d + j, o, bf16);
+      }
+    }
+    return;
+  }
   float sum = 0, sumsq = 0;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+  for (int64_t j = threadIdx.x; j < d; j += stride) {
     float v = first ? h[j] : h[j] + r[j];
     r[j] = v;
     sum += v;
@@ -56,9 +103,8 @@ __global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d,
   float mean = 0, rstd;
   if (b) {
     mean = block_sum(sum, shared32) / float(d);
-    // Second pass for the variance: numerically safer than E[x²] − mean².
     float dev = 0;
-    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    for (int64_t j = threadIdx.x; j < d; j += stride) {
       float c = r[j] - mean;
       dev += c * c;
     }
@@ -66,7 +112,7 @@ __global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d,
   } else {
     rstd = rsqrtf(block_sum(sumsq, shared32) / float(d) + eps);
   }
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+  for (int64_t j = threadIdx.x; j < d; j += stride) {
     float v = (r[j] - mean) * rstd * w[j];
     if (b) v += b[j];
     store_act(out, row * d + j, v, bf16);

@@ -187,6 +187,8 @@ CudaModel::CudaModel(const ModelConfig& config, const TensorMap& w, const std::s
     weight = upload_f32(load_parameter(w, p + ".weight", {D}, source, &used));
     if (!c.rms_norm) bias = upload_f32(load_parameter(w, p + ".bias", {D}, source, &used));
   };
+  // One prefill scratch for every Mamba-3 layer: they run one after another on the model's stream.
+  const auto prefill_stage = std::make_shared<DeviceBuffer>();
   for (int64_t i = 0; i < c.n_layer; ++i) {
     const std::string p = "backbone.layers." + std::to_string(i) + ".";
     Impl::Block b;
@@ -195,6 +197,7 @@ CudaModel::CudaModel(const ModelConfig& config, const TensorMap& w, const std::s
       b.attention = std::make_unique<GpuAttentionLayer>(c.attn, D, w, p + "mixer.", source, &used, precision);
     } else {
       b.mamba = std::make_unique<GpuMamba3Layer>(c.ssm, w, p + "mixer.", source, &used, precision);
+      b.mamba->share_prefill_stage(prefill_stage);
     }
     if (c.d_intermediate > 0) {
       load_norm(p + "norm2", b.norm2_w, b.norm2_b);

@@ -63,9 +63,9 @@ struct Mamba3GpuState {
   const int32_t* active = nullptr;
 };
 
-// Which kernels run the recurrence. Staged (default): an angle scan, a fully parallel staging kernel (B/C norm, bias,
+// Which kernels run the recurrence. Staged: an angle scan, a fully parallel staging kernel (B/C norm, bias,
 // rotation, α/β/γ) and a streaming state kernel. Fused: the single kernel that stages every token per head.
-// Chunked (opt-in, not yet validated as a default): Staged, except that a bf16 prefill (L > 1) runs the chunked
+// Chunked (the layers' default since 2026-12-01): Staged, except that a bf16 prefill (L > 1) runs the chunked
 // tensor-core state kernel of spec §5.3 (mamba3_chunk_gpu.h); f32 layers and decode steps run exactly as Staged.
 // GpuMamba3Layer routes it (it calls mamba3_staged_gpu with chunked_prefill); mamba3_recurrent_gpu itself only knows
 // Staged and Fused.

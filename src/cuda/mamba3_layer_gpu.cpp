@@ -16,12 +16,42 @@ Mamba3GpuPath env_default_path() {
   static const Mamba3GpuPath path = [] {
     const char* v = std::getenv("MAMBA3_PREFILL_PATH");
     const std::string s = v ? v : "";
-    if (s.empty() || s == "staged") return Mamba3GpuPath::Staged;
+    if (s.empty() || s == "chunked") return Mamba3GpuPath::Chunked;
+    if (s == "staged") return Mamba3GpuPath::Staged;
     if (s == "fused") return Mamba3GpuPath::Fused;
-    if (s == "chunked") return Mamba3GpuPath::Chunked;
     throw Error(fmt::format("MAMBA3_PREFILL_PATH='{}': expected staged, fused or chunked", s));
   }();
   return path;
+}
+
+// MAMBA3_FUSED_DECODE_MAX: decode steps of at most this many (sequence, head) pairs run the fused kernel when the
+// path is chosen automatically. Default 0 (every decode step staged): with the float4 head decode kernel the staged
+// path won at every batch (H200, 1.5B SISO: b1 1.58 vs 1.63 ms, b16 2.32 vs 2.40 ms). Read once.
+int64_t env_fused_decode_max() {
+  static const int64_t limit = [] {
+    const char* v = std::getenv("MAMBA3_FUSED_DECODE_MAX");
+    if (!v || !*v) return int64_t(0);
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (*end != '\0' || n < 0) throw Error(fmt::format("MAMBA3_FUSED_DECODE_MAX='{}': expected a count >= 0", v));
+    return int64_t(n);
+  }();
+  return limit;
+}
+
+// MAMBA3_PREFILL_STAGE_MB: the staged prefill's scratch bound in MiB. Default 1024 (one buffer per model, so the
+// bound is paid once): 1.5B b128 prefill 82.6k tokens/s against 69.0k with 256 MiB (segments of 96 vs 24 tokens:
+// the chunked kernel reloads the state once per segment; H200, 2026-12-01). Read once.
+size_t env_prefill_stage_bytes() {
+  static const size_t bytes = [] {
+    const char* v = std::getenv("MAMBA3_PREFILL_STAGE_MB");
+    if (!v || !*v) return size_t(1024) << 20;
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    if (*end != '\0' || n < 1) throw Error(fmt::format("MAMBA3_PREFILL_STAGE_MB='{}': expected a size in MiB >= 1", v));
+    return size_t(n) << 20;
+  }();
+  return bytes;
 }
 }  // namespace
 
@@ -53,7 +83,11 @@ Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
 
 GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,
                                const std::string& source, std::set<std::string>* used, Precision precision)
-    : config_(config), precision_(precision), path_(env_default_path()) {
+    : config_(config),
+      precision_(precision),
+      path_(env_default_path()),
+      prefill_stage_bytes_(env_prefill_stage_bytes()),
+      prefill_stage_(std::make_shared<DeviceBuffer>()) {
   const std::string why = mamba3_gpu_supported(config);
   MAMBA3_CHECK(why.empty(), "{}: {}: the CUDA backend does not support this Mamba-3 configuration ({})", source, prefix,
                why);
@@ -95,14 +129,14 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
   linear(ctx, in_proj_, x, rows, zx);
   Mamba3GpuStage stage;
   const Mamba3GpuPath chosen =
-      auto_path_ && L == 1 && batch * config_.nheads() <= 1024 ? Mamba3GpuPath::Fused : path_;
+      auto_path_ && L == 1 && batch * config_.nheads() <= env_fused_decode_max() ? Mamba3GpuPath::Fused : path_;
   // Chunked: the staged kernels, with the chunked state kernel for bf16 prefills (f32 keeps the exact stream kernel).
   const bool chunked = chosen == Mamba3GpuPath::Chunked && L > 1 && precision_ == Precision::BF16;
   const Mamba3GpuPath path = chosen == Mamba3GpuPath::Chunked ? Mamba3GpuPath::Staged : chosen;
   if (path == Mamba3GpuPath::Staged && L > 1) {
     const int64_t tokens = mamba3_gpu_stage_tokens(config_, batch, L, prefill_stage_bytes_);
-    prefill_stage_.reserve(size_t(mamba3_gpu_stage_floats(config_, batch, tokens)) * sizeof(float));
-    stage = mamba3_gpu_stage_view(config_, prefill_stage_.as<float>(), batch, tokens);
+    prefill_stage_->reserve(size_t(mamba3_gpu_stage_floats(config_, batch, tokens)) * sizeof(float));
+    stage = mamba3_gpu_stage_view(config_, prefill_stage_->as<float>(), batch, tokens);
   }
   if (chunked) {
     MAMBA3_CHECK(rows < (int64_t(1) << 31) && batch * config_.nheads() < (int64_t(1) << 31),

@@ -1,6 +1,7 @@
 #pragma once
 // One Mamba-3 mixer layer on the GPU: in_proj (cuBLAS) → the fused recurrent kernel → out_proj (cuBLAS).
 // Parameters are checked exactly as on the CPU (they are loaded through Mamba3Mixer first).
+#include <memory>
 #include <set>
 #include <string>
 
@@ -41,15 +42,19 @@ class GpuMamba3Layer {
                  const std::string& source, std::set<std::string>* used, Precision precision);
 
   const Mamba3Config& config() const { return config_; }
-  // Kernels of the recurrence. Default (until set_path): staged, except decode steps of at most 1024 (sequence,
-  // head) pairs, where the fused kernel's single launch wins (H200, 1.5B: b1 1.6 vs 1.9 ms, b16 2.3 vs 2.5 ms; b128
-  // staged 6.2 vs 7.1 ms). The environment variable MAMBA3_PREFILL_PATH (read once per process: staged | fused |
-  // chunked; unset or empty: staged) replaces the default path, the small-batch decode rule staying; chunked runs
-  // bf16 prefills on the chunked tensor-core kernel (Mamba3GpuPath::Chunked), opt-in until validated.
+  // Kernels of the recurrence. Default (until set_path): chunked — bf16 prefills on the chunked tensor-core kernel,
+  // f32 prefills and decode steps on the staged kernels. MAMBA3_FUSED_DECODE_MAX=n sends decode steps of at most n
+  // (sequence, head) pairs to the fused kernel (default 0: the staged path won at every batch once its decode state
+  // kernel streamed float4s). MAMBA3_PREFILL_PATH (read once per process: chunked | staged | fused; unset or empty:
+  // chunked) replaces the default path. Chunked became the default on 2026-12-01 after every CUDA test passed with it.
   void set_path(Mamba3GpuPath path) { path_ = path, auto_path_ = false; }
   Mamba3GpuPath path() const { return path_; }
   // Bound on the staged prefill's scratch (k, q, φ, α/β/γ per token); a longer prefill runs in segments.
+  // Default 1 GiB, or MAMBA3_PREFILL_STAGE_MB (read once per process).
   void set_prefill_stage_bytes(size_t bytes) { prefill_stage_bytes_ = bytes; }
+  // Layers that never run at the same time (one model's, on one stream) can share one prefill scratch; the model
+  // passes the same buffer to each (the scratch is dead between layer calls). Default: the layer's own.
+  void share_prefill_stage(std::shared_ptr<DeviceBuffer> buffer) { prefill_stage_ = std::move(buffer); }
   size_t parameter_bytes() const;
   // Scratch the caller provides for `rows` tokens: zx (rows·d_in_proj f32) and o (rows·d_inner activations).
   size_t zx_bytes(int64_t rows) const { return size_t(rows * config_.d_in_proj()) * 4; }
@@ -67,10 +72,10 @@ class GpuMamba3Layer {
   GpuMatrix in_proj_, out_proj_;
   DeviceBuffer dt_bias_, B_bias_, C_bias_, B_norm_, C_norm_, D_, mimo_x_, mimo_z_, mimo_o_, norm_;
   Mamba3GpuParams params_{};
-  Mamba3GpuPath path_ = Mamba3GpuPath::Staged;
+  Mamba3GpuPath path_ = Mamba3GpuPath::Chunked;
   bool auto_path_ = true;
-  size_t prefill_stage_bytes_ = size_t(256) << 20;
-  mutable DeviceBuffer prefill_stage_;  // grow-only; prefill only (decode uses the state's stage)
+  size_t prefill_stage_bytes_;
+  std::shared_ptr<DeviceBuffer> prefill_stage_;  // grow-only; prefill only (decode uses the state's stage)
 };
 
 }  // namespace mamba3::cuda

@@ -1,0 +1,268 @@
+#include <cuda_bf16.h>
+
+#include "cuda/mamba3_decode_gpu.h"
+
+#include "cuda/cuda_check.h"
+#include "cuda/mamba3_stage_gpu.h"
+
+namespace mamba3::cuda {
+namespace {
+
+constexpr int kMaxP = 128;
+constexpr int kMaxN = 256;
+constexpr float kNormEps = 1e-5f;
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  return acc + a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+
+// The warp sums of R per-lane partials with fewer shuffles than R separate butterflies (MIMO R = 4: 6 instead of 20):
+// the first exchanges halve the values each lane carries, then a plain butterfly finishes. Returns, in every lane, the
+// full sum of rank rank_of_lane<R>(lane); ranks ≥ R come out as 0.
+template <int R>
+__host__ __device__ constexpr int rank_span() {  // lanes per rank after the exchanges
+  return R == 1 ? 32 : (R == 2 ? 16 : 8);
+}
+template <int R>
+__device__ __forceinline__ int rank_of_lane(int lane) {
+  return lane / rank_span<R>();
+}
+template <int R>
+__device__ __forceinline__ float reduce_ranks(const float (&part)[R], int lane) {
+  constexpr unsigned full = 0xffffffffu;
+  if constexpr (R == 1) {
+    return warp_sum(part[0]);
+  } else if constexpr (R == 2) {
+    const bool hi = lane & 16;
+    float c = (hi ? part[1] : part[0]) + __shfl_xor_sync(full, hi ? part[0] : part[1], 16);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) c += __shfl_xor_sync(full, c, o);
+    return c;
+  } else {
+    const float p0 = part[0], p1 = part[1], p2 = part[2], p3 = R > 3 ? part[R - 1] : 0.0f;
+    const bool hi = lane & 16, mid = lane & 8;
+    const float x = (hi ? p2 : p0) + __shfl_xor_sync(full, hi ? p0 : p2, 16);
+    const float y = (hi ? p3 : p1) + __shfl_xor_sync(full, hi ? p1 : p3, 16);
+    float c = (mid ? y : x) + __shfl_xor_sync(full, mid ? x : y, 8);
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) c += __shfl_xor_sync(full, c, o);
+    return c;
+  }
+}
+
+// How a block covers a head (P rows of N state floats):
+// - WPR warps share each row, each owning a slice of N; a lane holds VW consecutive floats per vector and VPL
+//   vectors (n = VW·lane + 32·VW·slice + 128·v). SISO: 1 warp per row, float4s. MIMO: 2 warps per row, float2s,
+//   which halves each lane's share of k_{−1}, k and q (3·R·VW·VPL registers: 24 instead of 48 at R = 4); the two
+//   slices' partial y meet in shared memory.
+// - RG rows in flight per warp (24 at R ≥ 3, the register limit), all requested before the first FMA. Blocks of 4
+//   warps, ≤ 128 registers, 4 blocks per SM: 96–128 KB of state in flight per SM at N = 128 (the 8-warp first version, 3 blocks of 8 rows per warp,
+//   had 96 KB and reached 70 % of DRAM bandwidth for SISO; MIMO at 2 blocks reached 40 %).
+template <int R, int VPL>
+struct DecodeLayout {
+  static constexpr int kWarps = 4;
+  static constexpr int kWarpsPerRow = R == 1 ? 1 : 2;
+  static constexpr int kVecWidth = 4 / kWarpsPerRow;
+  static constexpr int kRows = VPL == 1 ? (R == 1 ? 16 : (R == 2 ? 32 : 24)) : (R <= 2 ? 8 : 4);
+};
+
+template <int VW>
+__device__ __forceinline__ void load_vec(const float* p, float (&d)[VW]) {
+  if constexpr (VW == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
+  } else {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    d[0] = t.x, d[1] = t.y;
+  }
+}
+template <int VW>
+__device__ __forceinline__ void load_vec_stream(const float* p, float (&d)[VW]) {  // read once: evict first
+  if constexpr (VW == 4) {
+    const float4 t = __ldcs(reinterpret_cast<const float4*>(p));
+    d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
+  } else {
+    const float2 t = __ldcs(reinterpret_cast<const float2*>(p));
+    d[0] = t.x, d[1] = t.y;
+  }
+}
+template <int VW>
+__device__ __forceinline__ void store_vec_stream(float* p, const float (&d)[VW]) {
+  if constexpr (VW == 4)
+    __stcs(reinterpret_cast<float4*>(p), make_float4(d[0], d[1], d[2], d[3]));
+  else
+    __stcs(reinterpret_cast<float2*>(p), make_float2(d[0], d[1]));
+}
+
+// One block per (b, h). Per row: h' = α·h + Σ_r (β·mx_r·x_{−1})·k_{−1,r} + (γ·mx_r·x)·k_r, stored; y_r = h'·q_r
+// summed over the row's lanes; then the spec §7 output stage over the head (per-head norm, gate, MIMO contraction).
+template <int R, int VPL>
+__global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, 4) mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
+  using Layout = DecodeLayout<R, VPL>;
+  constexpr int WPR = Layout::kWarpsPerRow, VW = Layout::kVecWidth, RG = Layout::kRows, kThreads = Layout::kWarps * 32;
+  __shared__ float ybuf[WPR * R * kMaxP];  // (slice, r, p) partial sums, then (r, p) the full y
+  __shared__ float misc[R];
+  const int item = blockIdx.x, H = a.H, P = a.P, N = a.N;
+  const int b = item / H, h = item % H;
+  if (mamba3_row_skipped(a.st, 1, b)) return;  // block-uniform, before the barrier
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, warps = kThreads / 32;
+  const int slice = warp % WPR, group = warp / WPR, groups = warps / WPR;
+
+  const int64_t rhn = int64_t(R) * H * N;
+  const float* k0 = a.sg.k + int64_t(b) * 2 * rhn + int64_t(h) * N;  // slot 0 = k_{−1}; slot 1 = k follows
+  const float* q0 = a.sg.q + int64_t(b) * rhn + int64_t(h) * N;
+  float kp[R][VPL][VW], kc[R][VPL][VW], qc[R][VPL][VW];
+  int nv[VPL];
+  bool on[VPL];
+#pragma unroll
+  for (int v = 0; v < VPL; ++v) {
+    nv[v] = VW * lane + 32 * VW * slice + 128 * v;
+    on[v] = nv[v] < N;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t off = int64_t(r) * H * N + nv[v];
+#pragma unroll
+      for (int e = 0; e < VW; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
+      if (on[v]) {
+        load_vec<VW>(k0 + off, kp[r][v]);
+        load_vec<VW>(k0 + rhn + off, kc[r][v]);
+        load_vec<VW>(q0 + off, qc[r][v]);
+      }
+    }
+  }
+  const float4 sc = reinterpret_cast<const float4*>(a.sg.scal)[item];
+  const float alpha = sc.x, beta = sc.y, gamma = sc.z, Dh = a.p.D[h];
+  const float* zrow = a.zx + int64_t(b) * a.d_in;
+  const float* xrow = zrow + a.off_x + int64_t(h) * P;
+  float* vstate = a.st.v + int64_t(item) * P;
+  float* ssm = a.st.ssm + int64_t(item) * P * N;
+  const float* mimo_x = a.mimo ? a.p.mimo_x + int64_t(h) * R * P : nullptr;
+
+  // Row group g takes rows g, g + groups, … (interleaved, so that a head of P < groups·RG rows stays balanced).
+  for (int p0 = group; p0 < P; p0 += groups * RG) {
+    float hs[RG][VPL][VW];
+#pragma unroll
+    for (int i = 0; i < RG; ++i) {
+      const int p = p0 + groups * i;
+#pragma unroll
+      for (int v = 0; v < VPL; ++v) {
+        if (p < P && on[v]) load_vec_stream<VW>(ssm + int64_t(p) * N + nv[v], hs[i][v]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < RG; ++i) {
+      const int p = p0 + groups * i;
+      if (p >= P) break;  // warp-uniform
+      const float xp = vstate[p], xc = xrow[p];
+      float vp[R], vc[R], part[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float mx = a.mimo ? mimo_x[r * P + p] : 1.0f;
+        vp[r] = beta * mx * xp;
+        vc[r] = gamma * mx * xc;
+        part[r] = 0.0f;
+      }
+#pragma unroll
+      for (int v = 0; v < VPL; ++v) {
+        if (!on[v]) continue;
+        float hn[VW];
+#pragma unroll
+        for (int e = 0; e < VW; ++e) {
+          hn[e] = alpha * hs[i][v][e];
+#pragma unroll
+          for (int r = 0; r < R; ++r) hn[e] += vp[r] * kp[r][v][e] + vc[r] * kc[r][v][e];
+        }
+        store_vec_stream<VW>(ssm + int64_t(p) * N + nv[v], hn);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int e = 0; e < VW; ++e) part[r] += hn[e] * qc[r][v][e];
+        }
+      }
+      const float y = reduce_ranks<R>(part, lane);
+      const int r = rank_of_lane<R>(lane);
+      if (lane % rank_span<R>() == 0 && r < R) ybuf[(slice * R + r) * P + p] = y;
+    }
+  }
+  __syncthreads();
+  // The slices' partial sums in a fixed order, plus the D skip: y_r = Σ_slice part + D·mx_r·x.
+  for (int idx = tid; idx < R * P; idx += kThreads) {
+    const int r = idx / P, p = idx % P;
+    float y = ybuf[idx];
+    if constexpr (WPR == 2) y += ybuf[R * P + idx];
+    ybuf[idx] = y + Dh * (a.mimo ? mimo_x[r * P + p] : 1.0f) * xrow[p];
+  }
+  __syncthreads();
+
+  // Output stage (spec §7), as the other decode kernels compute it.
+  if (a.p.norm) {
+    for (int r = warp; r < R; r += warps) {
+      float ss = 0.0f;
+      for (int q = lane; q < P; q += 32) ss += ybuf[r * P + q] * ybuf[r * P + q];
+      ss = warp_sum(ss);
+      if (lane == 0) misc[r] = rsqrtf(ss / float(P) + kNormEps);
+    }
+    __syncthreads();
+  }
+  const int64_t o_base = int64_t(b) * a.d_inner + int64_t(h) * P;
+  for (int p = tid; p < P; p += kThreads) {
+    const float zv = zrow[int64_t(h) * P + p];
+    float acc = 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float y = ybuf[r * P + p];
+      if (a.p.norm) y = y * misc[r] * a.p.norm[int64_t(h) * P + p];
+      if (a.mimo) {
+        const int64_t m = (int64_t(h) * R + r) * P + p;
+        const float zz = a.p.mimo_z[m] * zv;
+        acc += a.p.mimo_o[m] * y * (zz * sigmoid_f(zz));
+      } else {
+        acc = y * (zv * sigmoid_f(zv));
+      }
+    }
+    if (a.o_bf16)
+      static_cast<__nv_bfloat16*>(a.o)[o_base + p] = __float2bfloat16(acc);
+    else
+      static_cast<float*>(a.o)[o_base + p] = acc;
+    vstate[p] = xrow[p];  // every read of x_{−1} happened before the barrier
+  }
+}
+
+template <int R, int VPL>
+void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
+  mamba3_head_decode_kernel<R, VPL><<<blocks, DecodeLayout<R, VPL>::kWarps * 32, 0, s>>>(a);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+template <int VPL>
+void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
+  switch (a.R) {
+    case 1: launch<1, VPL>(s, a, blocks); break;
+    case 2: launch<2, VPL>(s, a, blocks); break;
+    case 3: launch<3, VPL>(s, a, blocks); break;
+    default: launch<4, VPL>(s, a, blocks); break;
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch) {
+  const int64_t blocks = batch * a.H;
+  if (a.N % 4 != 0 || a.N > kMaxN || a.P > kMaxP || a.R < 1 || a.R > 4 || blocks >= (int64_t(1) << 31)) return false;
+  if (!aligned16(a.st.ssm) || !aligned16(a.sg.k) || !aligned16(a.sg.q) || !aligned16(a.sg.scal)) return false;
+  if (a.N <= 128)
+    launch_rank<1>(s, a, int(blocks));
+  else
+    launch_rank<2>(s, a, int(blocks));
+  return true;
+}
+
+}  // namespace mamba3::cuda
