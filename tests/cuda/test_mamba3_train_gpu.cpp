@@ -3,11 +3,15 @@
 // (mamba3_mixer_backward) on random layers of awkward shapes (batch 3, L = 1/63/65/300, MIMO ranks 2–4, groups 2,
 // output norm, both A activations, the A_floor clamp, the euler and no_rotary ablations); every golden mixer case's
 // grad.* tensors in the exact f32 mode; bf16 mixed precision, with the chunk products in f32 and on tensor cores
-// (set_chunk_tensor_cores); determinism and accumulation.
+// (set_chunk_tensor_cores); the chunk-parallel schedule against the sequential one (set_chunk_scan_parallel: per-token
+// results in f32 within 1e-6 (bit-identical unless FMA contraction differs), reordered parameter sums within 1e-5);
+// determinism and accumulation in both schedules.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <random>
+#include <set>
 
 #include "../model/mixer_case.h"
 #include "../model/random_mixer.h"
@@ -72,8 +76,10 @@ struct GpuResult {
 };
 
 // Forward then backward on the GPU from freshly zeroed gradients; out and du are poisoned (NaN) first. tc: the chunk
-// products on tensor cores (only in effect with Precision::BF16); set explicitly, whatever MAMBA3_TRAIN_CHUNK says.
-GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p, bool tc = false) {
+// products on tensor cores (only in effect with Precision::BF16); parallel: the chunk-parallel schedule (else the
+// sequential one); both set explicitly, whatever MAMBA3_TRAIN_CHUNK / MAMBA3_TRAIN_SCAN say.
+GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p, bool tc = false,
+                  bool parallel = true) {
   const Mamba3Config& c = m.config();
   const int64_t B = u.dim(0), L = u.dim(1);
   const size_t act_bytes = size_t(B * L * c.d_model) * sizeof(float);
@@ -81,6 +87,7 @@ GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Pre
   cuda::TrainGemm gemm(p);
   cuda::Mamba3TrainGpu train(c);
   train.set_chunk_tensor_cores(tc);
+  train.set_chunk_scan_parallel(parallel);
   DeviceLayer layer(m);
   cuda::DeviceBuffer u_dev = to_device_activation(u, Precision::F32);
   cuda::DeviceBuffer dout_dev = to_device_activation(dout, Precision::F32);
@@ -123,14 +130,19 @@ TEST(Mamba3TrainGpu, GoldenCasesF32) {
     SCOPED_TRACE(path.string());
     auto f = SafetensorsFile::open(path.string());
     Mamba3Mixer mixer(golden_mixer_config(f), f.tensors(), "", path.string());
-    const GpuResult r = run_gpu(mixer, f.get("u").to(DType::F32), f.get("dout").to(DType::F32), Precision::F32);
-    TensorMap ref;
-    for (const auto& [name, t] : f.tensors())
-      if (name.starts_with("grad.") && name != "grad.u") ref[name.substr(5)] = t;
-    std::string where;
-    double worst = 0;
-    compare(r, f.get("prefill_out_f64"), f.get("grad.u"), ref, kGoldenOutTol, kGoldenGradTol, worst, where);
-    std::printf("  %-40s worst rel L2 vs golden %.2e (%s)\n", path.filename().c_str(), worst, where.c_str());
+    for (const bool parallel : {true, false}) {
+      SCOPED_TRACE(parallel ? "parallel" : "sequential");
+      const GpuResult r = run_gpu(mixer, f.get("u").to(DType::F32), f.get("dout").to(DType::F32), Precision::F32,
+                                  false, parallel);
+      TensorMap ref;
+      for (const auto& [name, t] : f.tensors())
+        if (name.starts_with("grad.") && name != "grad.u") ref[name.substr(5)] = t;
+      std::string where;
+      double worst = 0;
+      compare(r, f.get("prefill_out_f64"), f.get("grad.u"), ref, kGoldenOutTol, kGoldenGradTol, worst, where);
+      std::printf("  %-40s %-10s worst rel L2 vs golden %.2e (%s)\n", path.filename().c_str(),
+                  parallel ? "parallel" : "sequential", worst, where.c_str());
+    }
   }
 }
 
@@ -216,7 +228,7 @@ TEST(Mamba3TrainGpu, MatchesCpuBF16) {
 }
 
 // Two backward calls give bit-identical gradients; a second call into the same destinations adds (≈ 2×).
-void check_deterministic_and_accumulating(Precision p, bool tc) {
+void check_deterministic_and_accumulating(Precision p, bool tc, bool parallel) {
   for (const LayerCase& lc : layer_cases()) {
     SCOPED_TRACE(lc.name);
     const Mamba3Config& c = lc.c;
@@ -228,6 +240,7 @@ void check_deterministic_and_accumulating(Precision p, bool tc) {
     cuda::TrainGemm gemm(p);
     cuda::Mamba3TrainGpu train(c);
     train.set_chunk_tensor_cores(tc);
+    train.set_chunk_scan_parallel(parallel);
     DeviceLayer layer(mixer);
     cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
     cuda::DeviceBuffer du(ud.bytes());
@@ -254,12 +267,18 @@ void check_deterministic_and_accumulating(Precision p, bool tc) {
 
 TEST(Mamba3TrainGpu, DeterministicAndAccumulating) {
   MAMBA3_REQUIRE_GPU();
-  check_deterministic_and_accumulating(Precision::F32, false);
+  check_deterministic_and_accumulating(Precision::F32, false, true);
+}
+
+TEST(Mamba3TrainGpu, SequentialScanDeterministicAndAccumulating) {
+  MAMBA3_REQUIRE_GPU();
+  check_deterministic_and_accumulating(Precision::F32, false, false);
 }
 
 TEST(Mamba3TrainGpu, TensorCoreChunksDeterministicAndAccumulating) {
   MAMBA3_REQUIRE_GPU();
-  check_deterministic_and_accumulating(Precision::BF16, true);
+  check_deterministic_and_accumulating(Precision::BF16, true, true);
+  check_deterministic_and_accumulating(Precision::BF16, true, false);
 }
 
 bool bit_identical(const GpuResult& a, const GpuResult& b) {
@@ -319,6 +338,59 @@ TEST(Mamba3TrainGpu, TensorCoreChunksBF16) {
         const GpuResult b = run_gpu(mixer, u, dout, Precision::F32, false);
         EXPECT_TRUE(bit_identical(a, b)) << "the f32 mode must keep the exact chunk products";
       }
+    }
+}
+
+// The chunk-parallel schedule against the sequential one. f32: the scan adds the sequential recurrence's terms in its
+// order, so out, du and every gradient built from per-token values (in_proj, out_proj, dt_bias, B/C norms) agree to
+// f32 rounding (bit-identical unless the compiler contracts differently); the parameters summed over tokens inside the
+// chunk kernels (D, B/C biases, mimo_*, norm) are summed per chunk then over chunks, a different order (within 1e-5). bf16 with tensor-core chunks: the states round
+// differently (the sequential kernels accumulate the mma onto the scaled state), within the bf16 tolerance.
+TEST(Mamba3TrainGpu, ChunkParallelScanMatchesSequential) {
+  MAMBA3_REQUIRE_GPU();
+  const std::set<std::string> reordered = {"D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "norm.weight"};
+  for (const LayerCase& lc : tensor_core_cases())
+    for (int64_t L : {1, 63, 65, 300}) {
+      const Mamba3Config& c = lc.c;
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const int64_t batch = L == 300 ? 2 : 3;
+      std::mt19937 rng(uint32_t(700 + L));
+      Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
+      const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+      const GpuResult par = run_gpu(mixer, u, dout, Precision::F32, false, true);
+      const GpuResult seq = run_gpu(mixer, u, dout, Precision::F32, false, false);
+      // Per-token results: the same terms in the same order, so equal up to the compiler's FMA contraction, which
+      // may differ between the two kernels' instruction sequences (1e-6: f32 rounding, far below any logic error);
+      // whether they came out bit-identical is printed.
+      auto same = [](const Tensor& x, const Tensor& y) {
+        return x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
+      };
+      bool identical = same(par.out, seq.out) && same(par.du, seq.du);
+      EXPECT_LE(rel_l2(par.out, seq.out), 1e-6) << "out";
+      EXPECT_LE(rel_l2(par.du, seq.du), 1e-6) << "grad.u";
+      double worst = 0;
+      for (const auto& [name, t] : seq.grads) {
+        ASSERT_TRUE(par.grads.count(name)) << name;
+        const double e = rel_l2(par.grads.at(name), t);
+        if (reordered.count(name)) {
+          EXPECT_LE(e, 1e-5) << "grad." << name;
+          worst = std::max(worst, e);
+        } else {
+          EXPECT_LE(e, 1e-6) << "grad." << name;
+          identical = identical && same(par.grads.at(name), t);
+        }
+      }
+      std::printf("  %-38s L=%-3lld f32 parallel vs sequential: per-token results %s, reordered sums %.2e", lc.name,
+                  (long long)L, identical ? "bit-identical" : "within 1e-6", worst);
+      if (L >= 63) {
+        const GpuResult tpar = run_gpu(mixer, u, dout, Precision::BF16, true, true);
+        const GpuResult tseq = run_gpu(mixer, u, dout, Precision::BF16, true, false);
+        std::string where;
+        double worst_tc = 0;
+        compare(tpar, tseq.out, tseq.du, tseq.grads, kTolBF16, kTolBF16, worst_tc, where);
+        std::printf(", bf16 tc %.2e (%s)", worst_tc, where.c_str());
+      }
+      std::printf("\n");
     }
 }
 

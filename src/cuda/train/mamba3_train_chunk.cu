@@ -7,7 +7,18 @@
 // conflicts): forward P·N state + 2 rows·N (q, k) + 2–3 rows·P (v, y, dyn) + rows² (scores); reverse P·N (H_c, dH)
 // ×2 + 4 rows·N + 5 rows·P + 3 rows². The host picks T so that the tiles fit (mamba3_train_gpu.cpp).
 // Every sum runs in a fixed order owned by one thread (or a butterfly warp sum): bit-reproducible, no atomics.
+//
+// Two schedules (ChunkParams::parallel, MAMBA3_TRAIN_SCAN): "sequential", one block per (sequence, head) walking its
+// chunks and carrying H / dH in shared memory; "parallel" (the SSD chunk decomposition), where the same kernels run
+// one block per (sequence, head, chunk) and read their chunk-start H (forward) or incoming dH (reverse) from global
+// scratch filled by an elementwise scan over chunks (chunk_scan_kernel) of per-chunk contributions computed from a
+// zero start (chunk_state_kernel: ΔH_c = (w ⊙ v)ᵀ·k; the backward's forward pass: (e^Λ ⊙ dy)ᵀ·q). In the f32 path the
+// scan adds exactly the terms the sequential kernels add, in the same order and form (e·S + Δ), so the states, and
+// with them every per-token output, are bit-identical between the schedules; only the per-(b, h) parameter
+// partials, which become per-(b, h, chunk) partials summed later, round differently.
+#ifndef MAMBA3_CHUNK_HOST_EMULATION
 #include "cuda/cuda_check.h"
+#endif
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_chunk_tc.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
@@ -24,10 +35,12 @@ static_assert(tc::kWarps == kWarps, "the tensor-core products deal their tiles t
 // loads and never stored).
 constexpr int kTile = 4;
 
-// Float offsets of the forward kernel's shared-memory tiles.
+// Float offsets of the forward kernel's shared-memory tiles. In the parallel schedule k and v are dead once y is
+// formed (no state update), so the backward's dyn/dy tile (rows·ldP) reuses their contiguous rows·(ldN + ldP)
+// (at N 128, P 64 and 42 rows: 107 KB instead of 118 KB, two blocks per H200 SM).
 struct FwdLayout {
   int ldN, ldP, ldR, H, Q, K, V, Y, W, vec, DYN, gz, go, gn, total;
-  __host__ __device__ FwdLayout(const MixerDims& d, int T, bool bwd) {
+  __host__ __device__ FwdLayout(const MixerDims& d, int T, bool bwd, bool par) {
     const int rows = T * d.R;
     ldN = d.N + 1, ldP = d.P + 1, ldR = rows + 1;
     int o = 0;
@@ -38,7 +51,7 @@ struct FwdLayout {
     Y = o, o += rows * ldP;
     W = o, o += rows * ldR;
     vec = o, o += 5 * T + 2 * rows;  // Λ, scale, γ, e^Λ, w | rstd, mean
-    DYN = o, o += bwd ? rows * ldP : 0;
+    DYN = par ? K : o, o += bwd && !par ? rows * ldP : 0;  // parallel: over k and v (V = K + rows·ldN)
     gz = o, o += bwd ? d.R * d.P : 0;
     go = o, o += bwd ? d.R * d.P : 0;
     gn = o, o += bwd ? d.P : 0;
@@ -76,7 +89,8 @@ struct RevLayout {
   }
 };
 
-// q (rotated, biased C), k (the same from B) and v (mimo_x ⊙ x) of tokens [c0, c0 + Tc) into the tiles.
+// q (rotated, biased C; skipped when sQ is null), k (the same from B) and v (mimo_x ⊙ x) of tokens [c0, c0 + Tc)
+// into the tiles.
 __device__ __forceinline__ void build_chunk(const ChunkParams& p, int64_t bh, int b, int h, int c0, int Tc, float* sQ, float* sK,
                             float* sV, int ldN, int ldP) {
   const MixerDims& d = p.d;
@@ -87,7 +101,7 @@ __device__ __forceinline__ void build_chunk(const ChunkParams& p, int64_t bh, in
     const float* z = p.zx + (int64_t(b) * d.L + t) * d.din;
     const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
     const int64_t bias = (int64_t(h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
-    sQ[j * ldN + n] = bias_rotate_at(z + d.off_C + grp, p.C_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
+    if (sQ) sQ[j * ldN + n] = bias_rotate_at(z + d.off_C + grp, p.C_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
     sK[j * ldN + n] = bias_rotate_at(z + d.off_B + grp, p.B_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
   }
   for (int e = threadIdx.x; e < rows * d.P; e += kChunkThreads) {
@@ -120,6 +134,112 @@ __device__ __forceinline__ void chunk_scalars(const ChunkParams& p, int64_t bh, 
   for (int tl = threadIdx.x; tl < Tc; tl += kChunkThreads) eL[tl] = expf(Lam[tl]);
 }
 
+// out (P × N, row stride ldo; global memory allowed) = Σ_{rows j} s[j / R]·X[j, q]·Y[j, n] from zero, X (rows, P)
+// row stride ldX, Y (rows, N) row stride ldY, as kTile×kTile register tiles with the terms in the sequential
+// kernels' order: the state change (w ⊙ v)ᵀ·k of a chunk (forward) and its dH contribution (e^Λ ⊙ dy)ᵀ·q (backward),
+// which the sequential kernels add onto e^{Λ_last}·H and e^{Λ_last}·dH. 2·rows·P·N FLOPs.
+__device__ __forceinline__ void state_outer_f32(int rows, int R, int P, int N, const float* X, int ldX, const float* s,
+                                                const float* Y, int ldY, float* out, int ldo) {
+  const int pt = (P + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
+  for (int t = threadIdx.x; t < pt * nt; t += kChunkThreads) {
+    const int q0 = (t / nt) * kTile, n0 = t % nt;
+    int qc[kTile], nc[kTile];
+#pragma unroll
+    for (int a = 0; a < kTile; ++a) qc[a] = min(q0 + a, P - 1), nc[a] = min(n0 + a * nt, N - 1);
+    float acc[kTile][kTile] = {};
+    for (int j = 0; j < rows; ++j) {
+      const float sj = s[j / R];
+      float x[kTile], y[kTile];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a) x[a] = sj * X[j * ldX + qc[a]], y[a] = Y[j * ldY + nc[a]];
+#pragma unroll
+      for (int a = 0; a < kTile; ++a)
+#pragma unroll
+        for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+    }
+#pragma unroll
+    for (int a = 0; a < kTile; ++a)
+#pragma unroll
+      for (int c = 0; c < kTile; ++c) {
+        const int q = q0 + a, n = n0 + c * nt;
+        if (q < P && n < N) out[int64_t(q) * ldo + n] = acc[a][c];
+      }
+  }
+}
+
+// Float offsets of the chunk-state kernel's shared-memory tiles.
+struct StateLayout {
+  int ldN, ldP, K, V, vec, total;
+  __host__ __device__ StateLayout(const MixerDims& d, int T) {
+    const int rows = T * d.R;
+    ldN = d.N + 1, ldP = d.P + 1;
+    int o = 0;
+    K = o, o += rows * ldN;
+    V = o, o += rows * ldP;
+    vec = o, o += 5 * T;  // Λ, scale, γ, e^Λ, w
+    total = o;
+  }
+};
+
+// Parallel schedule, step 1: one block per (b, h, chunk c) = blockIdx.x (chunk fastest). The chunk's state change
+// from a zero start ΔH_c = (w ⊙ v)ᵀ·k → Hc slot c + 1 (the scan turns it into the state at chunk c + 1's start) and
+// e^{Λ_last} → decay[c]; the last chunk only writes its decay (its state change is never used). Same tiles, scalars
+// and term order as chunk_forward_kernel's state update. 3·rows·P·N FLOPs per chunk (with the w ⊙ v scaling); reads
+// 2·R·N + P floats per token and head, writes P·N per chunk.
+template <bool kTC>
+__global__ void __launch_bounds__(kChunkThreads) chunk_state_kernel(const ChunkParams p) {
+  extern __shared__ float sm[];
+  const MixerDims& d = p.d;
+  const StateLayout lay(d, p.T);
+  const int T = p.T, chunks = (d.L + T - 1) / T, P = d.P, N = d.N, R = d.R;
+  const int64_t bh = blockIdx.x / chunks;
+  const int ci = int(blockIdx.x % chunks), b = int(bh / d.H), h = int(bh % d.H);
+  const int c0 = ci * T, Tc = min(T, d.L - c0), rows = Tc * R;
+  const bool last = ci == chunks - 1;
+  float *sK = sm + lay.K, *sV = sm + lay.V;
+  float *Lam = sm + lay.vec, *scale = Lam + T, *gam = scale + T, *eL = gam + T, *wv = eL + T;
+  if (!last) build_chunk(p, bh, b, h, c0, Tc, nullptr, sK, sV, lay.ldN, lay.ldP);
+  chunk_scalars(p, bh, c0, Tc, Lam, scale, gam, eL);
+  for (int tl = threadIdx.x; tl < Tc; tl += kChunkThreads) wv[tl] = expf(Lam[Tc - 1] - Lam[tl]) * scale[tl];
+  __syncthreads();
+  if (threadIdx.x == 0) p.decay[bh * chunks + ci] = eL[Tc - 1];
+  if (last) return;  // uniform over the block
+  float* out = p.Hc + (bh * chunks + ci + 1) * P * N;
+  if constexpr (kTC) {
+    tc::state_outer(rows, R, P, N, sV, lay.ldP, wv, sK, lay.ldN, out, N, threadIdx.x / 32, threadIdx.x % 32);
+  } else {
+    state_outer_f32(rows, R, P, N, sV, lay.ldP, wv, sK, lay.ldN, out, N);
+  }
+}
+
+// Parallel schedule, the elementwise scan over chunks: one thread per (b, h, element e of P·N), in place on
+// S (B·H, chunks, P·N). Forward: slot c holds chunk c − 1's state change ΔH from zero; S[c] ← decay[c − 1]·S[c − 1]
+// + S[c] with S[0] = 0 gives the state at every chunk start. Reverse: slot c holds chunk c + 1's dH contribution;
+// S[c] ← decay[c + 1]·S[c + 1] + S[c] with S[last] = 0 gives the dH entering every chunk from the later ones. The
+// sequential kernels' recurrences (H ← e·H + Δ, dH ← e·dH + Δ) term for term. 2 FLOPs and 8 bytes per element and
+// chunk.
+__global__ void chunk_scan_kernel(float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= BH * PN) return;
+  const int64_t bh = i / PN;
+  float* s = S + bh * chunks * PN + i % PN;
+  const float* dc = decay + bh * chunks;
+  float run = 0.0f;
+  if (!reverse) {
+    s[0] = 0.0f;
+    for (int c = 1; c < chunks; ++c) {
+      run = dc[c - 1] * run + s[int64_t(c) * PN];
+      s[int64_t(c) * PN] = run;
+    }
+  } else {
+    s[int64_t(chunks - 1) * PN] = 0.0f;
+    for (int c = chunks - 2; c >= 0; --c) {
+      run = dc[c + 1] * run + s[int64_t(c) * PN];
+      s[int64_t(c) * PN] = run;
+    }
+  }
+}
+
 // Forward over chunks for one (b, h) = blockIdx.x. Per chunk of rows = T·R: scores r²·N, y r·P·(2N + r),
 // state update 3·r·P·N FLOPs, i.e. ≈ R·(T·R·(N + P) + 5·P·N) per token and head; traffic per token and head
 // ≈ 2·R·N + 2·P reads + P writes (backward: + P + R·P + P, and P·N per chunk for H_c), all else in shared memory.
@@ -129,15 +249,21 @@ __device__ __forceinline__ void chunk_scalars(const ChunkParams& p, int64_t bh, 
 // bf16 × bf16 → f32, 16×8 output tiles dealt to the 8 warps, fragments formed from the same f32 tiles). Per chunk of
 // 64 rows (N 128, P 64): 752 mma = 3.1 MFLOP (scores 20 causal tiles, y 32, W·v 80 mma, state 256); the shared-memory
 // layout, the traffic above and every epilogue are the f32 path's.
-template <bool kBwd, bool kTC>
+// kPar (the chunk-parallel schedule): one block per (b, h, chunk) = blockIdx.x (chunk fastest) starting from the
+// chunk's state in Hc (filled by chunk_state_kernel and the scan), without the state update; with kBwd it also
+// writes the chunk's dH contribution (e^Λ ⊙ dy)ᵀ·q (2·rows·P·N FLOPs) to dHc slot c − 1 for the reverse scan.
+template <bool kBwd, bool kTC, bool kPar>
 __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const ChunkParams p) {
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
-  const FwdLayout lay(d, p.T, kBwd);
+  const FwdLayout lay(d, p.T, kBwd, kPar);
   const int ldN = lay.ldN, ldP = lay.ldP, ldR = lay.ldR, P = d.P, N = d.N, R = d.R, T = p.T;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t bh = blockIdx.x;
+  const int chunks = (d.L + T - 1) / T;
+  const int64_t bh = kPar ? blockIdx.x / chunks : blockIdx.x;
   const int b = int(bh / d.H), h = int(bh % d.H);
+  const int c_begin = kPar ? int(blockIdx.x % chunks) : 0, c_end = kPar ? c_begin + 1 : chunks;
+  const int64_t prow = kPar ? (int64_t(b) * chunks + c_begin) * d.H + h : bh;  // parameter partials' row
   float *sH = sm + lay.H, *sQ = sm + lay.Q, *sK = sm + lay.K, *sV = sm + lay.V, *sY = sm + lay.Y, *sW = sm + lay.W;
   float *Lam = sm + lay.vec, *scale = Lam + T, *gam = scale + T, *eL = gam + T, *wv = eL + T;
   float *rstd = wv + T, *mean = rstd + T * R;
@@ -145,17 +271,18 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
   const float Dh = p.D[h];
   const float* nw = d.outnorm ? p.norm + int64_t(h) * P : nullptr;
 
-  for (int e = tid; e < P * N; e += kChunkThreads) sH[(e / N) * ldN + e % N] = 0.0f;  // training: zero state
+  // The chunk's start state from the scan (parallel), or the zero state of training.
+  const float* H0 = kPar ? p.Hc + (bh * chunks + c_begin) * P * N : nullptr;
+  for (int e = tid; e < P * N; e += kChunkThreads) sH[(e / N) * ldN + e % N] = kPar ? H0[e] : 0.0f;
   if (kBwd) {
     for (int e = tid; e < R * P; e += kChunkThreads) gz[e] = 0.0f, go[e] = 0.0f;
     for (int e = tid; e < P; e += kChunkThreads) gn[e] = 0.0f;
   }
   __syncthreads();
 
-  const int chunks = (d.L + T - 1) / T;
-  for (int ci = 0; ci < chunks; ++ci) {
+  for (int ci = c_begin; ci < c_end; ++ci) {
     const int c0 = ci * T, Tc = min(T, d.L - c0), rows = Tc * R;
-    if (kBwd)
+    if (kBwd && !kPar)
       for (int e = tid; e < P * N; e += kChunkThreads)
         p.Hc[(bh * chunks + ci) * P * N + e] = sH[(e / N) * ldN + e % N];
     build_chunk(p, bh, b, h, c0, Tc, sQ, sK, sV, ldN, ldP);
@@ -223,10 +350,10 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
     }
     __syncthreads();
 
-    // y += W·v; the state to the chunk's end: H ← e^{Λ_last}·H + (w ⊙ v)ᵀ·k.
+    // y += W·v; the state to the chunk's end: H ← e^{Λ_last}·H + (w ⊙ v)ᵀ·k (sequential schedule only).
     const float elast = eL[Tc - 1];
     if constexpr (kTC) {
-      tc::fwd_wv_state(tt, sW, wv, elast, sH, sY, warp, lane);
+      tc::fwd_wv_state(tt, sW, wv, elast, sH, sY, warp, lane, !kPar);
     } else {
       for (int t = tid; t < rt * pt; t += kChunkThreads) {
         const int j0 = (t / pt) * kTile, q0 = t % pt;
@@ -257,7 +384,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
             if (j < rows && q < P) sY[j * ldP + q] += acc[a][c];
           }
       }
-      for (int t = tid; t < pt * nt; t += kChunkThreads) {
+      for (int t = tid; t < (kPar ? 0 : pt * nt); t += kChunkThreads) {
         const int q0 = (t / nt) * kTile, n0 = t % nt;
         int qc[kTile], nc[kTile];
 #pragma unroll
@@ -347,7 +474,14 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
             v = rstd[j] * (dyn * nw[q] - xh * mean[j]);
           }
           p.dy[((bh * d.L + c0) * R + j) * P + q] = v;
+          if (kPar) sDYN[j * ldP + q] = v;  // column q is this thread's: dy for the dH contribution below
         }
+      if (kPar && ci > 0) {  // chunk 0's contribution would only reach the (unused) dH before the sequence
+        __syncthreads();
+        float* out = p.dHc + (bh * chunks + ci - 1) * P * N;
+        if constexpr (kTC) tc::state_outer(rows, R, P, N, sDYN, ldP, eL, sQ, ldN, out, N, warp, lane);
+        else state_outer_f32(rows, R, P, N, sDYN, ldP, eL, sQ, ldN, out, N);
+      }
     }
     __syncthreads();  // the next chunk overwrites the tiles
   }
@@ -355,11 +489,11 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
   if (kBwd) {
     if (d.mimo)
       for (int e = tid; e < R * P; e += kChunkThreads) {
-        p.part_mimo_z[bh * R * P + e] = gz[e];
-        p.part_mimo_o[bh * R * P + e] = go[e];
+        p.part_mimo_z[prow * R * P + e] = gz[e];
+        p.part_mimo_o[prow * R * P + e] = go[e];
       }
     if (nw)
-      for (int q = tid; q < P; q += kChunkThreads) p.part_norm[bh * P + q] = gn[q];
+      for (int q = tid; q < P; q += kChunkThreads) p.part_norm[prow * P + q] = gn[q];
   }
 }
 
@@ -372,15 +506,21 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
 // f32, 16×8 output tiles dealt to the 8 warps, fragments formed from the same f32 tiles, dH accumulated in f32). Per
 // chunk of 64 rows (N 128, P 64): 1920 mma = 7.9 MFLOP (scores + dW 240, dV/T1/T2 592, dQ/dK 832, dH 256); the
 // shared-memory layout, the traffic above and every epilogue are the f32 path's.
-template <bool kTC>
+// kPar (the chunk-parallel schedule): one block per (b, h, chunk) = blockIdx.x (chunk fastest) starting from the dH
+// entering the chunk (dHc, from the reverse scan), without the dH update; its parameter partials are per chunk.
+// Nothing else is carried across chunks: Λ restarts at every chunk (the chunk's e^{Λ_last} reaches earlier chunks
+// only through dH and the dΛ_last·(dH ⊙ H_c) term, both local once dH is known), and dadt's suffix sum is per chunk.
+template <bool kTC, bool kPar>
 __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const ChunkParams p) {
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
   const RevLayout lay(d, p.T);
   const int ldN = lay.ldN, ldP = lay.ldP, ldR = lay.ldR, P = d.P, N = d.N, R = d.R, S = d.S, T = p.T;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t bh = blockIdx.x;
+  const int chunks = (d.L + T - 1) / T;
+  const int64_t bh = kPar ? blockIdx.x / chunks : blockIdx.x;
   const int b = int(bh / d.H), h = int(bh % d.H);
+  const int c_begin = kPar ? int(blockIdx.x % chunks) : 0, c_end = kPar ? c_begin + 1 : chunks;
   float *sQ = sm + lay.Q, *sK = sm + lay.K, *dQ = sm + lay.dQ, *dK = sm + lay.dK;
   float *sV = sm + lay.V, *dY = sm + lay.dY, *dV = sm + lay.dV, *T1 = sm + lay.T1, *T2 = sm + lay.T2;
   float *Sm = sm + lay.Sm, *dW = sm + lay.dW, *sE = sm + lay.E, *Hc = sm + lay.Hc, *dH = sm + lay.dH;
@@ -390,13 +530,18 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
   const float Dh = p.D[h];
   float dD = 0.0f;  // this thread's share of Σ dy ⊙ v (fixed element set per thread)
 
-  for (int e = tid; e < P * N; e += kChunkThreads) dH[(e / N) * ldN + e % N] = 0.0f;
+  // The dH entering the chunk from the reverse scan (parallel), or zero after the sequence's last token.
+  if (kPar) {
+    for (int e = tid; e < P * N; e += kChunkThreads)
+      dH[(e / N) * ldN + e % N] = p.dHc[(bh * chunks + c_begin) * P * N + e];
+  } else {
+    for (int e = tid; e < P * N; e += kChunkThreads) dH[(e / N) * ldN + e % N] = 0.0f;
+  }
   for (int e = tid; e < R * N; e += kChunkThreads) gB[e] = 0.0f, gC[e] = 0.0f;
   for (int e = tid; e < R * P; e += kChunkThreads) gX[e] = 0.0f;
   __syncthreads();
 
-  const int chunks = (d.L + T - 1) / T;
-  for (int ci = chunks - 1; ci >= 0; --ci) {
+  for (int ci = c_end - 1; ci >= c_begin; --ci) {
     const int c0 = ci * T, Tc = min(T, d.L - c0), rows = Tc * R;
     build_chunk(p, bh, b, h, c0, Tc, sQ, sK, sV, ldN, ldP);
     for (int e = tid; e < rows * P; e += kChunkThreads)
@@ -591,7 +736,8 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
     }
     __syncthreads();
 
-    // Row sums for dΛ (read of H_c) and dw (state carried out); dH ← e^{Λ_last}·dH + (e^Λ ⊙ dy)ᵀ·q.
+    // Row sums for dΛ (read of H_c) and dw (state carried out); dH ← e^{Λ_last}·dH + (e^Λ ⊙ dy)ᵀ·q (sequential
+    // schedule only: the parallel one has the dH of every chunk from the scan).
     for (int j = warp; j < rows; j += kWarps) {
       float a = 0.0f, c = 0.0f;
       for (int q = lane; q < P; q += 32) a += dY[j * ldP + q] * T1[j * ldP + q], c += sV[j * ldP + q] * T2[j * ldP + q];
@@ -599,7 +745,9 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
       if (lane == 0) dLamHc[j] = eL[j / R] * a, dws[j] = c;
     }
     const float elast = eL[Tc - 1];
-    if constexpr (kTC) {
+    if constexpr (kPar) {
+      // nothing: the dH entering every chunk comes from the reverse scan
+    } else if constexpr (kTC) {
       tc::rev_dstate(tt, tr, elast, warp, lane);
     } else {
       for (int t = tid; t < pt * nt; t += kChunkThreads) {
@@ -718,12 +866,13 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
     // The next chunk's loads touch no tile read above (dLam is rewritten only after two more barriers).
   }
 
+  const int64_t prow = kPar ? (int64_t(b) * chunks + c_begin) * d.H + h : bh;  // parameter partials' row
   for (int e = tid; e < R * N; e += kChunkThreads) {
-    p.part_B_bias[bh * R * N + e] = gB[e];
-    p.part_C_bias[bh * R * N + e] = gC[e];
+    p.part_B_bias[prow * R * N + e] = gB[e];
+    p.part_C_bias[prow * R * N + e] = gC[e];
   }
   if (d.mimo)
-    for (int e = tid; e < R * P; e += kChunkThreads) p.part_mimo_x[bh * R * P + e] = gX[e];
+    for (int e = tid; e < R * P; e += kChunkThreads) p.part_mimo_x[prow * R * P + e] = gX[e];
   dD = warp_sum(dD);
   __syncthreads();  // red's last readers are done
   if (lane == 0) red[warp] = dD;
@@ -731,40 +880,82 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
   if (tid == 0) {
     float s = 0.0f;
     for (int w = 0; w < kWarps; ++w) s += red[w];
-    p.part_D[bh] = s;
+    p.part_D[prow] = s;
   }
 }
 
+#ifndef MAMBA3_CHUNK_HOST_EMULATION
+int chunk_count(const ChunkParams& p) { return (p.d.L + p.T - 1) / p.T; }
+
+// One block per (b, h) (sequential schedule) or per (b, h, chunk) (parallel).
 template <typename Kernel>
-void launch_with_smem(Kernel kernel, cudaStream_t s, const ChunkParams& p, size_t bytes) {
+void launch_with_smem(Kernel kernel, cudaStream_t s, const ChunkParams& p, size_t bytes, bool per_chunk) {
+  const int64_t blocks = int64_t(p.d.B) * p.d.H * (per_chunk ? chunk_count(p) : 1);
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "chunk kernels: {} blocks exceed the grid", blocks);
   MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  kernel<<<unsigned(int64_t(p.d.B) * p.d.H), kChunkThreads, bytes, s>>>(p);
+  kernel<<<unsigned(blocks), kChunkThreads, bytes, s>>>(p);
   MAMBA3_LAUNCH_CHECK();
 }
 
+void launch_chunk_scan(cudaStream_t s, const ChunkParams& p, float* S, bool reverse) {
+  const int64_t BH = int64_t(p.d.B) * p.d.H, PN = int64_t(p.d.P) * p.d.N, n = BH * PN;
+  constexpr int kThreads = 256;
+  chunk_scan_kernel<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, s>>>(S, p.decay, BH, chunk_count(p),
+                                                                                int(PN), reverse);
+  MAMBA3_LAUNCH_CHECK();
+}
+#endif
+
 }  // namespace
 
-size_t chunk_forward_smem_bytes(const MixerDims& d, int T, bool backward) {
-  return size_t(FwdLayout(d, T, backward).total) * sizeof(float);
+size_t chunk_forward_smem_bytes(const MixerDims& d, int T, bool backward, bool parallel) {
+  return size_t(FwdLayout(d, T, backward, parallel).total) * sizeof(float);
 }
 
 size_t chunk_reverse_smem_bytes(const MixerDims& d, int T) { return size_t(RevLayout(d, T).total) * sizeof(float); }
 
+size_t chunk_state_smem_bytes(const MixerDims& d, int T) { return size_t(StateLayout(d, T).total) * sizeof(float); }
+
+#ifndef MAMBA3_CHUNK_HOST_EMULATION
 void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward) {
-  const size_t bytes = chunk_forward_smem_bytes(p.d, p.T, backward);
+  const size_t bytes = chunk_forward_smem_bytes(p.d, p.T, backward, p.parallel);
+  if (!p.parallel) {
+    if (backward) {
+      if (p.tc) launch_with_smem(chunk_forward_kernel<true, true, false>, s, p, bytes, false);
+      else launch_with_smem(chunk_forward_kernel<true, false, false>, s, p, bytes, false);
+    } else {
+      if (p.tc) launch_with_smem(chunk_forward_kernel<false, true, false>, s, p, bytes, false);
+      else launch_with_smem(chunk_forward_kernel<false, false, false>, s, p, bytes, false);
+    }
+    return;
+  }
+  MAMBA3_CHECK(p.Hc && p.decay && (!backward || p.dHc), "launch_chunk_forward: the parallel schedule needs Hc, decay{}",
+               backward ? " and dHc" : "");
+  const size_t state_bytes = chunk_state_smem_bytes(p.d, p.T);
+  if (p.tc) launch_with_smem(chunk_state_kernel<true>, s, p, state_bytes, true);
+  else launch_with_smem(chunk_state_kernel<false>, s, p, state_bytes, true);
+  launch_chunk_scan(s, p, p.Hc, false);
   if (backward) {
-    if (p.tc) launch_with_smem(chunk_forward_kernel<true, true>, s, p, bytes);
-    else launch_with_smem(chunk_forward_kernel<true, false>, s, p, bytes);
+    if (p.tc) launch_with_smem(chunk_forward_kernel<true, true, true>, s, p, bytes, true);
+    else launch_with_smem(chunk_forward_kernel<true, false, true>, s, p, bytes, true);
   } else {
-    if (p.tc) launch_with_smem(chunk_forward_kernel<false, true>, s, p, bytes);
-    else launch_with_smem(chunk_forward_kernel<false, false>, s, p, bytes);
+    if (p.tc) launch_with_smem(chunk_forward_kernel<false, true, true>, s, p, bytes, true);
+    else launch_with_smem(chunk_forward_kernel<false, false, true>, s, p, bytes, true);
   }
 }
 
 void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p) {
   const size_t bytes = chunk_reverse_smem_bytes(p.d, p.T);
-  if (p.tc) launch_with_smem(chunk_reverse_kernel<true>, s, p, bytes);
-  else launch_with_smem(chunk_reverse_kernel<false>, s, p, bytes);
+  if (!p.parallel) {
+    if (p.tc) launch_with_smem(chunk_reverse_kernel<true, false>, s, p, bytes, false);
+    else launch_with_smem(chunk_reverse_kernel<false, false>, s, p, bytes, false);
+    return;
+  }
+  MAMBA3_CHECK(p.dHc && p.decay, "launch_chunk_reverse: the parallel schedule needs dHc and decay");
+  launch_chunk_scan(s, p, p.dHc, true);
+  if (p.tc) launch_with_smem(chunk_reverse_kernel<true, true>, s, p, bytes, true);
+  else launch_with_smem(chunk_reverse_kernel<false, true>, s, p, bytes, true);
 }
+#endif
 
 }  // namespace mamba3::cuda::train_detail

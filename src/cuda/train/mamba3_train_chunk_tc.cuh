@@ -122,8 +122,9 @@ __device__ __forceinline__ void fwd_scores_y(const Tiles& t, const float* sH, fl
 // Interval 2 of a forward chunk: y += W·v (k = the chunk's rows up to the tile's causal end) and the state to the
 // chunk's end H ← e^{Λ_last}·H + (w ⊙ v)ᵀ·k (k = rows; the f32 state is the accumulator's start, scaled first).
 // Tiles: ⌈rows/16⌉·⌈P/8⌉ then ⌈P/16⌉·⌈N/8⌉. mma count (rows 64, N 128, P 64): 80 + 256 = 336 (1.4 MFLOP).
+// with_state false (the chunk-parallel schedule, whose states come from a scan): y += W·v only.
 __device__ __forceinline__ void fwd_wv_state(const Tiles& t, const float* sW, const float* wv, float elast, float* sH,
-                                             float* sY, int warp, int lane) {
+                                             float* sY, int warp, int lane, bool with_state = true) {
   const int g = lane >> 2, tq = lane & 3, rows = t.rows, R = t.R, N = t.N, P = t.P;
   const int ldN = t.ldN, ldP = t.ldP, ldR = t.ldR;
   const float *K = t.K, *V = t.V;
@@ -132,7 +133,8 @@ __device__ __forceinline__ void fwd_wv_state(const Tiles& t, const float* sW, co
   const auto wva = [=](int m, int k) { return m < P && k < rows ? wv[k / R] * V[k * ldP + m] : 0.0f; };
   const auto kb = [=](int k, int n) { return k < rows && n < N ? K[k * ldN + n] : 0.0f; };
   const int mt = (rows + 15) / 16, yt = (P + 7) / 8, pm = (P + 15) / 16, nt = (N + 7) / 8;
-  for (int tile = warp; tile < mt * yt + pm * nt; tile += kWarps) {
+  const int tiles = mt * yt + (with_state ? pm * nt : 0);
+  for (int tile = warp; tile < tiles; tile += kWarps) {
     if (tile < mt * yt) {
       const int m0 = tile / yt * 16, n0 = tile % yt * 8;
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -156,6 +158,28 @@ __device__ __forceinline__ void fwd_wv_state(const Tiles& t, const float* sW, co
         const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
         if (q < P && n < N) sH[q * ldN + n] = acc[e];
       }
+    }
+  }
+}
+
+// A chunk's state-shaped product from a zero start (the chunk-parallel schedule): out (P × N, row stride ldo; global
+// memory allowed) = Σ_{rows j} s[j / R]·X[j, q]·Y[j, n], X (rows, P) row stride ldX, Y (rows, N) row stride ldY:
+// the forward's state change (w ⊙ v)ᵀ·k and the backward's dH contribution (e^Λ ⊙ dy)ᵀ·q. Tiles ⌈P/16⌉·⌈N/8⌉
+// (k = rows). mma count (rows 64, N 128, P 64): 256 (1.0 MFLOP).
+__device__ __forceinline__ void state_outer(int rows, int R, int P, int N, const float* X, int ldX, const float* s,
+                                            const float* Y, int ldY, float* out, int ldo, int warp, int lane) {
+  const int g = lane >> 2, tq = lane & 3;
+  const auto xa = [=](int m, int k) { return m < P && k < rows ? s[k / R] * X[k * ldX + m] : 0.0f; };
+  const auto yb = [=](int k, int n) { return k < rows && n < N ? Y[k * ldY + n] : 0.0f; };
+  const int pm = (P + 15) / 16, nt = (N + 7) / 8;
+  for (int tile = warp; tile < pm * nt; tile += kWarps) {
+    const int m0 = tile / nt * 16, n0 = tile % nt * 8;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_tile(acc, xa, yb, m0, n0, 0, rows, g, tq);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
+      if (q < P && n < N) out[int64_t(q) * ldo + n] = acc[e];
     }
   }
 }

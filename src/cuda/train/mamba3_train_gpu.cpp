@@ -51,12 +51,41 @@ bool env_chunk_tensor_cores() {
   return tc;
 }
 
+// MAMBA3_TRAIN_SCAN, read once per process: the chunk kernels' schedule, chunk-parallel ("parallel", the default) or
+// one block walking each (sequence, head)'s chunks ("sequential").
+bool env_chunk_scan_parallel() {
+  static const bool par = [] {
+    const char* v = std::getenv("MAMBA3_TRAIN_SCAN");
+    const std::string s = v ? v : "";
+    if (s.empty() || s == "parallel") return true;
+    if (s == "sequential") return false;
+    fail("MAMBA3_TRAIN_SCAN='{}': expected parallel or sequential", s);
+  }();
+  return par;
+}
+
+// MAMBA3_TRAIN_CHUNK_LEN, read once per process: an upper bound on the GPU chunk length in tokens (unset: none), a
+// tuning knob for the chunk-parallel schedule, where shorter chunks cost no sequential steps and smaller tiles fit more
+// blocks per SM (at the price of B·H·chunks·P·N floats of chunk states).
+int env_max_chunk_length() {
+  static const int cap = [] {
+    const char* v = std::getenv("MAMBA3_TRAIN_CHUNK_LEN");
+    if (!v || !*v) return 64;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    if (*end != '\0' || n < 1 || n > 64) fail("MAMBA3_TRAIN_CHUNK_LEN='{}': expected an integer in [1, 64]", v);
+    return int(n);
+  }();
+  return cap;
+}
+
 float* f(const DeviceBuffer& b, size_t offset = 0) { return b.as<float>() + offset; }
 void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int64_t>(n, 1)) * sizeof(float)); }
 
 }  // namespace
 
-Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c) : c_(c), chunk_tc_(env_chunk_tensor_cores()) {
+Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
+    : c_(c), chunk_tc_(env_chunk_tensor_cores()), chunk_parallel_(env_chunk_scan_parallel()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
   MAMBA3_CHECK(c_.num_angles() <= 32 * kLaneAngles, "Mamba3TrainGpu: {} rotary angles > {} are not supported",
@@ -70,7 +99,8 @@ int Mamba3TrainGpu::chunk_length(int64_t L, bool backward) {
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   }
   const MixerDims d = make_dims(c_, 1, 1);
-  for (int T = int(std::min<int64_t>(64 / c_.rank(), L)); T >= 1; --T) {
+  const int64_t cap = std::min<int64_t>(64 / c_.rank(), env_max_chunk_length());
+  for (int T = int(std::min<int64_t>(cap, L)); T >= 1; --T) {
     const size_t need = backward ? std::max(chunk_forward_smem_bytes(d, T, true), chunk_reverse_smem_bytes(d, T))
                                  : chunk_forward_smem_bytes(d, T, false);
     if (need <= size_t(max_smem_)) return T;
@@ -122,8 +152,16 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   check_weights(c_, w);
   const MixerDims d = make_dims(c_, B, L);
   prepare(ctx, gemm, w, B, L, u);
-  ChunkParams p = base_params(d, chunk_length(L, false), w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  const int T = chunk_length(L, false);
+  ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
   p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
+  p.parallel = chunk_parallel_;
+  if (p.parallel) {  // chunk-start states (B·H, chunks, P, N) and decays from the state kernel and the scan
+    const int64_t BHc = B * d.H * ((L + T - 1) / T);
+    reserve_floats(Hc_, BHc * d.P * d.N);
+    reserve_floats(decay_, BHc);
+    p.Hc = f(Hc_), p.decay = f(decay_);
+  }
   launch_chunk_forward(ctx.stream(), p, false);
   gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f, out,
            c_.d_model);
@@ -143,17 +181,26 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
 
   const int T = chunk_length(L, true);
   const int64_t chunks = (L + T - 1) / T;
+  const bool par = chunk_parallel_;
+  const int64_t pc = par ? chunks : 1;  // chunk groups per sequence in the chunk kernels' parameter partials
   reserve_floats(dO_, M * di);
   reserve_floats(dzx_, M * din);
   reserve_floats(dy_, BHL * R * P);
   reserve_floats(Hc_, BH * chunks * P * N);
+  if (par) {
+    reserve_floats(dHc_, BH * chunks * P * N);
+    reserve_floats(decay_, BH * chunks);
+  }
   reserve_floats(dBn_, M * H * R * N);
   reserve_floats(dCn_, M * H * R * N);
   reserve_floats(dphi_, BHL * S);
   reserve_floats(sgrad_, 3 * BHL);
   reserve_floats(dth_, M * H * S);
-  // Partials, one row per batch row (per token row for the B/C norm weights), reduced over rows at the end.
-  const int64_t n_dtb = BH, n_D = BH, n_bias = BH * R * N, n_mimo = BH * R * P, n_norm = BH * P, n_bcn = M * RG * N;
+  // Partials, one row per batch row (× chunk in the parallel schedule, for those of the chunk kernels; per token row
+  // for the B/C norm weights), reduced over rows at the end.
+  const int64_t BHp = BH * pc;
+  const int64_t n_dtb = BH, n_D = BHp, n_bias = BHp * R * N, n_mimo = BHp * R * P, n_norm = BHp * P,
+                n_bcn = M * RG * N;
   const int64_t o_D = n_dtb, o_Bb = o_D + n_D, o_Cb = o_Bb + n_bias, o_mx = o_Cb + n_bias, o_mz = o_mx + n_mimo,
                 o_mo = o_mz + n_mimo, o_nm = o_mo + n_mimo, o_Bn = o_nm + n_norm, o_Cn = o_Bn + n_bcn;
   reserve_floats(part_, o_Cn + n_bcn);
@@ -163,7 +210,9 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
 
   ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
   p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
+  p.parallel = par;
   p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
+  if (par) p.dHc = f(dHc_), p.decay = f(decay_);
   p.part_mimo_z = f(part_, o_mz), p.part_mimo_o = f(part_, o_mo), p.part_norm = f(part_, o_nm);
   p.dBn = f(dBn_), p.dCn = f(dCn_), p.dphi = f(dphi_);
   p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
@@ -187,14 +236,15 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
     float* dst;
     int64_t offset, rows, cols;
   };
+  const int64_t Bp = B * pc;
   const Sum sums[] = {{g.dt_bias, 0, B, H},
-                      {g.D, o_D, B, H},
-                      {g.B_bias, o_Bb, B, H * R * N},
-                      {g.C_bias, o_Cb, B, H * R * N},
-                      {c_.is_mimo ? g.mimo_x : nullptr, o_mx, B, H * R * P},
-                      {c_.is_mimo ? g.mimo_z : nullptr, o_mz, B, H * R * P},
-                      {c_.is_mimo ? g.mimo_o : nullptr, o_mo, B, H * R * P},
-                      {c_.is_outproj_norm ? g.norm : nullptr, o_nm, B, H * P},
+                      {g.D, o_D, Bp, H},
+                      {g.B_bias, o_Bb, Bp, H * R * N},
+                      {g.C_bias, o_Cb, Bp, H * R * N},
+                      {c_.is_mimo ? g.mimo_x : nullptr, o_mx, Bp, H * R * P},
+                      {c_.is_mimo ? g.mimo_z : nullptr, o_mz, Bp, H * R * P},
+                      {c_.is_mimo ? g.mimo_o : nullptr, o_mo, Bp, H * R * P},
+                      {c_.is_outproj_norm ? g.norm : nullptr, o_nm, Bp, H * P},
                       {g.B_norm, o_Bn, M * RG, N},
                       {g.C_norm, o_Cn, M * RG, N}};
   size_t scratch = 1;

@@ -1,8 +1,9 @@
 #pragma once
 // The Mamba-3 mixer's training forward and backward on the GPU (f32 inside; the projections through TrainGemm in
 // its precision). A port of the CPU's chunked backward (src/ops/mamba3_scan_backward.h, whose comment gives the
-// math) with one thread block per (sequence, head) walking GPU chunks of T tokens (T·R ≤ 64, independent of
-// config.chunk_size: the result is the same up to rounding). Every sequence starts from the zero state.
+// math) over GPU chunks of T tokens (T·R ≤ 64, independent of config.chunk_size: the result is the same up to
+// rounding), one thread block per (sequence, head, chunk) with the chunk-start states from a scan over chunks (or,
+// sequential schedule, one block per (sequence, head) walking its chunks). Every sequence starts from the zero state.
 // Deterministic: fixed-order reductions only (no float atomics), so the same inputs give bit-identical gradients.
 // Scratch (grow-only, kept between calls) is O(B·L·(d_in + d_inner + H·R·(2N + P) + H·S)) floats for the backward:
 // the per-head gradients of the normalised B and C, (B·L, H, R, N) each, are the largest part.
@@ -38,8 +39,9 @@ class Mamba3TrainGpu {
   void backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, const Mamba3TrainGrads& g,
                 int64_t B, int64_t L, const float* u, const float* dout, float* du);
 
-  // The GPU chunk length (tokens) used for sequences of length L: the largest T ≤ 64/R (and ≤ L) whose shared-memory
-  // tiles fit the device. Needs a device.
+  // The GPU chunk length (tokens) used for sequences of length L: the largest T ≤ 64/R (and ≤ L, and ≤
+  // MAMBA3_TRAIN_CHUNK_LEN when set: a tuning knob read once per process) whose shared-memory tiles fit the device.
+  // Needs a device.
   int chunk_length(int64_t L, bool backward);
 
   // Chunk path of the bf16 mode: true runs the chunk kernels' products on tensor cores (mma.sync, operands rounded to
@@ -49,6 +51,15 @@ class Mamba3TrainGpu {
   void set_chunk_tensor_cores(bool on) { chunk_tc_ = on; }
   bool chunk_tensor_cores() const { return chunk_tc_; }
 
+  // Schedule of the chunk kernels: true (default) runs them chunk-parallel (one block per (sequence, head, chunk);
+  // the chunk-start states and the incoming state gradients come from an elementwise scan over chunks; extra scratch
+  // of B·H·chunks·P·N floats for the latter), false walks each (sequence, head)'s chunks in one block. The f32
+  // results are bit-identical between the two except the parameter gradients summed over tokens (B/C biases, D,
+  // mimo_*, norm), whose partials are summed in another order. Default from MAMBA3_TRAIN_SCAN, read once per process:
+  // "parallel" or "sequential" (unset: parallel); any other value throws.
+  void set_chunk_scan_parallel(bool on) { chunk_parallel_ = on; }
+  bool chunk_scan_parallel() const { return chunk_parallel_; }
+
  private:
   // in_proj, B/C normalisation, per-token scalars and angles (shared by forward and backward).
   void prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
@@ -57,11 +68,13 @@ class Mamba3TrainGpu {
   Mamba3Config c_;
   int max_smem_ = 0;  // opt-in shared memory per block of the device (queried on first use)
   bool chunk_tc_ = false;  // tensor-core chunk products in the bf16 mode (set_chunk_tensor_cores)
+  bool chunk_parallel_ = true;  // chunk-parallel schedule (set_chunk_scan_parallel)
   // Forward: zx_raw (M, d_in), zx (M, d_in) B/C normalised, scalars 5 × (B·H, L), cs/sn (B·H, L, S), o (M, d_inner).
   DeviceBuffer zx_raw_, zx_, scalars_, cs_, sn_, o_;
   // Backward: dO (M, d_inner), dzx (M, d_in), dy (B·H, L, R, P), Hc (B·H, chunks, P, N), dBn/dCn (M, H, R, N),
-  // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), dth (M, H, S), per-row/per-(b, h) partials, colsum scratch.
-  DeviceBuffer dO_, dzx_, dy_, Hc_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_;
+  // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), dth (M, H, S), per-row/per-(b, h[, chunk]) partials, colsum
+  // scratch. Parallel schedule (forward too): Hc, decay (B·H, chunks); backward also dHc (B·H, chunks, P, N).
+  DeviceBuffer dO_, dzx_, dy_, Hc_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_;
 };
 
 }  // namespace mamba3::cuda

@@ -38,10 +38,16 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn);
 
 // Everything a chunk kernel reads and writes; entries a pass does not use may be null.
+// Two schedules over a sequence's chunks (MAMBA3_TRAIN_SCAN): "sequential", one block per (sequence, head) walking
+// its chunks and carrying H (forward) / dH (reverse); "parallel" (chunk-parallel, the SSD decomposition), one block
+// per (sequence, head, chunk) with the carried states from an elementwise scan over chunks (see the launchers).
+// Parameter partials have one row per (b, h) task and chunk group: index (b·pc + c)·H + h with pc = chunks and c the
+// chunk in the parallel schedule, pc = 1 and c = 0 in the sequential one (so B·pc rows of H·… columns to sum).
 struct ChunkParams {
   MixerDims d;
   int T;                       // GPU chunk length in tokens (T·R ≤ 64)
   bool tc;                     // products on tensor cores (bf16 operands, f32 accumulation): the bf16 mode's "tc" path
+  bool parallel;               // chunk-parallel schedule (needs Hc and decay; the backward also dHc)
   const float* zx;             // (M, din), B/C normalised
   const float *dt, *A, *lam;   // (B·H, L)
   const float *cs, *sn;        // (B·H, L, S)
@@ -51,20 +57,26 @@ struct ChunkParams {
   const float* dO;             // (M, d_inner) gradient of o
   float* dzx;                  // (M, din): z columns (pass 1), x columns (reverse pass)
   float* dy;                   // (B·H, L, R, P) gradient of y
-  float* Hc;                   // (B·H, chunks, P, N) state at each chunk start
-  float *part_mimo_z, *part_mimo_o, *part_norm;  // (B, H, R, P) ×2, (B, H, P)
+  float* Hc;                   // (B·H, chunks, P, N) state at each chunk start (parallel: also the forward pass)
+  float* dHc;                  // (B·H, chunks, P, N) parallel: dH entering each chunk from the later ones
+  float* decay;                // (B·H, chunks) parallel: e^{Λ_last} of every chunk
+  float *part_mimo_z, *part_mimo_o, *part_norm;  // (B·pc, H, R, P) ×2, (B·pc, H, P)
   // Backward, reverse pass.
   float *dBn, *dCn;            // (M, H, R, N) gradient of the normalised B / C seen by each head
   float* dphi;                 // (B·H, L, S) per-token gradient of φ_t (before the reverse cumulative sum)
   float *dadt, *dgam, *dscale; // (B·H, L) gradients of A·Δ, γ and scale
-  float *part_B_bias, *part_C_bias, *part_mimo_x, *part_D;  // (B, H, R, N) ×2, (B, H, R, P), (B, H)
+  float *part_B_bias, *part_C_bias, *part_mimo_x, *part_D;  // (B·pc, H, R, N) ×2, (B·pc, H, R, P), (B·pc, H)
 };
 
-size_t chunk_forward_smem_bytes(const MixerDims& d, int T, bool backward);
+size_t chunk_forward_smem_bytes(const MixerDims& d, int T, bool backward, bool parallel = false);
 size_t chunk_reverse_smem_bytes(const MixerDims& d, int T);
-// Forward over chunks: o; with `backward` also Hc, dy, dz and the output-stage parameter partials.
+size_t chunk_state_smem_bytes(const MixerDims& d, int T);  // the parallel schedule's chunk-state kernel
+// Forward over chunks: o; with `backward` also Hc, dy, dz and the output-stage parameter partials. Parallel: the
+// chunk-state kernel (each chunk's state change from zero → Hc[c + 1], e^{Λ_last} → decay), the state scan (Hc in
+// place), then the output kernel per chunk (with `backward` also each chunk's dH contribution → dHc[c − 1]).
 void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward);
-// Reverse over chunks (needs pass 1's Hc and dy).
+// Reverse over chunks (needs pass 1's Hc and dy). Parallel: the reverse dH scan (dHc in place), then the reverse
+// kernel per chunk.
 void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p);
 
 // The angle gradient's reverse cumulative sum (→ dθ per head, Δ's share) and the per-token scalar gradients
