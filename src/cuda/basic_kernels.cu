@@ -1,6 +1,7 @@
 #include <cuda_bf16.h>
 
 #include "cuda/basic_kernels.h"
+#include "cuda/pdl.h"
 
 namespace mamba3::cuda {
 namespace {
@@ -39,7 +40,6 @@ __global__ void embed_kernel(const int32_t* ids, const void* table, bool bf16, i
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = load_weight(table, id * d + j, bf16);
 }
 
-// One block per row; the row's sum stays in registers when d ≤ blockDim·8, else it is re-read from memory.
 // One block per row: residual ← hidden (+ residual), out ← norm(residual). When d ≤ blockDim·kNormCached the row's
 // values and weights stay in registers across the reduction, so nothing is re-read after it (a decode step runs this
 // twice per block at batch 1, where its latency chain is the whole cost); the arithmetic is the same either way.
@@ -47,6 +47,8 @@ constexpr int kNormCached = 8;
 __global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d, bool first, const float* w,
                                 const float* b, float eps, void* out, bool bf16) {
   __shared__ float shared32[32];
+  pdl_trigger();
+  pdl_wait();
   const int64_t row = blockIdx.x;
   const float* h = hidden + row * d;
   float* r = residual + row * d;
@@ -120,6 +122,8 @@ __global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d,
 }
 
 __global__ void gated_silu_kernel(const float* in, int64_t rows, int64_t f, void* out, bool bf16) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t total = rows * f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i / f, j = i % f;
@@ -156,15 +160,14 @@ void add_norm(cudaStream_t s, const float* hidden, float* residual, int64_t rows
               const float* w, const float* b, float eps, void* out, Precision out_precision) {
   if (rows == 0) return;
   const int threads = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);
-  add_norm_kernel<<<unsigned(rows), threads, 0, s>>>(hidden, residual, d, first, w, b, eps, out,
-                                                      out_precision == Precision::BF16);
-  MAMBA3_LAUNCH_CHECK();
+  launch_pdl(pdl_small(rows), add_norm_kernel, unsigned(rows), threads, 0, s, hidden, residual, d, first, w, b, eps,
+             out, out_precision == Precision::BF16);
 }
 
 void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* out, Precision out_precision) {
   if (rows * f == 0) return;
-  gated_silu_kernel<<<grid_for(rows * f, 256), 256, 0, s>>>(in, rows, f, out, out_precision == Precision::BF16);
-  MAMBA3_LAUNCH_CHECK();
+  launch_pdl(pdl_small(rows), gated_silu_kernel, grid_for(rows * f, 256), 256, 0, s, in, rows, f, out,
+             out_precision == Precision::BF16);
 }
 
 void to_activation(cudaStream_t s, const float* in, int64_t n, void* out, Precision out_precision) {

@@ -1,6 +1,11 @@
 #include "cuda/cuda_context.h"
 
+#include <cstdlib>
+#include <string>
+
 #include <fmt/format.h>
+
+#include "cuda/pdl.h"
 
 namespace mamba3::cuda {
 
@@ -64,6 +69,16 @@ Context::~Context() {
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_workspace_) cudaFree(cublas_workspace_);
   if (stream_) cudaStreamDestroy(stream_);
+}
+
+bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MAMBA3_PDL");
+    const std::string s = v ? v : "";
+    MAMBA3_CHECK(s.empty() || s == "0" || s == "1", "MAMBA3_PDL='{}': expected 0 or 1", s);
+    return s != "0";
+  }();
+  return enabled;
 }
 
 }  // namespace mamba3::cuda

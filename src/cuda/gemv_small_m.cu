@@ -2,6 +2,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/gemv_small_m.h"
+#include "cuda/pdl.h"
 
 namespace mamba3::cuda {
 namespace {
@@ -19,12 +20,12 @@ __device__ __forceinline__ void accumulate(const uint4& wv, const uint4& xv, flo
   }
 }
 
-// Pieces (16 bytes of a weight row) each lane keeps in flight: all of a row of K ≤ 32·8·U elements is requested
-// before the first FMA. Two pieces per lane (the first version) left out_proj and fc2 of the 1.5B model (256 blocks,
-// 2 per SM) at ~35 % of DRAM bandwidth under ncu on an H200; a wider window fills the memory pipe with few warps.
+// Pieces (16 bytes of a weight row) each lane requests at once. A window of 8–16 (to fill the memory pipe with few
+// warps) measured slower on an H200 (1.5B decode b1 1.76 vs 1.58 ms with the other changes of that run): its 97
+// registers cut the blocks per SM to 2, and the GEMVs of a batch-1 step are too short to make up for that. Kept at 2.
 template <int M>
 __host__ __device__ constexpr int pieces_in_flight() {
-  return M <= 2 ? 16 : 8;
+  return 2;
 }
 
 // Warp w of block b computes output column n = b·8 + w for all M rows: lanes stride over K in 8-element (16-byte)
@@ -37,25 +38,36 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
   constexpr int U = pieces_in_flight<M>();
   const int lane = threadIdx.x % 32;
   const int64_t col = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (col >= n) return;
+  if (col >= n) return;  // before any memory access: safe under PDL
   const uint4* wrow = reinterpret_cast<const uint4*>(w + col * k);
   const int64_t pieces = k / 8;
   float acc[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) acc[r] = 0.0f;
-  for (int64_t base = lane; base < pieces; base += 32 * U) {
-    uint4 wv[U];
+  pdl_trigger();
+  // The first window of weights is requested before waiting for the kernel that writes x (weights never change).
+  uint4 wv[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t i = base + 32 * u;
-      wv[u] = i < pieces ? __ldcs(wrow + i) : make_uint4(0, 0, 0, 0);  // streamed: read once, keep out of L1
+  for (int u = 0; u < U; ++u) {
+    const int64_t i = lane + 32 * u;
+    wv[u] = i < pieces ? __ldcs(wrow + i) : make_uint4(0, 0, 0, 0);  // streamed: read once, keep out of L1
+  }
+  pdl_wait();
+  for (int64_t base = lane; base < pieces; base += 32 * U) {
+    if (base != lane) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = base + 32 * u;
+        wv[u] = i < pieces ? __ldcs(wrow + i) : make_uint4(0, 0, 0, 0);
+      }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t i = base + 32 * u;
       if (i < pieces) {
 #pragma unroll
-        for (int r = 0; r < M; ++r) accumulate(wv[u], __ldg(reinterpret_cast<const uint4*>(x + r * x_stride) + i), acc[r]);
+        for (int r = 0; r < M; ++r)
+          accumulate(wv[u], __ldg(reinterpret_cast<const uint4*>(x + r * x_stride) + i), acc[r]);
       }
     }
   }
@@ -72,9 +84,8 @@ template <int M>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
             int64_t y_stride) {
   const unsigned blocks = unsigned((n + kWarps - 1) / kWarps);
-  gemv_kernel<M><<<blocks, kWarps * 32, 0, s>>>(static_cast<const __nv_bfloat16*>(w), n, k,
-                                                static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride);
-  MAMBA3_LAUNCH_CHECK();
+  launch_pdl(true, gemv_kernel<M>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
+             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride);
 }
 
 }  // namespace

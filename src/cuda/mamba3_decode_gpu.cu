@@ -1,9 +1,13 @@
+#include <cstdlib>
+#include <string>
+
 #include <cuda_bf16.h>
 
 #include "cuda/mamba3_decode_gpu.h"
 
 #include "cuda/cuda_check.h"
 #include "cuda/mamba3_stage_gpu.h"
+#include "cuda/pdl.h"
 
 namespace mamba3::cuda {
 namespace {
@@ -17,9 +21,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
-  return acc + a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
 }
 
 // The warp sums of R per-lane partials with fewer shuffles than R separate butterflies (MIMO R = 4: 6 instead of 20):
@@ -56,20 +57,21 @@ __device__ __forceinline__ float reduce_ranks(const float (&part)[R], int lane) 
   }
 }
 
-// How a block covers a head (P rows of N state floats):
-// - WPR warps share each row, each owning a slice of N; a lane holds VW consecutive floats per vector and VPL
-//   vectors (n = VW·lane + 32·VW·slice + 128·v). SISO: 1 warp per row, float4s. MIMO: 2 warps per row, float2s,
-//   which halves each lane's share of k_{−1}, k and q (3·R·VW·VPL registers: 24 instead of 48 at R = 4); the two
-//   slices' partial y meet in shared memory.
-// - RG rows in flight per warp (24 at R ≥ 3, the register limit), all requested before the first FMA. Blocks of 4
-//   warps, ≤ 128 registers, 4 blocks per SM: 96–128 KB of state in flight per SM at N = 128 (the 8-warp first version, 3 blocks of 8 rows per warp,
-//   had 96 KB and reached 70 % of DRAM bandwidth for SISO; MIMO at 2 blocks reached 40 %).
-template <int R, int VPL>
+// How a block covers a head (P rows of N state floats), in two layouts (template V):
+// - V = 0 (default): 8 warps, one warp per row, float4s (n = 4·lane + 128·v), RG = 8 rows in flight per warp, all
+//   requested before the first FMA; ≤ 80 registers (3 blocks per SM) for SISO, ≤ 128 (2 blocks) for MIMO, whose
+//   k_{−1}, k, q take 12·R registers.
+// - V = 1 (MIMO, MAMBA3_HEAD_DECODE_LAYOUT=1, for comparison): 2 warps per row, each a slice of N in float2s, so a
+//   lane holds half of k_{−1}, k, q; the slices' partial y meet in shared memory.
+// Measured on an H200 (1.5B, b128, ncu): V = 0 SISO 158 µs per layer (70 % of DRAM bandwidth), MIMO R = 4 292 µs;
+// a 4-warp layout with 16–32 rows per warp (more bytes in flight per warp, fewer warps) was slower: 185 / 323 µs.
+template <int R, int VPL, int V>
 struct DecodeLayout {
-  static constexpr int kWarps = 4;
-  static constexpr int kWarpsPerRow = R == 1 ? 1 : 2;
+  static constexpr int kWarps = 8;
+  static constexpr int kWarpsPerRow = V == 1 && R > 1 ? 2 : 1;
   static constexpr int kVecWidth = 4 / kWarpsPerRow;
-  static constexpr int kRows = VPL == 1 ? (R == 1 ? 16 : (R == 2 ? 32 : 24)) : (R <= 2 ? 8 : 4);
+  static constexpr int kRows = VPL == 1 ? 8 : (R == 1 ? 4 : (R == 2 ? 2 : 1));
+  static constexpr int kMinBlocks = R == 1 || kWarpsPerRow == 2 ? 3 : 2;
 };
 
 template <int VW>
@@ -102,12 +104,15 @@ __device__ __forceinline__ void store_vec_stream(float* p, const float (&d)[VW])
 
 // One block per (b, h). Per row: h' = α·h + Σ_r (β·mx_r·x_{−1})·k_{−1,r} + (γ·mx_r·x)·k_r, stored; y_r = h'·q_r
 // summed over the row's lanes; then the spec §7 output stage over the head (per-head norm, gate, MIMO contraction).
-template <int R, int VPL>
-__global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, 4) mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
-  using Layout = DecodeLayout<R, VPL>;
+template <int R, int VPL, int V>
+__global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLayout<R, VPL, V>::kMinBlocks)
+    mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
+  using Layout = DecodeLayout<R, VPL, V>;
   constexpr int WPR = Layout::kWarpsPerRow, VW = Layout::kVecWidth, RG = Layout::kRows, kThreads = Layout::kWarps * 32;
   __shared__ float ybuf[WPR * R * kMaxP];  // (slice, r, p) partial sums, then (r, p) the full y
   __shared__ float misc[R];
+  pdl_trigger();
+  pdl_wait();
   const int item = blockIdx.x, H = a.H, P = a.P, N = a.N;
   const int b = item / H, h = item % H;
   if (mamba3_row_skipped(a.st, 1, b)) return;  // block-uniform, before the barrier
@@ -143,13 +148,14 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, 4) mamba3_h
   float* vstate = a.st.v + int64_t(item) * P;
   float* ssm = a.st.ssm + int64_t(item) * P * N;
   const float* mimo_x = a.mimo ? a.p.mimo_x + int64_t(h) * R * P : nullptr;
-
-  // Row group g takes rows g, g + groups, … (interleaved, so that a head of P < groups·RG rows stays balanced).
-  for (int p0 = group; p0 < P; p0 += groups * RG) {
+  // Row group g takes rows [RG·g, RG·g + RG), then the same RG·groups further on. Per-row scalars are read straight
+  // from global memory (L1 broadcasts): staging them in shared memory first (one more barrier) measured slower,
+  // 174 vs 158 µs per layer (H200, 1.5B SISO b128).
+  for (int p0 = group * RG; p0 < P; p0 += groups * RG) {
     float hs[RG][VPL][VW];
 #pragma unroll
     for (int i = 0; i < RG; ++i) {
-      const int p = p0 + groups * i;
+      const int p = p0 + i;
 #pragma unroll
       for (int v = 0; v < VPL; ++v) {
         if (p < P && on[v]) load_vec_stream<VW>(ssm + int64_t(p) * N + nv[v], hs[i][v]);
@@ -157,7 +163,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, 4) mamba3_h
     }
 #pragma unroll
     for (int i = 0; i < RG; ++i) {
-      const int p = p0 + groups * i;
+      const int p = p0 + i;
       if (p >= P) break;  // warp-uniform
       const float xp = vstate[p], xc = xrow[p];
       float vp[R], vc[R], part[R];
@@ -230,14 +236,29 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, 4) mamba3_h
       static_cast<__nv_bfloat16*>(a.o)[o_base + p] = __float2bfloat16(acc);
     else
       static_cast<float*>(a.o)[o_base + p] = acc;
-    vstate[p] = xrow[p];  // every read of x_{−1} happened before the barrier
+    vstate[p] = xrow[p];  // every read of x_{−1} happened before the first barrier
   }
+}
+
+// MAMBA3_HEAD_DECODE_LAYOUT: 0 (default) or 1 (see DecodeLayout). Read once per process.
+int layout_choice() {
+  static const int v = [] {
+    const char* e = std::getenv("MAMBA3_HEAD_DECODE_LAYOUT");
+    const std::string s = e ? e : "";
+    MAMBA3_CHECK(s.empty() || s == "0" || s == "1", "MAMBA3_HEAD_DECODE_LAYOUT='{}': expected 0 or 1", s);
+    return s == "1" ? 1 : 0;
+  }();
+  return v;
 }
 
 template <int R, int VPL>
 void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
-  mamba3_head_decode_kernel<R, VPL><<<blocks, DecodeLayout<R, VPL>::kWarps * 32, 0, s>>>(a);
-  MAMBA3_LAUNCH_CHECK();
+  if (R > 1 && layout_choice() == 1)
+    launch_pdl(pdl_small(blocks / a.H), mamba3_head_decode_kernel<R, VPL, 1>, blocks,
+               DecodeLayout<R, VPL, 1>::kWarps * 32, 0, s, a);
+  else
+    launch_pdl(pdl_small(blocks / a.H), mamba3_head_decode_kernel<R, VPL, 0>, blocks,
+               DecodeLayout<R, VPL, 0>::kWarps * 32, 0, s, a);
 }
 
 template <int VPL>

@@ -25,12 +25,13 @@ Mamba3GpuPath env_default_path() {
 }
 
 // MAMBA3_FUSED_DECODE_MAX: decode steps of at most this many (sequence, head) pairs run the fused kernel when the
-// path is chosen automatically. Default 0 (every decode step staged): with the float4 head decode kernel the staged
-// path won at every batch (H200, 1.5B SISO: b1 1.58 vs 1.63 ms, b16 2.32 vs 2.40 ms). Read once.
+// path is chosen automatically; −1 (unset): 0 for SISO (with the float4 head decode kernel the staged path won at
+// every batch, H200, 1.5B: b1 1.58 vs 1.63 ms, b16 2.32 vs 2.40 ms) and 1024 for MIMO (the fused kernel's single
+// launch: b1 1.94 vs 3.15 ms, b16 3.32 vs 4.01 ms). Read once.
 int64_t env_fused_decode_max() {
   static const int64_t limit = [] {
     const char* v = std::getenv("MAMBA3_FUSED_DECODE_MAX");
-    if (!v || !*v) return int64_t(0);
+    if (!v || !*v) return int64_t(-1);
     char* end = nullptr;
     const long long n = std::strtoll(v, &end, 10);
     if (*end != '\0' || n < 0) throw Error(fmt::format("MAMBA3_FUSED_DECODE_MAX='{}': expected a count >= 0", v));
@@ -54,6 +55,11 @@ size_t env_prefill_stage_bytes() {
   return bytes;
 }
 }  // namespace
+
+int64_t GpuMamba3Layer::fused_decode_max() const {
+  const int64_t env = env_fused_decode_max();
+  return env >= 0 ? env : (config_.is_mimo ? 1024 : 0);
+}
 
 GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows)
     : batch(batch_rows), heads(c.nheads()), sizes(c), config(c) {
@@ -129,7 +135,7 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
   linear(ctx, in_proj_, x, rows, zx);
   Mamba3GpuStage stage;
   const Mamba3GpuPath chosen =
-      auto_path_ && L == 1 && batch * config_.nheads() <= env_fused_decode_max() ? Mamba3GpuPath::Fused : path_;
+      auto_path_ && L == 1 && batch * config_.nheads() <= fused_decode_max() ? Mamba3GpuPath::Fused : path_;
   // Chunked: the staged kernels, with the chunked state kernel for bf16 prefills (f32 keeps the exact stream kernel).
   const bool chunked = chosen == Mamba3GpuPath::Chunked && L > 1 && precision_ == Precision::BF16;
   const Mamba3GpuPath path = chosen == Mamba3GpuPath::Chunked ? Mamba3GpuPath::Staged : chosen;
