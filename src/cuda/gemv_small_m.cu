@@ -1,3 +1,6 @@
+#include <cstdlib>
+#include <string>
+
 #include <cuda_bf16.h>
 
 #include "cuda/cuda_check.h"
@@ -28,19 +31,24 @@ __host__ __device__ constexpr int pieces_in_flight() {
   return 2;
 }
 
-// Warp w of block b computes output column n = b·8 + w for all M rows: lanes stride over K in 8-element (16-byte)
-// pieces, U of them requested at once, then a warp reduction per row. Each row's terms are added in the order of
-// the pieces (i = lane, lane + 32, …) whatever M and U are, so a row's result does not depend on its batch.
-template <int M>
+// Warps per output column (KS, "split K"): block b's warp w computes column b·(8/KS) + w/KS over its share of K,
+// pieces i = lane + 32·slice + 32·KS·t, and the KS partial sums meet in shared memory in slice order. With KS = 1
+// (one warp per column) the narrow products of a decode step (out_proj and fc2 of the 1.5B model: N = 2048, K = 4096,
+// 256 blocks for 132 SMs) keep only ~16 warps per SM busy, at 36 % of DRAM bandwidth under ncu; KS = 4 gives 4×
+// the warps. Each row's terms are added in an order fixed by (N, K, KS) alone, so a row's result does not depend on
+// its batch. U pieces per lane are requested at once.
+template <int M, int KS>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k,
                                                           const __nv_bfloat16* __restrict__ x, int64_t x_stride,
                                                           float* __restrict__ y, int64_t y_stride) {
-  constexpr int U = pieces_in_flight<M>();
-  const int lane = threadIdx.x % 32;
-  const int64_t col = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (col >= n) return;  // before any memory access: safe under PDL
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + col * k);
-  const int64_t pieces = k / 8;
+  constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
+  __shared__ float partial[KS > 1 ? kWarps * M : 1];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % KS;
+  const int64_t col = int64_t(blockIdx.x) * kCols + warp / KS;
+  if (KS == 1 && col >= n) return;  // before any memory access: safe under PDL (KS > 1 has a barrier ahead)
+  const bool live = col < n;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + (live ? col : 0) * k);
+  const int64_t pieces = live ? k / 8 : 0, first = lane + 32 * slice, step = 32 * KS;
   float acc[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) acc[r] = 0.0f;
@@ -49,21 +57,21 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
   uint4 wv[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const int64_t i = lane + 32 * u;
+    const int64_t i = first + step * u;
     wv[u] = i < pieces ? __ldcs(wrow + i) : make_uint4(0, 0, 0, 0);  // streamed: read once, keep out of L1
   }
   pdl_wait();
-  for (int64_t base = lane; base < pieces; base += 32 * U) {
-    if (base != lane) {
+  for (int64_t base = first; base < pieces; base += step * U) {
+    if (base != first) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int64_t i = base + 32 * u;
+        const int64_t i = base + step * u;
         wv[u] = i < pieces ? __ldcs(wrow + i) : make_uint4(0, 0, 0, 0);
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t i = base + 32 * u;
+      const int64_t i = base + step * u;
       if (i < pieces) {
 #pragma unroll
         for (int r = 0; r < M; ++r)
@@ -76,16 +84,55 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
     float v = acc[r];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) y[r * y_stride + col] = v;
+    if constexpr (KS == 1) {
+      if (lane == 0) y[r * y_stride + col] = v;
+    } else {
+      if (lane == 0) partial[warp * M + r] = v;
+    }
+  }
+  if constexpr (KS > 1) {
+    __syncthreads();
+    if (slice == 0 && lane == 0 && live) {
+#pragma unroll
+      for (int r = 0; r < M; ++r) {
+        float v = partial[warp * M + r];
+#pragma unroll
+        for (int t = 1; t < KS; ++t) v += partial[(warp + t) * M + r];
+        y[r * y_stride + col] = v;
+      }
+    }
   }
 }
 
-template <int M>
+template <int M, int KS>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
             int64_t y_stride) {
-  const unsigned blocks = unsigned((n + kWarps - 1) / kWarps);
-  launch_pdl(true, gemv_kernel<M>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
+  constexpr int cols = kWarps / KS;
+  const unsigned blocks = unsigned((n + cols - 1) / cols);
+  launch_pdl(true, gemv_kernel<M, KS>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
              static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride);
+}
+
+template <int M>
+void launch_split(int ks, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride,
+                  float* y, int64_t y_stride) {
+  switch (ks) {
+    case 1: return launch<M, 1>(s, w, n, k, x, x_stride, y, y_stride);
+    case 2: return launch<M, 2>(s, w, n, k, x, x_stride, y, y_stride);
+    default: return launch<M, 4>(s, w, n, k, x, x_stride, y, y_stride);
+  }
+}
+
+// MAMBA3_GEMV_KSPLIT=1 turns on the automatic split (4 warps per column for N ≤ 4096, K ≥ 1024); unset or 0: one
+// warp per column. Opt-in until timed on a GPU. Read once per process.
+bool auto_split_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MAMBA3_GEMV_KSPLIT");
+    const std::string s = v ? v : "";
+    MAMBA3_CHECK(s.empty() || s == "0" || s == "1", "MAMBA3_GEMV_KSPLIT='{}': expected 0 or 1", s);
+    return s == "1";
+  }();
+  return on;
 }
 
 }  // namespace
@@ -95,17 +142,21 @@ bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* 
          reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
+int gemv_small_m_split(int64_t n, int64_t k) { return auto_split_enabled() && n <= 4096 && k >= 1024 ? 4 : 1; }
+
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                  float* y, int64_t y_stride) {
+                  float* y, int64_t y_stride, int k_split) {
+  const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
+  MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m: k_split {} (expected 1, 2 or 4)", ks);
   switch (m) {
-    case 1: return launch<1>(s, w, n, k, x, x_stride, y, y_stride);
-    case 2: return launch<2>(s, w, n, k, x, x_stride, y, y_stride);
-    case 3: return launch<3>(s, w, n, k, x, x_stride, y, y_stride);
-    case 4: return launch<4>(s, w, n, k, x, x_stride, y, y_stride);
-    case 5: return launch<5>(s, w, n, k, x, x_stride, y, y_stride);
-    case 6: return launch<6>(s, w, n, k, x, x_stride, y, y_stride);
-    case 7: return launch<7>(s, w, n, k, x, x_stride, y, y_stride);
-    case 8: return launch<8>(s, w, n, k, x, x_stride, y, y_stride);
+    case 1: return launch_split<1>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 2: return launch_split<2>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 3: return launch_split<3>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 4: return launch_split<4>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 5: return launch_split<5>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 6: return launch_split<6>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 7: return launch_split<7>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 8: return launch_split<8>(ks, s, w, n, k, x, x_stride, y, y_stride);
     default: fail("gemv_small_m: {} rows (at most {})", m, kGemvMaxRows);
   }
 }

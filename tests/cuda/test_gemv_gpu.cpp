@@ -1,7 +1,9 @@
 // The small-batch bf16 matrix-vector kernel against a float64 product of the same bf16 values, on awkward shapes
-// (odd N, K not a multiple of 512, every M from 1 to 8, strided rows), and linear() choosing it or cuBLAS.
+// (odd N, K not a multiple of 512, every M from 1 to 8, 1/2/4 warps per column, strided rows), row results
+// independent of the batch, and linear() choosing it or cuBLAS.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <random>
 
 #include "cuda/gemv_small_m.h"
@@ -35,15 +37,43 @@ TEST(GemvGpu, MatchesFloat64OnAwkwardShapes) {
     cuda::DeviceBuffer dw(w.nbytes());
     dw.upload(w.raw(), w.nbytes());
     for (int64_t M = 1; M <= cuda::kGemvMaxRows; ++M) {
-      SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M));
       const Tensor x = random_tensor(rng, {M, K}).to(DType::BF16);
-      cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4);
-      dx.upload(x.raw(), x.nbytes());
-      poison(dy.raw(), dy.bytes());
-      ASSERT_TRUE(cuda::gemv_small_m_supported(M, K, K, dw.raw(), dx.raw()));
-      cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
-      ctx.sync();
-      EXPECT_LE(rel_l2(from_device_f32(dy.raw(), {M, N}), reference(w, x)), 1e-6);
+      const Tensor ref = reference(w, x);
+      for (int split : {1, 2, 4}) {
+        SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
+                     " split=" + std::to_string(split));
+        cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4);
+        dx.upload(x.raw(), x.nbytes());
+        poison(dy.raw(), dy.bytes());
+        ASSERT_TRUE(cuda::gemv_small_m_supported(M, K, K, dw.raw(), dx.raw()));
+        cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N, split);
+        ctx.sync();
+        EXPECT_LE(rel_l2(from_device_f32(dy.raw(), {M, N}), ref), 1e-6);
+      }
+    }
+  }
+}
+
+// A row's result does not depend on how many rows share the call (decode slots are batch-invariant): row m of an
+// M-row product equals the same row computed alone, bit for bit, for every K split.
+TEST(GemvGpu, RowsAreBatchInvariant) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(11);
+  const int64_t N = 2048 + 40, K = 4096 + 8, M = cuda::kGemvMaxRows;
+  const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16), x = random_tensor(rng, {M, K}).to(DType::BF16);
+  cuda::DeviceBuffer dw(w.nbytes()), dx(x.nbytes()), dy(size_t(M * N) * 4), d1(size_t(N) * 4);
+  dw.upload(w.raw(), w.nbytes());
+  dx.upload(x.raw(), x.nbytes());
+  for (int split : {1, 2, 4}) {
+    cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N, split);
+    const Tensor all = from_device_f32(dy.raw(), {M, N});
+    for (int64_t m = 0; m < M; ++m) {
+      cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, static_cast<const char*>(dx.raw()) + m * K * 2, 1, K,
+                         d1.as<float>(), N, split);
+      const Tensor one = from_device_f32(d1.raw(), {1, N});
+      EXPECT_EQ(std::memcmp(one.raw(), all.data<float>() + m * N, size_t(N) * 4), 0)
+          << "split " << split << " row " << m << " differs from the same row alone";
     }
   }
 }
