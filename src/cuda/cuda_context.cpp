@@ -1,10 +1,10 @@
 #include "cuda/cuda_context.h"
 
-#include <cstdlib>
 #include <string>
 
 #include <fmt/format.h>
 
+#include "cuda/env_switch.h"
 #include "cuda/pdl.h"
 
 namespace mamba3::cuda {
@@ -72,12 +72,7 @@ Context::~Context() {
 }
 
 bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("MAMBA3_PDL");
-    const std::string s = v ? v : "";
-    MAMBA3_CHECK(s.empty() || s == "0" || s == "1", "MAMBA3_PDL='{}': expected 0 or 1", s);
-    return s != "0";
-  }();
+  static const bool enabled = env_choice("MAMBA3_PDL", {"0", "1"}) != "0";
   return enabled;
 }
 

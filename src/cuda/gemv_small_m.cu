@@ -1,9 +1,7 @@
-#include <cstdlib>
-#include <string>
-
 #include <cuda_bf16.h>
 
 #include "cuda/cuda_check.h"
+#include "cuda/env_switch.h"
 #include "cuda/gemv_small_m.h"
 #include "cuda/pdl.h"
 
@@ -126,12 +124,7 @@ void launch_split(int ks, cudaStream_t s, const void* w, int64_t n, int64_t k, c
 // MAMBA3_GEMV_KSPLIT=1 turns on the automatic split (4 warps per column for N ≤ 4096, K ≥ 1024); unset or 0: one
 // warp per column. Opt-in until timed on a GPU. Read once per process.
 bool auto_split_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("MAMBA3_GEMV_KSPLIT");
-    const std::string s = v ? v : "";
-    MAMBA3_CHECK(s.empty() || s == "0" || s == "1", "MAMBA3_GEMV_KSPLIT='{}': expected 0 or 1", s);
-    return s == "1";
-  }();
+  static const bool on = env_choice("MAMBA3_GEMV_KSPLIT", {"0", "1"}) == "1";
   return on;
 }
 

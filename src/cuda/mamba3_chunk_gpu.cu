@@ -1,4 +1,5 @@
 #include "cuda/mamba3_chunk_gpu.h"
+#include "cuda/mamba3_gpu_math.cuh"
 
 #include <algorithm>
 
@@ -30,7 +31,6 @@ constexpr int kThreads = 256;        // 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxNTiles = 8;        // n8 tiles per warp in the y product: PS/16 ≤ 8
 constexpr int kScal = 72;            // floats per per-token scalar array (≥ kRows + 2)
-constexpr float kNormEps = 1e-5f;
 
 // Shared-memory layout of one block (byte offsets, 16-byte aligned). Strides ≡ 8 (mod 16) elements make every
 // fragment load/store of a warp hit 32 distinct banks (row stride in words ≡ 4 mod 8, or ≡ 8/24 mod 32 for f32 pairs).
@@ -69,12 +69,6 @@ ChunkLayout chunk_layout(int N, int P, int R, bool outnorm) {
   return l;
 }
 
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) in the low half, the lower k index
   return *reinterpret_cast<const uint32_t*>(&v);
@@ -382,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) mamba3_chunk_kernel(const Mamba3Chun
         for (int r = 0; r < RMAX; ++r) {
           if (r < R) {
             const float ss = warp_sum(y[r][0] * y[r][0] + y[r][1] * y[r][1] + y[r][2] * y[r][2] + y[r][3] * y[r][3]);
-            const float rstd = rsqrtf(ss / float(P) + kNormEps);
+            const float rstd = rsqrtf(ss / float(P) + kMamba3NormEps);
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               const int p = p0 + lane + 32 * k;

@@ -1,11 +1,10 @@
-#include <cstdlib>
-#include <string>
-
 #include <cuda_bf16.h>
 
 #include "cuda/mamba3_decode_gpu.h"
+#include "cuda/mamba3_gpu_math.cuh"
 
 #include "cuda/cuda_check.h"
+#include "cuda/env_switch.h"
 #include "cuda/mamba3_stage_gpu.h"
 #include "cuda/pdl.h"
 
@@ -14,14 +13,6 @@ namespace {
 
 constexpr int kMaxP = 128;
 constexpr int kMaxN = 256;
-constexpr float kNormEps = 1e-5f;
-
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // The warp sums of R per-lane partials with fewer shuffles than R separate butterflies (MIMO R = 4: 6 instead of 20):
 // the first exchanges halve the values each lane carries, then a plain butterfly finishes. Returns, in every lane, the
@@ -212,42 +203,28 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
       float ss = 0.0f;
       for (int q = lane; q < P; q += 32) ss += ybuf[r * P + q] * ybuf[r * P + q];
       ss = warp_sum(ss);
-      if (lane == 0) misc[r] = rsqrtf(ss / float(P) + kNormEps);
+      if (lane == 0) misc[r] = rsqrtf(ss / float(P) + kMamba3NormEps);
     }
     __syncthreads();
   }
   const int64_t o_base = int64_t(b) * a.d_inner + int64_t(h) * P;
   for (int p = tid; p < P; p += kThreads) {
-    const float zv = zrow[int64_t(h) * P + p];
-    float acc = 0.0f;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float y = ybuf[r * P + p];
-      if (a.p.norm) y = y * misc[r] * a.p.norm[int64_t(h) * P + p];
-      if (a.mimo) {
-        const int64_t m = (int64_t(h) * R + r) * P + p;
-        const float zz = a.p.mimo_z[m] * zv;
-        acc += a.p.mimo_o[m] * y * (zz * sigmoid_f(zz));
-      } else {
-        acc = y * (zv * sigmoid_f(zv));
-      }
-    }
-    if (a.o_bf16)
-      static_cast<__nv_bfloat16*>(a.o)[o_base + p] = __float2bfloat16(acc);
-    else
-      static_cast<float*>(a.o)[o_base + p] = acc;
+    const int64_t m0 = int64_t(h) * R * P + p;  // (h, r, p) of the MIMO vectors at r = 0
+    const float acc = gated_output(
+        R, a.mimo, zrow[int64_t(h) * P + p],
+        [&](int r) {
+          const float y = ybuf[r * P + p];
+          return a.p.norm ? y * misc[r] * a.p.norm[int64_t(h) * P + p] : y;
+        },
+        [&](int r) { return a.p.mimo_z[m0 + int64_t(r) * P]; }, [&](int r) { return a.p.mimo_o[m0 + int64_t(r) * P]; });
+    store_output(a.o, o_base + p, acc, a.o_bf16);
     vstate[p] = xrow[p];  // every read of x_{−1} happened before the first barrier
   }
 }
 
 // MAMBA3_HEAD_DECODE_LAYOUT: 0 (default) or 1 (see DecodeLayout). Read once per process.
 int layout_choice() {
-  static const int v = [] {
-    const char* e = std::getenv("MAMBA3_HEAD_DECODE_LAYOUT");
-    const std::string s = e ? e : "";
-    MAMBA3_CHECK(s.empty() || s == "0" || s == "1", "MAMBA3_HEAD_DECODE_LAYOUT='{}': expected 0 or 1", s);
-    return s == "1" ? 1 : 0;
-  }();
+  static const int v = env_choice("MAMBA3_HEAD_DECODE_LAYOUT", {"0", "1"}) == "1" ? 1 : 0;
   return v;
 }
 

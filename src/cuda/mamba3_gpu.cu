@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "cuda/mamba3_gpu.h"
+#include "cuda/mamba3_gpu_math.cuh"
 #include "cuda/mamba3_stage_gpu.h"
 
 namespace mamba3::cuda {
@@ -13,9 +14,6 @@ namespace {
 
 constexpr int kRowsPerWarp = 8;  // head channels p per warp; the lanes of a warp split the state channels n
 constexpr int kMaxThreads = 512;
-constexpr float kPi = 3.14159265358979323846f;
-constexpr float kTwoPi = 6.28318530717958647692f;
-constexpr float kNormEps = 1e-5f;
 
 struct KernelArgs {
   int H, P, N, R, G, S, L, d_in, d_inner;
@@ -28,13 +26,6 @@ struct KernelArgs {
   void* o;
 };
 
-__device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Shared floats the kernel needs (see the layout at the top of the kernel).
 size_t shared_floats(int N, int P, int S, int rmax) { return size_t(3 * rmax * N + 3 * P + 4 * rmax * P + 3 * S + 16); }
@@ -111,16 +102,11 @@ __device__ void stage_token(const KernelArgs& a, const Stage& s, const float* ro
     s.zbuf[i] = row[h * P + i];
   }
   if (tid == 0) {
-    const float dt = softplus_f(row[a.off_dt + h] + a.p.dt_bias[h]);
-    const float al = row[a.off_dt + H + h];
-    const float f = a.heavy_tail ? (al >= 0.0f ? 1.0f + al : 1.0f / (1.0f - al)) : softplus_f(al);
-    const float A = fminf(-f, -a.A_floor);
-    const float lam = a.euler ? 1.0f : sigmoid_f(row[a.off_dt + 2 * H + h]);
-    const float alpha = expf(A * dt);
-    s.misc[0] = dt;
-    s.misc[1] = alpha;
-    s.misc[2] = (1.0f - lam) * dt * alpha;
-    s.misc[3] = lam * dt;
+    const TokenScalars t = token_scalars(row, a.off_dt, H, h, a.p.dt_bias[h], a.heavy_tail, a.A_floor, a.euler);
+    s.misc[0] = t.dt;
+    s.misc[1] = t.alpha;
+    s.misc[2] = t.beta;
+    s.misc[3] = t.gamma;
   }
   __syncthreads();
   for (int vec = warp; vec < 2 * R; vec += warps) {
@@ -128,11 +114,11 @@ __device__ void stage_token(const KernelArgs& a, const Stage& s, const float* ro
     float ss = 0.0f;
     for (int n = lane; n < N; n += 32) ss += v[n] * v[n];
     ss = warp_sum(ss);
-    if (lane == 0) s.misc[4 + vec] = rsqrtf(ss / float(N) + kNormEps);
+    if (lane == 0) s.misc[4 + vec] = rsqrtf(ss / float(N) + kMamba3NormEps);
   }
   for (int i = tid; i < S; i += nthreads) {
-    float ang = a.no_rotary ? s.phi[i] : s.phi[i] + kPi * tanhf(row[a.off_angles + i]) * s.misc[0];
-    ang -= kTwoPi * floorf(ang / kTwoPi);
+    float ang = a.no_rotary ? s.phi[i] : s.phi[i] + kMamba3Pi * tanhf(row[a.off_angles + i]) * s.misc[0];
+    ang -= kMamba3TwoPi * floorf(ang / kMamba3TwoPi);
     s.phi[i] = ang;
     sincosf(ang, &s.sn[i], &s.cs[i]);
   }
@@ -168,27 +154,19 @@ __device__ void output_token(const KernelArgs& a, const Stage& s, int h, int64_t
       float ss = 0.0f;
       for (int q = lane; q < P; q += 32) ss += s.ybuf[r * P + q] * s.ybuf[r * P + q];
       ss = warp_sum(ss);
-      if (lane == 0) s.misc[12 + r] = rsqrtf(ss / float(P) + kNormEps);
+      if (lane == 0) s.misc[12 + r] = rsqrtf(ss / float(P) + kMamba3NormEps);
     }
     __syncthreads();
   }
   for (int q = tid; q < P; q += nthreads) {
-    const float z = s.zbuf[q];
-    float acc = 0.0f;
-    for (int r = 0; r < R; ++r) {
-      float y = s.ybuf[r * P + q];
-      if (a.p.norm) y = y * s.misc[12 + r] * a.p.norm[h * P + q];
-      if (a.mimo) {
-        const float zz = s.mz[r * P + q] * z;
-        acc += s.mo[r * P + q] * y * (zz * sigmoid_f(zz));
-      } else {
-        acc = y * (z * sigmoid_f(z));
-      }
-    }
-    if (a.o_bf16)
-      static_cast<__nv_bfloat16*>(a.o)[o_base + q] = __float2bfloat16(acc);
-    else
-      static_cast<float*>(a.o)[o_base + q] = acc;
+    const float acc = gated_output(
+        R, a.mimo, s.zbuf[q],
+        [&](int r) {
+          const float y = s.ybuf[r * P + q];
+          return a.p.norm ? y * s.misc[12 + r] * a.p.norm[h * P + q] : y;
+        },
+        [&](int r) { return s.mz[r * P + q]; }, [&](int r) { return s.mo[r * P + q]; });
+    store_output(a.o, o_base + q, acc, a.o_bf16);
   }
 }
 

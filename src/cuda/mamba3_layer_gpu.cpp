@@ -1,7 +1,6 @@
 #include "cuda/mamba3_layer_gpu.h"
 
-#include <cstdlib>
-
+#include "cuda/env_switch.h"
 #include "cuda/mamba3_stage_gpu.h"
 #include "model/mamba3_mixer.h"
 
@@ -14,12 +13,8 @@ int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 // MAMBA3_PREFILL_PATH, read once per process (the bench and users compare the paths without rebuilding).
 Mamba3GpuPath env_default_path() {
   static const Mamba3GpuPath path = [] {
-    const char* v = std::getenv("MAMBA3_PREFILL_PATH");
-    const std::string s = v ? v : "";
-    if (s.empty() || s == "chunked") return Mamba3GpuPath::Chunked;
-    if (s == "staged") return Mamba3GpuPath::Staged;
-    if (s == "fused") return Mamba3GpuPath::Fused;
-    throw Error(fmt::format("MAMBA3_PREFILL_PATH='{}': expected staged, fused or chunked", s));
+    const std::string s = env_choice("MAMBA3_PREFILL_PATH", {"chunked", "staged", "fused"});
+    return s == "staged" ? Mamba3GpuPath::Staged : (s == "fused" ? Mamba3GpuPath::Fused : Mamba3GpuPath::Chunked);
   }();
   return path;
 }
@@ -29,14 +24,7 @@ Mamba3GpuPath env_default_path() {
 // every batch, H200, 1.5B: b1 1.58 vs 1.63 ms, b16 2.32 vs 2.40 ms) and 1024 for MIMO (the fused kernel's single
 // launch: b1 1.94 vs 3.15 ms, b16 3.32 vs 4.01 ms). Read once.
 int64_t env_fused_decode_max() {
-  static const int64_t limit = [] {
-    const char* v = std::getenv("MAMBA3_FUSED_DECODE_MAX");
-    if (!v || !*v) return int64_t(-1);
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    if (*end != '\0' || n < 0) throw Error(fmt::format("MAMBA3_FUSED_DECODE_MAX='{}': expected a count >= 0", v));
-    return int64_t(n);
-  }();
+  static const int64_t limit = env_integer("MAMBA3_FUSED_DECODE_MAX", -1, 0, int64_t(1) << 40);
   return limit;
 }
 
@@ -44,14 +32,7 @@ int64_t env_fused_decode_max() {
 // bound is paid once): 1.5B b128 prefill 82.6k tokens/s against 69.0k with 256 MiB (segments of 96 vs 24 tokens:
 // the chunked kernel reloads the state once per segment; H200, 2026-12-01). Read once.
 size_t env_prefill_stage_bytes() {
-  static const size_t bytes = [] {
-    const char* v = std::getenv("MAMBA3_PREFILL_STAGE_MB");
-    if (!v || !*v) return size_t(1024) << 20;
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    if (*end != '\0' || n < 1) throw Error(fmt::format("MAMBA3_PREFILL_STAGE_MB='{}': expected a size in MiB >= 1", v));
-    return size_t(n) << 20;
-  }();
+  static const size_t bytes = size_t(env_integer("MAMBA3_PREFILL_STAGE_MB", 1024, 1, int64_t(1) << 20)) << 20;
   return bytes;
 }
 }  // namespace

@@ -1,13 +1,13 @@
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 
 #include "cuda/mamba3_stage_gpu.h"
+#include "cuda/mamba3_gpu_math.cuh"
 
 #include "cuda/mamba3_chunk_gpu.h"
+#include "cuda/env_switch.h"
 #include "cuda/mamba3_decode_gpu.h"
 #include "cuda/pdl.h"
 
@@ -23,9 +23,6 @@ constexpr int kPairSlots = 4;      // rotary pairs per lane in the staging warp:
 constexpr int kRing = 4;           // prefill ring of token slots: previous, current, two in flight
 constexpr int kDecodeRows = 16;    // head channels per decode block when the output has no per-head norm
 constexpr int kStageThreads = 256;
-constexpr float kPi = 3.14159265358979323846f;
-constexpr float kTwoPi = 6.28318530717958647692f;
-constexpr float kNormEps = 1e-5f;
 
 struct StageArgs {
   int H, P, N, R, G, S;
@@ -42,13 +39,6 @@ struct StageArgs {
   void* o;
 };
 
-__device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 __device__ __forceinline__ void copy4(float* dst, const float* src) { __pipeline_memcpy_async(dst, src, 4); }
 
 // The in_proj row of token tl of the segment for sequence b.
@@ -72,8 +62,8 @@ __global__ void __launch_bounds__(256) mamba3_angle_kernel(StageArgs a, int tota
   for (int tl = 0; tl < a.Lc; ++tl) {
     const float* row = zx_row(a, b, tl);
     const float dt = softplus_f(row[a.off_dt + h] + bias);
-    float ang = a.no_rotary ? phi : phi + kPi * tanhf(row[a.off_angles + i]) * dt;
-    ang -= kTwoPi * floorf(ang / kTwoPi);
+    float ang = a.no_rotary ? phi : phi + kMamba3Pi * tanhf(row[a.off_angles + i]) * dt;
+    ang -= kMamba3TwoPi * floorf(ang / kMamba3TwoPi);
     phi = ang;
     out[tl * step] = ang;
   }
@@ -115,7 +105,7 @@ __device__ __forceinline__ void load_normed_bc(const StageArgs& a, const float* 
   }
   ssb = warp_sum(ssb);
   ssc = warp_sum(ssc);
-  const float rb = rsqrtf(ssb / float(a.N) + kNormEps), rc = rsqrtf(ssc / float(a.N) + kNormEps);
+  const float rb = rsqrtf(ssb / float(a.N) + kMamba3NormEps), rc = rsqrtf(ssc / float(a.N) + kMamba3NormEps);
 #pragma unroll
   for (int m = 0; m < kPairSlots; ++m) {
     if (ia[m] >= 0) {
@@ -184,14 +174,9 @@ __device__ __forceinline__ void emit_head(const StageArgs& a, int b, int tl, int
 // α, β, γ and A·Δ of head h at token tl (spec §2.2; the chunked kernel sums A·Δ into its decay prefix).
 __device__ __forceinline__ void write_scalars(const StageArgs& a, const float* row, int b, int tl, int h) {
   const int H = a.H;
-  const float dt = softplus_f(row[a.off_dt + h] + a.p.dt_bias[h]);
-  const float al = row[a.off_dt + H + h];
-  const float f = a.heavy_tail ? (al >= 0.0f ? 1.0f + al : 1.0f / (1.0f - al)) : softplus_f(al);
-  const float A = fminf(-f, -a.A_floor);
-  const float lam = a.euler ? 1.0f : sigmoid_f(row[a.off_dt + 2 * H + h]);
-  const float alpha = expf(A * dt);
+  const TokenScalars t = token_scalars(row, a.off_dt, H, h, a.p.dt_bias[h], a.heavy_tail, a.A_floor, a.euler);
   reinterpret_cast<float4*>(a.sg.scal)[(int64_t(b) * a.Lc + tl) * H + h] =
-      make_float4(alpha, (1.0f - lam) * dt * alpha, lam * dt, A * dt);
+      make_float4(t.alpha, t.beta, t.gamma, t.A * t.dt);
 }
 
 // One warp per (b, token tl, rank r, group g, chunk of `hpu` heads of g): B and C normed once, then per head the
@@ -257,8 +242,8 @@ __global__ void __launch_bounds__(kStageThreads, 2) mamba3_stage_decode_kernel(S
       cs[hh][m] = 1.0f, sn[hh][m] = 0.0f;
       if (j < S) {
         const float phi = angle[j];
-        float ang = a.no_rotary ? phi : phi + kPi * tanhf(row[a.off_angles + j]) * dt;
-        ang -= kTwoPi * floorf(ang / kTwoPi);
+        float ang = a.no_rotary ? phi : phi + kMamba3Pi * tanhf(row[a.off_angles + j]) * dt;
+        ang -= kMamba3TwoPi * floorf(ang / kMamba3TwoPi);
         angle[j] = ang;
         if (ia[m] >= 0 && ib[m] >= 0) sincosf(ang, &sn[hh][m], &cs[hh][m]);
       }
@@ -290,28 +275,20 @@ __device__ void output_rows(const StageArgs& a, int h, int p0, int rows, const f
       float ss = 0.0f;
       for (int q = lane; q < rows; q += 32) ss += ybuf[r * rows + q] * ybuf[r * rows + q];
       ss = warp_sum(ss);
-      if (lane == 0) misc[r] = rsqrtf(ss / float(a.P) + kNormEps);
+      if (lane == 0) misc[r] = rsqrtf(ss / float(a.P) + kMamba3NormEps);
     }
     __syncthreads();
   }
   for (int q = tid; q < rows; q += nthreads) {
     const int p = p0 + q;
-    const float zv = z[q];
-    float acc = 0.0f;
-    for (int r = 0; r < R; ++r) {
-      float y = ybuf[r * rows + q];
-      if (a.p.norm) y = y * misc[r] * a.p.norm[h * a.P + p];
-      if (a.mimo) {
-        const float zz = mz[r * rows + q] * zv;
-        acc += mo[r * rows + q] * y * (zz * sigmoid_f(zz));
-      } else {
-        acc = y * (zv * sigmoid_f(zv));
-      }
-    }
-    if (a.o_bf16)
-      static_cast<__nv_bfloat16*>(a.o)[o_base + p] = __float2bfloat16(acc);
-    else
-      static_cast<float*>(a.o)[o_base + p] = acc;
+    const float acc = gated_output(
+        R, a.mimo, z[q],
+        [&](int r) {
+          const float y = ybuf[r * rows + q];
+          return a.p.norm ? y * misc[r] * a.p.norm[h * a.P + p] : y;
+        },
+        [&](int r) { return mz[r * rows + q]; }, [&](int r) { return mo[r * rows + q]; });
+    store_output(a.o, o_base + p, acc, a.o_bf16);
   }
 }
 
@@ -614,12 +591,7 @@ int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 // comparisons; default (or "head"): one staging launch (mamba3_stage_decode_kernel), then the register-streaming
 // state kernel of mamba3_decode_gpu.cu wherever the shape allows it (else the cp.async one). Read once per process.
 bool head_decode_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("MAMBA3_DECODE_KERNEL");
-    const std::string s = v ? v : "";
-    MAMBA3_CHECK(s.empty() || s == "head" || s == "copy", "MAMBA3_DECODE_KERNEL='{}': expected head or copy", s);
-    return s != "copy";
-  }();
+  static const bool enabled = env_choice("MAMBA3_DECODE_KERNEL", {"head", "copy"}) != "copy";
   return enabled;
 }
 

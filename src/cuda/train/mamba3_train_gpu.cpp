@@ -3,10 +3,9 @@
 #include "cuda/train/mamba3_train_gpu.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <string>
 
+#include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_kernels.h"
 
 namespace mamba3::cuda {
@@ -41,26 +40,14 @@ void check_weights(const Mamba3Config& c, const Mamba3TrainWeights& w) {
 // MAMBA3_TRAIN_CHUNK, read once per process: the bf16 mode's chunk products on tensor cores ("tc") or in f32 ("f32",
 // the default while the tensor-core path is validated).
 bool env_chunk_tensor_cores() {
-  static const bool tc = [] {
-    const char* v = std::getenv("MAMBA3_TRAIN_CHUNK");
-    const std::string s = v ? v : "";
-    if (s.empty() || s == "f32") return false;
-    if (s == "tc") return true;
-    fail("MAMBA3_TRAIN_CHUNK='{}': expected tc or f32", s);
-  }();
+  static const bool tc = env_choice("MAMBA3_TRAIN_CHUNK", {"f32", "tc"}) == "tc";
   return tc;
 }
 
 // MAMBA3_TRAIN_SCAN, read once per process: the chunk kernels' schedule, chunk-parallel ("parallel", the default) or
 // one block walking each (sequence, head)'s chunks ("sequential").
 bool env_chunk_scan_parallel() {
-  static const bool par = [] {
-    const char* v = std::getenv("MAMBA3_TRAIN_SCAN");
-    const std::string s = v ? v : "";
-    if (s.empty() || s == "parallel") return true;
-    if (s == "sequential") return false;
-    fail("MAMBA3_TRAIN_SCAN='{}': expected parallel or sequential", s);
-  }();
+  static const bool par = env_choice("MAMBA3_TRAIN_SCAN", {"parallel", "sequential"}) != "sequential";
   return par;
 }
 
@@ -68,14 +55,7 @@ bool env_chunk_scan_parallel() {
 // tuning knob for the chunk-parallel schedule, where shorter chunks cost no sequential steps and smaller tiles fit more
 // blocks per SM (at the price of B·H·chunks·P·N floats of chunk states).
 int env_max_chunk_length() {
-  static const int cap = [] {
-    const char* v = std::getenv("MAMBA3_TRAIN_CHUNK_LEN");
-    if (!v || !*v) return 64;
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    if (*end != '\0' || n < 1 || n > 64) fail("MAMBA3_TRAIN_CHUNK_LEN='{}': expected an integer in [1, 64]", v);
-    return int(n);
-  }();
+  static const int cap = int(env_integer("MAMBA3_TRAIN_CHUNK_LEN", 64, 1, 64));
   return cap;
 }
 
