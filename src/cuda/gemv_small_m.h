@@ -19,7 +19,7 @@ void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const voi
                   float* y, int64_t y_stride, int k_split = 0);
 
 // Warps per column the kernel uses for an (N, K) product by default: 4 for narrow products (N ≤ 4096, K ≥ 1024)
-// when MAMBA3_GEMV_KSPLIT=1 (opt-in until timed), else 1. A row's result depends only on (N, K, split), not on M.
+// unless MAMBA3_GEMV_KSPLIT=0, else 1. A row's result depends only on (N, K, split), not on M.
 int gemv_small_m_split(int64_t n, int64_t k);
 
 }  // namespace mamba3::cuda
