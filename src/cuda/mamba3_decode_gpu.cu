@@ -4,7 +4,6 @@
 #include "cuda/mamba3_gpu_math.cuh"
 
 #include "cuda/cuda_check.h"
-#include "cuda/env_switch.h"
 #include "cuda/mamba3_stage_gpu.h"
 #include "cuda/pdl.h"
 
@@ -48,59 +47,40 @@ __device__ __forceinline__ float reduce_ranks(const float (&part)[R], int lane) 
   }
 }
 
-// How a block covers a head (P rows of N state floats), in two layouts (template V):
-// - V = 0 (default): 8 warps, one warp per row, float4s (n = 4·lane + 128·v), RG = 8 rows in flight per warp, all
-//   requested before the first FMA; ≤ 80 registers (3 blocks per SM) for SISO, ≤ 128 (2 blocks) for MIMO, whose
-//   k_{−1}, k, q take 12·R registers.
-// - V = 1 (MIMO, MAMBA3_HEAD_DECODE_LAYOUT=1, for comparison): 2 warps per row, each a slice of N in float2s, so a
-//   lane holds half of k_{−1}, k, q; the slices' partial y meet in shared memory.
-// Measured on an H200 (1.5B, b128, ncu): V = 0 SISO 158 µs per layer (70 % of DRAM bandwidth), MIMO R = 4 292 µs;
-// a 4-warp layout with 16–32 rows per warp (more bytes in flight per warp, fewer warps) was slower: 185 / 323 µs.
-template <int R, int VPL, int V>
+// How a block covers a head (P rows of N state floats): 8 warps, one warp per row, a lane holding float4s
+// (n = 4·lane + 128·v, v < VPL); RG = 8 rows in flight per warp, all requested before the first FMA; ≤ 80 registers
+// (3 blocks per SM) for SISO, ≤ 128 (2 blocks) for MIMO, whose k_{−1}, k, q take 12·R registers.
+// Measured on an H200 (1.5B, b128, ncu): SISO 158 µs per layer (70 % of DRAM bandwidth), MIMO R = 4 292 µs. Tried
+// and dropped: 4 warps with 16–32 rows each (more bytes in flight per warp, fewer warps): 185 / 323 µs; per-row
+// scalars staged in shared memory: 174 µs; MIMO with 2 warps per row on float2 slices (half the k/q registers,
+// 3 blocks per SM): 9.12 vs 9.10 ms per step, no gain.
+template <int R, int VPL>
 struct DecodeLayout {
   static constexpr int kWarps = 8;
-  static constexpr int kWarpsPerRow = V == 1 && R > 1 ? 2 : 1;
-  static constexpr int kVecWidth = 4 / kWarpsPerRow;
   static constexpr int kRows = VPL == 1 ? 8 : (R == 1 ? 4 : (R == 2 ? 2 : 1));
-  static constexpr int kMinBlocks = R == 1 || kWarpsPerRow == 2 ? 3 : 2;
+  static constexpr int kMinBlocks = R == 1 ? 3 : 2;
 };
 
-template <int VW>
-__device__ __forceinline__ void load_vec(const float* p, float (&d)[VW]) {
-  if constexpr (VW == 4) {
-    const float4 t = *reinterpret_cast<const float4*>(p);
-    d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
-  } else {
-    const float2 t = *reinterpret_cast<const float2*>(p);
-    d[0] = t.x, d[1] = t.y;
-  }
+__device__ __forceinline__ void load_vec(const float* p, float (&d)[4]) {
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
 }
-template <int VW>
-__device__ __forceinline__ void load_vec_stream(const float* p, float (&d)[VW]) {  // read once: evict first
-  if constexpr (VW == 4) {
-    const float4 t = __ldcs(reinterpret_cast<const float4*>(p));
-    d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
-  } else {
-    const float2 t = __ldcs(reinterpret_cast<const float2*>(p));
-    d[0] = t.x, d[1] = t.y;
-  }
+__device__ __forceinline__ void load_vec_stream(const float* p, float (&d)[4]) {  // read once: evict first
+  const float4 t = __ldcs(reinterpret_cast<const float4*>(p));
+  d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
 }
-template <int VW>
-__device__ __forceinline__ void store_vec_stream(float* p, const float (&d)[VW]) {
-  if constexpr (VW == 4)
-    __stcs(reinterpret_cast<float4*>(p), make_float4(d[0], d[1], d[2], d[3]));
-  else
-    __stcs(reinterpret_cast<float2*>(p), make_float2(d[0], d[1]));
+__device__ __forceinline__ void store_vec_stream(float* p, const float (&d)[4]) {
+  __stcs(reinterpret_cast<float4*>(p), make_float4(d[0], d[1], d[2], d[3]));
 }
 
 // One block per (b, h). Per row: h' = α·h + Σ_r (β·mx_r·x_{−1})·k_{−1,r} + (γ·mx_r·x)·k_r, stored; y_r = h'·q_r
 // summed over the row's lanes; then the spec §7 output stage over the head (per-head norm, gate, MIMO contraction).
-template <int R, int VPL, int V>
-__global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLayout<R, VPL, V>::kMinBlocks)
+template <int R, int VPL>
+__global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayout<R, VPL>::kMinBlocks)
     mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
-  using Layout = DecodeLayout<R, VPL, V>;
-  constexpr int WPR = Layout::kWarpsPerRow, VW = Layout::kVecWidth, RG = Layout::kRows, kThreads = Layout::kWarps * 32;
-  __shared__ float ybuf[WPR * R * kMaxP];  // (slice, r, p) partial sums, then (r, p) the full y
+  using Layout = DecodeLayout<R, VPL>;
+  constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32;
+  __shared__ float ybuf[R * kMaxP];  // (r, p)
   __shared__ float misc[R];
   pdl_trigger();
   pdl_wait();
@@ -108,7 +88,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
   const int b = item / H, h = item % H;
   if (mamba3_row_skipped(a.st, 1, b)) return;  // block-uniform, before the barrier
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, warps = kThreads / 32;
-  const int slice = warp % WPR, group = warp / WPR, groups = warps / WPR;
+  const int group = warp, groups = warps;
 
   const int64_t rhn = int64_t(R) * H * N;
   const float* k0 = a.sg.k + int64_t(b) * 2 * rhn + int64_t(h) * N;  // slot 0 = k_{−1}; slot 1 = k follows
@@ -118,7 +98,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
   bool on[VPL];
 #pragma unroll
   for (int v = 0; v < VPL; ++v) {
-    nv[v] = VW * lane + 32 * VW * slice + 128 * v;
+    nv[v] = VW * lane + 128 * v;
     on[v] = nv[v] < N;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -126,9 +106,9 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
 #pragma unroll
       for (int e = 0; e < VW; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
       if (on[v]) {
-        load_vec<VW>(k0 + off, kp[r][v]);
-        load_vec<VW>(k0 + rhn + off, kc[r][v]);
-        load_vec<VW>(q0 + off, qc[r][v]);
+        load_vec(k0 + off, kp[r][v]);
+        load_vec(k0 + rhn + off, kc[r][v]);
+        load_vec(q0 + off, qc[r][v]);
       }
     }
   }
@@ -149,7 +129,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
       const int p = p0 + i;
 #pragma unroll
       for (int v = 0; v < VPL; ++v) {
-        if (p < P && on[v]) load_vec_stream<VW>(ssm + int64_t(p) * N + nv[v], hs[i][v]);
+        if (p < P && on[v]) load_vec_stream(ssm + int64_t(p) * N + nv[v], hs[i][v]);
       }
     }
 #pragma unroll
@@ -175,7 +155,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
 #pragma unroll
           for (int r = 0; r < R; ++r) hn[e] += vp[r] * kp[r][v][e] + vc[r] * kc[r][v][e];
         }
-        store_vec_stream<VW>(ssm + int64_t(p) * N + nv[v], hn);
+        store_vec_stream(ssm + int64_t(p) * N + nv[v], hn);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -184,16 +164,14 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
       }
       const float y = reduce_ranks<R>(part, lane);
       const int r = rank_of_lane<R>(lane);
-      if (lane % rank_span<R>() == 0 && r < R) ybuf[(slice * R + r) * P + p] = y;
+      if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y;
     }
   }
   __syncthreads();
-  // The slices' partial sums in a fixed order, plus the D skip: y_r = Σ_slice part + D·mx_r·x.
+  // The D skip: y_r + D·mx_r·x.
   for (int idx = tid; idx < R * P; idx += kThreads) {
     const int r = idx / P, p = idx % P;
-    float y = ybuf[idx];
-    if constexpr (WPR == 2) y += ybuf[R * P + idx];
-    ybuf[idx] = y + Dh * (a.mimo ? mimo_x[r * P + p] : 1.0f) * xrow[p];
+    ybuf[idx] = ybuf[idx] + Dh * (a.mimo ? mimo_x[r * P + p] : 1.0f) * xrow[p];
   }
   __syncthreads();
 
@@ -222,20 +200,10 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, V>::kWarps * 32, DecodeLa
   }
 }
 
-// MAMBA3_HEAD_DECODE_LAYOUT: 0 (default) or 1 (see DecodeLayout). Read once per process.
-int layout_choice() {
-  static const int v = env_choice("MAMBA3_HEAD_DECODE_LAYOUT", {"0", "1"}) == "1" ? 1 : 0;
-  return v;
-}
-
 template <int R, int VPL>
 void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
-  if (R > 1 && layout_choice() == 1)
-    launch_pdl(pdl_small(blocks / a.H), mamba3_head_decode_kernel<R, VPL, 1>, blocks,
-               DecodeLayout<R, VPL, 1>::kWarps * 32, 0, s, a);
-  else
-    launch_pdl(pdl_small(blocks / a.H), mamba3_head_decode_kernel<R, VPL, 0>, blocks,
-               DecodeLayout<R, VPL, 0>::kWarps * 32, 0, s, a);
+  launch_pdl(pdl_small(blocks / a.H), mamba3_head_decode_kernel<R, VPL>, blocks, DecodeLayout<R, VPL>::kWarps * 32, 0,
+             s, a);
 }
 
 template <int VPL>

@@ -7,7 +7,6 @@
 #include "cuda/mamba3_gpu_math.cuh"
 
 #include "cuda/mamba3_chunk_gpu.h"
-#include "cuda/env_switch.h"
 #include "cuda/mamba3_decode_gpu.h"
 #include "cuda/pdl.h"
 
@@ -587,13 +586,6 @@ bool try_launch_decode(cudaStream_t s, const StageArgs& a, int items) {
 
 int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
 
-// MAMBA3_DECODE_KERNEL=copy keeps the older decode (angle scan + staging kernels, then the cp.async state kernel) for
-// comparisons; default (or "head"): one staging launch (mamba3_stage_decode_kernel), then the register-streaming
-// state kernel of mamba3_decode_gpu.cu wherever the shape allows it (else the cp.async one). Read once per process.
-bool head_decode_enabled() {
-  static const bool enabled = env_choice("MAMBA3_DECODE_KERNEL", {"head", "copy"}) != "copy";
-  return enabled;
-}
 
 }  // namespace
 
@@ -654,14 +646,13 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
   a.o = o;
   const int64_t hg = a.H / a.G, hpu = kHeadsPerUnit, chunks = (hg + hpu - 1) / hpu;
   const int items = int(batch * a.H);
-  const bool head_decode = head_decode_enabled();
   for (int64_t t0 = 0; t0 < L; t0 += stage.tokens) {
     a.t0 = int(t0);
     a.Lc = int(std::min<int64_t>(stage.tokens, L - t0));
     const int64_t warps_per_block = kStageThreads / 32;
     // SISO decode: angles and staging in one launch (1.5B b128: 21.6 µs per layer against 6.4 + 20.7). MIMO keeps the
     // two kernels: one warp staging every rank was no faster at b128 (73 vs 68 + 6.4 µs) and far slower at batch 1.
-    if (a.L == 1 && head_decode && a.R == 1) {
+    if (a.L == 1 && a.R == 1) {
       const int64_t units = batch * a.G * chunks;
       MAMBA3_CHECK(units < (int64_t(1) << 31), "Mamba-3 CUDA staged path: batch {} too large", batch);
       const unsigned blocks = unsigned((units + warps_per_block - 1) / warps_per_block);
@@ -678,7 +669,7 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
           a, int(hpu), int(chunks), int(units));
       MAMBA3_LAUNCH_CHECK();
     }
-    if (a.L == 1 && head_decode) {
+    if (a.L == 1) {
       const Mamba3DecodeArgs da{a.H,   a.P,    a.N, a.R,  a.d_in, a.d_inner, a.off_x, a.mimo,
                                 a.o_bf16, a.p, a.zx, a.st, a.sg,   a.o};
       if (mamba3_head_decode_gpu(s, da, batch)) continue;  // else out of its reach: the cp.async decode kernel

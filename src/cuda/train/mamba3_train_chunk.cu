@@ -252,8 +252,12 @@ __global__ void chunk_scan_kernel(float* S, const float* decay, int64_t BH, int 
 // kPar (the chunk-parallel schedule): one block per (b, h, chunk) = blockIdx.x (chunk fastest) starting from the
 // chunk's state in Hc (filled by chunk_state_kernel and the scan), without the state update; with kBwd it also
 // writes the chunk's dH contribution (e^Λ ⊙ dy)ᵀ·q (2·rows·P·N FLOPs) to dHc slot c − 1 for the reverse scan.
-template <bool kBwd, bool kTC, bool kPar>
-__global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const ChunkParams p) {
+// kBlocks: the resident blocks per SM the register allocation targets (__launch_bounds__(256, kBlocks)): 1 (up to
+// 255 registers) or, parallel schedule only, 2 (≤ 128 registers, for chunks whose tiles let two blocks share an SM;
+// see ChunkParams::fwd_blocks). Only the register allocation differs, never the arithmetic: the same results bit for bit.
+template <bool kBwd, bool kTC, bool kPar, int kBlocks>
+__global__ void __launch_bounds__(kChunkThreads, kBlocks) chunk_forward_kernel(const ChunkParams p) {
+  static_assert(kBlocks == 1 || (kPar && kBlocks == 2), "two-block variants exist for the parallel schedule only");
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
   const FwdLayout lay(d, p.T, kBwd, kPar);
@@ -510,8 +514,10 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const Chun
 // entering the chunk (dHc, from the reverse scan), without the dH update; its parameter partials are per chunk.
 // Nothing else is carried across chunks: Λ restarts at every chunk (the chunk's e^{Λ_last} reaches earlier chunks
 // only through dH and the dΛ_last·(dH ⊙ H_c) term, both local once dH is known), and dadt's suffix sum is per chunk.
-template <bool kTC, bool kPar>
-__global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const ChunkParams p) {
+// kBlocks: as chunk_forward_kernel's (1, or 2 for the parallel schedule: ≤ 128 registers; ChunkParams::rev_blocks).
+template <bool kTC, bool kPar, int kBlocks>
+__global__ void __launch_bounds__(kChunkThreads, kBlocks) chunk_reverse_kernel(const ChunkParams p) {
+  static_assert(kBlocks == 1 || (kPar && kBlocks == 2), "two-block variants exist for the parallel schedule only");
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
   const RevLayout lay(d, p.T);
@@ -887,14 +893,39 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const Chun
 #ifndef MAMBA3_CHUNK_HOST_EMULATION
 int chunk_count(const ChunkParams& p) { return (p.d.L + p.T - 1) / p.T; }
 
-// One block per (b, h) (sequential schedule) or per (b, h, chunk) (parallel).
+// One block per (b, h) (sequential schedule) or per (b, h, chunk) (parallel). two_blocks: a __launch_bounds__(256, 2)
+// variant, launched with the shared-memory carveout preferred at its maximum so that two blocks' tiles fit an SM (a
+// hint; the register allocation already allows two).
 template <typename Kernel>
-void launch_with_smem(Kernel kernel, cudaStream_t s, const ChunkParams& p, size_t bytes, bool per_chunk) {
+void launch_with_smem(Kernel kernel, cudaStream_t s, const ChunkParams& p, size_t bytes, bool per_chunk,
+                      bool two_blocks = false) {
   const int64_t blocks = int64_t(p.d.B) * p.d.H * (per_chunk ? chunk_count(p) : 1);
   MAMBA3_CHECK(blocks <= 0x7fffffff, "chunk kernels: {} blocks exceed the grid", blocks);
   MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  if (two_blocks)
+    MAMBA3_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)));
   kernel<<<unsigned(blocks), kChunkThreads, bytes, s>>>(p);
   MAMBA3_LAUNCH_CHECK();
+}
+
+// The parallel schedule's per-chunk kernels in the variant ChunkParams::fwd_blocks / rev_blocks names.
+void check_blocks(int blocks) {
+  MAMBA3_CHECK(blocks == 1 || blocks == 2, "chunk kernels: {} resident blocks per SM (1 or 2 expected)", blocks);
+}
+
+template <bool kBwd, bool kTC>
+void launch_forward_parallel(cudaStream_t s, const ChunkParams& p, size_t bytes) {
+  check_blocks(p.fwd_blocks);
+  if (p.fwd_blocks == 2) launch_with_smem(chunk_forward_kernel<kBwd, kTC, true, 2>, s, p, bytes, true, true);
+  else launch_with_smem(chunk_forward_kernel<kBwd, kTC, true, 1>, s, p, bytes, true);
+}
+
+template <bool kTC>
+void launch_reverse_parallel(cudaStream_t s, const ChunkParams& p, size_t bytes) {
+  check_blocks(p.rev_blocks);
+  if (p.rev_blocks == 2) launch_with_smem(chunk_reverse_kernel<kTC, true, 2>, s, p, bytes, true, true);
+  else launch_with_smem(chunk_reverse_kernel<kTC, true, 1>, s, p, bytes, true);
 }
 
 void launch_chunk_scan(cudaStream_t s, const ChunkParams& p, float* S, bool reverse) {
@@ -921,11 +952,11 @@ void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward) {
   const size_t bytes = chunk_forward_smem_bytes(p.d, p.T, backward, p.parallel);
   if (!p.parallel) {
     if (backward) {
-      if (p.tc) launch_with_smem(chunk_forward_kernel<true, true, false>, s, p, bytes, false);
-      else launch_with_smem(chunk_forward_kernel<true, false, false>, s, p, bytes, false);
+      if (p.tc) launch_with_smem(chunk_forward_kernel<true, true, false, 1>, s, p, bytes, false);
+      else launch_with_smem(chunk_forward_kernel<true, false, false, 1>, s, p, bytes, false);
     } else {
-      if (p.tc) launch_with_smem(chunk_forward_kernel<false, true, false>, s, p, bytes, false);
-      else launch_with_smem(chunk_forward_kernel<false, false, false>, s, p, bytes, false);
+      if (p.tc) launch_with_smem(chunk_forward_kernel<false, true, false, 1>, s, p, bytes, false);
+      else launch_with_smem(chunk_forward_kernel<false, false, false, 1>, s, p, bytes, false);
     }
     return;
   }
@@ -936,25 +967,25 @@ void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward) {
   else launch_with_smem(chunk_state_kernel<false>, s, p, state_bytes, true);
   launch_chunk_scan(s, p, p.Hc, false);
   if (backward) {
-    if (p.tc) launch_with_smem(chunk_forward_kernel<true, true, true>, s, p, bytes, true);
-    else launch_with_smem(chunk_forward_kernel<true, false, true>, s, p, bytes, true);
+    if (p.tc) launch_forward_parallel<true, true>(s, p, bytes);
+    else launch_forward_parallel<true, false>(s, p, bytes);
   } else {
-    if (p.tc) launch_with_smem(chunk_forward_kernel<false, true, true>, s, p, bytes, true);
-    else launch_with_smem(chunk_forward_kernel<false, false, true>, s, p, bytes, true);
+    if (p.tc) launch_forward_parallel<false, true>(s, p, bytes);
+    else launch_forward_parallel<false, false>(s, p, bytes);
   }
 }
 
 void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p) {
   const size_t bytes = chunk_reverse_smem_bytes(p.d, p.T);
   if (!p.parallel) {
-    if (p.tc) launch_with_smem(chunk_reverse_kernel<true, false>, s, p, bytes, false);
-    else launch_with_smem(chunk_reverse_kernel<false, false>, s, p, bytes, false);
+    if (p.tc) launch_with_smem(chunk_reverse_kernel<true, false, 1>, s, p, bytes, false);
+    else launch_with_smem(chunk_reverse_kernel<false, false, 1>, s, p, bytes, false);
     return;
   }
   MAMBA3_CHECK(p.dHc && p.decay, "launch_chunk_reverse: the parallel schedule needs dHc and decay");
   launch_chunk_scan(s, p, p.dHc, true);
-  if (p.tc) launch_with_smem(chunk_reverse_kernel<true, true>, s, p, bytes, true);
-  else launch_with_smem(chunk_reverse_kernel<false, true>, s, p, bytes, true);
+  if (p.tc) launch_reverse_parallel<true>(s, p, bytes);
+  else launch_reverse_parallel<false>(s, p, bytes);
 }
 #endif
 

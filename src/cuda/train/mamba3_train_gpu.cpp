@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_kernels.h"
@@ -59,25 +60,59 @@ int env_max_chunk_length() {
   return cap;
 }
 
+// MAMBA3_TRAIN_CHUNK_BLOCKS, read once per process: the register variant of the parallel schedule's per-chunk
+// kernels, "auto" (or unset: two blocks per SM where their shared memory fits), "1" or "2" (forced).
+int env_chunk_blocks() {
+  static const int blocks = [] {
+    const std::string v = env_choice("MAMBA3_TRAIN_CHUNK_BLOCKS", {"auto", "1", "2"});
+    return v == "1" ? 1 : v == "2" ? 2 : 0;
+  }();
+  return blocks;
+}
+
 float* f(const DeviceBuffer& b, size_t offset = 0) { return b.as<float>() + offset; }
 void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int64_t>(n, 1)) * sizeof(float)); }
 
 }  // namespace
 
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
-    : c_(c), chunk_tc_(env_chunk_tensor_cores()), chunk_parallel_(env_chunk_scan_parallel()) {
+    : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
+      chunk_parallel_(env_chunk_scan_parallel()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
   MAMBA3_CHECK(c_.num_angles() <= 32 * kLaneAngles, "Mamba3TrainGpu: {} rotary angles > {} are not supported",
                c_.num_angles(), 32 * kLaneAngles);
 }
 
+void Mamba3TrainGpu::query_device() {
+  if (max_smem_ != 0) return;
+  int dev = 0;
+  MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
+  MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sm_smem_, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&smem_reserved_, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+  MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+}
+
+void Mamba3TrainGpu::set_chunk_blocks_per_sm(int blocks) {
+  MAMBA3_CHECK(blocks >= 0 && blocks <= 2, "Mamba3TrainGpu: chunk blocks per SM {} (0 auto, 1 or 2 expected)",
+               blocks);
+  chunk_blocks_ = blocks;
+}
+
+int Mamba3TrainGpu::kernel_blocks(size_t bytes) {
+  if (chunk_blocks_ != 0) return chunk_blocks_;
+  query_device();
+  return chunk_two_blocks_fit(bytes, size_t(sm_smem_), size_t(smem_reserved_)) ? 2 : 1;
+}
+
+int Mamba3TrainGpu::chunk_launch_blocks(int64_t L, bool backward) {
+  const int T = chunk_length(L, backward);
+  const MixerDims d = make_dims(c_, 1, 1);
+  return kernel_blocks(backward ? chunk_reverse_smem_bytes(d, T) : chunk_forward_smem_bytes(d, T, false, true));
+}
+
 int Mamba3TrainGpu::chunk_length(int64_t L, bool backward) {
-  if (max_smem_ == 0) {
-    int dev = 0;
-    MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
-    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  }
+  query_device();
   const MixerDims d = make_dims(c_, 1, 1);
   const int64_t cap = std::min<int64_t>(64 / c_.rank(), env_max_chunk_length());
   for (int T = int(std::min<int64_t>(cap, L)); T >= 1; --T) {
@@ -141,6 +176,7 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
     reserve_floats(Hc_, BHc * d.P * d.N);
     reserve_floats(decay_, BHc);
     p.Hc = f(Hc_), p.decay = f(decay_);
+    p.fwd_blocks = kernel_blocks(chunk_forward_smem_bytes(d, T, false, true));
   }
   launch_chunk_forward(ctx.stream(), p, false);
   gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f, out,
@@ -192,7 +228,11 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
   p.parallel = par;
   p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
-  if (par) p.dHc = f(dHc_), p.decay = f(decay_);
+  if (par) {
+    p.dHc = f(dHc_), p.decay = f(decay_);
+    p.fwd_blocks = kernel_blocks(chunk_forward_smem_bytes(d, T, true, true));
+    p.rev_blocks = kernel_blocks(chunk_reverse_smem_bytes(d, T));
+  }
   p.part_mimo_z = f(part_, o_mz), p.part_mimo_o = f(part_, o_mo), p.part_norm = f(part_, o_nm);
   p.dBn = f(dBn_), p.dCn = f(dCn_), p.dphi = f(dphi_);
   p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);

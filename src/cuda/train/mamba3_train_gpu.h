@@ -60,13 +60,36 @@ class Mamba3TrainGpu {
   void set_chunk_scan_parallel(bool on) { chunk_parallel_ = on; }
   bool chunk_scan_parallel() const { return chunk_parallel_; }
 
+  // Register variant of the chunk-parallel schedule's per-chunk kernels (the output kernel of the training forward
+  // and of backward pass 1, the reverse kernel): 0 (auto) picks, per kernel and launch, the __launch_bounds__(256, 2)
+  // variant (≤ 128 registers) when two blocks' shared memory fits an SM for the chunk length in use, else the plain
+  // one (up to 255 registers, one reverse block per SM at the default chunk length of N 128, P 64); 1 or 2 force the
+  // plain or the two-block variant (forcing 2 where the tiles do not fit still runs, one block per SM). Auto never
+  // changes the chunk length (shorten it with MAMBA3_TRAIN_CHUNK_LEN to reach two blocks). Only the register
+  // allocation differs: results are bit-identical across the choices. Default from MAMBA3_TRAIN_CHUNK_BLOCKS, read
+  // once per process: "auto", "1" or "2" (unset: auto); any other value throws.
+  void set_chunk_blocks_per_sm(int blocks);
+  int chunk_blocks_per_sm() const { return chunk_blocks_; }
+  // The variant (1 or 2) the parallel schedule launches for sequences of length L: the output kernel's (forward) or
+  // the reverse kernel's (backward; pass 1's smaller tiles get two blocks whenever the reverse kernel's do). Needs a
+  // device.
+  int chunk_launch_blocks(int64_t L, bool backward);
+
  private:
   // in_proj, B/C normalisation, per-token scalars and angles (shared by forward and backward).
   void prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
                const float* u);
 
+  // Queries the device's shared-memory limits on first use.
+  void query_device();
+  // The variant (1 or 2) for a kernel with `bytes` of dynamic shared memory under chunk_blocks_.
+  int kernel_blocks(size_t bytes);
+
   Mamba3Config c_;
   int max_smem_ = 0;  // opt-in shared memory per block of the device (queried on first use)
+  int sm_smem_ = 0;   // shared memory per SM of the device (queried on first use)
+  int smem_reserved_ = 0;  // shared memory the device reserves per resident block (queried on first use)
+  int chunk_blocks_ = 0;  // register variant of the parallel chunk kernels: 0 auto, 1, 2 (set_chunk_blocks_per_sm)
   bool chunk_tc_ = false;  // tensor-core chunk products in the bf16 mode (set_chunk_tensor_cores)
   bool chunk_parallel_ = true;  // chunk-parallel schedule (set_chunk_scan_parallel)
   // Forward: zx_raw (M, d_in), zx (M, d_in) B/C normalised, scalars 5 × (B·H, L), cs/sn (B·H, L, S), o (M, d_inner).

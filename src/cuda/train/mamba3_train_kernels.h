@@ -48,6 +48,11 @@ struct ChunkParams {
   int T;                       // GPU chunk length in tokens (T·R ≤ 64)
   bool tc;                     // products on tensor cores (bf16 operands, f32 accumulation): the bf16 mode's "tc" path
   bool parallel;               // chunk-parallel schedule (needs Hc and decay; the backward also dHc)
+  // Parallel schedule: the resident blocks per SM (1 or 2) the per-chunk output kernel (training forward, backward
+  // pass 1) and the reverse kernel are compiled for: 2 launches their __launch_bounds__(256, 2) variants (≤ 128
+  // registers, so two 256-thread blocks share an SM's registers when their shared memory also fits), 1 the plain
+  // ones. Register allocation only: the results are bit-identical. Ignored by the sequential schedule.
+  int fwd_blocks, rev_blocks;
   const float* zx;             // (M, din), B/C normalised
   const float *dt, *A, *lam;   // (B·H, L)
   const float *cs, *sn;        // (B·H, L, S)
@@ -71,6 +76,13 @@ struct ChunkParams {
 size_t chunk_forward_smem_bytes(const MixerDims& d, int T, bool backward, bool parallel = false);
 size_t chunk_reverse_smem_bytes(const MixerDims& d, int T);
 size_t chunk_state_smem_bytes(const MixerDims& d, int T);  // the parallel schedule's chunk-state kernel
+// Whether two blocks of a chunk kernel with `bytes` of dynamic shared memory fit one SM: 2·(bytes + reserved) ≤
+// sm_bytes, with sm_bytes the device's shared memory per SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor, 228 KB on
+// H100/H200) and reserved its per-block reserve (cudaDevAttrReservedSharedMemoryPerBlock, 1 KB). The chunk kernels
+// have no static shared memory.
+constexpr bool chunk_two_blocks_fit(size_t bytes, size_t sm_bytes, size_t reserved) {
+  return 2 * (bytes + reserved) <= sm_bytes;
+}
 // Forward over chunks: o; with `backward` also Hc, dy, dz and the output-stage parameter partials. Parallel: the
 // chunk-state kernel (each chunk's state change from zero → Hc[c + 1], e^{Λ_last} → decay), the state scan (Hc in
 // place), then the output kernel per chunk (with `backward` also each chunk's dH contribution → dHc[c − 1]).
