@@ -5,10 +5,12 @@
 // grad.* tensors in the exact f32 mode; bf16 mixed precision, with the chunk products in f32 and on tensor cores
 // (set_chunk_tensor_cores); the chunk-parallel schedule against the sequential one (set_chunk_scan_parallel: per-token
 // results in f32 within 1e-6 (bit-identical unless FMA contraction differs), reordered parameter sums within 1e-5);
-// determinism and accumulation in both schedules.
+// the parallel schedule's two-block (__launch_bounds__(256, 2)) kernel variants bit-identical to the plain ones
+// (set_chunk_blocks_per_sm); determinism and accumulation in both schedules.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <set>
@@ -77,9 +79,10 @@ struct GpuResult {
 
 // Forward then backward on the GPU from freshly zeroed gradients; out and du are poisoned (NaN) first. tc: the chunk
 // products on tensor cores (only in effect with Precision::BF16); parallel: the chunk-parallel schedule (else the
-// sequential one); both set explicitly, whatever MAMBA3_TRAIN_CHUNK / MAMBA3_TRAIN_SCAN say.
+// sequential one); blocks_per_sm: the parallel chunk kernels' register variant (0 auto, 1 or 2 forced); all set
+// explicitly, whatever MAMBA3_TRAIN_CHUNK / MAMBA3_TRAIN_SCAN / MAMBA3_TRAIN_CHUNK_BLOCKS say.
 GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p, bool tc = false,
-                  bool parallel = true) {
+                  bool parallel = true, int blocks_per_sm = 0) {
   const Mamba3Config& c = m.config();
   const int64_t B = u.dim(0), L = u.dim(1);
   const size_t act_bytes = size_t(B * L * c.d_model) * sizeof(float);
@@ -88,6 +91,7 @@ GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Pre
   cuda::Mamba3TrainGpu train(c);
   train.set_chunk_tensor_cores(tc);
   train.set_chunk_scan_parallel(parallel);
+  train.set_chunk_blocks_per_sm(blocks_per_sm);
   DeviceLayer layer(m);
   cuda::DeviceBuffer u_dev = to_device_activation(u, Precision::F32);
   cuda::DeviceBuffer dout_dev = to_device_activation(dout, Precision::F32);
@@ -392,6 +396,49 @@ TEST(Mamba3TrainGpu, ChunkParallelScanMatchesSequential) {
       }
       std::printf("\n");
     }
+}
+
+// The parallel schedule's __launch_bounds__(256, 2) kernel variants (≤ 128 registers) against the plain ones: launch
+// bounds change only the register allocation, so every output and gradient must be bit-identical, in f32 and with
+// the bf16 tensor-core chunks, over several chunks (forcing the variant: it runs whether or not two blocks fit) and
+// where auto picks it by itself: N 128, P 64 at L = 12 gives 12-token chunks, whose reverse tiles (107 KiB) let two
+// blocks share an H100/H200 SM (228 KiB), while the default 42-token chunks (226 KiB) do not.
+TEST(Mamba3TrainGpu, TwoBlockChunkKernelsBitIdentical) {
+  MAMBA3_REQUIRE_GPU();
+  int dev = 0, sm_smem = 0;
+  MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
+  MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  for (const LayerCase& lc : tensor_core_cases())
+    for (int64_t L : {12, 65, 300}) {
+      const Mamba3Config& c = lc.c;
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const int64_t batch = L == 300 ? 2 : 3;
+      std::mt19937 rng(uint32_t(900 + L));
+      Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
+      const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+      cuda::Mamba3TrainGpu probe(c);
+      probe.set_chunk_blocks_per_sm(0);
+      const int auto_blocks = probe.chunk_reverse_blocks(L);
+      EXPECT_TRUE(auto_blocks == 1 || auto_blocks == 2) << auto_blocks;
+      const char* cap = std::getenv("MAMBA3_TRAIN_CHUNK_LEN");  // a cap changes the chunk lengths expected here
+      if (c.d_state == 128 && c.headdim == 64 && !c.is_mimo && sm_smem >= 228 * 1024 && !(cap && *cap)) {
+        EXPECT_EQ(probe.chunk_length(L, true), L == 12 ? 12 : 42);
+        EXPECT_EQ(auto_blocks, L == 12 ? 2 : 1) << "reverse kernel variant under auto";
+      }
+      for (bool tc : {false, true}) {
+        const Precision p = tc ? Precision::BF16 : Precision::F32;
+        const GpuResult one = run_gpu(mixer, u, dout, p, tc, true, 1);
+        const GpuResult two = run_gpu(mixer, u, dout, p, tc, true, 2);
+        const GpuResult aut = run_gpu(mixer, u, dout, p, tc, true, 0);
+        EXPECT_TRUE(bit_identical(one, two)) << (tc ? "bf16 tc" : "f32") << ": two-block variants differ";
+        EXPECT_TRUE(bit_identical(one, aut)) << (tc ? "bf16 tc" : "f32") << ": auto differs";
+      }
+      std::printf("  %-38s L=%-3lld chunk %d, auto reverse variant %d blocks/SM\n", lc.name, (long long)L,
+                  probe.chunk_length(L, true), auto_blocks);
+    }
+  cuda::Mamba3TrainGpu train(tensor_core_cases().front().c);
+  EXPECT_THROW(train.set_chunk_blocks_per_sm(3), Error);
+  EXPECT_THROW(train.set_chunk_blocks_per_sm(-1), Error);
 }
 
 TEST(Mamba3TrainGpu, UnsupportedConfigThrows) {

@@ -252,12 +252,12 @@ __global__ void chunk_scan_kernel(float* S, const float* decay, int64_t BH, int 
 // kPar (the chunk-parallel schedule): one block per (b, h, chunk) = blockIdx.x (chunk fastest) starting from the
 // chunk's state in Hc (filled by chunk_state_kernel and the scan), without the state update; with kBwd it also
 // writes the chunk's dH contribution (e^Λ ⊙ dy)ᵀ·q (2·rows·P·N FLOPs) to dHc slot c − 1 for the reverse scan.
-// kBlocks: the resident blocks per SM the register allocation targets (__launch_bounds__(256, kBlocks)): 1 (up to
-// 255 registers) or, parallel schedule only, 2 (≤ 128 registers, for chunks whose tiles let two blocks share an SM;
-// see ChunkParams::fwd_blocks). Only the register allocation differs, never the arithmetic: the same results bit for bit.
-template <bool kBwd, bool kTC, bool kPar, int kBlocks>
-__global__ void __launch_bounds__(kChunkThreads, kBlocks) chunk_forward_kernel(const ChunkParams p) {
-  static_assert(kBlocks == 1 || (kPar && kBlocks == 2), "two-block variants exist for the parallel schedule only");
+// The body is shared by two entry points (below): chunk_forward_kernel, __launch_bounds__(256) (up to 255 registers),
+// and the parallel schedule's chunk_forward_kernel_2blk, __launch_bounds__(256, 2) (≤ 128 registers, for chunks whose
+// tiles let two blocks share an SM; ChunkParams::fwd_blocks). Only the register allocation differs, never the
+// arithmetic: the same results bit for bit.
+template <bool kBwd, bool kTC, bool kPar>
+__device__ __forceinline__ void chunk_forward_body(const ChunkParams& p) {
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
   const FwdLayout lay(d, p.T, kBwd, kPar);
@@ -501,6 +501,17 @@ __global__ void __launch_bounds__(kChunkThreads, kBlocks) chunk_forward_kernel(c
   }
 }
 
+// The entry points of the forward body. A second __launch_bounds__ argument of 1 is not the same as none (nvcc 13
+// then allocates up to 50 % more registers), so the one-block entry keeps the plain bound.
+template <bool kBwd, bool kTC, bool kPar>
+__global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const ChunkParams p) {
+  chunk_forward_body<kBwd, kTC, kPar>(p);
+}
+template <bool kBwd, bool kTC>
+__global__ void __launch_bounds__(kChunkThreads, 2) chunk_forward_kernel_2blk(const ChunkParams p) {
+  chunk_forward_body<kBwd, kTC, true>(p);
+}
+
 // Reverse over chunks for one (b, h) = blockIdx.x, carrying dH (P×N). Per chunk of rows = T·R: scores and their
 // gradient r²·(N + P), dV/dQ/dK r²·(P + 2N) + 8·r·P·N, dH 2·r·P·N FLOPs (causal halves counted), i.e.
 // ≈ R·(2·T·R·(N + P) + 10·P·N) per token and head; traffic per token and head ≈ 2·R·N + P + R·P reads (zx, dy)
@@ -514,10 +525,10 @@ __global__ void __launch_bounds__(kChunkThreads, kBlocks) chunk_forward_kernel(c
 // entering the chunk (dHc, from the reverse scan), without the dH update; its parameter partials are per chunk.
 // Nothing else is carried across chunks: Λ restarts at every chunk (the chunk's e^{Λ_last} reaches earlier chunks
 // only through dH and the dΛ_last·(dH ⊙ H_c) term, both local once dH is known), and dadt's suffix sum is per chunk.
-// kBlocks: as chunk_forward_kernel's (1, or 2 for the parallel schedule: ≤ 128 registers; ChunkParams::rev_blocks).
-template <bool kTC, bool kPar, int kBlocks>
-__global__ void __launch_bounds__(kChunkThreads, kBlocks) chunk_reverse_kernel(const ChunkParams p) {
-  static_assert(kBlocks == 1 || (kPar && kBlocks == 2), "two-block variants exist for the parallel schedule only");
+// Two entry points as for the forward body: chunk_reverse_kernel (__launch_bounds__(256)) and the parallel
+// schedule's chunk_reverse_kernel_2blk (__launch_bounds__(256, 2); ChunkParams::rev_blocks).
+template <bool kTC, bool kPar>
+__device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
   const RevLayout lay(d, p.T);
@@ -890,6 +901,16 @@ __global__ void __launch_bounds__(kChunkThreads, kBlocks) chunk_reverse_kernel(c
   }
 }
 
+// The entry points of the reverse body (see the forward's).
+template <bool kTC, bool kPar>
+__global__ void __launch_bounds__(kChunkThreads) chunk_reverse_kernel(const ChunkParams p) {
+  chunk_reverse_body<kTC, kPar>(p);
+}
+template <bool kTC>
+__global__ void __launch_bounds__(kChunkThreads, 2) chunk_reverse_kernel_2blk(const ChunkParams p) {
+  chunk_reverse_body<kTC, true>(p);
+}
+
 #ifndef MAMBA3_CHUNK_HOST_EMULATION
 int chunk_count(const ChunkParams& p) { return (p.d.L + p.T - 1) / p.T; }
 
@@ -917,15 +938,15 @@ void check_blocks(int blocks) {
 template <bool kBwd, bool kTC>
 void launch_forward_parallel(cudaStream_t s, const ChunkParams& p, size_t bytes) {
   check_blocks(p.fwd_blocks);
-  if (p.fwd_blocks == 2) launch_with_smem(chunk_forward_kernel<kBwd, kTC, true, 2>, s, p, bytes, true, true);
-  else launch_with_smem(chunk_forward_kernel<kBwd, kTC, true, 1>, s, p, bytes, true);
+  if (p.fwd_blocks == 2) launch_with_smem(chunk_forward_kernel_2blk<kBwd, kTC>, s, p, bytes, true, true);
+  else launch_with_smem(chunk_forward_kernel<kBwd, kTC, true>, s, p, bytes, true);
 }
 
 template <bool kTC>
 void launch_reverse_parallel(cudaStream_t s, const ChunkParams& p, size_t bytes) {
   check_blocks(p.rev_blocks);
-  if (p.rev_blocks == 2) launch_with_smem(chunk_reverse_kernel<kTC, true, 2>, s, p, bytes, true, true);
-  else launch_with_smem(chunk_reverse_kernel<kTC, true, 1>, s, p, bytes, true);
+  if (p.rev_blocks == 2) launch_with_smem(chunk_reverse_kernel_2blk<kTC>, s, p, bytes, true, true);
+  else launch_with_smem(chunk_reverse_kernel<kTC, true>, s, p, bytes, true);
 }
 
 void launch_chunk_scan(cudaStream_t s, const ChunkParams& p, float* S, bool reverse) {
@@ -952,11 +973,11 @@ void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward) {
   const size_t bytes = chunk_forward_smem_bytes(p.d, p.T, backward, p.parallel);
   if (!p.parallel) {
     if (backward) {
-      if (p.tc) launch_with_smem(chunk_forward_kernel<true, true, false, 1>, s, p, bytes, false);
-      else launch_with_smem(chunk_forward_kernel<true, false, false, 1>, s, p, bytes, false);
+      if (p.tc) launch_with_smem(chunk_forward_kernel<true, true, false>, s, p, bytes, false);
+      else launch_with_smem(chunk_forward_kernel<true, false, false>, s, p, bytes, false);
     } else {
-      if (p.tc) launch_with_smem(chunk_forward_kernel<false, true, false, 1>, s, p, bytes, false);
-      else launch_with_smem(chunk_forward_kernel<false, false, false, 1>, s, p, bytes, false);
+      if (p.tc) launch_with_smem(chunk_forward_kernel<false, true, false>, s, p, bytes, false);
+      else launch_with_smem(chunk_forward_kernel<false, false, false>, s, p, bytes, false);
     }
     return;
   }
@@ -978,8 +999,8 @@ void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward) {
 void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p) {
   const size_t bytes = chunk_reverse_smem_bytes(p.d, p.T);
   if (!p.parallel) {
-    if (p.tc) launch_with_smem(chunk_reverse_kernel<true, false, 1>, s, p, bytes, false);
-    else launch_with_smem(chunk_reverse_kernel<false, false, 1>, s, p, bytes, false);
+    if (p.tc) launch_with_smem(chunk_reverse_kernel<true, false>, s, p, bytes, false);
+    else launch_with_smem(chunk_reverse_kernel<false, false>, s, p, bytes, false);
     return;
   }
   MAMBA3_CHECK(p.dHc && p.decay, "launch_chunk_reverse: the parallel schedule needs dHc and decay");

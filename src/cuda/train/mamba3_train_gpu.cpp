@@ -99,17 +99,14 @@ void Mamba3TrainGpu::set_chunk_blocks_per_sm(int blocks) {
   chunk_blocks_ = blocks;
 }
 
-int Mamba3TrainGpu::kernel_blocks(size_t bytes) {
+int Mamba3TrainGpu::reverse_blocks(int T) {
   if (chunk_blocks_ != 0) return chunk_blocks_;
   query_device();
+  const size_t bytes = chunk_reverse_smem_bytes(make_dims(c_, 1, 1), T);
   return chunk_two_blocks_fit(bytes, size_t(sm_smem_), size_t(smem_reserved_)) ? 2 : 1;
 }
 
-int Mamba3TrainGpu::chunk_launch_blocks(int64_t L, bool backward) {
-  const int T = chunk_length(L, backward);
-  const MixerDims d = make_dims(c_, 1, 1);
-  return kernel_blocks(backward ? chunk_reverse_smem_bytes(d, T) : chunk_forward_smem_bytes(d, T, false, true));
-}
+int Mamba3TrainGpu::chunk_reverse_blocks(int64_t L) { return reverse_blocks(chunk_length(L, true)); }
 
 int Mamba3TrainGpu::chunk_length(int64_t L, bool backward) {
   query_device();
@@ -176,7 +173,7 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
     reserve_floats(Hc_, BHc * d.P * d.N);
     reserve_floats(decay_, BHc);
     p.Hc = f(Hc_), p.decay = f(decay_);
-    p.fwd_blocks = kernel_blocks(chunk_forward_smem_bytes(d, T, false, true));
+    p.fwd_blocks = chunk_blocks_ == 2 ? 2 : 1;  // auto: the plain kernel (see set_chunk_blocks_per_sm)
   }
   launch_chunk_forward(ctx.stream(), p, false);
   gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f, out,
@@ -230,8 +227,9 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
   if (par) {
     p.dHc = f(dHc_), p.decay = f(decay_);
-    p.fwd_blocks = kernel_blocks(chunk_forward_smem_bytes(d, T, true, true));
-    p.rev_blocks = kernel_blocks(chunk_reverse_smem_bytes(d, T));
+    p.fwd_blocks = chunk_blocks_ == 2 ? 2 : 1;
+    // Auto keeps the plain tensor-core reverse kernel: at 106 registers it already fits two blocks' registers.
+    p.rev_blocks = p.tc && chunk_blocks_ == 0 ? 1 : reverse_blocks(T);
   }
   p.part_mimo_z = f(part_, o_mz), p.part_mimo_o = f(part_, o_mo), p.part_norm = f(part_, o_nm);
   p.dBn = f(dBn_), p.dCn = f(dCn_), p.dphi = f(dphi_);

@@ -61,19 +61,21 @@ class Mamba3TrainGpu {
   bool chunk_scan_parallel() const { return chunk_parallel_; }
 
   // Register variant of the chunk-parallel schedule's per-chunk kernels (the output kernel of the training forward
-  // and of backward pass 1, the reverse kernel): 0 (auto) picks, per kernel and launch, the __launch_bounds__(256, 2)
-  // variant (≤ 128 registers) when two blocks' shared memory fits an SM for the chunk length in use, else the plain
-  // one (up to 255 registers, one reverse block per SM at the default chunk length of N 128, P 64); 1 or 2 force the
-  // plain or the two-block variant (forcing 2 where the tiles do not fit still runs, one block per SM). Auto never
-  // changes the chunk length (shorten it with MAMBA3_TRAIN_CHUNK_LEN to reach two blocks). Only the register
-  // allocation differs: results are bit-identical across the choices. Default from MAMBA3_TRAIN_CHUNK_BLOCKS, read
-  // once per process: "auto", "1" or "2" (unset: auto); any other value throws.
+  // and of backward pass 1, the reverse kernel): 1 the plain ones (__launch_bounds__(256), up to 255 registers), 2
+  // the __launch_bounds__(256, 2) ones (≤ 128 registers, so that two 256-thread blocks can share an SM), 0 (auto)
+  // the two-block reverse kernel where two blocks' shared memory fits an SM at the chunk length in use (at the
+  // default chunk length of N 128, P 64 it does not: one block per SM) in the f32 chunk path, and otherwise the plain
+  // kernels (the output kernels and the tensor-core reverse kernel already fit two blocks' registers, and nvcc gives
+  // their two-block variants more). Forcing 2 where the tiles do not fit
+  // still runs, one block per SM. Auto never changes the chunk length: shorten it with MAMBA3_TRAIN_CHUNK_LEN to
+  // reach two reverse blocks. Only the register allocation differs: results are bit-identical across the choices.
+  // Default from MAMBA3_TRAIN_CHUNK_BLOCKS, read once per process: "auto", "1" or "2" (unset: auto); any other value
+  // throws.
   void set_chunk_blocks_per_sm(int blocks);
   int chunk_blocks_per_sm() const { return chunk_blocks_; }
-  // The variant (1 or 2) the parallel schedule launches for sequences of length L: the output kernel's (forward) or
-  // the reverse kernel's (backward; pass 1's smaller tiles get two blocks whenever the reverse kernel's do). Needs a
-  // device.
-  int chunk_launch_blocks(int64_t L, bool backward);
+  // The variant (1 or 2) of the f32 reverse kernel the parallel schedule's backward launches for sequences of
+  // length L under the current setting (the tensor-core one: 1 under auto). Needs a device.
+  int chunk_reverse_blocks(int64_t L);
 
  private:
   // in_proj, B/C normalisation, per-token scalars and angles (shared by forward and backward).
@@ -82,8 +84,8 @@ class Mamba3TrainGpu {
 
   // Queries the device's shared-memory limits on first use.
   void query_device();
-  // The variant (1 or 2) for a kernel with `bytes` of dynamic shared memory under chunk_blocks_.
-  int kernel_blocks(size_t bytes);
+  // The reverse kernel's variant (1 or 2) at chunk length T under chunk_blocks_.
+  int reverse_blocks(int T);
 
   Mamba3Config c_;
   int max_smem_ = 0;  // opt-in shared memory per block of the device (queried on first use)

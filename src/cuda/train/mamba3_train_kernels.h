@@ -51,7 +51,8 @@ struct ChunkParams {
   // Parallel schedule: the resident blocks per SM (1 or 2) the per-chunk output kernel (training forward, backward
   // pass 1) and the reverse kernel are compiled for: 2 launches their __launch_bounds__(256, 2) variants (≤ 128
   // registers, so two 256-thread blocks share an SM's registers when their shared memory also fits), 1 the plain
-  // ones. Register allocation only: the results are bit-identical. Ignored by the sequential schedule.
+  // ones (__launch_bounds__(256)). Register allocation only: the same PTX arithmetic, bit-identical results.
+  // Ignored by the sequential schedule.
   int fwd_blocks, rev_blocks;
   const float* zx;             // (M, din), B/C normalised
   const float *dt, *A, *lam;   // (B·H, L)
