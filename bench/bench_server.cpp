@@ -118,11 +118,11 @@ int main(int argc, char** argv) {
   std::unique_ptr<cuda::CudaModel> gpu;
 #endif
   if (device == "cpu") {
-    model = std::make_unique<LanguageModel>(c, init_weights(c, 1), "random " + preset);
+    model = std::make_unique<LanguageModel>(c, init_weights(c, 1, InitStreams::Parallel), "random " + preset);
     params = double(model->parameter_count());
   } else if (device == "cuda") {
 #ifdef MAMBA3_HAVE_CUDA
-    const TensorMap w = init_weights(c, 1);
+    const TensorMap w = init_weights(c, 1, InitStreams::Parallel);
     for (const auto& [name, t] : w) params += double(t.numel());
     gpu = std::make_unique<cuda::CudaModel>(c, w, "random " + preset, cuda::parse_precision(precision));
     if (prefill_batch > 1) gpu->set_prefill_row_block(256);  // as `mamba3 serve --prefill-batch`

@@ -1,45 +1,100 @@
 #include "model/init_weights.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <utility>
+#include <vector>
 
 namespace mamba3 {
 
 namespace {
 
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+double unit_of(std::mt19937_64& rng) { return double(rng() >> 11) * 0x1.0p-53; }  // [0, 1), same on every platform
+
+// Values [0, n) of a random tensor from `rng`: uniform in ±bound, or normal (Box–Muller pairs: portable, unlike
+// std::normal_distribution) with standard deviation `std`.
+void fill_uniform(std::mt19937_64& rng, float* d, int64_t n, double bound) {
+  for (int64_t i = 0; i < n; ++i) d[i] = float((unit_of(rng) * 2 - 1) * bound);
+}
+void fill_normal(std::mt19937_64& rng, float* d, int64_t n, double std) {
+  for (int64_t i = 0; i < n; i += 2) {
+    const double r = std::sqrt(-2 * std::log(1 - unit_of(rng))), a = 2 * M_PI * unit_of(rng);
+    d[i] = float(std * r * std::cos(a));
+    if (i + 1 < n) d[i + 1] = float(std * r * std::sin(a));
+  }
+}
+
 class Init {
  public:
-  explicit Init(uint64_t seed) : rng_(seed) {}
+  Init(uint64_t seed, InitStreams streams) : rng_(seed), seed_(seed), parallel_(streams == InitStreams::Parallel) {}
 
-  Tensor uniform(Shape shape, double bound) {
-    Tensor t = Tensor::empty(DType::F32, std::move(shape));
-    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = float((unit() * 2 - 1) * bound);
-    return t;
-  }
-  Tensor normal(Shape shape, double std) {
-    Tensor t = Tensor::empty(DType::F32, std::move(shape));
-    for (int64_t i = 0; i < t.numel(); i += 2) {  // Box–Muller: portable, unlike std::normal_distribution
-      const double r = std::sqrt(-2 * std::log(1 - unit())), a = 2 * M_PI * unit();
-      t.data<float>()[i] = float(std * r * std::cos(a));
-      if (i + 1 < t.numel()) t.data<float>()[i + 1] = float(std * r * std::sin(a));
-    }
-    return t;
-  }
+  Tensor uniform(Shape shape, double bound) { return random(std::move(shape), false, bound); }
+  Tensor normal(Shape shape, double std) { return random(std::move(shape), true, std); }
   static Tensor constant(Shape shape, float v) {
     Tensor t = Tensor::empty(DType::F32, std::move(shape));
-    for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = v;
+    float* d = t.data<float>();
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) d[i] = v;
     return t;
   }
-  double unit() { return double(rng_() >> 11) * 0x1.0p-53; }  // [0, 1), same on every platform
+  double unit() { return unit_of(rng_); }
+
+  // Parallel streams: the random tensors are filled here, in blocks of kBlock values, each block from its own
+  // generator seeded by (seed, tensor, block), so the result depends on neither the thread count nor the order.
+  void finish() {
+    std::vector<std::pair<size_t, int64_t>> tasks;  // (fill, first value)
+    for (size_t f = 0; f < fills_.size(); ++f)
+      for (int64_t i0 = 0; i0 < fills_[f].n; i0 += kBlock) tasks.emplace_back(f, i0);
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t t = 0; t < int64_t(tasks.size()); ++t) {
+      const Fill& f = fills_[tasks[size_t(t)].first];
+      const int64_t i0 = tasks[size_t(t)].second, n = std::min(kBlock, f.n - i0);
+      std::mt19937_64 rng(splitmix64(seed_ ^ splitmix64((uint64_t(tasks[size_t(t)].first) << 32) + uint64_t(i0))));
+      if (f.normal)
+        fill_normal(rng, f.data + i0, n, f.scale);
+      else
+        fill_uniform(rng, f.data + i0, n, f.scale);
+    }
+    fills_.clear();
+  }
 
  private:
+  static constexpr int64_t kBlock = int64_t(1) << 20;  // even: Box–Muller pairs never straddle blocks
+  struct Fill {
+    float* data;
+    int64_t n;
+    bool normal;
+    double scale;
+  };
+
+  Tensor random(Shape shape, bool normal, double scale) {
+    Tensor t = Tensor::empty(DType::F32, std::move(shape));
+    if (parallel_)
+      fills_.push_back({t.data<float>(), t.numel(), normal, scale});  // the buffer is shared, so it outlives `t`
+    else if (normal)
+      fill_normal(rng_, t.data<float>(), t.numel(), scale);
+    else
+      fill_uniform(rng_, t.data<float>(), t.numel(), scale);
+    return t;
+  }
+
   std::mt19937_64 rng_;
+  uint64_t seed_;
+  bool parallel_;
+  std::vector<Fill> fills_;
 };
 
 }  // namespace
 
-TensorMap init_weights(const ModelConfig& c, uint64_t seed) {
-  Init init(seed);
+TensorMap init_weights(const ModelConfig& c, uint64_t seed, InitStreams streams) {
+  Init init(seed, streams);
   TensorMap w;
   const int64_t D = c.d_model, V = c.vocab_padded();
   const double out_scale = 1.0 / std::sqrt(double(c.n_layer));
@@ -96,6 +151,7 @@ TensorMap init_weights(const ModelConfig& c, uint64_t seed) {
     }
   }
   norm("backbone.norm_f");
+  init.finish();
   return w;
 }
 

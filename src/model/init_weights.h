@@ -9,6 +9,12 @@
 
 namespace mamba3 {
 
-TensorMap init_weights(const ModelConfig& config, uint64_t seed);
+// How the random tensors are drawn. Sequential: one generator stream in parameter order (the reference; training
+// and tasks use it, so their documented seeds reproduce). Parallel: the same distributions, each block of 2^20
+// values of each tensor from its own generator, filled by all threads (benchmarks: a 1.5B model's sequential init
+// took most of a GPU benchmark's setup). Both are deterministic for a seed; they give different values.
+enum class InitStreams { Sequential, Parallel };
+
+TensorMap init_weights(const ModelConfig& config, uint64_t seed, InitStreams streams = InitStreams::Sequential);
 
 }  // namespace mamba3

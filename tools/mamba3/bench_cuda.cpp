@@ -106,7 +106,7 @@ std::vector<int64_t> random_ids(std::mt19937& rng, int64_t n, int64_t vocab) {
 void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArgs& a, double copy_bw,
                double gemm_flops) {
   const auto t0 = std::chrono::steady_clock::now();
-  const TensorMap w = init_weights(c, 1);
+  const TensorMap w = init_weights(c, 1, InitStreams::Parallel);  // timing only: values need not match training's
   CudaModel m(c, w, name, cuda::parse_precision(a.precision));
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double prefill_floor = gemm_flops / prefill_flops_per_token(w);  // tokens/s if only the products counted

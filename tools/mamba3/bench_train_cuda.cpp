@@ -50,7 +50,7 @@ double parameter_count(const TensorMap& p) {
 }
 
 void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBenchArgs& a, double peak) {
-  TensorMap params = init_weights(c, 1);
+  TensorMap params = init_weights(c, 1, InitStreams::Parallel);  // timing only
   AdamW opt({0.9, 0.95, 1e-8, 0.1}, params);
   auto engine = cuda::cuda_train_engine(c, params, opt, cuda::parse_precision(a.precision));
   const int64_t B = a.batch, L = a.seq_len;

@@ -42,7 +42,7 @@ struct BenchArgs {
 };
 
 void bench_model(const std::string& name, const ModelConfig& c, const BenchArgs& a, double bandwidth) {
-  LanguageModel m(c, init_weights(c, 1), name);
+  LanguageModel m(c, init_weights(c, 1, InitStreams::Parallel), name);
   const double weight_bytes = double(m.parameter_count()) * 4;
   std::printf("\n%s: %.1fM parameters (%.0f MB f32), decode state %.2f MB per sequence\n", name.c_str(),
               double(m.parameter_count()) / 1e6, weight_bytes / 1e6, double(m.state_bytes_per_sequence()) / 1e6);
