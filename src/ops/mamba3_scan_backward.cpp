@@ -503,12 +503,13 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
     backward_head(c, p, h, L, io, hg[size_t(task)], s);
   });
 
-  // Heads into their B/C groups, the B/C RMSNorms, θ summed over heads.
-  const int threads = max_threads();
-  std::vector<float> gBn(size_t(threads * N), 0.0f), gCn(size_t(threads * N), 0.0f);
-  parallel_for(M, [&](int64_t row) {
-    float* gb = gBn.data() + thread_index() * N;
-    float* gc = gCn.data() + thread_index() * N;
+  // Heads into their B/C groups, the B/C RMSNorms, θ summed over heads. The norm weights' gradients are summed per
+  // fixed block of rows, then over blocks in order: the same bits whatever the thread count and the schedule (a
+  // per-thread sum under dynamic scheduling made training runs differ between two identical calls).
+  constexpr int64_t kRowsPerBlock = 64;
+  const int64_t blocks = (M + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<float> gBn(size_t(blocks * N), 0.0f), gCn(size_t(blocks * N), 0.0f);
+  auto norm_rows = [&](int64_t row, float* gb, float* gc) {
     float* dz = dzx.data() + row * din;
     const float* raw = zx_raw.data() + row * din;
     std::vector<float> acc(static_cast<size_t>(N));
@@ -542,10 +543,14 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
       for (int64_t h = 0; h < H; ++h) a += th[h * S + i];
       dz[c.off_angles() + i] = a;
     }
+  };
+  parallel_for(blocks, [&](int64_t blk) {
+    for (int64_t row = blk * kRowsPerBlock; row < std::min(M, (blk + 1) * kRowsPerBlock); ++row)
+      norm_rows(row, gBn.data() + blk * N, gCn.data() + blk * N);
   });
-  for (int t = 0; t < threads; ++t)
+  for (int64_t blk = 0; blk < blocks; ++blk)
     for (int64_t n = 0; n < N; ++n)
-      grads.B_norm[n] += gBn[size_t(t * N + n)], grads.C_norm[n] += gCn[size_t(t * N + n)];
+      grads.B_norm[n] += gBn[size_t(blk * N + n)], grads.C_norm[n] += gCn[size_t(blk * N + n)];
 
   // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o.
   gemm_rows(false, false, M, D, din, dzx.data(), din, w.in_proj, D, 0.0f, du, D);
