@@ -62,6 +62,25 @@ __device__ __forceinline__ void mma_tile(float (&acc)[4], const FA& a, const FB&
 __device__ __forceinline__ int acc_row(int m0, int g, int e) { return m0 + g + (e >> 1) * 8; }
 __device__ __forceinline__ int acc_col(int n0, int tq, int e) { return n0 + 2 * tq + (e & 1); }
 
+// The P×N state tile at (m0, n0): S ← scale·S + Σ_{k < k1} a(·, k)·b(k, ·), the scaled f32 state being the
+// accumulator's start (the forward's H update and the reverse's dH update).
+template <class FA, class FB>
+__device__ __forceinline__ void decay_accumulate_tile(float* S, int ldN, int P, int N, float scale, const FA& a,
+                                                      const FB& b, int m0, int n0, int k1, int g, int tq) {
+  float acc[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
+    acc[e] = q < P && n < N ? scale * S[q * ldN + n] : 0.0f;
+  }
+  mma_tile(acc, a, b, m0, n0, 0, k1, g, tq);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
+    if (q < P && n < N) S[q * ldN + n] = acc[e];
+  }
+}
+
 // Causal k bounds over the chunk's rows for the output row tile [m0, m0 + 16): rows of earlier-or-equal tokens end at
 // causal_end (exclusive); rows of later-or-equal tokens start at causal_begin (rounded down to 16).
 __device__ __forceinline__ int causal_end(int m0, int rows, int R) {
@@ -146,18 +165,7 @@ __device__ __forceinline__ void fwd_wv_state(const Tiles& t, const float* sW, co
       }
     } else {
       const int s = tile - mt * yt, m0 = s / nt * 16, n0 = s % nt * 8;
-      float acc[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
-        acc[e] = q < P && n < N ? elast * sH[q * ldN + n] : 0.0f;
-      }
-      mma_tile(acc, wva, kb, m0, n0, 0, rows, g, tq);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
-        if (q < P && n < N) sH[q * ldN + n] = acc[e];
-      }
+      decay_accumulate_tile(sH, ldN, P, N, elast, wva, kb, m0, n0, rows, g, tq);
     }
   }
 }
@@ -308,19 +316,7 @@ __device__ __forceinline__ void rev_dstate(const Tiles& t, const RevTiles& r, fl
   const auto qb = [=](int k, int n) { return k < rows && n < N ? Q[k * ldN + n] : 0.0f; };
   const int pm = (P + 15) / 16, nt = (N + 7) / 8;
   for (int tile = warp; tile < pm * nt; tile += kWarps) {
-    const int m0 = tile / nt * 16, n0 = tile % nt * 8;
-    float acc[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
-      acc[e] = q < P && n < N ? elast * dH[q * ldN + n] : 0.0f;
-    }
-    mma_tile(acc, ea, qb, m0, n0, 0, rows, g, tq);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int q = acc_row(m0, g, e), n = acc_col(n0, tq, e);
-      if (q < P && n < N) dH[q * ldN + n] = acc[e];
-    }
+    decay_accumulate_tile(dH, ldN, P, N, elast, ea, qb, tile / nt * 16, tile % nt * 8, rows, g, tq);
   }
 }
 
