@@ -150,6 +150,19 @@ TEST(Mamba3TrainGpu, GoldenCasesF32) {
   }
 }
 
+// A random layer of config c and its inputs u, dout (batch, L, d_model), drawn in that order from one seeded stream.
+struct RandomLayer {
+  Mamba3Mixer mixer;
+  Tensor u, dout;
+};
+RandomLayer random_layer(const Mamba3Config& c, int64_t batch, int64_t L, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
+  Tensor u = random_tensor(rng, {batch, L, c.d_model});
+  Tensor dout = random_tensor(rng, {batch, L, c.d_model});
+  return {std::move(mixer), std::move(u), std::move(dout)};
+}
+
 struct LayerCase {
   const char* name;
   Mamba3Config c;
@@ -203,9 +216,7 @@ void run_against_cpu(const LayerCase& lc, int64_t L, Precision p, double out_tol
   SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + " " + cuda::precision_name(p));
   const Mamba3Config& c = lc.c;
   const int64_t batch = 3;
-  std::mt19937 rng(uint32_t(300 + L));
-  Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
-  const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+  auto [mixer, u, dout] = random_layer(c, batch, L, uint32_t(300 + L));
   Mamba3State state = mixer.new_state(batch);
   const Tensor out_ref = mixer.prefill(u, state);
   const Mamba3MixerGradients ref = mamba3_mixer_backward(mixer, u, dout);
@@ -237,9 +248,7 @@ void check_deterministic_and_accumulating(Precision p, bool tc, bool parallel) {
     SCOPED_TRACE(lc.name);
     const Mamba3Config& c = lc.c;
     const int64_t B = 3, L = 130;
-    std::mt19937 rng(7);
-    Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
-    const Tensor u = random_tensor(rng, {B, L, c.d_model}), dout = random_tensor(rng, {B, L, c.d_model});
+    auto [mixer, u, dout] = random_layer(c, B, L, 7);
     cuda::Context ctx;
     cuda::TrainGemm gemm(p);
     cuda::Mamba3TrainGpu train(c);
@@ -319,9 +328,7 @@ TEST(Mamba3TrainGpu, TensorCoreChunksBF16) {
       if (L == 1 && !c.is_mimo && c.is_outproj_norm) continue;  // rounding noise only (see run_against_cpu)
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       const int64_t batch = L == 300 ? 2 : 3;
-      std::mt19937 rng(uint32_t(500 + L));
-      Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
-      const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+      auto [mixer, u, dout] = random_layer(c, batch, L, uint32_t(500 + L));
       const GpuResult tc = run_gpu(mixer, u, dout, Precision::BF16, true);
       const GpuResult plain = run_gpu(mixer, u, dout, Precision::BF16, false);
       EXPECT_FALSE(bit_identical(tc, plain)) << "the tensor-core switch had no effect";
@@ -348,8 +355,9 @@ TEST(Mamba3TrainGpu, TensorCoreChunksBF16) {
 // The chunk-parallel schedule against the sequential one. f32: the scan adds the sequential recurrence's terms in its
 // order, so out, du and every gradient built from per-token values (in_proj, out_proj, dt_bias, B/C norms) agree to
 // f32 rounding (bit-identical unless the compiler contracts differently); the parameters summed over tokens inside the
-// chunk kernels (D, B/C biases, mimo_*, norm) are summed per chunk then over chunks, a different order (within 1e-5). bf16 with tensor-core chunks: the states round
-// differently (the sequential kernels accumulate the mma onto the scaled state), within the bf16 tolerance.
+// chunk kernels (D, B/C biases, mimo_*, norm) are summed per chunk then over chunks, a different order (within 1e-5).
+// bf16 with tensor-core chunks: the states round differently (the sequential kernels accumulate the mma onto the
+// scaled state), within the bf16 tolerance.
 TEST(Mamba3TrainGpu, ChunkParallelScanMatchesSequential) {
   MAMBA3_REQUIRE_GPU();
   const std::set<std::string> reordered = {"D", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "norm.weight"};
@@ -358,9 +366,7 @@ TEST(Mamba3TrainGpu, ChunkParallelScanMatchesSequential) {
       const Mamba3Config& c = lc.c;
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       const int64_t batch = L == 300 ? 2 : 3;
-      std::mt19937 rng(uint32_t(700 + L));
-      Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
-      const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+      auto [mixer, u, dout] = random_layer(c, batch, L, uint32_t(700 + L));
       const GpuResult par = run_gpu(mixer, u, dout, Precision::F32, false, true);
       const GpuResult seq = run_gpu(mixer, u, dout, Precision::F32, false, false);
       // Per-token results: the same terms in the same order, so equal up to the compiler's FMA contraction, which
@@ -413,9 +419,7 @@ TEST(Mamba3TrainGpu, TwoBlockChunkKernelsBitIdentical) {
       const Mamba3Config& c = lc.c;
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       const int64_t batch = L == 300 ? 2 : 3;
-      std::mt19937 rng(uint32_t(900 + L));
-      Mamba3Mixer mixer(c, random_mixer_weights(c, rng));
-      const Tensor u = random_tensor(rng, {batch, L, c.d_model}), dout = random_tensor(rng, {batch, L, c.d_model});
+      auto [mixer, u, dout] = random_layer(c, batch, L, uint32_t(900 + L));
       cuda::Mamba3TrainGpu probe(c);
       probe.set_chunk_blocks_per_sm(0);
       const int auto_blocks = probe.chunk_reverse_blocks(L);
