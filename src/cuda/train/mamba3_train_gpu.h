@@ -76,6 +76,12 @@ class Mamba3TrainGpu {
   // The variant (1 or 2) of the f32 reverse kernel the parallel schedule's backward launches for sequences of
   // length L under the current setting (the tensor-core one: 1 under auto). Needs a device.
   int chunk_reverse_blocks(int64_t L);
+  // The training forward's chunk length and output-kernel variant (blocks: 1 or 2) for sequences of length L: under
+  // auto in the parallel schedule, the longest chunk of at least half chunk_length(L, false) whose tiles let two
+  // blocks share an SM (N 128, P 64: 46 tokens instead of 64); otherwise chunk_length(L, false) and the variant the
+  // setting names. (The backward keeps chunk_length(L, true): it recomputes the forward, so the forward's chunking
+  // changes only the rounding of its output.) Needs a device.
+  int forward_chunk_length(int64_t L, int& blocks);
 
  private:
   // in_proj, B/C normalisation, per-token scalars and angles (shared by forward and backward).
@@ -86,6 +92,7 @@ class Mamba3TrainGpu {
   void query_device();
   // The reverse kernel's variant (1 or 2) at chunk length T under chunk_blocks_.
   int reverse_blocks(int T);
+
 
   Mamba3Config c_;
   int max_smem_ = 0;  // opt-in shared memory per block of the device (queried on first use)

@@ -11,7 +11,6 @@ namespace mamba3::cuda::train_detail {
 
 constexpr int kChunkThreads = 256;  // threads of a chunk block
 constexpr int kMaxRank = 4;         // R ≤ 4 (MIMO)
-constexpr int kLaneAngles = 8;      // angles per lane in the angle backward: S ≤ 256
 
 // Sizes and switches of a Mamba3Config as the kernels need them (spec §1.2).
 struct MixerDims {
@@ -98,7 +97,8 @@ struct AngleBackwardParams {
   MixerDims d;
   const float* zx;
   const float *dt, *A, *lam, *dAdl, *dsp;  // (B·H, L)
-  const float *dphi, *dadt, *dgam, *dscale;
+  float* dphi;  // (B·H, L, S) per-token dφ in; the angle backward overwrites it with its reverse cumulative sum
+  const float *dadt, *dgam, *dscale;
   float* dth;           // (M, H, S)
   float* dzx;           // (M, din)
   float* part_dt_bias;  // (B, H)

@@ -54,69 +54,124 @@ __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, 
   out.dsp[e] = arg > 20.0f ? 1.0f : sigmoid_f(arg);
 }
 
-// One thread per (bh, i), sequential in t (the cumulative sum is a scan). Reads L·(1 + 1), writes 2·L floats.
-__global__ void angles_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
-                              float* __restrict__ cs, float* __restrict__ sn) {
+// The angle scan φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t): one thread per (bh, i) walks t, with only the adds and
+// wraps on its dependency chain: the inputs of kAhead tokens are loaded and tanh'd before their adds (the loads of a
+// one-token loop body waited ~0.6 µs each: 1.3 ms per call at 125M), and φ is stored (into sn) for the elementwise
+// cos/sin pass. The chain does the one-pass kernel's operations in its order: the same φ bit for bit.
+constexpr int kAhead = 8;
+__global__ void angle_scan_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
+                                  float* __restrict__ phi_out) {
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * d.S) return;
   const int64_t bh = e / d.S;
   const int i = int(e % d.S), b = int(bh / d.H);
   float phi = 0;
-  for (int t = 0; t < d.L; ++t) {
-    const int64_t st = bh * d.L + t;
-    if (!d.no_rotary) phi += kPi * tanhf(zx[(int64_t(b) * d.L + t) * d.din + d.off_ang + i]) * dt[st];
-    phi -= kTwoPi * floorf(phi / kTwoPi);
-    cs[st * d.S + i] = cosf(phi);
-    sn[st * d.S + i] = sinf(phi);
+  for (int t0 = 0; t0 < d.L; t0 += kAhead) {
+    float th[kAhead], dv[kAhead];
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      const int t = min(t0 + k, d.L - 1);
+      th[k] = d.no_rotary ? 0.0f : kPi * tanhf(zx[(int64_t(b) * d.L + t) * d.din + d.off_ang + i]);
+      dv[k] = dt[bh * d.L + t];
+    }
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      if (t0 + k >= d.L) break;
+      if (!d.no_rotary) phi += th[k] * dv[k];
+      phi -= kTwoPi * floorf(phi / kTwoPi);
+      phi_out[(bh * d.L + t0 + k) * d.S + i] = phi;
+    }
   }
 }
 
-// One warp per bh walking t backwards: lanes hold the running dΦ of their angles; lane 0 finishes the token's
-// scalar gradients (spec §2.2 chain: scale_t = γ_t + σ̄_{t+1}, γ = λΔ, σ̄ = (1−λ)Δ, A·Δ, Δ's angle share).
-__global__ void angle_scalar_backward_kernel(AngleBackwardParams p) {
-  const MixerDims& d = p.d;
-  const int lane = threadIdx.x % 32;
-  const int64_t bh = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (bh >= int64_t(d.B) * d.H) return;  // whole warps leave together
-  const int b = int(bh / d.H), h = int(bh % d.H);
-  float dPhi[kLaneAngles];
+// cos/sin of the scanned angles, one thread per (bh, t, i); φ arrives in sn.
+__global__ void angle_sincos_kernel(int64_t n, float* __restrict__ cs, float* __restrict__ sn) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= n) return;
+  const float phi = sn[e];
+  cs[e] = cosf(phi);
+  sn[e] = sinf(phi);
+}
+
+// The angle backward, step 1: dΦ_t = Σ_{t' ≥ t} dφ_{t'} in place, one thread per (bh, i) walking t backwards with the
+// loads of kAhead tokens issued before their adds (the same adds in the same order as the one-warp-per-bh kernel).
+__global__ void angle_grad_suffix_kernel(MixerDims d, float* __restrict__ dphi) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= int64_t(d.B) * d.H * d.S) return;
+  const int64_t bh = e / d.S;
+  const int i = int(e % d.S);
+  float* g = dphi + bh * d.L * d.S + i;
+  float run = 0;
+  for (int t1 = d.L - 1; t1 >= 0; t1 -= kAhead) {
+    float v[kAhead];
 #pragma unroll
-  for (int k = 0; k < kLaneAngles; ++k) dPhi[k] = 0;
-  float dtb = 0;
-  for (int t = d.L - 1; t >= 0; --t) {
-    const int64_t st = bh * d.L + t, row = int64_t(b) * d.L + t;
-    const float dtv = p.dt[st];
-    float ang = 0;
+    for (int k = 0; k < kAhead; ++k) v[k] = g[int64_t(max(t1 - k, 0)) * d.S];
 #pragma unroll
-    for (int k = 0; k < kLaneAngles; ++k) {
-      const int i = lane + 32 * k;
-      if (i >= d.S) continue;
-      dPhi[k] += p.dphi[st * d.S + i];
-      float g = 0;
-      // no_rotary: the increments are 0 whatever θ and Δ are, so neither gets a gradient from the angles.
-      if (!d.no_rotary) {
-        const float th = tanhf(p.zx[row * d.din + d.off_ang + i]);
-        ang += dPhi[k] * kPi * th;
-        g = dPhi[k] * kPi * dtv * (1.0f - th * th);
-      }
-      p.dth[(row * d.H + h) * d.S + i] = g;
-    }
-    ang = warp_sum(ang);
-    if (lane == 0) {
-      const float lam = p.lam[st], dadt = p.dadt[st];
-      const float dgam = p.dgam[st] + p.dscale[st];
-      const float dsig = t > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
-      const float ddt = dadt * p.A[st] + dgam * lam + dsig * (1.0f - lam) + ang;
-      const float dlam = (dgam - dsig) * dtv;
-      const float dsp = ddt * p.dsp[st];
-      float* dz = p.dzx + row * d.din;
-      dz[d.off_dt + h] = dsp;
-      dz[d.off_A + h] = dadt * dtv * p.dAdl[st];
-      dz[d.off_trap + h] = d.euler ? 0.0f : dlam * lam * (1.0f - lam);  // euler: λ does not depend on trap
-      dtb += dsp;
+    for (int k = 0; k < kAhead; ++k) {
+      if (t1 - k < 0) break;
+      run += v[k];
+      g[int64_t(t1 - k) * d.S] = run;
     }
   }
-  if (lane == 0) p.part_dt_bias[bh] = dtb;
+}
+
+// Step 2, one warp per (bh, t): lanes take the angles (dθ per head, Δ's angle share summed over the warp), then lane
+// 0 finishes the token's scalar gradients (spec §2.2 chain: scale_t = γ_t + σ̄_{t+1}, γ = λΔ, σ̄ = (1−λ)Δ, A·Δ).
+__global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
+  const MixerDims& d = p.d;
+  const int lane = threadIdx.x % 32;
+  const int64_t st = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (st >= int64_t(d.B) * d.H * d.L) return;  // whole warps leave together
+  const int64_t bh = st / d.L;
+  const int t = int(st % d.L), b = int(bh / d.H), h = int(bh % d.H);
+  const int64_t row = int64_t(b) * d.L + t;
+  const float dtv = p.dt[st];
+  float ang = 0;
+  for (int i = lane; i < d.S; i += 32) {
+    const float dPhi = p.dphi[st * d.S + i];
+    float g = 0;
+    // no_rotary: the increments are 0 whatever θ and Δ are, so neither gets a gradient from the angles.
+    if (!d.no_rotary) {
+      const float th = tanhf(p.zx[row * d.din + d.off_ang + i]);
+      ang += dPhi * kPi * th;
+      g = dPhi * kPi * dtv * (1.0f - th * th);
+    }
+    p.dth[(row * d.H + h) * d.S + i] = g;
+  }
+  ang = warp_sum(ang);
+  if (lane == 0) {
+    const float lam = p.lam[st], dadt = p.dadt[st];
+    const float dgam = p.dgam[st] + p.dscale[st];
+    const float dsig = t > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
+    const float ddt = dadt * p.A[st] + dgam * lam + dsig * (1.0f - lam) + ang;
+    const float dlam = (dgam - dsig) * dtv;
+    const float dsp = ddt * p.dsp[st];
+    float* dz = p.dzx + row * d.din;
+    dz[d.off_dt + h] = dsp;
+    dz[d.off_A + h] = dadt * dtv * p.dAdl[st];
+    dz[d.off_trap + h] = d.euler ? 0.0f : dlam * lam * (1.0f - lam);  // euler: λ does not depend on trap
+  }
+}
+
+// Step 3: the dt_bias partial per bh, Σ over t from last to first (the one-warp kernel's order), one thread per bh.
+__global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
+  const MixerDims& d = p.d;
+  const int64_t bh = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (bh >= int64_t(d.B) * d.H) return;
+  const int b = int(bh / d.H), h = int(bh % d.H);
+  const float* col = p.dzx + int64_t(b) * d.L * d.din + d.off_dt + h;
+  float dtb = 0;
+  for (int t1 = d.L - 1; t1 >= 0; t1 -= kAhead) {
+    float v[kAhead];
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) v[k] = col[int64_t(max(t1 - k, 0)) * d.din];
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      if (t1 - k < 0) break;
+      dtb += v[k];
+    }
+  }
+  p.part_dt_bias[bh] = dtb;
 }
 
 // One block per row; warps take the (which, r, g) vectors: acc = Σ_{h ∈ g} dBn/dCn, then the RMSNorm backward.
@@ -194,12 +249,26 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
 }
 
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn) {
-  angles_kernel<<<blocks_for(int64_t(d.B) * d.H * d.S, 128), 128, 0, s>>>(d, zx, dt, cs, sn);
+  const int64_t lanes = int64_t(d.B) * d.H * d.S, n = lanes * d.L;
+  if (n == 0) return;
+  // 32-thread blocks: B·H·S chains (6144 at 125M) spread over every SM rather than a third of them.
+  angle_scan_kernel<<<blocks_for(lanes, 32), 32, 0, s>>>(d, zx, dt, sn);
+  MAMBA3_LAUNCH_CHECK();
+  angle_sincos_kernel<<<blocks_for(n, 256), 256, 0, s>>>(n, cs, sn);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) {
-  angle_scalar_backward_kernel<<<blocks_for(int64_t(p.d.B) * p.d.H, 4), 128, 0, s>>>(p);
+  const MixerDims& d = p.d;
+  const int64_t BH = int64_t(d.B) * d.H, lanes = BH * d.S;
+  if (BH * d.L == 0) return;
+  if (lanes > 0) {
+    angle_grad_suffix_kernel<<<blocks_for(lanes, 32), 32, 0, s>>>(d, p.dphi);
+    MAMBA3_LAUNCH_CHECK();
+  }
+  angle_scalar_token_kernel<<<blocks_for(BH * d.L, 8), 256, 0, s>>>(p);
+  MAMBA3_LAUNCH_CHECK();
+  dt_bias_partial_kernel<<<blocks_for(BH, 32), 32, 0, s>>>(p);
   MAMBA3_LAUNCH_CHECK();
 }
 
