@@ -664,14 +664,44 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
     [[maybe_unused]] const tc::Tiles tt{rows, R, N, P, ldN, ldP, ldR, sQ, sK, sV, Lam, scale, gam, eL, Dh};
     [[maybe_unused]] const tc::RevTiles tr{dY, Hc, dH, Sm, dW, sE, dV, T1, T2, dQ, dK, e2};
 
-    // Scores S = q·kᵀ and dW = dy·vᵀ; E = d loss/d coef without scale (→ Λ, scale, γ); Sm ← W, dW ← dS.
+    // Scores S = q·kᵀ and dW = dy·vᵀ; E = d loss/d coef without scale (→ Λ, scale, γ); Sm ← W, dW ← dS. The f32 path
+    // also forms T1 = q·H_cᵀ and T2 = k·dHᵀ here (they need only the loaded tiles), on the threads that the score
+    // tiles (about half of them causal) leave idle: one barrier interval of balanced work instead of two uneven ones.
     [[maybe_unused]] const int rt = (rows + kTile - 1) / kTile, pt = (P + kTile - 1) / kTile,
                                nt = (N + kTile - 1) / kTile;
     if constexpr (kTC) {
       tc::rev_scores(tt, tr, warp, lane);
     } else {
-      for (int t = tid; t < rt * rt; t += kChunkThreads) {
-        const int j0 = (t / rt) * kTile, k0 = (t % rt) * kTile;
+      for (int it = tid; it < rt * rt + 2 * rt * pt; it += kChunkThreads) {
+        if (it >= rt * rt) {  // T1 (first rt·pt items) or T2 tile
+          const int u = it - rt * rt, t = u % (rt * pt);
+          const bool second = u >= rt * pt;
+          const float *X = second ? sK : sQ, *Y = second ? dH : Hc;
+          float* out = second ? T2 : T1;
+          const int j0 = (t / pt) * kTile, q0 = t % pt;
+          int jr[kTile], qc[kTile];
+#pragma unroll
+          for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), qc[a] = min(q0 + a * pt, P - 1);
+          float acc[kTile][kTile] = {};
+          for (int n = 0; n < N; ++n) {
+            float x[kTile], y[kTile];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a) x[a] = X[jr[a] * ldN + n], y[a] = Y[qc[a] * ldN + n];
+#pragma unroll
+            for (int a = 0; a < kTile; ++a)
+#pragma unroll
+              for (int c = 0; c < kTile; ++c) acc[a][c] += x[a] * y[c];
+          }
+#pragma unroll
+          for (int a = 0; a < kTile; ++a)
+#pragma unroll
+            for (int c = 0; c < kTile; ++c) {
+              const int j = j0 + a, q = q0 + c * pt;
+              if (j < rows && q < P) out[j * ldP + q] = acc[a][c];
+            }
+          continue;
+        }
+        const int j0 = (it / rt) * kTile, k0 = (it % rt) * kTile;
         float as[kTile][kTile] = {}, adw[kTile][kTile] = {};
         if (k0 / R <= min(j0 + kTile - 1, rows - 1) / R) {  // else the tile lies wholly above the causal diagonal
           int jr[kTile], kr[kTile];
@@ -682,48 +712,50 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
 #pragma unroll
             for (int a = 0; a < kTile; ++a) x[a] = sQ[jr[a] * ldN + n], y[a] = sK[kr[a] * ldN + n];
 #pragma unroll
-          for (int a = 0; a < kTile; ++a)
+            for (int a = 0; a < kTile; ++a)
 #pragma unroll
-            for (int c = 0; c < kTile; ++c) as[a][c] += x[a] * y[c];
+              for (int c = 0; c < kTile; ++c) as[a][c] += x[a] * y[c];
           }
           for (int q = 0; q < P; ++q) {
             float x[kTile], y[kTile];
 #pragma unroll
             for (int a = 0; a < kTile; ++a) x[a] = dY[jr[a] * ldP + q], y[a] = sV[kr[a] * ldP + q];
 #pragma unroll
-          for (int a = 0; a < kTile; ++a)
+            for (int a = 0; a < kTile; ++a)
 #pragma unroll
-            for (int c = 0; c < kTile; ++c) adw[a][c] += x[a] * y[c];
+              for (int c = 0; c < kTile; ++c) adw[a][c] += x[a] * y[c];
           }
         }
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
 #pragma unroll
           for (int c = 0; c < kTile; ++c) {
-        const int j = j0 + a, jj = k0 + c;
-        if (j >= rows || jj >= rows) continue;
-        const int tl = j / R, sl = jj / R;
-        float s = 0.0f, dw = 0.0f, cf = 0.0f, ge = 0.0f;
-        if (sl <= tl) {
-          s = as[a][c], dw = adw[a][c];
-          if (sl < tl) {
-            const float ex = expf(Lam[tl] - Lam[sl]);
-            cf = ex * scale[sl];
-            ge = dw * s * ex;
-          } else {
-            cf = gam[tl];
-            ge = dw * s;
-          }
-        }
-        Sm[j * ldR + jj] = s * cf;
-        dW[j * ldR + jj] = dw * cf;
-        sE[j * ldR + jj] = ge;
+            const int j = j0 + a, jj = k0 + c;
+            if (j >= rows || jj >= rows) continue;
+            const int tl = j / R, sl = jj / R;
+            float s = 0.0f, dw = 0.0f, cf = 0.0f, ge = 0.0f;
+            if (sl <= tl) {
+              s = as[a][c], dw = adw[a][c];
+              if (sl < tl) {
+                const float ex = expf(Lam[tl] - Lam[sl]);
+                cf = ex * scale[sl];
+                ge = dw * s * ex;
+              } else {
+                cf = gam[tl];
+                ge = dw * s;
+              }
+            }
+            Sm[j * ldR + jj] = s * cf;
+            dW[j * ldR + jj] = dw * cf;
+            sE[j * ldR + jj] = ge;
           }
       }
     }
     __syncthreads();
 
-    // dV = Wᵀ·dy + D·dy + w ⊙ (k·dHᵀ); dQ = dS·k + e^Λ ⊙ (dy·H_c); dK = dSᵀ·q + w ⊙ (v·dH); T1 = q·H_cᵀ, T2 = k·dHᵀ.
+    // dV = Wᵀ·dy + D·dy + w ⊙ T2; dQ = dS·k + e^Λ ⊙ (dy·H_c); dK = dSᵀ·q + w ⊙ (v·dH) (the tensor-core path also
+    // forms T1 and T2 here). f32: the dV tiles, then dQ and dK tiles as separate items (704 at 42 rows) so that every
+    // thread gets 2–3 of them after its dV tile.
     if constexpr (kTC) {
       tc::rev_dv_dq_dk(tt, tr, warp, lane);
     } else {
@@ -732,7 +764,7 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
         int jr[kTile], qc[kTile], beg[kTile];
 #pragma unroll
         for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, qc[a] = min(q0 + a * pt, P - 1);
-        float acc[kTile][kTile] = {}, t1[kTile][kTile] = {}, t2[kTile][kTile] = {};
+        float acc[kTile][kTile] = {};
         for (int jj = beg[0]; jj < rows; ++jj) {  // beg[] grows with the row
           float v[kTile];
 #pragma unroll
@@ -745,18 +777,6 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
               for (int c = 0; c < kTile; ++c) acc[a][c] += w * v[c];
             }
         }
-        for (int n = 0; n < N; ++n) {
-          float x[kTile], y[kTile], x2[kTile], y2[kTile];
-#pragma unroll
-          for (int a = 0; a < kTile; ++a) {
-            x[a] = sQ[jr[a] * ldN + n], y[a] = Hc[qc[a] * ldN + n];
-            x2[a] = sK[jr[a] * ldN + n], y2[a] = dH[qc[a] * ldN + n];
-          }
-#pragma unroll
-          for (int a = 0; a < kTile; ++a)
-#pragma unroll
-            for (int c = 0; c < kTile; ++c) t1[a][c] += x[a] * y[c], t2[a][c] += x2[a] * y2[c];
-        }
 #pragma unroll
         for (int a = 0; a < kTile; ++a)
 #pragma unroll
@@ -764,17 +784,17 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
             const int j = j0 + a, q = q0 + c * pt, tl = j / R;
             if (j >= rows || q >= P) continue;
             const float dy = dY[j * ldP + q];
-            T1[j * ldP + q] = t1[a][c];
-            T2[j * ldP + q] = t2[a][c];
-            dV[j * ldP + q] = acc[a][c] + Dh * dy + e2[tl] * scale[tl] * t2[a][c];
+            dV[j * ldP + q] = acc[a][c] + Dh * dy + e2[tl] * scale[tl] * T2[j * ldP + q];
           }
       }
-      for (int t = tid; t < rt * nt; t += kChunkThreads) {
+      for (int it = tid; it < 2 * rt * nt; it += kChunkThreads) {
+        const bool isK = it >= rt * nt;
+        const int t = isK ? it - rt * nt : it;
         const int j0 = (t / nt) * kTile, n0 = t % nt;
         int jr[kTile], nc[kTile], beg[kTile];
 #pragma unroll
         for (int a = 0; a < kTile; ++a) jr[a] = min(j0 + a, rows - 1), beg[a] = (jr[a] / R) * R, nc[a] = min(n0 + a * nt, N - 1);
-        {
+        if (!isK) {
           float aq[kTile][kTile] = {}, bq[kTile][kTile] = {};
           for (int jj = 0; jj < beg[kTile - 1] + R; ++jj) {  // row a sums jj < beg[a] + R
             float y[kTile];
@@ -804,8 +824,7 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
               const int j = j0 + a, n = n0 + c * nt;
               if (j < rows && n < N) dQ[j * ldN + n] = aq[a][c] + eL[j / R] * bq[a][c];
             }
-        }
-        {
+        } else {
           float ak[kTile][kTile] = {}, bk[kTile][kTile] = {};
           for (int jj = beg[0]; jj < rows; ++jj) {
             float y[kTile];
