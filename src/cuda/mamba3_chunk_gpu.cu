@@ -121,6 +121,39 @@ __device__ __forceinline__ int row_tiles_reached(int it, int R, int mt) {
   return min(mt, last / 16 + 1);
 }
 
+// for (e = tid; e < total; e += kThreads) store(e, load(e)), U items per thread at a time: the loads of all U (the
+// index clamped to total − 1 for the tail) are issued before the first store, so that a thread waits on global-memory
+// latency once per U items rather than once per item. load only reads memory; store does the math and the writes.
+template <int U, class Load, class Store>
+__device__ __forceinline__ void grouped_loop(int total, Load load, Store store) {
+  for (int e0 = int(threadIdx.x); e0 < total; e0 += U * kThreads) {
+    decltype(load(0)) v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = load(min(e0 + u * kThreads, total - 1));
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (e0 + u * kThreads < total) store(e0 + u * kThreads, v[u]);
+  }
+}
+
+// Elements n, n + 1 (n even) of a row of N floats, s pointing at n, into x0, x1 where inside the row (x0, x1 are left
+// as they are elsewhere): one float2 load when `vec` (N even and s 8-byte aligned; n < N then covers n + 1).
+__device__ __forceinline__ void load_pair(const float* s, int n, int N, bool vec, float& x0, float& x1) {
+  if (vec) {
+    if (n < N) {
+      const float2 v = *reinterpret_cast<const float2*>(s);
+      x0 = v.x, x1 = v.y;
+    }
+  } else {
+    if (n < N) x0 = s[0];
+    if (n + 1 < N) x1 = s[1];
+  }
+}
+
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 // One block per (b, h, channel slice [p0, p0 + PS)); 8 warps; chunks of Tc = 64/R − 1 new tokens (64 rows with the
 // previous token's). Per chunk (M = 16·⌈rows/16⌉ ≤ 64 rows):
 //   1. warp 0: Λ (warp scan of A·Δ), g, β, w_j; all: Q, K (kRows, Np) bf16, Kwt = (w ⊙ K)ᵀ (Np, M), Vt = Vᵀ (PS, M).
@@ -134,7 +167,7 @@ __device__ __forceinline__ int row_tiles_reached(int it, int R, int mt) {
 // + 2·M·M/2·P (W·V) + 2·P·N·M (state) FLOPs on tensor cores; 1.5B (N 128, P 64, R 1): 752 mma = 3.1 MFLOP per 63
 // tokens, ≈ 49 kFLOP per token and head (≈ 6 % of the layer's in/out projections). Bytes per token and head: reads
 // q, k (2·R·N f32), x, z (2·P f32), 4 scalars; writes o (P bf16); plus the P×N f32 state read and written once per
-// segment. Shared memory (1.5B): 108 KB → 2 blocks per SM; registers (nvcc 13, sm_90): 105 (R = 1) / 80, no spill.
+// segment. Shared memory (1.5B): 108 KB → 2 blocks per SM; registers (nvcc 13, sm_90): 92 (R = 1) / 80, no spill.
 // Fragment loads and stores are conflict-free (strides above); the transposed 2-byte stores of Kwt and Vt in step 1
 // are 8-way conflicted (a next step: stage them through registers and stmatrix/ldmatrix.trans).
 template <int RMAX>
@@ -162,19 +195,51 @@ __global__ void __launch_bounds__(kThreads) mamba3_chunk_kernel(const Mamba3Chun
   const int64_t rhn = int64_t(R) * H * N;
   const int tpc = kRows / R - 1;
   const float* zx_b = a.zx + (int64_t(b) * a.L + a.t0) * a.d_in;  // segment token t's row: zx_b + t·d_in
+  const bool qk2 = N % 2 == 0 && aligned_to(a.sg.q, 8) && aligned_to(a.sg.k, 8);
 
-  for (int e = tid; e < RMAX * PS; e += kThreads) {
-    const int r = e / PS, q = e % PS, p = p0 + q;
-    const bool use = a.mimo && r < R && p < P;
-    const int64_t src = (int64_t(h) * R + r) * P + p;
-    mx[e] = use ? a.p.mimo_x[src] : 1.0f;
-    mz[e] = use ? a.p.mimo_z[src] : 1.0f;
-    mo[e] = use ? a.p.mimo_o[src] : 1.0f;
-  }
+  struct MimoLoad {
+    float x, z, o;
+  };
+  grouped_loop<RMAX == 1 ? 1 : 2>(  // RMAX·PS ≤ 512 items: a thread's items all in flight at once
+      RMAX * PS,
+      [&](int e) {
+        const int r = e / PS, q = e % PS, p = p0 + q;
+        const int64_t src = (int64_t(h) * R + r) * P + p;
+        MimoLoad m{1.0f, 1.0f, 1.0f};
+        if (a.mimo && r < R && p < P) m = {a.p.mimo_x[src], a.p.mimo_z[src], a.p.mimo_o[src]};
+        return m;
+      },
+      [&](int e, const MimoLoad& m) { mx[e] = m.x, mz[e] = m.z, mo[e] = m.o; });
+  // The carried state: float4 loads where N keeps its rows 16-byte aligned (the usual case), else by element.
   const float* ssm_in = a.st.ssm + int64_t(bh) * P * N;
-  for (int e = tid; e < PS * Np; e += kThreads) {
-    const int q = e / Np, n = e % Np, p = p0 + q;
-    Hs[q * ldN + n] = p < P && n < N ? ssm_in[int64_t(p) * N + n] : 0.0f;
+  const bool state4 = N % 4 == 0 && aligned_to(a.st.ssm, 16);
+  if (state4) {
+    struct HLoad {
+      int dst;
+      float4 v;
+    };
+    const int n4 = Np / 4;
+    grouped_loop<4>(
+        PS * n4,
+        [&](int e) {
+          const int q = e / n4, n = 4 * (e % n4), p = p0 + q;
+          HLoad v{q * ldN + n, make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+          if (p < P && n < N) v.v = *reinterpret_cast<const float4*>(ssm_in + int64_t(p) * N + n);
+          return v;
+        },
+        [&](int, const HLoad& v) { *reinterpret_cast<float4*>(Hs + v.dst) = v.v; });
+  } else {
+    struct HLoad {
+      int dst;
+      float v;
+    };
+    grouped_loop<4>(
+        PS * Np,
+        [&](int e) {
+          const int q = e / Np, n = e % Np, p = p0 + q;
+          return HLoad{q * ldN + n, p < P && n < N ? ssm_in[int64_t(p) * N + n] : 0.0f};
+        },
+        [&](int, const HLoad& v) { Hs[v.dst] = v.v; });
   }
   const float Dh = a.p.D[h];
 
@@ -217,39 +282,56 @@ __global__ void __launch_bounds__(kThreads) mamba3_chunk_kernel(const Mamba3Chun
     }
     __syncthreads();
 
-    // 1b. Q, K, Kwt (rows j < 16·mt; rows past the chunk are zero). Consecutive threads take consecutive n pairs.
+    // 1b. Q, K, Kwt (rows j < 16·mt; rows past the chunk are zero). Consecutive threads take consecutive n pairs,
+    // as one float2 each where N is even and q, k are 8-byte aligned (every offset is then even).
     const int np2 = Np / 2;
-    for (int e = tid; e < mt * 16 * np2; e += kThreads) {
-      const int j = e / np2, n = 2 * (e % np2), i = j / R, r = j % R;
-      float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f, w = 0.0f;
-      if (j < rows) {
-        const int64_t within = (int64_t(r) * H + h) * N + n;
-        const float* ks = a.sg.k + (int64_t(b) * (a.Lc + 1) + c0 + i) * rhn + within;  // slot c0 + i
-        if (n < N) k0 = ks[0];
-        if (n + 1 < N) k1 = ks[1];
-        if (i >= 1) {  // the previous token's query rows are never output rows
-          const float* qs = a.sg.q + (int64_t(b) * a.Lc + c0 + i - 1) * rhn + within;
-          if (n < N) q0 = qs[0];
-          if (n + 1 < N) q1 = qs[1];
-        }
-        w = wst[i];
-      }
-      *reinterpret_cast<uint32_t*>(Qs + j * ldN + n) = pack_bf16(q0, q1);
-      *reinterpret_cast<uint32_t*>(Ks + j * ldN + n) = pack_bf16(k0, k1);
-      Kwt[n * kLdRows + j] = __float2bfloat16(w * k0);
-      Kwt[(n + 1) * kLdRows + j] = __float2bfloat16(w * k1);
-    }
+    struct QKLoad {
+      int j, n;
+      float q0, q1, k0, k1, w;
+    };
+    grouped_loop<4>(
+        mt * 16 * np2,
+        [&](int e) {
+          QKLoad v{e / np2, 2 * (e % np2), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+          const int j = v.j, n = v.n, i = j / R, r = j % R;
+          if (j < rows) {
+            const int64_t within = (int64_t(r) * H + h) * N + n;
+            const float* ks = a.sg.k + (int64_t(b) * (a.Lc + 1) + c0 + i) * rhn + within;  // slot c0 + i
+            load_pair(ks, n, N, qk2, v.k0, v.k1);
+            if (i >= 1)  // the previous token's query rows are never output rows
+              load_pair(a.sg.q + (int64_t(b) * a.Lc + c0 + i - 1) * rhn + within, n, N, qk2, v.q0, v.q1);
+            v.w = wst[i];
+          }
+          return v;
+        },
+        [&](int, const QKLoad& v) {
+          const int j = v.j, n = v.n;
+          *reinterpret_cast<uint32_t*>(Qs + j * ldN + n) = pack_bf16(v.q0, v.q1);
+          *reinterpret_cast<uint32_t*>(Ks + j * ldN + n) = pack_bf16(v.k0, v.k1);
+          Kwt[n * kLdRows + j] = __float2bfloat16(v.w * v.k0);
+          Kwt[(n + 1) * kLdRows + j] = __float2bfloat16(v.w * v.k1);
+        });
     // Vt: v_{j}[p] = mimo_x[r, p]·x_{token}[p]; the previous token of the segment's first chunk is x_{−1}.
-    for (int e = tid; e < mt * 16 * PS; e += kThreads) {
-      const int j = e / PS, q = e % PS, p = p0 + q, i = j / R, r = j % R;
-      float v = 0.0f;
-      if (j < rows && p < P) {
-        const int t = c0 + i - 1;  // segment token
-        const float x = t < 0 ? a.st.v[int64_t(bh) * P + p] : zx_b[int64_t(t) * a.d_in + a.off_x + h * P + p];
-        v = mx[r * PS + q] * x;
-      }
-      Vt[q * kLdRows + j] = __float2bfloat16(v);
-    }
+    struct VLoad {
+      int j, q, r;
+      float x;
+    };
+    grouped_loop<4>(
+        mt * 16 * PS,
+        [&](int e) {
+          VLoad v{e / PS, e % PS, 0, 0.0f};
+          const int i = v.j / R, p = p0 + v.q;
+          v.r = v.j % R;
+          if (v.j < rows && p < P) {
+            const int t = c0 + i - 1;  // segment token
+            v.x = t < 0 ? a.st.v[int64_t(bh) * P + p] : zx_b[int64_t(t) * a.d_in + a.off_x + h * P + p];
+          }
+          return v;
+        },
+        [&](int, const VLoad& v) {
+          const float x = v.j < rows && p0 + v.q < P ? mx[v.r * PS + v.q] * v.x : 0.0f;
+          Vt[v.q * kLdRows + v.j] = __float2bfloat16(x);
+        });
     __syncthreads();
 
     // 2. W = (Q·Kᵀ) ⊙ c over the n8 tiles (it, jt < 2·row_tiles_reached(it)), it < mt: all that step 3 reads.
@@ -356,20 +438,41 @@ __global__ void __launch_bounds__(kThreads) mamba3_chunk_kernel(const Mamba3Chun
     }
     __syncthreads();
 
-    // 5. Output stage, a warp per new token; lane owns channels q = lane + 32k of the slice.
-    for (int i = 1 + warp; i <= Tc; i += kWarps) {
-      const int t = c0 + i - 1;
-      const float* row = zx_b + int64_t(t) * a.d_in;
-      float y[RMAX][4], z[4];
+    // 5. Output stage, a warp per new token; lane owns channels q = lane + 32k of the slice. The warp's next token's
+    // x, z are loaded before this token's math and o stores (which the loads could not pass: a full wait on global
+    // latency per token); two tokens ahead cost the R = 4 kernel ~40 registers. The norm weights once per chunk.
+    float nw[4], xn[4], zn[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int q = lane + 32 * k, p = p0 + q;
+      nw[k] = a.p.norm && q < PS && p < P ? a.p.norm[h * P + p] : 0.0f;
+    }
+    const auto load_xz = [&](int i) {
+      const float* row = zx_b + int64_t(c0 + min(i, Tc) - 1) * a.d_in;  // past Tc: loaded, unused
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int q = lane + 32 * k, p = p0 + q;
         const bool valid = q < PS && p < P;
-        const float x = valid ? row[a.off_x + h * P + p] : 0.0f;
-        z[k] = valid ? row[h * P + p] : 0.0f;
+        xn[k] = valid ? row[a.off_x + h * P + p] : 0.0f;
+        zn[k] = valid ? row[h * P + p] : 0.0f;
+      }
+    };
+    load_xz(1 + warp);
+#pragma unroll 1
+    for (int i = 1 + warp; i <= Tc; i += kWarps) {
+      const int t = c0 + i - 1;
+      float x[4], z[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) x[k] = xn[k], z[k] = zn[k];
+      load_xz(i + kWarps);
+      float y[RMAX][4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int q = lane + 32 * k, p = p0 + q;
+        const bool valid = q < PS && p < P;
 #pragma unroll
         for (int r = 0; r < RMAX; ++r)
-          y[r][k] = valid && r < R ? Ys[(i * R + r) * ldY + q] + Dh * mx[r * PS + q] * x : 0.0f;
+          y[r][k] = valid && r < R ? Ys[(i * R + r) * ldY + q] + Dh * mx[r * PS + q] * x[k] : 0.0f;
       }
       if (a.p.norm) {  // one block holds the whole head (slices = 1)
 #pragma unroll
@@ -380,7 +483,7 @@ __global__ void __launch_bounds__(kThreads) mamba3_chunk_kernel(const Mamba3Chun
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               const int p = p0 + lane + 32 * k;
-              if (lane + 32 * k < PS && p < P) y[r][k] *= rstd * a.p.norm[h * P + p];
+              if (lane + 32 * k < PS && p < P) y[r][k] *= rstd * nw[k];
             }
           }
         }
@@ -413,9 +516,18 @@ __global__ void __launch_bounds__(kThreads) mamba3_chunk_kernel(const Mamba3Chun
   // Final state of the slice (the last chunk's step 4 is behind its barrier) and the last token's x as the v state;
   // x_{−1} of these channels was read by this block's first chunk only.
   float* ssm_out = a.st.ssm + int64_t(bh) * P * N;
-  for (int e = tid; e < PS * N; e += kThreads) {
-    const int q = e / N, n = e % N, p = p0 + q;
-    if (p < P) ssm_out[int64_t(p) * N + n] = Hs[q * ldN + n];
+  if (state4) {  // a quarter of the store instructions
+    const int n4 = N / 4;
+    for (int e = tid; e < PS * n4; e += kThreads) {
+      const int q = e / n4, n = 4 * (e % n4), p = p0 + q;
+      if (p < P)
+        *reinterpret_cast<float4*>(ssm_out + int64_t(p) * N + n) = *reinterpret_cast<const float4*>(Hs + q * ldN + n);
+    }
+  } else {
+    for (int e = tid; e < PS * N; e += kThreads) {
+      const int q = e / N, n = e % N, p = p0 + q;
+      if (p < P) ssm_out[int64_t(p) * N + n] = Hs[q * ldN + n];
+    }
   }
   const float* xlast = zx_b + int64_t(a.Lc - 1) * a.d_in + a.off_x + h * P;
   for (int q = tid; q < PS; q += kThreads)
