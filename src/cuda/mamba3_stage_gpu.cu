@@ -18,6 +18,7 @@ constexpr int kMaxThreads = 512;   // 16 warps × 8 channels = the largest P
 // Heads per staging warp (its B/C norm is computed once for them). Measured against 1 head per warp (4× the warps)
 // on an H200, 1.5B b128 decode: 20.7 vs 27.3 µs per layer (MIMO R = 4: 68 vs 84 µs); 4 kept.
 constexpr int kHeadsPerUnit = 4;
+constexpr int64_t kFewHeadsDecode = 2048;  // (sequence, head) pairs of a decode step staged one head per warp
 constexpr int kPairSlots = 4;      // rotary pairs per lane in the staging warp: ⌈(N/2 + N mod 2) / 32⌉ ≤ 4 (N ≤ 256)
 constexpr int kRing = 4;           // prefill ring of token slots: previous, current, two in flight
 constexpr int kDecodeRows = 16;    // head channels per decode block when the output has no per-head norm
@@ -644,7 +645,11 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
   a.st = state;
   a.sg = stage;
   a.o = o;
-  const int64_t hg = a.H / a.G, hpu = kHeadsPerUnit, chunks = (hg + hpu - 1) / hpu;
+  // Heads per staging warp: a warp walks its heads one after another, each head's loads waiting on global memory, so
+  // a decode step of few sequences (too few warps to overlap them) gives every warp one head; larger launches share
+  // the B/C norm of a group over 4 heads (1.5B, 64 heads: one head per warp up to 32 sequences).
+  const int64_t hg = a.H / a.G, hpu = L == 1 && batch * a.H <= kFewHeadsDecode ? 1 : kHeadsPerUnit;
+  const int64_t chunks = (hg + hpu - 1) / hpu;
   const int items = int(batch * a.H);
   for (int64_t t0 = 0; t0 < L; t0 += stage.tokens) {
     a.t0 = int(t0);
