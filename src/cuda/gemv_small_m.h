@@ -9,6 +9,10 @@
 namespace mamba3::cuda {
 
 constexpr int64_t kGemvMaxRows = 8;
+// The rows up to which linear() takes this kernel over cuBLAS. From 5 rows on it is bound by instructions (every row's
+// x loads and FMAs per 16-byte weight piece), not by the weight stream: 1.5B decode step on an H200, b4 1.77 ms, b5
+// 2.15, b8 2.72, while cuBLAS streams the weights in about 2.1 ms at any small batch (b12 2.13).
+constexpr int64_t kGemvPreferredRows = 4;
 
 // Whether the kernel handles this shape: 1 ≤ m ≤ kGemvMaxRows, K a multiple of 8, 16-byte aligned rows.
 bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* w, const void* x);
