@@ -2,7 +2,8 @@
 // The lm_head fused with softmax cross-entropy on the GPU (spec §9.4), the math of train/lm_head_loss.h:
 // logits = h·Wᵀ over all Vp ids; loss_r = logsumexp(logits_r) − logits_r[target_r]; dlogits = scale·(softmax −
 // onehot); dh = dlogits·W; dW += dlogitsᵀ·h. Rows go one block at a time so memory stays at block·Vp floats; the
-// matrix products run through TrainGemm (its precision mode applies). The softmax is f32 with the row maximum
+// matrix products run through TrainGemm (its precision mode applies; in the bf16 mode W and h are rounded once per
+// call and each block's dlogits once, not once per product: the same bits, ~3 block products fewer conversions). The softmax is f32 with the row maximum
 // subtracted, its sum and the logsumexp in float64.
 #include <cstdint>
 
@@ -17,6 +18,7 @@ struct LmHeadScratch {
   // Rows per block of logits; 0 = automatic (block·Vp ≤ 32 Mi floats, at most 4096 rows).
   int64_t max_block_rows = 0;
   DeviceBuffer logits;    // (block, Vp) f32: the logits, then their gradient
+  DeviceBuffer w16, h16, dl16;  // bf16 mode: W (Vp, D) and hidden (N, D) rounded once per call; a block's dlogits
   DeviceBuffer row_loss;  // (N) f64
   DeviceBuffer total;     // one f64
 };

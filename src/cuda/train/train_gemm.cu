@@ -47,10 +47,20 @@ void TrainGemm::run(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, 
   b16_.reserve(size_t(b_rows * b_cols) * 2);
   f32_to_bf16_2d(ctx.stream(), A, a_rows, a_cols, lda, a16_.as<uint16_t>());
   f32_to_bf16_2d(ctx.stream(), B, b_rows, b_cols, ldb, b16_.as<uint16_t>());
-  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, b16_.raw(), CUDA_R_16BF,
-                                   int(std::max<int64_t>(b_cols, 1)), a16_.raw(), CUDA_R_16BF,
-                                   int(std::max<int64_t>(a_cols, 1)), &beta, C, CUDA_R_32F, int(ldc),
-                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  run_bf16(ctx, ta, tb, m, n, k, alpha, a16_.as<uint16_t>(), std::max<int64_t>(a_cols, 1), b16_.as<uint16_t>(),
+           std::max<int64_t>(b_cols, 1), beta, C, ldc);
+}
+
+void TrainGemm::run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                         const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
+                         int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  MAMBA3_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX,
+               "TrainGemm: sizes {}×{}×{} exceed cuBLAS's int", m, n, k);
+  const cublasOperation_t opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_16BF, int(ldb), A,
+                                   CUDA_R_16BF, int(lda), &beta, C, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace mamba3::cuda

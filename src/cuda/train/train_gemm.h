@@ -23,6 +23,11 @@ class TrainGemm {
   // with stride ldb, or (n × k) when tb. C (m × n), stride ldc. β = 0 overwrites C (which may hold NaN).
   void run(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+  // The bf16 mode's product on operands already rounded to bf16 (f32_to_bf16_2d), with the same shapes and flags as
+  // run: for callers that reuse a converted operand across products (the lm_head's weight over its row blocks). run
+  // in the bf16 mode is this after converting both operands, so the two give the same bits.
+  void run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* A,
+                int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
  private:
   Precision precision_;
