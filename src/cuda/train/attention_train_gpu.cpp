@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "cuda/train/attention_train_kernels.h"
 
@@ -103,6 +104,7 @@ void AttentionTrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Atte
   double* partial = grow<double>(partial_, chunks * std::max({d_model_, width_, qkv_w_ * (K + 1)}));
 
   // out_proj: dW += doutᵀ·ctx, db += Σ dout, dctx = dout·W.
+  std::optional<TrainGemm::HeldA> held(std::in_place, gemm, ctx, dout, N, d_model_, d_model_);  // rounded once
   if (g.out_w) gemm.run(ctx, true, false, d_model_, ctx_w_, N, 1.0f, dout, d_model_, c, ctx_w_, 1.0f, g.out_w, ctx_w_);
   if (g.out_b) attn_train::column_sum_add(s, dout, N, d_model_, d_model_, partial, g.out_b);
   float* dctx = grow<float>(dctx_, N * ctx_w_);  // (N, ctx_w)
@@ -128,6 +130,8 @@ void AttentionTrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Atte
   }
 
   // in_proj: dW += dprojᵀ·x, db += Σ dproj, dx = dproj·W.
+  held.reset();
+  held.emplace(gemm, ctx, dproj, N, width_, width_);
   if (g.in_w) gemm.run(ctx, true, false, width_, d_model_, N, 1.0f, dproj, width_, x, d_model_, 1.0f, g.in_w, d_model_);
   if (g.in_b) attn_train::column_sum_add(s, dproj, N, width_, width_, partial, g.in_b);
   gemm.run(ctx, false, false, N, d_model_, width_, 1.0f, dproj, width_, w.in_w, d_model_, 0.0f, dx, d_model_);

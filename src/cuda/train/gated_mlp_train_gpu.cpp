@@ -15,11 +15,15 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch) {
   if (rows <= 0) return;
   const int64_t F2 = 2 * d_ff;
-  gemm.run(ctx, true, false, D, d_ff, rows, 1.0f, dy, D, o, d_ff, 1.0f, dfc2, d_ff);  // dfc2 += dyᵀ·o (D, d_ff)
-  // do = dy·fc2 lands in the first half of each scratch row (stride 2·d_ff), so the activation backward can turn
-  // it into [da, dg] in place and the scratch needs no room for do beside dh.
-  gemm.run(ctx, false, false, rows, d_ff, D, 1.0f, dy, D, fc2, d_ff, 0.0f, scratch, F2);
+  {
+    const TrainGemm::HeldA dy16(gemm, ctx, dy, rows, D, D);  // rounded once for both products
+    gemm.run(ctx, true, false, D, d_ff, rows, 1.0f, dy, D, o, d_ff, 1.0f, dfc2, d_ff);  // dfc2 += dyᵀ·o (D, d_ff)
+    // do = dy·fc2 lands in the first half of each scratch row (stride 2·d_ff), so the activation backward can turn
+    // it into [da, dg] in place and the scratch needs no room for do beside dh.
+    gemm.run(ctx, false, false, rows, d_ff, D, 1.0f, dy, D, fc2, d_ff, 0.0f, scratch, F2);
+  }
   gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch);                      // dh (rows, 2·d_ff)
+  const TrainGemm::HeldA dh16(gemm, ctx, scratch, rows, F2, F2);
   gemm.run(ctx, true, false, F2, D, rows, 1.0f, scratch, F2, x, D, 1.0f, dfc1, D);    // dfc1 += dhᵀ·x (2·d_ff, D)
   gemm.run(ctx, false, false, rows, D, F2, 1.0f, scratch, F2, fc1, D, 0.0f, dx, D);   // dx = dh·fc1 (rows, D)
 }

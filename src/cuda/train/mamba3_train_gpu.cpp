@@ -286,8 +286,11 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
     if (x.dst) colsum_add(s, f(part_, size_t(x.offset)), x.rows, x.cols, x.dst, f(colsum_));
 
   // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o.
-  gemm.run(ctx, false, false, M, D, din, 1.0f, f(dzx_), din, w.in_proj, D, 0.0f, du, D);
-  if (g.in_proj) gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
+  {
+    const TrainGemm::HeldA dzx16(gemm, ctx, f(dzx_), M, din, din);  // rounded once for both products
+    gemm.run(ctx, false, false, M, D, din, 1.0f, f(dzx_), din, w.in_proj, D, 0.0f, du, D);
+    if (g.in_proj) gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
+  }
   if (g.out_proj) gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(o_), di, 1.0f, g.out_proj, di);
 }
 

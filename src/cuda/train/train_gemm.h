@@ -29,9 +29,25 @@ class TrainGemm {
   void run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* A,
                 int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+  // While a HeldA lives, run() takes its bf16 rounding of A (stored rows × cols, row stride lda) for every product
+  // whose A has this pointer and stored shape, instead of rounding A again: for the two products that read one
+  // gradient (dx = dy·W and dW += dyᵀ·x). A must not change meanwhile. Nothing is held in the f32 mode.
+  class HeldA {
+   public:
+    HeldA(TrainGemm& gemm, const Context& ctx, const float* A, int64_t rows, int64_t cols, int64_t lda);
+    ~HeldA() { gemm_.held_ = nullptr; }
+    HeldA(const HeldA&) = delete;
+    HeldA& operator=(const HeldA&) = delete;
+
+   private:
+    TrainGemm& gemm_;
+  };
+
  private:
   Precision precision_;
-  DeviceBuffer a16_, b16_;
+  DeviceBuffer a16_, b16_, held16_;
+  const float* held_ = nullptr;  // the HeldA's operand (null: none)
+  int64_t held_rows_ = 0, held_cols_ = 0, held_ld_ = 0;
 };
 
 // dst (rows × cols, packed, bf16 bits) = src (rows × cols, row stride ld) rounded to nearest even.
