@@ -64,5 +64,19 @@ expect_error "repetition penalty zero" "repetition_penalty" "$bin" generate -m "
 expect_error "batch zero" "--batch" "$bin" generate -m "$model" --ids 1 --batch 0
 expect_error "info on a missing path" "cannot open" "$bin" info "$tmp/missing.safetensors"
 
+# OpenBLAS's kernels: on an AVX2 CPU the process must end up with AVX2-class kernels even where OpenBLAS's own
+# detection falls back to old ones (ops/blas_kernels.h re-executes with OPENBLAS_CORETYPE); a user's choice stands.
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo; then
+  core=$(OPENBLAS_VERBOSE=2 "$bin" --help 2>&1 >/dev/null | sed -n 's/^Core: //p' | tail -n 1)
+  case "$core" in
+    "") echo "skip: OpenBLAS reports no kernel choice (a build without runtime CPU dispatch)" ;;
+    Haswell|Zen|SkylakeX|Cooperlake|SapphireRapids|Excavator|Steamroller) echo "ok: BLAS kernels $core on an AVX2 CPU" ;;
+    *) echo "FAIL: BLAS kernels [$core] on an AVX2 CPU"; failures=$((failures + 1)) ;;
+  esac
+  cores=$(OPENBLAS_CORETYPE=Haswell OPENBLAS_VERBOSE=2 "$bin" --help 2>&1 >/dev/null | sed -n 's/^Core: //p' | tr '\n' ' ')
+  [ "$cores" = "Haswell " ] && echo "ok: OPENBLAS_CORETYPE is respected" ||
+    { echo "FAIL: OPENBLAS_CORETYPE=Haswell gave cores [$cores]"; failures=$((failures + 1)); }
+fi
+
 echo "$failures failure(s)"
 [ $failures -eq 0 ]

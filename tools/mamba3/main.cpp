@@ -4,8 +4,10 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "ops/blas_kernels.h"
 
 int main(int argc, char** argv) {
+  mamba3::reexec_with_blas_core(argv);  // OpenBLAS's own kernel choice is stale on some newer CPUs (ops/blas_kernels.h)
   CLI::App app{"mamba3: a C++ engine for Mamba-3 state space models"};
   app.require_subcommand(1);
   mamba3::cli::register_generate(app);
