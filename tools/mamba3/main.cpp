@@ -4,10 +4,12 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "core/heap_retention.h"
 #include "ops/blas_kernels.h"
 
 int main(int argc, char** argv) {
   mamba3::reexec_with_blas_core(argv);  // OpenBLAS's own kernel choice is stale on some newer CPUs (ops/blas_kernels.h)
+  mamba3::retain_freed_heap_memory();   // activations freed and allocated again every step: no fresh page faults
   CLI::App app{"mamba3: a C++ engine for Mamba-3 state space models"};
   app.require_subcommand(1);
   mamba3::cli::register_generate(app);
