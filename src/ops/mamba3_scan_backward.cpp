@@ -102,6 +102,7 @@ struct TaskIO {
   float* dBn;          // (L, H, R, N) gradient of the normalised B seen by head h (before the group sum)
   float* dCn;          // (L, H, R, N)
   float* dth;          // (L, H, S)   gradient of θ through head h
+  const float* th;     // (L, S) tanh θ, once per token for all heads
   const float *init_angle, *init_ssm, *init_k, *init_v;  // (H, S), (H, P, N), (R, H, N), (H, P); null = zero
   float *d_angle, *d_ssm, *d_k, *d_v;                    // null when not wanted
 };
@@ -216,8 +217,7 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
   // Angles φ_t for every token (wrapped as the forward does).
   for (int64_t i = 0; i < S; ++i) s.phi[size_t(i)] = io.init_angle ? io.init_angle[h * S + i] : 0.0f;
   for (int64_t t = 0; t < L; ++t)
-    advance_angles(c, zx + t * d_in + c.off_angles(), s.dt[size_t(t)], s.phi.data(), s.cs.data() + t * S,
-                   s.sn.data() + t * S);
+    advance_angles_tanh(c, io.th + t * S, s.dt[size_t(t)], s.phi.data(), s.cs.data() + t * S, s.sn.data() + t * S);
 
   // The effective initial state: h_{−1} plus the pending (k, x) pair with σ̄_0 (spec §5.1).
   float* Hs = s.H.data();
@@ -411,7 +411,7 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
           io.dth[(t * H + h) * S + i] = 0.0f;
           continue;
         }
-        const float th = std::tanh(row[c.off_angles() + i]);
+        const float th = io.th[t * S + i];
         ang += s.dPhi[size_t(i)] * kPiF * th;
         io.dth[(t * H + h) * S + i] = s.dPhi[size_t(i)] * kPiF * s.dt[size_t(t)] * (1.0f - th * th);
       }
@@ -489,6 +489,11 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
     std::fill_n(dinit->angle, batch * H * S, 0.0f), std::fill_n(dinit->ssm, batch * H * P * N, 0.0f);
     std::fill_n(dinit->k, batch * R * H * N, 0.0f), std::fill_n(dinit->v, batch * H * P, 0.0f);
   }
+  // tanh θ once per token (every head's angle recompute and angle gradient reads it).
+  std::vector<float> th(size_t(M * S));
+  parallel_for(M, [&](int64_t row) {
+    for (int64_t i = 0; i < S; ++i) th[size_t(row * S + i)] = std::tanh(zx[size_t(row * din + c.off_angles() + i)]);
+  });
   std::vector<BwdScratch> scratch(static_cast<size_t>(max_threads()));
   parallel_for(batch * H, [&](int64_t task) {
     const int64_t b = task / H, h = task % H;
@@ -496,7 +501,7 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
     if (s.dt.size() != size_t(L)) s.resize(c, L);
     TaskIO io{zx.data() + b * L * din, dO.data() + b * L * di, o.data() + b * L * di, dzx.data() + b * L * din,
               dBn.data() + b * L * H * R * N, dCn.data() + b * L * H * R * N, dth.data() + b * L * H * S,
-              init ? init->angle + b * H * S : nullptr, init ? init->ssm + b * H * P * N : nullptr,
+              th.data() + b * L * S, init ? init->angle + b * H * S : nullptr, init ? init->ssm + b * H * P * N : nullptr,
               init ? init->k + b * R * H * N : nullptr, init ? init->v + b * H * P : nullptr,
               dinit ? dinit->angle + b * H * S : nullptr, dinit ? dinit->ssm + b * H * P * N : nullptr,
               dinit ? dinit->k + b * R * H * N : nullptr, dinit ? dinit->v + b * H * P : nullptr};
