@@ -42,8 +42,9 @@ struct ScanScratch {
   }
 };
 
+// th: (L, S) tanh θ of the sequence's tokens, shared by its heads.
 void scan_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, int64_t L, const float* zx,
-               const Mamba3StateView& st, float* o, ScanScratch& s) {
+               const float* th, const Mamba3StateView& st, float* o, ScanScratch& s) {
   const int64_t H = c.nheads(), P = c.headdim, N = c.d_state, R = c.rank(), S = c.num_angles(), G = c.ngroups;
   const int64_t d_in = c.d_in_proj(), d_inner = c.d_inner(), g = h / (H / G), C = c.chunk_size;
   const bool mimo = c.is_mimo;
@@ -79,7 +80,7 @@ void scan_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, int6
     for (int64_t tl = 0; tl < T; ++tl) {
       const int64_t t = c0 + tl;
       const float* row = zx + t * d_in;
-      advance_angles(c, row + c.off_angles(), s.dt[t], s.phi.data(), s.cs.data(), s.sn.data());
+      advance_angles_tanh(c, th + t * S, s.dt[t], s.phi.data(), s.cs.data(), s.sn.data());
       for (int64_t r = 0; r < R; ++r) {
         const int64_t j = tl * R + r;
         bias_rotate(row + c.off_C() + (r * G + g) * N, p.C_bias + (h * R + r) * N, s.cs.data(), s.sn.data(), N, S,
@@ -161,6 +162,12 @@ void mamba3_scan(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t batch
   if (L == 0) return;
   use_single_threaded_blas();  // the chunk GEMMs run inside our threads
   const int64_t H = c.nheads(), P = c.headdim, N = c.d_state, R = c.rank(), S = c.num_angles();
+  // tanh θ once per token (every head's angle scan reads it).
+  const int64_t d_in = c.d_in_proj();
+  std::vector<float> th(size_t(batch * L * S));
+  parallel_for(batch * L, [&](int64_t row) {
+    for (int64_t i = 0; i < S; ++i) th[size_t(row * S + i)] = std::tanh(zx[row * d_in + c.off_angles() + i]);
+  });
   std::vector<ScanScratch> scratch(static_cast<size_t>(max_threads()));
   parallel_for(batch * H, [&](int64_t task) {
     const int64_t b = task / H, h = task % H;
@@ -168,7 +175,7 @@ void mamba3_scan(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t batch
     if (s.dt.size() != size_t(L)) s.resize(c, L);
     Mamba3StateView st{state.angle + b * H * S, state.ssm + b * H * P * N, state.k + b * R * H * N,
                        state.v + b * H * P};
-    scan_head(c, p, h, L, zx + b * L * c.d_in_proj(), st, o + b * L * c.d_inner(), s);
+    scan_head(c, p, h, L, zx + b * L * d_in, th.data() + b * L * S, st, o + b * L * c.d_inner(), s);
   });
 }
 

@@ -91,7 +91,8 @@ double global_grad_norm(const TensorMap& grads) {
   for (const auto& [name, g] : grads) {
     MAMBA3_CHECK(g.dtype() == DType::F32, "gradient of {} is {}, expected f32", name, dtype_name(g.dtype()));
     const float* d = g.data<float>();
-    for (int64_t i = 0; i < g.numel(); ++i) sum += double(d[i]) * d[i];
+    const int64_t n = g.numel();  // hoisted: numel() is an out-of-line call
+    for (int64_t i = 0; i < n; ++i) sum += double(d[i]) * d[i];
   }
   return std::sqrt(sum);
 }
@@ -103,7 +104,8 @@ double clip_grad_norm(TensorMap& grads, double max_norm) {
   const double scale = max_norm / (norm + 1e-6);
   for (auto& [name, g] : grads) {
     float* d = g.data<float>();
-    for (int64_t i = 0; i < g.numel(); ++i) d[i] = float(d[i] * scale);
+    const int64_t n = g.numel();
+    for (int64_t i = 0; i < n; ++i) d[i] = float(d[i] * scale);
   }
   return norm;
 }
@@ -116,7 +118,8 @@ void accumulate_grads(TensorMap& sum, const TensorMap& g, double scale) {
     check_shape(t, it->second.shape(), "gradient of " + name);
     float* dst = it->second.data<float>();
     const float* src = t.data<float>();
-    for (int64_t i = 0; i < t.numel(); ++i) dst[i] = float(dst[i] + scale * src[i]);
+    const int64_t n = t.numel();
+    for (int64_t i = 0; i < n; ++i) dst[i] = float(dst[i] + scale * src[i]);
   }
 }
 
