@@ -30,7 +30,8 @@ void reexec_with_blas_core(char** argv) {
   if (core == nullptr || argv == nullptr || argv[0] == nullptr) return;
   if (setenv("OPENBLAS_CORETYPE", core, 1) != 0) return;
   execv("/proc/self/exe", argv);
-  unsetenv("OPENBLAS_CORETYPE");  // the exec failed: carry on with OpenBLAS's own kernels
+  execvp(argv[0], argv);          // no /proc: the path this program was started by
+  unsetenv("OPENBLAS_CORETYPE");  // both failed: carry on with OpenBLAS's own kernels
 }
 
 }  // namespace mamba3
