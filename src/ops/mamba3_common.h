@@ -58,14 +58,15 @@ inline HeadScalars head_scalars(const Mamba3Config& c, const float* zx, int64_t 
   return {dt, A * dt, c.euler ? 1.0f : sigmoid(dd[2 * H + h])};
 }
 
-// φ ← wrap(φ + π·tanh(θ)·Δ) for the S angles of one head, from tanh θ (tanh_theta); also returns cos/sin of the new
-// angles. With the no-rotary ablation (spec §15) the increment is 0 and θ is ignored (φ stays at its start, 0 for new
-// sequences). Callers that walk every head of a token compute tanh θ once per token.
-inline void advance_angles_tanh(const Mamba3Config& c, const float* tanh_theta, float dt, float* phi, float* cs,
-                                float* sn) {
+// φ ← wrap(φ + π·tanh(θ)·Δ) for the S angles of one head, tanh θ_i given by tanh_theta(i); also returns cos/sin of
+// the new angles. With the no-rotary ablation (spec §15) the increment is 0 and θ is ignored (φ stays at its start, 0
+// for new sequences).
+template <class TanhTheta>
+inline void advance_angles_by(const Mamba3Config& c, TanhTheta tanh_theta, float dt, float* phi, float* cs,
+                              float* sn) {
   const int64_t S = c.num_angles();
   for (int64_t i = 0; i < S; ++i) {
-    float a = c.no_rotary ? phi[i] : phi[i] + float(std::numbers::pi) * tanh_theta[i] * dt;
+    float a = c.no_rotary ? phi[i] : phi[i] + float(std::numbers::pi) * tanh_theta(i) * dt;
     a -= kTwoPi * std::floor(a / kTwoPi);
     phi[i] = a;
     cs[i] = std::cos(a);
@@ -73,16 +74,15 @@ inline void advance_angles_tanh(const Mamba3Config& c, const float* tanh_theta, 
   }
 }
 
-// The same from θ itself.
+// From θ itself.
 inline void advance_angles(const Mamba3Config& c, const float* theta, float dt, float* phi, float* cs, float* sn) {
-  const int64_t S = c.num_angles();
-  for (int64_t i = 0; i < S; ++i) {
-    float a = c.no_rotary ? phi[i] : phi[i] + float(std::numbers::pi) * std::tanh(theta[i]) * dt;
-    a -= kTwoPi * std::floor(a / kTwoPi);
-    phi[i] = a;
-    cs[i] = std::cos(a);
-    sn[i] = std::sin(a);
-  }
+  advance_angles_by(c, [theta](int64_t i) { return std::tanh(theta[i]); }, dt, phi, cs, sn);
+}
+
+// From tanh θ computed beforehand (callers that walk every head of a token compute it once per token).
+inline void advance_angles_tanh(const Mamba3Config& c, const float* tanh_theta, float dt, float* phi, float* cs,
+                                float* sn) {
+  advance_angles_by(c, [tanh_theta](int64_t i) { return tanh_theta[i]; }, dt, phi, cs, sn);
 }
 
 // out = Rot(in + bias, φ): SISO pairs (2i, 2i+1), MIMO pairs (i, i + N/2) (spec §3).
