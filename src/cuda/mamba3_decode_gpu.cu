@@ -51,7 +51,8 @@ __device__ __forceinline__ float reduce_ranks(const float (&part)[R], int lane) 
 // How a block covers a head (P rows of N state floats): 8 warps, one warp per row, a lane holding float4s
 // (n = 4·lane + 128·v, v < VPL); RG = 8 rows in flight per warp, all requested before the first FMA; ≤ 80 registers
 // (3 blocks per SM) for SISO, ≤ 128 (2 blocks) for MIMO, whose k_{−1}, k, q take 12·R registers.
-// Measured on an H200 (1.5B, b128, ncu): SISO 158 µs per layer (70 % of DRAM bandwidth), MIMO R = 4 292 µs. Tried
+// Measured on an H200 (1.5B, b128, ncu), with the staging of the head in the kernel: SISO 173 µs per layer (64 % of
+// DRAM bandwidth; before: 158 µs + 21.5 µs of staging launch), MIMO R = 4 293 µs (before: 266 + 68 + 6.4 µs). Tried
 // and dropped: 4 warps with 16–32 rows each (more bytes in flight per warp, fewer warps): 185 / 323 µs; per-row
 // scalars staged in shared memory: 174 µs; MIMO with 2 warps per row on float2 slices (half the k/q registers,
 // 3 blocks per SM): 9.12 vs 9.10 ms per step, no gain.
@@ -73,91 +74,252 @@ __device__ __forceinline__ void load_vec_stream(const float* p, float (&d)[4]) {
 __device__ __forceinline__ void store_vec_stream(float* p, const float (&d)[4]) {
   __stcs(reinterpret_cast<float4*>(p), make_float4(d[0], d[1], d[2], d[3]));
 }
+__device__ __forceinline__ void store_vec(float* p, const float (&d)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(d[0], d[1], d[2], d[3]);
+}
 
-// One block per (b, h). Per row: h' = α·h + Σ_r (β·mx_r·x_{−1})·k_{−1,r} + (γ·mx_r·x)·k_r, stored; y_r = h'·q_r
-// summed over the row's lanes; then the spec §7 output stage over the head (per-head norm, gate, MIMO contraction).
+// Row p's update coefficients vp_r = β·mx_r·x_{−1}, vc_r = γ·mx_r·x (shared memory, 2R floats per row, 16-byte
+// aligned rows for R = 2 and 4): one broadcast vector load per rank pair instead of R scalar loads and multiplies.
+template <int R>
+__device__ __forceinline__ void load_coefs(const float* src, float (&vp)[R], float (&vc)[R]) {
+  if constexpr (R == 4) {
+    const float4 a = reinterpret_cast<const float4*>(src)[0], c = reinterpret_cast<const float4*>(src)[1];
+    vp[0] = a.x, vp[1] = a.y, vp[2] = a.z, vp[3] = a.w, vc[0] = c.x, vc[1] = c.y, vc[2] = c.z, vc[3] = c.w;
+  } else if constexpr (R == 2) {
+    const float4 a = *reinterpret_cast<const float4*>(src);
+    vp[0] = a.x, vp[1] = a.y, vc[0] = a.z, vc[1] = a.w;
+  } else if constexpr (R == 1) {
+    const float2 a = *reinterpret_cast<const float2*>(src);
+    vp[0] = a.x, vc[0] = a.y;
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r) vp[r] = src[r], vc[r] = src[R + r];
+  }
+}
+template <int R>
+__host__ __device__ constexpr int coef_stride() {  // floats per row of the coefficient table
+  return R == 3 ? 6 : 2 * R;
+}
+
+// One block per (b, h): the whole decode step of one head (spec §2–§7), nothing staged by an earlier kernel.
+//  1. Requests at once: the warp's first RG state rows, the cached k_{−1} (R·N), the raw B/C rows of its rank
+//     (warps w < 2R: rank w/2, B or C), the angle state, and (cp.async) z, x, norm and MIMO z/o vectors.
+//  2. Thread j < S updates angle j in place (it alone reads and writes it) and tabulates its sine and cosine; warps
+//     w < 2R norm their vector (warp sum); one thread computes α, β, γ. Barrier.
+//  3. Bias and rotation → the new k and q of every rank in shared memory; warps w < 2R with B cache the new k (every
+//     read of the old one was issued before the barrier); the per-row coefficients vp, vc and the D skip. Barrier.
+//  4. Per row: h' = α·h + Σ_r vp_r·k_{−1,r} + vc_r·k_r (streamed back), y_r = h'·q_r (warp reduction) + D·mx_r·x.
+//  5. Output stage of spec §7 over the head (per-head norm, gate, MIMO contraction); x becomes x_{−1}.
 template <int R, int VPL>
 __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayout<R, VPL>::kMinBlocks)
     mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
   using Layout = DecodeLayout<R, VPL>;
-  constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32;
+  constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32, CS = coef_stride<R>();
+  constexpr bool kMimo = R > 1;  // the host sends MIMO layers of rank 1 elsewhere
   __shared__ float ybuf[R * kMaxP];  // (r, p)
+  __shared__ float dskip[R * kMaxP];  // (r, p): D·mx_r·x
+  __shared__ __align__(16) float coef[kMaxP * CS];  // (p, vp_0..vp_{R−1}, vc_0..vc_{R−1})
+  __shared__ __align__(16) float kq[2 * R * kMaxN];  // (B/C, r, n): the new k and q
+  __shared__ float ang_cs[kMaxN / 2], ang_sn[kMaxN / 2];
+  __shared__ float scal[3];  // α, β, γ
   __shared__ float misc[R];
+  // The output stage's per-channel inputs (channel p = tid; P ≤ kMaxP ≤ the block's threads), copied by cp.async at
+  // the start so that they arrive with the state rows.
+  static_assert(kMaxP <= kThreads, "the output stage takes one channel per thread");
+  __shared__ float zx_own[3 * kMaxP];  // z, x, norm weight of channel p at p, kMaxP + p, 2·kMaxP + p
+  __shared__ float mzo[2 * R * kMaxP];  // MIMO z and o vectors (2, r, p)
   pdl_trigger();
   pdl_wait();
-  const int item = blockIdx.x, H = a.H, P = a.P, N = a.N;
+  const int item = blockIdx.x, H = a.H, P = a.P, N = a.N, S = a.S;
   const int b = item / H, h = item % H;
   if (mamba3_row_skipped(a.st, 1, b)) return;  // block-uniform, before the barrier
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, warps = kThreads / 32;
   const int group = warp, groups = warps;
-
-  const int64_t rhn = int64_t(R) * H * N;
-  const float* k0 = a.sg.k + int64_t(b) * 2 * rhn + int64_t(h) * N;  // slot 0 = k_{−1}; slot 1 = k follows
-  const float* q0 = a.sg.q + int64_t(b) * rhn + int64_t(h) * N;
-  float kp[R][VPL][VW], kc[R][VPL][VW], qc[R][VPL][VW];
+  const float* zrow = a.zx + int64_t(b) * a.d_in;
+  const float* xrow = zrow + a.off_x + int64_t(h) * P;
+  float* vstate = a.st.v + int64_t(item) * P;
+  float* ssm = a.st.ssm + int64_t(item) * P * N;
   int nv[VPL];
   bool on[VPL];
 #pragma unroll
   for (int v = 0; v < VPL; ++v) {
     nv[v] = VW * lane + 128 * v;
     on[v] = nv[v] < N;
+  }
+
+  // 1. Loads. The warp's first row group: in flight through the staging below.
+  float hs[RG][VPL][VW];
+  auto load_rows = [&](int p0) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t off = int64_t(r) * H * N + nv[v];
+    for (int i = 0; i < RG; ++i) {
 #pragma unroll
-      for (int e = 0; e < VW; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
-      if (on[v]) {
-        load_vec(k0 + off, kp[r][v]);
-        load_vec(k0 + rhn + off, kc[r][v]);
-        load_vec(q0 + off, qc[r][v]);
+      for (int v = 0; v < VPL; ++v) {
+        if (p0 + i < P && on[v]) load_vec_stream(ssm + int64_t(p0 + i) * N + nv[v], hs[i][v]);
       }
     }
+  };
+  load_rows(group * RG);
+  const int64_t rhn = int64_t(R) * H * N;
+  float* kcache = a.st.k + int64_t(b) * rhn + int64_t(h) * N;  // rank r at + r·H·N
+  float kp[R][VPL][VW], kc[R][VPL][VW], qc[R][VPL][VW];
+#pragma unroll
+  for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
+      if (on[v]) load_vec(kcache + int64_t(r) * H * N + nv[v], kp[r][v]);
+    }
   }
-  const float4 sc = reinterpret_cast<const float4*>(a.sg.scal)[item];
-  const float alpha = sc.x, beta = sc.y, gamma = sc.z, Dh = a.p.D[h];
-  const float* zrow = a.zx + int64_t(b) * a.d_in;
-  const float* xrow = zrow + a.off_x + int64_t(h) * P;
-  float* vstate = a.st.v + int64_t(item) * P;
-  float* ssm = a.st.ssm + int64_t(item) * P * N;
-  const float* mimo_x = a.mimo ? a.p.mimo_x + int64_t(h) * R * P : nullptr;
-  // The output stage's per-channel inputs (channel p = tid; P ≤ kMaxP ≤ the block's threads) copied to shared memory
-  // asynchronously now (cp.async: no registers held over the state loop), so that they arrive with the state rows
-  // instead of costing one more round trip at the end.
-  static_assert(kMaxP <= kThreads, "the output stage takes one channel per thread");
-  __shared__ float zx_own[3 * kMaxP];  // z, x, norm weight of channel p at p, kMaxP + p, 2·kMaxP + p
   const bool own = tid < P;
   if (own) {
     __pipeline_memcpy_async(zx_own + tid, zrow + int64_t(h) * P + tid, 4);
     __pipeline_memcpy_async(zx_own + kMaxP + tid, xrow + tid, 4);
     if (a.p.norm) __pipeline_memcpy_async(zx_own + 2 * kMaxP + tid, a.p.norm + int64_t(h) * P + tid, 4);
-  }
-  __pipeline_commit();
-  // Row group g takes rows [RG·g, RG·g + RG), then the same RG·groups further on. Per-row scalars are read straight
-  // from global memory (L1 broadcasts): staging them in shared memory first (one more barrier) measured slower,
-  // 174 vs 158 µs per layer (H200, 1.5B SISO b128).
-  for (int p0 = group * RG; p0 < P; p0 += groups * RG) {
-    float hs[RG][VPL][VW];
-#pragma unroll
-    for (int i = 0; i < RG; ++i) {
-      const int p = p0 + i;
-#pragma unroll
-      for (int v = 0; v < VPL; ++v) {
-        if (p < P && on[v]) load_vec_stream(ssm + int64_t(p) * N + nv[v], hs[i][v]);
+    if constexpr (kMimo) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t m = (int64_t(h) * R + r) * P + tid;
+        __pipeline_memcpy_async(mzo + r * kMaxP + tid, a.p.mimo_z + m, 4);
+        __pipeline_memcpy_async(mzo + (R + r) * kMaxP + tid, a.p.mimo_o + m, 4);
       }
     }
+  }
+  __pipeline_commit();
+  // The vector of warps w < 2R: rank w/2, B (even w) or C. A lane's elements n and, for the rotation, their pair
+  // partners: SISO (2j, 2j + 1) inside the lane's float4, MIMO (j, j + N/2) in another lane's (loaded as well).
+  const bool stager = warp < 2 * R;
+  const int vr = warp / 2;
+  const bool is_c = warp & 1;
+  // Everything the staging reads from global memory is requested here, before the first barrier, so that the
+  // block waits for one round trip (with its state rows) instead of one per phase.
+  float raw[VPL][VW], mate[VPL][VW], wself[VPL][VW], wmate[VPL][VW], bself[VPL][VW], bmate[VPL][VW];
+  const int half = N / 2;
+  auto mate_of = [&](int n) { return kMimo ? (n < half ? n + half : n - half) : (n ^ 1); };
+  if (stager) {
+    const float* src = zrow + (is_c ? a.off_C : a.off_B) + int64_t(vr * a.G + h / (H / a.G)) * N;
+    const float* w = is_c ? a.p.C_norm : a.p.B_norm;
+    const float* bias = (is_c ? a.p.C_bias : a.p.B_bias) + (int64_t(h) * R + vr) * N;
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) raw[v][e] = mate[v][e] = wself[v][e] = wmate[v][e] = bself[v][e] = bmate[v][e] = 0.0f;
+      if (!on[v]) continue;
+      load_vec(w + nv[v], wself[v]);
+      load_vec(bias + nv[v], bself[v]);
+#pragma unroll
+      for (int e = 0; e < VW; ++e) {
+        const int n = nv[v] + e, m = mate_of(n);
+        raw[v][e] = src[n];
+        if (kMimo) {  // SISO partners are in the lane's own float4
+          mate[v][e] = src[m];
+          wmate[v][e] = w[m];
+          bmate[v][e] = bias[m];
+        }
+      }
+    }
+  }
+  // Row coefficients' inputs: entry idx = r·P + p (at most kCoefPerThread per thread).
+  constexpr int kCoefPerThread = (R * kMaxP + kThreads - 1) / kThreads;
+  float cmx[kCoefPerThread], cxp[kCoefPerThread], cxc[kCoefPerThread];
+#pragma unroll
+  for (int c = 0; c < kCoefPerThread; ++c) {
+    const int idx = tid + c * kThreads;
+    cmx[c] = 1.0f, cxp[c] = cxc[c] = 0.0f;
+    if (idx < R * P) {
+      const int r = idx / P, p = idx % P;
+      if (kMimo) cmx[c] = a.p.mimo_x[(int64_t(h) * R + r) * P + p];
+      cxp[c] = vstate[p];
+      cxc[c] = xrow[p];
+    }
+  }
+  const float Dh = a.p.D[h];
+
+  // 2. Angles (the block's last S threads: angle j = tid − (kThreads − S)), the norm of the warp's vector, the
+  // token's scalars (one thread of the first warp that does not stage): spread over warps, so that the chains before
+  // the first barrier run side by side rather than one after another in one warp.
+  if (const int j = tid - (kThreads - S); j >= 0) {
+    const float dt = softplus_f(zrow[a.off_dt + h] + a.p.dt_bias[h]);
+    float* angle = a.st.angle + int64_t(item) * S + j;
+    const float phi = *angle;
+    float ang = a.no_rotary ? phi : phi + kMamba3Pi * tanhf(zrow[a.off_angles + j]) * dt;
+    ang -= kMamba3TwoPi * floorf(ang / kMamba3TwoPi);
+    *angle = ang;
+    sincosf(ang, &ang_sn[j], &ang_cs[j]);
+  }
+  if (tid == (2 * R * 32) % kThreads) {
+    const TokenScalars t = token_scalars(zrow, a.off_dt, H, h, a.p.dt_bias[h], a.heavy_tail, a.A_floor, a.euler);
+    scal[0] = t.alpha, scal[1] = t.beta, scal[2] = t.gamma;
+  }
+  float rnorm = 0.0f;
+  if (stager) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) ss += raw[v][e] * raw[v][e];
+    }
+    rnorm = rsqrtf(warp_sum(ss) / float(N) + kMamba3NormEps);
+  }
+  __syncthreads();
+
+  // 3. Bias and rotation → k, q in shared memory; the new k into the cache; per-row coefficients.
+  if (stager) {
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+      if (!on[v]) continue;
+      float out[VW];
+#pragma unroll
+      for (int e = 0; e < VW; ++e) {
+        const int n = nv[v] + e, m = mate_of(n);
+        const float self = raw[v][e] * rnorm * wself[v][e] + bself[v][e];
+        const float other = kMimo ? mate[v][e] * rnorm * wmate[v][e] + bmate[v][e]
+                                   : raw[v][e ^ 1] * rnorm * wself[v][e ^ 1] + bself[v][e ^ 1];
+        const bool low = n < m;
+        const int j = kMimo ? (low ? n : m) : (n >> 1);
+        if (j < S) {
+          const float sn = ang_sn[j], cs = ang_cs[j];
+          out[e] = low ? self * cs - other * sn : other * sn + self * cs;
+        } else {
+          out[e] = self;
+        }
+      }
+      store_vec(kq + (int(is_c) * R + vr) * kMaxN + nv[v], out);
+      if (!is_c) store_vec(kcache + int64_t(vr) * H * N + nv[v], out);
+    }
+  }
+  const float alpha = scal[0], beta = scal[1], gamma = scal[2];
+#pragma unroll
+  for (int c = 0; c < kCoefPerThread; ++c) {
+    const int idx = tid + c * kThreads;
+    if (idx < R * P) {
+      const int r = idx / P, p = idx % P;
+      coef[p * CS + r] = beta * cmx[c] * cxp[c];
+      coef[p * CS + R + r] = gamma * cmx[c] * cxc[c];
+      dskip[idx] = Dh * cmx[c] * cxc[c];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int v = 0; v < VPL; ++v) {
+    if (!on[v]) continue;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      load_vec(kq + r * kMaxN + nv[v], kc[r][v]);
+      load_vec(kq + (R + r) * kMaxN + nv[v], qc[r][v]);
+    }
+  }
+
+  // 4. Rows. Group g takes rows [RG·g, RG·g + RG), then the same RG·groups further on.
+  for (int p0 = group * RG; p0 < P; p0 += groups * RG) {
+    if (p0 != group * RG) load_rows(p0);
 #pragma unroll
     for (int i = 0; i < RG; ++i) {
       const int p = p0 + i;
       if (p >= P) break;  // warp-uniform
-      const float xp = vstate[p], xc = xrow[p];
       float vp[R], vc[R], part[R];
+      load_coefs<R>(coef + p * CS, vp, vc);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float mx = a.mimo ? mimo_x[r * P + p] : 1.0f;
-        vp[r] = beta * mx * xp;
-        vc[r] = gamma * mx * xc;
-        part[r] = 0.0f;
-      }
+      for (int r = 0; r < R; ++r) part[r] = 0.0f;
 #pragma unroll
       for (int v = 0; v < VPL; ++v) {
         if (!on[v]) continue;
@@ -166,30 +328,27 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
         for (int e = 0; e < VW; ++e) {
           hn[e] = alpha * hs[i][v][e];
 #pragma unroll
-          for (int r = 0; r < R; ++r) hn[e] += vp[r] * kp[r][v][e] + vc[r] * kc[r][v][e];
+          for (int r = 0; r < R; ++r) {
+            hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
+            hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
+          }
         }
         store_vec_stream(ssm + int64_t(p) * N + nv[v], hn);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
 #pragma unroll
-          for (int e = 0; e < VW; ++e) part[r] += hn[e] * qc[r][v][e];
+          for (int e = 0; e < VW; ++e) part[r] = fmaf(hn[e], qc[r][v][e], part[r]);
         }
       }
       const float y = reduce_ranks<R>(part, lane);
       const int r = rank_of_lane<R>(lane);
-      if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y;
+      if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y + dskip[r * P + p];
     }
   }
   __pipeline_wait_prior(0);
   __syncthreads();
-  // The D skip: y_r + D·mx_r·x.
-  for (int idx = tid; idx < R * P; idx += kThreads) {
-    const int r = idx / P, p = idx % P;
-    ybuf[idx] = ybuf[idx] + Dh * (a.mimo ? mimo_x[r * P + p] : 1.0f) * xrow[p];
-  }
-  __syncthreads();
 
-  // Output stage (spec §7), as the other decode kernels compute it.
+  // 5. Output stage (spec §7), as the other decode kernels compute it.
   if (a.p.norm) {
     for (int r = warp; r < R; r += warps) {
       float ss = 0.0f;
@@ -202,16 +361,15 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
   const int64_t o_base = int64_t(b) * a.d_inner + int64_t(h) * P;
   if (own) {
     const int p = tid;
-    const int64_t m0 = int64_t(h) * R * P + p;  // (h, r, p) of the MIMO vectors at r = 0
     const float acc = gated_output(
-        R, a.mimo, zx_own[p],
+        R, kMimo, zx_own[p],
         [&](int r) {
           const float y = ybuf[r * P + p];
           return a.p.norm ? y * misc[r] * zx_own[2 * kMaxP + p] : y;
         },
-        [&](int r) { return a.p.mimo_z[m0 + int64_t(r) * P]; }, [&](int r) { return a.p.mimo_o[m0 + int64_t(r) * P]; });
+        [&](int r) { return mzo[(r % R) * kMaxP + p]; }, [&](int r) { return mzo[(R + r % R) * kMaxP + p]; });
     store_output(a.o, o_base + p, acc, a.o_bf16);
-    vstate[p] = zx_own[kMaxP + p];  // every read of x_{−1} happened before the first barrier
+    vstate[p] = zx_own[kMaxP + p];  // every read of x_{−1} happened before the second barrier
   }
 }
 
@@ -238,7 +396,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch) {
   const int64_t blocks = batch * a.H;
   if (a.N % 4 != 0 || a.N > kMaxN || a.P > kMaxP || a.R < 1 || a.R > 4 || blocks >= (int64_t(1) << 31)) return false;
-  if (!aligned16(a.st.ssm) || !aligned16(a.sg.k) || !aligned16(a.sg.q) || !aligned16(a.sg.scal)) return false;
+  if (a.S > a.N / 2 || a.G < 1 || a.H % a.G != 0 || a.mimo != (a.R > 1)) return false;
+  if (!aligned16(a.st.ssm) || !aligned16(a.st.k)) return false;
   if (a.N <= 128)
     launch_rank<1>(s, a, int(blocks));
   else

@@ -1,15 +1,14 @@
 #pragma once
-// The staged path's decode state step (L = 1) as a pure stream over the state: one block per (sequence, head), each
-// lane holding its float4 slices of k_{−1}, k and q in registers and RG rows of the head's P×N state in flight as
-// float4 loads; the update, the y reduction (warp shuffles) and the output stage follow, and nothing passes through
-// shared memory but the P·R outputs y. It replaces the cp.async decode kernel of mamba3_stage_gpu.cu, which ncu
-// showed bound by instruction issue (scalar shared-memory reads of k/q per state element, 4-byte copies), not by
-// DRAM: 1.5B SISO b128 206 µs per layer at 54 % of DRAM throughput, MIMO R = 4 510 µs at 23 % (H200, 2026-12-01).
-//
-// Inputs are what the angle scan and the staging kernel wrote for the token (k slot 0 = k_{−1}, slot 1 = k, q,
-// α/β/γ), x and z from the in_proj output and the v state; outputs: ssm and v states, the gated output o.
-// Reach: N a multiple of 4 and ≤ 256, P ≤ 128, R ≤ 4, 16-byte aligned state and stage; otherwise
-// mamba3_head_decode_gpu returns false and the caller runs the older kernel.
+// The decode step (L = 1) of a Mamba-3 layer as one kernel: one block per (sequence, head) stages its own head (angle
+// update and sincos, B/C norm, bias and rotation for every rank, α/β/γ: spec §2–§3), then streams the head's P×N
+// state once — each lane holding its float4 slices of k_{−1}, k and q in registers, RG rows in flight as float4
+// loads — with the y reduction (warp shuffles), the D skip and the output stage (spec §7). It writes the new ssm,
+// angle, k and v states and the gated output o; nothing passes through global scratch.
+// History: it replaced the cp.async decode kernel of mamba3_stage_gpu.cu, which ncu showed bound by instruction issue
+// (1.5B SISO b128 206 µs per layer at 54 % of DRAM throughput, MIMO R = 4 510 µs at 23 %, H200, 2026-12-01), and
+// then the separate angle and staging launches (MIMO R = 4: 6.4 + 68 µs per layer at b128).
+// Reach: N a multiple of 4 and ≤ 256, P ≤ 128, R ≤ 4, 16-byte aligned ssm and k states; otherwise
+// mamba3_head_decode_gpu returns false and the caller stages the token and runs the older kernel.
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -19,14 +18,15 @@
 namespace mamba3::cuda {
 
 struct Mamba3DecodeArgs {
-  int H, P, N, R;
-  int d_in, d_inner, off_x;
-  bool mimo, o_bf16;
+  int H, P, N, R, G, S;
+  int d_in, d_inner;
+  int off_x, off_B, off_C, off_dt, off_angles;  // sections of an in_proj row
+  float A_floor;
+  bool heavy_tail, mimo, no_rotary, euler, o_bf16;
   Mamba3GpuParams p;
   const float* zx;  // (batch, d_in) in_proj output of the token
   Mamba3GpuState st;
-  Mamba3GpuStage sg;  // the staged token (tokens = 1)
-  void* o;            // (batch, d_inner) f32 or bf16
+  void* o;          // (batch, d_inner) f32 or bf16
 };
 
 // Launches the decode state step for `batch` rows; false (nothing launched) when the shape is out of reach.

@@ -20,9 +20,9 @@ Mamba3GpuPath env_default_path() {
 }
 
 // MAMBA3_FUSED_DECODE_MAX: decode steps of at most this many (sequence, head) pairs run the fused kernel when the
-// path is chosen automatically; −1 (unset): 0 for SISO (with the float4 head decode kernel the staged path won at
-// every batch, H200, 1.5B: b1 1.58 vs 1.63 ms, b16 2.32 vs 2.40 ms) and 1024 for MIMO (the fused kernel's single
-// launch: b1 1.94 vs 3.15 ms, b16 3.32 vs 4.01 ms). Read once.
+// path is chosen automatically; −1 (unset): 0, the one-kernel head decode (mamba3_decode_gpu.h) at every batch. It
+// won for SISO (H200, 1.5B: b1 1.58 vs 1.63 ms, b16 2.32 vs 2.40 ms) and, since it stages its own head, for MIMO
+// R = 4 too (b1 1.225 vs 1.649 ms, b16 2.318 vs 3.279 ms; H200, 2026-12-01). Read once.
 int64_t env_fused_decode_max() {
   static const int64_t limit = env_integer("MAMBA3_FUSED_DECODE_MAX", -1, 0, int64_t(1) << 40);
   return limit;
@@ -39,7 +39,7 @@ size_t env_prefill_stage_bytes() {
 
 int64_t GpuMamba3Layer::fused_decode_max() const {
   const int64_t env = env_fused_decode_max();
-  return env >= 0 ? env : (config_.is_mimo ? 1024 : 0);
+  return env >= 0 ? env : 0;
 }
 
 GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows)

@@ -654,6 +654,12 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
   for (int64_t t0 = 0; t0 < L; t0 += stage.tokens) {
     a.t0 = int(t0);
     a.Lc = int(std::min<int64_t>(stage.tokens, L - t0));
+    if (a.L == 1) {  // decode: one kernel per layer stages and steps each head
+      const Mamba3DecodeArgs da{a.H,       a.P,     a.N,     a.R,      a.G,          a.S,          a.d_in,
+                                a.d_inner, a.off_x, a.off_B, a.off_C,  a.off_dt,     a.off_angles, a.A_floor,
+                                a.heavy_tail, a.mimo, a.no_rotary, a.euler, a.o_bf16, a.p, a.zx, a.st, a.o};
+      if (mamba3_head_decode_gpu(s, da, batch)) continue;  // else out of its reach: staging + the cp.async kernel
+    }
     const int64_t warps_per_block = kStageThreads / 32;
     // SISO decode: angles and staging in one launch (1.5B b128: 21.6 µs per layer against 6.4 + 20.7). MIMO keeps the
     // two kernels: one warp staging every rank was no faster at b128 (73 vs 68 + 6.4 µs) and far slower at batch 1.
@@ -673,11 +679,6 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
       mamba3_stage_kernel<<<int((units + warps_per_block - 1) / warps_per_block), kStageThreads, 0, s>>>(
           a, int(hpu), int(chunks), int(units));
       MAMBA3_LAUNCH_CHECK();
-    }
-    if (a.L == 1) {
-      const Mamba3DecodeArgs da{a.H,   a.P,    a.N, a.R,  a.d_in, a.d_inner, a.off_x, a.mimo,
-                                a.o_bf16, a.p, a.zx, a.st, a.sg,   a.o};
-      if (mamba3_head_decode_gpu(s, da, batch)) continue;  // else out of its reach: the cp.async decode kernel
     }
     const bool decoded = a.R == 1 ? try_launch_decode<1>(s, a, items) : try_launch_decode<4>(s, a, items);
     if (decoded) continue;

@@ -1,6 +1,8 @@
 #pragma once
 // The staged Mamba-3 recurrent path (internal to mamba3_gpu.cu's dispatcher; the public entry is
-// mamba3_recurrent_gpu with Mamba3GpuPath::Staged). Three launches per segment of tokens:
+// mamba3_recurrent_gpu with Mamba3GpuPath::Staged). A decode step (L = 1) is one launch of the head decode kernel
+// (mamba3_decode_gpu.h), which stages its own head; shapes out of its reach, and every prefill, take three launches
+// per segment of tokens:
 //   1. angle scan: one thread per (sequence, head, angle), sequential over the segment's tokens → wrapped φ;
 //   2. staging: one warp per (sequence, token, rank, group, 4 heads), fully parallel → k, q (normed, biased,
 //      rotated), α, β, γ; the segment's last token also moves the cached k to slot 0 and stores the new k;
