@@ -1,3 +1,5 @@
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 
@@ -199,6 +201,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
     const float* src = zrow + (is_c ? a.off_C : a.off_B) + int64_t(vr * a.G + h / (H / a.G)) * N;
     const float* w = is_c ? a.p.C_norm : a.p.B_norm;
     const float* bias = (is_c ? a.p.C_bias : a.p.B_bias) + (int64_t(h) * R + vr) * N;
+    const bool src_vec = reinterpret_cast<uintptr_t>(src) % 16 == 0;  // in_proj rows are not 16-byte aligned in general
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
 #pragma unroll
@@ -206,31 +209,49 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
       if (!on[v]) continue;
       load_vec(w + nv[v], wself[v]);
       load_vec(bias + nv[v], bself[v]);
+      if (src_vec) {
+        load_vec(src + nv[v], raw[v]);
+      } else {
 #pragma unroll
-      for (int e = 0; e < VW; ++e) {
-        const int n = nv[v] + e, m = mate_of(n);
-        raw[v][e] = src[n];
-        if (kMimo) {  // SISO partners are in the lane's own float4
-          mate[v][e] = src[m];
-          wmate[v][e] = w[m];
-          bmate[v][e] = bias[m];
+        for (int e = 0; e < VW; ++e) raw[v][e] = src[nv[v] + e];
+      }
+      if constexpr (kMimo) {  // SISO partners are in the lane's own float4
+        if (half % 4 == 0) {  // the float4's partners are the float4 at the same place in the other half
+          const int m0 = mate_of(nv[v]);
+          load_vec(w + m0, wmate[v]);
+          load_vec(bias + m0, bmate[v]);
+          if (src_vec) {
+            load_vec(src + m0, mate[v]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < VW; ++e) mate[v][e] = src[m0 + e];
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < VW; ++e) {
+            const int m = mate_of(nv[v] + e);
+            mate[v][e] = src[m];
+            wmate[v][e] = w[m];
+            bmate[v][e] = bias[m];
+          }
         }
       }
     }
   }
-  // Row coefficients' inputs: entry idx = r·P + p (at most kCoefPerThread per thread).
-  constexpr int kCoefPerThread = (R * kMaxP + kThreads - 1) / kThreads;
-  float cmx[kCoefPerThread], cxp[kCoefPerThread], cxc[kCoefPerThread];
+  // Row coefficients' inputs: channel cp of the thread (threads from the fourth warp on, away from the warps that
+  // stage B/C, the angles and the scalars when R is small), all ranks.
+  const int cp = (tid + kThreads - 96) % kThreads;
+  const bool coef_owner = cp < P;
+  float cmx[R], cxp = 0.0f, cxc = 0.0f;
 #pragma unroll
-  for (int c = 0; c < kCoefPerThread; ++c) {
-    const int idx = tid + c * kThreads;
-    cmx[c] = 1.0f, cxp[c] = cxc[c] = 0.0f;
-    if (idx < R * P) {
-      const int r = idx / P, p = idx % P;
-      if (kMimo) cmx[c] = a.p.mimo_x[(int64_t(h) * R + r) * P + p];
-      cxp[c] = vstate[p];
-      cxc[c] = xrow[p];
+  for (int r = 0; r < R; ++r) cmx[r] = 1.0f;
+  if (coef_owner) {
+    if constexpr (kMimo) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) cmx[r] = a.p.mimo_x[(int64_t(h) * R + r) * P + cp];
     }
+    cxp = vstate[cp];
+    cxc = xrow[cp];
   }
   const float Dh = a.p.D[h];
 
@@ -288,14 +309,12 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
     }
   }
   const float alpha = scal[0], beta = scal[1], gamma = scal[2];
+  if (coef_owner) {
 #pragma unroll
-  for (int c = 0; c < kCoefPerThread; ++c) {
-    const int idx = tid + c * kThreads;
-    if (idx < R * P) {
-      const int r = idx / P, p = idx % P;
-      coef[p * CS + r] = beta * cmx[c] * cxp[c];
-      coef[p * CS + R + r] = gamma * cmx[c] * cxc[c];
-      dskip[idx] = Dh * cmx[c] * cxc[c];
+    for (int r = 0; r < R; ++r) {
+      coef[cp * CS + r] = beta * cmx[r] * cxp;
+      coef[cp * CS + R + r] = gamma * cmx[r] * cxc;
+      dskip[r * P + cp] = Dh * cmx[r] * cxc;
     }
   }
   __syncthreads();
@@ -309,42 +328,55 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
     }
   }
 
-  // 4. Rows. Group g takes rows [RG·g, RG·g + RG), then the same RG·groups further on.
-  for (int p0 = group * RG; p0 < P; p0 += groups * RG) {
-    if (p0 != group * RG) load_rows(p0);
+  // 4. Rows. Group g takes rows [RG·g, RG·g + RG), then the same RG·groups further on. Whole groups of whole float4
+  // rows (P a multiple of RG·groups, N = 128·VPL: the common shapes) run without per-row bound checks, as straight-line
+  // code in which the compiler can overlap one row's warp reduction with the next row's FMAs.
+  auto rows = [&](auto checked) {
+    constexpr bool kChecked = decltype(checked)::value;
+    for (int p0 = group * RG; p0 < P; p0 += groups * RG) {
+      if (p0 != group * RG) load_rows(p0);
 #pragma unroll
-    for (int i = 0; i < RG; ++i) {
-      const int p = p0 + i;
-      if (p >= P) break;  // warp-uniform
-      float vp[R], vc[R], part[R];
-      load_coefs<R>(coef + p * CS, vp, vc);
+      for (int i = 0; i < RG; ++i) {
+        const int p = p0 + i;
+        if constexpr (kChecked) {
+          if (p >= P) break;  // warp-uniform
+        }
+        float vp[R], vc[R], part[R];
+        load_coefs<R>(coef + p * CS, vp, vc);
 #pragma unroll
-      for (int r = 0; r < R; ++r) part[r] = 0.0f;
+        for (int r = 0; r < R; ++r) part[r] = 0.0f;
 #pragma unroll
-      for (int v = 0; v < VPL; ++v) {
-        if (!on[v]) continue;
-        float hn[VW];
+        for (int v = 0; v < VPL; ++v) {
+          if constexpr (kChecked) {
+            if (!on[v]) continue;
+          }
+          float hn[VW];
 #pragma unroll
-        for (int e = 0; e < VW; ++e) {
-          hn[e] = alpha * hs[i][v][e];
+          for (int e = 0; e < VW; ++e) {
+            hn[e] = alpha * hs[i][v][e];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
+              hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
+            }
+          }
+          store_vec_stream(ssm + int64_t(p) * N + nv[v], hn);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
-            hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
+#pragma unroll
+            for (int e = 0; e < VW; ++e) part[r] = fmaf(hn[e], qc[r][v][e], part[r]);
           }
         }
-        store_vec_stream(ssm + int64_t(p) * N + nv[v], hn);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-#pragma unroll
-          for (int e = 0; e < VW; ++e) part[r] = fmaf(hn[e], qc[r][v][e], part[r]);
-        }
+        const float y = reduce_ranks<R>(part, lane);
+        const int r = rank_of_lane<R>(lane);
+        if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y + dskip[r * P + p];
       }
-      const float y = reduce_ranks<R>(part, lane);
-      const int r = rank_of_lane<R>(lane);
-      if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y + dskip[r * P + p];
     }
-  }
+  };
+  if (P % (groups * RG) == 0 && N == 128 * VPL)
+    rows(std::false_type{});
+  else
+    rows(std::true_type{});
   __pipeline_wait_prior(0);
   __syncthreads();
 

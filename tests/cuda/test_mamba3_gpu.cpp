@@ -116,6 +116,8 @@ const RandomCase kRandomCases[] = {
     {"siso no_rotary euler", 64, 32, 16, 1, 1, false, false, true, true, 0.5},
     {"mimo r2 no_rotary", 64, 32, 16, 1, 2, true, false, true, false, 0.5},
     {"siso euler d_state 256", 64, 256, 32, 1, 1, false, false, false, true, 0.5},
+    // d_state 36: float4 rows whose rotary partners (n ± 18) are not float4-aligned (the head kernel's scalar path).
+    {"mimo r2 d_state 36 rope full", 64, 36, 16, 1, 2, true, false, false, false, 1.0},
     // d_state not a multiple of 4: the staged decode falls back from the float4 head kernel to the cp.async one.
     {"siso d_state 30 rope full", 64, 30, 16, 1, 1, false, false, false, false, 1.0},
     {"mimo r2 d_state 30 outnorm", 64, 30, 16, 1, 2, true, true, false, false, 1.0},
