@@ -43,9 +43,9 @@ class GpuMamba3Layer {
 
   const Mamba3Config& config() const { return config_; }
   // Kernels of the recurrence. Default (until set_path): chunked — bf16 prefills on the chunked tensor-core kernel,
-  // f32 prefills and decode steps on the staged kernels, except MIMO decode steps of at most 1024 (sequence, head)
-  // pairs, which run the fused kernel (MAMBA3_FUSED_DECODE_MAX=n sets that bound for every layer; SISO default 0:
-  // the staged path won at every batch once its decode state kernel streamed float4s). MAMBA3_PREFILL_PATH (read once per process: chunked | staged | fused; unset or empty:
+  // f32 prefills on the staged kernels, decode steps on the one-kernel head decode (mamba3_decode_gpu.h) for SISO and
+  // MIMO at every batch (MAMBA3_FUSED_DECODE_MAX=n runs decode steps of at most n (sequence, head) pairs on the fused
+  // recurrent kernel instead; default 0). MAMBA3_PREFILL_PATH (read once per process: chunked | staged | fused; unset or empty:
   // chunked) replaces the default path. Chunked became the default on 2026-12-01 after every CUDA test passed with it.
   void set_path(Mamba3GpuPath path) { path_ = path, auto_path_ = false; }
   Mamba3GpuPath path() const { return path_; }
