@@ -21,12 +21,8 @@
 namespace mamba3::cuda {
 
 // One segment of the staged prefill: tokens [t0, t0 + Lc) of each sequence, whose stage (sg) holds Lc tokens.
-struct Mamba3ChunkArgs {
-  int H, P, N, R;
-  int L;       // tokens per sequence in zx and o (their row stride)
+struct Mamba3ChunkArgs : Mamba3KernelShape {
   int t0, Lc;  // this segment
-  int d_in, d_inner, off_x;
-  bool mimo, o_bf16;
   Mamba3GpuParams p;
   const float* zx;
   Mamba3GpuState st;

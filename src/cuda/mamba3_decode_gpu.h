@@ -17,12 +17,7 @@
 
 namespace mamba3::cuda {
 
-struct Mamba3DecodeArgs {
-  int H, P, N, R, G, S;
-  int d_in, d_inner;
-  int off_x, off_B, off_C, off_dt, off_angles;  // sections of an in_proj row
-  float A_floor;
-  bool heavy_tail, mimo, no_rotary, euler, o_bf16;
+struct Mamba3DecodeArgs : Mamba3KernelShape {  // L = 1
   Mamba3GpuParams p;
   const float* zx;  // (batch, d_in) in_proj output of the token
   Mamba3GpuState st;

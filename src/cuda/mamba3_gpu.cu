@@ -15,11 +15,7 @@ namespace {
 constexpr int kRowsPerWarp = 8;  // head channels p per warp; the lanes of a warp split the state channels n
 constexpr int kMaxThreads = 512;
 
-struct KernelArgs {
-  int H, P, N, R, G, S, L, d_in, d_inner;
-  int off_x, off_B, off_C, off_dt, off_angles;
-  float A_floor;
-  bool heavy_tail, mimo, no_rotary, euler, o_bf16;
+struct KernelArgs : Mamba3KernelShape {
   Mamba3GpuParams p;
   const float* zx;
   Mamba3GpuState st;
@@ -422,6 +418,31 @@ std::string mamba3_gpu_supported(const Mamba3Config& c) {
   return "";
 }
 
+Mamba3KernelShape mamba3_kernel_shape(const Mamba3Config& c, int64_t L, Precision o_precision) {
+  Mamba3KernelShape k{};
+  k.H = int(c.nheads());
+  k.P = int(c.headdim);
+  k.N = int(c.d_state);
+  k.R = int(c.rank());
+  k.G = int(c.ngroups);
+  k.S = int(c.num_angles());
+  k.L = int(L);
+  k.d_in = int(c.d_in_proj());
+  k.d_inner = int(c.d_inner());
+  k.off_x = int(c.off_x());
+  k.off_B = int(c.off_B());
+  k.off_C = int(c.off_C());
+  k.off_dt = int(c.off_dt());
+  k.off_angles = int(c.off_angles());
+  k.A_floor = float(c.A_floor);
+  k.heavy_tail = c.a_activation == AActivation::HeavyTail;
+  k.mimo = c.is_mimo;
+  k.no_rotary = c.no_rotary;
+  k.euler = c.euler;
+  k.o_bf16 = o_precision == Precision::BF16;
+  return k;
+}
+
 void mamba3_recurrent_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuParams& p, int64_t batch, int64_t L,
                           const float* zx, Mamba3GpuState state, void* o, Precision o_precision,
                           Mamba3GpuPath path, const Mamba3GpuStage& prefill_stage) {
@@ -436,26 +457,7 @@ void mamba3_recurrent_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3Gpu
     return;
   }
   KernelArgs a{};
-  a.H = int(c.nheads());
-  a.P = int(c.headdim);
-  a.N = int(c.d_state);
-  a.R = int(c.rank());
-  a.G = int(c.ngroups);
-  a.S = int(c.num_angles());
-  a.L = int(L);
-  a.d_in = int(c.d_in_proj());
-  a.d_inner = int(c.d_inner());
-  a.off_x = int(c.off_x());
-  a.off_B = int(c.off_B());
-  a.off_C = int(c.off_C());
-  a.off_dt = int(c.off_dt());
-  a.off_angles = int(c.off_angles());
-  a.A_floor = float(c.A_floor);
-  a.heavy_tail = c.a_activation == AActivation::HeavyTail;
-  a.mimo = c.is_mimo;
-  a.no_rotary = c.no_rotary;
-  a.euler = c.euler;
-  a.o_bf16 = o_precision == Precision::BF16;
+  static_cast<Mamba3KernelShape&>(a) = mamba3_kernel_shape(c, L, o_precision);
   a.p = p;
   a.zx = zx;
   a.st = state;

@@ -76,6 +76,18 @@ constexpr int64_t kMamba3GpuMaxRank = 4;
 constexpr int64_t kMamba3GpuMaxState = 256;
 constexpr int64_t kMamba3GpuMaxHeaddim = 128;  // 16 warps of 8 channels
 
+// The shape and switches of one Mamba-3 layer as every inference kernel reads them; each kernel's argument struct
+// derives from it (mamba3_kernel_shape fills it once per call).
+struct Mamba3KernelShape {
+  int H, P, N, R, G, S;
+  int L;  // tokens per sequence in zx and o (their row stride)
+  int d_in, d_inner;
+  int off_x, off_B, off_C, off_dt, off_angles;  // sections of an in_proj row
+  float A_floor;
+  bool heavy_tail, mimo, no_rotary, euler, o_bf16;
+};
+Mamba3KernelShape mamba3_kernel_shape(const Mamba3Config& c, int64_t L, Precision o_precision);
+
 // Empty when the kernel handles the configuration, else the reason (names the field).
 std::string mamba3_gpu_supported(const Mamba3Config& c);
 

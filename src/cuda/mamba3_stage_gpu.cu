@@ -24,14 +24,8 @@ constexpr int kRing = 4;           // prefill ring of token slots: previous, cur
 constexpr int kDecodeRows = 16;    // head channels per decode block when the output has no per-head norm
 constexpr int kStageThreads = 256;
 
-struct StageArgs {
-  int H, P, N, R, G, S;
-  int L;       // tokens per sequence in zx and o (their row stride)
+struct StageArgs : Mamba3KernelShape {
   int t0, Lc;  // this segment: tokens [t0, t0 + Lc); the stage holds Lc tokens
-  int d_in, d_inner;
-  int off_x, off_B, off_C, off_dt, off_angles;
-  float A_floor;
-  bool heavy_tail, mimo, no_rotary, euler, o_bf16;
   Mamba3GpuParams p;
   const float* zx;
   Mamba3GpuState st;
@@ -620,26 +614,7 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
   MAMBA3_CHECK(stage.tokens >= 1 && stage.phi && stage.k && stage.q && stage.scal,
                "Mamba-3 CUDA staged path: no stage scratch for {} tokens", L);
   StageArgs a{};
-  a.H = int(c.nheads());
-  a.P = int(c.headdim);
-  a.N = int(c.d_state);
-  a.R = int(c.rank());
-  a.G = int(c.ngroups);
-  a.S = int(c.num_angles());
-  a.L = int(L);
-  a.d_in = int(c.d_in_proj());
-  a.d_inner = int(c.d_inner());
-  a.off_x = int(c.off_x());
-  a.off_B = int(c.off_B());
-  a.off_C = int(c.off_C());
-  a.off_dt = int(c.off_dt());
-  a.off_angles = int(c.off_angles());
-  a.A_floor = float(c.A_floor);
-  a.heavy_tail = c.a_activation == AActivation::HeavyTail;
-  a.mimo = c.is_mimo;
-  a.no_rotary = c.no_rotary;
-  a.euler = c.euler;
-  a.o_bf16 = o_precision == Precision::BF16;
+  static_cast<Mamba3KernelShape&>(a) = mamba3_kernel_shape(c, L, o_precision);
   a.p = p;
   a.zx = zx;
   a.st = state;
@@ -655,9 +630,9 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
     a.t0 = int(t0);
     a.Lc = int(std::min<int64_t>(stage.tokens, L - t0));
     if (a.L == 1) {  // decode: one kernel per layer stages and steps each head
-      const Mamba3DecodeArgs da{a.H,       a.P,     a.N,     a.R,      a.G,          a.S,          a.d_in,
-                                a.d_inner, a.off_x, a.off_B, a.off_C,  a.off_dt,     a.off_angles, a.A_floor,
-                                a.heavy_tail, a.mimo, a.no_rotary, a.euler, a.o_bf16, a.p, a.zx, a.st, a.o};
+      Mamba3DecodeArgs da{};
+      static_cast<Mamba3KernelShape&>(da) = a;
+      da.p = a.p, da.zx = a.zx, da.st = a.st, da.o = a.o;
       if (mamba3_head_decode_gpu(s, da, batch)) continue;  // else out of its reach: staging + the cp.async kernel
     }
     const int64_t warps_per_block = kStageThreads / 32;
@@ -683,8 +658,9 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
     const bool decoded = a.R == 1 ? try_launch_decode<1>(s, a, items) : try_launch_decode<4>(s, a, items);
     if (decoded) continue;
     if (chunked_prefill && a.L > 1) {
-      const Mamba3ChunkArgs ca{a.H,   a.P,    a.N,      a.R, a.L,  a.t0, a.Lc, a.d_in, a.d_inner,
-                               a.off_x, a.mimo, a.o_bf16, a.p, a.zx, a.st, a.sg, a.o};
+      Mamba3ChunkArgs ca{};
+      static_cast<Mamba3KernelShape&>(ca) = a;
+      ca.t0 = a.t0, ca.Lc = a.Lc, ca.p = a.p, ca.zx = a.zx, ca.st = a.st, ca.sg = a.sg, ca.o = a.o;
       if (mamba3_chunk_gpu(s, ca, batch)) continue;  // else the shape is out of its reach: the stream kernel
     }
     if (a.R == 1)
