@@ -9,6 +9,22 @@
 
 namespace mamba3::test {
 
+// A small layer shape for property tests: mimo_rank 0 = SISO.
+inline Mamba3Config small_mixer_config(int64_t d_model, int64_t d_state, int64_t headdim, int64_t ngroups, double rope,
+                                       bool outnorm, int64_t mimo_rank, int64_t chunk) {
+  Mamba3Config c;
+  c.d_model = d_model, c.d_state = d_state, c.headdim = headdim, c.ngroups = ngroups, c.rope_fraction = rope;
+  c.is_outproj_norm = outnorm, c.is_mimo = mimo_rank > 0, c.mimo_rank = mimo_rank > 0 ? mimo_rank : 4;
+  c.chunk_size = chunk;
+  return c;
+}
+
+// A named layer shape of a property test's case table.
+struct MixerCase {
+  const char* name;
+  Mamba3Config config;
+};
+
 inline TensorMap random_mixer_weights(const Mamba3Config& c, std::mt19937& rng) {
   const int64_t H = c.nheads(), R = c.rank(), N = c.d_state, P = c.headdim;
   const float win = 1.0f / std::sqrt(float(c.d_model)), wout = 1.0f / std::sqrt(float(c.d_inner()));

@@ -24,19 +24,8 @@ namespace {
 
 constexpr double kTol = 1e-5;
 
-struct Case {
-  const char* name;
-  Mamba3Config config;
-};
-
-Mamba3Config make(int64_t d_model, int64_t d_state, int64_t headdim, int64_t ngroups, double rope, bool outnorm,
-                  int64_t mimo_rank, int64_t chunk) {
-  Mamba3Config c;
-  c.d_model = d_model, c.d_state = d_state, c.headdim = headdim, c.ngroups = ngroups, c.rope_fraction = rope;
-  c.is_outproj_norm = outnorm, c.is_mimo = mimo_rank > 0, c.mimo_rank = mimo_rank > 0 ? mimo_rank : 4;
-  c.chunk_size = chunk;
-  return c;
-}
+using Case = MixerCase;
+constexpr auto make = small_mixer_config;
 
 std::vector<Case> base_cases() {
   return {
