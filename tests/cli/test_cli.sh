@@ -7,9 +7,7 @@ bin="$1"
 golden="${MAMBA3_GOLDEN_DIR:-${MAMBA3_GOLDEN_DIR_DEFAULT:-$(dirname "$0")/../../../shared/golden}}"
 model="$golden/lm_siso_mlp"
 [ -d "$model" ] || { echo "FAIL: golden model $model not found (set MAMBA3_GOLDEN_DIR)"; exit 1; }
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
+source "$(dirname "$0")/../support/cli_checks.sh"  # tmp, failures, fail, expect_error
 prompt=248,146,298,48,217,52,210,19,5,213,100,22,229,231,24,262,63,65,149,39,101,81,232
 
 expect_ok() {  # name, expected stdout, command…
@@ -17,13 +15,6 @@ expect_ok() {  # name, expected stdout, command…
   local out; out=$("$@" 2>"$tmp/err"); local rc=$?
   if [ $rc -ne 0 ] || [ "$out" != "$want" ]; then
     echo "FAIL: $name: rc=$rc stdout=[$out] want [$want]; stderr: $(cat "$tmp/err")"; failures=$((failures + 1))
-  else echo "ok: $name"; fi
-}
-expect_error() {  # name, substring of the error, command…
-  local name="$1" want="$2"; shift 2
-  "$@" >/dev/null 2>"$tmp/err"; local rc=$?
-  if [ $rc -eq 0 ] || [ $rc -gt 128 ] || ! grep -q "^error: .*$want" "$tmp/err"; then
-    echo "FAIL: $name: rc=$rc, stderr: $(cat "$tmp/err") (wanted 'error: …$want')"; failures=$((failures + 1))
   else echo "ok: $name"; fi
 }
 

@@ -5,10 +5,7 @@
 # Usage: test_demo.sh MAMBA3_BINARY
 set -u
 bin="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
+source "$(dirname "$0")/../support/cli_checks.sh"  # tmp, failures, fail
 unset MAMBA3_MODEL_DIR
 prompt="The jury said"  # the Makefile's DEMO_PROMPT
 

@@ -6,18 +6,7 @@
 set -u
 bin="$1"
 configs="$2"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-
-expect_error() {  # name, substring of the error, command…
-  local name="$1" want="$2"; shift 2
-  "$@" >/dev/null 2>"$tmp/err"; local rc=$?
-  if [ $rc -eq 0 ] || [ $rc -gt 128 ] || ! grep -q "^error: .*$want" "$tmp/err"; then
-    fail "$name: rc=$rc, stderr: $(cat "$tmp/err") (wanted 'error: …$want')"
-  else echo "ok: $name"; fi
-}
+source "$(dirname "$0")/../support/cli_checks.sh"  # tmp, failures, fail, expect_error
 
 small=(--steps 4 --batch 4 --eval-samples 6 --test-lengths 5,9 --threads 1 --log-every 2)
 for task in parity mod_arith mod_arith_brackets; do

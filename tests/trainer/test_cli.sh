@@ -6,18 +6,7 @@
 # Usage: test_cli.sh MAMBA3_BINARY
 set -u
 bin="$1"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-
-expect_error() {  # name, substring of the error, command…
-  local name="$1" want="$2"; shift 2
-  "$@" >/dev/null 2>"$tmp/err"; local rc=$?
-  if [ $rc -eq 0 ] || [ $rc -gt 128 ] || ! grep -q "^error: .*$want" "$tmp/err"; then
-    fail "$name: rc=$rc, stderr: $(cat "$tmp/err") (wanted 'error: …$want')"
-  else echo "ok: $name"; fi
-}
+source "$(dirname "$0")/../support/cli_checks.sh"  # tmp, failures, fail, expect_error
 
 printf 'hello mamba three, ' > "$tmp/a.txt"
 for i in $(seq 1 200); do printf 'the quick brown fox %d jumps over the lazy dog. ' "$i"; done > "$tmp/b.txt"
