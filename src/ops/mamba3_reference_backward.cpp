@@ -204,18 +204,21 @@ void head_y(const Layer& l, const Token& tk, int64_t h, const double* hs, double
   }
 }
 
+// 1/RMS of one rank's y (P) for the per-head output norm, 1 without it.
+double output_rstd(const Layer& l, const double* yr) {
+  if (!l.norm) return 1;
+  double ss = 0;
+  for (int64_t p = 0; p < l.P; ++p) ss += yr[p] * yr[p];
+  return 1 / std::sqrt(ss / double(l.P) + kEps);
+}
+
 // Output stage of spec §7 for one head: y (R, P), z (P) → o (P).
 void output_forward(const Layer& l, int64_t h, const double* y, const double* z, double* o) {
   const int64_t P = l.P;
   for (int64_t p = 0; p < P; ++p) o[p] = 0;
   for (int64_t r = 0; r < l.R; ++r) {
     const double* yr = y + r * P;
-    double rstd = 1;
-    if (l.norm) {
-      double ss = 0;
-      for (int64_t p = 0; p < P; ++p) ss += yr[p] * yr[p];
-      rstd = 1 / std::sqrt(ss / double(P) + kEps);
-    }
+    const double rstd = output_rstd(l, yr);
     for (int64_t p = 0; p < P; ++p) {
       const double yn = l.norm ? yr[p] * rstd * l.norm[h * P + p] : yr[p];
       if (l.mimo) {
@@ -235,12 +238,7 @@ void output_backward(const Layer& l, int64_t h, const double* y, const double* z
   std::vector<double> dyn(static_cast<size_t>(P)), xhat(static_cast<size_t>(P));
   for (int64_t r = 0; r < l.R; ++r) {
     const double* yr = y + r * P;
-    double rstd = 1;
-    if (l.norm) {
-      double ss = 0;
-      for (int64_t p = 0; p < P; ++p) ss += yr[p] * yr[p];
-      rstd = 1 / std::sqrt(ss / double(P) + kEps);
-    }
+    const double rstd = output_rstd(l, yr);
     for (int64_t p = 0; p < P; ++p) {
       xhat[size_t(p)] = yr[p] * rstd;
       const double yn = l.norm ? xhat[size_t(p)] * l.norm[h * P + p] : yr[p];
