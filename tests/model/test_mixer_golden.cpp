@@ -66,8 +66,7 @@ void run_case(const std::string& path, bool reference) {
 }
 
 TEST(MixerGolden, EveryCaseFastAndReference) {
-  auto cases = golden_cases("mixer_");
-  std::erase_if(cases, [](const auto& p) { return p.extension() != ".safetensors"; });
+  const auto cases = golden_mixer_files();
   ASSERT_FALSE(cases.empty()) << "no mixer_*.safetensors in " << golden_dir() << " (set MAMBA3_GOLDEN_DIR)";
   std::printf("%zu mixer cases in %s\n", cases.size(), golden_dir().c_str());
   for (const auto& path : cases) {

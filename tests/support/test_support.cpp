@@ -24,6 +24,12 @@ std::vector<fs::path> golden_cases(const std::string& prefix) {
   return out;
 }
 
+std::vector<fs::path> golden_mixer_files() {
+  auto out = golden_cases("mixer_");
+  std::erase_if(out, [](const fs::path& p) { return p.extension() != ".safetensors"; });
+  return out;
+}
+
 namespace {
 std::vector<double> as_f64(const Tensor& t) {
   std::vector<double> v(size_t(t.numel()));

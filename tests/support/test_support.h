@@ -13,6 +13,8 @@ namespace mamba3::test {
 std::filesystem::path golden_dir();
 // Files or folders directly in the golden dir whose names start with `prefix` (sorted). Empty if none.
 std::vector<std::filesystem::path> golden_cases(const std::string& prefix);
+// The golden mixer cases: golden_cases("mixer_") that are .safetensors files.
+std::vector<std::filesystem::path> golden_mixer_files();
 
 // ||out - ref|| / ||ref|| over all elements (both read as float64). NaN anywhere yields NaN (so checks fail).
 double rel_l2(const Tensor& out, const Tensor& ref);

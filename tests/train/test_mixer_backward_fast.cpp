@@ -27,8 +27,7 @@ struct Worst {
 };
 
 TEST(MixerBackwardFast, GoldenEveryCase) {
-  auto cases = golden_cases("mixer_");
-  std::erase_if(cases, [](const auto& p) { return p.extension() != ".safetensors"; });
+  const auto cases = golden_mixer_files();
   ASSERT_FALSE(cases.empty()) << "no mixer_*.safetensors in " << golden_dir() << " (set MAMBA3_GOLDEN_DIR)";
   for (const auto& path : cases) {
     SCOPED_TRACE(path.string());

@@ -16,8 +16,7 @@ constexpr double kGradTol = 5e-5;    // relative L2 (golden README, gradients)
 constexpr double kOutputTol = 1e-5;  // the forward by-product against prefill_out_f64
 
 TEST(MixerBackwardGolden, ReferenceEveryCase) {
-  auto cases = golden_cases("mixer_");
-  std::erase_if(cases, [](const auto& p) { return p.extension() != ".safetensors"; });
+  const auto cases = golden_mixer_files();
   ASSERT_FALSE(cases.empty()) << "no mixer_*.safetensors in " << golden_dir() << " (set MAMBA3_GOLDEN_DIR)";
   std::printf("%zu mixer cases in %s\n", cases.size(), golden_dir().c_str());
   for (const auto& path : cases) {
