@@ -9,22 +9,15 @@
 #include <memory>
 #include <vector>
 
+#include "support/error_of.h"
+
 namespace mamba3 {
 namespace {
 
+using test::error_of;
+
 using ::testing::HasSubstr;
 
-// The message of the mamba3::Error that `fn` throws ("" plus a test failure when it throws nothing).
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a mamba3::Error";
-  return "";
-}
 
 TEST(Tensor, ShapeStrAndNumel) {
   EXPECT_EQ(shape_str({}), "()");

@@ -20,6 +20,7 @@
 
 #include "core/error.h"
 #include "infer/sampler.h"
+#include "support/error_of.h"
 
 // Counts every heap allocation of the process, to check that sample() makes none. The whole unaligned family is
 // replaced (plain, array, nothrow), so that no pair mixes ours with the library's or a sanitizer's. Not inlined,
@@ -96,14 +97,6 @@ std::vector<int64_t> support(const std::vector<float>& p) {
   return ids;
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 // An independent float64 reference of the documented pipeline: full stable sort, plain loops.
 std::vector<double> reference(const Logits& logits, int64_t V, const SamplingParams& p, const History& history) {

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "random_mixer.h"
+#include "support/error_of.h"
 
 namespace mamba3::test {
 namespace {
@@ -17,14 +18,6 @@ Mamba3Config small() {
   return c;
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 TEST(MixerErrors, InconsistentConfig) {
   auto with = [](auto edit) {

@@ -13,9 +13,12 @@
 #include "tokenizer/pretokenizer.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/utf8.h"
+#include "support/error_of.h"
 
 namespace mamba3 {
 namespace {
+
+using test::error_of;
 
 const std::string kFFFD = "\xEF\xBF\xBD";
 
@@ -266,15 +269,6 @@ TEST(StreamDecoder, HoldsBackSplitCharacters) {
   }
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 // A tiny tokenizer.json: bytes 'a' 'b' 'c' ' ' plus merges, one special and one non-special added token.
 std::string tiny_json(const std::string& merges = R"(["a b", "ab c", ["Ġ", "abc"]])",
