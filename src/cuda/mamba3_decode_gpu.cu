@@ -105,9 +105,10 @@ __host__ __device__ constexpr int coef_stride() {  // floats per row of the coef
 
 // One block per (b, h): the whole decode step of one head (spec §2–§7), nothing staged by an earlier kernel.
 //  1. Requests at once: the warp's first RG state rows, the cached k_{−1} (R·N), the raw B/C rows of its rank
-//     (warps w < 2R: rank w/2, B or C), the angle state, and (cp.async) z, x, norm and MIMO z/o vectors.
-//  2. Thread j < S updates angle j in place (it alone reads and writes it) and tabulates its sine and cosine; warps
-//     w < 2R norm their vector (warp sum); one thread computes α, β, γ. Barrier.
+//     (warps w < 2R: rank w/2, B or C) with their norm weights and biases, the angle state and θ, x, x_{−1} and the
+//     MIMO x vectors, and (cp.async) z, x, norm and MIMO z/o vectors for the output stage.
+//  2. One thread per angle (the block's last S threads) updates it in place (it alone reads and writes it) and
+//     tabulates its sine and cosine; warps w < 2R norm their vector (warp sum); one thread computes α, β, γ. Barrier.
 //  3. Bias and rotation → the new k and q of every rank in shared memory; warps w < 2R with B cache the new k (every
 //     read of the old one was issued before the barrier); the per-row coefficients vp, vc and the D skip. Barrier.
 //  4. Per row: h' = α·h + Σ_r vp_r·k_{−1,r} + vc_r·k_r (streamed back), y_r = h'·q_r (warp reduction) + D·mx_r·x.
