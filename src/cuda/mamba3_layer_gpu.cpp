@@ -20,11 +20,11 @@ Mamba3GpuPath env_default_path() {
 }
 
 // MAMBA3_FUSED_DECODE_MAX: decode steps of at most this many (sequence, head) pairs run the fused kernel when the
-// path is chosen automatically; −1 (unset): 0, the one-kernel head decode (mamba3_decode_gpu.h) at every batch. It
+// path is chosen automatically; default 0: the one-kernel head decode (mamba3_decode_gpu.h) at every batch. It
 // won for SISO (H200, 1.5B: b1 1.58 vs 1.63 ms, b16 2.32 vs 2.40 ms) and, since it stages its own head, for MIMO
 // R = 4 too (b1 1.225 vs 1.649 ms, b16 2.318 vs 3.279 ms; H200, 2026-12-01). Read once.
 int64_t env_fused_decode_max() {
-  static const int64_t limit = env_integer("MAMBA3_FUSED_DECODE_MAX", -1, 0, int64_t(1) << 40);
+  static const int64_t limit = env_integer("MAMBA3_FUSED_DECODE_MAX", 0, 0, int64_t(1) << 40);
   return limit;
 }
 
@@ -37,10 +37,7 @@ size_t env_prefill_stage_bytes() {
 }
 }  // namespace
 
-int64_t GpuMamba3Layer::fused_decode_max() const {
-  const int64_t env = env_fused_decode_max();
-  return env >= 0 ? env : 0;
-}
+int64_t GpuMamba3Layer::fused_decode_max() const { return env_fused_decode_max(); }
 
 GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows)
     : batch(batch_rows), heads(c.nheads()), sizes(c), config(c) {
