@@ -79,10 +79,11 @@ struct GpuResult {
 
 // Forward then backward on the GPU from freshly zeroed gradients; out and du are poisoned (NaN) first. tc: the chunk
 // products on tensor cores (only in effect with Precision::BF16); parallel: the chunk-parallel schedule (else the
-// sequential one); blocks_per_sm: the parallel chunk kernels' register variant (0 auto, 1 or 2 forced); all set
-// explicitly, whatever MAMBA3_TRAIN_CHUNK / MAMBA3_TRAIN_SCAN / MAMBA3_TRAIN_CHUNK_BLOCKS say.
+// sequential one); blocks_per_sm: the parallel chunk kernels' register variant (0 auto, 1 or 2 forced); batched:
+// the batched-GEMM chunk path instead of the fused kernels (the three before are then ignored); all set explicitly,
+// whatever MAMBA3_TRAIN_CHUNK / MAMBA3_TRAIN_SCAN / MAMBA3_TRAIN_CHUNK_BLOCKS / MAMBA3_TRAIN_CHUNK_PATH say.
 GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p, bool tc = false,
-                  bool parallel = true, int blocks_per_sm = 0) {
+                  bool parallel = true, int blocks_per_sm = 0, bool batched = false) {
   const Mamba3Config& c = m.config();
   const int64_t B = u.dim(0), L = u.dim(1);
   const size_t act_bytes = size_t(B * L * c.d_model) * sizeof(float);
@@ -92,6 +93,7 @@ GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Pre
   train.set_chunk_tensor_cores(tc);
   train.set_chunk_scan_parallel(parallel);
   train.set_chunk_blocks_per_sm(blocks_per_sm);
+  train.set_chunk_batched(batched);
   DeviceLayer layer(m);
   cuda::DeviceBuffer u_dev = to_device_activation(u, Precision::F32);
   cuda::DeviceBuffer dout_dev = to_device_activation(dout, Precision::F32);
@@ -130,22 +132,24 @@ TEST(Mamba3TrainGpu, GoldenCasesF32) {
   auto cases = golden_cases("mixer_");
   std::erase_if(cases, [](const auto& p) { return p.extension() != ".safetensors"; });
   ASSERT_FALSE(cases.empty()) << "no mixer_*.safetensors in " << golden_dir();
-  for (const auto& path : cases) {
-    SCOPED_TRACE(path.string());
-    auto f = SafetensorsFile::open(path.string());
-    Mamba3Mixer mixer(golden_mixer_config(f), f.tensors(), "", path.string());
-    for (const bool parallel : {true, false}) {
-      SCOPED_TRACE(parallel ? "parallel" : "sequential");
+  for (const auto& file : cases) {
+    SCOPED_TRACE(file.string());
+    const std::string path_name = file.filename().string();
+    auto f = SafetensorsFile::open(file.string());
+    Mamba3Mixer mixer(golden_mixer_config(f), f.tensors(), "", file.string());
+    for (const char* path : {"batched", "parallel", "sequential"}) {
+      SCOPED_TRACE(path);
+      const bool batched = std::string(path) == "batched", parallel = std::string(path) != "sequential";
       const GpuResult r = run_gpu(mixer, f.get("u").to(DType::F32), f.get("dout").to(DType::F32), Precision::F32,
-                                  false, parallel);
+                                  false, parallel, 0, batched);
       TensorMap ref;
       for (const auto& [name, t] : f.tensors())
         if (name.starts_with("grad.") && name != "grad.u") ref[name.substr(5)] = t;
       std::string where;
       double worst = 0;
       compare(r, f.get("prefill_out_f64"), f.get("grad.u"), ref, kGoldenOutTol, kGoldenGradTol, worst, where);
-      std::printf("  %-40s %-10s worst rel L2 vs golden %.2e (%s)\n", path.filename().c_str(),
-                  parallel ? "parallel" : "sequential", worst, where.c_str());
+      std::printf("  %-40s %-10s worst rel L2 vs golden %.2e (%s)\n", path_name.c_str(), path, worst,
+                  where.c_str());
     }
   }
 }
@@ -209,23 +213,25 @@ std::vector<LayerCase> layer_cases() {
   return v;
 }
 
-void run_against_cpu(const LayerCase& lc, int64_t L, Precision p, double out_tol, double grad_tol) {
+void run_against_cpu(const LayerCase& lc, int64_t L, Precision p, double out_tol, double grad_tol,
+                     bool batched = false) {
   // SISO with the output norm at L = 1: y = (γ·q·k + D)·x, and the norm erases that scalar, so the gradients of
   // everything feeding it (B, C, their biases and norms, D, dt_bias) are rounding noise on both sides.
   if (L == 1 && !lc.c.is_mimo && lc.c.is_outproj_norm) return;
-  SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + " " + cuda::precision_name(p));
+  SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + " " + cuda::precision_name(p) +
+               (batched ? " batched" : " fused"));
   const Mamba3Config& c = lc.c;
   const int64_t batch = 3;
   auto [mixer, u, dout] = random_layer(c, batch, L, uint32_t(300 + L));
   Mamba3State state = mixer.new_state(batch);
   const Tensor out_ref = mixer.prefill(u, state);
   const Mamba3MixerGradients ref = mamba3_mixer_backward(mixer, u, dout);
-  const GpuResult r = run_gpu(mixer, u, dout, p);
+  const GpuResult r = run_gpu(mixer, u, dout, p, false, true, 0, batched);
   std::string where;
   double worst = 0;
   compare(r, out_ref, ref.u, ref.params, out_tol, grad_tol, worst, where);
-  std::printf("  %-34s L=%-3lld %s worst rel L2 vs CPU %.2e (%s)\n", lc.name, (long long)L, cuda::precision_name(p),
-              worst, where.c_str());
+  std::printf("  %-34s L=%-3lld %s %-7s worst rel L2 vs CPU %.2e (%s)\n", lc.name, (long long)L,
+              cuda::precision_name(p), batched ? "batched" : "fused", worst, where.c_str());
 }
 
 TEST(Mamba3TrainGpu, MatchesCpuF32OnAwkwardShapes) {
@@ -243,7 +249,7 @@ TEST(Mamba3TrainGpu, MatchesCpuBF16) {
 }
 
 // Two backward calls give bit-identical gradients; a second call into the same destinations adds (≈ 2×).
-void check_deterministic_and_accumulating(Precision p, bool tc, bool parallel) {
+void check_deterministic_and_accumulating(Precision p, bool tc, bool parallel, bool batched = false) {
   for (const LayerCase& lc : layer_cases()) {
     SCOPED_TRACE(lc.name);
     const Mamba3Config& c = lc.c;
@@ -254,6 +260,7 @@ void check_deterministic_and_accumulating(Precision p, bool tc, bool parallel) {
     cuda::Mamba3TrainGpu train(c);
     train.set_chunk_tensor_cores(tc);
     train.set_chunk_scan_parallel(parallel);
+    train.set_chunk_batched(batched);
     DeviceLayer layer(mixer);
     cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
     cuda::DeviceBuffer du(ud.bytes());
@@ -281,6 +288,12 @@ void check_deterministic_and_accumulating(Precision p, bool tc, bool parallel) {
 TEST(Mamba3TrainGpu, DeterministicAndAccumulating) {
   MAMBA3_REQUIRE_GPU();
   check_deterministic_and_accumulating(Precision::F32, false, true);
+}
+
+TEST(Mamba3TrainGpu, BatchedChunksDeterministicAndAccumulating) {
+  MAMBA3_REQUIRE_GPU();
+  check_deterministic_and_accumulating(Precision::F32, false, true, true);
+  check_deterministic_and_accumulating(Precision::BF16, false, true, true);
 }
 
 TEST(Mamba3TrainGpu, SequentialScanDeterministicAndAccumulating) {
@@ -351,6 +364,17 @@ TEST(Mamba3TrainGpu, TensorCoreChunksBF16) {
         EXPECT_TRUE(bit_identical(a, b)) << "the f32 mode must keep the exact chunk products";
       }
     }
+}
+
+// The batched-GEMM chunk path (the default) against the CPU's f32 backward on every layer case and the 125M model's
+// tiles, L = 1 / 63 / 65 / 300 (one chunk, partial last chunks, several chunks): f32 mode within the f32 tolerance;
+// bf16 mode (TF32 chunk products, bf16 projections) within the bf16 tolerance (L ≥ 65, as MatchesCpuBF16).
+TEST(Mamba3TrainGpu, BatchedChunksMatchCpu) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases()) {
+    for (int64_t L : {1, 63, 65, 300}) run_against_cpu(lc, L, Precision::F32, kOutTolF32, kGradTolF32, true);
+    for (int64_t L : {65, 300}) run_against_cpu(lc, L, Precision::BF16, kTolBF16, kTolBF16, true);
+  }
 }
 
 // The chunk-parallel schedule against the sequential one. f32: the scan adds the sequential recurrence's terms in its

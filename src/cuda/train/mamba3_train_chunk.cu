@@ -1106,15 +1106,20 @@ void launch_reverse_parallel(cudaStream_t s, const ChunkParams& p, size_t bytes)
 }
 
 void launch_chunk_scan(cudaStream_t s, const ChunkParams& p, float* S, bool reverse) {
-  const int64_t BH = int64_t(p.d.B) * p.d.H, PN = int64_t(p.d.P) * p.d.N, n = BH * PN;
-  constexpr int kThreads = 256;
-  chunk_scan_kernel<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, s>>>(S, p.decay, BH, chunk_count(p),
-                                                                                int(PN), reverse);
-  MAMBA3_LAUNCH_CHECK();
+  launch_state_scan(s, S, p.decay, int64_t(p.d.B) * p.d.H, chunk_count(p), p.d.P * p.d.N, reverse);
 }
 #endif
 
 }  // namespace
+
+#ifndef MAMBA3_CHUNK_HOST_EMULATION
+void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse) {
+  const int64_t n = BH * PN;
+  constexpr int kThreads = 256;
+  chunk_scan_kernel<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, s>>>(S, decay, BH, chunks, PN, reverse);
+  MAMBA3_LAUNCH_CHECK();
+}
+#endif
 
 size_t chunk_forward_smem_bytes(const MixerDims& d, int T, bool backward, bool parallel) {
   return size_t(FwdLayout(d, T, backward, parallel).total) * sizeof(float);

@@ -70,6 +70,28 @@ int env_chunk_blocks() {
   return blocks;
 }
 
+// MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
+// default) or as the fused chunk kernels ("fused").
+bool env_chunk_batched() {
+  static const bool batched = env_choice("MAMBA3_TRAIN_CHUNK_PATH", {"batched", "fused"}) != "fused";
+  return batched;
+}
+
+// Row-major C = op(A)·op(B) + β·C for `batch` independent products at strides sA, sB, sC (floats): f32 on CUDA cores
+// (the exact mode) or TF32 tensor cores with f32 accumulation (the bf16 mode). Column-major cuBLAS sees Cᵀ = op(B)ᵀ·
+// op(A)ᵀ, so B goes first (as in TrainGemm::run).
+void batched_gemm(const Context& ctx, bool tf32, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A,
+                  int64_t lda, int64_t sA, const float* B, int64_t ldb, int64_t sB, float beta, float* C, int64_t ldc,
+                  int64_t sC, int64_t batch) {
+  if (m == 0 || n == 0 || batch == 0) return;
+  MAMBA3_CHECK(batch <= INT32_MAX, "Mamba3TrainGpu: {} batched products exceed cuBLAS's int", batch);
+  const float alpha = 1.0f;
+  MAMBA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      ctx.cublas(), tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k), &alpha, B,
+      CUDA_R_32F, int(ldb), sB, A, CUDA_R_32F, int(lda), sA, &beta, C, CUDA_R_32F, int(ldc), sC, int(batch),
+      tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+}
+
 float* f(const DeviceBuffer& b, size_t offset = 0) { return b.as<float>() + offset; }
 void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int64_t>(n, 1)) * sizeof(float)); }
 
@@ -77,7 +99,7 @@ void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int6
 
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
-      chunk_parallel_(env_chunk_scan_parallel()) {
+      chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -170,6 +192,80 @@ ChunkParams base_params(const MixerDims& d, int T, const Mamba3TrainWeights& w, 
 
 }  // namespace
 
+int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
+  return int(std::min<int64_t>({std::max<int64_t>(1, 64 / c_.rank()), env_max_chunk_length(), L}));
+}
+
+void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L,
+                                    bool backward, const PartOffsets* parts) {
+  const MixerDims d = make_dims(c_, B, L);
+  const cudaStream_t s = ctx.stream();
+  const int T = batched_chunk_length(L);
+  const int64_t nc = (L + T - 1) / T, rows = int64_t(T) * d.R, N = d.N, P = d.P, PN = P * N;
+  const int64_t BHc = B * d.H * nc, BHL = B * d.H * L;
+  BatchedParams p{};
+  p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows);
+  p.zx = f(zx_), p.dt = f(scalars_), p.A = f(scalars_, BHL), p.lam = f(scalars_, 2 * BHL);
+  p.cs = f(cs_), p.sn = f(sn_);
+  p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
+  p.D = w.D, p.norm = w.norm, p.o = f(o_);
+  const int64_t nT = BHc * T;
+  reserve_floats(bscal_, 5 * nT + BHc);
+  p.Lam = f(bscal_), p.eL = f(bscal_, nT), p.gam = f(bscal_, 2 * nT), p.scale = f(bscal_, 3 * nT);
+  p.wv = f(bscal_, 4 * nT), p.decay = f(bscal_, 5 * nT);
+  for (DeviceBuffer* b : {&bQ_, &bK_}) reserve_floats(*b, BHc * rows * N);
+  for (DeviceBuffer* b : {&bV_, &bVw_, &bZ_, &bWV_}) reserve_floats(*b, BHc * rows * P);
+  for (DeviceBuffer* b : {&bS_, &bW_}) reserve_floats(*b, BHc * rows * rows);
+  p.Q = f(bQ_), p.K = f(bK_), p.V = f(bV_), p.Vw = f(bVw_), p.S = f(bS_), p.W = f(bW_), p.Z = f(bZ_), p.WV = f(bWV_);
+  // Hc: one slot per chunk plus one, the state change of chunk c written to slot c + 1 (the last chunk's spills into
+  // the next sequence's slot 0, which the scan zeroes, or into the extra slot).
+  reserve_floats(Hc_, (BHc + 1) * PN);
+  float* Hc = f(Hc_);
+  const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
+
+  launch_batched_build(s, p);
+  // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
+  batched_gemm(ctx, tf32, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
+  launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false);
+  batched_gemm(ctx, tf32, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
+  launch_batched_mask(s, p);
+  batched_gemm(ctx, tf32, false, true, rows, P, N, p.Q, N, sRN, Hc, N, PN, 0.0f, p.Z, P, sRP, BHc);
+  batched_gemm(ctx, tf32, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
+  if (!backward) {
+    launch_batched_output(s, p, false);
+    return;
+  }
+
+  for (DeviceBuffer* b : {&bdY_, &bdYe_, &bdV_}) reserve_floats(*b, BHc * rows * P);
+  for (DeviceBuffer* b : {&bdQ_, &bdK_}) reserve_floats(*b, BHc * rows * N);
+  reserve_floats(bdLam_, nT);
+  reserve_floats(dHc_, (BHc + 1) * PN);
+  p.dO = f(dO_), p.dzx = f(dzx_), p.dY = f(bdY_), p.dYe = f(bdYe_), p.dQ = f(bdQ_), p.dK = f(bdK_), p.dV = f(bdV_);
+  p.Hc = Hc, p.dHc = f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
+  p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
+  p.dphi = f(dphi_), p.dBn = f(dBn_), p.dCn = f(dCn_);
+  p.part_D = f(part_, parts->D), p.part_B_bias = f(part_, parts->B_bias), p.part_C_bias = f(part_, parts->C_bias);
+  p.part_mimo_x = f(part_, parts->mimo_x), p.part_mimo_z = f(part_, parts->mimo_z);
+  p.part_mimo_o = f(part_, parts->mimo_o), p.part_norm = f(part_, parts->norm);
+  float* dHc = f(dHc_, size_t(PN));
+
+  launch_batched_output(s, p, true);
+  // dW = dy·vᵀ into W (W·v is done), then coef's gradient and S ← W, W ← dS.
+  batched_gemm(ctx, tf32, false, true, rows, rows, P, p.dY, P, sRP, p.V, P, sRP, 0.0f, p.W, rows, sRR, BHc);
+  launch_batched_coef(s, p);
+  batched_gemm(ctx, tf32, true, false, rows, P, rows, p.S, rows, sRR, p.dY, P, sRP, 0.0f, p.dV, P, sRP, BHc);
+  batched_gemm(ctx, tf32, false, false, rows, N, rows, p.W, rows, sRR, p.K, N, sRN, 0.0f, p.dQ, N, sRN, BHc);
+  batched_gemm(ctx, tf32, false, false, rows, N, P, p.dYe, P, sRP, Hc, N, PN, 1.0f, p.dQ, N, sRN, BHc);
+  batched_gemm(ctx, tf32, true, false, rows, N, rows, p.W, rows, sRR, p.Q, N, sRN, 0.0f, p.dK, N, sRN, BHc);
+  // Chunk c's dH contribution (e^Λ ⊙ dy)ᵀ·q → slot c − 1 (chunk 0's into the previous sequence's last slot, which the
+  // reverse scan zeroes, or into the extra slot before the first); the scan gives the dH entering every chunk.
+  batched_gemm(ctx, tf32, true, false, P, N, rows, p.dYe, P, sRP, p.Q, N, sRN, 0.0f, dHc - PN, N, PN, BHc);
+  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true);
+  batched_gemm(ctx, tf32, false, true, rows, P, N, p.K, N, sRN, dHc, N, PN, 0.0f, p.Z, P, sRP, BHc);
+  batched_gemm(ctx, tf32, false, false, rows, N, P, p.Vw, P, sRP, dHc, N, PN, 1.0f, p.dK, N, sRN, BHc);
+  launch_batched_epilogue(s, p);
+}
+
 void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
                              const float* u, float* out) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::forward: negative batch {} or length {}", B, L);
@@ -177,6 +273,12 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   check_weights(c_, w);
   const MixerDims d = make_dims(c_, B, L);
   prepare(ctx, gemm, w, B, L, u);
+  if (chunk_batched_) {
+    batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr);
+    gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f,
+             out, c_.d_model);
+    return;
+  }
   int fwd_blocks = 1;
   const int T = forward_chunk_length(L, fwd_blocks);
   ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
@@ -194,6 +296,29 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
            c_.d_model);
 }
 
+void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B,
+                                           int64_t L, int T, const PartOffsets& parts) {
+  const MixerDims d = make_dims(c_, B, L);
+  const int64_t BHL = B * d.H * L;
+  ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  p.tc = chunk_tc_ && bf16;
+  p.parallel = chunk_parallel_;
+  p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
+  if (p.parallel) {
+    p.dHc = f(dHc_), p.decay = f(decay_);
+    p.fwd_blocks = chunk_blocks_ == 2 ? 2 : 1;
+    // Auto keeps the plain tensor-core reverse kernel: at 106 registers it already fits two blocks' registers.
+    p.rev_blocks = p.tc && chunk_blocks_ == 0 ? 1 : reverse_blocks(T);
+  }
+  p.part_mimo_z = f(part_, parts.mimo_z), p.part_mimo_o = f(part_, parts.mimo_o), p.part_norm = f(part_, parts.norm);
+  p.dBn = f(dBn_), p.dCn = f(dCn_), p.dphi = f(dphi_);
+  p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
+  p.part_B_bias = f(part_, parts.B_bias), p.part_C_bias = f(part_, parts.C_bias);
+  p.part_mimo_x = f(part_, parts.mimo_x), p.part_D = f(part_, parts.D);
+  launch_chunk_forward(ctx.stream(), p, true);
+  launch_chunk_reverse(ctx.stream(), p);
+}
+
 void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w,
                               const Mamba3TrainGrads& g, int64_t B, int64_t L, const float* u, const float* dout,
                               float* du) {
@@ -206,15 +331,18 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const cudaStream_t s = ctx.stream();
   prepare(ctx, gemm, w, B, L, u);
 
-  const int T = chunk_length(L, true);
+  const bool batched = chunk_batched_;
+  const int T = batched ? batched_chunk_length(L) : chunk_length(L, true);
   const int64_t chunks = (L + T - 1) / T;
-  const bool par = chunk_parallel_;
+  const bool par = chunk_parallel_ || batched;  // the batched path's partials are per chunk too
   const int64_t pc = par ? chunks : 1;  // chunk groups per sequence in the chunk kernels' parameter partials
   reserve_floats(dO_, M * di);
   reserve_floats(dzx_, M * din);
-  reserve_floats(dy_, BHL * R * P);
-  reserve_floats(Hc_, BH * chunks * P * N);
-  if (par) {
+  if (!batched) {
+    reserve_floats(dy_, BHL * R * P);
+    reserve_floats(Hc_, BH * chunks * P * N);
+  }
+  if (par && !batched) {
     reserve_floats(dHc_, BH * chunks * P * N);
     reserve_floats(decay_, BH * chunks);
   }
@@ -235,29 +363,15 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   // dO = dout·W_out (the gradient of the gated output o).
   gemm.run(ctx, false, false, M, di, D, 1.0f, dout, D, w.out_proj, di, 0.0f, f(dO_), di);
 
-  ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
-  p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
-  p.parallel = par;
-  p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
-  if (par) {
-    p.dHc = f(dHc_), p.decay = f(decay_);
-    p.fwd_blocks = chunk_blocks_ == 2 ? 2 : 1;
-    // Auto keeps the plain tensor-core reverse kernel: at 106 registers it already fits two blocks' registers.
-    p.rev_blocks = p.tc && chunk_blocks_ == 0 ? 1 : reverse_blocks(T);
-  }
-  p.part_mimo_z = f(part_, o_mz), p.part_mimo_o = f(part_, o_mo), p.part_norm = f(part_, o_nm);
-  p.dBn = f(dBn_), p.dCn = f(dCn_), p.dphi = f(dphi_);
-  p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
-  p.part_B_bias = f(part_, o_Bb), p.part_C_bias = f(part_, o_Cb), p.part_mimo_x = f(part_, o_mx);
-  p.part_D = f(part_, o_D);
-  launch_chunk_forward(s, p, true);
-  launch_chunk_reverse(s, p);
+  const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm};
+  if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts);
+  else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);
 
   AngleBackwardParams ap{};
   ap.d = d, ap.zx = f(zx_);
   ap.dt = f(scalars_), ap.A = f(scalars_, BHL), ap.lam = f(scalars_, 2 * BHL), ap.dAdl = f(scalars_, 3 * BHL);
   ap.dsp = f(scalars_, 4 * BHL);
-  ap.dphi = f(dphi_), ap.dadt = p.dadt, ap.dgam = p.dgam, ap.dscale = p.dscale;
+  ap.dphi = f(dphi_), ap.dadt = f(sgrad_), ap.dgam = f(sgrad_, BHL), ap.dscale = f(sgrad_, 2 * BHL);
   ap.dth = f(dth_), ap.dzx = f(dzx_), ap.part_dt_bias = f(part_);
   launch_angle_scalar_backward(s, ap);
   launch_bc_norm_backward(s, d, f(zx_raw_), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),

@@ -60,6 +60,14 @@ class Mamba3TrainGpu {
   void set_chunk_scan_parallel(bool on) { chunk_parallel_ = on; }
   bool chunk_scan_parallel() const { return chunk_parallel_; }
 
+  // Chunk path: true runs the chunked form as strided-batched cuBLAS products over every (sequence, head, chunk) with
+  // small per-chunk kernels between them (mamba3_train_batched.cu; f32 products in the f32 mode, TF32 tensor cores in
+  // the bf16 mode; T·R = 64 rows per chunk; the chunk schedule, tensor-core and blocks-per-SM switches do not apply);
+  // false the fused chunk kernels. Default from MAMBA3_TRAIN_CHUNK_PATH, read once per process: "batched" or "fused"
+  // (unset: batched); any other value throws.
+  void set_chunk_batched(bool on) { chunk_batched_ = on; }
+  bool chunk_batched() const { return chunk_batched_; }
+
   // Register variant of the chunk-parallel schedule's per-chunk kernels (the output kernel of the training forward
   // and of backward pass 1, the reverse kernel): 1 the plain ones (__launch_bounds__(256), up to 255 registers), 2
   // the __launch_bounds__(256, 2) ones (≤ 128 registers, so that two 256-thread blocks can share an SM), 0 (auto)
@@ -88,6 +96,19 @@ class Mamba3TrainGpu {
   void prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
                const float* u);
 
+  // The batched path (chunk_batched_): the chunked forward into o (and, with `backward`, everything the backward's
+  // chunk stage produces: dz/dx columns of dzx_, dBn_, dCn_, dphi_, sgrad_, the chunk partials at part_ offsets).
+  struct PartOffsets {
+    int64_t D, B_bias, C_bias, mimo_x, mimo_z, mimo_o, norm;
+  };
+  void batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L, bool backward,
+                      const PartOffsets* parts);
+  // The fused path's chunk stage of the backward (chunk length T), with the same outputs.
+  void fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, int T,
+                             const PartOffsets& parts);
+  // Chunk length (tokens) of the batched path: 64/R rows per chunk, at most L.
+  int batched_chunk_length(int64_t L) const;
+
   // Queries the device's shared-memory limits on first use.
   void query_device();
   // The reverse kernel's variant (1 or 2) at chunk length T under chunk_blocks_.
@@ -101,12 +122,16 @@ class Mamba3TrainGpu {
   int chunk_blocks_ = 0;  // register variant of the parallel chunk kernels: 0 auto, 1, 2 (set_chunk_blocks_per_sm)
   bool chunk_tc_ = false;  // tensor-core chunk products in the bf16 mode (set_chunk_tensor_cores)
   bool chunk_parallel_ = true;  // chunk-parallel schedule (set_chunk_scan_parallel)
+  bool chunk_batched_ = true;   // batched-GEMM chunk path (set_chunk_batched)
   // Forward: zx_raw (M, d_in), zx (M, d_in) B/C normalised, scalars 5 × (B·H, L), cs/sn (B·H, L, S), o (M, d_inner).
   DeviceBuffer zx_raw_, zx_, scalars_, cs_, sn_, o_;
   // Backward: dO (M, d_inner), dzx (M, d_in), dy (B·H, L, R, P), Hc (B·H, chunks, P, N), dBn/dCn (M, H, R, N),
   // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), dth (M, H, S), per-row/per-(b, h[, chunk]) partials, colsum
   // scratch. Parallel schedule (forward too): Hc, decay (B·H, chunks); backward also dHc (B·H, chunks, P, N).
   DeviceBuffer dO_, dzx_, dy_, Hc_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_;
+  // Batched path (BatchedParams): chunk scalars 5 × (B·H·nc, T) and dLam; q, k, dq, dk (rows, N) and v, w ⊙ v, Z, WV,
+  // dy, e^Λ ⊙ dy, dv (rows, P) per chunk; S and W (rows, rows) per chunk.
+  DeviceBuffer bscal_, bdLam_, bQ_, bK_, bV_, bVw_, bS_, bW_, bZ_, bWV_, bdY_, bdYe_, bdQ_, bdK_, bdV_;
 };
 
 }  // namespace mamba3::cuda

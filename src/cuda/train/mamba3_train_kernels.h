@@ -91,6 +91,57 @@ void launch_chunk_forward(cudaStream_t s, const ChunkParams& p, bool backward);
 // kernel per chunk.
 void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p);
 
+// The elementwise scan over chunks of the chunk-parallel schedule on S (B·H, chunks, PN), in place (see
+// chunk_scan_kernel): forward S[c] ← decay[c − 1]·S[c − 1] + S[c], S[0] = 0; reverse S[c] ← decay[c + 1]·S[c + 1] +
+// S[c], S[last] = 0. decay (B·H, chunks).
+void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse);
+
+// The batched-GEMM path (mamba3_train_batched.cu): the chunked form as strided-batched cuBLAS products over every
+// (sequence, head, chunk) at once, with per-chunk elementwise kernels between them. Buffers "per chunk row" are
+// (B·H·nc, rows, cols): element ((bh·nc + c)·rows + j)·cols + col, j = tl·R + r the row of token tl of chunk c, rank r;
+// tokens past L (the last chunk's padding) are zero rows. Per-token chunk scalars are (B·H·nc, T): index
+// (bh·nc + c)·T + tl. Parameter partials as ChunkParams' parallel schedule: row (b·nc + c)·H + h.
+struct BatchedParams {
+  MixerDims d;
+  int T, nc, rows;                       // chunk length (tokens), chunks per sequence, rows = T·R
+  const float* zx;                       // (M, din), B/C normalised
+  const float *dt, *A, *lam;             // (B·H, L)
+  const float *cs, *sn;                  // (B·H, L, S)
+  const float *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *norm;
+  // Built per chunk: Λ (chunk-local prefix of A·Δ), e^Λ, γ = λΔ, scale, w = e^{Λ_last − Λ}·scale; e^{Λ_last}.
+  float *Lam, *eL, *gam, *scale, *wv;    // (B·H·nc, T)
+  float* decay;                          // (B·H·nc)
+  float *Q, *K;                          // per chunk row, N: rotated biased C and B
+  float *V, *Vw;                         // per chunk row, P: mimo_x ⊙ x and w ⊙ V
+  float *S, *W;                          // (B·H·nc, rows, rows): q·kᵀ; W = S ⊙ coef (backward: dW, then dS)
+  float *Z, *WV;                         // per chunk row, P: q·H_cᵀ and W·v (backward: Z then K·dHᵀ)
+  float* o;                              // (M, d_inner) gated output
+  // Backward.
+  const float* dO;                       // (M, d_inner)
+  float* dzx;                            // (M, din): z and x columns written
+  float *dY, *dYe;                       // per chunk row, P: dy and e^Λ ⊙ dy
+  float *dQ, *dK, *dV;                   // per chunk row, N, N, P
+  const float *Hc, *dHc;                 // (B·H·nc, P, N) state and dH entering each chunk (after the scans)
+  float* dLam;                           // (B·H·nc, T) gradient of Λ
+  float *dadt, *dgam, *dscale;           // (B·H, L)
+  float* dphi;                           // (B·H, L, S)
+  float *dBn, *dCn;                      // (M, H, R, N)
+  float *part_mimo_z, *part_mimo_o, *part_norm, *part_B_bias, *part_C_bias, *part_mimo_x, *part_D;
+};
+// q, k, v, w ⊙ v and the chunk scalars (one block per chunk).
+void launch_batched_build(cudaStream_t s, const BatchedParams& p);
+// W = S ⊙ coef (one block per chunk).
+void launch_batched_mask(cudaStream_t s, const BatchedParams& p);
+// y = e^Λ ⊙ Z + WV + D·v, the output stage → o; with `backward` also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state
+// read (dLam, overwritten), the output stage's partials and D's.
+void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward);
+// From S (raw q·kᵀ) and W (dW = dy·vᵀ): the gradients of coef into dLam (added), dgam, dscale (written); then
+// S ← S ⊙ coef, W ← dW ⊙ coef.
+void launch_batched_coef(cudaStream_t s, const BatchedParams& p);
+// The rest per chunk: dV += D·dy + w ⊙ (K·dHᵀ) (from Z), the state-carry terms of Λ and scale, dadt; per token the
+// rotation and bias backward (dBn, dCn, dphi, bias partials), dx and the mimo_x partials.
+void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p);
+
 // The angle gradient's reverse cumulative sum (→ dθ per head, Δ's share) and the per-token scalar gradients
 // (→ dzx's dt, A, trap columns; dt_bias partials (B, H)).
 struct AngleBackwardParams {

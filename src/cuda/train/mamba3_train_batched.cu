@@ -1,0 +1,448 @@
+// The batched-GEMM path of the Mamba-3 mixer's GPU training pass: the per-chunk elementwise kernels that sit between
+// the strided-batched cuBLAS products (orchestrated in mamba3_train_gpu.cpp; the math is the CPU's chunked backward,
+// src/ops/mamba3_scan_backward.cpp). Every kernel runs one 256-thread block per (sequence, head, chunk) and reads and
+// writes the chunk-row buffers of BatchedParams. Deterministic: every sum has one owning thread or warp and a fixed
+// order; no atomics.
+#include "cuda/cuda_check.h"
+#include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_math.cuh"
+
+namespace mamba3::cuda::train_detail {
+
+namespace {
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+
+// The block's chunk: bh = b·H + h, c, first token c0 and the number of real tokens Tc (the rest is padding).
+struct ChunkIndex {
+  int64_t chunk, bh;
+  int b, h, c, c0, Tc;
+  __device__ ChunkIndex(const BatchedParams& p) {
+    chunk = blockIdx.x, bh = chunk / p.nc, c = int(chunk % p.nc);
+    b = int(bh / p.d.H), h = int(bh % p.d.H);
+    c0 = c * p.T, Tc = min(p.T, p.d.L - c0);
+  }
+  // Parameter-partial row (b·nc + c)·H + h.
+  __device__ int64_t prow(const BatchedParams& p) const { return (int64_t(b) * p.nc + c) * p.d.H + h; }
+};
+
+// Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
+__global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedParams p) {
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int T = p.T, rows = p.rows;
+  extern __shared__ float sm[];
+  float *Lam = sm, *dtv = sm + T, *wv = sm + 2 * T;
+  const int64_t cs0 = ix.chunk * T;  // chunk-scalar index of token 0
+  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
+    float a = 0.0f, dt = 0.0f, gam = 0.0f, scale = 0.0f;
+    if (tl < ix.Tc) {
+      const int64_t st = ix.bh * d.L + ix.c0 + tl;
+      dt = p.dt[st], a = p.A[st];
+      const float lam = p.lam[st];
+      gam = lam * dt;
+      const float next = ix.c0 + tl + 1 < d.L ? (1.0f - p.lam[st + 1]) * p.dt[st + 1] : 0.0f;
+      scale = lam * dt + next;
+    }
+    Lam[tl] = a, dtv[tl] = dt, wv[tl] = scale;
+    p.gam[cs0 + tl] = gam, p.scale[cs0 + tl] = scale;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // Λ in token order, as the CPU sums it (padding adds exact zeros)
+    float run = 0.0f;
+    for (int tl = 0; tl < T; ++tl) run += Lam[tl] * dtv[tl], Lam[tl] = run;
+    p.decay[ix.chunk] = expf(run);
+  }
+  __syncthreads();
+  const float last = Lam[T - 1];
+  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
+    const float w = expf(last - Lam[tl]) * wv[tl];
+    p.Lam[cs0 + tl] = Lam[tl], p.eL[cs0 + tl] = expf(Lam[tl]), p.wv[cs0 + tl] = w;
+    dtv[tl] = w;  // dtv now holds w
+  }
+  __syncthreads();
+  const int g = ix.h / (d.H / d.G);
+  const int64_t base_n = ix.chunk * rows * d.N, base_p = ix.chunk * rows * d.P;
+  for (int e = threadIdx.x; e < rows * d.N; e += kThreads) {
+    const int j = e / d.N, n = e % d.N, tl = j / d.R, r = j % d.R;
+    float vq = 0.0f, vk = 0.0f;
+    if (tl < ix.Tc) {
+      const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t;
+      const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
+      const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
+      const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
+      vq = bias_rotate_at(z + d.off_C + grp, p.C_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
+      vk = bias_rotate_at(z + d.off_B + grp, p.B_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
+    }
+    p.Q[base_n + e] = vq, p.K[base_n + e] = vk;
+  }
+  for (int e = threadIdx.x; e < rows * d.P; e += kThreads) {
+    const int j = e / d.P, q = e % d.P, tl = j / d.R, r = j % d.R;
+    float v = 0.0f;
+    if (tl < ix.Tc) {
+      const float x = p.zx[(int64_t(ix.b) * d.L + ix.c0 + tl) * d.din + d.off_x + int64_t(ix.h) * d.P + q];
+      v = d.mimo ? p.mimo_x[(int64_t(ix.h) * d.R + r) * d.P + q] * x : x;
+    }
+    p.V[base_p + e] = v, p.Vw[base_p + e] = dtv[tl] * v;
+  }
+}
+
+// coef(t, s) of spec §5.3: e^{Λ_t − Λ_s}·scale_s below the token diagonal, γ_t on it, 0 above.
+__device__ __forceinline__ float coef_at(const float* Lam, const float* scale, const float* gam, int tl, int sl) {
+  if (sl < tl) return expf(Lam[tl] - Lam[sl]) * scale[sl];
+  return sl == tl ? gam[tl] : 0.0f;
+}
+
+__device__ __forceinline__ void stage_scalars(const BatchedParams& p, int64_t chunk, float* Lam, float* scale,
+                                              float* gam) {
+  for (int tl = threadIdx.x; tl < p.T; tl += kThreads) {
+    const int64_t i = chunk * p.T + tl;
+    Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) batched_mask_kernel(const BatchedParams p) {
+  const int64_t chunk = blockIdx.x;
+  const int T = p.T, rows = p.rows, R = p.d.R;
+  extern __shared__ float sm[];
+  float *Lam = sm, *scale = sm + T, *gam = sm + 2 * T;
+  stage_scalars(p, chunk, Lam, scale, gam);
+  __syncthreads();
+  const int64_t base = chunk * rows * rows;
+  for (int e = threadIdx.x; e < rows * rows; e += kThreads) {
+    const int j = e / rows, jj = e % rows;
+    p.W[base + e] = p.S[base + e] * coef_at(Lam, scale, gam, j / R, jj / R);
+  }
+}
+
+// Warp per token. Per warp in shared memory: y and dyn (R·P each) and the partial sums of mimo_z, mimo_o (R·P each)
+// and the norm weight (P) owned lane by lane.
+template <bool kBwd>
+__global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedParams p) {
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int R = d.R, P = d.P, RP = R * P, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* nw = d.outnorm ? p.norm + int64_t(ix.h) * P : nullptr;
+  const float Dh = p.D[ix.h];
+  extern __shared__ float sm[];
+  const int per_warp = 4 * RP + P;
+  float* ys = sm + warp * per_warp;
+  float *dyn = ys + RP, *gz = ys + 2 * RP, *go = ys + 3 * RP, *gn = ys + 4 * RP;
+  for (int e = lane; e < per_warp - RP; e += 32) dyn[e] = 0.0f;  // dyn, gz, go, gn
+  float gD = 0.0f;
+  __syncwarp();
+  for (int tl = warp; tl < p.T; tl += kWarps) {
+    const int64_t row0 = (ix.chunk * p.rows + int64_t(tl) * R) * P;  // this token's first chunk row
+    if (tl >= ix.Tc) {
+      if (kBwd) {
+        for (int e = lane; e < RP; e += 32) p.dY[row0 + e] = 0.0f, p.dYe[row0 + e] = 0.0f;
+        if (lane == 0) p.dLam[ix.chunk * p.T + tl] = 0.0f;
+      }
+      continue;
+    }
+    const float e = p.eL[ix.chunk * p.T + tl];
+    float rstd[kMaxRank];
+    for (int r = 0; r < R; ++r) {
+      float ss = 0.0f;
+      for (int q = lane; q < P; q += 32) {
+        const int64_t i = row0 + r * P + q;
+        const float y = (e * p.Z[i] + Dh * p.V[i]) + p.WV[i];
+        ys[r * P + q] = y;
+        ss += y * y;
+      }
+      rstd[r] = nw ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
+    }
+    const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
+    for (int q = lane; q < P; q += 32) {
+      const float z = p.zx[tok * d.din + int64_t(ix.h) * P + q];
+      const float dOq = kBwd ? p.dO[tok * d.d_inner + int64_t(ix.h) * P + q] : 0.0f;
+      float o = 0.0f, dz = 0.0f;
+      if (!d.mimo) {
+        const float y = ys[q], yn = nw ? y * rstd[0] * nw[q] : y;
+        const float sg = sigmoid_f(z), si = z * sg;
+        o = yn * si;
+        if (kBwd) {
+          dyn[q] = dOq * si;
+          dz = dOq * yn * sg * (1.0f + z * (1.0f - sg));
+        }
+      } else {
+        for (int r = 0; r < R; ++r) {
+          const float y = ys[r * P + q], yn = nw ? y * rstd[r] * nw[q] : y;
+          const int64_t i = (int64_t(ix.h) * R + r) * P + q;
+          const float mz = p.mimo_z[i], mo = p.mimo_o[i], zz = mz * z;
+          const float sg = sigmoid_f(zz), si = zz * sg;
+          o += mo * yn * si;
+          if (kBwd) {
+            const float dsi = sg * (1.0f + zz * (1.0f - sg)), dzz = dOq * mo * yn * dsi;
+            go[r * P + q] += dOq * yn * si;
+            dyn[r * P + q] = dOq * mo * si;
+            gz[r * P + q] += dzz * z;
+            dz += dzz * mz;
+          }
+        }
+      }
+      p.o[tok * d.d_inner + int64_t(ix.h) * P + q] = o;
+      if (kBwd) p.dzx[tok * d.din + int64_t(ix.h) * P + q] = dz;
+    }
+    if (!kBwd) continue;
+    __syncwarp();
+    float dl = 0.0f;
+    for (int r = 0; r < R; ++r) {
+      float mean = 0.0f;
+      if (nw) {
+        for (int q = lane; q < P; q += 32) mean += dyn[r * P + q] * nw[q] * (ys[r * P + q] * rstd[r]);
+        mean = warp_sum(mean) / float(P);
+      }
+      float dot = 0.0f;
+      for (int q = lane; q < P; q += 32) {
+        const float dn = dyn[r * P + q];
+        float v = dn;
+        if (nw) {
+          const float xh = ys[r * P + q] * rstd[r];
+          gn[q] += dn * xh;
+          v = rstd[r] * (dn * nw[q] - xh * mean);
+        }
+        const int64_t i = row0 + r * P + q;
+        p.dY[i] = v, p.dYe[i] = e * v;
+        dot += v * p.Z[i];
+        gD += v * p.V[i];
+      }
+      dl += e * warp_sum(dot);
+    }
+    if (lane == 0) p.dLam[ix.chunk * p.T + tl] = dl;
+    __syncwarp();  // ys/dyn are rewritten by the next token
+  }
+  if (!kBwd) return;
+  gD = warp_sum(gD);
+  __syncthreads();
+  float* wD = sm + kWarps * per_warp;
+  if (lane == 0) wD[warp] = gD;
+  __syncthreads();
+  const int64_t prow = ix.prow(p);
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int w = 0; w < kWarps; ++w) s += wD[w];
+    p.part_D[prow] = s;
+  }
+  if (d.mimo)
+    for (int e = threadIdx.x; e < RP; e += kThreads) {
+      float sz = 0.0f, so = 0.0f;
+      for (int w = 0; w < kWarps; ++w) sz += sm[w * per_warp + 2 * RP + e], so += sm[w * per_warp + 3 * RP + e];
+      p.part_mimo_z[prow * RP + e] = sz, p.part_mimo_o[prow * RP + e] = so;
+    }
+  if (nw)
+    for (int q = threadIdx.x; q < P; q += kThreads) {
+      float s = 0.0f;
+      for (int w = 0; w < kWarps; ++w) s += sm[w * per_warp + 4 * RP + q];
+      p.part_norm[prow * P + q] = s;
+    }
+}
+
+// The gradient of coef from S (raw) and W (= dW): per entry gc = dW·S; below the token diagonal G = gc·coef goes to
+// Λ_t (+) and Λ_s (−) and gc·e^{Λ_t − Λ_s} to scale_s; on it gc goes to γ_t. Then S ← S ⊙ coef, W ← dW ⊙ coef.
+__global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedParams p) {
+  const ChunkIndex ix(p);
+  const int T = p.T, rows = p.rows, R = p.d.R, ld = rows + 1;
+  extern __shared__ float sm[];
+  float *Lam = sm, *scale = sm + T, *gam = sm + 2 * T;
+  float *rowG = sm + 3 * T, *rowD = rowG + rows, *colG = rowD + rows, *colE = colG + rows;
+  float *sG = colE + rows, *sE = sG + rows * ld;
+  stage_scalars(p, ix.chunk, Lam, scale, gam);
+  __syncthreads();
+  const int64_t base = ix.chunk * rows * rows;
+  for (int e = threadIdx.x; e < rows * rows; e += kThreads) {
+    const int j = e / rows, jj = e % rows, tl = j / R, sl = jj / R;
+    const float s = p.S[base + e], dw = p.W[base + e], gc = dw * s;
+    float cf = 0.0f, G = 0.0f, E = 0.0f;
+    if (sl < tl) {
+      const float ex = expf(Lam[tl] - Lam[sl]);
+      cf = ex * scale[sl], G = gc * cf, E = gc * ex;
+    } else if (sl == tl) {
+      cf = gam[tl], G = gc;  // the diagonal's gc, told apart by its index below
+    }
+    sG[j * ld + jj] = G, sE[j * ld + jj] = E;
+    p.S[base + e] = s * cf, p.W[base + e] = dw * cf;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 2 * rows; i += kThreads) {
+    if (i < rows) {  // row j: Σ G left of the token diagonal, Σ gc on it
+      const int j = i, tl = j / R;
+      float g = 0.0f, dg = 0.0f;
+      for (int jj = 0; jj < tl * R; ++jj) g += sG[j * ld + jj];
+      for (int jj = tl * R; jj < tl * R + R; ++jj) dg += sG[j * ld + jj];
+      rowG[j] = g, rowD[j] = dg;
+    } else {  // column jj: Σ G and Σ gc·e below the token diagonal
+      const int jj = i - rows, sl = jj / R;
+      float g = 0.0f, ee = 0.0f;
+      for (int j = (sl + 1) * R; j < rows; ++j) g += sG[j * ld + jj], ee += sE[j * ld + jj];
+      colG[jj] = g, colE[jj] = ee;
+    }
+  }
+  __syncthreads();
+  for (int tl = threadIdx.x; tl < ix.Tc; tl += kThreads) {
+    float dl = 0.0f, dg = 0.0f, ds = 0.0f;
+    for (int r = 0; r < R; ++r) {
+      const int j = tl * R + r;
+      dl += rowG[j] - colG[j], dg += rowD[j], ds += colE[j];
+    }
+    p.dLam[ix.chunk * T + tl] += dl;
+    const int64_t st = ix.bh * p.d.L + ix.c0 + tl;
+    p.dgam[st] = dg, p.dscale[st] = ds;
+  }
+}
+
+// Per chunk: dV ← dV + D·dy + w ⊙ tp (tp = K·dHᵀ, in Z), the state-carry terms of Λ and scale and dadt; then a warp
+// per token: the rotation and bias backward of dQ, dK (→ dCn, dBn, dphi), dx and the mimo_x partials.
+__global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const BatchedParams p) {
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int T = p.T, rows = p.rows, R = d.R, P = d.P, N = d.N, S = d.S, warp = threadIdx.x / 32,
+            lane = threadIdx.x % 32;
+  const float Dh = p.D[ix.h];
+  extern __shared__ float sm[];
+  float *Lam = sm, *scale = sm + T, *dL = sm + 2 * T, *rdot = sm + 3 * T, *wsum = rdot + rows;
+  float* part = wsum + kWarps;  // per warp: gC, gB (R·N each), gX (R·P)
+  const int per_warp = 2 * R * N + R * P;
+  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
+    const int64_t i = ix.chunk * T + tl;
+    Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], dL[tl] = p.dLam[i];
+  }
+  for (int e = threadIdx.x; e < kWarps * per_warp; e += kThreads) part[e] = 0.0f;
+  const int64_t base_p = ix.chunk * rows * P;
+  for (int j = warp; j < rows; j += kWarps) {
+    const float w = p.wv[ix.chunk * T + j / R];
+    float dot = 0.0f;
+    for (int q = lane; q < P; q += 32) {
+      const int64_t i = base_p + int64_t(j) * P + q;
+      const float tp = p.Z[i];
+      dot += p.V[i] * tp;
+      p.dV[i] = (p.dV[i] + Dh * p.dY[i]) + w * tp;
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) rdot[j] = dot;
+  }
+  {  // <dH, H_c> over the chunk's P·N
+    const int64_t PN = int64_t(P) * N, base = ix.chunk * PN;
+    float s = 0.0f;
+    for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += p.dHc[base + i] * p.Hc[base + i];
+    s = warp_sum(s);
+    if (lane == 0) wsum[warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const float last = Lam[T - 1], elast = p.decay[ix.chunk];
+    for (int sl = 0; sl < T; ++sl) {
+      float dws = 0.0f;
+      for (int r = 0; r < R; ++r) dws += rdot[sl * R + r];
+      const float e2 = expf(last - Lam[sl]), G = dws * e2 * scale[sl];
+      dL[T - 1] += G;
+      dL[sl] -= G;
+      scale[sl] = dws * e2;  // scale's gradient from the carried state (scale itself is no longer needed)
+    }
+    float dot = 0.0f;
+    for (int w = 0; w < kWarps; ++w) dot += wsum[w];
+    dL[T - 1] += elast * dot;
+    float run = 0.0f;  // Λ_t = Σ_{j ≤ t in the chunk} A_j·Δ_j
+    for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
+  }
+  __syncthreads();
+  for (int tl = threadIdx.x; tl < ix.Tc; tl += kThreads) {
+    const int64_t st = ix.bh * d.L + ix.c0 + tl;
+    p.dadt[st] = dL[tl];
+    p.dscale[st] += scale[tl];
+  }
+  float *gC = part + warp * per_warp, *gB = gC + R * N, *gX = gB + R * N;
+  const int64_t base_n = ix.chunk * rows * N;
+  for (int tl = warp; tl < ix.Tc; tl += kWarps) {
+    const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, tok = int64_t(ix.b) * d.L + t;
+    const float *cs = p.cs + st * S, *sn = p.sn + st * S;
+    for (int r = 0; r < R; ++r) {
+      const int64_t j = int64_t(tl) * R + r;
+      const float *dq = p.dQ + base_n + j * N, *dk = p.dK + base_n + j * N;
+      float* dCn = p.dCn + ((tok * d.H + ix.h) * R + r) * N;
+      float* dBn = p.dBn + ((tok * d.H + ix.h) * R + r) * N;
+      for (int n = lane; n < N; n += 32) {
+        const float gq = unrotate_at(dq, cs, sn, n, N, S, d.mimo), gk = unrotate_at(dk, cs, sn, n, N, S, d.mimo);
+        dCn[n] = gq, dBn[n] = gk;
+        gC[r * N + n] += gq, gB[r * N + n] += gk;
+      }
+    }
+    for (int i = lane; i < S; i += 32) {
+      const int a = d.mimo ? i : 2 * i, bb = d.mimo ? i + N / 2 : 2 * i + 1;
+      float acc = 0.0f;
+      for (int r = 0; r < R; ++r) {
+        const int64_t j = base_n + (int64_t(tl) * R + r) * N;
+        acc += p.dQ[j + bb] * p.Q[j + a] - p.dQ[j + a] * p.Q[j + bb];
+        acc += p.dK[j + bb] * p.K[j + a] - p.dK[j + a] * p.K[j + bb];
+      }
+      p.dphi[st * S + i] = acc;
+    }
+    const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
+    for (int q = lane; q < P; q += 32) {
+      float dx = 0.0f;
+      for (int r = 0; r < R; ++r) {
+        const float dv = p.dV[base_p + (int64_t(tl) * R + r) * P + q];
+        if (d.mimo) {
+          dx += dv * p.mimo_x[(int64_t(ix.h) * R + r) * P + q];
+          gX[r * P + q] += dv * x[q];
+        } else {
+          dx += dv;
+        }
+      }
+      p.dzx[tok * d.din + d.off_x + int64_t(ix.h) * P + q] = dx;
+    }
+  }
+  __syncthreads();
+  const int64_t prow = ix.prow(p);
+  for (int e = threadIdx.x; e < R * N; e += kThreads) {
+    float sc = 0.0f, sb = 0.0f;
+    for (int w = 0; w < kWarps; ++w) sc += part[w * per_warp + e], sb += part[w * per_warp + R * N + e];
+    p.part_C_bias[prow * R * N + e] = sc, p.part_B_bias[prow * R * N + e] = sb;
+  }
+  if (d.mimo)
+    for (int e = threadIdx.x; e < R * P; e += kThreads) {
+      float s = 0.0f;
+      for (int w = 0; w < kWarps; ++w) s += part[w * per_warp + 2 * R * N + e];
+      p.part_mimo_x[prow * R * P + e] = s;
+    }
+}
+
+template <typename Kernel>
+void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, size_t floats) {
+  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "batched chunk kernels: {} blocks exceed the grid", blocks);
+  const size_t bytes = floats * sizeof(float);
+  if (bytes > 48 * 1024)
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_batched_build(cudaStream_t s, const BatchedParams& p) {
+  launch_per_chunk(batched_build_kernel, s, p, size_t(3 * p.T));
+}
+
+void launch_batched_mask(cudaStream_t s, const BatchedParams& p) {
+  launch_per_chunk(batched_mask_kernel, s, p, size_t(3 * p.T));
+}
+
+void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward) {
+  const size_t floats = size_t(kWarps) * (4 * p.d.R * p.d.P + p.d.P) + kWarps;
+  if (backward) launch_per_chunk(batched_output_kernel<true>, s, p, floats);
+  else launch_per_chunk(batched_output_kernel<false>, s, p, floats);
+}
+
+void launch_batched_coef(cudaStream_t s, const BatchedParams& p) {
+  const size_t floats = size_t(3 * p.T + 4 * p.rows + 2 * p.rows * (p.rows + 1));
+  launch_per_chunk(batched_coef_kernel, s, p, floats);
+}
+
+void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
+  const size_t floats =
+      size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * (2 * p.d.R * p.d.N + p.d.R * p.d.P);
+  launch_per_chunk(batched_epilogue_kernel, s, p, floats);
+}
+
+}  // namespace mamba3::cuda::train_detail
