@@ -4,6 +4,8 @@
 #   scripts/gpu_profile.sh decode PRESET BATCH   — kernels of graph-replayed decode steps (after warm-up)
 #   scripts/gpu_profile.sh prefill PRESET BATCH  — the Mamba-3 kernels of a prefill of 128 tokens per sequence
 #     (the products are cuBLAS's; bench prints their GEMM-bound floor)
+#   scripts/gpu_profile.sh train PRESET          — the kernels of a training step (batch 8 × 2048; the first 1500
+#     launches of the first step by default), cuBLAS's included
 #   scripts/gpu_profile.sh details PRESET BATCH KERNEL_REGEX [OUT_FILE]  — ncu's full set for one graph-replayed
 #     decode launch of the matching kernel: the key lines (duration, DRAM, registers, occupancy, issue rate, stall
 #     reasons, instructions) to stdout, the whole details page to OUT_FILE (default ncu_details.txt in the project root)
@@ -34,13 +36,17 @@ fi
 case "$phase" in
   decode)  # everything after the warm-up: GEMMs, norms, staging, state kernels, sampling
     skip=400 count=${COUNT:-150} filter=regex:.
-    args=(--batch "$batch" --prompt 8 --steps 3 --lengths 16 --max-decode-steps 2) ;;
+    args=(--prompt 8 --steps 3 --lengths 16 --max-decode-steps 2) ;;
   prefill)  # the Mamba-3 prefill kernels of the long run; the batch-1 run's 16-token prefill (72 launches) is skipped
             # (decode steps launch none of these kernels: one head decode kernel per layer)
     skip=72 count=${COUNT:-144} filter='regex:mamba3_(angle|stage|chunk)_kernel'
-    args=(--batch 1 --prompt 16 --steps 1 --long-batch "$batch" --lengths 128 --max-decode-steps 1) ;;
-  *) echo "phase must be decode, prefill or details" >&2; exit 2 ;;
+    args=(--prompt 16 --steps 1 --long-batch "$batch" --lengths 128 --max-decode-steps 1) ;;
+  train)  # the first launches of the first (warm-up) step: per-kernel averages; SKIP and COUNT move the window
+    skip=${SKIP:-0} count=${COUNT:-1500} filter=regex:.
+    args=(--train --steps 2) ;;
+  *) echo "phase must be decode, prefill, train or details" >&2; exit 2 ;;
 esac
+[[ $phase == train ]] || args=(--batch "$batch" "${args[@]}")
 ncu --graph-profiling node -k "$filter" --launch-skip "$skip" --launch-count "$count" --section SpeedOfLight \
   --print-summary per-kernel run/bin/mamba3 bench --device cuda --preset "$preset" "${args[@]}" 2>&1 |
   grep -E "^\s+[a-zA-Z_].*\(|Duration|DRAM Throughput|Compute \(SM\)|Invocations"

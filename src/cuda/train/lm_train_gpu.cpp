@@ -14,51 +14,13 @@
 #include "cuda/train/lm_head_loss_gpu.h"
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/norm_train_gpu.h"
+#include "cuda/train/phase_profile.h"
 #include "ops/mamba3_config.h"
 #include "ops/mamba3_reference_backward.h"
 
 namespace mamba3::cuda {
 
 namespace {
-
-// MAMBA3_TRAIN_PROFILE=1: device time per part of one call (events between the parts), printed to stderr — where a
-// training step's time goes, without a profiler.
-class PhaseProfile {
- public:
-  explicit PhaseProfile(cudaStream_t s) : stream_(s), on_(std::getenv("MAMBA3_TRAIN_PROFILE") != nullptr) {
-    if (on_) mark(nullptr);
-  }
-  ~PhaseProfile() {
-    for (auto& [e, name] : events_) cudaEventDestroy(e);
-  }
-  // The work queued since the previous mark belongs to `part`.
-  void mark(const char* part) {
-    if (!on_) return;
-    cudaEvent_t e;
-    MAMBA3_CUDA_CHECK(cudaEventCreate(&e));
-    MAMBA3_CUDA_CHECK(cudaEventRecord(e, stream_));
-    events_.emplace_back(e, part);
-  }
-  void report() {
-    if (!on_ || events_.size() < 2) return;
-    MAMBA3_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    std::map<std::string, double> ms;
-    double total = 0;
-    for (size_t i = 1; i < events_.size(); ++i) {
-      float t = 0;
-      MAMBA3_CUDA_CHECK(cudaEventElapsedTime(&t, events_[i - 1].first, events_[i].first));
-      ms[events_[i].second] += t, total += t;
-    }
-    std::string line = fmt::format("train profile: {:.2f} ms", total);
-    for (const auto& [name, t] : ms) line += fmt::format("  {} {:.2f}", name, t);
-    std::fprintf(stderr, "%s\n", line.c_str());
-  }
-
- private:
-  cudaStream_t stream_;
-  bool on_;
-  std::vector<std::pair<cudaEvent_t, const char*>> events_;
-};
 
 struct NormSlot {
   const float *w = nullptr, *b = nullptr;

@@ -8,6 +8,7 @@
 
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/phase_profile.h"
 
 namespace mamba3::cuda {
 
@@ -197,7 +198,7 @@ int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
 }
 
 void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-                                    bool backward, const PartOffsets* parts) {
+                                    bool backward, const PartOffsets* parts, PhaseProfile& prof) {
   const MixerDims d = make_dims(c_, B, L);
   const cudaStream_t s = ctx.stream();
   const int T = batched_chunk_length(L);
@@ -224,15 +225,23 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
   launch_batched_build(s, p);
+  prof.mark("build");
   // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
   batched_gemm(ctx, tf32, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
+  prof.mark("gemm dH");
   launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false);
+  prof.mark("scan");
   batched_gemm(ctx, tf32, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
+  prof.mark("gemm S");
   launch_batched_mask(s, p);
+  prof.mark("mask");
   batched_gemm(ctx, tf32, false, true, rows, P, N, p.Q, N, sRN, Hc, N, PN, 0.0f, p.Z, P, sRP, BHc);
+  prof.mark("gemm Z");
   batched_gemm(ctx, tf32, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
+  prof.mark("gemm WV");
   if (!backward) {
     launch_batched_output(s, p, false);
+    prof.mark("output");
     return;
   }
 
@@ -250,20 +259,31 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
   float* dHc = f(dHc_, size_t(PN));
 
   launch_batched_output(s, p, true);
+  prof.mark("output bwd");
   // dW = dy·vᵀ into W (W·v is done), then coef's gradient and S ← W, W ← dS.
   batched_gemm(ctx, tf32, false, true, rows, rows, P, p.dY, P, sRP, p.V, P, sRP, 0.0f, p.W, rows, sRR, BHc);
+  prof.mark("gemm dW");
   launch_batched_coef(s, p);
+  prof.mark("coef");
   batched_gemm(ctx, tf32, true, false, rows, P, rows, p.S, rows, sRR, p.dY, P, sRP, 0.0f, p.dV, P, sRP, BHc);
+  prof.mark("gemm dV");
   batched_gemm(ctx, tf32, false, false, rows, N, rows, p.W, rows, sRR, p.K, N, sRN, 0.0f, p.dQ, N, sRN, BHc);
   batched_gemm(ctx, tf32, false, false, rows, N, P, p.dYe, P, sRP, Hc, N, PN, 1.0f, p.dQ, N, sRN, BHc);
+  prof.mark("gemm dQ");
   batched_gemm(ctx, tf32, true, false, rows, N, rows, p.W, rows, sRR, p.Q, N, sRN, 0.0f, p.dK, N, sRN, BHc);
+  prof.mark("gemm dK");
   // Chunk c's dH contribution (e^Λ ⊙ dy)ᵀ·q → slot c − 1 (chunk 0's into the previous sequence's last slot, which the
   // reverse scan zeroes, or into the extra slot before the first); the scan gives the dH entering every chunk.
   batched_gemm(ctx, tf32, true, false, P, N, rows, p.dYe, P, sRP, p.Q, N, sRN, 0.0f, dHc - PN, N, PN, BHc);
+  prof.mark("gemm G");
   launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true);
+  prof.mark("scan rev");
   batched_gemm(ctx, tf32, false, true, rows, P, N, p.K, N, sRN, dHc, N, PN, 0.0f, p.Z, P, sRP, BHc);
+  prof.mark("gemm tp");
   batched_gemm(ctx, tf32, false, false, rows, N, P, p.Vw, P, sRP, dHc, N, PN, 1.0f, p.dK, N, sRN, BHc);
+  prof.mark("gemm dK");
   launch_batched_epilogue(s, p);
+  prof.mark("epilogue");
 }
 
 void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
@@ -274,7 +294,9 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   const MixerDims d = make_dims(c_, B, L);
   prepare(ctx, gemm, w, B, L, u);
   if (chunk_batched_) {
-    batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr);
+    PhaseProfile prof(ctx.stream(), "mixer forward profile", 2);
+    batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr, prof);
+    prof.report();
     gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f,
              out, c_.d_model);
     return;
@@ -329,7 +351,9 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const int64_t M = B * L, D = c_.d_model, din = d.din, di = d.d_inner, BH = B * d.H, BHL = BH * L;
   const int64_t H = d.H, R = d.R, N = d.N, P = d.P, S = d.S, RG = R * d.G;
   const cudaStream_t s = ctx.stream();
+  PhaseProfile prof(s, "mixer backward profile", 2);
   prepare(ctx, gemm, w, B, L, u);
+  prof.mark("prepare");
 
   const bool batched = chunk_batched_;
   const int T = batched ? batched_chunk_length(L) : chunk_length(L, true);
@@ -362,10 +386,12 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
 
   // dO = dout·W_out (the gradient of the gated output o).
   gemm.run(ctx, false, false, M, di, D, 1.0f, dout, D, w.out_proj, di, 0.0f, f(dO_), di);
+  prof.mark("gemm dO");
 
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm};
-  if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts);
+  if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);
+  prof.mark("chunks");
 
   AngleBackwardParams ap{};
   ap.d = d, ap.zx = f(zx_);
@@ -374,8 +400,10 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.dphi = f(dphi_), ap.dadt = f(sgrad_), ap.dgam = f(sgrad_, BHL), ap.dscale = f(sgrad_, 2 * BHL);
   ap.dth = f(dth_), ap.dzx = f(dzx_), ap.part_dt_bias = f(part_);
   launch_angle_scalar_backward(s, ap);
+  prof.mark("angle bwd");
   launch_bc_norm_backward(s, d, f(zx_raw_), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
                           f(part_, o_Cn));
+  prof.mark("bc norm bwd");
 
   // Parameter partials summed over rows in a fixed order.
   struct Sum {
@@ -398,6 +426,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   reserve_floats(colsum_, int64_t(scratch));
   for (const Sum& x : sums)
     if (x.dst) colsum_add(s, f(part_, size_t(x.offset)), x.rows, x.cols, x.dst, f(colsum_));
+  prof.mark("colsums");
 
   // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o.
   {
@@ -406,6 +435,8 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
     if (g.in_proj) gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
   }
   if (g.out_proj) gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(o_), di, 1.0f, g.out_proj, di);
+  prof.mark("gemm projections");
+  prof.report();
 }
 
 }  // namespace mamba3::cuda

@@ -16,6 +16,8 @@
 
 namespace mamba3::cuda {
 
+class PhaseProfile;
+
 // Device pointers (f32) of one mixer's parameters, official names (spec); null where the config has none.
 struct Mamba3TrainWeights {
   const float *in_proj, *out_proj, *dt_bias, *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *B_norm, *C_norm, *norm;
@@ -102,7 +104,7 @@ class Mamba3TrainGpu {
     int64_t D, B_bias, C_bias, mimo_x, mimo_z, mimo_o, norm;
   };
   void batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L, bool backward,
-                      const PartOffsets* parts);
+                      const PartOffsets* parts, PhaseProfile& prof);
   // The fused path's chunk stage of the backward (chunk length T), with the same outputs.
   void fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, int T,
                              const PartOffsets& parts);
