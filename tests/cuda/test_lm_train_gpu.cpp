@@ -61,9 +61,12 @@ void check_case(const ModelConfig& c, const TensorMap& params, const std::vector
       continue;
     }
     // bf16: the per-head scalars and the B/C norm weights are sums over every token of terms of both signs, so the
-    // bf16 rounding of the products does not average out as it does for the matrices (H200: up to 4.5e-2).
+    // bf16 rounding of the products does not average out as it does for the matrices (H200: up to 4.5e-2). f32:
+    // the same sums cancel too; from a single token (B 1, L 1) the C_norm gradient came within 2.3e-5 (batched chunk
+    // path, H200), so those get the golden README's f32 gradient tolerance (5e-5), everything else 2e-5.
     const double err = test::rel_l2(gpu_grads.at(name), want);
-    EXPECT_LE(err, f32 ? 2e-5 : (scalar_param ? 1e-1 : 4e-2)) << what << ": gradient of " << name;
+    EXPECT_LE(err, f32 ? (scalar_param ? 5e-5 : 2e-5) : (scalar_param ? 1e-1 : 4e-2)) << what << ": gradient of "
+                                                                                       << name;
   }
 }
 

@@ -26,6 +26,17 @@ struct ChunkIndex {
   __device__ int64_t prow(const BatchedParams& p) const { return (int64_t(b) * p.nc + c) * p.d.H + h; }
 };
 
+// Rotary slot u < ⌈N/2⌉ of a B/C vector: its elements a and b (SISO pairs (2u, 2u+1), MIMO halves (u, u + N/2)),
+// whether they rotate together by angle u (u < S) and whether b exists (an odd SISO N leaves the last one alone).
+struct PairSlot {
+  int a, b;
+  bool rot, has_b;
+};
+__device__ __forceinline__ PairSlot pair_slot(int u, int N, int S, bool halves) {
+  if (halves) return {u, u + N / 2, u < S, true};
+  return {2 * u, 2 * u + 1, u < S, 2 * u + 1 < N};
+}
+
 // Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
 __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedParams p) {
   const MixerDims& d = p.d;
@@ -61,29 +72,42 @@ __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedPa
     dtv[tl] = w;  // dtv now holds w
   }
   __syncthreads();
-  const int g = ix.h / (d.H / d.G);
-  const int64_t base_n = ix.chunk * rows * d.N, base_p = ix.chunk * rows * d.P;
-  for (int e = threadIdx.x; e < rows * d.N; e += kThreads) {
-    const int j = e / d.N, n = e % d.N, tl = j / d.R, r = j % d.R;
-    float vq = 0.0f, vk = 0.0f;
-    if (tl < ix.Tc) {
-      const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t;
-      const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
-      const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
-      const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
-      vq = bias_rotate_at(z + d.off_C + grp, p.C_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
-      vk = bias_rotate_at(z + d.off_B + grp, p.B_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
+  // A warp per chunk row j = tl·R + r; a lane per rotary slot (both elements of a pair: one read of each input).
+  const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, slots = (d.N + 1) / 2;
+  for (int j = warp; j < rows; j += kWarps) {
+    const int tl = j / d.R, r = j % d.R;
+    float *q = p.Q + (ix.chunk * rows + j) * d.N, *k = p.K + (ix.chunk * rows + j) * d.N;
+    float *v = p.V + (ix.chunk * rows + j) * d.P, *vw = p.Vw + (ix.chunk * rows + j) * d.P;
+    if (tl >= ix.Tc) {
+      for (int n = lane; n < d.N; n += 32) q[n] = 0.0f, k[n] = 0.0f;
+      for (int e = lane; e < d.P; e += 32) v[e] = 0.0f, vw[e] = 0.0f;
+      continue;
     }
-    p.Q[base_n + e] = vq, p.K[base_n + e] = vk;
-  }
-  for (int e = threadIdx.x; e < rows * d.P; e += kThreads) {
-    const int j = e / d.P, q = e % d.P, tl = j / d.R, r = j % d.R;
-    float v = 0.0f;
-    if (tl < ix.Tc) {
-      const float x = p.zx[(int64_t(ix.b) * d.L + ix.c0 + tl) * d.din + d.off_x + int64_t(ix.h) * d.P + q];
-      v = d.mimo ? p.mimo_x[(int64_t(ix.h) * d.R + r) * d.P + q] * x : x;
+    const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t;
+    const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
+    const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
+    const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
+    const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
+    for (int u = lane; u < slots; u += 32) {
+      const PairSlot ps = pair_slot(u, d.N, d.S, d.mimo);
+      const float ca = zc[ps.a] + bc[ps.a], cb = ps.has_b ? zc[ps.b] + bc[ps.b] : 0.0f;
+      const float ka = zb[ps.a] + bb[ps.a], kb = ps.has_b ? zb[ps.b] + bb[ps.b] : 0.0f;
+      if (ps.rot) {
+        const float c = cs[u], sv = sn[u];
+        q[ps.a] = ca * c - cb * sv, q[ps.b] = ca * sv + cb * c;
+        k[ps.a] = ka * c - kb * sv, k[ps.b] = ka * sv + kb * c;
+      } else {
+        q[ps.a] = ca, k[ps.a] = ka;
+        if (ps.has_b) q[ps.b] = cb, k[ps.b] = kb;
+      }
     }
-    p.V[base_p + e] = v, p.Vw[base_p + e] = dtv[tl] * v;
+    const float* x = z + d.off_x + int64_t(ix.h) * d.P;
+    const float* mx = d.mimo ? p.mimo_x + (int64_t(ix.h) * d.R + r) * d.P : nullptr;
+    const float w = dtv[tl];
+    for (int e = lane; e < d.P; e += 32) {
+      const float val = mx ? mx[e] * x[e] : x[e];
+      v[e] = val, vw[e] = w * val;
+    }
   }
 }
 
@@ -356,26 +380,33 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
   for (int tl = warp; tl < ix.Tc; tl += kWarps) {
     const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, tok = int64_t(ix.b) * d.L + t;
     const float *cs = p.cs + st * S, *sn = p.sn + st * S;
-    for (int r = 0; r < R; ++r) {
-      const int64_t j = int64_t(tl) * R + r;
-      const float *dq = p.dQ + base_n + j * N, *dk = p.dK + base_n + j * N;
-      float* dCn = p.dCn + ((tok * d.H + ix.h) * R + r) * N;
-      float* dBn = p.dBn + ((tok * d.H + ix.h) * R + r) * N;
-      for (int n = lane; n < N; n += 32) {
-        const float gq = unrotate_at(dq, cs, sn, n, N, S, d.mimo), gk = unrotate_at(dk, cs, sn, n, N, S, d.mimo);
-        dCn[n] = gq, dBn[n] = gk;
-        gC[r * N + n] += gq, gB[r * N + n] += gk;
-      }
-    }
-    for (int i = lane; i < S; i += 32) {
-      const int a = d.mimo ? i : 2 * i, bb = d.mimo ? i + N / 2 : 2 * i + 1;
+    // A lane per rotary slot: the gradient back through the rotation for both elements of the pair, and dφ of the
+    // slot's angle summed over the ranks (q then k per rank, the CPU's order).
+    for (int u = lane; u < (N + 1) / 2; u += 32) {
+      const PairSlot ps = pair_slot(u, N, S, d.mimo);
+      const float c = ps.rot ? cs[u] : 1.0f, sv = ps.rot ? sn[u] : 0.0f;
       float acc = 0.0f;
       for (int r = 0; r < R; ++r) {
         const int64_t j = base_n + (int64_t(tl) * R + r) * N;
-        acc += p.dQ[j + bb] * p.Q[j + a] - p.dQ[j + a] * p.Q[j + bb];
-        acc += p.dK[j + bb] * p.K[j + a] - p.dK[j + a] * p.K[j + bb];
+        const int64_t out = ((tok * d.H + ix.h) * R + r) * N;
+        for (int which = 0; which < 2; ++which) {
+          const float* dv = (which == 0 ? p.dQ : p.dK) + j;
+          const float* vv = (which == 0 ? p.Q : p.K) + j;
+          float* dst = (which == 0 ? p.dCn : p.dBn) + out;
+          float* part_acc = (which == 0 ? gC : gB) + r * N;
+          const float da = dv[ps.a], db = ps.has_b ? dv[ps.b] : 0.0f;
+          if (ps.rot) {
+            acc += db * vv[ps.a] - da * vv[ps.b];
+            const float ga = da * c + db * sv, gb = db * c - da * sv;
+            dst[ps.a] = ga, dst[ps.b] = gb;
+            part_acc[ps.a] += ga, part_acc[ps.b] += gb;
+          } else {
+            dst[ps.a] = da, part_acc[ps.a] += da;
+            if (ps.has_b) dst[ps.b] = db, part_acc[ps.b] += db;
+          }
+        }
       }
-      p.dphi[st * S + i] = acc;
+      if (ps.rot) p.dphi[st * S + u] = acc;
     }
     const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
     for (int q = lane; q < P; q += 32) {

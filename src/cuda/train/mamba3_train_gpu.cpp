@@ -173,7 +173,8 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   const TokenScalars sc{f(scalars_), f(scalars_, BHL), f(scalars_, 2 * BHL), f(scalars_, 3 * BHL),
                         f(scalars_, 4 * BHL)};
   launch_token_scalars(s, d, f(zx_), w.dt_bias, sc);
-  launch_angles(s, d, f(zx_), sc.dt, f(cs_), f(sn_));
+  reserve_floats(angle_seg_, int64_t(angle_scratch_floats(d)));
+  launch_angles(s, d, f(zx_), sc.dt, f(cs_), f(sn_), f(angle_seg_));
 }
 
 namespace {
@@ -399,6 +400,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.dsp = f(scalars_, 4 * BHL);
   ap.dphi = f(dphi_), ap.dadt = f(sgrad_), ap.dgam = f(sgrad_, BHL), ap.dscale = f(sgrad_, 2 * BHL);
   ap.dth = f(dth_), ap.dzx = f(dzx_), ap.part_dt_bias = f(part_);
+  ap.seg = f(angle_seg_);  // reserved by prepare
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
   launch_bc_norm_backward(s, d, f(zx_raw_), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),

@@ -130,7 +130,7 @@ class Mamba3TrainGpu {
   // Backward: dO (M, d_inner), dzx (M, d_in), dy (B·H, L, R, P), Hc (B·H, chunks, P, N), dBn/dCn (M, H, R, N),
   // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), dth (M, H, S), per-row/per-(b, h[, chunk]) partials, colsum
   // scratch. Parallel schedule (forward too): Hc, decay (B·H, chunks); backward also dHc (B·H, chunks, P, N).
-  DeviceBuffer dO_, dzx_, dy_, Hc_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_;
+  DeviceBuffer dO_, dzx_, dy_, Hc_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_, angle_seg_;
   // Batched path (BatchedParams): chunk scalars 5 × (B·H·nc, T) and dLam; q, k, dq, dk (rows, N) and v, w ⊙ v, Z, WV,
   // dy, e^Λ ⊙ dy, dv (rows, P) per chunk; S and W (rows, rows) per chunk.
   DeviceBuffer bscal_, bdLam_, bQ_, bK_, bV_, bVw_, bS_, bW_, bZ_, bWV_, bdY_, bdYe_, bdQ_, bdK_, bdV_;

@@ -33,8 +33,13 @@ struct TokenScalars {
 void launch_normalize_bc(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
                          const float* C_norm, float* zx);
 void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt_bias, TokenScalars out);
-// cos/sin (B·H, L, S) of the cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0.
-void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn);
+// The angle scan and the angle backward run in segments of kAngleSegment tokens (each in parallel) with the
+// segments' carries in a scratch of angle_scratch_floats(d) floats, (B·H, segments, S).
+constexpr int kAngleSegment = 64;
+size_t angle_scratch_floats(const MixerDims& d);
+// cos/sin (B·H, L, S) of the cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0. seg: scratch.
+void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn,
+                   float* seg);
 
 // Everything a chunk kernel reads and writes; entries a pass does not use may be null.
 // Two schedules over a sequence's chunks (MAMBA3_TRAIN_SCAN): "sequential", one block per (sequence, head) walking
@@ -148,11 +153,12 @@ struct AngleBackwardParams {
   MixerDims d;
   const float* zx;
   const float *dt, *A, *lam, *dAdl, *dsp;  // (B·H, L)
-  float* dphi;  // (B·H, L, S) per-token dφ in; the angle backward overwrites it with its reverse cumulative sum
+  float* dphi;  // (B·H, L, S) per-token dφ in; overwritten with its reverse cumulative sum within segments
   const float *dadt, *dgam, *dscale;
   float* dth;           // (M, H, S)
   float* dzx;           // (M, din)
   float* part_dt_bias;  // (B, H)
+  float* seg;           // angle_scratch_floats(d): the later segments' sums of dφ
 };
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 

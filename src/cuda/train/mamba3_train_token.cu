@@ -1,6 +1,8 @@
 // Per-token kernels of the Mamba-3 mixer's GPU training pass: B/C normalisation, the scalars of spec §2.2, the angle
 // scan, and on the way back the angle/scalar gradients, the B/C RMSNorm backward and deterministic column sums.
 // All f32 with the CPU's formulas (src/ops/mamba3_common.h, mamba3_scan_backward.cpp).
+#include <algorithm>
+
 #include "cuda/cuda_check.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
@@ -54,64 +56,109 @@ __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, 
   out.dsp[e] = arg > 20.0f ? 1.0f : sigmoid_f(arg);
 }
 
-// The angle scan φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t): one thread per (bh, i) walks t, with only the adds and
-// wraps on its dependency chain: the inputs of kAhead tokens are loaded and tanh'd before their adds (the loads of a
-// one-token loop body waited ~0.6 µs each: 1.3 ms per call at 125M), and φ is stored (into sn) for the elementwise
-// cos/sin pass. The chain does the one-pass kernel's operations in its order: the same φ bit for bit.
+// The angle scan φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t) in two levels (a walk over all L tokens per (bh, i) ran 6144
+// threads through 2048 dependent steps at 125M: 0.39 ms per call). One thread per (bh, segment, i) scans its
+// segment of kAngleSegment tokens from 0 (wrapping at every step, the inputs of kAhead tokens loaded and tanh'd
+// before their adds) into sn and leaves the segment's end in seg; one thread per (bh, i) turns those into each
+// segment's starting angle (wrapped sums of the earlier ones); the elementwise pass adds it, wraps, and takes cos/sin.
+// φ is the sequential scan's up to rounding (the same sum mod 2π, grouped by segment).
 constexpr int kAhead = 8;
-__global__ void angle_scan_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
-                                  float* __restrict__ phi_out) {
+__device__ __forceinline__ float wrap_angle(float phi) { return phi - kTwoPi * floorf(phi / kTwoPi); }
+
+__global__ void angle_scan_local_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
+                                        float* __restrict__ phi_out, float* __restrict__ seg) {
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= int64_t(d.B) * d.H * d.S) return;
-  const int64_t bh = e / d.S;
-  const int i = int(e % d.S), b = int(bh / d.H);
+  if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
+  const int i = int(e % d.S);
+  const int64_t bs = e / d.S, bh = bs / nseg;
+  const int sg = int(bs % nseg), b = int(bh / d.H), t_begin = sg * kAngleSegment;
+  const int t_end = min(d.L, t_begin + kAngleSegment);
   float phi = 0;
-  for (int t0 = 0; t0 < d.L; t0 += kAhead) {
+  for (int t0 = t_begin; t0 < t_end; t0 += kAhead) {
     float th[kAhead], dv[kAhead];
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
-      const int t = min(t0 + k, d.L - 1);
+      const int t = min(t0 + k, t_end - 1);
       th[k] = d.no_rotary ? 0.0f : kPi * tanhf(zx[(int64_t(b) * d.L + t) * d.din + d.off_ang + i]);
       dv[k] = dt[bh * d.L + t];
     }
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
-      if (t0 + k >= d.L) break;
+      if (t0 + k >= t_end) break;
       if (!d.no_rotary) phi += th[k] * dv[k];
-      phi -= kTwoPi * floorf(phi / kTwoPi);
+      phi = wrap_angle(phi);
       phi_out[(bh * d.L + t0 + k) * d.S + i] = phi;
     }
   }
+  seg[e] = phi;
 }
 
-// cos/sin of the scanned angles, one thread per (bh, t, i); φ arrives in sn.
-__global__ void angle_sincos_kernel(int64_t n, float* __restrict__ cs, float* __restrict__ sn) {
+__global__ void angle_scan_carry_kernel(MixerDims d, float* __restrict__ seg) {
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= n) return;
-  const float phi = sn[e];
+  if (e >= int64_t(d.B) * d.H * d.S) return;
+  float* s = seg + (e / d.S) * nseg * d.S + e % d.S;
+  float carry = 0;
+  for (int sg = 0; sg < nseg; ++sg) {
+    const float end = s[int64_t(sg) * d.S];
+    s[int64_t(sg) * d.S] = carry;
+    carry = wrap_angle(carry + end);
+  }
+}
+
+// cos/sin of the scanned angles, one thread per (bh, t, i); the segment-local φ arrives in sn.
+__global__ void angle_sincos_kernel(MixerDims d, const float* __restrict__ seg, float* __restrict__ cs,
+                                    float* __restrict__ sn) {
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= int64_t(d.B) * d.H * d.L * d.S) return;
+  const int64_t bht = e / d.S, bh = bht / d.L;
+  const int t = int(bht % d.L), i = int(e % d.S);
+  const float phi = wrap_angle(sn[e] + seg[(bh * nseg + t / kAngleSegment) * d.S + i]);
   cs[e] = cosf(phi);
   sn[e] = sinf(phi);
 }
 
-// The angle backward, step 1: dΦ_t = Σ_{t' ≥ t} dφ_{t'} in place, one thread per (bh, i) walking t backwards with the
-// loads of kAhead tokens issued before their adds (the same adds in the same order as the one-warp-per-bh kernel).
-__global__ void angle_grad_suffix_kernel(MixerDims d, float* __restrict__ dphi) {
+// The angle backward, step 1: dΦ_t = Σ_{t' ≥ t} dφ_{t'}, in two levels so that the walks are short: one thread per
+// (bh, segment, i) sums its segment of kAngleSegment tokens backwards in place (loads of kAhead tokens issued before
+// their adds) and leaves the segment's total in seg; then one thread per (bh, i) turns the totals into the sums of the
+// later segments, which the token kernel adds. (A walk over all L tokens per (bh, i) ran 6144 threads through 2048
+// dependent steps at 125M: most of the angle backward's 1 ms per layer.)
+__global__ void angle_suffix_local_kernel(MixerDims d, float* __restrict__ dphi, float* __restrict__ seg) {
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= int64_t(d.B) * d.H * d.S) return;
-  const int64_t bh = e / d.S;
+  if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
   const int i = int(e % d.S);
+  const int64_t bs = e / d.S, bh = bs / nseg;
+  const int sg = int(bs % nseg), t0 = sg * kAngleSegment, t_end = min(d.L, t0 + kAngleSegment);
   float* g = dphi + bh * d.L * d.S + i;
   float run = 0;
-  for (int t1 = d.L - 1; t1 >= 0; t1 -= kAhead) {
+  for (int t1 = t_end - 1; t1 >= t0; t1 -= kAhead) {
     float v[kAhead];
 #pragma unroll
-    for (int k = 0; k < kAhead; ++k) v[k] = g[int64_t(max(t1 - k, 0)) * d.S];
+    for (int k = 0; k < kAhead; ++k) v[k] = g[int64_t(max(t1 - k, t0)) * d.S];
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
-      if (t1 - k < 0) break;
+      if (t1 - k < t0) break;
       run += v[k];
       g[int64_t(t1 - k) * d.S] = run;
     }
+  }
+  seg[e] = run;
+}
+
+__global__ void angle_suffix_carry_kernel(MixerDims d, float* __restrict__ seg) {
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= int64_t(d.B) * d.H * d.S) return;
+  const int64_t bh = e / d.S;
+  float* s = seg + bh * nseg * d.S + e % d.S;
+  float carry = 0;
+  for (int sg = nseg - 1; sg >= 0; --sg) {
+    const float tot = s[int64_t(sg) * d.S];
+    s[int64_t(sg) * d.S] = carry;
+    carry += tot;
   }
 }
 
@@ -125,10 +172,11 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
   const int64_t bh = st / d.L;
   const int t = int(st % d.L), b = int(bh / d.H), h = int(bh % d.H);
   const int64_t row = int64_t(b) * d.L + t;
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const float dtv = p.dt[st];
   float ang = 0;
   for (int i = lane; i < d.S; i += 32) {
-    const float dPhi = p.dphi[st * d.S + i];
+    const float dPhi = p.dphi[st * d.S + i] + p.seg[(bh * nseg + t / kAngleSegment) * d.S + i];
     float g = 0;
     // no_rotary: the increments are 0 whatever θ and Δ are, so neither gets a gradient from the angles.
     if (!d.no_rotary) {
@@ -153,25 +201,18 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
   }
 }
 
-// Step 3: the dt_bias partial per bh, Σ over t from last to first (the one-warp kernel's order), one thread per bh.
+// Step 3: the dt_bias partial per bh, Σ over t: a warp per bh, lanes striding over t, then the butterfly sum (fixed
+// order; a thread walking all L tokens was latency-bound).
 __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
   const MixerDims& d = p.d;
-  const int64_t bh = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (bh >= int64_t(d.B) * d.H) return;
-  const int b = int(bh / d.H), h = int(bh % d.H);
+  const int64_t bh = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (bh >= int64_t(d.B) * d.H) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32, b = int(bh / d.H), h = int(bh % d.H);
   const float* col = p.dzx + int64_t(b) * d.L * d.din + d.off_dt + h;
   float dtb = 0;
-  for (int t1 = d.L - 1; t1 >= 0; t1 -= kAhead) {
-    float v[kAhead];
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k) v[k] = col[int64_t(max(t1 - k, 0)) * d.din];
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
-      if (t1 - k < 0) break;
-      dtb += v[k];
-    }
-  }
-  p.part_dt_bias[bh] = dtb;
+  for (int t = lane; t < d.L; t += 32) dtb += col[int64_t(t) * d.din];
+  dtb = warp_sum(dtb);
+  if (lane == 0) p.part_dt_bias[bh] = dtb;
 }
 
 // One block per row; warps take the (which, r, g) vectors: acc = Σ_{h ∈ g} dBn/dCn, then the RMSNorm backward.
@@ -183,6 +224,7 @@ __global__ void bc_norm_backward_kernel(MixerDims d, const float* __restrict__ z
   const int64_t m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
   const int hpg = d.H / d.G;
+  extern __shared__ float group[];  // (warps, N)
   for (int item = warp; item < 2 * RG; item += warps) {
     const bool isB = item < RG;
     const int rg = item % RG, r = rg / d.G, g = rg % d.G;
@@ -191,22 +233,20 @@ __global__ void bc_norm_backward_kernel(MixerDims d, const float* __restrict__ z
     const float* w = isB ? B_norm : C_norm;
     const float* src = (isB ? dBn : dCn) + m * d.H * d.R * d.N;
     float* part = (isB ? part_B : part_C) + (m * RG + rg) * d.N;
-    auto group_sum = [&](int n) {
-      float acc = 0;
-      for (int h = g * hpg; h < (g + 1) * hpg; ++h) acc += src[(int64_t(h) * d.R + r) * d.N + n];
-      return acc;
-    };
+    float* acc_n = group + warp * d.N;  // this warp's Σ_{h ∈ g}, element n owned by lane n % 32
     float ss = 0;
     for (int n = lane; n < d.N; n += 32) ss += x[n] * x[n];
     const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
     float mean = 0;
     for (int n = lane; n < d.N; n += 32) {
-      const float acc = group_sum(n);
+      float acc = 0;
+      for (int h = g * hpg; h < (g + 1) * hpg; ++h) acc += src[(int64_t(h) * d.R + r) * d.N + n];
+      acc_n[n] = acc;
       part[n] = acc * x[n] * rstd;
       mean += acc * w[n] * x[n] * rstd;
     }
     mean = warp_sum(mean) / float(d.N);
-    for (int n = lane; n < d.N; n += 32) dzx[m * d.din + off + n] = rstd * (group_sum(n) * w[n] - x[n] * rstd * mean);
+    for (int n = lane; n < d.N; n += 32) dzx[m * d.din + off + n] = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
   }
   for (int i = threadIdx.x; i < d.S; i += blockDim.x) {
     float a = 0;
@@ -248,13 +288,16 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
   MAMBA3_LAUNCH_CHECK();
 }
 
-void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn) {
+void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn,
+                   float* seg) {
   const int64_t lanes = int64_t(d.B) * d.H * d.S, n = lanes * d.L;
   if (n == 0) return;
-  // 32-thread blocks: B·H·S chains (6144 at 125M) spread over every SM rather than a third of them.
-  angle_scan_kernel<<<blocks_for(lanes, 32), 32, 0, s>>>(d, zx, dt, sn);
+  const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  angle_scan_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, zx, dt, sn, seg);
   MAMBA3_LAUNCH_CHECK();
-  angle_sincos_kernel<<<blocks_for(n, 256), 256, 0, s>>>(n, cs, sn);
+  angle_scan_carry_kernel<<<blocks_for(lanes, 128), 128, 0, s>>>(d, seg);
+  MAMBA3_LAUNCH_CHECK();
+  angle_sincos_kernel<<<blocks_for(n, 256), 256, 0, s>>>(d, seg, cs, sn);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -263,20 +306,32 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
   const int64_t BH = int64_t(d.B) * d.H, lanes = BH * d.S;
   if (BH * d.L == 0) return;
   if (lanes > 0) {
-    angle_grad_suffix_kernel<<<blocks_for(lanes, 32), 32, 0, s>>>(d, p.dphi);
+    const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+    angle_suffix_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, p.dphi, p.seg);
+    MAMBA3_LAUNCH_CHECK();
+    angle_suffix_carry_kernel<<<blocks_for(lanes, 128), 128, 0, s>>>(d, p.seg);
     MAMBA3_LAUNCH_CHECK();
   }
   angle_scalar_token_kernel<<<blocks_for(BH * d.L, 8), 256, 0, s>>>(p);
   MAMBA3_LAUNCH_CHECK();
-  dt_bias_partial_kernel<<<blocks_for(BH, 32), 32, 0, s>>>(p);
+  dt_bias_partial_kernel<<<blocks_for(BH, 8), 256, 0, s>>>(p);
   MAMBA3_LAUNCH_CHECK();
+}
+
+size_t angle_scratch_floats(const MixerDims& d) {
+  const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  return size_t(std::max<int64_t>(1, int64_t(d.B) * d.H * nseg * d.S));
 }
 
 void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
                              const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
                              float* part_B_norm, float* part_C_norm) {
-  bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 256, 0, s>>>(d, zx_raw, B_norm, C_norm, dBn, dCn, dth, dzx,
-                                                                       part_B_norm, part_C_norm);
+  // A warp per B/C vector of the row (2·R·G of them, at most 8 warps): SISO with one group runs 64-thread blocks, so
+  // that no warps idle in the block and more rows share an SM.
+  const int warps = std::min(8, 2 * d.R * d.G);
+  const size_t smem = size_t(warps) * d.N * sizeof(float);
+  bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s>>>(d, zx_raw, B_norm, C_norm, dBn, dCn,
+                                                                                 dth, dzx, part_B_norm, part_C_norm);
   MAMBA3_LAUNCH_CHECK();
 }
 
