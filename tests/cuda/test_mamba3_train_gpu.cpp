@@ -366,6 +366,48 @@ TEST(Mamba3TrainGpu, TensorCoreChunksBF16) {
     }
 }
 
+// The backward from a kept forward (Mamba3TrainActivations) skips the recomputation of the same values with the same
+// kernels, so its gradients are bit-identical to the recomputing backward's; the kept set is consumed (a second
+// backward with it recomputes, again bit-identical); a kept set of another shape is not used.
+TEST(Mamba3TrainGpu, KeptActivationsGiveTheSameGradients) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases())
+    for (const Precision p : {Precision::F32, Precision::BF16}) {
+      SCOPED_TRACE(std::string(lc.name) + " " + cuda::precision_name(p));
+      const Mamba3Config& c = lc.c;
+      const int64_t B = 2, L = 130;
+      auto [mixer, u, dout] = random_layer(c, B, L, 11);
+      cuda::Context ctx;
+      cuda::TrainGemm gemm(p);
+      cuda::Mamba3TrainGpu train(c);
+      train.set_chunk_batched(true);
+      DeviceLayer layer(mixer);
+      cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+      cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+      cuda::Mamba3TrainActivations kept;
+      auto step = [&](bool keep_fwd, bool use_kept) {
+        layer.zero_grads();
+        poison(du.raw(), du.bytes());
+        train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), keep_fwd ? &kept : nullptr);
+        train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(), du.as<float>(),
+                       use_kept ? &kept : nullptr);
+        ctx.sync();
+        return std::make_pair(from_device_f32(du.raw(), {B, L, c.d_model}), layer.download_grads());
+      };
+      const auto [du_ref, g_ref] = step(false, false);
+      const auto [du_kept, g_kept] = step(true, true);
+      EXPECT_TRUE(kept.valid == false) << "a backward consumes the kept set";
+      EXPECT_EQ(std::memcmp(du_ref.raw(), du_kept.raw(), du_ref.nbytes()), 0) << "du";
+      for (const auto& [name, t] : g_ref)
+        EXPECT_EQ(std::memcmp(t.raw(), g_kept.at(name).raw(), t.nbytes()), 0) << "grad." << name;
+      // Consumed: this backward recomputes into the set (the forward did not refill it).
+      const auto [du_again, g_again] = step(false, true);
+      EXPECT_EQ(std::memcmp(du_ref.raw(), du_again.raw(), du_ref.nbytes()), 0) << "du after consumption";
+      EXPECT_GT(train.activation_bytes(B, L), 0);
+      EXPECT_LE(int64_t(kept.bytes()), train.activation_bytes(B, L) + 4096) << "activation_bytes undercounts";
+    }
+}
+
 // The batched-GEMM chunk path (the default) against the CPU's f32 backward on every layer case and the 125M model's
 // tiles, L = 1 / 63 / 65 / 300 (one chunk, partial last chunks, several chunks): f32 mode within the f32 tolerance;
 // bf16 mode (TF32 chunk products, bf16 projections) within the bf16 tolerance (L ≥ 65, as MatchesCpuBF16).

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "cuda/basic_kernels.h"
+#include "cuda/env_switch.h"
 #include "cuda/train/attention_train_gpu.h"
 #include "cuda/train/embedding_train_gpu.h"
 #include "cuda/train/gated_mlp_train_gpu.h"
@@ -41,6 +42,7 @@ struct GpuLmTrainer::Layer {
   float *dfc1 = nullptr, *dfc2 = nullptr;
   // Activations kept for the backward, (B·L, …) each; grow-only.
   DeviceBuffer res_in, normed, res_mid, normed2, mlp_h, mlp_o;
+  Mamba3TrainActivations mamba_kept;  // the mixer's forward, when the trainer keeps it (keep_mamba_)
 };
 
 // Buffers of one call, reused across calls (grow-only).
@@ -139,6 +141,22 @@ GpuLmTrainer::GpuLmTrainer(const ModelConfig& c, const TensorMap& params, Precis
 
 GpuLmTrainer::~GpuLmTrainer() = default;
 
+void GpuLmTrainer::decide_keep(int64_t B, int64_t L) {
+  keep_B_ = B, keep_L_ = L;
+  // MAMBA3_TRAIN_KEEP, read once per process: keep the Mamba-3 mixers' forward activations for their backward ("on"),
+  // recompute them ("off"), or keep them when all layers' sets take at most half the free device memory ("auto",
+  // the default; 125M at 8 × 2048: ≈ 2 GB per layer).
+  static const std::string mode = env_choice("MAMBA3_TRAIN_KEEP", {"auto", "on", "off"});
+  int64_t need = 0;
+  for (const auto& l : layers_)
+    if (!l->attention) need += work_->mamba->activation_bytes(B, L) - int64_t(l->mamba_kept.bytes());
+  size_t free_bytes = 0, total = 0;
+  MAMBA3_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  keep_mamba_ = mode == "on" || (mode != "off" && work_->mamba && need <= int64_t(free_bytes / 2));
+  if (!keep_mamba_)
+    for (auto& l : layers_) l->mamba_kept = Mamba3TrainActivations{};  // give the memory back
+}
+
 double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t B, int64_t L, bool want_grad,
                          double scale) {
   const ModelConfig& c = config_;
@@ -174,6 +192,8 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const float* emb = s.param("backbone.embedding.weight");
   const std::string head_name = c.tie_embeddings ? "backbone.embedding.weight" : "lm_head.weight";
   const float* head = s.param(head_name);
+  if (want_grad && (B != keep_B_ || L != keep_L_)) decide_keep(B, L);
+  const bool keep = want_grad && keep_mamba_;
 
   PhaseProfile prof(st);
   // Forward (spec §9.3): residual ← hidden + residual before every norm.
@@ -194,7 +214,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       l.attn->forward(*ctx_, gemm_, l.aw, l.normed.as<float>(), B, L, hidden);
       prof.mark("attn_fwd");
     } else {
-      w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.normed.as<float>(), hidden);
+      w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.normed.as<float>(), hidden, keep ? &l.mamba_kept : nullptr);
       prof.mark("mamba_fwd");
     }
     if (l.fc1) {
@@ -250,7 +270,8 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       l.attn->backward(*ctx_, gemm_, l.aw, l.ag, l.normed.as<float>(), B, L, g, dnormed);
       prof.mark("attn_bwd");
     } else {
-      w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.normed.as<float>(), g, dnormed);
+      w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.normed.as<float>(), g, dnormed,
+                        keep ? &l.mamba_kept : nullptr);
       prof.mark("mamba_bwd");
     }
     norm_backward_gpu(st, l.res_in.as<float>(), dnormed, N, D, l.norm.w, l.norm.b, eps, g, true, l.norm.dw,

@@ -2,7 +2,8 @@
 // The whole language model's loss and gradient on the GPU (training): the CPU's train/lm_gradients.cpp step for
 // step — forward with the activations each backward needs, the lm_head fused with the cross-entropy, then every
 // layer's backward in reverse — with the parameters and their gradient sum in a GpuParamStore. Mamba-3 mixers keep
-// nothing from their forward (the backward recomputes from the mixer input); attention layers keep theirs.
+// their forward activations for the backward when the device has the memory (MAMBA3_TRAIN_KEEP; otherwise the
+// backward recomputes from the mixer input); attention layers keep theirs.
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -42,6 +43,11 @@ class GpuLmTrainer {
   std::vector<std::unique_ptr<Layer>> layers_;
   struct Work;
   std::unique_ptr<Work> work_;
+  // Whether the Mamba-3 layers keep their forward activations for the backward (MAMBA3_TRAIN_KEEP), decided for the
+  // batch shape keep_B_ × keep_L_.
+  void decide_keep(int64_t B, int64_t L);
+  bool keep_mamba_ = false;
+  int64_t keep_B_ = -1, keep_L_ = -1;
 };
 
 }  // namespace mamba3::cuda

@@ -162,19 +162,20 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   const MixerDims d = make_dims(c_, B, L);
   const int64_t M = B * L, din = d.din, BHL = B * d.H * L;
   const cudaStream_t s = ctx.stream();
-  reserve_floats(zx_raw_, M * din);
-  reserve_floats(zx_, M * din);
-  reserve_floats(scalars_, 5 * BHL);
-  reserve_floats(cs_, BHL * d.S);
-  reserve_floats(sn_, BHL * d.S);
-  reserve_floats(o_, M * d.d_inner);
-  gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(zx_raw_), din);
-  launch_normalize_bc(s, d, f(zx_raw_), w.B_norm, w.C_norm, f(zx_));
-  const TokenScalars sc{f(scalars_), f(scalars_, BHL), f(scalars_, 2 * BHL), f(scalars_, 3 * BHL),
-                        f(scalars_, 4 * BHL)};
-  launch_token_scalars(s, d, f(zx_), w.dt_bias, sc);
-  reserve_floats(angle_seg_, int64_t(angle_scratch_floats(d)));
-  launch_angles(s, d, f(zx_), sc.dt, f(cs_), f(sn_), f(angle_seg_));
+  reserve_floats(act_->zx_raw, M * din);
+  reserve_floats(act_->zx, M * din);
+  reserve_floats(act_->scalars, 5 * BHL);
+  reserve_floats(act_->cs, BHL * d.S);
+  reserve_floats(act_->sn, BHL * d.S);
+  reserve_floats(act_->o, M * d.d_inner);
+  gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(act_->zx_raw),
+           din);
+  launch_normalize_bc(s, d, f(act_->zx_raw), w.B_norm, w.C_norm, f(act_->zx));
+  const TokenScalars sc{f(act_->scalars), f(act_->scalars, BHL), f(act_->scalars, 2 * BHL),
+                        f(act_->scalars, 3 * BHL), f(act_->scalars, 4 * BHL)};
+  launch_token_scalars(s, d, f(act_->zx), w.dt_bias, sc);
+  reserve_floats(act_->angle_seg, int64_t(angle_scratch_floats(d)));
+  launch_angles(s, d, f(act_->zx), sc.dt, f(act_->cs), f(act_->sn), f(act_->angle_seg));
 }
 
 namespace {
@@ -194,12 +195,22 @@ ChunkParams base_params(const MixerDims& d, int T, const Mamba3TrainWeights& w, 
 
 }  // namespace
 
+int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L) const {
+  const MixerDims d = make_dims(c_, B, L);
+  const int T = batched_chunk_length(std::max<int64_t>(L, 1));
+  const int64_t M = B * L, BHL = B * d.H * L, nc = (L + T - 1) / T, BHc = B * d.H * nc, rows = int64_t(T) * d.R;
+  const int64_t floats = 2 * M * d.din + 5 * BHL + 2 * BHL * d.S + M * d.d_inner +
+                         int64_t(angle_scratch_floats(d)) + (BHc + 1) * d.P * d.N + 5 * BHc * T + BHc +
+                         BHc * rows * (2 * d.N + 4 * d.P + 2 * rows);
+  return floats * int64_t(sizeof(float));
+}
+
 int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
   return int(std::min<int64_t>({std::max<int64_t>(1, 64 / c_.rank()), env_max_chunk_length(), L}));
 }
 
 void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-                                    bool backward, const PartOffsets* parts, PhaseProfile& prof) {
+                                    bool backward, const PartOffsets* parts, PhaseProfile& prof, bool reuse) {
   const MixerDims d = make_dims(c_, B, L);
   const cudaStream_t s = ctx.stream();
   const int T = batched_chunk_length(L);
@@ -207,39 +218,44 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
   const int64_t BHc = B * d.H * nc, BHL = B * d.H * L;
   BatchedParams p{};
   p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows);
-  p.zx = f(zx_), p.dt = f(scalars_), p.A = f(scalars_, BHL), p.lam = f(scalars_, 2 * BHL);
-  p.cs = f(cs_), p.sn = f(sn_);
+  p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
+  p.lam = f(act_->scalars, 2 * BHL);
+  p.cs = f(act_->cs), p.sn = f(act_->sn);
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
-  p.D = w.D, p.norm = w.norm, p.o = f(o_);
+  p.D = w.D, p.norm = w.norm, p.o = f(act_->o);
   const int64_t nT = BHc * T;
-  reserve_floats(bscal_, 5 * nT + BHc);
-  p.Lam = f(bscal_), p.eL = f(bscal_, nT), p.gam = f(bscal_, 2 * nT), p.scale = f(bscal_, 3 * nT);
-  p.wv = f(bscal_, 4 * nT), p.decay = f(bscal_, 5 * nT);
-  for (DeviceBuffer* b : {&bQ_, &bK_}) reserve_floats(*b, BHc * rows * N);
-  for (DeviceBuffer* b : {&bV_, &bVw_, &bZ_, &bWV_}) reserve_floats(*b, BHc * rows * P);
-  for (DeviceBuffer* b : {&bS_, &bW_}) reserve_floats(*b, BHc * rows * rows);
-  p.Q = f(bQ_), p.K = f(bK_), p.V = f(bV_), p.Vw = f(bVw_), p.S = f(bS_), p.W = f(bW_), p.Z = f(bZ_), p.WV = f(bWV_);
+  reserve_floats(act_->bscal, 5 * nT + BHc);
+  p.Lam = f(act_->bscal), p.eL = f(act_->bscal, nT), p.gam = f(act_->bscal, 2 * nT);
+  p.scale = f(act_->bscal, 3 * nT);
+  p.wv = f(act_->bscal, 4 * nT), p.decay = f(act_->bscal, 5 * nT);
+  for (DeviceBuffer* b : {&act_->bQ, &act_->bK}) reserve_floats(*b, BHc * rows * N);
+  for (DeviceBuffer* b : {&act_->bV, &act_->bVw, &act_->bZ, &act_->bWV}) reserve_floats(*b, BHc * rows * P);
+  for (DeviceBuffer* b : {&act_->bS, &act_->bW}) reserve_floats(*b, BHc * rows * rows);
+  p.Q = f(act_->bQ), p.K = f(act_->bK), p.V = f(act_->bV), p.Vw = f(act_->bVw);
+  p.S = f(act_->bS), p.W = f(act_->bW), p.Z = f(act_->bZ), p.WV = f(act_->bWV);
   // Hc: one slot per chunk plus one, the state change of chunk c written to slot c + 1 (the last chunk's spills into
   // the next sequence's slot 0, which the scan zeroes, or into the extra slot).
-  reserve_floats(Hc_, (BHc + 1) * PN);
-  float* Hc = f(Hc_);
+  reserve_floats(act_->Hc, (BHc + 1) * PN);
+  float* Hc = f(act_->Hc);
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
-  launch_batched_build(s, p);
-  prof.mark("build");
-  // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
-  batched_gemm(ctx, tf32, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
-  prof.mark("gemm dH");
-  launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false);
-  prof.mark("scan");
-  batched_gemm(ctx, tf32, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
-  prof.mark("gemm S");
-  launch_batched_mask(s, p);
-  prof.mark("mask");
-  batched_gemm(ctx, tf32, false, true, rows, P, N, p.Q, N, sRN, Hc, N, PN, 0.0f, p.Z, P, sRP, BHc);
-  prof.mark("gemm Z");
-  batched_gemm(ctx, tf32, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
-  prof.mark("gemm WV");
+  if (!reuse) {  // the forward part (kept activations already hold it)
+    launch_batched_build(s, p);
+    prof.mark("build");
+    // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
+    batched_gemm(ctx, tf32, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
+    prof.mark("gemm dH");
+    launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false);
+    prof.mark("scan");
+    batched_gemm(ctx, tf32, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
+    prof.mark("gemm S");
+    launch_batched_mask(s, p);
+    prof.mark("mask");
+    batched_gemm(ctx, tf32, false, true, rows, P, N, p.Q, N, sRN, Hc, N, PN, 0.0f, p.Z, P, sRP, BHc);
+    prof.mark("gemm Z");
+    batched_gemm(ctx, tf32, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
+    prof.mark("gemm WV");
+  }
   if (!backward) {
     launch_batched_output(s, p, false);
     prof.mark("output");
@@ -288,45 +304,48 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
 }
 
 void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-                             const float* u, float* out) {
+                             const float* u, float* out, Mamba3TrainActivations* keep) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::forward: negative batch {} or length {}", B, L);
   if (B == 0 || L == 0) return;
   check_weights(c_, w);
+  act_ = keep ? keep : &own_;
+  act_->valid = false;
   const MixerDims d = make_dims(c_, B, L);
   prepare(ctx, gemm, w, B, L, u);
   if (chunk_batched_) {
     PhaseProfile prof(ctx.stream(), "mixer forward profile", 2);
     batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr, prof);
     prof.report();
-    gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f,
+    act_->B = B, act_->L = L, act_->valid = true;
+    gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(act_->o), d.d_inner, w.out_proj, d.d_inner, 0.0f,
              out, c_.d_model);
     return;
   }
   int fwd_blocks = 1;
   const int T = forward_chunk_length(L, fwd_blocks);
-  ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->cs), f(act_->sn), f(act_->o));
   p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
   p.parallel = chunk_parallel_;
   if (p.parallel) {  // chunk-start states (B·H, chunks, P, N) and decays from the state kernel and the scan
     const int64_t BHc = B * d.H * ((L + T - 1) / T);
-    reserve_floats(Hc_, BHc * d.P * d.N);
+    reserve_floats(act_->Hc, BHc * d.P * d.N);
     reserve_floats(decay_, BHc);
-    p.Hc = f(Hc_), p.decay = f(decay_);
+    p.Hc = f(act_->Hc), p.decay = f(decay_);
     p.fwd_blocks = fwd_blocks;
   }
   launch_chunk_forward(ctx.stream(), p, false);
-  gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(o_), d.d_inner, w.out_proj, d.d_inner, 0.0f, out,
-           c_.d_model);
+  gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(act_->o), d.d_inner, w.out_proj, d.d_inner, 0.0f,
+           out, c_.d_model);
 }
 
 void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B,
                                            int64_t L, int T, const PartOffsets& parts) {
   const MixerDims d = make_dims(c_, B, L);
   const int64_t BHL = B * d.H * L;
-  ChunkParams p = base_params(d, T, w, f(zx_), f(scalars_), f(cs_), f(sn_), f(o_));
+  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->cs), f(act_->sn), f(act_->o));
   p.tc = chunk_tc_ && bf16;
   p.parallel = chunk_parallel_;
-  p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(Hc_);
+  p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(act_->Hc);
   if (p.parallel) {
     p.dHc = f(dHc_), p.decay = f(decay_);
     p.fwd_blocks = chunk_blocks_ == 2 ? 2 : 1;
@@ -344,16 +363,20 @@ void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const 
 
 void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w,
                               const Mamba3TrainGrads& g, int64_t B, int64_t L, const float* u, const float* dout,
-                              float* du) {
+                              float* du, Mamba3TrainActivations* kept) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::backward: negative batch {} or length {}", B, L);
   if (B == 0 || L == 0) return;
   check_weights(c_, w);
+  act_ = kept ? kept : &own_;
+  // The kept forward (batched path, same shape, not yet consumed) replaces prepare and the chunk stage's forward.
+  const bool reuse = kept && kept->valid && kept->B == B && kept->L == L && chunk_batched_;
+  act_->valid = false;  // consumed: the backward overwrites S, W and Z
   const MixerDims d = make_dims(c_, B, L);
   const int64_t M = B * L, D = c_.d_model, din = d.din, di = d.d_inner, BH = B * d.H, BHL = BH * L;
   const int64_t H = d.H, R = d.R, N = d.N, P = d.P, S = d.S, RG = R * d.G;
   const cudaStream_t s = ctx.stream();
   PhaseProfile prof(s, "mixer backward profile", 2);
-  prepare(ctx, gemm, w, B, L, u);
+  if (!reuse) prepare(ctx, gemm, w, B, L, u);
   prof.mark("prepare");
 
   const bool batched = chunk_batched_;
@@ -365,7 +388,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   reserve_floats(dzx_, M * din);
   if (!batched) {
     reserve_floats(dy_, BHL * R * P);
-    reserve_floats(Hc_, BH * chunks * P * N);
+    reserve_floats(act_->Hc, BH * chunks * P * N);
   }
   if (par && !batched) {
     reserve_floats(dHc_, BH * chunks * P * N);
@@ -390,20 +413,21 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   prof.mark("gemm dO");
 
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm};
-  if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof);
+  if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);
   prof.mark("chunks");
 
   AngleBackwardParams ap{};
-  ap.d = d, ap.zx = f(zx_);
-  ap.dt = f(scalars_), ap.A = f(scalars_, BHL), ap.lam = f(scalars_, 2 * BHL), ap.dAdl = f(scalars_, 3 * BHL);
-  ap.dsp = f(scalars_, 4 * BHL);
+  ap.d = d, ap.zx = f(act_->zx);
+  ap.dt = f(act_->scalars), ap.A = f(act_->scalars, BHL), ap.lam = f(act_->scalars, 2 * BHL);
+  ap.dAdl = f(act_->scalars, 3 * BHL);
+  ap.dsp = f(act_->scalars, 4 * BHL);
   ap.dphi = f(dphi_), ap.dadt = f(sgrad_), ap.dgam = f(sgrad_, BHL), ap.dscale = f(sgrad_, 2 * BHL);
   ap.dth = f(dth_), ap.dzx = f(dzx_), ap.part_dt_bias = f(part_);
-  ap.seg = f(angle_seg_);  // reserved by prepare
+  ap.seg = f(act_->angle_seg);  // reserved by prepare
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
-  launch_bc_norm_backward(s, d, f(zx_raw_), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
+  launch_bc_norm_backward(s, d, f(act_->zx_raw), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
                           f(part_, o_Cn));
   prof.mark("bc norm bwd");
 
@@ -436,7 +460,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
     gemm.run(ctx, false, false, M, D, din, 1.0f, f(dzx_), din, w.in_proj, D, 0.0f, du, D);
     if (g.in_proj) gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
   }
-  if (g.out_proj) gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(o_), di, 1.0f, g.out_proj, di);
+  if (g.out_proj) gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(act_->o), di, 1.0f, g.out_proj, di);
   prof.mark("gemm projections");
   prof.report();
 }

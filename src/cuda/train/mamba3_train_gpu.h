@@ -27,6 +27,22 @@ struct Mamba3TrainGrads {
   float *in_proj, *out_proj, *dt_bias, *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *B_norm, *C_norm, *norm;
 };
 
+// The forward's activations that the backward reads (the batched chunk path), kept per layer by a trainer that has
+// the memory (Mamba3TrainGpu::activation_bytes): in_proj's output (raw and B/C-normalised), the per-token scalars and
+// angles, the gated output, and the chunk tensors (q, k, v, w ⊙ v, q·kᵀ, W, q·H_cᵀ, W·v, chunk states, chunk scalars).
+struct Mamba3TrainActivations {
+  DeviceBuffer zx_raw, zx, scalars, cs, sn, o, angle_seg, Hc, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
+  int64_t B = -1, L = -1;
+  bool valid = false;  // a forward's results, not yet consumed by a backward
+  size_t bytes() const {
+    size_t n = 0;
+    for (const DeviceBuffer* b : {&zx_raw, &zx, &scalars, &cs, &sn, &o, &angle_seg, &Hc, &bscal, &bQ, &bK, &bV, &bVw,
+                                  &bS, &bW, &bZ, &bWV})
+      n += b->bytes();
+    return n;
+  }
+};
+
 class Mamba3TrainGpu {
  public:
   // Throws mamba3::Error for configs the kernels do not handle (MIMO rank > 4, more than 256 rotary angles).
@@ -34,12 +50,19 @@ class Mamba3TrainGpu {
   const Mamba3Config& config() const { return c_; }
 
   // out (B·L, d_model) f32 = mixer(u), u (B·L, d_model) f32, every sequence from the zero state (training).
+  // keep (optional): where the forward leaves its activations for the backward of the same layer (see backward).
   void forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-               const float* u, float* out);
+               const float* u, float* out, Mamba3TrainActivations* keep = nullptr);
   // Gradients of sum(out ⊙ dout): du (B·L, d_model) overwritten; parameter grads accumulated. Recomputes what it
   // needs from u (nothing is kept from forward). Deterministic: no float atomics; same inputs → bit-identical grads.
+  // kept (optional): the activations a forward of this layer on the same u left there; the batched chunk path then
+  // starts from them instead of recomputing the forward (in_proj, the chunk products and scan), and consumes them
+  // (a second backward recomputes). Without it, or with the fused path, everything is recomputed from u.
   void backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, const Mamba3TrainGrads& g,
-                int64_t B, int64_t L, const float* u, const float* dout, float* du);
+                int64_t B, int64_t L, const float* u, const float* dout, float* du,
+                Mamba3TrainActivations* kept = nullptr);
+  // The bytes a Mamba3TrainActivations holds after a forward of B × L tokens with the batched chunk path.
+  int64_t activation_bytes(int64_t B, int64_t L) const;
 
   // The GPU chunk length (tokens) used for sequences of length L: the largest T ≤ 64/R (and ≤ L, and ≤
   // MAMBA3_TRAIN_CHUNK_LEN when set: a tuning knob read once per process) whose shared-memory tiles fit the device.
@@ -103,8 +126,9 @@ class Mamba3TrainGpu {
   struct PartOffsets {
     int64_t D, B_bias, C_bias, mimo_x, mimo_z, mimo_o, norm;
   };
+  // reuse: the forward part's results are already in act_ (kept activations): the backward part only.
   void batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L, bool backward,
-                      const PartOffsets* parts, PhaseProfile& prof);
+                      const PartOffsets* parts, PhaseProfile& prof, bool reuse = false);
   // The fused path's chunk stage of the backward (chunk length T), with the same outputs.
   void fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, int T,
                              const PartOffsets& parts);
@@ -125,15 +149,16 @@ class Mamba3TrainGpu {
   bool chunk_tc_ = false;  // tensor-core chunk products in the bf16 mode (set_chunk_tensor_cores)
   bool chunk_parallel_ = true;  // chunk-parallel schedule (set_chunk_scan_parallel)
   bool chunk_batched_ = true;   // batched-GEMM chunk path (set_chunk_batched)
-  // Forward: zx_raw (M, d_in), zx (M, d_in) B/C normalised, scalars 5 × (B·H, L), cs/sn (B·H, L, S), o (M, d_inner).
-  DeviceBuffer zx_raw_, zx_, scalars_, cs_, sn_, o_;
+  // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
+  Mamba3TrainActivations own_;
+  Mamba3TrainActivations* act_ = &own_;
   // Backward: dO (M, d_inner), dzx (M, d_in), dy (B·H, L, R, P), Hc (B·H, chunks, P, N), dBn/dCn (M, H, R, N),
   // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), dth (M, H, S), per-row/per-(b, h[, chunk]) partials, colsum
   // scratch. Parallel schedule (forward too): Hc, decay (B·H, chunks); backward also dHc (B·H, chunks, P, N).
-  DeviceBuffer dO_, dzx_, dy_, Hc_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_, angle_seg_;
-  // Batched path (BatchedParams): chunk scalars 5 × (B·H·nc, T) and dLam; q, k, dq, dk (rows, N) and v, w ⊙ v, Z, WV,
-  // dy, e^Λ ⊙ dy, dv (rows, P) per chunk; S and W (rows, rows) per chunk.
-  DeviceBuffer bscal_, bdLam_, bQ_, bK_, bV_, bVw_, bS_, bW_, bZ_, bWV_, bdY_, bdYe_, bdQ_, bdK_, bdV_;
+  DeviceBuffer dO_, dzx_, dy_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_;
+  // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
+  // per chunk.
+  DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_;
 };
 
 }  // namespace mamba3::cuda
