@@ -45,10 +45,10 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
     const float* h = hidden + r0 * D;
     if (bf16) gemm.run_bf16(ctx, false, true, n, Vp, D, 1.0f, h16 + r0 * D, D, w16, D, 0.0f, logits, Vp);
     else gemm.run(ctx, false, true, n, Vp, D, 1.0f, h, D, W, D, 0.0f, logits, Vp);  // (n, Vp)
-    softmax_cross_entropy_rows_gpu(s, logits, n, Vp, targets + r0, grad_scale, with_grad, row_loss + r0);
+    softmax_cross_entropy_rows_gpu(s, logits, n, Vp, targets + r0, grad_scale, with_grad, row_loss + r0,
+                                   with_grad && bf16 ? dl16 : nullptr);
     if (!with_grad) continue;
     if (bf16) {
-      f32_to_bf16_2d(s, logits, n, Vp, Vp, dl16);
       gemm.run_bf16(ctx, false, false, n, D, Vp, 1.0f, dl16, Vp, w16, D, 0.0f, dhidden + r0 * D, D);
       gemm.run_bf16(ctx, true, false, Vp, D, n, 1.0f, dl16, Vp, h16 + r0 * D, D, 1.0f, dW, D);
     } else {

@@ -1,3 +1,5 @@
+#include <cuda_bf16.h>
+
 #include <cmath>
 
 #include "cuda/train/block_reduce.cuh"
@@ -14,7 +16,7 @@ using train_detail::threads_for;
 // One block per row: loss = log Σ e^(l − max) + max − l[target]; optionally l ← scale·(softmax − onehot).
 // Cost: three passes over the row (max, sum, gradient): ~3 reads + 1 write of n·Vp floats, n·Vp exps.
 __global__ void softmax_cross_entropy_kernel(float* logits, int64_t n, int64_t Vp, const int32_t* targets,
-                                             double scale, bool with_grad, double* row_loss) {
+                                             double scale, bool with_grad, double* row_loss, __nv_bfloat16* grad16) {
   __shared__ double red[kMaxWarps];
   __shared__ float redf[kMaxWarps];
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
@@ -23,7 +25,10 @@ __global__ void softmax_cross_entropy_kernel(float* logits, int64_t n, int64_t V
     if (tgt < 0) {  // no loss here: a zero gradient row keeps it out of dh and dW
       if (threadIdx.x == 0) row_loss[r] = 0.0;
       if (with_grad)
-        for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) l[j] = 0.0f;
+        for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) {
+          if (grad16) grad16[r * Vp + j] = __float2bfloat16_rn(0.0f);
+          else l[j] = 0.0f;
+        }
       continue;
     }
     const bool valid = tgt < Vp;
@@ -40,8 +45,10 @@ __global__ void softmax_cross_entropy_kernel(float* logits, int64_t n, int64_t V
     if (!with_grad) continue;
     for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) {
       // The target's entry is p − 1 with p near 1 for a confident model: float64 there avoids the cancellation.
-      l[j] = j == tgt ? float(scale * (exp(double(lt) - lse) - 1.0))
-                      : float(scale * double(expf(float(double(l[j]) - lse))));
+      const float g = j == tgt ? float(scale * (exp(double(lt) - lse) - 1.0))
+                               : float(scale * double(expf(float(double(l[j]) - lse))));
+      if (grad16) grad16[r * Vp + j] = __float2bfloat16_rn(g);  // the bf16 mode's product operand, rounded here
+      else l[j] = g;
     }
   }
 }
@@ -58,11 +65,11 @@ __global__ void ordered_sum_kernel(const double* v, int64_t n, double* out) {
 }  // namespace
 
 void softmax_cross_entropy_rows_gpu(cudaStream_t s, float* logits, int64_t n, int64_t Vp, const int32_t* targets,
-                                    double grad_scale, bool with_grad, double* row_loss) {
+                                    double grad_scale, bool with_grad, double* row_loss, uint16_t* grad16) {
   if (n <= 0) return;
   const unsigned blocks = unsigned(n < (1 << 20) ? n : (1 << 20));
-  softmax_cross_entropy_kernel<<<blocks, threads_for(Vp, 512), 0, s>>>(logits, n, Vp, targets, grad_scale,
-                                                                       with_grad, row_loss);
+  softmax_cross_entropy_kernel<<<blocks, threads_for(Vp, 512), 0, s>>>(
+      logits, n, Vp, targets, grad_scale, with_grad, row_loss, reinterpret_cast<__nv_bfloat16*>(grad16));
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -3,8 +3,8 @@
 // logits = h·Wᵀ over all Vp ids; loss_r = logsumexp(logits_r) − logits_r[target_r]; dlogits = scale·(softmax −
 // onehot); dh = dlogits·W; dW += dlogitsᵀ·h. Rows go one block at a time so memory stays at block·Vp floats; the
 // matrix products run through TrainGemm (its precision mode applies; in the bf16 mode W and h are rounded once per
-// call and each block's dlogits once, not once per product: the same bits, ~3 block products fewer conversions). The softmax is f32 with the row maximum
-// subtracted, its sum and the logsumexp in float64.
+// call, and each block's dlogits are written in bf16 by the softmax kernel itself: the same bits as rounding the f32
+// gradient afterwards). The softmax is f32 with the row maximum subtracted, its sum and the logsumexp in float64.
 #include <cstdint>
 
 #include "cuda/cuda_context.h"
@@ -34,9 +34,11 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
 
 // Element-wise half (exposed for tests and reuse), over n rows of logits (n, Vp) whose targets are targets[0, n):
 // row_loss[r] = logsumexp − logit[target] (0 when target < 0, NaN when ≥ Vp); when with_grad the logits are
-// replaced by grad_scale·(softmax − onehot) (zero rows when target < 0).
+// replaced by grad_scale·(softmax − onehot) (zero rows when target < 0) — or, when grad16 is given, that gradient
+// goes rounded to bf16 (nearest even) into grad16 (n, Vp) and the logits stay (the bf16 mode's product operand
+// without an f32 round trip).
 void softmax_cross_entropy_rows_gpu(cudaStream_t s, float* logits, int64_t n, int64_t Vp, const int32_t* targets,
-                                    double grad_scale, bool with_grad, double* row_loss);
+                                    double grad_scale, bool with_grad, double* row_loss, uint16_t* grad16 = nullptr);
 // *out = Σ_i v[i] in float64, added in a fixed order (one block), on the device.
 void ordered_sum_gpu(cudaStream_t s, const double* v, int64_t n, double* out);
 
