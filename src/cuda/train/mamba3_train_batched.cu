@@ -332,18 +332,38 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], dL[tl] = p.dLam[i];
   }
   for (int e = threadIdx.x; e < kWarps * per_warp; e += kThreads) part[e] = 0.0f;
+  __syncthreads();  // the partials are zero before any warp adds to them
+  // A warp per token: each rank row's final dv = (dv + D·dy) + w ⊙ tp and Σ v·tp, then dx = Σ_r mimo_x ⊙ dv and the
+  // mimo_x partials (dv itself is not stored: nothing else reads it).
   const int64_t base_p = ix.chunk * rows * P;
-  for (int j = warp; j < rows; j += kWarps) {
-    const float w = p.wv[ix.chunk * T + j / R];
-    float dot = 0.0f;
+  float* gX = part + warp * per_warp + 2 * R * N;
+  for (int tl = warp; tl < T; tl += kWarps) {
+    const float w = p.wv[ix.chunk * T + tl];
+    const bool real = tl < ix.Tc;
+    const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
+    const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
+    float dots[kMaxRank];
+    for (int r = 0; r < R; ++r) dots[r] = 0.0f;
     for (int q = lane; q < P; q += 32) {
-      const int64_t i = base_p + int64_t(j) * P + q;
-      const float tp = p.Z[i];
-      dot += p.V[i] * tp;
-      p.dV[i] = (p.dV[i] + Dh * p.dY[i]) + w * tp;
+      float dx = 0.0f;
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = base_p + (int64_t(tl) * R + r) * P + q;
+        const float tp = p.Z[i];
+        dots[r] += p.V[i] * tp;
+        const float dv = (p.dV[i] + Dh * p.dY[i]) + w * tp;
+        if (d.mimo) {
+          dx += dv * p.mimo_x[(int64_t(ix.h) * R + r) * P + q];
+          if (real) gX[r * P + q] += dv * x[q];
+        } else {
+          dx += dv;
+        }
+      }
+      if (real) p.dzx[tok * d.din + d.off_x + int64_t(ix.h) * P + q] = dx;
     }
-    dot = warp_sum(dot);
-    if (lane == 0) rdot[j] = dot;
+    for (int r = 0; r < R; ++r) {
+      const float dot = warp_sum(dots[r]);
+      if (lane == 0) rdot[tl * R + r] = dot;
+    }
   }
   {  // <dH, H_c> over the chunk's P·N
     const int64_t PN = int64_t(P) * N, base = ix.chunk * PN;
@@ -375,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
     p.dadt[st] = dL[tl];
     p.dscale[st] += scale[tl];
   }
-  float *gC = part + warp * per_warp, *gB = gC + R * N, *gX = gB + R * N;
+  float *gC = part + warp * per_warp, *gB = gC + R * N;
   const int64_t base_n = ix.chunk * rows * N;
   for (int tl = warp; tl < ix.Tc; tl += kWarps) {
     const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, tok = int64_t(ix.b) * d.L + t;
@@ -407,20 +427,6 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
         }
       }
       if (ps.rot) p.dphi[st * S + u] = acc;
-    }
-    const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
-    for (int q = lane; q < P; q += 32) {
-      float dx = 0.0f;
-      for (int r = 0; r < R; ++r) {
-        const float dv = p.dV[base_p + (int64_t(tl) * R + r) * P + q];
-        if (d.mimo) {
-          dx += dv * p.mimo_x[(int64_t(ix.h) * R + r) * P + q];
-          gX[r * P + q] += dv * x[q];
-        } else {
-          dx += dv;
-        }
-      }
-      p.dzx[tok * d.din + d.off_x + int64_t(ix.h) * P + q] = dx;
     }
   }
   __syncthreads();

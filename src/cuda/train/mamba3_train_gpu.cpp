@@ -61,6 +61,14 @@ int env_max_chunk_length() {
   return cap;
 }
 
+// MAMBA3_TRAIN_BATCHED_ROWS, read once per process: the batched path's rows per chunk (T·R; unset: 64; at most 128,
+// the coef kernel's two rows × rows tiles in shared memory), a tuning knob: longer chunks do more intra-chunk work
+// per token and fewer chunk-state products and scans. (MAMBA3_TRAIN_CHUNK_LEN is the fused kernels' knob.)
+int env_batched_rows() {
+  static const int rows = int(env_integer("MAMBA3_TRAIN_BATCHED_ROWS", 64, 8, 128));
+  return rows;
+}
+
 // MAMBA3_TRAIN_CHUNK_BLOCKS, read once per process: the register variant of the parallel schedule's per-chunk
 // kernels, "auto" (or unset: two blocks per SM where their shared memory fits), "1" or "2" (forced).
 int env_chunk_blocks() {
@@ -206,7 +214,7 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L) const {
 }
 
 int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
-  return int(std::min<int64_t>({std::max<int64_t>(1, 64 / c_.rank()), env_max_chunk_length(), L}));
+  return int(std::min<int64_t>(std::max<int64_t>(1, env_batched_rows() / c_.rank()), L));
 }
 
 void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L,
