@@ -2,8 +2,10 @@
 // The Mamba-3 mixer's training forward and backward on the GPU (f32 inside; the projections through TrainGemm in
 // its precision). A port of the CPU's chunked backward (src/ops/mamba3_scan_backward.h, whose comment gives the
 // math) over GPU chunks of T tokens (T·R ≤ 64, independent of config.chunk_size: the result is the same up to
-// rounding), one thread block per (sequence, head, chunk) with the chunk-start states from a scan over chunks (or,
-// sequential schedule, one block per (sequence, head) walking its chunks). Every sequence starts from the zero state.
+// rounding): by default as strided-batched cuBLAS products over all (sequence, head, chunk)s with per-chunk kernels
+// between them (docs/kernels/mamba3_train_cuda.md "Batched-GEMM path"); or fused chunk kernels, one thread block per
+// (sequence, head, chunk) with the chunk-start states from a scan over chunks (or, sequential schedule, one block per
+// (sequence, head) walking its chunks). Every sequence starts from the zero state.
 // Deterministic: fixed-order reductions only (no float atomics), so the same inputs give bit-identical gradients.
 // Scratch (grow-only, kept between calls) is O(B·L·(d_in + d_inner + H·R·(2N + P) + H·S)) floats for the backward:
 // the per-head gradients of the normalised B and C, (B·L, H, R, N) each, are the largest part.
@@ -87,7 +89,8 @@ class Mamba3TrainGpu {
 
   // Chunk path: true runs the chunked form as strided-batched cuBLAS products over every (sequence, head, chunk) with
   // small per-chunk kernels between them (mamba3_train_batched.cu; f32 products in the f32 mode, TF32 tensor cores in
-  // the bf16 mode; T·R = 64 rows per chunk; the chunk schedule, tensor-core and blocks-per-SM switches do not apply);
+  // the bf16 mode; T·R = 64 rows per chunk, MAMBA3_TRAIN_BATCHED_ROWS; the chunk schedule, tensor-core and
+  // blocks-per-SM switches do not apply);
   // false the fused chunk kernels. Default from MAMBA3_TRAIN_CHUNK_PATH, read once per process: "batched" or "fused"
   // (unset: batched); any other value throws.
   void set_chunk_batched(bool on) { chunk_batched_ = on; }
