@@ -6,6 +6,12 @@ void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1
                            int64_t d_ff, const float* x, int64_t rows, float* h, float* o, float* y) {
   if (rows <= 0) return;
   gemm.run(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, D, fc1, D, 0.0f, h, 2 * d_ff);  // h (rows, 2·d_ff)
+  if (gemm.precision() == Precision::BF16) {  // o kept as bf16 in o's buffer
+    uint16_t* o16 = reinterpret_cast<uint16_t*>(o);
+    gated_silu_forward_gpu(ctx.stream(), h, rows, d_ff, nullptr, o16);
+    gemm.run_mixed(ctx, false, true, rows, D, d_ff, 1.0f, nullptr, o16, d_ff, fc2, nullptr, d_ff, 0.0f, y, D);
+    return;
+  }
   gated_silu_forward_gpu(ctx.stream(), h, rows, d_ff, o);                               // o (rows, d_ff)
   gemm.run(ctx, false, true, rows, D, d_ff, 1.0f, o, d_ff, fc2, d_ff, 0.0f, y, D);      // y (rows, D)
 }
@@ -15,12 +21,24 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch) {
   if (rows <= 0) return;
   const int64_t F2 = 2 * d_ff;
+  const bool bf16 = gemm.precision() == Precision::BF16;
   {
     const TrainGemm::HeldA dy16(gemm, ctx, dy, rows, D, D);  // rounded once for both products
-    gemm.run(ctx, true, false, D, d_ff, rows, 1.0f, dy, D, o, d_ff, 1.0f, dfc2, d_ff);  // dfc2 += dyᵀ·o (D, d_ff)
+    if (bf16)  // dfc2 += dyᵀ·o (D, d_ff), o kept as bf16 by the forward
+      gemm.run_mixed(ctx, true, false, D, d_ff, rows, 1.0f, dy, nullptr, D, nullptr,
+                     reinterpret_cast<const uint16_t*>(o), d_ff, 1.0f, dfc2, d_ff);
+    else
+      gemm.run(ctx, true, false, D, d_ff, rows, 1.0f, dy, D, o, d_ff, 1.0f, dfc2, d_ff);
     // do = dy·fc2 lands in the first half of each scratch row (stride 2·d_ff), so the activation backward can turn
     // it into [da, dg] in place and the scratch needs no room for do beside dh.
     gemm.run(ctx, false, false, rows, d_ff, D, 1.0f, dy, D, fc2, d_ff, 0.0f, scratch, F2);
+  }
+  if (bf16) {  // [da, dg] as bf16 after the f32 rows (rows·d_ff floats hold rows·2·d_ff bf16 values)
+    uint16_t* dh16 = reinterpret_cast<uint16_t*>(scratch + rows * F2);
+    gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch, dh16);
+    gemm.run_mixed(ctx, true, false, F2, D, rows, 1.0f, nullptr, dh16, F2, x, nullptr, D, 1.0f, dfc1, D);
+    gemm.run_mixed(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, nullptr, D, 0.0f, dx, D);
+    return;
   }
   gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch);                      // dh (rows, 2·d_ff)
   const TrainGemm::HeldA dh16(gemm, ctx, scratch, rows, F2, F2);

@@ -14,7 +14,7 @@ using train_detail::kMaxWarps;
 using train_detail::threads_for;
 
 // One block per row: loss = log Σ e^(l − max) + max − l[target]; optionally l ← scale·(softmax − onehot).
-// Cost: three passes over the row (max, sum, gradient): ~3 reads + 1 write of n·Vp floats, n·Vp exps.
+// Cost: two passes over the row (max with sum, gradient): ~2 reads + 1 write of n·Vp floats, ~2·n·Vp exps.
 __global__ void softmax_cross_entropy_kernel(float* logits, int64_t n, int64_t Vp, const int32_t* targets,
                                              double scale, bool with_grad, double* row_loss, __nv_bfloat16* grad16) {
   __shared__ double red[kMaxWarps];
@@ -34,12 +34,21 @@ __global__ void softmax_cross_entropy_kernel(float* logits, int64_t n, int64_t V
     const bool valid = tgt < Vp;
     // Read before the barriers inside the reductions, so no thread has overwritten it yet.
     const float lt = valid ? l[tgt] : 0.0f;
-    float mx = -INFINITY;
-    for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) mx = fmaxf(mx, l[j]);
-    mx = block_max(mx, redf);
-    double sum = 0;
-    for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) sum += double(expf(l[j] - mx));
-    sum = block_sum(sum, red);
+    // One pass for the maximum and the sum (each thread rescales its running sum when its maximum grows), then the
+    // threads' sums rescaled to the row maximum: one read of the row fewer than max-then-sum.
+    float m = -INFINITY;
+    double part = 0;
+    for (int64_t j = threadIdx.x; j < Vp; j += blockDim.x) {
+      const float v = l[j];
+      if (v > m) {
+        part = part * double(expf(m - v)) + 1.0;
+        m = v;
+      } else {
+        part += double(expf(v - m));
+      }
+    }
+    const float mx = block_max(m, redf);
+    const double sum = block_sum(m == -INFINITY ? 0.0 : part * double(expf(m - mx)), red);
     const double lse = double(mx) + log(sum);
     if (threadIdx.x == 0) row_loss[r] = valid ? lse - double(lt) : nan("");
     if (!with_grad) continue;

@@ -15,7 +15,7 @@ namespace mamba3::cuda {
 
 // Grow-only buffers of lm_head_cross_entropy_gpu; reuse one per stream.
 struct LmHeadScratch {
-  // Rows per block of logits; 0 = automatic (block·Vp ≤ 32 Mi floats, at most 4096 rows).
+  // Rows per block of logits; 0 = automatic (block·Vp ≤ 128 Mi floats, at most 4096 rows).
   int64_t max_block_rows = 0;
   DeviceBuffer logits;    // (block, Vp) f32: the logits, then their gradient
   DeviceBuffer w16, h16, dl16;  // bf16 mode: W (Vp, D) and hidden (N, D) rounded once per call; a block's dlogits

@@ -49,7 +49,7 @@ struct GpuLmTrainer::Layer {
 struct GpuLmTrainer::Work {
   DeviceBuffer ids, targets;           // int32 (B·L)
   DeviceBuffer hidden, residual, dnormed, grad;  // f32 (B·L, D)
-  DeviceBuffer mlp_scratch;            // f32 (B·L, 2·d_ff)
+  DeviceBuffer mlp_scratch;            // f32 (B·L, 3·d_ff): dh, and its bf16 copy in the bf16 mode
   NormGradScratch norm_scratch;
   LmHeadScratch head_scratch;
   EmbeddingGradPlan embedding_plan;  // rebuilt per call without a host wait
@@ -258,7 +258,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   for (size_t i = layers_.size(); i-- > 0;) {
     Layer& l = *layers_[i];
     if (l.fc1) {
-      w.mlp_scratch.reserve(size_t(N * 2 * dff) * 4);
+      w.mlp_scratch.reserve(size_t(N * 3 * dff) * 4);
       gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
                              l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>());
       prof.mark("mlp_bwd");

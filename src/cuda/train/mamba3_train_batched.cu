@@ -3,6 +3,8 @@
 // src/ops/mamba3_scan_backward.cpp). Every kernel runs one 256-thread block per (sequence, head, chunk) and reads and
 // writes the chunk-row buffers of BatchedParams. Deterministic: every sum has one owning thread or warp and a fixed
 // order; no atomics.
+#include <cstdint>
+
 #include "cuda/cuda_check.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
@@ -36,6 +38,22 @@ __device__ __forceinline__ PairSlot pair_slot(int u, int N, int S, bool halves) 
   if (halves) return {u, u + N / 2, u < S, true};
   return {2 * u, 2 * u + 1, u < S, 2 * u + 1 < N};
 }
+
+// The two elements of a pair slot: one 8-byte access when they are adjacent (SISO) and the row is 8-byte aligned
+// (`vec`, uniform over a warp's row), else two scalar ones.
+__device__ __forceinline__ float2 load_pair(const float* v, const PairSlot& ps, bool vec) {
+  if (vec) return *reinterpret_cast<const float2*>(v + ps.a);
+  return make_float2(v[ps.a], ps.has_b ? v[ps.b] : 0.0f);
+}
+__device__ __forceinline__ void store_pair(float* v, const PairSlot& ps, bool vec, float a, float b) {
+  if (vec) {
+    *reinterpret_cast<float2*>(v + ps.a) = make_float2(a, b);
+    return;
+  }
+  v[ps.a] = a;
+  if (ps.has_b) v[ps.b] = b;
+}
+__device__ __forceinline__ bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7) == 0; }
 
 // Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
 __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedParams p) {
@@ -88,17 +106,20 @@ __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedPa
     const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
     const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
     const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
+    const bool vec = !d.mimo && d.N % 2 == 0 && aligned8(zc) && aligned8(zb) && aligned8(bc) && aligned8(bb) &&
+                     aligned8(q) && aligned8(k);
     for (int u = lane; u < slots; u += 32) {
       const PairSlot ps = pair_slot(u, d.N, d.S, d.mimo);
-      const float ca = zc[ps.a] + bc[ps.a], cb = ps.has_b ? zc[ps.b] + bc[ps.b] : 0.0f;
-      const float ka = zb[ps.a] + bb[ps.a], kb = ps.has_b ? zb[ps.b] + bb[ps.b] : 0.0f;
+      const float2 zcv = load_pair(zc, ps, vec), bcv = load_pair(bc, ps, vec);
+      const float2 zbv = load_pair(zb, ps, vec), bbv = load_pair(bb, ps, vec);
+      const float ca = zcv.x + bcv.x, cb = zcv.y + bcv.y, ka = zbv.x + bbv.x, kb = zbv.y + bbv.y;
       if (ps.rot) {
         const float c = cs[u], sv = sn[u];
-        q[ps.a] = ca * c - cb * sv, q[ps.b] = ca * sv + cb * c;
-        k[ps.a] = ka * c - kb * sv, k[ps.b] = ka * sv + kb * c;
+        store_pair(q, ps, vec, ca * c - cb * sv, ca * sv + cb * c);
+        store_pair(k, ps, vec, ka * c - kb * sv, ka * sv + kb * c);
       } else {
-        q[ps.a] = ca, k[ps.a] = ka;
-        if (ps.has_b) q[ps.b] = cb, k[ps.b] = kb;
+        store_pair(q, ps, vec, ca, cb);
+        store_pair(k, ps, vec, ka, kb);
       }
     }
     const float* x = z + d.off_x + int64_t(ix.h) * d.P;
@@ -205,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
           }
         }
       }
-      p.o[tok * d.d_inner + int64_t(ix.h) * P + q] = o;
+      if (p.o) p.o[tok * d.d_inner + int64_t(ix.h) * P + q] = o;
       if (kBwd) p.dzx[tok * d.din + int64_t(ix.h) * P + q] = dz;
     }
     if (!kBwd) continue;
@@ -402,6 +423,8 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
     const float *cs = p.cs + st * S, *sn = p.sn + st * S;
     // A lane per rotary slot: the gradient back through the rotation for both elements of the pair, and dφ of the
     // slot's angle summed over the ranks (q then k per rank, the CPU's order).
+    // Chunk rows and dBn/dCn rows hold N floats at N-float offsets: 8-byte aligned for even N (the buffers are).
+    const bool vec = !d.mimo && N % 2 == 0;
     for (int u = lane; u < (N + 1) / 2; u += 32) {
       const PairSlot ps = pair_slot(u, N, S, d.mimo);
       const float c = ps.rot ? cs[u] : 1.0f, sv = ps.rot ? sn[u] : 0.0f;
@@ -410,19 +433,20 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
         const int64_t j = base_n + (int64_t(tl) * R + r) * N;
         const int64_t out = ((tok * d.H + ix.h) * R + r) * N;
         for (int which = 0; which < 2; ++which) {
-          const float* dv = (which == 0 ? p.dQ : p.dK) + j;
-          const float* vv = (which == 0 ? p.Q : p.K) + j;
+          const float2 g = load_pair((which == 0 ? p.dQ : p.dK) + j, ps, vec);
           float* dst = (which == 0 ? p.dCn : p.dBn) + out;
           float* part_acc = (which == 0 ? gC : gB) + r * N;
-          const float da = dv[ps.a], db = ps.has_b ? dv[ps.b] : 0.0f;
+          const float da = g.x, db = g.y;
           if (ps.rot) {
-            acc += db * vv[ps.a] - da * vv[ps.b];
+            const float2 v = load_pair((which == 0 ? p.Q : p.K) + j, ps, vec);
+            acc += db * v.x - da * v.y;
             const float ga = da * c + db * sv, gb = db * c - da * sv;
-            dst[ps.a] = ga, dst[ps.b] = gb;
+            store_pair(dst, ps, vec, ga, gb);
             part_acc[ps.a] += ga, part_acc[ps.b] += gb;
           } else {
-            dst[ps.a] = da, part_acc[ps.a] += da;
-            if (ps.has_b) dst[ps.b] = db, part_acc[ps.b] += db;
+            store_pair(dst, ps, vec, da, db);
+            part_acc[ps.a] += da;
+            if (ps.has_b) part_acc[ps.b] += db;
           }
         }
       }

@@ -283,6 +283,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
   p.part_mimo_o = f(part_, parts->mimo_o), p.part_norm = f(part_, parts->norm);
   float* dHc = f(dHc_, size_t(PN));
 
+  if (reuse) p.o = nullptr;  // the kept forward wrote o already
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
   // dW = dy·vᵀ into W (W·v is done), then coef's gradient and S ← W, W ← dS.

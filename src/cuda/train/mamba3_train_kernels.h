@@ -120,7 +120,7 @@ struct BatchedParams {
   float *V, *Vw;                         // per chunk row, P: mimo_x ⊙ x and w ⊙ V
   float *S, *W;                          // (B·H·nc, rows, rows): q·kᵀ; W = S ⊙ coef (backward: dW, then dS)
   float *Z, *WV;                         // per chunk row, P: q·H_cᵀ and W·v (backward: Z then K·dHᵀ)
-  float* o;                              // (M, d_inner) gated output
+  float* o;                              // (M, d_inner) gated output (null: not written again)
   // Backward.
   const float* dO;                       // (M, d_inner)
   float* dzx;                            // (M, din): z and x columns written

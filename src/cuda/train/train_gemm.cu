@@ -77,6 +77,31 @@ void TrainGemm::run(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, 
            std::max<int64_t>(a_cols, 1), b16_.as<uint16_t>(), std::max<int64_t>(b_cols, 1), beta, C, ldc);
 }
 
+void TrainGemm::run_mixed(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                          const float* A, const uint16_t* A16, int64_t lda, const float* B, const uint16_t* B16,
+                          int64_t ldb, float beta, float* C, int64_t ldc) {
+  MAMBA3_CHECK(precision_ == Precision::BF16, "TrainGemm::run_mixed is for the bf16 mode");
+  if (m == 0 || n == 0) return;
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+  if (!A16) {
+    if (A == held_ && a_rows == held_rows_ && a_cols == held_cols_ && lda == held_ld_) {
+      A16 = held16_.as<uint16_t>();
+    } else {
+      a16_.reserve(size_t(a_rows * a_cols) * 2);
+      f32_to_bf16_2d(ctx.stream(), A, a_rows, a_cols, lda, a16_.as<uint16_t>());
+      A16 = a16_.as<uint16_t>();
+    }
+    lda = std::max<int64_t>(a_cols, 1);
+  }
+  if (!B16) {
+    b16_.reserve(size_t(b_rows * b_cols) * 2);
+    f32_to_bf16_2d(ctx.stream(), B, b_rows, b_cols, ldb, b16_.as<uint16_t>());
+    B16 = b16_.as<uint16_t>();
+    ldb = std::max<int64_t>(b_cols, 1);
+  }
+  run_bf16(ctx, ta, tb, m, n, k, alpha, A16, lda, B16, ldb, beta, C, ldc);
+}
+
 TrainGemm::HeldA::HeldA(TrainGemm& gemm, const Context& ctx, const float* A, int64_t rows, int64_t cols, int64_t lda)
     : gemm_(gemm) {
   gemm.held_ = nullptr;

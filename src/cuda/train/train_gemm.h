@@ -29,6 +29,13 @@ class TrainGemm {
   void run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* A,
                 int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+  // The bf16 mode's product where either operand may come already rounded (A16 / B16, bf16 bits with the stored
+  // shape of A / B and row stride lda / ldb; null: round the f32 A / B as run does): for producers that write the
+  // bf16 operand themselves. The same bits as run on the f32 values. Only in Precision::BF16.
+  void run_mixed(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+                 const uint16_t* A16, int64_t lda, const float* B, const uint16_t* B16, int64_t ldb, float beta,
+                 float* C, int64_t ldc);
+
   // While a HeldA lives, run() takes its bf16 rounding of A (stored rows × cols, row stride lda) for every product
   // whose A has this pointer and stored shape, instead of rounding A again: for the two products that read one
   // gradient (dx = dy·W and dW += dyᵀ·x). A must not change meanwhile. Nothing is held in the f32 mode.
