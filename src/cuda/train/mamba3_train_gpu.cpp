@@ -170,15 +170,14 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   const MixerDims d = make_dims(c_, B, L);
   const int64_t M = B * L, din = d.din, BHL = B * d.H * L;
   const cudaStream_t s = ctx.stream();
-  reserve_floats(act_->zx_raw, M * din);
+  reserve_floats(act_->bc_raw, M * 2 * d.R * d.G * d.N);
   reserve_floats(act_->zx, M * din);
   reserve_floats(act_->scalars, 5 * BHL);
   reserve_floats(act_->cs, BHL * d.S);
   reserve_floats(act_->sn, BHL * d.S);
   reserve_floats(act_->o, M * d.d_inner);
-  gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(act_->zx_raw),
-           din);
-  launch_normalize_bc(s, d, f(act_->zx_raw), w.B_norm, w.C_norm, f(act_->zx));
+  gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(act_->zx), din);
+  launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw));
   const TokenScalars sc{f(act_->scalars), f(act_->scalars, BHL), f(act_->scalars, 2 * BHL),
                         f(act_->scalars, 3 * BHL), f(act_->scalars, 4 * BHL)};
   launch_token_scalars(s, d, f(act_->zx), w.dt_bias, sc);
@@ -207,7 +206,7 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L) const {
   const MixerDims d = make_dims(c_, B, L);
   const int T = batched_chunk_length(std::max<int64_t>(L, 1));
   const int64_t M = B * L, BHL = B * d.H * L, nc = (L + T - 1) / T, BHc = B * d.H * nc, rows = int64_t(T) * d.R;
-  const int64_t floats = 2 * M * d.din + 5 * BHL + 2 * BHL * d.S + M * d.d_inner +
+  const int64_t floats = M * d.din + M * 2 * d.R * d.G * d.N + 5 * BHL + 2 * BHL * d.S + M * d.d_inner +
                          int64_t(angle_scratch_floats(d)) + (BHc + 1) * d.P * d.N + 5 * BHc * T + BHc +
                          BHc * rows * (2 * d.N + 4 * d.P + 2 * rows);
   return floats * int64_t(sizeof(float));
@@ -436,7 +435,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.seg = f(act_->angle_seg);  // reserved by prepare
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
-  launch_bc_norm_backward(s, d, f(act_->zx_raw), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
+  launch_bc_norm_backward(s, d, f(act_->bc_raw), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
                           f(part_, o_Cn));
   prof.mark("bc norm bwd");
 

@@ -30,15 +30,15 @@ struct Mamba3TrainGrads {
 };
 
 // The forward's activations that the backward reads (the batched chunk path), kept per layer by a trainer that has
-// the memory (Mamba3TrainGpu::activation_bytes): in_proj's output (raw and B/C-normalised), the per-token scalars and
+// the memory (Mamba3TrainGpu::activation_bytes): in_proj's output (B/C normalised; the raw B/C apart), the scalars and
 // angles, the gated output, and the chunk tensors (q, k, v, w ⊙ v, q·kᵀ, W, q·H_cᵀ, W·v, chunk states, chunk scalars).
 struct Mamba3TrainActivations {
-  DeviceBuffer zx_raw, zx, scalars, cs, sn, o, angle_seg, Hc, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
+  DeviceBuffer bc_raw, zx, scalars, cs, sn, o, angle_seg, Hc, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
   int64_t B = -1, L = -1;
   bool valid = false;  // a forward's results, not yet consumed by a backward
   size_t bytes() const {
     size_t n = 0;
-    for (const DeviceBuffer* b : {&zx_raw, &zx, &scalars, &cs, &sn, &o, &angle_seg, &Hc, &bscal, &bQ, &bK, &bV, &bVw,
+    for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &cs, &sn, &o, &angle_seg, &Hc, &bscal, &bQ, &bK, &bV, &bVw,
                                   &bS, &bW, &bZ, &bWV})
       n += b->bytes();
     return n;

@@ -29,9 +29,10 @@ struct TokenScalars {
   float* dsp;   // softplus′(dd_dt + dt_bias)
 };
 
-// zx (M, din) = zx_raw with every B and C vector RMS-normalised and scaled by B_norm / C_norm.
-void launch_normalize_bc(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
-                         const float* C_norm, float* zx);
+// In place on zx (M, din): every B and C vector RMS-normalised and scaled by B_norm / C_norm; the raw vectors saved
+// to bc_raw (M, 2·R·G·N: B's then C's) for the backward.
+void launch_normalize_bc(cudaStream_t s, const MixerDims& d, float* zx, const float* B_norm, const float* C_norm,
+                         float* bc_raw);
 void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt_bias, TokenScalars out);
 // The angle scan and the angle backward run in segments of kAngleSegment tokens (each in parallel) with the
 // segments' carries in a scratch of angle_scratch_floats(d) floats, (B·H, segments, S).
@@ -164,7 +165,7 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 
 // Per row: heads summed into their B/C groups, the B/C RMSNorm backward (→ dzx's B, C columns, weight partials
 // (M·R·G, N) each) and θ summed over heads (→ dzx's angle columns).
-void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, const float* zx_raw, const float* B_norm,
+void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, const float* bc_raw, const float* B_norm,
                              const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
                              float* part_B_norm, float* part_C_norm);
 
