@@ -410,7 +410,8 @@ TEST(Mamba3TrainGpu, KeptActivationsGiveTheSameGradients) {
 
 // The batched-GEMM chunk path (the default) against the CPU's f32 backward on every layer case and the 125M model's
 // tiles, L = 1 / 63 / 65 / 300 (one chunk, partial last chunks, several chunks): f32 mode within the f32 tolerance;
-// bf16 mode (TF32 chunk products, bf16 projections) within the bf16 tolerance (L ≥ 65, as MatchesCpuBF16).
+// bf16 mode (bf16 chunk operands and products, bf16 projections) within the bf16 tolerance (L ≥ 65, as
+// MatchesCpuBF16).
 TEST(Mamba3TrainGpu, BatchedChunksMatchCpu) {
   MAMBA3_REQUIRE_GPU();
   for (const LayerCase& lc : tensor_core_cases()) {

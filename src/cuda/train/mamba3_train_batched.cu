@@ -3,6 +3,8 @@
 // src/ops/mamba3_scan_backward.cpp). Every kernel runs one 256-thread block per (sequence, head, chunk) and reads and
 // writes the chunk-row buffers of BatchedParams. Deterministic: every sum has one owning thread or warp and a fixed
 // order; no atomics.
+#include <cuda_bf16.h>
+
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
@@ -39,11 +41,22 @@ __device__ __forceinline__ PairSlot pair_slot(int u, int N, int S, bool halves) 
   return {2 * u, 2 * u + 1, u < S, 2 * u + 1 < N};
 }
 
-// The two elements of a pair slot: one 8-byte access when they are adjacent (SISO) and the row is 8-byte aligned
-// (`vec`, uniform over a warp's row), else two scalar ones.
+// Operand storage: f32 (the exact mode) or bf16 (BatchedParams::bf16), read and written as f32 values.
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename In> __device__ __forceinline__ In from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// The two elements of a pair slot: one access of both when they are adjacent (SISO) and the row is aligned to two
+// elements (`vec`, uniform over a warp's row), else two scalar ones.
 __device__ __forceinline__ float2 load_pair(const float* v, const PairSlot& ps, bool vec) {
   if (vec) return *reinterpret_cast<const float2*>(v + ps.a);
   return make_float2(v[ps.a], ps.has_b ? v[ps.b] : 0.0f);
+}
+__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* v, const PairSlot& ps, bool vec) {
+  if (vec) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(v + ps.a));
+  return make_float2(__bfloat162float(v[ps.a]), ps.has_b ? __bfloat162float(v[ps.b]) : 0.0f);
 }
 __device__ __forceinline__ void store_pair(float* v, const PairSlot& ps, bool vec, float a, float b) {
   if (vec) {
@@ -53,9 +66,21 @@ __device__ __forceinline__ void store_pair(float* v, const PairSlot& ps, bool ve
   v[ps.a] = a;
   if (ps.has_b) v[ps.b] = b;
 }
-__device__ __forceinline__ bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7) == 0; }
+__device__ __forceinline__ void store_pair(__nv_bfloat16* v, const PairSlot& ps, bool vec, float a, float b) {
+  if (vec) {
+    *reinterpret_cast<__nv_bfloat162*>(v + ps.a) = __floats2bfloat162_rn(a, b);
+    return;
+  }
+  v[ps.a] = __float2bfloat16_rn(a);
+  if (ps.has_b) v[ps.b] = __float2bfloat16_rn(b);
+}
+template <typename T>
+__device__ __forceinline__ bool aligned2(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (2 * sizeof(T) - 1)) == 0;
+}
 
 // Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
+template <typename In>
 __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedParams p) {
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
@@ -94,11 +119,12 @@ __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedPa
   const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, slots = (d.N + 1) / 2;
   for (int j = warp; j < rows; j += kWarps) {
     const int tl = j / d.R, r = j % d.R;
-    float *q = p.Q + (ix.chunk * rows + j) * d.N, *k = p.K + (ix.chunk * rows + j) * d.N;
-    float *v = p.V + (ix.chunk * rows + j) * d.P, *vw = p.Vw + (ix.chunk * rows + j) * d.P;
+    const int64_t row_n = (ix.chunk * rows + j) * d.N, row_p = (ix.chunk * rows + j) * d.P;
+    In *q = static_cast<In*>(p.Q) + row_n, *k = static_cast<In*>(p.K) + row_n;
+    In *v = static_cast<In*>(p.V) + row_p, *vw = static_cast<In*>(p.Vw) + row_p;
     if (tl >= ix.Tc) {
-      for (int n = lane; n < d.N; n += 32) q[n] = 0.0f, k[n] = 0.0f;
-      for (int e = lane; e < d.P; e += 32) v[e] = 0.0f, vw[e] = 0.0f;
+      for (int n = lane; n < d.N; n += 32) q[n] = from_f<In>(0.0f), k[n] = from_f<In>(0.0f);
+      for (int e = lane; e < d.P; e += 32) v[e] = from_f<In>(0.0f), vw[e] = from_f<In>(0.0f);
       continue;
     }
     const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t;
@@ -106,8 +132,8 @@ __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedPa
     const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
     const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
     const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
-    const bool vec = !d.mimo && d.N % 2 == 0 && aligned8(zc) && aligned8(zb) && aligned8(bc) && aligned8(bb) &&
-                     aligned8(q) && aligned8(k);
+    const bool vec = !d.mimo && d.N % 2 == 0 && aligned2(zc) && aligned2(zb) && aligned2(bc) && aligned2(bb) &&
+                     aligned2(q) && aligned2(k);
     for (int u = lane; u < slots; u += 32) {
       const PairSlot ps = pair_slot(u, d.N, d.S, d.mimo);
       const float2 zcv = load_pair(zc, ps, vec), bcv = load_pair(bc, ps, vec);
@@ -127,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedPa
     const float w = dtv[tl];
     for (int e = lane; e < d.P; e += 32) {
       const float val = mx ? mx[e] * x[e] : x[e];
-      v[e] = val, vw[e] = w * val;
+      v[e] = from_f<In>(val), vw[e] = from_f<In>(w * val);
     }
   }
 }
@@ -146,6 +172,7 @@ __device__ __forceinline__ void stage_scalars(const BatchedParams& p, int64_t ch
   }
 }
 
+template <typename In>
 __global__ void __launch_bounds__(kThreads) batched_mask_kernel(const BatchedParams p) {
   const int64_t chunk = blockIdx.x;
   const int T = p.T, rows = p.rows, R = p.d.R;
@@ -156,19 +183,21 @@ __global__ void __launch_bounds__(kThreads) batched_mask_kernel(const BatchedPar
   const int64_t base = chunk * rows * rows;
   for (int e = threadIdx.x; e < rows * rows; e += kThreads) {
     const int j = e / rows, jj = e % rows;
-    p.W[base + e] = p.S[base + e] * coef_at(Lam, scale, gam, j / R, jj / R);
+    static_cast<In*>(p.W)[base + e] = from_f<In>(p.S[base + e] * coef_at(Lam, scale, gam, j / R, jj / R));
   }
 }
 
 // Warp per token. Per warp in shared memory: y and dyn (R·P each) and the partial sums of mimo_z, mimo_o (R·P each)
 // and the norm weight (P) owned lane by lane.
-template <bool kBwd>
+template <bool kBwd, typename In>
 __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedParams p) {
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int R = d.R, P = d.P, RP = R * P, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* nw = d.outnorm ? p.norm + int64_t(ix.h) * P : nullptr;
   const float Dh = p.D[ix.h];
+  const In* V = static_cast<const In*>(p.V);
+  In *dY = static_cast<In*>(p.dY), *dYe = static_cast<In*>(p.dYe);
   extern __shared__ float sm[];
   const int per_warp = 4 * RP + P;
   float* ys = sm + warp * per_warp;
@@ -180,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
     const int64_t row0 = (ix.chunk * p.rows + int64_t(tl) * R) * P;  // this token's first chunk row
     if (tl >= ix.Tc) {
       if (kBwd) {
-        for (int e = lane; e < RP; e += 32) p.dY[row0 + e] = 0.0f, p.dYe[row0 + e] = 0.0f;
+        for (int e = lane; e < RP; e += 32) dY[row0 + e] = from_f<In>(0.0f), dYe[row0 + e] = from_f<In>(0.0f);
         if (lane == 0) p.dLam[ix.chunk * p.T + tl] = 0.0f;
       }
       continue;
@@ -191,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
       float ss = 0.0f;
       for (int q = lane; q < P; q += 32) {
         const int64_t i = row0 + r * P + q;
-        const float y = (e * p.Z[i] + Dh * p.V[i]) + p.WV[i];
+        const float y = (e * p.Z[i] + Dh * to_f(V[i])) + p.WV[i];
         ys[r * P + q] = y;
         ss += y * y;
       }
@@ -248,9 +277,9 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
           v = rstd[r] * (dn * nw[q] - xh * mean);
         }
         const int64_t i = row0 + r * P + q;
-        p.dY[i] = v, p.dYe[i] = e * v;
+        dY[i] = from_f<In>(v), dYe[i] = from_f<In>(e * v);
         dot += v * p.Z[i];
-        gD += v * p.V[i];
+        gD += v * to_f(V[i]);
       }
       dl += e * warp_sum(dot);
     }
@@ -283,8 +312,9 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
     }
 }
 
-// The gradient of coef from S (raw) and W (= dW): per entry gc = dW·S; below the token diagonal G = gc·coef goes to
-// Λ_t (+) and Λ_s (−) and gc·e^{Λ_t − Λ_s} to scale_s; on it gc goes to γ_t. Then S ← S ⊙ coef, W ← dW ⊙ coef.
+// The gradient of coef from S = q·kᵀ and dWf = dy·vᵀ: per entry gc = dW·S; below the token diagonal G = gc·coef goes
+// to Λ_t (+) and Λ_s (−) and gc·e^{Λ_t − Λ_s} to scale_s; on it gc goes to γ_t. And dS = dW ⊙ coef.
+template <typename In>
 __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedParams p) {
   const ChunkIndex ix(p);
   const int T = p.T, rows = p.rows, R = p.d.R, ld = rows + 1;
@@ -297,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedPar
   const int64_t base = ix.chunk * rows * rows;
   for (int e = threadIdx.x; e < rows * rows; e += kThreads) {
     const int j = e / rows, jj = e % rows, tl = j / R, sl = jj / R;
-    const float s = p.S[base + e], dw = p.W[base + e], gc = dw * s;
+    const float s = p.S[base + e], dw = p.dWf[base + e], gc = dw * s;
     float cf = 0.0f, G = 0.0f, E = 0.0f;
     if (sl < tl) {
       const float ex = expf(Lam[tl] - Lam[sl]);
@@ -306,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedPar
       cf = gam[tl], G = gc;  // the diagonal's gc, told apart by its index below
     }
     sG[j * ld + jj] = G, sE[j * ld + jj] = E;
-    p.S[base + e] = s * cf, p.W[base + e] = dw * cf;
+    static_cast<In*>(p.dS)[base + e] = from_f<In>(dw * cf);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < 2 * rows; i += kThreads) {
@@ -338,12 +368,15 @@ __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedPar
 
 // Per chunk: dV ← dV + D·dy + w ⊙ tp (tp = K·dHᵀ, in Z), the state-carry terms of Λ and scale and dadt; then a warp
 // per token: the rotation and bias backward of dQ, dK (→ dCn, dBn, dphi), dx and the mimo_x partials.
+template <typename In>
 __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const BatchedParams p) {
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int T = p.T, rows = p.rows, R = d.R, P = d.P, N = d.N, S = d.S, warp = threadIdx.x / 32,
             lane = threadIdx.x % 32;
   const float Dh = p.D[ix.h];
+  const In *V = static_cast<const In*>(p.V), *dY = static_cast<const In*>(p.dY);
+  const In *Q = static_cast<const In*>(p.Q), *K = static_cast<const In*>(p.K);
   extern __shared__ float sm[];
   float *Lam = sm, *scale = sm + T, *dL = sm + 2 * T, *rdot = sm + 3 * T, *wsum = rdot + rows;
   float* part = wsum + kWarps;  // per warp: gC, gB (R·N each), gX (R·P)
@@ -370,8 +403,8 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
       for (int r = 0; r < R; ++r) {
         const int64_t i = base_p + (int64_t(tl) * R + r) * P + q;
         const float tp = p.Z[i];
-        dots[r] += p.V[i] * tp;
-        const float dv = (p.dV[i] + Dh * p.dY[i]) + w * tp;
+        dots[r] += to_f(V[i]) * tp;
+        const float dv = (p.dV[i] + Dh * to_f(dY[i])) + w * tp;
         if (d.mimo) {
           dx += dv * p.mimo_x[(int64_t(ix.h) * R + r) * P + q];
           if (real) gX[r * P + q] += dv * x[q];
@@ -438,7 +471,7 @@ __global__ void __launch_bounds__(kThreads) batched_epilogue_kernel(const Batche
           float* part_acc = (which == 0 ? gC : gB) + r * N;
           const float da = g.x, db = g.y;
           if (ps.rot) {
-            const float2 v = load_pair((which == 0 ? p.Q : p.K) + j, ps, vec);
+            const float2 v = load_pair((which == 0 ? Q : K) + j, ps, vec);
             acc += db * v.x - da * v.y;
             const float ga = da * c + db * sv, gb = db * c - da * sv;
             store_pair(dst, ps, vec, ga, gb);
@@ -482,28 +515,37 @@ void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, siz
 }  // namespace
 
 void launch_batched_build(cudaStream_t s, const BatchedParams& p) {
-  launch_per_chunk(batched_build_kernel, s, p, size_t(3 * p.T));
+  if (p.bf16) launch_per_chunk(batched_build_kernel<__nv_bfloat16>, s, p, size_t(3 * p.T));
+  else launch_per_chunk(batched_build_kernel<float>, s, p, size_t(3 * p.T));
 }
 
 void launch_batched_mask(cudaStream_t s, const BatchedParams& p) {
-  launch_per_chunk(batched_mask_kernel, s, p, size_t(3 * p.T));
+  if (p.bf16) launch_per_chunk(batched_mask_kernel<__nv_bfloat16>, s, p, size_t(3 * p.T));
+  else launch_per_chunk(batched_mask_kernel<float>, s, p, size_t(3 * p.T));
 }
 
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward) {
   const size_t floats = size_t(kWarps) * (4 * p.d.R * p.d.P + p.d.P) + kWarps;
-  if (backward) launch_per_chunk(batched_output_kernel<true>, s, p, floats);
-  else launch_per_chunk(batched_output_kernel<false>, s, p, floats);
+  if (p.bf16) {
+    if (backward) launch_per_chunk(batched_output_kernel<true, __nv_bfloat16>, s, p, floats);
+    else launch_per_chunk(batched_output_kernel<false, __nv_bfloat16>, s, p, floats);
+  } else {
+    if (backward) launch_per_chunk(batched_output_kernel<true, float>, s, p, floats);
+    else launch_per_chunk(batched_output_kernel<false, float>, s, p, floats);
+  }
 }
 
 void launch_batched_coef(cudaStream_t s, const BatchedParams& p) {
   const size_t floats = size_t(3 * p.T + 4 * p.rows + 2 * p.rows * (p.rows + 1));
-  launch_per_chunk(batched_coef_kernel, s, p, floats);
+  if (p.bf16) launch_per_chunk(batched_coef_kernel<__nv_bfloat16>, s, p, floats);
+  else launch_per_chunk(batched_coef_kernel<float>, s, p, floats);
 }
 
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
   const size_t floats =
       size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * (2 * p.d.R * p.d.N + p.d.R * p.d.P);
-  launch_per_chunk(batched_epilogue_kernel, s, p, floats);
+  if (p.bf16) launch_per_chunk(batched_epilogue_kernel<__nv_bfloat16>, s, p, floats);
+  else launch_per_chunk(batched_epilogue_kernel<float>, s, p, floats);
 }
 
 }  // namespace mamba3::cuda::train_detail

@@ -86,21 +86,25 @@ bool env_chunk_batched() {
   return batched;
 }
 
-// Row-major C = op(A)·op(B) + β·C for `batch` independent products at strides sA, sB, sC (floats): f32 on CUDA cores
-// (the exact mode) or TF32 tensor cores with f32 accumulation (the bf16 mode). Column-major cuBLAS sees Cᵀ = op(B)ᵀ·
-// op(A)ᵀ, so B goes first (as in TrainGemm::run).
-void batched_gemm(const Context& ctx, bool tf32, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A,
-                  int64_t lda, int64_t sA, const float* B, int64_t ldb, int64_t sB, float beta, float* C, int64_t ldc,
+// Row-major C = op(A)·op(B) + β·C for `batch` independent products at strides sA, sB, sC (elements): f32 operands on
+// CUDA cores (pedantic: the exact mode) or bf16 operands on tensor cores (the bf16 mode), f32 accumulation and C.
+// Column-major cuBLAS sees Cᵀ = op(B)ᵀ·op(A)ᵀ, so B goes first (as in TrainGemm::run).
+void batched_gemm(const Context& ctx, bool bf16, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* A,
+                  int64_t lda, int64_t sA, const void* B, int64_t ldb, int64_t sB, float beta, float* C, int64_t ldc,
                   int64_t sC, int64_t batch) {
   if (m == 0 || n == 0 || batch == 0) return;
   MAMBA3_CHECK(batch <= INT32_MAX, "Mamba3TrainGpu: {} batched products exceed cuBLAS's int", batch);
   const float alpha = 1.0f;
+  const cudaDataType_t in = bf16 ? CUDA_R_16BF : CUDA_R_32F;
   MAMBA3_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
       ctx.cublas(), tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m), int(k), &alpha, B,
-      CUDA_R_32F, int(ldb), sB, A, CUDA_R_32F, int(lda), sA, &beta, C, CUDA_R_32F, int(ldc), sC, int(batch),
-      tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+      in, int(ldb), sB, A, in, int(lda), sA, &beta, C, CUDA_R_32F, int(ldc), sC, int(batch),
+      bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
 }
 
+void reserve_elems(DeviceBuffer& b, int64_t n, size_t bytes_each) {
+  b.reserve(size_t(std::max<int64_t>(n, 1)) * bytes_each);
+}
 float* f(const DeviceBuffer& b, size_t offset = 0) { return b.as<float>() + offset; }
 void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int64_t>(n, 1)) * sizeof(float)); }
 
@@ -216,15 +220,16 @@ int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
   return int(std::min<int64_t>(std::max<int64_t>(1, env_batched_rows() / c_.rank()), L));
 }
 
-void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L,
+void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L,
                                     bool backward, const PartOffsets* parts, PhaseProfile& prof, bool reuse) {
   const MixerDims d = make_dims(c_, B, L);
   const cudaStream_t s = ctx.stream();
   const int T = batched_chunk_length(L);
   const int64_t nc = (L + T - 1) / T, rows = int64_t(T) * d.R, N = d.N, P = d.P, PN = P * N;
   const int64_t BHc = B * d.H * nc, BHL = B * d.H * L;
+  const size_t op = bf16 ? 2 : 4;  // bytes of a product operand element
   BatchedParams p{};
-  p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows);
+  p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows), p.bf16 = bf16;
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.lam = f(act_->scalars, 2 * BHL);
   p.cs = f(act_->cs), p.sn = f(act_->sn);
@@ -235,32 +240,38 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
   p.Lam = f(act_->bscal), p.eL = f(act_->bscal, nT), p.gam = f(act_->bscal, 2 * nT);
   p.scale = f(act_->bscal, 3 * nT);
   p.wv = f(act_->bscal, 4 * nT), p.decay = f(act_->bscal, 5 * nT);
-  for (DeviceBuffer* b : {&act_->bQ, &act_->bK}) reserve_floats(*b, BHc * rows * N);
-  for (DeviceBuffer* b : {&act_->bV, &act_->bVw, &act_->bZ, &act_->bWV}) reserve_floats(*b, BHc * rows * P);
-  for (DeviceBuffer* b : {&act_->bS, &act_->bW}) reserve_floats(*b, BHc * rows * rows);
-  p.Q = f(act_->bQ), p.K = f(act_->bK), p.V = f(act_->bV), p.Vw = f(act_->bVw);
-  p.S = f(act_->bS), p.W = f(act_->bW), p.Z = f(act_->bZ), p.WV = f(act_->bWV);
+  for (DeviceBuffer* b : {&act_->bQ, &act_->bK}) reserve_elems(*b, BHc * rows * N, op);
+  for (DeviceBuffer* b : {&act_->bV, &act_->bVw}) reserve_elems(*b, BHc * rows * P, op);
+  for (DeviceBuffer* b : {&act_->bZ, &act_->bWV}) reserve_floats(*b, BHc * rows * P);
+  reserve_floats(act_->bS, BHc * rows * rows);
+  reserve_elems(act_->bW, BHc * rows * rows, op);
+  p.Q = act_->bQ.raw(), p.K = act_->bK.raw(), p.V = act_->bV.raw(), p.Vw = act_->bVw.raw();
+  p.S = f(act_->bS), p.W = act_->bW.raw(), p.Z = f(act_->bZ), p.WV = f(act_->bWV);
   // Hc: one slot per chunk plus one, the state change of chunk c written to slot c + 1 (the last chunk's spills into
-  // the next sequence's slot 0, which the scan zeroes, or into the extra slot).
+  // the next sequence's slot 0, which the scan zeroes, or into the extra slot). The bf16 mode's products read the
+  // scan's bf16 copy (Hc16, one slot per chunk).
   reserve_floats(act_->Hc, (BHc + 1) * PN);
   float* Hc = f(act_->Hc);
+  if (bf16) reserve_elems(act_->Hc16, BHc * PN, 2);
+  const void* Hc_op = bf16 ? act_->Hc16.raw() : static_cast<const void*>(Hc);
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
   if (!reuse) {  // the forward part (kept activations already hold it)
     launch_batched_build(s, p);
     prof.mark("build");
     // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
-    batched_gemm(ctx, tf32, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
+    batched_gemm(ctx, bf16, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
     prof.mark("gemm dH");
-    launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false);
+    launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false,
+                      bf16 ? act_->Hc16.as<uint16_t>() : nullptr);
     prof.mark("scan");
-    batched_gemm(ctx, tf32, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
+    batched_gemm(ctx, bf16, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
     prof.mark("gemm S");
     launch_batched_mask(s, p);
     prof.mark("mask");
-    batched_gemm(ctx, tf32, false, true, rows, P, N, p.Q, N, sRN, Hc, N, PN, 0.0f, p.Z, P, sRP, BHc);
+    batched_gemm(ctx, bf16, false, true, rows, P, N, p.Q, N, sRN, Hc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
     prof.mark("gemm Z");
-    batched_gemm(ctx, tf32, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
+    batched_gemm(ctx, bf16, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
     prof.mark("gemm WV");
   }
   if (!backward) {
@@ -269,11 +280,16 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
     return;
   }
 
-  for (DeviceBuffer* b : {&bdY_, &bdYe_, &bdV_}) reserve_floats(*b, BHc * rows * P);
+  for (DeviceBuffer* b : {&bdY_, &bdYe_}) reserve_elems(*b, BHc * rows * P, op);
+  reserve_floats(bdV_, BHc * rows * P);
   for (DeviceBuffer* b : {&bdQ_, &bdK_}) reserve_floats(*b, BHc * rows * N);
+  reserve_floats(bdWf_, BHc * rows * rows);
+  reserve_elems(bdS_, BHc * rows * rows, op);
   reserve_floats(bdLam_, nT);
   reserve_floats(dHc_, (BHc + 1) * PN);
-  p.dO = f(dO_), p.dzx = f(dzx_), p.dY = f(bdY_), p.dYe = f(bdYe_), p.dQ = f(bdQ_), p.dK = f(bdK_), p.dV = f(bdV_);
+  if (bf16) reserve_elems(dHc16_, BHc * PN, 2);
+  p.dO = f(dO_), p.dzx = f(dzx_), p.dY = bdY_.raw(), p.dYe = bdYe_.raw(), p.dWf = f(bdWf_), p.dS = bdS_.raw();
+  p.dQ = f(bdQ_), p.dK = f(bdK_), p.dV = f(bdV_);
   p.Hc = Hc, p.dHc = f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
   p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
   p.dphi = f(dphi_), p.dBn = f(dBn_), p.dCn = f(dCn_);
@@ -281,31 +297,33 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool tf32, const Mamba3T
   p.part_mimo_x = f(part_, parts->mimo_x), p.part_mimo_z = f(part_, parts->mimo_z);
   p.part_mimo_o = f(part_, parts->mimo_o), p.part_norm = f(part_, parts->norm);
   float* dHc = f(dHc_, size_t(PN));
+  const void* dHc_op = bf16 ? dHc16_.raw() : static_cast<const void*>(dHc);
 
   if (reuse) p.o = nullptr;  // the kept forward wrote o already
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
-  // dW = dy·vᵀ into W (W·v is done), then coef's gradient and S ← W, W ← dS.
-  batched_gemm(ctx, tf32, false, true, rows, rows, P, p.dY, P, sRP, p.V, P, sRP, 0.0f, p.W, rows, sRR, BHc);
+  // dW = dy·vᵀ, then coef's gradient and dS = dW ⊙ coef (W = S ⊙ coef is the mask's).
+  batched_gemm(ctx, bf16, false, true, rows, rows, P, p.dY, P, sRP, p.V, P, sRP, 0.0f, p.dWf, rows, sRR, BHc);
   prof.mark("gemm dW");
   launch_batched_coef(s, p);
   prof.mark("coef");
-  batched_gemm(ctx, tf32, true, false, rows, P, rows, p.S, rows, sRR, p.dY, P, sRP, 0.0f, p.dV, P, sRP, BHc);
+  batched_gemm(ctx, bf16, true, false, rows, P, rows, p.W, rows, sRR, p.dY, P, sRP, 0.0f, p.dV, P, sRP, BHc);
   prof.mark("gemm dV");
-  batched_gemm(ctx, tf32, false, false, rows, N, rows, p.W, rows, sRR, p.K, N, sRN, 0.0f, p.dQ, N, sRN, BHc);
-  batched_gemm(ctx, tf32, false, false, rows, N, P, p.dYe, P, sRP, Hc, N, PN, 1.0f, p.dQ, N, sRN, BHc);
+  batched_gemm(ctx, bf16, false, false, rows, N, rows, p.dS, rows, sRR, p.K, N, sRN, 0.0f, p.dQ, N, sRN, BHc);
+  batched_gemm(ctx, bf16, false, false, rows, N, P, p.dYe, P, sRP, Hc_op, N, PN, 1.0f, p.dQ, N, sRN, BHc);
   prof.mark("gemm dQ");
-  batched_gemm(ctx, tf32, true, false, rows, N, rows, p.W, rows, sRR, p.Q, N, sRN, 0.0f, p.dK, N, sRN, BHc);
+  batched_gemm(ctx, bf16, true, false, rows, N, rows, p.dS, rows, sRR, p.Q, N, sRN, 0.0f, p.dK, N, sRN, BHc);
   prof.mark("gemm dK");
   // Chunk c's dH contribution (e^Λ ⊙ dy)ᵀ·q → slot c − 1 (chunk 0's into the previous sequence's last slot, which the
-  // reverse scan zeroes, or into the extra slot before the first); the scan gives the dH entering every chunk.
-  batched_gemm(ctx, tf32, true, false, P, N, rows, p.dYe, P, sRP, p.Q, N, sRN, 0.0f, dHc - PN, N, PN, BHc);
+  // reverse scan zeroes, or into the extra slot before the first); the scan gives the dH entering every chunk (and
+  // its bf16 copy for the bf16 mode's products).
+  batched_gemm(ctx, bf16, true, false, P, N, rows, p.dYe, P, sRP, p.Q, N, sRN, 0.0f, dHc - PN, N, PN, BHc);
   prof.mark("gemm G");
-  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true);
+  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr);
   prof.mark("scan rev");
-  batched_gemm(ctx, tf32, false, true, rows, P, N, p.K, N, sRN, dHc, N, PN, 0.0f, p.Z, P, sRP, BHc);
+  batched_gemm(ctx, bf16, false, true, rows, P, N, p.K, N, sRN, dHc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
   prof.mark("gemm tp");
-  batched_gemm(ctx, tf32, false, false, rows, N, P, p.Vw, P, sRP, dHc, N, PN, 1.0f, p.dK, N, sRN, BHc);
+  batched_gemm(ctx, bf16, false, false, rows, N, P, p.Vw, P, sRP, dHc_op, N, PN, 1.0f, p.dK, N, sRN, BHc);
   prof.mark("gemm dK");
   launch_batched_epilogue(s, p);
   prof.mark("epilogue");

@@ -33,13 +33,13 @@ struct Mamba3TrainGrads {
 // the memory (Mamba3TrainGpu::activation_bytes): in_proj's output (B/C normalised; the raw B/C apart), the scalars and
 // angles, the gated output, and the chunk tensors (q, k, v, w ⊙ v, q·kᵀ, W, q·H_cᵀ, W·v, chunk states, chunk scalars).
 struct Mamba3TrainActivations {
-  DeviceBuffer bc_raw, zx, scalars, cs, sn, o, angle_seg, Hc, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
+  DeviceBuffer bc_raw, zx, scalars, cs, sn, o, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
   int64_t B = -1, L = -1;
   bool valid = false;  // a forward's results, not yet consumed by a backward
   size_t bytes() const {
     size_t n = 0;
-    for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &cs, &sn, &o, &angle_seg, &Hc, &bscal, &bQ, &bK, &bV, &bVw,
-                                  &bS, &bW, &bZ, &bWV})
+    for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &cs, &sn, &o, &angle_seg, &Hc, &Hc16, &bscal, &bQ, &bK, &bV,
+                                  &bVw, &bS, &bW, &bZ, &bWV})
       n += b->bytes();
     return n;
   }
@@ -88,8 +88,8 @@ class Mamba3TrainGpu {
   bool chunk_scan_parallel() const { return chunk_parallel_; }
 
   // Chunk path: true runs the chunked form as strided-batched cuBLAS products over every (sequence, head, chunk) with
-  // small per-chunk kernels between them (mamba3_train_batched.cu; f32 products in the f32 mode, TF32 tensor cores in
-  // the bf16 mode; T·R = 64 rows per chunk, MAMBA3_TRAIN_BATCHED_ROWS; the chunk schedule, tensor-core and
+  // small per-chunk kernels between them (mamba3_train_batched.cu; f32 products in the f32 mode; in the bf16 mode the
+  // products' operands are stored in bf16 and run on tensor cores, f32 accumulation; T·R = 64 rows per chunk, MAMBA3_TRAIN_BATCHED_ROWS; the chunk schedule, tensor-core and
   // blocks-per-SM switches do not apply);
   // false the fused chunk kernels. Default from MAMBA3_TRAIN_CHUNK_PATH, read once per process: "batched" or "fused"
   // (unset: batched); any other value throws.
@@ -130,7 +130,7 @@ class Mamba3TrainGpu {
     int64_t D, B_bias, C_bias, mimo_x, mimo_z, mimo_o, norm;
   };
   // reuse: the forward part's results are already in act_ (kept activations): the backward part only.
-  void batched_chunks(const Context& ctx, bool tf32, const Mamba3TrainWeights& w, int64_t B, int64_t L, bool backward,
+  void batched_chunks(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, bool backward,
                       const PartOffsets* parts, PhaseProfile& prof, bool reuse = false);
   // The fused path's chunk stage of the backward (chunk length T), with the same outputs.
   void fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, int T,
@@ -160,8 +160,8 @@ class Mamba3TrainGpu {
   // scratch. Parallel schedule (forward too): Hc, decay (B·H, chunks); backward also dHc (B·H, chunks, P, N).
   DeviceBuffer dO_, dzx_, dy_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_;
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
-  // per chunk.
-  DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_;
+  // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
+  DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_, bdWf_, bdS_, dHc16_;
 };
 
 }  // namespace mamba3::cuda

@@ -99,8 +99,10 @@ void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p);
 
 // The elementwise scan over chunks of the chunk-parallel schedule on S (B·H, chunks, PN), in place (see
 // chunk_scan_kernel): forward S[c] ← decay[c − 1]·S[c − 1] + S[c], S[0] = 0; reverse S[c] ← decay[c + 1]·S[c + 1] +
-// S[c], S[last] = 0. decay (B·H, chunks).
-void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse);
+// S[c], S[last] = 0. decay (B·H, chunks). copy16 (optional): every slot's result also rounded to bf16 there, same
+// layout (the operand of bf16 products).
+void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse,
+                       uint16_t* copy16 = nullptr);
 
 // The batched-GEMM path (mamba3_train_batched.cu): the chunked form as strided-batched cuBLAS products over every
 // (sequence, head, chunk) at once, with per-chunk elementwise kernels between them. Buffers "per chunk row" are
@@ -110,6 +112,9 @@ void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH,
 struct BatchedParams {
   MixerDims d;
   int T, nc, rows;                       // chunk length (tokens), chunks per sequence, rows = T·R
+  // The products' chunk-row operands (q, k, v, w ⊙ v, W, dS, dy, e^Λ ⊙ dy) are bf16 (the bf16 mode's products on
+  // bf16 tensor cores) or f32 (the exact mode); "op" marks them below. Everything else is f32.
+  bool bf16;
   const float* zx;                       // (M, din), B/C normalised
   const float *dt, *A, *lam;             // (B·H, L)
   const float *cs, *sn;                  // (B·H, L, S)
@@ -117,15 +122,18 @@ struct BatchedParams {
   // Built per chunk: Λ (chunk-local prefix of A·Δ), e^Λ, γ = λΔ, scale, w = e^{Λ_last − Λ}·scale; e^{Λ_last}.
   float *Lam, *eL, *gam, *scale, *wv;    // (B·H·nc, T)
   float* decay;                          // (B·H·nc)
-  float *Q, *K;                          // per chunk row, N: rotated biased C and B
-  float *V, *Vw;                         // per chunk row, P: mimo_x ⊙ x and w ⊙ V
-  float *S, *W;                          // (B·H·nc, rows, rows): q·kᵀ; W = S ⊙ coef (backward: dW, then dS)
+  void *Q, *K;                           // op, per chunk row, N: rotated biased C and B
+  void *V, *Vw;                          // op, per chunk row, P: mimo_x ⊙ x and w ⊙ V
+  float* S;                              // (B·H·nc, rows, rows): q·kᵀ
+  void* W;                               // op, (B·H·nc, rows, rows): S ⊙ coef
   float *Z, *WV;                         // per chunk row, P: q·H_cᵀ and W·v (backward: Z then K·dHᵀ)
   float* o;                              // (M, d_inner) gated output (null: not written again)
   // Backward.
   const float* dO;                       // (M, d_inner)
   float* dzx;                            // (M, din): z and x columns written
-  float *dY, *dYe;                       // per chunk row, P: dy and e^Λ ⊙ dy
+  void *dY, *dYe;                        // op, per chunk row, P: dy and e^Λ ⊙ dy
+  float* dWf;                            // (B·H·nc, rows, rows): dy·vᵀ
+  void* dS;                              // op, (B·H·nc, rows, rows): dW ⊙ coef
   float *dQ, *dK, *dV;                   // per chunk row, N, N, P
   const float *Hc, *dHc;                 // (B·H·nc, P, N) state and dH entering each chunk (after the scans)
   float* dLam;                           // (B·H·nc, T) gradient of Λ
@@ -141,8 +149,7 @@ void launch_batched_mask(cudaStream_t s, const BatchedParams& p);
 // y = e^Λ ⊙ Z + WV + D·v, the output stage → o; with `backward` also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state
 // read (dLam, overwritten), the output stage's partials and D's.
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward);
-// From S (raw q·kᵀ) and W (dW = dy·vᵀ): the gradients of coef into dLam (added), dgam, dscale (written); then
-// S ← S ⊙ coef, W ← dW ⊙ coef.
+// From S (q·kᵀ) and dWf (dy·vᵀ): the gradients of coef into dLam (added), dgam, dscale (written), and dS = dW ⊙ coef.
 void launch_batched_coef(cudaStream_t s, const BatchedParams& p);
 // The rest per chunk: dV += D·dy + w ⊙ (K·dHᵀ) (from Z), the state-carry terms of Λ and scale, dadt; per token the
 // rotation and bias backward (dBn, dCn, dphi, bias partials), dx and the mimo_x partials.

@@ -3,6 +3,9 @@
 // deterministic warp sum and the rotary pairing of spec §3.
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <cstring>
+
 namespace mamba3::cuda::train_detail {
 
 constexpr float kPi = 3.14159265358979323846f;
@@ -11,6 +14,15 @@ constexpr float kEps = 1e-5f;  // RMSNorm epsilon (B/C and output norms)
 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// The bf16 bits of v rounded to nearest even (as __float2bfloat16_rn; NaN stays NaN), written out so that host
+// emulations of the kernels can compile it too.
+__host__ __device__ __forceinline__ uint16_t bf16_bits_rn(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 // Butterfly sum: every lane gets the same, fixed-order result (no atomics, bit-reproducible).
 __device__ __forceinline__ float warp_sum(float v) {
