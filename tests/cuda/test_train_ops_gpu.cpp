@@ -98,6 +98,44 @@ TEST(TrainOpsGpu, NormForwardMatchesCpu) {
     }
 }
 
+// The residual step before a norm: res = prev + hidden (bit-exact: one f32 add) and its norm against the CPU's; with
+// no hidden a copy of prev; y written over hidden (the trainer's final norm) gives the same bits.
+TEST(TrainOpsGpu, ResidualNormForwardMatchesCpu) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(5);
+  for (const auto [rows, D] : kNormShapes)
+    for (bool layer : {false, true})
+      for (bool with_hidden : {true, false}) {
+        SCOPED_TRACE(fmt::format("rows {} D {} {} hidden {}", rows, D, layer ? "LayerNorm" : "RMSNorm", with_hidden));
+        const Tensor prev = random_tensor(rng, {rows, D}, -1.5f, 2.5f), hid = random_tensor(rng, {rows, D});
+        const Tensor w = random_tensor(rng, {D}, 0.5f, 1.5f), b = random_tensor(rng, {D}, -0.5f, 0.5f);
+        Tensor res = prev.clone();
+        if (with_hidden)
+          for (int64_t i = 0; i < res.numel(); ++i) res.data<float>()[i] = prev.data<float>()[i] + hid.data<float>()[i];
+        Tensor ref = Tensor::empty(DType::F32, {rows, D});
+        if (layer)
+          layernorm(res.data<float>(), rows, D, w.data<float>(), b.data<float>(), 1e-5f, ref.data<float>());
+        else
+          rmsnorm(res.data<float>(), rows, D, w.data<float>(), 1e-5f, ref.data<float>());
+        DeviceBuffer dp = up(prev), dh = up(hid), dw = up(w), db = up(b), dres = poisoned(rows * D),
+                     dy = poisoned(rows * D);
+        const float* hidden = with_hidden ? dh.as<float>() : nullptr;
+        const float* bias = layer ? db.as<float>() : nullptr;
+        cuda::residual_norm_forward_gpu(ctx.stream(), dp.as<float>(), hidden, rows, D, dw.as<float>(), bias, 1e-5f,
+                                        dres.as<float>(), dy.as<float>());
+        EXPECT_TRUE(same_bits(down(dres, {rows, D}), res)) << "residual";
+        EXPECT_LE(rel_l2(down(dy, {rows, D}), ref), 1e-6) << "norm";
+        // y over hidden, res over prev (both aliases the trainer uses).
+        cuda::residual_norm_forward_gpu(ctx.stream(), dp.as<float>(), hidden, rows, D, dw.as<float>(), bias, 1e-5f,
+                                        dp.as<float>(), with_hidden ? dh.as<float>() : dy.as<float>());
+        EXPECT_TRUE(same_bits(down(dp, {rows, D}), res)) << "residual in place";
+        if (with_hidden) {
+          EXPECT_TRUE(same_bits(down(dh, {rows, D}), down(dy, {rows, D}))) << "y over hidden";
+        }
+      }
+}
+
 TEST(TrainOpsGpu, NormBackwardMatchesCpuAndRepeats) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;

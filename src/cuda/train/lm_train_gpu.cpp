@@ -199,16 +199,15 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   // Forward (spec §9.3): residual ← hidden + residual before every norm.
   embed(st, w.ids.as<int32_t>(), N, emb, Precision::F32, D, hidden);
   prof.mark("embed");
+  // The residual stream lives in the layers' res_in / res_mid buffers (the norms' inputs, which the backward
+  // needs): each step writes prev + hidden there and normalises it in one pass.
+  const float* stream = hidden;  // the residual so far (layer 0: the embedding alone)
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& l = *layers_[i];
-    if (i == 0) {
-      MAMBA3_CUDA_CHECK(cudaMemcpyAsync(residual, hidden, act, cudaMemcpyDeviceToDevice, st));
-    } else {
-      add_inplace_gpu(st, residual, hidden, N * D);
-    }
     l.res_in.reserve(act), l.normed.reserve(act);
-    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(l.res_in.raw(), residual, act, cudaMemcpyDeviceToDevice, st));
-    norm_forward_gpu(st, residual, N, D, l.norm.w, l.norm.b, eps, l.normed.as<float>());
+    residual_norm_forward_gpu(st, stream, i == 0 ? nullptr : hidden, N, D, l.norm.w, l.norm.b, eps,
+                              l.res_in.as<float>(), l.normed.as<float>());
+    stream = l.res_in.as<float>();
     prof.mark("norm/residual");
     if (l.attention) {
       l.attn->forward(*ctx_, gemm_, l.aw, l.normed.as<float>(), B, L, hidden);
@@ -218,22 +217,22 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       prof.mark("mamba_fwd");
     }
     if (l.fc1) {
-      add_inplace_gpu(st, residual, hidden, N * D);
       l.res_mid.reserve(act), l.normed2.reserve(act);
       l.mlp_h.reserve(size_t(N * 2 * dff) * 4), l.mlp_o.reserve(size_t(N * dff) * 4);
-      MAMBA3_CUDA_CHECK(cudaMemcpyAsync(l.res_mid.raw(), residual, act, cudaMemcpyDeviceToDevice, st));
-      norm_forward_gpu(st, residual, N, D, l.norm2.w, l.norm2.b, eps, l.normed2.as<float>());
+      residual_norm_forward_gpu(st, stream, hidden, N, D, l.norm2.w, l.norm2.b, eps, l.res_mid.as<float>(),
+                                l.normed2.as<float>());
+      stream = l.res_mid.as<float>();
       prof.mark("norm/residual");
       gated_mlp_forward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
                             l.mlp_o.as<float>(), hidden);
       prof.mark("mlp_fwd");
     }
   }
-  add_inplace_gpu(st, residual, hidden, N * D);
   const NormSlot norm_f{s.param("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.param("backbone.norm_f.bias"),
                         s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
   float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
-  norm_forward_gpu(st, residual, N, D, norm_f.w, norm_f.b, eps, normed_f);
+  residual_norm_forward_gpu(st, stream, layers_.empty() ? nullptr : hidden, N, D, norm_f.w, norm_f.b, eps, residual,
+                            normed_f);
   prof.mark("norm/residual");
 
   // Loss; the gradient of the mean over the labelled positions, times `scale`, flows from here.

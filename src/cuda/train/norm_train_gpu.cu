@@ -139,6 +139,47 @@ __global__ void norm_backward_sum_kernel(const double* partial_w, const double* 
   }
 }
 
+// A warp per row: r = prev + hidden (prev alone when hidden is null) into res_out, then y = Norm(r)·w (+ b) with the
+// float64 statistics of norm_forward_kernel (summed by the warp's butterfly instead of the block's). Each lane owns
+// the columns j ≡ lane (mod 32) in every pass, so res_out may alias prev and y may alias hidden. Traffic: 2 reads and
+// 2 writes of rows·D floats (the separate add, copy of the residual and norm moved 4 reads and 4 writes).
+__device__ __forceinline__ double warp_sum_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__global__ void residual_norm_forward_kernel(const float* prev, const float* hidden, int64_t rows, int64_t D,
+                                             const float* w, const float* b, float eps, float* res_out, float* y) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
+       r += int64_t(gridDim.x) * blockDim.x / 32) {
+    const float* pr = prev + r * D;
+    const float* hr = hidden ? hidden + r * D : nullptr;
+    float* xr = res_out + r * D;
+    float* yr = y + r * D;
+    double sum = 0, ss = 0;
+    for (int64_t j = lane; j < D; j += 32) {
+      const float v = hr ? pr[j] + hr[j] : pr[j];
+      xr[j] = v;
+      sum += v;
+      ss += double(v) * v;
+    }
+    if (!b) {
+      const float sc = float(1.0 / sqrt(warp_sum_d(ss) / double(D) + double(eps)));
+      for (int64_t j = lane; j < D; j += 32) yr[j] = xr[j] * sc * w[j];
+    } else {
+      const double mean = warp_sum_d(sum) / double(D);
+      double var = 0;
+      for (int64_t j = lane; j < D; j += 32) {
+        const double dv = double(xr[j]) - mean;
+        var += dv * dv;
+      }
+      const float sc = float(1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps)));
+      const float m = float(mean);
+      for (int64_t j = lane; j < D; j += 32) yr[j] = (xr[j] - m) * sc * w[j] + b[j];
+    }
+  }
+}
+
 __global__ void add_inplace_kernel(float* y, const float* x, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     y[i] += x[i];
@@ -168,6 +209,14 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
       x, dy, rows, D, w, b_or_null != nullptr, eps, dx, accumulate_dx, pw, pb, rpb);
   MAMBA3_LAUNCH_CHECK();
   norm_backward_sum_kernel<<<grid_for(D * 32, 256), 256, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* hidden, int64_t rows, int64_t D,
+                               const float* w, const float* b, float eps, float* res_out, float* y) {
+  if (rows <= 0 || D <= 0) return;
+  residual_norm_forward_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, D, w, b, eps, res_out,
+                                                                          y);
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -26,6 +26,12 @@ void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, c
 // x, dy, dx: (rows, D). dx is written (it may alias dy), or added to when accumulate_dx. dw (D) and db (D) are
 // added to; b_or_null and db_or_null are both null for RMSNorm (db_or_null may be null for LayerNorm to skip the
 // bias gradient).
+// The residual stream's step before a norm: res_out = prev + hidden (a copy of prev when hidden is null), then
+// y = Norm(res_out) as norm_forward_gpu forms it (the same float64 statistics, summed in another order). res_out
+// may alias prev, y may alias hidden; res_out and y must differ.
+void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* hidden, int64_t rows, int64_t D,
+                               const float* w, const float* b, float eps, float* res_out, float* y);
+
 void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                        const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
                        NormGradScratch& scratch);
