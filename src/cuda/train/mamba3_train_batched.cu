@@ -243,15 +243,13 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
         for (int r = 0; r < R; ++r) {
           const float y = ys[r * P + q], yn = nw ? y * rstd[r] * nw[q] : y;
           const int64_t i = (int64_t(ix.h) * R + r) * P + q;
-          const float mz = p.mimo_z[i], mo = p.mimo_o[i], zz = mz * z;
-          const float sg = sigmoid_f(zz), si = zz * sg;
-          o += mo * yn * si;
+          const MimoGate mg = mimo_gate(yn, z, p.mimo_z[i], p.mimo_o[i], dOq);
+          o += mg.o;
           if (kBwd) {
-            const float dsi = sg * (1.0f + zz * (1.0f - sg)), dzz = dOq * mo * yn * dsi;
-            go[r * P + q] += dOq * yn * si;
-            dyn[r * P + q] = dOq * mo * si;
-            gz[r * P + q] += dzz * z;
-            dz += dzz * mz;
+            go[r * P + q] += mg.go;
+            dyn[r * P + q] = mg.dyn;
+            gz[r * P + q] += mg.gz;
+            dz += mg.dz;
           }
         }
       }

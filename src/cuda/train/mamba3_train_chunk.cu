@@ -572,15 +572,13 @@ __device__ __forceinline__ void chunk_forward_body(const ChunkParams& p) {
             const int j = tl * R + r;
             const float y = sY[j * ldP + q], yn = nw ? y * rstd[j] * nw[q] : y;
             const int64_t i = (int64_t(h) * R + r) * P + q;
-            const float mz = p.mimo_z[i], mo = p.mimo_o[i], zz = mz * z;
-            const float sg = sigmoid_f(zz), si = zz * sg;
-            o += mo * yn * si;
+            const MimoGate mg = mimo_gate(yn, z, p.mimo_z[i], p.mimo_o[i], dOq);
+            o += mg.o;
             if (kBwd) {
-              const float dsi = sg * (1.0f + zz * (1.0f - sg)), dzz = dOq * mo * yn * dsi;
-              go[r * P + q] += dOq * yn * si;
-              sDYN[j * ldP + q] = dOq * mo * si;
-              gz[r * P + q] += dzz * z;
-              dz += dzz * mz;
+              go[r * P + q] += mg.go;
+              sDYN[j * ldP + q] = mg.dyn;
+              gz[r * P + q] += mg.gz;
+              dz += mg.dz;
             }
           }
           p.o[row * d.d_inner + int64_t(h) * P + q] = o;

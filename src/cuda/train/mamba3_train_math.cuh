@@ -30,6 +30,17 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// One rank's term of the MIMO output stage (spec §7) at a channel: o += mo·yn·silu(mz·z), and for the backward (dO:
+// the gradient of o there) the rank's shares of the mimo_o and mimo_z gradients, of its normed y (dyn) and of z.
+struct MimoGate {
+  float o, go, dyn, gz, dz;
+};
+__device__ __forceinline__ MimoGate mimo_gate(float yn, float z, float mz, float mo, float dO) {
+  const float zz = mz * z, sg = sigmoid_f(zz), si = zz * sg;
+  const float dsi = sg * (1.0f + zz * (1.0f - sg)), dzz = dO * mo * yn * dsi;
+  return {mo * yn * si, dO * yn * si, dO * mo * si, dzz * z, dzz * mz};
+}
+
 // Rotary pair holding element n: SISO pairs (2i, 2i+1), MIMO ("halves") pairs (i, i + N/2), i < S. False when n
 // passes through unrotated.
 __device__ __forceinline__ bool rotary_pair(int n, int N, int S, bool halves, int& i, int& a, int& b) {
