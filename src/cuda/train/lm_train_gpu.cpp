@@ -152,7 +152,9 @@ void GpuLmTrainer::decide_keep(int64_t B, int64_t L) {
     if (!l->attention) need += work_->mamba->activation_bytes(B, L) - int64_t(l->mamba_kept.bytes());
   size_t free_bytes = 0, total = 0;
   MAMBA3_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
-  keep_mamba_ = mode == "on" || (mode != "off" && work_->mamba && need <= int64_t(free_bytes / 2));
+  // Only the batched chunk path starts its backward from kept activations (the fused one recomputes regardless).
+  const bool usable = work_->mamba && work_->mamba->chunk_batched();
+  keep_mamba_ = usable && (mode == "on" || (mode != "off" && need <= int64_t(free_bytes / 2)));
   if (!keep_mamba_)
     for (auto& l : layers_) l->mamba_kept = Mamba3TrainActivations{};  // give the memory back
 }
