@@ -1,5 +1,7 @@
 #include "model/mamba3_mixer.h"
 
+#include <algorithm>
+
 #include "ops/linear.h"
 #include "ops/mamba3_reference.h"
 #include "ops/mamba3_scan.h"
@@ -121,7 +123,7 @@ void Mamba3Mixer::check_state(const Mamba3State& state, int64_t B, const char* w
     MAMBA3_CHECK(t->dtype() == DType::F32, "Mamba3 {}: states must be F32", what);
 }
 
-Tensor Mamba3Mixer::prefill(const Tensor& u, Mamba3State& state) const {
+Tensor Mamba3Mixer::prefill(const Tensor& u, Mamba3State& state, Tensor* zx_raw) const {
   check_io(u, state, 3, "prefill");
   const Mamba3Config& c = config_;
   const int64_t B = u.dim(0), L = u.dim(1), rows = B * L;
@@ -131,6 +133,11 @@ Tensor Mamba3Mixer::prefill(const Tensor& u, Mamba3State& state) const {
   float* zx = ws_->zx.data<float>();
   float* o = ws_->o.data<float>();
   linear(u.data<float>(), rows, c.d_model, param("in_proj.weight").data<float>(), c.d_in_proj(), zx);  // (B·L, d_in)
+  if (zx_raw) {
+    if (!has_shape(*zx_raw, {rows, c.d_in_proj()}) || zx_raw->dtype() != DType::F32)
+      *zx_raw = Tensor::empty(DType::F32, {rows, c.d_in_proj()});
+    std::copy_n(zx, rows * c.d_in_proj(), zx_raw->data<float>());
+  }
   mamba3_normalize_bc(c, param("B_norm.weight").data<float>(), param("C_norm.weight").data<float>(), rows, zx);
   mamba3_scan(c, head_params(), B, L, zx, state.view(), o);                                            // (B·L, d_inner)
   linear(o, rows, c.d_inner(), param("out_proj.weight").data<float>(), c.d_model, out.data<float>());  // (B·L, D)

@@ -41,8 +41,9 @@ class Mamba3Mixer {
   size_t parameter_count() const;
 
   // u (B, L, d_model) f32 → (B, L, d_model). Starts from `state` (zeros or carried over) and leaves the final
-  // decode state there. Any L ≥ 1, any chunk alignment.
-  Tensor prefill(const Tensor& u, Mamba3State& state) const;
+  // decode state there. Any L ≥ 1, any chunk alignment. zx_raw (optional): receives in_proj's output (B·L, d_in)
+  // before the B/C norms, for a training backward (mamba3_mixer_backward) that would otherwise recompute it.
+  Tensor prefill(const Tensor& u, Mamba3State& state, Tensor* zx_raw = nullptr) const;
   // One decode token: u (B, d_model) → out (B, d_model), preallocated. After the first call with a given batch
   // size it allocates nothing.
   void step(const Tensor& u, Mamba3State& state, Tensor& out) const;

@@ -7,7 +7,7 @@
 namespace mamba3 {
 
 Mamba3MixerGradients mamba3_mixer_backward(const Mamba3Mixer& mixer, const Tensor& u, const Tensor& dout,
-                                           const Mamba3State* init) {
+                                           const Mamba3State* init, const Tensor* zx_raw) {
   const Mamba3Config& c = mixer.config();
   for (const Tensor* t : {&u, &dout})
     MAMBA3_CHECK(t->dtype() == DType::F32 && t->ndim() == 3 && t->dim(2) == c.d_model && t->dim(1) >= 1,
@@ -16,6 +16,9 @@ Mamba3MixerGradients mamba3_mixer_backward(const Mamba3Mixer& mixer, const Tenso
   MAMBA3_CHECK(u.shape() == dout.shape(), "Mamba3 backward: u {} and dout {} differ", shape_str(u.shape()),
                shape_str(dout.shape()));
   const int64_t B = u.dim(0), L = u.dim(1);
+  MAMBA3_CHECK(!zx_raw || (zx_raw->dtype() == DType::F32 && has_shape(*zx_raw, {B * L, c.d_in_proj()})),
+               "Mamba3 backward: the kept in_proj output must be F32 ({}, {}), got {} {}", B * L, c.d_in_proj(),
+               zx_raw ? dtype_name(zx_raw->dtype()) : "", zx_raw ? shape_str(zx_raw->shape()) : "");
   Mamba3MixerGradients g;
   for (const auto& [name, shape] : mamba3_parameter_shapes(c)) g.params[name] = Tensor::zeros(DType::F32, shape);
   g.u = Tensor::empty(DType::F32, u.shape());
@@ -42,7 +45,7 @@ Mamba3MixerGradients mamba3_mixer_backward(const Mamba3Mixer& mixer, const Tenso
   }
   Mamba3StateView dinit = g.init.view();
   mamba3_backward(c, w, B, L, u.data<float>(), dout.data<float>(), init ? &init_view : nullptr, views,
-                  g.u.data<float>(), &dinit);
+                  g.u.data<float>(), &dinit, zx_raw ? zx_raw->data<float>() : nullptr);
   return g;
 }
 

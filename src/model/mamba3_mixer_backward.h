@@ -13,8 +13,9 @@ struct Mamba3MixerGradients {
 };
 
 // Gradients of sum(mixer.prefill(u, init) ⊙ dout): u, dout (B, L, d_model) F32, L ≥ 1; init null = zero state.
-// The final state's upstream gradient is zero.
+// The final state's upstream gradient is zero. zx_raw (optional): the in_proj output that prefill(u, …, &zx_raw)
+// kept, (B·L, d_in) F32 — the same bits the backward would compute, so it skips that product.
 Mamba3MixerGradients mamba3_mixer_backward(const Mamba3Mixer& mixer, const Tensor& u, const Tensor& dout,
-                                           const Mamba3State* init = nullptr);
+                                           const Mamba3State* init = nullptr, const Tensor* zx_raw = nullptr);
 
 }  // namespace mamba3

@@ -464,17 +464,19 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
 
 void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int64_t batch, int64_t L, const float* u,
                      const float* dout, const Mamba3StateView* init, const Mamba3GradViews& grads, float* du,
-                     const Mamba3StateView* dinit) {
+                     const Mamba3StateView* dinit, const float* zx_raw_kept) {
   if (batch == 0 || L == 0) return;
   use_single_threaded_blas();
   const int64_t D = c.d_model, di = c.d_inner(), din = c.d_in_proj(), H = c.nheads(), P = c.headdim, N = c.d_state;
   const int64_t R = c.rank(), G = c.ngroups, S = c.num_angles(), M = batch * L;
   const Mamba3HeadParams& p = w.head;
 
-  // Forward projections: zx_raw = u·W_inᵀ, zx = the same with B/C normalised; dO = dout·W_out.
-  std::vector<float> zx_raw(size_t(M * din)), zx(size_t(M * din)), dO(size_t(M * di)), o(size_t(M * di));
-  linear(u, M, D, w.in_proj, din, zx_raw.data());
-  std::copy(zx_raw.begin(), zx_raw.end(), zx.begin());
+  // Forward projections: zx_raw = u·W_inᵀ (or the forward's, kept), zx = the same with B/C normalised; dO = dout·W_out.
+  std::vector<float> zx_raw_own(zx_raw_kept ? 0 : size_t(M * din)), zx(size_t(M * din)), dO(size_t(M * di)),
+      o(size_t(M * di));
+  if (!zx_raw_kept) linear(u, M, D, w.in_proj, din, zx_raw_own.data());
+  const float* zx_raw = zx_raw_kept ? zx_raw_kept : zx_raw_own.data();
+  std::copy_n(zx_raw, M * din, zx.begin());
   mamba3_normalize_bc(c, w.B_norm, w.C_norm, M, zx.data());
   gemm_rows(false, false, M, di, D, dout, D, w.out_proj, di, 0.0f, dO.data(), di);
 
@@ -516,7 +518,7 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
   std::vector<float> gBn(size_t(blocks * N), 0.0f), gCn(size_t(blocks * N), 0.0f);
   auto norm_rows = [&](int64_t row, float* gb, float* gc) {
     float* dz = dzx.data() + row * din;
-    const float* raw = zx_raw.data() + row * din;
+    const float* raw = zx_raw + row * din;
     std::vector<float> acc(static_cast<size_t>(N));
     for (int which = 0; which < 2; ++which) {
       const float* dsrc = (which == 0 ? dBn : dCn).data() + row * H * R * N;

@@ -37,8 +37,9 @@ struct Mamba3GradViews {
 // Gradients of sum(out ⊙ dout), out = mixer(u) starting from `init` (batch-major views as in mamba3_scan; null =
 // zero state). u, dout: (batch, L, d_model). du (batch, L, d_model) is written; grads are accumulated; dinit (may
 // be null) receives the gradient of the initial state. The upstream gradient of the final state is taken as zero.
+// zx_raw (optional): u·W_inᵀ (batch·L, d_in) as the forward computed it; otherwise it is recomputed.
 void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int64_t batch, int64_t L, const float* u,
                      const float* dout, const Mamba3StateView* init, const Mamba3GradViews& grads, float* du,
-                     const Mamba3StateView* dinit = nullptr);
+                     const Mamba3StateView* dinit = nullptr, const float* zx_raw = nullptr);
 
 }  // namespace mamba3

@@ -90,6 +90,7 @@ struct Layer {
   const float *fc1 = nullptr, *fc2 = nullptr;
   // Activations kept for the backward.
   Tensor res_in, normed;   // (B, L, D) residual before the norm, the mixer input
+  Tensor zx_raw;           // (B·L, d_in) the Mamba-3 mixer's in_proj output (its backward skips recomputing it)
   Tensor res_mid, normed2;  // (B·L, D) residual before norm2, the MLP input
   std::vector<float> mlp_h, mlp_o;
   AttentionActivations attn_act;
@@ -212,7 +213,7 @@ double lm_loss_and_grad_labels(const ModelConfig& c, const TensorMap& params, co
     norm(l.norm, residual.data<float>(), l.normed.data<float>());
     if (l.mamba) {
       Mamba3State state = l.mamba->new_state(B);
-      Tensor out = l.mamba->prefill(l.normed, state);
+      Tensor out = l.mamba->prefill(l.normed, state, want ? &l.zx_raw : nullptr);
       std::copy_n(out.data<float>(), N * D, hidden.data<float>());
     } else {
       attention_train_forward(c.attn, D, l.attn, l.normed.data<float>(), B, L, l.attn_act, hidden.data<float>());
@@ -268,7 +269,7 @@ double lm_loss_and_grad_labels(const ModelConfig& c, const TensorMap& params, co
       norm_backward(l.norm2, l.res_mid.data<float>(), dnormed.data<float>(), g.data<float>(), true);
     }
     if (l.mamba) {
-      Mamba3MixerGradients mg = mamba3_mixer_backward(*l.mamba, l.normed, g);
+      Mamba3MixerGradients mg = mamba3_mixer_backward(*l.mamba, l.normed, g, nullptr, &l.zx_raw);
       for (const auto& [name, t] : mg.params) {
         float* dst = pt.grad(l.prefix + "mixer." + name);
         const float* src = t.data<float>();

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <numbers>
 
 #include "model/mamba3_mixer_backward.h"
@@ -151,6 +152,28 @@ TEST(MixerBackwardFast, ChunkSizeIndependent) {
   const auto ga = mamba3_mixer_backward(a, u, dout), gb = mamba3_mixer_backward(b, u, dout);
   for (const auto& [name, t] : ga.params) EXPECT_LE(rel_l2(gb.params.at(name), t), 1e-5) << name;
   EXPECT_LE(rel_l2(gb.u, ga.u), 1e-5);
+}
+
+// The in_proj output kept by prefill is what the backward computes itself: the gradients are bit-identical; a kept
+// tensor of the wrong shape is refused.
+TEST(MixerBackwardFast, KeptInProjOutputGivesTheSameGradients) {
+  for (const bool mimo : {false, true}) {
+    Mamba3Config c = small(mimo, mimo ? 2 : 1, 8);
+    std::mt19937 rng(9);
+    Mamba3Mixer m(c, random_mixer_weights(c, rng));
+    const Tensor u = random_tensor(rng, {3, 21, c.d_model}), dout = random_tensor(rng, {3, 21, c.d_model});
+    Mamba3State state = m.new_state(3);
+    Tensor zx_raw;
+    m.prefill(u, state, &zx_raw);
+    ASSERT_EQ(zx_raw.shape(), (Shape{3 * 21, c.d_in_proj()}));
+    const auto ref = mamba3_mixer_backward(m, u, dout);
+    const auto kept = mamba3_mixer_backward(m, u, dout, nullptr, &zx_raw);
+    for (const auto& [name, t] : ref.params)
+      EXPECT_EQ(std::memcmp(t.raw(), kept.params.at(name).raw(), t.nbytes()), 0) << name;
+    EXPECT_EQ(std::memcmp(ref.u.raw(), kept.u.raw(), ref.u.nbytes()), 0) << "u";
+    const Tensor wrong = Tensor::zeros(DType::F32, {3 * 21, c.d_in_proj() + 1});
+    EXPECT_THROW(mamba3_mixer_backward(m, u, dout, nullptr, &wrong), Error);
+  }
 }
 
 TEST(MixerBackwardFast, BadInputs) {
