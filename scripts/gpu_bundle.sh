@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA tests and the CLI on this machine (sm_90, portable x86-64-v3 host code) and packs them, with the
 # shared libraries the GPU machine's image lacks, into gpu-bundle/bundle.tar.xz (git-ignored). The device tool
-# carries gpu-bundle/ and golden/ to the GPU machine, where scripts/gpu_run.sh unpacks and runs them: that machine
+# carries gpu-bundle/ and golden/ to the GPU machine (BUNDLE_BINS below keeps it within the carry limit), where scripts/gpu_run.sh unpacks and runs them: that machine
 # has no package manager and no network, and building there would spend GPU time on compiling.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,10 @@ stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib"
 cp "$BUILD/tools/mamba3/mamba3" "$BUILD/bench/bench_server" "$stage/bin/"
 for t in "${targets[@]:2}"; do cp "$BUILD/tests/$t" "$stage/bin/"; done
+# BUNDLE_BINS="mamba3 test_x …": pack only these binaries (the device tool carries at most 64 MiB with the tree).
+if [[ -n ${BUNDLE_BINS:-} ]]; then
+  for f in "$stage"/bin/*; do [[ " $BUNDLE_BINS " == *" $(basename "$f") "* ]] || rm "$f"; done
+fi
 strip "$stage"/bin/*
 # Non-system libraries the binaries need, except the CUDA ones (the GPU machine has its own toolkit).
 for lib in $(ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u); do

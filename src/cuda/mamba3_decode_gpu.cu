@@ -16,40 +16,6 @@ namespace {
 constexpr int kMaxP = 128;
 constexpr int kMaxN = 256;
 
-// The warp sums of R per-lane partials with fewer shuffles than R separate butterflies (MIMO R = 4: 6 instead of 20):
-// the first exchanges halve the values each lane carries, then a plain butterfly finishes. Returns, in every lane, the
-// full sum of rank rank_of_lane<R>(lane); ranks ≥ R come out as 0.
-template <int R>
-__host__ __device__ constexpr int rank_span() {  // lanes per rank after the exchanges
-  return R == 1 ? 32 : (R == 2 ? 16 : 8);
-}
-template <int R>
-__device__ __forceinline__ int rank_of_lane(int lane) {
-  return lane / rank_span<R>();
-}
-template <int R>
-__device__ __forceinline__ float reduce_ranks(const float (&part)[R], int lane) {
-  constexpr unsigned full = 0xffffffffu;
-  if constexpr (R == 1) {
-    return warp_sum(part[0]);
-  } else if constexpr (R == 2) {
-    const bool hi = lane & 16;
-    float c = (hi ? part[1] : part[0]) + __shfl_xor_sync(full, hi ? part[0] : part[1], 16);
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) c += __shfl_xor_sync(full, c, o);
-    return c;
-  } else {
-    const float p0 = part[0], p1 = part[1], p2 = part[2], p3 = R > 3 ? part[R - 1] : 0.0f;
-    const bool hi = lane & 16, mid = lane & 8;
-    const float x = (hi ? p2 : p0) + __shfl_xor_sync(full, hi ? p0 : p2, 16);
-    const float y = (hi ? p3 : p1) + __shfl_xor_sync(full, hi ? p1 : p3, 16);
-    float c = (mid ? y : x) + __shfl_xor_sync(full, mid ? x : y, 8);
-#pragma unroll
-    for (int o = 4; o > 0; o >>= 1) c += __shfl_xor_sync(full, c, o);
-    return c;
-  }
-}
-
 // How a block covers a head (P rows of N state floats): 8 warps, one warp per row, a lane holding float4s
 // (n = 4·lane + 128·v, v < VPL); RG = 8 rows in flight per warp, all requested before the first FMA; ≤ 80 registers
 // (3 blocks per SM) for SISO, ≤ 128 (2 blocks) for MIMO, whose k_{−1}, k, q take 12·R registers.
@@ -78,29 +44,6 @@ __device__ __forceinline__ void store_vec_stream(float* p, const float (&d)[4]) 
 }
 __device__ __forceinline__ void store_vec(float* p, const float (&d)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(d[0], d[1], d[2], d[3]);
-}
-
-// Row p's update coefficients vp_r = β·mx_r·x_{−1}, vc_r = γ·mx_r·x (shared memory, 2R floats per row, 16-byte
-// aligned rows for R = 2 and 4): one broadcast vector load per rank pair instead of R scalar loads and multiplies.
-template <int R>
-__device__ __forceinline__ void load_coefs(const float* src, float (&vp)[R], float (&vc)[R]) {
-  if constexpr (R == 4) {
-    const float4 a = reinterpret_cast<const float4*>(src)[0], c = reinterpret_cast<const float4*>(src)[1];
-    vp[0] = a.x, vp[1] = a.y, vp[2] = a.z, vp[3] = a.w, vc[0] = c.x, vc[1] = c.y, vc[2] = c.z, vc[3] = c.w;
-  } else if constexpr (R == 2) {
-    const float4 a = *reinterpret_cast<const float4*>(src);
-    vp[0] = a.x, vp[1] = a.y, vc[0] = a.z, vc[1] = a.w;
-  } else if constexpr (R == 1) {
-    const float2 a = *reinterpret_cast<const float2*>(src);
-    vp[0] = a.x, vc[0] = a.y;
-  } else {
-#pragma unroll
-    for (int r = 0; r < R; ++r) vp[r] = src[r], vc[r] = src[R + r];
-  }
-}
-template <int R>
-__host__ __device__ constexpr int coef_stride() {  // floats per row of the coefficient table
-  return R == 3 ? 6 : 2 * R;
 }
 
 // One block per (b, h): the whole decode step of one head (spec §2–§7), nothing staged by an earlier kernel.
@@ -135,7 +78,6 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
   pdl_wait();
   const int item = blockIdx.x, H = a.H, P = a.P, N = a.N, S = a.S;
   const int b = item / H, h = item % H;
-  if (mamba3_row_skipped(a.st, 1, b)) return;  // block-uniform, before the barrier
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, warps = kThreads / 32;
   const int group = warp, groups = warps;
   const float* zrow = a.zx + int64_t(b) * a.d_in;
@@ -256,6 +198,13 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
   }
   const float Dh = a.p.D[h];
 
+  // A row the slot mask skips returns here, block-uniform and before the first write and barrier: its mask word is read
+  // after every load above was issued, so that its round trip overlaps theirs instead of delaying them (the copies
+  // into shared memory are waited for: none may land after the block has gone).
+  if (mamba3_row_skipped(a.st, 1, b)) {
+    __pipeline_wait_prior(0);
+    return;
+  }
   // 2. Angles (the block's last S threads: angle j = tid − (kThreads − S)), the norm of the warp's vector, the
   // token's scalars (one thread of the first warp that does not stage): spread over warps, so that the chains before
   // the first barrier run side by side rather than one after another in one warp.

@@ -27,4 +27,33 @@ struct Mamba3DecodeArgs : Mamba3KernelShape {  // L = 1
 // Launches the decode state step for `batch` rows; false (nothing launched) when the shape is out of reach.
 bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch);
 
+// The streaming decode kernel (mamba3_stream_decode_gpu.cu), for large batches: `blocks_per_head` blocks per head
+// (0: as many as fill the device once, at most one per sequence), each walking its head's sequences with its head's
+// parameters read once, each item's inputs — the P×N state, the cached k, the raw B/C rows, x, z, x_{−1}, angles,
+// scalars — copied by cp.async into a ring of `stages` (2 or 3) shared-memory stages while the block computes an
+// earlier item.
+// The head kernel holds a whole head's state rows in registers, which caps it at 2 (MIMO) or 3 blocks per SM with
+// no loads in flight while they compute; here the state of the next items is always in flight. Same expressions, same
+// results as the head kernel. Reach: N a multiple of 4 and ≤ 128 (≤ 256 for SISO), P ≤ 128, R ≤ 4, 16-byte aligned
+// ssm and k states, the stages within the device's shared memory; false (nothing launched) otherwise.
+bool mamba3_stream_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks_per_head,
+                              int stages);
+
+// Which kernel runs a decode step. Auto: the streaming kernel for MIMO layers from `stream_min_items` (sequence, head)
+// pairs on, the head kernel otherwise; Head or Stream ask for one (either falls back when a shape is out of its reach).
+enum class DecodeKernel { Auto, Head, Stream };
+struct DecodeChoice {
+  DecodeKernel kernel = DecodeKernel::Auto;
+  int64_t stream_min_items = 4096;
+  int blocks_per_head = 0;  // of the streaming kernel (0: as many as fill the device)
+  int stages = 2;
+};
+// Process-wide. Defaults from MAMBA3_DECODE_KERNEL (auto | head | stream), MAMBA3_STREAM_DECODE_MIN (pairs) and
+// MAMBA3_STREAM_DECODE_STAGES (2 | 3), read on first use; tests set it.
+DecodeChoice decode_choice();
+void set_decode_choice(const DecodeChoice& c);
+
+// The decode step by the chosen kernel; false when neither applies.
+bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch);
+
 }  // namespace mamba3::cuda

@@ -633,7 +633,7 @@ void mamba3_staged_gpu(cudaStream_t s, const Mamba3Config& c, const Mamba3GpuPar
       Mamba3DecodeArgs da{};
       static_cast<Mamba3KernelShape&>(da) = a;
       da.p = a.p, da.zx = a.zx, da.st = a.st, da.o = a.o;
-      if (mamba3_head_decode_gpu(s, da, batch)) continue;  // else out of its reach: staging + the cp.async kernel
+      if (mamba3_decode_step_gpu(s, da, batch)) continue;  // else out of reach: staging + the cp.async kernel
     }
     const int64_t warps_per_block = kStageThreads / 32;
     // SISO decode: angles and staging in one launch (1.5B b128: 21.6 µs per layer against 6.4 + 20.7). MIMO keeps the

@@ -5,7 +5,9 @@
 // the rows a slot mask marks inactive (Mamba3GpuState::active). Every check runs for the three kernel paths (staged:
 // angle scan + staging + streaming state kernels; fused: one kernel per head; chunked: staged with the chunked
 // tensor-core state kernel for bf16 prefills, so its f32 checks run the staged kernels and its bf16 golden check the
-// chunked one). A dedicated test runs bf16 chunked prefills of awkward shapes against the CPU.
+// chunked one); the staged path's decode steps run on the head decode kernel and on the streaming one. Dedicated tests
+// run bf16 chunked prefills of awkward shapes against the CPU, and the streaming decode against the head decode at a
+// batch that makes its blocks walk several items.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,6 +18,7 @@
 #include "../model/mixer_case.h"
 #include "../model/random_mixer.h"
 #include "cuda/mamba3_chunk_gpu.h"
+#include "cuda/mamba3_decode_gpu.h"
 #include "gpu_test_util.h"
 #include "support/test_support.h"
 
@@ -25,17 +28,34 @@ namespace {
 using cuda::Precision;
 using cuda::Mamba3GpuPath;
 
-// Every GPU check below runs once per kernel path.
-class Mamba3GpuPaths : public ::testing::TestWithParam<Mamba3GpuPath> {};
+// Every GPU check below runs once per kernel path; the staged path's decode steps once on the head decode kernel and
+// twice on the streaming one (mamba3_decode_gpu.h): one block per head with 2 stages and two with 3, so that every
+// block walks several sequences through its ring of stages.
+struct PathCase {
+  const char* name;
+  Mamba3GpuPath path;
+  cuda::DecodeKernel decode;
+  int blocks_per_head, stages;
+};
 
-std::string path_name(const ::testing::TestParamInfo<Mamba3GpuPath>& info) {
-  switch (info.param) {
-    case Mamba3GpuPath::Staged: return "Staged";
-    case Mamba3GpuPath::Fused: return "Fused";
-    case Mamba3GpuPath::Chunked: return "Chunked";
+class Mamba3GpuPaths : public ::testing::TestWithParam<PathCase> {
+ protected:
+  void SetUp() override {
+    saved_ = cuda::decode_choice();
+    cuda::DecodeChoice c = saved_;
+    c.kernel = GetParam().decode;
+    c.blocks_per_head = GetParam().blocks_per_head;
+    c.stages = GetParam().stages;
+    cuda::set_decode_choice(c);
   }
-  return "Unknown";
-}
+  void TearDown() override { cuda::set_decode_choice(saved_); }
+  Mamba3GpuPath path() const { return GetParam().path; }
+
+ private:
+  cuda::DecodeChoice saved_;
+};
+
+std::string path_name(const ::testing::TestParamInfo<PathCase>& info) { return info.param.name; }
 
 // Runs a GPU layer over (B, L, D) input u from `state`, returning (B, L, D).
 Tensor gpu_forward(const cuda::GpuMamba3Layer& layer, const cuda::Context& ctx, const Tensor& u,
@@ -89,14 +109,14 @@ TEST_P(Mamba3GpuPaths, GoldenCasesF32) {
   MAMBA3_REQUIRE_GPU();
   auto cases = golden_cases("mixer_");
   ASSERT_FALSE(cases.empty()) << "no golden mixer cases in " << golden_dir();
-  for (const auto& path : cases) run_golden(path.string(), Precision::F32, GetParam());
+  for (const auto& path : cases) run_golden(path.string(), Precision::F32, this->path());
 }
 
 TEST_P(Mamba3GpuPaths, GoldenCasesBf16) {
   MAMBA3_REQUIRE_GPU();
   auto cases = golden_cases("mixer_");
   ASSERT_FALSE(cases.empty()) << "no golden mixer cases in " << golden_dir();
-  for (const auto& path : cases) run_golden(path.string(), Precision::BF16, GetParam());
+  for (const auto& path : cases) run_golden(path.string(), Precision::BF16, this->path());
 }
 
 struct RandomCase {
@@ -152,7 +172,7 @@ TEST_P(Mamba3GpuPaths, MatchesCpuOnRandomLayers) {
       TensorMap w = random_mixer_weights(c, rng);
       Mamba3Mixer cpu(c, w);
       cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
-      gpu.set_path(GetParam());
+      gpu.set_path(path());
       const Tensor u = random_tensor(rng, {B, L, c.d_model});
       Mamba3State cpu_state = cpu.new_state(B);
       cuda::GpuMamba3State gpu_state(c, B);
@@ -180,7 +200,7 @@ TEST_P(Mamba3GpuPaths, SplitPrefillEqualsWhole) {
     const Mamba3Config c = make_config(rc);
     TensorMap w = random_mixer_weights(c, rng);
     cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
-    gpu.set_path(GetParam());
+    gpu.set_path(path());
     const Tensor u = random_tensor(rng, {2, 90, c.d_model});
     cuda::GpuMamba3State whole(c, 2), split(c, 2);
     Tensor all = gpu_forward(gpu, ctx, u, whole, Precision::F32);
@@ -278,7 +298,7 @@ TEST_P(Mamba3GpuPaths, DecodeSkipsInactiveRows) {
       const Mamba3Config c = make_config(rc);
       TensorMap w = random_mixer_weights(c, rng);
       cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
-      gpu.set_path(GetParam());
+      gpu.set_path(path());
       // A runs with the mask; R, without, is the reference. The shifted ssm needs one spare row of room.
       const int64_t rows = lay.row0 + B + (lay.ssm_shift ? 1 : 0);
       cuda::GpuMamba3State A(c, rows), R(c, rows);
@@ -364,9 +384,56 @@ TEST_P(Mamba3GpuPaths, DecodeSkipsInactiveRows) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, Mamba3GpuPaths,
-                         ::testing::Values(Mamba3GpuPath::Staged, Mamba3GpuPath::Fused, Mamba3GpuPath::Chunked),
-                         path_name);
+INSTANTIATE_TEST_SUITE_P(
+    Kernels, Mamba3GpuPaths,
+    ::testing::Values(PathCase{"Staged", Mamba3GpuPath::Staged, cuda::DecodeKernel::Head, 0, 2},
+                      PathCase{"Fused", Mamba3GpuPath::Fused, cuda::DecodeKernel::Head, 0, 2},
+                      PathCase{"Chunked", Mamba3GpuPath::Chunked, cuda::DecodeKernel::Head, 0, 2},
+                      PathCase{"StagedStreamDecode", Mamba3GpuPath::Staged, cuda::DecodeKernel::Stream, 1, 2},
+                      PathCase{"StagedStreamDecode3Stages", Mamba3GpuPath::Staged, cuda::DecodeKernel::Stream, 2, 3}),
+    path_name);
+
+// The streaming decode kernel at a batch where its default grid walks several items per block (and the auto choice
+// with a threshold of 1 item) against the head decode kernel: the same expressions in the same order, so outputs and
+// states agree to rounding (1e-6) over 12 steps after a prefill, for SISO, MIMO R = 4 with output norm, groups 3 and
+// d_state 256.
+TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(23);
+  struct Restore {  // the process-wide choice as it was, however the test ends
+    cuda::DecodeChoice saved = cuda::decode_choice();
+    ~Restore() { cuda::set_decode_choice(saved); }
+  } restore;
+  const cuda::DecodeChoice saved = restore.saved;
+  const int64_t B = 97;
+  for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[4], kRandomCases[8]}) {
+    for (const cuda::DecodeKernel other : {cuda::DecodeKernel::Stream, cuda::DecodeKernel::Auto}) {
+      SCOPED_TRACE(std::string(rc.name) + (other == cuda::DecodeKernel::Auto ? " (auto)" : " (stream)"));
+      const Mamba3Config c = make_config(rc);
+      TensorMap w = random_mixer_weights(c, rng);
+      cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
+      gpu.set_path(Mamba3GpuPath::Staged);
+      cuda::GpuMamba3State head(c, B), stream(c, B);
+      const Tensor u = random_tensor(rng, {B, 5, c.d_model});
+      gpu_forward(gpu, ctx, u, head, Precision::F32);
+      gpu_forward(gpu, ctx, u, stream, Precision::F32);
+      for (int t = 0; t < 12; ++t) {
+        const Tensor x = random_tensor(rng, {B, 1, c.d_model});
+        cuda::DecodeChoice choice = saved;
+        choice.kernel = cuda::DecodeKernel::Head;
+        cuda::set_decode_choice(choice);
+        const Tensor y_head = gpu_forward(gpu, ctx, x, head, Precision::F32);
+        choice.kernel = other;
+        choice.stream_min_items = 1;
+        cuda::set_decode_choice(choice);
+        const Tensor y_stream = gpu_forward(gpu, ctx, x, stream, Precision::F32);
+        ASSERT_LE(rel_l2(y_stream, y_head), 1e-6) << "step " << t;
+      }
+      expect_state_near(download_state(stream, c), download_state(head, c), 1e-6, "after decode");
+    }
+  }
+}
 
 // The chunked tensor-core prefill (bf16 layers) against the CPU f32 layer on awkward shapes: lengths around the
 // chunk sizes (63 new tokens per chunk for R = 1, 31 for R = 2, 20 for R = 3, 15 for R = 4: L = 63/64/65 crosses the
