@@ -18,6 +18,10 @@ using train_detail::threads_for;
 constexpr int64_t kMaxRowBlocks = 2048;
 constexpr int64_t kMinRowsPerBlock = 8;
 
+// The backward's warps per block and their shared partial rows' budget (within the device's 227 KB opt-in).
+constexpr int64_t kNormBackwardWarps = 8;
+constexpr int64_t kNormBackwardSharedBytes = 96 * 1024;
+
 int64_t rows_per_block(int64_t rows) {
   return std::max(kMinRowsPerBlock, (rows + kMaxRowBlocks - 1) / kMaxRowBlocks);
 }
@@ -61,58 +65,88 @@ __global__ void norm_forward_kernel(const float* x, int64_t rows, int64_t D, con
   }
 }
 
-// dx for the rows [blk·rpb, (blk+1)·rpb) and this block's partial weight (and bias) sums pw/pb (D doubles each,
-// each thread owning the columns j ≡ threadIdx mod blockDim, so no two threads touch one partial).
+__device__ __forceinline__ double warp_sum_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// dx for the rows [blk·rpb, (blk+1)·rpb) and this block's partial weight (and bias) sums pw/pb (D doubles each). A warp
+// per row (rows r0 + w, r0 + w + warps, …), lane l owning the columns j ≡ l (mod 32): the row's sums are warp
+// butterflies, with no block barrier per row. Each warp accumulates its rows' weight terms in its own shared row
+// (warp-major, D doubles per warp; bias terms after all of them), which the block then adds in warp order into the
+// block's partial — with rpb ≤ warps, exactly the row order, as one thread summing the block's rows would.
+// (A block per row with block-wide sums spent four barriers per row on 3 columns per thread: latency-bound.)
 // Cost: reads x, dy twice, w; writes dx; ~5·rows·D floats of traffic plus the partials.
 __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                                           bool layer, float eps, float* dx, bool accumulate, double* partial_w,
                                           double* partial_b, int64_t rpb) {
-  __shared__ double red[kMaxWarps];
-  double* pw = partial_w + int64_t(blockIdx.x) * D;
-  double* pb = partial_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    pw[j] = 0;
-    if (pb) pb[j] = 0;
+  extern __shared__ double wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
+  const bool with_b = partial_b != nullptr;
+  double* sw = wsum + int64_t(warp) * D;
+  double* sb = with_b ? wsum + int64_t(warps + warp) * D : nullptr;
+  for (int64_t j = lane; j < D; j += 32) {
+    sw[j] = 0;
+    if (sb) sb[j] = 0;
   }
   const int64_t r0 = int64_t(blockIdx.x) * rpb, r1 = r0 + rpb < rows ? r0 + rpb : rows;
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = r0 + warp; r < r1; r += warps) {
     const float* xr = x + r * D;
     const float* gr = dy + r * D;
     float* dxr = dx + r * D;
     if (!layer) {
       double ss = 0, gx = 0;
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      for (int64_t j = lane; j < D; j += 32) {
         ss += double(xr[j]) * xr[j];
         gx += double(gr[j]) * w[j] * xr[j];
       }
-      ss = block_sum(ss, red);
-      gx = block_sum(gx, red);
+      ss = warp_sum_d(ss);
+      gx = warp_sum_d(gx);
       const double s = 1.0 / sqrt(ss / double(D) + double(eps));
       const double c = s * s * s * gx / double(D);
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-        pw[j] += double(gr[j]) * xr[j] * s;
+      for (int64_t j = lane; j < D; j += 32) {
+        sw[j] += double(gr[j]) * xr[j] * s;
         const float v = float(s * double(gr[j]) * w[j] - c * xr[j]);
         dxr[j] = accumulate ? dxr[j] + v : v;
       }
     } else {
-      double mean, s;
-      layernorm_stats(xr, D, eps, red, mean, s);
+      double sum = 0;
+      for (int64_t j = lane; j < D; j += 32) sum += xr[j];
+      const double mean = warp_sum_d(sum) / double(D);
+      double var = 0;
+      for (int64_t j = lane; j < D; j += 32) {
+        const double d = double(xr[j]) - mean;
+        var += d * d;
+      }
+      const double s = 1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps));
       double mg = 0, mgx = 0;
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      for (int64_t j = lane; j < D; j += 32) {
         const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
         mg += g;
         mgx += g * xh;
-        pw[j] += double(gr[j]) * xh;
-        if (pb) pb[j] += gr[j];
+        sw[j] += double(gr[j]) * xh;
+        if (sb) sb[j] += gr[j];
       }
-      mg = block_sum(mg, red) / double(D);
-      mgx = block_sum(mgx, red) / double(D);
-      for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      mg = warp_sum_d(mg) / double(D);
+      mgx = warp_sum_d(mgx) / double(D);
+      for (int64_t j = lane; j < D; j += 32) {
         const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
         const float v = float(s * (g - mg - xh * mgx));
         dxr[j] = accumulate ? dxr[j] + v : v;
       }
     }
+  }
+  __syncthreads();
+  double* pw = partial_w + int64_t(blockIdx.x) * D;
+  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    double tw = 0, tb = 0;
+    for (int i = 0; i < warps; ++i) {
+      tw += wsum[int64_t(i) * D + j];
+      if (with_b) tb += wsum[int64_t(warps + i) * D + j];
+    }
+    pw[j] = tw;
+    if (pb) pb[j] = tb;
   }
 }
 
@@ -143,10 +177,6 @@ __global__ void norm_backward_sum_kernel(const double* partial_w, const double* 
 // float64 statistics of norm_forward_kernel (summed by the warp's butterfly instead of the block's). Each lane owns
 // the columns j ≡ lane (mod 32) in every pass, so res_out may alias prev and y may alias hidden. Traffic: 2 reads and
 // 2 writes of rows·D floats (the separate add, copy of the residual and norm moved 4 reads and 4 writes).
-__device__ __forceinline__ double warp_sum_d(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 __global__ void residual_norm_forward_kernel(const float* prev, const float* hidden, int64_t rows, int64_t D,
                                              const float* w, const float* b, float eps, float* res_out, float* y) {
   const int lane = threadIdx.x % 32;
@@ -205,7 +235,19 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
   scratch.partial.reserve(size_t(nblocks * D) * sizeof(double) * (with_db ? 2 : 1));
   double* pw = scratch.partial.as<double>();
   double* pb = with_db ? pw + nblocks * D : nullptr;
-  norm_backward_rows_kernel<<<unsigned(nblocks), threads_for(D), 0, s>>>(
+  // Warps per block: one per row of the block (rpb), at most 8, and as many as the warps' shared partial rows allow.
+  const int64_t row_bytes = D * int64_t(sizeof(double)) * (with_db ? 2 : 1);
+  const int warps = int(std::clamp<int64_t>(std::min<int64_t>(rpb, kNormBackwardWarps), 1,
+                                            std::max<int64_t>(1, kNormBackwardSharedBytes / row_bytes)));
+  const size_t shared = size_t(warps * row_bytes);
+  MAMBA3_CHECK(shared <= size_t(kNormBackwardSharedBytes), "norm_backward_gpu: width {} too large", D);
+  static const bool raised = [] {  // the kernel's dynamic shared-memory limit, once per process
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(norm_backward_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           kNormBackwardSharedBytes));
+    return true;
+  }();
+  (void)raised;
+  norm_backward_rows_kernel<<<unsigned(nblocks), warps * 32, shared, s>>>(
       x, dy, rows, D, w, b_or_null != nullptr, eps, dx, accumulate_dx, pw, pb, rpb);
   MAMBA3_LAUNCH_CHECK();
   norm_backward_sum_kernel<<<grid_for(D * 32, 256), 256, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
