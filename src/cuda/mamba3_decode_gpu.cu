@@ -332,12 +332,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
 
   // 5. Output stage (spec §7), as the other decode kernels compute it.
   if (a.p.norm) {
-    for (int r = warp; r < R; r += warps) {
-      float ss = 0.0f;
-      for (int q = lane; q < P; q += 32) ss += ybuf[r * P + q] * ybuf[r * P + q];
-      ss = warp_sum(ss);
-      if (lane == 0) misc[r] = rsqrtf(ss / float(P) + kMamba3NormEps);
-    }
+    output_norm_scales(ybuf, R, P, warp, warps, lane, misc);
     __syncthreads();
   }
   const int64_t o_base = int64_t(b) * a.d_inner + int64_t(h) * P;

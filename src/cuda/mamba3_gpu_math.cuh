@@ -95,6 +95,18 @@ __device__ __forceinline__ float gated_output(int R, bool mimo, float z, Y y, MZ
   return acc;
 }
 
+// The per-head output norm's scales of spec §7 for R ranks: misc[r] = 1/√(mean_p y_r[p]² + ε), ybuf (r, p); warp r
+// (of `warps`) takes rank r. The caller synchronises before reading misc.
+__device__ __forceinline__ void output_norm_scales(const float* ybuf, int R, int P, int warp, int warps, int lane,
+                                                   float* misc) {
+  for (int r = warp; r < R; r += warps) {
+    float ss = 0.0f;
+    for (int q = lane; q < P; q += 32) ss += ybuf[r * P + q] * ybuf[r * P + q];
+    ss = warp_sum(ss);
+    if (lane == 0) misc[r] = rsqrtf(ss / float(P) + kMamba3NormEps);
+  }
+}
+
 __device__ __forceinline__ void store_output(void* o, int64_t i, float v, bool bf16) {
   if (bf16)
     static_cast<__nv_bfloat16*>(o)[i] = __float2bfloat16(v);

@@ -441,12 +441,7 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
 
     // 4. Output stage.
     if (a.p.norm) {
-      for (int r = warp; r < R; r += kWarps) {
-        float ss = 0.0f;
-        for (int q = lane; q < P; q += 32) ss += ybuf[r * P + q] * ybuf[r * P + q];
-        ss = warp_sum(ss);
-        if (lane == 0) misc[r] = rsqrtf(ss / float(P) + kMamba3NormEps);
-      }
+      output_norm_scales(ybuf, R, P, warp, kWarps, lane, misc);
       __syncthreads();
     }
     if (tid < P) {
