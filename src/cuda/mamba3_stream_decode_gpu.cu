@@ -268,13 +268,18 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
     wait_pending<STAGES - 2>();
     mbar_wait(&full[k % STAGES], unsigned(k / STAGES) & 1u);  // the state; each stage's barrier completes once per use
     __syncthreads();  // item k's stage is complete for every thread; item k − 1 is done with its stage and buffers
-    {
+    // Item k + STAGES − 1 into the stage item k − 1 left; requested after this item's first phase has started its
+    // dependent chains (angles, α/β/γ, norms), whose latency the request's instructions then fill.
+    auto request_next = [&] {
       const int next = b + (STAGES - 1) * nb, s = (k + STAGES - 1) % STAGES;
       if (next < batch) request_item(a, l, seg, segments, next, h, ring + s * l.floats, &full[s], tid, policy);
       commit();
-    }
+    };
     const float* sb = ring + (k % STAGES) * l.floats;
-    if (a.st.active && __float_as_int(sb[l.sc + 3]) == 0) continue;  // skipped slot (block-uniform); staged mask word
+    if (a.st.active && __float_as_int(sb[l.sc + 3]) == 0) {  // skipped slot (block-uniform); staged mask word
+      request_next();
+      continue;
+    }
     const int64_t item = int64_t(b) * H + h;
 
     // 1. Angles, norms, scalars.
@@ -304,6 +309,7 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
       }
       rnorm = rsqrtf(warp_sum(ss) / float(N) + kMamba3NormEps);
     }
+    request_next();
     __syncthreads();
 
     // 2. Bias and rotation (pairs (n, n + N/2) for MIMO, (2i, 2i + 1) for SISO); coefficients.
