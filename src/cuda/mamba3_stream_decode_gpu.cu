@@ -541,7 +541,7 @@ void set_decode_choice(const DecodeChoice& c) {
 bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch) {
   const DecodeChoice c = decode_choice();
   // Auto: MIMO layers from stream_min_items pairs on. SISO stays on the head kernel, faster there at every batch
-  // measured (H200, 1.5B, b128: 5.16 vs 5.58–5.67 ms per step; MIMO R = 4: 5.97–6.20 vs 6.48–6.67).
+  // measured (H200, 1.5B, b128: 5.16 vs 5.58–5.67 ms per step; MIMO R = 4: 5.98 vs 6.60–6.67).
   const bool stream = c.kernel == DecodeKernel::Stream ||
                       (c.kernel == DecodeKernel::Auto && a.R > 1 && batch * a.H >= c.stream_min_items);
   if (stream && mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages)) return true;
