@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "cuda/env_switch.h"
+#include "cuda/gemm_tuner.h"
 #include "cuda/pdl.h"
 
 namespace mamba3::cuda {
@@ -65,7 +66,23 @@ Context::Context() : info_(device_info()) {
   MAMBA3_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, workspace));
 }
 
+GemmTuner& Context::gemm_tuner() const {
+  if (!gemm_tuner_) {
+    // cuBLASLt gets its own workspace: a split-K algorithm keeps counters there, and nothing cuBLAS documents says
+    // they survive cuBLAS's other kernels writing the same bytes.
+    const size_t workspace = size_t(32) << 20;
+    MAMBA3_CUBLAS_CHECK(cublasLtCreate(&cublas_lt_));
+    MAMBA3_CUDA_CHECK(cudaMalloc(&cublas_lt_workspace_, workspace));
+    gemm_tuner_ =
+        std::make_unique<GemmTuner>(stream_, cublas_, cublas_lt_, cublas_lt_workspace_, workspace, info_.l2_bytes);
+  }
+  return *gemm_tuner_;
+}
+
 Context::~Context() {
+  gemm_tuner_.reset();  // its plans' descriptors go before the handles
+  if (cublas_lt_) cublasLtDestroy(cublas_lt_);
+  if (cublas_lt_workspace_) cudaFree(cublas_lt_workspace_);
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_workspace_) cudaFree(cublas_workspace_);
   if (stream_) cudaStreamDestroy(stream_);

@@ -1,6 +1,9 @@
 #pragma once
-// The device, its stream and cuBLAS handle, and the numeric mode of the CUDA backend.
+// The device, its stream and cuBLAS handles, and the numeric mode of the CUDA backend.
+#include <cublasLt.h>
+
 #include <cstddef>
+#include <memory>
 #include <string>
 
 #include "cuda/cuda_check.h"
@@ -24,7 +27,10 @@ struct DeviceInfo {
 // Device 0, or available = false when there is no usable device (no driver, no GPU). Never throws.
 DeviceInfo device_info();
 
-// Owns a non-blocking stream and a cuBLAS handle bound to it. Not thread-safe: one per model.
+class GemmTuner;
+
+// Owns a non-blocking stream, a cuBLAS and a cuBLASLt handle used on it, and the tuned matrix-product plans
+// (gemm_tuner.h). Not thread-safe: one per model.
 class Context {
  public:
   Context();  // throws mamba3::Error when no device is usable
@@ -34,6 +40,9 @@ class Context {
 
   cudaStream_t stream() const { return stream_; }
   cublasHandle_t cublas() const { return cublas_; }
+  // The bf16 products' per-shape algorithm cache (with its cuBLASLt handle and workspace, made on first use: only
+  // MAMBA3_GEMM_TUNE=1 runs products through it); it changes through a const Context, as the stream's work does.
+  GemmTuner& gemm_tuner() const;
   const DeviceInfo& info() const { return info_; }
   void sync() const { MAMBA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
@@ -53,6 +62,9 @@ class Context {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
+  mutable cublasLtHandle_t cublas_lt_ = nullptr;
+  mutable void* cublas_lt_workspace_ = nullptr;
+  mutable std::unique_ptr<GemmTuner> gemm_tuner_;
 };
 
 // Sets ctx's matrix-product row block for the lifetime of the scope (restores the previous value).

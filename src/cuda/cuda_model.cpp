@@ -355,7 +355,9 @@ void CudaModel::step_device(GpuCache& cache, const GpuSampler* sampler) const {
     c.graph = nullptr;
   }
   if (!m.use_graphs || c.steps_run == 0) {
-    enqueue();  // the first step runs eagerly: it sizes every lazily allocated scratch before any capture
+    // The first step runs eagerly: it sizes every lazily allocated scratch and tunes the step's matrix-product shapes
+    // (gemm_tuner.h: timing cannot happen inside a capture) before the graph is captured with the same shapes.
+    enqueue();
   } else {
     if (!c.graph_exec) {
       MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));

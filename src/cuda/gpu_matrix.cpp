@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "cuda/basic_kernels.h"
+#include "cuda/gemm_tuner.h"
 #include "cuda/gemv_small_m.h"
 
 namespace mamba3::cuda {
@@ -39,10 +40,10 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
   // Column-major view: yᵀ (N × M) = W (K × N, transposed) · xᵀ (K × M).
   const bool f32 = w.precision == Precision::F32;
   auto gemm = [&](const void* xb, int64_t rows, float* yb) {
+    if (!f32) return gemm_bf16(ctx, w.weight.raw(), xb, yb, GemmShape{w.n, w.k, rows, ldx, ldy});
     MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), CUBLAS_OP_T, CUBLAS_OP_N, int(w.n), int(rows), int(w.k), &one,
-                                   w.weight.raw(), f32 ? CUDA_R_32F : CUDA_R_16BF, int(w.k), xb,
-                                   f32 ? CUDA_R_32F : CUDA_R_16BF, int(ldx), &zero, yb, CUDA_R_32F, int(ldy),
-                                   f32 ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                     w.weight.raw(), CUDA_R_32F, int(w.k), xb, CUDA_R_32F, int(ldx), &zero, yb,
+                                     CUDA_R_32F, int(ldy), CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
   };
   if (const int64_t block = ctx.gemm_row_block(); block > 0) {
     // Always `block` rows per call (the last block padded: the caller's buffers hold padded_rows(m) rows).

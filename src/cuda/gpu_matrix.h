@@ -30,6 +30,8 @@ DeviceBuffer upload_f32(const Tensor& t);
 // y (M, N) f32 = x (M, K) · Wᵀ (+ bias). x holds activations of W's precision, rows `x_stride` elements apart
 // (K when packed); y rows are `y_stride` floats apart (N when packed). With ctx.gemm_row_block() set, every cuBLAS
 // call has exactly that many rows (x and y must hold ctx.padded_rows(M) rows; the padding rows' y is meaningless).
+// bf16 products that do not take the small-batch kernel (gemv_small_m.h) go through gemm_bf16 (gemm_tuner.h: cuBLAS's
+// default algorithm, or with MAMBA3_GEMM_TUNE=1 the one timed fastest for their shape).
 void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, int64_t x_stride = 0,
             int64_t y_stride = 0);
 

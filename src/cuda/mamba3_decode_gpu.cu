@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
 
   // 5. Output stage (spec §7), as the other decode kernels compute it.
   if (a.p.norm) {
-    output_norm_scales(ybuf, R, P, warp, warps, lane, misc);
+    output_norm_scales([&](int i) { return ybuf[i]; }, R, P, warp, warps, lane, misc);
     __syncthreads();
   }
   const int64_t o_base = int64_t(b) * a.d_inner + int64_t(h) * P;

@@ -95,13 +95,16 @@ __device__ __forceinline__ float gated_output(int R, bool mimo, float z, Y y, MZ
   return acc;
 }
 
-// The per-head output norm's scales of spec §7 for R ranks: misc[r] = 1/√(mean_p y_r[p]² + ε), ybuf (r, p); warp r
-// (of `warps`) takes rank r. The caller synchronises before reading misc.
-__device__ __forceinline__ void output_norm_scales(const float* ybuf, int R, int P, int warp, int warps, int lane,
-                                                   float* misc) {
+// The per-head output norm's scales of spec §7 for R ranks: misc[r] = 1/√(mean_p y_r[p]² + ε), y(r·P + p) the
+// outputs; warp r (of `warps`) takes rank r. The caller synchronises before reading misc.
+template <typename Y>
+__device__ __forceinline__ void output_norm_scales(Y y, int R, int P, int warp, int warps, int lane, float* misc) {
   for (int r = warp; r < R; r += warps) {
     float ss = 0.0f;
-    for (int q = lane; q < P; q += 32) ss += ybuf[r * P + q] * ybuf[r * P + q];
+    for (int q = lane; q < P; q += 32) {
+      const float v = y(r * P + q);
+      ss += v * v;
+    }
     ss = warp_sum(ss);
     if (lane == 0) misc[r] = rsqrtf(ss / float(P) + kMamba3NormEps);
   }

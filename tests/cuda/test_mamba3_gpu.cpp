@@ -394,9 +394,9 @@ INSTANTIATE_TEST_SUITE_P(
     path_name);
 
 // The streaming decode kernel at a batch where its default grid walks several items per block (and the auto choice
-// with a threshold of 1 item) against the head decode kernel: the same expressions in the same order, so outputs and
-// states agree to rounding (1e-6) over 12 steps after a prefill, for SISO, MIMO R = 4 with output norm, groups 3 and
-// d_state 256.
+// with a threshold of 1 item) against the head decode kernel: the same expressions (the MIMO rows at P = 64, N = 128
+// also on tensor cores, 3×TF32), so outputs and states agree to rounding (1e-6) over 12 steps after a prefill, for
+// SISO, MIMO R = 2, 3, 4 with output norm, groups 2 and 3, and d_state 256.
 TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -407,9 +407,21 @@ TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
   } restore;
   const cuda::DecodeChoice saved = restore.saved;
   const int64_t B = 97;
-  for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[4], kRandomCases[8]}) {
-    for (const cuda::DecodeKernel other : {cuda::DecodeKernel::Stream, cuda::DecodeKernel::Auto}) {
-      SCOPED_TRACE(std::string(rc.name) + (other == cuda::DecodeKernel::Auto ? " (auto)" : " (stream)"));
+  // Ranks 2 and 3 at P = 64, N = 128 besides case 4 (R = 4): the shapes of the tensor-core rows.
+  const RandomCase tc_r2{"mimo r2 d_state 128 headdim 64", 128, 128, 64, 1, 2, true, false, false, false, 0.5};
+  const RandomCase tc_r3{"mimo r3 groups 2 outnorm d_state 128", 128, 128, 64, 2, 3, true, true, false, false, 1.0};
+  struct Variant {
+    cuda::DecodeKernel kernel;
+    bool tensor_cores;
+    const char* name;
+  };
+  const Variant variants[] = {{cuda::DecodeKernel::Stream, true, " (stream)"},
+                              {cuda::DecodeKernel::Stream, false, " (stream, FMA rows)"},
+                              {cuda::DecodeKernel::Auto, true, " (auto)"}};
+  for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[4], kRandomCases[8], tc_r2, tc_r3}) {
+    for (const Variant& variant : variants) {
+      const cuda::DecodeKernel other = variant.kernel;
+      SCOPED_TRACE(std::string(rc.name) + variant.name);
       const Mamba3Config c = make_config(rc);
       TensorMap w = random_mixer_weights(c, rng);
       cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
@@ -425,6 +437,7 @@ TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
         cuda::set_decode_choice(choice);
         const Tensor y_head = gpu_forward(gpu, ctx, x, head, Precision::F32);
         choice.kernel = other;
+        choice.tensor_cores = variant.tensor_cores;
         choice.stream_min_items = 1;
         cuda::set_decode_choice(choice);
         const Tensor y_stream = gpu_forward(gpu, ctx, x, stream, Precision::F32);
