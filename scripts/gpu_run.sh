@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: unpacks gpu-bundle/bundle.tar.xz (made by scripts/gpu_bundle.sh), runs every CUDA test binary
-# (the `cuda` ctest label), a compute-sanitizer memcheck pass at small sizes, and the benchmark given in BENCH_ARGS.
+# (the `cuda` ctest label), a compute-sanitizer memcheck pass at small sizes (MAMBA3_TEST_SANITIZER_SIZES=1: tests that
+# read it shrink their batches), and the benchmark given in BENCH_ARGS.
 # Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" [TESTS='test_*train*'] [SANITIZE_BIN=test_x]
 # scripts/gpu_run.sh [tests|bench|all]
 set -uo pipefail
@@ -28,7 +29,7 @@ if [[ $what == tests || $what == all ]]; then
     if bash "$s" run/bin/mamba3 > "$OUT/$name.log" 2>&1; then echo "PASS $name"; else echo "FAIL $name"; status=1; tail -20 "$OUT/$name.log"; fi
   done
   if [[ -n ${SANITIZE_FILTER:-} ]]; then
-    compute-sanitizer --tool memcheck --error-exitcode 9 run/bin/${SANITIZE_BIN:-test_mamba3_gpu} --gtest_filter="$SANITIZE_FILTER" \
+    MAMBA3_TEST_SANITIZER_SIZES=1 compute-sanitizer --tool memcheck --error-exitcode 9 run/bin/${SANITIZE_BIN:-test_mamba3_gpu} --gtest_filter="$SANITIZE_FILTER" \
       > "$OUT/memcheck.log" 2>&1 && echo "PASS memcheck" || { echo "FAIL memcheck"; status=1; tail -30 "$OUT/memcheck.log"; }
   fi
 fi

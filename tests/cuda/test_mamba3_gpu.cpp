@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -395,8 +396,8 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The streaming decode kernel at a batch where its default grid walks several items per block (and the auto choice
 // with a threshold of 1 item) against the head decode kernel: the same expressions (the MIMO rows at P = 64, N = 128
-// also on tensor cores, 3×TF32), so outputs and states agree to rounding (1e-6) over 12 steps after a prefill, for
-// SISO, MIMO R = 2, 3, 4 with output norm, groups 2 and 3, and d_state 256.
+// also on tensor cores, 3×TF32, as MAMBA3_STREAM_DECODE_TC=1 runs them), so outputs and states agree to rounding
+// (1e-6) over 12 steps after a prefill, for SISO, MIMO R = 2, 3, 4 with output norm, groups 2 and 3, and d_state 256.
 TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -406,7 +407,11 @@ TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
     ~Restore() { cuda::set_decode_choice(saved); }
   } restore;
   const cuda::DecodeChoice saved = restore.saved;
-  const int64_t B = 97;
+  // MAMBA3_TEST_SANITIZER_SIZES (set for compute-sanitizer runs, which take ~100× longer): batch 9 and 3 steps, with
+  // 2 blocks per head so that blocks still walk several sequences through their stages.
+  const bool small = std::getenv("MAMBA3_TEST_SANITIZER_SIZES") != nullptr;
+  const int64_t B = small ? 9 : 97;
+  const int steps = small ? 3 : 12;
   // Ranks 2 and 3 at P = 64, N = 128 besides case 4 (R = 4): the shapes of the tensor-core rows.
   const RandomCase tc_r2{"mimo r2 d_state 128 headdim 64", 128, 128, 64, 1, 2, true, false, false, false, 0.5};
   const RandomCase tc_r3{"mimo r3 groups 2 outnorm d_state 128", 128, 128, 64, 2, 3, true, true, false, false, 1.0};
@@ -417,7 +422,7 @@ TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
   };
   const Variant variants[] = {{cuda::DecodeKernel::Stream, true, " (stream)"},
                               {cuda::DecodeKernel::Stream, false, " (stream, FMA rows)"},
-                              {cuda::DecodeKernel::Auto, true, " (auto)"}};
+                              {cuda::DecodeKernel::Auto, false, " (auto)"}};
   for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[4], kRandomCases[8], tc_r2, tc_r3}) {
     for (const Variant& variant : variants) {
       const cuda::DecodeKernel other = variant.kernel;
@@ -430,9 +435,10 @@ TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
       const Tensor u = random_tensor(rng, {B, 5, c.d_model});
       gpu_forward(gpu, ctx, u, head, Precision::F32);
       gpu_forward(gpu, ctx, u, stream, Precision::F32);
-      for (int t = 0; t < 12; ++t) {
+      for (int t = 0; t < steps; ++t) {
         const Tensor x = random_tensor(rng, {B, 1, c.d_model});
         cuda::DecodeChoice choice = saved;
+        if (small) choice.blocks_per_head = 2;
         choice.kernel = cuda::DecodeKernel::Head;
         cuda::set_decode_choice(choice);
         const Tensor y_head = gpu_forward(gpu, ctx, x, head, Precision::F32);
