@@ -221,6 +221,7 @@ __device__ __forceinline__ void load4(const float* p, float (&d)[4]) {
 //  2. Bias and rotation → the new k and q in shared memory, the new k into the cache; per-channel coefficients
 //     β·mx_r·x_{−1}, γ·mx_r·x and the D skip. Barrier.
 //  3. Rows: h' = α·h + Σ_r vp_r·k_{−1,r} + vc_r·k_r from the staged h, streamed to global; y_r = h'·q_r. Barrier.
+//     (TC: on tensor cores, mamba3_stream_decode_tc.cuh; h' back into the stage, stored by bulk copies after it.)
 //  4. Per-head output norm and the gated output (spec §7); x becomes x_{−1}.
 template <int R, int VPL, int STAGES, bool TC>
 __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
@@ -236,8 +237,8 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
   const int H = a.H, P = a.P, N = a.N, S = a.S;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h = blockIdx.x % H, j0 = blockIdx.x / H;
-  float *const kq = ring + bl.kq, *const kf = ring + bl.kf, *const qf = ring + bl.qf, *const coef = ring + bl.coef, *const dskip = ring + bl.dskip,
-               *const ybuf = ring + bl.ybuf, *const ang_cs = ring + bl.cs, *const ang_sn = ring + bl.sn;
+  float *const kq = ring + bl.kq, *const kf = ring + bl.kf, *const qf = ring + bl.qf, *const coef = ring + bl.coef,
+               *const dskip = ring + bl.dskip, *const ybuf = ring + bl.ybuf, *const ang_cs = ring + bl.cs, *const ang_sn = ring + bl.sn;
   const float *const wn = ring + bl.wn, *const bb = ring + bl.bias;
   uint64_t policy;  // the state is read once per step: L2 evicts it first, keeping the weights' and activations' lines
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -290,7 +291,8 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
   const bool is_c = warp & 1;
   const int vi = int(is_c) * R + vr;  // the stager's vector in raw, bias and kq
   const int cp = (tid + kThreads - 96) % kThreads;  // coefficient channel (away from the stagers when R is small)
-  [[maybe_unused]] const bool whole = P % (4 * kWarps) == 0 && N == 128 * VPL;  // rows as unchecked groups of 4 per warp
+  // Rows as unchecked groups of 4 per warp (the FMA rows only).
+  [[maybe_unused]] const bool whole = P % (4 * kWarps) == 0 && N == 128 * VPL;
 
   for (int k = 0;; ++k) {
     const int b = j0 + k * nb;
