@@ -3,8 +3,10 @@
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/mamba3_decode_gpu.h"
 #include "cuda/mamba3_gpu_math.cuh"
+#include "cuda/mamba3_head_decode_tc.cuh"
 
 #include "cuda/cuda_check.h"
 #include "cuda/mamba3_stage_gpu.h"
@@ -24,11 +26,13 @@ constexpr int kMaxN = 256;
 // and dropped: 4 warps with 16–32 rows each (more bytes in flight per warp, fewer warps): 185 / 323 µs; per-row
 // scalars staged in shared memory: 174 µs; MIMO with 2 warps per row on float2 slices (half the k/q registers,
 // 3 blocks per SM): 9.12 vs 9.10 ms per step, no gain.
-template <int R, int VPL>
+// TC: MIMO rows on tensor cores (mamba3_head_decode_tc.cuh; P = 64, N = 128): 32 state values per lane and no k/q
+// registers, 3 blocks per SM.
+template <int R, int VPL, bool TC = false>
 struct DecodeLayout {
   static constexpr int kWarps = 8;
   static constexpr int kRows = VPL == 1 ? 8 : (R == 1 ? 4 : (R == 2 ? 2 : 1));
-  static constexpr int kMinBlocks = R == 1 ? 3 : 2;
+  static constexpr int kMinBlocks = TC ? 4 : (R == 1 ? 3 : 2);
 };
 
 __device__ __forceinline__ void load_vec(const float* p, float (&d)[4]) {
@@ -56,24 +60,31 @@ __device__ __forceinline__ void store_vec(float* p, const float (&d)[4]) {
 //     read of the old one was issued before the barrier); the per-row coefficients vp, vc and the D skip. Barrier.
 //  4. Per row: h' = α·h + Σ_r vp_r·k_{−1,r} + vc_r·k_r (streamed back), y_r = h'·q_r (warp reduction) + D·mx_r·x.
 //  5. Output stage of spec §7 over the head (per-head norm, gate, MIMO contraction); x becomes x_{−1}.
-template <int R, int VPL>
-__global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayout<R, VPL>::kMinBlocks)
+template <int R, int VPL, bool TC>
+__global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeLayout<R, VPL, TC>::kMinBlocks)
     mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
-  using Layout = DecodeLayout<R, VPL>;
+  using Layout = DecodeLayout<R, VPL, TC>;
+  constexpr int kP = TC ? kHeadTcP : kMaxP;  // the channels the per-channel arrays hold
+  static_assert(!TC || (R > 1 && VPL == 1), "the tensor-core rows are MIMO's at N = 128");
   constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32, CS = coef_stride<R>();
   constexpr bool kMimo = R > 1;  // the host sends MIMO layers of rank 1 elsewhere
-  __shared__ float ybuf[R * kMaxP];  // (r, p)
-  __shared__ float dskip[R * kMaxP];  // (r, p): D·mx_r·x
-  __shared__ __align__(16) float coef[kMaxP * CS];  // (p, vp_0..vp_{R−1}, vc_0..vc_{R−1})
-  __shared__ __align__(16) float kq[2 * R * kMaxN];  // (B/C, r, n): the new k and q
+  __shared__ float ybuf[R * kP];  // (r, p)
+  __shared__ float dskip[R * kP];  // (r, p): D·mx_r·x
+  __shared__ __align__(16) float coef[kP * CS];  // (p, vp_0..vp_{R−1}, vc_0..vc_{R−1})
+  __shared__ __align__(16) float kq[TC ? 4 : 2 * R * kMaxN];  // (B/C, r, n): the new k and q
+  // TC: K (cached and new k of every rank) and Q rows in the products' bank-spread layout; the right column half's y.
+  __shared__ __align__(16) float ktab[TC ? kHeadTcKFloats : 4], qtab[TC ? kHeadTcQFloats : 4];
+  __shared__ float yhalf[TC ? R * kP : 4];
+  extern __shared__ __align__(128) float hstage[];  // TC: the head's P × N state (dynamic shared memory)
+  __shared__ __align__(8) uint64_t hstage_full;     // TC: the state's bulk copy has landed
   __shared__ float ang_cs[kMaxN / 2], ang_sn[kMaxN / 2];
   __shared__ float scal[3];  // α, β, γ
   __shared__ float misc[R];
-  // The output stage's per-channel inputs (channel p = tid; P ≤ kMaxP ≤ the block's threads), copied by cp.async at
+  // The output stage's per-channel inputs (channel p = tid; P ≤ kP ≤ the block's threads), copied by cp.async at
   // the start so that they arrive with the state rows.
-  static_assert(kMaxP <= kThreads, "the output stage takes one channel per thread");
-  __shared__ float zx_own[3 * kMaxP];  // z, x, norm weight of channel p at p, kMaxP + p, 2·kMaxP + p
-  __shared__ float mzo[2 * R * kMaxP];  // MIMO z and o vectors (2, r, p)
+  static_assert(kP <= kThreads, "the output stage takes one channel per thread");
+  __shared__ float zx_own[3 * kP];  // z, x, norm weight of channel p at p, kP + p, 2·kP + p
+  __shared__ float mzo[2 * R * kP];  // MIMO z and o vectors (2, r, p)
   pdl_trigger();
   pdl_wait();
   const int item = blockIdx.x, H = a.H, P = a.P, N = a.N, S = a.S;
@@ -92,7 +103,16 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
     on[v] = nv[v] < N;
   }
 
-  // 1. Loads. The warp's first row group: in flight through the staging below.
+  // 1. Loads. The warp's first row group (TC: the whole state, by one bulk copy): in flight through the staging.
+  if constexpr (TC) {
+    if (tid == 0) {
+      uint64_t policy;  // read once per step: L2 evicts it first
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+      mbar_init(&hstage_full);
+      mbar_init_fence();
+      bulk_copy(hstage, ssm, unsigned(kHeadTcP * kHeadTcN) * 4u, &hstage_full, policy);
+    }
+  }
   float hs[RG][VPL][VW];
   auto load_rows = [&](int p0) {
 #pragma unroll
@@ -103,38 +123,43 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
       }
     }
   };
-  load_rows(group * RG);
+  if constexpr (!TC) load_rows(group * RG);
   const int64_t rhn = int64_t(R) * H * N;
   float* kcache = a.st.k + int64_t(b) * rhn + int64_t(h) * N;  // rank r at + r·H·N
-  float kp[R][VPL][VW], kc[R][VPL][VW], qc[R][VPL][VW];
-#pragma unroll
-  for (int v = 0; v < VPL; ++v) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int e = 0; e < VW; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
-      if (on[v]) load_vec(kcache + int64_t(r) * H * N + nv[v], kp[r][v]);
-    }
-  }
-  const bool own = tid < P;
-  if (own) {
-    __pipeline_memcpy_async(zx_own + tid, zrow + int64_t(h) * P + tid, 4);
-    __pipeline_memcpy_async(zx_own + kMaxP + tid, xrow + tid, 4);
-    if (a.p.norm) __pipeline_memcpy_async(zx_own + 2 * kMaxP + tid, a.p.norm + int64_t(h) * P + tid, 4);
-    if constexpr (kMimo) {
-      for (int r = 0; r < R; ++r) {
-        const int64_t m = (int64_t(h) * R + r) * P + tid;
-        __pipeline_memcpy_async(mzo + r * kMaxP + tid, a.p.mimo_z + m, 4);
-        __pipeline_memcpy_async(mzo + (R + r) * kMaxP + tid, a.p.mimo_o + m, 4);
-      }
-    }
-  }
-  __pipeline_commit();
   // The vector of warps w < 2R: rank w/2, B (even w) or C. A lane's elements n and, for the rotation, their pair
   // partners: SISO (2j, 2j + 1) inside the lane's float4, MIMO (j, j + N/2) in another lane's (loaded as well).
   const bool stager = warp < 2 * R;
   const int vr = warp / 2;
   const bool is_c = warp & 1;
+  float kp[R][VPL][VW], kc[R][VPL][VW], qc[R][VPL][VW];
+  float kown[VW] = {};  // TC: the B warp's cached k of its rank (into the K table in phase 3)
+  if constexpr (TC) {
+    if (stager && !is_c) load_vec(kcache + int64_t(vr) * H * N + nv[0], kown);
+  } else {
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int e = 0; e < VW; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
+        if (on[v]) load_vec(kcache + int64_t(r) * H * N + nv[v], kp[r][v]);
+      }
+    }
+  }
+  const bool own = tid < P;
+  if (own) {
+    __pipeline_memcpy_async(zx_own + tid, zrow + int64_t(h) * P + tid, 4);
+    __pipeline_memcpy_async(zx_own + kP + tid, xrow + tid, 4);
+    if (a.p.norm) __pipeline_memcpy_async(zx_own + 2 * kP + tid, a.p.norm + int64_t(h) * P + tid, 4);
+    if constexpr (kMimo) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t m = (int64_t(h) * R + r) * P + tid;
+        __pipeline_memcpy_async(mzo + r * kP + tid, a.p.mimo_z + m, 4);
+        __pipeline_memcpy_async(mzo + (R + r) * kP + tid, a.p.mimo_o + m, 4);
+      }
+    }
+  }
+  __pipeline_commit();
   // Everything the staging reads from global memory is requested here, before the first barrier, so that the
   // block waits for one round trip (with its state rows) instead of one per phase.
   float raw[VPL][VW], mate[VPL][VW], wself[VPL][VW], wmate[VPL][VW], bself[VPL][VW], bmate[VPL][VW];
@@ -203,6 +228,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
   // into shared memory are waited for: none may land after the block has gone).
   if (mamba3_row_skipped(a.st, 1, b)) {
     __pipeline_wait_prior(0);
+    if (TC && tid == 0) mbar_wait(&hstage_full, 0);  // the thread that initialised the barrier and issued the copy
     return;
   }
   // 2. Angles (the block's last S threads: angle j = tid − (kThreads − S)), the norm of the warp's vector, the
@@ -254,7 +280,20 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
           out[e] = self;
         }
       }
-      store_vec(kq + (int(is_c) * R + vr) * kMaxN + nv[v], out);
+      if constexpr (TC) {  // N = 128: v = 0; rows at even offsets, so float2 stores
+        auto put = [&](float* row, const float (&d)[VW]) {
+          *reinterpret_cast<float2*>(row + nv[v]) = make_float2(d[0], d[1]);
+          *reinterpret_cast<float2*>(row + nv[v] + 2) = make_float2(d[2], d[3]);
+        };
+        if (is_c) {
+          put(qtab + head_tc_row(vr), out);
+        } else {
+          put(ktab + head_tc_row(vr), kown);
+          put(ktab + head_tc_row(R + vr), out);
+        }
+      } else {
+        store_vec(kq + (int(is_c) * R + vr) * kMaxN + nv[v], out);
+      }
       if (!is_c) store_vec(kcache + int64_t(vr) * H * N + nv[v], out);
     }
   }
@@ -268,13 +307,15 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
     }
   }
   __syncthreads();
+  if constexpr (!TC) {
 #pragma unroll
-  for (int v = 0; v < VPL; ++v) {
-    if (!on[v]) continue;
+    for (int v = 0; v < VPL; ++v) {
+      if (!on[v]) continue;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      load_vec(kq + r * kMaxN + nv[v], kc[r][v]);
-      load_vec(kq + (R + r) * kMaxN + nv[v], qc[r][v]);
+      for (int r = 0; r < R; ++r) {
+        load_vec(kq + r * kMaxN + nv[v], kc[r][v]);
+        load_vec(kq + (R + r) * kMaxN + nv[v], qc[r][v]);
+      }
     }
   }
 
@@ -323,16 +364,22 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
       }
     }
   };
-  if (P % (groups * RG) == 0 && N == 128 * VPL)
+  if constexpr (TC) {
+    mbar_wait(&hstage_full, 0);  // its initialisation was published by the barriers above
+    head_tc_rows<R, CS>(hstage, ssm, head_tc_lane(warp, lane), alpha, coef, ktab, qtab, dskip, ybuf, yhalf);
+  }
+  else if (P % (groups * RG) == 0 && N == 128 * VPL)
     rows(std::false_type{});
   else
     rows(std::true_type{});
   __pipeline_wait_prior(0);
   __syncthreads();
 
-  // 5. Output stage (spec §7), as the other decode kernels compute it.
+  // 5. Output stage (spec §7), as the other decode kernels compute it. TC: y in two column halves (ybuf holds the
+  // D skip).
+  auto y_at = [&](int i) { return TC ? ybuf[i] + yhalf[i] : ybuf[i]; };
   if (a.p.norm) {
-    output_norm_scales([&](int i) { return ybuf[i]; }, R, P, warp, warps, lane, misc);
+    output_norm_scales(y_at, R, P, warp, warps, lane, misc);
     __syncthreads();
   }
   const int64_t o_base = int64_t(b) * a.d_inner + int64_t(h) * P;
@@ -341,19 +388,28 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL>::kWarps * 32, DecodeLayou
     const float acc = gated_output(
         R, kMimo, zx_own[p],
         [&](int r) {
-          const float y = ybuf[r * P + p];
-          return a.p.norm ? y * misc[r] * zx_own[2 * kMaxP + p] : y;
+          const float y = y_at(r * P + p);
+          return a.p.norm ? y * misc[r] * zx_own[2 * kP + p] : y;
         },
-        [&](int r) { return mzo[(r % R) * kMaxP + p]; }, [&](int r) { return mzo[(R + r % R) * kMaxP + p]; });
+        [&](int r) { return mzo[(r % R) * kP + p]; }, [&](int r) { return mzo[(R + r % R) * kP + p]; });
     store_output(a.o, o_base + p, acc, a.o_bf16);
-    vstate[p] = zx_own[kMaxP + p];  // every read of x_{−1} happened before the second barrier
+    vstate[p] = zx_own[kP + p];  // every read of x_{−1} happened before the second barrier
   }
 }
 
-template <int R, int VPL>
+template <int R, int VPL, bool TC = false>
 void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
-  launch_pdl(pdl_small(blocks / a.H), mamba3_head_decode_kernel<R, VPL>, blocks, DecodeLayout<R, VPL>::kWarps * 32, 0,
-             s, a);
+  const auto kernel = mamba3_head_decode_kernel<R, VPL, TC>;
+  size_t dynamic = 0;
+  if constexpr (TC) {
+    dynamic = size_t(kHeadTcP) * kHeadTcN * sizeof(float);
+    static const bool raised = [&] {  // past the 48 KB default with the static arrays
+      MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic)));
+      return true;
+    }();
+    (void)raised;
+  }
+  launch_pdl(pdl_small(blocks / a.H), kernel, blocks, DecodeLayout<R, VPL, TC>::kWarps * 32, dynamic, s, a);
 }
 
 template <int VPL>
@@ -366,16 +422,28 @@ void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
   }
 }
 
+void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
+  switch (a.R) {
+    case 2: launch<2, 1, true>(s, a, blocks); break;
+    case 3: launch<3, 1, true>(s, a, blocks); break;
+    default: launch<4, 1, true>(s, a, blocks); break;
+  }
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 
-bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch) {
+bool head_decode_tc_fits(const Mamba3DecodeArgs& a) { return a.R > 1 && a.P == kHeadTcP && a.N == kHeadTcN; }
+
+bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores) {
   const int64_t blocks = batch * a.H;
   if (a.N % 4 != 0 || a.N > kMaxN || a.P > kMaxP || a.R < 1 || a.R > 4 || blocks >= (int64_t(1) << 31)) return false;
   if (a.S > a.N / 2 || a.G < 1 || a.H % a.G != 0 || a.mimo != (a.R > 1)) return false;
   if (!aligned16(a.st.ssm) || !aligned16(a.st.k)) return false;
-  if (a.N <= 128)
+  if (tensor_cores && head_decode_tc_fits(a))
+    launch_tc(s, a, int(blocks));
+  else if (a.N <= 128)
     launch_rank<1>(s, a, int(blocks));
   else
     launch_rank<2>(s, a, int(blocks));

@@ -25,7 +25,11 @@ struct Mamba3DecodeArgs : Mamba3KernelShape {  // L = 1
 };
 
 // Launches the decode state step for `batch` rows; false (nothing launched) when the shape is out of reach.
-bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch);
+// tensor_cores: MIMO heads at P = 64, N = 128 update their state on tensor cores, the state held in the products'
+// accumulators (3×TF32, f32 accuracy; mamba3_head_decode_tc.cuh).
+bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores = false);
+// Whether the head kernel's tensor-core rows serve this shape (MIMO, P = 64, N = 128).
+bool head_decode_tc_fits(const Mamba3DecodeArgs& a);
 
 // The streaming decode kernel (mamba3_stream_decode_gpu.cu), for large batches: `blocks_per_head` blocks per head
 // (0: as many as fill the device once, at most one per sequence), each walking its head's sequences with its head's
@@ -41,8 +45,11 @@ bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
 bool mamba3_stream_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks_per_head,
                               int stages, bool tensor_cores = false);
 
-// Which kernel runs a decode step. Auto: the streaming kernel for MIMO layers from `stream_min_items` (sequence, head)
-// pairs on, the head kernel otherwise; Head or Stream ask for one (either falls back when a shape is out of its reach).
+// Which kernel runs a decode step (mamba3_decode_choice.cpp). Auto: the head kernel with tensor-core rows for MIMO
+// layers at P = 64, N = 128 from `head_tc_min_items` (sequence, head) pairs on, the streaming kernel for other MIMO
+// layers from `stream_min_items` pairs on, the head kernel with FMA rows otherwise. Head: the head kernel, its MIMO
+// rows on tensor cores where the shape allows iff head_tensor_cores. Stream: the streaming kernel. (Head and Stream
+// fall back when a shape is out of their reach.)
 enum class DecodeKernel { Auto, Head, Stream };
 struct DecodeChoice {
   DecodeKernel kernel = DecodeKernel::Auto;
@@ -52,10 +59,14 @@ struct DecodeChoice {
   // The streaming kernel's MIMO rows on tensor cores where the shape allows: off by default, slower on the H200
   // (1.5B MIMO b128: 6.23 vs 6.05 ms per step; docs/kernels/mamba3_cuda.md).
   bool tensor_cores = false;
+  // The head kernel's MIMO rows on tensor cores where the shape allows (P = 64, N = 128).
+  bool head_tensor_cores = true;
+  int64_t head_tc_min_items = 512;
 };
 // Process-wide. Defaults from MAMBA3_DECODE_KERNEL (auto | head | stream), MAMBA3_STREAM_DECODE_MIN (pairs),
-// MAMBA3_STREAM_DECODE_STAGES (2 | 3), MAMBA3_STREAM_DECODE_BLOCKS (per head; 0 = fill the device) and
-// MAMBA3_STREAM_DECODE_TC (0 | 1), read on first use; tests set it.
+// MAMBA3_STREAM_DECODE_STAGES (2 | 3), MAMBA3_STREAM_DECODE_BLOCKS (per head; 0 = fill the device),
+// MAMBA3_STREAM_DECODE_TC (0 | 1), MAMBA3_HEAD_DECODE_TC (1 | 0) and MAMBA3_HEAD_DECODE_TC_MIN (pairs), read on
+// first use; tests set it.
 DecodeChoice decode_choice();
 void set_decode_choice(const DecodeChoice& c);
 

@@ -4,12 +4,10 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <mutex>
-#include <string>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_context.h"
-#include "cuda/env_switch.h"
 #include "cuda/mamba3_decode_gpu.h"
 #include "cuda/mamba3_gpu_math.cuh"
 #include "cuda/mamba3_stream_decode_tc.cuh"
@@ -90,42 +88,8 @@ size_t shared_bytes(int P, int N, int R, int S, bool tc) {
          sizeof(float);
 }
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void copy16(float* dst, const float* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-// The bulk copy engine (one instruction for a whole state) completing on an mbarrier of the stage.
-__device__ __forceinline__ void mbar_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void expect_bytes(uint64_t* bar, unsigned bytes) {  // the stage's one arrival
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_copy_part(float* dst, const float* src, unsigned bytes, uint64_t* bar,
-                                               uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-          smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_copy(float* dst, const float* src, unsigned bytes, uint64_t* bar,
-                                          uint64_t policy) {
-  expect_bytes(bar, bytes);
-  bulk_copy_part(dst, src, bytes, bar, policy);
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait;\n"
-      "}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
 }
 __device__ __forceinline__ void copy4(float* dst, const float* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
@@ -245,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) mbar_init(&full[s]);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
     segments = build_segments(a, l, h, seg);
   }
   __syncthreads();
@@ -582,44 +546,6 @@ bool launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int b
 }
 
 }  // namespace
-
-namespace {
-std::mutex choice_mutex;
-DecodeChoice& choice_slot() {
-  static DecodeChoice c = [] {
-    DecodeChoice d;
-    const std::string k = env_choice("MAMBA3_DECODE_KERNEL", {"auto", "head", "stream"});
-    d.kernel = k == "head" ? DecodeKernel::Head : k == "stream" ? DecodeKernel::Stream : DecodeKernel::Auto;
-    d.stream_min_items = env_integer("MAMBA3_STREAM_DECODE_MIN", d.stream_min_items, 1, int64_t(1) << 40);
-    d.stages = int(env_integer("MAMBA3_STREAM_DECODE_STAGES", d.stages, 2, 3));
-    d.blocks_per_head = int(env_integer("MAMBA3_STREAM_DECODE_BLOCKS", d.blocks_per_head, 0, 1 << 16));
-    d.tensor_cores = env_choice("MAMBA3_STREAM_DECODE_TC", {"0", "1"}) == "1";
-    return d;
-  }();
-  return c;
-}
-}  // namespace
-
-DecodeChoice decode_choice() {
-  std::lock_guard<std::mutex> lock(choice_mutex);
-  return choice_slot();
-}
-
-void set_decode_choice(const DecodeChoice& c) {
-  std::lock_guard<std::mutex> lock(choice_mutex);
-  choice_slot() = c;
-}
-
-bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch) {
-  const DecodeChoice c = decode_choice();
-  // Auto: MIMO layers from stream_min_items pairs on. SISO stays on the head kernel, faster there at every batch
-  // measured (H200, 1.5B, b128: 5.16 vs 5.58–5.67 ms per step, 144.5 vs 163.5 µs per layer in context, where the head
-  // kernel reaches 91 % of the copy bandwidth; MIMO R = 4: 5.98 vs 6.60–6.67).
-  const bool stream = c.kernel == DecodeKernel::Stream ||
-                      (c.kernel == DecodeKernel::Auto && a.R > 1 && batch * a.H >= c.stream_min_items);
-  if (stream && mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages, c.tensor_cores)) return true;
-  return mamba3_head_decode_gpu(s, a, batch);
-}
 
 bool mamba3_stream_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks_per_head,
                               int stages, bool tensor_cores) {

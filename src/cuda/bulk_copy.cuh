@@ -1,0 +1,48 @@
+#pragma once
+// The bulk copy engine (cp.async.bulk: one instruction moves a whole block of global memory into shared memory) and
+// the shared-memory mbarriers its copies complete on; used by the decode kernels to fetch a head's state.
+#include <cstdint>
+
+namespace mamba3::cuda {
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+}
+// The barrier's one arrival per phase, expecting `bytes` from copies.
+__device__ __forceinline__ void expect_bytes(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// bytes (a multiple of 16; both addresses 16-byte aligned) from global src to shared dst, completing on bar; policy: an
+// L2 cache hint (createpolicy).
+__device__ __forceinline__ void bulk_copy_part(float* dst, const float* src, unsigned bytes, uint64_t* bar,
+                                               uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_copy(float* dst, const float* src, unsigned bytes, uint64_t* bar,
+                                          uint64_t policy) {
+  expect_bytes(bar, bytes);
+  bulk_copy_part(dst, src, bytes, bar, policy);
+}
+// Waits until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Makes an mbarrier's initialisation visible to the bulk copy engine (before the first copy that completes on it).
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+}  // namespace mamba3::cuda
