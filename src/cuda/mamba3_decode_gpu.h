@@ -7,6 +7,8 @@
 // History: it replaced the cp.async decode kernel of mamba3_stage_gpu.cu, which ncu showed bound by instruction issue
 // (1.5B SISO b128 206 µs per layer at 54 % of DRAM throughput, MIMO R = 4 510 µs at 23 %, H200, 2026-12-01), and
 // then the separate angle and staging launches (MIMO R = 4: 6.4 + 68 µs per layer at b128).
+// MIMO at P = 64, N = 128 can instead run its rows as tensor-core products on a state bulk-copied into shared memory
+// (mamba3_head_decode_tc.cuh): 64 registers, 4 blocks per SM instead of 2.
 // Reach: N a multiple of 4 and ≤ 256, P ≤ 128, R ≤ 4, 16-byte aligned ssm and k states; otherwise
 // mamba3_head_decode_gpu returns false and the caller stages the token and runs the older kernel.
 #include <cstdint>
