@@ -17,7 +17,6 @@ DecodeChoice& choice_slot() {
     d.stream_min_items = env_integer("MAMBA3_STREAM_DECODE_MIN", d.stream_min_items, 1, int64_t(1) << 40);
     d.stages = int(env_integer("MAMBA3_STREAM_DECODE_STAGES", d.stages, 2, 3));
     d.blocks_per_head = int(env_integer("MAMBA3_STREAM_DECODE_BLOCKS", d.blocks_per_head, 0, 1 << 16));
-    d.tensor_cores = env_choice("MAMBA3_STREAM_DECODE_TC", {"0", "1"}) == "1";
     d.head_tensor_cores = env_choice("MAMBA3_HEAD_DECODE_TC", {"1", "0"}) != "0";  // on unless "0"
     d.head_tc_min_items = env_integer("MAMBA3_HEAD_DECODE_TC_MIN", d.head_tc_min_items, 1, int64_t(1) << 40);
     return d;
@@ -42,7 +41,7 @@ bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
   const int64_t pairs = batch * a.H;
   if (c.kernel == DecodeKernel::Head) return mamba3_head_decode_gpu(s, a, batch, c.head_tensor_cores);
   if (c.kernel == DecodeKernel::Stream &&
-      mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages, c.tensor_cores))
+      mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages))
     return true;
   if (c.kernel == DecodeKernel::Auto) {
     // MIMO at P = 64, N = 128 from head_tc_min_items pairs on: the head kernel with tensor-core rows (H200, 1.5B MIMO
@@ -52,7 +51,7 @@ bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
     if (c.head_tensor_cores && pairs >= c.head_tc_min_items && head_decode_tc_fits(a))
       return mamba3_head_decode_gpu(s, a, batch, true);
     if (a.R > 1 && pairs >= c.stream_min_items &&
-        mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages, c.tensor_cores))
+        mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages))
       return true;
   }
   return mamba3_head_decode_gpu(s, a, batch, false);

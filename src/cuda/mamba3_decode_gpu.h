@@ -42,10 +42,8 @@ bool head_decode_tc_fits(const Mamba3DecodeArgs& a);
 // no loads in flight while they compute; here the state of the next items is always in flight. Same expressions, same
 // results as the head kernel. Reach: N a multiple of 4 and ≤ 128 (≤ 256 for SISO), P ≤ 128, R ≤ 4, 16-byte aligned
 // ssm and k states, the stages within the device's shared memory; false (nothing launched) otherwise.
-// tensor_cores: MIMO items at P = 64, N = 128 update their state on tensor cores (3×TF32, f32 accuracy;
-// mamba3_stream_decode_tc.cuh).
 bool mamba3_stream_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks_per_head,
-                              int stages, bool tensor_cores = false);
+                              int stages);
 
 // Which kernel runs a decode step (mamba3_decode_choice.cpp). Auto: the head kernel with tensor-core rows for MIMO
 // layers at P = 64, N = 128 from `head_tc_min_items` (sequence, head) pairs on, the streaming kernel for other MIMO
@@ -58,17 +56,13 @@ struct DecodeChoice {
   int64_t stream_min_items = 4096;
   int blocks_per_head = 0;  // of the streaming kernel (0: as many as fill the device)
   int stages = 2;
-  // The streaming kernel's MIMO rows on tensor cores where the shape allows: off by default, slower on the H200
-  // (1.5B MIMO b128: 6.23 vs 6.05 ms per step; docs/kernels/mamba3_cuda.md).
-  bool tensor_cores = false;
   // The head kernel's MIMO rows on tensor cores where the shape allows (P = 64, N = 128).
   bool head_tensor_cores = true;
   int64_t head_tc_min_items = 512;
 };
 // Process-wide. Defaults from MAMBA3_DECODE_KERNEL (auto | head | stream), MAMBA3_STREAM_DECODE_MIN (pairs),
 // MAMBA3_STREAM_DECODE_STAGES (2 | 3), MAMBA3_STREAM_DECODE_BLOCKS (per head; 0 = fill the device),
-// MAMBA3_STREAM_DECODE_TC (0 | 1), MAMBA3_HEAD_DECODE_TC (1 | 0) and MAMBA3_HEAD_DECODE_TC_MIN (pairs), read on
-// first use; tests set it.
+// MAMBA3_HEAD_DECODE_TC (1 | 0) and MAMBA3_HEAD_DECODE_TC_MIN (pairs), read on first use; tests set it.
 DecodeChoice decode_choice();
 void set_decode_choice(const DecodeChoice& c);
 

@@ -59,7 +59,9 @@ __device__ __forceinline__ void mma_3xtf32(float (&c)[4], const uint32_t (&ah)[4
 struct HeadTcLane {
   int rt, nh, g, t;
 };
-__device__ __forceinline__ HeadTcLane head_tc_lane(int warp, int lane) { return {warp & 3, warp >> 2, lane >> 2, lane & 3}; }
+__device__ __forceinline__ HeadTcLane head_tc_lane(int warp, int lane) {
+  return {warp & 3, warp >> 2, lane >> 2, lane & 3};
+}
 
 // Rows of the warp's tile from the staged state hsm (P × N, row-major; bulk-copied by the kernel): the update
 // (streamed to ssm) and its y. coef: (p, vp_0..vp_{R−1}, vc_0..vc_{R−1}) rows

@@ -10,7 +10,6 @@
 #include "cuda/cuda_context.h"
 #include "cuda/mamba3_decode_gpu.h"
 #include "cuda/mamba3_gpu_math.cuh"
-#include "cuda/mamba3_stream_decode_tc.cuh"
 #include "cuda/pdl.h"
 
 namespace mamba3::cuda {
@@ -23,21 +22,18 @@ __host__ __device__ constexpr int up4(int n) { return (n + 3) & ~3; }
 
 // Float offsets of one item's inputs inside a stage (every section starts on 16 bytes).
 struct StageLayout {
-  int h, hg, kp, raw, z, x, xp, ang, angin, sc, floats;  // hg: the pitch of the state's groups of 8 rows
+  int h, kp, raw, z, x, xp, ang, angin, sc, floats;
 };
 
-// tc: the tensor-core rows (mamba3_stream_decode_tc.cuh), whose groups of 8 state rows are padded against bank
-// conflicts (P a multiple of 8 there).
-__host__ __device__ inline StageLayout stage_layout(int P, int N, int R, int S, bool tc) {
+__host__ __device__ inline StageLayout stage_layout(int P, int N, int R, int S) {
   StageLayout l{};
-  l.hg = 8 * N + (tc ? kTcGroupPad : 0);
   int o = 0;
   auto take = [&](int n) {
     const int at = o;
     o += up4(n);
     return at;
   };
-  l.h = take((P + 7) / 8 * l.hg);
+  l.h = take(P * N);
   l.kp = take(R * N);
   l.raw = take(2 * R * N);  // B ranks, then C ranks
   l.z = take(P);
@@ -53,9 +49,9 @@ __host__ __device__ inline StageLayout stage_layout(int P, int N, int R, int S, 
 // Float offsets of the block's own buffers (its head's parameters and per-item scratch), counted from the ring's start
 // (the host adds the stages).
 struct BlockLayout {
-  int bias, mx, mz, mo, nw, wn, kq, coef, dskip, ybuf, cs, sn, kf, qf, yp, floats;
+  int bias, mx, mz, mo, nw, wn, kq, coef, dskip, ybuf, cs, sn, floats;
 };
-__host__ __device__ inline BlockLayout block_layout(int P, int N, int R, bool mimo, bool tc) {
+__host__ __device__ inline BlockLayout block_layout(int P, int N, int R, bool mimo) {
   BlockLayout l{};
   int o = 0;
   auto take = [&](int n) {
@@ -69,23 +65,19 @@ __host__ __device__ inline BlockLayout block_layout(int P, int N, int R, bool mi
   l.mo = take(mimo ? R * P : 0);
   l.nw = take(P);             // output norm weight
   l.wn = take(2 * N);         // B_norm, C_norm
-  l.kq = take(tc ? 0 : 2 * R * N);  // (B/C, r, n): the new k and q
+  l.kq = take(2 * R * N);     // (B/C, r, n): the new k and q
   l.coef = take(P * coef_stride_of(R));  // (p, vp_0..vp_{R−1}, vc_0..vc_{R−1})
   l.dskip = take(R * P);      // (r, p): D·mx_r·x
   l.ybuf = take(R * P);       // (r, p)
   l.cs = take(N / 2);         // cos and sin of the angles; entries from S on stay 1 and 0 (no rotation)
   l.sn = take(N / 2);
-  l.kf = take(tc ? tc_k_floats() : 0);  // the tensor-core rows' k and q tables and the second warps' y sums
-  l.qf = take(tc ? tc_q_floats(R) : 0);
-  l.yp = take(tc ? R * P : 0);
   l.floats = o;
   return l;
 }
 
 template <int STAGES>
-size_t shared_bytes(int P, int N, int R, int S, bool tc) {
-  return size_t(STAGES * stage_layout(P, N, R, S, tc).floats + block_layout(P, N, R, R > 1, tc).floats) *
-         sizeof(float);
+size_t shared_bytes(int P, int N, int R, int S) {
+  return size_t(STAGES * stage_layout(P, N, R, S).floats + block_layout(P, N, R, R > 1).floats) * sizeof(float);
 }
 
 __device__ __forceinline__ void copy16(float* dst, const float* src) {
@@ -144,27 +136,16 @@ __device__ int build_segments(const Mamba3DecodeArgs& a, const StageLayout& l, i
   return c;
 }
 
-// Requests the inputs of item (b, h) into stage sb: the state by the bulk copy engine (one thread; one copy per group
-// of 8 rows when the groups are padded), the segments one warp each. The caller commits the cp.async group.
+// Requests the inputs of item (b, h) into stage sb: the state by the bulk copy engine (one thread), the segments one
+// warp each. The caller commits the cp.async group.
 __device__ __forceinline__ void request_item(const Mamba3DecodeArgs& a, const StageLayout& l, const Segment* seg,
                                              int segments, int b, int h, float* sb, uint64_t* bar, int tid,
                                              uint64_t policy) {
   const int warp = tid / 32, lane = tid % 32;
   const float* state = a.st.ssm + (int64_t(b) * a.H + h) * a.P * a.N;
-  if (l.hg == 8 * a.N) {
-    if (tid == 0) {  // the state: 16-byte aligned, P·N a multiple of 4 (checked by the host)
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the stage's last reads were generic-proxy loads
-      bulk_copy(sb + l.h, state, unsigned(a.P * a.N) * 4u, bar, policy);
-    }
-  } else if (warp == 0) {  // groups of 8 rows to a padded pitch (P a multiple of 8, checked by the host)
-    if (lane == 0) expect_bytes(bar, unsigned(a.P * a.N) * 4u);
-    __syncwarp();
-    if (lane < a.P / 8) {
-      // This lane's bulk store of the stage's previous item (tensor-core rows) has read its group.
-      asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      bulk_copy_part(sb + l.h + lane * l.hg, state + int64_t(lane) * 8 * a.N, unsigned(8 * a.N) * 4u, bar, policy);
-    }
+  if (tid == 0) {  // the state: 16-byte aligned, P·N a multiple of 4 (checked by the host)
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the stage's last reads were generic-proxy loads
+    bulk_copy(sb + l.h, state, unsigned(a.P * a.N) * 4u, bar, policy);
   }
   for (int s = warp; s < segments; s += kWarps) {  // warp-uniform
     const Segment g = seg[s];
@@ -185,9 +166,8 @@ __device__ __forceinline__ void load4(const float* p, float (&d)[4]) {
 //  2. Bias and rotation → the new k and q in shared memory, the new k into the cache; per-channel coefficients
 //     β·mx_r·x_{−1}, γ·mx_r·x and the D skip. Barrier.
 //  3. Rows: h' = α·h + Σ_r vp_r·k_{−1,r} + vc_r·k_r from the staged h, streamed to global; y_r = h'·q_r. Barrier.
-//     (TC: on tensor cores, mamba3_stream_decode_tc.cuh; h' back into the stage, stored by bulk copies after it.)
 //  4. Per-head output norm and the gated output (spec §7); x becomes x_{−1}.
-template <int R, int VPL, int STAGES, bool TC>
+template <int R, int VPL, int STAGES>
 __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
     mamba3_stream_decode_kernel(Mamba3DecodeArgs a, int batch, int nb, StageLayout l, BlockLayout bl) {
   // The layouts come from the host as parameters: read from the constant bank where used, they take no registers.
@@ -201,8 +181,8 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
   const int H = a.H, P = a.P, N = a.N, S = a.S;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int h = blockIdx.x % H, j0 = blockIdx.x / H;
-  float *const kq = ring + bl.kq, *const kf = ring + bl.kf, *const qf = ring + bl.qf, *const coef = ring + bl.coef,
-               *const dskip = ring + bl.dskip, *const ybuf = ring + bl.ybuf, *const ang_cs = ring + bl.cs, *const ang_sn = ring + bl.sn;
+  float *const kq = ring + bl.kq, *const coef = ring + bl.coef, *const dskip = ring + bl.dskip,
+               *const ybuf = ring + bl.ybuf, *const ang_cs = ring + bl.cs, *const ang_sn = ring + bl.sn;
   const float *const wn = ring + bl.wn, *const bb = ring + bl.bias;
   uint64_t policy;  // the state is read once per step: L2 evicts it first, keeping the weights' and activations' lines
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -236,10 +216,6 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
   if (a.p.norm)
     for (int i = tid; i < P; i += kThreads) ring[bl.nw + i] = a.p.norm[int64_t(h) * P + i];
   for (int i = S + tid; i < N / 2; i += kThreads) ang_cs[i] = 1.0f, ang_sn[i] = 0.0f;
-  if constexpr (TC) {  // entries of ranks ≥ R stay 0 (the products multiply them by V's zero columns)
-    for (int i = tid; i < tc_k_floats(); i += kThreads) kf[i] = 0.0f;
-    for (int i = tid; i < tc_q_floats(R); i += kThreads) qf[i] = 0.0f;
-  }
   const float dt_bias = a.p.dt_bias[h], Dh = a.p.D[h];
 
   int nv[VPL];
@@ -255,8 +231,8 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
   const bool is_c = warp & 1;
   const int vi = int(is_c) * R + vr;  // the stager's vector in raw, bias and kq
   const int cp = (tid + kThreads - 96) % kThreads;  // coefficient channel (away from the stagers when R is small)
-  // Rows as unchecked groups of 4 per warp (the FMA rows only).
-  [[maybe_unused]] const bool whole = P % (4 * kWarps) == 0 && N == 128 * VPL;
+  // Rows as unchecked groups of 4 per warp.
+  const bool whole = P % (4 * kWarps) == 0 && N == 128 * VPL;
 
   for (int k = 0;; ++k) {
     const int b = j0 + k * nb;
@@ -353,17 +329,7 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
 #pragma unroll
         for (int e = 0; e < 4; ++e) out[e] = low[e] ? self[e] * cs[e] - other[e] * sn[e] : other[e] * sn[e] + self[e] * cs[e];
         const float4 o4 = make_float4(out[0], out[1], out[2], out[3]);
-        if constexpr (TC) {  // the products' operands: k as K rows R + r (new) and r (cached), q as rows r
-          if (!is_c) {
-            *reinterpret_cast<float4*>(kf + (R + vr) * kTcKPitch + n0) = o4;
-            *reinterpret_cast<float4*>(kf + vr * kTcKPitch + n0) =
-                *reinterpret_cast<const float4*>(sb + l.kp + vr * N + n0);
-          } else {
-            *reinterpret_cast<float4*>(qf + vr * N + n0) = o4;
-          }
-        } else {
-          *reinterpret_cast<float4*>(kq + vi * N + n0) = o4;
-        }
+        *reinterpret_cast<float4*>(kq + vi * N + n0) = o4;
         if (!is_c) *reinterpret_cast<float4*>(a.st.k + (int64_t(b) * R + vr) * H * N + int64_t(h) * N + n0) = o4;
       }
     }
@@ -382,92 +348,77 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
 
     // 3. Rows.
     float* ssm = a.st.ssm + item * P * N;
-    if constexpr (TC) {
-      tc_item_rows<R>(sb + l.h, l.hg, coef, kf, qf, dskip, ybuf, ring + bl.yp, alpha, warp, lane);
-      // The new state is in the stage: this thread's writes made visible to the bulk stores issued after the barrier
-      // (A/B, H200, 1.5B MIMO b128: 6.23 ms per step vs 6.68 with the fragments' float2 stores to global memory).
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    } else {
-      float kp[R][VPL][4], kc[R][VPL][4], qc[R][VPL][4];
+    float kp[R][VPL][4], kc[R][VPL][4], qc[R][VPL][4];
+#pragma unroll
+    for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
+        if (!on[v]) continue;
+        load4(sb + l.kp + r * N + nv[v], kp[r][v]);
+        load4(kq + r * N + nv[v], kc[r][v]);
+        load4(kq + (R + r) * N + nv[v], qc[r][v]);
+      }
+    }
+    // One row from its staged values: the update streamed back, y_r by warp reduction into ybuf.
+    auto row = [&](int p, const float (&hs)[VPL][4], auto checked) {
+      constexpr bool kChecked = decltype(checked)::value;
+      float vp[R], vc[R], part[R];
+      load_coefs<R>(coef + p * CS, vp, vc);
+#pragma unroll
+      for (int r = 0; r < R; ++r) part[r] = 0.0f;
 #pragma unroll
       for (int v = 0; v < VPL; ++v) {
+        if constexpr (kChecked) {
+          if (!on[v]) continue;
+        }
+        float hn[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          hn[e] = alpha * hs[v][e];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
+            hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
+          }
+        }
+        __stcs(reinterpret_cast<float4*>(ssm + int64_t(p) * N + nv[v]), make_float4(hn[0], hn[1], hn[2], hn[3]));
 #pragma unroll
         for (int r = 0; r < R; ++r) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) kp[r][v][e] = kc[r][v][e] = qc[r][v][e] = 0.0f;
-          if (!on[v]) continue;
-          load4(sb + l.kp + r * N + nv[v], kp[r][v]);
-          load4(kq + r * N + nv[v], kc[r][v]);
-          load4(kq + (R + r) * N + nv[v], qc[r][v]);
+          for (int e = 0; e < 4; ++e) part[r] = fmaf(hn[e], qc[r][v][e], part[r]);
         }
       }
-      // One row from its staged values: the update streamed back, y_r by warp reduction into ybuf.
-      auto row = [&](int p, const float (&hs)[VPL][4], auto checked) {
-        constexpr bool kChecked = decltype(checked)::value;
-        float vp[R], vc[R], part[R];
-        load_coefs<R>(coef + p * CS, vp, vc);
+      const float y = reduce_ranks<R>(part, lane);
+      const int r = rank_of_lane<R>(lane);
+      if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y + dskip[r * P + p];
+    };
+    if (whole) {  // groups of 4 rows, their staged values read before the first FMA
+      for (int p0 = 4 * warp; p0 < P; p0 += 4 * kWarps) {
+        float hs[4][VPL][4];
 #pragma unroll
-        for (int r = 0; r < R; ++r) part[r] = 0.0f;
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int v = 0; v < VPL; ++v) load4(sb + l.h + (p0 + i) * N + nv[v], hs[i][v]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) row(p0 + i, hs[i], std::false_type{});
+      }
+    } else {
+      for (int p = warp; p < P; p += kWarps) {
+        float hs[VPL][4] = {};
 #pragma unroll
         for (int v = 0; v < VPL; ++v) {
-          if constexpr (kChecked) {
-            if (!on[v]) continue;
-          }
-          float hn[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            hn[e] = alpha * hs[v][e];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
-              hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
-            }
-          }
-          __stcs(reinterpret_cast<float4*>(ssm + int64_t(p) * N + nv[v]), make_float4(hn[0], hn[1], hn[2], hn[3]));
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) part[r] = fmaf(hn[e], qc[r][v][e], part[r]);
-          }
+          if (on[v]) load4(sb + l.h + p * N + nv[v], hs[v]);
         }
-        const float y = reduce_ranks<R>(part, lane);
-        const int r = rank_of_lane<R>(lane);
-        if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y + dskip[r * P + p];
-      };
-      if (whole) {  // groups of 4 rows, their staged values read before the first FMA
-        for (int p0 = 4 * warp; p0 < P; p0 += 4 * kWarps) {
-          float hs[4][VPL][4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-#pragma unroll
-            for (int v = 0; v < VPL; ++v) load4(sb + l.h + (p0 + i) * N + nv[v], hs[i][v]);
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) row(p0 + i, hs[i], std::false_type{});
-        }
-      } else {
-        for (int p = warp; p < P; p += kWarps) {
-          float hs[VPL][4] = {};
-#pragma unroll
-          for (int v = 0; v < VPL; ++v) {
-            if (on[v]) load4(sb + l.h + p * N + nv[v], hs[v]);
-          }
-          row(p, hs, std::true_type{});
-        }
+        row(p, hs, std::true_type{});
       }
     }
     __syncthreads();
-    if (TC && warp == 0 && lane < P / 8) {  // each group stored by the lane that loads it
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group.L2::cache_hint [%0], [%1], %2, %3;" ::"l"(
-                       ssm + int64_t(lane) * 8 * N),
-                   "r"(smem_addr(sb + l.h + lane * l.hg)), "r"(unsigned(8 * N) * 4u), "l"(policy)
-                   : "memory");
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-    }
 
-    // 4. Output stage. The tensor-core rows leave each y in two halves (ybuf holds the D skip).
-    const float* yhalf = ring + bl.yp;
-    auto y_at = [&](int i) { return TC ? ybuf[i] + yhalf[i] : ybuf[i]; };
+    // 4. Output stage.
+    auto y_at = [&](int i) { return ybuf[i]; };
     if (a.p.norm) {
       output_norm_scales(y_at, R, P, warp, kWarps, lane, misc);
       __syncthreads();
@@ -486,13 +437,12 @@ __global__ void __launch_bounds__(kThreads, R == 1 ? 3 : 2)
     }
   }
   wait_pending<0>();  // no copy outlives the block
-  if (TC && warp == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
-template <int R, int VPL, int STAGES, bool TC = false>
+template <int R, int VPL, int STAGES>
 bool launch(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks_per_head) {
-  const auto kernel = mamba3_stream_decode_kernel<R, VPL, STAGES, TC>;
-  const size_t bytes = shared_bytes<STAGES>(a.P, a.N, R, a.S, TC);
+  const auto kernel = mamba3_stream_decode_kernel<R, VPL, STAGES>;
+  const size_t bytes = shared_bytes<STAGES>(a.P, a.N, R, a.S);
   // The dynamic limit is raised once per instantiation to what the device allows; shapes beyond it fall back.
   static int limit = [&] {
     int device = 0, optin = 0;
@@ -516,23 +466,13 @@ bool launch(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks
   // Blocks per head: as many as fill the device once (every block resident), at most one per sequence.
   int64_t nb = blocks_per_head > 0 ? blocks_per_head : std::max<int64_t>(1, int64_t(per_sm) * std::max(sms, 1) / a.H);
   nb = std::min<int64_t>(nb, batch);
-  const StageLayout sl = stage_layout(a.P, a.N, R, a.S, TC);
-  BlockLayout bl = block_layout(a.P, a.N, R, R > 1, TC);
-  for (int* f : {&bl.bias, &bl.mx, &bl.mz, &bl.mo, &bl.nw, &bl.wn, &bl.kq, &bl.coef, &bl.dskip, &bl.ybuf, &bl.cs, &bl.sn,
-                 &bl.kf, &bl.qf, &bl.yp})
+  const StageLayout sl = stage_layout(a.P, a.N, R, a.S);
+  BlockLayout bl = block_layout(a.P, a.N, R, R > 1);
+  for (int* f :
+       {&bl.bias, &bl.mx, &bl.mz, &bl.mo, &bl.nw, &bl.wn, &bl.kq, &bl.coef, &bl.dskip, &bl.ybuf, &bl.cs, &bl.sn})
     *f += STAGES * sl.floats;
   launch_pdl(false, kernel, int(int64_t(a.H) * nb), kThreads, bytes, s, a, int(batch), int(nb), sl, bl);
   return true;
-}
-
-// MIMO at P = 64, N = 128 (the paper's shapes) takes the tensor-core rows when asked.
-template <int STAGES>
-bool launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks_per_head) {
-  switch (a.R) {
-    case 2: return launch<2, 1, STAGES, true>(s, a, batch, blocks_per_head);
-    case 3: return launch<3, 1, STAGES, true>(s, a, batch, blocks_per_head);
-    default: return launch<4, 1, STAGES, true>(s, a, batch, blocks_per_head);
-  }
 }
 
 template <int VPL, int STAGES>
@@ -548,14 +488,12 @@ bool launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int b
 }  // namespace
 
 bool mamba3_stream_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, int blocks_per_head,
-                              int stages, bool tensor_cores) {
+                              int stages) {
   if (batch < 1 || batch * a.H >= (int64_t(1) << 31)) return false;
   if (a.N % 4 != 0 || a.N > kMaxN || a.P > kMaxP || a.R < 1 || a.R > kMaxR || a.S > a.N / 2) return false;
   if (a.G < 1 || a.H % a.G != 0 || a.mimo != (a.R > 1)) return false;
   if (reinterpret_cast<uintptr_t>(a.st.ssm) % 16 != 0 || reinterpret_cast<uintptr_t>(a.st.k) % 16 != 0) return false;
   const bool deep = stages >= 3;
-  if (tensor_cores && a.R > 1 && a.P == kTcRowsP && a.N == kTcRowsN)
-    return deep ? launch_tc<3>(s, a, batch, blocks_per_head) : launch_tc<2>(s, a, batch, blocks_per_head);
   if (a.N <= 128)
     return deep ? launch_rank<1, 3>(s, a, batch, blocks_per_head) : launch_rank<1, 2>(s, a, batch, blocks_per_head);
   // N > 128: SISO only (MIMO's k, q and rows of two float4 slices per lane spill past 128 registers).
