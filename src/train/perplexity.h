@@ -24,4 +24,11 @@ struct PerplexityResult {
 // vocabulary.
 PerplexityResult evaluate_perplexity(const LanguageModel& model, std::span<const int64_t> tokens, int64_t window);
 
+// The same windows and sums, scored through decode steps: each window from a fresh state, one token per step, as
+// generation runs (equal to evaluate_perplexity up to rounding). bf16_state: after every step each Mamba-3 layer's
+// ssm state (the P × N matrices) is rounded to bf16, nearest even, while the arithmetic stays f32 — what a bf16
+// state cache stores — so that what that storage costs a model can be measured on any machine.
+PerplexityResult evaluate_perplexity_decode(const LanguageModel& model, std::span<const int64_t> tokens,
+                                            int64_t window, bool bf16_state = false);
+
 }  // namespace mamba3

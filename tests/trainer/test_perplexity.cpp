@@ -1,5 +1,6 @@
 // evaluate_perplexity (train/perplexity.h): its windows and its numbers, checked against the training loss
-// (lm_loss_and_grad, an independent forward) on a small random-initialised model.
+// (lm_loss_and_grad, an independent forward) on a small random-initialised model; its decode-step form, with and
+// without a bf16 ssm state.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -78,6 +79,31 @@ TEST(Perplexity, ScoresAShortLastWindowAndEachWindowFromAFreshState) {
   EXPECT_EQ(r2.predicted, 3 * (window - 1));
 }
 
+// Decode steps score the same windows as prefill (one token per step, each window from a fresh state).
+TEST(Perplexity, DecodeStepsScoreAsPrefillDoes) {
+  Fixture f;
+  const int64_t window = 16;
+  const std::vector<int64_t> ids = random_ids(2 * window + 5, 4);
+  const PerplexityResult a = evaluate_perplexity(f.model, ids, window);
+  const PerplexityResult b = evaluate_perplexity_decode(f.model, ids, window);
+  EXPECT_EQ(b.windows, a.windows);
+  EXPECT_EQ(b.predicted, a.predicted);
+  EXPECT_NEAR(b.nll, a.nll, 1e-5 * a.nll);
+}
+
+// A bf16 ssm state (rounded after every step) changes the scores a little: not at all would mean no rounding took
+// place, a lot would mean the state was damaged.
+TEST(Perplexity, Bf16StateChangesTheScoresSlightly) {
+  Fixture f;
+  const int64_t window = 33;
+  const std::vector<int64_t> ids = random_ids(3 * window, 5);
+  const PerplexityResult f32 = evaluate_perplexity_decode(f.model, ids, window);
+  const PerplexityResult b16 = evaluate_perplexity_decode(f.model, ids, window, /*bf16_state=*/true);
+  EXPECT_EQ(b16.predicted, f32.predicted);
+  EXPECT_NE(b16.nll, f32.nll);
+  EXPECT_NEAR(b16.nll, f32.nll, 1e-2 * f32.nll);
+}
+
 TEST(Perplexity, RejectsBadInput) {
   Fixture f;
   const std::vector<int64_t> ids = random_ids(10, 3);
@@ -86,6 +112,8 @@ TEST(Perplexity, RejectsBadInput) {
   std::vector<int64_t> bad = ids;
   bad[5] = 1000;
   EXPECT_THROW(evaluate_perplexity(f.model, bad, 8), Error);
+  EXPECT_THROW(evaluate_perplexity_decode(f.model, ids, 1), Error);
+  EXPECT_THROW(evaluate_perplexity_decode(f.model, bad, 8, true), Error);
 }
 
 }  // namespace

@@ -28,6 +28,8 @@ struct EvalArgs {
   int64_t window = 257;
   int threads = 0;
   bool json = false;
+  bool decode = false;
+  std::string state_precision = "f32";
 };
 
 std::string read_text(const std::string& path) {
@@ -53,21 +55,26 @@ void run(const EvalArgs& a) {
     bytes += text.size();
     for (uint32_t id : tok.encode(text)) ids.push_back(id);
   }
-  const PerplexityResult r = evaluate_perplexity(model, ids, a.window);
+  MAMBA3_CHECK(a.state_precision == "f32" || a.state_precision == "bf16",
+               "--state-precision: expected f32 or bf16, got '{}'", a.state_precision);
+  const bool bf16_state = a.state_precision == "bf16", decode = a.decode || bf16_state;
+  const PerplexityResult r =
+      decode ? evaluate_perplexity_decode(model, ids, a.window, bf16_state) : evaluate_perplexity(model, ids, a.window);
+  const std::string mode = decode ? std::string("decode steps, ") + a.state_precision + " ssm state" : "prefill";
   // Bits per byte compares models across tokenizers: the whole text's log-likelihood over its byte count.
   const double bits_per_byte = r.nll * double(r.predicted) / std::log(2.0) / double(bytes);
   if (a.json) {
     const nlohmann::json j = {{"model", dir},           {"bytes", bytes},        {"tokens", r.tokens},
                               {"windows", r.windows},   {"window", a.window},    {"predicted", r.predicted},
                               {"nll", r.nll},           {"perplexity", r.perplexity()},
-                              {"bits_per_byte", bits_per_byte}};
+                              {"bits_per_byte", bits_per_byte}, {"mode", mode}};
     std::printf("%s\n", j.dump().c_str());
   } else {
-    std::printf("%s: %zu bytes, %lld tokens (%s), %lld windows of %lld: loss %.4f nats/token, perplexity %.4f per "
-                "token, %.4f bits per byte\n",
+    std::printf("%s: %zu bytes, %lld tokens (%s), %lld windows of %lld (%s): loss %.6f nats/token, perplexity %.4f "
+                "per token, %.4f bits per byte\n",
                 dir.c_str(), bytes, static_cast<long long>(r.tokens), has_tokenizer ? "model tokenizer" : "bytes",
-                static_cast<long long>(r.windows), static_cast<long long>(a.window), r.nll, r.perplexity(),
-                bits_per_byte);
+                static_cast<long long>(r.windows), static_cast<long long>(a.window), mode.c_str(), r.nll,
+                r.perplexity(), bits_per_byte);
   }
 }
 
@@ -81,6 +88,11 @@ void register_eval(CLI::App& app) {
   cmd->add_option("--window", a.window, "ids per window (each scored from a fresh state)")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_flag("--json", a.json, "print one JSON object instead of a sentence");
+  cmd->add_flag("--decode", a.decode, "score through decode steps, one token at a time (as generation runs)");
+  cmd->add_option("--state-precision", a.state_precision,
+                  "f32, or bf16: round the Mamba-3 ssm state to bf16 after every decode step (implies --decode), to "
+                  "measure what a bf16 state cache costs the model")
+      ->capture_default_str();
   cmd->callback([] { run(a); });
 }
 
