@@ -137,6 +137,11 @@ __global__ void to_activation_kernel(const float* in, int64_t n, void* out, bool
     store_act(out, i, in[i], bf16);
 }
 
+__global__ void bf16_to_f32_kernel(const uint16_t* in, int64_t n, float* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __uint_as_float(uint32_t(in[i]) << 16);
+}
+
 unsigned grid_for(int64_t n, int threads) {
   int64_t blocks = (n + threads - 1) / threads;
   return unsigned(blocks < 1 ? 1 : (blocks > 65535 * 8 ? 65535 * 8 : blocks));
@@ -173,6 +178,12 @@ void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* 
 void to_activation(cudaStream_t s, const float* in, int64_t n, void* out, Precision out_precision) {
   if (n == 0) return;
   to_activation_kernel<<<grid_for(n, 256), 256, 0, s>>>(in, n, out, out_precision == Precision::BF16);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void bf16_to_f32(cudaStream_t s, const uint16_t* in, int64_t n, float* out) {
+  if (n == 0) return;
+  bf16_to_f32_kernel<<<grid_for(n, 256), 256, 0, s>>>(in, n, out);
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -27,5 +27,7 @@ void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* 
 
 // n floats → the precision's activation dtype (a copy for F32).
 void to_activation(cudaStream_t s, const float* in, int64_t n, void* out, Precision out_precision);
+// n bf16 values (bits) → f32 (exact).
+void bf16_to_f32(cudaStream_t s, const uint16_t* in, int64_t n, float* out);
 
 }  // namespace mamba3::cuda

@@ -80,6 +80,7 @@ struct CudaModel::Impl {
   DeviceBuffer norm_f_w, norm_f_b;
   std::vector<Block> blocks;
   bool use_graphs = true;
+  Precision state_precision = Precision::F32;  // of the Mamba-3 ssm state in caches made from now on
   int64_t prefill_row_block = 0;  // Context::gemm_row_block during prefill (0: off)
   mutable Workspace prefill_ws;
 
@@ -189,6 +190,7 @@ CudaModel::CudaModel(const ModelConfig& config, const TensorMap& w, const std::s
   };
   // One prefill scratch for every Mamba-3 layer: they run one after another on the model's stream.
   const auto prefill_stage = std::make_shared<DeviceBuffer>();
+  const auto state_scratch = std::make_shared<DeviceBuffer>();  // the bf16-state mode's f32 copy, likewise
   for (int64_t i = 0; i < c.n_layer; ++i) {
     const std::string p = "backbone.layers." + std::to_string(i) + ".";
     Impl::Block b;
@@ -198,6 +200,7 @@ CudaModel::CudaModel(const ModelConfig& config, const TensorMap& w, const std::s
     } else {
       b.mamba = std::make_unique<GpuMamba3Layer>(c.ssm, w, p + "mixer.", source, &used, precision);
       b.mamba->share_prefill_stage(prefill_stage);
+      b.mamba->share_state_scratch(state_scratch);
     }
     if (c.d_intermediate > 0) {
       load_norm(p + "norm2", b.norm2_w, b.norm2_b);
@@ -219,6 +222,8 @@ const ModelConfig& CudaModel::config() const { return impl_->config; }
 Precision CudaModel::precision() const { return impl_->precision; }
 const Context& CudaModel::context() const { return *impl_->ctx; }
 void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
+void CudaModel::set_state_precision(Precision p) { impl_->state_precision = p; }
+Precision CudaModel::state_precision() const { return impl_->state_precision; }
 void CudaModel::set_prefill_row_block(int64_t rows) {
   MAMBA3_CHECK(rows >= 0, "set_prefill_row_block: {} rows", rows);
   impl_->prefill_row_block = rows;
@@ -238,7 +243,10 @@ size_t CudaModel::parameter_bytes() const {
 size_t CudaModel::state_bytes_per_sequence() const {
   size_t n = 0;
   for (const Impl::Block& b : impl_->blocks)
-    if (b.mamba) n += size_t(Mamba3StateSizes(b.mamba->config()).total()) * sizeof(float);
+    if (b.mamba) {
+      const Mamba3StateSizes z(b.mamba->config());
+      n += size_t(z.total()) * sizeof(float) - (impl_->state_precision == Precision::BF16 ? size_t(z.ssm) * 2 : 0);
+    }
   return n;
 }
 
@@ -250,7 +258,9 @@ GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
   c->capacity = capacity;
   c->positions.assign(size_t(batch), 0);
   for (const Impl::Block& b : impl_->blocks) {
-    c->mamba.push_back(b.mamba ? std::make_unique<GpuMamba3State>(b.mamba->config(), batch) : nullptr);
+    c->mamba.push_back(b.mamba ? std::make_unique<GpuMamba3State>(b.mamba->config(), batch,
+                                                                  impl_->state_precision == Precision::BF16)
+                               : nullptr);
     c->attn.push_back(b.attention ? std::make_unique<GpuAttentionCache>(b.attention->new_cache(batch, capacity))
                                   : nullptr);
   }
@@ -414,8 +424,9 @@ void CudaModel::copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, in
     if (a.mamba[li]) {
       const Mamba3StateSizes& z = a.mamba[li]->sizes;
       const Mamba3GpuState from = a.mamba[li]->rows_from(src_row), to = b.mamba[li]->rows_from(dst_row);
+      MAMBA3_CHECK(a.mamba[li]->ssm_bf16 == b.mamba[li]->ssm_bf16, "copy_row: the caches' state precisions differ");
       copy(to.angle, from.angle, size_t(z.angle) * 4);
-      copy(to.ssm, from.ssm, size_t(z.ssm) * 4);
+      copy(b.mamba[li]->ssm_row(dst_row), a.mamba[li]->ssm_row(src_row), a.mamba[li]->ssm_row_bytes());
       copy(to.k, from.k, size_t(z.k) * 4);
       copy(to.v, from.v, size_t(z.v) * 4);
     }
@@ -447,7 +458,7 @@ void CudaModel::reset_row(GpuCache& cache, int64_t row) const {
       const Mamba3StateSizes& z = c.mamba[li]->sizes;
       const Mamba3GpuState v = c.mamba[li]->rows_from(row);
       zero(v.angle, size_t(z.angle) * 4);
-      zero(v.ssm, size_t(z.ssm) * 4);
+      zero(c.mamba[li]->ssm_row(row), c.mamba[li]->ssm_row_bytes());
       zero(v.k, size_t(z.k) * 4);
       zero(v.v, size_t(z.v) * 4);
     }

@@ -53,6 +53,11 @@ class CudaModel {
   size_t parameter_bytes() const;       // on the device
   size_t state_bytes_per_sequence() const;
 
+  // The Mamba-3 ssm state of caches made after this call: F32 (default) or BF16 (half the state bytes: read as f32,
+  // written rounded to nearest even each step; the arithmetic stays f32). Angle, k and v states stay f32.
+  void set_state_precision(Precision p);
+  Precision state_precision() const;
+
   // A zeroed cache of `batch` rows; attention layers hold up to `capacity` tokens per row.
   GpuCache new_cache(int64_t batch, int64_t capacity = 4096) const;
 

@@ -11,9 +11,11 @@ namespace mamba3::cuda {
 std::vector<std::vector<int64_t>> generate_gpu(const std::string& model_dir, const std::string& precision,
                                                 const std::vector<int64_t>& prompt, int64_t batch,
                                                 const GenerateOptions& options, const TokenCallback& on_token,
-                                                GenerateStats* stats) {
+                                                GenerateStats* stats, const std::string& state_precision) {
   using clock = std::chrono::steady_clock;
+  const Precision state = parse_precision(state_precision);  // checked before the model loads
   CudaModel model = CudaModel::load(model_dir, parse_precision(precision));
+  model.set_state_precision(state);
   const ModelConfig& c = model.config();
   const int64_t L = int64_t(prompt.size()), n = options.max_new_tokens;
   std::vector<std::vector<int64_t>> out(static_cast<size_t>(batch));

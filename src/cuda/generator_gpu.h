@@ -13,6 +13,6 @@ namespace mamba3::cuda {
 std::vector<std::vector<int64_t>> generate_gpu(const std::string& model_dir, const std::string& precision,
                                                 const std::vector<int64_t>& prompt, int64_t batch,
                                                 const GenerateOptions& options, const TokenCallback& on_token,
-                                                GenerateStats* stats);
+                                                GenerateStats* stats, const std::string& state_precision = "f32");
 
 }  // namespace mamba3::cuda

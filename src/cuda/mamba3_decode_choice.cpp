@@ -39,6 +39,10 @@ void set_decode_choice(const DecodeChoice& c) {
 bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch) {
   const DecodeChoice c = decode_choice();
   const int64_t pairs = batch * a.H;
+  if (a.st.ssm16) {  // the bf16-state mode: only the head kernel reads that state
+    const bool tc = c.head_tensor_cores && (c.kernel == DecodeKernel::Head || pairs >= c.head_tc_min_items);
+    return mamba3_head_decode_gpu(s, a, batch, tc);
+  }
   if (c.kernel == DecodeKernel::Head) return mamba3_head_decode_gpu(s, a, batch, c.head_tensor_cores);
   if (c.kernel == DecodeKernel::Stream &&
       mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages))

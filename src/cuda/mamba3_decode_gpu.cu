@@ -40,13 +40,6 @@ __device__ __forceinline__ void load_vec(const float* p, float (&d)[4]) {
   const float4 t = *reinterpret_cast<const float4*>(p);
   d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
 }
-__device__ __forceinline__ void load_vec_stream(const float* p, float (&d)[4]) {  // read once: evict first
-  const float4 t = __ldcs(reinterpret_cast<const float4*>(p));
-  d[0] = t.x, d[1] = t.y, d[2] = t.z, d[3] = t.w;
-}
-__device__ __forceinline__ void store_vec_stream(float* p, const float (&d)[4]) {
-  __stcs(reinterpret_cast<float4*>(p), make_float4(d[0], d[1], d[2], d[3]));
-}
 __device__ __forceinline__ void store_vec(float* p, const float (&d)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(d[0], d[1], d[2], d[3]);
 }
@@ -61,9 +54,11 @@ __device__ __forceinline__ void store_vec(float* p, const float (&d)[4]) {
 //     read of the old one was issued before the barrier); the per-row coefficients vp, vc and the D skip. Barrier.
 //  4. Per row: h' = α·h + Σ_r vp_r·k_{−1,r} + vc_r·k_r (streamed back), y_r = h'·q_r (warp reduction) + D·mx_r·x.
 //  5. Output stage of spec §7 over the head (per-head norm, gate, MIMO contraction); x becomes x_{−1}.
-template <int R, int VPL, bool TC>
+// BF16S: the bf16-state mode (the ssm state read from and written to st.ssm16 as bf16; arithmetic in f32).
+template <int R, int VPL, bool TC, bool BF16S>
 __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeLayout<R, VPL, TC>::kMinBlocks)
     mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
+  using StateT = std::conditional_t<BF16S, __nv_bfloat16, float>;
   using Layout = DecodeLayout<R, VPL, TC>;
   constexpr int kP = TC ? kHeadTcP : kMaxP;  // the channels the per-channel arrays hold
   static_assert(!TC || (R > 1 && VPL == 1), "the tensor-core rows are MIMO's at N = 128");
@@ -95,7 +90,12 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   const float* zrow = a.zx + int64_t(b) * a.d_in;
   const float* xrow = zrow + a.off_x + int64_t(h) * P;
   float* vstate = a.st.v + int64_t(item) * P;
-  float* ssm = a.st.ssm + int64_t(item) * P * N;
+  StateT* ssm;
+  if constexpr (BF16S)
+    ssm = reinterpret_cast<StateT*>(a.st.ssm16) + int64_t(item) * P * N;
+  else
+    ssm = a.st.ssm + int64_t(item) * P * N;
+  StateT* const hst = reinterpret_cast<StateT*>(hstage);
   int nv[VPL];
   bool on[VPL];
 #pragma unroll
@@ -111,7 +111,8 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
       mbar_init(&hstage_full);
       mbar_init_fence();
-      bulk_copy(hstage, ssm, unsigned(kHeadTcP * kHeadTcN) * 4u, &hstage_full, policy);
+      bulk_copy(hstage, reinterpret_cast<const float*>(ssm), unsigned(kHeadTcP * kHeadTcN * sizeof(StateT)),
+                &hstage_full, policy);
     }
   }
   float hs[RG][VPL][VW];
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
     for (int i = 0; i < RG; ++i) {
 #pragma unroll
       for (int v = 0; v < VPL; ++v) {
-        if (p0 + i < P && on[v]) load_vec_stream(ssm + int64_t(p0 + i) * N + nv[v], hs[i][v]);
+        if (p0 + i < P && on[v]) state_load4_stream(ssm + int64_t(p0 + i) * N + nv[v], hs[i][v]);
       }
     }
   };
@@ -352,7 +353,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
               hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
             }
           }
-          store_vec_stream(ssm + int64_t(p) * N + nv[v], hn);
+          state_store4_stream(ssm + int64_t(p) * N + nv[v], hn);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -367,7 +368,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   };
   if constexpr (TC) {
     mbar_wait(&hstage_full, 0);  // its initialisation was published by the barriers above
-    head_tc_rows<R, CS>(hstage, ssm, head_tc_lane(warp, lane), alpha, coef, ktab, qtab, dskip, ybuf, yhalf);
+    head_tc_rows<R, CS>(hst, ssm, head_tc_lane(warp, lane), alpha, coef, ktab, qtab, dskip, ybuf, yhalf);
   }
   else if (P % (groups * RG) == 0 && N == 128 * VPL)
     rows(std::false_type{});
@@ -398,12 +399,12 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   }
 }
 
-template <int R, int VPL, bool TC = false>
+template <int R, int VPL, bool BF16S, bool TC = false>
 void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
-  const auto kernel = mamba3_head_decode_kernel<R, VPL, TC>;
+  const auto kernel = mamba3_head_decode_kernel<R, VPL, TC, BF16S>;
   size_t dynamic = 0;
   if constexpr (TC) {
-    dynamic = size_t(kHeadTcP) * kHeadTcN * sizeof(float);
+    dynamic = size_t(kHeadTcP) * kHeadTcN * (BF16S ? 2 : 4);
     static const bool raised = [&] {  // past the 48 KB default with the static arrays
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic)));
       return true;
@@ -413,22 +414,33 @@ void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
   launch_pdl(pdl_small(blocks / a.H), kernel, blocks, DecodeLayout<R, VPL, TC>::kWarps * 32, dynamic, s, a);
 }
 
-template <int VPL>
+template <int VPL, bool BF16S>
 void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
   switch (a.R) {
-    case 1: launch<1, VPL>(s, a, blocks); break;
-    case 2: launch<2, VPL>(s, a, blocks); break;
-    case 3: launch<3, VPL>(s, a, blocks); break;
-    default: launch<4, VPL>(s, a, blocks); break;
+    case 1: launch<1, VPL, BF16S>(s, a, blocks); break;
+    case 2: launch<2, VPL, BF16S>(s, a, blocks); break;
+    case 3: launch<3, VPL, BF16S>(s, a, blocks); break;
+    default: launch<4, VPL, BF16S>(s, a, blocks); break;
   }
 }
 
+template <bool BF16S>
 void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
   switch (a.R) {
-    case 2: launch<2, 1, true>(s, a, blocks); break;
-    case 3: launch<3, 1, true>(s, a, blocks); break;
-    default: launch<4, 1, true>(s, a, blocks); break;
+    case 2: launch<2, 1, BF16S, true>(s, a, blocks); break;
+    case 3: launch<3, 1, BF16S, true>(s, a, blocks); break;
+    default: launch<4, 1, BF16S, true>(s, a, blocks); break;
   }
+}
+
+template <bool BF16S>
+void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool tensor_cores) {
+  if (tensor_cores && head_decode_tc_fits(a))
+    launch_tc<BF16S>(s, a, blocks);
+  else if (a.N <= 128)
+    launch_rank<1, BF16S>(s, a, blocks);
+  else
+    launch_rank<2, BF16S>(s, a, blocks);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -437,17 +449,19 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 bool head_decode_tc_fits(const Mamba3DecodeArgs& a) { return a.R > 1 && a.P == kHeadTcP && a.N == kHeadTcN; }
 
+bool mamba3_head_decode_reaches(const Mamba3KernelShape& a) {
+  if (a.N % 4 != 0 || a.N > kMaxN || a.P > kMaxP || a.R < 1 || a.R > 4) return false;
+  return a.S <= a.N / 2 && a.G >= 1 && a.H % a.G == 0 && a.mimo == (a.R > 1);
+}
+
 bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores) {
   const int64_t blocks = batch * a.H;
-  if (a.N % 4 != 0 || a.N > kMaxN || a.P > kMaxP || a.R < 1 || a.R > 4 || blocks >= (int64_t(1) << 31)) return false;
-  if (a.S > a.N / 2 || a.G < 1 || a.H % a.G != 0 || a.mimo != (a.R > 1)) return false;
-  if (!aligned16(a.st.ssm) || !aligned16(a.st.k)) return false;
-  if (tensor_cores && head_decode_tc_fits(a))
-    launch_tc(s, a, int(blocks));
-  else if (a.N <= 128)
-    launch_rank<1>(s, a, int(blocks));
+  if (!mamba3_head_decode_reaches(a) || blocks >= (int64_t(1) << 31)) return false;
+  if (!aligned16(a.st.ssm16 ? static_cast<const void*>(a.st.ssm16) : a.st.ssm) || !aligned16(a.st.k)) return false;
+  if (a.st.ssm16)
+    launch_head<true>(s, a, int(blocks), tensor_cores);
   else
-    launch_rank<2>(s, a, int(blocks));
+    launch_head<false>(s, a, int(blocks), tensor_cores);
   return true;
 }
 

@@ -26,10 +26,14 @@ struct Mamba3DecodeArgs : Mamba3KernelShape {  // L = 1
   void* o;          // (batch, d_inner) f32 or bf16
 };
 
-// Launches the decode state step for `batch` rows; false (nothing launched) when the shape is out of reach.
+// Launches the decode state step for `batch` rows; false (nothing launched) when the shape is out of reach. A state
+// with ssm16 (the bf16-state mode) is read and written as bf16.
 // tensor_cores: MIMO heads at P = 64, N = 128 update their state on tensor cores, the state held in the products'
 // accumulators (3×TF32, f32 accuracy; mamba3_head_decode_tc.cuh).
 bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores = false);
+// Whether the head kernel serves this layer shape (with 16-byte aligned ssm/ssm16 and k states, which
+// GpuMamba3State's are): the bf16-state mode decodes only there.
+bool mamba3_head_decode_reaches(const Mamba3KernelShape& shape);
 // Whether the head kernel's tensor-core rows serve this shape (MIMO, P = 64, N = 128).
 bool head_decode_tc_fits(const Mamba3DecodeArgs& a);
 

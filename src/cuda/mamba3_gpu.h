@@ -53,6 +53,9 @@ struct Mamba3GpuStage {
 // state is bitwise unchanged and its output rows of `o` are left as they were (unspecified). The kernels read the
 // mask when they run, so a captured decode graph follows later changes of its contents. Prefill (L > 1) ignores
 // the mask: it always runs every row of the call (a slot still being prefilled is typically inactive in decode).
+// `ssm16`: the bf16-state mode (GpuMamba3State with a bf16 state): the ssm state is stored here as bf16 bits, same
+// layout, and `ssm` is null. Only the head decode kernel reads and writes it directly; GpuMamba3Layer::forward runs
+// every other kernel on an f32 copy (converted before, rounded back after).
 struct Mamba3GpuState {
   float* angle;
   float* ssm;
@@ -61,6 +64,7 @@ struct Mamba3GpuState {
   int* arrivals;
   Mamba3GpuStage stage;
   const int32_t* active = nullptr;
+  uint16_t* ssm16 = nullptr;
 };
 
 // Which kernels run the recurrence. Staged: an angle scan, a fully parallel staging kernel (B/C norm, bias,

@@ -21,6 +21,8 @@
 // For y the accumulators become the A fragment of the next product with k-index t ↔ column 2t, t + 4 ↔ 2t + 1.
 #include <cstdint>
 
+#include <cuda_bf16.h>
+
 #include "cuda/mamba3_gpu_math.cuh"
 
 namespace mamba3::cuda {
@@ -67,8 +69,38 @@ __device__ __forceinline__ HeadTcLane head_tc_lane(int warp, int lane) {
 // (streamed to ssm) and its y. coef: (p, vp_0..vp_{R−1}, vc_0..vc_{R−1}) rows
 // of stride CS; ktab/qtab: the tables above. The left column half writes y + D skip into ybuf (r, p), the right half
 // its y into yhalf; the consumer adds them after the block's barrier.
-template <int R, int CS>
-__device__ __forceinline__ void head_tc_rows(const float* hsm, float* ssm, const HeadTcLane& l, float alpha,
+// The state's element in memory: f32, or bf16 (the bf16-state mode: read as f32, written rounded to nearest even).
+__device__ __forceinline__ void state_load4(const float* p, float (&d)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+}
+__device__ __forceinline__ void state_load4(const __nv_bfloat16* p, float (&d)[4]) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  d[0] = a.x, d[1] = a.y, d[2] = b.x, d[3] = b.y;
+}
+__device__ __forceinline__ void state_load4_stream(const float* p, float (&d)[4]) {  // read once: evict first
+  const float4 v = __ldcs(reinterpret_cast<const float4*>(p));
+  d[0] = v.x, d[1] = v.y, d[2] = v.z, d[3] = v.w;
+}
+__device__ __forceinline__ void state_load4_stream(const __nv_bfloat16* p, float (&d)[4]) {
+  const uint2 u = __ldcs(reinterpret_cast<const uint2*>(p));
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  d[0] = a.x, d[1] = a.y, d[2] = b.x, d[3] = b.y;
+}
+__device__ __forceinline__ void state_store4_stream(float* p, const float (&d)[4]) {
+  __stcs(reinterpret_cast<float4*>(p), make_float4(d[0], d[1], d[2], d[3]));
+}
+__device__ __forceinline__ void state_store4_stream(__nv_bfloat16* p, const float (&d)[4]) {
+  const __nv_bfloat162 a = __floats2bfloat162_rn(d[0], d[1]), b = __floats2bfloat162_rn(d[2], d[3]);
+  __stcs(reinterpret_cast<uint2*>(p),
+         make_uint2(*reinterpret_cast<const unsigned*>(&a), *reinterpret_cast<const unsigned*>(&b)));
+}
+
+template <int R, int CS, typename T>
+__device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcLane& l, float alpha,
                                              const float* coef, const float* ktab, const float* qtab,
                                              const float* dskip, float* ybuf, float* yhalf) {
   static_assert(R >= 2 && R <= 4, "the products' k-dimension holds 2R ≤ 8 rank terms");
@@ -90,8 +122,7 @@ __device__ __forceinline__ void head_tc_rows(const float* hsm, float* ssm, const
 #pragma unroll
       for (int mm = 0; mm < 2; ++mm) {
         const int m = 2 * half + mm;
-        const float4 v = *reinterpret_cast<const float4*>(hsm + (p0 + 8 * i) * N + 64 * l.nh + 16 * m + 4 * l.t);
-        hs[i][mm][0] = v.x, hs[i][mm][1] = v.y, hs[i][mm][2] = v.z, hs[i][mm][3] = v.w;
+        state_load4(hsm + (p0 + 8 * i) * N + 64 * l.nh + 16 * m + 4 * l.t, hs[i][mm]);
       }
     }
 #pragma unroll
@@ -127,8 +158,7 @@ __device__ __forceinline__ void head_tc_rows(const float* hsm, float* ssm, const
     for (int i = 0; i < 2; ++i) {
 #pragma unroll
       for (int mm = 0; mm < 2; ++mm)
-        __stcs(reinterpret_cast<float4*>(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t),
-               make_float4(hs[i][mm][0], hs[i][mm][1], hs[i][mm][2], hs[i][mm][3]));
+        state_store4_stream(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t, hs[i][mm]);
     }
   }
   // yacc: (p0, 2t), (p0, 2t + 1), (p1, 2t), (p1, 2t + 1).

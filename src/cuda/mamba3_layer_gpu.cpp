@@ -1,6 +1,8 @@
 #include "cuda/mamba3_layer_gpu.h"
 
+#include "cuda/basic_kernels.h"
 #include "cuda/env_switch.h"
+#include "cuda/mamba3_decode_gpu.h"
 #include "cuda/mamba3_stage_gpu.h"
 #include "model/mamba3_mixer.h"
 
@@ -39,19 +41,28 @@ size_t env_prefill_stage_bytes() {
 
 int64_t GpuMamba3Layer::fused_decode_max() const { return env_fused_decode_max(); }
 
-GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows)
-    : batch(batch_rows), heads(c.nheads()), sizes(c), config(c) {
-  const int64_t floats = round4(batch * sizes.angle) + round4(batch * sizes.ssm) + round4(batch * sizes.k) +
+GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows, bool bf16)
+    : batch(batch_rows), heads(c.nheads()), sizes(c), config(c), ssm_bf16(bf16) {
+  const int64_t floats = round4(batch * sizes.angle) + ssm_section_floats() + round4(batch * sizes.k) +
                          round4(batch * sizes.v) + round4(batch * heads) + mamba3_gpu_stage_floats(c, batch, 1);
   buffer.resize(size_t(floats) * sizeof(float));
   MAMBA3_CUDA_CHECK(cudaMemset(buffer.raw(), 0, buffer.bytes()));
+}
+
+int64_t GpuMamba3State::ssm_section_floats() const {
+  return round4(ssm_bf16 ? (batch * sizes.ssm + 1) / 2 : batch * sizes.ssm);
+}
+
+void* GpuMamba3State::ssm_row(int64_t row) const {
+  char* section = reinterpret_cast<char*>(buffer.as<float>() + round4(batch * sizes.angle));
+  return section + size_t(row) * ssm_row_bytes();
 }
 
 Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
   float* base = buffer.as<float>();
   float* angle = base;
   float* ssm = angle + round4(batch * sizes.angle);
-  float* k = ssm + round4(batch * sizes.ssm);
+  float* k = ssm + ssm_section_floats();
   float* v = k + round4(batch * sizes.k);
   int* arrivals = reinterpret_cast<int*>(v + round4(batch * sizes.v));
   float* stage_base = reinterpret_cast<float*>(arrivals) + round4(batch * heads);
@@ -61,8 +72,10 @@ Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
   stage.k += row * 2 * sizes.k;
   stage.q += row * sizes.k;
   stage.scal += row * heads * 4;
-  return {angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v,
-          arrivals + row * heads, stage, /*active=*/nullptr};
+  Mamba3GpuState view{angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v,
+                      arrivals + row * heads, stage, /*active=*/nullptr};
+  if (ssm_bf16) view.ssm = nullptr, view.ssm16 = static_cast<uint16_t*>(ssm_row(row));
+  return view;
 }
 
 GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weights, const std::string& prefix,
@@ -71,7 +84,8 @@ GpuMamba3Layer::GpuMamba3Layer(const Mamba3Config& config, const TensorMap& weig
       precision_(precision),
       path_(env_default_path()),
       prefill_stage_bytes_(env_prefill_stage_bytes()),
-      prefill_stage_(std::make_shared<DeviceBuffer>()) {
+      prefill_stage_(std::make_shared<DeviceBuffer>()),
+      state_scratch_(std::make_shared<DeviceBuffer>()) {
   const std::string why = mamba3_gpu_supported(config);
   MAMBA3_CHECK(why.empty(), "{}: {}: the CUDA backend does not support this Mamba-3 configuration ({})", source, prefix,
                why);
@@ -107,13 +121,32 @@ size_t GpuMamba3Layer::parameter_bytes() const {
   return n;
 }
 
+bool GpuMamba3Layer::decodes_bf16_state() const {
+  return mamba3_head_decode_reaches(mamba3_kernel_shape(config_, 1, precision_));
+}
+
 void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state,
                              float* zx, void* o, float* out) const {
   const int64_t rows = batch * L;
-  linear(ctx, in_proj_, x, rows, zx);
-  Mamba3GpuStage stage;
   const Mamba3GpuPath chosen =
       auto_path_ && L == 1 && batch * config_.nheads() <= fused_decode_max() ? Mamba3GpuPath::Fused : path_;
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (state.ssm16 && !(L == 1 && chosen != Mamba3GpuPath::Fused && decodes_bf16_state() && aligned16(state.ssm16) &&
+                       aligned16(state.k))) {
+    // The bf16-state mode where only f32 kernels apply: the rows' state widened (exactly) into the scratch, the call
+    // run on it, the result rounded back (rows a decode skips round back to their own bits).
+    const int64_t n = batch * Mamba3StateSizes(config_).ssm;
+    state_scratch_->reserve(size_t(n) * sizeof(float));
+    float* wide = state_scratch_->as<float>();
+    bf16_to_f32(ctx.stream(), state.ssm16, n, wide);
+    Mamba3GpuState f32_state = state;
+    f32_state.ssm = wide, f32_state.ssm16 = nullptr;
+    forward(ctx, x, batch, L, f32_state, zx, o, out);
+    to_activation(ctx.stream(), wide, n, state.ssm16, Precision::BF16);
+    return;
+  }
+  linear(ctx, in_proj_, x, rows, zx);
+  Mamba3GpuStage stage;
   // Chunked: the staged kernels, with the chunked state kernel for bf16 prefills (f32 keeps the exact stream kernel).
   const bool chunked = chosen == Mamba3GpuPath::Chunked && L > 1 && precision_ == Precision::BF16;
   const Mamba3GpuPath path = chosen == Mamba3GpuPath::Chunked ? Mamba3GpuPath::Staged : chosen;

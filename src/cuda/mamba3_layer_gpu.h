@@ -30,10 +30,17 @@ struct GpuMamba3State {
   int64_t batch = 0, heads = 0;
   Mamba3StateSizes sizes;
   Mamba3Config config;
+  bool ssm_bf16 = false;  // the bf16-state mode: the ssm state stored as bf16 (views carry ssm16, ssm null)
 
-  GpuMamba3State(const Mamba3Config& c, int64_t batch);  // zeroed
+  GpuMamba3State(const Mamba3Config& c, int64_t batch, bool ssm_bf16 = false);  // zeroed
   // Views of rows [row, batch); `active` null (all rows active): set it on the view to skip rows in decode.
   Mamba3GpuState rows_from(int64_t row) const;
+  // The ssm state of one row (f32 or bf16) and its bytes: for copies and resets of whole rows.
+  void* ssm_row(int64_t row) const;
+  size_t ssm_row_bytes() const { return size_t(sizes.ssm) * (ssm_bf16 ? 2 : 4); }
+
+ private:
+  int64_t ssm_section_floats() const;
 };
 
 class GpuMamba3Layer {
@@ -55,6 +62,11 @@ class GpuMamba3Layer {
   // Layers that never run at the same time (one model's, on one stream) can share one prefill scratch; the model
   // passes the same buffer to each (the scratch is dead between layer calls). Default: the layer's own.
   void share_prefill_stage(std::shared_ptr<DeviceBuffer> buffer) { prefill_stage_ = std::move(buffer); }
+  // The f32 copy of a bf16 state (GpuMamba3State with ssm_bf16) for the kernels that read f32 only (prefill, and
+  // decode where the head kernel does not reach); shareable the same way.
+  void share_state_scratch(std::shared_ptr<DeviceBuffer> buffer) { state_scratch_ = std::move(buffer); }
+  // Whether decode steps of a bf16 state run without that copy (the head decode kernel reaches this layer's shape).
+  bool decodes_bf16_state() const;
   size_t parameter_bytes() const;
   // Scratch the caller provides for `rows` tokens: zx (rows·d_in_proj f32) and o (rows·d_inner activations).
   size_t zx_bytes(int64_t rows) const { return size_t(rows * config_.d_in_proj()) * 4; }
@@ -77,6 +89,7 @@ class GpuMamba3Layer {
   int64_t fused_decode_max() const;  // (sequence, head) pairs up to which an automatic decode step runs fused
   size_t prefill_stage_bytes_;
   std::shared_ptr<DeviceBuffer> prefill_stage_;  // grow-only; prefill only (decode uses the state's stage)
+  std::shared_ptr<DeviceBuffer> state_scratch_;  // grow-only; bf16 states only
 };
 
 }  // namespace mamba3::cuda

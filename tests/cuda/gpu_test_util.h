@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/tensor.h"
@@ -36,16 +37,32 @@ inline Tensor from_device_f32(const void* dev, Shape shape) {
 // Fills n floats of device memory with NaN, so that unwritten outputs fail the comparisons.
 inline void poison(void* dev, size_t bytes) { MAMBA3_CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
 
-// The state of rows [0, batch) as host tensors in the CPU layout.
+// n bf16 values (bits) on the device, widened to f32 on the host.
+inline Tensor from_device_bf16(const uint16_t* dev, Shape shape) {
+  Tensor t = Tensor::empty(DType::F32, std::move(shape));
+  std::vector<uint16_t> bits(size_t(t.numel()));
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  MAMBA3_CUDA_CHECK(cudaMemcpy(bits.data(), dev, bits.size() * 2, cudaMemcpyDeviceToHost));
+  float* d = t.data<float>();
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const uint32_t w = uint32_t(bits[i]) << 16;
+    std::memcpy(d + i, &w, 4);
+  }
+  return t;
+}
+
+// The state of rows [0, batch) as host tensors in the CPU layout (a bf16 ssm state widened to f32).
 inline Mamba3State download_state(const cuda::GpuMamba3State& s, const Mamba3Config& c) {
   const int64_t B = s.batch, H = c.nheads(), S = c.num_angles(), P = c.headdim, N = c.d_state, R = c.rank();
   cuda::Mamba3GpuState v = s.rows_from(0);
-  return {from_device_f32(v.angle, {B, H, S}), from_device_f32(v.ssm, {B, H, P, N}), from_device_f32(v.k, {B, R, H, N}),
+  Tensor ssm = v.ssm16 ? from_device_bf16(v.ssm16, {B, H, P, N}) : from_device_f32(v.ssm, {B, H, P, N});
+  return {from_device_f32(v.angle, {B, H, S}), std::move(ssm), from_device_f32(v.k, {B, R, H, N}),
           from_device_f32(v.v, {B, H, P})};
 }
 
 // Writes a host state (CPU layout) into the GPU state.
 inline void upload_state(const Mamba3State& h, cuda::GpuMamba3State& s) {
+  MAMBA3_CHECK(!s.ssm_bf16, "upload_state: f32 states only");
   cuda::Mamba3GpuState v = s.rows_from(0);
   const Tensor* src[] = {&h.angle, &h.ssm, &h.k, &h.v};
   float* dst[] = {v.angle, v.ssm, v.k, v.v};

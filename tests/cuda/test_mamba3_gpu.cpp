@@ -459,6 +459,93 @@ TEST(Mamba3Gpu, StreamDecodeMatchesHeadDecode) {
   }
 }
 
+// The bf16-state mode (GpuMamba3State with ssm_bf16) against the f32 state on the same layer and inputs: after a
+// prefill the bf16 state is the f32 state rounded to bf16, bit for bit (prefill runs on an f32 copy); then 16
+// decode steps — on the head kernel (FMA rows, and MIMO's tensor-core rows), or on the f32 kernels through the copy
+// where the head kernel does not reach (d_state 30) — keep outputs within 2e-2 and states within 2e-2 (relative L2)
+// of the f32 state's, and a row the slot mask skips keeps its bf16 bits. The errors are printed (docs/perf.md).
+TEST(Mamba3Gpu, Bf16StateDecodeTracksF32State) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(31);
+  struct Restore {
+    cuda::DecodeChoice saved = cuda::decode_choice();
+    ~Restore() { cuda::set_decode_choice(saved); }
+  } restore;
+  const int64_t B = 7;
+  const int steps = 16;
+  struct Case {
+    RandomCase rc;
+    bool tensor_cores;
+  };
+  const Case cases[] = {{kRandomCases[0], false}, {kRandomCases[4], false}, {kRandomCases[4], true},
+                        {kRandomCases[3], false}, {kRandomCases[10], false}};
+  for (const Case& cs : cases) {
+    const RandomCase& rc = cs.rc;
+    SCOPED_TRACE(std::string(rc.name) + (cs.tensor_cores ? " (tensor-core rows)" : ""));
+    cuda::DecodeChoice choice = restore.saved;
+    choice.kernel = cuda::DecodeKernel::Head;
+    choice.head_tensor_cores = cs.tensor_cores;
+    cuda::set_decode_choice(choice);
+    const Mamba3Config c = make_config(rc);
+    TensorMap w = random_mixer_weights(c, rng);
+    cuda::GpuMamba3Layer gpu(c, w, "", "random", nullptr, Precision::F32);
+    cuda::GpuMamba3State f32(c, B), b16(c, B, /*ssm_bf16=*/true);
+    const Tensor u = random_tensor(rng, {B, 5, c.d_model});
+    gpu_forward(gpu, ctx, u, f32, Precision::F32);
+    gpu_forward(gpu, ctx, u, b16, Precision::F32);
+    {
+      const Mamba3State a = download_state(f32, c), b = download_state(b16, c);
+      const float* x = a.ssm.data<float>();
+      const float* y = b.ssm.data<float>();
+      int64_t differ = 0;
+      for (int64_t i = 0; i < a.ssm.numel(); ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, x + i, 4);
+        const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;  // nearest even
+        uint32_t got;
+        std::memcpy(&got, y + i, 4);
+        differ += got != rounded;
+      }
+      EXPECT_EQ(differ, 0) << "bf16 state after prefill vs the f32 state rounded";
+      EXPECT_EQ(rel_l2(b.k, a.k), 0.0) << "k state after prefill";
+    }
+    double worst_y = 0.0;
+    for (int t = 0; t < steps; ++t) {
+      const Tensor x = random_tensor(rng, {B, 1, c.d_model});
+      const Tensor y_f32 = gpu_forward(gpu, ctx, x, f32, Precision::F32);
+      const Tensor y_b16 = gpu_forward(gpu, ctx, x, b16, Precision::F32);
+      const double e = rel_l2(y_b16, y_f32);
+      worst_y = std::max(worst_y, e);
+      ASSERT_LE(e, 2e-2) << "step " << t;
+      ASSERT_GT(e, 0.0) << "step " << t << ": no rounding at all (is the state really bf16?)";
+    }
+    const Mamba3State a = download_state(f32, c), b = download_state(b16, c);
+    const double e_ssm = rel_l2(b.ssm, a.ssm);
+    EXPECT_LE(e_ssm, 2e-2) << "ssm after decode";
+    std::printf("[ bf16 state ] %s%s: worst output rel. error over %d steps %.2e, ssm %.2e\n", rc.name,
+                cs.tensor_cores ? " (tensor-core rows)" : "", steps, worst_y, e_ssm);
+    // A skipped row keeps its bits (the conversion path rounds the unchanged copy back to the same bits).
+    cuda::DeviceBuffer mask(size_t(B) * sizeof(int32_t));
+    std::vector<int32_t> m(size_t(B), 1);
+    m[2] = 0;
+    mask.upload(m.data(), m.size() * sizeof(int32_t));
+    cuda::Mamba3GpuState view = b16.rows_from(0);
+    view.active = mask.as<int32_t>();
+    const Mamba3State before = download_state(b16, c);
+    const Tensor x = random_tensor(rng, {B, 1, c.d_model});
+    {
+      cuda::DeviceBuffer xd = to_device_activation(x, Precision::F32);
+      cuda::DeviceBuffer zx(gpu.zx_bytes(B)), o(gpu.o_bytes(B)), out(size_t(B * c.d_model) * 4);
+      gpu.forward(ctx, xd.raw(), B, 1, view, zx.as<float>(), o.raw(), out.as<float>());
+      ctx.sync();
+    }
+    const Mamba3State after = download_state(b16, c);
+    EXPECT_TRUE(same_row(after.ssm, before.ssm, 2)) << "the skipped row's ssm";
+    EXPECT_FALSE(same_row(after.ssm, before.ssm, 1)) << "an active row's ssm did not change";
+  }
+}
+
 // The chunked tensor-core prefill (bf16 layers) against the CPU f32 layer on awkward shapes: lengths around the
 // chunk sizes (63 new tokens per chunk for R = 1, 31 for R = 2, 20 for R = 3, 15 for R = 4: L = 63/64/65 crosses the
 // first chunk boundary, where the β term pairs with the previous chunk's last k and v), ranks 1–4, groups 2, output

@@ -108,12 +108,13 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
   const auto t0 = std::chrono::steady_clock::now();
   const TensorMap w = init_weights(c, 1, InitStreams::Parallel);  // timing only: values need not match training's
   CudaModel m(c, w, name, cuda::parse_precision(a.precision));
+  m.set_state_precision(cuda::parse_precision(a.state_precision));
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double prefill_floor = gemm_flops / prefill_flops_per_token(w);  // tokens/s if only the products counted
   const double wbytes = double(m.parameter_bytes()), sbytes = double(m.state_bytes_per_sequence());
   const int64_t V = c.vocab_padded();
-  std::printf("\n%s: %s weights %.2f GB on the device, decode state %.1f MB per sequence (f32), built in %.0f s\n",
-              name.c_str(), a.precision.c_str(), wbytes / 1e9, sbytes / 1e6, load_s);
+  std::printf("\n%s: %s weights %.2f GB on the device, decode state %.1f MB per sequence (%s ssm), built in %.0f s\n",
+              name.c_str(), a.precision.c_str(), wbytes / 1e9, sbytes / 1e6, a.state_precision.c_str(), load_s);
   std::mt19937 rng(7);
 
   std::printf("  %-10s %10s %12s %12s %10s %10s\n", "decode", "ms/step", "tokens/s", "MB moved", "GB/s",

@@ -10,6 +10,7 @@ struct CudaBenchArgs {
   std::vector<std::string> presets{"1.5b"};  // 1.5b, 1.5b-mimo, or a config.json path via `config`
   std::string config;
   std::string precision = "bf16";
+  std::string state_precision = "f32";  // of the Mamba-3 ssm state
   std::vector<int64_t> batches{1, 16, 128};
   std::vector<int64_t> lengths{512, 1024, 4096, 16384};  // prefill n then decode n, at batch `long_batch`
   int64_t long_batch = 128;

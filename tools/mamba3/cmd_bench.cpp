@@ -96,6 +96,8 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--device", device, "cpu, or cuda (presets 1.5b, 1.5b-mimo)")->capture_default_str();
 #ifdef MAMBA3_HAVE_CUDA
   cmd->add_option("--precision", ca.precision, "cuda: weights and matrix inputs, bf16 or f32")->capture_default_str();
+  cmd->add_option("--state-precision", ca.state_precision, "cuda: the Mamba-3 ssm state, f32 or bf16")
+      ->capture_default_str();
   cmd->add_option("--lengths", ca.lengths, "cuda: prefill n + decode n runs (empty: skip)")
       ->delimiter(',')
       ->capture_default_str();

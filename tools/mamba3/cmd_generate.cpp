@@ -24,7 +24,7 @@ struct GenerateArgs {
   bool greedy = false, print_ids = false, no_stats = false;
   int threads = 0;
   std::vector<int64_t> stop_ids;
-  std::string device = "cpu", precision = "bf16";
+  std::string device = "cpu", precision = "bf16", state_precision = "f32";
 };
 
 std::vector<int64_t> parse_ids(const std::string& text) {
@@ -100,7 +100,8 @@ void run(const GenerateArgs& a) {
   };
   std::vector<std::vector<int64_t>> out;
 #ifdef MAMBA3_HAVE_CUDA
-  if (a.device == "cuda") out = cuda::generate_gpu(dir, a.precision, prompt, a.batch, opt, on_token, &stats);
+  if (a.device == "cuda") out = cuda::generate_gpu(dir, a.precision, prompt, a.batch, opt, on_token, &stats,
+                                                           a.state_precision);
 #endif
   if (a.device == "cpu") out = generate_n(LanguageModel::load(dir), prompt, a.batch, opt, on_token, &stats);
   if (stream) {
@@ -154,6 +155,9 @@ void register_generate(CLI::App& app) {
   cmd->add_option("--device", a.device, "cpu, or cuda (decode steps as CUDA graphs, sampling on the GPU)")
       ->capture_default_str();
   cmd->add_option("--precision", a.precision, "cuda: bf16 (weights and matrix inputs) or f32 (exact mode)")
+      ->capture_default_str();
+  cmd->add_option("--state-precision", a.state_precision,
+                  "cuda: the Mamba-3 ssm state, f32 or bf16 (half the state memory and traffic; rounded every step)")
       ->capture_default_str();
   cmd->add_flag("--greedy", a.greedy, "greedy decoding (same as --temperature 0)");
   cmd->add_flag("--print-ids", a.print_ids, "print the generated token ids (one JSON list per sequence)");

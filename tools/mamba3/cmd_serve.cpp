@@ -18,7 +18,7 @@ namespace mamba3::cli {
 namespace {
 
 struct ServeArgs {
-  std::string model, host = "127.0.0.1", device = "auto", precision = "bf16", api_key, alias;
+  std::string model, host = "127.0.0.1", device = "auto", precision = "bf16", state_precision = "f32", api_key, alias;
   int port = 8080, threads = 0, http_threads = 0;
   server::EngineOptions engine;
   server::ServerLimits limits;
@@ -53,7 +53,9 @@ void run(ServeArgs& a) {
     backend = std::make_unique<server::CpuBackend>(*cpu_model, a.engine.lane_rows);
   } else {
 #ifdef MAMBA3_HAVE_SERVER_CUDA
+    const cuda::Precision state = cuda::parse_precision(a.state_precision);
     gpu_model = std::make_unique<cuda::CudaModel>(cuda::CudaModel::load(a.model, cuda::parse_precision(a.precision)));
+    gpu_model->set_state_precision(state);
     // Batched prefill stays exact: fixed 256-row matrix products, so a prompt's results do not depend on its company.
     if (a.engine.prefill_batch > 1) gpu_model->set_prefill_row_block(256);
     // Every slot holds a whole sequence: the longest prompt plus the most tokens a request may ask for.
@@ -106,6 +108,9 @@ void register_serve(CLI::App& app) {
                   "auto (cuda when built and a GPU is present, else cpu), cpu, or cuda (one GPU; --max-batch slots)")
       ->capture_default_str();
   cmd->add_option("--precision", a.precision, "cuda: bf16 (weights and matrix inputs) or f32 (exact mode)")
+      ->capture_default_str();
+  cmd->add_option("--state-precision", a.state_precision,
+                  "cuda: the Mamba-3 ssm state, f32 or bf16 (half the state memory and traffic; rounded every step)")
       ->capture_default_str();
   cmd->add_option("--api-key", a.api_key, "require 'Authorization: Bearer KEY' (except /health)");
   cmd->add_option("--alias", a.alias, "model name in the API (default: the directory name)");
