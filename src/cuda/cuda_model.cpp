@@ -265,6 +265,8 @@ GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
                                   : nullptr);
   }
   impl_->reserve(c->ws, batch, batch);
+  // A step reads device_ids(): a new cache holds id 0 there, never the bytes of a recycled allocation.
+  MAMBA3_CUDA_CHECK(cudaMemset(c->ws.ids.raw(), 0, size_t(batch) * sizeof(int32_t)));
   c->active_host.assign(size_t(batch), 1);
   c->active_staging.assign(size_t(batch), 1);
   c->active = DeviceBuffer(size_t(batch) * sizeof(int32_t));
