@@ -149,7 +149,7 @@ void GpuLmTrainer::decide_keep(int64_t B, int64_t L) {
   static const std::string mode = env_choice("MAMBA3_TRAIN_KEEP", {"auto", "on", "off"});
   int64_t need = 0;
   for (const auto& l : layers_)
-    if (!l->attention) need += work_->mamba->activation_bytes(B, L) - int64_t(l->mamba_kept.bytes());
+    if (!l->attention) need += work_->mamba->activation_bytes(B, L, gemm_.precision()) - int64_t(l->mamba_kept.bytes());
   size_t free_bytes = 0, total = 0;
   MAMBA3_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
   // Only the batched chunk path starts its backward from kept activations (the fused one recomputes regardless).

@@ -170,7 +170,10 @@ int Mamba3TrainGpu::forward_chunk_length(int64_t L, int& blocks) {
 }
 
 void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-                             const float* u) {
+                             const float* u, PhaseProfile* prof) {
+  const auto mark = [prof](const char* part) {
+    if (prof) prof->mark(part);
+  };
   const MixerDims d = make_dims(c_, B, L);
   const int64_t M = B * L, din = d.din, BHL = B * d.H * L;
   const cudaStream_t s = ctx.stream();
@@ -181,12 +184,16 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   reserve_floats(act_->sn, BHL * d.S);
   reserve_floats(act_->o, M * d.d_inner);
   gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(act_->zx), din);
+  mark("in_proj");
   launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw));
+  mark("normalize bc");
   const TokenScalars sc{f(act_->scalars), f(act_->scalars, BHL), f(act_->scalars, 2 * BHL),
                         f(act_->scalars, 3 * BHL), f(act_->scalars, 4 * BHL)};
   launch_token_scalars(s, d, f(act_->zx), w.dt_bias, sc);
+  mark("token scalars");
   reserve_floats(act_->angle_seg, int64_t(angle_scratch_floats(d)));
   launch_angles(s, d, f(act_->zx), sc.dt, f(act_->cs), f(act_->sn), f(act_->angle_seg));
+  mark("angles");
 }
 
 namespace {
@@ -206,14 +213,17 @@ ChunkParams base_params(const MixerDims& d, int T, const Mamba3TrainWeights& w, 
 
 }  // namespace
 
-int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L) const {
+int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precision) const {
   const MixerDims d = make_dims(c_, B, L);
   const int T = batched_chunk_length(std::max<int64_t>(L, 1));
   const int64_t M = B * L, BHL = B * d.H * L, nc = (L + T - 1) / T, BHc = B * d.H * nc, rows = int64_t(T) * d.R;
+  const bool bf16 = precision == Precision::BF16;
   const int64_t floats = M * d.din + M * 2 * d.R * d.G * d.N + 5 * BHL + 2 * BHL * d.S + M * d.d_inner +
                          int64_t(angle_scratch_floats(d)) + (BHc + 1) * d.P * d.N + 5 * BHc * T + BHc +
-                         BHc * rows * (2 * d.N + 4 * d.P + 2 * rows);
-  return floats * int64_t(sizeof(float));
+                         BHc * rows * (2 * d.P + rows);  // Z, WV, S
+  // Product operands (q, k, v, w ⊙ v, W) and, in the bf16 mode, the scan's bf16 copy of the chunk states.
+  const int64_t operands = BHc * rows * (2 * d.N + 2 * d.P + rows);
+  return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 : 0);
 }
 
 int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
@@ -337,14 +347,15 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   act_ = keep ? keep : &own_;
   act_->valid = false;
   const MixerDims d = make_dims(c_, B, L);
-  prepare(ctx, gemm, w, B, L, u);
+  PhaseProfile prof(ctx.stream(), "mixer forward profile", 2);
+  prepare(ctx, gemm, w, B, L, u, &prof);
   if (chunk_batched_) {
-    PhaseProfile prof(ctx.stream(), "mixer forward profile", 2);
     batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr, prof);
-    prof.report();
     act_->B = B, act_->L = L, act_->valid = true;
     gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(act_->o), d.d_inner, w.out_proj, d.d_inner, 0.0f,
              out, c_.d_model);
+    prof.mark("out_proj");
+    prof.report();
     return;
   }
   int fwd_blocks = 1;

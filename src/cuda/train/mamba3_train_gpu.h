@@ -13,6 +13,7 @@
 
 #include "cuda/cuda_context.h"
 #include "cuda/device_buffer.h"
+#include "cuda/train/phase_profile.h"
 #include "cuda/train/train_gemm.h"
 #include "ops/mamba3_config.h"
 
@@ -63,8 +64,9 @@ class Mamba3TrainGpu {
   void backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, const Mamba3TrainGrads& g,
                 int64_t B, int64_t L, const float* u, const float* dout, float* du,
                 Mamba3TrainActivations* kept = nullptr);
-  // The bytes a Mamba3TrainActivations holds after a forward of B × L tokens with the batched chunk path.
-  int64_t activation_bytes(int64_t B, int64_t L) const;
+  // The bytes a Mamba3TrainActivations holds after a forward of B × L tokens with the batched chunk path, its product
+  // operands in `precision`'s element size (F32 gives an upper bound for both modes).
+  int64_t activation_bytes(int64_t B, int64_t L, Precision precision = Precision::F32) const;
 
   // The GPU chunk length (tokens) used for sequences of length L: the largest T ≤ 64/R (and ≤ L, and ≤
   // MAMBA3_TRAIN_CHUNK_LEN when set: a tuning knob read once per process) whose shared-memory tiles fit the device.
@@ -122,7 +124,7 @@ class Mamba3TrainGpu {
  private:
   // in_proj, B/C normalisation, per-token scalars and angles (shared by forward and backward).
   void prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-               const float* u);
+               const float* u, PhaseProfile* prof = nullptr);
 
   // The batched path (chunk_batched_): the chunked forward into o (and, with `backward`, everything the backward's
   // chunk stage produces: dz/dx columns of dzx_, dBn_, dCn_, dphi_, sgrad_, the chunk partials at part_ offsets).
