@@ -28,6 +28,12 @@ else echo "FAIL: seeded sampling: [$a] [$b] [$c]"; failures=$((failures + 1)); f
 lines=$("$bin" generate -m "$model" --ids 1,2,3 -n 4 --batch 3 --print-ids --no-stats 2>/dev/null | wc -l)
 [ "$lines" = 3 ] && echo "ok: --batch 3 gives 3 sequences" || { echo "FAIL: --batch 3 gave $lines lines"; failures=$((failures + 1)); }
 
+expect_error "bf16 state on the CPU" "only --device cuda stores a bf16 state" \
+  "$bin" generate -m "$model" --ids 1 --state-precision bf16
+expect_error "unknown state precision" "'f16' is not one of f32, bf16" \
+  "$bin" generate -m "$model" --ids 1 --state-precision f16
+expect_error "serve: bf16 state on the CPU" "only the CUDA backend stores a bf16 state" \
+  timeout 20 "$bin" serve -m "$model" --device cpu --port 0 --state-precision bf16
 expect_error "missing model dir" "not a model directory" "$bin" generate -m "$tmp/nope" --ids 1
 mkdir -p "$tmp/empty"
 expect_error "missing config.json" "config.json: cannot open" "$bin" generate -m "$tmp/empty" --ids 1

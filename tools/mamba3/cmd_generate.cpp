@@ -69,6 +69,11 @@ void run(const GenerateArgs& a) {
 #ifndef MAMBA3_HAVE_CUDA
   MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build has no CUDA backend (configure with -DMAMBA3_CUDA=ON)");
 #endif
+  MAMBA3_CHECK(a.state_precision == "f32" || a.state_precision == "bf16",
+               "--state-precision: '{}' is not one of f32, bf16", a.state_precision);
+  MAMBA3_CHECK(a.device == "cuda" || a.state_precision == "f32",
+               "--state-precision bf16: only --device cuda stores a bf16 state (the CPU keeps f32; `mamba3 eval "
+               "--state-precision bf16` measures what the rounding costs)");
   const std::string dir = a.model.empty() ? find_default_model() : a.model;
   Tokenizer tok = find_tokenizer(dir);
   std::vector<int64_t> prompt;

@@ -38,6 +38,11 @@ void run(ServeArgs& a) {
   MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build of mamba3 has no CUDA backend (nvcc was not found when it "
                "was configured); rebuild with the CUDA toolkit, or serve with --device cpu");
 #endif
+  MAMBA3_CHECK(a.state_precision == "f32" || a.state_precision == "bf16",
+               "--state-precision: '{}' is not one of f32, bf16", a.state_precision);
+  MAMBA3_CHECK(a.device == "cuda" || a.state_precision == "f32",
+               "--state-precision bf16: only the CUDA backend stores a bf16 state (the CPU keeps f32); serve with "
+               "--device cuda, or measure what it costs with `mamba3 eval --state-precision bf16`");
   MAMBA3_CHECK(a.port >= 0 && a.port <= 65535, "--port: {} is not a TCP port", a.port);
   MAMBA3_CHECK(a.state_cache_mb >= 0 && a.max_body_kb >= 1, "--state-cache-mb must be >= 0 and --max-body-kb >= 1");
   if (a.threads > 0) set_threads(a.threads);
