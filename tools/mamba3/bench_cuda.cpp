@@ -2,14 +2,19 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <random>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_model.h"
 #include "cuda/device_buffer.h"
+#include "cuda/gemm_tuner.h"
+#include "cuda/gemv_small_m.h"
+#include "cuda/stream_gemm.h"
 #include "model/init_weights.h"
 
 namespace mamba3::cli {
@@ -170,6 +175,89 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
   }
 }
 
+// The decode step's matrix products alone (bf16 weights, f32 outputs), per kernel: cuBLAS (cublasGemmEx's default
+// algorithm), the matrix-vector kernel (up to 8 rows) and the stream GEMM. Each timed call reads a different copy of
+// the weights, enough copies that the L2 holds none of them when it comes round again (as in a decode step, where
+// every weight is read once).
+void bench_products(const std::string& name, const ModelConfig& c, const CudaBenchArgs& a, double copy_bw) {
+  struct Product {
+    const char* what;
+    int64_t n, k;
+  };
+  const int64_t D = c.d_model;
+  const std::vector<Product> products = {{"in_proj", c.ssm.d_in_proj(), D},
+                                         {"out_proj", D, c.ssm.d_inner()},
+                                         {"fc1", 2 * c.d_ff(), D},
+                                         {"fc2", D, c.d_ff()},
+                                         {"lm_head", c.vocab_padded(), D}};
+  cuda::Context ctx;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  auto random_bf16 = [&](size_t count) {
+    std::vector<uint16_t> v(count);
+    for (auto& e : v) {
+      const float f = uni(rng);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      e = uint16_t(bits >> 16);
+    }
+    return v;
+  };
+  const int64_t max_m = *std::max_element(a.batches.begin(), a.batches.end());
+  std::printf("\n%s: the decode step's matrix products, µs per call in a graph (weights read once, cold L2); GB/s "
+              "of weight bytes; %% of the copy bandwidth\n  %-9s %6s %8s %8s %6s %10s %10s %10s %8s %8s\n",
+              name.c_str(), "product", "N", "K", "M", "MB", "cuBLAS", "gemv", "stream", "GB/s", "of copy");
+  for (const Product& p : products) {
+    const size_t wbytes = size_t(p.n * p.k) * 2;
+    const size_t copies = std::max<size_t>(2, (3 * ctx.info().l2_bytes + wbytes - 1) / wbytes);
+    cuda::DeviceBuffer w(wbytes * copies), x(size_t(max_m * p.k) * 2), y(size_t(max_m * p.n) * 4);
+    const std::vector<uint16_t> host = random_bf16(size_t(p.n * p.k)), xs = random_bf16(size_t(max_m * p.k));
+    w.upload(host.data(), wbytes);
+    for (size_t i = 1; i < copies; ++i)
+      MAMBA3_CUDA_CHECK(cudaMemcpy(static_cast<char*>(w.raw()) + i * wbytes, w.raw(), wbytes, cudaMemcpyDeviceToDevice));
+    x.upload(xs.data(), xs.size() * 2);
+    auto weights = [&](size_t i) { return static_cast<const char*>(w.raw()) + (i % copies) * wbytes; };
+    for (int64_t m : a.batches) {
+      // Per call, from a graph of `copies` calls replayed (as the decode step runs them: no launch gaps, no host
+      // work between kernels); median of 20 replays.
+      auto time_us = [&](auto&& call) {
+        for (size_t i = 0; i < copies; ++i) call(weights(i));  // warm-up (and any first-call setup)
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
+        for (size_t i = 0; i < copies; ++i) call(weights(i));
+        MAMBA3_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
+        MAMBA3_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        MAMBA3_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
+        const double ms = median_event_ms(ctx.stream(), 20, [&] { MAMBA3_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream())); });
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+        return 1e3 * ms / double(copies);
+      };
+      const double cublas = time_us([&](const void* wp) {
+        cuda::gemm_bf16(ctx, wp, x.raw(), y.as<float>(), cuda::GemmShape{p.n, p.k, m, p.k, p.n});
+      });
+      double gemv = 0, stream = 0;
+      if (m <= cuda::kGemvMaxRows)
+        gemv = time_us([&](const void* wp) {
+          cuda::gemv_small_m(ctx.stream(), wp, p.n, p.k, x.raw(), m, p.k, y.as<float>(), p.n);
+        });
+      if (cuda::stream_gemm_supported(ctx, m, p.n, p.k, p.k, w.raw(), x.raw()))
+        stream = time_us([&](const void* wp) {
+          cuda::stream_gemm(ctx, wp, p.n, p.k, x.raw(), m, p.k, y.as<float>(), p.n);
+        });
+      double best = cublas;
+      if (gemv > 0) best = std::min(best, gemv);
+      if (stream > 0) best = std::min(best, stream);
+      const double gbs = double(wbytes) / (best * 1e-6) / 1e9;
+      auto cell = [](double us) { return us > 0 ? fmt::format("{:.1f}", us) : std::string("-"); };
+      std::printf("  %-9s %6ld %8ld %8ld %6.1f %10s %10s %10s %8.0f %7.0f%%\n", p.what, long(p.n), long(p.k), long(m),
+                  double(wbytes) / 1e6, cell(cublas).c_str(), cell(gemv).c_str(), cell(stream).c_str(), gbs,
+                  100.0 * gbs * 1e9 / copy_bw);
+    }
+  }
+}
+
 }  // namespace
 
 void run_cuda_bench(const CudaBenchArgs& a) {
@@ -180,6 +268,11 @@ void run_cuda_bench(const CudaBenchArgs& a) {
   std::printf("mamba3 bench --device cuda: %s, %d SMs, %.0f GB; device-to-device copy %.0f GB/s (read + write); bf16 "
               "GEMM %.0f TFLOP/s (8192³)\n",
               info.name.c_str(), info.sm_count, double(info.memory_bytes) / 1e9, bw / 1e9, gemm / 1e12);
+  if (a.products) {
+    if (!a.config.empty()) return bench_products(a.config, ModelConfig::load(a.config), a, bw);
+    for (const auto& p : a.presets) bench_products("Mamba-3 " + p, cuda_preset(p), a, bw);
+    return;
+  }
   if (!a.config.empty()) {
     bench_one(a.config, ModelConfig::load(a.config), a, bw, gemm);
   } else {

@@ -16,6 +16,7 @@ struct CudaBenchArgs {
   int64_t long_batch = 128;
   int64_t steps = 50;            // decode steps timed per batch size
   int64_t max_decode_steps = 0;  // > 0: time at most this many decode steps of a prefill+decode run, extrapolate
+  bool products = false;         // time the decode step's matrix products alone, per kernel, instead
 };
 
 void run_cuda_bench(const CudaBenchArgs& a);

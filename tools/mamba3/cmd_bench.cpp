@@ -102,6 +102,8 @@ void register_bench(CLI::App& app) {
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--long-batch", ca.long_batch, "cuda: batch of the prefill+decode runs")->capture_default_str();
+  cmd->add_flag("--products", ca.products,
+                "cuda: time the decode step's matrix products alone (cuBLAS, matrix-vector kernel, stream GEMM)");
   cmd->add_option("--max-decode-steps", ca.max_decode_steps,
                   "cuda: time at most this many decode steps per run and extrapolate (0: all)");
 #endif
