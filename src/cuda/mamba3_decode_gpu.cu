@@ -44,6 +44,26 @@ __device__ __forceinline__ void store_vec(float* p, const float (&d)[4]) {
   *reinterpret_cast<float4*>(p) = make_float4(d[0], d[1], d[2], d[3]);
 }
 
+// Four consecutive state elements held between their streamed load and their use: f32 as loaded, bf16 packed (two
+// per register, widened exactly at use), so that the bf16-state mode holds half the registers for its rows in flight.
+template <typename T>
+struct StateQuad;
+template <>
+struct StateQuad<float> {
+  float4 v;
+  __device__ __forceinline__ void load_stream(const float* p) { v = __ldcs(reinterpret_cast<const float4*>(p)); }
+  __device__ __forceinline__ float at(int e) const { return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w; }
+};
+template <>
+struct StateQuad<__nv_bfloat16> {
+  uint2 u;
+  __device__ __forceinline__ void load_stream(const __nv_bfloat16* p) { u = __ldcs(reinterpret_cast<const uint2*>(p)); }
+  __device__ __forceinline__ float at(int e) const {
+    const unsigned w = e < 2 ? u.x : u.y;
+    return __uint_as_float(e % 2 == 0 ? w << 16 : w & 0xffff0000u);
+  }
+};
+
 // One block per (b, h): the whole decode step of one head (spec §2–§7), nothing staged by an earlier kernel.
 //  1. Requests at once: the warp's first RG state rows, the cached k_{−1} (R·N), the raw B/C rows of its rank
 //     (warps w < 2R: rank w/2, B or C) with their norm weights and biases, the angle state and θ, x, x_{−1} and the
@@ -115,13 +135,13 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
                 &hstage_full, policy);
     }
   }
-  float hs[RG][VPL][VW];
+  StateQuad<StateT> hs[RG][VPL];
   auto load_rows = [&](int p0) {
 #pragma unroll
     for (int i = 0; i < RG; ++i) {
 #pragma unroll
       for (int v = 0; v < VPL; ++v) {
-        if (p0 + i < P && on[v]) state_load4_stream(ssm + int64_t(p0 + i) * N + nv[v], hs[i][v]);
+        if (p0 + i < P && on[v]) hs[i][v].load_stream(ssm + int64_t(p0 + i) * N + nv[v]);
       }
     }
   };
@@ -346,7 +366,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
           float hn[VW];
 #pragma unroll
           for (int e = 0; e < VW; ++e) {
-            hn[e] = alpha * hs[i][v][e];
+            hn[e] = alpha * hs[i][v].at(e);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
               hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);

@@ -403,8 +403,9 @@ TEST(Mamba3TrainGpu, KeptActivationsGiveTheSameGradients) {
       // Consumed: this backward recomputes into the set (the forward did not refill it).
       const auto [du_again, g_again] = step(false, true);
       EXPECT_EQ(std::memcmp(du_ref.raw(), du_again.raw(), du_ref.nbytes()), 0) << "du after consumption";
-      EXPECT_GT(train.activation_bytes(B, L), 0);
-      EXPECT_LE(int64_t(kept.bytes()), train.activation_bytes(B, L) + 4096) << "activation_bytes undercounts";
+      EXPECT_GT(train.activation_bytes(B, L, p), 0);
+      EXPECT_LE(int64_t(kept.bytes()), train.activation_bytes(B, L, p) + 4096) << "activation_bytes undercounts";
+      EXPECT_LE(train.activation_bytes(B, L, p), train.activation_bytes(B, L)) << "F32 is the upper bound";
     }
 }
 
