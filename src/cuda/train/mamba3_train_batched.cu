@@ -207,9 +207,20 @@ __global__ void __launch_bounds__(kThreads) batched_mask_kernel(const BatchedPar
   stage_scalars(p, chunk, Lam, scale, gam);
   __syncthreads();
   const int64_t base = chunk * rows * rows;
-  for (int e = threadIdx.x; e < rows * rows; e += kThreads) {
-    const int j = e / rows, jj = e % rows;
-    static_cast<In*>(p.W)[base + e] = from_f<In>(p.S[base + e] * coef_at(Lam, scale, gam, j / R, jj / R));
+  constexpr int kE = 4;  // entries per thread at a time: their loads before their stores
+  for (int e0 = threadIdx.x; e0 < rows * rows; e0 += kThreads * kE) {
+    float sv[kE];
+#pragma unroll
+    for (int k = 0; k < kE; ++k) {
+      const int e = e0 + k * kThreads;
+      sv[k] = e < rows * rows ? p.S[base + e] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kE; ++k) {
+      const int e = e0 + k * kThreads, j = e / rows, jj = e % rows;
+      if (e < rows * rows)
+        static_cast<In*>(p.W)[base + e] = from_f<In>(sv[k] * coef_at(Lam, scale, gam, j / R, jj / R));
+    }
   }
 }
 
@@ -375,18 +386,31 @@ __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedPar
   stage_scalars(p, ix.chunk, Lam, scale, gam);
   __syncthreads();
   const int64_t base = ix.chunk * rows * rows;
-  for (int e = threadIdx.x; e < rows * rows; e += kThreads) {
-    const int j = e / rows, jj = e % rows, tl = j / R, sl = jj / R;
-    const float s = p.S[base + e], dw = p.dWf[base + e], gc = dw * s;
-    float cf = 0.0f, G = 0.0f, E = 0.0f;
-    if (sl < tl) {
-      const float ex = expf(Lam[tl] - Lam[sl]);
-      cf = ex * scale[sl], G = gc * cf, E = gc * ex;
-    } else if (sl == tl) {
-      cf = gam[tl], G = gc;  // the diagonal's gc, told apart by its index below
+  constexpr int kE = 4;  // entries per thread at a time: their loads before their stores
+  for (int e0 = threadIdx.x; e0 < rows * rows; e0 += kThreads * kE) {
+    float sv[kE], dwv[kE];
+#pragma unroll
+    for (int k = 0; k < kE; ++k) {
+      const int e = e0 + k * kThreads;
+      sv[k] = e < rows * rows ? p.S[base + e] : 0.0f;
+      dwv[k] = e < rows * rows ? p.dWf[base + e] : 0.0f;
     }
-    sG[j * ld + jj] = G, sE[j * ld + jj] = E;
-    static_cast<In*>(p.dS)[base + e] = from_f<In>(dw * cf);
+#pragma unroll
+    for (int k = 0; k < kE; ++k) {
+      const int e = e0 + k * kThreads;
+      if (e >= rows * rows) break;
+      const int j = e / rows, jj = e % rows, tl = j / R, sl = jj / R;
+      const float s = sv[k], dw = dwv[k], gc = dw * s;
+      float cf = 0.0f, G = 0.0f, E = 0.0f;
+      if (sl < tl) {
+        const float ex = expf(Lam[tl] - Lam[sl]);
+        cf = ex * scale[sl], G = gc * cf, E = gc * ex;
+      } else if (sl == tl) {
+        cf = gam[tl], G = gc;  // the diagonal's gc, told apart by its index below
+      }
+      sG[j * ld + jj] = G, sE[j * ld + jj] = E;
+      static_cast<In*>(p.dS)[base + e] = from_f<In>(dw * cf);
+    }
   }
   __syncthreads();
   for (int i = threadIdx.x; i < 2 * rows; i += kThreads) {
