@@ -20,7 +20,7 @@ namespace {
 
 // A block: two consumer warpgroups, each owning 64 of a tile's 128 weight rows, and one producer warp issuing the
 // copies. A unit of work is one k-block of one tile: 128 columns of K as two 64-column boxes (two 128-byte pieces of
-// each weight row back to back; one 64-column box per stage measured 4–8 % slower), 32 KB of W.
+// each weight row back to back; one 64-column box per stage measured 4–10 % slower), 32 KB of W.
 constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
 constexpr int kConsumers = 256, kThreads = kConsumers + 32;
 constexpr int kMaxStages = 8, kSmemLimit = 212 * 1024;
