@@ -17,22 +17,6 @@ namespace {
 
 bool stream_gemm_device(const cuda::Context& ctx) { return ctx.info().cc_major == 9 && ctx.info().cc_minor == 0; }
 
-// y = x · Wᵀ in float64 from the bf16-rounded values; x rows `stride` elements apart (first K used).
-Tensor reference(const Tensor& w_bf16, const Tensor& x_bf16, int64_t K) {
-  const Tensor w = w_bf16.to(DType::F64), x = x_bf16.to(DType::F64);
-  const int64_t N = w.dim(0), M = x.dim(0), stride = x.dim(1);
-  Tensor y = Tensor::empty(DType::F64, {M, N});
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      double acc = 0;
-      const double* xr = x.data<double>() + m * stride;
-      const double* wr = w.data<double>() + n * K;
-      for (int64_t k = 0; k < K; ++k) acc += xr[k] * wr[k];
-      y.data<double>()[m * N + n] = acc;
-    }
-  return y;
-}
-
 struct Case {
   int64_t n, k, x_pad;  // x rows are k + x_pad elements apart
   std::vector<int64_t> rows;
@@ -59,7 +43,7 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
       SCOPED_TRACE("N=" + std::to_string(c.n) + " K=" + std::to_string(c.k) + " M=" + std::to_string(M));
       const int64_t stride = c.k + c.x_pad;
       const Tensor x = random_tensor(rng, {M, stride}).to(DType::BF16);
-      const Tensor ref = reference(w, x, c.k);
+      const Tensor ref = product_wt_f64(w, x);
       cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * c.n) * 4);
       dx.upload(x.raw(), x.nbytes());
       ASSERT_TRUE(cuda::stream_gemm_supported(ctx, M, c.n, c.k, stride, dw.raw(), dx.raw()));
@@ -107,7 +91,7 @@ TEST(StreamGemmGpu, StridedOutputLeavesOtherColumnsAlone) {
       }
     }
   EXPECT_EQ(untouched, (M + 1) * ldy - M * N) << "the kernel wrote outside its M × N outputs";
-  EXPECT_LE(rel_l2(packed, reference(w, x, K)), 1e-5);
+  EXPECT_LE(rel_l2(packed, product_wt_f64(w, x)), 1e-5);
 }
 
 // A row's result does not depend on the batch it is computed in (decode slots): rows of a 128-row product equal
