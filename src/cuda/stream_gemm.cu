@@ -183,8 +183,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   }
   if (split == 1) return;  // the producer warp
 
-  // The tile's parts: each block's part into its (now idle) stage ring as [value i][consumer thread t]; after the
-  // cluster barrier block `rank` adds elements [E·rank/split, E·(rank+1)/split) over the blocks in rank order.
+  // The tile's parts: each block's part into its stage ring as [value i][consumer thread t]; after the cluster
+  // barrier block `rank` adds elements [E·rank/split, E·(rank+1)/split) over the blocks in rank order.
+  __syncthreads();  // both warpgroups' last products have read the ring (each waited only for its own)
   float* part = reinterpret_cast<float*>(smem);
   if (warp < kConsumers / 32) {
 #pragma unroll
@@ -244,6 +245,9 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   std::call_once(attr_once, [] {
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(S::kSmemBytes)));
+    // Two blocks per SM need the largest shared-memory carve-out.
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           int(cudaSharedmemCarveoutMaxShared)));
   });
   const CUtensorMap wmap = tensor_map(w, n, k, k, kTileRows);
   const CUtensorMap xmap = tensor_map(x, m, k, x_stride, NB);
