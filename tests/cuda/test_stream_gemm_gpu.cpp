@@ -28,12 +28,13 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(17);
   const std::vector<Case> cases = {
-      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 40, 64}},  // 8 tiles × 33 k-blocks: about 2 units per block
-      {200, 8192, 24, {3, 8, 40, 64}},                          // 2 tiles, each split over ~66 blocks
-      {40000, 72, 8, {7, 31, 64}},                              // 313 tiles of 2 k-blocks: whole tiles per block
-      {37, 3824, 0, {2, 12, 57}},                                // one partial tile; K = 59.75 k-blocks
-      {8672, 16, 0, {64}},                                      // K shorter than a k-block
-      {2048, 4096, 0, {8, 64}},                                  // the 1.5B out_proj: 16 tiles × 8 blocks
+      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 40, 64}},  // 8 tiles × 17 k-blocks, 8 blocks per tile
+      {200, 8192, 24, {3, 8, 40, 64}},                 // 2 tiles × 64 k-blocks, 8 blocks per tile
+      {40000, 72, 8, {7, 31, 64}},                     // 313 tiles of one k-block: one block per tile
+      {37, 3824, 0, {2, 12, 57}},                      // one partial tile; K = 29.9 k-blocks
+      {8672, 16, 0, {64}},                             // K shorter than a k-block (68 tiles, not split)
+      {2048, 4096, 0, {8, 64}},                        // the 1.5B out_proj: 16 tiles × 8 blocks
+      {8672, 2048, 0, {5, 64}},                        // the 1.5B in_proj: 68 tiles × 3 blocks
   };
   for (const Case& c : cases) {
     const Tensor w = random_tensor(rng, {c.n, c.k}).to(DType::BF16);
