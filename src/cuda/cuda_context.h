@@ -51,8 +51,6 @@ class Context {
   // exact batched prefill: prompts prefilled together equal prompts prefilled alone). Buffers that linear() reads
   // or writes must then hold padded_rows(m) rows. Set for the duration of a call by RowBlockScope.
   int64_t gemm_row_block() const { return gemm_row_block_; }
-  // The stream GEMM's scratch (stream_gemm.h): partial tiles; null on devices it does not run on.
-  float* stream_gemm_partials() const { return static_cast<float*>(stream_gemm_scratch_); }
   int64_t padded_rows(int64_t m) const {
     return gemm_row_block_ > 0 ? (m + gemm_row_block_ - 1) / gemm_row_block_ * gemm_row_block_ : m;
   }
@@ -64,7 +62,6 @@ class Context {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
-  void* stream_gemm_scratch_ = nullptr;
   mutable cublasLtHandle_t cublas_lt_ = nullptr;
   mutable void* cublas_lt_workspace_ = nullptr;
   mutable std::unique_ptr<GemmTuner> gemm_tuner_;

@@ -19,11 +19,13 @@ namespace mamba3::cuda {
 namespace {
 
 // A block: two consumer warpgroups, each owning 64 of a tile's 128 weight rows, and one producer warp issuing the
-// copies. A unit of work is one k-block of one tile: 128 columns of K as two 64-column boxes (two 128-byte pieces of
-// each weight row back to back; one 64-column box per stage measured 4–8 % slower), 32 KB of W.
+// copies. A unit of work is one k-block of the tile: 128 columns of K as two 64-column boxes (two 128-byte pieces of
+// each weight row back to back; one 64-column box per stage measured 4–10 % slower), 32 KB of W.
+// Two blocks per SM (≤ 110 KB of shared memory, ≤ 112 registers), so that the split below depends only on the shape
+// and the SM count: one SM streams at most ~46 GB/s (H200), ~1.5× its share of the copy bandwidth.
 constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
-constexpr int kConsumers = 256, kThreads = kConsumers + 32;
-constexpr int kMaxStages = 8, kSmemLimit = 212 * 1024;
+constexpr int kConsumers = 256, kThreads = kConsumers + 32, kBlocksPerSm = 2;
+constexpr int kMaxStages = 8, kSmemLimit = 110 * 1024, kMaxSplit = 8;
 constexpr int kDefaultMinRows = 5;
 
 template <int NB>
@@ -33,7 +35,8 @@ struct Shape {
   static constexpr int kStageBytes = kBoxes * (kWBoxBytes + kXBoxBytes);
   static constexpr int kStages = kMaxStages < kSmemLimit / kStageBytes ? kMaxStages : kSmemLimit / kStageBytes;
   static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */;
-  static constexpr int kPartialFloats = kTileRows * NB;  // one tile's partial sums (a slot)
+  static_assert(kStages >= 2, "at least two stages");
+  static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
 };
 
 __device__ __forceinline__ void mbar_init_count(uint64_t* bar, unsigned count) {
@@ -66,32 +69,36 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   const uint64_t a = smem_addr(p);
   return ((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
+// Every thread of every block of the cluster; shared-memory writes before it are visible to the cluster after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The float at the same shared-memory offset as `local` in the cluster's block `rank`.
+__device__ __forceinline__ float load_peer(const float* local, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
 
-// Units [begin(g), begin(g + 1)) belong to block g.
-__device__ __forceinline__ int64_t unit_begin(int64_t units, int g, int grid) { return units * g / grid; }
-
-// Thread t's accumulator value i (fragment of wgmma m64nNBk16, consumer warpgroup t / 128) is weight row
+// Consumer thread t's accumulator value i (fragment of wgmma m64nNBk16, warpgroup t / 128) is weight row
 // row_of(t) + 8·((i / 2) % 2) of the tile and batch row col_of(t) + 8·(i / 4) + i % 2.
 __device__ __forceinline__ int row_of(int t) { return (t / 128) * 64 + ((t / 32) % 4) * 16 + (t % 32) / 4; }
 __device__ __forceinline__ int col_of(int t) { return 2 * (t % 4); }
-
-template <int NB>
-__device__ __forceinline__ void store_tile(const float (&acc)[NB / 2], float* y, int64_t ldy, int m, int n,
-                                           int64_t tile) {
-  const int64_t row0 = tile * kTileRows + row_of(threadIdx.x);
-  const int col0 = col_of(threadIdx.x);
-#pragma unroll
-  for (int i = 0; i < NB / 2; ++i) {
-    const int64_t row = row0 + 8 * ((i / 2) % 2);
-    const int col = 8 * (i / 4) + col0 + i % 2;
-    if (row < n && col < m) y[col * ldy + row] = acc[i];
-  }
+__device__ __forceinline__ void store_value(float v, int i, int t, float* y, int64_t ldy, int m, int n, int64_t tile) {
+  const int64_t row = tile * kTileRows + row_of(t) + 8 * ((i / 2) % 2);
+  const int col = col_of(t) + 8 * (i / 4) + i % 2;
+  if (row < n && col < m) y[col * ldy + row] = v;
 }
 
+// Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
+// of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
+// slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
 template <int NB>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
-                       int64_t ldy, int m, int n, int kblocks, int64_t units, float* partials) {
+                       int64_t ldy, int m, int n, int kblocks, int split) {
   using S = Shape<NB>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -100,8 +107,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto stage_w = [&](int s, int b) { return smem + s * S::kStageBytes + b * S::kWBoxBytes; };
   auto stage_x = [&](int s, int b) { return smem + s * S::kStageBytes + kBoxes * S::kWBoxBytes + b * S::kXBoxBytes; };
 
-  const int g = blockIdx.x, grid = gridDim.x;
-  const int64_t u_begin = unit_begin(units, g, grid), u_end = unit_begin(units, g + 1, grid);
+  const int64_t tile = blockIdx.x / split;
+  const int rank = blockIdx.x % split;  // = %cluster_ctarank: clusters are `split` consecutive blocks
+  const int kb_begin = int(int64_t(kblocks) * rank / split), kb_end = int(int64_t(kblocks) * (rank + 1) / split);
+  const int count = kb_end - kb_begin;  // ≥ 1: split ≤ kblocks
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S::kStages; ++s) {
@@ -113,51 +122,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   pdl_trigger();
 
-  if (warp == kConsumers / 32) {  // producer
-    if (lane != 0) return;
-    asm volatile("prefetch.tensormap [%0];" ::"l"(&wmap) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(&xmap) : "memory");
-    const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
-    auto load_w = [&](int s, int64_t u) {
-      for (int b = 0; b < kBoxes; ++b)
-        tma_load_2d(stage_w(s, b), &wmap, int(u % kblocks) * kKBlock + b * kBox, int(u / kblocks) * kTileRows,
-                    &full[s], stream_out);
-    };
-    auto load_x = [&](int s, int64_t u) {
-      for (int b = 0; b < kBoxes; ++b)
-        tma_load_2d(stage_x(s, b), &xmap, int(u % kblocks) * kKBlock + b * kBox, 0, &full[s], keep);
-    };
-    const int64_t count = u_end - u_begin;
-    // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL they
-    // stream while the previous kernel finishes.
-    const int64_t early = count < S::kStages ? count : S::kStages;
-    for (int64_t i = 0; i < early; ++i) {
-      expect_bytes(&full[i], S::kStageBytes);
-      load_w(int(i), u_begin + i);
-    }
-    pdl_wait();
-    for (int64_t i = 0; i < early; ++i) load_x(int(i), u_begin + i);
-    for (int64_t i = early; i < count; ++i) {
-      const int s = int(i % S::kStages);
-      mbar_wait(&empty[s], unsigned((i / S::kStages - 1) & 1));
-      expect_bytes(&full[s], S::kStageBytes);
-      load_w(s, u_begin + i);
-      load_x(s, u_begin + i);
-    }
-    return;
-  }
-
-  // Consumers: warpgroup wg multiplies W rows 64·wg … + 63 of the stage with x (the batch as wgmma's N).
-  pdl_wait();
-  const int wg = warp / 4;
   float acc[NB / 2];
-  int64_t it = 0;
-  for (int64_t u = u_begin; u < u_end;) {
-    const int64_t tile = u / kblocks, tile_lo = tile * kblocks, tile_hi = tile_lo + kblocks;
-    const int64_t seg_end = u_end < tile_hi ? u_end : tile_hi;
-    for (int64_t v = u; v < seg_end; ++v, ++it) {
-      const int s = int(it % S::kStages);
-      mbar_wait(&full[s], unsigned((it / S::kStages) & 1));
+  if (warp == kConsumers / 32) {  // producer (lane 0); the warp stays for the cluster's reduction
+    if (lane == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&wmap) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&xmap) : "memory");
+      const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
+      const int row0 = int(tile) * kTileRows;
+      auto load_w = [&](int s, int kb) {
+        for (int b = 0; b < kBoxes; ++b)
+          tma_load_2d(stage_w(s, b), &wmap, kb * kKBlock + b * kBox, row0, &full[s], stream_out);
+      };
+      auto load_x = [&](int s, int kb) {
+        for (int b = 0; b < kBoxes; ++b) tma_load_2d(stage_x(s, b), &xmap, kb * kKBlock + b * kBox, 0, &full[s], keep);
+      };
+      // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
+      // they stream while the previous kernel finishes.
+      const int early = count < S::kStages ? count : S::kStages;
+      for (int i = 0; i < early; ++i) {
+        expect_bytes(&full[i], S::kStageBytes);
+        load_w(i, kb_begin + i);
+      }
+      pdl_wait();
+      for (int i = 0; i < early; ++i) load_x(i, kb_begin + i);
+      for (int i = early; i < count; ++i) {
+        const int s = i % S::kStages;
+        mbar_wait(&empty[s], unsigned((i / S::kStages - 1) & 1));
+        expect_bytes(&full[s], S::kStageBytes);
+        load_w(s, kb_begin + i);
+        load_x(s, kb_begin + i);
+      }
+    }
+    pdl_wait();  // every lane: the reduction below writes y
+    __syncwarp();
+  } else {
+    // Consumers: warpgroup wg multiplies W rows 64·wg … + 63 of each stage with x (the batch as wgmma's N).
+    pdl_wait();
+    const int wg = warp / 4;
+    for (int i = 0; i < count; ++i) {
+      const int s = i % S::kStages;
+      mbar_wait(&full[s], unsigned((i / S::kStages) & 1));
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
       for (int b = 0; b < kBoxes; ++b) {
@@ -165,51 +169,37 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBox / 16; ++kk)
           wgmma::Mma<NB>::run(acc, smem_desc(w_rows + kk * 32), smem_desc(stage_x(s, b) + kk * 32),
-                              v > u || b > 0 || kk > 0);
+                              i > 0 || b > 0 || kk > 0);
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       if (lane == 0) mbar_arrive(&empty[s]);
     }
-    if (u == tile_lo && seg_end == tile_hi) {
-      store_tile<NB>(acc, y, ldy, m, n, tile);
-    } else {
-      // Split tile: this block's part goes to its slot (0: the block's first segment, 1: its last); the fix-up
-      // kernel adds the parts in block order once the grid is done. (Doing it here — the last block to finish a
-      // tile takes a ticket and adds the parts — put ~4 µs of fences, atomics and L2 round trips at the end of
-      // every product; the fix-up kernel is launched under PDL.)
-      float* mine = partials + size_t(2 * g + (u == u_begin ? 0 : 1)) * S::kPartialFloats;
+    if (split == 1) {
 #pragma unroll
-      for (int i = 0; i < NB / 2; ++i) __stcg(mine + i * kConsumers + threadIdx.x, acc[i]);
+      for (int i = 0; i < NB / 2; ++i) store_value(acc[i], i, threadIdx.x, y, ldy, m, n, tile);
+      return;
     }
-    u = seg_end;
   }
-}
+  if (split == 1) return;  // the producer warp
 
-// The split tiles' sums: block g adds the parts of the tile that starts inside its range and ends beyond it (at most
-// one per block) in block order and stores it. Thread t holds the values of consumer thread t.
-template <int NB>
-__global__ void __launch_bounds__(kConsumers) stream_gemm_fixup_kernel(float* y, int64_t ldy, int m, int n,
-                                                                        int kblocks, int64_t units, int grid,
-                                                                        const float* partials) {
-  using S = Shape<NB>;
-  pdl_trigger();
-  const int g = blockIdx.x;
-  const int64_t u_begin = unit_begin(units, g, grid), u_end = unit_begin(units, g + 1, grid);
-  const int64_t tile = (u_end - 1) / kblocks, tile_lo = tile * kblocks, tile_hi = tile_lo + kblocks;
-  if (tile_lo < u_begin || tile_hi <= u_end) return;  // no tile starts here, or it ends here (stored whole)
-  pdl_wait();
-  float acc[NB / 2];
-  for (int gp = g; gp < grid && unit_begin(units, gp, grid) < tile_hi; ++gp) {
-    const int slot = gp == g && u_begin != tile_lo ? 1 : 0;  // block g: its last segment; later blocks: their first
-    const float* part = partials + size_t(2 * gp + slot) * S::kPartialFloats;
+  // The tile's parts: each block's part into its stage ring as [value i][consumer thread t]; after the cluster
+  // barrier block `rank` adds elements [E·rank/split, E·(rank+1)/split) over the blocks in rank order.
+  __syncthreads();  // both warpgroups' last products have read the ring (each waited only for its own)
+  float* part = reinterpret_cast<float*>(smem);
+  if (warp < kConsumers / 32) {
 #pragma unroll
-    for (int i = 0; i < NB / 2; ++i) {
-      const float p = __ldcg(part + i * kConsumers + threadIdx.x);
-      acc[i] = gp == g ? p : acc[i] + p;
-    }
+    for (int i = 0; i < NB / 2; ++i) part[i * kConsumers + threadIdx.x] = acc[i];
   }
-  store_tile<NB>(acc, y, ldy, m, n, tile);
+  cluster_sync();
+  constexpr int kElems = kTileRows * NB;
+  const int e_end = int(int64_t(kElems) * (rank + 1) / split);
+  for (int e = int(int64_t(kElems) * rank / split) + threadIdx.x; e < e_end; e += kThreads) {
+    float sum = load_peer(part + e, 0);
+    for (int q = 1; q < split; ++q) sum += load_peer(part + e, q);
+    store_value(sum, e / kConsumers, e % kConsumers, y, ldy, m, n, tile);
+  }
+  cluster_sync();  // no block leaves while its peers may still read its part
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
@@ -239,6 +229,14 @@ CUtensorMap tensor_map(const void* base, int64_t rows, int64_t cols, int64_t str
   return map;
 }
 
+// Blocks per tile: the fewest tiles·split blocks that still fill the device's two blocks per SM, at most 8 (the
+// portable cluster size) and at most one per k-block. A function of (N, K, SM count) only, so rows are batch-invariant.
+int split_for(int64_t tiles, int kblocks, int sm_count) {
+  const int64_t capacity = int64_t(sm_count) * kBlocksPerSm;
+  if (tiles >= capacity) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, capacity / tiles})));
+}
+
 template <int NB>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
             float* y, int64_t y_stride) {
@@ -247,29 +245,38 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   std::call_once(attr_once, [] {
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(S::kSmemBytes)));
+    // Two blocks per SM need the largest shared-memory carve-out.
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           int(cudaSharedmemCarveoutMaxShared)));
   });
   const CUtensorMap wmap = tensor_map(w, n, k, k, kTileRows);
   const CUtensorMap xmap = tensor_map(x, m, k, x_stride, NB);
   const int kblocks = int((k + kKBlock - 1) / kKBlock);
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows, units = tiles * kblocks;
-  // One block per SM, whatever M: a row's sums then split the same way at every batch size (batch-invariant rows).
-  // (Two blocks per SM streamed 10 % faster at M ≤ 32 without the split fix-up, which dominates either way.)
-  const int grid = int(std::min<int64_t>(units, ctx.info().sm_count));
-  float* partials = ctx.stream_gemm_partials();
-  launch_pdl(true, stream_gemm_kernel<NB>, dim3(grid), dim3(kThreads), S::kSmemBytes, ctx.stream(), wmap, xmap, y,
-             y_stride, int(m), int(n), kblocks, units, partials);
-  if (units % grid != 0 || (units / grid) % kblocks != 0)  // some block's range is not whole tiles
-    launch_pdl(true, stream_gemm_fixup_kernel<NB>, dim3(grid), dim3(kConsumers), 0, ctx.stream(), y, y_stride,
-               int(m), int(n), kblocks, units, grid, static_cast<const float*>(partials));
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int split = split_for(tiles, kblocks, ctx.info().sm_count);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(tiles * split));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = S::kSmemBytes;
+  config.stream = ctx.stream();
+  cudaLaunchAttribute attribute[2];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = unsigned(split);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[1].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  config.attrs = attribute;
+  config.numAttrs = 2;
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<NB>, wmap, xmap, y, y_stride, int(m), int(n),
+                                       kblocks, split));
 }
 
 }  // namespace
 
-size_t stream_gemm_scratch_bytes(int sm_count) { return size_t(sm_count) * 2 * Shape<128>::kPartialFloats * 4; }
-
 bool stream_gemm_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride, const void* w,
                            const void* x) {
-  return ctx.stream_gemm_partials() != nullptr && m >= 1 && m <= kStreamGemmMaxRows && n >= 1 &&
+  return ctx.info().cc_major == 9 && ctx.info().cc_minor == 0 && m >= 1 && m <= kStreamGemmMaxRows && n >= 1 &&
          n < (int64_t(1) << 31) && k >= 8 && k % 8 == 0 && x_stride % 8 == 0 && k < (int64_t(1) << 31) &&
          reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
@@ -282,8 +289,7 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
   if (m <= 8) return launch<8>(ctx, w, n, k, x, m, x_stride, y, y_stride);
   if (m <= 16) return launch<16>(ctx, w, n, k, x, m, x_stride, y, y_stride);
   if (m <= 32) return launch<32>(ctx, w, n, k, x, m, x_stride, y, y_stride);
-  if (m <= 64) return launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride);
-  return launch<128>(ctx, w, n, k, x, m, x_stride, y, y_stride);
+  return launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride);
 }
 
 bool stream_gemm_preferred(int64_t m) {

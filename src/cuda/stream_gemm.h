@@ -1,11 +1,10 @@
 #pragma once
-// y (M, N) f32 = x (M, K) · Wᵀ for the decode step's products at 1–128 rows on Hopper: W (bf16, read once) streams
+// y (M, N) f32 = x (M, K) · Wᵀ for the decode step's products at 1–64 rows on Hopper: W (bf16, read once) streams
 // through the bulk tensor copy engine into a ring of shared-memory stages and the tensor cores (wgmma, batch as the
-// instruction's N) multiply it with x. A persistent grid of one block per SM splits the (row tile, k-block) work
-// evenly ("stream-K"), so every SM streams the same share of W whatever N and K are; the parts of a row tile split
-// between blocks are added in block order by a small fix-up kernel (deterministic; no waiting between blocks).
-// Opt-in (MAMBA3_STREAM_GEMM): in a decode step it is still slower than cuBLAS — the split tiles' fix-up costs more
-// than the weight stream gains (docs/kernels/stream_gemm.md has the measurements and the way forward).
+// instruction's N) multiply it with x. Each 128-row tile is split over K between the blocks of a thread-block
+// cluster (as many as fill two blocks per SM, at most 8), whose parts meet in distributed shared memory and are
+// added in rank order (deterministic, no global scratch). Opt-in (MAMBA3_STREAM_GEMM) until measured faster than
+// cuBLAS in a decode step (docs/kernels/stream_gemm.md has the measurements of the earlier stream-K form).
 #include <cstddef>
 #include <cstdint>
 
@@ -13,10 +12,7 @@ namespace mamba3::cuda {
 
 class Context;
 
-constexpr int64_t kStreamGemmMaxRows = 128;
-
-// Scratch the kernel needs per context (two partial tiles per block), for a device with `sm_count` SMs.
-size_t stream_gemm_scratch_bytes(int sm_count);
+constexpr int64_t kStreamGemmMaxRows = 64;
 
 // Whether the kernel takes this product: a compute capability 9.0 device, 1 ≤ m ≤ kStreamGemmMaxRows, N ≥ 1,
 // K a multiple of 8, x_stride a multiple of 8, both base pointers 16-byte aligned.
@@ -29,7 +25,7 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
                  int64_t x_stride, float* y, int64_t y_stride);
 
 // Whether linear() routes m-row bf16 products here (when supported): MAMBA3_STREAM_GEMM = 0 or unset: never (cuBLAS
-// and the matrix-vector kernel); 1: from 5 rows on; all: every m. Read once per process.
+// and the matrix-vector kernel); 1: from 5 rows on; all: every m (up to kStreamGemmMaxRows). Read once per process.
 bool stream_gemm_preferred(int64_t m);
 
 }  // namespace mamba3::cuda

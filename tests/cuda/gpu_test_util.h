@@ -34,6 +34,23 @@ inline Tensor from_device_f32(const void* dev, Shape shape) {
   return t;
 }
 
+// y = x · Wᵀ in float64 from the values of W (N, K) and of x's first `rows` rows (all when rows < 0), x's rows
+// x.dim(1) apart with their first K entries used: the reference of the matrix-product kernels' tests.
+inline Tensor product_wt_f64(const Tensor& w, const Tensor& x, int64_t rows = -1) {
+  const Tensor w64 = w.to(DType::F64), x64 = x.to(DType::F64);
+  const int64_t N = w64.dim(0), K = w64.dim(1), ldx = x64.dim(1), M = rows < 0 ? x64.dim(0) : rows;
+  Tensor y = Tensor::empty(DType::F64, {M, N});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const double* xr = x64.data<double>() + m * ldx;
+      const double* wr = w64.data<double>() + n * K;
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += xr[k] * wr[k];
+      y.data<double>()[m * N + n] = acc;
+    }
+  return y;
+}
+
 // Fills n floats of device memory with NaN, so that unwritten outputs fail the comparisons.
 inline void poison(void* dev, size_t bytes) { MAMBA3_CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
 

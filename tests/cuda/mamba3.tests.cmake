@@ -2,3 +2,7 @@ mamba3_cuda_test(test_mamba3_gpu ${CMAKE_CURRENT_LIST_DIR}/test_mamba3_gpu.cpp)
 mamba3_cuda_test(test_model_gpu ${CMAKE_CURRENT_LIST_DIR}/test_model_gpu.cpp)
 mamba3_cuda_test(test_gemv_gpu ${CMAKE_CURRENT_LIST_DIR}/test_gemv_gpu.cpp)
 mamba3_cuda_test(test_stream_gemm_gpu ${CMAKE_CURRENT_LIST_DIR}/test_stream_gemm_gpu.cpp)
+# linear() routing every bf16 product of up to 128 rows through the opt-in stream GEMM (bias, strided rows).
+add_test(NAME test_gemv_gpu_stream_gemm COMMAND test_gemv_gpu --gtest_filter=*LinearDispatch*)
+set_tests_properties(test_gemv_gpu_stream_gemm PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
+                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")

@@ -19,22 +19,6 @@ namespace {
 using cuda::GemmShape;
 using cuda::GemmTuner;
 
-// The first `rows` rows of y = x · Wᵀ in float64 from bf16 values, packed (rows, N); x's rows are x.dim(1) apart.
-Tensor reference(const Tensor& w_bf16, const Tensor& x_bf16, int64_t rows) {
-  const Tensor w = w_bf16.to(DType::F64), x = x_bf16.to(DType::F64);
-  const int64_t N = w.dim(0), K = w.dim(1), ldx = x.dim(1);
-  Tensor ref = Tensor::empty(DType::F64, {rows, N});
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      const double* xr = x.data<double>() + m * ldx;
-      const double* wr = w.data<double>() + n * K;
-      double acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += xr[k] * wr[k];
-      ref.data<double>()[m * N + n] = acc;
-    }
-  return ref;
-}
-
 // A product's operands on the host (bf16 values, x with its row pitch) and on the device (y poisoned).
 struct Problem {
   GemmShape s;
@@ -53,7 +37,7 @@ struct Problem {
   }
   float* y() const { return dy.as<float>(); }
 
-  Tensor reference() const { return test::reference(w, x, s.m); }
+  Tensor reference() const { return product_wt_f64(w, x, s.m); }
 
   // y's first N columns, packed (M, N); fails the test when a column past N (inside the pitch) was written.
   Tensor result() const {
@@ -139,7 +123,7 @@ TEST(GemmTunerGpu, LinearWithBiasAndRowBlocks) {
   } else {
     EXPECT_EQ(chosen, GemmTuner::Choice::Untuned) << "MAMBA3_GEMM_TUNE=0 must not reach the tuner";
   }
-  Tensor ref = reference(w.to(DType::BF16), x, M);
+  Tensor ref = product_wt_f64(w.to(DType::BF16), x, M);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) ref.data<double>()[m * N + n] += bias.data<float>()[n];
   const Tensor all = from_device_f32(dy.raw(), {rows, N});

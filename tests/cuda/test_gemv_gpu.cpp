@@ -14,20 +14,6 @@
 namespace mamba3::test {
 namespace {
 
-// y = x · Wᵀ in float64 from the bf16-rounded values.
-Tensor reference(const Tensor& w_bf16, const Tensor& x_bf16) {
-  const Tensor w = w_bf16.to(DType::F64), x = x_bf16.to(DType::F64);
-  const int64_t N = w.dim(0), K = w.dim(1), M = x.dim(0);
-  Tensor y = Tensor::empty(DType::F64, {M, N});
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      double acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += x.data<double>()[m * K + k] * w.data<double>()[n * K + k];
-      y.data<double>()[m * N + n] = acc;
-    }
-  return y;
-}
-
 TEST(GemvGpu, MatchesFloat64OnAwkwardShapes) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -38,7 +24,7 @@ TEST(GemvGpu, MatchesFloat64OnAwkwardShapes) {
     dw.upload(w.raw(), w.nbytes());
     for (int64_t M = 1; M <= cuda::kGemvMaxRows; ++M) {
       const Tensor x = random_tensor(rng, {M, K}).to(DType::BF16);
-      const Tensor ref = reference(w, x);
+      const Tensor ref = product_wt_f64(w, x);
       for (int split : {1, 2, 4}) {
         SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
                      " split=" + std::to_string(split));
@@ -99,7 +85,7 @@ TEST(GemvGpu, StridedRowsAndLinearDispatch) {
     Tensor x = Tensor::empty(DType::F32, {M, K});
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) x.data<float>()[m * K + k] = xs.data<float>()[m * stride + k];
-    Tensor ref = reference(w.to(DType::BF16), x.to(DType::BF16));
+    Tensor ref = product_wt_f64(w.to(DType::BF16), x.to(DType::BF16));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) ref.data<double>()[m * N + n] += bias.data<float>()[n];
     EXPECT_LE(rel_l2(from_device_f32(dy.raw(), {M, N}), ref), 1e-5);

@@ -1,6 +1,6 @@
-// The stream GEMM (TMA weight stream → wgmma, stream-K split with a fix-up kernel) against a float64 product of the
-// same bf16 values: every batch width class (1–128 rows), tiles split over many blocks (small N, long K), many tiles
-// per block (large N, short K), K not a multiple of the k-block, odd N, strided rows; repeated calls bit-identical
+// The stream GEMM (TMA weight stream → wgmma, tiles split over K inside thread-block clusters) against a float64
+// product of the same bf16 values: every batch width class (1–64 rows), tiles split over 2–8 blocks (small N), one
+// block per tile (large N), K not a multiple of the k-block, odd N, strided rows; repeated calls bit-identical
 // (every tile written again each call); rows independent of the batch they share a call with.
 #include <gtest/gtest.h>
 
@@ -17,22 +17,6 @@ namespace {
 
 bool stream_gemm_device(const cuda::Context& ctx) { return ctx.info().cc_major == 9 && ctx.info().cc_minor == 0; }
 
-// y = x · Wᵀ in float64 from the bf16-rounded values; x rows `stride` elements apart (first K used).
-Tensor reference(const Tensor& w_bf16, const Tensor& x_bf16, int64_t K) {
-  const Tensor w = w_bf16.to(DType::F64), x = x_bf16.to(DType::F64);
-  const int64_t N = w.dim(0), M = x.dim(0), stride = x.dim(1);
-  Tensor y = Tensor::empty(DType::F64, {M, N});
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
-      double acc = 0;
-      const double* xr = x.data<double>() + m * stride;
-      const double* wr = w.data<double>() + n * K;
-      for (int64_t k = 0; k < K; ++k) acc += xr[k] * wr[k];
-      y.data<double>()[m * N + n] = acc;
-    }
-  return y;
-}
-
 struct Case {
   int64_t n, k, x_pad;  // x rows are k + x_pad elements apart
   std::vector<int64_t> rows;
@@ -44,12 +28,13 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(17);
   const std::vector<Case> cases = {
-      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 64, 65, 100, 128}},  // 8 tiles × 33 k-blocks: about 2 units per block
-      {200, 8192, 24, {3, 8, 40, 128}},                          // 2 tiles, each split over ~66 blocks
-      {40000, 72, 8, {7, 31, 128}},                              // 313 tiles of 2 k-blocks: whole tiles per block
-      {37, 3824, 0, {2, 12, 97}},                                // one partial tile; K = 59.75 k-blocks
-      {8672, 16, 0, {128}},                                      // K shorter than a k-block
-      {2048, 4096, 0, {8, 128}},                                 // the 1.5B out_proj: 16 tiles over 132 blocks
+      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 40, 64}},  // 8 tiles × 17 k-blocks, 8 blocks per tile
+      {200, 8192, 24, {3, 8, 40, 64}},                 // 2 tiles × 64 k-blocks, 8 blocks per tile
+      {40000, 72, 8, {7, 31, 64}},                     // 313 tiles of one k-block: one block per tile
+      {37, 3824, 0, {2, 12, 57}},                      // one partial tile; K = 29.9 k-blocks
+      {8672, 16, 0, {64}},                             // K shorter than a k-block (68 tiles, not split)
+      {2048, 4096, 0, {8, 64}},                        // the 1.5B out_proj: 16 tiles × 8 blocks
+      {8672, 2048, 0, {5, 64}},                        // the 1.5B in_proj: 68 tiles × 3 blocks
   };
   for (const Case& c : cases) {
     const Tensor w = random_tensor(rng, {c.n, c.k}).to(DType::BF16);
@@ -59,7 +44,7 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
       SCOPED_TRACE("N=" + std::to_string(c.n) + " K=" + std::to_string(c.k) + " M=" + std::to_string(M));
       const int64_t stride = c.k + c.x_pad;
       const Tensor x = random_tensor(rng, {M, stride}).to(DType::BF16);
-      const Tensor ref = reference(w, x, c.k);
+      const Tensor ref = product_wt_f64(w, x);
       cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * c.n) * 4);
       dx.upload(x.raw(), x.nbytes());
       ASSERT_TRUE(cuda::stream_gemm_supported(ctx, M, c.n, c.k, stride, dw.raw(), dx.raw()));
@@ -107,28 +92,28 @@ TEST(StreamGemmGpu, StridedOutputLeavesOtherColumnsAlone) {
       }
     }
   EXPECT_EQ(untouched, (M + 1) * ldy - M * N) << "the kernel wrote outside its M × N outputs";
-  EXPECT_LE(rel_l2(packed, reference(w, x, K)), 1e-5);
+  EXPECT_LE(rel_l2(packed, product_wt_f64(w, x)), 1e-5);
 }
 
-// A row's result does not depend on the batch it is computed in (decode slots): rows of a 128-row product equal
-// the same rows computed in 5-, 16- and 64-row products, bit for bit.
+// A row's result does not depend on the batch it is computed in (decode slots): rows of a 64-row product equal
+// the same rows computed in 5-, 16- and 33-row products, bit for bit.
 TEST(StreamGemmGpu, RowsAreBatchInvariant) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(29);
-  const int64_t N = 2048 + 40, K = 4096 + 8, M = 128;
+  const int64_t N = 2048 + 40, K = 4096 + 8, M = 64;
   const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16), x = random_tensor(rng, {M, K}).to(DType::BF16);
   cuda::DeviceBuffer dw(w.nbytes()), dx(x.nbytes()), dy(size_t(M * N) * 4), ds(size_t(M * N) * 4);
   dw.upload(w.raw(), w.nbytes());
   dx.upload(x.raw(), x.nbytes());
   cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
   const Tensor all = from_device_f32(dy.raw(), {M, N});
-  for (int64_t rows : {5, 16, 64}) {
+  for (int64_t rows : {5, 16, 33}) {
     cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), rows, K, ds.as<float>(), N);
     const Tensor part = from_device_f32(ds.raw(), {rows, N});
     EXPECT_EQ(std::memcmp(part.raw(), all.raw(), part.nbytes()), 0)
-        << "the first " << rows << " rows differ from the same rows in a 128-row product";
+        << "the first " << rows << " rows differ from the same rows in a 64-row product";
   }
 }
 
@@ -137,7 +122,7 @@ TEST(StreamGemmGpu, RejectsUnsupportedShapes) {
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   cuda::DeviceBuffer buf(size_t(1) << 20);
-  EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 129, 64, 64, 64, buf.raw(), buf.raw()));  // too many rows
+  EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 65, 64, 64, 64, buf.raw(), buf.raw()));   // too many rows
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 60, 64, buf.raw(), buf.raw()));   // K not a multiple of 8
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 68, buf.raw(), buf.raw()));   // stride
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 64, static_cast<char*>(buf.raw()) + 2, buf.raw()));

@@ -208,6 +208,7 @@ void bench_products(const std::string& name, const ModelConfig& c, const CudaBen
               "of weight bytes; %% of the copy bandwidth\n  %-9s %6s %8s %8s %6s %10s %10s %10s %8s %8s\n",
               name.c_str(), "product", "N", "K", "M", "MB", "cuBLAS", "gemv", "stream", "GB/s", "of copy");
   for (const Product& p : products) {
+    if (p.n == 0 || p.k == 0) continue;  // a config without that product (no MLP)
     const size_t wbytes = size_t(p.n * p.k) * 2;
     const size_t copies = std::max<size_t>(2, (3 * ctx.info().l2_bytes + wbytes - 1) / wbytes);
     cuda::DeviceBuffer w(wbytes * copies), x(size_t(max_m * p.k) * 2), y(size_t(max_m * p.n) * 4);
