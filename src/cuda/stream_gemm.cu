@@ -26,7 +26,10 @@ namespace {
 constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
 constexpr int kConsumers = 256, kThreads = kConsumers + 32, kBlocksPerSm = 2;
 constexpr int kMaxStages = 8, kSmemLimit = 110 * 1024, kMaxSplit = 8;
-constexpr int kDefaultMinRows = 5;
+// The default policy's row range, from the decode-step A/B against cuBLAS on an H200 (1.5B SISO, ms/step:
+// b8 1.775 -> 1.588, b16 2.074 -> 1.990, b64 3.389 -> 3.715; docs/kernels/stream_gemm.md). Below 5 rows the
+// matrix-vector kernel wins; above 16 the step measured slower.
+constexpr int kDefaultMinRows = 5, kDefaultMaxRows = 16;
 
 template <int NB>
 struct Shape {
@@ -293,9 +296,11 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
 }
 
 bool stream_gemm_preferred(int64_t m) {
-  static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"0", "1", "all"});
+  static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "1", "all"});
+  if (mode == "0") return false;
+  if (mode == "all") return true;
   if (mode == "1") return m >= kDefaultMinRows;
-  return mode == "all";
+  return m >= kDefaultMinRows && m <= kDefaultMaxRows;  // "auto" or unset
 }
 
 }  // namespace mamba3::cuda

@@ -3,8 +3,8 @@
 // through the bulk tensor copy engine into a ring of shared-memory stages and the tensor cores (wgmma, batch as the
 // instruction's N) multiply it with x. Each 128-row tile is split over K between the blocks of a thread-block
 // cluster (as many as fill two blocks per SM, at most 8), whose parts meet in distributed shared memory and are
-// added in rank order (deterministic, no global scratch). Opt-in (MAMBA3_STREAM_GEMM) until measured faster than
-// cuBLAS in a decode step (docs/kernels/stream_gemm.md has the measurements of the earlier stream-K form).
+// added in rank order (deterministic, no global scratch). linear() uses it by default for 5–16 rows, where the
+// decode step measured faster than with cuBLAS (docs/kernels/stream_gemm.md).
 #include <cstddef>
 #include <cstdint>
 
@@ -24,8 +24,9 @@ bool stream_gemm_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, 
 void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                  int64_t x_stride, float* y, int64_t y_stride);
 
-// Whether linear() routes m-row bf16 products here (when supported): MAMBA3_STREAM_GEMM = 0 or unset: never (cuBLAS
-// and the matrix-vector kernel); 1: from 5 rows on; all: every m (up to kStreamGemmMaxRows). Read once per process.
+// Whether linear() routes m-row bf16 products here (when supported): MAMBA3_STREAM_GEMM = auto or unset: 5–16 rows;
+// 0: never (cuBLAS and the matrix-vector kernel); 1: from 5 rows on; all: every m (all up to kStreamGemmMaxRows).
+// Read once per process.
 bool stream_gemm_preferred(int64_t m);
 
 }  // namespace mamba3::cuda
