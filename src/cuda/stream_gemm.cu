@@ -21,15 +21,17 @@ namespace {
 // A block: two consumer warpgroups, each owning 64 of a tile's 128 weight rows, and one producer warp issuing the
 // copies. A unit of work is one k-block of the tile: 128 columns of K as two 64-column boxes (two 128-byte pieces of
 // each weight row back to back; one 64-column box per stage measured 4–10 % slower), 32 KB of W.
-// Two blocks per SM (≤ 110 KB of shared memory, ≤ 112 registers), so that the split below depends only on the shape
-// and the SM count: one SM streams at most ~46 GB/s (H200), ~1.5× its share of the copy bandwidth.
+// Two blocks per SM (≤ 110 KB of shared memory, ≤ 112 registers), so that wide products (lm_head: ~1000 tiles) keep
+// two weight streams per SM: one SM streams at most ~46 GB/s (H200), ~1.5× its share of the copy bandwidth.
 constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
 constexpr int kConsumers = 256, kThreads = kConsumers + 32, kBlocksPerSm = 2;
 constexpr int kMaxStages = 8, kSmemLimit = 110 * 1024, kMaxSplit = 8;
-// The default policy's row range, from the decode-step A/B against cuBLAS on an H200 (1.5B SISO, ms/step:
-// b8 1.775 -> 1.588, b16 2.074 -> 1.990, b64 3.389 -> 3.715; docs/kernels/stream_gemm.md). Below 5 rows the
-// matrix-vector kernel wins; above 16 the step measured slower.
+// The default policy, from the decode-step A/B against cuBLAS on an H200 (1.5B, ms/step; docs/kernels/stream_gemm.md):
+// 5–16 rows (SISO b8 1.775 -> 1.588, b16 2.074 -> 1.990; b24–b64 slower or even), and up to 64 rows for products
+// as wide as an lm_head (128256 × 2048: 140.6 vs cuBLAS 153.8 µs at 64 rows). Below 5 rows the matrix-vector
+// kernel wins.
 constexpr int kDefaultMinRows = 5, kDefaultMaxRows = 16;
+constexpr int64_t kDefaultWideN = 65536;
 
 template <int NB>
 struct Shape {
@@ -232,12 +234,16 @@ CUtensorMap tensor_map(const void* base, int64_t rows, int64_t cols, int64_t str
   return map;
 }
 
-// Blocks per tile: the fewest tiles·split blocks that still fill the device's two blocks per SM, at most 8 (the
-// portable cluster size) and at most one per k-block. A function of (N, K, SM count) only, so rows are batch-invariant.
+// Blocks per tile, a function of (N, K, SM count) only, so rows are batch-invariant. A block streams up to ~48 GB/s
+// (H200), and splitting a tile costs its cluster's reduction: one block per tile as soon as the tiles occupy 45 % of
+// the SMs (measured: 1.5B in_proj, 68 tiles, and fc1, 64 tiles, were 0.5–4 µs faster unsplit than split 2–4), else
+// about one block per SM (out_proj, 16 tiles: 8 per tile was the fastest of 1–8), at most 8 (the portable cluster
+// size) and at most one per k-block. MAMBA3_STREAM_GEMM_SPLIT = 1–8 forces the split (tuning sweeps).
 int split_for(int64_t tiles, int kblocks, int sm_count) {
-  const int64_t capacity = int64_t(sm_count) * kBlocksPerSm;
-  if (tiles >= capacity) return 1;
-  return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, capacity / tiles})));
+  static const int forced = int(env_integer("MAMBA3_STREAM_GEMM_SPLIT", 0, 0, kMaxSplit));
+  if (forced > 0) return std::min(forced, kblocks);
+  if (tiles * 20 >= int64_t(sm_count) * 9) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, sm_count / tiles})));
 }
 
 template <int NB>
@@ -295,12 +301,12 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
   return launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride);
 }
 
-bool stream_gemm_preferred(int64_t m) {
+bool stream_gemm_preferred(int64_t m, int64_t n) {
   static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "1", "all"});
   if (mode == "0") return false;
   if (mode == "all") return true;
   if (mode == "1") return m >= kDefaultMinRows;
-  return m >= kDefaultMinRows && m <= kDefaultMaxRows;  // "auto" or unset
+  return m >= kDefaultMinRows && (m <= kDefaultMaxRows || n >= kDefaultWideN);  // "auto" or unset
 }
 
 }  // namespace mamba3::cuda

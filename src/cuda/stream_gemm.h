@@ -2,9 +2,9 @@
 // y (M, N) f32 = x (M, K) · Wᵀ for the decode step's products at 1–64 rows on Hopper: W (bf16, read once) streams
 // through the bulk tensor copy engine into a ring of shared-memory stages and the tensor cores (wgmma, batch as the
 // instruction's N) multiply it with x. Each 128-row tile is split over K between the blocks of a thread-block
-// cluster (as many as fill two blocks per SM, at most 8), whose parts meet in distributed shared memory and are
-// added in rank order (deterministic, no global scratch). linear() uses it by default for 5–16 rows, where the
-// decode step measured faster than with cuBLAS (docs/kernels/stream_gemm.md).
+// cluster (none when the tiles fill the SMs; at most 8), whose parts meet in distributed shared memory and are
+// added in rank order (deterministic, no global scratch). linear() uses it by default for 5–16 rows (wide products:
+// up to 64), where the decode step measured faster than with cuBLAS (docs/kernels/stream_gemm.md).
 #include <cstddef>
 #include <cstdint>
 
@@ -24,9 +24,9 @@ bool stream_gemm_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, 
 void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                  int64_t x_stride, float* y, int64_t y_stride);
 
-// Whether linear() routes m-row bf16 products here (when supported): MAMBA3_STREAM_GEMM = auto or unset: 5–16 rows;
-// 0: never (cuBLAS and the matrix-vector kernel); 1: from 5 rows on; all: every m (all up to kStreamGemmMaxRows).
-// Read once per process.
-bool stream_gemm_preferred(int64_t m);
+// Whether linear() routes an m-row product with N outputs here (when supported): MAMBA3_STREAM_GEMM = auto or
+// unset: 5–16 rows, and 5–64 rows when N ≥ 65536 (an lm_head); 0: never (cuBLAS and the matrix-vector kernel);
+// 1: from 5 rows on; all: every m (all up to kStreamGemmMaxRows). Read once per process.
+bool stream_gemm_preferred(int64_t m, int64_t n);
 
 }  // namespace mamba3::cuda

@@ -1,5 +1,5 @@
 // The stream GEMM (TMA weight stream → wgmma, tiles split over K inside thread-block clusters) against a float64
-// product of the same bf16 values: every batch width class (1–64 rows), tiles split over 2–8 blocks (small N), one
+// product of the same bf16 values: every batch width class (1–64 rows), tiles split over 3–8 blocks (small N), one
 // block per tile (large N), K not a multiple of the k-block, odd N, strided rows; repeated calls bit-identical
 // (every tile written again each call); rows independent of the batch they share a call with.
 #include <gtest/gtest.h>
@@ -34,7 +34,9 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
       {37, 3824, 0, {2, 12, 57}},                      // one partial tile; K = 29.9 k-blocks
       {8672, 16, 0, {64}},                             // K shorter than a k-block (68 tiles, not split)
       {2048, 4096, 0, {8, 64}},                        // the 1.5B out_proj: 16 tiles × 8 blocks
-      {8672, 2048, 0, {5, 64}},                        // the 1.5B in_proj: 68 tiles × 3 blocks
+      {8672, 2048, 0, {5, 64}},                        // the 1.5B in_proj: 68 tiles, not split
+      {3840, 1000, 8, {6, 20}},                        // 30 tiles × 4 blocks (one per SM on 132 SMs)
+      {2560, 300, 0, {9}},                             // 20 tiles × 3 blocks (its three k-blocks)
   };
   for (const Case& c : cases) {
     const Tensor w = random_tensor(rng, {c.n, c.k}).to(DType::BF16);
