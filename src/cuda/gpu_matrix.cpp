@@ -51,7 +51,7 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
     const size_t elem = activation_size(w.precision);
     for (int64_t r0 = 0; r0 < m; r0 += block)
       gemm(static_cast<const char*>(x) + size_t(r0 * ldx) * elem, block, y + r0 * ldy);
-  } else if (!f32 && stream_gemm_preferred(m, w.n) && stream_gemm_supported(ctx, m, w.n, w.k, ldx, w.weight.raw(), x)) {
+  } else if (!f32 && stream_gemm_preferred(m) && stream_gemm_supported(ctx, m, w.n, w.k, ldx, w.weight.raw(), x)) {
     stream_gemm(ctx, w.weight.raw(), w.n, w.k, x, m, ldx, y, ldy);
   } else if (!f32 && m <= kGemvPreferredRows && gemv_small_m_supported(m, w.k, ldx, w.weight.raw(), x)) {
     gemv_small_m(ctx.stream(), w.weight.raw(), w.n, w.k, x, m, ldx, y, ldy);

@@ -21,20 +21,21 @@ namespace {
 // A block: two consumer warpgroups, each owning 64 of a tile's 128 weight rows, and one producer warp issuing the
 // copies. A unit of work is one k-block of the tile: 128 columns of K as two 64-column boxes (two 128-byte pieces of
 // each weight row back to back; one 64-column box per stage measured 4–10 % slower), 32 KB of W.
-// Two blocks per SM (≤ 110 KB of shared memory, ≤ 112 registers), so that wide products (lm_head: ~1000 tiles) keep
-// two weight streams per SM: one SM streams at most ~46 GB/s (H200), ~1.5× its share of the copy bandwidth.
+// Two variants: two blocks per SM (≤ 110 KB of shared memory, ≤ 112 registers) keep two weight streams per SM when
+// the grid has more blocks than SMs (lm_head: ~1000 tiles) — one SM streams at most ~46 GB/s (H200), ~1.5× its share
+// of the copy bandwidth — and pack split tiles' clusters; one block per SM with the whole shared memory for unsplit
+// tiles that fit the SMs, so that at 32–64 rows (40–48 KB stages) four or five stages are in flight, not two.
 constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
-constexpr int kConsumers = 256, kThreads = kConsumers + 32, kBlocksPerSm = 2;
-constexpr int kMaxStages = 8, kSmemLimit = 110 * 1024, kMaxSplit = 8;
-// The default policy, from the decode-step A/B against cuBLAS on an H200 (1.5B, ms/step; docs/kernels/stream_gemm.md):
-// 5–16 rows (SISO b8 1.775 -> 1.588, b16 2.074 -> 1.990; b24–b64 slower or even), and up to 64 rows for products
-// as wide as an lm_head (128256 × 2048: 140.6 vs cuBLAS 153.8 µs at 64 rows). Below 5 rows the matrix-vector
-// kernel wins.
-constexpr int kDefaultMinRows = 5, kDefaultMaxRows = 16;
-constexpr int64_t kDefaultWideN = 65536;
+constexpr int kConsumers = 256, kThreads = kConsumers + 32;
+constexpr int kMaxStages = 8, kMaxSplit = 8;
+// The default route: from 5 rows (below, the matrix-vector kernel wins) up to kStreamGemmMaxRows. The decode step
+// against cuBLAS on an H200 (1.5B SISO, ms/step; docs/kernels/stream_gemm.md): b8 1.774 -> 1.443, b16 2.071 -> 1.795,
+// b32 2.519 -> 2.291, b64 3.399 -> 3.314.
+constexpr int kDefaultMinRows = 5;
 
-template <int NB>
+template <int NB, int BlocksPerSm>
 struct Shape {
+  static constexpr int kSmemLimit = BlocksPerSm == 2 ? 110 * 1024 : 224 * 1024;
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
   static constexpr int kXBoxBytes = NB * kBox * 2;  // NB rows of 128 bytes: whole 1024-byte swizzle atoms
   static constexpr int kStageBytes = kBoxes * (kWBoxBytes + kXBoxBytes);
@@ -100,11 +101,11 @@ __device__ __forceinline__ void store_value(float v, int i, int t, float* y, int
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
-template <int NB>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+template <int NB, int BlocksPerSm>
+__global__ void __launch_bounds__(kThreads, BlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
                        int64_t ldy, int m, int n, int kblocks, int split) {
-  using S = Shape<NB>;
+  using S = Shape<NB, BlocksPerSm>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kStages * S::kStageBytes);
@@ -246,23 +247,21 @@ int split_for(int64_t tiles, int kblocks, int sm_count) {
   return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, sm_count / tiles})));
 }
 
-template <int NB>
+template <int NB, int BlocksPerSm>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-            float* y, int64_t y_stride) {
-  using S = Shape<NB>;
+            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split) {
+  using S = Shape<NB, BlocksPerSm>;
   static std::once_flag attr_once;
   std::call_once(attr_once, [] {
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(S::kSmemBytes)));
-    // Two blocks per SM need the largest shared-memory carve-out.
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB, BlocksPerSm>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes)));
+    // Both variants need the largest shared-memory carve-out.
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB, BlocksPerSm>,
+                                           cudaFuncAttributePreferredSharedMemoryCarveout,
                                            int(cudaSharedmemCarveoutMaxShared)));
   });
   const CUtensorMap wmap = tensor_map(w, n, k, k, kTileRows);
   const CUtensorMap xmap = tensor_map(x, m, k, x_stride, NB);
-  const int kblocks = int((k + kKBlock - 1) / kKBlock);
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-  const int split = split_for(tiles, kblocks, ctx.info().sm_count);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(tiles * split));
   config.blockDim = dim3(kThreads);
@@ -277,8 +276,24 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   attribute[1].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
   config.attrs = attribute;
   config.numAttrs = 2;
-  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<NB>, wmap, xmap, y, y_stride, int(m), int(n),
-                                       kblocks, split));
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<NB, BlocksPerSm>, wmap, xmap, y, y_stride, int(m),
+                                       int(n), kblocks, split));
+}
+
+// The variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit the SMs
+// (1.5B in_proj/fc1 at 32–64 rows: 13.7 → 11.6, 13.1 → 10.7 µs), else two: clusters of 8 blocks of the big variant
+// measured slower (out_proj 7.4 → 10.0 µs at 8 rows; fewer such clusters fit a GPC at once).
+// MAMBA3_STREAM_GEMM_BLOCKS_PER_SM = 1 or 2 forces one (A/B runs).
+template <int NB>
+void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+            float* y, int64_t y_stride) {
+  static const int forced = int(env_integer("MAMBA3_STREAM_GEMM_BLOCKS_PER_SM", 0, 0, 2));
+  const int kblocks = int((k + kKBlock - 1) / kKBlock);
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int split = split_for(tiles, kblocks, ctx.info().sm_count);
+  const bool one = forced ? forced == 1 : split == 1 && tiles <= ctx.info().sm_count;
+  if (one) return launch<NB, 1>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split);
+  launch<NB, 2>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split);
 }
 
 }  // namespace
@@ -301,12 +316,10 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
   return launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride);
 }
 
-bool stream_gemm_preferred(int64_t m, int64_t n) {
-  static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "1", "all"});
+bool stream_gemm_preferred(int64_t m) {
+  static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "all"});
   if (mode == "0") return false;
-  if (mode == "all") return true;
-  if (mode == "1") return m >= kDefaultMinRows;
-  return m >= kDefaultMinRows && (m <= kDefaultMaxRows || n >= kDefaultWideN);  // "auto" or unset
+  return mode == "all" || m >= kDefaultMinRows;  // "auto" or unset: from 5 rows
 }
 
 }  // namespace mamba3::cuda
