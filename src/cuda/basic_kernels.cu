@@ -1,6 +1,7 @@
 #include <cuda_bf16.h>
 
 #include "cuda/basic_kernels.h"
+#include "cuda/gated_silu.cuh"
 #include "cuda/pdl.h"
 
 namespace mamba3::cuda {
@@ -121,14 +122,14 @@ __global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d,
   }
 }
 
-__global__ void gated_silu_kernel(const float* in, int64_t rows, int64_t f, void* out, bool bf16) {
+// in: rows of f (value, gate) pairs, as fc1 computes them with its rows interleaved (cuda_model.cpp).
+__global__ void gated_silu_kernel(const float2* in, int64_t rows, int64_t f, void* out, bool bf16) {
   pdl_trigger();
   pdl_wait();
   const int64_t total = rows * f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / f, j = i % f;
-    const float y = in[row * 2 * f + j], g = in[row * 2 * f + f + j];
-    store_act(out, i, y * (g / (1.0f + expf(-g))), bf16);
+    const float2 yg = in[i];
+    store_act(out, i, gated_silu_value(yg.x, yg.y), bf16);
   }
 }
 
@@ -171,8 +172,8 @@ void add_norm(cudaStream_t s, const float* hidden, float* residual, int64_t rows
 
 void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* out, Precision out_precision) {
   if (rows * f == 0) return;
-  launch_pdl(pdl_small(rows), gated_silu_kernel, grid_for(rows * f, 256), 256, 0, s, in, rows, f, out,
-             out_precision == Precision::BF16);
+  launch_pdl(pdl_small(rows), gated_silu_kernel, grid_for(rows * f, 256), 256, 0, s,
+             reinterpret_cast<const float2*>(in), rows, f, out, out_precision == Precision::BF16);
 }
 
 void to_activation(cudaStream_t s, const float* in, int64_t n, void* out, Precision out_precision) {

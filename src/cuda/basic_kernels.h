@@ -22,7 +22,8 @@ void embed(cudaStream_t s, const int32_t* ids, int64_t rows, const void* table, 
 void add_norm(cudaStream_t s, const float* hidden, float* residual, int64_t rows, int64_t d, bool first,
               const float* w, const float* b, float eps, void* out, Precision out_precision);
 
-// GatedMLP: in (rows, 2F) = [y | gate] → out (rows, F) = y ⊙ silu(gate).
+// GatedMLP: in (rows, 2F) = F (y, gate) pairs, y_j at column 2j and gate_j at 2j + 1 (fc1's rows interleaved at
+// upload: interleave_gate_rows in cuda_model.cpp) → out (rows, F) = y ⊙ silu(gate).
 void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* out, Precision out_precision);
 
 // n floats → the precision's activation dtype (a copy for F32).

@@ -24,6 +24,22 @@ struct Workspace {
   int64_t rows = 0, logit_rows = 0;
 };
 
+// fc1 (2F, D) = [value rows; gate rows] with its rows interleaved, value j at row 2j and gate j at 2j + 1: the
+// activation then reads neighbouring columns, and at batch 1–4 the matrix-vector kernel finds both halves of a pair
+// in one block and applies it in its epilogue (linear_gated_silu). The same values in another order: exact.
+Tensor interleave_gate_rows(const Tensor& fc1) {
+  const Tensor w = fc1.to(DType::F32);
+  const int64_t f = w.dim(0) / 2, d = w.dim(1);
+  Tensor out = Tensor::empty(DType::F32, {2 * f, d});
+  const float* src = static_cast<const float*>(w.raw());
+  float* dst = static_cast<float*>(out.raw());
+  for (int64_t j = 0; j < f; ++j) {
+    std::copy_n(src + j * d, d, dst + 2 * j * d);
+    std::copy_n(src + (f + j) * d, d, dst + (2 * j + 1) * d);
+  }
+  return out;
+}
+
 }  // namespace
 
 struct GpuCache::Impl {
@@ -142,8 +158,7 @@ struct CudaModel::Impl {
       }
       if (b.has_mlp) {
         add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
-        linear(*ctx, b.fc1, normed, rows, ws.mlp.as<float>());
-        gated_silu(s, ws.mlp.as<float>(), rows, c.d_ff(), ws.mlp_act.raw(), precision);
+        linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
         linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
       }
     }
@@ -205,7 +220,8 @@ CudaModel::CudaModel(const ModelConfig& config, const TensorMap& w, const std::s
     if (c.d_intermediate > 0) {
       load_norm(p + "norm2", b.norm2_w, b.norm2_b);
       const int64_t F = c.d_ff();
-      b.fc1 = GpuMatrix::upload(load_parameter(w, p + "mlp.fc1.weight", {2 * F, D}, source, &used), precision);
+      b.fc1 = GpuMatrix::upload(
+          interleave_gate_rows(load_parameter(w, p + "mlp.fc1.weight", {2 * F, D}, source, &used)), precision);
       b.fc2 = GpuMatrix::upload(load_parameter(w, p + "mlp.fc2.weight", {D, F}, source, &used), precision);
       b.has_mlp = true;
     }

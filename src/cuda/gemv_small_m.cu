@@ -2,6 +2,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
+#include "cuda/gated_silu.cuh"
 #include "cuda/gemv_small_m.h"
 #include "cuda/pdl.h"
 
@@ -35,15 +36,21 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // 256 blocks for 132 SMs) keep only ~16 warps per SM busy, at 36 % of DRAM bandwidth under ncu; KS = 4 gives 4×
 // the warps. Each row's terms are added in an order fixed by (N, K, KS) alone, so a row's result does not depend on
 // its batch. U pieces per lane are requested at once.
-template <int M, int KS>
+// Pairs: W's rows are (value, gate) pairs (2j, 2j + 1) and the kernel writes act (M, n/2) bf16 = value ⊙ silu(gate),
+// rounded as gated_silu() rounds, instead of y: a block's kCols columns are whole pairs, met in shared memory.
+template <int M, int KS, bool Pairs>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k,
                                                           const __nv_bfloat16* __restrict__ x, int64_t x_stride,
-                                                          float* __restrict__ y, int64_t y_stride) {
+                                                          float* __restrict__ y, int64_t y_stride,
+                                                          __nv_bfloat16* __restrict__ act) {
   constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
+  static_assert(!Pairs || kCols % 2 == 0, "a block's columns must be whole pairs");
   __shared__ float partial[KS > 1 ? kWarps * M : 1];
+  __shared__ float pair_values[Pairs ? kCols * M : 1];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % KS;
   const int64_t col = int64_t(blockIdx.x) * kCols + warp / KS;
-  if (KS == 1 && col >= n) return;  // before any memory access: safe under PDL (KS > 1 has a barrier ahead)
+  // Before any memory access: safe under PDL (KS > 1 and Pairs have a barrier ahead, so no warp leaves early there).
+  if (KS == 1 && !Pairs && col >= n) return;
   const bool live = col < n;
   const uint4* wrow = reinterpret_cast<const uint4*>(w + (live ? col : 0) * k);
   const int64_t pieces = live ? k / 8 : 0, first = lane + 32 * slice, step = 32 * KS;
@@ -83,7 +90,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if constexpr (KS == 1) {
-      if (lane == 0) y[r * y_stride + col] = v;
+      if (lane == 0) {
+        if constexpr (Pairs)
+          pair_values[warp * M + r] = v;
+        else
+          y[r * y_stride + col] = v;
+      }
     } else {
       if (lane == 0) partial[warp * M + r] = v;
     }
@@ -96,28 +108,41 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
         float v = partial[warp * M + r];
 #pragma unroll
         for (int t = 1; t < KS; ++t) v += partial[(warp + t) * M + r];
-        y[r * y_stride + col] = v;
+        if constexpr (Pairs)
+          pair_values[(warp / KS) * M + r] = v;
+        else
+          y[r * y_stride + col] = v;
       }
+    }
+  }
+  if constexpr (Pairs) {
+    __syncthreads();
+    const int64_t f = n / 2, pair0 = int64_t(blockIdx.x) * (kCols / 2);
+    if (threadIdx.x < (kCols / 2) * M) {
+      const int p = threadIdx.x / M, r = threadIdx.x % M;
+      if (pair0 + p < f)
+        act[r * f + pair0 + p] =
+            __float2bfloat16(gated_silu_value(pair_values[2 * p * M + r], pair_values[(2 * p + 1) * M + r]));
     }
   }
 }
 
-template <int M, int KS>
+template <int M, int KS, bool Pairs>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
-            int64_t y_stride) {
+            int64_t y_stride, void* act) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
-  launch_pdl(true, gemv_kernel<M, KS>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
-             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride);
+  launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
+             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act));
 }
 
-template <int M>
+template <int M, bool Pairs = false>
 void launch_split(int ks, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride,
-                  float* y, int64_t y_stride) {
+                  float* y, int64_t y_stride, void* act = nullptr) {
   switch (ks) {
-    case 1: return launch<M, 1>(s, w, n, k, x, x_stride, y, y_stride);
-    case 2: return launch<M, 2>(s, w, n, k, x, x_stride, y, y_stride);
-    default: return launch<M, 4>(s, w, n, k, x, x_stride, y, y_stride);
+    case 1: return launch<M, 1, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
+    case 2: return launch<M, 2, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
+    default: return launch<M, 4, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
   }
 }
 
@@ -151,6 +176,20 @@ void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const voi
     case 7: return launch_split<7>(ks, s, w, n, k, x, x_stride, y, y_stride);
     case 8: return launch_split<8>(ks, s, w, n, k, x, x_stride, y, y_stride);
     default: fail("gemv_small_m: {} rows (at most {})", m, kGemvMaxRows);
+  }
+}
+
+void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                              int64_t x_stride, void* act, int k_split) {
+  const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
+  MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m_gated_pairs: k_split {} (expected 1, 2 or 4)", ks);
+  MAMBA3_CHECK(n % 2 == 0 && m >= 1 && m <= kGemvPairsMaxRows,
+               "gemv_small_m_gated_pairs: N {} must be even and M {} in 1..{}", n, m, kGemvPairsMaxRows);
+  switch (m) {
+    case 1: return launch_split<1, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
+    case 2: return launch_split<2, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
+    case 3: return launch_split<3, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
+    default: return launch_split<4, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
   }
 }
 

@@ -22,6 +22,14 @@ bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* 
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                   float* y, int64_t y_stride, int k_split = 0);
 
+// The GatedMLP's fc1 and activation in one launch: W (N, K) holds N/2 (value, gate) row pairs (rows 2j, 2j + 1);
+// act (M, N/2) bf16 = bf16(y_2j · silu(y_2j+1)) where y = x · Wᵀ in f32 — the same bits as gemv_small_m followed by
+// gated_silu() (which reads y's columns as the same pairs). N even, 1 ≤ M ≤ kGemvPairsMaxRows; supported shapes
+// as for gemv_small_m. Saves the activation kernel's launch per block at batch 1–4.
+constexpr int64_t kGemvPairsMaxRows = kGemvPreferredRows;
+void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                              int64_t x_stride, void* act, int k_split = 0);
+
 // Warps per column the kernel uses for an (N, K) product by default: 4 for narrow products (N ≤ 4096, K ≥ 1024)
 // unless MAMBA3_GEMV_KSPLIT=0, else 1. A row's result depends only on (N, K, split), not on M.
 int gemv_small_m_split(int64_t n, int64_t k);

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "cuda/basic_kernels.h"
+#include "cuda/env_switch.h"
 #include "cuda/gemm_tuner.h"
 #include "cuda/gemv_small_m.h"
 #include "cuda/stream_gemm.h"
@@ -59,6 +60,26 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
     gemm(x, m, y);
   }
   if (!w.bias.empty()) add_bias(ctx.stream(), y, m, w.n, ldy, w.bias.as<float>());
+}
+
+// MAMBA3_GEMV_GATED=0 keeps the activation kernel after the matrix-vector product (A/B runs). Read once.
+bool gated_gemv_enabled() {
+  static const bool on = env_choice("MAMBA3_GEMV_GATED", {"0", "1"}) != "0";
+  return on;
+}
+
+void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, void* act,
+                       Precision act_precision) {
+  if (m == 0) return;
+  MAMBA3_CHECK(w.n % 2 == 0, "linear_gated_silu: {} output rows are not (value, gate) pairs", w.n);
+  if (w.precision == Precision::BF16 && act_precision == Precision::BF16 && w.bias.empty() &&
+      ctx.gemm_row_block() == 0 && m <= kGemvPairsMaxRows && gated_gemv_enabled() &&
+      gemv_small_m_supported(m, w.k, w.k, w.weight.raw(), x)) {
+    gemv_small_m_gated_pairs(ctx.stream(), w.weight.raw(), w.n, w.k, x, m, w.k, act);
+    return;
+  }
+  linear(ctx, w, x, m, y);
+  gated_silu(ctx.stream(), y, m, w.n / 2, act, act_precision);
 }
 
 }  // namespace mamba3::cuda

@@ -28,10 +28,11 @@ namespace {
 constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
 constexpr int kConsumers = 256, kThreads = kConsumers + 32;
 constexpr int kMaxStages = 8, kMaxSplit = 8;
-// The default route: from 5 rows (below, the matrix-vector kernel wins) up to kStreamGemmMaxRows. The decode step
-// against cuBLAS on an H200 (1.5B SISO, ms/step; docs/kernels/stream_gemm.md): b8 1.774 -> 1.443, b16 2.071 -> 1.795,
-// b32 2.519 -> 2.291, b64 3.399 -> 3.314.
-constexpr int kDefaultMinRows = 5;
+// The default route: from 3 rows up to kStreamGemmMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
+// docs/kernels/stream_gemm.md), against cuBLAS: b8 1.774 -> 1.443, b16 2.071 -> 1.795, b32 2.519 -> 2.291, b64
+// 3.399 -> 3.314; against the matrix-vector kernel: b1 1.129 vs 1.232 (it stays there), b2 1.295 vs 1.296, b3 1.391
+// -> 1.337, b4 1.606 -> 1.400.
+constexpr int kDefaultMinRows = 3;
 
 template <int NB, int BlocksPerSm>
 struct Shape {
@@ -319,7 +320,7 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
 bool stream_gemm_preferred(int64_t m) {
   static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "all"});
   if (mode == "0") return false;
-  return mode == "all" || m >= kDefaultMinRows;  // "auto" or unset: from 5 rows
+  return mode == "all" || m >= kDefaultMinRows;  // "auto" or unset: from 3 rows
 }
 
 }  // namespace mamba3::cuda

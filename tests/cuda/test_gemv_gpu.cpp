@@ -1,11 +1,13 @@
 // The small-batch bf16 matrix-vector kernel against a float64 product of the same bf16 values, on awkward shapes
 // (odd N, K not a multiple of 512, every M from 1 to 8, 1/2/4 warps per column, strided rows), row results
-// independent of the batch, and linear() choosing it or cuBLAS.
+// independent of the batch, linear() choosing it or cuBLAS, and the fused GatedMLP epilogue.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <random>
 
+#include "cuda/basic_kernels.h"
 #include "cuda/gemv_small_m.h"
 #include "cuda/gpu_matrix.h"
 #include "gpu_test_util.h"
@@ -90,6 +92,64 @@ TEST(GemvGpu, StridedRowsAndLinearDispatch) {
       for (int64_t n = 0; n < N; ++n) ref.data<double>()[m * N + n] += bias.data<float>()[n];
     EXPECT_LE(rel_l2(from_device_f32(dy.raw(), {M, N}), ref), 1e-5);
   }
+}
+
+// The fused GatedMLP epilogue (W's rows (value, gate) pairs): its bf16 activations equal, bit for bit, the
+// matrix-vector product followed by the activation kernel, and are within bf16 rounding of a float64 reference;
+// odd pair counts (a block's last pairs dead), every M from 1 to 4, 1/2/4 warps per column; linear_gated_silu
+// through both of its paths (fused at 1–4 rows, linear() + gated_silu() from 5) gives the same rows.
+TEST(GemvGpu, GatedPairsMatchProductThenActivation) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(29);
+  for (auto [F, K] : {std::pair<int64_t, int64_t>{37, 520}, {1027, 2056}, {3, 8}, {2052, 1024}}) {
+    const int64_t N = 2 * F;
+    const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
+    cuda::DeviceBuffer dw(w.nbytes());
+    dw.upload(w.raw(), w.nbytes());
+    for (int64_t M = 1; M <= cuda::kGemvPairsMaxRows; ++M) {
+      const Tensor x = random_tensor(rng, {M, K}, -2.0f, 2.0f).to(DType::BF16);
+      const Tensor y64 = product_wt_f64(w, x);
+      Tensor ref = Tensor::empty(DType::F64, {M, F});
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t j = 0; j < F; ++j) {
+          const double v = y64.data<double>()[r * N + 2 * j], g = y64.data<double>()[r * N + 2 * j + 1];
+          ref.data<double>()[r * F + j] = v * g / (1.0 + std::exp(-g));
+        }
+      cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4), fused(size_t(M * F) * 2), plain(size_t(M * F) * 2);
+      dx.upload(x.raw(), x.nbytes());
+      for (int split : {1, 2, 4}) {
+        SCOPED_TRACE("F=" + std::to_string(F) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
+                     " split=" + std::to_string(split));
+        poison(fused.raw(), fused.bytes());
+        cuda::gemv_small_m_gated_pairs(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, fused.raw(), split);
+        cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N, split);
+        cuda::gated_silu(ctx.stream(), dy.as<float>(), M, F, plain.raw(), cuda::Precision::BF16);
+        ctx.sync();
+        std::vector<uint16_t> a(size_t(M * F)), b(size_t(M * F));
+        fused.download(a.data(), fused.bytes());
+        plain.download(b.data(), plain.bytes());
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), fused.bytes()), 0) << "fused epilogue differs from the kernel pair";
+        EXPECT_LE(rel_l2(from_device_bf16(fused.as<uint16_t>(), {M, F}), ref), 1e-2);
+      }
+    }
+  }
+  // linear_gated_silu: fused at 4 rows and unfused at 5 (stream GEMM or cuBLAS) agree within bf16 rounding.
+  const int64_t F = 1027, K = 2056, N = 2 * F;
+  const Tensor wt = random_tensor(rng, {N, K}), xt = random_tensor(rng, {5, K});
+  const cuda::GpuMatrix gm = cuda::GpuMatrix::upload(wt, cuda::Precision::BF16);
+  const Tensor xb = xt.to(DType::BF16);
+  cuda::DeviceBuffer dx(xb.nbytes()), dy(size_t(5 * N) * 4), a4(size_t(4 * F) * 2), a5(size_t(5 * F) * 2);
+  dx.upload(xb.raw(), xb.nbytes());
+  poison(a4.raw(), a4.bytes());
+  poison(a5.raw(), a5.bytes());
+  cuda::linear_gated_silu(ctx, gm, dx.raw(), 4, dy.as<float>(), a4.raw(), cuda::Precision::BF16);
+  cuda::linear_gated_silu(ctx, gm, dx.raw(), 5, dy.as<float>(), a5.raw(), cuda::Precision::BF16);
+  const Tensor r4 = from_device_bf16(a4.as<uint16_t>(), {4, F});
+  const Tensor r5 = from_device_bf16(a5.as<uint16_t>(), {5, F});
+  Tensor r5_first4 = Tensor::empty(DType::F32, {4, F});
+  std::memcpy(r5_first4.raw(), r5.raw(), r5_first4.nbytes());
+  EXPECT_LE(rel_l2(r4, r5_first4), 1e-2);
 }
 
 }  // namespace
