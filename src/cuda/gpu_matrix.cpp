@@ -62,11 +62,15 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
   if (!w.bias.empty()) add_bias(ctx.stream(), y, m, w.n, ldy, w.bias.as<float>());
 }
 
+namespace {
+
 // MAMBA3_GEMV_GATED=0 keeps the activation kernel after the matrix-vector product (A/B runs). Read once.
 bool gated_gemv_enabled() {
   static const bool on = env_choice("MAMBA3_GEMV_GATED", {"0", "1"}) != "0";
   return on;
 }
+
+}  // namespace
 
 void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, void* act,
                        Precision act_precision) {
