@@ -1,5 +1,7 @@
 #include <cuda_bf16.h>
 
+#include <cmath>
+
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
 #include "cuda/gated_silu.cuh"
@@ -146,11 +148,24 @@ void launch_split(int ks, cudaStream_t s, const void* w, int64_t n, int64_t k, c
   }
 }
 
-// The automatic split (4 warps per column for N ≤ 4096, K ≥ 1024): 1.5B decode b1 1.443 ms against 1.625 with one
-// warp per column (H200, 2026-12-01). MAMBA3_GEMV_KSPLIT=0 turns it off. Read once per process.
+// The automatic split: 4 warps per column for the narrow products (1.5B out_proj/fc2, N 2048: decode b1 1.443 ms
+// against 1.625 with one warp per column, H200, 2026-12-01). MAMBA3_GEMV_KSPLIT=0 turns it off. Read once per process.
 bool auto_split_enabled() {
   static const bool on = env_choice("MAMBA3_GEMV_KSPLIT", {"0", "1"}) != "0";
   return on;
+}
+
+// Warps of the one-row kernel resident on the device at once (its occupancy × SMs): the unit of a "wave".
+int64_t resident_warps() {
+  static const int64_t warps = [] {
+    int device = 0, sms = 0, blocks = 0;
+    MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    MAMBA3_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_kernel<1, 1, false>, kWarps * 32, 0));
+    return int64_t(sms) * blocks * kWarps;
+  }();
+  return warps;
 }
 
 }  // namespace
@@ -160,7 +175,26 @@ bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* 
          reinterpret_cast<uintptr_t>(w) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 }
 
-int gemv_small_m_split(int64_t n, int64_t k) { return auto_split_enabled() && n <= 4096 && k >= 1024 ? 4 : 1; }
+// Each warp streams one column's share of W; the last wave of warps runs with the device mostly idle, at the latency
+// of a few dependent loads per warp (1.5B in_proj, N 8672 columns for 8448 resident warps on an H200: a second wave
+// of 224 whole columns). The split with the fullest last wave — waves / ⌈waves⌉ of N·KS warps — wins, a larger one
+// only when it fills ≥ 5 % better; K ≥ 1024 so that a quarter of a row is still ≥ 32 pieces. Depends on (N, K) and
+// the device, never on M, so rows stay batch-invariant.
+int gemv_small_m_split(int64_t n, int64_t k) {
+  if (!auto_split_enabled() || k < 1024) return 1;
+  const double resident = double(resident_warps());
+  int best = 1;
+  double best_fill = 0;
+  for (int ks : {1, 2, 4}) {
+    const double waves = double(n) * ks / resident;
+    const double fill = waves / std::ceil(waves);
+    if (fill > best_fill + 0.05) {
+      best = ks;
+      best_fill = fill;
+    }
+  }
+  return best;
+}
 
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                   float* y, int64_t y_stride, int k_split) {

@@ -30,8 +30,9 @@ constexpr int64_t kGemvPairsMaxRows = kGemvPreferredRows;
 void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                               int64_t x_stride, void* act, int k_split = 0);
 
-// Warps per column the kernel uses for an (N, K) product by default: 4 for narrow products (N ≤ 4096, K ≥ 1024)
-// unless MAMBA3_GEMV_KSPLIT=0, else 1. A row's result depends only on (N, K, split), not on M.
+// Warps per column the kernel uses for an (N, K) product by default: the split (1, 2 or 4; 1 when K < 1024 or
+// MAMBA3_GEMV_KSPLIT=0) whose N·split warps fill their last wave on this device best (1.5B: out_proj/fc2 4, in_proj
+// 4, fc1 1). A row's result depends only on (N, K, split), not on M.
 int gemv_small_m_split(int64_t n, int64_t k);
 
 }  // namespace mamba3::cuda

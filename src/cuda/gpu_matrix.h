@@ -36,8 +36,9 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
             int64_t y_stride = 0);
 
 // The GatedMLP's first half: act (M, N/2) = y_2j ⊙ silu(y_2j+1) for y = x · Wᵀ, W's rows (value, gate) pairs. At
-// batch 1–4 in bf16 one fused matrix-vector launch (gemv_small_m_gated_pairs); otherwise linear() into y (M, N f32,
-// scratch) and gated_silu(). x packed (K apart); act in `act_precision`, packed.
+// batch 1–4 in bf16 one fused matrix-vector launch (gemv_small_m_gated_pairs), at the stream GEMM's rows one fused
+// stream GEMM when its tiles are unsplit (stream_gemm_gated_pairs); otherwise linear() into y (M, N f32, scratch)
+// and gated_silu(). x packed (K apart); act in `act_precision`, packed.
 void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, void* act,
                        Precision act_precision);
 

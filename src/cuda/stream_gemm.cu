@@ -1,5 +1,6 @@
 // The decode products on Hopper: TMA weight stream → wgmma (stream_gemm.h). Compiled for sm_90a only (wgmma).
 #include <cuda.h>
+#include <cuda_bf16.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
@@ -11,6 +12,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_context.h"
 #include "cuda/env_switch.h"
+#include "cuda/gated_silu.cuh"
 #include "cuda/pdl.h"
 #include "cuda/stream_gemm.h"
 #include "cuda/wgmma_bf16.cuh"
@@ -99,13 +101,24 @@ __device__ __forceinline__ void store_value(float v, int i, int t, float* y, int
   if (row < n && col < m) y[col * ldy + row] = v;
 }
 
+// Unsplit tiles with W's rows (value, gate) pairs: act (M, n/2) bf16 = value ⊙ silu(gate) instead of y. The pair's
+// rows 2j, 2j + 1 sit in lanes 4 apart of one warp (row_of), so one shuffle brings the gate to the value's lane.
+__device__ __forceinline__ void store_gated(float v, int i, int t, __nv_bfloat16* act, int m, int n, int64_t tile) {
+  const float partner = __shfl_xor_sync(0xffffffffu, v, 4);
+  const int64_t row = tile * kTileRows + row_of(t) + 8 * ((i / 2) % 2);
+  const int col = col_of(t) + 8 * (i / 4) + i % 2;
+  if (row % 2 == 0 && row < n && col < m)
+    act[col * (int64_t(n) / 2) + row / 2] = __float2bfloat16(gated_silu_value(v, partner));
+}
+
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
+// act non-null (split 1 only): the gated epilogue above instead of y.
 template <int NB, int BlocksPerSm>
 __global__ void __launch_bounds__(kThreads, BlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
-                       int64_t ldy, int m, int n, int kblocks, int split) {
+                       int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act) {
   using S = Shape<NB, BlocksPerSm>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -183,8 +196,13 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm)
       if (lane == 0) mbar_arrive(&empty[s]);
     }
     if (split == 1) {
+      if (act) {
 #pragma unroll
-      for (int i = 0; i < NB / 2; ++i) store_value(acc[i], i, threadIdx.x, y, ldy, m, n, tile);
+        for (int i = 0; i < NB / 2; ++i) store_gated(acc[i], i, threadIdx.x, act, m, n, tile);
+      } else {
+#pragma unroll
+        for (int i = 0; i < NB / 2; ++i) store_value(acc[i], i, threadIdx.x, y, ldy, m, n, tile);
+      }
       return;
     }
   }
@@ -250,7 +268,7 @@ int split_for(int64_t tiles, int kblocks, int sm_count) {
 
 template <int NB, int BlocksPerSm>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split) {
+            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act) {
   using S = Shape<NB, BlocksPerSm>;
   static std::once_flag attr_once;
   std::call_once(attr_once, [] {
@@ -278,7 +296,7 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   config.attrs = attribute;
   config.numAttrs = 2;
   MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<NB, BlocksPerSm>, wmap, xmap, y, y_stride, int(m),
-                                       int(n), kblocks, split));
+                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act)));
 }
 
 // The variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit the SMs
@@ -287,14 +305,23 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
 // MAMBA3_STREAM_GEMM_BLOCKS_PER_SM = 1 or 2 forces one (A/B runs).
 template <int NB>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-            float* y, int64_t y_stride) {
+            float* y, int64_t y_stride, void* act) {
   static const int forced = int(env_integer("MAMBA3_STREAM_GEMM_BLOCKS_PER_SM", 0, 0, 2));
   const int kblocks = int((k + kKBlock - 1) / kKBlock);
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   const int split = split_for(tiles, kblocks, ctx.info().sm_count);
   const bool one = forced ? forced == 1 : split == 1 && tiles <= ctx.info().sm_count;
-  if (one) return launch<NB, 1>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split);
-  launch<NB, 2>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split);
+  MAMBA3_CHECK(!act || split == 1, "stream_gemm: the gated epilogue needs unsplit tiles (split {})", split);
+  if (one) return launch<NB, 1>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  launch<NB, 2>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+}
+
+void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+              float* y, int64_t y_stride, void* act) {
+  if (m <= 8) return launch<8>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  if (m <= 16) return launch<16>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  if (m <= 32) return launch<32>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
 }
 
 }  // namespace
@@ -311,10 +338,22 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
   MAMBA3_CHECK(stream_gemm_supported(ctx, m, n, k, x_stride, w, x),
                "stream_gemm: unsupported product (M {}, N {}, K {}, x stride {}; device cc {}.{})", m, n, k, x_stride,
                ctx.info().cc_major, ctx.info().cc_minor);
-  if (m <= 8) return launch<8>(ctx, w, n, k, x, m, x_stride, y, y_stride);
-  if (m <= 16) return launch<16>(ctx, w, n, k, x, m, x_stride, y, y_stride);
-  if (m <= 32) return launch<32>(ctx, w, n, k, x, m, x_stride, y, y_stride);
-  return launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride);
+  dispatch(ctx, w, n, k, x, m, x_stride, y, y_stride, nullptr);
+}
+
+bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride,
+                                       const void* w, const void* x) {
+  if (!stream_gemm_supported(ctx, m, n, k, x_stride, w, x) || n % 2 != 0) return false;
+  const int kblocks = int((k + kKBlock - 1) / kKBlock);
+  return split_for((n + kTileRows - 1) / kTileRows, kblocks, ctx.info().sm_count) == 1;
+}
+
+void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                             int64_t x_stride, void* act) {
+  MAMBA3_CHECK(stream_gemm_gated_pairs_supported(ctx, m, n, k, x_stride, w, x),
+               "stream_gemm_gated_pairs: unsupported product (M {}, N {}, K {}, x stride {}; device cc {}.{})", m, n,
+               k, x_stride, ctx.info().cc_major, ctx.info().cc_minor);
+  dispatch(ctx, w, n, k, x, m, x_stride, nullptr, 0, act);
 }
 
 bool stream_gemm_preferred(int64_t m) {

@@ -24,6 +24,14 @@ bool stream_gemm_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, 
 void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                  int64_t x_stride, float* y, int64_t y_stride);
 
+// The GatedMLP's fc1 with its activation in the epilogue: W's rows are (value, gate) pairs (2j, 2j + 1) and
+// act (M, N/2) bf16 = bf16(y_2j · silu(y_2j+1)), the bits of stream_gemm followed by gated_silu(). Supported when
+// stream_gemm is, N is even and the shape's tiles are not split over K (wide products: the 1.5B fc1).
+bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride,
+                                       const void* w, const void* x);
+void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                             int64_t x_stride, void* act);
+
 // Whether linear() routes an m-row bf16 product here (when supported): MAMBA3_STREAM_GEMM = auto or unset: from 3 rows
 // (fewer: the matrix-vector kernel); 0: never (cuBLAS and the matrix-vector kernel); all: every m. Read once per
 // process. (fc1 at 1–4 rows takes the matrix-vector kernel with the GatedMLP epilogue either way: linear_gated_silu.)

@@ -4,9 +4,11 @@
 // (every tile written again each call); rows independent of the batch they share a call with.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <random>
 
+#include "cuda/basic_kernels.h"
 #include "cuda/gpu_matrix.h"
 #include "cuda/stream_gemm.h"
 #include "gpu_test_util.h"
@@ -129,6 +131,57 @@ TEST(StreamGemmGpu, RejectsUnsupportedShapes) {
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 68, buf.raw(), buf.raw()));   // stride
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 64, static_cast<char*>(buf.raw()) + 2, buf.raw()));
   EXPECT_THROW(cuda::stream_gemm(ctx, buf.raw(), 64, 60, buf.raw(), 4, 64, buf.as<float>(), 64), Error);
+}
+
+// The gated epilogue (W's rows (value, gate) pairs, unsplit tiles): its bf16 activations equal, bit for bit, the
+// stream GEMM followed by the activation kernel, in every width class and with a partial last tile; split shapes are
+// refused; linear_gated_silu takes it at the stream GEMM's rows.
+TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
+  std::mt19937 rng(41);
+  const int64_t F = 8203, N = 2 * F, K = 520;  // 129 tiles (the last one partial): never split
+  const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
+  cuda::DeviceBuffer dw(w.nbytes());
+  dw.upload(w.raw(), w.nbytes());
+  for (int64_t M : {1, 3, 8, 9, 16, 31, 64}) {
+    SCOPED_TRACE("M=" + std::to_string(M));
+    const Tensor x = random_tensor(rng, {M, K}, -2.0f, 2.0f).to(DType::BF16);
+    cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4), fused(size_t(M * F) * 2), plain(size_t(M * F) * 2);
+    dx.upload(x.raw(), x.nbytes());
+    ASSERT_TRUE(cuda::stream_gemm_gated_pairs_supported(ctx, M, N, K, K, dw.raw(), dx.raw()));
+    poison(fused.raw(), fused.bytes());
+    cuda::stream_gemm_gated_pairs(ctx, dw.raw(), N, K, dx.raw(), M, K, fused.raw());
+    cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
+    cuda::gated_silu(ctx.stream(), dy.as<float>(), M, F, plain.raw(), cuda::Precision::BF16);
+    ctx.sync();
+    std::vector<uint16_t> a(size_t(M * F)), b(size_t(M * F));
+    fused.download(a.data(), fused.bytes());
+    plain.download(b.data(), plain.bytes());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), fused.bytes()), 0) << "fused epilogue differs from the kernel pair";
+    // And against float64: within bf16 rounding.
+    const Tensor y64 = product_wt_f64(w, x);
+    Tensor ref = Tensor::empty(DType::F64, {M, F});
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < F; ++j) {
+        const double v = y64.data<double>()[r * N + 2 * j], g = y64.data<double>()[r * N + 2 * j + 1];
+        ref.data<double>()[r * F + j] = v * g / (1.0 + std::exp(-g));
+      }
+    EXPECT_LE(rel_l2(from_device_bf16(fused.as<uint16_t>(), {M, F}), ref), 1e-2);
+    if (M == 9) {  // through linear_gated_silu: the same bits
+      const cuda::GpuMatrix gm = cuda::GpuMatrix::upload(w, cuda::Precision::BF16);
+      poison(plain.raw(), plain.bytes());
+      cuda::linear_gated_silu(ctx, gm, dx.raw(), M, dy.as<float>(), plain.raw(), cuda::Precision::BF16);
+      ctx.sync();
+      plain.download(b.data(), plain.bytes());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), fused.bytes()), 0) << "linear_gated_silu";
+    }
+  }
+  // Split tiles (out_proj-like N 2048) are refused.
+  cuda::DeviceBuffer dx(size_t(8 * 4096) * 2), dn(size_t(2048 * 4096) * 2);
+  EXPECT_FALSE(cuda::stream_gemm_gated_pairs_supported(ctx, 8, 2048, 4096, 4096, dn.raw(), dx.raw()));
+  EXPECT_FALSE(cuda::stream_gemm_gated_pairs_supported(ctx, 8, N + 1, K, K, dw.raw(), dx.raw()));  // odd N
 }
 
 }  // namespace
