@@ -1,6 +1,7 @@
 // The dense ops of GPU training against their CPU counterparts, on awkward shapes (rows 1/3/67/300, D 48/130,
 // d_ff 70, Vp 259 and a few thousand): RMSNorm/LayerNorm forward and backward, GatedMLP forward and backward,
-// the lm_head + cross-entropy (ignored targets, several row blocks), the embedding backward (a CPU scatter-add),
+// the lm_head + cross-entropy (ignored targets, several row blocks; the bf16 mode's bf16 logits and their softmax
+// against float64 and against the f32 mode), the embedding backward (a CPU scatter-add),
 // and AdamW with gradient clipping and accumulation over several steps. Relative L2 within 1e-5 in the exact f32
 // mode and 2e-2 with bf16 matrix products. Outputs that are overwritten start as NaN; accumulated (+=) outputs
 // start random and their increments are compared. Every reduction is run twice and must repeat bit for bit.
@@ -8,8 +9,11 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "core/dtype.h"
@@ -342,6 +346,241 @@ TEST(TrainOpsGpu, LmHeadAllTargetsIgnored) {
             0.0);
   EXPECT_TRUE(same_bits(down(g_dh, {N, D}), Tensor::zeros(DType::F32, {N, D})));
   EXPECT_TRUE(same_bits(down(g_dW, {Vp, D}), W0));
+}
+
+// ------------------------------------------------------------------------------- bf16 logits (the bf16 mode)
+
+std::vector<uint16_t> bf16_bits(const Tensor& t) {
+  std::vector<uint16_t> bits(size_t(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) bits[size_t(i)] = f32_to_bf16(t.data<float>()[i]);
+  return bits;
+}
+template <typename T>
+DeviceBuffer up_vec(const std::vector<T>& v) {
+  DeviceBuffer b = DeviceBuffer::from(v);
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  return b;
+}
+// The first `count` values of b, after the work on every stream is done.
+template <typename T>
+std::vector<T> down_vec(const DeviceBuffer& b, size_t count) {
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<T> v(count);
+  b.download(v.data(), count * sizeof(T));
+  return v;
+}
+
+// Cross-entropy of bf16 logits (n, Vp) in float64: row losses (0 without a target, NaN for a target ≥ Vp) and the
+// gradient scale·(softmax − onehot) rounded to bf16, as floats.
+void softmax_cross_entropy_f64(const std::vector<uint16_t>& logits, int64_t n, int64_t Vp,
+                               const std::vector<int32_t>& targets, double scale, std::vector<double>& loss,
+                               std::vector<float>& grad) {
+  loss.assign(size_t(n), 0.0);
+  grad.assign(size_t(n * Vp), 0.0f);
+  std::vector<double> v(static_cast<size_t>(Vp));
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t t = targets[size_t(r)];
+    if (t < 0) continue;
+    double mx = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < Vp; ++j) {
+      v[size_t(j)] = bf16_to_f32(logits[size_t(r * Vp + j)]);
+      mx = std::max(mx, v[size_t(j)]);
+    }
+    for (int64_t j = 0; j < Vp; ++j) sum += std::exp(v[size_t(j)] - mx);
+    const double lse = mx + std::log(sum);
+    loss[size_t(r)] = t < Vp ? lse - v[size_t(t)] : std::nan("");
+    for (int64_t j = 0; j < Vp; ++j) {
+      const double g = scale * (std::exp(v[size_t(j)] - lse) - (j == t ? 1.0 : 0.0));
+      grad[size_t(r * Vp + j)] = bf16_to_f32(f32_to_bf16(float(g)));
+    }
+  }
+}
+
+// ‖got − ref‖ / ‖ref‖ over entries [begin, end) of a row, leaving out `skip` (NaN anywhere gives NaN).
+double row_rel_err(const std::vector<uint16_t>& got, const std::vector<float>& ref, int64_t begin, int64_t end,
+                   int64_t skip = -1) {
+  double num = 0, den = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    if (i == skip) continue;
+    const double g = bf16_to_f32(got[size_t(i)]), r = ref[size_t(i)];
+    num += (g - r) * (g - r);
+    den += r * r;
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
+}
+
+// The bf16 softmax (one read of each row held in registers; Vp 70001 takes the three-pass loop) against float64 on
+// the same bf16 logits: rows far above and below 0, a confident row (p_target ≈ 1 − 1e-6: the float64 target
+// entry), targets at both ends of the row (Vp − 1 alone in the last pair when Vp is odd), rows without a target and
+// one past Vp. The loss alone leaves the logits as they were with the same loss bits; a second run repeats bit for
+// bit; and the rows from the second on, run from where they lie (every other row 2-byte aligned when Vp is odd),
+// give the same bits as in the full run.
+TEST(TrainOpsGpu, SoftmaxCrossEntropyBf16MatchesFloat64) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(11);
+  const double scale = 1.0 / 16;
+  for (const int64_t Vp : {int64_t(50280), int64_t(1000), int64_t(7), int64_t(70001)})
+    for (const int64_t n : {int64_t(1), int64_t(5), int64_t(33)}) {
+      SCOPED_TRACE(fmt::format("Vp {} rows {}", Vp, n));
+      std::uniform_int_distribution<int32_t> tok(0, int32_t(Vp - 1));
+      std::vector<int32_t> targets(static_cast<size_t>(n));
+      for (auto& t : targets) t = tok(rng);
+      if (n >= 5) {
+        targets[0] = int32_t(Vp - 1), targets[1] = -1, targets[3] = int32_t(Vp), targets[4] = 0;
+        for (int64_t r = 5; r < n; ++r)
+          if (r % 7 == 5) targets[size_t(r)] = -1;
+      }
+      Tensor l = random_tensor(rng, {n, Vp}, -8.0f, 8.0f);
+      for (int64_t r = 0; r < n; ++r) {
+        const float offset = r % 3 == 1 ? 40.0f : (r % 3 == 2 ? -30.0f : 0.0f);
+        for (int64_t j = 0; j < Vp; ++j) l.data<float>()[r * Vp + j] += offset;
+        // Confident: 1 − p_target ≈ 186·(Vp − 1)·e^(−20 − ln Vp) ≈ 4e-7 (186 = mean of e^U(−8, 8)).
+        if (r == 2) l.data<float>()[r * Vp + targets[2]] = offset + 20.0f + float(std::log(double(Vp)));
+      }
+      const std::vector<uint16_t> logits = bf16_bits(l);
+      std::vector<double> loss_ref;
+      std::vector<float> grad_ref;
+      softmax_cross_entropy_f64(logits, n, Vp, targets, scale, loss_ref, grad_ref);
+
+      const DeviceBuffer g_t = up_vec(targets);
+      std::vector<double> loss[2];
+      std::vector<uint16_t> grad[2];
+      for (int k = 0; k < 2; ++k) {  // twice: the same bits
+        DeviceBuffer g_l = up_vec(logits), g_loss = poisoned(2 * n);
+        cuda::softmax_cross_entropy_rows_bf16_gpu(ctx.stream(), g_l.as<uint16_t>(), n, Vp, g_t.as<int32_t>(), scale,
+                                                  true, g_loss.as<double>());
+        loss[k] = down_vec<double>(g_loss, size_t(n));
+        grad[k] = down_vec<uint16_t>(g_l, size_t(n * Vp));
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        SCOPED_TRACE(fmt::format("row {} target {}", r, targets[size_t(r)]));
+        const int32_t t = targets[size_t(r)];
+        const double got = loss[0][size_t(r)], want = loss_ref[size_t(r)];
+        if (t < 0) {
+          EXPECT_EQ(got, 0.0);
+          for (int64_t j = 0; j < Vp; ++j) ASSERT_EQ(grad[0][size_t(r * Vp + j)], 0) << "gradient entry " << j;
+        } else if (t >= Vp) {
+          EXPECT_TRUE(std::isnan(got)) << got;
+        } else {
+          EXPECT_LE(std::abs(got - want), 1e-6 * std::max(std::abs(want), 1.0)) << got << " vs " << want;
+          EXPECT_LE(row_rel_err(grad[0], grad_ref, r * Vp, (r + 1) * Vp), 4e-3) << "gradient";
+          // Without the target's entry, which dominates the row's norm unless the row is confident.
+          EXPECT_LE(row_rel_err(grad[0], grad_ref, r * Vp, (r + 1) * Vp, r * Vp + t), 4e-3) << "softmax part";
+        }
+      }
+      EXPECT_EQ(0, std::memcmp(loss[0].data(), loss[1].data(), size_t(n) * 8)) << "loss not repeatable";
+      EXPECT_TRUE(grad[0] == grad[1]) << "gradient not repeatable";
+
+      // The loss alone: the logits stay, the losses are the same bits.
+      DeviceBuffer g_l = up_vec(logits), g_loss = poisoned(2 * n);
+      cuda::softmax_cross_entropy_rows_bf16_gpu(ctx.stream(), g_l.as<uint16_t>(), n, Vp, g_t.as<int32_t>(), scale,
+                                                false, g_loss.as<double>());
+      EXPECT_EQ(0, std::memcmp(down_vec<double>(g_loss, size_t(n)).data(), loss[0].data(), size_t(n) * 8))
+          << "loss without the gradient";
+      EXPECT_TRUE(down_vec<uint16_t>(g_l, size_t(n * Vp)) == logits) << "logits touched without the gradient";
+
+      // Rows 1…n−1 from where they lie in the buffer: the same bits as in the full run.
+      if (n > 1) {
+        DeviceBuffer g_l1 = up_vec(logits), g_loss1 = poisoned(2 * n);
+        cuda::softmax_cross_entropy_rows_bf16_gpu(ctx.stream(), g_l1.as<uint16_t>() + Vp, n - 1, Vp,
+                                                  g_t.as<int32_t>() + 1, scale, true, g_loss1.as<double>());
+        const std::vector<double> loss1 = down_vec<double>(g_loss1, size_t(n - 1));
+        const std::vector<uint16_t> grad1 = down_vec<uint16_t>(g_l1, size_t(n * Vp));
+        EXPECT_EQ(0, std::memcmp(loss1.data(), loss[0].data() + 1, size_t(n - 1) * 8)) << "loss by position";
+        EXPECT_TRUE(std::equal(grad1.begin() + Vp, grad1.end(), grad[0].begin() + Vp)) << "gradient by position";
+        EXPECT_TRUE(std::equal(grad1.begin(), grad1.begin() + Vp, logits.begin())) << "row 0 touched";
+      }
+    }
+}
+
+// TrainGemm::run_bf16_out is run_bf16 with its f32 result rounded to bf16 (within half a bf16 step, plus the
+// products' own f32 rounding should cuBLAS accumulate in another order for the other output type).
+TEST(TrainOpsGpu, TrainGemmBf16OutputIsTheRoundedProduct) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::TrainGemm gemm(Precision::BF16);
+  std::mt19937 rng(12);
+  struct Case {
+    int64_t m, n, k;
+    bool ta, tb;
+  };
+  for (const Case& c : {Case{33, 1000, 64, false, true}, Case{5, 7, 130, false, true}, Case{1, 259, 48, false, false},
+                        Case{67, 130, 48, true, false}}) {
+    SCOPED_TRACE(fmt::format("m {} n {} k {} ta {} tb {}", c.m, c.n, c.k, c.ta, c.tb));
+    const int64_t lda = c.ta ? c.m : c.k, ldb = c.tb ? c.k : c.n;
+    const std::vector<uint16_t> a = bf16_bits(random_tensor(rng, {c.m * c.k})),
+                                b = bf16_bits(random_tensor(rng, {c.k * c.n}));
+    DeviceBuffer g_a = up_vec(a), g_b = up_vec(b), g_c32 = poisoned(c.m * c.n), g_c16 = poisoned(c.m * c.n);
+    gemm.run_bf16(ctx, c.ta, c.tb, c.m, c.n, c.k, 1.0f, g_a.as<uint16_t>(), lda, g_b.as<uint16_t>(), ldb, 0.0f,
+                  g_c32.as<float>(), c.n);
+    gemm.run_bf16_out(ctx, c.ta, c.tb, c.m, c.n, c.k, 1.0f, g_a.as<uint16_t>(), lda, g_b.as<uint16_t>(), ldb,
+                      g_c16.as<uint16_t>(), c.n);
+    const std::vector<float> c32 = down_vec<float>(g_c32, size_t(c.m * c.n));
+    const std::vector<uint16_t> c16 = down_vec<uint16_t>(g_c16, size_t(c.m * c.n));
+    for (size_t i = 0; i < c32.size(); ++i) {
+      ASSERT_LE(std::abs(double(bf16_to_f32(c16[i])) - c32[i]), std::ldexp(std::abs(double(c32[i])), -9) + 1e-5)
+          << "entry " << i << ": " << bf16_to_f32(c16[i]) << " vs " << c32[i];
+    }
+  }
+}
+
+// The whole lm_head in the bf16 mode (bf16 logits, their gradient in place) against the f32 mode on the same
+// inputs, and blocks of rows against one: the same loss bits (each row's loss depends on its logits alone). h and W
+// hold multiples of 2⁻⁶ and 2⁻⁸ (exact in bf16, and every sum of their products exact in f32), so the logits are
+// the same bits whatever product algorithm cuBLAS picks for a block's row count, and the two modes' logits differ
+// only by the bf16 rounding of the result: the loss within 2e-3, the gradients (bf16 operands) within 2e-2.
+TEST(TrainOpsGpu, LmHeadBf16LogitsFollowTheF32Mode) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::TrainGemm gemm32(Precision::F32), gemm16(Precision::BF16);
+  std::mt19937 rng(13);
+  const LmCase cases[] = {{33, 64, 50280, 7, 0.2}, {40, 48, 1000, 16, 0.25}, {33, 130, 7, 7, 0.2},
+                          {21, 48, 70001, 5, 0.1}};
+  for (const LmCase& c : cases) {
+    SCOPED_TRACE(fmt::format("N {} D {} Vp {} block {}", c.N, c.D, c.Vp, c.block));
+    Tensor hidden = random_tensor(rng, {c.N, c.D}), W = random_tensor(rng, {c.Vp, c.D}, -0.25f, 0.25f);
+    for (float& x : std::span(hidden.data<float>(), size_t(hidden.numel()))) x = std::round(x * 64.0f) / 64.0f;
+    for (float& x : std::span(W.data<float>(), size_t(W.numel()))) x = std::round(x * 256.0f) / 256.0f;
+    const Tensor dW0 = random_tensor(rng, {c.Vp, c.D}, -0.01f, 0.01f);
+    std::vector<int32_t> targets(size_t(c.N));
+    std::uniform_int_distribution<int32_t> tok(0, int32_t(c.Vp - 1));
+    std::bernoulli_distribution skip(c.ignored);
+    for (auto& t : targets) t = skip(rng) ? -1 : tok(rng);
+    targets[0] = tok(rng);
+    int64_t kept = 0;
+    for (int32_t t : targets) kept += t >= 0;
+    const double scale = 1.0 / double(kept);
+    DeviceBuffer g_h = up(hidden), g_W = up(W), g_t = up_vec(targets);
+    auto run = [&](cuda::TrainGemm& gemm, int64_t block, Tensor& dh, Tensor& dW) {
+      cuda::LmHeadScratch scratch;
+      scratch.max_block_rows = block;
+      DeviceBuffer g_dh = poisoned(c.N * c.D), g_dW = up(dW0);
+      const double loss = cuda::lm_head_cross_entropy_gpu(ctx, gemm, g_h.as<float>(), c.N, c.D, g_W.as<float>(),
+                                                          c.Vp, g_t.as<int32_t>(), scale, g_dh.as<float>(),
+                                                          g_dW.as<float>(), scratch);
+      dh = down(g_dh, {c.N, c.D});
+      dW = minus(down(g_dW, {c.Vp, c.D}), dW0);
+      return loss;
+    };
+    Tensor dh32, dW32, dh1, dW1, dhk, dWk;
+    const double loss32 = run(gemm32, 0, dh32, dW32);
+    const double loss1 = run(gemm16, 0, dh1, dW1);  // automatic: one block at these sizes
+    const double lossk = run(gemm16, c.block, dhk, dWk);
+    EXPECT_LE(std::abs(loss1 - loss32), 2e-3 * std::abs(loss32)) << loss1 << " vs " << loss32;
+    EXPECT_LE(rel_l2(dh1, dh32), 2e-2) << "dhidden";
+    EXPECT_LE(rel_l2(dW1, dW32), 2e-2) << "dW";
+    EXPECT_EQ(lossk, loss1) << "blocks of " << c.block << " rows";
+    EXPECT_LE(rel_l2(dhk, dh32), 2e-2) << "dhidden, blocks";
+    EXPECT_LE(rel_l2(dWk, dW32), 2e-2) << "dW, blocks";
+    for (int64_t r = 0; r < c.N; ++r) {
+      if (targets[size_t(r)] >= 0) continue;
+      for (int64_t j = 0; j < c.D; ++j) {
+        ASSERT_EQ(dh1.data<float>()[r * c.D + j], 0.0f) << "ignored row " << r;
+        ASSERT_EQ(dhk.data<float>()[r * c.D + j], 0.0f) << "ignored row " << r << ", blocks";
+      }
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Precisions, TrainOpsGpuPrecision, ::testing::Values(Precision::F32, Precision::BF16),

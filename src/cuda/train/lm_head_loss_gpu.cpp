@@ -10,6 +10,17 @@ namespace {
 // made that 25 passes over the 154 MB gradient per 125M step (≈ 2 ms); 128 Mi makes it 7.
 constexpr int64_t kMaxLogitFloats = int64_t(1) << 27;
 constexpr int64_t kMaxBlockRows = 4096;
+// bf16 logits: twice the rows in the same 512 MiB (125M: 16384 rows in 4 blocks of 4096 instead of 7), split evenly.
+constexpr int64_t kMaxLogitsBf16 = int64_t(1) << 28;
+constexpr int64_t kMaxBlockRowsBf16 = 8192;
+
+int64_t block_rows(int64_t max_block_rows, bool bf16, int64_t N, int64_t Vp) {
+  if (max_block_rows > 0) return std::min(max_block_rows, N);
+  if (!bf16) return std::min(std::clamp<int64_t>(kMaxLogitFloats / Vp, 1, kMaxBlockRows), N);
+  const int64_t most = std::clamp<int64_t>(kMaxLogitsBf16 / Vp, 1, kMaxBlockRowsBf16);
+  const int64_t blocks = (N + most - 1) / most;
+  return (N + blocks - 1) / blocks;
+}
 }  // namespace
 
 double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const float* hidden, int64_t N, int64_t D,
@@ -19,41 +30,40 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
   const bool with_grad = dhidden != nullptr;
   MAMBA3_CHECK(!with_grad || dW, "lm_head_cross_entropy_gpu: dhidden given without dW");
   if (N == 0) return 0.0;
-  int64_t block = scratch.max_block_rows > 0 ? scratch.max_block_rows
-                                             : std::clamp<int64_t>(kMaxLogitFloats / Vp, 1, kMaxBlockRows);
-  block = std::min(block, N);
-  scratch.logits.reserve(size_t(block * Vp) * sizeof(float));
+  const bool bf16 = gemm.precision() == Precision::BF16;
+  const int64_t block = block_rows(scratch.max_block_rows, bf16, N, Vp);
   scratch.row_loss.reserve(size_t(N) * sizeof(double));
   scratch.total.reserve(sizeof(double));
-  float* logits = scratch.logits.as<float>();
   double* row_loss = scratch.row_loss.as<double>();
   const cudaStream_t s = ctx.stream();
-  // bf16 mode: the operands TrainGemm::run would round on every product (W three times per block) rounded once.
-  const bool bf16 = gemm.precision() == Precision::BF16;
-  uint16_t *w16 = nullptr, *h16 = nullptr, *dl16 = nullptr;
   if (bf16) {
+    // The operands TrainGemm::run would round on every product (W three times per block) rounded once. Each block:
+    // bf16 logits, the softmax's bf16 gradient over them in place, and the two products reading that gradient.
     scratch.w16.reserve(size_t(Vp * D) * 2);
     scratch.h16.reserve(size_t(N * D) * 2);
-    w16 = scratch.w16.as<uint16_t>(), h16 = scratch.h16.as<uint16_t>();
+    scratch.logits16.reserve(size_t(block * Vp) * 2);
+    uint16_t *w16 = scratch.w16.as<uint16_t>(), *h16 = scratch.h16.as<uint16_t>();
+    uint16_t* logits16 = scratch.logits16.as<uint16_t>();
     f32_to_bf16_2d(s, W, Vp, D, D, w16);
     f32_to_bf16_2d(s, hidden, N, D, D, h16);
-    if (with_grad) {
-      scratch.dl16.reserve(size_t(block * Vp) * 2);
-      dl16 = scratch.dl16.as<uint16_t>();
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t n = std::min(block, N - r0);
+      const uint16_t* h = h16 + r0 * D;
+      gemm.run_bf16_out(ctx, false, true, n, Vp, D, 1.0f, h, D, w16, D, logits16, Vp);  // (n, Vp)
+      softmax_cross_entropy_rows_bf16_gpu(s, logits16, n, Vp, targets + r0, grad_scale, with_grad, row_loss + r0);
+      if (!with_grad) continue;
+      gemm.run_bf16(ctx, false, false, n, D, Vp, 1.0f, logits16, Vp, w16, D, 0.0f, dhidden + r0 * D, D);
+      gemm.run_bf16(ctx, true, false, Vp, D, n, 1.0f, logits16, Vp, h, D, 1.0f, dW, D);
     }
-  }
-  for (int64_t r0 = 0; r0 < N; r0 += block) {
-    const int64_t n = std::min(block, N - r0);
-    const float* h = hidden + r0 * D;
-    if (bf16) gemm.run_bf16(ctx, false, true, n, Vp, D, 1.0f, h16 + r0 * D, D, w16, D, 0.0f, logits, Vp);
-    else gemm.run(ctx, false, true, n, Vp, D, 1.0f, h, D, W, D, 0.0f, logits, Vp);  // (n, Vp)
-    softmax_cross_entropy_rows_gpu(s, logits, n, Vp, targets + r0, grad_scale, with_grad, row_loss + r0,
-                                   with_grad && bf16 ? dl16 : nullptr);
-    if (!with_grad) continue;
-    if (bf16) {
-      gemm.run_bf16(ctx, false, false, n, D, Vp, 1.0f, dl16, Vp, w16, D, 0.0f, dhidden + r0 * D, D);
-      gemm.run_bf16(ctx, true, false, Vp, D, n, 1.0f, dl16, Vp, h16 + r0 * D, D, 1.0f, dW, D);
-    } else {
+  } else {
+    scratch.logits.reserve(size_t(block * Vp) * sizeof(float));
+    float* logits = scratch.logits.as<float>();
+    for (int64_t r0 = 0; r0 < N; r0 += block) {
+      const int64_t n = std::min(block, N - r0);
+      const float* h = hidden + r0 * D;
+      gemm.run(ctx, false, true, n, Vp, D, 1.0f, h, D, W, D, 0.0f, logits, Vp);  // (n, Vp)
+      softmax_cross_entropy_rows_gpu(s, logits, n, Vp, targets + r0, grad_scale, with_grad, row_loss + r0);
+      if (!with_grad) continue;
       gemm.run(ctx, false, false, n, D, Vp, 1.0f, logits, Vp, W, D, 0.0f, dhidden + r0 * D, D);  // dh = dlogits·W
       gemm.run(ctx, true, false, Vp, D, n, 1.0f, logits, Vp, h, D, 1.0f, dW, D);               // dW += dlogitsᵀ·h
     }

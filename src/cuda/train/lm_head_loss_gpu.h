@@ -1,10 +1,13 @@
 #pragma once
 // The lm_head fused with softmax cross-entropy on the GPU (spec §9.4), the math of train/lm_head_loss.h:
 // logits = h·Wᵀ over all Vp ids; loss_r = logsumexp(logits_r) − logits_r[target_r]; dlogits = scale·(softmax −
-// onehot); dh = dlogits·W; dW += dlogitsᵀ·h. Rows go one block at a time so memory stays at block·Vp floats; the
-// matrix products run through TrainGemm (its precision mode applies; in the bf16 mode W and h are rounded once per
-// call, and each block's dlogits are written in bf16 by the softmax kernel itself: the same bits as rounding the f32
-// gradient afterwards). The softmax is f32 with the row maximum subtracted, its sum and the logsumexp in float64.
+// onehot); dh = dlogits·W; dW += dlogitsᵀ·h. Rows go one block at a time so memory stays at block·Vp logits; the
+// matrix products run through TrainGemm in its precision mode.
+//   f32 mode:  f32 logits, overwritten by their f32 gradient.
+//   bf16 mode: W and h rounded to bf16 once per call; the logits product writes bf16 logits (as PyTorch autocast's
+//              lm_head does; the loss upcasts them), and the softmax overwrites them in place with the bf16 gradient
+//              that the two backward products read: half the bytes of f32 logits, each read once by the softmax.
+// The softmax is f32 with the row maximum subtracted, its sum and the logsumexp in float64.
 #include <cstdint>
 
 #include "cuda/cuda_context.h"
@@ -15,10 +18,12 @@ namespace mamba3::cuda {
 
 // Grow-only buffers of lm_head_cross_entropy_gpu; reuse one per stream.
 struct LmHeadScratch {
-  // Rows per block of logits; 0 = automatic (block·Vp ≤ 128 Mi floats, at most 4096 rows).
+  // Rows per block of logits; 0 = automatic: f32 mode block·Vp ≤ 128 Mi logits and at most 4096 rows; bf16 mode
+  // ≤ 256 Mi logits (the same 512 MiB) and at most 8192 rows, the rows split evenly over the fewest blocks.
   int64_t max_block_rows = 0;
-  DeviceBuffer logits;    // (block, Vp) f32: the logits, then their gradient
-  DeviceBuffer w16, h16, dl16;  // bf16 mode: W (Vp, D) and hidden (N, D) rounded once per call; a block's dlogits
+  DeviceBuffer logits;    // f32 mode: (block, Vp) f32, the logits, then their gradient
+  DeviceBuffer logits16;  // bf16 mode: (block, Vp) bf16, the logits, then their gradient
+  DeviceBuffer w16, h16;  // bf16 mode: W (Vp, D) and hidden (N, D) rounded once per call
   DeviceBuffer row_loss;  // (N) f64
   DeviceBuffer total;     // one f64
 };
@@ -34,11 +39,18 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
 
 // Element-wise half (exposed for tests and reuse), over n rows of logits (n, Vp) whose targets are targets[0, n):
 // row_loss[r] = logsumexp − logit[target] (0 when target < 0, NaN when ≥ Vp); when with_grad the logits are
-// replaced by grad_scale·(softmax − onehot) (zero rows when target < 0) — or, when grad16 is given, that gradient
-// goes rounded to bf16 (nearest even) into grad16 (n, Vp) and the logits stay (the bf16 mode's product operand
-// without an f32 round trip).
+// replaced by grad_scale·(softmax − onehot) (zero rows when target < 0). Deterministic: each row's reductions run
+// in a fixed order that depends on Vp only.
+// f32 logits (the f32 mode): two passes over each row (maximum with sum, then gradient).
 void softmax_cross_entropy_rows_gpu(cudaStream_t s, float* logits, int64_t n, int64_t Vp, const int32_t* targets,
-                                    double grad_scale, bool with_grad, double* row_loss, uint16_t* grad16 = nullptr);
+                                    double grad_scale, bool with_grad, double* row_loss);
+// bf16 logits (the bf16 mode; bits, rows packed Vp apart, any Vp — odd ones leave every other row 2-byte aligned):
+// the same math on the upcast values, and the gradient rounded to bf16 (nearest even) in place. A row of up to
+// 65536 logits is read once, held in registers (one read and one write: 4 bytes per logit, where the f32 kernel
+// moves 12); longer rows take three reads. The target's entry scale·(p − 1) is computed in float64 (p ≈ 1 would
+// cancel in f32), the others as f32 e^(l − max)·(scale/Σ). A row gives the same bits wherever it lies in the buffer.
+void softmax_cross_entropy_rows_bf16_gpu(cudaStream_t s, uint16_t* logits16, int64_t n, int64_t Vp,
+                                         const int32_t* targets, double grad_scale, bool with_grad, double* row_loss);
 // *out = Σ_i v[i] in float64, added in a fixed order (one block), on the device.
 void ordered_sum_gpu(cudaStream_t s, const double* v, int64_t n, double* out);
 

@@ -123,4 +123,19 @@ void TrainGemm::run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_
                                    CUBLAS_GEMM_DEFAULT));
 }
 
+void TrainGemm::run_bf16_out(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                             const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, uint16_t* C,
+                             int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  MAMBA3_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX &&
+                   ldc <= INT32_MAX,
+               "TrainGemm: sizes {}×{}×{} exceed cuBLAS's int", m, n, k);
+  // The same column-major swap as run; only C's type differs (f32 accumulation, rounded to bf16 on the way out).
+  const cublasOperation_t opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const float beta = 0.0f;
+  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_16BF, int(ldb), A,
+                                   CUDA_R_16BF, int(lda), &beta, C, CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace mamba3::cuda

@@ -28,6 +28,11 @@ class TrainGemm {
   // in the bf16 mode is this after converting both operands, so the two give the same bits.
   void run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* A,
                 int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C, int64_t ldc);
+  // run_bf16 with a bf16 result: C (m × n, stride ldc, bf16 bits) = α·op(A)·op(B), accumulated in f32 and rounded
+  // once (β is 0: C is overwritten). For products whose only consumer reads bf16 anyway — the lm_head's logits, which
+  // the softmax upcasts and overwrites with their bf16 gradient, as under PyTorch autocast: half the bytes of f32.
+  void run_bf16_out(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                    const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, uint16_t* C, int64_t ldc);
 
   // The bf16 mode's product where either operand may come already rounded (A16 / B16, bf16 bits with the stored
   // shape of A / B and row stride lda / ldb; null: round the f32 A / B as run does): for producers that write the
