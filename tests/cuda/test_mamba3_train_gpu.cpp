@@ -10,10 +10,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "../model/mixer_case.h"
 #include "../model/random_mixer.h"
@@ -407,6 +409,51 @@ TEST(Mamba3TrainGpu, KeptActivationsGiveTheSameGradients) {
       EXPECT_LE(int64_t(kept.bytes()), train.activation_bytes(B, L, p) + 4096) << "activation_bytes undercounts";
       EXPECT_LE(train.activation_bytes(B, L, p), train.activation_bytes(B, L)) << "F32 is the upper bound";
     }
+}
+
+// The bf16 mode with u's rounding given by its producer (u16; u given too, or null): the in_proj products read it
+// instead of rounding u, so the output and every gradient are the same bits, with and without kept activations.
+TEST(Mamba3TrainGpu, RoundedInputGivesTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases()) {
+    SCOPED_TRACE(lc.name);
+    const Mamba3Config& c = lc.c;
+    const int64_t B = 2, L = 97;
+    auto [mixer, u, dout] = random_layer(c, B, L, 12);
+    cuda::Context ctx;
+    cuda::TrainGemm gemm(Precision::BF16);
+    cuda::Mamba3TrainGpu train(c);
+    train.set_chunk_batched(true);
+    DeviceLayer layer(mixer);
+    cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+    cuda::DeviceBuffer u16(size_t(B * L * c.d_model) * 2), out(ud.bytes()), du(ud.bytes());
+    cuda::f32_to_bf16_2d(ctx.stream(), ud.as<float>(), B * L, c.d_model, c.d_model, u16.as<uint16_t>());
+    cuda::Mamba3TrainActivations kept;
+    auto step = [&](const float* uin, const uint16_t* uin16, bool keep) {
+      layer.zero_grads();
+      poison(du.raw(), du.bytes());
+      poison(out.raw(), out.bytes());
+      train.forward(ctx, gemm, layer.weights(), B, L, uin, out.as<float>(), keep ? &kept : nullptr, uin16);
+      train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, uin, dd.as<float>(), du.as<float>(),
+                     keep ? &kept : nullptr, uin16);
+      ctx.sync();
+      return std::make_tuple(from_device_f32(out.raw(), {B, L, c.d_model}), from_device_f32(du.raw(), {B, L, c.d_model}),
+                             layer.download_grads());
+    };
+    for (const bool keep : {false, true}) {
+      SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+      const auto [out_ref, du_ref, g_ref] = step(ud.as<float>(), nullptr, keep);
+      for (int64_t i = 0; i < du_ref.numel(); ++i) ASSERT_TRUE(std::isfinite(du_ref.data<float>()[i])) << "du " << i;
+      for (const bool with_u : {true, false}) {
+        SCOPED_TRACE(with_u ? "u and u16" : "u16 alone");
+        const auto [out_got, du_got, g_got] = step(with_u ? ud.as<float>() : nullptr, u16.as<uint16_t>(), keep);
+        EXPECT_EQ(std::memcmp(out_ref.raw(), out_got.raw(), out_ref.nbytes()), 0) << "out";
+        EXPECT_EQ(std::memcmp(du_ref.raw(), du_got.raw(), du_ref.nbytes()), 0) << "du";
+        for (const auto& [name, t] : g_ref)
+          EXPECT_EQ(std::memcmp(t.raw(), g_got.at(name).raw(), t.nbytes()), 0) << "grad." << name;
+      }
+    }
+  }
 }
 
 // The batched-GEMM chunk path (the default) against the CPU's f32 backward on every layer case and the 125M model's

@@ -494,8 +494,8 @@ TEST(TrainOpsGpu, SoftmaxCrossEntropyBf16MatchesFloat64) {
     }
 }
 
-// TrainGemm::run_bf16_out is run_bf16 with its f32 result rounded to bf16 (within half a bf16 step, plus the
-// products' own f32 rounding should cuBLAS accumulate in another order for the other output type).
+// TrainGemm::run_bf16_out is run_bf16 with its result rounded to bf16: within one bf16 step of the f32 result
+// (half a step of rounding, and cuBLAS may accumulate in another order for the other output type).
 TEST(TrainOpsGpu, TrainGemmBf16OutputIsTheRoundedProduct) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -519,7 +519,9 @@ TEST(TrainOpsGpu, TrainGemmBf16OutputIsTheRoundedProduct) {
     const std::vector<float> c32 = down_vec<float>(g_c32, size_t(c.m * c.n));
     const std::vector<uint16_t> c16 = down_vec<uint16_t>(g_c16, size_t(c.m * c.n));
     for (size_t i = 0; i < c32.size(); ++i) {
-      ASSERT_LE(std::abs(double(bf16_to_f32(c16[i])) - c32[i]), std::ldexp(std::abs(double(c32[i])), -9) + 1e-5)
+      // One bf16 step (2⁻⁷ relative): the rounding's half step, plus cuBLAS's bf16-output algorithm summing in
+      // another order than the f32-output one (the H200 run saw 0.35 of a step).
+      ASSERT_LE(std::abs(double(bf16_to_f32(c16[i])) - c32[i]), std::ldexp(std::abs(double(c32[i])), -7) + 1e-5)
           << "entry " << i << ": " << bf16_to_f32(c16[i]) << " vs " << c32[i];
     }
   }

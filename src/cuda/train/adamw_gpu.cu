@@ -49,14 +49,18 @@ struct AdamWKernelParams {
   double lr, beta1, beta2, eps, decay, bc1, bc2;
 };
 
-__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, AdamWKernelParams a) {
+// decay_granules (optional): per granule of kAdamWGranule floats, whether a.decay applies (else none); null: a.decay
+// everywhere. grad_factor: the gradient is read as g·grad_factor (an f32 product, the bits of scale_gpu before).
+__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, AdamWKernelParams a,
+                             const uint8_t* decay_granules, float grad_factor) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const double gv = g[i];
+    const double gv = g[i] * grad_factor;
+    const double decay = !decay_granules || decay_granules[i / kAdamWGranule] ? a.decay : 0.0;
     const double mv = a.beta1 * m[i] + (1 - a.beta1) * gv;
     const double vv = a.beta2 * v[i] + (1 - a.beta2) * gv * gv;
     m[i] = float(mv);
     v[i] = float(vv);
-    double wv = double(p[i]) * (1 - a.decay);
+    double wv = double(p[i]) * (1 - decay);
     wv -= a.lr * (mv / a.bc1) / (sqrt(vv / a.bc2) + a.eps);
     p[i] = float(wv);
   }
@@ -91,16 +95,33 @@ void scaled_add_gpu(cudaStream_t s, float* sum, const float* g, int64_t n, float
   MAMBA3_LAUNCH_CHECK();
 }
 
+namespace {
+
+AdamWKernelParams kernel_params(const AdamWStepParams& a, const char* who) {
+  MAMBA3_CHECK(a.t >= 1, "{}: step count {} (the first step is 1)", who, a.t);
+  MAMBA3_CHECK(a.beta1 >= 0 && a.beta1 < 1 && a.beta2 >= 0 && a.beta2 < 1 && a.eps > 0 && a.weight_decay >= 0,
+               "{}: betas ({}, {}) must lie in [0, 1), eps {} > 0, weight decay {} ≥ 0", who, a.beta1, a.beta2,
+               a.eps, a.weight_decay);
+  return {a.lr,          a.beta1, a.beta2, a.eps, a.lr * a.weight_decay, 1 - std::pow(a.beta1, double(a.t)),
+          1 - std::pow(a.beta2, double(a.t))};
+}
+
+}  // namespace
+
 void adamw_update_gpu(cudaStream_t s, float* p, const float* g, float* m, float* v, int64_t n,
                       const AdamWStepParams& a) {
-  MAMBA3_CHECK(a.t >= 1, "adamw_update_gpu: step count {} (the first step is 1)", a.t);
-  MAMBA3_CHECK(a.beta1 >= 0 && a.beta1 < 1 && a.beta2 >= 0 && a.beta2 < 1 && a.eps > 0 && a.weight_decay >= 0,
-               "adamw_update_gpu: betas ({}, {}) must lie in [0, 1), eps {} > 0, weight decay {} ≥ 0", a.beta1,
-               a.beta2, a.eps, a.weight_decay);
+  const AdamWKernelParams k = kernel_params(a, "adamw_update_gpu");
   if (n <= 0) return;
-  const AdamWKernelParams k{a.lr,           a.beta1, a.beta2, a.eps, a.lr * a.weight_decay,
-                            1 - std::pow(a.beta1, double(a.t)), 1 - std::pow(a.beta2, double(a.t))};
-  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k);
+  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, nullptr, 1.0f);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void adamw_update_flat_gpu(cudaStream_t s, float* p, const float* g, float* m, float* v, int64_t n,
+                           const uint8_t* decay_granules, const AdamWStepParams& a, float grad_factor) {
+  const AdamWKernelParams k = kernel_params(a, "adamw_update_flat_gpu");
+  MAMBA3_CHECK(decay_granules, "adamw_update_flat_gpu: no decay granules");
+  if (n <= 0) return;
+  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, decay_granules, grad_factor);
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -42,6 +42,11 @@ struct GpuLmTrainer::Layer {
   float *dfc1 = nullptr, *dfc2 = nullptr;
   // Activations kept for the backward, (B·L, …) each; grow-only.
   DeviceBuffer res_in, normed, res_mid, normed2, mlp_h, mlp_o;
+  // The bf16 mode: the norms' outputs rounded to bf16 by the norm kernel (the products' operands). Mamba-3 and MLP
+  // inputs are then kept in bf16 only (their f32 normed / normed2 stay empty); attention keeps f32.
+  DeviceBuffer normed16, normed2_16;
+  const float* f32_or_null(const DeviceBuffer& b) const { return b.bytes() ? b.as<float>() : nullptr; }
+  const uint16_t* bf16_or_null(const DeviceBuffer& b) const { return b.bytes() ? b.as<uint16_t>() : nullptr; }
   Mamba3TrainActivations mamba_kept;  // the mixer's forward, when the trainer keeps it (keep_mamba_)
 };
 
@@ -197,6 +202,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   if (want_grad && (B != keep_B_ || L != keep_L_)) decide_keep(B, L);
   const bool keep = want_grad && keep_mamba_;
 
+  const bool bf16 = gemm_.precision() == Precision::BF16;
   PhaseProfile prof(st);
   // Forward (spec §9.3): residual ← hidden + residual before every norm.
   embed(st, w.ids.as<int32_t>(), N, emb, Precision::F32, D, hidden);
@@ -206,27 +212,34 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const float* stream = hidden;  // the residual so far (layer 0: the embedding alone)
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& l = *layers_[i];
-    l.res_in.reserve(act), l.normed.reserve(act);
+    l.res_in.reserve(act);
+    const bool normed_bf16 = bf16 && !l.attention;
+    if (normed_bf16) l.normed16.reserve(act / 2);
+    else l.normed.reserve(act);
     residual_norm_forward_gpu(st, stream, i == 0 ? nullptr : hidden, N, D, l.norm.w, l.norm.b, eps,
-                              l.res_in.as<float>(), l.normed.as<float>());
+                              l.res_in.as<float>(), normed_bf16 ? nullptr : l.normed.as<float>(),
+                              normed_bf16 ? l.normed16.as<uint16_t>() : nullptr);
     stream = l.res_in.as<float>();
     prof.mark("norm/residual");
     if (l.attention) {
       l.attn->forward(*ctx_, gemm_, l.aw, l.normed.as<float>(), B, L, hidden);
       prof.mark("attn_fwd");
     } else {
-      w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.normed.as<float>(), hidden, keep ? &l.mamba_kept : nullptr);
+      w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.f32_or_null(l.normed), hidden, keep ? &l.mamba_kept : nullptr,
+                       l.bf16_or_null(l.normed16));
       prof.mark("mamba_fwd");
     }
     if (l.fc1) {
-      l.res_mid.reserve(act), l.normed2.reserve(act);
+      l.res_mid.reserve(act);
+      if (bf16) l.normed2_16.reserve(act / 2);
+      else l.normed2.reserve(act);
       l.mlp_h.reserve(size_t(N * 2 * dff) * 4), l.mlp_o.reserve(size_t(N * dff) * 4);
       residual_norm_forward_gpu(st, stream, hidden, N, D, l.norm2.w, l.norm2.b, eps, l.res_mid.as<float>(),
-                                l.normed2.as<float>());
+                                bf16 ? nullptr : l.normed2.as<float>(), bf16 ? l.normed2_16.as<uint16_t>() : nullptr);
       stream = l.res_mid.as<float>();
       prof.mark("norm/residual");
-      gated_mlp_forward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
-                            l.mlp_o.as<float>(), hidden);
+      gated_mlp_forward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.f32_or_null(l.normed2), N, l.mlp_h.as<float>(),
+                            l.mlp_o.as<float>(), hidden, l.bf16_or_null(l.normed2_16));
       prof.mark("mlp_fwd");
     }
   }
@@ -260,8 +273,9 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
     Layer& l = *layers_[i];
     if (l.fc1) {
       w.mlp_scratch.reserve(size_t(N * 3 * dff) * 4);
-      gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.normed2.as<float>(), N, l.mlp_h.as<float>(),
-                             l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>());
+      gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.f32_or_null(l.normed2), N, l.mlp_h.as<float>(),
+                             l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>(),
+                             l.bf16_or_null(l.normed2_16));
       prof.mark("mlp_bwd");
       norm_backward_gpu(st, l.res_mid.as<float>(), dnormed, N, D, l.norm2.w, l.norm2.b, eps, g, true, l.norm2.dw,
                         l.norm2.db, w.norm_scratch);
@@ -271,8 +285,8 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       l.attn->backward(*ctx_, gemm_, l.aw, l.ag, l.normed.as<float>(), B, L, g, dnormed);
       prof.mark("attn_bwd");
     } else {
-      w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.normed.as<float>(), g, dnormed,
-                        keep ? &l.mamba_kept : nullptr);
+      w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.f32_or_null(l.normed), g, dnormed,
+                        keep ? &l.mamba_kept : nullptr, l.bf16_or_null(l.normed16));
       prof.mark("mamba_bwd");
     }
     norm_backward_gpu(st, l.res_in.as<float>(), dnormed, N, D, l.norm.w, l.norm.b, eps, g, true, l.norm.dw,

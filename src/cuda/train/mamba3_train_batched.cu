@@ -315,7 +315,9 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
       for (int k = 0; k < kQ; ++k) {
         const int q = q0 + 32 * k;
         if (q >= P) continue;
-        if (p.o) p.o[tok * d.d_inner + int64_t(ix.h) * P + q] = oq[k];
+        const int64_t oi = tok * d.d_inner + int64_t(ix.h) * P + q;
+        if (p.o) p.o[oi] = oq[k];
+        if (p.o16) static_cast<__nv_bfloat16*>(p.o16)[oi] = __float2bfloat16_rn(oq[k]);
         if (kBwd) p.dzx[tok * d.din + int64_t(ix.h) * P + q] = dzq[k];
       }
     }

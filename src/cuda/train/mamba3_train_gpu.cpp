@@ -170,7 +170,7 @@ int Mamba3TrainGpu::forward_chunk_length(int64_t L, int& blocks) {
 }
 
 void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-                             const float* u, PhaseProfile* prof) {
+                             const float* u, const uint16_t* u16, PhaseProfile* prof) {
   const auto mark = [prof](const char* part) {
     if (prof) prof->mark(part);
   };
@@ -182,8 +182,14 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   reserve_floats(act_->scalars, 5 * BHL);
   reserve_floats(act_->cs, BHL * d.S);
   reserve_floats(act_->sn, BHL * d.S);
-  reserve_floats(act_->o, M * d.d_inner);
-  gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(act_->zx), din);
+  if (o_in_bf16(gemm)) reserve_elems(act_->o16, M * d.d_inner, 2);
+  else reserve_floats(act_->o, M * d.d_inner);
+  if (u16 && gemm.precision() == Precision::BF16)
+    gemm.run_mixed(ctx, false, true, M, din, c_.d_model, 1.0f, u, u16, c_.d_model, w.in_proj, nullptr, c_.d_model,
+                   0.0f, f(act_->zx), din);
+  else
+    gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(act_->zx),
+             din);
   mark("in_proj");
   launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw));
   mark("normalize bc");
@@ -218,12 +224,13 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
   const int T = batched_chunk_length(std::max<int64_t>(L, 1));
   const int64_t M = B * L, BHL = B * d.H * L, nc = (L + T - 1) / T, BHc = B * d.H * nc, rows = int64_t(T) * d.R;
   const bool bf16 = precision == Precision::BF16;
-  const int64_t floats = M * d.din + M * 2 * d.R * d.G * d.N + 5 * BHL + 2 * BHL * d.S + M * d.d_inner +
+  const int64_t floats = M * d.din + M * 2 * d.R * d.G * d.N + 5 * BHL + 2 * BHL * d.S + (bf16 ? 0 : M * d.d_inner) +
                          int64_t(angle_scratch_floats(d)) + (BHc + 1) * d.P * d.N + 5 * BHc * T + BHc +
                          BHc * rows * (2 * d.P + rows);  // Z, WV, S
   // Product operands (q, k, v, w ⊙ v, W) and, in the bf16 mode, the scan's bf16 copy of the chunk states.
   const int64_t operands = BHc * rows * (2 * d.N + 2 * d.P + rows);
-  return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 : 0);
+  // The bf16 mode keeps o as bf16 only (o_in_bf16).
+  return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 : 0);
 }
 
 int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
@@ -244,7 +251,9 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.lam = f(act_->scalars, 2 * BHL);
   p.cs = f(act_->cs), p.sn = f(act_->sn);
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
-  p.D = w.D, p.norm = w.norm, p.o = f(act_->o);
+  p.D = w.D, p.norm = w.norm;
+  if (bf16) p.o16 = act_->o16.raw();  // the out_proj products' operand (o_in_bf16)
+  else p.o = f(act_->o);
   const int64_t nT = BHc * T;
   reserve_floats(act_->bscal, 5 * nT + BHc);
   p.Lam = f(act_->bscal), p.eL = f(act_->bscal, nT), p.gam = f(act_->bscal, 2 * nT);
@@ -309,7 +318,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   float* dHc = f(dHc_, size_t(PN));
   const void* dHc_op = bf16 ? dHc16_.raw() : static_cast<const void*>(dHc);
 
-  if (reuse) p.o = nullptr;  // the kept forward wrote o already
+  if (reuse) p.o = nullptr, p.o16 = nullptr;  // the kept forward wrote o already
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
   // dW = dy·vᵀ, then coef's gradient and dS = dW ⊙ coef (W = S ⊙ coef is the mask's).
@@ -340,7 +349,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
 }
 
 void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-                             const float* u, float* out, Mamba3TrainActivations* keep) {
+                             const float* u, float* out, Mamba3TrainActivations* keep, const uint16_t* u16) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::forward: negative batch {} or length {}", B, L);
   if (B == 0 || L == 0) return;
   check_weights(c_, w);
@@ -348,12 +357,11 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   act_->valid = false;
   const MixerDims d = make_dims(c_, B, L);
   PhaseProfile prof(ctx.stream(), "mixer forward profile", 2);
-  prepare(ctx, gemm, w, B, L, u, &prof);
+  prepare(ctx, gemm, w, B, L, u, u16, &prof);
   if (chunk_batched_) {
     batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr, prof);
     act_->B = B, act_->L = L, act_->valid = true;
-    gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(act_->o), d.d_inner, w.out_proj, d.d_inner, 0.0f,
-             out, c_.d_model);
+    out_projection(ctx, gemm, w, B * L, out);
     prof.mark("out_proj");
     prof.report();
     return;
@@ -371,8 +379,17 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
     p.fwd_blocks = fwd_blocks;
   }
   launch_chunk_forward(ctx.stream(), p, false);
-  gemm.run(ctx, false, true, B * L, c_.d_model, d.d_inner, 1.0f, f(act_->o), d.d_inner, w.out_proj, d.d_inner, 0.0f,
-           out, c_.d_model);
+  out_projection(ctx, gemm, w, B * L, out);
+}
+
+void Mamba3TrainGpu::out_projection(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t M,
+                                    float* out) {
+  const int64_t di = c_.d_inner(), D = c_.d_model;
+  if (o_in_bf16(gemm))
+    gemm.run_mixed(ctx, false, true, M, D, di, 1.0f, nullptr, act_->o16.as<uint16_t>(), di, w.out_proj, nullptr, di,
+                   0.0f, out, D);
+  else
+    gemm.run(ctx, false, true, M, D, di, 1.0f, f(act_->o), di, w.out_proj, di, 0.0f, out, D);
 }
 
 void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B,
@@ -400,7 +417,7 @@ void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const 
 
 void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w,
                               const Mamba3TrainGrads& g, int64_t B, int64_t L, const float* u, const float* dout,
-                              float* du, Mamba3TrainActivations* kept) {
+                              float* du, Mamba3TrainActivations* kept, const uint16_t* u16) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::backward: negative batch {} or length {}", B, L);
   if (B == 0 || L == 0) return;
   check_weights(c_, w);
@@ -413,7 +430,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const int64_t H = d.H, R = d.R, N = d.N, P = d.P, S = d.S, RG = R * d.G;
   const cudaStream_t s = ctx.stream();
   PhaseProfile prof(s, "mixer backward profile", 2);
-  if (!reuse) prepare(ctx, gemm, w, B, L, u);
+  if (!reuse) prepare(ctx, gemm, w, B, L, u, u16);
   prof.mark("prepare");
 
   const bool batched = chunk_batched_;
@@ -445,8 +462,22 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
                 o_mo = o_mz + n_mimo, o_nm = o_mo + n_mimo, o_Bn = o_nm + n_norm, o_Cn = o_Bn + n_bcn;
   reserve_floats(part_, o_Cn + n_bcn);
 
-  // dO = dout·W_out (the gradient of the gated output o).
-  gemm.run(ctx, false, false, M, di, D, 1.0f, dout, D, w.out_proj, di, 0.0f, f(dO_), di);
+  // dO = dout·W_out (the gradient of the gated output o); with the kept o, dW_out += doutᵀ·o beside it (dout
+  // rounded once for both).
+  const bool o16 = o_in_bf16(gemm);
+  const auto out_proj_grad = [&] {
+    if (!g.out_proj) return;
+    if (o16)
+      gemm.run_mixed(ctx, true, false, D, di, M, 1.0f, dout, nullptr, D, nullptr, act_->o16.as<uint16_t>(), di, 1.0f,
+                     g.out_proj, di);
+    else
+      gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(act_->o), di, 1.0f, g.out_proj, di);
+  };
+  {
+    const TrainGemm::HeldA dout16(gemm, ctx, dout, M, D, D);
+    gemm.run(ctx, false, false, M, di, D, 1.0f, dout, D, w.out_proj, di, 0.0f, f(dO_), di);
+    if (reuse) out_proj_grad();
+  }
   prof.mark("gemm dO");
 
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm};
@@ -495,9 +526,12 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   {
     const TrainGemm::HeldA dzx16(gemm, ctx, f(dzx_), M, din, din);  // rounded once for both products
     gemm.run(ctx, false, false, M, D, din, 1.0f, f(dzx_), din, w.in_proj, D, 0.0f, du, D);
-    if (g.in_proj) gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
+    if (g.in_proj && u16 && gemm.precision() == Precision::BF16)
+      gemm.run_mixed(ctx, true, false, din, D, M, 1.0f, f(dzx_), nullptr, din, u, u16, D, 1.0f, g.in_proj, D);
+    else if (g.in_proj)
+      gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
   }
-  if (g.out_proj) gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(act_->o), di, 1.0f, g.out_proj, di);
+  if (!reuse) out_proj_grad();
   prof.mark("gemm projections");
   prof.report();
 }

@@ -34,12 +34,14 @@ struct Mamba3TrainGrads {
 // the memory (Mamba3TrainGpu::activation_bytes): in_proj's output (B/C normalised; the raw B/C apart), the scalars and
 // angles, the gated output, and the chunk tensors (q, k, v, w ⊙ v, q·kᵀ, W, q·H_cᵀ, W·v, chunk states, chunk scalars).
 struct Mamba3TrainActivations {
-  DeviceBuffer bc_raw, zx, scalars, cs, sn, o, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
+  // o: the gated output, f32 (o) or, on the batched path in the bf16 mode, only its bf16 rounding (o16: the
+  // out_proj products' operand, written by the output kernel).
+  DeviceBuffer bc_raw, zx, scalars, cs, sn, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
   int64_t B = -1, L = -1;
   bool valid = false;  // a forward's results, not yet consumed by a backward
   size_t bytes() const {
     size_t n = 0;
-    for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &cs, &sn, &o, &angle_seg, &Hc, &Hc16, &bscal, &bQ, &bK, &bV,
+    for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &cs, &sn, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ, &bK, &bV,
                                   &bVw, &bS, &bW, &bZ, &bWV})
       n += b->bytes();
     return n;
@@ -54,8 +56,10 @@ class Mamba3TrainGpu {
 
   // out (B·L, d_model) f32 = mixer(u), u (B·L, d_model) f32, every sequence from the zero state (training).
   // keep (optional): where the forward leaves its activations for the backward of the same layer (see backward).
+  // u16 (optional, used in the bf16 mode only): u rounded to bf16 by its producer, which the in_proj product then
+  // reads instead of rounding u again (u may be null there).
   void forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-               const float* u, float* out, Mamba3TrainActivations* keep = nullptr);
+               const float* u, float* out, Mamba3TrainActivations* keep = nullptr, const uint16_t* u16 = nullptr);
   // Gradients of sum(out ⊙ dout): du (B·L, d_model) overwritten; parameter grads accumulated. Recomputes what it
   // needs from u (nothing is kept from forward). Deterministic: no float atomics; same inputs → bit-identical grads.
   // kept (optional): the activations a forward of this layer on the same u left there; the batched chunk path then
@@ -63,7 +67,7 @@ class Mamba3TrainGpu {
   // (a second backward recomputes). Without it, or with the fused path, everything is recomputed from u.
   void backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, const Mamba3TrainGrads& g,
                 int64_t B, int64_t L, const float* u, const float* dout, float* du,
-                Mamba3TrainActivations* kept = nullptr);
+                Mamba3TrainActivations* kept = nullptr, const uint16_t* u16 = nullptr);
   // The bytes a Mamba3TrainActivations holds after a forward of B × L tokens with the batched chunk path, its product
   // operands in `precision`'s element size (F32 gives an upper bound for both modes).
   int64_t activation_bytes(int64_t B, int64_t L, Precision precision = Precision::F32) const;
@@ -124,7 +128,11 @@ class Mamba3TrainGpu {
  private:
   // in_proj, B/C normalisation, per-token scalars and angles (shared by forward and backward).
   void prepare(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-               const float* u, PhaseProfile* prof = nullptr);
+               const float* u, const uint16_t* u16, PhaseProfile* prof = nullptr);
+  // The gated output kept only as bf16 (act_->o16): the batched path in the bf16 mode.
+  bool o_in_bf16(const TrainGemm& gemm) const { return chunk_batched_ && gemm.precision() == Precision::BF16; }
+  // out (B·L, d_model) = o·W_outᵀ from act_'s o or o16.
+  void out_projection(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t M, float* out);
 
   // The batched path (chunk_batched_): the chunked forward into o (and, with `backward`, everything the backward's
   // chunk stage produces: dz/dx columns of dzx_, dBn_, dCn_, dphi_, sgrad_, the chunk partials at part_ offsets).

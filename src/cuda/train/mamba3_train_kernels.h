@@ -128,6 +128,7 @@ struct BatchedParams {
   void* W;                               // op, (B·H·nc, rows, rows): S ⊙ coef
   float *Z, *WV;                         // per chunk row, P: q·H_cᵀ and W·v (backward: Z then K·dHᵀ)
   float* o;                              // (M, d_inner) gated output (null: not written again)
+  void* o16;                             // (M, d_inner) bf16, the same rounded (null: not written)
   // Backward.
   const float* dO;                       // (M, d_inner)
   float* dzx;                            // (M, din): z and x columns written

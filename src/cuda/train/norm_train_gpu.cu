@@ -1,3 +1,5 @@
+#include <cuda_bf16.h>
+
 #include <algorithm>
 
 #include "cuda/train/block_reduce.cuh"
@@ -178,14 +180,21 @@ __global__ void norm_backward_sum_kernel(const double* partial_w, const double* 
 // the columns j ≡ lane (mod 32) in every pass, so res_out may alias prev and y may alias hidden. Traffic: 2 reads and
 // 2 writes of rows·D floats (the separate add, copy of the residual and norm moved 4 reads and 4 writes).
 __global__ void residual_norm_forward_kernel(const float* prev, const float* hidden, int64_t rows, int64_t D,
-                                             const float* w, const float* b, float eps, float* res_out, float* y) {
+                                             const float* w, const float* b, float eps, float* res_out, float* y,
+                                             __nv_bfloat16* y16) {
   const int lane = threadIdx.x % 32;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
        r += int64_t(gridDim.x) * blockDim.x / 32) {
     const float* pr = prev + r * D;
     const float* hr = hidden ? hidden + r * D : nullptr;
     float* xr = res_out + r * D;
-    float* yr = y + r * D;
+    float* yr = y ? y + r * D : nullptr;
+    __nv_bfloat16* yr16 = y16 ? y16 + r * D : nullptr;
+    // One output element: f32 and/or its bf16 rounding (the bf16 mode's product operand, rounded once here).
+    const auto put = [&](int64_t j, float v) {
+      if (yr) yr[j] = v;
+      if (yr16) yr16[j] = __float2bfloat16_rn(v);
+    };
     double sum = 0, ss = 0;
     for (int64_t j = lane; j < D; j += 32) {
       const float v = hr ? pr[j] + hr[j] : pr[j];
@@ -195,7 +204,7 @@ __global__ void residual_norm_forward_kernel(const float* prev, const float* hid
     }
     if (!b) {
       const float sc = float(1.0 / sqrt(warp_sum_d(ss) / double(D) + double(eps)));
-      for (int64_t j = lane; j < D; j += 32) yr[j] = xr[j] * sc * w[j];
+      for (int64_t j = lane; j < D; j += 32) put(j, xr[j] * sc * w[j]);
     } else {
       const double mean = warp_sum_d(sum) / double(D);
       double var = 0;
@@ -205,7 +214,7 @@ __global__ void residual_norm_forward_kernel(const float* prev, const float* hid
       }
       const float sc = float(1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps)));
       const float m = float(mean);
-      for (int64_t j = lane; j < D; j += 32) yr[j] = (xr[j] - m) * sc * w[j] + b[j];
+      for (int64_t j = lane; j < D; j += 32) put(j, (xr[j] - m) * sc * w[j] + b[j]);
     }
   }
 }
@@ -255,10 +264,11 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
 }
 
 void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* hidden, int64_t rows, int64_t D,
-                               const float* w, const float* b, float eps, float* res_out, float* y) {
+                               const float* w, const float* b, float eps, float* res_out, float* y, uint16_t* y16) {
   if (rows <= 0 || D <= 0) return;
-  residual_norm_forward_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, D, w, b, eps, res_out,
-                                                                          y);
+  MAMBA3_CHECK(y || y16, "residual_norm_forward_gpu: no output (y and y16 both null)");
+  residual_norm_forward_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(
+      prev, hidden, rows, D, w, b, eps, res_out, y, reinterpret_cast<__nv_bfloat16*>(y16));
   MAMBA3_LAUNCH_CHECK();
 }
 

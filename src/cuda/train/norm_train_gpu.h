@@ -28,9 +28,11 @@ void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, c
 // bias gradient).
 // The residual stream's step before a norm: res_out = prev + hidden (a copy of prev when hidden is null), then
 // y = Norm(res_out) as norm_forward_gpu forms it (the same float64 statistics, summed in another order). res_out
-// may alias prev, y may alias hidden; res_out and y must differ.
+// may alias prev, y may alias hidden; res_out and y must differ. y16 (optional, rows × D bf16 bits): y rounded to
+// nearest even as well, for the bf16 mode's products (no separate rounding pass); y may then be null (not written).
 void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* hidden, int64_t rows, int64_t D,
-                               const float* w, const float* b, float eps, float* res_out, float* y);
+                               const float* w, const float* b, float eps, float* res_out, float* y,
+                               uint16_t* y16 = nullptr);
 
 void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                        const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
