@@ -1,8 +1,10 @@
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/train/block_reduce.cuh"
 #include "cuda/train/lm_head_loss_gpu.h"
 
@@ -63,14 +65,14 @@ __global__ void softmax_cross_entropy_kernel(float* logits, int64_t n, int64_t V
 // other reads as −∞ and is never written). A row that starts 4-byte aligned (every row of a cudaMalloc'd buffer when
 // Vp is even) moves a pair as one 32-bit word; with Vp odd every other row does not, and its pairs move as two
 // halves. Which thread holds which pair depends on Vp alone, never on the row's address, so a row's loss and
-// gradient have the same bits wherever the row lies (in a block of any number of rows).
+// gradient have the same bits wherever the row lies (in a block of any number of rows), whichever kernel runs.
 
 // A pair travels as its 32-bit word (low half = the lower index), bf16 −∞ where an element is absent.
-constexpr uint32_t kNegInfPair = 0xff80ff80u;
 __device__ __forceinline__ float lo_f32(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float hi_f32(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
 // Indices within a row are int (the launcher checks Vp < 2³¹): 32-bit offsets keep the addresses cheap to recompute.
+// `row` is the row in global memory or its copy in shared memory (same alignment mod 16, so the same `aligned`).
 __device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* row, int p, int V, bool aligned) {
   const int j = 2 * p;
   if (aligned && j + 1 < V) return *reinterpret_cast<const uint32_t*>(row + j);
@@ -88,11 +90,11 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* row, int p, int V, boo
   if (j + 1 < V) row[j + 1] = __ushort_as_bfloat16(static_cast<unsigned short>(g >> 16));
 }
 
-// The row's statistics once its maximum is known: what every variant shares, so they agree on the arithmetic.
+// The row's statistics once its maximum is known.
 struct RowSoftmax {
   float mx;   // the row maximum
   float inv;  // scale / Σ e^(l − mx), rounded to f32
-  float gt;   // the target's gradient entry, scale·(p_target − 1) in float64 then rounded
+  float gt;   // the target's gradient entry, scale·(p_target − 1) in float64 then rounded (in its pair's thread)
   int tgt;    // the target (≥ V: none to subtract)
 };
 
@@ -113,12 +115,19 @@ __device__ __forceinline__ uint32_t grad_pair(uint32_t w, int p, const RowSoftma
 }
 
 // Loss of the row from its maximum and the block's float64 sum (thread 0 writes it), and what the gradient needs.
+// The float64 log and exp run only in thread 0 (the loss) and in the thread holding the target's pair (its entry):
+// in all T threads they would cost about as much as a tenth of the row's exponentials.
 __device__ __forceinline__ RowSoftmax finish_row(float mx, double sum, float lt, int tgt, int V, double scale,
                                                  double* loss) {
-  const double lse = double(mx) + log(sum);
-  if (threadIdx.x == 0) *loss = tgt < V ? lse - double(lt) : nan("");
-  // The target's entry is p − 1 with p near 1 for a confident model: float64 there avoids the cancellation.
-  return RowSoftmax{mx, float(scale / sum), float(scale * (exp(double(lt) - lse) - 1.0)), tgt};
+  RowSoftmax rs{mx, float(scale / sum), 0.0f, tgt};
+  const int t = int(threadIdx.x);
+  if (t == 0 || (tgt < V && (tgt / 2) % int(blockDim.x) == t)) {
+    const double lse = double(mx) + log(sum);
+    if (t == 0) *loss = tgt < V ? lse - double(lt) : nan("");
+    // The target's entry is p − 1 with p near 1 for a confident model: float64 there avoids the cancellation.
+    rs.gt = float(scale * (exp(double(lt) - lse) - 1.0));
+  }
+  return rs;
 }
 
 __device__ __forceinline__ void zero_row(__nv_bfloat16* l, int V, bool aligned) {
@@ -126,98 +135,185 @@ __device__ __forceinline__ void zero_row(__nv_bfloat16* l, int V, bool aligned) 
   for (int p = int(threadIdx.x); p < P; p += int(blockDim.x)) store_pair(l, p, V, aligned, 0u);
 }
 
-// Hides w's value from the compiler: the f32 halves are then recomputed from the packed word in each pass instead
-// of being kept alive across the passes (twice the registers: the row would spill).
-__device__ __forceinline__ void opaque(uint32_t& w) { asm volatile("" : "+r"(w)); }
+// One row with a target 0 ≤ tgt (≥ V: loss NaN, no onehot), what both kernels run: maximum, float64 sum of the f32
+// exponentials, loss, then the gradient in bf16 over the row at dst. The pairs are read from src (the row itself or
+// its copy in shared memory) in each of the three passes; thread t takes pairs t, t + T, t + 2T, … (T = blockDim.x)
+// in that order in every pass, so the sum's order depends on T alone. dst is written only after the reductions'
+// barriers, when every thread has read its pairs and the target, and each thread rereads only its own pairs.
+__device__ __forceinline__ void softmax_row(const __nv_bfloat16* src, __nv_bfloat16* dst, int V, bool aligned,
+                                            int tgt, double scale, bool with_grad, double* loss, double* red,
+                                            float* redf) {
+  const int P = (V + 1) / 2, T = int(blockDim.x), t = int(threadIdx.x);
+  const float lt = tgt < V ? __bfloat162float(src[tgt]) : 0.0f;
+  float m = -INFINITY;
+  for (int p = t; p < P; p += T) m = max_pair(m, load_pair(src, p, V, aligned));
+  const float mx = block_max(m, redf);
+  double part = 0;
+  for (int p = t; p < P; p += T) part = add_exps(part, load_pair(src, p, V, aligned), mx);
+  const RowSoftmax rs = finish_row(mx, block_sum(part, red), lt, tgt, V, scale, loss);
+  if (!with_grad) return;
+  for (int p = t; p < P; p += T) store_pair(dst, p, V, aligned, grad_pair(load_pair(src, p, V, aligned), p, rs));
+}
 
-// One block per row, the row held in registers: thread t keeps pairs t, t + T, …, t + (K − 1)·T (T = blockDim.x,
-// K·T ≥ P) as packed bf16, so the row is read once: maximum, float64 sum of the f32 exponentials, loss, then —
-// after the reductions' barriers, when every thread has read the whole row — the gradient in bf16 over the logits.
+// A row in a shared-memory buffer (16-byte aligned): element j at byte lead + 2j, lead = the row's global address
+// mod 16, so the bulk copy engine moves the row's 16-byte-aligned middle, elements [head, head + mid), as it lies.
+// The edges — the ≤ 7 elements before the middle and the ≤ 7 after it, or the whole row when it holds no aligned
+// 16 bytes (V ≤ 15) — are loaded by threads 0 … V − mid − 1, one element each (blockDim.x ≥ 32 > 15).
+struct RowSpan {
+  int lead, head, mid;
+};
+__device__ __forceinline__ RowSpan row_span(const __nv_bfloat16* row, int V) {
+  const int lead = int(reinterpret_cast<uintptr_t>(row) & 15);
+  const int head = lead == 0 ? 0 : min(V, (16 - lead) / 2);
+  return RowSpan{lead, head, (V - head) / 8 * 8};
+}
+// The element index of edge e (e < V − mid).
+__device__ __forceinline__ int edge_index(const RowSpan& s, int e) { return e < s.head ? e : e + s.mid; }
+
+// Starts bringing a row into buffer buf: thread 0 has the bulk copy engine move the middle, completing on `full`
+// (when `copy`: rows without a target are never read, and their barrier phase is not used either); each edge thread
+// loads its element and returns it, stored by store_edge once that buffer's previous row is done with.
+__device__ __forceinline__ uint16_t request_row(const __nv_bfloat16* row, int V, bool copy, unsigned char* buf,
+                                                uint64_t* full, uint64_t policy) {
+  const RowSpan s = row_span(row, V);
+  const int e = int(threadIdx.x);
+  if (e == 0 && copy) {
+    // The buffer's last accesses (the previous row's reads, its edges' writes) were generic-proxy ones.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    const unsigned bytes = unsigned(s.mid) * 2u;
+    expect_bytes(full, bytes);  // with no middle, the arrival alone completes the phase
+    if (bytes > 0)
+      bulk_copy_part(reinterpret_cast<float*>(buf + s.lead + 2 * s.head), reinterpret_cast<const float*>(row + s.head),
+                     bytes, full, policy);
+  }
+  return e < V - s.mid ? __bfloat16_as_ushort(row[edge_index(s, e)]) : uint16_t(0);
+}
+__device__ __forceinline__ void store_edge(const __nv_bfloat16* row, int V, unsigned char* buf, uint16_t edge) {
+  const RowSpan s = row_span(row, V);
+  const int e = int(threadIdx.x);
+  if (e >= V - s.mid) return;
+  *reinterpret_cast<uint16_t*>(buf + s.lead + 2 * edge_index(s, e)) = edge;
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before a later bulk copy over these bytes
+}
+
+// Persistent blocks, each taking rows blockIdx.x, + gridDim.x, …, two rows in shared memory: the bulk copy engine
+// brings the next row while the block computes the current one from its copy (softmax_row: three passes over shared
+// memory, the gradient stored straight to global memory), so the block's reads never wait on its arithmetic. With
+// two buffers of the 100 KB row of Vp 50280 (197 KB) one block fits on an SM; its T threads (800 there) are few but
+// each pass is ~60 instructions a pair against ~9 µs of DRAM time per row and SM (at the machine's copy rate).
 // Cost: one read and one write of n·Vp bf16 values (4 bytes per logit with the gradient), 2·n·Vp exps.
-template <int K>
-__global__ void __launch_bounds__(1024) softmax_cross_entropy_bf16_kernel(__nv_bfloat16* logits, int64_t n, int V,
-                                                                          const int32_t* targets, double scale,
-                                                                          bool with_grad, double* row_loss) {
+__global__ void __launch_bounds__(1024)
+    softmax_cross_entropy_bf16_smem_kernel(__nv_bfloat16* logits, int64_t n, int V, const int32_t* targets,
+                                           double scale, bool with_grad, double* row_loss, int buffer_bytes) {
+  extern __shared__ __align__(16) unsigned char buffers[];  // two buffers of buffer_bytes
   __shared__ double red[kMaxWarps];
   __shared__ float redf[kMaxWarps];
-  const int P = (V + 1) / 2, T = int(blockDim.x), t = int(threadIdx.x);
-  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+  __shared__ uint64_t full[2];
+  if (threadIdx.x == 0) {
+    mbar_init(&full[0]);
+    mbar_init(&full[1]);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  uint64_t policy;  // each logit is read once: L2 evicts them first
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  const int64_t G = gridDim.x;
+  int64_t r = blockIdx.x;  // < n: the launcher starts no more blocks than rows
+  // The targets of this row and the next, loaded a row ahead so no copy request waits on them.
+  int tgt = targets[r], tgt_next = r + G < n ? targets[r + G] : -1;
+  store_edge(logits + r * V, V, buffers, request_row(logits + r * V, V, tgt >= 0, buffers, &full[0], policy));
+  __syncthreads();
+  unsigned parity = 0;  // bit b: the parity of buffer b's next copy to wait for
+  for (int b = 0; r < n; r += G, b ^= 1) {
+    unsigned char* cur = buffers + b * buffer_bytes;
+    unsigned char* nxt = buffers + (b ^ 1) * buffer_bytes;  // its row (two back) was done with at the last barrier
+    const int64_t next = r + G;
+    uint16_t edge = 0;
+    int tgt_after = -1;
+    if (next < n) {
+      edge = request_row(logits + next * V, V, tgt_next >= 0, nxt, &full[b ^ 1], policy);
+      if (next + G < n) tgt_after = targets[next + G];
+    }
     __nv_bfloat16* l = logits + r * V;
     const bool aligned = (reinterpret_cast<uintptr_t>(l) & 3) == 0;
-    const int tgt = targets[r];
     if (tgt < 0) {  // no loss here: a zero gradient row keeps it out of dh and dW
-      if (t == 0) row_loss[r] = 0.0;
+      if (threadIdx.x == 0) row_loss[r] = 0.0;
       if (with_grad) zero_row(l, V, aligned);
-      continue;
+    } else {
+      mbar_wait(&full[b], (parity >> b) & 1u);
+      parity ^= 1u << b;
+      const auto* src = reinterpret_cast<const __nv_bfloat16*>(cur + (reinterpret_cast<uintptr_t>(l) & 15));
+      softmax_row(src, l, V, aligned, tgt, scale, with_grad, row_loss + r, red, redf);
     }
-    const float lt = tgt < V ? __bfloat162float(l[tgt]) : 0.0f;
-    uint32_t w[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int p = t + k * T;
-      w[k] = p < P ? load_pair(l, p, V, aligned) : kNegInfPair;
-    }
-    float m = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < K; ++k) m = max_pair(m, w[k]);
-    const float mx = block_max(m, redf);
-    double part = 0;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      opaque(w[k]);
-      part = add_exps(part, w[k], mx);
-    }
-    const RowSoftmax rs = finish_row(mx, block_sum(part, red), lt, tgt, V, scale, row_loss + r);
-    if (!with_grad) continue;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      opaque(w[k]);
-      const int p = t + k * T;
-      if (p < P) store_pair(l, p, V, aligned, grad_pair(w[k], p, rs));
-    }
+    if (next < n) store_edge(logits + next * V, V, nxt, edge);
+    __syncthreads();  // cur's reads done (the copy two rows on may start), nxt's edges visible
+    tgt = tgt_next;
+    tgt_next = tgt_after;
   }
 }
 
-// Rows too long for the registers (P > 32·1024 pairs): the same arithmetic in three passes over the row (maximum,
-// sum, gradient), each thread on pairs t, t + T, …; it reads and then writes only its own pairs in the last pass.
-// Cost: three reads and one write of n·Vp bf16 values, 2·n·Vp exps.
+// Rows too long for two in shared memory (Vp > ~58000 on sm_90): softmax_row straight from global memory, three
+// passes over the row (the second and third mostly from L2), each thread reading and then writing only its own pairs
+// in the last. Cost: three reads and one write of n·Vp bf16 values, 2·n·Vp exps.
 __global__ void __launch_bounds__(1024) softmax_cross_entropy_bf16_loop_kernel(__nv_bfloat16* logits, int64_t n,
                                                                                int V, const int32_t* targets,
                                                                                double scale, bool with_grad,
                                                                                double* row_loss) {
   __shared__ double red[kMaxWarps];
   __shared__ float redf[kMaxWarps];
-  const int P = (V + 1) / 2, T = int(blockDim.x), t = int(threadIdx.x);
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     __nv_bfloat16* l = logits + r * V;
     const bool aligned = (reinterpret_cast<uintptr_t>(l) & 3) == 0;
     const int tgt = targets[r];
     if (tgt < 0) {
-      if (t == 0) row_loss[r] = 0.0;
+      if (threadIdx.x == 0) row_loss[r] = 0.0;
       if (with_grad) zero_row(l, V, aligned);
       continue;
     }
-    const float lt = tgt < V ? __bfloat162float(l[tgt]) : 0.0f;
-    float m = -INFINITY;
-    for (int p = t; p < P; p += T) m = max_pair(m, load_pair(l, p, V, aligned));
-    const float mx = block_max(m, redf);
-    double part = 0;
-    for (int p = t; p < P; p += T) part = add_exps(part, load_pair(l, p, V, aligned), mx);
-    const RowSoftmax rs = finish_row(mx, block_sum(part, red), lt, tgt, V, scale, row_loss + r);
-    if (!with_grad) continue;
-    for (int p = t; p < P; p += T) store_pair(l, p, V, aligned, grad_pair(load_pair(l, p, V, aligned), p, rs));
+    softmax_row(l, l, V, aligned, tgt, scale, with_grad, row_loss + r, red, redf);
   }
 }
 
-// The register variant for K pairs per thread when they hold the row (K·1024 ≥ P), with the fewest threads that
-// do; the block size depends on Vp alone (and so the reductions' order).
-template <int K>
-bool launch_bf16_rows(cudaStream_t s, unsigned blocks, __nv_bfloat16* logits, int64_t n, int V,
-                      const int32_t* targets, double scale, bool with_grad, double* row_loss) {
-  const int P = (V + 1) / 2;
-  if (P > K * 1024) return false;
-  softmax_cross_entropy_bf16_kernel<K><<<blocks, threads_for((P + K - 1) / K, 1024), 0, s>>>(
-      logits, n, V, targets, scale, with_grad, row_loss);
+// Threads for a row of P pairs, which fix the order of its sum: K = the fewest pairs a thread in {1, 2, 4, …, 32}
+// with K·1024 ≥ P (32 beyond), then the fewest threads (a multiple of 32) giving each at most K. A function of Vp
+// alone, the same for both kernels, and the block size of the register kernel they replaced (the same bits).
+int row_threads(int P) {
+  int K = 1;
+  while (K < 32 && K * 1024 < P) K *= 2;
+  return threads_for((P + K - 1) / K, 1024);
+}
+
+// A row buffer: the row at its address's offset mod 16 (≤ 14 bytes), rounded up to 16 bytes.
+size_t row_buffer_bytes(int V) { return (size_t(V) * 2 + 14 + 15) / 16 * 16; }
+
+// The shared-memory kernel when two rows fit in a block's shared memory: one block per SM at Vp 50280 (more for
+// short rows), no more blocks than rows.
+bool launch_bf16_smem(cudaStream_t s, __nv_bfloat16* logits, int64_t n, int V, int threads, const int32_t* targets,
+                      double scale, bool with_grad, double* row_loss) {
+  const auto kernel = softmax_cross_entropy_bf16_smem_kernel;
+  const size_t buffer = row_buffer_bytes(V), bytes = 2 * buffer;
+  static const int limit = [&] {  // the dynamic shared memory the device allows, raised once
+    int device = 0, optin = 0;
+    MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    cudaFuncAttributes attr{};
+    MAMBA3_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const int dyn = optin - int(attr.sharedSizeBytes);
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+    return dyn;
+  }();
+  if (bytes > size_t(limit)) return false;
+  thread_local size_t known_bytes = 0;  // the occupancy of the last shape asked (a model asks for one)
+  thread_local int known_threads = 0, per_sm = 0;
+  if (bytes != known_bytes || threads != known_threads) {
+    MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes));
+    known_bytes = bytes, known_threads = threads;
+  }
+  if (per_sm < 1) return false;
+  static const int sms = device_info().sm_count;
+  const int64_t resident = int64_t(per_sm) * std::max(sms, 1);
+  kernel<<<unsigned(std::min(n, resident)), threads, bytes, s>>>(logits, n, V, targets, scale, with_grad, row_loss,
+                                                                  int(buffer));
   MAMBA3_LAUNCH_CHECK();
   return true;
 }
@@ -247,17 +343,12 @@ void softmax_cross_entropy_rows_bf16_gpu(cudaStream_t s, uint16_t* logits16, int
                                          double* row_loss) {
   if (n <= 0) return;
   MAMBA3_CHECK(Vp > 0 && Vp < INT32_MAX, "softmax_cross_entropy_rows_bf16_gpu: bad Vp {}", Vp);
-  const unsigned blocks = unsigned(n < (1 << 20) ? n : (1 << 20));
   auto* l = reinterpret_cast<__nv_bfloat16*>(logits16);
-  const int V = int(Vp);
-  if (launch_bf16_rows<1>(s, blocks, l, n, V, targets, grad_scale, with_grad, row_loss) ||
-      launch_bf16_rows<2>(s, blocks, l, n, V, targets, grad_scale, with_grad, row_loss) ||
-      launch_bf16_rows<4>(s, blocks, l, n, V, targets, grad_scale, with_grad, row_loss) ||
-      launch_bf16_rows<8>(s, blocks, l, n, V, targets, grad_scale, with_grad, row_loss) ||
-      launch_bf16_rows<16>(s, blocks, l, n, V, targets, grad_scale, with_grad, row_loss) ||
-      launch_bf16_rows<32>(s, blocks, l, n, V, targets, grad_scale, with_grad, row_loss))
-    return;
-  softmax_cross_entropy_bf16_loop_kernel<<<blocks, 1024, 0, s>>>(l, n, V, targets, grad_scale, with_grad, row_loss);
+  const int V = int(Vp), threads = row_threads((V + 1) / 2);
+  if (launch_bf16_smem(s, l, n, V, threads, targets, grad_scale, with_grad, row_loss)) return;
+  const unsigned blocks = unsigned(n < (1 << 20) ? n : (1 << 20));
+  softmax_cross_entropy_bf16_loop_kernel<<<blocks, threads, 0, s>>>(l, n, V, targets, grad_scale, with_grad,
+                                                                    row_loss);
   MAMBA3_LAUNCH_CHECK();
 }
 

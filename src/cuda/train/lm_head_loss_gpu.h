@@ -45,10 +45,11 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
 void softmax_cross_entropy_rows_gpu(cudaStream_t s, float* logits, int64_t n, int64_t Vp, const int32_t* targets,
                                     double grad_scale, bool with_grad, double* row_loss);
 // bf16 logits (the bf16 mode; bits, rows packed Vp apart, any Vp — odd ones leave every other row 2-byte aligned):
-// the same math on the upcast values, and the gradient rounded to bf16 (nearest even) in place. A row of up to
-// 65536 logits is read once, held in registers (one read and one write: 4 bytes per logit, where the f32 kernel
-// moves 12); longer rows take three reads. The target's entry scale·(p − 1) is computed in float64 (p ≈ 1 would
-// cancel in f32), the others as f32 e^(l − max)·(scale/Σ). A row gives the same bits wherever it lies in the buffer.
+// the same math on the upcast values, and the gradient rounded to bf16 (nearest even) in place. When two rows fit
+// in a block's shared memory (Vp up to ~58000 on sm_90) each row is read once, by the bulk copy engine while the
+// block computes the row before it (one read and one write: 4 bytes per logit, where the f32 kernel moves 12); longer
+// rows take three reads. The target's entry scale·(p − 1) is computed in float64 (p ≈ 1 would cancel in f32), the
+// others as f32 e^(l − max)·(scale/Σ). A row gives the same bits wherever it lies in the buffer.
 void softmax_cross_entropy_rows_bf16_gpu(cudaStream_t s, uint16_t* logits16, int64_t n, int64_t Vp,
                                          const int32_t* targets, double grad_scale, bool with_grad, double* row_loss);
 // *out = Σ_i v[i] in float64, added in a fixed order (one block), on the device.
