@@ -84,8 +84,9 @@ struct GpuResult {
 // sequential one); blocks_per_sm: the parallel chunk kernels' register variant (0 auto, 1 or 2 forced); batched:
 // the batched-GEMM chunk path instead of the fused kernels (the three before are then ignored); all set explicitly,
 // whatever MAMBA3_TRAIN_CHUNK / MAMBA3_TRAIN_SCAN / MAMBA3_TRAIN_CHUNK_BLOCKS / MAMBA3_TRAIN_CHUNK_PATH say.
+// epilogue_heads: the batched epilogue's heads per block (0: auto or MAMBA3_TRAIN_EPILOGUE_HEADS).
 GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Precision p, bool tc = false,
-                  bool parallel = true, int blocks_per_sm = 0, bool batched = false) {
+                  bool parallel = true, int blocks_per_sm = 0, bool batched = false, int epilogue_heads = 0) {
   const Mamba3Config& c = m.config();
   const int64_t B = u.dim(0), L = u.dim(1);
   const size_t act_bytes = size_t(B * L * c.d_model) * sizeof(float);
@@ -96,6 +97,7 @@ GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout, Pre
   train.set_chunk_scan_parallel(parallel);
   train.set_chunk_blocks_per_sm(blocks_per_sm);
   train.set_chunk_batched(batched);
+  train.set_epilogue_heads(epilogue_heads);
   DeviceLayer layer(m);
   cuda::DeviceBuffer u_dev = to_device_activation(u, Precision::F32);
   cuda::DeviceBuffer dout_dev = to_device_activation(dout, Precision::F32);
@@ -409,6 +411,36 @@ TEST(Mamba3TrainGpu, KeptActivationsGiveTheSameGradients) {
       EXPECT_LE(int64_t(kept.bytes()), train.activation_bytes(B, L, p) + 4096) << "activation_bytes undercounts";
       EXPECT_LE(train.activation_bytes(B, L, p), train.activation_bytes(B, L)) << "F32 is the upper bound";
     }
+}
+
+// The batched epilogue with every heads-per-block choice (each divisor of a B/C group's heads: 1 is one head per
+// block, the others sum their heads' B/C gradients in shared memory) against the CPU's f32 backward, exact mode, L =
+// 130 (two chunks and a partial one), batch 2; a choice that does not divide the group's heads is refused.
+TEST(Mamba3TrainGpu, EpilogueHeadsPerBlockMatchCpu) {
+  MAMBA3_REQUIRE_GPU();
+  int grouped_cases = 0;
+  for (const LayerCase& lc : tensor_core_cases()) {
+    const Mamba3Config& c = lc.c;
+    const int per_group = int(c.nheads() / c.ngroups);
+    const int64_t B = 2, L = 130;
+    auto [mixer, u, dout] = random_layer(c, B, L, 13);
+    Mamba3State state = mixer.new_state(B);
+    const Tensor out_ref = mixer.prefill(u, state);
+    const Mamba3MixerGradients ref = mamba3_mixer_backward(mixer, u, dout);
+    for (int hb = 1; hb <= per_group; ++hb) {
+      if (per_group % hb) continue;
+      grouped_cases += hb > 1;
+      SCOPED_TRACE(std::string(lc.name) + " heads per block " + std::to_string(hb));
+      const GpuResult r = run_gpu(mixer, u, dout, Precision::F32, false, true, 0, true, hb);
+      double worst = 0;
+      std::string where;
+      compare(r, out_ref, ref.u, ref.params, kOutTolF32, kGradTolF32, worst, where);
+    }
+    cuda::Mamba3TrainGpu train(c);
+    train.set_epilogue_heads(per_group + 1);
+    EXPECT_THROW(train.epilogue_heads(), Error) << lc.name;
+  }
+  EXPECT_GT(grouped_cases, 0) << "no case has several heads per B/C group";
 }
 
 // The bf16 mode with u's rounding given by its producer (u16; u given too, or null): the in_proj products read it

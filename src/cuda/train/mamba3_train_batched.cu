@@ -21,8 +21,9 @@ constexpr int kThreads = 256, kWarps = kThreads / 32;
 struct ChunkIndex {
   int64_t chunk, bh;
   int b, h, c, c0, Tc;
-  __device__ ChunkIndex(const BatchedParams& p) {
-    chunk = blockIdx.x, bh = chunk / p.nc, c = int(chunk % p.nc);
+  __device__ ChunkIndex(const BatchedParams& p) : ChunkIndex(p, blockIdx.x) {}
+  __device__ ChunkIndex(const BatchedParams& p, int64_t chunk_index) {
+    chunk = chunk_index, bh = chunk / p.nc, c = int(chunk % p.nc);
     b = int(bh / p.d.H), h = int(bh % p.d.H);
     c0 = c * p.T, Tc = min(p.T, p.d.L - c0);
   }
@@ -442,31 +443,30 @@ __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedPar
   }
 }
 
-// Per chunk: dV ← dV + D·dy + w ⊙ tp (tp = K·dHᵀ, in Z), the state-carry terms of Λ and scale and dadt; then a warp
-// per token: the rotation and bias backward of dQ, dK (→ dCn, dBn, dphi), dx and the mimo_x partials.
+// Per chunk: dV ← dV + D·dy + w ⊙ tp (tp = K·dHᵀ, in Z), the state-carry terms of Λ and scale and dadt, dx and the
+// mimo_x partials (one block per (sequence, head, chunk)). The rotation backward of dQ, dK is the next kernel's.
 template <typename In>
 __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const BatchedParams p) {
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
-  const int T = p.T, rows = p.rows, R = d.R, P = d.P, N = d.N, S = d.S, warp = threadIdx.x / 32,
-            lane = threadIdx.x % 32;
+  const int T = p.T, rows = p.rows, R = d.R, P = d.P, N = d.N, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float Dh = p.D[ix.h];
   const In *V = static_cast<const In*>(p.V), *dY = static_cast<const In*>(p.dY);
-  const In *Q = static_cast<const In*>(p.Q), *K = static_cast<const In*>(p.K);
   extern __shared__ float sm[];
   float *Lam = sm, *scale = sm + T, *dL = sm + 2 * T, *rdot = sm + 3 * T, *wsum = rdot + rows;
-  float* part = wsum + kWarps;  // per warp: gC, gB (R·N each), gX (R·P)
-  const int per_warp = 2 * R * N + R * P;
+  float* gXall = wsum + kWarps;  // per warp: gX (R·P)
+  const int RP = R * P;
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = ix.chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], dL[tl] = p.dLam[i];
   }
-  for (int e = threadIdx.x; e < kWarps * per_warp; e += kThreads) part[e] = 0.0f;
+  if (d.mimo)
+    for (int e = threadIdx.x; e < kWarps * RP; e += kThreads) gXall[e] = 0.0f;
   __syncthreads();  // the partials are zero before any warp adds to them
   // A warp per token: each rank row's final dv = (dv + D·dy) + w ⊙ tp and Σ v·tp, then dx = Σ_r mimo_x ⊙ dv and the
   // mimo_x partials (dv itself is not stored: nothing else reads it).
   const int64_t base_p = ix.chunk * rows * P;
-  float* gX = part + warp * per_warp + 2 * R * N;
+  float* gX = gXall + warp * RP;
   for (int tl = warp; tl < T; tl += kWarps) {
     const float w = p.wv[ix.chunk * T + tl];
     const bool real = tl < ix.Tc;
@@ -538,61 +538,83 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
     p.dadt[st] = dL[tl];
     p.dscale[st] += scale[tl];
   }
-  float *gC = part + warp * per_warp, *gB = gC + R * N;
-  const int64_t base_n = ix.chunk * rows * N;
-  for (int tl = warp; tl < ix.Tc; tl += kWarps) {
-    const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, tok = int64_t(ix.b) * d.L + t;
-    const float *cs = p.cs + st * S, *sn = p.sn + st * S;
-    // A lane per rotary slot: the gradient back through the rotation for both elements of the pair, and dφ of the
-    // slot's angle summed over the ranks (q then k per rank, the CPU's order).
-    // Chunk rows and dBn/dCn rows hold N floats at N-float offsets: 8-byte aligned for even N (the buffers are).
-    const bool vec = !d.mimo && N % 2 == 0;
+  if (d.mimo)
+    for (int e = threadIdx.x; e < RP; e += kThreads) {
+      float s = 0.0f;
+      for (int w = 0; w < kWarps; ++w) s += gXall[w * RP + e];
+      p.part_mimo_x[ix.prow(p) * RP + e] = s;
+    }
+}
+
+// The rotation and bias backward of dQ, dK → dCn, dBn (summed over the block's heads), dphi and the bias partials.
+// Block (b, head slot, c) takes heads [slot·hb, (slot + 1)·hb) of one B/C group, hb = p.heads_per_block; a warp per
+// token row, a lane per rotary slot, the heads in the innermost loop with their sums in registers: one write of each
+// dCn/dBn element per head slot, (M, H / hb, R, N), instead of one per head (the rows the B/C norm backward reads).
+// The bias partials (per head) go through shared memory: per warp and head, R·N each for C and B.
+template <typename In>
+__global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(const BatchedParams p) {
+  const MixerDims& d = p.d;
+  const int hb = p.heads_per_block, slots = d.H / hb, R = d.R, N = d.N, S = d.S, RN = R * N, rows = p.rows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int c = int(blockIdx.x % p.nc), slot = int(blockIdx.x / p.nc % slots), b = int(blockIdx.x / p.nc / slots);
+  const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * hb;
+  // Distinct buffers, said so: the next head's loads need not wait for this head's dφ store.
+  const In *__restrict__ Q = static_cast<const In*>(p.Q), *__restrict__ K = static_cast<const In*>(p.K);
+  const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK, *__restrict__ csv = p.cs, *__restrict__ snv = p.sn;
+  float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
+  extern __shared__ float sm[];  // (kWarps, hb, 2, R·N): gC then gB per warp and head
+  for (int e = threadIdx.x; e < kWarps * hb * 2 * RN; e += kThreads) sm[e] = 0.0f;
+  __syncthreads();
+  float* mine = sm + warp * hb * 2 * RN;
+  const bool vec = !d.mimo && N % 2 == 0;  // chunk rows hold N values at N-value offsets: aligned pairs for even N
+  for (int tl = warp; tl < Tc; tl += kWarps) {
+    const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
     for (int u = lane; u < (N + 1) / 2; u += 32) {
       const PairSlot ps = pair_slot(u, N, S, d.mimo);
-      const float c = ps.rot ? cs[u] : 1.0f, sv = ps.rot ? sn[u] : 0.0f;
-      float acc = 0.0f;
       for (int r = 0; r < R; ++r) {
-        const int64_t j = base_n + (int64_t(tl) * R + r) * N;
-        const int64_t out = ((tok * d.H + ix.h) * R + r) * N;
-        // Every load of the rank row before the first store: the stores go through float pointers the compiler
-        // cannot tell apart from the loaded ones, so a load after a store would wait for it (one latency each).
-        const float2 gq = load_pair(p.dQ + j, ps, vec), gk = load_pair(p.dK + j, ps, vec);
-        float2 vq = make_float2(0.0f, 0.0f), vk = vq;
-        if (ps.rot) vq = load_pair(Q + j, ps, vec), vk = load_pair(K + j, ps, vec);
-        for (int which = 0; which < 2; ++which) {
-          const float2 g = which == 0 ? gq : gk;
-          float* dst = (which == 0 ? p.dCn : p.dBn) + out;
-          float* part_acc = (which == 0 ? gC : gB) + r * N;
-          const float da = g.x, db = g.y;
+        float sCa = 0.0f, sCb = 0.0f, sBa = 0.0f, sBb = 0.0f;  // the slot's pairs summed over the block's heads
+        for (int hh = 0; hh < hb; ++hh) {
+          const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
+          const int64_t j = (chunk * rows + int64_t(tl) * R + r) * N;
+          const float2 gq = load_pair(dQ + j, ps, vec), gk = load_pair(dK + j, ps, vec);
+          float ca = gq.x, cb = gq.y, ba = gk.x, bb = gk.y;
           if (ps.rot) {
-            const float2 v = which == 0 ? vq : vk;
-            acc += db * v.x - da * v.y;
-            const float ga = da * c + db * sv, gb = db * c - da * sv;
-            store_pair(dst, ps, vec, ga, gb);
-            part_acc[ps.a] += ga, part_acc[ps.b] += gb;
-          } else {
-            store_pair(dst, ps, vec, da, db);
-            part_acc[ps.a] += da;
-            if (ps.has_b) part_acc[ps.b] += db;
+            const float2 vq = load_pair(Q + j, ps, vec), vk = load_pair(K + j, ps, vec);
+            const float cs = csv[st * S + u], sn = snv[st * S + u];
+            // dφ of the slot's angle, summed over the ranks q then k per rank (the CPU's order); a later rank adds
+            // to what this lane wrote for the earlier ones.
+            float* dphi = dphi_out + st * S + u;
+            float acc = r == 0 ? 0.0f : *dphi;
+            acc += gq.y * vq.x - gq.x * vq.y;
+            acc += gk.y * vk.x - gk.x * vk.y;
+            *dphi = acc;
+            ca = gq.x * cs + gq.y * sn, cb = gq.y * cs - gq.x * sn;
+            ba = gk.x * cs + gk.y * sn, bb = gk.y * cs - gk.x * sn;
           }
+          float* gC = mine + (hh * 2) * RN + r * N;
+          float* gB = gC + RN;
+          gC[ps.a] += ca, gB[ps.a] += ba;
+          if (ps.has_b) gC[ps.b] += cb, gB[ps.b] += bb;
+          sCa += ca, sCb += cb, sBa += ba, sBb += bb;
         }
+        const int64_t out = ((tok * slots + slot) * R + r) * N;
+        store_pair(dCn + out, ps, vec, sCa, sCb);
+        store_pair(dBn + out, ps, vec, sBa, sBb);
       }
-      if (ps.rot) p.dphi[st * S + u] = acc;
     }
   }
   __syncthreads();
-  const int64_t prow = ix.prow(p);
-  for (int e = threadIdx.x; e < R * N; e += kThreads) {
-    float sc = 0.0f, sb = 0.0f;
-    for (int w = 0; w < kWarps; ++w) sc += part[w * per_warp + e], sb += part[w * per_warp + R * N + e];
-    p.part_C_bias[prow * R * N + e] = sc, p.part_B_bias[prow * R * N + e] = sb;
-  }
-  if (d.mimo)
-    for (int e = threadIdx.x; e < R * P; e += kThreads) {
-      float s = 0.0f;
-      for (int w = 0; w < kWarps; ++w) s += part[w * per_warp + 2 * R * N + e];
-      p.part_mimo_x[prow * R * P + e] = s;
+  for (int hh = 0; hh < hb; ++hh) {
+    const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h0 + hh;
+    for (int e = threadIdx.x; e < RN; e += kThreads) {
+      float sc = 0.0f, sb = 0.0f;
+      for (int w = 0; w < kWarps; ++w) {
+        const float* g = sm + (w * hb + hh) * 2 * RN;
+        sc += g[e], sb += g[RN + e];
+      }
+      p.part_C_bias[prow * RN + e] = sc, p.part_B_bias[prow * RN + e] = sb;
     }
+  }
 }
 
 template <typename Kernel>
@@ -636,10 +658,21 @@ void launch_batched_coef(cudaStream_t s, const BatchedParams& p) {
 }
 
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
-  const size_t floats =
-      size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * (2 * p.d.R * p.d.N + p.d.R * p.d.P);
+  const size_t floats = size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * p.d.R * p.d.P;
   if (p.bf16) launch_per_chunk(batched_epilogue_kernel<__nv_bfloat16>, s, p, floats);
   else launch_per_chunk(batched_epilogue_kernel<float>, s, p, floats);
+  const int hb = p.heads_per_block;
+  MAMBA3_CHECK(hb >= 1 && (p.d.H / p.d.G) % hb == 0,
+               "batched rotation backward: {} heads per block must divide the {} heads of a B/C group", hb,
+               p.d.H / p.d.G);
+  const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "batched rotation backward: {} blocks exceed the grid", blocks);
+  const size_t bytes = size_t(kWarps) * hb * 2 * p.d.R * p.d.N * sizeof(float);
+  const auto kernel = p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16> : batched_rotation_backward_kernel<float>;
+  if (bytes > 48 * 1024)
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+  MAMBA3_LAUNCH_CHECK();
 }
 
 }  // namespace mamba3::cuda::train_detail

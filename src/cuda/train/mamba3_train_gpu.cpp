@@ -79,6 +79,13 @@ int env_chunk_blocks() {
   return blocks;
 }
 
+// MAMBA3_TRAIN_EPILOGUE_HEADS, read once per process: the batched epilogue's heads per block (unset or 0: auto, the
+// largest divisor of a B/C group's heads up to 4), a tuning knob.
+int env_epilogue_heads() {
+  static const int heads = int(env_integer("MAMBA3_TRAIN_EPILOGUE_HEADS", 0, 0, 64));
+  return heads;
+}
+
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -233,6 +240,23 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
   return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 : 0);
 }
 
+int Mamba3TrainGpu::epilogue_heads() const {
+  const int per_group = int(c_.nheads() / c_.ngroups);
+  // The rotation backward's shared memory: per warp and head, the C and B bias partials (R·N floats each).
+  const auto bytes = [&](int hb) { return int64_t(kChunkThreads / 32) * hb * 2 * c_.rank() * c_.d_state * 4; };
+  const int want = epilogue_heads_ ? epilogue_heads_ : env_epilogue_heads();
+  if (want > 0) {
+    MAMBA3_CHECK(per_group % want == 0, "Mamba3TrainGpu: {} epilogue heads per block do not divide the {} heads of a "
+                 "B/C group (MAMBA3_TRAIN_EPILOGUE_HEADS)", want, per_group);
+    MAMBA3_CHECK(bytes(want) <= 200 * 1024, "Mamba3TrainGpu: {} epilogue heads per block need {} bytes of shared "
+                 "memory (MAMBA3_TRAIN_EPILOGUE_HEADS)", want, bytes(want));
+    return want;
+  }
+  for (int h = 4; h > 1; --h)
+    if (per_group % h == 0 && bytes(h) <= 64 * 1024) return h;
+  return 1;
+}
+
 int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
   return int(std::min<int64_t>(std::max<int64_t>(1, env_batched_rows() / c_.rank()), L));
 }
@@ -247,6 +271,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const size_t op = bf16 ? 2 : 4;  // bytes of a product operand element
   BatchedParams p{};
   p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows), p.bf16 = bf16;
+  p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.lam = f(act_->scalars, 2 * BHL);
   p.cs = f(act_->cs), p.sn = f(act_->sn);
@@ -495,7 +520,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.seg = f(act_->angle_seg);  // reserved by prepare
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
-  launch_bc_norm_backward(s, d, f(act_->bc_raw), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
+  launch_bc_norm_backward(s, d, batched ? int(H) / epilogue_heads() : int(H), f(act_->bc_raw), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
                           f(part_, o_Cn));
   prof.mark("bc norm bwd");
 

@@ -102,6 +102,12 @@ class Mamba3TrainGpu {
   void set_chunk_batched(bool on) { chunk_batched_ = on; }
   bool chunk_batched() const { return chunk_batched_; }
 
+  // The batched path's epilogue: heads per block (each block sums its heads' B/C gradients before writing them; must
+  // divide the heads of a B/C group); 0 = MAMBA3_TRAIN_EPILOGUE_HEADS, read once per process (unset or 0: the largest
+  // divisor up to 4). Only the order of the sums over heads changes with it.
+  void set_epilogue_heads(int heads) { epilogue_heads_ = heads; }
+  int epilogue_heads() const;
+
   // Register variant of the chunk-parallel schedule's per-chunk kernels (the output kernel of the training forward
   // and of backward pass 1, the reverse kernel): 1 the plain ones (__launch_bounds__(256), up to 255 registers), 2
   // the __launch_bounds__(256, 2) ones (≤ 128 registers, so that two 256-thread blocks can share an SM), 0 (auto)
@@ -162,6 +168,7 @@ class Mamba3TrainGpu {
   bool chunk_tc_ = false;  // tensor-core chunk products in the bf16 mode (set_chunk_tensor_cores)
   bool chunk_parallel_ = true;  // chunk-parallel schedule (set_chunk_scan_parallel)
   bool chunk_batched_ = true;   // batched-GEMM chunk path (set_chunk_batched)
+  int epilogue_heads_ = 0;      // the batched epilogue's heads per block, 0 auto (set_epilogue_heads)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;

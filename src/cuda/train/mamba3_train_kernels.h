@@ -112,6 +112,7 @@ void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH,
 struct BatchedParams {
   MixerDims d;
   int T, nc, rows;                       // chunk length (tokens), chunks per sequence, rows = T·R
+  int heads_per_block;                   // the epilogue's heads per block (divides H / G): dBn/dCn per head slot
   // The products' chunk-row operands (q, k, v, w ⊙ v, W, dS, dy, e^Λ ⊙ dy) are bf16 (the bf16 mode's products on
   // bf16 tensor cores) or f32 (the exact mode); "op" marks them below. Everything else is f32.
   bool bf16;
@@ -153,7 +154,8 @@ void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward
 // From S (q·kᵀ) and dWf (dy·vᵀ): the gradients of coef into dLam (added), dgam, dscale (written), and dS = dW ⊙ coef.
 void launch_batched_coef(cudaStream_t s, const BatchedParams& p);
 // The rest per chunk: dV += D·dy + w ⊙ (K·dHᵀ) (from Z), the state-carry terms of Λ and scale, dadt; per token the
-// rotation and bias backward (dBn, dCn, dphi, bias partials), dx and the mimo_x partials.
+// rotation and bias backward (dBn, dCn, dphi, bias partials), dx and the mimo_x partials. A block takes
+// heads_per_block heads of one (sequence, chunk) and writes dBn/dCn summed over them: (M, H / heads_per_block, R, N).
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p);
 
 // The angle gradient's reverse cumulative sum (→ dθ per head, Δ's share) and the per-token scalar gradients
@@ -171,9 +173,10 @@ struct AngleBackwardParams {
 };
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 
-// Per row: heads summed into their B/C groups, the B/C RMSNorm backward (→ dzx's B, C columns, weight partials
-// (M·R·G, N) each) and θ summed over heads (→ dzx's angle columns).
-void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, const float* bc_raw, const float* B_norm,
+// Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)
+// summed into their B/C groups, the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each) and
+// θ summed over heads (→ dzx's angle columns). slots divides H and is a multiple of G.
+void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
                              const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
                              float* part_B_norm, float* part_C_norm);
 

@@ -219,14 +219,14 @@ __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
 }
 
 // One block per row; warps take the (which, r, g) vectors: acc = Σ_{h ∈ g} dBn/dCn, then the RMSNorm backward.
-__global__ void bc_norm_backward_kernel(MixerDims d, const float* __restrict__ bc_raw,
+__global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __restrict__ bc_raw,
                                         const float* __restrict__ B_norm, const float* __restrict__ C_norm,
                                         const float* __restrict__ dBn, const float* __restrict__ dCn,
                                         const float* __restrict__ dth, float* __restrict__ dzx,
                                         float* __restrict__ part_B, float* __restrict__ part_C) {
   const int64_t m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
-  const int hpg = d.H / d.G;
+  const int spg = slots / d.G;  // head slots per group
   extern __shared__ float group[];  // (warps, N)
   for (int item = warp; item < 2 * RG; item += warps) {
     const bool isB = item < RG;
@@ -234,7 +234,7 @@ __global__ void bc_norm_backward_kernel(MixerDims d, const float* __restrict__ b
     const int off = (isB ? d.off_B : d.off_C) + rg * d.N;
     const float* x = bc_raw + (m * 2 * RG + item) * d.N;  // the raw vector (normalize_bc saved it)
     const float* w = isB ? B_norm : C_norm;
-    const float* src = (isB ? dBn : dCn) + m * d.H * d.R * d.N;
+    const float* src = (isB ? dBn : dCn) + m * slots * d.R * d.N;
     float* part = (isB ? part_B : part_C) + (m * RG + rg) * d.N;
     float* acc_n = group + warp * d.N;  // this warp's Σ_{h ∈ g}, element n owned by lane n % 32
     float ss = 0;
@@ -243,7 +243,7 @@ __global__ void bc_norm_backward_kernel(MixerDims d, const float* __restrict__ b
     float mean = 0;
     for (int n = lane; n < d.N; n += 32) {
       float acc = 0;
-      for (int h = g * hpg; h < (g + 1) * hpg; ++h) acc += src[(int64_t(h) * d.R + r) * d.N + n];
+      for (int k = g * spg; k < (g + 1) * spg; ++k) acc += src[(int64_t(k) * d.R + r) * d.N + n];
       acc_n[n] = acc;
       part[n] = acc * x[n] * rstd;
       mean += acc * w[n] * x[n] * rstd;
@@ -326,14 +326,16 @@ size_t angle_scratch_floats(const MixerDims& d) {
   return size_t(std::max<int64_t>(1, int64_t(d.B) * d.H * nseg * d.S));
 }
 
-void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, const float* bc_raw, const float* B_norm,
+void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
                              const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
                              float* part_B_norm, float* part_C_norm) {
+  MAMBA3_CHECK(slots >= d.G && d.H % slots == 0 && slots % d.G == 0,
+               "B/C norm backward: {} head slots for {} heads in {} groups", slots, d.H, d.G);
   // A warp per B/C vector of the row (2·R·G of them, at most 8 warps): SISO with one group runs 64-thread blocks, so
   // that no warps idle in the block and more rows share an SM.
   const int warps = std::min(8, 2 * d.R * d.G);
   const size_t smem = size_t(warps) * d.N * sizeof(float);
-  bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s>>>(d, bc_raw, B_norm, C_norm, dBn, dCn,
+  bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s>>>(d, slots, bc_raw, B_norm, C_norm, dBn, dCn,
                                                                                  dth, dzx, part_B_norm, part_C_norm);
   MAMBA3_LAUNCH_CHECK();
 }
