@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cuda/env_switch.h"
+#include "cuda/train/mamba3_train_bwd_core.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/phase_profile.h"
 
@@ -86,6 +87,13 @@ int env_epilogue_heads() {
   return heads;
 }
 
+// MAMBA3_TRAIN_BWD_CORE, read once per process: the batched backward's core as one tensor-core kernel per chunk
+// ("fused", the default where the shapes allow) or as the batched products with the coef kernel ("products").
+bool env_backward_core() {
+  static const bool fused = env_choice("MAMBA3_TRAIN_BWD_CORE", {"fused", "products"}) != "products";
+  return fused;
+}
+
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -119,7 +127,8 @@ void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int6
 
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
-      chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()) {
+      chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
+      backward_core_(env_backward_core()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -191,12 +200,9 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   reserve_floats(act_->sn, BHL * d.S);
   if (o_in_bf16(gemm)) reserve_elems(act_->o16, M * d.d_inner, 2);
   else reserve_floats(act_->o, M * d.d_inner);
-  if (u16 && gemm.precision() == Precision::BF16)
-    gemm.run_mixed(ctx, false, true, M, din, c_.d_model, 1.0f, u, u16, c_.d_model, w.in_proj, nullptr, c_.d_model,
-                   0.0f, f(act_->zx), din);
-  else
-    gemm.run(ctx, false, true, M, din, c_.d_model, 1.0f, u, c_.d_model, w.in_proj, c_.d_model, 0.0f, f(act_->zx),
-             din);
+  // u16 and the weight's mirror, where given, are read instead of rounding u and W_in (the f32 mode ignores them).
+  gemm.run_mixed(ctx, false, true, M, din, c_.d_model, 1.0f, u, u16, c_.d_model, w.in_proj, w.in_proj16, c_.d_model,
+                 0.0f, f(act_->zx), din);
   mark("in_proj");
   launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw));
   mark("normalize bc");
@@ -346,6 +352,28 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (reuse) p.o = nullptr, p.o16 = nullptr;  // the kept forward wrote o already
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
+  if (backward_core_ && backward_core_supported(p)) {
+    // dW, coef, dV, dQ, dK's first term and G in one kernel per chunk (S, W and dS recomputed in registers).
+    launch_batched_backward_core(s, p, act_->Hc16.raw(), dHc - PN);
+    prof.mark("backward core");
+  } else {
+    batched_backward_products(ctx, bf16, p, Hc_op, dHc, BHc, prof);
+  }
+  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr);
+  prof.mark("scan rev");
+  batched_gemm(ctx, bf16, false, true, rows, P, N, p.K, N, sRN, dHc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
+  prof.mark("gemm tp");
+  batched_gemm(ctx, bf16, false, false, rows, N, P, p.Vw, P, sRP, dHc_op, N, PN, 1.0f, p.dK, N, sRN, BHc);
+  prof.mark("gemm dK");
+  launch_batched_epilogue(s, p);
+  prof.mark("epilogue");
+}
+
+void Mamba3TrainGpu::batched_backward_products(const Context& ctx, bool bf16, const BatchedParams& p,
+                                               const void* Hc_op, float* dHc, int64_t BHc, PhaseProfile& prof) {
+  const cudaStream_t s = ctx.stream();
+  const int64_t rows = p.rows, N = p.d.N, P = p.d.P, PN = P * N;
+  const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
   // dW = dy·vᵀ, then coef's gradient and dS = dW ⊙ coef (W = S ⊙ coef is the mask's).
   batched_gemm(ctx, bf16, false, true, rows, rows, P, p.dY, P, sRP, p.V, P, sRP, 0.0f, p.dWf, rows, sRR, BHc);
   prof.mark("gemm dW");
@@ -363,14 +391,6 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // its bf16 copy for the bf16 mode's products).
   batched_gemm(ctx, bf16, true, false, P, N, rows, p.dYe, P, sRP, p.Q, N, sRN, 0.0f, dHc - PN, N, PN, BHc);
   prof.mark("gemm G");
-  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr);
-  prof.mark("scan rev");
-  batched_gemm(ctx, bf16, false, true, rows, P, N, p.K, N, sRN, dHc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
-  prof.mark("gemm tp");
-  batched_gemm(ctx, bf16, false, false, rows, N, P, p.Vw, P, sRP, dHc_op, N, PN, 1.0f, p.dK, N, sRN, BHc);
-  prof.mark("gemm dK");
-  launch_batched_epilogue(s, p);
-  prof.mark("epilogue");
 }
 
 void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
@@ -411,10 +431,11 @@ void Mamba3TrainGpu::out_projection(const Context& ctx, TrainGemm& gemm, const M
                                     float* out) {
   const int64_t di = c_.d_inner(), D = c_.d_model;
   if (o_in_bf16(gemm))
-    gemm.run_mixed(ctx, false, true, M, D, di, 1.0f, nullptr, act_->o16.as<uint16_t>(), di, w.out_proj, nullptr, di,
-                   0.0f, out, D);
+    gemm.run_mixed(ctx, false, true, M, D, di, 1.0f, nullptr, act_->o16.as<uint16_t>(), di, w.out_proj, w.out_proj16,
+                   di, 0.0f, out, D);
   else
-    gemm.run(ctx, false, true, M, D, di, 1.0f, f(act_->o), di, w.out_proj, di, 0.0f, out, D);
+    gemm.run_mixed(ctx, false, true, M, D, di, 1.0f, f(act_->o), nullptr, di, w.out_proj, w.out_proj16, di, 0.0f, out,
+                   D);
 }
 
 void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B,
@@ -500,7 +521,8 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   };
   {
     const TrainGemm::HeldA dout16(gemm, ctx, dout, M, D, D);
-    gemm.run(ctx, false, false, M, di, D, 1.0f, dout, D, w.out_proj, di, 0.0f, f(dO_), di);
+    gemm.run_mixed(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di, 0.0f, f(dO_),
+                   di);
     if (reuse) out_proj_grad();
   }
   prof.mark("gemm dO");
@@ -550,7 +572,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o.
   {
     const TrainGemm::HeldA dzx16(gemm, ctx, f(dzx_), M, din, din);  // rounded once for both products
-    gemm.run(ctx, false, false, M, D, din, 1.0f, f(dzx_), din, w.in_proj, D, 0.0f, du, D);
+    gemm.run_mixed(ctx, false, false, M, D, din, 1.0f, f(dzx_), nullptr, din, w.in_proj, w.in_proj16, D, 0.0f, du, D);
     if (g.in_proj && u16 && gemm.precision() == Precision::BF16)
       gemm.run_mixed(ctx, true, false, din, D, M, 1.0f, f(dzx_), nullptr, din, u, u16, D, 1.0f, g.in_proj, D);
     else if (g.in_proj)

@@ -20,10 +20,17 @@
 namespace mamba3::cuda {
 
 class PhaseProfile;
+namespace train_detail {
+struct BatchedParams;
+}
 
 // Device pointers (f32) of one mixer's parameters, official names (spec); null where the config has none.
+// in_proj16, out_proj16 (optional, the bf16 mode only): the two projection weights already rounded to bf16 (the
+// parameter store's mirror), read by their products instead of rounding the f32 weights on every product (the same
+// bits); null: rounded as needed.
 struct Mamba3TrainWeights {
   const float *in_proj, *out_proj, *dt_bias, *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *B_norm, *C_norm, *norm;
+  const uint16_t *in_proj16 = nullptr, *out_proj16 = nullptr;
 };
 // Gradient destinations, same shapes; ACCUMULATED (+=). Null where the config has none (or where not wanted).
 struct Mamba3TrainGrads {
@@ -108,6 +115,12 @@ class Mamba3TrainGpu {
   void set_epilogue_heads(int heads) { epilogue_heads_ = heads; }
   int epilogue_heads() const;
 
+  // The batched path's backward core in the bf16 mode: true runs dW, coef, dV, dQ, dK's first term and G as one
+  // tensor-core kernel per chunk (mamba3_train_bwd_core.h; shapes it supports), false as the batched products with
+  // the coef kernel. Default from MAMBA3_TRAIN_BWD_CORE, read once per process: "fused" or "products" (unset: fused).
+  void set_backward_core(bool fused) { backward_core_ = fused; }
+  bool backward_core() const { return backward_core_; }
+
   // Register variant of the chunk-parallel schedule's per-chunk kernels (the output kernel of the training forward
   // and of backward pass 1, the reverse kernel): 1 the plain ones (__launch_bounds__(256), up to 255 registers), 2
   // the __launch_bounds__(256, 2) ones (≤ 128 registers, so that two 256-thread blocks can share an SM), 0 (auto)
@@ -148,6 +161,10 @@ class Mamba3TrainGpu {
   // reuse: the forward part's results are already in act_ (kept activations): the backward part only.
   void batched_chunks(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, bool backward,
                       const PartOffsets* parts, PhaseProfile& prof, bool reuse = false);
+  // The batched backward's products from dW to G with the coef kernel between them (the backward core's fallback):
+  // dWf, coef (dS, dLam, dgam, dscale), dV, dQ, dK's first term, and G into dHc's slot before each chunk.
+  void batched_backward_products(const Context& ctx, bool bf16, const train_detail::BatchedParams& p,
+                                 const void* Hc_op, float* dHc, int64_t BHc, PhaseProfile& prof);
   // The fused path's chunk stage of the backward (chunk length T), with the same outputs.
   void fused_chunks_backward(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, int T,
                              const PartOffsets& parts);
@@ -169,6 +186,7 @@ class Mamba3TrainGpu {
   bool chunk_parallel_ = true;  // chunk-parallel schedule (set_chunk_scan_parallel)
   bool chunk_batched_ = true;   // batched-GEMM chunk path (set_chunk_batched)
   int epilogue_heads_ = 0;      // the batched epilogue's heads per block, 0 auto (set_epilogue_heads)
+  bool backward_core_ = true;   // the fused backward core where supported (set_backward_core)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;

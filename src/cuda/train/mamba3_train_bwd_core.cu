@@ -1,0 +1,390 @@
+// The batched path's backward core (mamba3_train_bwd_core.h): one 128-thread block per (sequence, head, chunk) of 64
+// rows, four warps, bf16 m16n8k16 tensor-core products with f32 accumulation.
+//   Phase A, warp w on rows t ∈ [16w, 16w + 16): S = q·kᵀ and dW = dy·vᵀ for its rows; coef elementwise (Λ's and γ's
+//     row sums); dS = dW ⊙ coef stays in registers as the A operand of dQ = dS·k + (e^Λ ⊙ dy)·H_c.
+//   Phase B, warp w on rows s ∈ [16w, 16w + 16): the transposed Sᵀ = k·qᵀ and dWᵀ = v·dyᵀ (so no warp needs another's
+//     results); coef elementwise (Λ's and scale's column sums); Wᵀ and dSᵀ in registers as the A operands of
+//     dV = Wᵀ·dy and dK = dSᵀ·q.
+//   Phase C, warp w on rows p ∈ [16w, 16w + 16): G = (e^Λ ⊙ dy)ᵀ·q.
+// Operand tiles in shared memory at a pitch of 8 extra bf16 per row (16 bytes: ldmatrix's eight row addresses fall in
+// different banks); loaded with cp.async, 16 bytes per thread and instruction. Results go from the accumulator
+// fragments to global memory as float2 stores.
+#include "cuda/train/mamba3_train_bwd_core.h"
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_check.h"
+
+namespace mamba3::cuda::train_detail {
+
+namespace {
+
+constexpr int kRows = 64, kCoreWarps = 4, kCoreThreads = 32 * kCoreWarps;
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(const void* p, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// c += a·b, one m16n8k16 tile (a: 4 registers of bf16 pairs, b: 2).
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Fragment loads (lane = threadIdx.x % 32). X is a row-major bf16 tile with row pitch ld (elements).
+// A (16 × 16 at rows r0, columns k0) of a row-major X.
+__device__ __forceinline__ void load_a(const bf16* X, int ld, int r0, int k0, uint32_t (&a)[4]) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4(X + (r0 + lane % 16) * ld + k0 + (lane / 16) * 8, a);
+}
+// A (16 × 16 at rows m0, columns k0) of Xᵀ, X stored (k, m).
+__device__ __forceinline__ void load_a_t(const bf16* X, int ld, int k0, int m0, uint32_t (&a)[4]) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4_trans(X + (k0 + lane % 8 + (lane / 16) * 8) * ld + m0 + ((lane / 8) % 2) * 8, a);
+}
+// B of two n-tiles (columns n0 … n0 + 15, rows k0 … k0 + 15) where B[k][n] = X[n][k] (X stored (n, k)):
+// b[0], b[1] for tile n0, b[2], b[3] for tile n0 + 8.
+__device__ __forceinline__ void load_b_nk(const bf16* X, int ld, int n0, int k0, uint32_t (&b)[4]) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4(X + (n0 + lane % 8 + (lane / 16) * 8) * ld + k0 + ((lane / 8) % 2) * 8, b);
+}
+// The same where B[k][n] = X[k][n] (X stored (k, n)).
+__device__ __forceinline__ void load_b_kn(const bf16* X, int ld, int k0, int n0, uint32_t (&b)[4]) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4_trans(X + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + n0 + (lane / 16) * 8, b);
+}
+
+// rows × cols bf16 (packed in global memory, cols a multiple of 8) into shared memory at pitch ld, 16 bytes a copy.
+__device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, int rows, int cols) {
+  const int per_row = cols / 8;
+  for (int i = threadIdx.x; i < rows * per_row; i += kCoreThreads) {
+    const int r = i / per_row, c = (i % per_row) * 8;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + r * ld + c)), "l"(src + r * cols + c));
+  }
+}
+
+// Accumulator tiles (16 rows × 8·NT columns) to a row-major f32 matrix (row r0 of `out`, pitch ld, column c0).
+template <int NT>
+__device__ __forceinline__ void store_tiles(const float (&acc)[NT][4], float* out, int ld, int r0, int c0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float* o = out + int64_t(r0 + g) * ld + c0 + nt * 8 + 2 * q;
+    *reinterpret_cast<float2*>(o) = make_float2(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<float2*>(o + 8 * ld) = make_float2(acc[nt][2], acc[nt][3]);
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+}
+
+// Sum over the four lanes of a quad (the lanes holding one accumulator row).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+template <int N, int P>
+struct CoreSmem {
+  static constexpr int LDN = N + 8, LDP = P + 8;
+  static constexpr size_t bf16_elems = size_t(2 * kRows + P) * LDN + size_t(3 * kRows) * LDP;
+  static constexpr size_t bytes(int T) { return bf16_elems * sizeof(bf16) + size_t(3 * T + 4 * kRows) * 4; }
+};
+
+template <int N, int P>
+__global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
+                                                                     float* g_slots) {
+  using Smem = CoreSmem<N, P>;
+  constexpr int LDN = Smem::LDN, LDP = Smem::LDP, NS = kRows / 8;  // NS: n-tiles over the chunk's 64 rows
+  constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;                  // dQ/dK/G columns per pass, their n-tiles
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+  bf16 *sK = sQ + kRows * LDN, *sH = sK + kRows * LDN, *sV = sH + P * LDN, *sdY = sV + kRows * LDP,
+       *sdYe = sdY + kRows * LDP;
+  const int T = p.T, R = p.d.R;
+  float* Lam = reinterpret_cast<float*>(sdYe + kRows * LDP);
+  float *scale = Lam + T, *gam = scale + T, *rowG = gam + T, *rowD = rowG + kRows, *colG = rowD + kRows,
+        *colE = colG + kRows;
+  const int64_t chunk = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+
+  copy_tile(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
+  copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
+  copy_tile(sH, LDN, Hc16 + chunk * P * N, P, N);
+  copy_tile(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
+  copy_tile(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
+  copy_tile(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
+  asm volatile("cp.async.commit_group;");
+  for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
+    const int64_t i = chunk * T + tl;
+    Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+
+  // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
+  // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
+  const auto coef = [&](int j, int jj, float& ex) {
+    const int tl = j / R, sl = jj / R;
+    ex = 0.0f;
+    if (sl < tl) {
+      ex = expf(Lam[tl] - Lam[sl]);
+      return ex * scale[sl];
+    }
+    return sl == tl ? gam[tl] : 0.0f;
+  };
+
+  // ---- Phase A: rows t of this warp.
+  {
+    const int t0 = 16 * warp;
+    float s[NS][4], dw[NS][4];
+    zero(s), zero(dw);
+#pragma unroll
+    for (int kb = 0; kb < N / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sQ, LDN, t0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        load_b_nk(sK, LDN, 16 * np, 16 * kb, b);
+        mma(s[2 * np], a, b[0], b[1]), mma(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int kb = 0; kb < P / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sdY, LDP, t0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        load_b_nk(sV, LDP, 16 * np, 16 * kb, b);
+        mma(dw[2 * np], a, b[0], b[1]), mma(dw[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    float rg[2] = {0.0f, 0.0f}, rd[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int half = e / 2, j = t0 + g + 8 * half, jj = nt * 8 + 2 * q + e % 2;
+        float ex;
+        const float cf = coef(j, jj, ex), gc = dw[nt][e] * s[nt][e];
+        if (ex != 0.0f) rg[half] += gc * cf;
+        else if (jj / R == j / R) rd[half] += gc;
+        dw[nt][e] *= cf;  // dS
+      }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float gsum = quad_sum(rg[half]), dsum = quad_sum(rd[half]);
+      if (q == 0) rowG[t0 + g + 8 * half] = gsum, rowD[t0 + g + 8 * half] = dsum;
+    }
+    uint32_t ds[NS / 2][4];  // dS as A fragments, one per 16 columns s
+#pragma unroll
+    for (int kb = 0; kb < NS / 2; ++kb) {
+      ds[kb][0] = pack(dw[2 * kb][0], dw[2 * kb][1]), ds[kb][1] = pack(dw[2 * kb][2], dw[2 * kb][3]);
+      ds[kb][2] = pack(dw[2 * kb + 1][0], dw[2 * kb + 1][1]), ds[kb][3] = pack(dw[2 * kb + 1][2], dw[2 * kb + 1][3]);
+    }
+    // dQ = dS·k + (e^Λ ⊙ dy)·H_c, NB columns at a time.
+    float* dQ = p.dQ + chunk * kRows * N;
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += NB) {
+      float acc[NBT][4];
+      zero(acc);
+#pragma unroll
+      for (int kb = 0; kb < NS / 2; ++kb)
+#pragma unroll
+        for (int np = 0; np < NBT / 2; ++np) {
+          uint32_t b[4];
+          load_b_kn(sK, LDN, 16 * kb, n0 + 16 * np, b);
+          mma(acc[2 * np], ds[kb], b[0], b[1]), mma(acc[2 * np + 1], ds[kb], b[2], b[3]);
+        }
+#pragma unroll
+      for (int kb = 0; kb < P / 16; ++kb) {
+        uint32_t a[4];
+        load_a(sdYe, LDP, t0, 16 * kb, a);
+#pragma unroll
+        for (int np = 0; np < NBT / 2; ++np) {
+          uint32_t b[4];
+          load_b_kn(sH, LDN, 16 * kb, n0 + 16 * np, b);
+          mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      store_tiles(acc, dQ, N, t0, n0);
+    }
+  }
+
+  // ---- Phase B: rows s of this warp (the transposed products).
+  {
+    const int s0 = 16 * warp;
+    float st[NS][4], dwt[NS][4];
+    zero(st), zero(dwt);
+#pragma unroll
+    for (int kb = 0; kb < N / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sK, LDN, s0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        load_b_nk(sQ, LDN, 16 * np, 16 * kb, b);
+        mma(st[2 * np], a, b[0], b[1]), mma(st[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int kb = 0; kb < P / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sV, LDP, s0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        load_b_nk(sdY, LDP, 16 * np, 16 * kb, b);
+        mma(dwt[2 * np], a, b[0], b[1]), mma(dwt[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    float cg[2] = {0.0f, 0.0f}, ce[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int half = e / 2, jj = s0 + g + 8 * half, j = nt * 8 + 2 * q + e % 2;
+        float ex;
+        const float cf = coef(j, jj, ex), gc = dwt[nt][e] * st[nt][e];
+        if (ex != 0.0f) cg[half] += gc * cf, ce[half] += gc * ex;
+        st[nt][e] *= cf;   // Wᵀ
+        dwt[nt][e] *= cf;  // dSᵀ
+      }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float gsum = quad_sum(cg[half]), esum = quad_sum(ce[half]);
+      if (q == 0) colG[s0 + g + 8 * half] = gsum, colE[s0 + g + 8 * half] = esum;
+    }
+    uint32_t wt[NS / 2][4], dst[NS / 2][4];
+#pragma unroll
+    for (int kb = 0; kb < NS / 2; ++kb) {
+      wt[kb][0] = pack(st[2 * kb][0], st[2 * kb][1]), wt[kb][1] = pack(st[2 * kb][2], st[2 * kb][3]);
+      wt[kb][2] = pack(st[2 * kb + 1][0], st[2 * kb + 1][1]), wt[kb][3] = pack(st[2 * kb + 1][2], st[2 * kb + 1][3]);
+      dst[kb][0] = pack(dwt[2 * kb][0], dwt[2 * kb][1]), dst[kb][1] = pack(dwt[2 * kb][2], dwt[2 * kb][3]);
+      dst[kb][2] = pack(dwt[2 * kb + 1][0], dwt[2 * kb + 1][1]);
+      dst[kb][3] = pack(dwt[2 * kb + 1][2], dwt[2 * kb + 1][3]);
+    }
+    {  // dV = Wᵀ·dy
+      float acc[P / 8][4];
+      zero(acc);
+#pragma unroll
+      for (int kb = 0; kb < NS / 2; ++kb)
+#pragma unroll
+        for (int np = 0; np < P / 16; ++np) {
+          uint32_t b[4];
+          load_b_kn(sdY, LDP, 16 * kb, 16 * np, b);
+          mma(acc[2 * np], wt[kb], b[0], b[1]), mma(acc[2 * np + 1], wt[kb], b[2], b[3]);
+        }
+      store_tiles(acc, p.dV + chunk * kRows * P, P, s0, 0);
+    }
+    float* dK = p.dK + chunk * kRows * N;
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += NB) {  // dK = dSᵀ·q
+      float acc[NBT][4];
+      zero(acc);
+#pragma unroll
+      for (int kb = 0; kb < NS / 2; ++kb)
+#pragma unroll
+        for (int np = 0; np < NBT / 2; ++np) {
+          uint32_t b[4];
+          load_b_kn(sQ, LDN, 16 * kb, n0 + 16 * np, b);
+          mma(acc[2 * np], dst[kb], b[0], b[1]), mma(acc[2 * np + 1], dst[kb], b[2], b[3]);
+        }
+      store_tiles(acc, dK, N, s0, n0);
+    }
+  }
+
+  // ---- Phase C: G = (e^Λ ⊙ dy)ᵀ·q, rows p of this warp.
+  for (int p0 = 16 * warp; p0 < P; p0 += 16 * kCoreWarps) {
+    float* G = g_slots + chunk * P * N;
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += NB) {
+      float acc[NBT][4];
+      zero(acc);
+#pragma unroll
+      for (int kb = 0; kb < NS / 2; ++kb) {
+        uint32_t a[4];
+        load_a_t(sdYe, LDP, 16 * kb, p0, a);
+#pragma unroll
+        for (int np = 0; np < NBT / 2; ++np) {
+          uint32_t b[4];
+          load_b_kn(sQ, LDN, 16 * kb, n0 + 16 * np, b);
+          mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      store_tiles(acc, G, N, p0, n0);
+    }
+  }
+
+  // ---- The chunk scalars' gradients from coef, per token (as the coef kernel forms them).
+  __syncthreads();
+  const int64_t bh = chunk / p.nc;
+  const int c0 = int(chunk % p.nc) * T, Tc = min(T, p.d.L - c0);
+  for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
+    float dl = 0.0f, dg = 0.0f, dsc = 0.0f;
+    for (int r = 0; r < R; ++r) {
+      const int j = tl * R + r;
+      dl += rowG[j] - colG[j], dg += rowD[j], dsc += colE[j];
+    }
+    p.dLam[chunk * T + tl] += dl;
+    const int64_t st = bh * p.d.L + c0 + tl;
+    p.dgam[st] = dg, p.dscale[st] = dsc;
+  }
+}
+
+template <int N, int P>
+void launch(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots) {
+  const size_t bytes = CoreSmem<N, P>::bytes(p.T);
+  const auto kernel = backward_core_kernel<N, P>;
+  if (bytes > 48 * 1024)
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "backward core: {} blocks exceed the grid", blocks);
+  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16), g_slots);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool backward_core_supported(const BatchedParams& p) {
+  const int N = p.d.N, P = p.d.P;
+  return p.bf16 && p.rows == kRows && (N == 32 || N == 64 || N == 128) && (P == 32 || P == 64);
+}
+
+void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots) {
+  MAMBA3_CHECK(backward_core_supported(p), "backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
+               p.rows, p.d.N, p.d.P);
+  const int N = p.d.N, P = p.d.P;
+  if (N == 128 && P == 64) return launch<128, 64>(s, p, Hc16, g_slots);
+  if (N == 128 && P == 32) return launch<128, 32>(s, p, Hc16, g_slots);
+  if (N == 64 && P == 64) return launch<64, 64>(s, p, Hc16, g_slots);
+  if (N == 64 && P == 32) return launch<64, 32>(s, p, Hc16, g_slots);
+  if (N == 32 && P == 64) return launch<32, 64>(s, p, Hc16, g_slots);
+  return launch<32, 32>(s, p, Hc16, g_slots);
+}
+
+}  // namespace mamba3::cuda::train_detail

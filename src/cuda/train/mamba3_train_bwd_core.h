@@ -1,0 +1,24 @@
+#pragma once
+// The batched path's backward core as one kernel per (sequence, head, chunk) on bf16 tensor cores (mma.sync):
+// what the strided-batched products dW = dy·vᵀ, dV = Wᵀ·dy, dQ = dS·k + (e^Λ ⊙ dy)·H_c, dK = dSᵀ·q, G = (e^Λ ⊙ dy)ᵀ·q
+// and the coef kernel between them compute, with S = q·kᵀ, W = S ⊙ coef and dS = dW ⊙ coef recomputed in registers
+// instead of read back: the chunk's q, k, v, dy, e^Λ ⊙ dy and H_c are read once into shared memory and only dQ, dK,
+// dV, G and the chunk scalars' gradients leave the SM (docs/kernels/mamba3_train_cuda.md "Backward core").
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cuda/train/mamba3_train_kernels.h"
+
+namespace mamba3::cuda::train_detail {
+
+// Whether the fused core handles these dimensions: the bf16 mode, 64 rows per chunk, N ∈ {32, 64, 128} and
+// P ∈ {32, 64} (other shapes keep the products).
+bool backward_core_supported(const BatchedParams& p);
+
+// Reads p.Q, p.K, p.V, p.dY, p.dYe (bf16), the chunk scalars p.Lam, p.scale, p.gam and Hc16 (bf16, (B·H·nc, P, N):
+// the state entering each chunk); writes p.dQ, p.dK, p.dV (f32, per chunk row), G of chunk k at g_slots + k·P·N
+// (f32 P × N), dgam and dscale (=) and adds coef's part to p.dLam. Deterministic (fixed orders, no atomics).
+void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots);
+
+}  // namespace mamba3::cuda::train_detail
