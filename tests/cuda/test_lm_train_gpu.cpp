@@ -11,6 +11,8 @@
 #include <random>
 
 #include "../train/lm_test_models.h"
+#include "core/dtype.h"
+#include "cuda/train/adamw_gpu.h"
 #include "cuda/train/lm_train_gpu.h"
 #include "cuda/train/train_engine_gpu.h"
 #include "gpu_test_util.h"
@@ -129,6 +131,135 @@ TEST(LmTrainGpu, RejectsBadParametersAndTokens) {
   cuda::GpuLmTrainer gpu(c, params, cuda::Precision::F32);
   std::vector<int64_t> in = {1, 2, c.vocab_size}, tg = {1, 2, 3};
   EXPECT_THROW(gpu.run(in.data(), tg.data(), 1, 3, true, 1.0), Error);
+}
+
+// One training step as the CUDA engine takes it: loss and gradients, the flat AdamW (writing the store's bf16 mirror
+// when there is one), the gradients zeroed. Returns the loss; grads gets the gradients before the update.
+double train_step(cuda::GpuLmTrainer& gpu, const cuda::DeviceBuffer& granules, const std::vector<int64_t>& in,
+                  const std::vector<int64_t>& tg, int64_t B, int64_t L, int64_t t, TensorMap& grads) {
+  const double loss = gpu.run(in.data(), tg.data(), B, L, true, 1.0);
+  cuda::GpuParamStore& s = gpu.store();
+  s.download(s.grads(), grads);
+  cuda::AdamWStepParams a;
+  a.lr = 1e-2, a.weight_decay = 0.1, a.t = t;
+  const cudaStream_t st = gpu.context().stream();
+  cuda::adamw_update_flat_gpu(st, s.params(), s.grads(), s.exp_avg(), s.exp_avg_sq(), s.total(),
+                              granules.as<uint8_t>(), a, 1.0f, s.params16());
+  MAMBA3_CUDA_CHECK(cudaMemsetAsync(s.grads(), 0, size_t(s.total()) * 4, st));
+  return loss;
+}
+
+// Weight decay on every granule of the store (the update's decay flags, one byte per kAdamWGranule floats).
+cuda::DeviceBuffer all_decayed(const cuda::GpuParamStore& s) {
+  const std::vector<uint8_t> g(size_t((s.total() + cuda::kAdamWGranule - 1) / cuda::kAdamWGranule), 1);
+  cuda::DeviceBuffer b(g.size());
+  b.upload(g.data(), g.size());
+  return b;
+}
+
+bool identical(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+}
+
+// Every tensor of a the same bits as b's of its name (a failure per tensor that differs).
+bool same_bits(const TensorMap& a, const TensorMap& b, const std::string& what) {
+  bool ok = a.size() == b.size();
+  EXPECT_EQ(a.size(), b.size()) << what;
+  for (const auto& [name, t] : a) {
+    auto it = b.find(name);
+    const bool same = it != b.end() && identical(t, it->second);
+    EXPECT_TRUE(same) << what << ": " << name;
+    ok = ok && same;
+  }
+  return ok;
+}
+
+// The bf16 mode's weight mirror (the store's bf16 copy of the weights, written by the flat AdamW, read by every
+// weight product) against the products rounding the f32 weights themselves (set_weight_mirror(false)): three
+// training steps on every layer kind give the same bits — each step's loss and gradients, and the weights after the
+// last update; with the mirror on, the mirror after each update is the host's rounding of the weights.
+TEST(LmTrainGpu, WeightMirrorGivesTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const auto& lc : lm_cases()) {
+    SCOPED_TRACE(lc.name);
+    const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+    const TensorMap params = lm_test_weights(c, 6);
+    const int64_t B = 2, L = 37, steps = 3;
+    std::vector<std::vector<int64_t>> in(steps), tg(steps);
+    for (int64_t k = 0; k < steps; ++k)
+      split(lm_test_tokens(c, B, L, uint32_t(40 + k)), B, L, in[size_t(k)], tg[size_t(k)]);
+    struct Run {
+      std::vector<double> loss;
+      std::vector<TensorMap> grads;
+      TensorMap params;
+    };
+    auto train3 = [&](bool mirror) {
+      cuda::GpuLmTrainer gpu(c, params, cuda::Precision::BF16);
+      gpu.set_weight_mirror(mirror);
+      cuda::GpuParamStore& s = gpu.store();
+      const cuda::DeviceBuffer granules = all_decayed(s);
+      Run r;
+      for (int64_t k = 0; k < steps; ++k) {
+        r.grads.emplace_back();
+        r.loss.push_back(train_step(gpu, granules, in[size_t(k)], tg[size_t(k)], B, L, k + 1, r.grads.back()));
+        EXPECT_EQ(s.has_mirror(), mirror) << "step " << k + 1;
+        if (!mirror) continue;
+        EXPECT_TRUE(s.mirror_valid()) << "step " << k + 1;
+        std::vector<float> p(size_t(s.total()));
+        std::vector<uint16_t> p16(p.size());
+        MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+        MAMBA3_CUDA_CHECK(cudaMemcpy(p.data(), s.params(), p.size() * 4, cudaMemcpyDeviceToHost));
+        MAMBA3_CUDA_CHECK(cudaMemcpy(p16.data(), s.params16(), p16.size() * 2, cudaMemcpyDeviceToHost));
+        size_t bad = 0;
+        for (size_t i = 0; i < p.size(); ++i) bad += p16[i] != f32_to_bf16(p[i]);
+        EXPECT_EQ(bad, 0u) << "mirror elements not the rounding of the weights after step " << k + 1;
+      }
+      s.download(s.params(), r.params);
+      return r;
+    };
+    const Run on = train3(true), off = train3(false);
+    for (int64_t k = 0; k < steps; ++k) {
+      EXPECT_EQ(on.loss[size_t(k)], off.loss[size_t(k)]) << "loss of step " << k + 1;
+      same_bits(on.grads[size_t(k)], off.grads[size_t(k)], "gradients of step " + std::to_string(k + 1));
+    }
+    same_bits(on.params, off.params, "weights after the last update");
+    bool changed = false;
+    for (const auto& [name, t] : on.params) changed = changed || !identical(t, params.at(name).to(DType::F32));
+    EXPECT_TRUE(changed) << "the updates changed nothing";
+  }
+}
+
+// New weights uploaded into the store (GpuParamStore::upload) make the mirror stale; the next step rounds them again
+// and reads them: its loss and gradients are the bits of a fresh trainer made from those weights (bf16, mirror on).
+TEST(LmTrainGpu, WeightMirrorFollowsAnUpload) {
+  MAMBA3_REQUIRE_GPU();
+  for (const auto& lc : lm_cases()) {
+    SCOPED_TRACE(lc.name);
+    const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+    const TensorMap first = lm_test_weights(c, 7), second = lm_test_weights(c, 8);
+    const int64_t B = 2, L = 29;
+    std::vector<int64_t> in, tg;
+    split(lm_test_tokens(c, B, L, 12), B, L, in, tg);
+    cuda::GpuLmTrainer used(c, first, cuda::Precision::BF16);
+    used.set_weight_mirror(true);
+    cuda::GpuParamStore& s = used.store();
+    const double loss_first = used.run(in.data(), tg.data(), B, L, true, 1.0);
+    ASSERT_TRUE(s.mirror_valid());
+    s.upload(s.params(), second, "", "second weights");
+    EXPECT_FALSE(s.mirror_valid()) << "an upload into the weights left the mirror valid";
+    MAMBA3_CUDA_CHECK(cudaMemsetAsync(s.grads(), 0, size_t(s.total()) * 4, used.context().stream()));
+    const double loss_used = used.run(in.data(), tg.data(), B, L, true, 1.0);
+    EXPECT_TRUE(s.mirror_valid());
+    TensorMap grads_used, grads_fresh;
+    s.download(s.grads(), grads_used);
+    cuda::GpuLmTrainer fresh(c, second, cuda::Precision::BF16);
+    fresh.set_weight_mirror(true);
+    const double loss_fresh = fresh.run(in.data(), tg.data(), B, L, true, 1.0);
+    fresh.store().download(fresh.store().grads(), grads_fresh);
+    EXPECT_NE(loss_first, loss_fresh) << "the two weight sets give the same loss: the test cannot tell them apart";
+    EXPECT_EQ(loss_used, loss_fresh);
+    same_bits(grads_used, grads_fresh, "gradients after the upload");
+  }
 }
 
 // A short run of the trainer with the CUDA engine follows the CPU engine's losses; killing and resuming on the GPU

@@ -1,3 +1,5 @@
+#include <cuda_bf16.h>
+
 #include <cmath>
 
 #include "cuda/train/adamw_gpu.h"
@@ -51,8 +53,9 @@ struct AdamWKernelParams {
 
 // decay_granules (optional): per granule of kAdamWGranule floats, whether a.decay applies (else none); null: a.decay
 // everywhere. grad_factor: the gradient is read as g·grad_factor (an f32 product, the bits of scale_gpu before).
+// p16 (optional): the new f32 weight rounded to bf16 (nearest even) as well: 2 more bytes written per parameter.
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, AdamWKernelParams a,
-                             const uint8_t* decay_granules, float grad_factor) {
+                             const uint8_t* decay_granules, float grad_factor, __nv_bfloat16* p16) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const double gv = g[i] * grad_factor;
     const double decay = !decay_granules || decay_granules[i / kAdamWGranule] ? a.decay : 0.0;
@@ -62,7 +65,9 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
     v[i] = float(vv);
     double wv = double(p[i]) * (1 - decay);
     wv -= a.lr * (mv / a.bc1) / (sqrt(vv / a.bc2) + a.eps);
-    p[i] = float(wv);
+    const float pw = float(wv);
+    p[i] = pw;
+    if (p16) p16[i] = __float2bfloat16_rn(pw);
   }
 }
 
@@ -112,16 +117,18 @@ void adamw_update_gpu(cudaStream_t s, float* p, const float* g, float* m, float*
                       const AdamWStepParams& a) {
   const AdamWKernelParams k = kernel_params(a, "adamw_update_gpu");
   if (n <= 0) return;
-  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, nullptr, 1.0f);
+  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, nullptr, 1.0f, nullptr);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void adamw_update_flat_gpu(cudaStream_t s, float* p, const float* g, float* m, float* v, int64_t n,
-                           const uint8_t* decay_granules, const AdamWStepParams& a, float grad_factor) {
+                           const uint8_t* decay_granules, const AdamWStepParams& a, float grad_factor,
+                           uint16_t* p16) {
   const AdamWKernelParams k = kernel_params(a, "adamw_update_flat_gpu");
   MAMBA3_CHECK(decay_granules, "adamw_update_flat_gpu: no decay granules");
   if (n <= 0) return;
-  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, decay_granules, grad_factor);
+  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, decay_granules, grad_factor,
+                                                reinterpret_cast<__nv_bfloat16*>(p16));
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -45,8 +45,11 @@ void adamw_update_gpu(cudaStream_t s, float* p, const float* g, float* m, float*
 // decay_granules[i / kAdamWGranule] (device, one byte per granule) says whether element i's tensor takes
 // a.weight_decay (else none); the gradient is read as g·grad_factor, an f32 product — the bits of scale_gpu(g,
 // grad_factor) followed by the plain update, without its pass over the gradients (clipping folded in).
+// p16 (optional, n bf16 values): the new weights rounded to bf16 (nearest even) in the same pass, the bits that
+// f32_to_bf16_2d gives for p afterwards: GpuParamStore's bf16 mirror, kept current without a pass of its own.
 constexpr int64_t kAdamWGranule = 64;  // floats: GpuParamStore's 256-byte tensor alignment
 void adamw_update_flat_gpu(cudaStream_t s, float* p, const float* g, float* m, float* v, int64_t n,
-                           const uint8_t* decay_granules, const AdamWStepParams& a, float grad_factor = 1.0f);
+                           const uint8_t* decay_granules, const AdamWStepParams& a, float grad_factor = 1.0f,
+                           uint16_t* p16 = nullptr);
 
 }  // namespace mamba3::cuda

@@ -60,7 +60,8 @@ void AttentionTrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Atten
   const attn_train::Dims d = dims_of(cfg_, B, L);
 
   float* proj = grow<float>(proj_, N * width_);  // (N, qkv + mlp)
-  gemm.run(ctx, false, true, N, width_, d_model_, 1.0f, x, d_model_, w.in_w, d_model_, 0.0f, proj, width_);
+  gemm.run_mixed(ctx, false, true, N, width_, d_model_, 1.0f, x, nullptr, d_model_, w.in_w, w.in_w16, d_model_, 0.0f,
+                 proj, width_);
   if (w.in_b) attn_train::add_bias_rows(s, proj, N, width_, width_, w.in_b);
 
   const float* qkv = proj;
@@ -84,7 +85,8 @@ void AttentionTrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Atten
   attn_train::attention_forward(s, d, q, k, v, c, ctx_w_, lse);
   attn_train::mlp_forward(s, d, proj, c);
 
-  gemm.run(ctx, false, true, N, d_model_, ctx_w_, 1.0f, c, ctx_w_, w.out_w, ctx_w_, 0.0f, out, d_model_);
+  gemm.run_mixed(ctx, false, true, N, d_model_, ctx_w_, 1.0f, c, nullptr, ctx_w_, w.out_w, w.out_w16, ctx_w_, 0.0f,
+                 out, d_model_);
   if (w.out_b) attn_train::add_bias_rows(s, out, N, d_model_, d_model_, w.out_b);
 }
 
@@ -108,7 +110,8 @@ void AttentionTrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Atte
   if (g.out_w) gemm.run(ctx, true, false, d_model_, ctx_w_, N, 1.0f, dout, d_model_, c, ctx_w_, 1.0f, g.out_w, ctx_w_);
   if (g.out_b) attn_train::column_sum_add(s, dout, N, d_model_, d_model_, partial, g.out_b);
   float* dctx = grow<float>(dctx_, N * ctx_w_);  // (N, ctx_w)
-  gemm.run(ctx, false, false, N, ctx_w_, d_model_, 1.0f, dout, d_model_, w.out_w, ctx_w_, 0.0f, dctx, ctx_w_);
+  gemm.run_mixed(ctx, false, false, N, ctx_w_, d_model_, 1.0f, dout, nullptr, d_model_, w.out_w, w.out_w16, ctx_w_,
+                 0.0f, dctx, ctx_w_);
 
   // MLP branch into dproj's last columns; attention into dq, dk, dv.
   float* dproj = grow<float>(dproj_, N * width_);  // (N, qkv + mlp)
@@ -134,7 +137,8 @@ void AttentionTrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Atte
   held.emplace(gemm, ctx, dproj, N, width_, width_);
   if (g.in_w) gemm.run(ctx, true, false, width_, d_model_, N, 1.0f, dproj, width_, x, d_model_, 1.0f, g.in_w, d_model_);
   if (g.in_b) attn_train::column_sum_add(s, dproj, N, width_, width_, partial, g.in_b);
-  gemm.run(ctx, false, false, N, d_model_, width_, 1.0f, dproj, width_, w.in_w, d_model_, 0.0f, dx, d_model_);
+  gemm.run_mixed(ctx, false, false, N, d_model_, width_, 1.0f, dproj, nullptr, width_, w.in_w, w.in_w16, d_model_,
+                 0.0f, dx, d_model_);
 }
 
 }  // namespace mamba3::cuda

@@ -17,8 +17,11 @@
 namespace mamba3::cuda {
 
 // Device pointers (f32); null where the config has no such parameter (same meaning as AttentionParamViews).
+// in_w16, out_w16 (optional, the bf16 mode only): the projection weights rounded to bf16 (the parameter store's
+// mirror), read by their products instead of rounding in_w / out_w again (the same bits).
 struct AttentionTrainWeights {
   const float *in_w, *in_b, *conv_w, *conv_b, *out_w, *out_b;
+  const uint16_t *in_w16 = nullptr, *out_w16 = nullptr;
 };
 struct AttentionTrainGrads {
   float *in_w, *in_b, *conv_w, *conv_b, *out_w, *out_b;  // accumulated (+=); null skips that gradient

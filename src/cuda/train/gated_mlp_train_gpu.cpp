@@ -4,13 +4,13 @@ namespace mamba3::cuda {
 
 void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
                            int64_t d_ff, const float* x, int64_t rows, float* h, float* o, float* y,
-                           const uint16_t* x16) {
+                           const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16) {
   if (rows <= 0) return;
   if (gemm.precision() == Precision::BF16) {  // o kept as bf16 in o's buffer
-    gemm.run_mixed(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, x16, D, fc1, nullptr, D, 0.0f, h, 2 * d_ff);
+    gemm.run_mixed(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, x16, D, fc1, fc1_16, D, 0.0f, h, 2 * d_ff);
     uint16_t* o16 = reinterpret_cast<uint16_t*>(o);
     gated_silu_forward_gpu(ctx.stream(), h, rows, d_ff, nullptr, o16);
-    gemm.run_mixed(ctx, false, true, rows, D, d_ff, 1.0f, nullptr, o16, d_ff, fc2, nullptr, d_ff, 0.0f, y, D);
+    gemm.run_mixed(ctx, false, true, rows, D, d_ff, 1.0f, nullptr, o16, d_ff, fc2, fc2_16, d_ff, 0.0f, y, D);
     return;
   }
   gemm.run(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, D, fc1, D, 0.0f, h, 2 * d_ff);  // h (rows, 2·d_ff)
@@ -21,7 +21,7 @@ void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1
 void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
                             int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch,
-                            const uint16_t* x16) {
+                            const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16) {
   if (rows <= 0) return;
   const int64_t F2 = 2 * d_ff;
   const bool bf16 = gemm.precision() == Precision::BF16;
@@ -34,13 +34,13 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
       gemm.run(ctx, true, false, D, d_ff, rows, 1.0f, dy, D, o, d_ff, 1.0f, dfc2, d_ff);
     // do = dy·fc2 lands in the first half of each scratch row (stride 2·d_ff), so the activation backward can turn
     // it into [da, dg] in place and the scratch needs no room for do beside dh.
-    gemm.run(ctx, false, false, rows, d_ff, D, 1.0f, dy, D, fc2, d_ff, 0.0f, scratch, F2);
+    gemm.run_mixed(ctx, false, false, rows, d_ff, D, 1.0f, dy, nullptr, D, fc2, fc2_16, d_ff, 0.0f, scratch, F2);
   }
   if (bf16) {  // [da, dg] as bf16 after the f32 rows (rows·d_ff floats hold rows·2·d_ff bf16 values)
     uint16_t* dh16 = reinterpret_cast<uint16_t*>(scratch + rows * F2);
     gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch, dh16);
     gemm.run_mixed(ctx, true, false, F2, D, rows, 1.0f, nullptr, dh16, F2, x, x16, D, 1.0f, dfc1, D);
-    gemm.run_mixed(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, nullptr, D, 0.0f, dx, D);
+    gemm.run_mixed(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, fc1_16, D, 0.0f, dx, D);
     return;
   }
   gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch);                      // dh (rows, 2·d_ff)

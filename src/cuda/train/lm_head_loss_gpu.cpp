@@ -25,7 +25,7 @@ int64_t block_rows(int64_t max_block_rows, bool bf16, int64_t N, int64_t Vp) {
 
 double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const float* hidden, int64_t N, int64_t D,
                                  const float* W, int64_t Vp, const int32_t* targets, double grad_scale,
-                                 float* dhidden, float* dW, LmHeadScratch& scratch) {
+                                 float* dhidden, float* dW, LmHeadScratch& scratch, const uint16_t* W16) {
   MAMBA3_CHECK(N >= 0 && D > 0 && Vp > 0, "lm_head_cross_entropy_gpu: bad shape N {} D {} Vp {}", N, D, Vp);
   const bool with_grad = dhidden != nullptr;
   MAMBA3_CHECK(!with_grad || dW, "lm_head_cross_entropy_gpu: dhidden given without dW");
@@ -37,14 +37,19 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
   double* row_loss = scratch.row_loss.as<double>();
   const cudaStream_t s = ctx.stream();
   if (bf16) {
-    // The operands TrainGemm::run would round on every product (W three times per block) rounded once. Each block:
-    // bf16 logits, the softmax's bf16 gradient over them in place, and the two products reading that gradient.
-    scratch.w16.reserve(size_t(Vp * D) * 2);
+    // The operands TrainGemm::run would round on every product (W three times per block) rounded once (W not at
+    // all when its rounding is given). Each block: bf16 logits, the softmax's bf16 gradient over them in place, and
+    // the two products reading that gradient.
     scratch.h16.reserve(size_t(N * D) * 2);
     scratch.logits16.reserve(size_t(block * Vp) * 2);
-    uint16_t *w16 = scratch.w16.as<uint16_t>(), *h16 = scratch.h16.as<uint16_t>();
+    uint16_t* h16 = scratch.h16.as<uint16_t>();
     uint16_t* logits16 = scratch.logits16.as<uint16_t>();
-    f32_to_bf16_2d(s, W, Vp, D, D, w16);
+    const uint16_t* w16 = W16;
+    if (!w16) {
+      scratch.w16.reserve(size_t(Vp * D) * 2);
+      f32_to_bf16_2d(s, W, Vp, D, D, scratch.w16.as<uint16_t>());
+      w16 = scratch.w16.as<uint16_t>();
+    }
     f32_to_bf16_2d(s, hidden, N, D, D, h16);
     for (int64_t r0 = 0; r0 < N; r0 += block) {
       const int64_t n = std::min(block, N - r0);

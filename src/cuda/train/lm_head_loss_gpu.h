@@ -23,7 +23,7 @@ struct LmHeadScratch {
   int64_t max_block_rows = 0;
   DeviceBuffer logits;    // f32 mode: (block, Vp) f32, the logits, then their gradient
   DeviceBuffer logits16;  // bf16 mode: (block, Vp) bf16, the logits, then their gradient
-  DeviceBuffer w16, h16;  // bf16 mode: W (Vp, D) and hidden (N, D) rounded once per call
+  DeviceBuffer w16, h16;  // bf16 mode: W (Vp, D) (unless given rounded) and hidden (N, D) rounded once per call
   DeviceBuffer row_loss;  // (N) f64
   DeviceBuffer total;     // one f64
 };
@@ -32,10 +32,11 @@ struct LmHeadScratch {
 // the loss or the gradients); a target ≥ Vp makes the returned loss NaN. Returns Σ loss_r over the rows with a
 // target, the per-row losses added in row order in float64 (deterministic); synchronises the stream.
 // When dhidden is not null: dhidden (N, D) is overwritten (zero rows where target < 0) and dW (Vp, D) added to,
-// both for grad_scale·Σ_r loss_r. dW may be null when dhidden is.
+// both for grad_scale·Σ_r loss_r. dW may be null when dhidden is. W16 (optional, the bf16 mode only): W already
+// rounded to bf16 (the parameter store's mirror), used instead of rounding W into scratch.w16 (the same bits).
 double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const float* hidden, int64_t N, int64_t D,
                                  const float* W, int64_t Vp, const int32_t* targets, double grad_scale,
-                                 float* dhidden, float* dW, LmHeadScratch& scratch);
+                                 float* dhidden, float* dW, LmHeadScratch& scratch, const uint16_t* W16 = nullptr);
 
 // Element-wise half (exposed for tests and reuse), over n rows of logits (n, Vp) whose targets are targets[0, n):
 // row_loss[r] = logsumexp − logit[target] (0 when target < 0, NaN when ≥ Vp); when with_grad the logits are

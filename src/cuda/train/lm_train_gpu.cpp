@@ -23,6 +23,13 @@ namespace mamba3::cuda {
 
 namespace {
 
+// MAMBA3_TRAIN_WEIGHT_MIRROR, read once per process: "1" (or unset) gives the bf16 mode's weight products the
+// parameter store's bf16 mirror, "0" rounds each weight in each product (GpuLmTrainer::set_weight_mirror).
+bool env_weight_mirror() {
+  static const bool on = env_choice("MAMBA3_TRAIN_WEIGHT_MIRROR", {"1", "0"}) != "0";
+  return on;
+}
+
 struct NormSlot {
   const float *w = nullptr, *b = nullptr;
   float *dw = nullptr, *db = nullptr;
@@ -39,6 +46,7 @@ struct GpuLmTrainer::Layer {
   AttentionTrainWeights aw{};
   AttentionTrainGrads ag{};
   const float *fc1 = nullptr, *fc2 = nullptr;
+  const uint16_t *fc1_16 = nullptr, *fc2_16 = nullptr;  // the weight mirror's, set per run (null: none)
   float *dfc1 = nullptr, *dfc2 = nullptr;
   // Activations kept for the backward, (B·L, …) each; grow-only.
   DeviceBuffer res_in, normed, res_mid, normed2, mlp_h, mlp_o;
@@ -63,7 +71,8 @@ struct GpuLmTrainer::Work {
 };
 
 GpuLmTrainer::GpuLmTrainer(const ModelConfig& c, const TensorMap& params, Precision precision)
-    : config_(c), ctx_(std::make_unique<Context>()), gemm_(precision), work_(std::make_unique<Work>()) {
+    : config_(c), ctx_(std::make_unique<Context>()), gemm_(precision), work_(std::make_unique<Work>()),
+      weight_mirror_(env_weight_mirror()) {
   // The parameter list of lm_gradients.cpp: each present with its shape, nothing else.
   std::set<std::string> used;
   auto need = [&](const std::string& name, const Shape& shape) {
@@ -203,6 +212,18 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const bool keep = want_grad && keep_mamba_;
 
   const bool bf16 = gemm_.precision() == Precision::BF16;
+  // The weights' bf16 mirror for the products (bf16 mode): made on first use, rounded again when something wrote the
+  // weights since (an upload); the optimizer's update keeps it current otherwise.
+  const bool mirror = bf16 && weight_mirror_;
+  if (mirror && !s.has_mirror()) s.enable_mirror(st);
+  else if (mirror && !s.mirror_valid()) s.refresh_mirror(st);
+  const auto w16 = [&](const float* weight) { return mirror ? s.mirror_of(weight) : nullptr; };
+  for (auto& lp : layers_) {
+    Layer& l = *lp;
+    l.mw.in_proj16 = w16(l.mw.in_proj), l.mw.out_proj16 = w16(l.mw.out_proj);
+    l.aw.in_w16 = w16(l.aw.in_w), l.aw.out_w16 = w16(l.aw.out_w);
+    l.fc1_16 = w16(l.fc1), l.fc2_16 = w16(l.fc2);
+  }
   PhaseProfile prof(st);
   // Forward (spec §9.3): residual ← hidden + residual before every norm.
   embed(st, w.ids.as<int32_t>(), N, emb, Precision::F32, D, hidden);
@@ -239,7 +260,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       stream = l.res_mid.as<float>();
       prof.mark("norm/residual");
       gated_mlp_forward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.f32_or_null(l.normed2), N, l.mlp_h.as<float>(),
-                            l.mlp_o.as<float>(), hidden, l.bf16_or_null(l.normed2_16));
+                            l.mlp_o.as<float>(), hidden, l.bf16_or_null(l.normed2_16), l.fc1_16, l.fc2_16);
       prof.mark("mlp_fwd");
     }
   }
@@ -256,7 +277,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const double loss_sum =
       lm_head_cross_entropy_gpu(*ctx_, gemm_, normed_f, N, D, head, V, w.targets.as<int32_t>(), grad_scale,
                                 want_grad ? dnormed : nullptr, want_grad ? s.grad(head_name) : nullptr,
-                                w.head_scratch);
+                                w.head_scratch, w16(head));
   const double loss = loss_sum / double(labelled);
   prof.mark("lm_head+loss");
   if (!want_grad) {
@@ -275,7 +296,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       w.mlp_scratch.reserve(size_t(N * 3 * dff) * 4);
       gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.f32_or_null(l.normed2), N, l.mlp_h.as<float>(),
                              l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>(),
-                             l.bf16_or_null(l.normed2_16));
+                             l.bf16_or_null(l.normed2_16), l.fc1_16, l.fc2_16);
       prof.mark("mlp_bwd");
       norm_backward_gpu(st, l.res_mid.as<float>(), dnormed, N, D, l.norm2.w, l.norm2.b, eps, g, true, l.norm2.dw,
                         l.norm2.db, w.norm_scratch);

@@ -34,6 +34,14 @@ class GpuLmTrainer {
   const ModelConfig& config() const { return config_; }
   Precision precision() const { return gemm_.precision(); }
 
+  // The bf16 mode's weight mirror: true gives every weight matrix's products (Mamba-3 in/out_proj, GatedMLP fc1/fc2,
+  // attention in/out_proj, lm_head) the store's bf16 mirror (GpuParamStore::enable_mirror, made on the first run
+  // after the switch and refreshed at the start of a run when stale) instead of rounding each weight in each product:
+  // the same bits. false rounds in the products as before. Default from MAMBA3_TRAIN_WEIGHT_MIRROR, read once per
+  // process: "1" or "0" (unset: 1); any other value throws. The f32 mode ignores it.
+  void set_weight_mirror(bool on) { weight_mirror_ = on; }
+  bool weight_mirror() const { return weight_mirror_; }
+
  private:
   struct Layer;
   ModelConfig config_;
@@ -48,6 +56,7 @@ class GpuLmTrainer {
   void decide_keep(int64_t B, int64_t L);
   bool keep_mamba_ = false;
   int64_t keep_B_ = -1, keep_L_ = -1;
+  bool weight_mirror_ = true;  // set_weight_mirror
 };
 
 }  // namespace mamba3::cuda

@@ -1,6 +1,9 @@
 #include "cuda/train/param_store_gpu.h"
 
+#include <cstdint>
+
 #include "core/error.h"
+#include "cuda/train/train_gemm.h"
 
 namespace mamba3::cuda {
 
@@ -45,7 +48,8 @@ void GpuParamStore::download(const float* buffer, TensorMap& host, const std::st
 }
 
 void GpuParamStore::upload(float* buffer, const std::map<std::string, Tensor>& host, const std::string& prefix,
-                           const std::string& source) const {
+                           const std::string& source) {
+  if (buffer == params()) invalidate_mirror();  // before the first write: a throw below leaves it stale too
   for (const Entry& e : entries_) {
     auto it = host.find(prefix + e.name);
     MAMBA3_CHECK(it != host.end(), "{}: missing tensor '{}'", source, prefix + e.name);
@@ -54,6 +58,26 @@ void GpuParamStore::upload(float* buffer, const std::map<std::string, Tensor>& h
     if (e.numel)
       MAMBA3_CUDA_CHECK(cudaMemcpy(buffer + e.offset, t.raw(), size_t(e.numel) * 4, cudaMemcpyHostToDevice));
   }
+}
+
+void GpuParamStore::enable_mirror(cudaStream_t s) {
+  if (!has_mirror()) params16_.resize(size_t(total_) * 2);
+  refresh_mirror(s);
+}
+
+void GpuParamStore::refresh_mirror(cudaStream_t s) {
+  MAMBA3_CHECK(has_mirror(), "GpuParamStore::refresh_mirror: no mirror (enable_mirror first)");
+  // The flat buffer as one row (total_ is a multiple of 64: the packed kernel), gaps included (zero → zero).
+  f32_to_bf16_2d(s, params(), 1, total_, total_, params16_.as<uint16_t>());
+  mirror_valid_ = true;
+}
+
+const uint16_t* GpuParamStore::mirror_of(const float* param) const {
+  if (!has_mirror() || !param) return nullptr;
+  const uintptr_t at = reinterpret_cast<uintptr_t>(param), base = reinterpret_cast<uintptr_t>(params());
+  MAMBA3_CHECK(at >= base && at < base + size_t(total_) * 4 && (at - base) % 4 == 0,
+               "GpuParamStore::mirror_of: the pointer is not into the parameters");
+  return params16_.as<uint16_t>() + (at - base) / 4;
 }
 
 }  // namespace mamba3::cuda

@@ -65,8 +65,9 @@ class CudaTrainEngine final : public TrainEngine {
     ++steps_;
     AdamWStepParams p;
     p.lr = lr, p.beta1 = a.beta1, p.beta2 = a.beta2, p.eps = a.eps, p.weight_decay = a.weight_decay, p.t = steps_;
+    // The bf16 weight mirror (when the trainer made one) is written in the same pass, so it never goes stale.
     adamw_update_flat_gpu(st, s.params(), s.grads(), s.exp_avg(), s.exp_avg_sq(), s.total(),
-                          decay_granules_.as<uint8_t>(), p, pending_clip_);
+                          decay_granules_.as<uint8_t>(), p, pending_clip_, s.params16());
     pending_clip_ = 1.0f;
     MAMBA3_CUDA_CHECK(cudaMemsetAsync(s.grads(), 0, size_t(s.total()) * 4, st));
   }

@@ -80,7 +80,11 @@ void TrainGemm::run(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, 
 void TrainGemm::run_mixed(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                           const float* A, const uint16_t* A16, int64_t lda, const float* B, const uint16_t* B16,
                           int64_t ldb, float beta, float* C, int64_t ldc) {
-  MAMBA3_CHECK(precision_ == Precision::BF16, "TrainGemm::run_mixed is for the bf16 mode");
+  if (precision_ == Precision::F32) {
+    MAMBA3_CHECK(A && B, "TrainGemm::run_mixed: the f32 mode needs the f32 operands");
+    run(ctx, ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
   if (m == 0 || n == 0) return;
   const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
   if (!A16) {

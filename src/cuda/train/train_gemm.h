@@ -36,7 +36,9 @@ class TrainGemm {
 
   // The bf16 mode's product where either operand may come already rounded (A16 / B16, bf16 bits with the stored
   // shape of A / B and row stride lda / ldb; null: round the f32 A / B as run does): for producers that write the
-  // bf16 operand themselves. The same bits as run on the f32 values. Only in Precision::BF16.
+  // bf16 operand themselves, and for the weights' bf16 mirror (GpuParamStore). The same bits as run on the f32
+  // values. In Precision::F32 the bf16 copies are ignored and this is run on A and B (which must then be given), so
+  // callers pass their copies whatever the mode.
   void run_mixed(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
                  const uint16_t* A16, int64_t lda, const float* B, const uint16_t* B16, int64_t ldb, float beta,
                  float* C, int64_t ldc);
