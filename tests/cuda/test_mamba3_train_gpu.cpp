@@ -443,12 +443,13 @@ TEST(Mamba3TrainGpu, EpilogueHeadsPerBlockMatchCpu) {
   EXPECT_GT(grouped_cases, 0) << "no case has several heads per B/C group";
 }
 
-// The fused backward core (one tensor-core kernel per chunk for dW, coef, dV, dQ, dK's first term and G) against
-// the batched products with the coef kernel, bf16 mode, on the shapes it takes (64 rows; N 32/64/128, P 32/64; SISO
-// and MIMO R = 2 and 4, odd head counts, a partial last chunk, batch > 1): within 1e-2 of the products (bf16
-// rounding of W and dS in another order) and within the bf16 tolerance of the CPU's f32 backward; and it ran (the
-// results are not the products' bits).
-TEST(Mamba3TrainGpu, BackwardCoreMatchesProductsAndCpu) {
+// The fused chunk cores (one tensor-core kernel per chunk for the forward's S, mask, Z, WV and one for the
+// backward's dW, coef, dV, dQ, dK's first term and G) against the batched products with the mask and coef kernels,
+// bf16 mode, on the shapes they take (64 rows; N 32/64/128, P 32/64; SISO and MIMO R = 2 and 4, odd head counts, a
+// partial last chunk, batch > 1): within 1e-2 of the products (bf16 rounding of W and dS in another order) and within
+// the bf16 tolerance of the CPU's f32 backward; they ran (the results are not the products' bits); a kept forward of
+// the cores is not reused by a backward on the products (which recomputes: the products' bits).
+TEST(Mamba3TrainGpu, ChunkCoresMatchProductsAndCpu) {
   MAMBA3_REQUIRE_GPU();
   std::vector<LayerCase> cases;
   Mamba3Config c = small(false, 1);
@@ -476,20 +477,23 @@ TEST(Mamba3TrainGpu, BackwardCoreMatchesProductsAndCpu) {
       DeviceLayer layer(mixer);
       cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
       cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
-      auto run = [&](bool core) {
-        train.set_backward_core(core);
+      cuda::Mamba3TrainActivations kept;
+      auto run = [&](bool core, bool core_backward) {
+        train.set_chunk_cores(core);
         layer.zero_grads();
         poison(du.raw(), du.bytes());
         poison(out.raw(), out.bytes());
-        train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>());
+        train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), &kept);
+        train.set_chunk_cores(core_backward);
         train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(),
-                       du.as<float>());
+                       du.as<float>(), &kept);
         ctx.sync();
         return GpuResult{from_device_f32(out.raw(), {B, L, cfg.d_model}), from_device_f32(du.raw(), {B, L, cfg.d_model}),
                          layer.download_grads()};
       };
-      const GpuResult core = run(true), products = run(false);
-      EXPECT_FALSE(bit_identical(core, products)) << "the backward core did not run";
+      const GpuResult core = run(true, true), products = run(false, false), mixed = run(true, false);
+      EXPECT_FALSE(bit_identical(core, products)) << "the chunk cores did not run";
+      EXPECT_TRUE(bit_identical(mixed, products, false)) << "a kept forward of the cores reused by the products";
       double worst = 0;
       std::string where;
       compare(core, products.out, products.du, products.grads, 1e-2, 1e-2, worst, where);

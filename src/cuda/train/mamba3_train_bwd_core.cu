@@ -16,95 +16,15 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
+#include "cuda/train/mamba3_train_math.cuh"
+#include "cuda/train/mma_bf16.cuh"
 
 namespace mamba3::cuda::train_detail {
 
 namespace {
 
-constexpr int kRows = 64, kCoreWarps = 4, kCoreThreads = 32 * kCoreWarps;
-using bf16 = __nv_bfloat16;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void ldsm_x4(const void* p, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-// c += a·b, one m16n8k16 tile (a: 4 registers of bf16 pairs, b: 2).
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// Fragment loads (lane = threadIdx.x % 32). X is a row-major bf16 tile with row pitch ld (elements).
-// A (16 × 16 at rows r0, columns k0) of a row-major X.
-__device__ __forceinline__ void load_a(const bf16* X, int ld, int r0, int k0, uint32_t (&a)[4]) {
-  const int lane = threadIdx.x % 32;
-  ldsm_x4(X + (r0 + lane % 16) * ld + k0 + (lane / 16) * 8, a);
-}
-// A (16 × 16 at rows m0, columns k0) of Xᵀ, X stored (k, m).
-__device__ __forceinline__ void load_a_t(const bf16* X, int ld, int k0, int m0, uint32_t (&a)[4]) {
-  const int lane = threadIdx.x % 32;
-  ldsm_x4_trans(X + (k0 + lane % 8 + (lane / 16) * 8) * ld + m0 + ((lane / 8) % 2) * 8, a);
-}
-// B of two n-tiles (columns n0 … n0 + 15, rows k0 … k0 + 15) where B[k][n] = X[n][k] (X stored (n, k)):
-// b[0], b[1] for tile n0, b[2], b[3] for tile n0 + 8.
-__device__ __forceinline__ void load_b_nk(const bf16* X, int ld, int n0, int k0, uint32_t (&b)[4]) {
-  const int lane = threadIdx.x % 32;
-  ldsm_x4(X + (n0 + lane % 8 + (lane / 16) * 8) * ld + k0 + ((lane / 8) % 2) * 8, b);
-}
-// The same where B[k][n] = X[k][n] (X stored (k, n)).
-__device__ __forceinline__ void load_b_kn(const bf16* X, int ld, int k0, int n0, uint32_t (&b)[4]) {
-  const int lane = threadIdx.x % 32;
-  ldsm_x4_trans(X + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + n0 + (lane / 16) * 8, b);
-}
-
-// rows × cols bf16 (packed in global memory, cols a multiple of 8) into shared memory at pitch ld, 16 bytes a copy.
-__device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, int rows, int cols) {
-  const int per_row = cols / 8;
-  for (int i = threadIdx.x; i < rows * per_row; i += kCoreThreads) {
-    const int r = i / per_row, c = (i % per_row) * 8;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + r * ld + c)), "l"(src + r * cols + c));
-  }
-}
-
-// Accumulator tiles (16 rows × 8·NT columns) to a row-major f32 matrix (row r0 of `out`, pitch ld, column c0).
-template <int NT>
-__device__ __forceinline__ void store_tiles(const float (&acc)[NT][4], float* out, int ld, int r0, int c0) {
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    float* o = out + int64_t(r0 + g) * ld + c0 + nt * 8 + 2 * q;
-    *reinterpret_cast<float2*>(o) = make_float2(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<float2*>(o + 8 * ld) = make_float2(acc[nt][2], acc[nt][3]);
-  }
-}
-
-template <int NT>
-__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-}
-
-// Sum over the four lanes of a quad (the lanes holding one accumulator row).
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
+constexpr int kRows = 64;
+using namespace mma_bf16;
 
 template <int N, int P>
 struct CoreSmem {
@@ -146,15 +66,7 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
 
   // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
-  const auto coef = [&](int j, int jj, float& ex) {
-    const int tl = j / R, sl = jj / R;
-    ex = 0.0f;
-    if (sl < tl) {
-      ex = expf(Lam[tl] - Lam[sl]);
-      return ex * scale[sl];
-    }
-    return sl == tl ? gam[tl] : 0.0f;
-  };
+  const auto coef = [&](int j, int jj, float& ex) { return chunk_coef(Lam, scale, gam, R, j, jj, ex); };
 
   // ---- Phase A: rows t of this warp.
   {

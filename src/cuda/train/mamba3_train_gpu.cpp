@@ -8,6 +8,7 @@
 
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_bwd_core.h"
+#include "cuda/train/mamba3_train_fwd_core.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/phase_profile.h"
 
@@ -87,10 +88,11 @@ int env_epilogue_heads() {
   return heads;
 }
 
-// MAMBA3_TRAIN_BWD_CORE, read once per process: the batched backward's core as one tensor-core kernel per chunk
-// ("fused", the default where the shapes allow) or as the batched products with the coef kernel ("products").
-bool env_backward_core() {
-  static const bool fused = env_choice("MAMBA3_TRAIN_BWD_CORE", {"fused", "products"}) != "products";
+// MAMBA3_TRAIN_CHUNK_CORE, read once per process: the batched path's forward and backward cores as one tensor-core
+// kernel per chunk each ("fused", the default where the shapes allow) or as batched products with the mask and coef
+// kernels ("products").
+bool env_chunk_cores() {
+  static const bool fused = env_choice("MAMBA3_TRAIN_CHUNK_CORE", {"fused", "products"}) != "products";
   return fused;
 }
 
@@ -128,7 +130,7 @@ void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int6
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
-      backward_core_(env_backward_core()) {
+      chunk_cores_(env_chunk_cores()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -237,11 +239,12 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
   const int T = batched_chunk_length(std::max<int64_t>(L, 1));
   const int64_t M = B * L, BHL = B * d.H * L, nc = (L + T - 1) / T, BHc = B * d.H * nc, rows = int64_t(T) * d.R;
   const bool bf16 = precision == Precision::BF16;
+  const int64_t sw = uses_chunk_cores(bf16, std::max<int64_t>(L, 1)) ? 0 : rows;  // S and W (not kept by the cores)
   const int64_t floats = M * d.din + M * 2 * d.R * d.G * d.N + 5 * BHL + 2 * BHL * d.S + (bf16 ? 0 : M * d.d_inner) +
                          int64_t(angle_scratch_floats(d)) + (BHc + 1) * d.P * d.N + 5 * BHc * T + BHc +
-                         BHc * rows * (2 * d.P + rows);  // Z, WV, S
+                         BHc * rows * (2 * d.P + sw);  // Z, WV, S
   // Product operands (q, k, v, w ⊙ v, W) and, in the bf16 mode, the scan's bf16 copy of the chunk states.
-  const int64_t operands = BHc * rows * (2 * d.N + 2 * d.P + rows);
+  const int64_t operands = BHc * rows * (2 * d.N + 2 * d.P + sw);
   // The bf16 mode keeps o as bf16 only (o_in_bf16).
   return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 : 0);
 }
@@ -261,6 +264,14 @@ int Mamba3TrainGpu::epilogue_heads() const {
   for (int h = 4; h > 1; --h)
     if (per_group % h == 0 && bytes(h) <= 64 * 1024) return h;
   return 1;
+}
+
+bool Mamba3TrainGpu::uses_chunk_cores(bool bf16, int64_t L) const {
+  if (!chunk_cores_) return false;
+  BatchedParams p{};
+  p.d = make_dims(c_, 1, std::max<int64_t>(L, 1));
+  p.bf16 = bf16, p.rows = batched_chunk_length(std::max<int64_t>(L, 1)) * p.d.R;
+  return forward_core_supported(p) && backward_core_supported(p);
 }
 
 int Mamba3TrainGpu::batched_chunk_length(int64_t L) const {
@@ -293,8 +304,13 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   for (DeviceBuffer* b : {&act_->bQ, &act_->bK}) reserve_elems(*b, BHc * rows * N, op);
   for (DeviceBuffer* b : {&act_->bV, &act_->bVw}) reserve_elems(*b, BHc * rows * P, op);
   for (DeviceBuffer* b : {&act_->bZ, &act_->bWV}) reserve_floats(*b, BHc * rows * P);
-  reserve_floats(act_->bS, BHc * rows * rows);
-  reserve_elems(act_->bW, BHc * rows * rows, op);
+  // The cores (one tensor-core kernel per chunk forward and backward) where the shapes allow; S and W are then never
+  // stored (the backward core recomputes them).
+  const bool use_cores = uses_chunk_cores(bf16, L);
+  if (!use_cores) {
+    reserve_floats(act_->bS, BHc * rows * rows);
+    reserve_elems(act_->bW, BHc * rows * rows, op);
+  }
   p.Q = act_->bQ.raw(), p.K = act_->bK.raw(), p.V = act_->bV.raw(), p.Vw = act_->bVw.raw();
   p.S = f(act_->bS), p.W = act_->bW.raw(), p.Z = f(act_->bZ), p.WV = f(act_->bWV);
   // Hc: one slot per chunk plus one, the state change of chunk c written to slot c + 1 (the last chunk's spills into
@@ -306,7 +322,9 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const void* Hc_op = bf16 ? act_->Hc16.raw() : static_cast<const void*>(Hc);
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
+  if (reuse) MAMBA3_CHECK(act_->chunk_cores == use_cores, "Mamba3TrainGpu: kept activations of another chunk path");
   if (!reuse) {  // the forward part (kept activations already hold it)
+    act_->chunk_cores = use_cores;
     launch_batched_build(s, p);
     prof.mark("build");
     // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
@@ -315,14 +333,19 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false,
                       bf16 ? act_->Hc16.as<uint16_t>() : nullptr);
     prof.mark("scan");
-    batched_gemm(ctx, bf16, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
-    prof.mark("gemm S");
-    launch_batched_mask(s, p);
-    prof.mark("mask");
-    batched_gemm(ctx, bf16, false, true, rows, P, N, p.Q, N, sRN, Hc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
-    prof.mark("gemm Z");
-    batched_gemm(ctx, bf16, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
-    prof.mark("gemm WV");
+    if (use_cores) {
+      launch_batched_forward_core(s, p, act_->Hc16.raw());
+      prof.mark("forward core");
+    } else {
+      batched_gemm(ctx, bf16, false, true, rows, rows, N, p.Q, N, sRN, p.K, N, sRN, 0.0f, p.S, rows, sRR, BHc);
+      prof.mark("gemm S");
+      launch_batched_mask(s, p);
+      prof.mark("mask");
+      batched_gemm(ctx, bf16, false, true, rows, P, N, p.Q, N, sRN, Hc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
+      prof.mark("gemm Z");
+      batched_gemm(ctx, bf16, false, false, rows, P, rows, p.W, rows, sRR, p.V, P, sRP, 0.0f, p.WV, P, sRP, BHc);
+      prof.mark("gemm WV");
+    }
   }
   if (!backward) {
     launch_batched_output(s, p, false);
@@ -333,8 +356,10 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   for (DeviceBuffer* b : {&bdY_, &bdYe_}) reserve_elems(*b, BHc * rows * P, op);
   reserve_floats(bdV_, BHc * rows * P);
   for (DeviceBuffer* b : {&bdQ_, &bdK_}) reserve_floats(*b, BHc * rows * N);
-  reserve_floats(bdWf_, BHc * rows * rows);
-  reserve_elems(bdS_, BHc * rows * rows, op);
+  if (!use_cores) {
+    reserve_floats(bdWf_, BHc * rows * rows);
+    reserve_elems(bdS_, BHc * rows * rows, op);
+  }
   reserve_floats(bdLam_, nT);
   reserve_floats(dHc_, (BHc + 1) * PN);
   if (bf16) reserve_elems(dHc16_, BHc * PN, 2);
@@ -352,7 +377,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (reuse) p.o = nullptr, p.o16 = nullptr;  // the kept forward wrote o already
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
-  if (backward_core_ && backward_core_supported(p)) {
+  if (use_cores) {
     // dW, coef, dV, dQ, dK's first term and G in one kernel per chunk (S, W and dS recomputed in registers).
     launch_batched_backward_core(s, p, act_->Hc16.raw(), dHc - PN);
     prof.mark("backward core");
@@ -469,7 +494,8 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   check_weights(c_, w);
   act_ = kept ? kept : &own_;
   // The kept forward (batched path, same shape, not yet consumed) replaces prepare and the chunk stage's forward.
-  const bool reuse = kept && kept->valid && kept->B == B && kept->L == L && chunk_batched_;
+  const bool reuse = kept && kept->valid && kept->B == B && kept->L == L && chunk_batched_ &&
+                     kept->chunk_cores == uses_chunk_cores(gemm.precision() == Precision::BF16, L);
   act_->valid = false;  // consumed: the backward overwrites S, W and Z
   const MixerDims d = make_dims(c_, B, L);
   const int64_t M = B * L, D = c_.d_model, din = d.din, di = d.d_inner, BH = B * d.H, BHL = BH * L;

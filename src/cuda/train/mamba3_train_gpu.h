@@ -46,6 +46,7 @@ struct Mamba3TrainActivations {
   DeviceBuffer bc_raw, zx, scalars, cs, sn, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
   int64_t B = -1, L = -1;
   bool valid = false;  // a forward's results, not yet consumed by a backward
+  bool chunk_cores = false;  // written by the chunk cores (no S, W)
   size_t bytes() const {
     size_t n = 0;
     for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &cs, &sn, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ, &bK, &bV,
@@ -108,6 +109,14 @@ class Mamba3TrainGpu {
   // (unset: batched); any other value throws.
   void set_chunk_batched(bool on) { chunk_batched_ = on; }
   bool chunk_batched() const { return chunk_batched_; }
+  // The batched path's backward in the bf16 mode: true (default) has the kernels that write dzx (in_proj's output
+  // gradient: the output stage its z columns, the epilogue x, the angle/scalar backward dt, A, trap, the B/C norm
+  // backward B, C and the angles) write its bf16 rounding beside it, which du = dzx·W_in and dW_in += dzxᵀ·u read;
+  // false rounds the whole of dzx for them afterwards (TrainGemm::HeldA). The same bits either way.
+  void set_dzx_bf16(bool on) { dzx_bf16_ = on; }
+  bool dzx_bf16() const { return dzx_bf16_; }
+  // Whether the last backward's in_proj products read the producers' bf16 dzx (false: dzx rounded afterwards).
+  bool last_backward_read_dzx16() const { return dzx16_read_; }
 
   // The batched path's epilogue: heads per block (each block sums its heads' B/C gradients before writing them; must
   // divide the heads of a B/C group); 0 = MAMBA3_TRAIN_EPILOGUE_HEADS, read once per process (unset or 0: the largest
@@ -115,11 +124,14 @@ class Mamba3TrainGpu {
   void set_epilogue_heads(int heads) { epilogue_heads_ = heads; }
   int epilogue_heads() const;
 
-  // The batched path's backward core in the bf16 mode: true runs dW, coef, dV, dQ, dK's first term and G as one
-  // tensor-core kernel per chunk (mamba3_train_bwd_core.h; shapes it supports), false as the batched products with
-  // the coef kernel. Default from MAMBA3_TRAIN_BWD_CORE, read once per process: "fused" or "products" (unset: fused).
-  void set_backward_core(bool fused) { backward_core_ = fused; }
-  bool backward_core() const { return backward_core_; }
+  // The batched path's chunk cores in the bf16 mode: true runs the forward's S, mask, Z and WV and the backward's dW,
+  // coef, dV, dQ, dK's first term and G as one tensor-core kernel per chunk each (mamba3_train_fwd_core.h,
+  // mamba3_train_bwd_core.h; the shapes they support), false as batched products with the mask and coef kernels.
+  // Default from MAMBA3_TRAIN_CHUNK_CORE, read once per process: "fused" or "products" (unset: fused).
+  void set_chunk_cores(bool fused) { chunk_cores_ = fused; }
+  bool chunk_cores() const { return chunk_cores_; }
+  // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
+  bool uses_chunk_cores(bool bf16, int64_t L) const;
 
   // Register variant of the chunk-parallel schedule's per-chunk kernels (the output kernel of the training forward
   // and of backward pass 1, the reverse kernel): 1 the plain ones (__launch_bounds__(256), up to 255 registers), 2
@@ -186,7 +198,7 @@ class Mamba3TrainGpu {
   bool chunk_parallel_ = true;  // chunk-parallel schedule (set_chunk_scan_parallel)
   bool chunk_batched_ = true;   // batched-GEMM chunk path (set_chunk_batched)
   int epilogue_heads_ = 0;      // the batched epilogue's heads per block, 0 auto (set_epilogue_heads)
-  bool backward_core_ = true;   // the fused backward core where supported (set_backward_core)
+  bool chunk_cores_ = true;     // the fused chunk cores where supported (set_chunk_cores)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;
@@ -197,6 +209,13 @@ class Mamba3TrainGpu {
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_, bdWf_, bdS_, dHc16_;
+  // dzx's bf16 copy (M, d_in), written by its producers (set_dzx_bf16). backward() offers it to the chunk stage in
+  // dzx16_offer_; batched_chunks takes it into BatchedParams::dzx16 (std::exchange with null), and only if it was
+  // taken (the z and x columns written) do the other producers write theirs and the products read it.
+  DeviceBuffer dzx16_;
+  uint16_t* dzx16_offer_ = nullptr;
+  bool dzx_bf16_ = true;     // set_dzx_bf16
+  bool dzx16_read_ = false;  // last_backward_read_dzx16
 };
 
 }  // namespace mamba3::cuda

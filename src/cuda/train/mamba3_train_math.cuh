@@ -80,4 +80,18 @@ __device__ __forceinline__ float unrotate_at(const float* g, const float* cs, co
   return n == a ? g[a] * cs[i] + g[b] * sn[i] : g[b] * cs[i] - g[a] * sn[i];
 }
 
+// coef(t, s) of spec §5.3 between chunk rows j (token t = j / R) and jj (token s = jj / R), from the chunk scalars Λ,
+// scale and γ: e^{Λ_t − Λ_s}·scale_s below the token diagonal, γ_t on it, 0 above; ex = e^{Λ_t − Λ_s} below the
+// diagonal, else 0 (the weight of scale's gradient).
+__device__ __forceinline__ float chunk_coef(const float* Lam, const float* scale, const float* gam, int R, int j,
+                                            int jj, float& ex) {
+  const int tl = j / R, sl = jj / R;
+  ex = 0.0f;
+  if (sl < tl) {
+    ex = expf(Lam[tl] - Lam[sl]);
+    return ex * scale[sl];
+  }
+  return sl == tl ? gam[tl] : 0.0f;
+}
+
 }  // namespace mamba3::cuda::train_detail

@@ -1,0 +1,145 @@
+// The batched path's forward core (mamba3_train_fwd_core.h): one 128-thread block per (sequence, head, chunk) of 64
+// rows; warp w takes rows t ∈ [16w, 16w + 16): S = q·kᵀ for its rows (64 columns s), W = S ⊙ coef rounded to bf16 as
+// the mask kernel rounds it (kept as the A operand of WV = W·v), and Z = q·H_cᵀ. Operands once into shared memory
+// (cp.async, rows padded by 16 bytes); results from the accumulator fragments as float2 stores.
+#include "cuda/train/mamba3_train_fwd_core.h"
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_check.h"
+#include "cuda/train/mamba3_train_math.cuh"
+#include "cuda/train/mma_bf16.cuh"
+
+namespace mamba3::cuda::train_detail {
+
+namespace {
+
+constexpr int kRows = 64;
+using namespace mma_bf16;
+
+template <int N, int P>
+struct FwdSmem {
+  static constexpr int LDN = N + 8, LDP = P + 8;
+  static constexpr size_t bytes(int T) {
+    return (size_t(2 * kRows + P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) + size_t(3 * T) * 4;
+  }
+};
+
+template <int N, int P>
+__global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16) {
+  constexpr int LDN = FwdSmem<N, P>::LDN, LDP = FwdSmem<N, P>::LDP, NS = kRows / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
+  bf16 *sK = sQ + kRows * LDN, *sH = sK + kRows * LDN, *sV = sH + P * LDN;
+  const int T = p.T, R = p.d.R;
+  float* Lam = reinterpret_cast<float*>(sV + kRows * LDP);
+  float *scale = Lam + T, *gam = scale + T;
+  const int64_t chunk = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+
+  copy_tile(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
+  copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
+  copy_tile(sH, LDN, Hc16 + chunk * P * N, P, N);
+  copy_tile(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
+  asm volatile("cp.async.commit_group;");
+  for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
+    const int64_t i = chunk * T + tl;
+    Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+
+  const int t0 = 16 * warp;
+  uint32_t w[NS / 2][4];  // W = S ⊙ coef as A fragments, one per 16 columns s
+  {
+    float s[NS][4];
+    zero(s);
+#pragma unroll
+    for (int kb = 0; kb < N / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sQ, LDN, t0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        load_b_nk(sK, LDN, 16 * np, 16 * kb, b);
+        mma(s[2 * np], a, b[0], b[1]), mma(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float ex;
+        s[nt][e] *= chunk_coef(Lam, scale, gam, R, t0 + g + 8 * (e / 2), nt * 8 + 2 * q + e % 2, ex);
+      }
+#pragma unroll
+    for (int kb = 0; kb < NS / 2; ++kb) {
+      w[kb][0] = pack(s[2 * kb][0], s[2 * kb][1]), w[kb][1] = pack(s[2 * kb][2], s[2 * kb][3]);
+      w[kb][2] = pack(s[2 * kb + 1][0], s[2 * kb + 1][1]), w[kb][3] = pack(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+    }
+  }
+  {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n])
+    float acc[P / 8][4];
+    zero(acc);
+#pragma unroll
+    for (int kb = 0; kb < N / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sQ, LDN, t0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < P / 16; ++np) {
+        uint32_t b[4];
+        load_b_nk(sH, LDN, 16 * np, 16 * kb, b);
+        mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    store_tiles(acc, p.Z + chunk * kRows * P, P, t0, 0);
+  }
+  {  // WV = W·v
+    float acc[P / 8][4];
+    zero(acc);
+#pragma unroll
+    for (int kb = 0; kb < NS / 2; ++kb)
+#pragma unroll
+      for (int np = 0; np < P / 16; ++np) {
+        uint32_t b[4];
+        load_b_kn(sV, LDP, 16 * kb, 16 * np, b);
+        mma(acc[2 * np], w[kb], b[0], b[1]), mma(acc[2 * np + 1], w[kb], b[2], b[3]);
+      }
+    store_tiles(acc, p.WV + chunk * kRows * P, P, t0, 0);
+  }
+}
+
+template <int N, int P>
+void launch(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
+  const size_t bytes = FwdSmem<N, P>::bytes(p.T);
+  const auto kernel = forward_core_kernel<N, P>;
+  if (bytes > 48 * 1024)
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "forward core: {} blocks exceed the grid", blocks);
+  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16));
+  MAMBA3_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool forward_core_supported(const BatchedParams& p) {
+  const int N = p.d.N, P = p.d.P;
+  return p.bf16 && p.rows == kRows && (N == 32 || N == 64 || N == 128) && (P == 32 || P == 64);
+}
+
+void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
+  MAMBA3_CHECK(forward_core_supported(p), "forward core: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
+               p.rows, p.d.N, p.d.P);
+  const int N = p.d.N, P = p.d.P;
+  if (N == 128 && P == 64) return launch<128, 64>(s, p, Hc16);
+  if (N == 128 && P == 32) return launch<128, 32>(s, p, Hc16);
+  if (N == 64 && P == 64) return launch<64, 64>(s, p, Hc16);
+  if (N == 64 && P == 32) return launch<64, 32>(s, p, Hc16);
+  if (N == 32 && P == 64) return launch<32, 64>(s, p, Hc16);
+  return launch<32, 32>(s, p, Hc16);
+}
+
+}  // namespace mamba3::cuda::train_detail
