@@ -6,10 +6,10 @@ void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1
                            int64_t d_ff, const float* x, int64_t rows, float* h, float* o, float* y,
                            const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16) {
   if (rows <= 0) return;
-  if (gemm.precision() == Precision::BF16) {  // o kept as bf16 in o's buffer
-    gemm.run_mixed(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, x16, D, fc1, fc1_16, D, 0.0f, h, 2 * d_ff);
-    uint16_t* o16 = reinterpret_cast<uint16_t*>(o);
-    gated_silu_forward_gpu(ctx.stream(), h, rows, d_ff, nullptr, o16);
+  if (gemm.precision() == Precision::BF16) {  // h and o kept as bf16 in their buffers
+    uint16_t *h16 = reinterpret_cast<uint16_t*>(h), *o16 = reinterpret_cast<uint16_t*>(o);
+    gemm.run_mixed_bf16_out(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, x16, D, fc1, fc1_16, D, h16, 2 * d_ff);
+    gated_silu_forward_gpu(ctx.stream(), nullptr, rows, d_ff, nullptr, o16, h16);
     gemm.run_mixed(ctx, false, true, rows, D, d_ff, 1.0f, nullptr, o16, d_ff, fc2, fc2_16, d_ff, 0.0f, y, D);
     return;
   }
@@ -38,7 +38,7 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
   }
   if (bf16) {  // [da, dg] as bf16 after the f32 rows (rows·d_ff floats hold rows·2·d_ff bf16 values)
     uint16_t* dh16 = reinterpret_cast<uint16_t*>(scratch + rows * F2);
-    gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch, dh16);
+    gated_silu_backward_gpu(ctx.stream(), nullptr, rows, d_ff, scratch, dh16, reinterpret_cast<const uint16_t*>(h));
     gemm.run_mixed(ctx, true, false, F2, D, rows, 1.0f, nullptr, dh16, F2, x, x16, D, 1.0f, dfc1, D);
     gemm.run_mixed(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, fc1_16, D, 0.0f, dx, D);
     return;

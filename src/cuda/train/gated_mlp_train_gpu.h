@@ -23,8 +23,9 @@ void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1
                            const uint16_t* fc2_16 = nullptr);
 
 // dx (rows, D) is overwritten; dfc1 and dfc2 are added to. scratch: rows·3·d_ff floats (contents lost).
-// In the bf16 mode the forward keeps o as bf16 (in o's buffer; the products read nothing else of it) and the
-// backward writes [da, dg] as bf16: the products' operands without an f32 round trip (the same bits).
+// In the bf16 mode the forward keeps h as bf16 (fc1's product rounds its f32 accumulation once, as PyTorch autocast's
+// bf16 linear output; in h's buffer) and o as bf16 (in o's buffer; the products read nothing else of it), and the
+// backward writes [da, dg] as bf16: the products' operands without an f32 round trip.
 void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
                             int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch,
@@ -32,12 +33,13 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
                             const uint16_t* fc2_16 = nullptr);
 
 // The element-wise halves (exposed for tests and reuse):
-// o[r, j] = h[r, j]·silu(h[r, d_ff + j]); with o16, rounded to bf16 into o16 (rows, d_ff) instead of o.
+// o[r, j] = h[r, j]·silu(h[r, d_ff + j]); with o16, rounded to bf16 into o16 (rows, d_ff) instead of o. With h16
+// (rows, 2·d_ff bf16) the pre-activations are read from there instead of h (h unused, may be null).
 void gated_silu_forward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_t d_ff, float* o,
-                            uint16_t* o16 = nullptr);
+                            uint16_t* o16 = nullptr, const uint16_t* h16 = nullptr);
 // In place on dh (rows, 2·d_ff): on entry dh[r, j] (j < d_ff) holds do[r, j]; on exit dh[r, :] = [da, dg]. With
 // dh16, [da, dg] go rounded to bf16 into dh16 (rows, 2·d_ff) instead.
 void gated_silu_backward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_t d_ff, float* dh,
-                             uint16_t* dh16 = nullptr);
+                             uint16_t* dh16 = nullptr, const uint16_t* h16 = nullptr);
 
 }  // namespace mamba3::cuda

@@ -86,6 +86,22 @@ void TrainGemm::run_mixed(const Context& ctx, bool ta, bool tb, int64_t m, int64
     return;
   }
   if (m == 0 || n == 0) return;
+  rounded_operands(ctx, ta, tb, m, n, k, A, A16, lda, B, B16, ldb);
+  run_bf16(ctx, ta, tb, m, n, k, alpha, A16, lda, B16, ldb, beta, C, ldc);
+}
+
+void TrainGemm::run_mixed_bf16_out(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                                   const float* A, const uint16_t* A16, int64_t lda, const float* B,
+                                   const uint16_t* B16, int64_t ldb, uint16_t* C, int64_t ldc) {
+  MAMBA3_CHECK(precision_ == Precision::BF16, "TrainGemm::run_mixed_bf16_out is for the bf16 mode");
+  if (m == 0 || n == 0) return;
+  rounded_operands(ctx, ta, tb, m, n, k, A, A16, lda, B, B16, ldb);
+  run_bf16_out(ctx, ta, tb, m, n, k, alpha, A16, lda, B16, ldb, C, ldc);
+}
+
+void TrainGemm::rounded_operands(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
+                                 const float* A, const uint16_t*& A16, int64_t& lda, const float* B,
+                                 const uint16_t*& B16, int64_t& ldb) {
   const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
   if (!A16) {
     if (A == held_ && a_rows == held_rows_ && a_cols == held_cols_ && lda == held_ld_) {
@@ -103,7 +119,6 @@ void TrainGemm::run_mixed(const Context& ctx, bool ta, bool tb, int64_t m, int64
     B16 = b16_.as<uint16_t>();
     ldb = std::max<int64_t>(b_cols, 1);
   }
-  run_bf16(ctx, ta, tb, m, n, k, alpha, A16, lda, B16, ldb, beta, C, ldc);
 }
 
 TrainGemm::HeldA::HeldA(TrainGemm& gemm, const Context& ctx, const float* A, int64_t rows, int64_t cols, int64_t lda)

@@ -42,6 +42,10 @@ class TrainGemm {
   void run_mixed(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
                  const uint16_t* A16, int64_t lda, const float* B, const uint16_t* B16, int64_t ldb, float beta,
                  float* C, int64_t ldc);
+  // run_mixed with a bf16 result (run_bf16_out: β = 0, rounded once); the bf16 mode only.
+  void run_mixed_bf16_out(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                          const float* A, const uint16_t* A16, int64_t lda, const float* B, const uint16_t* B16,
+                          int64_t ldb, uint16_t* C, int64_t ldc);
 
   // While a HeldA lives, run() takes its bf16 rounding of A (stored rows × cols, row stride lda) for every product
   // whose A has this pointer and stored shape, instead of rounding A again: for the two products that read one
@@ -58,6 +62,10 @@ class TrainGemm {
   };
 
  private:
+  // The bf16 operands of a mixed product: A16 / B16 where given, else the held A or A / B rounded into scratch (their
+  // strides then the packed ones).
+  void rounded_operands(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A,
+                        const uint16_t*& A16, int64_t& lda, const float* B, const uint16_t*& B16, int64_t& ldb);
   Precision precision_;
   DeviceBuffer a16_, b16_, held16_;
   const float* held_ = nullptr;  // the HeldA's operand (null: none)
