@@ -551,6 +551,57 @@ TEST(Mamba3TrainGpu, RoundedInputGivesTheSameBits) {
   }
 }
 
+// The bf16 mode's dzx (in_proj's output gradient) rounded to bf16 by the kernels that write it (the output stage:
+// z columns, the epilogue: x, the angle/scalar backward: dt, A, trap, the B/C norm backward: B, C, angles), read by
+// du = dzx·W_in and dW_in += dzxᵀ·u, against rounding all of dzx afterwards (set_dzx_bf16(false), TrainGemm::HeldA):
+// du and every gradient the same bits on the tensor-core cases (SISO, MIMO R 2–4, groups, output norm, euler,
+// no_rotary, A_floor, N 128/P 64), L = 130 (a partial last chunk), batch 2, with the forward recomputed or kept. A
+// backward on another dout runs first, so that a column its writers missed would hold that call's stale values, and
+// the switch must take effect (the products read the producers' copy).
+TEST(Mamba3TrainGpu, DzxRoundedByItsWritersGivesTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases()) {
+    SCOPED_TRACE(lc.name);
+    const Mamba3Config& c = lc.c;
+    const int64_t B = 2, L = 130;
+    auto [mixer, u, dout] = random_layer(c, B, L, 14);
+    std::mt19937 rng(15);
+    const Tensor dout_other = random_tensor(rng, {B, L, c.d_model});
+    cuda::Context ctx;
+    cuda::TrainGemm gemm(Precision::BF16);
+    cuda::Mamba3TrainGpu train(c);
+    train.set_chunk_batched(true);
+    DeviceLayer layer(mixer);
+    cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+    cuda::DeviceBuffer dd_other = to_device_activation(dout_other, Precision::F32);
+    cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+    cuda::Mamba3TrainActivations kept;
+    auto step = [&](bool dzx16, bool keep, const cuda::DeviceBuffer& g_out) {
+      train.set_dzx_bf16(dzx16);
+      layer.zero_grads();
+      poison(du.raw(), du.bytes());
+      train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), keep ? &kept : nullptr);
+      train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), g_out.as<float>(),
+                     du.as<float>(), keep ? &kept : nullptr);
+      ctx.sync();
+      EXPECT_EQ(train.last_backward_read_dzx16(), dzx16)
+          << (dzx16 ? "the chunk stage did not take dzx16 (BatchedParams::dzx16, set in batched_chunks)"
+                    : "dzx16 read although switched off");
+      return std::make_pair(from_device_f32(du.raw(), {B, L, c.d_model}), layer.download_grads());
+    };
+    for (const bool keep : {false, true}) {
+      SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+      step(true, keep, dd_other);  // leaves another backward's values in the bf16 copy
+      const auto [du_ref, g_ref] = step(false, keep, dd);
+      for (int64_t i = 0; i < du_ref.numel(); ++i) ASSERT_TRUE(std::isfinite(du_ref.data<float>()[i])) << "du " << i;
+      const auto [du_got, g_got] = step(true, keep, dd);
+      EXPECT_EQ(std::memcmp(du_ref.raw(), du_got.raw(), du_ref.nbytes()), 0) << "du";
+      for (const auto& [name, t] : g_ref)
+        EXPECT_EQ(std::memcmp(t.raw(), g_got.at(name).raw(), t.nbytes()), 0) << "grad." << name;
+    }
+  }
+}
+
 // The batched-GEMM chunk path (the default) against the CPU's f32 backward on every layer case and the 125M model's
 // tiles, L = 1 / 63 / 65 / 300 (one chunk, partial last chunks, several chunks): f32 mode within the f32 tolerance;
 // bf16 mode (bf16 chunk operands and products, bf16 projections) within the bf16 tolerance (L ≥ 65, as

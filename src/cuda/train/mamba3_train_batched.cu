@@ -319,7 +319,11 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
         const int64_t oi = tok * d.d_inner + int64_t(ix.h) * P + q;
         if (p.o) p.o[oi] = oq[k];
         if (p.o16) static_cast<__nv_bfloat16*>(p.o16)[oi] = __float2bfloat16_rn(oq[k]);
-        if (kBwd) p.dzx[tok * d.din + int64_t(ix.h) * P + q] = dzq[k];
+        if (kBwd) {
+          const int64_t zi = tok * d.din + int64_t(ix.h) * P + q;  // dzx's z column
+          p.dzx[zi] = dzq[k];
+          if (p.dzx16) reinterpret_cast<__nv_bfloat16*>(p.dzx16)[zi] = __float2bfloat16_rn(dzq[k]);
+        }
       }
     }
     if (!kBwd) continue;
@@ -500,8 +504,12 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
       }
       if (real)
 #pragma unroll
-        for (int k = 0; k < kQ; ++k)
-          if (q0 + 32 * k < P) p.dzx[tok * d.din + d.off_x + int64_t(ix.h) * P + q0 + 32 * k] = dxs[k];
+        for (int k = 0; k < kQ; ++k) {
+          if (q0 + 32 * k >= P) continue;
+          const int64_t xi = tok * d.din + d.off_x + int64_t(ix.h) * P + q0 + 32 * k;  // dzx's x column
+          p.dzx[xi] = dxs[k];
+          if (p.dzx16) reinterpret_cast<__nv_bfloat16*>(p.dzx16)[xi] = __float2bfloat16_rn(dxs[k]);
+        }
     }
     for (int r = 0; r < R; ++r) {
       const float dot = warp_sum(dots[r]);

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_bwd_core.h"
@@ -553,10 +555,24 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   }
   prof.mark("gemm dO");
 
+  // dzx's bf16 rounding from the kernels that write dzx (set_dzx_bf16; the batched path in the bf16 mode): offered
+  // to the chunk stage, whose output and epilogue kernels write the z and x columns' rounding when it takes the offer
+  // (BatchedParams::dzx16); then the angle/scalar backward writes dt, A, trap's and the B/C norm backward B, C and
+  // the angles'. Every column of dzx has exactly one writer in every backward, so no stale byte is read. Not taken:
+  // dzx is rounded after the fact, as without the switch.
+  uint16_t* offer16 = nullptr;
+  if (batched && gemm.precision() == Precision::BF16 && dzx_bf16_) {
+    reserve_elems(dzx16_, M * din, 2);
+    offer16 = dzx16_.as<uint16_t>();
+  }
+  dzx16_offer_ = offer16;
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm};
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);
   prof.mark("chunks");
+  uint16_t* const dzx16 = offer16 && !dzx16_offer_ ? offer16 : nullptr;  // taken: z and x are written
+  dzx16_offer_ = nullptr;
+  dzx16_read_ = dzx16 != nullptr;
 
   AngleBackwardParams ap{};
   ap.d = d, ap.zx = f(act_->zx);
@@ -564,12 +580,12 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.dAdl = f(act_->scalars, 3 * BHL);
   ap.dsp = f(act_->scalars, 4 * BHL);
   ap.dphi = f(dphi_), ap.dadt = f(sgrad_), ap.dgam = f(sgrad_, BHL), ap.dscale = f(sgrad_, 2 * BHL);
-  ap.dth = f(dth_), ap.dzx = f(dzx_), ap.part_dt_bias = f(part_);
+  ap.dth = f(dth_), ap.dzx = f(dzx_), ap.dzx16 = dzx16, ap.part_dt_bias = f(part_);
   ap.seg = f(act_->angle_seg);  // reserved by prepare
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
-  launch_bc_norm_backward(s, d, batched ? int(H) / epilogue_heads() : int(H), f(act_->bc_raw), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn),
-                          f(part_, o_Cn));
+  launch_bc_norm_backward(s, d, batched ? int(H) / epilogue_heads() : int(H), f(act_->bc_raw), w.B_norm, w.C_norm,
+                          f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn), f(part_, o_Cn), dzx16);
   prof.mark("bc norm bwd");
 
   // Parameter partials summed over rows in a fixed order.
@@ -595,14 +611,14 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
     if (x.dst) colsum_add(s, f(part_, size_t(x.offset)), x.rows, x.cols, x.dst, f(colsum_));
   prof.mark("colsums");
 
-  // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o.
+  // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o. dzx's bf16 operand (the bf16 mode): its
+  // producers' rounding, else dzx rounded once for both products (HeldA). u16, the weight's mirror: where given.
   {
-    const TrainGemm::HeldA dzx16(gemm, ctx, f(dzx_), M, din, din);  // rounded once for both products
-    gemm.run_mixed(ctx, false, false, M, D, din, 1.0f, f(dzx_), nullptr, din, w.in_proj, w.in_proj16, D, 0.0f, du, D);
-    if (g.in_proj && u16 && gemm.precision() == Precision::BF16)
-      gemm.run_mixed(ctx, true, false, din, D, M, 1.0f, f(dzx_), nullptr, din, u, u16, D, 1.0f, g.in_proj, D);
-    else if (g.in_proj)
-      gemm.run(ctx, true, false, din, D, M, 1.0f, f(dzx_), din, u, D, 1.0f, g.in_proj, D);
+    std::optional<TrainGemm::HeldA> held;
+    if (!dzx16) held.emplace(gemm, ctx, f(dzx_), M, din, din);
+    gemm.run_mixed(ctx, false, false, M, D, din, 1.0f, f(dzx_), dzx16, din, w.in_proj, w.in_proj16, D, 0.0f, du, D);
+    if (g.in_proj)
+      gemm.run_mixed(ctx, true, false, din, D, M, 1.0f, f(dzx_), dzx16, din, u, u16, D, 1.0f, g.in_proj, D);
   }
   if (!reuse) out_proj_grad();
   prof.mark("gemm projections");

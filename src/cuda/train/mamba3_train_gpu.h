@@ -210,8 +210,10 @@ class Mamba3TrainGpu {
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_, bdWf_, bdS_, dHc16_;
   // dzx's bf16 copy (M, d_in), written by its producers (set_dzx_bf16). backward() offers it to the chunk stage in
-  // dzx16_offer_; batched_chunks takes it into BatchedParams::dzx16 (std::exchange with null), and only if it was
-  // taken (the z and x columns written) do the other producers write theirs and the products read it.
+  // dzx16_offer_, for batched_chunks to take into BatchedParams::dzx16 beside p.dzx (`p.dzx16 =
+  // std::exchange(dzx16_offer_, nullptr);` — that line is still to be added there), and only if it was taken (the z
+  // and x columns written) do the other producers write theirs and the products read it; else dzx is rounded after
+  // the fact (HeldA), so a chunk stage that does not take it costs the saving, never correctness.
   DeviceBuffer dzx16_;
   uint16_t* dzx16_offer_ = nullptr;
   bool dzx_bf16_ = true;     // set_dzx_bf16

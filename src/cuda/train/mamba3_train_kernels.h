@@ -133,6 +133,9 @@ struct BatchedParams {
   // Backward.
   const float* dO;                       // (M, d_inner)
   float* dzx;                            // (M, din): z and x columns written
+  // (M, din) bf16 (null: not written): the same columns rounded to nearest even, beside dzx (the bf16 mode's
+  // operand of du = dzx·W_in and dW_in += dzxᵀ·u; the angle/scalar and B/C norm backwards write the other columns).
+  uint16_t* dzx16;
   void *dY, *dYe;                        // op, per chunk row, P: dy and e^Λ ⊙ dy
   float* dWf;                            // (B·H·nc, rows, rows): dy·vᵀ
   void* dS;                              // op, (B·H·nc, rows, rows): dW ⊙ coef
@@ -167,7 +170,8 @@ struct AngleBackwardParams {
   float* dphi;  // (B·H, L, S) per-token dφ in; overwritten with its reverse cumulative sum within segments
   const float *dadt, *dgam, *dscale;
   float* dth;           // (M, H, S)
-  float* dzx;           // (M, din)
+  float* dzx;           // (M, din): the dt, A, trap columns written
+  uint16_t* dzx16;      // (M, din) bf16, the same columns rounded to nearest even (null: not written)
   float* part_dt_bias;  // (B, H)
   float* seg;           // angle_scratch_floats(d): the later segments' sums of dφ
 };
@@ -175,10 +179,11 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 
 // Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)
 // summed into their B/C groups, the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each) and
-// θ summed over heads (→ dzx's angle columns). slots divides H and is a multiple of G.
+// θ summed over heads (→ dzx's angle columns). slots divides H and is a multiple of G. dzx16 (optional, (M, din)
+// bf16): the columns written also rounded to nearest even there.
 void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
                              const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
-                             float* part_B_norm, float* part_C_norm);
+                             float* part_B_norm, float* part_C_norm, uint16_t* dzx16 = nullptr);
 
 // out[c] += Σ_r in[r·cols + c] over rows in a fixed order (deterministic; no atomics). scratch holds
 // colsum_scratch_floats(rows, cols) floats.

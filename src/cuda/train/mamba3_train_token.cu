@@ -1,6 +1,8 @@
 // Per-token kernels of the Mamba-3 mixer's GPU training pass: B/C normalisation, the scalars of spec §2.2, the angle
 // scan, and on the way back the angle/scalar gradients, the B/C RMSNorm backward and deterministic column sums.
 // All f32 with the CPU's formulas (src/ops/mamba3_common.h, mamba3_scan_backward.cpp).
+#include <cuda_bf16.h>
+
 #include <algorithm>
 
 #include "cuda/cuda_check.h"
@@ -12,6 +14,9 @@ namespace mamba3::cuda::train_detail {
 namespace {
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+
+// v rounded to bf16 (nearest even), as bits: dzx's copy for the bf16 mode's in_proj products (TrainGemm's rounding).
+__device__ __forceinline__ uint16_t bf16_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 
 // In place, one block per row; warps take the (which, r, g) vectors: the raw vector is saved to bc_raw (M, 2·R·G·N:
 // B's vectors then C's, as in zx) for the backward, then normalised in zx. Reads 2·R·G·N, writes 4·R·G·N floats per
@@ -197,10 +202,18 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
     const float ddt = dadt * p.A[st] + dgam * lam + dsig * (1.0f - lam) + ang;
     const float dlam = (dgam - dsig) * dtv;
     const float dsp = ddt * p.dsp[st];
+    const float dA = dadt * dtv * p.dAdl[st];
+    const float dtrap = d.euler ? 0.0f : dlam * lam * (1.0f - lam);  // euler: λ does not depend on trap
     float* dz = p.dzx + row * d.din;
     dz[d.off_dt + h] = dsp;
-    dz[d.off_A + h] = dadt * dtv * p.dAdl[st];
-    dz[d.off_trap + h] = d.euler ? 0.0f : dlam * lam * (1.0f - lam);  // euler: λ does not depend on trap
+    dz[d.off_A + h] = dA;
+    dz[d.off_trap + h] = dtrap;
+    if (p.dzx16) {
+      uint16_t* dz16 = p.dzx16 + row * d.din;
+      dz16[d.off_dt + h] = bf16_bits(dsp);
+      dz16[d.off_A + h] = bf16_bits(dA);
+      dz16[d.off_trap + h] = bf16_bits(dtrap);
+    }
   }
 }
 
@@ -223,7 +236,8 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
                                         const float* __restrict__ B_norm, const float* __restrict__ C_norm,
                                         const float* __restrict__ dBn, const float* __restrict__ dCn,
                                         const float* __restrict__ dth, float* __restrict__ dzx,
-                                        float* __restrict__ part_B, float* __restrict__ part_C) {
+                                        float* __restrict__ part_B, float* __restrict__ part_C,
+                                        uint16_t* __restrict__ dzx16) {
   const int64_t m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
   const int spg = slots / d.G;  // head slots per group
@@ -249,12 +263,17 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
       mean += acc * w[n] * x[n] * rstd;
     }
     mean = warp_sum(mean) / float(d.N);
-    for (int n = lane; n < d.N; n += 32) dzx[m * d.din + off + n] = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
+    for (int n = lane; n < d.N; n += 32) {
+      const float g = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
+      dzx[m * d.din + off + n] = g;
+      if (dzx16) dzx16[m * d.din + off + n] = bf16_bits(g);
+    }
   }
   for (int i = threadIdx.x; i < d.S; i += blockDim.x) {
     float a = 0;
     for (int h = 0; h < d.H; ++h) a += dth[(m * d.H + h) * d.S + i];
     dzx[m * d.din + d.off_ang + i] = a;
+    if (dzx16) dzx16[m * d.din + d.off_ang + i] = bf16_bits(a);
   }
 }
 
@@ -328,7 +347,7 @@ size_t angle_scratch_floats(const MixerDims& d) {
 
 void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
                              const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
-                             float* part_B_norm, float* part_C_norm) {
+                             float* part_B_norm, float* part_C_norm, uint16_t* dzx16) {
   MAMBA3_CHECK(slots >= d.G && d.H % slots == 0 && slots % d.G == 0,
                "B/C norm backward: {} head slots for {} heads in {} groups", slots, d.H, d.G);
   // A warp per B/C vector of the row (2·R·G of them, at most 8 warps): SISO with one group runs 64-thread blocks, so
@@ -336,7 +355,8 @@ void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, cons
   const int warps = std::min(8, 2 * d.R * d.G);
   const size_t smem = size_t(warps) * d.N * sizeof(float);
   bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s>>>(d, slots, bc_raw, B_norm, C_norm, dBn, dCn,
-                                                                                 dth, dzx, part_B_norm, part_C_norm);
+                                                                                 dth, dzx, part_B_norm, part_C_norm,
+                                                                                 dzx16);
   MAMBA3_LAUNCH_CHECK();
 }
 
