@@ -516,10 +516,23 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
       if (lane == 0) rdot[tl * R + r] = dot;
     }
   }
-  {  // <dH, H_c> over the chunk's P·N
+  {  // <dH, H_c> over the chunk's P·N (the bf16 mode: from the scans' bf16 states)
     const int64_t PN = int64_t(P) * N, base = ix.chunk * PN;
     float s = 0.0f;
-    for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += p.dHc[base + i] * p.Hc[base + i];
+    if (p.Hc16 && p.dHc16) {
+      const auto *h16 = static_cast<const __nv_bfloat16*>(p.Hc16) + base,
+                 *dh16 = static_cast<const __nv_bfloat16*>(p.dHc16) + base;
+      if (PN % 2 == 0)  // pairs: the slots are (P·N)-element aligned
+        for (int64_t i = threadIdx.x; i < PN / 2; i += kThreads) {
+          const float2 a = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(dh16)[i]),
+                       b = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(h16)[i]);
+          s += a.x * b.x + a.y * b.y;
+        }
+      else
+        for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += __bfloat162float(dh16[i]) * __bfloat162float(h16[i]);
+    } else {
+      for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += p.dHc[base + i] * p.Hc[base + i];
+    }
     s = warp_sum(s);
     if (lane == 0) wsum[warp] = s;
   }

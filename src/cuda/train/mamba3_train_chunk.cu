@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_state_kernel(const ChunkP
 // sequential kernels' recurrences (H ← e·H + Δ, dH ← e·dH + Δ) term for term. 2 FLOPs and 8 bytes per element and
 // chunk (+ 2 bytes when copy16 takes each result rounded to bf16 for bf16 products).
 __global__ void chunk_scan_kernel(float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse,
-                                  uint16_t* copy16) {
+                                  uint16_t* copy16, bool write_f32) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= BH * PN) return;
   const int64_t bh = i / PN, off = bh * chunks * PN + i % PN;
@@ -327,19 +327,19 @@ __global__ void chunk_scan_kernel(float* S, const float* decay, int64_t BH, int 
   const float* dc = decay + bh * chunks;
   float run = 0.0f;
   if (!reverse) {
-    s[0] = 0.0f;
+    if (write_f32) s[0] = 0.0f;
     if (s16) s16[0] = 0;
     for (int c = 1; c < chunks; ++c) {
       run = dc[c - 1] * run + s[int64_t(c) * PN];
-      s[int64_t(c) * PN] = run;
+      if (write_f32) s[int64_t(c) * PN] = run;
       if (s16) s16[int64_t(c) * PN] = bf16_bits_rn(run);
     }
   } else {
-    s[int64_t(chunks - 1) * PN] = 0.0f;
+    if (write_f32) s[int64_t(chunks - 1) * PN] = 0.0f;
     if (s16) s16[int64_t(chunks - 1) * PN] = 0;
     for (int c = chunks - 2; c >= 0; --c) {
       run = dc[c + 1] * run + s[int64_t(c) * PN];
-      s[int64_t(c) * PN] = run;
+      if (write_f32) s[int64_t(c) * PN] = run;
       if (s16) s16[int64_t(c) * PN] = bf16_bits_rn(run);
     }
   }
@@ -1118,11 +1118,12 @@ void launch_chunk_scan(cudaStream_t s, const ChunkParams& p, float* S, bool reve
 
 #ifndef MAMBA3_CHUNK_HOST_EMULATION
 void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse,
-                       uint16_t* copy16) {
+                       uint16_t* copy16, bool write_f32) {
+  MAMBA3_CHECK(write_f32 || copy16, "state scan: no output (neither f32 nor the bf16 copy)");
   const int64_t n = BH * PN;
   constexpr int kThreads = 256;
   chunk_scan_kernel<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, s>>>(S, decay, BH, chunks, PN, reverse,
-                                                                                copy16);
+                                                                                copy16, write_f32);
   MAMBA3_LAUNCH_CHECK();
 }
 #endif

@@ -333,7 +333,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     batched_gemm(ctx, bf16, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
     prof.mark("gemm dH");
     launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false,
-                      bf16 ? act_->Hc16.as<uint16_t>() : nullptr);
+                      bf16 ? act_->Hc16.as<uint16_t>() : nullptr, !bf16);
     prof.mark("scan");
     if (use_cores) {
       launch_batched_forward_core(s, p, act_->Hc16.raw());
@@ -365,6 +365,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   reserve_floats(bdLam_, nT);
   reserve_floats(dHc_, (BHc + 1) * PN);
   if (bf16) reserve_elems(dHc16_, BHc * PN, 2);
+  p.dzx16 = std::exchange(dzx16_offer_, nullptr);  // the bf16 twin of dzx, when backward() offers one
   p.dO = f(dO_), p.dzx = f(dzx_), p.dY = bdY_.raw(), p.dYe = bdYe_.raw(), p.dWf = f(bdWf_), p.dS = bdS_.raw();
   p.dQ = f(bdQ_), p.dK = f(bdK_), p.dV = f(bdV_);
   p.Hc = Hc, p.dHc = f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
@@ -386,7 +387,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   } else {
     batched_backward_products(ctx, bf16, p, Hc_op, dHc, BHc, prof);
   }
-  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr);
+  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr, !bf16);
+  if (bf16) p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();  // the epilogue's ⟨dH, H_c⟩ (no f32 states)
   prof.mark("scan rev");
   batched_gemm(ctx, bf16, false, true, rows, P, N, p.K, N, sRN, dHc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
   prof.mark("gemm tp");

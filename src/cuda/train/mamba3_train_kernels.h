@@ -100,9 +100,10 @@ void launch_chunk_reverse(cudaStream_t s, const ChunkParams& p);
 // The elementwise scan over chunks of the chunk-parallel schedule on S (B·H, chunks, PN), in place (see
 // chunk_scan_kernel): forward S[c] ← decay[c − 1]·S[c − 1] + S[c], S[0] = 0; reverse S[c] ← decay[c + 1]·S[c + 1] +
 // S[c], S[last] = 0. decay (B·H, chunks). copy16 (optional): every slot's result also rounded to bf16 there, same
-// layout (the operand of bf16 products).
+// layout (the operand of bf16 products). write_f32 false (with copy16): the results go to copy16 only and S keeps
+// its inputs (the bf16 mode's batched path reads only the bf16 states: 4 bytes per element and scan fewer).
 void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse,
-                       uint16_t* copy16 = nullptr);
+                       uint16_t* copy16 = nullptr, bool write_f32 = true);
 
 // The batched-GEMM path (mamba3_train_batched.cu): the chunked form as strided-batched cuBLAS products over every
 // (sequence, head, chunk) at once, with per-chunk elementwise kernels between them. Buffers "per chunk row" are
@@ -141,6 +142,9 @@ struct BatchedParams {
   void* dS;                              // op, (B·H·nc, rows, rows): dW ⊙ coef
   float *dQ, *dK, *dV;                   // per chunk row, N, N, P
   const float *Hc, *dHc;                 // (B·H·nc, P, N) state and dH entering each chunk (after the scans)
+  // The same rounded to bf16 (the scans' copies): in the bf16 mode the epilogue's ⟨dH, H_c⟩ reads these, and the
+  // scans write no f32 states (Hc and dHc then hold the scans' inputs).
+  const void *Hc16, *dHc16;
   float* dLam;                           // (B·H·nc, T) gradient of Λ
   float *dadt, *dgam, *dscale;           // (B·H, L)
   float* dphi;                           // (B·H, L, S)
