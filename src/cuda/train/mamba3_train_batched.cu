@@ -682,6 +682,10 @@ void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
   const size_t floats = size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * p.d.R * p.d.P;
   if (p.bf16) launch_per_chunk(batched_epilogue_kernel<__nv_bfloat16>, s, p, floats);
   else launch_per_chunk(batched_epilogue_kernel<float>, s, p, floats);
+  launch_batched_rotation_backward(s, p);
+}
+
+void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   const int hb = p.heads_per_block;
   MAMBA3_CHECK(hb >= 1 && (p.d.H / p.d.G) % hb == 0,
                "batched rotation backward: {} heads per block must divide the {} heads of a B/C group", hb,

@@ -268,6 +268,162 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
   }
 }
 
+// The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
+// the epilogue's state part from tp in registers: dv = (dV + D·dy) + w ⊙ tp → dx (dzx's x columns and their bf16
+// twin), Σ_p v·tp per token, ⟨dH, H_c⟩, and Λ's and scale's state-carry terms (→ dadt, dscale) as the epilogue
+// kernel forms them.
+template <int N, int P>
+struct PostSmem {
+  static constexpr int LDN = N + 8, LDP = P + 8;
+  static constexpr size_t bytes(int T) {
+    return (size_t(kRows + P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) + size_t(3 * T + kRows + kCoreWarps) * 4;
+  }
+};
+
+template <int N, int P>
+__global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const BatchedParams p, const bf16* dHc16,
+                                                                      const bf16* Hc16) {
+  constexpr int LDN = PostSmem<N, P>::LDN, LDP = PostSmem<N, P>::LDP;
+  constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw);
+  bf16 *sH = sK + kRows * LDN, *sVw = sH + P * LDN;
+  const MixerDims& d = p.d;
+  const int T = p.T;
+  float* Lam = reinterpret_cast<float*>(sVw + kRows * LDP);
+  float *scale = Lam + T, *dL = scale + T, *rdot = dL + T, *wsum = rdot + kRows;
+  const int64_t chunk = blockIdx.x, bh = chunk / p.nc;
+  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, t0 = 16 * warp;
+
+  copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
+  copy_tile(sH, LDN, dHc16 + chunk * P * N, P, N);
+  copy_tile(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P, kRows, P);
+  asm volatile("cp.async.commit_group;");
+  for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
+    const int64_t i = chunk * T + tl;
+    Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], dL[tl] = p.dLam[i];
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  __syncthreads();
+
+  // dK += (w ⊙ v)·dH, NB columns at a time (dK's first term from the backward core, read in the fragment layout).
+  float* dK = p.dK + chunk * kRows * N;
+#pragma unroll
+  for (int n0 = 0; n0 < N; n0 += NB) {
+    float acc[NBT][4];
+#pragma unroll
+    for (int nt = 0; nt < NBT; ++nt) {
+      const float* src = dK + int64_t(t0 + g) * N + n0 + nt * 8 + 2 * q;
+      const float2 lo = *reinterpret_cast<const float2*>(src), hi = *reinterpret_cast<const float2*>(src + 8 * N);
+      acc[nt][0] = lo.x, acc[nt][1] = lo.y, acc[nt][2] = hi.x, acc[nt][3] = hi.y;
+    }
+#pragma unroll
+    for (int kb = 0; kb < P / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sVw, LDP, t0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < NBT / 2; ++np) {
+        uint32_t bq[4];
+        load_b_kn(sH, LDN, 16 * kb, n0 + 16 * np, bq);
+        mma(acc[2 * np], a, bq[0], bq[1]), mma(acc[2 * np + 1], a, bq[2], bq[3]);
+      }
+    }
+    store_tiles(acc, dK, N, t0, n0);
+  }
+  // tp = k·dHᵀ (B[n][p] = dH[p][n]) for this warp's rows, then the epilogue's per-token part from the registers.
+  float tp[P / 8][4];
+  zero(tp);
+#pragma unroll
+  for (int kb = 0; kb < N / 16; ++kb) {
+    uint32_t a[4];
+    load_a(sK, LDN, t0, 16 * kb, a);
+#pragma unroll
+    for (int np = 0; np < P / 16; ++np) {
+      uint32_t bq[4];
+      load_b_nk(sH, LDN, 16 * np, 16 * kb, bq);
+      mma(tp[2 * np], a, bq[0], bq[1]), mma(tp[2 * np + 1], a, bq[2], bq[3]);
+    }
+  }
+  const float Dh = p.D[h];
+  const bf16 *V = static_cast<const bf16*>(p.V), *dY = static_cast<const bf16*>(p.dY);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int tl = t0 + g + 8 * half;  // SISO: row = token
+    const float w = p.wv[chunk * T + tl];
+    const int64_t row = (chunk * kRows + tl) * P;
+    const bool real = tl < Tc;
+    const int64_t xcol = (int64_t(b) * d.L + c0 + tl) * d.din + d.off_x + int64_t(h) * P;
+    float dot = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      const float2 dv0 = *reinterpret_cast<const float2*>(p.dV + row + col);
+      const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(V + row + col));
+      const float2 dy = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dY + row + col));
+      const float t_a = tp[nt][2 * half], t_b = tp[nt][2 * half + 1];
+      dot += vv.x * t_a, dot += vv.y * t_b;
+      const float dx_a = (dv0.x + Dh * dy.x) + w * t_a, dx_b = (dv0.y + Dh * dy.y) + w * t_b;
+      if (real) {  // dzx rows are din values: an odd din leaves them unaligned for pairs, so scalar stores
+        p.dzx[xcol + col] = dx_a, p.dzx[xcol + col + 1] = dx_b;
+        if (p.dzx16) {
+          __nv_bfloat16* x16 = reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + col;
+          x16[0] = __float2bfloat16_rn(dx_a), x16[1] = __float2bfloat16_rn(dx_b);
+        }
+      }
+    }
+    dot = quad_sum(dot);
+    if (q == 0) rdot[tl] = dot;
+  }
+  {  // <dH, H_c> over the chunk's P·N (dH from shared memory, H_c from the forward scan's bf16 copy)
+    const bf16* hc = Hc16 + chunk * P * N;
+    float sacc = 0.0f;
+    for (int i = threadIdx.x; i < P * N / 2; i += kCoreThreads) {
+      const int e = 2 * i, pr = e / N, n = e % N;
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sH + pr * LDN + n)),
+                   c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(hc + e));
+      sacc += a.x * c.x + a.y * c.y;
+    }
+    sacc = warp_sum(sacc);
+    if (lane == 0) wsum[warp] = sacc;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // the epilogue kernel's serial part, term for term
+    const float last = Lam[T - 1], elast = p.decay[chunk];
+    for (int sl = 0; sl < T; ++sl) {
+      const float dws = rdot[sl];
+      const float e2 = expf(last - Lam[sl]), G = dws * e2 * scale[sl];
+      dL[T - 1] += G;
+      dL[sl] -= G;
+      scale[sl] = dws * e2;
+    }
+    float dot = 0.0f;
+    for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
+    dL[T - 1] += elast * dot;
+    float run = 0.0f;
+    for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
+  }
+  __syncthreads();
+  for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
+    const int64_t st = bh * d.L + c0 + tl;
+    p.dadt[st] = dL[tl];
+    p.dscale[st] += scale[tl];
+  }
+}
+
+template <int N, int P>
+void launch_post(cudaStream_t s, const BatchedParams& p, const void* dHc16, const void* Hc16) {
+  const size_t bytes = PostSmem<N, P>::bytes(p.T);
+  const auto kernel = post_scan_core_kernel<N, P>;
+  if (bytes > 48 * 1024)
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "post-scan core: {} blocks exceed the grid", blocks);
+  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(dHc16),
+                                                       static_cast<const bf16*>(Hc16));
+  MAMBA3_LAUNCH_CHECK();
+}
+
 template <int N, int P>
 void launch(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots) {
   const size_t bytes = CoreSmem<N, P>::bytes(p.T);
@@ -297,6 +453,20 @@ void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const 
   if (N == 64 && P == 32) return launch<64, 32>(s, p, Hc16, g_slots);
   if (N == 32 && P == 64) return launch<32, 64>(s, p, Hc16, g_slots);
   return launch<32, 32>(s, p, Hc16, g_slots);
+}
+
+bool post_scan_core_supported(const BatchedParams& p) { return backward_core_supported(p) && !p.d.mimo; }
+
+void launch_batched_post_scan_core(cudaStream_t s, const BatchedParams& p, const void* dHc16, const void* Hc16) {
+  MAMBA3_CHECK(post_scan_core_supported(p), "post-scan core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
+               p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+  const int N = p.d.N, P = p.d.P;
+  if (N == 128 && P == 64) return launch_post<128, 64>(s, p, dHc16, Hc16);
+  if (N == 128 && P == 32) return launch_post<128, 32>(s, p, dHc16, Hc16);
+  if (N == 64 && P == 64) return launch_post<64, 64>(s, p, dHc16, Hc16);
+  if (N == 64 && P == 32) return launch_post<64, 32>(s, p, dHc16, Hc16);
+  if (N == 32 && P == 64) return launch_post<32, 64>(s, p, dHc16, Hc16);
+  return launch_post<32, 32>(s, p, dHc16, Hc16);
 }
 
 }  // namespace mamba3::cuda::train_detail

@@ -21,4 +21,11 @@ bool backward_core_supported(const BatchedParams& p);
 // (f32 P × N), dgam and dscale (=) and adds coef's part to p.dLam. Deterministic (fixed orders, no atomics).
 void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots);
 
+// After the reverse scan (SISO; the backward core's shapes): tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from dHc16
+// (bf16, the dH entering each chunk), then the epilogue's state part (launch_batched_epilogue's first kernel) from tp
+// in registers: dzx's x columns (and p.dzx16's), dadt, dscale (+=), with ⟨dH, H_c⟩ from Hc16. The rotation backward
+// (launch_batched_rotation_backward) follows.
+bool post_scan_core_supported(const BatchedParams& p);
+void launch_batched_post_scan_core(cudaStream_t s, const BatchedParams& p, const void* dHc16, const void* Hc16);
+
 }  // namespace mamba3::cuda::train_detail

@@ -27,8 +27,10 @@ struct FwdSmem {
   }
 };
 
+// fuse_output: also the SISO output stage (o16), in place of the output kernel.
 template <int N, int P>
-__global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16) {
+__global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
+                                                                    bool fuse_output) {
   constexpr int LDN = FwdSmem<N, P>::LDN, LDP = FwdSmem<N, P>::LDP, NS = kRows / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
@@ -80,46 +82,82 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       w[kb][2] = pack(s[2 * kb + 1][0], s[2 * kb + 1][1]), w[kb][3] = pack(s[2 * kb + 1][2], s[2 * kb + 1][3]);
     }
   }
-  {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n])
-    float acc[P / 8][4];
-    zero(acc);
+  float z[P / 8][4], wv[P / 8][4];
+  zero(z), zero(wv);
 #pragma unroll
-    for (int kb = 0; kb < N / 16; ++kb) {
-      uint32_t a[4];
-      load_a(sQ, LDN, t0, 16 * kb, a);
+  for (int kb = 0; kb < N / 16; ++kb) {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n])
+    uint32_t a[4];
+    load_a(sQ, LDN, t0, 16 * kb, a);
 #pragma unroll
-      for (int np = 0; np < P / 16; ++np) {
-        uint32_t b[4];
-        load_b_nk(sH, LDN, 16 * np, 16 * kb, b);
-        mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
-      }
+    for (int np = 0; np < P / 16; ++np) {
+      uint32_t b[4];
+      load_b_nk(sH, LDN, 16 * np, 16 * kb, b);
+      mma(z[2 * np], a, b[0], b[1]), mma(z[2 * np + 1], a, b[2], b[3]);
     }
-    store_tiles(acc, p.Z + chunk * kRows * P, P, t0, 0);
   }
-  {  // WV = W·v
-    float acc[P / 8][4];
-    zero(acc);
+  store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
 #pragma unroll
-    for (int kb = 0; kb < NS / 2; ++kb)
+  for (int kb = 0; kb < NS / 2; ++kb)  // WV = W·v
 #pragma unroll
-      for (int np = 0; np < P / 16; ++np) {
-        uint32_t b[4];
-        load_b_kn(sV, LDP, 16 * kb, 16 * np, b);
-        mma(acc[2 * np], w[kb], b[0], b[1]), mma(acc[2 * np + 1], w[kb], b[2], b[3]);
+    for (int np = 0; np < P / 16; ++np) {
+      uint32_t b[4];
+      load_b_kn(sV, LDP, 16 * kb, 16 * np, b);
+      mma(wv[2 * np], w[kb], b[0], b[1]), mma(wv[2 * np + 1], w[kb], b[2], b[3]);
+    }
+  store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
+  if (!fuse_output) return;
+  // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a
+  // warp): y = (e^Λ·Z + D·v) + WV, the optional RMSNorm over the head's P channels, the gate y·silu(z) → o16.
+  const MixerDims& d = p.d;
+  const int64_t bh = chunk / p.nc;
+  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T;
+  const float Dh = p.D[h];
+  const float* nw = d.outnorm ? p.norm + int64_t(h) * P : nullptr;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int tl = t0 + g + 8 * half;  // SISO: row = token
+    const float e = p.eL[chunk * T + min(tl, T - 1)];
+    float y[P / 8][2], ss = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt)
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int col = nt * 8 + 2 * q + k;
+        const float vv = __bfloat162float(sV[tl * LDP + col]);
+        y[nt][k] = (e * z[nt][2 * half + k] + Dh * vv) + wv[nt][2 * half + k];
+        ss += y[nt][k] * y[nt][k];
       }
-    store_tiles(acc, p.WV + chunk * kRows * P, P, t0, 0);
+    const float rstd = nw ? 1.0f / sqrtf(quad_sum(ss) / float(P) + kEps) : 1.0f;
+    if (c0 + tl >= d.L) continue;  // padding rows (after the quad sum: every lane of the quad takes part)
+    const int64_t tok = int64_t(b) * d.L + c0 + tl;
+    const float* zr = p.zx + tok * d.din + int64_t(h) * P;
+    __nv_bfloat16* orow = static_cast<__nv_bfloat16*>(p.o16) + tok * d.d_inner + int64_t(h) * P;
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      // (zx rows are din floats: an odd din leaves them 4-byte aligned only, so scalar loads.)
+      const float zz[2] = {zr[col], zr[col + 1]};
+      float o[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const float zv = zz[k], yv = y[nt][k];
+        const float yn = nw ? yv * rstd * nw[col + k] : yv;
+        o[k] = yn * (zv * sigmoid_f(zv));
+      }
+      *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(o[0], o[1]);
+    }
   }
 }
 
 template <int N, int P>
-void launch(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
+void launch(cudaStream_t s, const BatchedParams& p, const void* Hc16, bool fuse_output) {
   const size_t bytes = FwdSmem<N, P>::bytes(p.T);
   const auto kernel = forward_core_kernel<N, P>;
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "forward core: {} blocks exceed the grid", blocks);
-  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16));
+  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16), fuse_output);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -130,16 +168,19 @@ bool forward_core_supported(const BatchedParams& p) {
   return p.bf16 && p.rows == kRows && (N == 32 || N == 64 || N == 128) && (P == 32 || P == 64);
 }
 
+bool forward_core_writes_output(const BatchedParams& p) { return !p.d.mimo && p.o16 && !p.o; }
+
 void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
   MAMBA3_CHECK(forward_core_supported(p), "forward core: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
                p.rows, p.d.N, p.d.P);
   const int N = p.d.N, P = p.d.P;
-  if (N == 128 && P == 64) return launch<128, 64>(s, p, Hc16);
-  if (N == 128 && P == 32) return launch<128, 32>(s, p, Hc16);
-  if (N == 64 && P == 64) return launch<64, 64>(s, p, Hc16);
-  if (N == 64 && P == 32) return launch<64, 32>(s, p, Hc16);
-  if (N == 32 && P == 64) return launch<32, 64>(s, p, Hc16);
-  return launch<32, 32>(s, p, Hc16);
+  const bool out = forward_core_writes_output(p);
+  if (N == 128 && P == 64) return launch<128, 64>(s, p, Hc16, out);
+  if (N == 128 && P == 32) return launch<128, 32>(s, p, Hc16, out);
+  if (N == 64 && P == 64) return launch<64, 64>(s, p, Hc16, out);
+  if (N == 64 && P == 32) return launch<64, 32>(s, p, Hc16, out);
+  if (N == 32 && P == 64) return launch<32, 64>(s, p, Hc16, out);
+  return launch<32, 32>(s, p, Hc16, out);
 }
 
 }  // namespace mamba3::cuda::train_detail

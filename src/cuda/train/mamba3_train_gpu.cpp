@@ -350,8 +350,10 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     }
   }
   if (!backward) {
-    launch_batched_output(s, p, false);
-    prof.mark("output");
+    if (!(use_cores && forward_core_writes_output(p))) {  // (the SISO forward core wrote o16 itself)
+      launch_batched_output(s, p, false);
+      prof.mark("output");
+    }
     return;
   }
 
@@ -390,6 +392,13 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr, !bf16);
   if (bf16) p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();  // the epilogue's ⟨dH, H_c⟩ (no f32 states)
   prof.mark("scan rev");
+  if (use_cores && post_scan_core_supported(p)) {  // tp, dK's second term and the epilogue's state part in one kernel
+    launch_batched_post_scan_core(s, p, dHc16_.raw(), act_->Hc16.raw());
+    prof.mark("post-scan core");
+    launch_batched_rotation_backward(s, p);
+    prof.mark("rotation bwd");
+    return;
+  }
   batched_gemm(ctx, bf16, false, true, rows, P, N, p.K, N, sRN, dHc_op, N, PN, 0.0f, p.Z, P, sRP, BHc);
   prof.mark("gemm tp");
   batched_gemm(ctx, bf16, false, false, rows, N, P, p.Vw, P, sRP, dHc_op, N, PN, 1.0f, p.dK, N, sRN, BHc);

@@ -164,6 +164,9 @@ void launch_batched_coef(cudaStream_t s, const BatchedParams& p);
 // rotation and bias backward (dBn, dCn, dphi, bias partials), dx and the mimo_x partials. A block takes
 // heads_per_block heads of one (sequence, chunk) and writes dBn/dCn summed over them: (M, H / heads_per_block, R, N).
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p);
+// The epilogue's second kernel alone (the rotation backward; launch_batched_epilogue runs both), for callers that do
+// the first part another way (the post-scan core, mamba3_train_bwd_core.h).
+void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p);
 
 // The angle gradient's reverse cumulative sum (→ dθ per head, Δ's share) and the per-token scalar gradients
 // (→ dzx's dt, A, trap columns; dt_bias partials (B, H)).
