@@ -30,11 +30,12 @@ namespace {
 constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
 constexpr int kConsumers = 256, kThreads = kConsumers + 32;
 constexpr int kMaxStages = 8, kMaxSplit = 8;
-// The default route: from 3 rows up to kStreamGemmMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
+// The default route: from 2 rows up to kStreamGemmMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
 // docs/kernels/stream_gemm.md), against cuBLAS: b8 1.774 -> 1.443, b16 2.071 -> 1.795, b32 2.519 -> 2.291, b64
-// 3.399 -> 3.314; against the matrix-vector kernel: b1 1.129 vs 1.232 (it stays there), b2 1.295 vs 1.296, b3 1.391
-// -> 1.337, b4 1.606 -> 1.400.
-constexpr int kDefaultMinRows = 3;
+// 3.399 -> 3.314; against the matrix-vector kernel: b1 1.129 vs 1.232 (it stays there), b3 1.391 -> 1.337, b4 1.606
+// -> 1.400; b2 1.305 -> 1.253 (MIMO 1.366 -> 1.279) once the GatedMLP's activation moved into this kernel's
+// epilogue (twelfth session; 1.295 vs 1.296 before).
+constexpr int kDefaultMinRows = 2;
 
 template <int NB, int BlocksPerSm>
 struct Shape {
@@ -359,7 +360,7 @@ void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64
 bool stream_gemm_preferred(int64_t m) {
   static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "all"});
   if (mode == "0") return false;
-  return mode == "all" || m >= kDefaultMinRows;  // "auto" or unset: from 3 rows
+  return mode == "all" || m >= kDefaultMinRows;  // "auto" or unset: from 2 rows
 }
 
 }  // namespace mamba3::cuda

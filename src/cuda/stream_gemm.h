@@ -3,7 +3,7 @@
 // through the bulk tensor copy engine into a ring of shared-memory stages and the tensor cores (wgmma, batch as the
 // instruction's N) multiply it with x. Each 128-row tile is split over K between the blocks of a thread-block
 // cluster (none when the tiles fill the SMs; at most 8), whose parts meet in distributed shared memory and are
-// added in rank order (deterministic, no global scratch). linear() uses it by default for 3–64 rows, where the decode
+// added in rank order (deterministic, no global scratch). linear() uses it by default for 2–64 rows, where the decode
 // step measured 2.5–19 % faster than with cuBLAS or the matrix-vector kernel (docs/kernels/stream_gemm.md).
 #include <cstddef>
 #include <cstdint>
@@ -32,9 +32,9 @@ bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n,
 void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                              int64_t x_stride, void* act);
 
-// Whether linear() routes an m-row bf16 product here (when supported): MAMBA3_STREAM_GEMM = auto or unset: from 3 rows
+// Whether linear() routes an m-row bf16 product here (when supported): MAMBA3_STREAM_GEMM = auto or unset: from 2 rows
 // (fewer: the matrix-vector kernel); 0: never (cuBLAS and the matrix-vector kernel); all: every m. Read once per
-// process. (fc1 at 1–4 rows takes the matrix-vector kernel with the GatedMLP epilogue either way: linear_gated_silu.)
+// process. (fc1 follows the same route with the GatedMLP activation fused: linear_gated_silu.)
 bool stream_gemm_preferred(int64_t m);
 
 }  // namespace mamba3::cuda
