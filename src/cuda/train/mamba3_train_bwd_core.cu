@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
+#include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -23,7 +24,7 @@ namespace mamba3::cuda::train_detail {
 
 namespace {
 
-constexpr int kRows = 64;
+constexpr int kRows = kCoreRows;
 using namespace mma_bf16;
 
 template <int N, int P>
@@ -411,62 +412,32 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
   }
 }
 
-template <int N, int P>
-void launch_post(cudaStream_t s, const BatchedParams& p, const void* dHc16, const void* Hc16) {
-  const size_t bytes = PostSmem<N, P>::bytes(p.T);
-  const auto kernel = post_scan_core_kernel<N, P>;
-  if (bytes > 48 * 1024)
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
-  MAMBA3_CHECK(blocks <= 0x7fffffff, "post-scan core: {} blocks exceed the grid", blocks);
-  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(dHc16),
-                                                       static_cast<const bf16*>(Hc16));
-  MAMBA3_LAUNCH_CHECK();
-}
 
-template <int N, int P>
-void launch(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots) {
-  const size_t bytes = CoreSmem<N, P>::bytes(p.T);
-  const auto kernel = backward_core_kernel<N, P>;
-  if (bytes > 48 * 1024)
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
-  MAMBA3_CHECK(blocks <= 0x7fffffff, "backward core: {} blocks exceed the grid", blocks);
-  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16), g_slots);
-  MAMBA3_LAUNCH_CHECK();
-}
 
 }  // namespace
 
-bool backward_core_supported(const BatchedParams& p) {
-  const int N = p.d.N, P = p.d.P;
-  return p.bf16 && p.rows == kRows && (N == 32 || N == 64 || N == 128) && (P == 32 || P == 64);
-}
+bool backward_core_supported(const BatchedParams& p) { return core_shape_supported(p); }
 
 void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots) {
   MAMBA3_CHECK(backward_core_supported(p), "backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
                p.rows, p.d.N, p.d.P);
-  const int N = p.d.N, P = p.d.P;
-  if (N == 128 && P == 64) return launch<128, 64>(s, p, Hc16, g_slots);
-  if (N == 128 && P == 32) return launch<128, 32>(s, p, Hc16, g_slots);
-  if (N == 64 && P == 64) return launch<64, 64>(s, p, Hc16, g_slots);
-  if (N == 64 && P == 32) return launch<64, 32>(s, p, Hc16, g_slots);
-  if (N == 32 && P == 64) return launch<32, 64>(s, p, Hc16, g_slots);
-  return launch<32, 32>(s, p, Hc16, g_slots);
+  dispatch_core_shape(p, [&](auto n, auto pp) {
+    constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+    launch_core(backward_core_kernel<N, P>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
+                static_cast<const bf16*>(Hc16), g_slots);
+  });
 }
 
-bool post_scan_core_supported(const BatchedParams& p) { return backward_core_supported(p) && !p.d.mimo; }
+bool post_scan_core_supported(const BatchedParams& p) { return core_shape_supported(p) && !p.d.mimo; }
 
 void launch_batched_post_scan_core(cudaStream_t s, const BatchedParams& p, const void* dHc16, const void* Hc16) {
   MAMBA3_CHECK(post_scan_core_supported(p), "post-scan core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
                p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
-  const int N = p.d.N, P = p.d.P;
-  if (N == 128 && P == 64) return launch_post<128, 64>(s, p, dHc16, Hc16);
-  if (N == 128 && P == 32) return launch_post<128, 32>(s, p, dHc16, Hc16);
-  if (N == 64 && P == 64) return launch_post<64, 64>(s, p, dHc16, Hc16);
-  if (N == 64 && P == 32) return launch_post<64, 32>(s, p, dHc16, Hc16);
-  if (N == 32 && P == 64) return launch_post<32, 64>(s, p, dHc16, Hc16);
-  return launch_post<32, 32>(s, p, dHc16, Hc16);
+  dispatch_core_shape(p, [&](auto n, auto pp) {
+    constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+    launch_core(post_scan_core_kernel<N, P>, "post-scan core", s, p, PostSmem<N, P>::bytes(p.T), p,
+                static_cast<const bf16*>(dHc16), static_cast<const bf16*>(Hc16));
+  });
 }
 
 }  // namespace mamba3::cuda::train_detail

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
+#include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -16,7 +17,7 @@ namespace mamba3::cuda::train_detail {
 
 namespace {
 
-constexpr int kRows = 64;
+constexpr int kRows = kCoreRows;
 using namespace mma_bf16;
 
 template <int N, int P>
@@ -149,38 +150,22 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   }
 }
 
-template <int N, int P>
-void launch(cudaStream_t s, const BatchedParams& p, const void* Hc16, bool fuse_output) {
-  const size_t bytes = FwdSmem<N, P>::bytes(p.T);
-  const auto kernel = forward_core_kernel<N, P>;
-  if (bytes > 48 * 1024)
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
-  MAMBA3_CHECK(blocks <= 0x7fffffff, "forward core: {} blocks exceed the grid", blocks);
-  kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16), fuse_output);
-  MAMBA3_LAUNCH_CHECK();
-}
 
 }  // namespace
 
-bool forward_core_supported(const BatchedParams& p) {
-  const int N = p.d.N, P = p.d.P;
-  return p.bf16 && p.rows == kRows && (N == 32 || N == 64 || N == 128) && (P == 32 || P == 64);
-}
+bool forward_core_supported(const BatchedParams& p) { return core_shape_supported(p); }
 
 bool forward_core_writes_output(const BatchedParams& p) { return !p.d.mimo && p.o16 && !p.o; }
 
 void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
   MAMBA3_CHECK(forward_core_supported(p), "forward core: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
                p.rows, p.d.N, p.d.P);
-  const int N = p.d.N, P = p.d.P;
   const bool out = forward_core_writes_output(p);
-  if (N == 128 && P == 64) return launch<128, 64>(s, p, Hc16, out);
-  if (N == 128 && P == 32) return launch<128, 32>(s, p, Hc16, out);
-  if (N == 64 && P == 64) return launch<64, 64>(s, p, Hc16, out);
-  if (N == 64 && P == 32) return launch<64, 32>(s, p, Hc16, out);
-  if (N == 32 && P == 64) return launch<32, 64>(s, p, Hc16, out);
-  return launch<32, 32>(s, p, Hc16, out);
+  dispatch_core_shape(p, [&](auto n, auto pp) {
+    constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+    launch_core(forward_core_kernel<N, P>, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p,
+                static_cast<const bf16*>(Hc16), out);
+  });
 }
 
 }  // namespace mamba3::cuda::train_detail
