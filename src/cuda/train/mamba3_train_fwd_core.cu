@@ -133,19 +133,26 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     const int64_t tok = int64_t(b) * d.L + c0 + tl;
     const float* zr = p.zx + tok * d.din + int64_t(h) * P;
     __nv_bfloat16* orow = static_cast<__nv_bfloat16*>(p.o16) + tok * d.d_inner + int64_t(h) * P;
+    // Every load of the row before its first store (a load after a store through a pointer the compiler cannot
+    // tell apart waits for it). zx rows are din floats: an odd din leaves them 4-byte aligned only, so scalar loads.
+    float zz[P / 8][2], wn[P / 8][2];
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt)
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int col = nt * 8 + 2 * q + k;
+        zz[nt][k] = zr[col], wn[nt][k] = nw ? nw[col] : 1.0f;
+      }
 #pragma unroll
     for (int nt = 0; nt < P / 8; ++nt) {
-      const int col = nt * 8 + 2 * q;
-      // (zx rows are din floats: an odd din leaves them 4-byte aligned only, so scalar loads.)
-      const float zz[2] = {zr[col], zr[col + 1]};
       float o[2];
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
-        const float zv = zz[k], yv = y[nt][k];
-        const float yn = nw ? yv * rstd * nw[col + k] : yv;
+        const float zv = zz[nt][k], yv = y[nt][k];
+        const float yn = nw ? yv * rstd * wn[nt][k] : yv;
         o[k] = yn * (zv * sigmoid_f(zv));
       }
-      *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(o[0], o[1]);
+      *reinterpret_cast<__nv_bfloat162*>(orow + nt * 8 + 2 * q) = __floats2bfloat162_rn(o[0], o[1]);
     }
   }
 }
