@@ -10,9 +10,11 @@ namespace {
 // made that 25 passes over the 154 MB gradient per 125M step (≈ 2 ms); 128 Mi makes it 7.
 constexpr int64_t kMaxLogitFloats = int64_t(1) << 27;
 constexpr int64_t kMaxBlockRows = 4096;
-// bf16 logits: twice the rows in the same 512 MiB (125M: 16384 rows in 4 blocks of 4096 instead of 7), split evenly.
-constexpr int64_t kMaxLogitsBf16 = int64_t(1) << 28;
-constexpr int64_t kMaxBlockRowsBf16 = 8192;
+// bf16 logits: up to 1 Gi of them (2 GiB) per block, split evenly: a 125M step's 16384 rows × 50280 ids in one
+// block (one logits product, one softmax launch, one dX and one dW product: no pass over the f32 dW per extra
+// block, 154 MB read and written each), where 256 Mi made 4 blocks.
+constexpr int64_t kMaxLogitsBf16 = int64_t(1) << 30;
+constexpr int64_t kMaxBlockRowsBf16 = 32768;
 
 int64_t block_rows(int64_t max_block_rows, bool bf16, int64_t N, int64_t Vp) {
   if (max_block_rows > 0) return std::min(max_block_rows, N);

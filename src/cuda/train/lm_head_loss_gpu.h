@@ -19,7 +19,7 @@ namespace mamba3::cuda {
 // Grow-only buffers of lm_head_cross_entropy_gpu; reuse one per stream.
 struct LmHeadScratch {
   // Rows per block of logits; 0 = automatic: f32 mode block·Vp ≤ 128 Mi logits and at most 4096 rows; bf16 mode
-  // ≤ 256 Mi logits (the same 512 MiB) and at most 8192 rows, the rows split evenly over the fewest blocks.
+  // ≤ 1 Gi logits (2 GiB) and at most 32768 rows, the rows split evenly over the fewest blocks.
   int64_t max_block_rows = 0;
   DeviceBuffer logits;    // f32 mode: (block, Vp) f32, the logits, then their gradient
   DeviceBuffer logits16;  // bf16 mode: (block, Vp) bf16, the logits, then their gradient
