@@ -80,9 +80,90 @@ __device__ __forceinline__ bool aligned2(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) & (2 * sizeof(T) - 1)) == 0;
 }
 
-// Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
+// One chunk row's inputs for the build's two-rows-at-a-time path (N ≤ 128, P ≤ 64): per lane the rotary slots lane
+// and lane + 32 (C and B with their biases, the angle's cos/sin) and the channels lane and lane + 32 (mimo_x ⊙ x).
+struct BuildRow {
+  float2 cv[2], kv[2], rot[2];
+  float val[2];
+  bool real, vec;
+};
+
+__device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const ChunkIndex& ix, int j, int g, int lane,
+                                                   int slots) {
+  const MixerDims& d = p.d;
+  BuildRow row{};
+  const int tl = j / d.R, r = j % d.R;
+  row.real = j < p.rows && tl < ix.Tc;
+  if (!row.real) return row;
+  const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, row_n = (ix.chunk * p.rows + j) * d.N;
+  const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
+  const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
+  const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
+  const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
+  row.vec = !d.mimo && d.N % 2 == 0 && aligned2(zc) && aligned2(zb) && aligned2(bc) && aligned2(bb) &&
+            (row_n % 2) == 0;
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int u = lane + 32 * m;
+    row.cv[m] = row.kv[m] = row.rot[m] = make_float2(0.0f, 0.0f);
+    if (u >= slots) continue;
+    const PairSlot ps = pair_slot(u, d.N, d.S, d.mimo);
+    const float2 zcv = load_pair(zc, ps, row.vec), bcv = load_pair(bc, ps, row.vec);
+    const float2 zbv = load_pair(zb, ps, row.vec), bbv = load_pair(bb, ps, row.vec);
+    row.cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), row.kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
+    if (ps.rot) row.rot[m] = make_float2(cs[u], sn[u]);
+  }
+  const float* x = z + d.off_x + int64_t(ix.h) * d.P;
+  const float* mx = d.mimo ? p.mimo_x + (int64_t(ix.h) * d.R + r) * d.P : nullptr;
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int e = lane + 32 * m;
+    row.val[m] = e < d.P ? (mx ? mx[e] * x[e] : x[e]) : 0.0f;
+  }
+  return row;
+}
+
+// The row's q, k (rotated, biased), v and w ⊙ v from its loads (zeros for padding rows); w = e^{Λ_last − Λ}·scale.
 template <typename In>
-__global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedParams p) {
+__device__ __forceinline__ void store_build_row(const BatchedParams& p, const ChunkIndex& ix, int j, const BuildRow& row,
+                                                const float* wv, int lane, int slots) {
+  const MixerDims& d = p.d;
+  if (j >= p.rows) return;
+  const int64_t row_n = (ix.chunk * p.rows + j) * d.N, row_p = (ix.chunk * p.rows + j) * d.P;
+  In *q = static_cast<In*>(p.Q) + row_n, *k = static_cast<In*>(p.K) + row_n;
+  In *v = static_cast<In*>(p.V) + row_p, *vw = static_cast<In*>(p.Vw) + row_p;
+  if (!row.real) {
+    for (int n = lane; n < d.N; n += 32) q[n] = from_f<In>(0.0f), k[n] = from_f<In>(0.0f);
+    for (int e = lane; e < d.P; e += 32) v[e] = from_f<In>(0.0f), vw[e] = from_f<In>(0.0f);
+    return;
+  }
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int u = lane + 32 * m;
+    if (u >= slots) continue;
+    const PairSlot ps = pair_slot(u, d.N, d.S, d.mimo);
+    const float ca = row.cv[m].x, cb = row.cv[m].y, ka = row.kv[m].x, kb = row.kv[m].y;
+    if (ps.rot) {
+      const float c = row.rot[m].x, sv = row.rot[m].y;
+      store_pair(q, ps, row.vec, ca * c - cb * sv, ca * sv + cb * c);
+      store_pair(k, ps, row.vec, ka * c - kb * sv, ka * sv + kb * c);
+    } else {
+      store_pair(q, ps, row.vec, ca, cb);
+      store_pair(k, ps, row.vec, ka, kb);
+    }
+  }
+  const float w = wv[j / d.R];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int e = lane + 32 * m;
+    if (e < d.P) v[e] = from_f<In>(row.val[m]), vw[e] = from_f<In>(w * row.val[m]);
+  }
+}
+
+// Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
+// Four blocks per SM (64 registers), as before the two-rows path.
+template <typename In>
+__global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const BatchedParams p) {
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int T = p.T, rows = p.rows;
@@ -118,6 +199,19 @@ __global__ void __launch_bounds__(kThreads) batched_build_kernel(const BatchedPa
   __syncthreads();
   // A warp per chunk row j = tl·R + r; a lane per rotary slot (both elements of a pair: one read of each input).
   const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, slots = (d.N + 1) / 2;
+  if (slots <= 64 && d.P <= 64) {
+    // Two rows per warp at a time, all their loads (B, C, biases, angles, x) before any store: a load after a store
+    // through a pointer the compiler cannot tell apart waits for it, so the row-at-a-time loop below paid two memory
+    // latencies per row.
+    for (int j0 = warp; j0 < rows; j0 += 2 * kWarps) {
+      BuildRow row[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) row[i] = load_build_row(p, ix, j0 + i * kWarps, g, lane, slots);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) store_build_row<In>(p, ix, j0 + i * kWarps, row[i], dtv, lane, slots);
+    }
+    return;
+  }
   for (int j = warp; j < rows; j += kWarps) {
     const int tl = j / d.R, r = j % d.R;
     const int64_t row_n = (ix.chunk * rows + j) * d.N, row_p = (ix.chunk * rows + j) * d.P;
