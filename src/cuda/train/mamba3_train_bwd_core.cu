@@ -356,12 +356,19 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
     const bool real = tl < Tc;
     const int64_t xcol = (int64_t(b) * d.L + c0 + tl) * d.din + d.off_x + int64_t(h) * P;
     float dot = 0.0f;
+    // The row's loads before its stores (see the forward core's output stage).
+    float2 dvs[P / 8], vvs[P / 8], dys[P / 8];
 #pragma unroll
     for (int nt = 0; nt < P / 8; ++nt) {
       const int col = nt * 8 + 2 * q;
-      const float2 dv0 = *reinterpret_cast<const float2*>(p.dV + row + col);
-      const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(V + row + col));
-      const float2 dy = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dY + row + col));
+      dvs[nt] = *reinterpret_cast<const float2*>(p.dV + row + col);
+      vvs[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(V + row + col));
+      dys[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dY + row + col));
+    }
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      const float2 dv0 = dvs[nt], vv = vvs[nt], dy = dys[nt];
       const float t_a = tp[nt][2 * half], t_b = tp[nt][2 * half + 1];
       dot += vv.x * t_a, dot += vv.y * t_b;
       const float dx_a = (dv0.x + Dh * dy.x) + w * t_a, dx_b = (dv0.y + Dh * dy.y) + w * t_b;
