@@ -200,6 +200,8 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
   MAMBA3_CUDA_CHECK(
       cudaMemcpyAsync(w.targets.raw(), w.host_targets.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  // The embedding gradient's plan (a host sort of the ids) now, while the device runs the forward pass.
+  if (want_grad) w.embedding_plan.rebuild(st, w.host_ids.data(), N);
   for (DeviceBuffer* b : {&w.hidden, &w.residual, &w.dnormed, &w.grad}) b->reserve(act);
   float* hidden = w.hidden.as<float>();
   float* residual = w.residual.as<float>();
@@ -314,7 +316,6 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
                       l.norm.db, w.norm_scratch);
     prof.mark("norm_bwd");
   }
-  w.embedding_plan.rebuild(st, w.host_ids.data(), N);
   embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));
   prof.mark("embed_bwd");
   prof.report();
