@@ -97,7 +97,7 @@ __device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const
   if (!row.real) return row;
   const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, row_n = (ix.chunk * p.rows + j) * d.N;
   const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
-  const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
+  const float* phi = p.phi + st * d.S;
   const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
   const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
   row.vec = !d.mimo && d.N % 2 == 0 && aligned2(zc) && aligned2(zb) && aligned2(bc) && aligned2(bb) &&
@@ -111,7 +111,7 @@ __device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const
     const float2 zcv = load_pair(zc, ps, row.vec), bcv = load_pair(bc, ps, row.vec);
     const float2 zbv = load_pair(zb, ps, row.vec), bbv = load_pair(bb, ps, row.vec);
     row.cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), row.kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
-    if (ps.rot) row.rot[m] = make_float2(cs[u], sn[u]);
+    if (ps.rot) row.rot[m] = make_float2(cosf(phi[u]), sinf(phi[u]));
   }
   const float* x = z + d.off_x + int64_t(ix.h) * d.P;
   const float* mx = d.mimo ? p.mimo_x + (int64_t(ix.h) * d.R + r) * d.P : nullptr;
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
     }
     const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t;
     const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
-    const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
+    const float* phi = p.phi + st * d.S;
     const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
     const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
     const bool vec = !d.mimo && d.N % 2 == 0 && aligned2(zc) && aligned2(zb) && aligned2(bc) && aligned2(bb) &&
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
         const float2 zcv = load_pair(zc, ps, vec), bcv = load_pair(bc, ps, vec);
         const float2 zbv = load_pair(zb, ps, vec), bbv = load_pair(bb, ps, vec);
         cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
-        if (ps.rot) rot[m] = make_float2(cs[u], sn[u]);
+        if (ps.rot) rot[m] = make_float2(cosf(phi[u]), sinf(phi[u]));
       }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
@@ -675,7 +675,8 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
   const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * hb;
   // Distinct buffers, said so: the next head's loads need not wait for this head's dφ store.
   const In *__restrict__ Q = static_cast<const In*>(p.Q), *__restrict__ K = static_cast<const In*>(p.K);
-  const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK, *__restrict__ csv = p.cs, *__restrict__ snv = p.sn;
+  const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK;
+  const float* __restrict__ phiv = p.phi;
   float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
   extern __shared__ float sm[];  // (kWarps, hb, 2, R·N): gC then gB per warp and head
   for (int e = threadIdx.x; e < kWarps * hb * 2 * RN; e += kThreads) sm[e] = 0.0f;
@@ -695,7 +696,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
           float ca = gq.x, cb = gq.y, ba = gk.x, bb = gk.y;
           if (ps.rot) {
             const float2 vq = load_pair(Q + j, ps, vec), vk = load_pair(K + j, ps, vec);
-            const float cs = csv[st * S + u], sn = snv[st * S + u];
+            const float phi = phiv[st * S + u], cs = cosf(phi), sn = sinf(phi);
             // dφ of the slot's angle, summed over the ranks q then k per rank (the CPU's order); a later rank adds
             // to what this lane wrote for the earlier ones.
             float* dphi = dphi_out + st * S + u;

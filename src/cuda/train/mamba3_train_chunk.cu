@@ -149,10 +149,10 @@ __device__ __forceinline__ void build_chunk(const ChunkParams& p, int64_t bh, in
       const int j = e / d.N, n = e % d.N, tl = j / d.R, r = j % d.R;
       const int64_t t = c0 + tl, st = bh * d.L + t;
       const float* z = p.zx + (int64_t(b) * d.L + t) * d.din;
-      const float *cs = p.cs + st * d.S, *sn = p.sn + st * d.S;
+      const float* phi = p.phi + st * d.S;
       const int64_t bias = (int64_t(h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
-      vq[u] = sQ ? bias_rotate_at(z + d.off_C + grp, p.C_bias + bias, cs, sn, n, d.N, d.S, d.mimo) : 0.0f;
-      vk[u] = bias_rotate_at(z + d.off_B + grp, p.B_bias + bias, cs, sn, n, d.N, d.S, d.mimo);
+      vq[u] = sQ ? bias_rotate_at(z + d.off_C + grp, p.C_bias + bias, phi, n, d.N, d.S, d.mimo) : 0.0f;
+      vk[u] = bias_rotate_at(z + d.off_B + grp, p.B_bias + bias, phi, n, d.N, d.S, d.mimo);
     }
 #pragma unroll
     for (int u = 0; u < kBuildAhead; ++u) {
@@ -948,8 +948,10 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
     float *sCS = Hc, *sSN = Hc + Tc * S, *sX = Hc + 2 * Tc * S;
     const bool staged = 2 * Tc * S + Tc * P <= P * ldN;
     if (staged) {
-      load_tile(sCS, S, p.cs + (bh * d.L + c0) * S, S, Tc, S);
-      load_tile(sSN, S, p.sn + (bh * d.L + c0) * S, S, Tc, S);
+      for (int e = tid; e < Tc * S; e += kChunkThreads) {
+        const float phi = p.phi[(bh * d.L + c0) * S + e];
+        sCS[e] = cosf(phi), sSN[e] = sinf(phi);
+      }
       if (d.mimo) load_tile(sX, P, p.zx + (int64_t(b) * d.L + c0) * d.din + d.off_x + int64_t(h) * P, d.din, Tc, P);
     }
     __syncthreads();
@@ -991,7 +993,16 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
       for (int tl = 0; tl < Tc; ++tl) {
         const int j = tl * R + r;
         const int64_t st = bh * d.L + c0 + tl, row = int64_t(b) * d.L + c0 + tl;
-        const float *cs = staged ? sCS + tl * S : p.cs + st * S, *sn = staged ? sSN + tl * S : p.sn + st * S;
+        int i, a, bb;
+        float cs = 1.0f, sn = 0.0f;
+        if (rotary_pair(n, N, S, d.mimo, i, a, bb)) {
+          if (staged) {
+            cs = sCS[tl * S + i], sn = sSN[tl * S + i];
+          } else {
+            const float phi = p.phi[st * S + i];
+            cs = cosf(phi), sn = sinf(phi);
+          }
+        }
         const float gq = unrotate_at(dQ + j * ldN, cs, sn, n, N, S, d.mimo);
         const float gk = unrotate_at(dK + j * ldN, cs, sn, n, N, S, d.mimo);
         const int64_t dst = ((row * d.H + h) * R + r) * N + n;

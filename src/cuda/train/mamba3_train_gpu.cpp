@@ -200,8 +200,7 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   reserve_floats(act_->bc_raw, M * 2 * d.R * d.G * d.N);
   reserve_floats(act_->zx, M * din);
   reserve_floats(act_->scalars, 5 * BHL);
-  reserve_floats(act_->cs, BHL * d.S);
-  reserve_floats(act_->sn, BHL * d.S);
+  reserve_floats(act_->phi, BHL * d.S);
   if (o_in_bf16(gemm)) reserve_elems(act_->o16, M * d.d_inner, 2);
   else reserve_floats(act_->o, M * d.d_inner);
   // u16 and the weight's mirror, where given, are read instead of rounding u and W_in (the f32 mode ignores them).
@@ -215,7 +214,7 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   launch_token_scalars(s, d, f(act_->zx), w.dt_bias, sc);
   mark("token scalars");
   reserve_floats(act_->angle_seg, int64_t(angle_scratch_floats(d)));
-  launch_angles(s, d, f(act_->zx), sc.dt, f(act_->cs), f(act_->sn), f(act_->angle_seg));
+  launch_angles(s, d, f(act_->zx), sc.dt, f(act_->phi), f(act_->angle_seg));
   mark("angles");
 }
 
@@ -223,12 +222,12 @@ namespace {
 
 // The chunk kernels' inputs shared by forward and backward.
 ChunkParams base_params(const MixerDims& d, int T, const Mamba3TrainWeights& w, const float* zx, const float* scalars,
-                        const float* cs, const float* sn, float* o) {
+                        const float* phi, float* o) {
   const int64_t BHL = int64_t(d.B) * d.H * d.L;
   ChunkParams p{};
   p.d = d, p.T = T, p.zx = zx;
   p.dt = scalars, p.A = scalars + BHL, p.lam = scalars + 2 * BHL;
-  p.cs = cs, p.sn = sn;
+  p.phi = phi;
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
   p.D = w.D, p.norm = w.norm, p.o = o;
   return p;
@@ -242,7 +241,7 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
   const int64_t M = B * L, BHL = B * d.H * L, nc = (L + T - 1) / T, BHc = B * d.H * nc, rows = int64_t(T) * d.R;
   const bool bf16 = precision == Precision::BF16;
   const int64_t sw = uses_chunk_cores(bf16, std::max<int64_t>(L, 1)) ? 0 : rows;  // S and W (not kept by the cores)
-  const int64_t floats = M * d.din + M * 2 * d.R * d.G * d.N + 5 * BHL + 2 * BHL * d.S + (bf16 ? 0 : M * d.d_inner) +
+  const int64_t floats = M * d.din + M * 2 * d.R * d.G * d.N + 5 * BHL + BHL * d.S + (bf16 ? 0 : M * d.d_inner) +
                          int64_t(angle_scratch_floats(d)) + (BHc + 1) * d.P * d.N + 5 * BHc * T + BHc +
                          BHc * rows * (2 * d.P + sw);  // Z, WV, S
   // Product operands (q, k, v, w ⊙ v, W) and, in the bf16 mode, the scan's bf16 copy of the chunk states.
@@ -293,7 +292,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.lam = f(act_->scalars, 2 * BHL);
-  p.cs = f(act_->cs), p.sn = f(act_->sn);
+  p.phi = f(act_->phi);
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
   p.D = w.D, p.norm = w.norm;
   if (bf16) p.o16 = act_->o16.raw();  // the out_proj products' operand (o_in_bf16)
@@ -451,7 +450,7 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   }
   int fwd_blocks = 1;
   const int T = forward_chunk_length(L, fwd_blocks);
-  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->cs), f(act_->sn), f(act_->o));
+  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->phi), f(act_->o));
   p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
   p.parallel = chunk_parallel_;
   if (p.parallel) {  // chunk-start states (B·H, chunks, P, N) and decays from the state kernel and the scan
@@ -480,7 +479,7 @@ void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const 
                                            int64_t L, int T, const PartOffsets& parts) {
   const MixerDims d = make_dims(c_, B, L);
   const int64_t BHL = B * d.H * L;
-  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->cs), f(act_->sn), f(act_->o));
+  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->phi), f(act_->o));
   p.tc = chunk_tc_ && bf16;
   p.parallel = chunk_parallel_;
   p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(act_->Hc);

@@ -43,13 +43,13 @@ struct Mamba3TrainGrads {
 struct Mamba3TrainActivations {
   // o: the gated output, f32 (o) or, on the batched path in the bf16 mode, only its bf16 rounding (o16: the
   // out_proj products' operand, written by the output kernel).
-  DeviceBuffer bc_raw, zx, scalars, cs, sn, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
+  DeviceBuffer bc_raw, zx, scalars, phi, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
   int64_t B = -1, L = -1;
   bool valid = false;  // a forward's results, not yet consumed by a backward
   bool chunk_cores = false;  // written by the chunk cores (no S, W)
   size_t bytes() const {
     size_t n = 0;
-    for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &cs, &sn, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ, &bK, &bV,
+    for (const DeviceBuffer* b : {&bc_raw, &zx, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ, &bK, &bV,
                                   &bVw, &bS, &bW, &bZ, &bWV})
       n += b->bytes();
     return n;

@@ -38,9 +38,10 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
 // segments' carries in a scratch of angle_scratch_floats(d) floats, (B·H, segments, S).
 constexpr int kAngleSegment = 64;
 size_t angle_scratch_floats(const MixerDims& d);
-// cos/sin (B·H, L, S) of the cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0. seg: scratch.
-void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn,
-                   float* seg);
+// The cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0, into phi (B·H, L, S). seg: scratch.
+// Their readers take cosf/sinf themselves: φ is half the bytes of (cos, sin), and each reader reads the angle once
+// where it read both before.
+void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg);
 
 // Everything a chunk kernel reads and writes; entries a pass does not use may be null.
 // Two schedules over a sequence's chunks (MAMBA3_TRAIN_SCAN): "sequential", one block per (sequence, head) walking
@@ -61,7 +62,7 @@ struct ChunkParams {
   int fwd_blocks, rev_blocks;
   const float* zx;             // (M, din), B/C normalised
   const float *dt, *A, *lam;   // (B·H, L)
-  const float *cs, *sn;        // (B·H, L, S)
+  const float* phi;            // (B·H, L, S) cumulative rotary angles (launch_angles)
   const float *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *norm;
   float* o;                    // (M, d_inner) gated output (forward and backward pass 1)
   // Backward, pass 1 (forward over chunks).
@@ -119,7 +120,7 @@ struct BatchedParams {
   bool bf16;
   const float* zx;                       // (M, din), B/C normalised
   const float *dt, *A, *lam;             // (B·H, L)
-  const float *cs, *sn;                  // (B·H, L, S)
+  const float* phi;                      // (B·H, L, S) cumulative rotary angles (launch_angles)
   const float *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *norm;
   // Built per chunk: Λ (chunk-local prefix of A·Δ), e^Λ, γ = λΔ, scale, w = e^{Λ_last − Λ}·scale; e^{Λ_last}.
   float *Lam, *eL, *gam, *scale, *wv;    // (B·H·nc, T)

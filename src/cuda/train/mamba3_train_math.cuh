@@ -63,21 +63,21 @@ __device__ __forceinline__ bool rotary_pair(int n, int N, int S, bool halves, in
   return false;
 }
 
-// Element n of Rot(in + bias, φ) (cs, sn: the token's S cosines and sines).
-__device__ __forceinline__ float bias_rotate_at(const float* in, const float* bias, const float* cs, const float* sn,
-                                                int n, int N, int S, bool halves) {
+// Element n of Rot(in + bias, φ) (phi: the token's S angles).
+__device__ __forceinline__ float bias_rotate_at(const float* in, const float* bias, const float* phi, int n, int N,
+                                                int S, bool halves) {
   int i, a, b;
   if (!rotary_pair(n, N, S, halves, i, a, b)) return in[n] + bias[n];
-  const float va = in[a] + bias[a], vb = in[b] + bias[b];
-  return n == a ? va * cs[i] - vb * sn[i] : va * sn[i] + vb * cs[i];
+  const float va = in[a] + bias[a], vb = in[b] + bias[b], cs = cosf(phi[i]), sn = sinf(phi[i]);
+  return n == a ? va * cs - vb * sn : va * sn + vb * cs;
 }
 
 // Element n of Rot(·, φ)ᵀ·g: the gradient through the rotation (g: gradient of the rotated vector).
-__device__ __forceinline__ float unrotate_at(const float* g, const float* cs, const float* sn, int n, int N, int S,
-                                             bool halves) {
+// cs, sn: the cosine and sine of n's pair's angle (unused where n does not rotate).
+__device__ __forceinline__ float unrotate_at(const float* g, float cs, float sn, int n, int N, int S, bool halves) {
   int i, a, b;
   if (!rotary_pair(n, N, S, halves, i, a, b)) return g[n];
-  return n == a ? g[a] * cs[i] + g[b] * sn[i] : g[b] * cs[i] - g[a] * sn[i];
+  return n == a ? g[a] * cs + g[b] * sn : g[b] * cs - g[a] * sn;
 }
 
 // coef(t, s) of spec §5.3 between chunk rows j (token t = j / R) and jj (token s = jj / R), from the chunk scalars Λ,

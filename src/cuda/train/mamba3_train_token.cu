@@ -68,7 +68,7 @@ __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, 
 // threads through 2048 dependent steps at 125M: 0.39 ms per call). One thread per (bh, segment, i) scans its
 // segment of kAngleSegment tokens from 0 (wrapping at every step, the inputs of kAhead tokens loaded and tanh'd
 // before their adds) into sn and leaves the segment's end in seg; one thread per (bh, i) turns those into each
-// segment's starting angle (wrapped sums of the earlier ones); the elementwise pass adds it, wraps, and takes cos/sin.
+// segment's starting angle (wrapped sums of the earlier ones); the elementwise pass adds it and wraps.
 // φ is the sequential scan's up to rounding (the same sum mod 2π, grouped by segment).
 constexpr int kAhead = 8;
 __device__ __forceinline__ float wrap_angle(float phi) { return phi - kTwoPi * floorf(phi / kTwoPi); }
@@ -115,17 +115,14 @@ __global__ void angle_scan_carry_kernel(MixerDims d, float* __restrict__ seg) {
   }
 }
 
-// cos/sin of the scanned angles, one thread per (bh, t, i); the segment-local φ arrives in sn.
-__global__ void angle_sincos_kernel(MixerDims d, const float* __restrict__ seg, float* __restrict__ cs,
-                                    float* __restrict__ sn) {
+// The scanned angles, one thread per (bh, t, i): the segment-local φ in phi plus its segment's start, wrapped.
+__global__ void angle_finish_kernel(MixerDims d, const float* __restrict__ seg, float* __restrict__ phi) {
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * d.L * d.S) return;
   const int64_t bht = e / d.S, bh = bht / d.L;
   const int t = int(bht % d.L), i = int(e % d.S);
-  const float phi = wrap_angle(sn[e] + seg[(bh * nseg + t / kAngleSegment) * d.S + i]);
-  cs[e] = cosf(phi);
-  sn[e] = sinf(phi);
+  phi[e] = wrap_angle(phi[e] + seg[(bh * nseg + t / kAngleSegment) * d.S + i]);
 }
 
 // The angle backward, step 1: dΦ_t = Σ_{t' ≥ t} dφ_{t'}, in two levels so that the walks are short: one thread per
@@ -310,16 +307,15 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
   MAMBA3_LAUNCH_CHECK();
 }
 
-void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* cs, float* sn,
-                   float* seg) {
+void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg) {
   const int64_t lanes = int64_t(d.B) * d.H * d.S, n = lanes * d.L;
   if (n == 0) return;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
-  angle_scan_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, zx, dt, sn, seg);
+  angle_scan_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, zx, dt, phi, seg);
   MAMBA3_LAUNCH_CHECK();
   angle_scan_carry_kernel<<<blocks_for(lanes, 128), 128, 0, s>>>(d, seg);
   MAMBA3_LAUNCH_CHECK();
-  angle_sincos_kernel<<<blocks_for(n, 256), 256, 0, s>>>(d, seg, cs, sn);
+  angle_finish_kernel<<<blocks_for(n, 256), 256, 0, s>>>(d, seg, phi);
   MAMBA3_LAUNCH_CHECK();
 }
 
