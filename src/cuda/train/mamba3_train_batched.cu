@@ -111,7 +111,7 @@ __device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const
     const float2 zcv = load_pair(zc, ps, row.vec), bcv = load_pair(bc, ps, row.vec);
     const float2 zbv = load_pair(zb, ps, row.vec), bbv = load_pair(bb, ps, row.vec);
     row.cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), row.kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
-    if (ps.rot) row.rot[m] = make_float2(cosf(phi[u]), sinf(phi[u]));
+    if (ps.rot) row.rot[m] = rotary_cos_sin(phi[u]);
   }
   const float* x = z + d.off_x + int64_t(ix.h) * d.P;
   const float* mx = d.mimo ? p.mimo_x + (int64_t(ix.h) * d.R + r) * d.P : nullptr;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
         const float2 zcv = load_pair(zc, ps, vec), bcv = load_pair(bc, ps, vec);
         const float2 zbv = load_pair(zb, ps, vec), bbv = load_pair(bb, ps, vec);
         cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
-        if (ps.rot) rot[m] = make_float2(cosf(phi[u]), sinf(phi[u]));
+        if (ps.rot) rot[m] = rotary_cos_sin(phi[u]);
       }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
@@ -696,7 +696,8 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
           float ca = gq.x, cb = gq.y, ba = gk.x, bb = gk.y;
           if (ps.rot) {
             const float2 vq = load_pair(Q + j, ps, vec), vk = load_pair(K + j, ps, vec);
-            const float phi = phiv[st * S + u], cs = cosf(phi), sn = sinf(phi);
+            const float2 rot = rotary_cos_sin(phiv[st * S + u]);
+            const float cs = rot.x, sn = rot.y;
             // dφ of the slot's angle, summed over the ranks q then k per rank (the CPU's order); a later rank adds
             // to what this lane wrote for the earlier ones.
             float* dphi = dphi_out + st * S + u;

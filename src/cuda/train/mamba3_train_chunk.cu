@@ -949,8 +949,8 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
     const bool staged = 2 * Tc * S + Tc * P <= P * ldN;
     if (staged) {
       for (int e = tid; e < Tc * S; e += kChunkThreads) {
-        const float phi = p.phi[(bh * d.L + c0) * S + e];
-        sCS[e] = cosf(phi), sSN[e] = sinf(phi);
+        const float2 r = rotary_cos_sin(p.phi[(bh * d.L + c0) * S + e]);
+        sCS[e] = r.x, sSN[e] = r.y;
       }
       if (d.mimo) load_tile(sX, P, p.zx + (int64_t(b) * d.L + c0) * d.din + d.off_x + int64_t(h) * P, d.din, Tc, P);
     }
@@ -999,8 +999,8 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
           if (staged) {
             cs = sCS[tl * S + i], sn = sSN[tl * S + i];
           } else {
-            const float phi = p.phi[st * S + i];
-            cs = cosf(phi), sn = sinf(phi);
+            const float2 r = rotary_cos_sin(p.phi[st * S + i]);
+            cs = r.x, sn = r.y;
           }
         }
         const float gq = unrotate_at(dQ + j * ldN, cs, sn, n, N, S, d.mimo);

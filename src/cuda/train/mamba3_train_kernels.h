@@ -39,7 +39,7 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
 constexpr int kAngleSegment = 64;
 size_t angle_scratch_floats(const MixerDims& d);
 // The cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0, into phi (B·H, L, S). seg: scratch.
-// Their readers take cosf/sinf themselves: φ is half the bytes of (cos, sin), and each reader reads the angle once
+// Their readers take cos/sin themselves (rotary_cos_sin): φ is half the bytes of (cos, sin), and each reader reads the angle once
 // where it read both before.
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg);
 
