@@ -536,7 +536,6 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   reserve_floats(dCn_, M * H * R * N);
   reserve_floats(dphi_, BHL * S);
   reserve_floats(sgrad_, 3 * BHL);
-  reserve_floats(dth_, M * H * S);
   // Partials, one row per batch row (× chunk in the parallel schedule, for those of the chunk kernels; per token row
   // for the B/C norm weights), reduced over rows at the end.
   const int64_t BHp = BH * pc;
@@ -567,8 +566,8 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
 
   // dzx's bf16 rounding from the kernels that write dzx (set_dzx_bf16; the batched path in the bf16 mode): offered
   // to the chunk stage, whose output and epilogue kernels write the z and x columns' rounding when it takes the offer
-  // (BatchedParams::dzx16); then the angle/scalar backward writes dt, A, trap's and the B/C norm backward B, C and
-  // the angles'. Every column of dzx has exactly one writer in every backward, so no stale byte is read. Not taken:
+  // (BatchedParams::dzx16); then the angle/scalar backward writes dt, A, trap's and the angles', the B/C norm
+  // backward B and C's. Every column of dzx has exactly one writer in every backward, so no stale byte is read. Not taken:
   // dzx is rounded after the fact, as without the switch.
   uint16_t* offer16 = nullptr;
   if (batched && gemm.precision() == Precision::BF16 && dzx_bf16_) {
@@ -590,12 +589,12 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.dAdl = f(act_->scalars, 3 * BHL);
   ap.dsp = f(act_->scalars, 4 * BHL);
   ap.dphi = f(dphi_), ap.dadt = f(sgrad_), ap.dgam = f(sgrad_, BHL), ap.dscale = f(sgrad_, 2 * BHL);
-  ap.dth = f(dth_), ap.dzx = f(dzx_), ap.dzx16 = dzx16, ap.part_dt_bias = f(part_);
+  ap.dzx = f(dzx_), ap.dzx16 = dzx16, ap.part_dt_bias = f(part_);
   ap.seg = f(act_->angle_seg);  // reserved by prepare
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
   launch_bc_norm_backward(s, d, batched ? int(H) / epilogue_heads() : int(H), f(act_->bc_raw), w.B_norm, w.C_norm,
-                          f(dBn_), f(dCn_), f(dth_), f(dzx_), f(part_, o_Bn), f(part_, o_Cn), dzx16);
+                          f(dBn_), f(dCn_), f(dzx_), f(part_, o_Bn), f(part_, o_Cn), dzx16);
   prof.mark("bc norm bwd");
 
   // Parameter partials summed over rows in a fixed order.

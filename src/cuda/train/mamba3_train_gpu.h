@@ -110,8 +110,8 @@ class Mamba3TrainGpu {
   void set_chunk_batched(bool on) { chunk_batched_ = on; }
   bool chunk_batched() const { return chunk_batched_; }
   // The batched path's backward in the bf16 mode: true (default) has the kernels that write dzx (in_proj's output
-  // gradient: the output stage its z columns, the epilogue x, the angle/scalar backward dt, A, trap, the B/C norm
-  // backward B, C and the angles) write its bf16 rounding beside it, which du = dzx·W_in and dW_in += dzxᵀ·u read;
+  // gradient: the output stage its z columns, the epilogue x, the angle/scalar backward dt, A, trap and the angles,
+  // the B/C norm backward B, C) write its bf16 rounding beside it, which du = dzx·W_in and dW_in += dzxᵀ·u read;
   // false rounds the whole of dzx for them afterwards (TrainGemm::HeldA). The same bits either way.
   void set_dzx_bf16(bool on) { dzx_bf16_ = on; }
   bool dzx_bf16() const { return dzx_bf16_; }
@@ -203,9 +203,9 @@ class Mamba3TrainGpu {
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;
   // Backward: dO (M, d_inner), dzx (M, d_in), dy (B·H, L, R, P), Hc (B·H, chunks, P, N), dBn/dCn (M, H, R, N),
-  // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), dth (M, H, S), per-row/per-(b, h[, chunk]) partials, colsum
+  // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), per-row/per-(b, h[, chunk]) partials, colsum
   // scratch. Parallel schedule (forward too): Hc, decay (B·H, chunks); backward also dHc (B·H, chunks, P, N).
-  DeviceBuffer dO_, dzx_, dy_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, dth_, part_, colsum_;
+  DeviceBuffer dO_, dzx_, dy_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, part_, colsum_;
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_, bdWf_, bdS_, dHc16_;

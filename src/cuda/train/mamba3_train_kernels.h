@@ -169,16 +169,15 @@ void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p);
 // the first part another way (the post-scan core, mamba3_train_bwd_core.h).
 void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p);
 
-// The angle gradient's reverse cumulative sum (→ dθ per head, Δ's share) and the per-token scalar gradients
-// (→ dzx's dt, A, trap columns; dt_bias partials (B, H)).
+// The angle gradient's reverse cumulative sum (→ dθ summed over the heads into dzx's angle columns, Δ's share) and
+// the per-token scalar gradients (→ dzx's dt, A, trap columns; dt_bias partials (B, H)).
 struct AngleBackwardParams {
   MixerDims d;
   const float* zx;
   const float *dt, *A, *lam, *dAdl, *dsp;  // (B·H, L)
   float* dphi;  // (B·H, L, S) per-token dφ in; overwritten with its reverse cumulative sum within segments
   const float *dadt, *dgam, *dscale;
-  float* dth;           // (M, H, S)
-  float* dzx;           // (M, din): the dt, A, trap columns written
+  float* dzx;           // (M, din): the dt, A, trap and angle columns written
   uint16_t* dzx16;      // (M, din) bf16, the same columns rounded to nearest even (null: not written)
   float* part_dt_bias;  // (B, H)
   float* seg;           // angle_scratch_floats(d): the later segments' sums of dφ
@@ -186,11 +185,11 @@ struct AngleBackwardParams {
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 
 // Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)
-// summed into their B/C groups, the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each) and
-// θ summed over heads (→ dzx's angle columns). slots divides H and is a multiple of G. dzx16 (optional, (M, din)
-// bf16): the columns written also rounded to nearest even there.
+// summed into their B/C groups and the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each).
+// slots divides H and is a multiple of G. dzx16 (optional, (M, din) bf16): the columns written also rounded to
+// nearest even there.
 void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
-                             const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
+                             const float* C_norm, const float* dBn, const float* dCn, float* dzx,
                              float* part_B_norm, float* part_C_norm, uint16_t* dzx16 = nullptr);
 
 // out[c] += Σ_r in[r·cols + c] over rows in a fixed order (deterministic; no atomics). scratch holds

@@ -167,36 +167,70 @@ __global__ void angle_suffix_carry_kernel(MixerDims d, float* __restrict__ seg) 
   }
 }
 
-// Step 2, one warp per (bh, t): lanes take the angles (dθ per head, Δ's angle share summed over the warp), then lane
-// 0 finishes the token's scalar gradients (spec §2.2 chain: scale_t = γ_t + σ̄_{t+1}, γ = λΔ, σ̄ = (1−λ)Δ, A·Δ).
+// Step 2, one warp per token row (b, t) taking its heads in order: lanes take the angles i (tanh θ_t once per token,
+// where a warp per (b, h, t) took it once per head), each head's dθ term π·dΦ·Δ·(1 − tanh²) is summed over the heads
+// in head order straight into dzx's angle columns (the B/C norm backward summed an (M, H, S) buffer of them before:
+// the same sums), and each head's Δ share Σ_i dΦ·π·tanh θ (lanes' partials over their angles, then the butterfly)
+// goes to shared memory; then lanes take heads for the per-token scalar gradients (spec §2.2 chain: scale_t = γ_t +
+// σ̄_{t+1}, γ = λΔ, σ̄ = (1−λ)Δ, A·Δ). Heads' loads are issued kHeadsAhead at a time.
+constexpr int kHeadsAhead = 4, kMaxAngleChunks = 4;  // S ≤ 128 angles
 __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
   const MixerDims& d = p.d;
-  const int lane = threadIdx.x % 32;
-  const int64_t st = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (st >= int64_t(d.B) * d.H * d.L) return;  // whole warps leave together
-  const int64_t bh = st / d.L;
-  const int t = int(st % d.L), b = int(bh / d.H), h = int(bh % d.H);
-  const int64_t row = int64_t(b) * d.L + t;
+  extern __shared__ float ang_sm[];  // (warps, H): Δ's angle share per head
+  const int lane = threadIdx.x % 32, wib = threadIdx.x / 32, chunks = (d.S + 31) / 32;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + wib;
+  if (row >= int64_t(d.B) * d.L) return;  // whole warps leave together (no block barrier below)
+  const int b = int(row / d.L), t = int(row % d.L), sg = t / kAngleSegment;
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
-  const float dtv = p.dt[st];
-  float ang = 0;
-  for (int i = lane; i < d.S; i += 32) {
-    const float dPhi = p.dphi[st * d.S + i] + p.seg[(bh * nseg + t / kAngleSegment) * d.S + i];
-    float g = 0;
+  float* ang = ang_sm + wib * d.H;
+  float th[kMaxAngleChunks], g[kMaxAngleChunks];
+#pragma unroll
+  for (int c = 0; c < kMaxAngleChunks; ++c) {
+    const int i = 32 * c + lane;
     // no_rotary: the increments are 0 whatever θ and Δ are, so neither gets a gradient from the angles.
-    if (!d.no_rotary) {
-      const float th = tanhf(p.zx[row * d.din + d.off_ang + i]);
-      ang += dPhi * kPi * th;
-      g = dPhi * kPi * dtv * (1.0f - th * th);
-    }
-    p.dth[(row * d.H + h) * d.S + i] = g;
+    th[c] = c < chunks && i < d.S && !d.no_rotary ? tanhf(p.zx[row * d.din + d.off_ang + i]) : 0.0f;
+    g[c] = 0.0f;
   }
-  ang = warp_sum(ang);
-  if (lane == 0) {
-    const float lam = p.lam[st], dadt = p.dadt[st];
+  for (int h0 = 0; h0 < d.H; h0 += kHeadsAhead) {
+    float dPhi[kHeadsAhead][kMaxAngleChunks], dtv[kHeadsAhead];
+#pragma unroll
+    for (int k = 0; k < kHeadsAhead; ++k) {
+      const int64_t bh = int64_t(b) * d.H + min(h0 + k, d.H - 1), st = bh * d.L + t;
+      dtv[k] = p.dt[st];
+#pragma unroll
+      for (int c = 0; c < kMaxAngleChunks; ++c) {
+        const int i = 32 * c + lane;
+        dPhi[k][c] = c < chunks && i < d.S ? p.dphi[st * d.S + i] + p.seg[(bh * nseg + sg) * d.S + i] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kHeadsAhead; ++k) {
+      if (h0 + k >= d.H) break;
+      float a = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kMaxAngleChunks; ++c) {
+        if (c >= chunks || d.no_rotary) break;
+        a += dPhi[k][c] * kPi * th[c];
+        g[c] += dPhi[k][c] * kPi * dtv[k] * (1.0f - th[c] * th[c]);
+      }
+      a = warp_sum(a);
+      if (lane == 0) ang[h0 + k] = a;
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kMaxAngleChunks; ++c) {
+    const int i = 32 * c + lane;
+    if (c >= chunks || i >= d.S) break;
+    p.dzx[row * d.din + d.off_ang + i] = g[c];
+    if (p.dzx16) p.dzx16[row * d.din + d.off_ang + i] = bf16_bits(g[c]);
+  }
+  __syncwarp();
+  for (int h = lane; h < d.H; h += 32) {
+    const int64_t st = (int64_t(b) * d.H + h) * d.L + t;
+    const float dtv = p.dt[st], lam = p.lam[st], dadt = p.dadt[st];
     const float dgam = p.dgam[st] + p.dscale[st];
     const float dsig = t > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
-    const float ddt = dadt * p.A[st] + dgam * lam + dsig * (1.0f - lam) + ang;
+    const float ddt = dadt * p.A[st] + dgam * lam + dsig * (1.0f - lam) + ang[h];
     const float dlam = (dgam - dsig) * dtv;
     const float dsp = ddt * p.dsp[st];
     const float dA = dadt * dtv * p.dAdl[st];
@@ -232,7 +266,7 @@ __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
 __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __restrict__ bc_raw,
                                         const float* __restrict__ B_norm, const float* __restrict__ C_norm,
                                         const float* __restrict__ dBn, const float* __restrict__ dCn,
-                                        const float* __restrict__ dth, float* __restrict__ dzx,
+                                        float* __restrict__ dzx,
                                         float* __restrict__ part_B, float* __restrict__ part_C,
                                         uint16_t* __restrict__ dzx16) {
   const int64_t m = blockIdx.x;
@@ -265,12 +299,6 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
       dzx[m * d.din + off + n] = g;
       if (dzx16) dzx16[m * d.din + off + n] = bf16_bits(g);
     }
-  }
-  for (int i = threadIdx.x; i < d.S; i += blockDim.x) {
-    float a = 0;
-    for (int h = 0; h < d.H; ++h) a += dth[(m * d.H + h) * d.S + i];
-    dzx[m * d.din + d.off_ang + i] = a;
-    if (dzx16) dzx16[m * d.din + d.off_ang + i] = bf16_bits(a);
   }
 }
 
@@ -330,7 +358,8 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
     angle_suffix_carry_kernel<<<blocks_for(lanes, 128), 128, 0, s>>>(d, p.seg);
     MAMBA3_LAUNCH_CHECK();
   }
-  angle_scalar_token_kernel<<<blocks_for(BH * d.L, 8), 256, 0, s>>>(p);
+  MAMBA3_CHECK(d.S <= 32 * kMaxAngleChunks, "angle backward: {} angles (at most {})", d.S, 32 * kMaxAngleChunks);
+  angle_scalar_token_kernel<<<blocks_for(int64_t(d.B) * d.L, 8), 256, size_t(8) * d.H * sizeof(float), s>>>(p);
   MAMBA3_LAUNCH_CHECK();
   dt_bias_partial_kernel<<<blocks_for(BH, 8), 256, 0, s>>>(p);
   MAMBA3_LAUNCH_CHECK();
@@ -342,7 +371,7 @@ size_t angle_scratch_floats(const MixerDims& d) {
 }
 
 void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
-                             const float* C_norm, const float* dBn, const float* dCn, const float* dth, float* dzx,
+                             const float* C_norm, const float* dBn, const float* dCn, float* dzx,
                              float* part_B_norm, float* part_C_norm, uint16_t* dzx16) {
   MAMBA3_CHECK(slots >= d.G && d.H % slots == 0 && slots % d.G == 0,
                "B/C norm backward: {} head slots for {} heads in {} groups", slots, d.H, d.G);
@@ -351,8 +380,7 @@ void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, cons
   const int warps = std::min(8, 2 * d.R * d.G);
   const size_t smem = size_t(warps) * d.N * sizeof(float);
   bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s>>>(d, slots, bc_raw, B_norm, C_norm, dBn, dCn,
-                                                                                 dth, dzx, part_B_norm, part_C_norm,
-                                                                                 dzx16);
+                                                                                 dzx, part_B_norm, part_C_norm, dzx16);
   MAMBA3_LAUNCH_CHECK();
 }
 
