@@ -446,19 +446,23 @@ TEST(Mamba3TrainGpu, EpilogueHeadsPerBlockMatchCpu) {
 // The fused chunk cores (one tensor-core kernel per chunk for the forward's S, mask, Z, WV and one for the
 // backward's dW, coef, dV, dQ, dK's first term and G) against the batched products with the mask and coef kernels,
 // bf16 mode, on the shapes they take (64 rows; N 32/64/128, P 32/64; SISO — whose forward core also runs the output
-// stage, with and without the output norm — and MIMO R = 2 and 4, odd head counts, a partial last chunk, batch > 1):
+// stage, with and without the output norm, two B/C groups included — and MIMO R = 2 and 4, odd head counts, a partial last chunk, batch > 1):
 // within 1e-2 of the products (bf16 rounding of W and dS in another order) and within
 // the bf16 tolerance of the CPU's f32 backward; they ran (the results are not the products' bits); a kept forward of
 // the cores is not reused by a backward on the products (which recomputes: the products' bits).
 TEST(Mamba3TrainGpu, ChunkCoresMatchProductsAndCpu) {
   MAMBA3_REQUIRE_GPU();
   std::vector<LayerCase> cases;
+  // SISO with 4 heads: in_proj rows of a multiple of 4 floats, so the build takes its SISO instance (vector loads).
   Mamba3Config c = small(false, 1);
-  c.d_model = 64, c.d_state = 128, c.headdim = 64;
-  cases.push_back({"siso N 128 P 64", c});
+  c.d_model = 128, c.d_state = 128, c.headdim = 64;
+  cases.push_back({"siso N 128 P 64 (4 heads)", c});
   c = small(false, 1);
   c.d_model = 48, c.d_state = 32, c.headdim = 32, c.is_outproj_norm = true;  // 3 heads
   cases.push_back({"siso N 32 P 32 (3 heads) outnorm", c});
+  c = small(false, 1);
+  c.d_model = 64, c.d_state = 64, c.headdim = 32, c.ngroups = 2;  // 4 heads, 2 per B/C group
+  cases.push_back({"siso N 64 P 32 ngroups 2", c});
   c = small(true, 4);
   c.d_model = 32, c.d_state = 64, c.headdim = 32, c.ngroups = 2, c.is_outproj_norm = true;
   cases.push_back({"mimo R=4 N 64 P 32 ngroups 2 outnorm", c});

@@ -160,14 +160,11 @@ __device__ __forceinline__ void store_build_row(const BatchedParams& p, const Ch
   }
 }
 
-// Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
-// Four blocks per SM (64 registers), as before the two-rows path.
-template <typename In>
-__global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const BatchedParams p) {
+// The chunk scalars (Λ, e^Λ, γ, scale, w, e^{Λ_last}) into p and the block's shared memory (3·T floats); returns w
+// per token (shared memory) for w ⊙ v. Every thread of the block calls it (barriers inside).
+__device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams& p, const ChunkIndex& ix, float* sm) {
   const MixerDims& d = p.d;
-  const ChunkIndex ix(p);
-  const int T = p.T, rows = p.rows;
-  extern __shared__ float sm[];
+  const int T = p.T;
   float *Lam = sm, *dtv = sm + T, *wv = sm + 2 * T;
   const int64_t cs0 = ix.chunk * T;  // chunk-scalar index of token 0
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
@@ -197,6 +194,18 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
     dtv[tl] = w;  // dtv now holds w
   }
   __syncthreads();
+  return dtv;
+}
+
+// Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
+// Four blocks per SM (64 registers), as before the two-rows path.
+template <typename In>
+__global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const BatchedParams p) {
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int rows = p.rows;
+  extern __shared__ float sm[];
+  const float* dtv = build_chunk_scalars(p, ix, sm);  // w per token
   // A warp per chunk row j = tl·R + r; a lane per rotary slot (both elements of a pair: one read of each input).
   const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, slots = (d.N + 1) / 2;
   if (slots <= 64 && d.P <= 64) {
@@ -274,6 +283,107 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
       for (int m = 0; m < 2; ++m) {
         const int e = e0 + 32 * m;
         if (e < d.P) v[e] = from_f<In>(val[m]), vw[e] = from_f<In>(w * val[m]);
+      }
+    }
+  }
+}
+
+// The SISO build for the cores' shapes in the bf16 mode (zx rows 16-byte aligned): the generic kernel's arithmetic,
+// but each lane takes kE = max(N/32, 2) consecutive elements of a row's q and k (kE/2 rotary pairs, the head's biases
+// held in registers) and P/32 channels of v with vector loads and stores; two rows per warp at a time, every load
+// first. (ncu: the generic kernel was issue-bound, 64 % SM and 25 % DRAM, on per-element index arithmetic.)
+template <int N, int P>
+__global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const BatchedParams p) {
+  constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kC = P / 32, kRowsAhead = 2;
+  using bf16 = __nv_bfloat16;
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  extern __shared__ float sm[];
+  const float* wts = build_chunk_scalars(p, ix, sm);  // w per token
+  const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
+  const bool qk_lane = lane < kLanes;
+  float bq[kE], bk[kE];
+#pragma unroll
+  for (int e = 0; e < kE; ++e)
+    bq[e] = qk_lane ? p.C_bias[int64_t(ix.h) * N + n0 + e] : 0.0f, bk[e] = qk_lane ? p.B_bias[int64_t(ix.h) * N + n0 + e] : 0.0f;
+  for (int j0 = warp; j0 < p.T; j0 += kRowsAhead * kWarps) {
+    float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC];
+#pragma unroll
+    for (int a = 0; a < kRowsAhead; ++a) {
+      const int tl = j0 + a * kWarps;
+      const bool real = tl < ix.Tc;
+      const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + min(tl, ix.Tc - 1);
+      const float* z = p.zx + tok * d.din;
+#pragma unroll
+      for (int e = 0; e < kE; ++e) c[a][e] = k[a][e] = 0.0f;
+      if (real && qk_lane) {
+        const float* zc = z + d.off_C + int64_t(g) * N + n0;
+        const float* zb = z + d.off_B + int64_t(g) * N + n0;
+        if constexpr (kE == 4) {
+          const float4 cv = *reinterpret_cast<const float4*>(zc), kv = *reinterpret_cast<const float4*>(zb);
+          c[a][0] = cv.x, c[a][1] = cv.y, c[a][2] = cv.z, c[a][3] = cv.w;
+          k[a][0] = kv.x, k[a][1] = kv.y, k[a][2] = kv.z, k[a][3] = kv.w;
+        } else {
+          const float2 cv = *reinterpret_cast<const float2*>(zc), kv = *reinterpret_cast<const float2*>(zb);
+          c[a][0] = cv.x, c[a][1] = cv.y, k[a][0] = kv.x, k[a][1] = kv.y;
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kE / 2; ++m) {
+        const int u = n0 / 2 + m;
+        const float2 r = real && qk_lane && u < d.S ? rotary_cos_sin(p.phi[(ix.bh * d.L + ix.c0 + tl) * d.S + u])
+                                                    : make_float2(1.0f, 0.0f);
+        cs[a][m][0] = r.x, cs[a][m][1] = r.y;
+      }
+      const float* xr = z + d.off_x + int64_t(ix.h) * P + lane * kC;
+      if constexpr (kC == 2) {
+        const float2 xv = real ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
+        x[a][0] = xv.x, x[a][1] = xv.y;
+      } else {
+        x[a][0] = real ? xr[0] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kRowsAhead; ++a) {
+      const int tl = j0 + a * kWarps;
+      if (tl >= p.T) break;
+      const bool real = tl < ix.Tc;
+      const int64_t row = ix.chunk * p.rows + tl;
+      if (qk_lane) {
+        bf16 qo[kE], ko[kE];
+#pragma unroll
+        for (int m = 0; m < kE / 2; ++m) {
+          const int u = n0 / 2 + m;
+          const float ca = c[a][2 * m] + bq[2 * m], cb = c[a][2 * m + 1] + bq[2 * m + 1];
+          const float ka = k[a][2 * m] + bk[2 * m], kb = k[a][2 * m + 1] + bk[2 * m + 1];
+          float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f;  // padding rows: zeros
+          if (real && u < d.S) {
+            const float cv = cs[a][m][0], sv = cs[a][m][1];
+            q0 = ca * cv - cb * sv, q1 = ca * sv + cb * cv, k0 = ka * cv - kb * sv, k1 = ka * sv + kb * cv;
+          } else if (real) {
+            q0 = ca, q1 = cb, k0 = ka, k1 = kb;
+          }
+          qo[2 * m] = __float2bfloat16_rn(q0), qo[2 * m + 1] = __float2bfloat16_rn(q1);
+          ko[2 * m] = __float2bfloat16_rn(k0), ko[2 * m + 1] = __float2bfloat16_rn(k1);
+        }
+        bf16* qd = static_cast<bf16*>(p.Q) + row * N + n0;
+        bf16* kd = static_cast<bf16*>(p.K) + row * N + n0;
+        if constexpr (kE == 4) {
+          *reinterpret_cast<uint2*>(qd) = *reinterpret_cast<const uint2*>(qo);
+          *reinterpret_cast<uint2*>(kd) = *reinterpret_cast<const uint2*>(ko);
+        } else {
+          *reinterpret_cast<uint32_t*>(qd) = *reinterpret_cast<const uint32_t*>(qo);
+          *reinterpret_cast<uint32_t*>(kd) = *reinterpret_cast<const uint32_t*>(ko);
+        }
+      }
+      const float w = wts[tl];
+      bf16* vd = static_cast<bf16*>(p.V) + row * P + lane * kC;
+      bf16* wd = static_cast<bf16*>(p.Vw) + row * P + lane * kC;
+      if constexpr (kC == 2) {
+        *reinterpret_cast<__nv_bfloat162*>(vd) = __floats2bfloat162_rn(x[a][0], x[a][1]);
+        *reinterpret_cast<__nv_bfloat162*>(wd) = __floats2bfloat162_rn(w * x[a][0], w * x[a][1]);
+      } else {
+        vd[0] = __float2bfloat16_rn(x[a][0]), wd[0] = __float2bfloat16_rn(w * x[a][0]);
       }
     }
   }
@@ -748,6 +858,18 @@ void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, siz
 }  // namespace
 
 void launch_batched_build(cudaStream_t s, const BatchedParams& p) {
+  // The SISO instance where the cores' shapes and 16-byte-aligned zx rows allow (its vector loads).
+  const MixerDims& d = p.d;
+  const bool siso = p.bf16 && !d.mimo && p.rows == p.T && p.rows <= 64 && (d.N == 32 || d.N == 64 || d.N == 128) &&
+                    (d.P == 32 || d.P == 64) && d.din % 4 == 0 && d.off_B % 4 == 0 && d.off_C % 4 == 0 &&
+                    d.off_x % 4 == 0 && d.G >= 1 && d.H % d.G == 0;
+  if (siso) {
+    const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
+    if (d.N == 128) d.P == 64 ? run(batched_build_siso_kernel<128, 64>) : run(batched_build_siso_kernel<128, 32>);
+    else if (d.N == 64) d.P == 64 ? run(batched_build_siso_kernel<64, 64>) : run(batched_build_siso_kernel<64, 32>);
+    else d.P == 64 ? run(batched_build_siso_kernel<32, 64>) : run(batched_build_siso_kernel<32, 32>);
+    return;
+  }
   if (p.bf16) launch_per_chunk(batched_build_kernel<__nv_bfloat16>, s, p, size_t(3 * p.T));
   else launch_per_chunk(batched_build_kernel<float>, s, p, size_t(3 * p.T));
 }
