@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/cuda_check.h"
 #include "cuda/train/mamba3_train_kernels.h"
@@ -844,6 +845,97 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
   }
 }
 
+// The rotation backward's SISO instance (bf16 operands, N 32/64/128): the generic kernel's arithmetic and order, but a
+// lane takes kE = max(N/32, 2) consecutive elements of a row (kE/2 rotary pairs) with vector loads and stores, and
+// its bias partials in shared memory as float4/float2 (one access per head and token where the generic kernel made
+// one per element). The same sums: per warp its tokens in order, then the warps in order.
+template <int N>
+__global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kernel(const BatchedParams p) {
+  constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE;
+  using V = std::conditional_t<kE == 4, float4, float2>;
+  const MixerDims& d = p.d;
+  const int hb = p.heads_per_block, slots = d.H / hb, S = d.S;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
+  const int c = int(blockIdx.x % p.nc), slot = int(blockIdx.x / p.nc % slots), b = int(blockIdx.x / p.nc / slots);
+  const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * hb;
+  const __nv_bfloat16 *__restrict__ Q = static_cast<const __nv_bfloat16*>(p.Q),
+                      *__restrict__ K = static_cast<const __nv_bfloat16*>(p.K);
+  const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK, *__restrict__ phiv = p.phi;
+  float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
+  extern __shared__ float sm[];  // (kWarps, hb, 2, N): gC then gB per warp and head
+  for (int e = threadIdx.x; e < kWarps * hb * 2 * N; e += kThreads) sm[e] = 0.0f;
+  __syncthreads();
+  float* mine = sm + warp * hb * 2 * N;
+  const auto load_v = [](const float* src, float (&out)[kE]) {
+    const V v = *reinterpret_cast<const V*>(src);
+    if constexpr (kE == 4) out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    else out[0] = v.x, out[1] = v.y;
+  };
+  const auto add_v = [](float* dst, const float (&in)[kE]) {
+    V v = *reinterpret_cast<V*>(dst);
+    if constexpr (kE == 4) v.x += in[0], v.y += in[1], v.z += in[2], v.w += in[3];
+    else v.x += in[0], v.y += in[1];
+    *reinterpret_cast<V*>(dst) = v;
+  };
+  const auto store_v = [](float* dst, const float (&in)[kE]) {
+    V v;
+    if constexpr (kE == 4) v = make_float4(in[0], in[1], in[2], in[3]);
+    else v = make_float2(in[0], in[1]);
+    *reinterpret_cast<V*>(dst) = v;
+  };
+  if (lane < kLanes)
+    for (int tl = warp; tl < Tc; tl += kWarps) {
+      const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
+      float sC[kE] = {}, sB[kE] = {};  // summed over the block's heads
+      for (int hh = 0; hh < hb; ++hh) {
+        const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
+        const int64_t j = (chunk * p.rows + tl) * N + n0;
+        float gq[kE], gk[kE], vq[kE], vk[kE], gc[kE], gb[kE];
+        load_v(dQ + j, gq), load_v(dK + j, gk);
+#pragma unroll
+        for (int e = 0; e < kE; e += 2) {
+          const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + e));
+          const float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + e));
+          vq[e] = q2.x, vq[e + 1] = q2.y, vk[e] = k2.x, vk[e + 1] = k2.y;
+        }
+#pragma unroll
+        for (int m = 0; m < kE / 2; ++m) {
+          const int u = n0 / 2 + m, a = 2 * m;
+          float ca = gq[a], cb = gq[a + 1], ba = gk[a], bb = gk[a + 1];
+          if (u < S) {
+            const float2 rot = rotary_cos_sin(phiv[st * S + u]);
+            const float cs = rot.x, sn = rot.y;
+            float acc = 0.0f;
+            acc += gq[a + 1] * vq[a] - gq[a] * vq[a + 1];
+            acc += gk[a + 1] * vk[a] - gk[a] * vk[a + 1];
+            dphi_out[st * S + u] = acc;
+            ca = gq[a] * cs + gq[a + 1] * sn, cb = gq[a + 1] * cs - gq[a] * sn;
+            ba = gk[a] * cs + gk[a + 1] * sn, bb = gk[a + 1] * cs - gk[a] * sn;
+          }
+          gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
+        }
+        float* gC = mine + (hh * 2) * N + n0;
+        add_v(gC, gc), add_v(gC + N, gb);
+#pragma unroll
+        for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
+      }
+      const int64_t out = (tok * slots + slot) * N + n0;
+      store_v(dCn + out, sC), store_v(dBn + out, sB);
+    }
+  __syncthreads();
+  for (int hh = 0; hh < hb; ++hh) {
+    const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h0 + hh;
+    for (int e = threadIdx.x; e < N; e += kThreads) {
+      float sc = 0.0f, sb = 0.0f;
+      for (int w = 0; w < kWarps; ++w) {
+        const float* g = sm + (w * hb + hh) * 2 * N;
+        sc += g[e], sb += g[N + e];
+      }
+      p.part_C_bias[prow * N + e] = sc, p.part_B_bias[prow * N + e] = sb;
+    }
+  }
+}
+
 template <typename Kernel>
 void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, size_t floats) {
   const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
@@ -911,7 +1003,13 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "batched rotation backward: {} blocks exceed the grid", blocks);
   const size_t bytes = size_t(kWarps) * hb * 2 * p.d.R * p.d.N * sizeof(float);
-  const auto kernel = p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16> : batched_rotation_backward_kernel<float>;
+  // The SISO instance where it applies (bf16, N 32/64/128; its shared memory is the generic kernel's with R = 1).
+  const bool siso = p.bf16 && !p.d.mimo && (p.d.N == 32 || p.d.N == 64 || p.d.N == 128) && p.d.S % 2 == 0;
+  const auto kernel = siso ? (p.d.N == 128  ? batched_rotation_backward_siso_kernel<128>
+                              : p.d.N == 64 ? batched_rotation_backward_siso_kernel<64>
+                                            : batched_rotation_backward_siso_kernel<32>)
+                      : p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16>
+                               : batched_rotation_backward_kernel<float>;
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
