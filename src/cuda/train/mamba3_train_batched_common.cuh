@@ -1,0 +1,88 @@
+#pragma once
+// Shared by the batched path's elementwise chunk kernels (mamba3_train_batched.cu, the generic ones, and
+// mamba3_train_siso.cu, their SISO instances): the block shape, the block's chunk, the chunk scalars both builds form,
+// the per-chunk launch, and the SISO instances' launchers (each returns false where its shapes do not apply).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_check.h"
+#include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_math.cuh"
+
+namespace mamba3::cuda::train_detail::batched {
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+
+// The block's chunk: bh = b·H + h, c, first token c0 and the number of real tokens Tc (the rest is padding).
+struct ChunkIndex {
+  int64_t chunk, bh;
+  int b, h, c, c0, Tc;
+  __device__ ChunkIndex(const BatchedParams& p) : ChunkIndex(p, blockIdx.x) {}
+  __device__ ChunkIndex(const BatchedParams& p, int64_t chunk_index) {
+    chunk = chunk_index, bh = chunk / p.nc, c = int(chunk % p.nc);
+    b = int(bh / p.d.H), h = int(bh % p.d.H);
+    c0 = c * p.T, Tc = min(p.T, p.d.L - c0);
+  }
+  // Parameter-partial row (b·nc + c)·H + h.
+  __device__ int64_t prow(const BatchedParams& p) const { return (int64_t(b) * p.nc + c) * p.d.H + h; }
+};
+
+// The chunk scalars (Λ, e^Λ, γ, scale, w, e^{Λ_last}) into p and the block's shared memory (3·T floats); returns w
+// per token (shared memory) for w ⊙ v. Every thread of the block calls it (barriers inside).
+__device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams& p, const ChunkIndex& ix, float* sm) {
+  const MixerDims& d = p.d;
+  const int T = p.T;
+  float *Lam = sm, *dtv = sm + T, *wv = sm + 2 * T;
+  const int64_t cs0 = ix.chunk * T;  // chunk-scalar index of token 0
+  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
+    float a = 0.0f, dt = 0.0f, gam = 0.0f, scale = 0.0f;
+    if (tl < ix.Tc) {
+      const int64_t st = ix.bh * d.L + ix.c0 + tl;
+      dt = p.dt[st], a = p.A[st];
+      const float lam = p.lam[st];
+      gam = lam * dt;
+      const float next = ix.c0 + tl + 1 < d.L ? (1.0f - p.lam[st + 1]) * p.dt[st + 1] : 0.0f;
+      scale = lam * dt + next;
+    }
+    Lam[tl] = a, dtv[tl] = dt, wv[tl] = scale;
+    p.gam[cs0 + tl] = gam, p.scale[cs0 + tl] = scale;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // Λ in token order, as the CPU sums it (padding adds exact zeros)
+    float run = 0.0f;
+    for (int tl = 0; tl < T; ++tl) run += Lam[tl] * dtv[tl], Lam[tl] = run;
+    p.decay[ix.chunk] = expf(run);
+  }
+  __syncthreads();
+  const float last = Lam[T - 1];
+  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
+    const float w = expf(last - Lam[tl]) * wv[tl];
+    p.Lam[cs0 + tl] = Lam[tl], p.eL[cs0 + tl] = expf(Lam[tl]), p.wv[cs0 + tl] = w;
+    dtv[tl] = w;  // dtv now holds w
+  }
+  __syncthreads();
+  return dtv;
+}
+
+
+// One block of kThreads per (sequence, head, chunk) with `floats` floats of dynamic shared memory.
+template <typename Kernel>
+void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, size_t floats) {
+  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "batched chunk kernels: {} blocks exceed the grid", blocks);
+  const size_t bytes = floats * sizeof(float);
+  if (bytes > 48 * 1024)
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+// The SISO instances (mamba3_train_siso.cu): launched and true where p's shapes take them (p.bf16, SISO, the sizes
+// each names), else false with nothing launched.
+bool launch_build_siso(cudaStream_t s, const BatchedParams& p);
+bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p);
+bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p);
+
+}  // namespace mamba3::cuda::train_detail::batched
