@@ -6,6 +6,7 @@ if(TARGET mamba3_cuda)
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_token.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_chunk.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_batched.cu
+    ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_siso.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_bwd_core.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_fwd_core.cu)
   target_link_libraries(mamba3_cuda_train_mixer PUBLIC mamba3_cuda)

@@ -6,31 +6,17 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/cuda_check.h"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_batched_common.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 
 namespace mamba3::cuda::train_detail {
 
 namespace {
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
-
-// The block's chunk: bh = b·H + h, c, first token c0 and the number of real tokens Tc (the rest is padding).
-struct ChunkIndex {
-  int64_t chunk, bh;
-  int b, h, c, c0, Tc;
-  __device__ ChunkIndex(const BatchedParams& p) : ChunkIndex(p, blockIdx.x) {}
-  __device__ ChunkIndex(const BatchedParams& p, int64_t chunk_index) {
-    chunk = chunk_index, bh = chunk / p.nc, c = int(chunk % p.nc);
-    b = int(bh / p.d.H), h = int(bh % p.d.H);
-    c0 = c * p.T, Tc = min(p.T, p.d.L - c0);
-  }
-  // Parameter-partial row (b·nc + c)·H + h.
-  __device__ int64_t prow(const BatchedParams& p) const { return (int64_t(b) * p.nc + c) * p.d.H + h; }
-};
+using batched::ChunkIndex, batched::kThreads, batched::kWarps, batched::build_chunk_scalars, batched::launch_per_chunk;
 
 // Rotary slot u < ⌈N/2⌉ of a B/C vector: its elements a and b (SISO pairs (2u, 2u+1), MIMO halves (u, u + N/2)),
 // whether they rotate together by angle u (u < S) and whether b exists (an odd SISO N leaves the last one alone).
@@ -161,43 +147,6 @@ __device__ __forceinline__ void store_build_row(const BatchedParams& p, const Ch
   }
 }
 
-// The chunk scalars (Λ, e^Λ, γ, scale, w, e^{Λ_last}) into p and the block's shared memory (3·T floats); returns w
-// per token (shared memory) for w ⊙ v. Every thread of the block calls it (barriers inside).
-__device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams& p, const ChunkIndex& ix, float* sm) {
-  const MixerDims& d = p.d;
-  const int T = p.T;
-  float *Lam = sm, *dtv = sm + T, *wv = sm + 2 * T;
-  const int64_t cs0 = ix.chunk * T;  // chunk-scalar index of token 0
-  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
-    float a = 0.0f, dt = 0.0f, gam = 0.0f, scale = 0.0f;
-    if (tl < ix.Tc) {
-      const int64_t st = ix.bh * d.L + ix.c0 + tl;
-      dt = p.dt[st], a = p.A[st];
-      const float lam = p.lam[st];
-      gam = lam * dt;
-      const float next = ix.c0 + tl + 1 < d.L ? (1.0f - p.lam[st + 1]) * p.dt[st + 1] : 0.0f;
-      scale = lam * dt + next;
-    }
-    Lam[tl] = a, dtv[tl] = dt, wv[tl] = scale;
-    p.gam[cs0 + tl] = gam, p.scale[cs0 + tl] = scale;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {  // Λ in token order, as the CPU sums it (padding adds exact zeros)
-    float run = 0.0f;
-    for (int tl = 0; tl < T; ++tl) run += Lam[tl] * dtv[tl], Lam[tl] = run;
-    p.decay[ix.chunk] = expf(run);
-  }
-  __syncthreads();
-  const float last = Lam[T - 1];
-  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
-    const float w = expf(last - Lam[tl]) * wv[tl];
-    p.Lam[cs0 + tl] = Lam[tl], p.eL[cs0 + tl] = expf(Lam[tl]), p.wv[cs0 + tl] = w;
-    dtv[tl] = w;  // dtv now holds w
-  }
-  __syncthreads();
-  return dtv;
-}
-
 // Chunk scalars, q, k (rotated, biased), v and w ⊙ v; padding rows zero.
 // Four blocks per SM (64 registers), as before the two-rows path.
 template <typename In>
@@ -284,107 +233,6 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
       for (int m = 0; m < 2; ++m) {
         const int e = e0 + 32 * m;
         if (e < d.P) v[e] = from_f<In>(val[m]), vw[e] = from_f<In>(w * val[m]);
-      }
-    }
-  }
-}
-
-// The SISO build for the cores' shapes in the bf16 mode (zx rows 16-byte aligned): the generic kernel's arithmetic,
-// but each lane takes kE = max(N/32, 2) consecutive elements of a row's q and k (kE/2 rotary pairs, the head's biases
-// held in registers) and P/32 channels of v with vector loads and stores; two rows per warp at a time, every load
-// first. (ncu: the generic kernel was issue-bound, 64 % SM and 25 % DRAM, on per-element index arithmetic.)
-template <int N, int P>
-__global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const BatchedParams p) {
-  constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kC = P / 32, kRowsAhead = 2;
-  using bf16 = __nv_bfloat16;
-  const MixerDims& d = p.d;
-  const ChunkIndex ix(p);
-  extern __shared__ float sm[];
-  const float* wts = build_chunk_scalars(p, ix, sm);  // w per token
-  const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
-  const bool qk_lane = lane < kLanes;
-  float bq[kE], bk[kE];
-#pragma unroll
-  for (int e = 0; e < kE; ++e)
-    bq[e] = qk_lane ? p.C_bias[int64_t(ix.h) * N + n0 + e] : 0.0f, bk[e] = qk_lane ? p.B_bias[int64_t(ix.h) * N + n0 + e] : 0.0f;
-  for (int j0 = warp; j0 < p.T; j0 += kRowsAhead * kWarps) {
-    float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC];
-#pragma unroll
-    for (int a = 0; a < kRowsAhead; ++a) {
-      const int tl = j0 + a * kWarps;
-      const bool real = tl < ix.Tc;
-      const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + min(tl, ix.Tc - 1);
-      const float* z = p.zx + tok * d.din;
-#pragma unroll
-      for (int e = 0; e < kE; ++e) c[a][e] = k[a][e] = 0.0f;
-      if (real && qk_lane) {
-        const float* zc = z + d.off_C + int64_t(g) * N + n0;
-        const float* zb = z + d.off_B + int64_t(g) * N + n0;
-        if constexpr (kE == 4) {
-          const float4 cv = *reinterpret_cast<const float4*>(zc), kv = *reinterpret_cast<const float4*>(zb);
-          c[a][0] = cv.x, c[a][1] = cv.y, c[a][2] = cv.z, c[a][3] = cv.w;
-          k[a][0] = kv.x, k[a][1] = kv.y, k[a][2] = kv.z, k[a][3] = kv.w;
-        } else {
-          const float2 cv = *reinterpret_cast<const float2*>(zc), kv = *reinterpret_cast<const float2*>(zb);
-          c[a][0] = cv.x, c[a][1] = cv.y, k[a][0] = kv.x, k[a][1] = kv.y;
-        }
-      }
-#pragma unroll
-      for (int m = 0; m < kE / 2; ++m) {
-        const int u = n0 / 2 + m;
-        const float2 r = real && qk_lane && u < d.S ? rotary_cos_sin(p.phi[(ix.bh * d.L + ix.c0 + tl) * d.S + u])
-                                                    : make_float2(1.0f, 0.0f);
-        cs[a][m][0] = r.x, cs[a][m][1] = r.y;
-      }
-      const float* xr = z + d.off_x + int64_t(ix.h) * P + lane * kC;
-      if constexpr (kC == 2) {
-        const float2 xv = real ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
-        x[a][0] = xv.x, x[a][1] = xv.y;
-      } else {
-        x[a][0] = real ? xr[0] : 0.0f;
-      }
-    }
-#pragma unroll
-    for (int a = 0; a < kRowsAhead; ++a) {
-      const int tl = j0 + a * kWarps;
-      if (tl >= p.T) break;
-      const bool real = tl < ix.Tc;
-      const int64_t row = ix.chunk * p.rows + tl;
-      if (qk_lane) {
-        bf16 qo[kE], ko[kE];
-#pragma unroll
-        for (int m = 0; m < kE / 2; ++m) {
-          const int u = n0 / 2 + m;
-          const float ca = c[a][2 * m] + bq[2 * m], cb = c[a][2 * m + 1] + bq[2 * m + 1];
-          const float ka = k[a][2 * m] + bk[2 * m], kb = k[a][2 * m + 1] + bk[2 * m + 1];
-          float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f;  // padding rows: zeros
-          if (real && u < d.S) {
-            const float cv = cs[a][m][0], sv = cs[a][m][1];
-            q0 = ca * cv - cb * sv, q1 = ca * sv + cb * cv, k0 = ka * cv - kb * sv, k1 = ka * sv + kb * cv;
-          } else if (real) {
-            q0 = ca, q1 = cb, k0 = ka, k1 = kb;
-          }
-          qo[2 * m] = __float2bfloat16_rn(q0), qo[2 * m + 1] = __float2bfloat16_rn(q1);
-          ko[2 * m] = __float2bfloat16_rn(k0), ko[2 * m + 1] = __float2bfloat16_rn(k1);
-        }
-        bf16* qd = static_cast<bf16*>(p.Q) + row * N + n0;
-        bf16* kd = static_cast<bf16*>(p.K) + row * N + n0;
-        if constexpr (kE == 4) {
-          *reinterpret_cast<uint2*>(qd) = *reinterpret_cast<const uint2*>(qo);
-          *reinterpret_cast<uint2*>(kd) = *reinterpret_cast<const uint2*>(ko);
-        } else {
-          *reinterpret_cast<uint32_t*>(qd) = *reinterpret_cast<const uint32_t*>(qo);
-          *reinterpret_cast<uint32_t*>(kd) = *reinterpret_cast<const uint32_t*>(ko);
-        }
-      }
-      const float w = wts[tl];
-      bf16* vd = static_cast<bf16*>(p.V) + row * P + lane * kC;
-      bf16* wd = static_cast<bf16*>(p.Vw) + row * P + lane * kC;
-      if constexpr (kC == 2) {
-        *reinterpret_cast<__nv_bfloat162*>(vd) = __floats2bfloat162_rn(x[a][0], x[a][1]);
-        *reinterpret_cast<__nv_bfloat162*>(wd) = __floats2bfloat162_rn(w * x[a][0], w * x[a][1]);
-      } else {
-        vd[0] = __float2bfloat16_rn(x[a][0]), wd[0] = __float2bfloat16_rn(w * x[a][0]);
       }
     }
   }
@@ -581,106 +429,6 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
     for (int q = threadIdx.x; q < P; q += kThreads) {
       float s = 0.0f;
       for (int w = 0; w < kWarps; ++w) s += sm[w * per_warp + 4 * RP + q];
-      p.part_norm[prow * P + q] = s;
-    }
-}
-
-// The output stage's backward, SISO instance (bf16 operands, P 32 or 64): batched_output_kernel<true>'s arithmetic,
-// channel mapping (q = lane + 32k) and summation orders, with a token's y, dy, Z and v and the per-channel norm-weight
-// and D partials in registers instead of per-warp shared rows, and every load of a token before its stores.
-// (ncu: the generic kernel ran at 54 % SM and 33 % DRAM, 80 registers, 37.5 % occupancy.)
-template <int P>
-__global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(const BatchedParams p) {
-  constexpr int kQ = P / 32;
-  using bf16 = __nv_bfloat16;
-  const MixerDims& d = p.d;
-  const ChunkIndex ix(p);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const bool norm = d.outnorm;
-  const float Dh = p.D[ix.h];
-  const bf16* V = static_cast<const bf16*>(p.V);
-  bf16 *dY = static_cast<bf16*>(p.dY), *dYe = static_cast<bf16*>(p.dYe);
-  float nw[kQ], gn[kQ], gD = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kQ; ++k) nw[k] = norm ? p.norm[int64_t(ix.h) * P + lane + 32 * k] : 1.0f, gn[k] = 0.0f;
-  for (int tl = warp; tl < p.T; tl += kWarps) {
-    const int64_t row0 = (ix.chunk * p.rows + tl) * P;
-    if (tl >= ix.Tc) {
-#pragma unroll
-      for (int k = 0; k < kQ; ++k) dY[row0 + lane + 32 * k] = dYe[row0 + lane + 32 * k] = __float2bfloat16_rn(0.0f);
-      if (lane == 0) p.dLam[ix.chunk * p.T + tl] = 0.0f;
-      continue;
-    }
-    const float e = p.eL[ix.chunk * p.T + tl];
-    const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
-    float zv[kQ], vv[kQ], y[kQ], z[kQ], dO[kQ];
-#pragma unroll
-    for (int k = 0; k < kQ; ++k) {
-      const int q = lane + 32 * k;
-      const int64_t i = row0 + q;
-      zv[k] = p.Z[i], vv[k] = __bfloat162float(V[i]), y[k] = p.WV[i];
-      z[k] = p.zx[tok * d.din + int64_t(ix.h) * P + q];
-      dO[k] = p.dO[tok * d.d_inner + int64_t(ix.h) * P + q];
-    }
-    float ss = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kQ; ++k) {
-      y[k] = (e * zv[k] + Dh * vv[k]) + y[k];
-      ss += y[k] * y[k];
-    }
-    const float rstd = norm ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
-    float dyn[kQ], mean = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kQ; ++k) {
-      const int q = lane + 32 * k;
-      const float yn = norm ? y[k] * rstd * nw[k] : y[k];
-      const float sg = sigmoid_f(z[k]), si = z[k] * sg;
-      const float o = yn * si, dz = dO[k] * yn * sg * (1.0f + z[k] * (1.0f - sg));
-      dyn[k] = dO[k] * si;
-      const int64_t oi = tok * d.d_inner + int64_t(ix.h) * P + q;
-      if (p.o) p.o[oi] = o;
-      if (p.o16) static_cast<bf16*>(p.o16)[oi] = __float2bfloat16_rn(o);
-      const int64_t zi = tok * d.din + int64_t(ix.h) * P + q;  // dzx's z column
-      p.dzx[zi] = dz;
-      if (p.dzx16) reinterpret_cast<bf16*>(p.dzx16)[zi] = __float2bfloat16_rn(dz);
-      if (norm) mean += dyn[k] * nw[k] * (y[k] * rstd);
-    }
-    if (norm) mean = warp_sum(mean) / float(P);
-    float dot = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kQ; ++k) {
-      const int q = lane + 32 * k;
-      float v = dyn[k];
-      if (norm) {
-        const float xh = y[k] * rstd;
-        gn[k] += dyn[k] * xh;
-        v = rstd * (dyn[k] * nw[k] - xh * mean);
-      }
-      dY[row0 + q] = __float2bfloat16_rn(v), dYe[row0 + q] = __float2bfloat16_rn(e * v);
-      dot += v * zv[k];
-      gD += v * vv[k];
-    }
-    dot = warp_sum(dot);
-    if (lane == 0) p.dLam[ix.chunk * p.T + tl] = 0.0f + e * dot;
-  }
-  // D's and the norm weight's partials: per warp (its tokens in order), then the warps in order.
-  gD = warp_sum(gD);
-  extern __shared__ float sm[];  // (kWarps, P) norm-weight partials, then (kWarps) D partials
-  float* wD = sm + kWarps * P;
-#pragma unroll
-  for (int k = 0; k < kQ; ++k) sm[warp * P + lane + 32 * k] = gn[k];
-  if (lane == 0) wD[warp] = gD;
-  __syncthreads();
-  const int64_t prow = ix.prow(p);
-  if (threadIdx.x == 0) {
-    float s = 0.0f;
-    for (int w = 0; w < kWarps; ++w) s += wD[w];
-    p.part_D[prow] = s;
-  }
-  if (norm)
-    for (int q = threadIdx.x; q < P; q += kThreads) {
-      float s = 0.0f;
-      for (int w = 0; w < kWarps; ++w) s += sm[w * P + q];
       p.part_norm[prow * P + q] = s;
     }
 }
@@ -945,123 +693,10 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
   }
 }
 
-// The rotation backward's SISO instance (bf16 operands, N 32/64/128): the generic kernel's arithmetic and order, but a
-// lane takes kE = max(N/32, 2) consecutive elements of a row (kE/2 rotary pairs) with vector loads and stores, and
-// its bias partials in shared memory as float4/float2 (one access per head and token where the generic kernel made
-// one per element). The same sums: per warp its tokens in order, then the warps in order.
-template <int N>
-__global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kernel(const BatchedParams p) {
-  constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE;
-  using V = std::conditional_t<kE == 4, float4, float2>;
-  const MixerDims& d = p.d;
-  const int hb = p.heads_per_block, slots = d.H / hb, S = d.S;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
-  const int c = int(blockIdx.x % p.nc), slot = int(blockIdx.x / p.nc % slots), b = int(blockIdx.x / p.nc / slots);
-  const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * hb;
-  const __nv_bfloat16 *__restrict__ Q = static_cast<const __nv_bfloat16*>(p.Q),
-                      *__restrict__ K = static_cast<const __nv_bfloat16*>(p.K);
-  const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK, *__restrict__ phiv = p.phi;
-  float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
-  extern __shared__ float sm[];  // (kWarps, hb, 2, N): gC then gB per warp and head
-  for (int e = threadIdx.x; e < kWarps * hb * 2 * N; e += kThreads) sm[e] = 0.0f;
-  __syncthreads();
-  float* mine = sm + warp * hb * 2 * N;
-  const auto load_v = [](const float* src, float (&out)[kE]) {
-    const V v = *reinterpret_cast<const V*>(src);
-    if constexpr (kE == 4) out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-    else out[0] = v.x, out[1] = v.y;
-  };
-  const auto add_v = [](float* dst, const float (&in)[kE]) {
-    V v = *reinterpret_cast<V*>(dst);
-    if constexpr (kE == 4) v.x += in[0], v.y += in[1], v.z += in[2], v.w += in[3];
-    else v.x += in[0], v.y += in[1];
-    *reinterpret_cast<V*>(dst) = v;
-  };
-  const auto store_v = [](float* dst, const float (&in)[kE]) {
-    V v;
-    if constexpr (kE == 4) v = make_float4(in[0], in[1], in[2], in[3]);
-    else v = make_float2(in[0], in[1]);
-    *reinterpret_cast<V*>(dst) = v;
-  };
-  if (lane < kLanes)
-    for (int tl = warp; tl < Tc; tl += kWarps) {
-      const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
-      float sC[kE] = {}, sB[kE] = {};  // summed over the block's heads
-      for (int hh = 0; hh < hb; ++hh) {
-        const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
-        const int64_t j = (chunk * p.rows + tl) * N + n0;
-        float gq[kE], gk[kE], vq[kE], vk[kE], gc[kE], gb[kE];
-        load_v(dQ + j, gq), load_v(dK + j, gk);
-#pragma unroll
-        for (int e = 0; e < kE; e += 2) {
-          const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + e));
-          const float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + e));
-          vq[e] = q2.x, vq[e + 1] = q2.y, vk[e] = k2.x, vk[e + 1] = k2.y;
-        }
-#pragma unroll
-        for (int m = 0; m < kE / 2; ++m) {
-          const int u = n0 / 2 + m, a = 2 * m;
-          float ca = gq[a], cb = gq[a + 1], ba = gk[a], bb = gk[a + 1];
-          if (u < S) {
-            const float2 rot = rotary_cos_sin(phiv[st * S + u]);
-            const float cs = rot.x, sn = rot.y;
-            float acc = 0.0f;
-            acc += gq[a + 1] * vq[a] - gq[a] * vq[a + 1];
-            acc += gk[a + 1] * vk[a] - gk[a] * vk[a + 1];
-            dphi_out[st * S + u] = acc;
-            ca = gq[a] * cs + gq[a + 1] * sn, cb = gq[a + 1] * cs - gq[a] * sn;
-            ba = gk[a] * cs + gk[a + 1] * sn, bb = gk[a + 1] * cs - gk[a] * sn;
-          }
-          gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
-        }
-        float* gC = mine + (hh * 2) * N + n0;
-        add_v(gC, gc), add_v(gC + N, gb);
-#pragma unroll
-        for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
-      }
-      const int64_t out = (tok * slots + slot) * N + n0;
-      store_v(dCn + out, sC), store_v(dBn + out, sB);
-    }
-  __syncthreads();
-  for (int hh = 0; hh < hb; ++hh) {
-    const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h0 + hh;
-    for (int e = threadIdx.x; e < N; e += kThreads) {
-      float sc = 0.0f, sb = 0.0f;
-      for (int w = 0; w < kWarps; ++w) {
-        const float* g = sm + (w * hb + hh) * 2 * N;
-        sc += g[e], sb += g[N + e];
-      }
-      p.part_C_bias[prow * N + e] = sc, p.part_B_bias[prow * N + e] = sb;
-    }
-  }
-}
-
-template <typename Kernel>
-void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, size_t floats) {
-  const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
-  MAMBA3_CHECK(blocks <= 0x7fffffff, "batched chunk kernels: {} blocks exceed the grid", blocks);
-  const size_t bytes = floats * sizeof(float);
-  if (bytes > 48 * 1024)
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
-  MAMBA3_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_batched_build(cudaStream_t s, const BatchedParams& p) {
-  // The SISO instance where the cores' shapes and 16-byte-aligned zx rows allow (its vector loads).
-  const MixerDims& d = p.d;
-  const bool siso = p.bf16 && !d.mimo && p.rows == p.T && p.rows <= 64 && (d.N == 32 || d.N == 64 || d.N == 128) &&
-                    (d.P == 32 || d.P == 64) && d.din % 4 == 0 && d.off_B % 4 == 0 && d.off_C % 4 == 0 &&
-                    d.off_x % 4 == 0 && d.G >= 1 && d.H % d.G == 0;
-  if (siso) {
-    const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
-    if (d.N == 128) d.P == 64 ? run(batched_build_siso_kernel<128, 64>) : run(batched_build_siso_kernel<128, 32>);
-    else if (d.N == 64) d.P == 64 ? run(batched_build_siso_kernel<64, 64>) : run(batched_build_siso_kernel<64, 32>);
-    else d.P == 64 ? run(batched_build_siso_kernel<32, 64>) : run(batched_build_siso_kernel<32, 32>);
-    return;
-  }
+  if (batched::launch_build_siso(s, p)) return;  // the SISO instance, where it applies
   if (p.bf16) launch_per_chunk(batched_build_kernel<__nv_bfloat16>, s, p, size_t(3 * p.T));
   else launch_per_chunk(batched_build_kernel<float>, s, p, size_t(3 * p.T));
 }
@@ -1072,12 +707,7 @@ void launch_batched_mask(cudaStream_t s, const BatchedParams& p) {
 }
 
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward) {
-  if (backward && p.bf16 && !p.d.mimo && (p.d.P == 32 || p.d.P == 64)) {  // the SISO instance
-    const size_t floats = size_t(kWarps) * (p.d.P + 1);
-    if (p.d.P == 64) launch_per_chunk(batched_output_backward_siso_kernel<64>, s, p, floats);
-    else launch_per_chunk(batched_output_backward_siso_kernel<32>, s, p, floats);
-    return;
-  }
+  if (backward && batched::launch_output_backward_siso(s, p)) return;  // the SISO instance, where it applies
   const size_t floats = size_t(kWarps) * ((backward ? 6 : 4) * p.d.R * p.d.P + p.d.P) + kWarps;
   if (p.bf16) {
     if (backward) launch_per_chunk(batched_output_kernel<true, __nv_bfloat16>, s, p, floats);
@@ -1108,14 +738,9 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
                p.d.H / p.d.G);
   const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "batched rotation backward: {} blocks exceed the grid", blocks);
+  if (batched::launch_rotation_backward_siso(s, p)) return;  // the SISO instance, where it applies
   const size_t bytes = size_t(kWarps) * hb * 2 * p.d.R * p.d.N * sizeof(float);
-  // The SISO instance where it applies (bf16, N 32/64/128; its shared memory is the generic kernel's with R = 1).
-  const bool siso = p.bf16 && !p.d.mimo && (p.d.N == 32 || p.d.N == 64 || p.d.N == 128) && p.d.S % 2 == 0;
-  const auto kernel = siso ? (p.d.N == 128  ? batched_rotation_backward_siso_kernel<128>
-                              : p.d.N == 64 ? batched_rotation_backward_siso_kernel<64>
-                                            : batched_rotation_backward_siso_kernel<32>)
-                      : p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16>
-                               : batched_rotation_backward_kernel<float>;
+  const auto kernel = p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16> : batched_rotation_backward_kernel<float>;
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
