@@ -16,7 +16,8 @@ namespace mamba3::cuda::train_detail {
 
 namespace {
 
-using batched::ChunkIndex, batched::kThreads, batched::kWarps, batched::build_chunk_scalars, batched::launch_per_chunk;
+using batched::ChunkIndex, batched::kThreads, batched::kWarps, batched::build_chunk_scalars, batched::launch_per_chunk,
+    batched::write_bias_partials;
 
 // Rotary slot u < ⌈N/2⌉ of a B/C vector: its elements a and b (SISO pairs (2u, 2u+1), MIMO halves (u, u + N/2)),
 // whether they rotate together by angle u (u < S) and whether b exists (an odd SISO N leaves the last one alone).
@@ -680,17 +681,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
     }
   }
   __syncthreads();
-  for (int hh = 0; hh < hb; ++hh) {
-    const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h0 + hh;
-    for (int e = threadIdx.x; e < RN; e += kThreads) {
-      float sc = 0.0f, sb = 0.0f;
-      for (int w = 0; w < kWarps; ++w) {
-        const float* g = sm + (w * hb + hh) * 2 * RN;
-        sc += g[e], sb += g[RN + e];
-      }
-      p.part_C_bias[prow * RN + e] = sc, p.part_B_bias[prow * RN + e] = sb;
-    }
-  }
+  write_bias_partials(p, sm, b, c, h0, hb, RN);
 }
 
 }  // namespace

@@ -67,6 +67,24 @@ __device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams&
 }
 
 
+// The rotation backward's bias partials, after a barrier: for each of the block's hb heads the warps' shared rows
+// (sm: kWarps × hb × (gC, gB) × RN floats) summed in warp order into part_C_bias and part_B_bias at row
+// (b·nc + c)·H + h0 + hh.
+__device__ __forceinline__ void write_bias_partials(const BatchedParams& p, const float* sm, int b, int c, int h0,
+                                                    int hb, int RN) {
+  for (int hh = 0; hh < hb; ++hh) {
+    const int64_t prow = (int64_t(b) * p.nc + c) * p.d.H + h0 + hh;
+    for (int e = threadIdx.x; e < RN; e += kThreads) {
+      float sc = 0.0f, sb = 0.0f;
+      for (int w = 0; w < kWarps; ++w) {
+        const float* g = sm + (w * hb + hh) * 2 * RN;
+        sc += g[e], sb += g[RN + e];
+      }
+      p.part_C_bias[prow * RN + e] = sc, p.part_B_bias[prow * RN + e] = sb;
+    }
+  }
+}
+
 // One block of kThreads per (sequence, head, chunk) with `floats` floats of dynamic shared memory.
 template <typename Kernel>
 void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, size_t floats) {

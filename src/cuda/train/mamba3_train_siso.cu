@@ -291,17 +291,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
       store_v(dCn + out, sC), store_v(dBn + out, sB);
     }
   __syncthreads();
-  for (int hh = 0; hh < hb; ++hh) {
-    const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h0 + hh;
-    for (int e = threadIdx.x; e < N; e += kThreads) {
-      float sc = 0.0f, sb = 0.0f;
-      for (int w = 0; w < kWarps; ++w) {
-        const float* g = sm + (w * hb + hh) * 2 * N;
-        sc += g[e], sb += g[N + e];
-      }
-      p.part_C_bias[prow * N + e] = sc, p.part_B_bias[prow * N + e] = sb;
-    }
-  }
+  write_bias_partials(p, sm, b, c, h0, hb, N);
 }
 
 }  // namespace
