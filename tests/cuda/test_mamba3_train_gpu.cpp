@@ -511,6 +511,55 @@ TEST(Mamba3TrainGpu, ChunkCoresMatchProductsAndCpu) {
     }
 }
 
+// The SISO instances of the build, the rotation backward and the output-stage backward (set_siso_kernels) against
+// the generic kernels on SISO shapes with the chunk cores: the same arithmetic and sums in the same order, so the
+// output, du and every gradient are the same bits (4 heads: the build's instance applies; 3 heads: only the other two).
+TEST(Mamba3TrainGpu, SisoKernelsGiveTheGenericBits) {
+  MAMBA3_REQUIRE_GPU();
+  std::vector<LayerCase> cases;
+  Mamba3Config c = small(false, 1);
+  c.d_model = 128, c.d_state = 128, c.headdim = 64;
+  cases.push_back({"siso N 128 P 64 (4 heads)", c});
+  c = small(false, 1);
+  c.d_model = 64, c.d_state = 64, c.headdim = 32, c.ngroups = 2, c.is_outproj_norm = true;
+  cases.push_back({"siso N 64 P 32 ngroups 2 outnorm", c});
+  c = small(false, 1);
+  c.d_model = 48, c.d_state = 32, c.headdim = 32;  // 3 heads
+  cases.push_back({"siso N 32 P 32 (3 heads)", c});
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(900 + L));
+      cuda::Context ctx;
+      cuda::TrainGemm gemm(Precision::BF16);
+      cuda::Mamba3TrainGpu train(cfg);
+      train.set_chunk_batched(true);
+      train.set_chunk_cores(true);
+      ASSERT_TRUE(train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      DeviceLayer layer(mixer);
+      cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+      cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+      auto run = [&](bool siso) {
+        train.set_siso_kernels(siso);
+        layer.zero_grads();
+        poison(du.raw(), du.bytes());
+        poison(out.raw(), out.bytes());
+        train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), nullptr);
+        train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(),
+                       du.as<float>(), nullptr);
+        ctx.sync();
+        return GpuResult{from_device_f32(out.raw(), {B, L, cfg.d_model}), from_device_f32(du.raw(), {B, L, cfg.d_model}),
+                         layer.download_grads()};
+      };
+      const GpuResult siso = run(true), generic = run(false);
+      for (const Tensor* t : {&siso.out, &siso.du})
+        for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+      EXPECT_TRUE(bit_identical(siso, generic)) << "the SISO kernels changed some bits";
+    }
+}
+
 // The bf16 mode with u's rounding given by its producer (u16; u given too, or null): the in_proj products read it
 // instead of rounding u, so the output and every gradient are the same bits, with and without kept activations.
 TEST(Mamba3TrainGpu, RoundedInputGivesTheSameBits) {

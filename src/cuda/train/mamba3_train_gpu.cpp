@@ -288,7 +288,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const int64_t BHc = B * d.H * nc, BHL = B * d.H * L;
   const size_t op = bf16 ? 2 : 4;  // bytes of a product operand element
   BatchedParams p{};
-  p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows), p.bf16 = bf16;
+  p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows), p.bf16 = bf16, p.siso_kernels = siso_kernels_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.lam = f(act_->scalars, 2 * BHL);

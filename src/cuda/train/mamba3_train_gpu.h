@@ -129,6 +129,9 @@ class Mamba3TrainGpu {
   // mamba3_train_bwd_core.h; the shapes they support), false as batched products with the mask and coef kernels.
   // Default from MAMBA3_TRAIN_CHUNK_CORE, read once per process: "fused" or "products" (unset: fused).
   void set_chunk_cores(bool fused) { chunk_cores_ = fused; }
+  // The SISO instances of the batched path's build, rotation backward and output-stage backward (true, where their
+  // shapes apply) or the generic kernels (false): the same arithmetic and sums, so the same bits.
+  void set_siso_kernels(bool on) { siso_kernels_ = on; }
   bool chunk_cores() const { return chunk_cores_; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
@@ -199,6 +202,7 @@ class Mamba3TrainGpu {
   bool chunk_batched_ = true;   // batched-GEMM chunk path (set_chunk_batched)
   int epilogue_heads_ = 0;      // the batched epilogue's heads per block, 0 auto (set_epilogue_heads)
   bool chunk_cores_ = true;     // the fused chunk cores where supported (set_chunk_cores)
+  bool siso_kernels_ = true;    // SISO instances of the elementwise chunk kernels (set_siso_kernels)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;

@@ -299,9 +299,9 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
 bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   // The cores' shapes and 16-byte-aligned zx rows (its vector loads).
   const MixerDims& d = p.d;
-  const bool siso = p.bf16 && !d.mimo && p.rows == p.T && p.rows <= 64 && (d.N == 32 || d.N == 64 || d.N == 128) &&
-                    (d.P == 32 || d.P == 64) && d.din % 4 == 0 && d.off_B % 4 == 0 && d.off_C % 4 == 0 &&
-                    d.off_x % 4 == 0 && d.G >= 1 && d.H % d.G == 0;
+  const bool siso = p.siso_kernels && p.bf16 && !d.mimo && p.rows == p.T && p.rows <= 64 &&
+                    (d.N == 32 || d.N == 64 || d.N == 128) && (d.P == 32 || d.P == 64) && d.din % 4 == 0 &&
+                    d.off_B % 4 == 0 && d.off_C % 4 == 0 && d.off_x % 4 == 0 && d.G >= 1 && d.H % d.G == 0;
   if (!siso) return false;
   const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
   if (d.N == 128) d.P == 64 ? run(batched_build_siso_kernel<128, 64>) : run(batched_build_siso_kernel<128, 32>);
@@ -311,7 +311,7 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
 }
 
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
-  if (!p.bf16 || p.d.mimo || (p.d.P != 32 && p.d.P != 64)) return false;
+  if (!p.siso_kernels || !p.bf16 || p.d.mimo || (p.d.P != 32 && p.d.P != 64)) return false;
   const size_t floats = size_t(kWarps) * (p.d.P + 1);
   if (p.d.P == 64) launch_per_chunk(batched_output_backward_siso_kernel<64>, s, p, floats);
   else launch_per_chunk(batched_output_backward_siso_kernel<32>, s, p, floats);
@@ -320,7 +320,7 @@ bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
 
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
   const MixerDims& d = p.d;
-  if (!p.bf16 || d.mimo || (d.N != 32 && d.N != 64 && d.N != 128) || d.S % 2 != 0) return false;
+  if (!p.siso_kernels || !p.bf16 || d.mimo || (d.N != 32 && d.N != 64 && d.N != 128) || d.S % 2 != 0) return false;
   const int hb = p.heads_per_block;  // (checked by the caller)
   const int64_t blocks = int64_t(d.B) * (d.H / hb) * p.nc;
   const size_t bytes = size_t(kWarps) * hb * 2 * d.N * sizeof(float);  // the generic kernel's with R = 1
