@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "cuda/cuda_context.h"
 #include "cuda/train/train_engine_gpu.h"
+#include "cuda/train/train_gemm_profile.h"
 #include "model/init_weights.h"
 #include "model/model_config.h"
 #include "train/optimizer.h"
@@ -68,6 +69,12 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
   double loss = 0;
   for (int64_t i = 0; i < a.steps; ++i) loss = step();  // the loss read synchronises each step
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(a.steps);
+  if (cuda::gemm_profile::enabled()) {  // one more step, its products timed one by one (MAMBA3_TRAIN_PROFILE=gemm)
+    cuda::gemm_profile::begin();
+    step();
+    cuda::Context ctx;
+    cuda::gemm_profile::report(ctx, 1);
+  }
   const double tok_s = double(B * L) / s, tflops = train_flops_per_token(c) * tok_s / 1e12;
   std::printf("  %-28s %8.1fM %6lld×%-5lld %10.1f %10.0f %9.1f %6.1f%%   (loss %.3f)\n", label.c_str(),
               parameter_count(params) / 1e6, static_cast<long long>(B), static_cast<long long>(L), s * 1e3, tok_s,

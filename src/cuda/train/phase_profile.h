@@ -1,7 +1,8 @@
 #pragma once
 // MAMBA3_TRAIN_PROFILE: device time per part of one call (events between the parts), printed to stderr — where a
 // training step's time goes, without a profiler (ncu's replay of a whole step takes minutes). Level 1 (any value):
-// the trainer's parts per step; level 2 ("2"): also the Mamba-3 mixer's chunk-stage parts per call.
+// the trainer's parts per step; level 2 ("2"): also the Mamba-3 mixer's chunk-stage parts per call; "gemm" is
+// the per-product profile instead (train_gemm_profile.h).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -23,7 +24,7 @@ class PhaseProfile {
   // title: the report's first word; level: the MAMBA3_TRAIN_PROFILE level that turns this profile on.
   PhaseProfile(cudaStream_t s, const char* title = "train profile", int level = 1) : stream_(s), title_(title) {
     const char* v = std::getenv("MAMBA3_TRAIN_PROFILE");
-    on_ = v != nullptr && (level <= 1 || std::strcmp(v, "2") == 0);
+    on_ = v != nullptr && std::strcmp(v, "gemm") != 0 && (level <= 1 || std::strcmp(v, "2") == 0);  // (gemm: its own)
     if (on_) mark(nullptr);
   }
   ~PhaseProfile() {
