@@ -577,7 +577,8 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
 }
 
 // The bf16 mode with u's rounding given by its producer (u16; u given too, or null): the in_proj products read it
-// instead of rounding u, so the output and every gradient are the same bits, with and without kept activations.
+// instead of rounding u, so the output and every gradient are the same bits, with and without kept activations;
+// likewise dout's (dout16, from the norm backward) for the out_proj products.
 TEST(Mamba3TrainGpu, RoundedInputGivesTheSameBits) {
   MAMBA3_REQUIRE_GPU();
   for (const LayerCase& lc : tensor_core_cases()) {
@@ -593,14 +594,16 @@ TEST(Mamba3TrainGpu, RoundedInputGivesTheSameBits) {
     cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
     cuda::DeviceBuffer u16(size_t(B * L * c.d_model) * 2), out(ud.bytes()), du(ud.bytes());
     cuda::f32_to_bf16_2d(ctx.stream(), ud.as<float>(), B * L, c.d_model, c.d_model, u16.as<uint16_t>());
+    cuda::DeviceBuffer dout16(size_t(B * L * c.d_model) * 2);
+    cuda::f32_to_bf16_2d(ctx.stream(), dd.as<float>(), B * L, c.d_model, c.d_model, dout16.as<uint16_t>());
     cuda::Mamba3TrainActivations kept;
-    auto step = [&](const float* uin, const uint16_t* uin16, bool keep) {
+    auto step = [&](const float* uin, const uint16_t* uin16, bool keep, const uint16_t* dout_16 = nullptr) {
       layer.zero_grads();
       poison(du.raw(), du.bytes());
       poison(out.raw(), out.bytes());
       train.forward(ctx, gemm, layer.weights(), B, L, uin, out.as<float>(), keep ? &kept : nullptr, uin16);
       train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, uin, dd.as<float>(), du.as<float>(),
-                     keep ? &kept : nullptr, uin16);
+                     keep ? &kept : nullptr, uin16, dout_16);
       ctx.sync();
       return std::make_tuple(from_device_f32(out.raw(), {B, L, c.d_model}), from_device_f32(du.raw(), {B, L, c.d_model}),
                              layer.download_grads());
@@ -617,6 +620,10 @@ TEST(Mamba3TrainGpu, RoundedInputGivesTheSameBits) {
         for (const auto& [name, t] : g_ref)
           EXPECT_EQ(std::memcmp(t.raw(), g_got.at(name).raw(), t.nbytes()), 0) << "grad." << name;
       }
+      const auto [out_got, du_got, g_got] = step(ud.as<float>(), nullptr, keep, dout16.as<uint16_t>());
+      EXPECT_EQ(std::memcmp(du_ref.raw(), du_got.raw(), du_ref.nbytes()), 0) << "du with dout16";
+      for (const auto& [name, t] : g_ref)
+        EXPECT_EQ(std::memcmp(t.raw(), g_got.at(name).raw(), t.nbytes()), 0) << "grad." << name << " with dout16";
     }
   }
 }

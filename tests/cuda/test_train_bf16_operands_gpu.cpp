@@ -87,7 +87,7 @@ TEST(TrainBf16OperandsGpu, ResidualNormWritesItsOutputsRounding) {
 }
 
 // The GatedMLP in the bf16 mode with its input's rounding given (x16; x given too, or null) and/or its weights'
-// (fc1_16, fc2_16) gives the same bits as with x and the weights alone (rounded by the products).
+// (fc1_16, fc2_16), or dy's (dy16), gives the same bits as with x, dy and the weights alone (rounded by the products).
 TEST(TrainBf16OperandsGpu, GatedMlpWithRoundedInputGivesTheSameBits) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -106,7 +106,9 @@ TEST(TrainBf16OperandsGpu, GatedMlpWithRoundedInputGivesTheSameBits) {
     struct Out {
       Tensor y, dx, dfc1, dfc2;
     };
-    auto run = [&](const float* xin, const uint16_t* x16, bool weights16) {
+    DeviceBuffer g_dy16(size_t(rows * D) * 2);
+    cuda::f32_to_bf16_2d(ctx.stream(), g_dy.as<float>(), rows, D, D, g_dy16.as<uint16_t>());
+    auto run = [&](const float* xin, const uint16_t* x16, bool weights16, const uint16_t* dy16 = nullptr) {
       const uint16_t* fc1_16 = weights16 ? g_fc1_16.as<uint16_t>() : nullptr;
       const uint16_t* fc2_16 = weights16 ? g_fc2_16.as<uint16_t>() : nullptr;
       DeviceBuffer h = poisoned(size_t(rows * 2 * F) * 4), o = poisoned(size_t(rows * F) * 4),
@@ -120,7 +122,7 @@ TEST(TrainBf16OperandsGpu, GatedMlpWithRoundedInputGivesTheSameBits) {
                                   o.as<float>(), y.as<float>(), x16, fc1_16, fc2_16);
       cuda::gated_mlp_backward_gpu(ctx, gemm, g_fc1.as<float>(), g_fc2.as<float>(), D, F, xin, rows, h.as<float>(),
                                    o.as<float>(), g_dy.as<float>(), dx.as<float>(), dfc1.as<float>(),
-                                   dfc2.as<float>(), scratch.as<float>(), x16, fc1_16, fc2_16);
+                                   dfc2.as<float>(), scratch.as<float>(), x16, fc1_16, fc2_16, dy16);
       ctx.sync();
       return Out{from_device_f32(y.raw(), {rows, D}), from_device_f32(dx.raw(), {rows, D}),
                  from_device_f32(dfc1.raw(), {2 * F, D}), from_device_f32(dfc2.raw(), {D, F})};
@@ -139,6 +141,11 @@ TEST(TrainBf16OperandsGpu, GatedMlpWithRoundedInputGivesTheSameBits) {
         EXPECT_TRUE(same(got.dfc1, ref.dfc1)) << "dfc1";
         EXPECT_TRUE(same(got.dfc2, ref.dfc2)) << "dfc2";
       }
+    // dy's rounding given by its producer (the norm backward's dx16) instead of rounded by the products.
+    const Out got = run(g_x.as<float>(), nullptr, false, g_dy16.as<uint16_t>());
+    EXPECT_TRUE(same(got.dx, ref.dx)) << "dx with dy16";
+    EXPECT_TRUE(same(got.dfc1, ref.dfc1)) << "dfc1 with dy16";
+    EXPECT_TRUE(same(got.dfc2, ref.dfc2)) << "dfc2 with dy16";
   }
 }
 

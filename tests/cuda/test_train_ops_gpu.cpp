@@ -74,7 +74,8 @@ bool same_bits(const Tensor& a, const Tensor& b) {
 struct Shape2 {
   int64_t rows, D;
 };
-const Shape2 kNormShapes[] = {{1, 48}, {3, 130}, {67, 48}, {300, 130}, {300, 48}, {4099, 130}};
+// Widths 48 and 130 take the generic kernels, 256 and 768 the register-row ones (set_norm_register_rows).
+const Shape2 kNormShapes[] = {{1, 48}, {3, 130}, {67, 48}, {300, 130}, {300, 48}, {4099, 130}, {37, 256}, {301, 768}};
 
 // ---------------------------------------------------------------------------------------------------------- norms
 
@@ -191,6 +192,59 @@ TEST(TrainOpsGpu, NormBackwardMatchesCpuAndRepeats) {
           EXPECT_TRUE(same_bits(down(dev_dw, {D}), results[0][1])) << "dw with dx aliasing dy";
         }
       }
+}
+
+// The register-row kernels (D = 32·k) against the generic ones: the same arithmetic in the same order, so the
+// residual, y, its bf16 rounding, dx, dw and db are the same bits, with and without accumulation.
+TEST(TrainOpsGpu, NormRegisterRowsGiveTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::NormGradScratch scratch;
+  std::mt19937 rng(11);
+  struct Restore {
+    ~Restore() { cuda::set_norm_register_rows(true); }
+  } restore;
+  for (const auto [rows, D] : {Shape2{301, 256}, Shape2{1029, 768}, Shape2{5, 1024}, Shape2{77, 2048}})
+    for (bool layer : {false, true}) {
+      SCOPED_TRACE(fmt::format("rows {} D {} {}", rows, D, layer ? "LayerNorm" : "RMSNorm"));
+      const Tensor prev = random_tensor(rng, {rows, D}, -1.5f, 2.5f), hid = random_tensor(rng, {rows, D});
+      const Tensor g = random_tensor(rng, {rows, D}), dx0 = random_tensor(rng, {rows, D});
+      const Tensor w = random_tensor(rng, {D}, 0.5f, 1.5f), b = random_tensor(rng, {D}, -0.5f, 0.5f);
+      const Tensor dw0 = random_tensor(rng, {D}, -5.0f, 5.0f), db0 = random_tensor(rng, {D}, -5.0f, 5.0f);
+      DeviceBuffer dp = up(prev), dh = up(hid), dg = up(g), dev_w = up(w), dev_b = up(b);
+      const float* bias = layer ? dev_b.as<float>() : nullptr;
+      std::vector<Tensor> got[2];
+      for (int reg = 0; reg < 2; ++reg) {
+        cuda::set_norm_register_rows(reg == 1);
+        DeviceBuffer res = poisoned(rows * D), y = poisoned(rows * D), y16(size_t(rows * D) * 2);
+        cuda::residual_norm_forward_gpu(ctx.stream(), dp.as<float>(), dh.as<float>(), rows, D, dev_w.as<float>(),
+                                        bias, 1e-5f, res.as<float>(), y.as<float>(), y16.as<uint16_t>());
+        Tensor y16_host = Tensor::empty(DType::F32, {(rows * D + 1) / 2});
+        ctx.sync();
+        y16.download(y16_host.raw(), size_t(rows * D) * 2);
+        got[reg].push_back(down(res, {rows, D}));
+        got[reg].push_back(down(y, {rows, D}));
+        got[reg].push_back(y16_host);
+        for (bool accumulate : {false, true}) {
+          DeviceBuffer dx = up(dx0), dw = up(dw0), db = up(db0);
+          cuda::norm_backward_gpu(ctx.stream(), res.as<float>(), dg.as<float>(), rows, D, dev_w.as<float>(), bias,
+                                  1e-5f, dx.as<float>(), accumulate, dw.as<float>(), layer ? db.as<float>() : nullptr,
+                                  scratch);
+          got[reg].push_back(down(dx, {rows, D}));
+          got[reg].push_back(down(dw, {D}));
+          got[reg].push_back(down(db, {D}));
+        }
+      }
+      cuda::set_norm_register_rows(true);
+      ASSERT_EQ(got[0].size(), got[1].size());
+      for (size_t i = 0; i < got[0].size(); ++i) {
+        EXPECT_TRUE(same_bits(got[0][i], got[1][i])) << "output " << i;
+        const Tensor& t = got[1][i];
+        if (i != 2) {
+          for (int64_t e = 0; e < t.numel(); ++e) ASSERT_TRUE(std::isfinite(t.data<float>()[e])) << "output " << i;
+        }
+      }
+    }
 }
 
 TEST(TrainOpsGpu, AddInplaceAndCopy) {

@@ -21,30 +21,42 @@ void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1
 void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
                             int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch,
-                            const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16) {
+                            const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16,
+                            const uint16_t* dy16) {
   if (rows <= 0) return;
   const int64_t F2 = 2 * d_ff;
   const bool bf16 = gemm.precision() == Precision::BF16;
+  // The bf16 mode (d_ff even): do = dy·fc2 rounded to bf16 by its product (as PyTorch autocast's linear backward
+  // gives it) at the scratch's start, [da, dg] as bf16 after the f32 rows' room (rows·d_ff floats hold rows·2·d_ff
+  // bf16 values). Odd d_ff: do in f32 in the first half of each scratch row (stride 2·d_ff), turned into [da, dg] in
+  // place (f32 mode) or into the bf16 rows.
+  const bool do16 = bf16 && d_ff % 2 == 0;
+  uint16_t* const dh16 = bf16 ? reinterpret_cast<uint16_t*>(scratch + rows * F2) : nullptr;
   {
-    const TrainGemm::HeldA dy16(gemm, ctx, dy, rows, D, D);  // rounded once for both products
+    const TrainGemm::HeldA held(gemm, ctx, dy, dy16, rows, D, D);  // rounded once (or given) for both products
     if (bf16)  // dfc2 += dyᵀ·o (D, d_ff), o kept as bf16 by the forward
       gemm.run_mixed(ctx, true, false, D, d_ff, rows, 1.0f, dy, nullptr, D, nullptr,
                      reinterpret_cast<const uint16_t*>(o), d_ff, 1.0f, dfc2, d_ff);
     else
       gemm.run(ctx, true, false, D, d_ff, rows, 1.0f, dy, D, o, d_ff, 1.0f, dfc2, d_ff);
-    // do = dy·fc2 lands in the first half of each scratch row (stride 2·d_ff), so the activation backward can turn
-    // it into [da, dg] in place and the scratch needs no room for do beside dh.
-    gemm.run_mixed(ctx, false, false, rows, d_ff, D, 1.0f, dy, nullptr, D, fc2, fc2_16, d_ff, 0.0f, scratch, F2);
+    if (do16)
+      gemm.run_mixed_bf16_out(ctx, false, false, rows, d_ff, D, 1.0f, dy, nullptr, D, fc2, fc2_16, d_ff,
+                              reinterpret_cast<uint16_t*>(scratch), d_ff);
+    else
+      gemm.run_mixed(ctx, false, false, rows, d_ff, D, 1.0f, dy, nullptr, D, fc2, fc2_16, d_ff, 0.0f, scratch, F2);
   }
-  if (bf16) {  // [da, dg] as bf16 after the f32 rows (rows·d_ff floats hold rows·2·d_ff bf16 values)
-    uint16_t* dh16 = reinterpret_cast<uint16_t*>(scratch + rows * F2);
-    gated_silu_backward_gpu(ctx.stream(), nullptr, rows, d_ff, scratch, dh16, reinterpret_cast<const uint16_t*>(h));
+  if (bf16) {
+    const uint16_t* h16 = reinterpret_cast<const uint16_t*>(h);
+    if (do16)
+      gated_silu_backward_bf16_gpu(ctx.stream(), reinterpret_cast<const uint16_t*>(scratch), h16, rows, d_ff, dh16);
+    else
+      gated_silu_backward_gpu(ctx.stream(), nullptr, rows, d_ff, scratch, dh16, h16);
     gemm.run_mixed(ctx, true, false, F2, D, rows, 1.0f, nullptr, dh16, F2, x, x16, D, 1.0f, dfc1, D);
     gemm.run_mixed(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, fc1_16, D, 0.0f, dx, D);
     return;
   }
   gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch);                      // dh (rows, 2·d_ff)
-  const TrainGemm::HeldA dh16(gemm, ctx, scratch, rows, F2, F2);
+  const TrainGemm::HeldA held_dh(gemm, ctx, scratch, rows, F2, F2);
   gemm.run(ctx, true, false, F2, D, rows, 1.0f, scratch, F2, x, D, 1.0f, dfc1, D);    // dfc1 += dhᵀ·x (2·d_ff, D)
   gemm.run(ctx, false, false, rows, D, F2, 1.0f, scratch, F2, fc1, D, 0.0f, dx, D);   // dx = dh·fc1 (rows, D)
 }

@@ -25,12 +25,13 @@ void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1
 // dx (rows, D) is overwritten; dfc1 and dfc2 are added to. scratch: rows·3·d_ff floats (contents lost).
 // In the bf16 mode the forward keeps h as bf16 (fc1's product rounds its f32 accumulation once, as PyTorch autocast's
 // bf16 linear output; in h's buffer) and o as bf16 (in o's buffer; the products read nothing else of it), and the
-// backward writes [da, dg] as bf16: the products' operands without an f32 round trip.
+// backward writes [da, dg] as bf16: the products' operands without an f32 round trip. dy16 (optional): dy's bf16
+// rounding written by its producer (the norm backward), read instead of rounding dy again.
 void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
                             int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch,
                             const uint16_t* x16 = nullptr, const uint16_t* fc1_16 = nullptr,
-                            const uint16_t* fc2_16 = nullptr);
+                            const uint16_t* fc2_16 = nullptr, const uint16_t* dy16 = nullptr);
 
 // The element-wise halves (exposed for tests and reuse):
 // o[r, j] = h[r, j]·silu(h[r, d_ff + j]); with o16, rounded to bf16 into o16 (rows, d_ff) instead of o. With h16
@@ -41,5 +42,9 @@ void gated_silu_forward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_
 // dh16, [da, dg] go rounded to bf16 into dh16 (rows, 2·d_ff) instead.
 void gated_silu_backward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_t d_ff, float* dh,
                              uint16_t* dh16 = nullptr, const uint16_t* h16 = nullptr);
+// The same with every operand bf16: do16 (rows, d_ff), h16 (rows, 2·d_ff) in, dh16 (rows, 2·d_ff) = [da, dg] out
+// (f32 arithmetic, each result rounded once). d_ff must be even.
+void gated_silu_backward_bf16_gpu(cudaStream_t s, const uint16_t* do16, const uint16_t* h16, int64_t rows,
+                                  int64_t d_ff, uint16_t* dh16);
 
 }  // namespace mamba3::cuda

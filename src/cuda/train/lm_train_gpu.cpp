@@ -62,6 +62,7 @@ struct GpuLmTrainer::Layer {
 struct GpuLmTrainer::Work {
   DeviceBuffer ids, targets;           // int32 (B·L)
   DeviceBuffer hidden, residual, dnormed, grad;  // f32 (B·L, D)
+  DeviceBuffer grad16;                 // bf16 (B·L, D): grad's rounding from the norm backward (bf16 mode)
   DeviceBuffer mlp_scratch;            // f32 (B·L, 3·d_ff): dh, and its bf16 copy in the bf16 mode
   NormGradScratch norm_scratch;
   LmHeadScratch head_scratch;
@@ -289,8 +290,19 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
 
   // Backward: `g` is the gradient of the residual stream.
   float* g = w.grad.as<float>();
+  // In the bf16 mode each norm backward also writes g's rounding, which the next layer's products (fc2's and
+  // out_proj's dx and dW) read instead of rounding g again (one pass over g fewer per product pair). Attention
+  // layers round it themselves; the embedding reads the f32 g.
+  uint16_t* g16 = nullptr;
+  if (bf16) {
+    w.grad16.reserve(act / 2);
+    g16 = w.grad16.as<uint16_t>();
+  }
+  // g16 where g's next reader takes it: layer l's MLP, or its Mamba-3 mixer (the first reader once the MLP is done).
+  const auto g16_if = [&](bool reads16) { return reads16 ? g16 : nullptr; };
+  const auto first_reads16 = [](const Layer& l) { return l.fc1 || !l.attention; };
   norm_backward_gpu(st, residual, dnormed, N, D, norm_f.w, norm_f.b, eps, g, false, norm_f.dw, norm_f.db,
-                    w.norm_scratch);
+                    w.norm_scratch, g16_if(!layers_.empty() && first_reads16(*layers_.back())));
   prof.mark("norm_bwd");
   for (size_t i = layers_.size(); i-- > 0;) {
     Layer& l = *layers_[i];
@@ -298,10 +310,10 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       w.mlp_scratch.reserve(size_t(N * 3 * dff) * 4);
       gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.f32_or_null(l.normed2), N, l.mlp_h.as<float>(),
                              l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>(),
-                             l.bf16_or_null(l.normed2_16), l.fc1_16, l.fc2_16);
+                             l.bf16_or_null(l.normed2_16), l.fc1_16, l.fc2_16, g16);
       prof.mark("mlp_bwd");
       norm_backward_gpu(st, l.res_mid.as<float>(), dnormed, N, D, l.norm2.w, l.norm2.b, eps, g, true, l.norm2.dw,
-                        l.norm2.db, w.norm_scratch);
+                        l.norm2.db, w.norm_scratch, g16_if(!l.attention));
       prof.mark("norm_bwd");
     }
     if (l.attention) {
@@ -309,11 +321,11 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       prof.mark("attn_bwd");
     } else {
       w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.f32_or_null(l.normed), g, dnormed,
-                        keep ? &l.mamba_kept : nullptr, l.bf16_or_null(l.normed16));
+                        keep ? &l.mamba_kept : nullptr, l.bf16_or_null(l.normed16), g16);
       prof.mark("mamba_bwd");
     }
     norm_backward_gpu(st, l.res_in.as<float>(), dnormed, N, D, l.norm.w, l.norm.b, eps, g, true, l.norm.dw,
-                      l.norm.db, w.norm_scratch);
+                      l.norm.db, w.norm_scratch, g16_if(i > 0 && first_reads16(*layers_[i - 1])));
     prof.mark("norm_bwd");
   }
   embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));

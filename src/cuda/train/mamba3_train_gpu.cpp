@@ -500,7 +500,8 @@ void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const 
 
 void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w,
                               const Mamba3TrainGrads& g, int64_t B, int64_t L, const float* u, const float* dout,
-                              float* du, Mamba3TrainActivations* kept, const uint16_t* u16) {
+                              float* du, Mamba3TrainActivations* kept, const uint16_t* u16,
+                              const uint16_t* dout16) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::backward: negative batch {} or length {}", B, L);
   if (B == 0 || L == 0) return;
   check_weights(c_, w);
@@ -557,7 +558,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
       gemm.run(ctx, true, false, D, di, M, 1.0f, dout, D, f(act_->o), di, 1.0f, g.out_proj, di);
   };
   {
-    const TrainGemm::HeldA dout16(gemm, ctx, dout, M, D, D);
+    const TrainGemm::HeldA held(gemm, ctx, dout, dout16, M, D, D);
     gemm.run_mixed(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di, 0.0f, f(dO_),
                    di);
     if (reuse) out_proj_grad();

@@ -73,9 +73,11 @@ class Mamba3TrainGpu {
   // kept (optional): the activations a forward of this layer on the same u left there; the batched chunk path then
   // starts from them instead of recomputing the forward (in_proj, the chunk products and scan), and consumes them
   // (a second backward recomputes). Without it, or with the fused path, everything is recomputed from u.
+  // dout16 (optional, bf16 mode): dout's rounding written by its producer, read instead of rounding dout again.
   void backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, const Mamba3TrainGrads& g,
                 int64_t B, int64_t L, const float* u, const float* dout, float* du,
-                Mamba3TrainActivations* kept = nullptr, const uint16_t* u16 = nullptr);
+                Mamba3TrainActivations* kept = nullptr, const uint16_t* u16 = nullptr,
+                const uint16_t* dout16 = nullptr);
   // The bytes a Mamba3TrainActivations holds after a forward of B × L tokens with the batched chunk path, its product
   // operands in `precision`'s element size (F32 gives an upper bound for both modes).
   int64_t activation_bytes(int64_t B, int64_t L, Precision precision = Precision::F32) const;

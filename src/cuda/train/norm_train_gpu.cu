@@ -81,7 +81,7 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 // Cost: reads x, dy twice, w; writes dx; ~5·rows·D floats of traffic plus the partials.
 __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                                           bool layer, float eps, float* dx, bool accumulate, double* partial_w,
-                                          double* partial_b, int64_t rpb) {
+                                          double* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
   extern __shared__ double wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
   const bool with_b = partial_b != nullptr;
@@ -109,7 +109,9 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
       for (int64_t j = lane; j < D; j += 32) {
         sw[j] += double(gr[j]) * xr[j] * s;
         const float v = float(s * double(gr[j]) * w[j] - c * xr[j]);
-        dxr[j] = accumulate ? dxr[j] + v : v;
+        const float o = accumulate ? dxr[j] + v : v;
+        dxr[j] = o;
+        if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
       }
     } else {
       double sum = 0;
@@ -134,7 +136,110 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
       for (int64_t j = lane; j < D; j += 32) {
         const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
         const float v = float(s * (g - mg - xh * mgx));
-        dxr[j] = accumulate ? dxr[j] + v : v;
+        const float o = accumulate ? dxr[j] + v : v;
+        dxr[j] = o;
+        if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
+      }
+    }
+  }
+  __syncthreads();
+  double* pw = partial_w + int64_t(blockIdx.x) * D;
+  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    double tw = 0, tb = 0;
+    for (int i = 0; i < warps; ++i) {
+      tw += wsum[int64_t(i) * D + j];
+      if (with_b) tb += wsum[int64_t(warps + i) * D + j];
+    }
+    pw[j] = tw;
+    if (pb) pb[j] = tb;
+  }
+}
+
+// norm_backward_rows_kernel with a lane's kV = D/32 columns of x, dy (and dx when accumulating) and w in registers:
+// a row's loads all issued before its stores and read once, the same arithmetic in the same order (the same bits:
+// test NormRegisterRowsGiveTheSameBits). (ncu, 125M step: the generic kernel ran at 107 µs per call against a
+// ~65 µs memory floor, re-reading x and dy per pass.)
+template <int kV>
+__global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, int64_t rows, const float* w,
+                                              bool layer, float eps, float* dx, bool accumulate, double* partial_w,
+                                              double* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
+  constexpr int64_t D = 32 * kV;
+  extern __shared__ double wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
+  const bool with_b = partial_b != nullptr;
+  double* sw = wsum + int64_t(warp) * D;
+  double* sb = with_b ? wsum + int64_t(warps + warp) * D : nullptr;
+  float wv[kV];
+#pragma unroll
+  for (int i = 0; i < kV; ++i) {
+    const int j = lane + 32 * i;
+    wv[i] = w[j], sw[j] = 0;
+    if (sb) sb[j] = 0;
+  }
+  const int64_t r0 = int64_t(blockIdx.x) * rpb, r1 = r0 + rpb < rows ? r0 + rpb : rows;
+  for (int64_t r = r0 + warp; r < r1; r += warps) {
+    const float* xr = x + r * D;
+    const float* gr = dy + r * D;
+    float* dxr = dx + r * D;
+    float xv[kV], gv[kV], dv[kV];
+#pragma unroll
+    for (int i = 0; i < kV; ++i) xv[i] = xr[lane + 32 * i], gv[i] = gr[lane + 32 * i];
+    if (accumulate) {
+#pragma unroll
+      for (int i = 0; i < kV; ++i) dv[i] = dxr[lane + 32 * i];
+    }
+    if (!layer) {
+      double ss = 0, gx = 0;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        ss += double(xv[i]) * xv[i];
+        gx += double(gv[i]) * wv[i] * xv[i];
+      }
+      ss = warp_sum_d(ss);
+      gx = warp_sum_d(gx);
+      const double s = 1.0 / sqrt(ss / double(D) + double(eps));
+      const double c = s * s * s * gx / double(D);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        const int j = lane + 32 * i;
+        sw[j] += double(gv[i]) * xv[i] * s;
+        const float v = float(s * double(gv[i]) * wv[i] - c * xv[i]);
+        const float o = accumulate ? dv[i] + v : v;
+        dxr[j] = o;
+        if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
+      }
+    } else {
+      double sum = 0;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) sum += xv[i];
+      const double mean = warp_sum_d(sum) / double(D);
+      double var = 0;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        const double d = double(xv[i]) - mean;
+        var += d * d;
+      }
+      const double s = 1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps));
+      double mg = 0, mgx = 0;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        const int j = lane + 32 * i;
+        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wv[i];
+        mg += g;
+        mgx += g * xh;
+        sw[j] += double(gv[i]) * xh;
+        if (sb) sb[j] += gv[i];
+      }
+      mg = warp_sum_d(mg) / double(D);
+      mgx = warp_sum_d(mgx) / double(D);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wv[i];
+        const float v = float(s * (g - mg - xh * mgx));
+        const float o = accumulate ? dv[i] + v : v;
+        dxr[lane + 32 * i] = o;
+        if (dx16) dx16[r * D + lane + 32 * i] = __float2bfloat16_rn(o);
       }
     }
   }
@@ -219,12 +324,90 @@ __global__ void residual_norm_forward_kernel(const float* prev, const float* hid
   }
 }
 
+// residual_norm_forward_kernel with a lane's kV = D/32 columns held in registers: every load of a row (prev and hidden)
+// issued before any store, no re-read of the residual it wrote, the same arithmetic in the same order (the same bits:
+// test NormRegisterRowsGiveTheSameBits). (ncu, 125M step: the generic kernel ran at 85 µs per call against a ~60 µs
+// memory floor, each lane's loads one at a time and the residual read back after its store.)
+template <int kV>
+__global__ void residual_norm_forward_rows_kernel(const float* prev, const float* hidden, int64_t rows, const float* w,
+                                                  const float* b, float eps, float* res_out, float* y,
+                                                  __nv_bfloat16* y16) {
+  constexpr int64_t D = 32 * kV;
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
+       r += int64_t(gridDim.x) * blockDim.x / 32) {
+    const float* pr = prev + r * D;
+    const float* hr = hidden ? hidden + r * D : nullptr;
+    float v[kV];
+#pragma unroll
+    for (int i = 0; i < kV; ++i) v[i] = pr[lane + 32 * i];
+    if (hr) {
+      float h[kV];
+#pragma unroll
+      for (int i = 0; i < kV; ++i) h[i] = hr[lane + 32 * i];
+#pragma unroll
+      for (int i = 0; i < kV; ++i) v[i] = v[i] + h[i];
+    }
+    float* xr = res_out + r * D;
+    double sum = 0, ss = 0;
+#pragma unroll
+    for (int i = 0; i < kV; ++i) {
+      xr[lane + 32 * i] = v[i];
+      sum += v[i];
+      ss += double(v[i]) * v[i];
+    }
+    float* yr = y ? y + r * D : nullptr;
+    __nv_bfloat16* yr16 = y16 ? y16 + r * D : nullptr;
+    const auto put = [&](int i, float o) {
+      if (yr) yr[lane + 32 * i] = o;
+      if (yr16) yr16[lane + 32 * i] = __float2bfloat16_rn(o);
+    };
+    if (!b) {
+      const float sc = float(1.0 / sqrt(warp_sum_d(ss) / double(D) + double(eps)));
+#pragma unroll
+      for (int i = 0; i < kV; ++i) put(i, v[i] * sc * w[lane + 32 * i]);
+    } else {
+      const double mean = warp_sum_d(sum) / double(D);
+      double var = 0;
+#pragma unroll
+      for (int i = 0; i < kV; ++i) {
+        const double dv = double(v[i]) - mean;
+        var += dv * dv;
+      }
+      const float sc = float(1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps)));
+      const float m = float(mean);
+#pragma unroll
+      for (int i = 0; i < kV; ++i) put(i, (v[i] - m) * sc * w[lane + 32 * i] + b[lane + 32 * i]);
+    }
+  }
+}
+
 __global__ void add_inplace_kernel(float* y, const float* x, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     y[i] += x[i];
 }
 
+bool g_register_rows = true;  // set_norm_register_rows
+
+// kernel<kV> for D = 32·kV with kV among Vs (true), else nothing (false).
+template <template <int> class Pick, int... Vs, typename Launch>
+bool pick_register_kernel(int64_t D, Launch&& launch) {
+  if (!g_register_rows || D % 32 != 0) return false;
+  return ((D / 32 == Vs ? (launch(Pick<Vs>::kernel), true) : false) || ...);
+}
+
+template <int kV>
+struct ForwardRows {
+  static constexpr auto kernel = residual_norm_forward_rows_kernel<kV>;
+};
+template <int kV>
+struct BackwardRows {
+  static constexpr auto kernel = norm_backward_rows_reg_kernel<kV>;
+};
+
 }  // namespace
+
+void set_norm_register_rows(bool on) { g_register_rows = on; }
 
 void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, const float* w, const float* b,
                       float eps, float* y) {
@@ -236,7 +419,7 @@ void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, c
 
 void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                        const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
-                       NormGradScratch& scratch) {
+                       NormGradScratch& scratch, uint16_t* dx16) {
   if (rows <= 0 || D <= 0) return;
   MAMBA3_CHECK(b_or_null || !db_or_null, "norm_backward_gpu: a bias gradient asked of an RMSNorm (no bias)");
   const int64_t rpb = rows_per_block(rows), nblocks = (rows + rpb - 1) / rpb;
@@ -250,15 +433,17 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
                                             std::max<int64_t>(1, kNormBackwardSharedBytes / row_bytes)));
   const size_t shared = size_t(warps * row_bytes);
   MAMBA3_CHECK(shared <= size_t(kNormBackwardSharedBytes), "norm_backward_gpu: width {} too large", D);
-  static const bool raised = [] {  // the kernel's dynamic shared-memory limit, once per process
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(norm_backward_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           kNormBackwardSharedBytes));
-    return true;
-  }();
-  (void)raised;
-  norm_backward_rows_kernel<<<unsigned(nblocks), warps * 32, shared, s>>>(
-      x, dy, rows, D, w, b_or_null != nullptr, eps, dx, accumulate_dx, pw, pb, rpb);
-  MAMBA3_LAUNCH_CHECK();
+  const auto launch = [&](auto kernel, auto... width) {
+    if (shared > 48 * 1024)
+      MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+    kernel<<<unsigned(nblocks), warps * 32, shared, s>>>(x, dy, rows, width..., w, b_or_null != nullptr, eps, dx,
+                                                         accumulate_dx, pw, pb, rpb,
+                                                         reinterpret_cast<__nv_bfloat16*>(dx16));
+    MAMBA3_LAUNCH_CHECK();
+  };
+  // Widths up to 1024 with a lane's columns in registers (x, dy, dx and w: 4·D/32 floats per lane).
+  if (!pick_register_kernel<BackwardRows, 8, 16, 24, 32>(D, [&](auto kernel) { launch(kernel); }))
+    launch(norm_backward_rows_kernel, D);
   norm_backward_sum_kernel<<<grid_for(D * 32, 256), 256, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
   MAMBA3_LAUNCH_CHECK();
 }
@@ -267,8 +452,13 @@ void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* h
                                const float* w, const float* b, float eps, float* res_out, float* y, uint16_t* y16) {
   if (rows <= 0 || D <= 0) return;
   MAMBA3_CHECK(y || y16, "residual_norm_forward_gpu: no output (y and y16 both null)");
-  residual_norm_forward_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(
-      prev, hidden, rows, D, w, b, eps, res_out, y, reinterpret_cast<__nv_bfloat16*>(y16));
+  __nv_bfloat16* out16 = reinterpret_cast<__nv_bfloat16*>(y16);
+  // Widths up to 2048 with a lane's columns in registers.
+  if (!pick_register_kernel<ForwardRows, 8, 16, 24, 32, 48, 64>(D, [&](auto kernel) {
+        kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, w, b, eps, res_out, y, out16);
+      }))
+    residual_norm_forward_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, D, w, b, eps, res_out,
+                                                                           y, out16);
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -23,9 +23,6 @@ struct NormGradScratch {
 void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, const float* w, const float* b,
                       float eps, float* y);
 
-// x, dy, dx: (rows, D). dx is written (it may alias dy), or added to when accumulate_dx. dw (D) and db (D) are
-// added to; b_or_null and db_or_null are both null for RMSNorm (db_or_null may be null for LayerNorm to skip the
-// bias gradient).
 // The residual stream's step before a norm: res_out = prev + hidden (a copy of prev when hidden is null), then
 // y = Norm(res_out) as norm_forward_gpu forms it (the same float64 statistics, summed in another order). res_out
 // may alias prev, y may alias hidden; res_out and y must differ. y16 (optional, rows × D bf16 bits): y rounded to
@@ -34,9 +31,18 @@ void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* h
                                const float* w, const float* b, float eps, float* res_out, float* y,
                                uint16_t* y16 = nullptr);
 
+// x, dy, dx: (rows, D). dx is written (it may alias dy), or added to when accumulate_dx. dw (D) and db (D) are
+// added to; b_or_null and db_or_null are both null for RMSNorm (db_or_null may be null for LayerNorm to skip the
+// bias gradient). dx16 (optional, rows × D bf16 bits): the final dx rounded to nearest even as well, for the bf16
+// mode's products that read it next (TrainGemm::HeldA with A16).
 void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                        const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
-                       NormGradScratch& scratch);
+                       NormGradScratch& scratch, uint16_t* dx16 = nullptr);
+
+// Widths D = 32·k (k ≤ 32 in the backward, ≤ 64 in the residual step) run kernels that hold a lane's columns in
+// registers, with the generic kernels' arithmetic and order (the same bits); off: the generic kernels everywhere
+// (for the test that compares them). Process-wide, on by default.
+void set_norm_register_rows(bool on);
 
 // y[i] += x[i] for n floats.
 void add_inplace_gpu(cudaStream_t s, float* y, const float* x, int64_t n);

@@ -75,7 +75,7 @@ void TrainGemm::run(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, 
   }
   b16_.reserve(size_t(b_rows * b_cols) * 2);
   f32_to_bf16_2d(ctx.stream(), B, b_rows, b_cols, ldb, b16_.as<uint16_t>());
-  run_bf16(ctx, ta, tb, m, n, k, alpha, held ? held16_.as<uint16_t>() : a16_.as<uint16_t>(),
+  run_bf16(ctx, ta, tb, m, n, k, alpha, held ? held_bits_ : a16_.as<uint16_t>(),
            std::max<int64_t>(a_cols, 1), b16_.as<uint16_t>(), std::max<int64_t>(b_cols, 1), beta, C, ldc);
 }
 
@@ -107,7 +107,7 @@ void TrainGemm::rounded_operands(const Context& ctx, bool ta, bool tb, int64_t m
   const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
   if (!A16) {
     if (A == held_ && a_rows == held_rows_ && a_cols == held_cols_ && lda == held_ld_) {
-      A16 = held16_.as<uint16_t>();
+      A16 = held_bits_;
     } else {
       a16_.reserve(size_t(a_rows * a_cols) * 2);
       f32_to_bf16_2d(ctx.stream(), A, a_rows, a_cols, lda, a16_.as<uint16_t>());
@@ -129,7 +129,16 @@ TrainGemm::HeldA::HeldA(TrainGemm& gemm, const Context& ctx, const float* A, int
   if (gemm.precision_ != Precision::BF16 || rows * cols == 0) return;
   gemm.held16_.reserve(size_t(rows * cols) * 2);
   f32_to_bf16_2d(ctx.stream(), A, rows, cols, lda, gemm.held16_.as<uint16_t>());
-  gemm.held_ = A, gemm.held_rows_ = rows, gemm.held_cols_ = cols, gemm.held_ld_ = lda;
+  gemm.held_ = A, gemm.held_bits_ = gemm.held16_.as<uint16_t>();
+  gemm.held_rows_ = rows, gemm.held_cols_ = cols, gemm.held_ld_ = lda;
+}
+
+TrainGemm::HeldA::HeldA(TrainGemm& gemm, const Context& ctx, const float* A, const uint16_t* A16, int64_t rows,
+                        int64_t cols, int64_t lda)
+    : HeldA(gemm, ctx, A16 ? nullptr : A, rows, A16 ? 0 : cols, lda) {
+  if (!A16 || gemm.precision_ != Precision::BF16 || rows * cols == 0) return;
+  gemm.held_ = A, gemm.held_bits_ = A16;
+  gemm.held_rows_ = rows, gemm.held_cols_ = cols, gemm.held_ld_ = lda;
 }
 
 void TrainGemm::run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,

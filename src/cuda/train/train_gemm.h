@@ -53,6 +53,10 @@ class TrainGemm {
   class HeldA {
    public:
     HeldA(TrainGemm& gemm, const Context& ctx, const float* A, int64_t rows, int64_t cols, int64_t lda);
+    // With A16 (rows × cols bf16 bits, packed: A's rounding written by A's producer) held instead of rounding A;
+    // null A16: the constructor above.
+    HeldA(TrainGemm& gemm, const Context& ctx, const float* A, const uint16_t* A16, int64_t rows, int64_t cols,
+          int64_t lda);
     ~HeldA() { gemm_.held_ = nullptr; }
     HeldA(const HeldA&) = delete;
     HeldA& operator=(const HeldA&) = delete;
@@ -69,6 +73,7 @@ class TrainGemm {
   Precision precision_;
   DeviceBuffer a16_, b16_, held16_;
   const float* held_ = nullptr;  // the HeldA's operand (null: none)
+  const uint16_t* held_bits_ = nullptr;  // its rounding: held16_ or the producer's copy
   int64_t held_rows_ = 0, held_cols_ = 0, held_ld_ = 0;
 };
 
