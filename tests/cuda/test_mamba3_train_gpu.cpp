@@ -20,6 +20,7 @@
 #include "../model/mixer_case.h"
 #include "../model/random_mixer.h"
 #include "cuda/train/mamba3_train_gpu.h"
+#include "cuda/train/mamba3_train_kernels.h"
 #include "gpu_test_util.h"
 #include "model/mamba3_mixer_backward.h"
 #include "ops/mamba3_reference_backward.h"
@@ -573,6 +574,73 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
       for (const auto& [name, t] : generic.grads) note(siso.grads.at(name), t, "grad." + name);
       std::printf("  %-34s L=%-3lld worst %.2e (%s); differing:%s\n", lc.name, (long long)L, worst, where.c_str(),
                   differ.empty() ? " none" : differ.c_str());
+    }
+}
+
+// The batched column sums (one launch per level for all of a layer's parameter sums) against one colsum_add per sum
+// and a float64 host sum: the same bits as colsum_add (the same per-block order), and close to the exact sums, for
+// sums within one row segment and over several (two levels), with columns not a multiple of 32.
+TEST(Mamba3TrainGpu, BatchedColumnSumsMatchSingleOnes) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(31);
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{8, 24}, {256, 3072}, {5000, 130}, {1, 1}, {3001, 33}};
+  std::vector<Tensor> ins, outs0;
+  std::vector<cuda::DeviceBuffer> din, dout_single, dout_batch, dscratch;
+  for (const auto& [rows, cols] : shapes) {
+    ins.push_back(random_tensor(rng, {rows, cols}));
+    outs0.push_back(random_tensor(rng, {cols}));
+    din.push_back(to_device_activation(ins.back(), Precision::F32));
+    dout_single.push_back(to_device_activation(outs0.back(), Precision::F32));
+    dout_batch.push_back(to_device_activation(outs0.back(), Precision::F32));
+    dscratch.emplace_back(cuda::train_detail::colsum_scratch_floats(rows, cols) * sizeof(float));
+  }
+  std::vector<cuda::train_detail::ColsumJob> jobs;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [rows, cols] = shapes[i];
+    cuda::train_detail::colsum_add(ctx.stream(), din[i].as<float>(), rows, cols, dout_single[i].as<float>(),
+                                   dscratch[i].as<float>());
+    jobs.push_back({din[i].as<float>(), rows, cols, dout_batch[i].as<float>(), dscratch[i].as<float>()});
+  }
+  ctx.sync();
+  cuda::train_detail::colsum_add_batch(ctx.stream(), jobs.data(), int(jobs.size()));
+  ctx.sync();
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [rows, cols] = shapes[i];
+    SCOPED_TRACE("rows " + std::to_string(rows) + " cols " + std::to_string(cols));
+    const Tensor single = from_device_f32(dout_single[i].raw(), {cols}), batch = from_device_f32(dout_batch[i].raw(), {cols});
+    EXPECT_EQ(std::memcmp(single.raw(), batch.raw(), single.nbytes()), 0) << "not colsum_add's bits";
+    Tensor exact = Tensor::empty(DType::F32, {cols});
+    for (int64_t c = 0; c < cols; ++c) {
+      double acc = outs0[i].data<float>()[c];
+      for (int64_t r = 0; r < rows; ++r) acc += ins[i].data<float>()[r * cols + c];
+      exact.data<float>()[c] = float(acc);
+    }
+    EXPECT_LE(rel_l2(batch, exact), 1e-4);
+  }
+}
+
+// The fused angle scan (one kernel) against the split one (local scans, carries, finish pass): the same φ bits, so
+// the same output and gradients, in the f32 and bf16 modes, on every layer case (no_rotary, odd angle counts, MIMO),
+// lengths within a segment, across segments and past the fused kernel's reach (L 4097 takes the split path in both).
+TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_angles_fused(true); }
+  } restore;
+  for (const LayerCase& lc : tensor_core_cases())
+    for (const int64_t L : {1, 63, 65, 300, 4097}) {
+      if (L == 4097 && lc.c.d_state != 128) continue;  // one long case
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      auto [mixer, u, dout] = random_layer(lc.c, L == 4097 ? 1 : 2, L, uint32_t(70 + L));
+      for (const Precision p : {Precision::F32, Precision::BF16}) {
+        cuda::train_detail::set_angles_fused(true);
+        const GpuResult fused = run_gpu(mixer, u, dout, p, true, true, 0, true);
+        cuda::train_detail::set_angles_fused(false);
+        const GpuResult split = run_gpu(mixer, u, dout, p, true, true, 0, true);
+        for (int64_t i = 0; i < fused.du.numel(); ++i) ASSERT_TRUE(std::isfinite(fused.du.data<float>()[i]));
+        EXPECT_TRUE(bit_identical(fused, split)) << precision_name(p);
+      }
     }
 }
 

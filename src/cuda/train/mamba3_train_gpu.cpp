@@ -3,6 +3,7 @@
 #include "cuda/train/mamba3_train_gpu.h"
 
 #include <algorithm>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <string>
@@ -614,11 +615,19 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
                       {c_.is_outproj_norm ? g.norm : nullptr, o_nm, Bp, H * P},
                       {g.B_norm, o_Bn, M * RG, N},
                       {g.C_norm, o_Cn, M * RG, N}};
-  size_t scratch = 1;
-  for (const Sum& x : sums) scratch = std::max(scratch, colsum_scratch_floats(x.rows, x.cols));
-  reserve_floats(colsum_, int64_t(scratch));
+  // All in two launches, each sum with its own scratch.
+  size_t scratch = 0;
+  for (const Sum& x : sums) scratch += x.dst ? colsum_scratch_floats(x.rows, x.cols) : 0;
+  reserve_floats(colsum_, int64_t(std::max<size_t>(scratch, 1)));
+  ColsumJob jobs[std::size(sums)];
+  int count = 0;
+  scratch = 0;
   for (const Sum& x : sums)
-    if (x.dst) colsum_add(s, f(part_, size_t(x.offset)), x.rows, x.cols, x.dst, f(colsum_));
+    if (x.dst) {
+      jobs[count++] = {f(part_, size_t(x.offset)), x.rows, x.cols, x.dst, f(colsum_, scratch)};
+      scratch += colsum_scratch_floats(x.rows, x.cols);
+    }
+  colsum_add_batch(s, jobs, count);
   prof.mark("colsums");
 
   // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o. dzx's bf16 operand (the bf16 mode): its

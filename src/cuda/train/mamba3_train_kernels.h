@@ -41,7 +41,11 @@ size_t angle_scratch_floats(const MixerDims& d);
 // The cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0, into phi (B·H, L, S). seg: scratch.
 // Their readers take cos/sin themselves (rotary_cos_sin): φ is half the bytes of (cos, sin), and each reader reads the angle once
 // where it read both before.
+// One fused kernel where its limits hold (L ≤ 4096 with S ≥ 8), else local scans, carries and a finish pass; both give
+// the same bits. MAMBA3_TRAIN_ANGLES=split (read once) or set_angles_fused(false) (process-wide, for the test that
+// compares them) keeps the split path everywhere.
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg);
+void set_angles_fused(bool on);
 
 // Everything a chunk kernel reads and writes; entries a pass does not use may be null.
 // Two schedules over a sequence's chunks (MAMBA3_TRAIN_SCAN): "sequential", one block per (sequence, head) walking
@@ -199,5 +203,15 @@ void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, cons
 // colsum_scratch_floats(rows, cols) floats.
 size_t colsum_scratch_floats(int64_t rows, int64_t cols);
 void colsum_add(cudaStream_t s, const float* in, int64_t rows, int64_t cols, float* out, float* scratch);
+// Several colsum_adds in two launches (one per level), the same sums in the same order: each job's scratch holds
+// colsum_scratch_floats(rows, cols) floats of its own (jobs' scratches must not overlap).
+struct ColsumJob {
+  const float* in;
+  int64_t rows, cols;
+  float* out;
+  float* scratch;
+};
+constexpr int kMaxColsumJobs = 12;
+void colsum_add_batch(cudaStream_t s, const ColsumJob* jobs, int count);
 
 }  // namespace mamba3::cuda::train_detail

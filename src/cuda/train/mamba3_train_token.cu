@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "cuda/cuda_check.h"
+#include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
 
@@ -73,6 +74,49 @@ __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, 
 constexpr int kAhead = 8;
 __device__ __forceinline__ float wrap_angle(float phi) { return phi - kTwoPi * floorf(phi / kTwoPi); }
 
+// One segment's scan from 0 for angle i of task bh (sequence b): φ ← wrap(φ + π·tanh(θ_t)·Δ_t) for t in
+// [t_begin, t_end), each φ handed to store(t − t_begin, φ); returns the segment's end. The inputs of the next kAhead
+// tokens are loaded while the current kAhead tokens (tanh'd before their adds) take their steps. The split path's
+// local kernel and the fused kernel both run this one body, so that their φ are the same bits.
+template <typename Store>
+__device__ __forceinline__ float angle_segment_scan(const MixerDims& d, const float* __restrict__ zx,
+                                                    const float* __restrict__ dt, int64_t bh, int b, int i,
+                                                    int t_begin, int t_end, Store store) {
+  const float* z = zx + (int64_t(b) * d.L + t_begin) * d.din + d.off_ang + i;  // θ_i of token t_begin
+  const float* v = dt + bh * d.L + t_begin;
+  const int n = t_end - t_begin;
+  float zr[kAhead], dr[kAhead];
+#pragma unroll
+  for (int k = 0; k < kAhead; ++k) {
+    const int j = min(k, n - 1);
+    zr[k] = d.no_rotary ? 0.0f : z[int64_t(j) * d.din];
+    dr[k] = v[j];
+  }
+  float phi = 0;
+  for (int j0 = 0; j0 < n; j0 += kAhead) {
+    float th[kAhead], dv[kAhead];
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      th[k] = d.no_rotary ? 0.0f : kPi * tanhf(zr[k]);
+      dv[k] = dr[k];
+    }
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {  // the next tokens' loads, in flight during these steps
+      const int j = min(j0 + kAhead + k, n - 1);
+      zr[k] = d.no_rotary ? 0.0f : z[int64_t(j) * d.din];
+      dr[k] = v[j];
+    }
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) {
+      if (j0 + k >= n) break;
+      if (!d.no_rotary) phi += th[k] * dv[k];
+      phi = wrap_angle(phi);
+      store(j0 + k, phi);
+    }
+  }
+  return phi;
+}
+
 __global__ void angle_scan_local_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
                                         float* __restrict__ phi_out, float* __restrict__ seg) {
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
@@ -81,25 +125,9 @@ __global__ void angle_scan_local_kernel(MixerDims d, const float* __restrict__ z
   const int i = int(e % d.S);
   const int64_t bs = e / d.S, bh = bs / nseg;
   const int sg = int(bs % nseg), b = int(bh / d.H), t_begin = sg * kAngleSegment;
-  const int t_end = min(d.L, t_begin + kAngleSegment);
-  float phi = 0;
-  for (int t0 = t_begin; t0 < t_end; t0 += kAhead) {
-    float th[kAhead], dv[kAhead];
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
-      const int t = min(t0 + k, t_end - 1);
-      th[k] = d.no_rotary ? 0.0f : kPi * tanhf(zx[(int64_t(b) * d.L + t) * d.din + d.off_ang + i]);
-      dv[k] = dt[bh * d.L + t];
-    }
-#pragma unroll
-    for (int k = 0; k < kAhead; ++k) {
-      if (t0 + k >= t_end) break;
-      if (!d.no_rotary) phi += th[k] * dv[k];
-      phi = wrap_angle(phi);
-      phi_out[(bh * d.L + t0 + k) * d.S + i] = phi;
-    }
-  }
-  seg[e] = phi;
+  float* out = phi_out + (bh * d.L + t_begin) * d.S + i;
+  seg[e] = angle_segment_scan(d, zx, dt, bh, b, i, t_begin, min(d.L, t_begin + kAngleSegment),
+                              [&](int k, float v) { out[int64_t(k) * d.S] = v; });
 }
 
 __global__ void angle_scan_carry_kernel(MixerDims d, float* __restrict__ seg) {
@@ -123,6 +151,79 @@ __global__ void angle_finish_kernel(MixerDims d, const float* __restrict__ seg, 
   const int64_t bht = e / d.S, bh = bht / d.L;
   const int t = int(bht % d.L), i = int(e % d.S);
   phi[e] = wrap_angle(phi[e] + seg[(bh * nseg + t / kAngleSegment) * d.S + i]);
+}
+
+// The angle scan in one kernel. The split path's finish pass reads and writes all of φ once more (200 MB per layer at
+// 125M: B=8, L=2048, H=24, S=64) and its carry pass walks global memory; here one block per (bh, tile of kI angles)
+// keeps the whole sequence's segment-local φ in shared memory. Phase 1: one thread per (segment, angle) scans its
+// segment (angle_segment_scan, the split path's body) into shared memory and leaves the segment's end there. Phase 2:
+// one thread per angle turns the ends into segment starts with the carry kernel's recurrence (start = carry; carry =
+// wrap(carry + end), segments in order). Phase 3: each thread writes wrap(local + start) for its own (segment, angle),
+// as the finish kernel does; a warp's store covers 32 / kI segments' rows of kI consecutive angles (whole 32-byte
+// sectors: see launch_angles_fused for why kI ≥ 8). The same operations on the same values in the same order: φ is
+// the split path's bit for bit (MAMBA3_TRAIN_ANGLES=split runs that path). Nothing writes the seg scratch (the
+// forward never reads it; the backward fills its own).
+// Shared memory: nseg segments of (kAngleSegment + 1) rows of kI floats (the padding row puts a warp's segments in
+// different banks), then the ends and the starts, nseg·kI floats each: 68.6 KB at 125M (kI = 8). Bytes: writes φ
+// once, 4·B·H·L·S (100 MB at 125M), and reads θ and Δ (4·L·(kI + 1) per block, 4·B·H·L·(S + S/kI) in all, mostly
+// L2 hits: every head reads its sequence's θ); the split path writes φ, then reads and writes it again (300 MB).
+// Measured on an H200 (standalone harness, 125M shapes): 91 µs against 215 µs for the three kernels.
+constexpr int kFusedAngleThreads = 256;     // the (segment, angle) pairs a block aims at when kI > 8
+constexpr int kFusedAngleMaxThreads = 512;  // and the most it may have
+template <int kI>
+__global__ void __launch_bounds__(kFusedAngleMaxThreads, 1)
+    angle_scan_fused_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
+                            float* __restrict__ phi_out) {
+  extern __shared__ float angle_sm[];
+  constexpr int kSegFloats = (kAngleSegment + 1) * kI;
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  float* local = angle_sm;                   // (nseg, kAngleSegment + 1, kI): segment-local φ, a padding row each
+  float* ends = local + nseg * kSegFloats;   // (nseg, kI)
+  float* starts = ends + nseg * kI;          // (nseg, kI)
+  const int tiles = (d.S + kI - 1) / kI;
+  const int64_t bh = blockIdx.x / tiles;
+  const int i0 = int(blockIdx.x % tiles) * kI, width = min(kI, d.S - i0), b = int(bh / d.H);
+
+  const int sg = threadIdx.x / kI, c = threadIdx.x % kI;
+  if (sg < nseg && c < width) {
+    const int t_begin = sg * kAngleSegment;
+    float* mine = local + sg * kSegFloats + c;
+    ends[sg * kI + c] = angle_segment_scan(d, zx, dt, bh, b, i0 + c, t_begin, min(d.L, t_begin + kAngleSegment),
+                                           [&](int k, float v) { mine[k * kI] = v; });
+  }
+  __syncthreads();
+
+  if (threadIdx.x < width) {
+    const int a = threadIdx.x;
+    float carry = 0;
+    for (int s0 = 0; s0 < nseg; s0 += kAhead) {
+      float end[kAhead];
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k) end[k] = ends[min(s0 + k, nseg - 1) * kI + a];
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k) {
+        if (s0 + k >= nseg) break;
+        starts[(s0 + k) * kI + a] = carry;
+        carry = wrap_angle(carry + end[k]);
+      }
+    }
+  }
+  __syncthreads();
+
+  // Each thread writes its own (segment, angle): a warp's store covers 32 / kI segments' rows of kI consecutive
+  // angles (whole 32-byte sectors for kI ≥ 8), with the shared reads at fixed offsets and no index arithmetic.
+  if (sg < nseg && c < width) {
+    const int t_begin = sg * kAngleSegment, n = min(kAngleSegment, d.L - t_begin);
+    const float start = starts[sg * kI + c];
+    const float* mine = local + sg * kSegFloats + c;
+    float* out = phi_out + (bh * d.L + t_begin) * d.S + i0 + c;
+    if (n == kAngleSegment) {
+#pragma unroll 16
+      for (int k = 0; k < kAngleSegment; ++k) out[int64_t(k) * d.S] = wrap_angle(mine[k * kI] + start);
+    } else {
+      for (int k = 0; k < n; ++k) out[int64_t(k) * d.S] = wrap_angle(mine[k * kI] + start);
+    }
+  }
 }
 
 // The angle backward, step 1: dΦ_t = Σ_{t' ≥ t} dφ_{t'}, in two levels so that the walks are short: one thread per
@@ -322,6 +423,100 @@ __global__ void colsum_kernel(const float* __restrict__ in, int64_t rows, int64_
   }
 }
 
+// colsum_kernel over several sums in one launch: block x of the grid finds its job and its (column tile, row segment)
+// in the job table (jobs in order, each owning tiles·segs consecutive blocks), then sums exactly as colsum_kernel
+// does. (A layer's ten parameter sums were 8–10 launches of ~5 µs, mostly launch and tail, 0.54 ms per 125M step.)
+struct ColsumBatch {
+  ColsumJob job[kMaxColsumJobs];
+  int64_t first_block[kMaxColsumJobs + 1];  // job j owns blocks [first_block[j], first_block[j + 1])
+  int count;
+  bool second;  // the second level: sum each job's segments from its scratch into its out
+};
+__global__ void colsum_batch_kernel(const ColsumBatch b) {
+  const int64_t blk = blockIdx.x;
+  int j = 0;
+  while (j + 1 < b.count && blk >= b.first_block[j + 1]) ++j;
+  const ColsumJob& jb = b.job[j];
+  const int64_t segs = (jb.rows + kSegRows - 1) / kSegRows, local = blk - b.first_block[j];
+  const int64_t tiles = (jb.cols + 31) / 32;
+  const int64_t tile = local % tiles, seg = local / tiles;
+  // The level's input, rows per segment and output, as colsum_add's launches have them.
+  const float* in = b.second ? jb.scratch : jb.in;
+  const int64_t rows = b.second ? segs : jb.rows, seg_rows = b.second || segs == 1 ? rows : kSegRows;
+  float* out = !b.second && segs > 1 ? jb.scratch : jb.out;
+  const bool accumulate = b.second || segs == 1;
+  __shared__ float red[8][33];
+  const int64_t c = tile * 32 + threadIdx.x;
+  const int64_t r0 = seg * seg_rows, r1 = min(rows, r0 + seg_rows);
+  float acc = 0;
+  if (c < jb.cols)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) acc += in[r * jb.cols + c];
+  red[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < jb.cols) {
+    float s = red[0][threadIdx.x];
+    for (int k = 1; k < 8; ++k) s += red[k][threadIdx.x];
+    float* dst = out + seg * jb.cols + c;
+    *dst = accumulate ? *dst + s : s;
+  }
+}
+
+// MAMBA3_TRAIN_ANGLES, read once per process: the angle scan as the fused kernel ("fused", or unset: the default
+// where its limits hold) or as the split local/carry/finish kernels ("split"). Both write the same bits of φ.
+int g_angles_fused = -1;  // set_angles_fused (-1: the environment's choice)
+bool angles_fused() {
+  static const bool fused = env_choice("MAMBA3_TRAIN_ANGLES", {"fused", "split"}) != "split";
+  return g_angles_fused < 0 ? fused : g_angles_fused == 1;
+}
+
+template <int kI>
+void launch_angle_fused_width(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi,
+                              int threads, int64_t blocks, size_t bytes) {
+  const auto kernel = angle_scan_fused_kernel<kI>;
+  if (bytes > 48 * 1024) {
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    // A hint: the most shared memory per SM, so that several blocks fit (three of 68.6 KB at 125M).
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           int(cudaSharedmemCarveoutMaxShared)));
+  }
+  kernel<<<unsigned(blocks), unsigned(threads), bytes, s>>>(d, zx, dt, phi);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+// The fused angle kernel where it fits, true when launched. Its width kI (angles per block) is a power of two, at most
+// 32 and no wider than S needs, halved while the block has more than kFusedAngleThreads (segment, angle) pairs and
+// kI > 8 (kI = 8 at L = 2048: 256 threads, 68.6 KB, three blocks per SM), then while it has more than
+// kFusedAngleMaxThreads or more shared memory than the device lets a block have. False (nothing launched) where that
+// leaves rows narrower than min(S, 8) angles: 16-byte pieces of rows halve the store bandwidth, and such a kernel ran
+// slower than the split path (228 against 212 µs at 125M, H200). So with S ≥ 8: L ≤ 4096 (kI = 8 and 512 threads
+// from L = 2049 on, 137 KB, one block per SM); with S < 8: kI = S rounded up to a power of two, L·kI ≤ 32768.
+bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi) {
+  const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  int dev = 0, optin = 0;
+  MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
+  MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const auto bytes_for = [&](int w) { return size_t(nseg) * (kAngleSegment + 3) * w * sizeof(float); };
+  int full = 32;  // the narrowest width that still writes whole rows or whole 32-byte sectors
+  while (full > 1 && full / 2 >= d.S) full /= 2;
+  const int needed = std::min(full, 8);
+  int width = full;
+  while (width > 8 && nseg * width > kFusedAngleThreads) width /= 2;
+  while (width > 1 && (nseg * width > kFusedAngleMaxThreads || bytes_for(width) > size_t(optin))) width /= 2;
+  const int64_t pairs = nseg * width, blocks = int64_t(d.B) * d.H * ((d.S + width - 1) / width);
+  const size_t bytes = bytes_for(width);
+  if (width < needed || pairs > kFusedAngleMaxThreads || bytes > size_t(optin) || blocks > 0x7fffffff) return false;
+  const int threads = int((pairs + 31) / 32 * 32);
+  switch (width) {
+    case 32: launch_angle_fused_width<32>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 16: launch_angle_fused_width<16>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 8: launch_angle_fused_width<8>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 4: launch_angle_fused_width<4>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 2: launch_angle_fused_width<2>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    default: launch_angle_fused_width<1>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+  }
+  return true;
+}
+
 }  // namespace
 
 void launch_normalize_bc(cudaStream_t s, const MixerDims& d, float* zx, const float* B_norm, const float* C_norm,
@@ -335,9 +530,12 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
   MAMBA3_LAUNCH_CHECK();
 }
 
+void set_angles_fused(bool on) { g_angles_fused = on ? 1 : 0; }
+
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg) {
   const int64_t lanes = int64_t(d.B) * d.H * d.S, n = lanes * d.L;
   if (n == 0) return;
+  if (angles_fused() && launch_angles_fused(s, d, zx, dt, phi)) return;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   angle_scan_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, zx, dt, phi, seg);
   MAMBA3_LAUNCH_CHECK();
@@ -387,6 +585,28 @@ void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, cons
 size_t colsum_scratch_floats(int64_t rows, int64_t cols) {
   const int64_t segs = (rows + kSegRows - 1) / kSegRows;
   return segs > 1 ? size_t(segs * cols) : 1;
+}
+
+void colsum_add_batch(cudaStream_t s, const ColsumJob* jobs, int count) {
+  MAMBA3_CHECK(count >= 0 && count <= kMaxColsumJobs, "colsum_add_batch: {} jobs (at most {})", count,
+               kMaxColsumJobs);
+  for (int level = 0; level < 2; ++level) {
+    ColsumBatch b{};
+    b.second = level == 1;
+    int64_t blocks = 0;
+    for (int i = 0; i < count; ++i) {
+      const ColsumJob& jb = jobs[i];
+      const int64_t segs = (jb.rows + kSegRows - 1) / kSegRows;
+      if (jb.rows == 0 || jb.cols == 0 || (b.second && segs == 1)) continue;  // nothing (more) to sum
+      b.job[b.count] = jb, b.first_block[b.count] = blocks, ++b.count;
+      blocks += (jb.cols + 31) / 32 * (b.second ? 1 : segs);
+    }
+    b.first_block[b.count] = blocks;
+    if (blocks == 0) continue;
+    MAMBA3_CHECK(blocks <= 0x7fffffff, "colsum_add_batch: {} blocks", blocks);
+    colsum_batch_kernel<<<unsigned(blocks), dim3(32, 8), 0, s>>>(b);
+    MAMBA3_LAUNCH_CHECK();
+  }
 }
 
 void colsum_add(cudaStream_t s, const float* in, int64_t rows, int64_t cols, float* out, float* scratch) {
