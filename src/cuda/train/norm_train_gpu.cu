@@ -156,10 +156,12 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
   }
 }
 
-// norm_backward_rows_kernel with a lane's kV = D/32 columns of x, dy (and dx when accumulating) and w in registers:
-// a row's loads all issued before its stores and read once, the same arithmetic in the same order (the same bits:
-// test NormRegisterRowsGiveTheSameBits). (ncu, 125M step: the generic kernel ran at 107 µs per call against a
-// ~65 µs memory floor, re-reading x and dy per pass.)
+// norm_backward_rows_kernel with a lane's kV = D/32 columns of x and dy in registers (and dx's, when accumulating,
+// loaded together before the last pass): a row's loads issued before its stores and read once, the same arithmetic
+// in the same order (the same bits: test NormRegisterRowsGiveTheSameBits). (ncu, 125M step: the generic kernel ran
+// at 107 µs per call against a ~65 µs memory floor, re-reading x and dy per pass.) Only up to kV = 16 (157 registers):
+// from kV = 24 on it takes all 255 and spills (the float64 row terms), and at D = 768 it ran slower than the generic
+// kernel (H200, 125M step: norm backward 4.07 against 3.3 ms per step), so wider rows keep that one.
 template <int kV>
 __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, int64_t rows, const float* w,
                                               bool layer, float eps, float* dx, bool accumulate, double* partial_w,
@@ -170,11 +172,10 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
   const bool with_b = partial_b != nullptr;
   double* sw = wsum + int64_t(warp) * D;
   double* sb = with_b ? wsum + int64_t(warps + warp) * D : nullptr;
-  float wv[kV];
 #pragma unroll
   for (int i = 0; i < kV; ++i) {
     const int j = lane + 32 * i;
-    wv[i] = w[j], sw[j] = 0;
+    sw[j] = 0;
     if (sb) sb[j] = 0;
   }
   const int64_t r0 = int64_t(blockIdx.x) * rpb, r1 = r0 + rpb < rows ? r0 + rpb : rows;
@@ -185,17 +186,27 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
     float xv[kV], gv[kV], dv[kV];
 #pragma unroll
     for (int i = 0; i < kV; ++i) xv[i] = xr[lane + 32 * i], gv[i] = gr[lane + 32 * i];
-    if (accumulate) {
+    // Between passes the empty asm makes x and dy look changed, so that the compiler recomputes each pass's float64
+    // terms instead of keeping an earlier pass's (kV doubles each: 255 registers and spills at kV = 24).
+    const float* wr = w;  // w through a pointer the asm also "changes": its loads are not kept across passes either
+    const auto fresh = [&] {
 #pragma unroll
-      for (int i = 0; i < kV; ++i) dv[i] = dxr[lane + 32 * i];
-    }
+      for (int i = 0; i < kV; ++i) asm volatile("" : "+f"(xv[i]), "+f"(gv[i]));
+      asm volatile("" : "+l"(wr));
+    };
+    const auto load_dx = [&] {  // before the last pass (after the row sums: fewer registers live at once)
+#pragma unroll
+      for (int i = 0; i < kV; ++i) dv[i] = accumulate ? dxr[lane + 32 * i] : 0.0f;
+      fresh();
+    };
     if (!layer) {
       double ss = 0, gx = 0;
 #pragma unroll
       for (int i = 0; i < kV; ++i) {
         ss += double(xv[i]) * xv[i];
-        gx += double(gv[i]) * wv[i] * xv[i];
+        gx += double(gv[i]) * wr[lane + 32 * i] * xv[i];
       }
+      load_dx();
       ss = warp_sum_d(ss);
       gx = warp_sum_d(gx);
       const double s = 1.0 / sqrt(ss / double(D) + double(eps));
@@ -204,7 +215,7 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
       for (int i = 0; i < kV; ++i) {
         const int j = lane + 32 * i;
         sw[j] += double(gv[i]) * xv[i] * s;
-        const float v = float(s * double(gv[i]) * wv[i] - c * xv[i]);
+        const float v = float(s * double(gv[i]) * wr[j] - c * xv[i]);
         const float o = accumulate ? dv[i] + v : v;
         dxr[j] = o;
         if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
@@ -213,6 +224,7 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
       double sum = 0;
 #pragma unroll
       for (int i = 0; i < kV; ++i) sum += xv[i];
+      fresh();
       const double mean = warp_sum_d(sum) / double(D);
       double var = 0;
 #pragma unroll
@@ -220,22 +232,24 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
         const double d = double(xv[i]) - mean;
         var += d * d;
       }
+      fresh();
       const double s = 1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps));
       double mg = 0, mgx = 0;
 #pragma unroll
       for (int i = 0; i < kV; ++i) {
         const int j = lane + 32 * i;
-        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wv[i];
+        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wr[j];
         mg += g;
         mgx += g * xh;
         sw[j] += double(gv[i]) * xh;
         if (sb) sb[j] += gv[i];
       }
+      load_dx();
       mg = warp_sum_d(mg) / double(D);
       mgx = warp_sum_d(mgx) / double(D);
 #pragma unroll
       for (int i = 0; i < kV; ++i) {
-        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wv[i];
+        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wr[lane + 32 * i];
         const float v = float(s * (g - mg - xh * mgx));
         const float o = accumulate ? dv[i] + v : v;
         dxr[lane + 32 * i] = o;
@@ -441,8 +455,8 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
                                                          reinterpret_cast<__nv_bfloat16*>(dx16));
     MAMBA3_LAUNCH_CHECK();
   };
-  // Widths up to 1024 with a lane's columns in registers (x, dy, dx and w: 4·D/32 floats per lane).
-  if (!pick_register_kernel<BackwardRows, 8, 16, 24, 32>(D, [&](auto kernel) { launch(kernel); }))
+  // Widths 256 and 512 with a lane's columns in registers (see the kernel for why no wider).
+  if (!pick_register_kernel<BackwardRows, 8, 16>(D, [&](auto kernel) { launch(kernel); }))
     launch(norm_backward_rows_kernel, D);
   norm_backward_sum_kernel<<<grid_for(D * 32, 256), 256, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
   MAMBA3_LAUNCH_CHECK();

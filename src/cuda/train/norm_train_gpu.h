@@ -39,7 +39,7 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
                        const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
                        NormGradScratch& scratch, uint16_t* dx16 = nullptr);
 
-// Widths D = 32·k (k ≤ 32 in the backward, ≤ 64 in the residual step) run kernels that hold a lane's columns in
+// Widths D = 32·k (k ≤ 16 in the backward, ≤ 64 in the residual step) run kernels that hold a lane's columns in
 // registers, with the generic kernels' arithmetic and order (the same bits); off: the generic kernels everywhere
 // (for the test that compares them). Process-wide, on by default.
 void set_norm_register_rows(bool on);
