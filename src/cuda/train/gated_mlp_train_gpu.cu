@@ -33,6 +33,20 @@ __global__ void gated_silu_forward_kernel(const HIn* h, int64_t rows, int64_t d_
   }
 }
 
+// The all-bf16 forward (h16 in, o16 out, d_ff even): a (value, gate) pair of columns per thread step with 4-byte
+// loads and stores, the kernel above's arithmetic per element (the same bits). (The 2-byte accesses ran at 2.2 TB/s,
+// 70 µs per 125M layer against a ~50 µs floor, H200.)
+__global__ void gated_silu_forward_bf16_kernel(const __nv_bfloat162* h, int64_t rows, int64_t half,
+                                               __nv_bfloat162* o16) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const __nv_bfloat162* hr = h + r * 2 * half;
+    for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+      const float2 a = __bfloat1622float2(hr[j]), g = __bfloat1622float2(hr[half + j]);
+      o16[r * half + j] = __floats2bfloat162_rn(a.x * (g.x * sigmoid_f(g.x)), a.y * (g.y * sigmoid_f(g.y)));
+    }
+  }
+}
+
 // [da, dg] = [do·silu(g), do·a·σ(g)·(1 + g·(1 − σ(g)))], in place: each thread reads do at (r, j) before it
 // writes (r, j) and (r, d_ff + j), which no other thread reads. Cost: reads 3·rows·d_ff values, writes 2·rows·d_ff.
 // With dh16 the result goes, rounded to bf16, to dh16 (rows, 2·d_ff) instead, and dh is only read.
@@ -91,7 +105,10 @@ void gated_silu_forward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_
                             const uint16_t* h16) {
   if (rows <= 0 || d_ff <= 0) return;
   auto* out16 = reinterpret_cast<__nv_bfloat16*>(o16);
-  if (h16)
+  if (h16 && o16 && d_ff % 2 == 0)
+    gated_silu_forward_bf16_kernel<<<row_grid(rows), 256, 0, s>>>(reinterpret_cast<const __nv_bfloat162*>(h16), rows,
+                                                                   d_ff / 2, reinterpret_cast<__nv_bfloat162*>(o16));
+  else if (h16)
     gated_silu_forward_kernel<<<row_grid(rows), 256, 0, s>>>(reinterpret_cast<const __nv_bfloat16*>(h16), rows, d_ff,
                                                               o, out16);
   else
