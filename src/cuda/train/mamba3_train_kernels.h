@@ -35,8 +35,7 @@ void launch_normalize_bc(cudaStream_t s, const MixerDims& d, float* zx, const fl
                          float* bc_raw);
 void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt_bias, TokenScalars out);
 // The angle scan and the angle backward run in segments of kAngleSegment tokens (each in parallel) with the
-// segments' carries in a scratch of angle_scratch_floats(d) floats, (B·H, segments, S) (the fused forward scan puts
-// its (B, L, S) table of π·tanh(θ) there instead).
+// segments' carries in a scratch of angle_scratch_floats(d) floats, (B·H, segments, S).
 constexpr int kAngleSegment = 64;
 size_t angle_scratch_floats(const MixerDims& d);
 // The cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0, into phi (B·H, L, S). seg: scratch.

@@ -77,21 +77,19 @@ __device__ __forceinline__ float wrap_angle(float phi) { return phi - kTwoPi * f
 // One segment's scan from 0 for angle i of task bh (sequence b): φ ← wrap(φ + π·tanh(θ_t)·Δ_t) for t in
 // [t_begin, t_end), each φ handed to store(t − t_begin, φ); returns the segment's end. The inputs of the next kAhead
 // tokens are loaded while the current kAhead tokens (tanh'd before their adds) take their steps. The split path's
-// local kernel and the fused kernel both run this one body, so that their φ are the same bits. kPre: zx is instead
-// the (B, L, S) table of π·tanh(θ) (angle_theta_kernel: the same values, computed once per token rather than per head).
-template <bool kPre = false, typename Store>
+// local kernel and the fused kernel both run this one body, so that their φ are the same bits.
+template <typename Store>
 __device__ __forceinline__ float angle_segment_scan(const MixerDims& d, const float* __restrict__ zx,
                                                     const float* __restrict__ dt, int64_t bh, int b, int i,
                                                     int t_begin, int t_end, Store store) {
-  const int64_t zs = kPre ? d.S : d.din;  // a token's stride in zx
-  const float* z = zx + (int64_t(b) * d.L + t_begin) * zs + (kPre ? 0 : d.off_ang) + i;  // θ_i of token t_begin
+  const float* z = zx + (int64_t(b) * d.L + t_begin) * d.din + d.off_ang + i;  // θ_i of token t_begin
   const float* v = dt + bh * d.L + t_begin;
   const int n = t_end - t_begin;
   float zr[kAhead], dr[kAhead];
 #pragma unroll
   for (int k = 0; k < kAhead; ++k) {
     const int j = min(k, n - 1);
-    zr[k] = d.no_rotary ? 0.0f : z[int64_t(j) * zs];
+    zr[k] = d.no_rotary ? 0.0f : z[int64_t(j) * d.din];
     dr[k] = v[j];
   }
   float phi = 0;
@@ -99,13 +97,13 @@ __device__ __forceinline__ float angle_segment_scan(const MixerDims& d, const fl
     float th[kAhead], dv[kAhead];
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
-      th[k] = d.no_rotary ? 0.0f : kPre ? zr[k] : kPi * tanhf(zr[k]);
+      th[k] = d.no_rotary ? 0.0f : kPi * tanhf(zr[k]);
       dv[k] = dr[k];
     }
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {  // the next tokens' loads, in flight during these steps
       const int j = min(j0 + kAhead + k, n - 1);
-      zr[k] = d.no_rotary ? 0.0f : z[int64_t(j) * zs];
+      zr[k] = d.no_rotary ? 0.0f : z[int64_t(j) * d.din];
       dr[k] = v[j];
     }
 #pragma unroll
@@ -117,15 +115,6 @@ __device__ __forceinline__ float angle_segment_scan(const MixerDims& d, const fl
     }
   }
   return phi;
-}
-
-// π·tanh(θ) once per (sequence, token, angle) into th (B, L, S), for the fused scan's heads to share: its 24 tanh per
-// value (one per head at 125M) made it issue-bound (71 % of SM issue, 16 % of DRAM, H200).
-__global__ void angle_theta_kernel(MixerDims d, const float* __restrict__ zx, float* __restrict__ th) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= int64_t(d.B) * d.L * d.S) return;
-  const int64_t tok = e / d.S;
-  th[e] = kPi * tanhf(zx[tok * d.din + d.off_ang + e % d.S]);
 }
 
 __global__ void angle_scan_local_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
@@ -176,15 +165,14 @@ __global__ void angle_finish_kernel(MixerDims d, const float* __restrict__ seg, 
 // forward never reads it; the backward fills its own).
 // Shared memory: nseg segments of (kAngleSegment + 1) rows of kI floats (the padding row puts a warp's segments in
 // different banks), then the ends and the starts, nseg·kI floats each: 68.6 KB at 125M (kI = 8). Bytes: writes φ
-// once, 4·B·H·L·S (100 MB at 125M), and reads π·tanh(θ) (angle_theta_kernel's (B, L, S) table: tanh once per token
-// for all heads) and Δ (4·L·(kI + 1) per block, 4·B·H·L·(S + S/kI) in all, mostly L2 hits: every head reads its
-// sequence's table); the split path writes φ, then reads and writes it again (300 MB). Measured on an H200
-// (standalone harness, 125M shapes, tanh still per head): 91 µs against 215 µs for the three kernels.
+// once, 4·B·H·L·S (100 MB at 125M), and reads θ and Δ (4·L·(kI + 1) per block, 4·B·H·L·(S + S/kI) in all, mostly
+// L2 hits: every head reads its sequence's θ); the split path writes φ, then reads and writes it again (300 MB).
+// Measured on an H200 (standalone harness, 125M shapes): 91 µs against 215 µs for the three kernels.
 constexpr int kFusedAngleThreads = 256;     // the (segment, angle) pairs a block aims at when kI > 8
 constexpr int kFusedAngleMaxThreads = 512;  // and the most it may have
 template <int kI>
 __global__ void __launch_bounds__(kFusedAngleMaxThreads, 1)
-    angle_scan_fused_kernel(MixerDims d, const float* __restrict__ theta, const float* __restrict__ dt,
+    angle_scan_fused_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
                             float* __restrict__ phi_out) {
   extern __shared__ float angle_sm[];
   constexpr int kSegFloats = (kAngleSegment + 1) * kI;
@@ -200,9 +188,8 @@ __global__ void __launch_bounds__(kFusedAngleMaxThreads, 1)
   if (sg < nseg && c < width) {
     const int t_begin = sg * kAngleSegment;
     float* mine = local + sg * kSegFloats + c;
-    ends[sg * kI + c] = angle_segment_scan<true>(d, theta, dt, bh, b, i0 + c, t_begin,
-                                                 min(d.L, t_begin + kAngleSegment),
-                                                 [&](int k, float v) { mine[k * kI] = v; });
+    ends[sg * kI + c] = angle_segment_scan(d, zx, dt, bh, b, i0 + c, t_begin, min(d.L, t_begin + kAngleSegment),
+                                           [&](int k, float v) { mine[k * kI] = v; });
   }
   __syncthreads();
 
@@ -503,9 +490,7 @@ void launch_angle_fused_width(cudaStream_t s, const MixerDims& d, const float* z
 // leaves rows narrower than min(S, 8) angles: 16-byte pieces of rows halve the store bandwidth, and such a kernel ran
 // slower than the split path (228 against 212 µs at 125M, H200). So with S ≥ 8: L ≤ 4096 (kI = 8 and 512 threads
 // from L = 2049 on, 137 KB, one block per SM); with S < 8: kI = S rounded up to a power of two, L·kI ≤ 32768.
-// theta: scratch for (B, L, S) floats, where π·tanh(θ) goes first (angle_theta_kernel; skipped with no_rotary).
-bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi,
-                         float* theta) {
+bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi) {
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   int dev = 0, optin = 0;
   MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
@@ -521,18 +506,13 @@ bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, co
   const size_t bytes = bytes_for(width);
   if (width < needed || pairs > kFusedAngleMaxThreads || bytes > size_t(optin) || blocks > 0x7fffffff) return false;
   const int threads = int((pairs + 31) / 32 * 32);
-  if (!d.no_rotary) {
-    angle_theta_kernel<<<blocks_for(int64_t(d.B) * d.L * d.S, 256), 256, 0, s>>>(d, zx, theta);
-    MAMBA3_LAUNCH_CHECK();
-  }
-  const float* zx_or_theta = theta;  // (read only without no_rotary)
   switch (width) {
-    case 32: launch_angle_fused_width<32>(s, d, zx_or_theta, dt, phi, threads, blocks, bytes); break;
-    case 16: launch_angle_fused_width<16>(s, d, zx_or_theta, dt, phi, threads, blocks, bytes); break;
-    case 8: launch_angle_fused_width<8>(s, d, zx_or_theta, dt, phi, threads, blocks, bytes); break;
-    case 4: launch_angle_fused_width<4>(s, d, zx_or_theta, dt, phi, threads, blocks, bytes); break;
-    case 2: launch_angle_fused_width<2>(s, d, zx_or_theta, dt, phi, threads, blocks, bytes); break;
-    default: launch_angle_fused_width<1>(s, d, zx_or_theta, dt, phi, threads, blocks, bytes); break;
+    case 32: launch_angle_fused_width<32>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 16: launch_angle_fused_width<16>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 8: launch_angle_fused_width<8>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 4: launch_angle_fused_width<4>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    case 2: launch_angle_fused_width<2>(s, d, zx, dt, phi, threads, blocks, bytes); break;
+    default: launch_angle_fused_width<1>(s, d, zx, dt, phi, threads, blocks, bytes); break;
   }
   return true;
 }
@@ -555,7 +535,7 @@ void set_angles_fused(bool on) { g_angles_fused = on ? 1 : 0; }
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg) {
   const int64_t lanes = int64_t(d.B) * d.H * d.S, n = lanes * d.L;
   if (n == 0) return;
-  if (angles_fused() && launch_angles_fused(s, d, zx, dt, phi, seg)) return;
+  if (angles_fused() && launch_angles_fused(s, d, zx, dt, phi)) return;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   angle_scan_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, zx, dt, phi, seg);
   MAMBA3_LAUNCH_CHECK();
@@ -585,8 +565,7 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
 
 size_t angle_scratch_floats(const MixerDims& d) {
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
-  // The segments' carries, or the fused scan's π·tanh(θ) table (B, L, S).
-  return size_t(std::max<int64_t>({1, int64_t(d.B) * d.H * nseg * d.S, int64_t(d.B) * d.L * d.S}));
+  return size_t(std::max<int64_t>(1, int64_t(d.B) * d.H * nseg * d.S));
 }
 
 void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
