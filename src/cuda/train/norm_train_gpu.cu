@@ -72,6 +72,25 @@ __device__ __forceinline__ double warp_sum_d(double v) {
   return v;
 }
 
+// The block's weight (and bias) partials after a barrier: the warps' shared float64 rows (wsum: (warps, D) weight
+// terms, then (warps, D) bias terms when partial_b is given) added in warp order into row blockIdx.x of partial_w
+// (and partial_b). Shared by the backward's row kernels, so their partials are summed alike.
+__device__ __forceinline__ void write_block_partials(const double* wsum, int warps, int64_t D, double* partial_w,
+                                                     double* partial_b) {
+  const bool with_b = partial_b != nullptr;
+  double* pw = partial_w + int64_t(blockIdx.x) * D;
+  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    double tw = 0, tb = 0;
+    for (int i = 0; i < warps; ++i) {
+      tw += wsum[int64_t(i) * D + j];
+      if (with_b) tb += wsum[int64_t(warps + i) * D + j];
+    }
+    pw[j] = tw;
+    if (pb) pb[j] = tb;
+  }
+}
+
 // dx for the rows [blk·rpb, (blk+1)·rpb) and this block's partial weight (and bias) sums pw/pb (D doubles each). A warp
 // per row (rows r0 + w, r0 + w + warps, …), lane l owning the columns j ≡ l (mod 32): the row's sums are warp
 // butterflies, with no block barrier per row. Each warp accumulates its rows' weight terms in its own shared row
@@ -143,17 +162,7 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
     }
   }
   __syncthreads();
-  double* pw = partial_w + int64_t(blockIdx.x) * D;
-  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    double tw = 0, tb = 0;
-    for (int i = 0; i < warps; ++i) {
-      tw += wsum[int64_t(i) * D + j];
-      if (with_b) tb += wsum[int64_t(warps + i) * D + j];
-    }
-    pw[j] = tw;
-    if (pb) pb[j] = tb;
-  }
+  write_block_partials(wsum, warps, D, partial_w, partial_b);
 }
 
 // norm_backward_rows_kernel with a lane's kV = D/32 columns of x and dy in registers (and dx's, when accumulating,
@@ -258,17 +267,7 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
     }
   }
   __syncthreads();
-  double* pw = partial_w + int64_t(blockIdx.x) * D;
-  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    double tw = 0, tb = 0;
-    for (int i = 0; i < warps; ++i) {
-      tw += wsum[int64_t(i) * D + j];
-      if (with_b) tb += wsum[int64_t(warps + i) * D + j];
-    }
-    pw[j] = tw;
-    if (pb) pb[j] = tb;
-  }
+  write_block_partials(wsum, warps, D, partial_w, partial_b);
 }
 
 // dw[j] += Σ_blk pw[blk, j] (and db), the deterministic second stage: a warp per column, lane i adding the blocks
