@@ -473,11 +473,13 @@ template <int kI>
 void launch_angle_fused_width(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi,
                               int threads, int64_t blocks, size_t bytes) {
   const auto kernel = angle_scan_fused_kernel<kI>;
-  if (bytes > 48 * 1024) {
+  static size_t raised = 48 * 1024;  // this instance's dynamic shared-memory limit so far (set once per size)
+  if (bytes > raised) {
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     // A hint: the most shared memory per SM, so that several blocks fit (three of 68.6 KB at 125M).
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                            int(cudaSharedmemCarveoutMaxShared)));
+    raised = bytes;
   }
   kernel<<<unsigned(blocks), unsigned(threads), bytes, s>>>(d, zx, dt, phi);
   MAMBA3_LAUNCH_CHECK();
@@ -492,9 +494,12 @@ void launch_angle_fused_width(cudaStream_t s, const MixerDims& d, const float* z
 // from L = 2049 on, 137 KB, one block per SM); with S < 8: kI = S rounded up to a power of two, L·kI ≤ 32768.
 bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi) {
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
-  int dev = 0, optin = 0;
-  MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
-  MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  static const int optin = [] {  // the device's opt-in shared memory per block, asked once
+    int dev = 0, v = 0;
+    MAMBA3_CUDA_CHECK(cudaGetDevice(&dev));
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    return v;
+  }();
   const auto bytes_for = [&](int w) { return size_t(nseg) * (kAngleSegment + 3) * w * sizeof(float); };
   int full = 32;  // the narrowest width that still writes whole rows or whole 32-byte sectors
   while (full > 1 && full / 2 >= d.S) full /= 2;
