@@ -21,6 +21,7 @@
 #include "../model/random_mixer.h"
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_state_chain.h"
 #include "gpu_test_util.h"
 #include "model/mamba3_mixer_backward.h"
 #include "ops/mamba3_reference_backward.h"
@@ -36,6 +37,7 @@ using cuda::Precision;
 // independent: the difference may reach the sum of the two bounds.
 constexpr double kOutTolF32 = 2e-5, kGradTolF32 = 1e-4;
 constexpr double kTolSisoVsGeneric = 1e-3;  // the SISO kernels against the generic ones (see the test)
+constexpr double kTolChainVsPass = 2e-3;    // the forward state chain against products + scan (see the test)
 constexpr double kTolBF16 = 2e-2;                          // bf16 projections (the flash-attention-style bound)
 constexpr double kGoldenOutTol = 1e-5, kGoldenGradTol = 5e-5;  // golden README, float32
 
@@ -574,6 +576,111 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
       for (const auto& [name, t] : generic.grads) note(siso.grads.at(name), t, "grad." + name);
       std::printf("  %-34s L=%-3lld worst %.2e (%s); differing:%s\n", lc.name, (long long)L, worst, where.c_str(),
                   differ.empty() ? " none" : differ.c_str());
+    }
+}
+
+// The state chain kernel (products and scan over chunks in one kernel) against a float64 host scan of the same bf16
+// operands, forward and reverse, for every core shape, odd head counts, one chunk, and chunk counts that are not a
+// multiple of its operand ring.
+TEST(Mamba3TrainGpu, StateChainMatchesAFloat64Scan) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(44);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f), dec(0.3f, 1.0f);
+  for (const auto& [N, P] : std::vector<std::pair<int, int>>{{128, 64}, {128, 32}, {64, 64}, {64, 32}, {32, 64},
+                                                              {32, 32}})
+    for (const auto& [B, H, nc] : std::vector<std::tuple<int, int, int>>{{1, 1, 1}, {3, 5, 7}, {2, 3, 33}})
+      for (const bool reverse : {false, true}) {
+        SCOPED_TRACE("N " + std::to_string(N) + " P " + std::to_string(P) + " B " + std::to_string(B) + " H " +
+                     std::to_string(H) + " nc " + std::to_string(nc) + (reverse ? " reverse" : " forward"));
+        cuda::train_detail::BatchedParams p{};
+        p.d.B = B, p.d.H = H, p.d.N = N, p.d.P = P, p.d.R = 1, p.d.L = nc * 64;
+        p.T = 64, p.nc = nc, p.rows = 64, p.bf16 = true;
+        ASSERT_TRUE(cuda::train_detail::state_chain_supported(p));
+        const int64_t chunks = int64_t(B) * H * nc;
+        std::vector<uint16_t> a16(size_t(chunks * 64 * P)), b16(size_t(chunks * 64 * N));
+        std::vector<float> decay(static_cast<size_t>(chunks));
+        for (auto& v : a16) v = f32_to_bf16(uni(rng));
+        for (auto& v : b16) v = f32_to_bf16(uni(rng));
+        for (auto& v : decay) v = dec(rng);
+        cuda::DeviceBuffer da(a16.size() * 2), db(b16.size() * 2), ddec(decay.size() * 4), dout(size_t(chunks * P * N) * 2);
+        da.upload(a16.data(), da.bytes()), db.upload(b16.data(), db.bytes()), ddec.upload(decay.data(), ddec.bytes());
+        poison(dout.raw(), dout.bytes());
+        p.decay = ddec.as<float>();
+        cuda::train_detail::launch_state_chain(ctx.stream(), p, da.raw(), db.raw(), reverse, dout.raw());
+        ctx.sync();
+        const Tensor got = from_device_bf16(dout.as<uint16_t>(), {chunks, P, N});
+        Tensor want = Tensor::empty(DType::F32, {chunks, P, N});
+        std::vector<double> st(size_t(P * N));
+        for (int64_t bh = 0; bh < int64_t(B) * H; ++bh) {
+          std::fill(st.begin(), st.end(), 0.0);
+          for (int i = 0; i < nc; ++i) {
+            const int64_t c = bh * nc + (reverse ? nc - 1 - i : i);
+            for (int64_t e = 0; e < P * N; ++e) want.data<float>()[c * P * N + e] = float(st[size_t(e)]);
+            for (int pr = 0; pr < P; ++pr)
+              for (int n = 0; n < N; ++n) {
+                double acc = 0;
+                for (int r = 0; r < 64; ++r)
+                  acc += double(bf16_to_f32(a16[size_t((c * 64 + r) * P + pr)])) *
+                         double(bf16_to_f32(b16[size_t((c * 64 + r) * N + n)]));
+                st[size_t(pr * N + n)] = decay[size_t(c)] * st[size_t(pr * N + n)] + acc;
+              }
+          }
+        }
+        for (int64_t i = 0; i < got.numel(); ++i) ASSERT_TRUE(std::isfinite(got.data<float>()[i])) << i;
+        if (nc == 1) {  // the only state is the zero one
+          for (int64_t i = 0; i < got.numel(); ++i) ASSERT_EQ(got.data<float>()[i], 0.0f) << i;
+        } else {
+          EXPECT_LE(rel_l2(got, want), 5e-3);  // the bf16 rounding of the written states
+        }
+      }
+}
+
+// The state chains against the products + scan pass in a whole mixer step (bf16 mode, cores): the reverse chain
+// forms G as the backward core does, so a backward from the same kept forward gives the same bits; the forward
+// chain's products sum in the mma's order instead of cuBLAS's, so a whole step agrees to rounding. Both deterministic.
+TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases())
+    for (const int64_t L : {1, 65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(1300 + L));
+      cuda::Context ctx;
+      cuda::TrainGemm gemm(Precision::BF16);
+      cuda::Mamba3TrainGpu train(cfg);
+      train.set_chunk_batched(true);
+      train.set_chunk_cores(true);
+      if (!train.uses_chunk_cores(true, L)) continue;  // shapes the cores do not take keep the pass
+      DeviceLayer layer(mixer);
+      cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+      cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+      cuda::Mamba3TrainActivations kept;
+      // forward_chain / backward_chain: the path of each half; keep: the backward reads the kept forward.
+      auto run = [&](bool forward_chain, bool backward_chain, bool keep) {
+        layer.zero_grads();
+        poison(du.raw(), du.bytes());
+        poison(out.raw(), out.bytes());
+        train.set_state_chain(forward_chain);
+        train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), keep ? &kept : nullptr);
+        train.set_state_chain(backward_chain);
+        train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(),
+                       du.as<float>(), keep ? &kept : nullptr);
+        ctx.sync();
+        return GpuResult{from_device_f32(out.raw(), {B, L, cfg.d_model}), from_device_f32(du.raw(), {B, L, cfg.d_model}),
+                         layer.download_grads()};
+      };
+      const GpuResult pass = run(false, false, true), rev_chain = run(false, true, true);
+      for (const Tensor* t : {&rev_chain.out, &rev_chain.du})
+        for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+      EXPECT_TRUE(bit_identical(pass, rev_chain)) << "the reverse chain is not the core + scan path's bits";
+      const GpuResult chain = run(true, true, false), again = run(true, true, false);
+      EXPECT_TRUE(bit_identical(chain, again)) << "the chains are not deterministic";
+      double worst = 0;
+      std::string where;
+      compare(chain, pass.out, pass.du, pass.grads, kTolChainVsPass, kTolChainVsPass, worst, where);
+      std::printf("  %-38s L=%-3lld chain vs pass worst %.2e (%s)\n", lc.name, (long long)L, worst, where.c_str());
     }
 }
 

@@ -231,8 +231,8 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
     }
   }
 
-  // ---- Phase C: G = (e^Λ ⊙ dy)ᵀ·q, rows p of this warp.
-  for (int p0 = 16 * warp; p0 < P; p0 += 16 * kCoreWarps) {
+  // ---- Phase C: G = (e^Λ ⊙ dy)ᵀ·q, rows p of this warp (not with the reverse state chain, which forms G itself).
+  for (int p0 = 16 * warp; g_slots && p0 < P; p0 += 16 * kCoreWarps) {
     float* G = g_slots + chunk * P * N;
 #pragma unroll
     for (int n0 = 0; n0 < N; n0 += NB) {

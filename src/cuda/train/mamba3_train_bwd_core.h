@@ -18,7 +18,8 @@ bool backward_core_supported(const BatchedParams& p);
 
 // Reads p.Q, p.K, p.V, p.dY, p.dYe (bf16), the chunk scalars p.Lam, p.scale, p.gam and Hc16 (bf16, (B·H·nc, P, N):
 // the state entering each chunk); writes p.dQ, p.dK, p.dV (f32, per chunk row), G of chunk k at g_slots + k·P·N
-// (f32 P × N), dgam and dscale (=) and adds coef's part to p.dLam. Deterministic (fixed orders, no atomics).
+// (f32 P × N; g_slots null: G not formed, the reverse state chain's case), dgam and dscale (=) and adds coef's part
+// to p.dLam. Deterministic (fixed orders, no atomics).
 void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots);
 
 // After the reverse scan (SISO; the backward core's shapes): tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from dHc16

@@ -12,6 +12,7 @@
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_bwd_core.h"
 #include "cuda/train/mamba3_train_fwd_core.h"
+#include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/phase_profile.h"
 
@@ -99,6 +100,13 @@ bool env_chunk_cores() {
   return fused;
 }
 
+// MAMBA3_TRAIN_STATE_CHAIN, read once per process: with the cores, the chunk states as one chain kernel per direction
+// ("chain", the default) or as products (ΔH batched, G in the backward core) and a scan pass ("pass").
+bool env_state_chain() {
+  static const bool chain = env_choice("MAMBA3_TRAIN_STATE_CHAIN", {"chain", "pass"}) != "pass";
+  return chain;
+}
+
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -133,7 +141,7 @@ void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int6
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
-      chunk_cores_(env_chunk_cores()) {
+      chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -315,11 +323,14 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   }
   p.Q = act_->bQ.raw(), p.K = act_->bK.raw(), p.V = act_->bV.raw(), p.Vw = act_->bVw.raw();
   p.S = f(act_->bS), p.W = act_->bW.raw(), p.Z = f(act_->bZ), p.WV = f(act_->bWV);
+  // With the cores the chunk states may come from the chain kernels (launch_state_chain), which write only the bf16
+  // states: no f32 slots, forward or backward.
+  const bool chain = use_cores && state_chain_ && state_chain_supported(p);
   // Hc: one slot per chunk plus one, the state change of chunk c written to slot c + 1 (the last chunk's spills into
   // the next sequence's slot 0, which the scan zeroes, or into the extra slot). The bf16 mode's products read the
   // scan's bf16 copy (Hc16, one slot per chunk).
-  reserve_floats(act_->Hc, (BHc + 1) * PN);
-  float* Hc = f(act_->Hc);
+  if (!chain) reserve_floats(act_->Hc, (BHc + 1) * PN);
+  float* Hc = chain ? nullptr : f(act_->Hc);
   if (bf16) reserve_elems(act_->Hc16, BHc * PN, 2);
   const void* Hc_op = bf16 ? act_->Hc16.raw() : static_cast<const void*>(Hc);
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
@@ -329,12 +340,17 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     act_->chunk_cores = use_cores;
     launch_batched_build(s, p);
     prof.mark("build");
-    // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
-    batched_gemm(ctx, bf16, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
-    prof.mark("gemm dH");
-    launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false,
-                      bf16 ? act_->Hc16.as<uint16_t>() : nullptr, !bf16);
-    prof.mark("scan");
+    if (chain) {
+      launch_state_chain(s, p, p.Vw, p.K, false, act_->Hc16.raw());
+      prof.mark("state chain");
+    } else {
+      // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
+      batched_gemm(ctx, bf16, true, false, P, N, rows, p.Vw, P, sRP, p.K, N, sRN, 0.0f, Hc + PN, N, PN, BHc);
+      prof.mark("gemm dH");
+      launch_state_scan(s, Hc, p.decay, B * d.H, int(nc), int(PN), false,
+                        bf16 ? act_->Hc16.as<uint16_t>() : nullptr, !bf16);
+      prof.mark("scan");
+    }
     if (use_cores) {
       launch_batched_forward_core(s, p, act_->Hc16.raw());
       prof.mark("forward core");
@@ -365,18 +381,18 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     reserve_elems(bdS_, BHc * rows * rows, op);
   }
   reserve_floats(bdLam_, nT);
-  reserve_floats(dHc_, (BHc + 1) * PN);
+  if (!chain) reserve_floats(dHc_, (BHc + 1) * PN);
   if (bf16) reserve_elems(dHc16_, BHc * PN, 2);
   p.dzx16 = std::exchange(dzx16_offer_, nullptr);  // the bf16 twin of dzx, when backward() offers one
   p.dO = f(dO_), p.dzx = f(dzx_), p.dY = bdY_.raw(), p.dYe = bdYe_.raw(), p.dWf = f(bdWf_), p.dS = bdS_.raw();
   p.dQ = f(bdQ_), p.dK = f(bdK_), p.dV = f(bdV_);
-  p.Hc = Hc, p.dHc = f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
+  p.Hc = Hc, p.dHc = chain ? nullptr : f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
   p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
   p.dphi = f(dphi_), p.dBn = f(dBn_), p.dCn = f(dCn_);
   p.part_D = f(part_, parts->D), p.part_B_bias = f(part_, parts->B_bias), p.part_C_bias = f(part_, parts->C_bias);
   p.part_mimo_x = f(part_, parts->mimo_x), p.part_mimo_z = f(part_, parts->mimo_z);
   p.part_mimo_o = f(part_, parts->mimo_o), p.part_norm = f(part_, parts->norm);
-  float* dHc = f(dHc_, size_t(PN));
+  float* dHc = chain ? nullptr : f(dHc_, size_t(PN));
   const void* dHc_op = bf16 ? dHc16_.raw() : static_cast<const void*>(dHc);
 
   if (reuse) p.o = nullptr, p.o16 = nullptr;  // the kept forward wrote o already
@@ -384,14 +400,21 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   prof.mark("output bwd");
   if (use_cores) {
     // dW, coef, dV, dQ, dK's first term and G in one kernel per chunk (S, W and dS recomputed in registers).
-    launch_batched_backward_core(s, p, act_->Hc16.raw(), dHc - PN);
+    // (with the chain, G is the chain's: the core skips it)
+    launch_batched_backward_core(s, p, act_->Hc16.raw(), chain ? nullptr : dHc - PN);
     prof.mark("backward core");
   } else {
     batched_backward_products(ctx, bf16, p, Hc_op, dHc, BHc, prof);
   }
-  launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr, !bf16);
+  if (chain) {
+    launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
+    prof.mark("state chain rev");
+  } else {
+    launch_state_scan(s, dHc, p.decay, B * d.H, int(nc), int(PN), true, bf16 ? dHc16_.as<uint16_t>() : nullptr,
+                      !bf16);
+    prof.mark("scan rev");
+  }
   if (bf16) p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();  // the epilogue's ⟨dH, H_c⟩ (no f32 states)
-  prof.mark("scan rev");
   if (use_cores && post_scan_core_supported(p)) {  // tp, dK's second term and the epilogue's state part in one kernel
     launch_batched_post_scan_core(s, p, dHc16_.raw(), act_->Hc16.raw());
     prof.mark("post-scan core");

@@ -135,6 +135,11 @@ class Mamba3TrainGpu {
   // shapes apply) or the generic kernels (false): the same arithmetic and sums, so the same bits.
   void set_siso_kernels(bool on) { siso_kernels_ = on; }
   bool chunk_cores() const { return chunk_cores_; }
+  // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
+  // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
+  // the forward's products sum in another order (to rounding). Default from MAMBA3_TRAIN_STATE_CHAIN, read once per
+  // process: "chain" or "pass" (unset: chain).
+  void set_state_chain(bool on) { state_chain_ = on; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 
@@ -205,6 +210,7 @@ class Mamba3TrainGpu {
   int epilogue_heads_ = 0;      // the batched epilogue's heads per block, 0 auto (set_epilogue_heads)
   bool chunk_cores_ = true;     // the fused chunk cores where supported (set_chunk_cores)
   bool siso_kernels_ = true;    // SISO instances of the elementwise chunk kernels (set_siso_kernels)
+  bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "cuda/env_switch.h"
 #include "cuda/train/block_reduce.cuh"
 #include "cuda/train/norm_train_gpu.h"
 
@@ -23,6 +24,7 @@ constexpr int64_t kMinRowsPerBlock = 8;
 // The backward's warps per block and their shared partial rows' budget (within the device's 227 KB opt-in).
 constexpr int64_t kNormBackwardWarps = 8;
 constexpr int64_t kNormBackwardSharedBytes = 96 * 1024;
+constexpr int64_t kNormBackwardStagedBytes = 160 * 1024;  // the staged kernel's rows (8 rows of D ≤ 2560)
 
 int64_t rows_per_block(int64_t rows) {
   return std::max(kMinRowsPerBlock, (rows + kMaxRowBlocks - 1) / kMaxRowBlocks);
@@ -270,6 +272,120 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
   write_block_partials(wsum, warps, D, partial_w, partial_b);
 }
 
+// norm_backward_rows_kernel for blocks of at most one row per warp (rpb ≤ warps: the 125M step's 8 rows per block),
+// with the warp's row of x and dy staged in shared memory by 16-byte loads (a lane's loads of the row all in flight
+// before any store: the generic kernel waited on them one column at a time and read x and dy twice), dx written four
+// columns at a time, and the block's weight/bias partials summed from the staged rows in row order — which is the
+// generic kernel's warp order when each warp has one row. Every sum runs in the generic kernel's order (the row sums
+// per lane over j ≡ lane (mod 32), then the warp butterfly) and every element's arithmetic is its expression, so the
+// same bits (test NormRegisterRowsGiveTheSameBits). Shared memory: (warps, 2, D) floats, then (warps, 2) doubles.
+// D % 4 == 0 and 16-byte aligned x, dy, dx (the launcher checks). (The register kernel spilled from D = 768 on.)
+__global__ void norm_backward_rows_staged_kernel(const float* x, const float* dy, int64_t rows, int64_t D,
+                                                 const float* w, bool layer, float eps, float* dx, bool accumulate,
+                                                 double* partial_w, double* partial_b, int64_t rpb,
+                                                 __nv_bfloat16* dx16) {
+  extern __shared__ float4 staged4[];
+  float* staged = reinterpret_cast<float*>(staged4);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
+  double* stat = reinterpret_cast<double*>(staged + 2 * int64_t(warps) * D);  // per row: s, then c (RMS) / mean
+  const int64_t r0 = int64_t(blockIdx.x) * rpb, nr = r0 + rpb < rows ? rpb : rows - r0, D4 = D / 4;
+  if (warp < nr) {
+    const int64_t r = r0 + warp;
+    float *xs = staged + 2 * int64_t(warp) * D, *gs = xs + D;
+    const float4 *x4 = reinterpret_cast<const float4*>(x + r * D), *g4 = reinterpret_cast<const float4*>(dy + r * D);
+    constexpr int kAhead = 8;
+    for (int64_t i0 = lane; i0 < D4; i0 += 32 * kAhead) {
+      float4 a[kAhead], b[kAhead];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        const int64_t i = i0 + 32 * u;
+        if (i < D4) a[u] = x4[i], b[u] = g4[i];
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        const int64_t i = i0 + 32 * u;
+        if (i < D4) reinterpret_cast<float4*>(xs)[i] = a[u], reinterpret_cast<float4*>(gs)[i] = b[u];
+      }
+    }
+    __syncwarp();
+    double s, c = 0, mean = 0, mg = 0, mgx = 0;
+    if (!layer) {
+      double ss = 0, gx = 0;
+      for (int64_t j = lane; j < D; j += 32) {
+        ss += double(xs[j]) * xs[j];
+        gx += double(gs[j]) * w[j] * xs[j];
+      }
+      ss = warp_sum_d(ss);
+      gx = warp_sum_d(gx);
+      s = 1.0 / sqrt(ss / double(D) + double(eps));
+      c = s * s * s * gx / double(D);
+    } else {
+      double sum = 0;
+      for (int64_t j = lane; j < D; j += 32) sum += xs[j];
+      mean = warp_sum_d(sum) / double(D);
+      double var = 0;
+      for (int64_t j = lane; j < D; j += 32) {
+        const double d = double(xs[j]) - mean;
+        var += d * d;
+      }
+      s = 1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps));
+      for (int64_t j = lane; j < D; j += 32) {
+        const double xh = (double(xs[j]) - mean) * s, g = double(gs[j]) * w[j];
+        mg += g;
+        mgx += g * xh;
+      }
+      mg = warp_sum_d(mg) / double(D);
+      mgx = warp_sum_d(mgx) / double(D);
+    }
+    if (lane == 0) stat[2 * warp] = s, stat[2 * warp + 1] = layer ? mean : c;
+    // dx, four columns per lane and step (each element's expression as in the generic kernel).
+    float4* dx4 = reinterpret_cast<float4*>(dx + r * D);
+    for (int64_t i = lane; i < D4; i += 32) {
+      const float4 xv = reinterpret_cast<const float4*>(xs)[i], gv = reinterpret_cast<const float4*>(gs)[i];
+      const float4 wv = make_float4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+      const float4 d0 = accumulate ? dx4[i] : make_float4(0, 0, 0, 0);
+      const auto one = [&](float xe, float ge, float we, float de) {
+        float v;
+        if (!layer) {
+          v = float(s * double(ge) * we - c * xe);
+        } else {
+          const double xh = (double(xe) - mean) * s, g = double(ge) * we;
+          v = float(s * (g - mg - xh * mgx));
+        }
+        return accumulate ? de + v : v;
+      };
+      const float4 o = make_float4(one(xv.x, gv.x, wv.x, d0.x), one(xv.y, gv.y, wv.y, d0.y),
+                                   one(xv.z, gv.z, wv.z, d0.z), one(xv.w, gv.w, wv.w, d0.w));
+      dx4[i] = o;
+      if (dx16) {
+        __nv_bfloat162* o16 = reinterpret_cast<__nv_bfloat162*>(dx16 + r * D + 4 * i);
+        o16[0] = __floats2bfloat162_rn(o.x, o.y), o16[1] = __floats2bfloat162_rn(o.z, o.w);
+      }
+    }
+  }
+  __syncthreads();
+  // The block's partials from the staged rows, in row order (the generic kernel's per-warp rows, summed in warp order).
+  const bool with_b = partial_b != nullptr;
+  double* pw = partial_w + int64_t(blockIdx.x) * D;
+  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    double tw = 0, tb = 0;
+    for (int64_t i = 0; i < nr; ++i) {
+      const float xe = staged[2 * i * D + j], ge = staged[(2 * i + 1) * D + j];
+      const double si = stat[2 * i];
+      // The term rounded before the add, as the generic kernel's shared rows hold it (no fused multiply-add here).
+      if (!layer) {
+        tw = __dadd_rn(tw, __dmul_rn(double(ge) * xe, si));
+      } else {
+        tw = __dadd_rn(tw, __dmul_rn(double(ge), (double(xe) - stat[2 * i + 1]) * si));
+        tb += double(ge);
+      }
+    }
+    pw[j] = tw;
+    if (pb) pb[j] = tb;
+  }
+}
+
 // dw[j] += Σ_blk pw[blk, j] (and db), the deterministic second stage: a warp per column, lane i adding the blocks
 // i, i + 32, … in order, then the butterfly (a fixed order that depends on nblocks only).
 __global__ void norm_backward_sum_kernel(const double* partial_w, const double* partial_b, int64_t nblocks,
@@ -401,6 +517,11 @@ __global__ void add_inplace_kernel(float* y, const float* x, int64_t n) {
 }
 
 bool g_register_rows = true;  // set_norm_register_rows
+// MAMBA3_TRAIN_NORM_STAGED, read once: the staged backward rows kernel where it applies ("1", the default) or not ("0").
+bool staged_rows_enabled() {
+  static const bool on = env_choice("MAMBA3_TRAIN_NORM_STAGED", {"1", "0"}) != "0";
+  return on && g_register_rows;
+}
 
 // kernel<kV> for D = 32·kV with kV among Vs (true), else nothing (false).
 template <template <int> class Pick, int... Vs, typename Launch>
@@ -454,9 +575,24 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
                                                          reinterpret_cast<__nv_bfloat16*>(dx16));
     MAMBA3_LAUNCH_CHECK();
   };
-  // Widths 256 and 512 with a lane's columns in registers (see the kernel for why no wider).
-  if (!pick_register_kernel<BackwardRows, 8, 16>(D, [&](auto kernel) { launch(kernel); }))
+  // Widths 256 and 512 with a lane's columns in registers (see the kernel for why no wider); wider ones staged in
+  // shared memory where each warp has one row and the staged rows fit.
+  const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
+  const int staged_warps = int(rpb);
+  const size_t staged_bytes = size_t(staged_warps) * (2 * size_t(D) * sizeof(float) + 2 * sizeof(double));
+  if (pick_register_kernel<BackwardRows, 8, 16>(D, [&](auto kernel) { launch(kernel); })) {
+  } else if (staged_rows_enabled() && D % 4 == 0 && rpb <= kNormBackwardWarps && aligned(x) && aligned(dy) &&
+             aligned(dx) && staged_bytes <= size_t(kNormBackwardStagedBytes)) {
+    auto* kernel = norm_backward_rows_staged_kernel;
+    if (staged_bytes > 48 * 1024)
+      MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(staged_bytes)));
+    kernel<<<unsigned(nblocks), staged_warps * 32, staged_bytes, s>>>(x, dy, rows, D, w, b_or_null != nullptr, eps, dx,
+                                                                      accumulate_dx, pw, pb, rpb,
+                                                                      reinterpret_cast<__nv_bfloat16*>(dx16));
+    MAMBA3_LAUNCH_CHECK();
+  } else {
     launch(norm_backward_rows_kernel, D);
+  }
   norm_backward_sum_kernel<<<grid_for(D * 32, 256), 256, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
   MAMBA3_LAUNCH_CHECK();
 }

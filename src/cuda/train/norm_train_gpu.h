@@ -40,8 +40,9 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
                        NormGradScratch& scratch, uint16_t* dx16 = nullptr);
 
 // Widths D = 32·k (k ≤ 16 in the backward, ≤ 64 in the residual step) run kernels that hold a lane's columns in
-// registers, with the generic kernels' arithmetic and order (the same bits); off: the generic kernels everywhere
-// (for the test that compares them). Process-wide, on by default.
+// registers, and wider backward rows (D % 4 == 0, one row per warp) a kernel that stages them in shared memory
+// (MAMBA3_TRAIN_NORM_STAGED=0 keeps the generic one there), all with the generic kernels' arithmetic and order (the
+// same bits); off: the generic kernels everywhere (for the test that compares them). Process-wide, on by default.
 void set_norm_register_rows(bool on);
 
 // y[i] += x[i] for n floats.

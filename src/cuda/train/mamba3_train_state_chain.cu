@@ -1,0 +1,137 @@
+// The chunk-state chain (mamba3_train_state_chain.h): one 128-thread block per (sequence, head, 32 rows of P) walks
+// that sequence-head's chunks in order. Per chunk it forms its 32 × N slice of A_cᵀ·B_c on bf16 tensor cores (warp w:
+// rows 16·(w % 2) of the slice, columns (N / 2)·(w / 2) onward), applies the scan's fused multiply-add to the running
+// state held in the same fragment layout, and writes the state entering the chunk in bf16. The products do not depend
+// on the state, so their operands stream through a ring of kStages shared-memory stages (cp.async) ahead of the chain:
+// the sequential part per chunk is one multiply-add per state element. Traffic per chunk and slice: 64 rows of A's
+// slice and of B (B read by the P / 32 slices of one sequence-head, adjacent blocks, so mostly from L2) and the
+// slice of the bf16 state; nothing in f32.
+#include "cuda/train/mamba3_train_state_chain.h"
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_check.h"
+#include "cuda/train/chunk_core_launch.cuh"
+#include "cuda/train/mamba3_train_math.cuh"
+#include "cuda/train/mma_bf16.cuh"
+
+namespace mamba3::cuda::train_detail {
+
+namespace {
+
+using namespace mma_bf16;
+constexpr int kRows = kCoreRows;
+constexpr int kSlice = 32;   // rows of P per block
+constexpr int kStages = 3;   // operand stages in flight (the chunk computed and two loading)
+constexpr int kLdA = kSlice + 8;  // 8 bf16 of padding per row: ldmatrix's row addresses in different banks
+
+template <int N>
+struct ChainSmem {
+  static constexpr int LDN = N + 8;
+  static constexpr int stage_elems = kRows * (kLdA + LDN);
+  static constexpr size_t bytes = size_t(kStages) * stage_elems * sizeof(bf16);
+};
+
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+template <int N, int P>
+__global__ void __launch_bounds__(kCoreThreads) state_chain_kernel(const BatchedParams p, const bf16* A,
+                                                                   const bf16* Bm, bool reverse, uint32_t* out16) {
+  constexpr int LDN = ChainSmem<N>::LDN, SE = ChainSmem<N>::stage_elems, NT = N / 16, slices = P / kSlice;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* stages = reinterpret_cast<bf16*>(smem_raw);
+  const int64_t bh = blockIdx.x / slices;
+  const int pb = int(blockIdx.x % slices) * kSlice, nc = p.nc;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int pr = 16 * (warp % 2), n0 = (N / 2) * (warp / 2);  // the warp's first row (in the slice) and column
+  const auto chunk_at = [&](int i) { return bh * nc + (reverse ? nc - 1 - i : i); };
+  // Step i's operands into stage i % kStages (an empty group past the last chunk keeps the group count uniform).
+  const auto issue = [&](int i) {
+    if (i < nc) {
+      const int64_t chunk = chunk_at(i);
+      bf16 *sA = stages + (i % kStages) * SE, *sB = sA + kRows * kLdA;
+      const bf16 *a = A + chunk * kRows * P + pb, *b = Bm + chunk * kRows * N;
+      for (int e = threadIdx.x; e < kRows * (kSlice / 8); e += kCoreThreads) {
+        const int r = e / (kSlice / 8), c = (e % (kSlice / 8)) * 8;
+        cp_async16(sA + r * kLdA + c, a + int64_t(r) * P + c);
+      }
+      for (int e = threadIdx.x; e < kRows * (N / 8); e += kCoreThreads) {
+        const int r = e / (N / 8), c = (e % (N / 8)) * 8;
+        cp_async16(sB + r * LDN + c, b + int64_t(r) * N + c);
+      }
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(i);
+
+  float st[NT][4];
+  zero(st);
+  for (int i = 0; i < nc; ++i) {
+    const int64_t chunk = chunk_at(i);
+    const float dc = p.decay[chunk];
+    // The state entering this chunk, rounded as the scan rounds it (bf16 pairs: rows g and g + 8 of the warp's 16).
+    uint32_t* o = out16 + ((chunk * P + pb + pr + g) * N + n0) / 2 + q;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      o[nt * 4] = uint32_t(bf16_bits_rn(st[nt][0])) | uint32_t(bf16_bits_rn(st[nt][1])) << 16;
+      o[nt * 4 + 4 * N] = uint32_t(bf16_bits_rn(st[nt][2])) | uint32_t(bf16_bits_rn(st[nt][3])) << 16;
+    }
+    __syncthreads();  // every warp is done with the stage step i + kStages − 1 loads into (step i − 1's)
+    issue(i + kStages - 1);
+    asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1) : "memory");
+    __syncthreads();
+    const bf16 *sA = stages + (i % kStages) * SE, *sB = sA + kRows * kLdA;
+    // A_cᵀ·B_c for the warp's 16 × N/2 tile, k-steps in the backward core's order (its G: the same tiles, same bits).
+    float acc[NT][4];
+    zero(acc);
+#pragma unroll
+    for (int kb = 0; kb < kRows / 16; ++kb) {
+      uint32_t a[4];
+      load_a_t(sA, kLdA, 16 * kb, pr, a);
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t b[4];
+        load_b_kn(sB, LDN, 16 * kb, n0 + 16 * np, b);
+        mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[nt][e] = __fmaf_rn(dc, st[nt][e], acc[nt][e]);  // the scan's e·S + Δ
+  }
+}
+
+}  // namespace
+
+bool state_chain_supported(const BatchedParams& p) { return core_shape_supported(p); }
+
+void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
+                        void* out16) {
+  MAMBA3_CHECK(state_chain_supported(p), "state chain: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
+               p.rows, p.d.N, p.d.P);
+  MAMBA3_CHECK(A && Bop && out16 && p.decay, "state chain: an operand, the decays or the output is null");
+  if (p.nc == 0) return;
+  dispatch_core_shape(p, [&](auto n, auto pp) {
+    constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+    constexpr size_t bytes = ChainSmem<N>::bytes;
+    auto* kernel = state_chain_kernel<N, P>;
+    if (bytes > 48 * 1024) {  // once per instance (a host call per layer's launch otherwise)
+      static const cudaError_t opted =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+      MAMBA3_CUDA_CHECK(opted);
+    }
+    const int64_t blocks = int64_t(p.d.B) * p.d.H * (P / kSlice);
+    MAMBA3_CHECK(blocks <= 0x7fffffff, "state chain: {} blocks exceed the grid", blocks);
+    kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(A), static_cast<const bf16*>(Bop),
+                                                         reverse, static_cast<uint32_t*>(out16));
+    MAMBA3_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace mamba3::cuda::train_detail

@@ -1,0 +1,25 @@
+#pragma once
+// The chunk-state chain of the batched path's cores (bf16 mode): for every (sequence, head) the chunks' state products
+// and the scan over the chunks in one kernel, the running state in f32 registers, instead of a batched product that
+// writes every chunk's contribution in f32 and a scan pass that reads it back (docs/kernels/mamba3_train_cuda.md,
+// "Fifteenth session"). Walking chunk c (ascending forward, descending reverse):
+//   out16[c] = bf16(S),  S ← decay[c]·S + A_cᵀ·B_c,  S = 0 before the first chunk walked,
+// the scan's own fused multiply-add (launch_state_scan), so with the same products the same bits.
+//   forward: A = w ⊙ v (p.Vw), B = k (p.K)       → out16 = Hc16, the state entering each chunk;
+//   reverse: A = e^Λ ⊙ dy (p.dYe), B = q (p.Q)   → out16 = dHc16, the dH entering each chunk from the later ones.
+// The reverse products run in the backward core's order (the same mma tiles and k-steps as its G), so the reverse
+// chain gives the core-plus-scan path's bits; the forward ones sum in the mma's order, not cuBLAS's (to rounding).
+#include <cuda_runtime.h>
+
+#include "cuda/train/mamba3_train_kernels.h"
+
+namespace mamba3::cuda::train_detail {
+
+// The cores' shapes (bf16, 64 rows per chunk, N ∈ {32, 64, 128}, P ∈ {32, 64}).
+bool state_chain_supported(const BatchedParams& p);
+
+// A: (B·H·nc, 64, P) bf16, Bop: (B·H·nc, 64, N) bf16, p.decay (B·H·nc) → out16 (B·H·nc, P, N) bf16.
+void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
+                        void* out16);
+
+}  // namespace mamba3::cuda::train_detail
