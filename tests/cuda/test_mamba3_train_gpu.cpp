@@ -326,6 +326,31 @@ bool bit_identical(const GpuResult& a, const GpuResult& b, bool with_out = true)
   return true;
 }
 
+// Layers in the chunk cores' shapes (N ∈ {32, 64, 128}, P ∈ {32, 64}): SISO N 128 P 64 (the 125M tiles), N 64 P 32
+// with two groups and the output norm, N 32 P 32 with three heads; with_mimo: also MIMO R 4 N 64 P 32 (three heads)
+// and R 2 N 128 P 64.
+std::vector<LayerCase> core_shape_cases(bool with_mimo) {
+  std::vector<LayerCase> cases;
+  Mamba3Config c = small(false, 1);
+  c.d_model = 128, c.d_state = 128, c.headdim = 64;
+  cases.push_back({"siso N 128 P 64 (4 heads)", c});
+  c = small(false, 1);
+  c.d_model = 64, c.d_state = 64, c.headdim = 32, c.ngroups = 2, c.is_outproj_norm = true;
+  cases.push_back({"siso N 64 P 32 ngroups 2 outnorm", c});
+  c = small(false, 1);
+  c.d_model = 48, c.d_state = 32, c.headdim = 32;  // 3 heads
+  cases.push_back({"siso N 32 P 32 (3 heads)", c});
+  if (with_mimo) {
+    c = small(true, 4);
+    c.d_model = 48, c.d_state = 64, c.headdim = 32;  // 3 heads
+    cases.push_back({"mimo R=4 N 64 P 32 (3 heads)", c});
+    c = small(true, 2);
+    c.d_model = 64, c.d_state = 128, c.headdim = 64, c.is_outproj_norm = true;
+    cases.push_back({"mimo R=2 N 128 P 64 outnorm", c});
+  }
+  return cases;
+}
+
 // The layer cases plus the 125M model's tiles (N 128, P 64: the chunk length drops below 64 rows to fit the reverse
 // kernel's shared memory) and a wide MIMO one.
 std::vector<LayerCase> tensor_core_cases() {
@@ -520,17 +545,7 @@ TEST(Mamba3TrainGpu, ChunkCoresMatchProductsAndCpu) {
 // output, du and every gradient agree to a few roundings (the test prints which tensors differ in any bit).
 TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
   MAMBA3_REQUIRE_GPU();
-  std::vector<LayerCase> cases;
-  Mamba3Config c = small(false, 1);
-  c.d_model = 128, c.d_state = 128, c.headdim = 64;
-  cases.push_back({"siso N 128 P 64 (4 heads)", c});
-  c = small(false, 1);
-  c.d_model = 64, c.d_state = 64, c.headdim = 32, c.ngroups = 2, c.is_outproj_norm = true;
-  cases.push_back({"siso N 64 P 32 ngroups 2 outnorm", c});
-  c = small(false, 1);
-  c.d_model = 48, c.d_state = 32, c.headdim = 32;  // 3 heads
-  cases.push_back({"siso N 32 P 32 (3 heads)", c});
-  for (const LayerCase& lc : cases)
+  for (const LayerCase& lc : core_shape_cases(false))
     for (const int64_t L : {65, 300}) {
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       const Mamba3Config& cfg = lc.c;
@@ -641,7 +656,7 @@ TEST(Mamba3TrainGpu, StateChainMatchesAFloat64Scan) {
 // chain's products sum in the mma's order instead of cuBLAS's, so a whole step agrees to rounding. Both deterministic.
 TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
   MAMBA3_REQUIRE_GPU();
-  for (const LayerCase& lc : tensor_core_cases())
+  for (const LayerCase& lc : core_shape_cases(true))
     for (const int64_t L : {1, 65, 300}) {
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       const Mamba3Config& cfg = lc.c;
@@ -656,6 +671,7 @@ TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
       DeviceLayer layer(mixer);
       cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
       cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+      train.set_backward_core_fused(false);  // (the fused core needs the chain: FusedBackwardCoreGivesTheSplitBits)
       cuda::Mamba3TrainActivations kept;
       // forward_chain / backward_chain: the path of each half; keep: the backward reads the kept forward.
       auto run = [&](bool forward_chain, bool backward_chain, bool keep) {
@@ -681,6 +697,50 @@ TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
       std::string where;
       compare(chain, pass.out, pass.du, pass.grads, kTolChainVsPass, kTolChainVsPass, worst, where);
       std::printf("  %-38s L=%-3lld chain vs pass worst %.2e (%s)\n", lc.name, (long long)L, worst, where.c_str());
+    }
+}
+
+// The fused backward core (backward core + post-scan core in one kernel, after the reverse chain) against the two
+// kernels around it: dV and dK's first term stay in registers instead of going through global memory, every sum in
+// the same order, so the same bits, with and without a kept forward, on the SISO core shapes and a padded last chunk.
+TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(false))
+    for (const int64_t L : {64, 65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 3;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(1700 + L));
+      cuda::Context ctx;
+      cuda::TrainGemm gemm(Precision::BF16);
+      cuda::Mamba3TrainGpu train(cfg);
+      train.set_chunk_batched(true);
+      train.set_chunk_cores(true);
+      train.set_state_chain(true);
+      ASSERT_TRUE(train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      DeviceLayer layer(mixer);
+      cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+      cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+      cuda::Mamba3TrainActivations kept;
+      auto run = [&](bool fused, bool keep) {
+        train.set_backward_core_fused(fused);
+        layer.zero_grads();
+        poison(du.raw(), du.bytes());
+        poison(out.raw(), out.bytes());
+        train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), keep ? &kept : nullptr);
+        train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(),
+                       du.as<float>(), keep ? &kept : nullptr);
+        ctx.sync();
+        return GpuResult{from_device_f32(out.raw(), {B, L, cfg.d_model}), from_device_f32(du.raw(), {B, L, cfg.d_model}),
+                         layer.download_grads()};
+      };
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+        const GpuResult split = run(false, keep), fused = run(true, keep);
+        for (const Tensor* t : {&fused.out, &fused.du})
+          for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+        EXPECT_TRUE(bit_identical(split, fused));
+      }
     }
 }
 

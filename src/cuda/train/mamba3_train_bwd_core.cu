@@ -27,16 +27,125 @@ namespace {
 constexpr int kRows = kCoreRows;
 using namespace mma_bf16;
 
+// ---- The post-scan part (SISO: row = token), shared by the post-scan core and the fused backward core.
+// Warp rows t0 … t0 + 15: tp = k·dHᵀ (B[n][p] = dH[p][n]) on tensor cores, then dx = (dV + D·dy) + w ⊙ tp → dzx's x
+// columns (and p.dzx16's), Σ_p v·tp → rdot. dv: dV in the accumulator layout; V, dY: the chunk's bf16 rows at pitch ld
+// (global or shared memory).
+template <int N, int P>
+__device__ __forceinline__ void post_scan_rows(const BatchedParams& p, int64_t chunk, int t0, const bf16* sK,
+                                               const bf16* sdH, const bf16* V, const bf16* dY, int ld,
+                                               const float (&dv)[P / 8][4], float* rdot) {
+  constexpr int LDN = N + 8;
+  const MixerDims& d = p.d;
+  const int T = p.T, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int64_t bh = chunk / p.nc;
+  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
+  float tp[P / 8][4];
+  zero(tp);
+#pragma unroll
+  for (int kb = 0; kb < N / 16; ++kb) {
+    uint32_t a[4];
+    load_a(sK, LDN, t0, 16 * kb, a);
+#pragma unroll
+    for (int np = 0; np < P / 16; ++np) {
+      uint32_t bq[4];
+      load_b_nk(sdH, LDN, 16 * np, 16 * kb, bq);
+      mma(tp[2 * np], a, bq[0], bq[1]), mma(tp[2 * np + 1], a, bq[2], bq[3]);
+    }
+  }
+  const float Dh = p.D[h];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int tl = t0 + g + 8 * half;
+    const float w = p.wv[chunk * T + tl];
+    const bool real = tl < Tc;
+    const int64_t xcol = (int64_t(b) * d.L + c0 + tl) * d.din + d.off_x + int64_t(h) * P;
+    float dot = 0.0f;
+    // The row's loads before its stores (see the forward core's output stage).
+    float2 vvs[P / 8], dys[P / 8];
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      vvs[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(V + tl * ld + col));
+      dys[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dY + tl * ld + col));
+    }
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      const float2 dv0 = make_float2(dv[nt][2 * half], dv[nt][2 * half + 1]), vv = vvs[nt], dy = dys[nt];
+      const float t_a = tp[nt][2 * half], t_b = tp[nt][2 * half + 1];
+      dot += vv.x * t_a, dot += vv.y * t_b;
+      const float dx_a = (dv0.x + Dh * dy.x) + w * t_a, dx_b = (dv0.y + Dh * dy.y) + w * t_b;
+      if (real) {  // dzx rows are din values: an odd din leaves them unaligned for pairs, so scalar stores
+        p.dzx[xcol + col] = dx_a, p.dzx[xcol + col + 1] = dx_b;
+        if (p.dzx16) {
+          __nv_bfloat16* x16 = reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + col;
+          x16[0] = __float2bfloat16_rn(dx_a), x16[1] = __float2bfloat16_rn(dx_b);
+        }
+      }
+    }
+    dot = quad_sum(dot);
+    if (q == 0) rdot[tl] = dot;
+  }
+}
+
+// ⟨dH, H_c⟩ over the chunk's P·N (dH in shared memory at pitch N + 8, H_c at pitch ldh): the warps' sums → wsum.
+template <int N, int P>
+__device__ __forceinline__ void post_scan_state_dot(const bf16* sdH, const bf16* hc, int ldh, float* wsum) {
+  constexpr int LDN = N + 8;
+  float sacc = 0.0f;
+  for (int i = threadIdx.x; i < P * N / 2; i += kCoreThreads) {
+    const int e = 2 * i, pr = e / N, n = e % N;
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sdH + pr * LDN + n)),
+                 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(hc + pr * ldh + n));
+    sacc += a.x * c.x + a.y * c.y;
+  }
+  sacc = warp_sum(sacc);
+  if (threadIdx.x % 32 == 0) wsum[threadIdx.x / 32] = sacc;
+}
+
+// The epilogue kernel's serial part, term for term (one thread): Λ's and scale's state-carry terms into dL (then its
+// reverse cumulative sum) and scale (overwritten with the scale gradient's state term).
+__device__ __forceinline__ void post_scan_serial(const BatchedParams& p, int64_t chunk, int T, const float* Lam,
+                                                 float* scale, float* dL, const float* rdot, const float* wsum) {
+  const float last = Lam[T - 1], elast = p.decay[chunk];
+  for (int sl = 0; sl < T; ++sl) {
+    const float dws = rdot[sl];
+    const float e2 = expf(last - Lam[sl]), G = dws * e2 * scale[sl];
+    dL[T - 1] += G;
+    dL[sl] -= G;
+    scale[sl] = dws * e2;
+  }
+  float dot = 0.0f;
+  for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
+  dL[T - 1] += elast * dot;
+  float run = 0.0f;
+  for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
+}
+
 template <int N, int P>
 struct CoreSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
   static constexpr size_t bf16_elems = size_t(2 * kRows + P) * LDN + size_t(3 * kRows) * LDP;
-  static constexpr size_t bytes(int T) { return bf16_elems * sizeof(bf16) + size_t(3 * T + 4 * kRows) * 4; }
+  __host__ __device__ static constexpr size_t bytes(int T) {
+    return bf16_elems * sizeof(bf16) + size_t(3 * T + 4 * kRows) * 4;
+  }
+  // The fused core's extra tiles after those (16-byte aligned): dH (P × N) and w ⊙ v (rows × P) in bf16, then the
+  // post-scan part's floats: dL (T), the core's dscale terms (T), Σ_p v·tp per row, ⟨dH, H_c⟩ per warp.
+  __host__ __device__ static constexpr size_t post_offset(int T) { return (bytes(T) + 15) / 16 * 16; }
+  static constexpr size_t post_bytes(int T) {
+    return post_offset(T) + (size_t(P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) +
+           size_t(2 * T + kRows + kCoreWarps) * 4;
+  }
 };
 
-template <int N, int P>
+// kPost (SISO, the reverse state chain run before it): also the post-scan core's work (below) from the chunk's dH
+// (dHc16) — dK's second term added to the first in the accumulators, tp = k·dHᵀ, and the epilogue's state part with
+// dV kept in registers — so dV and dK's first term never go through global memory and q, k, v, dy and H_c are read
+// once for both. Every sum runs in the two kernels' orders: the same bits (test FusedBackwardCoreGivesTheSplitBits).
+template <int N, int P, bool kPost>
 __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
-                                                                     float* g_slots) {
+                                                                     float* g_slots, const bf16* dHc16) {
   using Smem = CoreSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, NS = kRows / 8;  // NS: n-tiles over the chunk's 64 rows
   constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;                  // dQ/dK/G columns per pass, their n-tiles
@@ -48,6 +157,10 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
   float* Lam = reinterpret_cast<float*>(sdYe + kRows * LDP);
   float *scale = Lam + T, *gam = scale + T, *rowG = gam + T, *rowD = rowG + kRows, *colG = rowD + kRows,
         *colE = colG + kRows;
+  bf16* sdH = reinterpret_cast<bf16*>(smem_raw + Smem::post_offset(T));  // kPost only, like the four below
+  bf16* sVw = sdH + P * LDN;
+  float* dL = reinterpret_cast<float*>(sVw + kRows * LDP);
+  float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows;
   const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
@@ -57,6 +170,10 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
   copy_tile(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
   copy_tile(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
   copy_tile(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
+  if constexpr (kPost) {
+    copy_tile(sdH, LDN, dHc16 + chunk * P * N, P, N);
+    copy_tile(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P, kRows, P);
+  }
   asm volatile("cp.async.commit_group;");
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
@@ -201,19 +318,17 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
       dst[kb][2] = pack(dwt[2 * kb + 1][0], dwt[2 * kb + 1][1]);
       dst[kb][3] = pack(dwt[2 * kb + 1][2], dwt[2 * kb + 1][3]);
     }
-    {  // dV = Wᵀ·dy
-      float acc[P / 8][4];
-      zero(acc);
+    float dv[P / 8][4];  // dV = Wᵀ·dy (kPost: kept for the epilogue's state part)
+    zero(dv);
 #pragma unroll
-      for (int kb = 0; kb < NS / 2; ++kb)
+    for (int kb = 0; kb < NS / 2; ++kb)
 #pragma unroll
-        for (int np = 0; np < P / 16; ++np) {
-          uint32_t b[4];
-          load_b_kn(sdY, LDP, 16 * kb, 16 * np, b);
-          mma(acc[2 * np], wt[kb], b[0], b[1]), mma(acc[2 * np + 1], wt[kb], b[2], b[3]);
-        }
-      store_tiles(acc, p.dV + chunk * kRows * P, P, s0, 0);
-    }
+      for (int np = 0; np < P / 16; ++np) {
+        uint32_t b[4];
+        load_b_kn(sdY, LDP, 16 * kb, 16 * np, b);
+        mma(dv[2 * np], wt[kb], b[0], b[1]), mma(dv[2 * np + 1], wt[kb], b[2], b[3]);
+      }
+    if constexpr (!kPost) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
     float* dK = p.dK + chunk * kRows * N;
 #pragma unroll
     for (int n0 = 0; n0 < N; n0 += NB) {  // dK = dSᵀ·q
@@ -227,8 +342,22 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
           load_b_kn(sQ, LDN, 16 * kb, n0 + 16 * np, b);
           mma(acc[2 * np], dst[kb], b[0], b[1]), mma(acc[2 * np + 1], dst[kb], b[2], b[3]);
         }
+      if constexpr (kPost) {  // dK += (w ⊙ v)·dH, continuing the same accumulators (the post-scan core's order)
+#pragma unroll
+        for (int kb = 0; kb < P / 16; ++kb) {
+          uint32_t a[4];
+          load_a(sVw, LDP, s0, 16 * kb, a);
+#pragma unroll
+          for (int np = 0; np < NBT / 2; ++np) {
+            uint32_t bq[4];
+            load_b_kn(sdH, LDN, 16 * kb, n0 + 16 * np, bq);
+            mma(acc[2 * np], a, bq[0], bq[1]), mma(acc[2 * np + 1], a, bq[2], bq[3]);
+          }
+        }
+      }
       store_tiles(acc, dK, N, s0, n0);
     }
+    if constexpr (kPost) post_scan_rows<N, P>(p, chunk, s0, sK, sdH, sV, sdY, LDP, dv, rdot);
   }
 
   // ---- Phase C: G = (e^Λ ⊙ dy)ᵀ·q, rows p of this warp (not with the reverse state chain, which forms G itself).
@@ -253,6 +382,8 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
     }
   }
 
+  if constexpr (kPost) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
+
   // ---- The chunk scalars' gradients from coef, per token (as the coef kernel forms them).
   __syncthreads();
   const int64_t bh = chunk / p.nc;
@@ -263,16 +394,34 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
       const int j = tl * R + r;
       dl += rowG[j] - colG[j], dg += rowD[j], dsc += colE[j];
     }
-    p.dLam[chunk * T + tl] += dl;
     const int64_t st = bh * p.d.L + c0 + tl;
-    p.dgam[st] = dg, p.dscale[st] = dsc;
+    if constexpr (kPost) {
+      dL[tl] = p.dLam[chunk * T + tl] + dl;
+      dsc_core[tl] = dsc;
+      p.dgam[st] = dg;
+    } else {
+      p.dLam[chunk * T + tl] += dl;
+      p.dgam[st] = dg, p.dscale[st] = dsc;
+    }
+  }
+  if constexpr (kPost) {
+    for (int tl = Tc + threadIdx.x; tl < T; tl += kCoreThreads) dL[tl] = p.dLam[chunk * T + tl];
+    __syncthreads();
+    if (threadIdx.x == 0) post_scan_serial(p, chunk, T, Lam, scale, dL, rdot, wsum);
+    __syncthreads();
+    for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
+      const int64_t st = bh * p.d.L + c0 + tl;
+      p.dadt[st] = dL[tl];
+      p.dscale[st] = dsc_core[tl] + scale[tl];
+    }
   }
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
 // the epilogue's state part from tp in registers: dv = (dV + D·dy) + w ⊙ tp → dx (dzx's x columns and their bf16
 // twin), Σ_p v·tp per token, ⟨dH, H_c⟩, and Λ's and scale's state-carry terms (→ dadt, dscale) as the epilogue
-// kernel forms them.
+// kernel forms them (the parts shared with the fused backward core: post_scan_rows, post_scan_state_dot,
+// post_scan_serial).
 template <int N, int P>
 struct PostSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
@@ -294,7 +443,7 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
   float* Lam = reinterpret_cast<float*>(sVw + kRows * LDP);
   float *scale = Lam + T, *dL = scale + T, *rdot = dL + T, *wsum = rdot + kRows;
   const int64_t chunk = blockIdx.x, bh = chunk / p.nc;
-  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
+  const int c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, t0 = 16 * warp;
 
   copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
@@ -332,85 +481,19 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
     }
     store_tiles(acc, dK, N, t0, n0);
   }
-  // tp = k·dHᵀ (B[n][p] = dH[p][n]) for this warp's rows, then the epilogue's per-token part from the registers.
-  float tp[P / 8][4];
-  zero(tp);
+  float dv[P / 8][4];  // the backward core's dV in the accumulator layout
+  const float* dV = p.dV + chunk * kRows * P;
 #pragma unroll
-  for (int kb = 0; kb < N / 16; ++kb) {
-    uint32_t a[4];
-    load_a(sK, LDN, t0, 16 * kb, a);
-#pragma unroll
-    for (int np = 0; np < P / 16; ++np) {
-      uint32_t bq[4];
-      load_b_nk(sH, LDN, 16 * np, 16 * kb, bq);
-      mma(tp[2 * np], a, bq[0], bq[1]), mma(tp[2 * np + 1], a, bq[2], bq[3]);
-    }
+  for (int nt = 0; nt < P / 8; ++nt) {
+    const float* src = dV + int64_t(t0 + g) * P + nt * 8 + 2 * q;
+    const float2 lo = *reinterpret_cast<const float2*>(src), hi = *reinterpret_cast<const float2*>(src + 8 * P);
+    dv[nt][0] = lo.x, dv[nt][1] = lo.y, dv[nt][2] = hi.x, dv[nt][3] = hi.y;
   }
-  const float Dh = p.D[h];
-  const bf16 *V = static_cast<const bf16*>(p.V), *dY = static_cast<const bf16*>(p.dY);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int tl = t0 + g + 8 * half;  // SISO: row = token
-    const float w = p.wv[chunk * T + tl];
-    const int64_t row = (chunk * kRows + tl) * P;
-    const bool real = tl < Tc;
-    const int64_t xcol = (int64_t(b) * d.L + c0 + tl) * d.din + d.off_x + int64_t(h) * P;
-    float dot = 0.0f;
-    // The row's loads before its stores (see the forward core's output stage).
-    float2 dvs[P / 8], vvs[P / 8], dys[P / 8];
-#pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt) {
-      const int col = nt * 8 + 2 * q;
-      dvs[nt] = *reinterpret_cast<const float2*>(p.dV + row + col);
-      vvs[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(V + row + col));
-      dys[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dY + row + col));
-    }
-#pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt) {
-      const int col = nt * 8 + 2 * q;
-      const float2 dv0 = dvs[nt], vv = vvs[nt], dy = dys[nt];
-      const float t_a = tp[nt][2 * half], t_b = tp[nt][2 * half + 1];
-      dot += vv.x * t_a, dot += vv.y * t_b;
-      const float dx_a = (dv0.x + Dh * dy.x) + w * t_a, dx_b = (dv0.y + Dh * dy.y) + w * t_b;
-      if (real) {  // dzx rows are din values: an odd din leaves them unaligned for pairs, so scalar stores
-        p.dzx[xcol + col] = dx_a, p.dzx[xcol + col + 1] = dx_b;
-        if (p.dzx16) {
-          __nv_bfloat16* x16 = reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + col;
-          x16[0] = __float2bfloat16_rn(dx_a), x16[1] = __float2bfloat16_rn(dx_b);
-        }
-      }
-    }
-    dot = quad_sum(dot);
-    if (q == 0) rdot[tl] = dot;
-  }
-  {  // <dH, H_c> over the chunk's P·N (dH from shared memory, H_c from the forward scan's bf16 copy)
-    const bf16* hc = Hc16 + chunk * P * N;
-    float sacc = 0.0f;
-    for (int i = threadIdx.x; i < P * N / 2; i += kCoreThreads) {
-      const int e = 2 * i, pr = e / N, n = e % N;
-      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sH + pr * LDN + n)),
-                   c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(hc + e));
-      sacc += a.x * c.x + a.y * c.y;
-    }
-    sacc = warp_sum(sacc);
-    if (lane == 0) wsum[warp] = sacc;
-  }
+  post_scan_rows<N, P>(p, chunk, t0, sK, sH, static_cast<const bf16*>(p.V) + chunk * kRows * P,
+                       static_cast<const bf16*>(p.dY) + chunk * kRows * P, P, dv, rdot);
+  post_scan_state_dot<N, P>(sH, Hc16 + chunk * P * N, N, wsum);
   __syncthreads();
-  if (threadIdx.x == 0) {  // the epilogue kernel's serial part, term for term
-    const float last = Lam[T - 1], elast = p.decay[chunk];
-    for (int sl = 0; sl < T; ++sl) {
-      const float dws = rdot[sl];
-      const float e2 = expf(last - Lam[sl]), G = dws * e2 * scale[sl];
-      dL[T - 1] += G;
-      dL[sl] -= G;
-      scale[sl] = dws * e2;
-    }
-    float dot = 0.0f;
-    for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
-    dL[T - 1] += elast * dot;
-    float run = 0.0f;
-    for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
-  }
+  if (threadIdx.x == 0) post_scan_serial(p, chunk, T, Lam, scale, dL, rdot, wsum);
   __syncthreads();
   for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
     const int64_t st = bh * d.L + c0 + tl;
@@ -418,8 +501,6 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
     p.dscale[st] += scale[tl];
   }
 }
-
-
 
 }  // namespace
 
@@ -430,8 +511,18 @@ void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const 
                p.rows, p.d.N, p.d.P);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    launch_core(backward_core_kernel<N, P>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
-                static_cast<const bf16*>(Hc16), g_slots);
+    launch_core(backward_core_kernel<N, P, false>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
+                static_cast<const bf16*>(Hc16), g_slots, static_cast<const bf16*>(nullptr));
+  });
+}
+
+void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
+  MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
+               p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+  dispatch_core_shape(p, [&](auto n, auto pp) {
+    constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+    launch_core(backward_core_kernel<N, P, true>, "fused backward core", s, p, CoreSmem<N, P>::post_bytes(p.T), p,
+                static_cast<const bf16*>(Hc16), static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
   });
 }
 

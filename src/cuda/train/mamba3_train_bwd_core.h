@@ -29,4 +29,9 @@ void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const 
 bool post_scan_core_supported(const BatchedParams& p);
 void launch_batched_post_scan_core(cudaStream_t s, const BatchedParams& p, const void* dHc16, const void* Hc16);
 
+// Both in one kernel (the post-scan core's shapes), after the reverse state chain has written dHc16: what the
+// backward core and the post-scan core write, except G, p.dV and dK's intermediate (dV stays in registers, dK's two
+// terms in the same accumulators), with q, k, v, dy and H_c read once. The same bits as the two kernels.
+void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
+
 }  // namespace mamba3::cuda::train_detail

@@ -107,6 +107,13 @@ bool env_state_chain() {
   return chain;
 }
 
+// MAMBA3_TRAIN_BACKWARD_CORE, read once per process: with the state chains (SISO), the backward core and the post-scan
+// core as one kernel ("fused", the default) or two ("split").
+bool env_backward_core_fused() {
+  static const bool fused = env_choice("MAMBA3_TRAIN_BACKWARD_CORE", {"fused", "split"}) != "split";
+  return fused;
+}
+
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -141,7 +148,8 @@ void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int6
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
-      chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()) {
+      chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
+      backward_core_fused_(env_backward_core_fused()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -398,6 +406,17 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (reuse) p.o = nullptr, p.o16 = nullptr;  // the kept forward wrote o already
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
+  if (chain && backward_core_fused_ && post_scan_core_supported(p)) {
+    // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel.
+    launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
+    prof.mark("state chain rev");
+    p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
+    launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
+    prof.mark("backward core");
+    launch_batched_rotation_backward(s, p);
+    prof.mark("rotation bwd");
+    return;
+  }
   if (use_cores) {
     // dW, coef, dV, dQ, dK's first term and G in one kernel per chunk (S, W and dS recomputed in registers).
     // (with the chain, G is the chain's: the core skips it)

@@ -140,6 +140,10 @@ class Mamba3TrainGpu {
   // the forward's products sum in another order (to rounding). Default from MAMBA3_TRAIN_STATE_CHAIN, read once per
   // process: "chain" or "pass" (unset: chain).
   void set_state_chain(bool on) { state_chain_ = on; }
+  // With the state chains and the post-scan core's shapes (SISO), the backward core and the post-scan core as one
+  // kernel after the reverse chain (true) or as two around it (false): the same bits. Default from
+  // MAMBA3_TRAIN_BACKWARD_CORE, read once per process: "fused" or "split" (unset: fused).
+  void set_backward_core_fused(bool on) { backward_core_fused_ = on; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 
@@ -211,6 +215,7 @@ class Mamba3TrainGpu {
   bool chunk_cores_ = true;     // the fused chunk cores where supported (set_chunk_cores)
   bool siso_kernels_ = true;    // SISO instances of the elementwise chunk kernels (set_siso_kernels)
   bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
+  bool backward_core_fused_ = true;  // the backward and post-scan cores as one kernel (set_backward_core_fused)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;
