@@ -21,6 +21,7 @@
 #include "../model/random_mixer.h"
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_bwd_core.h"
 #include "cuda/train/mamba3_train_state_chain.h"
 #include "gpu_test_util.h"
 #include "model/mamba3_mixer_backward.h"
@@ -596,9 +597,12 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
 
 // The state chain kernel (products and scan over chunks in one kernel) against a float64 host scan of the same bf16
 // operands, forward and reverse, for every core shape, odd head counts, one chunk, and chunk counts that are not a
-// multiple of its operand ring.
+// multiple of its operand ring; blocks of 64 rows of P give the bits of blocks of 32.
 TEST(Mamba3TrainGpu, StateChainMatchesAFloat64Scan) {
   MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_state_chain_slice(32); }
+  } restore;
   cuda::Context ctx;
   std::mt19937 rng(44);
   std::uniform_real_distribution<float> uni(-1.0f, 1.0f), dec(0.3f, 1.0f);
@@ -622,9 +626,17 @@ TEST(Mamba3TrainGpu, StateChainMatchesAFloat64Scan) {
         da.upload(a16.data(), da.bytes()), db.upload(b16.data(), db.bytes()), ddec.upload(decay.data(), ddec.bytes());
         poison(dout.raw(), dout.bytes());
         p.decay = ddec.as<float>();
+        cuda::train_detail::set_state_chain_slice(32);
         cuda::train_detail::launch_state_chain(ctx.stream(), p, da.raw(), db.raw(), reverse, dout.raw());
         ctx.sync();
         const Tensor got = from_device_bf16(dout.as<uint16_t>(), {chunks, P, N});
+        cuda::DeviceBuffer dout64(dout.bytes());
+        poison(dout64.raw(), dout64.bytes());
+        cuda::train_detail::set_state_chain_slice(64);  // (P 32 keeps slices of 32)
+        cuda::train_detail::launch_state_chain(ctx.stream(), p, da.raw(), db.raw(), reverse, dout64.raw());
+        ctx.sync();
+        const Tensor got64 = from_device_bf16(dout64.as<uint16_t>(), {chunks, P, N});
+        EXPECT_EQ(std::memcmp(got.raw(), got64.raw(), got.nbytes()), 0) << "slices of 64 rows: other bits";
         Tensor want = Tensor::empty(DType::F32, {chunks, P, N});
         std::vector<double> st(size_t(P * N));
         for (int64_t bh = 0; bh < int64_t(B) * H; ++bh) {
@@ -702,9 +714,13 @@ TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
 
 // The fused backward core (backward core + post-scan core in one kernel, after the reverse chain) against the two
 // kernels around it: dV and dK's first term stay in registers instead of going through global memory, every sum in
-// the same order, so the same bits, with and without a kept forward, on the SISO core shapes and a padded last chunk.
+// the same order, so the same bits, with and without a kept forward, on the SISO core shapes and a padded last chunk;
+// in both block widths (the two phases on separate warps, or four warps running both).
 TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
   MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
   for (const LayerCase& lc : core_shape_cases(false))
     for (const int64_t L : {64, 65, 300}) {
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
@@ -736,10 +752,15 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
       };
       for (const bool keep : {false, true}) {
         SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
-        const GpuResult split = run(false, keep), fused = run(true, keep);
-        for (const Tensor* t : {&fused.out, &fused.du})
-          for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
-        EXPECT_TRUE(bit_identical(split, fused));
+        const GpuResult split = run(false, keep);
+        for (const bool wide : {true, false}) {
+          SCOPED_TRACE(wide ? "8 warps" : "4 warps");
+          cuda::train_detail::set_fused_core_wide(wide);
+          const GpuResult fused = run(true, keep);
+          for (const Tensor* t : {&fused.out, &fused.du})
+            for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+          EXPECT_TRUE(bit_identical(split, fused));
+        }
       }
     }
 }

@@ -375,8 +375,8 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
         if (p.o16) static_cast<__nv_bfloat16*>(p.o16)[oi] = __float2bfloat16_rn(oq[k]);
         if (kBwd) {
           const int64_t zi = tok * d.din + int64_t(ix.h) * P + q;  // dzx's z column
-          p.dzx[zi] = dzq[k];
           if (p.dzx16) reinterpret_cast<__nv_bfloat16*>(p.dzx16)[zi] = __float2bfloat16_rn(dzq[k]);
+          else p.dzx[zi] = dzq[k];
         }
       }
     }
@@ -561,8 +561,8 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
         for (int k = 0; k < kQ; ++k) {
           if (q0 + 32 * k >= P) continue;
           const int64_t xi = tok * d.din + d.off_x + int64_t(ix.h) * P + q0 + 32 * k;  // dzx's x column
-          p.dzx[xi] = dxs[k];
           if (p.dzx16) reinterpret_cast<__nv_bfloat16*>(p.dzx16)[xi] = __float2bfloat16_rn(dxs[k]);
+          else p.dzx[xi] = dxs[k];
         }
     }
     for (int r = 0; r < R; ++r) {

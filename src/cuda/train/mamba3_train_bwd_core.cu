@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
+#include "cuda/env_switch.h"
 #include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
@@ -31,16 +32,10 @@ using namespace mma_bf16;
 // Warp rows t0 … t0 + 15: tp = k·dHᵀ (B[n][p] = dH[p][n]) on tensor cores, then dx = (dV + D·dy) + w ⊙ tp → dzx's x
 // columns (and p.dzx16's), Σ_p v·tp → rdot. dv: dV in the accumulator layout; V, dY: the chunk's bf16 rows at pitch ld
 // (global or shared memory).
+// tp = k·dHᵀ for the warp's rows t0 … t0 + 15 (B[n][p] = dH[p][n]).
 template <int N, int P>
-__device__ __forceinline__ void post_scan_rows(const BatchedParams& p, int64_t chunk, int t0, const bf16* sK,
-                                               const bf16* sdH, const bf16* V, const bf16* dY, int ld,
-                                               const float (&dv)[P / 8][4], float* rdot) {
+__device__ __forceinline__ void post_scan_tp(const bf16* sK, const bf16* sdH, int t0, float (&tp)[P / 8][4]) {
   constexpr int LDN = N + 8;
-  const MixerDims& d = p.d;
-  const int T = p.T, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-  const int64_t bh = chunk / p.nc;
-  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
-  float tp[P / 8][4];
   zero(tp);
 #pragma unroll
   for (int kb = 0; kb < N / 16; ++kb) {
@@ -53,6 +48,17 @@ __device__ __forceinline__ void post_scan_rows(const BatchedParams& p, int64_t c
       mma(tp[2 * np], a, bq[0], bq[1]), mma(tp[2 * np + 1], a, bq[2], bq[3]);
     }
   }
+}
+
+// The per-token part from tp (post_scan_tp's, in its accumulator layout).
+template <int N, int P>
+__device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_t chunk, int t0,
+                                                  const float (&tp)[P / 8][4], const bf16* V, const bf16* dY, int ld,
+                                                  const float (&dv)[P / 8][4], float* rdot) {
+  const MixerDims& d = p.d;
+  const int T = p.T, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int64_t bh = chunk / p.nc;
+  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
   const float Dh = p.D[h];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -77,16 +83,26 @@ __device__ __forceinline__ void post_scan_rows(const BatchedParams& p, int64_t c
       dot += vv.x * t_a, dot += vv.y * t_b;
       const float dx_a = (dv0.x + Dh * dy.x) + w * t_a, dx_b = (dv0.y + Dh * dy.y) + w * t_b;
       if (real) {  // dzx rows are din values: an odd din leaves them unaligned for pairs, so scalar stores
-        p.dzx[xcol + col] = dx_a, p.dzx[xcol + col + 1] = dx_b;
         if (p.dzx16) {
           __nv_bfloat16* x16 = reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + col;
           x16[0] = __float2bfloat16_rn(dx_a), x16[1] = __float2bfloat16_rn(dx_b);
+        } else {
+          p.dzx[xcol + col] = dx_a, p.dzx[xcol + col + 1] = dx_b;
         }
       }
     }
     dot = quad_sum(dot);
     if (q == 0) rdot[tl] = dot;
   }
+}
+
+template <int N, int P>
+__device__ __forceinline__ void post_scan_rows(const BatchedParams& p, int64_t chunk, int t0, const bf16* sK,
+                                               const bf16* sdH, const bf16* V, const bf16* dY, int ld,
+                                               const float (&dv)[P / 8][4], float* rdot) {
+  float tp[P / 8][4];
+  post_scan_tp<N, P>(sK, sdH, t0, tp);
+  post_scan_rows_tp<N, P>(p, chunk, t0, tp, V, dY, ld, dv, rdot);
 }
 
 // ⟨dH, H_c⟩ over the chunk's P·N (dH in shared memory at pitch N + 8, H_c at pitch ldh): the warps' sums → wsum.
@@ -104,17 +120,27 @@ __device__ __forceinline__ void post_scan_state_dot(const bf16* sdH, const bf16*
   if (threadIdx.x % 32 == 0) wsum[threadIdx.x / 32] = sacc;
 }
 
-// The epilogue kernel's serial part, term for term (one thread): Λ's and scale's state-carry terms into dL (then its
-// reverse cumulative sum) and scale (overwritten with the scale gradient's state term).
-__device__ __forceinline__ void post_scan_serial(const BatchedParams& p, int64_t chunk, int T, const float* Lam,
-                                                 float* scale, float* dL, const float* rdot, const float* wsum) {
-  const float last = Lam[T - 1], elast = p.decay[chunk];
+// The state-carry terms per token, by the block's kThreads threads (the exponentials in parallel): rdot (Σ_p v·tp) is
+// overwritten with Λ's term G = rdot·e^{Λ_last − Λ}·scale, scale with the scale gradient's term rdot·e^{Λ_last − Λ}.
+// Each product rounded on its own (no contraction into the serial sums below).
+template <int kThreads>
+__device__ __forceinline__ void post_scan_carry_terms(int T, const float* Lam, float* scale, float* rdot) {
+  const float last = Lam[T - 1];
+  for (int sl = threadIdx.x; sl < T; sl += kThreads) {
+    const float e = __fmul_rn(rdot[sl], expf(last - Lam[sl]));
+    rdot[sl] = __fmul_rn(e, scale[sl]);
+    scale[sl] = e;
+  }
+}
+
+// The epilogue's serial part (one thread, after post_scan_carry_terms): Λ's terms into dL in token order, the state
+// read's term, then dL's reverse cumulative sum.
+__device__ __forceinline__ void post_scan_serial(const BatchedParams& p, int64_t chunk, int T, float* dL,
+                                                 const float* G, const float* wsum) {
+  const float elast = p.decay[chunk];
   for (int sl = 0; sl < T; ++sl) {
-    const float dws = rdot[sl];
-    const float e2 = expf(last - Lam[sl]), G = dws * e2 * scale[sl];
-    dL[T - 1] += G;
-    dL[sl] -= G;
-    scale[sl] = dws * e2;
+    dL[T - 1] = __fadd_rn(dL[T - 1], G[sl]);
+    dL[sl] = __fsub_rn(dL[sl], G[sl]);
   }
   float dot = 0.0f;
   for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
@@ -143,9 +169,14 @@ struct CoreSmem {
 // (dHc16) — dK's second term added to the first in the accumulators, tp = k·dHᵀ, and the epilogue's state part with
 // dV kept in registers — so dV and dK's first term never go through global memory and q, k, v, dy and H_c are read
 // once for both. Every sum runs in the two kernels' orders: the same bits (test FusedBackwardCoreGivesTheSplitBits).
-template <int N, int P, bool kPost>
-__global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
-                                                                     float* g_slots, const bf16* dHc16) {
+// kWarps = 8 (kPost only): phase A on warps 0–3 and phase B on warps 4–7 at the same time (they read only the shared
+// tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
+template <int N, int P, bool kPost, int kWarps>
+__device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
+                                                   const bf16* dHc16) {
+  constexpr int kThreads = 32 * kWarps;
+  constexpr bool kSplitPhases = kWarps == 2 * kCoreWarps;
+  static_assert(kWarps == kCoreWarps || (kSplitPhases && kPost), "8 warps only for the fused core");
   using Smem = CoreSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, NS = kRows / 8;  // NS: n-tiles over the chunk's 64 rows
   constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;                  // dQ/dK/G columns per pass, their n-tiles
@@ -163,19 +194,22 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
   float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows;
   const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  // The phases this warp runs and its 16-row block in them.
+  const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
+  const int wq = warp % kCoreWarps;
 
-  copy_tile(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
-  copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
-  copy_tile(sH, LDN, Hc16 + chunk * P * N, P, N);
-  copy_tile(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
-  copy_tile(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
-  copy_tile(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
+  copy_tile<kThreads>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
+  copy_tile<kThreads>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
+  copy_tile<kThreads>(sH, LDN, Hc16 + chunk * P * N, P, N);
+  copy_tile<kThreads>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
+  copy_tile<kThreads>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
+  copy_tile<kThreads>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
   if constexpr (kPost) {
-    copy_tile(sdH, LDN, dHc16 + chunk * P * N, P, N);
-    copy_tile(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P, kRows, P);
+    copy_tile<kThreads>(sdH, LDN, dHc16 + chunk * P * N, P, N);
+    copy_tile<kThreads>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P, kRows, P);
   }
   asm volatile("cp.async.commit_group;");
-  for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
+  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
   }
@@ -187,8 +221,8 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
   const auto coef = [&](int j, int jj, float& ex) { return chunk_coef(Lam, scale, gam, R, j, jj, ex); };
 
   // ---- Phase A: rows t of this warp.
-  {
-    const int t0 = 16 * warp;
+  if (do_a) {
+    const int t0 = 16 * wq;
     float s[NS][4], dw[NS][4];
     zero(s), zero(dw);
 #pragma unroll
@@ -266,8 +300,8 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
   }
 
   // ---- Phase B: rows s of this warp (the transposed products).
-  {
-    const int s0 = 16 * warp;
+  if (do_b) {
+    const int s0 = 16 * wq;
     float st[NS][4], dwt[NS][4];
     zero(st), zero(dwt);
 #pragma unroll
@@ -382,13 +416,15 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
     }
   }
 
-  if constexpr (kPost) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
+  if constexpr (kPost) {  // by the first four warps, as in the post-scan core (its sum order)
+    if (threadIdx.x < kCoreThreads) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
+  }
 
   // ---- The chunk scalars' gradients from coef, per token (as the coef kernel forms them).
   __syncthreads();
   const int64_t bh = chunk / p.nc;
   const int c0 = int(chunk % p.nc) * T, Tc = min(T, p.d.L - c0);
-  for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
+  for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
     float dl = 0.0f, dg = 0.0f, dsc = 0.0f;
     for (int r = 0; r < R; ++r) {
       const int j = tl * R + r;
@@ -405,16 +441,30 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
     }
   }
   if constexpr (kPost) {
-    for (int tl = Tc + threadIdx.x; tl < T; tl += kCoreThreads) dL[tl] = p.dLam[chunk * T + tl];
+    for (int tl = Tc + threadIdx.x; tl < T; tl += kThreads) dL[tl] = p.dLam[chunk * T + tl];
+    post_scan_carry_terms<kThreads>(T, Lam, scale, rdot);  // (rdot and scale: complete since the barrier above)
     __syncthreads();
-    if (threadIdx.x == 0) post_scan_serial(p, chunk, T, Lam, scale, dL, rdot, wsum);
+    if (threadIdx.x == 0) post_scan_serial(p, chunk, T, dL, rdot, wsum);
     __syncthreads();
-    for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
+    for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
       const int64_t st = bh * p.d.L + c0 + tl;
       p.dadt[st] = dL[tl];
       p.dscale[st] = dsc_core[tl] + scale[tl];
     }
   }
+}
+
+template <int N, int P, bool kPost>
+__global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
+                                                                     float* g_slots, const bf16* dHc16) {
+  backward_core_body<N, P, kPost, kCoreWarps>(p, Hc16, g_slots, dHc16);
+}
+
+// The fused core with its phases on separate warps: 256 threads, at most 128 registers so that two blocks share an SM.
+template <int N, int P>
+__global__ void __launch_bounds__(2 * kCoreThreads, 2) fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16,
+                                                                               const bf16* dHc16) {
+  backward_core_body<N, P, true, 2 * kCoreWarps>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -493,7 +543,9 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
                        static_cast<const bf16*>(p.dY) + chunk * kRows * P, P, dv, rdot);
   post_scan_state_dot<N, P>(sH, Hc16 + chunk * P * N, N, wsum);
   __syncthreads();
-  if (threadIdx.x == 0) post_scan_serial(p, chunk, T, Lam, scale, dL, rdot, wsum);
+  post_scan_carry_terms<kCoreThreads>(T, Lam, scale, rdot);
+  __syncthreads();
+  if (threadIdx.x == 0) post_scan_serial(p, chunk, T, dL, rdot, wsum);
   __syncthreads();
   for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
     const int64_t st = bh * d.L + c0 + tl;
@@ -516,13 +568,38 @@ void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const 
   });
 }
 
+namespace {
+// MAMBA3_TRAIN_FUSED_CORE_WARPS, read once: the fused core's warps per block, 8 (the phases on separate warps, the
+// default) or 4; set_fused_core_wide overrides it (process-wide, for the test that compares them).
+int g_fused_core_wide = -1;  // -1: from the environment
+bool fused_core_wide() {
+  if (g_fused_core_wide < 0) g_fused_core_wide = env_choice("MAMBA3_TRAIN_FUSED_CORE_WARPS", {"8", "4"}) != "4";
+  return g_fused_core_wide != 0;
+}
+}  // namespace
+
+void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
+
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
   MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
                p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+  const bool wide = fused_core_wide();
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    launch_core(backward_core_kernel<N, P, true>, "fused backward core", s, p, CoreSmem<N, P>::post_bytes(p.T), p,
-                static_cast<const bf16*>(Hc16), static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
+    const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
+    if (!wide) {
+      launch_core(backward_core_kernel<N, P, true>, "fused backward core", s, p, bytes, p,
+                  static_cast<const bf16*>(Hc16), static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
+      return;
+    }
+    auto* kernel = fused_core_wide_kernel<N, P>;
+    if (bytes > 48 * 1024)
+      MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+    MAMBA3_CHECK(blocks <= 0x7fffffff, "fused backward core: {} blocks exceed the grid", blocks);
+    kernel<<<unsigned(blocks), 2 * kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16),
+                                                             static_cast<const bf16*>(dHc16));
+    MAMBA3_LAUNCH_CHECK();
   });
 }
 

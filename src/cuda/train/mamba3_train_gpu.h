@@ -113,8 +113,9 @@ class Mamba3TrainGpu {
   bool chunk_batched() const { return chunk_batched_; }
   // The batched path's backward in the bf16 mode: true (default) has the kernels that write dzx (in_proj's output
   // gradient: the output stage its z columns, the epilogue x, the angle/scalar backward dt, A, trap and the angles,
-  // the B/C norm backward B, C) write its bf16 rounding beside it, which du = dzx·W_in and dW_in += dzxᵀ·u read;
-  // false rounds the whole of dzx for them afterwards (TrainGemm::HeldA). The same bits either way.
+  // the B/C norm backward B, C) write its bf16 rounding instead of the f32 values (dt, A and trap in both), which
+  // du = dzx·W_in and dW_in += dzxᵀ·u read; false writes dzx in f32 and rounds it for them afterwards
+  // (TrainGemm::HeldA). The same bits either way.
   void set_dzx_bf16(bool on) { dzx_bf16_ = on; }
   bool dzx_bf16() const { return dzx_bf16_; }
   // Whether the last backward's in_proj products read the producers' bf16 dzx (false: dzx rounded afterwards).
@@ -227,10 +228,10 @@ class Mamba3TrainGpu {
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_, bdWf_, bdS_, dHc16_;
   // dzx's bf16 copy (M, d_in), written by its producers (set_dzx_bf16). backward() offers it to the chunk stage in
-  // dzx16_offer_, for batched_chunks to take into BatchedParams::dzx16 beside p.dzx (`p.dzx16 =
-  // std::exchange(dzx16_offer_, nullptr);` — that line is still to be added there), and only if it was taken (the z
-  // and x columns written) do the other producers write theirs and the products read it; else dzx is rounded after
-  // the fact (HeldA), so a chunk stage that does not take it costs the saving, never correctness.
+  // dzx16_offer_, for batched_chunks to take into BatchedParams::dzx16 (`p.dzx16 = std::exchange(dzx16_offer_,
+  // nullptr);`), and only if it was taken (the z and x columns written) do the other producers write theirs and the
+  // products read it; else dzx is written in f32 and rounded after the fact (HeldA), so a chunk stage that does not
+  // take it costs the saving, never correctness.
   DeviceBuffer dzx16_;
   uint16_t* dzx16_offer_ = nullptr;
   bool dzx_bf16_ = true;     // set_dzx_bf16

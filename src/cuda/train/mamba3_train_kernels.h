@@ -142,8 +142,9 @@ struct BatchedParams {
   // Backward.
   const float* dO;                       // (M, d_inner)
   float* dzx;                            // (M, din): z and x columns written
-  // (M, din) bf16 (null: not written): the same columns rounded to nearest even, beside dzx (the bf16 mode's
-  // operand of du = dzx·W_in and dW_in += dzxᵀ·u; the angle/scalar and B/C norm backwards write the other columns).
+  // (M, din) bf16 (null: not written): the same columns rounded to nearest even, instead of dzx's f32 ones (the bf16
+  // mode's only operand of du = dzx·W_in and dW_in += dzxᵀ·u; the angle/scalar and B/C norm backwards write the
+  // other columns likewise, except dt, A and trap, which stay in f32 too: the dt_bias partial reads dt's).
   uint16_t* dzx16;
   void *dY, *dYe;                        // op, per chunk row, P: dy and e^Λ ⊙ dy
   float* dWf;                            // (B·H·nc, rows, rows): dy·vᵀ
@@ -184,7 +185,7 @@ struct AngleBackwardParams {
   const float *dt, *A, *lam, *dAdl, *dsp;  // (B·H, L)
   float* dphi;  // (B·H, L, S) per-token dφ in; overwritten with its reverse cumulative sum within segments
   const float *dadt, *dgam, *dscale;
-  float* dzx;           // (M, din): the dt, A, trap and angle columns written
+  float* dzx;           // (M, din): the dt, A, trap and angle columns written (the angle ones only without dzx16)
   uint16_t* dzx16;      // (M, din) bf16, the same columns rounded to nearest even (null: not written)
   float* part_dt_bias;  // (B, H)
   float* seg;           // angle_scratch_floats(d): the later segments' sums of dφ
@@ -193,8 +194,8 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 
 // Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)
 // summed into their B/C groups and the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each).
-// slots divides H and is a multiple of G. dzx16 (optional, (M, din) bf16): the columns written also rounded to
-// nearest even there.
+// slots divides H and is a multiple of G. dzx16 (optional, (M, din) bf16): the columns rounded to nearest even
+// there instead of written in f32.
 void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, const float* bc_raw, const float* B_norm,
                              const float* C_norm, const float* dBn, const float* dCn, float* dzx,
                              float* part_B_norm, float* part_C_norm, uint16_t* dzx16 = nullptr);

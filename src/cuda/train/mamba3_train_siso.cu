@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
       if (p.o) p.o[oi] = o;
       if (p.o16) static_cast<bf16*>(p.o16)[oi] = __float2bfloat16_rn(o);
       const int64_t zi = tok * d.din + int64_t(ix.h) * P + q;  // dzx's z column
-      p.dzx[zi] = dz;
       if (p.dzx16) reinterpret_cast<bf16*>(p.dzx16)[zi] = __float2bfloat16_rn(dz);
+      else p.dzx[zi] = dz;
       if (norm) mean += dyn[k] * nw[k] * (y[k] * rstd);
     }
     if (norm) mean = warp_sum(mean) / float(P);

@@ -1,18 +1,20 @@
-// The chunk-state chain (mamba3_train_state_chain.h): one 128-thread block per (sequence, head, 32 rows of P) walks
-// that sequence-head's chunks in order. Per chunk it forms its 32 × N slice of A_cᵀ·B_c on bf16 tensor cores (warp w:
-// rows 16·(w % 2) of the slice, columns (N / 2)·(w / 2) onward), applies the scan's fused multiply-add to the running
+// The chunk-state chain (mamba3_train_state_chain.h): one block per (sequence, head, slice of 32 or 64 rows of P; two
+// warps per 16 rows) walks that sequence-head's chunks in order. Per chunk it forms its slice of A_cᵀ·B_c on bf16 tensor
+// cores (warp w: rows 16·(w % (slice / 16)) of the slice, columns (N / 2)·(w / (slice / 16)) onward), applies the scan's fused multiply-add to the running
 // state held in the same fragment layout, and writes the state entering the chunk in bf16. The products do not depend
 // on the state, so their operands stream through a ring of kStages shared-memory stages (cp.async) ahead of the chain:
 // the sequential part per chunk is one multiply-add per state element. Traffic per chunk and slice: 64 rows of A's
 // slice and of B (B read by the P / 32 slices of one sequence-head, adjacent blocks, so mostly from L2) and the
-// slice of the bf16 state; nothing in f32.
+// slice of the bf16 state; nothing in f32. (A slice of 64 reads B once per sequence-head, in half as many blocks.)
 #include "cuda/train/mamba3_train_state_chain.h"
 
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/cuda_check.h"
+#include "cuda/env_switch.h"
 #include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
@@ -23,31 +25,34 @@ namespace {
 
 using namespace mma_bf16;
 constexpr int kRows = kCoreRows;
-constexpr int kSlice = 32;   // rows of P per block
 constexpr int kStages = 3;   // operand stages in flight (the chunk computed and two loading)
-constexpr int kLdA = kSlice + 8;  // 8 bf16 of padding per row: ldmatrix's row addresses in different banks
 
-template <int N>
+// kSlice rows of P per block (32 or 64), two warps per 16 of them (each on half of N's columns).
+template <int N, int kSlice>
 struct ChainSmem {
-  static constexpr int LDN = N + 8;
-  static constexpr int stage_elems = kRows * (kLdA + LDN);
+  static constexpr int LDA = kSlice + 8, LDN = N + 8;  // 8 bf16 of padding per row: ldmatrix's rows in other banks
+  static constexpr int stage_elems = kRows * (LDA + LDN);
   static constexpr size_t bytes = size_t(kStages) * stage_elems * sizeof(bf16);
+  static constexpr int threads = 32 * 2 * (kSlice / 16);
 };
 
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
 }
 
-template <int N, int P>
-__global__ void __launch_bounds__(kCoreThreads) state_chain_kernel(const BatchedParams p, const bf16* A,
-                                                                   const bf16* Bm, bool reverse, uint32_t* out16) {
-  constexpr int LDN = ChainSmem<N>::LDN, SE = ChainSmem<N>::stage_elems, NT = N / 16, slices = P / kSlice;
+template <int N, int P, int kSlice>
+__global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_kernel(const BatchedParams p,
+                                                                                   const bf16* A, const bf16* Bm,
+                                                                                   bool reverse, uint32_t* out16) {
+  using Smem = ChainSmem<N, kSlice>;
+  constexpr int kLdA = Smem::LDA, LDN = Smem::LDN, SE = Smem::stage_elems, NT = N / 16, slices = P / kSlice;
+  constexpr int kThreads = Smem::threads, kRowWarps = kSlice / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* stages = reinterpret_cast<bf16*>(smem_raw);
   const int64_t bh = blockIdx.x / slices;
   const int pb = int(blockIdx.x % slices) * kSlice, nc = p.nc;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-  const int pr = 16 * (warp % 2), n0 = (N / 2) * (warp / 2);  // the warp's first row (in the slice) and column
+  const int pr = 16 * (warp % kRowWarps), n0 = (N / 2) * (warp / kRowWarps);  // the warp's first row and column
   const auto chunk_at = [&](int i) { return bh * nc + (reverse ? nc - 1 - i : i); };
   // Step i's operands into stage i % kStages (an empty group past the last chunk keeps the group count uniform).
   const auto issue = [&](int i) {
@@ -55,11 +60,11 @@ __global__ void __launch_bounds__(kCoreThreads) state_chain_kernel(const Batched
       const int64_t chunk = chunk_at(i);
       bf16 *sA = stages + (i % kStages) * SE, *sB = sA + kRows * kLdA;
       const bf16 *a = A + chunk * kRows * P + pb, *b = Bm + chunk * kRows * N;
-      for (int e = threadIdx.x; e < kRows * (kSlice / 8); e += kCoreThreads) {
+      for (int e = threadIdx.x; e < kRows * (kSlice / 8); e += kThreads) {
         const int r = e / (kSlice / 8), c = (e % (kSlice / 8)) * 8;
         cp_async16(sA + r * kLdA + c, a + int64_t(r) * P + c);
       }
-      for (int e = threadIdx.x; e < kRows * (N / 8); e += kCoreThreads) {
+      for (int e = threadIdx.x; e < kRows * (N / 8); e += kThreads) {
         const int r = e / (N / 8), c = (e % (N / 8)) * 8;
         cp_async16(sB + r * LDN + c, b + int64_t(r) * N + c);
       }
@@ -107,9 +112,21 @@ __global__ void __launch_bounds__(kCoreThreads) state_chain_kernel(const Batched
   }
 }
 
+// Rows of P per chain block: set_state_chain_slice, else MAMBA3_TRAIN_CHAIN_SLICE (read once), 32 (the default) or 64.
+int g_chain_slice = 0;
+int chain_slice() {
+  if (g_chain_slice == 0) g_chain_slice = env_choice("MAMBA3_TRAIN_CHAIN_SLICE", {"32", "64"}) == "64" ? 64 : 32;
+  return g_chain_slice;
+}
+
 }  // namespace
 
 bool state_chain_supported(const BatchedParams& p) { return core_shape_supported(p); }
+
+void set_state_chain_slice(int rows) {
+  MAMBA3_CHECK(rows == 32 || rows == 64, "set_state_chain_slice: {} rows (32 or 64)", rows);
+  g_chain_slice = rows;
+}
 
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
                         void* out16) {
@@ -117,20 +134,29 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
                p.rows, p.d.N, p.d.P);
   MAMBA3_CHECK(A && Bop && out16 && p.decay, "state chain: an operand, the decays or the output is null");
   if (p.nc == 0) return;
+  const auto launch = [&](auto kernel, size_t bytes, int threads, int slice) {
+    const int64_t blocks = int64_t(p.d.B) * p.d.H * (p.d.P / slice);
+    MAMBA3_CHECK(blocks <= 0x7fffffff, "state chain: {} blocks exceed the grid", blocks);
+    kernel<<<unsigned(blocks), threads, bytes, s>>>(p, static_cast<const bf16*>(A), static_cast<const bf16*>(Bop),
+                                                    reverse, static_cast<uint32_t*>(out16));
+    MAMBA3_LAUNCH_CHECK();
+  };
+  const bool wide = chain_slice() == 64;
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    constexpr size_t bytes = ChainSmem<N>::bytes;
-    auto* kernel = state_chain_kernel<N, P>;
-    if (bytes > 48 * 1024) {  // once per instance (a host call per layer's launch otherwise)
-      static const cudaError_t opted =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-      MAMBA3_CUDA_CHECK(opted);
-    }
-    const int64_t blocks = int64_t(p.d.B) * p.d.H * (P / kSlice);
-    MAMBA3_CHECK(blocks <= 0x7fffffff, "state chain: {} blocks exceed the grid", blocks);
-    kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(A), static_cast<const bf16*>(Bop),
-                                                         reverse, static_cast<uint32_t*>(out16));
-    MAMBA3_LAUNCH_CHECK();
+    const auto one = [&](auto slice) {
+      constexpr int S = decltype(slice)::value;
+      using Smem = ChainSmem<N, S>;
+      auto* kernel = state_chain_kernel<N, P, S>;
+      if (Smem::bytes > 48 * 1024) {  // once per instance (a host call per layer's launch otherwise)
+        static const cudaError_t opted =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Smem::bytes));
+        MAMBA3_CUDA_CHECK(opted);
+      }
+      launch(kernel, Smem::bytes, Smem::threads, S);
+    };
+    if (wide && P % 64 == 0) one(std::integral_constant<int, 64>{});
+    else one(std::integral_constant<int, 32>{});
   });
 }
 

@@ -322,8 +322,8 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
   for (int c = 0; c < kMaxAngleChunks; ++c) {
     const int i = 32 * c + lane;
     if (c >= chunks || i >= d.S) break;
-    p.dzx[row * d.din + d.off_ang + i] = g[c];
     if (p.dzx16) p.dzx16[row * d.din + d.off_ang + i] = bf16_bits(g[c]);
+    else p.dzx[row * d.din + d.off_ang + i] = g[c];
   }
   __syncwarp();
   for (int h = lane; h < d.H; h += 32) {
@@ -397,8 +397,8 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
     mean = warp_sum(mean) / float(d.N);
     for (int n = lane; n < d.N; n += 32) {
       const float g = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
-      dzx[m * d.din + off + n] = g;
       if (dzx16) dzx16[m * d.din + off + n] = bf16_bits(g);
+      else dzx[m * d.din + off + n] = g;
     }
   }
 }

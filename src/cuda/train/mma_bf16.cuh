@@ -62,10 +62,12 @@ __device__ __forceinline__ void load_b_kn(const bf16* X, int ld, int k0, int n0,
   ldsm_x4_trans(X + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + n0 + (lane / 16) * 8, b);
 }
 
-// rows × cols bf16 (packed in global memory, cols a multiple of 8) into shared memory at pitch ld, 16 bytes a copy.
+// rows × cols bf16 (packed in global memory, cols a multiple of 8) into shared memory at pitch ld, 16 bytes a copy,
+// by a block of kThreads threads.
+template <int kThreads = kCoreThreads>
 __device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, int rows, int cols) {
   const int per_row = cols / 8;
-  for (int i = threadIdx.x; i < rows * per_row; i += kCoreThreads) {
+  for (int i = threadIdx.x; i < rows * per_row; i += kThreads) {
     const int r = i / per_row, c = (i % per_row) * 8;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + r * ld + c)), "l"(src + r * cols + c));
   }

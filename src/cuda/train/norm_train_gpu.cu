@@ -280,7 +280,8 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
 // per lane over j ≡ lane (mod 32), then the warp butterfly) and every element's arithmetic is its expression, so the
 // same bits (test NormRegisterRowsGiveTheSameBits). Shared memory: (warps, 2, D) floats, then (warps, 2) doubles.
 // D % 4 == 0 and 16-byte aligned x, dy, dx (the launcher checks). (The register kernel spilled from D = 768 on.)
-__global__ void norm_backward_rows_staged_kernel(const float* x, const float* dy, int64_t rows, int64_t D,
+// (At most 80 registers: three blocks of eight warps per SM; at 94 registers two, half the warps in flight.)
+__global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const float* x, const float* dy, int64_t rows, int64_t D,
                                                  const float* w, bool layer, float eps, float* dx, bool accumulate,
                                                  double* partial_w, double* partial_b, int64_t rpb,
                                                  __nv_bfloat16* dx16) {
@@ -293,7 +294,7 @@ __global__ void norm_backward_rows_staged_kernel(const float* x, const float* dy
     const int64_t r = r0 + warp;
     float *xs = staged + 2 * int64_t(warp) * D, *gs = xs + D;
     const float4 *x4 = reinterpret_cast<const float4*>(x + r * D), *g4 = reinterpret_cast<const float4*>(dy + r * D);
-    constexpr int kAhead = 8;
+    constexpr int kAhead = 4;  // 4 + 4 float4 loads in flight per lane (8 + 8 took the registers of a third block)
     for (int64_t i0 = lane; i0 < D4; i0 += 32 * kAhead) {
       float4 a[kAhead], b[kAhead];
 #pragma unroll
@@ -586,6 +587,9 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
     auto* kernel = norm_backward_rows_staged_kernel;
     if (staged_bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(staged_bytes)));
+    // All of the SM's shared memory for it (the default split left room for two blocks of D = 768).
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           int(cudaSharedmemCarveoutMaxShared)));
     kernel<<<unsigned(nblocks), staged_warps * 32, staged_bytes, s>>>(x, dy, rows, D, w, b_or_null != nullptr, eps, dx,
                                                                       accumulate_dx, pw, pb, rpb,
                                                                       reinterpret_cast<__nv_bfloat16*>(dx16));
