@@ -155,8 +155,10 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
       }
       launch(kernel, Smem::bytes, Smem::threads, S);
     };
-    if (wide && P % 64 == 0) one(std::integral_constant<int, 64>{});
-    else one(std::integral_constant<int, 32>{});
+    if constexpr (P % 64 == 0) {  // (no 64-row instance for P = 32)
+      if (wide) return one(std::integral_constant<int, 64>{});
+    }
+    one(std::integral_constant<int, 32>{});
   });
 }
 
