@@ -7,6 +7,7 @@ if(TARGET mamba3_cuda)
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_chunk.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_batched.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_siso.cu
+    ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_mimo.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_bwd_core.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_fwd_core.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_state_chain.cu)

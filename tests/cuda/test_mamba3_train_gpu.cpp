@@ -541,12 +541,13 @@ TEST(Mamba3TrainGpu, ChunkCoresMatchProductsAndCpu) {
     }
 }
 
-// The SISO instances of the build, the rotation backward and the output-stage backward (set_siso_kernels) against
-// the generic kernels on SISO shapes with the chunk cores: the same arithmetic and sums in the same order, so the
-// output, du and every gradient agree to a few roundings (the test prints which tensors differ in any bit).
+// The SISO instances of the build, the rotation backward and the output-stage backward, and the MIMO build's
+// (set_siso_kernels) against the generic kernels on the chunk cores' shapes (MIMO R 4 and R 2 included): the same
+// arithmetic and sums in the same order, so the output, du and every gradient agree to a few roundings (the test
+// prints which tensors differ in any bit).
 TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
   MAMBA3_REQUIRE_GPU();
-  for (const LayerCase& lc : core_shape_cases(false))
+  for (const LayerCase& lc : core_shape_cases(true))  // (MIMO: the build's instance)
     for (const int64_t L : {65, 300}) {
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       const Mamba3Config& cfg = lc.c;

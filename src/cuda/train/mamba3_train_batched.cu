@@ -687,7 +687,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
 }  // namespace
 
 void launch_batched_build(cudaStream_t s, const BatchedParams& p) {
-  if (batched::launch_build_siso(s, p)) return;  // the SISO instance, where it applies
+  if (batched::launch_build_siso(s, p) || batched::launch_build_mimo(s, p)) return;  // the instances, where they apply
   if (p.bf16) launch_per_chunk(batched_build_kernel<__nv_bfloat16>, s, p, size_t(3 * p.T));
   else launch_per_chunk(batched_build_kernel<float>, s, p, size_t(3 * p.T));
 }
@@ -698,7 +698,8 @@ void launch_batched_mask(cudaStream_t s, const BatchedParams& p) {
 }
 
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward) {
-  if (backward && batched::launch_output_backward_siso(s, p)) return;  // the SISO instance, where it applies
+  if (backward && batched::launch_output_backward_siso(s, p)) return;  // the instances, where they apply
+  if (batched::launch_output_mimo(s, p, backward)) return;
   const size_t floats = size_t(kWarps) * ((backward ? 6 : 4) * p.d.R * p.d.P + p.d.P) + kWarps;
   if (p.bf16) {
     if (backward) launch_per_chunk(batched_output_kernel<true, __nv_bfloat16>, s, p, floats);

@@ -1,6 +1,6 @@
 #pragma once
 // Shared by the batched path's elementwise chunk kernels (mamba3_train_batched.cu, the generic ones, and
-// mamba3_train_siso.cu, their SISO instances): the block shape, the block's chunk, the chunk scalars both builds form,
+// mamba3_train_siso.cu and mamba3_train_mimo.cu, their SISO and MIMO instances): the block shape, the block's chunk, the chunk scalars both builds form,
 // the per-chunk launch, and the SISO instances' launchers (each returns false where its shapes do not apply).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -102,5 +102,9 @@ void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, siz
 bool launch_build_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p);
+// The MIMO instances of the build and the output stage (mamba3_train_mimo.cu; R ∈ {2, 4}, the cores' shapes),
+// likewise.
+bool launch_build_mimo(cudaStream_t s, const BatchedParams& p);
+bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward);
 
 }  // namespace mamba3::cuda::train_detail::batched

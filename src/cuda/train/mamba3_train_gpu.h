@@ -132,8 +132,8 @@ class Mamba3TrainGpu {
   // mamba3_train_bwd_core.h; the shapes they support), false as batched products with the mask and coef kernels.
   // Default from MAMBA3_TRAIN_CHUNK_CORE, read once per process: "fused" or "products" (unset: fused).
   void set_chunk_cores(bool fused) { chunk_cores_ = fused; }
-  // The SISO instances of the batched path's build, rotation backward and output-stage backward (true, where their
-  // shapes apply) or the generic kernels (false): the same arithmetic and sums, so the same bits.
+  // The SISO instances of the batched path's build, rotation backward and output-stage backward and the MIMO instance
+  // of its build (true, where their shapes apply) or the generic kernels (false): the same arithmetic and sums.
   void set_siso_kernels(bool on) { siso_kernels_ = on; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products

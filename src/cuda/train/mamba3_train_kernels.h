@@ -122,8 +122,8 @@ struct BatchedParams {
   // The products' chunk-row operands (q, k, v, w ⊙ v, W, dS, dy, e^Λ ⊙ dy) are bf16 (the bf16 mode's products on
   // bf16 tensor cores) or f32 (the exact mode); "op" marks them below. Everything else is f32.
   bool bf16;
-  // The SISO instances of the build, the rotation backward and the output-stage backward where their shapes apply
-  // (false: the generic kernels everywhere; the same bits, which a test checks).
+  // The SISO instances of the build, the rotation backward and the output-stage backward, and the MIMO instance of the
+  // build, where their shapes apply (false: the generic kernels everywhere; the same arithmetic, which a test checks).
   bool siso_kernels;
   const float* zx;                       // (M, din), B/C normalised
   const float *dt, *A, *lam;             // (B·H, L)

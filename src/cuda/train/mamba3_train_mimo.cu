@@ -1,0 +1,324 @@
+// MIMO instances of the batched path's elementwise chunk kernels (mamba3_train_batched_common.cuh): the build and the
+// output stage (forward and backward), with compile-time shapes and the generic kernels' arithmetic (ncu, 125M MIMO
+// R = 4 step: the generic build took 1.59 ms per layer for ~1.2 GB of q, k, v and w ⊙ v, a third of the copy rate;
+// the output stage 1.1 ms per call).
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/train/mamba3_train_batched_common.cuh"
+
+namespace mamba3::cuda::train_detail::batched {
+
+namespace {
+
+// The MIMO build for the cores' shapes in the bf16 mode: chunk row j = tl·R + r (token tl, rank r). A warp's rows all
+// have one rank (kWarps is a multiple of R), so its B/C biases and mimo_x row stay in registers. MIMO rotates the
+// halves (n, n + N/2) of B and C: lane l takes the kU = max(N/64, 1) consecutive slots u = l·kU … and their elements
+// a = u, b = u + N/2 (adjacent within each half: paired loads and stores), and P/32 consecutive channels of v. Two
+// rows per warp at a time, every load before any store. Per element the generic kernel's expressions: q/k =
+// Rot(B/C + bias, φ_u) where u < S, v = mimo_x ⊙ x, w ⊙ v from the same f32 product.
+template <int N, int P, int R>
+__global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const BatchedParams p) {
+  static_assert(kWarps % R == 0, "a warp's rows share one rank");
+  constexpr int kHalf = N / 2, kU = kHalf >= 64 ? kHalf / 32 : 1, kLanes = kHalf / kU, kC = P / 32, kAhead = 2;
+  using bf16 = __nv_bfloat16;
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  extern __shared__ float sm[];
+  const float* wts = build_chunk_scalars(p, ix, sm);  // w per token
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = warp % R, u0 = lane * kU;
+  const int g = ix.h / (d.H / d.G);
+  const bool qk_lane = lane < kLanes;
+  // This warp's rank: its biases (slots' a and b elements) and mimo_x row.
+  const int64_t bias = (int64_t(ix.h) * R + r) * N, grp = int64_t(r * d.G + g) * N;
+  float bqa[kU], bqb[kU], bka[kU], bkb[kU], mx[kC];
+#pragma unroll
+  for (int e = 0; e < kU; ++e) {
+    bqa[e] = qk_lane ? p.C_bias[bias + u0 + e] : 0.0f, bqb[e] = qk_lane ? p.C_bias[bias + kHalf + u0 + e] : 0.0f;
+    bka[e] = qk_lane ? p.B_bias[bias + u0 + e] : 0.0f, bkb[e] = qk_lane ? p.B_bias[bias + kHalf + u0 + e] : 0.0f;
+  }
+#pragma unroll
+  for (int e = 0; e < kC; ++e) mx[e] = p.mimo_x[(int64_t(ix.h) * R + r) * P + lane * kC + e];
+
+  for (int j0 = warp; j0 < p.rows; j0 += kAhead * kWarps) {
+    float ca[kAhead][kU], cb[kAhead][kU], ka[kAhead][kU], kb[kAhead][kU], cs[kAhead][kU][2], x[kAhead][kC];
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      const int tl = (j0 + a * kWarps) / R;
+      const bool real = tl < ix.Tc;
+      const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + min(tl, ix.Tc - 1);
+      const float* z = p.zx + tok * d.din;
+#pragma unroll
+      for (int e = 0; e < kU; ++e) ca[a][e] = cb[a][e] = ka[a][e] = kb[a][e] = 0.0f;
+      if (real && qk_lane) {
+        const float *zc = z + d.off_C + grp + u0, *zb = z + d.off_B + grp + u0;
+        if constexpr (kU == 2) {
+          const float2 c0 = *reinterpret_cast<const float2*>(zc), c1 = *reinterpret_cast<const float2*>(zc + kHalf);
+          const float2 k0 = *reinterpret_cast<const float2*>(zb), k1 = *reinterpret_cast<const float2*>(zb + kHalf);
+          ca[a][0] = c0.x, ca[a][1] = c0.y, cb[a][0] = c1.x, cb[a][1] = c1.y;
+          ka[a][0] = k0.x, ka[a][1] = k0.y, kb[a][0] = k1.x, kb[a][1] = k1.y;
+        } else {
+          ca[a][0] = zc[0], cb[a][0] = zc[kHalf], ka[a][0] = zb[0], kb[a][0] = zb[kHalf];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < kU; ++e) {
+        const int u = u0 + e;
+        const float2 rot = real && qk_lane && u < d.S ? rotary_cos_sin(p.phi[(ix.bh * d.L + ix.c0 + tl) * d.S + u])
+                                                      : make_float2(1.0f, 0.0f);
+        cs[a][e][0] = rot.x, cs[a][e][1] = rot.y;
+      }
+      const float* xr = z + d.off_x + int64_t(ix.h) * P + lane * kC;
+      if constexpr (kC == 2) {
+        const float2 xv = real ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
+        x[a][0] = xv.x, x[a][1] = xv.y;
+      } else {
+        x[a][0] = real ? xr[0] : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      const int j = j0 + a * kWarps;
+      if (j >= p.rows) break;
+      const int tl = j / R;
+      const bool real = tl < ix.Tc;
+      const int64_t row = ix.chunk * p.rows + j;
+      if (qk_lane) {
+        bf16 qa[kU], qb[kU], kao[kU], kbo[kU];
+#pragma unroll
+        for (int e = 0; e < kU; ++e) {
+          const float c_a = ca[a][e] + bqa[e], c_b = cb[a][e] + bqb[e];
+          const float k_a = ka[a][e] + bka[e], k_b = kb[a][e] + bkb[e];
+          float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f;  // padding rows: zeros
+          if (real && u0 + e < d.S) {
+            const float c = cs[a][e][0], sv = cs[a][e][1];
+            q0 = c_a * c - c_b * sv, q1 = c_a * sv + c_b * c, k0 = k_a * c - k_b * sv, k1 = k_a * sv + k_b * c;
+          } else if (real) {
+            q0 = c_a, q1 = c_b, k0 = k_a, k1 = k_b;
+          }
+          qa[e] = __float2bfloat16_rn(q0), qb[e] = __float2bfloat16_rn(q1);
+          kao[e] = __float2bfloat16_rn(k0), kbo[e] = __float2bfloat16_rn(k1);
+        }
+        bf16* qd = static_cast<bf16*>(p.Q) + row * N + u0;
+        bf16* kd = static_cast<bf16*>(p.K) + row * N + u0;
+        if constexpr (kU == 2) {
+          *reinterpret_cast<uint32_t*>(qd) = *reinterpret_cast<const uint32_t*>(qa);
+          *reinterpret_cast<uint32_t*>(qd + kHalf) = *reinterpret_cast<const uint32_t*>(qb);
+          *reinterpret_cast<uint32_t*>(kd) = *reinterpret_cast<const uint32_t*>(kao);
+          *reinterpret_cast<uint32_t*>(kd + kHalf) = *reinterpret_cast<const uint32_t*>(kbo);
+        } else {
+          qd[0] = qa[0], qd[kHalf] = qb[0], kd[0] = kao[0], kd[kHalf] = kbo[0];
+        }
+      }
+      const float w = wts[tl];
+      float val[kC];
+#pragma unroll
+      for (int e = 0; e < kC; ++e) val[e] = real ? mx[e] * x[a][e] : 0.0f;
+      bf16* vd = static_cast<bf16*>(p.V) + row * P + lane * kC;
+      bf16* wd = static_cast<bf16*>(p.Vw) + row * P + lane * kC;
+      if constexpr (kC == 2) {
+        *reinterpret_cast<__nv_bfloat162*>(vd) = __floats2bfloat162_rn(val[0], val[1]);
+        *reinterpret_cast<__nv_bfloat162*>(wd) = __floats2bfloat162_rn(w * val[0], w * val[1]);
+      } else {
+        vd[0] = __float2bfloat16_rn(val[0]), wd[0] = __float2bfloat16_rn(w * val[0]);
+      }
+    }
+  }
+}
+
+// The MIMO output stage (forward: o; backward also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state read and the
+// D, mimo_z, mimo_o and norm partials) for P ∈ {32, 64}, R ∈ {2, 4}, bf16 operands: the generic kernel with a lane's
+// kQ = P/32 channels q = lane + 32k of all R ranks in registers (y, Z and v of the token, the head's mimo_z/mimo_o
+// rows, the warp's partial sums) instead of shared memory, and every load of a token before its stores. The sums run
+// in the generic kernel's orders (a lane's channels in k order, then the warp butterfly; a warp's tokens in order;
+// the warps in order), so the same bits.
+template <int P, int R, bool kBwd>
+__global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const BatchedParams p) {
+  using bf16 = __nv_bfloat16;
+  constexpr int kQ = P / 32, RP = R * P;
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* nw = d.outnorm ? p.norm + int64_t(ix.h) * P : nullptr;
+  const float Dh = p.D[ix.h];
+  const bf16* V = static_cast<const bf16*>(p.V);
+  bf16 *dY = static_cast<bf16*>(p.dY), *dYe = static_cast<bf16*>(p.dYe);
+  float mz[R][kQ], mo[R][kQ], nwq[kQ];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      const int64_t i = (int64_t(ix.h) * R + r) * P + lane + 32 * k;
+      mz[r][k] = p.mimo_z[i], mo[r][k] = p.mimo_o[i];
+    }
+#pragma unroll
+  for (int k = 0; k < kQ; ++k) nwq[k] = nw ? nw[lane + 32 * k] : 1.0f;
+  // The warp's partial sums (go, gz per rank and channel, gn per channel, gD), as the generic kernel's shared rows.
+  float go[R][kQ], gz[R][kQ], gn[kQ], gD = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kQ; ++k) {
+    gn[k] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) go[r][k] = gz[r][k] = 0.0f;
+  }
+  for (int tl = warp; tl < p.T; tl += kWarps) {
+    const int64_t row0 = (ix.chunk * p.rows + int64_t(tl) * R) * P;  // this token's first chunk row
+    if (tl >= ix.Tc) {
+      if (kBwd) {
+        for (int e = lane; e < RP; e += 32) dY[row0 + e] = dYe[row0 + e] = __float2bfloat16_rn(0.0f);
+        if (lane == 0) p.dLam[ix.chunk * p.T + tl] = 0.0f;
+      }
+      continue;
+    }
+    const float e = p.eL[ix.chunk * p.T + tl];
+    const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
+    float zv[R][kQ], vv[R][kQ], wv[R][kQ], zq[kQ], dOq[kQ];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int k = 0; k < kQ; ++k) {
+        const int64_t i = row0 + r * P + lane + 32 * k;
+        zv[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), wv[r][k] = p.WV[i];
+      }
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      zq[k] = p.zx[tok * d.din + int64_t(ix.h) * P + lane + 32 * k];
+      dOq[k] = kBwd ? p.dO[tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k] : 0.0f;
+    }
+    float y[R][kQ], rstd[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float ss = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kQ; ++k) {
+        y[r][k] = (e * zv[r][k] + Dh * vv[r][k]) + wv[r][k];
+        ss += y[r][k] * y[r][k];
+      }
+      rstd[r] = nw ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
+    }
+    float dyn[R][kQ];
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      float o = 0.0f, dz = 0.0f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float yn = nw ? y[r][k] * rstd[r] * nwq[k] : y[r][k];
+        const MimoGate mg = mimo_gate(yn, zq[k], mz[r][k], mo[r][k], dOq[k]);
+        o += mg.o;
+        if (kBwd) go[r][k] += mg.go, dyn[r][k] = mg.dyn, gz[r][k] += mg.gz, dz += mg.dz;
+      }
+      const int64_t oi = tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k;
+      if (p.o) p.o[oi] = o;
+      if (p.o16) static_cast<bf16*>(p.o16)[oi] = __float2bfloat16_rn(o);
+      if (kBwd) {
+        const int64_t zi = tok * d.din + int64_t(ix.h) * P + lane + 32 * k;  // dzx's z column
+        if (p.dzx16) reinterpret_cast<bf16*>(p.dzx16)[zi] = __float2bfloat16_rn(dz);
+        else p.dzx[zi] = dz;
+      }
+    }
+    if (!kBwd) continue;
+    float dl = 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float mean = 0.0f;
+      if (nw) {
+#pragma unroll
+        for (int k = 0; k < kQ; ++k) mean += dyn[r][k] * nwq[k] * (y[r][k] * rstd[r]);
+        mean = warp_sum(mean) / float(P);
+      }
+      float dot = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kQ; ++k) {
+        const float dn = dyn[r][k];
+        float v = dn;
+        if (nw) {
+          const float xh = y[r][k] * rstd[r];
+          gn[k] += dn * xh;
+          v = rstd[r] * (dn * nwq[k] - xh * mean);
+        }
+        const int64_t i = row0 + r * P + lane + 32 * k;
+        dY[i] = __float2bfloat16_rn(v), dYe[i] = __float2bfloat16_rn(e * v);
+        dot += v * zv[r][k];
+        gD += v * vv[r][k];
+      }
+      dl += e * warp_sum(dot);
+    }
+    if (lane == 0) p.dLam[ix.chunk * p.T + tl] = dl;
+  }
+  if (!kBwd) return;
+  // The warps' partials in the generic kernel's shared layout (go, gz: R·P each; gn: P; then gD), summed in warp order.
+  extern __shared__ float sm[];
+  constexpr int per_warp = 2 * RP + P;
+  float* mine = sm + warp * per_warp;
+#pragma unroll
+  for (int k = 0; k < kQ; ++k) {
+    const int q = lane + 32 * k;
+#pragma unroll
+    for (int r = 0; r < R; ++r) mine[r * P + q] = go[r][k], mine[RP + r * P + q] = gz[r][k];
+    mine[2 * RP + q] = gn[k];
+  }
+  gD = warp_sum(gD);
+  float* wD = sm + kWarps * per_warp;
+  if (lane == 0) wD[warp] = gD;
+  __syncthreads();
+  const int64_t prow = ix.prow(p);
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int w = 0; w < kWarps; ++w) s += wD[w];
+    p.part_D[prow] = s;
+  }
+  for (int i = threadIdx.x; i < RP; i += kThreads) {
+    float sz = 0.0f, so = 0.0f;
+    for (int w = 0; w < kWarps; ++w) sz += sm[w * per_warp + RP + i], so += sm[w * per_warp + i];
+    p.part_mimo_z[prow * RP + i] = sz, p.part_mimo_o[prow * RP + i] = so;
+  }
+  if (nw)
+    for (int q = threadIdx.x; q < P; q += kThreads) {
+      float s = 0.0f;
+      for (int w = 0; w < kWarps; ++w) s += sm[w * per_warp + 2 * RP + q];
+      p.part_norm[prow * P + q] = s;
+    }
+}
+
+template <int R>
+void launch_build_mimo_rank(cudaStream_t s, const BatchedParams& p) {
+  const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
+  const MixerDims& d = p.d;
+  if (d.N == 128) d.P == 64 ? run(batched_build_mimo_kernel<128, 64, R>) : run(batched_build_mimo_kernel<128, 32, R>);
+  else if (d.N == 64) d.P == 64 ? run(batched_build_mimo_kernel<64, 64, R>) : run(batched_build_mimo_kernel<64, 32, R>);
+  else d.P == 64 ? run(batched_build_mimo_kernel<32, 64, R>) : run(batched_build_mimo_kernel<32, 32, R>);
+}
+
+}  // namespace
+
+template <bool kBwd>
+void launch_output_mimo_shape(cudaStream_t s, const BatchedParams& p) {
+  const size_t floats = size_t(kWarps) * (2 * p.d.R * p.d.P + p.d.P) + kWarps;
+  const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, floats); };
+  if (p.d.R == 4) p.d.P == 64 ? run(batched_output_mimo_kernel<64, 4, kBwd>) : run(batched_output_mimo_kernel<32, 4, kBwd>);
+  else p.d.P == 64 ? run(batched_output_mimo_kernel<64, 2, kBwd>) : run(batched_output_mimo_kernel<32, 2, kBwd>);
+}
+
+bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward) {
+  const MixerDims& d = p.d;
+  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64))) return false;
+  if (backward) launch_output_mimo_shape<true>(s, p);
+  else launch_output_mimo_shape<false>(s, p);
+  return true;
+}
+
+bool launch_build_mimo(cudaStream_t s, const BatchedParams& p) {
+  // The cores' shapes, R ∈ {2, 4}, and 8-byte-aligned zx rows and B/C offsets (its paired loads).
+  const MixerDims& d = p.d;
+  const bool mimo = p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && p.rows == p.T * d.R &&
+                    p.rows <= 64 && (d.N == 32 || d.N == 64 || d.N == 128) && (d.P == 32 || d.P == 64) &&
+                    d.din % 2 == 0 && d.off_B % 2 == 0 && d.off_C % 2 == 0 && d.off_x % 2 == 0 && d.G >= 1 &&
+                    d.H % d.G == 0;
+  if (!mimo) return false;
+  if (d.R == 4) launch_build_mimo_rank<4>(s, p);
+  else launch_build_mimo_rank<2>(s, p);
+  return true;
+}
+
+}  // namespace mamba3::cuda::train_detail::batched
