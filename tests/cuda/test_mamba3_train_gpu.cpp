@@ -541,10 +541,10 @@ TEST(Mamba3TrainGpu, ChunkCoresMatchProductsAndCpu) {
     }
 }
 
-// The SISO instances of the build, the rotation backward and the output-stage backward, and the MIMO build's
-// (set_siso_kernels) against the generic kernels on the chunk cores' shapes (MIMO R 4 and R 2 included): the same
-// arithmetic and sums in the same order, so the output, du and every gradient agree to a few roundings (the test
-// prints which tensors differ in any bit).
+// The SISO instances of the build, the rotation backward and the output-stage backward, and the MIMO ones of the
+// build, the output stage and the rotation backward (set_siso_kernels) against the generic kernels on the chunk cores'
+// shapes (MIMO R 4 and R 2 included): the same arithmetic and sums in the same order, so the output, du and every
+// gradient agree to a few roundings (the test prints which tensors differ in any bit).
 TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
   MAMBA3_REQUIRE_GPU();
   for (const LayerCase& lc : core_shape_cases(true))  // (MIMO: the build's instance)

@@ -730,7 +730,8 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
                p.d.H / p.d.G);
   const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "batched rotation backward: {} blocks exceed the grid", blocks);
-  if (batched::launch_rotation_backward_siso(s, p)) return;  // the SISO instance, where it applies
+  // The instances, where they apply.
+  if (batched::launch_rotation_backward_siso(s, p) || batched::launch_rotation_backward_mimo(s, p)) return;
   const size_t bytes = size_t(kWarps) * hb * 2 * p.d.R * p.d.N * sizeof(float);
   const auto kernel = p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16> : batched_rotation_backward_kernel<float>;
   if (bytes > 48 * 1024)

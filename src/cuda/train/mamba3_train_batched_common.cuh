@@ -102,9 +102,10 @@ void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, siz
 bool launch_build_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p);
-// The MIMO instances of the build and the output stage (mamba3_train_mimo.cu; R ∈ {2, 4}, the cores' shapes),
+// The MIMO instances of the build, the output stage and the rotation backward (mamba3_train_mimo.cu; R ∈ {2, 4}, the cores' shapes),
 // likewise.
 bool launch_build_mimo(cudaStream_t s, const BatchedParams& p);
 bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward);
+bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p);
 
 }  // namespace mamba3::cuda::train_detail::batched

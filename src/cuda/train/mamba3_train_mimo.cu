@@ -1,7 +1,7 @@
-// MIMO instances of the batched path's elementwise chunk kernels (mamba3_train_batched_common.cuh): the build and the
-// output stage (forward and backward), with compile-time shapes and the generic kernels' arithmetic (ncu, 125M MIMO
+// MIMO instances of the batched path's elementwise chunk kernels (mamba3_train_batched_common.cuh): the build, the
+// output stage (forward and backward) and the rotation backward, with compile-time shapes and the generic kernels' arithmetic (ncu, 125M MIMO
 // R = 4 step: the generic build took 1.59 ms per layer for ~1.2 GB of q, k, v and w ⊙ v, a third of the copy rate;
-// the output stage 1.1 ms per call).
+// the output stage 1.1 ms per call, the rotation backward 2.0).
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -281,6 +281,113 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
     }
 }
 
+// The MIMO rotation backward (bf16 q and k; the halves pairing): a block per (sequence, slot of HB heads, chunk), a
+// warp per token as in the generic kernel, lane l on the kU = max(N/64, 1) consecutive slots u = l·kU … (elements
+// u and u + N/2: paired loads and stores). Per token and rank the HB heads' dq, dk, q and k are loaded before any is
+// used, each (head, slot) angle's cos/sin is formed once per token (the generic kernel formed it per rank) and its dφ
+// is summed over the ranks in registers (the generic kernel re-read its global partial per rank). The sums run in
+// the generic kernel's orders (dφ: rank by rank, q then k; dBn/dCn: over the block's heads in order; the bias
+// partials: the warp's tokens in order in the same shared rows), so the same bits.
+template <int N, int R, int HB>
+__global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kernel(const BatchedParams p) {
+  using bf16 = __nv_bfloat16;
+  constexpr int kHalf = N / 2, kU = kHalf >= 64 ? kHalf / 32 : 1, kLanes = kHalf / kU, RN = R * N;
+  const MixerDims& d = p.d;
+  const int S = d.S, slots = d.H / HB, warp = threadIdx.x / 32, lane = threadIdx.x % 32, u0 = lane * kU;
+  const int c = int(blockIdx.x % p.nc), slot = int(blockIdx.x / p.nc % slots), b = int(blockIdx.x / p.nc / slots);
+  const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * HB;
+  const bf16 *__restrict__ Q = static_cast<const bf16*>(p.Q), *__restrict__ K = static_cast<const bf16*>(p.K);
+  const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK;
+  extern __shared__ float sm[];  // (kWarps, HB, 2, R·N): gC then gB per warp and head
+  for (int e = threadIdx.x; e < kWarps * HB * 2 * RN; e += kThreads) sm[e] = 0.0f;
+  __syncthreads();
+  float* mine = sm + warp * HB * 2 * RN;
+  const bool active = lane < kLanes;
+  for (int tl = warp; tl < Tc; tl += kWarps) {
+    if (!active) continue;
+    const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
+    float cs[HB][kU][2], dph[HB][kU];
+#pragma unroll
+    for (int hh = 0; hh < HB; ++hh) {
+      const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+#pragma unroll
+      for (int e = 0; e < kU; ++e) {
+        const float2 rot = u0 + e < S ? rotary_cos_sin(p.phi[st * S + u0 + e]) : make_float2(1.0f, 0.0f);
+        cs[hh][e][0] = rot.x, cs[hh][e][1] = rot.y, dph[hh][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float qa[HB][kU], qb[HB][kU], ka[HB][kU], kb[HB][kU], gqa[HB][kU], gqb[HB][kU], gka[HB][kU], gkb[HB][kU];
+#pragma unroll
+      for (int hh = 0; hh < HB; ++hh) {
+        const int64_t chunk = (int64_t(b) * d.H + h0 + hh) * p.nc + c;
+        const int64_t j = (chunk * p.rows + int64_t(tl) * R + r) * N + u0;
+        if constexpr (kU == 2) {
+          const float2 a0 = *reinterpret_cast<const float2*>(dQ + j), a1 = *reinterpret_cast<const float2*>(dQ + j + kHalf);
+          const float2 b0 = *reinterpret_cast<const float2*>(dK + j), b1 = *reinterpret_cast<const float2*>(dK + j + kHalf);
+          const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j));
+          const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + kHalf));
+          const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j));
+          const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + kHalf));
+          gqa[hh][0] = a0.x, gqa[hh][1] = a0.y, gqb[hh][0] = a1.x, gqb[hh][1] = a1.y;
+          gka[hh][0] = b0.x, gka[hh][1] = b0.y, gkb[hh][0] = b1.x, gkb[hh][1] = b1.y;
+          qa[hh][0] = q0.x, qa[hh][1] = q0.y, qb[hh][0] = q1.x, qb[hh][1] = q1.y;
+          ka[hh][0] = k0.x, ka[hh][1] = k0.y, kb[hh][0] = k1.x, kb[hh][1] = k1.y;
+        } else {
+          gqa[hh][0] = dQ[j], gqb[hh][0] = dQ[j + kHalf], gka[hh][0] = dK[j], gkb[hh][0] = dK[j + kHalf];
+          qa[hh][0] = __bfloat162float(Q[j]), qb[hh][0] = __bfloat162float(Q[j + kHalf]);
+          ka[hh][0] = __bfloat162float(K[j]), kb[hh][0] = __bfloat162float(K[j + kHalf]);
+        }
+      }
+      float sCa[kU], sCb[kU], sBa[kU], sBb[kU];
+#pragma unroll
+      for (int e = 0; e < kU; ++e) sCa[e] = sCb[e] = sBa[e] = sBb[e] = 0.0f;
+#pragma unroll
+      for (int hh = 0; hh < HB; ++hh) {
+        float* gC = mine + (hh * 2) * RN + r * N;
+        float* gB = gC + RN;
+#pragma unroll
+        for (int e = 0; e < kU; ++e) {
+          const float gq_x = gqa[hh][e], gq_y = gqb[hh][e], gk_x = gka[hh][e], gk_y = gkb[hh][e];
+          float ca = gq_x, cb = gq_y, ba = gk_x, bb = gk_y;
+          if (u0 + e < S) {
+            const float csv = cs[hh][e][0], sn = cs[hh][e][1];
+            float acc = dph[hh][e];
+            acc += gq_y * qa[hh][e] - gq_x * qb[hh][e];
+            acc += gk_y * ka[hh][e] - gk_x * kb[hh][e];
+            dph[hh][e] = acc;
+            ca = gq_x * csv + gq_y * sn, cb = gq_y * csv - gq_x * sn;
+            ba = gk_x * csv + gk_y * sn, bb = gk_y * csv - gk_x * sn;
+          }
+          gC[u0 + e] += ca, gB[u0 + e] += ba;
+          gC[u0 + e + kHalf] += cb, gB[u0 + e + kHalf] += bb;
+          sCa[e] += ca, sCb[e] += cb, sBa[e] += ba, sBb[e] += bb;
+        }
+      }
+      float* oC = p.dCn + ((tok * slots + slot) * R + r) * N + u0;
+      float* oB = p.dBn + ((tok * slots + slot) * R + r) * N + u0;
+      if constexpr (kU == 2) {
+        *reinterpret_cast<float2*>(oC) = make_float2(sCa[0], sCa[1]);
+        *reinterpret_cast<float2*>(oC + kHalf) = make_float2(sCb[0], sCb[1]);
+        *reinterpret_cast<float2*>(oB) = make_float2(sBa[0], sBa[1]);
+        *reinterpret_cast<float2*>(oB + kHalf) = make_float2(sBb[0], sBb[1]);
+      } else {
+        oC[0] = sCa[0], oC[kHalf] = sCb[0], oB[0] = sBa[0], oB[kHalf] = sBb[0];
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < HB; ++hh) {
+      const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+#pragma unroll
+      for (int e = 0; e < kU; ++e)
+        if (u0 + e < S) p.dphi[st * S + u0 + e] = dph[hh][e];
+    }
+  }
+  __syncthreads();
+  write_bias_partials(p, sm, b, c, h0, HB, RN);
+}
+
 template <int R>
 void launch_build_mimo_rank(cudaStream_t s, const BatchedParams& p) {
   const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
@@ -305,6 +412,41 @@ bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward) {
   if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64))) return false;
   if (backward) launch_output_mimo_shape<true>(s, p);
   else launch_output_mimo_shape<false>(s, p);
+  return true;
+}
+
+template <int N, int R>
+void launch_rotation_mimo_heads(cudaStream_t s, const BatchedParams& p) {
+  const int hb = p.heads_per_block;
+  const auto run = [&](auto kernel) {
+    const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
+    const size_t bytes = size_t(kWarps) * hb * 2 * R * N * sizeof(float);  // the generic kernel's
+    if (bytes > 48 * 1024)
+      MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+    MAMBA3_LAUNCH_CHECK();
+  };
+  if (hb == 4) run(batched_rotation_backward_mimo_kernel<N, R, 4>);
+  else if (hb == 3) run(batched_rotation_backward_mimo_kernel<N, R, 3>);
+  else if (hb == 2) run(batched_rotation_backward_mimo_kernel<N, R, 2>);
+  else run(batched_rotation_backward_mimo_kernel<N, R, 1>);
+}
+
+template <int R>
+void launch_rotation_mimo_rank(cudaStream_t s, const BatchedParams& p) {
+  if (p.d.N == 128) launch_rotation_mimo_heads<128, R>(s, p);
+  else if (p.d.N == 64) launch_rotation_mimo_heads<64, R>(s, p);
+  else launch_rotation_mimo_heads<32, R>(s, p);
+}
+
+bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
+  const MixerDims& d = p.d;
+  const int hb = p.heads_per_block;  // (checked by the caller: divides a group's heads)
+  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.N == 32 || d.N == 64 || d.N == 128) &&
+        hb >= 1 && hb <= 4))
+    return false;
+  if (d.R == 4) launch_rotation_mimo_rank<4>(s, p);
+  else launch_rotation_mimo_rank<2>(s, p);
   return true;
 }
 
