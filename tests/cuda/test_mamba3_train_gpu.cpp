@@ -766,6 +766,66 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
     }
 }
 
+// MIMO's backward core with the state products in it (after the reverse chain: dK's second term in the core's
+// accumulators, tp written by the core) against the batched products it replaces: to rounding (the products sum in
+// cuBLAS's order), deterministic, with and without a kept forward, in both block widths; and no effect on SISO (its
+// fused core is another test's).
+TEST(Mamba3TrainGpu, MimoStateCoreMatchesTheProducts) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
+  for (const LayerCase& lc : core_shape_cases(true)) {
+    if (!lc.c.is_mimo) continue;
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(1900 + L));
+      cuda::Context ctx;
+      cuda::TrainGemm gemm(Precision::BF16);
+      cuda::Mamba3TrainGpu train(cfg);
+      train.set_chunk_batched(true);
+      train.set_chunk_cores(true);
+      train.set_state_chain(true);
+      ASSERT_TRUE(train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      DeviceLayer layer(mixer);
+      cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+      cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+      cuda::Mamba3TrainActivations kept;
+      auto run = [&](bool in_core, bool keep) {
+        train.set_backward_core_fused(in_core);
+        layer.zero_grads();
+        poison(du.raw(), du.bytes());
+        poison(out.raw(), out.bytes());
+        train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), keep ? &kept : nullptr);
+        train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(),
+                       du.as<float>(), keep ? &kept : nullptr);
+        ctx.sync();
+        return GpuResult{from_device_f32(out.raw(), {B, L, cfg.d_model}), from_device_f32(du.raw(), {B, L, cfg.d_model}),
+                         layer.download_grads()};
+      };
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+        const GpuResult products = run(false, keep);
+        for (const bool wide : {true, false}) {
+          SCOPED_TRACE(wide ? "8 warps" : "4 warps");
+          cuda::train_detail::set_fused_core_wide(wide);
+          const GpuResult core = run(true, keep), again = run(true, keep);
+          for (const Tensor* t : {&core.out, &core.du})
+            for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+          EXPECT_TRUE(bit_identical(core, again)) << "not deterministic";
+          double worst = 0;
+          std::string where;
+          compare(core, products.out, products.du, products.grads, kTolChainVsPass, kTolChainVsPass, worst, where);
+          std::printf("  %-32s L=%-3lld %s %s: core vs products worst %.2e (%s)\n", lc.name, (long long)L,
+                      keep ? "kept" : "recomputed", wide ? "8 warps" : "4 warps", worst, where.c_str());
+        }
+      }
+    }
+  }
+}
+
 // The batched column sums (one launch per level for all of a layer's parameter sums) against one colsum_add per sum
 // and a float64 host sum: the same bits as colsum_add (the same per-block order), and close to the exact sums, for
 // sums within one row segment and over several (two levels), with columns not a multiple of 32.

@@ -507,7 +507,7 @@ template <typename In>
 __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const BatchedParams p) {
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
-  const int T = p.T, rows = p.rows, R = d.R, P = d.P, N = d.N, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int T = p.T, rows = p.rows, R = d.R, P = d.P, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float Dh = p.D[ix.h];
   const In *V = static_cast<const In*>(p.V), *dY = static_cast<const In*>(p.dY);
   extern __shared__ float sm[];
@@ -570,55 +570,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
       if (lane == 0) rdot[tl * R + r] = dot;
     }
   }
-  {  // <dH, H_c> over the chunk's P·N (the bf16 mode: from the scans' bf16 states)
-    const int64_t PN = int64_t(P) * N, base = ix.chunk * PN;
-    float s = 0.0f;
-    if (p.Hc16 && p.dHc16) {
-      const auto *h16 = static_cast<const __nv_bfloat16*>(p.Hc16) + base,
-                 *dh16 = static_cast<const __nv_bfloat16*>(p.dHc16) + base;
-      if (PN % 2 == 0)  // pairs: the slots are (P·N)-element aligned
-        for (int64_t i = threadIdx.x; i < PN / 2; i += kThreads) {
-          const float2 a = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(dh16)[i]),
-                       b = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(h16)[i]);
-          s += a.x * b.x + a.y * b.y;
-        }
-      else
-        for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += __bfloat162float(dh16[i]) * __bfloat162float(h16[i]);
-    } else {
-      for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += p.dHc[base + i] * p.Hc[base + i];
-    }
-    s = warp_sum(s);
-    if (lane == 0) wsum[warp] = s;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const float last = Lam[T - 1], elast = p.decay[ix.chunk];
-    for (int sl = 0; sl < T; ++sl) {
-      float dws = 0.0f;
-      for (int r = 0; r < R; ++r) dws += rdot[sl * R + r];
-      const float e2 = expf(last - Lam[sl]), G = dws * e2 * scale[sl];
-      dL[T - 1] += G;
-      dL[sl] -= G;
-      scale[sl] = dws * e2;  // scale's gradient from the carried state (scale itself is no longer needed)
-    }
-    float dot = 0.0f;
-    for (int w = 0; w < kWarps; ++w) dot += wsum[w];
-    dL[T - 1] += elast * dot;
-    float run = 0.0f;  // Λ_t = Σ_{j ≤ t in the chunk} A_j·Δ_j
-    for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
-  }
-  __syncthreads();
-  for (int tl = threadIdx.x; tl < ix.Tc; tl += kThreads) {
-    const int64_t st = ix.bh * d.L + ix.c0 + tl;
-    p.dadt[st] = dL[tl];
-    p.dscale[st] += scale[tl];
-  }
-  if (d.mimo)
-    for (int e = threadIdx.x; e < RP; e += kThreads) {
-      float s = 0.0f;
-      for (int w = 0; w < kWarps; ++w) s += gXall[w * RP + e];
-      p.part_mimo_x[ix.prow(p) * RP + e] = s;
-    }
+  epilogue_state_tail(p, ix, Lam, scale, dL, rdot, wsum, gXall);
 }
 
 // The rotation and bias backward of dQ, dK → dCn, dBn (summed over the block's heads), dphi and the bias partials.
@@ -718,8 +670,12 @@ void launch_batched_coef(cudaStream_t s, const BatchedParams& p) {
 
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
   const size_t floats = size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * p.d.R * p.d.P;
-  if (p.bf16) launch_per_chunk(batched_epilogue_kernel<__nv_bfloat16>, s, p, floats);
-  else launch_per_chunk(batched_epilogue_kernel<float>, s, p, floats);
+  if (batched::launch_epilogue_mimo(s, p, floats)) {  // the MIMO instance, where it applies
+  } else if (p.bf16) {
+    launch_per_chunk(batched_epilogue_kernel<__nv_bfloat16>, s, p, floats);
+  } else {
+    launch_per_chunk(batched_epilogue_kernel<float>, s, p, floats);
+  }
   launch_batched_rotation_backward(s, p);
 }
 

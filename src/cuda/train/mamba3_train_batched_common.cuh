@@ -85,6 +85,65 @@ __device__ __forceinline__ void write_bias_partials(const BatchedParams& p, cons
   }
 }
 
+// The epilogue's per-chunk tail, shared by the generic kernel and the MIMO instance (after every warp has written its
+// rdot rows and, for MIMO, its gX rows): ⟨dH, H_c⟩, the serial state-carry terms and dL's reverse cumulative sum
+// (thread 0), then dadt, dscale (+=) and the mimo_x partials (summed over the warps in order).
+__device__ __forceinline__ void epilogue_state_tail(const BatchedParams& p, const ChunkIndex& ix, const float* Lam,
+                                                    float* scale, float* dL, const float* rdot, float* wsum,
+                                                    const float* gXall) {
+  const MixerDims& d = p.d;
+  const int T = p.T, R = d.R, P = d.P, N = d.N, RP = R * P, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  {  // <dH, H_c> over the chunk's P·N (the bf16 mode: from the scans' bf16 states)
+    const int64_t PN = int64_t(P) * N, base = ix.chunk * PN;
+    float s = 0.0f;
+    if (p.Hc16 && p.dHc16) {
+      const auto *h16 = static_cast<const __nv_bfloat16*>(p.Hc16) + base,
+                 *dh16 = static_cast<const __nv_bfloat16*>(p.dHc16) + base;
+      if (PN % 2 == 0)  // pairs: the slots are (P·N)-element aligned
+        for (int64_t i = threadIdx.x; i < PN / 2; i += kThreads) {
+          const float2 a = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(dh16)[i]),
+                       b = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(h16)[i]);
+          s += a.x * b.x + a.y * b.y;
+        }
+      else
+        for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += __bfloat162float(dh16[i]) * __bfloat162float(h16[i]);
+    } else {
+      for (int64_t i = threadIdx.x; i < PN; i += kThreads) s += p.dHc[base + i] * p.Hc[base + i];
+    }
+    s = warp_sum(s);
+    if (lane == 0) wsum[warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const float last = Lam[T - 1], elast = p.decay[ix.chunk];
+    for (int sl = 0; sl < T; ++sl) {
+      float dws = 0.0f;
+      for (int r = 0; r < R; ++r) dws += rdot[sl * R + r];
+      const float e2 = expf(last - Lam[sl]), G = dws * e2 * scale[sl];
+      dL[T - 1] += G;
+      dL[sl] -= G;
+      scale[sl] = dws * e2;  // scale's gradient from the carried state (scale itself is no longer needed)
+    }
+    float dot = 0.0f;
+    for (int w = 0; w < kWarps; ++w) dot += wsum[w];
+    dL[T - 1] += elast * dot;
+    float run = 0.0f;  // Λ_t = Σ_{j ≤ t in the chunk} A_j·Δ_j
+    for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
+  }
+  __syncthreads();
+  for (int tl = threadIdx.x; tl < ix.Tc; tl += kThreads) {
+    const int64_t st = ix.bh * d.L + ix.c0 + tl;
+    p.dadt[st] = dL[tl];
+    p.dscale[st] += scale[tl];
+  }
+  if (d.mimo)
+    for (int e = threadIdx.x; e < RP; e += kThreads) {
+      float s = 0.0f;
+      for (int w = 0; w < kWarps; ++w) s += gXall[w * RP + e];
+      p.part_mimo_x[ix.prow(p) * RP + e] = s;
+    }
+}
+
 // One block of kThreads per (sequence, head, chunk) with `floats` floats of dynamic shared memory.
 template <typename Kernel>
 void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, size_t floats) {
@@ -102,10 +161,12 @@ void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, siz
 bool launch_build_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p);
-// The MIMO instances of the build, the output stage and the rotation backward (mamba3_train_mimo.cu; R ∈ {2, 4}, the cores' shapes),
+// The MIMO instances of the build, the output stage, the epilogue's state part and the rotation backward
+// (mamba3_train_mimo.cu; R ∈ {2, 4}, the cores' shapes),
 // likewise.
 bool launch_build_mimo(cudaStream_t s, const BatchedParams& p);
 bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward);
 bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p);
+bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats);  // (its state part; floats: smem)
 
 }  // namespace mamba3::cuda::train_detail::batched

@@ -169,14 +169,19 @@ struct CoreSmem {
 // (dHc16) — dK's second term added to the first in the accumulators, tp = k·dHᵀ, and the epilogue's state part with
 // dV kept in registers — so dV and dK's first term never go through global memory and q, k, v, dy and H_c are read
 // once for both. Every sum runs in the two kernels' orders: the same bits (test FusedBackwardCoreGivesTheSplitBits).
-// kWarps = 8 (kPost only): phase A on warps 0–3 and phase B on warps 4–7 at the same time (they read only the shared
-// tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
-template <int N, int P, bool kPost, int kWarps>
+// kMode: kCoreOnly (the core above), kCoreFused (kPost) or kCoreStates (MIMO, the reverse chain run before it: dK's
+// second term in the same accumulators, as kPost, and tp = k·dHᵀ written to p.Z for the MIMO epilogue instead of the
+// batched products tp and dK += (w ⊙ v)·dH; the epilogue stays a kernel of its own).
+// kWarps = 8 (with dH only): phase A on warps 0–3 and phase B on warps 4–7 at the same time (they read only the
+// shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
+enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
+template <int N, int P, int kMode, int kWarps>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
   constexpr bool kSplitPhases = kWarps == 2 * kCoreWarps;
-  static_assert(kWarps == kCoreWarps || (kSplitPhases && kPost), "8 warps only for the fused core");
+  constexpr bool kPost = kMode == kCoreFused, kWithDH = kMode != kCoreOnly;
+  static_assert(kWarps == kCoreWarps || (kSplitPhases && kWithDH), "8 warps only for the cores with dH");
   using Smem = CoreSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, NS = kRows / 8;  // NS: n-tiles over the chunk's 64 rows
   constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;                  // dQ/dK/G columns per pass, their n-tiles
@@ -204,7 +209,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   copy_tile<kThreads>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
   copy_tile<kThreads>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
   copy_tile<kThreads>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
-  if constexpr (kPost) {
+  if constexpr (kWithDH) {
     copy_tile<kThreads>(sdH, LDN, dHc16 + chunk * P * N, P, N);
     copy_tile<kThreads>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P, kRows, P);
   }
@@ -376,7 +381,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           load_b_kn(sQ, LDN, 16 * kb, n0 + 16 * np, b);
           mma(acc[2 * np], dst[kb], b[0], b[1]), mma(acc[2 * np + 1], dst[kb], b[2], b[3]);
         }
-      if constexpr (kPost) {  // dK += (w ⊙ v)·dH, continuing the same accumulators (the post-scan core's order)
+      if constexpr (kWithDH) {  // dK += (w ⊙ v)·dH, continuing the same accumulators (the post-scan core's order)
 #pragma unroll
         for (int kb = 0; kb < P / 16; ++kb) {
           uint32_t a[4];
@@ -392,6 +397,11 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       store_tiles(acc, dK, N, s0, n0);
     }
     if constexpr (kPost) post_scan_rows<N, P>(p, chunk, s0, sK, sdH, sV, sdY, LDP, dv, rdot);
+    if constexpr (kMode == kCoreStates) {  // tp for the MIMO epilogue, where the batched product wrote it
+      float tp[P / 8][4];
+      post_scan_tp<N, P>(sK, sdH, s0, tp);
+      store_tiles(tp, p.Z + chunk * kRows * P, P, s0, 0);
+    }
   }
 
   // ---- Phase C: G = (e^Λ ⊙ dy)ᵀ·q, rows p of this warp (not with the reverse state chain, which forms G itself).
@@ -454,17 +464,18 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
 }
 
-template <int N, int P, bool kPost>
+template <int N, int P, int kMode>
 __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                      float* g_slots, const bf16* dHc16) {
-  backward_core_body<N, P, kPost, kCoreWarps>(p, Hc16, g_slots, dHc16);
+  backward_core_body<N, P, kMode, kCoreWarps>(p, Hc16, g_slots, dHc16);
 }
 
-// The fused core with its phases on separate warps: 256 threads, at most 128 registers so that two blocks share an SM.
-template <int N, int P>
+// The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
+// an SM.
+template <int N, int P, int kMode>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2) fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16,
                                                                                const bf16* dHc16) {
-  backward_core_body<N, P, true, 2 * kCoreWarps>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -563,7 +574,7 @@ void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const 
                p.rows, p.d.N, p.d.P);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    launch_core(backward_core_kernel<N, P, false>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
+    launch_core(backward_core_kernel<N, P, kCoreOnly>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
                 static_cast<const bf16*>(Hc16), g_slots, static_cast<const bf16*>(nullptr));
   });
 }
@@ -580,27 +591,44 @@ bool fused_core_wide() {
 
 void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
 
-void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
-  MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
-               p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+namespace {
+// A core with dH (kCoreFused or kCoreStates) on 4 or 8 warps.
+template <int kMode>
+void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16, const char* what) {
   const bool wide = fused_core_wide();
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
     if (!wide) {
-      launch_core(backward_core_kernel<N, P, true>, "fused backward core", s, p, bytes, p,
-                  static_cast<const bf16*>(Hc16), static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
+      launch_core(backward_core_kernel<N, P, kMode>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
+                  static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
       return;
     }
-    auto* kernel = fused_core_wide_kernel<N, P>;
+    auto* kernel = fused_core_wide_kernel<N, P, kMode>;
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
-    MAMBA3_CHECK(blocks <= 0x7fffffff, "fused backward core: {} blocks exceed the grid", blocks);
+    MAMBA3_CHECK(blocks <= 0x7fffffff, "{}: {} blocks exceed the grid", what, blocks);
     kernel<<<unsigned(blocks), 2 * kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16),
                                                              static_cast<const bf16*>(dHc16));
     MAMBA3_LAUNCH_CHECK();
   });
+}
+}  // namespace
+
+void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
+  MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
+               p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+  launch_core_with_dh<kCoreFused>(s, p, Hc16, dHc16, "fused backward core");
+}
+
+bool backward_state_core_supported(const BatchedParams& p) { return core_shape_supported(p) && p.d.mimo; }
+
+void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
+  MAMBA3_CHECK(backward_state_core_supported(p), "backward state core: unsupported chunk (bf16 {}, rows {}, N {}, P {})",
+               p.bf16, p.rows, p.d.N, p.d.P);
+  MAMBA3_CHECK(p.Z, "backward state core: tp's buffer (p.Z) is null");
+  launch_core_with_dh<kCoreStates>(s, p, Hc16, dHc16, "backward state core");
 }
 
 bool post_scan_core_supported(const BatchedParams& p) { return core_shape_supported(p) && !p.d.mimo; }

@@ -33,6 +33,12 @@ void launch_batched_post_scan_core(cudaStream_t s, const BatchedParams& p, const
 // backward core and the post-scan core write, except G, p.dV and dK's intermediate (dV stays in registers, dK's two
 // terms in the same accumulators), with q, k, v, dy and H_c read once. The same bits as the two kernels.
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
+// MIMO (the cores' shapes), after the reverse state chain has written dHc16: the backward core plus dK's second term
+// (w ⊙ v)·dH in the same accumulators and tp = k·dHᵀ written to p.Z (f32 per chunk row), which the batched products
+// "tp" and "dK" formed before; launch_batched_epilogue follows. To rounding against the products (their sums run in
+// cuBLAS's order).
+bool backward_state_core_supported(const BatchedParams& p);
+void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
 // The fused core's block: 8 warps with its two phases on separate warps (true) or 4 running both (false); the same
 // bits. Process-wide; default from MAMBA3_TRAIN_FUSED_CORE_WARPS ("8" or "4", unset: 8).
 void set_fused_core_wide(bool on);

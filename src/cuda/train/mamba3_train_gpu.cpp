@@ -417,6 +417,18 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     prof.mark("rotation bwd");
     return;
   }
+  if (chain && backward_core_fused_ && backward_state_core_supported(p)) {
+    // MIMO: the reverse chain first, then the core with the state products (tp → p.Z, dK's second term), then the
+    // epilogue (its state part reads tp from p.Z).
+    launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
+    prof.mark("state chain rev");
+    p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
+    launch_batched_backward_state_core(s, p, act_->Hc16.raw(), dHc16_.raw());
+    prof.mark("backward core");
+    launch_batched_epilogue(s, p);
+    prof.mark("epilogue");
+    return;
+  }
   if (use_cores) {
     // dW, coef, dV, dQ, dK's first term and G in one kernel per chunk (S, W and dS recomputed in registers).
     // (with the chain, G is the chain's: the core skips it)

@@ -142,8 +142,10 @@ class Mamba3TrainGpu {
   // process: "chain" or "pass" (unset: chain).
   void set_state_chain(bool on) { state_chain_ = on; }
   // With the state chains and the post-scan core's shapes (SISO), the backward core and the post-scan core as one
-  // kernel after the reverse chain (true) or as two around it (false): the same bits. Default from
-  // MAMBA3_TRAIN_BACKWARD_CORE, read once per process: "fused" or "split" (unset: fused).
+  // kernel after the reverse chain (true) or as two around it (false): the same bits. MIMO: the backward core after
+  // the reverse chain with the state products tp and dK's second term in it (true; to rounding) or those as batched
+  // products (false). Default from MAMBA3_TRAIN_BACKWARD_CORE, read once per process: "fused" or "split" (unset:
+  // fused).
   void set_backward_core_fused(bool on) { backward_core_fused_ = on; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;

@@ -1,5 +1,5 @@
 // MIMO instances of the batched path's elementwise chunk kernels (mamba3_train_batched_common.cuh): the build, the
-// output stage (forward and backward) and the rotation backward, with compile-time shapes and the generic kernels' arithmetic (ncu, 125M MIMO
+// output stage (forward and backward), the epilogue's state part and the rotation backward, with compile-time shapes and the generic kernels' arithmetic (ncu, 125M MIMO
 // R = 4 step: the generic build took 1.59 ms per layer for ~1.2 GB of q, k, v and w ⊙ v, a third of the copy rate;
 // the output stage 1.1 ms per call, the rotation backward 2.0).
 #include <cuda_bf16.h>
@@ -388,6 +388,84 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
   write_bias_partials(p, sm, b, c, h0, HB, RN);
 }
 
+// The MIMO epilogue's state part (after the reverse scan or chain, the products tp = k·dHᵀ in p.Z and dK's second
+// term done): a warp per token, lane l on the channels q = l + 32k of all R ranks, every load of the token (tp, v,
+// dV, dy of each rank row, x) before its dx store, the head's mimo_x rows and the warp's mimo_x partials in
+// registers; then the shared tail (epilogue_state_tail). The generic kernel's expressions and sum orders: dx over the
+// ranks in order, Σ v·tp per rank over the lane's channels in order then the butterfly, the partials over the warp's
+// tokens in order then the warps in order.
+template <int P, int R>
+__global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(const BatchedParams p) {
+  using bf16 = __nv_bfloat16;
+  constexpr int kQ = P / 32, RP = R * P;
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int T = p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float Dh = p.D[ix.h];
+  const bf16 *V = static_cast<const bf16*>(p.V), *dY = static_cast<const bf16*>(p.dY);
+  extern __shared__ float sm[];
+  float *Lam = sm, *scale = sm + T, *dL = sm + 2 * T, *rdot = sm + 3 * T, *wsum = rdot + p.rows;
+  float* gXall = wsum + kWarps;  // per warp: gX (R·P), the generic kernel's layout
+  for (int tl = threadIdx.x; tl < T; tl += kThreads) {
+    const int64_t i = ix.chunk * T + tl;
+    Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], dL[tl] = p.dLam[i];
+  }
+  float mx[R][kQ], gX[R][kQ];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int k = 0; k < kQ; ++k)
+      mx[r][k] = p.mimo_x[(int64_t(ix.h) * R + r) * P + lane + 32 * k], gX[r][k] = 0.0f;
+  const int64_t base_p = ix.chunk * p.rows * P;
+  for (int tl = warp; tl < T; tl += kWarps) {
+    const float w = p.wv[ix.chunk * T + tl];
+    const bool real = tl < ix.Tc;
+    const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
+    const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
+    float tp[R][kQ], vv[R][kQ], dv0[R][kQ], dy[R][kQ], xq[kQ];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int k = 0; k < kQ; ++k) {
+        const int64_t i = base_p + (int64_t(tl) * R + r) * P + lane + 32 * k;
+        tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dv0[r][k] = p.dV[i], dy[r][k] = __bfloat162float(dY[i]);
+      }
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) xq[k] = x[lane + 32 * k];
+    float dots[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) dots[r] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      float dx = 0.0f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        dots[r] += vv[r][k] * tp[r][k];
+        const float dv = (dv0[r][k] + Dh * dy[r][k]) + w * tp[r][k];
+        dx += dv * mx[r][k];
+        if (real) gX[r][k] += dv * xq[k];
+      }
+      if (real) {
+        const int64_t xi = tok * d.din + d.off_x + int64_t(ix.h) * P + lane + 32 * k;  // dzx's x column
+        if (p.dzx16) reinterpret_cast<bf16*>(p.dzx16)[xi] = __float2bfloat16_rn(dx);
+        else p.dzx[xi] = dx;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float dot = warp_sum(dots[r]);
+      if (lane == 0) rdot[tl * R + r] = dot;
+    }
+  }
+  float* mine = gXall + warp * RP;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) mine[r * P + lane + 32 * k] = gX[r][k];
+  __syncthreads();  // (Lam, scale, dL too)
+  epilogue_state_tail(p, ix, Lam, scale, dL, rdot, wsum, gXall);
+}
+
 template <int R>
 void launch_build_mimo_rank(cudaStream_t s, const BatchedParams& p) {
   const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
@@ -447,6 +525,17 @@ bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
     return false;
   if (d.R == 4) launch_rotation_mimo_rank<4>(s, p);
   else launch_rotation_mimo_rank<2>(s, p);
+  return true;
+}
+
+bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats) {
+  const MixerDims& d = p.d;
+  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64) && p.Hc16 &&
+        p.dHc16))
+    return false;
+  const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, floats); };
+  if (d.R == 4) d.P == 64 ? run(batched_epilogue_mimo_kernel<64, 4>) : run(batched_epilogue_mimo_kernel<32, 4>);
+  else d.P == 64 ? run(batched_epilogue_mimo_kernel<64, 2>) : run(batched_epilogue_mimo_kernel<32, 2>);
   return true;
 }
 
