@@ -1,0 +1,419 @@
+// The fast paths of the Mamba-3 mixer's GPU training pass against the paths they replace, on the same layer and
+// inputs: the SISO and MIMO instances of the elementwise chunk kernels against the generic ones, the state chains
+// against the products + scan (and a float64 scan), the fused backward cores against the split kernels and the
+// batched products, the batched column sums, the fused angle scan, and the bf16 operands written by their producers.
+// Bit-identical where the arithmetic is the same, within stated bounds where only the summation order changes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/dtype.h"
+#include "cuda/train/mamba3_train_bwd_core.h"
+#include "cuda/train/mamba3_train_gpu.h"
+#include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_state_chain.h"
+#include "gpu_test_util.h"
+#include "mamba3_train_test_util.h"
+#include "support/test_support.h"
+
+namespace mamba3::test {
+namespace {
+
+// The SISO instances of the build, the rotation backward and the output-stage backward, and the MIMO ones of the
+// build, the output stage and the rotation backward (set_siso_kernels) against the generic kernels on the chunk cores'
+// shapes (MIMO R 4 and R 2 included): the same arithmetic and sums in the same order, so the output, du and every
+// gradient agree to a few roundings (the test prints which tensors differ in any bit).
+TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(true))  // (MIMO: the build's instance)
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(900 + L));
+      CoreLayerStep step(mixer, u, dout);
+      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      auto run = [&](bool siso) {
+        step.train.set_siso_kernels(siso);
+        return step.run();
+      };
+      const GpuResult siso = run(true), generic = run(false), again = run(false);
+      for (const Tensor* t : {&siso.out, &siso.du})
+        for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+      ASSERT_TRUE(bit_identical(generic, again)) << "the generic path is not deterministic";
+      // Which tensors differ at all, and by how much: the SISO kernels may contract a product into an FMA where the
+      // generic ones do not (a last-bit difference that a bf16 rounding can widen), so the bound is a few bf16
+      // roundings of the compared tensors, far below the bf16 mode's tolerance against the CPU (kTolBF16).
+      std::string differ;
+      double worst = 0;
+      std::string where;
+      compare(siso, generic.out, generic.du, generic.grads, kTolSisoVsGeneric, kTolSisoVsGeneric, worst, where);
+      auto note = [&](const Tensor& a, const Tensor& b, const std::string& name) {
+        if (std::memcmp(a.raw(), b.raw(), a.nbytes()) != 0) differ += " " + name;
+      };
+      note(siso.out, generic.out, "out");
+      note(siso.du, generic.du, "grad.u");
+      for (const auto& [name, t] : generic.grads) note(siso.grads.at(name), t, "grad." + name);
+      std::printf("  %-34s L=%-3lld worst %.2e (%s); differing:%s\n", lc.name, (long long)L, worst, where.c_str(),
+                  differ.empty() ? " none" : differ.c_str());
+    }
+}
+
+// The state chain kernel (products and scan over chunks in one kernel) against a float64 host scan of the same bf16
+// operands, forward and reverse, for every core shape, odd head counts, one chunk, and chunk counts that are not a
+// multiple of its operand ring; blocks of 64 rows of P give the bits of blocks of 32.
+TEST(Mamba3TrainGpu, StateChainMatchesAFloat64Scan) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_state_chain_slice(32); }
+  } restore;
+  cuda::Context ctx;
+  std::mt19937 rng(44);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f), dec(0.3f, 1.0f);
+  for (const auto& [N, P] : std::vector<std::pair<int, int>>{{128, 64}, {128, 32}, {64, 64}, {64, 32}, {32, 64},
+                                                              {32, 32}})
+    for (const auto& [B, H, nc] : std::vector<std::tuple<int, int, int>>{{1, 1, 1}, {3, 5, 7}, {2, 3, 33}})
+      for (const bool reverse : {false, true}) {
+        SCOPED_TRACE("N " + std::to_string(N) + " P " + std::to_string(P) + " B " + std::to_string(B) + " H " +
+                     std::to_string(H) + " nc " + std::to_string(nc) + (reverse ? " reverse" : " forward"));
+        cuda::train_detail::BatchedParams p{};
+        p.d.B = B, p.d.H = H, p.d.N = N, p.d.P = P, p.d.R = 1, p.d.L = nc * 64;
+        p.T = 64, p.nc = nc, p.rows = 64, p.bf16 = true;
+        ASSERT_TRUE(cuda::train_detail::state_chain_supported(p));
+        const int64_t chunks = int64_t(B) * H * nc;
+        std::vector<uint16_t> a16(size_t(chunks * 64 * P)), b16(size_t(chunks * 64 * N));
+        std::vector<float> decay(static_cast<size_t>(chunks));
+        for (auto& v : a16) v = f32_to_bf16(uni(rng));
+        for (auto& v : b16) v = f32_to_bf16(uni(rng));
+        for (auto& v : decay) v = dec(rng);
+        cuda::DeviceBuffer da(a16.size() * 2), db(b16.size() * 2), ddec(decay.size() * 4), dout(size_t(chunks * P * N) * 2);
+        da.upload(a16.data(), da.bytes()), db.upload(b16.data(), db.bytes()), ddec.upload(decay.data(), ddec.bytes());
+        poison(dout.raw(), dout.bytes());
+        p.decay = ddec.as<float>();
+        cuda::train_detail::set_state_chain_slice(32);
+        cuda::train_detail::launch_state_chain(ctx.stream(), p, da.raw(), db.raw(), reverse, dout.raw());
+        ctx.sync();
+        const Tensor got = from_device_bf16(dout.as<uint16_t>(), {chunks, P, N});
+        cuda::DeviceBuffer dout64(dout.bytes());
+        poison(dout64.raw(), dout64.bytes());
+        cuda::train_detail::set_state_chain_slice(64);  // (P 32 keeps slices of 32)
+        cuda::train_detail::launch_state_chain(ctx.stream(), p, da.raw(), db.raw(), reverse, dout64.raw());
+        ctx.sync();
+        const Tensor got64 = from_device_bf16(dout64.as<uint16_t>(), {chunks, P, N});
+        EXPECT_EQ(std::memcmp(got.raw(), got64.raw(), got.nbytes()), 0) << "slices of 64 rows: other bits";
+        Tensor want = Tensor::empty(DType::F32, {chunks, P, N});
+        std::vector<double> st(size_t(P * N));
+        for (int64_t bh = 0; bh < int64_t(B) * H; ++bh) {
+          std::fill(st.begin(), st.end(), 0.0);
+          for (int i = 0; i < nc; ++i) {
+            const int64_t c = bh * nc + (reverse ? nc - 1 - i : i);
+            for (int64_t e = 0; e < P * N; ++e) want.data<float>()[c * P * N + e] = float(st[size_t(e)]);
+            for (int pr = 0; pr < P; ++pr)
+              for (int n = 0; n < N; ++n) {
+                double acc = 0;
+                for (int r = 0; r < 64; ++r)
+                  acc += double(bf16_to_f32(a16[size_t((c * 64 + r) * P + pr)])) *
+                         double(bf16_to_f32(b16[size_t((c * 64 + r) * N + n)]));
+                st[size_t(pr * N + n)] = decay[size_t(c)] * st[size_t(pr * N + n)] + acc;
+              }
+          }
+        }
+        for (int64_t i = 0; i < got.numel(); ++i) ASSERT_TRUE(std::isfinite(got.data<float>()[i])) << i;
+        if (nc == 1) {  // the only state is the zero one
+          for (int64_t i = 0; i < got.numel(); ++i) ASSERT_EQ(got.data<float>()[i], 0.0f) << i;
+        } else {
+          EXPECT_LE(rel_l2(got, want), 5e-3);  // the bf16 rounding of the written states
+        }
+      }
+}
+
+// The state chains against the products + scan pass in a whole mixer step (bf16 mode, cores): the reverse chain
+// forms G as the backward core does, so a backward from the same kept forward gives the same bits; the forward
+// chain's products sum in the mma's order instead of cuBLAS's, so a whole step agrees to rounding. Both deterministic.
+TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(true))
+    for (const int64_t L : {1, 65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(1300 + L));
+      CoreLayerStep step(mixer, u, dout);
+      if (!step.train.uses_chunk_cores(true, L)) continue;  // shapes the cores do not take keep the pass
+      step.train.set_backward_core_fused(false);  // (the fused core needs the chain: FusedBackwardCoreGivesTheSplitBits)
+      // forward_chain / backward_chain: the path of each half; keep: the backward reads the kept forward.
+      auto run = [&](bool forward_chain, bool backward_chain, bool keep) {
+        step.train.set_state_chain(forward_chain);
+        return step.run(keep, [&] { step.train.set_state_chain(backward_chain); });
+      };
+      const GpuResult pass = run(false, false, true), rev_chain = run(false, true, true);
+      for (const Tensor* t : {&rev_chain.out, &rev_chain.du})
+        for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+      EXPECT_TRUE(bit_identical(pass, rev_chain)) << "the reverse chain is not the core + scan path's bits";
+      const GpuResult chain = run(true, true, false), again = run(true, true, false);
+      EXPECT_TRUE(bit_identical(chain, again)) << "the chains are not deterministic";
+      double worst = 0;
+      std::string where;
+      compare(chain, pass.out, pass.du, pass.grads, kTolChainVsPass, kTolChainVsPass, worst, where);
+      std::printf("  %-38s L=%-3lld chain vs pass worst %.2e (%s)\n", lc.name, (long long)L, worst, where.c_str());
+    }
+}
+
+// The fused backward core (backward core + post-scan core in one kernel, after the reverse chain) against the two
+// kernels around it: dV and dK's first term stay in registers instead of going through global memory, every sum in
+// the same order, so the same bits, with and without a kept forward, on the SISO core shapes and a padded last chunk;
+// in both block widths (the two phases on separate warps, or four warps running both).
+TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
+  for (const LayerCase& lc : core_shape_cases(false))
+    for (const int64_t L : {64, 65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 3;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(1700 + L));
+      CoreLayerStep step(mixer, u, dout);
+      step.train.set_state_chain(true);
+      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      auto run = [&](bool fused, bool keep) {
+        step.train.set_backward_core_fused(fused);
+        return step.run(keep);
+      };
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+        const GpuResult split = run(false, keep);
+        for (const bool wide : {true, false}) {
+          SCOPED_TRACE(wide ? "8 warps" : "4 warps");
+          cuda::train_detail::set_fused_core_wide(wide);
+          const GpuResult fused = run(true, keep);
+          for (const Tensor* t : {&fused.out, &fused.du})
+            for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+          EXPECT_TRUE(bit_identical(split, fused));
+        }
+      }
+    }
+}
+
+// MIMO's backward core with the state products in it (after the reverse chain: dK's second term in the core's
+// accumulators, tp written by the core) against the batched products it replaces: to rounding (the products sum in
+// cuBLAS's order), deterministic, with and without a kept forward, in both block widths; and no effect on SISO (its
+// fused core is another test's).
+TEST(Mamba3TrainGpu, MimoStateCoreMatchesTheProducts) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
+  for (const LayerCase& lc : core_shape_cases(true)) {
+    if (!lc.c.is_mimo) continue;
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const Mamba3Config& cfg = lc.c;
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(1900 + L));
+      CoreLayerStep step(mixer, u, dout);
+      step.train.set_state_chain(true);
+      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      auto run = [&](bool in_core, bool keep) {
+        step.train.set_backward_core_fused(in_core);
+        return step.run(keep);
+      };
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+        const GpuResult products = run(false, keep);
+        for (const bool wide : {true, false}) {
+          SCOPED_TRACE(wide ? "8 warps" : "4 warps");
+          cuda::train_detail::set_fused_core_wide(wide);
+          const GpuResult core = run(true, keep), again = run(true, keep);
+          for (const Tensor* t : {&core.out, &core.du})
+            for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+          EXPECT_TRUE(bit_identical(core, again)) << "not deterministic";
+          double worst = 0;
+          std::string where;
+          compare(core, products.out, products.du, products.grads, kTolChainVsPass, kTolChainVsPass, worst, where);
+          std::printf("  %-32s L=%-3lld %s %s: core vs products worst %.2e (%s)\n", lc.name, (long long)L,
+                      keep ? "kept" : "recomputed", wide ? "8 warps" : "4 warps", worst, where.c_str());
+        }
+      }
+    }
+  }
+}
+
+// The batched column sums (one launch per level for all of a layer's parameter sums) against one colsum_add per sum
+// and a float64 host sum: the same bits as colsum_add (the same per-block order), and close to the exact sums, for
+// sums within one row segment and over several (two levels), with columns not a multiple of 32.
+TEST(Mamba3TrainGpu, BatchedColumnSumsMatchSingleOnes) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(31);
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{8, 24}, {256, 3072}, {5000, 130}, {1, 1}, {3001, 33}};
+  std::vector<Tensor> ins, outs0;
+  std::vector<cuda::DeviceBuffer> din, dout_single, dout_batch, dscratch;
+  for (const auto& [rows, cols] : shapes) {
+    ins.push_back(random_tensor(rng, {rows, cols}));
+    outs0.push_back(random_tensor(rng, {cols}));
+    din.push_back(to_device_activation(ins.back(), Precision::F32));
+    dout_single.push_back(to_device_activation(outs0.back(), Precision::F32));
+    dout_batch.push_back(to_device_activation(outs0.back(), Precision::F32));
+    dscratch.emplace_back(cuda::train_detail::colsum_scratch_floats(rows, cols) * sizeof(float));
+  }
+  std::vector<cuda::train_detail::ColsumJob> jobs;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [rows, cols] = shapes[i];
+    cuda::train_detail::colsum_add(ctx.stream(), din[i].as<float>(), rows, cols, dout_single[i].as<float>(),
+                                   dscratch[i].as<float>());
+    jobs.push_back({din[i].as<float>(), rows, cols, dout_batch[i].as<float>(), dscratch[i].as<float>()});
+  }
+  ctx.sync();
+  cuda::train_detail::colsum_add_batch(ctx.stream(), jobs.data(), int(jobs.size()));
+  ctx.sync();
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [rows, cols] = shapes[i];
+    SCOPED_TRACE("rows " + std::to_string(rows) + " cols " + std::to_string(cols));
+    const Tensor single = from_device_f32(dout_single[i].raw(), {cols}), batch = from_device_f32(dout_batch[i].raw(), {cols});
+    EXPECT_EQ(std::memcmp(single.raw(), batch.raw(), single.nbytes()), 0) << "not colsum_add's bits";
+    Tensor exact = Tensor::empty(DType::F32, {cols});
+    for (int64_t c = 0; c < cols; ++c) {
+      double acc = outs0[i].data<float>()[c];
+      for (int64_t r = 0; r < rows; ++r) acc += ins[i].data<float>()[r * cols + c];
+      exact.data<float>()[c] = float(acc);
+    }
+    EXPECT_LE(rel_l2(batch, exact), 1e-4);
+  }
+}
+
+// The fused angle scan (one kernel) against the split one (local scans, carries, finish pass): the same φ bits, so
+// the same output and gradients, in the f32 and bf16 modes, on every layer case (no_rotary, odd angle counts, MIMO),
+// lengths within a segment, across segments and past the fused kernel's reach (L 4097 takes the split path in both).
+TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_angles_fused(true); }
+  } restore;
+  for (const LayerCase& lc : tensor_core_cases())
+    for (const int64_t L : {1, 63, 65, 300, 4097}) {
+      if (L == 4097 && lc.c.d_state != 128) continue;  // one long case
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      auto [mixer, u, dout] = random_layer(lc.c, L == 4097 ? 1 : 2, L, uint32_t(70 + L));
+      for (const Precision p : {Precision::F32, Precision::BF16}) {
+        cuda::train_detail::set_angles_fused(true);
+        const GpuResult fused = run_gpu(mixer, u, dout, p, true, true, 0, true);
+        cuda::train_detail::set_angles_fused(false);
+        const GpuResult split = run_gpu(mixer, u, dout, p, true, true, 0, true);
+        for (int64_t i = 0; i < fused.du.numel(); ++i) ASSERT_TRUE(std::isfinite(fused.du.data<float>()[i]));
+        EXPECT_TRUE(bit_identical(fused, split)) << precision_name(p);
+      }
+    }
+}
+
+// The bf16 mode with u's rounding given by its producer (u16; u given too, or null): the in_proj products read it
+// instead of rounding u, so the output and every gradient are the same bits, with and without kept activations;
+// likewise dout's (dout16, from the norm backward) for the out_proj products.
+TEST(Mamba3TrainGpu, RoundedInputGivesTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases()) {
+    SCOPED_TRACE(lc.name);
+    const Mamba3Config& c = lc.c;
+    const int64_t B = 2, L = 97;
+    auto [mixer, u, dout] = random_layer(c, B, L, 12);
+    cuda::Context ctx;
+    cuda::TrainGemm gemm(Precision::BF16);
+    cuda::Mamba3TrainGpu train(c);
+    train.set_chunk_batched(true);
+    DeviceLayer layer(mixer);
+    cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+    cuda::DeviceBuffer u16(size_t(B * L * c.d_model) * 2), out(ud.bytes()), du(ud.bytes());
+    cuda::f32_to_bf16_2d(ctx.stream(), ud.as<float>(), B * L, c.d_model, c.d_model, u16.as<uint16_t>());
+    cuda::DeviceBuffer dout16(size_t(B * L * c.d_model) * 2);
+    cuda::f32_to_bf16_2d(ctx.stream(), dd.as<float>(), B * L, c.d_model, c.d_model, dout16.as<uint16_t>());
+    cuda::Mamba3TrainActivations kept;
+    auto step = [&](const float* uin, const uint16_t* uin16, bool keep, const uint16_t* dout_16 = nullptr) {
+      layer.zero_grads();
+      poison(du.raw(), du.bytes());
+      poison(out.raw(), out.bytes());
+      train.forward(ctx, gemm, layer.weights(), B, L, uin, out.as<float>(), keep ? &kept : nullptr, uin16);
+      train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, uin, dd.as<float>(), du.as<float>(),
+                     keep ? &kept : nullptr, uin16, dout_16);
+      ctx.sync();
+      return std::make_tuple(from_device_f32(out.raw(), {B, L, c.d_model}), from_device_f32(du.raw(), {B, L, c.d_model}),
+                             layer.download_grads());
+    };
+    for (const bool keep : {false, true}) {
+      SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+      const auto [out_ref, du_ref, g_ref] = step(ud.as<float>(), nullptr, keep);
+      for (int64_t i = 0; i < du_ref.numel(); ++i) ASSERT_TRUE(std::isfinite(du_ref.data<float>()[i])) << "du " << i;
+      for (const bool with_u : {true, false}) {
+        SCOPED_TRACE(with_u ? "u and u16" : "u16 alone");
+        const auto [out_got, du_got, g_got] = step(with_u ? ud.as<float>() : nullptr, u16.as<uint16_t>(), keep);
+        EXPECT_EQ(std::memcmp(out_ref.raw(), out_got.raw(), out_ref.nbytes()), 0) << "out";
+        EXPECT_EQ(std::memcmp(du_ref.raw(), du_got.raw(), du_ref.nbytes()), 0) << "du";
+        for (const auto& [name, t] : g_ref)
+          EXPECT_EQ(std::memcmp(t.raw(), g_got.at(name).raw(), t.nbytes()), 0) << "grad." << name;
+      }
+      const auto [out_got, du_got, g_got] = step(ud.as<float>(), nullptr, keep, dout16.as<uint16_t>());
+      EXPECT_EQ(std::memcmp(du_ref.raw(), du_got.raw(), du_ref.nbytes()), 0) << "du with dout16";
+      for (const auto& [name, t] : g_ref)
+        EXPECT_EQ(std::memcmp(t.raw(), g_got.at(name).raw(), t.nbytes()), 0) << "grad." << name << " with dout16";
+    }
+  }
+}
+
+// The bf16 mode's dzx (in_proj's output gradient) rounded to bf16 by the kernels that write it (the output stage:
+// z columns, the epilogue: x, the angle/scalar backward: dt, A, trap, the B/C norm backward: B, C, angles), read by
+// du = dzx·W_in and dW_in += dzxᵀ·u, against rounding all of dzx afterwards (set_dzx_bf16(false), TrainGemm::HeldA):
+// du and every gradient the same bits on the tensor-core cases (SISO, MIMO R 2–4, groups, output norm, euler,
+// no_rotary, A_floor, N 128/P 64), L = 130 (a partial last chunk), batch 2, with the forward recomputed or kept. A
+// backward on another dout runs first, so that a column its writers missed would hold that call's stale values, and
+// the switch must take effect (the products read the producers' copy).
+TEST(Mamba3TrainGpu, DzxRoundedByItsWritersGivesTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : tensor_core_cases()) {
+    SCOPED_TRACE(lc.name);
+    const Mamba3Config& c = lc.c;
+    const int64_t B = 2, L = 130;
+    auto [mixer, u, dout] = random_layer(c, B, L, 14);
+    std::mt19937 rng(15);
+    const Tensor dout_other = random_tensor(rng, {B, L, c.d_model});
+    cuda::Context ctx;
+    cuda::TrainGemm gemm(Precision::BF16);
+    cuda::Mamba3TrainGpu train(c);
+    train.set_chunk_batched(true);
+    DeviceLayer layer(mixer);
+    cuda::DeviceBuffer ud = to_device_activation(u, Precision::F32), dd = to_device_activation(dout, Precision::F32);
+    cuda::DeviceBuffer dd_other = to_device_activation(dout_other, Precision::F32);
+    cuda::DeviceBuffer out(ud.bytes()), du(ud.bytes());
+    cuda::Mamba3TrainActivations kept;
+    auto step = [&](bool dzx16, bool keep, const cuda::DeviceBuffer& g_out) {
+      train.set_dzx_bf16(dzx16);
+      layer.zero_grads();
+      poison(du.raw(), du.bytes());
+      train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), keep ? &kept : nullptr);
+      train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), g_out.as<float>(),
+                     du.as<float>(), keep ? &kept : nullptr);
+      ctx.sync();
+      EXPECT_EQ(train.last_backward_read_dzx16(), dzx16)
+          << (dzx16 ? "the chunk stage did not take dzx16 (BatchedParams::dzx16, set in batched_chunks)"
+                    : "dzx16 read although switched off");
+      return std::make_pair(from_device_f32(du.raw(), {B, L, c.d_model}), layer.download_grads());
+    };
+    for (const bool keep : {false, true}) {
+      SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+      step(true, keep, dd_other);  // leaves another backward's values in the bf16 copy
+      const auto [du_ref, g_ref] = step(false, keep, dd);
+      for (int64_t i = 0; i < du_ref.numel(); ++i) ASSERT_TRUE(std::isfinite(du_ref.data<float>()[i])) << "du " << i;
+      const auto [du_got, g_got] = step(true, keep, dd);
+      EXPECT_EQ(std::memcmp(du_ref.raw(), du_got.raw(), du_ref.nbytes()), 0) << "du";
+      for (const auto& [name, t] : g_ref)
+        EXPECT_EQ(std::memcmp(t.raw(), g_got.at(name).raw(), t.nbytes()), 0) << "grad." << name;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mamba3::test
