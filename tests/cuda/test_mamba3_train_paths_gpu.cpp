@@ -38,6 +38,7 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
       auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(900 + L));
       CoreLayerStep step(mixer, u, dout);
       ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      step.train.set_dqk16(false);  // (the generic rotation backward reads f32 dQ/dK: BfloatDqDkTracksTheF32Pair)
       auto run = [&](bool siso) {
         step.train.set_siso_kernels(siso);
         return step.run();
@@ -197,6 +198,45 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
             for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
           EXPECT_TRUE(bit_identical(split, fused));
         }
+      }
+    }
+}
+
+// dQ and dK handed from the SISO cores to the rotation backward in bf16 (the default) against the f32 pair: the
+// forward is untouched (the same bits), and du and every gradient move by about a bf16 rounding of dQ and dK, far below
+// the bf16 mode's tolerance against the CPU; some gradient must move (else the switch did nothing). Fused and split
+// cores, with the chain and with the scan pass.
+TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
+  for (const LayerCase& lc : core_shape_cases(false))
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(lc.c, B, L, uint32_t(2100 + L));
+      CoreLayerStep step(mixer, u, dout);
+      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      for (const bool fused : {true, false}) {
+        SCOPED_TRACE(fused ? "fused core, chain" : "split cores, scan pass");
+        step.train.set_backward_core_fused(fused);
+        step.train.set_state_chain(fused);
+        auto run = [&](bool dqk16) {
+          step.train.set_dqk16(dqk16);
+          return step.run();
+        };
+        const GpuResult f32 = run(false), b16 = run(true), again = run(true);
+        for (const Tensor* t : {&b16.out, &b16.du})
+          for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+        EXPECT_TRUE(bit_identical(b16, again)) << "not deterministic";
+        EXPECT_EQ(std::memcmp(f32.out.raw(), b16.out.raw(), f32.out.nbytes()), 0) << "the forward moved";
+        EXPECT_FALSE(bit_identical(f32, b16)) << "the switch changed nothing";
+        double worst = 0;
+        std::string where;
+        compare(b16, f32.out, f32.du, f32.grads, 0.0, kTolDqk16, worst, where);
+        std::printf("  %-34s L=%-3lld %-24s bf16 vs f32 dQ/dK worst %.2e (%s)\n", lc.name, (long long)L,
+                    fused ? "fused, chain" : "split, pass", worst, where.c_str());
       }
     }
 }

@@ -92,7 +92,7 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* row, int p, int V, boo
 
 // The row's statistics once its maximum is known.
 struct RowSoftmax {
-  float mx;   // the row maximum
+  float mx2;  // the row maximum times log2(e): e^(l − mx) = 2^(l·log2(e) − mx2)
   float inv;  // scale / Σ e^(l − mx), rounded to f32
   float gt;   // the target's gradient entry, scale·(p_target − 1) in float64 then rounded (in its pair's thread)
   int tgt;    // the target (≥ V: none to subtract)
@@ -100,16 +100,21 @@ struct RowSoftmax {
 
 __device__ __forceinline__ float max_pair(float m, uint32_t w) { return fmaxf(m, fmaxf(lo_f32(w), hi_f32(w))); }
 
-// e^(l − mx) of both halves added to a float64 partial sum, low half first (a −∞ half adds an exact 0).
-__device__ __forceinline__ double add_exps(double part, uint32_t w, float mx) {
-  part += double(expf(lo_f32(w) - mx));
-  return part + double(expf(hi_f32(w) - mx));
+constexpr float kLog2e = 1.4426950408889634f;
+
+// e^(l − mx) as 2^(l·log2(e) − mx2): one FMA and the special-function unit's exp2 (relative error ≤ 2⁻²²,
+// −∞ → +0). The accurate expf is ~10 instructions, and two per logit made the kernel instruction-bound; the
+// gradient is rounded to bf16 (2⁻⁹) and the sum's terms are each off by ≤ 2⁻²² in either direction.
+__device__ __forceinline__ float exp_shifted(float l, float mx2) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(fmaf(l, kLog2e, -mx2)));
+  return y;
 }
 
 // scale·(softmax − onehot) of pair p, rounded to bf16 (nearest even): e^(l − mx)·scale/Σ in f32 off the target.
 __device__ __forceinline__ uint32_t grad_pair(uint32_t w, int p, const RowSoftmax& rs) {
-  const float g0 = 2 * p == rs.tgt ? rs.gt : expf(lo_f32(w) - rs.mx) * rs.inv;
-  const float g1 = 2 * p + 1 == rs.tgt ? rs.gt : expf(hi_f32(w) - rs.mx) * rs.inv;
+  const float g0 = 2 * p == rs.tgt ? rs.gt : exp_shifted(lo_f32(w), rs.mx2) * rs.inv;
+  const float g1 = 2 * p + 1 == rs.tgt ? rs.gt : exp_shifted(hi_f32(w), rs.mx2) * rs.inv;
   const __nv_bfloat162 g = __floats2bfloat162_rn(g0, g1);
   return uint32_t(__bfloat16_as_ushort(__low2bfloat16(g))) | uint32_t(__bfloat16_as_ushort(__high2bfloat16(g))) << 16;
 }
@@ -119,10 +124,11 @@ __device__ __forceinline__ uint32_t grad_pair(uint32_t w, int p, const RowSoftma
 // in all T threads they would cost about as much as a tenth of the row's exponentials.
 __device__ __forceinline__ RowSoftmax finish_row(float mx, double sum, float lt, int tgt, int V, double scale,
                                                  double* loss) {
-  RowSoftmax rs{mx, float(scale / sum), 0.0f, tgt};
+  RowSoftmax rs{mx * kLog2e, float(scale / sum), 0.0f, tgt};
   const int t = int(threadIdx.x);
   if (t == 0 || (tgt < V && (tgt / 2) % int(blockDim.x) == t)) {
-    const double lse = double(mx) + log(sum);
+    // The sum's terms are e^(l − c) with c = mx2 / log2(e) (mx2 rounded to f32), not e^(l − mx).
+    const double lse = double(rs.mx2) / double(kLog2e) + log(sum);
     if (t == 0) *loss = tgt < V ? lse - double(lt) : nan("");
     // The target's entry is p − 1 with p near 1 for a confident model: float64 there avoids the cancellation.
     rs.gt = float(scale * (exp(double(lt) - lse) - 1.0));
@@ -135,11 +141,12 @@ __device__ __forceinline__ void zero_row(__nv_bfloat16* l, int V, bool aligned) 
   for (int p = int(threadIdx.x); p < P; p += int(blockDim.x)) store_pair(l, p, V, aligned, 0u);
 }
 
-// One row with a target 0 ≤ tgt (≥ V: loss NaN, no onehot), what both kernels run: maximum, float64 sum of the f32
-// exponentials, loss, then the gradient in bf16 over the row at dst. The pairs are read from src (the row itself or
-// its copy in shared memory) in each of the three passes; thread t takes pairs t, t + T, t + 2T, … (T = blockDim.x)
-// in that order in every pass, so the sum's order depends on T alone. dst is written only after the reductions'
-// barriers, when every thread has read its pairs and the target, and each thread rereads only its own pairs.
+// One row with a target 0 ≤ tgt (≥ V: loss NaN, no onehot), what both kernels run: maximum, the sum of the
+// exponentials (each thread's in f32 — at most 64 terms ≤ 1 — then the threads' in float64), loss, then the gradient
+// in bf16 over the row at dst. The pairs are read from src (the row itself or its copy in shared memory) in each of
+// the three passes; thread t takes pairs t, t + T, t + 2T, … (T = blockDim.x) in that order in every pass, so the
+// sum's order depends on T alone. dst is written only after the reductions' barriers, when every thread has read its
+// pairs and the target, and each thread rereads only its own pairs.
 __device__ __forceinline__ void softmax_row(const __nv_bfloat16* src, __nv_bfloat16* dst, int V, bool aligned,
                                             int tgt, double scale, bool with_grad, double* loss, double* red,
                                             float* redf) {
@@ -147,10 +154,13 @@ __device__ __forceinline__ void softmax_row(const __nv_bfloat16* src, __nv_bfloa
   const float lt = tgt < V ? __bfloat162float(src[tgt]) : 0.0f;
   float m = -INFINITY;
   for (int p = t; p < P; p += T) m = max_pair(m, load_pair(src, p, V, aligned));
-  const float mx = block_max(m, redf);
-  double part = 0;
-  for (int p = t; p < P; p += T) part = add_exps(part, load_pair(src, p, V, aligned), mx);
-  const RowSoftmax rs = finish_row(mx, block_sum(part, red), lt, tgt, V, scale, loss);
+  const float mx = block_max(m, redf), mx2 = mx * kLog2e;
+  float part = 0;
+  for (int p = t; p < P; p += T) {
+    const uint32_t w = load_pair(src, p, V, aligned);
+    part += exp_shifted(lo_f32(w), mx2) + exp_shifted(hi_f32(w), mx2);
+  }
+  const RowSoftmax rs = finish_row(mx, block_sum(double(part), red), lt, tgt, V, scale, loss);
   if (!with_grad) return;
   for (int p = t; p < P; p += T) store_pair(dst, p, V, aligned, grad_pair(load_pair(src, p, V, aligned), p, rs));
 }
@@ -199,8 +209,8 @@ __device__ __forceinline__ void store_edge(const __nv_bfloat16* row, int V, unsi
 // Persistent blocks, each taking rows blockIdx.x, + gridDim.x, …, two rows in shared memory: the bulk copy engine
 // brings the next row while the block computes the current one from its copy (softmax_row: three passes over shared
 // memory, the gradient stored straight to global memory), so the block's reads never wait on its arithmetic. With
-// two buffers of the 100 KB row of Vp 50280 (197 KB) one block fits on an SM; its T threads (800 there) are few but
-// each pass is ~60 instructions a pair against ~9 µs of DRAM time per row and SM (at the machine's copy rate).
+// two buffers of the 100 KB row of Vp 50280 (197 KB) one block fits on an SM; its T threads (800 there) are few, so
+// the passes must be lean: ~30 instructions a pair in all three, the exponentials on the special-function unit.
 // Cost: one read and one write of n·Vp bf16 values (4 bytes per logit with the gradient), 2·n·Vp exps.
 __global__ void __launch_bounds__(1024)
     softmax_cross_entropy_bf16_smem_kernel(__nv_bfloat16* logits, int64_t n, int V, const int32_t* targets,

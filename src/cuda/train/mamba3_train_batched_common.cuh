@@ -161,6 +161,7 @@ void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, siz
 bool launch_build_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p);
+bool rotation_backward_siso_applies(const BatchedParams& p);  // (launch_rotation_backward_siso would launch)
 // The MIMO instances of the build, the output stage, the epilogue's state part and the rotation backward
 // (mamba3_train_mimo.cu; R ∈ {2, 4}, the cores' shapes),
 // likewise.

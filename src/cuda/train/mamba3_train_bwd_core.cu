@@ -133,20 +133,34 @@ __device__ __forceinline__ void post_scan_carry_terms(int T, const float* Lam, f
   }
 }
 
-// The epilogue's serial part (one thread, after post_scan_carry_terms): Λ's terms into dL in token order, the state
-// read's term, then dL's reverse cumulative sum.
-__device__ __forceinline__ void post_scan_serial(const BatchedParams& p, int64_t chunk, int T, float* dL,
-                                                 const float* G, const float* wsum) {
-  const float elast = p.decay[chunk];
-  for (int sl = 0; sl < T; ++sl) {
-    dL[T - 1] = __fadd_rn(dL[T - 1], G[sl]);
-    dL[sl] = __fsub_rn(dL[sl], G[sl]);
-  }
+// The epilogue's last part (after post_scan_carry_terms), by warp 0: Λ's terms into dL (−G at each token, ΣG at the
+// last), the state read's term at the last token, then dL's reverse cumulative sum. Lane l holds tokens 2l and 2l + 1
+// (T ≤ kCoreRows = 64): the sums are butterfly and shuffle scans of fixed order, where one thread walked the tokens
+// twice (~2·64 dependent shared-memory steps) while every other warp waited at the barrier.
+static_assert(kRows <= 64, "post_scan_warp: two tokens per lane");
+__device__ __forceinline__ void post_scan_warp(const BatchedParams& p, int64_t chunk, int T, float* dL,
+                                               const float* G, const float* wsum) {
+  const int lane = threadIdx.x % 32, t0 = 2 * lane, t1 = t0 + 1;
+  const float g0 = t0 < T ? G[t0] : 0.0f, g1 = t1 < T ? G[t1] : 0.0f;
+  float d0 = t0 < T ? dL[t0] - g0 : 0.0f, d1 = t1 < T ? dL[t1] - g1 : 0.0f;
+  const float gsum = warp_sum(g0 + g1);
   float dot = 0.0f;
   for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
-  dL[T - 1] += elast * dot;
-  float run = 0.0f;
-  for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
+  const float carry = gsum + p.decay[chunk] * dot;  // added to the last token's entry
+  if (t0 == T - 1) d0 += carry;
+  if (t1 == T - 1) d1 += carry;
+  // Reverse inclusive scan over the lanes' pair sums: after it, run = Σ over lanes ≥ l.
+  float run = d0 + d1;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float up = __shfl_down_sync(0xffffffffu, run, off);
+    if (lane + off < 32) run += up;
+  }
+  float after = __shfl_down_sync(0xffffffffu, run, 1);  // Σ over lanes > l
+  if (lane == 31) after = 0.0f;
+  const float e1 = d1 + after;
+  if (t1 < T) dL[t1] = e1;
+  if (t0 < T) dL[t0] = d0 + e1;
 }
 
 template <int N, int P>
@@ -203,11 +217,14 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
   const int wq = warp % kCoreWarps;
 
+  // Two copy groups: what the first products (S and dW, or their transposes) read, then the rest, which arrives while
+  // they run; every thread waits for the second group at wait_second below.
   copy_tile<kThreads>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
   copy_tile<kThreads>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
-  copy_tile<kThreads>(sH, LDN, Hc16 + chunk * P * N, P, N);
   copy_tile<kThreads>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
   copy_tile<kThreads>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
+  asm volatile("cp.async.commit_group;");
+  copy_tile<kThreads>(sH, LDN, Hc16 + chunk * P * N, P, N);
   copy_tile<kThreads>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
   if constexpr (kWithDH) {
     copy_tile<kThreads>(sdH, LDN, dHc16 + chunk * P * N, P, N);
@@ -218,8 +235,16 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
   }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  asm volatile("cp.async.wait_group 1;" ::: "memory");
   __syncthreads();
+  // The second group, once per thread: with the phases on separate warps each warp arrives from its own phase (after
+  // its first products and coef, which take both phases about equally long) at a named barrier of all kThreads; with
+  // four warps running both phases, in phase A, where every warp is at the same point.
+  const auto wait_second = [] {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    if constexpr (kSplitPhases) asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+    else __syncthreads();
+  };
 
   // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
@@ -275,6 +300,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       ds[kb][0] = pack(dw[2 * kb][0], dw[2 * kb][1]), ds[kb][1] = pack(dw[2 * kb][2], dw[2 * kb][3]);
       ds[kb][2] = pack(dw[2 * kb + 1][0], dw[2 * kb + 1][1]), ds[kb][3] = pack(dw[2 * kb + 1][2], dw[2 * kb + 1][3]);
     }
+    wait_second();  // (dQ reads H_c and e^Λ ⊙ dy)
     // dQ = dS·k + (e^Λ ⊙ dy)·H_c, NB columns at a time.
     float* dQ = p.dQ + chunk * kRows * N;
 #pragma unroll
@@ -300,7 +326,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
         }
       }
-      store_tiles(acc, dQ, N, t0, n0);
+      if (p.dQ16) store_tiles_bf16(acc, p.dQ16 + chunk * kRows * N, N, t0, n0);
+      else store_tiles(acc, dQ, N, t0, n0);
     }
   }
 
@@ -357,6 +384,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       dst[kb][2] = pack(dwt[2 * kb + 1][0], dwt[2 * kb + 1][1]);
       dst[kb][3] = pack(dwt[2 * kb + 1][2], dwt[2 * kb + 1][3]);
     }
+    if constexpr (kSplitPhases) wait_second();  // (dK's second term and the post-scan part read dH and w ⊙ v)
     float dv[P / 8][4];  // dV = Wᵀ·dy (kPost: kept for the epilogue's state part)
     zero(dv);
 #pragma unroll
@@ -394,7 +422,9 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           }
         }
       }
-      store_tiles(acc, dK, N, s0, n0);
+      // dK is finished here with dH (kCoreFused; kCoreOnly's goes on to the post-scan core, kCoreStates' to MIMO).
+      if (kPost && p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
+      else store_tiles(acc, dK, N, s0, n0);
     }
     if constexpr (kPost) post_scan_rows<N, P>(p, chunk, s0, sK, sdH, sV, sdY, LDP, dv, rdot);
     if constexpr (kMode == kCoreStates) {  // tp for the MIMO epilogue, where the batched product wrote it
@@ -454,7 +484,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     for (int tl = Tc + threadIdx.x; tl < T; tl += kThreads) dL[tl] = p.dLam[chunk * T + tl];
     post_scan_carry_terms<kThreads>(T, Lam, scale, rdot);  // (rdot and scale: complete since the barrier above)
     __syncthreads();
-    if (threadIdx.x == 0) post_scan_serial(p, chunk, T, dL, rdot, wsum);
+    if (threadIdx.x < 32) post_scan_warp(p, chunk, T, dL, rdot, wsum);
     __syncthreads();
     for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
       const int64_t st = bh * p.d.L + c0 + tl;
@@ -482,7 +512,7 @@ __global__ void __launch_bounds__(2 * kCoreThreads, 2) fused_core_wide_kernel(co
 // the epilogue's state part from tp in registers: dv = (dV + D·dy) + w ⊙ tp → dx (dzx's x columns and their bf16
 // twin), Σ_p v·tp per token, ⟨dH, H_c⟩, and Λ's and scale's state-carry terms (→ dadt, dscale) as the epilogue
 // kernel forms them (the parts shared with the fused backward core: post_scan_rows, post_scan_state_dot,
-// post_scan_serial).
+// post_scan_warp).
 template <int N, int P>
 struct PostSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
@@ -540,7 +570,8 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
         mma(acc[2 * np], a, bq[0], bq[1]), mma(acc[2 * np + 1], a, bq[2], bq[3]);
       }
     }
-    store_tiles(acc, dK, N, t0, n0);
+    if (p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, t0, n0);
+    else store_tiles(acc, dK, N, t0, n0);
   }
   float dv[P / 8][4];  // the backward core's dV in the accumulator layout
   const float* dV = p.dV + chunk * kRows * P;
@@ -556,7 +587,7 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
   __syncthreads();
   post_scan_carry_terms<kCoreThreads>(T, Lam, scale, rdot);
   __syncthreads();
-  if (threadIdx.x == 0) post_scan_serial(p, chunk, T, dL, rdot, wsum);
+  if (threadIdx.x < 32) post_scan_warp(p, chunk, T, dL, rdot, wsum);
   __syncthreads();
   for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
     const int64_t st = bh * d.L + c0 + tl;
@@ -628,6 +659,7 @@ void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, 
   MAMBA3_CHECK(backward_state_core_supported(p), "backward state core: unsupported chunk (bf16 {}, rows {}, N {}, P {})",
                p.bf16, p.rows, p.d.N, p.d.P);
   MAMBA3_CHECK(p.Z, "backward state core: tp's buffer (p.Z) is null");
+  MAMBA3_CHECK(!p.dQ16 && !p.dK16, "backward state core: MIMO's epilogue reads f32 dQ/dK");
   launch_core_with_dh<kCoreStates>(s, p, Hc16, dHc16, "backward state core");
 }
 

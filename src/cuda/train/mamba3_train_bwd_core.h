@@ -19,19 +19,21 @@ bool backward_core_supported(const BatchedParams& p);
 // Reads p.Q, p.K, p.V, p.dY, p.dYe (bf16), the chunk scalars p.Lam, p.scale, p.gam and Hc16 (bf16, (B·H·nc, P, N):
 // the state entering each chunk); writes p.dQ, p.dK, p.dV (f32, per chunk row), G of chunk k at g_slots + k·P·N
 // (f32 P × N; g_slots null: G not formed, the reverse state chain's case), dgam and dscale (=) and adds coef's part
-// to p.dLam. Deterministic (fixed orders, no atomics).
+// to p.dLam. Deterministic (fixed orders, no atomics). With p.dQ16 (SISO, before the post-scan core), dQ goes there in
+// bf16 instead of to p.dQ.
 void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, float* g_slots);
 
 // After the reverse scan (SISO; the backward core's shapes): tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from dHc16
 // (bf16, the dH entering each chunk), then the epilogue's state part (launch_batched_epilogue's first kernel) from tp
 // in registers: dzx's x columns (and p.dzx16's), dadt, dscale (+=), with ⟨dH, H_c⟩ from Hc16. The rotation backward
-// (launch_batched_rotation_backward) follows.
+// (launch_batched_rotation_backward) follows. With p.dK16, the finished dK goes there in bf16 instead of to p.dK.
 bool post_scan_core_supported(const BatchedParams& p);
 void launch_batched_post_scan_core(cudaStream_t s, const BatchedParams& p, const void* dHc16, const void* Hc16);
 
 // Both in one kernel (the post-scan core's shapes), after the reverse state chain has written dHc16: what the
 // backward core and the post-scan core write, except G, p.dV and dK's intermediate (dV stays in registers, dK's two
-// terms in the same accumulators), with q, k, v, dy and H_c read once. The same bits as the two kernels.
+// terms in the same accumulators), with q, k, v, dy and H_c read once. The same bits as the two kernels (with p.dQ16
+// and p.dK16 too: dQ and dK in bf16 there).
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
 // MIMO (the cores' shapes), after the reverse state chain has written dHc16: the backward core plus dK's second term
 // (w ⊙ v)·dH in the same accumulators and tp = k·dHᵀ written to p.Z (f32 per chunk row), which the batched products

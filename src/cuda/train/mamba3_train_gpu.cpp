@@ -114,6 +114,13 @@ bool env_backward_core_fused() {
   return fused;
 }
 
+// MAMBA3_TRAIN_DQK16, read once per process: with the SISO cores, dQ and dK handed to the rotation backward in bf16
+// ("1", the default where its SISO instance runs) or f32 ("0").
+bool env_dqk16() {
+  static const bool on = env_choice("MAMBA3_TRAIN_DQK16", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -149,7 +156,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
-      backward_core_fused_(env_backward_core_fused()) {
+      backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -384,6 +391,13 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   for (DeviceBuffer* b : {&bdY_, &bdYe_}) reserve_elems(*b, BHc * rows * P, op);
   reserve_floats(bdV_, BHc * rows * P);
   for (DeviceBuffer* b : {&bdQ_, &bdK_}) reserve_floats(*b, BHc * rows * N);
+  // SISO cores before the rotation backward's SISO instance: dQ and dK reach it in bf16 (dK's f32 buffer stays the
+  // split path's intermediate).
+  p.dQ16 = p.dK16 = nullptr;
+  if (dqk16_ && use_cores && post_scan_core_supported(p) && dqk16_supported(p)) {
+    reserve_elems(bdQK16_, 2 * BHc * rows * N, 2);
+    p.dQ16 = bdQK16_.as<uint16_t>(), p.dK16 = p.dQ16 + BHc * rows * N;
+  }
   if (!use_cores) {
     reserve_floats(bdWf_, BHc * rows * rows);
     reserve_elems(bdS_, BHc * rows * rows, op);

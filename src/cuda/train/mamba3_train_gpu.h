@@ -147,6 +147,10 @@ class Mamba3TrainGpu {
   // products (false). Default from MAMBA3_TRAIN_BACKWARD_CORE, read once per process: "fused" or "split" (unset:
   // fused).
   void set_backward_core_fused(bool on) { backward_core_fused_ = on; }
+  // With the SISO cores (fused or split) and the rotation backward's SISO instance, dQ and dK written by the cores in
+  // bf16 and read so by the rotation backward (true), or in f32 (false): half their bytes, to bf16 rounding. Default
+  // from MAMBA3_TRAIN_DQK16, read once per process: "1" or "0" (unset: 1).
+  void set_dqk16(bool on) { dqk16_ = on; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 
@@ -219,6 +223,7 @@ class Mamba3TrainGpu {
   bool siso_kernels_ = true;    // SISO instances of the elementwise chunk kernels (set_siso_kernels)
   bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
   bool backward_core_fused_ = true;  // the backward and post-scan cores as one kernel (set_backward_core_fused)
+  bool dqk16_ = true;                // dQ and dK in bf16 between the SISO cores and the rotation backward (set_dqk16)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;
@@ -228,7 +233,7 @@ class Mamba3TrainGpu {
   DeviceBuffer dO_, dzx_, dy_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, part_, colsum_;
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
-  DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdV_, bdWf_, bdS_, dHc16_;
+  DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdQK16_, bdV_, bdWf_, bdS_, dHc16_;
   // dzx's bf16 copy (M, d_in), written by its producers (set_dzx_bf16). backward() offers it to the chunk stage in
   // dzx16_offer_, for batched_chunks to take into BatchedParams::dzx16 (`p.dzx16 = std::exchange(dzx16_offer_,
   // nullptr);`), and only if it was taken (the z and x columns written) do the other producers write theirs and the

@@ -239,6 +239,13 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
     if constexpr (kE == 4) out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
     else out[0] = v.x, out[1] = v.y;
   };
+  const auto load_h = [](const uint16_t* src, float (&out)[kE]) {  // kE bf16 (the cores' dQ16 and dK16)
+#pragma unroll
+    for (int e = 0; e < kE; e += 2) {
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src + e));
+      out[e] = v.x, out[e + 1] = v.y;
+    }
+  };
   const auto add_v = [](float* dst, const float (&in)[kE]) {
     V v = *reinterpret_cast<V*>(dst);
     if constexpr (kE == 4) v.x += in[0], v.y += in[1], v.z += in[2], v.w += in[3];
@@ -259,7 +266,8 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
         const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
         const int64_t j = (chunk * p.rows + tl) * N + n0;
         float gq[kE], gk[kE], vq[kE], vk[kE], gc[kE], gb[kE];
-        load_v(dQ + j, gq), load_v(dK + j, gk);
+        if (p.dQ16) load_h(p.dQ16 + j, gq), load_h(p.dK16 + j, gk);
+        else load_v(dQ + j, gq), load_v(dK + j, gk);
 #pragma unroll
         for (int e = 0; e < kE; e += 2) {
           const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + e));
@@ -318,9 +326,14 @@ bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
   return true;
 }
 
+bool rotation_backward_siso_applies(const BatchedParams& p) {
+  const MixerDims& d = p.d;
+  return p.siso_kernels && p.bf16 && !d.mimo && (d.N == 32 || d.N == 64 || d.N == 128) && d.S % 2 == 0;
+}
+
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
   const MixerDims& d = p.d;
-  if (!p.siso_kernels || !p.bf16 || d.mimo || (d.N != 32 && d.N != 64 && d.N != 128) || d.S % 2 != 0) return false;
+  if (!rotation_backward_siso_applies(p)) return false;
   const int hb = p.heads_per_block;  // (checked by the caller)
   const int64_t blocks = int64_t(d.B) * (d.H / hb) * p.nc;
   const size_t bytes = size_t(kWarps) * hb * 2 * d.N * sizeof(float);  // the generic kernel's with R = 1

@@ -85,6 +85,18 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[NT][4], float* ou
   }
 }
 
+// The same tiles rounded to bf16 (nearest even), a pair per lane and row.
+template <int NT>
+__device__ __forceinline__ void store_tiles_bf16(const float (&acc)[NT][4], uint16_t* out, int ld, int r0, int c0) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    uint16_t* o = out + int64_t(r0 + g) * ld + c0 + nt * 8 + 2 * q;
+    *reinterpret_cast<uint32_t*>(o) = pack(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<uint32_t*>(o + 8 * ld) = pack(acc[nt][2], acc[nt][3]);
+  }
+}
+
 template <int NT>
 __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 #pragma unroll
