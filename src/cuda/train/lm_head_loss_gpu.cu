@@ -119,19 +119,22 @@ __device__ __forceinline__ uint32_t grad_pair(uint32_t w, int p, const RowSoftma
   return uint32_t(__bfloat16_as_ushort(__low2bfloat16(g))) | uint32_t(__bfloat16_as_ushort(__high2bfloat16(g))) << 16;
 }
 
-// Loss of the row from its maximum and the block's float64 sum (thread 0 writes it), and what the gradient needs.
-// The float64 log and exp run only in thread 0 (the loss) and in the thread holding the target's pair (its entry):
-// in all T threads they would cost about as much as a tenth of the row's exponentials.
-__device__ __forceinline__ RowSoftmax finish_row(float mx, double sum, float lt, int tgt, int V, double scale,
+// Loss of the row from its maximum and the block's float64 sum of every term but the target's (thread 0 writes it),
+// and what the gradient needs. The sum's terms are e^(l − c) with c = mx2 / log2(e) (mx2 rounded to f32). The target's
+// term e^(lt − c) is added apart: in float64 where it matters — the loss (thread 0) and the target's entry (its pair's
+// thread), scale·(p − 1) = −scale·rest / Σ, which for a confident row (p near 1, rest ≪ 1) has no cancellation and
+// no rounding of the target's term into a sum of f32 terms near 1 — and in f32 in every thread's 1 / Σ. The float64
+// log and exps run only in those two threads: in all T they would cost about a tenth of the row's exponentials.
+__device__ __forceinline__ RowSoftmax finish_row(float mx, double rest, float lt, int tgt, int V, double scale,
                                                  double* loss) {
-  RowSoftmax rs{mx * kLog2e, float(scale / sum), 0.0f, tgt};
+  const float mx2 = mx * kLog2e;
+  const double et_f = tgt < V ? double(exp_shifted(lt, mx2)) : 0.0;
+  RowSoftmax rs{mx2, float(scale / (rest + et_f)), 0.0f, tgt};
   const int t = int(threadIdx.x);
   if (t == 0 || (tgt < V && (tgt / 2) % int(blockDim.x) == t)) {
-    // The sum's terms are e^(l − c) with c = mx2 / log2(e) (mx2 rounded to f32), not e^(l − mx).
-    const double lse = double(rs.mx2) / double(kLog2e) + log(sum);
-    if (t == 0) *loss = tgt < V ? lse - double(lt) : nan("");
-    // The target's entry is p − 1 with p near 1 for a confident model: float64 there avoids the cancellation.
-    rs.gt = float(scale * (exp(double(lt) - lse) - 1.0));
+    const double c = double(mx2) / double(kLog2e), et = tgt < V ? exp(double(lt) - c) : 0.0, sum = rest + et;
+    if (t == 0) *loss = tgt < V ? c + log(sum) - double(lt) : nan("");
+    rs.gt = float(-scale * rest / sum);
   }
   return rs;
 }
@@ -152,16 +155,24 @@ __device__ __forceinline__ void softmax_row(const __nv_bfloat16* src, __nv_bfloa
                                             float* redf) {
   const int P = (V + 1) / 2, T = int(blockDim.x), t = int(threadIdx.x);
   const float lt = tgt < V ? __bfloat162float(src[tgt]) : 0.0f;
+  // The loops unrolled for loads and exponentials in flight (each iteration alone is a dependent chain); the sums'
+  // order stays the iterations' order.
   float m = -INFINITY;
+#pragma unroll 4
   for (int p = t; p < P; p += T) m = max_pair(m, load_pair(src, p, V, aligned));
   const float mx = block_max(m, redf), mx2 = mx * kLog2e;
+  const int tp = tgt < V ? tgt / 2 : -1;  // the target's pair, whose target term the sum leaves out
   float part = 0;
+#pragma unroll 4
   for (int p = t; p < P; p += T) {
     const uint32_t w = load_pair(src, p, V, aligned);
-    part += exp_shifted(lo_f32(w), mx2) + exp_shifted(hi_f32(w), mx2);
+    float e0 = exp_shifted(lo_f32(w), mx2), e1 = exp_shifted(hi_f32(w), mx2);
+    if (p == tp) (2 * p == tgt ? e0 : e1) = 0.0f;
+    part += e0 + e1;
   }
   const RowSoftmax rs = finish_row(mx, block_sum(double(part), red), lt, tgt, V, scale, loss);
   if (!with_grad) return;
+#pragma unroll 4
   for (int p = t; p < P; p += T) store_pair(dst, p, V, aligned, grad_pair(load_pair(src, p, V, aligned), p, rs));
 }
 

@@ -387,12 +387,8 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
     for (int n = lane; n < d.N; n += 32) ss += x[n] * x[n];
     const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
     float mean = 0;
-    // Unrolled so that a lane has several slot loads in flight (one at a time was latency-bound); the sum's order
-    // is unchanged.
-#pragma unroll 2
     for (int n = lane; n < d.N; n += 32) {
       float acc = 0;
-#pragma unroll 4
       for (int k = g * spg; k < (g + 1) * spg; ++k) acc += src[(int64_t(k) * d.R + r) * d.N + n];
       acc_n[n] = acc;
       part[n] = acc * x[n] * rstd;
