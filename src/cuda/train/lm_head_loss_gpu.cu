@@ -73,17 +73,20 @@ __device__ __forceinline__ float hi_f32(uint32_t w) { return __uint_as_float(w &
 
 // Indices within a row are int (the launcher checks Vp < 2³¹): 32-bit offsets keep the addresses cheap to recompute.
 // `row` is the row in global memory or its copy in shared memory (same alignment mod 16, so the same `aligned`).
+// kWhole: the row is 4-byte aligned and V even, so every pair is one whole 32-bit word (no checks per pair).
+template <bool kWhole>
 __device__ __forceinline__ uint32_t load_pair(const __nv_bfloat16* row, int p, int V, bool aligned) {
   const int j = 2 * p;
-  if (aligned && j + 1 < V) return *reinterpret_cast<const uint32_t*>(row + j);
+  if (kWhole || (aligned && j + 1 < V)) return reinterpret_cast<const uint32_t*>(row)[p];
   const uint32_t lo = __bfloat16_as_ushort(row[j]), hi = j + 1 < V ? __bfloat16_as_ushort(row[j + 1]) : 0xff80u;
   return lo | hi << 16;
 }
 
+template <bool kWhole>
 __device__ __forceinline__ void store_pair(__nv_bfloat16* row, int p, int V, bool aligned, uint32_t g) {
   const int j = 2 * p;
-  if (aligned && j + 1 < V) {
-    *reinterpret_cast<uint32_t*>(row + j) = g;
+  if (kWhole || (aligned && j + 1 < V)) {
+    reinterpret_cast<uint32_t*>(row)[p] = g;
     return;
   }
   row[j] = __ushort_as_bfloat16(static_cast<unsigned short>(g & 0xffffu));
@@ -95,10 +98,7 @@ struct RowSoftmax {
   float mx2;  // the row maximum times log2(e): e^(l − mx) = 2^(l·log2(e) − mx2)
   float inv;  // scale / Σ e^(l − mx), rounded to f32
   float gt;   // the target's gradient entry, scale·(p_target − 1) in float64 then rounded (in its pair's thread)
-  int tgt;    // the target (≥ V: none to subtract)
 };
-
-__device__ __forceinline__ float max_pair(float m, uint32_t w) { return fmaxf(m, fmaxf(lo_f32(w), hi_f32(w))); }
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -111,11 +111,10 @@ __device__ __forceinline__ float exp_shifted(float l, float mx2) {
   return y;
 }
 
-// scale·(softmax − onehot) of pair p, rounded to bf16 (nearest even): e^(l − mx)·scale/Σ in f32 off the target.
-__device__ __forceinline__ uint32_t grad_pair(uint32_t w, int p, const RowSoftmax& rs) {
-  const float g0 = 2 * p == rs.tgt ? rs.gt : exp_shifted(lo_f32(w), rs.mx2) * rs.inv;
-  const float g1 = 2 * p + 1 == rs.tgt ? rs.gt : exp_shifted(hi_f32(w), rs.mx2) * rs.inv;
-  const __nv_bfloat162 g = __floats2bfloat162_rn(g0, g1);
+// scale·softmax of a pair, rounded to bf16 (nearest even): 2^(l·log2(e) + k2) with k2 = log2(scale / Σ) − mx2, the
+// division folded into the exponent (one FMA and one exp2 a logit). The target's entry is stored apart afterwards.
+__device__ __forceinline__ uint32_t grad_pair(uint32_t w, float k2) {
+  const __nv_bfloat162 g = __floats2bfloat162_rn(exp_shifted(lo_f32(w), -k2), exp_shifted(hi_f32(w), -k2));
   return uint32_t(__bfloat16_as_ushort(__low2bfloat16(g))) | uint32_t(__bfloat16_as_ushort(__high2bfloat16(g))) << 16;
 }
 
@@ -129,7 +128,7 @@ __device__ __forceinline__ RowSoftmax finish_row(float mx, double rest, float lt
                                                  double* loss) {
   const float mx2 = mx * kLog2e;
   const double et_f = tgt < V ? double(exp_shifted(lt, mx2)) : 0.0;
-  RowSoftmax rs{mx2, float(scale / (rest + et_f)), 0.0f, tgt};
+  RowSoftmax rs{mx2, float(scale / (rest + et_f)), 0.0f};
   const int t = int(threadIdx.x);
   if (t == 0 || (tgt < V && (tgt / 2) % int(blockDim.x) == t)) {
     const double c = double(mx2) / double(kLog2e), et = tgt < V ? exp(double(lt) - c) : 0.0, sum = rest + et;
@@ -141,39 +140,50 @@ __device__ __forceinline__ RowSoftmax finish_row(float mx, double rest, float lt
 
 __device__ __forceinline__ void zero_row(__nv_bfloat16* l, int V, bool aligned) {
   const int P = (V + 1) / 2;
-  for (int p = int(threadIdx.x); p < P; p += int(blockDim.x)) store_pair(l, p, V, aligned, 0u);
+  for (int p = int(threadIdx.x); p < P; p += int(blockDim.x)) store_pair<false>(l, p, V, aligned, 0u);
 }
 
 // One row with a target 0 ≤ tgt (≥ V: loss NaN, no onehot), what both kernels run: maximum, the sum of the
 // exponentials (each thread's in f32 — at most 64 terms ≤ 1 — then the threads' in float64), loss, then the gradient
 // in bf16 over the row at dst. The pairs are read from src (the row itself or its copy in shared memory) in each of
 // the three passes; thread t takes pairs t, t + T, t + 2T, … (T = blockDim.x) in that order in every pass, so the
-// sum's order depends on T alone. dst is written only after the reductions' barriers, when every thread has read its
-// pairs and the target, and each thread rereads only its own pairs.
-__device__ __forceinline__ void softmax_row(const __nv_bfloat16* src, __nv_bfloat16* dst, int V, bool aligned,
-                                            int tgt, double scale, bool with_grad, double* loss, double* red,
-                                            float* redf) {
+// sum's order depends on T alone (and not on kWhole, which only drops the per-pair checks). dst is written only after
+// the reductions' barriers, when every thread has read its pairs and the target, and each thread rereads only its own
+// pairs. The target's entry is stored over its pair's by the same thread after the pass.
+template <bool kWhole>
+__device__ __forceinline__ void softmax_row_passes(const __nv_bfloat16* src, __nv_bfloat16* dst, int V, bool aligned,
+                                                   int tgt, double scale, bool with_grad, double* loss, double* red,
+                                                   float* redf) {
   const int P = (V + 1) / 2, T = int(blockDim.x), t = int(threadIdx.x);
   const float lt = tgt < V ? __bfloat162float(src[tgt]) : 0.0f;
-  // The loops unrolled for loads and exponentials in flight (each iteration alone is a dependent chain); the sums'
-  // order stays the iterations' order.
-  float m = -INFINITY;
-#pragma unroll 4
-  for (int p = t; p < P; p += T) m = max_pair(m, load_pair(src, p, V, aligned));
-  const float mx = block_max(m, redf), mx2 = mx * kLog2e;
+  // The maximum on bf16 pairs (exact; one instruction a pair).
+  __nv_bfloat162 m2 = __bfloat162bfloat162(__ushort_as_bfloat16(0xff80u));
+  for (int p = t; p < P; p += T) {
+    const uint32_t w = load_pair<kWhole>(src, p, V, aligned);
+    m2 = __hmax2(m2, *reinterpret_cast<const __nv_bfloat162*>(&w));
+  }
+  const float mx = block_max(fmaxf(__low2float(m2), __high2float(m2)), redf), mx2 = mx * kLog2e;
   const int tp = tgt < V ? tgt / 2 : -1;  // the target's pair, whose target term the sum leaves out
   float part = 0;
-#pragma unroll 4
   for (int p = t; p < P; p += T) {
-    const uint32_t w = load_pair(src, p, V, aligned);
+    const uint32_t w = load_pair<kWhole>(src, p, V, aligned);
     float e0 = exp_shifted(lo_f32(w), mx2), e1 = exp_shifted(hi_f32(w), mx2);
     if (p == tp) (2 * p == tgt ? e0 : e1) = 0.0f;
     part += e0 + e1;
   }
   const RowSoftmax rs = finish_row(mx, block_sum(double(part), red), lt, tgt, V, scale, loss);
   if (!with_grad) return;
-#pragma unroll 4
-  for (int p = t; p < P; p += T) store_pair(dst, p, V, aligned, grad_pair(load_pair(src, p, V, aligned), p, rs));
+  const float k2 = log2f(rs.inv) - rs.mx2;
+  for (int p = t; p < P; p += T)
+    store_pair<kWhole>(dst, p, V, aligned, grad_pair(load_pair<kWhole>(src, p, V, aligned), k2));
+  if (tp >= 0 && tp % T == t) dst[tgt] = __float2bfloat16_rn(rs.gt);
+}
+
+__device__ __forceinline__ void softmax_row(const __nv_bfloat16* src, __nv_bfloat16* dst, int V, bool aligned,
+                                            int tgt, double scale, bool with_grad, double* loss, double* red,
+                                            float* redf) {
+  if (aligned && V % 2 == 0) softmax_row_passes<true>(src, dst, V, aligned, tgt, scale, with_grad, loss, red, redf);
+  else softmax_row_passes<false>(src, dst, V, aligned, tgt, scale, with_grad, loss, red, redf);
 }
 
 // A row in a shared-memory buffer (16-byte aligned): element j at byte lead + 2j, lead = the row's global address

@@ -60,6 +60,7 @@ __device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_
   const int64_t bh = chunk / p.nc;
   const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
   const float Dh = p.D[h];
+  const bool pairs = d.din % 2 == 0 && d.off_x % 2 == 0;  // (col and P even: the pair's address is 4-byte aligned)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int tl = t0 + g + 8 * half;
@@ -82,10 +83,11 @@ __device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_
       const float t_a = tp[nt][2 * half], t_b = tp[nt][2 * half + 1];
       dot += vv.x * t_a, dot += vv.y * t_b;
       const float dx_a = (dv0.x + Dh * dy.x) + w * t_a, dx_b = (dv0.y + Dh * dy.y) + w * t_b;
-      if (real) {  // dzx rows are din values: an odd din leaves them unaligned for pairs, so scalar stores
+      if (real) {  // dzx rows are din values: an odd din (or x offset) leaves them unaligned for pairs
         if (p.dzx16) {
           __nv_bfloat16* x16 = reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + col;
-          x16[0] = __float2bfloat16_rn(dx_a), x16[1] = __float2bfloat16_rn(dx_b);
+          if (pairs) *reinterpret_cast<__nv_bfloat162*>(x16) = __floats2bfloat162_rn(dx_a, dx_b);
+          else x16[0] = __float2bfloat16_rn(dx_a), x16[1] = __float2bfloat16_rn(dx_b);
         } else {
           p.dzx[xcol + col] = dx_a, p.dzx[xcol + col + 1] = dx_b;
         }
@@ -217,14 +219,11 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
   const int wq = warp % kCoreWarps;
 
-  // Two copy groups: what the first products (S and dW, or their transposes) read, then the rest, which arrives while
-  // they run; every thread waits for the second group at wait_second below.
   copy_tile<kThreads>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
   copy_tile<kThreads>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
+  copy_tile<kThreads>(sH, LDN, Hc16 + chunk * P * N, P, N);
   copy_tile<kThreads>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
   copy_tile<kThreads>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
-  asm volatile("cp.async.commit_group;");
-  copy_tile<kThreads>(sH, LDN, Hc16 + chunk * P * N, P, N);
   copy_tile<kThreads>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
   if constexpr (kWithDH) {
     copy_tile<kThreads>(sdH, LDN, dHc16 + chunk * P * N, P, N);
@@ -235,16 +234,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
   }
-  asm volatile("cp.async.wait_group 1;" ::: "memory");
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
-  // The second group, once per thread: with the phases on separate warps each warp arrives from its own phase (after
-  // its first products and coef, which take both phases about equally long) at a named barrier of all kThreads; with
-  // four warps running both phases, in phase A, where every warp is at the same point.
-  const auto wait_second = [] {
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    if constexpr (kSplitPhases) asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
-    else __syncthreads();
-  };
 
   // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
@@ -300,7 +291,6 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       ds[kb][0] = pack(dw[2 * kb][0], dw[2 * kb][1]), ds[kb][1] = pack(dw[2 * kb][2], dw[2 * kb][3]);
       ds[kb][2] = pack(dw[2 * kb + 1][0], dw[2 * kb + 1][1]), ds[kb][3] = pack(dw[2 * kb + 1][2], dw[2 * kb + 1][3]);
     }
-    wait_second();  // (dQ reads H_c and e^Λ ⊙ dy)
     // dQ = dS·k + (e^Λ ⊙ dy)·H_c, NB columns at a time.
     float* dQ = p.dQ + chunk * kRows * N;
 #pragma unroll
@@ -384,7 +374,6 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       dst[kb][2] = pack(dwt[2 * kb + 1][0], dwt[2 * kb + 1][1]);
       dst[kb][3] = pack(dwt[2 * kb + 1][2], dwt[2 * kb + 1][3]);
     }
-    if constexpr (kSplitPhases) wait_second();  // (dK's second term and the post-scan part read dH and w ⊙ v)
     float dv[P / 8][4];  // dV = Wᵀ·dy (kPost: kept for the epilogue's state part)
     zero(dv);
 #pragma unroll

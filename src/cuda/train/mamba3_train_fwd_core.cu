@@ -42,10 +42,8 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
-  // Two copy groups: q and k for S first; H_c and v arrive while S and W are formed.
   copy_tile(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
   copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
-  asm volatile("cp.async.commit_group;");
   copy_tile(sH, LDN, Hc16 + chunk * P * N, P, N);
   copy_tile(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
   asm volatile("cp.async.commit_group;");
@@ -53,7 +51,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
   }
-  asm volatile("cp.async.wait_group 1;" ::: "memory");
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
 
   const int t0 = 16 * warp;
@@ -85,8 +83,6 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       w[kb][2] = pack(s[2 * kb + 1][0], s[2 * kb + 1][1]), w[kb][3] = pack(s[2 * kb + 1][2], s[2 * kb + 1][3]);
     }
   }
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
-  __syncthreads();  // (every warp is here: H_c and v complete)
   float z[P / 8][4], wv[P / 8][4];
   zero(z), zero(wv);
 #pragma unroll
