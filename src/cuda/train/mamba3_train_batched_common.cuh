@@ -168,6 +168,7 @@ bool rotation_backward_siso_applies(const BatchedParams& p);  // (launch_rotatio
 bool launch_build_mimo(cudaStream_t s, const BatchedParams& p);
 bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward);
 bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p);
+bool rotation_backward_mimo_applies(const BatchedParams& p);  // (launch_rotation_backward_mimo would launch)
 bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats);  // (its state part; floats: smem)
 
 }  // namespace mamba3::cuda::train_detail::batched

@@ -411,8 +411,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           }
         }
       }
-      // dK is finished here with dH (kCoreFused; kCoreOnly's goes on to the post-scan core, kCoreStates' to MIMO).
-      if (kPost && p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
+      // dK is finished here with dH (kCoreFused, kCoreStates; kCoreOnly's goes on to the post-scan core).
+      if (kWithDH && p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
       else store_tiles(acc, dK, N, s0, n0);
     }
     if constexpr (kPost) post_scan_rows<N, P>(p, chunk, s0, sK, sdH, sV, sdY, LDP, dv, rdot);
@@ -648,7 +648,6 @@ void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, 
   MAMBA3_CHECK(backward_state_core_supported(p), "backward state core: unsupported chunk (bf16 {}, rows {}, N {}, P {})",
                p.bf16, p.rows, p.d.N, p.d.P);
   MAMBA3_CHECK(p.Z, "backward state core: tp's buffer (p.Z) is null");
-  MAMBA3_CHECK(!p.dQ16 && !p.dK16, "backward state core: MIMO's epilogue reads f32 dQ/dK");
   launch_core_with_dh<kCoreStates>(s, p, Hc16, dHc16, "backward state core");
 }
 

@@ -114,8 +114,8 @@ bool env_backward_core_fused() {
   return fused;
 }
 
-// MAMBA3_TRAIN_DQK16, read once per process: with the SISO cores, dQ and dK handed to the rotation backward in bf16
-// ("1", the default where its SISO instance runs) or f32 ("0").
+// MAMBA3_TRAIN_DQK16, read once per process: with the SISO cores or MIMO's state core, dQ and dK handed to the
+// rotation backward in bf16 ("1", the default where its instances run) or f32 ("0").
 bool env_dqk16() {
   static const bool on = env_choice("MAMBA3_TRAIN_DQK16", {"1", "0"}) != "0";
   return on;
@@ -391,10 +391,11 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   for (DeviceBuffer* b : {&bdY_, &bdYe_}) reserve_elems(*b, BHc * rows * P, op);
   reserve_floats(bdV_, BHc * rows * P);
   for (DeviceBuffer* b : {&bdQ_, &bdK_}) reserve_floats(*b, BHc * rows * N);
-  // SISO cores before the rotation backward's SISO instance: dQ and dK reach it in bf16 (dK's f32 buffer stays the
-  // split path's intermediate).
+  // The SISO cores (fused or split) or MIMO's state core before the rotation backward's instances: dQ and dK reach
+  // it in bf16 (dK's f32 buffer stays the split SISO path's intermediate).
   p.dQ16 = p.dK16 = nullptr;
-  if (dqk16_ && use_cores && post_scan_core_supported(p) && dqk16_supported(p)) {
+  const bool state_core = chain && backward_core_fused_ && backward_state_core_supported(p);
+  if (dqk16_ && use_cores && (post_scan_core_supported(p) || state_core) && dqk16_supported(p)) {
     reserve_elems(bdQK16_, 2 * BHc * rows * N, 2);
     p.dQ16 = bdQK16_.as<uint16_t>(), p.dK16 = p.dQ16 + BHc * rows * N;
   }

@@ -147,9 +147,9 @@ class Mamba3TrainGpu {
   // products (false). Default from MAMBA3_TRAIN_BACKWARD_CORE, read once per process: "fused" or "split" (unset:
   // fused).
   void set_backward_core_fused(bool on) { backward_core_fused_ = on; }
-  // With the SISO cores (fused or split) and the rotation backward's SISO instance, dQ and dK written by the cores in
-  // bf16 and read so by the rotation backward (true), or in f32 (false): half their bytes, to bf16 rounding. Default
-  // from MAMBA3_TRAIN_DQK16, read once per process: "1" or "0" (unset: 1).
+  // With the SISO cores (fused or split) or MIMO's state core, and the rotation backward's instances, dQ and dK written
+  // by the cores in bf16 and read so by the rotation backward (true), or in f32 (false): half their bytes, to bf16
+  // rounding. Default from MAMBA3_TRAIN_DQK16, read once per process: "1" or "0" (unset: 1).
   void set_dqk16(bool on) { dqk16_ = on; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;

@@ -150,9 +150,9 @@ struct BatchedParams {
   float* dWf;                            // (B·H·nc, rows, rows): dy·vᵀ
   void* dS;                              // op, (B·H·nc, rows, rows): dW ⊙ coef
   float *dQ, *dK, *dV;                   // per chunk row, N, N, P
-  // dQ and dK rounded to bf16, per chunk row, N (null: not used): the SISO cores write the finished dQ and dK here
-  // instead of to dQ and dK (dK's first term still goes to dK for the split post-scan core), and the rotation
-  // backward's SISO instance reads them — half the bytes of the f32 pair on both sides (dqk16_supported).
+  // dQ and dK rounded to bf16, per chunk row, N (null: not used): the SISO cores and MIMO's state core write the
+  // finished dQ and dK here instead of to dQ and dK (dK's first term still goes to dK for the split post-scan core),
+  // and the rotation backward's instances read them — half the bytes of the f32 pair on both sides (dqk16_supported).
   uint16_t *dQ16, *dK16;
   const float *Hc, *dHc;                 // (B·H·nc, P, N) state and dH entering each chunk (after the scans)
   // The same rounded to bf16 (the scans' copies): in the bf16 mode the epilogue's ⟨dH, H_c⟩ reads these, and the
@@ -164,7 +164,7 @@ struct BatchedParams {
   float *dBn, *dCn;                      // (M, H, R, N)
   float *part_mimo_z, *part_mimo_o, *part_norm, *part_B_bias, *part_C_bias, *part_mimo_x, *part_D;
 };
-// Whether the rotation backward that follows the SISO cores reads bf16 dQ/dK (p.dQ16, p.dK16): its SISO instance.
+// Whether the rotation backward that follows the cores reads bf16 dQ/dK (p.dQ16, p.dK16): its SISO and MIMO instances.
 bool dqk16_supported(const BatchedParams& p);
 // q, k, v, w ⊙ v and the chunk scalars (one block per chunk).
 void launch_batched_build(cudaStream_t s, const BatchedParams& p);

@@ -298,6 +298,13 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
   const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * HB;
   const bf16 *__restrict__ Q = static_cast<const bf16*>(p.Q), *__restrict__ K = static_cast<const bf16*>(p.K);
   const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK;
+  // dQ and dK as the state core wrote them: bf16 (p.dQ16, p.dK16) or f32.
+  const auto grad2 = [](const float* f, const uint16_t* h, int64_t j) {
+    return h ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(h + j)) : *reinterpret_cast<const float2*>(f + j);
+  };
+  const auto grad1 = [](const float* f, const uint16_t* h, int64_t j) {
+    return h ? __bfloat162float(*reinterpret_cast<const bf16*>(h + j)) : f[j];
+  };
   extern __shared__ float sm[];  // (kWarps, HB, 2, R·N): gC then gB per warp and head
   for (int e = threadIdx.x; e < kWarps * HB * 2 * RN; e += kThreads) sm[e] = 0.0f;
   __syncthreads();
@@ -324,8 +331,8 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
         const int64_t chunk = (int64_t(b) * d.H + h0 + hh) * p.nc + c;
         const int64_t j = (chunk * p.rows + int64_t(tl) * R + r) * N + u0;
         if constexpr (kU == 2) {
-          const float2 a0 = *reinterpret_cast<const float2*>(dQ + j), a1 = *reinterpret_cast<const float2*>(dQ + j + kHalf);
-          const float2 b0 = *reinterpret_cast<const float2*>(dK + j), b1 = *reinterpret_cast<const float2*>(dK + j + kHalf);
+          const float2 a0 = grad2(dQ, p.dQ16, j), a1 = grad2(dQ, p.dQ16, j + kHalf);
+          const float2 b0 = grad2(dK, p.dK16, j), b1 = grad2(dK, p.dK16, j + kHalf);
           const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j));
           const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + kHalf));
           const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j));
@@ -335,7 +342,8 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
           qa[hh][0] = q0.x, qa[hh][1] = q0.y, qb[hh][0] = q1.x, qb[hh][1] = q1.y;
           ka[hh][0] = k0.x, ka[hh][1] = k0.y, kb[hh][0] = k1.x, kb[hh][1] = k1.y;
         } else {
-          gqa[hh][0] = dQ[j], gqb[hh][0] = dQ[j + kHalf], gka[hh][0] = dK[j], gkb[hh][0] = dK[j + kHalf];
+          gqa[hh][0] = grad1(dQ, p.dQ16, j), gqb[hh][0] = grad1(dQ, p.dQ16, j + kHalf);
+          gka[hh][0] = grad1(dK, p.dK16, j), gkb[hh][0] = grad1(dK, p.dK16, j + kHalf);
           qa[hh][0] = __bfloat162float(Q[j]), qb[hh][0] = __bfloat162float(Q[j + kHalf]);
           ka[hh][0] = __bfloat162float(K[j]), kb[hh][0] = __bfloat162float(K[j + kHalf]);
         }
@@ -517,12 +525,16 @@ void launch_rotation_mimo_rank(cudaStream_t s, const BatchedParams& p) {
   else launch_rotation_mimo_heads<32, R>(s, p);
 }
 
-bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
+bool rotation_backward_mimo_applies(const BatchedParams& p) {
   const MixerDims& d = p.d;
   const int hb = p.heads_per_block;  // (checked by the caller: divides a group's heads)
-  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.N == 32 || d.N == 64 || d.N == 128) &&
-        hb >= 1 && hb <= 4))
-    return false;
+  return p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.N == 32 || d.N == 64 || d.N == 128) &&
+         hb >= 1 && hb <= 4;
+}
+
+bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
+  const MixerDims& d = p.d;
+  if (!rotation_backward_mimo_applies(p)) return false;
   if (d.R == 4) launch_rotation_mimo_rank<4>(s, p);
   else launch_rotation_mimo_rank<2>(s, p);
   return true;
