@@ -143,64 +143,35 @@ __device__ __forceinline__ void zero_row(__nv_bfloat16* l, int V, bool aligned) 
   for (int p = int(threadIdx.x); p < P; p += int(blockDim.x)) store_pair<false>(l, p, V, aligned, 0u);
 }
 
-// A running maximum m and a sum s of e^(l − m). Two combine to the larger maximum with each sum rescaled to it; the
-// products and the sum are rounded one by one, so combine(a, b) and combine(b, a) give the same bits (both lanes of a
-// butterfly pair hold the same result).
-struct MaxSum {
-  float m, s;
-};
-__device__ __forceinline__ float rescale_to(float m, float M) {  // e^(m − M) (1 when equal, also both −∞)
-  return m == M ? 1.0f : exp_shifted(__fmul_rn(m - M, kLog2e), 0.0f);
-}
-__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
-  const float M = fmaxf(a.m, b.m);
-  return {M, __fadd_rn(__fmul_rn(a.s, rescale_to(a.m, M)), __fmul_rn(b.s, rescale_to(b.m, M)))};
-}
-__device__ __forceinline__ MaxSum warp_combine(MaxSum v) {
-  for (int o = 16; o > 0; o >>= 1)
-    v = combine(v, MaxSum{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)});
-  return v;
-}
-// Over the block (every thread gets the same result): the warps' butterflies, then every warp combines the warps'
-// results the same way (lane i holding warp i's). `shared` holds 2·kMaxWarps floats; the leading barrier lets
-// consecutive calls reuse it.
-__device__ __forceinline__ MaxSum block_combine(MaxSum v, float* shared) {
-  v = warp_combine(v);
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
-  __syncthreads();
-  if (lane == 0) shared[warp] = v.m, shared[kMaxWarps + warp] = v.s;
-  __syncthreads();
-  return warp_combine(lane < warps ? MaxSum{shared[lane], shared[kMaxWarps + lane]} : MaxSum{-INFINITY, 0.0f});
-}
-
-// One row with a target 0 ≤ tgt (≥ V: loss NaN, no onehot), what both kernels run: one pass for the maximum and the
-// sum of the exponentials (each thread's running maximum and f32 sum, rescaled when the maximum grows — at most 64
-// terms ≤ 1 — then combined over the block), the loss, then a pass for the gradient in bf16 over the row at dst. The
-// pairs are read from src (the row itself or its copy in shared memory) in each pass; thread t takes pairs t, t + T,
-// t + 2T, … (T = blockDim.x) in that order in both, so the sums' order depends on T alone (and not on kWhole, which
-// only drops the per-pair checks). dst is written only after the reduction's barriers, when every thread has read its
-// pairs and the target, and each thread rereads only its own pairs. The target's entry is stored over its pair's by
-// the same thread after the pass.
+// One row with a target 0 ≤ tgt (≥ V: loss NaN, no onehot), what both kernels run: maximum, the sum of the
+// exponentials (each thread's in f32 — at most 64 terms ≤ 1 — then the threads' in float64), loss, then the gradient
+// in bf16 over the row at dst. The pairs are read from src (the row itself or its copy in shared memory) in each of
+// the three passes; thread t takes pairs t, t + T, t + 2T, … (T = blockDim.x) in that order in every pass, so the
+// sum's order depends on T alone (and not on kWhole, which only drops the per-pair checks). dst is written only after
+// the reductions' barriers, when every thread has read its pairs and the target, and each thread rereads only its own
+// pairs. The target's entry is stored over its pair's by the same thread after the pass.
 template <bool kWhole>
 __device__ __forceinline__ void softmax_row_passes(const __nv_bfloat16* src, __nv_bfloat16* dst, int V, bool aligned,
-                                                   int tgt, double scale, bool with_grad, double* loss, float* red) {
+                                                   int tgt, double scale, bool with_grad, double* loss, double* red,
+                                                   float* redf) {
   const int P = (V + 1) / 2, T = int(blockDim.x), t = int(threadIdx.x);
   const float lt = tgt < V ? __bfloat162float(src[tgt]) : 0.0f;
-  const int tp = tgt < V ? tgt / 2 : -1;  // the target's pair, whose target term the sum leaves out
-  float mt = -INFINITY, mt2 = 0.0f, part = 0.0f;  // the running maximum, times log2(e), and the sum
+  // The maximum on bf16 pairs (exact; one instruction a pair).
+  __nv_bfloat162 m2 = __bfloat162bfloat162(__ushort_as_bfloat16(0xff80u));
   for (int p = t; p < P; p += T) {
     const uint32_t w = load_pair<kWhole>(src, p, V, aligned);
-    const float a = lo_f32(w), b = hi_f32(w), pm = fmaxf(a, b);
-    if (pm > mt) {  // (rare after a thread's first pairs)
-      part = __fmul_rn(part, rescale_to(mt, pm));
-      mt = pm, mt2 = pm * kLog2e;
-    }
-    float e0 = exp_shifted(a, mt2), e1 = exp_shifted(b, mt2);
+    m2 = __hmax2(m2, *reinterpret_cast<const __nv_bfloat162*>(&w));
+  }
+  const float mx = block_max(fmaxf(__low2float(m2), __high2float(m2)), redf), mx2 = mx * kLog2e;
+  const int tp = tgt < V ? tgt / 2 : -1;  // the target's pair, whose target term the sum leaves out
+  float part = 0;
+  for (int p = t; p < P; p += T) {
+    const uint32_t w = load_pair<kWhole>(src, p, V, aligned);
+    float e0 = exp_shifted(lo_f32(w), mx2), e1 = exp_shifted(hi_f32(w), mx2);
     if (p == tp) (2 * p == tgt ? e0 : e1) = 0.0f;
     part += e0 + e1;
   }
-  const MaxSum row = block_combine(MaxSum{mt, part}, red);
-  const RowSoftmax rs = finish_row(row.m, double(row.s), lt, tgt, V, scale, loss);
+  const RowSoftmax rs = finish_row(mx, block_sum(double(part), red), lt, tgt, V, scale, loss);
   if (!with_grad) return;
   const float k2 = log2f(rs.inv) - rs.mx2;
   for (int p = t; p < P; p += T)
@@ -209,9 +180,10 @@ __device__ __forceinline__ void softmax_row_passes(const __nv_bfloat16* src, __n
 }
 
 __device__ __forceinline__ void softmax_row(const __nv_bfloat16* src, __nv_bfloat16* dst, int V, bool aligned,
-                                            int tgt, double scale, bool with_grad, double* loss, float* red) {
-  if (aligned && V % 2 == 0) softmax_row_passes<true>(src, dst, V, aligned, tgt, scale, with_grad, loss, red);
-  else softmax_row_passes<false>(src, dst, V, aligned, tgt, scale, with_grad, loss, red);
+                                            int tgt, double scale, bool with_grad, double* loss, double* red,
+                                            float* redf) {
+  if (aligned && V % 2 == 0) softmax_row_passes<true>(src, dst, V, aligned, tgt, scale, with_grad, loss, red, redf);
+  else softmax_row_passes<false>(src, dst, V, aligned, tgt, scale, with_grad, loss, red, redf);
 }
 
 // A row in a shared-memory buffer (16-byte aligned): element j at byte lead + 2j, lead = the row's global address
@@ -256,16 +228,17 @@ __device__ __forceinline__ void store_edge(const __nv_bfloat16* row, int V, unsi
 }
 
 // Persistent blocks, each taking rows blockIdx.x, + gridDim.x, …, two rows in shared memory: the bulk copy engine
-// brings the next row while the block computes the current one from its copy (softmax_row: two passes over shared
+// brings the next row while the block computes the current one from its copy (softmax_row: three passes over shared
 // memory, the gradient stored straight to global memory), so the block's reads never wait on its arithmetic. With
 // two buffers of the 100 KB row of Vp 50280 (197 KB) one block fits on an SM; its T threads (800 there) are few, so
-// the passes must be lean: ~25 instructions a pair in both, the exponentials on the special-function unit.
+// the passes must be lean: ~30 instructions a pair in all three, the exponentials on the special-function unit.
 // Cost: one read and one write of n·Vp bf16 values (4 bytes per logit with the gradient), 2·n·Vp exps.
 __global__ void __launch_bounds__(1024)
     softmax_cross_entropy_bf16_smem_kernel(__nv_bfloat16* logits, int64_t n, int V, const int32_t* targets,
                                            double scale, bool with_grad, double* row_loss, int buffer_bytes) {
   extern __shared__ __align__(16) unsigned char buffers[];  // two buffers of buffer_bytes
-  __shared__ float red[2 * kMaxWarps];
+  __shared__ double red[kMaxWarps];
+  __shared__ float redf[kMaxWarps];
   __shared__ uint64_t full[2];
   if (threadIdx.x == 0) {
     mbar_init(&full[0]);
@@ -301,7 +274,7 @@ __global__ void __launch_bounds__(1024)
       mbar_wait(&full[b], (parity >> b) & 1u);
       parity ^= 1u << b;
       const auto* src = reinterpret_cast<const __nv_bfloat16*>(cur + (reinterpret_cast<uintptr_t>(l) & 15));
-      softmax_row(src, l, V, aligned, tgt, scale, with_grad, row_loss + r, red);
+      softmax_row(src, l, V, aligned, tgt, scale, with_grad, row_loss + r, red, redf);
     }
     if (next < n) store_edge(logits + next * V, V, nxt, edge);
     __syncthreads();  // cur's reads done (the copy two rows on may start), nxt's edges visible
@@ -310,14 +283,15 @@ __global__ void __launch_bounds__(1024)
   }
 }
 
-// Rows too long for two in shared memory (Vp > ~58000 on sm_90): softmax_row straight from global memory, two
-// passes over the row (the second mostly from L2), each thread reading and then writing only its own pairs in the
-// last. Cost: two reads and one write of n·Vp bf16 values, 2·n·Vp exps.
+// Rows too long for two in shared memory (Vp > ~58000 on sm_90): softmax_row straight from global memory, three
+// passes over the row (the second and third mostly from L2), each thread reading and then writing only its own pairs
+// in the last. Cost: three reads and one write of n·Vp bf16 values, 2·n·Vp exps.
 __global__ void __launch_bounds__(1024) softmax_cross_entropy_bf16_loop_kernel(__nv_bfloat16* logits, int64_t n,
                                                                                int V, const int32_t* targets,
                                                                                double scale, bool with_grad,
                                                                                double* row_loss) {
-  __shared__ float red[2 * kMaxWarps];
+  __shared__ double red[kMaxWarps];
+  __shared__ float redf[kMaxWarps];
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
     __nv_bfloat16* l = logits + r * V;
     const bool aligned = (reinterpret_cast<uintptr_t>(l) & 3) == 0;
@@ -327,7 +301,7 @@ __global__ void __launch_bounds__(1024) softmax_cross_entropy_bf16_loop_kernel(_
       if (with_grad) zero_row(l, V, aligned);
       continue;
     }
-    softmax_row(l, l, V, aligned, tgt, scale, with_grad, row_loss + r, red);
+    softmax_row(l, l, V, aligned, tgt, scale, with_grad, row_loss + r, red, redf);
   }
 }
 
