@@ -473,12 +473,14 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     for (int tl = Tc + threadIdx.x; tl < T; tl += kThreads) dL[tl] = p.dLam[chunk * T + tl];
     post_scan_carry_terms<kThreads>(T, Lam, scale, rdot);  // (rdot and scale: complete since the barrier above)
     __syncthreads();
-    if (threadIdx.x < 32) post_scan_warp(p, chunk, T, dL, rdot, wsum);
-    __syncthreads();
-    for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
-      const int64_t st = bh * p.d.L + c0 + tl;
-      p.dadt[st] = dL[tl];
-      p.dscale[st] = dsc_core[tl] + scale[tl];
+    if (threadIdx.x < 32) {  // (warp 0 alone from here: a warp barrier, not a block one)
+      post_scan_warp(p, chunk, T, dL, rdot, wsum);
+      __syncwarp();
+      for (int tl = threadIdx.x; tl < Tc; tl += 32) {
+        const int64_t st = bh * p.d.L + c0 + tl;
+        p.dadt[st] = dL[tl];
+        p.dscale[st] = dsc_core[tl] + scale[tl];
+      }
     }
   }
 }
@@ -576,9 +578,10 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
   __syncthreads();
   post_scan_carry_terms<kCoreThreads>(T, Lam, scale, rdot);
   __syncthreads();
-  if (threadIdx.x < 32) post_scan_warp(p, chunk, T, dL, rdot, wsum);
-  __syncthreads();
-  for (int tl = threadIdx.x; tl < Tc; tl += kCoreThreads) {
+  if (threadIdx.x >= 32) return;
+  post_scan_warp(p, chunk, T, dL, rdot, wsum);  // (warp 0 alone from here: a warp barrier, not a block one)
+  __syncwarp();
+  for (int tl = threadIdx.x; tl < Tc; tl += 32) {
     const int64_t st = bh * d.L + c0 + tl;
     p.dadt[st] = dL[tl];
     p.dscale[st] += scale[tl];
