@@ -239,7 +239,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
 
   // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
-  const auto coef = [&](int j, int jj, float& ex) { return chunk_coef(Lam, scale, gam, R, j, jj, ex); };
+  constexpr int kR = kPost ? 1 : 0;  // (the fused core is SISO's)
+  const auto coef = [&](int j, int jj, float& ex) { return chunk_coef<kR>(Lam, scale, gam, R, j, jj, ex); };
 
   // ---- Phase A: rows t of this warp.
   if (do_a) {

@@ -28,8 +28,9 @@ struct FwdSmem {
   }
 };
 
-// fuse_output: also the SISO output stage (o16), in place of the output kernel.
-template <int N, int P>
+// fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when 1 (SISO), else 0
+// (read from p; see chunk_coef).
+template <int N, int P, int kR>
 __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                     bool fuse_output) {
   constexpr int LDN = FwdSmem<N, P>::LDN, LDP = FwdSmem<N, P>::LDP, NS = kRows / 8;
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float ex;
-        s[nt][e] *= chunk_coef(Lam, scale, gam, R, t0 + g + 8 * (e / 2), nt * 8 + 2 * q + e % 2, ex);
+        s[nt][e] *= chunk_coef<kR>(Lam, scale, gam, R, t0 + g + 8 * (e / 2), nt * 8 + 2 * q + e % 2, ex);
       }
 #pragma unroll
     for (int kb = 0; kb < NS / 2; ++kb) {
@@ -170,8 +171,12 @@ void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const v
   const bool out = forward_core_writes_output(p);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    launch_core(forward_core_kernel<N, P>, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p,
-                static_cast<const bf16*>(Hc16), out);
+    if (p.d.R == 1)
+      launch_core(forward_core_kernel<N, P, 1>, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p,
+                  static_cast<const bf16*>(Hc16), out);
+    else
+      launch_core(forward_core_kernel<N, P, 0>, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p,
+                  static_cast<const bf16*>(Hc16), out);
   });
 }
 
