@@ -191,7 +191,8 @@ struct CoreSmem {
 // kWarps = 8 (with dH only): phase A on warps 0–3 and phase B on warps 4–7 at the same time (they read only the
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
-template <int N, int P, int kMode, int kWarps>
+// kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
+template <int N, int P, int kMode, int kWarps, int kR>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
@@ -239,7 +240,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
 
   // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
-  constexpr int kR = kPost ? 1 : 0;  // (the fused core is SISO's)
+  static_assert(!kPost || kR == 1, "the fused core is SISO's");
   const auto coef = [&](int j, int jj, float& ex) { return chunk_coef<kR>(Lam, scale, gam, R, j, jj, ex); };
 
   // ---- Phase A: rows t of this warp.
@@ -486,18 +487,18 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
 }
 
-template <int N, int P, int kMode>
+template <int N, int P, int kMode, int kR>
 __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                      float* g_slots, const bf16* dHc16) {
-  backward_core_body<N, P, kMode, kCoreWarps>(p, Hc16, g_slots, dHc16);
+  backward_core_body<N, P, kMode, kCoreWarps, kR>(p, Hc16, g_slots, dHc16);
 }
 
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
-template <int N, int P, int kMode>
+template <int N, int P, int kMode, int kR>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2) fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16,
                                                                                const bf16* dHc16) {
-  backward_core_body<N, P, kMode, 2 * kCoreWarps>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -598,7 +599,7 @@ void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const 
                p.rows, p.d.N, p.d.P);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    launch_core(backward_core_kernel<N, P, kCoreOnly>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
+    launch_core(backward_core_kernel<N, P, kCoreOnly, 0>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
                 static_cast<const bf16*>(Hc16), g_slots, static_cast<const bf16*>(nullptr));
   });
 }
@@ -616,19 +617,20 @@ bool fused_core_wide() {
 void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
 
 namespace {
-// A core with dH (kCoreFused or kCoreStates) on 4 or 8 warps.
-template <int kMode>
+// A core with dH (kCoreFused or kCoreStates) on 4 or 8 warps, with the rank kR fixed at compile time (see
+// backward_core_body).
+template <int kMode, int kR>
 void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16, const char* what) {
   const bool wide = fused_core_wide();
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
     if (!wide) {
-      launch_core(backward_core_kernel<N, P, kMode>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
+      launch_core(backward_core_kernel<N, P, kMode, kR>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
                   static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
       return;
     }
-    auto* kernel = fused_core_wide_kernel<N, P, kMode>;
+    auto* kernel = fused_core_wide_kernel<N, P, kMode, kR>;
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
@@ -643,7 +645,7 @@ void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc1
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
   MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
                p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
-  launch_core_with_dh<kCoreFused>(s, p, Hc16, dHc16, "fused backward core");
+  launch_core_with_dh<kCoreFused, 1>(s, p, Hc16, dHc16, "fused backward core");
 }
 
 bool backward_state_core_supported(const BatchedParams& p) { return core_shape_supported(p) && p.d.mimo; }
@@ -652,7 +654,10 @@ void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, 
   MAMBA3_CHECK(backward_state_core_supported(p), "backward state core: unsupported chunk (bf16 {}, rows {}, N {}, P {})",
                p.bf16, p.rows, p.d.N, p.d.P);
   MAMBA3_CHECK(p.Z, "backward state core: tp's buffer (p.Z) is null");
-  launch_core_with_dh<kCoreStates>(s, p, Hc16, dHc16, "backward state core");
+  // MIMO's common ranks with R fixed at compile time (chunk_coef's divisions become shifts), others read from p.
+  if (p.d.R == 4) launch_core_with_dh<kCoreStates, 4>(s, p, Hc16, dHc16, "backward state core");
+  else if (p.d.R == 2) launch_core_with_dh<kCoreStates, 2>(s, p, Hc16, dHc16, "backward state core");
+  else launch_core_with_dh<kCoreStates, 0>(s, p, Hc16, dHc16, "backward state core");
 }
 
 bool post_scan_core_supported(const BatchedParams& p) { return core_shape_supported(p) && !p.d.mimo; }

@@ -28,8 +28,8 @@ struct FwdSmem {
   }
 };
 
-// fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when 1 (SISO), else 0
-// (read from p; see chunk_coef).
+// fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when fixed at compile
+// time (1, 2, 4), else 0 (read from p; see chunk_coef).
 template <int N, int P, int kR>
 __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                     bool fuse_output) {
@@ -171,12 +171,13 @@ void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const v
   const bool out = forward_core_writes_output(p);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    if (p.d.R == 1)
-      launch_core(forward_core_kernel<N, P, 1>, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p,
-                  static_cast<const bf16*>(Hc16), out);
-    else
-      launch_core(forward_core_kernel<N, P, 0>, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p,
-                  static_cast<const bf16*>(Hc16), out);
+    const auto run = [&](auto kernel) {
+      launch_core(kernel, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p, static_cast<const bf16*>(Hc16), out);
+    };
+    if (p.d.R == 1) run(forward_core_kernel<N, P, 1>);
+    else if (p.d.R == 2) run(forward_core_kernel<N, P, 2>);
+    else if (p.d.R == 4) run(forward_core_kernel<N, P, 4>);
+    else run(forward_core_kernel<N, P, 0>);
   });
 }
 

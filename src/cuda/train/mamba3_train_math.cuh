@@ -93,8 +93,8 @@ __device__ __forceinline__ float unrotate_at(const float* g, float cs, float sn,
 // coef(t, s) of spec §5.3 between chunk rows j (token t = j / R) and jj (token s = jj / R), from the chunk scalars Λ,
 // scale and γ: e^{Λ_t − Λ_s}·scale_s below the token diagonal, γ_t on it, 0 above; ex = e^{Λ_t − Λ_s} below the
 // diagonal, else 0 (the weight of scale's gradient).
-// kR: R when known at compile time (SISO's 1: the two integer divisions per element, ~20 instructions each at a
-// runtime R, vanish), 0 for the runtime R.
+// kR: R when known at compile time (1, 2, 4: the two integer divisions per element, ~20 instructions each at a
+// runtime R, become nothing or shifts), 0 for the runtime R.
 template <int kR = 0>
 __device__ __forceinline__ float chunk_coef(const float* Lam, const float* scale, const float* gam, int R, int j,
                                             int jj, float& ex) {
