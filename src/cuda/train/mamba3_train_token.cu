@@ -366,8 +366,9 @@ __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
 
 // Blocks walk the rows (m = blockIdx.x, + gridDim.x, …: one resident wave of blocks, not one small block per row);
 // warps take the (which, r, g) vectors: acc = Σ_{h ∈ g} dBn/dCn, then the RMSNorm backward.
-// (Measured slower, 2026-12-02: the slot loop with `#pragma unroll 4`, 73 → 94 µs per 125M layer, and with a group's
-// slots loaded all at once, 73 → 104 µs; MIMO 367 → 429 µs. What bounds it is not the slot loads' latency.)
+// (Measured slower, 2026-12-02: the slot loop with `#pragma unroll 4`, 73 → 94 µs per 125M layer; a group's slots
+// loaded all at once, 73 → 104 µs (MIMO 367 → 429 µs); one resident wave of blocks walking the rows, 73 → 79 µs
+// (MIMO 367 → 406 µs). Neither the slot loads' latency nor the block count bounds it.)
 __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __restrict__ bc_raw,
                                         const float* __restrict__ B_norm, const float* __restrict__ C_norm,
                                         const float* __restrict__ dBn, const float* __restrict__ dCn,
