@@ -6,7 +6,6 @@
 #include <algorithm>
 
 #include "cuda/cuda_check.h"
-#include "cuda/cuda_context.h"
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
@@ -364,8 +363,7 @@ __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
   if (lane == 0) p.part_dt_bias[bh] = dtb;
 }
 
-// Blocks walk the rows (m = blockIdx.x, + gridDim.x, …: one resident wave of blocks, not one small block per row);
-// warps take the (which, r, g) vectors: acc = Σ_{h ∈ g} dBn/dCn, then the RMSNorm backward.
+// One block per row; warps take the (which, r, g) vectors: acc = Σ_{h ∈ g} dBn/dCn, then the RMSNorm backward.
 // (Measured slower, 2026-12-02: the slot loop with `#pragma unroll 4`, 73 → 94 µs per 125M layer; a group's slots
 // loaded all at once, 73 → 104 µs (MIMO 367 → 429 µs); one resident wave of blocks walking the rows, 73 → 79 µs
 // (MIMO 367 → 406 µs). Neither the slot loads' latency nor the block count bounds it.)
@@ -375,36 +373,35 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
                                         float* __restrict__ dzx,
                                         float* __restrict__ part_B, float* __restrict__ part_C,
                                         uint16_t* __restrict__ dzx16) {
+  const int64_t m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
   const int spg = slots / d.G;  // head slots per group
-  extern __shared__ float group[];  // (warps, N): a lane rereads only the entries it wrote, so no barrier between rows
-  for (int64_t m = blockIdx.x; m < int64_t(d.B) * d.L; m += gridDim.x) {
-    for (int item = warp; item < 2 * RG; item += warps) {
-      const bool isB = item < RG;
-      const int rg = item % RG, r = rg / d.G, g = rg % d.G;
-      const int off = (isB ? d.off_B : d.off_C) + rg * d.N;
-      const float* x = bc_raw + (m * 2 * RG + item) * d.N;  // the raw vector (normalize_bc saved it)
-      const float* w = isB ? B_norm : C_norm;
-      const float* src = (isB ? dBn : dCn) + m * slots * d.R * d.N;
-      float* part = (isB ? part_B : part_C) + (m * RG + rg) * d.N;
-      float* acc_n = group + warp * d.N;  // this warp's Σ_{h ∈ g}, element n owned by lane n % 32
-      float ss = 0;
-      for (int n = lane; n < d.N; n += 32) ss += x[n] * x[n];
-      const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
-      float mean = 0;
-      for (int n = lane; n < d.N; n += 32) {
-        float acc = 0;
-        for (int k = g * spg; k < (g + 1) * spg; ++k) acc += src[(int64_t(k) * d.R + r) * d.N + n];
-        acc_n[n] = acc;
-        part[n] = acc * x[n] * rstd;
-        mean += acc * w[n] * x[n] * rstd;
-      }
-      mean = warp_sum(mean) / float(d.N);
-      for (int n = lane; n < d.N; n += 32) {
-        const float g = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
-        if (dzx16) dzx16[m * d.din + off + n] = bf16_bits(g);
-        else dzx[m * d.din + off + n] = g;
-      }
+  extern __shared__ float group[];  // (warps, N)
+  for (int item = warp; item < 2 * RG; item += warps) {
+    const bool isB = item < RG;
+    const int rg = item % RG, r = rg / d.G, g = rg % d.G;
+    const int off = (isB ? d.off_B : d.off_C) + rg * d.N;
+    const float* x = bc_raw + (m * 2 * RG + item) * d.N;  // the raw vector (normalize_bc saved it)
+    const float* w = isB ? B_norm : C_norm;
+    const float* src = (isB ? dBn : dCn) + m * slots * d.R * d.N;
+    float* part = (isB ? part_B : part_C) + (m * RG + rg) * d.N;
+    float* acc_n = group + warp * d.N;  // this warp's Σ_{h ∈ g}, element n owned by lane n % 32
+    float ss = 0;
+    for (int n = lane; n < d.N; n += 32) ss += x[n] * x[n];
+    const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
+    float mean = 0;
+    for (int n = lane; n < d.N; n += 32) {
+      float acc = 0;
+      for (int k = g * spg; k < (g + 1) * spg; ++k) acc += src[(int64_t(k) * d.R + r) * d.N + n];
+      acc_n[n] = acc;
+      part[n] = acc * x[n] * rstd;
+      mean += acc * w[n] * x[n] * rstd;
+    }
+    mean = warp_sum(mean) / float(d.N);
+    for (int n = lane; n < d.N; n += 32) {
+      const float g = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
+      if (dzx16) dzx16[m * d.din + off + n] = bf16_bits(g);
+      else dzx[m * d.din + off + n] = g;
     }
   }
 }
@@ -588,12 +585,8 @@ void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, cons
   // that no warps idle in the block and more rows share an SM.
   const int warps = std::min(8, 2 * d.R * d.G);
   const size_t smem = size_t(warps) * d.N * sizeof(float);
-  // One wave of resident blocks (2048 threads and at most 32 blocks per SM), each walking rows.
-  static const int sms = std::max(1, device_info().sm_count);
-  const int64_t rows = int64_t(d.B) * d.L, per_sm = std::min(32, 64 / warps);
-  const unsigned blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>(rows, sms * per_sm)));
-  bc_norm_backward_kernel<<<blocks, 32 * warps, smem, s>>>(d, slots, bc_raw, B_norm, C_norm, dBn, dCn, dzx,
-                                                           part_B_norm, part_C_norm, dzx16);
+  bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s>>>(d, slots, bc_raw, B_norm, C_norm, dBn, dCn,
+                                                                                 dzx, part_B_norm, part_C_norm, dzx16);
   MAMBA3_LAUNCH_CHECK();
 }
 
