@@ -4,6 +4,7 @@
 // device, one forward + backward, the comparisons, the random layers and the case tables.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -105,6 +106,12 @@ inline GpuResult run_gpu(const Mamba3Mixer& m, const Tensor& u, const Tensor& do
   ctx.sync();
   return {from_device_f32(out.raw(), {B, L, c.d_model}), from_device_f32(du.raw(), {B, L, c.d_model}),
           layer.download_grads()};
+}
+
+// Every value of the output and of du finite (call it under ASSERT_NO_FATAL_FAILURE to stop the test at the first).
+inline void assert_finite(const GpuResult& r) {
+  for (const Tensor* t : {&r.out, &r.du})
+    for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
 }
 
 // Checks the output, du and every parameter gradient against their tolerances; worst/where: the largest error.

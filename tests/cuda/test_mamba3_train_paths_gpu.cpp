@@ -44,8 +44,7 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
         return step.run();
       };
       const GpuResult siso = run(true), generic = run(false), again = run(false);
-      for (const Tensor* t : {&siso.out, &siso.du})
-        for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+      ASSERT_NO_FATAL_FAILURE(assert_finite(siso));
       ASSERT_TRUE(bit_identical(generic, again)) << "the generic path is not deterministic";
       // Which tensors differ at all, and by how much: the SISO kernels may contract a product into an FMA where the
       // generic ones do not (a last-bit difference that a bf16 rounding can widen), so the bound is a few bf16
@@ -153,8 +152,7 @@ TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
         return step.run(keep, [&] { step.train.set_state_chain(backward_chain); });
       };
       const GpuResult pass = run(false, false, true), rev_chain = run(false, true, true);
-      for (const Tensor* t : {&rev_chain.out, &rev_chain.du})
-        for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+      ASSERT_NO_FATAL_FAILURE(assert_finite(rev_chain));
       EXPECT_TRUE(bit_identical(pass, rev_chain)) << "the reverse chain is not the core + scan path's bits";
       const GpuResult chain = run(true, true, false), again = run(true, true, false);
       EXPECT_TRUE(bit_identical(chain, again)) << "the chains are not deterministic";
@@ -194,8 +192,7 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
           SCOPED_TRACE(wide ? "8 warps" : "4 warps");
           cuda::train_detail::set_fused_core_wide(wide);
           const GpuResult fused = run(true, keep);
-          for (const Tensor* t : {&fused.out, &fused.du})
-            for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+          ASSERT_NO_FATAL_FAILURE(assert_finite(fused));
           EXPECT_TRUE(bit_identical(split, fused));
         }
       }
@@ -225,8 +222,7 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
           return step.run();
         };
         const GpuResult f32 = run(false), b16 = run(true), again = run(true);
-        for (const Tensor* t : {&b16.out, &b16.du})
-          for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+        ASSERT_NO_FATAL_FAILURE(assert_finite(b16));
         EXPECT_TRUE(bit_identical(b16, again)) << "not deterministic";
         EXPECT_EQ(std::memcmp(f32.out.raw(), b16.out.raw(), f32.out.nbytes()), 0) << "the forward moved";
         EXPECT_FALSE(bit_identical(f32, b16)) << "the switch changed nothing";
@@ -270,8 +266,7 @@ TEST(Mamba3TrainGpu, MimoStateCoreMatchesTheProducts) {
           SCOPED_TRACE(wide ? "8 warps" : "4 warps");
           cuda::train_detail::set_fused_core_wide(wide);
           const GpuResult core = run(true, keep), again = run(true, keep);
-          for (const Tensor* t : {&core.out, &core.du})
-            for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isfinite(t->data<float>()[i]));
+          ASSERT_NO_FATAL_FAILURE(assert_finite(core));
           EXPECT_TRUE(bit_identical(core, again)) << "not deterministic";
           double worst = 0;
           std::string where;

@@ -318,7 +318,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
         }
       }
-      if (p.dQ16) store_tiles_bf16(acc, p.dQ16 + chunk * kRows * N, N, t0, n0);
+      if (p.dQ16) store_tiles(acc, p.dQ16 + chunk * kRows * N, N, t0, n0);
       else store_tiles(acc, dQ, N, t0, n0);
     }
   }
@@ -414,7 +414,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
         }
       }
       // dK is finished here with dH (kCoreFused, kCoreStates; kCoreOnly's goes on to the post-scan core).
-      if (kWithDH && p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
+      if (kWithDH && p.dK16) store_tiles(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
       else store_tiles(acc, dK, N, s0, n0);
     }
     if constexpr (kPost) post_scan_rows<N, P>(p, chunk, s0, sK, sdH, sV, sdY, LDP, dv, rdot);
@@ -563,7 +563,7 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
         mma(acc[2 * np], a, bq[0], bq[1]), mma(acc[2 * np + 1], a, bq[2], bq[3]);
       }
     }
-    if (p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, t0, n0);
+    if (p.dK16) store_tiles(acc, p.dK16 + chunk * kRows * N, N, t0, n0);
     else store_tiles(acc, dK, N, t0, n0);
   }
   float dv[P / 8][4];  // the backward core's dV in the accumulator layout

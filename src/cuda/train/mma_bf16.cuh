@@ -73,27 +73,24 @@ __device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, in
   }
 }
 
-// Accumulator tiles (16 rows × 8·NT columns) to a row-major f32 matrix (row r0 of `out`, pitch ld, column c0).
-template <int NT>
-__device__ __forceinline__ void store_tiles(const float (&acc)[NT][4], float* out, int ld, int r0, int c0) {
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    float* o = out + int64_t(r0 + g) * ld + c0 + nt * 8 + 2 * q;
-    *reinterpret_cast<float2*>(o) = make_float2(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<float2*>(o + 8 * ld) = make_float2(acc[nt][2], acc[nt][3]);
-  }
+// Two accumulator values at o: as f32, or rounded to bf16 (nearest even; uint16_t holds the bits).
+__device__ __forceinline__ void store_acc_pair(float* o, float a, float b) {
+  *reinterpret_cast<float2*>(o) = make_float2(a, b);
+}
+__device__ __forceinline__ void store_acc_pair(uint16_t* o, float a, float b) {
+  *reinterpret_cast<uint32_t*>(o) = pack(a, b);
 }
 
-// The same tiles rounded to bf16 (nearest even), a pair per lane and row.
-template <int NT>
-__device__ __forceinline__ void store_tiles_bf16(const float (&acc)[NT][4], uint16_t* out, int ld, int r0, int c0) {
+// Accumulator tiles (16 rows × 8·NT columns) to a row-major f32 or bf16 matrix (row r0 of `out`, pitch ld, column
+// c0), a pair per lane and row.
+template <int NT, typename T>
+__device__ __forceinline__ void store_tiles(const float (&acc)[NT][4], T* out, int ld, int r0, int c0) {
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    uint16_t* o = out + int64_t(r0 + g) * ld + c0 + nt * 8 + 2 * q;
-    *reinterpret_cast<uint32_t*>(o) = pack(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<uint32_t*>(o + 8 * ld) = pack(acc[nt][2], acc[nt][3]);
+    T* o = out + int64_t(r0 + g) * ld + c0 + nt * 8 + 2 * q;
+    store_acc_pair(o, acc[nt][0], acc[nt][1]);
+    store_acc_pair(o + 8 * ld, acc[nt][2], acc[nt][3]);
   }
 }
 
