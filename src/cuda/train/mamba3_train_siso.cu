@@ -12,6 +12,25 @@ namespace mamba3::cuda::train_detail::batched {
 
 namespace {
 
+// q or k of one rotary pair as the SISO build stores them: Rot(c + bias, φ) — or c + bias where the pair does not
+// rotate (past the S rotary pairs) — rounded to bf16. The build and the rotation backward's recomputation of q and k
+// share it, with explicit roundings (no contraction left to the compiler), so the two give the same bits.
+__device__ __forceinline__ __nv_bfloat162 rotated_pair(float c0, float c1, float b0, float b1, float cs, float sn,
+                                                      bool rot) {
+  const float a = __fadd_rn(c0, b0), b = __fadd_rn(c1, b1);
+  if (!rot) return __floats2bfloat162_rn(a, b);
+  return __floats2bfloat162_rn(__fmaf_rn(a, cs, -__fmul_rn(b, sn)), __fmaf_rn(a, sn, __fmul_rn(b, cs)));
+}
+
+// The SISO build's shapes and alignment (launch_build_siso): where it wrote q and k, the rotation backward may form
+// them again from zx instead of reading them.
+bool build_siso_applies(const BatchedParams& p) {
+  const MixerDims& d = p.d;
+  return p.siso_kernels && p.bf16 && !d.mimo && p.rows == p.T && p.rows <= 64 && (d.N == 32 || d.N == 64 || d.N == 128) &&
+         (d.P == 32 || d.P == 64) && d.din % 4 == 0 && d.off_B % 4 == 0 && d.off_C % 4 == 0 && d.off_x % 4 == 0 &&
+         d.G >= 1 && d.H % d.G == 0;
+}
+
 // The SISO build for the cores' shapes in the bf16 mode (zx rows 16-byte aligned): the generic kernel's arithmetic,
 // but each lane takes kE = max(N/32, 2) consecutive elements of a row's q and k (kE/2 rotary pairs, the head's biases
 // held in registers) and P/32 channels of v with vector loads and stores; two rows per warp at a time, every load
@@ -74,21 +93,16 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
       const bool real = tl < ix.Tc;
       const int64_t row = ix.chunk * p.rows + tl;
       if (qk_lane) {
-        bf16 qo[kE], ko[kE];
+        __nv_bfloat162 qo[kE / 2], ko[kE / 2];
 #pragma unroll
         for (int m = 0; m < kE / 2; ++m) {
           const int u = n0 / 2 + m;
-          const float ca = c[a][2 * m] + bq[2 * m], cb = c[a][2 * m + 1] + bq[2 * m + 1];
-          const float ka = k[a][2 * m] + bk[2 * m], kb = k[a][2 * m + 1] + bk[2 * m + 1];
-          float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f;  // padding rows: zeros
-          if (real && u < d.S) {
+          qo[m] = ko[m] = __floats2bfloat162_rn(0.0f, 0.0f);  // padding rows: zeros
+          if (real) {
             const float cv = cs[a][m][0], sv = cs[a][m][1];
-            q0 = ca * cv - cb * sv, q1 = ca * sv + cb * cv, k0 = ka * cv - kb * sv, k1 = ka * sv + kb * cv;
-          } else if (real) {
-            q0 = ca, q1 = cb, k0 = ka, k1 = kb;
+            qo[m] = rotated_pair(c[a][2 * m], c[a][2 * m + 1], bq[2 * m], bq[2 * m + 1], cv, sv, u < d.S);
+            ko[m] = rotated_pair(k[a][2 * m], k[a][2 * m + 1], bk[2 * m], bk[2 * m + 1], cv, sv, u < d.S);
           }
-          qo[2 * m] = __float2bfloat16_rn(q0), qo[2 * m + 1] = __float2bfloat16_rn(q1);
-          ko[2 * m] = __float2bfloat16_rn(k0), ko[2 * m + 1] = __float2bfloat16_rn(k1);
         }
         bf16* qd = static_cast<bf16*>(p.Q) + row * N + n0;
         bf16* kd = static_cast<bf16*>(p.K) + row * N + n0;
@@ -217,7 +231,10 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
 // lane takes kE = max(N/32, 2) consecutive elements of a row (kE/2 rotary pairs) with vector loads and stores, and
 // its bias partials in shared memory as float4/float2 (one access per head and token where the generic kernel made
 // one per element). The same sums: per warp its tokens in order, then the warps in order.
-template <int N>
+// kFormQK: q and k formed again from zx's normalised B/C rows, the biases and φ exactly as the SISO build formed them
+// (rotated_pair: the same bits) instead of read back — a token's B/C rows are read once for the block's heads, so the
+// kernel moves ~2/3 of the bytes (q and k are H× the group's B/C; 125M: 201 MB fewer per layer).
+template <int N, bool kFormQK>
 __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kernel(const BatchedParams p) {
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE;
   using V = std::conditional_t<kE == 4, float4, float2>;
@@ -258,21 +275,31 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
     else v = make_float2(in[0], in[1]);
     *reinterpret_cast<V*>(dst) = v;
   };
+  const int g = h0 / (d.H / d.G);  // the block's heads share one B/C group (hb divides the heads per group)
   if (lane < kLanes)
     for (int tl = warp; tl < Tc; tl += kWarps) {
       const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
       float sC[kE] = {}, sB[kE] = {};  // summed over the block's heads
+      float zc[kE], zb[kE];  // kFormQK: the token's normalised C and B (the group's), for every head of the block
+      if constexpr (kFormQK) {
+        const float* z = p.zx + tok * d.din;
+        load_v(z + d.off_C + int64_t(g) * N + n0, zc), load_v(z + d.off_B + int64_t(g) * N + n0, zb);
+      }
       for (int hh = 0; hh < hb; ++hh) {
         const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
         const int64_t j = (chunk * p.rows + tl) * N + n0;
-        float gq[kE], gk[kE], vq[kE], vk[kE], gc[kE], gb[kE];
+        float gq[kE], gk[kE], vq[kE], vk[kE], gc[kE], gb[kE], bq[kE], bk[kE];
         if (p.dQ16) load_h(p.dQ16 + j, gq), load_h(p.dK16 + j, gk);
         else load_v(dQ + j, gq), load_v(dK + j, gk);
+        if constexpr (kFormQK) {
+          load_v(p.C_bias + (h0 + hh) * N + n0, bq), load_v(p.B_bias + (h0 + hh) * N + n0, bk);
+        } else {
 #pragma unroll
-        for (int e = 0; e < kE; e += 2) {
-          const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + e));
-          const float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + e));
-          vq[e] = q2.x, vq[e + 1] = q2.y, vk[e] = k2.x, vk[e + 1] = k2.y;
+          for (int e = 0; e < kE; e += 2) {
+            const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + e));
+            const float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + e));
+            vq[e] = q2.x, vq[e + 1] = q2.y, vk[e] = k2.x, vk[e + 1] = k2.y;
+          }
         }
 #pragma unroll
         for (int m = 0; m < kE / 2; ++m) {
@@ -281,6 +308,11 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
           if (u < S) {
             const float2 rot = rotary_cos_sin(phiv[st * S + u]);
             const float cs = rot.x, sn = rot.y;
+            if constexpr (kFormQK) {
+              const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], bq[a], bq[a + 1], cs, sn, true));
+              const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], bk[a], bk[a + 1], cs, sn, true));
+              vq[a] = q2.x, vq[a + 1] = q2.y, vk[a] = k2.x, vk[a + 1] = k2.y;
+            }
             float acc = 0.0f;
             acc += gq[a + 1] * vq[a] - gq[a] * vq[a + 1];
             acc += gk[a + 1] * vk[a] - gk[a] * vk[a + 1];
@@ -307,10 +339,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
 bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   // The cores' shapes and 16-byte-aligned zx rows (its vector loads).
   const MixerDims& d = p.d;
-  const bool siso = p.siso_kernels && p.bf16 && !d.mimo && p.rows == p.T && p.rows <= 64 &&
-                    (d.N == 32 || d.N == 64 || d.N == 128) && (d.P == 32 || d.P == 64) && d.din % 4 == 0 &&
-                    d.off_B % 4 == 0 && d.off_C % 4 == 0 && d.off_x % 4 == 0 && d.G >= 1 && d.H % d.G == 0;
-  if (!siso) return false;
+  if (!build_siso_applies(p)) return false;
   const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
   if (d.N == 128) d.P == 64 ? run(batched_build_siso_kernel<128, 64>) : run(batched_build_siso_kernel<128, 32>);
   else if (d.N == 64) d.P == 64 ? run(batched_build_siso_kernel<64, 64>) : run(batched_build_siso_kernel<64, 32>);
@@ -337,9 +366,16 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
   const int hb = p.heads_per_block;  // (checked by the caller)
   const int64_t blocks = int64_t(d.B) * (d.H / hb) * p.nc;
   const size_t bytes = size_t(kWarps) * hb * 2 * d.N * sizeof(float);  // the generic kernel's with R = 1
-  const auto kernel = d.N == 128  ? batched_rotation_backward_siso_kernel<128>
-                      : d.N == 64 ? batched_rotation_backward_siso_kernel<64>
-                                  : batched_rotation_backward_siso_kernel<32>;
+  // q and k formed again where the SISO build wrote them (its bits) and the biases' rows are 16-byte aligned.
+  const bool form = build_siso_applies(p) && (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0 &&
+                    (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0;
+  const auto pick = [&](auto form_qk) {
+    constexpr bool kF = decltype(form_qk)::value;
+    return d.N == 128  ? batched_rotation_backward_siso_kernel<128, kF>
+           : d.N == 64 ? batched_rotation_backward_siso_kernel<64, kF>
+                       : batched_rotation_backward_siso_kernel<32, kF>;
+  };
+  const auto kernel = form ? pick(std::true_type{}) : pick(std::false_type{});
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);

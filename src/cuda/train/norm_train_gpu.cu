@@ -14,7 +14,7 @@ using train_detail::grid_for;
 using train_detail::kMaxWarps;
 using train_detail::threads_for;
 
-// Blocks of rows in the backward: enough to fill the GPU, few enough that the partials (blocks·D doubles) stay
+// Blocks of rows in the backward: enough to fill the GPU, few enough that the partials (blocks·D floats) stay
 // small. Depends only on `rows`, so the summation order — and the result — is the same on every call.
 // (512 blocks of 32 rows each left the 125M step's norm backward latency-bound: 0.19 ms per call against ~0.05 of
 // traffic; 2048 blocks of 8 rows with the warp-per-column second stage below.)
@@ -23,7 +23,7 @@ constexpr int64_t kMinRowsPerBlock = 8;
 
 // The backward's warps per block and their shared partial rows' budget (within the device's 227 KB opt-in).
 constexpr int64_t kNormBackwardWarps = 8;
-constexpr int64_t kNormBackwardSharedBytes = 96 * 1024;
+constexpr int64_t kNormBackwardSharedBytes = 160 * 1024;  // as the staged kernel: rpb warps wherever that one applies
 constexpr int64_t kNormBackwardStagedBytes = 160 * 1024;  // the staged kernel's rows (8 rows of D ≤ 2560)
 
 int64_t rows_per_block(int64_t rows) {
@@ -74,40 +74,101 @@ __device__ __forceinline__ double warp_sum_d(double v) {
   return v;
 }
 
-// The block's weight (and bias) partials after a barrier: the warps' shared float64 rows (wsum: (warps, D) weight
+// The backward's arithmetic, shared by its three row kernels so that they give the same bits: every per-element
+// term in f32 with explicit roundings (no contraction left to the compiler), each lane's row sums in f32 over its
+// columns j ≡ lane (mod 32) in increasing j, the lanes' sums added in float64 (a butterfly: every lane gets the same
+// bits) and the row constants formed in float64, then rounded to f32 once. (The float64 terms per element it had
+// before cost ~9 f32↔f64 conversions per element, a quarter-rate instruction: the 125M step's norm backward ran at
+// ~50 % of its traffic floor.) Against the float64 CPU reference: within ~1e-6 (test NormBackwardMatchesCpuAndRepeats).
+struct RowGrad {
+  float s = 0;     // 1/√(mean x² + ε) (RMSNorm) or 1/√(var + ε) (LayerNorm)
+  float c = 0;     // RMSNorm: s³·mean(g·x), g = dy·w
+  float mean = 0;  // LayerNorm: the row mean, mean(g) and mean(g·x̂)
+  float mg = 0, mgx = 0;
+};
+
+// RMSNorm lane sums: ss += x², gx += (dy·w)·x.
+__device__ __forceinline__ void rms_lane_sums(float x, float g, float w, float& ss, float& gx) {
+  ss = __fmaf_rn(x, x, ss);
+  gx = __fmaf_rn(__fmul_rn(g, w), x, gx);
+}
+__device__ __forceinline__ RowGrad rms_row(float ss, float gx, int64_t D, float eps) {
+  const double s = 1.0 / sqrt(warp_sum_d(ss) / double(D) + double(eps));
+  RowGrad r;
+  r.s = float(s);
+  r.c = float(s * s * s * warp_sum_d(gx) / double(D));
+  return r;
+}
+// dx = s·dy·w − c·x; the weight's term dy·x·s.
+__device__ __forceinline__ float rms_dx(const RowGrad& r, float x, float g, float w) {
+  return __fmaf_rn(__fmul_rn(r.s, g), w, -__fmul_rn(r.c, x));
+}
+__device__ __forceinline__ float rms_dw_term(const RowGrad& r, float x, float g) {
+  return __fmul_rn(__fmul_rn(g, x), r.s);
+}
+// LayerNorm: the mean from the lanes' sums of x, s from their sums of (x − mean)², mg and mgx from their sums of
+// dy·w and (dy·w)·x̂.
+__device__ __forceinline__ float ln_mean(float sum, int64_t D) { return float(warp_sum_d(sum) / double(D)); }
+__device__ __forceinline__ void ln_var_lane(float x, float mean, float& var) {
+  const float d = __fsub_rn(x, mean);
+  var = __fmaf_rn(d, d, var);
+}
+__device__ __forceinline__ float ln_s(float var, int64_t D, float eps) {
+  return float(1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps)));
+}
+__device__ __forceinline__ float ln_xhat(const RowGrad& r, float x) { return __fmul_rn(__fsub_rn(x, r.mean), r.s); }
+__device__ __forceinline__ void ln_grad_lane(const RowGrad& r, float x, float g, float w, float& mg, float& mgx) {
+  const float gw = __fmul_rn(g, w);
+  mg = __fadd_rn(mg, gw);
+  mgx = __fmaf_rn(gw, ln_xhat(r, x), mgx);
+}
+__device__ __forceinline__ void ln_grad_row(RowGrad& r, float mg, float mgx, int64_t D) {
+  r.mg = float(warp_sum_d(mg) / double(D));
+  r.mgx = float(warp_sum_d(mgx) / double(D));
+}
+// dx = s·(dy·w − mg − x̂·mgx); the weight's term dy·x̂ (the bias's: dy).
+__device__ __forceinline__ float ln_dx(const RowGrad& r, float x, float g, float w) {
+  return __fmul_rn(r.s, __fsub_rn(__fsub_rn(__fmul_rn(g, w), r.mg), __fmul_rn(ln_xhat(r, x), r.mgx)));
+}
+__device__ __forceinline__ float ln_dw_term(const RowGrad& r, float x, float g) { return __fmul_rn(g, ln_xhat(r, x)); }
+
+// dx's element written (added to dx's old value when accumulating), and its bf16 rounding when asked.
+__device__ __forceinline__ float dx_out(float v, bool accumulate, float old) { return accumulate ? __fadd_rn(old, v) : v; }
+
+// The block's weight (and bias) partials after a barrier: the warps' shared f32 rows (wsum: (warps, D) weight
 // terms, then (warps, D) bias terms when partial_b is given) added in warp order into row blockIdx.x of partial_w
-// (and partial_b). Shared by the backward's row kernels, so their partials are summed alike.
-__device__ __forceinline__ void write_block_partials(const double* wsum, int warps, int64_t D, double* partial_w,
-                                                     double* partial_b) {
+// (and partial_b). Shared by the generic and register row kernels; the staged kernel sums its staged rows alike.
+__device__ __forceinline__ void write_block_partials(const float* wsum, int warps, int64_t D, float* partial_w,
+                                                     float* partial_b) {
   const bool with_b = partial_b != nullptr;
-  double* pw = partial_w + int64_t(blockIdx.x) * D;
-  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
+  float* pw = partial_w + int64_t(blockIdx.x) * D;
+  float* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    double tw = 0, tb = 0;
+    float tw = 0, tb = 0;
     for (int i = 0; i < warps; ++i) {
-      tw += wsum[int64_t(i) * D + j];
-      if (with_b) tb += wsum[int64_t(warps + i) * D + j];
+      tw = __fadd_rn(tw, wsum[int64_t(i) * D + j]);
+      if (with_b) tb = __fadd_rn(tb, wsum[int64_t(warps + i) * D + j]);
     }
     pw[j] = tw;
     if (pb) pb[j] = tb;
   }
 }
 
-// dx for the rows [blk·rpb, (blk+1)·rpb) and this block's partial weight (and bias) sums pw/pb (D doubles each). A warp
+// dx for the rows [blk·rpb, (blk+1)·rpb) and this block's partial weight (and bias) sums pw/pb (D floats each). A warp
 // per row (rows r0 + w, r0 + w + warps, …), lane l owning the columns j ≡ l (mod 32): the row's sums are warp
 // butterflies, with no block barrier per row. Each warp accumulates its rows' weight terms in its own shared row
-// (warp-major, D doubles per warp; bias terms after all of them), which the block then adds in warp order into the
+// (warp-major, D floats per warp; bias terms after all of them), which the block then adds in warp order into the
 // block's partial — with rpb ≤ warps, exactly the row order, as one thread summing the block's rows would.
 // (A block per row with block-wide sums spent four barriers per row on 3 columns per thread: latency-bound.)
 // Cost: reads x, dy twice, w; writes dx; ~5·rows·D floats of traffic plus the partials.
 __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
-                                          bool layer, float eps, float* dx, bool accumulate, double* partial_w,
-                                          double* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
-  extern __shared__ double wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
+                                          bool layer, float eps, float* dx, bool accumulate, float* partial_w,
+                                          float* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
+  extern __shared__ float wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
   const bool with_b = partial_b != nullptr;
-  double* sw = wsum + int64_t(warp) * D;
-  double* sb = with_b ? wsum + int64_t(warps + warp) * D : nullptr;
+  float* sw = wsum + int64_t(warp) * D;
+  float* sb = with_b ? wsum + int64_t(warps + warp) * D : nullptr;
   for (int64_t j = lane; j < D; j += 32) {
     sw[j] = 0;
     if (sb) sb[j] = 0;
@@ -117,72 +178,49 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
     const float* xr = x + r * D;
     const float* gr = dy + r * D;
     float* dxr = dx + r * D;
+    RowGrad rg;
     if (!layer) {
-      double ss = 0, gx = 0;
-      for (int64_t j = lane; j < D; j += 32) {
-        ss += double(xr[j]) * xr[j];
-        gx += double(gr[j]) * w[j] * xr[j];
-      }
-      ss = warp_sum_d(ss);
-      gx = warp_sum_d(gx);
-      const double s = 1.0 / sqrt(ss / double(D) + double(eps));
-      const double c = s * s * s * gx / double(D);
-      for (int64_t j = lane; j < D; j += 32) {
-        sw[j] += double(gr[j]) * xr[j] * s;
-        const float v = float(s * double(gr[j]) * w[j] - c * xr[j]);
-        const float o = accumulate ? dxr[j] + v : v;
-        dxr[j] = o;
-        if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
-      }
+      float ss = 0, gx = 0;
+      for (int64_t j = lane; j < D; j += 32) rms_lane_sums(xr[j], gr[j], w[j], ss, gx);
+      rg = rms_row(ss, gx, D, eps);
     } else {
-      double sum = 0;
-      for (int64_t j = lane; j < D; j += 32) sum += xr[j];
-      const double mean = warp_sum_d(sum) / double(D);
-      double var = 0;
-      for (int64_t j = lane; j < D; j += 32) {
-        const double d = double(xr[j]) - mean;
-        var += d * d;
-      }
-      const double s = 1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps));
-      double mg = 0, mgx = 0;
-      for (int64_t j = lane; j < D; j += 32) {
-        const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
-        mg += g;
-        mgx += g * xh;
-        sw[j] += double(gr[j]) * xh;
-        if (sb) sb[j] += gr[j];
-      }
-      mg = warp_sum_d(mg) / double(D);
-      mgx = warp_sum_d(mgx) / double(D);
-      for (int64_t j = lane; j < D; j += 32) {
-        const double xh = (double(xr[j]) - mean) * s, g = double(gr[j]) * w[j];
-        const float v = float(s * (g - mg - xh * mgx));
-        const float o = accumulate ? dxr[j] + v : v;
-        dxr[j] = o;
-        if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
-      }
+      float sum = 0, var = 0, mg = 0, mgx = 0;
+      for (int64_t j = lane; j < D; j += 32) sum = __fadd_rn(sum, xr[j]);
+      rg.mean = ln_mean(sum, D);
+      for (int64_t j = lane; j < D; j += 32) ln_var_lane(xr[j], rg.mean, var);
+      rg.s = ln_s(var, D, eps);
+      for (int64_t j = lane; j < D; j += 32) ln_grad_lane(rg, xr[j], gr[j], w[j], mg, mgx);
+      ln_grad_row(rg, mg, mgx, D);
+    }
+    for (int64_t j = lane; j < D; j += 32) {
+      const float xe = xr[j], ge = gr[j];
+      const float v = layer ? ln_dx(rg, xe, ge, w[j]) : rms_dx(rg, xe, ge, w[j]);
+      sw[j] = __fadd_rn(sw[j], layer ? ln_dw_term(rg, xe, ge) : rms_dw_term(rg, xe, ge));
+      if (sb) sb[j] = __fadd_rn(sb[j], ge);
+      const float o = dx_out(v, accumulate, accumulate ? dxr[j] : 0.0f);
+      dxr[j] = o;
+      if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
     }
   }
   __syncthreads();
   write_block_partials(wsum, warps, D, partial_w, partial_b);
 }
 
-// norm_backward_rows_kernel with a lane's kV = D/32 columns of x and dy in registers (and dx's, when accumulating,
-// loaded together before the last pass): a row's loads issued before its stores and read once, the same arithmetic
-// in the same order (the same bits: test NormRegisterRowsGiveTheSameBits). (ncu, 125M step: the generic kernel ran
-// at 107 µs per call against a ~65 µs memory floor, re-reading x and dy per pass.) Only up to kV = 16 (157 registers):
-// from kV = 24 on it takes all 255 and spills (the float64 row terms), and at D = 768 it ran slower than the generic
-// kernel (H200, 125M step: norm backward 4.07 against 3.3 ms per step), so wider rows keep that one.
+// norm_backward_rows_kernel with a lane's kV = D/32 columns of x and dy in registers (and dx's, when accumulating):
+// a row's loads issued before its stores and read once, the same arithmetic in the same order (the same bits: test
+// NormRegisterRowsGiveTheSameBits). (ncu, 125M step: the generic kernel ran at 107 µs per call against a ~65 µs
+// memory floor, re-reading x and dy per pass.) Only up to kV = 16 (122 registers): at kV = 24 it takes 254 — the
+// compiler keeps each element's products live between the passes — so wider rows use the staged kernel.
 template <int kV>
 __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, int64_t rows, const float* w,
-                                              bool layer, float eps, float* dx, bool accumulate, double* partial_w,
-                                              double* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
+                                              bool layer, float eps, float* dx, bool accumulate, float* partial_w,
+                                              float* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
   constexpr int64_t D = 32 * kV;
-  extern __shared__ double wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
+  extern __shared__ float wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
   const bool with_b = partial_b != nullptr;
-  double* sw = wsum + int64_t(warp) * D;
-  double* sb = with_b ? wsum + int64_t(warps + warp) * D : nullptr;
+  float* sw = wsum + int64_t(warp) * D;
+  float* sb = with_b ? wsum + int64_t(warps + warp) * D : nullptr;
 #pragma unroll
   for (int i = 0; i < kV; ++i) {
     const int j = lane + 32 * i;
@@ -196,76 +234,37 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
     float* dxr = dx + r * D;
     float xv[kV], gv[kV], dv[kV];
 #pragma unroll
-    for (int i = 0; i < kV; ++i) xv[i] = xr[lane + 32 * i], gv[i] = gr[lane + 32 * i];
-    // Between passes the empty asm makes x and dy look changed, so that the compiler recomputes each pass's float64
-    // terms instead of keeping an earlier pass's (kV doubles each: 255 registers and spills at kV = 24).
-    const float* wr = w;  // w through a pointer the asm also "changes": its loads are not kept across passes either
-    const auto fresh = [&] {
-#pragma unroll
-      for (int i = 0; i < kV; ++i) asm volatile("" : "+f"(xv[i]), "+f"(gv[i]));
-      asm volatile("" : "+l"(wr));
-    };
-    const auto load_dx = [&] {  // before the last pass (after the row sums: fewer registers live at once)
-#pragma unroll
-      for (int i = 0; i < kV; ++i) dv[i] = accumulate ? dxr[lane + 32 * i] : 0.0f;
-      fresh();
-    };
+    for (int i = 0; i < kV; ++i) {
+      xv[i] = xr[lane + 32 * i], gv[i] = gr[lane + 32 * i];
+      dv[i] = accumulate ? dxr[lane + 32 * i] : 0.0f;
+    }
+    RowGrad rg;
     if (!layer) {
-      double ss = 0, gx = 0;
+      float ss = 0, gx = 0;
 #pragma unroll
-      for (int i = 0; i < kV; ++i) {
-        ss += double(xv[i]) * xv[i];
-        gx += double(gv[i]) * wr[lane + 32 * i] * xv[i];
-      }
-      load_dx();
-      ss = warp_sum_d(ss);
-      gx = warp_sum_d(gx);
-      const double s = 1.0 / sqrt(ss / double(D) + double(eps));
-      const double c = s * s * s * gx / double(D);
-#pragma unroll
-      for (int i = 0; i < kV; ++i) {
-        const int j = lane + 32 * i;
-        sw[j] += double(gv[i]) * xv[i] * s;
-        const float v = float(s * double(gv[i]) * wr[j] - c * xv[i]);
-        const float o = accumulate ? dv[i] + v : v;
-        dxr[j] = o;
-        if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
-      }
+      for (int i = 0; i < kV; ++i) rms_lane_sums(xv[i], gv[i], w[lane + 32 * i], ss, gx);
+      rg = rms_row(ss, gx, D, eps);
     } else {
-      double sum = 0;
+      float sum = 0, var = 0, mg = 0, mgx = 0;
 #pragma unroll
-      for (int i = 0; i < kV; ++i) sum += xv[i];
-      fresh();
-      const double mean = warp_sum_d(sum) / double(D);
-      double var = 0;
+      for (int i = 0; i < kV; ++i) sum = __fadd_rn(sum, xv[i]);
+      rg.mean = ln_mean(sum, D);
 #pragma unroll
-      for (int i = 0; i < kV; ++i) {
-        const double d = double(xv[i]) - mean;
-        var += d * d;
-      }
-      fresh();
-      const double s = 1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps));
-      double mg = 0, mgx = 0;
+      for (int i = 0; i < kV; ++i) ln_var_lane(xv[i], rg.mean, var);
+      rg.s = ln_s(var, D, eps);
 #pragma unroll
-      for (int i = 0; i < kV; ++i) {
-        const int j = lane + 32 * i;
-        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wr[j];
-        mg += g;
-        mgx += g * xh;
-        sw[j] += double(gv[i]) * xh;
-        if (sb) sb[j] += gv[i];
-      }
-      load_dx();
-      mg = warp_sum_d(mg) / double(D);
-      mgx = warp_sum_d(mgx) / double(D);
+      for (int i = 0; i < kV; ++i) ln_grad_lane(rg, xv[i], gv[i], w[lane + 32 * i], mg, mgx);
+      ln_grad_row(rg, mg, mgx, D);
+    }
 #pragma unroll
-      for (int i = 0; i < kV; ++i) {
-        const double xh = (double(xv[i]) - mean) * s, g = double(gv[i]) * wr[lane + 32 * i];
-        const float v = float(s * (g - mg - xh * mgx));
-        const float o = accumulate ? dv[i] + v : v;
-        dxr[lane + 32 * i] = o;
-        if (dx16) dx16[r * D + lane + 32 * i] = __float2bfloat16_rn(o);
-      }
+    for (int i = 0; i < kV; ++i) {
+      const int j = lane + 32 * i;
+      const float v = layer ? ln_dx(rg, xv[i], gv[i], w[lane + 32 * i]) : rms_dx(rg, xv[i], gv[i], w[lane + 32 * i]);
+      sw[j] = __fadd_rn(sw[j], layer ? ln_dw_term(rg, xv[i], gv[i]) : rms_dw_term(rg, xv[i], gv[i]));
+      if (sb) sb[j] = __fadd_rn(sb[j], gv[i]);
+      const float o = dx_out(v, accumulate, dv[i]);
+      dxr[j] = o;
+      if (dx16) dx16[r * D + j] = __float2bfloat16_rn(o);
     }
   }
   __syncthreads();
@@ -278,17 +277,17 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
 // columns at a time, and the block's weight/bias partials summed from the staged rows in row order — which is the
 // generic kernel's warp order when each warp has one row. Every sum runs in the generic kernel's order (the row sums
 // per lane over j ≡ lane (mod 32), then the warp butterfly) and every element's arithmetic is its expression, so the
-// same bits (test NormRegisterRowsGiveTheSameBits). Shared memory: (warps, 2, D) floats, then (warps, 2) doubles.
-// D % 4 == 0 and 16-byte aligned x, dy, dx (the launcher checks). (The register kernel spilled from D = 768 on.)
-// (At most 80 registers: three blocks of eight warps per SM; at 94 registers two, half the warps in flight.)
+// same bits (test NormRegisterRowsGiveTheSameBits). Shared memory: (warps, 2, D) floats, then (warps) RowGrads.
+// D % 4 == 0 and 16-byte aligned x, dy, dx (the launcher checks). (The register kernel spilled from D = 768 on while
+// its terms were float64.) (At most 80 registers: three blocks of eight warps per SM.)
 __global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const float* x, const float* dy, int64_t rows, int64_t D,
                                                  const float* w, bool layer, float eps, float* dx, bool accumulate,
-                                                 double* partial_w, double* partial_b, int64_t rpb,
+                                                 float* partial_w, float* partial_b, int64_t rpb,
                                                  __nv_bfloat16* dx16) {
   extern __shared__ float4 staged4[];
   float* staged = reinterpret_cast<float*>(staged4);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
-  double* stat = reinterpret_cast<double*>(staged + 2 * int64_t(warps) * D);  // per row: s, then c (RMS) / mean
+  RowGrad* stat = reinterpret_cast<RowGrad*>(staged + 2 * int64_t(warps) * D);
   const int64_t r0 = int64_t(blockIdx.x) * rpb, nr = r0 + rpb < rows ? rpb : rows - r0, D4 = D / 4;
   if (warp < nr) {
     const int64_t r = r0 + warp;
@@ -309,51 +308,31 @@ __global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const
       }
     }
     __syncwarp();
-    double s, c = 0, mean = 0, mg = 0, mgx = 0;
+    RowGrad rg;
     if (!layer) {
-      double ss = 0, gx = 0;
-      for (int64_t j = lane; j < D; j += 32) {
-        ss += double(xs[j]) * xs[j];
-        gx += double(gs[j]) * w[j] * xs[j];
-      }
-      ss = warp_sum_d(ss);
-      gx = warp_sum_d(gx);
-      s = 1.0 / sqrt(ss / double(D) + double(eps));
-      c = s * s * s * gx / double(D);
+      float ss = 0, gx = 0;
+      for (int64_t j = lane; j < D; j += 32) rms_lane_sums(xs[j], gs[j], w[j], ss, gx);
+      rg = rms_row(ss, gx, D, eps);
     } else {
-      double sum = 0;
-      for (int64_t j = lane; j < D; j += 32) sum += xs[j];
-      mean = warp_sum_d(sum) / double(D);
-      double var = 0;
-      for (int64_t j = lane; j < D; j += 32) {
-        const double d = double(xs[j]) - mean;
-        var += d * d;
-      }
-      s = 1.0 / sqrt(warp_sum_d(var) / double(D) + double(eps));
-      for (int64_t j = lane; j < D; j += 32) {
-        const double xh = (double(xs[j]) - mean) * s, g = double(gs[j]) * w[j];
-        mg += g;
-        mgx += g * xh;
-      }
-      mg = warp_sum_d(mg) / double(D);
-      mgx = warp_sum_d(mgx) / double(D);
+      float sum = 0, var = 0, mg = 0, mgx = 0;
+      for (int64_t j = lane; j < D; j += 32) sum = __fadd_rn(sum, xs[j]);
+      rg.mean = ln_mean(sum, D);
+      for (int64_t j = lane; j < D; j += 32) ln_var_lane(xs[j], rg.mean, var);
+      rg.s = ln_s(var, D, eps);
+      for (int64_t j = lane; j < D; j += 32) ln_grad_lane(rg, xs[j], gs[j], w[j], mg, mgx);
+      ln_grad_row(rg, mg, mgx, D);
     }
-    if (lane == 0) stat[2 * warp] = s, stat[2 * warp + 1] = layer ? mean : c;
+    if (lane == 0) stat[warp] = rg;
     // dx, four columns per lane and step (each element's expression as in the generic kernel).
     float4* dx4 = reinterpret_cast<float4*>(dx + r * D);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    const bool w_aligned = (reinterpret_cast<uintptr_t>(w) & 15) == 0;
     for (int64_t i = lane; i < D4; i += 32) {
       const float4 xv = reinterpret_cast<const float4*>(xs)[i], gv = reinterpret_cast<const float4*>(gs)[i];
-      const float4 wv = make_float4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+      const float4 wv = w_aligned ? w4[i] : make_float4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
       const float4 d0 = accumulate ? dx4[i] : make_float4(0, 0, 0, 0);
       const auto one = [&](float xe, float ge, float we, float de) {
-        float v;
-        if (!layer) {
-          v = float(s * double(ge) * we - c * xe);
-        } else {
-          const double xh = (double(xe) - mean) * s, g = double(ge) * we;
-          v = float(s * (g - mg - xh * mgx));
-        }
-        return accumulate ? de + v : v;
+        return dx_out(layer ? ln_dx(rg, xe, ge, we) : rms_dx(rg, xe, ge, we), accumulate, de);
       };
       const float4 o = make_float4(one(xv.x, gv.x, wv.x, d0.x), one(xv.y, gv.y, wv.y, d0.y),
                                    one(xv.z, gv.z, wv.z, d0.z), one(xv.w, gv.w, wv.w, d0.w));
@@ -367,46 +346,43 @@ __global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const
   __syncthreads();
   // The block's partials from the staged rows, in row order (the generic kernel's per-warp rows, summed in warp order).
   const bool with_b = partial_b != nullptr;
-  double* pw = partial_w + int64_t(blockIdx.x) * D;
-  double* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
+  float* pw = partial_w + int64_t(blockIdx.x) * D;
+  float* pb = with_b ? partial_b + int64_t(blockIdx.x) * D : nullptr;
   for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    double tw = 0, tb = 0;
+    float tw = 0, tb = 0;
     for (int64_t i = 0; i < nr; ++i) {
       const float xe = staged[2 * i * D + j], ge = staged[(2 * i + 1) * D + j];
-      const double si = stat[2 * i];
-      // The term rounded before the add, as the generic kernel's shared rows hold it (no fused multiply-add here).
-      if (!layer) {
-        tw = __dadd_rn(tw, __dmul_rn(double(ge) * xe, si));
-      } else {
-        tw = __dadd_rn(tw, __dmul_rn(double(ge), (double(xe) - stat[2 * i + 1]) * si));
-        tb += double(ge);
-      }
+      tw = __fadd_rn(tw, layer ? ln_dw_term(stat[i], xe, ge) : rms_dw_term(stat[i], xe, ge));
+      if (layer) tb = __fadd_rn(tb, ge);
     }
     pw[j] = tw;
     if (pb) pb[j] = tb;
   }
 }
 
-// dw[j] += Σ_blk pw[blk, j] (and db), the deterministic second stage: a warp per column, lane i adding the blocks
-// i, i + 32, … in order, then the butterfly (a fixed order that depends on nblocks only).
-__global__ void norm_backward_sum_kernel(const double* partial_w, const double* partial_b, int64_t nblocks,
-                                         int64_t D, float* dw, float* db) {
-  const int lane = threadIdx.x % 32;
-  for (int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; j < D;
-       j += int64_t(gridDim.x) * blockDim.x / 32) {
-    double sw = 0, sb = 0;
-    for (int64_t blk = lane; blk < nblocks; blk += 32) {
+// dw[j] += Σ_blk pw[blk, j] (and db) in float64, the deterministic second stage: a block of 32 warps per 32 columns,
+// lane = column, warp i adding the partial rows i, i + 32, … in order, then the warps' totals added in warp order
+// (a fixed order that depends on nblocks only). A warp's loads are 32 adjacent floats of one partial row.
+__global__ void __launch_bounds__(1024) norm_backward_sum_kernel(const float* partial_w, const float* partial_b,
+                                                                 int64_t nblocks, int64_t D, float* dw, float* db) {
+  __shared__ double tot[2][32][33];
+  const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
+  const int64_t j = int64_t(blockIdx.x) * 32 + lane;
+  double sw = 0, sb = 0;
+  if (j < D) {
+#pragma unroll 8
+    for (int64_t blk = warp; blk < nblocks; blk += 32) {
       sw += partial_w[blk * D + j];
       if (db) sb += partial_b[blk * D + j];
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      sw += __shfl_xor_sync(0xffffffffu, sw, o);
-      sb += __shfl_xor_sync(0xffffffffu, sb, o);
-    }
-    if (lane == 0) {
-      dw[j] += float(sw);
-      if (db) db[j] += float(sb);
-    }
+  }
+  tot[0][warp][lane] = sw, tot[1][warp][lane] = sb;
+  __syncthreads();
+  if (warp == 0 && j < D) {
+    double tw = 0, tb = 0;
+    for (int i = 0; i < 32; ++i) tw += tot[0][i][lane], tb += tot[1][i][lane];
+    dw[j] += float(tw);
+    if (db) db[j] += float(tb);
   }
 }
 
@@ -559,11 +535,11 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
   MAMBA3_CHECK(b_or_null || !db_or_null, "norm_backward_gpu: a bias gradient asked of an RMSNorm (no bias)");
   const int64_t rpb = rows_per_block(rows), nblocks = (rows + rpb - 1) / rpb;
   const bool with_db = db_or_null != nullptr;
-  scratch.partial.reserve(size_t(nblocks * D) * sizeof(double) * (with_db ? 2 : 1));
-  double* pw = scratch.partial.as<double>();
-  double* pb = with_db ? pw + nblocks * D : nullptr;
+  scratch.partial.reserve(size_t(nblocks * D) * sizeof(float) * (with_db ? 2 : 1));
+  float* pw = scratch.partial.as<float>();
+  float* pb = with_db ? pw + nblocks * D : nullptr;
   // Warps per block: one per row of the block (rpb), at most 8, and as many as the warps' shared partial rows allow.
-  const int64_t row_bytes = D * int64_t(sizeof(double)) * (with_db ? 2 : 1);
+  const int64_t row_bytes = D * int64_t(sizeof(float)) * (with_db ? 2 : 1);
   const int warps = int(std::clamp<int64_t>(std::min<int64_t>(rpb, kNormBackwardWarps), 1,
                                             std::max<int64_t>(1, kNormBackwardSharedBytes / row_bytes)));
   const size_t shared = size_t(warps * row_bytes);
@@ -580,7 +556,7 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
   // shared memory where each warp has one row and the staged rows fit.
   const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   const int staged_warps = int(rpb);
-  const size_t staged_bytes = size_t(staged_warps) * (2 * size_t(D) * sizeof(float) + 2 * sizeof(double));
+  const size_t staged_bytes = size_t(staged_warps) * (2 * size_t(D) * sizeof(float) + sizeof(RowGrad));
   if (pick_register_kernel<BackwardRows, 8, 16>(D, [&](auto kernel) { launch(kernel); })) {
   } else if (staged_rows_enabled() && D % 4 == 0 && rpb <= kNormBackwardWarps && aligned(x) && aligned(dy) &&
              aligned(dx) && staged_bytes <= size_t(kNormBackwardStagedBytes)) {
@@ -597,7 +573,7 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
   } else {
     launch(norm_backward_rows_kernel, D);
   }
-  norm_backward_sum_kernel<<<grid_for(D * 32, 256), 256, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
+  norm_backward_sum_kernel<<<unsigned((D + 31) / 32), 1024, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -1,11 +1,12 @@
 #pragma once
-// Row norms of GPU training (spec §9.3), f32 in and out with float64 row statistics, the semantics and eps
-// handling of ops/norm.h and ops/norm_backward.h:
+// Row norms of GPU training (spec §9.3), f32 in and out, the semantics and eps handling of ops/norm.h and
+// ops/norm_backward.h: the forward's row statistics in float64; the backward's per-element terms and each lane's
+// partial row sums in f32, the row sums across lanes and the row constants in float64:
 //   RMSNorm   y = x·s·w,        s = (mean x² + ε)^−½
 //   LayerNorm y = x̂·w + b,      x̂ = (x − mean)·s, s = (var + ε)^−½ (biased variance)
 // Backward: RMSNorm dx = s·g − x·s³·mean(g·x), g = dy·w, dw += Σ dy·x·s; LayerNorm dx = s·(g − mean g − x̂·mean(g·x̂)),
-// dw += Σ dy·x̂, db += Σ dy. The weight/bias sums are deterministic: per-block float64 partials over fixed row
-// ranges, then added in block order (no atomics).
+// dw += Σ dy·x̂, db += Σ dy. The weight/bias sums are deterministic: per-block f32 partials over fixed row ranges
+// (8 rows at the 125M step), then added in a fixed order in float64 (no atomics).
 #include <cstdint>
 
 #include <cuda_runtime.h>
