@@ -232,11 +232,13 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
 // its bias partials in shared memory as float4/float2 (one access per head and token where the generic kernel made
 // one per element). The same sums: per warp its tokens in order, then the warps in order.
 // kFormQK: q and k formed again from zx's normalised B/C rows, the biases and φ exactly as the SISO build formed them
-// (rotated_pair: the same bits) instead of read back — a token's B/C rows are read once for the block's heads, so the
-// kernel moves ~2/3 of the bytes (q and k are H× the group's B/C; 125M: 201 MB fewer per layer).
-template <int N, bool kFormQK>
+// (rotated_pair: the same bits) instead of read back — a token's B/C rows are read once for the block's heads (q and
+// k are H× the group's B/C; 125M: 201 MB fewer per layer). kHb heads at a time (a divisor of the block's heads) have
+// every load issued before their arithmetic: one head at a time left the kernel latency-bound (ncu, 125M: 194 µs
+// per layer at 64 % of DRAM bandwidth reading q and k, 197 µs at 44 % forming them).
+template <int N, bool kFormQK, int kHb>
 __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kernel(const BatchedParams p) {
-  constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE;
+  constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kPairs = kE / 2;
   using V = std::conditional_t<kE == 4, float4, float2>;
   const MixerDims& d = p.d;
   const int hb = p.heads_per_block, slots = d.H / hb, S = d.S;
@@ -251,25 +253,25 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
   for (int e = threadIdx.x; e < kWarps * hb * 2 * N; e += kThreads) sm[e] = 0.0f;
   __syncthreads();
   float* mine = sm + warp * hb * 2 * N;
-  const auto load_v = [](const float* src, float (&out)[kE]) {
+  const auto load_v = [](const float* src, float* out) {
     const V v = *reinterpret_cast<const V*>(src);
     if constexpr (kE == 4) out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
     else out[0] = v.x, out[1] = v.y;
   };
-  const auto load_h = [](const uint16_t* src, float (&out)[kE]) {  // kE bf16 (the cores' dQ16 and dK16)
+  const auto load_h = [](const uint16_t* src, float* out) {  // kE bf16 (the cores' dQ16 and dK16, or q and k)
 #pragma unroll
     for (int e = 0; e < kE; e += 2) {
       const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src + e));
       out[e] = v.x, out[e + 1] = v.y;
     }
   };
-  const auto add_v = [](float* dst, const float (&in)[kE]) {
+  const auto add_v = [](float* dst, const float* in) {
     V v = *reinterpret_cast<V*>(dst);
     if constexpr (kE == 4) v.x += in[0], v.y += in[1], v.z += in[2], v.w += in[3];
     else v.x += in[0], v.y += in[1];
     *reinterpret_cast<V*>(dst) = v;
   };
-  const auto store_v = [](float* dst, const float (&in)[kE]) {
+  const auto store_v = [](float* dst, const float* in) {
     V v;
     if constexpr (kE == 4) v = make_float4(in[0], in[1], in[2], in[3]);
     else v = make_float2(in[0], in[1]);
@@ -285,47 +287,60 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
         const float* z = p.zx + tok * d.din;
         load_v(z + d.off_C + int64_t(g) * N + n0, zc), load_v(z + d.off_B + int64_t(g) * N + n0, zb);
       }
-      for (int hh = 0; hh < hb; ++hh) {
-        const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
-        const int64_t j = (chunk * p.rows + tl) * N + n0;
-        float gq[kE], gk[kE], vq[kE], vk[kE], gc[kE], gb[kE], bq[kE], bk[kE];
-        if (p.dQ16) load_h(p.dQ16 + j, gq), load_h(p.dK16 + j, gk);
-        else load_v(dQ + j, gq), load_v(dK + j, gk);
-        if constexpr (kFormQK) {
-          load_v(p.C_bias + (h0 + hh) * N + n0, bq), load_v(p.B_bias + (h0 + hh) * N + n0, bk);
-        } else {
+      for (int h1 = 0; h1 < hb; h1 += kHb) {
+        // kHb heads' loads: the gradients, q and k (or the biases that form them) and the angles.
+        float gq[kHb][kE], gk[kHb][kE], vq[kHb][kE], vk[kHb][kE], ph[kHb][kPairs];
 #pragma unroll
-          for (int e = 0; e < kE; e += 2) {
-            const float2 q2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + e));
-            const float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + e));
-            vq[e] = q2.x, vq[e + 1] = q2.y, vk[e] = k2.x, vk[e + 1] = k2.y;
+        for (int i = 0; i < kHb; ++i) {
+          const int hh = h1 + i;
+          const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
+          const int64_t j = (chunk * p.rows + tl) * N + n0;
+          if (p.dQ16) load_h(p.dQ16 + j, gq[i]), load_h(p.dK16 + j, gk[i]);
+          else load_v(dQ + j, gq[i]), load_v(dK + j, gk[i]);
+          if constexpr (kFormQK) {  // (vq, vk hold the biases until the rotation below)
+            load_v(p.C_bias + (h0 + hh) * N + n0, vq[i]), load_v(p.B_bias + (h0 + hh) * N + n0, vk[i]);
+          } else {
+            load_h(reinterpret_cast<const uint16_t*>(Q + j), vq[i]);
+            load_h(reinterpret_cast<const uint16_t*>(K + j), vk[i]);
+          }
+#pragma unroll
+          for (int m = 0; m < kPairs; ++m) {
+            const int u = n0 / 2 + m;
+            ph[i][m] = u < S ? phiv[st * S + u] : 0.0f;
           }
         }
 #pragma unroll
-        for (int m = 0; m < kE / 2; ++m) {
-          const int u = n0 / 2 + m, a = 2 * m;
-          float ca = gq[a], cb = gq[a + 1], ba = gk[a], bb = gk[a + 1];
-          if (u < S) {
-            const float2 rot = rotary_cos_sin(phiv[st * S + u]);
-            const float cs = rot.x, sn = rot.y;
-            if constexpr (kFormQK) {
-              const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], bq[a], bq[a + 1], cs, sn, true));
-              const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], bk[a], bk[a + 1], cs, sn, true));
-              vq[a] = q2.x, vq[a + 1] = q2.y, vk[a] = k2.x, vk[a + 1] = k2.y;
+        for (int i = 0; i < kHb; ++i) {
+          const int hh = h1 + i;
+          const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+          float gc[kE], gb[kE];
+#pragma unroll
+          for (int m = 0; m < kPairs; ++m) {
+            const int u = n0 / 2 + m, a = 2 * m;
+            float ca = gq[i][a], cb = gq[i][a + 1], ba = gk[i][a], bb = gk[i][a + 1];
+            if (u < S) {
+              const float2 rot = rotary_cos_sin(ph[i][m]);
+              const float cs = rot.x, sn = rot.y;
+              float qa = vq[i][a], qb = vq[i][a + 1], ka = vk[i][a], kb = vk[i][a + 1];
+              if constexpr (kFormQK) {
+                const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], qa, qb, cs, sn, true));
+                const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], ka, kb, cs, sn, true));
+                qa = q2.x, qb = q2.y, ka = k2.x, kb = k2.y;
+              }
+              float acc = 0.0f;
+              acc += gq[i][a + 1] * qa - gq[i][a] * qb;
+              acc += gk[i][a + 1] * ka - gk[i][a] * kb;
+              dphi_out[st * S + u] = acc;
+              ca = gq[i][a] * cs + gq[i][a + 1] * sn, cb = gq[i][a + 1] * cs - gq[i][a] * sn;
+              ba = gk[i][a] * cs + gk[i][a + 1] * sn, bb = gk[i][a + 1] * cs - gk[i][a] * sn;
             }
-            float acc = 0.0f;
-            acc += gq[a + 1] * vq[a] - gq[a] * vq[a + 1];
-            acc += gk[a + 1] * vk[a] - gk[a] * vk[a + 1];
-            dphi_out[st * S + u] = acc;
-            ca = gq[a] * cs + gq[a + 1] * sn, cb = gq[a + 1] * cs - gq[a] * sn;
-            ba = gk[a] * cs + gk[a + 1] * sn, bb = gk[a + 1] * cs - gk[a] * sn;
+            gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
           }
-          gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
-        }
-        float* gC = mine + (hh * 2) * N + n0;
-        add_v(gC, gc), add_v(gC + N, gb);
+          float* gC = mine + (hh * 2) * N + n0;
+          add_v(gC, gc), add_v(gC + N, gb);
 #pragma unroll
-        for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
+          for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
+        }
       }
       const int64_t out = (tok * slots + slot) * N + n0;
       store_v(dCn + out, sC), store_v(dBn + out, sB);
@@ -369,13 +384,19 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
   // q and k formed again where the SISO build wrote them (its bits) and the biases' rows are 16-byte aligned.
   const bool form = build_siso_applies(p) && (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0 &&
                     (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0;
-  const auto pick = [&](auto form_qk) {
+  const auto pick = [&](auto form_qk, auto heads) {
     constexpr bool kF = decltype(form_qk)::value;
-    return d.N == 128  ? batched_rotation_backward_siso_kernel<128, kF>
-           : d.N == 64 ? batched_rotation_backward_siso_kernel<64, kF>
-                       : batched_rotation_backward_siso_kernel<32, kF>;
+    constexpr int kH = decltype(heads)::value;
+    return d.N == 128  ? batched_rotation_backward_siso_kernel<128, kF, kH>
+           : d.N == 64 ? batched_rotation_backward_siso_kernel<64, kF, kH>
+                       : batched_rotation_backward_siso_kernel<32, kF, kH>;
   };
-  const auto kernel = form ? pick(std::true_type{}) : pick(std::false_type{});
+  const auto pick_heads = [&](auto form_qk) {  // heads loaded together: 4, 2 or 1, dividing the block's
+    return hb % 4 == 0   ? pick(form_qk, std::integral_constant<int, 4>{})
+           : hb % 2 == 0 ? pick(form_qk, std::integral_constant<int, 2>{})
+                         : pick(form_qk, std::integral_constant<int, 1>{});
+  };
+  const auto kernel = form ? pick_heads(std::true_type{}) : pick_heads(std::false_type{});
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
