@@ -88,17 +88,13 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const B
         bf16 qa[kU], qb[kU], kao[kU], kbo[kU];
 #pragma unroll
         for (int e = 0; e < kU; ++e) {
-          const float c_a = ca[a][e] + bqa[e], c_b = cb[a][e] + bqb[e];
-          const float k_a = ka[a][e] + bka[e], k_b = kb[a][e] + bkb[e];
-          float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f;  // padding rows: zeros
-          if (real && u0 + e < d.S) {
+          __nv_bfloat162 q2 = __floats2bfloat162_rn(0.0f, 0.0f), k2 = q2;  // padding rows: zeros
+          if (real) {
             const float c = cs[a][e][0], sv = cs[a][e][1];
-            q0 = c_a * c - c_b * sv, q1 = c_a * sv + c_b * c, k0 = k_a * c - k_b * sv, k1 = k_a * sv + k_b * c;
-          } else if (real) {
-            q0 = c_a, q1 = c_b, k0 = k_a, k1 = k_b;
+            q2 = rotated_pair(ca[a][e], cb[a][e], bqa[e], bqb[e], c, sv, u0 + e < d.S);
+            k2 = rotated_pair(ka[a][e], kb[a][e], bka[e], bkb[e], c, sv, u0 + e < d.S);
           }
-          qa[e] = __float2bfloat16_rn(q0), qb[e] = __float2bfloat16_rn(q1);
-          kao[e] = __float2bfloat16_rn(k0), kbo[e] = __float2bfloat16_rn(k1);
+          qa[e] = q2.x, qb[e] = q2.y, kao[e] = k2.x, kbo[e] = k2.y;
         }
         bf16* qd = static_cast<bf16*>(p.Q) + row * N + u0;
         bf16* kd = static_cast<bf16*>(p.K) + row * N + u0;
@@ -288,7 +284,10 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 // is summed over the ranks in registers (the generic kernel re-read its global partial per rank). The sums run in
 // the generic kernel's orders (dφ: rank by rank, q then k; dBn/dCn: over the block's heads in order; the bias
 // partials: the warp's tokens in order in the same shared rows), so the same bits.
-template <int N, int R, int HB>
+// kFormQK: q and k formed again from zx's normalised B/C rows (per token and rank, for every head of the block), the
+// biases and φ exactly as the MIMO build formed them (rotated_pair: the same bits) instead of read back: q and k are
+// H·R rows per token where B/C are R (125M MIMO R = 4: 805 MB fewer per layer).
+template <int N, int R, int HB, bool kFormQK>
 __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kernel(const BatchedParams p) {
   using bf16 = __nv_bfloat16;
   constexpr int kHalf = N / 2, kU = kHalf >= 64 ? kHalf / 32 : 1, kLanes = kHalf / kU, RN = R * N;
@@ -310,6 +309,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
   __syncthreads();
   float* mine = sm + warp * HB * 2 * RN;
   const bool active = lane < kLanes;
+  const int g = h0 / (d.H / d.G);  // the block's heads share one B/C group
   for (int tl = warp; tl < Tc; tl += kWarps) {
     if (!active) continue;
     const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
@@ -326,6 +326,15 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float qa[HB][kU], qb[HB][kU], ka[HB][kU], kb[HB][kU], gqa[HB][kU], gqb[HB][kU], gka[HB][kU], gkb[HB][kU];
+      float zca[kU], zcb[kU], zba[kU], zbb[kU];  // kFormQK: the token's normalised C and B of rank r (the group's)
+      if constexpr (kFormQK) {
+        const float* z = p.zx + tok * d.din + int64_t(r * d.G + g) * N + u0;
+#pragma unroll
+        for (int e = 0; e < kU; ++e) {
+          zca[e] = z[d.off_C + e], zcb[e] = z[d.off_C + kHalf + e];
+          zba[e] = z[d.off_B + e], zbb[e] = z[d.off_B + kHalf + e];
+        }
+      }
 #pragma unroll
       for (int hh = 0; hh < HB; ++hh) {
         const int64_t chunk = (int64_t(b) * d.H + h0 + hh) * p.nc + c;
@@ -333,17 +342,27 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
         if constexpr (kU == 2) {
           const float2 a0 = grad2(dQ, p.dQ16, j), a1 = grad2(dQ, p.dQ16, j + kHalf);
           const float2 b0 = grad2(dK, p.dK16, j), b1 = grad2(dK, p.dK16, j + kHalf);
+          gqa[hh][0] = a0.x, gqa[hh][1] = a0.y, gqb[hh][0] = a1.x, gqb[hh][1] = a1.y;
+          gka[hh][0] = b0.x, gka[hh][1] = b0.y, gkb[hh][0] = b1.x, gkb[hh][1] = b1.y;
+        } else {
+          gqa[hh][0] = grad1(dQ, p.dQ16, j), gqb[hh][0] = grad1(dQ, p.dQ16, j + kHalf);
+          gka[hh][0] = grad1(dK, p.dK16, j), gkb[hh][0] = grad1(dK, p.dK16, j + kHalf);
+        }
+        if constexpr (kFormQK) {  // (qa … kb hold the biases until the rotation below)
+          const int64_t bias = (int64_t(h0 + hh) * R + r) * N + u0;
+#pragma unroll
+          for (int e = 0; e < kU; ++e) {
+            qa[hh][e] = p.C_bias[bias + e], qb[hh][e] = p.C_bias[bias + kHalf + e];
+            ka[hh][e] = p.B_bias[bias + e], kb[hh][e] = p.B_bias[bias + kHalf + e];
+          }
+        } else if constexpr (kU == 2) {
           const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j));
           const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + kHalf));
           const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j));
           const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + kHalf));
-          gqa[hh][0] = a0.x, gqa[hh][1] = a0.y, gqb[hh][0] = a1.x, gqb[hh][1] = a1.y;
-          gka[hh][0] = b0.x, gka[hh][1] = b0.y, gkb[hh][0] = b1.x, gkb[hh][1] = b1.y;
           qa[hh][0] = q0.x, qa[hh][1] = q0.y, qb[hh][0] = q1.x, qb[hh][1] = q1.y;
           ka[hh][0] = k0.x, ka[hh][1] = k0.y, kb[hh][0] = k1.x, kb[hh][1] = k1.y;
         } else {
-          gqa[hh][0] = grad1(dQ, p.dQ16, j), gqb[hh][0] = grad1(dQ, p.dQ16, j + kHalf);
-          gka[hh][0] = grad1(dK, p.dK16, j), gkb[hh][0] = grad1(dK, p.dK16, j + kHalf);
           qa[hh][0] = __bfloat162float(Q[j]), qb[hh][0] = __bfloat162float(Q[j + kHalf]);
           ka[hh][0] = __bfloat162float(K[j]), kb[hh][0] = __bfloat162float(K[j + kHalf]);
         }
@@ -361,6 +380,11 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
           float ca = gq_x, cb = gq_y, ba = gk_x, bb = gk_y;
           if (u0 + e < S) {
             const float csv = cs[hh][e][0], sn = cs[hh][e][1];
+            if constexpr (kFormQK) {
+              const float2 q2 = __bfloat1622float2(rotated_pair(zca[e], zcb[e], qa[hh][e], qb[hh][e], csv, sn, true));
+              const float2 k2 = __bfloat1622float2(rotated_pair(zba[e], zbb[e], ka[hh][e], kb[hh][e], csv, sn, true));
+              qa[hh][e] = q2.x, qb[hh][e] = q2.y, ka[hh][e] = k2.x, kb[hh][e] = k2.y;
+            }
             float acc = dph[hh][e];
             acc += gq_y * qa[hh][e] - gq_x * qb[hh][e];
             acc += gk_y * ka[hh][e] - gk_x * kb[hh][e];
@@ -512,10 +536,16 @@ void launch_rotation_mimo_heads(cudaStream_t s, const BatchedParams& p) {
     kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
     MAMBA3_LAUNCH_CHECK();
   };
-  if (hb == 4) run(batched_rotation_backward_mimo_kernel<N, R, 4>);
-  else if (hb == 3) run(batched_rotation_backward_mimo_kernel<N, R, 3>);
-  else if (hb == 2) run(batched_rotation_backward_mimo_kernel<N, R, 2>);
-  else run(batched_rotation_backward_mimo_kernel<N, R, 1>);
+  // q and k formed again where the MIMO build wrote them (its bits).
+  const auto pick = [&](auto form_qk) {
+    constexpr bool kF = decltype(form_qk)::value;
+    if (hb == 4) run(batched_rotation_backward_mimo_kernel<N, R, 4, kF>);
+    else if (hb == 3) run(batched_rotation_backward_mimo_kernel<N, R, 3, kF>);
+    else if (hb == 2) run(batched_rotation_backward_mimo_kernel<N, R, 2, kF>);
+    else run(batched_rotation_backward_mimo_kernel<N, R, 1, kF>);
+  };
+  if (build_mimo_applies(p)) pick(std::true_type{});
+  else pick(std::false_type{});
 }
 
 template <int R>
@@ -551,14 +581,17 @@ bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats)
   return true;
 }
 
-bool launch_build_mimo(cudaStream_t s, const BatchedParams& p) {
+bool build_mimo_applies(const BatchedParams& p) {
   // The cores' shapes, R ∈ {2, 4}, and 8-byte-aligned zx rows and B/C offsets (its paired loads).
   const MixerDims& d = p.d;
-  const bool mimo = p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && p.rows == p.T * d.R &&
-                    p.rows <= 64 && (d.N == 32 || d.N == 64 || d.N == 128) && (d.P == 32 || d.P == 64) &&
-                    d.din % 2 == 0 && d.off_B % 2 == 0 && d.off_C % 2 == 0 && d.off_x % 2 == 0 && d.G >= 1 &&
-                    d.H % d.G == 0;
-  if (!mimo) return false;
+  return p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && p.rows == p.T * d.R && p.rows <= 64 &&
+         (d.N == 32 || d.N == 64 || d.N == 128) && (d.P == 32 || d.P == 64) && d.din % 2 == 0 && d.off_B % 2 == 0 &&
+         d.off_C % 2 == 0 && d.off_x % 2 == 0 && d.G >= 1 && d.H % d.G == 0;
+}
+
+bool launch_build_mimo(cudaStream_t s, const BatchedParams& p) {
+  const MixerDims& d = p.d;
+  if (!build_mimo_applies(p)) return false;
   if (d.R == 4) launch_build_mimo_rank<4>(s, p);
   else launch_build_mimo_rank<2>(s, p);
   return true;

@@ -12,16 +12,6 @@ namespace mamba3::cuda::train_detail::batched {
 
 namespace {
 
-// q or k of one rotary pair as the SISO build stores them: Rot(c + bias, φ) — or c + bias where the pair does not
-// rotate (past the S rotary pairs) — rounded to bf16. The build and the rotation backward's recomputation of q and k
-// share it, with explicit roundings (no contraction left to the compiler), so the two give the same bits.
-__device__ __forceinline__ __nv_bfloat162 rotated_pair(float c0, float c1, float b0, float b1, float cs, float sn,
-                                                      bool rot) {
-  const float a = __fadd_rn(c0, b0), b = __fadd_rn(c1, b1);
-  if (!rot) return __floats2bfloat162_rn(a, b);
-  return __floats2bfloat162_rn(__fmaf_rn(a, cs, -__fmul_rn(b, sn)), __fmaf_rn(a, sn, __fmul_rn(b, cs)));
-}
-
 // The SISO build's shapes and alignment (launch_build_siso): where it wrote q and k, the rotation backward may form
 // them again from zx instead of reading them.
 bool build_siso_applies(const BatchedParams& p) {
