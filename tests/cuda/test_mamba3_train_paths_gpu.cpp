@@ -235,6 +235,45 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
     }
 }
 
+// The B/C norm backward inside the SISO rotation backward (a block walks all head slots of its B/C group, the slot
+// sums in shared memory, then the norm backward) against the rotation backward writing dBn/dCn per slot for the
+// separate kernel: the same sums in the same order and the same expressions, so du and every gradient agree to a
+// last-bit difference (where the compiler contracts a product of the norm's differently); one and several slots per
+// group (heads per block 1, 2 or the default), deterministic, and the fused path must actually run.
+TEST(Mamba3TrainGpu, BcNormInsideTheRotationBackwardMatchesItsKernel) {
+  MAMBA3_REQUIRE_GPU();
+  std::vector<LayerCase> cases = core_shape_cases(false);
+  Mamba3Config c8 = small(false, 1);
+  c8.d_model = 256, c8.d_state = 128, c8.headdim = 64;  // 8 heads in one group
+  cases.push_back({"siso N 128 P 64 (8 heads)", c8});
+  for (const LayerCase& lc : cases)
+    for (const int hpb : {0, 1, 2})
+      for (const int64_t L : {65, 300}) {
+        const int per_group = int(lc.c.nheads() / lc.c.ngroups);
+        if (hpb > 0 && per_group % hpb != 0) continue;
+        SCOPED_TRACE(std::string(lc.name) + " heads/block " + std::to_string(hpb) + " L=" + std::to_string(L));
+        const int64_t B = 2;
+        auto [mixer, u, dout] = random_layer(lc.c, B, L, uint32_t(3100 + L + hpb));
+        CoreLayerStep step(mixer, u, dout);
+        step.train.set_epilogue_heads(hpb);
+        auto run = [&](bool fused) {
+          step.train.set_bc_norm_fusion(fused);
+          GpuResult r = step.run();
+          EXPECT_EQ(step.train.last_backward_fused_bc_norm(), fused) << "the switch did not select the path";
+          return r;
+        };
+        const GpuResult apart = run(false), inside = run(true), again = run(true);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(inside));
+        EXPECT_TRUE(bit_identical(inside, again)) << "not deterministic";
+        EXPECT_EQ(std::memcmp(apart.out.raw(), inside.out.raw(), apart.out.nbytes()), 0) << "the forward moved";
+        double worst = 0;
+        std::string where;
+        compare(inside, apart.out, apart.du, apart.grads, kTolSisoVsGeneric, kTolSisoVsGeneric, worst, where);
+        std::printf("  %-30s hpb %d L=%-3lld B/C norm inside vs apart: worst %.2e (%s)\n", lc.name, hpb, (long long)L,
+                    worst, where.c_str());
+      }
+}
+
 // MIMO's backward core with the state products in it (after the reverse chain: dK's second term in the core's
 // accumulators, tp written by the core) against the batched products it replaces: to rounding (the products sum in
 // cuBLAS's order), deterministic, with and without a kept forward, in both block widths; and no effect on SISO (its

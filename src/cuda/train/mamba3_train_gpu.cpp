@@ -121,6 +121,13 @@ bool env_dqk16() {
   return on;
 }
 
+// MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
+// the default) or its own kernel ("0").
+bool env_bc_norm_fused() {
+  static const bool on = env_choice("MAMBA3_TRAIN_BC_NORM_FUSED", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -156,7 +163,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
-      backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()) {
+      backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
+      bc_norm_fusion_(env_bc_norm_fused()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -415,6 +423,11 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.part_D = f(part_, parts->D), p.part_B_bias = f(part_, parts->B_bias), p.part_C_bias = f(part_, parts->C_bias);
   p.part_mimo_x = f(part_, parts->mimo_x), p.part_mimo_z = f(part_, parts->mimo_z);
   p.part_mimo_o = f(part_, parts->mimo_o), p.part_norm = f(part_, parts->norm);
+  if (bc_norm_fusion_) {  // the B/C norm backward inside the rotation backward, where its instance applies
+    p.bc_raw = f(act_->bc_raw), p.B_normw = w.B_norm, p.C_normw = w.C_norm;
+    p.part_B_norm = f(part_, parts->B_norm), p.part_C_norm = f(part_, parts->C_norm);
+    bc_norm_fused_ = rotation_backward_fuses_bc_norm(p);
+  }
   float* dHc = chain ? nullptr : f(dHc_, size_t(PN));
   const void* dHc_op = bf16 ? dHc16_.raw() : static_cast<const void*>(dHc);
 
@@ -646,7 +659,8 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
     offer16 = dzx16_.as<uint16_t>();
   }
   dzx16_offer_ = offer16;
-  const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm};
+  const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm, o_Bn, o_Cn};
+  bc_norm_fused_ = false;  // (batched_chunks: whether its rotation backward ran the B/C norm backward)
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);
   prof.mark("chunks");
@@ -664,9 +678,11 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.seg = f(act_->angle_seg);  // reserved by prepare
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
-  launch_bc_norm_backward(s, d, batched ? int(H) / epilogue_heads() : int(H), f(act_->bc_raw), w.B_norm, w.C_norm,
-                          f(dBn_), f(dCn_), f(dzx_), f(part_, o_Bn), f(part_, o_Cn), dzx16);
-  prof.mark("bc norm bwd");
+  if (!bc_norm_fused_) {
+    launch_bc_norm_backward(s, d, batched ? int(H) / epilogue_heads() : int(H), f(act_->bc_raw), w.B_norm, w.C_norm,
+                            f(dBn_), f(dCn_), f(dzx_), f(part_, o_Bn), f(part_, o_Cn), dzx16);
+    prof.mark("bc norm bwd");
+  }
 
   // Parameter partials summed over rows in a fixed order.
   struct Sum {

@@ -151,6 +151,13 @@ class Mamba3TrainGpu {
   // by the cores in bf16 and read so by the rotation backward (true), or in f32 (false): half their bytes, to bf16
   // rounding. Default from MAMBA3_TRAIN_DQK16, read once per process: "1" or "0" (unset: 1).
   void set_dqk16(bool on) { dqk16_ = on; }
+  // The batched path's SISO rotation backward running the B/C norm backward itself (true: one block per (sequence,
+  // group, chunk) sums every head's B/C gradients in shared memory, no dBn/dCn round trip and no separate kernel) or
+  // writing dBn/dCn per head slot for bc_norm_backward (false). The same sums in the same order. Default from
+  // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: "1" or "0" (unset: 1).
+  void set_bc_norm_fusion(bool on) { bc_norm_fusion_ = on; }
+  // Whether the last backward's rotation backward ran the B/C norm backward (set_bc_norm_fusion, where it applies).
+  bool last_backward_fused_bc_norm() const { return bc_norm_fused_; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 
@@ -189,7 +196,7 @@ class Mamba3TrainGpu {
   // The batched path (chunk_batched_): the chunked forward into o (and, with `backward`, everything the backward's
   // chunk stage produces: dz/dx columns of dzx_, dBn_, dCn_, dphi_, sgrad_, the chunk partials at part_ offsets).
   struct PartOffsets {
-    int64_t D, B_bias, C_bias, mimo_x, mimo_z, mimo_o, norm;
+    int64_t D, B_bias, C_bias, mimo_x, mimo_z, mimo_o, norm, B_norm, C_norm;
   };
   // reuse: the forward part's results are already in act_ (kept activations): the backward part only.
   void batched_chunks(const Context& ctx, bool bf16, const Mamba3TrainWeights& w, int64_t B, int64_t L, bool backward,
@@ -224,6 +231,8 @@ class Mamba3TrainGpu {
   bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
   bool backward_core_fused_ = true;  // the backward and post-scan cores as one kernel (set_backward_core_fused)
   bool dqk16_ = true;                // dQ and dK in bf16 between the SISO cores and the rotation backward (set_dqk16)
+  bool bc_norm_fusion_ = true;       // the B/C norm backward inside the SISO rotation backward (set_bc_norm_fusion)
+  bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;
   Mamba3TrainActivations* act_ = &own_;

@@ -163,7 +163,16 @@ struct BatchedParams {
   float* dphi;                           // (B·H, L, S)
   float *dBn, *dCn;                      // (M, H, R, N)
   float *part_mimo_z, *part_mimo_o, *part_norm, *part_B_bias, *part_C_bias, *part_mimo_x, *part_D;
+  // The B/C norm backward's inputs and partials (launch_bc_norm_backward's), for a rotation backward that runs it
+  // itself (rotation_backward_fuses_bc_norm; null: it writes dBn/dCn for the separate kernel): the raw B/C rows
+  // (M, 2·R·G, N), the norms' weights (N), the per-row weight partials (M·R·G, N) each.
+  const float* bc_raw;
+  const float *B_normw, *C_normw;
+  float *part_B_norm, *part_C_norm;
 };
+// Whether launch_batched_rotation_backward runs the B/C norm backward too (the SISO instance, p's B/C norm fields
+// given): then dBn/dCn are not written and launch_bc_norm_backward must not run.
+bool rotation_backward_fuses_bc_norm(const BatchedParams& p);
 // Whether the rotation backward that follows the cores reads bf16 dQ/dK (p.dQ16, p.dK16): its SISO and MIMO instances.
 bool dqk16_supported(const BatchedParams& p);
 // q, k, v, w ⊙ v and the chunk scalars (one block per chunk).

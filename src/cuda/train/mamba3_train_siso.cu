@@ -223,26 +223,37 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
 // one per element). The same sums: per warp its tokens in order, then the warps in order.
 // kFormQK: q and k formed again from zx's normalised B/C rows, the biases and φ exactly as the SISO build formed them
 // (rotated_pair: the same bits) instead of read back — a token's B/C rows are read once for the block's heads (q and
-// k are H× the group's B/C; 125M: 201 MB fewer per layer). kHb heads at a time (a divisor of the block's heads) have
-// every load issued before their arithmetic: one head at a time left the kernel latency-bound (ncu, 125M: 194 µs
-// per layer at 64 % of DRAM bandwidth reading q and k, 197 µs at 44 % forming them).
-template <int N, bool kFormQK, int kHb>
-__global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kernel(const BatchedParams p) {
+// k are H× the group's B/C; 125M: 201 MB fewer per layer). kHb = hb heads at a time have every load issued before
+// their arithmetic: one head at a time left the kernel latency-bound (ncu, 125M: 194 µs per layer at 64 % of DRAM
+// bandwidth reading q and k, 197 µs at 44 % forming them).
+// kFuseNorm: one block per (sequence, group, chunk) walks all the group's slots of hb heads, keeping each token's
+// slot sums of the B/C gradients in shared memory (in slot order: the sums the separate kernel forms from dBn/dCn),
+// then runs the B/C RMSNorm backward of bc_norm_backward_kernel for its tokens — no dBn/dCn round trip through
+// global memory (125M: 100 MB written and read per layer) and no separate launch. Otherwise a block per (sequence,
+// slot, chunk) writes its slot's sums to dBn/dCn.
+template <int N, bool kFormQK, int kHb, bool kFuseNorm>
+__global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_kernel(const BatchedParams p) {
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kPairs = kE / 2;
   using V = std::conditional_t<kE == 4, float4, float2>;
   const MixerDims& d = p.d;
-  const int hb = p.heads_per_block, slots = d.H / hb, S = d.S;
+  const int slots = d.H / kHb, spg = slots / d.G, S = d.S;  // (kHb = p.heads_per_block)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
-  const int c = int(blockIdx.x % p.nc), slot = int(blockIdx.x / p.nc % slots), b = int(blockIdx.x / p.nc / slots);
-  const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * hb;
+  const int c = int(blockIdx.x % p.nc), unit = int(blockIdx.x / p.nc % (kFuseNorm ? d.G : slots));
+  const int b = int(blockIdx.x / p.nc / (kFuseNorm ? d.G : slots));
+  const int c0 = c * p.T, Tc = min(p.T, d.L - c0);
+  const int slot_begin = kFuseNorm ? unit * spg : unit, slot_end = kFuseNorm ? slot_begin + spg : unit + 1;
+  const int g = slot_begin / spg;  // the block's heads share one B/C group
   const __nv_bfloat16 *__restrict__ Q = static_cast<const __nv_bfloat16*>(p.Q),
                       *__restrict__ K = static_cast<const __nv_bfloat16*>(p.K);
   const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK, *__restrict__ phiv = p.phi;
   float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
-  extern __shared__ float sm[];  // (kWarps, hb, 2, N): gC then gB per warp and head
-  for (int e = threadIdx.x; e < kWarps * hb * 2 * N; e += kThreads) sm[e] = 0.0f;
+  // (kWarps, kHb, 2, N): gC then gB per warp and head (the bias partials); kFuseNorm: then (T, 2, N), each token's
+  // C and B gradients summed over the slots walked so far.
+  extern __shared__ float sm[];
+  float* sumCB = sm + kWarps * kHb * 2 * N;
+  for (int e = threadIdx.x; e < kWarps * kHb * 2 * N + (kFuseNorm ? p.T * 2 * N : 0); e += kThreads) sm[e] = 0.0f;
   __syncthreads();
-  float* mine = sm + warp * hb * 2 * N;
+  float* mine = sm + warp * kHb * 2 * N;
   const auto load_v = [](const float* src, float* out) {
     const V v = *reinterpret_cast<const V*>(src);
     if constexpr (kE == 4) out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
@@ -267,29 +278,25 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
     else v = make_float2(in[0], in[1]);
     *reinterpret_cast<V*>(dst) = v;
   };
-  const int g = h0 / (d.H / d.G);  // the block's heads share one B/C group (hb divides the heads per group)
-  if (lane < kLanes)
-    for (int tl = warp; tl < Tc; tl += kWarps) {
-      const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
-      float sC[kE] = {}, sB[kE] = {};  // summed over the block's heads
-      float zc[kE], zb[kE];  // kFormQK: the token's normalised C and B (the group's), for every head of the block
-      if constexpr (kFormQK) {
-        const float* z = p.zx + tok * d.din;
-        load_v(z + d.off_C + int64_t(g) * N + n0, zc), load_v(z + d.off_B + int64_t(g) * N + n0, zb);
-      }
-      for (int h1 = 0; h1 < hb; h1 += kHb) {
-        // kHb heads' loads: the gradients, q and k (or the biases that form them) and the angles.
+  for (int slot = slot_begin; slot < slot_end; ++slot) {
+    const int h0 = slot * kHb;
+    if (lane < kLanes)
+      for (int tl = warp; tl < Tc; tl += kWarps) {
+        const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
+        float zc[kE], zb[kE];  // kFormQK: the token's normalised C and B (the group's), for every head of the slot
+        if constexpr (kFormQK) {
+          const float* z = p.zx + tok * d.din;
+          load_v(z + d.off_C + int64_t(g) * N + n0, zc), load_v(z + d.off_B + int64_t(g) * N + n0, zb);
+        }
+        // The slot's loads: the gradients, q and k (unless formed) and the angles.
         float gq[kHb][kE], gk[kHb][kE], vq[kHb][kE], vk[kHb][kE], ph[kHb][kPairs];
 #pragma unroll
         for (int i = 0; i < kHb; ++i) {
-          const int hh = h1 + i;
-          const int64_t bh = int64_t(b) * d.H + h0 + hh, chunk = bh * p.nc + c, st = bh * d.L + t;
+          const int64_t bh = int64_t(b) * d.H + h0 + i, chunk = bh * p.nc + c, st = bh * d.L + t;
           const int64_t j = (chunk * p.rows + tl) * N + n0;
           if (p.dQ16) load_h(p.dQ16 + j, gq[i]), load_h(p.dK16 + j, gk[i]);
           else load_v(dQ + j, gq[i]), load_v(dK + j, gk[i]);
-          if constexpr (kFormQK) {  // (vq, vk hold the biases until the rotation below)
-            load_v(p.C_bias + (h0 + hh) * N + n0, vq[i]), load_v(p.B_bias + (h0 + hh) * N + n0, vk[i]);
-          } else {
+          if constexpr (!kFormQK) {  // (formed: the biases are read where used, from L1 — fewer live registers)
             load_h(reinterpret_cast<const uint16_t*>(Q + j), vq[i]);
             load_h(reinterpret_cast<const uint16_t*>(K + j), vk[i]);
           }
@@ -299,10 +306,10 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
             ph[i][m] = u < S ? phiv[st * S + u] : 0.0f;
           }
         }
+        float sC[kE] = {}, sB[kE] = {};  // summed over the slot's heads
 #pragma unroll
         for (int i = 0; i < kHb; ++i) {
-          const int hh = h1 + i;
-          const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+          const int64_t st = (int64_t(b) * d.H + h0 + i) * d.L + t;
           float gc[kE], gb[kE];
 #pragma unroll
           for (int m = 0; m < kPairs; ++m) {
@@ -311,11 +318,16 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
             if (u < S) {
               const float2 rot = rotary_cos_sin(ph[i][m]);
               const float cs = rot.x, sn = rot.y;
-              float qa = vq[i][a], qb = vq[i][a + 1], ka = vk[i][a], kb = vk[i][a + 1];
+              float qa, qb, ka, kb;
               if constexpr (kFormQK) {
-                const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], qa, qb, cs, sn, true));
-                const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], ka, kb, cs, sn, true));
+                const int64_t bias = int64_t(h0 + i) * N + n0 + a;
+                const float2 bq = *reinterpret_cast<const float2*>(p.C_bias + bias),
+                             bk = *reinterpret_cast<const float2*>(p.B_bias + bias);
+                const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], bq.x, bq.y, cs, sn, true));
+                const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], bk.x, bk.y, cs, sn, true));
                 qa = q2.x, qb = q2.y, ka = k2.x, kb = k2.y;
+              } else {
+                qa = vq[i][a], qb = vq[i][a + 1], ka = vk[i][a], kb = vk[i][a + 1];
               }
               float acc = 0.0f;
               acc += gq[i][a + 1] * qa - gq[i][a] * qb;
@@ -326,17 +338,56 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_siso_kerne
             }
             gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
           }
-          float* gC = mine + (hh * 2) * N + n0;
+          float* gC = mine + (i * 2) * N + n0;
           add_v(gC, gc), add_v(gC + N, gb);
 #pragma unroll
           for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
         }
+        if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
+          add_v(sumCB + (tl * 2) * N + n0, sC), add_v(sumCB + (tl * 2 + 1) * N + n0, sB);
+        } else {
+          const int64_t out = (tok * slots + slot) * N + n0;
+          store_v(dCn + out, sC), store_v(dBn + out, sB);
+        }
       }
-      const int64_t out = (tok * slots + slot) * N + n0;
-      store_v(dCn + out, sC), store_v(dBn + out, sB);
+    __syncthreads();
+    write_bias_partials(p, sm, b, c, h0, kHb, N);
+    if constexpr (kFuseNorm) {
+      __syncthreads();  // the partials read: zero them for the next slot
+      for (int e = threadIdx.x; e < kWarps * kHb * 2 * N; e += kThreads) sm[e] = 0.0f;
+      __syncthreads();
     }
-  __syncthreads();
-  write_bias_partials(p, sm, b, c, h0, hb, N);
+  }
+  if constexpr (kFuseNorm) {
+    // bc_norm_backward_kernel's RMSNorm backward per token and vector (B, then C), lane l on elements n ≡ l (mod 32):
+    // its expressions and sums, from the slot sums above.
+    for (int tl = warp; tl < Tc; tl += kWarps) {
+      const int64_t m = int64_t(b) * d.L + c0 + tl;
+#pragma unroll
+      for (int isB = 1; isB >= 0; --isB) {
+        const int item = isB ? g : d.G + g;
+        const int off = (isB ? d.off_B : d.off_C) + g * N;
+        const float* x = p.bc_raw + (m * 2 * d.G + item) * N;
+        const float* w = isB ? p.B_normw : p.C_normw;
+        const float* acc_n = sumCB + (tl * 2 + isB) * N;
+        float* part = (isB ? p.part_B_norm : p.part_C_norm) + (m * d.G + g) * N;
+        float ss = 0;
+        for (int n = lane; n < N; n += 32) ss += x[n] * x[n];
+        const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(N) + kEps);
+        float mean = 0;
+        for (int n = lane; n < N; n += 32) {
+          part[n] = acc_n[n] * x[n] * rstd;
+          mean += acc_n[n] * w[n] * x[n] * rstd;
+        }
+        mean = warp_sum(mean) / float(N);
+        for (int n = lane; n < N; n += 32) {
+          const float gx = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
+          if (p.dzx16) p.dzx16[m * d.din + off + n] = __bfloat16_as_ushort(__float2bfloat16_rn(gx));
+          else p.dzx[m * d.din + off + n] = gx;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -362,35 +413,48 @@ bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
 
 bool rotation_backward_siso_applies(const BatchedParams& p) {
   const MixerDims& d = p.d;
-  return p.siso_kernels && p.bf16 && !d.mimo && (d.N == 32 || d.N == 64 || d.N == 128) && d.S % 2 == 0;
+  return p.siso_kernels && p.bf16 && !d.mimo && (d.N == 32 || d.N == 64 || d.N == 128) && d.S % 2 == 0 &&
+         p.heads_per_block >= 1 && p.heads_per_block <= 4;  // (its instances)
+}
+
+bool rotation_bc_norm_siso_applies(const BatchedParams& p) {
+  // The B/C norm backward inside: its inputs given, the slots' sums of T tokens in shared memory, hb a kernel instance.
+  const int hb = p.heads_per_block;
+  return rotation_backward_siso_applies(p) && p.bc_raw && p.B_normw && p.C_normw && p.part_B_norm &&
+         p.part_C_norm && p.T <= 64 && (p.d.H / p.d.G) % hb == 0;
 }
 
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
   const MixerDims& d = p.d;
   if (!rotation_backward_siso_applies(p)) return false;
   const int hb = p.heads_per_block;  // (checked by the caller)
-  const int64_t blocks = int64_t(d.B) * (d.H / hb) * p.nc;
-  const size_t bytes = size_t(kWarps) * hb * 2 * d.N * sizeof(float);  // the generic kernel's with R = 1
+  const bool fuse = rotation_bc_norm_siso_applies(p);
   // q and k formed again where the SISO build wrote them (its bits) and the biases' rows are 16-byte aligned.
   const bool form = build_siso_applies(p) && (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0 &&
                     (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0;
-  const auto pick = [&](auto form_qk, auto heads) {
-    constexpr bool kF = decltype(form_qk)::value;
+  const int64_t blocks = int64_t(d.B) * (fuse ? d.G : d.H / hb) * p.nc;
+  const size_t bytes = (size_t(kWarps) * hb * 2 * d.N + (fuse ? size_t(p.T) * 2 * d.N : 0)) * sizeof(float);
+  const auto launch = [&](auto kernel) {
+    if (bytes > 48 * 1024)
+      MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+    MAMBA3_LAUNCH_CHECK();
+  };
+  const auto with_n = [&](auto form_qk, auto heads, auto fuse_norm) {
+    constexpr bool kF = decltype(form_qk)::value, kFuse = decltype(fuse_norm)::value;
     constexpr int kH = decltype(heads)::value;
-    return d.N == 128  ? batched_rotation_backward_siso_kernel<128, kF, kH>
-           : d.N == 64 ? batched_rotation_backward_siso_kernel<64, kF, kH>
-                       : batched_rotation_backward_siso_kernel<32, kF, kH>;
+    if (d.N == 128) launch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse>);
+    else if (d.N == 64) launch(batched_rotation_backward_siso_kernel<64, kF, kH, kFuse>);
+    else launch(batched_rotation_backward_siso_kernel<32, kF, kH, kFuse>);
   };
-  const auto pick_heads = [&](auto form_qk) {  // heads loaded together: 4, 2 or 1, dividing the block's
-    return hb % 4 == 0   ? pick(form_qk, std::integral_constant<int, 4>{})
-           : hb % 2 == 0 ? pick(form_qk, std::integral_constant<int, 2>{})
-                         : pick(form_qk, std::integral_constant<int, 1>{});
+  const auto with_heads = [&](auto form_qk, auto fuse_norm) {  // the block's slots of hb heads
+    if (hb == 4) with_n(form_qk, std::integral_constant<int, 4>{}, fuse_norm);
+    else if (hb == 3) with_n(form_qk, std::integral_constant<int, 3>{}, fuse_norm);
+    else if (hb == 2) with_n(form_qk, std::integral_constant<int, 2>{}, fuse_norm);
+    else with_n(form_qk, std::integral_constant<int, 1>{}, fuse_norm);
   };
-  const auto kernel = form ? pick_heads(std::true_type{}) : pick_heads(std::false_type{});
-  if (bytes > 48 * 1024)
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
-  MAMBA3_LAUNCH_CHECK();
+  if (fuse) form ? with_heads(std::true_type{}, std::true_type{}) : with_heads(std::false_type{}, std::true_type{});
+  else form ? with_heads(std::true_type{}, std::false_type{}) : with_heads(std::false_type{}, std::false_type{});
   return true;
 }
 
