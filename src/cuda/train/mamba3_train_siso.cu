@@ -360,28 +360,44 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
   }
   if constexpr (kFuseNorm) {
     // bc_norm_backward_kernel's RMSNorm backward per token and vector (B, then C), lane l on elements n ≡ l (mod 32):
-    // its expressions and sums, from the slot sums above.
+    // its expressions and sums, from the slot sums above. The norms' weights in registers, and a token's B and C rows
+    // loaded together (one load latency per token: this tail ran ~15 % of the kernel with the rows read per pass).
+    constexpr int kV = N / 32;
+    float wv[2][kV];
+#pragma unroll
+    for (int i = 0; i < kV; ++i) wv[0][i] = p.C_normw[lane + 32 * i], wv[1][i] = p.B_normw[lane + 32 * i];
     for (int tl = warp; tl < Tc; tl += kWarps) {
       const int64_t m = int64_t(b) * d.L + c0 + tl;
+      float xv[2][kV];
+#pragma unroll
+      for (int isB = 0; isB < 2; ++isB) {
+        const float* x = p.bc_raw + (m * 2 * d.G + (isB ? g : d.G + g)) * N;
+#pragma unroll
+        for (int i = 0; i < kV; ++i) xv[isB][i] = x[lane + 32 * i];
+      }
 #pragma unroll
       for (int isB = 1; isB >= 0; --isB) {
-        const int item = isB ? g : d.G + g;
         const int off = (isB ? d.off_B : d.off_C) + g * N;
-        const float* x = p.bc_raw + (m * 2 * d.G + item) * N;
-        const float* w = isB ? p.B_normw : p.C_normw;
         const float* acc_n = sumCB + (tl * 2 + isB) * N;
         float* part = (isB ? p.part_B_norm : p.part_C_norm) + (m * d.G + g) * N;
+        const float* x = xv[isB];
+        const float* w = wv[isB];
         float ss = 0;
-        for (int n = lane; n < N; n += 32) ss += x[n] * x[n];
+#pragma unroll
+        for (int i = 0; i < kV; ++i) ss += x[i] * x[i];
         const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(N) + kEps);
         float mean = 0;
-        for (int n = lane; n < N; n += 32) {
-          part[n] = acc_n[n] * x[n] * rstd;
-          mean += acc_n[n] * w[n] * x[n] * rstd;
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          const float acc = acc_n[lane + 32 * i];
+          part[lane + 32 * i] = acc * x[i] * rstd;
+          mean += acc * w[i] * x[i] * rstd;
         }
         mean = warp_sum(mean) / float(N);
-        for (int n = lane; n < N; n += 32) {
-          const float gx = rstd * (acc_n[n] * w[n] - x[n] * rstd * mean);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) {
+          const int n = lane + 32 * i;
+          const float gx = rstd * (acc_n[n] * w[i] - x[i] * rstd * mean);
           if (p.dzx16) p.dzx16[m * d.din + off + n] = __bfloat16_as_ushort(__float2bfloat16_rn(gx));
           else p.dzx[m * d.din + off + n] = gx;
         }
