@@ -318,129 +318,129 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
   const bool active = lane < kLanes;
   const int g = slot_begin / spg;  // the block's heads share one B/C group
   for (int slot = slot_begin; slot < slot_end; ++slot) {
-    const int h0 = slot * HB;
-    for (int tl = warp; tl < Tc; tl += kWarps) {
-      if (!active) continue;
-      const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
-      float cs[HB][kU][2], dph[HB][kU];
+  const int h0 = slot * HB;
+  for (int tl = warp; tl < Tc; tl += kWarps) {
+    if (!active) continue;
+    const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
+    float cs[HB][kU][2], dph[HB][kU];
 #pragma unroll
-      for (int hh = 0; hh < HB; ++hh) {
-        const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+    for (int hh = 0; hh < HB; ++hh) {
+      const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+#pragma unroll
+      for (int e = 0; e < kU; ++e) {
+        const float2 rot = u0 + e < S ? rotary_cos_sin(p.phi[st * S + u0 + e]) : make_float2(1.0f, 0.0f);
+        cs[hh][e][0] = rot.x, cs[hh][e][1] = rot.y, dph[hh][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float qa[HB][kU], qb[HB][kU], ka[HB][kU], kb[HB][kU], gqa[HB][kU], gqb[HB][kU], gka[HB][kU], gkb[HB][kU];
+      float zca[kU], zcb[kU], zba[kU], zbb[kU];  // kFormQK: the token's normalised C and B of rank r (the group's)
+      if constexpr (kFormQK) {
+        const float* z = p.zx + tok * d.din + int64_t(r * d.G + g) * N + u0;
 #pragma unroll
         for (int e = 0; e < kU; ++e) {
-          const float2 rot = u0 + e < S ? rotary_cos_sin(p.phi[st * S + u0 + e]) : make_float2(1.0f, 0.0f);
-          cs[hh][e][0] = rot.x, cs[hh][e][1] = rot.y, dph[hh][e] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float qa[HB][kU], qb[HB][kU], ka[HB][kU], kb[HB][kU], gqa[HB][kU], gqb[HB][kU], gka[HB][kU], gkb[HB][kU];
-        float zca[kU], zcb[kU], zba[kU], zbb[kU];  // kFormQK: the token's normalised C and B of rank r (the group's)
-        if constexpr (kFormQK) {
-          const float* z = p.zx + tok * d.din + int64_t(r * d.G + g) * N + u0;
-#pragma unroll
-          for (int e = 0; e < kU; ++e) {
-            zca[e] = z[d.off_C + e], zcb[e] = z[d.off_C + kHalf + e];
-            zba[e] = z[d.off_B + e], zbb[e] = z[d.off_B + kHalf + e];
-          }
-        }
-#pragma unroll
-        for (int hh = 0; hh < HB; ++hh) {
-          const int64_t chunk = (int64_t(b) * d.H + h0 + hh) * p.nc + c;
-          const int64_t j = (chunk * p.rows + int64_t(tl) * R + r) * N + u0;
-          if constexpr (kU == 2) {
-            const float2 a0 = grad2(dQ, p.dQ16, j), a1 = grad2(dQ, p.dQ16, j + kHalf);
-            const float2 b0 = grad2(dK, p.dK16, j), b1 = grad2(dK, p.dK16, j + kHalf);
-            gqa[hh][0] = a0.x, gqa[hh][1] = a0.y, gqb[hh][0] = a1.x, gqb[hh][1] = a1.y;
-            gka[hh][0] = b0.x, gka[hh][1] = b0.y, gkb[hh][0] = b1.x, gkb[hh][1] = b1.y;
-          } else {
-            gqa[hh][0] = grad1(dQ, p.dQ16, j), gqb[hh][0] = grad1(dQ, p.dQ16, j + kHalf);
-            gka[hh][0] = grad1(dK, p.dK16, j), gkb[hh][0] = grad1(dK, p.dK16, j + kHalf);
-          }
-          if constexpr (kFormQK) {  // (qa … kb hold the biases until the rotation below)
-            const int64_t bias = (int64_t(h0 + hh) * R + r) * N + u0;
-#pragma unroll
-            for (int e = 0; e < kU; ++e) {
-              qa[hh][e] = p.C_bias[bias + e], qb[hh][e] = p.C_bias[bias + kHalf + e];
-              ka[hh][e] = p.B_bias[bias + e], kb[hh][e] = p.B_bias[bias + kHalf + e];
-            }
-          } else if constexpr (kU == 2) {
-            const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j));
-            const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + kHalf));
-            const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j));
-            const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + kHalf));
-            qa[hh][0] = q0.x, qa[hh][1] = q0.y, qb[hh][0] = q1.x, qb[hh][1] = q1.y;
-            ka[hh][0] = k0.x, ka[hh][1] = k0.y, kb[hh][0] = k1.x, kb[hh][1] = k1.y;
-          } else {
-            qa[hh][0] = __bfloat162float(Q[j]), qb[hh][0] = __bfloat162float(Q[j + kHalf]);
-            ka[hh][0] = __bfloat162float(K[j]), kb[hh][0] = __bfloat162float(K[j + kHalf]);
-          }
-        }
-        float sCa[kU], sCb[kU], sBa[kU], sBb[kU];
-#pragma unroll
-        for (int e = 0; e < kU; ++e) sCa[e] = sCb[e] = sBa[e] = sBb[e] = 0.0f;
-#pragma unroll
-        for (int hh = 0; hh < HB; ++hh) {
-          float* gC = mine + (hh * 2) * RN + r * N;
-          float* gB = gC + RN;
-#pragma unroll
-          for (int e = 0; e < kU; ++e) {
-            const float gq_x = gqa[hh][e], gq_y = gqb[hh][e], gk_x = gka[hh][e], gk_y = gkb[hh][e];
-            float ca = gq_x, cb = gq_y, ba = gk_x, bb = gk_y;
-            if (u0 + e < S) {
-              const float csv = cs[hh][e][0], sn = cs[hh][e][1];
-              if constexpr (kFormQK) {
-                const float2 q2 = __bfloat1622float2(rotated_pair(zca[e], zcb[e], qa[hh][e], qb[hh][e], csv, sn, true));
-                const float2 k2 = __bfloat1622float2(rotated_pair(zba[e], zbb[e], ka[hh][e], kb[hh][e], csv, sn, true));
-                qa[hh][e] = q2.x, qb[hh][e] = q2.y, ka[hh][e] = k2.x, kb[hh][e] = k2.y;
-              }
-              float acc = dph[hh][e];
-              acc += gq_y * qa[hh][e] - gq_x * qb[hh][e];
-              acc += gk_y * ka[hh][e] - gk_x * kb[hh][e];
-              dph[hh][e] = acc;
-              ca = gq_x * csv + gq_y * sn, cb = gq_y * csv - gq_x * sn;
-              ba = gk_x * csv + gk_y * sn, bb = gk_y * csv - gk_x * sn;
-            }
-            gC[u0 + e] += ca, gB[u0 + e] += ba;
-            gC[u0 + e + kHalf] += cb, gB[u0 + e + kHalf] += bb;
-            sCa[e] += ca, sCb[e] += cb, sBa[e] += ba, sBb[e] += bb;
-          }
-        }
-        if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
-          float* aC = sumCB + int64_t(tl * 2) * RN + r * N + u0;
-          float* aB = aC + RN;
-#pragma unroll
-          for (int e = 0; e < kU; ++e) {
-            aC[e] += sCa[e], aC[e + kHalf] += sCb[e], aB[e] += sBa[e], aB[e + kHalf] += sBb[e];
-          }
-          continue;
-        }
-        float* oC = p.dCn + ((tok * slots + slot) * R + r) * N + u0;
-        float* oB = p.dBn + ((tok * slots + slot) * R + r) * N + u0;
-        if constexpr (kU == 2) {
-          *reinterpret_cast<float2*>(oC) = make_float2(sCa[0], sCa[1]);
-          *reinterpret_cast<float2*>(oC + kHalf) = make_float2(sCb[0], sCb[1]);
-          *reinterpret_cast<float2*>(oB) = make_float2(sBa[0], sBa[1]);
-          *reinterpret_cast<float2*>(oB + kHalf) = make_float2(sBb[0], sBb[1]);
-        } else {
-          oC[0] = sCa[0], oC[kHalf] = sCb[0], oB[0] = sBa[0], oB[kHalf] = sBb[0];
+          zca[e] = z[d.off_C + e], zcb[e] = z[d.off_C + kHalf + e];
+          zba[e] = z[d.off_B + e], zbb[e] = z[d.off_B + kHalf + e];
         }
       }
 #pragma unroll
       for (int hh = 0; hh < HB; ++hh) {
-        const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+        const int64_t chunk = (int64_t(b) * d.H + h0 + hh) * p.nc + c;
+        const int64_t j = (chunk * p.rows + int64_t(tl) * R + r) * N + u0;
+        if constexpr (kU == 2) {
+          const float2 a0 = grad2(dQ, p.dQ16, j), a1 = grad2(dQ, p.dQ16, j + kHalf);
+          const float2 b0 = grad2(dK, p.dK16, j), b1 = grad2(dK, p.dK16, j + kHalf);
+          gqa[hh][0] = a0.x, gqa[hh][1] = a0.y, gqb[hh][0] = a1.x, gqb[hh][1] = a1.y;
+          gka[hh][0] = b0.x, gka[hh][1] = b0.y, gkb[hh][0] = b1.x, gkb[hh][1] = b1.y;
+        } else {
+          gqa[hh][0] = grad1(dQ, p.dQ16, j), gqb[hh][0] = grad1(dQ, p.dQ16, j + kHalf);
+          gka[hh][0] = grad1(dK, p.dK16, j), gkb[hh][0] = grad1(dK, p.dK16, j + kHalf);
+        }
+        if constexpr (kFormQK) {  // (qa … kb hold the biases until the rotation below)
+          const int64_t bias = (int64_t(h0 + hh) * R + r) * N + u0;
 #pragma unroll
-        for (int e = 0; e < kU; ++e)
-          if (u0 + e < S) p.dphi[st * S + u0 + e] = dph[hh][e];
+          for (int e = 0; e < kU; ++e) {
+            qa[hh][e] = p.C_bias[bias + e], qb[hh][e] = p.C_bias[bias + kHalf + e];
+            ka[hh][e] = p.B_bias[bias + e], kb[hh][e] = p.B_bias[bias + kHalf + e];
+          }
+        } else if constexpr (kU == 2) {
+          const float2 q0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j));
+          const float2 q1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Q + j + kHalf));
+          const float2 k0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j));
+          const float2 k1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(K + j + kHalf));
+          qa[hh][0] = q0.x, qa[hh][1] = q0.y, qb[hh][0] = q1.x, qb[hh][1] = q1.y;
+          ka[hh][0] = k0.x, ka[hh][1] = k0.y, kb[hh][0] = k1.x, kb[hh][1] = k1.y;
+        } else {
+          qa[hh][0] = __bfloat162float(Q[j]), qb[hh][0] = __bfloat162float(Q[j + kHalf]);
+          ka[hh][0] = __bfloat162float(K[j]), kb[hh][0] = __bfloat162float(K[j + kHalf]);
+        }
+      }
+      float sCa[kU], sCb[kU], sBa[kU], sBb[kU];
+#pragma unroll
+      for (int e = 0; e < kU; ++e) sCa[e] = sCb[e] = sBa[e] = sBb[e] = 0.0f;
+#pragma unroll
+      for (int hh = 0; hh < HB; ++hh) {
+        float* gC = mine + (hh * 2) * RN + r * N;
+        float* gB = gC + RN;
+#pragma unroll
+        for (int e = 0; e < kU; ++e) {
+          const float gq_x = gqa[hh][e], gq_y = gqb[hh][e], gk_x = gka[hh][e], gk_y = gkb[hh][e];
+          float ca = gq_x, cb = gq_y, ba = gk_x, bb = gk_y;
+          if (u0 + e < S) {
+            const float csv = cs[hh][e][0], sn = cs[hh][e][1];
+            if constexpr (kFormQK) {
+              const float2 q2 = __bfloat1622float2(rotated_pair(zca[e], zcb[e], qa[hh][e], qb[hh][e], csv, sn, true));
+              const float2 k2 = __bfloat1622float2(rotated_pair(zba[e], zbb[e], ka[hh][e], kb[hh][e], csv, sn, true));
+              qa[hh][e] = q2.x, qb[hh][e] = q2.y, ka[hh][e] = k2.x, kb[hh][e] = k2.y;
+            }
+            float acc = dph[hh][e];
+            acc += gq_y * qa[hh][e] - gq_x * qb[hh][e];
+            acc += gk_y * ka[hh][e] - gk_x * kb[hh][e];
+            dph[hh][e] = acc;
+            ca = gq_x * csv + gq_y * sn, cb = gq_y * csv - gq_x * sn;
+            ba = gk_x * csv + gk_y * sn, bb = gk_y * csv - gk_x * sn;
+          }
+          gC[u0 + e] += ca, gB[u0 + e] += ba;
+          gC[u0 + e + kHalf] += cb, gB[u0 + e + kHalf] += bb;
+          sCa[e] += ca, sCb[e] += cb, sBa[e] += ba, sBb[e] += bb;
+        }
+      }
+      if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
+        float* aC = sumCB + int64_t(tl * 2) * RN + r * N + u0;
+        float* aB = aC + RN;
+#pragma unroll
+        for (int e = 0; e < kU; ++e) {
+          aC[e] += sCa[e], aC[e + kHalf] += sCb[e], aB[e] += sBa[e], aB[e + kHalf] += sBb[e];
+        }
+        continue;
+      }
+      float* oC = p.dCn + ((tok * slots + slot) * R + r) * N + u0;
+      float* oB = p.dBn + ((tok * slots + slot) * R + r) * N + u0;
+      if constexpr (kU == 2) {
+        *reinterpret_cast<float2*>(oC) = make_float2(sCa[0], sCa[1]);
+        *reinterpret_cast<float2*>(oC + kHalf) = make_float2(sCb[0], sCb[1]);
+        *reinterpret_cast<float2*>(oB) = make_float2(sBa[0], sBa[1]);
+        *reinterpret_cast<float2*>(oB + kHalf) = make_float2(sBb[0], sBb[1]);
+      } else {
+        oC[0] = sCa[0], oC[kHalf] = sCb[0], oB[0] = sBa[0], oB[kHalf] = sBb[0];
       }
     }
-    __syncthreads();
-    write_bias_partials(p, sm, b, c, h0, HB, RN);
-    if constexpr (kFuseNorm) {
-      __syncthreads();  // the partials read: zero them for the next slot
-      for (int e = threadIdx.x; e < kWarps * HB * 2 * RN; e += kThreads) sm[e] = 0.0f;
-      __syncthreads();
+#pragma unroll
+    for (int hh = 0; hh < HB; ++hh) {
+      const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
+#pragma unroll
+      for (int e = 0; e < kU; ++e)
+        if (u0 + e < S) p.dphi[st * S + u0 + e] = dph[hh][e];
     }
+  }
+  __syncthreads();
+  write_bias_partials(p, sm, b, c, h0, HB, RN);
+  if constexpr (kFuseNorm) {
+    __syncthreads();  // the partials read: zero them for the next slot
+    for (int e = threadIdx.x; e < kWarps * HB * 2 * RN; e += kThreads) sm[e] = 0.0f;
+    __syncthreads();
+  }
   }
   if constexpr (kFuseNorm) {
     // bc_norm_backward_kernel's RMSNorm backward per token and (B/C, rank) vector, lane l on elements n ≡ l (mod 32):
