@@ -679,9 +679,7 @@ void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
   launch_batched_rotation_backward(s, p);
 }
 
-bool rotation_backward_fuses_bc_norm(const BatchedParams& p) {
-  return batched::rotation_bc_norm_siso_applies(p) || batched::rotation_bc_norm_mimo_applies(p);
-}
+bool rotation_backward_fuses_bc_norm(const BatchedParams& p) { return batched::rotation_bc_norm_siso_applies(p); }
 
 void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   const int hb = p.heads_per_block;

@@ -182,7 +182,6 @@ bool build_mimo_applies(const BatchedParams& p);  // (launch_build_mimo would la
 bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward);
 bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p);
 bool rotation_backward_mimo_applies(const BatchedParams& p);  // (launch_rotation_backward_mimo would launch)
-bool rotation_bc_norm_mimo_applies(const BatchedParams& p);   // (… with the B/C norm backward inside)
 bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats);  // (its state part; floats: smem)
 
 }  // namespace mamba3::cuda::train_detail::batched

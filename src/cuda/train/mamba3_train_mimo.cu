@@ -287,19 +287,14 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 // kFormQK: q and k formed again from zx's normalised B/C rows (per token and rank, for every head of the block), the
 // biases and φ exactly as the MIMO build formed them (rotated_pair: the same bits) instead of read back: q and k are
 // H·R rows per token where B/C are R (125M MIMO R = 4: 805 MB fewer per layer).
-// kFuseNorm: as SISO's instance — one block per (sequence, group, chunk) walks the group's slots, each token's B/C
-// sums of every rank in shared memory (slot order), then the B/C RMSNorm backward of bc_norm_backward_kernel for its
-// tokens; no per-slot dBn/dCn (125M MIMO R = 4: 400 MB each per layer) and no separate launch.
-template <int N, int R, int HB, bool kFormQK, bool kFuseNorm>
+template <int N, int R, int HB, bool kFormQK>
 __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kernel(const BatchedParams p) {
   using bf16 = __nv_bfloat16;
   constexpr int kHalf = N / 2, kU = kHalf >= 64 ? kHalf / 32 : 1, kLanes = kHalf / kU, RN = R * N;
   const MixerDims& d = p.d;
-  const int S = d.S, slots = d.H / HB, spg = slots / d.G, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int u0 = lane * kU, units = kFuseNorm ? d.G : slots;
-  const int c = int(blockIdx.x % p.nc), unit = int(blockIdx.x / p.nc % units), b = int(blockIdx.x / p.nc / units);
-  const int c0 = c * p.T, Tc = min(p.T, d.L - c0);
-  const int slot_begin = kFuseNorm ? unit * spg : unit, slot_end = kFuseNorm ? slot_begin + spg : unit + 1;
+  const int S = d.S, slots = d.H / HB, warp = threadIdx.x / 32, lane = threadIdx.x % 32, u0 = lane * kU;
+  const int c = int(blockIdx.x % p.nc), slot = int(blockIdx.x / p.nc % slots), b = int(blockIdx.x / p.nc / slots);
+  const int c0 = c * p.T, Tc = min(p.T, d.L - c0), h0 = slot * HB;
   const bf16 *__restrict__ Q = static_cast<const bf16*>(p.Q), *__restrict__ K = static_cast<const bf16*>(p.K);
   const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK;
   // dQ and dK as the state core wrote them: bf16 (p.dQ16, p.dK16) or f32.
@@ -309,16 +304,12 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
   const auto grad1 = [](const float* f, const uint16_t* h, int64_t j) {
     return h ? __bfloat162float(*reinterpret_cast<const bf16*>(h + j)) : f[j];
   };
-  // (kWarps, HB, 2, R·N): gC then gB per warp and head; kFuseNorm: then (T, 2, R·N), each token's C and B sums.
-  extern __shared__ float sm[];
-  float* sumCB = sm + kWarps * HB * 2 * RN;
-  for (int e = threadIdx.x; e < kWarps * HB * 2 * RN + (kFuseNorm ? p.T * 2 * RN : 0); e += kThreads) sm[e] = 0.0f;
+  extern __shared__ float sm[];  // (kWarps, HB, 2, R·N): gC then gB per warp and head
+  for (int e = threadIdx.x; e < kWarps * HB * 2 * RN; e += kThreads) sm[e] = 0.0f;
   __syncthreads();
   float* mine = sm + warp * HB * 2 * RN;
   const bool active = lane < kLanes;
-  const int g = slot_begin / spg;  // the block's heads share one B/C group
-  for (int slot = slot_begin; slot < slot_end; ++slot) {
-  const int h0 = slot * HB;
+  const int g = h0 / (d.H / d.G);  // the block's heads share one B/C group
   for (int tl = warp; tl < Tc; tl += kWarps) {
     if (!active) continue;
     const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
@@ -406,15 +397,6 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
           sCa[e] += ca, sCb[e] += cb, sBa[e] += ba, sBb[e] += bb;
         }
       }
-      if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
-        float* aC = sumCB + int64_t(tl * 2) * RN + r * N + u0;
-        float* aB = aC + RN;
-#pragma unroll
-        for (int e = 0; e < kU; ++e) {
-          aC[e] += sCa[e], aC[e + kHalf] += sCb[e], aB[e] += sBa[e], aB[e + kHalf] += sBb[e];
-        }
-        continue;
-      }
       float* oC = p.dCn + ((tok * slots + slot) * R + r) * N + u0;
       float* oB = p.dBn + ((tok * slots + slot) * R + r) * N + u0;
       if constexpr (kU == 2) {
@@ -436,51 +418,6 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
   }
   __syncthreads();
   write_bias_partials(p, sm, b, c, h0, HB, RN);
-  if constexpr (kFuseNorm) {
-    __syncthreads();  // the partials read: zero them for the next slot
-    for (int e = threadIdx.x; e < kWarps * HB * 2 * RN; e += kThreads) sm[e] = 0.0f;
-    __syncthreads();
-  }
-  }
-  if constexpr (kFuseNorm) {
-    // bc_norm_backward_kernel's RMSNorm backward per token and (B/C, rank) vector, lane l on elements n ≡ l (mod 32):
-    // its expressions and sums, from the slot sums above.
-    const int RG = R * d.G;
-    for (int tl = warp; tl < Tc; tl += kWarps) {
-      const int64_t m = int64_t(b) * d.L + c0 + tl;
-      for (int isB = 1; isB >= 0; --isB)
-        for (int r = 0; r < R; ++r) {
-          const int rg = r * d.G + g, item = isB ? rg : RG + rg;
-          const int off = (isB ? d.off_B : d.off_C) + rg * N;
-          const float* x = p.bc_raw + (m * 2 * RG + item) * N;
-          const float* w = isB ? p.B_normw : p.C_normw;
-          const float* acc_n = sumCB + int64_t(tl * 2 + isB) * RN + r * N;
-          float* part = (isB ? p.part_B_norm : p.part_C_norm) + (m * RG + rg) * N;
-          float xv[N / 32];
-#pragma unroll
-          for (int i = 0; i < N / 32; ++i) xv[i] = x[lane + 32 * i];
-          float ss = 0;
-#pragma unroll
-          for (int i = 0; i < N / 32; ++i) ss += xv[i] * xv[i];
-          const float rstd = 1.0f / sqrtf(warp_sum(ss) / float(N) + kEps);
-          float mean = 0;
-#pragma unroll
-          for (int i = 0; i < N / 32; ++i) {
-            const int n = lane + 32 * i;
-            part[n] = acc_n[n] * xv[i] * rstd;
-            mean += acc_n[n] * w[n] * xv[i] * rstd;
-          }
-          mean = warp_sum(mean) / float(N);
-#pragma unroll
-          for (int i = 0; i < N / 32; ++i) {
-            const int n = lane + 32 * i;
-            const float gx = rstd * (acc_n[n] * w[n] - xv[i] * rstd * mean);
-            if (p.dzx16) p.dzx16[m * d.din + off + n] = __bfloat16_as_ushort(__float2bfloat16_rn(gx));
-            else p.dzx[m * d.din + off + n] = gx;
-          }
-        }
-    }
-  }
 }
 
 // The MIMO epilogue's state part (after the reverse scan or chain, the products tp = k·dHᵀ in p.Z and dK's second
@@ -588,35 +525,27 @@ bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward) {
   return true;
 }
 
-// The fused instance's shared memory: the bias partials and every token's B/C sums (null-free B/C norm fields given).
-size_t rotation_mimo_fused_bytes(const BatchedParams& p) {
-  const size_t RN = size_t(p.d.R) * p.d.N;
-  return (size_t(kWarps) * p.heads_per_block * 2 * RN + size_t(p.T) * 2 * RN) * sizeof(float);
-}
-
 template <int N, int R>
 void launch_rotation_mimo_heads(cudaStream_t s, const BatchedParams& p) {
   const int hb = p.heads_per_block;
-  const bool fuse = rotation_bc_norm_mimo_applies(p);
   const auto run = [&](auto kernel) {
-    const int64_t blocks = int64_t(p.d.B) * (fuse ? p.d.G : p.d.H / hb) * p.nc;
-    const size_t bytes = fuse ? rotation_mimo_fused_bytes(p) : size_t(kWarps) * hb * 2 * R * N * sizeof(float);
+    const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
+    const size_t bytes = size_t(kWarps) * hb * 2 * R * N * sizeof(float);  // the generic kernel's
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
     MAMBA3_LAUNCH_CHECK();
   };
   // q and k formed again where the MIMO build wrote them (its bits).
-  const auto pick = [&](auto form_qk, auto fuse_norm) {
-    constexpr bool kF = decltype(form_qk)::value, kFuse = decltype(fuse_norm)::value;
-    if (hb == 4) run(batched_rotation_backward_mimo_kernel<N, R, 4, kF, kFuse>);
-    else if (hb == 3) run(batched_rotation_backward_mimo_kernel<N, R, 3, kF, kFuse>);
-    else if (hb == 2) run(batched_rotation_backward_mimo_kernel<N, R, 2, kF, kFuse>);
-    else run(batched_rotation_backward_mimo_kernel<N, R, 1, kF, kFuse>);
+  const auto pick = [&](auto form_qk) {
+    constexpr bool kF = decltype(form_qk)::value;
+    if (hb == 4) run(batched_rotation_backward_mimo_kernel<N, R, 4, kF>);
+    else if (hb == 3) run(batched_rotation_backward_mimo_kernel<N, R, 3, kF>);
+    else if (hb == 2) run(batched_rotation_backward_mimo_kernel<N, R, 2, kF>);
+    else run(batched_rotation_backward_mimo_kernel<N, R, 1, kF>);
   };
-  const bool form = build_mimo_applies(p);
-  if (fuse) form ? pick(std::true_type{}, std::true_type{}) : pick(std::false_type{}, std::true_type{});
-  else form ? pick(std::true_type{}, std::false_type{}) : pick(std::false_type{}, std::false_type{});
+  if (build_mimo_applies(p)) pick(std::true_type{});
+  else pick(std::false_type{});
 }
 
 template <int R>
@@ -631,13 +560,6 @@ bool rotation_backward_mimo_applies(const BatchedParams& p) {
   const int hb = p.heads_per_block;  // (checked by the caller: divides a group's heads)
   return p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.N == 32 || d.N == 64 || d.N == 128) &&
          hb >= 1 && hb <= 4;
-}
-
-bool rotation_bc_norm_mimo_applies(const BatchedParams& p) {
-  // The B/C norm backward inside: its inputs given, every token's sums and the partials in shared memory.
-  const int hb = p.heads_per_block;
-  return rotation_backward_mimo_applies(p) && p.bc_raw && p.B_normw && p.C_normw && p.part_B_norm &&
-         p.part_C_norm && (p.d.H / p.d.G) % hb == 0 && rotation_mimo_fused_bytes(p) <= size_t(200) * 1024;
 }
 
 bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
