@@ -132,6 +132,26 @@ __device__ __forceinline__ float ln_dx(const RowGrad& r, float x, float g, float
 }
 __device__ __forceinline__ float ln_dw_term(const RowGrad& r, float x, float g) { return __fmul_rn(g, ln_xhat(r, x)); }
 
+// A row's constants from x and dy (global or staged in shared memory), lane l over the columns j ≡ l (mod 32) in
+// increasing j: the generic and staged kernels' shared path (the register kernel walks its arrays in the same order).
+__device__ __forceinline__ RowGrad row_grad(const float* x, const float* g, const float* w, int64_t D, int lane,
+                                            bool layer, float eps) {
+  RowGrad rg;
+  if (!layer) {
+    float ss = 0, gx = 0;
+    for (int64_t j = lane; j < D; j += 32) rms_lane_sums(x[j], g[j], w[j], ss, gx);
+    return rms_row(ss, gx, D, eps);
+  }
+  float sum = 0, var = 0, mg = 0, mgx = 0;
+  for (int64_t j = lane; j < D; j += 32) sum = __fadd_rn(sum, x[j]);
+  rg.mean = ln_mean(sum, D);
+  for (int64_t j = lane; j < D; j += 32) ln_var_lane(x[j], rg.mean, var);
+  rg.s = ln_s(var, D, eps);
+  for (int64_t j = lane; j < D; j += 32) ln_grad_lane(rg, x[j], g[j], w[j], mg, mgx);
+  ln_grad_row(rg, mg, mgx, D);
+  return rg;
+}
+
 // dx's element written (added to dx's old value when accumulating), and its bf16 rounding when asked.
 __device__ __forceinline__ float dx_out(float v, bool accumulate, float old) { return accumulate ? __fadd_rn(old, v) : v; }
 
@@ -178,20 +198,7 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
     const float* xr = x + r * D;
     const float* gr = dy + r * D;
     float* dxr = dx + r * D;
-    RowGrad rg;
-    if (!layer) {
-      float ss = 0, gx = 0;
-      for (int64_t j = lane; j < D; j += 32) rms_lane_sums(xr[j], gr[j], w[j], ss, gx);
-      rg = rms_row(ss, gx, D, eps);
-    } else {
-      float sum = 0, var = 0, mg = 0, mgx = 0;
-      for (int64_t j = lane; j < D; j += 32) sum = __fadd_rn(sum, xr[j]);
-      rg.mean = ln_mean(sum, D);
-      for (int64_t j = lane; j < D; j += 32) ln_var_lane(xr[j], rg.mean, var);
-      rg.s = ln_s(var, D, eps);
-      for (int64_t j = lane; j < D; j += 32) ln_grad_lane(rg, xr[j], gr[j], w[j], mg, mgx);
-      ln_grad_row(rg, mg, mgx, D);
-    }
+    const RowGrad rg = row_grad(xr, gr, w, D, lane, layer, eps);
     for (int64_t j = lane; j < D; j += 32) {
       const float xe = xr[j], ge = gr[j];
       const float v = layer ? ln_dx(rg, xe, ge, w[j]) : rms_dx(rg, xe, ge, w[j]);
@@ -308,20 +315,7 @@ __global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const
       }
     }
     __syncwarp();
-    RowGrad rg;
-    if (!layer) {
-      float ss = 0, gx = 0;
-      for (int64_t j = lane; j < D; j += 32) rms_lane_sums(xs[j], gs[j], w[j], ss, gx);
-      rg = rms_row(ss, gx, D, eps);
-    } else {
-      float sum = 0, var = 0, mg = 0, mgx = 0;
-      for (int64_t j = lane; j < D; j += 32) sum = __fadd_rn(sum, xs[j]);
-      rg.mean = ln_mean(sum, D);
-      for (int64_t j = lane; j < D; j += 32) ln_var_lane(xs[j], rg.mean, var);
-      rg.s = ln_s(var, D, eps);
-      for (int64_t j = lane; j < D; j += 32) ln_grad_lane(rg, xs[j], gs[j], w[j], mg, mgx);
-      ln_grad_row(rg, mg, mgx, D);
-    }
+    const RowGrad rg = row_grad(xs, gs, w, D, lane, layer, eps);
     if (lane == 0) stat[warp] = rg;
     // dx, four columns per lane and step (each element's expression as in the generic kernel).
     float4* dx4 = reinterpret_cast<float4*>(dx + r * D);
