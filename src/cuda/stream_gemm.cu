@@ -45,7 +45,7 @@ struct Shape {
   static constexpr int kStageBytes = kBoxes * (kWBoxBytes + kXBoxBytes);
   static constexpr int kStages = kMaxStages < kSmemLimit / kStageBytes ? kMaxStages : kSmemLimit / kStageBytes;
   static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */;
-  static_assert(kStages >= 2, "at least two stages");  // so NB = 128 (64 KB stages) has only the one-per-SM variant
+  static_assert(kStages >= 2, "at least two stages");
   static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
 };
 
@@ -304,7 +304,6 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
 // (1.5B in_proj/fc1 at 32–64 rows: 13.7 → 11.6, 13.1 → 10.7 µs), else two: clusters of 8 blocks of the big variant
 // measured slower (out_proj 7.4 → 10.0 µs at 8 rows; fewer such clusters fit a GPC at once).
 // MAMBA3_STREAM_GEMM_BLOCKS_PER_SM = 1 or 2 forces one (A/B runs).
-// 65–128 rows (NB = 128: 64 KB stages) have only the one-per-SM variant (three stages).
 template <int NB>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
             float* y, int64_t y_stride, void* act) {
@@ -312,14 +311,10 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   const int kblocks = int((k + kKBlock - 1) / kKBlock);
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   const int split = split_for(tiles, kblocks, ctx.info().sm_count);
+  const bool one = forced ? forced == 1 : split == 1 && tiles <= ctx.info().sm_count;
   MAMBA3_CHECK(!act || split == 1, "stream_gemm: the gated epilogue needs unsplit tiles (split {})", split);
-  if constexpr (NB == 128) {
-    launch<NB, 1>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
-  } else {
-    const bool one = forced ? forced == 1 : split == 1 && tiles <= ctx.info().sm_count;
-    if (one) return launch<NB, 1>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
-    launch<NB, 2>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
-  }
+  if (one) return launch<NB, 1>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  launch<NB, 2>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
 }
 
 void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
@@ -327,8 +322,7 @@ void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const voi
   if (m <= 8) return launch<8>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
   if (m <= 16) return launch<16>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
   if (m <= 32) return launch<32>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
-  if (m <= 64) return launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
-  launch<128>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ namespace mamba3::cuda {
 
 class Context;
 
-constexpr int64_t kStreamGemmMaxRows = 128;
+constexpr int64_t kStreamGemmMaxRows = 64;
 
 // Whether the kernel takes this product: a compute capability 9.0 device, 1 ≤ m ≤ kStreamGemmMaxRows, N ≥ 1,
 // K a multiple of 8, x_stride a multiple of 8, both base pointers 16-byte aligned.

@@ -1,5 +1,5 @@
 // The stream GEMM (TMA weight stream → wgmma, tiles split over K inside thread-block clusters) against a float64
-// product of the same bf16 values: every batch width class (1–128 rows), tiles split over 3–8 blocks (small N), one
+// product of the same bf16 values: every batch width class (1–64 rows), tiles split over 3–8 blocks (small N), one
 // block per tile (large N), K not a multiple of the k-block, odd N, strided rows; repeated calls bit-identical
 // (every tile written again each call); rows independent of the batch they share a call with.
 #include <gtest/gtest.h>
@@ -30,15 +30,15 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(17);
   const std::vector<Case> cases = {
-      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 40, 64, 65, 128}},  // 8 tiles × 17 k-blocks, 8 blocks per tile
-      {200, 8192, 24, {3, 8, 40, 64, 99}},                      // 2 tiles × 64 k-blocks, 8 blocks per tile
-      {40000, 72, 8, {7, 31, 64, 127}},                         // 313 tiles of one k-block: one block per tile
-      {37, 3824, 0, {2, 12, 57, 111}},                          // one partial tile; K = 29.9 k-blocks
-      {8672, 16, 0, {64}},                                      // K shorter than a k-block (68 tiles, not split)
-      {2048, 4096, 0, {8, 64, 128}},                            // the 1.5B out_proj: 16 tiles × 8 blocks
-      {8672, 2048, 0, {5, 64, 128}},                            // the 1.5B in_proj: 68 tiles, not split
-      {3840, 1000, 8, {6, 20, 80}},                             // 30 tiles × 4 blocks (one per SM on 132 SMs)
-      {2560, 296, 0, {9}},                                      // 20 tiles × 3 blocks (its three k-blocks)
+      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 40, 64}},  // 8 tiles × 17 k-blocks, 8 blocks per tile
+      {200, 8192, 24, {3, 8, 40, 64}},                 // 2 tiles × 64 k-blocks, 8 blocks per tile
+      {40000, 72, 8, {7, 31, 64}},                     // 313 tiles of one k-block: one block per tile
+      {37, 3824, 0, {2, 12, 57}},                      // one partial tile; K = 29.9 k-blocks
+      {8672, 16, 0, {64}},                             // K shorter than a k-block (68 tiles, not split)
+      {2048, 4096, 0, {8, 64}},                        // the 1.5B out_proj: 16 tiles × 8 blocks
+      {8672, 2048, 0, {5, 64}},                        // the 1.5B in_proj: 68 tiles, not split
+      {3840, 1000, 8, {6, 20}},                        // 30 tiles × 4 blocks (one per SM on 132 SMs)
+      {2560, 296, 0, {9}},                             // 20 tiles × 3 blocks (its three k-blocks)
   };
   for (const Case& c : cases) {
     const Tensor w = random_tensor(rng, {c.n, c.k}).to(DType::BF16);
@@ -99,25 +99,25 @@ TEST(StreamGemmGpu, StridedOutputLeavesOtherColumnsAlone) {
   EXPECT_LE(rel_l2(packed, product_wt_f64(w, x)), 1e-5);
 }
 
-// A row's result does not depend on the batch it is computed in (decode slots): rows of a 128-row product equal
-// the same rows computed in 5-, 16-, 33- and 64-row products (every width class), bit for bit.
+// A row's result does not depend on the batch it is computed in (decode slots): rows of a 64-row product equal
+// the same rows computed in 5-, 16- and 33-row products, bit for bit.
 TEST(StreamGemmGpu, RowsAreBatchInvariant) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(29);
-  const int64_t N = 2048 + 40, K = 4096 + 8, M = 128;
+  const int64_t N = 2048 + 40, K = 4096 + 8, M = 64;
   const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16), x = random_tensor(rng, {M, K}).to(DType::BF16);
   cuda::DeviceBuffer dw(w.nbytes()), dx(x.nbytes()), dy(size_t(M * N) * 4), ds(size_t(M * N) * 4);
   dw.upload(w.raw(), w.nbytes());
   dx.upload(x.raw(), x.nbytes());
   cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
   const Tensor all = from_device_f32(dy.raw(), {M, N});
-  for (int64_t rows : {5, 16, 33, 64}) {
+  for (int64_t rows : {5, 16, 33}) {
     cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), rows, K, ds.as<float>(), N);
     const Tensor part = from_device_f32(ds.raw(), {rows, N});
     EXPECT_EQ(std::memcmp(part.raw(), all.raw(), part.nbytes()), 0)
-        << "the first " << rows << " rows differ from the same rows in a 128-row product";
+        << "the first " << rows << " rows differ from the same rows in a 64-row product";
   }
 }
 
@@ -126,7 +126,7 @@ TEST(StreamGemmGpu, RejectsUnsupportedShapes) {
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   cuda::DeviceBuffer buf(size_t(1) << 20);
-  EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 129, 64, 64, 64, buf.raw(), buf.raw()));  // too many rows
+  EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 65, 64, 64, 64, buf.raw(), buf.raw()));   // too many rows
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 60, 64, buf.raw(), buf.raw()));   // K not a multiple of 8
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 68, buf.raw(), buf.raw()));   // stride
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 64, static_cast<char*>(buf.raw()) + 2, buf.raw()));
@@ -145,7 +145,7 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
   const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
   cuda::DeviceBuffer dw(w.nbytes());
   dw.upload(w.raw(), w.nbytes());
-  for (int64_t M : {1, 3, 8, 9, 16, 31, 64, 65, 128}) {
+  for (int64_t M : {1, 3, 8, 9, 16, 31, 64}) {
     SCOPED_TRACE("M=" + std::to_string(M));
     const Tensor x = random_tensor(rng, {M, K}, -2.0f, 2.0f).to(DType::BF16);
     cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4), fused(size_t(M * F) * 2), plain(size_t(M * F) * 2);
