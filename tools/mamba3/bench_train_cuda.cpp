@@ -1,6 +1,8 @@
 #include "bench_train_cuda.h"
 
 #include <chrono>
+#include <filesystem>
+#include <memory>
 #include <cstdio>
 #include <random>
 
@@ -9,6 +11,7 @@
 #include "core/error.h"
 #include "cuda/cuda_context.h"
 #include "cuda/train/train_engine_gpu.h"
+#include "cuda/train/train_gemm_algos.h"
 #include "cuda/train/train_gemm_profile.h"
 #include "model/init_weights.h"
 #include "model/model_config.h"
@@ -65,6 +68,22 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
     return loss;
   };
   for (int i = 0; i < 2; ++i) step();
+  if (!a.tune_gemm.empty()) {
+    // One step's product shapes, tuned into the table; then a new engine (its products take the table when made).
+    cuda::gemm_profile::begin(true);
+    step();
+    cuda::Context ctx;
+    cuda::GemmAlgoTable table =
+        std::filesystem::exists(a.tune_gemm) ? cuda::GemmAlgoTable::load(a.tune_gemm) : cuda::GemmAlgoTable();
+    std::printf("  tuning the bf16 products of %s into %s:\n", label.c_str(), a.tune_gemm.c_str());
+    const int64_t taken = cuda::gemm_profile::tune(ctx, table, 16, 0.03, stdout);
+    table.save(a.tune_gemm);
+    std::printf("  %lld shapes taken (%zu in the table)\n", static_cast<long long>(taken), table.size());
+    cuda::set_process_gemm_algos(std::make_shared<const cuda::GemmAlgoTable>(std::move(table)));
+    engine.reset();
+    engine = cuda::cuda_train_engine(c, params, opt, cuda::parse_precision(a.precision));
+    for (int i = 0; i < 2; ++i) step();
+  }
   const auto t0 = std::chrono::steady_clock::now();
   double loss = 0;
   for (int64_t i = 0; i < a.steps; ++i) loss = step();  // the loss read synchronises each step

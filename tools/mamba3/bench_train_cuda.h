@@ -14,6 +14,9 @@ struct CudaTrainBenchArgs {
   int64_t batch = 8, seq_len = 2048;
   int64_t steps = 5;       // timed optimizer steps (after 2 warm-up steps)
   double peak_tflops = 0;  // 0: the device's dense bf16 peak from its name (H100/H200 SXM: 989)
+  // Non-empty: before timing, tune the step's bf16 product shapes into this GEMM algorithm table (created, or
+  // extended when it exists) and time the step with it (train_gemm_algos.h; MAMBA3_TRAIN_GEMM_ALGOS uses it later).
+  std::string tune_gemm;
 };
 
 void run_cuda_train_bench(const CudaTrainBenchArgs& a);

@@ -112,6 +112,9 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--seq-len", ta.seq_len, "cuda --train: tokens per sequence")->capture_default_str();
   cmd->add_option("--train-batch", ta.batch, "cuda --train: sequences per step")->capture_default_str();
   cmd->add_option("--peak-tflops", ta.peak_tflops, "cuda --train: the device's dense bf16 peak (0: by name)");
+  cmd->add_option("--tune-gemm", ta.tune_gemm,
+                  "cuda --train: choose cuBLASLt algorithms for the step's products by timing, write them to this "
+                  "table (extended if it exists; use it later with MAMBA3_TRAIN_GEMM_ALGOS=FILE) and time with them");
 #endif
   cmd->callback([] {
     if (device == "cuda") {

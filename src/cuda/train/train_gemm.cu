@@ -5,9 +5,20 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/train/train_gemm_algos.h"
 #include "cuda/train/train_gemm_profile.h"
 
 namespace mamba3::cuda {
+
+TrainGemm::TrainGemm(Precision precision) : precision_(precision) { set_algo_table(process_gemm_algos()); }
+
+TrainGemm::~TrainGemm() = default;
+
+void TrainGemm::set_algo_table(std::shared_ptr<const GemmAlgoTable> table) {
+  lt_ = table ? std::make_unique<LtRunner>(std::move(table)) : nullptr;
+}
+
+int64_t TrainGemm::tuned_calls() const { return lt_ ? lt_->calls() : 0; }
 
 namespace {
 
@@ -148,12 +159,14 @@ void TrainGemm::run_bf16(const Context& ctx, bool ta, bool tb, int64_t m, int64_
   MAMBA3_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && lda <= INT32_MAX && ldb <= INT32_MAX,
                "TrainGemm: sizes {}×{}×{} exceed cuBLAS's int", m, n, k);
   const cublasOperation_t opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const GemmCall call{ta, tb, false, beta != 0.0f, m, n, k, lda, ldb, ldc};
   const bool profiled = gemm_profile::recording();
   if (profiled) gemm_profile::before(ctx.stream());
-  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_16BF, int(ldb), A,
-                                   CUDA_R_16BF, int(lda), &beta, C, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F,
-                                   CUBLAS_GEMM_DEFAULT));
-  if (profiled) gemm_profile::after(ctx.stream(), {ta, tb, false, beta != 0.0f, m, n, k, lda, ldb, ldc});
+  if (!lt_ || !lt_->run(ctx, call, alpha, beta, A, B, C))
+    MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_16BF, int(ldb),
+                                     A, CUDA_R_16BF, int(lda), &beta, C, CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT));
+  if (profiled) gemm_profile::after(ctx.stream(), call);
 }
 
 void TrainGemm::run_bf16_out(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
@@ -166,12 +179,14 @@ void TrainGemm::run_bf16_out(const Context& ctx, bool ta, bool tb, int64_t m, in
   // The same column-major swap as run; only C's type differs (f32 accumulation, rounded to bf16 on the way out).
   const cublasOperation_t opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N, opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
   const float beta = 0.0f;
+  const GemmCall call{ta, tb, true, false, m, n, k, lda, ldb, ldc};
   const bool profiled = gemm_profile::recording();
   if (profiled) gemm_profile::before(ctx.stream());
-  MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_16BF, int(ldb), A,
-                                   CUDA_R_16BF, int(lda), &beta, C, CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F,
-                                   CUBLAS_GEMM_DEFAULT));
-  if (profiled) gemm_profile::after(ctx.stream(), {ta, tb, true, false, m, n, k, lda, ldb, ldc});
+  if (!lt_ || !lt_->run(ctx, call, alpha, beta, A, B, C))
+    MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_16BF, int(ldb),
+                                     A, CUDA_R_16BF, int(lda), &beta, C, CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT));
+  if (profiled) gemm_profile::after(ctx.stream(), call);
 }
 
 }  // namespace mamba3::cuda

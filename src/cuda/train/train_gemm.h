@@ -5,19 +5,32 @@
 //   Precision::BF16 — mixed precision: A and B are rounded to bf16 (nearest even) into scratch first, the product
 //                     runs on tensor cores with f32 accumulation and writes f32 (the official training convention).
 #include <cstdint>
+#include <memory>
 
 #include "cuda/cuda_context.h"
 #include "cuda/device_buffer.h"
 
 namespace mamba3::cuda {
 
+class GemmAlgoTable;
+class LtRunner;
+
 // One per stream of work: owns the bf16 scratch (grow-only). Calls are ordered on ctx's stream, so reusing the
 // scratch from one call to the next is safe.
 class TrainGemm {
  public:
-  explicit TrainGemm(Precision precision = Precision::F32) : precision_(precision) {}
+  // Takes the process's GEMM algorithm table (process_gemm_algos(): MAMBA3_TRAIN_GEMM_ALGOS) when there is one.
+  explicit TrainGemm(Precision precision = Precision::F32);
+  ~TrainGemm();
+  TrainGemm(const TrainGemm&) = delete;
+  TrainGemm& operator=(const TrainGemm&) = delete;
   Precision precision() const { return precision_; }
   void set_precision(Precision p) { precision_ = p; }
+  // The bf16 products whose shapes the table holds run through cuBLASLt with its algorithms (train_gemm_algos.h);
+  // null: cublasGemmEx's default for every shape. The f32 mode never uses it.
+  void set_algo_table(std::shared_ptr<const GemmAlgoTable> table);
+  // bf16 products run with a table's algorithm so far (tests).
+  int64_t tuned_calls() const;
 
   // op(A) is (m × k): A is stored (m × k) with row stride lda, or (k × m) when ta. op(B) is (k × n): B is (k × n)
   // with stride ldb, or (n × k) when tb. C (m × n), stride ldc. β = 0 overwrites C (which may hold NaN).
@@ -71,6 +84,7 @@ class TrainGemm {
   void rounded_operands(const Context& ctx, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A,
                         const uint16_t*& A16, int64_t& lda, const float* B, const uint16_t*& B16, int64_t& ldb);
   Precision precision_;
+  std::unique_ptr<LtRunner> lt_;  // null: no table
   DeviceBuffer a16_, b16_, held16_;
   const float* held_ = nullptr;  // the HeldA's operand (null: none)
   const uint16_t* held_bits_ = nullptr;  // its rounding: held16_ or the producer's copy

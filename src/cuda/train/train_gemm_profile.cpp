@@ -15,9 +15,11 @@
 
 #include <fmt/format.h>
 
+#include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_context.h"
 #include "cuda/device_buffer.h"
+#include "cuda/train/train_gemm_algos.h"
 
 namespace mamba3::cuda::gemm_profile {
 
@@ -94,47 +96,32 @@ class ShapeTimer {
     });
   }
 
-  // The fastest of cuBLASLt's first `count` candidates: (µs, algorithm index in the ranking), or (inf, -1).
-  std::pair<double, int> best_lt_us(int count) {
+  // The fastest of cuBLASLt's first `count` ranked candidates: its time in µs and the algorithm (time 1e30 when
+  // none runs).
+  std::pair<double, cublasLtMatmulAlgo_t> best_lt(int count) {
     cublasLtHandle_t lt = nullptr;
-    if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return {1e30, -1};
+    std::pair<double, cublasLtMatmulAlgo_t> best{1e30, cublasLtMatmulAlgo_t{}};
+    if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return best;
     const size_t ws_bytes = size_t(64) << 20;
     DeviceBuffer ws(ws_bytes);
-    cublasLtMatmulDesc_t desc = nullptr;
-    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
-    cublasLtMatmulPreference_t pref = nullptr;
-    const cudaDataType ct = c_.bf16_out ? CUDA_R_16BF : CUDA_R_32F;
-    // The column-major view TrainGemm uses: Cᵀ (n × m) = op(B)ᵀ-stored B first, then A.
-    MAMBA3_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    const cublasOperation_t oa = op(c_.tb), ob = op(c_.ta);
-    MAMBA3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &oa, sizeof oa));
-    MAMBA3_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &ob, sizeof ob));
-    MAMBA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, c_.tb ? c_.k : c_.n, c_.tb ? c_.n : c_.k, c_.ldb));
-    MAMBA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, c_.ta ? c_.m : c_.k, c_.ta ? c_.k : c_.m, c_.lda));
-    MAMBA3_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, ct, c_.n, c_.m, c_.ldc));
-    MAMBA3_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    const uint64_t wsb = ws_bytes;
-    MAMBA3_CUBLAS_CHECK(
-        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb));
-    std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(count));
-    int returned = 0;
-    if (cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, count, results.data(), &returned) !=
-        CUBLAS_STATUS_SUCCESS)
-      returned = 0;
-    std::pair<double, int> best{1e30, -1};
-    for (int i = 0; i < returned; ++i) {
-      const double us = median_us([&] {
-        const float alpha = 1.0f, beta = c_.accumulate ? 1.0f : 0.0f;
-        return cublasLtMatmul(lt, desc, &alpha, b_.raw(), la, a_.raw(), lb, &beta, c_buf_.raw(), lc, c_buf_.raw(), lc,
-                              &results[size_t(i)].algo, ws.raw(), ws_bytes, ctx_.stream()) == CUBLAS_STATUS_SUCCESS;
-      });
-      if (us < best.first) best = {us, i};
+    {
+      GemmAlgoTable table;
+      for (const cublasLtMatmulAlgo_t& algo : lt_candidates(lt, c_, count, ws_bytes)) {
+        TunedAlgo tuned;
+        tuned.algo = algo;
+        table.set(c_, tuned);
+        LtRunner runner(std::make_shared<const GemmAlgoTable>(table));
+        const double us = median_us([&] {
+          const float alpha = 1.0f, beta = c_.accumulate ? 1.0f : 0.0f;
+          try {
+            return runner.run(ctx_, c_, alpha, beta, a_.raw(), b_.raw(), c_buf_.raw());
+          } catch (const Error&) {
+            return false;  // an algorithm the check refuses: not a candidate
+          }
+        });
+        if (us < best.first) best = {us, algo};
+      }
     }
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(lc);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatmulDescDestroy(desc);
     MAMBA3_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream()));
     cublasLtDestroy(lt);
     return best;
@@ -177,11 +164,11 @@ bool enabled() {
   return on;
 }
 
-void begin() {
+void begin(bool force) {
   State& s = state();
   for (const Recorded& r : s.calls) s.spare.push_back(r.start), s.spare.push_back(r.stop);
   s.calls.clear();
-  s.open = enabled();
+  s.open = force || enabled();
 }
 
 bool recording() { return state().open; }
@@ -232,11 +219,34 @@ void report(const Context& ctx, int64_t steps) {
     const double us = 1000.0 * t.ms / double(t.count);
     ShapeTimer timer(ctx, t.call);
     const double alone = timer.default_us();
-    const auto [best, index] = timer.best_lt_us(16);
-    std::fprintf(stderr, "  %-44s %6.1f %9.1f %8.0f %7.3f | %9.1f %8.0f %9.1f %8.0f (#%d)\n",
-                 describe(t.call).c_str(), double(t.count) / per, us, flop / us * 1e-6, t.ms / per, alone,
-                 flop / alone * 1e-6, best, flop / best * 1e-6, index);
+    const double best = timer.best_lt(16).first;
+    std::fprintf(stderr, "  %-44s %6.1f %9.1f %8.0f %7.3f | %9.1f %8.0f %9.1f %8.0f\n", describe(t.call).c_str(),
+                 double(t.count) / per, us, flop / us * 1e-6, t.ms / per, alone, flop / alone * 1e-6, best,
+                 flop / best * 1e-6);
   }
+}
+
+int64_t tune(const Context& ctx, GemmAlgoTable& table, int candidates, double min_gain, std::FILE* log) {
+  State& s = state();
+  s.open = false;
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  std::map<Key, GemmCall> shapes;
+  for (const Recorded& r : s.calls) shapes.emplace(key_of(r.call), r.call);
+  int64_t chosen = 0;
+  if (log) std::fprintf(log, "  %-44s %10s %10s %7s\n", "product (row-major, bf16)", "default µs", "best Lt µs", "gain");
+  for (const auto& [key, call] : shapes) {
+    ShapeTimer timer(ctx, call);
+    TunedAlgo tuned;
+    tuned.default_us = timer.default_us();
+    const auto [best, algo] = timer.best_lt(candidates);
+    tuned.tuned_us = best, tuned.algo = algo;
+    const bool take = best < tuned.default_us * (1.0 - min_gain);
+    if (take) table.set(call, tuned), ++chosen;
+    if (log)
+      std::fprintf(log, "  %-44s %10.1f %10.1f %6.1f%%%s\n", describe(call).c_str(), tuned.default_us, best,
+                   100.0 * (tuned.default_us - best) / tuned.default_us, take ? "  (taken)" : "");
+  }
+  return chosen;
 }
 
 }  // namespace mamba3::cuda::gemm_profile
