@@ -166,13 +166,13 @@ void add_norm(cudaStream_t s, const float* hidden, float* residual, int64_t rows
               const float* w, const float* b, float eps, void* out, Precision out_precision) {
   if (rows == 0) return;
   const int threads = d >= 1024 ? 512 : (d >= 256 ? 256 : 128);
-  launch_pdl(pdl_norm(rows), add_norm_kernel, unsigned(rows), threads, 0, s, hidden, residual, d, first, w, b, eps,
+  launch_pdl(pdl_small(rows), add_norm_kernel, unsigned(rows), threads, 0, s, hidden, residual, d, first, w, b, eps,
              out, out_precision == Precision::BF16);
 }
 
 void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* out, Precision out_precision) {
   if (rows * f == 0) return;
-  launch_pdl(pdl_norm(rows), gated_silu_kernel, grid_for(rows * f, 256), 256, 0, s,
+  launch_pdl(pdl_small(rows), gated_silu_kernel, grid_for(rows * f, 256), 256, 0, s,
              reinterpret_cast<const float2*>(in), rows, f, out, out_precision == Precision::BF16);
 }
 

@@ -88,15 +88,9 @@ Context::~Context() {
   if (stream_) cudaStreamDestroy(stream_);
 }
 
-namespace {
-const std::string& pdl_mode() {
-  static const std::string mode = env_choice("MAMBA3_PDL", {"0", "1", "norms", "all"});
-  return mode;
+bool pdl_enabled() {
+  static const bool enabled = env_choice("MAMBA3_PDL", {"0", "1"}) != "0";
+  return enabled;
 }
-}  // namespace
-
-bool pdl_enabled() { return pdl_mode() != "0"; }
-bool pdl_all_sizes() { return pdl_mode() == "all"; }
-bool pdl_norms_all_sizes() { return pdl_mode() == "norms" || pdl_mode() == "all"; }
 
 }  // namespace mamba3::cuda

@@ -21,12 +21,7 @@ namespace mamba3::cuda {
 bool pdl_enabled();
 
 constexpr int64_t kPdlMaxRows = 8;
-// MAMBA3_PDL = norms: the row kernels between the products (add+norm, the GatedMLP activation) at every size;
-// all: every PDL-aware kernel at every size (A/B runs).
-bool pdl_all_sizes();
-bool pdl_norms_all_sizes();
-inline bool pdl_small(int64_t rows) { return rows <= kPdlMaxRows || pdl_all_sizes(); }
-inline bool pdl_norm(int64_t rows) { return pdl_small(rows) || pdl_norms_all_sizes(); }
+inline bool pdl_small(int64_t rows) { return rows <= kPdlMaxRows; }
 
 #ifdef __CUDACC__
 __device__ __forceinline__ void pdl_wait() {
