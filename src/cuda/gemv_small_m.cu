@@ -27,11 +27,9 @@ __device__ __forceinline__ void accumulate(const uint4& wv, const uint4& xv, flo
 // Pieces (16 bytes of a weight row) each lane requests at once. A window of 8–16 (to fill the memory pipe with few
 // warps) measured slower on an H200 (1.5B decode b1 1.76 vs 1.58 ms with the other changes of that run): its 97
 // registers cut the blocks per SM to 2, and the GEMVs of a batch-1 step are too short to make up for that. Kept at 2.
-// MAMBA3_GEMV_WINDOW = 4 requests 4 per lane in the one-row kernel (A/B runs; read once).
-constexpr int kWindow = 2;
-int one_row_window() {
-  static const int w = env_choice("MAMBA3_GEMV_WINDOW", {"2", "4"}) == "4" ? 4 : kWindow;
-  return w;
+template <int M>
+__host__ __device__ constexpr int pieces_in_flight() {
+  return 2;
 }
 
 // Warps per output column (KS, "split K"): block b's warp w computes column b·(8/KS) + w/KS over its share of K,
@@ -42,12 +40,12 @@ int one_row_window() {
 // its batch. U pieces per lane are requested at once.
 // Pairs: W's rows are (value, gate) pairs (2j, 2j + 1) and the kernel writes act (M, n/2) bf16 = value ⊙ silu(gate),
 // rounded as gated_silu() rounds, instead of y: a block's kCols columns are whole pairs, met in shared memory.
-template <int M, int KS, bool Pairs, int U>
+template <int M, int KS, bool Pairs>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k,
                                                           const __nv_bfloat16* __restrict__ x, int64_t x_stride,
                                                           float* __restrict__ y, int64_t y_stride,
                                                           __nv_bfloat16* __restrict__ act) {
-  constexpr int kCols = kWarps / KS;
+  constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
   static_assert(!Pairs || kCols % 2 == 0, "a block's columns must be whole pairs");
   __shared__ float partial[KS > 1 ? kWarps * M : 1];
   __shared__ float pair_values[Pairs ? kCols * M : 1];
@@ -136,10 +134,7 @@ void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, 
             int64_t y_stride, void* act) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
-  auto kernel = gemv_kernel<M, KS, Pairs, kWindow>;
-  if constexpr (M == 1)
-    if (one_row_window() == 4) kernel = gemv_kernel<M, KS, Pairs, 4>;
-  launch_pdl(true, kernel, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
+  launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
              static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act));
 }
 
@@ -167,7 +162,7 @@ int64_t resident_warps() {
     MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     MAMBA3_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_kernel<1, 1, false, kWindow>, kWarps * 32, 0));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_kernel<1, 1, false>, kWarps * 32, 0));
     return int64_t(sms) * blocks * kWarps;
   }();
   return warps;
