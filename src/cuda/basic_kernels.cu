@@ -1,6 +1,5 @@
 #include <cuda_bf16.h>
 
-#include "cuda/add_norm_row.cuh"
 #include "cuda/basic_kernels.h"
 #include "cuda/gated_silu.cuh"
 #include "cuda/pdl.h"
@@ -8,11 +7,27 @@
 namespace mamba3::cuda {
 namespace {
 
-using rownorm::add_norm_row;
-using rownorm::store_act;
+__device__ __forceinline__ void store_act(void* out, int64_t i, float v, bool bf16) {
+  if (bf16)
+    static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16(v);
+  else
+    static_cast<float*>(out)[i] = v;
+}
 
 __device__ __forceinline__ float load_weight(const void* w, int64_t i, bool bf16) {
   return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(w)[i]) : static_cast<const float*>(w)[i];
+}
+
+// Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
+__device__ float block_sum(float v, float* shared32) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();  // shared32 may still be read by a previous call
+  if (lane == 0) shared32[warp] = v;
+  __syncthreads();
+  float total = 0;
+  for (int i = 0; i < warps; ++i) total += shared32[i];
+  return total;
 }
 
 __global__ void add_bias_kernel(float* y, int64_t m, int64_t n, int64_t ld, const float* bias) {
@@ -26,13 +41,85 @@ __global__ void embed_kernel(const int32_t* ids, const void* table, bool bf16, i
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = load_weight(table, id * d + j, bf16);
 }
 
-// One block per row (add_norm_row, add_norm_row.cuh).
+// One block per row: residual ← hidden (+ residual), out ← norm(residual). When d ≤ blockDim·kNormCached the row's
+// values and weights stay in registers across the reduction, so nothing is re-read after it (a decode step runs this
+// twice per block at batch 1, where its latency chain is the whole cost); the arithmetic is the same either way.
+constexpr int kNormCached = 8;
 __global__ void add_norm_kernel(const float* hidden, float* residual, int64_t d, bool first, const float* w,
                                 const float* b, float eps, void* out, bool bf16) {
   __shared__ float shared32[32];
   pdl_trigger();
   pdl_wait();
-  add_norm_row<false>(hidden, residual, blockIdx.x, d, first, w, b, eps, out, bf16, shared32);
+  const int64_t row = blockIdx.x;
+  const float* h = hidden + row * d;
+  float* r = residual + row * d;
+  const int64_t stride = blockDim.x;
+  if (d <= stride * kNormCached) {
+    float v[kNormCached], wv[kNormCached], bv[kNormCached];
+    float sum = 0, sumsq = 0;
+#pragma unroll
+    for (int i = 0; i < kNormCached; ++i) {
+      const int64_t j = threadIdx.x + i * stride;
+      v[i] = 0.0f;
+      if (j < d) {
+        v[i] = first ? h[j] : h[j] + r[j];
+        wv[i] = w[j];
+        bv[i] = b ? b[j] : 0.0f;
+        r[j] = v[i];
+        sum += v[i];
+        sumsq += v[i] * v[i];
+      }
+    }
+    float mean = 0, rstd;
+    if (b) {
+      mean = block_sum(sum, shared32) / float(d);
+      float dev = 0;  // second pass for the variance: numerically safer than E[x²] − mean²
+#pragma unroll
+      for (int i = 0; i < kNormCached; ++i) {
+        if (threadIdx.x + i * stride < d) {
+          const float c = v[i] - mean;
+          dev += c * c;
+        }
+      }
+      rstd = rsqrtf(block_sum(dev, shared32) / float(d) + eps);
+    } else {
+      rstd = rsqrtf(block_sum(sumsq, shared32) / float(d) + eps);
+    }
+#pragma unroll
+    for (int i = 0; i < kNormCached; ++i) {
+      const int64_t j = threadIdx.x + i * stride;
+      if (j < d) {
+        float o = (v[i] - mean) * rstd * wv[i];
+        if (b) o += bv[i];
+        store_act(out, row * d + j, o, bf16);
+      }
+    }
+    return;
+  }
+  float sum = 0, sumsq = 0;
+  for (int64_t j = threadIdx.x; j < d; j += stride) {
+    float v = first ? h[j] : h[j] + r[j];
+    r[j] = v;
+    sum += v;
+    sumsq += v * v;
+  }
+  float mean = 0, rstd;
+  if (b) {
+    mean = block_sum(sum, shared32) / float(d);
+    float dev = 0;
+    for (int64_t j = threadIdx.x; j < d; j += stride) {
+      float c = r[j] - mean;
+      dev += c * c;
+    }
+    rstd = rsqrtf(block_sum(dev, shared32) / float(d) + eps);
+  } else {
+    rstd = rsqrtf(block_sum(sumsq, shared32) / float(d) + eps);
+  }
+  for (int64_t j = threadIdx.x; j < d; j += stride) {
+    float v = (r[j] - mean) * rstd * w[j];
+    if (b) v += b[j];
+    store_act(out, row * d + j, v, bf16);
+  }
 }
 
 // in: rows of f (value, gate) pairs, as fc1 computes them with its rows interleaved (cuda_model.cpp).

@@ -22,20 +22,6 @@ void embed(cudaStream_t s, const int32_t* ids, int64_t rows, const void* table, 
 void add_norm(cudaStream_t s, const float* hidden, float* residual, int64_t rows, int64_t d, bool first,
               const float* w, const float* b, float eps, void* out, Precision out_precision);
 
-// The add + norm that follows a product writing the residual stream's new term (first = false): where residual and
-// norm live, and the normalised output.
-struct AddNormArgs {
-  float* residual = nullptr;  // (rows, d) f32
-  const float* w = nullptr;   // (d)
-  const float* b = nullptr;   // (d) for LayerNorm; null: RMSNorm
-  float eps = 0;
-  void* out = nullptr;  // (rows, d) in out_precision
-  Precision out_precision = Precision::BF16;
-};
-inline void add_norm(cudaStream_t s, const float* hidden, int64_t rows, int64_t d, const AddNormArgs& a) {
-  add_norm(s, hidden, a.residual, rows, d, false, a.w, a.b, a.eps, a.out, a.out_precision);
-}
-
 // GatedMLP: in (rows, 2F) = F (y, gate) pairs, y_j at column 2j and gate_j at 2j + 1 (fc1's rows interleaved at
 // upload: interleave_gate_rows in cuda_model.cpp) → out (rows, F) = y ⊙ silu(gate).
 void gated_silu(cudaStream_t s, const float* in, int64_t rows, int64_t f, void* out, Precision out_precision);

@@ -64,8 +64,6 @@ Context::Context() : info_(device_info()) {
   const size_t workspace = size_t(32) << 20;
   MAMBA3_CUDA_CHECK(cudaMalloc(&cublas_workspace_, workspace));
   MAMBA3_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, workspace));
-  MAMBA3_CUDA_CHECK(cudaMalloc(&grid_counter_, sizeof(unsigned)));
-  MAMBA3_CUDA_CHECK(cudaMemset(grid_counter_, 0, sizeof(unsigned)));
 }
 
 GemmTuner& Context::gemm_tuner() const {
@@ -87,7 +85,6 @@ Context::~Context() {
   if (cublas_lt_workspace_) cudaFree(cublas_lt_workspace_);
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_workspace_) cudaFree(cublas_workspace_);
-  if (grid_counter_) cudaFree(grid_counter_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 

@@ -44,9 +44,6 @@ class Context {
   // MAMBA3_GEMM_TUNE=1 runs products through it); it changes through a const Context, as the stream's work does.
   GemmTuner& gemm_tuner() const;
   const DeviceInfo& info() const { return info_; }
-  // One zeroed word for kernels whose blocks count themselves to find the last one (the matrix-vector kernel's fused
-  // add + norm); such a kernel sets it back to 0 before it ends, and they run one at a time on the stream.
-  unsigned* grid_counter() const { return grid_counter_; }
   void sync() const { MAMBA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   // Fixed-shape matrix products (0: off). When set, linear() (gpu_matrix.h) calls cuBLAS with exactly this many rows
@@ -65,7 +62,6 @@ class Context {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
-  unsigned* grid_counter_ = nullptr;
   mutable cublasLtHandle_t cublas_lt_ = nullptr;
   mutable void* cublas_lt_workspace_ = nullptr;
   mutable std::unique_ptr<GemmTuner> gemm_tuner_;

@@ -142,42 +142,27 @@ struct CudaModel::Impl {
     float* hidden = ws.hidden.as<float>();
     float* residual = ws.residual.as<float>();
     char* normed = ws.normed.as<char>();
-    // The add + norm after each residual term: the next block's norm, the MLP's norm2, or norm_f after the last
-    // block. The products that write a term take it along (linear_add_norm: one launch at batch 1).
-    auto norm_into_normed = [&](const DeviceBuffer& w, const DeviceBuffer& bias) {
-      return AddNormArgs{residual, w.as<float>(), nb(bias), eps, normed, precision};
-    };
-    auto norm_before = [&](size_t li) {
-      return li < blocks.size() ? norm_into_normed(blocks[li].norm_w, blocks[li].norm_b)
-                                : norm_into_normed(norm_f_w, norm_f_b);
-    };
-    if (!blocks.empty())
-      add_norm(s, hidden, residual, rows, D, true, blocks[0].norm_w.as<float>(), nb(blocks[0].norm_b), eps, normed,
-               precision);
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
-      const AddNormArgs after_mixer = b.has_mlp ? norm_into_normed(b.norm2_w, b.norm2_b) : norm_before(li + 1);
+      add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
       if (b.mamba) {
         Mamba3GpuState state = cache.mamba[li]->rows_from(row0);
         if (decode) state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
-        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, &after_mixer);
+        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden);
+      } else if (decode) {
+        b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
-        if (decode) {
-          b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
-        } else {
-          for (int64_t r = 0; r < batch; ++r)
-            b.attention->prefill(*ctx, normed + size_t(r * L * D) * act(), L, *cache.attn[li], row0 + r,
-                                 cache.positions[size_t(row0 + r)], hidden + r * L * D);
-        }
-        add_norm(s, hidden, rows, D, after_mixer);
+        for (int64_t r = 0; r < batch; ++r)
+          b.attention->prefill(*ctx, normed + size_t(r * L * D) * act(), L, *cache.attn[li], row0 + r,
+                               cache.positions[size_t(row0 + r)], hidden + r * L * D);
       }
       if (b.has_mlp) {
+        add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
         linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
-        linear_add_norm(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden, norm_before(li + 1));
+        linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
       }
     }
-    if (blocks.empty())
-      add_norm(s, hidden, residual, rows, D, true, norm_f_w.as<float>(), nb(norm_f_b), eps, normed, precision);
+    add_norm(s, hidden, residual, rows, D, false, norm_f_w.as<float>(), nb(norm_f_b), eps, normed, precision);
   }
 
   void decode(GpuCache::Impl& cache) const {

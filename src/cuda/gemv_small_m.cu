@@ -2,7 +2,6 @@
 
 #include <cmath>
 
-#include "cuda/add_norm_row.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
 #include "cuda/gated_silu.cuh"
@@ -27,8 +26,7 @@ __device__ __forceinline__ void accumulate(const uint4& wv, const uint4& xv, flo
 
 // Pieces (16 bytes of a weight row) each lane requests at once. A window of 8–16 (to fill the memory pipe with few
 // warps) measured slower on an H200 (1.5B decode b1 1.76 vs 1.58 ms with the other changes of that run): its 97
-// registers cut the blocks per SM to 2, and the GEMVs of a batch-1 step are too short to make up for that; 4 in the
-// one-row kernel alone: b1 1.227 vs 1.095 ms (eighteenth session). Kept at 2.
+// registers cut the blocks per SM to 2, and the GEMVs of a batch-1 step are too short to make up for that. Kept at 2.
 template <int M>
 __host__ __device__ constexpr int pieces_in_flight() {
   return 2;
@@ -42,17 +40,11 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // its batch. U pieces per lane are requested at once.
 // Pairs: W's rows are (value, gate) pairs (2j, 2j + 1) and the kernel writes act (M, n/2) bf16 = value ⊙ silu(gate),
 // rounded as gated_silu() rounds, instead of y: a block's kCols columns are whole pairs, met in shared memory.
-// Norm: after its stores each block counts itself on `counter`; the last one adds y's rows into the residual and
-// normalises them (add_norm_row, reading y past L1) and sets the counter back to 0.
-struct NormEpilogue {
-  AddNormArgs args;
-  unsigned* counter = nullptr;
-};
-template <int M, int KS, bool Pairs, bool Norm>
+template <int M, int KS, bool Pairs>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k,
                                                           const __nv_bfloat16* __restrict__ x, int64_t x_stride,
                                                           float* __restrict__ y, int64_t y_stride,
-                                                          __nv_bfloat16* __restrict__ act, NormEpilogue norm) {
+                                                          __nv_bfloat16* __restrict__ act) {
   constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
   static_assert(!Pairs || kCols % 2 == 0, "a block's columns must be whole pairs");
   __shared__ float partial[KS > 1 ? kWarps * M : 1];
@@ -60,7 +52,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % KS;
   const int64_t col = int64_t(blockIdx.x) * kCols + warp / KS;
   // Before any memory access: safe under PDL (KS > 1 and Pairs have a barrier ahead, so no warp leaves early there).
-  if (KS == 1 && !Pairs && !Norm && col >= n) return;
+  if (KS == 1 && !Pairs && col >= n) return;
   const bool live = col < n;
   const uint4* wrow = reinterpret_cast<const uint4*>(w + (live ? col : 0) * k);
   const int64_t pieces = live ? k / 8 : 0, first = lane + 32 * slice, step = 32 * KS;
@@ -100,7 +92,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if constexpr (KS == 1) {
-      if (lane == 0 && (Pairs || live)) {  // (columns past n exist only with Pairs or Norm)
+      if (lane == 0) {
         if constexpr (Pairs)
           pair_values[warp * M + r] = v;
         else
@@ -135,42 +127,24 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
             __float2bfloat16(gated_silu_value(pair_values[2 * p * M + r], pair_values[(2 * p + 1) * M + r]));
     }
   }
-  if constexpr (Norm) {
-    __shared__ unsigned last;
-    __shared__ float shared32[32];
-    __threadfence();  // this thread's stores of y, before the block counts itself
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(norm.counter, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (last) {
-      __threadfence();  // every other block's y is visible to the loads below
-      const AddNormArgs& a = norm.args;
-#pragma unroll 1
-      for (int r = 0; r < M; ++r)
-        rownorm::add_norm_row<true>(y, a.residual, r, n, false, a.w, a.b, a.eps, a.out,
-                                    a.out_precision == Precision::BF16, shared32);
-      if (threadIdx.x == 0) *norm.counter = 0;
-    }
-  }
 }
 
-template <int M, int KS, bool Pairs, bool Norm>
+template <int M, int KS, bool Pairs>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
-            int64_t y_stride, void* act, const NormEpilogue& norm) {
+            int64_t y_stride, void* act) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
-  launch_pdl(true, gemv_kernel<M, KS, Pairs, Norm>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w),
-             n, k, static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act),
-             norm);
+  launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
+             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act));
 }
 
-template <int M, bool Pairs = false, bool Norm = false>
+template <int M, bool Pairs = false>
 void launch_split(int ks, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride,
-                  float* y, int64_t y_stride, void* act = nullptr, const NormEpilogue& norm = {}) {
+                  float* y, int64_t y_stride, void* act = nullptr) {
   switch (ks) {
-    case 1: return launch<M, 1, Pairs, Norm>(s, w, n, k, x, x_stride, y, y_stride, act, norm);
-    case 2: return launch<M, 2, Pairs, Norm>(s, w, n, k, x, x_stride, y, y_stride, act, norm);
-    default: return launch<M, 4, Pairs, Norm>(s, w, n, k, x, x_stride, y, y_stride, act, norm);
+    case 1: return launch<M, 1, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
+    case 2: return launch<M, 2, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
+    default: return launch<M, 4, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
   }
 }
 
@@ -188,7 +162,7 @@ int64_t resident_warps() {
     MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     MAMBA3_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_kernel<1, 1, false, false>, kWarps * 32, 0));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_kernel<1, 1, false>, kWarps * 32, 0));
     return int64_t(sms) * blocks * kWarps;
   }();
   return warps;
@@ -250,22 +224,6 @@ void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t 
     case 2: return launch_split<2, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
     case 3: return launch_split<3, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
     default: return launch_split<4, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
-  }
-}
-
-void gemv_small_m_add_norm(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                           int64_t x_stride, float* y, const AddNormArgs& norm, unsigned* counter, int k_split) {
-  const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
-  MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m_add_norm: k_split {} (expected 1, 2 or 4)", ks);
-  MAMBA3_CHECK(m >= 1 && m <= kGemvPreferredRows && counter && norm.residual && norm.w && norm.out,
-               "gemv_small_m_add_norm: M {} must be in 1..{}, with a counter, a residual, norm weights and an output",
-               m, kGemvPreferredRows);
-  const NormEpilogue epi{norm, counter};
-  switch (m) {
-    case 1: return launch_split<1, false, true>(ks, s, w, n, k, x, x_stride, y, n, nullptr, epi);
-    case 2: return launch_split<2, false, true>(ks, s, w, n, k, x, x_stride, y, n, nullptr, epi);
-    case 3: return launch_split<3, false, true>(ks, s, w, n, k, x, x_stride, y, n, nullptr, epi);
-    default: return launch_split<4, false, true>(ks, s, w, n, k, x, x_stride, y, n, nullptr, epi);
   }
 }
 

@@ -6,8 +6,6 @@
 
 #include <cuda_runtime.h>
 
-#include "cuda/basic_kernels.h"
-
 namespace mamba3::cuda {
 
 constexpr int64_t kGemvMaxRows = 8;
@@ -31,15 +29,6 @@ void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const voi
 constexpr int64_t kGemvPairsMaxRows = kGemvPreferredRows;
 void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                               int64_t x_stride, void* act, int k_split = 0);
-
-// y (M, N) f32 (packed rows) = x · Wᵀ as gemv_small_m, then the add + norm of y into `norm` (add_norm(y, M, N,
-// norm)) by the last of the kernel's blocks to finish (each counts itself on Context::grid_counter after its stores):
-// one launch instead of two after out_proj and fc2 at batch 1, where a decode step's time is mostly such chains. y's
-// bits are gemv_small_m's; the norm's are add_norm's arithmetic with the sums over this kernel's 256 threads (the
-// add_norm kernel's block has 512 at N ≥ 1024, so the normalised values may differ in the last bits).
-// 1 ≤ M ≤ kGemvPreferredRows; supported shapes as for gemv_small_m.
-void gemv_small_m_add_norm(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                           int64_t x_stride, float* y, const AddNormArgs& norm, unsigned* counter, int k_split = 0);
 
 // Warps per column the kernel uses for an (N, K) product by default: the split (1, 2 or 4; 1 when K < 1024 or
 // MAMBA3_GEMV_KSPLIT=0) whose N·split warps fill their last wave on this device best (1.5B: out_proj/fc2 4, in_proj

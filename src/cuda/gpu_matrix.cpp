@@ -71,11 +71,6 @@ bool gated_gemv_enabled() {
   return on;
 }
 
-bool add_norm_gemv_enabled() {
-  static const bool on = env_choice("MAMBA3_GEMV_ADD_NORM", {"0", "1"}) != "0";
-  return on;
-}
-
 }  // namespace
 
 void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, void* act,
@@ -97,21 +92,6 @@ void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, in
   }
   linear(ctx, w, x, m, y);
   gated_silu(ctx.stream(), y, m, w.n / 2, act, act_precision);
-}
-
-void linear_add_norm(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y,
-                     const AddNormArgs& norm) {
-  if (m == 0) return;
-  // The route linear() would take to the matrix-vector kernel, with packed rows.
-  const bool gemv = w.precision == Precision::BF16 && w.bias.empty() && ctx.gemm_row_block() == 0 &&
-                    !(stream_gemm_preferred(m) && stream_gemm_supported(ctx, m, w.n, w.k, w.k, w.weight.raw(), x)) &&
-                    m <= kGemvPreferredRows && gemv_small_m_supported(m, w.k, w.k, w.weight.raw(), x);
-  if (gemv && add_norm_gemv_enabled()) {
-    gemv_small_m_add_norm(ctx.stream(), w.weight.raw(), w.n, w.k, x, m, w.k, y, norm, ctx.grid_counter());
-    return;
-  }
-  linear(ctx, w, x, m, y);
-  add_norm(ctx.stream(), y, m, w.n, norm);
 }
 
 }  // namespace mamba3::cuda

@@ -4,7 +4,6 @@
 #include <string>
 
 #include "core/tensor.h"
-#include "cuda/basic_kernels.h"
 #include "cuda/cuda_context.h"
 #include "cuda/device_buffer.h"
 
@@ -42,12 +41,5 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
 // and gated_silu(). x packed (K apart); act in `act_precision`, packed.
 void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, void* act,
                        Precision act_precision);
-
-// A product that writes the residual stream's new term, then its add + norm: y (M, N) f32 packed = x · Wᵀ, then
-// add_norm(y, M, N, norm). Where linear() takes the matrix-vector kernel (bf16, no bias; batch 1 by default) one
-// fused launch (gemv_small_m_add_norm, the norm's sums over 256 threads); otherwise linear() and add_norm().
-// MAMBA3_GEMV_ADD_NORM=0 always takes the two launches (A/B runs; read once).
-void linear_add_norm(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y,
-                     const AddNormArgs& norm);
 
 }  // namespace mamba3::cuda

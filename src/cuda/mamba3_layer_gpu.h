@@ -74,10 +74,9 @@ class GpuMamba3Layer {
 
   // x: (batch·L, d_model) activations, `batch` sequences of L tokens continuing `state` (rows from its first);
   // out: (batch·L, d_model) f32. A decode step (L = 1) skips the rows that state.active marks inactive (their state
-  // is unchanged; their rows of o and out are unspecified). then_norm: out's add + norm into the residual stream
-  // follow (linear_add_norm: at batch 1 in the out_proj launch).
+  // is unchanged; their rows of o and out are unspecified).
   void forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state, float* zx, void* o,
-               float* out, const AddNormArgs* then_norm = nullptr) const;
+               float* out) const;
 
  private:
   Mamba3Config config_;

@@ -1,7 +1,6 @@
 // The small-batch bf16 matrix-vector kernel against a float64 product of the same bf16 values, on awkward shapes
 // (odd N, K not a multiple of 512, every M from 1 to 8, 1/2/4 warps per column, strided rows), row results
-// independent of the batch, linear() choosing it or cuBLAS, the fused GatedMLP epilogue, and the fused add + norm
-// (the last block's epilogue) against the product followed by the add_norm kernel.
+// independent of the batch, linear() choosing it or cuBLAS, and the fused GatedMLP epilogue.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -151,101 +150,6 @@ TEST(GemvGpu, GatedPairsMatchProductThenActivation) {
   Tensor r5_first4 = Tensor::empty(DType::F32, {4, F});
   std::memcpy(r5_first4.raw(), r5.raw(), r5_first4.nbytes());
   EXPECT_LE(rel_l2(r4, r5_first4), 1e-2);
-}
-
-// gemv_small_m_add_norm: y and the new residual bit for bit those of gemv_small_m then add_norm; the normalised
-// rows against float64 from those (RMSNorm and LayerNorm, f32 and bf16 outputs, d within and beyond the registers'
-// 2048 at 256 threads); repeated launches the same (the block counter back at 0 after each).
-TEST(GemvGpu, AddNormEpilogueMatchesProductThenAddNorm) {
-  MAMBA3_REQUIRE_GPU();
-  cuda::Context ctx;
-  std::mt19937 rng(31);
-  for (auto [N, K] : {std::pair<int64_t, int64_t>{2048, 4096}, {1001, 520}, {37, 2056}, {4100, 1024}}) {
-    const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
-    cuda::DeviceBuffer dw(w.nbytes());
-    dw.upload(w.raw(), w.nbytes());
-    const Tensor nw = random_tensor(rng, {N}, 0.5f, 1.5f), nbias = random_tensor(rng, {N});
-    const cuda::DeviceBuffer dnw = cuda::upload_f32(nw), dnb = cuda::upload_f32(nbias);
-    for (int64_t M = 1; M <= cuda::kGemvPreferredRows; ++M) {
-      const Tensor x = random_tensor(rng, {M, K}).to(DType::BF16), r0 = random_tensor(rng, {M, N});
-      cuda::DeviceBuffer dx(x.nbytes()), y1(size_t(M * N) * 4), y2(size_t(M * N) * 4), res1(r0.nbytes()),
-          res2(r0.nbytes()), out1(size_t(M * N) * 4), out2(size_t(M * N) * 4);
-      dx.upload(x.raw(), x.nbytes());
-      for (int split : {1, 2, 4})
-        for (bool layer_norm : {false, true})
-          for (cuda::Precision outp : {cuda::Precision::F32, cuda::Precision::BF16}) {
-            SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
-                         " split=" + std::to_string(split) + (layer_norm ? " LayerNorm" : " RMSNorm") +
-                         (outp == cuda::Precision::BF16 ? " bf16" : " f32"));
-            const float eps = 1e-5f;
-            std::vector<std::vector<uint8_t>> fused_runs;
-            for (int rep = 0; rep < 2; ++rep) {
-              res1.upload(r0.raw(), r0.nbytes());
-              poison(y1.raw(), y1.bytes());
-              poison(out1.raw(), out1.bytes());
-              const cuda::AddNormArgs a1{res1.as<float>(), dnw.as<float>(), layer_norm ? dnb.as<float>() : nullptr,
-                                         eps, out1.raw(), outp};
-              cuda::gemv_small_m_add_norm(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, y1.as<float>(), a1,
-                                          ctx.grid_counter(), split);
-              ctx.sync();
-              std::vector<uint8_t> bytes(out1.bytes());
-              out1.download(bytes.data(), bytes.size());
-              fused_runs.push_back(std::move(bytes));
-            }
-            EXPECT_EQ(fused_runs[0], fused_runs[1]) << "a repeated launch differs";
-            unsigned counter = 1;
-            MAMBA3_CUDA_CHECK(cudaMemcpy(&counter, ctx.grid_counter(), sizeof counter, cudaMemcpyDeviceToHost));
-            EXPECT_EQ(counter, 0u) << "the block counter was not reset";
-            // The two launches.
-            res2.upload(r0.raw(), r0.nbytes());
-            const cuda::AddNormArgs a2{res2.as<float>(), dnw.as<float>(), layer_norm ? dnb.as<float>() : nullptr, eps,
-                                       out2.raw(), outp};
-            cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, y2.as<float>(), N, split);
-            cuda::add_norm(ctx.stream(), y2.as<float>(), M, N, a2);
-            ctx.sync();
-            const Tensor ty1 = from_device_f32(y1.raw(), {M, N}), ty2 = from_device_f32(y2.raw(), {M, N});
-            const Tensor tr1 = from_device_f32(res1.raw(), {M, N}), tr2 = from_device_f32(res2.raw(), {M, N});
-            EXPECT_EQ(std::memcmp(ty1.raw(), ty2.raw(), ty1.nbytes()), 0) << "the product differs";
-            EXPECT_EQ(std::memcmp(tr1.raw(), tr2.raw(), tr1.nbytes()), 0) << "the residual differs";
-            // The normalised rows in float64 from the (shared) residual.
-            Tensor ref = Tensor::empty(DType::F64, {M, N});
-            for (int64_t r = 0; r < M; ++r) {
-              const float* v = tr1.data<float>() + r * N;
-              double mean = 0, var = 0;
-              if (layer_norm) {
-                for (int64_t j = 0; j < N; ++j) mean += v[j];
-                mean /= double(N);
-              }
-              for (int64_t j = 0; j < N; ++j) var += (v[j] - mean) * (v[j] - mean);
-              const double rstd = 1.0 / std::sqrt(var / double(N) + eps);
-              for (int64_t j = 0; j < N; ++j)
-                ref.data<double>()[r * N + j] =
-                    (v[j] - mean) * rstd * nw.data<float>()[j] + (layer_norm ? nbias.data<float>()[j] : 0.0f);
-            }
-            const Tensor got = outp == cuda::Precision::BF16 ? from_device_bf16(out1.as<uint16_t>(), {M, N})
-                                                              : from_device_f32(out1.raw(), {M, N});
-            EXPECT_LE(rel_l2(got, ref), outp == cuda::Precision::BF16 ? 4e-3 : 1e-6);
-          }
-    }
-  }
-  // linear_add_norm at batch 1 (the fused launch) and 5 (the product, then the kernel) agree on the shared row.
-  const int64_t N = 2048, K = 4096;
-  const Tensor wt = random_tensor(rng, {N, K}), xt = random_tensor(rng, {5, K}).to(DType::BF16),
-               r0 = random_tensor(rng, {5, N}), nw = random_tensor(rng, {N}, 0.5f, 1.5f);
-  const cuda::GpuMatrix gm = cuda::GpuMatrix::upload(wt, cuda::Precision::BF16);
-  const cuda::DeviceBuffer dnw = cuda::upload_f32(nw);
-  cuda::DeviceBuffer dx(xt.nbytes()), y(size_t(5 * N) * 4), res(r0.nbytes()), o1(size_t(N) * 2), o5(size_t(5 * N) * 2);
-  dx.upload(xt.raw(), xt.nbytes());
-  res.upload(r0.raw(), r0.nbytes());
-  cuda::linear_add_norm(ctx, gm, dx.raw(), 1, y.as<float>(),
-                        {res.as<float>(), dnw.as<float>(), nullptr, 1e-5f, o1.raw(), cuda::Precision::BF16});
-  res.upload(r0.raw(), r0.nbytes());
-  cuda::linear_add_norm(ctx, gm, dx.raw(), 5, y.as<float>(),
-                        {res.as<float>(), dnw.as<float>(), nullptr, 1e-5f, o5.raw(), cuda::Precision::BF16});
-  const Tensor a = from_device_bf16(o1.as<uint16_t>(), {1, N}), b5 = from_device_bf16(o5.as<uint16_t>(), {5, N});
-  Tensor b = Tensor::empty(DType::F32, {1, N});
-  std::memcpy(b.raw(), b5.raw(), b.nbytes());
-  EXPECT_LE(rel_l2(a, b), 1e-2);
 }
 
 }  // namespace
