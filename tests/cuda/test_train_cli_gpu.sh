@@ -36,6 +36,20 @@ paste <(losses "$tmp/gpu") <(losses "$tmp/cpu") | awk '{d = $1 - $2; if (d < 0) 
 [ "$(losses "$tmp/killed")" = "$(losses "$tmp/resumed")" ] && echo "ok: GPU resume reproduces the uninterrupted losses" \
   || fail "resumed losses differ: $(losses "$tmp/resumed" | tr '\n' ' ') vs $(losses "$tmp/killed" | tr '\n' ' ')"
 
+# A tuned GEMM table (bench --tune-gemm) taken by train --gemm-algos: two runs with it log the same losses; a missing
+# table stops the run before training.
+"$bin" bench --device cuda --train --config "$tmp/config.json" --train-batch 3 --seq-len 40 --steps 1 \
+  --tune-gemm "$tmp/algos.json" >/dev/null 2>"$tmp/err" || fail "bench --tune-gemm: $(tail -3 "$tmp/err")"
+grep -q '"format": "mamba3-train-gemm-algos"' "$tmp/algos.json" 2>/dev/null && echo "ok: --tune-gemm writes the table" \
+  || fail "no GEMM table written"
+"${train[@]}" --out "$tmp/tuned1" --device cuda --gemm-algos "$tmp/algos.json" >/dev/null 2>&1 || fail "train --gemm-algos"
+"${train[@]}" --out "$tmp/tuned2" --device cuda --gemm-algos "$tmp/algos.json" >/dev/null 2>&1 || fail "train --gemm-algos"
+[ -n "$(losses "$tmp/tuned1")" ] && [ "$(losses "$tmp/tuned1")" = "$(losses "$tmp/tuned2")" ] \
+  && echo "ok: runs with the GEMM table repeat their losses" || fail "runs with the GEMM table differ"
+"${train[@]}" --out "$tmp/tuned3" --device cuda --gemm-algos "$tmp/missing.json" >/dev/null 2>"$tmp/err" \
+  && fail "a missing GEMM table was accepted" || { grep -q "missing.json" "$tmp/err" \
+  && echo "ok: a missing GEMM table is named" || fail "missing table error: $(cat "$tmp/err")"; }
+
 configs="$(dirname "$0")/../../configs/tasks/parity"
 "$bin" task parity --model-config "$configs/mamba3.json" --steps 20 --batch 8 --eval-samples 8 --test-lengths 5,9 \
   --device cuda --threads 1 --out "$tmp/task" >/dev/null 2>"$tmp/err" && [ -f "$tmp/task/result.json" ] \

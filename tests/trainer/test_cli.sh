@@ -50,6 +50,8 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   expect_error "train: cuda" "\(no usable CUDA device\|no CUDA backend\)" "${train[@]}" --config "$tmp/config.json" \
     --data "$tmp/tokens.bin" --out "$tmp/o6" --device cuda
 fi
+expect_error "train: GEMM table without cuda" "--gemm-algos .*only with --device cuda" "${train[@]}" --config "$tmp/config.json" \
+  --data "$tmp/tokens.bin" --out "$tmp/o9" --gemm-algos "$tmp/algos.json"
 expect_error "train: no config" "--config is required" "${train[@]}" --data "$tmp/tokens.bin" --out "$tmp/o7"
 expect_error "train: too short" "too few for one window" "$bin" train --steps 3 --batch 2 --seq-len 20000 --config "$tmp/config.json" --data "$tmp/tokens.bin" --out "$tmp/o8"
 expect_error "train: resume without checkpoint" "no checkpoint" "${train[@]}" --resume --data "$tmp/tokens.bin" --out "$tmp/o9"

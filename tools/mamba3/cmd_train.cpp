@@ -14,7 +14,10 @@
 #include "train/trainer.h"
 
 #ifdef MAMBA3_HAVE_CUDA_TRAIN
+#include <memory>
+
 #include "cuda/train/train_engine_gpu.h"
+#include "cuda/train/train_gemm_algos.h"
 #endif
 
 #if __has_include("train/lm_gradients.h")
@@ -27,7 +30,7 @@ namespace mamba3::cli {
 namespace {
 
 struct TrainArgs {
-  std::string config, data, out, tokenizer = "bytes", device = "cpu", precision = "bf16";
+  std::string config, data, out, tokenizer = "bytes", device = "cpu", precision = "bf16", gemm_algos;
   double val_fraction = 0.05;
   bool resume = false;
   int64_t stop_after = -1;
@@ -51,6 +54,9 @@ void register_train(CLI::App& app) {
   cmd->add_option("--precision", a.precision,
                   "cuda: bf16 (mixed: bf16 matrix-product inputs, f32 master weights, states and sums) or f32 (exact)")
       ->capture_default_str();
+  cmd->add_option("--gemm-algos", a.gemm_algos,
+                  "cuda: run the bf16 products whose shapes this table holds (from `mamba3 bench --device cuda --train "
+                  "--tune-gemm FILE`) with its cuBLASLt algorithms (as MAMBA3_TRAIN_GEMM_ALGOS)");
   cmd->add_flag("--resume", a.resume, "continue the checkpoint in --out (its options, unless given again)");
   cmd->add_option("--stop-after", a.stop_after,
                   "stop after this step as if killed (no save beyond the last checkpoint; tests --resume)");
@@ -82,11 +88,16 @@ void register_train(CLI::App& app) {
   static std::vector<CLI::Option*> flags(std::begin(given), std::end(given));
   cmd->callback([] {
     MAMBA3_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda (got '{}')", a.device);
+    MAMBA3_CHECK(a.gemm_algos.empty() || a.device == "cuda", "--gemm-algos {}: only with --device cuda", a.gemm_algos);
 #ifdef MAMBA3_HAVE_CUDA_TRAIN
     const cuda::Precision precision = cuda::parse_precision(a.precision);
     if (a.device == "cuda") {
       const cuda::DeviceInfo dev = cuda::device_info();
       MAMBA3_CHECK(dev.available, "--device cuda: no usable CUDA device ({})", dev.why_not);
+      // Read (and checked against this device) before anything else, so a bad file stops the run at once.
+      if (!a.gemm_algos.empty())
+        cuda::set_process_gemm_algos(
+            std::make_shared<const cuda::GemmAlgoTable>(cuda::GemmAlgoTable::load(a.gemm_algos)));
     }
 #else
     MAMBA3_CHECK(a.device == "cpu", "--device cuda: this build has no CUDA backend (build with -DMAMBA3_CUDA=ON)");
