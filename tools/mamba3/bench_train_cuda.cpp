@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <random>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -57,12 +58,14 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
   TensorMap params = init_weights(c, 1, InitStreams::Parallel);  // timing only
   AdamW opt({0.9, 0.95, 1e-8, 0.1}, params);
   auto engine = cuda::cuda_train_engine(c, params, opt, cuda::parse_precision(a.precision));
-  const int64_t B = a.batch, L = a.seq_len;
+  const int64_t B = a.batch, L = a.seq_len, micro = a.accum;
   std::mt19937 rng(3);
-  std::vector<int64_t> tokens(size_t(B * (L + 1)));
+  std::vector<int64_t> tokens(size_t(micro * B * (L + 1)));
   for (auto& t : tokens) t = int64_t(rng() % uint32_t(c.vocab_size));
-  auto step = [&] {
-    const double loss = engine->accumulate(tokens.data(), B, L, 1.0);
+  auto step = [&] {  // one optimizer step: `micro` micro-batches' gradients, then clipping and AdamW
+    double loss = 0;
+    for (int64_t i = 0; i < micro; ++i)
+      loss += engine->accumulate(tokens.data() + i * B * (L + 1), B, L, 1.0 / double(micro)) / double(micro);
     engine->clip(1.0);
     engine->update(1e-4);
     return loss;
@@ -94,10 +97,10 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
     cuda::Context ctx;
     cuda::gemm_profile::report(ctx, 1);
   }
-  const double tok_s = double(B * L) / s, tflops = train_flops_per_token(c) * tok_s / 1e12;
-  std::printf("  %-28s %8.1fM %6lld×%-5lld %10.1f %10.0f %9.1f %6.1f%%   (loss %.3f)\n", label.c_str(),
-              parameter_count(params) / 1e6, static_cast<long long>(B), static_cast<long long>(L), s * 1e3, tok_s,
-              tflops, 100.0 * tflops / peak, loss);
+  const double tok_s = double(micro * B * L) / s, tflops = train_flops_per_token(c) * tok_s / 1e12;
+  const std::string shape = micro > 1 ? fmt::format("{}×{}×{}", micro, B, L) : fmt::format("{}×{}", B, L);
+  std::printf("  %-28s %8.1fM %12s %10.1f %10.0f %9.1f %6.1f%%   (loss %.3f)\n", label.c_str(),
+              parameter_count(params) / 1e6, shape.c_str(), s * 1e3, tok_s, tflops, 100.0 * tflops / peak, loss);
   std::fflush(stdout);
 }
 
@@ -106,7 +109,8 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
 void run_cuda_train_bench(const CudaTrainBenchArgs& a) {
   const cuda::DeviceInfo dev = cuda::device_info();
   MAMBA3_CHECK(dev.available, "--device cuda: no usable CUDA device ({})", dev.why_not);
-  MAMBA3_CHECK(a.batch >= 1 && a.seq_len >= 1 && a.steps >= 1, "--batch, --seq-len and --steps must be ≥ 1");
+  MAMBA3_CHECK(a.batch >= 1 && a.seq_len >= 1 && a.steps >= 1 && a.accum >= 1,
+               "--train-batch, --seq-len, --steps and --accum must be ≥ 1");
   double peak = a.peak_tflops;
   if (peak <= 0) {
     const bool hopper = dev.name.find("H100") != std::string::npos || dev.name.find("H200") != std::string::npos;
@@ -116,7 +120,7 @@ void run_cuda_train_bench(const CudaTrainBenchArgs& a) {
   std::printf("mamba3 bench --train: %s, %s, peak %.0f TFLOP/s (dense bf16); one step = forward + backward + clip + "
               "AdamW; FLOPs = 6 × matrix weights per token (scan excluded)\n",
               dev.name.c_str(), a.precision.c_str(), peak);
-  std::printf("  %-28s %9s %12s %10s %10s %9s %7s\n", "model", "params", "batch×len", "ms/step", "tokens/s",
+  std::printf("  %-28s %9s %12s %10s %10s %9s %7s\n", "model", "params", "[accum×]batch×len", "ms/step", "tokens/s",
               "TFLOP/s", "MFU");
   if (!a.config.empty()) {
     bench_one(a.config, ModelConfig::load(a.config), a, peak);

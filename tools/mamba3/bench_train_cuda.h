@@ -12,6 +12,7 @@ struct CudaTrainBenchArgs {
   std::string config;
   std::string precision = "bf16";
   int64_t batch = 8, seq_len = 2048;
+  int64_t accum = 1;       // micro-batches of batch × seq_len per optimizer step (gradient accumulation)
   int64_t steps = 5;       // timed optimizer steps (after 2 warm-up steps)
   double peak_tflops = 0;  // 0: the device's dense bf16 peak from its name (H100/H200 SXM: 989)
   // Non-empty: before timing, tune the step's bf16 product shapes into this GEMM algorithm table (created, or

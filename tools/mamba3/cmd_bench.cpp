@@ -110,7 +110,9 @@ void register_bench(CLI::App& app) {
 #ifdef MAMBA3_HAVE_CUDA_TRAIN
   cmd->add_flag("--train", train, "cuda: training throughput and MFU (presets 125m, 125m-mimo) instead of inference");
   cmd->add_option("--seq-len", ta.seq_len, "cuda --train: tokens per sequence")->capture_default_str();
-  cmd->add_option("--train-batch", ta.batch, "cuda --train: sequences per step")->capture_default_str();
+  cmd->add_option("--train-batch", ta.batch, "cuda --train: sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--accum", ta.accum, "cuda --train: micro-batches per optimizer step (gradient accumulation)")
+      ->capture_default_str();
   cmd->add_option("--peak-tflops", ta.peak_tflops, "cuda --train: the device's dense bf16 peak (0: by name)");
   cmd->add_option("--tune-gemm", ta.tune_gemm,
                   "cuda --train: choose cuBLASLt algorithms for the step's products by timing, write them to this "
