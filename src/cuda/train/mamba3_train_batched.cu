@@ -17,7 +17,7 @@ namespace mamba3::cuda::train_detail {
 namespace {
 
 using batched::ChunkIndex, batched::kThreads, batched::kWarps, batched::build_chunk_scalars, batched::launch_per_chunk,
-    batched::load_dO, batched::write_bias_partials;
+    batched::write_bias_partials;
 
 // Rotary slot u < ⌈N/2⌉ of a B/C vector: its elements a and b (SISO pairs (2u, 2u+1), MIMO halves (u, u + N/2)),
 // whether they rotate together by angle u (u < S) and whether b exists (an odd SISO N leaves the last one alone).
@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
       for (int k = 0; k < kQ; ++k) {
         const int q = q0 + 32 * k;
         zq[k] = q < P ? p.zx[tok * d.din + int64_t(ix.h) * P + q] : 0.0f;
-        dOq[k] = kBwd && q < P ? load_dO(p, tok * d.d_inner + int64_t(ix.h) * P + q) : 0.0f;
+        dOq[k] = kBwd && q < P ? p.dO[tok * d.d_inner + int64_t(ix.h) * P + q] : 0.0f;
       }
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {

@@ -13,11 +13,6 @@
 
 namespace mamba3::cuda::train_detail::batched {
 
-// Element i of the gradient of o: its bf16 rounding when the backward handed that over (p.dO16), else the f32 value.
-__device__ __forceinline__ float load_dO(const BatchedParams& p, int64_t i) {
-  return p.dO16 ? __uint_as_float(uint32_t(p.dO16[i]) << 16) : p.dO[i];
-}
-
 constexpr int kThreads = 256, kWarps = kThreads / 32;
 
 // The block's chunk: bh = b·H + h, c, first token c0 and the number of real tokens Tc (the rest is padding).

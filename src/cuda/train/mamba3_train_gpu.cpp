@@ -121,12 +121,6 @@ bool env_dqk16() {
   return on;
 }
 
-// MAMBA3_TRAIN_DO16, read once per process: the bf16 mode's gradient of o in bf16 ("1", the default) or f32 ("0").
-bool env_do16() {
-  static const bool on = env_choice("MAMBA3_TRAIN_DO16", {"1", "0"}) != "0";
-  return on;
-}
-
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -169,7 +163,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
-      backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()), do16_(env_do16()),
+      backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
@@ -421,8 +415,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (!chain) reserve_floats(dHc_, (BHc + 1) * PN);
   if (bf16) reserve_elems(dHc16_, BHc * PN, 2);
   p.dzx16 = std::exchange(dzx16_offer_, nullptr);  // the bf16 twin of dzx, when backward() offers one
-  p.dO = do16_now_ ? nullptr : f(dO_), p.dO16 = do16_now_ ? dO16_.as<uint16_t>() : nullptr;
-  p.dzx = f(dzx_), p.dY = bdY_.raw(), p.dYe = bdYe_.raw(), p.dWf = f(bdWf_), p.dS = bdS_.raw();
+  p.dO = f(dO_), p.dzx = f(dzx_), p.dY = bdY_.raw(), p.dYe = bdYe_.raw(), p.dWf = f(bdWf_), p.dS = bdS_.raw();
   p.dQ = f(bdQ_), p.dK = f(bdK_), p.dV = f(bdV_);
   p.Hc = Hc, p.dHc = chain ? nullptr : f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
   p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
@@ -613,10 +606,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const int64_t chunks = (L + T - 1) / T;
   const bool par = chunk_parallel_ || batched;  // the batched path's partials are per chunk too
   const int64_t pc = par ? chunks : 1;  // chunk groups per sequence in the chunk kernels' parameter partials
-  // dO in bf16 where its only readers are the batched path's output-stage backwards (set_do16).
-  do16_now_ = do16_ && batched && gemm.precision() == Precision::BF16;
-  if (do16_now_) reserve_elems(dO16_, M * di, 2);
-  else reserve_floats(dO_, M * di);
+  reserve_floats(dO_, M * di);
   reserve_floats(dzx_, M * din);
   if (!batched) {
     reserve_floats(dy_, BHL * R * P);
@@ -652,12 +642,8 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   };
   {
     const TrainGemm::HeldA held(gemm, ctx, dout, dout16, M, D, D);
-    if (do16_now_)
-      gemm.run_mixed_bf16_out(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di,
-                              dO16_.as<uint16_t>(), di);
-    else
-      gemm.run_mixed(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di, 0.0f,
-                     f(dO_), di);
+    gemm.run_mixed(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di, 0.0f, f(dO_),
+                   di);
     if (reuse) out_proj_grad();
   }
   prof.mark("gemm dO");

@@ -151,10 +151,6 @@ class Mamba3TrainGpu {
   // by the cores in bf16 and read so by the rotation backward (true), or in f32 (false): half their bytes, to bf16
   // rounding. Default from MAMBA3_TRAIN_DQK16, read once per process: "1" or "0" (unset: 1).
   void set_dqk16(bool on) { dqk16_ = on; }
-  // In the bf16 mode on the batched path, the gradient of the gated output o leaving the out_proj product rounded to
-  // bf16 (true: the product writes bf16, the output-stage backward reads half the bytes, as under autocast) or kept
-  // in f32 (false). Default from MAMBA3_TRAIN_DO16, read once per process: "1" or "0" (unset: 1).
-  void set_do16(bool on) { do16_ = on; }
   // The batched path's SISO rotation backward running the B/C norm backward itself (true: one block per (sequence,
   // group, chunk) sums every head's B/C gradients in shared memory, no dBn/dCn round trip and no separate kernel) or
   // writing dBn/dCn per head slot for bc_norm_backward (false). The same sums in the same order. Default from
@@ -235,8 +231,6 @@ class Mamba3TrainGpu {
   bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
   bool backward_core_fused_ = true;  // the backward and post-scan cores as one kernel (set_backward_core_fused)
   bool dqk16_ = true;                // dQ and dK in bf16 between the SISO cores and the rotation backward (set_dqk16)
-  bool do16_ = true;                 // dO in bf16 (set_do16)
-  bool do16_now_ = false;            // this backward's dO is dO16_ (set by backward() for batched_chunks)
   bool bc_norm_fusion_ = true;       // the B/C norm backward inside the SISO rotation backward (set_bc_norm_fusion)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
@@ -245,7 +239,7 @@ class Mamba3TrainGpu {
   // Backward: dO (M, d_inner), dzx (M, d_in), dy (B·H, L, R, P), Hc (B·H, chunks, P, N), dBn/dCn (M, H, R, N),
   // dphi (B·H, L, S), dadt/dgam/dscale 3 × (B·H, L), per-row/per-(b, h[, chunk]) partials, colsum
   // scratch. Parallel schedule (forward too): Hc, decay (B·H, chunks); backward also dHc (B·H, chunks, P, N).
-  DeviceBuffer dO_, dO16_, dzx_, dy_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, part_, colsum_;  // dO16_: set_do16
+  DeviceBuffer dO_, dzx_, dy_, dHc_, decay_, dBn_, dCn_, dphi_, sgrad_, part_, colsum_;
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdQK16_, bdV_, bdWf_, bdS_, dHc16_;

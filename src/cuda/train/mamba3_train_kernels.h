@@ -141,9 +141,6 @@ struct BatchedParams {
   void* o16;                             // (M, d_inner) bf16, the same rounded (null: not written)
   // Backward.
   const float* dO;                       // (M, d_inner)
-  // (M, d_inner) bf16 (null: dO is read): the out_proj product's gradient rounded once, as it leaves the product
-  // (the bf16 mode, Mamba3TrainGpu::set_do16): the output-stage backwards read it instead of dO.
-  const uint16_t* dO16;
   float* dzx;                            // (M, din): z and x columns written
   // (M, din) bf16 (null: not written): the same columns rounded to nearest even, instead of dzx's f32 ones (the bf16
   // mode's only operand of du = dzx·W_in and dW_in += dzxᵀ·u; the angle/scalar and B/C norm backwards write the

@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
       zq[k] = p.zx[tok * d.din + int64_t(ix.h) * P + lane + 32 * k];
-      dOq[k] = kBwd ? load_dO(p, tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k) : 0.0f;
+      dOq[k] = kBwd ? p.dO[tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k] : 0.0f;
     }
     float y[R][kQ], rstd[R];
 #pragma unroll

@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
       const int64_t i = row0 + q;
       zv[k] = p.Z[i], vv[k] = __bfloat162float(V[i]), y[k] = p.WV[i];
       z[k] = p.zx[tok * d.din + int64_t(ix.h) * P + q];
-      dO[k] = load_dO(p, tok * d.d_inner + int64_t(ix.h) * P + q);
+      dO[k] = p.dO[tok * d.d_inner + int64_t(ix.h) * P + q];
     }
     float ss = 0.0f;
 #pragma unroll
