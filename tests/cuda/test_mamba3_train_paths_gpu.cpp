@@ -235,6 +235,25 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
     }
 }
 
+// The SISO output-stage backward with two of a warp's tokens in flight (the default) against one at a time: the same
+// arithmetic and the partials' sums in the same token order, so the same bits, on shapes with padding tokens.
+TEST(Mamba3TrainGpu, OutputBackwardTokensInFlightGiveTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(false))
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(2500 + L));
+      CoreLayerStep step(mixer, u, dout);
+      auto run = [&](int tokens) {
+        step.train.set_output_tokens(tokens);
+        return step.run();
+      };
+      const GpuResult one = run(1), two = run(2);
+      ASSERT_NO_FATAL_FAILURE(assert_finite(two));
+      EXPECT_TRUE(bit_identical(one, two)) << "two tokens in flight changed the bits";
+    }
+}
+
 // The B/C norm backward inside the SISO rotation backward (a block walks all head slots of its B/C group, the slot
 // sums in shared memory, then the norm backward) against the rotation backward writing dBn/dCn per slot for the
 // separate kernel: the same sums in the same order and the same expressions, so du and every gradient agree to a

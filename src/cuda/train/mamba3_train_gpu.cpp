@@ -121,6 +121,12 @@ bool env_dqk16() {
   return on;
 }
 
+// MAMBA3_TRAIN_OUTPUT_TOKENS, read once per process: the SISO output-stage backward's tokens in flight per warp.
+int env_output_tokens() {
+  static const int tokens = env_choice("MAMBA3_TRAIN_OUTPUT_TOKENS", {"2", "1"}) == "1" ? 1 : 2;
+  return tokens;
+}
+
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -165,6 +171,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()) {
+  output_tokens_ = env_output_tokens();
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -321,6 +328,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const size_t op = bf16 ? 2 : 4;  // bytes of a product operand element
   BatchedParams p{};
   p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows), p.bf16 = bf16, p.siso_kernels = siso_kernels_;
+  p.output_tokens = output_tokens_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.lam = f(act_->scalars, 2 * BHL);

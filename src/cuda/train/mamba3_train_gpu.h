@@ -135,6 +135,9 @@ class Mamba3TrainGpu {
   // The SISO instances of the batched path's build, rotation backward and output-stage backward and the MIMO instance
   // of its build (true, where their shapes apply) or the generic kernels (false): the same arithmetic and sums.
   void set_siso_kernels(bool on) { siso_kernels_ = on; }
+  // The SISO output-stage backward's tokens in flight per warp: 2 (each warp loads two tokens before finishing
+  // either) or 1; the same bits. Default from MAMBA3_TRAIN_OUTPUT_TOKENS, read once per process: "2" or "1".
+  void set_output_tokens(int tokens) { output_tokens_ = tokens == 1 ? 1 : 2; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
   // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
@@ -228,6 +231,7 @@ class Mamba3TrainGpu {
   int epilogue_heads_ = 0;      // the batched epilogue's heads per block, 0 auto (set_epilogue_heads)
   bool chunk_cores_ = true;     // the fused chunk cores where supported (set_chunk_cores)
   bool siso_kernels_ = true;    // SISO instances of the elementwise chunk kernels (set_siso_kernels)
+  int output_tokens_ = 2;       // set_output_tokens
   bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
   bool backward_core_fused_ = true;  // the backward and post-scan cores as one kernel (set_backward_core_fused)
   bool dqk16_ = true;                // dQ and dK in bf16 between the SISO cores and the rotation backward (set_dqk16)

@@ -125,6 +125,8 @@ struct BatchedParams {
   // The SISO instances of the build, the rotation backward and the output-stage backward, and the MIMO instance of the
   // build, where their shapes apply (false: the generic kernels everywhere; the same arithmetic, which a test checks).
   bool siso_kernels;
+  // The SISO output-stage backward's tokens in flight per warp, 1 or 2 (the same sums in the same order).
+  int output_tokens;
   const float* zx;                       // (M, din), B/C normalised
   const float *dt, *A, *lam;             // (B·H, L)
   const float* phi;                      // (B·H, L, S) cumulative rotary angles (launch_angles)

@@ -121,8 +121,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
 // channel mapping (q = lane + 32k) and summation orders, with a token's y, dy, Z and v and the per-channel norm-weight
 // and D partials in registers instead of per-warp shared rows, and every load of a token before its stores.
 // (ncu: the generic kernel ran at 54 % SM and 33 % DRAM, 80 registers, 37.5 % occupancy.)
-template <int P>
-__global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(const BatchedParams p) {
+// kTokens (1 or 2) of a warp's tokens at a time: all their loads before the first one's arithmetic.
+template <int P, int kTokens>
+__global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kernel(const BatchedParams p) {
   constexpr int kQ = P / 32;
   using bf16 = __nv_bfloat16;
   const MixerDims& d = p.d;
@@ -135,29 +136,39 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
   float nw[kQ], gn[kQ], gD = 0.0f;
 #pragma unroll
   for (int k = 0; k < kQ; ++k) nw[k] = norm ? p.norm[int64_t(ix.h) * P + lane + 32 * k] : 1.0f, gn[k] = 0.0f;
-  for (int tl = warp; tl < p.T; tl += kWarps) {
+  // A token's loads (nothing for the chunk's padding rows past Tc).
+  struct Token {
+    float zv[kQ], vv[kQ], y[kQ], z[kQ], dO[kQ], e;
+  };
+  auto load = [&](int tl, Token& t) {
+    if (tl >= ix.Tc) return;
+    const int64_t row0 = (ix.chunk * p.rows + tl) * P, tok = int64_t(ix.b) * d.L + ix.c0 + tl;
+    t.e = p.eL[ix.chunk * p.T + tl];
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      const int q = lane + 32 * k;
+      const int64_t i = row0 + q;
+      t.zv[k] = p.Z[i], t.vv[k] = __bfloat162float(V[i]), t.y[k] = p.WV[i];
+      t.z[k] = p.zx[tok * d.din + int64_t(ix.h) * P + q];
+      t.dO[k] = p.dO[tok * d.d_inner + int64_t(ix.h) * P + q];
+    }
+  };
+  // Its arithmetic and stores; the norm-weight and D partials gathered in the warp's token order.
+  auto finish = [&](int tl, Token& t) {
     const int64_t row0 = (ix.chunk * p.rows + tl) * P;
     if (tl >= ix.Tc) {
 #pragma unroll
       for (int k = 0; k < kQ; ++k) dY[row0 + lane + 32 * k] = dYe[row0 + lane + 32 * k] = __float2bfloat16_rn(0.0f);
       if (lane == 0) p.dLam[ix.chunk * p.T + tl] = 0.0f;
-      continue;
+      return;
     }
-    const float e = p.eL[ix.chunk * p.T + tl];
+    const float e = t.e;
     const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
-    float zv[kQ], vv[kQ], y[kQ], z[kQ], dO[kQ];
-#pragma unroll
-    for (int k = 0; k < kQ; ++k) {
-      const int q = lane + 32 * k;
-      const int64_t i = row0 + q;
-      zv[k] = p.Z[i], vv[k] = __bfloat162float(V[i]), y[k] = p.WV[i];
-      z[k] = p.zx[tok * d.din + int64_t(ix.h) * P + q];
-      dO[k] = p.dO[tok * d.d_inner + int64_t(ix.h) * P + q];
-    }
+    float* y = t.y;
     float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
-      y[k] = (e * zv[k] + Dh * vv[k]) + y[k];
+      y[k] = (e * t.zv[k] + Dh * t.vv[k]) + y[k];
       ss += y[k] * y[k];
     }
     const float rstd = norm ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
@@ -166,9 +177,9 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
     for (int k = 0; k < kQ; ++k) {
       const int q = lane + 32 * k;
       const float yn = norm ? y[k] * rstd * nw[k] : y[k];
-      const float sg = sigmoid_f(z[k]), si = z[k] * sg;
-      const float o = yn * si, dz = dO[k] * yn * sg * (1.0f + z[k] * (1.0f - sg));
-      dyn[k] = dO[k] * si;
+      const float sg = sigmoid_f(t.z[k]), si = t.z[k] * sg;
+      const float o = yn * si, dz = t.dO[k] * yn * sg * (1.0f + t.z[k] * (1.0f - sg));
+      dyn[k] = t.dO[k] * si;
       const int64_t oi = tok * d.d_inner + int64_t(ix.h) * P + q;
       if (p.o) p.o[oi] = o;
       if (p.o16) static_cast<bf16*>(p.o16)[oi] = __float2bfloat16_rn(o);
@@ -189,11 +200,22 @@ __global__ void __launch_bounds__(kThreads) batched_output_backward_siso_kernel(
         v = rstd * (dyn[k] * nw[k] - xh * mean);
       }
       dY[row0 + q] = __float2bfloat16_rn(v), dYe[row0 + q] = __float2bfloat16_rn(e * v);
-      dot += v * zv[k];
-      gD += v * vv[k];
+      dot += v * t.zv[k];
+      gD += v * t.vv[k];
     }
     dot = warp_sum(dot);
     if (lane == 0) p.dLam[ix.chunk * p.T + tl] = 0.0f + e * dot;
+  };
+  // kTokens of the warp's tokens loaded before any is finished (one at a time leaves every token's load latency
+  // exposed); finished in the warp's token order, so the partials' sums are the same either way.
+  for (int tl = warp; tl < p.T; tl += kTokens * kWarps) {
+    Token t[kTokens];
+#pragma unroll
+    for (int j = 0; j < kTokens; ++j)
+      if (tl + j * kWarps < p.T) load(tl + j * kWarps, t[j]);
+#pragma unroll
+    for (int j = 0; j < kTokens; ++j)
+      if (tl + j * kWarps < p.T) finish(tl + j * kWarps, t[j]);
   }
   // D's and the norm weight's partials: per warp (its tokens in order), then the warps in order.
   gD = warp_sum(gD);
@@ -422,8 +444,14 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
   if (!p.siso_kernels || !p.bf16 || p.d.mimo || (p.d.P != 32 && p.d.P != 64)) return false;
   const size_t floats = size_t(kWarps) * (p.d.P + 1);
-  if (p.d.P == 64) launch_per_chunk(batched_output_backward_siso_kernel<64>, s, p, floats);
-  else launch_per_chunk(batched_output_backward_siso_kernel<32>, s, p, floats);
+  const bool two = p.output_tokens != 1;  // (0, unset by a caller: two)
+  if (p.d.P == 64) {
+    launch_per_chunk(two ? batched_output_backward_siso_kernel<64, 2> : batched_output_backward_siso_kernel<64, 1>, s,
+                     p, floats);
+  } else {
+    launch_per_chunk(two ? batched_output_backward_siso_kernel<32, 2> : batched_output_backward_siso_kernel<32, 1>, s,
+                     p, floats);
+  }
   return true;
 }
 
