@@ -236,8 +236,10 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
 }
 
 // The SISO output-stage backward with two of a warp's tokens in flight (the default) against one at a time: the same
-// arithmetic and the partials' sums in the same token order, so the same bits, on shapes with padding tokens.
-TEST(Mamba3TrainGpu, OutputBackwardTokensInFlightGiveTheSameBits) {
+// expressions and the partials' sums in the same token order, on shapes with padding tokens. The two instantiations
+// are compiled apart and the compiler may contract a product into an FMA in one and not the other (the H200 run saw
+// last-bit differences at P 32, none at P 64), so the bound is SISO-vs-generic's: a few bf16 roundings.
+TEST(Mamba3TrainGpu, OutputBackwardTokensInFlightMatchOneAtATime) {
   MAMBA3_REQUIRE_GPU();
   for (const LayerCase& lc : core_shape_cases(false))
     for (const int64_t L : {65, 300}) {
@@ -248,9 +250,14 @@ TEST(Mamba3TrainGpu, OutputBackwardTokensInFlightGiveTheSameBits) {
         step.train.set_output_tokens(tokens);
         return step.run();
       };
-      const GpuResult one = run(1), two = run(2);
+      const GpuResult one = run(1), two = run(2), again = run(2);
       ASSERT_NO_FATAL_FAILURE(assert_finite(two));
-      EXPECT_TRUE(bit_identical(one, two)) << "two tokens in flight changed the bits";
+      EXPECT_TRUE(bit_identical(two, again)) << "not deterministic";
+      double worst = 0;
+      std::string where;
+      compare(two, one.out, one.du, one.grads, kTolSisoVsGeneric, kTolSisoVsGeneric, worst, where);
+      std::printf("  %-34s L=%-3lld two tokens vs one: %s, worst %.2e (%s)\n", lc.name, (long long)L,
+                  bit_identical(one, two) ? "same bits" : "differ", worst, where.c_str());
     }
 }
 
