@@ -19,6 +19,15 @@
 
 namespace mamba3::test {
 
+// The first `count` values of b, after the work on every stream is done.
+template <typename T>
+std::vector<T> down_vec(const cuda::DeviceBuffer& b, size_t count) {
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<T> v(count);
+  b.download(v.data(), count * sizeof(T));
+  return v;
+}
+
 // A float tensor as device activations of `p` (f32, or bf16 rounded to nearest even).
 inline cuda::DeviceBuffer to_device_activation(const Tensor& t, cuda::Precision p) {
   Tensor host = t.to(p == cuda::Precision::F32 ? DType::F32 : DType::BF16);

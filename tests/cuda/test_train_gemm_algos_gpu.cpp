@@ -36,14 +36,6 @@ std::vector<uint16_t> random_bf16(std::mt19937& rng, size_t count) {
   return v;
 }
 
-template <typename T>
-std::vector<T> download(const DeviceBuffer& b, size_t count) {
-  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<T> v(count);
-  b.download(v.data(), count * sizeof(T));
-  return v;
-}
-
 // α·op(A)·op(B) + β·C0 in float64 on the bf16 values (row-major, TrainGemm's convention).
 std::vector<double> reference(const GemmCall& c, const std::vector<uint16_t>& A, const std::vector<uint16_t>& B,
                               float beta, const std::vector<float>& C0) {
@@ -122,7 +114,7 @@ TEST(TrainGemmAlgosGpu, TunedProductsMatchFloat64AndRepeat) {
         tuned.run_bf16(ctx, c.ta, c.tb, c.m, c.n, c.k, 1.0f, dA.as<uint16_t>(), c.lda, dB.as<uint16_t>(), c.ldb, beta,
                        dC.as<float>(), c.ldc);
       }
-      results.push_back(download<uint8_t>(dC, c_bytes));
+      results.push_back(down_vec<uint8_t>(dC, c_bytes));
     }
     EXPECT_EQ(tuned.tuned_calls(), 2) << "the table's algorithm was not used";
     EXPECT_EQ(results[0], results[1]) << "a repeated product differs";
@@ -166,7 +158,7 @@ TEST(TrainGemmAlgosGpu, OtherShapesAndUnalignedOperandsKeepTheDefault) {
   plain.run_bf16(ctx, false, true, c.m, c.n, c.k - 8, 1.0f, dA.as<uint16_t>(), c.lda, dB.as<uint16_t>(), c.ldb, 0.0f,
                  d2.as<float>(), c.ldc);
   EXPECT_EQ(tuned.tuned_calls(), 0);
-  EXPECT_EQ(download<float>(d1, size_t(c.m * c.ldc)), download<float>(d2, size_t(c.m * c.ldc)));
+  EXPECT_EQ(down_vec<float>(d1, size_t(c.m * c.ldc)), down_vec<float>(d2, size_t(c.m * c.ldc)));
   // The table's shape with A 2 bytes past an aligned address.
   const uint16_t* shifted = dA.as<uint16_t>() + 1;
   tuned.run_bf16(ctx, false, true, c.m, c.n, c.k, 1.0f, shifted, c.lda, dB.as<uint16_t>(), c.ldb, 0.0f, d1.as<float>(),
@@ -174,7 +166,7 @@ TEST(TrainGemmAlgosGpu, OtherShapesAndUnalignedOperandsKeepTheDefault) {
   plain.run_bf16(ctx, false, true, c.m, c.n, c.k, 1.0f, shifted, c.lda, dB.as<uint16_t>(), c.ldb, 0.0f, d2.as<float>(),
                  c.ldc);
   EXPECT_EQ(tuned.tuned_calls(), 0);
-  EXPECT_EQ(download<float>(d1, size_t(c.m * c.ldc)), download<float>(d2, size_t(c.m * c.ldc)));
+  EXPECT_EQ(down_vec<float>(d1, size_t(c.m * c.ldc)), down_vec<float>(d2, size_t(c.m * c.ldc)));
   // And aligned: the table's algorithm.
   tuned.run_bf16(ctx, false, true, c.m, c.n, c.k, 1.0f, dA.as<uint16_t>(), c.lda, dB.as<uint16_t>(), c.ldb, 0.0f,
                  d1.as<float>(), c.ldc);

@@ -460,14 +460,6 @@ DeviceBuffer up_vec(const std::vector<T>& v) {
   MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
   return b;
 }
-// The first `count` values of b, after the work on every stream is done.
-template <typename T>
-std::vector<T> down_vec(const DeviceBuffer& b, size_t count) {
-  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<T> v(count);
-  b.download(v.data(), count * sizeof(T));
-  return v;
-}
 
 // Cross-entropy of bf16 logits (n, Vp) in float64: row losses (0 without a target, NaN for a target ≥ Vp) and the
 // gradient scale·(softmax − onehot) rounded to bf16, as floats.

@@ -170,8 +170,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
-      bc_norm_fusion_(env_bc_norm_fused()) {
-  output_tokens_ = env_output_tokens();
+      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }

@@ -231,11 +231,11 @@ class Mamba3TrainGpu {
   int epilogue_heads_ = 0;      // the batched epilogue's heads per block, 0 auto (set_epilogue_heads)
   bool chunk_cores_ = true;     // the fused chunk cores where supported (set_chunk_cores)
   bool siso_kernels_ = true;    // SISO instances of the elementwise chunk kernels (set_siso_kernels)
-  int output_tokens_ = 2;       // set_output_tokens
   bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
   bool backward_core_fused_ = true;  // the backward and post-scan cores as one kernel (set_backward_core_fused)
   bool dqk16_ = true;                // dQ and dK in bf16 between the SISO cores and the rotation backward (set_dqk16)
   bool bc_norm_fusion_ = true;       // the B/C norm backward inside the SISO rotation backward (set_bc_norm_fusion)
+  int output_tokens_ = 2;            // the SISO output-stage backward's tokens in flight per warp (set_output_tokens)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;

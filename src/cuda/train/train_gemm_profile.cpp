@@ -102,11 +102,10 @@ class ShapeTimer {
     cublasLtHandle_t lt = nullptr;
     std::pair<double, cublasLtMatmulAlgo_t> best{1e30, cublasLtMatmulAlgo_t{}};
     if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) return best;
-    const size_t ws_bytes = size_t(64) << 20;
-    DeviceBuffer ws(ws_bytes);
     {
       GemmAlgoTable table;
-      for (const cublasLtMatmulAlgo_t& algo : lt_candidates(lt, c_, count, ws_bytes)) {
+      // Candidates needing up to 64 MB of workspace (each runner allocates what its algorithm asks for).
+      for (const cublasLtMatmulAlgo_t& algo : lt_candidates(lt, c_, count, size_t(64) << 20)) {
         TunedAlgo tuned;
         tuned.algo = algo;
         table.set(c_, tuned);
