@@ -220,15 +220,15 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
   const int wq = warp % kCoreWarps;
 
-  copy_tile<kThreads>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
-  copy_tile<kThreads>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
-  copy_tile<kThreads>(sH, LDN, Hc16 + chunk * P * N, P, N);
-  copy_tile<kThreads>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
-  copy_tile<kThreads>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P, kRows, P);
-  copy_tile<kThreads>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P, kRows, P);
+  copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
+  copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
+  copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
+  copy_tile<kThreads, kRows, P>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P);
+  copy_tile<kThreads, kRows, P>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P);
   if constexpr (kWithDH) {
-    copy_tile<kThreads>(sdH, LDN, dHc16 + chunk * P * N, P, N);
-    copy_tile<kThreads>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P, kRows, P);
+    copy_tile<kThreads, P, N>(sdH, LDN, dHc16 + chunk * P * N);
+    copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
@@ -530,9 +530,9 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
   const int c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, t0 = 16 * warp;
 
-  copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
-  copy_tile(sH, LDN, dHc16 + chunk * P * N, P, N);
-  copy_tile(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P, kRows, P);
+  copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  copy_tile<kCoreThreads, P, N>(sH, LDN, dHc16 + chunk * P * N);
+  copy_tile<kCoreThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;

@@ -43,10 +43,10 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
 
-  copy_tile(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N, kRows, N);
-  copy_tile(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N, kRows, N);
-  copy_tile(sH, LDN, Hc16 + chunk * P * N, P, N);
-  copy_tile(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P, kRows, P);
+  copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
+  copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
+  copy_tile<kCoreThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
