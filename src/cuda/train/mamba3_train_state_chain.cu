@@ -36,10 +36,6 @@ struct ChainSmem {
   static constexpr int threads = 32 * 2 * (kSlice / 16);
 };
 
-__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
-}
-
 template <int N, int P, int kSlice>
 __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_kernel(const BatchedParams p,
                                                                                    const bf16* A, const bf16* Bm,
@@ -54,30 +50,15 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_ker
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const int pr = 16 * (warp % kRowWarps), n0 = (N / 2) * (warp / kRowWarps);  // the warp's first row and column
   const auto chunk_at = [&](int i) { return bh * nc + (reverse ? nc - 1 - i : i); };
-  // A thread's 16-byte pieces of a stage: fixed columns, rows kThreads / (pieces per row) apart, so each copy is one
-  // base address plus a compile-time offset. (A loop over pieces with a division per copy, run once per chunk, had
-  // been two thirds of the kernel's instructions: ncu, 125M, 30.6 → 11.0 M per call, 142 → 124 µs.)
-  constexpr int kApr = kSlice / 8, kBpr = N / 8;  // 16-byte pieces per row of A's slice and of B
-  static_assert(kThreads % kApr == 0 && kThreads % kBpr == 0 && kRows * kApr % kThreads == 0 &&
-                    kRows * kBpr % kThreads == 0,
-                "whole passes of the block's threads over the rows");
-  const int a_row = threadIdx.x / kApr, a_col = threadIdx.x % kApr * 8;
-  const int b_row = threadIdx.x / kBpr, b_col = threadIdx.x % kBpr * 8;
-  // Step i's operands into stage i % kStages (an empty group past the last chunk keeps the group count uniform).
+  // Step i's operands into stage i % kStages (an empty group past the last chunk keeps the group count uniform), by
+  // copy_tile's fixed-offset copies (the loop with a division per copy it replaced, run once per chunk, had been two
+  // thirds of this kernel's instructions: ncu, 125M, 30.6 → 11.0 M per call, 142 → 124 µs).
   const auto issue = [&](int i) {
     if (i < nc) {
       const int64_t chunk = chunk_at(i);
       bf16* sA = stages + (i % kStages) * SE;
-      bf16* sB = sA + kRows * kLdA + b_row * LDN + b_col;
-      sA += a_row * kLdA + a_col;
-      const bf16* a = A + (chunk * kRows + a_row) * P + pb + a_col;
-      const bf16* b = Bm + (chunk * kRows + b_row) * N + b_col;
-#pragma unroll
-      for (int k = 0; k < kRows * kApr / kThreads; ++k)
-        cp_async16(sA + k * (kThreads / kApr) * kLdA, a + k * (kThreads / kApr) * P);
-#pragma unroll
-      for (int k = 0; k < kRows * kBpr / kThreads; ++k)
-        cp_async16(sB + k * (kThreads / kBpr) * LDN, b + k * (kThreads / kBpr) * N);
+      copy_tile<kThreads, kRows, kSlice>(sA, kLdA, A + chunk * kRows * P + pb, P);
+      copy_tile<kThreads, kRows, N>(sA + kRows * kLdA, LDN, Bm + chunk * kRows * N);
     }
     asm volatile("cp.async.commit_group;");
   };

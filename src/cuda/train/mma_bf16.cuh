@@ -62,22 +62,22 @@ __device__ __forceinline__ void load_b_kn(const bf16* X, int ld, int k0, int n0,
   ldsm_x4_trans(X + (k0 + lane % 8 + ((lane / 8) % 2) * 8) * ld + n0 + (lane / 16) * 8, b);
 }
 
-// ROWS × COLS bf16 (packed in global memory, COLS a multiple of 8) into shared memory at pitch ld, 16 bytes a copy,
-// by a block of kThreads threads. A thread keeps one column piece and takes every (kThreads / pieces per row)-th row,
+// ROWS × COLS bf16 (in global memory at row pitch src_ld, COLS a multiple of 8) into shared memory at pitch ld, 16
+// bytes a copy, by a block of kThreads threads. A thread keeps one column piece and takes every (kThreads / pieces per row)-th row,
 // so its copies are one address plus compile-time offsets: the loop over pieces with a division per copy that this
 // replaced cost ~20 instructions per copy (about a sixth of the fused backward core's instructions).
 template <int kThreads, int ROWS, int COLS>
-__device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src) {
+__device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, int src_ld = COLS) {
   constexpr int per_row = COLS / 8, pieces = ROWS * per_row;
   static_assert(COLS % 8 == 0 && kThreads % per_row == 0, "a thread's pieces in one column");
   constexpr int step = kThreads / per_row;  // rows per pass of the block
   const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * 8;
-  dst += r * ld + c, src += r * COLS + c;
+  dst += r * ld + c, src += r * src_ld + c;
   if constexpr (pieces % kThreads == 0) {
 #pragma unroll
     for (int k = 0; k < ROWS / step; ++k)
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + k * step * ld)),
-                   "l"(src + k * step * COLS));
+                   "l"(src + k * step * src_ld));
   } else {
     static_assert(pieces < kThreads, "a whole number of passes, or less than one");
     if (r < ROWS)
