@@ -242,6 +242,12 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
   static_assert(!kPost || kR == 1, "the fused core is SISO's");
   const auto coef = [&](int j, int jj, float& ex) { return chunk_coef<kR>(Lam, scale, gam, R, j, jj, ex); };
+  // Blocks of 16 rows × 16 columns across the causal diagonal from the warp's rows have coef 0 (S, dW and the products
+  // with W, dS add exact zeros there): skipped where the rank allows it. Phase A: columns s after rows t (block > wq);
+  // phase B: columns t before rows s (block < wq).
+  constexpr bool kSkip = causal_blocks_skippable<kR>();
+  const auto after_rows = [&](int blk) { return kSkip && blk > wq; };
+  const auto before_rows = [&](int blk) { return kSkip && blk < wq; };
 
   // ---- Phase A: rows t of this warp.
   if (do_a) {
@@ -254,6 +260,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       load_a(sQ, LDN, t0, 16 * kb, a);
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
+        if (after_rows(np)) continue;
         uint32_t b[4];
         load_b_nk(sK, LDN, 16 * np, 16 * kb, b);
         mma(s[2 * np], a, b[0], b[1]), mma(s[2 * np + 1], a, b[2], b[3]);
@@ -265,23 +272,45 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       load_a(sdY, LDP, t0, 16 * kb, a);
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
+        if (after_rows(np)) continue;
         uint32_t b[4];
         load_b_nk(sV, LDP, 16 * np, 16 * kb, b);
         mma(dw[2 * np], a, b[0], b[1]), mma(dw[2 * np + 1], a, b[2], b[3]);
       }
     }
     float rg[2] = {0.0f, 0.0f}, rd[2] = {0.0f, 0.0f};
+    if constexpr (kR == 1) {  // (chunk_coef<1>'s values from registers, no per-element branches)
+      const int tr[2] = {t0 + g, t0 + g + 8};
+      const float lt[2] = {Lam[tr[0]], Lam[tr[1]]}, gt[2] = {gam[tr[0]], gam[tr[1]]};
 #pragma unroll
-    for (int nt = 0; nt < NS; ++nt)
+      for (int nt = 0; nt < NS; ++nt) {
+        if (after_rows(nt / 2)) continue;  // (dS stays 0)
+        const int sc = nt * 8 + 2 * q;
+        const float ls[2] = {Lam[sc], Lam[sc + 1]}, ss[2] = {scale[sc], scale[sc + 1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int half = e / 2, j = t0 + g + 8 * half, jj = nt * 8 + 2 * q + e % 2;
-        float ex;
-        const float cf = coef(j, jj, ex), gc = dw[nt][e] * s[nt][e];
-        if (ex != 0.0f) rg[half] += gc * cf;
-        else if (jj / R == j / R) rd[half] += gc;
-        dw[nt][e] *= cf;  // dS
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2, sk = sc + e % 2;
+          float ex;
+          const float cf = siso_coef(lt[half], gt[half], ls[e % 2], ss[e % 2], tr[half], sk, ex),
+                      gc = dw[nt][e] * s[nt][e];
+          if (ex != 0.0f) rg[half] += gc * cf;
+          else if (sk == tr[half]) rd[half] += gc;
+          dw[nt][e] *= cf;  // dS
+        }
       }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2, j = t0 + g + 8 * half, jj = nt * 8 + 2 * q + e % 2;
+          float ex;
+          const float cf = coef(j, jj, ex), gc = dw[nt][e] * s[nt][e];
+          if (ex != 0.0f) rg[half] += gc * cf;
+          else if (jj / R == j / R) rd[half] += gc;
+          dw[nt][e] *= cf;  // dS
+        }
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float gsum = quad_sum(rg[half]), dsum = quad_sum(rd[half]);
@@ -300,13 +329,15 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       float acc[NBT][4];
       zero(acc);
 #pragma unroll
-      for (int kb = 0; kb < NS / 2; ++kb)
+      for (int kb = 0; kb < NS / 2; ++kb) {
+        if (after_rows(kb)) continue;
 #pragma unroll
         for (int np = 0; np < NBT / 2; ++np) {
           uint32_t b[4];
           load_b_kn(sK, LDN, 16 * kb, n0 + 16 * np, b);
           mma(acc[2 * np], ds[kb], b[0], b[1]), mma(acc[2 * np + 1], ds[kb], b[2], b[3]);
         }
+      }
 #pragma unroll
       for (int kb = 0; kb < P / 16; ++kb) {
         uint32_t a[4];
@@ -334,6 +365,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       load_a(sK, LDN, s0, 16 * kb, a);
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
+        if (before_rows(np)) continue;
         uint32_t b[4];
         load_b_nk(sQ, LDN, 16 * np, 16 * kb, b);
         mma(st[2 * np], a, b[0], b[1]), mma(st[2 * np + 1], a, b[2], b[3]);
@@ -345,23 +377,45 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       load_a(sV, LDP, s0, 16 * kb, a);
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
+        if (before_rows(np)) continue;
         uint32_t b[4];
         load_b_nk(sdY, LDP, 16 * np, 16 * kb, b);
         mma(dwt[2 * np], a, b[0], b[1]), mma(dwt[2 * np + 1], a, b[2], b[3]);
       }
     }
     float cg[2] = {0.0f, 0.0f}, ce[2] = {0.0f, 0.0f};
+    if constexpr (kR == 1) {  // (chunk_coef<1>'s values from registers, no per-element branches)
+      const int sr[2] = {s0 + g, s0 + g + 8};
+      const float ls[2] = {Lam[sr[0]], Lam[sr[1]]}, ss[2] = {scale[sr[0]], scale[sr[1]]};
 #pragma unroll
-    for (int nt = 0; nt < NS; ++nt)
+      for (int nt = 0; nt < NS; ++nt) {
+        if (before_rows(nt / 2)) continue;  // (Wᵀ and dSᵀ stay 0)
+        const int tc = nt * 8 + 2 * q;
+        const float lt[2] = {Lam[tc], Lam[tc + 1]}, gt[2] = {gam[tc], gam[tc + 1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int half = e / 2, jj = s0 + g + 8 * half, j = nt * 8 + 2 * q + e % 2;
-        float ex;
-        const float cf = coef(j, jj, ex), gc = dwt[nt][e] * st[nt][e];
-        if (ex != 0.0f) cg[half] += gc * cf, ce[half] += gc * ex;
-        st[nt][e] *= cf;   // Wᵀ
-        dwt[nt][e] *= cf;  // dSᵀ
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2;
+          float ex;
+          const float cf = siso_coef(lt[e % 2], gt[e % 2], ls[half], ss[half], tc + e % 2, sr[half], ex),
+                      gc = dwt[nt][e] * st[nt][e];
+          if (ex != 0.0f) cg[half] += gc * cf, ce[half] += gc * ex;
+          st[nt][e] *= cf;   // Wᵀ
+          dwt[nt][e] *= cf;  // dSᵀ
+        }
       }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2, jj = s0 + g + 8 * half, j = nt * 8 + 2 * q + e % 2;
+          float ex;
+          const float cf = coef(j, jj, ex), gc = dwt[nt][e] * st[nt][e];
+          if (ex != 0.0f) cg[half] += gc * cf, ce[half] += gc * ex;
+          st[nt][e] *= cf;   // Wᵀ
+          dwt[nt][e] *= cf;  // dSᵀ
+        }
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float gsum = quad_sum(cg[half]), esum = quad_sum(ce[half]);
@@ -379,13 +433,15 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     float dv[P / 8][4];  // dV = Wᵀ·dy (kPost: kept for the epilogue's state part)
     zero(dv);
 #pragma unroll
-    for (int kb = 0; kb < NS / 2; ++kb)
+    for (int kb = 0; kb < NS / 2; ++kb) {
+      if (before_rows(kb)) continue;
 #pragma unroll
       for (int np = 0; np < P / 16; ++np) {
         uint32_t b[4];
         load_b_kn(sdY, LDP, 16 * kb, 16 * np, b);
         mma(dv[2 * np], wt[kb], b[0], b[1]), mma(dv[2 * np + 1], wt[kb], b[2], b[3]);
       }
+    }
     if constexpr (!kPost) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
     float* dK = p.dK + chunk * kRows * N;
 #pragma unroll
@@ -393,13 +449,15 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       float acc[NBT][4];
       zero(acc);
 #pragma unroll
-      for (int kb = 0; kb < NS / 2; ++kb)
+      for (int kb = 0; kb < NS / 2; ++kb) {
+        if (before_rows(kb)) continue;
 #pragma unroll
         for (int np = 0; np < NBT / 2; ++np) {
           uint32_t b[4];
           load_b_kn(sQ, LDN, 16 * kb, n0 + 16 * np, b);
           mma(acc[2 * np], dst[kb], b[0], b[1]), mma(acc[2 * np + 1], dst[kb], b[2], b[3]);
         }
+      }
       if constexpr (kWithDH) {  // dK += (w ⊙ v)·dH, continuing the same accumulators (the post-scan core's order)
 #pragma unroll
         for (int kb = 0; kb < P / 16; ++kb) {

@@ -23,25 +23,60 @@ using namespace mma_bf16;
 template <int N, int P>
 struct FwdSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
+  // The output stage's z rows (f32, pitch LDZ) go where k was once S is formed, when they fit there.
+  static constexpr int LDZ = P + 4;
+  static constexpr bool kZInK = size_t(kRows) * LDZ * 4 <= size_t(kRows) * LDN * sizeof(bf16);
+  // Tiles, then the chunk scalars Λ, scale, γ, e^Λ (T each) and the head's output-norm weights (P).
   static constexpr size_t bytes(int T) {
-    return (size_t(2 * kRows + P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) + size_t(3 * T) * 4;
+    return (size_t(2 * kRows + P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) + size_t(4 * T + P) * 4;
   }
 };
+
+// The output stage's z rows of the chunk (zx's z columns of head h, f32, row pitch din) into shared memory at pitch
+// ldz, rows [0, rows): 16-byte copies where zx's rows allow them, else 4-byte ones.
+template <int P>
+__device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* src, int64_t din, int rows) {
+  if (din % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    constexpr int per_row = P / 4, step = kCoreThreads / per_row;
+    const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * 4;
+#pragma unroll 4
+    for (int row = r; row < rows; row += step)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + row * ldz + c)),
+                   "l"(src + row * din + c));
+  } else {
+    constexpr int step = kCoreThreads / P;
+    const int r = int(threadIdx.x) / P, c = int(threadIdx.x) % P;
+    for (int row = r; row < rows; row += step)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst + row * ldz + c)),
+                   "l"(src + row * din + c));
+  }
+  asm volatile("cp.async.commit_group;");
+}
 
 // fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when fixed at compile
 // time (1, 2, 4), else 0 (read from p; see chunk_coef).
 template <int N, int P, int kR>
 __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                     bool fuse_output) {
-  constexpr int LDN = FwdSmem<N, P>::LDN, LDP = FwdSmem<N, P>::LDP, NS = kRows / 8;
+  using Smem = FwdSmem<N, P>;
+  constexpr int LDN = Smem::LDN, LDP = Smem::LDP, LDZ = Smem::LDZ, NS = kRows / 8;
+  constexpr bool kZInK = Smem::kZInK;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
   bf16 *sK = sQ + kRows * LDN, *sH = sK + kRows * LDN, *sV = sH + P * LDN;
   const int T = p.T, R = p.d.R;
   float* Lam = reinterpret_cast<float*>(sV + kRows * LDP);
-  float *scale = Lam + T, *gam = scale + T;
+  float *scale = Lam + T, *gam = scale + T, *eLs = gam + T, *nws = eLs + T;
   const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  // The output stage's operands (fuse_output): its scalars now, its z rows into k's tile once S no longer needs it
+  // (kZInK), so that their loads are in flight during the products instead of after them.
+  const MixerDims& d = p.d;
+  const int64_t bh = chunk / p.nc;
+  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T;
+  const int out_rows = min(kRows, d.L - c0);  // rows past the sequence's end have no output
+  const float* zsrc = p.zx + (int64_t(b) * d.L + c0) * d.din + int64_t(h) * P;
+  float Dh = 0.0f;
 
   copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
   copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
@@ -51,11 +86,21 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
+    if (fuse_output) eLs[tl] = p.eL[i];
+  }
+  if (fuse_output) {
+    Dh = p.D[h];
+    for (int c = threadIdx.x; c < P; c += kCoreThreads) nws[c] = d.outnorm ? p.norm[int64_t(h) * P + c] : 1.0f;
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
 
   const int t0 = 16 * warp;
+  // The 16-column blocks of s after the warp's rows (np > warp) have coef 0: their S, W and W·v terms are skipped
+  // (they would add exact zeros). SISO only: MIMO's instances ran slower with the skips (ncu, 125M R = 4: 638 → 666 µs,
+  // more instructions), their coef being the generic one.
+  constexpr bool kSkip = kR == 1;
+  const auto above = [&](int np) { return kSkip && np > warp; };
   uint32_t w[NS / 2][4];  // W = S ⊙ coef as A fragments, one per 16 columns s
   {
     float s[NS][4];
@@ -66,18 +111,39 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       load_a(sQ, LDN, t0, 16 * kb, a);
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
+        if (above(np)) continue;
         uint32_t b[4];
         load_b_nk(sK, LDN, 16 * np, 16 * kb, b);
         mma(s[2 * np], a, b[0], b[1]), mma(s[2 * np + 1], a, b[2], b[3]);
       }
     }
+    if (kZInK && fuse_output) {  // every warp is done with k: its tile takes the z rows
+      __syncthreads();
+      copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
+    }
+    if constexpr (kR == 1) {  // (chunk_coef<1>'s values from registers, no per-element branches)
+      const int tr[2] = {t0 + g, t0 + g + 8};
+      const float lt[2] = {Lam[tr[0]], Lam[tr[1]]}, gt[2] = {gam[tr[0]], gam[tr[1]]};
 #pragma unroll
-    for (int nt = 0; nt < NS; ++nt)
+      for (int nt = 0; nt < NS; ++nt) {
+        if (above(nt / 2)) continue;  // (s stays 0)
+        const int sc = nt * 8 + 2 * q;
+        const float ls[2] = {Lam[sc], Lam[sc + 1]}, ss[2] = {scale[sc], scale[sc + 1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float ex;
-        s[nt][e] *= chunk_coef<kR>(Lam, scale, gam, R, t0 + g + 8 * (e / 2), nt * 8 + 2 * q + e % 2, ex);
+        for (int e = 0; e < 4; ++e) {
+          float ex;
+          s[nt][e] *= siso_coef(lt[e / 2], gt[e / 2], ls[e % 2], ss[e % 2], tr[e / 2], sc + e % 2, ex);
+        }
       }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float ex;
+          s[nt][e] *= chunk_coef<kR>(Lam, scale, gam, R, t0 + g + 8 * (e / 2), nt * 8 + 2 * q + e % 2, ex);
+        }
+    }
 #pragma unroll
     for (int kb = 0; kb < NS / 2; ++kb) {
       w[kb][0] = pack(s[2 * kb][0], s[2 * kb][1]), w[kb][1] = pack(s[2 * kb][2], s[2 * kb][3]);
@@ -99,26 +165,28 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   }
   store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
 #pragma unroll
-  for (int kb = 0; kb < NS / 2; ++kb)  // WV = W·v
+  for (int kb = 0; kb < NS / 2; ++kb) {  // WV = W·v
+    if (above(kb)) continue;
 #pragma unroll
     for (int np = 0; np < P / 16; ++np) {
       uint32_t b[4];
       load_b_kn(sV, LDP, 16 * kb, 16 * np, b);
       mma(wv[2 * np], w[kb], b[0], b[1]), mma(wv[2 * np + 1], w[kb], b[2], b[3]);
     }
+  }
   store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
   if (!fuse_output) return;
   // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a
   // warp): y = (e^Λ·Z + D·v) + WV, the optional RMSNorm over the head's P channels, the gate y·silu(z) → o16.
-  const MixerDims& d = p.d;
-  const int64_t bh = chunk / p.nc;
-  const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T;
-  const float Dh = p.D[h];
-  const float* nw = d.outnorm ? p.norm + int64_t(h) * P : nullptr;
+  if constexpr (kZInK) {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();
+  }
+  const float* sZ = reinterpret_cast<const float*>(sK);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int tl = t0 + g + 8 * half;  // SISO: row = token
-    const float e = p.eL[chunk * T + min(tl, T - 1)];
+    const float e = eLs[min(tl, T - 1)];
     float y[P / 8][2], ss = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < P / 8; ++nt)
@@ -129,28 +197,30 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
         y[nt][k] = (e * z[nt][2 * half + k] + Dh * vv) + wv[nt][2 * half + k];
         ss += y[nt][k] * y[nt][k];
       }
-    const float rstd = nw ? 1.0f / sqrtf(quad_sum(ss) / float(P) + kEps) : 1.0f;
-    if (c0 + tl >= d.L) continue;  // padding rows (after the quad sum: every lane of the quad takes part)
+    const float rstd = d.outnorm ? 1.0f / sqrtf(quad_sum(ss) / float(P) + kEps) : 1.0f;
+    if (tl >= out_rows) continue;  // padding rows (after the quad sum: every lane of the quad takes part)
     const int64_t tok = int64_t(b) * d.L + c0 + tl;
-    const float* zr = p.zx + tok * d.din + int64_t(h) * P;
     __nv_bfloat16* orow = static_cast<__nv_bfloat16*>(p.o16) + tok * d.d_inner + int64_t(h) * P;
-    // Every load of the row before its first store (a load after a store through a pointer the compiler cannot
-    // tell apart waits for it). zx rows are din floats: an odd din leaves them 4-byte aligned only, so scalar loads.
-    float zz[P / 8][2], wn[P / 8][2];
+    // Every load of the row before its first store (a global load after a store through a pointer the compiler
+    // cannot tell apart waits for it). zx rows are din floats: an odd din leaves them 4-byte aligned only.
+    float zz[P / 8][2];
 #pragma unroll
-    for (int nt = 0; nt < P / 8; ++nt)
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int col = nt * 8 + 2 * q + k;
-        zz[nt][k] = zr[col], wn[nt][k] = nw ? nw[col] : 1.0f;
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      if constexpr (kZInK) {
+        const float2 z2 = *reinterpret_cast<const float2*>(sZ + tl * LDZ + col);
+        zz[nt][0] = z2.x, zz[nt][1] = z2.y;
+      } else {
+        zz[nt][0] = zsrc[tl * d.din + col], zz[nt][1] = zsrc[tl * d.din + col + 1];
       }
+    }
 #pragma unroll
     for (int nt = 0; nt < P / 8; ++nt) {
       float o[2];
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const float zv = zz[nt][k], yv = y[nt][k];
-        const float yn = nw ? yv * rstd * wn[nt][k] : yv;
+        const float yn = d.outnorm ? yv * rstd * nws[nt * 8 + 2 * q + k] : yv;
         o[k] = yn * (zv * sigmoid_f(zv));
       }
       *reinterpret_cast<__nv_bfloat162*>(orow + nt * 8 + 2 * q) = __floats2bfloat162_rn(o[0], o[1]);

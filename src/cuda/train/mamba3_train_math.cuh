@@ -108,4 +108,22 @@ __device__ __forceinline__ float chunk_coef(const float* Lam, const float* scale
   return sl == tl ? gam[tl] : 0.0f;
 }
 
+// chunk_coef<1> (SISO: rows are tokens) from its operands in registers, without per-element branches: token t's Λ and
+// γ, token s's Λ and scale. e^{Λ_t − Λ_s} is formed for every element and kept only below the diagonal (s < t), so
+// the values and ex are chunk_coef's bits.
+__device__ __forceinline__ float siso_coef(float lam_t, float gam_t, float lam_s, float scale_s, int t, int s,
+                                           float& ex) {
+  const float e = expf(lam_t - lam_s);
+  const bool below = s < t;
+  ex = below ? e : 0.0f;
+  return below ? e * scale_s : (s == t ? gam_t : 0.0f);
+}
+
+// Whether a core may skip the 16 × 16 blocks above the causal diagonal (coef 0 there: their products add exact zeros):
+// the rank known at compile time and dividing 16, so a 16-row block's tokens end where a 16-column block's do.
+template <int kR>
+__host__ __device__ constexpr bool causal_blocks_skippable() {
+  return kR == 1 || kR == 2 || kR == 4;
+}
+
 }  // namespace mamba3::cuda::train_detail
