@@ -61,6 +61,10 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   using Smem = FwdSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, LDZ = Smem::LDZ, NS = kRows / 8;
   constexpr bool kZInK = Smem::kZInK;
+  // The output stage is SISO's (forward_core_writes_output): MIMO's instances (kR 2, 4) compile without it — its early
+  // bookkeeping, live through the products, had made them slower (ncu, 125M R = 4: 638 → 683 µs).
+  constexpr bool kOutput = kR == 1 || kR == 0;
+  if (!kOutput) fuse_output = false;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sQ = reinterpret_cast<bf16*>(smem_raw);
   bf16 *sK = sQ + kRows * LDN, *sH = sK + kRows * LDN, *sV = sH + P * LDN;
@@ -117,7 +121,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
         mma(s[2 * np], a, b[0], b[1]), mma(s[2 * np + 1], a, b[2], b[3]);
       }
     }
-    if (kZInK && fuse_output) {  // every warp is done with k: its tile takes the z rows
+    if (kOutput && kZInK && fuse_output) {  // every warp is done with k: its tile takes the z rows
       __syncthreads();
       copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
     }
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     }
   }
   store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
-  if (!fuse_output) return;
+  if (!kOutput || !fuse_output) return;
   // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a
   // warp): y = (e^Λ·Z + D·v) + WV, the optional RMSNorm over the head's P channels, the gate y·silu(z) → o16.
   if constexpr (kZInK) {
