@@ -280,22 +280,20 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
     float rg[2] = {0.0f, 0.0f}, rd[2] = {0.0f, 0.0f};
     if constexpr (kR == 1) {  // (chunk_coef<1>'s values from registers, no per-element branches)
-      const int tr[2] = {t0 + g, t0 + g + 8};
-      const float lt[2] = {Lam[tr[0]], Lam[tr[1]]}, gt[2] = {gam[tr[0]], gam[tr[1]]};
+      const SisoCoefRowsT rows(Lam, gam, t0, g);
 #pragma unroll
       for (int nt = 0; nt < NS; ++nt) {
         if (after_rows(nt / 2)) continue;  // (dS stays 0)
         const int sc = nt * 8 + 2 * q;
-        const float ls[2] = {Lam[sc], Lam[sc + 1]}, ss[2] = {scale[sc], scale[sc + 1]};
+        float cf[4], ex[4];
+        rows.tile(Lam, scale, sc, cf, ex);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int half = e / 2, sk = sc + e % 2;
-          float ex;
-          const float cf = siso_coef(lt[half], gt[half], ls[e % 2], ss[e % 2], tr[half], sk, ex),
-                      gc = dw[nt][e] * s[nt][e];
-          if (ex != 0.0f) rg[half] += gc * cf;
-          else if (sk == tr[half]) rd[half] += gc;
-          dw[nt][e] *= cf;  // dS
+          const int half = e / 2;
+          const float gc = dw[nt][e] * s[nt][e];
+          if (ex[e] != 0.0f) rg[half] += gc * cf[e];
+          else if (sc + e % 2 == rows.t[half]) rd[half] += gc;
+          dw[nt][e] *= cf[e];  // dS
         }
       }
     } else {

@@ -126,18 +126,14 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
     }
     if constexpr (kR == 1) {  // (chunk_coef<1>'s values from registers, no per-element branches)
-      const int tr[2] = {t0 + g, t0 + g + 8};
-      const float lt[2] = {Lam[tr[0]], Lam[tr[1]]}, gt[2] = {gam[tr[0]], gam[tr[1]]};
+      const SisoCoefRowsT rows(Lam, gam, t0, g);
 #pragma unroll
       for (int nt = 0; nt < NS; ++nt) {
         if (above(nt / 2)) continue;  // (s stays 0)
-        const int sc = nt * 8 + 2 * q;
-        const float ls[2] = {Lam[sc], Lam[sc + 1]}, ss[2] = {scale[sc], scale[sc + 1]};
+        float cf[4], ex[4];
+        rows.tile(Lam, scale, nt * 8 + 2 * q, cf, ex);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float ex;
-          s[nt][e] *= siso_coef(lt[e / 2], gt[e / 2], ls[e % 2], ss[e % 2], tr[e / 2], sc + e % 2, ex);
-        }
+        for (int e = 0; e < 4; ++e) s[nt][e] *= cf[e];
       }
     } else {
 #pragma unroll

@@ -119,6 +119,23 @@ __device__ __forceinline__ float siso_coef(float lam_t, float gam_t, float lam_s
   return below ? e * scale_s : (s == t ? gam_t : 0.0f);
 }
 
+// siso_coef over the m16n8 accumulator tiles of a warp whose rows are tokens t (lane (g, q): rows r0 + g and
+// r0 + g + 8) and whose columns are tokens s: the rows' Λ and γ held, each tile's column pair (sc = c0 + 2q, sc + 1)
+// loaded once. Element e of a tile: row e / 2, column e % 2 (the accumulator layout).
+struct SisoCoefRowsT {
+  int t[2];
+  float lam[2], gam[2];
+  __device__ __forceinline__ SisoCoefRowsT(const float* Lam, const float* gam_, int r0, int g)
+      : t{r0 + g, r0 + g + 8}, lam{Lam[r0 + g], Lam[r0 + g + 8]}, gam{gam_[r0 + g], gam_[r0 + g + 8]} {}
+  __device__ __forceinline__ void tile(const float* Lam, const float* scale, int sc, float (&cf)[4],
+                                       float (&ex)[4]) const {
+    const float ls[2] = {Lam[sc], Lam[sc + 1]}, ss[2] = {scale[sc], scale[sc + 1]};
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      cf[e] = siso_coef(lam[e / 2], gam[e / 2], ls[e % 2], ss[e % 2], t[e / 2], sc + e % 2, ex[e]);
+  }
+};
+
 // Whether a core may skip the 16 × 16 blocks above the causal diagonal (coef 0 there: their products add exact zeros):
 // the rank known at compile time and dividing 16, so a 16-row block's tokens end where a 16-column block's do.
 template <int kR>
