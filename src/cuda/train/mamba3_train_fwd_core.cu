@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
 
   const int t0 = 16 * warp;
   // The 16-column blocks of s after the warp's rows (np > warp) have coef 0: their S, W and W·v terms are skipped
-  // (they would add exact zeros). SISO only: MIMO's instances ran slower with the skips (ncu, 125M R = 4: 638 → 666 µs,
-  // more instructions), their coef being the generic one.
+  // (they would add exact zeros). SISO only: MIMO's instance ran slower with them (ncu, 125M R = 4: 638 → 666 µs), a
+  // measurement taken while it still carried the output stage's bookkeeping (kOutput); not measured since.
   constexpr bool kSkip = kR == 1;
   const auto above = [&](int np) { return kSkip && np > warp; };
   uint32_t w[NS / 2][4];  // W = S ⊙ coef as A fragments, one per 16 columns s
