@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
           const float z = zq[k];
           if (!d.mimo) {
             const float y = ys[q], yn = nw ? y * rstd[0] * nw[q] : y;
-            const float sg = sigmoid_f(z), si = z * sg;
+            const float sg = gate_sigmoid_f(z, p.bf16), si = z * sg;
             o = yn * si;
             if (kBwd) {
               dyn[q] = dOq[k] * si;
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
             for (int r = 0; r < R; ++r) {
               const float y = ys[r * P + q], yn = nw ? y * rstd[r] * nw[q] : y;
               const int64_t i = (int64_t(ix.h) * R + r) * P + q;
-              const MimoGate mg = mimo_gate(yn, z, p.mimo_z[i], p.mimo_o[i], dOq[k]);
+              const MimoGate mg = mimo_gate(yn, z, p.mimo_z[i], p.mimo_o[i], dOq[k], p.bf16);
               o += mg.o;
               if (kBwd) {
                 go[r * P + q] += mg.go;

@@ -572,7 +572,7 @@ __device__ __forceinline__ void chunk_forward_body(const ChunkParams& p) {
             const int j = tl * R + r;
             const float y = sY[j * ldP + q], yn = nw ? y * rstd[j] * nw[q] : y;
             const int64_t i = (int64_t(h) * R + r) * P + q;
-            const MimoGate mg = mimo_gate(yn, z, p.mimo_z[i], p.mimo_o[i], dOq);
+            const MimoGate mg = mimo_gate(yn, z, p.mimo_z[i], p.mimo_o[i], dOq, false);
             o += mg.o;
             if (kBwd) {
               go[r * P + q] += mg.go;

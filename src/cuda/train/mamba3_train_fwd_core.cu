@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       for (int k = 0; k < 2; ++k) {
         const float zv = zz[nt][k], yv = y[nt][k];
         const float yn = d.outnorm ? yv * rstd * nws[nt * 8 + 2 * q + k] : yv;
-        o[k] = yn * (zv * sigmoid_f(zv));
+        o[k] = yn * (zv * gate_sigmoid_f(zv, true));  // (bf16 mode only)
       }
       *reinterpret_cast<__nv_bfloat162*>(orow + nt * 8 + 2 * q) = __floats2bfloat162_rn(o[0], o[1]);
     }

@@ -14,6 +14,14 @@ constexpr float kEps = 1e-5f;  // RMSNorm epsilon (B/C and output norms)
 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
+// The output stage's gate σ(z) in the bf16 mode (fast): the hardware exponential and an approximate division, a few
+// ulp from sigmoid_f — far inside that mode's bf16 roundings — at a fraction of its instructions (the gate was the
+// largest section of the forward core's output stage). Every kernel that forms or differentiates the batched path's
+// gate takes it from here with the same `fast`, so the cores' o is the generic output kernel's bit for bit. The exact
+// mode keeps sigmoid_f. (-z large: 1 + e^{-z} overflows and the quotient is 0, the limit.)
+__device__ __forceinline__ float gate_sigmoid_f(float z, bool fast) {
+  return fast ? __fdividef(1.0f, 1.0f + __expf(-z)) : sigmoid_f(z);
+}
 
 // The bf16 bits of v rounded to nearest even (as __float2bfloat16_rn; NaN stays NaN), written out so that host
 // emulations of the kernels can compile it too.
@@ -35,8 +43,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 struct MimoGate {
   float o, go, dyn, gz, dz;
 };
-__device__ __forceinline__ MimoGate mimo_gate(float yn, float z, float mz, float mo, float dO) {
-  const float zz = mz * z, sg = sigmoid_f(zz), si = zz * sg;
+__device__ __forceinline__ MimoGate mimo_gate(float yn, float z, float mz, float mo, float dO, bool fast) {
+  const float zz = mz * z, sg = gate_sigmoid_f(zz, fast), si = zz * sg;
   const float dsi = sg * (1.0f + zz * (1.0f - sg)), dzz = dO * mo * yn * dsi;
   return {mo * yn * si, dO * yn * si, dO * mo * si, dzz * z, dzz * mz};
 }

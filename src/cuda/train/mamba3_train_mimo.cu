@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const float yn = nw ? y[r][k] * rstd[r] * nwq[k] : y[r][k];
-        const MimoGate mg = mimo_gate(yn, zq[k], mz[r][k], mo[r][k], dOq[k]);
+        const MimoGate mg = mimo_gate(yn, zq[k], mz[r][k], mo[r][k], dOq[k], true);
         o += mg.o;
         if (kBwd) go[r][k] += mg.go, dyn[r][k] = mg.dyn, gz[r][k] += mg.gz, dz += mg.dz;
       }

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
     for (int k = 0; k < kQ; ++k) {
       const int q = lane + 32 * k;
       const float yn = norm ? y[k] * rstd * nw[k] : y[k];
-      const float sg = sigmoid_f(t.z[k]), si = t.z[k] * sg;
+      const float sg = gate_sigmoid_f(t.z[k], true), si = t.z[k] * sg;  // (bf16 mode only)
       const float o = yn * si, dz = t.dO[k] * yn * sg * (1.0f + t.z[k] * (1.0f - sg));
       dyn[k] = t.dO[k] * si;
       const int64_t oi = tok * d.d_inner + int64_t(ix.h) * P + q;
