@@ -201,8 +201,6 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
   MAMBA3_CUDA_CHECK(
       cudaMemcpyAsync(w.targets.raw(), w.host_targets.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
-  // The embedding gradient's plan (a host sort of the ids) now, while the device runs the forward pass.
-  if (want_grad) w.embedding_plan.rebuild(st, w.host_ids.data(), N);
   for (DeviceBuffer* b : {&w.hidden, &w.residual, &w.dnormed, &w.grad}) b->reserve(act);
   float* hidden = w.hidden.as<float>();
   float* residual = w.residual.as<float>();
@@ -267,6 +265,10 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       prof.mark("mlp_fwd");
     }
   }
+  // The embedding gradient's plan (a host sort of the ids: ~1 ms at 16k tokens) now, while the device runs the forward
+  // pass just queued; before the embedding it left the device idle once the previous step's update was done. Its
+  // upload is queued after the forward, long before the embedding backward reads it.
+  if (want_grad) w.embedding_plan.rebuild(st, w.host_ids.data(), N);
   const NormSlot norm_f{s.param("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.param("backbone.norm_f.bias"),
                         s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
   float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
