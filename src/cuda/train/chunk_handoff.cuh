@@ -66,15 +66,12 @@ __device__ __forceinline__ void chain_wait(const ChainGroup<kThreads>& grp, cons
 
 // After every thread of the group has stored its part of the state: sequence-head bh has handed on `steps` chunks
 // (release).
-// (The barrier orders the group's stores before the first thread's fence and release — cumulativity, as a
-// cooperative-groups grid barrier relies on — so one thread fences, not every thread.)
 template <int kThreads>
 __device__ __forceinline__ void chain_publish(const ChainGroup<kThreads>& grp, uint32_t* words, int64_t bh, int steps) {
+  __threadfence();
   grp.sync();
-  if (grp.rank() == 0) {
-    __threadfence();
+  if (grp.rank() == 0)
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(words + 1 + bh), "r"(uint32_t(steps)) : "memory");
-  }
 }
 
 // A group of kWarps warps forms its chunk's P × N state product A_cᵀ·B_c (A: the chunk's rows × P, B: rows × N, bf16
@@ -105,29 +102,12 @@ __device__ __forceinline__ void chain_step(const ChainGroup<32 * kWarps>& grp, c
   const int p0 = 16 * (warp % Tile::kRB), n0 = Tile::NW * (warp / Tile::kRB);
   const bool active = r < Tile::kActive, hand_on = pos.step < nc - 1;
   float4* mine = reinterpret_cast<float4*>(h.states + pos.bh * int64_t(P) * N) + r;
-  float acc[NTH][4];
-  const auto product = [&](int nh) {  // acc = the pass's columns of A_cᵀ·B_c
-    zero(acc);
-    if (!active || !hand_on) return;
-#pragma unroll
-    for (int kb = 0; kb < 64 / 16; ++kb) {  // (the cores' 64 chunk rows)
-      uint32_t a[4];
-      load_a_t(sA, lda, 16 * kb, p0, a);
-#pragma unroll
-      for (int np = 0; np < NTH / 2; ++np) {
-        uint32_t b[4];
-        load_b_kn(sB, ldb, 16 * kb, nh + 16 * np, b);
-        mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-  };
-  product(n0);  // the first pass's product while the first thread polls the flag
   if (pos.step > 0) chain_wait(grp, h.words, pos.bh, pos.step);
 #pragma unroll
   for (int half = 0; half < Tile::kNH; ++half) {
     const int nh = n0 + half * NTH * 8;
-    float st[NTH][4];
-    zero(st);
+    float st[NTH][4], acc[NTH][4];
+    zero(st), zero(acc);
     if (active && pos.step > 0) {
 #pragma unroll
       for (int nt = 0; nt < NTH; ++nt) {
@@ -135,7 +115,19 @@ __device__ __forceinline__ void chain_step(const ChainGroup<32 * kWarps>& grp, c
         st[nt][0] = v.x, st[nt][1] = v.y, st[nt][2] = v.z, st[nt][3] = v.w;
       }
     }
-    if (half > 0) product(nh);
+    if (active && hand_on) {
+#pragma unroll
+      for (int kb = 0; kb < 64 / 16; ++kb) {  // (the cores' 64 chunk rows)
+        uint32_t a[4];
+        load_a_t(sA, lda, 16 * kb, p0, a);
+#pragma unroll
+        for (int np = 0; np < NTH / 2; ++np) {
+          uint32_t b[4];
+          load_b_kn(sB, ldb, 16 * kb, nh + 16 * np, b);
+          mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
     if (active) {
 #pragma unroll
       for (int nt = 0; nt < NTH; ++nt) {
