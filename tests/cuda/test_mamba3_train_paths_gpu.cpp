@@ -163,54 +163,6 @@ TEST(Mamba3TrainGpu, StateChainGivesThePassResults) {
     }
 }
 
-// The state chains inside the cores (the forward core, and the fused backward core or MIMO's state core, handing the
-// running state between their blocks through L2) against the chain kernels run before the cores: the same products
-// in the same order and the same multiply-adds, so the same bits — output, du and every gradient — with and without
-// a kept forward, in both fused-core widths, with 1, 2 and 4 chunks per block, on every core shape with one chunk, a
-// padded last chunk and B 3, and on a grid far larger than the blocks resident at once (B 8, L 2048: up to 1024 blocks
-// wait on each other by ticket).
-TEST(Mamba3TrainGpu, ChainsInsideTheCoresGiveTheChainKernelBits) {
-  MAMBA3_REQUIRE_GPU();
-  struct Restore {
-    ~Restore() {
-      cuda::train_detail::set_fused_core_wide(true);
-      cuda::train_detail::set_chain_chunks_per_block(2);
-    }
-  } restore;
-  std::vector<std::tuple<LayerCase, int64_t, int64_t>> runs;
-  for (const LayerCase& lc : core_shape_cases(true))
-    for (const int64_t L : {1, 64, 65, 300}) runs.emplace_back(lc, 3, L);
-  runs.emplace_back(core_shape_cases(false)[0], 8, 2048);
-  int compared = 0;
-  for (const auto& [lc, B, L] : runs) {
-    SCOPED_TRACE(std::string(lc.name) + " B=" + std::to_string(B) + " L=" + std::to_string(L));
-    auto [mixer, u, dout] = random_layer(lc.c, B, L, uint32_t(2500 + L));
-    CoreLayerStep step(mixer, u, dout);
-    if (!step.train.uses_chunk_cores(true, L)) continue;  // (shapes the cores do not take have no chains)
-    step.train.set_state_chain(true);
-    auto run = [&](bool in_cores, bool keep) {
-      step.train.set_chain_in_cores(in_cores);
-      return step.run(keep);
-    };
-    for (const bool keep : {false, true}) {
-      SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
-      const GpuResult kernels = run(false, keep);
-      for (const bool wide : {true, false})
-        for (const int per_block : {1, 2, 4}) {
-          SCOPED_TRACE(std::string(wide ? "8 warps" : "4 warps") + ", chunks per block " + std::to_string(per_block));
-          cuda::train_detail::set_fused_core_wide(wide);
-          cuda::train_detail::set_chain_chunks_per_block(per_block);
-          const GpuResult inside = run(true, keep), again = run(true, keep);
-          ASSERT_NO_FATAL_FAILURE(assert_finite(inside));
-          EXPECT_TRUE(bit_identical(kernels, inside)) << "not the chain kernels' bits";
-          EXPECT_TRUE(bit_identical(inside, again)) << "not deterministic";
-          ++compared;
-        }
-    }
-  }
-  EXPECT_GE(compared, 4 * 12) << "too few shapes took the cores";
-}
-
 // The fused backward core (backward core + post-scan core in one kernel, after the reverse chain) against the two
 // kernels around it: dV and dK's first term stay in registers instead of going through global memory, every sum in
 // the same order, so the same bits, with and without a kept forward, on the SISO core shapes and a padded last chunk;

@@ -18,8 +18,6 @@
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
 #include "cuda/train/chunk_core_launch.cuh"
-#include "cuda/train/chunk_handoff.cuh"
-#include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -194,13 +192,9 @@ struct CoreSmem {
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
-// kChain (with dH): the reverse state chain inside (chunk_handoff.cuh): the block forms G = (e^Λ ⊙ dy)ᵀ·q, takes the
-// dH entering its chunk from the block of the next chunk, writes it to dHc16 and into its dH tile, and hands
-// decay·dH + G on; its chunk comes from a ticket (last chunks first).
-template <int N, int P, int kMode, int kWarps, int kR, bool kChain>
+template <int N, int P, int kMode, int kWarps, int kR>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
-                                                   bf16* dHc16, const ChainHandoff& handoff, const ChainPos& pos,
-                                                   int64_t chunk) {
+                                                   const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
   constexpr bool kSplitPhases = kWarps == 2 * kCoreWarps;
   constexpr bool kPost = kMode == kCoreFused, kWithDH = kMode != kCoreOnly;
@@ -220,7 +214,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   bf16* sVw = sdH + P * LDN;
   float* dL = reinterpret_cast<float*>(sVw + kRows * LDP);
   float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows;
-  static_assert(!kChain || kWithDH, "the chain inside the cores with dH");
+  const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The phases this warp runs and its 16-row block in them.
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
@@ -233,11 +227,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   copy_tile<kThreads, kRows, P>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P);
   copy_tile<kThreads, kRows, P>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P);
   if constexpr (kWithDH) {
-    if constexpr (!kChain) copy_tile<kThreads, P, N>(sdH, LDN, dHc16 + chunk * P * N);
+    copy_tile<kThreads, P, N>(sdH, LDN, dHc16 + chunk * P * N);
     copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
-  const float dc = kChain ? p.decay[chunk] : 0.0f;
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
@@ -448,13 +441,6 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       }
     }
     if constexpr (!kPost) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
-    if constexpr (kChain) {
-      // The reverse chain's step by phase B's warps, as late as the state allows (dK's second term is the first to
-      // read dH), so that the next chunk's block has usually handed on by now: G = (e^Λ ⊙ dy)ᵀ·q, dH into sdH (and
-      // dHc16), decay·dH + G on; four n-tiles at a time (dV and dSᵀ are live here, at the 128-register cap).
-      chain_step<N, P, kCoreWarps, 4>(ChainGroup<kCoreThreads>{kSplitPhases ? kCoreThreads : 0, 1}, handoff, pos, p.nc,
-                                   dc, sdYe, LDP, sQ, LDN, dHc16 + chunk * P * N, sdH, LDN);
-    }
     float* dK = p.dK + chunk * kRows * N;
 #pragma unroll
     for (int n0 = 0; n0 < N; n0 += NB) {  // dK = dSᵀ·q
@@ -517,17 +503,12 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
   }
 
-  // ⟨dH, H_c⟩ by the first four warps, as in the post-scan core (its sum order); with the chain after the barrier
-  // below (phase B's warps wrote dH). wsum is read after the next barrier.
-  if constexpr (kPost && !kChain) {
+  if constexpr (kPost) {  // by the first four warps, as in the post-scan core (its sum order)
     if (threadIdx.x < kCoreThreads) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
   }
 
   // ---- The chunk scalars' gradients from coef, per token (as the coef kernel forms them).
   __syncthreads();
-  if constexpr (kPost && kChain) {
-    if (threadIdx.x < kCoreThreads) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
-  }
   const int64_t bh = chunk / p.nc;
   const int c0 = int(chunk % p.nc) * T, Tc = min(T, p.d.L - c0);
   for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
@@ -562,45 +543,18 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
 }
 
-// One chunk per block (blockIdx), or with the chain `per_block` consecutive chunks of one sequence-head (in reverse)
-// by ticket.
-template <int N, int P, int kMode, int kWarps, int kR, bool kChain>
-__device__ __forceinline__ void backward_core_chunks(const BatchedParams& p, const bf16* Hc16, float* g_slots,
-                                                     bf16* dHc16, const ChainHandoff& handoff, int per_block) {
-  if constexpr (kChain) {
-    const ChainTicket tk = chain_take_ticket(handoff.words, int64_t(p.d.B) * p.d.H, p.nc, per_block);
-    for (int j = 0; j < tk.chunks; ++j) {
-      if (j > 0) __syncthreads();  // every warp is done with the previous chunk's shared tiles
-      const ChainPos pos = tk.at(j, p.nc, true);
-      backward_core_body<N, P, kMode, kWarps, kR, true>(p, Hc16, g_slots, dHc16, handoff, pos, pos.bh * p.nc + pos.c);
-    }
-  } else {
-    backward_core_body<N, P, kMode, kWarps, kR, false>(p, Hc16, g_slots, dHc16, handoff, ChainPos{},
-                                                       int64_t(blockIdx.x));
-  }
-}
-
-// The backward core without dH (kCoreOnly), G to g_slots when given.
-template <int N, int P>
+template <int N, int P, int kMode, int kR>
 __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
-                                                                     float* g_slots) {
-  backward_core_chunks<N, P, kCoreOnly, kCoreWarps, 0, false>(p, Hc16, g_slots, nullptr, ChainHandoff{}, 1);
-}
-
-// The cores with dH on 4 warps, each running both phases.
-template <int N, int P, int kMode, int kR, bool kChain>
-__global__ void __launch_bounds__(kCoreThreads) narrow_core_kernel(const BatchedParams p, const bf16* Hc16, bf16* dHc16,
-                                                                   ChainHandoff handoff, int per_block) {
-  backward_core_chunks<N, P, kMode, kCoreWarps, kR, kChain>(p, Hc16, nullptr, dHc16, handoff, per_block);
+                                                                     float* g_slots, const bf16* dHc16) {
+  backward_core_body<N, P, kMode, kCoreWarps, kR>(p, Hc16, g_slots, dHc16);
 }
 
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
-template <int N, int P, int kMode, int kR, bool kChain>
+template <int N, int P, int kMode, int kR>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2) fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16,
-                                                                               bf16* dHc16, ChainHandoff handoff,
-                                                                               int per_block) {
-  backward_core_chunks<N, P, kMode, 2 * kCoreWarps, kR, kChain>(p, Hc16, nullptr, dHc16, handoff, per_block);
+                                                                               const bf16* dHc16) {
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -701,8 +655,8 @@ void launch_batched_backward_core(cudaStream_t s, const BatchedParams& p, const 
                p.rows, p.d.N, p.d.P);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    launch_core(backward_core_kernel<N, P>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
-                static_cast<const bf16*>(Hc16), g_slots);
+    launch_core(backward_core_kernel<N, P, kCoreOnly, 0>, "backward core", s, p, CoreSmem<N, P>::bytes(p.T), p,
+                static_cast<const bf16*>(Hc16), g_slots, static_cast<const bf16*>(nullptr));
   });
 }
 
@@ -721,72 +675,45 @@ void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
 namespace {
 // A core with dH (kCoreFused or kCoreStates) on 4 or 8 warps, with the rank kR fixed at compile time (see
 // backward_core_body).
-// kChain: the reverse chain inside (h), dHc16 written; else dHc16 read (the chain kernel's).
-template <int kMode, int kR, bool kChain>
-void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc16, void* dHc16, const ChainHandoff& h,
-                         const char* what) {
+template <int kMode, int kR>
+void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16, const char* what) {
   const bool wide = fused_core_wide();
-  const int per_block = kChain ? chain_chunks_per_block() : 1;
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
-    const auto launch = [&](auto* kernel, int threads) {
-      if (bytes > 48 * 1024)
-        MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-      const int64_t blocks = int64_t(p.d.B) * p.d.H * ((p.nc + per_block - 1) / per_block);
-      MAMBA3_CHECK(blocks <= 0x7fffffff, "{}: {} blocks exceed the grid", what, blocks);
-      kernel<<<unsigned(blocks), threads, bytes, s>>>(p, static_cast<const bf16*>(Hc16), static_cast<bf16*>(dHc16), h,
-                                                      per_block);
-      MAMBA3_LAUNCH_CHECK();
-    };
-    if (wide) launch(fused_core_wide_kernel<N, P, kMode, kR, kChain>, 2 * kCoreThreads);
-    else launch(narrow_core_kernel<N, P, kMode, kR, kChain>, kCoreThreads);
+    if (!wide) {
+      launch_core(backward_core_kernel<N, P, kMode, kR>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
+                  static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
+      return;
+    }
+    auto* kernel = fused_core_wide_kernel<N, P, kMode, kR>;
+    if (bytes > 48 * 1024)
+      MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+    MAMBA3_CHECK(blocks <= 0x7fffffff, "{}: {} blocks exceed the grid", what, blocks);
+    kernel<<<unsigned(blocks), 2 * kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16),
+                                                             static_cast<const bf16*>(dHc16));
+    MAMBA3_LAUNCH_CHECK();
   });
-}
-
-template <bool kChain>
-void launch_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, void* dHc16, const ChainHandoff& h) {
-  MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
-               p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
-  launch_core_with_dh<kCoreFused, 1, kChain>(s, p, Hc16, dHc16, h, "fused backward core");
-}
-
-template <bool kChain>
-void launch_state_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, void* dHc16, const ChainHandoff& h) {
-  MAMBA3_CHECK(backward_state_core_supported(p), "backward state core: unsupported chunk (bf16 {}, rows {}, N {}, P {})",
-               p.bf16, p.rows, p.d.N, p.d.P);
-  MAMBA3_CHECK(p.Z, "backward state core: tp's buffer (p.Z) is null");
-  // MIMO's common ranks with R fixed at compile time (chunk_coef's divisions become shifts), others read from p.
-  if (p.d.R == 4) launch_core_with_dh<kCoreStates, 4, kChain>(s, p, Hc16, dHc16, h, "backward state core");
-  else if (p.d.R == 2) launch_core_with_dh<kCoreStates, 2, kChain>(s, p, Hc16, dHc16, h, "backward state core");
-  else launch_core_with_dh<kCoreStates, 0, kChain>(s, p, Hc16, dHc16, h, "backward state core");
-}
-
-void check_handoff(const BatchedParams& p, const void* dHc16, const ChainHandoff& h, const char* what) {
-  MAMBA3_CHECK(h.words && h.states && dHc16 && p.dYe && p.Q && p.decay, "{} with the chain: a buffer is null", what);
 }
 }  // namespace
 
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
-  launch_fused_core<false>(s, p, Hc16, const_cast<void*>(dHc16), ChainHandoff{});
-}
-
-void launch_batched_backward_fused_core_chain(cudaStream_t s, const BatchedParams& p, const void* Hc16, void* dHc16,
-                                              const ChainHandoff& h) {
-  check_handoff(p, dHc16, h, "fused backward core");
-  launch_fused_core<true>(s, p, Hc16, dHc16, h);
+  MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
+               p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+  launch_core_with_dh<kCoreFused, 1>(s, p, Hc16, dHc16, "fused backward core");
 }
 
 bool backward_state_core_supported(const BatchedParams& p) { return core_shape_supported(p) && p.d.mimo; }
 
 void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
-  launch_state_core<false>(s, p, Hc16, const_cast<void*>(dHc16), ChainHandoff{});
-}
-
-void launch_batched_backward_state_core_chain(cudaStream_t s, const BatchedParams& p, const void* Hc16, void* dHc16,
-                                              const ChainHandoff& h) {
-  check_handoff(p, dHc16, h, "backward state core");
-  launch_state_core<true>(s, p, Hc16, dHc16, h);
+  MAMBA3_CHECK(backward_state_core_supported(p), "backward state core: unsupported chunk (bf16 {}, rows {}, N {}, P {})",
+               p.bf16, p.rows, p.d.N, p.d.P);
+  MAMBA3_CHECK(p.Z, "backward state core: tp's buffer (p.Z) is null");
+  // MIMO's common ranks with R fixed at compile time (chunk_coef's divisions become shifts), others read from p.
+  if (p.d.R == 4) launch_core_with_dh<kCoreStates, 4>(s, p, Hc16, dHc16, "backward state core");
+  else if (p.d.R == 2) launch_core_with_dh<kCoreStates, 2>(s, p, Hc16, dHc16, "backward state core");
+  else launch_core_with_dh<kCoreStates, 0>(s, p, Hc16, dHc16, "backward state core");
 }
 
 bool post_scan_core_supported(const BatchedParams& p) { return core_shape_supported(p) && !p.d.mimo; }

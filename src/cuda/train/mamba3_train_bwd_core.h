@@ -8,7 +8,6 @@
 
 #include <cuda_runtime.h>
 
-#include "cuda/train/chunk_handoff_types.h"
 #include "cuda/train/mamba3_train_kernels.h"
 
 namespace mamba3::cuda::train_detail {
@@ -42,14 +41,6 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
 // cuBLAS's order).
 bool backward_state_core_supported(const BatchedParams& p);
 void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
-// The fused core and MIMO's state core with the reverse state chain inside (replacing launch_state_chain(s, p, p.dYe,
-// p.Q, true, dHc16) before them): each block forms G = (e^Λ ⊙ dy)ᵀ·q, takes the dH entering its chunk from the block
-// of the next chunk (through h: chunk_handoff.cuh), writes it to dHc16 and hands on decay·dH + G. The chain kernel's
-// bits, so the same results as the pair. h as for launch_batched_forward_core_chain.
-void launch_batched_backward_fused_core_chain(cudaStream_t s, const BatchedParams& p, const void* Hc16, void* dHc16,
-                                              const ChainHandoff& h);
-void launch_batched_backward_state_core_chain(cudaStream_t s, const BatchedParams& p, const void* Hc16, void* dHc16,
-                                              const ChainHandoff& h);
 // The fused core's block: 8 warps with its two phases on separate warps (true) or 4 running both (false); the same
 // bits. Process-wide; default from MAMBA3_TRAIN_FUSED_CORE_WARPS ("8" or "4", unset: 8).
 void set_fused_core_wide(bool on);

@@ -10,8 +10,6 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/train/chunk_core_launch.cuh"
-#include "cuda/train/chunk_handoff.cuh"
-#include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -29,12 +27,9 @@ struct FwdSmem {
   static constexpr int LDZ = P + 4;
   static constexpr bool kZInK = size_t(kRows) * LDZ * 4 <= size_t(kRows) * LDN * sizeof(bf16);
   // Tiles, then the chunk scalars Λ, scale, γ, e^Λ (T each) and the head's output-norm weights (P).
-  __host__ __device__ static constexpr size_t bytes(int T) {
+  static constexpr size_t bytes(int T) {
     return (size_t(2 * kRows + P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) + size_t(4 * T + P) * 4;
   }
-  // With the chain inside (kChain): then w ⊙ v (rows × P, bf16), 16-byte aligned.
-  __host__ __device__ static constexpr size_t vw_offset(int T) { return (bytes(T) + 15) / 16 * 16; }
-  static constexpr size_t chain_bytes(int T) { return vw_offset(T) + size_t(kRows) * LDP * sizeof(bf16); }
 };
 
 // The output stage's z rows of the chunk (zx's z columns of head h, f32, row pitch din) into shared memory at pitch
@@ -59,12 +54,10 @@ __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* sr
 }
 
 // fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when fixed at compile
-// time (1, 2, 4), else 0 (read from p; see chunk_coef). kChain: the forward state chain inside (chunk_handoff.cuh):
-// the block forms ΔH = (w ⊙ v)ᵀ·k, takes the state entering its chunk from the previous chunk's block, writes it to
-// Hc16 (then an output) and into its H_c tile, and hands decay·H_c + ΔH on; its chunk comes from a ticket.
-template <int N, int P, int kR, bool kChain>
-__device__ __forceinline__ void forward_core_chunk(const BatchedParams& p, bf16* Hc16, bool fuse_output,
-                                                   const ChainHandoff& handoff, const ChainPos& pos, int64_t chunk) {
+// time (1, 2, 4), else 0 (read from p; see chunk_coef).
+template <int N, int P, int kR>
+__global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
+                                                                    bool fuse_output) {
   using Smem = FwdSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, LDZ = Smem::LDZ, NS = kRows / 8;
   constexpr bool kZInK = Smem::kZInK;
@@ -78,7 +71,7 @@ __device__ __forceinline__ void forward_core_chunk(const BatchedParams& p, bf16*
   const int T = p.T, R = p.d.R;
   float* Lam = reinterpret_cast<float*>(sV + kRows * LDP);
   float *scale = Lam + T, *gam = scale + T, *eLs = gam + T, *nws = eLs + T;
-  bf16* sVw = reinterpret_cast<bf16*>(smem_raw + Smem::vw_offset(T));  // (kChain)
+  const int64_t chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The output stage's operands (fuse_output): its scalars now, its z rows into k's tile once S no longer needs it
   // (kZInK), so that their loads are in flight during the products instead of after them.
@@ -91,11 +84,9 @@ __device__ __forceinline__ void forward_core_chunk(const BatchedParams& p, bf16*
 
   copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
   copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
-  if constexpr (kChain) copy_tile<kCoreThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
-  else copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
+  copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kCoreThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");
-  const float dc = kChain ? p.decay[chunk] : 0.0f;
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
@@ -130,7 +121,7 @@ __device__ __forceinline__ void forward_core_chunk(const BatchedParams& p, bf16*
         mma(s[2 * np], a, b[0], b[1]), mma(s[2 * np + 1], a, b[2], b[3]);
       }
     }
-    if (!kChain && kOutput && kZInK && fuse_output) {  // every warp is done with k: its tile takes the z rows
+    if (kOutput && kZInK && fuse_output) {  // every warp is done with k: its tile takes the z rows
       __syncthreads();
       copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
     }
@@ -161,21 +152,18 @@ __device__ __forceinline__ void forward_core_chunk(const BatchedParams& p, bf16*
   }
   float z[P / 8][4], wv[P / 8][4];
   zero(z), zero(wv);
-  const auto form_z = [&] {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n])
 #pragma unroll
-    for (int kb = 0; kb < N / 16; ++kb) {
-      uint32_t a[4];
-      load_a(sQ, LDN, t0, 16 * kb, a);
+  for (int kb = 0; kb < N / 16; ++kb) {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n])
+    uint32_t a[4];
+    load_a(sQ, LDN, t0, 16 * kb, a);
 #pragma unroll
-      for (int np = 0; np < P / 16; ++np) {
-        uint32_t b[4];
-        load_b_nk(sH, LDN, 16 * np, 16 * kb, b);
-        mma(z[2 * np], a, b[0], b[1]), mma(z[2 * np + 1], a, b[2], b[3]);
-      }
+    for (int np = 0; np < P / 16; ++np) {
+      uint32_t b[4];
+      load_b_nk(sH, LDN, 16 * np, 16 * kb, b);
+      mma(z[2 * np], a, b[0], b[1]), mma(z[2 * np + 1], a, b[2], b[3]);
     }
-    store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
-  };
-  if constexpr (!kChain) form_z();
+  }
+  store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
 #pragma unroll
   for (int kb = 0; kb < NS / 2; ++kb) {  // WV = W·v
     if (above(kb)) continue;
@@ -187,15 +175,6 @@ __device__ __forceinline__ void forward_core_chunk(const BatchedParams& p, bf16*
     }
   }
   store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
-  if constexpr (kChain) {
-    // The chain's step as late as the state allows (only Z needs H_c), so that the previous chunk's block has
-    // usually handed on by now: ΔH = (w ⊙ v)ᵀ·k, H_c into sH (and Hc16), decay·H_c + ΔH on. Then k's tile is free
-    // for the output stage's z rows.
-    chain_step<N, P, kCoreWarps, 8>(ChainGroup<kCoreThreads>{0, 0}, handoff, pos, p.nc, dc, sVw, LDP, sK, LDN,
-                                 Hc16 + chunk * P * N, sH, LDN);
-    if (kOutput && kZInK && fuse_output) copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
-    form_z();
-  }
   if (!kOutput || !fuse_output) return;
   // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a
   // warp): y = (e^Λ·Z + D·v) + WV, the optional RMSNorm over the head's P channels, the gate y·silu(z) → o16.
@@ -249,22 +228,6 @@ __device__ __forceinline__ void forward_core_chunk(const BatchedParams& p, bf16*
   }
 }
 
-// One chunk per block (blockIdx), or with the chain `per_block` consecutive chunks of one sequence-head by ticket.
-template <int N, int P, int kR, bool kChain>
-__global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, bf16* Hc16,
-                                                                    bool fuse_output, ChainHandoff handoff,
-                                                                    int per_block) {
-  if constexpr (kChain) {
-    const ChainTicket tk = chain_take_ticket(handoff.words, int64_t(p.d.B) * p.d.H, p.nc, per_block);
-    for (int j = 0; j < tk.chunks; ++j) {
-      if (j > 0) __syncthreads();  // every warp is done with the previous chunk's shared tiles
-      const ChainPos pos = tk.at(j, p.nc, false);
-      forward_core_chunk<N, P, kR, true>(p, Hc16, fuse_output, handoff, pos, pos.bh * p.nc + pos.c);
-    }
-  } else {
-    forward_core_chunk<N, P, kR, false>(p, Hc16, fuse_output, handoff, ChainPos{}, int64_t(blockIdx.x));
-  }
-}
 
 }  // namespace
 
@@ -272,39 +235,20 @@ bool forward_core_supported(const BatchedParams& p) { return core_shape_supporte
 
 bool forward_core_writes_output(const BatchedParams& p) { return !p.d.mimo && p.o16 && !p.o; }
 
-namespace {
-template <bool kChain>
-void launch_forward_core(cudaStream_t s, const BatchedParams& p, void* Hc16, const ChainHandoff& h) {
+void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
   MAMBA3_CHECK(forward_core_supported(p), "forward core: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
                p.rows, p.d.N, p.d.P);
   const bool out = forward_core_writes_output(p);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    const size_t bytes = kChain ? FwdSmem<N, P>::chain_bytes(p.T) : FwdSmem<N, P>::bytes(p.T);
-    const int per_block = kChain ? chain_chunks_per_block() : 1;
     const auto run = [&](auto kernel) {
-      if (bytes > 48 * 1024)
-        MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-      const int64_t blocks = int64_t(p.d.B) * p.d.H * ((p.nc + per_block - 1) / per_block);
-      MAMBA3_CHECK(blocks <= 0x7fffffff, "forward core: {} blocks exceed the grid", blocks);
-      kernel<<<unsigned(blocks), kCoreThreads, bytes, s>>>(p, static_cast<bf16*>(Hc16), out, h, per_block);
-      MAMBA3_LAUNCH_CHECK();
+      launch_core(kernel, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p, static_cast<const bf16*>(Hc16), out);
     };
-    if (p.d.R == 1) run(forward_core_kernel<N, P, 1, kChain>);
-    else if (p.d.R == 2) run(forward_core_kernel<N, P, 2, kChain>);
-    else if (p.d.R == 4) run(forward_core_kernel<N, P, 4, kChain>);
-    else run(forward_core_kernel<N, P, 0, kChain>);
+    if (p.d.R == 1) run(forward_core_kernel<N, P, 1>);
+    else if (p.d.R == 2) run(forward_core_kernel<N, P, 2>);
+    else if (p.d.R == 4) run(forward_core_kernel<N, P, 4>);
+    else run(forward_core_kernel<N, P, 0>);
   });
-}
-}  // namespace
-
-void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
-  launch_forward_core<false>(s, p, const_cast<void*>(Hc16), ChainHandoff{});
-}
-
-void launch_batched_forward_core_chain(cudaStream_t s, const BatchedParams& p, void* Hc16, const ChainHandoff& h) {
-  MAMBA3_CHECK(h.words && h.states && Hc16 && p.Vw && p.decay, "forward core with the chain: a buffer is null");
-  launch_forward_core<true>(s, p, Hc16, h);
 }
 
 }  // namespace mamba3::cuda::train_detail

@@ -4,7 +4,6 @@
 // (the backward core recomputes them): the chunk's q, k, v and H_c are read once and only Z and WV are written.
 #include <cuda_runtime.h>
 
-#include "cuda/train/chunk_handoff_types.h"
 #include "cuda/train/mamba3_train_kernels.h"
 
 namespace mamba3::cuda::train_detail {
@@ -20,12 +19,5 @@ bool forward_core_writes_output(const BatchedParams& p);
 // p.Z and p.WV (f32, per chunk row) and, where forward_core_writes_output, p.o16 (y = e^Λ·Z + D·v + WV, the output
 // norm, the gate). p.S and p.W are not written.
 void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16);
-
-// The same with the forward state chain inside (replacing launch_state_chain(s, p, p.Vw, p.K, false, Hc16) before
-// it): each block forms ΔH = (w ⊙ v)ᵀ·k from p.Vw and p.K, takes the state entering its chunk from the block of the
-// previous chunk (through h: chunk_handoff.cuh), writes it to Hc16 and hands on decay·H_c + ΔH (p.decay). The chain
-// kernel's bits. h.words (1 + B·H words) must be zero before the first launch; every launch leaves them so.
-// h.states: (B·H, P·N) f32.
-void launch_batched_forward_core_chain(cudaStream_t s, const BatchedParams& p, void* Hc16, const ChainHandoff& h);
 
 }  // namespace mamba3::cuda::train_detail

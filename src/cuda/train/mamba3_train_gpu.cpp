@@ -107,13 +107,6 @@ bool env_state_chain() {
   return chain;
 }
 
-// MAMBA3_TRAIN_CHAIN_IN_CORES, read once per process: with the state chains and the cores, each chain inside the core
-// that reads its states ("1") or as a kernel of its own before it ("0", the default until measured faster).
-bool env_chain_in_cores() {
-  static const bool on = env_choice("MAMBA3_TRAIN_CHAIN_IN_CORES", {"0", "1"}) == "1";
-  return on;
-}
-
 // MAMBA3_TRAIN_BACKWARD_CORE, read once per process: with the state chains (SISO), the backward core and the post-scan
 // core as one kernel ("fused", the default) or two ("split").
 bool env_backward_core_fused() {
@@ -175,7 +168,7 @@ void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int6
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
     : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
-      chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()), chain_in_cores_(env_chain_in_cores()),
+      chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()) {
   c_.validate("Mamba3TrainGpu");
@@ -373,25 +366,11 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
   if (reuse) MAMBA3_CHECK(act_->chunk_cores == use_cores, "Mamba3TrainGpu: kept activations of another chunk path");
-  // The chains inside the cores (one launch fewer per direction; chunk_handoff.cuh): their hand-over buffers.
-  const bool in_cores = chain && chain_in_cores_;
-  ChainHandoff handoff;
-  if (in_cores) {
-    const size_t words = size_t(1 + B * d.H) * sizeof(uint32_t);
-    if (chain_words_.bytes() < words) {  // zero when (re)allocated; every launch leaves them zero
-      chain_words_.resize(words);
-      MAMBA3_CUDA_CHECK(cudaMemsetAsync(chain_words_.raw(), 0, words, s));
-    }
-    reserve_floats(chain_states_, B * d.H * PN);
-    handoff.words = chain_words_.as<uint32_t>(), handoff.states = f(chain_states_);
-  }
   if (!reuse) {  // the forward part (kept activations already hold it)
     act_->chunk_cores = use_cores;
     launch_batched_build(s, p);
     prof.mark("build");
-    if (in_cores) {
-      // (the forward core below runs the chain)
-    } else if (chain) {
+    if (chain) {
       launch_state_chain(s, p, p.Vw, p.K, false, act_->Hc16.raw());
       prof.mark("state chain");
     } else {
@@ -402,10 +381,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
                         bf16 ? act_->Hc16.as<uint16_t>() : nullptr, !bf16);
       prof.mark("scan");
     }
-    if (in_cores) {
-      launch_batched_forward_core_chain(s, p, act_->Hc16.raw(), handoff);
-      prof.mark("forward core + chain");
-    } else if (use_cores) {
+    if (use_cores) {
       launch_batched_forward_core(s, p, act_->Hc16.raw());
       prof.mark("forward core");
     } else {
@@ -466,15 +442,11 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
   if (chain && backward_core_fused_ && post_scan_core_supported(p)) {
-    // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel; or all in that kernel.
+    // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel.
+    launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
+    prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
-    if (in_cores) {
-      launch_batched_backward_fused_core_chain(s, p, act_->Hc16.raw(), dHc16_.raw(), handoff);
-    } else {
-      launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
-      prof.mark("state chain rev");
-      launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
-    }
+    launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
     prof.mark("backward core");
     launch_batched_rotation_backward(s, p);
     prof.mark("rotation bwd");
@@ -483,14 +455,10 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (chain && backward_core_fused_ && backward_state_core_supported(p)) {
     // MIMO: the reverse chain first, then the core with the state products (tp → p.Z, dK's second term), then the
     // epilogue (its state part reads tp from p.Z).
+    launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
+    prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
-    if (in_cores) {
-      launch_batched_backward_state_core_chain(s, p, act_->Hc16.raw(), dHc16_.raw(), handoff);
-    } else {
-      launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
-      prof.mark("state chain rev");
-      launch_batched_backward_state_core(s, p, act_->Hc16.raw(), dHc16_.raw());
-    }
+    launch_batched_backward_state_core(s, p, act_->Hc16.raw(), dHc16_.raw());
     prof.mark("backward core");
     launch_batched_epilogue(s, p);
     prof.mark("epilogue");

@@ -144,11 +144,6 @@ class Mamba3TrainGpu {
   // the forward's products sum in another order (to rounding). Default from MAMBA3_TRAIN_STATE_CHAIN, read once per
   // process: "chain" or "pass" (unset: chain).
   void set_state_chain(bool on) { state_chain_ = on; }
-  // With the state chains: each inside the core that reads its states (true: the forward core, the fused backward core
-  // or MIMO's state core run the chain's products and multiply-adds, handing the running state between their blocks
-  // through L2 — one launch and one read of the states fewer per direction; the chain kernel's bits) or as a kernel of
-  // its own (false). Default from MAMBA3_TRAIN_CHAIN_IN_CORES, read once per process: "1" or "0" (unset: 0).
-  void set_chain_in_cores(bool on) { chain_in_cores_ = on; }
   // With the state chains and the post-scan core's shapes (SISO), the backward core and the post-scan core as one
   // kernel after the reverse chain (true) or as two around it (false): the same bits. MIMO: the backward core after
   // the reverse chain with the state products tp and dK's second term in it (true; to rounding) or those as batched
@@ -237,7 +232,6 @@ class Mamba3TrainGpu {
   bool chunk_cores_ = true;     // the fused chunk cores where supported (set_chunk_cores)
   bool siso_kernels_ = true;    // SISO instances of the elementwise chunk kernels (set_siso_kernels)
   bool state_chain_ = true;     // the chunk states by the chain kernels with the cores (set_state_chain)
-  bool chain_in_cores_ = false;  // the chains inside the cores (set_chain_in_cores)
   bool backward_core_fused_ = true;  // the backward and post-scan cores as one kernel (set_backward_core_fused)
   bool dqk16_ = true;                // dQ and dK in bf16 between the SISO cores and the rotation backward (set_dqk16)
   bool bc_norm_fusion_ = true;       // the B/C norm backward inside the SISO rotation backward (set_bc_norm_fusion)
@@ -253,9 +247,6 @@ class Mamba3TrainGpu {
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdQK16_, bdV_, bdWf_, bdS_, dHc16_;
-  // The chains inside the cores (set_chain_in_cores): their tickets and flags (1 + B·H words, zero between launches)
-  // and the running state per sequence-head (B·H, P·N) f32.
-  DeviceBuffer chain_words_, chain_states_;
   // dzx's bf16 copy (M, d_in), written by its producers (set_dzx_bf16). backward() offers it to the chunk stage in
   // dzx16_offer_, for batched_chunks to take into BatchedParams::dzx16 (`p.dzx16 = std::exchange(dzx16_offer_,
   // nullptr);`), and only if it was taken (the z and x columns written) do the other producers write theirs and the

@@ -11,7 +11,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <string>
 #include <type_traits>
 
 #include "cuda/cuda_check.h"
@@ -112,22 +111,7 @@ int chain_slice() {
   return g_chain_slice;
 }
 
-int g_chain_chunks = 0;
-
 }  // namespace
-
-int chain_chunks_per_block() {
-  if (g_chain_chunks == 0) {
-    const std::string v = env_choice("MAMBA3_TRAIN_CHAIN_CHUNKS", {"2", "1", "4"});
-    g_chain_chunks = v.empty() ? 2 : std::stoi(v);
-  }
-  return g_chain_chunks;
-}
-
-void set_chain_chunks_per_block(int chunks) {
-  MAMBA3_CHECK(chunks == 1 || chunks == 2 || chunks == 4, "set_chain_chunks_per_block: {} (1, 2 or 4)", chunks);
-  g_chain_chunks = chunks;
-}
 
 bool state_chain_supported(const BatchedParams& p) { return core_shape_supported(p); }
 

@@ -24,10 +24,5 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
 // Rows of P per chain block, 32 or 64 (the latter where P allows; the same bits): process-wide, default from
 // MAMBA3_TRAIN_CHAIN_SLICE ("32" or "64", unset: 32).
 void set_state_chain_slice(int rows);
-// With the chains inside the cores (Mamba3TrainGpu::set_chain_in_cores): consecutive chunks of one sequence-head per
-// core block, 1, 2 or 4 (between them the state stays in the block: one hand-over between blocks per that many
-// chunks). Process-wide; default from MAMBA3_TRAIN_CHAIN_CHUNKS ("2", "1" or "4", unset: 2).
-void set_chain_chunks_per_block(int chunks);
-int chain_chunks_per_block();
 
 }  // namespace mamba3::cuda::train_detail
