@@ -306,9 +306,13 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
       for (int tl = warp; tl < Tc; tl += kWarps) {
         const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
         float zc[kE], zb[kE];  // kFormQK: the token's normalised C and B (the group's), for every head of the slot
+        // The warp's next token (tl + kWarps) into L2 while this one is loaded and worked on: the loop is a chain of
+        // dependent load round trips, most of them to DRAM (ncu: 57 % of the samples at its first loads).
+        const bool next = tl + kWarps < Tc;
         if constexpr (kFormQK) {
-          const float* z = p.zx + tok * d.din;
-          load_v(z + d.off_C + int64_t(g) * N + n0, zc), load_v(z + d.off_B + int64_t(g) * N + n0, zb);
+          const float *zC = p.zx + tok * d.din + d.off_C + int64_t(g) * N + n0, *zB = zC + (d.off_B - d.off_C);
+          load_v(zC, zc), load_v(zB, zb);
+          if (next) prefetch_l2(zC + kWarps * d.din), prefetch_l2(zB + kWarps * d.din);
         }
         // The slot's loads: the gradients, q and k (unless formed) and the angles.
         float gq[kHb][kE], gk[kHb][kE], vq[kHb][kE], vk[kHb][kE], ph[kHb][kPairs];
@@ -318,6 +322,11 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           const int64_t j = (chunk * p.rows + tl) * N + n0;
           if (p.dQ16) load_h(p.dQ16 + j, gq[i]), load_h(p.dK16 + j, gk[i]);
           else load_v(dQ + j, gq[i]), load_v(dK + j, gk[i]);
+          if (next) {
+            if (p.dQ16) prefetch_l2(p.dQ16 + j + kWarps * N), prefetch_l2(p.dK16 + j + kWarps * N);
+            else prefetch_l2(dQ + j + kWarps * N), prefetch_l2(dK + j + kWarps * N);
+            if (n0 / 2 < S) prefetch_l2(phiv + (st + kWarps) * S + n0 / 2);
+          }
           if constexpr (!kFormQK) {  // (formed: the biases are read where used, from L1 — fewer live registers)
             load_h(reinterpret_cast<const uint16_t*>(Q + j), vq[i]);
             load_h(reinterpret_cast<const uint16_t*>(K + j), vk[i]);
