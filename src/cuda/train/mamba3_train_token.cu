@@ -303,13 +303,6 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
         const int i = 32 * c + lane;
         dPhi[k][c] = c < chunks && i < d.S ? p.dphi[st * d.S + i] + p.seg[(bh * nseg + sg) * d.S + i] : 0.0f;
       }
-      // The next group's angle gradients into L2 while this group's arrive (the walk over the heads is a chain of
-      // dependent load round trips).
-      if (h0 + kHeadsAhead + k < d.H && lane < d.S) {
-        const int64_t stn = st + int64_t(kHeadsAhead) * d.L;
-        prefetch_l2(p.dphi + stn * d.S + lane);
-        if (lane == 0) prefetch_l2(p.dt + stn);
-      }
     }
 #pragma unroll
     for (int k = 0; k < kHeadsAhead; ++k) {
