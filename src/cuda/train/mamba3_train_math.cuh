@@ -71,12 +71,12 @@ __device__ __forceinline__ bool rotary_pair(int n, int N, int S, bool halves, in
   return false;
 }
 
-// cos and sin of a wrapped angle φ ∈ [0, 2π) (launch_angles wraps every one) from the SFU's approximations at
-// φ − π ∈ [−π, π), where they are within 2^-21.4 absolute (cos φ = −cos(φ − π), sin φ = −sin(φ − π)). The
-// accurate cosf/sinf made the build and the rotation backward a quarter slower.
 // A hint: the 32-byte sector at `ptr` into L2 (no register, no wait), for loads a loop will issue an iteration later.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
 
+// cos and sin of a wrapped angle φ ∈ [0, 2π) (launch_angles wraps every one) from the SFU's approximations at
+// φ − π ∈ [−π, π), where they are within 2^-21.4 absolute (cos φ = −cos(φ − π), sin φ = −sin(φ − π)). The
+// accurate cosf/sinf made the build and the rotation backward a quarter slower.
 __device__ __forceinline__ float2 rotary_cos_sin(float phi) {
   float s, c;
   __sincosf(phi - kPi, &s, &c);
