@@ -28,10 +28,23 @@ int64_t block_rows(int64_t max_block_rows, bool bf16, int64_t N, int64_t Vp) {
 double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const float* hidden, int64_t N, int64_t D,
                                  const float* W, int64_t Vp, const int32_t* targets, double grad_scale,
                                  float* dhidden, float* dW, LmHeadScratch& scratch, const uint16_t* W16) {
+  const double* total_dev =
+      lm_head_cross_entropy_enqueue(ctx, gemm, hidden, N, D, W, Vp, targets, grad_scale, dhidden, dW, scratch, W16);
+  if (!total_dev) return 0.0;
+  double total = 0;
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(&total, total_dev, sizeof(double), cudaMemcpyDeviceToHost, ctx.stream()));
+  MAMBA3_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));
+  return total;
+}
+
+const double* lm_head_cross_entropy_enqueue(const Context& ctx, TrainGemm& gemm, const float* hidden, int64_t N,
+                                            int64_t D, const float* W, int64_t Vp, const int32_t* targets,
+                                            double grad_scale, float* dhidden, float* dW, LmHeadScratch& scratch,
+                                            const uint16_t* W16) {
   MAMBA3_CHECK(N >= 0 && D > 0 && Vp > 0, "lm_head_cross_entropy_gpu: bad shape N {} D {} Vp {}", N, D, Vp);
   const bool with_grad = dhidden != nullptr;
   MAMBA3_CHECK(!with_grad || dW, "lm_head_cross_entropy_gpu: dhidden given without dW");
-  if (N == 0) return 0.0;
+  if (N == 0) return nullptr;
   const bool bf16 = gemm.precision() == Precision::BF16;
   const int64_t block = block_rows(scratch.max_block_rows, bf16, N, Vp);
   scratch.row_loss.reserve(size_t(N) * sizeof(double));
@@ -76,10 +89,7 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
     }
   }
   ordered_sum_gpu(s, row_loss, N, scratch.total.as<double>());
-  double total = 0;
-  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(&total, scratch.total.raw(), sizeof(double), cudaMemcpyDeviceToHost, s));
-  MAMBA3_CUDA_CHECK(cudaStreamSynchronize(s));
-  return total;
+  return scratch.total.as<double>();
 }
 
 }  // namespace mamba3::cuda

@@ -38,6 +38,13 @@ double lm_head_cross_entropy_gpu(const Context& ctx, TrainGemm& gemm, const floa
                                  const float* W, int64_t Vp, const int32_t* targets, double grad_scale,
                                  float* dhidden, float* dW, LmHeadScratch& scratch, const uint16_t* W16 = nullptr);
 
+// The same without the wait: everything queued on ctx's stream, and the device address of Σ loss_r returned
+// (scratch.total; null when N = 0), valid once the stream reaches it and until the next call with this scratch.
+const double* lm_head_cross_entropy_enqueue(const Context& ctx, TrainGemm& gemm, const float* hidden, int64_t N,
+                                            int64_t D, const float* W, int64_t Vp, const int32_t* targets,
+                                            double grad_scale, float* dhidden, float* dW, LmHeadScratch& scratch,
+                                            const uint16_t* W16 = nullptr);
+
 // Element-wise half (exposed for tests and reuse), over n rows of logits (n, Vp) whose targets are targets[0, n):
 // row_loss[r] = logsumexp − logit[target] (0 when target < 0, NaN when ≥ Vp); when with_grad the logits are
 // replaced by grad_scale·(softmax − onehot) (zero rows when target < 0). Deterministic: each row's reductions run

@@ -15,6 +15,7 @@
 #include "cuda/train/lm_head_loss_gpu.h"
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/norm_train_gpu.h"
+#include "cuda/pinned_buffer.h"
 #include "cuda/train/phase_profile.h"
 #include "ops/mamba3_config.h"
 #include "ops/mamba3_reference_backward.h"
@@ -29,6 +30,23 @@ bool env_weight_mirror() {
   static const bool on = env_choice("MAMBA3_TRAIN_WEIGHT_MIRROR", {"1", "0"}) != "0";
   return on;
 }
+
+// MAMBA3_TRAIN_GRAPH, read once per process: "1" replays a step's kernels from a CUDA graph once a step of the same
+// shape has run eagerly (GpuLmTrainer::set_step_graphs); "0" (or unset) launches every kernel each step. Off by
+// default: on the H200 the replayed steps measured slower than eager ones (docs/perf.md, twenty-third session).
+bool env_step_graphs() {
+  static const bool on = env_choice("MAMBA3_TRAIN_GRAPH", {"0", "1"}) == "1";
+  return on;
+}
+
+// What a captured step bakes in besides buffer addresses: the batch shape, the parts queued, and the loss gradient's
+// scale (a kernel argument).
+struct StepKey {
+  int64_t B = 0, L = 0;
+  bool want_grad = false, keep = false, mirror = false;
+  double grad_scale = 0;
+  bool operator==(const StepKey&) const = default;
+};
 
 struct NormSlot {
   const float *w = nullptr, *b = nullptr;
@@ -68,12 +86,22 @@ struct GpuLmTrainer::Work {
   LmHeadScratch head_scratch;
   EmbeddingGradPlan embedding_plan;  // rebuilt per call without a host wait
   std::unique_ptr<Mamba3TrainGpu> mamba;  // shared by every Mamba-3 layer (it keeps nothing between calls)
-  std::vector<int32_t> host_ids, host_targets;
+  PinnedBuffer host_ids, host_targets;  // int32 (B·L): the ids' upload sources
+  PinnedBuffer host_loss;               // one f64: Σ loss over the labelled rows, copied back by the step
+  const double* loss_dev = nullptr;     // where the step leaves that sum on the device (the lm_head scratch)
+  // The step graph (run): the key and buffer epoch it was captured with, and those of the last eager step.
+  cudaGraphExec_t graph = nullptr;
+  StepKey graph_key{}, eager_key{};
+  uint64_t graph_epoch = 0, eager_epoch = 0;
+  bool eager_done = false, capture_failed = false;
+  ~Work() {
+    if (graph) cudaGraphExecDestroy(graph);
+  }
 };
 
 GpuLmTrainer::GpuLmTrainer(const ModelConfig& c, const TensorMap& params, Precision precision)
     : config_(c), ctx_(std::make_unique<Context>()), gemm_(precision), work_(std::make_unique<Work>()),
-      weight_mirror_(env_weight_mirror()) {
+      weight_mirror_(env_weight_mirror()), step_graphs_(env_step_graphs()) {
   // The parameter list of lm_gradients.cpp: each present with its shape, nothing else.
   std::set<std::string> used;
   auto need = [&](const std::string& name, const Shape& shape) {
@@ -178,10 +206,11 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
                          double scale) {
   const ModelConfig& c = config_;
   MAMBA3_CHECK(B >= 1 && L >= 1, "GPU training: need B ≥ 1 and L ≥ 1, got B {} L {}", B, L);
-  const int64_t N = B * L, D = c.d_model, V = c.vocab_padded(), dff = c.d_ff();
+  const int64_t N = B * L;
   Work& w = *work_;
-  // Ids to int32 on the device, checked on the host first.
-  w.host_ids.resize(size_t(N)), w.host_targets.resize(size_t(N));
+  // Ids to int32 in page-locked memory (the uploads' sources), checked on the host first.
+  w.host_ids.reserve(size_t(N) * 4), w.host_targets.reserve(size_t(N) * 4), w.host_loss.reserve(sizeof(double));
+  int32_t *host_ids = w.host_ids.as<int32_t>(), *host_targets = w.host_targets.as<int32_t>();
   int64_t labelled = 0;
   for (int64_t i = 0; i < N; ++i) {
     MAMBA3_CHECK(inputs[i] >= 0 && inputs[i] < c.vocab_size,
@@ -190,17 +219,99 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
     MAMBA3_CHECK(targets[i] < c.vocab_size,
                  "GPU training: target {} at row {} position {} is outside the vocabulary [0, {})", targets[i], i / L,
                  i % L, c.vocab_size);
-    w.host_ids[size_t(i)] = int32_t(inputs[i]);
-    w.host_targets[size_t(i)] = targets[i] < 0 ? -1 : int32_t(targets[i]);
+    host_ids[i] = int32_t(inputs[i]);
+    host_targets[i] = targets[i] < 0 ? -1 : int32_t(targets[i]);
     labelled += targets[i] >= 0;
   }
   MAMBA3_CHECK(labelled > 0, "GPU training: no position has a target (all {} are negative)", N);
   const cudaStream_t st = ctx_->stream();
+  if (want_grad && (B != keep_B_ || L != keep_L_)) decide_keep(B, L);
+  GpuParamStore& s = *store_;
+  // The weights' bf16 mirror for the products (bf16 mode): made on first use, rounded again when something wrote the
+  // weights since (an upload); the optimizer's update keeps it current otherwise.
+  const bool mirror = gemm_.precision() == Precision::BF16 && weight_mirror_;
+  if (mirror && !s.has_mirror()) s.enable_mirror(st);
+  else if (mirror && !s.mirror_valid()) s.refresh_mirror(st);
+  const StepKey key{B, L, want_grad, want_grad && keep_mamba_, mirror, scale / double(labelled)};
+
+  // A step is ~450 kernels at 125M; replayed from a graph, the device starts each without the host's launch and its
+  // gaps. The graph is captured on the second consecutive step of one shape (the first, eager, sizes every buffer)
+  // and replayed while the shape and every buffer's address stay (buffer_allocation_epoch); anything else runs
+  // eagerly. Profiling (MAMBA3_TRAIN_PROFILE) records events between the parts: eager only.
+  const bool graphs = step_graphs_ && !w.capture_failed && std::getenv("MAMBA3_TRAIN_PROFILE") == nullptr;
+  const uint64_t epoch = buffer_allocation_epoch();
+  last_step_from_graph_ = false;
+  // The graph holds kernels only: the ids' and the plan's uploads go before it, the loss's copy after it.
+  const auto upload_inputs = [&] {
+    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), host_ids, size_t(N) * 4, cudaMemcpyHostToDevice, st));
+    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.targets.raw(), host_targets, size_t(N) * 4, cudaMemcpyHostToDevice, st));
+    if (want_grad) {
+      w.embedding_plan.prepare(host_ids, N);
+      w.embedding_plan.upload(st);
+    }
+  };
+  const auto fetch_loss = [&] {
+    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.host_loss.raw(), w.loss_dev, sizeof(double), cudaMemcpyDeviceToHost, st));
+  };
+  if (graphs && w.graph && w.graph_key == key && w.graph_epoch == epoch) {
+    upload_inputs();
+    MAMBA3_CUDA_CHECK(cudaGraphLaunch(w.graph, st));
+    fetch_loss();
+    last_step_from_graph_ = true;
+  } else if (graphs && w.eager_done && w.eager_key == key && w.eager_epoch == epoch) {
+    if (w.graph) MAMBA3_CUDA_CHECK(cudaGraphExecDestroy(w.graph));
+    w.graph = nullptr;
+    upload_inputs();
+    cudaGraph_t captured = nullptr;
+    bool ok = true;
+    MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    try {
+      enqueue_step(B, L, want_grad, key.keep, key.grad_scale, true);
+    } catch (const std::exception& e) {
+      ok = false;
+      std::fprintf(stderr, "mamba3: training steps run without a CUDA graph (capture failed: %s)\n", e.what());
+    }
+    const cudaError_t end = cudaStreamEndCapture(st, &captured);
+    ok = ok && end == cudaSuccess && captured && buffer_allocation_epoch() == epoch;
+    if (ok) ok = cudaGraphInstantiate(&w.graph, captured, 0) == cudaSuccess;
+    if (captured) cudaGraphDestroy(captured);
+    cudaGetLastError();  // a failed capture's error is not the next call's
+    if (ok) {
+      w.graph_key = key, w.graph_epoch = epoch;
+      MAMBA3_CUDA_CHECK(cudaGraphLaunch(w.graph, st));
+      last_step_from_graph_ = true;
+    } else {
+      if (w.graph) cudaGraphExecDestroy(w.graph);
+      w.graph = nullptr;
+      w.capture_failed = true;
+      enqueue_step(B, L, want_grad, key.keep, key.grad_scale, true);
+    }
+    fetch_loss();
+  } else {
+    enqueue_step(B, L, want_grad, key.keep, key.grad_scale, false);
+    w.eager_done = true, w.eager_key = key, w.eager_epoch = buffer_allocation_epoch();
+  }
+  MAMBA3_CUDA_CHECK(cudaStreamSynchronize(st));
+  return *w.host_loss.as<double>() / double(labelled);
+}
+
+// The device work of one step, queued on the stream: the ids' uploads from w.host_ids / host_targets, forward, loss
+// (its sum at w.loss_dev, copied to w.host_loss), backward, with the embedding plan prepared on the host while the
+// device runs the forward. graph_form (a step graph's capture): kernels only — run() queues the uploads (ids, plan)
+// before the graph and the loss's copy after it.
+void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep, double grad_scale,
+                                bool graph_form) {
+  const ModelConfig& c = config_;
+  const int64_t N = B * L, D = c.d_model, V = c.vocab_padded(), dff = c.d_ff();
+  Work& w = *work_;
+  const cudaStream_t st = ctx_->stream();
   const size_t act = size_t(N * D) * 4;
   w.ids.reserve(size_t(N) * 4), w.targets.reserve(size_t(N) * 4);
-  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
-  MAMBA3_CUDA_CHECK(
-      cudaMemcpyAsync(w.targets.raw(), w.host_targets.data(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  if (!graph_form) {
+    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+    MAMBA3_CUDA_CHECK(
+        cudaMemcpyAsync(w.targets.raw(), w.host_targets.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  }
   for (DeviceBuffer* b : {&w.hidden, &w.residual, &w.dnormed, &w.grad}) b->reserve(act);
   float* hidden = w.hidden.as<float>();
   float* residual = w.residual.as<float>();
@@ -209,15 +320,8 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const float* emb = s.param("backbone.embedding.weight");
   const std::string head_name = c.tie_embeddings ? "backbone.embedding.weight" : "lm_head.weight";
   const float* head = s.param(head_name);
-  if (want_grad && (B != keep_B_ || L != keep_L_)) decide_keep(B, L);
-  const bool keep = want_grad && keep_mamba_;
-
   const bool bf16 = gemm_.precision() == Precision::BF16;
-  // The weights' bf16 mirror for the products (bf16 mode): made on first use, rounded again when something wrote the
-  // weights since (an upload); the optimizer's update keeps it current otherwise.
-  const bool mirror = bf16 && weight_mirror_;
-  if (mirror && !s.has_mirror()) s.enable_mirror(st);
-  else if (mirror && !s.mirror_valid()) s.refresh_mirror(st);
+  const bool mirror = bf16 && weight_mirror_;  // (made or refreshed by run)
   const auto w16 = [&](const float* weight) { return mirror ? s.mirror_of(weight) : nullptr; };
   for (auto& lp : layers_) {
     Layer& l = *lp;
@@ -268,7 +372,10 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   // The embedding gradient's plan (a host sort of the ids: ~1 ms at 16k tokens) now, while the device runs the forward
   // pass just queued; before the embedding it left the device idle once the previous step's update was done. Its
   // upload is queued after the forward, long before the embedding backward reads it.
-  if (want_grad) w.embedding_plan.rebuild(st, w.host_ids.data(), N);
+  if (want_grad && !graph_form) {
+    w.embedding_plan.prepare(w.host_ids.as<int32_t>(), N);
+    w.embedding_plan.upload(st);
+  }
   const NormSlot norm_f{s.param("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.param("backbone.norm_f.bias"),
                         s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
   float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
@@ -278,16 +385,17 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
 
   // Loss; the gradient of the mean over the labelled positions, times `scale`, flows from here.
   float* dnormed = w.dnormed.as<float>();
-  const double grad_scale = scale / double(labelled);
-  const double loss_sum =
-      lm_head_cross_entropy_gpu(*ctx_, gemm_, normed_f, N, D, head, V, w.targets.as<int32_t>(), grad_scale,
-                                want_grad ? dnormed : nullptr, want_grad ? s.grad(head_name) : nullptr,
-                                w.head_scratch, w16(head));
-  const double loss = loss_sum / double(labelled);
+  const double* loss_sum =
+      lm_head_cross_entropy_enqueue(*ctx_, gemm_, normed_f, N, D, head, V, w.targets.as<int32_t>(), grad_scale,
+                                    want_grad ? dnormed : nullptr, want_grad ? s.grad(head_name) : nullptr,
+                                    w.head_scratch, w16(head));
+  w.loss_dev = loss_sum;
+  if (!graph_form)
+    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.host_loss.raw(), loss_sum, sizeof(double), cudaMemcpyDeviceToHost, st));
   prof.mark("lm_head+loss");
   if (!want_grad) {
     prof.report();
-    return loss;
+    return;
   }
 
   // Backward: `g` is the gradient of the residual stream.
@@ -333,7 +441,6 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));
   prof.mark("embed_bwd");
   prof.report();
-  return loss;
 }
 
 }  // namespace mamba3::cuda
