@@ -1,20 +1,12 @@
 #pragma once
 // Owned device memory (RAII), untyped with typed accessors. Moves, never copies.
-#include <atomic>
 #include <cstddef>
-#include <cstdint>
 #include <utility>
 #include <vector>
 
 #include "cuda/cuda_check.h"
 
 namespace mamba3::cuda {
-
-// Counts every allocation and release of device or pinned host memory through DeviceBuffer and PinnedBuffer. A
-// captured CUDA graph bakes in the addresses it was captured with: it may be replayed only while this count is the
-// one it had at capture (GpuLmTrainer's step graph).
-inline std::atomic<uint64_t> g_buffer_allocations{0};
-inline uint64_t buffer_allocation_epoch() { return g_buffer_allocations.load(std::memory_order_relaxed); }
 
 class DeviceBuffer {
  public:
@@ -37,10 +29,7 @@ class DeviceBuffer {
   void resize(size_t bytes) {
     if (bytes == bytes_) return;
     release();
-    if (bytes) {
-      MAMBA3_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
-      g_buffer_allocations.fetch_add(1, std::memory_order_relaxed);
-    }
+    if (bytes) MAMBA3_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
     bytes_ = bytes;
   }
   // Grows only (contents lost on growth): scratch that is reused across calls.
@@ -80,10 +69,7 @@ class DeviceBuffer {
 
  private:
   void release() noexcept {
-    if (ptr_) {
-      cudaFree(ptr_);
-      g_buffer_allocations.fetch_add(1, std::memory_order_relaxed);
-    }
+    if (ptr_) cudaFree(ptr_);
     ptr_ = nullptr;
     bytes_ = 0;
   }

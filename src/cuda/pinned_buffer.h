@@ -1,11 +1,10 @@
 #pragma once
-// Page-locked host memory (RAII), grow-only: the host side of copies that must run asynchronously and from fixed
-// addresses (a captured graph's copy nodes read the bytes at replay time, so the host refills the same buffer).
+// Page-locked host memory (RAII), grow-only: the host side of copies that run asynchronously (from pageable memory a
+// host-to-device copy is staged by the driver, and a device-to-host one makes the host wait for it).
 #include <cstddef>
 #include <utility>
 
 #include "cuda/cuda_check.h"
-#include "cuda/device_buffer.h"
 
 namespace mamba3::cuda {
 
@@ -30,7 +29,6 @@ class PinnedBuffer {
     if (bytes <= bytes_) return;
     release();
     MAMBA3_CUDA_CHECK(cudaHostAlloc(&ptr_, bytes, cudaHostAllocDefault));
-    g_buffer_allocations.fetch_add(1, std::memory_order_relaxed);
     bytes_ = bytes;
   }
   size_t bytes() const { return bytes_; }
@@ -42,10 +40,7 @@ class PinnedBuffer {
 
  private:
   void release() noexcept {
-    if (ptr_) {
-      cudaFreeHost(ptr_);
-      g_buffer_allocations.fetch_add(1, std::memory_order_relaxed);
-    }
+    if (ptr_) cudaFreeHost(ptr_);
     ptr_ = nullptr;
     bytes_ = 0;
   }

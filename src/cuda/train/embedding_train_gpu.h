@@ -17,29 +17,24 @@ namespace mamba3::cuda {
 struct EmbeddingGradPlan {
   int64_t rows = 0;    // rows of dy
   int64_t unique = 0;  // distinct ids
-  // One int32 upload at fixed offsets for a given number of rows (so that a captured graph's copy and kernel stay
-  // valid from batch to batch): unique | ids (ascending; `rows` slots, the first `unique` used) | offsets into
-  // row_list (rows + 1 slots, the first unique + 1 used) | row_list (rows). The kernel reads `unique` from the device.
+  // One int32 upload: ids (unique, ascending) | offsets (unique + 1) into row_list | row_list (rows).
   DeviceBuffer packed;
-  PinnedBuffer host_packed;  // the host side of `packed` (the upload's source)
+  PinnedBuffer host_packed;  // the host side of `packed` (the upload's source; page-locked, so the copy is async)
 
-  // From the batch's token ids on the host (each ≥ 0; rows < 2³¹). Uploads and waits for the copy, so the plan is
+  // From the batch's token ids on the host (each ≥ 0; rows < 2³⁰). Uploads and waits for the copy, so the plan is
   // ready for any stream once it returns.
   static EmbeddingGradPlan build(const int32_t* host_ids, int64_t rows);
-  // prepare() then upload(s): the host sort into host_packed, then the copy ordered on `s` (after the kernels that
-  // read the previous plan; the device buffer only grows) — the cheap way to keep one plan per training workspace.
-  // The host buffer must not be prepared again before the copy has run (a training step waits for its loss).
+  // The same into this plan, without a host wait: the upload is ordered on `s` (after the kernels that read the
+  // previous plan), and the device buffer only grows — the cheap way to keep one plan per training workspace.
+  // The host must not rebuild it again before that copy has run (a training step waits for its loss at its end).
   void rebuild(cudaStream_t s, const int32_t* host_ids, int64_t rows);
-  void prepare(const int32_t* host_ids, int64_t rows);
-  void upload(cudaStream_t s);
 
-  const int32_t* ids() const { return packed.as<int32_t>() + 1; }
-  const int32_t* offsets() const { return ids() + rows; }
-  const int32_t* row_list() const { return offsets() + rows + 1; }
-  size_t packed_ints() const { return size_t(3 * rows + 2); }
+  const int32_t* ids() const { return packed.as<int32_t>(); }
+  const int32_t* offsets() const { return ids() + unique; }
+  const int32_t* row_list() const { return offsets() + unique + 1; }
 
  private:
-  std::vector<int32_t> counts_;  // prepare's counting sort, per id
+  std::vector<int32_t> counts_;  // rebuild's counting sort, per id
 };
 
 // dy (plan.rows, D) f32; dtable (V, D) f32 is added to (V > every id of the plan).

@@ -9,13 +9,13 @@
 #include "core/error.h"
 #include "cuda/basic_kernels.h"
 #include "cuda/env_switch.h"
+#include "cuda/pinned_buffer.h"
 #include "cuda/train/attention_train_gpu.h"
 #include "cuda/train/embedding_train_gpu.h"
 #include "cuda/train/gated_mlp_train_gpu.h"
 #include "cuda/train/lm_head_loss_gpu.h"
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/norm_train_gpu.h"
-#include "cuda/pinned_buffer.h"
 #include "cuda/train/phase_profile.h"
 #include "ops/mamba3_config.h"
 #include "ops/mamba3_reference_backward.h"
@@ -30,23 +30,6 @@ bool env_weight_mirror() {
   static const bool on = env_choice("MAMBA3_TRAIN_WEIGHT_MIRROR", {"1", "0"}) != "0";
   return on;
 }
-
-// MAMBA3_TRAIN_GRAPH, read once per process: "1" replays a step's kernels from a CUDA graph once a step of the same
-// shape has run eagerly (GpuLmTrainer::set_step_graphs); "0" (or unset) launches every kernel each step. Off by
-// default: on the H200 the replayed steps measured slower than eager ones (docs/perf.md, twenty-third session).
-bool env_step_graphs() {
-  static const bool on = env_choice("MAMBA3_TRAIN_GRAPH", {"0", "1"}) == "1";
-  return on;
-}
-
-// What a captured step bakes in besides buffer addresses: the batch shape, the parts queued, and the loss gradient's
-// scale (a kernel argument).
-struct StepKey {
-  int64_t B = 0, L = 0;
-  bool want_grad = false, keep = false, mirror = false;
-  double grad_scale = 0;
-  bool operator==(const StepKey&) const = default;
-};
 
 struct NormSlot {
   const float *w = nullptr, *b = nullptr;
@@ -88,20 +71,11 @@ struct GpuLmTrainer::Work {
   std::unique_ptr<Mamba3TrainGpu> mamba;  // shared by every Mamba-3 layer (it keeps nothing between calls)
   PinnedBuffer host_ids, host_targets;  // int32 (B·L): the ids' upload sources
   PinnedBuffer host_loss;               // one f64: Σ loss over the labelled rows, copied back by the step
-  const double* loss_dev = nullptr;     // where the step leaves that sum on the device (the lm_head scratch)
-  // The step graph (run): the key and buffer epoch it was captured with, and those of the last eager step.
-  cudaGraphExec_t graph = nullptr;
-  StepKey graph_key{}, eager_key{};
-  uint64_t graph_epoch = 0, eager_epoch = 0;
-  bool eager_done = false, capture_failed = false;
-  ~Work() {
-    if (graph) cudaGraphExecDestroy(graph);
-  }
 };
 
 GpuLmTrainer::GpuLmTrainer(const ModelConfig& c, const TensorMap& params, Precision precision)
     : config_(c), ctx_(std::make_unique<Context>()), gemm_(precision), work_(std::make_unique<Work>()),
-      weight_mirror_(env_weight_mirror()), step_graphs_(env_step_graphs()) {
+      weight_mirror_(env_weight_mirror()) {
   // The parameter list of lm_gradients.cpp: each present with its shape, nothing else.
   std::set<std::string> used;
   auto need = [&](const std::string& name, const Shape& shape) {
@@ -232,86 +206,23 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const bool mirror = gemm_.precision() == Precision::BF16 && weight_mirror_;
   if (mirror && !s.has_mirror()) s.enable_mirror(st);
   else if (mirror && !s.mirror_valid()) s.refresh_mirror(st);
-  const StepKey key{B, L, want_grad, want_grad && keep_mamba_, mirror, scale / double(labelled)};
-
-  // A step is ~450 kernels at 125M; replayed from a graph, the device starts each without the host's launch and its
-  // gaps. The graph is captured on the second consecutive step of one shape (the first, eager, sizes every buffer)
-  // and replayed while the shape and every buffer's address stay (buffer_allocation_epoch); anything else runs
-  // eagerly. Profiling (MAMBA3_TRAIN_PROFILE) records events between the parts: eager only.
-  const bool graphs = step_graphs_ && !w.capture_failed && std::getenv("MAMBA3_TRAIN_PROFILE") == nullptr;
-  const uint64_t epoch = buffer_allocation_epoch();
-  last_step_from_graph_ = false;
-  // The graph holds kernels only: the ids' and the plan's uploads go before it, the loss's copy after it.
-  const auto upload_inputs = [&] {
-    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), host_ids, size_t(N) * 4, cudaMemcpyHostToDevice, st));
-    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.targets.raw(), host_targets, size_t(N) * 4, cudaMemcpyHostToDevice, st));
-    if (want_grad) {
-      w.embedding_plan.prepare(host_ids, N);
-      w.embedding_plan.upload(st);
-    }
-  };
-  const auto fetch_loss = [&] {
-    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.host_loss.raw(), w.loss_dev, sizeof(double), cudaMemcpyDeviceToHost, st));
-  };
-  if (graphs && w.graph && w.graph_key == key && w.graph_epoch == epoch) {
-    upload_inputs();
-    MAMBA3_CUDA_CHECK(cudaGraphLaunch(w.graph, st));
-    fetch_loss();
-    last_step_from_graph_ = true;
-  } else if (graphs && w.eager_done && w.eager_key == key && w.eager_epoch == epoch) {
-    if (w.graph) MAMBA3_CUDA_CHECK(cudaGraphExecDestroy(w.graph));
-    w.graph = nullptr;
-    upload_inputs();
-    cudaGraph_t captured = nullptr;
-    bool ok = true;
-    MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    try {
-      enqueue_step(B, L, want_grad, key.keep, key.grad_scale, true);
-    } catch (const std::exception& e) {
-      ok = false;
-      std::fprintf(stderr, "mamba3: training steps run without a CUDA graph (capture failed: %s)\n", e.what());
-    }
-    const cudaError_t end = cudaStreamEndCapture(st, &captured);
-    ok = ok && end == cudaSuccess && captured && buffer_allocation_epoch() == epoch;
-    if (ok) ok = cudaGraphInstantiate(&w.graph, captured, 0) == cudaSuccess;
-    if (captured) cudaGraphDestroy(captured);
-    cudaGetLastError();  // a failed capture's error is not the next call's
-    if (ok) {
-      w.graph_key = key, w.graph_epoch = epoch;
-      MAMBA3_CUDA_CHECK(cudaGraphLaunch(w.graph, st));
-      last_step_from_graph_ = true;
-    } else {
-      if (w.graph) cudaGraphExecDestroy(w.graph);
-      w.graph = nullptr;
-      w.capture_failed = true;
-      enqueue_step(B, L, want_grad, key.keep, key.grad_scale, true);
-    }
-    fetch_loss();
-  } else {
-    enqueue_step(B, L, want_grad, key.keep, key.grad_scale, false);
-    w.eager_done = true, w.eager_key = key, w.eager_epoch = buffer_allocation_epoch();
-  }
+  enqueue_step(B, L, want_grad, want_grad && keep_mamba_, scale / double(labelled));
   MAMBA3_CUDA_CHECK(cudaStreamSynchronize(st));
   return *w.host_loss.as<double>() / double(labelled);
 }
 
 // The device work of one step, queued on the stream: the ids' uploads from w.host_ids / host_targets, forward, loss
-// (its sum at w.loss_dev, copied to w.host_loss), backward, with the embedding plan prepared on the host while the
-// device runs the forward. graph_form (a step graph's capture): kernels only — run() queues the uploads (ids, plan)
-// before the graph and the loss's copy after it.
-void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep, double grad_scale,
-                                bool graph_form) {
+// (its sum copied to w.host_loss, read by run() once the whole step is done, so the host never waits between the
+// forward and the backward), backward, with the embedding plan prepared on the host while the device runs the forward.
+void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep, double grad_scale) {
   const ModelConfig& c = config_;
   const int64_t N = B * L, D = c.d_model, V = c.vocab_padded(), dff = c.d_ff();
   Work& w = *work_;
   const cudaStream_t st = ctx_->stream();
   const size_t act = size_t(N * D) * 4;
   w.ids.reserve(size_t(N) * 4), w.targets.reserve(size_t(N) * 4);
-  if (!graph_form) {
-    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
-    MAMBA3_CUDA_CHECK(
-        cudaMemcpyAsync(w.targets.raw(), w.host_targets.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
-  }
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.targets.raw(), w.host_targets.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
   for (DeviceBuffer* b : {&w.hidden, &w.residual, &w.dnormed, &w.grad}) b->reserve(act);
   float* hidden = w.hidden.as<float>();
   float* residual = w.residual.as<float>();
@@ -369,13 +280,10 @@ void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep,
       prof.mark("mlp_fwd");
     }
   }
-  // The embedding gradient's plan (a host sort of the ids: ~1 ms at 16k tokens) now, while the device runs the forward
-  // pass just queued; before the embedding it left the device idle once the previous step's update was done. Its
-  // upload is queued after the forward, long before the embedding backward reads it.
-  if (want_grad && !graph_form) {
-    w.embedding_plan.prepare(w.host_ids.as<int32_t>(), N);
-    w.embedding_plan.upload(st);
-  }
+  // The embedding gradient's plan (a host sort of the ids) now, while the device runs the forward pass just queued;
+  // before the embedding it left the device idle once the previous step's update was done. Its upload is queued after
+  // the forward, long before the embedding backward reads it.
+  if (want_grad) w.embedding_plan.rebuild(st, w.host_ids.as<int32_t>(), N);
   const NormSlot norm_f{s.param("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.param("backbone.norm_f.bias"),
                         s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
   float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
@@ -389,9 +297,7 @@ void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep,
       lm_head_cross_entropy_enqueue(*ctx_, gemm_, normed_f, N, D, head, V, w.targets.as<int32_t>(), grad_scale,
                                     want_grad ? dnormed : nullptr, want_grad ? s.grad(head_name) : nullptr,
                                     w.head_scratch, w16(head));
-  w.loss_dev = loss_sum;
-  if (!graph_form)
-    MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.host_loss.raw(), loss_sum, sizeof(double), cudaMemcpyDeviceToHost, st));
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.host_loss.raw(), loss_sum, sizeof(double), cudaMemcpyDeviceToHost, st));
   prof.mark("lm_head+loss");
   if (!want_grad) {
     prof.report();

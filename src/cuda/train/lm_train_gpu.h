@@ -42,15 +42,6 @@ class GpuLmTrainer {
   void set_weight_mirror(bool on) { weight_mirror_ = on; }
   bool weight_mirror() const { return weight_mirror_; }
 
-  // Step graphs: true captures run()'s kernels into a CUDA graph on the second consecutive call of one shape and
-  // replays it while the shape, the loss scale and every buffer address stay (the ids' and the embedding plan's
-  // uploads are queued before it, the loss's copy after it) — the same kernels in the same order, so the same bits as
-  // eager calls. A capture that fails (some call the graph cannot hold) falls back to eager calls for good, with a
-  // line on stderr. Default from MAMBA3_TRAIN_GRAPH, read once per process: "1" on, "0" or unset off.
-  void set_step_graphs(bool on) { step_graphs_ = on; }
-  // Whether the last run() was replayed from (or captured into) a step graph.
-  bool last_step_from_graph() const { return last_step_from_graph_; }
-
  private:
   struct Layer;
   ModelConfig config_;
@@ -63,12 +54,11 @@ class GpuLmTrainer {
   // Whether the Mamba-3 layers keep their forward activations for the backward (MAMBA3_TRAIN_KEEP), decided for the
   // batch shape keep_B_ × keep_L_.
   void decide_keep(int64_t B, int64_t L);
-  void enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep, double grad_scale, bool graph_form);
+  // run()'s device work, queued on the stream (the loss's sum copied to page-locked host memory at its end).
+  void enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep, double grad_scale);
   bool keep_mamba_ = false;
   int64_t keep_B_ = -1, keep_L_ = -1;
   bool weight_mirror_ = true;  // set_weight_mirror
-  bool step_graphs_ = false;   // set_step_graphs
-  bool last_step_from_graph_ = false;
 };
 
 }  // namespace mamba3::cuda
