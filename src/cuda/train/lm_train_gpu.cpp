@@ -70,7 +70,7 @@ struct GpuLmTrainer::Work {
   EmbeddingGradPlan embedding_plan;  // rebuilt per call without a host wait
   std::unique_ptr<Mamba3TrainGpu> mamba;  // shared by every Mamba-3 layer (it keeps nothing between calls)
   PinnedBuffer host_ids, host_targets;  // int32 (B·L): the ids' upload sources
-  PinnedBuffer host_loss;               // one f64: Σ loss over the labelled rows, copied back by the step
+  PinnedBuffer host_loss;               // one f64: Σ loss over the labelled rows, copied back at the loss
 };
 
 GpuLmTrainer::GpuLmTrainer(const ModelConfig& c, const TensorMap& params, Precision precision)
@@ -180,9 +180,9 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
                          double scale) {
   const ModelConfig& c = config_;
   MAMBA3_CHECK(B >= 1 && L >= 1, "GPU training: need B ≥ 1 and L ≥ 1, got B {} L {}", B, L);
-  const int64_t N = B * L;
+  const int64_t N = B * L, D = c.d_model, V = c.vocab_padded(), dff = c.d_ff();
   Work& w = *work_;
-  // Ids to int32 in page-locked memory (the uploads' sources), checked on the host first.
+  // Ids to int32 on the device (from page-locked memory), checked on the host first.
   w.host_ids.reserve(size_t(N) * 4), w.host_targets.reserve(size_t(N) * 4), w.host_loss.reserve(sizeof(double));
   int32_t *host_ids = w.host_ids.as<int32_t>(), *host_targets = w.host_targets.as<int32_t>();
   int64_t labelled = 0;
@@ -199,30 +199,10 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   }
   MAMBA3_CHECK(labelled > 0, "GPU training: no position has a target (all {} are negative)", N);
   const cudaStream_t st = ctx_->stream();
-  if (want_grad && (B != keep_B_ || L != keep_L_)) decide_keep(B, L);
-  GpuParamStore& s = *store_;
-  // The weights' bf16 mirror for the products (bf16 mode): made on first use, rounded again when something wrote the
-  // weights since (an upload); the optimizer's update keeps it current otherwise.
-  const bool mirror = gemm_.precision() == Precision::BF16 && weight_mirror_;
-  if (mirror && !s.has_mirror()) s.enable_mirror(st);
-  else if (mirror && !s.mirror_valid()) s.refresh_mirror(st);
-  enqueue_step(B, L, want_grad, want_grad && keep_mamba_, scale / double(labelled));
-  MAMBA3_CUDA_CHECK(cudaStreamSynchronize(st));
-  return *w.host_loss.as<double>() / double(labelled);
-}
-
-// The device work of one step, queued on the stream: the ids' uploads from w.host_ids / host_targets, forward, loss
-// (its sum copied to w.host_loss, read by run() once the whole step is done, so the host never waits between the
-// forward and the backward), backward, with the embedding plan prepared on the host while the device runs the forward.
-void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep, double grad_scale) {
-  const ModelConfig& c = config_;
-  const int64_t N = B * L, D = c.d_model, V = c.vocab_padded(), dff = c.d_ff();
-  Work& w = *work_;
-  const cudaStream_t st = ctx_->stream();
   const size_t act = size_t(N * D) * 4;
   w.ids.reserve(size_t(N) * 4), w.targets.reserve(size_t(N) * 4);
-  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), w.host_ids.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
-  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.targets.raw(), w.host_targets.raw(), size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.ids.raw(), host_ids, size_t(N) * 4, cudaMemcpyHostToDevice, st));
+  MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.targets.raw(), host_targets, size_t(N) * 4, cudaMemcpyHostToDevice, st));
   for (DeviceBuffer* b : {&w.hidden, &w.residual, &w.dnormed, &w.grad}) b->reserve(act);
   float* hidden = w.hidden.as<float>();
   float* residual = w.residual.as<float>();
@@ -231,8 +211,15 @@ void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep,
   const float* emb = s.param("backbone.embedding.weight");
   const std::string head_name = c.tie_embeddings ? "backbone.embedding.weight" : "lm_head.weight";
   const float* head = s.param(head_name);
+  if (want_grad && (B != keep_B_ || L != keep_L_)) decide_keep(B, L);
+  const bool keep = want_grad && keep_mamba_;
+
   const bool bf16 = gemm_.precision() == Precision::BF16;
-  const bool mirror = bf16 && weight_mirror_;  // (made or refreshed by run)
+  // The weights' bf16 mirror for the products (bf16 mode): made on first use, rounded again when something wrote the
+  // weights since (an upload); the optimizer's update keeps it current otherwise.
+  const bool mirror = bf16 && weight_mirror_;
+  if (mirror && !s.has_mirror()) s.enable_mirror(st);
+  else if (mirror && !s.mirror_valid()) s.refresh_mirror(st);
   const auto w16 = [&](const float* weight) { return mirror ? s.mirror_of(weight) : nullptr; };
   for (auto& lp : layers_) {
     Layer& l = *lp;
@@ -283,7 +270,7 @@ void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep,
   // The embedding gradient's plan (a host sort of the ids) now, while the device runs the forward pass just queued;
   // before the embedding it left the device idle once the previous step's update was done. Its upload is queued after
   // the forward, long before the embedding backward reads it.
-  if (want_grad) w.embedding_plan.rebuild(st, w.host_ids.as<int32_t>(), N);
+  if (want_grad) w.embedding_plan.rebuild(st, host_ids, N);
   const NormSlot norm_f{s.param("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.param("backbone.norm_f.bias"),
                         s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
   float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
@@ -293,15 +280,22 @@ void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep,
 
   // Loss; the gradient of the mean over the labelled positions, times `scale`, flows from here.
   float* dnormed = w.dnormed.as<float>();
+  const double grad_scale = scale / double(labelled);
+  // The loss's sum comes back with the step: read once the whole step is done, so the host never waits between the
+  // forward and the backward.
   const double* loss_sum =
       lm_head_cross_entropy_enqueue(*ctx_, gemm_, normed_f, N, D, head, V, w.targets.as<int32_t>(), grad_scale,
                                     want_grad ? dnormed : nullptr, want_grad ? s.grad(head_name) : nullptr,
                                     w.head_scratch, w16(head));
   MAMBA3_CUDA_CHECK(cudaMemcpyAsync(w.host_loss.raw(), loss_sum, sizeof(double), cudaMemcpyDeviceToHost, st));
+  const auto loss = [&] {
+    MAMBA3_CUDA_CHECK(cudaStreamSynchronize(st));
+    return *w.host_loss.as<double>() / double(labelled);
+  };
   prof.mark("lm_head+loss");
   if (!want_grad) {
     prof.report();
-    return;
+    return loss();
   }
 
   // Backward: `g` is the gradient of the residual stream.
@@ -347,6 +341,7 @@ void GpuLmTrainer::enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep,
   embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));
   prof.mark("embed_bwd");
   prof.report();
+  return loss();
 }
 
 }  // namespace mamba3::cuda

@@ -54,8 +54,6 @@ class GpuLmTrainer {
   // Whether the Mamba-3 layers keep their forward activations for the backward (MAMBA3_TRAIN_KEEP), decided for the
   // batch shape keep_B_ × keep_L_.
   void decide_keep(int64_t B, int64_t L);
-  // run()'s device work, queued on the stream (the loss's sum copied to page-locked host memory at its end).
-  void enqueue_step(int64_t B, int64_t L, bool want_grad, bool keep, double grad_scale);
   bool keep_mamba_ = false;
   int64_t keep_B_ = -1, keep_L_ = -1;
   bool weight_mirror_ = true;  // set_weight_mirror
