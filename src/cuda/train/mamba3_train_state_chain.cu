@@ -1,9 +1,11 @@
 // The chunk-state chain (mamba3_train_state_chain.h): one block per (sequence, head, slice of 32 or 64 rows of P; two
 // warps per 16 rows) walks that sequence-head's chunks in order. Per chunk it forms its slice of A_cᵀ·B_c on bf16 tensor
 // cores (warp w: rows 16·(w % (slice / 16)) of the slice, columns (N / 2)·(w / (slice / 16)) onward), applies the scan's fused multiply-add to the running
-// state held in the same fragment layout, and writes the state entering the chunk in bf16. The products do not depend
-// on the state, so their operands stream through a ring of kStages shared-memory stages (cp.async) ahead of the chain:
-// the sequential part per chunk is one multiply-add per state element. Traffic per chunk and slice: 64 rows of A's
+// state held in the same fragment layout, and writes the state entering the chunk in bf16 — through a shared-memory
+// tile and whole-row 16-byte stores: the fragment layout's stores (16 bytes in each of 8 rows per warp instruction)
+// had been more than half of the kernel's time (a probe on the H200: 118 µs per call with them, 52 without). The
+// products do not depend on the state, so their operands stream through a ring of kStages shared-memory stages
+// (cp.async) ahead of the chain: the sequential part per chunk is one multiply-add per state element. Traffic per chunk and slice: 64 rows of A's
 // slice and of B (B read by the P / 32 slices of one sequence-head, adjacent blocks, so mostly from L2) and the
 // slice of the bf16 state; nothing in f32. (A slice of 64 reads B once per sequence-head, in half as many blocks.)
 #include "cuda/train/mamba3_train_state_chain.h"
@@ -25,26 +27,28 @@ namespace {
 
 using namespace mma_bf16;
 constexpr int kRows = kCoreRows;
-constexpr int kStages = 3;   // operand stages in flight (the chunk computed and two loading)
+constexpr int kStages = 2;   // operand stages (the chunk computed and the next loading: a third was not faster)
 
 // kSlice rows of P per block (32 or 64), two warps per 16 of them (each on half of N's columns).
 template <int N, int kSlice>
 struct ChainSmem {
   static constexpr int LDA = kSlice + 8, LDN = N + 8;  // 8 bf16 of padding per row: ldmatrix's rows in other banks
   static constexpr int stage_elems = kRows * (LDA + LDN);
-  static constexpr size_t bytes = size_t(kStages) * stage_elems * sizeof(bf16);
+  // The stages, then the bf16 state slice being written (kSlice rows at pitch LDN).
+  static constexpr size_t bytes = (size_t(kStages) * stage_elems + size_t(kSlice) * LDN) * sizeof(bf16);
   static constexpr int threads = 32 * 2 * (kSlice / 16);
 };
 
 template <int N, int P, int kSlice>
 __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_kernel(const BatchedParams p,
                                                                                    const bf16* A, const bf16* Bm,
-                                                                                   bool reverse, uint32_t* out16) {
+                                                                                   bool reverse, void* out16) {
   using Smem = ChainSmem<N, kSlice>;
   constexpr int kLdA = Smem::LDA, LDN = Smem::LDN, SE = Smem::stage_elems, NT = N / 16, slices = P / kSlice;
   constexpr int kThreads = Smem::threads, kRowWarps = kSlice / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* stages = reinterpret_cast<bf16*>(smem_raw);
+  bf16* sOut = stages + kStages * SE;
   const int64_t bh = blockIdx.x / slices;
   const int pb = int(blockIdx.x % slices) * kSlice, nc = p.nc;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
@@ -70,18 +74,29 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_ker
   for (int i = 0; i < nc; ++i) {
     const int64_t chunk = chunk_at(i);
     const float dc = p.decay[chunk];
-    // The state entering this chunk, rounded as the scan rounds it (bf16 pairs: rows g and g + 8 of the warp's 16).
-    uint32_t* o = out16 + ((chunk * P + pb + pr + g) * N + n0) / 2 + q;
+    // The state entering this chunk, rounded as the scan rounds it (bf16 pairs: rows g and g + 8 of the warp's 16),
+    // into the shared slice; after the barrier the block writes it out row by row, 16 bytes per thread.
+    // (cvt.rn.bf16x2: bf16_bits_rn's bits for every non-NaN value, in one instruction per pair)
+    uint32_t* so = reinterpret_cast<uint32_t*>(sOut) + ((pr + g) * LDN + n0) / 2 + q;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      // (cvt.rn.bf16x2: bf16_bits_rn's bits for every non-NaN value, in one instruction per pair)
-      o[nt * 4] = pack(st[nt][0], st[nt][1]);
-      o[nt * 4 + 4 * N] = pack(st[nt][2], st[nt][3]);
+      so[nt * 4] = pack(st[nt][0], st[nt][1]);
+      so[nt * 4 + 4 * LDN] = pack(st[nt][2], st[nt][3]);
     }
-    __syncthreads();  // every warp is done with the stage step i + kStages − 1 loads into (step i − 1's)
+    __syncthreads();  // the slice is whole; every warp is done with the stage step i + kStages − 1 loads into
     issue(i + kStages - 1);
+    {
+      constexpr int per_row = N / 8, pieces = kSlice * per_row;  // 16-byte pieces of the slice
+      static_assert(pieces % kThreads == 0, "whole passes over the slice");
+      bf16* og = reinterpret_cast<bf16*>(out16) + (chunk * P + pb) * N;
+#pragma unroll
+      for (int j = 0; j < pieces / kThreads; ++j) {
+        const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
+        *reinterpret_cast<uint4*>(og + r * N + c) = *reinterpret_cast<const uint4*>(sOut + r * LDN + c);
+      }
+    }
     asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1) : "memory");
-    __syncthreads();
+    __syncthreads();  // (also: the slice's reads are done before the next step writes it)
     const bf16 *sA = stages + (i % kStages) * SE, *sB = sA + kRows * kLdA;
     // A_cᵀ·B_c for the warp's 16 × N/2 tile, k-steps in the backward core's order (its G: the same tiles, same bits).
     float acc[NT][4];
@@ -130,7 +145,7 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
     const int64_t blocks = int64_t(p.d.B) * p.d.H * (p.d.P / slice);
     MAMBA3_CHECK(blocks <= 0x7fffffff, "state chain: {} blocks exceed the grid", blocks);
     kernel<<<unsigned(blocks), threads, bytes, s>>>(p, static_cast<const bf16*>(A), static_cast<const bf16*>(Bop),
-                                                    reverse, static_cast<uint32_t*>(out16));
+                                                    reverse, out16);
     MAMBA3_LAUNCH_CHECK();
   };
   const bool wide = chain_slice() == 64;
