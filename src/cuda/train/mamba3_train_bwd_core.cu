@@ -8,7 +8,7 @@
 //   Phase C, warp w on rows p ∈ [16w, 16w + 16): G = (e^Λ ⊙ dy)ᵀ·q.
 // Operand tiles in shared memory at a pitch of 8 extra bf16 per row (16 bytes: ldmatrix's eight row addresses fall in
 // different banks); loaded with cp.async, 16 bytes per thread and instruction. Results go from the accumulator
-// fragments to global memory as float2 stores.
+// fragments to global memory as float2 stores, bf16 ones 16 bytes per lane (store_tiles_bf16).
 #include "cuda/train/mamba3_train_bwd_core.h"
 
 #include <cuda_bf16.h>
@@ -61,6 +61,8 @@ __device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_
   const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
   const float Dh = p.D[h];
   const bool pairs = d.din % 2 == 0 && d.off_x % 2 == 0;  // (col and P even: the pair's address is 4-byte aligned)
+  // dzx16's rows 16-byte aligned at the head's x columns: the quad's pairs go out 16 bytes per lane (quad_transpose).
+  const bool wide = p.dzx16 && d.din % 8 == 0 && d.off_x % 8 == 0;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int tl = t0 + g + 8 * half;
@@ -76,6 +78,7 @@ __device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_
       vvs[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(V + tl * ld + col));
       dys[nt] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dY + tl * ld + col));
     }
+    uint32_t x16[P / 8];  // (wide: the bf16 pairs, stored after the loop)
 #pragma unroll
     for (int nt = 0; nt < P / 8; ++nt) {
       const int col = nt * 8 + 2 * q;
@@ -83,14 +86,25 @@ __device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_
       const float t_a = tp[nt][2 * half], t_b = tp[nt][2 * half + 1];
       dot += vv.x * t_a, dot += vv.y * t_b;
       const float dx_a = (dv0.x + Dh * dy.x) + w * t_a, dx_b = (dv0.y + Dh * dy.y) + w * t_b;
-      if (real) {  // dzx rows are din values: an odd din (or x offset) leaves them unaligned for pairs
+      x16[nt] = pack(dx_a, dx_b);
+      if (real && !wide) {  // dzx rows are din values: an odd din (or x offset) leaves them unaligned for pairs
         if (p.dzx16) {
-          __nv_bfloat16* x16 = reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + col;
-          if (pairs) *reinterpret_cast<__nv_bfloat162*>(x16) = __floats2bfloat162_rn(dx_a, dx_b);
-          else x16[0] = __float2bfloat16_rn(dx_a), x16[1] = __float2bfloat16_rn(dx_b);
+          __nv_bfloat16* x16p = reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + col;
+          if (pairs) *reinterpret_cast<uint32_t*>(x16p) = x16[nt];
+          else x16p[0] = __float2bfloat16_rn(dx_a), x16p[1] = __float2bfloat16_rn(dx_b);
         } else {
           p.dzx[xcol + col] = dx_a, p.dzx[xcol + col + 1] = dx_b;
         }
+      }
+    }
+    if (wide) {  // (every lane takes part in the exchange; the row's quad shares `real`)
+#pragma unroll
+      for (int j = 0; j < P / 32; ++j) {
+        uint32_t v[4] = {x16[4 * j], x16[4 * j + 1], x16[4 * j + 2], x16[4 * j + 3]};
+        quad_transpose(v);
+        if (real)
+          *reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + (4 * j + q) * 8) =
+              make_uint4(v[0], v[1], v[2], v[3]);
       }
     }
     dot = quad_sum(dot);
@@ -347,7 +361,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
         }
       }
-      if (p.dQ16) store_tiles(acc, p.dQ16 + chunk * kRows * N, N, t0, n0);
+      if (p.dQ16) store_tiles_bf16(acc, p.dQ16 + chunk * kRows * N, N, t0, n0);
       else store_tiles(acc, dQ, N, t0, n0);
     }
   }
@@ -470,7 +484,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
         }
       }
       // dK is finished here with dH (kCoreFused, kCoreStates; kCoreOnly's goes on to the post-scan core).
-      if (kWithDH && p.dK16) store_tiles(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
+      if (kWithDH && p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
       else store_tiles(acc, dK, N, s0, n0);
     }
     if constexpr (kPost) post_scan_rows<N, P>(p, chunk, s0, sK, sdH, sV, sdY, LDP, dv, rdot);
@@ -619,7 +633,7 @@ __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const Batc
         mma(acc[2 * np], a, bq[0], bq[1]), mma(acc[2 * np + 1], a, bq[2], bq[3]);
       }
     }
-    if (p.dK16) store_tiles(acc, p.dK16 + chunk * kRows * N, N, t0, n0);
+    if (p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, t0, n0);
     else store_tiles(acc, dK, N, t0, n0);
   }
   float dv[P / 8][4];  // the backward core's dV in the accumulator layout

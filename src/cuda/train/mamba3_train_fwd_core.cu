@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
         ss += y[nt][k] * y[nt][k];
       }
     const float rstd = d.outnorm ? 1.0f / sqrtf(quad_sum(ss) / float(P) + kEps) : 1.0f;
-    if (tl >= out_rows) continue;  // padding rows (after the quad sum: every lane of the quad takes part)
+    const bool real = tl < out_rows;  // (padding rows: no loads or stores, but the quad exchange below takes every lane)
     const int64_t tok = int64_t(b) * d.L + c0 + tl;
     __nv_bfloat16* orow = static_cast<__nv_bfloat16*>(p.o16) + tok * d.d_inner + int64_t(h) * P;
     // Every load of the row before its first store (a global load after a store through a pointer the compiler
@@ -211,9 +211,10 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
         const float2 z2 = *reinterpret_cast<const float2*>(sZ + tl * LDZ + col);
         zz[nt][0] = z2.x, zz[nt][1] = z2.y;
       } else {
-        zz[nt][0] = zsrc[tl * d.din + col], zz[nt][1] = zsrc[tl * d.din + col + 1];
+        zz[nt][0] = real ? zsrc[tl * d.din + col] : 0.0f, zz[nt][1] = real ? zsrc[tl * d.din + col + 1] : 0.0f;
       }
     }
+    uint32_t o16[P / 8];
 #pragma unroll
     for (int nt = 0; nt < P / 8; ++nt) {
       float o[2];
@@ -223,7 +224,14 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
         const float yn = d.outnorm ? yv * rstd * nws[nt * 8 + 2 * q + k] : yv;
         o[k] = yn * (zv * gate_sigmoid_f(zv, true));  // (bf16 mode only)
       }
-      *reinterpret_cast<__nv_bfloat162*>(orow + nt * 8 + 2 * q) = __floats2bfloat162_rn(o[0], o[1]);
+      o16[nt] = pack(o[0], o[1]);
+    }
+    // 16 bytes per lane (quad_transpose; o16's rows are d_inner = H·P bf16, P a multiple of 32).
+#pragma unroll
+    for (int j = 0; j < P / 32; ++j) {
+      uint32_t v[4] = {o16[4 * j], o16[4 * j + 1], o16[4 * j + 2], o16[4 * j + 3]};
+      quad_transpose(v);
+      if (real) *reinterpret_cast<uint4*>(orow + (4 * j + q) * 8) = make_uint4(v[0], v[1], v[2], v[3]);
     }
   }
 }
