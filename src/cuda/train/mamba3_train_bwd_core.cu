@@ -61,7 +61,7 @@ __device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_
   const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T, Tc = min(T, d.L - c0);
   const float Dh = p.D[h];
   const bool pairs = d.din % 2 == 0 && d.off_x % 2 == 0;  // (col and P even: the pair's address is 4-byte aligned)
-  // dzx16's rows 16-byte aligned at the head's x columns: the quad's pairs go out 16 bytes per lane (quad_transpose).
+  // dzx16's rows 16-byte aligned at the head's x columns: the quad's pairs go out 16 bytes per lane (store_row_pairs).
   const bool wide = p.dzx16 && d.din % 8 == 0 && d.off_x % 8 == 0;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -97,16 +97,7 @@ __device__ __forceinline__ void post_scan_rows_tp(const BatchedParams& p, int64_
         }
       }
     }
-    if (wide) {  // (every lane takes part in the exchange; the row's quad shares `real`)
-#pragma unroll
-      for (int j = 0; j < P / 32; ++j) {
-        uint32_t v[4] = {x16[4 * j], x16[4 * j + 1], x16[4 * j + 2], x16[4 * j + 3]};
-        quad_transpose(v);
-        if (real)
-          *reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol + (4 * j + q) * 8) =
-              make_uint4(v[0], v[1], v[2], v[3]);
-      }
-    }
+    if (wide) store_row_pairs(x16, reinterpret_cast<__nv_bfloat16*>(p.dzx16) + xcol, real);
     dot = quad_sum(dot);
     if (q == 0) rdot[tl] = dot;
   }

@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
         ss += y[nt][k] * y[nt][k];
       }
     const float rstd = d.outnorm ? 1.0f / sqrtf(quad_sum(ss) / float(P) + kEps) : 1.0f;
-    const bool real = tl < out_rows;  // (padding rows: no loads or stores, but the quad exchange below takes every lane)
+    const bool real = tl < out_rows;  // (padding rows: no loads or stores; the quad exchange takes every lane)
     const int64_t tok = int64_t(b) * d.L + c0 + tl;
     __nv_bfloat16* orow = static_cast<__nv_bfloat16*>(p.o16) + tok * d.d_inner + int64_t(h) * P;
     // Every load of the row before its first store (a global load after a store through a pointer the compiler
@@ -226,13 +226,8 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       }
       o16[nt] = pack(o[0], o[1]);
     }
-    // 16 bytes per lane (quad_transpose; o16's rows are d_inner = H·P bf16, P a multiple of 32).
-#pragma unroll
-    for (int j = 0; j < P / 32; ++j) {
-      uint32_t v[4] = {o16[4 * j], o16[4 * j + 1], o16[4 * j + 2], o16[4 * j + 3]};
-      quad_transpose(v);
-      if (real) *reinterpret_cast<uint4*>(orow + (4 * j + q) * 8) = make_uint4(v[0], v[1], v[2], v[3]);
-    }
+    // 16 bytes per lane (o16's rows are d_inner = H·P bf16, P a multiple of 32).
+    store_row_pairs(o16, orow, real);
   }
 }
 

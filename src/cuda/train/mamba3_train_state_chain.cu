@@ -1,13 +1,14 @@
 // The chunk-state chain (mamba3_train_state_chain.h): one block per (sequence, head, slice of 32 or 64 rows of P; two
-// warps per 16 rows) walks that sequence-head's chunks in order. Per chunk it forms its slice of A_cᵀ·B_c on bf16 tensor
-// cores (warp w: rows 16·(w % (slice / 16)) of the slice, columns (N / 2)·(w / (slice / 16)) onward), applies the scan's fused multiply-add to the running
-// state held in the same fragment layout, and writes the state entering the chunk in bf16 — through a shared-memory
-// tile and whole-row 16-byte stores: the fragment layout's stores (16 bytes in each of 8 rows per warp instruction)
-// had been more than half of the kernel's time (a probe on the H200: 118 µs per call with them, 52 without). The
-// products do not depend on the state, so their operands stream through a ring of kStages shared-memory stages
-// (cp.async) ahead of the chain: the sequential part per chunk is one multiply-add per state element. Traffic per chunk and slice: 64 rows of A's
-// slice and of B (B read by the P / 32 slices of one sequence-head, adjacent blocks, so mostly from L2) and the
-// slice of the bf16 state; nothing in f32. (A slice of 64 reads B once per sequence-head, in half as many blocks.)
+// warps per 16 rows) walks that sequence-head's chunks in order. Per chunk it forms its slice of A_cᵀ·B_c on bf16
+// tensor cores (warp w: rows 16·(w % (slice / 16)) of the slice, columns (N / 2)·(w / (slice / 16)) onward), applies
+// the scan's fused multiply-add to the running state held in the same fragment layout, and writes the state entering
+// the chunk in bf16 — through a shared-memory slice and whole-row 16-byte stores: the fragment layout's stores (16
+// bytes in each of 8 rows per warp instruction) had been more than half of the kernel's time (a probe on the H200:
+// 118 µs per call with them, 52 without). The products do not depend on the state, so their operands stream through a
+// ring of kStages shared-memory stages (cp.async) ahead of the chain: the sequential part per chunk is one multiply-add
+// per state element. Traffic per chunk and slice: 64 rows of A's slice and of B (B read by the P / 32 slices of one
+// sequence-head, adjacent blocks, so mostly from L2) and the slice of the bf16 state; nothing in f32. (A slice of 64
+// reads B once per sequence-head, in half as many blocks.)
 #include "cuda/train/mamba3_train_state_chain.h"
 
 #include <cuda_bf16.h>

@@ -128,22 +128,33 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&v)[4]) {
   }
 }
 
-// store_tiles for bf16 (pack's rounding, the same bits) with 16-byte stores through quad_transpose: out's rows 16-byte
-// aligned at column c0 (ld and c0 multiples of 8 elements), NT a multiple of 4.
+// A row's bf16 pairs as the fragments hold them (w[nt]: columns 8·nt + 2q, 8·nt + 2q + 1 of the lane's row, NW a
+// multiple of 4) stored 16 bytes per lane through quad_transpose at `row` (16-byte aligned). store false: the
+// exchange only — every lane of the warp takes part in it, also those whose row is not stored.
+template <int NW, typename T>
+__device__ __forceinline__ void store_row_pairs(const uint32_t (&w)[NW], T* row, bool store) {
+  static_assert(NW % 4 == 0 && sizeof(T) == 2, "groups of four n-tiles of 16-bit values");
+  const int q = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < NW / 4; ++j) {
+    uint32_t v[4] = {w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]};
+    quad_transpose(v);  // lane q: n-tile 4j + q's eight columns
+    if (store) *reinterpret_cast<uint4*>(row + (4 * j + q) * 8) = make_uint4(v[0], v[1], v[2], v[3]);
+  }
+}
+
+// store_tiles for bf16 (pack's rounding, the same bits) through store_row_pairs: out's rows 16-byte aligned at column
+// c0 (ld and c0 multiples of 8 elements), NT a multiple of 4.
 template <int NT, typename T>
 __device__ __forceinline__ void store_tiles_bf16(const float (&acc)[NT][4], T* out, int64_t ld, int r0, int c0) {
-  static_assert(NT % 4 == 0 && sizeof(T) == 2, "groups of four n-tiles of 16-bit values");
-  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int g = threadIdx.x % 32 / 4;
 #pragma unroll
-  for (int half = 0; half < 2; ++half)
+  for (int half = 0; half < 2; ++half) {
+    uint32_t w[NT];
 #pragma unroll
-    for (int j = 0; j < NT / 4; ++j) {
-      uint32_t v[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = pack(acc[4 * j + i][2 * half], acc[4 * j + i][2 * half + 1]);
-      quad_transpose(v);
-      *reinterpret_cast<uint4*>(out + (r0 + g + 8 * half) * ld + c0 + (4 * j + q) * 8) = make_uint4(v[0], v[1], v[2], v[3]);
-    }
+    for (int nt = 0; nt < NT; ++nt) w[nt] = pack(acc[nt][2 * half], acc[nt][2 * half + 1]);
+    store_row_pairs(w, out + (r0 + g + 8 * half) * ld + c0, true);
+  }
 }
 
 template <int NT>
