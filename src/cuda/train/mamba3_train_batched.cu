@@ -17,7 +17,7 @@ namespace mamba3::cuda::train_detail {
 namespace {
 
 using batched::ChunkIndex, batched::kThreads, batched::kWarps, batched::build_chunk_scalars, batched::launch_per_chunk,
-    batched::write_bias_partials;
+    batched::write_bias_partials, batched::zx_col, batched::dO_at, batched::fwd_tile_at;
 
 // Rotary slot u < ⌈N/2⌉ of a B/C vector: its elements a and b (SISO pairs (2u, 2u+1), MIMO halves (u, u + N/2)),
 // whether they rotate together by angle u (u < S) and whether b exists (an odd SISO N leaves the last one alone).
@@ -101,12 +101,13 @@ __device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const
     row.cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), row.kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
     if (ps.rot) row.rot[m] = rotary_cos_sin(phi[u]);
   }
-  const float* x = z + d.off_x + int64_t(ix.h) * d.P;
+  const int64_t tok = int64_t(ix.b) * d.L + t, xcol = d.off_x + int64_t(ix.h) * d.P;
   const float* mx = d.mimo ? p.mimo_x + (int64_t(ix.h) * d.R + r) * d.P : nullptr;
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     const int e = lane + 32 * m;
-    row.val[m] = e < d.P ? (mx ? mx[e] * x[e] : x[e]) : 0.0f;
+    const float x = e < d.P ? zx_col(p, tok, xcol + e) : 0.0f;
+    row.val[m] = e < d.P ? (mx ? mx[e] * x : x) : 0.0f;
   }
   return row;
 }
@@ -220,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
         }
       }
     }
-    const float* x = z + d.off_x + int64_t(ix.h) * d.P;
+    const int64_t tok = int64_t(ix.b) * d.L + t, xcol = d.off_x + int64_t(ix.h) * d.P;
     const float* mx = d.mimo ? p.mimo_x + (int64_t(ix.h) * d.R + r) * d.P : nullptr;
     const float w = dtv[tl];
     for (int e0 = lane; e0 < d.P; e0 += 64) {
@@ -228,7 +229,8 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         const int e = e0 + 32 * m;
-        val[m] = e < d.P ? (mx ? mx[e] * x[e] : x[e]) : 0.0f;
+        const float x = e < d.P ? zx_col(p, tok, xcol + e) : 0.0f;
+        val[m] = e < d.P ? (mx ? mx[e] * x : x) : 0.0f;
       }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
@@ -315,8 +317,8 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
       float ss = 0.0f;
       for (int q = lane; q < P; q += 32) {
         const int64_t i = row0 + r * P + q;
-        const float zv = p.Z[i], vv = to_f(V[i]);
-        const float y = (e * zv + Dh * vv) + p.WV[i];
+        const float zv = fwd_tile_at(p, p.Z, i), vv = to_f(V[i]);
+        const float y = (e * zv + Dh * vv) + fwd_tile_at(p, p.WV, i);
         ys[r * P + q] = y;
         if (kBwd) zrow[r * P + q] = zv, vrow[r * P + q] = vv;
         ss += y * y;
@@ -332,8 +334,8 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
         const int q = q0 + 32 * k;
-        zq[k] = q < P ? p.zx[tok * d.din + int64_t(ix.h) * P + q] : 0.0f;
-        dOq[k] = kBwd && q < P ? p.dO[tok * d.d_inner + int64_t(ix.h) * P + q] : 0.0f;
+        zq[k] = q < P ? zx_col(p, tok, int64_t(ix.h) * P + q) : 0.0f;
+        dOq[k] = kBwd && q < P ? dO_at(p, tok * d.d_inner + int64_t(ix.h) * P + q) : 0.0f;
       }
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
@@ -529,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
     const float w = p.wv[ix.chunk * T + tl];
     const bool real = tl < ix.Tc;
     const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
-    const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
+    const int64_t xcol = d.off_x + int64_t(ix.h) * P;
     float dots[kMaxRank];
     for (int r = 0; r < R; ++r) dots[r] = 0.0f;
     // kQ channels per lane at a time, their dzx stores after all their loads (a global load after a float store
@@ -549,7 +551,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
             const float dv = (p.dV[i] + Dh * to_f(dY[i])) + w * tp;
             if (d.mimo) {
               dx += dv * p.mimo_x[(int64_t(ix.h) * R + r) * P + q];
-              if (real) gX[r * P + q] += dv * x[q];
+              if (real) gX[r * P + q] += dv * zx_col(p, tok, xcol + q);
             } else {
               dx += dv;
             }

@@ -29,6 +29,21 @@ struct ChunkIndex {
   __device__ int64_t prow(const BatchedParams& p) const { return (int64_t(b) * p.nc + c) * p.d.H + h; }
 };
 
+// Column col (< 2·d_inner: a z or x column) of zx's token row tok, from the bf16 copy where the in_proj wrote one.
+__device__ __forceinline__ float zx_col(const BatchedParams& p, int64_t tok, int64_t col) {
+  if (p.zx16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.zx16)[tok * 2 * p.d.d_inner + col]);
+  return p.zx[tok * p.d.din + col];
+}
+// dO at flat index i of (M, d_inner), from its bf16 rounding where given.
+__device__ __forceinline__ float dO_at(const BatchedParams& p, int64_t i) {
+  return p.dO16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.dO16)[i]) : p.dO[i];
+}
+
+// The forward's Z or WV (t: p.Z or p.WV) at flat index i, bf16 where the forward core wrote them so (p.zwv16).
+__device__ __forceinline__ float fwd_tile_at(const BatchedParams& p, const float* t, int64_t i) {
+  return p.zwv16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(t)[i]) : t[i];
+}
+
 // The chunk scalars (Λ, e^Λ, γ, scale, w, e^{Λ_last}) into p and the block's shared memory (3·T floats); returns w
 // per token (shared memory) for w ⊙ v. Every thread of the block calls it (barriers inside).
 __device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams& p, const ChunkIndex& ix, float* sm) {

@@ -25,6 +25,7 @@ struct FwdSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
   // The output stage's z rows (f32, pitch LDZ) go where k was once S is formed, when they fit there.
   static constexpr int LDZ = P + 4;
+  static constexpr int LDZ16 = P + 8;  // (the bf16 z rows, zx16: half the bytes of the f32 ones, so they fit too)
   static constexpr bool kZInK = size_t(kRows) * LDZ * 4 <= size_t(kRows) * LDN * sizeof(bf16);
   // Tiles, then the chunk scalars Λ, scale, γ, e^Λ (T each) and the head's output-norm weights (P).
   static constexpr size_t bytes(int T) {
@@ -53,13 +54,26 @@ __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* sr
   asm volatile("cp.async.commit_group;");
 }
 
+// The same rows from the in_proj's bf16 z columns (zx16, row pitch `pitch`; 16-byte aligned rows: d_inner = H·P
+// with P a multiple of 32), kept bf16 in shared memory at pitch ldz (a multiple of 8).
+template <int P>
+__device__ __forceinline__ void copy_z_rows16(bf16* dst, int ldz, const bf16* src, int64_t pitch, int rows) {
+  constexpr int per_row = P / 8, step = kCoreThreads / per_row;
+  const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * 8;
+#pragma unroll 4
+  for (int row = r; row < rows; row += step)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + row * ldz + c)),
+                 "l"(src + row * pitch + c));
+  asm volatile("cp.async.commit_group;");
+}
+
 // fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when fixed at compile
 // time (1, 2, 4), else 0 (read from p; see chunk_coef).
 template <int N, int P, int kR>
 __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                     bool fuse_output) {
   using Smem = FwdSmem<N, P>;
-  constexpr int LDN = Smem::LDN, LDP = Smem::LDP, LDZ = Smem::LDZ, NS = kRows / 8;
+  constexpr int LDN = Smem::LDN, LDP = Smem::LDP, LDZ = Smem::LDZ, LDZ16 = Smem::LDZ16, NS = kRows / 8;
   constexpr bool kZInK = Smem::kZInK;
   // The output stage is SISO's (forward_core_writes_output): MIMO's instances (kR 2, 4) compile without it — its early
   // bookkeeping, live through the products, had made them slower (ncu, 125M R = 4: 638 → 683 µs).
@@ -80,6 +94,10 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   const int b = int(bh / d.H), h = int(bh % d.H), c0 = int(chunk % p.nc) * T;
   const int out_rows = min(kRows, d.L - c0);  // rows past the sequence's end have no output
   const float* zsrc = p.zx + (int64_t(b) * d.L + c0) * d.din + int64_t(h) * P;
+  // (the in_proj's bf16 z where it wrote one: then zx's z columns are empty)
+  const int64_t zpitch16 = 2 * int64_t(d.d_inner);
+  const bf16* zsrc16 =
+      p.zx16 ? reinterpret_cast<const bf16*>(p.zx16) + (int64_t(b) * d.L + c0) * zpitch16 + int64_t(h) * P : nullptr;
   float Dh = 0.0f;
 
   copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
@@ -123,7 +141,8 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     }
     if (kOutput && kZInK && fuse_output) {  // every warp is done with k: its tile takes the z rows
       __syncthreads();
-      copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
+      if (zsrc16) copy_z_rows16<P>(sK, LDZ16, zsrc16, zpitch16, out_rows);
+      else copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
     }
     if constexpr (kR == 1) {  // (chunk_coef<1>'s values from registers, no per-element branches)
       const SisoCoefRowsT rows(Lam, gam, t0, g);
@@ -163,7 +182,9 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       mma(z[2 * np], a, b[0], b[1]), mma(z[2 * np + 1], a, b[2], b[3]);
     }
   }
-  store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
+  // (bf16 where the output stage reads them so: p.zwv16)
+  if (p.zwv16) store_tiles_bf16(z, reinterpret_cast<bf16*>(p.Z) + chunk * kRows * P, P, t0, 0);
+  else store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
 #pragma unroll
   for (int kb = 0; kb < NS / 2; ++kb) {  // WV = W·v
     if (above(kb)) continue;
@@ -174,7 +195,8 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       mma(wv[2 * np], w[kb], b[0], b[1]), mma(wv[2 * np + 1], w[kb], b[2], b[3]);
     }
   }
-  store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
+  if (p.zwv16) store_tiles_bf16(wv, reinterpret_cast<bf16*>(p.WV) + chunk * kRows * P, P, t0, 0);
+  else store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
   if (!kOutput || !fuse_output) return;
   // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a
   // warp): y = (e^Λ·Z + D·v) + WV, the optional RMSNorm over the head's P channels, the gate y·silu(z) → o16.
@@ -208,7 +230,12 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     for (int nt = 0; nt < P / 8; ++nt) {
       const int col = nt * 8 + 2 * q;
       if constexpr (kZInK) {
-        const float2 z2 = *reinterpret_cast<const float2*>(sZ + tl * LDZ + col);
+        const float2 z2 = zsrc16 ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sK + tl * LDZ16 + col))
+                                 : *reinterpret_cast<const float2*>(sZ + tl * LDZ + col);
+        zz[nt][0] = z2.x, zz[nt][1] = z2.y;
+      } else if (zsrc16) {
+        const float2 z2 = real ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(zsrc16 + tl * zpitch16 + col))
+                               : make_float2(0.0f, 0.0f);
         zz[nt][0] = z2.x, zz[nt][1] = z2.y;
       } else {
         zz[nt][0] = real ? zsrc[tl * d.din + col] : 0.0f, zz[nt][1] = real ? zsrc[tl * d.din + col + 1] : 0.0f;

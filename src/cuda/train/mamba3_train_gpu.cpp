@@ -134,6 +134,20 @@ bool env_bc_norm_fused() {
   return on;
 }
 
+// MAMBA3_TRAIN_ZX16, read once per process: z, x and dO in bf16 on the batched path's bf16 mode ("1", the default)
+// or in f32 ("0").
+bool env_zx16() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ZX16", {"1", "0"}) != "0";
+  return on;
+}
+
+// MAMBA3_TRAIN_ZWV16, read once per process: with the cores, the forward core's Z and WV in bf16 ("1", the default)
+// or f32 ("0").
+bool env_zwv16() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ZWV16", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -170,7 +184,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
-      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()) {
+      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), zx_bf16_(env_zx16()),
+      zwv_bf16_(env_zwv16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -242,8 +257,21 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   if (o_in_bf16(gemm)) reserve_elems(act_->o16, M * d.d_inner, 2);
   else reserve_floats(act_->o, M * d.d_inner);
   // u16 and the weight's mirror, where given, are read instead of rounding u and W_in (the f32 mode ignores them).
-  gemm.run_mixed(ctx, false, true, M, din, c_.d_model, 1.0f, u, u16, c_.d_model, w.in_proj, w.in_proj16, c_.d_model,
-                 0.0f, f(act_->zx), din);
+  const int64_t D = c_.d_model;
+  act_->zx16_used = zx_in_bf16(gemm);
+  if (act_->zx16_used) {
+    // z and x (W_in's first 2·d_inner rows) rounded to bf16 into zx16; the rest in f32 into zx's own columns.
+    const int64_t zxw = 2 * int64_t(d.d_inner), rest = din - zxw;
+    reserve_elems(act_->zx16, M * zxw, 2);
+    std::optional<TrainGemm::HeldA> held;  // u rounded once for both products where no producer gave u16
+    if (!u16) held.emplace(gemm, ctx, u, M, D, D);
+    gemm.run_mixed_bf16_out(ctx, false, true, M, zxw, D, 1.0f, u, u16, D, w.in_proj, w.in_proj16, D,
+                            act_->zx16.as<uint16_t>(), zxw);
+    gemm.run_mixed(ctx, false, true, M, rest, D, 1.0f, u, u16, D, w.in_proj + zxw * D,
+                   w.in_proj16 ? w.in_proj16 + zxw * D : nullptr, D, 0.0f, f(act_->zx) + zxw, din);
+  } else {
+    gemm.run_mixed(ctx, false, true, M, din, D, 1.0f, u, u16, D, w.in_proj, w.in_proj16, D, 0.0f, f(act_->zx), din);
+  }
   mark("in_proj");
   launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw));
   mark("normalize bc");
@@ -284,8 +312,10 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
                          BHc * rows * (2 * d.P + sw);  // Z, WV, S
   // Product operands (q, k, v, w ⊙ v, W) and, in the bf16 mode, the scan's bf16 copy of the chunk states.
   const int64_t operands = BHc * rows * (2 * d.N + 2 * d.P + sw);
-  // The bf16 mode keeps o as bf16 only (o_in_bf16).
-  return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 : 0);
+  // The bf16 mode keeps o as bf16 only (o_in_bf16) and, with set_zx_bf16, z and x in bf16 too (zx keeps its f32
+  // width: the z and x columns there are then unused).
+  const int64_t zx16 = bf16 && chunk_batched_ && zx_bf16_ ? M * 2 * d.d_inner * 2 : 0;
+  return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 + zx16 : 0);
 }
 
 int Mamba3TrainGpu::epilogue_heads() const {
@@ -330,6 +360,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.output_tokens = output_tokens_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
+  p.zx16 = act_->zx16_used ? act_->zx16.as<uint16_t>() : nullptr;
   p.lam = f(act_->scalars, 2 * BHL);
   p.phi = f(act_->phi);
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
@@ -366,6 +397,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
   if (reuse) MAMBA3_CHECK(act_->chunk_cores == use_cores, "Mamba3TrainGpu: kept activations of another chunk path");
+  if (!reuse) act_->zwv16 = use_cores && bf16 && zwv_bf16_;  // (a kept forward's Z and WV stay as it wrote them)
+  p.zwv16 = act_->zwv16;
   if (!reuse) {  // the forward part (kept activations already hold it)
     act_->chunk_cores = use_cores;
     launch_batched_build(s, p);
@@ -422,7 +455,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (!chain) reserve_floats(dHc_, (BHc + 1) * PN);
   if (bf16) reserve_elems(dHc16_, BHc * PN, 2);
   p.dzx16 = std::exchange(dzx16_offer_, nullptr);  // the bf16 twin of dzx, when backward() offers one
-  p.dO = f(dO_), p.dzx = f(dzx_), p.dY = bdY_.raw(), p.dYe = bdYe_.raw(), p.dWf = f(bdWf_), p.dS = bdS_.raw();
+  p.dO = dO16_used_ ? nullptr : f(dO_), p.dO16 = dO16_used_ ? dO16_.as<uint16_t>() : nullptr;
+  p.dzx = f(dzx_), p.dY = bdY_.raw(), p.dYe = bdYe_.raw(), p.dWf = f(bdWf_), p.dS = bdS_.raw();
   p.dQ = f(bdQ_), p.dK = f(bdK_), p.dV = f(bdV_);
   p.Hc = Hc, p.dHc = chain ? nullptr : f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
   p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
@@ -613,7 +647,10 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const int64_t chunks = (L + T - 1) / T;
   const bool par = chunk_parallel_ || batched;  // the batched path's partials are per chunk too
   const int64_t pc = par ? chunks : 1;  // chunk groups per sequence in the chunk kernels' parameter partials
-  reserve_floats(dO_, M * di);
+  // dO in bf16 where the chunk kernels read it so (zx_in_bf16: the batched path), else f32.
+  dO16_used_ = batched && zx_in_bf16(gemm);
+  if (dO16_used_) reserve_elems(dO16_, M * di, 2);
+  else reserve_floats(dO_, M * di);
   reserve_floats(dzx_, M * din);
   if (!batched) {
     reserve_floats(dy_, BHL * R * P);
@@ -649,8 +686,12 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   };
   {
     const TrainGemm::HeldA held(gemm, ctx, dout, dout16, M, D, D);
-    gemm.run_mixed(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di, 0.0f, f(dO_),
-                   di);
+    if (dO16_used_)
+      gemm.run_mixed_bf16_out(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di,
+                              dO16_.as<uint16_t>(), di);
+    else
+      gemm.run_mixed(ctx, false, false, M, di, D, 1.0f, dout, nullptr, D, w.out_proj, w.out_proj16, di, 0.0f,
+                     f(dO_), di);
     if (reuse) out_proj_grad();
   }
   prof.mark("gemm dO");

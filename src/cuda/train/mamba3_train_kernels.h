@@ -128,6 +128,10 @@ struct BatchedParams {
   // The SISO output-stage backward's tokens in flight per warp, 1 or 2 (the same sums in the same order).
   int output_tokens;
   const float* zx;                       // (M, din), B/C normalised
+  // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
+  // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those
+  // columns goes through zx_col (mamba3_train_batched_common.cuh) or reads this copy itself.
+  const uint16_t* zx16;
   const float *dt, *A, *lam;             // (B·H, L)
   const float* phi;                      // (B·H, L, S) cumulative rotary angles (launch_angles)
   const float *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *norm;
@@ -139,10 +143,14 @@ struct BatchedParams {
   float* S;                              // (B·H·nc, rows, rows): q·kᵀ
   void* W;                               // op, (B·H·nc, rows, rows): S ⊙ coef
   float *Z, *WV;                         // per chunk row, P: q·H_cᵀ and W·v (backward: Z then K·dHᵀ)
+  // The forward core wrote Z and WV rounded to bf16 (rows·P bf16 per chunk at Z and WV's starts), which the output
+  // stage reads so (fwd_tile_at): half their bytes. K·dHᵀ in Z's buffer (the backward) stays f32.
+  bool zwv16;
   float* o;                              // (M, d_inner) gated output (null: not written again)
   void* o16;                             // (M, d_inner) bf16, the same rounded (null: not written)
   // Backward.
   const float* dO;                       // (M, d_inner)
+  const uint16_t* dO16;                  // (M, d_inner) bf16: dO as its product rounded it (null: dO in f32)
   float* dzx;                            // (M, din): z and x columns written
   // (M, din) bf16 (null: not written): the same columns rounded to nearest even, instead of dzx's f32 ones (the bf16
   // mode's only operand of du = dzx·W_in and dW_in += dzxᵀ·u; the angle/scalar and B/C norm backwards write the

@@ -69,13 +69,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const B
                                                       : make_float2(1.0f, 0.0f);
         cs[a][e][0] = rot.x, cs[a][e][1] = rot.y;
       }
-      const float* xr = z + d.off_x + int64_t(ix.h) * P + lane * kC;
-      if constexpr (kC == 2) {
-        const float2 xv = real ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
-        x[a][0] = xv.x, x[a][1] = xv.y;
-      } else {
-        x[a][0] = real ? xr[0] : 0.0f;
-      }
+      const int64_t xcol = d.off_x + int64_t(ix.h) * P + lane * kC;
+#pragma unroll
+      for (int e = 0; e < kC; ++e) x[a][e] = real ? zx_col(p, tok, xcol + e) : 0.0f;
     }
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
@@ -175,12 +171,12 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
         const int64_t i = row0 + r * P + lane + 32 * k;
-        zv[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), wv[r][k] = p.WV[i];
+        zv[r][k] = fwd_tile_at(p, p.Z, i), vv[r][k] = __bfloat162float(V[i]), wv[r][k] = fwd_tile_at(p, p.WV, i);
       }
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
-      zq[k] = p.zx[tok * d.din + int64_t(ix.h) * P + lane + 32 * k];
-      dOq[k] = kBwd ? p.dO[tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k] : 0.0f;
+      zq[k] = zx_col(p, tok, int64_t(ix.h) * P + lane + 32 * k);
+      dOq[k] = kBwd ? dO_at(p, tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k) : 0.0f;
     }
     float y[R][kQ], rstd[R];
 #pragma unroll
@@ -453,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
     const float w = p.wv[ix.chunk * T + tl];
     const bool real = tl < ix.Tc;
     const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
-    const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
+    const int64_t xcol = d.off_x + int64_t(ix.h) * P;
     float tp[R][kQ], vv[R][kQ], dv0[R][kQ], dy[R][kQ], xq[kQ];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -463,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
         tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dv0[r][k] = p.dV[i], dy[r][k] = __bfloat162float(dY[i]);
       }
 #pragma unroll
-    for (int k = 0; k < kQ; ++k) xq[k] = x[lane + 32 * k];
+    for (int k = 0; k < kQ; ++k) xq[k] = zx_col(p, tok, xcol + lane + 32 * k);
     float dots[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) dots[r] = 0.0f;

@@ -68,12 +68,24 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
                                                     : make_float2(1.0f, 0.0f);
         cs[a][m][0] = r.x, cs[a][m][1] = r.y;
       }
-      const float* xr = z + d.off_x + int64_t(ix.h) * P + lane * kC;
-      if constexpr (kC == 2) {
-        const float2 xv = real ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
-        x[a][0] = xv.x, x[a][1] = xv.y;
+      const int64_t xcol = d.off_x + int64_t(ix.h) * P + lane * kC;
+      if (p.zx16) {  // (the in_proj's bf16 x: its row of 2·d_inner bf16 is 4-byte aligned for a pair)
+        const bf16* xr = reinterpret_cast<const bf16*>(p.zx16) + tok * 2 * d.d_inner + xcol;
+        if constexpr (kC == 2) {
+          const float2 xv = real ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr))
+                                 : make_float2(0.0f, 0.0f);
+          x[a][0] = xv.x, x[a][1] = xv.y;
+        } else {
+          x[a][0] = real ? __bfloat162float(xr[0]) : 0.0f;
+        }
       } else {
-        x[a][0] = real ? xr[0] : 0.0f;
+        const float* xr = z + xcol;
+        if constexpr (kC == 2) {
+          const float2 xv = real ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
+          x[a][0] = xv.x, x[a][1] = xv.y;
+        } else {
+          x[a][0] = real ? xr[0] : 0.0f;
+        }
       }
     }
 #pragma unroll
@@ -148,9 +160,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
     for (int k = 0; k < kQ; ++k) {
       const int q = lane + 32 * k;
       const int64_t i = row0 + q;
-      t.zv[k] = p.Z[i], t.vv[k] = __bfloat162float(V[i]), t.y[k] = p.WV[i];
-      t.z[k] = p.zx[tok * d.din + int64_t(ix.h) * P + q];
-      t.dO[k] = p.dO[tok * d.d_inner + int64_t(ix.h) * P + q];
+      t.zv[k] = fwd_tile_at(p, p.Z, i), t.vv[k] = __bfloat162float(V[i]), t.y[k] = fwd_tile_at(p, p.WV, i);
+      t.z[k] = zx_col(p, tok, int64_t(ix.h) * P + q);
+      t.dO[k] = dO_at(p, tok * d.d_inner + int64_t(ix.h) * P + q);
     }
   };
   // Its arithmetic and stores; the norm-weight and D partials gathered in the warp's token order.
