@@ -516,11 +516,13 @@ TEST(Mamba3TrainGpu, DzxRoundedByItsWritersGivesTheSameBits) {
 
 // z, x and dO in bf16 (set_zx_bf16, the default) against f32: the in_proj writes its z and x columns rounded to bf16
 // (as autocast's linear gives them) and the dO product its result, and the chunk kernels read those. out, du and every
-// gradient move by about a bf16 rounding of z and dO (x reaches the products as bf16 either way), within the bf16
-// dQ/dK bound, and something must move. With a kept forward, the f32 zx is poisoned (NaN in every column) between two
-// identical steps: the in_proj rewrites only the columns after z and x, so a kernel still reading z or x from zx
-// there would turn the second step's results to NaN or change their bits. SISO (its instances and the generic
-// kernels) and MIMO on the cores' shapes, L 65 and 300 (padded last chunks), batch 2.
+// gradient move by about a bf16 rounding of z and dO (x reaches the products as bf16 either way): within the bf16
+// projections' bound (the small parameters' gradients, sums over every token, move most: 0.4–1.7 % on the H200),
+// and something must move. With a kept forward, the f32 zx is poisoned (NaN in every column) between two identical
+// steps: the in_proj rewrites only the columns after z and x, so a kernel still reading z or x from zx there would
+// turn the second step's results to NaN or change their bits. SISO (its instances and the generic kernels) on the
+// cores' shapes, L 65 and 300 (padded last chunks), batch 2; MIMO keeps f32 z, x and dO (set_zx_bf16), so there the
+// switch must change no bit.
 TEST(Mamba3TrainGpu, BfloatZxTracksTheF32Zx) {
   MAMBA3_REQUIRE_GPU();
   for (const LayerCase& lc : core_shape_cases(true))
@@ -538,6 +540,10 @@ TEST(Mamba3TrainGpu, BfloatZxTracksTheF32Zx) {
           step.train.set_zx_bf16(true);
           const GpuResult b16 = step.run(keep);
           ASSERT_NO_FATAL_FAILURE(assert_finite(b16));
+          if (lc.c.is_mimo) {
+            EXPECT_TRUE(bit_identical(f32, b16)) << "MIMO's z, x and dO should stay f32";
+            continue;
+          }
           EXPECT_FALSE(bit_identical(f32, b16)) << "the switch changed nothing";
           if (keep) {
             ASSERT_GT(step.kept.zx.bytes(), 0u);
@@ -548,41 +554,8 @@ TEST(Mamba3TrainGpu, BfloatZxTracksTheF32Zx) {
           }
           double worst = 0;
           std::string where;
-          compare(b16, f32.out, f32.du, f32.grads, kTolDqk16, kTolDqk16, worst, where);
+          compare(b16, f32.out, f32.du, f32.grads, kTolBF16, kTolBF16, worst, where);
           std::printf("  %-34s L=%-3lld %-9s %-10s bf16 vs f32 z/x/dO worst %.2e (%s)\n", lc.name, (long long)L,
-                      instances ? "instances" : "generic", keep ? "kept" : "recomputed", worst, where.c_str());
-        }
-      }
-    }
-}
-
-// The forward core's Z = q·H_cᵀ and WV = W·v written in bf16 for the output stage (set_zwv_bf16, the default) against
-// f32: one more rounding of sums whose operands are bf16 already, so out, du and every gradient stay within the bf16
-// dQ/dK bound; something must move; repeated steps give the same bits. SISO and MIMO on the cores' shapes, with the
-// instances and the generic output kernels, with and without a kept forward, L 65 and 300, batch 2.
-TEST(Mamba3TrainGpu, BfloatZwvTracksTheF32Pair) {
-  MAMBA3_REQUIRE_GPU();
-  for (const LayerCase& lc : core_shape_cases(true))
-    for (const int64_t L : {65, 300}) {
-      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
-      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(2700 + L));
-      CoreLayerStep step(mixer, u, dout);
-      for (const bool instances : {true, false}) {
-        SCOPED_TRACE(instances ? "SISO/MIMO instances" : "generic kernels");
-        step.train.set_siso_kernels(instances);
-        for (const bool keep : {false, true}) {
-          SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
-          step.train.set_zwv_bf16(false);
-          const GpuResult f32 = step.run(keep);
-          step.train.set_zwv_bf16(true);
-          const GpuResult b16 = step.run(keep), again = step.run(keep);
-          ASSERT_NO_FATAL_FAILURE(assert_finite(b16));
-          EXPECT_TRUE(bit_identical(b16, again)) << "not deterministic";
-          EXPECT_FALSE(bit_identical(f32, b16)) << "the switch changed nothing";
-          double worst = 0;
-          std::string where;
-          compare(b16, f32.out, f32.du, f32.grads, kTolDqk16, kTolDqk16, worst, where);
-          std::printf("  %-34s L=%-3lld %-9s %-10s bf16 vs f32 Z/WV worst %.2e (%s)\n", lc.name, (long long)L,
                       instances ? "instances" : "generic", keep ? "kept" : "recomputed", worst, where.c_str());
         }
       }

@@ -17,7 +17,7 @@ namespace mamba3::cuda::train_detail {
 namespace {
 
 using batched::ChunkIndex, batched::kThreads, batched::kWarps, batched::build_chunk_scalars, batched::launch_per_chunk,
-    batched::write_bias_partials, batched::zx_col, batched::dO_at, batched::fwd_tile_at;
+    batched::write_bias_partials, batched::zx_col, batched::dO_at;
 
 // Rotary slot u < ⌈N/2⌉ of a B/C vector: its elements a and b (SISO pairs (2u, 2u+1), MIMO halves (u, u + N/2)),
 // whether they rotate together by angle u (u < S) and whether b exists (an odd SISO N leaves the last one alone).
@@ -317,8 +317,8 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
       float ss = 0.0f;
       for (int q = lane; q < P; q += 32) {
         const int64_t i = row0 + r * P + q;
-        const float zv = fwd_tile_at(p, p.Z, i), vv = to_f(V[i]);
-        const float y = (e * zv + Dh * vv) + fwd_tile_at(p, p.WV, i);
+        const float zv = p.Z[i], vv = to_f(V[i]);
+        const float y = (e * zv + Dh * vv) + p.WV[i];
         ys[r * P + q] = y;
         if (kBwd) zrow[r * P + q] = zv, vrow[r * P + q] = vv;
         ss += y * y;

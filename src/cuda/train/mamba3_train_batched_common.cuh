@@ -39,11 +39,6 @@ __device__ __forceinline__ float dO_at(const BatchedParams& p, int64_t i) {
   return p.dO16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.dO16)[i]) : p.dO[i];
 }
 
-// The forward's Z or WV (t: p.Z or p.WV) at flat index i, bf16 where the forward core wrote them so (p.zwv16).
-__device__ __forceinline__ float fwd_tile_at(const BatchedParams& p, const float* t, int64_t i) {
-  return p.zwv16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(t)[i]) : t[i];
-}
-
 // The chunk scalars (Λ, e^Λ, γ, scale, w, e^{Λ_last}) into p and the block's shared memory (3·T floats); returns w
 // per token (shared memory) for w ⊙ v. Every thread of the block calls it (barriers inside).
 __device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams& p, const ChunkIndex& ix, float* sm) {

@@ -182,9 +182,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       mma(z[2 * np], a, b[0], b[1]), mma(z[2 * np + 1], a, b[2], b[3]);
     }
   }
-  // (bf16 where the output stage reads them so: p.zwv16)
-  if (p.zwv16) store_tiles_bf16(z, reinterpret_cast<bf16*>(p.Z) + chunk * kRows * P, P, t0, 0);
-  else store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
+  store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
 #pragma unroll
   for (int kb = 0; kb < NS / 2; ++kb) {  // WV = W·v
     if (above(kb)) continue;
@@ -195,8 +193,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       mma(wv[2 * np], w[kb], b[0], b[1]), mma(wv[2 * np + 1], w[kb], b[2], b[3]);
     }
   }
-  if (p.zwv16) store_tiles_bf16(wv, reinterpret_cast<bf16*>(p.WV) + chunk * kRows * P, P, t0, 0);
-  else store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
+  store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
   if (!kOutput || !fuse_output) return;
   // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a
   // warp): y = (e^Λ·Z + D·v) + WV, the optional RMSNorm over the head's P channels, the gate y·silu(z) → o16.

@@ -141,13 +141,6 @@ bool env_zx16() {
   return on;
 }
 
-// MAMBA3_TRAIN_ZWV16, read once per process: with the cores, the forward core's Z and WV in bf16 ("1", the default)
-// or f32 ("0").
-bool env_zwv16() {
-  static const bool on = env_choice("MAMBA3_TRAIN_ZWV16", {"1", "0"}) != "0";
-  return on;
-}
-
 // MAMBA3_TRAIN_CHUNK_PATH, read once per process: the chunked form as batched cuBLAS products ("batched", the
 // default) or as the fused chunk kernels ("fused").
 bool env_chunk_batched() {
@@ -184,8 +177,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
-      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), zx_bf16_(env_zx16()),
-      zwv_bf16_(env_zwv16()) {
+      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -314,7 +306,7 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
   const int64_t operands = BHc * rows * (2 * d.N + 2 * d.P + sw);
   // The bf16 mode keeps o as bf16 only (o_in_bf16) and, with set_zx_bf16, z and x in bf16 too (zx keeps its f32
   // width: the z and x columns there are then unused).
-  const int64_t zx16 = bf16 && chunk_batched_ && zx_bf16_ ? M * 2 * d.d_inner * 2 : 0;
+  const int64_t zx16 = bf16 && chunk_batched_ && zx_bf16_ && !d.mimo ? M * 2 * d.d_inner * 2 : 0;
   return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 + zx16 : 0);
 }
 
@@ -397,8 +389,6 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
   if (reuse) MAMBA3_CHECK(act_->chunk_cores == use_cores, "Mamba3TrainGpu: kept activations of another chunk path");
-  if (!reuse) act_->zwv16 = use_cores && bf16 && zwv_bf16_;  // (a kept forward's Z and WV stay as it wrote them)
-  p.zwv16 = act_->zwv16;
   if (!reuse) {  // the forward part (kept activations already hold it)
     act_->chunk_cores = use_cores;
     launch_batched_build(s, p);

@@ -47,7 +47,6 @@ struct Mamba3TrainActivations {
   DeviceBuffer bc_raw, zx, zx16, scalars, phi, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
   int64_t B = -1, L = -1;
   bool zx16_used = false;  // the last prepare wrote z and x to zx16 (Mamba3TrainGpu::set_zx_bf16)
-  bool zwv16 = false;      // the forward core wrote bZ and bWV in bf16 (Mamba3TrainGpu::set_zwv_bf16)
   bool valid = false;  // a forward's results, not yet consumed by a backward
   bool chunk_cores = false;  // written by the chunk cores (no S, W)
   size_t bytes() const {
@@ -123,17 +122,15 @@ class Mamba3TrainGpu {
   bool dzx_bf16() const { return dzx_bf16_; }
   // Whether the last backward's in_proj products read the producers' bf16 dzx (false: dzx rounded afterwards).
   bool last_backward_read_dzx16() const { return dzx16_read_; }
-  // The batched path in the bf16 mode: true (default) has in_proj write its z and x columns rounded to bf16 (as
+  // The batched path in the bf16 mode, SISO: true (default) has in_proj write its z and x columns rounded to bf16 (as
   // autocast's linear gives its whole output; the other columns, B, C, dt, A, trap and the angles, stay f32 by a
   // second product over those weight rows) and the backward's dO = dout·W_out rounded to bf16, both read so by the
-  // chunk kernels: half of those bytes written and read. false: both f32 (the chunk kernels round only their
-  // product operands). Default from MAMBA3_TRAIN_ZX16, read once per process: "1" or "0" (unset: 1).
+  // chunk kernels: half of those bytes written and read (125M step −0.7 ms on an H200). false: both f32 (the chunk
+  // kernels round only their product operands). MIMO keeps them f32 either way: its D gradient moved to 2.6e-2 from
+  // the CPU's f32 on a test case (1.2e-2 with f32 z, x, dO; the bf16 bound is 2e-2) for a 1 % faster step.
+  // Default from MAMBA3_TRAIN_ZX16, read once per process: "1" or "0" (unset: 1).
   void set_zx_bf16(bool on) { zx_bf16_ = on; }
   bool zx_bf16() const { return zx_bf16_; }
-  // With the cores (bf16 mode): true (default) has the forward core write Z = q·H_cᵀ and WV = W·v rounded to bf16 for
-  // the output stage (forward and backward), false in f32: half their bytes on both sides, one more rounding of two
-  // sums whose operands are bf16 already. Default from MAMBA3_TRAIN_ZWV16, read once per process: "1" or "0".
-  void set_zwv_bf16(bool on) { zwv_bf16_ = on; }
 
   // The batched path's epilogue: heads per block (each block sums its heads' B/C gradients before writing them; must
   // divide the heads of a B/C group); 0 = MAMBA3_TRAIN_EPILOGUE_HEADS, read once per process (unset or 0: the largest
@@ -207,8 +204,8 @@ class Mamba3TrainGpu {
                const float* u, const uint16_t* u16, PhaseProfile* prof = nullptr);
   // The gated output kept only as bf16 (act_->o16): the batched path in the bf16 mode.
   bool o_in_bf16(const TrainGemm& gemm) const { return chunk_batched_ && gemm.precision() == Precision::BF16; }
-  // z, x and dO in bf16 (set_zx_bf16): the batched path in the bf16 mode with the switch on.
-  bool zx_in_bf16(const TrainGemm& gemm) const { return o_in_bf16(gemm) && zx_bf16_; }
+  // z, x and dO in bf16 (set_zx_bf16): the batched path in the bf16 mode with the switch on, SISO.
+  bool zx_in_bf16(const TrainGemm& gemm) const { return o_in_bf16(gemm) && zx_bf16_ && !c_.is_mimo; }
   // out (B·L, d_model) = o·W_outᵀ from act_'s o or o16.
   void out_projection(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t M, float* out);
 
@@ -274,7 +271,6 @@ class Mamba3TrainGpu {
   DeviceBuffer dO16_;
   bool dO16_used_ = false;
   bool zx_bf16_ = true;      // set_zx_bf16
-  bool zwv_bf16_ = true;     // set_zwv_bf16
   bool dzx_bf16_ = true;     // set_dzx_bf16
   bool dzx16_read_ = false;  // last_backward_read_dzx16
 };

@@ -143,9 +143,6 @@ struct BatchedParams {
   float* S;                              // (B·H·nc, rows, rows): q·kᵀ
   void* W;                               // op, (B·H·nc, rows, rows): S ⊙ coef
   float *Z, *WV;                         // per chunk row, P: q·H_cᵀ and W·v (backward: Z then K·dHᵀ)
-  // The forward core wrote Z and WV rounded to bf16 (rows·P bf16 per chunk at Z and WV's starts), which the output
-  // stage reads so (fwd_tile_at): half their bytes. K·dHᵀ in Z's buffer (the backward) stays f32.
-  bool zwv16;
   float* o;                              // (M, d_inner) gated output (null: not written again)
   void* o16;                             // (M, d_inner) bf16, the same rounded (null: not written)
   // Backward.

@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
         const int64_t i = row0 + r * P + lane + 32 * k;
-        zv[r][k] = fwd_tile_at(p, p.Z, i), vv[r][k] = __bfloat162float(V[i]), wv[r][k] = fwd_tile_at(p, p.WV, i);
+        zv[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), wv[r][k] = p.WV[i];
       }
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
@@ -459,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
         tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dv0[r][k] = p.dV[i], dy[r][k] = __bfloat162float(dY[i]);
       }
 #pragma unroll
-    for (int k = 0; k < kQ; ++k) xq[k] = zx_col(p, tok, xcol + lane + 32 * k);
+    for (int k = 0; k < kQ; ++k) xq[k] = real ? zx_col(p, tok, xcol + lane + 32 * k) : 0.0f;  // (padding: no row)
     float dots[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) dots[r] = 0.0f;

@@ -25,7 +25,9 @@ bool build_siso_applies(const BatchedParams& p) {
 // but each lane takes kE = max(N/32, 2) consecutive elements of a row's q and k (kE/2 rotary pairs, the head's biases
 // held in registers) and P/32 channels of v with vector loads and stores; two rows per warp at a time, every load
 // first. (ncu: the generic kernel was issue-bound, 64 % SM and 25 % DRAM, on per-element index arithmetic.)
-template <int N, int P>
+// kX16: x from the in_proj's bf16 copy (p.zx16), chosen at compile time (as a runtime branch the kernel took 218 µs
+// per 125M call against 205 with f32 x; ncu, H200).
+template <int N, int P, bool kX16>
 __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const BatchedParams p) {
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kC = P / 32, kRowsAhead = 2;
   using bf16 = __nv_bfloat16;
@@ -69,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
         cs[a][m][0] = r.x, cs[a][m][1] = r.y;
       }
       const int64_t xcol = d.off_x + int64_t(ix.h) * P + lane * kC;
-      if (p.zx16) {  // (the in_proj's bf16 x: its row of 2·d_inner bf16 is 4-byte aligned for a pair)
+      if constexpr (kX16) {  // (the in_proj's bf16 x: its row of 2·d_inner bf16 is 4-byte aligned for a pair)
         const bf16* xr = reinterpret_cast<const bf16*>(p.zx16) + tok * 2 * d.d_inner + xcol;
         if constexpr (kC == 2) {
           const float2 xv = real ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr))
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
     for (int k = 0; k < kQ; ++k) {
       const int q = lane + 32 * k;
       const int64_t i = row0 + q;
-      t.zv[k] = fwd_tile_at(p, p.Z, i), t.vv[k] = __bfloat162float(V[i]), t.y[k] = fwd_tile_at(p, p.WV, i);
+      t.zv[k] = p.Z[i], t.vv[k] = __bfloat162float(V[i]), t.y[k] = p.WV[i];
       t.z[k] = zx_col(p, tok, int64_t(ix.h) * P + q);
       t.dO[k] = dO_at(p, tok * d.d_inner + int64_t(ix.h) * P + q);
     }
@@ -455,10 +457,18 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   // The cores' shapes and 16-byte-aligned zx rows (its vector loads).
   const MixerDims& d = p.d;
   if (!build_siso_applies(p)) return false;
-  const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
-  if (d.N == 128) d.P == 64 ? run(batched_build_siso_kernel<128, 64>) : run(batched_build_siso_kernel<128, 32>);
-  else if (d.N == 64) d.P == 64 ? run(batched_build_siso_kernel<64, 64>) : run(batched_build_siso_kernel<64, 32>);
-  else d.P == 64 ? run(batched_build_siso_kernel<32, 64>) : run(batched_build_siso_kernel<32, 32>);
+  const auto run = [&](auto x16) {
+    constexpr bool kX16 = decltype(x16)::value;
+    const auto go = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
+    if (d.N == 128)
+      d.P == 64 ? go(batched_build_siso_kernel<128, 64, kX16>) : go(batched_build_siso_kernel<128, 32, kX16>);
+    else if (d.N == 64)
+      d.P == 64 ? go(batched_build_siso_kernel<64, 64, kX16>) : go(batched_build_siso_kernel<64, 32, kX16>);
+    else
+      d.P == 64 ? go(batched_build_siso_kernel<32, 64, kX16>) : go(batched_build_siso_kernel<32, 32, kX16>);
+  };
+  if (p.zx16) run(std::true_type{});
+  else run(std::false_type{});
   return true;
 }
 
