@@ -33,17 +33,24 @@ struct FwdSmem {
   }
 };
 
+// Rows [0, rows) of P elements of T from src (row pitch `pitch`) into shared memory at pitch ld, 16 bytes per
+// cp.async (both sides' rows 16-byte aligned); not committed.
+template <int P, typename T>
+__device__ __forceinline__ void copy_rows_16b(T* dst, int ld, const T* src, int64_t pitch, int rows) {
+  constexpr int per_row = P * int(sizeof(T)) / 16, step = kCoreThreads / per_row, elems = 16 / int(sizeof(T));
+  const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * elems;
+#pragma unroll 4
+  for (int row = r; row < rows; row += step)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + row * ld + c)),
+                 "l"(src + row * pitch + c));
+}
+
 // The output stage's z rows of the chunk (zx's z columns of head h, f32, row pitch din) into shared memory at pitch
 // ldz, rows [0, rows): 16-byte copies where zx's rows allow them, else 4-byte ones.
 template <int P>
 __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* src, int64_t din, int rows) {
   if (din % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-    constexpr int per_row = P / 4, step = kCoreThreads / per_row;
-    const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * 4;
-#pragma unroll 4
-    for (int row = r; row < rows; row += step)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + row * ldz + c)),
-                   "l"(src + row * din + c));
+    copy_rows_16b<P>(dst, ldz, src, din, rows);
   } else {
     constexpr int step = kCoreThreads / P;
     const int r = int(threadIdx.x) / P, c = int(threadIdx.x) % P;
@@ -51,19 +58,6 @@ __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* sr
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst + row * ldz + c)),
                    "l"(src + row * din + c));
   }
-  asm volatile("cp.async.commit_group;");
-}
-
-// The same rows from the in_proj's bf16 z columns (zx16, row pitch `pitch`; 16-byte aligned rows: d_inner = H·P
-// with P a multiple of 32), kept bf16 in shared memory at pitch ldz (a multiple of 8).
-template <int P>
-__device__ __forceinline__ void copy_z_rows16(bf16* dst, int ldz, const bf16* src, int64_t pitch, int rows) {
-  constexpr int per_row = P / 8, step = kCoreThreads / per_row;
-  const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * 8;
-#pragma unroll 4
-  for (int row = r; row < rows; row += step)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + row * ldz + c)),
-                 "l"(src + row * pitch + c));
   asm volatile("cp.async.commit_group;");
 }
 
@@ -141,8 +135,12 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     }
     if (kOutput && kZInK && fuse_output) {  // every warp is done with k: its tile takes the z rows
       __syncthreads();
-      if (zsrc16) copy_z_rows16<P>(sK, LDZ16, zsrc16, zpitch16, out_rows);
-      else copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
+      if (zsrc16) {  // (the in_proj's bf16 z: its rows are 16-byte aligned, d_inner = H·P with P a multiple of 32)
+        copy_rows_16b<P>(sK, LDZ16, zsrc16, zpitch16, out_rows);
+        asm volatile("cp.async.commit_group;");
+      } else {
+        copy_z_rows<P>(reinterpret_cast<float*>(sK), LDZ, zsrc, d.din, out_rows);
+      }
     }
     if constexpr (kR == 1) {  // (chunk_coef<1>'s values from registers, no per-element branches)
       const SisoCoefRowsT rows(Lam, gam, t0, g);

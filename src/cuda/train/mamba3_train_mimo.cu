@@ -69,9 +69,13 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const B
                                                       : make_float2(1.0f, 0.0f);
         cs[a][e][0] = rot.x, cs[a][e][1] = rot.y;
       }
-      const int64_t xcol = d.off_x + int64_t(ix.h) * P + lane * kC;
-#pragma unroll
-      for (int e = 0; e < kC; ++e) x[a][e] = real ? zx_col(p, tok, xcol + e) : 0.0f;
+      const float* xr = z + d.off_x + int64_t(ix.h) * P + lane * kC;
+      if constexpr (kC == 2) {
+        const float2 xv = real ? *reinterpret_cast<const float2*>(xr) : make_float2(0.0f, 0.0f);
+        x[a][0] = xv.x, x[a][1] = xv.y;
+      } else {
+        x[a][0] = real ? xr[0] : 0.0f;
+      }
     }
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
@@ -175,8 +179,8 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
       }
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
-      zq[k] = zx_col(p, tok, int64_t(ix.h) * P + lane + 32 * k);
-      dOq[k] = kBwd ? dO_at(p, tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k) : 0.0f;
+      zq[k] = p.zx[tok * d.din + int64_t(ix.h) * P + lane + 32 * k];
+      dOq[k] = kBwd ? p.dO[tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k] : 0.0f;
     }
     float y[R][kQ], rstd[R];
 #pragma unroll
@@ -449,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
     const float w = p.wv[ix.chunk * T + tl];
     const bool real = tl < ix.Tc;
     const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
-    const int64_t xcol = d.off_x + int64_t(ix.h) * P;
+    const float* x = p.zx + tok * d.din + d.off_x + int64_t(ix.h) * P;
     float tp[R][kQ], vv[R][kQ], dv0[R][kQ], dy[R][kQ], xq[kQ];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -459,7 +463,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
         tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dv0[r][k] = p.dV[i], dy[r][k] = __bfloat162float(dY[i]);
       }
 #pragma unroll
-    for (int k = 0; k < kQ; ++k) xq[k] = real ? zx_col(p, tok, xcol + lane + 32 * k) : 0.0f;  // (padding: no row)
+    for (int k = 0; k < kQ; ++k) xq[k] = real ? x[lane + 32 * k] : 0.0f;  // (padding tokens have no row)
     float dots[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) dots[r] = 0.0f;
@@ -515,7 +519,9 @@ void launch_output_mimo_shape(cudaStream_t s, const BatchedParams& p) {
 
 bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward) {
   const MixerDims& d = p.d;
-  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64))) return false;
+  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64)) || p.zx16 ||
+      p.dO16)
+    return false;  // (f32 z and dO only: build_mimo_applies)
   if (backward) launch_output_mimo_shape<true>(s, p);
   else launch_output_mimo_shape<false>(s, p);
   return true;
@@ -569,7 +575,7 @@ bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
 bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats) {
   const MixerDims& d = p.d;
   if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64) && p.Hc16 &&
-        p.dHc16))
+        p.dHc16 && !p.zx16))
     return false;
   const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, floats); };
   if (d.R == 4) d.P == 64 ? run(batched_epilogue_mimo_kernel<64, 4>) : run(batched_epilogue_mimo_kernel<32, 4>);
@@ -578,10 +584,11 @@ bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats)
 }
 
 bool build_mimo_applies(const BatchedParams& p) {
-  // The cores' shapes, R ∈ {2, 4}, and 8-byte-aligned zx rows and B/C offsets (its paired loads).
+  // The cores' shapes, R ∈ {2, 4}, and 8-byte-aligned zx rows and B/C offsets (its paired loads). The MIMO instances
+  // read z, x and dO in f32 (MIMO keeps them so: Mamba3TrainGpu::set_zx_bf16); bf16 copies take the generic kernels.
   const MixerDims& d = p.d;
-  return p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && p.rows == p.T * d.R && p.rows <= 64 &&
-         (d.N == 32 || d.N == 64 || d.N == 128) && (d.P == 32 || d.P == 64) && d.din % 2 == 0 && d.off_B % 2 == 0 &&
+  return !p.zx16 && p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && p.rows == p.T * d.R &&
+         p.rows <= 64 && (d.N == 32 || d.N == 64 || d.N == 128) && (d.P == 32 || d.P == 64) && d.din % 2 == 0 && d.off_B % 2 == 0 &&
          d.off_C % 2 == 0 && d.off_x % 2 == 0 && d.G >= 1 && d.H % d.G == 0;
 }
 
