@@ -4,6 +4,7 @@ if(TARGET mamba3_cuda)
   add_library(mamba3_cuda_train_mixer STATIC
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_gpu.cpp
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_token.cu
+    ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_angle_blocks.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_chunk.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_batched.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_siso.cu

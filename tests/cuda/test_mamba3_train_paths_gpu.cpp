@@ -387,13 +387,16 @@ TEST(Mamba3TrainGpu, BatchedColumnSumsMatchSingleOnes) {
   }
 }
 
-// The fused angle scan (one kernel) against the split one (local scans, carries, finish pass): the same φ bits, so
-// the same output and gradients, in the f32 and bf16 modes, on every layer case (no_rotary, odd angle counts, MIMO),
-// lengths within a segment, across segments and past the fused kernel's reach (L 4097 takes the split path in both).
+// The angle kernels' three forms — segment blocks over all heads (scan and backward), the fused scan (one kernel per
+// head and tile of angles), the split scan (local scans, carries, finish pass) with the per-angle backward — give the
+// same φ and dφ sums bit for bit, so the same output and gradients, in the f32 and bf16 modes, on every layer case
+// (no_rotary, odd angle counts, MIMO), lengths within a segment, across segments, a partial tile of the backward
+// (L 300: a last segment of 44 tokens) and past the fused kernel's reach (L 4097: blocks, then split).
 TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
   MAMBA3_REQUIRE_GPU();
+  using cuda::train_detail::AnglesMode;
   struct Restore {
-    ~Restore() { cuda::train_detail::set_angles_fused(true); }
+    ~Restore() { cuda::train_detail::set_angles_mode(AnglesMode::kBlocks); }
   } restore;
   for (const LayerCase& lc : tensor_core_cases())
     for (const int64_t L : {1, 63, 65, 300, 4097}) {
@@ -401,12 +404,15 @@ TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       auto [mixer, u, dout] = random_layer(lc.c, L == 4097 ? 1 : 2, L, uint32_t(70 + L));
       for (const Precision p : {Precision::F32, Precision::BF16}) {
-        cuda::train_detail::set_angles_fused(true);
-        const GpuResult fused = run_gpu(mixer, u, dout, p, true, true, 0, true);
-        cuda::train_detail::set_angles_fused(false);
+        cuda::train_detail::set_angles_mode(AnglesMode::kSplit);
         const GpuResult split = run_gpu(mixer, u, dout, p, true, true, 0, true);
-        for (int64_t i = 0; i < fused.du.numel(); ++i) ASSERT_TRUE(std::isfinite(fused.du.data<float>()[i]));
-        EXPECT_TRUE(bit_identical(fused, split)) << precision_name(p);
+        for (int64_t i = 0; i < split.du.numel(); ++i) ASSERT_TRUE(std::isfinite(split.du.data<float>()[i]));
+        for (const AnglesMode mode : {AnglesMode::kFused, AnglesMode::kBlocks}) {
+          cuda::train_detail::set_angles_mode(mode);
+          const GpuResult got = run_gpu(mixer, u, dout, p, true, true, 0, true);
+          EXPECT_TRUE(bit_identical(got, split))
+              << precision_name(p) << (mode == AnglesMode::kBlocks ? " blocks" : " fused");
+        }
       }
     }
 }

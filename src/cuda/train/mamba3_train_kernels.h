@@ -41,11 +41,17 @@ size_t angle_scratch_floats(const MixerDims& d);
 // The cumulative angles φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t), φ_{−1} = 0, into phi (B·H, L, S). seg: scratch.
 // Their readers take cos/sin themselves (rotary_cos_sin): φ is half the bytes of (cos, sin), and each reader reads the angle once
 // where it read both before.
-// One fused kernel where its limits hold (L ≤ 4096 with S ≥ 8), else local scans, carries and a finish pass; both give
-// the same bits. MAMBA3_TRAIN_ANGLES=split (read once) or set_angles_fused(false) (process-wide, for the test that
-// compares them) keeps the split path everywhere.
+// Three forms, the same bits: segment blocks over all heads (mamba3_train_angle_blocks.cu; rotary layers whose
+// shared memory fits), one kernel per (head, tile of angles) keeping the sequence in shared memory ("fused": L ≤ 4096
+// with S ≥ 8), or local scans, carries and a finish pass ("split", everywhere). The first that applies among the
+// chosen one and those after it runs. MAMBA3_TRAIN_ANGLES=blocks|fused|split (read once; default blocks) or
+// set_angles_mode (process-wide, for the test that compares them) chooses; the angle backward takes its segment-block
+// form in the blocks mode and the per-angle kernels otherwise.
+enum class AnglesMode { kBlocks, kFused, kSplit };
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg);
-void set_angles_fused(bool on);
+void set_angles_mode(AnglesMode mode);
+// The segment-block forms (false: they do not apply to d, nothing launched).
+bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg);
 
 // Everything a chunk kernel reads and writes; entries a pass does not use may be null.
 // Two schedules over a sequence's chunks (MAMBA3_TRAIN_SCAN): "sequential", one block per (sequence, head) walking
@@ -205,7 +211,7 @@ struct AngleBackwardParams {
   MixerDims d;
   const float* zx;
   const float *dt, *A, *lam, *dAdl, *dsp;  // (B·H, L)
-  float* dphi;  // (B·H, L, S) per-token dφ in; overwritten with its reverse cumulative sum within segments
+  float* dphi;  // (B·H, L, S) per-token dφ in; the per-angle kernels overwrite it with its sums within segments
   const float *dadt, *dgam, *dscale;
   float* dzx;           // (M, din): the dt, A, trap and angle columns written (the angle ones only without dzx16)
   uint16_t* dzx16;      // (M, din) bf16, the same columns rounded to nearest even (null: not written)
@@ -213,6 +219,8 @@ struct AngleBackwardParams {
   float* seg;           // angle_scratch_floats(d): the later segments' sums of dφ
 };
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
+// Its segment-block form without the dt_bias partial (false: does not apply, nothing launched); dφ is only read.
+bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p);
 
 // Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)
 // summed into their B/C groups and the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each).

@@ -8,6 +8,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_angles.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 
 namespace mamba3::cuda::train_detail {
@@ -72,7 +73,6 @@ __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, 
 // segment's starting angle (wrapped sums of the earlier ones); the elementwise pass adds it and wraps.
 // φ is the sequential scan's up to rounding (the same sum mod 2π, grouped by segment).
 constexpr int kAhead = 8;
-__device__ __forceinline__ float wrap_angle(float phi) { return phi - kTwoPi * floorf(phi / kTwoPi); }
 
 // One segment's scan from 0 for angle i of task bh (sequence b): φ ← wrap(φ + π·tanh(θ_t)·Δ_t) for t in
 // [t_begin, t_end), each φ handed to store(t − t_begin, φ); returns the segment's end. The inputs of the next kAhead
@@ -97,7 +97,7 @@ __device__ __forceinline__ float angle_segment_scan(const MixerDims& d, const fl
     float th[kAhead], dv[kAhead];
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
-      th[k] = d.no_rotary ? 0.0f : kPi * tanhf(zr[k]);
+      th[k] = angle_rate(zr[k], d.no_rotary);
       dv[k] = dr[k];
     }
 #pragma unroll
@@ -109,8 +109,7 @@ __device__ __forceinline__ float angle_segment_scan(const MixerDims& d, const fl
 #pragma unroll
     for (int k = 0; k < kAhead; ++k) {
       if (j0 + k >= n) break;
-      if (!d.no_rotary) phi += th[k] * dv[k];
-      phi = wrap_angle(phi);
+      phi = angle_step(phi, th[k], dv[k], d.no_rotary);
       store(j0 + k, phi);
     }
   }
@@ -301,7 +300,7 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
 #pragma unroll
       for (int c = 0; c < kMaxAngleChunks; ++c) {
         const int i = 32 * c + lane;
-        dPhi[k][c] = c < chunks && i < d.S ? p.dphi[st * d.S + i] + p.seg[(bh * nseg + sg) * d.S + i] : 0.0f;
+        dPhi[k][c] = c < chunks && i < d.S ? __fadd_rn(p.dphi[st * d.S + i], p.seg[(bh * nseg + sg) * d.S + i]) : 0.0f;
       }
     }
 #pragma unroll
@@ -311,8 +310,8 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
 #pragma unroll
       for (int c = 0; c < kMaxAngleChunks; ++c) {
         if (c >= chunks || d.no_rotary) break;
-        a += dPhi[k][c] * kPi * th[c];
-        g[c] += dPhi[k][c] * kPi * dtv[k] * (1.0f - th[c] * th[c]);
+        a = angle_dt_share_add(a, dPhi[k][c], th[c]);
+        g[c] = theta_grad_add(g[c], angle_theta_factor(dPhi[k][c], dtv[k]), th[c]);
       }
       a = warp_sum(a);
       if (lane == 0) ang[h0 + k] = a;
@@ -328,24 +327,10 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
   __syncwarp();
   for (int h = lane; h < d.H; h += 32) {
     const int64_t st = (int64_t(b) * d.H + h) * d.L + t;
-    const float dtv = p.dt[st], lam = p.lam[st], dadt = p.dadt[st];
-    const float dgam = p.dgam[st] + p.dscale[st];
     const float dsig = t > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
-    const float ddt = dadt * p.A[st] + dgam * lam + dsig * (1.0f - lam) + ang[h];
-    const float dlam = (dgam - dsig) * dtv;
-    const float dsp = ddt * p.dsp[st];
-    const float dA = dadt * dtv * p.dAdl[st];
-    const float dtrap = d.euler ? 0.0f : dlam * lam * (1.0f - lam);  // euler: λ does not depend on trap
-    float* dz = p.dzx + row * d.din;
-    dz[d.off_dt + h] = dsp;
-    dz[d.off_A + h] = dA;
-    dz[d.off_trap + h] = dtrap;
-    if (p.dzx16) {
-      uint16_t* dz16 = p.dzx16 + row * d.din;
-      dz16[d.off_dt + h] = bf16_bits(dsp);
-      dz16[d.off_A + h] = bf16_bits(dA);
-      dz16[d.off_trap + h] = bf16_bits(dtrap);
-    }
+    const ScalarGrads gr = angle_scalar_grads(p.dt[st], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st], p.dadt[st],
+                                              __fadd_rn(p.dgam[st], p.dscale[st]), dsig, ang[h], d.euler);
+    write_scalar_grads(p, row, h, gr);
   }
 }
 
@@ -464,12 +449,15 @@ __global__ void colsum_batch_kernel(const ColsumBatch b) {
   }
 }
 
-// MAMBA3_TRAIN_ANGLES, read once per process: the angle scan as the fused kernel ("fused", or unset: the default
-// where its limits hold) or as the split local/carry/finish kernels ("split"). Both write the same bits of φ.
-int g_angles_fused = -1;  // set_angles_fused (-1: the environment's choice)
-bool angles_fused() {
-  static const bool fused = env_choice("MAMBA3_TRAIN_ANGLES", {"fused", "split"}) != "split";
-  return g_angles_fused < 0 ? fused : g_angles_fused == 1;
+// MAMBA3_TRAIN_ANGLES, read once per process: the angle kernels' form ("blocks", or unset; "fused"; "split"). All
+// write the same bits.
+int g_angles_mode = -1;  // set_angles_mode (-1: the environment's choice)
+AnglesMode angles_mode() {
+  static const AnglesMode env = [] {
+    const std::string v = env_choice("MAMBA3_TRAIN_ANGLES", {"blocks", "fused", "split"});
+    return v == "split" ? AnglesMode::kSplit : v == "fused" ? AnglesMode::kFused : AnglesMode::kBlocks;
+  }();
+  return g_angles_mode < 0 ? env : AnglesMode(g_angles_mode);
 }
 
 template <int kI>
@@ -538,12 +526,14 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
   MAMBA3_LAUNCH_CHECK();
 }
 
-void set_angles_fused(bool on) { g_angles_fused = on ? 1 : 0; }
+void set_angles_mode(AnglesMode mode) { g_angles_mode = int(mode); }
 
 void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg) {
   const int64_t lanes = int64_t(d.B) * d.H * d.S, n = lanes * d.L;
   if (n == 0) return;
-  if (angles_fused() && launch_angles_fused(s, d, zx, dt, phi)) return;
+  const AnglesMode mode = angles_mode();
+  if (mode == AnglesMode::kBlocks && launch_angles_blocks(s, d, zx, dt, phi, seg)) return;
+  if (mode != AnglesMode::kSplit && launch_angles_fused(s, d, zx, dt, phi)) return;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   angle_scan_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, zx, dt, phi, seg);
   MAMBA3_LAUNCH_CHECK();
@@ -557,6 +547,11 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
   const MixerDims& d = p.d;
   const int64_t BH = int64_t(d.B) * d.H, lanes = BH * d.S;
   if (BH * d.L == 0) return;
+  if (angles_mode() == AnglesMode::kBlocks && launch_angle_backward_blocks(s, p)) {
+    dt_bias_partial_kernel<<<blocks_for(BH, 8), 256, 0, s>>>(p);
+    MAMBA3_LAUNCH_CHECK();
+    return;
+  }
   if (lanes > 0) {
     const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
     angle_suffix_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, p.dphi, p.seg);

@@ -1,0 +1,316 @@
+// The angle scan and its backward in segment blocks: one block per (sequence b, segment of kAngleSegment tokens) over
+// all H heads and S angles. The per-angle kernels (mamba3_train_token.cu) give each (head, angle) its own thread and
+// redo per head what all heads share: π·tanh θ_t (H times per token in the scan), and in the backward a warp per token
+// walks the heads with one dependent round of loads per four heads, after the suffix sums have been written out and
+// read back (the scan 47 µs, the backward 30 + 66 µs per 125M layer against ~12 and ~25 µs of bytes). Here a block
+// stages a segment's tanh θ and Δ in shared memory once, and each thread walks its (head, angle) through the segment
+// from shared memory. Same arithmetic in the same order as the per-angle kernels (mamba3_train_angles.cuh), so the
+// same bits (FusedAnglesGiveTheSplitBits):
+// - scan: a first kernel scans each segment from 0 and leaves its end in seg; the second turns the earlier segments'
+//   ends into the segment's start (the carry recurrence) and writes wrap(local + start) — φ written once, θ and Δ read
+//   from L2 twice.
+// - backward: a first kernel sums each segment's dφ from its last token down into seg (the suffix kernel's totals,
+//   without writing the local sums back); the second adds the later segments' totals (the carry), walks its segment
+//   from the end in tiles of kTileTokens tokens keeping the running sums in registers, and per tile puts every head's
+//   θ factors and Δ shares in shared memory, from which threads per (token, angle) sum the θ gradient over the heads
+//   in head order and threads per (token, head) form the scalar gradients — dφ read twice, never written.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "cuda/cuda_check.h"
+#include "cuda/train/mamba3_train_angles.cuh"
+#include "cuda/train/mamba3_train_kernels.h"
+
+namespace mamba3::cuda::train_detail {
+namespace {
+
+constexpr int kLoadsAhead = 16;   // global loads a thread issues before it uses them
+constexpr int kCarryAhead = 8;    // the backward's loads of the later segments' totals in flight
+constexpr int kTileTokens = 8;    // the backward's tokens between two hand-overs through shared memory
+// The backward's reach: S ≤ 32·kMaxChunks angles (lane l takes angles l, l + 32, …), H ≤ kMaxWarps·kMaxHeadSlots
+// heads (warps take kMaxHeadSlots heads each past kMaxWarps heads): its instances keep their registers under the
+// two-blocks-per-SM cap without spilling; wider layers take the per-angle kernels.
+constexpr int kMaxChunks = 2;
+constexpr int kMaxHeadSlots = 2;
+constexpr int kMaxWarps = 24;     // the backward: warps per block, two blocks per SM (40 registers a thread)
+constexpr size_t kMaxSharedBytes = 48 * 1024;
+
+struct Segment {
+  int b, sg, t0, n, nseg;
+};
+__device__ __forceinline__ Segment this_segment(const MixerDims& d) {
+  Segment s;
+  s.nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  s.b = int(blockIdx.x / s.nseg);
+  s.sg = int(blockIdx.x % s.nseg);
+  s.t0 = s.sg * kAngleSegment;
+  s.n = min(kAngleSegment, d.L - s.t0);
+  return s;
+}
+
+// Δ of every head over the segment into dts (H, kAngleSegment), and f(θ) of every (token, angle) into th (n, S).
+template <typename ThetaFn>
+__device__ __forceinline__ void stage_segment(const MixerDims& d, const Segment& s, const float* __restrict__ zx,
+                                              const float* __restrict__ dt, float* th, float* dts, ThetaFn f) {
+  for (int e = threadIdx.x; e < s.n * d.S; e += blockDim.x) {
+    const int t = e / d.S, i = e - t * d.S;
+    th[e] = f(zx[(int64_t(s.b) * d.L + s.t0 + t) * d.din + d.off_ang + i]);
+  }
+  for (int e = threadIdx.x; e < d.H * s.n; e += blockDim.x) {
+    const int h = e / s.n, t = e - h * s.n;
+    dts[h * kAngleSegment + t] = dt[(int64_t(s.b) * d.H + h) * d.L + s.t0 + t];
+  }
+}
+
+// Angle i's scan through the segment from 0 (rates (n, S), dts: the head's Δ); each φ handed to store(t, φ).
+template <typename Store>
+__device__ __forceinline__ float segment_scan(const float* rate, const float* dts, int S, int n, int i, Store store) {
+  float phi = 0;
+#pragma unroll 8
+  for (int t = 0; t < n; ++t) {
+    phi = angle_step(phi, rate[t * S + i], dts[t], false);
+    store(t, phi);
+  }
+  return phi;
+}
+
+// Shared memory of the scan kernels: rates (kAngleSegment, S), then Δ (H, kAngleSegment).
+size_t scan_shared_bytes(const MixerDims& d) { return size_t(kAngleSegment) * (d.S + d.H) * sizeof(float); }
+
+__global__ void angle_block_ends_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
+                                        float* __restrict__ ends) {
+  extern __shared__ float scan_sm[];
+  const Segment s = this_segment(d);
+  float *rate = scan_sm, *dts = scan_sm + kAngleSegment * d.S;
+  stage_segment(d, s, zx, dt, rate, dts, [](float z) { return angle_rate(z, false); });
+  __syncthreads();
+  for (int e = threadIdx.x; e < d.H * d.S; e += blockDim.x) {
+    const int h = e / d.S, i = e - h * d.S;
+    const int64_t bh = int64_t(s.b) * d.H + h;
+    ends[(bh * s.nseg + s.sg) * d.S + i] =
+        segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i, [](int, float) {});
+  }
+}
+
+__global__ void angle_block_write_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
+                                         const float* __restrict__ ends, float* __restrict__ phi) {
+  extern __shared__ float scan_sm[];
+  const Segment s = this_segment(d);
+  float *rate = scan_sm, *dts = scan_sm + kAngleSegment * d.S;
+  stage_segment(d, s, zx, dt, rate, dts, [](float z) { return angle_rate(z, false); });
+  __syncthreads();
+  for (int e = threadIdx.x; e < d.H * d.S; e += blockDim.x) {
+    const int h = e / d.S, i = e - h * d.S;
+    const int64_t bh = int64_t(s.b) * d.H + h;
+    // The segment's start: the carry recurrence over the earlier segments' ends, in order.
+    const float* end = ends + bh * s.nseg * d.S + i;
+    float start = 0;
+    for (int s0 = 0; s0 < s.sg; s0 += kLoadsAhead) {
+      float v[kLoadsAhead];
+#pragma unroll
+      for (int k = 0; k < kLoadsAhead; ++k) v[k] = end[int64_t(min(s0 + k, s.sg - 1)) * d.S];
+#pragma unroll
+      for (int k = 0; k < kLoadsAhead; ++k) {
+        if (s0 + k >= s.sg) break;
+        start = wrap_angle(start + v[k]);
+      }
+    }
+    float* out = phi + (bh * d.L + s.t0) * d.S + i;
+    segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i,
+                 [&](int t, float v) { out[int64_t(t) * d.S] = wrap_angle(v + start); });
+  }
+}
+
+// The backward's first kernel, a thread per (bh, segment, angle) (consecutive threads: angles, then segments of one
+// bh): its sum of dφ over the segment from the last token down, the per-angle suffix kernel's total. (A block per
+// (b, segment) with warps over the heads read at 1.6 TB/s against this form's ~3.)
+__global__ void angle_block_totals_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
+  const int i = int(e % d.S);
+  const int64_t bs = e / d.S, bh = bs / nseg;
+  const int sg = int(bs % nseg), t0 = sg * kAngleSegment, n = min(kAngleSegment, d.L - t0);
+  const float* g = dphi + (bh * d.L + t0) * d.S + i;
+  float run = 0;
+  for (int t1 = n - 1; t1 >= 0; t1 -= kLoadsAhead) {
+    float v[kLoadsAhead];
+#pragma unroll
+    for (int k = 0; k < kLoadsAhead; ++k) v[k] = g[int64_t(max(t1 - k, 0)) * d.S];
+#pragma unroll
+    for (int k = 0; k < kLoadsAhead; ++k) {
+      if (t1 - k < 0) break;
+      run += v[k];
+    }
+  }
+  seg[e] = run;
+}
+
+// Shared memory of the backward's second kernel: tanh θ (kAngleSegment, S), Δ (H, kAngleSegment), Δ's angle shares
+// (kAngleSegment, H), then per tile the θ factors (kTileTokens, H, S).
+size_t backward_shared_bytes(const MixerDims& d) {
+  return (size_t(kAngleSegment) * (d.S + 2 * d.H) + size_t(kTileTokens) * d.H * d.S) * sizeof(float);
+}
+
+// The second kernel: warps take heads (warp w: heads w, w + warps, …, kSlots of them), lanes angles (lane l: l,
+// l + 32, …, kC of them); the running sums of dφ from the segment's end stay in registers, and the next tile's dφ is
+// loaded before the barrier that hands the current tile's θ factors over. The scalar gradients wait for the end of
+// the segment, when all their loads can be in flight at once.
+template <int kC, int kSlots>
+__global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_kernel(AngleBackwardParams p) {
+  const MixerDims& d = p.d;
+  extern __shared__ float bwd_sm[];
+  const Segment s = this_segment(d);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  float* th = bwd_sm;                           // (kAngleSegment, S)
+  float* dts = th + kAngleSegment * d.S;        // (H, kAngleSegment)
+  float* ang = dts + kAngleSegment * d.H;       // (kAngleSegment, H)
+  float* xs = ang + kAngleSegment * d.H;        // (kTileTokens, H, S)
+  stage_segment(d, s, p.zx, p.dt, th, dts, [](float z) { return tanhf(z); });
+
+  // A tile's dφ (tokens hi − 1 − j, j < kTileTokens, j < hi) of this thread's heads and angles.
+  float v[kSlots][kTileTokens][kC];
+  const auto load_tile = [&](int hi) {
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int h = min(warp + k * warps, d.H - 1);
+      const float* g = p.dphi + ((int64_t(s.b) * d.H + h) * d.L + s.t0) * d.S;
+#pragma unroll
+      for (int j = 0; j < kTileTokens; ++j)
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          const int i = lane + 32 * c;
+          v[k][j][c] = j < hi && i < d.S ? g[int64_t(hi - 1 - j) * d.S + i] : 0.0f;
+        }
+    }
+  };
+  load_tile(s.n);
+
+  // The later segments' totals, summed from the last segment down (the suffix carry kernel's order).
+  float run[kSlots][kC], carry[kSlots][kC];
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int h = warp + k * warps;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      const int i = lane + 32 * c;
+      run[k][c] = 0.0f;
+      carry[k][c] = 0.0f;
+      if (h >= d.H || i >= d.S) continue;
+      const float* tot = p.seg + (int64_t(s.b) * d.H + h) * s.nseg * d.S + i;
+      for (int s1 = s.nseg - 1; s1 > s.sg; s1 -= kCarryAhead) {
+        float w[kCarryAhead];
+#pragma unroll
+        for (int u = 0; u < kCarryAhead; ++u) w[u] = tot[int64_t(max(s1 - u, s.sg + 1)) * d.S];
+#pragma unroll
+        for (int u = 0; u < kCarryAhead; ++u) {
+          if (s1 - u <= s.sg) break;
+          carry[k][c] += w[u];
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int hi = s.n; hi > 0; hi -= kTileTokens) {
+    const int cnt = min(kTileTokens, hi);  // tokens hi − 1 down to hi − cnt (segment-local), j = hi − 1 − t
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int h = warp + k * warps;
+      if (h >= d.H) break;  // the whole warp
+#pragma unroll
+      for (int j = 0; j < kTileTokens; ++j) {
+        if (j >= cnt) break;
+        const int t = hi - 1 - j;
+        float a = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          const int i = lane + 32 * c;
+          if (i >= d.S) break;
+          run[k][c] += v[k][j][c];
+          const float dPhi = __fadd_rn(run[k][c], carry[k][c]);
+          a = angle_dt_share_add(a, dPhi, th[t * d.S + i]);
+          xs[(j * d.H + h) * d.S + i] = angle_theta_factor(dPhi, dts[h * kAngleSegment + t]);
+        }
+        a = warp_sum(a);
+        if (lane == 0) ang[t * d.H + h] = a;
+      }
+    }
+    if (hi > kTileTokens) load_tile(hi - kTileTokens);  // in flight through the hand-over
+    __syncthreads();
+    // θ's gradient per (token, angle), summed over the heads in head order.
+    for (int e = threadIdx.x; e < cnt * d.S; e += blockDim.x) {
+      const int j = e / d.S, i = e - j * d.S, t = hi - 1 - j;
+      const float tv = th[t * d.S + i];
+      float gsum = 0.0f;
+      for (int h = 0; h < d.H; ++h) gsum = theta_grad_add(gsum, xs[(j * d.H + h) * d.S + i], tv);
+      const int64_t row = int64_t(s.b) * d.L + s.t0 + t;
+      if (p.dzx16) p.dzx16[row * d.din + d.off_ang + i] = __bfloat16_as_ushort(__float2bfloat16_rn(gsum));
+      else p.dzx[row * d.din + d.off_ang + i] = gsum;
+    }
+    __syncthreads();
+  }
+
+  // The scalar gradients per (token, head), tokens fastest (consecutive addresses in the (B·H, L) arrays).
+  for (int e = threadIdx.x; e < s.n * d.H; e += blockDim.x) {
+    const int h = e / s.n, t = e - h * s.n, tg = s.t0 + t;
+    const int64_t st = (int64_t(s.b) * d.H + h) * d.L + tg;
+    const float dsig = tg > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
+    const ScalarGrads gr = angle_scalar_grads(dts[h * kAngleSegment + t], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st],
+                                              p.dadt[st], __fadd_rn(p.dgam[st], p.dscale[st]), dsig,
+                                              ang[t * d.H + h], d.euler);
+    write_scalar_grads(p, int64_t(s.b) * d.L + tg, h, gr);
+  }
+}
+
+// Where the segment-block kernels apply: rotary angles, the shared memory under the default 48 KB, the grid's size.
+bool blocks_apply(const MixerDims& d, size_t bytes) {
+  const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  return !d.no_rotary && d.S > 0 && d.H > 0 && d.L > 0 && bytes <= kMaxSharedBytes &&
+         int64_t(d.B) * nseg <= 0x7fffffff;
+}
+
+}  // namespace
+
+bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi,
+                          float* seg) {
+  const size_t bytes = scan_shared_bytes(d);
+  if (!blocks_apply(d, bytes)) return false;
+  const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  const int threads = int(std::min<int64_t>(1024, (int64_t(d.H) * d.S + 31) / 32 * 32));
+  const unsigned blocks = unsigned(int64_t(d.B) * nseg);
+  angle_block_ends_kernel<<<blocks, threads, bytes, s>>>(d, zx, dt, seg);
+  MAMBA3_LAUNCH_CHECK();
+  angle_block_write_kernel<<<blocks, threads, bytes, s>>>(d, zx, dt, seg, phi);
+  MAMBA3_LAUNCH_CHECK();
+  return true;
+}
+
+bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) {
+  const MixerDims& d = p.d;
+  const size_t bytes = backward_shared_bytes(d);
+  const int slots = d.H <= kMaxWarps ? 1 : 2, warps = (d.H + slots - 1) / slots;
+  if (!blocks_apply(d, bytes) || d.S > 32 * kMaxChunks || d.H > kMaxWarps * kMaxHeadSlots) return false;
+  const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  const unsigned blocks = unsigned(int64_t(d.B) * nseg);
+  const int64_t totals = int64_t(d.B) * d.H * nseg * d.S;
+  angle_block_totals_kernel<<<unsigned((totals + 127) / 128), 128, 0, s>>>(d, p.dphi, p.seg);
+  MAMBA3_LAUNCH_CHECK();
+  const int chunks = (d.S + 31) / 32;
+  const auto kernel = chunks == 1 ? (slots == 1 ? angle_block_backward_kernel<1, 1> : angle_block_backward_kernel<1, 2>)
+                                   : (slots == 1 ? angle_block_backward_kernel<2, 1> : angle_block_backward_kernel<2, 2>);
+  static bool carveout_set[2][2] = {};  // per instance: the most shared memory per SM asked for, once
+  bool& set = carveout_set[chunks - 1][slots - 1];
+  if (!set) {
+    // Two blocks per SM need twice its ~44 KB (125M): more than the carveout the driver may pick by default.
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           int(cudaSharedmemCarveoutMaxShared)));
+    set = true;
+  }
+  kernel<<<blocks, 32 * warps, bytes, s>>>(p);
+  MAMBA3_LAUNCH_CHECK();
+  return true;
+}
+
+}  // namespace mamba3::cuda::train_detail
