@@ -229,6 +229,50 @@ TEST(LmTrainGpu, WeightMirrorGivesTheSameBits) {
   }
 }
 
+// The bf16 mode's block outputs and input gradients in bf16 (set_block_io16, on by default: check_case above already
+// holds it to the CPU) against f32 ones: the loss and every gradient within the bf16 mode's bounds of each other,
+// the switch changing some bits on every model (each has a Mamba-3 layer), and the f32 mode ignoring it (same bits).
+TEST(LmTrainGpu, BfloatBlockOutputsTrackTheF32Ones) {
+  MAMBA3_REQUIRE_GPU();
+  for (const auto& lc : lm_cases()) {
+    SCOPED_TRACE(lc.name);
+    const ModelConfig c = ModelConfig::from_json(lc.config, lc.name);
+    const TensorMap params = lm_test_weights(c, 8);
+    const int64_t B = 2, L = 45;
+    std::vector<int64_t> in, tg;
+    split(lm_test_tokens(c, B, L, 77), B, L, in, tg);
+    const auto run = [&](cuda::Precision p, bool io16, TensorMap& grads) {
+      cuda::GpuLmTrainer gpu(c, params, p);
+      gpu.set_block_io16(io16);
+      const double loss = gpu.run(in.data(), tg.data(), B, L, true, 1.0);
+      gpu.store().download(gpu.store().grads(), grads);
+      return loss;
+    };
+    TensorMap on, off;
+    const double loss_on = run(cuda::Precision::BF16, true, on), loss_off = run(cuda::Precision::BF16, false, off);
+    EXPECT_NEAR(loss_on, loss_off, 1e-2 * std::abs(loss_off));
+    bool differs = loss_on != loss_off;
+    ASSERT_EQ(on.size(), off.size());
+    for (const auto& [name, ref] : off) {
+      const Tensor& got = on.at(name);
+      for (int64_t i = 0; i < got.numel(); ++i) ASSERT_TRUE(std::isfinite(got.data<float>()[i])) << name;
+      differs = differs || !identical(got, ref);
+      double ref_norm = 0;
+      for (int64_t i = 0; i < ref.numel(); ++i) ref_norm += double(ref.data<float>()[i]) * ref.data<float>()[i];
+      if (ref_norm == 0) continue;  // the stored tied lm_head copy
+      // The per-head scalars and the B/C norm weights: sums over every token of terms of both signs (check_case).
+      const bool scalar_param = name.ends_with(".D") || name.ends_with("dt_bias") || name.ends_with("B_bias") ||
+                                name.ends_with("C_bias") || name.find("B_norm") != std::string::npos ||
+                                name.find("C_norm") != std::string::npos;
+      EXPECT_LE(test::rel_l2(got, ref), scalar_param ? 1e-1 : 4e-2) << "gradient of " << name;
+    }
+    EXPECT_TRUE(differs) << "the switch changed nothing";
+    TensorMap f_on, f_off;
+    EXPECT_EQ(run(cuda::Precision::F32, true, f_on), run(cuda::Precision::F32, false, f_off));
+    same_bits(f_on, f_off, "f32 mode with and without the switch");
+  }
+}
+
 // New weights uploaded into the store (GpuParamStore::upload) make the mirror stale; the next step rounds them again
 // and reads them: its loss and gradients are the bits of a fresh trainer made from those weights (bf16, mirror on).
 TEST(LmTrainGpu, WeightMirrorFollowsAnUpload) {

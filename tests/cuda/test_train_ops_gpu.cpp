@@ -253,6 +253,76 @@ TEST(TrainOpsGpu, NormRegisterRowsGiveTheSameBits) {
     }
 }
 
+// The residual step with the block's output given in bf16 (hidden16) and the norm backward with dy given in bf16
+// (dy16) against the same values upcast to f32: the same bits, through every kernel form — register rows (D 256,
+// 512, 768 forward), staged rows (D 768, 2048 backward), generic (D 1156 forward; register rows off) — for both norms
+// and with dx accumulated or not.
+TEST(TrainOpsGpu, NormBfloatInputsGiveTheUpcastBits) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::NormGradScratch scratch;
+  std::mt19937 rng(12);
+  struct Restore {
+    ~Restore() { cuda::set_norm_register_rows(true); }
+  } restore;
+  // t rounded to bf16: its bits, and their values in f32.
+  const auto rounded = [](const Tensor& t, std::vector<uint16_t>& bits) {
+    Tensor f = t.clone();
+    bits.resize(size_t(t.numel()));
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      bits[size_t(i)] = f32_to_bf16(t.data<float>()[i]);
+      f.data<float>()[i] = bf16_to_f32(bits[size_t(i)]);
+    }
+    return f;
+  };
+  for (const bool reg : {true, false})
+    for (const auto [rows, D] : {Shape2{301, 256}, Shape2{130, 512}, Shape2{1029, 768}, Shape2{45, 1156},
+                                 Shape2{77, 2048}})
+      for (bool layer : {false, true}) {
+        SCOPED_TRACE(fmt::format("rows {} D {} {} {}", rows, D, layer ? "LayerNorm" : "RMSNorm",
+                                 reg ? "register rows" : "generic"));
+        cuda::set_norm_register_rows(reg);
+        std::vector<uint16_t> hid_bits, g_bits;
+        const Tensor prev = random_tensor(rng, {rows, D}, -1.5f, 2.5f);
+        const Tensor hid = rounded(random_tensor(rng, {rows, D}), hid_bits);
+        const Tensor g = rounded(random_tensor(rng, {rows, D}), g_bits);
+        const Tensor dx0 = random_tensor(rng, {rows, D});
+        const Tensor w = random_tensor(rng, {D}, 0.5f, 1.5f), b = random_tensor(rng, {D}, -0.5f, 0.5f);
+        const Tensor dw0 = random_tensor(rng, {D}, -5.0f, 5.0f), db0 = random_tensor(rng, {D}, -5.0f, 5.0f);
+        DeviceBuffer dp = up(prev), dh = up(hid), dg = up(g), dev_w = up(w), dev_b = up(b);
+        DeviceBuffer dh16(hid_bits.size() * 2), dg16(g_bits.size() * 2);
+        dh16.upload(hid_bits.data(), dh16.bytes());
+        dg16.upload(g_bits.data(), dg16.bytes());
+        const float* bias = layer ? dev_b.as<float>() : nullptr;
+        std::vector<Tensor> got[2];
+        for (int in16 = 0; in16 < 2; ++in16) {
+          DeviceBuffer res = poisoned(rows * D), y = poisoned(rows * D);
+          cuda::residual_norm_forward_gpu(ctx.stream(), dp.as<float>(), in16 ? nullptr : dh.as<float>(), rows, D,
+                                          dev_w.as<float>(), bias, 1e-5f, res.as<float>(), y.as<float>(), nullptr,
+                                          in16 ? dh16.as<uint16_t>() : nullptr);
+          got[in16].push_back(down(res, {rows, D}));
+          got[in16].push_back(down(y, {rows, D}));
+          for (bool accumulate : {false, true}) {
+            DeviceBuffer dx = up(dx0), dw = up(dw0), db = up(db0);
+            cuda::norm_backward_gpu(ctx.stream(), res.as<float>(), in16 ? nullptr : dg.as<float>(), rows, D,
+                                    dev_w.as<float>(), bias, 1e-5f, dx.as<float>(), accumulate, dw.as<float>(),
+                                    layer ? db.as<float>() : nullptr, scratch, nullptr,
+                                    in16 ? dg16.as<uint16_t>() : nullptr);
+            got[in16].push_back(down(dx, {rows, D}));
+            got[in16].push_back(down(dw, {D}));
+            got[in16].push_back(down(db, {D}));
+          }
+        }
+        ctx.sync();
+        ASSERT_EQ(got[0].size(), got[1].size());
+        for (size_t i = 0; i < got[0].size(); ++i) {
+          EXPECT_TRUE(same_bits(got[0][i], got[1][i])) << "output " << i;
+          for (int64_t e = 0; e < got[1][i].numel(); ++e)
+            ASSERT_TRUE(std::isfinite(got[1][i].data<float>()[e])) << "output " << i;
+        }
+      }
+}
+
 // The GatedMLP activation's all-bf16 kernels (pairs of columns, d_ff even) against the per-element ones on the same
 // bf16 inputs: the forward's o16 against the f32 output rounded afterwards, the backward's [da, dg] against the
 // f32-do kernel's bf16 output fed the same do values.

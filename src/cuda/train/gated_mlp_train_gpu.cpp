@@ -4,13 +4,16 @@ namespace mamba3::cuda {
 
 void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
                            int64_t d_ff, const float* x, int64_t rows, float* h, float* o, float* y,
-                           const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16) {
+                           const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16, uint16_t* y16) {
   if (rows <= 0) return;
   if (gemm.precision() == Precision::BF16) {  // h and o kept as bf16 in their buffers
     uint16_t *h16 = reinterpret_cast<uint16_t*>(h), *o16 = reinterpret_cast<uint16_t*>(o);
     gemm.run_mixed_bf16_out(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, x16, D, fc1, fc1_16, D, h16, 2 * d_ff);
     gated_silu_forward_gpu(ctx.stream(), nullptr, rows, d_ff, nullptr, o16, h16);
-    gemm.run_mixed(ctx, false, true, rows, D, d_ff, 1.0f, nullptr, o16, d_ff, fc2, fc2_16, d_ff, 0.0f, y, D);
+    if (y16)
+      gemm.run_mixed_bf16_out(ctx, false, true, rows, D, d_ff, 1.0f, nullptr, o16, d_ff, fc2, fc2_16, d_ff, y16, D);
+    else
+      gemm.run_mixed(ctx, false, true, rows, D, d_ff, 1.0f, nullptr, o16, d_ff, fc2, fc2_16, d_ff, 0.0f, y, D);
     return;
   }
   gemm.run(ctx, false, true, rows, 2 * d_ff, D, 1.0f, x, D, fc1, D, 0.0f, h, 2 * d_ff);  // h (rows, 2·d_ff)
@@ -22,7 +25,7 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
                             int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch,
                             const uint16_t* x16, const uint16_t* fc1_16, const uint16_t* fc2_16,
-                            const uint16_t* dy16) {
+                            const uint16_t* dy16, uint16_t* dx16) {
   if (rows <= 0) return;
   const int64_t F2 = 2 * d_ff;
   const bool bf16 = gemm.precision() == Precision::BF16;
@@ -52,7 +55,10 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
     else
       gated_silu_backward_gpu(ctx.stream(), nullptr, rows, d_ff, scratch, dh16, h16);
     gemm.run_mixed(ctx, true, false, F2, D, rows, 1.0f, nullptr, dh16, F2, x, x16, D, 1.0f, dfc1, D);
-    gemm.run_mixed(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, fc1_16, D, 0.0f, dx, D);
+    if (dx16)
+      gemm.run_mixed_bf16_out(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, fc1_16, D, dx16, D);
+    else
+      gemm.run_mixed(ctx, false, false, rows, D, F2, 1.0f, nullptr, dh16, F2, fc1, fc1_16, D, 0.0f, dx, D);
     return;
   }
   gated_silu_backward_gpu(ctx.stream(), h, rows, d_ff, scratch);                      // dh (rows, 2·d_ff)

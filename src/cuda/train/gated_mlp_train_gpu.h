@@ -16,11 +16,12 @@ namespace mamba3::cuda {
 // values are written and kept for the backward. x16 (optional, used in the bf16 mode only): x rounded to bf16 by its
 // producer; the products read it instead of rounding x (x may then be null). fc1_16, fc2_16 (optional, the bf16 mode
 // only): the weights rounded to bf16 (the parameter store's mirror), read instead of rounding fc1 / fc2 again. The
-// same for the backward. Either way the same bits.
+// same for the backward. Either way the same bits. y16 (optional, the bf16 mode only): y rounded once to bf16 there
+// by fc2's product instead of f32 into y (y may then be null); likewise dx16 for the backward's dx.
 void gated_mlp_forward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc1, const float* fc2, int64_t D,
                            int64_t d_ff, const float* x, int64_t rows, float* h, float* o, float* y,
                            const uint16_t* x16 = nullptr, const uint16_t* fc1_16 = nullptr,
-                           const uint16_t* fc2_16 = nullptr);
+                           const uint16_t* fc2_16 = nullptr, uint16_t* y16 = nullptr);
 
 // dx (rows, D) is overwritten; dfc1 and dfc2 are added to. scratch: rows·3·d_ff floats (contents lost).
 // In the bf16 mode the forward keeps h as bf16 (fc1's product rounds its f32 accumulation once, as PyTorch autocast's
@@ -31,7 +32,8 @@ void gated_mlp_backward_gpu(const Context& ctx, TrainGemm& gemm, const float* fc
                             int64_t d_ff, const float* x, int64_t rows, const float* h, const float* o,
                             const float* dy, float* dx, float* dfc1, float* dfc2, float* scratch,
                             const uint16_t* x16 = nullptr, const uint16_t* fc1_16 = nullptr,
-                            const uint16_t* fc2_16 = nullptr, const uint16_t* dy16 = nullptr);
+                            const uint16_t* fc2_16 = nullptr, const uint16_t* dy16 = nullptr,
+                            uint16_t* dx16 = nullptr);
 
 // The element-wise halves (exposed for tests and reuse):
 // o[r, j] = h[r, j]·silu(h[r, d_ff + j]); with o16, rounded to bf16 into o16 (rows, d_ff) instead of o. With h16

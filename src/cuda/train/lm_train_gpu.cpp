@@ -31,6 +31,11 @@ bool env_weight_mirror() {
   return on;
 }
 
+bool env_block_io16() {
+  static const bool on = env_choice("MAMBA3_TRAIN_BLOCK_IO16", {"1", "0"}) != "0";
+  return on;
+}
+
 struct NormSlot {
   const float *w = nullptr, *b = nullptr;
   float *dw = nullptr, *db = nullptr;
@@ -64,6 +69,7 @@ struct GpuLmTrainer::Work {
   DeviceBuffer ids, targets;           // int32 (B·L)
   DeviceBuffer hidden, residual, dnormed, grad;  // f32 (B·L, D)
   DeviceBuffer grad16;                 // bf16 (B·L, D): grad's rounding from the norm backward (bf16 mode)
+  DeviceBuffer hidden16, dnormed16;    // bf16 (B·L, D): a block's output / input gradient (set_block_io16)
   DeviceBuffer mlp_scratch;            // f32 (B·L, 3·d_ff): dh, and its bf16 copy in the bf16 mode
   NormGradScratch norm_scratch;
   LmHeadScratch head_scratch;
@@ -75,7 +81,7 @@ struct GpuLmTrainer::Work {
 
 GpuLmTrainer::GpuLmTrainer(const ModelConfig& c, const TensorMap& params, Precision precision)
     : config_(c), ctx_(std::make_unique<Context>()), gemm_(precision), work_(std::make_unique<Work>()),
-      weight_mirror_(env_weight_mirror()) {
+      weight_mirror_(env_weight_mirror()), block_io16_(env_block_io16()) {
   // The parameter list of lm_gradients.cpp: each present with its shape, nothing else.
   std::set<std::string> used;
   auto need = [&](const std::string& name, const Shape& shape) {
@@ -234,23 +240,35 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   // The residual stream lives in the layers' res_in / res_mid buffers (the norms' inputs, which the backward
   // needs): each step writes prev + hidden there and normalises it in one pass.
   const float* stream = hidden;  // the residual so far (layer 0: the embedding alone)
+  // The bf16 mode's block outputs and input gradients in bf16 (set_block_io16): the Mamba-3 mixers' and GatedMLPs'
+  // products write them there, the residual step and the norm backward read them. hid16: the last block's output is
+  // in hidden16 (else in hidden, f32).
+  const bool io16 = bf16 && block_io16_;
+  if (io16) w.hidden16.reserve(act / 2), w.dnormed16.reserve(act / 2);
+  uint16_t* const hidden16 = io16 ? w.hidden16.as<uint16_t>() : nullptr;
+  uint16_t* const dnormed16 = io16 ? w.dnormed16.as<uint16_t>() : nullptr;
+  bool hid16 = false;
+  const auto last_out = [&]() -> const float* { return hid16 ? nullptr : hidden; };
+  const auto last_out16 = [&]() -> const uint16_t* { return hid16 ? hidden16 : nullptr; };
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& l = *layers_[i];
     l.res_in.reserve(act);
     const bool normed_bf16 = bf16 && !l.attention;
     if (normed_bf16) l.normed16.reserve(act / 2);
     else l.normed.reserve(act);
-    residual_norm_forward_gpu(st, stream, i == 0 ? nullptr : hidden, N, D, l.norm.w, l.norm.b, eps,
+    residual_norm_forward_gpu(st, stream, i == 0 ? nullptr : last_out(), N, D, l.norm.w, l.norm.b, eps,
                               l.res_in.as<float>(), normed_bf16 ? nullptr : l.normed.as<float>(),
-                              normed_bf16 ? l.normed16.as<uint16_t>() : nullptr);
+                              normed_bf16 ? l.normed16.as<uint16_t>() : nullptr, i == 0 ? nullptr : last_out16());
     stream = l.res_in.as<float>();
     prof.mark("norm/residual");
     if (l.attention) {
       l.attn->forward(*ctx_, gemm_, l.aw, l.normed.as<float>(), B, L, hidden);
+      hid16 = false;
       prof.mark("attn_fwd");
     } else {
-      w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.f32_or_null(l.normed), hidden, keep ? &l.mamba_kept : nullptr,
-                       l.bf16_or_null(l.normed16));
+      w.mamba->forward(*ctx_, gemm_, l.mw, B, L, l.f32_or_null(l.normed), io16 ? nullptr : hidden,
+                       keep ? &l.mamba_kept : nullptr, l.bf16_or_null(l.normed16), hidden16);
+      hid16 = io16;
       prof.mark("mamba_fwd");
     }
     if (l.fc1) {
@@ -258,12 +276,15 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
       if (bf16) l.normed2_16.reserve(act / 2);
       else l.normed2.reserve(act);
       l.mlp_h.reserve(size_t(N * 2 * dff) * 4), l.mlp_o.reserve(size_t(N * dff) * 4);
-      residual_norm_forward_gpu(st, stream, hidden, N, D, l.norm2.w, l.norm2.b, eps, l.res_mid.as<float>(),
-                                bf16 ? nullptr : l.normed2.as<float>(), bf16 ? l.normed2_16.as<uint16_t>() : nullptr);
+      residual_norm_forward_gpu(st, stream, last_out(), N, D, l.norm2.w, l.norm2.b, eps, l.res_mid.as<float>(),
+                                bf16 ? nullptr : l.normed2.as<float>(), bf16 ? l.normed2_16.as<uint16_t>() : nullptr,
+                                last_out16());
       stream = l.res_mid.as<float>();
       prof.mark("norm/residual");
       gated_mlp_forward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.f32_or_null(l.normed2), N, l.mlp_h.as<float>(),
-                            l.mlp_o.as<float>(), hidden, l.bf16_or_null(l.normed2_16), l.fc1_16, l.fc2_16);
+                            l.mlp_o.as<float>(), io16 ? nullptr : hidden, l.bf16_or_null(l.normed2_16), l.fc1_16,
+                            l.fc2_16, hidden16);
+      hid16 = io16;
       prof.mark("mlp_fwd");
     }
   }
@@ -274,8 +295,8 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   const NormSlot norm_f{s.param("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.param("backbone.norm_f.bias"),
                         s.grad("backbone.norm_f.weight"), c.rms_norm ? nullptr : s.grad("backbone.norm_f.bias")};
   float* normed_f = hidden;  // the last hidden is folded into the residual: its buffer is free
-  residual_norm_forward_gpu(st, stream, layers_.empty() ? nullptr : hidden, N, D, norm_f.w, norm_f.b, eps, residual,
-                            normed_f);
+  residual_norm_forward_gpu(st, stream, layers_.empty() ? nullptr : last_out(), N, D, norm_f.w, norm_f.b, eps,
+                            residual, normed_f, nullptr, layers_.empty() ? nullptr : last_out16());
   prof.mark("norm/residual");
 
   // Loss; the gradient of the mean over the labelled positions, times `scale`, flows from here.
@@ -319,23 +340,26 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
     if (l.fc1) {
       w.mlp_scratch.reserve(size_t(N * 3 * dff) * 4);
       gated_mlp_backward_gpu(*ctx_, gemm_, l.fc1, l.fc2, D, dff, l.f32_or_null(l.normed2), N, l.mlp_h.as<float>(),
-                             l.mlp_o.as<float>(), g, dnormed, l.dfc1, l.dfc2, w.mlp_scratch.as<float>(),
-                             l.bf16_or_null(l.normed2_16), l.fc1_16, l.fc2_16, g16);
+                             l.mlp_o.as<float>(), g, io16 ? nullptr : dnormed, l.dfc1, l.dfc2,
+                             w.mlp_scratch.as<float>(), l.bf16_or_null(l.normed2_16), l.fc1_16, l.fc2_16, g16,
+                             dnormed16);
       prof.mark("mlp_bwd");
-      norm_backward_gpu(st, l.res_mid.as<float>(), dnormed, N, D, l.norm2.w, l.norm2.b, eps, g, true, l.norm2.dw,
-                        l.norm2.db, w.norm_scratch, g16_if(!l.attention));
+      norm_backward_gpu(st, l.res_mid.as<float>(), io16 ? nullptr : dnormed, N, D, l.norm2.w, l.norm2.b, eps, g, true,
+                        l.norm2.dw, l.norm2.db, w.norm_scratch, g16_if(!l.attention), dnormed16);
       prof.mark("norm_bwd");
     }
     if (l.attention) {
       l.attn->backward(*ctx_, gemm_, l.aw, l.ag, l.normed.as<float>(), B, L, g, dnormed);
       prof.mark("attn_bwd");
     } else {
-      w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.f32_or_null(l.normed), g, dnormed,
-                        keep ? &l.mamba_kept : nullptr, l.bf16_or_null(l.normed16), g16);
+      w.mamba->backward(*ctx_, gemm_, l.mw, l.mg, B, L, l.f32_or_null(l.normed), g, io16 ? nullptr : dnormed,
+                        keep ? &l.mamba_kept : nullptr, l.bf16_or_null(l.normed16), g16, dnormed16);
       prof.mark("mamba_bwd");
     }
-    norm_backward_gpu(st, l.res_in.as<float>(), dnormed, N, D, l.norm.w, l.norm.b, eps, g, true, l.norm.dw,
-                      l.norm.db, w.norm_scratch, g16_if(i > 0 && first_reads16(*layers_[i - 1])));
+    const bool din16 = io16 && !l.attention;  // the layer's input gradient came in bf16
+    norm_backward_gpu(st, l.res_in.as<float>(), din16 ? nullptr : dnormed, N, D, l.norm.w, l.norm.b, eps, g, true,
+                      l.norm.dw, l.norm.db, w.norm_scratch, g16_if(i > 0 && first_reads16(*layers_[i - 1])),
+                      din16 ? dnormed16 : nullptr);
     prof.mark("norm_bwd");
   }
   embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));

@@ -41,6 +41,13 @@ class GpuLmTrainer {
   // process: "1" or "0" (unset: 1); any other value throws. The f32 mode ignores it.
   void set_weight_mirror(bool on) { weight_mirror_ = on; }
   bool weight_mirror() const { return weight_mirror_; }
+  // The bf16 mode's block outputs and input gradients in bf16: true has the Mamba-3 mixers' out_proj and the
+  // GatedMLPs' fc2 write the block's output, and their du / dx products the gradient of the block's input, rounded
+  // once to bf16 (as PyTorch autocast's linear layers give them), which the residual step and the norm backward read
+  // (half the bytes of f32 on both sides); attention layers keep f32. false: f32 as before. Default from
+  // MAMBA3_TRAIN_BLOCK_IO16, read once per process: "1" or "0" (unset: 1). The f32 mode ignores it.
+  void set_block_io16(bool on) { block_io16_ = on; }
+  bool block_io16() const { return block_io16_; }
 
  private:
   struct Layer;
@@ -57,6 +64,7 @@ class GpuLmTrainer {
   bool keep_mamba_ = false;
   int64_t keep_B_ = -1, keep_L_ = -1;
   bool weight_mirror_ = true;  // set_weight_mirror
+  bool block_io16_ = true;     // set_block_io16
 };
 
 }  // namespace mamba3::cuda

@@ -545,9 +545,12 @@ void Mamba3TrainGpu::batched_backward_products(const Context& ctx, bool bf16, co
 }
 
 void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-                             const float* u, float* out, Mamba3TrainActivations* keep, const uint16_t* u16) {
+                             const float* u, float* out, Mamba3TrainActivations* keep, const uint16_t* u16,
+                             uint16_t* out16) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::forward: negative batch {} or length {}", B, L);
   if (B == 0 || L == 0) return;
+  if (gemm.precision() != Precision::BF16) out16 = nullptr;
+  MAMBA3_CHECK(out || out16, "Mamba3TrainGpu::forward: no output buffer (out, or out16 in the bf16 mode)");
   check_weights(c_, w);
   act_ = keep ? keep : &own_;
   act_->valid = false;
@@ -557,7 +560,7 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   if (chunk_batched_) {
     batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr, prof);
     act_->B = B, act_->L = L, act_->valid = true;
-    out_projection(ctx, gemm, w, B * L, out);
+    out_projection(ctx, gemm, w, B * L, out, out16);
     prof.mark("out_proj");
     prof.report();
     return;
@@ -575,13 +578,17 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
     p.fwd_blocks = fwd_blocks;
   }
   launch_chunk_forward(ctx.stream(), p, false);
-  out_projection(ctx, gemm, w, B * L, out);
+  out_projection(ctx, gemm, w, B * L, out, out16);
 }
 
 void Mamba3TrainGpu::out_projection(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t M,
-                                    float* out) {
+                                    float* out, uint16_t* out16) {
   const int64_t di = c_.d_inner(), D = c_.d_model;
-  if (o_in_bf16(gemm))
+  if (out16) {  // the bf16 mode: the result rounded once by the product
+    const bool o16 = o_in_bf16(gemm);
+    gemm.run_mixed_bf16_out(ctx, false, true, M, D, di, 1.0f, o16 ? nullptr : f(act_->o),
+                            o16 ? act_->o16.as<uint16_t>() : nullptr, di, w.out_proj, w.out_proj16, di, out16, D);
+  } else if (o_in_bf16(gemm))
     gemm.run_mixed(ctx, false, true, M, D, di, 1.0f, nullptr, act_->o16.as<uint16_t>(), di, w.out_proj, w.out_proj16,
                    di, 0.0f, out, D);
   else
@@ -615,9 +622,11 @@ void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const 
 void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w,
                               const Mamba3TrainGrads& g, int64_t B, int64_t L, const float* u, const float* dout,
                               float* du, Mamba3TrainActivations* kept, const uint16_t* u16,
-                              const uint16_t* dout16) {
+                              const uint16_t* dout16, uint16_t* du16) {
   MAMBA3_CHECK(B >= 0 && L >= 0, "Mamba3TrainGpu::backward: negative batch {} or length {}", B, L);
   if (B == 0 || L == 0) return;
+  if (gemm.precision() != Precision::BF16) du16 = nullptr;
+  MAMBA3_CHECK(du || du16, "Mamba3TrainGpu::backward: no du buffer (du, or du16 in the bf16 mode)");
   check_weights(c_, w);
   act_ = kept ? kept : &own_;
   // The kept forward (batched path, same shape, not yet consumed) replaces prepare and the chunk stage's forward.
@@ -758,7 +767,12 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   {
     std::optional<TrainGemm::HeldA> held;
     if (!dzx16) held.emplace(gemm, ctx, f(dzx_), M, din, din);
-    gemm.run_mixed(ctx, false, false, M, D, din, 1.0f, f(dzx_), dzx16, din, w.in_proj, w.in_proj16, D, 0.0f, du, D);
+    if (du16)
+      gemm.run_mixed_bf16_out(ctx, false, false, M, D, din, 1.0f, f(dzx_), dzx16, din, w.in_proj, w.in_proj16, D,
+                              du16, D);
+    else
+      gemm.run_mixed(ctx, false, false, M, D, din, 1.0f, f(dzx_), dzx16, din, w.in_proj, w.in_proj16, D, 0.0f, du,
+                     D);
     if (g.in_proj)
       gemm.run_mixed(ctx, true, false, din, D, M, 1.0f, f(dzx_), dzx16, din, u, u16, D, 1.0f, g.in_proj, D);
   }

@@ -68,18 +68,23 @@ class Mamba3TrainGpu {
   // keep (optional): where the forward leaves its activations for the backward of the same layer (see backward).
   // u16 (optional, used in the bf16 mode only): u rounded to bf16 by its producer, which the in_proj product then
   // reads instead of rounding u again (u may be null there).
+  // out16 (optional, the bf16 mode only): out_proj's result rounded once to bf16 there instead of f32 into out (out
+  // may then be null), as PyTorch autocast's linear gives it — for a consumer that reads bf16 (the residual step).
   void forward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t B, int64_t L,
-               const float* u, float* out, Mamba3TrainActivations* keep = nullptr, const uint16_t* u16 = nullptr);
+               const float* u, float* out, Mamba3TrainActivations* keep = nullptr, const uint16_t* u16 = nullptr,
+               uint16_t* out16 = nullptr);
   // Gradients of sum(out ⊙ dout): du (B·L, d_model) overwritten; parameter grads accumulated. Recomputes what it
   // needs from u (nothing is kept from forward). Deterministic: no float atomics; same inputs → bit-identical grads.
   // kept (optional): the activations a forward of this layer on the same u left there; the batched chunk path then
   // starts from them instead of recomputing the forward (in_proj, the chunk products and scan), and consumes them
   // (a second backward recomputes). Without it, or with the fused path, everything is recomputed from u.
   // dout16 (optional, bf16 mode): dout's rounding written by its producer, read instead of rounding dout again.
+  // du16 (optional, the bf16 mode only): du rounded once to bf16 there by its product instead of f32 into du (du may
+  // then be null), as autocast's linear backward gives it.
   void backward(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, const Mamba3TrainGrads& g,
                 int64_t B, int64_t L, const float* u, const float* dout, float* du,
                 Mamba3TrainActivations* kept = nullptr, const uint16_t* u16 = nullptr,
-                const uint16_t* dout16 = nullptr);
+                const uint16_t* dout16 = nullptr, uint16_t* du16 = nullptr);
   // The bytes a Mamba3TrainActivations holds after a forward of B × L tokens with the batched chunk path, its product
   // operands in `precision`'s element size (F32 gives an upper bound for both modes).
   int64_t activation_bytes(int64_t B, int64_t L, Precision precision = Precision::F32) const;
@@ -207,7 +212,8 @@ class Mamba3TrainGpu {
   // z, x and dO in bf16 (set_zx_bf16): the batched path in the bf16 mode with the switch on, SISO.
   bool zx_in_bf16(const TrainGemm& gemm) const { return o_in_bf16(gemm) && zx_bf16_ && !c_.is_mimo; }
   // out (B·L, d_model) = o·W_outᵀ from act_'s o or o16.
-  void out_projection(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t M, float* out);
+  void out_projection(const Context& ctx, TrainGemm& gemm, const Mamba3TrainWeights& w, int64_t M, float* out,
+                      uint16_t* out16);
 
   // The batched path (chunk_batched_): the chunked forward into o (and, with `backward`, everything the backward's
   // chunk stage produces: dz/dx columns of dzx_, dBn_, dCn_, dphi_, sgrad_, the chunk partials at part_ offsets).

@@ -1,6 +1,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/env_switch.h"
 #include "cuda/train/block_reduce.cuh"
@@ -132,14 +133,19 @@ __device__ __forceinline__ float ln_dx(const RowGrad& r, float x, float g, float
 }
 __device__ __forceinline__ float ln_dw_term(const RowGrad& r, float x, float g) { return __fmul_rn(g, ln_xhat(r, x)); }
 
+// dy's element as f32: dy comes in f32, or in bf16 from a product that rounded it (the bf16 mode).
+__device__ __forceinline__ float dy_f(float v) { return v; }
+__device__ __forceinline__ float dy_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 // A row's constants from x and dy (global or staged in shared memory), lane l over the columns j ≡ l (mod 32) in
 // increasing j: the generic and staged kernels' shared path (the register kernel walks its arrays in the same order).
-__device__ __forceinline__ RowGrad row_grad(const float* x, const float* g, const float* w, int64_t D, int lane,
+template <typename G>
+__device__ __forceinline__ RowGrad row_grad(const float* x, const G* g, const float* w, int64_t D, int lane,
                                             bool layer, float eps) {
   RowGrad rg;
   if (!layer) {
     float ss = 0, gx = 0;
-    for (int64_t j = lane; j < D; j += 32) rms_lane_sums(x[j], g[j], w[j], ss, gx);
+    for (int64_t j = lane; j < D; j += 32) rms_lane_sums(x[j], dy_f(g[j]), w[j], ss, gx);
     return rms_row(ss, gx, D, eps);
   }
   float sum = 0, var = 0, mg = 0, mgx = 0;
@@ -147,7 +153,7 @@ __device__ __forceinline__ RowGrad row_grad(const float* x, const float* g, cons
   rg.mean = ln_mean(sum, D);
   for (int64_t j = lane; j < D; j += 32) ln_var_lane(x[j], rg.mean, var);
   rg.s = ln_s(var, D, eps);
-  for (int64_t j = lane; j < D; j += 32) ln_grad_lane(rg, x[j], g[j], w[j], mg, mgx);
+  for (int64_t j = lane; j < D; j += 32) ln_grad_lane(rg, x[j], dy_f(g[j]), w[j], mg, mgx);
   ln_grad_row(rg, mg, mgx, D);
   return rg;
 }
@@ -181,7 +187,8 @@ __device__ __forceinline__ void write_block_partials(const float* wsum, int warp
 // block's partial — with rpb ≤ warps, exactly the row order, as one thread summing the block's rows would.
 // (A block per row with block-wide sums spent four barriers per row on 3 columns per thread: latency-bound.)
 // Cost: reads x, dy twice, w; writes dx; ~5·rows·D floats of traffic plus the partials.
-__global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
+template <typename G>
+__global__ void norm_backward_rows_kernel(const float* x, const G* dy, int64_t rows, int64_t D, const float* w,
                                           bool layer, float eps, float* dx, bool accumulate, float* partial_w,
                                           float* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
   extern __shared__ float wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
@@ -196,11 +203,11 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
   const int64_t r0 = int64_t(blockIdx.x) * rpb, r1 = r0 + rpb < rows ? r0 + rpb : rows;
   for (int64_t r = r0 + warp; r < r1; r += warps) {
     const float* xr = x + r * D;
-    const float* gr = dy + r * D;
+    const G* gr = dy + r * D;
     float* dxr = dx + r * D;
     const RowGrad rg = row_grad(xr, gr, w, D, lane, layer, eps);
     for (int64_t j = lane; j < D; j += 32) {
-      const float xe = xr[j], ge = gr[j];
+      const float xe = xr[j], ge = dy_f(gr[j]);
       const float v = layer ? ln_dx(rg, xe, ge, w[j]) : rms_dx(rg, xe, ge, w[j]);
       sw[j] = __fadd_rn(sw[j], layer ? ln_dw_term(rg, xe, ge) : rms_dw_term(rg, xe, ge));
       if (sb) sb[j] = __fadd_rn(sb[j], ge);
@@ -218,8 +225,8 @@ __global__ void norm_backward_rows_kernel(const float* x, const float* dy, int64
 // NormRegisterRowsGiveTheSameBits). (ncu, 125M step: the generic kernel ran at 107 µs per call against a ~65 µs
 // memory floor, re-reading x and dy per pass.) Only up to kV = 16 (122 registers): at kV = 24 it takes 254 — the
 // compiler keeps each element's products live between the passes — so wider rows use the staged kernel.
-template <int kV>
-__global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, int64_t rows, const float* w,
+template <int kV, typename G>
+__global__ void norm_backward_rows_reg_kernel(const float* x, const G* dy, int64_t rows, const float* w,
                                               bool layer, float eps, float* dx, bool accumulate, float* partial_w,
                                               float* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
   constexpr int64_t D = 32 * kV;
@@ -237,12 +244,12 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
   const int64_t r0 = int64_t(blockIdx.x) * rpb, r1 = r0 + rpb < rows ? r0 + rpb : rows;
   for (int64_t r = r0 + warp; r < r1; r += warps) {
     const float* xr = x + r * D;
-    const float* gr = dy + r * D;
+    const G* gr = dy + r * D;
     float* dxr = dx + r * D;
     float xv[kV], gv[kV], dv[kV];
 #pragma unroll
     for (int i = 0; i < kV; ++i) {
-      xv[i] = xr[lane + 32 * i], gv[i] = gr[lane + 32 * i];
+      xv[i] = xr[lane + 32 * i], gv[i] = dy_f(gr[lane + 32 * i]);
       dv[i] = accumulate ? dxr[lane + 32 * i] : 0.0f;
     }
     RowGrad rg;
@@ -287,7 +294,8 @@ __global__ void norm_backward_rows_reg_kernel(const float* x, const float* dy, i
 // same bits (test NormRegisterRowsGiveTheSameBits). Shared memory: (warps, 2, D) floats, then (warps) RowGrads.
 // D % 4 == 0 and 16-byte aligned x, dy, dx (the launcher checks). (The register kernel spilled from D = 768 on while
 // its terms were float64.) (At most 80 registers: three blocks of eight warps per SM.)
-__global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const float* x, const float* dy, int64_t rows, int64_t D,
+template <typename G>
+__global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const float* x, const G* dy, int64_t rows, int64_t D,
                                                  const float* w, bool layer, float eps, float* dx, bool accumulate,
                                                  float* partial_w, float* partial_b, int64_t rpb,
                                                  __nv_bfloat16* dx16) {
@@ -299,19 +307,54 @@ __global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const
   if (warp < nr) {
     const int64_t r = r0 + warp;
     float *xs = staged + 2 * int64_t(warp) * D, *gs = xs + D;
-    const float4 *x4 = reinterpret_cast<const float4*>(x + r * D), *g4 = reinterpret_cast<const float4*>(dy + r * D);
+    const float4* x4 = reinterpret_cast<const float4*>(x + r * D);
     constexpr int kAhead = 4;  // 4 + 4 float4 loads in flight per lane (8 + 8 took the registers of a third block)
-    for (int64_t i0 = lane; i0 < D4; i0 += 32 * kAhead) {
-      float4 a[kAhead], b[kAhead];
+    if constexpr (std::is_same_v<G, float>) {
+      for (int64_t i0 = lane; i0 < D4; i0 += 32 * kAhead) {
+        float4 a[kAhead], b[kAhead];
 #pragma unroll
-      for (int u = 0; u < kAhead; ++u) {
-        const int64_t i = i0 + 32 * u;
-        if (i < D4) a[u] = x4[i], b[u] = g4[i];
+        for (int u = 0; u < kAhead; ++u) {
+          const int64_t i = i0 + 32 * u;
+          if (i < D4) a[u] = x4[i], b[u] = reinterpret_cast<const float4*>(dy + r * D)[i];
+        }
+#pragma unroll
+        for (int u = 0; u < kAhead; ++u) {
+          const int64_t i = i0 + 32 * u;
+          if (i < D4) reinterpret_cast<float4*>(xs)[i] = a[u], reinterpret_cast<float4*>(gs)[i] = b[u];
+        }
       }
+    } else {
+      // dy in bf16 (D % 8 == 0): 16-byte loads of 8 values (8-byte ones ran 67 → 73 µs per 125M call), kAhead / 2
+      // per lane covering the kAhead float4 pieces of x that the lanes load in the same round.
+      const uint4* g8 = reinterpret_cast<const uint4*>(dy + r * D);
+      for (int64_t c0 = 0; c0 < D4; c0 += 32 * kAhead) {
+        float4 a[kAhead];
+        uint4 q[kAhead / 2];
 #pragma unroll
-      for (int u = 0; u < kAhead; ++u) {
-        const int64_t i = i0 + 32 * u;
-        if (i < D4) reinterpret_cast<float4*>(xs)[i] = a[u], reinterpret_cast<float4*>(gs)[i] = b[u];
+        for (int u = 0; u < kAhead; ++u) {
+          const int64_t i = c0 + lane + 32 * u;
+          if (i < D4) a[u] = x4[i];
+        }
+#pragma unroll
+        for (int v = 0; v < kAhead / 2; ++v) {
+          const int64_t k = c0 / 2 + lane + 32 * v;  // 8-value piece k: float4 pieces 2k and 2k + 1
+          if (2 * k < D4) q[v] = g8[k];
+        }
+#pragma unroll
+        for (int u = 0; u < kAhead; ++u) {
+          const int64_t i = c0 + lane + 32 * u;
+          if (i < D4) reinterpret_cast<float4*>(xs)[i] = a[u];
+        }
+#pragma unroll
+        for (int v = 0; v < kAhead / 2; ++v) {
+          const int64_t k = c0 / 2 + lane + 32 * v;
+          if (2 * k >= D4) continue;
+          const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&q[v]);
+          const float2 e0 = __bfloat1622float2(h[0]), e1 = __bfloat1622float2(h[1]);
+          const float2 e2 = __bfloat1622float2(h[2]), e3 = __bfloat1622float2(h[3]);
+          reinterpret_cast<float4*>(gs)[2 * k] = make_float4(e0.x, e0.y, e1.x, e1.y);
+          reinterpret_cast<float4*>(gs)[2 * k + 1] = make_float4(e2.x, e2.y, e3.x, e3.y);
+        }
       }
     }
     __syncwarp();
@@ -386,12 +429,13 @@ __global__ void __launch_bounds__(1024) norm_backward_sum_kernel(const float* pa
 // 2 writes of rows·D floats (the separate add, copy of the residual and norm moved 4 reads and 4 writes).
 __global__ void residual_norm_forward_kernel(const float* prev, const float* hidden, int64_t rows, int64_t D,
                                              const float* w, const float* b, float eps, float* res_out, float* y,
-                                             __nv_bfloat16* y16) {
+                                             __nv_bfloat16* y16, const __nv_bfloat16* hidden16) {
   const int lane = threadIdx.x % 32;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
        r += int64_t(gridDim.x) * blockDim.x / 32) {
     const float* pr = prev + r * D;
     const float* hr = hidden ? hidden + r * D : nullptr;
+    const __nv_bfloat16* hr16 = hidden16 ? hidden16 + r * D : nullptr;
     float* xr = res_out + r * D;
     float* yr = y ? y + r * D : nullptr;
     __nv_bfloat16* yr16 = y16 ? y16 + r * D : nullptr;
@@ -402,7 +446,7 @@ __global__ void residual_norm_forward_kernel(const float* prev, const float* hid
     };
     double sum = 0, ss = 0;
     for (int64_t j = lane; j < D; j += 32) {
-      const float v = hr ? pr[j] + hr[j] : pr[j];
+      const float v = hr ? pr[j] + hr[j] : hr16 ? pr[j] + __bfloat162float(hr16[j]) : pr[j];
       xr[j] = v;
       sum += v;
       ss += double(v) * v;
@@ -431,7 +475,7 @@ __global__ void residual_norm_forward_kernel(const float* prev, const float* hid
 template <int kV>
 __global__ void residual_norm_forward_rows_kernel(const float* prev, const float* hidden, int64_t rows, const float* w,
                                                   const float* b, float eps, float* res_out, float* y,
-                                                  __nv_bfloat16* y16) {
+                                                  __nv_bfloat16* y16, const __nv_bfloat16* hidden16) {
   constexpr int64_t D = 32 * kV;
   const int lane = threadIdx.x % 32;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
@@ -447,6 +491,13 @@ __global__ void residual_norm_forward_rows_kernel(const float* prev, const float
       for (int i = 0; i < kV; ++i) h[i] = hr[lane + 32 * i];
 #pragma unroll
       for (int i = 0; i < kV; ++i) v[i] = v[i] + h[i];
+    } else if (hidden16) {
+      const __nv_bfloat16* hr16 = hidden16 + r * D;
+      __nv_bfloat16 h[kV];
+#pragma unroll
+      for (int i = 0; i < kV; ++i) h[i] = hr16[lane + 32 * i];
+#pragma unroll
+      for (int i = 0; i < kV; ++i) v[i] = v[i] + __bfloat162float(h[i]);
     }
     float* xr = res_out + r * D;
     double sum = 0, ss = 0;
@@ -507,7 +558,11 @@ struct ForwardRows {
 };
 template <int kV>
 struct BackwardRows {
-  static constexpr auto kernel = norm_backward_rows_reg_kernel<kV>;
+  static constexpr auto kernel = norm_backward_rows_reg_kernel<kV, float>;
+};
+template <int kV>
+struct BackwardRows16 {
+  static constexpr auto kernel = norm_backward_rows_reg_kernel<kV, __nv_bfloat16>;
 };
 
 }  // namespace
@@ -522,11 +577,12 @@ void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, c
   MAMBA3_LAUNCH_CHECK();
 }
 
-void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
-                       const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
-                       NormGradScratch& scratch, uint16_t* dx16) {
-  if (rows <= 0 || D <= 0) return;
-  MAMBA3_CHECK(b_or_null || !db_or_null, "norm_backward_gpu: a bias gradient asked of an RMSNorm (no bias)");
+namespace {
+
+template <typename G>
+void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t rows, int64_t D, const float* w,
+                         const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
+                         NormGradScratch& scratch, uint16_t* dx16) {
   const int64_t rpb = rows_per_block(rows), nblocks = (rows + rpb - 1) / rpb;
   const bool with_db = db_or_null != nullptr;
   scratch.partial.reserve(size_t(nblocks * D) * sizeof(float) * (with_db ? 2 : 1));
@@ -551,10 +607,17 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
   const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   const int staged_warps = int(rpb);
   const size_t staged_bytes = size_t(staged_warps) * (2 * size_t(D) * sizeof(float) + sizeof(RowGrad));
-  if (pick_register_kernel<BackwardRows, 8, 16>(D, [&](auto kernel) { launch(kernel); })) {
-  } else if (staged_rows_enabled() && D % 4 == 0 && rpb <= kNormBackwardWarps && aligned(x) && aligned(dy) &&
+  const auto pick_rows = [&] {
+    if constexpr (std::is_same_v<G, float>)
+      return pick_register_kernel<BackwardRows, 8, 16>(D, [&](auto kernel) { launch(kernel); });
+    else
+      return pick_register_kernel<BackwardRows16, 8, 16>(D, [&](auto kernel) { launch(kernel); });
+  };
+  if (pick_rows()) {
+  } else if (staged_rows_enabled() && D % (std::is_same_v<G, float> ? 4 : 8) == 0 && rpb <= kNormBackwardWarps &&
+             aligned(x) && aligned(dy) &&
              aligned(dx) && staged_bytes <= size_t(kNormBackwardStagedBytes)) {
-    auto* kernel = norm_backward_rows_staged_kernel;
+    auto* kernel = norm_backward_rows_staged_kernel<G>;
     if (staged_bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(staged_bytes)));
     // All of the SM's shared memory for it (the default split left room for two blocks of D = 768).
@@ -565,23 +628,41 @@ void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t 
                                                                       reinterpret_cast<__nv_bfloat16*>(dx16));
     MAMBA3_LAUNCH_CHECK();
   } else {
-    launch(norm_backward_rows_kernel, D);
+    launch(norm_backward_rows_kernel<G>, D);
   }
   norm_backward_sum_kernel<<<unsigned((D + 31) / 32), 1024, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
   MAMBA3_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
+                       const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
+                       NormGradScratch& scratch, uint16_t* dx16, const uint16_t* dy16) {
+  if (rows <= 0 || D <= 0) return;
+  MAMBA3_CHECK(b_or_null || !db_or_null, "norm_backward_gpu: a bias gradient asked of an RMSNorm (no bias)");
+  MAMBA3_CHECK((dy != nullptr) != (dy16 != nullptr), "norm_backward_gpu: dy must be given once, in f32 or in bf16");
+  if (dy16)
+    norm_backward_typed(s, x, reinterpret_cast<const __nv_bfloat16*>(dy16), rows, D, w, b_or_null, eps, dx,
+                        accumulate_dx, dw, db_or_null, scratch, dx16);
+  else
+    norm_backward_typed(s, x, dy, rows, D, w, b_or_null, eps, dx, accumulate_dx, dw, db_or_null, scratch, dx16);
+}
+
 void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* hidden, int64_t rows, int64_t D,
-                               const float* w, const float* b, float eps, float* res_out, float* y, uint16_t* y16) {
+                               const float* w, const float* b, float eps, float* res_out, float* y, uint16_t* y16,
+                               const uint16_t* hidden16) {
   if (rows <= 0 || D <= 0) return;
   MAMBA3_CHECK(y || y16, "residual_norm_forward_gpu: no output (y and y16 both null)");
+  MAMBA3_CHECK(!(hidden && hidden16), "residual_norm_forward_gpu: hidden given both in f32 and in bf16");
   __nv_bfloat16* out16 = reinterpret_cast<__nv_bfloat16*>(y16);
+  const __nv_bfloat16* in16 = reinterpret_cast<const __nv_bfloat16*>(hidden16);
   // Widths up to 2048 with a lane's columns in registers.
   if (!pick_register_kernel<ForwardRows, 8, 16, 24, 32, 48, 64>(D, [&](auto kernel) {
-        kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, w, b, eps, res_out, y, out16);
+        kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, w, b, eps, res_out, y, out16, in16);
       }))
     residual_norm_forward_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, D, w, b, eps, res_out,
-                                                                           y, out16);
+                                                                           y, out16, in16);
   MAMBA3_LAUNCH_CHECK();
 }
 

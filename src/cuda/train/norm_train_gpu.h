@@ -28,17 +28,20 @@ void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, c
 // y = Norm(res_out) as norm_forward_gpu forms it (the same float64 statistics, summed in another order). res_out
 // may alias prev, y may alias hidden; res_out and y must differ. y16 (optional, rows × D bf16 bits): y rounded to
 // nearest even as well, for the bf16 mode's products (no separate rounding pass); y may then be null (not written).
+// hidden16 (optional, rows × D bf16 bits): hidden given in bf16 (its producer's rounding) instead; hidden null then.
 void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* hidden, int64_t rows, int64_t D,
                                const float* w, const float* b, float eps, float* res_out, float* y,
-                               uint16_t* y16 = nullptr);
+                               uint16_t* y16 = nullptr, const uint16_t* hidden16 = nullptr);
 
 // x, dy, dx: (rows, D). dx is written (it may alias dy), or added to when accumulate_dx. dw (D) and db (D) are
 // added to; b_or_null and db_or_null are both null for RMSNorm (db_or_null may be null for LayerNorm to skip the
 // bias gradient). dx16 (optional, rows × D bf16 bits): the final dx rounded to nearest even as well, for the bf16
 // mode's products that read it next (TrainGemm::HeldA with A16).
+// dy16 (optional, rows × D bf16 bits): dy given in bf16 (its producer's rounding) instead; dy null then (dx may not
+// alias it).
 void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                        const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,
-                       NormGradScratch& scratch, uint16_t* dx16 = nullptr);
+                       NormGradScratch& scratch, uint16_t* dx16 = nullptr, const uint16_t* dy16 = nullptr);
 
 // Widths D = 32·k (k ≤ 16 in the backward, ≤ 64 in the residual step) run kernels that hold a lane's columns in
 // registers, and wider backward rows (D % 4 == 0, one row per warp) a kernel that stages them in shared memory
