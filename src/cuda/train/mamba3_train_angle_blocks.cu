@@ -122,10 +122,47 @@ __global__ void angle_block_write_kernel(MixerDims d, const float* __restrict__ 
   }
 }
 
-// The backward's first kernel, a thread per (bh, segment, angle) (consecutive threads: angles, then segments of one
-// bh): its sum of dφ over the segment from the last token down, the per-angle suffix kernel's total. (A block per
-// (b, segment) with warps over the heads read at 1.6 TB/s against this form's ~3.)
-__global__ void angle_block_totals_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
+// The backward's first kernel: each (bh, segment, angle)'s sum of dφ over the segment. A segment of one bh is a
+// contiguous (n, S) block, so a warp per (bh, segment) streams it as float4s: with S/4 dividing 32 each lane keeps
+// one group of 4 angles and takes every (128/S)-th token (tokens in increasing order), then the lanes of a group add
+// their partials by butterflies (offsets S/4, S/2, …). (A thread per (bh, segment, angle) walking its tokens read
+// 128-byte rows 128 bytes apart at 1.6 TB/s.) The order of the sum is this kernel's own; every backward path takes
+// its totals from here (launch_angle_totals), so all of them carry the same bits.
+template <int kS>
+__global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
+  constexpr int kGroups = kS / 4, kPhases = 32 / kGroups, kBatch = 8;
+  const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
+  const int64_t task = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // (bh, segment)
+  if (task >= int64_t(d.B) * d.H * nseg) return;  // whole warps
+  const int lane = threadIdx.x % 32, sg = int(task % nseg), t0 = sg * kAngleSegment;
+  const int n = min(kAngleSegment, d.L - t0), group = lane % kGroups, phase = lane / kGroups;
+  const int64_t bh = task / nseg;
+  const float4* g4 = reinterpret_cast<const float4*>(dphi + (bh * d.L + t0) * kS) + group;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int t1 = phase; t1 < n; t1 += kPhases * kBatch) {
+    float4 v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int t = t1 + k * kPhases;
+      v[k] = t < n ? g4[int64_t(t) * kGroups] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      acc.x += v[k].x, acc.y += v[k].y, acc.z += v[k].z, acc.w += v[k].w;
+    }
+  }
+#pragma unroll
+  for (int o = kGroups; o < 32; o <<= 1) {
+    acc.x += __shfl_xor_sync(0xffffffffu, acc.x, o);
+    acc.y += __shfl_xor_sync(0xffffffffu, acc.y, o);
+    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, o);
+    acc.w += __shfl_xor_sync(0xffffffffu, acc.w, o);
+  }
+  if (phase == 0) reinterpret_cast<float4*>(seg + task * kS)[group] = acc;
+}
+
+// The same sums for any S, a thread per (bh, segment, angle) walking the segment's tokens in increasing order.
+__global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
@@ -134,13 +171,13 @@ __global__ void angle_block_totals_kernel(MixerDims d, const float* __restrict__
   const int sg = int(bs % nseg), t0 = sg * kAngleSegment, n = min(kAngleSegment, d.L - t0);
   const float* g = dphi + (bh * d.L + t0) * d.S + i;
   float run = 0;
-  for (int t1 = n - 1; t1 >= 0; t1 -= kLoadsAhead) {
+  for (int t1 = 0; t1 < n; t1 += kLoadsAhead) {
     float v[kLoadsAhead];
 #pragma unroll
-    for (int k = 0; k < kLoadsAhead; ++k) v[k] = g[int64_t(max(t1 - k, 0)) * d.S];
+    for (int k = 0; k < kLoadsAhead; ++k) v[k] = g[int64_t(min(t1 + k, n - 1)) * d.S];
 #pragma unroll
     for (int k = 0; k < kLoadsAhead; ++k) {
-      if (t1 - k < 0) break;
+      if (t1 + k >= n) break;
       run += v[k];
     }
   }
@@ -287,6 +324,25 @@ bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, c
   return true;
 }
 
+void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg) {
+  const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment, tasks = int64_t(d.B) * d.H * nseg;
+  if (tasks * d.S == 0) return;
+  const auto warps = [&](auto kernel) {
+    kernel<<<unsigned((tasks + 7) / 8), 256, 0, s>>>(d, dphi, seg);
+  };
+  switch (d.S) {
+    case 4: warps(angle_totals_warp_kernel<4>); break;
+    case 8: warps(angle_totals_warp_kernel<8>); break;
+    case 16: warps(angle_totals_warp_kernel<16>); break;
+    case 32: warps(angle_totals_warp_kernel<32>); break;
+    case 64: warps(angle_totals_warp_kernel<64>); break;
+    case 128: warps(angle_totals_warp_kernel<128>); break;
+    default:
+      angle_totals_thread_kernel<<<unsigned((tasks * d.S + 127) / 128), 128, 0, s>>>(d, dphi, seg);
+  }
+  MAMBA3_LAUNCH_CHECK();
+}
+
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) {
   const MixerDims& d = p.d;
   const size_t bytes = backward_shared_bytes(d);
@@ -294,9 +350,7 @@ bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) 
   if (!blocks_apply(d, bytes) || d.S > 32 * kMaxChunks || d.H > kMaxWarps * kMaxHeadSlots) return false;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
-  const int64_t totals = int64_t(d.B) * d.H * nseg * d.S;
-  angle_block_totals_kernel<<<unsigned((totals + 127) / 128), 128, 0, s>>>(d, p.dphi, p.seg);
-  MAMBA3_LAUNCH_CHECK();
+  launch_angle_totals(s, d, p.dphi, p.seg);
   const int chunks = (d.S + 31) / 32;
   const auto kernel = chunks == 1 ? (slots == 1 ? angle_block_backward_kernel<1, 1> : angle_block_backward_kernel<1, 2>)
                                    : (slots == 1 ? angle_block_backward_kernel<2, 1> : angle_block_backward_kernel<2, 2>);

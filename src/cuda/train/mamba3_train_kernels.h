@@ -221,6 +221,9 @@ struct AngleBackwardParams {
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 // Its segment-block form without the dt_bias partial (false: does not apply, nothing launched); dφ is only read.
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p);
+// The sums of dφ over each segment of kAngleSegment tokens into seg (B·H, segments, S), in the one order every angle
+// backward path uses for its carries.
+void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg);
 
 // Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)
 // summed into their B/C groups and the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each).

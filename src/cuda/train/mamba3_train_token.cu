@@ -227,10 +227,11 @@ __global__ void __launch_bounds__(kFusedAngleMaxThreads, 1)
 
 // The angle backward, step 1: dΦ_t = Σ_{t' ≥ t} dφ_{t'}, in two levels so that the walks are short: one thread per
 // (bh, segment, i) sums its segment of kAngleSegment tokens backwards in place (loads of kAhead tokens issued before
-// their adds) and leaves the segment's total in seg; then one thread per (bh, i) turns the totals into the sums of the
-// later segments, which the token kernel adds. (A walk over all L tokens per (bh, i) ran 6144 threads through 2048
+// their adds); the segments' totals come from launch_angle_totals (before, on the unsummed dφ: the order every path
+// shares); then one thread per (bh, i) turns the totals into the sums of the later segments, which the token kernel
+// adds. (A walk over all L tokens per (bh, i) ran 6144 threads through 2048
 // dependent steps at 125M: most of the angle backward's 1 ms per layer.)
-__global__ void angle_suffix_local_kernel(MixerDims d, float* __restrict__ dphi, float* __restrict__ seg) {
+__global__ void angle_suffix_local_kernel(MixerDims d, float* __restrict__ dphi) {
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
@@ -250,7 +251,6 @@ __global__ void angle_suffix_local_kernel(MixerDims d, float* __restrict__ dphi,
       g[int64_t(t1 - k) * d.S] = run;
     }
   }
-  seg[e] = run;
 }
 
 __global__ void angle_suffix_carry_kernel(MixerDims d, float* __restrict__ seg) {
@@ -554,7 +554,8 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
   }
   if (lanes > 0) {
     const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
-    angle_suffix_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, p.dphi, p.seg);
+    launch_angle_totals(s, d, p.dphi, p.seg);  // from dφ before the local sums overwrite it
+    angle_suffix_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, p.dphi);
     MAMBA3_LAUNCH_CHECK();
     angle_suffix_carry_kernel<<<blocks_for(lanes, 128), 128, 0, s>>>(d, p.seg);
     MAMBA3_LAUNCH_CHECK();
