@@ -390,17 +390,26 @@ TEST(Mamba3TrainGpu, BatchedColumnSumsMatchSingleOnes) {
 // The angle kernels' three forms — segment blocks over all heads (scan and backward), the fused scan (one kernel per
 // head and tile of angles), the split scan (local scans, carries, finish pass) with the per-angle backward — give the
 // same φ and dφ sums bit for bit, so the same output and gradients, in the f32 and bf16 modes, on every layer case
-// (no_rotary, odd angle counts, MIMO), lengths within a segment, across segments, a partial tile of the backward
-// (L 300: a last segment of 44 tokens) and past the fused kernel's reach (L 4097: blocks, then split).
+// (no_rotary, odd angle counts, MIMO) and on layers of 24 and 30 heads (the block backward's warps taking one or two
+// heads), lengths within a segment, across segments, a partial tile of the backward (L 300: a last segment of 44
+// tokens) and past the fused kernel's reach (L 4097: blocks, then split).
 TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
   MAMBA3_REQUIRE_GPU();
   using cuda::train_detail::AnglesMode;
   struct Restore {
     ~Restore() { cuda::train_detail::set_angles_mode(AnglesMode::kBlocks); }
   } restore;
-  for (const LayerCase& lc : tensor_core_cases())
+  std::vector<LayerCase> cases = tensor_core_cases();
+  // Many heads: 24 (the 125M shape's heads and S 32: one warp per head) and 30 (the block backward's warps take two).
+  Mamba3Config c = small(false, 1);
+  c.d_model = 96, c.headdim = 8, c.d_state = 128;
+  cases.push_back({"siso 24 heads d_state 128", c});
+  c.d_model = 120, c.d_state = 64;
+  cases.push_back({"siso 30 heads d_state 64", c});
+  for (const LayerCase& lc : cases)
     for (const int64_t L : {1, 63, 65, 300, 4097}) {
-      if (L == 4097 && lc.c.d_state != 128) continue;  // one long case
+      if (L == 4097 && (lc.c.d_state != 128 || lc.c.d_model == 96)) continue;  // one long case
+      if (lc.c.d_model >= 96 && (L == 1 || L == 63)) continue;
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       auto [mixer, u, dout] = random_layer(lc.c, L == 4097 ? 1 : 2, L, uint32_t(70 + L));
       for (const Precision p : {Precision::F32, Precision::BF16}) {
