@@ -80,8 +80,12 @@ __device__ __forceinline__ float segment_scan(const float* rate, const float* dt
 // Shared memory of the scan kernels: rates (kAngleSegment, S), then Δ (H, kAngleSegment).
 size_t scan_shared_bytes(const MixerDims& d) { return size_t(kAngleSegment) * (d.S + d.H) * sizeof(float); }
 
-__global__ void angle_block_ends_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
-                                        float* __restrict__ ends) {
+// The scan's two kernels, one body: kWrite false scans each (head, angle) through its segment from 0 and leaves the
+// end in ends; kWrite true forms the segment's start from the earlier segments' ends (the carry recurrence, in
+// order), scans again and writes wrap(local + start) into phi.
+template <bool kWrite>
+__global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
+                                        float* __restrict__ ends, float* __restrict__ phi) {
   extern __shared__ float scan_sm[];
   const Segment s = this_segment(d);
   float *rate = scan_sm, *dts = scan_sm + kAngleSegment * d.S;
@@ -90,37 +94,26 @@ __global__ void angle_block_ends_kernel(MixerDims d, const float* __restrict__ z
   for (int e = threadIdx.x; e < d.H * d.S; e += blockDim.x) {
     const int h = e / d.S, i = e - h * d.S;
     const int64_t bh = int64_t(s.b) * d.H + h;
-    ends[(bh * s.nseg + s.sg) * d.S + i] =
-        segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i, [](int, float) {});
-  }
-}
-
-__global__ void angle_block_write_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
-                                         const float* __restrict__ ends, float* __restrict__ phi) {
-  extern __shared__ float scan_sm[];
-  const Segment s = this_segment(d);
-  float *rate = scan_sm, *dts = scan_sm + kAngleSegment * d.S;
-  stage_segment(d, s, zx, dt, rate, dts, [](float z) { return angle_rate(z, false); });
-  __syncthreads();
-  for (int e = threadIdx.x; e < d.H * d.S; e += blockDim.x) {
-    const int h = e / d.S, i = e - h * d.S;
-    const int64_t bh = int64_t(s.b) * d.H + h;
-    // The segment's start: the carry recurrence over the earlier segments' ends, in order.
-    const float* end = ends + bh * s.nseg * d.S + i;
-    float start = 0;
-    for (int s0 = 0; s0 < s.sg; s0 += kLoadsAhead) {
-      float v[kLoadsAhead];
+    if constexpr (!kWrite) {
+      ends[(bh * s.nseg + s.sg) * d.S + i] =
+          segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i, [](int, float) {});
+    } else {
+      const float* end = ends + bh * s.nseg * d.S + i;
+      float start = 0;
+      for (int s0 = 0; s0 < s.sg; s0 += kLoadsAhead) {
+        float v[kLoadsAhead];
 #pragma unroll
-      for (int k = 0; k < kLoadsAhead; ++k) v[k] = end[int64_t(min(s0 + k, s.sg - 1)) * d.S];
+        for (int k = 0; k < kLoadsAhead; ++k) v[k] = end[int64_t(min(s0 + k, s.sg - 1)) * d.S];
 #pragma unroll
-      for (int k = 0; k < kLoadsAhead; ++k) {
-        if (s0 + k >= s.sg) break;
-        start = wrap_angle(start + v[k]);
+        for (int k = 0; k < kLoadsAhead; ++k) {
+          if (s0 + k >= s.sg) break;
+          start = wrap_angle(start + v[k]);
+        }
       }
+      float* out = phi + (bh * d.L + s.t0) * d.S + i;
+      segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i,
+                   [&](int t, float v) { out[int64_t(t) * d.S] = wrap_angle(v + start); });
     }
-    float* out = phi + (bh * d.L + s.t0) * d.S + i;
-    segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i,
-                 [&](int t, float v) { out[int64_t(t) * d.S] = wrap_angle(v + start); });
   }
 }
 
@@ -336,9 +329,9 @@ bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, c
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int threads = int(std::min<int64_t>(1024, (int64_t(d.H) * d.S + 31) / 32 * 32));
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
-  angle_block_ends_kernel<<<blocks, threads, bytes, s>>>(d, zx, dt, seg);
+  angle_block_scan_kernel<false><<<blocks, threads, bytes, s>>>(d, zx, dt, seg, nullptr);
   MAMBA3_LAUNCH_CHECK();
-  angle_block_write_kernel<<<blocks, threads, bytes, s>>>(d, zx, dt, seg, phi);
+  angle_block_scan_kernel<true><<<blocks, threads, bytes, s>>>(d, zx, dt, seg, phi);
   MAMBA3_LAUNCH_CHECK();
   return true;
 }
