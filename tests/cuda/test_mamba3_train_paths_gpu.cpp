@@ -261,6 +261,30 @@ TEST(Mamba3TrainGpu, OutputBackwardTokensInFlightMatchOneAtATime) {
     }
 }
 
+// The SISO build for sequences of whole chunks (chunk_scalars_kernel, then batched_build_siso_full_kernel: pointers
+// stepped per row, no padding predicates, no barriers) against its general kernel: the same loads and the same explicit
+// roundings (chunk_token_scalars, Λ's fused multiply-adds in token order, rotated_pair, w·x rounded once), so every
+// output and gradient must have the same bits — with x read from the in_proj's bf16 copy and from zx's f32 columns;
+// L = 64 and 192 take the new kernels, L = 65 (a partial chunk) the general one in both runs.
+TEST(Mamba3TrainGpu, BuildFastPathGivesTheGeneralLoopsBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(false))
+    for (const int64_t L : {64, 192, 65})
+      for (const bool zx16 : {true, false}) {
+        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (zx16 ? " bf16 x" : " f32 x"));
+        auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(2700 + L));
+        CoreLayerStep step(mixer, u, dout);
+        step.train.set_zx_bf16(zx16);
+        auto run = [&](bool fast) {
+          step.train.set_build_fast(fast);
+          return step.run();
+        };
+        const GpuResult general = run(false), fast = run(true);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(fast));
+        EXPECT_TRUE(bit_identical(general, fast)) << "the full-chunk path changed bits";
+      }
+}
+
 // The B/C norm backward inside the SISO rotation backward (a block walks all head slots of its B/C group, the slot
 // sums in shared memory, then the norm backward) against the rotation backward writing dBn/dCn per slot for the
 // separate kernel: the same sums in the same order and the same expressions, so du and every gradient agree to a

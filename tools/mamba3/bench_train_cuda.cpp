@@ -99,7 +99,7 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
   }
   const double tok_s = double(micro * B * L) / s, tflops = train_flops_per_token(c) * tok_s / 1e12;
   const std::string shape = micro > 1 ? fmt::format("{}×{}×{}", micro, B, L) : fmt::format("{}×{}", B, L);
-  std::printf("  %-28s %8.1fM %12s %10.1f %10.0f %9.1f %6.1f%%   (loss %.3f)\n", label.c_str(),
+  std::printf("  %-28s %8.1fM %12s %10.1f %10.0f %9.1f %6.1f%%   (loss %.6f)\n", label.c_str(),
               parameter_count(params) / 1e6, shape.c_str(), s * 1e3, tok_s, tflops, 100.0 * tflops / peak, loss);
   std::fflush(stdout);
 }

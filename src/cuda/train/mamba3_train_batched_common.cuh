@@ -39,6 +39,18 @@ __device__ __forceinline__ float dO_at(const BatchedParams& p, int64_t i) {
   return p.dO16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.dO16)[i]) : p.dO[i];
 }
 
+// Token tl (< Tc) of the chunk: A, dt, γ = λ·dt and scale = λ·dt + (1 − λ_next)·dt_next, with the roundings written
+// out (the compiler's choice when this was one expression), so that chunk_scalars_kernel gives the same bits.
+__device__ __forceinline__ void chunk_token_scalars(const BatchedParams& p, const ChunkIndex& ix, int tl, float& a,
+                                                    float& dt, float& gam, float& scale) {
+  const MixerDims& d = p.d;
+  const int64_t st = ix.bh * d.L + ix.c0 + tl;
+  dt = p.dt[st], a = p.A[st];
+  gam = __fmul_rn(p.lam[st], dt);
+  const float next = ix.c0 + tl + 1 < d.L ? __fmul_rn(__fsub_rn(1.0f, p.lam[st + 1]), p.dt[st + 1]) : 0.0f;
+  scale = __fadd_rn(gam, next);
+}
+
 // The chunk scalars (Λ, e^Λ, γ, scale, w, e^{Λ_last}) into p and the block's shared memory (3·T floats); returns w
 // per token (shared memory) for w ⊙ v. Every thread of the block calls it (barriers inside).
 __device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams& p, const ChunkIndex& ix, float* sm) {
@@ -48,27 +60,20 @@ __device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams&
   const int64_t cs0 = ix.chunk * T;  // chunk-scalar index of token 0
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     float a = 0.0f, dt = 0.0f, gam = 0.0f, scale = 0.0f;
-    if (tl < ix.Tc) {
-      const int64_t st = ix.bh * d.L + ix.c0 + tl;
-      dt = p.dt[st], a = p.A[st];
-      const float lam = p.lam[st];
-      gam = lam * dt;
-      const float next = ix.c0 + tl + 1 < d.L ? (1.0f - p.lam[st + 1]) * p.dt[st + 1] : 0.0f;
-      scale = lam * dt + next;
-    }
+    if (tl < ix.Tc) chunk_token_scalars(p, ix, tl, a, dt, gam, scale);
     Lam[tl] = a, dtv[tl] = dt, wv[tl] = scale;
     p.gam[cs0 + tl] = gam, p.scale[cs0 + tl] = scale;
   }
   __syncthreads();
   if (threadIdx.x == 0) {  // Λ in token order, as the CPU sums it (padding adds exact zeros)
     float run = 0.0f;
-    for (int tl = 0; tl < T; ++tl) run += Lam[tl] * dtv[tl], Lam[tl] = run;
+    for (int tl = 0; tl < T; ++tl) run = __fmaf_rn(Lam[tl], dtv[tl], run), Lam[tl] = run;
     p.decay[ix.chunk] = expf(run);
   }
   __syncthreads();
   const float last = Lam[T - 1];
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
-    const float w = expf(last - Lam[tl]) * wv[tl];
+    const float w = __fmul_rn(expf(__fsub_rn(last, Lam[tl])), wv[tl]);
     p.Lam[cs0 + tl] = Lam[tl], p.eL[cs0 + tl] = expf(Lam[tl]), p.wv[cs0 + tl] = w;
     dtv[tl] = w;  // dtv now holds w
   }

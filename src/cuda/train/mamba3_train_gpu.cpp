@@ -127,6 +127,13 @@ int env_output_tokens() {
   return tokens;
 }
 
+// MAMBA3_TRAIN_BUILD_FAST, read once per process: the SISO build's path for full chunks ("1", the default) or its
+// general loop everywhere ("0"); the same bits.
+bool env_build_fast() {
+  static const bool on = env_choice("MAMBA3_TRAIN_BUILD_FAST", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -177,7 +184,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
-      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), zx_bf16_(env_zx16()) {
+      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -350,6 +357,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   BatchedParams p{};
   p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows), p.bf16 = bf16, p.siso_kernels = siso_kernels_;
   p.output_tokens = output_tokens_;
+  p.build_fast = build_fast_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.zx16 = act_->zx16_used ? act_->zx16.as<uint16_t>() : nullptr;

@@ -154,6 +154,9 @@ class Mamba3TrainGpu {
   // The SISO output-stage backward's tokens in flight per warp: 2 (each warp loads two tokens before finishing
   // either) or 1; the same bits. Default from MAMBA3_TRAIN_OUTPUT_TOKENS, read once per process: "2" or "1".
   void set_output_tokens(int tokens) { output_tokens_ = tokens == 1 ? 1 : 2; }
+  // The SISO build's path for full chunks (true) or its general loop everywhere (false); the same bits. Default from
+  // MAMBA3_TRAIN_BUILD_FAST, read once per process: "1" or "0".
+  void set_build_fast(bool on) { build_fast_ = on; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
   // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
@@ -255,6 +258,7 @@ class Mamba3TrainGpu {
   bool dqk16_ = true;                // dQ and dK in bf16 between the SISO cores and the rotation backward (set_dqk16)
   bool bc_norm_fusion_ = true;       // the B/C norm backward inside the SISO rotation backward (set_bc_norm_fusion)
   int output_tokens_ = 2;            // the SISO output-stage backward's tokens in flight per warp (set_output_tokens)
+  bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;

@@ -133,6 +133,9 @@ struct BatchedParams {
   bool siso_kernels;
   // The SISO output-stage backward's tokens in flight per warp, 1 or 2 (the same sums in the same order).
   int output_tokens;
+  // The SISO build's path for full chunks (addresses stepped from pointers made once, the chunk scalars by a kernel
+  // of their own before it); false: its general loop. The same bits.
+  bool build_fast;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those

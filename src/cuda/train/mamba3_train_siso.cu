@@ -21,6 +21,42 @@ bool build_siso_applies(const BatchedParams& p) {
          d.G >= 1 && d.H % d.G == 0;
 }
 
+// build_chunk_scalars' values for every chunk, a warp per (sequence, head, chunk): lane l takes tokens l and l + 32
+// (T ≤ 64), and every lane walks Λ's sum in token order with the same fused multiply-adds (the factors by shuffles,
+// ahead of the chain), keeping its own tokens' partial sums. The same expressions (chunk_token_scalars, expf) in the
+// same order: the same bits, without the build's barriers (its fast path reads w from p.wv).
+__global__ void __launch_bounds__(kThreads) chunk_scalars_kernel(const BatchedParams p) {
+  const int64_t chunk = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (chunk >= int64_t(p.d.B) * p.d.H * p.nc) return;  // (whole warps)
+  const ChunkIndex ix(p, chunk);
+  const int lane = threadIdx.x % 32, T = p.T;
+  const int64_t cs0 = chunk * T;
+  float a[2], dt[2], scale[2], lam_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tl = lane + 32 * i;
+    float gam = 0.0f;
+    a[i] = dt[i] = scale[i] = 0.0f;
+    if (tl < ix.Tc) chunk_token_scalars(p, ix, tl, a[i], dt[i], gam, scale[i]);
+    if (tl < T) p.gam[cs0 + tl] = gam, p.scale[cs0 + tl] = scale[i];
+  }
+  float run = 0.0f;
+#pragma unroll
+  for (int tl = 0; tl < 64; ++tl) {
+    const float at = __shfl_sync(0xffffffffu, a[tl / 32], tl % 32), dtt = __shfl_sync(0xffffffffu, dt[tl / 32], tl % 32);
+    if (tl < T) run = __fmaf_rn(at, dtt, run);
+    if (lane == tl % 32) lam_sum[tl / 32] = run;
+  }
+  if (lane == 0) p.decay[chunk] = expf(run);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tl = lane + 32 * i;
+    if (tl >= T) continue;
+    p.Lam[cs0 + tl] = lam_sum[i], p.eL[cs0 + tl] = expf(lam_sum[i]);
+    p.wv[cs0 + tl] = __fmul_rn(expf(__fsub_rn(run, lam_sum[i])), scale[i]);
+  }
+}
+
 // The SISO build for the cores' shapes in the bf16 mode (zx rows 16-byte aligned): the generic kernel's arithmetic,
 // but each lane takes kE = max(N/32, 2) consecutive elements of a row's q and k (kE/2 rotary pairs, the head's biases
 // held in registers) and P/32 channels of v with vector loads and stores; two rows per warp at a time, every load
@@ -34,15 +70,16 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   extern __shared__ float sm[];
-  const float* wts = build_chunk_scalars(p, ix, sm);  // w per token
   const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
   const bool qk_lane = lane < kLanes;
   float bq[kE], bk[kE];
 #pragma unroll
   for (int e = 0; e < kE; ++e)
     bq[e] = qk_lane ? p.C_bias[int64_t(ix.h) * N + n0 + e] : 0.0f, bk[e] = qk_lane ? p.B_bias[int64_t(ix.h) * N + n0 + e] : 0.0f;
+  const float* wts = build_chunk_scalars(p, ix, sm);  // w per token
   for (int j0 = warp; j0 < p.T; j0 += kRowsAhead * kWarps) {
-    float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC];
+    const float* wp = p.wv + ix.chunk * p.T + warp;  // (chunk_scalars_kernel's w, by the build's rows)
+    float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC], w[kRowsAhead];
 #pragma unroll
     for (int a = 0; a < kRowsAhead; ++a) {
       const int tl = j0 + a * kWarps;
@@ -128,6 +165,121 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
         vd[0] = __float2bfloat16_rn(x[a][0]), wd[0] = __float2bfloat16_rn(w * x[a][0]);
       }
     }
+  }
+}
+
+// The SISO build where every chunk is full (L a multiple of T, T of 16): batched_build_siso_kernel's loads,
+// arithmetic and stores, with the addresses of the warp's rows stepped from pointers made once, no padding-row
+// predicates, and the chunk scalars (w for w ⊙ v) from chunk_scalars_kernel, run before, instead of
+// build_chunk_scalars' three barriers and serial scan. (ncu, 125M: half of the general kernel's 1,300 instructions per
+// warp were 64-bit index and address arithmetic, and 21 % of its stall samples were warps waiting at those barriers.)
+template <int N, int P, bool kX16>
+__global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(const BatchedParams p) {
+  constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kC = P / 32, kRowsAhead = 2;
+  using bf16 = __nv_bfloat16;
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
+  const bool qk_lane = lane < kLanes;
+  float bq[kE], bk[kE];
+#pragma unroll
+  for (int e = 0; e < kE; ++e)
+    bq[e] = qk_lane ? p.C_bias[int64_t(ix.h) * N + n0 + e] : 0.0f, bk[e] = qk_lane ? p.B_bias[int64_t(ix.h) * N + n0 + e] : 0.0f;
+  const int64_t tok0 = int64_t(ix.b) * d.L + ix.c0 + warp, row0 = ix.chunk * p.rows + warp;
+  const float* zc = p.zx + tok0 * d.din + d.off_C + int64_t(g) * N + n0;
+  const int bc_off = d.off_B - d.off_C, z_step = kWarps * d.din;  // (32-bit steps: fewer live registers)
+  const float* ph = p.phi + (ix.bh * d.L + ix.c0 + warp) * d.S + n0 / 2;
+  const int ph_step = kWarps * d.S;
+  const int64_t xcol = d.off_x + int64_t(ix.h) * P + lane * kC;
+  const int64_t x_pitch = kX16 ? 2 * int64_t(d.d_inner) : d.din;
+  const int x_step = kWarps * int(x_pitch);
+  const bf16* x16 = kX16 ? reinterpret_cast<const bf16*>(p.zx16) + tok0 * x_pitch + xcol : nullptr;
+  const float* x32 = kX16 ? nullptr : p.zx + tok0 * x_pitch + xcol;
+  bf16* qd = static_cast<bf16*>(p.Q) + row0 * N + n0;
+  bf16* kd = static_cast<bf16*>(p.K) + row0 * N + n0;
+  bf16* vd = static_cast<bf16*>(p.V) + row0 * P + lane * kC;
+  bf16* wd = static_cast<bf16*>(p.Vw) + row0 * P + lane * kC;
+  bool rot[kE / 2];
+#pragma unroll
+  for (int m = 0; m < kE / 2; ++m) rot[m] = qk_lane && n0 / 2 + m < d.S;
+  constexpr int kStepN = kWarps * N, kStepP = kWarps * P;
+  const float* wp = p.wv + ix.chunk * p.T + warp;  // (chunk_scalars_kernel's w, by the build's rows)
+  float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC], w[kRowsAhead];
+  // The next kRowsAhead rows' loads into c, k, cs, x; then the pointers step past them.
+  const auto load = [&] {
+#pragma unroll
+    for (int a = 0; a < kRowsAhead; ++a) {
+      const float* zca = zc + a * z_step;
+      w[a] = wp[a * kWarps];
+      if (qk_lane) {
+        if constexpr (kE == 4) {
+          const float4 cv = *reinterpret_cast<const float4*>(zca), kv = *reinterpret_cast<const float4*>(zca + bc_off);
+          c[a][0] = cv.x, c[a][1] = cv.y, c[a][2] = cv.z, c[a][3] = cv.w;
+          k[a][0] = kv.x, k[a][1] = kv.y, k[a][2] = kv.z, k[a][3] = kv.w;
+        } else {
+          const float2 cv = *reinterpret_cast<const float2*>(zca), kv = *reinterpret_cast<const float2*>(zca + bc_off);
+          c[a][0] = cv.x, c[a][1] = cv.y, k[a][0] = kv.x, k[a][1] = kv.y;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kE; ++e) c[a][e] = k[a][e] = 0.0f;
+      }
+#pragma unroll
+      for (int m = 0; m < kE / 2; ++m) {
+        const float2 r = rot[m] ? rotary_cos_sin(ph[a * ph_step + m]) : make_float2(1.0f, 0.0f);
+        cs[a][m][0] = r.x, cs[a][m][1] = r.y;
+      }
+      if constexpr (kX16) {
+        const bf16* xr = x16 + a * x_step;
+        if constexpr (kC == 2) {
+          const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr));
+          x[a][0] = xv.x, x[a][1] = xv.y;
+        } else {
+          x[a][0] = __bfloat162float(xr[0]);
+        }
+      } else {
+        const float* xr = x32 + a * x_step;
+        if constexpr (kC == 2) {
+          const float2 xv = *reinterpret_cast<const float2*>(xr);
+          x[a][0] = xv.x, x[a][1] = xv.y;
+        } else {
+          x[a][0] = xr[0];
+        }
+      }
+    }
+    zc += kRowsAhead * z_step, ph += kRowsAhead * ph_step, wp += kRowsAhead * kWarps;
+    if constexpr (kX16) x16 += kRowsAhead * x_step;
+    else x32 += kRowsAhead * x_step;
+  };
+  load();
+  for (int j0 = warp; j0 < p.T; j0 += kRowsAhead * kWarps) {
+#pragma unroll
+    for (int a = 0; a < kRowsAhead; ++a) {
+      if (qk_lane) {
+        __nv_bfloat162 qo[kE / 2], ko[kE / 2];
+#pragma unroll
+        for (int m = 0; m < kE / 2; ++m) {
+          const float cv = cs[a][m][0], sv = cs[a][m][1];
+          qo[m] = rotated_pair(c[a][2 * m], c[a][2 * m + 1], bq[2 * m], bq[2 * m + 1], cv, sv, rot[m]);
+          ko[m] = rotated_pair(k[a][2 * m], k[a][2 * m + 1], bk[2 * m], bk[2 * m + 1], cv, sv, rot[m]);
+        }
+        if constexpr (kE == 4) {
+          *reinterpret_cast<uint2*>(qd + a * kStepN) = *reinterpret_cast<const uint2*>(qo);
+          *reinterpret_cast<uint2*>(kd + a * kStepN) = *reinterpret_cast<const uint2*>(ko);
+        } else {
+          *reinterpret_cast<uint32_t*>(qd + a * kStepN) = *reinterpret_cast<const uint32_t*>(qo);
+          *reinterpret_cast<uint32_t*>(kd + a * kStepN) = *reinterpret_cast<const uint32_t*>(ko);
+        }
+      }
+      if constexpr (kC == 2) {
+        *reinterpret_cast<__nv_bfloat162*>(vd + a * kStepP) = __floats2bfloat162_rn(x[a][0], x[a][1]);
+        *reinterpret_cast<__nv_bfloat162*>(wd + a * kStepP) = __floats2bfloat162_rn(w[a] * x[a][0], w[a] * x[a][1]);
+      } else {
+        vd[a * kStepP] = __float2bfloat16_rn(x[a][0]), wd[a * kStepP] = __float2bfloat16_rn(w[a] * x[a][0]);
+      }
+    }
+    qd += kRowsAhead * kStepN, kd += kRowsAhead * kStepN, vd += kRowsAhead * kStepP, wd += kRowsAhead * kStepP;
+    if (j0 + kRowsAhead * kWarps < p.T) load();
   }
 }
 
@@ -457,15 +609,27 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   // The cores' shapes and 16-byte-aligned zx rows (its vector loads).
   const MixerDims& d = p.d;
   if (!build_siso_applies(p)) return false;
+  const bool full = p.build_fast && d.L % p.T == 0 && p.T % (2 * kWarps) == 0;
+  if (full) {  // the chunk scalars first (batched_build_siso_full_kernel reads w from them)
+    const int64_t chunks = int64_t(d.B) * d.H * p.nc;
+    chunk_scalars_kernel<<<unsigned((chunks + kWarps - 1) / kWarps), kThreads, 0, s>>>(p);
+    MAMBA3_LAUNCH_CHECK();
+  }
   const auto run = [&](auto x16) {
     constexpr bool kX16 = decltype(x16)::value;
-    const auto go = [&](auto kernel) { launch_per_chunk(kernel, s, p, size_t(3 * p.T)); };
+    const auto go = [&](auto general, auto whole) {
+      if (full) launch_per_chunk(whole, s, p, 0);
+      else launch_per_chunk(general, s, p, size_t(3 * p.T));
+    };
     if (d.N == 128)
-      d.P == 64 ? go(batched_build_siso_kernel<128, 64, kX16>) : go(batched_build_siso_kernel<128, 32, kX16>);
+      d.P == 64 ? go(batched_build_siso_kernel<128, 64, kX16>, batched_build_siso_full_kernel<128, 64, kX16>)
+                : go(batched_build_siso_kernel<128, 32, kX16>, batched_build_siso_full_kernel<128, 32, kX16>);
     else if (d.N == 64)
-      d.P == 64 ? go(batched_build_siso_kernel<64, 64, kX16>) : go(batched_build_siso_kernel<64, 32, kX16>);
+      d.P == 64 ? go(batched_build_siso_kernel<64, 64, kX16>, batched_build_siso_full_kernel<64, 64, kX16>)
+                : go(batched_build_siso_kernel<64, 32, kX16>, batched_build_siso_full_kernel<64, 32, kX16>);
     else
-      d.P == 64 ? go(batched_build_siso_kernel<32, 64, kX16>) : go(batched_build_siso_kernel<32, 32, kX16>);
+      d.P == 64 ? go(batched_build_siso_kernel<32, 64, kX16>, batched_build_siso_full_kernel<32, 64, kX16>)
+                : go(batched_build_siso_kernel<32, 32, kX16>, batched_build_siso_full_kernel<32, 32, kX16>);
   };
   if (p.zx16) run(std::true_type{});
   else run(std::false_type{});

@@ -343,6 +343,8 @@ __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
   const int lane = threadIdx.x % 32, b = int(bh / d.H), h = int(bh % d.H);
   const float* col = p.dzx + int64_t(b) * d.L * d.din + d.off_dt + h;
   float dtb = 0;
+  // (16 loads in flight per lane before their adds, in the same order: the column's loads are a strided gather)
+#pragma unroll 16
   for (int t = lane; t < d.L; t += 32) dtb += col[int64_t(t) * d.din];
   dtb = warp_sum(dtb);
   if (lane == 0) p.part_dt_bias[bh] = dtb;
@@ -438,6 +440,7 @@ __global__ void colsum_batch_kernel(const ColsumBatch b) {
   const int64_t r0 = seg * seg_rows, r1 = min(rows, r0 + seg_rows);
   float acc = 0;
   if (c < jb.cols)
+#pragma unroll 16
     for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) acc += in[r * jb.cols + c];
   red[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
