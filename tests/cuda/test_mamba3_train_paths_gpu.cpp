@@ -285,6 +285,34 @@ TEST(Mamba3TrainGpu, BuildFastPathGivesTheGeneralLoopsBits) {
       }
 }
 
+// The SISO output-stage backward's kernel for whole chunks (the training step's configuration: z, dO and dzx in bf16,
+// the forward's o kept; compile-time flags, stepped pointers) against its general kernel: the same expressions and sum
+// orders, compiled apart (the compiler may contract a product differently: the bound is SISO-vs-generic's, a few bf16
+// roundings), with and without the output norm, on sequences of whole chunks.
+TEST(Mamba3TrainGpu, OutputBackwardFullChunksMatchTheGeneralKernel) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(false))
+    for (const int64_t L : {64, 192}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(2900 + L));
+      CoreLayerStep step(mixer, u, dout);
+      step.train.set_zx_bf16(true);
+      step.train.set_dzx_bf16(true);
+      auto run = [&](bool full) {
+        step.train.set_output_full(full);
+        return step.run(true);
+      };
+      const GpuResult general = run(false), full = run(true), again = run(true);
+      ASSERT_NO_FATAL_FAILURE(assert_finite(full));
+      EXPECT_TRUE(bit_identical(full, again)) << "not deterministic";
+      double worst = 0;
+      std::string where;
+      compare(full, general.out, general.du, general.grads, kTolSisoVsGeneric, kTolSisoVsGeneric, worst, where);
+      std::printf("  %-34s L=%-3lld whole-chunk kernel vs general: %s, worst %.2e (%s)\n", lc.name, (long long)L,
+                  bit_identical(general, full) ? "same bits" : "differ", worst, where.c_str());
+    }
+}
+
 // The B/C norm backward inside the SISO rotation backward (a block walks all head slots of its B/C group, the slot
 // sums in shared memory, then the norm backward) against the rotation backward writing dBn/dCn per slot for the
 // separate kernel: the same sums in the same order and the same expressions, so du and every gradient agree to a

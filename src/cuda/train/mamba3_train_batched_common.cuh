@@ -54,7 +54,6 @@ __device__ __forceinline__ void chunk_token_scalars(const BatchedParams& p, cons
 // The chunk scalars (Λ, e^Λ, γ, scale, w, e^{Λ_last}) into p and the block's shared memory (3·T floats); returns w
 // per token (shared memory) for w ⊙ v. Every thread of the block calls it (barriers inside).
 __device__ __forceinline__ const float* build_chunk_scalars(const BatchedParams& p, const ChunkIndex& ix, float* sm) {
-  const MixerDims& d = p.d;
   const int T = p.T;
   float *Lam = sm, *dtv = sm + T, *wv = sm + 2 * T;
   const int64_t cs0 = ix.chunk * T;  // chunk-scalar index of token 0

@@ -134,6 +134,13 @@ bool env_build_fast() {
   return on;
 }
 
+// MAMBA3_TRAIN_OUTPUT_FULL, read once per process: the SISO output-stage backward's kernel for whole chunks ("1", the
+// default, where it applies) or its general kernel ("0").
+bool env_output_full() {
+  static const bool on = env_choice("MAMBA3_TRAIN_OUTPUT_FULL", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -184,7 +191,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
-      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()), zx_bf16_(env_zx16()) {
+      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
+      output_full_(env_output_full()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -358,6 +366,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.d = d, p.T = T, p.nc = int(nc), p.rows = int(rows), p.bf16 = bf16, p.siso_kernels = siso_kernels_;
   p.output_tokens = output_tokens_;
   p.build_fast = build_fast_;
+  p.output_full = output_full_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.zx16 = act_->zx16_used ? act_->zx16.as<uint16_t>() : nullptr;

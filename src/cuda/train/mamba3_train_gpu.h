@@ -157,6 +157,9 @@ class Mamba3TrainGpu {
   // The SISO build's path for full chunks (true) or its general loop everywhere (false); the same bits. Default from
   // MAMBA3_TRAIN_BUILD_FAST, read once per process: "1" or "0".
   void set_build_fast(bool on) { build_fast_ = on; }
+  // The SISO output-stage backward's kernel for whole chunks (true, where the step's configuration allows it) or its
+  // general kernel (false). Default from MAMBA3_TRAIN_OUTPUT_FULL, read once per process: "1" or "0".
+  void set_output_full(bool on) { output_full_ = on; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
   // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
@@ -259,6 +262,7 @@ class Mamba3TrainGpu {
   bool bc_norm_fusion_ = true;       // the B/C norm backward inside the SISO rotation backward (set_bc_norm_fusion)
   int output_tokens_ = 2;            // the SISO output-stage backward's tokens in flight per warp (set_output_tokens)
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
+  bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;

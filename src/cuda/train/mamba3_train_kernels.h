@@ -136,6 +136,9 @@ struct BatchedParams {
   // The SISO build's path for full chunks (addresses stepped from pointers made once, the chunk scalars by a kernel
   // of their own before it); false: its general loop. The same bits.
   bool build_fast;
+  // The SISO output-stage backward's kernel for whole chunks where the step's configuration allows it; false: its
+  // general kernel. The same expressions and sum orders.
+  bool output_full;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those

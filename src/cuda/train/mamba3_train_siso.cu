@@ -78,8 +78,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
     bq[e] = qk_lane ? p.C_bias[int64_t(ix.h) * N + n0 + e] : 0.0f, bk[e] = qk_lane ? p.B_bias[int64_t(ix.h) * N + n0 + e] : 0.0f;
   const float* wts = build_chunk_scalars(p, ix, sm);  // w per token
   for (int j0 = warp; j0 < p.T; j0 += kRowsAhead * kWarps) {
-    const float* wp = p.wv + ix.chunk * p.T + warp;  // (chunk_scalars_kernel's w, by the build's rows)
-    float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC], w[kRowsAhead];
+    float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC];
 #pragma unroll
     for (int a = 0; a < kRowsAhead; ++a) {
       const int tl = j0 + a * kWarps;
@@ -405,6 +404,120 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
     }
 }
 
+// batched_output_backward_siso_kernel for sequences of whole chunks in the training step's configuration (z, dO and
+// dzx in bf16, o not written: the forward kept it), with compile-time flags for those and the output norm, and the
+// addresses of the warp's tokens stepped from pointers made once. The same expressions and sums in the same orders.
+// (ncu, 125M: the general instance issued 2,000 instructions per warp, ~half of them index arithmetic and per-element
+// branches on the runtime flags, at 0.7 IPC per scheduler: issue-bound.)
+template <int P, int kTokens, bool kNorm>
+__global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full_kernel(const BatchedParams p) {
+  constexpr int kQ = P / 32;
+  using bf16 = __nv_bfloat16;
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float Dh = p.D[ix.h];
+  float nw[kQ], gn[kQ], gD = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kQ; ++k) nw[k] = kNorm ? p.norm[int64_t(ix.h) * P + lane + 32 * k] : 1.0f, gn[k] = 0.0f;
+  // The warp's first token's elements (lane, lane + 32): chunk rows, chunk scalars and token rows; each step is
+  // kWarps tokens.
+  const int64_t row = (ix.chunk * p.rows + warp) * P + lane, cs = ix.chunk * p.T + warp;
+  const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + warp, col = int64_t(ix.h) * P + lane;
+  const float *Z = p.Z + row, *WV = p.WV + row, *eL = p.eL + cs;
+  const bf16* V = static_cast<const bf16*>(p.V) + row;
+  bf16 *dY = static_cast<bf16*>(p.dY) + row, *dYe = static_cast<bf16*>(p.dYe) + row;
+  float* dLam = p.dLam + cs;
+  const bf16* z16 = reinterpret_cast<const bf16*>(p.zx16) + tok * 2 * d.d_inner + col;
+  const bf16* dO16 = reinterpret_cast<const bf16*>(p.dO16) + tok * d.d_inner + col;
+  bf16* dz16 = reinterpret_cast<bf16*>(p.dzx16) + tok * d.din + col;
+  const int row_step = kWarps * P, z_step = kWarps * 2 * d.d_inner, o_step = kWarps * d.d_inner,
+            dz_step = kWarps * d.din;
+  struct Token {
+    float zv[kQ], vv[kQ], y[kQ], z[kQ], dO[kQ], e;
+  };
+  // Token j of the warp's current kTokens (pointers at the first).
+  auto load = [&](int j, Token& t) {
+    t.e = eL[j * kWarps];
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      const int i = j * row_step + 32 * k;
+      t.zv[k] = Z[i], t.vv[k] = __bfloat162float(V[i]), t.y[k] = WV[i];
+      t.z[k] = __bfloat162float(z16[j * z_step + 32 * k]);
+      t.dO[k] = __bfloat162float(dO16[j * o_step + 32 * k]);
+    }
+  };
+  auto finish = [&](int j, Token& t) {
+    const float e = t.e;
+    float* y = t.y;
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      y[k] = (e * t.zv[k] + Dh * t.vv[k]) + y[k];
+      ss += y[k] * y[k];
+    }
+    const float rstd = kNorm ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
+    float dyn[kQ], mean = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      const float yn = kNorm ? y[k] * rstd * nw[k] : y[k];
+      const float sg = gate_sigmoid_f(t.z[k], true), si = t.z[k] * sg;  // (bf16 mode only)
+      const float dz = t.dO[k] * yn * sg * (1.0f + t.z[k] * (1.0f - sg));
+      dyn[k] = t.dO[k] * si;
+      dz16[j * dz_step + 32 * k] = __float2bfloat16_rn(dz);
+      if (kNorm) mean += dyn[k] * nw[k] * (y[k] * rstd);
+    }
+    if (kNorm) mean = warp_sum(mean) / float(P);
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      float v = dyn[k];
+      if (kNorm) {
+        const float xh = y[k] * rstd;
+        gn[k] += dyn[k] * xh;
+        v = rstd * (dyn[k] * nw[k] - xh * mean);
+      }
+      const int i = j * row_step + 32 * k;
+      dY[i] = __float2bfloat16_rn(v), dYe[i] = __float2bfloat16_rn(e * v);
+      dot += v * t.zv[k];
+      gD += v * t.vv[k];
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dLam[j * kWarps] = 0.0f + e * dot;
+  };
+  for (int tl = warp; tl < p.T; tl += kTokens * kWarps) {  // (p.T a multiple of kTokens · kWarps)
+    Token t[kTokens];
+#pragma unroll
+    for (int j = 0; j < kTokens; ++j) load(j, t[j]);
+#pragma unroll
+    for (int j = 0; j < kTokens; ++j) finish(j, t[j]);
+    Z += kTokens * row_step, WV += kTokens * row_step, V += kTokens * row_step;
+    dY += kTokens * row_step, dYe += kTokens * row_step;
+    eL += kTokens * kWarps, dLam += kTokens * kWarps;
+    z16 += kTokens * z_step, dO16 += kTokens * o_step, dz16 += kTokens * dz_step;
+  }
+  // D's and the norm weight's partials: per warp (its tokens in order), then the warps in order.
+  gD = warp_sum(gD);
+  extern __shared__ float sm[];  // (kWarps, P) norm-weight partials, then (kWarps) D partials
+  float* wD = sm + kWarps * P;
+#pragma unroll
+  for (int k = 0; k < kQ; ++k) sm[warp * P + lane + 32 * k] = gn[k];
+  if (lane == 0) wD[warp] = gD;
+  __syncthreads();
+  const int64_t prow = ix.prow(p);
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int w = 0; w < kWarps; ++w) s += wD[w];
+    p.part_D[prow] = s;
+  }
+  if (kNorm)
+    for (int q = threadIdx.x; q < P; q += kThreads) {
+      float s = 0.0f;
+      for (int w = 0; w < kWarps; ++w) s += sm[w * P + q];
+      p.part_norm[prow * P + q] = s;
+    }
+}
+
 // The rotation backward's SISO instance (bf16 operands, N 32/64/128): the generic kernel's arithmetic and order, but a
 // lane takes kE = max(N/32, 2) consecutive elements of a row (kE/2 rotary pairs) with vector loads and stores, and
 // its bias partials in shared memory as float4/float2 (one access per head and token where the generic kernel made
@@ -640,6 +753,18 @@ bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
   if (!p.siso_kernels || !p.bf16 || p.d.mimo || (p.d.P != 32 && p.d.P != 64)) return false;
   const size_t floats = size_t(kWarps) * (p.d.P + 1);
   const bool two = p.output_tokens != 1;  // (0, unset by a caller: two)
+  // Whole chunks in the training step's configuration: the full-chunk kernel (two tokens in flight).
+  if (p.output_full && two && p.zx16 && p.dO16 && p.dzx16 && !p.o && !p.o16 && p.d.L % p.T == 0 &&
+      p.T % (2 * kWarps) == 0) {
+    const bool norm = p.d.outnorm;
+    if (p.d.P == 64)
+      launch_per_chunk(norm ? batched_output_backward_siso_full_kernel<64, 2, true>
+                            : batched_output_backward_siso_full_kernel<64, 2, false>, s, p, floats);
+    else
+      launch_per_chunk(norm ? batched_output_backward_siso_full_kernel<32, 2, true>
+                            : batched_output_backward_siso_full_kernel<32, 2, false>, s, p, floats);
+    return true;
+  }
   if (p.d.P == 64) {
     launch_per_chunk(two ? batched_output_backward_siso_kernel<64, 2> : batched_output_backward_siso_kernel<64, 1>, s,
                      p, floats);
