@@ -323,6 +323,44 @@ TEST(TrainOpsGpu, NormBfloatInputsGiveTheUpcastBits) {
       }
 }
 
+// The training step's residual RMSNorm with bf16 rows only (hidden16 or no block output, y16 alone: its own kernel at
+// D 512, 768, 1024) against the general register-rows kernel given the same values upcast to f32 and asked for y too:
+// the residual's and y16's bits must agree.
+TEST(TrainOpsGpu, ResidualRmsNormBfloatRowsGiveTheGeneralBits) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(13);
+  for (const auto [rows, D] : {Shape2{301, 512}, Shape2{1029, 768}, Shape2{77, 1024}})
+    for (const bool with_hidden : {true, false}) {
+      SCOPED_TRACE(fmt::format("rows {} D {} {}", rows, D, with_hidden ? "with the block's output" : "first layer"));
+      const Tensor prev = random_tensor(rng, {rows, D}, -1.5f, 2.5f), w = random_tensor(rng, {D}, 0.5f, 1.5f);
+      Tensor hid = random_tensor(rng, {rows, D});
+      std::vector<uint16_t> hid_bits(size_t(rows * D));
+      for (int64_t i = 0; i < hid.numel(); ++i) {
+        hid_bits[size_t(i)] = f32_to_bf16(hid.data<float>()[i]);
+        hid.data<float>()[i] = bf16_to_f32(hid_bits[size_t(i)]);
+      }
+      DeviceBuffer dp = up(prev), dh = up(hid), dev_w = up(w), dh16(hid_bits.size() * 2);
+      dh16.upload(hid_bits.data(), dh16.bytes());
+      std::vector<std::vector<uint16_t>> y16s(2);
+      std::vector<Tensor> res(2);
+      for (int fast = 0; fast < 2; ++fast) {
+        DeviceBuffer r = poisoned(rows * D), y = poisoned(rows * D), y16(size_t(rows * D) * 2);
+        cuda::residual_norm_forward_gpu(ctx.stream(), dp.as<float>(), with_hidden && !fast ? dh.as<float>() : nullptr,
+                                        rows, D, dev_w.as<float>(), nullptr, 1e-5f, r.as<float>(),
+                                        fast ? nullptr : y.as<float>(), y16.as<uint16_t>(),
+                                        with_hidden && fast ? dh16.as<uint16_t>() : nullptr);
+        ctx.sync();
+        res[size_t(fast)] = down(r, {rows, D});
+        y16s[size_t(fast)].resize(size_t(rows * D));
+        y16.download(y16s[size_t(fast)].data(), size_t(rows * D) * 2);
+      }
+      EXPECT_TRUE(same_bits(res[0], res[1])) << "the residual";
+      EXPECT_TRUE(y16s[0] == y16s[1]) << "the normalised rows in bf16";
+      for (int64_t e = 0; e < res[1].numel(); ++e) ASSERT_TRUE(std::isfinite(res[1].data<float>()[e]));
+    }
+}
+
 // The GatedMLP activation's all-bf16 kernels (pairs of columns, d_ff even) against the per-element ones on the same
 // bf16 inputs: the forward's o16 against the f32 output rounded afterwards, the backward's [da, dg] against the
 // f32-do kernel's bf16 output fed the same do values.
