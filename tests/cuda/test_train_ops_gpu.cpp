@@ -361,41 +361,44 @@ TEST(TrainOpsGpu, ResidualRmsNormBfloatRowsGiveTheGeneralBits) {
     }
 }
 
-// The GatedMLP activation's all-bf16 kernels (pairs of columns, d_ff even) against the per-element ones on the same
-// bf16 inputs: the forward's o16 against the f32 output rounded afterwards, the backward's [da, dg] against the
-// f32-do kernel's bf16 output fed the same do values.
+// The GatedMLP activation's all-bf16 kernels (pairs of columns, d_ff even; the forward four pairs at a time where
+// d_ff % 8 == 0) against the per-element ones on the same bf16 inputs: the forward's o16 against the f32 output
+// rounded afterwards, the backward's [da, dg] against the f32-do kernel's bf16 output fed the same do values.
 TEST(TrainOpsGpu, GatedSiluBf16PairsGiveTheElementKernelsBits) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   std::mt19937 rng(41);
-  const int64_t rows = 37, F = 70;
-  const Tensor h = random_tensor(rng, {rows, 2 * F}, -4.0f, 4.0f), d_o = random_tensor(rng, {rows, F});
-  DeviceBuffer h32 = up(h), do32 = up(d_o), h16(size_t(rows * 2 * F) * 2), do16(size_t(rows * F) * 2);
-  cuda::f32_to_bf16_2d(ctx.stream(), h32.as<float>(), rows, 2 * F, 2 * F, h16.as<uint16_t>());
-  cuda::f32_to_bf16_2d(ctx.stream(), do32.as<float>(), rows, F, F, do16.as<uint16_t>());
-  // Forward.
-  DeviceBuffer o16a(size_t(rows * F) * 2), o32 = poisoned(rows * F), o16b(size_t(rows * F) * 2);
-  cuda::gated_silu_forward_gpu(ctx.stream(), nullptr, rows, F, nullptr, o16a.as<uint16_t>(), h16.as<uint16_t>());
-  cuda::gated_silu_forward_gpu(ctx.stream(), nullptr, rows, F, o32.as<float>(), nullptr, h16.as<uint16_t>());
-  cuda::f32_to_bf16_2d(ctx.stream(), o32.as<float>(), rows, F, F, o16b.as<uint16_t>());
-  ctx.sync();
-  const Tensor fa = down_bf16(o16a, {rows, F}), fb = down_bf16(o16b, {rows, F});
-  EXPECT_TRUE(same_bits(fa, fb)) << "forward";
-  for (int64_t i = 0; i < fa.numel(); ++i) ASSERT_TRUE(std::isfinite(fa.data<float>()[i]));
-  // Backward: the element kernel reads do as f32 from the first half of each dh row.
-  const Tensor do_rounded = down_bf16(do16, {rows, F});
-  Tensor dh_in = Tensor::zeros(DType::F32, {rows, 2 * F});
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < F; ++j) dh_in.data<float>()[r * 2 * F + j] = do_rounded.data<float>()[r * F + j];
-  DeviceBuffer dh = up(dh_in), dh16a(size_t(rows * 2 * F) * 2), dh16b(size_t(rows * 2 * F) * 2);
-  cuda::gated_silu_backward_bf16_gpu(ctx.stream(), do16.as<uint16_t>(), h16.as<uint16_t>(), rows, F,
-                                     dh16a.as<uint16_t>());
-  cuda::gated_silu_backward_gpu(ctx.stream(), nullptr, rows, F, dh.as<float>(), dh16b.as<uint16_t>(),
-                                h16.as<uint16_t>());
-  ctx.sync();
-  const Tensor ba = down_bf16(dh16a, {rows, 2 * F}), bb = down_bf16(dh16b, {rows, 2 * F});
-  EXPECT_TRUE(same_bits(ba, bb)) << "backward";
-  for (int64_t i = 0; i < ba.numel(); ++i) ASSERT_TRUE(std::isfinite(ba.data<float>()[i]));
+  const int64_t rows = 37;
+  for (const int64_t F : {70, 72, 200}) {  // (F % 8 == 0: the forward's 16-byte kernel)
+    SCOPED_TRACE(fmt::format("d_ff {}", F));
+    const Tensor h = random_tensor(rng, {rows, 2 * F}, -4.0f, 4.0f), d_o = random_tensor(rng, {rows, F});
+    DeviceBuffer h32 = up(h), do32 = up(d_o), h16(size_t(rows * 2 * F) * 2), do16(size_t(rows * F) * 2);
+    cuda::f32_to_bf16_2d(ctx.stream(), h32.as<float>(), rows, 2 * F, 2 * F, h16.as<uint16_t>());
+    cuda::f32_to_bf16_2d(ctx.stream(), do32.as<float>(), rows, F, F, do16.as<uint16_t>());
+    // Forward.
+    DeviceBuffer o16a(size_t(rows * F) * 2), o32 = poisoned(rows * F), o16b(size_t(rows * F) * 2);
+    cuda::gated_silu_forward_gpu(ctx.stream(), nullptr, rows, F, nullptr, o16a.as<uint16_t>(), h16.as<uint16_t>());
+    cuda::gated_silu_forward_gpu(ctx.stream(), nullptr, rows, F, o32.as<float>(), nullptr, h16.as<uint16_t>());
+    cuda::f32_to_bf16_2d(ctx.stream(), o32.as<float>(), rows, F, F, o16b.as<uint16_t>());
+    ctx.sync();
+    const Tensor fa = down_bf16(o16a, {rows, F}), fb = down_bf16(o16b, {rows, F});
+    EXPECT_TRUE(same_bits(fa, fb)) << "forward";
+    for (int64_t i = 0; i < fa.numel(); ++i) ASSERT_TRUE(std::isfinite(fa.data<float>()[i]));
+    // Backward: the element kernel reads do as f32 from the first half of each dh row.
+    const Tensor do_rounded = down_bf16(do16, {rows, F});
+    Tensor dh_in = Tensor::zeros(DType::F32, {rows, 2 * F});
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < F; ++j) dh_in.data<float>()[r * 2 * F + j] = do_rounded.data<float>()[r * F + j];
+    DeviceBuffer dh = up(dh_in), dh16a(size_t(rows * 2 * F) * 2), dh16b(size_t(rows * 2 * F) * 2);
+    cuda::gated_silu_backward_bf16_gpu(ctx.stream(), do16.as<uint16_t>(), h16.as<uint16_t>(), rows, F,
+                                       dh16a.as<uint16_t>());
+    cuda::gated_silu_backward_gpu(ctx.stream(), nullptr, rows, F, dh.as<float>(), dh16b.as<uint16_t>(),
+                                  h16.as<uint16_t>());
+    ctx.sync();
+    const Tensor ba = down_bf16(dh16a, {rows, 2 * F}), bb = down_bf16(dh16b, {rows, 2 * F});
+    EXPECT_TRUE(same_bits(ba, bb)) << "backward";
+    for (int64_t i = 0; i < ba.numel(); ++i) ASSERT_TRUE(std::isfinite(ba.data<float>()[i]));
+  }
 }
 
 TEST(TrainOpsGpu, AddInplaceAndCopy) {
