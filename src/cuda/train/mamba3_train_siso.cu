@@ -282,6 +282,34 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
   }
 }
 
+// The output-stage backward's D and norm-weight partials at the block's end (both SISO kernels): each warp's sums
+// (its tokens in order), then the warps' in order, through shared memory ((kWarps, P) norm-weight partials, then
+// (kWarps) D partials).
+template <int P>
+__device__ __forceinline__ void output_backward_partials(const BatchedParams& p, const ChunkIndex& ix,
+                                                         const float (&gn)[P / 32], float gD, bool norm) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  gD = warp_sum(gD);
+  extern __shared__ float sm[];
+  float* wD = sm + kWarps * P;
+#pragma unroll
+  for (int k = 0; k < P / 32; ++k) sm[warp * P + lane + 32 * k] = gn[k];
+  if (lane == 0) wD[warp] = gD;
+  __syncthreads();
+  const int64_t prow = ix.prow(p);
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int w = 0; w < kWarps; ++w) s += wD[w];
+    p.part_D[prow] = s;
+  }
+  if (norm)
+    for (int q = threadIdx.x; q < P; q += kThreads) {
+      float s = 0.0f;
+      for (int w = 0; w < kWarps; ++w) s += sm[w * P + q];
+      p.part_norm[prow * P + q] = s;
+    }
+}
+
 // The output stage's backward, SISO instance (bf16 operands, P 32 or 64): batched_output_kernel<true>'s arithmetic,
 // channel mapping (q = lane + 32k) and summation orders, with a token's y, dy, Z and v and the per-channel norm-weight
 // and D partials in registers instead of per-warp shared rows, and every load of a token before its stores.
@@ -382,26 +410,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
     for (int j = 0; j < kTokens; ++j)
       if (tl + j * kWarps < p.T) finish(tl + j * kWarps, t[j]);
   }
-  // D's and the norm weight's partials: per warp (its tokens in order), then the warps in order.
-  gD = warp_sum(gD);
-  extern __shared__ float sm[];  // (kWarps, P) norm-weight partials, then (kWarps) D partials
-  float* wD = sm + kWarps * P;
-#pragma unroll
-  for (int k = 0; k < kQ; ++k) sm[warp * P + lane + 32 * k] = gn[k];
-  if (lane == 0) wD[warp] = gD;
-  __syncthreads();
-  const int64_t prow = ix.prow(p);
-  if (threadIdx.x == 0) {
-    float s = 0.0f;
-    for (int w = 0; w < kWarps; ++w) s += wD[w];
-    p.part_D[prow] = s;
-  }
-  if (norm)
-    for (int q = threadIdx.x; q < P; q += kThreads) {
-      float s = 0.0f;
-      for (int w = 0; w < kWarps; ++w) s += sm[w * P + q];
-      p.part_norm[prow * P + q] = s;
-    }
+  output_backward_partials<P>(p, ix, gn, gD, norm);
 }
 
 // batched_output_backward_siso_kernel for sequences of whole chunks in the training step's configuration (z, dO and
@@ -496,26 +505,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
     eL += kTokens * kWarps, dLam += kTokens * kWarps;
     z16 += kTokens * z_step, dO16 += kTokens * o_step, dz16 += kTokens * dz_step;
   }
-  // D's and the norm weight's partials: per warp (its tokens in order), then the warps in order.
-  gD = warp_sum(gD);
-  extern __shared__ float sm[];  // (kWarps, P) norm-weight partials, then (kWarps) D partials
-  float* wD = sm + kWarps * P;
-#pragma unroll
-  for (int k = 0; k < kQ; ++k) sm[warp * P + lane + 32 * k] = gn[k];
-  if (lane == 0) wD[warp] = gD;
-  __syncthreads();
-  const int64_t prow = ix.prow(p);
-  if (threadIdx.x == 0) {
-    float s = 0.0f;
-    for (int w = 0; w < kWarps; ++w) s += wD[w];
-    p.part_D[prow] = s;
-  }
-  if (kNorm)
-    for (int q = threadIdx.x; q < P; q += kThreads) {
-      float s = 0.0f;
-      for (int w = 0; w < kWarps; ++w) s += sm[w * P + q];
-      p.part_norm[prow * P + q] = s;
-    }
+  output_backward_partials<P>(p, ix, gn, gD, kNorm);
 }
 
 // The rotation backward's SISO instance (bf16 operands, N 32/64/128): the generic kernel's arithmetic and order, but a
