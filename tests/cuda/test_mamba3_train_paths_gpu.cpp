@@ -285,32 +285,6 @@ TEST(Mamba3TrainGpu, BuildFastPathGivesTheGeneralLoopsBits) {
       }
 }
 
-// The SISO cores forming q and k in shared memory (form_qk_tiles: zx's B/C rows, the biases, φ through rotated_pair)
-// against the cores reading the build's copies: the same roundings of the same values, so every output and gradient
-// must have the same bits — whole chunks (64, 192), a partial last chunk (100: zero rows past the end), three heads,
-// two groups; the forming path must actually run.
-TEST(Mamba3TrainGpu, CoresFormingQkGiveTheBuildsBits) {
-  MAMBA3_REQUIRE_GPU();
-  for (const LayerCase& lc : core_shape_cases(false))
-    for (const int64_t L : {64, 100, 192}) {
-      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
-      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(3100 + L));
-      CoreLayerStep step(mixer, u, dout);
-      bool formed = false;
-      auto run = [&](bool form) {
-        step.train.set_form_qk(form);
-        GpuResult r = step.run();
-        EXPECT_TRUE(form || !step.train.formed_qk()) << "the cores formed q and k unasked";
-        formed = formed || step.train.formed_qk();
-        return r;
-      };
-      const GpuResult read = run(false), with_form = run(true);
-      ASSERT_NO_FATAL_FAILURE(assert_finite(with_form));
-      EXPECT_TRUE(bit_identical(read, with_form)) << "forming q and k in the cores changed bits";
-      if (lc.c.d_model != 48) EXPECT_TRUE(formed) << "the forming path did not run";  // (3 heads: zx rows unaligned)
-    }
-}
-
 // The SISO output-stage backward's kernel for whole chunks (the training step's configuration: z, dO and dzx in bf16,
 // the forward's o kept; compile-time flags, stepped pointers) against its general kernel: the same expressions and sum
 // orders, compiled apart (the compiler may contract a product differently: the bound is SISO-vs-generic's, a few bf16

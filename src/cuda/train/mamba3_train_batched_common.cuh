@@ -158,6 +158,17 @@ __device__ __forceinline__ void epilogue_state_tail(const BatchedParams& p, cons
     }
 }
 
+// q or k of one rotary pair (elements a, b: adjacent for SISO, the halves' u and u + N/2 for MIMO) as the SISO and
+// MIMO builds store them: Rot(c + bias, φ) — or c + bias where the pair does not rotate (past the S rotary pairs) —
+// rounded to bf16. The builds and the rotation backwards' recomputation of q and k share it, with explicit roundings
+// (no contraction left to the compiler), so they give the same bits.
+__device__ __forceinline__ __nv_bfloat162 rotated_pair(float ca, float cb, float bias_a, float bias_b, float cs,
+                                                      float sn, bool rot) {
+  const float a = __fadd_rn(ca, bias_a), b = __fadd_rn(cb, bias_b);
+  if (!rot) return __floats2bfloat162_rn(a, b);
+  return __floats2bfloat162_rn(__fmaf_rn(a, cs, -__fmul_rn(b, sn)), __fmaf_rn(a, sn, __fmul_rn(b, cs)));
+}
+
 // One block of kThreads per (sequence, head, chunk) with `floats` floats of dynamic shared memory.
 template <typename Kernel>
 void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, size_t floats) {

@@ -18,7 +18,6 @@
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
 #include "cuda/train/chunk_core_launch.cuh"
-#include "cuda/train/mamba3_train_form_qk.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -226,12 +225,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
   const int wq = warp % kCoreWarps;
 
-  // q and k formed here (p.form_qk, the fused core only) while the other tiles' copies are in flight, or copied.
-  const bool form_qk = kPost && p.form_qk;
-  if (!form_qk) {
-    copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
-    copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
-  }
+  copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
+  copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
   copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   copy_tile<kThreads, kRows, P>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P);
@@ -241,8 +236,6 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
-  if constexpr (kPost)
-    if (form_qk) form_qk_tiles<N, kThreads, kRows>(p, chunk, sQ, sK, LDN);
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];

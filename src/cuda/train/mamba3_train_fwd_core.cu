@@ -10,7 +10,6 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/train/chunk_core_launch.cuh"
-#include "cuda/train/mamba3_train_form_qk.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -95,17 +94,11 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       p.zx16 ? reinterpret_cast<const bf16*>(p.zx16) + (int64_t(b) * d.L + c0) * zpitch16 + int64_t(h) * P : nullptr;
   float Dh = 0.0f;
 
-  // q and k formed here (p.form_qk, SISO only) while the other tiles' copies are in flight, or copied as they are.
-  const bool form_qk = kR == 1 && p.form_qk;
-  if (!form_qk) {
-    copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
-    copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
-  }
+  copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
+  copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
   copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kCoreThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");
-  if constexpr (kR == 1)
-    if (form_qk) form_qk_tiles<N, kCoreThreads, kRows>(p, chunk, sQ, sK, LDN);
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];

@@ -141,13 +141,6 @@ bool env_output_full() {
   return on;
 }
 
-// MAMBA3_TRAIN_FORM_QK, read once per process: the SISO cores form q and k from zx, the biases and φ ("1", the
-// default, where qk_formable holds) or read the build's copies ("0"); the same bits.
-bool env_form_qk() {
-  static const bool on = env_choice("MAMBA3_TRAIN_FORM_QK", {"1", "0"}) != "0";
-  return on;
-}
-
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -199,7 +192,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
-      output_full_(env_output_full()), form_qk_(env_form_qk()), zx_bf16_(env_zx16()) {
+      output_full_(env_output_full()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -381,8 +374,6 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.phi = f(act_->phi);
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
   p.D = w.D, p.norm = w.norm;
-  p.form_qk = form_qk_ && qk_formable(p);
-  formed_qk_ = p.form_qk && uses_chunk_cores(bf16, L);
   if (bf16) p.o16 = act_->o16.raw();  // the out_proj products' operand (o_in_bf16)
   else p.o = f(act_->o);
   const int64_t nT = BHc * T;

@@ -160,9 +160,6 @@ class Mamba3TrainGpu {
   // The SISO output-stage backward's kernel for whole chunks (true, where the step's configuration allows it) or its
   // general kernel (false). Default from MAMBA3_TRAIN_OUTPUT_FULL, read once per process: "1" or "0".
   void set_output_full(bool on) { output_full_ = on; }
-  void set_form_qk(bool on) { form_qk_ = on; }
-  // Whether the last chunk pass's cores formed q and k themselves (set_form_qk and qk_formable).
-  bool formed_qk() const { return formed_qk_; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
   // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
@@ -266,8 +263,6 @@ class Mamba3TrainGpu {
   int output_tokens_ = 2;            // the SISO output-stage backward's tokens in flight per warp (set_output_tokens)
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
-  bool form_qk_ = true;              // the SISO cores form q and k themselves where qk_formable holds (set_form_qk)
-  bool formed_qk_ = false;           // the last chunk pass's cores did (formed_qk)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;

@@ -139,9 +139,6 @@ struct BatchedParams {
   // The SISO output-stage backward's kernel for whole chunks where the step's configuration allows it; false: its
   // general kernel. The same expressions and sum orders.
   bool output_full;
-  // The SISO cores (forward, fused backward) form q and k in shared memory from zx's B/C rows, the biases and φ
-  // (form_qk_tiles: the SISO build's bits) instead of reading Q and K back; set only where qk_formable holds.
-  bool form_qk;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those
@@ -199,9 +196,6 @@ bool rotation_backward_fuses_bc_norm(const BatchedParams& p);
 bool dqk16_supported(const BatchedParams& p);
 // q, k, v, w ⊙ v and the chunk scalars (one block per chunk).
 void launch_batched_build(cudaStream_t s, const BatchedParams& p);
-// Whether the cores may form q and k themselves (BatchedParams::form_qk): the SISO build's shapes (its bits), the
-// cores' 64-row chunks and zx's rows 16-byte aligned.
-bool qk_formable(const BatchedParams& p);
 // W = S ⊙ coef (one block per chunk).
 void launch_batched_mask(cudaStream_t s, const BatchedParams& p);
 // y = e^Λ ⊙ Z + WV + D·v, the output stage → o; with `backward` also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state

@@ -1,7 +1,6 @@
 #pragma once
 // Device helpers shared by the training kernels: the CPU's scalar functions (src/ops/mamba3_common.h) in f32, a
 // deterministic warp sum and the rotary pairing of spec §3.
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -82,17 +81,6 @@ __device__ __forceinline__ float2 rotary_cos_sin(float phi) {
   float s, c;
   __sincosf(phi - kPi, &s, &c);
   return make_float2(-c, -s);
-}
-
-// q or k of one rotary pair (elements a, b: adjacent for SISO, the halves' u and u + N/2 for MIMO) as the SISO and
-// MIMO builds store them: Rot(c + bias, φ) — or c + bias where the pair does not rotate (past the S rotary pairs) —
-// rounded to bf16. The builds and the recomputations of q and k (the rotation backwards, the SISO cores) share it, with
-// explicit roundings (no contraction left to the compiler), so they give the same bits.
-__device__ __forceinline__ __nv_bfloat162 rotated_pair(float ca, float cb, float bias_a, float bias_b, float cs,
-                                                      float sn, bool rot) {
-  const float a = __fadd_rn(ca, bias_a), b = __fadd_rn(cb, bias_b);
-  if (!rot) return __floats2bfloat162_rn(a, b);
-  return __floats2bfloat162_rn(__fmaf_rn(a, cs, -__fmul_rn(b, sn)), __fmaf_rn(a, sn, __fmul_rn(b, cs)));
 }
 
 // Element n of Rot(in + bias, φ) (phi: the token's S angles).

@@ -813,11 +813,3 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
 }
 
 }  // namespace mamba3::cuda::train_detail::batched
-
-namespace mamba3::cuda::train_detail {
-
-bool qk_formable(const BatchedParams& p) {
-  return batched::build_siso_applies(p) && p.rows == 64 && (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0;
-}
-
-}  // namespace mamba3::cuda::train_detail
