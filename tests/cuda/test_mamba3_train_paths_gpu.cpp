@@ -352,6 +352,28 @@ TEST(Mamba3TrainGpu, BcNormInsideTheRotationBackwardMatchesItsKernel) {
       }
 }
 
+// The SISO rotation backward with and without the L2 prefetch of each warp's next token (a hint: no value may move),
+// with the B/C norm inside and apart, one and the default heads per block, a partial last chunk.
+TEST(Mamba3TrainGpu, RotationPrefetchKeepsTheBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(false))
+    for (const bool fused : {true, false})
+      for (const int hpb : {0, 1}) {
+        SCOPED_TRACE(std::string(lc.name) + (fused ? " norm inside" : " norm apart") + " hpb " + std::to_string(hpb));
+        auto [mixer, u, dout] = random_layer(lc.c, 2, 100, uint32_t(3500 + hpb));
+        CoreLayerStep step(mixer, u, dout);
+        step.train.set_epilogue_heads(hpb);
+        step.train.set_bc_norm_fusion(fused);
+        auto run = [&](bool prefetch) {
+          step.train.set_rotation_prefetch(prefetch);
+          return step.run();
+        };
+        const GpuResult with = run(true), without = run(false);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(without));
+        EXPECT_TRUE(bit_identical(with, without)) << "the prefetch changed bits";
+      }
+}
+
 // MIMO's backward core with the state products in it (after the reverse chain: dK's second term in the core's
 // accumulators, tp written by the core) against the batched products it replaces: to rounding (the products sum in
 // cuBLAS's order), deterministic, with and without a kept forward, in both block widths; and no effect on SISO (its

@@ -141,6 +141,13 @@ bool env_output_full() {
   return on;
 }
 
+// MAMBA3_TRAIN_ROTATION_PREFETCH, read once per process: the SISO rotation backward prefetches each warp's next token
+// into L2 ("1", the default) or not ("0"); the same bits.
+bool env_rotation_prefetch() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ROTATION_PREFETCH", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -192,7 +199,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
-      output_full_(env_output_full()), zx_bf16_(env_zx16()) {
+      output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -367,6 +374,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.output_tokens = output_tokens_;
   p.build_fast = build_fast_;
   p.output_full = output_full_;
+  p.rotation_prefetch = rotation_prefetch_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.zx16 = act_->zx16_used ? act_->zx16.as<uint16_t>() : nullptr;

@@ -160,6 +160,7 @@ class Mamba3TrainGpu {
   // The SISO output-stage backward's kernel for whole chunks (true, where the step's configuration allows it) or its
   // general kernel (false). Default from MAMBA3_TRAIN_OUTPUT_FULL, read once per process: "1" or "0".
   void set_output_full(bool on) { output_full_ = on; }
+  void set_rotation_prefetch(bool on) { rotation_prefetch_ = on; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
   // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
@@ -263,6 +264,7 @@ class Mamba3TrainGpu {
   int output_tokens_ = 2;            // the SISO output-stage backward's tokens in flight per warp (set_output_tokens)
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
+  bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch of the next token (set_rotation_prefetch)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;

@@ -139,6 +139,8 @@ struct BatchedParams {
   // The SISO output-stage backward's kernel for whole chunks where the step's configuration allows it; false: its
   // general kernel. The same expressions and sum orders.
   bool output_full;
+  // The SISO rotation backward's L2 prefetch of each warp's next token (its loads a round trip from DRAM otherwise).
+  bool rotation_prefetch;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those

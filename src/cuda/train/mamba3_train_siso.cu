@@ -522,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
 // then runs the B/C RMSNorm backward of bc_norm_backward_kernel for its tokens — no dBn/dCn round trip through
 // global memory (125M: 100 MB written and read per layer) and no separate launch. Otherwise a block per (sequence,
 // slot, chunk) writes its slot's sums to dBn/dCn.
-template <int N, bool kFormQK, int kHb, bool kFuseNorm>
+template <int N, bool kFormQK, int kHb, bool kFuseNorm, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_kernel(const BatchedParams p) {
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kPairs = kE / 2;
   using V = std::conditional_t<kE == 4, float4, float2>;
@@ -550,11 +550,14 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
     if constexpr (kE == 4) out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
     else out[0] = v.x, out[1] = v.y;
   };
-  const auto load_h = [](const uint16_t* src, float* out) {  // kE bf16 (the cores' dQ16 and dK16, or q and k)
+  const auto load_h = [](const uint16_t* src, float* out) {  // kE bf16 (the cores' dQ16 and dK16, or q and k), one load
+    using H = std::conditional_t<kE == 4, uint2, uint32_t>;
+    const H v = *reinterpret_cast<const H*>(src);
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
 #pragma unroll
     for (int e = 0; e < kE; e += 2) {
-      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src + e));
-      out[e] = v.x, out[e + 1] = v.y;
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[e / 2]));
+      out[e] = f.x, out[e + 1] = f.y;
     }
   };
   const auto add_v = [](float* dst, const float* in) {
@@ -577,7 +580,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
         float zc[kE], zb[kE];  // kFormQK: the token's normalised C and B (the group's), for every head of the slot
         // The warp's next token (tl + kWarps) into L2 while this one is loaded and worked on: the loop is a chain of
         // dependent load round trips, most of them to DRAM (ncu: 57 % of the samples at its first loads).
-        const bool next = tl + kWarps < Tc;
+        const bool next = kPrefetch && tl + kWarps < Tc;
         if constexpr (kFormQK) {
           const float *zC = p.zx + tok * d.din + d.off_C + int64_t(g) * N + n0, *zB = zC + (d.off_B - d.off_C);
           load_v(zC, zc), load_v(zB, zb);
@@ -600,31 +603,42 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             load_h(reinterpret_cast<const uint16_t*>(Q + j), vq[i]);
             load_h(reinterpret_cast<const uint16_t*>(K + j), vk[i]);
           }
+          if constexpr (kPairs == 2) {  // (S even: both of the lane's pairs rotate, or neither)
+            const float2 v = n0 / 2 < S ? *reinterpret_cast<const float2*>(phiv + st * S + n0 / 2) : make_float2(0.0f, 0.0f);
+            ph[i][0] = v.x, ph[i][1] = v.y;
+          } else {
 #pragma unroll
-          for (int m = 0; m < kPairs; ++m) {
-            const int u = n0 / 2 + m;
-            ph[i][m] = u < S ? phiv[st * S + u] : 0.0f;
+            for (int m = 0; m < kPairs; ++m) {
+              const int u = n0 / 2 + m;
+              ph[i][m] = u < S ? phiv[st * S + u] : 0.0f;
+            }
           }
         }
         float sC[kE] = {}, sB[kE] = {};  // summed over the slot's heads
 #pragma unroll
         for (int i = 0; i < kHb; ++i) {
           const int64_t st = (int64_t(b) * d.H + h0 + i) * d.L + t;
-          float gc[kE], gb[kE];
+          float gc[kE], gb[kE], dp[kPairs];
+          // (formed q and k: the head's biases for the lane's elements, one vector load each, read where used — from
+          // L1 — to keep registers free)
+          float bqv[kE], bkv[kE];
+          if constexpr (kFormQK)
+            if (n0 / 2 < S) {
+              const int64_t bias = int64_t(h0 + i) * N + n0;
+              load_v(p.C_bias + bias, bqv), load_v(p.B_bias + bias, bkv);
+            }
 #pragma unroll
           for (int m = 0; m < kPairs; ++m) {
             const int u = n0 / 2 + m, a = 2 * m;
             float ca = gq[i][a], cb = gq[i][a + 1], ba = gk[i][a], bb = gk[i][a + 1];
+            dp[m] = 0.0f;
             if (u < S) {
               const float2 rot = rotary_cos_sin(ph[i][m]);
               const float cs = rot.x, sn = rot.y;
               float qa, qb, ka, kb;
               if constexpr (kFormQK) {
-                const int64_t bias = int64_t(h0 + i) * N + n0 + a;
-                const float2 bq = *reinterpret_cast<const float2*>(p.C_bias + bias),
-                             bk = *reinterpret_cast<const float2*>(p.B_bias + bias);
-                const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], bq.x, bq.y, cs, sn, true));
-                const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], bk.x, bk.y, cs, sn, true));
+                const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], bqv[a], bqv[a + 1], cs, sn, true));
+                const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], bkv[a], bkv[a + 1], cs, sn, true));
                 qa = q2.x, qb = q2.y, ka = k2.x, kb = k2.y;
               } else {
                 qa = vq[i][a], qb = vq[i][a + 1], ka = vk[i][a], kb = vk[i][a + 1];
@@ -632,11 +646,17 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
               float acc = 0.0f;
               acc += gq[i][a + 1] * qa - gq[i][a] * qb;
               acc += gk[i][a + 1] * ka - gk[i][a] * kb;
-              dphi_out[st * S + u] = acc;
+              dp[m] = acc;
               ca = gq[i][a] * cs + gq[i][a + 1] * sn, cb = gq[i][a + 1] * cs - gq[i][a] * sn;
               ba = gk[i][a] * cs + gk[i][a + 1] * sn, bb = gk[i][a + 1] * cs - gk[i][a] * sn;
             }
             gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
+          }
+          // dφ of the lane's pairs, one store (S even: both or neither rotate)
+          if constexpr (kPairs == 2) {
+            if (n0 / 2 < S) *reinterpret_cast<float2*>(dphi_out + st * S + n0 / 2) = make_float2(dp[0], dp[1]);
+          } else if (n0 / 2 < S) {
+            dphi_out[st * S + n0 / 2] = dp[0];
           }
           float* gC = mine + (i * 2) * N + n0;
           add_v(gC, gc), add_v(gC + N, gb);
@@ -797,9 +817,17 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
   const auto with_n = [&](auto form_qk, auto heads, auto fuse_norm) {
     constexpr bool kF = decltype(form_qk)::value, kFuse = decltype(fuse_norm)::value;
     constexpr int kH = decltype(heads)::value;
-    if (d.N == 128) launch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse>);
-    else if (d.N == 64) launch(batched_rotation_backward_siso_kernel<64, kF, kH, kFuse>);
-    else launch(batched_rotation_backward_siso_kernel<32, kF, kH, kFuse>);
+    // (the L2 prefetch of the warp's next token: p.rotation_prefetch)
+    const auto with_prefetch = [&](auto kernel_on, auto kernel_off) { launch(p.rotation_prefetch ? kernel_on : kernel_off); };
+    if (d.N == 128)
+      with_prefetch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true>,
+                    batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, false>);
+    else if (d.N == 64)
+      with_prefetch(batched_rotation_backward_siso_kernel<64, kF, kH, kFuse, true>,
+                    batched_rotation_backward_siso_kernel<64, kF, kH, kFuse, false>);
+    else
+      with_prefetch(batched_rotation_backward_siso_kernel<32, kF, kH, kFuse, true>,
+                    batched_rotation_backward_siso_kernel<32, kF, kH, kFuse, false>);
   };
   const auto with_heads = [&](auto form_qk, auto fuse_norm) {  // the block's slots of hb heads
     if (hb == 4) with_n(form_qk, std::integral_constant<int, 4>{}, fuse_norm);
