@@ -39,6 +39,7 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
       CoreLayerStep step(mixer, u, dout);
       ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
       step.train.set_dqk16(false);  // (the generic rotation backward reads f32 dQ/dK: BfloatDqDkTracksTheF32Pair)
+      step.train.set_zy16(false);   // (the generic output kernels read f32 Z and W·v: BfloatZyTracksTheF32Pair)
       auto run = [&](bool siso) {
         step.train.set_siso_kernels(siso);
         return step.run();
@@ -371,6 +372,38 @@ TEST(Mamba3TrainGpu, RotationPrefetchKeepsTheBits) {
         const GpuResult with = run(true), without = run(false);
         ASSERT_NO_FATAL_FAILURE(assert_finite(without));
         EXPECT_TRUE(bit_identical(with, without)) << "the prefetch changed bits";
+      }
+}
+
+// Z = q·H_cᵀ and the pre-norm output y in bf16 between the SISO forward core and the output-stage backward (y as the
+// forward formed it, rounded once) against Z and W·v in f32: the output unchanged bit for bit (the forward core forms
+// o from its registers either way), du and every gradient within kTolZy16 (y's bf16 rounding reaches every gradient
+// through the output norm and gate: measured up to ~1e-2 on the bias gradients of the tiny random layers, whose sums
+// cancel), with a kept and a recomputed forward, both output-backward kernels (L 192: whole chunks; L 65: the
+// general one), deterministic; the bf16 path must run where its shapes apply.
+TEST(Mamba3TrainGpu, BfloatZyTracksTheF32Pair) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(true))
+    for (const int64_t L : {65, 192})
+      for (const bool keep : {true, false}) {
+        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
+        auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(3700 + L));
+        CoreLayerStep step(mixer, u, dout);
+        auto run = [&](bool zy16) {
+          step.train.set_zy16(zy16);
+          GpuResult r = step.run(keep);
+          EXPECT_EQ(step.train.zy16_used(), zy16 && !lc.c.is_mimo) << "the switch did not select the path";
+          return r;
+        };
+        const GpuResult f32 = run(false), b16 = run(true), again = run(true);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(b16));
+        EXPECT_TRUE(bit_identical(b16, again)) << "not deterministic";
+        EXPECT_EQ(std::memcmp(f32.out.raw(), b16.out.raw(), f32.out.nbytes()), 0) << "the forward moved";
+        double worst = 0;
+        std::string where;
+        compare(b16, f32.out, f32.du, f32.grads, 0.0, kTolZy16, worst, where);
+        std::printf("  %-34s L=%-3lld %s bf16 Z, y vs f32: worst %.2e (%s)\n", lc.name, (long long)L,
+                    keep ? "kept      " : "recomputed", worst, where.c_str());
       }
 }
 

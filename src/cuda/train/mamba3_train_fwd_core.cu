@@ -180,7 +180,9 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       mma(z[2 * np], a, b[0], b[1]), mma(z[2 * np + 1], a, b[2], b[3]);
     }
   }
-  store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
+  const bool zy16 = kOutput && fuse_output && p.zy16;  // (Z and y in bf16: y stored by the output stage below)
+  if (zy16) store_tiles_bf16(z, reinterpret_cast<bf16*>(p.Z) + chunk * kRows * P, P, t0, 0);
+  else store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
 #pragma unroll
   for (int kb = 0; kb < NS / 2; ++kb) {  // WV = W·v
     if (above(kb)) continue;
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       mma(wv[2 * np], w[kb], b[0], b[1]), mma(wv[2 * np + 1], w[kb], b[2], b[3]);
     }
   }
-  store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
+  if (!zy16) store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
   if (!kOutput || !fuse_output) return;
   // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a
   // warp): y = (e^Λ·Z + D·v) + WV, the optional RMSNorm over the head's P channels, the gate y·silu(z) → o16.
@@ -214,6 +216,12 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
         y[nt][k] = (e * z[nt][2 * half + k] + Dh * vv) + wv[nt][2 * half + k];
         ss += y[nt][k] * y[nt][k];
       }
+    if (zy16) {  // y of the row in bf16 (every row of the chunk, as Z)
+      uint32_t y16[P / 8];
+#pragma unroll
+      for (int nt = 0; nt < P / 8; ++nt) y16[nt] = pack(y[nt][0], y[nt][1]);
+      store_row_pairs(y16, reinterpret_cast<bf16*>(p.WV) + (chunk * kRows + tl) * P, true);
+    }
     const float rstd = d.outnorm ? 1.0f / sqrtf(quad_sum(ss) / float(P) + kEps) : 1.0f;
     const bool real = tl < out_rows;  // (padding rows: no loads or stores; the quad exchange takes every lane)
     const int64_t tok = int64_t(b) * d.L + c0 + tl;

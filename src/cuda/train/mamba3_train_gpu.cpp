@@ -148,6 +148,13 @@ bool env_rotation_prefetch() {
   return on;
 }
 
+// MAMBA3_TRAIN_ZY16, read once per process: the SISO forward core stores Z and the pre-norm output y in bf16 for the
+// output-stage backward ("1", the default, where both apply) or Z and W·v in f32 ("0").
+bool env_zy16() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ZY16", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -199,7 +206,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
-      output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zx_bf16_(env_zx16()) {
+      output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zy16_(env_zy16()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -395,6 +402,10 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // The cores (one tensor-core kernel per chunk forward and backward) where the shapes allow; S and W are then never
   // stored (the backward core recomputes them).
   const bool use_cores = uses_chunk_cores(bf16, L);
+  // Z and y in bf16 between the SISO forward core (writing the output) and the SISO output-stage backwards.
+  p.zy16 = zy16_ && use_cores && p.siso_kernels && bf16 && !d.mimo && (d.P == 32 || d.P == 64) &&
+           forward_core_writes_output(p);
+  zy16_used_ = p.zy16;
   if (!use_cores) {
     reserve_floats(act_->bS, BHc * rows * rows);
     reserve_elems(act_->bW, BHc * rows * rows, op);
@@ -487,7 +498,9 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   float* dHc = chain ? nullptr : f(dHc_, size_t(PN));
   const void* dHc_op = bf16 ? dHc16_.raw() : static_cast<const void*>(dHc);
 
-  if (reuse) p.o = nullptr, p.o16 = nullptr;  // the kept forward wrote o already
+  // The kept forward wrote o already, or (zy16) the forward core did in this call: the output-stage backward would
+  // only form it again (from y rounded to bf16 with zy16).
+  if (reuse || p.zy16) p.o = nullptr, p.o16 = nullptr;
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
   if (chain && backward_core_fused_ && post_scan_core_supported(p)) {

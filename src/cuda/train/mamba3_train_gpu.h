@@ -161,6 +161,9 @@ class Mamba3TrainGpu {
   // general kernel (false). Default from MAMBA3_TRAIN_OUTPUT_FULL, read once per process: "1" or "0".
   void set_output_full(bool on) { output_full_ = on; }
   void set_rotation_prefetch(bool on) { rotation_prefetch_ = on; }
+  void set_zy16(bool on) { zy16_ = on; }
+  // Whether the last chunk pass kept Z and y in bf16 (set_zy16 and its shapes).
+  bool zy16_used() const { return zy16_used_; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
   // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
@@ -265,6 +268,8 @@ class Mamba3TrainGpu {
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch of the next token (set_rotation_prefetch)
+  bool zy16_ = true;                 // Z and y in bf16 between the SISO forward core and output backward (set_zy16)
+  bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;

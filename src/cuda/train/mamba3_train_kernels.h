@@ -141,6 +141,10 @@ struct BatchedParams {
   bool output_full;
   // The SISO rotation backward's L2 prefetch of each warp's next token (its loads a round trip from DRAM otherwise).
   bool rotation_prefetch;
+  // The SISO forward core (writing the output) stores q·H_cᵀ and the pre-norm output y = e^Λ·Z + D·v + W·v in bf16,
+  // in the Z and WV buffers (their first halves), instead of Z and W·v in f32; the SISO output-stage backwards read
+  // them so (y as stored, not re-formed). Set only where both apply (batched_chunks).
+  bool zy16;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those

@@ -341,7 +341,13 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
     for (int k = 0; k < kQ; ++k) {
       const int q = lane + 32 * k;
       const int64_t i = row0 + q;
-      t.zv[k] = p.Z[i], t.vv[k] = __bfloat162float(V[i]), t.y[k] = p.WV[i];
+      if (p.zy16) {  // (Z and y in bf16: y as the forward core formed it)
+        t.zv[k] = __bfloat162float(reinterpret_cast<const bf16*>(p.Z)[i]);
+        t.y[k] = __bfloat162float(reinterpret_cast<const bf16*>(p.WV)[i]);
+      } else {
+        t.zv[k] = p.Z[i], t.y[k] = p.WV[i];
+      }
+      t.vv[k] = __bfloat162float(V[i]);
       t.z[k] = zx_col(p, tok, int64_t(ix.h) * P + q);
       t.dO[k] = dO_at(p, tok * d.d_inner + int64_t(ix.h) * P + q);
     }
@@ -361,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
     float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
-      y[k] = (e * t.zv[k] + Dh * t.vv[k]) + y[k];
+      if (!p.zy16) y[k] = (e * t.zv[k] + Dh * t.vv[k]) + y[k];
       ss += y[k] * y[k];
     }
     const float rstd = norm ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
@@ -418,14 +424,14 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
 // addresses of the warp's tokens stepped from pointers made once. The same expressions and sums in the same orders.
 // (ncu, 125M: the general instance issued 2,000 instructions per warp, ~half of them index arithmetic and per-element
 // branches on the runtime flags, at 0.7 IPC per scheduler: issue-bound.)
-template <int P, int kTokens, bool kNorm>
+template <int P, int kTokens, bool kNorm, bool kZy16>
 __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full_kernel(const BatchedParams p) {
   constexpr int kQ = P / 32;
   using bf16 = __nv_bfloat16;
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float Dh = p.D[ix.h];
+  [[maybe_unused]] const float Dh = p.D[ix.h];  // (kZy16: y comes formed)
   float nw[kQ], gn[kQ], gD = 0.0f;
 #pragma unroll
   for (int k = 0; k < kQ; ++k) nw[k] = kNorm ? p.norm[int64_t(ix.h) * P + lane + 32 * k] : 1.0f, gn[k] = 0.0f;
@@ -434,6 +440,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
   const int64_t row = (ix.chunk * p.rows + warp) * P + lane, cs = ix.chunk * p.T + warp;
   const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + warp, col = int64_t(ix.h) * P + lane;
   const float *Z = p.Z + row, *WV = p.WV + row, *eL = p.eL + cs;
+  const bf16 *Z16 = reinterpret_cast<const bf16*>(p.Z) + row, *Y16 = reinterpret_cast<const bf16*>(p.WV) + row;
   const bf16* V = static_cast<const bf16*>(p.V) + row;
   bf16 *dY = static_cast<bf16*>(p.dY) + row, *dYe = static_cast<bf16*>(p.dYe) + row;
   float* dLam = p.dLam + cs;
@@ -451,7 +458,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
       const int i = j * row_step + 32 * k;
-      t.zv[k] = Z[i], t.vv[k] = __bfloat162float(V[i]), t.y[k] = WV[i];
+      if constexpr (kZy16) t.zv[k] = __bfloat162float(Z16[i]), t.y[k] = __bfloat162float(Y16[i]);
+      else t.zv[k] = Z[i], t.y[k] = WV[i];
+      t.vv[k] = __bfloat162float(V[i]);
       t.z[k] = __bfloat162float(z16[j * z_step + 32 * k]);
       t.dO[k] = __bfloat162float(dO16[j * o_step + 32 * k]);
     }
@@ -462,7 +471,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
     float ss = 0.0f;
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
-      y[k] = (e * t.zv[k] + Dh * t.vv[k]) + y[k];
+      if constexpr (!kZy16) y[k] = (e * t.zv[k] + Dh * t.vv[k]) + y[k];
       ss += y[k] * y[k];
     }
     const float rstd = kNorm ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
@@ -501,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
 #pragma unroll
     for (int j = 0; j < kTokens; ++j) finish(j, t[j]);
     Z += kTokens * row_step, WV += kTokens * row_step, V += kTokens * row_step;
+    Z16 += kTokens * row_step, Y16 += kTokens * row_step;
     dY += kTokens * row_step, dYe += kTokens * row_step;
     eL += kTokens * kWarps, dLam += kTokens * kWarps;
     z16 += kTokens * z_step, dO16 += kTokens * o_step, dz16 += kTokens * dz_step;
@@ -766,13 +776,18 @@ bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
   // Whole chunks in the training step's configuration: the full-chunk kernel (two tokens in flight).
   if (p.output_full && two && p.zx16 && p.dO16 && p.dzx16 && !p.o && !p.o16 && p.d.L % p.T == 0 &&
       p.T % (2 * kWarps) == 0) {
-    const bool norm = p.d.outnorm;
-    if (p.d.P == 64)
-      launch_per_chunk(norm ? batched_output_backward_siso_full_kernel<64, 2, true>
-                            : batched_output_backward_siso_full_kernel<64, 2, false>, s, p, floats);
-    else
-      launch_per_chunk(norm ? batched_output_backward_siso_full_kernel<32, 2, true>
-                            : batched_output_backward_siso_full_kernel<32, 2, false>, s, p, floats);
+    const auto go = [&](auto zy16) {
+      constexpr bool kZ = decltype(zy16)::value;
+      const bool norm = p.d.outnorm;
+      if (p.d.P == 64)
+        launch_per_chunk(norm ? batched_output_backward_siso_full_kernel<64, 2, true, kZ>
+                              : batched_output_backward_siso_full_kernel<64, 2, false, kZ>, s, p, floats);
+      else
+        launch_per_chunk(norm ? batched_output_backward_siso_full_kernel<32, 2, true, kZ>
+                              : batched_output_backward_siso_full_kernel<32, 2, false, kZ>, s, p, floats);
+    };
+    if (p.zy16) go(std::true_type{});
+    else go(std::false_type{});
     return true;
   }
   if (p.d.P == 64) {
