@@ -20,50 +20,65 @@ unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) 
 // v rounded to bf16 (nearest even), as bits: dzx's copy for the bf16 mode's in_proj products (TrainGemm's rounding).
 __device__ __forceinline__ uint16_t bf16_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 
-// In place, one block per row; warps take the (which, r, g) vectors: the raw vector is saved to bc_raw (M, 2·R·G·N:
-// B's vectors then C's, as in zx) for the backward, then normalised in zx. Reads 2·R·G·N, writes 4·R·G·N floats per
-// row (copying all din columns into a second buffer had cost 0.12 ms per layer call at 125M).
+// In place, a warp per (row, vector) — the (which, r, g) vectors of every row in order, 8 per block (one block per row
+// had left 6 of its 8 warps idle at G = 1: 16.8 µs per 125M call): the raw vector is saved to bc_raw (M, 2·R·G·N: B's
+// vectors then C's, as in zx) for the backward, then normalised in zx. Reads 2·R·G·N, writes 4·R·G·N floats per row
+// (copying all din columns into a second buffer had cost 0.12 ms per layer call at 125M).
 __global__ void normalize_bc_kernel(MixerDims d, float* __restrict__ zx, const float* __restrict__ B_norm,
                                     const float* __restrict__ C_norm, float* __restrict__ bc_raw) {
-  const int64_t m = blockIdx.x;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
-  for (int item = warp; item < 2 * RG; item += warps) {
-    float* v = zx + m * d.din + d.off_B + int64_t(item) * d.N;  // C's vectors follow B's in zx
-    float* raw = bc_raw + (m * 2 * RG + item) * d.N;
-    const float* w = item < RG ? B_norm : C_norm;
-    float ss = 0;
-    for (int n = lane; n < d.N; n += 32) ss += v[n] * v[n];
-    const float r = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
-    for (int n = lane; n < d.N; n += 32) {
-      const float x = v[n];
-      raw[n] = x;
-      v[n] = x * r * w[n];
-    }
+  const int RG = d.R * d.G, lane = threadIdx.x % 32;
+  const int64_t job = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (job >= int64_t(d.B) * d.L * 2 * RG) return;  // (whole warps)
+  const int64_t m = job / (2 * RG);
+  const int item = int(job % (2 * RG));
+  float* v = zx + m * d.din + d.off_B + int64_t(item) * d.N;  // C's vectors follow B's in zx
+  float* raw = bc_raw + (m * 2 * RG + item) * d.N;
+  const float* w = item < RG ? B_norm : C_norm;
+  float ss = 0;
+  for (int n = lane; n < d.N; n += 32) ss += v[n] * v[n];
+  const float r = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
+  for (int n = lane; n < d.N; n += 32) {
+    const float x = v[n];
+    raw[n] = x;
+    v[n] = x * r * w[n];
   }
 }
 
-// One thread per (bh, t).
+// The token scalars of spec §2.2 for a tile of `tile` (≤ 32) tokens of one sequence and every head: the tile's dt, A and
+// λ columns of zx (3·H per token row) read row by row into shared memory, then one thread per (head, token) with the
+// tokens fastest, so that the (B·H, L) outputs are written in whole runs of tokens (a thread per (bh, t) had read
+// three scattered floats of a different token row per thread: 12.1 µs per 125M call at 0.4 TB/s).
 __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt_bias,
-                                     TokenScalars out) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= int64_t(d.B) * d.H * d.L) return;
-  const int64_t bh = e / d.L, t = e % d.L;
-  const int b = int(bh / d.H), h = int(bh % d.H);
-  const float* dd = zx + (int64_t(b) * d.L + t) * d.din + d.off_dt;
-  const float arg = dd[h] + dt_bias[h], a = dd[d.H + h];
-  float f, df;
-  if (d.heavy_tail) {
-    f = a >= 0 ? 1.0f + a : 1.0f / (1.0f - a);
-    df = a >= 0 ? 1.0f : 1.0f / ((1.0f - a) * (1.0f - a));
-  } else {
-    f = softplus_f(a);
-    df = a > 20.0f ? 1.0f : sigmoid_f(a);
+                                     TokenScalars out, int tile) {
+  extern __shared__ float cols[];  // (tile, 3·H): dt, A, λ columns of each token
+  const int tiles = (d.L + tile - 1) / tile;
+  const int b = int(blockIdx.x / tiles), t0 = int(blockIdx.x % tiles) * tile;
+  const int nt = min(tile, d.L - t0), width = 3 * d.H;
+  for (int k = threadIdx.x; k < nt * width; k += blockDim.x) {
+    const int j = k / width, c = k % width;
+    cols[j * width + c] = zx[(int64_t(b) * d.L + t0 + j) * d.din + d.off_dt + c];
   }
-  out.dt[e] = softplus_f(arg);
-  out.A[e] = fminf(-f, -d.A_floor);
-  out.lam[e] = d.euler ? 1.0f : sigmoid_f(dd[2 * d.H + h]);
-  out.dAdl[e] = -f > -d.A_floor ? 0.0f : -df;
-  out.dsp[e] = arg > 20.0f ? 1.0f : sigmoid_f(arg);
+  __syncthreads();
+  for (int k = threadIdx.x; k < d.H * tile; k += blockDim.x) {
+    const int h = k / tile, j = k % tile;
+    if (j >= nt) continue;
+    const float* dd = cols + j * width;
+    const int64_t e = (int64_t(b) * d.H + h) * d.L + t0 + j;
+    const float arg = dd[h] + dt_bias[h], a = dd[d.H + h];
+    float f, df;
+    if (d.heavy_tail) {
+      f = a >= 0 ? 1.0f + a : 1.0f / (1.0f - a);
+      df = a >= 0 ? 1.0f : 1.0f / ((1.0f - a) * (1.0f - a));
+    } else {
+      f = softplus_f(a);
+      df = a > 20.0f ? 1.0f : sigmoid_f(a);
+    }
+    out.dt[e] = softplus_f(arg);
+    out.A[e] = fminf(-f, -d.A_floor);
+    out.lam[e] = d.euler ? 1.0f : sigmoid_f(dd[2 * d.H + h]);
+    out.dAdl[e] = -f > -d.A_floor ? 0.0f : -df;
+    out.dsp[e] = arg > 20.0f ? 1.0f : sigmoid_f(arg);
+  }
 }
 
 // The angle scan φ_t = wrap(φ_{t−1} + π·tanh(θ_t)·Δ_t) in two levels (a walk over all L tokens per (bh, i) ran 6144
@@ -520,12 +535,20 @@ bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, co
 
 void launch_normalize_bc(cudaStream_t s, const MixerDims& d, float* zx, const float* B_norm, const float* C_norm,
                          float* bc_raw) {
-  normalize_bc_kernel<<<unsigned(int64_t(d.B) * d.L), 256, 0, s>>>(d, zx, B_norm, C_norm, bc_raw);
+  normalize_bc_kernel<<<blocks_for(int64_t(d.B) * d.L * 2 * d.R * d.G * 32, 256), 256, 0, s>>>(d, zx, B_norm, C_norm,
+                                                                                                bc_raw);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt_bias, TokenScalars out) {
-  token_scalars_kernel<<<blocks_for(int64_t(d.B) * d.H * d.L, 256), 256, 0, s>>>(d, zx, dt_bias, out);
+  if (int64_t(d.B) * d.H * d.L == 0) return;
+  // 32 tokens per tile, fewer where 3·H columns of 32 tokens would pass 48 KB of shared memory (H > 128).
+  const int tile = int(std::clamp<int64_t>(48 * 1024 / (int64_t(3) * d.H * int64_t(sizeof(float))), 1, 32));
+  const int64_t blocks = int64_t(d.B) * ((d.L + tile - 1) / tile);
+  MAMBA3_CHECK(blocks <= 0x7fffffff && int64_t(3) * d.H * 4 <= 48 * 1024, "token scalars: {} heads exceed a block",
+               d.H);
+  token_scalars_kernel<<<unsigned(blocks), 256, size_t(tile) * 3 * d.H * sizeof(float), s>>>(d, zx, dt_bias, out,
+                                                                                             tile);
   MAMBA3_LAUNCH_CHECK();
 }
 
