@@ -206,7 +206,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
-      output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zy16_(env_zy16()), zx_bf16_(env_zx16()) {
+      output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zy16_(env_zy16()),
+      zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }

@@ -267,7 +267,7 @@ class Mamba3TrainGpu {
   int output_tokens_ = 2;            // the SISO output-stage backward's tokens in flight per warp (set_output_tokens)
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
-  bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch of the next token (set_rotation_prefetch)
+  bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
   bool zy16_ = true;                 // Z and y in bf16 between the SISO forward core and output backward (set_zy16)
   bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)

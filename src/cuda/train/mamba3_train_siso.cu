@@ -614,7 +614,8 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             load_h(reinterpret_cast<const uint16_t*>(K + j), vk[i]);
           }
           if constexpr (kPairs == 2) {  // (S even: both of the lane's pairs rotate, or neither)
-            const float2 v = n0 / 2 < S ? *reinterpret_cast<const float2*>(phiv + st * S + n0 / 2) : make_float2(0.0f, 0.0f);
+            const float2 v =
+                n0 / 2 < S ? *reinterpret_cast<const float2*>(phiv + st * S + n0 / 2) : make_float2(0.0f, 0.0f);
             ph[i][0] = v.x, ph[i][1] = v.y;
           } else {
 #pragma unroll
@@ -833,7 +834,9 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
     constexpr bool kF = decltype(form_qk)::value, kFuse = decltype(fuse_norm)::value;
     constexpr int kH = decltype(heads)::value;
     // (the L2 prefetch of the warp's next token: p.rotation_prefetch)
-    const auto with_prefetch = [&](auto kernel_on, auto kernel_off) { launch(p.rotation_prefetch ? kernel_on : kernel_off); };
+    const auto with_prefetch = [&](auto kernel_on, auto kernel_off) {
+      launch(p.rotation_prefetch ? kernel_on : kernel_off);
+    };
     if (d.N == 128)
       with_prefetch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true>,
                     batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, false>);

@@ -44,10 +44,10 @@ __global__ void normalize_bc_kernel(MixerDims d, float* __restrict__ zx, const f
   }
 }
 
-// The token scalars of spec §2.2 for a tile of `tile` (≤ 32) tokens of one sequence and every head: the tile's dt, A and
-// λ columns of zx (3·H per token row) read row by row into shared memory, then one thread per (head, token) with the
-// tokens fastest, so that the (B·H, L) outputs are written in whole runs of tokens (a thread per (bh, t) had read
-// three scattered floats of a different token row per thread: 12.1 µs per 125M call at 0.4 TB/s).
+// The token scalars of spec §2.2 for a tile of `tile` (≤ 32) tokens of one sequence and every head: the tile's dt,
+// A and λ columns of zx (3·H per token row) read row by row into shared memory, then one thread per (head, token)
+// with the tokens fastest, so that the (B·H, L) outputs are written in whole runs of tokens (a thread per (bh, t) had
+// read three scattered floats of a different token row per thread: 12.1 µs per 125M call at 0.4 TB/s).
 __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt_bias,
                                      TokenScalars out, int tile) {
   extern __shared__ float cols[];  // (tile, 3·H): dt, A, λ columns of each token
