@@ -404,8 +404,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // stored (the backward core recomputes them).
   const bool use_cores = uses_chunk_cores(bf16, L);
   // Z and y in bf16 between the SISO forward core (writing the output) and the SISO output-stage backwards.
-  p.zy16 = zy16_ && use_cores && p.siso_kernels && bf16 && !d.mimo && (d.P == 32 || d.P == 64) &&
-           forward_core_writes_output(p);
+  p.zy16 = zy16_ && use_cores && output_backward_siso_applies(p) && forward_core_writes_output(p);
   zy16_used_ = p.zy16;
   if (!use_cores) {
     reserve_floats(act_->bS, BHc * rows * rows);

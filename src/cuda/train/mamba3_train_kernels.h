@@ -207,6 +207,9 @@ void launch_batched_mask(cudaStream_t s, const BatchedParams& p);
 // y = e^Λ ⊙ Z + WV + D·v, the output stage → o; with `backward` also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state
 // read (dLam, overwritten), the output stage's partials and D's.
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward);
+// Whether the output stage's backward runs a SISO instance (mamba3_train_siso.cu; the ones that can read p.zy16's bf16
+// Z and y).
+bool output_backward_siso_applies(const BatchedParams& p);
 // From S (q·kᵀ) and dWf (dy·vᵀ): the gradients of coef into dLam (added), dgam, dscale (written), and dS = dW ⊙ coef.
 void launch_batched_coef(cudaStream_t s, const BatchedParams& p);
 // The rest per chunk: dV += D·dy + w ⊙ (K·dHᵀ) (from Z), the state-carry terms of Λ and scale, dadt; per token the

@@ -771,7 +771,7 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
 }
 
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
-  if (!p.siso_kernels || !p.bf16 || p.d.mimo || (p.d.P != 32 && p.d.P != 64)) return false;
+  if (!output_backward_siso_applies(p)) return false;
   const size_t floats = size_t(kWarps) * (p.d.P + 1);
   const bool two = p.output_tokens != 1;  // (0, unset by a caller: two)
   // Whole chunks in the training step's configuration: the full-chunk kernel (two tokens in flight).
@@ -859,3 +859,11 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
 }
 
 }  // namespace mamba3::cuda::train_detail::batched
+
+namespace mamba3::cuda::train_detail {
+
+bool output_backward_siso_applies(const BatchedParams& p) {
+  return p.siso_kernels && p.bf16 && !p.d.mimo && (p.d.P == 32 || p.d.P == 64);
+}
+
+}  // namespace mamba3::cuda::train_detail
