@@ -253,6 +253,73 @@ TEST(TrainOpsGpu, NormRegisterRowsGiveTheSameBits) {
     }
 }
 
+// Norm backwards with their weight sums deferred (queued, then launched together by flush_norm_grad_sums) against
+// each sum launched at once: dx, dw and db the same bits; dw and db untouched until the flush (the sums were
+// queued); with a budget of about two norms' partials (flushes between them, the buffer regrown) and one dw given
+// twice (accumulated in order).
+TEST(TrainOpsGpu, DeferredNormSumsGiveTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(23);
+  struct Norm {
+    int64_t rows, D;
+    bool layer;
+    int out;  // which dw/db pair it adds to
+  };
+  const Norm norms[] = {{300, 130, true, 0}, {67, 48, false, 1},   {1029, 768, false, 2}, {4099, 130, false, 3},
+                        {37, 256, true, 4},  {1029, 768, false, 2}, {301, 768, true, 5},  {45, 1156, false, 6}};
+  constexpr int kOuts = 7;
+  std::vector<Tensor> x, dy, w, b;
+  for (const Norm& n : norms) {
+    x.push_back(random_tensor(rng, {n.rows, n.D}, -1.5f, 2.5f)), dy.push_back(random_tensor(rng, {n.rows, n.D}));
+    w.push_back(random_tensor(rng, {n.D}, 0.5f, 1.5f)), b.push_back(random_tensor(rng, {n.D}, -0.5f, 0.5f));
+  }
+  int64_t width[kOuts] = {};
+  for (const Norm& n : norms) width[n.out] = n.D;
+  std::vector<Tensor> dw0, db0;
+  for (int o = 0; o < kOuts; ++o)
+    dw0.push_back(random_tensor(rng, {width[o]}, -5.0f, 5.0f)), db0.push_back(random_tensor(rng, {width[o]}, -5.0f, 5.0f));
+  const auto run = [&](bool defer, size_t budget, bool check_pending) {
+    cuda::NormGradScratch scratch;
+    scratch.defer = defer, scratch.defer_budget_bytes = budget;
+    std::vector<DeviceBuffer> dxs, dws, dbs, keep;
+    for (int o = 0; o < kOuts; ++o) dws.push_back(up(dw0[size_t(o)])), dbs.push_back(up(db0[size_t(o)]));
+    for (size_t i = 0; i < std::size(norms); ++i) {
+      const Norm& n = norms[i];
+      keep.push_back(up(x[i])), keep.push_back(up(dy[i])), keep.push_back(up(w[i])), keep.push_back(up(b[i]));
+      dxs.push_back(poisoned(n.rows * n.D));
+      const size_t k = keep.size();
+      cuda::norm_backward_gpu(ctx.stream(), keep[k - 4].as<float>(), keep[k - 3].as<float>(), n.rows, n.D,
+                              keep[k - 2].as<float>(), n.layer ? keep[k - 1].as<float>() : nullptr, 1e-5f,
+                              dxs.back().as<float>(), false, dws[size_t(n.out)].as<float>(),
+                              n.layer ? dbs[size_t(n.out)].as<float>() : nullptr, scratch);
+    }
+    if (check_pending) {  // the last norm's sum is still queued: its dw holds the initial values
+      EXPECT_FALSE(scratch.queued.empty());
+      const Norm& last = norms[std::size(norms) - 1];
+      ctx.sync();
+      EXPECT_TRUE(same_bits(down(dws[size_t(last.out)], {last.D}), dw0[size_t(last.out)])) << "a sum was not queued";
+    }
+    cuda::flush_norm_grad_sums(ctx.stream(), scratch);
+    EXPECT_TRUE(scratch.queued.empty());
+    ctx.sync();
+    std::vector<Tensor> got;
+    for (size_t i = 0; i < std::size(norms); ++i) got.push_back(down(dxs[i], {norms[i].rows, norms[i].D}));
+    for (int o = 0; o < kOuts; ++o) got.push_back(down(dws[size_t(o)], {width[o]})), got.push_back(down(dbs[size_t(o)], {width[o]}));
+    return got;
+  };
+  const std::vector<Tensor> at_once = run(false, 0, false);
+  for (const size_t budget : {size_t(192) << 20, size_t(2 * 1029 / 8 * 768 * 4)}) {  // all queued; ~2 norms' partials
+    SCOPED_TRACE(fmt::format("budget {} bytes", budget));
+    const std::vector<Tensor> deferred = run(true, budget, true);
+    ASSERT_EQ(deferred.size(), at_once.size());
+    for (size_t i = 0; i < at_once.size(); ++i) {
+      EXPECT_TRUE(same_bits(at_once[i], deferred[i])) << "output " << i;
+      for (int64_t e = 0; e < at_once[i].numel(); ++e) ASSERT_TRUE(std::isfinite(at_once[i].data<float>()[e]));
+    }
+  }
+}
+
 // The residual step with the block's output given in bf16 (hidden16) and the norm backward with dy given in bf16
 // (dy16) against the same values upcast to f32: the same bits, through every kernel form — register rows (D 256,
 // 512, 768 forward), staged rows (D 768, 2048 backward), generic (D 1156 forward; register rows off) — for both norms

@@ -332,6 +332,9 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
   // g16 where g's next reader takes it: layer l's MLP, or its Mamba-3 mixer (the first reader once the MLP is done).
   const auto g16_if = [&](bool reads16) { return reads16 ? g16 : nullptr; };
   const auto first_reads16 = [](const Layer& l) { return l.fc1 || !l.attention; };
+  // The norms' weight sums queued and launched together after the last norm (the same bits).
+  w.norm_scratch.defer = norm_sums_deferred_by_default();
+  w.norm_scratch.queued.clear(), w.norm_scratch.used_floats = 0;  // (left only by a backward that threw)
   norm_backward_gpu(st, residual, dnormed, N, D, norm_f.w, norm_f.b, eps, g, false, norm_f.dw, norm_f.db,
                     w.norm_scratch, g16_if(!layers_.empty() && first_reads16(*layers_.back())));
   prof.mark("norm_bwd");
@@ -362,6 +365,7 @@ double GpuLmTrainer::run(const int64_t* inputs, const int64_t* targets, int64_t 
                       din16 ? dnormed16 : nullptr);
     prof.mark("norm_bwd");
   }
+  flush_norm_grad_sums(st, w.norm_scratch);
   embedding_backward_gpu(st, w.embedding_plan, g, D, s.grad("backbone.embedding.weight"));
   prof.mark("embed_bwd");
   prof.report();

@@ -416,11 +416,12 @@ __global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const
 // dw[j] += Σ_blk pw[blk, j] (and db) in float64, the deterministic second stage: a block of 32 warps per 32 columns,
 // lane = column, warp i adding the partial rows i, i + 32, … in order, then the warps' totals added in warp order
 // (a fixed order that depends on nblocks only). A warp's loads are 32 adjacent floats of one partial row.
-__global__ void __launch_bounds__(1024) norm_backward_sum_kernel(const float* partial_w, const float* partial_b,
-                                                                 int64_t nblocks, int64_t D, float* dw, float* db) {
+__device__ __forceinline__ void norm_backward_sum_columns(const float* partial_w, const float* partial_b,
+                                                          int64_t nblocks, int64_t D, float* dw, float* db,
+                                                          int64_t column_block) {
   __shared__ double tot[2][32][33];
   const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
-  const int64_t j = int64_t(blockIdx.x) * 32 + lane;
+  const int64_t j = column_block * 32 + lane;
   double sw = 0, sb = 0;
   if (j < D) {
 #pragma unroll 8
@@ -437,6 +438,27 @@ __global__ void __launch_bounds__(1024) norm_backward_sum_kernel(const float* pa
     dw[j] += float(tw);
     if (db) db[j] += float(tb);
   }
+}
+
+__global__ void __launch_bounds__(1024) norm_backward_sum_kernel(const float* partial_w, const float* partial_b,
+                                                                 int64_t nblocks, int64_t D, float* dw, float* db) {
+  norm_backward_sum_columns(partial_w, partial_b, nblocks, D, dw, db, blockIdx.x);
+}
+
+// Queued sums in one launch: job i owns the blocks [first[i], first[i + 1]), one per 32 of its columns, each summing
+// as norm_backward_sum_kernel's block does (the same bits).
+constexpr int kNormSumJobsPerLaunch = 48;
+struct NormSumBatch {
+  NormSumJob job[kNormSumJobsPerLaunch];
+  int first[kNormSumJobsPerLaunch + 1];
+  int count;
+};
+
+__global__ void __launch_bounds__(1024) norm_backward_sum_batch_kernel(const NormSumBatch batch) {
+  int i = 0;
+  while (i + 1 < batch.count && int(blockIdx.x) >= batch.first[i + 1]) ++i;
+  const NormSumJob& jb = batch.job[i];
+  norm_backward_sum_columns(jb.pw, jb.pb, jb.nblocks, jb.D, jb.dw, jb.db, int64_t(blockIdx.x) - batch.first[i]);
 }
 
 // A warp per row: r = prev + hidden (prev alone when hidden is null) into res_out, then y = Norm(r)·w (+ b) with the
@@ -647,8 +669,29 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
                          NormGradScratch& scratch, uint16_t* dx16) {
   const int64_t rpb = rows_per_block(rows), nblocks = (rows + rpb - 1) / rpb;
   const bool with_db = db_or_null != nullptr;
-  scratch.partial.reserve(size_t(nblocks * D) * sizeof(float) * (with_db ? 2 : 1));
-  float* pw = scratch.partial.as<float>();
+  const size_t floats = size_t(nblocks * D) * (with_db ? 2 : 1);
+  // Deferred: this norm's partials after the queued ones' (the queue flushed first where they would not fit; a
+  // buffer that must grow is regrown only with nothing queued, since regrowing drops its contents).
+  size_t at = 0;
+  if (scratch.defer) {
+    // (A queued sum into the same dw or db would race with this one's in the batch: flushed first.)
+    for (const NormSumJob& q : scratch.queued)
+      if (q.dw == dw || (db_or_null && q.db == db_or_null)) {
+        flush_norm_grad_sums(s, scratch);
+        break;
+      }
+    const size_t budget = std::max(scratch.defer_budget_bytes / sizeof(float), floats);
+    if (scratch.used_floats + floats > budget || scratch.queued.size() >= size_t(kNormSumJobsPerLaunch))
+      flush_norm_grad_sums(s, scratch);
+    if (scratch.partial.bytes() < (scratch.used_floats + floats) * sizeof(float)) {
+      flush_norm_grad_sums(s, scratch);
+      scratch.partial.reserve(std::min(budget, floats * 64) * sizeof(float));
+    }
+    at = scratch.used_floats;
+  } else {
+    scratch.partial.reserve(floats * sizeof(float));
+  }
+  float* pw = scratch.partial.as<float>() + at;
   float* pb = with_db ? pw + nblocks * D : nullptr;
   // Warps per block: one per row of the block (rpb), at most 8, and as many as the warps' shared partial rows allow.
   const int64_t row_bytes = D * int64_t(sizeof(float)) * (with_db ? 2 : 1);
@@ -692,11 +735,40 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
   } else {
     launch(norm_backward_rows_kernel<G>, D);
   }
+  if (scratch.defer) {
+    scratch.queued.push_back({pw, pb, nblocks, D, dw, db_or_null});
+    scratch.used_floats += floats;
+    return;
+  }
   norm_backward_sum_kernel<<<unsigned((D + 31) / 32), 1024, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
   MAMBA3_LAUNCH_CHECK();
 }
 
 }  // namespace
+
+void flush_norm_grad_sums(cudaStream_t s, NormGradScratch& scratch) {
+  for (size_t from = 0; from < scratch.queued.size(); from += kNormSumJobsPerLaunch) {
+    NormSumBatch batch{};
+    batch.count = int(std::min<size_t>(kNormSumJobsPerLaunch, scratch.queued.size() - from));
+    int64_t blocks = 0;
+    for (int i = 0; i < batch.count; ++i) {
+      batch.job[i] = scratch.queued[from + size_t(i)];
+      batch.first[i] = int(blocks);
+      blocks += (batch.job[i].D + 31) / 32;
+    }
+    batch.first[batch.count] = int(blocks);
+    MAMBA3_CHECK(blocks <= 0x7fffffff, "flush_norm_grad_sums: {} blocks exceed the grid", blocks);
+    norm_backward_sum_batch_kernel<<<unsigned(blocks), 1024, 0, s>>>(batch);
+    MAMBA3_LAUNCH_CHECK();
+  }
+  scratch.queued.clear();
+  scratch.used_floats = 0;
+}
+
+bool norm_sums_deferred_by_default() {
+  static const bool on = env_choice("MAMBA3_TRAIN_NORM_SUMS_DEFERRED", {"1", "0"}) != "0";
+  return on;
+}
 
 void norm_backward_gpu(cudaStream_t s, const float* x, const float* dy, int64_t rows, int64_t D, const float* w,
                        const float* b_or_null, float eps, float* dx, bool accumulate_dx, float* dw, float* db_or_null,

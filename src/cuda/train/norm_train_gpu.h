@@ -8,6 +8,7 @@
 // dw += Σ dy·x̂, db += Σ dy. The weight/bias sums are deterministic: per-block f32 partials over fixed row ranges
 // (8 rows at the 125M step), then added in a fixed order in float64 (no atomics).
 #include <cstdint>
+#include <vector>
 
 #include <cuda_runtime.h>
 
@@ -15,10 +16,32 @@
 
 namespace mamba3::cuda {
 
-// The per-block partial sums of norm_backward_gpu (grow-only; reuse one per stream).
+// One queued second stage of norm_backward_gpu: dw (and db) += the column sums of nblocks partial rows of D floats.
+struct NormSumJob {
+  const float* pw = nullptr;
+  const float* pb = nullptr;
+  int64_t nblocks = 0, D = 0;
+  float* dw = nullptr;
+  float* db = nullptr;
+};
+
+// The per-block partial sums of norm_backward_gpu (grow-only; reuse one per stream). With `defer`, a backward leaves
+// its partials in the buffer and queues its sum instead of launching it; flush_norm_grad_sums launches every queued
+// sum at once (a model's backward has one small, 24-block sum per norm: the 125M step's 25 norms took 9 µs each plus
+// their launch gaps). The buffer then holds every queued norm's partials, up to `defer_budget_bytes` (a backward that
+// would pass it flushes first). dw and db are complete only after the flush; the same bits as without deferral.
 struct NormGradScratch {
   DeviceBuffer partial;
+  bool defer = false;
+  size_t defer_budget_bytes = size_t(192) << 20;
+  size_t used_floats = 0;  // of partial, by the queued sums
+  std::vector<NormSumJob> queued;
 };
+
+// Launches the sums scratch.defer queued (nothing when none), in one launch per kNormSumJobsPerLaunch.
+void flush_norm_grad_sums(cudaStream_t s, NormGradScratch& scratch);
+// Whether the LM trainer defers its norms' sums (MAMBA3_TRAIN_NORM_SUMS_DEFERRED, "1" or "0", unset: 1; read once).
+bool norm_sums_deferred_by_default();
 
 // x, y: (rows, D); b null = RMSNorm. y may alias x.
 void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, const float* w, const float* b,
