@@ -871,7 +871,9 @@ TEST(TrainOpsGpu, EmbeddingBackwardIsTheOrderedScatterAdd) {
   std::mt19937 rng(7);
   const int64_t V = 50;
   cuda::EmbeddingGradPlan reused;
-  for (const auto [rows, D] : {Shape2{1, 48}, Shape2{300, 130}, Shape2{3, 130}, Shape2{4099, 48}, Shape2{67, 48}}) {
+  // (D % 4 == 0: a warp per id over float4 columns, one pass or several; else a block per id.)
+  for (const auto [rows, D] : {Shape2{1, 48}, Shape2{300, 130}, Shape2{3, 130}, Shape2{4099, 48}, Shape2{67, 48},
+                               Shape2{301, 768}, Shape2{45, 132}}) {
     SCOPED_TRACE(fmt::format("rows {} D {}", rows, D));
     // Skewed ids: id 7 takes about a third of the rows, so long runs of one id are covered.
     std::vector<int32_t> ids(static_cast<size_t>(rows));

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <vector>
 
 #include "cuda/train/block_reduce.cuh"
@@ -19,6 +20,36 @@ __global__ void embedding_backward_kernel(const int32_t* ids, const int32_t* off
     float acc = *t;
     for (int32_t k = offsets[u]; k < offsets[u + 1]; ++k) acc += dy[int64_t(row_list[k]) * D + j];
     *t = acc;
+  }
+}
+
+// The same sums with a warp per distinct id where rows are whole float4s (D % 4 == 0, 16-byte aligned): lanes take
+// float4 columns, and per pass the table's value and the id's first kRowsAhead rows are requested together before
+// the adds (still in row order: the same bits). The block-per-id form waited on a chain of dependent loads per id
+// (ids, offsets, rows, then dy) with 24 warps per block: 83 µs at the 125M step's 16k rows, ~10 µs of bytes.
+constexpr int kRowsAhead = 4;
+__device__ __forceinline__ void add4(float4& a, const float4& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; }
+__global__ void embedding_backward_vec4_kernel(const int32_t* ids, const int32_t* offsets, const int32_t* row_list,
+                                               int64_t unique, const float4* dy, int64_t D4, float4* dtable) {
+  const int lane = int(threadIdx.x % 32);
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < unique; u += warps) {
+    const int32_t k0 = offsets[u], k1 = offsets[u + 1];
+    float4* t = dtable + int64_t(ids[u]) * D4;
+    int32_t rows[kRowsAhead];
+#pragma unroll
+    for (int r = 0; r < kRowsAhead; ++r) rows[r] = k0 + r < k1 ? row_list[k0 + r] : 0;
+    for (int64_t c = lane; c < D4; c += 32) {
+      float4 acc = t[c], w[kRowsAhead];
+#pragma unroll
+      for (int r = 0; r < kRowsAhead; ++r)
+        w[r] = k0 + r < k1 ? dy[int64_t(rows[r]) * D4 + c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int r = 0; r < kRowsAhead; ++r)
+        if (k0 + r < k1) add4(acc, w[r]);
+      for (int32_t k = k0 + kRowsAhead; k < k1; ++k) add4(acc, dy[int64_t(row_list[k]) * D4 + c]);
+      t[c] = acc;
+    }
   }
 }
 
@@ -70,6 +101,16 @@ EmbeddingGradPlan EmbeddingGradPlan::build(const int32_t* host_ids, int64_t rows
 void embedding_backward_gpu(cudaStream_t s, const EmbeddingGradPlan& plan, const float* dy, int64_t D,
                             float* dtable) {
   if (plan.unique == 0 || D <= 0) return;
+  const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+  if (D % 4 == 0 && aligned(dy) && aligned(dtable)) {
+    constexpr int kThreads = 256;
+    const int64_t blocks = std::min<int64_t>((plan.unique + kThreads / 32 - 1) / (kThreads / 32), 1 << 20);
+    embedding_backward_vec4_kernel<<<unsigned(blocks), kThreads, 0, s>>>(
+        plan.ids(), plan.offsets(), plan.row_list(), plan.unique, reinterpret_cast<const float4*>(dy), D / 4,
+        reinterpret_cast<float4*>(dtable));
+    MAMBA3_LAUNCH_CHECK();
+    return;
+  }
   const int threads = train_detail::threads_for(D);
   const int64_t col_blocks = (D + threads - 1) / threads;
   MAMBA3_CHECK(col_blocks <= 65535, "embedding_backward_gpu: D {} too wide", D);

@@ -346,11 +346,21 @@ bool launch_bf16_smem(cudaStream_t s, __nv_bfloat16* logits, int64_t n, int V, i
   return true;
 }
 
-// *out = Σ v in float64: thread t adds v[t], v[t + blockDim], … in order, then the fixed-order block sum.
+// *out = Σ v in float64: thread t adds v[t], v[t + blockDim], … in order, then the fixed-order block sum. The loads
+// go out 16 at a time before their adds (one load round trip per add had made it 25 µs at 16k rows).
 __global__ void ordered_sum_kernel(const double* v, int64_t n, double* out) {
   __shared__ double red[kMaxWarps];
+  constexpr int kAhead = 16;
   double acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += v[i];
+  const int64_t step = blockDim.x;
+  for (int64_t i0 = threadIdx.x; i0 < n; i0 += kAhead * step) {
+    double w[kAhead];
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k) w[k] = i0 + k * step < n ? v[i0 + k * step] : 0.0;
+#pragma unroll
+    for (int k = 0; k < kAhead; ++k)
+      if (i0 + k * step < n) acc += w[k];
+  }
   acc = block_sum(acc, red);
   if (threadIdx.x == 0) *out = acc;
 }
