@@ -42,6 +42,9 @@ inline int threads_for(int64_t n, int cap = 256) {
   return int(t < 32 ? 32 : (t > cap ? cap : t));
 }
 
+// Whether a pointer allows 16-byte vector accesses (the launchers' test before a float4/uint4 kernel).
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
 // Blocks for a grid-stride loop over n elements.
 inline unsigned grid_for(int64_t n, int threads, int64_t max_blocks = 65536) {
   const int64_t b = (n + threads - 1) / threads;

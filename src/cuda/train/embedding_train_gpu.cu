@@ -101,8 +101,7 @@ EmbeddingGradPlan EmbeddingGradPlan::build(const int32_t* host_ids, int64_t rows
 void embedding_backward_gpu(cudaStream_t s, const EmbeddingGradPlan& plan, const float* dy, int64_t D,
                             float* dtable) {
   if (plan.unique == 0 || D <= 0) return;
-  const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
-  if (D % 4 == 0 && aligned(dy) && aligned(dtable)) {
+  if (D % 4 == 0 && train_detail::aligned16(dy) && train_detail::aligned16(dtable)) {
     constexpr int kThreads = 256;
     const int64_t blocks = std::min<int64_t>((plan.unique + kThreads / 32 - 1) / (kThreads / 32), 1 << 20);
     embedding_backward_vec4_kernel<<<unsigned(blocks), kThreads, 0, s>>>(

@@ -10,6 +10,7 @@
 namespace mamba3::cuda {
 namespace {
 
+using train_detail::aligned16;
 using train_detail::grid_for;
 
 // f32 silu with the CPU's formula (ops/mamba3_common.h): σ(g) = 1/(1 + e^−g), silu(g) = g·σ(g).
@@ -22,8 +23,8 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float
 // division: the former flat loop's 64-bit divisions made these kernels cost instructions, not only bytes).
 unsigned row_grid(int64_t rows) { return unsigned(rows < (1 << 20) ? rows : (1 << 20)); }
 
-// MAMBA3_TRAIN_SILU_X8, read once per process: the all-bf16 forward and backward with 16-byte accesses ("1", the default, where
-// the width and alignment allow) or 4-byte ones ("0"); the same bits.
+// MAMBA3_TRAIN_SILU_X8, read once per process: the all-bf16 forward and backward with 16-byte accesses ("1", the
+// default, where the width and alignment allow) or 4-byte ones ("0"); the same bits.
 bool silu_x8_enabled() {
   static const bool on = env_choice("MAMBA3_TRAIN_SILU_X8", {"1", "0"}) != "0";
   return on;
@@ -159,7 +160,6 @@ void gated_silu_backward_bf16_gpu(cudaStream_t s, const uint16_t* do16, const ui
                                   int64_t d_ff, uint16_t* dh16) {
   if (rows <= 0 || d_ff <= 0) return;
   MAMBA3_CHECK(d_ff % 2 == 0, "gated_silu_backward_bf16_gpu: d_ff {} is odd", d_ff);
-  const auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   if (d_ff % 8 == 0 && aligned16(do16) && aligned16(h16) && aligned16(dh16) && silu_x8_enabled()) {
     gated_silu_backward_bf16x8_kernel<<<row_grid(rows), unsigned(std::min<int64_t>(256, (d_ff / 8 + 31) / 32 * 32)), 0,
                                         s>>>(reinterpret_cast<const uint4*>(do16), reinterpret_cast<const uint4*>(h16),
@@ -177,7 +177,6 @@ void gated_silu_forward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_
                             const uint16_t* h16) {
   if (rows <= 0 || d_ff <= 0) return;
   auto* out16 = reinterpret_cast<__nv_bfloat16*>(o16);
-  const auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   if (h16 && o16 && d_ff % 8 == 0 && aligned16(h16) && aligned16(o16) && silu_x8_enabled())
     gated_silu_forward_bf16x8_kernel<<<row_grid(rows), unsigned(std::min<int64_t>(256, (d_ff / 8 + 31) / 32 * 32)), 0,
                                        s>>>(reinterpret_cast<const uint4*>(h16), rows, d_ff / 8,

@@ -13,6 +13,7 @@ namespace {
 using train_detail::block_sum;
 using train_detail::grid_for;
 using train_detail::kMaxWarps;
+using train_detail::aligned16;
 using train_detail::threads_for;
 
 // Blocks of rows in the backward: enough to fill the GPU, few enough that the partials (blocks·D floats) stay
@@ -674,19 +675,14 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
   // buffer that must grow is regrown only with nothing queued, since regrowing drops its contents).
   size_t at = 0;
   if (scratch.defer) {
-    // (A queued sum into the same dw or db would race with this one's in the batch: flushed first.)
-    for (const NormSumJob& q : scratch.queued)
-      if (q.dw == dw || (db_or_null && q.db == db_or_null)) {
-        flush_norm_grad_sums(s, scratch);
-        break;
-      }
     const size_t budget = std::max(scratch.defer_budget_bytes / sizeof(float), floats);
-    if (scratch.used_floats + floats > budget || scratch.queued.size() >= size_t(kNormSumJobsPerLaunch))
-      flush_norm_grad_sums(s, scratch);
-    if (scratch.partial.bytes() < (scratch.used_floats + floats) * sizeof(float)) {
-      flush_norm_grad_sums(s, scratch);
-      scratch.partial.reserve(std::min(budget, floats * 64) * sizeof(float));
-    }
+    const bool grow = scratch.partial.bytes() < (scratch.used_floats + floats) * sizeof(float);
+    // (A queued sum into the same dw or db would race with this one's in the batch.)
+    bool flush = grow || scratch.used_floats + floats > budget ||
+                 scratch.queued.size() >= size_t(kNormSumJobsPerLaunch);
+    for (const NormSumJob& q : scratch.queued) flush = flush || q.dw == dw || (db_or_null && q.db == db_or_null);
+    if (flush) flush_norm_grad_sums(s, scratch);
+    if (grow) scratch.partial.reserve(std::min(budget, floats * 64) * sizeof(float));
     at = scratch.used_floats;
   } else {
     scratch.partial.reserve(floats * sizeof(float));
@@ -709,7 +705,6 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
   };
   // Widths 256 and 512 with a lane's columns in registers (see the kernel for why no wider); wider ones staged in
   // shared memory where each warp has one row and the staged rows fit.
-  const auto aligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; };
   const int staged_warps = int(rpb);
   const size_t staged_bytes = size_t(staged_warps) * (2 * size_t(D) * sizeof(float) + sizeof(RowGrad));
   const auto pick_rows = [&] {
@@ -720,8 +715,8 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
   };
   if (pick_rows()) {
   } else if (staged_rows_enabled() && D % (std::is_same_v<G, float> ? 4 : 8) == 0 && rpb <= kNormBackwardWarps &&
-             aligned(x) && aligned(dy) &&
-             aligned(dx) && staged_bytes <= size_t(kNormBackwardStagedBytes)) {
+             aligned16(x) && aligned16(dy) &&
+             aligned16(dx) && staged_bytes <= size_t(kNormBackwardStagedBytes)) {
     auto* kernel = norm_backward_rows_staged_kernel<G>;
     if (staged_bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(staged_bytes)));
