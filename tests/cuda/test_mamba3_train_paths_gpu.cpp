@@ -451,6 +451,71 @@ TEST(Mamba3TrainGpu, MimoStateCoreMatchesTheProducts) {
   }
 }
 
+// MIMO's state core forming the epilogue's per-row terms (dv = (dV + D·dy) + w ⊙ tp and Σ_p v·tp) against the
+// epilogue forming them from tp and dV read back: dv is the same expression, only the row sums Σ_p v·tp run in
+// another order, so the output is the same bits and the gradients agree to a few roundings of those sums (they
+// reach Λ's and scale's state-carry terms: dt, A, trap and, through them, du). With and without a kept forward.
+TEST(Mamba3TrainGpu, MimoFoldedRowsTrackTheEpilogue) {
+  MAMBA3_REQUIRE_GPU();
+  int cases = 0;
+  for (const LayerCase& lc : core_shape_cases(true)) {
+    if (!lc.c.is_mimo) continue;
+    for (const int64_t L : {65, 300})
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
+        auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4100 + L));
+        CoreLayerStep step(mixer, u, dout);
+        step.train.set_state_chain(true);
+        step.train.set_backward_core_fused(true);
+        auto run = [&](bool fold) {
+          step.train.set_dv_fold(fold);
+          GpuResult r = step.run(keep);
+          EXPECT_EQ(step.train.dv_fold_used(), fold) << "the switch did not select the path";
+          return r;
+        };
+        const GpuResult unfolded = run(false), folded = run(true), again = run(true);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(folded));
+        EXPECT_TRUE(bit_identical(folded, again)) << "not deterministic";
+        EXPECT_EQ(std::memcmp(unfolded.out.raw(), folded.out.raw(), folded.out.nbytes()), 0) << "the forward moved";
+        double worst = 0;
+        std::string where;
+        compare(folded, unfolded.out, unfolded.du, unfolded.grads, 0.0, kTolDvFold, worst, where);
+        std::printf("  %-34s L=%-3lld %s folded rows vs epilogue: worst %.2e (%s)\n", lc.name, (long long)L,
+                    keep ? "kept      " : "recomputed", worst, where.c_str());
+        ++cases;
+      }
+  }
+  EXPECT_GT(cases, 0) << "no MIMO case on the cores' shapes";
+}
+
+// MIMO's forward core storing the pre-norm output y for the output stage against the output stage forming it from
+// W·v, Z and v: y is one expression with its roundings spelled out (chunk_row_y) in both, so the output and every
+// gradient are the same bits. With and without a kept forward (a kept forward's choice holds for its backward).
+TEST(Mamba3TrainGpu, MimoForwardCoreYGivesTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  int cases = 0;
+  for (const LayerCase& lc : core_shape_cases(true)) {
+    if (!lc.c.is_mimo) continue;
+    for (const int64_t L : {65, 300})
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
+        auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4300 + L));
+        CoreLayerStep step(mixer, u, dout);
+        auto run = [&](bool y) {
+          step.train.set_mimo_y(y);
+          GpuResult r = step.run(keep);
+          EXPECT_EQ(step.train.mimo_y_used(), y) << "the switch did not select the path";
+          return r;
+        };
+        const GpuResult formed = run(false), stored = run(true);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(stored));
+        EXPECT_TRUE(bit_identical(stored, formed)) << "y stored by the forward core moved a bit";
+        ++cases;
+      }
+  }
+  EXPECT_GT(cases, 0) << "no MIMO case on the cores' shapes";
+}
+
 // The batched column sums (one launch per level for all of a layer's parameter sums) against one colsum_add per sum
 // and a float64 host sum: the same bits as colsum_add (the same per-block order), and close to the exact sums, for
 // sums within one row segment and over several (two levels), with columns not a multiple of 32.

@@ -654,6 +654,7 @@ void launch_batched_mask(cudaStream_t s, const BatchedParams& p) {
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward) {
   if (backward && batched::launch_output_backward_siso(s, p)) return;  // the instances, where they apply
   if (batched::launch_output_mimo(s, p, backward)) return;
+  MAMBA3_CHECK(!p.wv_holds_y, "batched output: WV holds y, but the MIMO output instance does not apply");
   const size_t floats = size_t(kWarps) * ((backward ? 6 : 4) * p.d.R * p.d.P + p.d.P) + kWarps;
   if (p.bf16) {
     if (backward) launch_per_chunk(batched_output_kernel<true, __nv_bfloat16>, s, p, floats);
@@ -673,6 +674,8 @@ void launch_batched_coef(cudaStream_t s, const BatchedParams& p) {
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
   const size_t floats = size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * p.d.R * p.d.P;
   if (batched::launch_epilogue_mimo(s, p, floats)) {  // the MIMO instance, where it applies
+  } else if (p.dv_folded) {
+    MAMBA3_CHECK(false, "batched epilogue: dv folded by the state core, but the MIMO epilogue does not apply");
   } else if (p.bf16) {
     launch_per_chunk(batched_epilogue_kernel<__nv_bfloat16>, s, p, floats);
   } else {
@@ -680,6 +683,10 @@ void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
   }
   launch_batched_rotation_backward(s, p);
 }
+
+bool epilogue_mimo_applies(const BatchedParams& p) { return batched::epilogue_mimo_instance_applies(p); }
+
+bool output_mimo_applies(const BatchedParams& p) { return batched::output_mimo_instance_applies(p); }
 
 bool rotation_backward_fuses_bc_norm(const BatchedParams& p) { return batched::rotation_bc_norm_siso_applies(p); }
 

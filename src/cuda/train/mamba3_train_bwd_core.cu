@@ -170,6 +170,42 @@ __device__ __forceinline__ void post_scan_warp(const BatchedParams& p, int64_t c
   if (t0 < T) dL[t0] = d0 + e1;
 }
 
+// MIMO's state core with p.dv_folded: the epilogue's per-row terms formed from tp in registers instead of tp and dV
+// going to global memory for the epilogue to read back with V and dy — dv = (dV + D·dy) + w ⊙ tp (the epilogue's
+// expression, the same bits) into p.dV, and Σ_p v·tp per row (the lanes' columns, then the quad) at the start of the
+// chunk's p.Z slot (rows 0 … 63; ⟨dH, H_c⟩ follows at 64, written at the core's end). Rows s0 … s0 + 15: row j is
+// token j / R.
+template <int P, int kR>
+__device__ __forceinline__ void fold_state_rows(const BatchedParams& p, int64_t chunk, int s0,
+                                                const float (&tp)[P / 8][4], const bf16* sV, const bf16* sdY, int ld,
+                                                float (&dv)[P / 8][4]) {
+  const int R = kR > 0 ? kR : p.d.R, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const float Dh = p.D[int((chunk / p.nc) % p.d.H)];
+  float dot[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = s0 + g + 8 * half;
+    const float w = p.wv[chunk * p.T + j / R];
+#pragma unroll
+    for (int nt = 0; nt < P / 8; ++nt) {
+      const int col = nt * 8 + 2 * q;
+      const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sV + j * ld + col)),
+                   dy = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sdY + j * ld + col));
+      const float t_a = tp[nt][2 * half], t_b = tp[nt][2 * half + 1];
+      dot[half] += vv.x * t_a, dot[half] += vv.y * t_b;
+      dv[nt][2 * half] = (dv[nt][2 * half] + Dh * dy.x) + w * t_a;
+      dv[nt][2 * half + 1] = (dv[nt][2 * half + 1] + Dh * dy.y) + w * t_b;
+    }
+  }
+  store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
+  float* rdot = p.Z + chunk * kRows * P;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float d = quad_sum(dot[half]);
+    if (q == 0) rdot[s0 + g + 8 * half] = d;
+  }
+}
+
 template <int N, int P>
 struct CoreSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
@@ -445,7 +481,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
         mma(dv[2 * np], wt[kb], b[0], b[1]), mma(dv[2 * np + 1], wt[kb], b[2], b[3]);
       }
     }
-    if constexpr (!kPost) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
+    // (kCoreStates with p.dv_folded: dv is finished after dK, below)
+    if constexpr (!kPost) {
+      if (kMode != kCoreStates || !p.dv_folded) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
+    }
     float* dK = p.dK + chunk * kRows * N;
 #pragma unroll
     for (int n0 = 0; n0 < N; n0 += NB) {  // dK = dSᵀ·q
@@ -482,7 +521,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     if constexpr (kMode == kCoreStates) {  // tp for the MIMO epilogue, where the batched product wrote it
       float tp[P / 8][4];
       post_scan_tp<N, P>(sK, sdH, s0, tp);
-      store_tiles(tp, p.Z + chunk * kRows * P, P, s0, 0);
+      if (p.dv_folded) fold_state_rows<P, kR>(p, chunk, s0, tp, sV, sdY, LDP, dv);
+      else store_tiles(tp, p.Z + chunk * kRows * P, P, s0, 0);
     }
   }
 
@@ -508,7 +548,9 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
   }
 
-  if constexpr (kPost) {  // by the first four warps, as in the post-scan core (its sum order)
+  // ⟨dH, H_c⟩ by the first four warps, as in the post-scan core (its sum order); MIMO's folded rows too, for its
+  // epilogue (which would read both states from global memory again for it).
+  if (kPost || (kMode == kCoreStates && p.dv_folded)) {
     if (threadIdx.x < kCoreThreads) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
   }
 
@@ -516,6 +558,11 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   __syncthreads();
   const int64_t bh = chunk / p.nc;
   const int c0 = int(chunk % p.nc) * T, Tc = min(T, p.d.L - c0);
+  if (kMode == kCoreStates && p.dv_folded && threadIdx.x == 0) {  // after the folded rows' Σ v·tp in the Z slot
+    float dot = 0.0f;
+    for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
+    p.Z[chunk * kRows * P + kRows] = dot;
+  }
   for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
     float dl = 0.0f, dg = 0.0f, dsc = 0.0f;
     for (int r = 0; r < R; ++r) {

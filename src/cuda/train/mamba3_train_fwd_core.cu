@@ -193,6 +193,20 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       mma(wv[2 * np], w[kb], b[0], b[1]), mma(wv[2 * np + 1], w[kb], b[2], b[3]);
     }
   }
+  if (p.wv_holds_y) {  // MIMO: y = (e^Λ·Z + D·v) + W·v in WV (chunk_row_y), the output stage's only read
+    const float Dy = p.D[h];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int j = t0 + g + 8 * half;
+      const float e = p.eL[chunk * T + j / R];
+#pragma unroll
+      for (int nt = 0; nt < P / 8; ++nt) {
+        const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sV + j * LDP + nt * 8 + 2 * q));
+        wv[nt][2 * half] = chunk_row_y(e, z[nt][2 * half], Dy, vv.x, wv[nt][2 * half]);
+        wv[nt][2 * half + 1] = chunk_row_y(e, z[nt][2 * half + 1], Dy, vv.y, wv[nt][2 * half + 1]);
+      }
+    }
+  }
   if (!zy16) store_tiles(wv, p.WV + chunk * kRows * P, P, t0, 0);
   if (!kOutput || !fuse_output) return;
   // The SISO output stage from the registers (the output kernel's arithmetic, its row sums over a quad instead of a

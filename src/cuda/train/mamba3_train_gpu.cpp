@@ -155,6 +155,20 @@ bool env_zy16() {
   return on;
 }
 
+// MAMBA3_TRAIN_DV_FOLD, read once per process: MIMO's state core folds the epilogue's per-row terms (dv and Σ v·tp)
+// for its MIMO instance ("1", the default) or stores tp and dV for it to read back ("0").
+bool env_dv_fold() {
+  static const bool on = env_choice("MAMBA3_TRAIN_DV_FOLD", {"1", "0"}) != "0";
+  return on;
+}
+
+// MAMBA3_TRAIN_MIMO_Y, read once per process: MIMO's forward core stores the pre-norm output y for the output stage
+// ("1", the default) or W·v, which the output stage adds to e^Λ·Z + D·v itself ("0").
+bool env_mimo_y() {
+  static const bool on = env_choice("MAMBA3_TRAIN_MIMO_Y", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_BC_NORM_FUSED, read once per process: the B/C norm backward inside the SISO rotation backward ("1",
 // the default) or its own kernel ("0").
 bool env_bc_norm_fused() {
@@ -207,7 +221,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
       output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zy16_(env_zy16()),
-      zx_bf16_(env_zx16()) {
+      dv_fold_(env_dv_fold()), mimo_y_(env_mimo_y()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -425,8 +439,12 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
   if (reuse) MAMBA3_CHECK(act_->chunk_cores == use_cores, "Mamba3TrainGpu: kept activations of another chunk path");
+  // MIMO: y in WV from the forward core for the output instance (a kept forward's choice stands).
+  p.wv_holds_y = reuse ? act_->wv_holds_y : mimo_y_ && use_cores && d.mimo && output_mimo_applies(p);
+  mimo_y_used_ = p.wv_holds_y;
   if (!reuse) {  // the forward part (kept activations already hold it)
     act_->chunk_cores = use_cores;
+    act_->wv_holds_y = p.wv_holds_y;
     launch_batched_build(s, p);
     prof.mark("build");
     if (chain) {
@@ -501,6 +519,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // The kept forward wrote o already, or (zy16) the forward core did in this call: the output-stage backward would
   // only form it again (from y rounded to bf16 with zy16).
   if (reuse || p.zy16) p.o = nullptr, p.o16 = nullptr;
+  dv_fold_used_ = false;
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
   if (chain && backward_core_fused_ && post_scan_core_supported(p)) {
@@ -520,6 +539,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
     prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
+    p.dv_folded = dv_fold_ && epilogue_mimo_applies(p);  // (the MIMO epilogue reads the folded rows)
+    dv_fold_used_ = p.dv_folded;
     launch_batched_backward_state_core(s, p, act_->Hc16.raw(), dHc16_.raw());
     prof.mark("backward core");
     launch_batched_epilogue(s, p);

@@ -49,6 +49,7 @@ struct Mamba3TrainActivations {
   bool zx16_used = false;  // the last prepare wrote z and x to zx16 (Mamba3TrainGpu::set_zx_bf16)
   bool valid = false;  // a forward's results, not yet consumed by a backward
   bool chunk_cores = false;  // written by the chunk cores (no S, W)
+  bool wv_holds_y = false;   // MIMO: WV holds the pre-norm output y (Mamba3TrainGpu::set_mimo_y)
   size_t bytes() const {
     size_t n = 0;
     for (const DeviceBuffer* b : {&bc_raw, &zx, &zx16, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ,
@@ -164,6 +165,19 @@ class Mamba3TrainGpu {
   void set_zy16(bool on) { zy16_ = on; }
   // Whether the last chunk pass kept Z and y in bf16 (set_zy16 and its shapes).
   bool zy16_used() const { return zy16_used_; }
+  // MIMO with the state core and the epilogue's MIMO instance: the core forms the epilogue's per-row dv and Σ_p v·tp
+  // itself (true) instead of storing tp and dV for the epilogue to read with V and dy (false); dv the same bits, the
+  // row sums in another order. Default from MAMBA3_TRAIN_DV_FOLD, read once per process: "1" or "0".
+  void set_dv_fold(bool on) { dv_fold_ = on; }
+  // Whether the last backward folded them (set_dv_fold and its shapes).
+  bool dv_fold_used() const { return dv_fold_used_; }
+  // MIMO with the cores and the output stage's MIMO instance: the forward core stores the pre-norm output
+  // y = (e^Λ·Z + D·v) + W·v for the output stage (true) instead of W·v, from which it forms y (false): the same bits,
+  // and the output stage's forward reads y alone. Default from MAMBA3_TRAIN_MIMO_Y, read once per process: "1" or
+  // "0". A kept forward's choice holds for its backward.
+  void set_mimo_y(bool on) { mimo_y_ = on; }
+  // Whether the last chunk pass did (set_mimo_y and its shapes).
+  bool mimo_y_used() const { return mimo_y_used_; }
   bool chunk_cores() const { return chunk_cores_; }
   // With the cores, the chunk states forward and backward as one chain kernel each (launch_state_chain: the products
   // and the scan, bf16 states only; true) or as products and a scan pass (false). The reverse gives the same bits,
@@ -270,6 +284,10 @@ class Mamba3TrainGpu {
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
   bool zy16_ = true;                 // Z and y in bf16 between the SISO forward core and output backward (set_zy16)
   bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
+  bool dv_fold_ = true;              // MIMO's state core folds the epilogue's per-row terms (set_dv_fold)
+  bool dv_fold_used_ = false;        // the last backward did (dv_fold_used)
+  bool mimo_y_ = true;               // MIMO's forward core stores y for the output stage (set_mimo_y)
+  bool mimo_y_used_ = false;         // the last chunk pass did (mimo_y_used)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)
   // Forward activations (Mamba3TrainActivations): the caller's kept set or own_; act_ points at the one in use.
   Mamba3TrainActivations own_;

@@ -145,6 +145,14 @@ struct BatchedParams {
   // in the Z and WV buffers (their first halves), instead of Z and W·v in f32; the SISO output-stage backwards read
   // them so (y as stored, not re-formed). Set only where both apply (batched_chunks).
   bool zy16;
+  // MIMO's backward state core folds the epilogue's per-row terms (dv = (dV + D·dy) + w ⊙ tp into dV, Σ_p v·tp per row
+  // at the start of each chunk's Z slot) instead of storing tp in Z, and the MIMO epilogue reads them so. Set only
+  // where both run (batched_chunks: epilogue_mimo_applies).
+  bool dv_folded;
+  // MIMO's forward core stores y = (e^Λ·Z + D·v) + W·v (chunk_row_y) in WV instead of W·v, and the MIMO output
+  // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
+  // both run, and kept with the activations (batched_chunks).
+  bool wv_holds_y;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those
@@ -216,6 +224,10 @@ void launch_batched_coef(cudaStream_t s, const BatchedParams& p);
 // rotation and bias backward (dBn, dCn, dphi, bias partials), dx and the mimo_x partials. A block takes
 // heads_per_block heads of one (sequence, chunk) and writes dBn/dCn summed over them: (M, H / heads_per_block, R, N).
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p);
+// Whether launch_batched_epilogue runs the MIMO instance for p (the one that reads p.dv_folded's rows).
+bool epilogue_mimo_applies(const BatchedParams& p);
+// Whether launch_batched_output runs the MIMO instance for p (the one that reads p.wv_holds_y's rows).
+bool output_mimo_applies(const BatchedParams& p);
 // The epilogue's second kernel alone (the rotation backward; launch_batched_epilogue runs both), for callers that do
 // the first part another way (the post-scan core, mamba3_train_bwd_core.h).
 void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p);

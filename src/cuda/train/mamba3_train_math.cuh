@@ -33,6 +33,12 @@ __host__ __device__ __forceinline__ uint16_t bf16_bits_rn(float v) {
 }
 
 // Butterfly sum: every lane gets the same, fixed-order result (no atomics, bit-reproducible).
+// A chunk row's output before the norm and gate, y = (e^Λ·Z + D·v) + W·v, with its roundings spelled out so that
+// the MIMO forward core (which stores it) and the MIMO output instance (which forms it otherwise) give the same bits.
+__device__ __forceinline__ float chunk_row_y(float e, float z, float D, float v, float wv) {
+  return __fadd_rn(__fmaf_rn(e, z, __fmul_rn(D, v)), wv);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

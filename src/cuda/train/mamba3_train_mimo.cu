@@ -128,7 +128,8 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const B
 // kQ = P/32 channels q = lane + 32k of all R ranks in registers (y, Z and v of the token, the head's mimo_z/mimo_o
 // rows, the warp's partial sums) instead of shared memory, and every load of a token before its stores. The sums run
 // in the generic kernel's orders (a lane's channels in k order, then the warp butterfly; a warp's tokens in order;
-// the warps in order), so the same bits.
+// the warps in order), so the same bits. y's roundings are spelled out (chunk_row_y), as MIMO's forward core stores
+// it where p.wv_holds_y.
 template <int P, int R, bool kBwd>
 __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const BatchedParams p) {
   using bf16 = __nv_bfloat16;
@@ -175,7 +176,8 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
         const int64_t i = row0 + r * P + lane + 32 * k;
-        zv[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), wv[r][k] = p.WV[i];
+        wv[r][k] = p.WV[i];  // (y itself where the forward core stored it)
+        if (kBwd || !p.wv_holds_y) zv[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]);
       }
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
@@ -188,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
       float ss = 0.0f;
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
-        y[r][k] = (e * zv[r][k] + Dh * vv[r][k]) + wv[r][k];
+        y[r][k] = p.wv_holds_y ? wv[r][k] : chunk_row_y(e, zv[r][k], Dh, vv[r][k], wv[r][k]);
         ss += y[r][k] * y[r][k];
       }
       rstd[r] = nw ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
@@ -426,7 +428,9 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
 // registers; then the shared tail (epilogue_state_tail). The generic kernel's expressions and sum orders: dx over the
 // ranks in order, Σ v·tp per rank over the lane's channels in order then the butterfly, the partials over the warp's
 // tokens in order then the warps in order.
-template <int P, int R>
+// kFolded (p.dv_folded): the state core left dv = (dV + D·dy) + w ⊙ tp in p.dV, and Σ_p v·tp per row and ⟨dH, H_c⟩
+// at the start of the chunk's p.Z slot, so only dv and x are read per token and neither state at all.
+template <int P, int R, bool kFolded>
 __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(const BatchedParams p) {
   using bf16 = __nv_bfloat16;
   constexpr int kQ = P / 32, RP = R * P;
@@ -442,6 +446,8 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
     const int64_t i = ix.chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], dL[tl] = p.dLam[i];
   }
+  if constexpr (kFolded)
+    for (int j = threadIdx.x; j < p.rows; j += kThreads) rdot[j] = p.Z[ix.chunk * p.rows * P + j];
   float mx[R][kQ], gX[R][kQ];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -460,7 +466,9 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
         const int64_t i = base_p + (int64_t(tl) * R + r) * P + lane + 32 * k;
-        tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dv0[r][k] = p.dV[i], dy[r][k] = __bfloat162float(dY[i]);
+        dv0[r][k] = p.dV[i];
+        if constexpr (!kFolded)
+          tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dy[r][k] = __bfloat162float(dY[i]);
       }
 #pragma unroll
     for (int k = 0; k < kQ; ++k) xq[k] = real ? x[lane + 32 * k] : 0.0f;  // (padding tokens have no row)
@@ -472,8 +480,11 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
       float dx = 0.0f;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        dots[r] += vv[r][k] * tp[r][k];
-        const float dv = (dv0[r][k] + Dh * dy[r][k]) + w * tp[r][k];
+        float dv = dv0[r][k];
+        if constexpr (!kFolded) {
+          dots[r] += vv[r][k] * tp[r][k];
+          dv = (dv0[r][k] + Dh * dy[r][k]) + w * tp[r][k];
+        }
         dx += dv * mx[r][k];
         if (real) gX[r][k] += dv * xq[k];
       }
@@ -483,11 +494,12 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
         else p.dzx[xi] = dx;
       }
     }
+    if constexpr (!kFolded)
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float dot = warp_sum(dots[r]);
-      if (lane == 0) rdot[tl * R + r] = dot;
-    }
+      for (int r = 0; r < R; ++r) {
+        const float dot = warp_sum(dots[r]);
+        if (lane == 0) rdot[tl * R + r] = dot;
+      }
   }
   float* mine = gXall + warp * RP;
 #pragma unroll
@@ -495,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
 #pragma unroll
     for (int k = 0; k < kQ; ++k) mine[r * P + lane + 32 * k] = gX[r][k];
   __syncthreads();  // (Lam, scale, dL too)
-  epilogue_state_tail(p, ix, Lam, scale, dL, rdot, wsum, gXall);
+  epilogue_state_tail(p, ix, Lam, scale, dL, rdot, wsum, gXall, kFolded);
 }
 
 template <int R>
@@ -517,11 +529,15 @@ void launch_output_mimo_shape(cudaStream_t s, const BatchedParams& p) {
   else p.d.P == 64 ? run(batched_output_mimo_kernel<64, 2, kBwd>) : run(batched_output_mimo_kernel<32, 2, kBwd>);
 }
 
-bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward) {
+bool output_mimo_instance_applies(const BatchedParams& p) {
   const MixerDims& d = p.d;
-  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64)) || p.zx16 ||
-      p.dO16)
-    return false;  // (f32 z and dO only: build_mimo_applies)
+  // (f32 z and dO only: build_mimo_applies)
+  return p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64) && !p.zx16 &&
+         !p.dO16;
+}
+
+bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward) {
+  if (!output_mimo_instance_applies(p)) return false;
   if (backward) launch_output_mimo_shape<true>(s, p);
   else launch_output_mimo_shape<false>(s, p);
   return true;
@@ -572,14 +588,28 @@ bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
   return true;
 }
 
-bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats) {
+bool epilogue_mimo_instance_applies(const BatchedParams& p) {
   const MixerDims& d = p.d;
-  if (!(p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64) && p.Hc16 &&
-        p.dHc16 && !p.zx16))
-    return false;
+  return p.siso_kernels && p.bf16 && d.mimo && (d.R == 2 || d.R == 4) && (d.P == 32 || d.P == 64) && p.Hc16 &&
+         p.dHc16 && !p.zx16;
+}
+
+template <bool kFolded>
+void launch_epilogue_mimo_form(cudaStream_t s, const BatchedParams& p, size_t floats) {
   const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, floats); };
-  if (d.R == 4) d.P == 64 ? run(batched_epilogue_mimo_kernel<64, 4>) : run(batched_epilogue_mimo_kernel<32, 4>);
-  else d.P == 64 ? run(batched_epilogue_mimo_kernel<64, 2>) : run(batched_epilogue_mimo_kernel<32, 2>);
+  if (p.d.R == 4) {
+    if (p.d.P == 64) run(batched_epilogue_mimo_kernel<64, 4, kFolded>);
+    else run(batched_epilogue_mimo_kernel<32, 4, kFolded>);
+  } else {
+    if (p.d.P == 64) run(batched_epilogue_mimo_kernel<64, 2, kFolded>);
+    else run(batched_epilogue_mimo_kernel<32, 2, kFolded>);
+  }
+}
+
+bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats) {
+  if (!epilogue_mimo_instance_applies(p)) return false;
+  if (p.dv_folded) launch_epilogue_mimo_form<true>(s, p, floats);
+  else launch_epilogue_mimo_form<false>(s, p, floats);
   return true;
 }
 
