@@ -451,11 +451,11 @@ TEST(Mamba3TrainGpu, MimoStateCoreMatchesTheProducts) {
   }
 }
 
-// MIMO's state core forming the epilogue's per-row terms (dv = (dV + D·dy) + w ⊙ tp and Σ_p v·tp) against the
-// epilogue forming them from tp and dV read back: dv is the same expression, only the row sums Σ_p v·tp run in
-// another order, so the output is the same bits and the gradients agree to a few roundings of those sums (they
-// reach Λ's and scale's state-carry terms: dt, A, trap and, through them, du). With and without a kept forward.
-TEST(Mamba3TrainGpu, MimoFoldedRowsTrackTheEpilogue) {
+// MIMO's state core running the epilogue's state part against the epilogue kernel reading tp and dV back: dv and dx
+// are the same expressions, only the sums Σ_p v·tp, ⟨dH, H_c⟩ and the mimo_x partials run in other orders, so the
+// output is the same bits and the gradients agree to a few roundings of those sums (they reach mimo_x and Λ's and
+// scale's state-carry terms: dt, A, trap and, through them, du). With and without a kept forward.
+TEST(Mamba3TrainGpu, MimoEpilogueInCoreTracksTheKernel) {
   MAMBA3_REQUIRE_GPU();
   int cases = 0;
   for (const LayerCase& lc : core_shape_cases(true)) {
@@ -468,9 +468,9 @@ TEST(Mamba3TrainGpu, MimoFoldedRowsTrackTheEpilogue) {
         step.train.set_state_chain(true);
         step.train.set_backward_core_fused(true);
         auto run = [&](bool fold) {
-          step.train.set_dv_fold(fold);
+          step.train.set_mimo_epilogue_in_core(fold);
           GpuResult r = step.run(keep);
-          EXPECT_EQ(step.train.dv_fold_used(), fold) << "the switch did not select the path";
+          EXPECT_EQ(step.train.mimo_epilogue_in_core_used(), fold) << "the switch did not select the path";
           return r;
         };
         const GpuResult unfolded = run(false), folded = run(true), again = run(true);
@@ -480,7 +480,7 @@ TEST(Mamba3TrainGpu, MimoFoldedRowsTrackTheEpilogue) {
         double worst = 0;
         std::string where;
         compare(folded, unfolded.out, unfolded.du, unfolded.grads, 0.0, kTolDvFold, worst, where);
-        std::printf("  %-34s L=%-3lld %s folded rows vs epilogue: worst %.2e (%s)\n", lc.name, (long long)L,
+        std::printf("  %-34s L=%-3lld %s epilogue in core vs kernel: worst %.2e (%s)\n", lc.name, (long long)L,
                     keep ? "kept      " : "recomputed", worst, where.c_str());
         ++cases;
       }

@@ -672,10 +672,9 @@ void launch_batched_coef(cudaStream_t s, const BatchedParams& p) {
 }
 
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p) {
+  MAMBA3_CHECK(!p.epilogue_in_core, "batched epilogue: the state core ran it already");
   const size_t floats = size_t(3 * p.T + p.rows + kWarps) + size_t(kWarps) * p.d.R * p.d.P;
   if (batched::launch_epilogue_mimo(s, p, floats)) {  // the MIMO instance, where it applies
-  } else if (p.dv_folded) {
-    MAMBA3_CHECK(false, "batched epilogue: dv folded by the state core, but the MIMO epilogue does not apply");
   } else if (p.bf16) {
     launch_per_chunk(batched_epilogue_kernel<__nv_bfloat16>, s, p, floats);
   } else {

@@ -102,16 +102,12 @@ __device__ __forceinline__ void write_bias_partials(const BatchedParams& p, cons
 // The epilogue's per-chunk tail, shared by the generic kernel and the MIMO instance (after every warp has written its
 // rdot rows and, for MIMO, its gX rows): ⟨dH, H_c⟩, the serial state-carry terms and dL's reverse cumulative sum
 // (thread 0), then dadt, dscale (+=) and the mimo_x partials (summed over the warps in order).
-// state_dot: ⟨dH, H_c⟩ formed already (MIMO's folded rows: the state core's, at the end of the rows' sums in the
-// chunk's Z slot) instead of by the block here.
 __device__ __forceinline__ void epilogue_state_tail(const BatchedParams& p, const ChunkIndex& ix, const float* Lam,
                                                     float* scale, float* dL, const float* rdot, float* wsum,
-                                                    const float* gXall, bool state_dot = false) {
+                                                    const float* gXall) {
   const MixerDims& d = p.d;
   const int T = p.T, R = d.R, P = d.P, N = d.N, RP = R * P, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (state_dot) {
-    if (lane == 0) wsum[warp] = warp == 0 ? p.Z[ix.chunk * p.rows * P + p.rows] : 0.0f;  // (+ 0: the same value)
-  } else {  // <dH, H_c> over the chunk's P·N (the bf16 mode: from the scans' bf16 states)
+  {  // <dH, H_c> over the chunk's P·N (the bf16 mode: from the scans' bf16 states)
     const int64_t PN = int64_t(P) * N, base = ix.chunk * PN;
     float s = 0.0f;
     if (p.Hc16 && p.dHc16) {

@@ -170,15 +170,13 @@ __device__ __forceinline__ void post_scan_warp(const BatchedParams& p, int64_t c
   if (t0 < T) dL[t0] = d0 + e1;
 }
 
-// MIMO's state core with p.dv_folded: the epilogue's per-row terms formed from tp in registers instead of tp and dV
-// going to global memory for the epilogue to read back with V and dy — dv = (dV + D·dy) + w ⊙ tp (the epilogue's
-// expression, the same bits) into p.dV, and Σ_p v·tp per row (the lanes' columns, then the quad) at the start of the
-// chunk's p.Z slot (rows 0 … 63; ⟨dH, H_c⟩ follows at 64, written at the core's end). Rows s0 … s0 + 15: row j is
-// token j / R.
+// MIMO's state core with p.epilogue_in_core, rows s0 … s0 + 15 (row j is token j / R): the epilogue's per-row terms
+// from tp in registers — dv = (dV + D·dy) + w ⊙ tp (the epilogue's expression, the same bits) in place, and
+// Σ_p v·tp per row (the lanes' columns, then the quad) into rdot.
 template <int P, int kR>
 __device__ __forceinline__ void fold_state_rows(const BatchedParams& p, int64_t chunk, int s0,
                                                 const float (&tp)[P / 8][4], const bf16* sV, const bf16* sdY, int ld,
-                                                float (&dv)[P / 8][4]) {
+                                                float (&dv)[P / 8][4], float* rdot) {
   const int R = kR > 0 ? kR : p.d.R, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const float Dh = p.D[int((chunk / p.nc) % p.d.H)];
   float dot[2] = {0.0f, 0.0f};
@@ -197,8 +195,6 @@ __device__ __forceinline__ void fold_state_rows(const BatchedParams& p, int64_t 
       dv[nt][2 * half + 1] = (dv[nt][2 * half + 1] + Dh * dy.y) + w * t_b;
     }
   }
-  store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
-  float* rdot = p.Z + chunk * kRows * P;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float d = quad_sum(dot[half]);
@@ -206,10 +202,109 @@ __device__ __forceinline__ void fold_state_rows(const BatchedParams& p, int64_t 
   }
 }
 
+// The rest of MIMO's epilogue state part in the state core (p.epilogue_in_core), after the block's last barrier
+// (every tile is dead). The chunk's x rows are requested first (one round trip: with kR fixed, a thread's share in
+// registers) and each token's G = (Σ_r Σ_p v·tp)·e^{Λ_last − Λ}·scale formed in parallel; the phase-B
+// warps' dv rows (do_b: rows s0 … s0 + 15 in the accumulator layout) go to shared memory at pitch P + 4 in the
+// tiles' place, the x rows after them. Then per (token, channel) dx = Σ_r dv·mimo_x (ranks in order, the epilogue's
+// expression) → dzx's x columns; per (rank, channel) the mimo_x partial over the real tokens in order; thread 0's
+// state-carry chain over the G in token order and dL's reverse sum (the epilogue tail's sequence of operations, with
+// the first four warps' ⟨dH, H_c⟩ in wsum); dadt and dscale = the core's term + the carried one. dL holds dΛ with the
+// core's terms for every token of the chunk, dsc_core the core's dscale terms.
+template <int P, int kR, int kThreads>
+__device__ __forceinline__ void mimo_epilogue_in_core(const BatchedParams& p, int64_t chunk, bool do_b, int s0,
+                                                      const float (&dv)[P / 8][4], unsigned char* tiles,
+                                                      const float* Lam, float* scale, float* dL, const float* dsc_core,
+                                                      const float* rdot, const float* wsum) {
+  constexpr int LDV = P + 4;
+  // In the dead tiles: dv rows, then x rows and the tokens' G (at most kRows / 2 tokens each: R ≥ 2; CoreSmem checks).
+  float* sDv = reinterpret_cast<float*>(tiles);
+  float *sX = sDv + kRows * LDV, *g_tok = sX + kRows / 2 * P;
+  const MixerDims& d = p.d;
+  const int R = kR > 0 ? kR : d.R, T = p.T, RP = R * P, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int64_t bh = chunk / p.nc;
+  const int b = int(bh / d.H), h = int(bh % d.H), c = int(chunk % p.nc), c0 = c * T, Tc = min(T, d.L - c0);
+  const int64_t x0 = (int64_t(b) * d.L + c0) * d.din + d.off_x + int64_t(h) * P;  // dzx's (and zx's) x columns
+  // With kR fixed the chunk has kRows / kR tokens and each thread kX of its (token, channel) pairs.
+  constexpr int kX = kR > 0 ? kRows / kR * P / kThreads : 1;
+  static_assert(kR == 0 || kRows / kR * P % kThreads == 0, "mimo_epilogue_in_core: whole shares of x");
+  float xr[kX];
+  if constexpr (kR > 0) {
+#pragma unroll
+    for (int i = 0; i < kX; ++i) {
+      const int e = threadIdx.x + i * kThreads, tl = e / P;
+      xr[i] = tl < Tc ? p.zx[x0 + int64_t(tl) * d.din + e % P] : 0.0f;
+    }
+  }
+  const float last = Lam[T - 1];
+  for (int sl = threadIdx.x; sl < T; sl += kThreads) {
+    float dws = 0.0f;
+    for (int r = 0; r < R; ++r) dws += rdot[sl * R + r];
+    const float e2 = expf(last - Lam[sl]);
+    g_tok[sl] = dws * e2 * scale[sl];
+    scale[sl] = dws * e2;  // scale's gradient from the carried state (scale itself is no longer needed)
+  }
+  if (do_b) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int nt = 0; nt < P / 8; ++nt)
+        *reinterpret_cast<float2*>(sDv + (s0 + g + 8 * half) * LDV + nt * 8 + 2 * q) =
+            make_float2(dv[nt][2 * half], dv[nt][2 * half + 1]);
+  }
+  __syncthreads();
+  const float* mx = p.mimo_x + int64_t(h) * RP;
+  const auto dx_at = [&](int e, float x) {
+    const int tl = e / P, col = e % P;
+    sX[e] = x;
+    float dx = 0.0f;
+    for (int r = 0; r < R; ++r) dx += sDv[(tl * R + r) * LDV + col] * mx[r * P + col];
+    if (tl < Tc) {
+      const int64_t xi = x0 + int64_t(tl) * d.din + col;
+      if (p.dzx16) reinterpret_cast<bf16*>(p.dzx16)[xi] = __float2bfloat16_rn(dx);
+      else p.dzx[xi] = dx;
+    }
+  };
+  if constexpr (kR > 0) {
+#pragma unroll
+    for (int i = 0; i < kX; ++i) dx_at(threadIdx.x + i * kThreads, xr[i]);
+  } else {
+    for (int e = threadIdx.x; e < T * P; e += kThreads) {
+      const int tl = e / P;
+      dx_at(e, tl < Tc ? p.zx[x0 + int64_t(tl) * d.din + e % P] : 0.0f);
+    }
+  }
+  __syncthreads();
+  const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h;
+  for (int e = threadIdx.x; e < RP; e += kThreads) {
+    const int r = e / P, col = e % P;
+    float s = 0.0f;
+    for (int tl = 0; tl < Tc; ++tl) s += sDv[(tl * R + r) * LDV + col] * sX[tl * P + col];
+    p.part_mimo_x[prow * RP + e] = s;
+  }
+  if (threadIdx.x == 0) {
+    for (int sl = 0; sl < T; ++sl) dL[T - 1] += g_tok[sl], dL[sl] -= g_tok[sl];
+    float dot = 0.0f;
+    for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
+    dL[T - 1] += p.decay[chunk] * dot;
+    float run = 0.0f;  // Λ_t = Σ_{j ≤ t in the chunk} A_j·Δ_j
+    for (int tl = T - 1; tl >= 0; --tl) run += dL[tl], dL[tl] = run;
+  }
+  __syncthreads();
+  for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
+    const int64_t st = bh * d.L + c0 + tl;
+    p.dadt[st] = dL[tl];
+    p.dscale[st] = dsc_core[tl] + scale[tl];
+  }
+}
+
 template <int N, int P>
 struct CoreSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
   static constexpr size_t bf16_elems = size_t(2 * kRows + P) * LDN + size_t(3 * kRows) * LDP;
+  // mimo_epilogue_in_core's dv rows (f32 at pitch P + 4), x rows and G (at most kRows / 2 tokens: R ≥ 2) in the tiles.
+  static_assert(size_t(kRows) * (P + 4) * 4 + size_t(kRows / 2) * (P + 1) * 4 <= bf16_elems * sizeof(bf16),
+                "mimo_epilogue_in_core: the dv and x rows must fit in the dead tiles");
   __host__ __device__ static constexpr size_t bytes(int T) {
     return bf16_elems * sizeof(bf16) + size_t(3 * T + 4 * kRows) * 4;
   }
@@ -227,8 +322,9 @@ struct CoreSmem {
 // dV kept in registers — so dV and dK's first term never go through global memory and q, k, v, dy and H_c are read
 // once for both. Every sum runs in the two kernels' orders: the same bits (test FusedBackwardCoreGivesTheSplitBits).
 // kMode: kCoreOnly (the core above), kCoreFused (kPost) or kCoreStates (MIMO, the reverse chain run before it: dK's
-// second term in the same accumulators, as kPost, and tp = k·dHᵀ written to p.Z for the MIMO epilogue instead of the
-// batched products tp and dK += (w ⊙ v)·dH; the epilogue stays a kernel of its own).
+// second term in the same accumulators, as kPost, and tp = k·dHᵀ instead of the batched products tp and
+// dK += (w ⊙ v)·dH; with p.epilogue_in_core the MIMO epilogue's state part from tp and dV in registers
+// (fold_state_rows, mimo_epilogue_in_core), else tp and dV written for the epilogue kernel).
 // kWarps = 8 (with dH only): phase A on warps 0–3 and phase B on warps 4–7 at the same time (they read only the
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
@@ -290,6 +386,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const auto after_rows = [&](int blk) { return kSkip && blk > wq; };
   const auto before_rows = [&](int blk) { return kSkip && blk < wq; };
 
+  float dv_keep[P / 8][4];  // (kCoreStates with p.epilogue_in_core: phase B's finished dv, for after the last barrier)
   // ---- Phase A: rows t of this warp.
   if (do_a) {
     const int t0 = 16 * wq;
@@ -481,9 +578,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
         mma(dv[2 * np], wt[kb], b[0], b[1]), mma(dv[2 * np + 1], wt[kb], b[2], b[3]);
       }
     }
-    // (kCoreStates with p.dv_folded: dv is finished after dK, below)
-    if constexpr (!kPost) {
-      if (kMode != kCoreStates || !p.dv_folded) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
+    if constexpr (!kPost) {  // (kCoreStates with p.epilogue_in_core: dv is finished after dK, below)
+      if (kMode != kCoreStates || !p.epilogue_in_core) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
     }
     float* dK = p.dK + chunk * kRows * N;
 #pragma unroll
@@ -521,8 +617,15 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     if constexpr (kMode == kCoreStates) {  // tp for the MIMO epilogue, where the batched product wrote it
       float tp[P / 8][4];
       post_scan_tp<N, P>(sK, sdH, s0, tp);
-      if (p.dv_folded) fold_state_rows<P, kR>(p, chunk, s0, tp, sV, sdY, LDP, dv);
-      else store_tiles(tp, p.Z + chunk * kRows * P, P, s0, 0);
+      if (p.epilogue_in_core) {
+        fold_state_rows<P, kR>(p, chunk, s0, tp, sV, sdY, LDP, dv, rdot);
+#pragma unroll
+        for (int nt = 0; nt < P / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dv_keep[nt][e] = dv[nt][e];
+      } else {
+        store_tiles(tp, p.Z + chunk * kRows * P, P, s0, 0);
+      }
     }
   }
 
@@ -548,9 +651,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
   }
 
-  // ⟨dH, H_c⟩ by the first four warps, as in the post-scan core (its sum order); MIMO's folded rows too, for its
-  // epilogue (which would read both states from global memory again for it).
-  if (kPost || (kMode == kCoreStates && p.dv_folded)) {
+  // ⟨dH, H_c⟩ by the first four warps, as in the post-scan core (its sum order); also for MIMO's epilogue in the core.
+  if (kPost || (kMode == kCoreStates && p.epilogue_in_core)) {
     if (threadIdx.x < kCoreThreads) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
   }
 
@@ -558,11 +660,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   __syncthreads();
   const int64_t bh = chunk / p.nc;
   const int c0 = int(chunk % p.nc) * T, Tc = min(T, p.d.L - c0);
-  if (kMode == kCoreStates && p.dv_folded && threadIdx.x == 0) {  // after the folded rows' Σ v·tp in the Z slot
-    float dot = 0.0f;
-    for (int w = 0; w < kCoreWarps; ++w) dot += wsum[w];
-    p.Z[chunk * kRows * P + kRows] = dot;
-  }
+  const bool epilogue_here = kMode == kCoreStates && p.epilogue_in_core;
   for (int tl = threadIdx.x; tl < Tc; tl += kThreads) {
     float dl = 0.0f, dg = 0.0f, dsc = 0.0f;
     for (int r = 0; r < R; ++r) {
@@ -570,13 +668,20 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       dl += rowG[j] - colG[j], dg += rowD[j], dsc += colE[j];
     }
     const int64_t st = bh * p.d.L + c0 + tl;
-    if constexpr (kPost) {
+    if (kPost || epilogue_here) {
       dL[tl] = p.dLam[chunk * T + tl] + dl;
       dsc_core[tl] = dsc;
       p.dgam[st] = dg;
     } else {
       p.dLam[chunk * T + tl] += dl;
       p.dgam[st] = dg, p.dscale[st] = dsc;
+    }
+  }
+  if constexpr (kMode == kCoreStates) {
+    if (epilogue_here) {
+      for (int tl = Tc + threadIdx.x; tl < T; tl += kThreads) dL[tl] = p.dLam[chunk * T + tl];
+      mimo_epilogue_in_core<P, kR, kThreads>(p, chunk, do_b, 16 * wq, dv_keep, smem_raw, Lam, scale, dL, dsc_core,
+                                             rdot, wsum);
     }
   }
   if constexpr (kPost) {

@@ -36,9 +36,10 @@ void launch_batched_post_scan_core(cudaStream_t s, const BatchedParams& p, const
 // and p.dK16 too: dQ and dK in bf16 there).
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
 // MIMO (the cores' shapes), after the reverse state chain has written dHc16: the backward core plus dK's second term
-// (w ⊙ v)·dH in the same accumulators and tp = k·dHᵀ written to p.Z (f32 per chunk row), which the batched products
-// "tp" and "dK" formed before; launch_batched_epilogue follows. To rounding against the products (their sums run in
-// cuBLAS's order).
+// (w ⊙ v)·dH in the same accumulators and tp = k·dHᵀ, which the batched products "tp" and "dK" formed before. With
+// p.epilogue_in_core it also runs the epilogue's state part (dzx's x columns, dadt, dscale, the mimo_x partials) and
+// only the rotation backward follows; else it writes tp to p.Z and dV (f32 per chunk row) for launch_batched_epilogue.
+// To rounding against the products (their sums run in cuBLAS's order) and the epilogue kernel (its sums' orders).
 bool backward_state_core_supported(const BatchedParams& p);
 void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
 // The fused core's block: 8 warps with its two phases on separate warps (true) or 4 running both (false); the same

@@ -155,10 +155,10 @@ bool env_zy16() {
   return on;
 }
 
-// MAMBA3_TRAIN_DV_FOLD, read once per process: MIMO's state core folds the epilogue's per-row terms (dv and Σ v·tp)
-// for its MIMO instance ("1", the default) or stores tp and dV for it to read back ("0").
-bool env_dv_fold() {
-  static const bool on = env_choice("MAMBA3_TRAIN_DV_FOLD", {"1", "0"}) != "0";
+// MAMBA3_TRAIN_MIMO_EPILOGUE, read once per process: MIMO's state core runs the epilogue's state part ("core", the
+// default) or stores tp and dV for the MIMO epilogue kernel ("kernel").
+bool env_mimo_epilogue_in_core() {
+  static const bool on = env_choice("MAMBA3_TRAIN_MIMO_EPILOGUE", {"core", "kernel"}) != "kernel";
   return on;
 }
 
@@ -221,7 +221,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
       bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
       output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zy16_(env_zy16()),
-      dv_fold_(env_dv_fold()), mimo_y_(env_mimo_y()), zx_bf16_(env_zx16()) {
+      mimo_epilogue_in_core_(env_mimo_epilogue_in_core()), mimo_y_(env_mimo_y()), zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -519,7 +519,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // The kept forward wrote o already, or (zy16) the forward core did in this call: the output-stage backward would
   // only form it again (from y rounded to bf16 with zy16).
   if (reuse || p.zy16) p.o = nullptr, p.o16 = nullptr;
-  dv_fold_used_ = false;
+  mimo_epilogue_in_core_used_ = false;
   launch_batched_output(s, p, true);
   prof.mark("output bwd");
   if (chain && backward_core_fused_ && post_scan_core_supported(p)) {
@@ -534,16 +534,18 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     return;
   }
   if (chain && backward_core_fused_ && backward_state_core_supported(p)) {
-    // MIMO: the reverse chain first, then the core with the state products (tp → p.Z, dK's second term), then the
-    // epilogue (its state part reads tp from p.Z).
+    // MIMO: the reverse chain first, then the core with the state products (tp, dK's second term) and, where the MIMO
+    // epilogue instance would run, its state part; else the epilogue (its state part reads tp from p.Z). Then the
+    // rotation backward.
     launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
     prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
-    p.dv_folded = dv_fold_ && epilogue_mimo_applies(p);  // (the MIMO epilogue reads the folded rows)
-    dv_fold_used_ = p.dv_folded;
+    p.epilogue_in_core = mimo_epilogue_in_core_ && epilogue_mimo_applies(p);
+    mimo_epilogue_in_core_used_ = p.epilogue_in_core;
     launch_batched_backward_state_core(s, p, act_->Hc16.raw(), dHc16_.raw());
     prof.mark("backward core");
-    launch_batched_epilogue(s, p);
+    if (p.epilogue_in_core) launch_batched_rotation_backward(s, p);
+    else launch_batched_epilogue(s, p);
     prof.mark("epilogue");
     return;
   }

@@ -165,12 +165,13 @@ class Mamba3TrainGpu {
   void set_zy16(bool on) { zy16_ = on; }
   // Whether the last chunk pass kept Z and y in bf16 (set_zy16 and its shapes).
   bool zy16_used() const { return zy16_used_; }
-  // MIMO with the state core and the epilogue's MIMO instance: the core forms the epilogue's per-row dv and Σ_p v·tp
-  // itself (true) instead of storing tp and dV for the epilogue to read with V and dy (false); dv the same bits, the
-  // row sums in another order. Default from MAMBA3_TRAIN_DV_FOLD, read once per process: "1" or "0".
-  void set_dv_fold(bool on) { dv_fold_ = on; }
-  // Whether the last backward folded them (set_dv_fold and its shapes).
-  bool dv_fold_used() const { return dv_fold_used_; }
+  // MIMO with the state core, where the epilogue's MIMO instance would run: the core runs the epilogue's state part
+  // itself from tp and dv in registers (true) instead of storing tp and dV for the epilogue kernel to read back with V,
+  // dy and both chunk states (false). dv and dx the same bits; Σ_p v·tp, ⟨dH, H_c⟩ and the mimo_x partials in other
+  // orders. Default from MAMBA3_TRAIN_MIMO_EPILOGUE, read once per process: "core" or "kernel".
+  void set_mimo_epilogue_in_core(bool on) { mimo_epilogue_in_core_ = on; }
+  // Whether the last backward ran it in the core (set_mimo_epilogue_in_core and its shapes).
+  bool mimo_epilogue_in_core_used() const { return mimo_epilogue_in_core_used_; }
   // MIMO with the cores and the output stage's MIMO instance: the forward core stores the pre-norm output
   // y = (e^Λ·Z + D·v) + W·v for the output stage (true) instead of W·v, from which it forms y (false): the same bits,
   // and the output stage's forward reads y alone. Default from MAMBA3_TRAIN_MIMO_Y, read once per process: "1" or
@@ -284,8 +285,8 @@ class Mamba3TrainGpu {
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
   bool zy16_ = true;                 // Z and y in bf16 between the SISO forward core and output backward (set_zy16)
   bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
-  bool dv_fold_ = true;              // MIMO's state core folds the epilogue's per-row terms (set_dv_fold)
-  bool dv_fold_used_ = false;        // the last backward did (dv_fold_used)
+  bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
+  bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)
   bool mimo_y_ = true;               // MIMO's forward core stores y for the output stage (set_mimo_y)
   bool mimo_y_used_ = false;         // the last chunk pass did (mimo_y_used)
   bool bc_norm_fused_ = false;       // the last backward's rotation backward ran it (batched_chunks)

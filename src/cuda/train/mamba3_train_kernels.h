@@ -145,10 +145,10 @@ struct BatchedParams {
   // in the Z and WV buffers (their first halves), instead of Z and W·v in f32; the SISO output-stage backwards read
   // them so (y as stored, not re-formed). Set only where both apply (batched_chunks).
   bool zy16;
-  // MIMO's backward state core folds the epilogue's per-row terms (dv = (dV + D·dy) + w ⊙ tp into dV, Σ_p v·tp per row
-  // at the start of each chunk's Z slot) instead of storing tp in Z, and the MIMO epilogue reads them so. Set only
-  // where both run (batched_chunks: epilogue_mimo_applies).
-  bool dv_folded;
+  // MIMO's backward state core runs the epilogue's state part itself (dv, dx, Σ_p v·tp, ⟨dH, H_c⟩, the state-carry
+  // terms, dadt, dscale and the mimo_x partials) instead of storing tp and dV for the epilogue kernel. Set only where
+  // the MIMO epilogue instance would run otherwise (batched_chunks: epilogue_mimo_applies), whose arithmetic it keeps.
+  bool epilogue_in_core;
   // MIMO's forward core stores y = (e^Λ·Z + D·v) + W·v (chunk_row_y) in WV instead of W·v, and the MIMO output
   // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
   // both run, and kept with the activations (batched_chunks).
@@ -224,7 +224,7 @@ void launch_batched_coef(cudaStream_t s, const BatchedParams& p);
 // rotation and bias backward (dBn, dCn, dphi, bias partials), dx and the mimo_x partials. A block takes
 // heads_per_block heads of one (sequence, chunk) and writes dBn/dCn summed over them: (M, H / heads_per_block, R, N).
 void launch_batched_epilogue(cudaStream_t s, const BatchedParams& p);
-// Whether launch_batched_epilogue runs the MIMO instance for p (the one that reads p.dv_folded's rows).
+// Whether launch_batched_epilogue runs the MIMO instance for p (which p.epilogue_in_core's state core stands in for).
 bool epilogue_mimo_applies(const BatchedParams& p);
 // Whether launch_batched_output runs the MIMO instance for p (the one that reads p.wv_holds_y's rows).
 bool output_mimo_applies(const BatchedParams& p);

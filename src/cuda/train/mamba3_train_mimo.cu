@@ -428,9 +428,8 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
 // registers; then the shared tail (epilogue_state_tail). The generic kernel's expressions and sum orders: dx over the
 // ranks in order, Σ v·tp per rank over the lane's channels in order then the butterfly, the partials over the warp's
 // tokens in order then the warps in order.
-// kFolded (p.dv_folded): the state core left dv = (dV + D·dy) + w ⊙ tp in p.dV, and Σ_p v·tp per row and ⟨dH, H_c⟩
-// at the start of the chunk's p.Z slot, so only dv and x are read per token and neither state at all.
-template <int P, int R, bool kFolded>
+// (MIMO's state core runs this part itself where p.epilogue_in_core: this kernel is then not launched.)
+template <int P, int R>
 __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(const BatchedParams p) {
   using bf16 = __nv_bfloat16;
   constexpr int kQ = P / 32, RP = R * P;
@@ -446,8 +445,6 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
     const int64_t i = ix.chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], dL[tl] = p.dLam[i];
   }
-  if constexpr (kFolded)
-    for (int j = threadIdx.x; j < p.rows; j += kThreads) rdot[j] = p.Z[ix.chunk * p.rows * P + j];
   float mx[R][kQ], gX[R][kQ];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -466,9 +463,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
 #pragma unroll
       for (int k = 0; k < kQ; ++k) {
         const int64_t i = base_p + (int64_t(tl) * R + r) * P + lane + 32 * k;
-        dv0[r][k] = p.dV[i];
-        if constexpr (!kFolded)
-          tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dy[r][k] = __bfloat162float(dY[i]);
+        tp[r][k] = p.Z[i], vv[r][k] = __bfloat162float(V[i]), dv0[r][k] = p.dV[i], dy[r][k] = __bfloat162float(dY[i]);
       }
 #pragma unroll
     for (int k = 0; k < kQ; ++k) xq[k] = real ? x[lane + 32 * k] : 0.0f;  // (padding tokens have no row)
@@ -480,11 +475,8 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
       float dx = 0.0f;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        float dv = dv0[r][k];
-        if constexpr (!kFolded) {
-          dots[r] += vv[r][k] * tp[r][k];
-          dv = (dv0[r][k] + Dh * dy[r][k]) + w * tp[r][k];
-        }
+        dots[r] += vv[r][k] * tp[r][k];
+        const float dv = (dv0[r][k] + Dh * dy[r][k]) + w * tp[r][k];
         dx += dv * mx[r][k];
         if (real) gX[r][k] += dv * xq[k];
       }
@@ -494,12 +486,11 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
         else p.dzx[xi] = dx;
       }
     }
-    if constexpr (!kFolded)
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float dot = warp_sum(dots[r]);
-        if (lane == 0) rdot[tl * R + r] = dot;
-      }
+    for (int r = 0; r < R; ++r) {
+      const float dot = warp_sum(dots[r]);
+      if (lane == 0) rdot[tl * R + r] = dot;
+    }
   }
   float* mine = gXall + warp * RP;
 #pragma unroll
@@ -507,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(cons
 #pragma unroll
     for (int k = 0; k < kQ; ++k) mine[r * P + lane + 32 * k] = gX[r][k];
   __syncthreads();  // (Lam, scale, dL too)
-  epilogue_state_tail(p, ix, Lam, scale, dL, rdot, wsum, gXall, kFolded);
+  epilogue_state_tail(p, ix, Lam, scale, dL, rdot, wsum, gXall);
 }
 
 template <int R>
@@ -594,22 +585,12 @@ bool epilogue_mimo_instance_applies(const BatchedParams& p) {
          p.dHc16 && !p.zx16;
 }
 
-template <bool kFolded>
-void launch_epilogue_mimo_form(cudaStream_t s, const BatchedParams& p, size_t floats) {
-  const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, floats); };
-  if (p.d.R == 4) {
-    if (p.d.P == 64) run(batched_epilogue_mimo_kernel<64, 4, kFolded>);
-    else run(batched_epilogue_mimo_kernel<32, 4, kFolded>);
-  } else {
-    if (p.d.P == 64) run(batched_epilogue_mimo_kernel<64, 2, kFolded>);
-    else run(batched_epilogue_mimo_kernel<32, 2, kFolded>);
-  }
-}
-
 bool launch_epilogue_mimo(cudaStream_t s, const BatchedParams& p, size_t floats) {
   if (!epilogue_mimo_instance_applies(p)) return false;
-  if (p.dv_folded) launch_epilogue_mimo_form<true>(s, p, floats);
-  else launch_epilogue_mimo_form<false>(s, p, floats);
+  const MixerDims& d = p.d;
+  const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, floats); };
+  if (d.R == 4) d.P == 64 ? run(batched_epilogue_mimo_kernel<64, 4>) : run(batched_epilogue_mimo_kernel<32, 4>);
+  else d.P == 64 ? run(batched_epilogue_mimo_kernel<64, 2>) : run(batched_epilogue_mimo_kernel<32, 2>);
   return true;
 }
 
