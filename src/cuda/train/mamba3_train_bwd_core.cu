@@ -226,8 +226,8 @@ __device__ __forceinline__ void mimo_epilogue_in_core(const BatchedParams& p, in
   const int b = int(bh / d.H), h = int(bh % d.H), c = int(chunk % p.nc), c0 = c * T, Tc = min(T, d.L - c0);
   const int64_t x0 = (int64_t(b) * d.L + c0) * d.din + d.off_x + int64_t(h) * P;  // dzx's (and zx's) x columns
   // With kR fixed the chunk has kRows / kR tokens and each thread kX of its (token, channel) pairs.
-  constexpr int kX = kR > 0 ? kRows / kR * P / kThreads : 1;
-  static_assert(kR == 0 || kRows / kR * P % kThreads == 0, "mimo_epilogue_in_core: whole shares of x");
+  constexpr int kTokens = kRows / (kR > 0 ? kR : 1), kX = kR > 0 ? kTokens * P / kThreads : 1;
+  static_assert(kR == 0 || kTokens * P % kThreads == 0, "mimo_epilogue_in_core: whole shares of x");
   float xr[kX];
   if constexpr (kR > 0) {
 #pragma unroll
