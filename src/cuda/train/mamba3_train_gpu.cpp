@@ -121,7 +121,8 @@ bool env_dqk16() {
   return on;
 }
 
-// MAMBA3_TRAIN_OUTPUT_TOKENS, read once per process: the SISO output-stage backward's tokens in flight per warp.
+// MAMBA3_TRAIN_OUTPUT_TOKENS, read once per process: the SISO output-stage backward's tokens in flight per warp (and
+// with "2", MIMO's output forward's: all of a warp's).
 int env_output_tokens() {
   static const int tokens = env_choice("MAMBA3_TRAIN_OUTPUT_TOKENS", {"2", "1"}) == "1" ? 1 : 2;
   return tokens;

@@ -153,7 +153,8 @@ class Mamba3TrainGpu {
   // of its build (true, where their shapes apply) or the generic kernels (false): the same arithmetic and sums.
   void set_siso_kernels(bool on) { siso_kernels_ = on; }
   // The SISO output-stage backward's tokens in flight per warp: 2 (each warp loads two tokens before finishing
-  // either) or 1; the same bits. Default from MAMBA3_TRAIN_OUTPUT_TOKENS, read once per process: "2" or "1".
+  // either) or 1; the same bits. With 2, MIMO's output forward (y stored by the forward core) has all of a warp's
+  // tokens in flight too. Default from MAMBA3_TRAIN_OUTPUT_TOKENS, read once per process: "2" or "1".
   void set_output_tokens(int tokens) { output_tokens_ = tokens == 1 ? 1 : 2; }
   // The SISO build's path for full chunks (true) or its general loop everywhere (false); the same bits. Default from
   // MAMBA3_TRAIN_BUILD_FAST, read once per process: "1" or "0".

@@ -131,7 +131,8 @@ struct BatchedParams {
   // The SISO instances of the build, the rotation backward and the output-stage backward, and the MIMO instance of the
   // build, where their shapes apply (false: the generic kernels everywhere; the same arithmetic, which a test checks).
   bool siso_kernels;
-  // The SISO output-stage backward's tokens in flight per warp, 1 or 2 (the same sums in the same order).
+  // The SISO output-stage backward's tokens in flight per warp, 1 or 2 (the same sums in the same order); not 1: also
+  // MIMO's output forward with y stored has all of a warp's tokens in flight (batched_output_mimo_y_kernel).
   int output_tokens;
   // The SISO build's path for full chunks (addresses stepped from pointers made once, the chunk scalars by a kernel
   // of their own before it); false: its general loop. The same bits.

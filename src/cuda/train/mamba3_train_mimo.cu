@@ -279,6 +279,70 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
     }
 }
 
+// The MIMO output stage's forward where the forward core stored y (p.wv_holds_y) and the chunk is 64 rows: the output
+// instance's forward arithmetic (the same bits), but each warp's kTok = 8 / R tokens have all their loads (y of every
+// rank, z) issued before the first token's arithmetic and stores: the instance's loop waited a DRAM round trip per
+// token behind the previous token's stores.
+template <int P, int R>
+__global__ void __launch_bounds__(kThreads) batched_output_mimo_y_kernel(const BatchedParams p) {
+  using bf16 = __nv_bfloat16;
+  constexpr int kQ = P / 32, kTok = 64 / R / kWarps;
+  static_assert(kTok * R * kWarps == 64, "the 64-row chunks' tokens over the warps");
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float* nw = d.outnorm ? p.norm + int64_t(ix.h) * P : nullptr;
+  float mz[R][kQ], mo[R][kQ], nwq[kQ];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      const int64_t i = (int64_t(ix.h) * R + r) * P + lane + 32 * k;
+      mz[r][k] = p.mimo_z[i], mo[r][k] = p.mimo_o[i];
+    }
+#pragma unroll
+  for (int k = 0; k < kQ; ++k) nwq[k] = nw ? nw[lane + 32 * k] : 1.0f;
+  float y[kTok][R][kQ], zq[kTok][kQ];
+#pragma unroll
+  for (int i = 0; i < kTok; ++i) {
+    const int tl = warp + i * kWarps;
+    const bool real = tl < ix.Tc;
+    const int64_t row0 = (ix.chunk * p.rows + int64_t(tl) * R) * P, tok = int64_t(ix.b) * d.L + ix.c0 + tl;
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) y[i][r][k] = p.WV[row0 + r * P + lane + 32 * k];
+      zq[i][k] = real ? p.zx[tok * d.din + int64_t(ix.h) * P + lane + 32 * k] : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kTok; ++i) {
+    const int tl = warp + i * kWarps;
+    if (tl >= ix.Tc) break;
+    const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl;
+    float rstd[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float ss = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kQ; ++k) ss += y[i][r][k] * y[i][r][k];
+      rstd[r] = nw ? 1.0f / sqrtf(warp_sum(ss) / float(P) + kEps) : 1.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      float o = 0.0f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float yn = nw ? y[i][r][k] * rstd[r] * nwq[k] : y[i][r][k];
+        o += mimo_gate(yn, zq[i][k], mz[r][k], mo[r][k], 0.0f, true).o;
+      }
+      const int64_t oi = tok * d.d_inner + int64_t(ix.h) * P + lane + 32 * k;
+      if (p.o) p.o[oi] = o;
+      if (p.o16) static_cast<bf16*>(p.o16)[oi] = __float2bfloat16_rn(o);
+    }
+  }
+}
+
 // The MIMO rotation backward (bf16 q and k; the halves pairing): a block per (sequence, slot of HB heads, chunk), a
 // warp per token as in the generic kernel, lane l on the kU = max(N/64, 1) consecutive slots u = l·kU … (elements
 // u and u + N/2: paired loads and stores). Per token and rank the HB heads' dq, dk, q and k are loaded before any is
@@ -529,6 +593,13 @@ bool output_mimo_instance_applies(const BatchedParams& p) {
 
 bool launch_output_mimo(cudaStream_t s, const BatchedParams& p, bool backward) {
   if (!output_mimo_instance_applies(p)) return false;
+  // (MIMO's forward with y stored: every token of a warp in flight, unless one token at a time is asked for)
+  if (!backward && p.wv_holds_y && p.output_tokens != 1 && p.rows == 64 && p.T * p.d.R == 64) {
+    const auto run = [&](auto kernel) { launch_per_chunk(kernel, s, p, 0); };
+    if (p.d.R == 4) p.d.P == 64 ? run(batched_output_mimo_y_kernel<64, 4>) : run(batched_output_mimo_y_kernel<32, 4>);
+    else p.d.P == 64 ? run(batched_output_mimo_y_kernel<64, 2>) : run(batched_output_mimo_y_kernel<32, 2>);
+    return true;
+  }
   if (backward) launch_output_mimo_shape<true>(s, p);
   else launch_output_mimo_shape<false>(s, p);
   return true;
