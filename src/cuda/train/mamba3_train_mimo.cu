@@ -123,6 +123,24 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const B
   }
 }
 
+// The output stage's per-head rows for a lane's kQ = P/32 channels q = lane + 32k: mimo_z and mimo_o of every rank,
+// and the output norm's weights (1 without a norm: nw null).
+template <int P, int R>
+__device__ __forceinline__ void load_output_rows(const BatchedParams& p, int h, const float* nw,
+                                                 float (&mz)[R][P / 32], float (&mo)[R][P / 32],
+                                                 float (&nwq)[P / 32]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int k = 0; k < P / 32; ++k) {
+      const int64_t i = (int64_t(h) * R + r) * P + lane + 32 * k;
+      mz[r][k] = p.mimo_z[i], mo[r][k] = p.mimo_o[i];
+    }
+#pragma unroll
+  for (int k = 0; k < P / 32; ++k) nwq[k] = nw ? nw[lane + 32 * k] : 1.0f;
+}
+
 // The MIMO output stage (forward: o; backward also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state read and the
 // D, mimo_z, mimo_o and norm partials) for P ∈ {32, 64}, R ∈ {2, 4}, bf16 operands: the generic kernel with a lane's
 // kQ = P/32 channels q = lane + 32k of all R ranks in registers (y, Z and v of the token, the head's mimo_z/mimo_o
@@ -142,15 +160,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
   const bf16* V = static_cast<const bf16*>(p.V);
   bf16 *dY = static_cast<bf16*>(p.dY), *dYe = static_cast<bf16*>(p.dYe);
   float mz[R][kQ], mo[R][kQ], nwq[kQ];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int k = 0; k < kQ; ++k) {
-      const int64_t i = (int64_t(ix.h) * R + r) * P + lane + 32 * k;
-      mz[r][k] = p.mimo_z[i], mo[r][k] = p.mimo_o[i];
-    }
-#pragma unroll
-  for (int k = 0; k < kQ; ++k) nwq[k] = nw ? nw[lane + 32 * k] : 1.0f;
+  load_output_rows<P, R>(p, ix.h, nw, mz, mo, nwq);
   // The warp's partial sums (go, gz per rank and channel, gn per channel, gD), as the generic kernel's shared rows.
   float go[R][kQ], gz[R][kQ], gn[kQ], gD = 0.0f;
 #pragma unroll
@@ -293,15 +303,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_y_kernel(const B
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* nw = d.outnorm ? p.norm + int64_t(ix.h) * P : nullptr;
   float mz[R][kQ], mo[R][kQ], nwq[kQ];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int k = 0; k < kQ; ++k) {
-      const int64_t i = (int64_t(ix.h) * R + r) * P + lane + 32 * k;
-      mz[r][k] = p.mimo_z[i], mo[r][k] = p.mimo_o[i];
-    }
-#pragma unroll
-  for (int k = 0; k < kQ; ++k) nwq[k] = nw ? nw[lane + 32 * k] : 1.0f;
+  load_output_rows<P, R>(p, ix.h, nw, mz, mo, nwq);
   float y[kTok][R][kQ], zq[kTok][kQ];
 #pragma unroll
   for (int i = 0; i < kTok; ++i) {
