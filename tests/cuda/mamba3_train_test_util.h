@@ -30,7 +30,7 @@ inline constexpr double kOutTolF32 = 2e-5, kGradTolF32 = 1e-4;
 inline constexpr double kTolSisoVsGeneric = 1e-3;  // the SISO kernels against the generic ones (see the test)
 inline constexpr double kTolChainVsPass = 2e-3;    // the forward state chain against products + scan (see the test)
 inline constexpr double kTolDqk16 = 1e-2;          // bf16 dQ/dK against f32 (see BfloatDqDkTracksTheF32Pair)
-inline constexpr double kTolDvFold = 1e-4;         // MIMO's epilogue in the core (see MimoEpilogueInCoreTracksTheKernel)
+inline constexpr double kTolEpilogueInCore = 1e-4;  // MIMO epilogue in its core: MimoEpilogueInCoreTracksTheKernel
 inline constexpr double kTolZy16 = 2e-2;           // bf16 Z and y against f32 (see BfloatZyTracksTheF32Pair)
 inline constexpr double kTolBF16 = 2e-2;                          // bf16 projections (the flash-attention-style bound)
 inline constexpr double kGoldenOutTol = 1e-5, kGoldenGradTol = 5e-5;  // golden README, float32

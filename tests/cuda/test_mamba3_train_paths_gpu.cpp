@@ -451,41 +451,51 @@ TEST(Mamba3TrainGpu, MimoStateCoreMatchesTheProducts) {
   }
 }
 
-// MIMO's state core running the epilogue's state part against the epilogue kernel reading tp and dV back: dv and dx
-// are the same expressions, only the sums Σ_p v·tp, ⟨dH, H_c⟩ and the mimo_x partials run in other orders, so the
-// output is the same bits and the gradients agree to a few roundings of those sums (they reach mimo_x and Λ's and
-// scale's state-carry terms: dt, A, trap and, through them, du). With and without a kept forward.
-TEST(Mamba3TrainGpu, MimoEpilogueInCoreTracksTheKernel) {
-  MAMBA3_REQUIRE_GPU();
+// Runs body(case name, L, keep, step) for every MIMO layer on the chunk cores' shapes, L 65 and 300 (a partial last
+// chunk), with a recomputed and a kept forward, each on its own random layer (seeded from seed + L); fails when there
+// is no such case.
+template <typename Body>
+void for_each_mimo_core_case(uint32_t seed, Body body) {
   int cases = 0;
   for (const LayerCase& lc : core_shape_cases(true)) {
     if (!lc.c.is_mimo) continue;
     for (const int64_t L : {65, 300})
       for (const bool keep : {false, true}) {
         SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
-        auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4100 + L));
+        auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(seed + L));
         CoreLayerStep step(mixer, u, dout);
-        step.train.set_state_chain(true);
-        step.train.set_backward_core_fused(true);
-        auto run = [&](bool fold) {
-          step.train.set_mimo_epilogue_in_core(fold);
-          GpuResult r = step.run(keep);
-          EXPECT_EQ(step.train.mimo_epilogue_in_core_used(), fold) << "the switch did not select the path";
-          return r;
-        };
-        const GpuResult unfolded = run(false), folded = run(true), again = run(true);
-        ASSERT_NO_FATAL_FAILURE(assert_finite(folded));
-        EXPECT_TRUE(bit_identical(folded, again)) << "not deterministic";
-        EXPECT_EQ(std::memcmp(unfolded.out.raw(), folded.out.raw(), folded.out.nbytes()), 0) << "the forward moved";
-        double worst = 0;
-        std::string where;
-        compare(folded, unfolded.out, unfolded.du, unfolded.grads, 0.0, kTolDvFold, worst, where);
-        std::printf("  %-34s L=%-3lld %s epilogue in core vs kernel: worst %.2e (%s)\n", lc.name, (long long)L,
-                    keep ? "kept      " : "recomputed", worst, where.c_str());
+        body(lc.name, L, keep, step);
         ++cases;
       }
   }
   EXPECT_GT(cases, 0) << "no MIMO case on the cores' shapes";
+}
+
+// MIMO's state core running the epilogue's state part against the epilogue kernel reading tp and dV back: dv and dx
+// are the same expressions, only the sums Σ_p v·tp, ⟨dH, H_c⟩ and the mimo_x partials run in other orders, so the
+// output is the same bits and the gradients agree to a few roundings of those sums (they reach mimo_x and Λ's and
+// scale's state-carry terms: dt, A, trap and, through them, du). With and without a kept forward.
+TEST(Mamba3TrainGpu, MimoEpilogueInCoreTracksTheKernel) {
+  MAMBA3_REQUIRE_GPU();
+  for_each_mimo_core_case(4100, [](const char* name, int64_t L, bool keep, CoreLayerStep& step) {
+    step.train.set_state_chain(true);
+    step.train.set_backward_core_fused(true);
+    auto run = [&](bool in_core) {
+      step.train.set_mimo_epilogue_in_core(in_core);
+      GpuResult r = step.run(keep);
+      EXPECT_EQ(step.train.mimo_epilogue_in_core_used(), in_core) << "the switch did not select the path";
+      return r;
+    };
+    const GpuResult kernel = run(false), in_core = run(true), again = run(true);
+    ASSERT_NO_FATAL_FAILURE(assert_finite(in_core));
+    EXPECT_TRUE(bit_identical(in_core, again)) << "not deterministic";
+    EXPECT_EQ(std::memcmp(kernel.out.raw(), in_core.out.raw(), in_core.out.nbytes()), 0) << "the forward moved";
+    double worst = 0;
+    std::string where;
+    compare(in_core, kernel.out, kernel.du, kernel.grads, 0.0, kTolEpilogueInCore, worst, where);
+    std::printf("  %-34s L=%-3lld %s epilogue in core vs kernel: worst %.2e (%s)\n", name, (long long)L,
+                keep ? "kept      " : "recomputed", worst, where.c_str());
+  });
 }
 
 // MIMO's forward core storing the pre-norm output y for the output stage against the output stage forming it from
@@ -493,27 +503,17 @@ TEST(Mamba3TrainGpu, MimoEpilogueInCoreTracksTheKernel) {
 // gradient are the same bits. With and without a kept forward (a kept forward's choice holds for its backward).
 TEST(Mamba3TrainGpu, MimoForwardCoreYGivesTheSameBits) {
   MAMBA3_REQUIRE_GPU();
-  int cases = 0;
-  for (const LayerCase& lc : core_shape_cases(true)) {
-    if (!lc.c.is_mimo) continue;
-    for (const int64_t L : {65, 300})
-      for (const bool keep : {false, true}) {
-        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
-        auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4300 + L));
-        CoreLayerStep step(mixer, u, dout);
-        auto run = [&](bool y) {
-          step.train.set_mimo_y(y);
-          GpuResult r = step.run(keep);
-          EXPECT_EQ(step.train.mimo_y_used(), y) << "the switch did not select the path";
-          return r;
-        };
-        const GpuResult formed = run(false), stored = run(true);
-        ASSERT_NO_FATAL_FAILURE(assert_finite(stored));
-        EXPECT_TRUE(bit_identical(stored, formed)) << "y stored by the forward core moved a bit";
-        ++cases;
-      }
-  }
-  EXPECT_GT(cases, 0) << "no MIMO case on the cores' shapes";
+  for_each_mimo_core_case(4300, [](const char*, int64_t, bool keep, CoreLayerStep& step) {
+    auto run = [&](bool y) {
+      step.train.set_mimo_y(y);
+      GpuResult r = step.run(keep);
+      EXPECT_EQ(step.train.mimo_y_used(), y) << "the switch did not select the path";
+      return r;
+    };
+    const GpuResult formed = run(false), stored = run(true);
+    ASSERT_NO_FATAL_FAILURE(assert_finite(stored));
+    EXPECT_TRUE(bit_identical(stored, formed)) << "y stored by the forward core moved a bit";
+  });
 }
 
 // The batched column sums (one launch per level for all of a layer's parameter sums) against one colsum_add per sum
