@@ -93,4 +93,9 @@ bool pdl_enabled() {
   return enabled;
 }
 
+bool train_pdl_enabled() {
+  static const bool enabled = env_choice("MAMBA3_TRAIN_PDL", {"0", "1"}) != "0";
+  return enabled;
+}
+
 }  // namespace mamba3::cuda

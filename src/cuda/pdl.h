@@ -10,6 +10,11 @@
 // an H200, 1.5B decode: b1 1.640 ms with PDL vs 1.660 without; at b128 PDL on the non-GEMM kernels cost 2 % (5.947 vs
 // 5.822 ms), so large launches stay plain. MAMBA3_PDL=0 launches every kernel plainly; read once per process.
 // Without the attribute, pdl_wait() and pdl_trigger() do nothing.
+//
+// Training: every kernel under src/cuda/train calls pdl_wait() first (tests/cuda/test_pdl_wait_first.cpp checks the
+// sources) and is launched by launch_train with the attribute, without an early trigger. A chain of dependent kernels
+// on an H200 (bench/bench_pdl_chain) took 1.0–1.8 µs less per boundary that way, and an early trigger gained nothing
+// more; the training step has ~350 boundaries between its own kernels. MAMBA3_TRAIN_PDL=0 launches them plainly.
 #include <utility>
 
 #include <cuda_runtime.h>
@@ -19,6 +24,7 @@
 namespace mamba3::cuda {
 
 bool pdl_enabled();
+bool train_pdl_enabled();
 
 constexpr int64_t kPdlMaxRows = 8;
 inline bool pdl_small(int64_t rows) { return rows <= kPdlMaxRows; }
@@ -51,6 +57,13 @@ void launch_pdl(bool use, void (*kernel)(KernelArgs...), dim3 grid, dim3 block, 
   config.attrs = attribute;
   config.numAttrs = 1;
   MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// A training kernel's launch (the kernel calls pdl_wait() before anything else).
+template <typename... KernelArgs, typename... Args>
+void launch_train(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t s,
+                  Args&&... args) {
+  launch_pdl(train_pdl_enabled(), kernel, grid, block, shared_bytes, s, std::forward<Args>(args)...);
 }
 #endif
 

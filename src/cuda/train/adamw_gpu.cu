@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "cuda/pdl.h"
 #include "cuda/train/adamw_gpu.h"
 #include "cuda/train/block_reduce.cuh"
 
@@ -18,6 +19,7 @@ constexpr int kReduceThreads = 256;
 constexpr int64_t kMaxReduceBlocks = 1024;
 
 __global__ void sum_squares_partial_kernel(const float* g, int64_t n, double* partial) {
+  pdl_wait();
   __shared__ double red[kMaxWarps];
   double acc = 0;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
@@ -28,6 +30,7 @@ __global__ void sum_squares_partial_kernel(const float* g, int64_t n, double* pa
 
 // Stage 2: one block adds the partials (thread t takes t, t + T, …), then the block sum; result in partial[nb].
 __global__ void sum_partials_kernel(double* partial, int64_t nb) {
+  pdl_wait();
   __shared__ double red[kMaxWarps];
   double acc = 0;
   for (int64_t i = threadIdx.x; i < nb; i += blockDim.x) acc += partial[i];
@@ -36,11 +39,13 @@ __global__ void sum_partials_kernel(double* partial, int64_t nb) {
 }
 
 __global__ void scale_kernel(float* g, int64_t n, float factor) {
+  pdl_wait();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     g[i] *= factor;
 }
 
 __global__ void scaled_add_kernel(float* sum, const float* g, int64_t n, double scale) {
+  pdl_wait();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     sum[i] = float(double(sum[i]) + scale * double(g[i]));
 }
@@ -70,6 +75,7 @@ __device__ __forceinline__ float adamw_element(float& p, float g, float& m, floa
 // p16 (optional): the new f32 weight rounded to bf16 (nearest even) as well: 2 more bytes written per parameter.
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, AdamWKernelParams a,
                              const uint8_t* decay_granules, float grad_factor, __nv_bfloat16* p16) {
+  pdl_wait();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const double decay = !decay_granules || decay_granules[i / kAdamWGranule] ? a.decay : 0.0;
     const float pw = adamw_element(p[i], g[i], m[i], v[i], a, decay, grad_factor);
@@ -84,6 +90,7 @@ __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, int64
 static_assert(kAdamWGranule % 4 == 0, "four parameters per thread share a granule");
 __global__ void adamw_flat4_kernel(float4* p, const float4* g, float4* m, float4* v, int64_t quads,
                                    AdamWKernelParams a, const uint8_t* decay_granules, float grad_factor, uint2* p16) {
+  pdl_wait();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < quads; i += int64_t(gridDim.x) * blockDim.x) {
     float4 pv = p[i], mv = m[i], vv = v[i];
     const float4 gv = g[i];
@@ -107,9 +114,9 @@ double sum_of_squares_gpu(cudaStream_t s, const float* g, int64_t n, ReduceScrat
   const unsigned blocks = grid_for(n, kReduceThreads, kMaxReduceBlocks);
   scratch.partial.reserve((size_t(blocks) + 1) * sizeof(double));
   double* partial = scratch.partial.as<double>();
-  sum_squares_partial_kernel<<<blocks, kReduceThreads, 0, s>>>(g, n, partial);
+  launch_train(sum_squares_partial_kernel, blocks, kReduceThreads, 0, s, g, n, partial);
   MAMBA3_LAUNCH_CHECK();
-  sum_partials_kernel<<<1, kReduceThreads, 0, s>>>(partial, int64_t(blocks));
+  launch_train(sum_partials_kernel, 1, kReduceThreads, 0, s, partial, int64_t(blocks));
   MAMBA3_LAUNCH_CHECK();
   double total = 0;
   MAMBA3_CUDA_CHECK(cudaMemcpyAsync(&total, partial + blocks, sizeof(double), cudaMemcpyDeviceToHost, s));
@@ -119,13 +126,13 @@ double sum_of_squares_gpu(cudaStream_t s, const float* g, int64_t n, ReduceScrat
 
 void scale_gpu(cudaStream_t s, float* g, int64_t n, float factor) {
   if (n <= 0) return;
-  scale_kernel<<<grid_for(n, 256), 256, 0, s>>>(g, n, factor);
+  launch_train(scale_kernel, grid_for(n, 256), 256, 0, s, g, n, factor);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void scaled_add_gpu(cudaStream_t s, float* sum, const float* g, int64_t n, float scale) {
   if (n <= 0) return;
-  scaled_add_kernel<<<grid_for(n, 256), 256, 0, s>>>(sum, g, n, double(scale));
+  launch_train(scaled_add_kernel, grid_for(n, 256), 256, 0, s, sum, g, n, double(scale));
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -146,7 +153,7 @@ void adamw_update_gpu(cudaStream_t s, float* p, const float* g, float* m, float*
                       const AdamWStepParams& a) {
   const AdamWKernelParams k = kernel_params(a, "adamw_update_gpu");
   if (n <= 0) return;
-  adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, nullptr, 1.0f, nullptr);
+  launch_train(adamw_kernel, grid_for(n, 256), 256, 0, s, p, g, m, v, n, k, nullptr, 1.0f, nullptr);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -159,12 +166,12 @@ void adamw_update_flat_gpu(cudaStream_t s, float* p, const float* g, float* m, f
   const auto aligned = [](const void* q, uintptr_t to) { return reinterpret_cast<uintptr_t>(q) % to == 0; };
   if (n % 4 == 0 && aligned(p, 16) && aligned(g, 16) && aligned(m, 16) && aligned(v, 16) && aligned(p16, 8)) {
     const int64_t quads = n / 4;
-    adamw_flat4_kernel<<<grid_for(quads, 256), 256, 0, s>>>(
-        reinterpret_cast<float4*>(p), reinterpret_cast<const float4*>(g), reinterpret_cast<float4*>(m),
-        reinterpret_cast<float4*>(v), quads, k, decay_granules, grad_factor, reinterpret_cast<uint2*>(p16));
+    launch_train(adamw_flat4_kernel, grid_for(quads, 256), 256, 0, s, reinterpret_cast<float4*>(p),
+                 reinterpret_cast<const float4*>(g), reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), quads,
+                 k, decay_granules, grad_factor, reinterpret_cast<uint2*>(p16));
   } else {
-    adamw_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, g, m, v, n, k, decay_granules, grad_factor,
-                                                  reinterpret_cast<__nv_bfloat16*>(p16));
+    launch_train(adamw_kernel, grid_for(n, 256), 256, 0, s, p, g, m, v, n, k, decay_granules, grad_factor,
+                 reinterpret_cast<__nv_bfloat16*>(p16));
   }
   MAMBA3_LAUNCH_CHECK();
 }

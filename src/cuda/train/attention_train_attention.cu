@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.h"
 #include "cuda/train/attention_train_kernels.h"
 
 namespace mamba3::cuda::attn_train {
@@ -57,6 +58,7 @@ __device__ __forceinline__ void load_kv_tile(const float* src, const Dims& d, in
 // Forward. Grid (⌈L/kWarps⌉, H, B); warp w owns query t = blockIdx.x·kWarps + w and runs an online softmax over
 // the key tiles (keys ≤ t when causal). Cost per (query, head): 4·nk·hd FLOPs; K/V tiles read once per block.
 __global__ void __launch_bounds__(kWarps * 32) forward_kernel(CoreArgs a) {
+  pdl_wait();
   extern __shared__ float smem[];
   const Dims& d = a.d;
   const int64_t hd = d.hd, ks = padded(hd), H = d.H, L = d.L;
@@ -117,6 +119,7 @@ __global__ void __launch_bounds__(kWarps * 32) forward_kernel(CoreArgs a) {
 
 // dvec[r, h] = dout[r, h]·o[r, h], channels in order (the CPU's do_t·o_t). Cost: 2·B·L·H·hd reads.
 __global__ void dvec_kernel(CoreArgs a) {
+  pdl_wait();
   const Dims& d = a.d;
   const int64_t n = d.B * d.L * d.H;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -132,6 +135,7 @@ __global__ void dvec_kernel(CoreArgs a) {
 // dq[t] = scale·Σ_j p_tj·(dout_t·v_j − dvec_t)·k_j, p_tj = exp(scale·q_t·k_j − lse_t). Grid and tiles as the
 // forward. Cost per (query, head): 6·nk·hd FLOPs.
 __global__ void __launch_bounds__(kWarps * 32) dq_kernel(CoreArgs a) {
+  pdl_wait();
   extern __shared__ float smem[];
   const Dims& d = a.d;
   const int64_t hd = d.hd, ks = padded(hd), H = d.H, L = d.L;
@@ -194,6 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32) dq_kernel(CoreArgs a) {
 // (from the tile holding the block's first key when causal), stream through shared memory in a fixed order.
 // Cost per (key, kv head): 8·group·nq·hd FLOPs.
 __global__ void __launch_bounds__(kWarps * 32) dkdv_kernel(CoreArgs a) {
+  pdl_wait();
   extern __shared__ float smem[];
   const Dims& d = a.d;
   const int64_t hd = d.hd, ks = padded(hd), H = d.H, L = d.L, group = H / d.Hkv;
@@ -276,7 +281,7 @@ void launch_rows(cudaStream_t s, Kernel kernel, const CoreArgs& a, int64_t heads
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   const dim3 grid(unsigned((a.d.L + kWarps - 1) / kWarps), unsigned(heads), unsigned(a.d.B));
-  kernel<<<grid, kWarps * 32, bytes, s>>>(a);
+  launch_train(kernel, grid, kWarps * 32, bytes, s, a);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -310,7 +315,7 @@ void attention_backward(cudaStream_t s, const Dims& d, const float* q, const flo
   a.dq = dq, a.dk = dk, a.dv = dv;
   const int64_t n = d.B * d.L * d.H;
   const int64_t blocks = (n + 255) / 256;
-  dvec_kernel<<<unsigned(blocks < 65536 ? blocks : 65536), 256, 0, s>>>(a);
+  launch_train(dvec_kernel, unsigned(blocks < 65536 ? blocks : 65536), 256, 0, s, a);
   MAMBA3_LAUNCH_CHECK();
   const int64_t ks = padded(d.hd);
   launch_rows(s, dq_kernel, a, d.H, 2 * kTile * ks + 2 * kWarps * d.hd);

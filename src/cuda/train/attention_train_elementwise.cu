@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.h"
 #include "cuda/train/attention_train_kernels.h"
 
 namespace mamba3::cuda::attn_train {
@@ -23,6 +24,7 @@ __device__ __forceinline__ float sigmoid_f(float g) { return 1.0f / (1.0f + expf
 
 // Cost: rows·cols reads and writes.
 __global__ void add_bias_kernel(float* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) {
+  pdl_wait();
   GRID_STRIDE(i, rows * cols) {
     const int64_t r = i / cols, c = i - r * cols;
     y[r * ld + c] += bias[c];
@@ -32,6 +34,7 @@ __global__ void add_bias_kernel(float* y, int64_t rows, int64_t cols, int64_t ld
 // partial[chunk, c] = Σ over the chunk's rows of src[r, c] in float64 (threads along c: coalesced reads).
 __global__ void column_partial_kernel(const float* src, int64_t rows, int64_t cols, int64_t ld, int64_t chunks,
                                       double* partial) {
+  pdl_wait();
   GRID_STRIDE(i, chunks * cols) {
     const int64_t chunk = i / cols, c = i - chunk * cols;
     const int64_t r1 = (chunk + 1) * kSumChunk < rows ? (chunk + 1) * kSumChunk : rows;
@@ -43,6 +46,7 @@ __global__ void column_partial_kernel(const float* src, int64_t rows, int64_t co
 
 // dst[c] += Σ_chunk partial[chunk, c], chunks in order.
 __global__ void sum_partials_kernel(const double* partial, int64_t chunks, int64_t cols, float* dst) {
+  pdl_wait();
   GRID_STRIDE(c, cols) {
     double acc = 0;
     for (int64_t k = 0; k < chunks; ++k) acc += partial[k * cols + c];
@@ -51,6 +55,7 @@ __global__ void sum_partials_kernel(const double* partial, int64_t chunks, int64
 }
 
 __global__ void rope_table_kernel(int64_t L, int64_t rot_dim, double base, float* cos_t, float* sin_t) {
+  pdl_wait();
   const int64_t half = rot_dim / 2;
   GRID_STRIDE(i, L * half) {
     const int64_t t = i / half, j = i - t * half;
@@ -63,6 +68,7 @@ __global__ void rope_table_kernel(int64_t L, int64_t rot_dim, double base, float
 // out[t] = b + Σ_{k ≥ K−1−t} w[k]·in[t − (K−1) + k], k ascending as the CPU. Cost: B·L·qkv·K FMAs.
 __global__ void conv_forward_kernel(Dims d, const float* proj, const float* conv_w, const float* conv_b,
                                     float* out) {
+  pdl_wait();
   const int64_t K = d.d_conv, qkv = d.qkv;
   GRID_STRIDE(i, d.B * d.L * qkv) {
     const int64_t r = i / qkv, ch = i - r * qkv, t = r % d.L;
@@ -99,6 +105,7 @@ __device__ __forceinline__ float rotate(const float* xh, int64_t c, int64_t half
 // Cost: B·L·qkv reads and writes.
 __global__ void split_rotary_kernel(Dims d, const float* src, int64_t src_ld, const float* cos_t, const float* sin_t,
                                     float* q, float* k, float* v) {
+  pdl_wait();
   const int64_t qkv = d.qkv, hd = d.hd, nq = d.H * hd, nk = d.Hkv * hd;
   GRID_STRIDE(i, d.B * d.L * qkv) {
     const int64_t r = i / qkv, j = i - r * qkv, t = r % d.L;
@@ -119,6 +126,7 @@ __global__ void split_rotary_kernel(Dims d, const float* src, int64_t src_ld, co
 // Cost: B·L·qkv reads and writes.
 __global__ void unrotate_pack_kernel(Dims d, const float* dq, const float* dk, const float* dv, const float* cos_t,
                                      const float* sin_t, float* dst, int64_t dst_ld) {
+  pdl_wait();
   const int64_t qkv = d.qkv, hd = d.hd, nq = d.H * hd, nk = d.Hkv * hd;
   GRID_STRIDE(i, d.B * d.L * qkv) {
     const int64_t r = i / qkv, j = i - r * qkv, t = r % d.L;
@@ -139,6 +147,7 @@ __global__ void unrotate_pack_kernel(Dims d, const float* dq, const float* dk, c
 
 // Cost: B·L·mlp/2 outputs, 2 reads each.
 __global__ void mlp_forward_kernel(Dims d, const float* proj, float* ctx) {
+  pdl_wait();
   const int64_t F = d.mlp_half, off = d.H * d.hd;
   GRID_STRIDE(i, d.B * d.L * F) {
     const int64_t r = i / F, j = i - r * F;
@@ -150,6 +159,7 @@ __global__ void mlp_forward_kernel(Dims d, const float* proj, float* ctx) {
 
 // dup = g·silu(gate), dgate = g·up·σ·(1 + gate·(1 − σ)), the CPU's expressions.
 __global__ void mlp_backward_kernel(Dims d, const float* proj, const float* dctx, float* dproj) {
+  pdl_wait();
   const int64_t F = d.mlp_half, off = d.H * d.hd;
   GRID_STRIDE(i, d.B * d.L * F) {
     const int64_t r = i / F, j = i - r * F;
@@ -164,6 +174,7 @@ __global__ void mlp_backward_kernel(Dims d, const float* proj, const float* dctx
 // Input gradient of the conv, gathered: in[t'] feeds out[t' + (K−1) − k] through tap k (same sequence only).
 // Taps in descending k, the order in which the CPU's scatter adds them. Cost: B·L·qkv·K FMAs.
 __global__ void conv_backward_input_kernel(Dims d, const float* dqkv, const float* conv_w, float* dproj) {
+  pdl_wait();
   const int64_t K = d.d_conv, qkv = d.qkv;
   GRID_STRIDE(i, d.B * d.L * qkv) {
     const int64_t r = i / qkv, ch = i - r * qkv, t = r % d.L;
@@ -180,6 +191,7 @@ __global__ void conv_backward_input_kernel(Dims d, const float* dqkv, const floa
 // One thread per (chunk, ch, k ∈ [0, K]), k = K being the bias.
 __global__ void conv_backward_partial_kernel(Dims d, const float* dqkv, const float* proj, int64_t chunks, double* pw,
                                              double* pb) {
+  pdl_wait();
   const int64_t K = d.d_conv, qkv = d.qkv, rows = d.B * d.L, per = K + 1;
   GRID_STRIDE(i, chunks * qkv * per) {
     const int64_t chunk = i / (qkv * per), rest = i - chunk * qkv * per, ch = rest / per, k = rest - ch * per;
@@ -204,7 +216,7 @@ __global__ void conv_backward_partial_kernel(Dims d, const float* dqkv, const fl
 
 void add_bias_rows(cudaStream_t s, float* y, int64_t rows, int64_t cols, int64_t ld, const float* bias) {
   if (rows * cols == 0) return;
-  add_bias_kernel<<<blocks_for(rows * cols), kThreads, 0, s>>>(y, rows, cols, ld, bias);
+  launch_train(add_bias_kernel, blocks_for(rows * cols), kThreads, 0, s, y, rows, cols, ld, bias);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -212,48 +224,50 @@ void column_sum_add(cudaStream_t s, const float* src, int64_t rows, int64_t cols
                     float* dst) {
   if (rows == 0 || cols == 0) return;
   const int64_t chunks = sum_chunks(rows);
-  column_partial_kernel<<<blocks_for(chunks * cols), kThreads, 0, s>>>(src, rows, cols, ld, chunks, partial);
+  launch_train(column_partial_kernel, blocks_for(chunks * cols), kThreads, 0, s, src, rows, cols, ld, chunks, partial);
   MAMBA3_LAUNCH_CHECK();
-  sum_partials_kernel<<<blocks_for(cols), kThreads, 0, s>>>(partial, chunks, cols, dst);
+  launch_train(sum_partials_kernel, blocks_for(cols), kThreads, 0, s, partial, chunks, cols, dst);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void rope_table(cudaStream_t s, int64_t L, int64_t rot_dim, double base, float* cos_t, float* sin_t) {
   if (L * (rot_dim / 2) == 0) return;
-  rope_table_kernel<<<blocks_for(L * (rot_dim / 2)), kThreads, 0, s>>>(L, rot_dim, base, cos_t, sin_t);
+  launch_train(rope_table_kernel, blocks_for(L * (rot_dim / 2)), kThreads, 0, s, L, rot_dim, base, cos_t, sin_t);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void conv_forward(cudaStream_t s, const Dims& d, const float* proj, const float* conv_w, const float* conv_b,
                   float* qkv_out) {
   if (d.B * d.L == 0) return;
-  conv_forward_kernel<<<blocks_for(d.B * d.L * d.qkv), kThreads, 0, s>>>(d, proj, conv_w, conv_b, qkv_out);
+  launch_train(conv_forward_kernel, blocks_for(d.B * d.L * d.qkv), kThreads, 0, s, d, proj, conv_w, conv_b, qkv_out);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void split_rotary(cudaStream_t s, const Dims& d, const float* src, int64_t src_ld, const float* cos_t,
                   const float* sin_t, float* q, float* k, float* v) {
   if (d.B * d.L == 0) return;
-  split_rotary_kernel<<<blocks_for(d.B * d.L * d.qkv), kThreads, 0, s>>>(d, src, src_ld, cos_t, sin_t, q, k, v);
+  launch_train(split_rotary_kernel, blocks_for(d.B * d.L * d.qkv), kThreads, 0, s, d, src, src_ld, cos_t, sin_t, q, k,
+               v);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void unrotate_pack(cudaStream_t s, const Dims& d, const float* dq, const float* dk, const float* dv,
                    const float* cos_t, const float* sin_t, float* dst, int64_t dst_ld) {
   if (d.B * d.L == 0) return;
-  unrotate_pack_kernel<<<blocks_for(d.B * d.L * d.qkv), kThreads, 0, s>>>(d, dq, dk, dv, cos_t, sin_t, dst, dst_ld);
+  launch_train(unrotate_pack_kernel, blocks_for(d.B * d.L * d.qkv), kThreads, 0, s, d, dq, dk, dv, cos_t, sin_t, dst,
+               dst_ld);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void mlp_forward(cudaStream_t s, const Dims& d, const float* proj, float* ctx) {
   if (d.B * d.L * d.mlp_half == 0) return;
-  mlp_forward_kernel<<<blocks_for(d.B * d.L * d.mlp_half), kThreads, 0, s>>>(d, proj, ctx);
+  launch_train(mlp_forward_kernel, blocks_for(d.B * d.L * d.mlp_half), kThreads, 0, s, d, proj, ctx);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void mlp_backward(cudaStream_t s, const Dims& d, const float* proj, const float* dctx, float* dproj) {
   if (d.B * d.L * d.mlp_half == 0) return;
-  mlp_backward_kernel<<<blocks_for(d.B * d.L * d.mlp_half), kThreads, 0, s>>>(d, proj, dctx, dproj);
+  launch_train(mlp_backward_kernel, blocks_for(d.B * d.L * d.mlp_half), kThreads, 0, s, d, proj, dctx, dproj);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -261,20 +275,20 @@ void conv_backward(cudaStream_t s, const Dims& d, const float* dqkv, const float
                    float* dproj, double* partial, float* dconv_w, float* dconv_b) {
   const int64_t rows = d.B * d.L, K = d.d_conv, chunks = sum_chunks(rows);
   if (rows == 0) return;
-  conv_backward_input_kernel<<<blocks_for(rows * d.qkv), kThreads, 0, s>>>(d, dqkv, conv_w, dproj);
+  launch_train(conv_backward_input_kernel, blocks_for(rows * d.qkv), kThreads, 0, s, d, dqkv, conv_w, dproj);
   MAMBA3_LAUNCH_CHECK();
   if (!dconv_w && !dconv_b) return;
   double* pw = partial;                     // (chunks, qkv·K)
   double* pb = partial + chunks * d.qkv * K;  // (chunks, qkv)
   const unsigned blocks = blocks_for(chunks * d.qkv * (K + 1));
-  conv_backward_partial_kernel<<<blocks, kThreads, 0, s>>>(d, dqkv, proj, chunks, pw, pb);
+  launch_train(conv_backward_partial_kernel, blocks, kThreads, 0, s, d, dqkv, proj, chunks, pw, pb);
   MAMBA3_LAUNCH_CHECK();
   if (dconv_w) {
-    sum_partials_kernel<<<blocks_for(d.qkv * K), kThreads, 0, s>>>(pw, chunks, d.qkv * K, dconv_w);
+    launch_train(sum_partials_kernel, blocks_for(d.qkv * K), kThreads, 0, s, pw, chunks, d.qkv * K, dconv_w);
     MAMBA3_LAUNCH_CHECK();
   }
   if (dconv_b) {
-    sum_partials_kernel<<<blocks_for(d.qkv), kThreads, 0, s>>>(pb, chunks, d.qkv, dconv_b);
+    launch_train(sum_partials_kernel, blocks_for(d.qkv), kThreads, 0, s, pb, chunks, d.qkv, dconv_b);
     MAMBA3_LAUNCH_CHECK();
   }
 }

@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -41,7 +42,7 @@ void launch_core(void (*kernel)(KArgs...), const char* what, cudaStream_t s, con
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
   const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "{}: {} blocks exceed the grid", what, blocks);
-  kernel<<<unsigned(blocks), mma_bf16::kCoreThreads, bytes, s>>>(args...);
+  launch_train(kernel, unsigned(blocks), mma_bf16::kCoreThreads, bytes, s, args...);
   MAMBA3_LAUNCH_CHECK();
 }
 

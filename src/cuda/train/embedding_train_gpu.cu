@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda/pdl.h"
 #include "cuda/train/block_reduce.cuh"
 #include "cuda/train/embedding_train_gpu.h"
 
@@ -13,6 +14,7 @@ namespace {
 // Cost: reads rows·D floats of dy and unique·D of the table, writes unique·D.
 __global__ void embedding_backward_kernel(const int32_t* ids, const int32_t* offsets, const int32_t* row_list,
                                           int64_t unique, const float* dy, int64_t D, float* dtable) {
+  pdl_wait();
   const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
   if (j >= D) return;
   for (int64_t u = blockIdx.x; u < unique; u += gridDim.x) {
@@ -31,6 +33,7 @@ constexpr int kRowsAhead = 4;
 __device__ __forceinline__ void add4(float4& a, const float4& b) { a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w; }
 __global__ void embedding_backward_vec4_kernel(const int32_t* ids, const int32_t* offsets, const int32_t* row_list,
                                                int64_t unique, const float4* dy, int64_t D4, float4* dtable) {
+  pdl_wait();
   const int lane = int(threadIdx.x % 32);
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
   for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < unique; u += warps) {
@@ -104,9 +107,9 @@ void embedding_backward_gpu(cudaStream_t s, const EmbeddingGradPlan& plan, const
   if (D % 4 == 0 && train_detail::aligned16(dy) && train_detail::aligned16(dtable)) {
     constexpr int kThreads = 256;
     const int64_t blocks = std::min<int64_t>((plan.unique + kThreads / 32 - 1) / (kThreads / 32), 1 << 20);
-    embedding_backward_vec4_kernel<<<unsigned(blocks), kThreads, 0, s>>>(
-        plan.ids(), plan.offsets(), plan.row_list(), plan.unique, reinterpret_cast<const float4*>(dy), D / 4,
-        reinterpret_cast<float4*>(dtable));
+    launch_train(embedding_backward_vec4_kernel, unsigned(blocks), kThreads, 0, s, plan.ids(), plan.offsets(),
+                 plan.row_list(), plan.unique, reinterpret_cast<const float4*>(dy), D / 4,
+                 reinterpret_cast<float4*>(dtable));
     MAMBA3_LAUNCH_CHECK();
     return;
   }
@@ -114,8 +117,8 @@ void embedding_backward_gpu(cudaStream_t s, const EmbeddingGradPlan& plan, const
   const int64_t col_blocks = (D + threads - 1) / threads;
   MAMBA3_CHECK(col_blocks <= 65535, "embedding_backward_gpu: D {} too wide", D);
   const dim3 grid(unsigned(std::min<int64_t>(plan.unique, 1 << 20)), unsigned(col_blocks));
-  embedding_backward_kernel<<<grid, threads, 0, s>>>(plan.ids(), plan.offsets(), plan.row_list(), plan.unique, dy,
-                                                     D, dtable);
+  launch_train(embedding_backward_kernel, grid, threads, 0, s, plan.ids(), plan.offsets(), plan.row_list(), plan.unique,
+               dy, D, dtable);
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda/env_switch.h"
+#include "cuda/pdl.h"
 #include "cuda/train/block_reduce.cuh"
 #include "cuda/train/gated_mlp_train_gpu.h"
 
@@ -34,6 +35,7 @@ bool silu_x8_enabled() {
 // 2·rows·d_ff values of h, writes rows·d_ff.
 template <typename HIn>
 __global__ void gated_silu_forward_kernel(const HIn* h, int64_t rows, int64_t d_ff, float* o, __nv_bfloat16* o16) {
+  pdl_wait();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const HIn* hr = h + r * 2 * d_ff;
     for (int64_t j = threadIdx.x; j < d_ff; j += blockDim.x) {
@@ -50,6 +52,7 @@ __global__ void gated_silu_forward_kernel(const HIn* h, int64_t rows, int64_t d_
 // 70 µs per 125M layer against a ~50 µs floor, H200.)
 __global__ void gated_silu_forward_bf16_kernel(const __nv_bfloat162* h, int64_t rows, int64_t half,
                                                __nv_bfloat162* o16) {
+  pdl_wait();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const __nv_bfloat162* hr = h + r * 2 * half;
     for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
@@ -63,6 +66,7 @@ __global__ void gated_silu_forward_bf16_kernel(const __nv_bfloat162* h, int64_t 
 // 16-byte aligned rows): the same arithmetic per element, the same bits. (ncu, 125M: the 4-byte form waited on its
 // loads at 2.8 TB/s, 48.5 µs per call.)
 __global__ void gated_silu_forward_bf16x8_kernel(const uint4* h, int64_t rows, int64_t half4, uint4* o16) {
+  pdl_wait();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const uint4* hr = h + r * 2 * half4;
     for (int64_t j = threadIdx.x; j < half4; j += blockDim.x) {
@@ -86,6 +90,7 @@ __global__ void gated_silu_forward_bf16x8_kernel(const uint4* h, int64_t rows, i
 // With dh16 the result goes, rounded to bf16, to dh16 (rows, 2·d_ff) instead, and dh is only read.
 template <typename HIn>
 __global__ void gated_silu_backward_kernel(const HIn* h, int64_t rows, int64_t d_ff, float* dh, __nv_bfloat16* dh16) {
+  pdl_wait();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const HIn* hr = h + r * 2 * d_ff;
     float* dhr = dh + r * 2 * d_ff;
@@ -108,6 +113,7 @@ __global__ void gated_silu_backward_kernel(const HIn* h, int64_t rows, int64_t d
 // 3·rows·d_ff bf16 values, writes 2·rows·d_ff — half the bytes of an f32 do (the backward was at its memory floor).
 __global__ void gated_silu_backward_bf16_kernel(const __nv_bfloat162* do16, const __nv_bfloat162* h, int64_t rows,
                                                 int64_t half, __nv_bfloat162* dh) {
+  pdl_wait();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const __nv_bfloat162* hr = h + r * 2 * half;
     const __nv_bfloat162* dr = do16 + r * half;
@@ -128,6 +134,7 @@ __global__ void gated_silu_backward_bf16_kernel(const __nv_bfloat162* do16, cons
 // SM's issue 75 % busy at 69 % of DRAM peak, 66 µs per call.)
 __global__ void gated_silu_backward_bf16x8_kernel(const uint4* do16, const uint4* h, int64_t rows, int64_t half4,
                                                   uint4* dh) {
+  pdl_wait();
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const uint4* hr = h + r * 2 * half4;
     uint4* out = dh + r * 2 * half4;
@@ -161,15 +168,16 @@ void gated_silu_backward_bf16_gpu(cudaStream_t s, const uint16_t* do16, const ui
   if (rows <= 0 || d_ff <= 0) return;
   MAMBA3_CHECK(d_ff % 2 == 0, "gated_silu_backward_bf16_gpu: d_ff {} is odd", d_ff);
   if (d_ff % 8 == 0 && aligned16(do16) && aligned16(h16) && aligned16(dh16) && silu_x8_enabled()) {
-    gated_silu_backward_bf16x8_kernel<<<row_grid(rows), unsigned(std::min<int64_t>(256, (d_ff / 8 + 31) / 32 * 32)), 0,
-                                        s>>>(reinterpret_cast<const uint4*>(do16), reinterpret_cast<const uint4*>(h16),
-                                             rows, d_ff / 8, reinterpret_cast<uint4*>(dh16));
+    launch_train(gated_silu_backward_bf16x8_kernel, row_grid(rows),
+                 unsigned(std::min<int64_t>(256, (d_ff / 8 + 31) / 32 * 32)), 0, s,
+                 reinterpret_cast<const uint4*>(do16), reinterpret_cast<const uint4*>(h16), rows, d_ff / 8,
+                 reinterpret_cast<uint4*>(dh16));
     MAMBA3_LAUNCH_CHECK();
     return;
   }
-  gated_silu_backward_bf16_kernel<<<row_grid(rows), 256, 0, s>>>(
-      reinterpret_cast<const __nv_bfloat162*>(do16), reinterpret_cast<const __nv_bfloat162*>(h16), rows, d_ff / 2,
-      reinterpret_cast<__nv_bfloat162*>(dh16));
+  launch_train(gated_silu_backward_bf16_kernel, row_grid(rows), 256, 0, s,
+               reinterpret_cast<const __nv_bfloat162*>(do16), reinterpret_cast<const __nv_bfloat162*>(h16), rows,
+               d_ff / 2, reinterpret_cast<__nv_bfloat162*>(dh16));
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -178,17 +186,17 @@ void gated_silu_forward_gpu(cudaStream_t s, const float* h, int64_t rows, int64_
   if (rows <= 0 || d_ff <= 0) return;
   auto* out16 = reinterpret_cast<__nv_bfloat16*>(o16);
   if (h16 && o16 && d_ff % 8 == 0 && aligned16(h16) && aligned16(o16) && silu_x8_enabled())
-    gated_silu_forward_bf16x8_kernel<<<row_grid(rows), unsigned(std::min<int64_t>(256, (d_ff / 8 + 31) / 32 * 32)), 0,
-                                       s>>>(reinterpret_cast<const uint4*>(h16), rows, d_ff / 8,
-                                            reinterpret_cast<uint4*>(o16));
+    launch_train(gated_silu_forward_bf16x8_kernel, row_grid(rows),
+                 unsigned(std::min<int64_t>(256, (d_ff / 8 + 31) / 32 * 32)), 0, s, reinterpret_cast<const uint4*>(h16),
+                 rows, d_ff / 8, reinterpret_cast<uint4*>(o16));
   else if (h16 && o16 && d_ff % 2 == 0)
-    gated_silu_forward_bf16_kernel<<<row_grid(rows), 256, 0, s>>>(reinterpret_cast<const __nv_bfloat162*>(h16), rows,
-                                                                   d_ff / 2, reinterpret_cast<__nv_bfloat162*>(o16));
+    launch_train(gated_silu_forward_bf16_kernel, row_grid(rows), 256, 0, s,
+                 reinterpret_cast<const __nv_bfloat162*>(h16), rows, d_ff / 2, reinterpret_cast<__nv_bfloat162*>(o16));
   else if (h16)
-    gated_silu_forward_kernel<<<row_grid(rows), 256, 0, s>>>(reinterpret_cast<const __nv_bfloat16*>(h16), rows, d_ff,
-                                                              o, out16);
+    launch_train(gated_silu_forward_kernel<__nv_bfloat16>, row_grid(rows), 256, 0, s,
+                 reinterpret_cast<const __nv_bfloat16*>(h16), rows, d_ff, o, out16);
   else
-    gated_silu_forward_kernel<<<row_grid(rows), 256, 0, s>>>(h, rows, d_ff, o, out16);
+    launch_train(gated_silu_forward_kernel<float>, row_grid(rows), 256, 0, s, h, rows, d_ff, o, out16);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -197,10 +205,10 @@ void gated_silu_backward_gpu(cudaStream_t s, const float* h, int64_t rows, int64
   if (rows <= 0 || d_ff <= 0) return;
   auto* out16 = reinterpret_cast<__nv_bfloat16*>(dh16);
   if (h16)
-    gated_silu_backward_kernel<<<row_grid(rows), 256, 0, s>>>(reinterpret_cast<const __nv_bfloat16*>(h16), rows, d_ff,
-                                                               dh, out16);
+    launch_train(gated_silu_backward_kernel<__nv_bfloat16>, row_grid(rows), 256, 0, s,
+                 reinterpret_cast<const __nv_bfloat16*>(h16), rows, d_ff, dh, out16);
   else
-    gated_silu_backward_kernel<<<row_grid(rows), 256, 0, s>>>(h, rows, d_ff, dh, out16);
+    launch_train(gated_silu_backward_kernel<float>, row_grid(rows), 256, 0, s, h, rows, d_ff, dh, out16);
   MAMBA3_LAUNCH_CHECK();
 }
 

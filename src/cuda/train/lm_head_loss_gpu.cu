@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cuda/bulk_copy.cuh"
+#include "cuda/pdl.h"
 #include "cuda/train/block_reduce.cuh"
 #include "cuda/train/lm_head_loss_gpu.h"
 
@@ -20,6 +21,7 @@ using train_detail::threads_for;
 // Cost: two passes over the row (max with sum, gradient): ~2 reads + 1 write of n·Vp floats, ~2·n·Vp exps.
 __global__ void softmax_cross_entropy_kernel(float* logits, int64_t n, int64_t Vp, const int32_t* targets,
                                              double scale, bool with_grad, double* row_loss) {
+  pdl_wait();
   __shared__ double red[kMaxWarps];
   __shared__ float redf[kMaxWarps];
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
@@ -236,6 +238,7 @@ __device__ __forceinline__ void store_edge(const __nv_bfloat16* row, int V, unsi
 __global__ void __launch_bounds__(1024)
     softmax_cross_entropy_bf16_smem_kernel(__nv_bfloat16* logits, int64_t n, int V, const int32_t* targets,
                                            double scale, bool with_grad, double* row_loss, int buffer_bytes) {
+  pdl_wait();
   extern __shared__ __align__(16) unsigned char buffers[];  // two buffers of buffer_bytes
   __shared__ double red[kMaxWarps];
   __shared__ float redf[kMaxWarps];
@@ -290,6 +293,7 @@ __global__ void __launch_bounds__(1024) softmax_cross_entropy_bf16_loop_kernel(_
                                                                                int V, const int32_t* targets,
                                                                                double scale, bool with_grad,
                                                                                double* row_loss) {
+  pdl_wait();
   __shared__ double red[kMaxWarps];
   __shared__ float redf[kMaxWarps];
   for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
@@ -340,8 +344,8 @@ bool launch_bf16_smem(cudaStream_t s, __nv_bfloat16* logits, int64_t n, int V, i
   if (per_sm < 1) return false;
   static const int sms = device_info().sm_count;
   const int64_t resident = int64_t(per_sm) * std::max(sms, 1);
-  kernel<<<unsigned(std::min(n, resident)), threads, bytes, s>>>(logits, n, V, targets, scale, with_grad, row_loss,
-                                                                  int(buffer));
+  launch_train(kernel, unsigned(std::min(n, resident)), threads, bytes, s, logits, n, V, targets, scale, with_grad,
+               row_loss, int(buffer));
   MAMBA3_LAUNCH_CHECK();
   return true;
 }
@@ -349,6 +353,7 @@ bool launch_bf16_smem(cudaStream_t s, __nv_bfloat16* logits, int64_t n, int V, i
 // *out = Σ v in float64: thread t adds v[t], v[t + blockDim], … in order, then the fixed-order block sum. The loads
 // go out 16 at a time before their adds (one load round trip per add had made it 25 µs at 16k rows).
 __global__ void ordered_sum_kernel(const double* v, int64_t n, double* out) {
+  pdl_wait();
   __shared__ double red[kMaxWarps];
   constexpr int kAhead = 16;
   double acc = 0;
@@ -371,8 +376,8 @@ void softmax_cross_entropy_rows_gpu(cudaStream_t s, float* logits, int64_t n, in
                                     double grad_scale, bool with_grad, double* row_loss) {
   if (n <= 0) return;
   const unsigned blocks = unsigned(n < (1 << 20) ? n : (1 << 20));
-  softmax_cross_entropy_kernel<<<blocks, threads_for(Vp, 512), 0, s>>>(logits, n, Vp, targets, grad_scale, with_grad,
-                                                                       row_loss);
+  launch_train(softmax_cross_entropy_kernel, blocks, threads_for(Vp, 512), 0, s, logits, n, Vp, targets, grad_scale,
+               with_grad, row_loss);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -385,13 +390,13 @@ void softmax_cross_entropy_rows_bf16_gpu(cudaStream_t s, uint16_t* logits16, int
   const int V = int(Vp), threads = row_threads((V + 1) / 2);
   if (launch_bf16_smem(s, l, n, V, threads, targets, grad_scale, with_grad, row_loss)) return;
   const unsigned blocks = unsigned(n < (1 << 20) ? n : (1 << 20));
-  softmax_cross_entropy_bf16_loop_kernel<<<blocks, threads, 0, s>>>(l, n, V, targets, grad_scale, with_grad,
-                                                                    row_loss);
+  launch_train(softmax_cross_entropy_bf16_loop_kernel, blocks, threads, 0, s, l, n, V, targets, grad_scale, with_grad,
+               row_loss);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void ordered_sum_gpu(cudaStream_t s, const double* v, int64_t n, double* out) {
-  ordered_sum_kernel<<<1, 256, 0, s>>>(v, n, out);
+  launch_train(ordered_sum_kernel, 1, 256, 0, s, v, n, out);
   MAMBA3_LAUNCH_CHECK();
 }
 

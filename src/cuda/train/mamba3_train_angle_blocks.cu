@@ -19,6 +19,7 @@
 #include <algorithm>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_angles.cuh"
 #include "cuda/train/mamba3_train_kernels.h"
 
@@ -86,6 +87,7 @@ size_t scan_shared_bytes(const MixerDims& d) { return size_t(kAngleSegment) * (d
 template <bool kWrite>
 __global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
                                         float* __restrict__ ends, float* __restrict__ phi) {
+  pdl_wait();
   extern __shared__ float scan_sm[];
   const Segment s = this_segment(d);
   float *rate = scan_sm, *dts = scan_sm + kAngleSegment * d.S;
@@ -125,6 +127,7 @@ __global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ z
 // its totals from here (launch_angle_totals), so all of them carry the same bits.
 template <int kS>
 __global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
+  pdl_wait();
   constexpr int kGroups = kS / 4, kPhases = 32 / kGroups, kBatch = 8;
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t task = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // (bh, segment)
@@ -158,6 +161,7 @@ __global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ 
 
 // The same sums for any S, a thread per (bh, segment, angle) walking the segment's tokens in increasing order.
 __global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
+  pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
@@ -191,6 +195,7 @@ size_t backward_shared_bytes(const MixerDims& d) {
 // the segment, when all their loads can be in flight at once.
 template <int kC, int kSlots>
 __global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_kernel(AngleBackwardParams p) {
+  pdl_wait();
   const MixerDims& d = p.d;
   extern __shared__ float bwd_sm[];
   const Segment s = this_segment(d);
@@ -329,9 +334,9 @@ bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, c
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int threads = int(std::min<int64_t>(1024, (int64_t(d.H) * d.S + 31) / 32 * 32));
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
-  angle_block_scan_kernel<false><<<blocks, threads, bytes, s>>>(d, zx, dt, seg, nullptr);
+  launch_train(angle_block_scan_kernel<false>, blocks, threads, bytes, s, d, zx, dt, seg, nullptr);
   MAMBA3_LAUNCH_CHECK();
-  angle_block_scan_kernel<true><<<blocks, threads, bytes, s>>>(d, zx, dt, seg, phi);
+  launch_train(angle_block_scan_kernel<true>, blocks, threads, bytes, s, d, zx, dt, seg, phi);
   MAMBA3_LAUNCH_CHECK();
   return true;
 }
@@ -339,9 +344,7 @@ bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, c
 void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg) {
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment, tasks = int64_t(d.B) * d.H * nseg;
   if (tasks * d.S == 0) return;
-  const auto warps = [&](auto kernel) {
-    kernel<<<unsigned((tasks + 7) / 8), 256, 0, s>>>(d, dphi, seg);
-  };
+  const auto warps = [&](auto kernel) { launch_train(kernel, unsigned((tasks + 7) / 8), 256, 0, s, d, dphi, seg); };
   switch (d.S) {
     case 4: warps(angle_totals_warp_kernel<4>); break;
     case 8: warps(angle_totals_warp_kernel<8>); break;
@@ -350,7 +353,7 @@ void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, 
     case 64: warps(angle_totals_warp_kernel<64>); break;
     case 128: warps(angle_totals_warp_kernel<128>); break;
     default:
-      angle_totals_thread_kernel<<<unsigned((tasks * d.S + 127) / 128), 128, 0, s>>>(d, dphi, seg);
+      launch_train(angle_totals_thread_kernel, unsigned((tasks * d.S + 127) / 128), 128, 0, s, d, dphi, seg);
   }
   MAMBA3_LAUNCH_CHECK();
 }
@@ -374,7 +377,7 @@ bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) 
                                            int(cudaSharedmemCarveoutMaxShared)));
     set = true;
   }
-  kernel<<<blocks, 32 * warps, bytes, s>>>(p);
+  launch_train(kernel, blocks, 32 * warps, bytes, s, p);
   MAMBA3_LAUNCH_CHECK();
   return true;
 }

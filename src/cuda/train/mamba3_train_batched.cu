@@ -8,8 +8,9 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
-#include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_batched_common.cuh"
+#include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
 
 namespace mamba3::cuda::train_detail {
@@ -153,6 +154,7 @@ __device__ __forceinline__ void store_build_row(const BatchedParams& p, const Ch
 // Four blocks per SM (64 registers), as before the two-rows path.
 template <typename In>
 __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const BatchedParams p) {
+  pdl_wait();
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int rows = p.rows;
@@ -257,6 +259,7 @@ __device__ __forceinline__ void stage_scalars(const BatchedParams& p, int64_t ch
 
 template <typename In>
 __global__ void __launch_bounds__(kThreads) batched_mask_kernel(const BatchedParams p) {
+  pdl_wait();
   const int64_t chunk = blockIdx.x;
   const int T = p.T, rows = p.rows, R = p.d.R;
   extern __shared__ float sm[];
@@ -287,6 +290,7 @@ __global__ void __launch_bounds__(kThreads) batched_mask_kernel(const BatchedPar
 // after a float store waits for it (the compiler cannot tell the pointers apart), one memory latency per store.
 template <bool kBwd, typename In>
 __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedParams p) {
+  pdl_wait();
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int R = d.R, P = d.P, RP = R * P, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -440,6 +444,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_kernel(const BatchedP
 // to Λ_t (+) and Λ_s (−) and gc·e^{Λ_t − Λ_s} to scale_s; on it gc goes to γ_t. And dS = dW ⊙ coef.
 template <typename In>
 __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedParams p) {
+  pdl_wait();
   const ChunkIndex ix(p);
   const int T = p.T, rows = p.rows, R = p.d.R, ld = rows + 1;
   extern __shared__ float sm[];
@@ -507,6 +512,7 @@ __global__ void __launch_bounds__(kThreads) batched_coef_kernel(const BatchedPar
 // mimo_x partials (one block per (sequence, head, chunk)). The rotation backward of dQ, dK is the next kernel's.
 template <typename In>
 __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const BatchedParams p) {
+  pdl_wait();
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int T = p.T, rows = p.rows, R = d.R, P = d.P, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -582,6 +588,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_epilogue_kernel(const Bat
 // The bias partials (per head) go through shared memory: per warp and head, R·N each for C and B.
 template <typename In>
 __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(const BatchedParams p) {
+  pdl_wait();
   const MixerDims& d = p.d;
   const int hb = p.heads_per_block, slots = d.H / hb, R = d.R, N = d.N, S = d.S, RN = R * N, rows = p.rows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -703,7 +710,7 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   const auto kernel = p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16> : batched_rotation_backward_kernel<float>;
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+  launch_train(kernel, unsigned(blocks), kThreads, bytes, s, p);
   MAMBA3_LAUNCH_CHECK();
 }
 

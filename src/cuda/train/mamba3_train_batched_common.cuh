@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
 
@@ -177,7 +178,7 @@ void launch_per_chunk(Kernel kernel, cudaStream_t s, const BatchedParams& p, siz
   const size_t bytes = floats * sizeof(float);
   if (bytes > 48 * 1024)
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+  launch_train(kernel, unsigned(blocks), kThreads, bytes, s, p);
   MAMBA3_LAUNCH_CHECK();
 }
 

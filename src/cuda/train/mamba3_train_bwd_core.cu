@@ -9,15 +9,15 @@
 // Operand tiles in shared memory at a pitch of 8 extra bf16 per row (16 bytes: ldmatrix's eight row addresses fall in
 // different banks); loaded with cp.async, 16 bytes per thread and instruction. Results go from the accumulator
 // fragments to global memory as float2 stores, bf16 ones 16 bytes per lane (store_tiles_bf16).
-#include "cuda/train/mamba3_train_bwd_core.h"
-
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
+#include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
+#include "cuda/train/mamba3_train_bwd_core.h"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -703,6 +703,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
 template <int N, int P, int kMode, int kR>
 __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                      float* g_slots, const bf16* dHc16) {
+  pdl_wait();
   backward_core_body<N, P, kMode, kCoreWarps, kR>(p, Hc16, g_slots, dHc16);
 }
 
@@ -711,6 +712,7 @@ __global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const Batch
 template <int N, int P, int kMode, int kR>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2) fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16,
                                                                                const bf16* dHc16) {
+  pdl_wait();
   backward_core_body<N, P, kMode, 2 * kCoreWarps, kR>(p, Hc16, nullptr, dHc16);
 }
 
@@ -730,6 +732,7 @@ struct PostSmem {
 template <int N, int P>
 __global__ void __launch_bounds__(kCoreThreads) post_scan_core_kernel(const BatchedParams p, const bf16* dHc16,
                                                                       const bf16* Hc16) {
+  pdl_wait();
   constexpr int LDN = PostSmem<N, P>::LDN, LDP = PostSmem<N, P>::LDP;
   constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -848,8 +851,8 @@ void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc1
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
     MAMBA3_CHECK(blocks <= 0x7fffffff, "{}: {} blocks exceed the grid", what, blocks);
-    kernel<<<unsigned(blocks), 2 * kCoreThreads, bytes, s>>>(p, static_cast<const bf16*>(Hc16),
-                                                             static_cast<const bf16*>(dHc16));
+    launch_train(kernel, unsigned(blocks), 2 * kCoreThreads, bytes, s, p, static_cast<const bf16*>(Hc16),
+                 static_cast<const bf16*>(dHc16));
     MAMBA3_LAUNCH_CHECK();
   });
 }

@@ -21,8 +21,9 @@
 #endif
 #include <cstdint>
 
-#include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_chunk_tc.cuh"
+#include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
 
 namespace mamba3::cuda::train_detail {
@@ -285,6 +286,7 @@ struct StateLayout {
 // 2·R·N + P floats per token and head, writes P·N per chunk.
 template <bool kTC>
 __global__ void __launch_bounds__(kChunkThreads) chunk_state_kernel(const ChunkParams p) {
+  pdl_wait();
   extern __shared__ float sm[];
   const MixerDims& d = p.d;
   const StateLayout lay(d, p.T);
@@ -319,6 +321,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_state_kernel(const ChunkP
 // chunk (+ 2 bytes when copy16 takes each result rounded to bf16 for bf16 products).
 __global__ void chunk_scan_kernel(float* S, const float* decay, int64_t BH, int chunks, int PN, bool reverse,
                                   uint16_t* copy16, bool write_f32) {
+  pdl_wait();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= BH * PN) return;
   const int64_t bh = i / PN, off = bh * chunks * PN + i % PN;
@@ -634,10 +637,12 @@ __device__ __forceinline__ void chunk_forward_body(const ChunkParams& p) {
 // then allocates up to 50 % more registers), so the one-block entry keeps the plain bound.
 template <bool kBwd, bool kTC, bool kPar>
 __global__ void __launch_bounds__(kChunkThreads) chunk_forward_kernel(const ChunkParams p) {
+  pdl_wait();
   chunk_forward_body<kBwd, kTC, kPar>(p);
 }
 template <bool kBwd, bool kTC>
 __global__ void __launch_bounds__(kChunkThreads, 2) chunk_forward_kernel_2blk(const ChunkParams p) {
+  pdl_wait();
   chunk_forward_body<kBwd, kTC, true>(p);
 }
 
@@ -1075,10 +1080,12 @@ __device__ __forceinline__ void chunk_reverse_body(const ChunkParams& p) {
 // the tiles allow one block per SM anyway.
 template <bool kTC, bool kPar>
 __global__ void __launch_bounds__(kChunkThreads, 1) chunk_reverse_kernel(const ChunkParams p) {
+  pdl_wait();
   chunk_reverse_body<kTC, kPar>(p);
 }
 template <bool kTC>
 __global__ void __launch_bounds__(kChunkThreads, 2) chunk_reverse_kernel_2blk(const ChunkParams p) {
+  pdl_wait();
   chunk_reverse_body<kTC, true>(p);
 }
 
@@ -1097,7 +1104,7 @@ void launch_with_smem(Kernel kernel, cudaStream_t s, const ChunkParams& p, size_
   if (two_blocks)
     MAMBA3_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)));
-  kernel<<<unsigned(blocks), kChunkThreads, bytes, s>>>(p);
+  launch_train(kernel, unsigned(blocks), kChunkThreads, bytes, s, p);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -1133,8 +1140,8 @@ void launch_state_scan(cudaStream_t s, float* S, const float* decay, int64_t BH,
   MAMBA3_CHECK(write_f32 || copy16, "state scan: no output (neither f32 nor the bf16 copy)");
   const int64_t n = BH * PN;
   constexpr int kThreads = 256;
-  chunk_scan_kernel<<<unsigned((n + kThreads - 1) / kThreads), kThreads, 0, s>>>(S, decay, BH, chunks, PN, reverse,
-                                                                                copy16, write_f32);
+  launch_train(chunk_scan_kernel, unsigned((n + kThreads - 1) / kThreads), kThreads, 0, s, S, decay, BH, chunks, PN,
+               reverse, copy16, write_f32);
   MAMBA3_LAUNCH_CHECK();
 }
 #endif

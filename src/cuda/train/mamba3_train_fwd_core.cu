@@ -2,14 +2,14 @@
 // rows; warp w takes rows t ∈ [16w, 16w + 16): S = q·kᵀ for its rows (64 columns s), W = S ⊙ coef rounded to bf16 as
 // the mask kernel rounds it (kept as the A operand of WV = W·v), and Z = q·H_cᵀ. Operands once into shared memory
 // (cp.async, rows padded by 16 bytes); results from the accumulator fragments as float2 stores.
-#include "cuda/train/mamba3_train_fwd_core.h"
-
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
+#include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
+#include "cuda/train/mamba3_train_fwd_core.h"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -66,6 +66,7 @@ __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* sr
 template <int N, int P, int kR>
 __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                     bool fuse_output) {
+  pdl_wait();
   using Smem = FwdSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, LDZ = Smem::LDZ, LDZ16 = Smem::LDZ16, NS = kRows / 8;
   constexpr bool kZInK = Smem::kZInK;

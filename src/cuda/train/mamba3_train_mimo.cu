@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_batched_common.cuh"
 
 namespace mamba3::cuda::train_detail::batched {
@@ -20,6 +21,7 @@ namespace {
 // Rot(B/C + bias, φ_u) where u < S, v = mimo_x ⊙ x, w ⊙ v from the same f32 product.
 template <int N, int P, int R>
 __global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const BatchedParams p) {
+  pdl_wait();
   static_assert(kWarps % R == 0, "a warp's rows share one rank");
   constexpr int kHalf = N / 2, kU = kHalf >= 64 ? kHalf / 32 : 1, kLanes = kHalf / kU, kC = P / 32, kAhead = 2;
   using bf16 = __nv_bfloat16;
@@ -150,6 +152,7 @@ __device__ __forceinline__ void load_output_rows(const BatchedParams& p, int h, 
 // it where p.wv_holds_y.
 template <int P, int R, bool kBwd>
 __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const BatchedParams p) {
+  pdl_wait();
   using bf16 = __nv_bfloat16;
   constexpr int kQ = P / 32, RP = R * P;
   const MixerDims& d = p.d;
@@ -295,6 +298,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_kernel(const Bat
 // token behind the previous token's stores.
 template <int P, int R>
 __global__ void __launch_bounds__(kThreads) batched_output_mimo_y_kernel(const BatchedParams p) {
+  pdl_wait();
   using bf16 = __nv_bfloat16;
   constexpr int kQ = P / 32, kTok = 64 / R / kWarps;
   static_assert(kTok * R * kWarps == 64, "the 64-row chunks' tokens over the warps");
@@ -357,6 +361,7 @@ __global__ void __launch_bounds__(kThreads) batched_output_mimo_y_kernel(const B
 // H·R rows per token where B/C are R (125M MIMO R = 4: 805 MB fewer per layer).
 template <int N, int R, int HB, bool kFormQK>
 __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kernel(const BatchedParams p) {
+  pdl_wait();
   using bf16 = __nv_bfloat16;
   constexpr int kHalf = N / 2, kU = kHalf >= 64 ? kHalf / 32 : 1, kLanes = kHalf / kU, RN = R * N;
   const MixerDims& d = p.d;
@@ -497,6 +502,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
 // (MIMO's state core runs this part itself where p.epilogue_in_core: this kernel is then not launched.)
 template <int P, int R>
 __global__ void __launch_bounds__(kThreads, 2) batched_epilogue_mimo_kernel(const BatchedParams p) {
+  pdl_wait();
   using bf16 = __nv_bfloat16;
   constexpr int kQ = P / 32, RP = R * P;
   const MixerDims& d = p.d;
@@ -615,7 +621,7 @@ void launch_rotation_mimo_heads(cudaStream_t s, const BatchedParams& p) {
     const size_t bytes = size_t(kWarps) * hb * 2 * R * N * sizeof(float);  // the generic kernel's
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+    launch_train(kernel, unsigned(blocks), kThreads, bytes, s, p);
     MAMBA3_LAUNCH_CHECK();
   };
   // q and k formed again where the MIMO build wrote them (its bits).

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_batched_common.cuh"
 
 namespace mamba3::cuda::train_detail::batched {
@@ -26,6 +27,7 @@ bool build_siso_applies(const BatchedParams& p) {
 // ahead of the chain), keeping its own tokens' partial sums. The same expressions (chunk_token_scalars, expf) in the
 // same order: the same bits, without the build's barriers (its fast path reads w from p.wv).
 __global__ void __launch_bounds__(kThreads) chunk_scalars_kernel(const BatchedParams p) {
+  pdl_wait();
   const int64_t chunk = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (chunk >= int64_t(p.d.B) * p.d.H * p.nc) return;  // (whole warps)
   const ChunkIndex ix(p, chunk);
@@ -65,6 +67,7 @@ __global__ void __launch_bounds__(kThreads) chunk_scalars_kernel(const BatchedPa
 // per 125M call against 205 with f32 x; ncu, H200).
 template <int N, int P, bool kX16>
 __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const BatchedParams p) {
+  pdl_wait();
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kC = P / 32, kRowsAhead = 2;
   using bf16 = __nv_bfloat16;
   const MixerDims& d = p.d;
@@ -174,6 +177,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
 // warp were 64-bit index and address arithmetic, and 21 % of its stall samples were warps waiting at those barriers.)
 template <int N, int P, bool kX16>
 __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(const BatchedParams p) {
+  pdl_wait();
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kC = P / 32, kRowsAhead = 2;
   using bf16 = __nv_bfloat16;
   const MixerDims& d = p.d;
@@ -317,6 +321,7 @@ __device__ __forceinline__ void output_backward_partials(const BatchedParams& p,
 // kTokens (1 or 2) of a warp's tokens at a time: all their loads before the first one's arithmetic.
 template <int P, int kTokens>
 __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kernel(const BatchedParams p) {
+  pdl_wait();
   constexpr int kQ = P / 32;
   using bf16 = __nv_bfloat16;
   const MixerDims& d = p.d;
@@ -426,6 +431,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_kern
 // branches on the runtime flags, at 0.7 IPC per scheduler: issue-bound.)
 template <int P, int kTokens, bool kNorm, bool kZy16>
 __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full_kernel(const BatchedParams p) {
+  pdl_wait();
   constexpr int kQ = P / 32;
   using bf16 = __nv_bfloat16;
   const MixerDims& d = p.d;
@@ -534,6 +540,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
 // slot, chunk) writes its slot's sums to dBn/dCn.
 template <int N, bool kFormQK, int kHb, bool kFuseNorm, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_kernel(const BatchedParams p) {
+  pdl_wait();
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kPairs = kE / 2;
   using V = std::conditional_t<kE == 4, float4, float2>;
   const MixerDims& d = p.d;
@@ -746,7 +753,7 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   const bool full = p.build_fast && d.L % p.T == 0 && p.T % (2 * kWarps) == 0;
   if (full) {  // the chunk scalars first (batched_build_siso_full_kernel reads w from them)
     const int64_t chunks = int64_t(d.B) * d.H * p.nc;
-    chunk_scalars_kernel<<<unsigned((chunks + kWarps - 1) / kWarps), kThreads, 0, s>>>(p);
+    launch_train(chunk_scalars_kernel, unsigned((chunks + kWarps - 1) / kWarps), kThreads, 0, s, p);
     MAMBA3_LAUNCH_CHECK();
   }
   const auto run = [&](auto x16) {
@@ -827,7 +834,7 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
   const auto launch = [&](auto kernel) {
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    kernel<<<unsigned(blocks), kThreads, bytes, s>>>(p);
+    launch_train(kernel, unsigned(blocks), kThreads, bytes, s, p);
     MAMBA3_LAUNCH_CHECK();
   };
   const auto with_n = [&](auto form_qk, auto heads, auto fuse_norm) {

@@ -9,8 +9,6 @@
 // per state element. Traffic per chunk and slice: 64 rows of A's slice and of B (B read by the P / 32 slices of one
 // sequence-head, adjacent blocks, so mostly from L2) and the slice of the bf16 state; nothing in f32. (A slice of 64
 // reads B once per sequence-head, in half as many blocks.)
-#include "cuda/train/mamba3_train_state_chain.h"
-
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -18,8 +16,10 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
+#include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
+#include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mma_bf16.cuh"
 
 namespace mamba3::cuda::train_detail {
@@ -44,6 +44,7 @@ template <int N, int P, int kSlice>
 __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_kernel(const BatchedParams p,
                                                                                    const bf16* A, const bf16* Bm,
                                                                                    bool reverse, void* out16) {
+  pdl_wait();
   using Smem = ChainSmem<N, kSlice>;
   constexpr int kLdA = Smem::LDA, LDN = Smem::LDN, SE = Smem::stage_elems, NT = N / 16, slices = P / kSlice;
   constexpr int kThreads = Smem::threads, kRowWarps = kSlice / 16;
@@ -145,8 +146,8 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
   const auto launch = [&](auto kernel, size_t bytes, int threads, int slice) {
     const int64_t blocks = int64_t(p.d.B) * p.d.H * (p.d.P / slice);
     MAMBA3_CHECK(blocks <= 0x7fffffff, "state chain: {} blocks exceed the grid", blocks);
-    kernel<<<unsigned(blocks), threads, bytes, s>>>(p, static_cast<const bf16*>(A), static_cast<const bf16*>(Bop),
-                                                    reverse, out16);
+    launch_train(kernel, unsigned(blocks), threads, bytes, s, p, static_cast<const bf16*>(A),
+                 static_cast<const bf16*>(Bop), reverse, out16);
     MAMBA3_LAUNCH_CHECK();
   };
   const bool wide = chain_slice() == 64;

@@ -7,8 +7,9 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
-#include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_angles.cuh"
+#include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_math.cuh"
 
 namespace mamba3::cuda::train_detail {
@@ -26,6 +27,7 @@ __device__ __forceinline__ uint16_t bf16_bits(float v) { return __bfloat16_as_us
 // (copying all din columns into a second buffer had cost 0.12 ms per layer call at 125M).
 __global__ void normalize_bc_kernel(MixerDims d, float* __restrict__ zx, const float* __restrict__ B_norm,
                                     const float* __restrict__ C_norm, float* __restrict__ bc_raw) {
+  pdl_wait();
   const int RG = d.R * d.G, lane = threadIdx.x % 32;
   const int64_t job = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (job >= int64_t(d.B) * d.L * 2 * RG) return;  // (whole warps)
@@ -50,6 +52,7 @@ __global__ void normalize_bc_kernel(MixerDims d, float* __restrict__ zx, const f
 // read three scattered floats of a different token row per thread: 12.1 µs per 125M call at 0.4 TB/s).
 __global__ void token_scalars_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt_bias,
                                      TokenScalars out, int tile) {
+  pdl_wait();
   extern __shared__ float cols[];  // (tile, 3·H): dt, A, λ columns of each token
   const int tiles = (d.L + tile - 1) / tile;
   const int b = int(blockIdx.x / tiles), t0 = int(blockIdx.x % tiles) * tile;
@@ -133,6 +136,7 @@ __device__ __forceinline__ float angle_segment_scan(const MixerDims& d, const fl
 
 __global__ void angle_scan_local_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
                                         float* __restrict__ phi_out, float* __restrict__ seg) {
+  pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
@@ -145,6 +149,7 @@ __global__ void angle_scan_local_kernel(MixerDims d, const float* __restrict__ z
 }
 
 __global__ void angle_scan_carry_kernel(MixerDims d, float* __restrict__ seg) {
+  pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * d.S) return;
@@ -159,6 +164,7 @@ __global__ void angle_scan_carry_kernel(MixerDims d, float* __restrict__ seg) {
 
 // The scanned angles, one thread per (bh, t, i): the segment-local φ in phi plus its segment's start, wrapped.
 __global__ void angle_finish_kernel(MixerDims d, const float* __restrict__ seg, float* __restrict__ phi) {
+  pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * d.L * d.S) return;
@@ -188,6 +194,7 @@ template <int kI>
 __global__ void __launch_bounds__(kFusedAngleMaxThreads, 1)
     angle_scan_fused_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
                             float* __restrict__ phi_out) {
+  pdl_wait();
   extern __shared__ float angle_sm[];
   constexpr int kSegFloats = (kAngleSegment + 1) * kI;
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
@@ -247,6 +254,7 @@ __global__ void __launch_bounds__(kFusedAngleMaxThreads, 1)
 // adds. (A walk over all L tokens per (bh, i) ran 6144 threads through 2048
 // dependent steps at 125M: most of the angle backward's 1 ms per layer.)
 __global__ void angle_suffix_local_kernel(MixerDims d, float* __restrict__ dphi) {
+  pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * nseg * d.S) return;
@@ -269,6 +277,7 @@ __global__ void angle_suffix_local_kernel(MixerDims d, float* __restrict__ dphi)
 }
 
 __global__ void angle_suffix_carry_kernel(MixerDims d, float* __restrict__ seg) {
+  pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= int64_t(d.B) * d.H * d.S) return;
@@ -290,6 +299,7 @@ __global__ void angle_suffix_carry_kernel(MixerDims d, float* __restrict__ seg) 
 // σ̄_{t+1}, γ = λΔ, σ̄ = (1−λ)Δ, A·Δ). Heads' loads are issued kHeadsAhead at a time.
 constexpr int kHeadsAhead = 4, kMaxAngleChunks = 4;  // S ≤ 128 angles
 __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
+  pdl_wait();
   const MixerDims& d = p.d;
   extern __shared__ float ang_sm[];  // (warps, H): Δ's angle share per head
   const int lane = threadIdx.x % 32, wib = threadIdx.x / 32, chunks = (d.S + 31) / 32;
@@ -352,6 +362,7 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
 // Step 3: the dt_bias partial per bh, Σ over t: a warp per bh, lanes striding over t, then the butterfly sum (fixed
 // order; a thread walking all L tokens was latency-bound).
 __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
+  pdl_wait();
   const MixerDims& d = p.d;
   const int64_t bh = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (bh >= int64_t(d.B) * d.H) return;  // whole warps leave together
@@ -375,6 +386,7 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
                                         float* __restrict__ dzx,
                                         float* __restrict__ part_B, float* __restrict__ part_C,
                                         uint16_t* __restrict__ dzx16) {
+  pdl_wait();
   const int64_t m = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32, RG = d.R * d.G;
   const int spg = slots / d.G;  // head slots per group
@@ -412,6 +424,7 @@ __global__ void bc_norm_backward_kernel(MixerDims d, int slots, const float* __r
 constexpr int kSegRows = 1024;
 __global__ void colsum_kernel(const float* __restrict__ in, int64_t rows, int64_t cols, int64_t seg_rows,
                               float* __restrict__ out, bool accumulate) {
+  pdl_wait();
   __shared__ float red[8][33];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   const int64_t r0 = int64_t(blockIdx.y) * seg_rows, r1 = min(rows, r0 + seg_rows);
@@ -438,6 +451,7 @@ struct ColsumBatch {
   bool second;  // the second level: sum each job's segments from its scratch into its out
 };
 __global__ void colsum_batch_kernel(const ColsumBatch b) {
+  pdl_wait();
   const int64_t blk = blockIdx.x;
   int j = 0;
   while (j + 1 < b.count && blk >= b.first_block[j + 1]) ++j;
@@ -490,7 +504,7 @@ void launch_angle_fused_width(cudaStream_t s, const MixerDims& d, const float* z
                                            int(cudaSharedmemCarveoutMaxShared)));
     raised = bytes;
   }
-  kernel<<<unsigned(blocks), unsigned(threads), bytes, s>>>(d, zx, dt, phi);
+  launch_train(kernel, unsigned(blocks), unsigned(threads), bytes, s, d, zx, dt, phi);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -535,8 +549,8 @@ bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, co
 
 void launch_normalize_bc(cudaStream_t s, const MixerDims& d, float* zx, const float* B_norm, const float* C_norm,
                          float* bc_raw) {
-  normalize_bc_kernel<<<blocks_for(int64_t(d.B) * d.L * 2 * d.R * d.G * 32, 256), 256, 0, s>>>(d, zx, B_norm, C_norm,
-                                                                                                bc_raw);
+  launch_train(normalize_bc_kernel, blocks_for(int64_t(d.B) * d.L * 2 * d.R * d.G * 32, 256), 256, 0, s, d, zx, B_norm,
+               C_norm, bc_raw);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -547,8 +561,8 @@ void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, c
   const int64_t blocks = int64_t(d.B) * ((d.L + tile - 1) / tile);
   MAMBA3_CHECK(blocks <= 0x7fffffff && int64_t(3) * d.H * 4 <= 48 * 1024, "token scalars: {} heads exceed a block",
                d.H);
-  token_scalars_kernel<<<unsigned(blocks), 256, size_t(tile) * 3 * d.H * sizeof(float), s>>>(d, zx, dt_bias, out,
-                                                                                             tile);
+  launch_train(token_scalars_kernel, unsigned(blocks), 256, size_t(tile) * 3 * d.H * sizeof(float), s, d, zx, dt_bias,
+               out, tile);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -561,11 +575,11 @@ void launch_angles(cudaStream_t s, const MixerDims& d, const float* zx, const fl
   if (mode == AnglesMode::kBlocks && launch_angles_blocks(s, d, zx, dt, phi, seg)) return;
   if (mode != AnglesMode::kSplit && launch_angles_fused(s, d, zx, dt, phi)) return;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
-  angle_scan_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, zx, dt, phi, seg);
+  launch_train(angle_scan_local_kernel, blocks_for(lanes * nseg, 128), 128, 0, s, d, zx, dt, phi, seg);
   MAMBA3_LAUNCH_CHECK();
-  angle_scan_carry_kernel<<<blocks_for(lanes, 128), 128, 0, s>>>(d, seg);
+  launch_train(angle_scan_carry_kernel, blocks_for(lanes, 128), 128, 0, s, d, seg);
   MAMBA3_LAUNCH_CHECK();
-  angle_finish_kernel<<<blocks_for(n, 256), 256, 0, s>>>(d, seg, phi);
+  launch_train(angle_finish_kernel, blocks_for(n, 256), 256, 0, s, d, seg, phi);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -574,22 +588,23 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
   const int64_t BH = int64_t(d.B) * d.H, lanes = BH * d.S;
   if (BH * d.L == 0) return;
   if (angles_mode() == AnglesMode::kBlocks && launch_angle_backward_blocks(s, p)) {
-    dt_bias_partial_kernel<<<blocks_for(BH, 8), 256, 0, s>>>(p);
+    launch_train(dt_bias_partial_kernel, blocks_for(BH, 8), 256, 0, s, p);
     MAMBA3_LAUNCH_CHECK();
     return;
   }
   if (lanes > 0) {
     const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
     launch_angle_totals(s, d, p.dphi, p.seg);  // from dφ before the local sums overwrite it
-    angle_suffix_local_kernel<<<blocks_for(lanes * nseg, 128), 128, 0, s>>>(d, p.dphi);
+    launch_train(angle_suffix_local_kernel, blocks_for(lanes * nseg, 128), 128, 0, s, d, p.dphi);
     MAMBA3_LAUNCH_CHECK();
-    angle_suffix_carry_kernel<<<blocks_for(lanes, 128), 128, 0, s>>>(d, p.seg);
+    launch_train(angle_suffix_carry_kernel, blocks_for(lanes, 128), 128, 0, s, d, p.seg);
     MAMBA3_LAUNCH_CHECK();
   }
   MAMBA3_CHECK(d.S <= 32 * kMaxAngleChunks, "angle backward: {} angles (at most {})", d.S, 32 * kMaxAngleChunks);
-  angle_scalar_token_kernel<<<blocks_for(int64_t(d.B) * d.L, 8), 256, size_t(8) * d.H * sizeof(float), s>>>(p);
+  launch_train(angle_scalar_token_kernel, blocks_for(int64_t(d.B) * d.L, 8), 256, size_t(8) * d.H * sizeof(float), s,
+               p);
   MAMBA3_LAUNCH_CHECK();
-  dt_bias_partial_kernel<<<blocks_for(BH, 8), 256, 0, s>>>(p);
+  launch_train(dt_bias_partial_kernel, blocks_for(BH, 8), 256, 0, s, p);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -607,8 +622,8 @@ void launch_bc_norm_backward(cudaStream_t s, const MixerDims& d, int slots, cons
   // that no warps idle in the block and more rows share an SM.
   const int warps = std::min(8, 2 * d.R * d.G);
   const size_t smem = size_t(warps) * d.N * sizeof(float);
-  bc_norm_backward_kernel<<<unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s>>>(d, slots, bc_raw, B_norm, C_norm, dBn, dCn,
-                                                                                 dzx, part_B_norm, part_C_norm, dzx16);
+  launch_train(bc_norm_backward_kernel, unsigned(int64_t(d.B) * d.L), 32 * warps, smem, s, d, slots, bc_raw, B_norm,
+               C_norm, dBn, dCn, dzx, part_B_norm, part_C_norm, dzx16);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -634,7 +649,7 @@ void colsum_add_batch(cudaStream_t s, const ColsumJob* jobs, int count) {
     b.first_block[b.count] = blocks;
     if (blocks == 0) continue;
     MAMBA3_CHECK(blocks <= 0x7fffffff, "colsum_add_batch: {} blocks", blocks);
-    colsum_batch_kernel<<<unsigned(blocks), dim3(32, 8), 0, s>>>(b);
+    launch_train(colsum_batch_kernel, unsigned(blocks), dim3(32, 8), 0, s, b);
     MAMBA3_LAUNCH_CHECK();
   }
 }
@@ -645,14 +660,14 @@ void colsum_add(cudaStream_t s, const float* in, int64_t rows, int64_t cols, flo
   const dim3 block(32, 8);
   const unsigned tiles = unsigned((cols + 31) / 32);
   if (segs == 1) {
-    colsum_kernel<<<dim3(tiles, 1), block, 0, s>>>(in, rows, cols, rows, out, true);
+    launch_train(colsum_kernel, dim3(tiles, 1), block, 0, s, in, rows, cols, rows, out, true);
     MAMBA3_LAUNCH_CHECK();
     return;
   }
   // Two levels: fixed segments of kSegRows rows into scratch (segs, cols), then the segments into out.
-  colsum_kernel<<<dim3(tiles, unsigned(segs)), block, 0, s>>>(in, rows, cols, kSegRows, scratch, false);
+  launch_train(colsum_kernel, dim3(tiles, unsigned(segs)), block, 0, s, in, rows, cols, kSegRows, scratch, false);
   MAMBA3_LAUNCH_CHECK();
-  colsum_kernel<<<dim3(tiles, 1), block, 0, s>>>(scratch, segs, cols, segs, out, true);
+  launch_train(colsum_kernel, dim3(tiles, 1), block, 0, s, scratch, segs, cols, segs, out, true);
   MAMBA3_LAUNCH_CHECK();
 }
 

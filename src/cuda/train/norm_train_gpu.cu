@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "cuda/env_switch.h"
+#include "cuda/pdl.h"
 #include "cuda/train/block_reduce.cuh"
 #include "cuda/train/norm_train_gpu.h"
 
@@ -51,6 +52,7 @@ __device__ void layernorm_stats(const float* xr, int64_t D, float eps, double* r
 // Cost: reads x twice (three times for LayerNorm) and w, writes y: ~3·rows·D floats of traffic.
 __global__ void norm_forward_kernel(const float* x, int64_t rows, int64_t D, const float* w, const float* b,
                                     float eps, float* y) {
+  pdl_wait();
   __shared__ double red[kMaxWarps];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* xr = x + r * D;
@@ -192,6 +194,7 @@ template <typename G>
 __global__ void norm_backward_rows_kernel(const float* x, const G* dy, int64_t rows, int64_t D, const float* w,
                                           bool layer, float eps, float* dx, bool accumulate, float* partial_w,
                                           float* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
+  pdl_wait();
   extern __shared__ float wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
   const bool with_b = partial_b != nullptr;
@@ -230,6 +233,7 @@ template <int kV, typename G>
 __global__ void norm_backward_rows_reg_kernel(const float* x, const G* dy, int64_t rows, const float* w,
                                               bool layer, float eps, float* dx, bool accumulate, float* partial_w,
                                               float* partial_b, int64_t rpb, __nv_bfloat16* dx16) {
+  pdl_wait();
   constexpr int64_t D = 32 * kV;
   extern __shared__ float wsum[];  // (warps, D) weight terms, then (warps, D) bias terms
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
@@ -300,6 +304,7 @@ __global__ void __launch_bounds__(256, 3) norm_backward_rows_staged_kernel(const
                                                  const float* w, bool layer, float eps, float* dx, bool accumulate,
                                                  float* partial_w, float* partial_b, int64_t rpb,
                                                  __nv_bfloat16* dx16) {
+  pdl_wait();
   extern __shared__ float4 staged4[];
   float* staged = reinterpret_cast<float*>(staged4);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = int(blockDim.x) / 32;
@@ -443,6 +448,7 @@ __device__ __forceinline__ void norm_backward_sum_columns(const float* partial_w
 
 __global__ void __launch_bounds__(1024) norm_backward_sum_kernel(const float* partial_w, const float* partial_b,
                                                                  int64_t nblocks, int64_t D, float* dw, float* db) {
+  pdl_wait();
   norm_backward_sum_columns(partial_w, partial_b, nblocks, D, dw, db, blockIdx.x);
 }
 
@@ -456,6 +462,7 @@ struct NormSumBatch {
 };
 
 __global__ void __launch_bounds__(1024) norm_backward_sum_batch_kernel(const NormSumBatch batch) {
+  pdl_wait();
   int i = 0;
   while (i + 1 < batch.count && int(blockIdx.x) >= batch.first[i + 1]) ++i;
   const NormSumJob& jb = batch.job[i];
@@ -469,6 +476,7 @@ __global__ void __launch_bounds__(1024) norm_backward_sum_batch_kernel(const Nor
 __global__ void residual_norm_forward_kernel(const float* prev, const float* hidden, int64_t rows, int64_t D,
                                              const float* w, const float* b, float eps, float* res_out, float* y,
                                              __nv_bfloat16* y16, const __nv_bfloat16* hidden16) {
+  pdl_wait();
   const int lane = threadIdx.x % 32;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
        r += int64_t(gridDim.x) * blockDim.x / 32) {
@@ -515,6 +523,7 @@ template <int kV>
 __global__ void residual_norm_forward_rows_kernel(const float* prev, const float* hidden, int64_t rows, const float* w,
                                                   const float* b, float eps, float* res_out, float* y,
                                                   __nv_bfloat16* y16, const __nv_bfloat16* hidden16) {
+  pdl_wait();
   constexpr int64_t D = 32 * kV;
   const int lane = threadIdx.x % 32;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
@@ -581,6 +590,7 @@ __global__ void __launch_bounds__(256, 4) residual_rmsnorm_rows16_kernel(const f
                                                                           const float* w, float eps, float* res_out,
                                                                           __nv_bfloat16* y16,
                                                                           const __nv_bfloat16* hidden16) {
+  pdl_wait();
   constexpr int64_t D = 32 * kV;
   const int lane = threadIdx.x % 32;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; r < rows;
@@ -612,6 +622,7 @@ __global__ void __launch_bounds__(256, 4) residual_rmsnorm_rows16_kernel(const f
 }
 
 __global__ void add_inplace_kernel(float* y, const float* x, int64_t n) {
+  pdl_wait();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     y[i] += x[i];
 }
@@ -658,7 +669,8 @@ void norm_forward_gpu(cudaStream_t s, const float* x, int64_t rows, int64_t D, c
                       float eps, float* y) {
   if (rows <= 0 || D <= 0) return;
   const int threads = threads_for(D);
-  norm_forward_kernel<<<unsigned(std::min<int64_t>(rows, 1 << 20)), threads, 0, s>>>(x, rows, D, w, b, eps, y);
+  launch_train(norm_forward_kernel, unsigned(std::min<int64_t>(rows, 1 << 20)), threads, 0, s, x, rows, D, w, b, eps,
+               y);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -698,9 +710,8 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
   const auto launch = [&](auto kernel, auto... width) {
     if (shared > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
-    kernel<<<unsigned(nblocks), warps * 32, shared, s>>>(x, dy, rows, width..., w, b_or_null != nullptr, eps, dx,
-                                                         accumulate_dx, pw, pb, rpb,
-                                                         reinterpret_cast<__nv_bfloat16*>(dx16));
+    launch_train(kernel, unsigned(nblocks), warps * 32, shared, s, x, dy, rows, width..., w, b_or_null != nullptr, eps,
+                 dx, accumulate_dx, pw, pb, rpb, reinterpret_cast<__nv_bfloat16*>(dx16));
     MAMBA3_LAUNCH_CHECK();
   };
   // Widths 256 and 512 with a lane's columns in registers (see the kernel for why no wider); wider ones staged in
@@ -723,9 +734,8 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
     // All of the SM's shared memory for it (the default split left room for two blocks of D = 768).
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                            int(cudaSharedmemCarveoutMaxShared)));
-    kernel<<<unsigned(nblocks), staged_warps * 32, staged_bytes, s>>>(x, dy, rows, D, w, b_or_null != nullptr, eps, dx,
-                                                                      accumulate_dx, pw, pb, rpb,
-                                                                      reinterpret_cast<__nv_bfloat16*>(dx16));
+    launch_train(kernel, unsigned(nblocks), staged_warps * 32, staged_bytes, s, x, dy, rows, D, w, b_or_null != nullptr,
+                 eps, dx, accumulate_dx, pw, pb, rpb, reinterpret_cast<__nv_bfloat16*>(dx16));
     MAMBA3_LAUNCH_CHECK();
   } else {
     launch(norm_backward_rows_kernel<G>, D);
@@ -735,7 +745,7 @@ void norm_backward_typed(cudaStream_t s, const float* x, const G* dy, int64_t ro
     scratch.used_floats += floats;
     return;
   }
-  norm_backward_sum_kernel<<<unsigned((D + 31) / 32), 1024, 0, s>>>(pw, pb, nblocks, D, dw, db_or_null);
+  launch_train(norm_backward_sum_kernel, unsigned((D + 31) / 32), 1024, 0, s, pw, pb, nblocks, D, dw, db_or_null);
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -753,7 +763,7 @@ void flush_norm_grad_sums(cudaStream_t s, NormGradScratch& scratch) {
     }
     batch.first[batch.count] = int(blocks);
     MAMBA3_CHECK(blocks <= 0x7fffffff, "flush_norm_grad_sums: {} blocks exceed the grid", blocks);
-    norm_backward_sum_batch_kernel<<<unsigned(blocks), 1024, 0, s>>>(batch);
+    launch_train(norm_backward_sum_batch_kernel, unsigned(blocks), 1024, 0, s, batch);
     MAMBA3_LAUNCH_CHECK();
   }
   scratch.queued.clear();
@@ -789,7 +799,7 @@ void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* h
   // The training step's RMSNorm with bf16 rows in and out (D 512, 768, 1024 with a lane's columns in registers).
   if (g_register_rows && !b && !y && !hidden && (D == 512 || D == 768 || D == 1024) && rms16_rows_enabled()) {
     const auto go = [&](auto kernel) {
-      kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, rows, w, eps, res_out, out16, in16);
+      launch_train(kernel, grid_for(rows * 32, 256), 256, 0, s, prev, rows, w, eps, res_out, out16, in16);
     };
     if (D == 768) in16 ? go(residual_rmsnorm_rows16_kernel<24, true>) : go(residual_rmsnorm_rows16_kernel<24, false>);
     else if (D == 512) in16 ? go(residual_rmsnorm_rows16_kernel<16, true>) : go(residual_rmsnorm_rows16_kernel<16, false>);
@@ -799,16 +809,17 @@ void residual_norm_forward_gpu(cudaStream_t s, const float* prev, const float* h
   }
   // Widths up to 2048 with a lane's columns in registers.
   if (!pick_register_kernel<ForwardRows, 8, 16, 24, 32, 48, 64>(D, [&](auto kernel) {
-        kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, w, b, eps, res_out, y, out16, in16);
+        launch_train(kernel, grid_for(rows * 32, 256), 256, 0, s, prev, hidden, rows, w, b, eps, res_out, y, out16,
+                     in16);
       }))
-    residual_norm_forward_kernel<<<grid_for(rows * 32, 256), 256, 0, s>>>(prev, hidden, rows, D, w, b, eps, res_out,
-                                                                           y, out16, in16);
+    launch_train(residual_norm_forward_kernel, grid_for(rows * 32, 256), 256, 0, s, prev, hidden, rows, D, w, b, eps,
+                 res_out, y, out16, in16);
   MAMBA3_LAUNCH_CHECK();
 }
 
 void add_inplace_gpu(cudaStream_t s, float* y, const float* x, int64_t n) {
   if (n <= 0) return;
-  add_inplace_kernel<<<grid_for(n, 256), 256, 0, s>>>(y, x, n);
+  launch_train(add_inplace_kernel, grid_for(n, 256), 256, 0, s, y, x, n);
   MAMBA3_LAUNCH_CHECK();
 }
 

@@ -1,10 +1,10 @@
-#include "cuda/train/train_gemm.h"
-
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/pdl.h"
+#include "cuda/train/train_gemm.h"
 #include "cuda/train/train_gemm_algos.h"
 #include "cuda/train/train_gemm_profile.h"
 
@@ -24,6 +24,7 @@ namespace {
 
 __global__ void f32_to_bf16_2d_kernel(const float* __restrict__ src, int64_t rows, int64_t cols, int64_t ld,
                                       __nv_bfloat16* __restrict__ dst) {
+  pdl_wait();
   const int64_t total = rows * cols;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i - r * cols;
@@ -35,6 +36,7 @@ __global__ void f32_to_bf16_2d_kernel(const float* __restrict__ src, int64_t row
 // load and one 8-byte store, no index division (the 2-D kernel's 64-bit division per element made every product's
 // operand rounding cost instructions as well as bytes). The same rounding of each element.
 __global__ void f32_to_bf16_packed4_kernel(const float4* __restrict__ src, int64_t quads, uint2* __restrict__ dst) {
+  pdl_wait();
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < quads; i += int64_t(gridDim.x) * blockDim.x) {
     const float4 v = src[i];
     const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
@@ -52,14 +54,14 @@ void f32_to_bf16_2d(cudaStream_t s, const float* src, int64_t rows, int64_t cols
       reinterpret_cast<uintptr_t>(dst) % 8 == 0) {
     const int64_t quads = total / 4;
     const int64_t blocks = std::min<int64_t>((quads + threads - 1) / threads, 65536);
-    f32_to_bf16_packed4_kernel<<<unsigned(blocks), threads, 0, s>>>(reinterpret_cast<const float4*>(src), quads,
-                                                                    reinterpret_cast<uint2*>(dst));
+    launch_train(f32_to_bf16_packed4_kernel, unsigned(blocks), threads, 0, s, reinterpret_cast<const float4*>(src),
+                 quads, reinterpret_cast<uint2*>(dst));
     MAMBA3_LAUNCH_CHECK();
     return;
   }
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65536);
-  f32_to_bf16_2d_kernel<<<unsigned(blocks), threads, 0, s>>>(src, rows, cols, ld,
-                                                              reinterpret_cast<__nv_bfloat16*>(dst));
+  launch_train(f32_to_bf16_2d_kernel, unsigned(blocks), threads, 0, s, src, rows, cols, ld,
+               reinterpret_cast<__nv_bfloat16*>(dst));
   MAMBA3_LAUNCH_CHECK();
 }
 
