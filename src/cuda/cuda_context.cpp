@@ -93,6 +93,11 @@ bool pdl_enabled() {
   return enabled;
 }
 
+int64_t pdl_max_rows() {
+  static const int64_t rows = env_integer("MAMBA3_PDL_MAX_ROWS", kPdlMaxRows, 0, int64_t(1) << 30);
+  return rows;
+}
+
 bool train_pdl_enabled() {
   static const bool enabled = env_choice("MAMBA3_TRAIN_PDL", {"0", "1"}) != "0";
   return enabled;

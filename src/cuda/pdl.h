@@ -7,13 +7,15 @@
 // PDL hides them and lets a matrix-vector product stream its weights before its input exists.
 //
 // Callers request PDL for small launches only (pdl_small(rows): at most kPdlMaxRows rows or sequences). Measured on
-// an H200, 1.5B decode: b1 1.640 ms with PDL vs 1.660 without; at b128 PDL on the non-GEMM kernels cost 2 % (5.947 vs
-// 5.822 ms), so large launches stay plain. MAMBA3_PDL=0 launches every kernel plainly; read once per process.
+// an H200, 1.5B decode: b1 1.640 ms with PDL vs 1.660 without (second session). Thirty-first session, the decode's
+// non-GEMM kernels (add + norm, the state kernels) under PDL or plain at each batch, ms per step: b16 1.655 vs 1.746,
+// b32 2.203 vs 2.267, b64 3.303 vs 3.318, b96 4.273 vs 4.247, b128 5.168 vs 5.145 (MIMO: b16 1.784 vs 1.840, b64
+// 3.657 vs 3.673), so the threshold is 64. MAMBA3_PDL=0 launches every kernel plainly; read once per process.
 // Without the attribute, pdl_wait() and pdl_trigger() do nothing.
 //
 // Training: every kernel under src/cuda/train calls pdl_wait() first (tests/cuda/test_pdl_wait_first.cpp checks the
 // sources) and is launched by launch_train with the attribute, without an early trigger. A chain of dependent kernels
-// on an H200 (bench/bench_pdl_chain) took 1.0–1.8 µs less per boundary that way, and an early trigger gained nothing
+// on an H200 (bench/bench_pdl_chain) took 0.8–1.8 µs less per boundary that way, and an early trigger gained nothing
 // more; the training step has ~350 boundaries between its own kernels. MAMBA3_TRAIN_PDL=0 launches them plainly.
 #include <utility>
 
@@ -26,8 +28,10 @@ namespace mamba3::cuda {
 bool pdl_enabled();
 bool train_pdl_enabled();
 
-constexpr int64_t kPdlMaxRows = 8;
-inline bool pdl_small(int64_t rows) { return rows <= kPdlMaxRows; }
+constexpr int64_t kPdlMaxRows = 64;
+// kPdlMaxRows, or MAMBA3_PDL_MAX_ROWS (read once) to measure other thresholds.
+int64_t pdl_max_rows();
+inline bool pdl_small(int64_t rows) { return rows <= pdl_max_rows(); }
 
 #ifdef __CUDACC__
 __device__ __forceinline__ void pdl_wait() {
