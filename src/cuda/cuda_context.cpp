@@ -88,6 +88,12 @@ Context::~Context() {
   if (stream_) cudaStreamDestroy(stream_);
 }
 
+size_t device_memory_in_use() {
+  size_t free_bytes = 0, total_bytes = 0;
+  MAMBA3_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return total_bytes - free_bytes;
+}
+
 bool pdl_enabled() {
   static const bool enabled = env_choice("MAMBA3_PDL", {"0", "1"}) != "0";
   return enabled;

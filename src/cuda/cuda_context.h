@@ -26,6 +26,9 @@ struct DeviceInfo {
 };
 // Device 0, or available = false when there is no usable device (no driver, no GPU). Never throws.
 DeviceInfo device_info();
+// Bytes of the current device's memory in use now (total − free: this process's allocations and context, and any
+// other process's), for reports such as `mamba3 bench --train`.
+size_t device_memory_in_use();
 
 class GemmTuner;
 

@@ -98,9 +98,12 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
     cuda::gemm_profile::report(ctx, 1);
   }
   const double tok_s = double(micro * B * L) / s, tflops = train_flops_per_token(c) * tok_s / 1e12;
+  // The step's buffers stay allocated between steps, so what is in use after them is about the run's peak.
+  const double gib = double(cuda::device_memory_in_use()) / double(1ull << 30);
   const std::string shape = micro > 1 ? fmt::format("{}×{}×{}", micro, B, L) : fmt::format("{}×{}", B, L);
-  std::printf("  %-28s %8.1fM %12s %10.1f %10.0f %9.1f %6.1f%%   (loss %.6f)\n", label.c_str(),
-              parameter_count(params) / 1e6, shape.c_str(), s * 1e3, tok_s, tflops, 100.0 * tflops / peak, loss);
+  std::printf("  %-28s %8.1fM %12s %10.1f %10.0f %9.1f %6.1f%% %8.1f   (loss %.6f)\n", label.c_str(),
+              parameter_count(params) / 1e6, shape.c_str(), s * 1e3, tok_s, tflops, 100.0 * tflops / peak, gib,
+              loss);
   std::fflush(stdout);
 }
 
@@ -120,8 +123,8 @@ void run_cuda_train_bench(const CudaTrainBenchArgs& a) {
   std::printf("mamba3 bench --train: %s, %s, peak %.0f TFLOP/s (dense bf16); one step = forward + backward + clip + "
               "AdamW; FLOPs = 6 × matrix weights per token (scan excluded)\n",
               dev.name.c_str(), a.precision.c_str(), peak);
-  std::printf("  %-28s %9s %12s %10s %10s %9s %7s\n", "model", "params", "[accum×]batch×len", "ms/step", "tokens/s",
-              "TFLOP/s", "MFU");
+  std::printf("  %-28s %9s %12s %10s %10s %9s %7s %8s\n", "model", "params", "[accum×]batch×len", "ms/step",
+              "tokens/s", "TFLOP/s", "MFU", "GiB");
   if (!a.config.empty()) {
     bench_one(a.config, ModelConfig::load(a.config), a, peak);
     return;
