@@ -3,7 +3,8 @@
 # (the `cuda` ctest label), compute-sanitizer passes (memcheck by default) at small sizes (MAMBA3_TEST_SANITIZER_SIZES=1: tests that
 # read it shrink their batches), and the benchmark given in BENCH_ARGS.
 # Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" [TESTS='test_*train*'] [SANITIZE_BIN=test_x]
-# [SANITIZE_FILTER='gtest filter' [SANITIZE_TOOLS='memcheck racecheck synccheck']] scripts/gpu_run.sh [tests|bench|all]
+# [SANITIZE_FILTER='gtest filter' [SANITIZE_TOOLS='memcheck racecheck synccheck']] [CLI_TESTS=0]
+# scripts/gpu_run.sh [tests|bench|all]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -24,7 +25,8 @@ if [[ $what == tests || $what == all ]]; then
       echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
     fi
   done
-  for s in tests/cuda/*.sh; do  # CLI tests on the GPU (they take the binary)
+  for s in tests/cuda/*.sh; do  # CLI tests on the GPU (they take the binary; CLI_TESTS=0 skips them)
+    [[ ${CLI_TESTS:-1} == 0 ]] && break
     name=$(basename "$s" .sh)
     if bash "$s" run/bin/mamba3 > "$OUT/$name.log" 2>&1; then echo "PASS $name"; else echo "FAIL $name"; status=1; tail -20 "$OUT/$name.log"; fi
   done
