@@ -7,7 +7,6 @@
 #include "cuda/attention_gpu.h"
 #include "cuda/basic_kernels.h"
 #include "cuda/device_buffer.h"
-#include "cuda/env_switch.h"
 #include "cuda/gpu_matrix.h"
 #include "cuda/mamba3_layer_gpu.h"
 #include "cuda/sampling_gpu.h"
@@ -24,29 +23,6 @@ struct Workspace {
   DeviceBuffer last;  // (logit rows, D) activations: each prompt's last row, gathered for fixed-shape products
   int64_t rows = 0, logit_rows = 0;
 };
-
-// The activation rows [row0, row0 + n) of a Workspace: every buffer is row-major, so a row range is an offset.
-struct RowsView {
-  float *hidden, *residual, *mlp, *zx;
-  char *normed, *mlp_act, *o;
-};
-
-// MAMBA3_DECODE_SPLIT, read once: how a decode step of a pure Mamba-3 model runs its rows (CudaModel::set_decode_split).
-// "0": as one batch; "free": two halves on two streams, joined before the lm_head; "lag": the same, the second half
-// starting each layer after the first half's mixer of that layer (so its state kernel meets the first half's matrix
-// products, not its state kernel). Unset: "lag" (see docs/kernels/mamba3_cuda.md, "Two halves of a decode step").
-int env_decode_split() {
-  static const int mode = [] {
-    const std::string s = env_choice("MAMBA3_DECODE_SPLIT", {"lag", "0", "free"});
-    return s == "0" ? 0 : (s == "free" ? 1 : 2);
-  }();
-  return mode;
-}
-// MAMBA3_DECODE_SPLIT_MIN_ROWS: the smallest batch that splits (default 96). Read once.
-int64_t env_decode_split_min_rows() {
-  static const int64_t rows = env_integer("MAMBA3_DECODE_SPLIT_MIN_ROWS", 96, 2, int64_t(1) << 30);
-  return rows;
-}
 
 // fc1 (2F, D) = [value rows; gate rows] with its rows interleaved, value j at row 2j and gate j at 2j + 1: the
 // activation then reads neighbouring columns, and at batch 1–4 the matrix-vector kernel finds both halves of a pair
@@ -123,16 +99,6 @@ struct CudaModel::Impl {
   Precision state_precision = Precision::F32;  // of the Mamba-3 ssm state in caches made from now on
   int64_t prefill_row_block = 0;  // Context::gemm_row_block during prefill (0: off)
   mutable Workspace prefill_ws;
-  // The split decode step (set_decode_split): its mode (0 off, 1 free, 2 lag), the smallest batch that splits, the
-  // second half's context (own stream and cuBLAS handle, made on first use) and its events (fork, join, per layer).
-  int decode_split = env_decode_split();
-  int64_t decode_split_min_rows = env_decode_split_min_rows();
-  mutable std::unique_ptr<Context> ctx2;
-  mutable std::vector<cudaEvent_t> split_events;
-
-  ~Impl() {
-    for (cudaEvent_t e : split_events) cudaEventDestroy(e);
-  }
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
   size_t act() const { return activation_size(precision); }
@@ -166,110 +132,45 @@ struct CudaModel::Impl {
 
   const float* nb(const DeviceBuffer& b) const { return b.empty() ? nullptr : b.as<float>(); }
 
-  // Token rows [r0, …) of ws (each buffer's row width as reserve() sized it).
-  RowsView rows_view(Workspace& ws, int64_t r0) const {
-    const ModelConfig& c = config;
-    int64_t zx_cols = 0, o_cols = 0;
-    for (const Block& b : blocks)
-      if (b.mamba) zx_cols = std::max(zx_cols, b.mamba->config().d_in_proj()), o_cols = b.mamba->config().d_inner();
-    const int64_t D = c.d_model, F = std::max<int64_t>(1, c.d_ff());
-    zx_cols = std::max<int64_t>(1, zx_cols), o_cols = std::max<int64_t>(1, o_cols);
-    return RowsView{ws.hidden.as<float>() + r0 * D,     ws.residual.as<float>() + r0 * D,
-                    ws.mlp.as<float>() + r0 * 2 * F,    ws.zx.as<float>() + r0 * zx_cols,
-                    ws.normed.as<char>() + size_t(r0 * D) * act(), ws.mlp_act.as<char>() + size_t(r0 * F) * act(),
-                    ws.o.as<char>() + size_t(r0 * o_cols) * act()};
-  }
-
-  // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1) on cx's stream, starting from
-  // v.hidden (the embeddings). Leaves norm_f's output in v.normed. at(li, true) runs before layer li is queued and
-  // at(li, false) once its mixer is (the split decode's events).
-  template <typename At>
-  void run_blocks(const Context& cx, const RowsView& v, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L,
-                  bool decode, At at) const {
+  // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1), starting from ws.hidden
+  // (the embeddings). Leaves norm_f's output in ws.normed.
+  void run_blocks(Workspace& ws, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L, bool decode) const {
     const ModelConfig& c = config;
     const int64_t D = c.d_model, rows = batch * L;
     const float eps = float(c.norm_epsilon);
-    const cudaStream_t s = cx.stream();
-    float* hidden = v.hidden;
-    float* residual = v.residual;
-    char* normed = v.normed;
+    const cudaStream_t s = ctx->stream();
+    float* hidden = ws.hidden.as<float>();
+    float* residual = ws.residual.as<float>();
+    char* normed = ws.normed.as<char>();
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
-      at(li, true);
       add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
       if (b.mamba) {
         Mamba3GpuState state = cache.mamba[li]->rows_from(row0);
         if (decode) state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
-        b.mamba->forward(cx, normed, batch, L, state, v.zx, v.o, hidden);
+        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden);
       } else if (decode) {
-        b.attention->step(cx, normed, batch, *cache.attn[li], hidden);
+        b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
         for (int64_t r = 0; r < batch; ++r)
-          b.attention->prefill(cx, normed + size_t(r * L * D) * act(), L, *cache.attn[li], row0 + r,
+          b.attention->prefill(*ctx, normed + size_t(r * L * D) * act(), L, *cache.attn[li], row0 + r,
                                cache.positions[size_t(row0 + r)], hidden + r * L * D);
       }
-      at(li, false);
       if (b.has_mlp) {
         add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
-        linear_gated_silu(cx, b.fc1, normed, rows, v.mlp, v.mlp_act, precision);
-        linear(cx, b.fc2, v.mlp_act, rows, hidden);
+        linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
+        linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
       }
     }
     add_norm(s, hidden, residual, rows, D, false, norm_f_w.as<float>(), nb(norm_f_b), eps, normed, precision);
-  }
-  void run_blocks(Workspace& ws, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L, bool decode) const {
-    run_blocks(*ctx, rows_view(ws, 0), cache, row0, batch, L, decode, [](size_t, bool) {});
-  }
-
-  // Whether a decode step of this cache runs as two halves (set_decode_split): pure Mamba-3 models only (the
-  // attention step takes whole batches).
-  bool splits_decode(const GpuCache::Impl& cache) const {
-    if (decode_split == 0 || cache.batch < std::max<int64_t>(2, decode_split_min_rows)) return false;
-    for (const Block& b : blocks)
-      if (b.attention) return false;
-    return true;
-  }
-
-  // The split step's second stream and events, made once.
-  void prepare_split() const {
-    if (!ctx2) ctx2 = std::make_unique<Context>();
-    const size_t wanted = blocks.size() + 2;
-    while (split_events.size() < wanted) {
-      cudaEvent_t e = nullptr;
-      MAMBA3_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-      split_events.push_back(e);
-    }
   }
 
   void decode(GpuCache::Impl& cache) const {
     Workspace& ws = cache.ws;
     const int64_t B = cache.batch;
-    const cudaStream_t s = ctx->stream();
-    embed(s, ws.ids.as<int32_t>(), B, embedding.weight.raw(), precision, config.d_model, ws.hidden.as<float>());
-    if (!splits_decode(cache)) {
-      run_blocks(ws, cache, 0, B, 1, true);
-    } else {
-      // Two halves of the rows, each through every block on its own stream: one half's matrix products (bound by
-      // reading the weights) run while the other half's state kernels stream their states, instead of the two kinds
-      // of work taking turns on the whole device. The halves share nothing but the weights; they join before the
-      // lm_head, which reads its weights once for all rows.
-      prepare_split();
-      const cudaStream_t s2 = ctx2->stream();
-      const int64_t half = B / 2;
-      cudaEvent_t fork = split_events[0], join = split_events[1];
-      MAMBA3_CUDA_CHECK(cudaEventRecord(fork, s));
-      MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(s2, fork, 0));
-      const bool lag = decode_split == 2;
-      // lag: the second half starts layer li once the first half's mixer of layer li is done.
-      run_blocks(*ctx, rows_view(ws, 0), cache, 0, half, 1, true, [&](size_t li, bool before) {
-        if (lag && !before) MAMBA3_CUDA_CHECK(cudaEventRecord(split_events[2 + li], s));
-      });
-      run_blocks(*ctx2, rows_view(ws, half), cache, half, B - half, 1, true, [&](size_t li, bool before) {
-        if (lag && before) MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(s2, split_events[2 + li], 0));
-      });
-      MAMBA3_CUDA_CHECK(cudaEventRecord(join, s2));
-      MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(s, join, 0));
-    }
+    embed(ctx->stream(), ws.ids.as<int32_t>(), B, embedding.weight.raw(), precision, config.d_model,
+          ws.hidden.as<float>());
+    run_blocks(ws, cache, 0, B, 1, true);
     linear(*ctx, head(), ws.normed.raw(), B, ws.logits.as<float>());
   }
 };
@@ -342,12 +243,6 @@ Precision CudaModel::state_precision() const { return impl_->state_precision; }
 void CudaModel::set_prefill_row_block(int64_t rows) {
   MAMBA3_CHECK(rows >= 0, "set_prefill_row_block: {} rows", rows);
   impl_->prefill_row_block = rows;
-}
-
-void CudaModel::set_decode_split(DecodeSplit mode, int64_t min_rows) {
-  MAMBA3_CHECK(min_rows >= 2, "set_decode_split: min_rows must be at least 2, got {}", min_rows);
-  impl_->decode_split = mode == DecodeSplit::Off ? 0 : (mode == DecodeSplit::Free ? 1 : 2);
-  impl_->decode_split_min_rows = min_rows;
 }
 
 size_t CudaModel::parameter_bytes() const {

@@ -96,13 +96,6 @@ class CudaModel {
   // depend on how many prompts are prefilled in the same call (the server's exact batched prefill), at the cost of
   // padding the last block. Decode steps are unaffected.
   void set_prefill_row_block(int64_t rows);
-  // Decode steps of pure Mamba-3 models with at least min_rows rows as two halves of the rows on two streams (one
-  // half's matrix products overlapping the other half's state kernels): Off, Free (the halves joined only before the
-  // lm_head) or Lag (the second half starts each layer once the first half's mixer of that layer is done). Each
-  // row's result is that of a decode step of its half alone. Defaults: MAMBA3_DECODE_SPLIT (lag | free | 0) and
-  // MAMBA3_DECODE_SPLIT_MIN_ROWS (96). Caches capture their graph on first use: set this before stepping.
-  enum class DecodeSplit { Off, Free, Lag };
-  void set_decode_split(DecodeSplit mode, int64_t min_rows);
 
  private:
   struct Impl;
