@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: unpacks gpu-bundle/bundle.tar.xz (made by scripts/gpu_bundle.sh), runs every CUDA test binary
-# (the `cuda` ctest label), compute-sanitizer passes (memcheck by default) at small sizes (MAMBA3_TEST_SANITIZER_SIZES=1: tests that
-# read it shrink their batches), and the benchmark given in BENCH_ARGS.
+# (the `cuda` ctest label), compute-sanitizer passes (memcheck by default) at small sizes
+# (MAMBA3_TEST_SANITIZER_SIZES=1: tests that read it shrink their batches), and the benchmark given in BENCH_ARGS.
 # Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" [TESTS='test_*train*'] [SANITIZE_BIN=test_x]
 # [SANITIZE_FILTER='gtest filter' [SANITIZE_TOOLS='memcheck racecheck synccheck']] [CLI_TESTS=0]
 # scripts/gpu_run.sh [tests|bench|all]
