@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <set>
 
 #include "cuda/attention_gpu.h"
@@ -10,6 +11,7 @@
 #include "cuda/gpu_matrix.h"
 #include "cuda/mamba3_layer_gpu.h"
 #include "cuda/sampling_gpu.h"
+#include "cuda/weight_prefetch.h"
 #include "io/weights.h"
 #include "model/gated_mlp.h"
 
@@ -99,6 +101,7 @@ struct CudaModel::Impl {
   Precision state_precision = Precision::F32;  // of the Mamba-3 ssm state in caches made from now on
   int64_t prefill_row_block = 0;  // Context::gemm_row_block during prefill (0: off)
   mutable Workspace prefill_ws;
+  mutable WeightPrefetcher prefetcher;  // decode steps' weight requests into L2 (set_weight_prefetch)
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
   size_t act() const { return activation_size(precision); }
@@ -133,7 +136,8 @@ struct CudaModel::Impl {
   const float* nb(const DeviceBuffer& b) const { return b.empty() ? nullptr : b.as<float>(); }
 
   // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1), starting from ws.hidden
-  // (the embeddings). Leaves norm_f's output in ws.normed.
+  // (the embeddings). Leaves norm_f's output in ws.normed. A decode step whose weights the prefetcher requests asks
+  // for each product's weights one kernel or one product ahead (weight_prefetch.h); the caller ends the requests.
   void run_blocks(Workspace& ws, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L, bool decode) const {
     const ModelConfig& c = config;
     const int64_t D = c.d_model, rows = batch * L;
@@ -142,13 +146,34 @@ struct CudaModel::Impl {
     float* hidden = ws.hidden.as<float>();
     float* residual = ws.residual.as<float>();
     char* normed = ws.normed.as<char>();
+    const WeightPrefetch pf = decode && prefetcher.active(rows) ? prefetcher.options().mode : WeightPrefetch::Off;
+    const auto request = [&](const GpuMatrix* w) {
+      if (w) prefetcher.request(s, *w);
+    };
+    // The first product after layer li: the next Mamba-3 layer's in_proj, the lm_head after the last layer (none
+    // before an attention layer: its products are its own).
+    const auto after_layer = [&](size_t li) -> const GpuMatrix* {
+      if (li + 1 == blocks.size()) return &head();
+      return blocks[li + 1].mamba ? &blocks[li + 1].mamba->in_proj() : nullptr;
+    };
+    if (pf != WeightPrefetch::Off) prefetcher.begin(s);
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
+      // in_proj: beside this add+norm (kernel lead, or the first layer), else beside the previous layer's fc2
+      if (b.mamba && (pf == WeightPrefetch::Kernel || (pf == WeightPrefetch::Product && li == 0)))
+        request(&b.mamba->in_proj());
       add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
       if (b.mamba) {
         Mamba3GpuState state = cache.mamba[li]->rows_from(row0);
         if (decode) state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
-        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden);
+        std::function<void(GpuMamba3Layer::Edge)> edge;
+        if (pf != WeightPrefetch::Off)
+          edge = [&](GpuMamba3Layer::Edge e) {
+            if (e == GpuMamba3Layer::Edge::AfterInProj) request(&b.mamba->out_proj());  // beside the state kernel
+            if (e == GpuMamba3Layer::Edge::BeforeOutProj && pf == WeightPrefetch::Product)
+              request(b.has_mlp ? &b.fc1 : after_layer(li));  // beside out_proj (and the add+norm)
+          };
+        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, edge);
       } else if (decode) {
         b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
@@ -157,11 +182,15 @@ struct CudaModel::Impl {
                                cache.positions[size_t(row0 + r)], hidden + r * L * D);
       }
       if (b.has_mlp) {
+        if (pf == WeightPrefetch::Kernel || (pf == WeightPrefetch::Product && !b.mamba)) request(&b.fc1);
         add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
+        if (pf != WeightPrefetch::Off) request(&b.fc2);  // beside fc1 and the activation
         linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
+        if (pf == WeightPrefetch::Product) request(after_layer(li));  // beside fc2
         linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
       }
     }
+    if (pf == WeightPrefetch::Kernel) request(&head());  // beside the final norm
     add_norm(s, hidden, residual, rows, D, false, norm_f_w.as<float>(), nb(norm_f_b), eps, normed, precision);
   }
 
@@ -172,6 +201,7 @@ struct CudaModel::Impl {
           ws.hidden.as<float>());
     run_blocks(ws, cache, 0, B, 1, true);
     linear(*ctx, head(), ws.normed.raw(), B, ws.logits.as<float>());
+    if (prefetcher.active(B)) prefetcher.end(ctx->stream());
   }
 };
 
@@ -189,6 +219,7 @@ CudaModel::CudaModel(const ModelConfig& config, const TensorMap& w, const std::s
   m.config = config;
   m.precision = precision;
   m.ctx = std::make_unique<Context>();
+  m.prefetcher.set_options(weight_prefetch_from_env());
   const ModelConfig& c = m.config;
   const int64_t D = c.d_model, V = c.vocab_padded();
   std::set<std::string> used;
@@ -240,6 +271,11 @@ const Context& CudaModel::context() const { return *impl_->ctx; }
 void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
 void CudaModel::set_state_precision(Precision p) { impl_->state_precision = p; }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }
+void CudaModel::set_weight_prefetch(const WeightPrefetchOptions& options) {
+  MAMBA3_CHECK(options.min_rows >= 1, "set_weight_prefetch: min_rows must be at least 1, got {}", options.min_rows);
+  impl_->prefetcher.set_options(options);
+}
+
 void CudaModel::set_prefill_row_block(int64_t rows) {
   MAMBA3_CHECK(rows >= 0, "set_prefill_row_block: {} rows", rows);
   impl_->prefill_row_block = rows;

@@ -9,6 +9,7 @@
 
 #include "core/tensor.h"
 #include "cuda/cuda_context.h"
+#include "cuda/weight_prefetch.h"
 #include "model/model_config.h"
 
 namespace mamba3::cuda {
@@ -96,6 +97,10 @@ class CudaModel {
   // depend on how many prompts are prefilled in the same call (the server's exact batched prefill), at the cost of
   // padding the last block. Decode steps are unaffected.
   void set_prefill_row_block(int64_t rows);
+  // Decode steps request each matrix product's weights into L2 ahead of the product (weight_prefetch.h; results are
+  // unchanged: the requests only warm the cache). Default: weight_prefetch_from_env(). Caches capture their graph on
+  // first use: set this before stepping.
+  void set_weight_prefetch(const WeightPrefetchOptions& options);
 
  private:
   struct Impl;

@@ -1,6 +1,7 @@
 #pragma once
 // One Mamba-3 mixer layer on the GPU: in_proj (cuBLAS) → the fused recurrent kernel → out_proj (cuBLAS).
 // Parameters are checked exactly as on the CPU (they are loaded through Mamba3Mixer first).
+#include <functional>
 #include <memory>
 #include <set>
 #include <string>
@@ -68,6 +69,8 @@ class GpuMamba3Layer {
   // Whether decode steps of a bf16 state run without that copy (the head decode kernel reaches this layer's shape).
   bool decodes_bf16_state() const;
   size_t parameter_bytes() const;
+  const GpuMatrix& in_proj() const { return in_proj_; }
+  const GpuMatrix& out_proj() const { return out_proj_; }
   // Scratch the caller provides for `rows` tokens: zx (rows·d_in_proj f32) and o (rows·d_inner activations).
   size_t zx_bytes(int64_t rows) const { return size_t(rows * config_.d_in_proj()) * 4; }
   size_t o_bytes(int64_t rows) const { return size_t(rows * config_.d_inner()) * activation_size(precision_); }
@@ -75,8 +78,11 @@ class GpuMamba3Layer {
   // x: (batch·L, d_model) activations, `batch` sequences of L tokens continuing `state` (rows from its first);
   // out: (batch·L, d_model) f32. A decode step (L = 1) skips the rows that state.active marks inactive (their state
   // is unchanged; their rows of o and out are unspecified).
+  // edge, when set, is called as the two products are queued: AfterInProj once in_proj is, BeforeOutProj before
+  // out_proj is (where a decode step requests the next weights into L2: cuda_model.cpp).
+  enum class Edge { AfterInProj, BeforeOutProj };
   void forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state, float* zx, void* o,
-               float* out) const;
+               float* out, const std::function<void(Edge)>& edge = nullptr) const;
 
  private:
   Mamba3Config config_;

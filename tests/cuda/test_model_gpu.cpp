@@ -1,18 +1,19 @@
 // The whole language model on the GPU: the golden LM cases (prefill logits, greedy ids, decode-step logits) in f32
 // within the float32 tolerance with identical greedy ids, and in bf16 within 2e-2; random models of awkward shapes
 // against the CPU LanguageModel (batch 3, prompts of 1/63/65/300 tokens, MIMO ranks 2 and 4, groups 2, hybrid
-// attention), prefill and 32 decode steps; graph-replayed decode equal to eager decode.
+// attention), prefill and 32 decode steps; graph-replayed decode equal to eager decode; weight prefetching changing
+// no result.
 #include <gtest/gtest.h>
 
 #include <fstream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "cuda/cuda_model.h"
 #include "cuda/generator_gpu.h"
-#include "infer/generator.h"
+#include "cuda/l2_prefetch.h"
 #include "gpu_test_util.h"
+#include "infer/generator.h"
 #include "io/safetensors.h"
 #include "model/init_weights.h"
 #include "model/language_model.h"
@@ -280,6 +281,74 @@ TEST(ModelGpu, ErrorsNameTheProblem) {
     FAIL() << "no error for a row outside the cache";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("rows"), std::string::npos) << e.what();
+  }
+}
+
+// Weights requested into L2 ahead of their products (weight_prefetch.h) change no result: every mode, graph-replayed
+// and eager, with the default cap and with a cap smaller than one weight matrix, on SISO, MIMO and hybrid models.
+TEST(ModelGpu, WeightPrefetchKeepsTheBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (size_t ci : {size_t(0), size_t(2), size_t(3)}) {
+    const Case cs = random_cases()[ci];
+    const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
+    const TensorMap w = init_weights(c, 12);
+    for (cuda::WeightPrefetch mode : {cuda::WeightPrefetch::Kernel, cuda::WeightPrefetch::Product}) {
+      for (size_t cap : {size_t(0), size_t(4096 + 48)}) {
+        for (bool graphs : {true, false}) {
+          SCOPED_TRACE(std::string(cs.name) + (mode == cuda::WeightPrefetch::Kernel ? " kernel" : " product") +
+                       " cap " + std::to_string(cap) + (graphs ? " graph" : " eager"));
+          cuda::CudaModel with(c, w, cs.name, Precision::BF16), without(c, w, cs.name, Precision::BF16);
+          with.set_weight_prefetch({mode, cap, 1});
+          without.set_weight_prefetch({cuda::WeightPrefetch::Off, 0, 1});
+          with.set_use_graphs(graphs);
+          without.set_use_graphs(graphs);
+          const int64_t B = 3, L = 5, V = c.vocab_padded();
+          std::mt19937 rng(13);
+          std::vector<int64_t> ids(static_cast<size_t>(B * L));
+          for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
+          cuda::GpuCache cw = with.new_cache(B, 32), co = without.new_cache(B, 32);
+          with.prefill(ids, B, L, cw);
+          without.prefill(ids, B, L, co);
+          Tensor lw = Tensor::empty(DType::F32, {B, V}), lo = Tensor::empty(DType::F32, {B, V});
+          for (int t = 0; t < 5; ++t) {
+            std::vector<int64_t> step(static_cast<size_t>(B));
+            for (auto& id : step) id = int64_t(rng() % uint32_t(c.vocab_size));
+            with.step(step, cw, lw);
+            without.step(step, co, lo);
+            ASSERT_EQ(rel_l2(lw, lo), 0.0) << "step " << t;
+            ASSERT_FALSE(std::isnan(rel_l2(lw, lo)));
+          }
+        }
+      }
+    }
+  }
+}
+
+// l2_prefetch reads nothing back and writes nothing: ranges of awkward lengths (cut to whole 16-byte units, one
+// request and many, up to the allocation's end) leave the bytes as they were; a misaligned address is refused.
+TEST(ModelGpu, L2PrefetchLeavesMemoryAsItWas) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  const size_t n = (size_t(5) << 20) + 112;
+  std::vector<uint8_t> host(n);
+  std::mt19937 rng(5);
+  for (auto& b : host) b = uint8_t(rng());
+  cuda::DeviceBuffer buf(n);
+  buf.upload(host.data(), n);
+  const char* p = static_cast<const char*>(buf.raw());
+  for (size_t bytes : {size_t(0), size_t(15), size_t(16), size_t(100), size_t(32 * 1024), size_t(32 * 1024 + 16), n})
+    cuda::l2_prefetch(ctx.stream(), p, bytes);
+  cuda::l2_prefetch(ctx.stream(), p + 64, n - 64);
+  cuda::l2_prefetch(ctx.stream(), nullptr, 4096);
+  ctx.sync();
+  std::vector<uint8_t> back(n);
+  buf.download(back.data(), n);
+  EXPECT_EQ(back, host);
+  try {
+    cuda::l2_prefetch(ctx.stream(), p + 8, 4096);
+    FAIL() << "no error for a misaligned address";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("l2_prefetch"), std::string::npos) << e.what();
   }
 }
 

@@ -1,19 +1,20 @@
 #include "bench_cuda.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <chrono>
-#include <cstring>
 #include <cstdio>
-#include <random>
-
-#include <fmt/format.h>
+#include <cstring>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_model.h"
 #include "cuda/device_buffer.h"
 #include "cuda/gemm_tuner.h"
 #include "cuda/gemv_small_m.h"
+#include "cuda/l2_prefetch.h"
 #include "cuda/stream_gemm.h"
 #include "model/init_weights.h"
 
@@ -178,7 +179,9 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
 // The decode step's matrix products alone (bf16 weights, f32 outputs), per kernel: cuBLAS (cublasGemmEx's default
 // algorithm), the matrix-vector kernel (up to 8 rows) and the stream GEMM. Each timed call reads a different copy of
 // the weights, enough copies that the L2 holds none of them when it comes round again (as in a decode step, where
-// every weight is read once).
+// every weight is read once). Two more cuBLAS columns bound what requesting weights into L2 ahead of a product
+// (weight_prefetch.h) can give: "warm", every call on the same copy (in L2 when it fits), and "+pf", each call's
+// next copy requested (l2_prefetch) on a side stream as the call is queued, the decode step's product lead.
 void bench_products(const std::string& name, const ModelConfig& c, const CudaBenchArgs& a, double copy_bw) {
   struct Product {
     const char* what;
@@ -204,9 +207,13 @@ void bench_products(const std::string& name, const ModelConfig& c, const CudaBen
     return v;
   };
   const int64_t max_m = *std::max_element(a.batches.begin(), a.batches.end());
-  std::printf("\n%s: the decode step's matrix products, µs per call in a graph (weights read once, cold L2); GB/s "
-              "of weight bytes; %% of the copy bandwidth\n  %-9s %6s %8s %8s %6s %10s %10s %10s %8s %8s\n",
-              name.c_str(), "product", "N", "K", "M", "MB", "cuBLAS", "gemv", "stream", "GB/s", "of copy");
+  std::printf(
+      "\n%s: the decode step's matrix products, µs per call in a graph (weights read once, cold L2); GB/s "
+      "of weight bytes; %% of the copy bandwidth\n  %-9s %6s %8s %8s %6s %10s %8s %8s %10s %10s %8s %8s\n",
+      name.c_str(), "product", "N", "K", "M", "MB", "cuBLAS", "warm", "+pf", "gemv", "stream", "GB/s", "of copy");
+  cudaStream_t side = nullptr;
+  MAMBA3_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  std::vector<cudaEvent_t> events;
   for (const Product& p : products) {
     if (p.n == 0 || p.k == 0) continue;  // a config without that product (no MLP)
     const size_t wbytes = size_t(p.n * p.k) * 2;
@@ -218,15 +225,32 @@ void bench_products(const std::string& name, const ModelConfig& c, const CudaBen
       MAMBA3_CUDA_CHECK(cudaMemcpy(static_cast<char*>(w.raw()) + i * wbytes, w.raw(), wbytes, cudaMemcpyDeviceToDevice));
     x.upload(xs.data(), xs.size() * 2);
     auto weights = [&](size_t i) { return static_cast<const char*>(w.raw()) + (i % copies) * wbytes; };
+    while (events.size() < copies + 1) {
+      cudaEvent_t e = nullptr;
+      MAMBA3_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      events.push_back(e);
+    }
     for (int64_t m : a.batches) {
       // Per call, from a graph of `copies` calls replayed (as the decode step runs them: no launch gaps, no host
       // work between kernels); median of 20 replays.
-      auto time_us = [&](auto&& call) {
-        for (size_t i = 0; i < copies; ++i) call(weights(i));  // warm-up (and any first-call setup)
+      // copy(i): the weights call i reads; prefetch: call i's next copy requested on the side stream first.
+      auto time_us = [&](auto&& call, auto&& copy, bool prefetch) {
+        for (size_t i = 0; i < copies; ++i) call(copy(i));  // warm-up (and any first-call setup)
         cudaGraph_t graph;
         cudaGraphExec_t exec;
         MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
-        for (size_t i = 0; i < copies; ++i) call(weights(i));
+        for (size_t i = 0; i < copies; ++i) {
+          if (prefetch) {
+            MAMBA3_CUDA_CHECK(cudaEventRecord(events[i], ctx.stream()));
+            MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(side, events[i], 0));
+            cuda::l2_prefetch(side, copy(i + 1), wbytes);
+          }
+          call(copy(i));
+        }
+        if (prefetch) {  // the capture must join the side branch
+          MAMBA3_CUDA_CHECK(cudaEventRecord(events[copies], side));
+          MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), events[copies], 0));
+        }
         MAMBA3_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
         MAMBA3_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
         MAMBA3_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
@@ -235,28 +259,35 @@ void bench_products(const std::string& name, const ModelConfig& c, const CudaBen
         cudaGraphDestroy(graph);
         return 1e3 * ms / double(copies);
       };
-      const double cublas = time_us([&](const void* wp) {
+      const auto gemm = [&](const void* wp) {
         cuda::gemm_bf16(ctx, wp, x.raw(), y.as<float>(), cuda::GemmShape{p.n, p.k, m, p.k, p.n});
-      });
+      };
+      const auto same = [&](size_t) { return weights(0); };
+      const double cublas = time_us(gemm, weights, false), warm = time_us(gemm, same, false);
+      const double ahead = time_us(gemm, weights, true);
       double gemv = 0, stream = 0;
       if (m <= cuda::kGemvMaxRows)
-        gemv = time_us([&](const void* wp) {
-          cuda::gemv_small_m(ctx.stream(), wp, p.n, p.k, x.raw(), m, p.k, y.as<float>(), p.n);
-        });
+        gemv = time_us(
+            [&](const void* wp) {
+              cuda::gemv_small_m(ctx.stream(), wp, p.n, p.k, x.raw(), m, p.k, y.as<float>(), p.n);
+            },
+            weights, false);
       if (cuda::stream_gemm_supported(ctx, m, p.n, p.k, p.k, w.raw(), x.raw()))
-        stream = time_us([&](const void* wp) {
-          cuda::stream_gemm(ctx, wp, p.n, p.k, x.raw(), m, p.k, y.as<float>(), p.n);
-        });
+        stream =
+            time_us([&](const void* wp) { cuda::stream_gemm(ctx, wp, p.n, p.k, x.raw(), m, p.k, y.as<float>(), p.n); },
+                    weights, false);
       double best = cublas;
       if (gemv > 0) best = std::min(best, gemv);
       if (stream > 0) best = std::min(best, stream);
       const double gbs = double(wbytes) / (best * 1e-6) / 1e9;
       auto cell = [](double us) { return us > 0 ? fmt::format("{:.1f}", us) : std::string("-"); };
-      std::printf("  %-9s %6ld %8ld %8ld %6.1f %10s %10s %10s %8.0f %7.0f%%\n", p.what, long(p.n), long(p.k), long(m),
-                  double(wbytes) / 1e6, cell(cublas).c_str(), cell(gemv).c_str(), cell(stream).c_str(), gbs,
-                  100.0 * gbs * 1e9 / copy_bw);
+      std::printf("  %-9s %6ld %8ld %8ld %6.1f %10s %8s %8s %10s %10s %8.0f %7.0f%%\n", p.what, long(p.n), long(p.k),
+                  long(m), double(wbytes) / 1e6, cell(cublas).c_str(), cell(warm).c_str(), cell(ahead).c_str(),
+                  cell(gemv).c_str(), cell(stream).c_str(), gbs, 100.0 * gbs * 1e9 / copy_bw);
     }
   }
+  for (cudaEvent_t e : events) cudaEventDestroy(e);
+  cudaStreamDestroy(side);
 }
 
 }  // namespace
