@@ -209,6 +209,29 @@ TEST(ModelGpu, Bf16StateTracksF32State) {
   }
 }
 
+// Prefills a and b with the same B random prompts of L tokens, then steps both `steps` times with the same random
+// ids: every step's logits must be bit-identical (and not NaN).
+void expect_equal_decodes(const ModelConfig& c, cuda::CudaModel& a, cuda::CudaModel& b, int64_t B, int64_t L, int steps,
+                          uint32_t seed) {
+  const int64_t V = c.vocab_padded();
+  std::mt19937 rng(seed);
+  std::vector<int64_t> ids(static_cast<size_t>(B * L));
+  for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
+  cuda::GpuCache ca = a.new_cache(B, L + steps), cb = b.new_cache(B, L + steps);
+  a.prefill(ids, B, L, ca);
+  b.prefill(ids, B, L, cb);
+  Tensor la = Tensor::empty(DType::F32, {B, V}), lb = Tensor::empty(DType::F32, {B, V});
+  for (int t = 0; t < steps; ++t) {
+    std::vector<int64_t> step(static_cast<size_t>(B));
+    for (auto& id : step) id = int64_t(rng() % uint32_t(c.vocab_size));
+    a.step(step, ca, la);
+    b.step(step, cb, lb);
+    const double err = rel_l2(la, lb);
+    ASSERT_FALSE(std::isnan(err)) << "step " << t;
+    ASSERT_EQ(err, 0.0) << "step " << t;
+  }
+}
+
 // Graph-replayed decode gives the same logits as eager decode.
 TEST(ModelGpu, GraphReplayEqualsEager) {
   MAMBA3_REQUIRE_GPU();
@@ -219,21 +242,7 @@ TEST(ModelGpu, GraphReplayEqualsEager) {
     const TensorMap w = init_weights(c, 8);
     cuda::CudaModel eager(c, w, cs.name, Precision::BF16), graphed(c, w, cs.name, Precision::BF16);
     eager.set_use_graphs(false);
-    const int64_t B = 4, L = 9, V = c.vocab_padded();
-    std::mt19937 rng(4);
-    std::vector<int64_t> ids(static_cast<size_t>(B * L));
-    for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
-    cuda::GpuCache ce = eager.new_cache(B, 64), cg = graphed.new_cache(B, 64);
-    eager.prefill(ids, B, L, ce);
-    graphed.prefill(ids, B, L, cg);
-    Tensor le = Tensor::empty(DType::F32, {B, V}), lg = Tensor::empty(DType::F32, {B, V});
-    for (int t = 0; t < 12; ++t) {
-      std::vector<int64_t> step(static_cast<size_t>(B));
-      for (auto& id : step) id = int64_t(rng() % uint32_t(c.vocab_size));
-      eager.step(step, ce, le);
-      graphed.step(step, cg, lg);
-      ASSERT_EQ(rel_l2(lg, le), 0.0) << "step " << t;
-    }
+    expect_equal_decodes(c, eager, graphed, 4, 9, 12, 4);
   }
 }
 
@@ -302,22 +311,7 @@ TEST(ModelGpu, WeightPrefetchKeepsTheBits) {
           without.set_weight_prefetch({cuda::WeightPrefetch::Off, 0, 1});
           with.set_use_graphs(graphs);
           without.set_use_graphs(graphs);
-          const int64_t B = 3, L = 5, V = c.vocab_padded();
-          std::mt19937 rng(13);
-          std::vector<int64_t> ids(static_cast<size_t>(B * L));
-          for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
-          cuda::GpuCache cw = with.new_cache(B, 32), co = without.new_cache(B, 32);
-          with.prefill(ids, B, L, cw);
-          without.prefill(ids, B, L, co);
-          Tensor lw = Tensor::empty(DType::F32, {B, V}), lo = Tensor::empty(DType::F32, {B, V});
-          for (int t = 0; t < 5; ++t) {
-            std::vector<int64_t> step(static_cast<size_t>(B));
-            for (auto& id : step) id = int64_t(rng() % uint32_t(c.vocab_size));
-            with.step(step, cw, lw);
-            without.step(step, co, lo);
-            ASSERT_EQ(rel_l2(lw, lo), 0.0) << "step " << t;
-            ASSERT_FALSE(std::isnan(rel_l2(lw, lo)));
-          }
+          expect_equal_decodes(c, with, without, 3, 5, 5, 13);
         }
       }
     }
