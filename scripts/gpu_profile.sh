@@ -17,7 +17,9 @@ preset=${2:-1.5b}
 batch=${3:-128}
 # The lines of an ncu details page worth reading first.
 summarize_details() {
-  grep -E "^\s+(Duration|DRAM Throughput|Registers Per Thread|Achieved Active Warps Per SM|Theoretical Occupancy|Issued Ipc Active|Warp Cycles Per Issued Instruction|Instructions Executed|Stall [A-Z][a-z]+( [A-Z][a-z]+)?) " "$1" |
+  local metrics="Duration|DRAM Throughput|Registers Per Thread|Achieved Active Warps Per SM|Theoretical Occupancy"
+  metrics+="|Issued Ipc Active|Warp Cycles Per Issued Instruction|Instructions Executed|Stall [A-Z][a-z]+( [A-Z][a-z]+)?"
+  grep -E "^\s+($metrics) " "$1" |
     sed -E 's/ +/ /g' | awk '!seen[$0]++'
 }
 export LD_LIBRARY_PATH="$PWD/run/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"

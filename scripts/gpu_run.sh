@@ -28,7 +28,11 @@ if [[ $what == tests || $what == all ]]; then
   for s in tests/cuda/*.sh; do  # CLI tests on the GPU (they take the binary; CLI_TESTS=0 skips them)
     [[ ${CLI_TESTS:-1} == 0 ]] && break
     name=$(basename "$s" .sh)
-    if bash "$s" run/bin/mamba3 > "$OUT/$name.log" 2>&1; then echo "PASS $name"; else echo "FAIL $name"; status=1; tail -20 "$OUT/$name.log"; fi
+    if bash "$s" run/bin/mamba3 > "$OUT/$name.log" 2>&1; then
+      echo "PASS $name"
+    else
+      echo "FAIL $name"; status=1; tail -20 "$OUT/$name.log"
+    fi
   done
   if [[ -n ${SANITIZE_FILTER:-} ]]; then
     for tool in ${SANITIZE_TOOLS:-memcheck}; do
