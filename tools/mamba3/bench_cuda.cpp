@@ -300,6 +300,10 @@ void run_cuda_bench(const CudaBenchArgs& a) {
   std::printf("mamba3 bench --device cuda: %s, %d SMs, %.0f GB; device-to-device copy %.0f GB/s (read + write); bf16 "
               "GEMM %.0f TFLOP/s (8192³)\n",
               info.name.c_str(), info.sm_count, double(info.memory_bytes) / 1e9, bw / 1e9, gemm / 1e12);
+  if (const cuda::WeightPrefetchOptions pf = cuda::weight_prefetch_from_env(); pf.mode != cuda::WeightPrefetch::Off)
+    std::printf("decode weights requested into L2 %s ahead (MAMBA3_DECODE_PREFETCH), from %ld rows, %s per product\n",
+                pf.mode == cuda::WeightPrefetch::Kernel ? "one kernel" : "one product", long(pf.min_rows),
+                pf.max_bytes ? fmt::format("≤ {} MB", pf.max_bytes >> 20).c_str() : "≤ half the L2");
   if (a.products) {
     if (!a.config.empty()) return bench_products(a.config, ModelConfig::load(a.config), a, bw);
     for (const auto& p : a.presets) bench_products("Mamba-3 " + p, cuda_preset(p), a, bw);
