@@ -276,6 +276,8 @@ void CudaModel::set_weight_prefetch(const WeightPrefetchOptions& options) {
   impl_->prefetcher.set_options(options);
 }
 
+size_t CudaModel::weight_prefetch_requests() const { return impl_->prefetcher.requests(); }
+
 void CudaModel::set_prefill_row_block(int64_t rows) {
   MAMBA3_CHECK(rows >= 0, "set_prefill_row_block: {} rows", rows);
   impl_->prefill_row_block = rows;

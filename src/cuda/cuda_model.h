@@ -101,6 +101,9 @@ class CudaModel {
   // unchanged: the requests only warm the cache). Default: weight_prefetch_from_env(). Caches capture their graph on
   // first use: set this before stepping.
   void set_weight_prefetch(const WeightPrefetchOptions& options);
+  // Weight requests the last queued decode step made (0 when it made none; a captured graph replays the requests of
+  // the step it captured without queuing them again).
+  size_t weight_prefetch_requests() const;
 
  private:
   struct Impl;

@@ -44,6 +44,7 @@ void WeightPrefetcher::begin(cudaStream_t /*main*/) {
     l2_bytes_ = size_t(l2);
   }
   used_ = 0;
+  requests_ = 0;
   requested_ = false;
 }
 
@@ -57,6 +58,7 @@ void WeightPrefetcher::request(cudaStream_t main, const GpuMatrix& w) {
   MAMBA3_CUDA_CHECK(cudaEventRecord(e, main));
   MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(side_, e, 0));
   l2_prefetch(side_, w.weight.raw(), bytes);
+  ++requests_;
   requested_ = true;
 }
 

@@ -42,11 +42,13 @@ class WeightPrefetcher {
   // Whether a decode step of `rows` rows requests weights.
   bool active(int64_t rows) const { return options_.mode != WeightPrefetch::Off && rows >= options_.min_rows; }
 
-  // A step's requests: begin, then request() at each point, then end() before the step's last kernel reads what
-  // the side stream must not outlive (a captured graph must join every side branch). `main` is the step's stream.
+  // A step's requests: begin(), request() at each point, then end() after the step's last kernel, which joins the
+  // side stream back into main (a captured graph must join every side branch). `main` is the step's stream.
   void begin(cudaStream_t main);
   void request(cudaStream_t main, const GpuMatrix& w);
   void end(cudaStream_t main);
+  // Requests queued since the last begin() (tests: the schedule must issue them).
+  size_t requests() const { return requests_; }
 
  private:
   cudaEvent_t next_event();
@@ -55,6 +57,7 @@ class WeightPrefetcher {
   std::vector<cudaEvent_t> events_;
   size_t used_ = 0;         // events used in this step
   size_t l2_bytes_ = 0;     // the device's, read on first use
+  size_t requests_ = 0;
   bool requested_ = false;  // whether the side stream has work to join
 };
 

@@ -312,6 +312,12 @@ TEST(ModelGpu, WeightPrefetchKeepsTheBits) {
           with.set_use_graphs(graphs);
           without.set_use_graphs(graphs);
           expect_equal_decodes(c, with, without, 3, 5, 5, 13);
+          // The requests were made: either lead asks once for each Mamba-3 layer's in_proj and out_proj, each MLP's
+          // fc1 and fc2 (every block of these models has one) and the lm_head.
+          size_t expected = 1;
+          for (int64_t i = 0; i < c.n_layer; ++i) expected += (c.is_attention_layer(i) ? 0 : 2) + 2;
+          EXPECT_EQ(with.weight_prefetch_requests(), expected);
+          EXPECT_EQ(without.weight_prefetch_requests(), 0u);
         }
       }
     }
