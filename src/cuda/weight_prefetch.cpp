@@ -16,6 +16,7 @@ WeightPrefetchOptions weight_prefetch_from_env() {
     w.mode = m == "kernel" ? WeightPrefetch::Kernel : m == "product" ? WeightPrefetch::Product : WeightPrefetch::Off;
     w.max_bytes = size_t(env_integer("MAMBA3_DECODE_PREFETCH_MB", 0, 0, 1 << 20)) << 20;
     w.min_rows = env_integer("MAMBA3_DECODE_PREFETCH_MIN_ROWS", w.min_rows, 1, int64_t(1) << 30);
+    w.evict_last = env_choice("MAMBA3_DECODE_PREFETCH_POLICY", {"normal", "last"}) == "last";
     return w;
   }();
   return o;
@@ -57,7 +58,7 @@ void WeightPrefetcher::request(cudaStream_t main, const GpuMatrix& w) {
   cudaEvent_t e = next_event();
   MAMBA3_CUDA_CHECK(cudaEventRecord(e, main));
   MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(side_, e, 0));
-  l2_prefetch(side_, w.weight.raw(), bytes);
+  l2_prefetch(side_, w.weight.raw(), bytes, options_.evict_last);
   ++requests_;
   requested_ = true;
 }

@@ -5,7 +5,8 @@
 // before it (an add+norm, the Mamba-3 state kernel, or the previous product) still runs.
 // MAMBA3_DECODE_PREFETCH: "0" (default) | "kernel" | "product" (docs/kernels/mamba3_cuda.md, "Weights requested into
 // L2 ahead of their product"); MAMBA3_DECODE_PREFETCH_MB: the most bytes requested per product (default: half the
-// device's L2); MAMBA3_DECODE_PREFETCH_MIN_ROWS: the smallest batch that requests (default 65).
+// device's L2); MAMBA3_DECODE_PREFETCH_MIN_ROWS: the smallest batch that requests (default 65);
+// MAMBA3_DECODE_PREFETCH_POLICY: normal (default) | last (the lines at L2's evict-last priority).
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -26,6 +27,7 @@ struct WeightPrefetchOptions {
   WeightPrefetch mode = WeightPrefetch::Off;
   size_t max_bytes = 0;   // per product; 0: half the device's L2
   int64_t min_rows = 65;  // decode batches below this do not request
+  bool evict_last = false;  // the requested lines at L2's evict-last priority (l2_prefetch)
 };
 // The options from the environment (read once per process).
 WeightPrefetchOptions weight_prefetch_from_env();

@@ -293,32 +293,36 @@ TEST(ModelGpu, ErrorsNameTheProblem) {
   }
 }
 
-// Weights requested into L2 ahead of their products (weight_prefetch.h) change no result: every mode, graph-replayed
-// and eager, with the default cap and with a cap smaller than one weight matrix, on SISO, MIMO and hybrid models.
+// Weights requested into L2 ahead of their products (weight_prefetch.h) change no result: both leads, graph-replayed
+// and eager, with the default cap and with a cap smaller than one weight matrix, normal and evict-last lines, on
+// SISO, MIMO and hybrid models; and the schedule makes its requests.
 TEST(ModelGpu, WeightPrefetchKeepsTheBits) {
   MAMBA3_REQUIRE_GPU();
   for (size_t ci : {size_t(0), size_t(2), size_t(3)}) {
     const Case cs = random_cases()[ci];
     const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
     const TensorMap w = init_weights(c, 12);
-    for (cuda::WeightPrefetch mode : {cuda::WeightPrefetch::Kernel, cuda::WeightPrefetch::Product}) {
-      for (size_t cap : {size_t(0), size_t(4096 + 48)}) {
-        for (bool graphs : {true, false}) {
-          SCOPED_TRACE(std::string(cs.name) + (mode == cuda::WeightPrefetch::Kernel ? " kernel" : " product") +
-                       " cap " + std::to_string(cap) + (graphs ? " graph" : " eager"));
-          cuda::CudaModel with(c, w, cs.name, Precision::BF16), without(c, w, cs.name, Precision::BF16);
-          with.set_weight_prefetch({mode, cap, 1});
-          without.set_weight_prefetch({cuda::WeightPrefetch::Off, 0, 1});
-          with.set_use_graphs(graphs);
-          without.set_use_graphs(graphs);
-          expect_equal_decodes(c, with, without, 3, 5, 5, 13);
-          // The requests were made: either lead asks once for each Mamba-3 layer's in_proj and out_proj, each MLP's
-          // fc1 and fc2 (every block of these models has one) and the lm_head.
-          size_t expected = 1;
-          for (int64_t i = 0; i < c.n_layer; ++i) expected += (c.is_attention_layer(i) ? 0 : 2) + 2;
-          EXPECT_EQ(with.weight_prefetch_requests(), expected);
-          EXPECT_EQ(without.weight_prefetch_requests(), 0u);
-        }
+    const std::vector<cuda::WeightPrefetchOptions> settings = {{cuda::WeightPrefetch::Kernel, 0, 1, false},
+                                                               {cuda::WeightPrefetch::Kernel, 4096 + 48, 1, true},
+                                                               {cuda::WeightPrefetch::Product, 0, 1, true},
+                                                               {cuda::WeightPrefetch::Product, 4096 + 48, 1, false}};
+    for (const cuda::WeightPrefetchOptions& o : settings) {
+      for (bool graphs : {true, false}) {
+        SCOPED_TRACE(std::string(cs.name) + (o.mode == cuda::WeightPrefetch::Kernel ? " kernel" : " product") +
+                     " cap " + std::to_string(o.max_bytes) + (o.evict_last ? " evict-last" : "") +
+                     (graphs ? " graph" : " eager"));
+        cuda::CudaModel with(c, w, cs.name, Precision::BF16), without(c, w, cs.name, Precision::BF16);
+        with.set_weight_prefetch(o);
+        without.set_weight_prefetch({cuda::WeightPrefetch::Off, 0, 1, false});
+        with.set_use_graphs(graphs);
+        without.set_use_graphs(graphs);
+        expect_equal_decodes(c, with, without, 3, 5, 5, 13);
+        // The requests were made: either lead asks once for each Mamba-3 layer's in_proj and out_proj, each MLP's
+        // fc1 and fc2 (every block of these models has one) and the lm_head.
+        size_t expected = 1;
+        for (int64_t i = 0; i < c.n_layer; ++i) expected += (c.is_attention_layer(i) ? 0 : 2) + 2;
+        EXPECT_EQ(with.weight_prefetch_requests(), expected);
+        EXPECT_EQ(without.weight_prefetch_requests(), 0u);
       }
     }
   }
@@ -339,6 +343,7 @@ TEST(ModelGpu, L2PrefetchLeavesMemoryAsItWas) {
   for (size_t bytes : {size_t(0), size_t(15), size_t(16), size_t(100), size_t(32 * 1024), size_t(32 * 1024 + 16), n})
     cuda::l2_prefetch(ctx.stream(), p, bytes);
   cuda::l2_prefetch(ctx.stream(), p + 64, n - 64);
+  cuda::l2_prefetch(ctx.stream(), p + 16, n - 16, /*evict_last=*/true);
   cuda::l2_prefetch(ctx.stream(), nullptr, 4096);
   ctx.sync();
   std::vector<uint8_t> back(n);

@@ -301,9 +301,12 @@ void run_cuda_bench(const CudaBenchArgs& a) {
               "GEMM %.0f TFLOP/s (8192³)\n",
               info.name.c_str(), info.sm_count, double(info.memory_bytes) / 1e9, bw / 1e9, gemm / 1e12);
   if (const cuda::WeightPrefetchOptions pf = cuda::weight_prefetch_from_env(); pf.mode != cuda::WeightPrefetch::Off)
-    std::printf("decode weights requested into L2 %s ahead (MAMBA3_DECODE_PREFETCH), from %ld rows, %s per product\n",
-                pf.mode == cuda::WeightPrefetch::Kernel ? "one kernel" : "one product", long(pf.min_rows),
-                pf.max_bytes ? fmt::format("≤ {} MB", pf.max_bytes >> 20).c_str() : "≤ half the L2");
+    std::printf(
+        "decode weights requested into L2 %s ahead (MAMBA3_DECODE_PREFETCH), from %ld rows, %s per product, "
+        "%s lines\n",
+        pf.mode == cuda::WeightPrefetch::Kernel ? "one kernel" : "one product", long(pf.min_rows),
+        pf.max_bytes ? fmt::format("≤ {} MB", pf.max_bytes >> 20).c_str() : "≤ half the L2",
+        pf.evict_last ? "evict-last" : "evict-normal");
   if (a.products) {
     if (!a.config.empty()) return bench_products(a.config, ModelConfig::load(a.config), a, bw);
     for (const auto& p : a.presets) bench_products("Mamba-3 " + p, cuda_preset(p), a, bw);
