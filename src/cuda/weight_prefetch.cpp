@@ -38,7 +38,12 @@ cudaEvent_t WeightPrefetcher::next_event() {
 
 void WeightPrefetcher::begin(cudaStream_t /*main*/) {
   if (!side_) {
-    MAMBA3_CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+    // The greatest priority: the hardware hands out a higher-priority kernel's blocks before the pending blocks of
+    // the step's kernels (a state kernel has thousands), so a request does not wait for the kernel it should run
+    // beside to drain.
+    int least = 0, greatest = 0;
+    MAMBA3_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    MAMBA3_CUDA_CHECK(cudaStreamCreateWithPriority(&side_, cudaStreamNonBlocking, greatest));
     int device = 0, l2 = 0;
     MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
