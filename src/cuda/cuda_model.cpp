@@ -137,7 +137,7 @@ struct CudaModel::Impl {
 
   // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1), starting from ws.hidden
   // (the embeddings). Leaves norm_f's output in ws.normed. A decode step whose weights the prefetcher requests asks
-  // for each product's weights one kernel or one product ahead (weight_prefetch.h); the caller ends the requests.
+  // for each product's weights one kernel or one product ahead (weight_prefetch.h); decode() begins and ends them.
   void run_blocks(Workspace& ws, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L, bool decode) const {
     const ModelConfig& c = config;
     const int64_t D = c.d_model, rows = batch * L;
@@ -156,7 +156,6 @@ struct CudaModel::Impl {
       if (li + 1 == blocks.size()) return &head();
       return blocks[li + 1].mamba ? &blocks[li + 1].mamba->in_proj() : nullptr;
     };
-    if (pf != WeightPrefetch::Off) prefetcher.begin(s);
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
       // in_proj: beside this add+norm (kernel lead, or the first layer), else beside the previous layer's fc2
@@ -199,9 +198,11 @@ struct CudaModel::Impl {
     const int64_t B = cache.batch;
     embed(ctx->stream(), ws.ids.as<int32_t>(), B, embedding.weight.raw(), precision, config.d_model,
           ws.hidden.as<float>());
+    const bool prefetch = prefetcher.active(B);  // run_blocks asks the same
+    if (prefetch) prefetcher.begin();
     run_blocks(ws, cache, 0, B, 1, true);
     linear(*ctx, head(), ws.normed.raw(), B, ws.logits.as<float>());
-    if (prefetcher.active(B)) prefetcher.end(ctx->stream());
+    if (prefetch) prefetcher.end(ctx->stream());
   }
 };
 

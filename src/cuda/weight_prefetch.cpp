@@ -36,7 +36,7 @@ cudaEvent_t WeightPrefetcher::next_event() {
   return events_[used_++];
 }
 
-void WeightPrefetcher::begin(cudaStream_t /*main*/) {
+void WeightPrefetcher::begin() {
   if (!side_) {
     // The greatest priority: the hardware hands out a higher-priority kernel's blocks before the pending blocks of
     // the step's kernels (a state kernel has thousands), so a request does not wait for the kernel it should run
@@ -51,7 +51,6 @@ void WeightPrefetcher::begin(cudaStream_t /*main*/) {
   }
   used_ = 0;
   requests_ = 0;
-  requested_ = false;
 }
 
 void WeightPrefetcher::request(cudaStream_t main, const GpuMatrix& w) {
@@ -65,15 +64,13 @@ void WeightPrefetcher::request(cudaStream_t main, const GpuMatrix& w) {
   MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(side_, e, 0));
   l2_prefetch(side_, w.weight.raw(), bytes, options_.evict_last);
   ++requests_;
-  requested_ = true;
 }
 
 void WeightPrefetcher::end(cudaStream_t main) {
-  if (!requested_) return;
+  if (requests_ == 0) return;
   cudaEvent_t e = next_event();
   MAMBA3_CUDA_CHECK(cudaEventRecord(e, side_));
   MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(main, e, 0));
-  requested_ = false;
 }
 
 }  // namespace mamba3::cuda

@@ -46,7 +46,7 @@ class WeightPrefetcher {
 
   // A step's requests: begin(), request() at each point, then end() after the step's last kernel, which joins the
   // side stream back into main (a captured graph must join every side branch). `main` is the step's stream.
-  void begin(cudaStream_t main);
+  void begin();
   void request(cudaStream_t main, const GpuMatrix& w);
   void end(cudaStream_t main);
   // Requests queued since the last begin() (tests: the schedule must issue them).
@@ -59,8 +59,7 @@ class WeightPrefetcher {
   std::vector<cudaEvent_t> events_;
   size_t used_ = 0;         // events used in this step
   size_t l2_bytes_ = 0;     // the device's, read on first use
-  size_t requests_ = 0;
-  bool requested_ = false;  // whether the side stream has work to join
+  size_t requests_ = 0;     // in this step; end() joins the side stream when there were any
 };
 
 }  // namespace mamba3::cuda
