@@ -8,7 +8,6 @@
 #include "cuda/attention_gpu.h"
 #include "cuda/basic_kernels.h"
 #include "cuda/device_buffer.h"
-#include "cuda/env_switch.h"
 #include "cuda/gpu_matrix.h"
 #include "cuda/mamba3_layer_gpu.h"
 #include "cuda/sampling_gpu.h"
@@ -26,30 +25,6 @@ struct Workspace {
   DeviceBuffer last;  // (logit rows, D) activations: each prompt's last row, gathered for fixed-shape products
   int64_t rows = 0, logit_rows = 0;
 };
-
-// The activation rows [row0, row0 + n) of a Workspace: every buffer is row-major, so a row range is an offset.
-struct RowsView {
-  float *hidden, *residual, *mlp, *zx;
-  char *normed, *mlp_act, *o;
-};
-
-// MAMBA3_DECODE_SPLIT, read once: how a decode step of a pure Mamba-3 model runs its rows
-// (CudaModel::set_decode_split). "0" (unset): as one batch; "free": two halves on two streams, joined before the
-// lm_head; "lag": the same, the second half starting each layer after the first half's mixer of that layer; "follow":
-// each of the second half's products starts once the first half's same product is done (so it finds the weights in L2).
-// See docs/kernels/mamba3_cuda.md, "What is left of the SISO b128 goal".
-int env_decode_split() {
-  static const int mode = [] {
-    const std::string s = env_choice("MAMBA3_DECODE_SPLIT", {"0", "free", "lag", "follow"});
-    return s == "0" ? 0 : s == "free" ? 1 : s == "lag" ? 2 : 3;
-  }();
-  return mode;
-}
-// MAMBA3_DECODE_SPLIT_MIN_ROWS: the smallest batch that splits (default 96). Read once.
-int64_t env_decode_split_min_rows() {
-  static const int64_t rows = env_integer("MAMBA3_DECODE_SPLIT_MIN_ROWS", 96, 2, int64_t(1) << 30);
-  return rows;
-}
 
 // fc1 (2F, D) = [value rows; gate rows] with its rows interleaved, value j at row 2j and gate j at 2j + 1: the
 // activation then reads neighbouring columns, and at batch 1–4 the matrix-vector kernel finds both halves of a pair
@@ -128,18 +103,6 @@ struct CudaModel::Impl {
   mutable Workspace prefill_ws;
   mutable WeightPrefetcher prefetcher;  // decode steps' weight requests into L2 (set_weight_prefetch)
 
-  // The split decode step (set_decode_split): its mode (0 off, 1 free, 2 lag, 3 follow), the smallest batch that
-  // splits, the second half's context (own stream and cuBLAS handle, made on first use) and its events (fork, join, per
-  // layer).
-  int decode_split = env_decode_split();
-  int64_t decode_split_min_rows = env_decode_split_min_rows();
-  mutable std::unique_ptr<Context> ctx2;
-  mutable std::vector<cudaEvent_t> split_events;
-
-  ~Impl() {
-    for (cudaEvent_t e : split_events) cudaEventDestroy(e);
-  }
-
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
   size_t act() const { return activation_size(precision); }
 
@@ -172,40 +135,18 @@ struct CudaModel::Impl {
 
   const float* nb(const DeviceBuffer& b) const { return b.empty() ? nullptr : b.as<float>(); }
 
-  // Token rows [r0, …) of ws (each buffer's row width as reserve() sized it).
-  RowsView rows_view(Workspace& ws, int64_t r0) const {
-    const ModelConfig& c = config;
-    int64_t zx_cols = 0, o_cols = 0;
-    for (const Block& b : blocks)
-      if (b.mamba) zx_cols = std::max(zx_cols, b.mamba->config().d_in_proj()), o_cols = b.mamba->config().d_inner();
-    const int64_t D = c.d_model, F = std::max<int64_t>(1, c.d_ff());
-    zx_cols = std::max<int64_t>(1, zx_cols), o_cols = std::max<int64_t>(1, o_cols);
-    return RowsView{ws.hidden.as<float>() + r0 * D,
-                    ws.residual.as<float>() + r0 * D,
-                    ws.mlp.as<float>() + r0 * 2 * F,
-                    ws.zx.as<float>() + r0 * zx_cols,
-                    ws.normed.as<char>() + size_t(r0 * D) * act(),
-                    ws.mlp_act.as<char>() + size_t(r0 * F) * act(),
-                    ws.o.as<char>() + size_t(r0 * o_cols) * act()};
-  }
-
-  // Where run_blocks calls its hook in each layer (the split decode's events).
-  enum class Point { BeforeLayer, AfterInProj, BeforeOutProj, AfterMixer, BeforeFc1, AfterFc1, BeforeFc2, AfterFc2 };
-
-  // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1) on cx's stream, starting from
-  // v.hidden (the embeddings). Leaves norm_f's output in v.normed. at(li, point) runs as layer li's kernels are
-  // queued. pf: whether and how each product's weights are requested into L2 ahead of it (weight_prefetch.h; the
-  // caller begins and ends the requests).
-  template <typename At>
-  void run_blocks(const Context& cx, const RowsView& v, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L,
-                  bool decode, WeightPrefetch pf, At at) const {
+  // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1), starting from ws.hidden
+  // (the embeddings). Leaves norm_f's output in ws.normed. A decode step whose weights the prefetcher requests asks
+  // for each product's weights one kernel or one product ahead (weight_prefetch.h); decode() begins and ends them.
+  void run_blocks(Workspace& ws, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L, bool decode) const {
     const ModelConfig& c = config;
     const int64_t D = c.d_model, rows = batch * L;
     const float eps = float(c.norm_epsilon);
-    const cudaStream_t s = cx.stream();
-    float* hidden = v.hidden;
-    float* residual = v.residual;
-    char* normed = v.normed;
+    const cudaStream_t s = ctx->stream();
+    float* hidden = ws.hidden.as<float>();
+    float* residual = ws.residual.as<float>();
+    char* normed = ws.normed.as<char>();
+    const WeightPrefetch pf = decode && prefetcher.active(rows) ? prefetcher.options().mode : WeightPrefetch::Off;
     const auto request = [&](const GpuMatrix* w) {
       if (w) prefetcher.request(s, *w);
     };
@@ -217,7 +158,6 @@ struct CudaModel::Impl {
     };
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
-      at(li, Point::BeforeLayer);
       // in_proj: beside this add+norm (kernel lead, or the first layer), else beside the previous layer's fc2
       if (b.mamba && (pf == WeightPrefetch::Kernel || (pf == WeightPrefetch::Product && li == 0)))
         request(&b.mamba->in_proj());
@@ -225,117 +165,44 @@ struct CudaModel::Impl {
       if (b.mamba) {
         Mamba3GpuState state = cache.mamba[li]->rows_from(row0);
         if (decode) state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
-        b.mamba->forward(cx, normed, batch, L, state, v.zx, v.o, hidden, [&](GpuMamba3Layer::Edge e) {
-          if (e == GpuMamba3Layer::Edge::AfterInProj) {
-            at(li, Point::AfterInProj);
-            if (pf != WeightPrefetch::Off) request(&b.mamba->out_proj());  // beside the state kernel
-          } else {
-            at(li, Point::BeforeOutProj);
-            if (pf == WeightPrefetch::Product)
+        std::function<void(GpuMamba3Layer::Edge)> edge;
+        if (pf != WeightPrefetch::Off)
+          edge = [&](GpuMamba3Layer::Edge e) {
+            if (e == GpuMamba3Layer::Edge::AfterInProj) request(&b.mamba->out_proj());  // beside the state kernel
+            if (e == GpuMamba3Layer::Edge::BeforeOutProj && pf == WeightPrefetch::Product)
               request(b.has_mlp ? &b.fc1 : after_layer(li));  // beside out_proj (and the add+norm)
-          }
-        });
+          };
+        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, edge);
       } else if (decode) {
-        b.attention->step(cx, normed, batch, *cache.attn[li], hidden);
+        b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
         for (int64_t r = 0; r < batch; ++r)
-          b.attention->prefill(cx, normed + size_t(r * L * D) * act(), L, *cache.attn[li], row0 + r,
+          b.attention->prefill(*ctx, normed + size_t(r * L * D) * act(), L, *cache.attn[li], row0 + r,
                                cache.positions[size_t(row0 + r)], hidden + r * L * D);
       }
-      at(li, Point::AfterMixer);
       if (b.has_mlp) {
         if (pf == WeightPrefetch::Kernel || (pf == WeightPrefetch::Product && !b.mamba)) request(&b.fc1);
         add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
-        at(li, Point::BeforeFc1);
         if (pf != WeightPrefetch::Off) request(&b.fc2);  // beside fc1 and the activation
-        linear_gated_silu(cx, b.fc1, normed, rows, v.mlp, v.mlp_act, precision);
-        at(li, Point::AfterFc1);
-        at(li, Point::BeforeFc2);
+        linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
         if (pf == WeightPrefetch::Product) request(after_layer(li));  // beside fc2
-        linear(cx, b.fc2, v.mlp_act, rows, hidden);
-        at(li, Point::AfterFc2);
+        linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
       }
     }
     if (pf == WeightPrefetch::Kernel) request(&head());  // beside the final norm
     add_norm(s, hidden, residual, rows, D, false, norm_f_w.as<float>(), nb(norm_f_b), eps, normed, precision);
   }
-  void run_blocks(Workspace& ws, GpuCache::Impl& cache, int64_t row0, int64_t batch, int64_t L, bool decode) const {
-    run_blocks(*ctx, rows_view(ws, 0), cache, row0, batch, L, decode, WeightPrefetch::Off, [](size_t, Point) {});
-  }
-
-  // Whether a decode step of this cache runs as two halves (set_decode_split): pure Mamba-3 models only (the
-  // attention step takes whole batches).
-  bool splits_decode(const GpuCache::Impl& cache) const {
-    if (decode_split == 0 || cache.batch < std::max<int64_t>(2, decode_split_min_rows)) return false;
-    for (const Block& b : blocks)
-      if (b.attention) return false;
-    return true;
-  }
-
-  // The split step's second stream and events, made once.
-  void prepare_split() const {
-    if (!ctx2) ctx2 = std::make_unique<Context>();
-    const size_t wanted = 4 * blocks.size() + 2;
-    while (split_events.size() < wanted) {
-      cudaEvent_t e = nullptr;
-      MAMBA3_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-      split_events.push_back(e);
-    }
-  }
 
   void decode(GpuCache::Impl& cache) const {
     Workspace& ws = cache.ws;
     const int64_t B = cache.batch;
-    const cudaStream_t s = ctx->stream();
-    const WeightPrefetch pf = prefetcher.active(B) ? prefetcher.options().mode : WeightPrefetch::Off;
-    if (pf != WeightPrefetch::Off) prefetcher.begin();
-    embed(s, ws.ids.as<int32_t>(), B, embedding.weight.raw(), precision, config.d_model, ws.hidden.as<float>());
-    if (!splits_decode(cache)) {
-      run_blocks(*ctx, rows_view(ws, 0), cache, 0, B, 1, true, pf, [](size_t, Point) {});
-    } else {
-      // Two halves of the rows, each through every block on its own stream: one half's matrix products (bound by
-      // reading the weights) run while the other half's state kernels stream their states, instead of the two kinds
-      // of work taking turns on the whole device. The halves share nothing but the weights; they join before the
-      // lm_head, which reads its weights once for all rows. Weight requests (pf) go with the first half.
-      prepare_split();
-      const cudaStream_t s2 = ctx2->stream();
-      const int64_t half = B / 2;
-      cudaEvent_t fork = split_events[0], join = split_events[1];
-      MAMBA3_CUDA_CHECK(cudaEventRecord(fork, s));
-      MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(s2, fork, 0));
-      // lag: the second half starts layer li once the first half's mixer of layer li is done. follow: each of the
-      // second half's four products starts once the first half's same product is done.
-      const auto event = [&](size_t li, int k) { return split_events[2 + 4 * li + size_t(k)]; };
-      const int mode = decode_split;
-      run_blocks(*ctx, rows_view(ws, 0), cache, 0, half, 1, true, pf, [&](size_t li, Point p) {
-        if (mode == 2 && p == Point::AfterMixer) MAMBA3_CUDA_CHECK(cudaEventRecord(event(li, 0), s));
-        if (mode != 3) return;
-        // the first half records each product's end: after in_proj, out_proj (the mixer), fc1, fc2
-        const int k = p == Point::AfterInProj  ? 0
-                      : p == Point::AfterMixer ? 1
-                      : p == Point::AfterFc1   ? 2
-                      : p == Point::AfterFc2   ? 3
-                                               : -1;
-        if (k >= 0) MAMBA3_CUDA_CHECK(cudaEventRecord(event(li, k), s));
-      });
-      run_blocks(*ctx2, rows_view(ws, half), cache, half, B - half, 1, true, WeightPrefetch::Off,
-                 [&](size_t li, Point p) {
-                   if (mode == 2 && p == Point::BeforeLayer)
-                     MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(s2, event(li, 0), 0));
-                   if (mode != 3) return;
-                   // in_proj's wait sits before the layer's add+norm (the hook inside the layer follows in_proj)
-                   const int k = p == Point::BeforeLayer     ? 0
-                                 : p == Point::BeforeOutProj ? 1
-                                 : p == Point::BeforeFc1     ? 2
-                                 : p == Point::BeforeFc2     ? 3
-                                                             : -1;
-                   if (k >= 0) MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(s2, event(li, k), 0));
-                 });
-      MAMBA3_CUDA_CHECK(cudaEventRecord(join, s2));
-      MAMBA3_CUDA_CHECK(cudaStreamWaitEvent(s, join, 0));
-    }
+    embed(ctx->stream(), ws.ids.as<int32_t>(), B, embedding.weight.raw(), precision, config.d_model,
+          ws.hidden.as<float>());
+    const bool prefetch = prefetcher.active(B);  // run_blocks asks the same
+    if (prefetch) prefetcher.begin();
+    run_blocks(ws, cache, 0, B, 1, true);
     linear(*ctx, head(), ws.normed.raw(), B, ws.logits.as<float>());
-    if (pf != WeightPrefetch::Off) prefetcher.end(s);
+    if (prefetch) prefetcher.end(ctx->stream());
   }
 };
 
@@ -405,12 +272,6 @@ const Context& CudaModel::context() const { return *impl_->ctx; }
 void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
 void CudaModel::set_state_precision(Precision p) { impl_->state_precision = p; }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }
-void CudaModel::set_decode_split(DecodeSplit mode, int64_t min_rows) {
-  MAMBA3_CHECK(min_rows >= 2, "set_decode_split: min_rows must be at least 2, got {}", min_rows);
-  impl_->decode_split = mode == DecodeSplit::Off ? 0 : mode == DecodeSplit::Free ? 1 : mode == DecodeSplit::Lag ? 2 : 3;
-  impl_->decode_split_min_rows = min_rows;
-}
-
 void CudaModel::set_weight_prefetch(const WeightPrefetchOptions& options) {
   MAMBA3_CHECK(options.min_rows >= 1, "set_weight_prefetch: min_rows must be at least 1, got {}", options.min_rows);
   impl_->prefetcher.set_options(options);

@@ -97,15 +97,6 @@ class CudaModel {
   // depend on how many prompts are prefilled in the same call (the server's exact batched prefill), at the cost of
   // padding the last block. Decode steps are unaffected.
   void set_prefill_row_block(int64_t rows);
-  // Decode steps of pure Mamba-3 models with at least min_rows rows as two halves of the rows on two streams (one
-  // half's matrix products overlapping the other half's state kernels): Off, Free (the halves joined only before the
-  // lm_head), Lag (the second half starts each layer once the first half's mixer of that layer is done) or Follow
-  // (each of the second half's products starts once the first half's same product is done, finding its weights in
-  // L2). Each row's result is that of a decode step of its half alone. Defaults: MAMBA3_DECODE_SPLIT
-  // (0 | free | lag | follow; unset: 0) and MAMBA3_DECODE_SPLIT_MIN_ROWS (96). Caches capture their graph on first
-  // use: set this before stepping.
-  enum class DecodeSplit { Off, Free, Lag, Follow };
-  void set_decode_split(DecodeSplit mode, int64_t min_rows);
   // Decode steps request each matrix product's weights into L2 ahead of the product (weight_prefetch.h; results are
   // unchanged: the requests only warm the cache). Default: weight_prefetch_from_env(). Caches capture their graph on
   // first use: set this before stepping.

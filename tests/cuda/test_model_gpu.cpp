@@ -246,59 +246,6 @@ TEST(ModelGpu, GraphReplayEqualsEager) {
   }
 }
 
-// A decode step split into two halves of the rows on two streams (CudaModel::set_decode_split) gives every row the
-// bits of a step of its half alone, graph-replayed and eager, in every mode; and stays within rounding of the unsplit
-// step. The hybrid model (attention steps whole batches) does not split and keeps the unsplit bits.
-TEST(ModelGpu, SplitDecodeEqualsItsHalves) {
-  MAMBA3_REQUIRE_GPU();
-  using Split = cuda::CudaModel::DecodeSplit;
-  for (size_t ci : {size_t(0), size_t(2), size_t(3)}) {
-    const Case cs = random_cases()[ci];
-    const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
-    const TensorMap w = init_weights(c, 9);
-    const bool hybrid = ci == 3;
-    for (Split mode : {Split::Free, Split::Lag, Split::Follow}) {
-      for (bool graphs : {true, false}) {
-        const char* mode_name = mode == Split::Lag ? " lag" : mode == Split::Free ? " free" : " follow";
-        SCOPED_TRACE(std::string(cs.name) + mode_name + (graphs ? " graph" : " eager"));
-        cuda::CudaModel split(c, w, cs.name, Precision::BF16), whole(c, w, cs.name, Precision::BF16);
-        split.set_decode_split(mode, 2);
-        whole.set_decode_split(Split::Off, 2);
-        split.set_use_graphs(graphs);
-        const int64_t B = 5, half = B / 2, L = 7, V = c.vocab_padded();
-        std::mt19937 rng(11);
-        std::vector<int64_t> ids(static_cast<size_t>(B * L));
-        for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
-        cuda::GpuCache cs_ = split.new_cache(B, 64), cw = whole.new_cache(B, 64);
-        cuda::GpuCache c0 = whole.new_cache(half, 64), c1 = whole.new_cache(B - half, 64);
-        split.prefill(ids, B, L, cs_);
-        whole.prefill(ids, B, L, cw);
-        whole.prefill(std::vector<int64_t>(ids.begin(), ids.begin() + half * L), half, L, c0);
-        whole.prefill(std::vector<int64_t>(ids.begin() + half * L, ids.end()), B - half, L, c1);
-        Tensor ls = Tensor::empty(DType::F32, {B, V}), lw = Tensor::empty(DType::F32, {B, V});
-        Tensor l0 = Tensor::empty(DType::F32, {half, V}), l1 = Tensor::empty(DType::F32, {B - half, V});
-        for (int t = 0; t < 6; ++t) {
-          std::vector<int64_t> step(static_cast<size_t>(B));
-          for (auto& id : step) id = int64_t(rng() % uint32_t(c.vocab_size));
-          split.step(step, cs_, ls);
-          whole.step(step, cw, lw);
-          whole.step(std::vector<int64_t>(step.begin(), step.begin() + half), c0, l0);
-          whole.step(std::vector<int64_t>(step.begin() + half, step.end()), c1, l1);
-          if (hybrid) {
-            ASSERT_EQ(rel_l2(ls, lw), 0.0) << "step " << t << " (not split)";
-            continue;
-          }
-          ASSERT_EQ(rel_l2(rows(ls, 0, half), l0), 0.0) << "step " << t << ", first half";
-          ASSERT_EQ(rel_l2(rows(ls, half, B), l1), 0.0) << "step " << t << ", second half";
-          const double whole_err = rel_l2(ls, lw);
-          EXPECT_LE(whole_err, 1e-5) << "step " << t << " against the unsplit step";
-          EXPECT_FALSE(std::isnan(whole_err));
-        }
-      }
-    }
-  }
-}
-
 // Greedy generation on the GPU (sampling on the device, graph-replayed steps) gives the CPU generator's ids, for
 // every golden model, batch 3 (one prefill per row), and stops at a stop id.
 TEST(ModelGpu, GreedyGenerationEqualsCpu) {
