@@ -6,6 +6,7 @@
 #include "cuda/env_switch.h"
 #include "cuda/gated_silu.cuh"
 #include "cuda/gemv_small_m.h"
+#include "cuda/l2_prefetch.cuh"
 #include "cuda/pdl.h"
 
 namespace mamba3::cuda {
@@ -40,11 +41,13 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // its batch. U pieces per lane are requested at once.
 // Pairs: W's rows are (value, gate) pairs (2j, 2j + 1) and the kernel writes act (M, n/2) bf16 = value ⊙ silu(gate),
 // rounded as gated_silu() rounds, instead of y: a block's kCols columns are whole pairs, met in shared memory.
+// l2_prefetch: warp 0 first asks L2 for all of the block's weight rows (bulk prefetch), so that under PDL the whole
+// product's weights stream while the kernel before it runs, not only the first window of each lane.
 template <int M, int KS, bool Pairs>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k,
-                                                          const __nv_bfloat16* __restrict__ x, int64_t x_stride,
-                                                          float* __restrict__ y, int64_t y_stride,
-                                                          __nv_bfloat16* __restrict__ act) {
+__global__ void __launch_bounds__(kWarps * 32)
+    gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k, const __nv_bfloat16* __restrict__ x,
+                int64_t x_stride, float* __restrict__ y, int64_t y_stride, __nv_bfloat16* __restrict__ act,
+                bool l2_prefetch) {
   constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
   static_assert(!Pairs || kCols % 2 == 0, "a block's columns must be whole pairs");
   __shared__ float partial[KS > 1 ? kWarps * M : 1];
@@ -60,6 +63,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
 #pragma unroll
   for (int r = 0; r < M; ++r) acc[r] = 0.0f;
   pdl_trigger();
+  if (l2_prefetch && warp == 0) {  // the block's kCols rows are contiguous; K % 8 == 0 keeps them whole 16-byte units
+    const int64_t col0 = int64_t(blockIdx.x) * kCols, rows = n - col0 < kCols ? n - col0 : kCols;
+    l2_prefetch_pieces(reinterpret_cast<const char*>(w + col0 * k), uint64_t(rows * k) * 2, lane, 32);
+  }
   // The first window of weights is requested before waiting for the kernel that writes x (weights never change).
   uint4 wv[U];
 #pragma unroll
@@ -131,21 +138,31 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __nv_bfloat16* 
 
 template <int M, int KS, bool Pairs>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
-            int64_t y_stride, void* act) {
+            int64_t y_stride, void* act, bool l2_prefetch) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
   launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
-             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act));
+             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act),
+             l2_prefetch);
 }
 
 template <int M, bool Pairs = false>
-void launch_split(int ks, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride,
+void launch_split(int ks, bool pf, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride,
                   float* y, int64_t y_stride, void* act = nullptr) {
   switch (ks) {
-    case 1: return launch<M, 1, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
-    case 2: return launch<M, 2, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
-    default: return launch<M, 4, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act);
+    case 1:
+      return launch<M, 1, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act, pf);
+    case 2:
+      return launch<M, 2, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act, pf);
+    default:
+      return launch<M, 4, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act, pf);
   }
+}
+
+// MAMBA3_GEMV_PREFETCH=1: every call asks L2 for its block's weights up front (off by default until measured).
+bool env_l2_prefetch() {
+  static const bool on = env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1"}) == "1";
+  return on;
 }
 
 // The automatic split: 4 warps per column for the narrow products (1.5B out_proj/fc2, N 2048: decode b1 1.443 ms
@@ -197,33 +214,47 @@ int gemv_small_m_split(int64_t n, int64_t k) {
 }
 
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                  float* y, int64_t y_stride, int k_split) {
+                  float* y, int64_t y_stride, int k_split, std::optional<bool> l2_prefetch) {
   const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
+  const bool pf = l2_prefetch.value_or(env_l2_prefetch());
   MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m: k_split {} (expected 1, 2 or 4)", ks);
   switch (m) {
-    case 1: return launch_split<1>(ks, s, w, n, k, x, x_stride, y, y_stride);
-    case 2: return launch_split<2>(ks, s, w, n, k, x, x_stride, y, y_stride);
-    case 3: return launch_split<3>(ks, s, w, n, k, x, x_stride, y, y_stride);
-    case 4: return launch_split<4>(ks, s, w, n, k, x, x_stride, y, y_stride);
-    case 5: return launch_split<5>(ks, s, w, n, k, x, x_stride, y, y_stride);
-    case 6: return launch_split<6>(ks, s, w, n, k, x, x_stride, y, y_stride);
-    case 7: return launch_split<7>(ks, s, w, n, k, x, x_stride, y, y_stride);
-    case 8: return launch_split<8>(ks, s, w, n, k, x, x_stride, y, y_stride);
+    case 1:
+      return launch_split<1>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
+    case 2:
+      return launch_split<2>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
+    case 3:
+      return launch_split<3>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
+    case 4:
+      return launch_split<4>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
+    case 5:
+      return launch_split<5>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
+    case 6:
+      return launch_split<6>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
+    case 7:
+      return launch_split<7>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
+    case 8:
+      return launch_split<8>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
     default: fail("gemv_small_m: {} rows (at most {})", m, kGemvMaxRows);
   }
 }
 
 void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                              int64_t x_stride, void* act, int k_split) {
+                              int64_t x_stride, void* act, int k_split, std::optional<bool> l2_prefetch) {
   const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
+  const bool pf = l2_prefetch.value_or(env_l2_prefetch());
   MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m_gated_pairs: k_split {} (expected 1, 2 or 4)", ks);
   MAMBA3_CHECK(n % 2 == 0 && m >= 1 && m <= kGemvPairsMaxRows,
                "gemv_small_m_gated_pairs: N {} must be even and M {} in 1..{}", n, m, kGemvPairsMaxRows);
   switch (m) {
-    case 1: return launch_split<1, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
-    case 2: return launch_split<2, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
-    case 3: return launch_split<3, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
-    default: return launch_split<4, true>(ks, s, w, n, k, x, x_stride, nullptr, 0, act);
+    case 1:
+      return launch_split<1, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
+    case 2:
+      return launch_split<2, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
+    case 3:
+      return launch_split<3, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
+    default:
+      return launch_split<4, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
   }
 }
 

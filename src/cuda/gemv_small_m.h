@@ -2,9 +2,10 @@
 // y (M, N) f32 = x (M, K) · Wᵀ for a handful of rows (decode at small batch) with bf16 W and x: a memory-bound
 // matrix-vector kernel that streams W once at close to the copy bandwidth (cuBLAS's general kernels leave about half
 // of it unused at M = 1). One warp (or 2–4 splitting K) per output row, 16-byte loads, f32 accumulation.
-#include <cstdint>
-
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <optional>
 
 namespace mamba3::cuda {
 
@@ -18,9 +19,11 @@ constexpr int64_t kGemvPreferredRows = 4;
 bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* w, const void* x);
 
 // W (N, K) bf16 row-major; x (M, K) bf16 with rows x_stride elements apart; y (M, N) f32 with rows y_stride apart.
-// k_split: warps per output column (1, 2 or 4); 0: gemv_small_m_split's choice.
+// k_split: warps per output column (1, 2 or 4); 0: gemv_small_m_split's choice. l2_prefetch: each block first asks
+// L2 for all of its weight rows (a hint: the same results), so that under PDL the product's whole weight stream starts
+// while the kernel before it runs; unset: MAMBA3_GEMV_PREFETCH (0 or 1, default 0; read once).
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                  float* y, int64_t y_stride, int k_split = 0);
+                  float* y, int64_t y_stride, int k_split = 0, std::optional<bool> l2_prefetch = std::nullopt);
 
 // The GatedMLP's fc1 and activation in one launch: W (N, K) holds N/2 (value, gate) row pairs (rows 2j, 2j + 1);
 // act (M, N/2) bf16 = bf16(y_2j · silu(y_2j+1)) where y = x · Wᵀ in f32 — the same bits as gemv_small_m followed by
@@ -28,7 +31,8 @@ void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const voi
 // as for gemv_small_m. Saves the activation kernel's launch per block at batch 1–4.
 constexpr int64_t kGemvPairsMaxRows = kGemvPreferredRows;
 void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                              int64_t x_stride, void* act, int k_split = 0);
+                              int64_t x_stride, void* act, int k_split = 0,
+                              std::optional<bool> l2_prefetch = std::nullopt);
 
 // Warps per column the kernel uses for an (N, K) product by default: the split (1, 2 or 4; 1 when K < 1024 or
 // MAMBA3_GEMV_KSPLIT=0) whose N·split warps fill their last wave on this device best (1.5B: out_proj/fc2 4, in_proj

@@ -3,32 +3,22 @@
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
+#include "cuda/l2_prefetch.cuh"
 #include "cuda/l2_prefetch.h"
 
 namespace mamba3::cuda {
 namespace {
 
-constexpr uint32_t kPieceBytes = 32 * 1024;  // one bulk request; a multiple of 16
 constexpr int kThreads = 32;
 
-// Thread i of the grid requests pieces i, i + grid threads, …; the last piece is cut to the range's end.
+// Thread i of the grid requests pieces i, i + grid threads, ….
 template <bool EvictLast>
 __global__ void l2_prefetch_kernel(const char* p, uint64_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   uint64_t policy = 0;
   if constexpr (EvictLast) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  const uint64_t pieces = (bytes + kPieceBytes - 1) / kPieceBytes;
-  const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
-  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < pieces; i += stride) {
-    const uint64_t start = i * kPieceBytes;
-    const uint32_t size = bytes - start < kPieceBytes ? uint32_t(bytes - start) : kPieceBytes;
-    if constexpr (EvictLast)
-      asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(p + start), "r"(size),
-                   "l"(policy)
-                   : "memory");
-    else
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + start), "r"(size) : "memory");
-  }
+  l2_prefetch_pieces(p, bytes, uint64_t(blockIdx.x) * blockDim.x + threadIdx.x, uint64_t(gridDim.x) * blockDim.x,
+                     EvictLast, policy);
 #endif
 }
 
@@ -38,7 +28,7 @@ void l2_prefetch(cudaStream_t s, const void* p, size_t bytes, bool evict_last) {
   bytes &= ~size_t(15);
   if (p == nullptr || bytes == 0) return;
   MAMBA3_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "l2_prefetch: address {} is not 16-byte aligned", p);
-  const uint64_t pieces = (bytes + kPieceBytes - 1) / kPieceBytes;
+  const uint64_t pieces = (bytes + kL2PrefetchPieceBytes - 1) / kL2PrefetchPieceBytes;
   // A few requests per thread over up to 64 blocks: the requests spread over many SMs' copy engines.
   const unsigned blocks = unsigned(std::clamp<uint64_t>((pieces + 4 * kThreads - 1) / (4 * kThreads), 1, 64));
   if (evict_last)

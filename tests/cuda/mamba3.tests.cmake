@@ -6,3 +6,9 @@ mamba3_cuda_test(test_stream_gemm_gpu ${CMAKE_CURRENT_LIST_DIR}/test_stream_gemm
 add_test(NAME test_gemv_gpu_stream_gemm COMMAND test_gemv_gpu --gtest_filter=*LinearDispatch*)
 set_tests_properties(test_gemv_gpu_stream_gemm PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+# Every matrix-vector product asking L2 for its block's weights up front: decode must give the same logits
+# (GraphReplayEqualsEager, the CPU comparisons and the golden cases run at batch 1–4, the kernel's rows).
+add_test(NAME test_model_gpu_gemv_prefetch COMMAND test_model_gpu
+         --gtest_filter=*GraphReplay*:*MatchesCpuOnRandomModels*:*GoldenCasesBf16*:*GreedyGeneration*)
+set_tests_properties(test_model_gpu_gemv_prefetch PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_GEMV_PREFETCH=1
+                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
