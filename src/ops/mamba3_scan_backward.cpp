@@ -460,6 +460,29 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
   }
 }
 
+// The call's large buffers (the layer's (B·L, …) activations and gradients), kept by the calling thread between calls.
+// Allocated anew each call, they were zero-filled every time, and those above glibc's mmap threshold (dBn and dCn of
+// a 10M-class MIMO layer at 8 × 256 tokens: 33.5 MB each) came as fresh pages, faulted in each time: 16 % of a MIMO
+// training step in memset and page faults; kept, that step ran 1.5× as fast (docs/perf.md). No contents carry over:
+// the backward writes every element before it reads it, or clears it first (dzx).
+struct BackwardBuffers {
+  std::vector<float> zx_raw, zx, dO, o, dzx, dBn, dCn, dth, th;
+};
+
+BackwardBuffers& backward_buffers() {
+  thread_local BackwardBuffers buffers;
+  return buffers;
+}
+
+// v's storage for at least n floats (grown, never shrunk; new storage is not copied from the old).
+float* at_least(std::vector<float>& v, int64_t n) {
+  if (v.size() < size_t(n)) {
+    std::vector<float>().swap(v);
+    v.resize(size_t(n));
+  }
+  return v.data();
+}
+
 }  // namespace
 
 void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int64_t batch, int64_t L, const float* u,
@@ -472,15 +495,19 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
   const Mamba3HeadParams& p = w.head;
 
   // Forward projections: zx_raw = u·W_inᵀ (or the forward's, kept), zx = the same with B/C normalised; dO = dout·W_out.
-  std::vector<float> zx_raw_own(zx_raw_kept ? 0 : size_t(M * din)), zx(size_t(M * din)), dO(size_t(M * di)),
-      o(size_t(M * di));
-  if (!zx_raw_kept) linear(u, M, D, w.in_proj, din, zx_raw_own.data());
-  const float* zx_raw = zx_raw_kept ? zx_raw_kept : zx_raw_own.data();
-  std::copy_n(zx_raw, M * din, zx.begin());
-  mamba3_normalize_bc(c, w.B_norm, w.C_norm, M, zx.data());
-  gemm_rows(false, false, M, di, D, dout, D, w.out_proj, di, 0.0f, dO.data(), di);
+  BackwardBuffers& buf = backward_buffers();
+  float* zx_raw_own = zx_raw_kept ? nullptr : at_least(buf.zx_raw, M * din);
+  float *zx = at_least(buf.zx, M * din), *dO = at_least(buf.dO, M * di), *o = at_least(buf.o, M * di);
+  if (!zx_raw_kept) linear(u, M, D, w.in_proj, din, zx_raw_own);
+  const float* zx_raw = zx_raw_kept ? zx_raw_kept : zx_raw_own;
+  std::copy_n(zx_raw, M * din, zx);
+  mamba3_normalize_bc(c, w.B_norm, w.C_norm, M, zx);
+  gemm_rows(false, false, M, di, D, dout, D, w.out_proj, di, 0.0f, dO, di);
 
-  std::vector<float> dzx(size_t(M * din), 0.0f), dBn(size_t(M * H * R * N)), dCn(dBn.size()), dth(size_t(M * H * S));
+  // Every element of dBn, dCn and dth is written by its head's task; dzx's x columns are sums over the ranks.
+  float *dzx = at_least(buf.dzx, M * din), *dBn = at_least(buf.dBn, M * H * R * N),
+        *dCn = at_least(buf.dCn, M * H * R * N), *dth = at_least(buf.dth, M * H * S);
+  std::fill_n(dzx, M * din, 0.0f);
   std::vector<HeadGrads> hg(size_t(batch * H));
   for (HeadGrads& g : hg) {
     g.B_bias.assign(size_t(R * N), 0.0f), g.C_bias.assign(size_t(R * N), 0.0f);
@@ -492,21 +519,31 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
     std::fill_n(dinit->k, batch * R * H * N, 0.0f), std::fill_n(dinit->v, batch * H * P, 0.0f);
   }
   // tanh θ once per token (every head's angle recompute and angle gradient reads it).
-  std::vector<float> th(size_t(M * S));
+  float* th = at_least(buf.th, M * S);
   parallel_for(M, [&](int64_t row) {
-    for (int64_t i = 0; i < S; ++i) th[size_t(row * S + i)] = std::tanh(zx[size_t(row * din + c.off_angles() + i)]);
+    for (int64_t i = 0; i < S; ++i) th[row * S + i] = std::tanh(zx[row * din + c.off_angles() + i]);
   });
   std::vector<BwdScratch> scratch(static_cast<size_t>(max_threads()));
   parallel_for(batch * H, [&](int64_t task) {
     const int64_t b = task / H, h = task % H;
     BwdScratch& s = scratch[size_t(thread_index())];
     if (s.dt.size() != size_t(L)) s.resize(c, L);
-    TaskIO io{zx.data() + b * L * din, dO.data() + b * L * di, o.data() + b * L * di, dzx.data() + b * L * din,
-              dBn.data() + b * L * H * R * N, dCn.data() + b * L * H * R * N, dth.data() + b * L * H * S,
-              th.data() + b * L * S, init ? init->angle + b * H * S : nullptr, init ? init->ssm + b * H * P * N : nullptr,
-              init ? init->k + b * R * H * N : nullptr, init ? init->v + b * H * P : nullptr,
-              dinit ? dinit->angle + b * H * S : nullptr, dinit ? dinit->ssm + b * H * P * N : nullptr,
-              dinit ? dinit->k + b * R * H * N : nullptr, dinit ? dinit->v + b * H * P : nullptr};
+    TaskIO io{zx + b * L * din,
+              dO + b * L * di,
+              o + b * L * di,
+              dzx + b * L * din,
+              dBn + b * L * H * R * N,
+              dCn + b * L * H * R * N,
+              dth + b * L * H * S,
+              th + b * L * S,
+              init ? init->angle + b * H * S : nullptr,
+              init ? init->ssm + b * H * P * N : nullptr,
+              init ? init->k + b * R * H * N : nullptr,
+              init ? init->v + b * H * P : nullptr,
+              dinit ? dinit->angle + b * H * S : nullptr,
+              dinit ? dinit->ssm + b * H * P * N : nullptr,
+              dinit ? dinit->k + b * R * H * N : nullptr,
+              dinit ? dinit->v + b * H * P : nullptr};
     backward_head(c, p, h, L, io, hg[size_t(task)], s);
   });
 
@@ -517,11 +554,11 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
   const int64_t blocks = (M + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<float> gBn(size_t(blocks * N), 0.0f), gCn(size_t(blocks * N), 0.0f);
   auto norm_rows = [&](int64_t row, float* gb, float* gc) {
-    float* dz = dzx.data() + row * din;
+    float* dz = dzx + row * din;
     const float* raw = zx_raw + row * din;
     std::vector<float> acc(static_cast<size_t>(N));
     for (int which = 0; which < 2; ++which) {
-      const float* dsrc = (which == 0 ? dBn : dCn).data() + row * H * R * N;
+      const float* dsrc = (which == 0 ? dBn : dCn) + row * H * R * N;
       const float* wt = which == 0 ? w.B_norm : w.C_norm;
       const int64_t off = which == 0 ? c.off_B() : c.off_C();
       float* gw = which == 0 ? gb : gc;
@@ -544,7 +581,7 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
           for (int64_t n = 0; n < N; ++n) dxo[n] = rstd * (acc[size_t(n)] * wt[n] - x[n] * rstd * mean);
         }
     }
-    const float* th = dth.data() + row * H * S;
+    const float* th = dth + row * H * S;
     for (int64_t i = 0; i < S; ++i) {
       float a = 0;
       for (int64_t h = 0; h < H; ++h) a += th[h * S + i];
@@ -560,9 +597,9 @@ void mamba3_backward(const Mamba3Config& c, const Mamba3ReferenceWeights& w, int
       grads.B_norm[n] += gBn[size_t(blk * N + n)], grads.C_norm[n] += gCn[size_t(blk * N + n)];
 
   // Projections: du = dzx·W_in, dW_in += dzxᵀ·u, dW_out += doutᵀ·o.
-  gemm_rows(false, false, M, D, din, dzx.data(), din, w.in_proj, D, 0.0f, du, D);
-  gemm_rows(true, false, din, D, M, dzx.data(), din, u, D, 1.0f, grads.in_proj, D);
-  gemm_rows(true, false, D, di, M, dout, D, o.data(), di, 1.0f, grads.out_proj, di);
+  gemm_rows(false, false, M, D, din, dzx, din, w.in_proj, D, 0.0f, du, D);
+  gemm_rows(true, false, din, D, M, dzx, din, u, D, 1.0f, grads.in_proj, D);
+  gemm_rows(true, false, D, di, M, dout, D, o, di, 1.0f, grads.out_proj, di);
 
   // Per-head partials summed over batch rows.
   for (int64_t b = 0; b < batch; ++b)
