@@ -1,5 +1,6 @@
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/cuda_check.h"
@@ -41,13 +42,14 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // its batch. U pieces per lane are requested at once.
 // Pairs: W's rows are (value, gate) pairs (2j, 2j + 1) and the kernel writes act (M, n/2) bf16 = value ⊙ silu(gate),
 // rounded as gated_silu() rounds, instead of y: a block's kCols columns are whole pairs, met in shared memory.
-// l2_prefetch: warp 0 first asks L2 for all of the block's weight rows (bulk prefetch), so that under PDL the whole
-// product's weights stream while the kernel before it runs, not only the first window of each lane.
+// pf_blocks > 0: the first pf_blocks blocks (those resident at once) first ask L2 for an equal share each of all of W
+// (bulk prefetch by warp 0), so that under PDL the whole product's weights stream while the kernel before it runs,
+// not only each resident lane's first window (and nothing of the later waves' rows).
 template <int M, int KS, bool Pairs>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k, const __nv_bfloat16* __restrict__ x,
                 int64_t x_stride, float* __restrict__ y, int64_t y_stride, __nv_bfloat16* __restrict__ act,
-                bool l2_prefetch) {
+                int64_t pf_blocks) {
   constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
   static_assert(!Pairs || kCols % 2 == 0, "a block's columns must be whole pairs");
   __shared__ float partial[KS > 1 ? kWarps * M : 1];
@@ -63,9 +65,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int r = 0; r < M; ++r) acc[r] = 0.0f;
   pdl_trigger();
-  if (l2_prefetch && warp == 0) {  // the block's kCols rows are contiguous; K % 8 == 0 keeps them whole 16-byte units
-    const int64_t col0 = int64_t(blockIdx.x) * kCols, rows = n - col0 < kCols ? n - col0 : kCols;
-    l2_prefetch_pieces(reinterpret_cast<const char*>(w + col0 * k), uint64_t(rows * k) * 2, lane, 32);
+  if (warp == 0 && blockIdx.x < pf_blocks) {  // K % 8 == 0: W is whole 16-byte units, and so is each share
+    const uint64_t total = uint64_t(n) * uint64_t(k) * 2;
+    const uint64_t share = (total / uint64_t(pf_blocks) + 15) / 16 * 16, start = blockIdx.x * share;
+    if (start < total)
+      l2_prefetch_pieces(reinterpret_cast<const char*>(w) + start, total - start < share ? total - start : share, lane,
+                         32);
   }
   // The first window of weights is requested before waiting for the kernel that writes x (weights never change).
   uint4 wv[U];
@@ -141,9 +146,17 @@ void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, 
             int64_t y_stride, void* act, bool l2_prefetch) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
+  static const int64_t resident = [] {  // this instance's blocks on the device at once
+    int device = 0, sms = 0, per_sm = 0;
+    MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    MAMBA3_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, KS, Pairs>, kWarps * 32, 0));
+    return int64_t(sms) * std::max(per_sm, 1);
+  }();
+  const int64_t pf_blocks = l2_prefetch ? std::min<int64_t>(blocks, resident) : 0;
   launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
-             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act),
-             l2_prefetch);
+             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act), pf_blocks);
 }
 
 template <int M, bool Pairs = false>

@@ -152,14 +152,15 @@ TEST(GemvGpu, GatedPairsMatchProductThenActivation) {
   EXPECT_LE(rel_l2(r4, r5_first4), 1e-2);
 }
 
-// The bulk L2 requests of the whole block's weight rows (MAMBA3_GEMV_PREFETCH) are hints: the products and the fused
-// activations are the same bits with and without them, on shapes whose last block holds fewer rows than its warps'
-// columns, and for every split. W's buffer is exactly W, so that a request past its end shows under memcheck.
+// The bulk L2 requests of W by the resident blocks (MAMBA3_GEMV_PREFETCH) are hints: the products and the fused
+// activations are the same bits with and without them — on shapes whose last block holds fewer rows than its warps'
+// columns, W shares smaller than a piece, grids of more blocks than fit the device at once — for every split. W's
+// buffer is exactly W, so that a request past its end shows under memcheck.
 TEST(GemvGpu, L2PrefetchKeepsTheBits) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   std::mt19937 rng(31);
-  for (auto [N, K] : {std::pair<int64_t, int64_t>{1001, 2056}, {6, 8}, {2050, 4096}}) {
+  for (auto [N, K] : {std::pair<int64_t, int64_t>{1001, 2056}, {6, 8}, {37, 8}, {2050, 4096}, {20001, 64}}) {
     const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
     cuda::DeviceBuffer dw(w.nbytes());
     dw.upload(w.raw(), w.nbytes());
