@@ -311,10 +311,12 @@ void backward_head(const Mamba3Config& c, const Mamba3HeadParams& p, int64_t h, 
     float* dV = s.dv.data();
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(rows), int(P), int(rows), 1.0f, Sm, int(rows), dY, int(P),
                 0.0f, dV, int(P));
+    float d_sum = g.D;  // in a register: through g.D each step waited on the previous one's store (the same sums)
     for (int64_t i = 0; i < rows * P; ++i) {
       dV[i] += Dh * dY[i];
-      g.D += dY[i] * V[i];
+      d_sum += dY[i] * V[i];
     }
+    g.D = d_sum;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(N), int(rows), 1.0f, dW, int(rows), K, int(N),
                 0.0f, dQ, int(N));
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(rows), int(N), int(rows), 1.0f, dW, int(rows), Q, int(N),
