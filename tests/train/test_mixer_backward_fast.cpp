@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <numbers>
+#include <thread>
 
 #include "model/mamba3_mixer_backward.h"
 #include "model/mixer_case.h"
@@ -174,6 +175,33 @@ TEST(MixerBackwardFast, KeptInProjOutputGivesTheSameGradients) {
     const Tensor wrong = Tensor::zeros(DType::F32, {3 * 21, c.d_in_proj() + 1});
     EXPECT_THROW(mamba3_mixer_backward(m, u, dout, nullptr, &wrong), Error);
   }
+}
+
+// The backward keeps its large buffers per calling thread between calls (their contents never carry over): a small
+// layer's gradients are the same bits after a larger layer filled those buffers, on another thread (its own buffers),
+// and again on this one; a MIMO layer with the x columns' sums over ranks (dzx must start cleared every call).
+TEST(MixerBackwardFast, ReusedBuffersCarryNothingOver) {
+  std::mt19937 rng(41);
+  Mamba3Config big = small(true, 4, 4), little = small(true, 2, 4);
+  big.d_model = 32, big.ngroups = 2;
+  Mamba3Mixer mb(big, random_mixer_weights(big, rng)), ml(little, random_mixer_weights(little, rng));
+  const Tensor ub = random_tensor(rng, {3, 37, big.d_model}), db = random_tensor(rng, {3, 37, big.d_model});
+  const Tensor ul = random_tensor(rng, {2, 13, little.d_model}), dl = random_tensor(rng, {2, 13, little.d_model});
+  const auto same = [](const Mamba3MixerGradients& a, const Mamba3MixerGradients& b) {
+    if (a.u.nbytes() != b.u.nbytes() || std::memcmp(a.u.raw(), b.u.raw(), a.u.nbytes()) != 0) return false;
+    for (const auto& [name, t] : a.params) {
+      const Tensor& o = b.params.at(name);
+      if (t.nbytes() != o.nbytes() || std::memcmp(t.raw(), o.raw(), t.nbytes()) != 0) return false;
+    }
+    return true;
+  };
+  Mamba3MixerGradients fresh;
+  std::thread([&] { fresh = mamba3_mixer_backward(ml, ul, dl); }).join();  // a thread whose buffers start empty
+  mamba3_mixer_backward(mb, ub, db);                                       // fills this thread's buffers
+  const Mamba3MixerGradients after_big = mamba3_mixer_backward(ml, ul, dl);
+  const Mamba3MixerGradients again = mamba3_mixer_backward(ml, ul, dl);
+  EXPECT_TRUE(same(fresh, after_big)) << "a larger call's buffer contents changed a later call's gradients";
+  EXPECT_TRUE(same(after_big, again)) << "two equal calls differ";
 }
 
 TEST(MixerBackwardFast, BadInputs) {
