@@ -172,7 +172,7 @@ void launch_split(int ks, bool pf, cudaStream_t s, const void* w, int64_t n, int
   }
 }
 
-// MAMBA3_GEMV_PREFETCH=1: every call asks L2 for its block's weights up front (off by default until measured).
+// MAMBA3_GEMV_PREFETCH=1: every call's resident blocks ask L2 for all of W up front (off by default until measured).
 bool env_l2_prefetch() {
   static const bool on = env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1"}) == "1";
   return on;
