@@ -141,12 +141,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// This instance's blocks on the device at once (asked only by calls that request W into L2, so the default path makes
+// no extra runtime call, in a graph capture or elsewhere).
 template <int M, int KS, bool Pairs>
-void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
-            int64_t y_stride, void* act, bool l2_prefetch) {
-  constexpr int cols = kWarps / KS;
-  const unsigned blocks = unsigned((n + cols - 1) / cols);
-  static const int64_t resident = [] {  // this instance's blocks on the device at once
+int64_t resident_blocks() {
+  static const int64_t blocks = [] {
     int device = 0, sms = 0, per_sm = 0;
     MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -154,7 +153,15 @@ void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, 
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, KS, Pairs>, kWarps * 32, 0));
     return int64_t(sms) * std::max(per_sm, 1);
   }();
-  const int64_t pf_blocks = l2_prefetch ? std::min<int64_t>(blocks, resident) : 0;
+  return blocks;
+}
+
+template <int M, int KS, bool Pairs>
+void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
+            int64_t y_stride, void* act, bool l2_prefetch) {
+  constexpr int cols = kWarps / KS;
+  const unsigned blocks = unsigned((n + cols - 1) / cols);
+  const int64_t pf_blocks = l2_prefetch ? std::min<int64_t>(blocks, resident_blocks<M, KS, Pairs>()) : 0;
   launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
              static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act), pf_blocks);
 }
