@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <utility>
 
 #include "cuda/cuda_check.h"
 #include "cuda/env_switch.h"
@@ -179,6 +181,18 @@ void launch_split(int ks, bool pf, cudaStream_t s, const void* w, int64_t n, int
   }
 }
 
+// Calls f(std::integral_constant<int, m>) for the row count m ∈ [1, Max] (checked by the caller): the kernels are
+// instantiated per row count.
+template <typename F, int... I>
+void with_rows_in(int64_t m, F& f, std::integer_sequence<int, I...>) {
+  ((m == I + 1 ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+}
+
+template <int Max, typename F>
+void with_rows(int64_t m, F&& f) {
+  with_rows_in(m, f, std::make_integer_sequence<int, Max>{});
+}
+
 // MAMBA3_GEMV_PREFETCH=1: every call's resident blocks ask L2 for all of W up front (off by default until measured).
 bool env_l2_prefetch() {
   static const bool on = env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1"}) == "1";
@@ -238,25 +252,8 @@ void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const voi
   const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
   const bool pf = l2_prefetch.value_or(env_l2_prefetch());
   MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m: k_split {} (expected 1, 2 or 4)", ks);
-  switch (m) {
-    case 1:
-      return launch_split<1>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    case 2:
-      return launch_split<2>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    case 3:
-      return launch_split<3>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    case 4:
-      return launch_split<4>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    case 5:
-      return launch_split<5>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    case 6:
-      return launch_split<6>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    case 7:
-      return launch_split<7>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    case 8:
-      return launch_split<8>(ks, pf, s, w, n, k, x, x_stride, y, y_stride);
-    default: fail("gemv_small_m: {} rows (at most {})", m, kGemvMaxRows);
-  }
+  MAMBA3_CHECK(m >= 1 && m <= kGemvMaxRows, "gemv_small_m: {} rows (at most {})", m, kGemvMaxRows);
+  with_rows<kGemvMaxRows>(m, [&](auto rows) { launch_split<rows()>(ks, pf, s, w, n, k, x, x_stride, y, y_stride); });
 }
 
 void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
@@ -266,16 +263,8 @@ void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t 
   MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m_gated_pairs: k_split {} (expected 1, 2 or 4)", ks);
   MAMBA3_CHECK(n % 2 == 0 && m >= 1 && m <= kGemvPairsMaxRows,
                "gemv_small_m_gated_pairs: N {} must be even and M {} in 1..{}", n, m, kGemvPairsMaxRows);
-  switch (m) {
-    case 1:
-      return launch_split<1, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
-    case 2:
-      return launch_split<2, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
-    case 3:
-      return launch_split<3, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
-    default:
-      return launch_split<4, true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act);
-  }
+  with_rows<kGemvPairsMaxRows>(
+      m, [&](auto rows) { launch_split<rows(), true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act); });
 }
 
 }  // namespace mamba3::cuda
