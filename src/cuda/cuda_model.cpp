@@ -437,7 +437,9 @@ void CudaModel::step_device(GpuCache& cache, const GpuSampler* sampler) const {
         throw;
       }
       MAMBA3_CUDA_CHECK(cudaStreamEndCapture(s, &c.graph));
-      MAMBA3_CUDA_CHECK(cudaGraphInstantiate(&c.graph_exec, c.graph, 0));
+      // Each node at the priority of the stream it was captured from: the weight requests' side stream keeps its
+      // greatest priority in the replay (the default flags run every node at the launch stream's).
+      MAMBA3_CUDA_CHECK(cudaGraphInstantiate(&c.graph_exec, c.graph, cudaGraphInstantiateFlagUseNodePriority));
       c.graph_sampler = sampler;
     }
     MAMBA3_CUDA_CHECK(cudaGraphLaunch(c.graph_exec, s));

@@ -44,14 +44,15 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // its batch. U pieces per lane are requested at once.
 // Pairs: W's rows are (value, gate) pairs (2j, 2j + 1) and the kernel writes act (M, n/2) bf16 = value ⊙ silu(gate),
 // rounded as gated_silu() rounds, instead of y: a block's kCols columns are whole pairs, met in shared memory.
-// pf_blocks > 0: the first pf_blocks blocks (those resident at once) first ask L2 for an equal share each of all of W
-// (bulk prefetch by warp 0), so that under PDL the whole product's weights stream while the kernel before it runs,
-// not only each resident lane's first window (and nothing of the later waves' rows).
+// pf_blocks > 0: the first pf_blocks blocks (those resident at once) first ask L2 for an equal share each of W's first
+// pf_bytes (bulk prefetch by warp 0; a multiple of 16, at most all of W: launch caps it at three quarters of L2 so
+// that the early requests are not evicted before their rows are read), so that under PDL the product's weights stream
+// while the kernel before it runs, not only each resident lane's first window (and nothing of the later waves' rows).
 template <int M, int KS, bool Pairs>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k, const __nv_bfloat16* __restrict__ x,
                 int64_t x_stride, float* __restrict__ y, int64_t y_stride, __nv_bfloat16* __restrict__ act,
-                int64_t pf_blocks) {
+                int64_t pf_blocks, uint64_t pf_bytes) {
   constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
   static_assert(!Pairs || kCols % 2 == 0, "a block's columns must be whole pairs");
   __shared__ float partial[KS > 1 ? kWarps * M : 1];
@@ -67,12 +68,12 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int r = 0; r < M; ++r) acc[r] = 0.0f;
   pdl_trigger();
-  if (warp == 0 && blockIdx.x < pf_blocks) {  // K % 8 == 0: W is whole 16-byte units, and so is each share
-    const uint64_t total = uint64_t(n) * uint64_t(k) * 2;
-    const uint64_t share = (total / uint64_t(pf_blocks) + 15) / 16 * 16, start = blockIdx.x * share;
-    if (start < total)
-      l2_prefetch_pieces(reinterpret_cast<const char*>(w) + start, total - start < share ? total - start : share, lane,
-                         32);
+  if (warp == 0 && blockIdx.x < pf_blocks) {  // whole 16-byte units (K % 8 == 0), shares rounded up: all of pf_bytes
+    const uint64_t blocks = uint64_t(pf_blocks);
+    const uint64_t share = ((pf_bytes + blocks - 1) / blocks + 15) / 16 * 16, start = blockIdx.x * share;
+    if (start < pf_bytes)
+      l2_prefetch_pieces(reinterpret_cast<const char*>(w) + start, pf_bytes - start < share ? pf_bytes - start : share,
+                         lane, 32);
   }
   // The first window of weights is requested before waiting for the kernel that writes x (weights never change).
   uint4 wv[U];
@@ -158,14 +159,29 @@ int64_t resident_blocks() {
   return blocks;
 }
 
+// The most bytes of W one call asks L2 for: three quarters of the device's L2 (a lm_head's 200 MB requested whole would
+// evict its own first rows before their blocks read them; a 1.5B layer's in_proj or fc1, 33–35 MB, stays whole on a
+// 50 MB L2), in 16-byte units. Asked only by calls that request.
+uint64_t l2_prefetch_cap() {
+  static const uint64_t cap = [] {
+    int device = 0, l2 = 0;
+    MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    return uint64_t(std::max(l2, 32)) / 4 * 3 / 16 * 16;
+  }();
+  return cap;
+}
+
 template <int M, int KS, bool Pairs>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
             int64_t y_stride, void* act, bool l2_prefetch) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
   const int64_t pf_blocks = l2_prefetch ? std::min<int64_t>(blocks, resident_blocks<M, KS, Pairs>()) : 0;
+  const uint64_t pf_bytes = l2_prefetch ? std::min(uint64_t(n) * uint64_t(k) * 2, l2_prefetch_cap()) : 0;
   launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
-             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act), pf_blocks);
+             static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act), pf_blocks,
+             pf_bytes);
 }
 
 template <int M, bool Pairs = false>
@@ -193,7 +209,8 @@ void with_rows(int64_t m, F&& f) {
   with_rows_in(m, f, std::make_integer_sequence<int, Max>{});
 }
 
-// MAMBA3_GEMV_PREFETCH=1: every call's resident blocks ask L2 for all of W up front (off by default until measured).
+// MAMBA3_GEMV_PREFETCH=1: every call's resident blocks ask L2 for W (up to 3/4 of L2) up front (off by default until
+// measured).
 bool env_l2_prefetch() {
   static const bool on = env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1"}) == "1";
   return on;

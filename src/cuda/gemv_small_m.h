@@ -20,8 +20,9 @@ bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* 
 
 // W (N, K) bf16 row-major; x (M, K) bf16 with rows x_stride elements apart; y (M, N) f32 with rows y_stride apart.
 // k_split: warps per output column (1, 2 or 4); 0: gemv_small_m_split's choice. l2_prefetch: the blocks resident at
-// once first ask L2 for all of W between them (a hint: the same results), so that under PDL the product's whole weight
-// stream starts while the kernel before it runs; unset: MAMBA3_GEMV_PREFETCH (0 or 1, default 0; read once).
+// once first ask L2 for all of W between them, up to 3/4 of the device's L2 (a hint: the same results), so that under
+// PDL the product's whole weight stream starts while the kernel before it runs; unset: MAMBA3_GEMV_PREFETCH (0 or 1,
+// default 0; read once).
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                   float* y, int64_t y_stride, int k_split = 0, std::optional<bool> l2_prefetch = std::nullopt);
 

@@ -36,7 +36,12 @@ cudaEvent_t WeightPrefetcher::next_event() {
   return events_[used_++];
 }
 
-void WeightPrefetcher::begin() {
+void WeightPrefetcher::set_options(const WeightPrefetchOptions& o) {
+  options_ = o;
+  if (o.mode != WeightPrefetch::Off) create_side_stream();  // here, not inside a later step's graph capture
+}
+
+void WeightPrefetcher::create_side_stream() {
   if (!side_) {
     // The greatest priority: the hardware hands out a higher-priority kernel's blocks before the pending blocks of
     // the step's kernels (a state kernel has thousands), so a request does not wait for the kernel it should run
@@ -49,6 +54,10 @@ void WeightPrefetcher::begin() {
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
     l2_bytes_ = size_t(l2);
   }
+}
+
+void WeightPrefetcher::begin() {
+  create_side_stream();
   used_ = 0;
   requests_ = 0;
 }

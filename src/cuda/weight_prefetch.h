@@ -39,7 +39,8 @@ class WeightPrefetcher {
   WeightPrefetcher(const WeightPrefetcher&) = delete;
   WeightPrefetcher& operator=(const WeightPrefetcher&) = delete;
 
-  void set_options(const WeightPrefetchOptions& o) { options_ = o; }
+  // Creates the side stream when o requests (outside any capture: a step captured later only uses it).
+  void set_options(const WeightPrefetchOptions& o);
   const WeightPrefetchOptions& options() const { return options_; }
   // Whether a decode step of `rows` rows requests weights.
   bool active(int64_t rows) const { return options_.mode != WeightPrefetch::Off && rows >= options_.min_rows; }
@@ -54,6 +55,7 @@ class WeightPrefetcher {
 
  private:
   cudaEvent_t next_event();
+  void create_side_stream();
   WeightPrefetchOptions options_;
   cudaStream_t side_ = nullptr;
   std::vector<cudaEvent_t> events_;
