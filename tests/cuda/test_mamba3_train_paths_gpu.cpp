@@ -236,6 +236,56 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
     }
 }
 
+// The fused core un-rotating dQ and dK and forming dφ itself (set_core_unrotate) against the rotation backward doing
+// both (the default): the forward untouched, du and every gradient within kTolDqk16 (dQ and dK are rounded to bf16
+// after their un-rotation instead of before it), deterministic, in both block widths (the phases' dφ terms meet
+// through a named barrier in the 8-warp block, in one warp in the 4-warp one), with a padded last chunk. The path
+// must run where it applies, and must not at rope_fraction 1.0 at N 128 (rotating columns past the core's first 64).
+TEST(Mamba3TrainGpu, UnrotatingFusedCoreTracksTheRotationBackward) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
+  std::vector<LayerCase> cases = core_shape_cases(false);
+  Mamba3Config wide_rope = cases.front().c;  // N 128
+  wide_rope.rope_fraction = 1.0;
+  cases.push_back({"siso N 128 P 64 rope 1.0 (not taken)", wide_rope});
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const bool applies = lc.c.rope_fraction != 1.0;
+      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(3900 + L));
+      CoreLayerStep step(mixer, u, dout);
+      step.train.set_state_chain(true);
+      step.train.set_backward_core_fused(true);
+      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      auto run = [&](bool on) {
+        step.train.set_core_unrotate(on);
+        GpuResult r = step.run();
+        EXPECT_EQ(step.train.last_backward_core_unrotated(), on && applies) << "the switch did not select the path";
+        return r;
+      };
+      const GpuResult base = run(false);
+      for (const bool wide : {true, false}) {
+        SCOPED_TRACE(wide ? "8 warps" : "4 warps");
+        cuda::train_detail::set_fused_core_wide(wide);
+        const GpuResult un = run(true), again = run(true);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(un));
+        EXPECT_TRUE(bit_identical(un, again)) << "not deterministic";
+        EXPECT_EQ(std::memcmp(base.out.raw(), un.out.raw(), base.out.nbytes()), 0) << "the forward moved";
+        if (applies)
+          EXPECT_FALSE(bit_identical(base, un)) << "the switch changed nothing";
+        else
+          EXPECT_TRUE(bit_identical(base, un)) << "not taken, yet the bits moved";
+        double worst = 0;
+        std::string where;
+        compare(un, base.out, base.du, base.grads, 0.0, kTolDqk16, worst, where);
+        std::printf("  %-38s L=%-3lld %s un-rotating core vs rotation backward worst %.2e (%s)\n", lc.name,
+                    (long long)L, wide ? "8 warps" : "4 warps", worst, where.c_str());
+      }
+    }
+}
+
 // The SISO output-stage backward with two of a warp's tokens in flight (the default) against one at a time: the same
 // expressions and the partials' sums in the same token order, on shapes with padding tokens. The two instantiations
 // are compiled apart and the compiler may contract a product into an FMA in one and not the other (the H200 run saw

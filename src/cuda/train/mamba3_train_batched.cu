@@ -705,6 +705,7 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   MAMBA3_CHECK(blocks <= 0x7fffffff, "batched rotation backward: {} blocks exceed the grid", blocks);
   // The instances, where they apply.
   if (batched::launch_rotation_backward_siso(s, p) || batched::launch_rotation_backward_mimo(s, p)) return;
+  MAMBA3_CHECK(!p.dqk_unrotated, "batched rotation backward: un-rotated dQ/dK need the SISO instance");
   MAMBA3_CHECK(!p.dQ16 && !p.dK16, "batched rotation backward: bf16 dQ/dK need an instance (dqk16_supported)");
   const size_t bytes = size_t(kWarps) * hb * 2 * p.d.R * p.d.N * sizeof(float);
   const auto kernel = p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16> : batched_rotation_backward_kernel<float>;
@@ -717,5 +718,7 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
 bool dqk16_supported(const BatchedParams& p) {
   return batched::rotation_backward_siso_applies(p) || batched::rotation_backward_mimo_applies(p);
 }
+
+bool rotation_backward_reads_unrotated(const BatchedParams& p) { return batched::rotation_bc_norm_siso_applies(p); }
 
 }  // namespace mamba3::cuda::train_detail

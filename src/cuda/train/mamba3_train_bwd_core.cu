@@ -298,6 +298,100 @@ __device__ __forceinline__ void mimo_epilogue_in_core(const BatchedParams& p, in
   }
 }
 
+// ---- The fused core with p.dqk_unrotated (SISO; fused_core_unrotate_supported): dQ and dK leave the core taken back
+// through the rotation — the gradients of the head's biased normalised C and B, Rot(−φ)·dQ and Rot(−φ)·dK — and dφ is
+// formed here, where the rotation backward did both from the bf16 dQ/dK it read. A lane's accumulator pair (columns
+// 8·nt + 2q and 8·nt + 2q + 1 of one row) is one rotary pair (2i, 2i + 1), i = 4·nt + q, so the un-rotation and the
+// pair's dφ term are in-thread; every rotating column lies in the first NB-column pass (2S ≤ NB).
+
+// φ of the thread's pairs, rows r0 + g and r0 + g + 8 of the chunk (0 where the pair does not rotate or the row is
+// past the sequence).
+template <int NBT>
+__device__ __forceinline__ void load_pair_angles(const BatchedParams& p, int64_t chunk, int r0, float (&ph)[NBT][2]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, S = p.d.S;
+  const int64_t bh = chunk / p.nc;
+  const int c0 = int(chunk % p.nc) * p.T, Tc = min(p.T, p.d.L - c0);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = r0 + g + 8 * half;
+    const bool real = row < Tc;
+    const float* src = p.phi + (bh * p.d.L + c0 + (real ? row : 0)) * S;
+#pragma unroll
+    for (int nt = 0; nt < NBT; ++nt) {
+      const int i = 4 * nt + q;
+      ph[nt][half] = real && i < S ? src[i] : 0.0f;
+    }
+  }
+}
+
+// acc (the first pass's finished dQ or dK, rows r0 … r0 + 15) un-rotated in place, and each pair's dφ term
+// g_b·x_a − g_a·x_b (x: the rotated operand's row, q for dQ and k for dK, in shared memory at pitch ldx; the rotation
+// backward's expressions) into the warp's exchange rows xq (16 × S floats, row-major): phase A stores its q terms,
+// phase B adds its k terms to them — (0 + q term) + k term, the rotation backward's sum.
+template <int NBT, bool kAdd>
+__device__ __forceinline__ void unrotate_pairs(float (&acc)[NBT][4], const float (&ph)[NBT][2], const bf16* sX, int ldx,
+                                               int r0, int S, float* xq) {
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = r0 + g + 8 * half;
+#pragma unroll
+    for (int nt = 0; nt < NBT; ++nt) {
+      const int i = 4 * nt + q;
+      if (i < S) {
+        const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sX + row * ldx + 2 * i));
+        const float2 rot = rotary_cos_sin(ph[nt][half]);
+        const float ga = acc[nt][2 * half], gb = acc[nt][2 * half + 1];
+        const float term = gb * x.x - ga * x.y;
+        float* e = xq + (g + 8 * half) * S + i;
+        if constexpr (kAdd)
+          *e = *e + term;
+        else
+          *e = term;
+        acc[nt][2 * half] = ga * rot.x + gb * rot.y;
+        acc[nt][2 * half + 1] = gb * rot.x - ga * rot.y;
+      }
+    }
+  }
+}
+
+// The warp's 16 rows of dφ (xq) to p.dphi: consecutive tokens of one sequence and head, so one contiguous range.
+__device__ __forceinline__ void store_dphi_rows(const BatchedParams& p, int64_t chunk, int r0, const float* xq) {
+  const int lane = threadIdx.x % 32, S = p.d.S;
+  const int64_t bh = chunk / p.nc;
+  const int c0 = int(chunk % p.nc) * p.T, Tc = min(p.T, p.d.L - c0);
+  const int n = max(0, min(16, Tc - r0)) * S;
+  float* dst = p.dphi + (bh * p.d.L + c0 + r0) * S;
+  if (S % 4 == 0) {
+    for (int e = 4 * lane; e < n; e += 128)
+      *reinterpret_cast<float4*>(dst + e) = *reinterpret_cast<const float4*>(xq + e);
+  } else {
+    for (int e = lane; e < n; e += 32) dst[e] = xq[e];
+  }
+}
+
+// Named barrier 1 + wq between phase A's warp wq and its phase-B partner (64 threads): the first arrives (its stores
+// to shared memory performed for the partner first), the second waits. Immediate ids: with an id in a register ptxas
+// reserves all sixteen of the block's barriers.
+template <bool kArrive, int kId>
+__device__ __forceinline__ void pair_barrier_at() {
+  if constexpr (kArrive)
+    asm volatile("bar.arrive %0, 64;" ::"n"(kId) : "memory");
+  else
+    asm volatile("bar.sync %0, 64;" ::"n"(kId) : "memory");
+}
+template <bool kArrive>
+__device__ __forceinline__ void pair_barrier(int wq) {
+  if (wq == 0)
+    pair_barrier_at<kArrive, 1>();
+  else if (wq == 1)
+    pair_barrier_at<kArrive, 2>();
+  else if (wq == 2)
+    pair_barrier_at<kArrive, 3>();
+  else
+    pair_barrier_at<kArrive, 4>();
+}
+
 template <int N, int P>
 struct CoreSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
@@ -329,13 +423,14 @@ struct CoreSmem {
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
-template <int N, int P, int kMode, int kWarps, int kR>
+template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
   constexpr bool kSplitPhases = kWarps == 2 * kCoreWarps;
   constexpr bool kPost = kMode == kCoreFused, kWithDH = kMode != kCoreOnly;
   static_assert(kWarps == kCoreWarps || (kSplitPhases && kWithDH), "8 warps only for the cores with dH");
+  static_assert(!kUnrot || kPost, "un-rotated dQ/dK only from the fused core");
   using Smem = CoreSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, NS = kRows / 8;  // NS: n-tiles over the chunk's 64 rows
   constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;                  // dQ/dK/G columns per pass, their n-tiles
@@ -460,8 +555,11 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
     // dQ = dS·k + (e^Λ ⊙ dy)·H_c, NB columns at a time.
     float* dQ = p.dQ + chunk * kRows * N;
+    // kUnrot: the passes last to first, so that the rotating one (the first) ends the warp's reads of its e^Λ ⊙ dy
+    // rows, which then hold its dφ q terms for phase B (no one else reads them).
 #pragma unroll
-    for (int n0 = 0; n0 < N; n0 += NB) {
+    for (int pass = 0; pass < N / NB; ++pass) {
+      const int n0 = kUnrot ? N - NB - pass * NB : pass * NB;
       float acc[NBT][4];
       zero(acc);
 #pragma unroll
@@ -485,8 +583,19 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
         }
       }
+      if constexpr (kUnrot)
+        if (n0 == 0) {  // (the angles requested after the products: held across them, the 8-warp block spilled)
+          float ph[NBT][2];
+          load_pair_angles<NBT>(p, chunk, t0, ph);
+          __syncwarp();  // (the warp's reads of its e^Λ ⊙ dy rows are done)
+          unrotate_pairs<NBT, false>(acc, ph, sQ, LDN, t0, p.d.S, reinterpret_cast<float*>(sdYe + t0 * LDP));
+        }
       if (p.dQ16) store_tiles_bf16(acc, p.dQ16 + chunk * kRows * N, N, t0, n0);
       else store_tiles(acc, dQ, N, t0, n0);
+    }
+    if constexpr (kUnrot && kSplitPhases) {  // the q terms are there for the phase-B partner
+      __syncwarp();
+      pair_barrier<true>(wq);
     }
   }
 
@@ -582,8 +691,11 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       if (kMode != kCoreStates || !p.epilogue_in_core) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
     }
     float* dK = p.dK + chunk * kRows * N;
+    // dK = dSᵀ·q; kUnrot: the passes last to first, so that the rotating one (the first) ends the loop and meets
+    // phase A's dφ terms as late as possible.
 #pragma unroll
-    for (int n0 = 0; n0 < N; n0 += NB) {  // dK = dSᵀ·q
+    for (int pass = 0; pass < N / NB; ++pass) {
+      const int n0 = kUnrot ? N - NB - pass * NB : pass * NB;
       float acc[NBT][4];
       zero(acc);
 #pragma unroll
@@ -610,8 +722,23 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
         }
       }
       // dK is finished here with dH (kCoreFused, kCoreStates; kCoreOnly's goes on to the post-scan core).
+      if constexpr (kUnrot)
+        if (n0 == 0) {       // dφ = (0 + q term) + k term in the exchange rows
+          float ph[NBT][2];  // (the rows phase A's partner read: likely in L1)
+          load_pair_angles<NBT>(p, chunk, s0, ph);
+          if constexpr (kSplitPhases)
+            pair_barrier<false>(wq);
+          else
+            __syncwarp();
+          unrotate_pairs<NBT, true>(acc, ph, sK, LDN, s0, p.d.S, reinterpret_cast<float*>(sdYe + s0 * LDP));
+        }
       if (kWithDH && p.dK16) store_tiles_bf16(acc, p.dK16 + chunk * kRows * N, N, s0, n0);
       else store_tiles(acc, dK, N, s0, n0);
+      if constexpr (kUnrot)
+        if (n0 == 0) {  // the warp's rows of dφ out
+          __syncwarp();
+          store_dphi_rows(p, chunk, s0, reinterpret_cast<const float*>(sdYe + s0 * LDP));
+        }
     }
     if constexpr (kPost) post_scan_rows<N, P>(p, chunk, s0, sK, sdH, sV, sdY, LDP, dv, rdot);
     if constexpr (kMode == kCoreStates) {  // tp for the MIMO epilogue, where the batched product wrote it
@@ -700,20 +827,20 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
 }
 
-template <int N, int P, int kMode, int kR>
-__global__ void __launch_bounds__(kCoreThreads) backward_core_kernel(const BatchedParams p, const bf16* Hc16,
-                                                                     float* g_slots, const bf16* dHc16) {
+template <int N, int P, int kMode, int kR, bool kUnrot = false>
+__global__ void __launch_bounds__(kCoreThreads)
+    backward_core_kernel(const BatchedParams p, const bf16* Hc16, float* g_slots, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, kCoreWarps, kR>(p, Hc16, g_slots, dHc16);
+  backward_core_body<N, P, kMode, kCoreWarps, kR, kUnrot>(p, Hc16, g_slots, dHc16);
 }
 
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
-template <int N, int P, int kMode, int kR>
-__global__ void __launch_bounds__(2 * kCoreThreads, 2) fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16,
-                                                                               const bf16* dHc16) {
+template <int N, int P, int kMode, int kR, bool kUnrot = false>
+__global__ void __launch_bounds__(2 * kCoreThreads, 2)
+    fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -835,18 +962,19 @@ void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
 namespace {
 // A core with dH (kCoreFused or kCoreStates) on 4 or 8 warps, with the rank kR fixed at compile time (see
 // backward_core_body).
-template <int kMode, int kR>
-void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16, const char* what) {
+template <int kMode, int kR, bool kUnrot = false>
+void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16,
+                         const char* what) {
   const bool wide = fused_core_wide();
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
     if (!wide) {
-      launch_core(backward_core_kernel<N, P, kMode, kR>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
+      launch_core(backward_core_kernel<N, P, kMode, kR, kUnrot>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
                   static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
       return;
     }
-    auto* kernel = fused_core_wide_kernel<N, P, kMode, kR>;
+    auto* kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot>;
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
@@ -861,7 +989,22 @@ void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc1
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
   MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
                p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+  if (p.dqk_unrotated) {
+    MAMBA3_CHECK(fused_core_unrotate_supported(p),
+                 "fused backward core: un-rotated dQ/dK unsupported (N {}, P {}, S {})", p.d.N, p.d.P, p.d.S);
+    launch_core_with_dh<kCoreFused, 1, true>(s, p, Hc16, dHc16, "fused backward core (un-rotating)");
+    return;
+  }
   launch_core_with_dh<kCoreFused, 1>(s, p, Hc16, dHc16, "fused backward core");
+}
+
+bool fused_core_unrotate_supported(const BatchedParams& p) {
+  const MixerDims& d = p.d;
+  const int NB = d.N < 64 ? d.N : 64;  // the cores' column pass
+  // The rotating columns in the first pass, dφ's 16 × S exchange rows inside a warp's 16 rows of e^Λ ⊙ dy (pitch
+  // P + 8 bf16), bf16 dQ/dK, and the rotation backward's instance that reads them so.
+  return post_scan_core_supported(p) && !d.no_rotary && d.S > 0 && 2 * d.S <= NB && 2 * d.S <= d.P + 8 && p.dQ16 &&
+         p.dK16 && p.phi && p.dphi && rotation_backward_reads_unrotated(p);
 }
 
 bool backward_state_core_supported(const BatchedParams& p) { return core_shape_supported(p) && p.d.mimo; }

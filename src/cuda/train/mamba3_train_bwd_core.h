@@ -42,6 +42,12 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
 // To rounding against the products (their sums run in cuBLAS's order) and the epilogue kernel (its sums' orders).
 bool backward_state_core_supported(const BatchedParams& p);
 void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16);
+// With p.dqk_unrotated (where fused_core_unrotate_supported holds), the fused core writes dQ16/dK16 taken back
+// through the rotation (Rot(−φ)·dQ and Rot(−φ)·dK: the gradients of each head's biased normalised C and B, un-rotated
+// in f32 before their bf16 rounding) and dφ (p.dphi, from p.phi and the q and k tiles), which the rotation backward
+// formed before; the rotation backward then only sums over heads (its un-rotated instance). To bf16 rounding against
+// the default path (dQ and dK rounded before their un-rotation there).
+bool fused_core_unrotate_supported(const BatchedParams& p);
 // The fused core's block: 8 warps with its two phases on separate warps (true) or 4 running both (false); the same
 // bits. Process-wide; default from MAMBA3_TRAIN_FUSED_CORE_WARPS ("8" or "4", unset: 8).
 void set_fused_core_wide(bool on);

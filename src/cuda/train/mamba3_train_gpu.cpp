@@ -149,6 +149,14 @@ bool env_rotation_prefetch() {
   return on;
 }
 
+// MAMBA3_TRAIN_CORE_UNROTATE, read once per process: the SISO fused backward core un-rotates dQ and dK and forms dφ
+// itself, the rotation backward only summing over heads ("1"), or the rotation backward does both ("0", the default
+// until measured).
+bool env_core_unrotate() {
+  static const bool on = env_choice("MAMBA3_TRAIN_CORE_UNROTATE", {"0", "1"}) == "1";
+  return on;
+}
+
 // MAMBA3_TRAIN_ZY16, read once per process: the SISO forward core stores Z and the pre-norm output y in bf16 for the
 // output-stage backward ("1", the default, where both apply) or Z and W·v in f32 ("0").
 bool env_zy16() {
@@ -216,13 +224,25 @@ void reserve_floats(DeviceBuffer& b, int64_t n) { b.reserve(size_t(std::max<int6
 }  // namespace
 
 Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
-    : c_(c), chunk_blocks_(env_chunk_blocks()), chunk_tc_(env_chunk_tensor_cores()),
-      chunk_parallel_(env_chunk_scan_parallel()), chunk_batched_(env_chunk_batched()),
-      chunk_cores_(env_chunk_cores()), state_chain_(env_state_chain()),
-      backward_core_fused_(env_backward_core_fused()), dqk16_(env_dqk16()),
-      bc_norm_fusion_(env_bc_norm_fused()), output_tokens_(env_output_tokens()), build_fast_(env_build_fast()),
-      output_full_(env_output_full()), rotation_prefetch_(env_rotation_prefetch()), zy16_(env_zy16()),
-      mimo_epilogue_in_core_(env_mimo_epilogue_in_core()), mimo_y_(env_mimo_y()), zx_bf16_(env_zx16()) {
+    : c_(c),
+      chunk_blocks_(env_chunk_blocks()),
+      chunk_tc_(env_chunk_tensor_cores()),
+      chunk_parallel_(env_chunk_scan_parallel()),
+      chunk_batched_(env_chunk_batched()),
+      chunk_cores_(env_chunk_cores()),
+      state_chain_(env_state_chain()),
+      backward_core_fused_(env_backward_core_fused()),
+      dqk16_(env_dqk16()),
+      bc_norm_fusion_(env_bc_norm_fused()),
+      output_tokens_(env_output_tokens()),
+      build_fast_(env_build_fast()),
+      output_full_(env_output_full()),
+      rotation_prefetch_(env_rotation_prefetch()),
+      core_unrotate_(env_core_unrotate()),
+      zy16_(env_zy16()),
+      mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
+      mimo_y_(env_mimo_y()),
+      zx_bf16_(env_zx16()) {
   c_.validate("Mamba3TrainGpu");
   MAMBA3_CHECK(c_.rank() <= kMaxRank, "Mamba3TrainGpu: MIMO rank {} > {} is not supported", c_.rank(), kMaxRank);
 }
@@ -530,6 +550,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
     prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
+    p.dqk_unrotated = core_unrotate_ && fused_core_unrotate_supported(p);
+    core_unrotated_ = p.dqk_unrotated;
     launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
     prof.mark("backward core");
     launch_batched_rotation_backward(s, p);
@@ -772,6 +794,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   dzx16_offer_ = offer16;
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm, o_Bn, o_Cn};
   bc_norm_fused_ = false;  // (batched_chunks: whether its rotation backward ran the B/C norm backward)
+  core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);
   prof.mark("chunks");

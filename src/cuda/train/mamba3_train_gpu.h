@@ -203,6 +203,14 @@ class Mamba3TrainGpu {
   void set_bc_norm_fusion(bool on) { bc_norm_fusion_ = on; }
   // Whether the last backward's rotation backward ran the B/C norm backward (set_bc_norm_fusion, where it applies).
   bool last_backward_fused_bc_norm() const { return bc_norm_fused_; }
+  // The SISO fused backward core un-rotating dQ and dK and forming dφ itself, the rotation backward only summing the
+  // heads' gradients (true, where train_detail::fused_core_unrotate_supported holds: bf16 dQ/dK, the B/C norm inside
+  // the rotation backward, the rotating columns within the core's first 64), or the rotation backward doing both
+  // (false). To bf16 rounding (dQ and dK are un-rotated before their rounding instead of after). Default from
+  // MAMBA3_TRAIN_CORE_UNROTATE, read once per process: "0" or "1" (unset: 0).
+  void set_core_unrotate(bool on) { core_unrotate_ = on; }
+  // Whether the last backward's fused core did (set_core_unrotate, where it applies).
+  bool last_backward_core_unrotated() const { return core_unrotated_; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 
@@ -284,6 +292,8 @@ class Mamba3TrainGpu {
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
+  bool core_unrotate_ = false;       // the fused core un-rotates dQ/dK and forms dφ (set_core_unrotate)
+  bool core_unrotated_ = false;      // the last backward's did (last_backward_core_unrotated)
   bool zy16_ = true;                 // Z and y in bf16 between the SISO forward core and output backward (set_zy16)
   bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)

@@ -150,6 +150,9 @@ struct BatchedParams {
   // terms, dadt, dscale and the mimo_x partials) instead of storing tp and dV for the epilogue kernel. Set only where
   // the MIMO epilogue instance would run otherwise (batched_chunks: epilogue_mimo_applies), whose arithmetic it keeps.
   bool epilogue_in_core;
+  // The SISO fused core un-rotates dQ and dK itself and writes dφ (fused_core_unrotate_supported); the rotation
+  // backward reads dQ16/dK16 as the per-head gradients of the biased normalised C and B and writes no dφ.
+  bool dqk_unrotated;
   // MIMO's forward core stores y = (e^Λ·Z + D·v) + W·v (chunk_row_y) in WV instead of W·v, and the MIMO output
   // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
   // both run, and kept with the activations (batched_chunks).
@@ -209,6 +212,9 @@ struct BatchedParams {
 bool rotation_backward_fuses_bc_norm(const BatchedParams& p);
 // Whether the rotation backward that follows the cores reads bf16 dQ/dK (p.dQ16, p.dK16): its SISO and MIMO instances.
 bool dqk16_supported(const BatchedParams& p);
+// Whether the rotation backward has an instance for dQ16/dK16 already un-rotated by the fused core (p.dqk_unrotated):
+// the SISO one with the B/C norm backward inside.
+bool rotation_backward_reads_unrotated(const BatchedParams& p);
 // q, k, v, w ⊙ v and the chunk scalars (one block per chunk).
 void launch_batched_build(cudaStream_t s, const BatchedParams& p);
 // W = S ⊙ coef (one block per chunk).

@@ -538,9 +538,12 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
 // then runs the B/C RMSNorm backward of bc_norm_backward_kernel for its tokens — no dBn/dCn round trip through
 // global memory (125M: 100 MB written and read per layer) and no separate launch. Otherwise a block per (sequence,
 // slot, chunk) writes its slot's sums to dBn/dCn.
-template <int N, bool kFormQK, int kHb, bool kFuseNorm, bool kPrefetch>
+// kUnrotated (p.dqk_unrotated, with kFuseNorm and without kFormQK): the fused core un-rotated dQ16/dK16 and wrote dφ
+// itself; the kernel sums them over the heads as they are (no angles, no q or k).
+template <int N, bool kFormQK, int kHb, bool kFuseNorm, bool kPrefetch, bool kUnrotated = false>
 __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_kernel(const BatchedParams p) {
   pdl_wait();
+  static_assert(!kUnrotated || (kFuseNorm && !kFormQK), "the un-rotated instance: the norm inside, q and k unused");
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kPairs = kE / 2;
   using V = std::conditional_t<kE == 4, float4, float2>;
   const MixerDims& d = p.d;
@@ -614,8 +617,9 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           if (next) {
             if (p.dQ16) prefetch_l2(p.dQ16 + j + kWarps * N), prefetch_l2(p.dK16 + j + kWarps * N);
             else prefetch_l2(dQ + j + kWarps * N), prefetch_l2(dK + j + kWarps * N);
-            if (n0 / 2 < S) prefetch_l2(phiv + (st + kWarps) * S + n0 / 2);
+            if (!kUnrotated && n0 / 2 < S) prefetch_l2(phiv + (st + kWarps) * S + n0 / 2);
           }
+          if constexpr (kUnrotated) continue;  // (the gradients are all it reads)
           if constexpr (!kFormQK) {  // (formed: the biases are read where used, from L1 — fewer live registers)
             load_h(reinterpret_cast<const uint16_t*>(Q + j), vq[i]);
             load_h(reinterpret_cast<const uint16_t*>(K + j), vk[i]);
@@ -650,7 +654,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             const int u = n0 / 2 + m, a = 2 * m;
             float ca = gq[i][a], cb = gq[i][a + 1], ba = gk[i][a], bb = gk[i][a + 1];
             dp[m] = 0.0f;
-            if (u < S) {
+            if (!kUnrotated && u < S) {
               const float2 rot = rotary_cos_sin(ph[i][m]);
               const float cs = rot.x, sn = rot.y;
               float qa, qb, ka, kb;
@@ -671,7 +675,9 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
           }
           // dφ of the lane's pairs, one store (S even: both or neither rotate)
-          if constexpr (kPairs == 2) {
+          if constexpr (kUnrotated) {
+            // (the core wrote dφ)
+          } else if constexpr (kPairs == 2) {
             if (n0 / 2 < S) *reinterpret_cast<float2*>(dphi_out + st * S + n0 / 2) = make_float2(dp[0], dp[1]);
           } else if (n0 / 2 < S) {
             dphi_out[st * S + n0 / 2] = dp[0];
@@ -837,31 +843,45 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
     launch_train(kernel, unsigned(blocks), kThreads, bytes, s, p);
     MAMBA3_LAUNCH_CHECK();
   };
-  const auto with_n = [&](auto form_qk, auto heads, auto fuse_norm) {
+  const auto with_n = [&](auto form_qk, auto heads, auto fuse_norm, auto unrotated) {
     constexpr bool kF = decltype(form_qk)::value, kFuse = decltype(fuse_norm)::value;
+    constexpr bool kU = decltype(unrotated)::value;
     constexpr int kH = decltype(heads)::value;
     // (the L2 prefetch of the warp's next token: p.rotation_prefetch)
     const auto with_prefetch = [&](auto kernel_on, auto kernel_off) {
       launch(p.rotation_prefetch ? kernel_on : kernel_off);
     };
     if (d.N == 128)
-      with_prefetch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true>,
-                    batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, false>);
+      with_prefetch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true, kU>,
+                    batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, false, kU>);
     else if (d.N == 64)
-      with_prefetch(batched_rotation_backward_siso_kernel<64, kF, kH, kFuse, true>,
-                    batched_rotation_backward_siso_kernel<64, kF, kH, kFuse, false>);
+      with_prefetch(batched_rotation_backward_siso_kernel<64, kF, kH, kFuse, true, kU>,
+                    batched_rotation_backward_siso_kernel<64, kF, kH, kFuse, false, kU>);
     else
-      with_prefetch(batched_rotation_backward_siso_kernel<32, kF, kH, kFuse, true>,
-                    batched_rotation_backward_siso_kernel<32, kF, kH, kFuse, false>);
+      with_prefetch(batched_rotation_backward_siso_kernel<32, kF, kH, kFuse, true, kU>,
+                    batched_rotation_backward_siso_kernel<32, kF, kH, kFuse, false, kU>);
   };
-  const auto with_heads = [&](auto form_qk, auto fuse_norm) {  // the block's slots of hb heads
-    if (hb == 4) with_n(form_qk, std::integral_constant<int, 4>{}, fuse_norm);
-    else if (hb == 3) with_n(form_qk, std::integral_constant<int, 3>{}, fuse_norm);
-    else if (hb == 2) with_n(form_qk, std::integral_constant<int, 2>{}, fuse_norm);
-    else with_n(form_qk, std::integral_constant<int, 1>{}, fuse_norm);
+  // the block's slots of hb heads
+  const auto with_heads = [&](auto form_qk, auto fuse_norm, auto unrotated) {
+    if (hb == 4)
+      with_n(form_qk, std::integral_constant<int, 4>{}, fuse_norm, unrotated);
+    else if (hb == 3)
+      with_n(form_qk, std::integral_constant<int, 3>{}, fuse_norm, unrotated);
+    else if (hb == 2)
+      with_n(form_qk, std::integral_constant<int, 2>{}, fuse_norm, unrotated);
+    else
+      with_n(form_qk, std::integral_constant<int, 1>{}, fuse_norm, unrotated);
   };
-  if (fuse) form ? with_heads(std::true_type{}, std::true_type{}) : with_heads(std::false_type{}, std::true_type{});
-  else form ? with_heads(std::true_type{}, std::false_type{}) : with_heads(std::false_type{}, std::false_type{});
+  if (p.dqk_unrotated) {  // (the fused core un-rotated dQ/dK and wrote dφ)
+    MAMBA3_CHECK(fuse && p.dQ16 && p.dK16, "rotation backward: un-rotated dQ/dK need bf16 dQ/dK and the norm inside");
+    with_heads(std::false_type{}, std::true_type{}, std::true_type{});
+    return true;
+  }
+  const std::false_type no;
+  if (fuse)
+    form ? with_heads(std::true_type{}, std::true_type{}, no) : with_heads(no, std::true_type{}, no);
+  else
+    form ? with_heads(std::true_type{}, no, no) : with_heads(no, no, no);
   return true;
 }
 
