@@ -11,7 +11,8 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAMBA3_CUDA=ON -DMA
   -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DMAMBA3_TEST_AREAS=cuda >/dev/null
 targets=(mamba3_cli bench_server)
 # BUNDLE_BINS="mamba3 test_x …": build and pack only these test binaries (the device tool carries at most 64 MiB
-# with the tree, and a fresh machine's two cores take long over all of them).
+# with the tree, and a fresh machine's two cores take long over all of them). BUNDLE_OUT: the archive (default
+# gpu-bundle/bundle.tar.xz), so that runs needing different binaries can carry different archives.
 for t in $(grep -ho 'mamba3_cuda_test([a-z0-9_]*' tests/cuda/*.tests.cmake | sed 's/mamba3_cuda_test(//'); do
   if [[ -z ${BUNDLE_BINS:-} || " $BUNDLE_BINS " == *" $t "* ]]; then targets+=("$t"); fi
 done
@@ -31,9 +32,10 @@ for lib in $(ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u); do
     *) cp -L "$lib" "$stage/lib/" ;;
   esac
 done
-mkdir -p gpu-bundle
+out=${BUNDLE_OUT:-gpu-bundle/bundle.tar.xz}
+mkdir -p "$(dirname "$out")"
 # xz -9e: less than half the bytes of xz's default level on these binaries (42 → 20 MB for the CLI and six test
 # binaries), which the carry limit counts.
-XZ_OPT="${XZ_OPT:--9e -T0}" tar -C "$stage" -cJf gpu-bundle/bundle.tar.xz bin lib
+XZ_OPT="${XZ_OPT:--9e -T0}" tar -C "$stage" -cJf "$out" bin lib
 rm -rf "$stage"
-ls -la gpu-bundle/bundle.tar.xz
+ls -la "$out"

@@ -239,30 +239,52 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
 // The fused core un-rotating dQ and dK and forming dφ itself (set_core_unrotate) against the rotation backward doing
 // both (the default): the forward untouched, du and every gradient within kTolDqk16 (dQ and dK are rounded to bf16
 // after their un-rotation instead of before it), deterministic, in both block widths (the phases' dφ terms meet
-// through a named barrier in the 8-warp block, in one warp in the 4-warp one), with a padded last chunk. The path
-// must run where it applies, and must not at rope_fraction 1.0 at N 128 (rotating columns past the core's first 64).
+// through a named barrier in the 8-warp block, in one warp in the 4-warp one), with a padded last chunk. dφ's buffer
+// is poisoned with NaN before each un-rotating backward, so a dφ element the core leaves unwritten fails the
+// finiteness check (the default run before it would otherwise have left the right values there). The path must run
+// where it applies — N 32 at rope_fraction 1.0 too, every column rotating — and not where it does not: rope 1.0 at
+// N 128 (rotating columns past the core's first 64) and at N 64 P 32 (dφ's exchange rows exceed e^Λ ⊙ dy's), where
+// the bits must be the default's.
 TEST(Mamba3TrainGpu, UnrotatingFusedCoreTracksTheRotationBackward) {
   MAMBA3_REQUIRE_GPU();
   struct Restore {
     ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
   } restore;
-  std::vector<LayerCase> cases = core_shape_cases(false);
-  Mamba3Config wide_rope = cases.front().c;  // N 128
-  wide_rope.rope_fraction = 1.0;
-  cases.push_back({"siso N 128 P 64 rope 1.0 (not taken)", wide_rope});
-  for (const LayerCase& lc : cases)
+  struct Case {
+    LayerCase lc;
+    bool applies;
+  };
+  std::vector<Case> cases;
+  for (const LayerCase& lc : core_shape_cases(false)) {
+    cases.push_back({lc, true});
+    LayerCase full = lc;
+    full.c.rope_fraction = 1.0;
+    full.name = lc.c.d_state == 128  ? "siso N 128 P 64 rope 1.0 (not taken)"
+                : lc.c.d_state == 64 ? "siso N 64 P 32 rope 1.0 (not taken)"
+                                     : "siso N 32 P 32 rope 1.0";
+    cases.push_back({full, lc.c.d_state == 32});
+  }
+  for (const Case& tc : cases)
     for (const int64_t L : {65, 300}) {
+      const LayerCase& lc = tc.lc;
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
-      const bool applies = lc.c.rope_fraction != 1.0;
       auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(3900 + L));
       CoreLayerStep step(mixer, u, dout);
       step.train.set_state_chain(true);
       step.train.set_backward_core_fused(true);
+      step.train.set_dqk16(true);
+      step.train.set_bc_norm_fusion(true);
       ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
       auto run = [&](bool on) {
         step.train.set_core_unrotate(on);
-        GpuResult r = step.run();
-        EXPECT_EQ(step.train.last_backward_core_unrotated(), on && applies) << "the switch did not select the path";
+        GpuResult r = step.run(false, [&] {
+          cuda::DeviceBuffer& dphi = step.train.dphi_buffer_for_tests();
+          if (!on || dphi.bytes() == 0) return;
+          step.ctx.sync();
+          poison(dphi.raw(), dphi.bytes());
+          MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+        });
+        EXPECT_EQ(step.train.last_backward_core_unrotated(), on && tc.applies) << "the switch did not select the path";
         return r;
       };
       const GpuResult base = run(false);
@@ -273,7 +295,7 @@ TEST(Mamba3TrainGpu, UnrotatingFusedCoreTracksTheRotationBackward) {
         ASSERT_NO_FATAL_FAILURE(assert_finite(un));
         EXPECT_TRUE(bit_identical(un, again)) << "not deterministic";
         EXPECT_EQ(std::memcmp(base.out.raw(), un.out.raw(), base.out.nbytes()), 0) << "the forward moved";
-        if (applies)
+        if (tc.applies)
           EXPECT_FALSE(bit_identical(base, un)) << "the switch changed nothing";
         else
           EXPECT_TRUE(bit_identical(base, un)) << "not taken, yet the bits moved";

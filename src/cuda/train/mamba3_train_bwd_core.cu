@@ -326,8 +326,9 @@ __device__ __forceinline__ void load_pair_angles(const BatchedParams& p, int64_t
 
 // acc (the first pass's finished dQ or dK, rows r0 … r0 + 15) un-rotated in place, and each pair's dφ term
 // g_b·x_a − g_a·x_b (x: the rotated operand's row, q for dQ and k for dK, in shared memory at pitch ldx; the rotation
-// backward's expressions) into the warp's exchange rows xq (16 × S floats, row-major): phase A stores its q terms,
-// phase B adds its k terms to them — (0 + q term) + k term, the rotation backward's sum.
+// backward's expressions) into the warp's exchange rows xq (16 rows of S floats at pitch S + 4, so that the eight rows
+// a store instruction touches fall in different banks): phase A stores its q terms, phase B adds its k terms to them
+// — (0 + q term) + k term, the rotation backward's sum.
 template <int NBT, bool kAdd>
 __device__ __forceinline__ void unrotate_pairs(float (&acc)[NBT][4], const float (&ph)[NBT][2], const bf16* sX, int ldx,
                                                int r0, int S, float* xq) {
@@ -343,7 +344,7 @@ __device__ __forceinline__ void unrotate_pairs(float (&acc)[NBT][4], const float
         const float2 rot = rotary_cos_sin(ph[nt][half]);
         const float ga = acc[nt][2 * half], gb = acc[nt][2 * half + 1];
         const float term = gb * x.x - ga * x.y;
-        float* e = xq + (g + 8 * half) * S + i;
+        float* e = xq + (g + 8 * half) * (S + 4) + i;
         if constexpr (kAdd)
           *e = *e + term;
         else
@@ -355,18 +356,17 @@ __device__ __forceinline__ void unrotate_pairs(float (&acc)[NBT][4], const float
   }
 }
 
-// The warp's 16 rows of dφ (xq) to p.dphi: consecutive tokens of one sequence and head, so one contiguous range.
+// The warp's 16 rows of dφ (xq, pitch S + 4) to p.dphi: consecutive tokens of one sequence and head, one contiguous
+// range there (S a multiple of 4: fused_core_unrotate_supported).
 __device__ __forceinline__ void store_dphi_rows(const BatchedParams& p, int64_t chunk, int r0, const float* xq) {
-  const int lane = threadIdx.x % 32, S = p.d.S;
+  const int lane = threadIdx.x % 32, S = p.d.S, S4 = S / 4;
   const int64_t bh = chunk / p.nc;
   const int c0 = int(chunk % p.nc) * p.T, Tc = min(p.T, p.d.L - c0);
-  const int n = max(0, min(16, Tc - r0)) * S;
+  const int n = max(0, min(16, Tc - r0)) * S4;  // float4s of the real rows
   float* dst = p.dphi + (bh * p.d.L + c0 + r0) * S;
-  if (S % 4 == 0) {
-    for (int e = 4 * lane; e < n; e += 128)
-      *reinterpret_cast<float4*>(dst + e) = *reinterpret_cast<const float4*>(xq + e);
-  } else {
-    for (int e = lane; e < n; e += 32) dst[e] = xq[e];
+  for (int e = lane; e < n; e += 32) {
+    const int row = e / S4, col = 4 * (e % S4);
+    *reinterpret_cast<float4*>(dst + row * S + col) = *reinterpret_cast<const float4*>(xq + row * (S + 4) + col);
   }
 }
 
@@ -757,7 +757,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
 
   // ---- Phase C: G = (e^Λ ⊙ dy)ᵀ·q, rows p of this warp (not with the reverse state chain, which forms G itself).
-  for (int p0 = 16 * warp; g_slots && p0 < P; p0 += 16 * kCoreWarps) {
+  // (never with kUnrot: e^Λ ⊙ dy's rows hold dφ terms by then)
+  for (int p0 = 16 * warp; !kUnrot && g_slots && p0 < P; p0 += 16 * kCoreWarps) {
     float* G = g_slots + chunk * P * N;
 #pragma unroll
     for (int n0 = 0; n0 < N; n0 += NB) {
@@ -1001,10 +1002,10 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
 bool fused_core_unrotate_supported(const BatchedParams& p) {
   const MixerDims& d = p.d;
   const int NB = d.N < 64 ? d.N : 64;  // the cores' column pass
-  // The rotating columns in the first pass, dφ's 16 × S exchange rows inside a warp's 16 rows of e^Λ ⊙ dy (pitch
-  // P + 8 bf16), bf16 dQ/dK, and the rotation backward's instance that reads them so.
-  return post_scan_core_supported(p) && !d.no_rotary && d.S > 0 && 2 * d.S <= NB && 2 * d.S <= d.P + 8 && p.dQ16 &&
-         p.dK16 && p.phi && p.dphi && rotation_backward_reads_unrotated(p);
+  // The rotating columns in the first pass; dφ's exchange rows (16 × (S + 4) floats, 16-byte rows) inside a warp's 16
+  // rows of e^Λ ⊙ dy (pitch P + 8 bf16); bf16 dQ/dK, and the rotation backward's instance that reads them so.
+  return post_scan_core_supported(p) && !d.no_rotary && d.S > 0 && d.S % 4 == 0 && 2 * d.S <= NB && 2 * d.S <= d.P &&
+         p.dQ16 && p.dK16 && p.phi && p.dphi && rotation_backward_reads_unrotated(p);
 }
 
 bool backward_state_core_supported(const BatchedParams& p) { return core_shape_supported(p) && p.d.mimo; }

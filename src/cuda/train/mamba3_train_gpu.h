@@ -211,6 +211,9 @@ class Mamba3TrainGpu {
   void set_core_unrotate(bool on) { core_unrotate_ = on; }
   // Whether the last backward's fused core did (set_core_unrotate, where it applies).
   bool last_backward_core_unrotated() const { return core_unrotated_; }
+  // Tests: the backward's per-token dφ buffer (empty before the first backward), to poison between a forward and a
+  // backward so that a dφ element its writers leave out shows as NaN in the gradients.
+  DeviceBuffer& dphi_buffer_for_tests() { return dphi_; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 

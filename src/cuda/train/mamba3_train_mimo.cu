@@ -653,6 +653,7 @@ bool rotation_backward_mimo_applies(const BatchedParams& p) {
 bool launch_rotation_backward_mimo(cudaStream_t s, const BatchedParams& p) {
   const MixerDims& d = p.d;
   if (!rotation_backward_mimo_applies(p)) return false;
+  MAMBA3_CHECK(!p.dqk_unrotated, "MIMO rotation backward: dQ/dK un-rotated by a core are SISO's only");
   if (d.R == 4) launch_rotation_mimo_rank<4>(s, p);
   else launch_rotation_mimo_rank<2>(s, p);
   return true;
