@@ -236,6 +236,14 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
     }
 }
 
+// dφ, dBn and dCn poisoned with NaN between a forward and a backward (those the backward has reserved).
+void poison_backward_scratch(CoreLayerStep& step) {
+  step.ctx.sync();
+  for (cuda::DeviceBuffer* b : step.train.backward_scratch_for_tests())
+    if (b->bytes() > 0) poison(b->raw(), b->bytes());
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 // The fused core un-rotating dQ and dK and forming dφ itself (set_core_unrotate) against the rotation backward doing
 // both (the default): the forward untouched, du and every gradient within kTolDqk16 (dQ and dK are rounded to bf16
 // after their un-rotation instead of before it), deterministic, in both block widths (the phases' dφ terms meet
@@ -278,11 +286,7 @@ TEST(Mamba3TrainGpu, UnrotatingFusedCoreTracksTheRotationBackward) {
       auto run = [&](bool on) {
         step.train.set_core_unrotate(on);
         GpuResult r = step.run(false, [&] {
-          cuda::DeviceBuffer& dphi = step.train.dphi_buffer_for_tests();
-          if (!on || dphi.bytes() == 0) return;
-          step.ctx.sync();
-          poison(dphi.raw(), dphi.bytes());
-          MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+          if (on) poison_backward_scratch(step);
         });
         EXPECT_EQ(step.train.last_backward_core_unrotated(), on && tc.applies) << "the switch did not select the path";
         return r;
@@ -305,6 +309,83 @@ TEST(Mamba3TrainGpu, UnrotatingFusedCoreTracksTheRotationBackward) {
         std::printf("  %-38s L=%-3lld %s un-rotating core vs rotation backward worst %.2e (%s)\n", lc.name,
                     (long long)L, wide ? "8 warps" : "4 warps", worst, where.c_str());
       }
+    }
+}
+
+// The fused core also summing dQ and dK over clusters of 8 heads (set_core_head_sum on top of set_core_unrotate): no
+// rotation backward, the B/C norm backward's own kernel over H/8 slots. Against the un-rotating core without it (the
+// same dQ/dK tiles, the heads' sums in another order) within kTolSisoVsGeneric, and against the default within
+// kTolDqk16; deterministic; a padded last chunk. What the rotation backward wrote must now come from the core: dφ,
+// dBn and dCn are poisoned with NaN before each such backward, and a default backward of the same layer with dout
+// doubled runs just before it, so that bias partials the core failed to write would hold another problem's values.
+// Cases of 8 heads (one cluster), 16 heads in 2 groups (a cluster per group), N 32/64/128; at 4 heads the sum is not
+// taken and the bits are the un-rotating core's.
+TEST(Mamba3TrainGpu, HeadSumInTheFusedCoreTracksTheRotationBackward) {
+  MAMBA3_REQUIRE_GPU();
+  struct Case {
+    LayerCase lc;
+    bool applies;
+  };
+  std::vector<Case> cases;
+  Mamba3Config c = small(false, 1);
+  c.d_model = 256, c.d_state = 128, c.headdim = 64;  // 8 heads
+  cases.push_back({{"siso N 128 P 64 (8 heads)", c}, true});
+  c = small(false, 1);
+  c.d_model = 256, c.d_state = 64, c.headdim = 32, c.ngroups = 2, c.is_outproj_norm = true;  // 16 heads, 2 groups
+  cases.push_back({{"siso N 64 P 32 (16 heads, 2 groups) outnorm", c}, true});
+  c = small(false, 1);
+  c.d_model = 128, c.d_state = 32, c.headdim = 32;  // 8 heads
+  cases.push_back({{"siso N 32 P 32 (8 heads)", c}, true});
+  cases.push_back({core_shape_cases(false).front(), false});  // 4 heads
+  for (const Case& tc : cases)
+    for (const int64_t L : {65, 300}) {
+      const LayerCase& lc = tc.lc;
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4100 + L));
+      CoreLayerStep step(mixer, u, dout);
+      step.train.set_state_chain(true);
+      step.train.set_backward_core_fused(true);
+      step.train.set_dqk16(true);
+      step.train.set_bc_norm_fusion(true);
+      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      Tensor dout2 = Tensor::empty(DType::F32, dout.shape());
+      for (int64_t i = 0; i < dout.numel(); ++i) dout2.data<float>()[i] = 2.0f * dout.data<float>()[i];
+      const cuda::DeviceBuffer dd2 = to_device_activation(dout2, Precision::F32),
+                               dd1 = to_device_activation(dout, Precision::F32);
+      auto use_dout = [&](const cuda::DeviceBuffer& src) {
+        MAMBA3_CUDA_CHECK(cudaMemcpy(step.dd.raw(), src.raw(), step.dd.bytes(), cudaMemcpyDeviceToDevice));
+      };
+      auto run = [&](bool unrotate, bool head_sum) {
+        step.train.set_core_unrotate(unrotate);
+        step.train.set_core_head_sum(head_sum);
+        if (head_sum) {  // another problem's values left in every buffer the core must now write
+          step.train.set_core_unrotate(false);
+          use_dout(dd2);
+          step.run();
+          use_dout(dd1);
+          step.train.set_core_unrotate(true);
+        }
+        GpuResult r = step.run(false, [&] {
+          if (head_sum) poison_backward_scratch(step);
+        });
+        EXPECT_EQ(step.train.last_backward_core_head_summed(), head_sum && tc.applies)
+            << "the switch did not select the path";
+        return r;
+      };
+      const GpuResult base = run(false, false), unrot = run(true, false);
+      const GpuResult summed = run(true, true), again = run(true, true);
+      ASSERT_NO_FATAL_FAILURE(assert_finite(summed));
+      EXPECT_TRUE(bit_identical(summed, again)) << "not deterministic";
+      EXPECT_EQ(std::memcmp(base.out.raw(), summed.out.raw(), base.out.nbytes()), 0) << "the forward moved";
+      if (!tc.applies) {
+        EXPECT_TRUE(bit_identical(unrot, summed)) << "not taken, yet the bits moved";
+      }
+      double worst = 0, worst_base = 0;
+      std::string where, where_base;
+      compare(summed, unrot.out, unrot.du, unrot.grads, 0.0, kTolSisoVsGeneric, worst, where);
+      compare(summed, base.out, base.du, base.grads, 0.0, kTolDqk16, worst_base, where_base);
+      std::printf("  %-44s L=%-3lld head sum vs un-rotating core %.2e (%s), vs default %.2e (%s)\n", lc.name,
+                  (long long)L, worst, where.c_str(), worst_base, where_base.c_str());
     }
 }
 

@@ -392,6 +392,67 @@ __device__ __forceinline__ void pair_barrier(int wq) {
     pair_barrier_at<kArrive, 4>();
 }
 
+// ---- kHeadSum (p.dqk_head_sum, on top of kUnrot; fused_core_head_sum_supported): the sum over a B/C group's heads
+// that the rotation backward ran, done by clusters of 8 head blocks of one (sequence, chunk) (grid order (b, chunk,
+// head), head fastest). Each block has written its un-rotated bf16 dQ/dK tile; after a cluster barrier block r adds
+// rows 8r … 8r + 7 of the cluster's 8 tiles in head order and writes them as slot h / 8 of dCn/dBn ((token, H/8, N),
+// what bc_norm_backward_kernel sums over a group's slots), and forms its own head's bias partials from its tile;
+// after a second barrier each block drops its tiles' lines from L2 (discard: no write-back), so that when they are
+// still there the tiles never reach DRAM.
+
+// The chunk (b·H + h)·nc + c of a block in the head-fastest order (b, c, h).
+__device__ __forceinline__ int64_t head_fastest_chunk(const BatchedParams& p) {
+  const int64_t i = blockIdx.x, h = i % p.d.H, bc = i / p.d.H, c = bc % p.nc, b = bc / p.nc;
+  return (b * p.d.H + h) * p.nc + c;
+}
+
+// Every thread of the cluster's blocks: their global stores before it are visible to every block after it.
+__device__ __forceinline__ void cluster_barrier() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+template <int N, int kThreads>
+__device__ __forceinline__ void head_sum_epilogue(const BatchedParams& p, int64_t chunk) {
+  const MixerDims& d = p.d;
+  constexpr int64_t kTile = int64_t(kRows) * N;  // a chunk's dQ (or dK) tile, bf16
+  const int64_t bh = chunk / p.nc;
+  const int b = int(bh / d.H), h = int(bh % d.H), c = int(chunk % p.nc), c0 = c * p.T, Tc = min(p.T, d.L - c0);
+  const int rank = h % 8, h0 = h - rank, slots = d.H / 8;
+  const __nv_bfloat16 *q16 = reinterpret_cast<const __nv_bfloat16*>(p.dQ16),
+                      *k16 = reinterpret_cast<const __nv_bfloat16*>(p.dK16);
+  // The head's bias partials: its tiles' column sums over the real rows, in row order (the block's own stores,
+  // visible after the block barrier that ended its phases).
+  const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h;
+  for (int e = threadIdx.x; e < 2 * N; e += kThreads) {
+    const bool isB = e >= N;
+    const int n = e % N;
+    const __nv_bfloat16* src = (isB ? k16 : q16) + chunk * kTile + n;
+    float sum = 0.0f;
+    for (int r = 0; r < Tc; ++r) sum += __bfloat162float(src[int64_t(r) * N]);
+    (isB ? p.part_B_bias : p.part_C_bias)[prow * N + n] = sum;
+  }
+  cluster_barrier();
+  // Rows 8·rank … 8·rank + 7 over the cluster's heads h0 … h0 + 7, in head order.
+  for (int e = threadIdx.x; e < 2 * 8 * N; e += kThreads) {
+    const bool isB = e >= 8 * N;
+    const int row = 8 * rank + (e % (8 * N)) / N, n = e % N;
+    if (row >= Tc) continue;
+    const __nv_bfloat16* src = (isB ? k16 : q16) + int64_t(row) * N + n;
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) sum += __bfloat162float(src[((int64_t(b) * d.H + h0 + k) * p.nc + c) * kTile]);
+    const int64_t tok = int64_t(b) * d.L + c0 + row;
+    (isB ? p.dBn : p.dCn)[(tok * slots + h0 / 8) * N + n] = sum;
+  }
+  cluster_barrier();                            // (every block of the cluster has read the tiles)
+  constexpr int kLines = int(kTile * 2 / 128);  // 128-byte lines per tile (tiles are 4 KB multiples)
+  for (int i = threadIdx.x; i < 2 * kLines; i += kThreads) {
+    const char* tile = reinterpret_cast<const char*>((i < kLines ? q16 : k16) + chunk * kTile);
+    const size_t line = __cvta_generic_to_global(tile + int64_t(i % kLines) * 128);
+    asm volatile("discard.global.L2 [%0], 128;" ::"l"(line) : "memory");
+  }
+}
+
 template <int N, int P>
 struct CoreSmem {
   static constexpr int LDN = N + 8, LDP = P + 8;
@@ -423,7 +484,7 @@ struct CoreSmem {
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
-template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false>
+template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
@@ -431,6 +492,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   constexpr bool kPost = kMode == kCoreFused, kWithDH = kMode != kCoreOnly;
   static_assert(kWarps == kCoreWarps || (kSplitPhases && kWithDH), "8 warps only for the cores with dH");
   static_assert(!kUnrot || kPost, "un-rotated dQ/dK only from the fused core");
+  static_assert(!kHeadSum || kUnrot, "the head sum reads un-rotated dQ/dK");
   using Smem = CoreSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, NS = kRows / 8;  // NS: n-tiles over the chunk's 64 rows
   constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;                  // dQ/dK/G columns per pass, their n-tiles
@@ -446,7 +508,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   bf16* sVw = sdH + P * LDN;
   float* dL = reinterpret_cast<float*>(sVw + kRows * LDP);
   float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows;
-  const int64_t chunk = blockIdx.x;
+  const int64_t chunk = kHeadSum ? head_fastest_chunk(p) : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The phases this warp runs and its 16-row block in them.
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
@@ -826,6 +888,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       }
     }
   }
+  if constexpr (kHeadSum) head_sum_epilogue<N, kThreads>(p, chunk);
 }
 
 template <int N, int P, int kMode, int kR, bool kUnrot = false>
@@ -837,11 +900,11 @@ __global__ void __launch_bounds__(kCoreThreads)
 
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
-template <int N, int P, int kMode, int kR, bool kUnrot = false>
+template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kHeadSum = false>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2)
     fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -990,6 +1053,37 @@ void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc1
 void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16) {
   MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
                p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
+  if (p.dqk_head_sum) {
+    MAMBA3_CHECK(p.dqk_unrotated && fused_core_head_sum_supported(p),
+                 "fused backward core: the head sum unsupported (H {}, G {}, N {}, P {}, S {})", p.d.H, p.d.G, p.d.N,
+                 p.d.P, p.d.S);
+    dispatch_core_shape(p, [&](auto n, auto pp) {
+      constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+      auto* kernel = fused_core_wide_kernel<N, P, kCoreFused, 1, true, true>;
+      const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
+      if (bytes > 48 * 1024)
+        MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+      const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+      MAMBA3_CHECK(blocks <= 0x7fffffff, "fused backward core (head sum): {} blocks exceed the grid", blocks);
+      // Clusters of 8 consecutive blocks: the 8 heads of one (sequence, chunk), under PDL as every training kernel.
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(unsigned(blocks));
+      config.blockDim = dim3(2 * kCoreThreads);
+      config.dynamicSmemBytes = bytes;
+      config.stream = s;
+      cudaLaunchAttribute attribute[2];
+      attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attribute[0].val.programmaticStreamSerializationAllowed = train_pdl_enabled() ? 1 : 0;
+      attribute[1].id = cudaLaunchAttributeClusterDimension;
+      attribute[1].val.clusterDim.x = 8, attribute[1].val.clusterDim.y = 1, attribute[1].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 2;
+      MAMBA3_CUDA_CHECK(
+          cudaLaunchKernelEx(&config, kernel, p, static_cast<const bf16*>(Hc16), static_cast<const bf16*>(dHc16)));
+      MAMBA3_LAUNCH_CHECK();
+    });
+    return;
+  }
   if (p.dqk_unrotated) {
     MAMBA3_CHECK(fused_core_unrotate_supported(p),
                  "fused backward core: un-rotated dQ/dK unsupported (N {}, P {}, S {})", p.d.N, p.d.P, p.d.S);
@@ -1006,6 +1100,13 @@ bool fused_core_unrotate_supported(const BatchedParams& p) {
   // rows of e^Λ ⊙ dy (pitch P + 8 bf16); bf16 dQ/dK, and the rotation backward's instance that reads them so.
   return post_scan_core_supported(p) && !d.no_rotary && d.S > 0 && d.S % 4 == 0 && 2 * d.S <= NB && 2 * d.S <= d.P &&
          p.dQ16 && p.dK16 && p.phi && p.dphi && rotation_backward_reads_unrotated(p);
+}
+
+bool fused_core_head_sum_supported(const BatchedParams& p) {
+  // Clusters of 8 heads inside one B/C group, the 8-warp block, the slot outputs and bias partials given.
+  const MixerDims& d = p.d;
+  return fused_core_unrotate_supported(p) && d.H % 8 == 0 && (d.H / d.G) % 8 == 0 && fused_core_wide() && p.dBn &&
+         p.dCn && p.part_B_bias && p.part_C_bias;
 }
 
 bool backward_state_core_supported(const BatchedParams& p) { return core_shape_supported(p) && p.d.mimo; }

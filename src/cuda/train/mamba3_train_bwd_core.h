@@ -48,6 +48,12 @@ void launch_batched_backward_state_core(cudaStream_t s, const BatchedParams& p, 
 // formed before; the rotation backward then only sums over heads (its un-rotated instance). To bf16 rounding against
 // the default path (dQ and dK rounded before their un-rotation there).
 bool fused_core_unrotate_supported(const BatchedParams& p);
+// With p.dqk_head_sum too (where fused_core_head_sum_supported holds: 8 heads per cluster inside a B/C group, the
+// 8-warp block), the fused core also sums the un-rotated dQ/dK over each 8 heads of a group — clusters of 8 head
+// blocks, the rows split among them — into slot h / 8 of p.dCn/p.dBn ((token, H/8, N)) and writes each head's bias
+// partials, then drops its dQ16/dK16 tiles from L2 without write-back: no rotation backward follows, and
+// launch_bc_norm_backward must run with H/8 slots. To rounding against the rotation backward's sums (another order).
+bool fused_core_head_sum_supported(const BatchedParams& p);
 // The fused core's block: 8 warps with its two phases on separate warps (true) or 4 running both (false); the same
 // bits. Process-wide; default from MAMBA3_TRAIN_FUSED_CORE_WARPS ("8" or "4", unset: 8).
 void set_fused_core_wide(bool on);

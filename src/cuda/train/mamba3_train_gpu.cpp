@@ -150,11 +150,11 @@ bool env_rotation_prefetch() {
 }
 
 // MAMBA3_TRAIN_CORE_UNROTATE, read once per process: the SISO fused backward core un-rotates dQ and dK and forms dφ
-// itself, the rotation backward only summing over heads ("1"), or the rotation backward does both ("0", the default
-// until measured).
-bool env_core_unrotate() {
-  static const bool on = env_choice("MAMBA3_TRAIN_CORE_UNROTATE", {"0", "1"}) == "1";
-  return on;
+// itself, the rotation backward only summing over heads ("1"); also sums over clusters of 8 heads, no rotation
+// backward ("heads"); or the rotation backward does it all ("0", the default until measured).
+const std::string& env_core_unrotate() {
+  static const std::string mode = env_choice("MAMBA3_TRAIN_CORE_UNROTATE", {"0", "1", "heads"});
+  return mode;
 }
 
 // MAMBA3_TRAIN_ZY16, read once per process: the SISO forward core stores Z and the pre-norm output y in bf16 for the
@@ -238,7 +238,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       build_fast_(env_build_fast()),
       output_full_(env_output_full()),
       rotation_prefetch_(env_rotation_prefetch()),
-      core_unrotate_(env_core_unrotate()),
+      core_unrotate_(env_core_unrotate() != "0"),
+      core_head_sum_(env_core_unrotate() == "heads"),
       zy16_(env_zy16()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
@@ -551,9 +552,14 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
     p.dqk_unrotated = core_unrotate_ && fused_core_unrotate_supported(p);
-    core_unrotated_ = p.dqk_unrotated;
+    p.dqk_head_sum = p.dqk_unrotated && core_head_sum_ && fused_core_head_sum_supported(p);
+    core_unrotated_ = p.dqk_unrotated, core_head_summed_ = p.dqk_head_sum;
     launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
     prof.mark("backward core");
+    if (p.dqk_head_sum) {
+      bc_norm_fused_ = false;  // (the B/C norm backward's own kernel follows, over H/8 slots)
+      return;
+    }
     launch_batched_rotation_backward(s, p);
     prof.mark("rotation bwd");
     return;
@@ -795,6 +801,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm, o_Bn, o_Cn};
   bc_norm_fused_ = false;  // (batched_chunks: whether its rotation backward ran the B/C norm backward)
   core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
+  core_head_summed_ = false;
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);
   prof.mark("chunks");
@@ -813,8 +820,9 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
   if (!bc_norm_fused_) {
-    launch_bc_norm_backward(s, d, batched ? int(H) / epilogue_heads() : int(H), f(act_->bc_raw), w.B_norm, w.C_norm,
-                            f(dBn_), f(dCn_), f(dzx_), f(part_, o_Bn), f(part_, o_Cn), dzx16);
+    const int slots = !batched ? int(H) : core_head_summed_ ? int(H) / 8 : int(H) / epilogue_heads();
+    launch_bc_norm_backward(s, d, slots, f(act_->bc_raw), w.B_norm, w.C_norm, f(dBn_), f(dCn_), f(dzx_), f(part_, o_Bn),
+                            f(part_, o_Cn), dzx16);
     prof.mark("bc norm bwd");
   }
 

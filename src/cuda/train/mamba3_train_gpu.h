@@ -10,6 +10,7 @@
 // Scratch (grow-only, kept between calls) is O(B·L·(d_in + d_inner + H·R·(2N + P) + H·S)) floats for the backward:
 // the per-head gradients of the normalised B and C, (B·L, H, R, N) each, are the largest part.
 #include <cstdint>
+#include <vector>
 
 #include "cuda/cuda_context.h"
 #include "cuda/device_buffer.h"
@@ -211,9 +212,15 @@ class Mamba3TrainGpu {
   void set_core_unrotate(bool on) { core_unrotate_ = on; }
   // Whether the last backward's fused core did (set_core_unrotate, where it applies).
   bool last_backward_core_unrotated() const { return core_unrotated_; }
-  // Tests: the backward's per-token dφ buffer (empty before the first backward), to poison between a forward and a
-  // backward so that a dφ element its writers leave out shows as NaN in the gradients.
-  DeviceBuffer& dphi_buffer_for_tests() { return dphi_; }
+  // With set_core_unrotate, the fused core also summing dQ/dK over clusters of 8 heads of a B/C group into the B/C norm
+  // backward's slots and writing the bias partials, with no rotation backward (true, where
+  // train_detail::fused_core_head_sum_supported holds: a multiple of 8 heads per group, the 8-warp block), or not
+  // (false). To rounding (the heads' sums in another order). Default: MAMBA3_TRAIN_CORE_UNROTATE=heads.
+  void set_core_head_sum(bool on) { core_head_sum_ = on; }
+  bool last_backward_core_head_summed() const { return core_head_summed_; }
+  // Tests: the backward's per-token dφ, dBn and dCn buffers (empty before the first backward), to poison between a
+  // forward and a backward so that an element their writers leave out shows as NaN in the gradients.
+  std::vector<DeviceBuffer*> backward_scratch_for_tests() { return {&dphi_, &dBn_, &dCn_}; }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 
@@ -297,6 +304,8 @@ class Mamba3TrainGpu {
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
   bool core_unrotate_ = false;       // the fused core un-rotates dQ/dK and forms dφ (set_core_unrotate)
   bool core_unrotated_ = false;      // the last backward's did (last_backward_core_unrotated)
+  bool core_head_sum_ = false;       // ... and sums over clusters of 8 heads (set_core_head_sum)
+  bool core_head_summed_ = false;    // the last backward's did (last_backward_core_head_summed)
   bool zy16_ = true;                 // Z and y in bf16 between the SISO forward core and output backward (set_zy16)
   bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)

@@ -153,6 +153,9 @@ struct BatchedParams {
   // The SISO fused core un-rotates dQ and dK itself and writes dφ (fused_core_unrotate_supported); the rotation
   // backward reads dQ16/dK16 as the per-head gradients of the biased normalised C and B and writes no dφ.
   bool dqk_unrotated;
+  // With dqk_unrotated, the fused core also sums dQ/dK over clusters of 8 heads into dCn/dBn slots and writes the
+  // bias partials (fused_core_head_sum_supported); no rotation backward runs.
+  bool dqk_head_sum;
   // MIMO's forward core stores y = (e^Λ·Z + D·v) + W·v (chunk_row_y) in WV instead of W·v, and the MIMO output
   // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
   // both run, and kept with the activations (batched_chunks).
