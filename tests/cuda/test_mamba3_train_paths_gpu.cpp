@@ -318,10 +318,14 @@ TEST(Mamba3TrainGpu, UnrotatingFusedCoreTracksTheRotationBackward) {
 // kTolDqk16; deterministic; a padded last chunk. What the rotation backward wrote must now come from the core: dφ,
 // dBn and dCn are poisoned with NaN before each such backward, and a default backward of the same layer with dout
 // doubled runs just before it, so that bias partials the core failed to write would hold another problem's values.
-// Cases of 8 heads (one cluster), 16 heads in 2 groups (a cluster per group), N 32/64/128; at 4 heads the sum is not
-// taken and the bits are the un-rotating core's.
+// Cases of 8 heads (one cluster), 16 heads in 2 groups (a cluster per group), 24 heads in one group (three slots, as
+// at 125M), N 32/64/128; at 4 heads the sum is not taken and the bits are the un-rotating core's.
 TEST(Mamba3TrainGpu, HeadSumInTheFusedCoreTracksTheRotationBackward) {
   MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
+  cuda::train_detail::set_fused_core_wide(true);  // (the head sum runs in the 8-warp block only)
   struct Case {
     LayerCase lc;
     bool applies;
@@ -336,6 +340,9 @@ TEST(Mamba3TrainGpu, HeadSumInTheFusedCoreTracksTheRotationBackward) {
   c = small(false, 1);
   c.d_model = 128, c.d_state = 32, c.headdim = 32;  // 8 heads
   cases.push_back({{"siso N 32 P 32 (8 heads)", c}, true});
+  c = small(false, 1);
+  c.d_model = 768, c.d_state = 128, c.headdim = 64;  // 24 heads in one group: three slots (the 125M model's heads)
+  cases.push_back({{"siso N 128 P 64 (24 heads, 3 slots)", c}, true});
   cases.push_back({core_shape_cases(false).front(), false});  // 4 heads
   for (const Case& tc : cases)
     for (const int64_t L : {65, 300}) {
@@ -352,8 +359,10 @@ TEST(Mamba3TrainGpu, HeadSumInTheFusedCoreTracksTheRotationBackward) {
       for (int64_t i = 0; i < dout.numel(); ++i) dout2.data<float>()[i] = 2.0f * dout.data<float>()[i];
       const cuda::DeviceBuffer dd2 = to_device_activation(dout2, Precision::F32),
                                dd1 = to_device_activation(dout, Precision::F32);
-      auto use_dout = [&](const cuda::DeviceBuffer& src) {
-        MAMBA3_CUDA_CHECK(cudaMemcpy(step.dd.raw(), src.raw(), step.dd.bytes(), cudaMemcpyDeviceToDevice));
+      auto use_dout = [&](const cuda::DeviceBuffer& src) {  // (on the step's stream: ordered before its backward)
+        MAMBA3_CUDA_CHECK(
+            cudaMemcpyAsync(step.dd.raw(), src.raw(), step.dd.bytes(), cudaMemcpyDeviceToDevice, step.ctx.stream()));
+        step.ctx.sync();
       };
       auto run = [&](bool unrotate, bool head_sum) {
         step.train.set_core_unrotate(unrotate);
@@ -377,7 +386,9 @@ TEST(Mamba3TrainGpu, HeadSumInTheFusedCoreTracksTheRotationBackward) {
       ASSERT_NO_FATAL_FAILURE(assert_finite(summed));
       EXPECT_TRUE(bit_identical(summed, again)) << "not deterministic";
       EXPECT_EQ(std::memcmp(base.out.raw(), summed.out.raw(), base.out.nbytes()), 0) << "the forward moved";
-      if (!tc.applies) {
+      if (tc.applies) {
+        EXPECT_FALSE(bit_identical(unrot, summed)) << "the head sum changed nothing";
+      } else {
         EXPECT_TRUE(bit_identical(unrot, summed)) << "not taken, yet the bits moved";
       }
       double worst = 0, worst_base = 0;

@@ -412,7 +412,7 @@ __device__ __forceinline__ void cluster_barrier() {
 }
 
 template <int N, int kThreads>
-__device__ __forceinline__ void head_sum_epilogue(const BatchedParams& p, int64_t chunk) {
+__device__ __forceinline__ void head_sum_epilogue(const BatchedParams& p, int64_t chunk, float* scratch) {
   const MixerDims& d = p.d;
   constexpr int64_t kTile = int64_t(kRows) * N;  // a chunk's dQ (or dK) tile, bf16
   const int64_t bh = chunk / p.nc;
@@ -420,16 +420,30 @@ __device__ __forceinline__ void head_sum_epilogue(const BatchedParams& p, int64_
   const int rank = h % 8, h0 = h - rank, slots = d.H / 8;
   const __nv_bfloat16 *q16 = reinterpret_cast<const __nv_bfloat16*>(p.dQ16),
                       *k16 = reinterpret_cast<const __nv_bfloat16*>(p.dK16);
-  // The head's bias partials: its tiles' column sums over the real rows, in row order (the block's own stores,
-  // visible after the block barrier that ended its phases).
+  // The head's bias partials: its tiles' column sums over the real rows (the block's own stores, visible after the
+  // block barriers that ended its phases) — eight groups of eight rows by separate threads, so that their loads are
+  // in flight together, then the groups in order through `scratch` (8 × 2N floats in the dead operand tiles).
+#pragma unroll
+  for (int e0 = 0; e0 < 8 * 2 * N; e0 += kThreads) {
+    const int e = e0 + threadIdx.x;
+    if (e < 8 * 2 * N) {
+      const int grp = e / (2 * N), col = e % (2 * N), n = col % N;
+      const __nv_bfloat16* src = (col >= N ? k16 : q16) + chunk * kTile + n;
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int r = 8 * grp + i;
+        if (r < Tc) sum += __bfloat162float(src[int64_t(r) * N]);
+      }
+      scratch[e] = sum;
+    }
+  }
+  __syncthreads();
   const int64_t prow = (int64_t(b) * p.nc + c) * d.H + h;
-  for (int e = threadIdx.x; e < 2 * N; e += kThreads) {
-    const bool isB = e >= N;
-    const int n = e % N;
-    const __nv_bfloat16* src = (isB ? k16 : q16) + chunk * kTile + n;
+  for (int col = threadIdx.x; col < 2 * N; col += kThreads) {
     float sum = 0.0f;
-    for (int r = 0; r < Tc; ++r) sum += __bfloat162float(src[int64_t(r) * N]);
-    (isB ? p.part_B_bias : p.part_C_bias)[prow * N + n] = sum;
+    for (int grp = 0; grp < 8; ++grp) sum += scratch[grp * 2 * N + col];
+    (col >= N ? p.part_B_bias : p.part_C_bias)[prow * N + col % N] = sum;
   }
   cluster_barrier();
   // Rows 8·rank … 8·rank + 7 over the cluster's heads h0 … h0 + 7, in head order.
@@ -888,7 +902,9 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       }
     }
   }
-  if constexpr (kHeadSum) head_sum_epilogue<N, kThreads>(p, chunk);
+  // (the operand tiles are dead: the block's phases ended at the barriers above, and warp 0's tail reads only the
+  // scalars' floats)
+  if constexpr (kHeadSum) head_sum_epilogue<N, kThreads>(p, chunk, reinterpret_cast<float*>(smem_raw));
 }
 
 template <int N, int P, int kMode, int kR, bool kUnrot = false>
@@ -1073,7 +1089,7 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
       config.stream = s;
       cudaLaunchAttribute attribute[2];
       attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attribute[0].val.programmaticStreamSerializationAllowed = train_pdl_enabled() ? 1 : 0;
+      attribute[0].val.programmaticStreamSerializationAllowed = train_pdl_enabled() && pdl_enabled() ? 1 : 0;
       attribute[1].id = cudaLaunchAttributeClusterDimension;
       attribute[1].val.clusterDim.x = 8, attribute[1].val.clusterDim.y = 1, attribute[1].val.clusterDim.z = 1;
       config.attrs = attribute;

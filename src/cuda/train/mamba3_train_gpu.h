@@ -208,14 +208,16 @@ class Mamba3TrainGpu {
   // heads' gradients (true, where train_detail::fused_core_unrotate_supported holds: bf16 dQ/dK, the B/C norm inside
   // the rotation backward, the rotating columns within the core's first 64), or the rotation backward doing both
   // (false). To bf16 rounding (dQ and dK are un-rotated before their rounding instead of after). Default from
-  // MAMBA3_TRAIN_CORE_UNROTATE, read once per process: "0" or "1" (unset: 0).
+  // MAMBA3_TRAIN_CORE_UNROTATE, read once per process: "0", "1" or "heads" (also set_core_head_sum; unset: 0).
   void set_core_unrotate(bool on) { core_unrotate_ = on; }
   // Whether the last backward's fused core did (set_core_unrotate, where it applies).
   bool last_backward_core_unrotated() const { return core_unrotated_; }
   // With set_core_unrotate, the fused core also summing dQ/dK over clusters of 8 heads of a B/C group into the B/C norm
   // backward's slots and writing the bias partials, with no rotation backward (true, where
   // train_detail::fused_core_head_sum_supported holds: a multiple of 8 heads per group, the 8-warp block), or not
-  // (false). To rounding (the heads' sums in another order). Default: MAMBA3_TRAIN_CORE_UNROTATE=heads.
+  // (false). To rounding (the heads' sums in another order). Default: MAMBA3_TRAIN_CORE_UNROTATE=heads. It applies
+  // only where the un-rotating core does, which includes the B/C norm backward inside the rotation backward
+  // (set_bc_norm_fusion) although the head sum then runs that norm's own kernel.
   void set_core_head_sum(bool on) { core_head_sum_ = on; }
   bool last_backward_core_head_summed() const { return core_head_summed_; }
   // Tests: the backward's per-token dφ, dBn and dCn buffers (empty before the first backward), to poison between a
