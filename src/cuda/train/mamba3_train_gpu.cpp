@@ -238,7 +238,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       build_fast_(env_build_fast()),
       output_full_(env_output_full()),
       rotation_prefetch_(env_rotation_prefetch()),
-      core_unrotate_(env_core_unrotate() != "0"),
+      core_unrotate_(env_core_unrotate() == "1" || env_core_unrotate() == "heads"),  // ("" when unset: off)
       core_head_sum_(env_core_unrotate() == "heads"),
       zy16_(env_zy16()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
