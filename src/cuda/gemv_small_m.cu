@@ -144,8 +144,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-// This instance's blocks on the device at once (asked only by calls that request W into L2, so the default path makes
-// no extra runtime call, in a graph capture or elsewhere).
+// This instance's blocks on the device at once, asked once per instance: by calls that request W into L2, and for the
+// one-row instance by resident_warps (the split choice, which asked that before). The default path makes no other
+// runtime call, in a graph capture or elsewhere.
 template <int M, int KS, bool Pairs>
 int64_t resident_blocks() {
   static const int64_t blocks = [] {
@@ -225,14 +226,7 @@ bool auto_split_enabled() {
 
 // Warps of the one-row kernel resident on the device at once (its occupancy × SMs): the unit of a "wave".
 int64_t resident_warps() {
-  static const int64_t warps = [] {
-    int device = 0, sms = 0, blocks = 0;
-    MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
-    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    MAMBA3_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_kernel<1, 1, false>, kWarps * 32, 0));
-    return int64_t(sms) * blocks * kWarps;
-  }();
+  static const int64_t warps = resident_blocks<1, 1, false>() * kWarps;
   return warps;
 }
 

@@ -244,6 +244,16 @@ void poison_backward_scratch(CoreLayerStep& step) {
   MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+// The switches the un-rotating core's paths depend on, set whatever the environment says: the reverse state chain,
+// the fused backward core, bf16 dQ/dK and the B/C norm inside the rotation backward; the shape must take the cores.
+void pin_fused_core_path(CoreLayerStep& step, int64_t L) {
+  step.train.set_state_chain(true);
+  step.train.set_backward_core_fused(true);
+  step.train.set_dqk16(true);
+  step.train.set_bc_norm_fusion(true);
+  ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+}
+
 // The fused core un-rotating dQ and dK and forming dφ itself (set_core_unrotate) against the rotation backward doing
 // both (the default): the forward untouched, du and every gradient within kTolDqk16 (dQ and dK are rounded to bf16
 // after their un-rotation instead of before it), deterministic, in both block widths (the phases' dφ terms meet
@@ -278,11 +288,7 @@ TEST(Mamba3TrainGpu, UnrotatingFusedCoreTracksTheRotationBackward) {
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(3900 + L));
       CoreLayerStep step(mixer, u, dout);
-      step.train.set_state_chain(true);
-      step.train.set_backward_core_fused(true);
-      step.train.set_dqk16(true);
-      step.train.set_bc_norm_fusion(true);
-      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      ASSERT_NO_FATAL_FAILURE(pin_fused_core_path(step, L));
       auto run = [&](bool on) {
         step.train.set_core_unrotate(on);
         GpuResult r = step.run(false, [&] {
@@ -350,11 +356,7 @@ TEST(Mamba3TrainGpu, HeadSumInTheFusedCoreTracksTheRotationBackward) {
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4100 + L));
       CoreLayerStep step(mixer, u, dout);
-      step.train.set_state_chain(true);
-      step.train.set_backward_core_fused(true);
-      step.train.set_dqk16(true);
-      step.train.set_bc_norm_fusion(true);
-      ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
+      ASSERT_NO_FATAL_FAILURE(pin_fused_core_path(step, L));
       Tensor dout2 = Tensor::empty(DType::F32, dout.shape());
       for (int64_t i = 0; i < dout.numel(); ++i) dout2.data<float>()[i] = 2.0f * dout.data<float>()[i];
       const cuda::DeviceBuffer dd2 = to_device_activation(dout2, Precision::F32),
