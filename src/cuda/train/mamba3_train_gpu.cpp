@@ -151,7 +151,7 @@ bool env_rotation_prefetch() {
 
 // MAMBA3_TRAIN_CORE_UNROTATE, read once per process: the SISO fused backward core un-rotates dQ and dK and forms dφ
 // itself, the rotation backward only summing over heads ("1"); also sums over clusters of 8 heads, no rotation
-// backward ("heads"); or the rotation backward does it all ("0", the default until measured).
+// backward ("heads"); or the rotation backward does it all ("0", the default: both others measured slower).
 const std::string& env_core_unrotate() {
   static const std::string mode = env_choice("MAMBA3_TRAIN_CORE_UNROTATE", {"0", "1", "heads"});
   return mode;
