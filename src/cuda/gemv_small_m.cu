@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -28,6 +29,12 @@ __device__ __forceinline__ void accumulate(const uint4& wv, const uint4& xv, flo
   }
 }
 
+// The most pieces past the first window a lane asks L2 for under GemvPrefetch::Lanes: a 1.5B product's whole share
+// per lane at one row (fc1 and the lm_head, one warp per column over K = 2048: 8 pieces; out_proj and fc2: 4).
+constexpr int kLanePrefetchPieces = 6;
+
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Pieces (16 bytes of a weight row) each lane requests at once. A window of 8–16 (to fill the memory pipe with few
 // warps) measured slower on an H200 (1.5B decode b1 1.76 vs 1.58 ms with the other changes of that run): its 97
 // registers cut the blocks per SM to 2, and the GEMVs of a batch-1 step are too short to make up for that. Kept at 2.
@@ -48,7 +55,11 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // pf_bytes (bulk prefetch by warp 0; a multiple of 16, at most all of W: launch caps it at three quarters of L2 so
 // that the early requests are not evicted before their rows are read), so that under PDL the product's weights stream
 // while the kernel before it runs, not only each resident lane's first window (and nothing of the later waves' rows).
-template <int M, int KS, bool Pairs>
+// LanePf: before waiting, each lane also asks L2 (prefetch.global.L2: no data register, no shared memory) for its next
+// kLanePrefetchPieces pieces after the first window, so that a resident warp's whole share is requested while the
+// kernel before it runs, in the order the warp reads it, and the later windows' loads find their lines in L2. A
+// compile-time switch: as a runtime loop it took 4 more registers (36), one block per SM fewer for every instance.
+template <int M, int KS, bool Pairs, bool LanePf>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k, const __nv_bfloat16* __restrict__ x,
                 int64_t x_stride, float* __restrict__ y, int64_t y_stride, __nv_bfloat16* __restrict__ act,
@@ -81,6 +92,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int u = 0; u < U; ++u) {
     const int64_t i = first + step * u;
     wv[u] = i < pieces ? __ldcs(wrow + i) : make_uint4(0, 0, 0, 0);  // streamed: read once, keep out of L1
+  }
+  if constexpr (LanePf) {
+#pragma unroll
+    for (int u = U; u < U + kLanePrefetchPieces; ++u) {
+      const int64_t i = first + step * u;
+      if (i < pieces) prefetch_l2(wrow + i);
+    }
   }
   pdl_wait();
   for (int64_t base = first; base < pieces; base += step * U) {
@@ -154,7 +172,7 @@ int64_t resident_blocks() {
     MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     MAMBA3_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, KS, Pairs>, kWarps * 32, 0));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, KS, Pairs, false>, kWarps * 32, 0));
     return int64_t(sms) * std::max(per_sm, 1);
   }();
   return blocks;
@@ -173,21 +191,29 @@ uint64_t l2_prefetch_cap() {
   return cap;
 }
 
+// Lanes is compiled for one and two rows (the batches the matrix-vector kernel serves in a decode step); more rows run
+// as Off.
 template <int M, int KS, bool Pairs>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
-            int64_t y_stride, void* act, bool l2_prefetch) {
+            int64_t y_stride, void* act, GemvPrefetch prefetch) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
+  const bool l2_prefetch = prefetch == GemvPrefetch::Bulk;
   const int64_t pf_blocks = l2_prefetch ? std::min<int64_t>(blocks, resident_blocks<M, KS, Pairs>()) : 0;
   const uint64_t pf_bytes = l2_prefetch ? std::min(uint64_t(n) * uint64_t(k) * 2, l2_prefetch_cap()) : 0;
-  launch_pdl(true, gemv_kernel<M, KS, Pairs>, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
+  const auto kernel = [&] {
+    if constexpr (M <= 2)
+      return prefetch == GemvPrefetch::Lanes ? gemv_kernel<M, KS, Pairs, true> : gemv_kernel<M, KS, Pairs, false>;
+    return gemv_kernel<M, KS, Pairs, false>;
+  }();
+  launch_pdl(true, kernel, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
              static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act), pf_blocks,
              pf_bytes);
 }
 
 template <int M, bool Pairs = false>
-void launch_split(int ks, bool pf, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride,
-                  float* y, int64_t y_stride, void* act = nullptr) {
+void launch_split(int ks, GemvPrefetch pf, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x,
+                  int64_t x_stride, float* y, int64_t y_stride, void* act = nullptr) {
   switch (ks) {
     case 1:
       return launch<M, 1, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act, pf);
@@ -210,11 +236,14 @@ void with_rows(int64_t m, F&& f) {
   with_rows_in(m, f, std::make_integer_sequence<int, Max>{});
 }
 
-// MAMBA3_GEMV_PREFETCH=1: every call's resident blocks ask L2 for W (up to 3/4 of L2) up front (off by default until
-// measured).
-bool env_l2_prefetch() {
-  static const bool on = env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1"}) == "1";
-  return on;
+// MAMBA3_GEMV_PREFETCH: 0 (default) | 1 (GemvPrefetch::Bulk: every call's resident blocks ask L2 for W, up to 3/4 of
+// L2, up front; measured slower) | lanes (GemvPrefetch::Lanes).
+GemvPrefetch env_prefetch() {
+  static const GemvPrefetch p = [] {
+    const std::string v = env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1", "lanes"});
+    return v == "1" ? GemvPrefetch::Bulk : v == "lanes" ? GemvPrefetch::Lanes : GemvPrefetch::Off;
+  }();
+  return p;
 }
 
 // The automatic split: 4 warps per column for the narrow products (1.5B out_proj/fc2, N 2048: decode b1 1.443 ms
@@ -259,18 +288,18 @@ int gemv_small_m_split(int64_t n, int64_t k) {
 }
 
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                  float* y, int64_t y_stride, int k_split, std::optional<bool> l2_prefetch) {
+                  float* y, int64_t y_stride, int k_split, std::optional<GemvPrefetch> prefetch) {
   const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
-  const bool pf = l2_prefetch.value_or(env_l2_prefetch());
+  const GemvPrefetch pf = prefetch.value_or(env_prefetch());
   MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m: k_split {} (expected 1, 2 or 4)", ks);
   MAMBA3_CHECK(m >= 1 && m <= kGemvMaxRows, "gemv_small_m: {} rows (at most {})", m, kGemvMaxRows);
   with_rows<kGemvMaxRows>(m, [&](auto rows) { launch_split<rows()>(ks, pf, s, w, n, k, x, x_stride, y, y_stride); });
 }
 
 void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                              int64_t x_stride, void* act, int k_split, std::optional<bool> l2_prefetch) {
+                              int64_t x_stride, void* act, int k_split, std::optional<GemvPrefetch> prefetch) {
   const int ks = k_split > 0 ? k_split : gemv_small_m_split(n, k);
-  const bool pf = l2_prefetch.value_or(env_l2_prefetch());
+  const GemvPrefetch pf = prefetch.value_or(env_prefetch());
   MAMBA3_CHECK(ks == 1 || ks == 2 || ks == 4, "gemv_small_m_gated_pairs: k_split {} (expected 1, 2 or 4)", ks);
   MAMBA3_CHECK(n % 2 == 0 && m >= 1 && m <= kGemvPairsMaxRows,
                "gemv_small_m_gated_pairs: N {} must be even and M {} in 1..{}", n, m, kGemvPairsMaxRows);

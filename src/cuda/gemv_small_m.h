@@ -18,13 +18,18 @@ constexpr int64_t kGemvPreferredRows = 4;
 // Whether the kernel handles this shape: 1 ≤ m ≤ kGemvMaxRows, K a multiple of 8, 16-byte aligned rows.
 bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* w, const void* x);
 
+// Requests of W into L2 made before the kernel waits for the one before it (hints: the same results either way), so
+// that under PDL more of the product's weight stream runs beside that kernel. Off: each lane's first window of
+// pieces only, into registers. Bulk: the blocks resident at once also ask L2 for all of W between them, up to 3/4 of
+// the device's L2 (bulk requests by one warp per block; measured slower on an H200, thirty-fifth session). Lanes:
+// each lane also asks L2 for the next few pieces of its own share (docs/kernels/mamba3_cuda.md).
+enum class GemvPrefetch { Off, Bulk, Lanes };
+
 // W (N, K) bf16 row-major; x (M, K) bf16 with rows x_stride elements apart; y (M, N) f32 with rows y_stride apart.
-// k_split: warps per output column (1, 2 or 4); 0: gemv_small_m_split's choice. l2_prefetch: the blocks resident at
-// once first ask L2 for all of W between them, up to 3/4 of the device's L2 (a hint: the same results), so that under
-// PDL the product's whole weight stream starts while the kernel before it runs; unset: MAMBA3_GEMV_PREFETCH (0 or 1,
-// default 0; read once).
+// k_split: warps per output column (1, 2 or 4); 0: gemv_small_m_split's choice. prefetch unset: MAMBA3_GEMV_PREFETCH
+// (0 | 1 = Bulk | lanes; default 0; read once).
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                  float* y, int64_t y_stride, int k_split = 0, std::optional<bool> l2_prefetch = std::nullopt);
+                  float* y, int64_t y_stride, int k_split = 0, std::optional<GemvPrefetch> prefetch = std::nullopt);
 
 // The GatedMLP's fc1 and activation in one launch: W (N, K) holds N/2 (value, gate) row pairs (rows 2j, 2j + 1);
 // act (M, N/2) bf16 = bf16(y_2j · silu(y_2j+1)) where y = x · Wᵀ in f32 — the same bits as gemv_small_m followed by
@@ -33,7 +38,7 @@ void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const voi
 constexpr int64_t kGemvPairsMaxRows = kGemvPreferredRows;
 void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                               int64_t x_stride, void* act, int k_split = 0,
-                              std::optional<bool> l2_prefetch = std::nullopt);
+                              std::optional<GemvPrefetch> prefetch = std::nullopt);
 
 // Warps per column the kernel uses for an (N, K) product by default: the split (1, 2 or 4; 1 when K < 1024 or
 // MAMBA3_GEMV_KSPLIT=0) whose N·split warps fill their last wave on this device best (1.5B: out_proj/fc2 4, in_proj

@@ -77,7 +77,7 @@ struct StateQuad<__nv_bfloat16> {
 // BF16S: the bf16-state mode (the ssm state read from and written to st.ssm16 as bf16; arithmetic in f32).
 template <int R, int VPL, bool TC, bool BF16S>
 __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeLayout<R, VPL, TC>::kMinBlocks)
-    mamba3_head_decode_kernel(Mamba3DecodeArgs a) {
+    mamba3_head_decode_kernel(Mamba3DecodeArgs a, bool early_state) {
   using StateT = std::conditional_t<BF16S, __nv_bfloat16, float>;
   using Layout = DecodeLayout<R, VPL, TC>;
   constexpr int kP = TC ? kHeadTcP : kMaxP;  // the channels the per-channel arrays hold
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   __shared__ float zx_own[3 * kP];  // z, x, norm weight of channel p at p, kP + p, 2·kP + p
   __shared__ float mzo[2 * R * kP];  // MIMO z and o vectors (2, r, p)
   pdl_trigger();
-  pdl_wait();
+  if (!early_state) pdl_wait();
   const int item = blockIdx.x, H = a.H, P = a.P, N = a.N, S = a.S;
   const int b = item / H, h = item % H;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, warps = kThreads / 32;
@@ -168,6 +168,11 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       }
     }
   }
+  // early_state: the state rows and the cached k above were requested before waiting for the kernel before this one
+  // (in_proj, which writes zx): under PDL they stream beside its last blocks. Only this kernel writes them, and it
+  // ran last in an earlier step, which a graph replay or a plain launch at the step's start (the embedding) has
+  // seen finish (pdl.h).
+  if (early_state) pdl_wait();
   const bool own = tid < P;
   if (own) {
     __pipeline_memcpy_async(zx_own + tid, zrow + int64_t(h) * P + tid, 4);
@@ -420,7 +425,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
 }
 
 template <int R, int VPL, bool BF16S, bool TC = false>
-void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
+void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early_state) {
   const auto kernel = mamba3_head_decode_kernel<R, VPL, TC, BF16S>;
   size_t dynamic = 0;
   if constexpr (TC) {
@@ -431,36 +436,51 @@ void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
     }();
     (void)raised;
   }
-  launch_pdl(pdl_small(blocks / a.H), kernel, blocks, DecodeLayout<R, VPL, TC>::kWarps * 32, dynamic, s, a);
+  launch_pdl(pdl_small(blocks / a.H), kernel, blocks, DecodeLayout<R, VPL, TC>::kWarps * 32, dynamic, s, a,
+             early_state);
 }
 
 template <int VPL, bool BF16S>
-void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
+void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early) {
   switch (a.R) {
-    case 1: launch<1, VPL, BF16S>(s, a, blocks); break;
-    case 2: launch<2, VPL, BF16S>(s, a, blocks); break;
-    case 3: launch<3, VPL, BF16S>(s, a, blocks); break;
-    default: launch<4, VPL, BF16S>(s, a, blocks); break;
+    case 1:
+      launch<1, VPL, BF16S>(s, a, blocks, early);
+      break;
+    case 2:
+      launch<2, VPL, BF16S>(s, a, blocks, early);
+      break;
+    case 3:
+      launch<3, VPL, BF16S>(s, a, blocks, early);
+      break;
+    default:
+      launch<4, VPL, BF16S>(s, a, blocks, early);
+      break;
   }
 }
 
 template <bool BF16S>
-void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks) {
+void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early) {
   switch (a.R) {
-    case 2: launch<2, 1, BF16S, true>(s, a, blocks); break;
-    case 3: launch<3, 1, BF16S, true>(s, a, blocks); break;
-    default: launch<4, 1, BF16S, true>(s, a, blocks); break;
+    case 2:
+      launch<2, 1, BF16S, true>(s, a, blocks, early);
+      break;
+    case 3:
+      launch<3, 1, BF16S, true>(s, a, blocks, early);
+      break;
+    default:
+      launch<4, 1, BF16S, true>(s, a, blocks, early);
+      break;
   }
 }
 
 template <bool BF16S>
-void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool tensor_cores) {
+void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool tensor_cores, bool early) {
   if (tensor_cores && head_decode_tc_fits(a))
-    launch_tc<BF16S>(s, a, blocks);
+    launch_tc<BF16S>(s, a, blocks, early);
   else if (a.N <= 128)
-    launch_rank<1, BF16S>(s, a, blocks);
+    launch_rank<1, BF16S>(s, a, blocks, early);
   else
-    launch_rank<2, BF16S>(s, a, blocks);
+    launch_rank<2, BF16S>(s, a, blocks, early);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -474,14 +494,15 @@ bool mamba3_head_decode_reaches(const Mamba3KernelShape& a) {
   return a.S <= a.N / 2 && a.G >= 1 && a.H % a.G == 0 && a.mimo == (a.R > 1);
 }
 
-bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores) {
+bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores,
+                            bool early_state) {
   const int64_t blocks = batch * a.H;
   if (!mamba3_head_decode_reaches(a) || blocks >= (int64_t(1) << 31)) return false;
   if (!aligned16(a.st.ssm16 ? static_cast<const void*>(a.st.ssm16) : a.st.ssm) || !aligned16(a.st.k)) return false;
   if (a.st.ssm16)
-    launch_head<true>(s, a, int(blocks), tensor_cores);
+    launch_head<true>(s, a, int(blocks), tensor_cores, early_state);
   else
-    launch_head<false>(s, a, int(blocks), tensor_cores);
+    launch_head<false>(s, a, int(blocks), tensor_cores, early_state);
   return true;
 }
 

@@ -30,7 +30,10 @@ struct Mamba3DecodeArgs : Mamba3KernelShape {  // L = 1
 // with ssm16 (the bf16-state mode) is read and written as bf16.
 // tensor_cores: MIMO heads at P = 64, N = 128 update their state on tensor cores, the state held in the products'
 // accumulators (3×TF32, f32 accuracy; mamba3_head_decode_tc.cuh).
-bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores = false);
+// early_state: the state rows and cached k are requested before the kernel waits for the one before it (under PDL:
+// beside in_proj's last blocks; MAMBA3_DECODE_EARLY_STATE, DecodeChoice::early_state).
+bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores = false,
+                            bool early_state = false);
 // Whether the head kernel serves this layer shape (with 16-byte aligned ssm/ssm16 and k states, which
 // GpuMamba3State's are): the bf16-state mode decodes only there.
 bool mamba3_head_decode_reaches(const Mamba3KernelShape& shape);
@@ -63,10 +66,13 @@ struct DecodeChoice {
   // The head kernel's MIMO rows on tensor cores where the shape allows (P = 64, N = 128).
   bool head_tensor_cores = true;
   int64_t head_tc_min_items = 512;
+  // The head kernel requests its state rows and cached k before waiting for in_proj (mamba3_head_decode_gpu).
+  bool early_state = false;
 };
 // Process-wide. Defaults from MAMBA3_DECODE_KERNEL (auto | head | stream), MAMBA3_STREAM_DECODE_MIN (pairs),
 // MAMBA3_STREAM_DECODE_STAGES (2 | 3), MAMBA3_STREAM_DECODE_BLOCKS (per head; 0 = fill the device),
-// MAMBA3_HEAD_DECODE_TC (1 | 0) and MAMBA3_HEAD_DECODE_TC_MIN (pairs), read on first use; tests set it.
+// MAMBA3_HEAD_DECODE_TC (1 | 0), MAMBA3_HEAD_DECODE_TC_MIN (pairs) and MAMBA3_DECODE_EARLY_STATE (0 | 1), read on
+// first use; tests set it.
 DecodeChoice decode_choice();
 void set_decode_choice(const DecodeChoice& c);
 

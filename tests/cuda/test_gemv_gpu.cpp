@@ -152,15 +152,17 @@ TEST(GemvGpu, GatedPairsMatchProductThenActivation) {
   EXPECT_LE(rel_l2(r4, r5_first4), 1e-2);
 }
 
-// The bulk L2 requests of W by the resident blocks (MAMBA3_GEMV_PREFETCH) are hints: the products and the fused
-// activations are the same bits with and without them — on shapes whose last block holds fewer rows than its warps'
-// columns, W shares smaller than a piece, grids of more blocks than fit the device at once — for every split. W's
-// buffer is exactly W, so that a request past its end shows under memcheck.
+// The L2 requests made before the wait (MAMBA3_GEMV_PREFETCH: Bulk, the resident blocks' bulk requests of W; Lanes,
+// each lane's own next pieces) are hints: the products and the fused activations are the same bits with and without
+// them — on shapes whose last block holds fewer rows than its warps' columns, W shares smaller than a piece, grids of
+// more blocks than fit the device at once, lanes with fewer pieces than the requests would cover and with more — for
+// every split. W's buffer is exactly W, so that a request past its end shows under memcheck.
 TEST(GemvGpu, L2PrefetchKeepsTheBits) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   std::mt19937 rng(31);
-  for (auto [N, K] : {std::pair<int64_t, int64_t>{1001, 2056}, {6, 8}, {37, 8}, {2050, 4096}, {20001, 64}}) {
+  for (auto [N, K] :
+       {std::pair<int64_t, int64_t>{1001, 2056}, {6, 8}, {37, 8}, {2050, 4096}, {20001, 64}, {515, 8192}}) {
     const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
     cuda::DeviceBuffer dw(w.nbytes());
     dw.upload(w.raw(), w.nbytes());
@@ -169,26 +171,31 @@ TEST(GemvGpu, L2PrefetchKeepsTheBits) {
       cuda::DeviceBuffer dx(x.nbytes()), off(size_t(M * N) * 4), on(size_t(M * N) * 4);
       dx.upload(x.raw(), x.nbytes());
       for (int split : {1, 2, 4}) {
-        SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
-                     " split=" + std::to_string(split));
-        poison(off.raw(), off.bytes());
-        poison(on.raw(), on.bytes());
-        cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, off.as<float>(), N, split, false);
-        cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, on.as<float>(), N, split, true);
-        ctx.sync();
-        const Tensor a = from_device_f32(off.raw(), {M, N}), b = from_device_f32(on.raw(), {M, N});
-        EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << "the product changed with the L2 requests";
-        EXPECT_LE(rel_l2(b, product_wt_f64(w, x)), 1e-6);
-        if (N % 2 == 0 && M <= cuda::kGemvPairsMaxRows) {
+        for (cuda::GemvPrefetch mode : {cuda::GemvPrefetch::Bulk, cuda::GemvPrefetch::Lanes}) {
+          SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
+                       " split=" + std::to_string(split) +
+                       (mode == cuda::GemvPrefetch::Bulk ? " bulk requests" : " lane requests"));
           poison(off.raw(), off.bytes());
           poison(on.raw(), on.bytes());
-          cuda::gemv_small_m_gated_pairs(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, off.raw(), split, false);
-          cuda::gemv_small_m_gated_pairs(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, on.raw(), split, true);
+          cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, off.as<float>(), N, split,
+                             cuda::GemvPrefetch::Off);
+          cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, on.as<float>(), N, split, mode);
           ctx.sync();
-          std::vector<uint16_t> pa(size_t(M * N / 2)), pb(size_t(M * N / 2));
-          off.download(pa.data(), pa.size() * 2);
-          on.download(pb.data(), pb.size() * 2);
-          EXPECT_EQ(std::memcmp(pa.data(), pb.data(), pa.size() * 2), 0) << "the activations changed";
+          const Tensor a = from_device_f32(off.raw(), {M, N}), b = from_device_f32(on.raw(), {M, N});
+          EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << "the product changed with the L2 requests";
+          EXPECT_LE(rel_l2(b, product_wt_f64(w, x)), 1e-6);
+          if (N % 2 == 0 && M <= cuda::kGemvPairsMaxRows) {
+            poison(off.raw(), off.bytes());
+            poison(on.raw(), on.bytes());
+            cuda::gemv_small_m_gated_pairs(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, off.raw(), split,
+                                           cuda::GemvPrefetch::Off);
+            cuda::gemv_small_m_gated_pairs(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, on.raw(), split, mode);
+            ctx.sync();
+            std::vector<uint16_t> pa(size_t(M * N / 2)), pb(size_t(M * N / 2));
+            off.download(pa.data(), pa.size() * 2);
+            on.download(pb.data(), pb.size() * 2);
+            EXPECT_EQ(std::memcmp(pa.data(), pb.data(), pa.size() * 2), 0) << "the activations changed";
+          }
         }
       }
     }

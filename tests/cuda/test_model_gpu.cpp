@@ -6,12 +6,14 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 
 #include "cuda/cuda_model.h"
 #include "cuda/generator_gpu.h"
 #include "cuda/l2_prefetch.h"
+#include "cuda/mamba3_decode_gpu.h"
 #include "gpu_test_util.h"
 #include "infer/generator.h"
 #include "io/safetensors.h"
@@ -211,20 +213,26 @@ TEST(ModelGpu, Bf16StateTracksF32State) {
 
 // Prefills a and b with the same B random prompts of L tokens, then steps both `steps` times with the same random
 // ids: every step's logits must be bit-identical (and not NaN).
-void expect_equal_decodes(const ModelConfig& c, cuda::CudaModel& a, cuda::CudaModel& b, int64_t B, int64_t L, int steps,
-                          uint32_t seed) {
+// before_a / before_b run before each of a's / b's calls (a process-wide switch set for one model's steps).
+void expect_equal_decodes(
+    const ModelConfig& c, cuda::CudaModel& a, cuda::CudaModel& b, int64_t B, int64_t L, int steps, uint32_t seed,
+    const std::function<void()>& before_a = [] {}, const std::function<void()>& before_b = [] {}) {
   const int64_t V = c.vocab_padded();
   std::mt19937 rng(seed);
   std::vector<int64_t> ids(static_cast<size_t>(B * L));
   for (auto& id : ids) id = int64_t(rng() % uint32_t(c.vocab_size));
   cuda::GpuCache ca = a.new_cache(B, L + steps), cb = b.new_cache(B, L + steps);
+  before_a();
   a.prefill(ids, B, L, ca);
+  before_b();
   b.prefill(ids, B, L, cb);
   Tensor la = Tensor::empty(DType::F32, {B, V}), lb = Tensor::empty(DType::F32, {B, V});
   for (int t = 0; t < steps; ++t) {
     std::vector<int64_t> step(static_cast<size_t>(B));
     for (auto& id : step) id = int64_t(rng() % uint32_t(c.vocab_size));
+    before_a();
     a.step(step, ca, la);
+    before_b();
     b.step(step, cb, lb);
     const double err = rel_l2(la, lb);
     ASSERT_FALSE(std::isnan(err)) << "step " << t;
@@ -326,6 +334,34 @@ TEST(ModelGpu, WeightPrefetchKeepsTheBits) {
       }
     }
   }
+}
+
+// The head decode kernel requesting its state rows and cached k before it waits for in_proj (DecodeChoice::
+// early_state; under PDL at these batches) decodes the same bits as waiting first: SISO, MIMO and hybrid models,
+// graph-replayed and eager, one row and three.
+TEST(ModelGpu, EarlyStateRequestsKeepTheBits) {
+  MAMBA3_REQUIRE_GPU();
+  const cuda::DecodeChoice saved = cuda::decode_choice();
+  cuda::DecodeChoice early = saved, late = saved;
+  early.kernel = late.kernel = cuda::DecodeKernel::Head;  // the kernel with the switch, at every shape it reaches
+  early.early_state = true;
+  late.early_state = false;
+  for (size_t ci : {size_t(0), size_t(2), size_t(3)}) {
+    const Case cs = random_cases()[ci];
+    const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
+    const TensorMap w = init_weights(c, 14);
+    for (bool graphs : {true, false}) {
+      for (int64_t B : {int64_t(1), int64_t(3)}) {
+        SCOPED_TRACE(std::string(cs.name) + (graphs ? " graph" : " eager") + " batch " + std::to_string(B));
+        cuda::CudaModel a(c, w, cs.name, Precision::BF16), b(c, w, cs.name, Precision::BF16);
+        a.set_use_graphs(graphs);
+        b.set_use_graphs(graphs);
+        expect_equal_decodes(
+            c, a, b, B, 7, 6, 21, [&] { cuda::set_decode_choice(early); }, [&] { cuda::set_decode_choice(late); });
+      }
+    }
+  }
+  cuda::set_decode_choice(saved);
 }
 
 // l2_prefetch reads nothing back and writes nothing: ranges of awkward lengths (cut to whole 16-byte units, one

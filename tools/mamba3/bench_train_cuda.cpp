@@ -48,6 +48,19 @@ double train_flops_per_token(const ModelConfig& c) {
   return 6.0 * w;
 }
 
+// The state recurrence's FLOPs per token of one training step, for an MFU that counts the sequence mixing as PaLM's
+// counts attention's products: per head and token the forward's update h ← α·h + Σ_r (two rank-1 terms per rank) is
+// (1 + 4R)·N·P and its output (R readouts) 2R·N·P, so (1 + 6R)·N·d_inner per layer (7·N·d_inner for SISO, independent
+// of how the chunked form computes it); the backward taken as twice the forward, as for the products.
+double scan_flops_per_token(const ModelConfig& c) {
+  const Mamba3Config& s = c.ssm;
+  const double R = double(s.rank());
+  double f = 0;
+  for (int64_t i = 0; i < c.n_layer; ++i)
+    if (!c.is_attention_layer(i)) f += (1.0 + 6.0 * R) * double(s.d_state) * double(s.d_inner());
+  return 3.0 * f;
+}
+
 double parameter_count(const TensorMap& p) {
   double n = 0;
   for (const auto& [name, t] : p) n += double(t.numel());
@@ -101,9 +114,10 @@ void bench_one(const std::string& label, const ModelConfig& c, const CudaTrainBe
   // The step's buffers stay allocated between steps, so what is in use after them is about the run's peak.
   const double gib = double(cuda::device_memory_in_use()) / double(1ull << 30);
   const std::string shape = micro > 1 ? fmt::format("{}×{}×{}", micro, B, L) : fmt::format("{}×{}", B, L);
-  std::printf("  %-28s %8.1fM %12s %10.1f %10.0f %9.1f %6.1f%% %8.1f   (loss %.6f)\n", label.c_str(),
-              parameter_count(params) / 1e6, shape.c_str(), s * 1e3, tok_s, tflops, 100.0 * tflops / peak, gib,
-              loss);
+  const double with_scan = (train_flops_per_token(c) + scan_flops_per_token(c)) * tok_s / 1e12;
+  std::printf("  %-28s %8.1fM %12s %10.1f %10.0f %9.1f %6.1f%% %8.1f%% %8.1f   (loss %.6f)\n", label.c_str(),
+              parameter_count(params) / 1e6, shape.c_str(), s * 1e3, tok_s, tflops, 100.0 * tflops / peak,
+              100.0 * with_scan / peak, gib, loss);
   std::fflush(stdout);
 }
 
@@ -120,11 +134,13 @@ void run_cuda_train_bench(const CudaTrainBenchArgs& a) {
     peak = hopper ? 989.0 : 0.0;
     MAMBA3_CHECK(peak > 0, "--peak-tflops: unknown dense bf16 peak for '{}'; pass it", dev.name);
   }
-  std::printf("mamba3 bench --train: %s, %s, peak %.0f TFLOP/s (dense bf16); one step = forward + backward + clip + "
-              "AdamW; FLOPs = 6 × matrix weights per token (scan excluded)\n",
-              dev.name.c_str(), a.precision.c_str(), peak);
-  std::printf("  %-28s %9s %12s %10s %10s %9s %7s %8s\n", "model", "params", "[accum×]batch×len", "ms/step",
-              "tokens/s", "TFLOP/s", "MFU", "GiB");
+  std::printf(
+      "mamba3 bench --train: %s, %s, peak %.0f TFLOP/s (dense bf16); one step = forward + backward + clip + "
+      "AdamW; FLOPs = 6 × matrix weights per token (scan excluded: TFLOP/s, MFU); MFU+scan adds the state "
+      "recurrence's 3 × (1 + 6R)·N·d_inner per layer\n",
+      dev.name.c_str(), a.precision.c_str(), peak);
+  std::printf("  %-28s %9s %12s %10s %10s %9s %7s %9s %8s\n", "model", "params", "[accum×]batch×len", "ms/step",
+              "tokens/s", "TFLOP/s", "MFU", "MFU+scan", "GiB");
   if (!a.config.empty()) {
     bench_one(a.config, ModelConfig::load(a.config), a, peak);
     return;
