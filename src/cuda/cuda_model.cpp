@@ -8,9 +8,12 @@
 #include "cuda/attention_gpu.h"
 #include "cuda/basic_kernels.h"
 #include "cuda/device_buffer.h"
+#include "cuda/env_switch.h"
+#include "cuda/gemv_small_m.h"
 #include "cuda/gpu_matrix.h"
 #include "cuda/mamba3_layer_gpu.h"
 #include "cuda/sampling_gpu.h"
+#include "cuda/stream_gemm.h"
 #include "cuda/weight_prefetch.h"
 #include "io/weights.h"
 #include "model/gated_mlp.h"
@@ -22,6 +25,7 @@ namespace {
 // Activation buffers for `rows` token rows (a prefill segment, or one decode step of a batch).
 struct Workspace {
   DeviceBuffer ids, hidden, residual, normed, mlp, mlp_act, zx, o, logits;
+  DeviceBuffer norm_partials;  // one-row decode with folded norms: a product's per-block Σ v² (gemv_norm_parts)
   DeviceBuffer last;  // (logit rows, D) activations: each prompt's last row, gathered for fixed-shape products
   int64_t rows = 0, logit_rows = 0;
 };
@@ -40,6 +44,13 @@ Tensor interleave_gate_rows(const Tensor& fc1) {
     std::copy_n(src + (f + j) * d, d, dst + (2 * j + 1) * d);
   }
   return out;
+}
+
+// MAMBA3_DECODE_NORM_FOLD=1: one-row decode steps fold the RMSNorms into the matrix-vector products (off by default
+// until measured). Read once.
+bool fold_norms_from_env() {
+  static const bool on = env_choice("MAMBA3_DECODE_NORM_FOLD", {"0", "1"}) == "1";
+  return on;
 }
 
 }  // namespace
@@ -102,6 +113,7 @@ struct CudaModel::Impl {
   int64_t prefill_row_block = 0;  // Context::gemm_row_block during prefill (0: off)
   mutable Workspace prefill_ws;
   mutable WeightPrefetcher prefetcher;  // decode steps' weight requests into L2 (set_weight_prefetch)
+  bool fold_norms = fold_norms_from_env();  // set_fold_norms
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
   size_t act() const { return activation_size(precision); }
@@ -135,6 +147,24 @@ struct CudaModel::Impl {
 
   const float* nb(const DeviceBuffer& b) const { return b.empty() ? nullptr : b.as<float>(); }
 
+  // Whether a one-row decode step folds the blocks' RMSNorms into their products (set_fold_norms): bf16 weights and
+  // activations; every block a Mamba-3 mixer and a GatedMLP without biases, with RMSNorms without biases; every
+  // product on the matrix-vector kernel at one row (as linear() routes it) — else the step runs the add + norm kernels.
+  bool folds_norms() const {
+    if (!fold_norms || precision != Precision::BF16 || !config.rms_norm || ctx->gemm_row_block() != 0 ||
+        stream_gemm_preferred(1))
+      return false;
+    const auto gemv = [](const GpuMatrix& w) {
+      return w.bias.empty() && w.precision == Precision::BF16 && w.k % 8 == 0 &&
+             reinterpret_cast<uintptr_t>(w.weight.raw()) % 16 == 0;
+    };
+    for (const Block& b : blocks) {
+      if (!b.mamba || !b.has_mlp || !b.norm_b.empty() || !b.norm2_b.empty()) return false;
+      if (!gemv(b.mamba->in_proj()) || !gemv(b.mamba->out_proj()) || !gemv(b.fc1) || !gemv(b.fc2)) return false;
+    }
+    return !blocks.empty();
+  }
+
   // The blocks and the final norm over `batch` sequences of L rows each (decode: L = 1), starting from ws.hidden
   // (the embeddings). Leaves norm_f's output in ws.normed. A decode step whose weights the prefetcher requests asks
   // for each product's weights one kernel or one product ahead (weight_prefetch.h); decode() begins and ends them.
@@ -156,12 +186,20 @@ struct CudaModel::Impl {
       if (li + 1 == blocks.size()) return &head();
       return blocks[li + 1].mamba ? &blocks[li + 1].mamba->in_proj() : nullptr;
     };
+    // One-row decode with the norms folded into the products (folds_norms): the add + norm before each layer's in_proj
+    // (but the first) and before each fc1 happen in the product before them and the product after them.
+    const bool fold = decode && rows == 1 && folds_norms();
+    if (fold && ws.norm_partials.bytes() < size_t(D) * 4) ws.norm_partials.resize(size_t(D) * 4);
+    float* partials = fold ? ws.norm_partials.as<float>() : nullptr;
+    int64_t parts = 0;  // partials the last residual-norm product wrote
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
       // in_proj: beside this add+norm (kernel lead, or the first layer), else beside the previous layer's fc2
       if (b.mamba && (pf == WeightPrefetch::Kernel || (pf == WeightPrefetch::Product && li == 0)))
         request(&b.mamba->in_proj());
-      add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
+      const bool folded_in = fold && li > 0;  // the previous fc2 wrote bf16(v ⊙ norm_w) to normed
+      if (!folded_in)
+        add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
       if (b.mamba) {
         Mamba3GpuState state = cache.mamba[li]->rows_from(row0);
         if (decode) state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
@@ -172,7 +210,12 @@ struct CudaModel::Impl {
             if (e == GpuMamba3Layer::Edge::BeforeOutProj && pf == WeightPrefetch::Product)
               request(b.has_mlp ? &b.fc1 : after_layer(li));  // beside out_proj (and the add+norm)
           };
-        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, edge);
+        const GemvRowScale in_scale{partials, parts, D, eps};
+        const GemvResidualNorm out_norm{residual, b.norm2_w.as<float>(), normed, partials};
+        const GpuMamba3Layer::FoldedNorms folded{folded_in ? &in_scale : nullptr, &out_norm};
+        b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, edge,
+                         fold ? &folded : nullptr);
+        if (fold) parts = gemv_norm_parts(b.mamba->out_proj().n, b.mamba->out_proj().k);
       } else if (decode) {
         b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
@@ -182,11 +225,22 @@ struct CudaModel::Impl {
       }
       if (b.has_mlp) {
         if (pf == WeightPrefetch::Kernel || (pf == WeightPrefetch::Product && !b.mamba)) request(&b.fc1);
-        add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
+        if (!fold)
+          add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
         if (pf != WeightPrefetch::Off) request(&b.fc2);  // beside fc1 and the activation
-        linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
+        if (fold)
+          gemv_small_m_gated_pairs_scaled(s, b.fc1.weight.raw(), b.fc1.n, b.fc1.k, normed, ws.mlp_act.raw(),
+                                          GemvRowScale{partials, parts, D, eps});
+        else
+          linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
         if (pf == WeightPrefetch::Product) request(after_layer(li));  // beside fc2
-        linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
+        if (fold && li + 1 < blocks.size()) {                         // the next layer's norm in fc2's epilogue
+          gemv_small_m_residual_norm(s, b.fc2.weight.raw(), b.fc2.n, b.fc2.k, ws.mlp_act.raw(),
+                                     GemvResidualNorm{residual, blocks[li + 1].norm_w.as<float>(), normed, partials});
+          parts = gemv_norm_parts(b.fc2.n, b.fc2.k);
+        } else {
+          linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
+        }
       }
     }
     if (pf == WeightPrefetch::Kernel) request(&head());  // beside the final norm
@@ -270,6 +324,8 @@ const ModelConfig& CudaModel::config() const { return impl_->config; }
 Precision CudaModel::precision() const { return impl_->precision; }
 const Context& CudaModel::context() const { return *impl_->ctx; }
 void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
+void CudaModel::set_fold_norms(bool on) { impl_->fold_norms = on; }
+bool CudaModel::decode_folds_norms() const { return impl_->folds_norms(); }
 void CudaModel::set_state_precision(Precision p) { impl_->state_precision = p; }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }
 void CudaModel::set_weight_prefetch(const WeightPrefetchOptions& options) {

@@ -59,19 +59,32 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // kLanePrefetchPieces pieces after the first window, so that a resident warp's whole share is requested while the
 // kernel before it runs, in the order the warp reads it, and the later windows' loads find their lines in L2. A
 // compile-time switch: as a runtime loop it took 4 more registers (36), one block per SM fewer for every instance.
-template <int M, int KS, bool Pairs, bool LanePf>
-__global__ void __launch_bounds__(kWarps * 32)
+// Norm (one row, M = 1; gemv_small_m.h, "RMSNorm folded into the products at one row"):
+//  kNormOut: instead of y, column c's v = y_c + residual_c goes back to residual, bf16(v · weight_c) to out16, and
+//    the block's Σ v² over its columns (in column order) to partials_out[block];
+//  kNormIn: y (or each pair value) is multiplied by rstd = 1/√(Σ partials_in / d + eps), the sum taken by every
+//    block in one fixed order (thread t: parts t, t + 256, …; then lanes by xor shuffles; then warps in order).
+enum : int { kNormNone = 0, kNormOut = 1, kNormIn = 2 };
+
+// The norm instances are held to 32 registers (8 blocks per SM, as the plain one-row instances reach; a few bytes of
+// their epilogue spill to the stack): uncapped they took 38–54, one to three blocks per SM fewer.
+template <int M, int KS, bool Pairs, bool LanePf, int Norm = kNormNone>
+__global__ void __launch_bounds__(kWarps * 32, Norm == kNormNone ? 1 : 8)
     gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k, const __nv_bfloat16* __restrict__ x,
                 int64_t x_stride, float* __restrict__ y, int64_t y_stride, __nv_bfloat16* __restrict__ act,
-                int64_t pf_blocks, uint64_t pf_bytes) {
+                int64_t pf_blocks, uint64_t pf_bytes, GemvNormArgs na) {
   constexpr int U = pieces_in_flight<M>(), kCols = kWarps / KS;
   static_assert(!Pairs || kCols % 2 == 0, "a block's columns must be whole pairs");
+  static_assert(Norm == kNormNone || M == 1, "the norm epilogues are for one row");
+  static_assert(Norm != kNormOut || !Pairs, "a residual is added to plain products");
   __shared__ float partial[KS > 1 ? kWarps * M : 1];
   __shared__ float pair_values[Pairs ? kCols * M : 1];
+  __shared__ float norm_shared[Norm != kNormNone ? kWarps : 1];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, slice = warp % KS;
   const int64_t col = int64_t(blockIdx.x) * kCols + warp / KS;
-  // Before any memory access: safe under PDL (KS > 1 and Pairs have a barrier ahead, so no warp leaves early there).
-  if (KS == 1 && !Pairs && col >= n) return;
+  // Before any memory access: safe under PDL (KS > 1, Pairs and the norms have a barrier ahead, so no warp leaves
+  // early there).
+  if (KS == 1 && !Pairs && Norm == kNormNone && col >= n) return;
   const bool live = col < n;
   const uint4* wrow = reinterpret_cast<const uint4*>(w + (live ? col : 0) * k);
   const int64_t pieces = live ? k / 8 : 0, first = lane + 32 * slice, step = 32 * KS;
@@ -101,6 +114,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   pdl_wait();
+  float part_sum = 0.0f;  // kNormIn: this thread's share of the row's Σ v², requested beside the first x loads
+  if constexpr (Norm == kNormIn) {
+    for (int64_t i = threadIdx.x; i < na.parts; i += kWarps * 32) part_sum += na.partials_in[i];
+  }
   for (int64_t base = first; base < pieces; base += step * U) {
     if (base != first) {
 #pragma unroll
@@ -119,18 +136,38 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
   }
+  float rstd = 1.0f;
+  if constexpr (Norm == kNormIn) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) part_sum += __shfl_xor_sync(0xffffffffu, part_sum, o);
+    if (lane == 0) norm_shared[warp] = part_sum;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int w8 = 0; w8 < kWarps; ++w8) total += norm_shared[w8];
+    rstd = rsqrtf(total / float(na.d) + na.eps);
+  }
+  // Column c's final value v: y, a pair value, or (kNormOut) the residual update.
+  const auto finish = [&](int r, int c, int64_t column, float v) {
+    if constexpr (Norm == kNormIn) v *= rstd;
+    if constexpr (Pairs) {
+      pair_values[c * M + r] = v;
+    } else if constexpr (Norm == kNormOut) {
+      const float sum = v + na.residual[column];
+      na.residual[column] = sum;
+      static_cast<__nv_bfloat16*>(na.out16)[column] = __float2bfloat16(sum * na.weight[column]);
+      norm_shared[c] = sum * sum;
+    } else {
+      y[r * y_stride + column] = v;
+    }
+  };
 #pragma unroll
   for (int r = 0; r < M; ++r) {
     float v = acc[r];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if constexpr (KS == 1) {
-      if (lane == 0) {
-        if constexpr (Pairs)
-          pair_values[warp * M + r] = v;
-        else
-          y[r * y_stride + col] = v;
-      }
+      if (lane == 0 && (Norm == kNormNone || live)) finish(r, warp, col, v);
     } else {
       if (lane == 0) partial[warp * M + r] = v;
     }
@@ -143,11 +180,18 @@ __global__ void __launch_bounds__(kWarps * 32)
         float v = partial[warp * M + r];
 #pragma unroll
         for (int t = 1; t < KS; ++t) v += partial[(warp + t) * M + r];
-        if constexpr (Pairs)
-          pair_values[(warp / KS) * M + r] = v;
-        else
-          y[r * y_stride + col] = v;
+        finish(r, warp / KS, col, v);
       }
+    }
+  }
+  if constexpr (Norm == kNormOut) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c)
+        if (int64_t(blockIdx.x) * kCols + c < n) sum += norm_shared[c];
+      na.partials_out[blockIdx.x] = sum;
     }
   }
   if constexpr (Pairs) {
@@ -193,9 +237,9 @@ uint64_t l2_prefetch_cap() {
 
 // Lanes is compiled for one and two rows (the batches the matrix-vector kernel serves in a decode step); more rows run
 // as Off.
-template <int M, int KS, bool Pairs>
+template <int M, int KS, bool Pairs, int Norm = kNormNone>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
-            int64_t y_stride, void* act, GemvPrefetch prefetch) {
+            int64_t y_stride, void* act, GemvPrefetch prefetch, const GemvNormArgs& na = {}) {
   constexpr int cols = kWarps / KS;
   const unsigned blocks = unsigned((n + cols - 1) / cols);
   const bool l2_prefetch = prefetch == GemvPrefetch::Bulk;
@@ -203,24 +247,25 @@ void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, 
   const uint64_t pf_bytes = l2_prefetch ? std::min(uint64_t(n) * uint64_t(k) * 2, l2_prefetch_cap()) : 0;
   const auto kernel = [&] {
     if constexpr (M <= 2)
-      return prefetch == GemvPrefetch::Lanes ? gemv_kernel<M, KS, Pairs, true> : gemv_kernel<M, KS, Pairs, false>;
-    return gemv_kernel<M, KS, Pairs, false>;
+      return prefetch == GemvPrefetch::Lanes ? gemv_kernel<M, KS, Pairs, true, Norm>
+                                             : gemv_kernel<M, KS, Pairs, false, Norm>;
+    return gemv_kernel<M, KS, Pairs, false, Norm>;
   }();
   launch_pdl(true, kernel, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
              static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act), pf_blocks,
-             pf_bytes);
+             pf_bytes, na);
 }
 
-template <int M, bool Pairs = false>
+template <int M, bool Pairs = false, int Norm = kNormNone>
 void launch_split(int ks, GemvPrefetch pf, cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x,
-                  int64_t x_stride, float* y, int64_t y_stride, void* act = nullptr) {
+                  int64_t x_stride, float* y, int64_t y_stride, void* act = nullptr, const GemvNormArgs& na = {}) {
   switch (ks) {
     case 1:
-      return launch<M, 1, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act, pf);
+      return launch<M, 1, Pairs, Norm>(s, w, n, k, x, x_stride, y, y_stride, act, pf, na);
     case 2:
-      return launch<M, 2, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act, pf);
+      return launch<M, 2, Pairs, Norm>(s, w, n, k, x, x_stride, y, y_stride, act, pf, na);
     default:
-      return launch<M, 4, Pairs>(s, w, n, k, x, x_stride, y, y_stride, act, pf);
+      return launch<M, 4, Pairs, Norm>(s, w, n, k, x, x_stride, y, y_stride, act, pf, na);
   }
 }
 
@@ -305,6 +350,48 @@ void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t 
                "gemv_small_m_gated_pairs: N {} must be even and M {} in 1..{}", n, m, kGemvPairsMaxRows);
   with_rows<kGemvPairsMaxRows>(
       m, [&](auto rows) { launch_split<rows(), true>(ks, pf, s, w, n, k, x, x_stride, nullptr, 0, act); });
+}
+
+int64_t gemv_norm_parts(int64_t n, int64_t k) {
+  const int cols = kWarps / gemv_small_m_split(n, k);
+  return (n + cols - 1) / cols;
+}
+
+void gemv_small_m_residual_norm(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x,
+                                const GemvResidualNorm& out) {
+  MAMBA3_CHECK(out.residual && out.weight && out.out16 && out.partials,
+               "gemv_small_m_residual_norm: residual, weight, out16 and partials are required");
+  GemvNormArgs na{};
+  na.residual = out.residual;
+  na.weight = out.weight;
+  na.out16 = static_cast<__nv_bfloat16*>(out.out16);
+  na.partials_out = out.partials;
+  launch_split<1, false, kNormOut>(gemv_small_m_split(n, k), env_prefetch(), s, w, n, k, x, k, nullptr, 0, nullptr, na);
+}
+
+namespace {
+GemvNormArgs scale_args(const GemvRowScale& in) {
+  MAMBA3_CHECK(in.partials && in.parts >= 1 && in.d >= 1, "gemv_small_m: a row scale needs partials, parts and d");
+  GemvNormArgs na{};
+  na.partials_in = in.partials;
+  na.parts = in.parts;
+  na.d = in.d;
+  na.eps = in.eps;
+  return na;
+}
+}  // namespace
+
+void gemv_small_m_scaled(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, float* y,
+                         const GemvRowScale& in) {
+  launch_split<1, false, kNormIn>(gemv_small_m_split(n, k), env_prefetch(), s, w, n, k, x, k, y, n, nullptr,
+                                  scale_args(in));
+}
+
+void gemv_small_m_gated_pairs_scaled(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, void* act,
+                                     const GemvRowScale& in) {
+  MAMBA3_CHECK(n % 2 == 0, "gemv_small_m_gated_pairs_scaled: N {} must be even", n);
+  launch_split<1, true, kNormIn>(gemv_small_m_split(n, k), env_prefetch(), s, w, n, k, x, k, nullptr, 0, act,
+                                 scale_args(in));
 }
 
 }  // namespace mamba3::cuda

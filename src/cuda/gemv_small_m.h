@@ -40,6 +40,46 @@ void gemv_small_m_gated_pairs(cudaStream_t s, const void* w, int64_t n, int64_t 
                               int64_t x_stride, void* act, int k_split = 0,
                               std::optional<GemvPrefetch> prefetch = std::nullopt);
 
+// RMSNorm folded into the products at one row (a decode step at batch 1; docs/kernels/mamba3_cuda.md). The add + norm
+// between a product P (out_proj, fc2) and the next C (fc1, in_proj) is a kernel whose loads, block reduction and stores
+// sit on the step's critical path between the two products. Folded: P's blocks add the residual to their columns and
+// write bf16(v · g) and one partial Σ v² per block; every block of C sums the partials itself (a fixed order, so every
+// block gets the same bits) and scales its dot products by rstd: y = rstd · W·bf16(v · g) where the norm kernel gives
+// W·bf16(v · rstd · g) — another rounding of the same value. No atomics, no counters.
+struct GemvNormArgs {  // the kernel's view (both halves; the unused one stays zero)
+  float* residual = nullptr;
+  const float* weight = nullptr;
+  void* out16 = nullptr;  // __nv_bfloat16 on the device
+  float* partials_out = nullptr;
+  const float* partials_in = nullptr;
+  int64_t parts = 0, d = 0;
+  float eps = 0.0f;
+};
+// P's half: residual (N) f32 updated in place; weight (N) the norm's; out16 (N) bf16; partials (gemv_norm_parts(N, K)).
+struct GemvResidualNorm {
+  float* residual = nullptr;
+  const float* weight = nullptr;
+  void* out16 = nullptr;
+  float* partials = nullptr;
+};
+// C's half: P's partials, their count, the norm's width d (C's K) and epsilon.
+struct GemvRowScale {
+  const float* partials = nullptr;
+  int64_t parts = 0, d = 0;
+  float eps = 0.0f;
+};
+// The partials a residual-norm product of (N, K) writes: its block count.
+int64_t gemv_norm_parts(int64_t n, int64_t k);
+// One row x (K) bf16: v = x·Wᵀ + residual → residual; bf16(v ⊙ weight) → out16; partials as above. Nothing else
+// written.
+void gemv_small_m_residual_norm(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x,
+                                const GemvResidualNorm& out);
+// One row: y (N) f32 = rstd · x·Wᵀ, and the gated-pairs form act = bf16(rstd·y_2j · silu(rstd·y_2j+1)).
+void gemv_small_m_scaled(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, float* y,
+                         const GemvRowScale& in);
+void gemv_small_m_gated_pairs_scaled(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, void* act,
+                                     const GemvRowScale& in);
+
 // Warps per column the kernel uses for an (N, K) product by default: the split (1, 2 or 4; 1 when K < 1024 or
 // MAMBA3_GEMV_KSPLIT=0) whose N·split warps fill their last wave on this device best (1.5B: out_proj/fc2 4, in_proj
 // 4, fc1 1). A row's result depends only on (N, K, split), not on M.

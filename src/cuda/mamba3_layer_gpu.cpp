@@ -126,7 +126,8 @@ bool GpuMamba3Layer::decodes_bf16_state() const {
 }
 
 void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state,
-                             float* zx, void* o, float* out, const std::function<void(Edge)>& edge) const {
+                             float* zx, void* o, float* out, const std::function<void(Edge)>& edge,
+                             const FoldedNorms* folded) const {
   const int64_t rows = batch * L;
   const Mamba3GpuPath chosen =
       auto_path_ && L == 1 && batch * config_.nheads() <= fused_decode_max() ? Mamba3GpuPath::Fused : path_;
@@ -141,11 +142,16 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
     bf16_to_f32(ctx.stream(), state.ssm16, n, wide);
     Mamba3GpuState f32_state = state;
     f32_state.ssm = wide, f32_state.ssm16 = nullptr;
-    forward(ctx, x, batch, L, f32_state, zx, o, out, edge);
+    forward(ctx, x, batch, L, f32_state, zx, o, out, edge, folded);
     to_activation(ctx.stream(), wide, n, state.ssm16, Precision::BF16);
     return;
   }
-  linear(ctx, in_proj_, x, rows, zx);
+  if (folded && folded->in) {
+    MAMBA3_CHECK(rows == 1, "GpuMamba3Layer: folded norms are for one-row decode steps, got {} rows", rows);
+    gemv_small_m_scaled(ctx.stream(), in_proj_.weight.raw(), in_proj_.n, in_proj_.k, x, zx, *folded->in);
+  } else {
+    linear(ctx, in_proj_, x, rows, zx);
+  }
   if (edge) edge(Edge::AfterInProj);
   Mamba3GpuStage stage;
   // Chunked: the staged kernels, with the chunked state kernel for bf16 prefills (f32 keeps the exact stream kernel).
@@ -166,7 +172,12 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
     mamba3_recurrent_gpu(ctx.stream(), config_, params_, batch, L, zx, state, o, precision_, path, stage);
   }
   if (edge) edge(Edge::BeforeOutProj);
-  linear(ctx, out_proj_, o, rows, out);
+  if (folded && folded->out) {
+    MAMBA3_CHECK(rows == 1, "GpuMamba3Layer: folded norms are for one-row decode steps, got {} rows", rows);
+    gemv_small_m_residual_norm(ctx.stream(), out_proj_.weight.raw(), out_proj_.n, out_proj_.k, o, *folded->out);
+  } else {
+    linear(ctx, out_proj_, o, rows, out);
+  }
 }
 
 }  // namespace mamba3::cuda

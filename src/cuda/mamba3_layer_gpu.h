@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/tensor.h"
+#include "cuda/gemv_small_m.h"
 #include "cuda/gpu_matrix.h"
 #include "cuda/mamba3_gpu.h"
 #include "ops/mamba3_config.h"
@@ -81,8 +82,15 @@ class GpuMamba3Layer {
   // edge, when set, is called as the two products are queued: AfterInProj once in_proj is, BeforeOutProj before
   // out_proj is (where a decode step requests the next weights into L2: cuda_model.cpp).
   enum class Edge { AfterInProj, BeforeOutProj };
+  // A one-row decode step with the RMSNorms folded into the products (gemv_small_m.h): `in` set, x is bf16(v ⊙ g)
+  // and in_proj scales by the partials' rstd; `out` set, out_proj adds its result to the residual and writes the
+  // next norm's input and partials there instead of `out`. The model checks the shapes (CudaModel).
+  struct FoldedNorms {
+    const GemvRowScale* in = nullptr;
+    const GemvResidualNorm* out = nullptr;
+  };
   void forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state, float* zx, void* o,
-               float* out, const std::function<void(Edge)>& edge = nullptr) const;
+               float* out, const std::function<void(Edge)>& edge = nullptr, const FoldedNorms* folded = nullptr) const;
 
  private:
   Mamba3Config config_;

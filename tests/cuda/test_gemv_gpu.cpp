@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <tuple>
 
 #include "cuda/basic_kernels.h"
 #include "cuda/gemv_small_m.h"
@@ -199,6 +200,72 @@ TEST(GemvGpu, L2PrefetchKeepsTheBits) {
         }
       }
     }
+  }
+}
+
+// RMSNorm folded into the products at one row: a residual-norm product P then a scaled product C (plain and gated
+// pairs) against the same math in float64 — P's residual update bit-equal to the plain product plus the residual in
+// f32, its bf16(v ⊙ g) bit-equal to that rounding, and C within 1e-5 (plain) / bf16 rounding (pairs) of
+// rstd · W_C · bf16(v ⊙ g) with rstd from the updated residual. Widths with one and with several warps per column,
+// producers whose last block holds fewer columns than warps, and poisoned outputs.
+TEST(GemvGpu, FoldedNormMatchesFloat64) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(41);
+  const float eps = 1e-5f;
+  for (auto [D, K, F] :
+       {std::tuple<int64_t, int64_t, int64_t>{64, 128, 37}, {2050, 4096, 1027}, {1003, 1032, 8}, {2048, 4096, 4096}}) {
+    SCOPED_TRACE("D=" + std::to_string(D) + " K=" + std::to_string(K) + " F=" + std::to_string(F));
+    const Tensor wp = random_tensor(rng, {D, K}).to(DType::BF16), wc = random_tensor(rng, {2 * F, D}).to(DType::BF16);
+    const Tensor x = random_tensor(rng, {1, K}).to(DType::BF16), r0 = random_tensor(rng, {1, D}, -3.0f, 3.0f);
+    const Tensor g = random_tensor(rng, {D}, 0.5f, 1.5f);
+    cuda::DeviceBuffer dwp(wp.nbytes()), dwc(wc.nbytes()), dx(x.nbytes()), dr(r0.nbytes()), dg(g.nbytes());
+    dwp.upload(wp.raw(), wp.nbytes());
+    dwc.upload(wc.raw(), wc.nbytes());
+    dx.upload(x.raw(), x.nbytes());
+    dr.upload(r0.raw(), r0.nbytes());
+    dg.upload(g.raw(), g.nbytes());
+    const int64_t parts = cuda::gemv_norm_parts(D, K);
+    ASSERT_GE(parts, 1);
+    ASSERT_LE(parts, D);
+    cuda::DeviceBuffer dout16(size_t(D) * 2), dparts(size_t(parts) * 4), dyp(size_t(D) * 4);
+    cuda::DeviceBuffer dyc(size_t(2 * F) * 4), dact(size_t(F) * 2);
+    poison(dout16.raw(), dout16.bytes());
+    poison(dparts.raw(), dparts.bytes());
+    cuda::gemv_small_m(ctx.stream(), dwp.raw(), D, K, dx.raw(), 1, K, dyp.as<float>(), D);
+    cuda::gemv_small_m_residual_norm(ctx.stream(), dwp.raw(), D, K, dx.raw(),
+                                     {dr.as<float>(), dg.as<float>(), dout16.raw(), dparts.as<float>()});
+    const cuda::GemvRowScale scale{dparts.as<float>(), parts, D, eps};
+    poison(dyc.raw(), dyc.bytes());
+    poison(dact.raw(), dact.bytes());
+    cuda::gemv_small_m_scaled(ctx.stream(), dwc.raw(), 2 * F, D, dout16.raw(), dyc.as<float>(), scale);
+    cuda::gemv_small_m_gated_pairs_scaled(ctx.stream(), dwc.raw(), 2 * F, D, dout16.raw(), dact.raw(), scale);
+    ctx.sync();
+    // P: residual and bf16(v ⊙ g) bit for bit.
+    const Tensor yp = from_device_f32(dyp.raw(), {1, D}), r1 = from_device_f32(dr.raw(), {1, D});
+    Tensor v = Tensor::empty(DType::F32, {1, D}), vg = Tensor::empty(DType::F32, {1, D});
+    for (int64_t j = 0; j < D; ++j) {
+      v.data<float>()[j] = yp.data<float>()[j] + r0.data<float>()[j];
+      vg.data<float>()[j] = v.data<float>()[j] * g.data<float>()[j];
+    }
+    EXPECT_EQ(std::memcmp(r1.raw(), v.raw(), v.nbytes()), 0) << "the residual update differs from product + residual";
+    const Tensor vg16 = vg.to(DType::BF16);
+    std::vector<uint16_t> got16(static_cast<size_t>(D));
+    dout16.download(got16.data(), dout16.bytes());
+    EXPECT_EQ(std::memcmp(got16.data(), vg16.raw(), dout16.bytes()), 0) << "bf16(v ⊙ g) differs";
+    // C: rstd · W_C · bf16(v ⊙ g) in float64, and its gated pairs.
+    double ss = 0;
+    for (int64_t j = 0; j < D; ++j) ss += double(v.data<float>()[j]) * double(v.data<float>()[j]);
+    const double rstd = 1.0 / std::sqrt(ss / double(D) + double(eps));
+    Tensor yref = product_wt_f64(wc, vg16);
+    for (int64_t j = 0; j < 2 * F; ++j) yref.data<double>()[j] *= rstd;
+    EXPECT_LE(rel_l2(from_device_f32(dyc.raw(), {1, 2 * F}), yref), 1e-5);
+    Tensor aref = Tensor::empty(DType::F64, {1, F});
+    for (int64_t j = 0; j < F; ++j) {
+      const double a = yref.data<double>()[2 * j], b = yref.data<double>()[2 * j + 1];
+      aref.data<double>()[j] = a * b / (1.0 + std::exp(-b));
+    }
+    EXPECT_LE(rel_l2(from_device_bf16(dact.as<uint16_t>(), {1, F}), aref), 1e-2);
   }
 }
 
