@@ -93,9 +93,9 @@ class CudaModel {
   // Bytes of one row of `cache` on the device (states, and the attention capacity).
   size_t row_bytes(const GpuCache& cache) const;
   void set_use_graphs(bool on);
-  // One-row decode steps fold the RMSNorms into the matrix-vector products where the model allows (bf16, Mamba-3 +
-  // GatedMLP blocks, RMSNorms and products without biases; gemv_small_m.h): no add + norm kernel between products,
-  // results within bf16 rounding of the unfolded step. Default: MAMBA3_DECODE_NORM_FOLD (0 | 1, default 0). Caches
+  // One-row decode steps fold the RMSNorms into the matrix-vector products where the model allows (bf16, SISO Mamba-3
+  // + GatedMLP blocks, RMSNorms and products without biases; gemv_small_m.h): no add + norm kernel between products,
+  // results within bf16 rounding of the unfolded step. Default: MAMBA3_DECODE_NORM_FOLD (1 | 0, default 1). Caches
   // capture their graph on first use: set this before stepping.
   void set_fold_norms(bool on);
   // Whether a one-row decode step folds them now (the switch and the model's shapes).

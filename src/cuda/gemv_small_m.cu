@@ -29,12 +29,6 @@ __device__ __forceinline__ void accumulate(const uint4& wv, const uint4& xv, flo
   }
 }
 
-// The most pieces past the first window a lane asks L2 for under GemvPrefetch::Lanes: a 1.5B product's whole share
-// per lane at one row (fc1 and the lm_head, one warp per column over K = 2048: 8 pieces; out_proj and fc2: 4).
-constexpr int kLanePrefetchPieces = 6;
-
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 // Pieces (16 bytes of a weight row) each lane requests at once. A window of 8–16 (to fill the memory pipe with few
 // warps) measured slower on an H200 (1.5B decode b1 1.76 vs 1.58 ms with the other changes of that run): its 97
 // registers cut the blocks per SM to 2, and the GEMVs of a batch-1 step are too short to make up for that. Kept at 2.
@@ -55,10 +49,6 @@ __host__ __device__ constexpr int pieces_in_flight() {
 // pf_bytes (bulk prefetch by warp 0; a multiple of 16, at most all of W: launch caps it at three quarters of L2 so
 // that the early requests are not evicted before their rows are read), so that under PDL the product's weights stream
 // while the kernel before it runs, not only each resident lane's first window (and nothing of the later waves' rows).
-// LanePf: before waiting, each lane also asks L2 (prefetch.global.L2: no data register, no shared memory) for its next
-// kLanePrefetchPieces pieces after the first window, so that a resident warp's whole share is requested while the
-// kernel before it runs, in the order the warp reads it, and the later windows' loads find their lines in L2. A
-// compile-time switch: as a runtime loop it took 4 more registers (36), one block per SM fewer for every instance.
 // Norm (one row, M = 1; gemv_small_m.h, "RMSNorm folded into the products at one row"):
 //  kNormOut: instead of y, column c's v = y_c + residual_c goes back to residual, bf16(v · weight_c) to out16, and
 //    the block's Σ v² over its columns (in column order) to partials_out[block];
@@ -68,7 +58,7 @@ enum : int { kNormNone = 0, kNormOut = 1, kNormIn = 2 };
 
 // The norm instances are held to 32 registers (8 blocks per SM, as the plain one-row instances reach; a few bytes of
 // their epilogue spill to the stack): uncapped they took 38–54, one to three blocks per SM fewer.
-template <int M, int KS, bool Pairs, bool LanePf, int Norm = kNormNone>
+template <int M, int KS, bool Pairs, int Norm = kNormNone>
 __global__ void __launch_bounds__(kWarps * 32, Norm == kNormNone ? 1 : 8)
     gemv_kernel(const __nv_bfloat16* __restrict__ w, int64_t n, int64_t k, const __nv_bfloat16* __restrict__ x,
                 int64_t x_stride, float* __restrict__ y, int64_t y_stride, __nv_bfloat16* __restrict__ act,
@@ -105,13 +95,6 @@ __global__ void __launch_bounds__(kWarps * 32, Norm == kNormNone ? 1 : 8)
   for (int u = 0; u < U; ++u) {
     const int64_t i = first + step * u;
     wv[u] = i < pieces ? __ldcs(wrow + i) : make_uint4(0, 0, 0, 0);  // streamed: read once, keep out of L1
-  }
-  if constexpr (LanePf) {
-#pragma unroll
-    for (int u = U; u < U + kLanePrefetchPieces; ++u) {
-      const int64_t i = first + step * u;
-      if (i < pieces) prefetch_l2(wrow + i);
-    }
   }
   pdl_wait();
   float part_sum = 0.0f;  // kNormIn: this thread's share of the row's Σ v², requested beside the first x loads
@@ -216,7 +199,7 @@ int64_t resident_blocks() {
     MAMBA3_CUDA_CHECK(cudaGetDevice(&device));
     MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     MAMBA3_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, KS, Pairs, false>, kWarps * 32, 0));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<M, KS, Pairs>, kWarps * 32, 0));
     return int64_t(sms) * std::max(per_sm, 1);
   }();
   return blocks;
@@ -235,8 +218,6 @@ uint64_t l2_prefetch_cap() {
   return cap;
 }
 
-// Lanes is compiled for one and two rows (the batches the matrix-vector kernel serves in a decode step); more rows run
-// as Off.
 template <int M, int KS, bool Pairs, int Norm = kNormNone>
 void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t x_stride, float* y,
             int64_t y_stride, void* act, GemvPrefetch prefetch, const GemvNormArgs& na = {}) {
@@ -245,12 +226,7 @@ void launch(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, 
   const bool l2_prefetch = prefetch == GemvPrefetch::Bulk;
   const int64_t pf_blocks = l2_prefetch ? std::min<int64_t>(blocks, resident_blocks<M, KS, Pairs>()) : 0;
   const uint64_t pf_bytes = l2_prefetch ? std::min(uint64_t(n) * uint64_t(k) * 2, l2_prefetch_cap()) : 0;
-  const auto kernel = [&] {
-    if constexpr (M <= 2)
-      return prefetch == GemvPrefetch::Lanes ? gemv_kernel<M, KS, Pairs, true, Norm>
-                                             : gemv_kernel<M, KS, Pairs, false, Norm>;
-    return gemv_kernel<M, KS, Pairs, false, Norm>;
-  }();
+  const auto kernel = gemv_kernel<M, KS, Pairs, Norm>;
   launch_pdl(true, kernel, blocks, kWarps * 32, 0, s, static_cast<const __nv_bfloat16*>(w), n, k,
              static_cast<const __nv_bfloat16*>(x), x_stride, y, y_stride, static_cast<__nv_bfloat16*>(act), pf_blocks,
              pf_bytes, na);
@@ -282,12 +258,10 @@ void with_rows(int64_t m, F&& f) {
 }
 
 // MAMBA3_GEMV_PREFETCH: 0 (default) | 1 (GemvPrefetch::Bulk: every call's resident blocks ask L2 for W, up to 3/4 of
-// L2, up front; measured slower) | lanes (GemvPrefetch::Lanes).
+// L2, up front; measured slower).
 GemvPrefetch env_prefetch() {
-  static const GemvPrefetch p = [] {
-    const std::string v = env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1", "lanes"});
-    return v == "1" ? GemvPrefetch::Bulk : v == "lanes" ? GemvPrefetch::Lanes : GemvPrefetch::Off;
-  }();
+  static const GemvPrefetch p =
+      env_choice("MAMBA3_GEMV_PREFETCH", {"0", "1"}) == "1" ? GemvPrefetch::Bulk : GemvPrefetch::Off;
   return p;
 }
 
@@ -359,6 +333,8 @@ int64_t gemv_norm_parts(int64_t n, int64_t k) {
 
 void gemv_small_m_residual_norm(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x,
                                 const GemvResidualNorm& out) {
+  MAMBA3_CHECK(gemv_small_m_supported(1, k, k, w, x),
+               "gemv_small_m_residual_norm: K {} must be a multiple of 8 and W, x 16-byte aligned", k);
   MAMBA3_CHECK(out.residual && out.weight && out.out16 && out.partials,
                "gemv_small_m_residual_norm: residual, weight, out16 and partials are required");
   GemvNormArgs na{};
@@ -383,13 +359,17 @@ GemvNormArgs scale_args(const GemvRowScale& in) {
 
 void gemv_small_m_scaled(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, float* y,
                          const GemvRowScale& in) {
+  MAMBA3_CHECK(gemv_small_m_supported(1, k, k, w, x),
+               "gemv_small_m_scaled: K {} must be a multiple of 8 and W, x 16-byte aligned", k);
   launch_split<1, false, kNormIn>(gemv_small_m_split(n, k), env_prefetch(), s, w, n, k, x, k, y, n, nullptr,
                                   scale_args(in));
 }
 
 void gemv_small_m_gated_pairs_scaled(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, void* act,
                                      const GemvRowScale& in) {
-  MAMBA3_CHECK(n % 2 == 0, "gemv_small_m_gated_pairs_scaled: N {} must be even", n);
+  MAMBA3_CHECK(n % 2 == 0 && gemv_small_m_supported(1, k, k, w, x),
+               "gemv_small_m_gated_pairs_scaled: N {} must be even, K {} a multiple of 8, W and x 16-byte aligned", n,
+               k);
   launch_split<1, true, kNormIn>(gemv_small_m_split(n, k), env_prefetch(), s, w, n, k, x, k, nullptr, 0, act,
                                  scale_args(in));
 }

@@ -18,16 +18,16 @@ constexpr int64_t kGemvPreferredRows = 4;
 // Whether the kernel handles this shape: 1 ≤ m ≤ kGemvMaxRows, K a multiple of 8, 16-byte aligned rows.
 bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* w, const void* x);
 
-// Requests of W into L2 made before the kernel waits for the one before it (hints: the same results either way), so
-// that under PDL more of the product's weight stream runs beside that kernel. Off: each lane's first window of
-// pieces only, into registers. Bulk: the blocks resident at once also ask L2 for all of W between them, up to 3/4 of
-// the device's L2 (bulk requests by one warp per block; measured slower on an H200, thirty-fifth session). Lanes:
-// each lane also asks L2 for the next few pieces of its own share (docs/kernels/mamba3_cuda.md).
-enum class GemvPrefetch { Off, Bulk, Lanes };
+// Requests of W into L2 made before the kernel waits for the one before it (hints: the same results either way). Off:
+// each lane's first window of pieces only, into registers. Bulk: the blocks resident at once also ask L2 for all of W
+// between them, up to 3/4 of the device's L2 (bulk requests by one warp per block), so that under PDL more of the
+// weight stream runs beside that kernel — measured slower on an H200 (thirty-fifth session), as was each lane asking
+// L2 for its own next pieces (prefetch.global.L2; thirty-sixth session, removed).
+enum class GemvPrefetch { Off, Bulk };
 
 // W (N, K) bf16 row-major; x (M, K) bf16 with rows x_stride elements apart; y (M, N) f32 with rows y_stride apart.
 // k_split: warps per output column (1, 2 or 4); 0: gemv_small_m_split's choice. prefetch unset: MAMBA3_GEMV_PREFETCH
-// (0 | 1 = Bulk | lanes; default 0; read once).
+// (0 | 1 = Bulk; default 0; read once).
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                   float* y, int64_t y_stride, int k_split = 0, std::optional<GemvPrefetch> prefetch = std::nullopt);
 

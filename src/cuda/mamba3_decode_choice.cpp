@@ -19,7 +19,7 @@ DecodeChoice& choice_slot() {
     d.blocks_per_head = int(env_integer("MAMBA3_STREAM_DECODE_BLOCKS", d.blocks_per_head, 0, 1 << 16));
     d.head_tensor_cores = env_choice("MAMBA3_HEAD_DECODE_TC", {"1", "0"}) != "0";  // on unless "0"
     d.head_tc_min_items = env_integer("MAMBA3_HEAD_DECODE_TC_MIN", d.head_tc_min_items, 1, int64_t(1) << 40);
-    d.early_state = env_choice("MAMBA3_DECODE_EARLY_STATE", {"0", "1"}) == "1";  // off unless "1"
+    d.early_state = env_choice("MAMBA3_DECODE_EARLY_STATE", {"1", "0"}) != "0";  // on unless "0"
     return d;
   }();
   return c;

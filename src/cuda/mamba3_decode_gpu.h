@@ -67,12 +67,12 @@ struct DecodeChoice {
   bool head_tensor_cores = true;
   int64_t head_tc_min_items = 512;
   // The head kernel requests its state rows and cached k before waiting for in_proj (mamba3_head_decode_gpu).
-  bool early_state = false;
+  bool early_state = true;
 };
 // Process-wide. Defaults from MAMBA3_DECODE_KERNEL (auto | head | stream), MAMBA3_STREAM_DECODE_MIN (pairs),
 // MAMBA3_STREAM_DECODE_STAGES (2 | 3), MAMBA3_STREAM_DECODE_BLOCKS (per head; 0 = fill the device),
-// MAMBA3_HEAD_DECODE_TC (1 | 0), MAMBA3_HEAD_DECODE_TC_MIN (pairs) and MAMBA3_DECODE_EARLY_STATE (0 | 1), read on
-// first use; tests set it.
+// MAMBA3_HEAD_DECODE_TC (1 | 0), MAMBA3_HEAD_DECODE_TC_MIN (pairs) and MAMBA3_DECODE_EARLY_STATE (1 | 0, default 1),
+// read on first use; tests set it.
 DecodeChoice decode_choice();
 void set_decode_choice(const DecodeChoice& c);
 

@@ -14,11 +14,11 @@ add_test(NAME test_model_gpu_gemv_prefetch COMMAND test_model_gpu
 set_tests_properties(test_model_gpu_gemv_prefetch PROPERTIES LABELS cuda
                      ENVIRONMENT "MAMBA3_GEMV_PREFETCH=1;MAMBA3_STREAM_GEMM=0"
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-# The same decodes with each lane's next weight pieces requested into L2 before the product's wait, and the Mamba-3
-# head kernel's state rows requested before its wait (MAMBA3_GEMV_PREFETCH=lanes, MAMBA3_DECODE_EARLY_STATE=1; both
-# under PDL, so that a state read before its writer finished would show against the CPU and the eager decode).
-add_test(NAME test_model_gpu_early_requests COMMAND test_model_gpu
+# The same decodes with the Mamba-3 head kernel waiting before it requests its state rows and the one-row steps' norms
+# as kernels of their own (MAMBA3_DECODE_EARLY_STATE=0, MAMBA3_DECODE_NORM_FOLD=0: the paths before the thirty-sixth
+# session, kept as the switches' other sides).
+add_test(NAME test_model_gpu_plain_decode COMMAND test_model_gpu
          --gtest_filter=*GraphReplay*:*MatchesCpuOnRandomModels*:*GoldenCases*:*GreedyGeneration*)
-set_tests_properties(test_model_gpu_early_requests PROPERTIES LABELS cuda
-                     ENVIRONMENT "MAMBA3_GEMV_PREFETCH=lanes;MAMBA3_DECODE_EARLY_STATE=1;MAMBA3_STREAM_GEMM=0"
+set_tests_properties(test_model_gpu_plain_decode PROPERTIES LABELS cuda
+                     ENVIRONMENT "MAMBA3_DECODE_EARLY_STATE=0;MAMBA3_DECODE_NORM_FOLD=0"
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")

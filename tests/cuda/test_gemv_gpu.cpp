@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <tuple>
 
@@ -153,11 +154,10 @@ TEST(GemvGpu, GatedPairsMatchProductThenActivation) {
   EXPECT_LE(rel_l2(r4, r5_first4), 1e-2);
 }
 
-// The L2 requests made before the wait (MAMBA3_GEMV_PREFETCH: Bulk, the resident blocks' bulk requests of W; Lanes,
-// each lane's own next pieces) are hints: the products and the fused activations are the same bits with and without
-// them — on shapes whose last block holds fewer rows than its warps' columns, W shares smaller than a piece, grids of
-// more blocks than fit the device at once, lanes with fewer pieces than the requests would cover and with more — for
-// every split. W's buffer is exactly W, so that a request past its end shows under memcheck.
+// The bulk L2 requests of W by the resident blocks (MAMBA3_GEMV_PREFETCH) are hints: the products and the fused
+// activations are the same bits with and without them — on shapes whose last block holds fewer rows than its warps'
+// columns, W shares smaller than a piece, grids of more blocks than fit the device at once — for every split. W's
+// buffer is exactly W, so that a request past its end shows under memcheck.
 TEST(GemvGpu, L2PrefetchKeepsTheBits) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -172,10 +172,9 @@ TEST(GemvGpu, L2PrefetchKeepsTheBits) {
       cuda::DeviceBuffer dx(x.nbytes()), off(size_t(M * N) * 4), on(size_t(M * N) * 4);
       dx.upload(x.raw(), x.nbytes());
       for (int split : {1, 2, 4}) {
-        for (cuda::GemvPrefetch mode : {cuda::GemvPrefetch::Bulk, cuda::GemvPrefetch::Lanes}) {
+        for (cuda::GemvPrefetch mode : {cuda::GemvPrefetch::Bulk}) {
           SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M) +
-                       " split=" + std::to_string(split) +
-                       (mode == cuda::GemvPrefetch::Bulk ? " bulk requests" : " lane requests"));
+                       " split=" + std::to_string(split));
           poison(off.raw(), off.bytes());
           poison(on.raw(), on.bytes());
           cuda::gemv_small_m(ctx.stream(), dw.raw(), N, K, dx.raw(), M, K, off.as<float>(), N, split,
@@ -213,8 +212,11 @@ TEST(GemvGpu, FoldedNormMatchesFloat64) {
   cuda::Context ctx;
   std::mt19937 rng(41);
   const float eps = 1e-5f;
-  for (auto [D, K, F] :
-       {std::tuple<int64_t, int64_t, int64_t>{64, 128, 37}, {2050, 4096, 1027}, {1003, 1032, 8}, {2048, 4096, 4096}}) {
+  for (auto [D, K, F] : {std::tuple<int64_t, int64_t, int64_t>{64, 128, 37},
+                         {2056, 4096, 1027},
+                         {1000, 1032, 8},
+                         {2048, 4096, 4096},
+                         {3000, 8, 5}}) {
     SCOPED_TRACE("D=" + std::to_string(D) + " K=" + std::to_string(K) + " F=" + std::to_string(F));
     const Tensor wp = random_tensor(rng, {D, K}).to(DType::BF16), wc = random_tensor(rng, {2 * F, D}).to(DType::BF16);
     const Tensor x = random_tensor(rng, {1, K}).to(DType::BF16), r0 = random_tensor(rng, {1, D}, -3.0f, 3.0f);
@@ -267,6 +269,30 @@ TEST(GemvGpu, FoldedNormMatchesFloat64) {
     }
     EXPECT_LE(rel_l2(from_device_bf16(dact.as<uint16_t>(), {1, F}), aref), 1e-2);
   }
+}
+
+// The folded-norm products refuse what the kernel cannot read: K not a multiple of 8, a misaligned x, missing buffers.
+TEST(GemvGpu, FoldedNormRefusesUnsupportedShapes) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  cuda::DeviceBuffer w(64 * 1024), x(4096), y(4096), r(4096), g(4096), o(4096), p(4096);
+  const cuda::GemvRowScale scale{p.as<float>(), 4, 60, 1e-5f};
+  const cuda::GemvResidualNorm out{r.as<float>(), g.as<float>(), o.raw(), p.as<float>()};
+  const auto refuses = [](const std::function<void()>& call, const char* what) {
+    try {
+      call();
+      ADD_FAILURE() << what << ": accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("gemv_small_m"), std::string::npos) << what << ": " << e.what();
+    }
+  };
+  refuses([&] { cuda::gemv_small_m_scaled(ctx.stream(), w.raw(), 16, 60, x.raw(), y.as<float>(), scale); }, "K 60");
+  refuses([&] { cuda::gemv_small_m_residual_norm(ctx.stream(), w.raw(), 16, 60, x.raw(), out); }, "K 60");
+  refuses(
+      [&] { cuda::gemv_small_m_gated_pairs_scaled(ctx.stream(), w.raw(), 16, 64, x.as<char>() + 8, y.raw(), scale); },
+      "misaligned x");
+  refuses([&] { cuda::gemv_small_m_residual_norm(ctx.stream(), w.raw(), 16, 64, x.raw(), {}); }, "no buffers");
+  refuses([&] { cuda::gemv_small_m_scaled(ctx.stream(), w.raw(), 16, 64, x.raw(), y.as<float>(), {}); }, "no partials");
 }
 
 }  // namespace
