@@ -136,6 +136,7 @@ struct CudaModel::Impl {
       ws.mlp_act.resize(size_t(rows * std::max<int64_t>(1, c.d_ff())) * act());
       ws.zx.resize(size_t(rows * std::max<int64_t>(1, zx_cols)) * 4);
       ws.o.resize(size_t(rows * std::max<int64_t>(1, o_cols)) * act());
+      ws.norm_partials.resize(size_t(c.d_model) * 4);  // at most one per output column (gemv_norm_parts)
       ws.rows = rows;
     }
     if (logit_rows > ws.logit_rows) {
@@ -192,7 +193,6 @@ struct CudaModel::Impl {
     // One-row decode with the norms folded into the products (folds_norms): the add + norm before each layer's in_proj
     // (but the first) and before each fc1 happen in the product before them and the product after them.
     const bool fold = decode && rows == 1 && folds_norms();
-    if (fold && ws.norm_partials.bytes() < size_t(D) * 4) ws.norm_partials.resize(size_t(D) * 4);
     float* partials = fold ? ws.norm_partials.as<float>() : nullptr;
     int64_t parts = 0;  // partials the last residual-norm product wrote
     for (size_t li = 0; li < blocks.size(); ++li) {
@@ -205,7 +205,10 @@ struct CudaModel::Impl {
         add_norm(s, hidden, residual, rows, D, li == 0, b.norm_w.as<float>(), nb(b.norm_b), eps, normed, precision);
       if (b.mamba) {
         Mamba3GpuState state = cache.mamba[li]->rows_from(row0);
-        if (decode) state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
+        if (decode) {
+          state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
+          state.settled = true;  // the step began with the embedding's plain launch (or is a graph replay)
+        }
         std::function<void(GpuMamba3Layer::Edge)> edge;
         if (pf != WeightPrefetch::Off)
           edge = [&](GpuMamba3Layer::Edge e) {

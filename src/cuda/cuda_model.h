@@ -96,7 +96,7 @@ class CudaModel {
   // One-row decode steps fold the RMSNorms into the matrix-vector products where the model allows (bf16, SISO Mamba-3
   // + GatedMLP blocks, RMSNorms and products without biases; gemv_small_m.h): no add + norm kernel between products,
   // results within bf16 rounding of the unfolded step. Default: MAMBA3_DECODE_NORM_FOLD (1 | 0, default 1). Caches
-  // capture their graph on first use: set this before stepping.
+  // capture their graph on their second step: set this before stepping.
   void set_fold_norms(bool on);
   // Whether a one-row decode step folds them now (the switch and the model's shapes).
   bool decode_folds_norms() const;

@@ -169,9 +169,9 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
     }
   }
   // early_state: the state rows and the cached k above were requested before waiting for the kernel before this one
-  // (in_proj, which writes zx): under PDL they stream beside its last blocks. Only this kernel writes them, and it
-  // ran last in an earlier step, which a graph replay or a plain launch at the step's start (the embedding) has
-  // seen finish (pdl.h).
+  // (in_proj, which writes zx): under PDL they stream beside its last blocks. The host sets it only for a state its
+  // caller marks settled: last written before the step began, which a graph replay or a plain launch at the step's
+  // start (the embedding) has seen finish (pdl.h, Mamba3GpuState::settled).
   if (early_state) pdl_wait();
   const bool own = tid < P;
   if (own) {
@@ -499,10 +499,11 @@ bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
   const int64_t blocks = batch * a.H;
   if (!mamba3_head_decode_reaches(a) || blocks >= (int64_t(1) << 31)) return false;
   if (!aligned16(a.st.ssm16 ? static_cast<const void*>(a.st.ssm16) : a.st.ssm) || !aligned16(a.st.k)) return false;
+  const bool early = early_state && a.st.settled;  // see Mamba3GpuState::settled
   if (a.st.ssm16)
-    launch_head<true>(s, a, int(blocks), tensor_cores, early_state);
+    launch_head<true>(s, a, int(blocks), tensor_cores, early);
   else
-    launch_head<false>(s, a, int(blocks), tensor_cores, early_state);
+    launch_head<false>(s, a, int(blocks), tensor_cores, early);
   return true;
 }
 

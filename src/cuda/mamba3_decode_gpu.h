@@ -31,7 +31,8 @@ struct Mamba3DecodeArgs : Mamba3KernelShape {  // L = 1
 // tensor_cores: MIMO heads at P = 64, N = 128 update their state on tensor cores, the state held in the products'
 // accumulators (3×TF32, f32 accuracy; mamba3_head_decode_tc.cuh).
 // early_state: the state rows and cached k are requested before the kernel waits for the one before it (under PDL:
-// beside in_proj's last blocks; MAMBA3_DECODE_EARLY_STATE, DecodeChoice::early_state).
+// beside in_proj's last blocks; MAMBA3_DECODE_EARLY_STATE, DecodeChoice::early_state) — only for a state the caller
+// marks settled (Mamba3GpuState::settled).
 bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores = false,
                             bool early_state = false);
 // Whether the head kernel serves this layer shape (with 16-byte aligned ssm/ssm16 and k states, which

@@ -65,6 +65,11 @@ struct Mamba3GpuState {
   Mamba3GpuStage stage;
   const int32_t* active = nullptr;
   uint16_t* ssm16 = nullptr;
+  // The caller's promise that ssm and k were last written before the current step began — a plain launch or a graph
+  // launch since, so every kernel that wrote them has finished (CudaModel's decode steps: the embedding starts each
+  // step). Only then may the head decode kernel request them before its PDL wait (DecodeChoice::early_state): two
+  // decode kernels on one state with only PDL launches between them would otherwise race.
+  bool settled = false;
 };
 
 // Which kernels run the recurrence. Staged: an angle scan, a fully parallel staging kernel (B/C norm, bias,

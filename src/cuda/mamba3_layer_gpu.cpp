@@ -142,6 +142,7 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
     bf16_to_f32(ctx.stream(), state.ssm16, n, wide);
     Mamba3GpuState f32_state = state;
     f32_state.ssm = wide, f32_state.ssm16 = nullptr;
+    f32_state.settled = false;  // `wide` was written just now, inside the step
     forward(ctx, x, batch, L, f32_state, zx, o, out, edge, folded);
     to_activation(ctx.stream(), wide, n, state.ssm16, Precision::BF16);
     return;

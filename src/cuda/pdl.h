@@ -1,10 +1,10 @@
 #pragma once
 // Programmatic dependent launch (Hopper): a kernel launched with launch_pdl may start while the kernel before it in
 // the stream is still running; it must call pdl_wait() before it reads anything that kernel (or an earlier one)
-// writes, and before it writes anything. Code before pdl_wait() may read only immutable data (weights), or data that
-// only this kernel writes and that an earlier step wrote (the head decode kernel's state rows under
-// MAMBA3_DECODE_EARLY_STATE: a step starts with a plain launch or a graph launch, after which every kernel of the
-// steps before has finished; within the step no other kernel touches those rows). Kernels call
+// writes, and before it writes anything. Code before pdl_wait() may read only immutable data (weights), or data its
+// caller promises was written before a plain or graph launch that precedes this kernel (the head decode kernel's
+// state rows under MAMBA3_DECODE_EARLY_STATE when the state is marked settled: CudaModel's decode steps start with
+// the embedding's plain launch). Kernels call
 // pdl_trigger() early so that the next kernel's blocks are scheduled while they run. At batch 1 a decode step is a
 // chain of ~220 short kernels, where each launch's latency and each kernel's ramp-up are a large share of the step;
 // PDL hides them and lets a matrix-vector product stream its weights before its input exists.
