@@ -106,7 +106,7 @@ class CudaModel {
   void set_prefill_row_block(int64_t rows);
   // Decode steps request each matrix product's weights into L2 ahead of the product (weight_prefetch.h; results are
   // unchanged: the requests only warm the cache). Default: weight_prefetch_from_env(). Caches capture their graph on
-  // first use: set this before stepping.
+  // their second step: set this before stepping.
   void set_weight_prefetch(const WeightPrefetchOptions& options);
   // Weight requests the last queued decode step made (0 when it made none; a captured graph replays the requests of
   // the step it captured without queuing them again).
