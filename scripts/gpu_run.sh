@@ -3,7 +3,8 @@
 # (the `cuda` ctest label), compute-sanitizer passes (memcheck by default) at small sizes
 # (MAMBA3_TEST_SANITIZER_SIZES=1: tests that read it shrink their batches), and the benchmark given in BENCH_ARGS.
 # Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" [TESTS='test_*train*'] [SANITIZE_BIN=test_x]
-# [SANITIZE_FILTER='gtest filter' [SANITIZE_TOOLS='memcheck racecheck synccheck']] [CLI_TESTS=0]
+# [SANITIZE_FILTER='gtest filter' [SANITIZE_TOOLS='memcheck racecheck synccheck']] [CLI_TESTS=0] [VARIANTS=0]
+# [TEST_TIMEOUT=seconds per binary]
 # scripts/gpu_run.sh [tests|bench|all]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,22 @@ status=0
 if [[ $what == tests || $what == all ]]; then
   for t in run/bin/${TESTS:-test_*}; do
     name=$(basename "$t")
-    if "$t" --gtest_brief=1 > "$OUT/$name.log" 2>&1; then
+    if timeout "${TEST_TIMEOUT:-400}" "$t" --gtest_brief=1 > "$OUT/$name.log" 2>&1; then
+      echo "PASS $name"
+    else
+      echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
+    fi
+  done
+  # The ctest entries that rerun a binary under other settings (tests/cuda/*.tests.cmake: add_test … ENVIRONMENT).
+  variants=("test_gemv_gpu_stream_gemm|test_gemv_gpu|*LinearDispatch*|MAMBA3_STREAM_GEMM=all"
+            "test_model_gpu_gemv_prefetch|test_model_gpu|*GraphReplay*:*MatchesCpuOnRandomModels*:*GoldenCasesBf16*:*GreedyGeneration*|MAMBA3_GEMV_PREFETCH=1 MAMBA3_STREAM_GEMM=0"
+            "test_model_gpu_plain_decode|test_model_gpu|*GraphReplay*:*MatchesCpuOnRandomModels*:*GoldenCases*:*GreedyGeneration*|MAMBA3_DECODE_EARLY_STATE=0 MAMBA3_DECODE_NORM_FOLD=0")
+  for v in "${variants[@]}"; do
+    [[ ${VARIANTS:-1} == 0 ]] && break
+    IFS='|' read -r name bin filter envs <<< "$v"
+    [[ -x run/bin/$bin ]] || continue
+    if env $envs timeout "${TEST_TIMEOUT:-400}" "run/bin/$bin" --gtest_brief=1 --gtest_filter="$filter" \
+        > "$OUT/$name.log" 2>&1; then
       echo "PASS $name"
     else
       echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
