@@ -7,8 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-bundle}
+# Device code for sm_90 only (no PTX), no source-line tables unless BUNDLE_LINEINFO=ON (ncu source views), fatbinaries
+# compressed for size: the whole bundle then fits one device call with the golden data (the line tables and the PTX
+# were about 85 % of every binary's device code).
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAMBA3_CUDA=ON -DMAMBA3_NATIVE=OFF \
-  -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DMAMBA3_TEST_AREAS=cuda >/dev/null
+  -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DMAMBA3_TEST_AREAS=cuda -DMAMBA3_CUDA_ARCH=90-real \
+  -DMAMBA3_CUDA_LINEINFO="${BUNDLE_LINEINFO:-OFF}" -DCMAKE_CUDA_FLAGS="--compress-mode=size" >/dev/null
 targets=(mamba3_cli bench_server)
 # BUNDLE_BINS="mamba3 test_x …": build and pack only these test binaries (the device tool carries at most 64 MiB
 # with the tree, and a fresh machine's two cores take long over all of them). BUNDLE_OUT: the archive (default

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
+# whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
+# settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
+#   OUT=… scripts/gpu_retune.sh [train|decode|all] [rounds]
+# train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
+#         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
+# decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
+#         H200.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+rounds=${2:-2}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$PWD/run/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export MAMBA3_BIN=${MAMBA3_BIN:-run/bin/mamba3}
+[[ -x $MAMBA3_BIN ]] || { echo "gpu_retune.sh: $MAMBA3_BIN is not an executable (unpack a bundle first)" >&2; exit 2; }
+train_row() {  # $1: label; the rest: VAR=value assignments
+  local label=$1; shift
+  local row
+  row=$(env "$@" timeout 120 "$MAMBA3_BIN" bench --device cuda --train --preset 125m 2>&1 | grep -E 'Mamba-3|rror')
+  printf '%-10s %s\n' "$label" "$row" | tee -a "$OUT/retune_train.txt"
+}
+if [[ $what == train || $what == all ]]; then
+  for ((r = 1; r <= rounds; ++r)); do
+    train_row defaults
+    train_row unrotate MAMBA3_TRAIN_CORE_UNROTATE=1
+    train_row heads MAMBA3_TRAIN_CORE_UNROTATE=heads
+    train_row no-pdl MAMBA3_TRAIN_PDL=0
+  done
+  MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train --preset 125m \
+    > "$OUT/retune_train_profile.txt" 2>&1
+  tail -40 "$OUT/retune_train_profile.txt"
+fi
+if [[ $what == decode || $what == all ]]; then
+  timeout 400 scripts/decode_ab.sh -p 1.5b -b 128 -r "$rounds" -- "" "MAMBA3_GEMM_TUNE=1" \
+    "MAMBA3_PDL_MAX_ROWS=128" "MAMBA3_DECODE_PREFETCH=product" "MAMBA3_DECODE_PREFETCH=kernel" \
+    2>&1 | tee "$OUT/retune_decode.txt"
+fi
