@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA tests and the CLI on this machine (sm_90, portable x86-64-v3 host code) and packs them, with the
 # shared libraries the GPU machine's image lacks, into gpu-bundle/bundle.tar.xz (git-ignored). The device tool
-# carries gpu-bundle/ and golden/ to the GPU machine (BUNDLE_BINS below keeps it within the carry limit), where
+# carries gpu-bundle/ and golden/ to the GPU machine (all binaries: 15.5 MB, within the carry limit), where
 # scripts/gpu_run.sh unpacks and runs them: that machine has no package manager and no network, and building there
 # would spend GPU time on compiling.
 set -euo pipefail
