@@ -256,6 +256,8 @@ struct CudaModel::Impl {
   void decode(GpuCache::Impl& cache) const {
     Workspace& ws = cache.ws;
     const int64_t B = cache.batch;
+    // A plain launch, and it must stay one: the step's head decode kernels read their states before their PDL wait
+    // (Mamba3GpuState::settled), which is safe only because nothing of this step starts before the last one ended.
     embed(ctx->stream(), ws.ids.as<int32_t>(), B, embedding.weight.raw(), precision, config.d_model,
           ws.hidden.as<float>());
     const bool prefetch = prefetcher.active(B);  // run_blocks asks the same

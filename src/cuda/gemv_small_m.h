@@ -26,6 +26,8 @@ bool gemv_small_m_supported(int64_t m, int64_t k, int64_t x_stride, const void* 
 enum class GemvPrefetch { Off, Bulk };
 
 // W (N, K) bf16 row-major; x (M, K) bf16 with rows x_stride elements apart; y (M, N) f32 with rows y_stride apart.
+// Every kernel here is launched under PDL and reads W before it waits for the kernel before it (pdl.h): W must be
+// memory that no kernel of the stream writes (weights), or the first reads race with that kernel's writes.
 // k_split: warps per output column (1, 2 or 4); 0: gemv_small_m_split's choice. prefetch unset: MAMBA3_GEMV_PREFETCH
 // (0 | 1 = Bulk; default 0; read once).
 void gemv_small_m(cudaStream_t s, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,

@@ -20,7 +20,8 @@ bool stream_gemm_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, 
                            const void* x);
 
 // W (N, K) bf16 row-major; x (M, K) bf16 with rows x_stride elements apart; y (M, N) f32 with rows y_stride apart.
-// Throws when !stream_gemm_supported.
+// Launched under PDL, the kernel requests its first W stages before it waits for the kernel before it (pdl.h): W must
+// be memory that no kernel of the stream writes (weights). Throws when !stream_gemm_supported.
 void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                  int64_t x_stride, float* y, int64_t y_stride);
 
