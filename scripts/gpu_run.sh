@@ -18,13 +18,17 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$O
 cat "$OUT/gpu.txt"
 status=0
 if [[ $what == tests || $what == all ]]; then
-  for t in run/bin/${TESTS:-test_*}; do
-    name=$(basename "$t")
-    if timeout "${TEST_TIMEOUT:-400}" "$t" --gtest_brief=1 > "$OUT/$name.log" 2>&1; then
+  # run_test NAME COMMAND…: runs a test binary under the time bound, logs to $OUT/NAME.log, prints PASS or FAIL.
+  run_test() {
+    local name=$1; shift
+    if timeout "${TEST_TIMEOUT:-400}" "$@" --gtest_brief=1 > "$OUT/$name.log" 2>&1; then
       echo "PASS $name"
     else
       echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
     fi
+  }
+  for t in run/bin/${TESTS:-test_*}; do
+    run_test "$(basename "$t")" "$t"
   done
   # The ctest entries that rerun a binary under other settings (tests/cuda/*.tests.cmake: add_test … ENVIRONMENT).
   variants=("test_gemv_gpu_stream_gemm|test_gemv_gpu|*LinearDispatch*|MAMBA3_STREAM_GEMM=all"
@@ -34,12 +38,8 @@ if [[ $what == tests || $what == all ]]; then
     [[ ${VARIANTS:-1} == 0 ]] && break
     IFS='|' read -r name bin filter envs <<< "$v"
     [[ -x run/bin/$bin ]] || continue
-    if env $envs timeout "${TEST_TIMEOUT:-400}" "run/bin/$bin" --gtest_brief=1 --gtest_filter="$filter" \
-        > "$OUT/$name.log" 2>&1; then
-      echo "PASS $name"
-    else
-      echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
-    fi
+    read -r -a assignments <<< "$envs"
+    run_test "$name" env "${assignments[@]}" "run/bin/$bin" --gtest_filter="$filter"
   done
   for s in tests/cuda/*.sh; do  # CLI tests on the GPU (they take the binary; CLI_TESTS=0 skips them)
     [[ ${CLI_TESTS:-1} == 0 ]] && break

@@ -13,6 +13,5 @@ if(TARGET mamba3_cuda)
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_fwd_core.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_state_chain.cu)
   target_link_libraries(mamba3_cuda_train_mixer PUBLIC mamba3_cuda)
-  target_compile_options(mamba3_cuda_train_mixer PRIVATE $<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<BOOL:${MAMBA3_CUDA_LINEINFO}>>:-lineinfo>)
   set_target_properties(mamba3_cuda_train_mixer PROPERTIES CUDA_ARCHITECTURES "${MAMBA3_CUDA_ARCH}")
 endif()

@@ -12,6 +12,5 @@ if(TARGET mamba3_cuda)
     ${CMAKE_CURRENT_LIST_DIR}/train/adamw_gpu.cu
   )
   target_link_libraries(mamba3_cuda_train_ops PUBLIC mamba3_cuda)
-  target_compile_options(mamba3_cuda_train_ops PRIVATE $<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<BOOL:${MAMBA3_CUDA_LINEINFO}>>:-lineinfo>)
   set_target_properties(mamba3_cuda_train_ops PROPERTIES CUDA_ARCHITECTURES "${MAMBA3_CUDA_ARCH}")
 endif()
