@@ -29,6 +29,20 @@ if [[ -n ${BUNDLE_BINS:-} ]]; then
   for f in "$stage"/bin/*; do [[ " $BUNDLE_BINS " == *" $(basename "$f") "* ]] || rm "$f"; done
 fi
 strip "$stage"/bin/*
+# The ctest entries that rerun a bundled binary with other arguments or environment (add_test … ENVIRONMENT in
+# tests/cuda/*.tests.cmake), as lines "name|binary|arguments|VAR=value …" for scripts/gpu_run.sh: read from ctest, so
+# that a new variant is written in one place.
+ctest --test-dir "$BUILD" -L cuda --show-only=json-v1 | python3 -c '
+import json, os, sys
+bundled = set(sys.argv[1:])
+for test in json.load(sys.stdin)["tests"]:
+    command = test.get("command") or []
+    props = {p["name"]: p["value"] for p in test.get("properties", [])}
+    env = props.get("ENVIRONMENT") or []
+    if command and os.path.basename(command[0]) in bundled and (len(command) > 1 or env):
+        print("|".join([test["name"], os.path.basename(command[0]), " ".join(command[1:]), " ".join(env)]))
+' $(ls "$stage/bin") > "$stage/variants.txt"
+cat "$stage/variants.txt"
 # Non-system libraries the binaries need, except the CUDA ones (the GPU machine has its own toolkit).
 for lib in $(ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u); do
   case "$(basename "$lib")" in
@@ -40,6 +54,6 @@ out=${BUNDLE_OUT:-gpu-bundle/bundle.tar.xz}
 mkdir -p "$(dirname "$out")"
 # xz -9e: less than half the bytes of xz's default level on these binaries (42 → 20 MB for the CLI and six test
 # binaries), which the carry limit counts.
-XZ_OPT="${XZ_OPT:--9e -T0}" tar -C "$stage" -cJf "$out" bin lib
+XZ_OPT="${XZ_OPT:--9e -T0}" tar -C "$stage" -cJf "$out" bin lib variants.txt
 rm -rf "$stage"
 ls -la "$out"

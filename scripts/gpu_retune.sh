@@ -2,11 +2,13 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|decode|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|decode|wide|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
+# wide:   the stream GEMM's wide form (65–128 rows, opt-in: MAMBA3_STREAM_GEMM=all) against cuBLAS: the 1.5B products
+#         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -37,4 +39,15 @@ if [[ $what == decode || $what == all ]]; then
   timeout 400 scripts/decode_ab.sh -p 1.5b -b 128 -r "$rounds" -- "" "MAMBA3_GEMM_TUNE=1" \
     "MAMBA3_PDL_MAX_ROWS=128" "MAMBA3_DECODE_PREFETCH=product" "MAMBA3_DECODE_PREFETCH=kernel" \
     2>&1 | tee "$OUT/retune_decode.txt"
+fi
+if [[ $what == wide || $what == all ]]; then
+  for split in "" 1 2 4 8; do
+    echo "== products, MAMBA3_STREAM_GEMM_SPLIT=${split:-default}" | tee -a "$OUT/retune_wide.txt"
+    env ${split:+MAMBA3_STREAM_GEMM_SPLIT=$split} timeout 120 "$MAMBA3_BIN" bench --device cuda --products \
+      --preset 1.5b --batch 96 128 2>&1 | tee -a "$OUT/retune_wide.txt"
+  done
+  for preset in 1.5b 1.5b-mimo; do
+    timeout 300 scripts/decode_ab.sh -p "$preset" -b "96 128" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM=all" \
+      2>&1 | tee -a "$OUT/retune_wide.txt"
+  done
 fi

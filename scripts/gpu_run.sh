@@ -30,17 +30,15 @@ if [[ $what == tests || $what == all ]]; then
   for t in run/bin/${TESTS:-test_*}; do
     run_test "$(basename "$t")" "$t"
   done
-  # The ctest entries that rerun a binary under other settings (tests/cuda/*.tests.cmake: add_test … ENVIRONMENT).
-  variants=("test_gemv_gpu_stream_gemm|test_gemv_gpu|*LinearDispatch*|MAMBA3_STREAM_GEMM=all"
-            "test_model_gpu_gemv_prefetch|test_model_gpu|*GraphReplay*:*MatchesCpuOnRandomModels*:*GoldenCasesBf16*:*GreedyGeneration*|MAMBA3_GEMV_PREFETCH=1 MAMBA3_STREAM_GEMM=0"
-            "test_model_gpu_plain_decode|test_model_gpu|*GraphReplay*:*MatchesCpuOnRandomModels*:*GoldenCases*:*GreedyGeneration*|MAMBA3_DECODE_EARLY_STATE=0 MAMBA3_DECODE_NORM_FOLD=0")
-  for v in "${variants[@]}"; do
-    [[ ${VARIANTS:-1} == 0 ]] && break
-    IFS='|' read -r name bin filter envs <<< "$v"
-    [[ -x run/bin/$bin ]] || continue
-    read -r -a assignments <<< "$envs"
-    run_test "$name" env "${assignments[@]}" "run/bin/$bin" --gtest_filter="$filter"
-  done
+  # The ctest entries that rerun a binary under other arguments or settings, as gpu_bundle.sh listed them from ctest.
+  if [[ ${VARIANTS:-1} != 0 && -f run/variants.txt ]]; then
+    while IFS='|' read -r -u 3 name bin args envs; do
+      [[ -x run/bin/$bin ]] || continue
+      read -r -a arguments <<< "$args"
+      read -r -a assignments <<< "$envs"
+      run_test "$name" env "${assignments[@]}" "run/bin/$bin" "${arguments[@]}"
+    done 3< run/variants.txt
+  fi
   for s in tests/cuda/*.sh; do  # CLI tests on the GPU (they take the binary; CLI_TESTS=0 skips them)
     [[ ${CLI_TESTS:-1} == 0 ]] && break
     name=$(basename "$s" .sh)

@@ -1,10 +1,11 @@
 // The decode products on Hopper: TMA weight stream → wgmma (stream_gemm.h). Compiled for sm_90a only (wgmma).
 #include <cuda.h>
-#include <cuda_bf16.h>
 #include <cudaTypedefs.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <mutex>
 #include <string>
 
@@ -20,25 +21,29 @@
 namespace mamba3::cuda {
 namespace {
 
-// A block: two consumer warpgroups, each owning 64 of a tile's 128 weight rows, and one producer warp issuing the
-// copies. A unit of work is one k-block of the tile: 128 columns of K as two 64-column boxes (two 128-byte pieces of
-// each weight row back to back; one 64-column box per stage measured 4–10 % slower), 32 KB of W.
-// Two variants: two blocks per SM (≤ 110 KB of shared memory, ≤ 112 registers) keep two weight streams per SM when
-// the grid has more blocks than SMs (lm_head: ~1000 tiles) — one SM streams at most ~46 GB/s (H200), ~1.5× its share
-// of the copy bandwidth — and pack split tiles' clusters; one block per SM with the whole shared memory for unsplit
-// tiles that fit the SMs, so that at 32–64 rows (40–48 KB stages) four or five stages are in flight, not two.
-constexpr int kTileRows = 128, kBox = 64, kBoxes = 2, kKBlock = kBox * kBoxes;
-constexpr int kConsumers = 256, kThreads = kConsumers + 32;
+// A block: consumer warpgroups, each owning 64 of a tile's weight rows, and one producer warp issuing the copies.
+// A unit of work is one k-block of the tile: `Boxes` 64-column boxes of W (128-byte pieces of each weight row back to
+// back) and of x.
+// The narrow forms (1–64 rows): two consumer warpgroups (128-row tiles), two boxes per k-block (one box per stage
+// measured 4–10 % slower), in two variants: two blocks per SM (≤ 110 KB of shared memory, ≤ 112 registers) keep two
+// weight streams per SM when the grid has more blocks than SMs (lm_head: ~1000 tiles) — one SM streams at most
+// ~46 GB/s (H200), ~1.5× its share of the copy bandwidth — and pack split tiles' clusters; one block per SM with the
+// whole shared memory for unsplit tiles that fit the SMs, so that at 32–64 rows (40–48 KB stages) four or five stages
+// are in flight, not two.
+// The wide class (65–128 rows): one box per k-block, one block per SM, in two tile heights. Every block reads the x
+// columns of its k-blocks besides its W tile; at 128 rows a 128-row tile makes each block read as many x bytes as W
+// bytes (the eighteenth and twenty-third sessions' forms, slower than cuBLAS), a 256-row tile (four consumer
+// warpgroups, four 48 KB stages) halves that. 128-row tiles (two warpgroups, seven 32 KB stages) stay for small N,
+// where 256-row tiles would leave half the SMs without a share of W (wide_grid chooses).
+constexpr int kBox = 64;
 constexpr int kMaxStages = 8, kMaxSplit = 8;
-// The default route: from 2 rows up to kStreamGemmMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
-// docs/kernels/stream_gemm.md), against cuBLAS: b8 1.774 -> 1.443, b16 2.071 -> 1.795, b32 2.519 -> 2.291, b64
-// 3.399 -> 3.314; against the matrix-vector kernel: b1 1.129 vs 1.232 (it stays there), b3 1.391 -> 1.337, b4 1.606
-// -> 1.400; b2 1.305 -> 1.253 (MIMO 1.366 -> 1.279) once the GatedMLP's activation moved into this kernel's
-// epilogue (twelfth session; 1.295 vs 1.296 before).
-constexpr int kDefaultMinRows = 2;
 
-template <int NB, int BlocksPerSm>
-struct Shape {
+template <int NB_, int BlocksPerSm, int Warpgroups, int Boxes>
+struct Form {
+  static constexpr int NB = NB_, kBlocksPerSm = BlocksPerSm, kBoxes = Boxes;
+  static constexpr int kTileRows = 64 * Warpgroups, kConsumers = 128 * Warpgroups, kThreads = kConsumers + 32;
+  static constexpr int kKBlock = kBox * Boxes;
+  static constexpr bool kWide = NB == 128;  // the wide class: the vectorised reduction, gated split tiles
   static constexpr int kSmemLimit = BlocksPerSm == 2 ? 110 * 1024 : 224 * 1024;
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
   static constexpr int kXBoxBytes = NB * kBox * 2;  // NB rows of 128 bytes: whole 1024-byte swizzle atoms
@@ -48,6 +53,17 @@ struct Shape {
   static_assert(kStages >= 2, "at least two stages");
   static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
 };
+template <int NB, int BlocksPerSm>
+using Narrow = Form<NB, BlocksPerSm, 2, 2>;
+using WideTall = Form<128, 1, 4, 1>;
+using WideLow = Form<128, 1, 2, 1>;
+constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<8, 1>::kKBlock;
+// The default route: from 2 rows up to kStreamGemmMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
+// docs/kernels/stream_gemm.md), against cuBLAS: b8 1.774 -> 1.443, b16 2.071 -> 1.795, b32 2.519 -> 2.291, b64
+// 3.399 -> 3.314; against the matrix-vector kernel: b1 1.129 vs 1.232 (it stays there), b3 1.391 -> 1.337, b4 1.606
+// -> 1.400; b2 1.305 -> 1.253 (MIMO 1.366 -> 1.279) once the GatedMLP's activation moved into this kernel's
+// epilogue (twelfth session; 1.295 vs 1.296 before).
+constexpr int kDefaultMinRows = 2;
 
 __device__ __forceinline__ void mbar_init_count(uint64_t* bar, unsigned count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
@@ -91,42 +107,60 @@ __device__ __forceinline__ float load_peer(const float* local, int rank) {
   asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
   return v;
 }
+// Four floats (16-byte aligned) at the same offset as `local` in the cluster's block `rank`.
+__device__ __forceinline__ float4 load_peer4(const float* local, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+}
 
 // Consumer thread t's accumulator value i (fragment of wgmma m64nNBk16, warpgroup t / 128) is weight row
 // row_of(t) + 8·((i / 2) % 2) of the tile and batch row col_of(t) + 8·(i / 4) + i % 2.
 __device__ __forceinline__ int row_of(int t) { return (t / 128) * 64 + ((t / 32) % 4) * 16 + (t % 32) / 4; }
 __device__ __forceinline__ int col_of(int t) { return 2 * (t % 4); }
+template <int TileRows>
 __device__ __forceinline__ void store_value(float v, int i, int t, float* y, int64_t ldy, int m, int n, int64_t tile) {
-  const int64_t row = tile * kTileRows + row_of(t) + 8 * ((i / 2) % 2);
+  const int64_t row = tile * TileRows + row_of(t) + 8 * ((i / 2) % 2);
   const int col = col_of(t) + 8 * (i / 4) + i % 2;
   if (row < n && col < m) y[col * ldy + row] = v;
 }
 
-// Unsplit tiles with W's rows (value, gate) pairs: act (M, n/2) bf16 = value ⊙ silu(gate) instead of y. The pair's
-// rows 2j, 2j + 1 sit in lanes 4 apart of one warp (row_of), so one shuffle brings the gate to the value's lane.
+// W's rows (value, gate) pairs: act (M, n/2) bf16 = value ⊙ silu(gate) instead of y. Thread t's value i and thread
+// (t ^ 4)'s value i are the pair's rows 2j, 2j + 1 (row_of: t with bit 2 clear holds the even row).
+template <int TileRows>
+__device__ __forceinline__ void store_gated_pair(float value, float gate, int i, int t, __nv_bfloat16* act, int m,
+                                                 int n, int64_t tile) {
+  const int64_t row = tile * TileRows + row_of(t) + 8 * ((i / 2) % 2);
+  const int col = col_of(t) + 8 * (i / 4) + i % 2;
+  if (row < n && col < m) act[col * (int64_t(n) / 2) + row / 2] = __float2bfloat16(gated_silu_value(value, gate));
+}
+// Unsplit tiles: the pair's rows sit in lanes 4 apart of one warp, so one shuffle brings the gate to the value's lane.
+template <int TileRows>
 __device__ __forceinline__ void store_gated(float v, int i, int t, __nv_bfloat16* act, int m, int n, int64_t tile) {
   const float partner = __shfl_xor_sync(0xffffffffu, v, 4);
-  const int64_t row = tile * kTileRows + row_of(t) + 8 * ((i / 2) % 2);
-  const int col = col_of(t) + 8 * (i / 4) + i % 2;
-  if (row % 2 == 0 && row < n && col < m)
-    act[col * (int64_t(n) / 2) + row / 2] = __float2bfloat16(gated_silu_value(v, partner));
+  if (t % 8 < 4) store_gated_pair<TileRows>(v, partner, i, t, act, m, n, tile);
 }
 
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
-// act non-null (split 1 only): the gated epilogue above instead of y.
-template <int NB, int BlocksPerSm>
-__global__ void __launch_bounds__(kThreads, BlocksPerSm)
+// act non-null: the gated epilogue instead of y (the narrow forms: split 1 only).
+template <class F>
+__global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
                        int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act) {
-  using S = Shape<NB, BlocksPerSm>;
+  constexpr int NB = F::NB, kConsumers = F::kConsumers, kBoxes = F::kBoxes;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + S::kStages * S::kStageBytes);
-  uint64_t* empty = full + S::kStages;
-  auto stage_w = [&](int s, int b) { return smem + s * S::kStageBytes + b * S::kWBoxBytes; };
-  auto stage_x = [&](int s, int b) { return smem + s * S::kStageBytes + kBoxes * S::kWBoxBytes + b * S::kXBoxBytes; };
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + F::kStages * F::kStageBytes);
+  uint64_t* empty = full + F::kStages;
+  auto stage_w = [&](int s, int b) { return smem + s * F::kStageBytes + b * F::kWBoxBytes; };
+  auto stage_x = [&](int s, int b) { return smem + s * F::kStageBytes + kBoxes * F::kWBoxBytes + b * F::kXBoxBytes; };
 
   const int64_t tile = blockIdx.x / split;
   const int rank = blockIdx.x % split;  // = %cluster_ctarank: clusters are `split` consecutive blocks
@@ -134,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm)
   const int count = kb_end - kb_begin;  // ≥ 1: split ≤ kblocks
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S::kStages; ++s) {
+    for (int s = 0; s < F::kStages; ++s) {
       mbar_init_count(&full[s], 1);
       mbar_init_count(&empty[s], kConsumers / 32);  // every consumer warp releases the stage
     }
@@ -149,27 +183,28 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm)
       asm volatile("prefetch.tensormap [%0];" ::"l"(&wmap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&xmap) : "memory");
       const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
-      const int row0 = int(tile) * kTileRows;
+      const int row0 = int(tile) * F::kTileRows;
       auto load_w = [&](int s, int kb) {
         for (int b = 0; b < kBoxes; ++b)
-          tma_load_2d(stage_w(s, b), &wmap, kb * kKBlock + b * kBox, row0, &full[s], stream_out);
+          tma_load_2d(stage_w(s, b), &wmap, kb * F::kKBlock + b * kBox, row0, &full[s], stream_out);
       };
       auto load_x = [&](int s, int kb) {
-        for (int b = 0; b < kBoxes; ++b) tma_load_2d(stage_x(s, b), &xmap, kb * kKBlock + b * kBox, 0, &full[s], keep);
+        for (int b = 0; b < kBoxes; ++b)
+          tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
       };
       // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
       // they stream while the previous kernel finishes.
-      const int early = count < S::kStages ? count : S::kStages;
+      const int early = count < F::kStages ? count : F::kStages;
       for (int i = 0; i < early; ++i) {
-        expect_bytes(&full[i], S::kStageBytes);
+        expect_bytes(&full[i], F::kStageBytes);
         load_w(i, kb_begin + i);
       }
       pdl_wait();
       for (int i = 0; i < early; ++i) load_x(i, kb_begin + i);
       for (int i = early; i < count; ++i) {
-        const int s = i % S::kStages;
-        mbar_wait(&empty[s], unsigned((i / S::kStages - 1) & 1));
-        expect_bytes(&full[s], S::kStageBytes);
+        const int s = i % F::kStages;
+        mbar_wait(&empty[s], unsigned((i / F::kStages - 1) & 1));
+        expect_bytes(&full[s], F::kStageBytes);
         load_w(s, kb_begin + i);
         load_x(s, kb_begin + i);
       }
@@ -181,8 +216,8 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm)
     pdl_wait();
     const int wg = warp / 4;
     for (int i = 0; i < count; ++i) {
-      const int s = i % S::kStages;
-      mbar_wait(&full[s], unsigned((i / S::kStages) & 1));
+      const int s = i % F::kStages;
+      mbar_wait(&full[s], unsigned((i / F::kStages) & 1));
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
       for (int b = 0; b < kBoxes; ++b) {
@@ -199,10 +234,10 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm)
     if (split == 1) {
       if (act) {
 #pragma unroll
-        for (int i = 0; i < NB / 2; ++i) store_gated(acc[i], i, threadIdx.x, act, m, n, tile);
+        for (int i = 0; i < NB / 2; ++i) store_gated<F::kTileRows>(acc[i], i, threadIdx.x, act, m, n, tile);
       } else {
 #pragma unroll
-        for (int i = 0; i < NB / 2; ++i) store_value(acc[i], i, threadIdx.x, y, ldy, m, n, tile);
+        for (int i = 0; i < NB / 2; ++i) store_value<F::kTileRows>(acc[i], i, threadIdx.x, y, ldy, m, n, tile);
       }
       return;
     }
@@ -210,20 +245,54 @@ __global__ void __launch_bounds__(kThreads, BlocksPerSm)
   if (split == 1) return;  // the producer warp
 
   // The tile's parts: each block's part into its stage ring as [value i][consumer thread t]; after the cluster
-  // barrier block `rank` adds elements [E·rank/split, E·(rank+1)/split) over the blocks in rank order.
-  __syncthreads();  // both warpgroups' last products have read the ring (each waited only for its own)
+  // barrier block `rank` adds a slice of the tile over the blocks in rank order.
+  __syncthreads();  // every warpgroup's last products have read the ring (each waited only for its own)
   float* part = reinterpret_cast<float*>(smem);
   if (warp < kConsumers / 32) {
 #pragma unroll
     for (int i = 0; i < NB / 2; ++i) part[i * kConsumers + threadIdx.x] = acc[i];
   }
   cluster_sync();
-  constexpr int kElems = kTileRows * NB;
-  const int e_end = int(int64_t(kElems) * (rank + 1) / split);
-  for (int e = int(int64_t(kElems) * rank / split) + threadIdx.x; e < e_end; e += kThreads) {
-    float sum = load_peer(part + e, 0);
-    for (int q = 1; q < split; ++q) sum += load_peer(part + e, q);
-    store_value(sum, e / kConsumers, e % kConsumers, y, ldy, m, n, tile);
+  constexpr int kElems = F::kTileRows * NB;
+  if constexpr (F::kWide) {
+    // Units of 8 consecutive parts: threads t … t + 7 (t a multiple of 8) of one value i, i.e. weight rows 2j (t … t
+    // + 3) and 2j + 1 (t + 4 … t + 7) at four batch rows, so a unit holds whole (value, gate) pairs. Every peer's
+    // two float4 are requested before any is added (the parts of a 128-row product are 4× those of a 32-row one).
+    constexpr int kUnits = kElems / 8;
+    const int u_end = int(int64_t(kUnits) * (rank + 1) / split);
+    for (int u = int(int64_t(kUnits) * rank / split) + int(threadIdx.x); u < u_end; u += F::kThreads) {
+      float4 lo[kMaxSplit], hi[kMaxSplit];
+#pragma unroll
+      for (int q = 0; q < kMaxSplit; ++q)
+        if (q < split) {
+          lo[q] = load_peer4(part + 8 * u, q);
+          hi[q] = load_peer4(part + 8 * u + 4, q);
+        }
+      float even[4] = {lo[0].x, lo[0].y, lo[0].z, lo[0].w}, odd[4] = {hi[0].x, hi[0].y, hi[0].z, hi[0].w};
+#pragma unroll
+      for (int q = 1; q < kMaxSplit; ++q)
+        if (q < split) {
+          even[0] += lo[q].x, even[1] += lo[q].y, even[2] += lo[q].z, even[3] += lo[q].w;
+          odd[0] += hi[q].x, odd[1] += hi[q].y, odd[2] += hi[q].z, odd[3] += hi[q].w;
+        }
+      const int i = 8 * u / kConsumers, t = 8 * u % kConsumers;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (act) {
+          store_gated_pair<F::kTileRows>(even[j], odd[j], i, t + j, act, m, n, tile);
+        } else {
+          store_value<F::kTileRows>(even[j], i, t + j, y, ldy, m, n, tile);
+          store_value<F::kTileRows>(odd[j], i, t + 4 + j, y, ldy, m, n, tile);
+        }
+      }
+    }
+  } else {
+    const int e_end = int(int64_t(kElems) * (rank + 1) / split);
+    for (int e = int(int64_t(kElems) * rank / split) + threadIdx.x; e < e_end; e += F::kThreads) {
+      float sum = load_peer(part + e, 0);
+      for (int q = 1; q < split; ++q) sum += load_peer(part + e, q);
+      store_value<F::kTileRows>(sum, e / kConsumers, e % kConsumers, y, ldy, m, n, tile);
+    }
   }
   cluster_sync();  // no block leaves while its peers may still read its part
 }
@@ -255,37 +324,44 @@ CUtensorMap tensor_map(const void* base, int64_t rows, int64_t cols, int64_t str
   return map;
 }
 
-// Blocks per tile, a function of (N, K, SM count) only, so rows are batch-invariant. A block streams up to ~48 GB/s
-// (H200), and splitting a tile costs its cluster's reduction: one block per tile as soon as the tiles occupy 45 % of
-// the SMs (measured: 1.5B in_proj, 68 tiles, and fc1, 64 tiles, were 0.5–4 µs faster unsplit than split 2–4), else
-// about one block per SM (out_proj, 16 tiles: 8 per tile was the fastest of 1–8), at most 8 (the portable cluster
-// size) and at most one per k-block. MAMBA3_STREAM_GEMM_SPLIT = 1–8 forces the split (tuning sweeps).
-int split_for(int64_t tiles, int kblocks, int sm_count) {
+// Blocks per tile of the narrow forms, a function of (N, K, SM count) only, so rows are batch-invariant. A block
+// streams up to ~48 GB/s (H200), and splitting a tile costs its cluster's reduction: one block per tile as soon as the
+// tiles occupy 45 % of the SMs (measured: 1.5B in_proj, 68 tiles, and fc1, 64 tiles, were 0.5–4 µs faster unsplit
+// than split 2–4), else about one block per SM (out_proj, 16 tiles: 8 per tile was the fastest of 1–8), at most 8
+// (the portable cluster size) and at most one per k-block. MAMBA3_STREAM_GEMM_SPLIT = 1–8 forces the split (tuning
+// sweeps; the wide form too).
+int forced_split() {
   static const int forced = int(env_integer("MAMBA3_STREAM_GEMM_SPLIT", 0, 0, kMaxSplit));
-  if (forced > 0) return std::min(forced, kblocks);
+  return forced;
+}
+int split_for(int64_t tiles, int kblocks, int sm_count) {
+  if (forced_split() > 0) return std::min(forced_split(), kblocks);
   if (tiles * 20 >= int64_t(sm_count) * 9) return 1;
   return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, sm_count / tiles})));
 }
 
-template <int NB, int BlocksPerSm>
-void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act) {
-  using S = Shape<NB, BlocksPerSm>;
+template <class F>
+void set_attributes_once() {
   static std::once_flag attr_once;
   std::call_once(attr_once, [] {
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB, BlocksPerSm>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes)));
-    // Both variants need the largest shared-memory carve-out.
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<NB, BlocksPerSm>,
-                                           cudaFuncAttributePreferredSharedMemoryCarveout,
+    MAMBA3_CUDA_CHECK(
+        cudaFuncSetAttribute(stream_gemm_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::kSmemBytes)));
+    // Every form needs the largest shared-memory carve-out.
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                            int(cudaSharedmemCarveoutMaxShared)));
   });
-  const CUtensorMap wmap = tensor_map(w, n, k, k, kTileRows);
-  const CUtensorMap xmap = tensor_map(x, m, k, x_stride, NB);
+}
+
+template <class F>
+void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act) {
+  set_attributes_once<F>();
+  const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
+  const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(tiles * split));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = S::kSmemBytes;
+  config.blockDim = dim3(F::kThreads);
+  config.dynamicSmemBytes = F::kSmemBytes;
   config.stream = ctx.stream();
   cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
@@ -296,33 +372,118 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   attribute[1].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
   config.attrs = attribute;
   config.numAttrs = 2;
-  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<NB, BlocksPerSm>, wmap, xmap, y, y_stride, int(m),
-                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act)));
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F>, wmap, xmap, y, y_stride, int(m), int(n), kblocks,
+                                       split, static_cast<__nv_bfloat16*>(act)));
 }
 
-// The variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit the SMs
-// (1.5B in_proj/fc1 at 32–64 rows: 13.7 → 11.6, 13.1 → 10.7 µs), else two: clusters of 8 blocks of the big variant
-// measured slower (out_proj 7.4 → 10.0 µs at 8 rows; fewer such clusters fit a GPC at once).
+// The narrow forms' variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit
+// the SMs (1.5B in_proj/fc1 at 32–64 rows: 13.7 → 11.6, 13.1 → 10.7 µs), else two: clusters of 8 blocks of the big
+// variant measured slower (out_proj 7.4 → 10.0 µs at 8 rows; fewer such clusters fit a GPC at once).
 // MAMBA3_STREAM_GEMM_BLOCKS_PER_SM = 1 or 2 forces one (A/B runs).
 template <int NB>
-void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-            float* y, int64_t y_stride, void* act) {
+void launch_narrow(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+                   float* y, int64_t y_stride, void* act) {
   static const int forced = int(env_integer("MAMBA3_STREAM_GEMM_BLOCKS_PER_SM", 0, 0, 2));
-  const int kblocks = int((k + kKBlock - 1) / kKBlock);
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  const int kblocks = int((k + kNarrowKBlock - 1) / kNarrowKBlock);
+  const int64_t tiles = (n + kNarrowTileRows - 1) / kNarrowTileRows;
   const int split = split_for(tiles, kblocks, ctx.info().sm_count);
   const bool one = forced ? forced == 1 : split == 1 && tiles <= ctx.info().sm_count;
   MAMBA3_CHECK(!act || split == 1, "stream_gemm: the gated epilogue needs unsplit tiles (split {})", split);
-  if (one) return launch<NB, 1>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
-  launch<NB, 2>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  if (one) return launch<Narrow<NB, 1>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  launch<Narrow<NB, 2>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+}
+
+// How many clusters of `split` blocks of form F the device runs at once (a cluster's blocks share a GPC, so this is
+// not simply SMs / split; 0 if none fits). Asked once per (form, split).
+template <class F>
+int clusters_at_once(int split) {
+  static std::mutex mutex;
+  static std::array<int, kMaxSplit + 1> known = [] {
+    std::array<int, kMaxSplit + 1> unknown;
+    unknown.fill(-1);
+    return unknown;
+  }();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (known[split] < 0) {
+    set_attributes_once<F>();
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(unsigned(split));
+    config.blockDim = dim3(F::kThreads);
+    config.dynamicSmemBytes = F::kSmemBytes;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = unsigned(split);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, stream_gemm_kernel<F>, &config));
+    known[split] = clusters;
+  }
+  return known[split];
+}
+
+// A wide-class grid: the tile height (256 or 128 weight rows), tiles, k-blocks, blocks per tile, and its cost.
+struct WideGrid {
+  int tile_rows = 0, kblocks = 0, split = 1;
+  int64_t tiles = 0;
+  double cost = 0;
+};
+
+// The wide-class grid of form F for an N × K product (a function of N, K and the device only: rows batch-invariant).
+// Every block moves its W rows and the 128 x rows over its k-blocks, plus, when split, its part of the tile through
+// distributed shared memory; the SMs stream in parallel, so a grid costs about (waves) × (one block's bytes). Splits
+// whose clusters do not all fit at once are not taken (a second wave would double the time). The split with the
+// lowest cost wins (the smaller on ties); MAMBA3_STREAM_GEMM_SPLIT forces one (≤ the k-blocks; if its clusters do not
+// fit at once they run in waves).
+template <class F>
+WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count) {
+  WideGrid best;
+  best.tile_rows = F::kTileRows;
+  best.kblocks = int((k + F::kKBlock - 1) / F::kKBlock);
+  best.tiles = (n + F::kTileRows - 1) / F::kTileRows;
+  const double row_bytes = double(F::kKBlock) * 2, part_bytes = double(F::kTileRows) * F::NB * 4;
+  auto cost = [&](int s, int64_t waves) {
+    const double kb = double((best.kblocks + s - 1) / s);
+    return double(waves) * ((F::kTileRows + F::NB) * kb * row_bytes + (s > 1 ? part_bytes : 0.0));
+  };
+  if (forced_split() > 0) {
+    best.split = std::min(forced_split(), best.kblocks);
+    best.cost = cost(best.split, 1);
+    return best;
+  }
+  best.split = 1;
+  best.cost = cost(1, (best.tiles + sm_count - 1) / sm_count);
+  for (int s = 2; s <= std::min(kMaxSplit, best.kblocks); ++s) {
+    if (best.tiles > clusters_at_once<F>(s)) continue;
+    if (const double c = cost(s, 1); c < best.cost) best.split = s, best.cost = c;
+  }
+  return best;
+}
+
+// The tile height of the wide class: 256 rows (half the x bytes per W byte) unless 128-row tiles cost less — small N,
+// where 256-row tiles leave SMs idle (1.5B out_proj/fc2, N 2048: 8 tiles × 8 blocks on 64 SMs, or 16 × 8 on 128).
+// MAMBA3_STREAM_GEMM_WIDE_TILE = 128 or 256 forces one (A/B runs).
+WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
+  static const std::string forced = env_choice("MAMBA3_STREAM_GEMM_WIDE_TILE", {"auto", "128", "256"});
+  const WideGrid tall = wide_grid_of<WideTall>(n, k, ctx.info().sm_count);
+  if (forced == "256") return tall;
+  const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count);
+  if (forced == "128") return low;
+  return low.cost < tall.cost ? low : tall;
 }
 
 void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
               float* y, int64_t y_stride, void* act) {
-  if (m <= 8) return launch<8>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
-  if (m <= 16) return launch<16>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
-  if (m <= 32) return launch<32>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
-  launch<64>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  if (m <= 8) return launch_narrow<8>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  if (m <= 16) return launch_narrow<16>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  if (m <= 32) return launch_narrow<32>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  if (m <= kStreamGemmNarrowMaxRows) return launch_narrow<64>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  const WideGrid g = wide_grid(ctx, n, k);
+  if (g.tile_rows == WideTall::kTileRows)
+    return launch<WideTall>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act);
+  launch<WideLow>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act);
 }
 
 }  // namespace
@@ -345,8 +506,9 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
 bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride,
                                        const void* w, const void* x) {
   if (!stream_gemm_supported(ctx, m, n, k, x_stride, w, x) || n % 2 != 0) return false;
-  const int kblocks = int((k + kKBlock - 1) / kKBlock);
-  return split_for((n + kTileRows - 1) / kTileRows, kblocks, ctx.info().sm_count) == 1;
+  if (m > kStreamGemmNarrowMaxRows) return true;  // the wide form's reduction keeps (value, gate) pairs together
+  const int kblocks = int((k + kNarrowKBlock - 1) / kNarrowKBlock);
+  return split_for((n + kNarrowTileRows - 1) / kNarrowTileRows, kblocks, ctx.info().sm_count) == 1;
 }
 
 void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
@@ -357,10 +519,16 @@ void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64
   dispatch(ctx, w, n, k, x, m, x_stride, nullptr, 0, act);
 }
 
+StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k) {
+  const WideGrid g = wide_grid(ctx, n, k);
+  return {g.tile_rows, g.split};
+}
+
 bool stream_gemm_preferred(int64_t m) {
   static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "all"});
   if (mode == "0") return false;
-  return mode == "all" || m >= kDefaultMinRows;  // "auto" or unset: from 2 rows
+  if (mode == "all") return true;
+  return m >= kDefaultMinRows && m <= kStreamGemmNarrowMaxRows;  // "auto" or unset: 2–64 rows
 }
 
 }  // namespace mamba3::cuda

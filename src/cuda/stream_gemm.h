@@ -1,10 +1,12 @@
 #pragma once
-// y (M, N) f32 = x (M, K) · Wᵀ for the decode step's products at 1–64 rows on Hopper: W (bf16, read once) streams
+// y (M, N) f32 = x (M, K) · Wᵀ for the decode step's products at 1–128 rows on Hopper: W (bf16, read once) streams
 // through the bulk tensor copy engine into a ring of shared-memory stages and the tensor cores (wgmma, batch as the
-// instruction's N) multiply it with x. Each 128-row tile is split over K between the blocks of a thread-block
-// cluster (none when the tiles fill the SMs; at most 8), whose parts meet in distributed shared memory and are
-// added in rank order (deterministic, no global scratch). linear() uses it by default for 2–64 rows, where the decode
-// step measured 2.5–19 % faster than with cuBLAS or the matrix-vector kernel (docs/kernels/stream_gemm.md).
+// instruction's N) multiply it with x. Each tile of weight rows (128 up to 64 batch rows, 256 in the wide form for
+// 65–128) is split over K between the blocks of a thread-block cluster (none when the tiles fill the SMs; at most 8),
+// whose parts meet in distributed shared memory and are added in rank order (deterministic, no global scratch).
+// linear() uses it by default for 2–64 rows, where the decode step measured 2.5–19 % faster than with cuBLAS or the
+// matrix-vector kernel (docs/kernels/stream_gemm.md); 65–128 rows only under MAMBA3_STREAM_GEMM=all until the wide
+// form is measured against cuBLAS.
 #include <cstddef>
 #include <cstdint>
 
@@ -12,7 +14,7 @@ namespace mamba3::cuda {
 
 class Context;
 
-constexpr int64_t kStreamGemmMaxRows = 64;
+constexpr int64_t kStreamGemmNarrowMaxRows = 64, kStreamGemmMaxRows = 128;
 
 // Whether the kernel takes this product: a compute capability 9.0 device, 1 ≤ m ≤ kStreamGemmMaxRows, N ≥ 1,
 // K a multiple of 8, x_stride a multiple of 8, both base pointers 16-byte aligned.
@@ -27,15 +29,24 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
 
 // The GatedMLP's fc1 with its activation in the epilogue: W's rows are (value, gate) pairs (2j, 2j + 1) and
 // act (M, N/2) bf16 = bf16(y_2j · silu(y_2j+1)), the bits of stream_gemm followed by gated_silu(). Supported when
-// stream_gemm is, N is even and the shape's tiles are not split over K (wide products: the 1.5B fc1).
+// stream_gemm is, N is even and, up to 64 rows, the shape's tiles are not split over K (wide products: the 1.5B fc1);
+// the wide form (65–128 rows) adds split tiles' pairs in its cluster reduction.
 bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride,
                                        const void* w, const void* x);
 void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                              int64_t x_stride, void* act);
 
-// Whether linear() routes an m-row bf16 product here (when supported): MAMBA3_STREAM_GEMM = auto or unset: from 2 rows
-// (fewer: the matrix-vector kernel); 0: never (cuBLAS and the matrix-vector kernel); all: every m. Read once per
-// process. (fc1 follows the same route with the GatedMLP activation fused: linear_gated_silu.)
+// The grid of the wide class (65–128 rows) for an N × K product on this device: weight rows per tile (256 or 128) and
+// blocks per tile (tests and benchmarks).
+struct StreamGemmWideGrid {
+  int tile_rows, split;
+};
+StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k);
+
+// Whether linear() routes an m-row bf16 product here (when supported): MAMBA3_STREAM_GEMM = auto or unset: 2–64 rows
+// (fewer: the matrix-vector kernel; more: cuBLAS); 0: never (cuBLAS and the matrix-vector kernel); all: every m
+// (65–128 rows through the wide form). Read once per process. (fc1 follows the same route with the GatedMLP activation
+// fused: linear_gated_silu.)
 bool stream_gemm_preferred(int64_t m);
 
 }  // namespace mamba3::cuda

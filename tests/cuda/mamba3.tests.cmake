@@ -6,6 +6,18 @@ mamba3_cuda_test(test_stream_gemm_gpu ${CMAKE_CURRENT_LIST_DIR}/test_stream_gemm
 add_test(NAME test_gemv_gpu_stream_gemm COMMAND test_gemv_gpu --gtest_filter=*LinearDispatch*)
 set_tests_properties(test_gemv_gpu_stream_gemm PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+# The stream GEMM's wide class with each tile height forced (its grids choose by cost otherwise).
+foreach(tile 128 256)
+  add_test(NAME test_stream_gemm_gpu_wide_tile_${tile} COMMAND test_stream_gemm_gpu
+           --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*)
+  set_tests_properties(test_stream_gemm_gpu_wide_tile_${tile} PROPERTIES LABELS cuda
+                       ENVIRONMENT MAMBA3_STREAM_GEMM_WIDE_TILE=${tile} SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+endforeach()
+# Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
+# GEMM's wide form.
+add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)
+set_tests_properties(test_model_gpu_stream_gemm_wide PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
+                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 # Every matrix-vector product asking L2 for its block's weights up front: decode must give the same logits. The stream
 # GEMM off, so that the bf16 decodes of 2–4 rows (GraphReplayEqualsEager at batch 4, the golden cases at 2) reach the
 # matrix-vector kernel on sm_90 too (it takes only batch 1 there otherwise); the f32 tests never do.

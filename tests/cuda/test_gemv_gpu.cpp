@@ -76,7 +76,8 @@ TEST(GemvGpu, StridedRowsAndLinearDispatch) {
   const int64_t N = 300, K = 64, stride = 3 * K;
   const Tensor w = random_tensor(rng, {N, K}), bias = random_tensor(rng, {N});
   const cuda::GpuMatrix gm = cuda::GpuMatrix::upload(w, cuda::Precision::BF16, &bias);
-  for (int64_t M : {1, 5, 8, 9, 40}) {  // 9 and 40 go through cuBLAS
+  // 9, 40 and 100 rows go through cuBLAS (under MAMBA3_STREAM_GEMM=all: the stream GEMM, 100 through its wide class).
+  for (int64_t M : {1, 5, 8, 9, 40, 100}) {
     SCOPED_TRACE("M=" + std::to_string(M));
     const Tensor xs = random_tensor(rng, {M, stride});
     const Tensor xs_bf16 = xs.to(DType::BF16);

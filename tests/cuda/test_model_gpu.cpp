@@ -429,6 +429,28 @@ TEST(ModelGpu, FoldedNormsTrackTheNormKernels) {
   }
 }
 
+// Batches of 65–128 rows: the bf16 decode (its products through cuBLAS by default, through the stream GEMM's wide
+// form with fc1's activation in its epilogue under MAMBA3_STREAM_GEMM=all: ctest test_model_gpu_stream_gemm_wide)
+// tracks the f32 decode within bf16 rounding, and graph replay equals eager decode bit for bit.
+TEST(ModelGpu, WideBatchDecodeTracksF32) {
+  MAMBA3_REQUIRE_GPU();
+  const json cfg = {{"d_model", 512},
+                    {"n_layer", 2},
+                    {"vocab_size", 203},
+                    {"d_intermediate", 1032},
+                    {"ssm_cfg", {{"layer", "Mamba3"}, {"d_state", 32}, {"headdim", 64}, {"chunk_size", 16}}}};
+  const ModelConfig c = ModelConfig::from_json(cfg, "SISO d_model 512 + MLP");
+  const TensorMap w = init_weights(c, 31);
+  cuda::CudaModel f32(c, w, "f32", Precision::F32), b16(c, w, "bf16", Precision::BF16),
+      b16_eager(c, w, "bf16 eager", Precision::BF16);
+  b16_eager.set_use_graphs(false);
+  for (int64_t B : {70, 128}) {
+    SCOPED_TRACE("batch " + std::to_string(B));
+    expect_close_decodes(c, b16, f32, B, 5, 4, 37, 2e-2);
+    expect_equal_decodes(c, b16_eager, b16, B, 3, 3, 41);
+  }
+}
+
 // l2_prefetch reads nothing back and writes nothing: ranges of awkward lengths (cut to whole 16-byte units, one
 // request and many, up to the allocation's end) leave the bytes as they were; a misaligned address is refused.
 TEST(ModelGpu, L2PrefetchLeavesMemoryAsItWas) {

@@ -1,7 +1,8 @@
 // The stream GEMM (TMA weight stream → wgmma, tiles split over K inside thread-block clusters) against a float64
-// product of the same bf16 values: every batch width class (1–64 rows), tiles split over 3–8 blocks (small N), one
-// block per tile (large N), K not a multiple of the k-block, odd N, strided rows; repeated calls bit-identical
-// (every tile written again each call); rows independent of the batch they share a call with.
+// product of the same bf16 values: every batch width class (1–64 rows: the narrow forms; 65–128: the wide form),
+// tiles split over 2–8 blocks (small N), one block per tile (large N), K not a multiple of the k-block, odd N,
+// strided rows; repeated calls bit-identical (every tile written again each call); rows independent of the batch they
+// share a call with.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -29,17 +30,23 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(17);
+  // Narrow tiles: 128 weight rows, k-blocks of 128 columns. The wide class (65–128 rows): 256- or 128-row tiles,
+  // k-blocks of 64 columns, grids chosen by the device's cluster occupancy (ctest runs this test again with each tile
+  // height forced: test_stream_gemm_gpu_wide_tile_128/256).
   const std::vector<Case> cases = {
-      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 40, 64}},  // 8 tiles × 17 k-blocks, 8 blocks per tile
-      {200, 8192, 24, {3, 8, 40, 64}},                 // 2 tiles × 64 k-blocks, 8 blocks per tile
-      {40000, 72, 8, {7, 31, 64}},                     // 313 tiles of one k-block: one block per tile
-      {37, 3824, 0, {2, 12, 57}},                      // one partial tile; K = 29.9 k-blocks
-      {8672, 16, 0, {64}},                             // K shorter than a k-block (68 tiles, not split)
-      {2048, 4096, 0, {8, 64}},                        // the 1.5B out_proj: 16 tiles × 8 blocks
-      {8672, 2048, 0, {5, 64}},                        // the 1.5B in_proj: 68 tiles, not split
-      {3840, 1000, 8, {6, 20}},                        // 30 tiles × 4 blocks (one per SM on 132 SMs)
-      {2560, 296, 0, {9}},                             // 20 tiles × 3 blocks (its three k-blocks)
+      {1001, 2056, 0, {1, 5, 9, 16, 17, 33, 40, 64, 65, 128}},  // 8 tiles × 17 k-blocks, 8 blocks per tile
+      {200, 8192, 24, {3, 8, 40, 64, 96}},                      // 2 tiles × 64 k-blocks, 8 blocks per tile
+      {40000, 72, 8, {7, 31, 64, 127}},                         // 313 tiles of one k-block: one block per tile
+      {37, 3824, 0, {2, 12, 57, 111}},                          // one partial tile; K = 29.9 k-blocks
+      {8672, 16, 0, {64, 100}},                                 // K shorter than a k-block (68 tiles, not split)
+      {2048, 4096, 0, {8, 64, 128}},                            // the 1.5B out_proj: 16 tiles × 8 blocks (wide: split)
+      {8672, 2048, 0, {5, 64, 128}},  // the 1.5B in_proj: 68 tiles, not split (wide: 34 × 3 on 132 SMs)
+      {3840, 1000, 8, {6, 20, 77}},   // 30 tiles × 4 blocks (one per SM on 132 SMs)
+      {2560, 296, 0, {9, 128}},       // 20 tiles × 3 blocks (its three k-blocks)
+      {520, 104, 0, {66}},            // wide: a partial tile, two k-blocks (the second partial)
   };
+  // The wide form's reduction is exercised: the out_proj shape is split over several blocks per tile.
+  EXPECT_GT(cuda::stream_gemm_wide_grid(ctx, 2048, 4096).split, 1);
   for (const Case& c : cases) {
     const Tensor w = random_tensor(rng, {c.n, c.k}).to(DType::BF16);
     cuda::DeviceBuffer dw(w.nbytes());
@@ -100,24 +107,29 @@ TEST(StreamGemmGpu, StridedOutputLeavesOtherColumnsAlone) {
 }
 
 // A row's result does not depend on the batch it is computed in (decode slots): rows of a 64-row product equal
-// the same rows computed in 5-, 16- and 33-row products, bit for bit.
+// the same rows computed in 5-, 16- and 33-row products, bit for bit; in the wide form, rows of a 128-row product
+// equal those of 65- and 100-row products.
 TEST(StreamGemmGpu, RowsAreBatchInvariant) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(29);
-  const int64_t N = 2048 + 40, K = 4096 + 8, M = 64;
-  const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16), x = random_tensor(rng, {M, K}).to(DType::BF16);
-  cuda::DeviceBuffer dw(w.nbytes()), dx(x.nbytes()), dy(size_t(M * N) * 4), ds(size_t(M * N) * 4);
+  const int64_t N = 2048 + 40, K = 4096 + 8;
+  const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
+  cuda::DeviceBuffer dw(w.nbytes());
   dw.upload(w.raw(), w.nbytes());
-  dx.upload(x.raw(), x.nbytes());
-  cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
-  const Tensor all = from_device_f32(dy.raw(), {M, N});
-  for (int64_t rows : {5, 16, 33}) {
-    cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), rows, K, ds.as<float>(), N);
-    const Tensor part = from_device_f32(ds.raw(), {rows, N});
-    EXPECT_EQ(std::memcmp(part.raw(), all.raw(), part.nbytes()), 0)
-        << "the first " << rows << " rows differ from the same rows in a 64-row product";
+  for (const auto& [M, smaller] : {std::pair<int64_t, std::vector<int64_t>>{64, {5, 16, 33}}, {128, {65, 100}}}) {
+    const Tensor x = random_tensor(rng, {M, K}).to(DType::BF16);
+    cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4), ds(size_t(M * N) * 4);
+    dx.upload(x.raw(), x.nbytes());
+    cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
+    const Tensor all = from_device_f32(dy.raw(), {M, N});
+    for (int64_t rows : smaller) {
+      cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), rows, K, ds.as<float>(), N);
+      const Tensor part = from_device_f32(ds.raw(), {rows, N});
+      EXPECT_EQ(std::memcmp(part.raw(), all.raw(), part.nbytes()), 0)
+          << "the first " << rows << " rows differ from the same rows in a " << M << "-row product";
+    }
   }
 }
 
@@ -126,62 +138,75 @@ TEST(StreamGemmGpu, RejectsUnsupportedShapes) {
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   cuda::DeviceBuffer buf(size_t(1) << 20);
-  EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 65, 64, 64, 64, buf.raw(), buf.raw()));   // too many rows
+  EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 129, 64, 64, 64, buf.raw(), buf.raw()));  // too many rows
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 60, 64, buf.raw(), buf.raw()));   // K not a multiple of 8
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 68, buf.raw(), buf.raw()));   // stride
   EXPECT_FALSE(cuda::stream_gemm_supported(ctx, 4, 64, 64, 64, static_cast<char*>(buf.raw()) + 2, buf.raw()));
   EXPECT_THROW(cuda::stream_gemm(ctx, buf.raw(), 64, 60, buf.raw(), 4, 64, buf.as<float>(), 64), Error);
 }
 
-// The gated epilogue (W's rows (value, gate) pairs, unsplit tiles): its bf16 activations equal, bit for bit, the
-// stream GEMM followed by the activation kernel, in every width class and with a partial last tile; split shapes are
-// refused; linear_gated_silu takes it at the stream GEMM's rows.
+// The gated epilogue (W's rows (value, gate) pairs): its bf16 activations equal, bit for bit, the stream GEMM followed
+// by the activation kernel, in every width class and with a partial last tile — unsplit tiles in every form, and
+// split tiles in the wide form (65–128 rows), whose cluster reduction keeps the pairs together; split shapes of the
+// narrow forms are refused; linear_gated_silu takes it at the stream GEMM's rows.
 TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(41);
-  const int64_t F = 8203, N = 2 * F, K = 520;  // 129 tiles (the last one partial): never split
-  const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
-  cuda::DeviceBuffer dw(w.nbytes());
-  dw.upload(w.raw(), w.nbytes());
-  for (int64_t M : {1, 3, 8, 9, 16, 31, 64}) {
-    SCOPED_TRACE("M=" + std::to_string(M));
-    const Tensor x = random_tensor(rng, {M, K}, -2.0f, 2.0f).to(DType::BF16);
-    cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4), fused(size_t(M * F) * 2), plain(size_t(M * F) * 2);
-    dx.upload(x.raw(), x.nbytes());
-    ASSERT_TRUE(cuda::stream_gemm_gated_pairs_supported(ctx, M, N, K, K, dw.raw(), dx.raw()));
-    poison(fused.raw(), fused.bytes());
-    cuda::stream_gemm_gated_pairs(ctx, dw.raw(), N, K, dx.raw(), M, K, fused.raw());
-    cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
-    cuda::gated_silu(ctx.stream(), dy.as<float>(), M, F, plain.raw(), cuda::Precision::BF16);
-    ctx.sync();
-    std::vector<uint16_t> a(size_t(M * F)), b(size_t(M * F));
-    fused.download(a.data(), fused.bytes());
-    plain.download(b.data(), plain.bytes());
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), fused.bytes()), 0) << "fused epilogue differs from the kernel pair";
-    // And against float64: within bf16 rounding.
-    const Tensor y64 = product_wt_f64(w, x);
-    Tensor ref = Tensor::empty(DType::F64, {M, F});
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t j = 0; j < F; ++j) {
-        const double v = y64.data<double>()[r * N + 2 * j], g = y64.data<double>()[r * N + 2 * j + 1];
-        ref.data<double>()[r * F + j] = v * g / (1.0 + std::exp(-g));
-      }
-    EXPECT_LE(rel_l2(from_device_bf16(fused.as<uint16_t>(), {M, F}), ref), 1e-2);
-    if (M == 9) {  // through linear_gated_silu: the same bits
-      const cuda::GpuMatrix gm = cuda::GpuMatrix::upload(w, cuda::Precision::BF16);
-      poison(plain.raw(), plain.bytes());
-      cuda::linear_gated_silu(ctx, gm, dx.raw(), M, dy.as<float>(), plain.raw(), cuda::Precision::BF16);
+  struct GatedCase {
+    int64_t pairs, k;
+    std::vector<int64_t> rows;
+  };
+  const std::vector<GatedCase> cases = {
+      {8203, 520, {1, 3, 8, 9, 16, 31, 64, 65, 128}},  // 129 narrow tiles, 65 wide ones (both partial): never split
+      {1100, 1000, {65, 128}},                         // 9 wide tiles (the last partial) split over K
+  };
+  EXPECT_GT(cuda::stream_gemm_wide_grid(ctx, 2 * 1100, 1000).split, 1);
+  for (const GatedCase& c : cases) {
+    const int64_t F = c.pairs, N = 2 * F, K = c.k;
+    const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
+    cuda::DeviceBuffer dw(w.nbytes());
+    dw.upload(w.raw(), w.nbytes());
+    for (int64_t M : c.rows) {
+      SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M));
+      const Tensor x = random_tensor(rng, {M, K}, -2.0f, 2.0f).to(DType::BF16);
+      cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4), fused(size_t(M * F) * 2), plain(size_t(M * F) * 2);
+      dx.upload(x.raw(), x.nbytes());
+      ASSERT_TRUE(cuda::stream_gemm_gated_pairs_supported(ctx, M, N, K, K, dw.raw(), dx.raw()));
+      poison(fused.raw(), fused.bytes());
+      cuda::stream_gemm_gated_pairs(ctx, dw.raw(), N, K, dx.raw(), M, K, fused.raw());
+      cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), N);
+      cuda::gated_silu(ctx.stream(), dy.as<float>(), M, F, plain.raw(), cuda::Precision::BF16);
       ctx.sync();
+      std::vector<uint16_t> a(size_t(M * F)), b(size_t(M * F));
+      fused.download(a.data(), fused.bytes());
       plain.download(b.data(), plain.bytes());
-      EXPECT_EQ(std::memcmp(a.data(), b.data(), fused.bytes()), 0) << "linear_gated_silu";
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), fused.bytes()), 0) << "fused epilogue differs from the kernel pair";
+      // And against float64: within bf16 rounding.
+      const Tensor y64 = product_wt_f64(w, x);
+      Tensor ref = Tensor::empty(DType::F64, {M, F});
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t j = 0; j < F; ++j) {
+          const double v = y64.data<double>()[r * N + 2 * j], g = y64.data<double>()[r * N + 2 * j + 1];
+          ref.data<double>()[r * F + j] = v * g / (1.0 + std::exp(-g));
+        }
+      EXPECT_LE(rel_l2(from_device_bf16(fused.as<uint16_t>(), {M, F}), ref), 1e-2);
+      if (M == 9) {  // through linear_gated_silu (the default route takes 2–64 rows here): the same bits
+        const cuda::GpuMatrix gm = cuda::GpuMatrix::upload(w, cuda::Precision::BF16);
+        poison(plain.raw(), plain.bytes());
+        cuda::linear_gated_silu(ctx, gm, dx.raw(), M, dy.as<float>(), plain.raw(), cuda::Precision::BF16);
+        ctx.sync();
+        plain.download(b.data(), plain.bytes());
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), fused.bytes()), 0) << "linear_gated_silu";
+      }
     }
   }
-  // Split tiles (out_proj-like N 2048) are refused.
-  cuda::DeviceBuffer dx(size_t(8 * 4096) * 2), dn(size_t(2048 * 4096) * 2);
+  // Split tiles of the narrow forms (out_proj-like N 2048 at 8 rows) are refused; the wide form takes them.
+  cuda::DeviceBuffer dx(size_t(128 * 4096) * 2), dn(size_t(2048 * 4096) * 2), dodd(size_t(2049 * 520) * 2);
   EXPECT_FALSE(cuda::stream_gemm_gated_pairs_supported(ctx, 8, 2048, 4096, 4096, dn.raw(), dx.raw()));
-  EXPECT_FALSE(cuda::stream_gemm_gated_pairs_supported(ctx, 8, N + 1, K, K, dw.raw(), dx.raw()));  // odd N
+  EXPECT_TRUE(cuda::stream_gemm_gated_pairs_supported(ctx, 128, 2048, 4096, 4096, dn.raw(), dx.raw()));
+  EXPECT_FALSE(cuda::stream_gemm_gated_pairs_supported(ctx, 8, 2049, 520, 520, dodd.raw(), dx.raw()));  // odd N
 }
 
 }  // namespace

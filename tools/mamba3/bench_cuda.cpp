@@ -284,6 +284,10 @@ void bench_products(const std::string& name, const ModelConfig& c, const CudaBen
       std::printf("  %-9s %6ld %8ld %8ld %6.1f %10s %8s %8s %10s %10s %8.0f %7.0f%%\n", p.what, long(p.n), long(p.k),
                   long(m), double(wbytes) / 1e6, cell(cublas).c_str(), cell(warm).c_str(), cell(ahead).c_str(),
                   cell(gemv).c_str(), cell(stream).c_str(), gbs, 100.0 * gbs * 1e9 / copy_bw);
+      if (stream > 0 && m > cuda::kStreamGemmNarrowMaxRows) {
+        const cuda::StreamGemmWideGrid g = cuda::stream_gemm_wide_grid(ctx, p.n, p.k);
+        std::printf("  %-9s stream GEMM grid: tiles of %d weight rows, %d blocks per tile\n", "", g.tile_rows, g.split);
+      }
     }
   }
   for (cudaEvent_t e : events) cudaEventDestroy(e);
