@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -51,6 +52,7 @@ struct Form {
   static constexpr int kStages = kMaxStages < kSmemLimit / kStageBytes ? kMaxStages : kSmemLimit / kStageBytes;
   static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */;
   static_assert(kStages >= 2, "at least two stages");
+  static_assert(kSmemBytes <= 227 * 1024, "within the opt-in shared memory of one block");
   static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
 };
 template <int NB, int BlocksPerSm>
@@ -58,7 +60,7 @@ using Narrow = Form<NB, BlocksPerSm, 2, 2>;
 using WideTall = Form<128, 1, 4, 1>;
 using WideLow = Form<128, 1, 2, 1>;
 constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<8, 1>::kKBlock;
-// The default route: from 2 rows up to kStreamGemmMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
+// The default route: from 2 rows up to kStreamGemmNarrowMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
 // docs/kernels/stream_gemm.md), against cuBLAS: b8 1.774 -> 1.443, b16 2.071 -> 1.795, b32 2.519 -> 2.291, b64
 // 3.399 -> 3.314; against the matrix-vector kernel: b1 1.129 vs 1.232 (it stays there), b3 1.391 -> 1.337, b4 1.606
 // -> 1.400; b2 1.305 -> 1.253 (MIMO 1.366 -> 1.279) once the GatedMLP's activation moved into this kernel's
@@ -464,14 +466,23 @@ WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count) {
 
 // The tile height of the wide class: 256 rows (half the x bytes per W byte) unless 128-row tiles cost less — small N,
 // where 256-row tiles leave SMs idle (1.5B out_proj/fc2, N 2048: 8 tiles × 8 blocks on 64 SMs, or 16 × 8 on 128).
-// MAMBA3_STREAM_GEMM_WIDE_TILE = 128 or 256 forces one (A/B runs).
+// MAMBA3_STREAM_GEMM_WIDE_TILE = 128 or 256 forces one (A/B runs). Kept per (N, K): the engine uses one device.
 WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
   static const std::string forced = env_choice("MAMBA3_STREAM_GEMM_WIDE_TILE", {"auto", "128", "256"});
-  const WideGrid tall = wide_grid_of<WideTall>(n, k, ctx.info().sm_count);
-  if (forced == "256") return tall;
-  const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count);
-  if (forced == "128") return low;
-  return low.cost < tall.cost ? low : tall;
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, int64_t>, WideGrid> known;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (const auto it = known.find({n, k}); it != known.end()) return it->second;
+  }
+  WideGrid g = wide_grid_of<WideTall>(n, k, ctx.info().sm_count);
+  if (forced != "256") {
+    const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count);
+    if (forced == "128" || low.cost < g.cost) g = low;
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  known[{n, k}] = g;
+  return g;
 }
 
 void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,

@@ -1,9 +1,9 @@
 #pragma once
 // y (M, N) f32 = x (M, K) · Wᵀ for the decode step's products at 1–128 rows on Hopper: W (bf16, read once) streams
 // through the bulk tensor copy engine into a ring of shared-memory stages and the tensor cores (wgmma, batch as the
-// instruction's N) multiply it with x. Each tile of weight rows (128 up to 64 batch rows, 256 in the wide form for
-// 65–128) is split over K between the blocks of a thread-block cluster (none when the tiles fill the SMs; at most 8),
-// whose parts meet in distributed shared memory and are added in rank order (deterministic, no global scratch).
+// instruction's N) multiply it with x. Each tile of weight rows (128 up to 64 batch rows, 256 or 128 in the wide class
+// for 65–128) is split over K between the blocks of a thread-block cluster (none when the tiles fill the SMs; at most
+// 8), whose parts meet in distributed shared memory and are added in rank order (deterministic, no global scratch).
 // linear() uses it by default for 2–64 rows, where the decode step measured 2.5–19 % faster than with cuBLAS or the
 // matrix-vector kernel (docs/kernels/stream_gemm.md); 65–128 rows only under MAMBA3_STREAM_GEMM=all until the wide
 // form is measured against cuBLAS.

@@ -76,7 +76,9 @@ TEST(GemvGpu, StridedRowsAndLinearDispatch) {
   const int64_t N = 300, K = 64, stride = 3 * K;
   const Tensor w = random_tensor(rng, {N, K}), bias = random_tensor(rng, {N});
   const cuda::GpuMatrix gm = cuda::GpuMatrix::upload(w, cuda::Precision::BF16, &bias);
-  // 9, 40 and 100 rows go through cuBLAS (under MAMBA3_STREAM_GEMM=all: the stream GEMM, 100 through its wide class).
+  // On sm_90 the default route takes 1 row to the matrix-vector kernel, 5–40 to the stream GEMM and 100 to cuBLAS
+  // (elsewhere: 1 the matrix-vector kernel, 5–100 cuBLAS); under MAMBA3_STREAM_GEMM=all, every M goes to the stream
+  // GEMM, 100 rows through its wide class.
   for (int64_t M : {1, 5, 8, 9, 40, 100}) {
     SCOPED_TRACE("M=" + std::to_string(M));
     const Tensor xs = random_tensor(rng, {M, stride});

@@ -14,6 +14,7 @@
 #include "cuda/generator_gpu.h"
 #include "cuda/l2_prefetch.h"
 #include "cuda/mamba3_decode_gpu.h"
+#include "cuda/stream_gemm.h"
 #include "gpu_test_util.h"
 #include "infer/generator.h"
 #include "io/safetensors.h"
@@ -444,6 +445,15 @@ TEST(ModelGpu, WideBatchDecodeTracksF32) {
   cuda::CudaModel f32(c, w, "f32", Precision::F32), b16(c, w, "bf16", Precision::BF16),
       b16_eager(c, w, "bf16 eager", Precision::BF16);
   b16_eager.set_use_graphs(false);
+  // The stream GEMM's shape conditions hold for every product (K: d_model, d_inner, d_intermediate), so that under
+  // MAMBA3_STREAM_GEMM=all on sm_90 the decode reaches it rather than falling back to cuBLAS.
+  cuda::Context ctx;
+  if (ctx.info().cc_major == 9 && ctx.info().cc_minor == 0) {
+    cuda::DeviceBuffer buf(size_t(128 * 1032) * 2);
+    for (int64_t K : {int64_t(512), int64_t(1024), int64_t(1032)}) {
+      EXPECT_TRUE(cuda::stream_gemm_supported(ctx, 128, 2048, K, K, buf.raw(), buf.raw())) << "K " << K;
+    }
+  }
   for (int64_t B : {70, 128}) {
     SCOPED_TRACE("batch " + std::to_string(B));
     expect_close_decodes(c, b16, f32, B, 5, 4, 37, 2e-2);

@@ -5,6 +5,7 @@
 // share a call with.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -74,36 +75,40 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
   }
 }
 
-// Output rows y_stride apart (a wider buffer), and rows beyond M untouched.
+// Output rows y_stride apart (a wider buffer), and rows beyond M untouched: a narrow form, the wide class with split
+// tiles (N 300, K 512) and unsplit ones (K 72: one k-block pair).
 TEST(StreamGemmGpu, StridedOutputLeavesOtherColumnsAlone) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(23);
-  const int64_t N = 300, K = 512, M = 20, ldy = N + 52;
-  const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16), x = random_tensor(rng, {M, K}).to(DType::BF16);
-  cuda::DeviceBuffer dw(w.nbytes()), dx(x.nbytes()), dy(size_t((M + 1) * ldy) * 4);
-  dw.upload(w.raw(), w.nbytes());
-  dx.upload(x.raw(), x.nbytes());
-  poison(dy.raw(), dy.bytes());
-  cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), ldy);
-  ctx.sync();
-  const Tensor all = from_device_f32(dy.raw(), {M + 1, ldy});
-  Tensor packed = Tensor::empty(DType::F32, {M, N});
-  int64_t untouched = 0;
-  for (int64_t m = 0; m <= M; ++m)
-    for (int64_t j = 0; j < ldy; ++j) {
-      const float v = all.data<float>()[m * ldy + j];
-      if (m < M && j < N) {
-        packed.data<float>()[m * N + j] = v;
-      } else {
-        uint32_t bits;
-        std::memcpy(&bits, &v, 4);
-        untouched += bits == 0xffffffffu;
+  for (auto [N, K, M] : {std::array<int64_t, 3>{300, 512, 20}, {300, 512, 128}, {3000, 72, 100}}) {
+    SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M));
+    const int64_t ldy = N + 52;
+    const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16), x = random_tensor(rng, {M, K}).to(DType::BF16);
+    cuda::DeviceBuffer dw(w.nbytes()), dx(x.nbytes()), dy(size_t((M + 1) * ldy) * 4);
+    dw.upload(w.raw(), w.nbytes());
+    dx.upload(x.raw(), x.nbytes());
+    poison(dy.raw(), dy.bytes());
+    cuda::stream_gemm(ctx, dw.raw(), N, K, dx.raw(), M, K, dy.as<float>(), ldy);
+    ctx.sync();
+    const Tensor all = from_device_f32(dy.raw(), {M + 1, ldy});
+    Tensor packed = Tensor::empty(DType::F32, {M, N});
+    int64_t untouched = 0;
+    for (int64_t m = 0; m <= M; ++m)
+      for (int64_t j = 0; j < ldy; ++j) {
+        const float v = all.data<float>()[m * ldy + j];
+        if (m < M && j < N) {
+          packed.data<float>()[m * N + j] = v;
+        } else {
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          untouched += bits == 0xffffffffu;
+        }
       }
-    }
-  EXPECT_EQ(untouched, (M + 1) * ldy - M * N) << "the kernel wrote outside its M × N outputs";
-  EXPECT_LE(rel_l2(packed, product_wt_f64(w, x)), 1e-5);
+    EXPECT_EQ(untouched, (M + 1) * ldy - M * N) << "the kernel wrote outside its M × N outputs";
+    EXPECT_LE(rel_l2(packed, product_wt_f64(w, x)), 1e-5);
+  }
 }
 
 // A row's result does not depend on the batch it is computed in (decode slots): rows of a 64-row product equal
@@ -159,8 +164,9 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
     std::vector<int64_t> rows;
   };
   const std::vector<GatedCase> cases = {
-      {8203, 520, {1, 3, 8, 9, 16, 31, 64, 65, 128}},  // 129 narrow tiles, 65 wide ones (both partial): never split
-      {1100, 1000, {65, 128}},                         // 9 wide tiles (the last partial) split over K
+      // 135 narrow tiles, 68 of 256 rows or 135 of 128 (all three partial): unsplit on 132 SMs in every form.
+      {8600, 520, {1, 3, 8, 9, 16, 31, 64, 65, 128}},
+      {1100, 1000, {65, 128}},  // 9 or 18 wide tiles (the last partial) split over K
   };
   EXPECT_GT(cuda::stream_gemm_wide_grid(ctx, 2 * 1100, 1000).split, 1);
   for (const GatedCase& c : cases) {
