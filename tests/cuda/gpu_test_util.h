@@ -60,6 +60,19 @@ inline Tensor product_wt_f64(const Tensor& w, const Tensor& x, int64_t rows = -1
   return y;
 }
 
+// The GatedMLP activation of a (value, gate)-pairs product in float64: act (M, N/2) = y_2j · silu(y_2j+1), y = x · Wᵀ.
+inline Tensor gated_pairs_f64(const Tensor& w, const Tensor& x) {
+  const Tensor y = product_wt_f64(w, x);
+  const int64_t M = y.dim(0), N = y.dim(1), F = N / 2;
+  Tensor act = Tensor::empty(DType::F64, {M, F});
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t j = 0; j < F; ++j) {
+      const double v = y.data<double>()[r * N + 2 * j], g = y.data<double>()[r * N + 2 * j + 1];
+      act.data<double>()[r * F + j] = v * g / (1.0 + std::exp(-g));
+    }
+  return act;
+}
+
 // Fills n floats of device memory with NaN, so that unwritten outputs fail the comparisons.
 inline void poison(void* dev, size_t bytes) { MAMBA3_CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
 
