@@ -25,7 +25,7 @@ namespace {
 // Activation buffers for `rows` token rows (a prefill segment, or one decode step of a batch).
 struct Workspace {
   DeviceBuffer ids, hidden, residual, normed, mlp, mlp_act, zx, o, logits;
-  DeviceBuffer norm_partials;  // one-row decode with folded norms: a product's per-block Σ v² (gemv_norm_parts)
+  DeviceBuffer norm_partials;  // decode with folded norms: a product's partial Σ v² (gpu_matrix.h: folded_norm_parts)
   DeviceBuffer last;  // (logit rows, D) activations: each prompt's last row, gathered for fixed-shape products
   int64_t rows = 0, logit_rows = 0;
 };
@@ -136,7 +136,9 @@ struct CudaModel::Impl {
       ws.mlp_act.resize(size_t(rows * std::max<int64_t>(1, c.d_ff())) * act());
       ws.zx.resize(size_t(rows * std::max<int64_t>(1, zx_cols)) * 4);
       ws.o.resize(size_t(rows * std::max<int64_t>(1, o_cols)) * act());
-      ws.norm_partials.resize(size_t(c.d_model) * 4);  // at most one per output column (gemv_norm_parts)
+      // At most one per output column at one row (gemv_norm_parts); one per batch row and tile of ≥ 128 columns at
+      // 65–128 rows (stream_gemm_norm_parts).
+      ws.norm_partials.resize(size_t(kStreamGemmMaxRows * ((c.d_model + 127) / 128)) * 4);
       ws.rows = rows;
     }
     if (logit_rows > ws.logit_rows) {
@@ -148,23 +150,20 @@ struct CudaModel::Impl {
 
   const float* nb(const DeviceBuffer& b) const { return b.empty() ? nullptr : b.as<float>(); }
 
-  // Whether a one-row decode step folds the blocks' RMSNorms into their products (set_fold_norms): bf16 weights and
-  // activations; every block a SISO Mamba-3 mixer and a GatedMLP without biases, with RMSNorms without biases; every
-  // product on the matrix-vector kernel at one row (as linear() routes it) — else the step runs the add + norm kernels.
-  bool folds_norms() const {
-    if (!fold_norms || precision != Precision::BF16 || !config.rms_norm || ctx->gemm_row_block() != 0 ||
-        stream_gemm_preferred(1))
-      return false;
-    const auto gemv = [](const GpuMatrix& w) {
-      return w.bias.empty() && w.precision == Precision::BF16 && w.k % 8 == 0 &&
-             reinterpret_cast<uintptr_t>(w.weight.raw()) % 16 == 0;
-    };
+  // Whether a decode step of `rows` rows folds the blocks' RMSNorms into their products (set_fold_norms): bf16
+  // weights and activations; every block a SISO Mamba-3 mixer and a GatedMLP without biases, with RMSNorms without
+  // biases; every product taking the folded forms at this row count (gpu_matrix.h: one row on the matrix-vector
+  // kernel as linear() routes it, 65–128 on the stream GEMM's wide class where linear() routes them there, i.e. under
+  // MAMBA3_STREAM_GEMM=all) — else the step runs the add + norm kernels.
+  bool folds_norms(int64_t rows) const {
+    if (!fold_norms || precision != Precision::BF16 || !config.rms_norm) return false;
+    const auto folds = [&](const GpuMatrix& w) { return folded_norm_supported(*ctx, w, rows); };
     for (const Block& b : blocks) {
       if (!b.mamba || !b.has_mlp || !b.norm_b.empty() || !b.norm2_b.empty()) return false;
       // SISO only: a 1.5B MIMO R = 4 step measured slower folded (H200, b1 1.187–1.195 ms against 1.208–1.209 with
       // the state requested early either way; SISO 1.127 against 1.135–1.136).
       if (b.mamba->config().is_mimo) return false;
-      if (!gemv(b.mamba->in_proj()) || !gemv(b.mamba->out_proj()) || !gemv(b.fc1) || !gemv(b.fc2)) return false;
+      if (!folds(b.mamba->in_proj()) || !folds(b.mamba->out_proj()) || !folds(b.fc1) || !folds(b.fc2)) return false;
     }
     return !blocks.empty();
   }
@@ -190,9 +189,9 @@ struct CudaModel::Impl {
       if (li + 1 == blocks.size()) return &head();
       return blocks[li + 1].mamba ? &blocks[li + 1].mamba->in_proj() : nullptr;
     };
-    // One-row decode with the norms folded into the products (folds_norms): the add + norm before each layer's in_proj
-    // (but the first) and before each fc1 happen in the product before them and the product after them.
-    const bool fold = decode && rows == 1 && folds_norms();
+    // Decode with the norms folded into the products (folds_norms): the add + norm before each layer's in_proj (but
+    // the first) and before each fc1 happen in the product before them and the product after them.
+    const bool fold = decode && folds_norms(rows);
     float* partials = fold ? ws.norm_partials.as<float>() : nullptr;
     int64_t parts = 0;  // partials the last residual-norm product wrote
     for (size_t li = 0; li < blocks.size(); ++li) {
@@ -221,7 +220,7 @@ struct CudaModel::Impl {
         const GpuMamba3Layer::FoldedNorms folded{folded_in ? &in_scale : nullptr, &out_norm};
         b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, edge,
                          fold ? &folded : nullptr);
-        if (fold) parts = gemv_norm_parts(b.mamba->out_proj().n, b.mamba->out_proj().k);
+        if (fold) parts = folded_norm_parts(*ctx, b.mamba->out_proj(), rows);
       } else if (decode) {
         b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
@@ -235,15 +234,14 @@ struct CudaModel::Impl {
           add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
         if (pf != WeightPrefetch::Off) request(&b.fc2);  // beside fc1 and the activation
         if (fold)
-          gemv_small_m_gated_pairs_scaled(s, b.fc1.weight.raw(), b.fc1.n, b.fc1.k, normed, ws.mlp_act.raw(),
-                                          GemvRowScale{partials, parts, D, eps});
+          linear_gated_silu_scaled(*ctx, b.fc1, normed, rows, ws.mlp_act.raw(), GemvRowScale{partials, parts, D, eps});
         else
           linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
         if (pf == WeightPrefetch::Product) request(after_layer(li));  // beside fc2
         if (fold && li + 1 < blocks.size()) {                         // the next layer's norm in fc2's epilogue
-          gemv_small_m_residual_norm(s, b.fc2.weight.raw(), b.fc2.n, b.fc2.k, ws.mlp_act.raw(),
-                                     GemvResidualNorm{residual, blocks[li + 1].norm_w.as<float>(), normed, partials});
-          parts = gemv_norm_parts(b.fc2.n, b.fc2.k);
+          linear_residual_norm(*ctx, b.fc2, ws.mlp_act.raw(), rows,
+                               GemvResidualNorm{residual, blocks[li + 1].norm_w.as<float>(), normed, partials});
+          parts = folded_norm_parts(*ctx, b.fc2, rows);
         } else {
           linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
         }
@@ -333,7 +331,7 @@ Precision CudaModel::precision() const { return impl_->precision; }
 const Context& CudaModel::context() const { return *impl_->ctx; }
 void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
 void CudaModel::set_fold_norms(bool on) { impl_->fold_norms = on; }
-bool CudaModel::decode_folds_norms() const { return impl_->folds_norms(); }
+bool CudaModel::decode_folds_norms(int64_t rows) const { return impl_->folds_norms(rows); }
 void CudaModel::set_state_precision(Precision p) { impl_->state_precision = p; }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }
 void CudaModel::set_weight_prefetch(const WeightPrefetchOptions& options) {

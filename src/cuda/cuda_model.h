@@ -93,13 +93,15 @@ class CudaModel {
   // Bytes of one row of `cache` on the device (states, and the attention capacity).
   size_t row_bytes(const GpuCache& cache) const;
   void set_use_graphs(bool on);
-  // One-row decode steps fold the RMSNorms into the matrix-vector products where the model allows (bf16, SISO Mamba-3
-  // + GatedMLP blocks, RMSNorms and products without biases; gemv_small_m.h): no add + norm kernel between products,
-  // results within bf16 rounding of the unfolded step. Default: MAMBA3_DECODE_NORM_FOLD (1 | 0, default 1). Caches
-  // capture their graph on their second step: set this before stepping.
+  // Decode steps fold the RMSNorms into the products where the model allows (bf16, SISO Mamba-3 + GatedMLP blocks,
+  // RMSNorms and products without biases) and the products take it: one-row steps on the matrix-vector kernel
+  // (gemv_small_m.h), 65–128-row steps on the stream GEMM's wide class where linear() routes them there
+  // (MAMBA3_STREAM_GEMM=all; stream_gemm.h): no add + norm kernel between products, results within bf16 rounding of
+  // the unfolded step. Default: MAMBA3_DECODE_NORM_FOLD (1 | 0, default 1). Caches capture their graph on their second
+  // step: set this before stepping.
   void set_fold_norms(bool on);
-  // Whether a one-row decode step folds them now (the switch and the model's shapes).
-  bool decode_folds_norms() const;
+  // Whether a decode step of `rows` rows folds them now (the switch, the model's shapes and the products' route).
+  bool decode_folds_norms(int64_t rows = 1) const;
   // Prefill's matrix products in fixed blocks of `rows` rows (0: off, the default): a prompt's results then do not
   // depend on how many prompts are prefilled in the same call (the server's exact batched prefill), at the cost of
   // padding the last block. Decode steps are unaffected.

@@ -94,4 +94,34 @@ void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, in
   gated_silu(ctx.stream(), y, m, w.n / 2, act, act_precision);
 }
 
+bool folded_norm_supported(const Context& ctx, const GpuMatrix& w, int64_t rows) {
+  if (w.precision != Precision::BF16 || !w.bias.empty() || ctx.gemm_row_block() != 0 ||
+      reinterpret_cast<uintptr_t>(w.weight.raw()) % 16 != 0)
+    return false;
+  if (rows == 1) return !stream_gemm_preferred(1) && w.k % 8 == 0;
+  return stream_gemm_preferred(rows) && stream_gemm_folds_norms(ctx, rows, w.n, w.k);
+}
+
+int64_t folded_norm_parts(const Context& ctx, const GpuMatrix& w, int64_t rows) {
+  return rows == 1 ? gemv_norm_parts(w.n, w.k) : stream_gemm_norm_parts(ctx, w.n, w.k);
+}
+
+void linear_residual_norm(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows,
+                          const GemvResidualNorm& out) {
+  if (rows == 1) return gemv_small_m_residual_norm(ctx.stream(), w.weight.raw(), w.n, w.k, x, out);
+  stream_gemm_residual_norm(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, out);
+}
+
+void linear_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, float* y,
+                   const GemvRowScale& in) {
+  if (rows == 1) return gemv_small_m_scaled(ctx.stream(), w.weight.raw(), w.n, w.k, x, y, in);
+  stream_gemm_scaled(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, y, w.n, in);
+}
+
+void linear_gated_silu_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, void* act,
+                              const GemvRowScale& in) {
+  if (rows == 1) return gemv_small_m_gated_pairs_scaled(ctx.stream(), w.weight.raw(), w.n, w.k, x, act, in);
+  stream_gemm_gated_pairs_scaled(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, act, in);
+}
+
 }  // namespace mamba3::cuda

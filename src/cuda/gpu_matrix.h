@@ -6,6 +6,7 @@
 #include "core/tensor.h"
 #include "cuda/cuda_context.h"
 #include "cuda/device_buffer.h"
+#include "cuda/gemv_small_m.h"
 
 namespace mamba3::cuda {
 
@@ -41,5 +42,21 @@ void linear(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, fl
 // and gated_silu(). x packed (K apart); act in `act_precision`, packed.
 void linear_gated_silu(const Context& ctx, const GpuMatrix& w, const void* x, int64_t m, float* y, void* act,
                        Precision act_precision);
+
+// RMSNorm folded into a decode step's products (gemv_small_m.h at one row, stream_gemm.h at 65–128 rows): the product
+// before a norm (P: out_proj, fc2) adds the residual and writes the norm's bf16(v ⊙ g) and partial sums, the product
+// after it (C: in_proj, fc1) scales by the rows' rstd. Whether these take W at `rows` rows (x: packed bf16, 16-byte
+// aligned as every device buffer is; the calls check it):
+bool folded_norm_supported(const Context& ctx, const GpuMatrix& w, int64_t rows);
+// The partials P writes at this row count (the parts C sums: GemvRowScale::parts).
+int64_t folded_norm_parts(const Context& ctx, const GpuMatrix& w, int64_t rows);
+// P: residual (rows, N) += x·Wᵀ, out.out16 = bf16(residual ⊙ out.weight), partials.
+void linear_residual_norm(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows,
+                          const GemvResidualNorm& out);
+// C: y (rows, N) f32 = rstd ⊙ x·Wᵀ; and the GatedMLP form act (rows, N/2) bf16.
+void linear_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, float* y,
+                   const GemvRowScale& in);
+void linear_gated_silu_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, void* act,
+                              const GemvRowScale& in);
 
 }  // namespace mamba3::cuda

@@ -148,8 +148,9 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
     return;
   }
   if (folded && folded->in) {
-    MAMBA3_CHECK(rows == 1, "GpuMamba3Layer: folded norms are for one-row decode steps, got {} rows", rows);
-    gemv_small_m_scaled(ctx.stream(), in_proj_.weight.raw(), in_proj_.n, in_proj_.k, x, zx, *folded->in);
+    MAMBA3_CHECK(folded_norm_supported(ctx, in_proj_, rows),
+                 "GpuMamba3Layer: in_proj cannot take a folded norm at {} rows", rows);
+    linear_scaled(ctx, in_proj_, x, rows, zx, *folded->in);
   } else {
     linear(ctx, in_proj_, x, rows, zx);
   }
@@ -174,8 +175,9 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
   }
   if (edge) edge(Edge::BeforeOutProj);
   if (folded && folded->out) {
-    MAMBA3_CHECK(rows == 1, "GpuMamba3Layer: folded norms are for one-row decode steps, got {} rows", rows);
-    gemv_small_m_residual_norm(ctx.stream(), out_proj_.weight.raw(), out_proj_.n, out_proj_.k, o, *folded->out);
+    MAMBA3_CHECK(folded_norm_supported(ctx, out_proj_, rows),
+                 "GpuMamba3Layer: out_proj cannot take a folded norm at {} rows", rows);
+    linear_residual_norm(ctx, out_proj_, o, rows, *folded->out);
   } else {
     linear(ctx, out_proj_, o, rows, out);
   }

@@ -82,9 +82,10 @@ class GpuMamba3Layer {
   // edge, when set, is called as the two products are queued: AfterInProj once in_proj is, BeforeOutProj before
   // out_proj is (where a decode step requests the next weights into L2: cuda_model.cpp).
   enum class Edge { AfterInProj, BeforeOutProj };
-  // A one-row decode step with the RMSNorms folded into the products (gemv_small_m.h): `in` set, x is bf16(v ⊙ g)
-  // and in_proj scales by the partials' rstd; `out` set, out_proj adds its result to the residual and writes the
-  // next norm's input and partials there instead of `out`. The model checks the shapes (CudaModel).
+  // A decode step with the RMSNorms folded into the products (gpu_matrix.h: one row, or 65–128 through the stream
+  // GEMM's wide class): `in` set, x is bf16(v ⊙ g) and in_proj scales by the partials' rstd; `out` set, out_proj adds
+  // its result to the residual and writes the next norm's input and partials there instead of `out`. The model checks
+  // the shapes (CudaModel).
   struct FoldedNorms {
     const GemvRowScale* in = nullptr;
     const GemvResidualNorm* out = nullptr;

@@ -49,8 +49,13 @@ struct Form {
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
   static constexpr int kXBoxBytes = NB * kBox * 2;  // NB rows of 128 bytes: whole 1024-byte swizzle atoms
   static constexpr int kStageBytes = kBoxes * (kWBoxBytes + kXBoxBytes);
-  static constexpr int kStages = kMaxStages < kSmemLimit / kStageBytes ? kMaxStages : kSmemLimit / kStageBytes;
-  static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */;
+  // The wide class keeps 2 KB after the barriers for its folded norms (kScratchFloats floats: rstd per batch row,
+  // this block's column sums, the reduction's per-warp sums).
+  static constexpr int kScratchBytes = kWide ? 2048 : 0;
+  static constexpr int kRing = kSmemLimit - kScratchBytes;
+  static constexpr int kStages = kMaxStages < kRing / kStageBytes ? kMaxStages : kRing / kStageBytes;
+  static constexpr size_t kSmemBytes =
+      size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */ + kScratchBytes;
   static_assert(kStages >= 2, "at least two stages");
   static_assert(kSmemBytes <= 227 * 1024, "within the opt-in shared memory of one block");
   static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
@@ -60,6 +65,23 @@ using Narrow = Form<NB, BlocksPerSm, 2, 2>;
 using WideTall = Form<128, 1, 4, 1>;
 using WideLow = Form<128, 1, 2, 1>;
 constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<8, 1>::kKBlock;
+// RMSNorm folded into the wide class's products (stream_gemm.h; gemv_small_m.h folds it the same way at one row).
+// kNormOut (out_proj, fc2): v = x·Wᵀ + residual goes back to residual, bf16(v ⊙ weight) to out16 (both rows ldy
+// apart), and Σ v² over each tile's weight rows per batch row to partials_out[tile][kFoldRows]. kNormIn (in_proj, fc1):
+// every output (and both values of a gated pair) is multiplied by its batch row's rstd = 1/√(Σ partials_in / d + eps),
+// the sum over the producer's tiles in tile order.
+enum : int { kNormNone = 0, kNormOut = 1, kNormIn = 2 };
+constexpr int kFoldRows = int(kStreamGemmMaxRows);
+struct FoldArgs {
+  float* residual = nullptr;
+  const float* weight = nullptr;
+  __nv_bfloat16* out16 = nullptr;
+  float* partials_out = nullptr;
+  const float* partials_in = nullptr;
+  int parts = 0, d = 0;
+  float eps = 0.0f;
+};
+
 // The default route: from 2 rows up to kStreamGemmNarrowMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
 // docs/kernels/stream_gemm.md), against cuBLAS: b8 1.774 -> 1.443, b16 2.071 -> 1.795, b32 2.519 -> 2.291, b64
 // 3.399 -> 3.314; against the matrix-vector kernel: b1 1.129 vs 1.232 (it stays there), b3 1.391 -> 1.337, b4 1.606
@@ -132,6 +154,25 @@ __device__ __forceinline__ void store_value(float v, int i, int t, float* y, int
   if (row < n && col < m) y[col * ldy + row] = v;
 }
 
+// The consumer warps only (named barrier 1; the producer warp may be elsewhere).
+template <int Consumers>
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;" ::"r"(Consumers) : "memory");
+}
+// kNormOut: thread t's value i is v = value + residual at its (batch row, weight row); v goes back to residual and
+// bf16(v · weight) to out16. Returns v² (0 outside the m × n outputs).
+template <int TileRows>
+__device__ __forceinline__ float residual_update(float value, int i, int t, const FoldArgs& fold, int64_t ldr, int m,
+                                                 int n, int64_t tile) {
+  const int64_t row = tile * TileRows + row_of(t) + 8 * ((i / 2) % 2);
+  const int col = col_of(t) + 8 * (i / 4) + i % 2;
+  if (row >= n || col >= m) return 0.0f;
+  const int64_t at = col * ldr + row;
+  const float v = value + fold.residual[at];
+  fold.residual[at] = v;
+  fold.out16[at] = __float2bfloat16(v * fold.weight[row]);
+  return v * v;
+}
 // W's rows (value, gate) pairs: act (M, n/2) bf16 = value ⊙ silu(gate) instead of y. Thread t's value i and thread
 // (t ^ 4)'s value i are the pair's rows 2j, 2j + 1 (row_of: t with bit 2 clear holds the even row).
 template <int TileRows>
@@ -151,16 +192,22 @@ __device__ __forceinline__ void store_gated(float v, int i, int t, __nv_bfloat16
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
-// act non-null: the gated epilogue instead of y (the narrow forms: split 1 only).
-template <class F>
+// act non-null: the gated epilogue instead of y (the narrow forms: split 1 only). Norm (the wide class only): the
+// folded RMSNorm halves above; kNormOut writes residual, out16 and partials instead of y.
+template <class F, int Norm>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
-                       int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act) {
+                       int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act, const FoldArgs fold) {
   constexpr int NB = F::NB, kConsumers = F::kConsumers, kBoxes = F::kBoxes;
+  static_assert(Norm == kNormNone || F::kWide, "folded norms: the wide class only");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + F::kStages * F::kStageBytes);
   uint64_t* empty = full + F::kStages;
+  // The wide class's scratch: rstd per batch row, this block's column sums, the reduction's per-warp sums.
+  float* rstd_s = reinterpret_cast<float*>(smem + F::kStages * F::kStageBytes + 256);
+  float* colsum_s = rstd_s + kFoldRows;
+  float* warpsum_s = colsum_s + kFoldRows;
   auto stage_w = [&](int s, int b) { return smem + s * F::kStageBytes + b * F::kWBoxBytes; };
   auto stage_x = [&](int s, int b) { return smem + s * F::kStageBytes + kBoxes * F::kWBoxBytes + b * F::kXBoxBytes; };
 
@@ -216,6 +263,14 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   } else {
     // Consumers: warpgroup wg multiplies W rows 64·wg … + 63 of each stage with x (the batch as wgmma's N).
     pdl_wait();
+    if constexpr (Norm == kNormIn) {  // the batch rows' rstd, while the first stages stream in
+      if (threadIdx.x < kFoldRows) {
+        float total = 0.0f;
+        for (int p = 0; p < fold.parts; ++p) total += fold.partials_in[int64_t(p) * kFoldRows + threadIdx.x];
+        rstd_s[threadIdx.x] = rsqrtf(total / float(fold.d) + fold.eps);
+      }
+      consumers_sync<kConsumers>();
+    }
     const int wg = warp / 4;
     for (int i = 0; i < count; ++i) {
       const int s = i % F::kStages;
@@ -234,12 +289,39 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       if (lane == 0) mbar_arrive(&empty[s]);
     }
     if (split == 1) {
-      if (act) {
+      const int t = threadIdx.x;
+      if constexpr (Norm == kNormOut) {
+        // The residual update, then Σ v² per batch row over this warp's 16 weight rows: lanes t ^ 4, 8, 16 hold the
+        // other rows of the same batch rows, and value i + 2 the other 8 rows of value i's (row_of). The warps' sums
+        // meet in the stage ring (once every warpgroup's products are done with it) as [warp][row half][batch row] and
+        // are added in that order.
+        consumers_sync<kConsumers>();
+        float* warp_cols = reinterpret_cast<float*>(smem);
 #pragma unroll
-        for (int i = 0; i < NB / 2; ++i) store_gated<F::kTileRows>(acc[i], i, threadIdx.x, act, m, n, tile);
+        for (int i = 0; i < NB / 2; ++i) {
+          float sq = residual_update<F::kTileRows>(acc[i], i, t, fold, ldy, m, n, tile);
+          sq += __shfl_xor_sync(0xffffffffu, sq, 4);
+          sq += __shfl_xor_sync(0xffffffffu, sq, 8);
+          sq += __shfl_xor_sync(0xffffffffu, sq, 16);
+          if (lane < 4) warp_cols[(warp * 2 + (i / 2) % 2) * kFoldRows + col_of(lane) + 8 * (i / 4) + i % 2] = sq;
+        }
+        consumers_sync<kConsumers>();
+        if (t < kFoldRows) {
+          float sum = 0.0f;
+          for (int h = 0; h < 2 * (kConsumers / 32); ++h) sum += warp_cols[h * kFoldRows + t];
+          fold.partials_out[tile * kFoldRows + t] = sum;
+        }
       } else {
 #pragma unroll
-        for (int i = 0; i < NB / 2; ++i) store_value<F::kTileRows>(acc[i], i, threadIdx.x, y, ldy, m, n, tile);
+        for (int i = 0; i < NB / 2; ++i) {
+          float v = acc[i];
+          if constexpr (Norm == kNormIn) v *= rstd_s[col_of(t) + 8 * (i / 4) + i % 2];
+          if (act) {
+            store_gated<F::kTileRows>(v, i, t, act, m, n, tile);
+          } else {
+            store_value<F::kTileRows>(v, i, t, y, ldy, m, n, tile);
+          }
+        }
       }
       return;
     }
@@ -258,11 +340,16 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   constexpr int kElems = F::kTileRows * NB;
   if constexpr (F::kWide) {
     // Units of 8 consecutive parts: threads t … t + 7 (t a multiple of 8) of one value i, i.e. weight rows 2j (t … t
-    // + 3) and 2j + 1 (t + 4 … t + 7) at four batch rows, so a unit holds whole (value, gate) pairs. Every peer's
-    // two float4 are requested before any is added (the parts of a 128-row product are 4× those of a 32-row one).
-    constexpr int kUnits = kElems / 8;
-    const int u_end = int(int64_t(kUnits) * (rank + 1) / split);
-    for (int u = int(int64_t(kUnits) * rank / split) + int(threadIdx.x); u < u_end; u += F::kThreads) {
+    // + 3) and 2j + 1 (t + 4 … t + 7) at four batch rows, so a unit holds whole (value, gate) pairs. Block `rank`
+    // takes the units of values i in [NB/2 · rank / split, NB/2 · (rank + 1) / split): whole values, so that a warp's
+    // 32 units share one i (kUnitsPerValue is a multiple of 32) and can sum its columns' squares by shuffles. Every
+    // peer's two float4 are requested before any is added (the parts of a 128-row product are 4× those of a 32-row
+    // one).
+    constexpr int kUnitsPerValue = kConsumers / 8;
+    static_assert(kUnitsPerValue % 32 == 0 && F::kThreads % 32 == 0, "a warp's units share one value i");
+    const int i_begin = (NB / 2) * rank / split, i_end = (NB / 2) * (rank + 1) / split;
+    const int u_begin = i_begin * kUnitsPerValue, u_end = i_end * kUnitsPerValue;
+    for (int u = u_begin + int(threadIdx.x); u < u_end; u += F::kThreads) {
       float4 lo[kMaxSplit], hi[kMaxSplit];
 #pragma unroll
       for (int q = 0; q < kMaxSplit; ++q)
@@ -277,15 +364,61 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
           even[0] += lo[q].x, even[1] += lo[q].y, even[2] += lo[q].z, even[3] += lo[q].w;
           odd[0] += hi[q].x, odd[1] += hi[q].y, odd[2] += hi[q].z, odd[3] += hi[q].w;
         }
-      const int i = 8 * u / kConsumers, t = 8 * u % kConsumers;
+      const int i = u / kUnitsPerValue, t = 8 * (u % kUnitsPerValue);
+      if constexpr (Norm == kNormOut) {
+        float sq[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (act) {
-          store_gated_pair<F::kTileRows>(even[j], odd[j], i, t + j, act, m, n, tile);
-        } else {
-          store_value<F::kTileRows>(even[j], i, t + j, y, ldy, m, n, tile);
-          store_value<F::kTileRows>(odd[j], i, t + 4 + j, y, ldy, m, n, tile);
+        for (int j = 0; j < 4; ++j) {
+          const float a = residual_update<F::kTileRows>(even[j], i, t + j, fold, ldy, m, n, tile);
+          const float b = residual_update<F::kTileRows>(odd[j], i, t + 4 + j, fold, ldy, m, n, tile);
+          sq[j] = a + b;
         }
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) sq[j] += __shfl_xor_sync(0xffffffffu, sq[j], o);
+        }
+        if (lane == 0) {  // slot: this warp's 32 units among the block's, in order
+#pragma unroll
+          for (int j = 0; j < 4; ++j) warpsum_s[((u - u_begin) / 32) * 4 + j] = sq[j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if constexpr (Norm == kNormIn) {
+            const float r = rstd_s[col_of(t + j) + 8 * (i / 4) + i % 2];
+            even[j] *= r;
+            odd[j] *= r;
+          }
+          if (act) {
+            store_gated_pair<F::kTileRows>(even[j], odd[j], i, t + j, act, m, n, tile);
+          } else {
+            store_value<F::kTileRows>(even[j], i, t + j, y, ldy, m, n, tile);
+            store_value<F::kTileRows>(odd[j], i, t + 4 + j, y, ldy, m, n, tile);
+          }
+        }
+      }
+    }
+    if constexpr (Norm == kNormOut) {
+      // This block's column sums: batch row c is column j = (c % 8) / 2 of values i = 4·(c / 8) + c % 2 and i + 2
+      // (the tile's two row halves); their slots added in order. Then block 0 of the cluster adds the blocks' sums in
+      // rank order into the tile's partial.
+      __syncthreads();
+      if (threadIdx.x < kFoldRows) {
+        const int c = threadIdx.x, j = (c % 8) / 2, i0 = 4 * (c / 8) + c % 2;
+        float sum = 0.0f;
+        for (int i = i0; i <= i0 + 2; i += 2) {
+          if (i < i_begin || i >= i_end) continue;
+          for (int h = 0; h < kUnitsPerValue / 32; ++h)
+            sum += warpsum_s[(((i - i_begin) * kUnitsPerValue) / 32 + h) * 4 + j];
+        }
+        colsum_s[c] = sum;
+      }
+      cluster_sync();
+      if (rank == 0 && threadIdx.x < kFoldRows) {
+        float sum = 0.0f;
+        for (int q = 0; q < split; ++q) sum += load_peer(colsum_s + threadIdx.x, q);
+        fold.partials_out[tile * kFoldRows + threadIdx.x] = sum;
       }
     }
   } else {
@@ -296,7 +429,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       store_value<F::kTileRows>(sum, e / kConsumers, e % kConsumers, y, ldy, m, n, tile);
     }
   }
-  cluster_sync();  // no block leaves while its peers may still read its part
+  cluster_sync();  // no block leaves while its peers may still read its part (and its column sums)
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
@@ -342,22 +475,23 @@ int split_for(int64_t tiles, int kblocks, int sm_count) {
   return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, sm_count / tiles})));
 }
 
-template <class F>
+template <class F, int Norm = kNormNone>
 void set_attributes_once() {
   static std::once_flag attr_once;
   std::call_once(attr_once, [] {
-    MAMBA3_CUDA_CHECK(
-        cudaFuncSetAttribute(stream_gemm_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::kSmemBytes)));
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F, Norm>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(F::kSmemBytes)));
     // Every form needs the largest shared-memory carve-out.
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F, Norm>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                            int(cudaSharedmemCarveoutMaxShared)));
   });
 }
 
-template <class F>
+template <class F, int Norm = kNormNone>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act) {
-  set_attributes_once<F>();
+            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
+            const FoldArgs& fold = FoldArgs{}) {
+  set_attributes_once<F, Norm>();
   const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
   const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
   cudaLaunchConfig_t config{};
@@ -374,8 +508,8 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   attribute[1].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
   config.attrs = attribute;
   config.numAttrs = 2;
-  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F>, wmap, xmap, y, y_stride, int(m), int(n), kblocks,
-                                       split, static_cast<__nv_bfloat16*>(act)));
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F, Norm>, wmap, xmap, y, y_stride, int(m), int(n),
+                                       kblocks, split, static_cast<__nv_bfloat16*>(act), fold));
 }
 
 // The narrow forms' variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit
@@ -420,7 +554,7 @@ int clusters_at_once(int split) {
     config.attrs = &attribute;
     config.numAttrs = 1;
     int clusters = 0;
-    MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, stream_gemm_kernel<F>, &config));
+    MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, stream_gemm_kernel<F, kNormNone>, &config));
     known[split] = clusters;
   }
   return known[split];
@@ -485,16 +619,41 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
   return g;
 }
 
+template <int Norm>
+void launch_wide(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+                 float* y, int64_t y_stride, void* act, const FoldArgs& fold = FoldArgs{}) {
+  const WideGrid g = wide_grid(ctx, n, k);
+  if (g.tile_rows == WideTall::kTileRows)
+    return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
+  launch<WideLow, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
+}
+
 void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
               float* y, int64_t y_stride, void* act) {
   if (m <= 8) return launch_narrow<8>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
   if (m <= 16) return launch_narrow<16>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
   if (m <= 32) return launch_narrow<32>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
   if (m <= kStreamGemmNarrowMaxRows) return launch_narrow<64>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
-  const WideGrid g = wide_grid(ctx, n, k);
-  if (g.tile_rows == WideTall::kTileRows)
-    return launch<WideTall>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act);
-  launch<WideLow>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act);
+  launch_wide<kNormNone>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+}
+
+FoldArgs fold_in(const GemvRowScale& in) {
+  MAMBA3_CHECK(in.partials && in.parts > 0 && in.parts <= (int64_t(1) << 30) && in.d > 0,
+               "stream_gemm (folded norm): partials, their count and the norm's width are required");
+  FoldArgs f;
+  f.partials_in = in.partials;
+  f.parts = int(in.parts);
+  f.d = int(in.d);
+  f.eps = in.eps;
+  return f;
+}
+
+void check_folds(const char* what, const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride, const void* w,
+                 const void* x) {
+  MAMBA3_CHECK(stream_gemm_folds_norms(ctx, m, n, k) && stream_gemm_supported(ctx, m, n, k, x_stride, w, x),
+               "{}: unsupported product (M {}, N {}, K {}, x stride {}; device cc {}.{}; folded norms take 65–{} "
+               "rows)",
+               what, m, n, k, x_stride, ctx.info().cc_major, ctx.info().cc_minor, kStreamGemmMaxRows);
 }
 
 }  // namespace
@@ -528,6 +687,39 @@ void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64
                "stream_gemm_gated_pairs: unsupported product (M {}, N {}, K {}, x stride {}; device cc {}.{})", m, n,
                k, x_stride, ctx.info().cc_major, ctx.info().cc_minor);
   dispatch(ctx, w, n, k, x, m, x_stride, nullptr, 0, act);
+}
+
+bool stream_gemm_folds_norms(const Context& ctx, int64_t m, int64_t n, int64_t k) {
+  return ctx.info().cc_major == 9 && ctx.info().cc_minor == 0 && m > kStreamGemmNarrowMaxRows &&
+         m <= kStreamGemmMaxRows && n >= 1 && n < (int64_t(1) << 31) && k >= 8 && k % 8 == 0 && k < (int64_t(1) << 31);
+}
+
+int64_t stream_gemm_norm_parts(const Context& ctx, int64_t n, int64_t k) { return wide_grid(ctx, n, k).tiles; }
+
+void stream_gemm_residual_norm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                               int64_t x_stride, const GemvResidualNorm& out) {
+  check_folds("stream_gemm_residual_norm", ctx, m, n, k, x_stride, w, x);
+  MAMBA3_CHECK(out.residual && out.weight && out.out16 && out.partials,
+               "stream_gemm_residual_norm: residual, weight, out16 and partials are required");
+  FoldArgs f;
+  f.residual = out.residual;
+  f.weight = out.weight;
+  f.out16 = static_cast<__nv_bfloat16*>(out.out16);
+  f.partials_out = out.partials;
+  launch_wide<kNormOut>(ctx, w, n, k, x, m, x_stride, nullptr, n, nullptr, f);
+}
+
+void stream_gemm_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                        int64_t x_stride, float* y, int64_t y_stride, const GemvRowScale& in) {
+  check_folds("stream_gemm_scaled", ctx, m, n, k, x_stride, w, x);
+  launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, y, y_stride, nullptr, fold_in(in));
+}
+
+void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                                    int64_t x_stride, void* act, const GemvRowScale& in) {
+  check_folds("stream_gemm_gated_pairs_scaled", ctx, m, n, k, x_stride, w, x);
+  MAMBA3_CHECK(n % 2 == 0, "stream_gemm_gated_pairs_scaled: {} output rows are not (value, gate) pairs", n);
+  launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, nullptr, 0, act, fold_in(in));
 }
 
 StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k) {

@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/gemv_small_m.h"
+
 namespace mamba3::cuda {
 
 class Context;
@@ -35,6 +37,24 @@ bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n,
                                        const void* w, const void* x);
 void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                              int64_t x_stride, void* act);
+
+// RMSNorm folded into the wide class's products (65–128 rows of a decode step), the way gemv_small_m.h folds it at
+// one row: the product P before a norm (out_proj, fc2) adds the residual and writes bf16(v ⊙ g) and partial Σ v²; the
+// product C after it (in_proj, fc1) scales its outputs by each batch row's rstd, summing the partials itself (in a
+// fixed order: no atomics, no counters). The partials: [stream_gemm_norm_parts(N, K) of P][kStreamGemmMaxRows] f32,
+// Σ v² over each of P's tiles per batch row. GemvRowScale's d is the norm's width (C's K).
+// Whether the folded forms take this shape (the wide class: 65–128 rows; the calls also need stream_gemm_supported's
+// strides and alignments).
+bool stream_gemm_folds_norms(const Context& ctx, int64_t m, int64_t n, int64_t k);
+int64_t stream_gemm_norm_parts(const Context& ctx, int64_t n, int64_t k);
+// P: v = x·Wᵀ + residual → residual (M, N), rows N apart; bf16(v ⊙ out.weight) → out.out16 (M, N); partials.
+void stream_gemm_residual_norm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                               int64_t x_stride, const GemvResidualNorm& out);
+// C: y = rstd ⊙ x·Wᵀ, and the gated-pairs form act = bf16(rstd·y_2j · silu(rstd·y_2j+1)).
+void stream_gemm_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                        int64_t x_stride, float* y, int64_t y_stride, const GemvRowScale& in);
+void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                                    int64_t x_stride, void* act, const GemvRowScale& in);
 
 // The grid of the wide class (65–128 rows) for an N × K product on this device: weight rows per tile (256 or 128) and
 // blocks per tile (tests and benchmarks).

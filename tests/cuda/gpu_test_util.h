@@ -28,6 +28,13 @@ std::vector<T> down_vec(const cuda::DeviceBuffer& b, size_t count) {
   return v;
 }
 
+// A tensor's bytes as they are, on the device.
+inline cuda::DeviceBuffer to_device(const Tensor& t) {
+  cuda::DeviceBuffer b(t.nbytes());
+  if (t.nbytes()) b.upload(t.raw(), t.nbytes());
+  return b;
+}
+
 // A float tensor as device activations of `p` (f32, or bf16 rounded to nearest even).
 inline cuda::DeviceBuffer to_device_activation(const Tensor& t, cuda::Precision p) {
   Tensor host = t.to(p == cuda::Precision::F32 ? DType::F32 : DType::BF16);
@@ -60,9 +67,8 @@ inline Tensor product_wt_f64(const Tensor& w, const Tensor& x, int64_t rows = -1
   return y;
 }
 
-// The GatedMLP activation of a (value, gate)-pairs product in float64: act (M, N/2) = y_2j · silu(y_2j+1), y = x · Wᵀ.
-inline Tensor gated_pairs_f64(const Tensor& w, const Tensor& x) {
-  const Tensor y = product_wt_f64(w, x);
+// The GatedMLP activation of a (value, gate)-pairs product y (M, N) in float64: act (M, N/2) = y_2j · silu(y_2j+1).
+inline Tensor gated_pairs_of_f64(const Tensor& y) {
   const int64_t M = y.dim(0), N = y.dim(1), F = N / 2;
   Tensor act = Tensor::empty(DType::F64, {M, F});
   for (int64_t r = 0; r < M; ++r)
@@ -72,6 +78,8 @@ inline Tensor gated_pairs_f64(const Tensor& w, const Tensor& x) {
     }
   return act;
 }
+// The same of y = x · Wᵀ.
+inline Tensor gated_pairs_f64(const Tensor& w, const Tensor& x) { return gated_pairs_of_f64(product_wt_f64(w, x)); }
 
 // Fills n floats of device memory with NaN, so that unwritten outputs fail the comparisons.
 inline void poison(void* dev, size_t bytes) { MAMBA3_CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }

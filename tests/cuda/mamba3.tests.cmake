@@ -14,7 +14,7 @@ foreach(tile 128 256)
                        ENVIRONMENT MAMBA3_STREAM_GEMM_WIDE_TILE=${tile} SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 endforeach()
 # Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
-# GEMM's wide form.
+# GEMM's wide class, with and without the norms folded into them.
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)
 set_tests_properties(test_model_gpu_stream_gemm_wide PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")

@@ -430,17 +430,22 @@ TEST(ModelGpu, FoldedNormsTrackTheNormKernels) {
   }
 }
 
-// Batches of 65–128 rows: the bf16 decode (its products through cuBLAS by default, through the stream GEMM's wide
-// form with fc1's activation in its epilogue under MAMBA3_STREAM_GEMM=all: ctest test_model_gpu_stream_gemm_wide)
-// tracks the f32 decode within bf16 rounding, and graph replay equals eager decode bit for bit.
-TEST(ModelGpu, WideBatchDecodeTracksF32) {
-  MAMBA3_REQUIRE_GPU();
+// A SISO + MLP model whose products take the stream GEMM's forms (every K a multiple of 8).
+ModelConfig wide_batch_config() {
   const json cfg = {{"d_model", 512},
                     {"n_layer", 2},
                     {"vocab_size", 203},
                     {"d_intermediate", 1032},
                     {"ssm_cfg", {{"layer", "Mamba3"}, {"d_state", 32}, {"headdim", 64}, {"chunk_size", 16}}}};
-  const ModelConfig c = ModelConfig::from_json(cfg, "SISO d_model 512 + MLP");
+  return ModelConfig::from_json(cfg, "SISO d_model 512 + MLP");
+}
+
+// Batches of 65–128 rows: the bf16 decode (its products through cuBLAS by default, through the stream GEMM's wide
+// form with fc1's activation in its epilogue under MAMBA3_STREAM_GEMM=all: ctest test_model_gpu_stream_gemm_wide)
+// tracks the f32 decode within bf16 rounding, and graph replay equals eager decode bit for bit.
+TEST(ModelGpu, WideBatchDecodeTracksF32) {
+  MAMBA3_REQUIRE_GPU();
+  const ModelConfig c = wide_batch_config();
   const TensorMap w = init_weights(c, 31);
   cuda::CudaModel f32(c, w, "f32", Precision::F32), b16(c, w, "bf16", Precision::BF16),
       b16_eager(c, w, "bf16 eager", Precision::BF16);
@@ -459,6 +464,36 @@ TEST(ModelGpu, WideBatchDecodeTracksF32) {
     expect_close_decodes(c, b16, f32, B, 5, 4, 37, 2e-2);
     expect_equal_decodes(c, b16_eager, b16, B, 3, 3, 41);
   }
+}
+
+// The norms folded into the wide class's products at 70 and 128 rows (where linear() routes those rows to the stream
+// GEMM: MAMBA3_STREAM_GEMM=all on sm_90, ctest test_model_gpu_stream_gemm_wide): logits within bf16 rounding of the
+// unfolded step, graph replay equal to eager decode. Random norm weights, so that a product folding the wrong norm
+// shows. Under the default route nothing folds at these rows, which the test also checks.
+TEST(ModelGpu, WideBatchFoldedNormsTrackTheNormKernels) {
+  MAMBA3_REQUIRE_GPU();
+  const ModelConfig c = wide_batch_config();
+  TensorMap w = init_weights(c, 43);
+  std::mt19937 wrng(7);
+  for (auto& [wname, t] : w)
+    if (wname.find("norm") != std::string::npos && wname.ends_with(".weight"))
+      t = random_tensor(wrng, t.shape(), 0.5f, 1.5f);
+  cuda::CudaModel folded(c, w, "folded", Precision::BF16), plain(c, w, "plain", Precision::BF16),
+      folded_eager(c, w, "folded eager", Precision::BF16);
+  folded.set_fold_norms(true);
+  folded_eager.set_fold_norms(true);
+  folded_eager.set_use_graphs(false);
+  plain.set_fold_norms(false);
+  cuda::Context ctx;
+  const bool routed = cuda::stream_gemm_preferred(70) && ctx.info().cc_major == 9 && ctx.info().cc_minor == 0;
+  for (int64_t B : {70, 128}) {
+    SCOPED_TRACE("batch " + std::to_string(B));
+    EXPECT_EQ(folded.decode_folds_norms(B), routed);
+    EXPECT_FALSE(plain.decode_folds_norms(B));
+    expect_close_decodes(c, folded, plain, B, 5, 6, 47, 1e-2);
+    expect_equal_decodes(c, folded_eager, folded, B, 3, 3, 53);
+  }
+  EXPECT_FALSE(folded.decode_folds_norms(64));  // the narrow forms do not fold
 }
 
 // l2_prefetch reads nothing back and writes nothing: ranges of awkward lengths (cut to whole 16-byte units, one

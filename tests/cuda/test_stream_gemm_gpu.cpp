@@ -208,5 +208,84 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
   EXPECT_FALSE(cuda::stream_gemm_gated_pairs_supported(ctx, 8, 2049, 520, 520, dodd.raw(), dx.raw()));  // odd N
 }
 
+// RMSNorm folded into the wide class (65–128 rows): P (out_proj / fc2 shapes) leaves the residual equal, bit for bit,
+// to its plain product plus the residual and bf16(v ⊙ g) equal to the rounding of that; its partials sum, per batch
+// row, to Σ v²; C (in_proj / fc1 shapes) gives rstd · W_C · bf16(v ⊙ g) within float32 rounding of float64, and its
+// gated pairs within bf16 rounding. Shapes with split and unsplit tiles of both heights, partial tiles and k-blocks.
+TEST(StreamGemmGpu, FoldedNormMatchesFloat64) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
+  std::mt19937 rng(43);
+  const float eps = 1e-5f;
+  for (auto [D, K, F, M] : {std::array<int64_t, 4>{2048, 4096, 4096, 128},
+                            {1000, 1032, 37, 65},
+                            {304, 520, 5, 100},
+                            {2056, 2056, 1027, 128},
+                            {8, 72, 3, 77}}) {
+    SCOPED_TRACE("D=" + std::to_string(D) + " K=" + std::to_string(K) + " F=" + std::to_string(F) +
+                 " M=" + std::to_string(M));
+    ASSERT_TRUE(cuda::stream_gemm_folds_norms(ctx, M, D, K));
+    ASSERT_TRUE(cuda::stream_gemm_folds_norms(ctx, M, 2 * F, D));
+    const Tensor wp = random_tensor(rng, {D, K}).to(DType::BF16), wc = random_tensor(rng, {2 * F, D}).to(DType::BF16);
+    const Tensor x = random_tensor(rng, {M, K}).to(DType::BF16), r0 = random_tensor(rng, {M, D}, -3.0f, 3.0f);
+    const Tensor g = random_tensor(rng, {D}, 0.5f, 1.5f);
+    cuda::DeviceBuffer dwp = to_device(wp), dwc = to_device(wc), dx = to_device(x), dr = to_device(r0),
+                       dg = to_device(g);
+    const int64_t parts = cuda::stream_gemm_norm_parts(ctx, D, K), stride = cuda::kStreamGemmMaxRows;
+    ASSERT_GE(parts, 1);
+    ASSERT_LE(parts, (D + 127) / 128);
+    cuda::DeviceBuffer dout16(size_t(M * D) * 2), dparts(size_t(parts * stride) * 4), dyp(size_t(M * D) * 4);
+    cuda::DeviceBuffer dyc(size_t(M * 2 * F) * 4), dact(size_t(M * F) * 2);
+    poison(dout16.raw(), dout16.bytes());
+    poison(dparts.raw(), dparts.bytes());
+    cuda::stream_gemm(ctx, dwp.raw(), D, K, dx.raw(), M, K, dyp.as<float>(), D);
+    cuda::stream_gemm_residual_norm(ctx, dwp.raw(), D, K, dx.raw(), M, K,
+                                    {dr.as<float>(), dg.as<float>(), dout16.raw(), dparts.as<float>()});
+    const cuda::GemvRowScale scale{dparts.as<float>(), parts, D, eps};
+    poison(dyc.raw(), dyc.bytes());
+    poison(dact.raw(), dact.bytes());
+    cuda::stream_gemm_scaled(ctx, dwc.raw(), 2 * F, D, dout16.raw(), M, D, dyc.as<float>(), 2 * F, scale);
+    cuda::stream_gemm_gated_pairs_scaled(ctx, dwc.raw(), 2 * F, D, dout16.raw(), M, D, dact.raw(), scale);
+    ctx.sync();
+    // P: residual and bf16(v ⊙ g) bit for bit.
+    const Tensor yp = from_device_f32(dyp.raw(), {M, D}), r1 = from_device_f32(dr.raw(), {M, D});
+    Tensor v = Tensor::empty(DType::F32, {M, D}), vg = Tensor::empty(DType::F32, {M, D});
+    for (int64_t e = 0; e < M * D; ++e) {
+      v.data<float>()[e] = yp.data<float>()[e] + r0.data<float>()[e];
+      vg.data<float>()[e] = v.data<float>()[e] * g.data<float>()[e % D];
+    }
+    EXPECT_EQ(std::memcmp(r1.raw(), v.raw(), v.nbytes()), 0) << "the residual update differs from product + residual";
+    const Tensor vg16 = vg.to(DType::BF16);
+    std::vector<uint16_t> got16(static_cast<size_t>(M * D));
+    dout16.download(got16.data(), dout16.bytes());
+    EXPECT_EQ(std::memcmp(got16.data(), vg16.raw(), dout16.bytes()), 0) << "bf16(v ⊙ g) differs";
+    // The partials: per batch row, every column's v² once; C's reference rstd from the same sums in float64.
+    std::vector<float> got_parts(static_cast<size_t>(parts * stride));
+    dparts.download(got_parts.data(), dparts.bytes());
+    std::vector<double> rstd(static_cast<size_t>(M));
+    for (int64_t r = 0; r < M; ++r) {
+      double parts_sum = 0, vv = 0;
+      for (int64_t p = 0; p < parts; ++p) parts_sum += double(got_parts[size_t(p * stride + r)]);
+      for (int64_t j = 0; j < D; ++j) vv += double(v.data<float>()[r * D + j]) * double(v.data<float>()[r * D + j]);
+      EXPECT_NEAR(parts_sum, vv, 1e-5 * vv) << "batch row " << r << ": the partials do not sum to Σ v²";
+      rstd[size_t(r)] = 1.0 / std::sqrt(vv / double(D) + double(eps));
+    }
+    // C: rstd · W_C · bf16(v ⊙ g) in float64, and its gated pairs.
+    Tensor yref = product_wt_f64(wc, vg16);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < 2 * F; ++j) yref.data<double>()[r * 2 * F + j] *= rstd[size_t(r)];
+    EXPECT_LE(rel_l2(from_device_f32(dyc.raw(), {M, 2 * F}), yref), 1e-5);
+    EXPECT_LE(rel_l2(from_device_bf16(dact.as<uint16_t>(), {M, F}), gated_pairs_of_f64(yref)), 1e-2);
+  }
+  // Not the wide class: refused.
+  EXPECT_FALSE(cuda::stream_gemm_folds_norms(ctx, 64, 2048, 4096));
+  EXPECT_FALSE(cuda::stream_gemm_folds_norms(ctx, 129, 2048, 4096));
+  cuda::DeviceBuffer buf(size_t(1) << 20);
+  EXPECT_THROW(cuda::stream_gemm_scaled(ctx, buf.raw(), 64, 64, buf.raw(), 32, 64, buf.as<float>(), 64,
+                                        {buf.as<float>(), 1, 64, 1e-5f}),
+               Error);
+}
+
 }  // namespace
 }  // namespace mamba3::test
