@@ -8,7 +8,8 @@
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
 # wide:   the stream GEMM's wide form (65–128 rows, opt-in: MAMBA3_STREAM_GEMM=all) against cuBLAS: the 1.5B products
-#         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128.
+#         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128
+#         (with the norms folded into the products, the default there, and without).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -48,6 +49,6 @@ if [[ $what == wide || $what == all ]]; then
   done
   for preset in 1.5b 1.5b-mimo; do
     timeout 300 scripts/decode_ab.sh -p "$preset" -b "96 128" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM=all" \
-      2>&1 | tee -a "$OUT/retune_wide.txt"
+      "MAMBA3_STREAM_GEMM=all MAMBA3_DECODE_NORM_FOLD=0" 2>&1 | tee -a "$OUT/retune_wide.txt"
   done
 fi
