@@ -49,10 +49,10 @@ struct Form {
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
   static constexpr int kXBoxBytes = NB * kBox * 2;  // NB rows of 128 bytes: whole 1024-byte swizzle atoms
   static constexpr int kStageBytes = kBoxes * (kWBoxBytes + kXBoxBytes);
-  // The wide class keeps 2 KB after the barriers for its folded norms (kScratchFloats floats: rstd per batch row,
-  // this block's column sums, the reduction's per-warp sums).
-  static constexpr int kScratchBytes = kWide ? 2048 : 0;
-  static constexpr int kRing = kSmemLimit - kScratchBytes;
+  // The wide class keeps its folded norms' rstd per batch row after the barriers (read while the ring is busy; the
+  // column sums use the ring after the reduction buffer), and sizes its ring to the 227 KB a block may have.
+  static constexpr int kScratchBytes = kWide ? 512 : 0;
+  static constexpr int kRing = kWide ? 227 * 1024 - 1024 - 256 - kScratchBytes : kSmemLimit;
   static constexpr int kStages = kMaxStages < kRing / kStageBytes ? kMaxStages : kRing / kStageBytes;
   static constexpr size_t kSmemBytes =
       size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */ + kScratchBytes;
@@ -204,9 +204,10 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + F::kStages * F::kStageBytes);
   uint64_t* empty = full + F::kStages;
-  // The wide class's scratch: rstd per batch row, this block's column sums, the reduction's per-warp sums.
+  // The folded norms' rstd per batch row (after the barriers), and after the reduction buffer in the ring this
+  // block's column sums and the reduction's per-warp sums (used once the ring's stages are done).
   float* rstd_s = reinterpret_cast<float*>(smem + F::kStages * F::kStageBytes + 256);
-  float* colsum_s = rstd_s + kFoldRows;
+  float* colsum_s = reinterpret_cast<float*>(smem) + F::kTileRows * NB;
   float* warpsum_s = colsum_s + kFoldRows;
   auto stage_w = [&](int s, int b) { return smem + s * F::kStageBytes + b * F::kWBoxBytes; };
   auto stage_x = [&](int s, int b) { return smem + s * F::kStageBytes + kBoxes * F::kWBoxBytes + b * F::kXBoxBytes; };
@@ -263,13 +264,13 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   } else {
     // Consumers: warpgroup wg multiplies W rows 64·wg … + 63 of each stage with x (the batch as wgmma's N).
     pdl_wait();
-    if constexpr (Norm == kNormIn) {  // the batch rows' rstd, while the first stages stream in
+    // The batch rows' rstd while the first stages stream in; read after a barrier of the epilogue.
+    if constexpr (Norm == kNormIn) {
       if (threadIdx.x < kFoldRows) {
         float total = 0.0f;
         for (int p = 0; p < fold.parts; ++p) total += fold.partials_in[int64_t(p) * kFoldRows + threadIdx.x];
         rstd_s[threadIdx.x] = rsqrtf(total / float(fold.d) + fold.eps);
       }
-      consumers_sync<kConsumers>();
     }
     const int wg = warp / 4;
     for (int i = 0; i < count; ++i) {
@@ -312,6 +313,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
           fold.partials_out[tile * kFoldRows + t] = sum;
         }
       } else {
+        if constexpr (Norm == kNormIn) consumers_sync<kConsumers>();  // rstd_s written
 #pragma unroll
         for (int i = 0; i < NB / 2; ++i) {
           float v = acc[i];
@@ -330,7 +332,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
 
   // The tile's parts: each block's part into its stage ring as [value i][consumer thread t]; after the cluster
   // barrier block `rank` adds a slice of the tile over the blocks in rank order.
-  __syncthreads();  // every warpgroup's last products have read the ring (each waited only for its own)
+  __syncthreads();  // every warpgroup's last products have read the ring (each waited only for its own); rstd_s written
   float* part = reinterpret_cast<float*>(smem);
   if (warp < kConsumers / 32) {
 #pragma unroll
@@ -347,6 +349,10 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     // one).
     constexpr int kUnitsPerValue = kConsumers / 8;
     static_assert(kUnitsPerValue % 32 == 0 && F::kThreads % 32 == 0, "a warp's units share one value i");
+    // The per-warp sums of a rank's values (at most NB/4 of them, split ≥ 2) and the column sums fit the ring.
+    static_assert(
+        F::kTileRows * NB + kFoldRows + (NB / 4) * (kUnitsPerValue / 32) * 4 <= F::kStages * F::kStageBytes / 4,
+        "the column sums fit after the reduction buffer");
     const int i_begin = (NB / 2) * rank / split, i_end = (NB / 2) * (rank + 1) / split;
     const int u_begin = i_begin * kUnitsPerValue, u_end = i_end * kUnitsPerValue;
     for (int u = u_begin + int(threadIdx.x); u < u_end; u += F::kThreads) {

@@ -9,9 +9,20 @@ set_tests_properties(test_gemv_gpu_stream_gemm PROPERTIES LABELS cuda ENVIRONMEN
 # The stream GEMM's wide class with each tile height forced (its grids choose by cost otherwise).
 foreach(tile 128 256)
   add_test(NAME test_stream_gemm_gpu_wide_tile_${tile} COMMAND test_stream_gemm_gpu
-           --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*)
+           --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*)
   set_tests_properties(test_stream_gemm_gpu_wide_tile_${tile} PROPERTIES LABELS cuda
                        ENVIRONMENT MAMBA3_STREAM_GEMM_WIDE_TILE=${tile} SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+endforeach()
+# The folded norms with the split forced too: unsplit tiles (every warp's and row half's sums) and two blocks per tile
+# (the most per-warp sums a block keeps).
+foreach(split 1 2)
+  foreach(tile 128 256)
+    add_test(NAME test_stream_gemm_gpu_folded_split_${split}_tile_${tile} COMMAND test_stream_gemm_gpu
+             --gtest_filter=*FoldedNorm*)
+    set_tests_properties(test_stream_gemm_gpu_folded_split_${split}_tile_${tile} PROPERTIES LABELS cuda
+                         ENVIRONMENT "MAMBA3_STREAM_GEMM_SPLIT=${split};MAMBA3_STREAM_GEMM_WIDE_TILE=${tile}"
+                         SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+  endforeach()
 endforeach()
 # Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
 # GEMM's wide class, with and without the norms folded into them.

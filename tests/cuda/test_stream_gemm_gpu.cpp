@@ -211,7 +211,8 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
 // RMSNorm folded into the wide class (65–128 rows): P (out_proj / fc2 shapes) leaves the residual equal, bit for bit,
 // to its plain product plus the residual and bf16(v ⊙ g) equal to the rounding of that; its partials sum, per batch
 // row, to Σ v²; C (in_proj / fc1 shapes) gives rstd · W_C · bf16(v ⊙ g) within float32 rounding of float64, and its
-// gated pairs within bf16 rounding. Shapes with split and unsplit tiles of both heights, partial tiles and k-blocks.
+// gated pairs within bf16 rounding. Shapes with split and unsplit tiles (one k-block: never split), partial tiles and
+// k-blocks; ctest reruns it with each tile height and with splits 1 and 2 forced.
 TEST(StreamGemmGpu, FoldedNormMatchesFloat64) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -222,7 +223,9 @@ TEST(StreamGemmGpu, FoldedNormMatchesFloat64) {
                             {1000, 1032, 37, 65},
                             {304, 520, 5, 100},
                             {2056, 2056, 1027, 128},
-                            {8, 72, 3, 77}}) {
+                            {8, 72, 3, 77},
+                            {2048, 64, 300, 128},   // P: one k-block, so unsplit over 8 or 16 tiles
+                            {64, 72, 2000, 96}}) {  // C: one k-block, so unsplit over 16 or 32 tiles
     SCOPED_TRACE("D=" + std::to_string(D) + " K=" + std::to_string(K) + " F=" + std::to_string(F) +
                  " M=" + std::to_string(M));
     ASSERT_TRUE(cuda::stream_gemm_folds_norms(ctx, M, D, K));
