@@ -9,7 +9,8 @@
 #         H200.
 # wide:   the stream GEMM's wide form (65–128 rows, opt-in: MAMBA3_STREAM_GEMM=all) against cuBLAS: the 1.5B products
 #         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128
-#         (with the norms folded into the products, the default there, and without).
+#         (with the norms folded into the products, the default there, and without; and with the Mamba-3 kernels
+#         under PDL at those rows, so that they too start under the product before them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -49,6 +50,7 @@ if [[ $what == wide || $what == all ]]; then
   done
   for preset in 1.5b 1.5b-mimo; do
     timeout 300 scripts/decode_ab.sh -p "$preset" -b "96 128" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM=all" \
-      "MAMBA3_STREAM_GEMM=all MAMBA3_DECODE_NORM_FOLD=0" 2>&1 | tee -a "$OUT/retune_wide.txt"
+      "MAMBA3_STREAM_GEMM=all MAMBA3_DECODE_NORM_FOLD=0" "MAMBA3_STREAM_GEMM=all MAMBA3_PDL_MAX_ROWS=128" \
+      2>&1 | tee -a "$OUT/retune_wide.txt"
   done
 fi
