@@ -39,12 +39,15 @@ namespace {
 constexpr int kBox = 64;
 constexpr int kMaxStages = 8, kMaxSplit = 8;
 
-template <int NB_, int BlocksPerSm, int Warpgroups, int Boxes>
+template <int NB_, int BlocksPerSm, int Warpgroups, int Boxes, bool VectorReduce = false>
 struct Form {
   static constexpr int NB = NB_, kBlocksPerSm = BlocksPerSm, kBoxes = Boxes;
   static constexpr int kTileRows = 64 * Warpgroups, kConsumers = 128 * Warpgroups, kThreads = kConsumers + 32;
   static constexpr int kKBlock = kBox * Boxes;
-  static constexpr bool kWide = NB == 128;  // the wide class: the vectorised reduction, gated split tiles
+  static constexpr bool kWide = NB == 128;  // the wide class: folded norms; the vectorised reduction
+  // The vectorised reduction (gated split tiles too): the wide class, and the narrow forms as an A/B option
+  // (MAMBA3_STREAM_GEMM_REDUCE=vector; the scalar reduction stays their default until measured).
+  static constexpr bool kVectorReduce = kWide || VectorReduce;
   static constexpr int kSmemLimit = BlocksPerSm == 2 ? 110 * 1024 : 224 * 1024;
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
   static constexpr int kXBoxBytes = NB * kBox * 2;  // NB rows of 128 bytes: whole 1024-byte swizzle atoms
@@ -60,8 +63,8 @@ struct Form {
   static_assert(kSmemBytes <= 227 * 1024, "within the opt-in shared memory of one block");
   static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
 };
-template <int NB, int BlocksPerSm>
-using Narrow = Form<NB, BlocksPerSm, 2, 2>;
+template <int NB, int BlocksPerSm, bool VectorReduce = false>
+using Narrow = Form<NB, BlocksPerSm, 2, 2, VectorReduce>;
 using WideTall = Form<128, 1, 4, 1>;
 using WideLow = Form<128, 1, 2, 1>;
 constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<8, 1>::kKBlock;
@@ -340,21 +343,22 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   }
   cluster_sync();
   constexpr int kElems = F::kTileRows * NB;
-  if constexpr (F::kWide) {
+  if constexpr (F::kVectorReduce) {
     // Units of 8 consecutive parts: threads t … t + 7 (t a multiple of 8) of one value i, i.e. weight rows 2j (t … t
     // + 3) and 2j + 1 (t + 4 … t + 7) at four batch rows, so a unit holds whole (value, gate) pairs. Block `rank`
-    // takes the units of values i in [NB/2 · rank / split, NB/2 · (rank + 1) / split): whole values, so that a warp's
-    // 32 units share one i (kUnitsPerValue is a multiple of 32) and can sum its columns' squares by shuffles. Every
-    // peer's two float4 are requested before any is added (the parts of a 128-row product are 4× those of a 32-row
-    // one).
-    constexpr int kUnitsPerValue = kConsumers / 8;
+    // takes units [U·rank/split, U·(rank+1)/split); with kNormOut, the units of values i in [NB/2 · rank / split,
+    // NB/2 · (rank + 1) / split): whole values, so that a warp's 32 units share one i (kUnitsPerValue is a multiple of
+    // 32) and can sum its columns' squares by shuffles. Every peer's two float4 are requested before any is added
+    // (the parts of a 128-row product are 4× those of a 32-row one).
+    constexpr int kUnitsPerValue = kConsumers / 8, kUnits = kElems / 8;
     static_assert(kUnitsPerValue % 32 == 0 && F::kThreads % 32 == 0, "a warp's units share one value i");
     // The per-warp sums of a rank's values (at most NB/4 of them, split ≥ 2) and the column sums fit the ring.
-    static_assert(
-        F::kTileRows * NB + kFoldRows + (NB / 4) * (kUnitsPerValue / 32) * 4 <= F::kStages * F::kStageBytes / 4,
-        "the column sums fit after the reduction buffer");
+    static_assert(Norm != kNormOut || F::kTileRows * NB + kFoldRows + (NB / 4) * (kUnitsPerValue / 32) * 4 <=
+                                          F::kStages * F::kStageBytes / 4,
+                  "the column sums fit after the reduction buffer");
     const int i_begin = (NB / 2) * rank / split, i_end = (NB / 2) * (rank + 1) / split;
-    const int u_begin = i_begin * kUnitsPerValue, u_end = i_end * kUnitsPerValue;
+    const int u_begin = Norm == kNormOut ? i_begin * kUnitsPerValue : int(int64_t(kUnits) * rank / split);
+    const int u_end = Norm == kNormOut ? i_end * kUnitsPerValue : int(int64_t(kUnits) * (rank + 1) / split);
     for (int u = u_begin + int(threadIdx.x); u < u_end; u += F::kThreads) {
       float4 lo[kMaxSplit], hi[kMaxSplit];
 #pragma unroll
@@ -522,7 +526,14 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
 // the SMs (1.5B in_proj/fc1 at 32–64 rows: 13.7 → 11.6, 13.1 → 10.7 µs), else two: clusters of 8 blocks of the big
 // variant measured slower (out_proj 7.4 → 10.0 µs at 8 rows; fewer such clusters fit a GPC at once).
 // MAMBA3_STREAM_GEMM_BLOCKS_PER_SM = 1 or 2 forces one (A/B runs).
-template <int NB>
+// MAMBA3_STREAM_GEMM_REDUCE = vector: the narrow forms' split tiles through the vectorised reduction (which also
+// takes the gated epilogue); scalar (default): the reduction measured in the eleventh session. Read once.
+bool narrow_vector_reduce() {
+  static const bool on = env_choice("MAMBA3_STREAM_GEMM_REDUCE", {"scalar", "vector"}) == "vector";
+  return on;
+}
+
+template <int NB, bool Vector>
 void launch_narrow(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                    float* y, int64_t y_stride, void* act) {
   static const int forced = int(env_integer("MAMBA3_STREAM_GEMM_BLOCKS_PER_SM", 0, 0, 2));
@@ -530,9 +541,15 @@ void launch_narrow(const Context& ctx, const void* w, int64_t n, int64_t k, cons
   const int64_t tiles = (n + kNarrowTileRows - 1) / kNarrowTileRows;
   const int split = split_for(tiles, kblocks, ctx.info().sm_count);
   const bool one = forced ? forced == 1 : split == 1 && tiles <= ctx.info().sm_count;
-  MAMBA3_CHECK(!act || split == 1, "stream_gemm: the gated epilogue needs unsplit tiles (split {})", split);
-  if (one) return launch<Narrow<NB, 1>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
-  launch<Narrow<NB, 2>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  MAMBA3_CHECK(!act || split == 1 || Vector, "stream_gemm: the gated epilogue needs unsplit tiles (split {})", split);
+  if (one) return launch<Narrow<NB, 1, Vector>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  launch<Narrow<NB, 2, Vector>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+}
+template <int NB>
+void launch_narrow(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+                   float* y, int64_t y_stride, void* act) {
+  if (narrow_vector_reduce()) return launch_narrow<NB, true>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  launch_narrow<NB, false>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
 }
 
 // How many clusters of `split` blocks of form F the device runs at once (a cluster's blocks share a GPC, so this is
@@ -682,7 +699,7 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
 bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride,
                                        const void* w, const void* x) {
   if (!stream_gemm_supported(ctx, m, n, k, x_stride, w, x) || n % 2 != 0) return false;
-  if (m > kStreamGemmNarrowMaxRows) return true;  // the wide form's reduction keeps (value, gate) pairs together
+  if (stream_gemm_vector_reduce(m)) return true;  // its reduction keeps (value, gate) pairs together
   const int kblocks = int((k + kNarrowKBlock - 1) / kNarrowKBlock);
   return split_for((n + kNarrowTileRows - 1) / kNarrowTileRows, kblocks, ctx.info().sm_count) == 1;
 }
@@ -727,6 +744,8 @@ void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n
   MAMBA3_CHECK(n % 2 == 0, "stream_gemm_gated_pairs_scaled: {} output rows are not (value, gate) pairs", n);
   launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, nullptr, 0, act, fold_in(in));
 }
+
+bool stream_gemm_vector_reduce(int64_t m) { return m > kStreamGemmNarrowMaxRows || narrow_vector_reduce(); }
 
 StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k) {
   const WideGrid g = wide_grid(ctx, n, k);
