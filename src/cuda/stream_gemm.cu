@@ -195,7 +195,8 @@ __device__ __forceinline__ void store_gated(float v, int i, int t, __nv_bfloat16
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
-// act non-null: the gated epilogue instead of y (the narrow forms: split 1 only). Norm (the wide class only): the
+// act non-null: the gated epilogue instead of y (split tiles: with the vectorised reduction only). Norm (the wide
+// class only): the
 // folded RMSNorm halves above; kNormOut writes residual, out16 and partials instead of y.
 template <class F, int Norm>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
