@@ -196,8 +196,7 @@ __device__ __forceinline__ void store_gated(float v, int i, int t, __nv_bfloat16
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
 // act non-null: the gated epilogue instead of y (split tiles: with the vectorised reduction only). Norm (the wide
-// class only): the
-// folded RMSNorm halves above; kNormOut writes residual, out16 and partials instead of y.
+// class only): the folded RMSNorm halves above; kNormOut writes residual, out16 and partials instead of y.
 template <class F, int Norm>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
