@@ -17,6 +17,7 @@
 #include "cuda/gated_silu.cuh"
 #include "cuda/pdl.h"
 #include "cuda/stream_gemm.h"
+#include "cuda/stream_gemm_layout.h"
 #include "cuda/wgmma_bf16.cuh"
 
 namespace mamba3::cuda {
@@ -147,13 +148,14 @@ __device__ __forceinline__ float4 load_peer4(const float* local, int rank) {
 }
 
 // Consumer thread t's accumulator value i (fragment of wgmma m64nNBk16, warpgroup t / 128) is weight row
-// row_of(t) + 8·((i / 2) % 2) of the tile and batch row col_of(t) + 8·(i / 4) + i % 2.
-__device__ __forceinline__ int row_of(int t) { return (t / 128) * 64 + ((t / 32) % 4) * 16 + (t % 32) / 4; }
-__device__ __forceinline__ int col_of(int t) { return 2 * (t % 4); }
+// weight_row(i, t) of the tile and batch row batch_row(i, t) (stream_gemm_layout.h, with the reduction's other index
+// arithmetic).
+using stream_layout::batch_row;
+using stream_layout::weight_row;
 template <int TileRows>
 __device__ __forceinline__ void store_value(float v, int i, int t, float* y, int64_t ldy, int m, int n, int64_t tile) {
-  const int64_t row = tile * TileRows + row_of(t) + 8 * ((i / 2) % 2);
-  const int col = col_of(t) + 8 * (i / 4) + i % 2;
+  const int64_t row = tile * TileRows + weight_row(i, t);
+  const int col = batch_row(i, t);
   if (row < n && col < m) y[col * ldy + row] = v;
 }
 
@@ -167,8 +169,8 @@ __device__ __forceinline__ void consumers_sync() {
 template <int TileRows>
 __device__ __forceinline__ float residual_update(float value, int i, int t, const FoldArgs& fold, int64_t ldr, int m,
                                                  int n, int64_t tile) {
-  const int64_t row = tile * TileRows + row_of(t) + 8 * ((i / 2) % 2);
-  const int col = col_of(t) + 8 * (i / 4) + i % 2;
+  const int64_t row = tile * TileRows + weight_row(i, t);
+  const int col = batch_row(i, t);
   if (row >= n || col >= m) return 0.0f;
   const int64_t at = col * ldr + row;
   const float v = value + fold.residual[at];
@@ -177,12 +179,12 @@ __device__ __forceinline__ float residual_update(float value, int i, int t, cons
   return v * v;
 }
 // W's rows (value, gate) pairs: act (M, n/2) bf16 = value ⊙ silu(gate) instead of y. Thread t's value i and thread
-// (t ^ 4)'s value i are the pair's rows 2j, 2j + 1 (row_of: t with bit 2 clear holds the even row).
+// (t ^ 4)'s value i are the pair's rows 2j, 2j + 1 (weight_row: t with bit 2 clear holds the even row).
 template <int TileRows>
 __device__ __forceinline__ void store_gated_pair(float value, float gate, int i, int t, __nv_bfloat16* act, int m,
                                                  int n, int64_t tile) {
-  const int64_t row = tile * TileRows + row_of(t) + 8 * ((i / 2) % 2);
-  const int col = col_of(t) + 8 * (i / 4) + i % 2;
+  const int64_t row = tile * TileRows + weight_row(i, t);
+  const int col = batch_row(i, t);
   if (row < n && col < m) act[col * (int64_t(n) / 2) + row / 2] = __float2bfloat16(gated_silu_value(value, gate));
 }
 // Unsplit tiles: the pair's rows sit in lanes 4 apart of one warp, so one shuffle brings the gate to the value's lane.
@@ -296,9 +298,9 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       const int t = threadIdx.x;
       if constexpr (Norm == kNormOut) {
         // The residual update, then Σ v² per batch row over this warp's 16 weight rows: lanes t ^ 4, 8, 16 hold the
-        // other rows of the same batch rows, and value i + 2 the other 8 rows of value i's (row_of). The warps' sums
-        // meet in the stage ring (once every warpgroup's products are done with it) as [warp][row half][batch row] and
-        // are added in that order.
+        // other rows of the same batch rows, and value i + 2 the other 8 rows of value i's (weight_row). The warps'
+        // sums meet in the stage ring (once every warpgroup's products are done with it) as [warp][row half][batch row]
+        // and are added in that order.
         consumers_sync<kConsumers>();
         float* warp_cols = reinterpret_cast<float*>(smem);
 #pragma unroll
@@ -307,7 +309,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
           sq += __shfl_xor_sync(0xffffffffu, sq, 4);
           sq += __shfl_xor_sync(0xffffffffu, sq, 8);
           sq += __shfl_xor_sync(0xffffffffu, sq, 16);
-          if (lane < 4) warp_cols[(warp * 2 + (i / 2) % 2) * kFoldRows + col_of(lane) + 8 * (i / 4) + i % 2] = sq;
+          if (lane < 4) warp_cols[stream_layout::unsplit_slot(warp, i) * kFoldRows + batch_row(i, lane)] = sq;
         }
         consumers_sync<kConsumers>();
         if (t < kFoldRows) {
@@ -320,7 +322,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
 #pragma unroll
         for (int i = 0; i < NB / 2; ++i) {
           float v = acc[i];
-          if constexpr (Norm == kNormIn) v *= rstd_s[col_of(t) + 8 * (i / 4) + i % 2];
+          if constexpr (Norm == kNormIn) v *= rstd_s[batch_row(i, t)];
           if (act) {
             store_gated<F::kTileRows>(v, i, t, act, m, n, tile);
           } else {
@@ -350,16 +352,16 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     // NB/2 · (rank + 1) / split): whole values, so that a warp's 32 units share one i (kUnitsPerValue is a multiple of
     // 32) and can sum its columns' squares by shuffles. Every peer's two float4 are requested before any is added
     // (the parts of a 128-row product are 4× those of a 32-row one).
-    constexpr int kUnitsPerValue = kConsumers / 8, kUnits = kElems / 8;
+    constexpr int kUnitsPerValue = stream_layout::units_per_value(kConsumers);
     static_assert(kUnitsPerValue % 32 == 0 && F::kThreads % 32 == 0, "a warp's units share one value i");
+    static_assert(kElems == 8 * kUnitsPerValue * (NB / 2), "units cover the tile");
     // The per-warp sums of a rank's values (at most NB/4 of them, split ≥ 2) and the column sums fit the ring.
     static_assert(Norm != kNormOut || F::kTileRows * NB + kFoldRows + (NB / 4) * (kUnitsPerValue / 32) * 4 <=
                                           F::kStages * F::kStageBytes / 4,
                   "the column sums fit after the reduction buffer");
-    const int i_begin = (NB / 2) * rank / split, i_end = (NB / 2) * (rank + 1) / split;
-    const int u_begin = Norm == kNormOut ? i_begin * kUnitsPerValue : int(int64_t(kUnits) * rank / split);
-    const int u_end = Norm == kNormOut ? i_end * kUnitsPerValue : int(int64_t(kUnits) * (rank + 1) / split);
-    for (int u = u_begin + int(threadIdx.x); u < u_end; u += F::kThreads) {
+    const stream_layout::UnitRange range =
+        stream_layout::reduction_units(rank, split, NB, kConsumers, Norm == kNormOut);
+    for (int u = range.begin + int(threadIdx.x); u < range.end; u += F::kThreads) {
       float4 lo[kMaxSplit], hi[kMaxSplit];
 #pragma unroll
       for (int q = 0; q < kMaxSplit; ++q)
@@ -374,7 +376,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
           even[0] += lo[q].x, even[1] += lo[q].y, even[2] += lo[q].z, even[3] += lo[q].w;
           odd[0] += hi[q].x, odd[1] += hi[q].y, odd[2] += hi[q].z, odd[3] += hi[q].w;
         }
-      const int i = u / kUnitsPerValue, t = 8 * (u % kUnitsPerValue);
+      const int i = stream_layout::unit_value(u, kConsumers), t = stream_layout::unit_thread(u, kConsumers);
       if constexpr (Norm == kNormOut) {
         float sq[4];
 #pragma unroll
@@ -390,13 +392,13 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
         }
         if (lane == 0) {  // slot: this warp's 32 units among the block's, in order
 #pragma unroll
-          for (int j = 0; j < 4; ++j) warpsum_s[((u - u_begin) / 32) * 4 + j] = sq[j];
+          for (int j = 0; j < 4; ++j) warpsum_s[stream_layout::warp_slot(u, range.begin) * 4 + j] = sq[j];
         }
       } else {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           if constexpr (Norm == kNormIn) {
-            const float r = rstd_s[col_of(t + j) + 8 * (i / 4) + i % 2];
+            const float r = rstd_s[batch_row(i, t + j)];
             even[j] *= r;
             odd[j] *= r;
           }
@@ -410,17 +412,18 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       }
     }
     if constexpr (Norm == kNormOut) {
-      // This block's column sums: batch row c is column j = (c % 8) / 2 of values i = 4·(c / 8) + c % 2 and i + 2
-      // (the tile's two row halves); their slots added in order. Then block 0 of the cluster adds the blocks' sums in
-      // rank order into the tile's partial.
+      // This block's column sums: batch row c is column colsum_column(c) of two values (the tile's two row halves);
+      // their slots added in order. Then block 0 of the cluster adds the blocks' sums in rank order into the tile's
+      // partial.
       __syncthreads();
       if (threadIdx.x < kFoldRows) {
-        const int c = threadIdx.x, j = (c % 8) / 2, i0 = 4 * (c / 8) + c % 2;
+        const int c = threadIdx.x, j = stream_layout::colsum_column(c);
         float sum = 0.0f;
-        for (int i = i0; i <= i0 + 2; i += 2) {
-          if (i < i_begin || i >= i_end) continue;
-          for (int h = 0; h < kUnitsPerValue / 32; ++h)
-            sum += warpsum_s[(((i - i_begin) * kUnitsPerValue) / 32 + h) * 4 + j];
+        for (int half = 0; half < 2; ++half) {
+          const int i = stream_layout::colsum_value(c, half);
+          if (i < range.value_begin || i >= range.value_end) continue;
+          const int slot0 = stream_layout::value_first_slot(i, range.value_begin, kConsumers);
+          for (int h = 0; h < stream_layout::slots_per_value(kConsumers); ++h) sum += warpsum_s[(slot0 + h) * 4 + j];
         }
         colsum_s[c] = sum;
       }
