@@ -2,7 +2,7 @@
 # On the GPU machine: unpacks gpu-bundle/bundle.tar.xz (made by scripts/gpu_bundle.sh), runs every CUDA test binary
 # (the `cuda` ctest label), compute-sanitizer passes (memcheck by default) at small sizes
 # (MAMBA3_TEST_SANITIZER_SIZES=1: tests that read it shrink their batches), and the benchmark given in BENCH_ARGS.
-# Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" [TESTS='test_*train*'] [SANITIZE_BIN=test_x]
+# Logs go to $OUT. Usage: OUT=… BENCH_ARGS="--preset 1.5b" [TESTS='test_*train* test_adamw*'] [SANITIZE_BIN=test_x]
 # [SANITIZE_FILTER='gtest filter' [SANITIZE_TOOLS='memcheck racecheck synccheck']] [CLI_TESTS=0] [VARIANTS=0]
 # [TEST_TIMEOUT=seconds per binary]
 # scripts/gpu_run.sh [tests|bench|all]
@@ -27,13 +27,19 @@ if [[ $what == tests || $what == all ]]; then
       echo "FAIL $name"; status=1; tail -40 "$OUT/$name.log"
     fi
   }
-  for t in run/bin/${TESTS:-test_*}; do
-    run_test "$(basename "$t")" "$t"
+  # TESTS: space-separated globs of test binaries (default every one); their ctest variants run with them.
+  declare -A selected=()
+  for pattern in ${TESTS:-test_*}; do
+    for t in run/bin/$pattern; do
+      [[ -x $t ]] || continue
+      selected[$(basename "$t")]=1
+      run_test "$(basename "$t")" "$t"
+    done
   done
   # The ctest entries that rerun a binary under other arguments or settings, as gpu_bundle.sh listed them from ctest.
   if [[ ${VARIANTS:-1} != 0 && -f run/variants.txt ]]; then
     while IFS='|' read -r -u 3 name bin args envs; do
-      [[ -x run/bin/$bin ]] || continue
+      [[ -x run/bin/$bin && -n ${selected[$bin]:-} ]] || continue
       read -r -a arguments <<< "$args"
       read -r -a assignments <<< "$envs"
       run_test "$name" env "${assignments[@]}" "run/bin/$bin" "${arguments[@]}"
