@@ -40,15 +40,15 @@ namespace {
 constexpr int kBox = 64;
 constexpr int kMaxStages = 8, kMaxSplit = 8;
 
-template <int NB_, int BlocksPerSm, int Warpgroups, int Boxes, bool VectorReduce = false>
+template <int NB_, int BlocksPerSm, int Warpgroups, int Boxes, bool RowEpilogue = false>
 struct Form {
   static constexpr int NB = NB_, kBlocksPerSm = BlocksPerSm, kBoxes = Boxes;
   static constexpr int kTileRows = 64 * Warpgroups, kConsumers = 128 * Warpgroups, kThreads = kConsumers + 32;
   static constexpr int kKBlock = kBox * Boxes;
-  static constexpr bool kWide = NB == 128;  // the wide class: folded norms; the vectorised reduction
-  // The vectorised reduction (gated split tiles too): the wide class, and the narrow forms as an A/B option
-  // (MAMBA3_STREAM_GEMM_REDUCE=vector; the scalar reduction stays their default until measured).
-  static constexpr bool kVectorReduce = kWide || VectorReduce;
+  static constexpr bool kWide = NB == 128;  // the wide class: folded norms; the row epilogue
+  // The row epilogue (stores along weight rows; gated split tiles too): the wide class, and the narrow forms as an A/B
+  // option (MAMBA3_STREAM_GEMM_EPILOGUE=rows; the fragment epilogue stays their default until measured).
+  static constexpr bool kRowEpilogue = kWide || RowEpilogue;
   static constexpr int kSmemLimit = BlocksPerSm == 2 ? 110 * 1024 : 224 * 1024;
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
   static constexpr int kXBoxBytes = NB * kBox * 2;  // NB rows of 128 bytes: whole 1024-byte swizzle atoms
@@ -64,8 +64,8 @@ struct Form {
   static_assert(kSmemBytes <= 227 * 1024, "within the opt-in shared memory of one block");
   static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
 };
-template <int NB, int BlocksPerSm, bool VectorReduce = false>
-using Narrow = Form<NB, BlocksPerSm, 2, 2, VectorReduce>;
+template <int NB, int BlocksPerSm, bool RowEpilogue = false>
+using Narrow = Form<NB, BlocksPerSm, 2, 2, RowEpilogue>;
 using WideTall = Form<128, 1, 4, 1>;
 using WideLow = Form<128, 1, 2, 1>;
 constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<8, 1>::kKBlock;
@@ -148,7 +148,7 @@ __device__ __forceinline__ float4 load_peer4(const float* local, int rank) {
 }
 
 // Consumer thread t's accumulator value i (fragment of wgmma m64nNBk16, warpgroup t / 128) is weight row
-// weight_row(i, t) of the tile and batch row batch_row(i, t) (stream_gemm_layout.h, with the reduction's other index
+// weight_row(i, t) of the tile and batch row batch_row(i, t) (stream_gemm_layout.h, with the row epilogue's index
 // arithmetic).
 using stream_layout::batch_row;
 using stream_layout::weight_row;
@@ -159,46 +159,90 @@ __device__ __forceinline__ void store_value(float v, int i, int t, float* y, int
   if (row < n && col < m) y[col * ldy + row] = v;
 }
 
-// The consumer warps only (named barrier 1; the producer warp may be elsewhere).
-template <int Consumers>
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;" ::"r"(Consumers) : "memory");
-}
-// kNormOut: thread t's value i is v = value + residual at its (batch row, weight row); v goes back to residual and
-// bf16(v · weight) to out16. Returns v² (0 outside the m × n outputs).
-template <int TileRows>
-__device__ __forceinline__ float residual_update(float value, int i, int t, const FoldArgs& fold, int64_t ldr, int m,
-                                                 int n, int64_t tile) {
-  const int64_t row = tile * TileRows + weight_row(i, t);
-  const int col = batch_row(i, t);
-  if (row >= n || col >= m) return 0.0f;
-  const int64_t at = col * ldr + row;
-  const float v = value + fold.residual[at];
-  fold.residual[at] = v;
-  fold.out16[at] = __float2bfloat16(v * fold.weight[row]);
-  return v * v;
-}
-// W's rows (value, gate) pairs: act (M, n/2) bf16 = value ⊙ silu(gate) instead of y. Thread t's value i and thread
-// (t ^ 4)'s value i are the pair's rows 2j, 2j + 1 (weight_row: t with bit 2 clear holds the even row).
-template <int TileRows>
-__device__ __forceinline__ void store_gated_pair(float value, float gate, int i, int t, __nv_bfloat16* act, int m,
-                                                 int n, int64_t tile) {
-  const int64_t row = tile * TileRows + weight_row(i, t);
-  const int col = batch_row(i, t);
-  if (row < n && col < m) act[col * (int64_t(n) / 2) + row / 2] = __float2bfloat16(gated_silu_value(value, gate));
-}
-// Unsplit tiles: the pair's rows sit in lanes 4 apart of one warp, so one shuffle brings the gate to the value's lane.
+// W's rows (value, gate) pairs: act (M, n/2) bf16 = value ⊙ silu(gate) instead of y. Unsplit tiles of the fragment
+// epilogue: thread t's value i and thread (t ^ 4)'s value i are the pair's rows 2j, 2j + 1 (weight_row: t with bit 2
+// clear holds the even row), lanes 4 apart of one warp, so one shuffle brings the gate to the value's lane.
 template <int TileRows>
 __device__ __forceinline__ void store_gated(float v, int i, int t, __nv_bfloat16* act, int m, int n, int64_t tile) {
   const float partner = __shfl_xor_sync(0xffffffffu, v, 4);
-  if (t % 8 < 4) store_gated_pair<TileRows>(v, partner, i, t, act, m, n, tile);
+  const int64_t row = tile * TileRows + weight_row(i, t);
+  const int col = batch_row(i, t);
+  if (t % 8 < 4 && row < n && col < m)
+    act[col * (int64_t(n) / 2) + row / 2] = __float2bfloat16(gated_silu_value(v, partner));
+}
+
+// The row epilogue's stores: four consecutive weight rows row … row + 3 (row a multiple of 4) of batch row c, as one
+// 16-byte access where the whole quad is inside the n outputs and the buffers allow it, else element by element (the
+// same arithmetic either way).
+struct RowOut {
+  float* y;
+  int64_t ldy;
+  bool y_vec;  // ldy a multiple of 4, y 16-byte aligned
+  __nv_bfloat16* act;
+  bool act_vec;   // n / 2 even, act 4-byte aligned
+  bool fold_vec;  // residual rows a multiple of 4 apart and 16-byte aligned, out16 8-byte, weight 16-byte aligned
+  int n;
+};
+__device__ __forceinline__ void store_row_y(const float4& v, int c, int64_t row, const RowOut& o) {
+  float* dst = o.y + c * o.ldy + row;
+  if (o.y_vec && row + 3 < o.n) {
+    *reinterpret_cast<float4*>(dst) = v;
+    return;
+  }
+  const float e[4] = {v.x, v.y, v.z, v.w};
+  for (int q = 0; q < 4; ++q)
+    if (row + q < o.n) dst[q] = e[q];
+}
+__device__ __forceinline__ void store_row_gated(const float4& v, int c, int64_t row, const RowOut& o) {
+  const int64_t f = o.n / 2;
+  __nv_bfloat16* dst = o.act + c * f + row / 2;
+  const __nv_bfloat16 a = __float2bfloat16(gated_silu_value(v.x, v.y)),
+                      b = __float2bfloat16(gated_silu_value(v.z, v.w));
+  if (o.act_vec && row + 3 < o.n) {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __halves2bfloat162(a, b);
+    return;
+  }
+  if (row < o.n) dst[0] = a;  // n is even: a pair is whole or absent
+  if (row + 2 < o.n) dst[1] = b;
+}
+// kNormOut: v += residual; v → residual, bf16(v ⊙ weight) → out16 (rows ldy apart); returns Σ v² of the quad's rows
+// inside n.
+__device__ __forceinline__ float store_row_residual_norm(float4 v, int c, int64_t row, const FoldArgs& fold,
+                                                         const RowOut& o) {
+  float* res = fold.residual + c * o.ldy + row;
+  __nv_bfloat16* out = fold.out16 + c * o.ldy + row;
+  if (o.fold_vec && row + 3 < o.n) {
+    const float4 r = *reinterpret_cast<const float4*>(res), g = *reinterpret_cast<const float4*>(fold.weight + row);
+    v.x += r.x, v.y += r.y, v.z += r.z, v.w += r.w;
+    *reinterpret_cast<float4*>(res) = v;
+    __nv_bfloat162 lo = __halves2bfloat162(__float2bfloat16(v.x * g.x), __float2bfloat16(v.y * g.y));
+    __nv_bfloat162 hi = __halves2bfloat162(__float2bfloat16(v.z * g.z), __float2bfloat16(v.w * g.w));
+    uint2 packed;
+    packed.x = *reinterpret_cast<uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(out) = packed;
+    return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  float e[4] = {v.x, v.y, v.z, v.w}, sq = 0.0f;
+  for (int q = 0; q < 4; ++q)
+    if (row + q < o.n) {
+      e[q] += res[q];
+      res[q] = e[q];
+      out[q] = __float2bfloat16(e[q] * fold.weight[row + q]);
+      sq += e[q] * e[q];
+    }
+  return sq;
 }
 
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
-// act non-null: the gated epilogue instead of y (split tiles: with the vectorised reduction only). Norm (the wide
-// class only): the folded RMSNorm halves above; kNormOut writes residual, out16 and partials instead of y.
+// Two epilogues. The fragment epilogue (the narrow forms by default): unsplit tiles store from the accumulators, split
+// tiles go through the ring as [value i][consumer thread t] and each block adds an element slice; act (the gated
+// epilogue) on unsplit tiles only. The row epilogue (the wide class; the narrow forms under
+// MAMBA3_STREAM_GEMM_EPILOGUE=rows): the block's part goes to the ring as [batch row][weight row], then whole batch
+// rows are added over the cluster (block `rank`: rows [NB·rank/split, NB·(rank+1)/split)) and stored along the weight
+// rows — y, the gated activations, or (Norm, the wide class) the folded RMSNorm halves above.
 template <class F, int Norm>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
@@ -209,11 +253,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + F::kStages * F::kStageBytes);
   uint64_t* empty = full + F::kStages;
-  // The folded norms' rstd per batch row (after the barriers), and after the reduction buffer in the ring this
-  // block's column sums and the reduction's per-warp sums (used once the ring's stages are done).
-  float* rstd_s = reinterpret_cast<float*>(smem + F::kStages * F::kStageBytes + 256);
-  float* colsum_s = reinterpret_cast<float*>(smem) + F::kTileRows * NB;
-  float* warpsum_s = colsum_s + kFoldRows;
+  float* rstd_s = reinterpret_cast<float*>(smem + F::kStages * F::kStageBytes + 256);  // kNormIn: per batch row
   auto stage_w = [&](int s, int b) { return smem + s * F::kStageBytes + b * F::kWBoxBytes; };
   auto stage_x = [&](int s, int b) { return smem + s * F::kStageBytes + kBoxes * F::kWBoxBytes + b * F::kXBoxBytes; };
 
@@ -264,12 +304,12 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
         load_x(s, kb_begin + i);
       }
     }
-    pdl_wait();  // every lane: the reduction below writes y
+    pdl_wait();  // every lane: the epilogue below writes the outputs
     __syncwarp();
   } else {
     // Consumers: warpgroup wg multiplies W rows 64·wg … + 63 of each stage with x (the batch as wgmma's N).
     pdl_wait();
-    // The batch rows' rstd while the first stages stream in; read after a barrier of the epilogue.
+    // kNormIn: the batch rows' rstd while the first stages stream in (read after the epilogue's first barrier).
     if constexpr (Norm == kNormIn) {
       if (threadIdx.x < kFoldRows) {
         float total = 0.0f;
@@ -294,50 +334,95 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       if (lane == 0) mbar_arrive(&empty[s]);
     }
-    if (split == 1) {
-      const int t = threadIdx.x;
-      if constexpr (Norm == kNormOut) {
-        // The residual update, then Σ v² per batch row over this warp's 16 weight rows: lanes t ^ 4, 8, 16 hold the
-        // other rows of the same batch rows, and value i + 2 the other 8 rows of value i's (weight_row). The warps'
-        // sums meet in the stage ring (once every warpgroup's products are done with it) as [warp][row half][batch row]
-        // and are added in that order.
-        consumers_sync<kConsumers>();
-        float* warp_cols = reinterpret_cast<float*>(smem);
+    if constexpr (!F::kRowEpilogue) {
+      if (split == 1) {
+        if (act) {
 #pragma unroll
-        for (int i = 0; i < NB / 2; ++i) {
-          float sq = residual_update<F::kTileRows>(acc[i], i, t, fold, ldy, m, n, tile);
-          sq += __shfl_xor_sync(0xffffffffu, sq, 4);
-          sq += __shfl_xor_sync(0xffffffffu, sq, 8);
-          sq += __shfl_xor_sync(0xffffffffu, sq, 16);
-          if (lane < 4) warp_cols[stream_layout::unsplit_slot(warp, i) * kFoldRows + batch_row(i, lane)] = sq;
-        }
-        consumers_sync<kConsumers>();
-        if (t < kFoldRows) {
-          float sum = 0.0f;
-          for (int h = 0; h < 2 * (kConsumers / 32); ++h) sum += warp_cols[h * kFoldRows + t];
-          fold.partials_out[tile * kFoldRows + t] = sum;
-        }
-      } else {
-        if constexpr (Norm == kNormIn) consumers_sync<kConsumers>();  // rstd_s written
+          for (int i = 0; i < NB / 2; ++i) store_gated<F::kTileRows>(acc[i], i, threadIdx.x, act, m, n, tile);
+        } else {
 #pragma unroll
-        for (int i = 0; i < NB / 2; ++i) {
-          float v = acc[i];
-          if constexpr (Norm == kNormIn) v *= rstd_s[batch_row(i, t)];
-          if (act) {
-            store_gated<F::kTileRows>(v, i, t, act, m, n, tile);
+          for (int i = 0; i < NB / 2; ++i) store_value<F::kTileRows>(acc[i], i, threadIdx.x, y, ldy, m, n, tile);
+        }
+        return;
+      }
+    }
+  }
+
+  if constexpr (F::kRowEpilogue) {
+    constexpr int kPitch = stream_layout::row_pitch(F::kTileRows), kWarps = F::kThreads / 32;
+    static_assert(NB * kPitch * 4 <= F::kStages * F::kStageBytes, "the tile's part fits the ring");
+    __syncthreads();  // every warpgroup's last products have read the ring (each waited only for its own); rstd_s
+    float* part = reinterpret_cast<float*>(smem);
+    if (warp < kConsumers / 32) {
+#pragma unroll
+      for (int i = 0; i < NB / 2; ++i)
+        part[stream_layout::row_part_index(batch_row(i, threadIdx.x), weight_row(i, threadIdx.x), F::kTileRows)] =
+            acc[i];
+    }
+    if (split > 1) {
+      cluster_sync();
+    } else {
+      __syncthreads();
+    }
+    RowOut o;
+    o.y = y;
+    o.ldy = ldy;
+    o.y_vec = y && ldy % 4 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+    o.act = act;
+    o.act_vec = act && (n / 2) % 2 == 0 && reinterpret_cast<uintptr_t>(act) % 4 == 0;
+    o.fold_vec = Norm == kNormOut && ldy % 4 == 0 && reinterpret_cast<uintptr_t>(fold.residual) % 16 == 0 &&
+                 reinterpret_cast<uintptr_t>(fold.out16) % 8 == 0 && reinterpret_cast<uintptr_t>(fold.weight) % 16 == 0;
+    o.n = n;
+    const int64_t row0 = tile * F::kTileRows;
+    const stream_layout::RowRange rows = stream_layout::epilogue_rows(rank, split, NB);
+    // A warp per batch row, a lane per 4 consecutive weight rows (128 rows a step); every peer's float4 requested
+    // before any is added.
+    for (int c = rows.begin + warp; c < rows.end; c += kWarps) {
+      float sq = 0.0f;
+      if (c < m) {
+        for (int r = 4 * lane; r < F::kTileRows; r += 128) {
+          const float* at = part + stream_layout::row_part_index(c, r, F::kTileRows);
+          float4 v;
+          if (split == 1) {
+            v = *reinterpret_cast<const float4*>(at);
           } else {
-            store_value<F::kTileRows>(v, i, t, y, ldy, m, n, tile);
+            float4 peer[kMaxSplit];
+#pragma unroll
+            for (int q = 0; q < kMaxSplit; ++q)
+              if (q < split) peer[q] = load_peer4(at, q);
+            v = peer[0];
+#pragma unroll
+            for (int q = 1; q < kMaxSplit; ++q)
+              if (q < split) v.x += peer[q].x, v.y += peer[q].y, v.z += peer[q].z, v.w += peer[q].w;
+          }
+          if constexpr (Norm == kNormIn) {
+            const float s = rstd_s[c];
+            v.x *= s, v.y *= s, v.z *= s, v.w *= s;
+          }
+          if (row0 + r >= n) continue;  // a partial tile's missing rows (uniform per lane, not per warp: no shuffle)
+          if constexpr (Norm == kNormOut) {
+            sq += store_row_residual_norm(v, c, row0 + r, fold, o);
+          } else if (act) {
+            store_row_gated(v, c, row0 + r, o);
+          } else {
+            store_row_y(v, c, row0 + r, o);
           }
         }
       }
-      return;
+      if constexpr (Norm == kNormOut) {  // the tile's Σ v² of batch row c, lanes in a fixed order
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        if (lane == 0) fold.partials_out[tile * kFoldRows + c] = sq;
+      }
     }
+    if (split > 1) cluster_sync();  // no block leaves while its peers may still read its part
+    return;
   }
-  if (split == 1) return;  // the producer warp
 
-  // The tile's parts: each block's part into its stage ring as [value i][consumer thread t]; after the cluster
-  // barrier block `rank` adds a slice of the tile over the blocks in rank order.
-  __syncthreads();  // every warpgroup's last products have read the ring (each waited only for its own); rstd_s written
+  if (split == 1) return;  // the producer warp (fragment epilogue)
+  // The fragment epilogue's split tiles: each block's part into its stage ring as [value i][consumer thread t]; after
+  // the cluster barrier block `rank` adds elements [E·rank/split, E·(rank+1)/split) over the blocks in rank order.
+  __syncthreads();  // both warpgroups' last products have read the ring (each waited only for its own)
   float* part = reinterpret_cast<float*>(smem);
   if (warp < kConsumers / 32) {
 #pragma unroll
@@ -345,104 +430,13 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   }
   cluster_sync();
   constexpr int kElems = F::kTileRows * NB;
-  if constexpr (F::kVectorReduce) {
-    // Units of 8 consecutive parts: threads t … t + 7 (t a multiple of 8) of one value i, i.e. weight rows 2j (t … t
-    // + 3) and 2j + 1 (t + 4 … t + 7) at four batch rows, so a unit holds whole (value, gate) pairs. Block `rank`
-    // takes units [U·rank/split, U·(rank+1)/split); with kNormOut, the units of values i in [NB/2 · rank / split,
-    // NB/2 · (rank + 1) / split): whole values, so that a warp's 32 units share one i (kUnitsPerValue is a multiple of
-    // 32) and can sum its columns' squares by shuffles. Every peer's two float4 are requested before any is added
-    // (the parts of a 128-row product are 4× those of a 32-row one).
-    constexpr int kUnitsPerValue = stream_layout::units_per_value(kConsumers);
-    static_assert(kUnitsPerValue % 32 == 0 && F::kThreads % 32 == 0, "a warp's units share one value i");
-    static_assert(kElems == 8 * kUnitsPerValue * (NB / 2), "units cover the tile");
-    // The per-warp sums of a rank's values (at most NB/4 of them, split ≥ 2) and the column sums fit the ring.
-    static_assert(Norm != kNormOut || F::kTileRows * NB + kFoldRows + (NB / 4) * (kUnitsPerValue / 32) * 4 <=
-                                          F::kStages * F::kStageBytes / 4,
-                  "the column sums fit after the reduction buffer");
-    const stream_layout::UnitRange range =
-        stream_layout::reduction_units(rank, split, NB, kConsumers, Norm == kNormOut);
-    for (int u = range.begin + int(threadIdx.x); u < range.end; u += F::kThreads) {
-      float4 lo[kMaxSplit], hi[kMaxSplit];
-#pragma unroll
-      for (int q = 0; q < kMaxSplit; ++q)
-        if (q < split) {
-          lo[q] = load_peer4(part + 8 * u, q);
-          hi[q] = load_peer4(part + 8 * u + 4, q);
-        }
-      float even[4] = {lo[0].x, lo[0].y, lo[0].z, lo[0].w}, odd[4] = {hi[0].x, hi[0].y, hi[0].z, hi[0].w};
-#pragma unroll
-      for (int q = 1; q < kMaxSplit; ++q)
-        if (q < split) {
-          even[0] += lo[q].x, even[1] += lo[q].y, even[2] += lo[q].z, even[3] += lo[q].w;
-          odd[0] += hi[q].x, odd[1] += hi[q].y, odd[2] += hi[q].z, odd[3] += hi[q].w;
-        }
-      const int i = stream_layout::unit_value(u, kConsumers), t = stream_layout::unit_thread(u, kConsumers);
-      if constexpr (Norm == kNormOut) {
-        float sq[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float a = residual_update<F::kTileRows>(even[j], i, t + j, fold, ldy, m, n, tile);
-          const float b = residual_update<F::kTileRows>(odd[j], i, t + 4 + j, fold, ldy, m, n, tile);
-          sq[j] = a + b;
-        }
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) sq[j] += __shfl_xor_sync(0xffffffffu, sq[j], o);
-        }
-        if (lane == 0) {  // slot: this warp's 32 units among the block's, in order
-#pragma unroll
-          for (int j = 0; j < 4; ++j) warpsum_s[stream_layout::warp_slot(u, range.begin) * 4 + j] = sq[j];
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if constexpr (Norm == kNormIn) {
-            const float r = rstd_s[batch_row(i, t + j)];
-            even[j] *= r;
-            odd[j] *= r;
-          }
-          if (act) {
-            store_gated_pair<F::kTileRows>(even[j], odd[j], i, t + j, act, m, n, tile);
-          } else {
-            store_value<F::kTileRows>(even[j], i, t + j, y, ldy, m, n, tile);
-            store_value<F::kTileRows>(odd[j], i, t + 4 + j, y, ldy, m, n, tile);
-          }
-        }
-      }
-    }
-    if constexpr (Norm == kNormOut) {
-      // This block's column sums: batch row c is column colsum_column(c) of two values (the tile's two row halves);
-      // their slots added in order. Then block 0 of the cluster adds the blocks' sums in rank order into the tile's
-      // partial.
-      __syncthreads();
-      if (threadIdx.x < kFoldRows) {
-        const int c = threadIdx.x, j = stream_layout::colsum_column(c);
-        float sum = 0.0f;
-        for (int half = 0; half < 2; ++half) {
-          const int i = stream_layout::colsum_value(c, half);
-          if (i < range.value_begin || i >= range.value_end) continue;
-          const int slot0 = stream_layout::value_first_slot(i, range.value_begin, kConsumers);
-          for (int h = 0; h < stream_layout::slots_per_value(kConsumers); ++h) sum += warpsum_s[(slot0 + h) * 4 + j];
-        }
-        colsum_s[c] = sum;
-      }
-      cluster_sync();
-      if (rank == 0 && threadIdx.x < kFoldRows) {
-        float sum = 0.0f;
-        for (int q = 0; q < split; ++q) sum += load_peer(colsum_s + threadIdx.x, q);
-        fold.partials_out[tile * kFoldRows + threadIdx.x] = sum;
-      }
-    }
-  } else {
-    const int e_end = int(int64_t(kElems) * (rank + 1) / split);
-    for (int e = int(int64_t(kElems) * rank / split) + threadIdx.x; e < e_end; e += F::kThreads) {
-      float sum = load_peer(part + e, 0);
-      for (int q = 1; q < split; ++q) sum += load_peer(part + e, q);
-      store_value<F::kTileRows>(sum, e / kConsumers, e % kConsumers, y, ldy, m, n, tile);
-    }
+  const int e_end = int(int64_t(kElems) * (rank + 1) / split);
+  for (int e = int(int64_t(kElems) * rank / split) + threadIdx.x; e < e_end; e += F::kThreads) {
+    float sum = load_peer(part + e, 0);
+    for (int q = 1; q < split; ++q) sum += load_peer(part + e, q);
+    store_value<F::kTileRows>(sum, e / kConsumers, e % kConsumers, y, ldy, m, n, tile);
   }
-  cluster_sync();  // no block leaves while its peers may still read its part (and its column sums)
+  cluster_sync();  // no block leaves while its peers may still read its part
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
@@ -529,14 +523,14 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
 // the SMs (1.5B in_proj/fc1 at 32–64 rows: 13.7 → 11.6, 13.1 → 10.7 µs), else two: clusters of 8 blocks of the big
 // variant measured slower (out_proj 7.4 → 10.0 µs at 8 rows; fewer such clusters fit a GPC at once).
 // MAMBA3_STREAM_GEMM_BLOCKS_PER_SM = 1 or 2 forces one (A/B runs).
-// MAMBA3_STREAM_GEMM_REDUCE = vector: the narrow forms' split tiles through the vectorised reduction (which also
-// takes the gated epilogue); scalar (default): the reduction measured in the eleventh session. Read once.
-bool narrow_vector_reduce() {
-  static const bool on = env_choice("MAMBA3_STREAM_GEMM_REDUCE", {"scalar", "vector"}) == "vector";
+// MAMBA3_STREAM_GEMM_EPILOGUE = rows: the narrow forms through the row epilogue (which also takes the gated epilogue
+// on split tiles); fragments (default): the epilogue measured in the eleventh session. Read once.
+bool narrow_row_epilogue() {
+  static const bool on = env_choice("MAMBA3_STREAM_GEMM_EPILOGUE", {"fragments", "rows"}) == "rows";
   return on;
 }
 
-template <int NB, bool Vector>
+template <int NB, bool Rows>
 void launch_narrow(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                    float* y, int64_t y_stride, void* act) {
   static const int forced = int(env_integer("MAMBA3_STREAM_GEMM_BLOCKS_PER_SM", 0, 0, 2));
@@ -544,14 +538,14 @@ void launch_narrow(const Context& ctx, const void* w, int64_t n, int64_t k, cons
   const int64_t tiles = (n + kNarrowTileRows - 1) / kNarrowTileRows;
   const int split = split_for(tiles, kblocks, ctx.info().sm_count);
   const bool one = forced ? forced == 1 : split == 1 && tiles <= ctx.info().sm_count;
-  MAMBA3_CHECK(!act || split == 1 || Vector, "stream_gemm: the gated epilogue needs unsplit tiles (split {})", split);
-  if (one) return launch<Narrow<NB, 1, Vector>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
-  launch<Narrow<NB, 2, Vector>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  MAMBA3_CHECK(!act || split == 1 || Rows, "stream_gemm: the gated epilogue needs unsplit tiles (split {})", split);
+  if (one) return launch<Narrow<NB, 1, Rows>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
+  launch<Narrow<NB, 2, Rows>>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act);
 }
 template <int NB>
 void launch_narrow(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                    float* y, int64_t y_stride, void* act) {
-  if (narrow_vector_reduce()) return launch_narrow<NB, true>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
+  if (narrow_row_epilogue()) return launch_narrow<NB, true>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
   launch_narrow<NB, false>(ctx, w, n, k, x, m, x_stride, y, y_stride, act);
 }
 
@@ -702,7 +696,7 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
 bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride,
                                        const void* w, const void* x) {
   if (!stream_gemm_supported(ctx, m, n, k, x_stride, w, x) || n % 2 != 0) return false;
-  if (stream_gemm_vector_reduce(m)) return true;  // its reduction keeps (value, gate) pairs together
+  if (stream_gemm_row_epilogue(m)) return true;  // it adds whole rows, so (value, gate) pairs stay together
   const int kblocks = int((k + kNarrowKBlock - 1) / kNarrowKBlock);
   return split_for((n + kNarrowTileRows - 1) / kNarrowTileRows, kblocks, ctx.info().sm_count) == 1;
 }
@@ -748,7 +742,7 @@ void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n
   launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, nullptr, 0, act, fold_in(in));
 }
 
-bool stream_gemm_vector_reduce(int64_t m) { return m > kStreamGemmNarrowMaxRows || narrow_vector_reduce(); }
+bool stream_gemm_row_epilogue(int64_t m) { return m > kStreamGemmNarrowMaxRows || narrow_row_epilogue(); }
 
 StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k) {
   const WideGrid g = wide_grid(ctx, n, k);

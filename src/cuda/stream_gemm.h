@@ -32,7 +32,7 @@ void stream_gemm(const Context& ctx, const void* w, int64_t n, int64_t k, const 
 // The GatedMLP's fc1 with its activation in the epilogue: W's rows are (value, gate) pairs (2j, 2j + 1) and
 // act (M, N/2) bf16 = bf16(y_2j · silu(y_2j+1)), the bits of stream_gemm followed by gated_silu(). Supported when
 // stream_gemm is, N is even and the shape's tiles are not split over K (wide products: the 1.5B fc1) or their split
-// tiles are added by the vectorised reduction (stream_gemm_vector_reduce).
+// tiles are added by the row epilogue (stream_gemm_row_epilogue).
 bool stream_gemm_gated_pairs_supported(const Context& ctx, int64_t m, int64_t n, int64_t k, int64_t x_stride,
                                        const void* w, const void* x);
 void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
@@ -56,10 +56,11 @@ void stream_gemm_scaled(const Context& ctx, const void* w, int64_t n, int64_t k,
 void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                                     int64_t x_stride, void* act, const GemvRowScale& in);
 
-// Whether split tiles of an m-row product are added by the vectorised cluster reduction (which takes the gated
-// epilogue too): the wide class always, the narrow forms under MAMBA3_STREAM_GEMM_REDUCE=vector (an A/B option; the
-// scalar reduction is their default).
-bool stream_gemm_vector_reduce(int64_t m);
+// Whether an m-row product ends in the row epilogue (whole batch rows added over the cluster and stored along the
+// weight rows; it takes the gated epilogue on split tiles too): the wide class always, the narrow forms under
+// MAMBA3_STREAM_GEMM_EPILOGUE=rows (an A/B option; their default is the fragment epilogue, stores from the
+// accumulators).
+bool stream_gemm_row_epilogue(int64_t m);
 
 // The grid of the wide class (65–128 rows) for an N × K product on this device: weight rows per tile (256 or 128) and
 // blocks per tile (tests and benchmarks).

@@ -167,7 +167,7 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
       // 135 narrow tiles, 68 of 256 rows or 135 of 128 (all three partial): unsplit on 132 SMs in every form.
       {8600, 520, {1, 3, 8, 9, 16, 31, 64, 65, 128}},
       // 9 or 18 wide tiles (the last partial) split over K; at 8 and 33 rows 18 narrow tiles split over K, which the
-      // narrow forms take under the vectorised reduction only (MAMBA3_STREAM_GEMM_REDUCE=vector).
+      // narrow forms take under the row epilogue only (MAMBA3_STREAM_GEMM_EPILOGUE=rows).
       {1100, 1000, {8, 33, 65, 128}},
   };
   EXPECT_GT(cuda::stream_gemm_wide_grid(ctx, 2 * 1100, 1000).split, 1);
@@ -178,7 +178,7 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
     dw.upload(w.raw(), w.nbytes());
     for (int64_t M : c.rows) {
       SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M));
-      if (c.pairs == 1100 && !cuda::stream_gemm_vector_reduce(M)) continue;
+      if (c.pairs == 1100 && !cuda::stream_gemm_row_epilogue(M)) continue;
       const Tensor x = random_tensor(rng, {M, K}, -2.0f, 2.0f).to(DType::BF16);
       cuda::DeviceBuffer dx(x.nbytes()), dy(size_t(M * N) * 4), fused(size_t(M * F) * 2), plain(size_t(M * F) * 2);
       dx.upload(x.raw(), x.nbytes());
@@ -204,11 +204,11 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
       }
     }
   }
-  // Split tiles of the narrow forms (out_proj-like N 2048 at 8 rows) are refused unless the vectorised reduction adds
+  // Split tiles of the narrow forms (out_proj-like N 2048 at 8 rows) are refused unless the row epilogue adds
   // them; the wide class takes them.
   cuda::DeviceBuffer dx(size_t(128 * 4096) * 2), dn(size_t(2048 * 4096) * 2), dodd(size_t(2049 * 520) * 2);
   EXPECT_EQ(cuda::stream_gemm_gated_pairs_supported(ctx, 8, 2048, 4096, 4096, dn.raw(), dx.raw()),
-            cuda::stream_gemm_vector_reduce(8));
+            cuda::stream_gemm_row_epilogue(8));
   EXPECT_TRUE(cuda::stream_gemm_gated_pairs_supported(ctx, 128, 2048, 4096, 4096, dn.raw(), dx.raw()));
   EXPECT_FALSE(cuda::stream_gemm_gated_pairs_supported(ctx, 8, 2049, 520, 520, dodd.raw(), dx.raw()));  // odd N
 }
