@@ -53,8 +53,8 @@ struct Form {
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
   static constexpr int kXBoxBytes = NB * kBox * 2;  // NB rows of 128 bytes: whole 1024-byte swizzle atoms
   static constexpr int kStageBytes = kBoxes * (kWBoxBytes + kXBoxBytes);
-  // The wide class keeps its folded norms' rstd per batch row after the barriers (read while the ring is busy; the
-  // column sums use the ring after the reduction buffer), and sizes its ring to the 227 KB a block may have.
+  // The wide class keeps its folded norms' rstd per batch row after the barriers (read while the ring is busy), and
+  // sizes its ring to the 227 KB a block may have.
   static constexpr int kScratchBytes = kWide ? 512 : 0;
   static constexpr int kRing = kWide ? 227 * 1024 - 1024 - 256 - kScratchBytes : kSmemLimit;
   static constexpr int kStages = kMaxStages < kRing / kStageBytes ? kMaxStages : kRing / kStageBytes;
@@ -62,7 +62,8 @@ struct Form {
       size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */ + kScratchBytes;
   static_assert(kStages >= 2, "at least two stages");
   static_assert(kSmemBytes <= 227 * 1024, "within the opt-in shared memory of one block");
-  static_assert(kTileRows * NB * 4 <= kStages * kStageBytes, "the reduction buffer reuses the stage ring");
+  static_assert(kTileRows * NB * 4 <= kStages * kStageBytes,
+                "the fragment epilogue's part reuses the stage ring (the row epilogue's, padded: in the kernel)");
 };
 template <int NB, int BlocksPerSm, bool RowEpilogue = false>
 using Narrow = Form<NB, BlocksPerSm, 2, 2, RowEpilogue>;
@@ -172,8 +173,9 @@ __device__ __forceinline__ void store_gated(float v, int i, int t, __nv_bfloat16
 }
 
 // The row epilogue's stores: four consecutive weight rows row … row + 3 (row a multiple of 4) of batch row c, as one
-// 16-byte access where the whole quad is inside the n outputs and the buffers allow it, else element by element (the
-// same arithmetic either way).
+// 16-byte access where the whole quad is inside the n outputs and the buffers allow it, else element by element. The
+// stored values are the same bits either way; the kNormOut quad's Σ v² may round differently (the compiler may contract
+// the vector path's sum), which changes only the partials' last bits, not which rows take which path.
 struct RowOut {
   float* y;
   int64_t ldy;
@@ -375,12 +377,12 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     o.n = n;
     const int64_t row0 = tile * F::kTileRows;
     const stream_layout::RowRange rows = stream_layout::epilogue_rows(rank, split, NB);
-    // A warp per batch row, a lane per 4 consecutive weight rows (128 rows a step); every peer's float4 requested
-    // before any is added.
+    // A warp per batch row, a lane per 4 consecutive weight rows (stream_layout: 128 rows a step); every peer's float4
+    // requested before any is added.
     for (int c = rows.begin + warp; c < rows.end; c += kWarps) {
       float sq = 0.0f;
       if (c < m) {
-        for (int r = 4 * lane; r < F::kTileRows; r += 128) {
+        for (int r = stream_layout::lane_first_row(lane); r < F::kTileRows; r += stream_layout::kLaneRowStep) {
           const float* at = part + stream_layout::row_part_index(c, r, F::kTileRows);
           float4 v;
           if (split == 1) {
@@ -415,6 +417,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
         if (lane == 0) fold.partials_out[tile * kFoldRows + c] = sq;
       }
     }
+    __syncwarp();                   // lanes reconverged after their stores (the barrier below is .aligned)
     if (split > 1) cluster_sync();  // no block leaves while its peers may still read its part
     return;
   }

@@ -23,6 +23,9 @@ MAMBA3_LAYOUT_FN int batch_row(int i, int t) { return col_of(t) + 8 * (i / 4) + 
 // different banks, and keep each row's float4 reads 16-byte aligned.
 MAMBA3_LAYOUT_FN int row_pitch(int tile_rows) { return tile_rows + 4; }
 MAMBA3_LAYOUT_FN int row_part_index(int c, int r, int tile_rows) { return c * row_pitch(tile_rows) + r; }
+// A warp takes a batch row, lane l the 4 weight rows from lane_first_row(l), then every kLaneRowStep rows.
+constexpr int kLaneRowStep = 128;
+MAMBA3_LAYOUT_FN int lane_first_row(int lane) { return 4 * lane; }
 // The batch rows block `rank` of a `split`-block cluster adds and stores: [begin, end) of nb.
 struct RowRange {
   int begin, end;

@@ -13,8 +13,8 @@ foreach(tile 128 256)
   set_tests_properties(test_stream_gemm_gpu_wide_tile_${tile} PROPERTIES LABELS cuda
                        ENVIRONMENT MAMBA3_STREAM_GEMM_WIDE_TILE=${tile} SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 endforeach()
-# The folded norms with the split forced too: unsplit tiles (every warp's and row half's sums) and two blocks per tile
-# (the most per-warp sums a block keeps).
+# The folded norms with the split forced too: unsplit tiles (every warp's part written and read back in one block) and
+# two blocks per tile (half the batch rows each).
 foreach(split 1 2)
   foreach(tile 128 256)
     add_test(NAME test_stream_gemm_gpu_folded_split_${split}_tile_${tile} COMMAND test_stream_gemm_gpu

@@ -76,15 +76,16 @@ TEST(StreamGemmGpu, MatchesFloat64OnAwkwardShapes) {
 }
 
 // Output rows y_stride apart (a wider buffer), and rows beyond M untouched: a narrow form, the wide class with split
-// tiles (N 300, K 512) and unsplit ones (K 72: one k-block pair).
+// tiles (N 300, K 512) and unsplit ones (K 72: one k-block pair), and N 302 (each row's last quad partial: stored
+// element by element beside 16-byte stores).
 TEST(StreamGemmGpu, StridedOutputLeavesOtherColumnsAlone) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
   std::mt19937 rng(23);
-  for (auto [N, K, M] : {std::array<int64_t, 3>{300, 512, 20}, {300, 512, 128}, {3000, 72, 100}}) {
+  for (auto [N, K, M] : {std::array<int64_t, 3>{300, 512, 20}, {300, 512, 128}, {3000, 72, 100}, {302, 512, 96}}) {
     SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K) + " M=" + std::to_string(M));
-    const int64_t ldy = N + 52;
+    const int64_t ldy = (N + 53) / 4 * 4;  // a multiple of 4: 16-byte stores where a row's quad is whole
     const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16), x = random_tensor(rng, {M, K}).to(DType::BF16);
     cuda::DeviceBuffer dw(w.nbytes()), dx(x.nbytes()), dy(size_t((M + 1) * ldy) * 4);
     dw.upload(w.raw(), w.nbytes());
@@ -152,8 +153,9 @@ TEST(StreamGemmGpu, RejectsUnsupportedShapes) {
 
 // The gated epilogue (W's rows (value, gate) pairs): its bf16 activations equal, bit for bit, the stream GEMM followed
 // by the activation kernel, in every width class and with a partial last tile — unsplit tiles in every form, and
-// split tiles in the wide form (65–128 rows), whose cluster reduction keeps the pairs together; split shapes of the
-// narrow forms are refused; linear_gated_silu takes it at the stream GEMM's rows.
+// split tiles where the row epilogue adds whole rows (the wide class; the narrow forms under
+// MAMBA3_STREAM_GEMM_EPILOGUE=rows, which refuse them otherwise); an odd pair count (element-by-element stores);
+// linear_gated_silu takes it at the stream GEMM's rows.
 TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -169,6 +171,7 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
       // 9 or 18 wide tiles (the last partial) split over K; at 8 and 33 rows 18 narrow tiles split over K, which the
       // narrow forms take under the row epilogue only (MAMBA3_STREAM_GEMM_EPILOGUE=rows).
       {1100, 1000, {8, 33, 65, 128}},
+      {1101, 1000, {65, 128}},  // an odd pair count: the act rows are not 4-byte aligned (two-byte stores)
   };
   EXPECT_GT(cuda::stream_gemm_wide_grid(ctx, 2 * 1100, 1000).split, 1);
   for (const GatedCase& c : cases) {
@@ -230,11 +233,14 @@ TEST(StreamGemmGpu, FoldedNormMatchesFloat64) {
                             {2056, 2056, 1027, 128},
                             {8, 72, 3, 77},
                             {2048, 64, 300, 128},   // P: one k-block, so unsplit over 8 or 16 tiles
+                            {1002, 520, 9, 70},     // D not a multiple of 8: P alone (C's K must be), whose rows
+                                                    // end in partial quads: element-by-element residual updates
                             {64, 72, 2000, 96}}) {  // C: one k-block, so unsplit over 16 or 32 tiles
     SCOPED_TRACE("D=" + std::to_string(D) + " K=" + std::to_string(K) + " F=" + std::to_string(F) +
                  " M=" + std::to_string(M));
+    const bool consumer = D % 8 == 0;  // C's K = D
     ASSERT_TRUE(cuda::stream_gemm_folds_norms(ctx, M, D, K));
-    ASSERT_TRUE(cuda::stream_gemm_folds_norms(ctx, M, 2 * F, D));
+    ASSERT_EQ(cuda::stream_gemm_folds_norms(ctx, M, 2 * F, D), consumer);
     const Tensor wp = random_tensor(rng, {D, K}).to(DType::BF16), wc = random_tensor(rng, {2 * F, D}).to(DType::BF16);
     const Tensor x = random_tensor(rng, {M, K}).to(DType::BF16), r0 = random_tensor(rng, {M, D}, -3.0f, 3.0f);
     const Tensor g = random_tensor(rng, {D}, 0.5f, 1.5f);
@@ -253,8 +259,10 @@ TEST(StreamGemmGpu, FoldedNormMatchesFloat64) {
     const cuda::GemvRowScale scale{dparts.as<float>(), parts, D, eps};
     poison(dyc.raw(), dyc.bytes());
     poison(dact.raw(), dact.bytes());
-    cuda::stream_gemm_scaled(ctx, dwc.raw(), 2 * F, D, dout16.raw(), M, D, dyc.as<float>(), 2 * F, scale);
-    cuda::stream_gemm_gated_pairs_scaled(ctx, dwc.raw(), 2 * F, D, dout16.raw(), M, D, dact.raw(), scale);
+    if (consumer) {
+      cuda::stream_gemm_scaled(ctx, dwc.raw(), 2 * F, D, dout16.raw(), M, D, dyc.as<float>(), 2 * F, scale);
+      cuda::stream_gemm_gated_pairs_scaled(ctx, dwc.raw(), 2 * F, D, dout16.raw(), M, D, dact.raw(), scale);
+    }
     ctx.sync();
     // P: residual and bf16(v ⊙ g) bit for bit.
     const Tensor yp = from_device_f32(dyp.raw(), {M, D}), r1 = from_device_f32(dr.raw(), {M, D});
@@ -279,6 +287,7 @@ TEST(StreamGemmGpu, FoldedNormMatchesFloat64) {
       EXPECT_NEAR(parts_sum, vv, 1e-5 * vv) << "batch row " << r << ": the partials do not sum to Σ v²";
       rstd[size_t(r)] = 1.0 / std::sqrt(vv / double(D) + double(eps));
     }
+    if (!consumer) continue;
     // C: rstd · W_C · bf16(v ⊙ g) in float64, and its gated pairs.
     Tensor yref = product_wt_f64(wc, vg16);
     for (int64_t r = 0; r < M; ++r)

@@ -99,8 +99,11 @@ TEST(StreamGemmLayout, RowEpilogueWalkCoversTheTileOnce) {
     }
     std::vector<int> rows(size_t(f.tile_rows()), 0);
     for (int lane = 0; lane < 32; ++lane)
-      for (int r = 4 * lane; r < f.tile_rows(); r += 128)
-        for (int q = 0; q < 4; ++q) ++rows[size_t(r + q)];
+      for (int r = sl::lane_first_row(lane); r < f.tile_rows(); r += sl::kLaneRowStep)
+        for (int q = 0; q < 4; ++q) {
+          EXPECT_EQ(r % 4, 0) << "a lane's quad must start 16-byte aligned";
+          ++rows[size_t(r + q)];
+        }
     for (int r = 0; r < f.tile_rows(); ++r) EXPECT_EQ(rows[size_t(r)], 1) << "weight row " << r;
   }
 }
