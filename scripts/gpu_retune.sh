@@ -11,7 +11,7 @@
 #         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128
 #         (with the norms folded into the products, the default there, and without; and with the Mamba-3 kernels
 #         under PDL at those rows, so that they too start under the product before them); and the steps at b8–b64
-#         with the narrow forms through the row epilogue (MAMBA3_STREAM_GEMM_EPILOGUE=rows).
+#         with the narrow forms through the fragment epilogue (MAMBA3_STREAM_GEMM_EPILOGUE=fragments, the earlier one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -49,8 +49,8 @@ if [[ $what == wide || $what == all ]]; then
     env ${split:+MAMBA3_STREAM_GEMM_SPLIT=$split} timeout 120 "$MAMBA3_BIN" bench --device cuda --products \
       --preset 1.5b --batch 96 128 2>&1 | tee -a "$OUT/retune_wide.txt"
   done
-  # The narrow forms (8–64 rows) through the row epilogue.
-  timeout 200 scripts/decode_ab.sh -p 1.5b -b "8 16 32 64" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM_EPILOGUE=rows" \
+  # The narrow forms (8–64 rows) through the fragment epilogue (the default: the row epilogue).
+  timeout 200 scripts/decode_ab.sh -p 1.5b -b "8 16 32 64" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM_EPILOGUE=fragments" \
     2>&1 | tee -a "$OUT/retune_wide.txt"
   for preset in 1.5b 1.5b-mimo; do
     timeout 300 scripts/decode_ab.sh -p "$preset" -b "96 128" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM=all" \

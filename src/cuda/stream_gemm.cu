@@ -46,8 +46,8 @@ struct Form {
   static constexpr int kTileRows = 64 * Warpgroups, kConsumers = 128 * Warpgroups, kThreads = kConsumers + 32;
   static constexpr int kKBlock = kBox * Boxes;
   static constexpr bool kWide = NB == 128;  // the wide class: folded norms; the row epilogue
-  // The row epilogue (stores along weight rows; gated split tiles too): the wide class, and the narrow forms as an A/B
-  // option (MAMBA3_STREAM_GEMM_EPILOGUE=rows; the fragment epilogue stays their default until measured).
+  // The row epilogue (stores along weight rows; gated split tiles too): the wide class, and the narrow forms unless
+  // MAMBA3_STREAM_GEMM_EPILOGUE=fragments (narrow_row_epilogue).
   static constexpr bool kRowEpilogue = kWide || RowEpilogue;
   static constexpr int kSmemLimit = BlocksPerSm == 2 ? 110 * 1024 : 224 * 1024;
   static constexpr int kWBoxBytes = kTileRows * kBox * 2;
@@ -239,10 +239,10 @@ __device__ __forceinline__ float store_row_residual_norm(float4 v, int c, int64_
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
-// Two epilogues. The fragment epilogue (the narrow forms by default): unsplit tiles store from the accumulators, split
-// tiles go through the ring as [value i][consumer thread t] and each block adds an element slice; act (the gated
-// epilogue) on unsplit tiles only. The row epilogue (the wide class; the narrow forms under
-// MAMBA3_STREAM_GEMM_EPILOGUE=rows): the block's part goes to the ring as [batch row][weight row], then whole batch
+// Two epilogues. The fragment epilogue (the narrow forms under MAMBA3_STREAM_GEMM_EPILOGUE=fragments): unsplit tiles
+// store from the accumulators, split tiles go through the ring as [value i][consumer thread t] and each block adds an
+// element slice; act (the gated epilogue) on unsplit tiles only. The row epilogue (the default: the wide class, and
+// the narrow forms): the block's part goes to the ring as [batch row][weight row], then whole batch
 // rows are added over the cluster (block `rank`: rows [NB·rank/split, NB·(rank+1)/split)) and stored along the weight
 // rows — y, the gated activations, or (Norm, the wide class) the folded RMSNorm halves above.
 template <class F, int Norm>
@@ -526,10 +526,12 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
 // the SMs (1.5B in_proj/fc1 at 32–64 rows: 13.7 → 11.6, 13.1 → 10.7 µs), else two: clusters of 8 blocks of the big
 // variant measured slower (out_proj 7.4 → 10.0 µs at 8 rows; fewer such clusters fit a GPC at once).
 // MAMBA3_STREAM_GEMM_BLOCKS_PER_SM = 1 or 2 forces one (A/B runs).
-// MAMBA3_STREAM_GEMM_EPILOGUE = rows: the narrow forms through the row epilogue (which also takes the gated epilogue
-// on split tiles); fragments (default): the epilogue measured in the eleventh session. Read once.
+// MAMBA3_STREAM_GEMM_EPILOGUE = rows (default) | fragments: how the narrow forms end. The row epilogue (which also
+// takes the gated epilogue on split tiles) measured faster in the whole decode step on an H100 (thirty-eighth
+// session, 1.5B SISO, two alternating rounds, ms: b16 2.057 / 2.060 → 2.034 / 2.035, b32 2.734 / 2.733 → 2.689 /
+// 2.694, b64 4.057 / 4.050 → 3.985 / 3.993); fragments keeps the eleventh session's epilogue. Read once.
 bool narrow_row_epilogue() {
-  static const bool on = env_choice("MAMBA3_STREAM_GEMM_EPILOGUE", {"fragments", "rows"}) == "rows";
+  static const bool on = env_choice("MAMBA3_STREAM_GEMM_EPILOGUE", {"rows", "fragments"}) != "fragments";
   return on;
 }
 
@@ -592,17 +594,23 @@ struct WideGrid {
 
 // The wide-class grid of form F for an N × K product (a function of N, K and the device only: rows batch-invariant).
 // Every block moves its W rows and the 128 x rows over its k-blocks, plus, when split, its part of the tile through
-// distributed shared memory; the SMs stream in parallel, so a grid costs about (waves) × (one block's bytes). Splits
+// distributed shared memory; the SMs stream in parallel, so a grid costs about (waves) × (one block's bytes). A split
+// tile's part counts kSplitPartWeight times its bytes: fitted to the H100 (thirty-eighth session, 1.5B at 128 rows,
+// µs per product with the split forced: in_proj unsplit on 128-row tiles 18.9 against 21.7 on 256-row tiles split 3;
+// out_proj split 4 / 6 13.0 / 13.1, unsplit 25.9; fc1 unsplit 18.2, split 2 18.5) — the cluster barrier, the part's
+// round trip through shared memory and the DSMEM reads cost about four times their bytes at the stream's rate. Splits
 // whose clusters do not all fit at once are not taken (a second wave would double the time). The split with the
 // lowest cost wins (the smaller on ties); MAMBA3_STREAM_GEMM_SPLIT forces one (≤ the k-blocks; if its clusters do not
 // fit at once they run in waves).
+constexpr double kSplitPartWeight = 4.0;
 template <class F>
 WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count) {
   WideGrid best;
   best.tile_rows = F::kTileRows;
   best.kblocks = int((k + F::kKBlock - 1) / F::kKBlock);
   best.tiles = (n + F::kTileRows - 1) / F::kTileRows;
-  const double row_bytes = double(F::kKBlock) * 2, part_bytes = double(F::kTileRows) * F::NB * 4;
+  const double row_bytes = double(F::kKBlock) * 2;
+  const double part_bytes = kSplitPartWeight * F::NB * stream_layout::row_pitch(F::kTileRows) * 4;
   auto cost = [&](int s, int64_t waves) {
     const double kb = double((best.kblocks + s - 1) / s);
     return double(waves) * ((F::kTileRows + F::NB) * kb * row_bytes + (s > 1 ? part_bytes : 0.0));

@@ -58,8 +58,8 @@ void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n
 
 // Whether an m-row product ends in the row epilogue (whole batch rows added over the cluster and stored along the
 // weight rows; it takes the gated epilogue on split tiles too): the wide class always, the narrow forms under
-// MAMBA3_STREAM_GEMM_EPILOGUE=rows (an A/B option; their default is the fragment epilogue, stores from the
-// accumulators).
+// the default MAMBA3_STREAM_GEMM_EPILOGUE=rows (=fragments: stores from the accumulators, split tiles' gated epilogue
+// refused).
 bool stream_gemm_row_epilogue(int64_t m);
 
 // The grid of the wide class (65–128 rows) for an N × K product on this device: weight rows per tile (256 or 128) and

@@ -24,10 +24,10 @@ foreach(split 1 2)
                          SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
   endforeach()
 endforeach()
-# The narrow forms through the row epilogue (split tiles' gated epilogue too), an A/B option.
-add_test(NAME test_stream_gemm_gpu_row_epilogue COMMAND test_stream_gemm_gpu)
-set_tests_properties(test_stream_gemm_gpu_row_epilogue PROPERTIES LABELS cuda
-                     ENVIRONMENT MAMBA3_STREAM_GEMM_EPILOGUE=rows SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+# The narrow forms through the fragment epilogue (the default before the thirty-eighth session; an A/B option now).
+add_test(NAME test_stream_gemm_gpu_fragment_epilogue COMMAND test_stream_gemm_gpu)
+set_tests_properties(test_stream_gemm_gpu_fragment_epilogue PROPERTIES LABELS cuda
+                     ENVIRONMENT MAMBA3_STREAM_GEMM_EPILOGUE=fragments SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 # Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
 # GEMM's wide class, with and without the norms folded into them.
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)

@@ -154,8 +154,8 @@ TEST(StreamGemmGpu, RejectsUnsupportedShapes) {
 // The gated epilogue (W's rows (value, gate) pairs): its bf16 activations equal, bit for bit, the stream GEMM followed
 // by the activation kernel, in every width class and with a partial last tile — unsplit tiles in every form, and
 // split tiles where the row epilogue adds whole rows (the wide class; the narrow forms under
-// MAMBA3_STREAM_GEMM_EPILOGUE=rows, which refuse them otherwise); an odd pair count (element-by-element stores);
-// linear_gated_silu takes it at the stream GEMM's rows.
+// the default row epilogue, which refuse them under MAMBA3_STREAM_GEMM_EPILOGUE=fragments); an odd pair count
+// (element-by-element stores); linear_gated_silu takes it at the stream GEMM's rows.
 TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -169,7 +169,7 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
       // 135 narrow tiles, 68 of 256 rows or 135 of 128 (all three partial): unsplit on 132 SMs in every form.
       {8600, 520, {1, 3, 8, 9, 16, 31, 64, 65, 128}},
       // 9 or 18 wide tiles (the last partial) split over K; at 8 and 33 rows 18 narrow tiles split over K, which the
-      // narrow forms take under the row epilogue only (MAMBA3_STREAM_GEMM_EPILOGUE=rows).
+      // narrow forms take under the row epilogue only (not under MAMBA3_STREAM_GEMM_EPILOGUE=fragments).
       {1100, 1000, {8, 33, 65, 128}},
       {1101, 1000, {65, 128}},  // an odd pair count: the act rows are not 4-byte aligned (two-byte stores)
   };
