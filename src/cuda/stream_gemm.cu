@@ -248,7 +248,8 @@ __device__ __forceinline__ float store_row_residual_norm(float4 v, int c, int64_
 template <class F, int Norm>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
-                       int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act, const FoldArgs fold) {
+                       int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act, const FoldArgs fold,
+                       int rotate) {
   constexpr int NB = F::NB, kConsumers = F::kConsumers, kBoxes = F::kBoxes;
   static_assert(Norm == kNormNone || F::kWide, "folded norms: the wide class only");
   extern __shared__ uint8_t smem_raw[];
@@ -289,21 +290,26 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
         for (int b = 0; b < kBoxes; ++b)
           tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
       };
+      // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at tile % count, so that the
+      // tiles of a grid do not all request the same x columns at once (the sum order changes per tile, not per row
+      // count: rows stay batch-invariant).
+      const int k_start = rotate ? int(tile % count) : 0;
+      auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
       // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
       // they stream while the previous kernel finishes.
       const int early = count < F::kStages ? count : F::kStages;
       for (int i = 0; i < early; ++i) {
         expect_bytes(&full[i], F::kStageBytes);
-        load_w(i, kb_begin + i);
+        load_w(i, k_of(i));
       }
       pdl_wait();
-      for (int i = 0; i < early; ++i) load_x(i, kb_begin + i);
+      for (int i = 0; i < early; ++i) load_x(i, k_of(i));
       for (int i = early; i < count; ++i) {
         const int s = i % F::kStages;
         mbar_wait(&empty[s], unsigned((i / F::kStages - 1) & 1));
         expect_bytes(&full[s], F::kStageBytes);
-        load_w(s, kb_begin + i);
-        load_x(s, kb_begin + i);
+        load_w(s, k_of(i));
+        load_x(s, k_of(i));
       }
     }
     pdl_wait();  // every lane: the epilogue below writes the outputs
@@ -485,6 +491,12 @@ int split_for(int64_t tiles, int kblocks, int sm_count) {
   return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, sm_count / tiles})));
 }
 
+// MAMBA3_STREAM_GEMM_ROTATE = 1: every tile starts its k-blocks at its own offset (an A/B option; read once).
+bool rotate_k() {
+  static const bool on = env_choice("MAMBA3_STREAM_GEMM_ROTATE", {"0", "1"}) == "1";
+  return on;
+}
+
 template <class F, int Norm = kNormNone>
 void set_attributes_once() {
   static std::once_flag attr_once;
@@ -519,7 +531,7 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   config.attrs = attribute;
   config.numAttrs = 2;
   MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F, Norm>, wmap, xmap, y, y_stride, int(m), int(n),
-                                       kblocks, split, static_cast<__nv_bfloat16*>(act), fold));
+                                       kblocks, split, static_cast<__nv_bfloat16*>(act), fold, rotate_k() ? 1 : 0));
 }
 
 // The narrow forms' variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit

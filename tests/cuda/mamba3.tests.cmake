@@ -28,6 +28,11 @@ endforeach()
 add_test(NAME test_stream_gemm_gpu_fragment_epilogue COMMAND test_stream_gemm_gpu)
 set_tests_properties(test_stream_gemm_gpu_fragment_epilogue PROPERTIES LABELS cuda
                      ENVIRONMENT MAMBA3_STREAM_GEMM_EPILOGUE=fragments SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+# Every tile's k-blocks started at its own offset (an A/B option): the same sums in another order per tile.
+add_test(NAME test_stream_gemm_gpu_rotate COMMAND test_stream_gemm_gpu
+         --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*)
+set_tests_properties(test_stream_gemm_gpu_rotate PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM_ROTATE=1
+                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 # Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
 # GEMM's wide class, with and without the norms folded into them.
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)
