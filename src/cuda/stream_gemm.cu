@@ -76,6 +76,11 @@ constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<
 // every output (and both values of a gated pair) is multiplied by its batch row's rstd = 1/√(Σ partials_in / d + eps),
 // the sum over the producer's tiles in tile order.
 enum : int { kNormNone = 0, kNormOut = 1, kNormIn = 2 };
+// The kernel's A/B options (kernel_options). Compile-time (a wgmma wait under a run-time branch makes ptxas serialize
+// every wgmma of the kernel): kDeepWgmma, a consumer keeps one stage's products in flight while it issues the next
+// stage's. Run-time (the kernel's `options`): kRotate, every tile starts its k-blocks at its own offset.
+enum : int { kDeepWgmma = 1 };
+enum : int { kRotate = 1 };
 constexpr int kFoldRows = int(kStreamGemmMaxRows);
 struct FoldArgs {
   float* residual = nullptr;
@@ -245,11 +250,12 @@ __device__ __forceinline__ float store_row_residual_norm(float4 v, int c, int64_
 // the narrow forms): the block's part goes to the ring as [batch row][weight row], then whole batch
 // rows are added over the cluster (block `rank`: rows [NB·rank/split, NB·(rank+1)/split)) and stored along the weight
 // rows — y, the gated activations, or (Norm, the wide class) the folded RMSNorm halves above.
-template <class F, int Norm>
+template <class F, int Norm, int Opt>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
                        int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act, const FoldArgs fold,
-                       int rotate) {
+                       int options) {
+  const bool rotate = options & kRotate;
   constexpr int NB = F::NB, kConsumers = F::kConsumers, kBoxes = F::kBoxes;
   static_assert(Norm == kNormNone || F::kWide, "folded norms: the wide class only");
   extern __shared__ uint8_t smem_raw[];
@@ -339,9 +345,16 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
                               i > 0 || b > 0 || kk > 0);
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-      if (lane == 0) mbar_arrive(&empty[s]);
+      if constexpr (Opt & kDeepWgmma) {  // this stage's products stay in flight; the stage before is released
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % F::kStages]);
+      } else {
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        if (lane == 0) mbar_arrive(&empty[s]);
+      }
     }
+    // The last stage's products (its buffers are never reloaded, so it is not released).
+    if constexpr (Opt & kDeepWgmma) asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if constexpr (!F::kRowEpilogue) {
       if (split == 1) {
         if (act) {
@@ -491,29 +504,35 @@ int split_for(int64_t tiles, int kblocks, int sm_count) {
   return int(std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, kblocks, sm_count / tiles})));
 }
 
-// MAMBA3_STREAM_GEMM_ROTATE = 1: every tile starts its k-blocks at its own offset (an A/B option; read once).
-bool rotate_k() {
-  static const bool on = env_choice("MAMBA3_STREAM_GEMM_ROTATE", {"0", "1"}) == "1";
+// The kernel's A/B options, read once: MAMBA3_STREAM_GEMM_ROTATE = 1 (kRotate) and MAMBA3_STREAM_GEMM_WGMMA_DEPTH = 1
+// (kDeepWgmma: wgmma.wait_group 1, each stage released after the next stage's products are issued, instead of 0).
+int rotate_option() {
+  static const int on = env_choice("MAMBA3_STREAM_GEMM_ROTATE", {"0", "1"}) == "1" ? kRotate : 0;
+  return on;
+}
+int compiled_option() {
+  static const int on = env_choice("MAMBA3_STREAM_GEMM_WGMMA_DEPTH", {"0", "1"}) == "1" ? kDeepWgmma : 0;
   return on;
 }
 
-template <class F, int Norm = kNormNone>
+template <class F, int Norm = kNormNone, int Opt = 0>
 void set_attributes_once() {
   static std::once_flag attr_once;
   std::call_once(attr_once, [] {
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F, Norm>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(F::kSmemBytes)));
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F, Norm, Opt>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::kSmemBytes)));
     // Every form needs the largest shared-memory carve-out.
-    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F, Norm>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_kernel<F, Norm, Opt>,
+                                           cudaFuncAttributePreferredSharedMemoryCarveout,
                                            int(cudaSharedmemCarveoutMaxShared)));
   });
 }
 
-template <class F, int Norm = kNormNone>
-void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
-            const FoldArgs& fold = FoldArgs{}) {
-  set_attributes_once<F, Norm>();
+template <class F, int Norm, int Opt>
+void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
+                   int64_t x_stride, float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
+                   const FoldArgs& fold) {
+  set_attributes_once<F, Norm, Opt>();
   const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
   const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
   cudaLaunchConfig_t config{};
@@ -530,8 +549,18 @@ void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void*
   attribute[1].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
   config.attrs = attribute;
   config.numAttrs = 2;
-  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F, Norm>, wmap, xmap, y, y_stride, int(m), int(n),
-                                       kblocks, split, static_cast<__nv_bfloat16*>(act), fold, rotate_k() ? 1 : 0));
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F, Norm, Opt>, wmap, xmap, y, y_stride, int(m),
+                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act), fold,
+                                       rotate_option()));
+}
+template <class F, int Norm = kNormNone>
+void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+            float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
+            const FoldArgs& fold = FoldArgs{}) {
+  if (compiled_option() == kDeepWgmma)
+    return launch_kernel<F, Norm, kDeepWgmma>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act,
+                                              fold);
+  launch_kernel<F, Norm, 0>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act, fold);
 }
 
 // The narrow forms' variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit
@@ -591,7 +620,7 @@ int clusters_at_once(int split) {
     config.attrs = &attribute;
     config.numAttrs = 1;
     int clusters = 0;
-    MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, stream_gemm_kernel<F, kNormNone>, &config));
+    MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, stream_gemm_kernel<F, kNormNone, 0>, &config));
     known[split] = clusters;
   }
   return known[split];

@@ -33,6 +33,11 @@ add_test(NAME test_stream_gemm_gpu_rotate COMMAND test_stream_gemm_gpu
          --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*)
 set_tests_properties(test_stream_gemm_gpu_rotate PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM_ROTATE=1
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+# Each stage's products left in flight while the next stage's are issued (an A/B option): the same sums, the stages
+# released one step later.
+add_test(NAME test_stream_gemm_gpu_wgmma_depth COMMAND test_stream_gemm_gpu)
+set_tests_properties(test_stream_gemm_gpu_wgmma_depth PROPERTIES LABELS cuda
+                     ENVIRONMENT MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1 SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 # Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
 # GEMM's wide class, with and without the norms folded into them.
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)
