@@ -529,9 +529,8 @@ void set_attributes_once() {
 }
 
 template <class F, int Norm, int Opt>
-void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                   int64_t x_stride, float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
-                   const FoldArgs& fold) {
+void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+                   float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act, const FoldArgs& fold) {
   set_attributes_once<F, Norm, Opt>();
   const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
   const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
