@@ -114,6 +114,22 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 }
+// The same box delivered to every block of the cluster in `mask` (cluster ranks), at dst's offset in each and
+// completing on the barrier at bar's offset in each.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                                      uint16_t mask, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster.L2::cache_hint "
+      "[%0], [%1, {%2, %3}], [%4], %5, %6;" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(mask), "l"(policy)
+      : "memory");
+}
+// One arrival on the barrier at bar's offset in the cluster's block `rank` (itself included).
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
 __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   uint64_t p;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
@@ -244,6 +260,10 @@ __device__ __forceinline__ float store_row_residual_norm(float4 v, int c, int64_
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
+// x multicast (cast > 1, the wide class; an A/B option): a cluster holds `cast` tiles side by side
+// (stream_layout::block_place), and the blocks of one k-range load a 1/cast slice of each x box for all of them, so
+// the grid reads x from L2 `cast` times less often; a stage is then refilled only once every receiving block has
+// released it (each consumer warp arrives on the `empty` barrier of all of them).
 // Two epilogues. The fragment epilogue (the narrow forms under MAMBA3_STREAM_GEMM_EPILOGUE=fragments): unsplit tiles
 // store from the accumulators, split tiles go through the ring as [value i][consumer thread t] and each block adds an
 // element slice; act (the gated epilogue) on unsplit tiles only. The row epilogue (the default: the wide class, and
@@ -254,10 +274,11 @@ template <class F, int Norm, int Opt>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
                        int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act, const FoldArgs fold,
-                       int options) {
+                       int options, int cast) {
   const bool rotate = options & kRotate;
   constexpr int NB = F::NB, kConsumers = F::kConsumers, kBoxes = F::kBoxes;
   static_assert(Norm == kNormNone || F::kWide, "folded norms: the wide class only");
+  static_assert(!F::kWide || F::kRowEpilogue, "multicast (the wide class only) ends in the row epilogue");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + F::kStages * F::kStageBytes);
@@ -266,19 +287,25 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   auto stage_w = [&](int s, int b) { return smem + s * F::kStageBytes + b * F::kWBoxBytes; };
   auto stage_x = [&](int s, int b) { return smem + s * F::kStageBytes + kBoxes * F::kWBoxBytes + b * F::kXBoxBytes; };
 
-  const int64_t tile = blockIdx.x / split;
-  const int rank = blockIdx.x % split;  // = %cluster_ctarank: clusters are `split` consecutive blocks
+  // %cluster_ctarank = blockIdx.x % (split · cast): clusters are split · cast consecutive blocks.
+  const stream_layout::BlockPlace place = stream_layout::block_place(blockIdx.x, split, cast);
+  const int64_t tile = place.tile;
+  const int rank = place.rank;
   const int kb_begin = int(int64_t(kblocks) * rank / split), kb_end = int(int64_t(kblocks) * (rank + 1) / split);
   const int count = kb_end - kb_begin;  // ≥ 1: split ≤ kblocks
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int s = 0; s < F::kStages; ++s) {
       mbar_init_count(&full[s], 1);
-      mbar_init_count(&empty[s], kConsumers / 32);  // every consumer warp releases the stage
+      mbar_init_count(&empty[s], cast * kConsumers / 32);  // every consumer warp of every receiver releases it
     }
     mbar_init_fence();
   }
-  __syncthreads();
+  if (cast > 1) {
+    cluster_sync();  // the peers' barriers exist before this block's first multicast signals them
+  } else {
+    __syncthreads();
+  }
   pdl_trigger();
 
   float acc[NB / 2];
@@ -293,13 +320,20 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
           tma_load_2d(stage_w(s, b), &wmap, kb * F::kKBlock + b * kBox, row0, &full[s], stream_out);
       };
       auto load_x = [&](int s, int kb) {
+        if (cast > 1) {  // this block's slice of the x rows, to every block of its k-range
+          const int slice = NB / cast * place.cast_index;
+          for (int b = 0; b < kBoxes; ++b)
+            tma_load_2d_multicast(stage_x(s, b) + slice * 128, &xmap, kb * F::kKBlock + b * kBox, slice, &full[s],
+                                  uint16_t(place.x_mask), keep);
+          return;
+        }
         for (int b = 0; b < kBoxes; ++b)
           tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
       };
       // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at tile % count, so that the
       // tiles of a grid do not all request the same x columns at once (the sum order changes per tile, not per row
       // count: rows stay batch-invariant).
-      const int k_start = rotate ? int(tile % count) : 0;
+      const int k_start = rotate ? int(blockIdx.x / (split * cast) % count) : 0;  // one start per cluster (multicast)
       auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
       // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
       // they stream while the previous kernel finishes.
@@ -332,6 +366,12 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       }
     }
     const int wg = warp / 4;
+    // A stage's release: this warp's arrival on the barrier of every block whose x slice it holds.
+    auto release = [&](uint64_t* bar) {
+      if (lane != 0) return;
+      if (cast == 1) return mbar_arrive(bar);
+      for (int q = 0; q < cast; ++q) mbar_arrive_cluster(bar, q * split + rank);
+    };
     for (int i = 0; i < count; ++i) {
       const int s = i % F::kStages;
       mbar_wait(&full[s], unsigned((i / F::kStages) & 1));
@@ -347,10 +387,10 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       if constexpr (Opt & kDeepWgmma) {  // this stage's products stay in flight; the stage before is released
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-        if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % F::kStages]);
+        if (i > 0) release(&empty[(i - 1) % F::kStages]);
       } else {
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        if (lane == 0) mbar_arrive(&empty[s]);
+        release(&empty[s]);
       }
     }
     // The last stage's products (its buffers are never reloaded, so it is not released).
@@ -410,7 +450,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
             float4 peer[kMaxSplit];
 #pragma unroll
             for (int q = 0; q < kMaxSplit; ++q)
-              if (q < split) peer[q] = load_peer4(at, q);
+              if (q < split) peer[q] = load_peer4(at, place.group_base + q);
             v = peer[0];
 #pragma unroll
             for (int q = 1; q < kMaxSplit; ++q)
@@ -433,11 +473,12 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       if constexpr (Norm == kNormOut) {  // the tile's Σ v² of batch row c, lanes in a fixed order
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-        if (lane == 0) fold.partials_out[tile * kFoldRows + c] = sq;
+        if (lane == 0 && tile * F::kTileRows < n) fold.partials_out[tile * kFoldRows + c] = sq;  // not a padding tile
       }
     }
-    __syncwarp();                   // lanes reconverged after their stores (the barrier below is .aligned)
-    if (split > 1) cluster_sync();  // no block leaves while its peers may still read its part
+    __syncwarp();  // lanes reconverged after their stores (the barrier below is .aligned)
+    // No block leaves while its peers may still read its part, or arrive on its barriers (multicast).
+    if (split > 1 || cast > 1) cluster_sync();
     return;
   }
 
@@ -528,20 +569,25 @@ void set_attributes_once() {
   });
 }
 
+// cast > 1 (x multicast, the wide class): tiles padded to a multiple of cast (the padding tiles read zeros and store
+// nothing), clusters of split · cast blocks, x boxes of NB / cast rows.
 template <class F, int Norm, int Opt>
 void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                   float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act, const FoldArgs& fold) {
+                   float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act, const FoldArgs& fold,
+                   int cast) {
+  MAMBA3_CHECK(cast == 1 || (F::kWide && (cast == 2 || cast == 4) && split * cast <= kMaxSplit),
+               "stream_gemm: x multicast over {} tiles with {} blocks each is not supported", cast, split);
   set_attributes_once<F, Norm, Opt>();
   const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
-  const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
+  const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB / cast);
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(tiles * split));
+  config.gridDim = dim3(unsigned((tiles + cast - 1) / cast * cast * split));
   config.blockDim = dim3(F::kThreads);
   config.dynamicSmemBytes = F::kSmemBytes;
   config.stream = ctx.stream();
   cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = unsigned(split);
+  attribute[0].val.clusterDim.x = unsigned(split * cast);
   attribute[0].val.clusterDim.y = 1;
   attribute[0].val.clusterDim.z = 1;
   attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -549,17 +595,17 @@ void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, cons
   config.attrs = attribute;
   config.numAttrs = 2;
   MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F, Norm, Opt>, wmap, xmap, y, y_stride, int(m),
-                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act), fold,
-                                       rotate_option()));
+                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act), fold, rotate_option(),
+                                       cast));
 }
 template <class F, int Norm = kNormNone>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
             float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
-            const FoldArgs& fold = FoldArgs{}) {
+            const FoldArgs& fold = FoldArgs{}, int cast = 1) {
   if (compiled_option() == kDeepWgmma)
     return launch_kernel<F, Norm, kDeepWgmma>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act,
-                                              fold);
-  launch_kernel<F, Norm, 0>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act, fold);
+                                              fold, cast);
+  launch_kernel<F, Norm, 0>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act, fold, cast);
 }
 
 // The narrow forms' variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit
@@ -625,9 +671,10 @@ int clusters_at_once(int split) {
   return known[split];
 }
 
-// A wide-class grid: the tile height (256 or 128 weight rows), tiles, k-blocks, blocks per tile, and its cost.
+// A wide-class grid: the tile height (256 or 128 weight rows), tiles, k-blocks, blocks per tile, tiles sharing each
+// x box (multicast), and its cost.
 struct WideGrid {
-  int tile_rows = 0, kblocks = 0, split = 1;
+  int tile_rows = 0, kblocks = 0, split = 1, cast = 1;
   int64_t tiles = 0;
   double cost = 0;
 };
@@ -642,28 +689,38 @@ struct WideGrid {
 // whose clusters do not all fit at once are not taken (a second wave would double the time). The split with the
 // lowest cost wins (the smaller on ties); MAMBA3_STREAM_GEMM_SPLIT forces one (≤ the k-blocks; if its clusters do not
 // fit at once they run in waves).
+// With x multicast over `cast` tiles a block reads NB / cast x rows from L2 per k-block, and its clusters hold
+// split · cast blocks (≤ 8).
 constexpr double kSplitPartWeight = 4.0;
 template <class F>
-WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count) {
+WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count, int cast) {
   WideGrid best;
   best.tile_rows = F::kTileRows;
   best.kblocks = int((k + F::kKBlock - 1) / F::kKBlock);
   best.tiles = (n + F::kTileRows - 1) / F::kTileRows;
+  best.cast = cast;
+  const int64_t groups = (best.tiles + cast - 1) / cast;  // clusters per k-range
   const double row_bytes = double(F::kKBlock) * 2;
   const double part_bytes = kSplitPartWeight * F::NB * stream_layout::row_pitch(F::kTileRows) * 4;
   auto cost = [&](int s, int64_t waves) {
     const double kb = double((best.kblocks + s - 1) / s);
-    return double(waves) * ((F::kTileRows + F::NB) * kb * row_bytes + (s > 1 ? part_bytes : 0.0));
+    return double(waves) * ((F::kTileRows + F::NB / cast) * kb * row_bytes + (s > 1 ? part_bytes : 0.0));
   };
+  const int max_split = std::min(kMaxSplit / cast, best.kblocks);
   if (forced_split() > 0) {
-    best.split = std::min(forced_split(), best.kblocks);
+    best.split = std::min(forced_split(), max_split);
     best.cost = cost(best.split, 1);
     return best;
   }
   best.split = 1;
-  best.cost = cost(1, (best.tiles + sm_count - 1) / sm_count);
-  for (int s = 2; s <= std::min(kMaxSplit, best.kblocks); ++s) {
-    if (best.tiles > clusters_at_once<F>(s)) continue;
+  if (cast == 1) {
+    best.cost = cost(1, (best.tiles + sm_count - 1) / sm_count);
+  } else {
+    const int64_t at_once = std::max(1, clusters_at_once<F>(cast));
+    best.cost = cost(1, (groups + at_once - 1) / at_once);
+  }
+  for (int s = 2; s <= max_split; ++s) {
+    if (groups > clusters_at_once<F>(s * cast)) continue;
     if (const double c = cost(s, 1); c < best.cost) best.split = s, best.cost = c;
   }
   return best;
@@ -672,6 +729,14 @@ WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count) {
 // The tile height of the wide class: 256 rows (half the x bytes per W byte) unless 128-row tiles cost less — small N,
 // where 256-row tiles leave SMs idle (1.5B out_proj/fc2, N 2048: 8 tiles × 8 blocks on 64 SMs, or 16 × 8 on 128).
 // MAMBA3_STREAM_GEMM_WIDE_TILE = 128 or 256 forces one (A/B runs). Kept per (N, K): the engine uses one device.
+// MAMBA3_STREAM_GEMM_CAST = 1 (default) | 2 | 4: tiles per x multicast (an A/B option; read once).
+int x_multicast() {
+  static const int cast = [] {
+    const std::string v = env_choice("MAMBA3_STREAM_GEMM_CAST", {"1", "2", "4"});
+    return v.empty() ? 1 : std::stoi(v);
+  }();
+  return cast;
+}
 WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
   static const std::string forced = env_choice("MAMBA3_STREAM_GEMM_WIDE_TILE", {"auto", "128", "256"});
   static std::mutex mutex;
@@ -680,9 +745,10 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
     std::lock_guard<std::mutex> lock(mutex);
     if (const auto it = known.find({n, k}); it != known.end()) return it->second;
   }
-  WideGrid g = wide_grid_of<WideTall>(n, k, ctx.info().sm_count);
+  const int cast = x_multicast();
+  WideGrid g = wide_grid_of<WideTall>(n, k, ctx.info().sm_count, cast);
   if (forced != "256") {
-    const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count);
+    const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count, cast);
     if (forced == "128" || low.cost < g.cost) g = low;
   }
   std::lock_guard<std::mutex> lock(mutex);
@@ -695,8 +761,9 @@ void launch_wide(const Context& ctx, const void* w, int64_t n, int64_t k, const 
                  float* y, int64_t y_stride, void* act, const FoldArgs& fold = FoldArgs{}) {
   const WideGrid g = wide_grid(ctx, n, k);
   if (g.tile_rows == WideTall::kTileRows)
-    return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
-  launch<WideLow, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
+    return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold,
+                                  g.cast);
+  launch<WideLow, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold, g.cast);
 }
 
 void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
@@ -797,7 +864,7 @@ bool stream_gemm_row_epilogue(int64_t m) { return m > kStreamGemmNarrowMaxRows |
 
 StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k) {
   const WideGrid g = wide_grid(ctx, n, k);
-  return {g.tile_rows, g.split};
+  return {g.tile_rows, g.split, g.cast};
 }
 
 bool stream_gemm_preferred(int64_t m) {

@@ -168,12 +168,13 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
   const std::vector<GatedCase> cases = {
       // 135 narrow tiles, 68 of 256 rows or 135 of 128 (all three partial): unsplit on 132 SMs in every form.
       {8600, 520, {1, 3, 8, 9, 16, 31, 64, 65, 128}},
-      // 9 or 18 wide tiles (the last partial) split over K; at 8 and 33 rows 18 narrow tiles split over K, which the
-      // narrow forms take under the row epilogue only (not under MAMBA3_STREAM_GEMM_EPILOGUE=fragments).
-      {1100, 1000, {8, 33, 65, 128}},
-      {1101, 1000, {65, 128}},  // an odd pair count: the act rows are not 4-byte aligned (two-byte stores)
+      // 9 or 18 wide tiles (the last partial) split over K (K long enough that the wide grid's cost model splits them
+      // with or without x multicast); at 8 and 33 rows 18 narrow tiles split over K, which the narrow forms take under
+      // the row epilogue only (not under MAMBA3_STREAM_GEMM_EPILOGUE=fragments).
+      {1100, 4000, {8, 33, 65, 128}},
+      {1101, 4000, {65, 128}},  // an odd pair count: the act rows are not 4-byte aligned (two-byte stores)
   };
-  EXPECT_GT(cuda::stream_gemm_wide_grid(ctx, 2 * 1100, 1000).split, 1);
+  EXPECT_GT(cuda::stream_gemm_wide_grid(ctx, 2 * 1100, 4000).split, 1);
   for (const GatedCase& c : cases) {
     const int64_t F = c.pairs, N = 2 * F, K = c.k;
     const Tensor w = random_tensor(rng, {N, K}).to(DType::BF16);
