@@ -136,9 +136,9 @@ struct CudaModel::Impl {
       ws.mlp_act.resize(size_t(rows * std::max<int64_t>(1, c.d_ff())) * act());
       ws.zx.resize(size_t(rows * std::max<int64_t>(1, zx_cols)) * 4);
       ws.o.resize(size_t(rows * std::max<int64_t>(1, o_cols)) * act());
-      // At most one per output column at one row (gemv_norm_parts); one per batch row and tile of ≥ 128 columns at
-      // 65–128 rows (stream_gemm_norm_parts).
-      ws.norm_partials.resize(size_t(kStreamGemmMaxRows * ((c.d_model + 127) / 128)) * 4);
+      // At most one per output column at one row (gemv_norm_parts); one per batch row and tile of ≥ 64 columns at
+      // 65–128 rows (stream_gemm_norm_parts; 64-row tiles under MAMBA3_STREAM_GEMM_WIDE_TILE=64).
+      ws.norm_partials.resize(size_t(kStreamGemmMaxRows * ((c.d_model + 63) / 64)) * 4);
       ws.rows = rows;
     }
     if (logit_rows > ws.logit_rows) {
@@ -193,6 +193,12 @@ struct CudaModel::Impl {
     // the first) and before each fc1 happen in the product before them and the product after them.
     const bool fold = decode && folds_norms(rows);
     float* partials = fold ? ws.norm_partials.as<float>() : nullptr;
+    // A product's partial sums must fit the buffer sized above (a wider split of the outputs would overrun it).
+    const auto checked_parts = [&](int64_t parts) {
+      MAMBA3_CHECK(size_t(rows == 1 ? parts : parts * kStreamGemmMaxRows) * 4 <= ws.norm_partials.bytes(),
+                   "decode with folded norms: {} partial sums per row do not fit the buffer", parts);
+      return parts;
+    };
     int64_t parts = 0;  // partials the last residual-norm product wrote
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
@@ -220,7 +226,7 @@ struct CudaModel::Impl {
         const GpuMamba3Layer::FoldedNorms folded{folded_in ? &in_scale : nullptr, &out_norm};
         b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, edge,
                          fold ? &folded : nullptr);
-        if (fold) parts = folded_norm_parts(*ctx, b.mamba->out_proj(), rows);
+        if (fold) parts = checked_parts(folded_norm_parts(*ctx, b.mamba->out_proj(), rows));
       } else if (decode) {
         b.attention->step(*ctx, normed, batch, *cache.attn[li], hidden);
       } else {
@@ -241,7 +247,7 @@ struct CudaModel::Impl {
         if (fold && li + 1 < blocks.size()) {                         // the next layer's norm in fc2's epilogue
           linear_residual_norm(*ctx, b.fc2, ws.mlp_act.raw(), rows,
                                GemvResidualNorm{residual, blocks[li + 1].norm_w.as<float>(), normed, partials});
-          parts = folded_norm_parts(*ctx, b.fc2, rows);
+          parts = checked_parts(folded_norm_parts(*ctx, b.fc2, rows));
         } else {
           linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
         }

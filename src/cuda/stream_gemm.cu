@@ -56,7 +56,8 @@ struct Form {
   // The wide class keeps its folded norms' rstd per batch row after the barriers (read while the ring is busy), and
   // sizes its ring to the 227 KB a block may have.
   static constexpr int kScratchBytes = kWide ? 512 : 0;
-  static constexpr int kRing = kWide ? 227 * 1024 - 1024 - 256 - kScratchBytes : kSmemLimit;
+  static constexpr int kRing =
+      kWide ? (BlocksPerSm == 2 ? 112 * 1024 : 227 * 1024) - 1024 - 256 - kScratchBytes : kSmemLimit;
   static constexpr int kStages = kMaxStages < kRing / kStageBytes ? kMaxStages : kRing / kStageBytes;
   static constexpr size_t kSmemBytes =
       size_t(kStages) * kStageBytes + 1024 /* alignment */ + 256 /* barriers */ + kScratchBytes;
@@ -69,6 +70,10 @@ template <int NB, int BlocksPerSm, bool RowEpilogue = false>
 using Narrow = Form<NB, BlocksPerSm, 2, 2, RowEpilogue>;
 using WideTall = Form<128, 1, 4, 1>;
 using WideLow = Form<128, 1, 2, 1>;
+// 64-row tiles, two blocks per SM (an A/B form, MAMBA3_STREAM_GEMM_WIDE_TILE=64): N / 64 blocks spread a product like
+// the 1.5B in_proj (136 tiles) over every SM, each multiplying a quarter of what a 256-row tile does per x byte (so
+// meant with x multicast).
+using WideShort = Form<128, 2, 1, 1>;
 constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<8, 1>::kKBlock;
 // RMSNorm folded into the wide class's products (stream_gemm.h; gemv_small_m.h folds it the same way at one row).
 // kNormOut (out_proj, fc2): v = x·Wᵀ + residual goes back to residual, bf16(v ⊙ weight) to out16 (both rows ldy
@@ -728,7 +733,8 @@ WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count, int cast) {
 
 // The tile height of the wide class: 256 rows (half the x bytes per W byte) unless 128-row tiles cost less — small N,
 // where 256-row tiles leave SMs idle (1.5B out_proj/fc2, N 2048: 8 tiles × 8 blocks on 64 SMs, or 16 × 8 on 128).
-// MAMBA3_STREAM_GEMM_WIDE_TILE = 128 or 256 forces one (A/B runs). Kept per (N, K): the engine uses one device.
+// MAMBA3_STREAM_GEMM_WIDE_TILE = 128 or 256 forces one, 64 the WideShort form (A/B runs). Kept per (N, K): the engine
+// uses one device.
 // MAMBA3_STREAM_GEMM_CAST = 1 (default) | 2 | 4: tiles per x multicast (an A/B option; read once).
 int x_multicast() {
   static const int cast = [] {
@@ -738,7 +744,7 @@ int x_multicast() {
   return cast;
 }
 WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
-  static const std::string forced = env_choice("MAMBA3_STREAM_GEMM_WIDE_TILE", {"auto", "128", "256"});
+  static const std::string forced = env_choice("MAMBA3_STREAM_GEMM_WIDE_TILE", {"auto", "64", "128", "256"});
   static std::mutex mutex;
   static std::map<std::pair<int64_t, int64_t>, WideGrid> known;
   {
@@ -746,6 +752,11 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
     if (const auto it = known.find({n, k}); it != known.end()) return it->second;
   }
   const int cast = x_multicast();
+  if (forced == "64") {
+    const WideGrid g = wide_grid_of<WideShort>(n, k, 2 * ctx.info().sm_count, cast);
+    std::lock_guard<std::mutex> lock(mutex);
+    return known[{n, k}] = g;
+  }
   WideGrid g = wide_grid_of<WideTall>(n, k, ctx.info().sm_count, cast);
   if (forced != "256") {
     const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count, cast);
@@ -760,6 +771,9 @@ template <int Norm>
 void launch_wide(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                  float* y, int64_t y_stride, void* act, const FoldArgs& fold = FoldArgs{}) {
   const WideGrid g = wide_grid(ctx, n, k);
+  if (g.tile_rows == WideShort::kTileRows)
+    return launch<WideShort, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold,
+                                   g.cast);
   if (g.tile_rows == WideTall::kTileRows)
     return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold,
                                   g.cast);

@@ -6,8 +6,9 @@ mamba3_cuda_test(test_stream_gemm_gpu ${CMAKE_CURRENT_LIST_DIR}/test_stream_gemm
 add_test(NAME test_gemv_gpu_stream_gemm COMMAND test_gemv_gpu --gtest_filter=*LinearDispatch*)
 set_tests_properties(test_gemv_gpu_stream_gemm PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-# The stream GEMM's wide class with each tile height forced (its grids choose by cost otherwise).
-foreach(tile 128 256)
+# The stream GEMM's wide class with each tile height forced (its grids choose by cost otherwise; 64: the WideShort
+# form, two blocks per SM).
+foreach(tile 64 128 256)
   add_test(NAME test_stream_gemm_gpu_wide_tile_${tile} COMMAND test_stream_gemm_gpu
            --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*)
   set_tests_properties(test_stream_gemm_gpu_wide_tile_${tile} PROPERTIES LABELS cuda
@@ -46,10 +47,18 @@ set_tests_properties(test_stream_gemm_gpu_cast_2 PROPERTIES LABELS cuda SKIP_REG
 add_test(NAME test_stream_gemm_gpu_cast_4 COMMAND test_stream_gemm_gpu)
 set_tests_properties(test_stream_gemm_gpu_cast_4 PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM_CAST=4
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+add_test(NAME test_stream_gemm_gpu_wide_tile_64_cast_4 COMMAND test_stream_gemm_gpu
+         --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*)
+set_tests_properties(test_stream_gemm_gpu_wide_tile_64_cast_4 PROPERTIES LABELS cuda SKIP_REGULAR_EXPRESSION
+                     "\\[  SKIPPED \\]" ENVIRONMENT "MAMBA3_STREAM_GEMM_WIDE_TILE=64;MAMBA3_STREAM_GEMM_CAST=4")
 add_test(NAME test_model_gpu_stream_gemm_wide_cast_4 COMMAND test_model_gpu --gtest_filter=*WideBatch*)
 set_tests_properties(test_model_gpu_stream_gemm_wide_cast_4 PROPERTIES LABELS cuda
                      ENVIRONMENT "MAMBA3_STREAM_GEMM=all;MAMBA3_STREAM_GEMM_CAST=4"
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+add_test(NAME test_model_gpu_stream_gemm_wide_tile_64_cast_4 COMMAND test_model_gpu --gtest_filter=*WideBatch*)
+set_tests_properties(test_model_gpu_stream_gemm_wide_tile_64_cast_4 PROPERTIES LABELS cuda SKIP_REGULAR_EXPRESSION
+                     "\\[  SKIPPED \\]"
+                     ENVIRONMENT "MAMBA3_STREAM_GEMM=all;MAMBA3_STREAM_GEMM_CAST=4;MAMBA3_STREAM_GEMM_WIDE_TILE=64")
 # Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
 # GEMM's wide class, with and without the norms folded into them.
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)

@@ -1,6 +1,6 @@
 // The stream GEMM's index arithmetic (src/cuda/stream_gemm_layout.h), checked on the host for every form the kernel
-// instantiates (two or four consumer warpgroups, batch widths 8–128) and every split: each tile element has exactly
-// one (thread, value); (value, gate) pairs sit in threads t, t ^ 4 (the fragment epilogue's shuffle); the row
+// instantiates (one, two or four consumer warpgroups, batch widths 8–128) and every split: each tile element has
+// exactly one (thread, value); (value, gate) pairs sit in threads t, t ^ 4 (the fragment epilogue's shuffle); the row
 // epilogue's shared-memory part holds each element once, its fragment writes are free of bank conflicts, its rows'
 // float4 reads are aligned and cover every weight row once, and the blocks' batch rows partition the batch.
 #include <gtest/gtest.h>
@@ -24,6 +24,7 @@ std::vector<Form> forms() {
   std::vector<Form> out;
   for (int consumers : {256, 512})
     for (int nb : {8, 16, 32, 64, 128}) out.push_back({consumers, nb});
+  out.push_back({128, 128});  // WideShort: one warpgroup, 64-row tiles
   return out;
 }
 std::string name(const Form& f) { return "consumers " + std::to_string(f.consumers) + " NB " + std::to_string(f.nb); }
