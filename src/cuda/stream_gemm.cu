@@ -81,7 +81,7 @@ constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<
 // every output (and both values of a gated pair) is multiplied by its batch row's rstd = 1/√(Σ partials_in / d + eps),
 // the sum over the producer's tiles in tile order.
 enum : int { kNormNone = 0, kNormOut = 1, kNormIn = 2 };
-// The kernel's A/B options (kernel_options). Compile-time (a wgmma wait under a run-time branch makes ptxas serialize
+// The kernel's A/B options (rotate_option, compiled_option). Compile-time (a wgmma wait under a run-time branch makes ptxas serialize
 // every wgmma of the kernel): kDeepWgmma, a consumer keeps one stage's products in flight while it issues the next
 // stage's. Run-time (the kernel's `options`): kRotate, every tile starts its k-blocks at its own offset.
 enum : int { kDeepWgmma = 1 };
@@ -335,10 +335,11 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
         for (int b = 0; b < kBoxes; ++b)
           tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
       };
-      // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at tile % count, so that the
-      // tiles of a grid do not all request the same x columns at once (the sum order changes per tile, not per row
+      // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at (cluster index) % count,
+      // so that the clusters of a grid do not all request the same x columns at once; one start per cluster, since
+      // the blocks sharing x slices must take the same k order (the sum order changes per cluster, not per row
       // count: rows stay batch-invariant).
-      const int k_start = rotate ? int(blockIdx.x / (split * cast) % count) : 0;  // one start per cluster (multicast)
+      const int k_start = rotate ? int(blockIdx.x / (split * cast) % count) : 0;
       auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
       // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
       // they stream while the previous kernel finishes.
