@@ -129,11 +129,15 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorM
       "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(mask), "l"(policy)
       : "memory");
 }
-// One arrival on the barrier at bar's offset in the cluster's block `rank` (itself included).
+// One arrival on the barrier at bar's offset in the cluster's block `rank` (itself included), with the default
+// semantics (release at CTA scope): enough for a stage's release, whose shared-memory reads (wgmma, waited for) are
+// complete before it. The first form (release at cluster scope, one lane arriving on each sender in turn) made every
+// pipeline stage ≈ 0.6 µs longer per arrival on the H100, as if each arrival waited for a cluster-scope fence
+// (docs/perf.md, "Fortieth session").
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, int rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   uint64_t p;
@@ -372,11 +376,14 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       }
     }
     const int wg = warp / 4;
-    // A stage's release: this warp's arrival on the barrier of every block whose x slice it holds.
+    // A stage's release: this warp's arrival on the barrier of every block whose x slice it holds (lane q on the
+    // q-th sender's, so that the arrivals go out together).
     auto release = [&](uint64_t* bar) {
-      if (lane != 0) return;
-      if (cast == 1) return mbar_arrive(bar);
-      for (int q = 0; q < cast; ++q) mbar_arrive_cluster(bar, q * split + rank);
+      if (cast == 1) {
+        if (lane == 0) mbar_arrive(bar);
+      } else if (lane < cast) {
+        mbar_arrive_cluster(bar, lane * split + rank);
+      }
     };
     for (int i = 0; i < count; ++i) {
       const int s = i % F::kStages;
