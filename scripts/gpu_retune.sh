@@ -14,8 +14,8 @@
 #         with the narrow forms through the fragment epilogue (MAMBA3_STREAM_GEMM_EPILOGUE=fragments, the earlier one).
 # multicast: the wide class's thirty-ninth-session options (docs/kernels/stream_gemm.md): the 1.5B products at 128
 #         rows with x multicast over 2 and 4 tiles, 64-row tiles with multicast, and wgmma depth; then the SISO and
-#         MIMO steps at batch 128 with them. (The diagnostic builds that separate x traffic from tensor work are a
-#         patch kept outside git: they give wrong results.)
+#         MIMO steps at batch 128 with them (measured in the fortieth session: all lose or tie). The diagnostic
+#         build that separates the weight stream, x and the tensor work: scripts/stream_gemm_diag_patch.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
