@@ -153,8 +153,8 @@ struct CudaModel::Impl {
   // Whether a decode step of `rows` rows folds the blocks' RMSNorms into their products (set_fold_norms): bf16
   // weights and activations; every block a SISO Mamba-3 mixer and a GatedMLP without biases, with RMSNorms without
   // biases; every product taking the folded forms at this row count (gpu_matrix.h: one row on the matrix-vector
-  // kernel as linear() routes it, 65–128 on the stream GEMM's wide class where linear() routes them there, i.e. under
-  // MAMBA3_STREAM_GEMM=all) — else the step runs the add + norm kernels.
+  // kernel as linear() routes it, 65–128 on the stream GEMM's wide class unless MAMBA3_STREAM_GEMM=0:
+  // stream_gemm_folds_preferred) — else the step runs the add + norm kernels.
   bool folds_norms(int64_t rows) const {
     if (!fold_norms || precision != Precision::BF16 || !config.rms_norm) return false;
     const auto folds = [&](const GpuMatrix& w) { return folded_norm_supported(*ctx, w, rows); };

@@ -99,7 +99,7 @@ bool folded_norm_supported(const Context& ctx, const GpuMatrix& w, int64_t rows)
       reinterpret_cast<uintptr_t>(w.weight.raw()) % 16 != 0)
     return false;
   if (rows == 1) return !stream_gemm_preferred(1) && w.k % 8 == 0;
-  return stream_gemm_preferred(rows) && stream_gemm_folds_norms(ctx, rows, w.n, w.k);
+  return stream_gemm_folds_preferred(rows) && stream_gemm_folds_norms(ctx, rows, w.n, w.k);
 }
 
 int64_t folded_norm_parts(const Context& ctx, const GpuMatrix& w, int64_t rows) {

@@ -889,11 +889,21 @@ StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t 
   return {g.tile_rows, g.split, g.cast};
 }
 
-bool stream_gemm_preferred(int64_t m) {
+namespace {
+const std::string& route_mode() {
   static const std::string mode = env_choice("MAMBA3_STREAM_GEMM", {"auto", "0", "all"});
-  if (mode == "0") return false;
-  if (mode == "all") return true;
+  return mode;
+}
+}  // namespace
+
+bool stream_gemm_preferred(int64_t m) {
+  if (route_mode() == "0") return false;
+  if (route_mode() == "all") return true;
   return m >= kDefaultMinRows && m <= kStreamGemmNarrowMaxRows;  // "auto" or unset: 2–64 rows
+}
+
+bool stream_gemm_folds_preferred(int64_t m) {
+  return route_mode() != "0" && m > kStreamGemmNarrowMaxRows && m <= kStreamGemmMaxRows;
 }
 
 }  // namespace mamba3::cuda

@@ -74,5 +74,11 @@ StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t 
 // (65–128 rows through the wide form). Read once per process. (fc1 follows the same route with the GatedMLP activation
 // fused: linear_gated_silu.)
 bool stream_gemm_preferred(int64_t m);
+// Whether a decode step of m rows folds its RMSNorms into the wide class's products (stream_gemm_residual_norm,
+// stream_gemm_scaled, stream_gemm_gated_pairs_scaled; CudaModel decides per model whether its blocks fold):
+// MAMBA3_STREAM_GEMM = auto or unset, and all: 65–128 rows; 0: never. At those rows plain products stay on cuBLAS
+// under auto: a step that folds (SISO) gains more by the fold than its products lose against cuBLAS, and a step that
+// cannot fold (MIMO) would only lose (docs/kernels/stream_gemm.md, "Forty-first session").
+bool stream_gemm_folds_preferred(int64_t m);
 
 }  // namespace mamba3::cuda

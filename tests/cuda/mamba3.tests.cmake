@@ -64,6 +64,11 @@ set_tests_properties(test_model_gpu_stream_gemm_wide_tile_64_cast_4 PROPERTIES L
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)
 set_tests_properties(test_model_gpu_stream_gemm_wide PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+# The same decodes with the stream GEMM off: cuBLAS products and the add + norm kernels at 70 and 128 rows (nothing
+# folds; the default folds there on sm_90).
+add_test(NAME test_model_gpu_stream_gemm_off COMMAND test_model_gpu --gtest_filter=*WideBatch*)
+set_tests_properties(test_model_gpu_stream_gemm_off PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=0
+                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 # Every matrix-vector product asking L2 for its block's weights up front: decode must give the same logits. The stream
 # GEMM off, so that the bf16 decodes of 2–4 rows (GraphReplayEqualsEager at batch 4, the golden cases at 2) reach the
 # matrix-vector kernel on sm_90 too (it takes only batch 1 there otherwise); the f32 tests never do.

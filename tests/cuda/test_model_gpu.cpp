@@ -466,10 +466,10 @@ TEST(ModelGpu, WideBatchDecodeTracksF32) {
   }
 }
 
-// The norms folded into the wide class's products at 70 and 128 rows (where linear() routes those rows to the stream
-// GEMM: MAMBA3_STREAM_GEMM=all on sm_90, ctest test_model_gpu_stream_gemm_wide): logits within bf16 rounding of the
-// unfolded step, graph replay equal to eager decode. Random norm weights, so that a product folding the wrong norm
-// shows. Under the default route nothing folds at these rows, which the test also checks.
+// The norms folded into the wide class's products at 70 and 128 rows (the default route on sm_90, and
+// MAMBA3_STREAM_GEMM=all, ctest test_model_gpu_stream_gemm_wide): logits within bf16 rounding of the unfolded step,
+// graph replay equal to eager decode. Random norm weights, so that a product folding the wrong norm shows. Under
+// MAMBA3_STREAM_GEMM=0 nothing folds at these rows, which the test also checks.
 TEST(ModelGpu, WideBatchFoldedNormsTrackTheNormKernels) {
   MAMBA3_REQUIRE_GPU();
   const ModelConfig c = wide_batch_config();
@@ -485,7 +485,7 @@ TEST(ModelGpu, WideBatchFoldedNormsTrackTheNormKernels) {
   folded_eager.set_use_graphs(false);
   plain.set_fold_norms(false);
   cuda::Context ctx;
-  const bool routed = cuda::stream_gemm_preferred(70) && ctx.info().cc_major == 9 && ctx.info().cc_minor == 0;
+  const bool routed = cuda::stream_gemm_folds_preferred(70) && ctx.info().cc_major == 9 && ctx.info().cc_minor == 0;
   for (int64_t B : {70, 128}) {
     SCOPED_TRACE("batch " + std::to_string(B));
     EXPECT_EQ(folded.decode_folds_norms(B), routed);
