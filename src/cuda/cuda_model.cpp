@@ -213,6 +213,7 @@ struct CudaModel::Impl {
         if (decode) {
           state.active = cache.active.as<int32_t>() + row0;  // decode skips inactive rows
           state.settled = true;  // the step began with the embedding's plain launch (or is a graph replay)
+          state.pdl_any_batch = fold;  // in_proj before it is the stream GEMM (Mamba3GpuState::pdl_any_batch)
         }
         std::function<void(GpuMamba3Layer::Edge)> edge;
         if (pf != WeightPrefetch::Off)

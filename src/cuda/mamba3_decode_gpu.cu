@@ -436,8 +436,8 @@ void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early_st
     }();
     (void)raised;
   }
-  launch_pdl(pdl_small(blocks / a.H), kernel, blocks, DecodeLayout<R, VPL, TC>::kWarps * 32, dynamic, s, a,
-             early_state);
+  launch_pdl(pdl_small(blocks / a.H) || a.st.pdl_any_batch, kernel, blocks, DecodeLayout<R, VPL, TC>::kWarps * 32,
+             dynamic, s, a, early_state);
 }
 
 template <int VPL, bool BF16S>

@@ -70,6 +70,12 @@ struct Mamba3GpuState {
   // step). Only then may the head decode kernel request them before its PDL wait (DecodeChoice::early_state): two
   // decode kernels on one state with only PDL launches between them would otherwise race.
   bool settled = false;
+  // The head decode kernel launches under PDL at any batch, not only up to pdl_max_rows(): CudaModel sets it for
+  // decode steps whose products are the stream GEMM's (the norms folded at 65–128 rows), where the kernel then starts,
+  // and requests its settled state, while in_proj's tail runs (H100, 1.5B SISO, ms per step: b65 4.197 → 4.127, b128
+  // 6.446 → 6.390). Behind cuBLAS products it lost (MIMO b96 5.75 → 5.80, b128 7.06 → 7.09; H200 with cuBLAS, thirty-
+  // first session: b128 5.145 → 5.168), so the default stays the small-launch rule.
+  bool pdl_any_batch = false;
 };
 
 // Which kernels run the recurrence. Staged: an angle scan, a fully parallel staging kernel (B/C norm, bias,
