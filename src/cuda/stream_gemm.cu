@@ -775,9 +775,339 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
   return g;
 }
 
+// The stream-K form of the wide class (MAMBA3_STREAM_GEMM_WIDE=streamk, an A/B option; forty-first session). The
+// product's units — (128-row tile, 64-column k-block) pairs in tile-major order — are divided into one equal range per
+// SM, so every SM streams the same weight bytes (bench/bench_weight_stream: 24 layers' four products in 0.91–0.94 ms
+// on an H100 that way, against 2.1–2.4 with whole tiles per block; docs/perf.md, "Forty-first session"). A block runs
+// its range through the same TMA → wgmma pipeline, one tile segment after another (at most kSkMaxSegments), and
+// stores each segment's f32 part to its own slot of the context's workspace ([batch row][weight row], L2-resident).
+// The last block to finish a tile's parts (counted by an atomic per tile) adds them in block order — the same order
+// whoever is last, so results are deterministic and batch-invariant — and runs the row epilogue (the folded norms and
+// the gated activation as in the cluster form), discarding the parts' L2 lines so that they never reach DRAM. No
+// block waits for another, so the form cannot deadlock when the grid is not all resident at once.
+constexpr int kSkMaxSegments = 3;
+constexpr int kSkTileRows = WideLow::kTileRows;
+constexpr int64_t kSkPartFloats = int64_t(kFoldRows) * kSkTileRows;
+constexpr int kSkMaxTiles = 4096, kSkMaxPieces = 12;
+constexpr int kSkGroups = 8;               // row groups of a tile's epilogue (16 batch rows each)
+constexpr long long kSkWaitCycles = 4000;  // ≈ 2 µs: how long a block waits for a tile's other parts
+
+// The block whose range holds unit u when `units` units are divided over `grid` blocks ([units·b/grid,
+// units·(b+1)/grid) each).
+__host__ __device__ __forceinline__ int sk_block_of(long long u, long long units, int grid) {
+  return int(((u + 1) * grid - 1) / units);
+}
+__host__ __device__ __forceinline__ long long sk_first_unit(long long units, int grid, int b) {
+  return units * b / grid;
+}
+
+__device__ __forceinline__ void consumer_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(WideLow::kConsumers) : "memory");
+}
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void discard_l2_line(const void* p) {
+  asm volatile("discard.global.L2 [%0], 128;" ::"l"(p) : "memory");
+}
+
+// A tile whose parts the calling block adds: its pieces are blocks b_first … b_first + pieces − 1.
+struct SkTile {
+  float* work;
+  long long units;
+  int grid, kblocks, tile, b_first, pieces;
+  // Where block (b_first + b)'s part of the tile starts, in floats from work (< 2³¹: the workspace is
+  // sm_count · kSkMaxSegments parts).
+  __device__ __forceinline__ int part_offset(int b) const {
+    const int block = b_first + b;
+    const int seg = tile - int(sk_first_unit(units, grid, block) / kblocks);
+    return int(((long long)block * kSkMaxSegments + seg) * kSkPartFloats);
+  }
+};
+
+// The sum of a tile's parts (in block order) over batch rows [c_begin, c_end) and their row epilogue, by the 8
+// consumer warps: R batch rows per warp at a time, a lane per 4 consecutive weight rows, every part's float4 of those
+// rows requested before any is added. (One part at a time, and a whole tile by its last block, the sum was
+// latency-bound: 143 µs for the 1.5B out_proj's ~9 parts per tile, 68 µs for in_proj's 2–3, against 14 and 20 for the
+// cluster form; forty-first session, H100.) P ≥ pieces.
+template <int Norm, int R, int P>
+__device__ __forceinline__ void sk_reduce_rows(const SkTile& t, int c_begin, int c_end, int m, const float* rstd_s,
+                                               const FoldArgs& fold, const RowOut& o) {
+  constexpr int kWarps = WideLow::kConsumers / 32, NB = WideLow::NB;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad = stream_layout::lane_first_row(lane);
+  const int64_t row = int64_t(t.tile) * kSkTileRows + quad;
+  int base[P];
+#pragma unroll
+  for (int b = 0; b < P; ++b) base[b] = b < t.pieces ? t.part_offset(b) : 0;
+  static_assert(NB % (kWarps * R) == 0, "whole rounds");
+  for (int c0 = c_begin + warp * R; c0 < c_end; c0 += kWarps * R) {
+    float4 q[R][P];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int b = 0; b < P; ++b)
+        if (b < t.pieces && c0 + r < m)
+          q[r][b] = __ldcg(reinterpret_cast<const float4*>(t.work + base[b] + (c0 + r) * kSkTileRows + quad));
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int c = c0 + r;
+      float sq = 0.0f;
+      if (c < m) {
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int b = 0; b < P; ++b)
+          if (b < t.pieces) v.x += q[r][b].x, v.y += q[r][b].y, v.z += q[r][b].z, v.w += q[r][b].w;
+        if constexpr (Norm == kNormIn) {
+          const float s = rstd_s[c];
+          v.x *= s, v.y *= s, v.z *= s, v.w *= s;
+        }
+        if (row < o.n) {
+          if constexpr (Norm == kNormOut) {
+            sq = store_row_residual_norm(v, c, row, fold, o);
+          } else if (o.act) {
+            store_row_gated(v, c, row, o);
+          } else {
+            store_row_y(v, c, row, o);
+          }
+        }
+      }
+      if constexpr (Norm == kNormOut) {  // the tile's Σ v² of batch row c, lanes in a fixed order
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        if (lane == 0) fold.partials_out[int64_t(t.tile) * kFoldRows + c] = sq;
+      }
+    }
+    __syncwarp();  // the rows' parts are read: their L2 lines may go (4 per row and part, lanes 0–3)
+    if (lane < 4) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int b = 0; b < P; ++b)
+          if (b < t.pieces && c0 + r < m) discard_l2_line(t.work + base[b] + (c0 + r) * kSkTileRows + 32 * lane);
+    }
+  }
+}
+
+template <int Norm>
+__global__ void __launch_bounds__(WideLow::kThreads, 1)
+    stream_gemm_streamk_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap,
+                               float* y, int64_t ldy, int m, int n, int kblocks, int tiles, __nv_bfloat16* act,
+                               const FoldArgs fold, float* work, unsigned* counters) {
+  using F = WideLow;
+  constexpr int NB = F::NB, kConsumers = F::kConsumers, kWarps = kConsumers / 32;
+  static_assert(F::kBoxes == 1 && F::kTileRows == stream_layout::kLaneRowStep, "one box per stage, a quad per lane");
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + F::kStages * F::kStageBytes);
+  uint64_t* empty = full + F::kStages;
+  int* last_s = reinterpret_cast<int*>(smem + F::kStages * F::kStageBytes + 128);  // after the 2 × kStages barriers
+  float* rstd_s = reinterpret_cast<float*>(smem + F::kStages * F::kStageBytes + 256);
+  static_assert(2 * F::kStages * 8 <= 128 && 128 + kSkMaxSegments * 4 <= 256, "barriers and flags in the 256 bytes");
+  auto stage_w = [&](int s) { return smem + s * F::kStageBytes; };
+  auto stage_x = [&](int s) { return smem + s * F::kStageBytes + F::kWBoxBytes; };
+
+  const int grid = int(gridDim.x), blk = int(blockIdx.x);
+  const long long units = (long long)tiles * kblocks;
+  const long long u0 = sk_first_unit(units, grid, blk), u1 = sk_first_unit(units, grid, blk + 1);
+  const int count = int(u1 - u0);
+  const int first_tile = int(u0 / kblocks);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < F::kStages; ++s) {
+      mbar_init_count(&full[s], 1);
+      mbar_init_count(&empty[s], kWarps);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  pdl_trigger();
+
+  if (warp == kWarps) {  // the producer (lane 0); nothing after its copies
+    if (lane == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&wmap) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(&xmap) : "memory");
+      const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
+      auto load_w = [&](int s, long long u) {
+        tma_load_2d(stage_w(s), &wmap, int(u % kblocks) * kBox, int(u / kblocks) * F::kTileRows, &full[s], stream_out);
+      };
+      auto load_x = [&](int s, long long u) {
+        tma_load_2d(stage_x(s), &xmap, int(u % kblocks) * kBox, 0, &full[s], keep);
+      };
+      // The first stages' weights before waiting for the kernel that writes x (weights never change).
+      const int early = count < F::kStages ? count : F::kStages;
+      for (int i = 0; i < early; ++i) {
+        expect_bytes(&full[i], F::kStageBytes);
+        load_w(i, u0 + i);
+      }
+      pdl_wait();
+      for (int i = 0; i < early; ++i) load_x(i, u0 + i);
+      for (int i = early; i < count; ++i) {
+        const int s = i % F::kStages;
+        mbar_wait(&empty[s], unsigned((i / F::kStages - 1) & 1));
+        expect_bytes(&full[s], F::kStageBytes);
+        load_w(s, u0 + i);
+        load_x(s, u0 + i);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg multiplies W rows 64·wg … + 63 of each stage with x (the batch as wgmma's N).
+  pdl_wait();
+  if constexpr (Norm == kNormIn) {  // the batch rows' rstd (read after the barriers below)
+    if (threadIdx.x < kFoldRows) {
+      float total = 0.0f;
+      for (int p = 0; p < fold.parts; ++p) total += fold.partials_in[int64_t(p) * kFoldRows + threadIdx.x];
+      rstd_s[threadIdx.x] = rsqrtf(total / float(fold.d) + fold.eps);
+    }
+  }
+  const int wg = warp / 4;
+  float acc[NB / 2];
+  int segments = 0, i = 0;
+  for (long long u = u0; u < u1; ++segments) {
+    const int tile = int(u / kblocks);
+    const long long end = (long long)(tile + 1) * kblocks < u1 ? (long long)(tile + 1) * kblocks : u1;
+    for (bool first = true; u < end; ++u, ++i, first = false) {
+      const int s = i % F::kStages;
+      mbar_wait(&full[s], unsigned((i / F::kStages) & 1));
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      const uint8_t* w_rows = stage_w(s) + wg * 64 * 128;
+#pragma unroll
+      for (int kk = 0; kk < kBox / 16; ++kk)
+        wgmma::Mma<NB>::run(acc, smem_desc(w_rows + kk * 32), smem_desc(stage_x(s) + kk * 32), !first || kk > 0);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      if (lane == 0) mbar_arrive(&empty[s]);
+    }
+    float* part = work + ((long long)blk * kSkMaxSegments + segments) * kSkPartFloats;
+#pragma unroll
+    for (int v = 0; v < NB / 2; ++v)
+      part[batch_row(v, threadIdx.x) * F::kTileRows + weight_row(v, threadIdx.x)] = acc[v];
+  }
+  // Every consumer's part stores before the block's arrivals (a release by thread 0 after the fences).
+  unsigned* arrivals = counters;                // per tile: parts stored
+  unsigned* claims = counters + kSkMaxTiles;    // per tile: row groups taken
+  unsigned* left = counters + 2 * kSkMaxTiles;  // per tile: pieces done with the counters
+  __threadfence();
+  consumer_sync();
+  if (threadIdx.x == 0)
+    for (int s = 0; s < segments; ++s) atomicAdd(&arrivals[first_tile + s], 1u);
+
+  RowOut o;
+  o.y = y;
+  o.ldy = ldy;
+  o.y_vec = y && ldy % 4 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+  o.act = act;
+  o.act_vec = act && (n / 2) % 2 == 0 && reinterpret_cast<uintptr_t>(act) % 4 == 0;
+  o.fold_vec = Norm == kNormOut && ldy % 4 == 0 && reinterpret_cast<uintptr_t>(fold.residual) % 16 == 0 &&
+               reinterpret_cast<uintptr_t>(fold.out16) % 8 == 0 && reinterpret_cast<uintptr_t>(fold.weight) % 16 == 0;
+  o.n = n;
+  // Each tile's batch rows in kSkGroups groups, taken one at a time by the tile's blocks once all its parts are
+  // stored: whoever adds a group adds the parts in block order (deterministic). A block waits at most kSkWaitCycles
+  // for the tile's other parts; the block whose arrival completed the tile never waits, and takes every group left,
+  // so no block depends on another being resident.
+  for (int s = 0; s < segments; ++s) {
+    const int tile = first_tile + s;
+    const int b_first = sk_block_of((long long)tile * kblocks, units, grid);
+    const int pieces = sk_block_of((long long)(tile + 1) * kblocks - 1, units, grid) - b_first + 1;
+    const SkTile t{work, units, grid, kblocks, tile, b_first, pieces};
+    const long long deadline = clock64() + kSkWaitCycles;
+    for (;;) {
+      if (threadIdx.x == 0) {
+        int group = -1;
+        for (;;) {
+          if (ld_acquire(&arrivals[tile]) >= unsigned(pieces)) {
+            const unsigned g = atomicAdd(&claims[tile], 1u);
+            group = g < unsigned(kSkGroups) ? int(g) : -1;
+            break;
+          }
+          if (clock64() > deadline) break;
+        }
+        last_s[0] = group;
+      }
+      consumer_sync();
+      const int group = last_s[0];
+      consumer_sync();  // every thread has read it before thread 0 writes the next
+      if (group < 0) break;
+      const int c_begin = group * (NB / kSkGroups), c_end = c_begin + NB / kSkGroups;
+      if (pieces <= 3) {  // 6–12 float4 in flight per lane
+        sk_reduce_rows<Norm, 2, 3>(t, c_begin, c_end, m, rstd_s, fold, o);
+      } else if (pieces <= 6) {
+        sk_reduce_rows<Norm, 1, 6>(t, c_begin, c_end, m, rstd_s, fold, o);
+      } else {
+        sk_reduce_rows<Norm, 1, kSkMaxPieces>(t, c_begin, c_end, m, rstd_s, fold, o);
+      }
+    }
+    if (threadIdx.x == 0 && atomicAdd(&left[tile], 1u) == unsigned(pieces - 1)) {
+      arrivals[tile] = 0, claims[tile] = 0, left[tile] = 0;  // every piece is done with them: ready for the next launch
+    }
+  }
+}
+
+// MAMBA3_STREAM_GEMM_WIDE = clusters (default) | streamk: how the wide class divides a product (read once).
+bool wide_streamk() {
+  static const bool on = env_choice("MAMBA3_STREAM_GEMM_WIDE", {"clusters", "streamk"}) == "streamk";
+  return on;
+}
+
+// Whether the stream-K form takes an N × K product: every block at least one unit, at most kSkMaxSegments tiles
+// per block (the layer products; a long product like the lm_head keeps the cluster form) and kSkMaxPieces blocks per
+// tile, the workspace allocated.
+bool streamk_fits(const Context& ctx, int64_t n, int64_t k) {
+  if (!wide_streamk() || !ctx.stream_gemm_workspace()) return false;
+  const int grid = ctx.info().sm_count;
+  const int64_t tiles = (n + kSkTileRows - 1) / kSkTileRows, kblocks = (k + kBox - 1) / kBox;
+  const long long units = tiles * kblocks;
+  if (tiles > kSkMaxTiles || units < grid) return false;
+  for (int b = 0; b < grid; ++b) {
+    const long long u0 = sk_first_unit(units, grid, b), u1 = sk_first_unit(units, grid, b + 1);
+    if ((u1 - 1) / kblocks - u0 / kblocks + 1 > kSkMaxSegments) return false;
+  }
+  for (int64_t t = 0; t < tiles; ++t)  // the blocks holding parts of a tile, at most kSkMaxPieces
+    if (sk_block_of((t + 1) * kblocks - 1, units, grid) - sk_block_of(t * kblocks, units, grid) + 1 > kSkMaxPieces)
+      return false;
+  return true;
+}
+
+template <int Norm>
+void launch_streamk(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
+                    float* y, int64_t y_stride, void* act, const FoldArgs& fold) {
+  using F = WideLow;
+  static std::once_flag attr_once;
+  std::call_once(attr_once, [] {
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_streamk_kernel<Norm>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(F::kSmemBytes)));
+    MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(stream_gemm_streamk_kernel<Norm>,
+                                           cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           int(cudaSharedmemCarveoutMaxShared)));
+  });
+  const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
+  const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
+  const int tiles = int((n + F::kTileRows - 1) / F::kTileRows), kblocks = int((k + kBox - 1) / kBox);
+  float* work = static_cast<float*>(ctx.stream_gemm_workspace());
+  unsigned* counters =
+      reinterpret_cast<unsigned*>(work + int64_t(ctx.info().sm_count) * kSkMaxSegments * kSkPartFloats);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(ctx.info().sm_count));
+  config.blockDim = dim3(F::kThreads);
+  config.dynamicSmemBytes = F::kSmemBytes;
+  config.stream = ctx.stream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_streamk_kernel<Norm>, wmap, xmap, y, y_stride, int(m),
+                                       int(n), kblocks, tiles, static_cast<__nv_bfloat16*>(act), fold, work, counters));
+}
+
 template <int Norm>
 void launch_wide(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
                  float* y, int64_t y_stride, void* act, const FoldArgs& fold = FoldArgs{}) {
+  if (streamk_fits(ctx, n, k)) return launch_streamk<Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, act, fold);
   const WideGrid g = wide_grid(ctx, n, k);
   if (g.tile_rows == WideShort::kTileRows)
     return launch<WideShort, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold,
@@ -854,7 +1184,15 @@ bool stream_gemm_folds_norms(const Context& ctx, int64_t m, int64_t n, int64_t k
          m <= kStreamGemmMaxRows && n >= 1 && n < (int64_t(1) << 31) && k >= 8 && k % 8 == 0 && k < (int64_t(1) << 31);
 }
 
-int64_t stream_gemm_norm_parts(const Context& ctx, int64_t n, int64_t k) { return wide_grid(ctx, n, k).tiles; }
+int64_t stream_gemm_norm_parts(const Context& ctx, int64_t n, int64_t k) {
+  if (streamk_fits(ctx, n, k)) return (n + kSkTileRows - 1) / kSkTileRows;
+  return wide_grid(ctx, n, k).tiles;
+}
+
+size_t stream_gemm_workspace_bytes(const DeviceInfo& info) {
+  if (!wide_streamk() || info.cc_major != 9 || info.cc_minor != 0) return 0;
+  return size_t(info.sm_count) * kSkMaxSegments * kSkPartFloats * 4 + size_t(3 * kSkMaxTiles) * 4;
+}
 
 void stream_gemm_residual_norm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
                                int64_t x_stride, const GemvResidualNorm& out) {
