@@ -785,21 +785,17 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
 // whoever is last, so results are deterministic and batch-invariant — and runs the row epilogue (the folded norms and
 // the gated activation as in the cluster form), discarding the parts' L2 lines so that they never reach DRAM. No
 // block waits for another, so the form cannot deadlock when the grid is not all resident at once.
-constexpr int kSkMaxSegments = 3;
+constexpr int kSkMaxSegments = stream_layout::kStreamKMaxSegments;
 constexpr int kSkTileRows = WideLow::kTileRows;
 constexpr int64_t kSkPartFloats = int64_t(kFoldRows) * kSkTileRows;
-constexpr int kSkMaxTiles = 4096, kSkMaxPieces = 12;
+constexpr int kSkMaxTiles = 4096, kSkMaxPieces = stream_layout::kStreamKMaxPieces;
 constexpr int kSkGroups = 8;               // row groups of a tile's epilogue (16 batch rows each)
 constexpr long long kSkWaitCycles = 4000;  // ≈ 2 µs: how long a block waits for a tile's other parts
 
-// The block whose range holds unit u when `units` units are divided over `grid` blocks ([units·b/grid,
-// units·(b+1)/grid) each).
-__host__ __device__ __forceinline__ int sk_block_of(long long u, long long units, int grid) {
-  return int(((u + 1) * grid - 1) / units);
-}
-__host__ __device__ __forceinline__ long long sk_first_unit(long long units, int grid, int b) {
-  return units * b / grid;
-}
+// The units' division over the blocks (block shares, the blocks of a tile, a block's tiles): stream_gemm_layout.h.
+using stream_layout::streamk_first_tile;
+using stream_layout::streamk_first_unit;
+using stream_layout::streamk_pieces;
 
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, %0;" ::"n"(WideLow::kConsumers) : "memory");
@@ -822,7 +818,7 @@ struct SkTile {
   // sm_count · kSkMaxSegments parts).
   __device__ __forceinline__ int part_offset(int b) const {
     const int block = b_first + b;
-    const int seg = tile - int(sk_first_unit(units, grid, block) / kblocks);
+    const int seg = tile - streamk_first_tile(block, kblocks, units, grid);
     return int(((long long)block * kSkMaxSegments + seg) * kSkPartFloats);
   }
 };
@@ -911,7 +907,7 @@ __global__ void __launch_bounds__(WideLow::kThreads, 1)
 
   const int grid = int(gridDim.x), blk = int(blockIdx.x);
   const long long units = (long long)tiles * kblocks;
-  const long long u0 = sk_first_unit(units, grid, blk), u1 = sk_first_unit(units, grid, blk + 1);
+  const long long u0 = streamk_first_unit(units, grid, blk), u1 = streamk_first_unit(units, grid, blk + 1);
   const int count = int(u1 - u0);
   const int first_tile = int(u0 / kblocks);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1011,9 +1007,9 @@ __global__ void __launch_bounds__(WideLow::kThreads, 1)
   // so no block depends on another being resident.
   for (int s = 0; s < segments; ++s) {
     const int tile = first_tile + s;
-    const int b_first = sk_block_of((long long)tile * kblocks, units, grid);
-    const int pieces = sk_block_of((long long)(tile + 1) * kblocks - 1, units, grid) - b_first + 1;
-    const SkTile t{work, units, grid, kblocks, tile, b_first, pieces};
+    const stream_layout::StreamKPieces held = streamk_pieces(tile, kblocks, units, grid);
+    const int pieces = held.pieces;
+    const SkTile t{work, units, grid, kblocks, tile, held.first, pieces};
     const long long deadline = clock64() + kSkWaitCycles;
     for (;;) {
       if (threadIdx.x == 0) {
@@ -1060,16 +1056,12 @@ bool streamk_fits(const Context& ctx, int64_t n, int64_t k) {
   if (!wide_streamk() || !ctx.stream_gemm_workspace()) return false;
   const int grid = ctx.info().sm_count;
   const int64_t tiles = (n + kSkTileRows - 1) / kSkTileRows, kblocks = (k + kBox - 1) / kBox;
-  const long long units = tiles * kblocks;
-  if (tiles > kSkMaxTiles || units < grid) return false;
-  for (int b = 0; b < grid; ++b) {
-    const long long u0 = sk_first_unit(units, grid, b), u1 = sk_first_unit(units, grid, b + 1);
-    if ((u1 - 1) / kblocks - u0 / kblocks + 1 > kSkMaxSegments) return false;
-  }
-  for (int64_t t = 0; t < tiles; ++t)  // the blocks holding parts of a tile, at most kSkMaxPieces
-    if (sk_block_of((t + 1) * kblocks - 1, units, grid) - sk_block_of(t * kblocks, units, grid) + 1 > kSkMaxPieces)
-      return false;
-  return true;
+  if (tiles > kSkMaxTiles) return false;
+  static std::mutex mutex;  // a function of (N, K) on the engine's one device: asked once per shape
+  static std::map<std::pair<int64_t, int64_t>, bool> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find({n, k}); it != known.end()) return it->second;
+  return known[{n, k}] = stream_layout::streamk_shape_fits(tiles, kblocks, grid, kSkMaxSegments, kSkMaxPieces);
 }
 
 template <int Norm>

@@ -154,5 +154,67 @@ TEST(StreamGemmLayout, BlockPlacesCoverEveryTileAndRankOnce) {
     }
 }
 
+// The stream-K form's division of (tile, k-block) units over the blocks: the shares partition the units, each block
+// has one; streamk_block_of finds the share of every unit; a block's tiles (its workspace slots) run from its first
+// unit's tile to its last one's; a tile's pieces are exactly the blocks holding its units, and their units of it add
+// up to its k-blocks.
+TEST(StreamGemmLayout, StreamKSharesCoverEveryUnitOnce) {
+  const std::vector<std::pair<int, int>> shapes = {{1, 200}, {68, 32}, {16, 64}, {64, 32}, {8, 33},
+                                                   {2, 128}, {30, 16}, {313, 2}, {17, 33}, {1002, 32}};
+  for (int grid : {1, 7, 78, 114, 132}) {
+    for (const auto& [tiles, kblocks] : shapes) {
+      SCOPED_TRACE("grid " + std::to_string(grid) + ", " + std::to_string(tiles) + " tiles × " +
+                   std::to_string(kblocks) + " k-blocks");
+      const long long units = (long long)tiles * kblocks;
+      if (units < grid) {
+        EXPECT_FALSE(sl::streamk_shape_fits(tiles, kblocks, grid, 1 << 20, 1 << 20));
+        continue;
+      }
+      ASSERT_EQ(sl::streamk_first_unit(units, grid, 0), 0);
+      ASSERT_EQ(sl::streamk_first_unit(units, grid, grid), units);
+      std::vector<std::vector<long long>> held(size_t(tiles), std::vector<long long>(size_t(grid), 0));
+      for (int b = 0; b < grid; ++b) {
+        const long long u0 = sl::streamk_first_unit(units, grid, b), u1 = sl::streamk_first_unit(units, grid, b + 1);
+        ASSERT_LT(u0, u1) << "block " << b << " has no unit";
+        const int first = sl::streamk_first_tile(b, kblocks, units, grid),
+                  segments = sl::streamk_segments(b, kblocks, units, grid);
+        EXPECT_EQ(first, u0 / kblocks);
+        EXPECT_EQ(first + segments - 1, (u1 - 1) / kblocks);
+        for (long long u = u0; u < u1; ++u) {
+          ASSERT_EQ(sl::streamk_block_of(u, units, grid), b) << "unit " << u;
+          ++held[size_t(u / kblocks)][size_t(b)];
+        }
+      }
+      for (int t = 0; t < tiles; ++t) {
+        const sl::StreamKPieces p = sl::streamk_pieces(t, kblocks, units, grid);
+        long long total = 0;
+        for (int b = 0; b < grid; ++b) {
+          const bool piece = b >= p.first && b < p.first + p.pieces;
+          EXPECT_EQ(held[size_t(t)][size_t(b)] > 0, piece) << "tile " << t << ", block " << b;
+          if (!piece) continue;
+          const int seg = t - sl::streamk_first_tile(b, kblocks, units, grid);
+          EXPECT_GE(seg, 0);
+          EXPECT_LT(seg, sl::streamk_segments(b, kblocks, units, grid));
+          total += held[size_t(t)][size_t(b)];
+        }
+        EXPECT_EQ(total, kblocks) << "tile " << t;
+      }
+    }
+  }
+}
+
+// The stream-K form takes the 1.5B model's four layer products at 128-row tiles and 64-column k-blocks (in_proj 68 ×
+// 32, out_proj and fc2 16 × 64, fc1 64 × 32) on an H100 SXM's 132 SMs and a PCIe card's 114, within the kernel's
+// limits; the lm_head (1002 × 32: ~8 tiles per block) stays with the cluster form.
+TEST(StreamGemmLayout, StreamKTakesTheLayerProducts) {
+  for (int grid : {132, 114}) {
+    SCOPED_TRACE("grid " + std::to_string(grid));
+    for (const auto& [tiles, kblocks] : std::vector<std::pair<int, int>>{{68, 32}, {16, 64}, {64, 32}})
+      EXPECT_TRUE(sl::streamk_shape_fits(tiles, kblocks, grid, sl::kStreamKMaxSegments, sl::kStreamKMaxPieces))
+          << tiles << " × " << kblocks;
+    EXPECT_FALSE(sl::streamk_shape_fits(1002, 32, grid, sl::kStreamKMaxSegments, sl::kStreamKMaxPieces));
+  }
+}
+
 }  // namespace
 }  // namespace mamba3::test
