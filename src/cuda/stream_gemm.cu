@@ -781,10 +781,13 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
 // on an H100 that way, against 2.1–2.4 with whole tiles per block; docs/perf.md, "Forty-first session"). A block runs
 // its range through the same TMA → wgmma pipeline, one tile segment after another (at most kSkMaxSegments), and
 // stores each segment's f32 part to its own slot of the context's workspace ([batch row][weight row], L2-resident).
-// The last block to finish a tile's parts (counted by an atomic per tile) adds them in block order — the same order
-// whoever is last, so results are deterministic and batch-invariant — and runs the row epilogue (the folded norms and
-// the gated activation as in the cluster form), discarding the parts' L2 lines so that they never reach DRAM. No
-// block waits for another, so the form cannot deadlock when the grid is not all resident at once.
+// Once a tile's parts are all stored (an arrival counter per tile), its batch rows are added in groups of 16, each
+// group by whichever of the tile's blocks takes it next (a claim counter), always in block order — so the results
+// are deterministic and batch-invariant — and go through the row epilogue (the folded norms and the gated activation
+// as in the cluster form); the parts' L2 lines are then discarded so that they never reach DRAM. A block waits at
+// most kSkWaitCycles for a tile's other parts, and the block whose arrival completes a tile never waits and takes
+// every group left: no block depends on another being resident. (The first form, the last block adding a whole tile
+// alone, passed its tests on an H100 but was 3–10× slower than the cluster form: docs/kernels/stream_gemm.md.)
 constexpr int kSkMaxSegments = stream_layout::kStreamKMaxSegments;
 constexpr int kSkTileRows = WideLow::kTileRows;
 constexpr int64_t kSkPartFloats = int64_t(kFoldRows) * kSkTileRows;
@@ -876,13 +879,13 @@ __device__ __forceinline__ void sk_reduce_rows(const SkTile& t, int c_begin, int
         if (lane == 0) fold.partials_out[int64_t(t.tile) * kFoldRows + c] = sq;
       }
     }
-    __syncwarp();  // the rows' parts are read: their L2 lines may go (4 per row and part, lanes 0–3)
+    __syncwarp();  // the rows' parts are read: their L2 lines may go (4 per row and part, lanes 0–3; rows ≥ m too)
     if (lane < 4) {
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int b = 0; b < P; ++b)
-          if (b < t.pieces && c0 + r < m) discard_l2_line(t.work + base[b] + (c0 + r) * kSkTileRows + 32 * lane);
+          if (b < t.pieces) discard_l2_line(t.work + base[b] + (c0 + r) * kSkTileRows + 32 * lane);
     }
   }
 }
