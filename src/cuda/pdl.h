@@ -13,7 +13,9 @@
 // an H200, 1.5B decode: b1 1.640 ms with PDL vs 1.660 without (second session). Thirty-first session, the decode's
 // non-GEMM kernels (add + norm, the state kernels) under PDL or plain at each batch, ms per step: b16 1.655 vs 1.746,
 // b32 2.203 vs 2.267, b64 3.303 vs 3.318, b96 4.273 vs 4.247, b128 5.168 vs 5.145 (MIMO: b16 1.784 vs 1.840, b64
-// 3.657 vs 3.673), so the threshold is 64. MAMBA3_PDL=0 launches every kernel plainly; read once per process.
+// 3.657 vs 3.673), so the threshold is 64. One exception: a decode step whose products are the stream GEMM's at 65–128
+// rows (the norms folded) launches its Mamba-3 head kernels under PDL at any batch (Mamba3GpuState::pdl_any_batch;
+// H100, forty-first session: b128 6.45 → 6.40 ms). MAMBA3_PDL=0 launches every kernel plainly; read once per process.
 // Without the attribute, pdl_wait() and pdl_trigger() do nothing.
 //
 // Training: every kernel under src/cuda/train calls pdl_wait() first (tests/cuda/test_pdl_wait_first.cpp checks the
