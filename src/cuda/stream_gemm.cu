@@ -830,9 +830,10 @@ struct SkTile {
 // consumer warps: R batch rows per warp at a time, a lane per 4 consecutive weight rows, every part's float4 of those
 // rows requested before any is added. (One part at a time, and a whole tile by its last block, the sum was
 // latency-bound: 143 µs for the 1.5B out_proj's ~9 parts per tile, 68 µs for in_proj's 2–3, against 14 and 20 for the
-// cluster form; forty-first session, H100.) P ≥ pieces.
+// cluster form; forty-first session, H100.) P ≥ pieces. Not inlined: inside the kernel, at its 168-register cap (9
+// warps), the three forms spilled 200–240 bytes; as calls, 4–20.
 template <int Norm, int R, int P>
-__device__ __forceinline__ void sk_reduce_rows(const SkTile& t, int c_begin, int c_end, int m, const float* rstd_s,
+__device__ __noinline__ void sk_reduce_rows(const SkTile& t, int c_begin, int c_end, int m, const float* rstd_s,
                                                const FoldArgs& fold, const RowOut& o) {
   constexpr int kWarps = WideLow::kConsumers / 32, NB = WideLow::NB;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -983,8 +984,9 @@ __global__ void __launch_bounds__(WideLow::kThreads, 1)
     }
     float* part = work + ((long long)blk * kSkMaxSegments + segments) * kSkPartFloats;
 #pragma unroll
-    for (int v = 0; v < NB / 2; ++v)
-      part[batch_row(v, threadIdx.x) * F::kTileRows + weight_row(v, threadIdx.x)] = acc[v];
+    for (int v = 0; v < NB / 2; ++v)  // batch rows ≥ m are zeros that no one reads
+      if (batch_row(v, threadIdx.x) < m)
+        part[batch_row(v, threadIdx.x) * F::kTileRows + weight_row(v, threadIdx.x)] = acc[v];
   }
   // Every consumer's part stores before the block's arrivals (a release by thread 0 after the fences).
   unsigned* arrivals = counters;                // per tile: parts stored
