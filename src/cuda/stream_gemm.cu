@@ -834,7 +834,7 @@ struct SkTile {
 // warps), the three forms spilled 200–240 bytes; as calls, 4–20.
 template <int Norm, int R, int P>
 __device__ __noinline__ void sk_reduce_rows(const SkTile& t, int c_begin, int c_end, int m, const float* rstd_s,
-                                               const FoldArgs& fold, const RowOut& o) {
+                                            const FoldArgs& fold, const RowOut& o) {
   constexpr int kWarps = WideLow::kConsumers / 32, NB = WideLow::NB;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad = stream_layout::lane_first_row(lane);
