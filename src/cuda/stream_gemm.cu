@@ -1186,6 +1186,8 @@ int64_t stream_gemm_norm_parts(const Context& ctx, int64_t n, int64_t k) {
   return wide_grid(ctx, n, k).tiles;
 }
 
+bool stream_gemm_streamk_takes(const Context& ctx, int64_t n, int64_t k) { return streamk_fits(ctx, n, k); }
+
 size_t stream_gemm_workspace_bytes(const DeviceInfo& info) {
   if (!wide_streamk() || info.cc_major != 9 || info.cc_minor != 0) return 0;
   return size_t(info.sm_count) * kSkMaxSegments * kSkPartFloats * 4 + size_t(3 * kSkMaxTiles) * 4;

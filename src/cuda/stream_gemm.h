@@ -88,5 +88,8 @@ bool stream_gemm_folds_preferred(int64_t m);
 // parts and the tiles' arrival counters under MAMBA3_STREAM_GEMM_WIDE=streamk on a compute capability 9.0 device,
 // else 0.
 size_t stream_gemm_workspace_bytes(const DeviceInfo& info);
+// Whether the wide class runs an N × K product in its stream-K form on this context (MAMBA3_STREAM_GEMM_WIDE=streamk
+// and the shape within the form's limits; tests and benchmarks).
+bool stream_gemm_streamk_takes(const Context& ctx, int64_t n, int64_t k);
 
 }  // namespace mamba3::cuda

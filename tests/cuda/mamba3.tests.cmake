@@ -68,7 +68,7 @@ set_tests_properties(test_model_gpu_stream_gemm_wide PROPERTIES LABELS cuda ENVI
 # divides over the SMs (most of the wide shapes above, the 1.5B layer products among them), the folded norms, linear()
 # at 65–128 rows, and the model's wide-batch decodes.
 add_test(NAME test_stream_gemm_gpu_streamk COMMAND test_stream_gemm_gpu
-         --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*:*StridedOutput*)
+         --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*:*StridedOutput*:*StreamK*)
 set_tests_properties(test_stream_gemm_gpu_streamk PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM_WIDE=streamk
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 add_test(NAME test_gemv_gpu_stream_gemm_streamk COMMAND test_gemv_gpu --gtest_filter=*LinearDispatch*)
