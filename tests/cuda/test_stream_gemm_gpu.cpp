@@ -172,7 +172,7 @@ TEST(StreamGemmGpu, StreamKTakesWhatItShould) {
     EXPECT_EQ(cuda::stream_gemm_streamk_takes(ctx, n, k), on && sms >= 114 && sms <= 132) << n << " × " << k;
   EXPECT_FALSE(cuda::stream_gemm_streamk_takes(ctx, 1001, 2056));
   EXPECT_FALSE(cuda::stream_gemm_streamk_takes(ctx, 128256, 2048));  // ~8 tiles per block: the cluster form
-  EXPECT_FALSE(cuda::stream_gemm_streamk_takes(ctx, 520, 104));       // 10 units: fewer than the SMs
+  EXPECT_FALSE(cuda::stream_gemm_streamk_takes(ctx, 520, 104));      // 10 units: fewer than the SMs
 }
 
 // The gated epilogue (W's rows (value, gate) pairs): its bf16 activations equal, bit for bit, the stream GEMM followed
