@@ -38,8 +38,8 @@ using namespace mamba3::cuda;
 
 constexpr int kMaxSegments = 4;
 constexpr int kRingBytes = 192 * 1024;
-constexpr int kThreads = 64;  // warp 0: the producer (lane 0); warp 1: the consumer
-constexpr int kEpilogueCols = 128;  // a tile's part: tile rows × 128 batch rows of f32
+constexpr int kThreads = 64;           // warp 0: the producer (lane 0); warp 1: the consumer
+constexpr int kEpilogueCols = 128;     // a tile's part: tile rows × 128 batch rows of f32
 constexpr int kXBoxBytes = 128 * 128;  // 128 batch rows × 64 bf16 columns
 
 enum Assign { kTiles = 0, kBalanced = 1, kContiguous = 2 };
@@ -69,10 +69,10 @@ __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int c0
       : "memory");
 }
 __device__ __forceinline__ void bulk_1d(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
 }
 __device__ __forceinline__ void arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
@@ -319,7 +319,8 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&src, copy_bytes));
   CHECK(cudaMalloc(&dst, copy_bytes));
   CHECK(cudaMemset(src, 1, copy_bytes));
-  const double copy_ms = time_graph(d, 10, [&] { CHECK(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice, d.stream)); });
+  const double copy_ms =
+      time_graph(d, 10, [&] { CHECK(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice, d.stream)); });
   const double copy_gbs = 2.0 * copy_bytes / copy_ms / 1e6;
   CHECK(cudaFree(src));
   CHECK(cudaFree(dst));
@@ -357,9 +358,11 @@ int main(int argc, char** argv) {
   for (const Pattern& pat : patterns) {
     Launch p = base_launch(d, pat.assign, pat.box_rows, pat.boxes, pat.with_x);
     add_segment(p, w_head, head);
-    const double ms = time_graph(d, replays, [&] {
-      for (int r = 0; r < 4; ++r) enqueue(d, p, false);
-    }) / 4;
+    const double ms = time_graph(d, replays,
+                                 [&] {
+                                   for (int r = 0; r < 4; ++r) enqueue(d, p, false);
+                                 }) /
+                      4;
     std::printf("  %-56s %8.1f µs %7.0f GB/s (%3.0f %%)\n", pat.what, ms * 1e3, head_bytes / ms / 1e6,
                 100.0 * head_bytes / ms / 1e6 / copy_gbs);
   }
@@ -377,9 +380,10 @@ int main(int argc, char** argv) {
       CHECK(cudaMemset(weights[l * 4 + j], 0, bytes));
     }
   const double total = double(layer_bytes) * kLayers;
-  std::printf("\n2. %d layers × 4 products (%.1f MB per layer), ms per 24 layers and GB/s (%% of copy); 128-row boxes "
-              "of 128 B\n",
-              kLayers, layer_bytes / 1e6);
+  std::printf(
+      "\n2. %d layers × 4 products (%.1f MB per layer), ms per 24 layers and GB/s (%% of copy); 128-row boxes "
+      "of 128 B\n",
+      kLayers, layer_bytes / 1e6);
   struct Chain {
     const char* what;
     int assign;
