@@ -2,7 +2,7 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|decode|wide|multicast|streamk|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|decode|wide|multicast|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
@@ -16,9 +16,6 @@
 #         rows with x multicast over 2 and 4 tiles, 64-row tiles with multicast, and wgmma depth; then the SISO and
 #         MIMO steps at batch 128 with them (measured in the fortieth session: all lose or tie). The diagnostic
 #         build that separates the weight stream, x and the tensor work: scripts/stream_gemm_diag_patch.py.
-# streamk: the wide class's stream-K form (MAMBA3_STREAM_GEMM_WIDE=streamk, forty-first session; its tests are the
-#         ctest variants *_streamk, which scripts/gpu_run.sh runs): the 1.5B products at 128 rows against the cluster
-#         form, then the SISO step at b96 and b128, where the products are the folded ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -64,15 +61,6 @@ if [[ $what == multicast || $what == all ]]; then
       "MAMBA3_STREAM_GEMM=all MAMBA3_STREAM_GEMM_CAST=4 MAMBA3_STREAM_GEMM_WIDE_TILE=64" \
       2>&1 | tee -a "$OUT/retune_multicast.txt"
   done
-fi
-if [[ $what == streamk || $what == all ]]; then
-  for setting in "" "MAMBA3_STREAM_GEMM_WIDE=streamk"; do
-    echo "== products, MAMBA3_STREAM_GEMM=all ${setting:-(cluster form)}" | tee -a "$OUT/retune_streamk.txt"
-    env MAMBA3_STREAM_GEMM=all $setting timeout 60 "$MAMBA3_BIN" bench --device cuda --products --preset 1.5b \
-      --batch 128 2>&1 | grep -E "^  [a-z]|rror" | tee -a "$OUT/retune_streamk.txt"
-  done
-  timeout 300 scripts/decode_ab.sh -p 1.5b -b "96 128" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM_WIDE=streamk" \
-    2>&1 | tee -a "$OUT/retune_streamk.txt"
 fi
 if [[ $what == wide || $what == all ]]; then
   for split in "" 1 2 4 8; do

@@ -7,7 +7,6 @@
 #include "cuda/env_switch.h"
 #include "cuda/gemm_tuner.h"
 #include "cuda/pdl.h"
-#include "cuda/stream_gemm.h"
 
 namespace mamba3::cuda {
 
@@ -65,10 +64,6 @@ Context::Context() : info_(device_info()) {
   const size_t workspace = size_t(32) << 20;
   MAMBA3_CUDA_CHECK(cudaMalloc(&cublas_workspace_, workspace));
   MAMBA3_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, workspace));
-  if (const size_t bytes = stream_gemm_workspace_bytes(info_); bytes > 0) {
-    MAMBA3_CUDA_CHECK(cudaMalloc(&stream_gemm_workspace_, bytes));
-    MAMBA3_CUDA_CHECK(cudaMemset(stream_gemm_workspace_, 0, bytes));
-  }
 }
 
 GemmTuner& Context::gemm_tuner() const {
@@ -90,7 +85,6 @@ Context::~Context() {
   if (cublas_lt_workspace_) cudaFree(cublas_lt_workspace_);
   if (cublas_) cublasDestroy(cublas_);
   if (cublas_workspace_) cudaFree(cublas_workspace_);
-  if (stream_gemm_workspace_) cudaFree(stream_gemm_workspace_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 

@@ -47,9 +47,6 @@ class Context {
   // MAMBA3_GEMM_TUNE=1 runs products through it); it changes through a const Context, as the stream's work does.
   GemmTuner& gemm_tuner() const;
   const DeviceInfo& info() const { return info_; }
-  // The stream GEMM's stream-K workspace (its tiles' parts and arrival counters, zero between products; allocated
-  // with the context, since a captured decode step cannot allocate), or null where stream_gemm_workspace_bytes is 0.
-  void* stream_gemm_workspace() const { return stream_gemm_workspace_; }
   void sync() const { MAMBA3_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   // Fixed-shape matrix products (0: off). When set, linear() (gpu_matrix.h) calls cuBLAS with exactly this many rows
@@ -68,7 +65,6 @@ class Context {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
-  void* stream_gemm_workspace_ = nullptr;
   mutable cublasLtHandle_t cublas_lt_ = nullptr;
   mutable void* cublas_lt_workspace_ = nullptr;
   mutable std::unique_ptr<GemmTuner> gemm_tuner_;

@@ -7,8 +7,7 @@
 // linear() uses it by default for 2–64 rows, where the decode step measured 2.5–19 % faster than with cuBLAS or the
 // matrix-vector kernel (docs/kernels/stream_gemm.md); 65–128 rows for the folded norms' products by default and for
 // every product under MAMBA3_STREAM_GEMM=all (the wide class ran 10–20 % behind cuBLAS per product on an H100; with
-// the norms folded the b128 step gains 0.7–1.9 %). MAMBA3_STREAM_GEMM_WIDE=streamk (an A/B option) divides the wide
-// class's short products into equal shares of (tile, k-block) units per SM instead (stream_gemm.cu).
+// the norms folded the b128 step gains 0.7–1.9 %).
 #include <cstddef>
 #include <cstdint>
 
@@ -17,7 +16,6 @@
 namespace mamba3::cuda {
 
 class Context;
-struct DeviceInfo;
 
 constexpr int64_t kStreamGemmNarrowMaxRows = 64, kStreamGemmMaxRows = 128;
 
@@ -83,13 +81,5 @@ bool stream_gemm_preferred(int64_t m);
 // under auto: a step that folds (SISO) gains more by the fold than its products lose against cuBLAS, and a step that
 // cannot fold (MIMO) would only lose (docs/kernels/stream_gemm.md, "Forty-first session").
 bool stream_gemm_folds_preferred(int64_t m);
-
-// Bytes of the stream-K workspace a Context on this device allocates (Context::stream_gemm_workspace): its blocks'
-// parts and the tiles' arrival counters under MAMBA3_STREAM_GEMM_WIDE=streamk on a compute capability 9.0 device,
-// else 0.
-size_t stream_gemm_workspace_bytes(const DeviceInfo& info);
-// Whether the wide class runs an N × K product in its stream-K form on this context (MAMBA3_STREAM_GEMM_WIDE=streamk
-// and the shape within the form's limits; tests and benchmarks).
-bool stream_gemm_streamk_takes(const Context& ctx, int64_t n, int64_t k);
 
 }  // namespace mamba3::cuda

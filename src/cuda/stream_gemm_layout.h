@@ -57,43 +57,6 @@ MAMBA3_LAYOUT_FN BlockPlace block_place(long long block, int split, int cast) {
   return p;
 }
 
-// The stream-K form of the wide class (stream_gemm.cu): a product's units — (tile, k-block) pairs in tile-major
-// order — divided over `grid` blocks, block b taking [units·b/grid, units·(b+1)/grid). A block keeps a workspace slot
-// per tile it touches (at most kStreamKMaxSegments), and a tile's rows add at most kStreamKMaxPieces parts (the
-// epilogue's loads in flight).
-constexpr int kStreamKMaxSegments = 3, kStreamKMaxPieces = 12;
-MAMBA3_LAYOUT_FN long long streamk_first_unit(long long units, int grid, int b) { return units * b / grid; }
-// The block whose share holds unit u.
-MAMBA3_LAYOUT_FN int streamk_block_of(long long u, long long units, int grid) {
-  return int(((u + 1) * grid - 1) / units);
-}
-// The blocks holding parts of tile t: [first, first + pieces).
-struct StreamKPieces {
-  int first, pieces;
-};
-MAMBA3_LAYOUT_FN StreamKPieces streamk_pieces(int tile, int kblocks, long long units, int grid) {
-  const int first = streamk_block_of((long long)tile * kblocks, units, grid);
-  return {first, streamk_block_of((long long)(tile + 1) * kblocks - 1, units, grid) - first + 1};
-}
-// Block b's tiles, in order from the tile of its first unit: its parts' slots are numbered so (segments).
-MAMBA3_LAYOUT_FN int streamk_first_tile(int b, int kblocks, long long units, int grid) {
-  return int(streamk_first_unit(units, grid, b) / kblocks);
-}
-MAMBA3_LAYOUT_FN int streamk_segments(int b, int kblocks, long long units, int grid) {
-  return int((streamk_first_unit(units, grid, b + 1) - 1) / kblocks) - streamk_first_tile(b, kblocks, units, grid) + 1;
-}
-// Whether `tiles` × `kblocks` units divide over `grid` blocks within the kernel's limits: every block at least one
-// unit, at most max_segments tiles per block and max_pieces blocks per tile.
-inline bool streamk_shape_fits(long long tiles, long long kblocks, int grid, int max_segments, int max_pieces) {
-  const long long units = tiles * kblocks;
-  if (grid < 1 || kblocks < 1 || units < grid) return false;
-  for (int b = 0; b < grid; ++b)
-    if (streamk_segments(b, int(kblocks), units, grid) > max_segments) return false;
-  for (long long t = 0; t < tiles; ++t)
-    if (streamk_pieces(int(t), int(kblocks), units, grid).pieces > max_pieces) return false;
-  return true;
-}
-
 }  // namespace mamba3::cuda::stream_layout
 
 #undef MAMBA3_LAYOUT_FN

@@ -64,20 +64,6 @@ set_tests_properties(test_model_gpu_stream_gemm_wide_tile_64_cast_4 PROPERTIES L
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)
 set_tests_properties(test_model_gpu_stream_gemm_wide PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM=all
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-# The stream-K form of the wide class (MAMBA3_STREAM_GEMM_WIDE=streamk, an A/B option): the products whose units it
-# divides over the SMs (most of the wide shapes above, the 1.5B layer products among them), the folded norms, linear()
-# at 65–128 rows, and the model's wide-batch decodes.
-add_test(NAME test_stream_gemm_gpu_streamk COMMAND test_stream_gemm_gpu
-         --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*:*StridedOutput*:*StreamK*)
-set_tests_properties(test_stream_gemm_gpu_streamk PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM_WIDE=streamk
-                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-add_test(NAME test_gemv_gpu_stream_gemm_streamk COMMAND test_gemv_gpu --gtest_filter=*LinearDispatch*)
-set_tests_properties(test_gemv_gpu_stream_gemm_streamk PROPERTIES LABELS cuda
-                     ENVIRONMENT "MAMBA3_STREAM_GEMM=all;MAMBA3_STREAM_GEMM_WIDE=streamk"
-                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-add_test(NAME test_model_gpu_stream_gemm_streamk COMMAND test_model_gpu --gtest_filter=*WideBatch*)
-set_tests_properties(test_model_gpu_stream_gemm_streamk PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM_WIDE=streamk
-                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
 # The same decodes with the stream GEMM off: cuBLAS products and the add + norm kernels at 70 and 128 rows (nothing
 # folds; the default folds there on sm_90).
 add_test(NAME test_model_gpu_stream_gemm_off COMMAND test_model_gpu --gtest_filter=*WideBatch*)

@@ -152,29 +152,6 @@ TEST(StreamGemmGpu, RejectsUnsupportedShapes) {
   EXPECT_THROW(cuda::stream_gemm(ctx, buf.raw(), 64, 60, buf.raw(), 4, 64, buf.as<float>(), 64), Error);
 }
 
-// Under MAMBA3_STREAM_GEMM_WIDE=streamk (ctest test_stream_gemm_gpu_streamk) the wide class's stream-K form takes the
-// 1.5B model's layer products and the wide shapes of the tests above that divide into at least one unit per SM, and
-// the lm_head keeps the cluster form (so that the variant's tests exercise the form they are meant for); otherwise it
-// takes nothing.
-TEST(StreamGemmGpu, StreamKTakesWhatItShould) {
-  MAMBA3_REQUIRE_GPU();
-  cuda::Context ctx;
-  if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
-  const char* wide = std::getenv("MAMBA3_STREAM_GEMM_WIDE");
-  const bool on = wide && std::string(wide) == "streamk";
-  EXPECT_EQ(ctx.stream_gemm_workspace() != nullptr, on);
-  const int sms = ctx.info().sm_count;
-  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{8672, 2048}, {2048, 4096}, {8192, 2048}})
-    EXPECT_EQ(cuda::stream_gemm_streamk_takes(ctx, n, k), on && sms >= 114 && sms <= 132) << n << " × " << k;
-  // Test shapes: 30 × 16, 17 × 33 and 68 × 9 units of 128 rows × 64 columns fit 114–132 SMs; 8 × 33 (a tile over
-  // ~17 blocks) does not.
-  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{3840, 1000}, {2056, 2056}, {8600, 520}})
-    EXPECT_EQ(cuda::stream_gemm_streamk_takes(ctx, n, k), on && sms >= 114 && sms <= 132) << n << " × " << k;
-  EXPECT_FALSE(cuda::stream_gemm_streamk_takes(ctx, 1001, 2056));
-  EXPECT_FALSE(cuda::stream_gemm_streamk_takes(ctx, 128256, 2048));  // ~8 tiles per block: the cluster form
-  EXPECT_FALSE(cuda::stream_gemm_streamk_takes(ctx, 520, 104));      // 10 units: fewer than the SMs
-}
-
 // The gated epilogue (W's rows (value, gate) pairs): its bf16 activations equal, bit for bit, the stream GEMM followed
 // by the activation kernel, in every width class and with a partial last tile — unsplit tiles in every form, and
 // split tiles where the row epilogue adds whole rows (the wide class; the narrow forms under
