@@ -10,16 +10,9 @@
 #include <cstdio>
 #include <cstdlib>
 
-namespace {
+#include "bench_cuda_check.h"
 
-#define CHECK(x)                                                                       \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
+namespace {
 
 enum Mode { kPlain, kWait, kWaitTrigger, kModes };
 
@@ -71,7 +64,7 @@ void launch(Kernel kernel, const Shape& sh, int mode, cudaStream_t s, Args... ar
   attribute[0].val.programmaticStreamSerializationAllowed = mode != kPlain;
   config.attrs = attribute;
   config.numAttrs = 1;
-  CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+  BENCH_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
 }
 
 }  // namespace
@@ -83,8 +76,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  CHECK(cudaFuncSetAttribute(core_like_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+  BENCH_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  BENCH_CUDA_CHECK(cudaFuncSetAttribute(core_like_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
   const Shape shapes[] = {
       {"stream 0.5 MB, 1 wave", false, (1L << 19) / 16, sms, 256, 0},
       {"stream 8 MB, 4 blocks/SM", false, (8L << 20) / 16, 4 * sms, 256, 0},
@@ -95,15 +88,15 @@ int main(int argc, char** argv) {
   long most = 0;
   for (const Shape& sh : shapes) most = std::max(most, sh.float4s);
   float4 *a = nullptr, *b = nullptr;
-  CHECK(cudaMalloc(&a, most * 16));
-  CHECK(cudaMalloc(&b, most * 16));
-  CHECK(cudaMemset(a, 0, most * 16));
-  CHECK(cudaMemset(b, 0, most * 16));
+  BENCH_CUDA_CHECK(cudaMalloc(&a, most * 16));
+  BENCH_CUDA_CHECK(cudaMalloc(&b, most * 16));
+  BENCH_CUDA_CHECK(cudaMemset(a, 0, most * 16));
+  BENCH_CUDA_CHECK(cudaMemset(b, 0, most * 16));
   cudaStream_t s;
-  CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   cudaEvent_t t0, t1;
-  CHECK(cudaEventCreate(&t0));
-  CHECK(cudaEventCreate(&t1));
+  BENCH_CUDA_CHECK(cudaEventCreate(&t0));
+  BENCH_CUDA_CHECK(cudaEventCreate(&t1));
   std::printf("%d launches per chain, best of 7; µs per launch\n", chain);
   std::printf("%-34s %10s %10s %12s %10s %12s\n", "kernel", "plain", "PDL wait", "saved/launch", "PDL w+t",
               "saved/launch");
@@ -112,7 +105,7 @@ int main(int argc, char** argv) {
     for (int mode = 0; mode < kModes; ++mode) {
       best[mode] = 1e30f;
       for (int rep = 0; rep < 8; ++rep) {
-        CHECK(cudaEventRecord(t0, s));
+        BENCH_CUDA_CHECK(cudaEventRecord(t0, s));
         for (int i = 0; i < chain; ++i) {
           const float4* in = i % 2 ? b : a;
           float4* out = i % 2 ? a : b;
@@ -121,16 +114,16 @@ int main(int argc, char** argv) {
           else
             launch(stream_kernel, sh, mode, s, in, out, sh.float4s, mode);
         }
-        CHECK(cudaEventRecord(t1, s));
-        CHECK(cudaEventSynchronize(t1));
+        BENCH_CUDA_CHECK(cudaEventRecord(t1, s));
+        BENCH_CUDA_CHECK(cudaEventSynchronize(t1));
         float ms = 0;
-        CHECK(cudaEventElapsedTime(&ms, t0, t1));
+        BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
         if (rep > 0) best[mode] = std::min(best[mode], ms * 1000.f / chain);  // rep 0 warms up
       }
     }
     std::printf("%-34s %10.2f %10.2f %12.2f %10.2f %12.2f\n", sh.name, best[kPlain], best[kWait],
                 best[kPlain] - best[kWait], best[kWaitTrigger], best[kPlain] - best[kWaitTrigger]);
   }
-  CHECK(cudaGetLastError());
+  BENCH_CUDA_CHECK(cudaGetLastError());
   return 0;
 }

@@ -21,20 +21,12 @@
 #include <cstdlib>
 #include <vector>
 
+#include "bench_cuda_check.h"
 #include "cuda/bulk_copy.cuh"
 
 namespace {
 
 using namespace mamba3::cuda;
-
-#define CHECK(x)                                                                       \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
 
 constexpr int kMaxSegments = 4;
 constexpr int kRingBytes = 192 * 1024;
@@ -186,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_consta
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult status{};
-  CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status));
+  BENCH_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status));
   if (status != cudaDriverEntryPointSuccess || !fn) {
     std::fprintf(stderr, "bench_weight_stream: the driver has no cuTensorMapEncodeTiled\n");
     std::exit(1);
@@ -236,7 +228,7 @@ void enqueue(const Device& d, const Launch& p, bool pdl) {
   attribute.val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  CHECK(cudaLaunchKernelEx(&config, stream_kernel, p));
+  BENCH_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_kernel, p));
 }
 
 // Times `replays` replays of a graph built by `build` (which enqueues on d.stream); ms per replay.
@@ -244,26 +236,26 @@ template <class Build>
 double time_graph(const Device& d, int replays, Build build) {
   cudaGraph_t graph;
   cudaGraphExec_t exec;
-  CHECK(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
+  BENCH_CUDA_CHECK(cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
   build();
-  CHECK(cudaStreamEndCapture(d.stream, &graph));
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  CHECK(cudaGraphLaunch(exec, d.stream));  // warm-up
-  CHECK(cudaStreamSynchronize(d.stream));
+  BENCH_CUDA_CHECK(cudaStreamEndCapture(d.stream, &graph));
+  BENCH_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  BENCH_CUDA_CHECK(cudaGraphLaunch(exec, d.stream));  // warm-up
+  BENCH_CUDA_CHECK(cudaStreamSynchronize(d.stream));
   cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
-  CHECK(cudaEventRecord(start, d.stream));
-  for (int r = 0; r < replays; ++r) CHECK(cudaGraphLaunch(exec, d.stream));
-  CHECK(cudaEventRecord(stop, d.stream));
-  CHECK(cudaEventSynchronize(stop));
+  BENCH_CUDA_CHECK(cudaEventCreate(&start));
+  BENCH_CUDA_CHECK(cudaEventCreate(&stop));
+  BENCH_CUDA_CHECK(cudaEventRecord(start, d.stream));
+  for (int r = 0; r < replays; ++r) BENCH_CUDA_CHECK(cudaGraphLaunch(exec, d.stream));
+  BENCH_CUDA_CHECK(cudaEventRecord(stop, d.stream));
+  BENCH_CUDA_CHECK(cudaEventSynchronize(stop));
   float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, start, stop));
-  CHECK(cudaGetLastError());
-  CHECK(cudaGraphExecDestroy(exec));
-  CHECK(cudaGraphDestroy(graph));
-  CHECK(cudaEventDestroy(start));
-  CHECK(cudaEventDestroy(stop));
+  BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  BENCH_CUDA_CHECK(cudaGetLastError());
+  BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
+  BENCH_CUDA_CHECK(cudaEventDestroy(start));
+  BENCH_CUDA_CHECK(cudaEventDestroy(stop));
   return ms / replays;
 }
 
@@ -299,44 +291,44 @@ int main(int argc, char** argv) {
   const int replays = argc > 1 ? std::max(1, std::atoi(argv[1])) : 20;
   Device d;
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   if (prop.major != 9) {
     std::fprintf(stderr, "bench_weight_stream: needs a Hopper device (found %s, cc %d.%d)\n", prop.name, prop.major,
                  prop.minor);
     return 1;
   }
   d.sms = prop.multiProcessorCount;
-  CHECK(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
-  CHECK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes + 2048));
-  CHECK(cudaMalloc(&d.out, size_t(d.sms) * 256 * kEpilogueCols * 4));
+  BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
+  BENCH_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes + 2048));
+  BENCH_CUDA_CHECK(cudaMalloc(&d.out, size_t(d.sms) * 256 * kEpilogueCols * 4));
   constexpr int kLayers = 24;
   d.barrier_slots = kLayers * kMaxSegments;
-  CHECK(cudaMalloc(&d.barriers, d.barrier_slots * 4));
+  BENCH_CUDA_CHECK(cudaMalloc(&d.barriers, d.barrier_slots * 4));
 
   // The copy bandwidth (read + write bytes), as `mamba3 bench` reports it.
   const size_t copy_bytes = size_t(1) << 30;
   void *src = nullptr, *dst = nullptr;
-  CHECK(cudaMalloc(&src, copy_bytes));
-  CHECK(cudaMalloc(&dst, copy_bytes));
-  CHECK(cudaMemset(src, 1, copy_bytes));
-  const double copy_ms =
-      time_graph(d, 10, [&] { CHECK(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice, d.stream)); });
+  BENCH_CUDA_CHECK(cudaMalloc(&src, copy_bytes));
+  BENCH_CUDA_CHECK(cudaMalloc(&dst, copy_bytes));
+  BENCH_CUDA_CHECK(cudaMemset(src, 1, copy_bytes));
+  const double copy_ms = time_graph(
+      d, 10, [&] { BENCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice, d.stream)); });
   const double copy_gbs = 2.0 * copy_bytes / copy_ms / 1e6;
-  CHECK(cudaFree(src));
-  CHECK(cudaFree(dst));
+  BENCH_CUDA_CHECK(cudaFree(src));
+  BENCH_CUDA_CHECK(cudaFree(dst));
   std::printf("%s, %d SMs: device-to-device copy %.0f GB/s (read + write)\n", prop.name, d.sms, copy_gbs);
 
   void* x_rows = nullptr;
-  CHECK(cudaMalloc(&x_rows, size_t(128) * 4096 * 2));
-  CHECK(cudaMemset(x_rows, 0, size_t(128) * 4096 * 2));
+  BENCH_CUDA_CHECK(cudaMalloc(&x_rows, size_t(128) * 4096 * 2));
+  BENCH_CUDA_CHECK(cudaMemset(x_rows, 0, size_t(128) * 4096 * 2));
   g_x = x_rows;
 
   // 1. One long product's weights (the 1.5B lm_head, 128256 × 2048 bf16), 1 block per SM.
   const Matrix head{128256, 2048};
   const size_t head_bytes = size_t(head.rows) * head.k * 2;
   void* w_head = nullptr;
-  CHECK(cudaMalloc(&w_head, head_bytes));
-  CHECK(cudaMemset(w_head, 0, head_bytes));
+  BENCH_CUDA_CHECK(cudaMalloc(&w_head, head_bytes));
+  BENCH_CUDA_CHECK(cudaMemset(w_head, 0, head_bytes));
   std::printf("\n1. %.0f MB of weights (%ld × %ld bf16) into shared memory, one launch, µs and GB/s (%% of copy)\n",
               head_bytes / 1e6, head.rows, head.k);
   struct Pattern {
@@ -366,7 +358,7 @@ int main(int argc, char** argv) {
     std::printf("  %-56s %8.1f µs %7.0f GB/s (%3.0f %%)\n", pat.what, ms * 1e3, head_bytes / ms / 1e6,
                 100.0 * head_bytes / ms / 1e6 / copy_gbs);
   }
-  CHECK(cudaFree(w_head));
+  BENCH_CUDA_CHECK(cudaFree(w_head));
 
   // 2. 24 layers of four products (in_proj, out_proj, fc1, fc2 of the 1.5B SISO model), every layer its own weights.
   const Matrix layer[4] = {{8672, 2048}, {2048, 4096}, {8192, 2048}, {2048, 4096}};
@@ -376,8 +368,8 @@ int main(int argc, char** argv) {
   for (int l = 0; l < kLayers; ++l)
     for (int j = 0; j < 4; ++j) {
       const size_t bytes = size_t(layer[j].rows) * layer[j].k * 2;
-      CHECK(cudaMalloc(&weights[l * 4 + j], bytes));
-      CHECK(cudaMemset(weights[l * 4 + j], 0, bytes));
+      BENCH_CUDA_CHECK(cudaMalloc(&weights[l * 4 + j], bytes));
+      BENCH_CUDA_CHECK(cudaMemset(weights[l * 4 + j], 0, bytes));
     }
   const double total = double(layer_bytes) * kLayers;
   std::printf(
@@ -402,7 +394,7 @@ int main(int argc, char** argv) {
   };
   for (const Chain& c : chains) {
     const double ms = time_graph(d, std::max(1, replays / 4), [&] {
-      CHECK(cudaMemsetAsync(d.barriers, 0, d.barrier_slots * 4, d.stream));
+      BENCH_CUDA_CHECK(cudaMemsetAsync(d.barriers, 0, d.barrier_slots * 4, d.stream));
       for (int l = 0; l < kLayers; ++l) {
         if (c.persistent) {
           Launch p = base_launch(d, c.assign, 128, 1, c.with_x);
@@ -425,8 +417,8 @@ int main(int argc, char** argv) {
     std::printf("  %-60s %7.3f ms %7.0f GB/s (%3.0f %%)\n", c.what, ms, total / ms / 1e6,
                 100.0 * total / ms / 1e6 / copy_gbs);
   }
-  for (char* w : weights) CHECK(cudaFree(w));
-  CHECK(cudaFree(d.out));
-  CHECK(cudaFree(d.barriers));
+  for (char* w : weights) BENCH_CUDA_CHECK(cudaFree(w));
+  BENCH_CUDA_CHECK(cudaFree(d.out));
+  BENCH_CUDA_CHECK(cudaFree(d.barriers));
   return 0;
 }
