@@ -10,20 +10,11 @@ Nsight Systems, and ncu serialises the kernels, which hides their overlap under 
 Usage: python3 scripts/decode_diag_patch.py; build (e.g. BUNDLE_BINS=mamba3 BUNDLE_OUT=gpu-bundle/diag.tar.xz
 scripts/gpu_bundle.sh); then `git checkout src/cuda/gpu_matrix.cpp src/cuda/mamba3_gpu.cu`.
 """
-import os
-import sys
-
-root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'cuda')
+from source_patch import patch_file
 
 
 def patch(name, pairs):
-    path = os.path.join(root, name)
-    s = open(path).read()
-    for old, new in pairs:
-        if s.count(old) != 1:
-            sys.exit(f'decode_diag_patch.py: the text to patch was not found once in {path}:\n{old}')
-        s = s.replace(old, new)
-    open(path, 'w').write(s)
+    patch_file('src/cuda/' + name, pairs, 'decode_diag_patch.py')
 
 
 skip_fn = '''namespace {

@@ -9,20 +9,11 @@ writes path.b<batch>, one line per block). scripts/stream_gemm_timeline.py summa
 Usage: python3 scripts/stream_gemm_timeline_patch.py; build (BUNDLE_BINS=mamba3 BUNDLE_OUT=gpu-bundle/tl.tar.xz
 scripts/gpu_bundle.sh); then `git checkout src/cuda/stream_gemm.cu tools/mamba3/bench_cuda.cpp`.
 """
-import os
-import sys
-
-root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+from source_patch import patch_file
 
 
 def patch(rel, pairs):
-    path = os.path.join(root, rel)
-    s = open(path).read()
-    for old, new in pairs:
-        if s.count(old) != 1:
-            sys.exit(f'stream_gemm_timeline_patch.py: the text to patch was not found once in {rel}:\n{old}')
-        s = s.replace(old, new)
-    open(path, 'w').write(s)
+    patch_file(rel, pairs, 'stream_gemm_timeline_patch.py')
 
 
 patch('src/cuda/stream_gemm.cu', [
