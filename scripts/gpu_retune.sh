@@ -2,7 +2,7 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|decode|wide|multicast|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|decode|wide|options|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
@@ -12,10 +12,11 @@
 #         (with the norms folded into the products, the default there, and without; and with the Mamba-3 kernels
 #         under PDL at those rows, so that they too start under the product before them); and the steps at b8–b64
 #         with the narrow forms through the fragment epilogue (MAMBA3_STREAM_GEMM_EPILOGUE=fragments, the earlier one).
-# multicast: the wide class's thirty-ninth-session options (docs/kernels/stream_gemm.md): the 1.5B products at 128
-#         rows with x multicast over 2 and 4 tiles, 64-row tiles with multicast, and wgmma depth; then the SISO and
-#         MIMO steps at batch 128 with them (measured in the fortieth session: all lose or tie). The diagnostic
-#         build that separates the weight stream, x and the tensor work: scripts/stream_gemm_diag_patch.py.
+# options: the wide class's remaining A/B options (docs/kernels/stream_gemm.md): the 1.5B products at 128 rows with
+#         64-row tiles and with wgmma depth, then the SISO and MIMO steps at batch 128 with them (measured in the
+#         fortieth session: both lose or tie; x multicast, which lost everywhere, was removed in the forty-second).
+#         The diagnostic build that separates the weight stream, x and the tensor work:
+#         scripts/stream_gemm_diag_patch.py; the block timeline: scripts/stream_gemm_timeline_patch.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -47,19 +48,16 @@ if [[ $what == decode || $what == all ]]; then
     "MAMBA3_PDL_MAX_ROWS=128" "MAMBA3_DECODE_PREFETCH=product" "MAMBA3_DECODE_PREFETCH=kernel" \
     2>&1 | tee "$OUT/retune_decode.txt"
 fi
-if [[ $what == multicast || $what == all ]]; then
-  for setting in "" "MAMBA3_STREAM_GEMM_CAST=2" "MAMBA3_STREAM_GEMM_CAST=4" \
-    "MAMBA3_STREAM_GEMM_CAST=4 MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" "MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" \
-    "MAMBA3_STREAM_GEMM_WIDE_TILE=64 MAMBA3_STREAM_GEMM_CAST=4" "MAMBA3_STREAM_GEMM_WIDE_TILE=64 MAMBA3_STREAM_GEMM_CAST=2"; do
-    echo "== products, ${setting:-defaults}" | tee -a "$OUT/retune_multicast.txt"
+if [[ $what == options || $what == all ]]; then
+  for setting in "" "MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" "MAMBA3_STREAM_GEMM_WIDE_TILE=64"; do
+    echo "== products, ${setting:-defaults}" | tee -a "$OUT/retune_options.txt"
     env MAMBA3_STREAM_GEMM=all $setting timeout 60 "$MAMBA3_BIN" bench --device cuda --products --preset 1.5b \
-      --batch 128 2>&1 | grep -E "^  [a-z]|grid|rror" | tee -a "$OUT/retune_multicast.txt"
+      --batch 128 2>&1 | grep -E "^  [a-z]|grid|rror" | tee -a "$OUT/retune_options.txt"
   done
   for preset in 1.5b 1.5b-mimo; do
     timeout 300 scripts/decode_ab.sh -p "$preset" -b "128" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM=all" \
-      "MAMBA3_STREAM_GEMM=all MAMBA3_STREAM_GEMM_CAST=4" \
-      "MAMBA3_STREAM_GEMM=all MAMBA3_STREAM_GEMM_CAST=4 MAMBA3_STREAM_GEMM_WIDE_TILE=64" \
-      2>&1 | tee -a "$OUT/retune_multicast.txt"
+      "MAMBA3_STREAM_GEMM=all MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" "MAMBA3_STREAM_GEMM=all MAMBA3_STREAM_GEMM_WIDE_TILE=64" \
+      2>&1 | tee -a "$OUT/retune_options.txt"
   done
 fi
 if [[ $what == wide || $what == all ]]; then

@@ -5,7 +5,6 @@ Patches src/cuda/stream_gemm.cu so that MAMBA3_STREAM_GEMM_DIAG (bits, read with
 of the work, to see what a product's time is made of (docs/kernels/stream_gemm.md, "Fortieth session"):
   1  x is loaded only by the first stages (the steady loop streams the weights alone)
   2  no wgmma (the consumers only wait and release)
-  4  multicast releases as first written: lane 0 arrives on every sender in turn, release at cluster scope
   8  barrier waits by mbarrier.test_wait polling instead of try_wait
 Usage: python3 scripts/stream_gemm_diag_patch.py; build (e.g. BUNDLE_BINS=mamba3 BUNDLE_OUT=gpu-bundle/diag.tar.xz
 scripts/gpu_bundle.sh); then `git checkout src/cuda/stream_gemm.cu`.
@@ -41,19 +40,6 @@ rep('''#pragma unroll
 #pragma unroll
       for (int b = 0; b < kBoxes; ++b) {
         const uint8_t* w_rows''')
-rep('''      } else if (lane < cast) {
-        mbar_arrive_cluster(bar, lane * split + rank);
-      }''', '''      } else if (diag_mode & 4) {
-        if (lane == 0) {
-          for (int q = 0; q < cast; ++q) {
-            uint32_t remote;
-            asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(q * split + rank));
-            asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-          }
-        }
-      } else if (lane < cast) {
-        mbar_arrive_cluster(bar, lane * split + rank);
-      }''')
 rep('''        mbar_wait(&empty[s], unsigned((i / F::kStages - 1) & 1));''',
     '''        if (diag_mode & 8) poll_wait(&empty[s], unsigned((i / F::kStages - 1) & 1));
         else mbar_wait(&empty[s], unsigned((i / F::kStages - 1) & 1));''')

@@ -61,7 +61,7 @@ namespace {
   if (threadIdx.x == 0) {
     for (int s = 0; s < F::kStages; ++s) {
       mbar_init_count(&full[s], 1);
-      mbar_init_count(&empty[s], cast * kConsumers / 32);''', '''  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+      mbar_init_count(&empty[s], kConsumers / 32);  // every consumer warp releases it''', '''  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ int tl_slot_s;
   if (threadIdx.x == 0) {
     const unsigned long long t0 = tl_now();
@@ -80,7 +80,7 @@ namespace {
     }
     for (int s = 0; s < F::kStages; ++s) {
       mbar_init_count(&full[s], 1);
-      mbar_init_count(&empty[s], cast * kConsumers / 32);'''),
+      mbar_init_count(&empty[s], kConsumers / 32);  // every consumer warp releases it'''),
     ('''      const int early = count < F::kStages ? count : F::kStages;''', '''      const int early = g_tl_noearly ? 0 : count < F::kStages ? count : F::kStages;'''),
     ('''      pdl_wait();
       for (int i = 0; i < early; ++i) load_x(i, k_of(i));''', '''      pdl_wait();
@@ -128,11 +128,11 @@ namespace {
      '''    // The last stage's products (its buffers are never reloaded, so it is not released).
     if constexpr (Opt & kDeepWgmma) asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if (threadIdx.x == 0 && tl_slot_s >= 0) g_tl[tl_slot_s][3] = tl_now();'''),
-    ('''    // No block leaves while its peers may still read its part, or arrive on its barriers (multicast).
-    if (split > 1 || cast > 1) cluster_sync();''', '''    if (threadIdx.x == 0 && tl_slot_s >= 0) g_tl[tl_slot_s][4] = tl_now();
+    ('''    // No block leaves while its peers may still read its part.
+    if (split > 1) cluster_sync();''', '''    if (threadIdx.x == 0 && tl_slot_s >= 0) g_tl[tl_slot_s][4] = tl_now();
     if (threadIdx.x == F::kThreads - 32 && tl_slot_s >= 0) g_tl[tl_slot_s][11] = tl_now();
-    // No block leaves while its peers may still read its part, or arrive on its barriers (multicast).
-    if (split > 1 || cast > 1) cluster_sync();'''),
+    // No block leaves while its peers may still read its part.
+    if (split > 1) cluster_sync();'''),
 ])
 patch('tools/mamba3/bench_cuda.cpp', [
     ('''    for (int i = 0; i < 3; ++i) m.step_device(cache);  // eager, capture, first replay

@@ -71,8 +71,7 @@ using Narrow = Form<NB, BlocksPerSm, 2, 2, RowEpilogue>;
 using WideTall = Form<128, 1, 4, 1>;
 using WideLow = Form<128, 1, 2, 1>;
 // 64-row tiles, two blocks per SM (an A/B form, MAMBA3_STREAM_GEMM_WIDE_TILE=64): N / 64 blocks spread a product like
-// the 1.5B in_proj (136 tiles) over every SM, each multiplying a quarter of what a 256-row tile does per x byte (so
-// meant with x multicast).
+// the 1.5B in_proj (136 tiles) over every SM, each multiplying a quarter of what a 256-row tile does per x byte.
 using WideShort = Form<128, 2, 1, 1>;
 constexpr int kNarrowTileRows = Narrow<8, 1>::kTileRows, kNarrowKBlock = Narrow<8, 1>::kKBlock;
 // RMSNorm folded into the wide class's products (stream_gemm.h; gemv_small_m.h folds it the same way at one row).
@@ -118,26 +117,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "%3}], [%4], %5;" ::"r"(smem_addr(dst)),
       "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
-}
-// The same box delivered to every block of the cluster in `mask` (cluster ranks), at dst's offset in each and
-// completing on the barrier at bar's offset in each.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
-                                                      uint16_t mask, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster.L2::cache_hint "
-      "[%0], [%1, {%2, %3}], [%4], %5, %6;" ::"r"(smem_addr(dst)),
-      "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(mask), "l"(policy)
-      : "memory");
-}
-// One arrival on the barrier at bar's offset in the cluster's block `rank` (itself included), with the default
-// semantics (release at CTA scope): enough for a stage's release, whose shared-memory reads (wgmma, waited for) are
-// complete before it. The first form (release at cluster scope, one lane arriving on each sender in turn) made every
-// pipeline stage ≈ 0.6 µs longer per arrival on the H100, as if each arrival waited for a cluster-scope fence
-// (docs/perf.md, "Fortieth session").
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, int rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   uint64_t p;
@@ -269,10 +248,6 @@ __device__ __forceinline__ float store_row_residual_norm(float4 v, int c, int64_
 // Block b computes row tile b / split over k-blocks [K·r/split, K·(r+1)/split), r = b % split; the `split` blocks
 // of a tile form a thread-block cluster and add their parts through distributed shared memory, each block summing a
 // slice of the tile over the cluster's blocks in rank order (deterministic; no global traffic, no atomics).
-// x multicast (cast > 1, the wide class; an A/B option): a cluster holds `cast` tiles side by side
-// (stream_layout::block_place), and the blocks of one k-range load a 1/cast slice of each x box for all of them, so
-// the grid reads x from L2 `cast` times less often; a stage is then refilled only once every receiving block has
-// released it (each consumer warp arrives on the `empty` barrier of all of them).
 // Two epilogues. The fragment epilogue (the narrow forms under MAMBA3_STREAM_GEMM_EPILOGUE=fragments): unsplit tiles
 // store from the accumulators, split tiles go through the ring as [value i][consumer thread t] and each block adds an
 // element slice; act (the gated epilogue) on unsplit tiles only. The row epilogue (the default: the wide class, and
@@ -283,11 +258,11 @@ template <class F, int Norm, int Opt>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
                        int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act, const FoldArgs fold,
-                       int options, int cast) {
+                       int options) {
   const bool rotate = options & kRotate;
   constexpr int NB = F::NB, kConsumers = F::kConsumers, kBoxes = F::kBoxes;
   static_assert(Norm == kNormNone || F::kWide, "folded norms: the wide class only");
-  static_assert(!F::kWide || F::kRowEpilogue, "multicast (the wide class only) ends in the row epilogue");
+  static_assert(!F::kWide || F::kRowEpilogue, "the wide class ends in the row epilogue");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + F::kStages * F::kStageBytes);
@@ -296,25 +271,20 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   auto stage_w = [&](int s, int b) { return smem + s * F::kStageBytes + b * F::kWBoxBytes; };
   auto stage_x = [&](int s, int b) { return smem + s * F::kStageBytes + kBoxes * F::kWBoxBytes + b * F::kXBoxBytes; };
 
-  // %cluster_ctarank = blockIdx.x % (split · cast): clusters are split · cast consecutive blocks.
-  const stream_layout::BlockPlace place = stream_layout::block_place(blockIdx.x, split, cast);
-  const int64_t tile = place.tile;
-  const int rank = place.rank;
+  // %cluster_ctarank = blockIdx.x % split: clusters are the split consecutive blocks of a tile.
+  const int64_t tile = blockIdx.x / split;
+  const int rank = int(blockIdx.x % split);
   const int kb_begin = int(int64_t(kblocks) * rank / split), kb_end = int(int64_t(kblocks) * (rank + 1) / split);
   const int count = kb_end - kb_begin;  // ≥ 1: split ≤ kblocks
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int s = 0; s < F::kStages; ++s) {
       mbar_init_count(&full[s], 1);
-      mbar_init_count(&empty[s], cast * kConsumers / 32);  // every consumer warp of every receiver releases it
+      mbar_init_count(&empty[s], kConsumers / 32);  // every consumer warp releases it
     }
     mbar_init_fence();
   }
-  if (cast > 1) {
-    cluster_sync();  // the peers' barriers exist before this block's first multicast signals them
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
   pdl_trigger();
 
   float acc[NB / 2];
@@ -329,21 +299,13 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
           tma_load_2d(stage_w(s, b), &wmap, kb * F::kKBlock + b * kBox, row0, &full[s], stream_out);
       };
       auto load_x = [&](int s, int kb) {
-        if (cast > 1) {  // this block's slice of the x rows, to every block of its k-range
-          const int slice = NB / cast * place.cast_index;
-          for (int b = 0; b < kBoxes; ++b)
-            tma_load_2d_multicast(stage_x(s, b) + slice * 128, &xmap, kb * F::kKBlock + b * kBox, slice, &full[s],
-                                  uint16_t(place.x_mask), keep);
-          return;
-        }
         for (int b = 0; b < kBoxes; ++b)
           tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
       };
-      // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at (cluster index) % count,
-      // so that the clusters of a grid do not all request the same x columns at once; one start per cluster, since
-      // the blocks sharing x slices must take the same k order (the sum order changes per cluster, not per row
-      // count: rows stay batch-invariant).
-      const int k_start = rotate ? int(blockIdx.x / (split * cast) % count) : 0;
+      // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at (tile index) % count, so
+      // that the clusters of a grid do not all request the same x columns at once (the sum order changes per tile,
+      // not per row count: rows stay batch-invariant).
+      const int k_start = rotate ? int(blockIdx.x / split % count) : 0;
       auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
       // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
       // they stream while the previous kernel finishes.
@@ -376,14 +338,9 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       }
     }
     const int wg = warp / 4;
-    // A stage's release: this warp's arrival on the barrier of every block whose x slice it holds (lane q on the
-    // q-th sender's, so that the arrivals go out together).
+    // A stage's release: this warp's arrival on the stage's barrier.
     auto release = [&](uint64_t* bar) {
-      if (cast == 1) {
-        if (lane == 0) mbar_arrive(bar);
-      } else if (lane < cast) {
-        mbar_arrive_cluster(bar, lane * split + rank);
-      }
+      if (lane == 0) mbar_arrive(bar);
     };
     for (int i = 0; i < count; ++i) {
       const int s = i % F::kStages;
@@ -463,7 +420,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
             float4 peer[kMaxSplit];
 #pragma unroll
             for (int q = 0; q < kMaxSplit; ++q)
-              if (q < split) peer[q] = load_peer4(at, place.group_base + q);
+              if (q < split) peer[q] = load_peer4(at, q);
             v = peer[0];
 #pragma unroll
             for (int q = 1; q < kMaxSplit; ++q)
@@ -490,8 +447,8 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       }
     }
     __syncwarp();  // lanes reconverged after their stores (the barrier below is .aligned)
-    // No block leaves while its peers may still read its part, or arrive on its barriers (multicast).
-    if (split > 1 || cast > 1) cluster_sync();
+    // No block leaves while its peers may still read its part.
+    if (split > 1) cluster_sync();
     return;
   }
 
@@ -582,25 +539,20 @@ void set_attributes_once() {
   });
 }
 
-// cast > 1 (x multicast, the wide class): tiles padded to a multiple of cast (the padding tiles read zeros and store
-// nothing), clusters of split · cast blocks, x boxes of NB / cast rows.
 template <class F, int Norm, int Opt>
 void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                   float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act, const FoldArgs& fold,
-                   int cast) {
-  MAMBA3_CHECK(cast == 1 || (F::kWide && (cast == 2 || cast == 4) && split * cast <= kMaxSplit),
-               "stream_gemm: x multicast over {} tiles with {} blocks each is not supported", cast, split);
+                   float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act, const FoldArgs& fold) {
   set_attributes_once<F, Norm, Opt>();
   const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
-  const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB / cast);
+  const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned((tiles + cast - 1) / cast * cast * split));
+  config.gridDim = dim3(unsigned(tiles * split));
   config.blockDim = dim3(F::kThreads);
   config.dynamicSmemBytes = F::kSmemBytes;
   config.stream = ctx.stream();
   cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = unsigned(split * cast);
+  attribute[0].val.clusterDim.x = unsigned(split);
   attribute[0].val.clusterDim.y = 1;
   attribute[0].val.clusterDim.z = 1;
   attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -608,17 +560,17 @@ void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, cons
   config.attrs = attribute;
   config.numAttrs = 2;
   MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F, Norm, Opt>, wmap, xmap, y, y_stride, int(m),
-                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act), fold, rotate_option(),
-                                       cast));
+                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act), fold,
+                                       rotate_option()));
 }
 template <class F, int Norm = kNormNone>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
             float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
-            const FoldArgs& fold = FoldArgs{}, int cast = 1) {
+            const FoldArgs& fold = FoldArgs{}) {
   if (compiled_option() == kDeepWgmma)
     return launch_kernel<F, Norm, kDeepWgmma>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act,
-                                              fold, cast);
-  launch_kernel<F, Norm, 0>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act, fold, cast);
+                                              fold);
+  launch_kernel<F, Norm, 0>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act, fold);
 }
 
 // The narrow forms' variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit
@@ -684,10 +636,9 @@ int clusters_at_once(int split) {
   return known[split];
 }
 
-// A wide-class grid: the tile height (256 or 128 weight rows), tiles, k-blocks, blocks per tile, tiles sharing each
-// x box (multicast), and its cost.
+// A wide-class grid: the tile height (256 or 128 weight rows), tiles, k-blocks, blocks per tile, and its cost.
 struct WideGrid {
-  int tile_rows = 0, kblocks = 0, split = 1, cast = 1;
+  int tile_rows = 0, kblocks = 0, split = 1;
   int64_t tiles = 0;
   double cost = 0;
 };
@@ -702,38 +653,29 @@ struct WideGrid {
 // whose clusters do not all fit at once are not taken (a second wave would double the time). The split with the
 // lowest cost wins (the smaller on ties); MAMBA3_STREAM_GEMM_SPLIT forces one (≤ the k-blocks; if its clusters do not
 // fit at once they run in waves).
-// With x multicast over `cast` tiles a block reads NB / cast x rows from L2 per k-block, and its clusters hold
-// split · cast blocks (≤ 8).
 constexpr double kSplitPartWeight = 4.0;
 template <class F>
-WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count, int cast) {
+WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count) {
   WideGrid best;
   best.tile_rows = F::kTileRows;
   best.kblocks = int((k + F::kKBlock - 1) / F::kKBlock);
   best.tiles = (n + F::kTileRows - 1) / F::kTileRows;
-  best.cast = cast;
-  const int64_t groups = (best.tiles + cast - 1) / cast;  // clusters per k-range
   const double row_bytes = double(F::kKBlock) * 2;
   const double part_bytes = kSplitPartWeight * F::NB * stream_layout::row_pitch(F::kTileRows) * 4;
   auto cost = [&](int s, int64_t waves) {
     const double kb = double((best.kblocks + s - 1) / s);
-    return double(waves) * ((F::kTileRows + F::NB / cast) * kb * row_bytes + (s > 1 ? part_bytes : 0.0));
+    return double(waves) * ((F::kTileRows + F::NB) * kb * row_bytes + (s > 1 ? part_bytes : 0.0));
   };
-  const int max_split = std::min(kMaxSplit / cast, best.kblocks);
+  const int max_split = std::min(kMaxSplit, best.kblocks);
   if (forced_split() > 0) {
     best.split = std::min(forced_split(), max_split);
     best.cost = cost(best.split, 1);
     return best;
   }
   best.split = 1;
-  if (cast == 1) {
-    best.cost = cost(1, (best.tiles + sm_count - 1) / sm_count);
-  } else {
-    const int64_t at_once = std::max(1, clusters_at_once<F>(cast));
-    best.cost = cost(1, (groups + at_once - 1) / at_once);
-  }
+  best.cost = cost(1, (best.tiles + sm_count - 1) / sm_count);
   for (int s = 2; s <= max_split; ++s) {
-    if (groups > clusters_at_once<F>(s * cast)) continue;
+    if (best.tiles > clusters_at_once<F>(s)) continue;
     if (const double c = cost(s, 1); c < best.cost) best.split = s, best.cost = c;
   }
   return best;
@@ -743,14 +685,6 @@ WideGrid wide_grid_of(int64_t n, int64_t k, int sm_count, int cast) {
 // where 256-row tiles leave SMs idle (1.5B out_proj/fc2, N 2048: 8 tiles × 8 blocks on 64 SMs, or 16 × 8 on 128).
 // MAMBA3_STREAM_GEMM_WIDE_TILE = 128 or 256 forces one, 64 the WideShort form (A/B runs). Kept per (N, K): the engine
 // uses one device.
-// MAMBA3_STREAM_GEMM_CAST = 1 (default) | 2 | 4: tiles per x multicast (an A/B option; read once).
-int x_multicast() {
-  static const int cast = [] {
-    const std::string v = env_choice("MAMBA3_STREAM_GEMM_CAST", {"1", "2", "4"});
-    return v.empty() ? 1 : std::stoi(v);
-  }();
-  return cast;
-}
 WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
   static const std::string forced = env_choice("MAMBA3_STREAM_GEMM_WIDE_TILE", {"auto", "64", "128", "256"});
   static std::mutex mutex;
@@ -759,15 +693,14 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
     std::lock_guard<std::mutex> lock(mutex);
     if (const auto it = known.find({n, k}); it != known.end()) return it->second;
   }
-  const int cast = x_multicast();
   if (forced == "64") {
-    const WideGrid g = wide_grid_of<WideShort>(n, k, 2 * ctx.info().sm_count, cast);
+    const WideGrid g = wide_grid_of<WideShort>(n, k, 2 * ctx.info().sm_count);
     std::lock_guard<std::mutex> lock(mutex);
     return known[{n, k}] = g;
   }
-  WideGrid g = wide_grid_of<WideTall>(n, k, ctx.info().sm_count, cast);
+  WideGrid g = wide_grid_of<WideTall>(n, k, ctx.info().sm_count);
   if (forced != "256") {
-    const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count, cast);
+    const WideGrid low = wide_grid_of<WideLow>(n, k, ctx.info().sm_count);
     if (forced == "128" || low.cost < g.cost) g = low;
   }
   std::lock_guard<std::mutex> lock(mutex);
@@ -780,12 +713,10 @@ void launch_wide(const Context& ctx, const void* w, int64_t n, int64_t k, const 
                  float* y, int64_t y_stride, void* act, const FoldArgs& fold = FoldArgs{}) {
   const WideGrid g = wide_grid(ctx, n, k);
   if (g.tile_rows == WideShort::kTileRows)
-    return launch<WideShort, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold,
-                                   g.cast);
+    return launch<WideShort, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
   if (g.tile_rows == WideTall::kTileRows)
-    return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold,
-                                  g.cast);
-  launch<WideLow, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold, g.cast);
+    return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
+  launch<WideLow, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
 }
 
 void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
@@ -888,7 +819,7 @@ bool stream_gemm_row_epilogue(int64_t m) { return m > kStreamGemmNarrowMaxRows |
 
 StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k) {
   const WideGrid g = wide_grid(ctx, n, k);
-  return {g.tile_rows, g.split, g.cast};
+  return {g.tile_rows, g.split};
 }
 
 namespace {

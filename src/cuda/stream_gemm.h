@@ -63,10 +63,10 @@ void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n
 // refused).
 bool stream_gemm_row_epilogue(int64_t m);
 
-// The grid of the wide class (65–128 rows) for an N × K product on this device: weight rows per tile (256 or 128),
-// blocks per tile, and tiles per x multicast (MAMBA3_STREAM_GEMM_CAST; tests and benchmarks).
+// The grid of the wide class (65–128 rows) for an N × K product on this device: weight rows per tile (256 or 128)
+// and blocks per tile (tests and benchmarks).
 struct StreamGemmWideGrid {
-  int tile_rows, split, cast;
+  int tile_rows, split;
 };
 StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k);
 

@@ -34,29 +34,6 @@ MAMBA3_LAYOUT_FN RowRange epilogue_rows(int rank, int split, int nb) {
   return {nb * rank / split, nb * (rank + 1) / split};
 }
 
-// Where block `block` of the grid works: clusters of split × cast consecutive blocks (cluster rank = block % (split ×
-// cast)) hold `cast` tiles side by side, each over `split` blocks that divide its k-blocks. Cluster rank q·split + r
-// is block r of the cluster's tile q; the blocks of one rank r in the cluster share their k-blocks and so the x
-// columns, which each of them loads a 1/cast slice of for all of them (multicast: x_mask).
-struct BlockPlace {
-  long long tile;
-  int rank;         // k-range of `split` (the row epilogue's batch rows too)
-  int cast_index;   // which of the cluster's tiles: its slice of x, rows [NB·cast_index/cast, NB·(cast_index+1)/cast)
-  int group_base;   // cluster rank of the tile's first block
-  unsigned x_mask;  // the cluster ranks that receive this block's x slice
-};
-MAMBA3_LAYOUT_FN BlockPlace block_place(long long block, int split, int cast) {
-  const int cluster = split * cast, in_cluster = int(block % cluster);
-  BlockPlace p{};
-  p.cast_index = in_cluster / split;
-  p.rank = in_cluster % split;
-  p.tile = block / cluster * cast + p.cast_index;
-  p.group_base = p.cast_index * split;
-  p.x_mask = 0;
-  for (int q = 0; q < cast; ++q) p.x_mask |= 1u << (q * split + p.rank);
-  return p;
-}
-
 }  // namespace mamba3::cuda::stream_layout
 
 #undef MAMBA3_LAYOUT_FN

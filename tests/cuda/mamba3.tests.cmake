@@ -39,26 +39,6 @@ set_tests_properties(test_stream_gemm_gpu_rotate PROPERTIES LABELS cuda ENVIRONM
 add_test(NAME test_stream_gemm_gpu_wgmma_depth COMMAND test_stream_gemm_gpu)
 set_tests_properties(test_stream_gemm_gpu_wgmma_depth PROPERTIES LABELS cuda
                      ENVIRONMENT MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1 SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-# x multicast over 2 and 4 tiles of the wide class (an A/B option; the padding tiles of a tile count that is not a
-# multiple of it store nothing), the first with each stage's products in flight as well.
-add_test(NAME test_stream_gemm_gpu_cast_2 COMMAND test_stream_gemm_gpu)
-set_tests_properties(test_stream_gemm_gpu_cast_2 PROPERTIES LABELS cuda SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
-                     ENVIRONMENT "MAMBA3_STREAM_GEMM_CAST=2;MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1")
-add_test(NAME test_stream_gemm_gpu_cast_4 COMMAND test_stream_gemm_gpu)
-set_tests_properties(test_stream_gemm_gpu_cast_4 PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_STREAM_GEMM_CAST=4
-                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-add_test(NAME test_stream_gemm_gpu_wide_tile_64_cast_4 COMMAND test_stream_gemm_gpu
-         --gtest_filter=*MatchesFloat64*:*BatchInvariant*:*GatedPairs*:*FoldedNorm*)
-set_tests_properties(test_stream_gemm_gpu_wide_tile_64_cast_4 PROPERTIES LABELS cuda SKIP_REGULAR_EXPRESSION
-                     "\\[  SKIPPED \\]" ENVIRONMENT "MAMBA3_STREAM_GEMM_WIDE_TILE=64;MAMBA3_STREAM_GEMM_CAST=4")
-add_test(NAME test_model_gpu_stream_gemm_wide_cast_4 COMMAND test_model_gpu --gtest_filter=*WideBatch*)
-set_tests_properties(test_model_gpu_stream_gemm_wide_cast_4 PROPERTIES LABELS cuda
-                     ENVIRONMENT "MAMBA3_STREAM_GEMM=all;MAMBA3_STREAM_GEMM_CAST=4"
-                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-add_test(NAME test_model_gpu_stream_gemm_wide_tile_64_cast_4 COMMAND test_model_gpu --gtest_filter=*WideBatch*)
-set_tests_properties(test_model_gpu_stream_gemm_wide_tile_64_cast_4 PROPERTIES LABELS cuda SKIP_REGULAR_EXPRESSION
-                     "\\[  SKIPPED \\]"
-                     ENVIRONMENT "MAMBA3_STREAM_GEMM=all;MAMBA3_STREAM_GEMM_CAST=4;MAMBA3_STREAM_GEMM_WIDE_TILE=64")
 # Decode steps of 70 and 128 rows with their bf16 products (fc1 with its activation, the lm_head) through the stream
 # GEMM's wide class, with and without the norms folded into them.
 add_test(NAME test_model_gpu_stream_gemm_wide COMMAND test_model_gpu --gtest_filter=*WideBatch*)

@@ -169,9 +169,9 @@ TEST(StreamGemmGpu, GatedPairsMatchProductThenActivation) {
   const std::vector<GatedCase> cases = {
       // 135 narrow tiles, 68 of 256 rows or 135 of 128 (all three partial): unsplit on 132 SMs in every form.
       {8600, 520, {1, 3, 8, 9, 16, 31, 64, 65, 128}},
-      // 9 or 18 wide tiles (the last partial) split over K (K long enough that the wide grid's cost model splits them
-      // with or without x multicast); at 8 and 33 rows 18 narrow tiles split over K, which the narrow forms take under
-      // the row epilogue only (not under MAMBA3_STREAM_GEMM_EPILOGUE=fragments).
+      // 9 or 18 wide tiles (the last partial) split over K (K long enough that the wide grid's cost model splits
+      // them); at 8 and 33 rows 18 narrow tiles split over K, which the narrow forms take under the row epilogue only
+      // (not under MAMBA3_STREAM_GEMM_EPILOGUE=fragments).
       {1100, 4000, {8, 33, 65, 128}},
       {1101, 4000, {65, 128}},  // an odd pair count: the act rows are not 4-byte aligned (two-byte stores)
   };

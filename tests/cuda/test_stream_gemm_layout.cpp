@@ -109,50 +109,5 @@ TEST(StreamGemmLayout, RowEpilogueWalkCoversTheTileOnce) {
   }
 }
 
-// The grid's places: every (tile, rank) of the padded tiles taken by exactly one block; a cluster's blocks of one tile
-// hold consecutive cluster ranks from group_base; a block's x slice goes to the `cast` blocks of its rank in its
-// cluster (itself included), and every block receives the `cast` slices of its rank exactly once.
-TEST(StreamGemmLayout, BlockPlacesCoverEveryTileAndRankOnce) {
-  for (int cast : {1, 2, 4})
-    for (int split = 1; split * cast <= 8; ++split) {
-      SCOPED_TRACE("cast " + std::to_string(cast) + " split " + std::to_string(split));
-      const int cluster = split * cast;
-      const long long clusters = 5, tiles = clusters * cast;
-      std::vector<int> seen(size_t(tiles * split), 0);
-      for (long long b = 0; b < clusters * cluster; ++b) {
-        const sl::BlockPlace p = sl::block_place(b, split, cast);
-        ASSERT_GE(p.tile, 0);
-        ASSERT_LT(p.tile, tiles);
-        ASSERT_GE(p.rank, 0);
-        ASSERT_LT(p.rank, split);
-        ++seen[size_t(p.tile * split + p.rank)];
-        EXPECT_EQ(p.tile / cast, b / cluster) << "a tile's blocks stay in one cluster";
-        EXPECT_EQ(p.group_base + p.rank, int(b % cluster)) << "block " << b;
-        EXPECT_EQ(p.x_mask >> (b % cluster) & 1u, 1u) << "a block receives its own x slice";
-        EXPECT_EQ(__builtin_popcount(p.x_mask), cast);
-        EXPECT_LT(p.x_mask, 1u << cluster) << "no rank outside the cluster";
-      }
-      for (int v : seen) EXPECT_EQ(v, 1);
-      // Each cluster rank receives one slice from each of the cast blocks of its k-range, slices 0 … cast − 1.
-      for (int receiver = 0; receiver < cluster; ++receiver) {
-        std::vector<int> slices(size_t(cast), 0);
-        for (int sender = 0; sender < cluster; ++sender) {
-          const sl::BlockPlace p = sl::block_place(sender, split, cast);
-          if (p.x_mask >> receiver & 1u) ++slices[size_t(p.cast_index)];
-        }
-        for (int v : slices) EXPECT_EQ(v, 1) << "receiver " << receiver;
-      }
-    }
-  // Without multicast the places are the kernel's old ones: tile = block / split, rank = block % split.
-  for (int split = 1; split <= 8; ++split)
-    for (long long b = 0; b < 40; ++b) {
-      const sl::BlockPlace p = sl::block_place(b, split, 1);
-      EXPECT_EQ(p.tile, b / split);
-      EXPECT_EQ(p.rank, int(b % split));
-      EXPECT_EQ(p.group_base, 0);
-      EXPECT_EQ(p.x_mask, 1u << (b % split));
-    }
-}
-
 }  // namespace
 }  // namespace mamba3::test

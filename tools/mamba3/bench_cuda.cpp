@@ -286,8 +286,8 @@ void bench_products(const std::string& name, const ModelConfig& c, const CudaBen
                   cell(gemv).c_str(), cell(stream).c_str(), gbs, 100.0 * gbs * 1e9 / copy_bw);
       if (stream > 0 && m > cuda::kStreamGemmNarrowMaxRows) {
         const cuda::StreamGemmWideGrid g = cuda::stream_gemm_wide_grid(ctx, p.n, p.k);
-        std::printf("  %-9s stream GEMM grid: tiles of %d weight rows, %d blocks per tile, x shared by %d tiles\n", "",
-                    g.tile_rows, g.split, g.cast);
+        std::printf("  %-9s stream GEMM grid: tiles of %d weight rows, %d blocks per tile\n", "", g.tile_rows,
+                    g.split);
       }
     }
   }
