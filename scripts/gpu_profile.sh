@@ -9,6 +9,8 @@
 #   scripts/gpu_profile.sh details PRESET BATCH KERNEL_REGEX [OUT_FILE]  — ncu's full set for one graph-replayed
 #     decode launch of the matching kernel: the key lines (duration, DRAM, registers, occupancy, issue rate, stall
 #     reasons, instructions) to stdout, the whole details page to OUT_FILE (default ncu_details.txt in the project root)
+#   scripts/gpu_profile.sh train-details PRESET KERNEL_REGEX [OUT_FILE]  — the same for one launch of the matching
+#     kernel in a training step (SKIP matching launches passed over first, default 2)
 # ncu runs kernels at its locked base clocks, one at a time: compare kernels with each other, not with bench times.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +25,20 @@ summarize_details() {
     sed -E 's/ +/ /g' | awk '!seen[$0]++'
 }
 export LD_LIBRARY_PATH="$PWD/run/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-if [[ $phase == details ]]; then
-  kernel=${4:?details needs a kernel name regex}
-  out=${5:-ncu_details.txt}
+if [[ $phase == details || $phase == train-details ]]; then
+  if [[ $phase == details ]]; then
+    kernel=${4:?details needs a kernel name regex}
+    out=${5:-ncu_details.txt}
+    skip=30 args=(--batch "$batch" --prompt 8 --steps 3 --lengths 16 --max-decode-steps 2)
+  else  # train-details PRESET KERNEL_REGEX [OUT_FILE]: a launch of the first training step (SKIP: matching launches passed over)
+    kernel=${3:?train-details needs a kernel name regex}
+    out=${4:-ncu_details.txt}
+    skip=${SKIP:-2} args=(--train --steps 1)
+  fi
   rep=$(mktemp -u).ncu-rep
-  ncu --graph-profiling node -k "regex:$kernel" --launch-skip 30 --launch-count 1 --set full -o "${rep%.ncu-rep}" \
-    run/bin/mamba3 bench --device cuda --preset "$preset" --batch "$batch" --prompt 8 --steps 3 --lengths 16 \
-    --max-decode-steps 2 >/dev/null 2>&1 || { echo "ncu failed for $kernel" >&2; exit 1; }
+  ncu --graph-profiling node -k "regex:$kernel" --launch-skip "$skip" --launch-count 1 --set full -o "${rep%.ncu-rep}" \
+    run/bin/mamba3 bench --device cuda --preset "$preset" "${args[@]}" >/dev/null 2>&1 ||
+    { echo "ncu failed for $kernel" >&2; exit 1; }
   ncu -i "$rep" --page details --print-details all > "$out" 2>&1
   rm -f "$rep"
   summarize_details "$out"

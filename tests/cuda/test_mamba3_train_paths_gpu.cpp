@@ -729,13 +729,17 @@ TEST(Mamba3TrainGpu, BatchedColumnSumsMatchSingleOnes) {
 // head and tile of angles), the split scan (local scans, carries, finish pass) with the per-angle backward — give the
 // same φ and dφ sums bit for bit, so the same output and gradients, in the f32 and bf16 modes, on every layer case
 // (no_rotary, odd angle counts, MIMO) and on layers of 24 and 30 heads (the block backward's warps taking one or two
-// heads), lengths within a segment, across segments, a partial tile of the backward (L 300: a last segment of 44
-// tokens) and past the fused kernel's reach (L 4097: blocks, then split).
+// heads; its S = 32 form with Δ's shares summed after the walk or by the warp), lengths within a segment, across
+// segments, a partial tile of the backward (L 300: a last segment of 44 tokens) and past the fused kernel's reach (L
+// 4097: blocks, then split).
 TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
   MAMBA3_REQUIRE_GPU();
   using cuda::train_detail::AnglesMode;
   struct Restore {
-    ~Restore() { cuda::train_detail::set_angles_mode(AnglesMode::kBlocks); }
+    ~Restore() {
+      cuda::train_detail::set_angles_mode(AnglesMode::kBlocks);
+      cuda::train_detail::set_angle_shares_in_pass(-1);
+    }
   } restore;
   std::vector<LayerCase> cases = tensor_core_cases();
   // Many heads: 24 (the 125M shape's heads and S 32: one warp per head) and 30 (the block backward's warps take two).
@@ -744,9 +748,11 @@ TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
   cases.push_back({"siso 24 heads d_state 128", c});
   c.d_model = 120, c.d_state = 64;
   cases.push_back({"siso 30 heads d_state 64", c});
+  c.d_state = 128;  // S 32 with two heads per warp
+  cases.push_back({"siso 30 heads d_state 128", c});
   for (const LayerCase& lc : cases)
     for (const int64_t L : {1, 63, 65, 300, 4097}) {
-      if (L == 4097 && (lc.c.d_state != 128 || lc.c.d_model == 96)) continue;  // one long case
+      if (L == 4097 && (lc.c.d_state != 128 || lc.c.d_model >= 96)) continue;  // one long case
       if (lc.c.d_model >= 96 && (L == 1 || L == 63)) continue;
       SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
       auto [mixer, u, dout] = random_layer(lc.c, L == 4097 ? 1 : 2, L, uint32_t(70 + L));
@@ -756,9 +762,15 @@ TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
         for (int64_t i = 0; i < split.du.numel(); ++i) ASSERT_TRUE(std::isfinite(split.du.data<float>()[i]));
         for (const AnglesMode mode : {AnglesMode::kFused, AnglesMode::kBlocks}) {
           cuda::train_detail::set_angles_mode(mode);
-          const GpuResult got = run_gpu(mixer, u, dout, p, true, true, 0, true);
-          EXPECT_TRUE(bit_identical(got, split))
-              << precision_name(p) << (mode == AnglesMode::kBlocks ? " blocks" : " fused");
+          // The block backward's S = 32 form both ways: Δ's shares summed after the walk and by the warp in it.
+          for (const int shares_in_pass : {1, 0}) {
+            if (mode == AnglesMode::kFused && shares_in_pass == 0) continue;
+            cuda::train_detail::set_angle_shares_in_pass(shares_in_pass);
+            const GpuResult got = run_gpu(mixer, u, dout, p, true, true, 0, true);
+            EXPECT_TRUE(bit_identical(got, split))
+                << precision_name(p)
+                << (mode == AnglesMode::kBlocks ? (shares_in_pass ? " blocks" : " blocks, warp shares") : " fused");
+          }
         }
       }
     }

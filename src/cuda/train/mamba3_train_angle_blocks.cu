@@ -14,11 +14,16 @@
 //   from the end in tiles of kTileTokens tokens keeping the running sums in registers, and per tile puts every head's
 //   θ factors and Δ shares in shared memory, from which threads per (token, angle) sum the θ gradient over the heads
 //   in head order and threads per (token, head) form the scalar gradients — dφ read twice, never written.
+//   At S = 32 (one angle per lane; the 125M shape) the walk only keeps the running sums and stores dΦ·π per (token,
+//   head, angle); both products and both sums over a tile — the θ gradient over the heads, and Δ's share over the
+//   angles in the warp butterfly's order — run after the hand-over on otherwise idle threads (a third of the
+//   instructions of the walk with a butterfly per token and head; MAMBA3_TRAIN_ANGLE_SHARES=warp keeps that form).
 #include <cuda_bf16.h>
 
 #include <algorithm>
 
 #include "cuda/cuda_check.h"
+#include "cuda/env_switch.h"
 #include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_angles.cuh"
 #include "cuda/train/mamba3_train_kernels.h"
@@ -53,12 +58,13 @@ __device__ __forceinline__ Segment this_segment(const MixerDims& d) {
 }
 
 // Δ of every head over the segment into dts (H, kAngleSegment), and f(θ) of every (token, angle) into th (n, S).
-template <typename ThetaFn>
+// th's rows are kPitch floats apart (0: S, packed).
+template <int kPitch = 0, typename ThetaFn>
 __device__ __forceinline__ void stage_segment(const MixerDims& d, const Segment& s, const float* __restrict__ zx,
                                               const float* __restrict__ dt, float* th, float* dts, ThetaFn f) {
   for (int e = threadIdx.x; e < s.n * d.S; e += blockDim.x) {
     const int t = e / d.S, i = e - t * d.S;
-    th[e] = f(zx[(int64_t(s.b) * d.L + s.t0 + t) * d.din + d.off_ang + i]);
+    th[kPitch == 0 ? e : t * kPitch + i] = f(zx[(int64_t(s.b) * d.L + s.t0 + t) * d.din + d.off_ang + i]);
   }
   for (int e = threadIdx.x; e < d.H * s.n; e += blockDim.x) {
     const int h = e / s.n, t = e - h * s.n;
@@ -183,6 +189,84 @@ __global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict_
   seg[e] = run;
 }
 
+// The later segments' totals of dφ for this thread's heads and angles, summed from the last segment down (the suffix
+// carry kernel's order), into carry; run zeroed.
+template <int kC, int kSlots>
+__device__ __forceinline__ void segment_carry(const AngleBackwardParams& p, const Segment& s, int lane, int warp,
+                                              int warps, float (&run)[kSlots][kC], float (&carry)[kSlots][kC]) {
+  const MixerDims& d = p.d;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    const int h = warp + k * warps;
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+      const int i = lane + 32 * c;
+      run[k][c] = 0.0f;
+      carry[k][c] = 0.0f;
+      if (h >= d.H || i >= d.S) continue;
+      const float* tot = p.seg + (int64_t(s.b) * d.H + h) * s.nseg * d.S + i;
+      for (int s1 = s.nseg - 1; s1 > s.sg; s1 -= kCarryAhead) {
+        float w[kCarryAhead];
+#pragma unroll
+        for (int u = 0; u < kCarryAhead; ++u) w[u] = tot[int64_t(max(s1 - u, s.sg + 1)) * d.S];
+#pragma unroll
+        for (int u = 0; u < kCarryAhead; ++u) {
+          if (s1 - u <= s.sg) break;
+          carry[k][c] += w[u];
+        }
+      }
+    }
+  }
+}
+
+// The scalar gradients per (token, head) from Δ (dts) and its angle shares (ang), tokens fastest (consecutive
+// addresses in the (B·H, L) arrays).
+__device__ __forceinline__ void segment_scalar_grads(const AngleBackwardParams& p, const Segment& s, const float* dts,
+                                                     const float* ang) {
+  const MixerDims& d = p.d;
+  for (int e = threadIdx.x; e < s.n * d.H; e += blockDim.x) {
+    const int h = e / s.n, t = e - h * s.n, tg = s.t0 + t;
+    const int64_t st = (int64_t(s.b) * d.H + h) * d.L + tg;
+    const float dsig = tg > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
+    const ScalarGrads gr =
+        angle_scalar_grads(dts[h * kAngleSegment + t], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st], p.dadt[st],
+                           __fadd_rn(p.dgam[st], p.dscale[st]), dsig, ang[t * d.H + h], d.euler);
+    write_scalar_grads(p, int64_t(s.b) * d.L + tg, h, gr);
+  }
+}
+
+// The same, staged through shared memory (stage: 3·n·H floats) and written with heads fastest: a token's dt, A and
+// trap columns are H consecutive values each, where the direct form's warps (tokens fastest) store one value per row.
+__device__ __forceinline__ void segment_scalar_grads_staged(const AngleBackwardParams& p, const Segment& s,
+                                                            const float* dts, const float* ang, float* stage) {
+  const MixerDims& d = p.d;
+  for (int e = threadIdx.x; e < s.n * d.H; e += blockDim.x) {
+    const int h = e / s.n, t = e - h * s.n, tg = s.t0 + t;
+    const int64_t st = (int64_t(s.b) * d.H + h) * d.L + tg;
+    const float dsig = tg > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
+    const ScalarGrads gr =
+        angle_scalar_grads(dts[h * kAngleSegment + t], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st], p.dadt[st],
+                           __fadd_rn(p.dgam[st], p.dscale[st]), dsig, ang[t * d.H + h], d.euler);
+    float* o = stage + (t * d.H + h) * 3;
+    o[0] = gr.dsp, o[1] = gr.dA, o[2] = gr.dtrap;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < s.n * d.H; e += blockDim.x) {
+    const int t = e / d.H, h = e - t * d.H;
+    const float* o = stage + e * 3;
+    write_scalar_grads(p, int64_t(s.b) * d.L + s.t0 + t, h, ScalarGrads{o[0], o[1], o[2]});
+  }
+}
+
+// Row `row`'s angle column i of dzx (or of dzx16 when given): the θ gradient g.
+__device__ __forceinline__ void write_theta_grad(const AngleBackwardParams& p, int64_t row, int i, float g) {
+  const MixerDims& d = p.d;
+  if (p.dzx16)
+    p.dzx16[row * d.din + d.off_ang + i] = __bfloat16_as_ushort(__float2bfloat16_rn(g));
+  else
+    p.dzx[row * d.din + d.off_ang + i] = g;
+}
+
 // Shared memory of the backward's second kernel: tanh θ (kAngleSegment, S), Δ (H, kAngleSegment), Δ's angle shares
 // (kAngleSegment, H), then per tile the θ factors (kTileTokens, H, S).
 size_t backward_shared_bytes(const MixerDims& d) {
@@ -224,30 +308,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_kernel
   };
   load_tile(s.n);
 
-  // The later segments' totals, summed from the last segment down (the suffix carry kernel's order).
   float run[kSlots][kC], carry[kSlots][kC];
-#pragma unroll
-  for (int k = 0; k < kSlots; ++k) {
-    const int h = warp + k * warps;
-#pragma unroll
-    for (int c = 0; c < kC; ++c) {
-      const int i = lane + 32 * c;
-      run[k][c] = 0.0f;
-      carry[k][c] = 0.0f;
-      if (h >= d.H || i >= d.S) continue;
-      const float* tot = p.seg + (int64_t(s.b) * d.H + h) * s.nseg * d.S + i;
-      for (int s1 = s.nseg - 1; s1 > s.sg; s1 -= kCarryAhead) {
-        float w[kCarryAhead];
-#pragma unroll
-        for (int u = 0; u < kCarryAhead; ++u) w[u] = tot[int64_t(max(s1 - u, s.sg + 1)) * d.S];
-#pragma unroll
-        for (int u = 0; u < kCarryAhead; ++u) {
-          if (s1 - u <= s.sg) break;
-          carry[k][c] += w[u];
-        }
-      }
-    }
-  }
+  segment_carry<kC, kSlots>(p, s, lane, warp, warps, run, carry);
   __syncthreads();
 
   // A token of the walk: one warp's head k, its angles' running sums, θ factors into xs and the Δ share into ang.
@@ -299,23 +361,106 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_kernel
       const float tv = th[t * d.S + i];
       float gsum = 0.0f;
       for (int h = 0; h < d.H; ++h) gsum = theta_grad_add(gsum, xs[(j * d.H + h) * d.S + i], tv);
-      const int64_t row = int64_t(s.b) * d.L + s.t0 + t;
-      if (p.dzx16) p.dzx16[row * d.din + d.off_ang + i] = __bfloat16_as_ushort(__float2bfloat16_rn(gsum));
-      else p.dzx[row * d.din + d.off_ang + i] = gsum;
+      write_theta_grad(p, int64_t(s.b) * d.L + s.t0 + t, i, gsum);
     }
     __syncthreads();
   }
 
-  // The scalar gradients per (token, head), tokens fastest (consecutive addresses in the (B·H, L) arrays).
-  for (int e = threadIdx.x; e < s.n * d.H; e += blockDim.x) {
-    const int h = e / s.n, t = e - h * s.n, tg = s.t0 + t;
-    const int64_t st = (int64_t(s.b) * d.H + h) * d.L + tg;
-    const float dsig = tg > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
-    const ScalarGrads gr = angle_scalar_grads(dts[h * kAngleSegment + t], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st],
-                                              p.dadt[st], __fadd_rn(p.dgam[st], p.dscale[st]), dsig,
-                                              ang[t * d.H + h], d.euler);
-    write_scalar_grads(p, int64_t(s.b) * d.L + tg, h, gr);
+  segment_scalar_grads(p, s, dts, ang);
+}
+
+// The S = 32 form of the second kernel (lane l: angle l; warps take heads as above). The walk keeps each angle's
+// running sum and stores dΦ·π into xs; after the hand-over threads per (token, angle) form the θ factors dΦ·π·Δ and
+// sum them over the heads in head order (theta_grad_add), and threads per (token, head) form the shares dΦ·π·tanh θ
+// and sum them over the angles in the order of warp_sum's butterfly (offsets 16, 8, 4, 2, 1: every lane's sum has
+// the same bits, lane 0's is written): the products and sums of the warp form, the same bits. Rows of xs and th are
+// 33 floats apart, so that neither a warp of tokens×heads nor one of tokens×angles meets itself in a bank.
+constexpr int kPitch32 = 33;
+size_t backward_s32_shared_bytes(const MixerDims& d) {
+  return (size_t(kAngleSegment) * (kPitch32 + 2 * d.H) + size_t(kTileTokens) * d.H * kPitch32) * sizeof(float);
+}
+
+// Lane kL's partial sum after kLevel rounds of warp_sum's butterfly over the 32 shares x[l]·th[l] (x: dΦ·π), which is
+// every lane's after five; formed depth first, so that few partials are live at once.
+template <int kLevel, int kL>
+__device__ __forceinline__ float butterfly_share(const float* x, const float* th) {
+  if constexpr (kLevel == 1) {
+    return __fadd_rn(angle_dt_share_add_scaled(0.0f, x[kL], th[kL]),
+                     angle_dt_share_add_scaled(0.0f, x[kL + 16], th[kL + 16]));
+  } else {
+    return __fadd_rn(butterfly_share<kLevel - 1, kL>(x, th), butterfly_share<kLevel - 1, kL + (32 >> kLevel)>(x, th));
   }
+}
+
+template <int kSlots>
+__global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_s32_kernel(AngleBackwardParams p) {
+  pdl_wait();
+  constexpr int kS = 32;
+  const MixerDims& d = p.d;
+  extern __shared__ float bwd_sm[];
+  const Segment s = this_segment(d);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  float* th = bwd_sm;                          // (kAngleSegment, kPitch32): tanh θ
+  float* dts = th + kAngleSegment * kPitch32;  // (H, kAngleSegment)
+  float* ang = dts + kAngleSegment * d.H;      // (kAngleSegment, H)
+  float* xs = ang + kAngleSegment * d.H;       // (kTileTokens, H, kPitch32): dΦ·π
+  stage_segment<kPitch32>(d, s, p.zx, p.dt, th, dts, [](float z) { return tanhf(z); });
+
+  float v[kSlots][kTileTokens];
+  const auto load_tile = [&](int hi) {
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int h = min(warp + k * warps, d.H - 1);
+      const float* g = p.dphi + ((int64_t(s.b) * d.H + h) * d.L + s.t0) * kS + lane;
+#pragma unroll
+      for (int j = 0; j < kTileTokens; ++j) v[k][j] = j < hi ? g[int64_t(hi - 1 - j) * kS] : 0.0f;
+      // The tile after it asked of L2 (lane j: its token j's 128-byte row), so that its loads return from there.
+      const int t_next = hi - 1 - kTileTokens - lane;
+      if (lane < kTileTokens && t_next >= 0) prefetch_l2(g - lane + int64_t(t_next) * kS);
+    }
+  };
+  load_tile(s.n);
+  float run[kSlots][1], carry[kSlots][1];
+  segment_carry<1, kSlots>(p, s, lane, warp, warps, run, carry);
+  __syncthreads();
+
+  const int row_stride = d.H * kPitch32;  // xs floats between consecutive tokens of a tile
+  for (int hi = s.n; hi > 0; hi -= kTileTokens) {
+    const int cnt = min(kTileTokens, hi);  // tokens hi − 1 down to hi − cnt (segment-local), j = hi − 1 − t
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int h = warp + k * warps;
+      if (h >= d.H) break;  // the whole warp
+      float* x = xs + h * kPitch32 + lane;
+#pragma unroll
+      for (int j = 0; j < kTileTokens; ++j) {
+        if (cnt < kTileTokens && j >= cnt) break;
+        run[k][0] += v[k][j];
+        x[j * row_stride] = angle_scaled_dphi(__fadd_rn(run[k][0], carry[k][0]));
+      }
+    }
+    if (hi > kTileTokens) load_tile(hi - kTileTokens);  // in flight through the hand-over
+    __syncthreads();
+    const int n_theta = cnt * kS;
+    for (int e = threadIdx.x; e < n_theta + cnt * d.H; e += blockDim.x) {
+      if (e < n_theta) {  // θ's gradient at (token, angle), summed over the heads in head order
+        const int j = e / kS, i = e % kS, t = hi - 1 - j;
+        const float tv = th[t * kPitch32 + i];
+        const float* xr = xs + j * row_stride + i;
+        float gsum = 0.0f;
+        for (int h = 0; h < d.H; ++h)
+          gsum = theta_grad_add(gsum, angle_theta_factor_scaled(xr[h * kPitch32], dts[h * kAngleSegment + t]), tv);
+        write_theta_grad(p, int64_t(s.b) * d.L + s.t0 + t, i, gsum);
+      } else {  // Δ's share at (token, head), summed over the angles as warp_sum does
+        const int jh = e - n_theta, j = jh / d.H, h = jh - j * d.H, t = hi - 1 - j;
+        const float* xr = xs + jh * kPitch32;  // row (j, h)
+        const float* tr = th + t * kPitch32;
+        ang[t * d.H + h] = butterfly_share<5, 0>(xr, tr);
+      }
+    }
+    __syncthreads();
+  }
+  segment_scalar_grads_staged(p, s, dts, ang, xs);  // xs is dead: 3·n·H ≤ kTileTokens·H·kPitch32 floats
 }
 
 // Where the segment-block kernels apply: rotary angles, the shared memory under the default 48 KB, the grid's size.
@@ -358,19 +503,32 @@ void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, 
   MAMBA3_LAUNCH_CHECK();
 }
 
+namespace {
+int g_angle_shares = -1;  // set_angle_shares_in_pass (-1: the environment's choice)
+bool angle_shares_in_pass() {
+  static const bool env = env_choice("MAMBA3_TRAIN_ANGLE_SHARES", {"pass", "warp"}) != "warp";
+  return g_angle_shares < 0 ? env : g_angle_shares != 0;
+}
+}  // namespace
+
+void set_angle_shares_in_pass(int mode) { g_angle_shares = mode < 0 ? -1 : mode != 0; }
+
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) {
   const MixerDims& d = p.d;
-  const size_t bytes = backward_shared_bytes(d);
   const int slots = d.H <= kMaxWarps ? 1 : 2, warps = (d.H + slots - 1) / slots;
+  const bool s32 = d.S == 32 && angle_shares_in_pass();
+  const size_t bytes = s32 ? backward_s32_shared_bytes(d) : backward_shared_bytes(d);
   if (!blocks_apply(d, bytes) || d.S > 32 * kMaxChunks || d.H > kMaxWarps * kMaxHeadSlots) return false;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
   launch_angle_totals(s, d, p.dphi, p.seg);
   const int chunks = (d.S + 31) / 32;
-  const auto kernel = chunks == 1 ? (slots == 1 ? angle_block_backward_kernel<1, 1> : angle_block_backward_kernel<1, 2>)
-                                   : (slots == 1 ? angle_block_backward_kernel<2, 1> : angle_block_backward_kernel<2, 2>);
-  static bool carveout_set[2][2] = {};  // per instance: the most shared memory per SM asked for, once
-  bool& set = carveout_set[chunks - 1][slots - 1];
+  const auto kernel = s32 ? (slots == 1 ? angle_block_backward_s32_kernel<1> : angle_block_backward_s32_kernel<2>)
+                      : chunks == 1
+                          ? (slots == 1 ? angle_block_backward_kernel<1, 1> : angle_block_backward_kernel<1, 2>)
+                          : (slots == 1 ? angle_block_backward_kernel<2, 1> : angle_block_backward_kernel<2, 2>);
+  static bool carveout_set[3][2] = {};  // per instance: the most shared memory per SM asked for, once
+  bool& set = carveout_set[s32 ? 2 : chunks - 1][slots - 1];
   if (!set) {
     // Two blocks per SM need twice its ~44 KB (125M): more than the carveout the driver may pick by default.
     MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,

@@ -33,10 +33,18 @@ __device__ __forceinline__ float angle_step(float phi, float rate, float dt, boo
 // The backward's two terms of a head at (t, angle i), given dΦ (the suffix sum of dφ) and th = tanh θ_i:
 // Δ's share a += dΦ·π·th (summed over i, then over the warp), and θ_i's factor x = dΦ·π·Δ, which the θ gradient
 // sums over the heads in head order through theta_grad_add.
-__device__ __forceinline__ float angle_dt_share_add(float a, float dPhi, float th) {
-  return __fmaf_rn(__fmul_rn(dPhi, kPi), th, a);
+// Both start from dΦ·π (angle_scaled_dphi), which the S = 32 block backward stores and uses twice.
+__device__ __forceinline__ float angle_scaled_dphi(float dPhi) { return __fmul_rn(dPhi, kPi); }
+__device__ __forceinline__ float angle_dt_share_add_scaled(float a, float dPhiPi, float th) {
+  return __fmaf_rn(dPhiPi, th, a);
 }
-__device__ __forceinline__ float angle_theta_factor(float dPhi, float dt) { return __fmul_rn(__fmul_rn(dPhi, kPi), dt); }
+__device__ __forceinline__ float angle_theta_factor_scaled(float dPhiPi, float dt) { return __fmul_rn(dPhiPi, dt); }
+__device__ __forceinline__ float angle_dt_share_add(float a, float dPhi, float th) {
+  return angle_dt_share_add_scaled(a, angle_scaled_dphi(dPhi), th);
+}
+__device__ __forceinline__ float angle_theta_factor(float dPhi, float dt) {
+  return angle_theta_factor_scaled(angle_scaled_dphi(dPhi), dt);
+}
 __device__ __forceinline__ float theta_grad_add(float g, float x, float th) {
   return __fmaf_rn(x, __fmaf_rn(-th, th, 1.0f), g);
 }

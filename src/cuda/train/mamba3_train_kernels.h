@@ -258,6 +258,10 @@ struct AngleBackwardParams {
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 // Its segment-block form without the dt_bias partial (false: does not apply, nothing launched); dφ is only read.
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p);
+// Its S = 32 form sums Δ's angle shares after each tile's walk ("pass", the default) or by a warp butterfly per
+// token and head inside it ("warp"); the same bits. MAMBA3_TRAIN_ANGLE_SHARES (read once) or, process-wide,
+// set_angle_shares_in_pass (1 pass, 0 warp, -1 back to the environment's choice) chooses.
+void set_angle_shares_in_pass(int mode);
 // The sums of dφ over each segment of kAngleSegment tokens into seg (B·H, segments, S), in the one order every angle
 // backward path uses for its carries.
 void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg);
