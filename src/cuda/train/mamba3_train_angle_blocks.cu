@@ -516,14 +516,16 @@ void set_angle_shares_in_pass(int mode) { g_angle_shares = mode < 0 ? -1 : mode 
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) {
   const MixerDims& d = p.d;
   const int slots = d.H <= kMaxWarps ? 1 : 2, warps = (d.H + slots - 1) / slots;
-  const bool s32 = d.S == 32 && angle_shares_in_pass();
+  // (One head per warp only: the two-head instance, 25 heads — the most whose tiles fit 48 KB — has not run on a GPU
+  // yet; FusedAnglesGiveTheSplitBits has a 25-head case for it.)
+  const bool s32 = d.S == 32 && slots == 1 && angle_shares_in_pass();
   const size_t bytes = s32 ? backward_s32_shared_bytes(d) : backward_shared_bytes(d);
   if (!blocks_apply(d, bytes) || d.S > 32 * kMaxChunks || d.H > kMaxWarps * kMaxHeadSlots) return false;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
   launch_angle_totals(s, d, p.dphi, p.seg);
   const int chunks = (d.S + 31) / 32;
-  const auto kernel = s32 ? (slots == 1 ? angle_block_backward_s32_kernel<1> : angle_block_backward_s32_kernel<2>)
+  const auto kernel = s32 ? angle_block_backward_s32_kernel<1>
                       : chunks == 1
                           ? (slots == 1 ? angle_block_backward_kernel<1, 1> : angle_block_backward_kernel<1, 2>)
                           : (slots == 1 ? angle_block_backward_kernel<2, 1> : angle_block_backward_kernel<2, 2>);
