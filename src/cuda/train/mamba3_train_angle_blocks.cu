@@ -219,19 +219,25 @@ __device__ __forceinline__ void segment_carry(const AngleBackwardParams& p, cons
   }
 }
 
+// Head h's scalar gradients at segment token t, from Δ (dts) and its angle shares (ang).
+__device__ __forceinline__ ScalarGrads token_scalar_grads(const AngleBackwardParams& p, const Segment& s,
+                                                          const float* dts, const float* ang, int h, int t) {
+  const MixerDims& d = p.d;
+  const int tg = s.t0 + t;
+  const int64_t st = (int64_t(s.b) * d.H + h) * d.L + tg;
+  const float dsig = tg > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
+  return angle_scalar_grads(dts[h * kAngleSegment + t], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st], p.dadt[st],
+                            __fadd_rn(p.dgam[st], p.dscale[st]), dsig, ang[t * d.H + h], d.euler);
+}
+
 // The scalar gradients per (token, head) from Δ (dts) and its angle shares (ang), tokens fastest (consecutive
 // addresses in the (B·H, L) arrays).
 __device__ __forceinline__ void segment_scalar_grads(const AngleBackwardParams& p, const Segment& s, const float* dts,
                                                      const float* ang) {
   const MixerDims& d = p.d;
   for (int e = threadIdx.x; e < s.n * d.H; e += blockDim.x) {
-    const int h = e / s.n, t = e - h * s.n, tg = s.t0 + t;
-    const int64_t st = (int64_t(s.b) * d.H + h) * d.L + tg;
-    const float dsig = tg > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
-    const ScalarGrads gr =
-        angle_scalar_grads(dts[h * kAngleSegment + t], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st], p.dadt[st],
-                           __fadd_rn(p.dgam[st], p.dscale[st]), dsig, ang[t * d.H + h], d.euler);
-    write_scalar_grads(p, int64_t(s.b) * d.L + tg, h, gr);
+    const int h = e / s.n, t = e - h * s.n;
+    write_scalar_grads(p, int64_t(s.b) * d.L + s.t0 + t, h, token_scalar_grads(p, s, dts, ang, h, t));
   }
 }
 
@@ -241,12 +247,8 @@ __device__ __forceinline__ void segment_scalar_grads_staged(const AngleBackwardP
                                                             const float* dts, const float* ang, float* stage) {
   const MixerDims& d = p.d;
   for (int e = threadIdx.x; e < s.n * d.H; e += blockDim.x) {
-    const int h = e / s.n, t = e - h * s.n, tg = s.t0 + t;
-    const int64_t st = (int64_t(s.b) * d.H + h) * d.L + tg;
-    const float dsig = tg > 0 ? p.dscale[st - 1] : 0.0f;  // training starts from the zero state: no σ̄_0 pair
-    const ScalarGrads gr =
-        angle_scalar_grads(dts[h * kAngleSegment + t], p.A[st], p.lam[st], p.dAdl[st], p.dsp[st], p.dadt[st],
-                           __fadd_rn(p.dgam[st], p.dscale[st]), dsig, ang[t * d.H + h], d.euler);
+    const int h = e / s.n, t = e - h * s.n;
+    const ScalarGrads gr = token_scalar_grads(p, s, dts, ang, h, t);
     float* o = stage + (t * d.H + h) * 3;
     o[0] = gr.dsp, o[1] = gr.dA, o[2] = gr.dtrap;
   }
