@@ -360,7 +360,9 @@ __global__ void angle_scalar_token_kernel(AngleBackwardParams p) {
 }
 
 // Step 3: the dt_bias partial per bh, Σ over t: a warp per bh, lanes striding over t, then the butterfly sum (fixed
-// order; a thread walking all L tokens was latency-bound).
+// order; a thread walking all L tokens was latency-bound). Blocks of two warps spread the B·H warps over many SMs
+// (eight warps per block put the 125M layer's 192 warps on 24 SMs: 9.2 µs on an H100 at 7 % of its DRAM bandwidth).
+constexpr int kDtBiasWarps = 2;
 __global__ void dt_bias_partial_kernel(AngleBackwardParams p) {
   pdl_wait();
   const MixerDims& d = p.d;
@@ -588,7 +590,7 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
   const int64_t BH = int64_t(d.B) * d.H, lanes = BH * d.S;
   if (BH * d.L == 0) return;
   if (angles_mode() == AnglesMode::kBlocks && launch_angle_backward_blocks(s, p)) {
-    launch_train(dt_bias_partial_kernel, blocks_for(BH, 8), 256, 0, s, p);
+    launch_train(dt_bias_partial_kernel, blocks_for(BH, kDtBiasWarps), 32 * kDtBiasWarps, 0, s, p);
     MAMBA3_LAUNCH_CHECK();
     return;
   }
@@ -604,7 +606,7 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
   launch_train(angle_scalar_token_kernel, blocks_for(int64_t(d.B) * d.L, 8), 256, size_t(8) * d.H * sizeof(float), s,
                p);
   MAMBA3_LAUNCH_CHECK();
-  launch_train(dt_bias_partial_kernel, blocks_for(BH, 8), 256, 0, s, p);
+  launch_train(dt_bias_partial_kernel, blocks_for(BH, kDtBiasWarps), 32 * kDtBiasWarps, 0, s, p);
   MAMBA3_LAUNCH_CHECK();
 }
 
