@@ -541,6 +541,44 @@ TEST(Mamba3TrainGpu, RotationPrefetchKeepsTheBits) {
       }
 }
 
+// The SISO rotation backward summing dφ over each angle segment for the angle backward (set_rotation_totals) against
+// the angle backward's totals kernel: the output, du and every gradient the same bits, with the B/C norm inside and
+// apart, one and the default heads per block, whole and partial last segments (L 64, 65, 300), and the 125M layer's
+// 24 heads. It must run where its shapes take it (S 16 and 32, chunks of 64 tokens) and nowhere else (S 8; L < 64).
+TEST(Mamba3TrainGpu, RotationTotalsGiveTheKernelsBits) {
+  MAMBA3_REQUIRE_GPU();
+  std::vector<LayerCase> cases = core_shape_cases(false);
+  Mamba3Config c24 = small(false, 1);
+  c24.d_model = 768, c24.d_state = 128, c24.headdim = 64;  // 24 heads, S 32
+  cases.push_back({"siso N 128 P 64 (24 heads)", c24});
+  int ran = 0;
+  for (const LayerCase& lc : cases)
+    for (const bool fused : {true, false})
+      for (const int hpb : {0, 1})
+        for (const int64_t L : {64, 65, 300, 40}) {
+          if (lc.c.d_model == 768 && (!fused || hpb != 0 || L == 40)) continue;  // (one big case)
+          SCOPED_TRACE(std::string(lc.name) + (fused ? " norm inside" : " norm apart") + " hpb " + std::to_string(hpb) +
+                       " L=" + std::to_string(L));
+          auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(3700 + L + hpb));
+          CoreLayerStep step(mixer, u, dout);
+          step.train.set_epilogue_heads(hpb);
+          step.train.set_bc_norm_fusion(fused);
+          const int64_t S = lc.c.num_angles();
+          const bool applies = (S == 16 || S == 32) && L >= 64;
+          auto run = [&](bool on) {
+            step.train.set_rotation_totals(on);
+            GpuResult r = step.run();
+            EXPECT_EQ(step.train.last_backward_rotation_totals(), on && applies) << "S " << S;
+            return r;
+          };
+          const GpuResult kernel = run(false), rotation = run(true);
+          ASSERT_NO_FATAL_FAILURE(assert_finite(rotation));
+          EXPECT_TRUE(bit_identical(rotation, kernel)) << "the rotation backward's segment sums changed bits";
+          ran += applies;
+        }
+  EXPECT_GT(ran, 0) << "no case took the rotation backward's segment sums";
+}
+
 // Z = q·H_cᵀ and the pre-norm output y in bf16 between the SISO forward core and the output-stage backward (y as the
 // forward formed it, rounded once) against Z and W·v in f32: the output unchanged bit for bit (the forward core forms
 // o from its registers either way), du and every gradient within kTolZy16 (y's bf16 rounding reaches every gradient

@@ -126,43 +126,54 @@ __global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ z
 }
 
 // The backward's first kernel: each (bh, segment, angle)'s sum of dφ over the segment. A segment of one bh is a
-// contiguous (n, S) block, so a warp per (bh, segment) streams it as float4s: with S/4 dividing 32 each lane keeps
-// one group of 4 angles and takes every (128/S)-th token (tokens in increasing order), then the lanes of a group add
-// their partials by butterflies (offsets S/4, S/2, …). (A thread per (bh, segment, angle) walking its tokens read
-// 128-byte rows 128 bytes apart at 1.6 TB/s.) The order of the sum is this kernel's own; every backward path takes
-// its totals from here (launch_angle_totals), so all of them carry the same bits.
-template <int kS>
+// contiguous (n, S) block, so a warp per (bh, segment) streams it as float4s: each lane keeps kVec groups of 4 angles
+// (kGroups lanes cover a row) and takes every kPhases-th token (tokens in increasing order), then the lanes of a group
+// add their partials by butterflies (offsets kGroups, 2·kGroups, …). (A thread per (bh, segment, angle) walking its
+// tokens read 128-byte rows 128 bytes apart at 1.6 TB/s.) The order of the sum is this kernel's own; every backward
+// path takes its totals from here (launch_angle_totals), or from the SISO rotation backward at S = 16 and 32, whose
+// eight warps take the same eight phases of tokens (kVec 2 at S = 32 for that), so all of them carry the same bits.
+template <int kS, int kVec = 1>
 __global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
   pdl_wait();
-  constexpr int kGroups = kS / 4, kPhases = 32 / kGroups, kBatch = 8;
+  constexpr int kGroups = kS / (4 * kVec), kPhases = 32 / kGroups, kBatch = 8, kRow = kS / 4;
+  static_assert(kGroups * 4 * kVec == kS && kPhases * kGroups == 32, "whole float4 groups over a warp");
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t task = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // (bh, segment)
   if (task >= int64_t(d.B) * d.H * nseg) return;  // whole warps
   const int lane = threadIdx.x % 32, sg = int(task % nseg), t0 = sg * kAngleSegment;
   const int n = min(kAngleSegment, d.L - t0), group = lane % kGroups, phase = lane / kGroups;
   const int64_t bh = task / nseg;
-  const float4* g4 = reinterpret_cast<const float4*>(dphi + (bh * d.L + t0) * kS) + group;
-  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const float4* g4 = reinterpret_cast<const float4*>(dphi + (bh * d.L + t0) * kS) + group * kVec;
+  float4 acc[kVec];
+#pragma unroll
+  for (int q = 0; q < kVec; ++q) acc[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int t1 = phase; t1 < n; t1 += kPhases * kBatch) {
-    float4 v[kBatch];
+    float4 v[kBatch][kVec];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int t = t1 + k * kPhases;
-      v[k] = t < n ? g4[int64_t(t) * kGroups] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) v[k][q] = t < n ? g4[int64_t(t) * kRow + q] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      acc.x += v[k].x, acc.y += v[k].y, acc.z += v[k].z, acc.w += v[k].w;
-    }
+    for (int k = 0; k < kBatch; ++k)
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) {
+        acc[q].x += v[k][q].x, acc[q].y += v[k][q].y, acc[q].z += v[k][q].z, acc[q].w += v[k][q].w;
+      }
   }
 #pragma unroll
-  for (int o = kGroups; o < 32; o <<= 1) {
-    acc.x += __shfl_xor_sync(0xffffffffu, acc.x, o);
-    acc.y += __shfl_xor_sync(0xffffffffu, acc.y, o);
-    acc.z += __shfl_xor_sync(0xffffffffu, acc.z, o);
-    acc.w += __shfl_xor_sync(0xffffffffu, acc.w, o);
-  }
-  if (phase == 0) reinterpret_cast<float4*>(seg + task * kS)[group] = acc;
+  for (int o = kGroups; o < 32; o <<= 1)
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) {
+      acc[q].x += __shfl_xor_sync(0xffffffffu, acc[q].x, o);
+      acc[q].y += __shfl_xor_sync(0xffffffffu, acc[q].y, o);
+      acc[q].z += __shfl_xor_sync(0xffffffffu, acc[q].z, o);
+      acc[q].w += __shfl_xor_sync(0xffffffffu, acc[q].w, o);
+    }
+  if (phase == 0)
+#pragma unroll
+    for (int q = 0; q < kVec; ++q) reinterpret_cast<float4*>(seg + task * kS)[group * kVec + q] = acc[q];
 }
 
 // The same sums for any S, a thread per (bh, segment, angle) walking the segment's tokens in increasing order.
@@ -496,7 +507,9 @@ void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, 
     case 4: warps(angle_totals_warp_kernel<4>); break;
     case 8: warps(angle_totals_warp_kernel<8>); break;
     case 16: warps(angle_totals_warp_kernel<16>); break;
-    case 32: warps(angle_totals_warp_kernel<32>); break;
+    case 32:
+      warps(angle_totals_warp_kernel<32, 2>);
+      break;  // (eight phases: the rotation backward's warps)
     case 64: warps(angle_totals_warp_kernel<64>); break;
     case 128: warps(angle_totals_warp_kernel<128>); break;
     default:
@@ -525,7 +538,7 @@ bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) 
   if (!blocks_apply(d, bytes) || d.S > 32 * kMaxChunks || d.H > kMaxWarps * kMaxHeadSlots) return false;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
-  launch_angle_totals(s, d, p.dphi, p.seg);
+  if (!p.seg_ready) launch_angle_totals(s, d, p.dphi, p.seg);
   const int chunks = (d.S + 31) / 32;
   const auto kernel = s32 ? angle_block_backward_s32_kernel<1>
                       : chunks == 1

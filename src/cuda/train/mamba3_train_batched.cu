@@ -696,6 +696,8 @@ bool output_mimo_applies(const BatchedParams& p) { return batched::output_mimo_i
 
 bool rotation_backward_fuses_bc_norm(const BatchedParams& p) { return batched::rotation_bc_norm_siso_applies(p); }
 
+bool rotation_backward_writes_angle_totals(const BatchedParams& p) { return batched::rotation_totals_siso_applies(p); }
+
 void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   const int hb = p.heads_per_block;
   MAMBA3_CHECK(hb >= 1 && (p.d.H / p.d.G) % hb == 0,

@@ -189,6 +189,7 @@ bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p);
 bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p);
 bool rotation_backward_siso_applies(const BatchedParams& p);  // (launch_rotation_backward_siso would launch)
 bool rotation_bc_norm_siso_applies(const BatchedParams& p);   // (… with the B/C norm backward inside)
+bool rotation_totals_siso_applies(const BatchedParams& p);    // (… writing the angle segment sums into p.angle_seg)
 // The MIMO instances of the build, the output stage, the epilogue's state part and the rotation backward
 // (mamba3_train_mimo.cu; R ∈ {2, 4}, the cores' shapes),
 // likewise.

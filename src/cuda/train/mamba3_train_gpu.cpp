@@ -149,6 +149,13 @@ bool env_rotation_prefetch() {
   return on;
 }
 
+// MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: the SISO rotation backward sums dφ per angle segment for the
+// angle backward ("1", the default) or the angle backward's totals kernel does ("0"); the same bits.
+bool env_rotation_totals() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ROTATION_TOTALS", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_CORE_UNROTATE, read once per process: the SISO fused backward core un-rotates dQ and dK and forms dφ
 // itself, the rotation backward only summing over heads ("1"); also sums over clusters of 8 heads, no rotation
 // backward ("heads"); or the rotation backward does it all ("0", the default: both others measured slower).
@@ -238,6 +245,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       build_fast_(env_build_fast()),
       output_full_(env_output_full()),
       rotation_prefetch_(env_rotation_prefetch()),
+      rotation_totals_(env_rotation_totals()),
       core_unrotate_(env_core_unrotate() == "1" || env_core_unrotate() == "heads"),  // ("" when unset: off)
       core_head_sum_(env_core_unrotate() == "heads"),
       zy16_(env_zy16()),
@@ -529,6 +537,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.Hc = Hc, p.dHc = chain ? nullptr : f(dHc_, size_t(PN)), p.dLam = f(bdLam_);
   p.dadt = f(sgrad_), p.dgam = f(sgrad_, BHL), p.dscale = f(sgrad_, 2 * BHL);
   p.dphi = f(dphi_), p.dBn = f(dBn_), p.dCn = f(dCn_);
+  // (the angle backward's segment sums, where the SISO rotation backward forms them: angle_seg_ready_ below)
+  p.angle_seg = backward && rotation_totals_ ? f(act_->angle_seg) : nullptr;
   p.part_D = f(part_, parts->D), p.part_B_bias = f(part_, parts->B_bias), p.part_C_bias = f(part_, parts->C_bias);
   p.part_mimo_x = f(part_, parts->mimo_x), p.part_mimo_z = f(part_, parts->mimo_z);
   p.part_mimo_o = f(part_, parts->mimo_o), p.part_norm = f(part_, parts->norm);
@@ -561,6 +571,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       return;
     }
     launch_batched_rotation_backward(s, p);
+    angle_seg_ready_ = rotation_backward_writes_angle_totals(p);
     prof.mark("rotation bwd");
     return;
   }
@@ -577,6 +588,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     prof.mark("backward core");
     if (p.epilogue_in_core) launch_batched_rotation_backward(s, p);
     else launch_batched_epilogue(s, p);
+    angle_seg_ready_ = rotation_backward_writes_angle_totals(p);
     prof.mark("epilogue");
     return;
   }
@@ -601,6 +613,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     launch_batched_post_scan_core(s, p, dHc16_.raw(), act_->Hc16.raw());
     prof.mark("post-scan core");
     launch_batched_rotation_backward(s, p);
+    angle_seg_ready_ = rotation_backward_writes_angle_totals(p);
     prof.mark("rotation bwd");
     return;
   }
@@ -608,7 +621,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   prof.mark("gemm tp");
   batched_gemm(ctx, bf16, false, false, rows, N, P, p.Vw, P, sRP, dHc_op, N, PN, 1.0f, p.dK, N, sRN, BHc);
   prof.mark("gemm dK");
-  launch_batched_epilogue(s, p);
+  launch_batched_epilogue(s, p);  // (its second kernel is the rotation backward)
+  angle_seg_ready_ = rotation_backward_writes_angle_totals(p);
   prof.mark("epilogue");
 }
 
@@ -800,6 +814,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   dzx16_offer_ = offer16;
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm, o_Bn, o_Cn};
   bc_norm_fused_ = false;  // (batched_chunks: whether its rotation backward ran the B/C norm backward)
+  angle_seg_ready_ = false;  // (batched_chunks: whether it wrote the angle segment sums)
   core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
   core_head_summed_ = false;
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
@@ -817,6 +832,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.dphi = f(dphi_), ap.dadt = f(sgrad_), ap.dgam = f(sgrad_, BHL), ap.dscale = f(sgrad_, 2 * BHL);
   ap.dzx = f(dzx_), ap.dzx16 = dzx16, ap.part_dt_bias = f(part_);
   ap.seg = f(act_->angle_seg);  // reserved by prepare
+  ap.seg_ready = angle_seg_ready_;
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
   if (!bc_norm_fused_) {

@@ -164,6 +164,13 @@ class Mamba3TrainGpu {
   // general kernel (false). Default from MAMBA3_TRAIN_OUTPUT_FULL, read once per process: "1" or "0".
   void set_output_full(bool on) { output_full_ = on; }
   void set_rotation_prefetch(bool on) { rotation_prefetch_ = on; }
+  // The SISO rotation backward also summing dφ over each angle segment for the angle backward (true, where
+  // train_detail::rotation_backward_writes_angle_totals holds: its chunks are the segments, S 16 or 32), so that the
+  // angle backward's totals kernel does not run; or that kernel (false). The same bits. Default from
+  // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: "1" or "0" (unset: 1).
+  void set_rotation_totals(bool on) { rotation_totals_ = on; }
+  // Whether the last backward's rotation backward wrote them.
+  bool last_backward_rotation_totals() const { return angle_seg_ready_; }
   void set_zy16(bool on) { zy16_ = on; }
   // Whether the last chunk pass kept Z and y in bf16 (set_zy16 and its shapes).
   bool zy16_used() const { return zy16_used_; }
@@ -304,6 +311,8 @@ class Mamba3TrainGpu {
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
+  bool rotation_totals_ = true;      // ... and its angle segment sums (set_rotation_totals)
+  bool angle_seg_ready_ = false;     // the last backward's rotation backward wrote them (batched_chunks)
   bool core_unrotate_ = false;       // the fused core un-rotates dQ/dK and forms dφ (set_core_unrotate)
   bool core_unrotated_ = false;      // the last backward's did (last_backward_core_unrotated)
   bool core_head_sum_ = false;       // ... and sums over clusters of 8 heads (set_core_head_sum)

@@ -201,6 +201,9 @@ struct BatchedParams {
   float* dLam;                           // (B·H·nc, T) gradient of Λ
   float *dadt, *dgam, *dscale;           // (B·H, L)
   float* dphi;                           // (B·H, L, S)
+  // The angle backward's sums of dφ over each segment (launch_angle_totals' layout and bits), written by the SISO
+  // rotation backward where rotation_backward_writes_angle_totals (its chunks are the segments); null: not written.
+  float* angle_seg;
   float *dBn, *dCn;                      // (M, H, R, N)
   float *part_mimo_z, *part_mimo_o, *part_norm, *part_B_bias, *part_C_bias, *part_mimo_x, *part_D;
   // The B/C norm backward's inputs and partials (launch_bc_norm_backward's), for a rotation backward that runs it
@@ -213,6 +216,10 @@ struct BatchedParams {
 // Whether launch_batched_rotation_backward runs the B/C norm backward too (the SISO instance, p's B/C norm fields
 // given): then dBn/dCn are not written and launch_bc_norm_backward must not run.
 bool rotation_backward_fuses_bc_norm(const BatchedParams& p);
+// Whether it writes the angle backward's segment sums of dφ into p.angle_seg (the SISO instance forming dφ, p.T =
+// kAngleSegment, S 16 or 32 — where the totals kernel's order is eight phases of tokens, one per warp of the rotation
+// backward — and p.angle_seg given): then AngleBackwardParams::seg_ready may be set.
+bool rotation_backward_writes_angle_totals(const BatchedParams& p);
 // Whether the rotation backward that follows the cores reads bf16 dQ/dK (p.dQ16, p.dK16): its SISO and MIMO instances.
 bool dqk16_supported(const BatchedParams& p);
 // Whether the rotation backward has an instance for dQ16/dK16 already un-rotated by the fused core (p.dqk_unrotated):
@@ -254,6 +261,7 @@ struct AngleBackwardParams {
   uint16_t* dzx16;      // (M, din) bf16, the same columns rounded to nearest even (null: not written)
   float* part_dt_bias;  // (B, H)
   float* seg;           // angle_scratch_floats(d): the later segments' sums of dφ
+  bool seg_ready;       // seg already holds launch_angle_totals' sums (the rotation backward wrote them)
 };
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
 // Its segment-block form without the dt_bias partial (false: does not apply, nothing launched); dφ is only read.
@@ -263,7 +271,9 @@ bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p);
 // set_angle_shares_in_pass (1 pass, 0 warp, -1 back to the environment's choice) chooses.
 void set_angle_shares_in_pass(int mode);
 // The sums of dφ over each segment of kAngleSegment tokens into seg (B·H, segments, S), in the one order every angle
-// backward path uses for its carries.
+// backward path uses for its carries: per angle, the tokens in P phases t ≡ q (mod P) — P = 32, 16, 8, 8, 2, 1 at
+// S = 4, 8, 16, 32, 64, 128 —, each phase summed in token order, the phases added in a butterfly (at P = 8:
+// ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))); other S: a thread per angle in token order.
 void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg);
 
 // Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)

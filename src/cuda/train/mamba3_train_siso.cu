@@ -540,6 +540,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
 // slot, chunk) writes its slot's sums to dBn/dCn.
 // kUnrotated (p.dqk_unrotated, with kFuseNorm and without kFormQK): the fused core un-rotated dQ16/dK16 and wrote dφ
 // itself; the kernel sums them over the heads as they are (no angles, no q or k).
+// p.angle_seg (rotation_backward_writes_angle_totals: the chunk is an angle segment, S 16 or 32): each warp also sums
+// its tokens' dφ per head and angle in token order, and the warps' sums are added as the angle totals kernel adds its
+// eight phases (its bits), so that the angle backward needs no totals kernel (a read of dφ: 17–22 µs per 125M layer).
 template <int N, bool kFormQK, int kHb, bool kFuseNorm, bool kPrefetch, bool kUnrotated = false>
 __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_kernel(const BatchedParams p) {
   pdl_wait();
@@ -562,6 +565,9 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
   // C and B gradients summed over the slots walked so far.
   extern __shared__ float sm[];
   float* sumCB = sm + kWarps * kHb * 2 * N;
+  // (p.angle_seg: the warps' sums of dφ, (kWarps, kHb, S), after the partials and the token sums)
+  float* seg_sm = sumCB + (kFuseNorm ? p.T * 2 * N : 0);
+  const bool totals = !kUnrotated && p.angle_seg != nullptr;
   for (int e = threadIdx.x; e < kWarps * kHb * 2 * N + (kFuseNorm ? p.T * 2 * N : 0); e += kThreads) sm[e] = 0.0f;
   __syncthreads();
   float* mine = sm + warp * kHb * 2 * N;
@@ -594,6 +600,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
   };
   for (int slot = slot_begin; slot < slot_end; ++slot) {
     const int h0 = slot * kHb;
+    float dphi_sum[kHb][kPairs] = {};  // (totals) this warp's tokens' dφ, in token order
     if (lane < kLanes)
       for (int tl = warp; tl < Tc; tl += kWarps) {
         const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
@@ -675,6 +682,11 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
           }
           // dφ of the lane's pairs, one store (S even: both or neither rotate)
+          if constexpr (!kUnrotated) {
+            if (totals)
+#pragma unroll
+              for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
+          }
           if constexpr (kUnrotated) {
             // (the core wrote dφ)
           } else if constexpr (kPairs == 2) {
@@ -694,8 +706,24 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           store_v(dCn + out, sC), store_v(dBn + out, sB);
         }
       }
+    if (totals && lane < kLanes)
+#pragma unroll
+      for (int i = 0; i < kHb; ++i)
+#pragma unroll
+        for (int m = 0; m < kPairs; ++m)
+          if (n0 / 2 + m < S) seg_sm[(warp * kHb + i) * S + n0 / 2 + m] = dphi_sum[i][m];
     __syncthreads();
     write_bias_partials(p, sm, b, c, h0, kHb, N);
+    if (totals) {  // the warps' sums added as the totals kernel adds its phases (warp w: tokens ≡ w mod 8)
+      static_assert(kWarps == 8, "eight phases of tokens");
+      for (int e = threadIdx.x; e < kHb * S; e += kThreads) {
+        const int i = e / S, u = e - i * S;
+        const float* w = seg_sm + i * S + u;
+        const auto at = [&](int k) { return w[k * kHb * S]; };
+        const float sum = ((at(0) + at(1)) + (at(2) + at(3))) + ((at(4) + at(5)) + (at(6) + at(7)));
+        p.angle_seg[((int64_t(b) * d.H + h0 + i) * p.nc + c) * S + u] = sum;
+      }
+    }
     if constexpr (kFuseNorm) {
       __syncthreads();  // the partials read: zero them for the next slot
       for (int e = threadIdx.x; e < kWarps * kHb * 2 * N; e += kThreads) sm[e] = 0.0f;
@@ -827,16 +855,26 @@ bool rotation_bc_norm_siso_applies(const BatchedParams& p) {
          p.part_C_norm && p.T <= 64 && (p.d.H / p.d.G) % hb == 0;
 }
 
-bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p) {
+bool rotation_totals_siso_applies(const BatchedParams& p) {
+  const int S = p.d.S;
+  return rotation_backward_siso_applies(p) && p.angle_seg && !p.dqk_unrotated && !p.d.no_rotary &&
+         p.T == kAngleSegment && (S == 16 || S == 32) && S <= p.d.N / 2;
+}
+
+bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p_in) {
+  if (!rotation_backward_siso_applies(p_in)) return false;
+  BatchedParams p = p_in;  // (angle_seg kept only where the kernel's segment sums apply)
+  if (!rotation_totals_siso_applies(p)) p.angle_seg = nullptr;
   const MixerDims& d = p.d;
-  if (!rotation_backward_siso_applies(p)) return false;
   const int hb = p.heads_per_block;  // (checked by the caller)
   const bool fuse = rotation_bc_norm_siso_applies(p);
   // q and k formed again where the SISO build wrote them (its bits) and the biases' rows are 16-byte aligned.
   const bool form = build_siso_applies(p) && (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0 &&
                     (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0;
   const int64_t blocks = int64_t(d.B) * (fuse ? d.G : d.H / hb) * p.nc;
-  const size_t bytes = (size_t(kWarps) * hb * 2 * d.N + (fuse ? size_t(p.T) * 2 * d.N : 0)) * sizeof(float);
+  const size_t bytes = (size_t(kWarps) * hb * 2 * d.N + (fuse ? size_t(p.T) * 2 * d.N : 0) +
+                        (p.angle_seg ? size_t(kWarps) * hb * d.S : 0)) *
+                       sizeof(float);
   const auto launch = [&](auto kernel) {
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));

@@ -596,7 +596,7 @@ void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) 
   }
   if (lanes > 0) {
     const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
-    launch_angle_totals(s, d, p.dphi, p.seg);  // from dφ before the local sums overwrite it
+    if (!p.seg_ready) launch_angle_totals(s, d, p.dphi, p.seg);  // from dφ before the local sums overwrite it
     launch_train(angle_suffix_local_kernel, blocks_for(lanes * nseg, 128), 128, 0, s, d, p.dphi);
     MAMBA3_LAUNCH_CHECK();
     launch_train(angle_suffix_carry_kernel, blocks_for(lanes, 128), 128, 0, s, d, p.seg);
