@@ -39,7 +39,7 @@ if [[ $what == train || $what == all ]]; then
     train_row defaults
     train_row unrotate MAMBA3_TRAIN_CORE_UNROTATE=1
     train_row heads MAMBA3_TRAIN_CORE_UNROTATE=heads
-    train_row totals-k MAMBA3_TRAIN_ROTATION_TOTALS=0
+    train_row totals-r MAMBA3_TRAIN_ROTATION_TOTALS=1
     train_row no-pdl MAMBA3_TRAIN_PDL=0
   done
   MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train --preset 125m \

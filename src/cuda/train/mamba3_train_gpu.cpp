@@ -150,9 +150,10 @@ bool env_rotation_prefetch() {
 }
 
 // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: the SISO rotation backward sums dφ per angle segment for the
-// angle backward ("1", the default) or the angle backward's totals kernel does ("0"); the same bits.
+// angle backward ("1") or the angle backward's totals kernel does ("0", the default until it has run on a GPU); the
+// same bits.
 bool env_rotation_totals() {
-  static const bool on = env_choice("MAMBA3_TRAIN_ROTATION_TOTALS", {"1", "0"}) != "0";
+  static const bool on = env_choice("MAMBA3_TRAIN_ROTATION_TOTALS", {"0", "1"}) == "1";
   return on;
 }
 

@@ -167,7 +167,7 @@ class Mamba3TrainGpu {
   // The SISO rotation backward also summing dφ over each angle segment for the angle backward (true, where
   // train_detail::rotation_backward_writes_angle_totals holds: its chunks are the segments, S 16 or 32), so that the
   // angle backward's totals kernel does not run; or that kernel (false). The same bits. Default from
-  // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: "1" or "0" (unset: 1).
+  // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: "1" or "0" (unset: 0 until it has run on a GPU).
   void set_rotation_totals(bool on) { rotation_totals_ = on; }
   // Whether the last backward's rotation backward wrote them.
   bool last_backward_rotation_totals() const { return angle_seg_ready_; }
@@ -311,7 +311,7 @@ class Mamba3TrainGpu {
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
-  bool rotation_totals_ = true;      // ... and its angle segment sums (set_rotation_totals)
+  bool rotation_totals_ = false;     // ... and its angle segment sums (set_rotation_totals)
   bool angle_seg_ready_ = false;     // the last backward's rotation backward wrote them (batched_chunks)
   bool core_unrotate_ = false;       // the fused core un-rotates dQ/dK and forms dφ (set_core_unrotate)
   bool core_unrotated_ = false;      // the last backward's did (last_backward_core_unrotated)
