@@ -26,14 +26,12 @@ def rep(old, new):
 rep('  const bool rotate = options & kRotate;', '  const bool rotate = options & kRotate;\n  const int diag_mode = options >> 4;')
 rep('''        expect_bytes(&full[s], F::kStageBytes);
         load_w(s, k_of(i));
-        await_x(k_of(i));
         load_x(s, k_of(i));''', '''        if (diag_mode & 1) {
           expect_bytes(&full[s], F::kStageBytes - F::kXBoxBytes * kBoxes);
           load_w(s, k_of(i));
         } else {
           expect_bytes(&full[s], F::kStageBytes);
           load_w(s, k_of(i));
-          await_x(k_of(i));
           load_x(s, k_of(i));
         }''')
 rep('''#pragma unroll

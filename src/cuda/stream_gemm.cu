@@ -335,63 +335,63 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
 
   float acc[NB / 2];
   if (warp == kConsumers / 32) {  // producer (lane 0); the warp stays for the cluster's reduction
+    const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
+    const int row0 = int(tile) * F::kTileRows;
+    auto load_w = [&](int s, int kb) {
+      for (int b = 0; b < kBoxes; ++b)
+        tma_load_2d(stage_w(s, b), &wmap, kb * F::kKBlock + b * kBox, row0, &full[s], stream_out);
+    };
+    auto load_x = [&](int s, int kb) {
+      for (int b = 0; b < kBoxes; ++b)
+        tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
+    };
+    // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at (tile index) % count, so
+    // that the clusters of a grid do not all request the same x columns at once (the sum order changes per tile,
+    // not per row count: rows stay batch-invariant).
+    const int k_start = rotate ? int(blockIdx.x / split % count) : 0;
+    auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
+    // Linked: until producer tiles [first, last] are counted. Every lane polls its share at once (one L2 round trip
+    // per lane, not one per tile: polled one after another by one lane, the tiles cost the first version ≈ 16 µs per
+    // product), then the warp barrier orders every lane's later accesses after all of the acquires.
+    auto await_tiles = [&](int first, int last) {
+      __syncwarp();
+      for (int t = first + lane; t <= last; t += 32) wait_count(link_wait + 1 + t, unsigned(link.wait_split));
+      __syncwarp();
+    };
+    // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
+    // they stream while the previous kernel finishes.
+    const int early = count < F::kStages ? count : F::kStages;
     if (lane == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&wmap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&xmap) : "memory");
-      const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
-      const int row0 = int(tile) * F::kTileRows;
-      auto load_w = [&](int s, int kb) {
-        for (int b = 0; b < kBoxes; ++b)
-          tma_load_2d(stage_w(s, b), &wmap, kb * F::kKBlock + b * kBox, row0, &full[s], stream_out);
-      };
-      auto load_x = [&](int s, int kb) {
-        for (int b = 0; b < kBoxes; ++b)
-          tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
-      };
-      // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at (tile index) % count, so
-      // that the clusters of a grid do not all request the same x columns at once (the sum order changes per tile,
-      // not per row count: rows stay batch-invariant).
-      const int k_start = rotate ? int(blockIdx.x / split % count) : 0;
-      auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
-      // Linked (link_wait): k-block kb's x once the producer tiles that write its columns are counted; the range
-      // last waited for is remembered (consecutive k-blocks mostly share a tile).
-      int known_first = 1, known_last = 0;
-      auto await_x = [&](int kb) {
-        if (!link_wait) return;
-        const stream_layout::TileRange r =
-            stream_layout::producer_tiles(kb, F::kKBlock, link.wait_cols, link.wait_tiles);
-        if (r.first >= known_first && r.last <= known_last) return;
-        for (int t = r.first; t <= r.last; ++t) wait_count(link_wait + 1 + t, unsigned(link.wait_split));
-        known_first = r.first, known_last = r.last;
-        fence_proxy_async_global();
-      };
-      // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
-      // they stream while the previous kernel finishes.
-      const int early = count < F::kStages ? count : F::kStages;
       for (int i = 0; i < early; ++i) {
         expect_bytes(&full[i], F::kStageBytes);
         load_w(i, k_of(i));
       }
-      if (!link_wait) pdl_wait();
-      for (int i = 0; i < early; ++i) {
-        await_x(k_of(i));
-        load_x(i, k_of(i));
-      }
+    }
+    // x: the kernel before finished, or (linked) the producer tiles holding this block's k-blocks counted.
+    if (link_wait) {
+      await_tiles(stream_layout::producer_tiles(kb_begin, F::kKBlock, link.wait_cols, link.wait_tiles).first,
+                  stream_layout::producer_tiles(kb_end - 1, F::kKBlock, link.wait_cols, link.wait_tiles).last);
+    }
+    if (lane == 0) {
+      if (link_wait) fence_proxy_async_global();  // (the copies below read what the producer's blocks wrote)
+      else pdl_wait();
+      for (int i = 0; i < early; ++i) load_x(i, k_of(i));
       for (int i = early; i < count; ++i) {
         const int s = i % F::kStages;
         mbar_wait(&empty[s], unsigned((i / F::kStages - 1) & 1));
         expect_bytes(&full[s], F::kStageBytes);
         load_w(s, k_of(i));
-        await_x(k_of(i));
         load_x(s, k_of(i));
       }
     }
-    // Every lane, before the epilogue writes the outputs: the kernel before has finished, or (linked) every producer
-    // tile is counted — each lane acquires the counts itself. Linked kNormIn: the batch rows' rstd from the producer's
-    // partials here (the consumers' expression, so the same bits), and the producer's counters zeroed by the last
-    // block past this point (no block reads them after it).
+    // Before the epilogue writes the outputs: the kernel before has finished, or (linked) every producer tile is
+    // counted. Linked kNormIn: the batch rows' rstd from the producer's partials here (the consumers' expression, so
+    // the same bits), and the producer's counters zeroed by the last block past this point (no block reads them
+    // after it).
     if (link_wait) {
-      for (int t = 0; t < link.wait_tiles; ++t) wait_count(link_wait + 1 + t, unsigned(link.wait_split));
+      await_tiles(0, link.wait_tiles - 1);
       if constexpr (Norm == kNormIn) {
         for (int r = lane; r < kFoldRows; r += 32) {
           float total = 0.0f;
