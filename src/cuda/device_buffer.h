@@ -48,6 +48,9 @@ class DeviceBuffer {
     MAMBA3_CHECK(offset + bytes <= bytes_, "device buffer: upload of {} bytes at {} past its {} bytes", bytes, offset,
                  bytes_);
     MAMBA3_CUDA_CHECK(cudaMemcpy(static_cast<char*>(ptr_) + offset, host, bytes, cudaMemcpyHostToDevice));
+    // From pageable memory cudaMemcpy may return before its DMA lands, and the legacy stream it runs on does not order
+    // the contexts' non-blocking streams: wait for it, so that a kernel queued next reads the uploaded bytes.
+    MAMBA3_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
   }
   void download(void* host, size_t bytes, size_t offset = 0) const {
     MAMBA3_CHECK(offset + bytes <= bytes_, "device buffer: download of {} bytes at {} past its {} bytes", bytes, offset,

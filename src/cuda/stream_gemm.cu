@@ -532,11 +532,13 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       }
     }
     __syncwarp();  // lanes reconverged after their stores (the barrier below is .aligned)
-    if (link_signal) {  // this block's rows of the tile are written: count them (every thread's stores first)
-      __threadfence();
-      fence_proxy_async_global();
-      __syncthreads();
-      if (threadIdx.x == 0) add_release(link_signal + tile, 1u);
+    if (link_signal) {  // this block's rows of the tile are written: count them
+      __syncthreads();  // (every thread's stores before thread 0's fence and release add, which carry them along)
+      if (threadIdx.x == 0) {
+        __threadfence();
+        fence_proxy_async_global();
+        add_release(link_signal + tile, 1u);
+      }
     }
     // No block leaves while its peers may still read its part.
     if (split > 1) cluster_sync();

@@ -81,8 +81,14 @@ inline Tensor gated_pairs_of_f64(const Tensor& y) {
 // The same of y = x · Wᵀ.
 inline Tensor gated_pairs_f64(const Tensor& w, const Tensor& x) { return gated_pairs_of_f64(product_wt_f64(w, x)); }
 
-// Fills n floats of device memory with NaN, so that unwritten outputs fail the comparisons.
-inline void poison(void* dev, size_t bytes) { MAMBA3_CUDA_CHECK(cudaMemset(dev, 0xff, bytes)); }
+// Fills n floats of device memory with NaN, so that unwritten outputs fail the comparisons. The fill runs on the
+// legacy default stream, which does not order work on the contexts' non-blocking streams: it is waited for here, so
+// that it cannot land after (or during) the kernel under test (the forty-fourth session saw NaN in a stream GEMM
+// output that the kernel had written).
+inline void poison(void* dev, size_t bytes) {
+  MAMBA3_CUDA_CHECK(cudaMemset(dev, 0xff, bytes));
+  MAMBA3_CUDA_CHECK(cudaDeviceSynchronize());
+}
 
 // n bf16 values (bits) on the device, widened to f32 on the host.
 inline Tensor from_device_bf16(const uint16_t* dev, Shape shape) {
