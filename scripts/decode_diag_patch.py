@@ -7,8 +7,6 @@ Nsight Systems, and ncu serialises the kernels, which hides their overlap under 
   1  the blocks' matrix products (in_proj, out_proj, fc1, fc2 in every route, with what is folded into them)
   2  the Mamba-3 decode kernels (the state update)
   4  the lm_head
-Skipping products breaks their tile links: leave MAMBA3_STREAM_GEMM_LINKS off with bit 1 (a linked consumer whose
-producer was skipped traps after ~10 s).
 Usage: python3 scripts/decode_diag_patch.py; build (e.g. BUNDLE_BINS=mamba3 BUNDLE_OUT=gpu-bundle/diag.tar.xz
 scripts/gpu_bundle.sh); then `git checkout src/cuda/gpu_matrix.cpp src/cuda/mamba3_gpu.cu`.
 """
@@ -40,12 +38,12 @@ patch('gpu_matrix.cpp', [
      skip_fn),
     ('  if (m == 0) return;\n  const int64_t ldx', '  if (m == 0 || diag_skips(w, m)) return;\n  const int64_t ldx'),
     ('  if (m == 0) return;\n  MAMBA3_CHECK(w.n % 2 == 0', '  if (m == 0 || diag_skips(w, m)) return;\n  MAMBA3_CHECK(w.n % 2 == 0'),
-    ('  const StreamGemmLinks& l = links_at("linear_residual_norm", rows, links);\n',
-     '  if (diag_skips(w, rows)) return;\n  const StreamGemmLinks& l = links_at("linear_residual_norm", rows, links);\n'),
-    ('  const StreamGemmLinks& l = links_at("linear_scaled", rows, links);\n',
-     '  if (diag_skips(w, rows)) return;\n  const StreamGemmLinks& l = links_at("linear_scaled", rows, links);\n'),
-    ('  const StreamGemmLinks& l = links_at("linear_gated_silu_scaled", rows, links);\n',
-     '  if (diag_skips(w, rows)) return;\n  const StreamGemmLinks& l = links_at("linear_gated_silu_scaled", rows, links);\n'),
+    ('                          const GemvResidualNorm& out) {\n',
+     '                          const GemvResidualNorm& out) {\n  if (diag_skips(w, rows)) return;\n'),
+    ('                   const GemvRowScale& in) {\n  if (rows == 1) return gemv_small_m_scaled',
+     '                   const GemvRowScale& in) {\n  if (diag_skips(w, rows)) return;\n  if (rows == 1) return gemv_small_m_scaled'),
+    ('                              const GemvRowScale& in) {\n  if (rows == 1) return gemv_small_m_gated',
+     '                              const GemvRowScale& in) {\n  if (diag_skips(w, rows)) return;\n  if (rows == 1) return gemv_small_m_gated'),
 ])
 patch('mamba3_gpu.cu', [
     ('#include <algorithm>\n', '#include <algorithm>\n#include <cstdlib>\n'),

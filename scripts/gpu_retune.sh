@@ -2,7 +2,7 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|decode|wide|options|links|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|decode|wide|options|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
@@ -17,8 +17,6 @@
 #         fortieth session: both lose or tie; x multicast, which lost everywhere, was removed in the forty-second).
 #         The diagnostic build that separates the weight stream, x and the tensor work:
 #         scripts/stream_gemm_diag_patch.py; the block timeline: scripts/stream_gemm_timeline_patch.py.
-# links:  the folded products linked tile by tile (MAMBA3_STREAM_GEMM_LINKS=1, opt-in since the forty-fourth session):
-#         the 1.5B SISO step at batch 65, 96 and 128 against the defaults.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -62,10 +60,6 @@ if [[ $what == options || $what == all ]]; then
       "MAMBA3_STREAM_GEMM=all MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" "MAMBA3_STREAM_GEMM=all MAMBA3_STREAM_GEMM_WIDE_TILE=64" \
       2>&1 | tee -a "$OUT/retune_options.txt"
   done
-fi
-if [[ $what == links || $what == all ]]; then
-  timeout 300 scripts/decode_ab.sh -p 1.5b -b "65 96 128" -r "$rounds" -- "" "MAMBA3_STREAM_GEMM_LINKS=1" \
-    2>&1 | tee -a "$OUT/retune_links.txt"
 fi
 if [[ $what == wide || $what == all ]]; then
   for split in "" 1 2 4 8; do

@@ -81,19 +81,15 @@ namespace {
     for (int s = 0; s < F::kStages; ++s) {
       mbar_init_count(&full[s], 1);
       mbar_init_count(&empty[s], kConsumers / 32);  // every consumer warp releases it'''),
-    ('''    const int early = count < F::kStages ? count : F::kStages;''', '''    const int early = g_tl_noearly ? 0 : count < F::kStages ? count : F::kStages;'''),
-    ('''      else pdl_wait();
-      for (int i = 0; i < early; ++i) load_x(i, k_of(i));''', '''      else pdl_wait();
-      if (tl_slot_s >= 0) g_tl[tl_slot_s][1] = tl_now();  // (linked: this block's producer tiles counted)
-      for (int i = 0; i < early; ++i) load_x(i, k_of(i));'''),
+    ('''      const int early = count < F::kStages ? count : F::kStages;''', '''      const int early = g_tl_noearly ? 0 : count < F::kStages ? count : F::kStages;'''),
     ('''      pdl_wait();
-    }
+      for (int i = 0; i < early; ++i) load_x(i, k_of(i));''', '''      pdl_wait();
+      if (tl_slot_s >= 0) g_tl[tl_slot_s][1] = tl_now();
+      for (int i = 0; i < early; ++i) load_x(i, k_of(i));'''),
+    ('''    pdl_wait();  // every lane: the epilogue below writes the outputs
+    __syncwarp();''', '''    pdl_wait();  // every lane: the epilogue below writes the outputs
     __syncwarp();
-  } else {''', '''      pdl_wait();
-    }
-    __syncwarp();
-    if (lane == 0 && tl_slot_s >= 0) g_tl[tl_slot_s][8] = tl_now();
-  } else {'''),
+    if (lane == 0 && tl_slot_s >= 0) g_tl[tl_slot_s][8] = tl_now();'''),
     ('''        if (lane == 0 && tile * F::kTileRows < n) fold.partials_out[tile * kFoldRows + c] = sq;  // not a padding tile
       }
     }

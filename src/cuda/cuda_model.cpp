@@ -26,10 +26,6 @@ namespace {
 struct Workspace {
   DeviceBuffer ids, hidden, residual, normed, mlp, mlp_act, zx, o, logits;
   DeviceBuffer norm_partials;  // decode with folded norms: a product's partial Σ v² (gpu_matrix.h: folded_norm_parts)
-  // decode with folded norms and tile links: three zeroed link arrays (stream_gemm.h, StreamGemmLink), out_proj → fc1,
-  // fc1 → fc2 and fc2 → the next in_proj, each reused by every layer and step
-  DeviceBuffer links;
-  int64_t link_tiles = 0;  // each array's capacity
   DeviceBuffer last;  // (logit rows, D) activations: each prompt's last row, gathered for fixed-shape products
   int64_t rows = 0, logit_rows = 0;
 };
@@ -118,7 +114,6 @@ struct CudaModel::Impl {
   mutable Workspace prefill_ws;
   mutable WeightPrefetcher prefetcher;  // decode steps' weight requests into L2 (set_weight_prefetch)
   bool fold_norms = fold_norms_from_env();  // set_fold_norms
-  bool product_links = stream_gemm_links_preferred();  // set_product_links
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
   size_t act() const { return activation_size(precision); }
@@ -145,16 +140,6 @@ struct CudaModel::Impl {
       // 65–128 rows (stream_gemm_norm_parts; 64-row tiles under MAMBA3_STREAM_GEMM_WIDE_TILE=64).
       ws.norm_partials.resize(size_t(kStreamGemmMaxRows * ((c.d_model + 63) / 64)) * 4);
       ws.rows = rows;
-    }
-    if (ws.links.empty()) {  // one tile per ≥ 64 output rows of any product (the wide class's tiles)
-      int64_t widest = c.d_model;
-      for (const Block& b : blocks) {
-        if (b.mamba) widest = std::max({widest, b.mamba->in_proj().n, b.mamba->out_proj().n});
-        if (b.has_mlp) widest = std::max({widest, b.fc1.n, b.fc2.n});
-      }
-      ws.link_tiles = (widest + 63) / 64;
-      ws.links.resize(size_t(3 * stream_gemm_link_words(ws.link_tiles)) * 4);
-      MAMBA3_CUDA_CHECK(cudaMemsetAsync(ws.links.raw(), 0, ws.links.bytes(), ctx->stream()));
     }
     if (logit_rows > ws.logit_rows) {
       ws.logits.resize(size_t(logit_rows * c.vocab_padded()) * 4);
@@ -215,21 +200,8 @@ struct CudaModel::Impl {
       return parts;
     };
     int64_t parts = 0;  // partials the last residual-norm product wrote
-    // Tile links between the folded products (set_product_links; stream_gemm.h): out_proj → fc1 (array 0), fc1 → fc2
-    // (1), fc2 → the next layer's in_proj (2). Not after the last layer's fc1 (its fc2 does not fold) or fc2.
-    const bool linked = fold && rows > 1 && product_links;
-    const auto link_array = [&](int i) {
-      return StreamGemmLink{ws.links.as<uint32_t>() + i * stream_gemm_link_words(ws.link_tiles), ws.link_tiles};
-    };
-    const auto link_from = [&](int i, const GpuMatrix& producer, bool gated) {
-      StreamGemmLinks l;
-      l.in = link_array(i);
-      l.in_n = producer.n, l.in_k = producer.k, l.in_gated = gated;
-      return l;
-    };
     for (size_t li = 0; li < blocks.size(); ++li) {
       const Block& b = blocks[li];
-      const bool last = li + 1 == blocks.size();
       // in_proj: beside this add+norm (kernel lead, or the first layer), else beside the previous layer's fc2
       if (b.mamba && (pf == WeightPrefetch::Kernel || (pf == WeightPrefetch::Product && li == 0)))
         request(&b.mamba->in_proj());
@@ -252,11 +224,7 @@ struct CudaModel::Impl {
           };
         const GemvRowScale in_scale{partials, parts, D, eps};
         const GemvResidualNorm out_norm{residual, b.norm2_w.as<float>(), normed, partials};
-        StreamGemmLinks in_links, out_links;
-        if (linked && li > 0) in_links = link_from(2, blocks[li - 1].fc2, false);
-        if (linked) out_links.out = link_array(0);
-        const GpuMamba3Layer::FoldedNorms folded{folded_in ? &in_scale : nullptr, &out_norm,
-                                                 linked && li > 0 ? &in_links : nullptr, linked ? &out_links : nullptr};
+        const GpuMamba3Layer::FoldedNorms folded{folded_in ? &in_scale : nullptr, &out_norm};
         b.mamba->forward(*ctx, normed, batch, L, state, ws.zx.as<float>(), ws.o.raw(), hidden, edge,
                          fold ? &folded : nullptr);
         if (fold) parts = checked_parts(folded_norm_parts(*ctx, b.mamba->out_proj(), rows));
@@ -272,26 +240,14 @@ struct CudaModel::Impl {
         if (!fold)
           add_norm(s, hidden, residual, rows, D, false, b.norm2_w.as<float>(), nb(b.norm2_b), eps, normed, precision);
         if (pf != WeightPrefetch::Off) request(&b.fc2);  // beside fc1 and the activation
-        if (fold) {
-          StreamGemmLinks fc1_links;
-          if (linked) {
-            fc1_links = link_from(0, b.mamba->out_proj(), false);
-            if (!last) fc1_links.out = link_array(1);
-          }
-          linear_gated_silu_scaled(*ctx, b.fc1, normed, rows, ws.mlp_act.raw(), GemvRowScale{partials, parts, D, eps},
-                                   linked ? &fc1_links : nullptr);
-        } else
+        if (fold)
+          linear_gated_silu_scaled(*ctx, b.fc1, normed, rows, ws.mlp_act.raw(), GemvRowScale{partials, parts, D, eps});
+        else
           linear_gated_silu(*ctx, b.fc1, normed, rows, ws.mlp.as<float>(), ws.mlp_act.raw(), precision);
         if (pf == WeightPrefetch::Product) request(after_layer(li));  // beside fc2
-        if (fold && !last) {                                          // the next layer's norm in fc2's epilogue
-          StreamGemmLinks fc2_links;
-          if (linked) {
-            fc2_links = link_from(1, b.fc1, true);
-            fc2_links.out = link_array(2);
-          }
+        if (fold && li + 1 < blocks.size()) {                         // the next layer's norm in fc2's epilogue
           linear_residual_norm(*ctx, b.fc2, ws.mlp_act.raw(), rows,
-                               GemvResidualNorm{residual, blocks[li + 1].norm_w.as<float>(), normed, partials},
-                               linked ? &fc2_links : nullptr);
+                               GemvResidualNorm{residual, blocks[li + 1].norm_w.as<float>(), normed, partials});
           parts = checked_parts(folded_norm_parts(*ctx, b.fc2, rows));
         } else {
           linear(*ctx, b.fc2, ws.mlp_act.raw(), rows, hidden);
@@ -382,7 +338,6 @@ Precision CudaModel::precision() const { return impl_->precision; }
 const Context& CudaModel::context() const { return *impl_->ctx; }
 void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
 void CudaModel::set_fold_norms(bool on) { impl_->fold_norms = on; }
-void CudaModel::set_product_links(bool on) { impl_->product_links = on; }
 bool CudaModel::decode_folds_norms(int64_t rows) const { return impl_->folds_norms(rows); }
 void CudaModel::set_state_precision(Precision p) { impl_->state_precision = p; }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }

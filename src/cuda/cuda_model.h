@@ -100,10 +100,6 @@ class CudaModel {
   // the unfolded step. Default: MAMBA3_DECODE_NORM_FOLD (1 | 0, default 1). Caches capture their graph on their second
   // step: set this before stepping.
   void set_fold_norms(bool on);
-  // Decode steps that fold their norms at 65–128 rows link their consecutive products tile by tile (stream_gemm.h:
-  // StreamGemmLinks; the same bits as without). Default: MAMBA3_STREAM_GEMM_LINKS (0 | 1, default 0). Like
-  // set_fold_norms, set it before a cache captures its graph.
-  void set_product_links(bool on);
   // Whether a decode step of `rows` rows folds them now (the switch, the model's shapes and the products' route).
   bool decode_folds_norms(int64_t rows = 1) const;
   // Prefill's matrix products in fixed blocks of `rows` rows (0: off, the default): a prompt's results then do not

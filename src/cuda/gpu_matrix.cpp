@@ -106,33 +106,22 @@ int64_t folded_norm_parts(const Context& ctx, const GpuMatrix& w, int64_t rows) 
   return rows == 1 ? gemv_norm_parts(w.n, w.k) : stream_gemm_norm_parts(ctx, w.n, w.k);
 }
 
-namespace {
-const StreamGemmLinks& links_at(const char* what, int64_t rows, const StreamGemmLinks* links) {
-  static const StreamGemmLinks none;
-  MAMBA3_CHECK(!links || rows > 1, "{}: tile links are the stream GEMM's (65–128 rows), not one row's", what);
-  return links ? *links : none;
-}
-}  // namespace
-
 void linear_residual_norm(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows,
-                          const GemvResidualNorm& out, const StreamGemmLinks* links) {
-  const StreamGemmLinks& l = links_at("linear_residual_norm", rows, links);
+                          const GemvResidualNorm& out) {
   if (rows == 1) return gemv_small_m_residual_norm(ctx.stream(), w.weight.raw(), w.n, w.k, x, out);
-  stream_gemm_residual_norm(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, out, l);
+  stream_gemm_residual_norm(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, out);
 }
 
 void linear_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, float* y,
-                   const GemvRowScale& in, const StreamGemmLinks* links) {
-  const StreamGemmLinks& l = links_at("linear_scaled", rows, links);
+                   const GemvRowScale& in) {
   if (rows == 1) return gemv_small_m_scaled(ctx.stream(), w.weight.raw(), w.n, w.k, x, y, in);
-  stream_gemm_scaled(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, y, w.n, in, l);
+  stream_gemm_scaled(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, y, w.n, in);
 }
 
 void linear_gated_silu_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, void* act,
-                              const GemvRowScale& in, const StreamGemmLinks* links) {
-  const StreamGemmLinks& l = links_at("linear_gated_silu_scaled", rows, links);
+                              const GemvRowScale& in) {
   if (rows == 1) return gemv_small_m_gated_pairs_scaled(ctx.stream(), w.weight.raw(), w.n, w.k, x, act, in);
-  stream_gemm_gated_pairs_scaled(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, act, in, l);
+  stream_gemm_gated_pairs_scaled(ctx, w.weight.raw(), w.n, w.k, x, rows, w.k, act, in);
 }
 
 }  // namespace mamba3::cuda

@@ -15,8 +15,6 @@ inline size_t activation_size(Precision p) { return p == Precision::F32 ? 4 : 2;
 
 // A weight matrix W (N rows = outputs, K columns = inputs), stored in the precision's dtype, with an optional f32
 // bias of N.
-struct StreamGemmLinks;  // stream_gemm.h
-
 struct GpuMatrix {
   DeviceBuffer weight, bias;
   int64_t n = 0, k = 0;
@@ -53,14 +51,12 @@ bool folded_norm_supported(const Context& ctx, const GpuMatrix& w, int64_t rows)
 // The partials P writes at this row count (the parts C sums: GemvRowScale::parts).
 int64_t folded_norm_parts(const Context& ctx, const GpuMatrix& w, int64_t rows);
 // P: residual (rows, N) += x·Wᵀ, out.out16 = bf16(residual ⊙ out.weight), partials.
-// links (65–128 rows only: the stream GEMM's tile links, stream_gemm.h) may be set when these products follow each
-// other in a decode step.
 void linear_residual_norm(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows,
-                          const GemvResidualNorm& out, const StreamGemmLinks* links = nullptr);
+                          const GemvResidualNorm& out);
 // C: y (rows, N) f32 = rstd ⊙ x·Wᵀ; and the GatedMLP form act (rows, N/2) bf16.
 void linear_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, float* y,
-                   const GemvRowScale& in, const StreamGemmLinks* links = nullptr);
+                   const GemvRowScale& in);
 void linear_gated_silu_scaled(const Context& ctx, const GpuMatrix& w, const void* x, int64_t rows, void* act,
-                              const GemvRowScale& in, const StreamGemmLinks* links = nullptr);
+                              const GemvRowScale& in);
 
 }  // namespace mamba3::cuda

@@ -150,7 +150,7 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
   if (folded && folded->in) {
     MAMBA3_CHECK(folded_norm_supported(ctx, in_proj_, rows),
                  "GpuMamba3Layer: in_proj cannot take a folded norm at {} rows", rows);
-    linear_scaled(ctx, in_proj_, x, rows, zx, *folded->in, folded->in_links);
+    linear_scaled(ctx, in_proj_, x, rows, zx, *folded->in);
   } else {
     linear(ctx, in_proj_, x, rows, zx);
   }
@@ -177,7 +177,7 @@ void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, i
   if (folded && folded->out) {
     MAMBA3_CHECK(folded_norm_supported(ctx, out_proj_, rows),
                  "GpuMamba3Layer: out_proj cannot take a folded norm at {} rows", rows);
-    linear_residual_norm(ctx, out_proj_, o, rows, *folded->out, folded->out_links);
+    linear_residual_norm(ctx, out_proj_, o, rows, *folded->out);
   } else {
     linear(ctx, out_proj_, o, rows, out);
   }

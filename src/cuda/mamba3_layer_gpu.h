@@ -86,12 +86,9 @@ class GpuMamba3Layer {
   // GEMM's wide class): `in` set, x is bf16(v ⊙ g) and in_proj scales by the partials' rstd; `out` set, out_proj adds
   // its result to the residual and writes the next norm's input and partials there instead of `out`. The model checks
   // the shapes (CudaModel).
-  // in_links, out_links: the stream GEMM's tile links of in_proj and out_proj (stream_gemm.h; optional).
   struct FoldedNorms {
     const GemvRowScale* in = nullptr;
     const GemvResidualNorm* out = nullptr;
-    const StreamGemmLinks* in_links = nullptr;
-    const StreamGemmLinks* out_links = nullptr;
   };
   void forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state, float* zx, void* o,
                float* out, const std::function<void(Edge)>& edge = nullptr, const FoldedNorms* folded = nullptr) const;

@@ -95,14 +95,6 @@ struct FoldArgs {
   int parts = 0, d = 0;
   float eps = 0.0f;
 };
-// Tile links (stream_gemm.h, StreamGemmLinks): signal, this product's tile counters (the link array + 1) or null; wait,
-// the producer's link array (its word 0 counts this grid's blocks past their last wait) or null: griddepcontrol.wait
-// as without links. wait_tiles, wait_split, wait_cols: the producer's tiles, blocks per tile and x columns per tile.
-struct LinkArgs {
-  uint32_t* signal = nullptr;
-  uint32_t* wait = nullptr;
-  int wait_tiles = 0, wait_split = 0, wait_cols = 0;
-};
 
 // The default route: from 2 rows up to kStreamGemmNarrowMaxRows. The decode step on an H200 (1.5B SISO, ms/step;
 // docs/kernels/stream_gemm.md), against cuBLAS: b8 1.774 -> 1.443, b16 2.071 -> 1.795, b32 2.519 -> 2.291, b64
@@ -136,41 +128,6 @@ __device__ __forceinline__ uint64_t l2_policy_evict_last() {
   asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
   return p;
 }
-// The link counters' accesses: an acquire load (what the counting blocks wrote before they counted is visible after
-// it), a release add (this block's writes before it are visible to whoever acquires the count), an acquire-release
-// add (the consumers' count of blocks past their waits), a plain store at GPU scope (the reset).
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void add_release(uint32_t* p, uint32_t v) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t add_acq_rel(uint32_t* p, uint32_t v) {
-  uint32_t old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-__device__ __forceinline__ void store_relaxed(uint32_t* p, uint32_t v) {
-  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-// Orders this thread's generic-proxy global accesses with the tensor copies (async proxy): the producer's stores
-// before the count, and the consumer's acquire before its copies of x.
-__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
-// Spins until *counter == target. A count that never arrives (a producer not launched, a link array shared by two
-// chains) traps after ~10 s (memcheck slows the producer): a launch error instead of a hang.
-__device__ __noinline__ void wait_count(const uint32_t* counter, uint32_t target) {
-  if (load_acquire(counter) == target) return;
-  uint64_t start;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  while (load_acquire(counter) != target) {
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    if (now - start > 10000000000ull) __trap();
-  }
-}
-
 // Shared-memory matrix descriptor of a K-major operand in 128-byte swizzled rows (8-row atoms 1024 bytes apart).
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
   const uint64_t a = smem_addr(p);
@@ -301,11 +258,8 @@ template <class F, int Norm, int Opt>
 __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap wmap, const __grid_constant__ CUtensorMap xmap, float* y,
                        int64_t ldy, int m, int n, int kblocks, int split, __nv_bfloat16* act, const FoldArgs fold,
-                       const LinkArgs link, int options) {
+                       int options) {
   const bool rotate = options & kRotate;
-  // Tile links: the wide class only (the narrow forms compile without them).
-  uint32_t* const link_wait = F::kWide ? link.wait : nullptr;
-  uint32_t* const link_signal = F::kWide ? link.signal : nullptr;
   constexpr int NB = F::NB, kConsumers = F::kConsumers, kBoxes = F::kBoxes;
   static_assert(Norm == kNormNone || F::kWide, "folded norms: the wide class only");
   static_assert(!F::kWide || F::kRowEpilogue, "the wide class ends in the row epilogue");
@@ -335,48 +289,32 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
 
   float acc[NB / 2];
   if (warp == kConsumers / 32) {  // producer (lane 0); the warp stays for the cluster's reduction
-    const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
-    const int row0 = int(tile) * F::kTileRows;
-    auto load_w = [&](int s, int kb) {
-      for (int b = 0; b < kBoxes; ++b)
-        tma_load_2d(stage_w(s, b), &wmap, kb * F::kKBlock + b * kBox, row0, &full[s], stream_out);
-    };
-    auto load_x = [&](int s, int kb) {
-      for (int b = 0; b < kBoxes; ++b)
-        tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
-    };
-    // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at (tile index) % count, so
-    // that the clusters of a grid do not all request the same x columns at once (the sum order changes per tile,
-    // not per row count: rows stay batch-invariant).
-    const int k_start = rotate ? int(blockIdx.x / split % count) : 0;
-    auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
-    // Linked: until producer tiles [first, last] are counted. Every lane polls its share at once (one L2 round trip
-    // per lane, not one per tile: polled one after another by one lane, the tiles cost the first version ≈ 16 µs per
-    // product), then the warp barrier orders every lane's later accesses after all of the acquires.
-    auto await_tiles = [&](int first, int last) {
-      __syncwarp();
-      for (int t = first + lane; t <= last; t += 32) wait_count(link_wait + 1 + t, unsigned(link.wait_split));
-      __syncwarp();
-    };
-    // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
-    // they stream while the previous kernel finishes.
-    const int early = count < F::kStages ? count : F::kStages;
     if (lane == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&wmap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&xmap) : "memory");
+      const uint64_t stream_out = l2_policy_evict_first(), keep = l2_policy_evict_last();
+      const int row0 = int(tile) * F::kTileRows;
+      auto load_w = [&](int s, int kb) {
+        for (int b = 0; b < kBoxes; ++b)
+          tma_load_2d(stage_w(s, b), &wmap, kb * F::kKBlock + b * kBox, row0, &full[s], stream_out);
+      };
+      auto load_x = [&](int s, int kb) {
+        for (int b = 0; b < kBoxes; ++b)
+          tma_load_2d(stage_x(s, b), &xmap, kb * F::kKBlock + b * kBox, 0, &full[s], keep);
+      };
+      // The i-th k-block this block takes: in order, or (rotate, an A/B option) starting at (tile index) % count, so
+      // that the clusters of a grid do not all request the same x columns at once (the sum order changes per tile,
+      // not per row count: rows stay batch-invariant).
+      const int k_start = rotate ? int(blockIdx.x / split % count) : 0;
+      auto k_of = [&](int i) { return kb_begin + (i + k_start) % count; };
+      // The first stages' weights before waiting for the kernel that writes x (weights never change): under PDL
+      // they stream while the previous kernel finishes.
+      const int early = count < F::kStages ? count : F::kStages;
       for (int i = 0; i < early; ++i) {
         expect_bytes(&full[i], F::kStageBytes);
         load_w(i, k_of(i));
       }
-    }
-    // x: the kernel before finished, or (linked) the producer tiles holding this block's k-blocks counted.
-    if (link_wait) {
-      await_tiles(stream_layout::producer_tiles(kb_begin, F::kKBlock, link.wait_cols, link.wait_tiles).first,
-                  stream_layout::producer_tiles(kb_end - 1, F::kKBlock, link.wait_cols, link.wait_tiles).last);
-    }
-    if (lane == 0) {
-      if (link_wait) fence_proxy_async_global();  // (the copies below read what the producer's blocks wrote)
-      else pdl_wait();
+      pdl_wait();
       for (int i = 0; i < early; ++i) load_x(i, k_of(i));
       for (int i = early; i < count; ++i) {
         const int s = i % F::kStages;
@@ -386,37 +324,14 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
         load_x(s, k_of(i));
       }
     }
-    // Before the epilogue writes the outputs: the kernel before has finished, or (linked) every producer tile is
-    // counted. Linked kNormIn: the batch rows' rstd from the producer's partials here (the consumers' expression, so
-    // the same bits), and the producer's counters zeroed by the last block past this point (no block reads them
-    // after it).
-    if (link_wait) {
-      await_tiles(0, link.wait_tiles - 1);
-      if constexpr (Norm == kNormIn) {
-        for (int r = lane; r < kFoldRows; r += 32) {
-          float total = 0.0f;
-          for (int p = 0; p < fold.parts; ++p) total += fold.partials_in[int64_t(p) * kFoldRows + r];
-          rstd_s[r] = rsqrtf(total / float(fold.d) + fold.eps);
-        }
-      }
-      __syncwarp();
-      if (lane == 0 && add_acq_rel(link_wait, 1u) == gridDim.x - 1) {
-        for (int t = 0; t < link.wait_tiles; ++t) store_relaxed(link_wait + 1 + t, 0u);
-        store_relaxed(link_wait, 0u);
-      }
-    } else {
-      pdl_wait();
-    }
+    pdl_wait();  // every lane: the epilogue below writes the outputs
     __syncwarp();
   } else {
     // Consumers: warpgroup wg multiplies W rows 64·wg … + 63 of each stage with x (the batch as wgmma's N).
-    if (!link_wait)
-      pdl_wait();  // (linked: the producer warp waits for x per k-block, and for all of it before the
-                   // epilogue)
-    // kNormIn: the batch rows' rstd while the first stages stream in (read after the epilogue's first barrier; linked:
-    // the producer warp forms it once the partials are all written).
+    pdl_wait();
+    // kNormIn: the batch rows' rstd while the first stages stream in (read after the epilogue's first barrier).
     if constexpr (Norm == kNormIn) {
-      if (!link_wait && threadIdx.x < kFoldRows) {
+      if (threadIdx.x < kFoldRows) {
         float total = 0.0f;
         for (int p = 0; p < fold.parts; ++p) total += fold.partials_in[int64_t(p) * kFoldRows + threadIdx.x];
         rstd_s[threadIdx.x] = rsqrtf(total / float(fold.d) + fold.eps);
@@ -532,14 +447,6 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
       }
     }
     __syncwarp();  // lanes reconverged after their stores (the barrier below is .aligned)
-    if (link_signal) {  // this block's rows of the tile are written: count them
-      __syncthreads();  // (every thread's stores before thread 0's fence and release add, which carry them along)
-      if (threadIdx.x == 0) {
-        __threadfence();
-        fence_proxy_async_global();
-        add_release(link_signal + tile, 1u);
-      }
-    }
     // No block leaves while its peers may still read its part.
     if (split > 1) cluster_sync();
     return;
@@ -634,8 +541,7 @@ void set_attributes_once() {
 
 template <class F, int Norm, int Opt>
 void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                   float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act, const FoldArgs& fold,
-                   const LinkArgs& link) {
+                   float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act, const FoldArgs& fold) {
   set_attributes_once<F, Norm, Opt>();
   const CUtensorMap wmap = tensor_map(w, n, k, k, F::kTileRows);
   const CUtensorMap xmap = tensor_map(x, m, k, x_stride, F::NB);
@@ -654,17 +560,17 @@ void launch_kernel(const Context& ctx, const void* w, int64_t n, int64_t k, cons
   config.attrs = attribute;
   config.numAttrs = 2;
   MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&config, stream_gemm_kernel<F, Norm, Opt>, wmap, xmap, y, y_stride, int(m),
-                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act), fold, link,
+                                       int(n), kblocks, split, static_cast<__nv_bfloat16*>(act), fold,
                                        rotate_option()));
 }
 template <class F, int Norm = kNormNone>
 void launch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
             float* y, int64_t y_stride, int kblocks, int64_t tiles, int split, void* act,
-            const FoldArgs& fold = FoldArgs{}, const LinkArgs& link = LinkArgs{}) {
+            const FoldArgs& fold = FoldArgs{}) {
   if (compiled_option() == kDeepWgmma)
     return launch_kernel<F, Norm, kDeepWgmma>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act,
-                                              fold, link);
-  launch_kernel<F, Norm, 0>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act, fold, link);
+                                              fold);
+  launch_kernel<F, Norm, 0>(ctx, w, n, k, x, m, x_stride, y, y_stride, kblocks, tiles, split, act, fold);
 }
 
 // The narrow forms' variant for a grid: one block per SM with the whole shared memory for unsplit tiles when they fit
@@ -802,43 +708,15 @@ WideGrid wide_grid(const Context& ctx, int64_t n, int64_t k) {
   return g;
 }
 
-// The kernel's view of a product's links (stream_gemm.h), checked against its grid and its producer's.
-LinkArgs link_args(const Context& ctx, const StreamGemmLinks& links, int64_t n, int64_t k, const WideGrid& g) {
-  LinkArgs a;
-  if (links.out.words) {
-    MAMBA3_CHECK(links.out.tiles >= g.tiles, "stream GEMM link: an array of {} tiles for a {} × {} product's {} tiles",
-                 links.out.tiles, n, k, g.tiles);
-    a.signal = links.out.words + 1;
-  }
-  if (links.in.words) {
-    MAMBA3_CHECK(links.in_n >= 1 && links.in_k >= 8 && (!links.in_gated || links.in_n % 2 == 0) &&
-                     (links.in_gated ? links.in_n / 2 : links.in_n) == k,
-                 "stream GEMM link: a {} × {} product{} cannot have written the {} columns of x", links.in_n,
-                 links.in_k, links.in_gated ? " of (value, gate) pairs" : "", k);
-    const WideGrid p = wide_grid(ctx, links.in_n, links.in_k);
-    MAMBA3_CHECK(links.in.tiles >= p.tiles, "stream GEMM link: an array of {} tiles for a producer's {} tiles",
-                 links.in.tiles, p.tiles);
-    MAMBA3_CHECK(links.in.words != links.out.words, "stream GEMM link: one array as both the input and output link");
-    a.wait = links.in.words;
-    a.wait_tiles = int(p.tiles);
-    a.wait_split = p.split;
-    a.wait_cols = links.in_gated ? p.tile_rows / 2 : p.tile_rows;
-  }
-  return a;
-}
-
 template <int Norm>
 void launch_wide(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
-                 float* y, int64_t y_stride, void* act, const FoldArgs& fold = FoldArgs{},
-                 const StreamGemmLinks& links = {}) {
+                 float* y, int64_t y_stride, void* act, const FoldArgs& fold = FoldArgs{}) {
   const WideGrid g = wide_grid(ctx, n, k);
-  const LinkArgs l = link_args(ctx, links, n, k, g);
   if (g.tile_rows == WideShort::kTileRows)
-    return launch<WideShort, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold,
-                                   l);
+    return launch<WideShort, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
   if (g.tile_rows == WideTall::kTileRows)
-    return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold, l);
-  launch<WideLow, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold, l);
+    return launch<WideTall, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
+  launch<WideLow, Norm>(ctx, w, n, k, x, m, x_stride, y, y_stride, g.kblocks, g.tiles, g.split, act, fold);
 }
 
 void dispatch(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m, int64_t x_stride,
@@ -912,7 +790,7 @@ int64_t stream_gemm_norm_parts(const Context& ctx, int64_t n, int64_t k) {
 }
 
 void stream_gemm_residual_norm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                               int64_t x_stride, const GemvResidualNorm& out, const StreamGemmLinks& links) {
+                               int64_t x_stride, const GemvResidualNorm& out) {
   check_folds("stream_gemm_residual_norm", ctx, m, n, k, x_stride, w, x);
   MAMBA3_CHECK(out.residual && out.weight && out.out16 && out.partials,
                "stream_gemm_residual_norm: residual, weight, out16 and partials are required");
@@ -921,31 +799,23 @@ void stream_gemm_residual_norm(const Context& ctx, const void* w, int64_t n, int
   f.weight = out.weight;
   f.out16 = static_cast<__nv_bfloat16*>(out.out16);
   f.partials_out = out.partials;
-  launch_wide<kNormOut>(ctx, w, n, k, x, m, x_stride, nullptr, n, nullptr, f, links);
+  launch_wide<kNormOut>(ctx, w, n, k, x, m, x_stride, nullptr, n, nullptr, f);
 }
 
 void stream_gemm_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                        int64_t x_stride, float* y, int64_t y_stride, const GemvRowScale& in,
-                        const StreamGemmLinks& links) {
+                        int64_t x_stride, float* y, int64_t y_stride, const GemvRowScale& in) {
   check_folds("stream_gemm_scaled", ctx, m, n, k, x_stride, w, x);
-  launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, y, y_stride, nullptr, fold_in(in), links);
+  launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, y, y_stride, nullptr, fold_in(in));
 }
 
 void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                                    int64_t x_stride, void* act, const GemvRowScale& in, const StreamGemmLinks& links) {
+                                    int64_t x_stride, void* act, const GemvRowScale& in) {
   check_folds("stream_gemm_gated_pairs_scaled", ctx, m, n, k, x_stride, w, x);
   MAMBA3_CHECK(n % 2 == 0, "stream_gemm_gated_pairs_scaled: {} output rows are not (value, gate) pairs", n);
-  launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, nullptr, 0, act, fold_in(in), links);
+  launch_wide<kNormIn>(ctx, w, n, k, x, m, x_stride, nullptr, 0, act, fold_in(in));
 }
 
 bool stream_gemm_row_epilogue(int64_t m) { return m > kStreamGemmNarrowMaxRows || narrow_row_epilogue(); }
-
-int64_t stream_gemm_link_tiles(const Context& ctx, int64_t n, int64_t k) { return wide_grid(ctx, n, k).tiles; }
-
-bool stream_gemm_links_preferred() {
-  static const bool on = env_choice("MAMBA3_STREAM_GEMM_LINKS", {"0", "1"}) == "1";
-  return on;
-}
 
 StreamGemmWideGrid stream_gemm_wide_grid(const Context& ctx, int64_t n, int64_t k) {
   const WideGrid g = wide_grid(ctx, n, k);

@@ -48,45 +48,14 @@ void stream_gemm_gated_pairs(const Context& ctx, const void* w, int64_t n, int64
 // strides and alignments).
 bool stream_gemm_folds_norms(const Context& ctx, int64_t m, int64_t n, int64_t k);
 int64_t stream_gemm_norm_parts(const Context& ctx, int64_t n, int64_t k);
-
-// Tile links between consecutive folded products (opt-in: stream_gemm_links_preferred). Without them a product waits
-// (PDL) until the whole product before it has finished: its last block's epilogue, then the kernel boundary, then
-// its own x loads (≈ 3–5 µs per product at 128 rows; docs/kernels/stream_gemm.md, "Tile links"). Linked, the producer's
-// blocks count each finished tile in device memory and the consumer loads each k-block of x as soon as the producer
-// tiles that wrote it are counted, overlapping the producer's epilogue tail; the consumer's epilogue (its writes, and
-// the rstd of a folded norm) still waits for every producer tile. The products compute the same bits either way.
-// A link is a zeroed device array of stream_gemm_link_words(tiles) counters, handed to the producer as `out` and to the
-// consumer as `in`; the consumer's last block zeroes it again, so one array serves every layer's link of one kind and
-// every step (graph replays too). Counters that do not add up (a broken chain) stop the kernel with a trap after ~10 s
-// instead of hanging. Both products must be launched on one stream, consumer right after producer.
-struct StreamGemmLink {
-  uint32_t* words =
-      nullptr;        // [0]: the consumer's blocks past their last wait; [1 + t]: producer blocks done with tile t
-  int64_t tiles = 0;  // how many tiles the array counts
-};
-struct StreamGemmLinks {
-  StreamGemmLink out;          // this product counts its tiles here (words null: it does not)
-  StreamGemmLink in;           // the product before counted its tiles here (words null: wait for it as a whole)
-  int64_t in_n = 0, in_k = 0;  // that product's N and K (its grid)
-  bool in_gated = false;       // its outputs were (value, gate) pairs: x column c came from its rows 2c and 2c + 1
-};
-constexpr int64_t stream_gemm_link_words(int64_t tiles) { return 1 + tiles; }
-// The tiles an N × K wide-class product counts (its output tiles; link arrays must hold at least these).
-int64_t stream_gemm_link_tiles(const Context& ctx, int64_t n, int64_t k);
-// MAMBA3_STREAM_GEMM_LINKS = 0 (default until measured on a GPU) | 1: whether CudaModel links its folded decode
-// products. Read once per process.
-bool stream_gemm_links_preferred();
-
 // P: v = x·Wᵀ + residual → residual (M, N), rows N apart; bf16(v ⊙ out.weight) → out.out16 (M, N); partials.
 void stream_gemm_residual_norm(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                               int64_t x_stride, const GemvResidualNorm& out, const StreamGemmLinks& links = {});
+                               int64_t x_stride, const GemvResidualNorm& out);
 // C: y = rstd ⊙ x·Wᵀ, and the gated-pairs form act = bf16(rstd·y_2j · silu(rstd·y_2j+1)).
 void stream_gemm_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                        int64_t x_stride, float* y, int64_t y_stride, const GemvRowScale& in,
-                        const StreamGemmLinks& links = {});
+                        int64_t x_stride, float* y, int64_t y_stride, const GemvRowScale& in);
 void stream_gemm_gated_pairs_scaled(const Context& ctx, const void* w, int64_t n, int64_t k, const void* x, int64_t m,
-                                    int64_t x_stride, void* act, const GemvRowScale& in,
-                                    const StreamGemmLinks& links = {});
+                                    int64_t x_stride, void* act, const GemvRowScale& in);
 
 // Whether an m-row product ends in the row epilogue (whole batch rows added over the cluster and stored along the
 // weight rows; it takes the gated epilogue on split tiles too): the wide class always, the narrow forms under

@@ -34,18 +34,6 @@ MAMBA3_LAYOUT_FN RowRange epilogue_rows(int rank, int split, int nb) {
   return {nb * rank / split, nb * (rank + 1) / split};
 }
 
-// Tile links (stream_gemm.h, StreamGemmLinks): a consumer's k-block kb reads x columns [kb·kblock, (kb + 1)·kblock),
-// which a producer with `tiles` tiles of cols_per_tile x columns each (its weight rows per tile, halved when they are
-// (value, gate) pairs) wrote in tiles [first, last]. Columns past the producer's last tile do not exist (the
-// consumer's K is the producer's column count), so last stops at tiles − 1.
-struct TileRange {
-  int first, last;
-};
-MAMBA3_LAYOUT_FN TileRange producer_tiles(int kb, int kblock, int cols_per_tile, int tiles) {
-  const int first = kb * kblock / cols_per_tile, last = ((kb + 1) * kblock - 1) / cols_per_tile;
-  return {first, last < tiles - 1 ? last : tiles - 1};
-}
-
 }  // namespace mamba3::cuda::stream_layout
 
 #undef MAMBA3_LAYOUT_FN

@@ -496,33 +496,6 @@ TEST(ModelGpu, WideBatchFoldedNormsTrackTheNormKernels) {
   EXPECT_FALSE(folded.decode_folds_norms(64));  // the narrow forms do not fold
 }
 
-// The folded products linked tile by tile (CudaModel::set_product_links; stream_gemm.h, StreamGemmLinks) give the
-// unlinked step's logits bit for bit at 70 and 128 rows, graph-replayed and eager, over several steps (each link array
-// serves every layer and step).
-TEST(ModelGpu, WideBatchLinkedProductsEqualUnlinked) {
-  MAMBA3_REQUIRE_GPU();
-  const ModelConfig c = wide_batch_config();
-  TensorMap w = init_weights(c, 59);
-  std::mt19937 wrng(11);
-  for (auto& [wname, t] : w)
-    if (wname.find("norm") != std::string::npos && wname.ends_with(".weight"))
-      t = random_tensor(wrng, t.shape(), 0.5f, 1.5f);
-  cuda::CudaModel linked(c, w, "linked", Precision::BF16), linked_eager(c, w, "linked eager", Precision::BF16),
-      unlinked(c, w, "unlinked", Precision::BF16);
-  for (cuda::CudaModel* m : {&linked, &linked_eager, &unlinked}) m->set_fold_norms(true);
-  linked.set_product_links(true);
-  linked_eager.set_product_links(true);
-  linked_eager.set_use_graphs(false);
-  unlinked.set_product_links(false);
-  if (!linked.decode_folds_norms(128))
-    GTEST_SKIP() << "no folded 128-row decode here (not sm_90, or MAMBA3_STREAM_GEMM=0)";
-  for (int64_t B : {70, 128}) {
-    SCOPED_TRACE("batch " + std::to_string(B));
-    expect_equal_decodes(c, linked, unlinked, B, 3, 6, 61);
-    expect_equal_decodes(c, linked_eager, linked, B, 3, 4, 67);
-  }
-}
-
 // l2_prefetch reads nothing back and writes nothing: ranges of awkward lengths (cut to whole 16-byte units, one
 // request and many, up to the allocation's end) leave the bytes as they were; a misaligned address is refused.
 TEST(ModelGpu, L2PrefetchLeavesMemoryAsItWas) {

@@ -5,15 +5,11 @@
 // share a call with.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <random>
-#include <string>
-#include <utility>
-#include <vector>
 
 #include "cuda/basic_kernels.h"
 #include "cuda/gpu_matrix.h"
@@ -308,137 +304,6 @@ TEST(StreamGemmGpu, FoldedNormMatchesFloat64) {
   EXPECT_THROW(cuda::stream_gemm_scaled(ctx, buf.raw(), 64, 64, buf.raw(), 32, 64, buf.as<float>(), 64,
                                         {buf.as<float>(), 1, 64, 1e-5f}),
                Error);
-}
-
-// Tile links (StreamGemmLinks): a decode step's chain of folded products — out_proj (P) → fc1 (C, gated pairs) → fc2
-// (P) → in_proj (C), sharing one bf16 norm buffer and one partials buffer as CudaModel's step does, so that a consumer
-// writing before its producer's other tiles are read would show — gives the same bits linked as unlinked, again and
-// again (each consumer zeroes its link array for the next use: checked), eagerly and replayed from a graph. Shapes:
-// the 1.5B layer at 128 rows (tiles split 2–6 ways, in_proj's 68 unsplit tiles), and small odd ones at 65 and 100
-// rows. A link whose producer cannot have written x is refused.
-TEST(StreamGemmGpu, LinkedChainEqualsUnlinked) {
-  MAMBA3_REQUIRE_GPU();
-  cuda::Context ctx;
-  if (!stream_gemm_device(ctx)) GTEST_SKIP() << "the stream GEMM runs on compute capability 9.0 only";
-  std::mt19937 rng(71);
-  const float eps = 1e-5f;
-  struct Shape {
-    int64_t D, I, F, N, M;  // d_model, d_inner (out_proj's K), fc2's K, in_proj's N, rows
-  };
-  for (const Shape sh :
-       {Shape{2048, 4096, 4096, 8672, 128}, Shape{520, 1032, 296, 1234, 65}, Shape{264, 72, 136, 530, 100}}) {
-    const auto [D, I, F, N, M] = sh;
-    SCOPED_TRACE("D=" + std::to_string(D) + " I=" + std::to_string(I) + " F=" + std::to_string(F) +
-                 " N=" + std::to_string(N) + " M=" + std::to_string(M));
-    const Tensor wo = random_tensor(rng, {D, I}).to(DType::BF16), w1 = random_tensor(rng, {2 * F, D}).to(DType::BF16);
-    const Tensor w2 = random_tensor(rng, {D, F}).to(DType::BF16), wi = random_tensor(rng, {N, D}).to(DType::BF16);
-    const Tensor x = random_tensor(rng, {M, I}).to(DType::BF16), r0 = random_tensor(rng, {M, D}, -3.0f, 3.0f);
-    const Tensor g1 = random_tensor(rng, {D}, 0.5f, 1.5f), g2 = random_tensor(rng, {D}, 0.5f, 1.5f);
-    cuda::DeviceBuffer dwo = to_device(wo), dw1 = to_device(w1), dw2 = to_device(w2), dwi = to_device(wi),
-                       dx = to_device(x), dg1 = to_device(g1), dg2 = to_device(g2);
-    const int64_t stride = cuda::kStreamGemmMaxRows;
-    const int64_t parts_o = cuda::stream_gemm_norm_parts(ctx, D, I), parts_2 = cuda::stream_gemm_norm_parts(ctx, D, F);
-    cuda::DeviceBuffer res(size_t(M * D) * 4), normed(size_t(M * D) * 2), act(size_t(M * F) * 2), y(size_t(M * N) * 4);
-    cuda::DeviceBuffer partials(size_t(std::max(parts_o, parts_2) * stride) * 4);
-    int64_t tiles = 0;
-    for (auto [n, k] : {std::pair{D, I}, std::pair{2 * F, D}, std::pair{D, F}, std::pair{N, D}})
-      tiles = std::max(tiles, cuda::stream_gemm_link_tiles(ctx, n, k));
-    const int64_t words = cuda::stream_gemm_link_words(tiles);
-    cuda::DeviceBuffer links(size_t(3 * words) * 4);
-    MAMBA3_CUDA_CHECK(cudaMemset(links.raw(), 0, links.bytes()));
-    const auto array = [&](int i) { return cuda::StreamGemmLink{links.as<uint32_t>() + i * words, tiles}; };
-    const auto from = [&](int i, int64_t n, int64_t k, bool gated) {
-      cuda::StreamGemmLinks l;
-      l.in = array(i);
-      l.in_n = n, l.in_k = k, l.in_gated = gated;
-      return l;
-    };
-    // The chain from the same residual each time; linked or not.
-    const auto chain = [&](bool linked) {
-      res.upload(r0.raw(), r0.nbytes());
-      cuda::StreamGemmLinks lo, l1, l2, li;
-      if (linked) {
-        lo.out = array(0);
-        l1 = from(0, D, I, false), l1.out = array(1);
-        l2 = from(1, 2 * F, D, true), l2.out = array(2);
-        li = from(2, D, F, false);
-      }
-      cuda::stream_gemm_residual_norm(ctx, dwo.raw(), D, I, dx.raw(), M, I,
-                                      {res.as<float>(), dg1.as<float>(), normed.raw(), partials.as<float>()}, lo);
-      cuda::stream_gemm_gated_pairs_scaled(ctx, dw1.raw(), 2 * F, D, normed.raw(), M, D, act.raw(),
-                                           {partials.as<float>(), parts_o, D, eps}, l1);
-      cuda::stream_gemm_residual_norm(ctx, dw2.raw(), D, F, act.raw(), M, F,
-                                      {res.as<float>(), dg2.as<float>(), normed.raw(), partials.as<float>()}, l2);
-      cuda::stream_gemm_scaled(ctx, dwi.raw(), N, D, normed.raw(), M, D, y.as<float>(), N,
-                               {partials.as<float>(), parts_2, D, eps}, li);
-    };
-    const auto bytes_of = [](const cuda::DeviceBuffer& b) {
-      std::vector<uint8_t> h(b.bytes());
-      b.download(h.data(), h.size());
-      return h;
-    };
-    struct Out {
-      std::vector<uint8_t> res, normed, act, y, partials;
-    };
-    const auto outputs = [&] {
-      ctx.sync();
-      return Out{bytes_of(res), bytes_of(normed), bytes_of(act), bytes_of(y), bytes_of(partials)};
-    };
-    const auto expect_same = [&](const Out& a, const Out& b, const std::string& what) {
-      EXPECT_EQ(a.res, b.res) << what << ": residual";
-      EXPECT_EQ(a.normed, b.normed) << what << ": fc2's bf16(v ⊙ g)";
-      EXPECT_EQ(a.act, b.act) << what << ": fc1's activations";
-      EXPECT_EQ(a.y, b.y) << what << ": in_proj's outputs";
-      EXPECT_EQ(a.partials, b.partials) << what << ": fc2's partials";
-      const std::vector<uint8_t> zeros(links.bytes(), 0);
-      EXPECT_EQ(bytes_of(links), zeros) << what << ": the link arrays were not zeroed by their consumers";
-    };
-    poison(act.raw(), act.bytes());
-    poison(y.raw(), y.bytes());
-    chain(false);
-    const Out plain = outputs();
-    for (int round = 0; round < 3; ++round) {
-      poison(act.raw(), act.bytes());
-      poison(y.raw(), y.bytes());
-      chain(true);
-      expect_same(outputs(), plain, "linked, eager, round " + std::to_string(round));
-    }
-    // Captured once, replayed twice (the residual upload stays outside: it is a host copy).
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    res.upload(r0.raw(), r0.nbytes());
-    ctx.sync();
-    MAMBA3_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
-    {
-      cuda::StreamGemmLinks lo, l1 = from(0, D, I, false), l2 = from(1, 2 * F, D, true), li = from(2, D, F, false);
-      lo.out = array(0), l1.out = array(1), l2.out = array(2);
-      cuda::stream_gemm_residual_norm(ctx, dwo.raw(), D, I, dx.raw(), M, I,
-                                      {res.as<float>(), dg1.as<float>(), normed.raw(), partials.as<float>()}, lo);
-      cuda::stream_gemm_gated_pairs_scaled(ctx, dw1.raw(), 2 * F, D, normed.raw(), M, D, act.raw(),
-                                           {partials.as<float>(), parts_o, D, eps}, l1);
-      cuda::stream_gemm_residual_norm(ctx, dw2.raw(), D, F, act.raw(), M, F,
-                                      {res.as<float>(), dg2.as<float>(), normed.raw(), partials.as<float>()}, l2);
-      cuda::stream_gemm_scaled(ctx, dwi.raw(), N, D, normed.raw(), M, D, y.as<float>(), N,
-                               {partials.as<float>(), parts_2, D, eps}, li);
-    }
-    MAMBA3_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
-    MAMBA3_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int replay = 0; replay < 2; ++replay) {
-      res.upload(r0.raw(), r0.nbytes());
-      poison(act.raw(), act.bytes());
-      poison(y.raw(), y.bytes());
-      MAMBA3_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
-      expect_same(outputs(), plain, "linked, graph replay " + std::to_string(replay));
-    }
-    MAMBA3_CUDA_CHECK(cudaGraphExecDestroy(exec));
-    MAMBA3_CUDA_CHECK(cudaGraphDestroy(graph));
-    // A producer that cannot have written x (its columns are not out_proj's K).
-    const cuda::StreamGemmLinks wrong = from(0, I + 8, D, false);
-    EXPECT_THROW(
-        cuda::stream_gemm_residual_norm(ctx, dwo.raw(), D, I, dx.raw(), M, I,
-                                        {res.as<float>(), dg1.as<float>(), normed.raw(), partials.as<float>()}, wrong),
-        Error);
-  }
 }
 
 }  // namespace

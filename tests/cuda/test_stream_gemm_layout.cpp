@@ -5,7 +5,6 @@
 // float4 reads are aligned and cover every weight row once, and the blocks' batch rows partition the batch.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <set>
 #include <string>
 #include <vector>
@@ -108,36 +107,6 @@ TEST(StreamGemmLayout, RowEpilogueWalkCoversTheTileOnce) {
         }
     for (int r = 0; r < f.tile_rows(); ++r) EXPECT_EQ(rows[size_t(r)], 1) << "weight row " << r;
   }
-}
-
-// Tile links: the producer tiles a consumer waits for before it reads a k-block are exactly the tiles holding that
-// k-block's x columns — none missing (it would read columns not yet written), none extra (it would wait longer than
-// needed) — for every tile height the wide class has (64, 128, 256 weight rows), plain and (value, gate) producers,
-// consumer K not a multiple of the k-block, and the 1.5B chain's shapes (out_proj → fc1 → fc2 → in_proj).
-TEST(StreamGemmLayout, LinkedKBlocksWaitForTheirProducerTiles) {
-  constexpr int kKBlock = 64;
-  for (int tile_rows : {64, 128, 256})
-    for (bool gated : {false, true})
-      for (int k : {8, 64, 72, 520, 1000, 1032, 2048, 4096, 4104}) {
-        const int cols_per_tile = gated ? tile_rows / 2 : tile_rows;
-        const int producer_rows = gated ? 2 * k : k, tiles = (producer_rows + tile_rows - 1) / tile_rows;
-        SCOPED_TRACE("tile rows " + std::to_string(tile_rows) + (gated ? " gated" : "") + " K " + std::to_string(k));
-        const int kblocks = (k + kKBlock - 1) / kKBlock;
-        std::vector<int> waited(size_t(tiles), 0);
-        for (int kb = 0; kb < kblocks; ++kb) {
-          const sl::TileRange r = sl::producer_tiles(kb, kKBlock, cols_per_tile, tiles);
-          ASSERT_LE(0, r.first);
-          ASSERT_LE(r.first, r.last);
-          ASSERT_LT(r.last, tiles);
-          std::set<int> holding;  // the tiles whose weight rows wrote this k-block's columns
-          for (int c = kb * kKBlock; c < std::min(k, (kb + 1) * kKBlock); ++c)
-            for (int row : {gated ? 2 * c : c, gated ? 2 * c + 1 : c}) holding.insert(row / tile_rows);
-          EXPECT_EQ(r.first, *holding.begin()) << "k-block " << kb;
-          EXPECT_EQ(r.last, *holding.rbegin()) << "k-block " << kb;
-          for (int t = r.first; t <= r.last; ++t) ++waited[size_t(t)];
-        }
-        for (int t = 0; t < tiles; ++t) EXPECT_GE(waited[size_t(t)], 1) << "tile " << t << " never waited for";
-      }
 }
 
 }  // namespace
