@@ -11,6 +11,7 @@
 #include "cuda/env_switch.h"
 #include "cuda/gemv_small_m.h"
 #include "cuda/gpu_matrix.h"
+#include "cuda/mamba3_decode_gpu.h"
 #include "cuda/mamba3_layer_gpu.h"
 #include "cuda/sampling_gpu.h"
 #include "cuda/stream_gemm.h"
@@ -51,6 +52,16 @@ Tensor interleave_gate_rows(const Tensor& fc1) {
 bool fold_norms_from_env() {
   static const bool on = env_choice("MAMBA3_DECODE_NORM_FOLD", {"1", "0"}) != "0";
   return on;
+}
+
+// MAMBA3_DECODE_STATE_WRITES (1 | 2 | 4, default 1): caches write each head's Mamba-3 state every n-th decode step
+// (Mamba3GpuState::write_every). Read once.
+int state_writes_from_env() {
+  static const int every = [] {
+    const std::string s = env_choice("MAMBA3_DECODE_STATE_WRITES", {"1", "2", "4"});
+    return s.empty() ? 1 : std::stoi(s);
+  }();
+  return every;
 }
 
 }  // namespace
@@ -114,6 +125,7 @@ struct CudaModel::Impl {
   mutable Workspace prefill_ws;
   mutable WeightPrefetcher prefetcher;  // decode steps' weight requests into L2 (set_weight_prefetch)
   bool fold_norms = fold_norms_from_env();  // set_fold_norms
+  int state_writes_every = state_writes_from_env();  // set_state_writes_every
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
   size_t act() const { return activation_size(precision); }
@@ -340,6 +352,12 @@ void CudaModel::set_use_graphs(bool on) { impl_->use_graphs = on; }
 void CudaModel::set_fold_norms(bool on) { impl_->fold_norms = on; }
 bool CudaModel::decode_folds_norms(int64_t rows) const { return impl_->folds_norms(rows); }
 void CudaModel::set_state_precision(Precision p) { impl_->state_precision = p; }
+void CudaModel::set_state_writes_every(int every) {
+  MAMBA3_CHECK(every == 1 || every == 2 || every == kMaxStateWriteEvery,
+               "set_state_writes_every: {} (state writes every 1, 2 or 4 decode steps)", every);
+  impl_->state_writes_every = every;
+}
+int CudaModel::state_writes_every() const { return impl_->state_writes_every; }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }
 void CudaModel::set_weight_prefetch(const WeightPrefetchOptions& options) {
   MAMBA3_CHECK(options.min_rows >= 1, "set_weight_prefetch: min_rows must be at least 1, got {}", options.min_rows);
@@ -370,6 +388,8 @@ size_t CudaModel::state_bytes_per_sequence() const {
     if (b.mamba) {
       const Mamba3StateSizes z(b.mamba->config());
       n += size_t(z.total()) * sizeof(float) - (impl_->state_precision == Precision::BF16 ? size_t(z.ssm) * 2 : 0);
+      if (const int every = impl_->state_writes_every; every > 1 && b.mamba->defers_state_writes())
+        n += size_t(b.mamba->config().nheads() * (1 + mamba3_ring_floats_per_head(b.mamba->config(), every))) * 4;
     }
   return n;
 }
@@ -382,8 +402,9 @@ GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
   c->capacity = capacity;
   c->positions.assign(size_t(batch), 0);
   for (const Impl::Block& b : impl_->blocks) {
+    const int every = b.mamba && b.mamba->defers_state_writes() ? impl_->state_writes_every : 1;
     c->mamba.push_back(b.mamba ? std::make_unique<GpuMamba3State>(b.mamba->config(), batch,
-                                                                  impl_->state_precision == Precision::BF16)
+                                                                  impl_->state_precision == Precision::BF16, every)
                                : nullptr);
     c->attn.push_back(b.attention ? std::make_unique<GpuAttentionCache>(b.attention->new_cache(batch, capacity))
                                   : nullptr);
@@ -553,6 +574,12 @@ void CudaModel::copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, in
       const Mamba3StateSizes& z = a.mamba[li]->sizes;
       const Mamba3GpuState from = a.mamba[li]->rows_from(src_row), to = b.mamba[li]->rows_from(dst_row);
       MAMBA3_CHECK(a.mamba[li]->ssm_bf16 == b.mamba[li]->ssm_bf16, "copy_row: the caches' state precisions differ");
+      MAMBA3_CHECK(a.mamba[li]->write_every == b.mamba[li]->write_every,
+                   "copy_row: the caches' state write intervals differ ({} vs {})", a.mamba[li]->write_every,
+                   b.mamba[li]->write_every);
+      // A deferring row moves with its pending tokens: the copy continues exactly where the source row is.
+      copy(b.mamba[li]->lazy_row(dst_row), a.mamba[li]->lazy_row(src_row), a.mamba[li]->lazy_row_bytes());
+      copy(b.mamba[li]->ring_row(dst_row), a.mamba[li]->ring_row(src_row), a.mamba[li]->ring_row_bytes());
       copy(to.angle, from.angle, size_t(z.angle) * 4);
       copy(b.mamba[li]->ssm_row(dst_row), a.mamba[li]->ssm_row(src_row), a.mamba[li]->ssm_row_bytes());
       copy(to.k, from.k, size_t(z.k) * 4);
@@ -589,6 +616,7 @@ void CudaModel::reset_row(GpuCache& cache, int64_t row) const {
       zero(c.mamba[li]->ssm_row(row), c.mamba[li]->ssm_row_bytes());
       zero(v.k, size_t(z.k) * 4);
       zero(v.v, size_t(z.v) * 4);
+      zero(c.mamba[li]->lazy_row(row), c.mamba[li]->lazy_row_bytes());  // nothing pending
     }
     if (c.attn[li]) {  // the KV rows past the length are never read
       GpuAttentionCache& a = *c.attn[li];

@@ -18,6 +18,11 @@ namespace {
 constexpr int kMaxP = 128;
 constexpr int kMaxN = 256;
 
+// A ring entry: k of every rank (R·N), x (P), α, β, γ; rounded up to 16 bytes so that every entry's k is aligned.
+__host__ __device__ constexpr int64_t ring_entry_floats(int R, int N, int P) {
+  return (int64_t(R) * N + P + 3 + 3) / 4 * 4;
+}
+
 // How a block covers a head (P rows of N state floats): 8 warps, one warp per row, a lane holding float4s
 // (n = 4·lane + 128·v, v < VPL); RG = 8 rows in flight per warp, all requested before the first FMA; ≤ 80 registers
 // (3 blocks per SM) for SISO, ≤ 128 (2 blocks) for MIMO, whose k_{−1}, k, q take 12·R registers.
@@ -75,14 +80,20 @@ struct StateQuad<__nv_bfloat16> {
 //  4. Per row: h' = α·h + Σ_r vp_r·k_{−1,r} + vc_r·k_r (streamed back), y_r = h'·q_r (warp reduction) + D·mx_r·x.
 //  5. Output stage of spec §7 over the head (per-head norm, gate, MIMO contraction); x becomes x_{−1}.
 // BF16S: the bf16-state mode (the ssm state read from and written to st.ssm16 as bf16; arithmetic in f32).
-template <int R, int VPL, bool TC, bool BF16S>
+// LW > 1: deferred state writes every LW-th step (mamba3_decode_gpu.h): the pending tokens' k in registers beside
+// k_{−1}, their coefficients in the row table after vp, the state stored only when the head's turn comes.
+template <int R, int VPL, bool TC, bool BF16S, int LW = 1>
 __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeLayout<R, VPL, TC>::kMinBlocks)
     mamba3_head_decode_kernel(Mamba3DecodeArgs a, bool early_state) {
   using StateT = std::conditional_t<BF16S, __nv_bfloat16, float>;
   using Layout = DecodeLayout<R, VPL, TC>;
   constexpr int kP = TC ? kHeadTcP : kMaxP;  // the channels the per-channel arrays hold
   static_assert(!TC || (R > 1 && VPL == 1), "the tensor-core rows are MIMO's at N = 128");
-  constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32, CS = coef_stride<R>();
+  static_assert(LW == 1 || (R == 1 && !TC), "deferred writes are SISO's, on the FMA rows");
+  constexpr bool kLazy = LW > 1;
+  // Row table: (vp, vc) per rank, or with deferred writes (c_0 … c_{LW−1}, c_new): entry i's w_i·x_i, zero past the
+  // pending ones.
+  constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32, CS = kLazy ? LW + 1 : coef_stride<R>();
   constexpr bool kMimo = R > 1;  // the host sends MIMO layers of rank 1 elsewhere
   __shared__ float ybuf[R * kP];  // (r, p)
   __shared__ float dskip[R * kP];  // (r, p): D·mx_r·x
@@ -94,7 +105,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   extern __shared__ __align__(128) float hstage[];  // TC: the head's P × N state (dynamic shared memory)
   __shared__ __align__(8) uint64_t hstage_full;     // TC: the state's bulk copy has landed
   __shared__ float ang_cs[kMaxN / 2], ang_sn[kMaxN / 2];
-  __shared__ float scal[3];  // α, β, γ
+  __shared__ float scal[kLazy ? LW + 2 : 3];  // α, β, γ; deferred: A, w_0 … w_m (m ≤ LW)
   __shared__ float misc[R];
   // The output stage's per-channel inputs (channel p = tid; P ≤ kP ≤ the block's threads), copied by cp.async at
   // the start so that they arrive with the state rows.
@@ -168,6 +179,30 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       }
     }
   }
+  // Deferred writes: the head's count of pending tokens (m_prev, in ring entries 0 … m_prev − 1) and its step phase;
+  // this token is entry m = m_prev + 1 counting the base (k_{−1}, x_{−1} in the k and v states) as entry 0. The
+  // ring's k are loaded whole and masked (never-written entries may hold anything).
+  int m_prev = 0, phase = 0;
+  bool flush = true;
+  float* ring = nullptr;
+  float kr[LW > 1 ? LW - 1 : 1][VPL][VW];
+  const int64_t ring_entry = kLazy ? ring_entry_floats(R, N, P) : 0;
+  if constexpr (kLazy) {
+    const int word = a.st.lazy[item];
+    m_prev = min(word & 0xff, LW - 1);
+    phase = (word >> 8) & 0xff;
+    flush = (phase + h) % LW == LW - 1 || m_prev == LW - 1;
+    ring = a.st.ring + int64_t(item) * (LW - 1) * ring_entry;
+#pragma unroll
+    for (int j = 0; j < LW - 1; ++j) {
+#pragma unroll
+      for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+        for (int e = 0; e < VW; ++e) kr[j][v][e] = 0.0f;
+        if (on[v] && j < m_prev) load_vec(ring + j * ring_entry + nv[v], kr[j][v]);
+      }
+    }
+  }
   // early_state: the state rows and the cached k above were requested before waiting for the kernel before this one
   // (in_proj, which writes zx): under PDL they stream beside its last blocks. The host sets it only for a state its
   // caller marks settled: last written before the step began, which a graph replay or a plain launch at the step's
@@ -237,7 +272,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   // stage B/C, the angles and the scalars when R is small), all ranks.
   const int cp = (tid + kThreads - 96) % kThreads;
   const bool coef_owner = cp < P;
-  float cmx[R], cxp = 0.0f, cxc = 0.0f;
+  float cmx[R], cxp = 0.0f, cxc = 0.0f, cxr[LW > 1 ? LW - 1 : 1] = {};
 #pragma unroll
   for (int r = 0; r < R; ++r) cmx[r] = 1.0f;
   if (coef_owner) {
@@ -247,6 +282,10 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
     }
     cxp = vstate[cp];
     cxc = xrow[cp];
+    if constexpr (kLazy) {
+#pragma unroll
+      for (int j = 0; j < LW - 1; ++j) cxr[j] = j < m_prev ? ring[j * ring_entry + R * N + cp] : 0.0f;
+    }
   }
   const float Dh = a.p.D[h];
 
@@ -272,7 +311,32 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   }
   if (tid == (2 * R * 32) % kThreads) {
     const TokenScalars t = token_scalars(zrow, a.off_dt, H, h, a.p.dt_bias[h], a.heavy_tail, a.A_floor, a.euler);
-    scal[0] = t.alpha, scal[1] = t.beta, scal[2] = t.gamma;
+    if constexpr (kLazy) {
+      // From the newest entry back: w_j gets γ_j·Π α_{j+1..m}, w_{j−1} gets β_j·Π α_{j+1..m}, then the product takes
+      // α_j; A is the product over every entry after the base. At m = 1: A = α, w_0 = β, w_1 = γ exactly.
+      const int m = m_prev + 1;
+      float w[LW + 1], prod = 1.0f;
+#pragma unroll
+      for (int i = 0; i <= LW; ++i) w[i] = 0.0f;
+#pragma unroll
+      for (int j = LW; j >= 1; --j) {
+        if (j > m) continue;
+        const float* sj = ring + (j - 1) * ring_entry + R * N + P;  // entry j's α, β, γ (j < m)
+        const float al = j == m ? t.alpha : sj[0], be = j == m ? t.beta : sj[1], ga = j == m ? t.gamma : sj[2];
+        w[j] += ga * prod;
+        w[j - 1] += be * prod;
+        prod *= al;
+      }
+      scal[0] = prod;
+#pragma unroll
+      for (int i = 0; i <= LW; ++i) scal[1 + i] = w[i];
+      if (!flush) {
+        float* sm = ring + m_prev * ring_entry + R * N + P;
+        sm[0] = t.alpha, sm[1] = t.beta, sm[2] = t.gamma;
+      }
+    } else {
+      scal[0] = t.alpha, scal[1] = t.beta, scal[2] = t.gamma;
+    }
   }
   float rnorm = 0.0f;
   if (stager) {
@@ -321,16 +385,25 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       } else {
         store_vec(kq + (int(is_c) * R + vr) * kMaxN + nv[v], out);
       }
-      if (!is_c) store_vec(kcache + int64_t(vr) * H * N + nv[v], out);
+      if (!is_c) store_vec((flush ? kcache + int64_t(vr) * H * N : ring + m_prev * ring_entry + vr * N) + nv[v], out);
     }
   }
   const float alpha = scal[0], beta = scal[1], gamma = scal[2];
   if (coef_owner) {
+    if constexpr (kLazy) {  // R = 1
+      const int m = m_prev + 1;
+      coef[cp * CS] = scal[1] * cmx[0] * cxp;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      coef[cp * CS + r] = beta * cmx[r] * cxp;
-      coef[cp * CS + R + r] = gamma * cmx[r] * cxc;
-      dskip[r * P + cp] = Dh * cmx[r] * cxc;
+      for (int j = 1; j < LW; ++j) coef[cp * CS + j] = scal[1 + j] * cmx[0] * cxr[j - 1];  // zero past m_prev
+      coef[cp * CS + LW] = scal[1 + m] * cmx[0] * cxc;
+      dskip[cp] = Dh * cmx[0] * cxc;
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        coef[cp * CS + r] = beta * cmx[r] * cxp;
+        coef[cp * CS + R + r] = gamma * cmx[r] * cxc;
+        dskip[r * P + cp] = Dh * cmx[r] * cxc;
+      }
     }
   }
   __syncthreads();
@@ -360,7 +433,14 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
           if (p >= P) break;  // warp-uniform
         }
         float vp[R], vc[R], part[R];
-        load_coefs<R>(coef + p * CS, vp, vc);
+        [[maybe_unused]] float cr[LW > 1 ? LW - 1 : 1];
+        if constexpr (kLazy) {
+          vp[0] = coef[p * CS], vc[0] = coef[p * CS + LW];
+#pragma unroll
+          for (int j = 0; j < LW - 1; ++j) cr[j] = coef[p * CS + 1 + j];
+        } else {
+          load_coefs<R>(coef + p * CS, vp, vc);
+        }
 #pragma unroll
         for (int r = 0; r < R; ++r) part[r] = 0.0f;
 #pragma unroll
@@ -375,10 +455,14 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
 #pragma unroll
             for (int r = 0; r < R; ++r) {
               hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
+              if constexpr (kLazy) {
+#pragma unroll
+                for (int j = 0; j < LW - 1; ++j) hn[e] = fmaf(cr[j], kr[j][v][e], hn[e]);
+              }
               hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
             }
           }
-          state_store4_stream(ssm + int64_t(p) * N + nv[v], hn);
+          if (!kLazy || flush) state_store4_stream(ssm + int64_t(p) * N + nv[v], hn);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -420,13 +504,15 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
         },
         [&](int r) { return mzo[(r % R) * kP + p]; }, [&](int r) { return mzo[(R + r % R) * kP + p]; });
     store_output(a.o, o_base + p, acc, a.o_bf16);
-    vstate[p] = zx_own[kP + p];  // every read of x_{−1} happened before the second barrier
+    // every read of x_{−1} (and of the ring's x) happened before the second barrier
+    (flush ? vstate : ring + m_prev * ring_entry + R * N)[p] = zx_own[kP + p];
   }
+  if (kLazy && tid == 0) a.st.lazy[item] = (flush ? 0 : m_prev + 1) | (((phase + 1) % LW) << 8);
 }
 
-template <int R, int VPL, bool BF16S, bool TC = false>
+template <int R, int VPL, bool BF16S, bool TC = false, int LW = 1>
 void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early_state) {
-  const auto kernel = mamba3_head_decode_kernel<R, VPL, TC, BF16S>;
+  const auto kernel = mamba3_head_decode_kernel<R, VPL, TC, BF16S, LW>;
   size_t dynamic = 0;
   if constexpr (TC) {
     dynamic = size_t(kHeadTcP) * kHeadTcN * (BF16S ? 2 : 4);
@@ -473,9 +559,22 @@ void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early
   }
 }
 
+template <int VPL, bool BF16S>
+void launch_deferred(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early) {
+  if (a.st.write_every == 2)
+    launch<1, VPL, BF16S, false, 2>(s, a, blocks, early);
+  else
+    launch<1, VPL, BF16S, false, 4>(s, a, blocks, early);
+}
+
 template <bool BF16S>
 void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool tensor_cores, bool early) {
-  if (tensor_cores && head_decode_tc_fits(a))
+  if (a.st.write_every > 1) {
+    if (a.N <= 128)
+      launch_deferred<1, BF16S>(s, a, blocks, early);
+    else
+      launch_deferred<2, BF16S>(s, a, blocks, early);
+  } else if (tensor_cores && head_decode_tc_fits(a))
     launch_tc<BF16S>(s, a, blocks, early);
   else if (a.N <= 128)
     launch_rank<1, BF16S>(s, a, blocks, early);
@@ -485,7 +584,83 @@ void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool ten
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// One block per (row, head): the pending tokens folded into the base state (the expressions of the head kernel's
+// deferred rows, without a new token), the newest entry's k and x made the k and v states, the count cleared.
+template <typename StateT>
+__global__ void mamba3_settle_kernel(Mamba3GpuState st, const float* mimo_x, int H, int P, int N, int R) {
+  const int item = blockIdx.x, b = item / H, h = item % H, tid = threadIdx.x;
+  const int LW = st.write_every, word = st.lazy[item];
+  const int m = min(word & 0xff, LW - 1);
+  if (m == 0) return;
+  const int64_t E = ring_entry_floats(R, N, P);
+  const float* ring = st.ring + int64_t(item) * (LW - 1) * E;
+  __shared__ float w[kMaxStateWriteEvery + 1];
+  __shared__ float A;
+  if (tid == 0) {
+    float prod = 1.0f;
+    for (int i = 0; i <= m; ++i) w[i] = 0.0f;
+    for (int j = m; j >= 1; --j) {
+      const float* sj = ring + (j - 1) * E + R * N + P;
+      w[j] += sj[2] * prod;
+      w[j - 1] += sj[1] * prod;
+      prod *= sj[0];
+    }
+    A = prod;
+  }
+  __syncthreads();
+  StateT* ssm;
+  if constexpr (std::is_same_v<StateT, float>)
+    ssm = st.ssm + int64_t(item) * P * N;
+  else
+    ssm = reinterpret_cast<StateT*>(st.ssm16) + int64_t(item) * P * N;
+  const int64_t rhn = int64_t(R) * H * N;
+  float* k0 = st.k + int64_t(b) * rhn + int64_t(h) * N;  // rank r at + r·H·N
+  float* x0 = st.v + int64_t(item) * P;
+  for (int idx = tid; idx < P * N; idx += blockDim.x) {
+    const int p = idx / N, n = idx % N;
+    float acc = A * float(ssm[idx]);
+    for (int r = 0; r < R; ++r) {
+      const float mx = mimo_x ? mimo_x[(int64_t(h) * R + r) * P + p] : 1.0f;
+      acc = fmaf(w[0] * mx * x0[p], k0[r * H * N + n], acc);
+      for (int i = 1; i <= m; ++i) {
+        const float* ei = ring + (i - 1) * E;
+        acc = fmaf(w[i] * mx * ei[R * N + p], ei[r * N + n], acc);
+      }
+    }
+    if constexpr (std::is_same_v<StateT, float>)
+      ssm[idx] = acc;
+    else
+      ssm[idx] = __float2bfloat16_rn(acc);
+  }
+  __syncthreads();  // every read of the old k and x is done
+  const float* newest = ring + (m - 1) * E;
+  for (int i = tid; i < R * N; i += blockDim.x) k0[(i / N) * H * N + i % N] = newest[i];
+  for (int p = tid; p < P; p += blockDim.x) x0[p] = newest[R * N + p];
+  if (tid == 0) st.lazy[item] = word & ~0xff;
+}
+
 }  // namespace
+
+int64_t mamba3_ring_entry_floats(const Mamba3Config& c) {
+  return ring_entry_floats(int(c.rank()), int(c.d_state), int(c.headdim));
+}
+
+int64_t mamba3_ring_floats_per_head(const Mamba3Config& c, int write_every) {
+  return write_every > 1 ? (write_every - 1) * mamba3_ring_entry_floats(c) : 0;
+}
+
+void mamba3_settle_gpu(cudaStream_t s, const Mamba3Config& c, const float* mimo_x, const Mamba3GpuState& st,
+                       int64_t batch) {
+  if (st.write_every <= 1 || batch <= 0) return;
+  const int64_t blocks = batch * c.nheads();
+  MAMBA3_CHECK(blocks < (int64_t(1) << 31), "mamba3_settle_gpu: batch {} too large", batch);
+  const int H = int(c.nheads()), P = int(c.headdim), N = int(c.d_state), R = int(c.rank());
+  if (st.ssm16)
+    mamba3_settle_kernel<__nv_bfloat16><<<unsigned(blocks), 256, 0, s>>>(st, mimo_x, H, P, N, R);
+  else
+    mamba3_settle_kernel<float><<<unsigned(blocks), 256, 0, s>>>(st, mimo_x, H, P, N, R);
+  MAMBA3_LAUNCH_CHECK();
+}
 
 bool head_decode_tc_fits(const Mamba3DecodeArgs& a) { return a.R > 1 && a.P == kHeadTcP && a.N == kHeadTcN; }
 
@@ -500,6 +675,11 @@ bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
   if (!mamba3_head_decode_reaches(a) || blocks >= (int64_t(1) << 31)) return false;
   if (!aligned16(a.st.ssm16 ? static_cast<const void*>(a.st.ssm16) : a.st.ssm) || !aligned16(a.st.k)) return false;
   const bool early = early_state && a.st.settled;  // see Mamba3GpuState::settled
+  if (a.st.write_every > 1) {
+    MAMBA3_CHECK(a.R == 1 && (a.st.write_every == 2 || a.st.write_every == kMaxStateWriteEvery) && a.st.lazy &&
+                     a.st.ring && aligned16(a.st.ring),
+                 "mamba3_head_decode_gpu: deferred state writes need SISO, W 2 or 4 and the state's ring");
+  }
   if (a.st.ssm16)
     launch_head<true>(s, a, int(blocks), tensor_cores, early);
   else

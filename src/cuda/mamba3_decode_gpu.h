@@ -11,11 +11,12 @@
 // (mamba3_head_decode_tc.cuh): 64 registers, 4 blocks per SM instead of 2.
 // Reach: N a multiple of 4 and ≤ 256, P ≤ 128, R ≤ 4, 16-byte aligned ssm and k states; otherwise
 // mamba3_head_decode_gpu returns false and the caller stages the token and runs the older kernel.
-#include <cstdint>
-
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "cuda/mamba3_gpu.h"
+#include "ops/mamba3_config.h"
 
 namespace mamba3::cuda {
 
@@ -40,6 +41,28 @@ bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
 bool mamba3_head_decode_reaches(const Mamba3KernelShape& shape);
 // Whether the head kernel's tensor-core rows serve this shape (MIMO, P = 64, N = 128).
 bool head_decode_tc_fits(const Mamba3DecodeArgs& a);
+
+// Deferred state writes (Mamba3GpuState::write_every W = 2 or 4). A decode step must read every head's P×N state
+// (y = h·q needs all of it) but need not write it back every step: with base state H_b written at token b, the state
+// after token t is h_t = A·H_b + Σ_{i=b..t} w_i·x_i·k_iᵀ (A the product of α over b+1..t, w_i = β_{i+1}·Π α_{i+2..t}
+// + γ_i·Π α_{i+1..t}), which the head kernel forms in registers from the pending tokens' k and x (the state's ring) and
+// the new token, as it forms α·h + β·x_{−1}·k_{−1}ᵀ + γ·x·kᵀ otherwise (the same expressions at one pending token,
+// so W = 1 and a head's first step after a write give the same bits). y is h_t·q as before. Head h writes h_t, k and
+// x when (phase + h) mod W = W − 1 (phase: the row's step count mod W), else appends the token to its ring: per step
+// W−1 of W heads only read their state, so the state traffic falls from 2 to 1 + 1/W reads' worth (the 1.5B SISO b128
+// step moves 13.2 GB of state at W = 1, 9.9 GB at W = 2, 8.2 GB at W = 4). Exact up to f32 rounding: the sums
+// are the recurrence's, in another order. SISO (R = 1) on the FMA rows only; other routes settle first.
+constexpr int kMaxStateWriteEvery = 4;
+// Floats of one ring entry (k of every rank, x, α, β, γ; 16-byte multiple), and of a (row, head)'s ring.
+int64_t mamba3_ring_entry_floats(const Mamba3Config& c);
+int64_t mamba3_ring_floats_per_head(const Mamba3Config& c, int write_every);
+// Whether a decode step of this layer shape on this state runs the deferring kernel under the current decode choice.
+bool mamba3_decode_defers_writes(const Mamba3KernelShape& shape, const Mamba3GpuState& st);
+// Folds every row's pending tokens into its ssm, k and v states (rows [0, batch) of the view; rows with nothing
+// pending are untouched) and clears their counts (phases kept). The state then holds h_t as spec §4.2 has it.
+// mimo_x: the layer's (H, R, P) vectors, null for SISO.
+void mamba3_settle_gpu(cudaStream_t s, const Mamba3Config& c, const float* mimo_x, const Mamba3GpuState& st,
+                       int64_t batch);
 
 // The streaming decode kernel (mamba3_stream_decode_gpu.cu), for large batches: `blocks_per_head` blocks per head
 // (0: as many as fill the device once, at most one per sequence), each walking its head's sequences with its head's

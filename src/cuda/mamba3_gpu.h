@@ -76,6 +76,15 @@ struct Mamba3GpuState {
   // 6.446 → 6.390). Behind cuBLAS products it lost (MIMO b96 5.75 → 5.80, b128 7.06 → 7.09; H200 with cuBLAS, thirty-
   // first session: b128 5.145 → 5.168), so the default stays the small-launch rule.
   bool pdl_any_batch = false;
+  // Deferred state writes (write_every W > 1; mamba3_decode_gpu.h, "Deferred state writes"): the SISO head decode
+  // kernel writes head h's ssm state only every W-th step (heads staggered by h), keeping the tokens since in `ring`
+  // (per (row, head): W − 1 entries of mamba3_ring_entry_floats floats: k, x, α, β, γ) and the count and phase in
+  // `lazy` (row, head) int32: ssm, k and v then hold the state at the head's last write, not the current one.
+  // mamba3_settle_gpu folds the pending tokens in (what every other kernel needs first: GpuMamba3Layer::forward does
+  // it). Zeroed words (a fresh or reset row) mean nothing pending. W = 1 (lazy and ring null): every step writes.
+  int* lazy = nullptr;
+  float* ring = nullptr;
+  int write_every = 1;
 };
 
 // Which kernels run the recurrence. Staged: an angle scan, a fully parallel staging kernel (B/C norm, bias,

@@ -41,12 +41,32 @@ size_t env_prefill_stage_bytes() {
 
 int64_t GpuMamba3Layer::fused_decode_max() const { return env_fused_decode_max(); }
 
-GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows, bool bf16)
-    : batch(batch_rows), heads(c.nheads()), sizes(c), config(c), ssm_bf16(bf16) {
-  const int64_t floats = round4(batch * sizes.angle) + ssm_section_floats() + round4(batch * sizes.k) +
-                         round4(batch * sizes.v) + round4(batch * heads) + mamba3_gpu_stage_floats(c, batch, 1);
+GpuMamba3State::GpuMamba3State(const Mamba3Config& c, int64_t batch_rows, bool bf16, int every)
+    : batch(batch_rows), heads(c.nheads()), sizes(c), config(c), ssm_bf16(bf16), write_every(every) {
+  MAMBA3_CHECK(every == 1 || every == 2 || every == kMaxStateWriteEvery,
+               "GpuMamba3State: write_every {} (state writes every 1, 2 or 4 decode steps)", every);
+  const int64_t floats =
+      lazy_offset() + (every > 1 ? round4(batch * heads) : 0) + batch * heads * mamba3_ring_floats_per_head(c, every);
   buffer.resize(size_t(floats) * sizeof(float));
   MAMBA3_CUDA_CHECK(cudaMemset(buffer.raw(), 0, buffer.bytes()));
+}
+
+int64_t GpuMamba3State::lazy_offset() const {
+  return round4(batch * sizes.angle) + ssm_section_floats() + round4(batch * sizes.k) + round4(batch * sizes.v) +
+         round4(batch * heads) + mamba3_gpu_stage_floats(config, batch, 1);
+}
+
+void* GpuMamba3State::lazy_row(int64_t row) const { return buffer.as<float>() + lazy_offset() + row * heads; }
+
+size_t GpuMamba3State::lazy_row_bytes() const { return write_every > 1 ? size_t(heads) * 4 : 0; }
+
+size_t GpuMamba3State::ring_row_bytes() const {
+  return size_t(heads * mamba3_ring_floats_per_head(config, write_every)) * 4;
+}
+
+void* GpuMamba3State::ring_row(int64_t row) const {
+  return buffer.as<float>() + lazy_offset() + round4(batch * heads) +
+         row * heads * mamba3_ring_floats_per_head(config, write_every);
 }
 
 int64_t GpuMamba3State::ssm_section_floats() const {
@@ -75,6 +95,11 @@ Mamba3GpuState GpuMamba3State::rows_from(int64_t row) const {
   Mamba3GpuState view{angle + row * sizes.angle, ssm + row * sizes.ssm, k + row * sizes.k, v + row * sizes.v,
                       arrivals + row * heads, stage, /*active=*/nullptr};
   if (ssm_bf16) view.ssm = nullptr, view.ssm16 = static_cast<uint16_t*>(ssm_row(row));
+  if (write_every > 1) {
+    view.lazy = static_cast<int*>(lazy_row(row));
+    view.ring = static_cast<float*>(ring_row(row));
+    view.write_every = write_every;
+  }
   return view;
 }
 
@@ -125,12 +150,32 @@ bool GpuMamba3Layer::decodes_bf16_state() const {
   return mamba3_head_decode_reaches(mamba3_kernel_shape(config_, 1, precision_));
 }
 
+bool GpuMamba3Layer::defers_state_writes() const {
+  Mamba3GpuState probe{};  // aligned stand-ins: only the shape and the decode choice decide
+  alignas(16) static float dummy[4];
+  probe.ssm = probe.k = probe.ring = dummy;
+  probe.lazy = reinterpret_cast<int*>(dummy);
+  probe.write_every = 2;
+  return mamba3_decode_defers_writes(mamba3_kernel_shape(config_, 1, precision_), probe);
+}
+
+void GpuMamba3Layer::settle(const Context& ctx, const Mamba3GpuState& state, int64_t batch) const {
+  mamba3_settle_gpu(ctx.stream(), config_, params_.mimo_x, state, batch);
+}
+
 void GpuMamba3Layer::forward(const Context& ctx, const void* x, int64_t batch, int64_t L, Mamba3GpuState state,
                              float* zx, void* o, float* out, const std::function<void(Edge)>& edge,
                              const FoldedNorms* folded) const {
   const int64_t rows = batch * L;
   const Mamba3GpuPath chosen =
       auto_path_ && L == 1 && batch * config_.nheads() <= fused_decode_max() ? Mamba3GpuPath::Fused : path_;
+  if (state.write_every > 1 && !(L == 1 && chosen != Mamba3GpuPath::Fused &&
+                                 mamba3_decode_defers_writes(mamba3_kernel_shape(config_, 1, precision_), state))) {
+    // Every other kernel reads the state as spec §4.2 has it: the pending tokens folded in first.
+    settle(ctx, state, batch);
+    state.lazy = nullptr, state.ring = nullptr, state.write_every = 1;
+    state.settled = false;
+  }
   const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (state.ssm16 && !(L == 1 && chosen != Mamba3GpuPath::Fused && decodes_bf16_state() && aligned16(state.ssm16) &&
                        aligned16(state.k))) {

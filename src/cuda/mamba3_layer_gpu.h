@@ -25,24 +25,32 @@ struct Mamba3StateSizes {
   int64_t total() const { return angle + ssm + k + v; }
 };
 
-// The state of `batch` rows in one allocation: [angle | ssm | k | v | arrivals | decode stage], each (batch, …); the
-// decode stage is the staged path's one-token scratch (kept with the state so a captured decode graph stays valid).
+// The state of `batch` rows in one allocation: [angle | ssm | k | v | arrivals | decode stage | lazy | ring], each
+// (batch, …); the decode stage is the staged path's one-token scratch (kept with the state so a captured decode graph
+// stays valid); lazy and ring exist with deferred state writes (write_every 2 or 4; Mamba3GpuState::write_every).
 struct GpuMamba3State {
   DeviceBuffer buffer;
   int64_t batch = 0, heads = 0;
   Mamba3StateSizes sizes;
   Mamba3Config config;
   bool ssm_bf16 = false;  // the bf16-state mode: the ssm state stored as bf16 (views carry ssm16, ssm null)
+  int write_every = 1;    // deferred state writes: every head's ssm written every write_every-th decode step
 
-  GpuMamba3State(const Mamba3Config& c, int64_t batch, bool ssm_bf16 = false);  // zeroed
+  GpuMamba3State(const Mamba3Config& c, int64_t batch, bool ssm_bf16 = false, int write_every = 1);  // zeroed
   // Views of rows [row, batch); `active` null (all rows active): set it on the view to skip rows in decode.
   Mamba3GpuState rows_from(int64_t row) const;
   // The ssm state of one row (f32 or bf16) and its bytes: for copies and resets of whole rows.
   void* ssm_row(int64_t row) const;
   size_t ssm_row_bytes() const { return size_t(sizes.ssm) * (ssm_bf16 ? 2 : 4); }
+  // The deferred writes' words and ring of one row, and their bytes (0 when write_every is 1): copies and resets.
+  void* lazy_row(int64_t row) const;
+  size_t lazy_row_bytes() const;
+  void* ring_row(int64_t row) const;
+  size_t ring_row_bytes() const;
 
  private:
   int64_t ssm_section_floats() const;
+  int64_t lazy_offset() const;  // floats before the deferred writes' words
 };
 
 class GpuMamba3Layer {
@@ -69,6 +77,12 @@ class GpuMamba3Layer {
   void share_state_scratch(std::shared_ptr<DeviceBuffer> buffer) { state_scratch_ = std::move(buffer); }
   // Whether decode steps of a bf16 state run without that copy (the head decode kernel reaches this layer's shape).
   bool decodes_bf16_state() const;
+  // Whether decode steps of this layer can defer their state writes (mamba3_decode_defers_writes: SISO on the head
+  // kernel's FMA rows under the current decode choice), so that a state made for it may have write_every > 1.
+  bool defers_state_writes() const;
+  // Folds the pending tokens of rows [0, batch) of a deferring state into its ssm, k and v (mamba3_settle_gpu); a
+  // no-op at write_every 1. forward() does it before any call that does not defer.
+  void settle(const Context& ctx, const Mamba3GpuState& state, int64_t batch) const;
   size_t parameter_bytes() const;
   const GpuMatrix& in_proj() const { return in_proj_; }
   const GpuMatrix& out_proj() const { return out_proj_; }

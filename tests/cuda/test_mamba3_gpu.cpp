@@ -397,6 +397,99 @@ INSTANTIATE_TEST_SUITE_P(
                       PathCase{"StagedHeadTcDecode", Mamba3GpuPath::Staged, cuda::DecodeKernel::Head, 0, 2, true}),
     path_name);
 
+// Deferred state writes (GpuMamba3State with write_every 2 and 4; mamba3_decode_gpu.h): decode steps against the
+// every-step writes on the same layer and inputs — outputs within 1e-5 each step (f32 rounding: the pending tokens'
+// terms are summed in another order), some heads' states really left unwritten, every state within 1e-5 once
+// settled (GpuMamba3Layer::settle), and a prefill continuing rows with pending tokens (forward settles first) within
+// 1e-5. A row the slot mask skips keeps every byte (states, counts, ring). Layers the kernel does not defer for (MIMO;
+// d_state 30, off the head kernel) settle before each call and track as well. SISO with N = 256 takes two float4 per
+// lane; the bf16-state mode defers too (within 1e-5 of its own every-step writes: the same rounding to bf16 per write
+// except that fewer writes round).
+TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
+  MAMBA3_REQUIRE_GPU();
+  cuda::Context ctx;
+  std::mt19937 rng(43);
+  const int64_t B = 3;
+  for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[2], kRandomCases[6], kRandomCases[8],
+                               kRandomCases[10], kRandomCases[4]}) {
+    for (int every : {2, 4}) {
+      for (bool bf16 : {false, true}) {
+        const Mamba3Config c = make_config(rc);
+        cuda::GpuMamba3Layer gpu(c, random_mixer_weights(c, rng), "", "random", nullptr, Precision::F32);
+        if (bf16 && !gpu.decodes_bf16_state()) continue;
+        SCOPED_TRACE(std::string(rc.name) + " every " + std::to_string(every) + (bf16 ? " bf16 state" : ""));
+        const bool defers = !c.is_mimo && c.d_state % 4 == 0;
+        ASSERT_EQ(gpu.defers_state_writes(), defers);
+        cuda::GpuMamba3State ref(c, B, bf16), lazy(c, B, bf16, every);
+        const Tensor u = random_tensor(rng, {B, 5, c.d_model});
+        EXPECT_EQ(rel_l2(gpu_forward(gpu, ctx, u, lazy, Precision::F32), gpu_forward(gpu, ctx, u, ref, Precision::F32)),
+                  0.0)
+            << "prefill";
+        auto step = [&](int t) {
+          const Tensor x = random_tensor(rng, {B, 1, c.d_model});
+          const Tensor y_ref = gpu_forward(gpu, ctx, x, ref, Precision::F32);
+          const Tensor y = gpu_forward(gpu, ctx, x, lazy, Precision::F32);
+          ASSERT_LE(rel_l2(y, y_ref), 1e-5) << "decode step " << t;
+        };
+        for (int t = 0; t < 11; ++t) step(t);
+        std::vector<int32_t> words(size_t(B * c.nheads()));
+        MAMBA3_CUDA_CHECK(cudaMemcpy(words.data(), lazy.lazy_row(0), words.size() * 4, cudaMemcpyDeviceToHost));
+        const int64_t pending = std::count_if(words.begin(), words.end(), [](int32_t w) { return (w & 0xff) != 0; });
+        if (defers) {
+          EXPECT_GT(pending, 0) << "no head has deferred its write";
+          EXPECT_GT(rel_l2(download_state(lazy, c).ssm, download_state(ref, c).ssm), 1e-3)
+              << "the unsettled states equal the written ones";
+        } else {
+          EXPECT_EQ(pending, 0) << "a layer that does not defer left tokens pending";
+        }
+        // Settled, then a masked step: row 1 keeps every byte.
+        gpu.settle(ctx, lazy.rows_from(0), B);
+        MAMBA3_CUDA_CHECK(cudaMemcpy(words.data(), lazy.lazy_row(0), words.size() * 4, cudaMemcpyDeviceToHost));
+        for (int32_t w : words) ASSERT_EQ(w & 0xff, 0) << "a count after settling";
+        const Mamba3State settled = download_state(lazy, c), want = download_state(ref, c);
+        expect_state_near(settled, want, 1e-5, "settled");
+        for (int t = 11; t < 14; ++t) step(t);  // tokens pending again
+        const std::vector<int32_t> pattern = {1, 0, 1};
+        cuda::DeviceBuffer mask(size_t(B) * sizeof(int32_t));
+        mask.upload(pattern.data(), mask.bytes());
+        std::vector<char> before(lazy.buffer.bytes()), after(lazy.buffer.bytes());
+        lazy.buffer.download(before.data(), before.size());
+        cuda::Mamba3GpuState masked = lazy.rows_from(0);
+        masked.active = mask.as<int32_t>();
+        layer_o(gpu, ctx, random_tensor(rng, {B, 1, c.d_model}), masked);
+        lazy.buffer.download(after.data(), after.size());
+        const auto row_same = [&](const void* at, size_t bytes) {
+          const size_t off = static_cast<const char*>(at) - lazy.buffer.as<char>();
+          return std::memcmp(before.data() + off, after.data() + off, bytes) == 0;
+        };
+        const cuda::Mamba3GpuState r1 = lazy.rows_from(1);
+        const cuda::Mamba3StateSizes z(c);
+        EXPECT_TRUE(row_same(lazy.ssm_row(1), lazy.ssm_row_bytes())) << "ssm of the skipped row";
+        EXPECT_TRUE(row_same(r1.k, size_t(z.k) * 4) && row_same(r1.v, size_t(z.v) * 4) &&
+                    row_same(r1.angle, size_t(z.angle) * 4))
+            << "k, v or angle of the skipped row";
+        EXPECT_TRUE(row_same(lazy.lazy_row(1), lazy.lazy_row_bytes()) &&
+                    row_same(lazy.ring_row(1), lazy.ring_row_bytes()))
+            << "counts or ring of the skipped row";
+        // The reference takes the masked step too (layer_o skips its row 1 alike), then both continue by a prefill.
+        lazy.buffer.upload(before.data(), before.size());
+        cuda::Mamba3GpuState ref_masked = ref.rows_from(0);
+        ref_masked.active = mask.as<int32_t>();
+        const Tensor x = random_tensor(rng, {B, 1, c.d_model});
+        const Tensor oa = layer_o(gpu, ctx, x, masked), orf = layer_o(gpu, ctx, x, ref_masked);
+        for (int64_t b : {0, 2})
+          EXPECT_LE(rel_l2(oa.slice(b, b + 1).clone(), orf.slice(b, b + 1).clone()), 1e-5) << "row " << b;
+        const Tensor more = random_tensor(rng, {B, 7, c.d_model});
+        EXPECT_LE(
+            rel_l2(gpu_forward(gpu, ctx, more, lazy, Precision::F32), gpu_forward(gpu, ctx, more, ref, Precision::F32)),
+            1e-5)
+            << "prefill continuing pending tokens";
+        expect_state_near(download_state(lazy, c), download_state(ref, c), 1e-5, "after the continuation");
+      }
+    }
+  }
+}
+
 // The streaming decode kernel at a batch where its default grid walks several items per block (and the auto choice
 // with a threshold of 1 item) against the head decode kernel with FMA rows: the same expressions, so outputs and
 // states agree to rounding (1e-6) over 12 steps after a prefill, for SISO, MIMO R = 2, 3, 4 with output norm, groups 2
