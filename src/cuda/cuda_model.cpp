@@ -394,6 +394,18 @@ size_t CudaModel::state_bytes_per_sequence() const {
   return n;
 }
 
+double CudaModel::decode_state_traffic_per_sequence() const {
+  double n = 0;
+  for (const Impl::Block& b : impl_->blocks)
+    if (b.mamba) {
+      const Mamba3StateSizes z(b.mamba->config());
+      const double ssm = double(z.ssm) * (impl_->state_precision == Precision::BF16 ? 2 : 4);
+      const int every = b.mamba->defers_state_writes() ? impl_->state_writes_every : 1;
+      n += 2.0 * double(z.angle + z.k + z.v) * 4 + ssm * (1.0 + 1.0 / every);
+    }
+  return n;
+}
+
 GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
   MAMBA3_CHECK(batch >= 1, "cache: batch must be at least 1, got {}", batch);
   MAMBA3_CHECK(capacity >= 1, "cache: capacity must be at least 1, got {}", capacity);

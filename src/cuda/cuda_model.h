@@ -53,6 +53,9 @@ class CudaModel {
   const Context& context() const;
   size_t parameter_bytes() const;       // on the device
   size_t state_bytes_per_sequence() const;
+  // Bytes of Mamba-3 state a decode step reads and writes per sequence: every state read, and written back — the
+  // ssm state by 1/every of the heads with deferred writes (set_state_writes_every).
+  double decode_state_traffic_per_sequence() const;
 
   // The Mamba-3 ssm state of caches made after this call: F32 (default) or BF16 (half the state bytes: read as f32,
   // written rounded to nearest even each step; the arithmetic stays f32). Angle, k and v states stay f32.
