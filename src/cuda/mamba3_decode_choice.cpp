@@ -39,17 +39,22 @@ void set_decode_choice(const DecodeChoice& c) {
 
 bool mamba3_decode_defers_writes(const Mamba3KernelShape& shape, const Mamba3GpuState& st) {
   const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return st.write_every > 1 && st.lazy && st.ring && aligned16(st.ring) && shape.R == 1 && !shape.mimo &&
+  Mamba3DecodeArgs args{};
+  static_cast<Mamba3KernelShape&>(args) = shape;
+  const DecodeChoice c = decode_choice();
+  // SISO on the head kernel's FMA rows; MIMO on its tensor-core rows (P = 64, N = 128), at every batch once deferring.
+  const bool kernel = shape.R == 1 ? !shape.mimo : (head_decode_tc_fits(args) && c.head_tensor_cores);
+  return st.write_every > 1 && st.lazy && st.ring && aligned16(st.ring) && kernel &&
          mamba3_head_decode_reaches(shape) && aligned16(st.ssm16 ? static_cast<const void*>(st.ssm16) : st.ssm) &&
-         aligned16(st.k) && decode_choice().kernel != DecodeKernel::Stream;
+         aligned16(st.k) && c.kernel != DecodeKernel::Stream;
 }
 
 bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch) {
   const DecodeChoice c = decode_choice();
   const int64_t pairs = batch * a.H;
   // A deferring state reaches here only where mamba3_decode_defers_writes holds (GpuMamba3Layer::forward settles it
-  // and drops the ring otherwise): the head kernel's FMA rows.
-  if (a.st.write_every > 1) return mamba3_head_decode_gpu(s, a, batch, false, c.early_state);
+  // and drops the ring otherwise): the head kernel, SISO on its FMA rows, MIMO on its tensor-core rows.
+  if (a.st.write_every > 1) return mamba3_head_decode_gpu(s, a, batch, /*tensor_cores=*/a.R > 1, c.early_state);
   if (a.st.ssm16) {  // the bf16-state mode: only the head kernel reads that state
     const bool tc = c.head_tensor_cores && (c.kernel == DecodeKernel::Head || pairs >= c.head_tc_min_items);
     return mamba3_head_decode_gpu(s, a, batch, tc, c.early_state);

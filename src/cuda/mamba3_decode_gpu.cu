@@ -89,18 +89,19 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   using Layout = DecodeLayout<R, VPL, TC>;
   constexpr int kP = TC ? kHeadTcP : kMaxP;  // the channels the per-channel arrays hold
   static_assert(!TC || (R > 1 && VPL == 1), "the tensor-core rows are MIMO's at N = 128");
-  static_assert(LW == 1 || (R == 1 && !TC), "deferred writes are SISO's, on the FMA rows");
+  static_assert(LW == 1 || R == 1 || TC, "deferred writes: SISO on the FMA rows, MIMO on the tensor-core rows");
   constexpr bool kLazy = LW > 1;
-  // Row table: (vp, vc) per rank, or with deferred writes (c_0 … c_{LW−1}, c_new): entry i's w_i·x_i, zero past the
-  // pending ones.
-  constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32, CS = kLazy ? LW + 1 : coef_stride<R>();
+  // Row table: (vp, vc) per rank, or with deferred writes entry i's w_i·mx_r·x_i at column i·R + r (i < LW: the
+  // base and the ring, zero past the pending ones) and the new token's at LW·R + r (TC: padded to whole k-steps).
+  constexpr int VW = 4, RG = Layout::kRows, kThreads = Layout::kWarps * 32;
+  constexpr int CS = !kLazy ? coef_stride<R>() : (TC ? head_tc_kpad(R, LW) : head_tc_terms(R, LW));
   constexpr bool kMimo = R > 1;  // the host sends MIMO layers of rank 1 elsewhere
   __shared__ float ybuf[R * kP];  // (r, p)
   __shared__ float dskip[R * kP];  // (r, p): D·mx_r·x
   __shared__ __align__(16) float coef[kP * CS];  // (p, vp_0..vp_{R−1}, vc_0..vc_{R−1})
   __shared__ __align__(16) float kq[TC ? 4 : 2 * R * kMaxN];  // (B/C, r, n): the new k and q
   // TC: K (cached and new k of every rank) and Q rows in the products' bank-spread layout; the right column half's y.
-  __shared__ __align__(16) float ktab[TC ? kHeadTcKFloats : 4], qtab[TC ? kHeadTcQFloats : 4];
+  __shared__ __align__(16) float ktab[TC ? head_tc_kpad(R, LW) * kHeadTcPitch : 4], qtab[TC ? kHeadTcQFloats : 4];
   __shared__ float yhalf[TC ? R * kP : 4];
   extern __shared__ __align__(128) float hstage[];  // TC: the head's P × N state (dynamic shared memory)
   __shared__ __align__(8) uint64_t hstage_full;     // TC: the state's bulk copy has landed
@@ -199,7 +200,9 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       for (int v = 0; v < VPL; ++v) {
 #pragma unroll
         for (int e = 0; e < VW; ++e) kr[j][v][e] = 0.0f;
-        if (on[v] && j < m_prev) load_vec(ring + j * ring_entry + nv[v], kr[j][v]);
+        // FMA rows (SISO): every lane; tensor-core rows: the B warp of rank vr, for the K table.
+        if ((!TC || (stager && !is_c)) && on[v] && j < m_prev)
+          load_vec(ring + j * ring_entry + (TC ? vr : 0) * N + nv[v], kr[j][v]);
       }
     }
   }
@@ -380,7 +383,13 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
           put(qtab + head_tc_row(vr), out);
         } else {
           put(ktab + head_tc_row(vr), kown);
-          put(ktab + head_tc_row(R + vr), out);
+          if constexpr (kLazy) {
+#pragma unroll
+            for (int j = 0; j < LW - 1; ++j) put(ktab + head_tc_row((j + 1) * R + vr), kr[j][0]);  // zero past m_prev
+            put(ktab + head_tc_row(LW * R + vr), out);
+          } else {
+            put(ktab + head_tc_row(R + vr), out);
+          }
         }
       } else {
         store_vec(kq + (int(is_c) * R + vr) * kMaxN + nv[v], out);
@@ -390,13 +399,16 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   }
   const float alpha = scal[0], beta = scal[1], gamma = scal[2];
   if (coef_owner) {
-    if constexpr (kLazy) {  // R = 1
+    if constexpr (kLazy) {
       const int m = m_prev + 1;
-      coef[cp * CS] = scal[1] * cmx[0] * cxp;
 #pragma unroll
-      for (int j = 1; j < LW; ++j) coef[cp * CS + j] = scal[1 + j] * cmx[0] * cxr[j - 1];  // zero past m_prev
-      coef[cp * CS + LW] = scal[1 + m] * cmx[0] * cxc;
-      dskip[cp] = Dh * cmx[0] * cxc;
+      for (int r = 0; r < R; ++r) {
+        coef[cp * CS + r] = scal[1] * cmx[r] * cxp;
+#pragma unroll
+        for (int j = 1; j < LW; ++j) coef[cp * CS + j * R + r] = scal[1 + j] * cmx[r] * cxr[j - 1];  // 0 past m_prev
+        coef[cp * CS + LW * R + r] = scal[1 + m] * cmx[r] * cxc;
+        dskip[r * P + cp] = Dh * cmx[r] * cxc;
+      }
     } else {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -434,7 +446,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
         }
         float vp[R], vc[R], part[R];
         [[maybe_unused]] float cr[LW > 1 ? LW - 1 : 1];
-        if constexpr (kLazy) {
+        if constexpr (kLazy) {  // R = 1 here
           vp[0] = coef[p * CS], vc[0] = coef[p * CS + LW];
 #pragma unroll
           for (int j = 0; j < LW - 1; ++j) cr[j] = coef[p * CS + 1 + j];
@@ -477,7 +489,8 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   };
   if constexpr (TC) {
     mbar_wait(&hstage_full, 0);  // its initialisation was published by the barriers above
-    head_tc_rows<R, CS>(hst, ssm, head_tc_lane(warp, lane), alpha, coef, ktab, qtab, dskip, ybuf, yhalf);
+    head_tc_rows<R, CS, head_tc_terms(R, LW)>(hst, ssm, head_tc_lane(warp, lane), alpha, coef, ktab, qtab, dskip, ybuf,
+                                              yhalf, !kLazy || flush);
   }
   else if (P % (groups * RG) == 0 && N == 128 * VPL)
     rows(std::false_type{});
@@ -544,17 +557,17 @@ void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool ear
   }
 }
 
-template <bool BF16S>
+template <bool BF16S, int LW = 1>
 void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early) {
   switch (a.R) {
     case 2:
-      launch<2, 1, BF16S, true>(s, a, blocks, early);
+      launch<2, 1, BF16S, true, LW>(s, a, blocks, early);
       break;
     case 3:
-      launch<3, 1, BF16S, true>(s, a, blocks, early);
+      launch<3, 1, BF16S, true, LW>(s, a, blocks, early);
       break;
     default:
-      launch<4, 1, BF16S, true>(s, a, blocks, early);
+      launch<4, 1, BF16S, true, LW>(s, a, blocks, early);
       break;
   }
 }
@@ -569,7 +582,12 @@ void launch_deferred(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool
 
 template <bool BF16S>
 void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool tensor_cores, bool early) {
-  if (a.st.write_every > 1) {
+  if (a.st.write_every > 1 && a.R > 1) {  // MIMO: the tensor-core rows (mamba3_head_decode_gpu checked the shape)
+    if (a.st.write_every == 2)
+      launch_tc<BF16S, 2>(s, a, blocks, early);
+    else
+      launch_tc<BF16S, 4>(s, a, blocks, early);
+  } else if (a.st.write_every > 1) {
     if (a.N <= 128)
       launch_deferred<1, BF16S>(s, a, blocks, early);
     else
@@ -676,9 +694,11 @@ bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
   if (!aligned16(a.st.ssm16 ? static_cast<const void*>(a.st.ssm16) : a.st.ssm) || !aligned16(a.st.k)) return false;
   const bool early = early_state && a.st.settled;  // see Mamba3GpuState::settled
   if (a.st.write_every > 1) {
-    MAMBA3_CHECK(a.R == 1 && (a.st.write_every == 2 || a.st.write_every == kMaxStateWriteEvery) && a.st.lazy &&
-                     a.st.ring && aligned16(a.st.ring),
-                 "mamba3_head_decode_gpu: deferred state writes need SISO, W 2 or 4 and the state's ring");
+    MAMBA3_CHECK((a.R == 1 || head_decode_tc_fits(a)) &&
+                     (a.st.write_every == 2 || a.st.write_every == kMaxStateWriteEvery) && a.st.lazy && a.st.ring &&
+                     aligned16(a.st.ring),
+                 "mamba3_head_decode_gpu: deferred state writes need SISO or MIMO at P = 64, N = 128, W 2 or 4 and "
+                 "the state's ring");
   }
   if (a.st.ssm16)
     launch_head<true>(s, a, int(blocks), tensor_cores, early);

@@ -51,7 +51,8 @@ bool head_decode_tc_fits(const Mamba3DecodeArgs& a);
 // x when (phase + h) mod W = W − 1 (phase: the row's step count mod W), else appends the token to its ring: per step
 // W−1 of W heads only read their state, so the state traffic falls from 2 to 1 + 1/W reads' worth (the 1.5B SISO b128
 // step moves 13.2 GB of state at W = 1, 9.9 GB at W = 2, 8.2 GB at W = 4). Exact up to f32 rounding: the sums
-// are the recurrence's, in another order. SISO (R = 1) on the FMA rows only; other routes settle first.
+// are the recurrence's, in another order. SISO (R = 1) on the FMA rows, MIMO on the tensor-core rows (P = 64,
+// N = 128: the update's k-dimension grows from 2R to (W + 1)·R terms); other routes settle first.
 constexpr int kMaxStateWriteEvery = 4;
 // Floats of one ring entry (k of every rank, x, α, β, γ; 16-byte multiple), and of a (row, head)'s ring.
 int64_t mamba3_ring_entry_floats(const Mamba3Config& c);

@@ -36,6 +36,10 @@ __host__ __device__ constexpr int head_tc_row(int j) {
   return j * kHeadTcPitch + (j & 1) * 2 + (j & 2) * 8;
 }
 constexpr int kHeadTcKFloats = 8 * kHeadTcPitch, kHeadTcQFloats = 4 * kHeadTcPitch;
+// The update's k-dimension: 2R rank terms, or with deferred writes every W steps (W + 1)·R (the base token's k, the
+// W − 1 ring entries', the new token's), padded to whole k-steps of 8.
+__host__ __device__ constexpr int head_tc_terms(int R, int W) { return W > 1 ? (W + 1) * R : 2 * R; }
+__host__ __device__ constexpr int head_tc_kpad(int R, int W) { return (head_tc_terms(R, W) + 7) / 8 * 8; }
 
 // x = head + rest, head rounded to TF32 (to nearest, ties away: add half an ulp of TF32, clear the low 13 bits) and
 // rest (exact in f32, |rest| ≤ 2^-11·|x|) rounded the same way: each a TF32 value, the pair within ~2^-22·|x| of x.
@@ -99,18 +103,26 @@ __device__ __forceinline__ void state_store4_stream(__nv_bfloat16* p, const floa
          make_uint2(*reinterpret_cast<const unsigned*>(&a), *reinterpret_cast<const unsigned*>(&b)));
 }
 
-template <int R, int CS, typename T>
-__device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcLane& l, float alpha,
-                                             const float* coef, const float* ktab, const float* qtab,
-                                             const float* dskip, float* ybuf, float* yhalf) {
-  static_assert(R >= 2 && R <= 4, "the products' k-dimension holds 2R ≤ 8 rank terms");
-  constexpr int P = kHeadTcP, N = kHeadTcN;
+// KK: the update's rank terms (head_tc_terms; coef columns and ktab rows from KK on are not read). store: whether
+// the updated state goes back to ssm (deferred writes keep it only for y on the steps a head does not write).
+template <int R, int CS, int KK, typename T>
+__device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcLane& l, float alpha, const float* coef,
+                                             const float* ktab, const float* qtab, const float* dskip, float* ybuf,
+                                             float* yhalf, bool store = true) {
+  static_assert(R >= 2 && R <= 4, "MIMO ranks");
+  constexpr int P = kHeadTcP, N = kHeadTcN, KS = (KK + 7) / 8;  // k-steps of the update
+  static_assert(CS >= KK, "the coefficient rows hold every term");
   const int p0 = 16 * l.rt + l.g, p1 = p0 + 8;
-  uint32_t vh[4], vr[4];  // V's fragment: (p0, t), (p1, t), (p0, t + 4), (p1, t + 4); columns from 2R on are 0
-  split_tf32(coef[p0 * CS + l.t], vh[0], vr[0]);
-  split_tf32(coef[p1 * CS + l.t], vh[1], vr[1]);
-  split_tf32(l.t + 4 < 2 * R ? coef[p0 * CS + l.t + 4] : 0.0f, vh[2], vr[2]);
-  split_tf32(l.t + 4 < 2 * R ? coef[p1 * CS + l.t + 4] : 0.0f, vh[3], vr[3]);
+  // V's fragment per k-step: (p0, t), (p1, t), (p0, t + 4), (p1, t + 4); columns from KK on are 0.
+  uint32_t vh[KS][4], vr[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+    const int c0 = 8 * ks + l.t, c1 = c0 + 4;
+    split_tf32(c0 < KK ? coef[p0 * CS + c0] : 0.0f, vh[ks][0], vr[ks][0]);
+    split_tf32(c0 < KK ? coef[p1 * CS + c0] : 0.0f, vh[ks][1], vr[ks][1]);
+    split_tf32(c1 < KK ? coef[p0 * CS + c1] : 0.0f, vh[ks][2], vr[ks][2]);
+    split_tf32(c1 < KK ? coef[p1 * CS + c1] : 0.0f, vh[ks][3], vr[ks][3]);
+  }
   float yacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // y of rows p0 / p1, ranks 2t and 2t + 1
   const bool q_row = l.g < R;                  // the y product's B columns are ranks; g ≥ R are zero
   // The lane's 8 float4 of the state (i: row p0 or p1; m: 16-column piece) in two halves of 4 (16 registers each).
@@ -131,15 +143,19 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         const int base = 64 * l.nh + 16 * m + 2 * s;
-        // B of the update: K rows t and t + 4 at this lane's column g of the tile.
+        // B of the update: K rows 8·ks + t and + 4 at this lane's column g of the tile.
         const int kn = base + 4 * (l.g >> 1) + (l.g & 1);
-        uint32_t bh[2], br[2];
-        split_tf32(ktab[head_tc_row(l.t) + kn], bh[0], br[0]);
-        split_tf32(l.t + 4 < 2 * R ? ktab[head_tc_row(l.t + 4) + kn] : 0.0f, bh[1], br[1]);
         float(&h0)[4] = hs[0][mm];
         float(&h1)[4] = hs[1][mm];
         float c[4] = {alpha * h0[2 * s], alpha * h0[2 * s + 1], alpha * h1[2 * s], alpha * h1[2 * s + 1]};
-        mma_3xtf32(c, vh, vr, bh, br);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          const int r0 = 8 * ks + l.t, r1 = r0 + 4;
+          uint32_t bh[2], br[2];
+          split_tf32(r0 < KK ? ktab[head_tc_row(r0) + kn] : 0.0f, bh[0], br[0]);
+          split_tf32(r1 < KK ? ktab[head_tc_row(r1) + kn] : 0.0f, bh[1], br[1]);
+          mma_3xtf32(c, vh[ks], vr[ks], bh, br);
+        }
         h0[2 * s] = c[0], h0[2 * s + 1] = c[1], h1[2 * s] = c[2], h1[2 * s + 1] = c[3];
         // y: A = h' (k-index t ↔ column 2t, t + 4 ↔ 2t + 1), B = q of rank g at the same two columns.
         uint32_t ah[4], ar[4], qh[2], qr[2];
@@ -154,11 +170,13 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
         mma_3xtf32(yacc, ah, ar, qh, qr);
       }
     }
+    if (store) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < 2; ++i) {
 #pragma unroll
-      for (int mm = 0; mm < 2; ++mm)
-        state_store4_stream(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t, hs[i][mm]);
+        for (int mm = 0; mm < 2; ++mm)
+          state_store4_stream(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t, hs[i][mm]);
+      }
     }
   }
   // yacc: (p0, 2t), (p0, 2t + 1), (p1, 2t), (p1, 2t + 1).

@@ -401,24 +401,26 @@ INSTANTIATE_TEST_SUITE_P(
 // every-step writes on the same layer and inputs — outputs within 1e-5 each step (f32 rounding: the pending tokens'
 // terms are summed in another order), some heads' states really left unwritten, every state within 1e-5 once
 // settled (GpuMamba3Layer::settle), and a prefill continuing rows with pending tokens (forward settles first) within
-// 1e-5. A row the slot mask skips keeps every byte (states, counts, ring). Layers the kernel does not defer for (MIMO;
-// d_state 30, off the head kernel) settle before each call and track as well. SISO with N = 256 takes two float4 per
-// lane; the bf16-state mode defers too (within 1e-5 of its own every-step writes: the same rounding to bf16 per write
+// 1e-5. A row the slot mask skips keeps every byte (states, counts, ring). SISO defers on the FMA rows (N = 256: two
+// float4 per lane), MIMO R = 2 and 4 on the tensor-core rows (P = 64, N = 128); layers the kernel does not defer for
+// (MIMO at other shapes; d_state 30, off the head kernel) settle before each call and track as well. The bf16-state
+// mode defers too (within 1e-5 of its own every-step writes: the same rounding to bf16 per write
 // except that fewer writes round).
 TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
   std::mt19937 rng(43);
   const int64_t B = 3;
+  const RandomCase tc_r2{"mimo r2 d_state 128 headdim 64", 128, 128, 64, 1, 2, true, false, false, false, 0.5};
   for (const RandomCase& rc : {kRandomCases[0], kRandomCases[1], kRandomCases[2], kRandomCases[6], kRandomCases[8],
-                               kRandomCases[10], kRandomCases[4]}) {
+                               kRandomCases[10], kRandomCases[4], tc_r2, kRandomCases[3]}) {
     for (int every : {2, 4}) {
       for (bool bf16 : {false, true}) {
         const Mamba3Config c = make_config(rc);
         cuda::GpuMamba3Layer gpu(c, random_mixer_weights(c, rng), "", "random", nullptr, Precision::F32);
         if (bf16 && !gpu.decodes_bf16_state()) continue;
         SCOPED_TRACE(std::string(rc.name) + " every " + std::to_string(every) + (bf16 ? " bf16 state" : ""));
-        const bool defers = !c.is_mimo && c.d_state % 4 == 0;
+        const bool defers = c.is_mimo ? c.headdim == 64 && c.d_state == 128 : c.d_state % 4 == 0;
         ASSERT_EQ(gpu.defers_state_writes(), defers);
         cuda::GpuMamba3State ref(c, B, bf16), lazy(c, B, bf16, every);
         const Tensor u = random_tensor(rng, {B, 5, c.d_model});
