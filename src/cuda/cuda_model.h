@@ -62,11 +62,12 @@ class CudaModel {
   void set_state_precision(Precision p);
   Precision state_precision() const;
 
-  // Caches made after this call write each Mamba-3 head's state every `every`-th decode step (1, 2 or 4; default
-  // MAMBA3_DECODE_STATE_WRITES, else 1) where the layer's decode kernel can defer (SISO: mamba3_decode_gpu.h,
-  // "Deferred state writes"): the step reads every state but writes 1/every of them. Results equal the every-step
-  // writes up to f32 rounding; prefill, copy_row and reset_row keep the exact semantics.
+  // Caches made after this call write each Mamba-3 head's state every `every`-th decode step (1, 2 or 4; 0 = by
+  // layer: SISO every 2, MIMO every step; default MAMBA3_DECODE_STATE_WRITES, else 0) where the layer's decode kernel
+  // can defer (mamba3_decode_gpu.h, "Deferred state writes"): the step reads every state but writes 1/every of them.
+  // Results equal the every-step writes up to f32 rounding; prefill, copy_row and reset_row keep the exact semantics.
   void set_state_writes_every(int every);
+  // The interval the first Mamba-3 layer's caches get (1 where it does not defer).
   int state_writes_every() const;
 
   // A zeroed cache of `batch` rows; attention layers hold up to `capacity` tokens per row.

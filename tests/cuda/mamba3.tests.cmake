@@ -65,10 +65,10 @@ add_test(NAME test_model_gpu_plain_decode COMMAND test_model_gpu
 set_tests_properties(test_model_gpu_plain_decode PROPERTIES LABELS cuda
                      ENVIRONMENT "MAMBA3_DECODE_EARLY_STATE=0;MAMBA3_DECODE_NORM_FOLD=0"
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-# Every decode of the model tests with deferred state writes (each head's state written every second step): the
-# golden cases, the CPU comparisons, greedy generation, graph replay and the wide batches must hold as they do with
-# every-step writes.
-add_test(NAME test_model_gpu_state_writes_2 COMMAND test_model_gpu
+# Every decode of the model tests with every-step state writes (SISO caches defer them to every second step by
+# default): the golden cases, the CPU comparisons, greedy generation, graph replay and the wide batches must hold as
+# they do with deferred writes.
+add_test(NAME test_model_gpu_state_writes_1 COMMAND test_model_gpu
          --gtest_filter=*Golden*:*MatchesCpuOnRandomModels*:*GreedyGeneration*:*GraphReplay*:*WideBatch*:*Bf16State*)
-set_tests_properties(test_model_gpu_state_writes_2 PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_DECODE_STATE_WRITES=2
+set_tests_properties(test_model_gpu_state_writes_1 PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_DECODE_STATE_WRITES=1
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")

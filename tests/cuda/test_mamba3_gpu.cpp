@@ -404,8 +404,8 @@ INSTANTIATE_TEST_SUITE_P(
 // 1e-5. A row the slot mask skips keeps every byte (states, counts, ring). SISO defers on the FMA rows (N = 256: two
 // float4 per lane), MIMO R = 2 and 4 on the tensor-core rows (P = 64, N = 128); layers the kernel does not defer for
 // (MIMO at other shapes; d_state 30, off the head kernel) settle before each call and track as well. The bf16-state
-// mode defers too (within 1e-5 of its own every-step writes: the same rounding to bf16 per write
-// except that fewer writes round).
+// mode defers too (within 2e-2 of its own every-step writes, which round the state to bf16 every step instead of every
+// `every` steps).
 TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -423,6 +423,9 @@ TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
         const bool defers = c.is_mimo ? c.headdim == 64 && c.d_state == 128 : c.d_state % 4 == 0;
         ASSERT_EQ(gpu.defers_state_writes(), defers);
         cuda::GpuMamba3State ref(c, B, bf16), lazy(c, B, bf16, every);
+        // f32: rounding only; bf16 state: the every-step writes round the state to bf16 every step, the deferred ones
+        // every `every` steps, so the two differ by bf16 roundings of the state (≈ 4e-3 relative each).
+        const double tol = bf16 ? 2e-2 : 1e-5;
         const Tensor u = random_tensor(rng, {B, 5, c.d_model});
         EXPECT_EQ(rel_l2(gpu_forward(gpu, ctx, u, lazy, Precision::F32), gpu_forward(gpu, ctx, u, ref, Precision::F32)),
                   0.0)
@@ -431,7 +434,7 @@ TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
           const Tensor x = random_tensor(rng, {B, 1, c.d_model});
           const Tensor y_ref = gpu_forward(gpu, ctx, x, ref, Precision::F32);
           const Tensor y = gpu_forward(gpu, ctx, x, lazy, Precision::F32);
-          ASSERT_LE(rel_l2(y, y_ref), 1e-5) << "decode step " << t;
+          ASSERT_LE(rel_l2(y, y_ref), tol) << "decode step " << t;
         };
         for (int t = 0; t < 11; ++t) step(t);
         std::vector<int32_t> words(size_t(B * c.nheads()));
@@ -446,10 +449,11 @@ TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
         }
         // Settled, then a masked step: row 1 keeps every byte.
         gpu.settle(ctx, lazy.rows_from(0), B);
+        ctx.sync();  // the context's stream does not order the legacy stream's copies below
         MAMBA3_CUDA_CHECK(cudaMemcpy(words.data(), lazy.lazy_row(0), words.size() * 4, cudaMemcpyDeviceToHost));
         for (int32_t w : words) ASSERT_EQ(w & 0xff, 0) << "a count after settling";
         const Mamba3State settled = download_state(lazy, c), want = download_state(ref, c);
-        expect_state_near(settled, want, 1e-5, "settled");
+        expect_state_near(settled, want, tol, "settled");
         for (int t = 11; t < 14; ++t) step(t);  // tokens pending again
         const std::vector<int32_t> pattern = {1, 0, 1};
         cuda::DeviceBuffer mask(size_t(B) * sizeof(int32_t));
@@ -480,13 +484,13 @@ TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
         const Tensor x = random_tensor(rng, {B, 1, c.d_model});
         const Tensor oa = layer_o(gpu, ctx, x, masked), orf = layer_o(gpu, ctx, x, ref_masked);
         for (int64_t b : {0, 2})
-          EXPECT_LE(rel_l2(oa.slice(b, b + 1).clone(), orf.slice(b, b + 1).clone()), 1e-5) << "row " << b;
+          EXPECT_LE(rel_l2(oa.slice(b, b + 1).clone(), orf.slice(b, b + 1).clone()), tol) << "row " << b;
         const Tensor more = random_tensor(rng, {B, 7, c.d_model});
         EXPECT_LE(
             rel_l2(gpu_forward(gpu, ctx, more, lazy, Precision::F32), gpu_forward(gpu, ctx, more, ref, Precision::F32)),
-            1e-5)
+            tol)
             << "prefill continuing pending tokens";
-        expect_state_near(download_state(lazy, c), download_state(ref, c), 1e-5, "after the continuation");
+        expect_state_near(download_state(lazy, c), download_state(ref, c), tol, "after the continuation");
       }
     }
   }
