@@ -587,11 +587,8 @@ void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool ten
       launch_tc<BF16S, 2>(s, a, blocks, early);
     else
       launch_tc<BF16S, 4>(s, a, blocks, early);
-  } else if (a.st.write_every > 1) {
-    if (a.N <= 128)
-      launch_deferred<1, BF16S>(s, a, blocks, early);
-    else
-      launch_deferred<2, BF16S>(s, a, blocks, early);
+  } else if (a.st.write_every > 1) {  // SISO, N ≤ 128
+    launch_deferred<1, BF16S>(s, a, blocks, early);
   } else if (tensor_cores && head_decode_tc_fits(a))
     launch_tc<BF16S>(s, a, blocks, early);
   else if (a.N <= 128)
@@ -694,11 +691,11 @@ bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
   if (!aligned16(a.st.ssm16 ? static_cast<const void*>(a.st.ssm16) : a.st.ssm) || !aligned16(a.st.k)) return false;
   const bool early = early_state && a.st.settled;  // see Mamba3GpuState::settled
   if (a.st.write_every > 1) {
-    MAMBA3_CHECK((a.R == 1 || head_decode_tc_fits(a)) &&
+    MAMBA3_CHECK(((a.R == 1 && a.N <= 128) || head_decode_tc_fits(a)) &&
                      (a.st.write_every == 2 || a.st.write_every == kMaxStateWriteEvery) && a.st.lazy && a.st.ring &&
                      aligned16(a.st.ring),
-                 "mamba3_head_decode_gpu: deferred state writes need SISO or MIMO at P = 64, N = 128, W 2 or 4 and "
-                 "the state's ring");
+                 "mamba3_head_decode_gpu: deferred state writes need SISO at N ≤ 128 or MIMO at P = 64, N = 128, W 2 "
+                 "or 4 and the state's ring");
   }
   if (a.st.ssm16)
     launch_head<true>(s, a, int(blocks), tensor_cores, early);

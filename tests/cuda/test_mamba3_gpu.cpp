@@ -401,13 +401,21 @@ INSTANTIATE_TEST_SUITE_P(
 // every-step writes on the same layer and inputs — outputs within 1e-5 each step (f32 rounding: the pending tokens'
 // terms are summed in another order), some heads' states really left unwritten, every state within 1e-5 once
 // settled (GpuMamba3Layer::settle), and a prefill continuing rows with pending tokens (forward settles first) within
-// 1e-5. A row the slot mask skips keeps every byte (states, counts, ring). SISO defers on the FMA rows (N = 256: two
-// float4 per lane), MIMO R = 2 and 4 on the tensor-core rows (P = 64, N = 128); layers the kernel does not defer for
-// (MIMO at other shapes; d_state 30, off the head kernel) settle before each call and track as well. The bf16-state
+// 1e-5. A row the slot mask skips keeps every byte (states, counts, ring). SISO defers on the FMA rows at N ≤ 128,
+// MIMO R = 2 and 4 on the tensor-core rows (P = 64, N = 128; DecodeChoice::mimo_deferred_writes, set here); layers
+// the kernel does not defer for (SISO N = 256, MIMO at other shapes, d_state 30 off the head kernel) settle before
+// each call and track as well. The bf16-state
 // mode defers too (within 2e-2 of its own every-step writes, which round the state to bf16 every step instead of every
 // `every` steps).
 TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
   MAMBA3_REQUIRE_GPU();
+  struct Restore {  // the process-wide choice as it was, however the test ends
+    cuda::DecodeChoice saved = cuda::decode_choice();
+    ~Restore() { cuda::set_decode_choice(saved); }
+  } restore;
+  cuda::DecodeChoice choice = restore.saved;
+  choice.mimo_deferred_writes = true;  // off by default (measured slower); its expressions are tested here
+  cuda::set_decode_choice(choice);
   cuda::Context ctx;
   std::mt19937 rng(43);
   const int64_t B = 3;
@@ -420,7 +428,7 @@ TEST(Mamba3Gpu, DeferredStateWritesTrackEveryStepWrites) {
         cuda::GpuMamba3Layer gpu(c, random_mixer_weights(c, rng), "", "random", nullptr, Precision::F32);
         if (bf16 && !gpu.decodes_bf16_state()) continue;
         SCOPED_TRACE(std::string(rc.name) + " every " + std::to_string(every) + (bf16 ? " bf16 state" : ""));
-        const bool defers = c.is_mimo ? c.headdim == 64 && c.d_state == 128 : c.d_state % 4 == 0;
+        const bool defers = c.is_mimo ? c.headdim == 64 && c.d_state == 128 : c.d_state % 4 == 0 && c.d_state <= 128;
         ASSERT_EQ(gpu.defers_state_writes(), defers);
         cuda::GpuMamba3State ref(c, B, bf16), lazy(c, B, bf16, every);
         // f32: rounding only; bf16 state: the every-step writes round the state to bf16 every step, the deferred ones

@@ -259,6 +259,10 @@ void expect_equal_decodes(
 // caches carry the ring; MIMO defers at P = 64, N = 128 (its tensor-core rows) and not at other shapes.
 TEST(ModelGpu, DeferredStateWritesTrackEveryStepWrites) {
   MAMBA3_REQUIRE_GPU();
+  const cuda::DecodeChoice saved = cuda::decode_choice();
+  cuda::DecodeChoice choice = saved;
+  choice.mimo_deferred_writes = true;  // off by default (measured slower); the MIMO case below defers with it
+  cuda::set_decode_choice(choice);
   std::vector<Case> cases = {random_cases()[0], random_cases()[3], random_cases()[1]};
   json tc = random_cases()[2].config;  // MIMO R = 4 groups 2 MLP, at the tensor-core rows' head shape
   tc["d_model"] = 128;
@@ -314,6 +318,7 @@ TEST(ModelGpu, DeferredStateWritesTrackEveryStepWrites) {
       }
     }
   }
+  cuda::set_decode_choice(saved);
 }
 
 // Graph-replayed decode gives the same logits as eager decode.
