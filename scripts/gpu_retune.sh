@@ -2,11 +2,13 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|decode|wide|options|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|decode|deferred|wide|options|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
+# deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with writes every 2 (default), 1 and
+#         4 steps, and MIMO R = 4 b128 with its opt-in deferred form.
 # wide:   the stream GEMM's wide form (65–128 rows, opt-in: MAMBA3_STREAM_GEMM=all) against cuBLAS: the 1.5B products
 #         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128
 #         (with the norms folded into the products, the default there, and without; and with the Mamba-3 kernels
@@ -48,6 +50,18 @@ if [[ $what == decode || $what == all ]]; then
   timeout 400 scripts/decode_ab.sh -p 1.5b -b 128 -r "$rounds" -- "" "MAMBA3_GEMM_TUNE=1" \
     "MAMBA3_PDL_MAX_ROWS=128" "MAMBA3_DECODE_PREFETCH=product" "MAMBA3_DECODE_PREFETCH=kernel" \
     2>&1 | tee "$OUT/retune_decode.txt"
+fi
+if [[ $what == deferred || $what == all ]]; then
+  # Deferred state writes (docs/kernels/mamba3_cuda.md): their tests, then SISO every 2 steps (the default) against
+  # every-step writes and every 4, at batch 1, 16 and 128, and MIMO every step (the default) against its opt-in form.
+  for bin in test_mamba3_gpu test_model_gpu; do
+    [[ -x run/bin/$bin ]] && timeout 120 run/bin/$bin --gtest_filter=*Deferred* --gtest_brief=1 2>&1 |
+      tail -5 | tee -a "$OUT/retune_deferred.txt"
+  done
+  timeout 300 scripts/decode_ab.sh -p 1.5b -b "1 16 128" -r "$rounds" -- "" "MAMBA3_DECODE_STATE_WRITES=1" \
+    "MAMBA3_DECODE_STATE_WRITES=4" 2>&1 | tee -a "$OUT/retune_deferred.txt"
+  timeout 200 scripts/decode_ab.sh -p 1.5b-mimo -b 128 -r "$rounds" -- "" \
+    "MAMBA3_DECODE_DEFER_MIMO=1 MAMBA3_DECODE_STATE_WRITES=2" 2>&1 | tee -a "$OUT/retune_deferred.txt"
 fi
 if [[ $what == options || $what == all ]]; then
   for setting in "" "MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" "MAMBA3_STREAM_GEMM_WIDE_TILE=64"; do
