@@ -18,6 +18,25 @@ namespace {
 constexpr int kMaxP = 128;
 constexpr int kMaxN = 256;
 
+// The deferred writes' weights of entries 0 … m (m ≤ MAXW; w zero past m) and, returned, A: from the newest entry
+// back, w_j gets γ_j·Π α_{j+1..m}, w_{j−1} gets β_j·Π α_{j+1..m}, then the product takes α_j; A is the product over
+// every entry after the base. At m = 1: A = α, w_0 = β, w_1 = γ exactly. scalars(j) gives entry j's (α, β, γ).
+template <int MAXW, typename Scalars>
+__device__ __forceinline__ float deferred_weights(int m, float (&w)[MAXW + 1], Scalars scalars) {
+  float prod = 1.0f;
+#pragma unroll
+  for (int i = 0; i <= MAXW; ++i) w[i] = 0.0f;
+#pragma unroll
+  for (int j = MAXW; j >= 1; --j) {
+    if (j > m) continue;
+    const float3 s = scalars(j);
+    w[j] += s.z * prod;
+    w[j - 1] += s.y * prod;
+    prod *= s.x;
+  }
+  return prod;
+}
+
 // A ring entry: k of every rank (R·N), x (P), α, β, γ; rounded up to 16 bytes so that every entry's k is aligned.
 __host__ __device__ constexpr int64_t ring_entry_floats(int R, int N, int P) {
   return (int64_t(R) * N + P + 3 + 3) / 4 * 4;
@@ -315,22 +334,12 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   if (tid == (2 * R * 32) % kThreads) {
     const TokenScalars t = token_scalars(zrow, a.off_dt, H, h, a.p.dt_bias[h], a.heavy_tail, a.A_floor, a.euler);
     if constexpr (kLazy) {
-      // From the newest entry back: w_j gets γ_j·Π α_{j+1..m}, w_{j−1} gets β_j·Π α_{j+1..m}, then the product takes
-      // α_j; A is the product over every entry after the base. At m = 1: A = α, w_0 = β, w_1 = γ exactly.
       const int m = m_prev + 1;
-      float w[LW + 1], prod = 1.0f;
-#pragma unroll
-      for (int i = 0; i <= LW; ++i) w[i] = 0.0f;
-#pragma unroll
-      for (int j = LW; j >= 1; --j) {
-        if (j > m) continue;
-        const float* sj = ring + (j - 1) * ring_entry + R * N + P;  // entry j's α, β, γ (j < m)
-        const float al = j == m ? t.alpha : sj[0], be = j == m ? t.beta : sj[1], ga = j == m ? t.gamma : sj[2];
-        w[j] += ga * prod;
-        w[j - 1] += be * prod;
-        prod *= al;
-      }
-      scal[0] = prod;
+      float w[LW + 1];
+      scal[0] = deferred_weights<LW>(m, w, [&](int j) {  // entry j's α, β, γ: the ring's, this token's at j = m
+        const float* sj = ring + (j - 1) * ring_entry + R * N + P;
+        return j == m ? make_float3(t.alpha, t.beta, t.gamma) : make_float3(sj[0], sj[1], sj[2]);
+      });
 #pragma unroll
       for (int i = 0; i <= LW; ++i) scal[1 + i] = w[i];
       if (!flush) {
@@ -612,15 +621,12 @@ __global__ void mamba3_settle_kernel(Mamba3GpuState st, const float* mimo_x, int
   __shared__ float w[kMaxStateWriteEvery + 1];
   __shared__ float A;
   if (tid == 0) {
-    float prod = 1.0f;
-    for (int i = 0; i <= m; ++i) w[i] = 0.0f;
-    for (int j = m; j >= 1; --j) {
+    float wl[kMaxStateWriteEvery + 1];
+    A = deferred_weights<kMaxStateWriteEvery>(m, wl, [&](int j) {
       const float* sj = ring + (j - 1) * E + R * N + P;
-      w[j] += sj[2] * prod;
-      w[j - 1] += sj[1] * prod;
-      prod *= sj[0];
-    }
-    A = prod;
+      return make_float3(sj[0], sj[1], sj[2]);
+    });
+    for (int i = 0; i <= m; ++i) w[i] = wl[i];
   }
   __syncthreads();
   StateT* ssm;
