@@ -122,6 +122,8 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   // TC: K (cached and new k of every rank) and Q rows in the products' bank-spread layout; the right column half's y.
   __shared__ __align__(16) float ktab[TC ? head_tc_kpad(R, LW) * kHeadTcPitch : 4], qtab[TC ? kHeadTcQFloats : 4];
   __shared__ float yhalf[TC ? R * kP : 4];
+  // TC, deferred writes, a step without the head's write: the K rows' dot products with the Q rows (term j, rank r).
+  __shared__ float gtab[TC && kLazy ? head_tc_terms(R, LW) * R : 1];
   extern __shared__ __align__(128) float hstage[];  // TC: the head's P × N state (dynamic shared memory)
   __shared__ __align__(8) uint64_t hstage_full;     // TC: the state's bulk copy has landed
   __shared__ float ang_cs[kMaxN / 2], ang_sn[kMaxN / 2];
@@ -201,18 +203,28 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   }
   // Deferred writes: the head's count of pending tokens (m_prev, in ring entries 0 … m_prev − 1) and its step phase;
   // this token is entry m = m_prev + 1 counting the base (k_{−1}, x_{−1} in the k and v states) as entry 0. The
-  // ring's k are loaded whole and masked (never-written entries may hold anything).
+  // ring's entries are requested whole, with the count word rather than after it (one round trip, not two), and
+  // those past the pending ones masked once it arrives (never-written entries may hold anything). The scalars thread
+  // copies the entries' α, β, γ into ring_scal (its deferred weights: a chain of loads otherwise, measured +0.9 ms per
+  // 1.5B MIMO b128 step at W = 4 on an H100).
   int m_prev = 0, phase = 0;
   bool flush = true;
   float* ring = nullptr;
   float kr[LW > 1 ? LW - 1 : 1][VPL][VW];
   const int64_t ring_entry = kLazy ? ring_entry_floats(R, N, P) : 0;
+  const bool scalars_thread = tid == (2 * R * 32) % kThreads;  // α, β, γ and the deferred weights (step 2)
+  __shared__ __align__(16) float ring_scal[kLazy ? 4 * (LW - 1) : 4];
   if constexpr (kLazy) {
     const int word = a.st.lazy[item];
-    m_prev = min(word & 0xff, LW - 1);
-    phase = (word >> 8) & 0xff;
-    flush = (phase + h) % LW == LW - 1 || m_prev == LW - 1;
     ring = a.st.ring + int64_t(item) * (LW - 1) * ring_entry;
+    if (scalars_thread) {
+#pragma unroll
+      for (int j = 0; j < LW - 1; ++j) {
+#pragma unroll
+        for (int c = 0; c < 3; ++c)  // α, β, γ (at R·N + P: 4-byte aligned only, P may be odd)
+          __pipeline_memcpy_async(ring_scal + 4 * j + c, ring + j * ring_entry + R * N + P + c, 4);
+      }
+    }
 #pragma unroll
     for (int j = 0; j < LW - 1; ++j) {
 #pragma unroll
@@ -220,8 +232,18 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
 #pragma unroll
         for (int e = 0; e < VW; ++e) kr[j][v][e] = 0.0f;
         // FMA rows (SISO): every lane; tensor-core rows: the B warp of rank vr, for the K table.
-        if ((!TC || (stager && !is_c)) && on[v] && j < m_prev)
-          load_vec(ring + j * ring_entry + (TC ? vr : 0) * N + nv[v], kr[j][v]);
+        if ((!TC || (stager && !is_c)) && on[v]) load_vec(ring + j * ring_entry + (TC ? vr : 0) * N + nv[v], kr[j][v]);
+      }
+    }
+    m_prev = min(word & 0xff, LW - 1);
+    phase = (word >> 8) & 0xff;
+    flush = (phase + h) % LW == LW - 1 || m_prev == LW - 1;
+#pragma unroll
+    for (int j = 0; j < LW - 1; ++j) {
+#pragma unroll
+      for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+        for (int e = 0; e < VW; ++e) kr[j][v][e] = j < m_prev ? kr[j][v][e] : 0.0f;
       }
     }
   }
@@ -306,10 +328,14 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
     cxc = xrow[cp];
     if constexpr (kLazy) {
 #pragma unroll
-      for (int j = 0; j < LW - 1; ++j) cxr[j] = j < m_prev ? ring[j * ring_entry + R * N + cp] : 0.0f;
+      for (int j = 0; j < LW - 1; ++j) cxr[j] = ring[j * ring_entry + R * N + cp];  // masked below, once m_prev is in
     }
   }
   const float Dh = a.p.D[h];
+  if constexpr (kLazy) {
+#pragma unroll
+    for (int j = 0; j < LW - 1; ++j) cxr[j] = j < m_prev ? cxr[j] : 0.0f;
+  }
 
   // A row the slot mask skips returns here, block-uniform and before the first write and barrier: its mask word is read
   // after every load above was issued, so that its round trip overlaps theirs instead of delaying them (the copies
@@ -331,13 +357,14 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
     *angle = ang;
     sincosf(ang, &ang_sn[j], &ang_cs[j]);
   }
-  if (tid == (2 * R * 32) % kThreads) {
+  if (scalars_thread) {
     const TokenScalars t = token_scalars(zrow, a.off_dt, H, h, a.p.dt_bias[h], a.heavy_tail, a.A_floor, a.euler);
     if constexpr (kLazy) {
       const int m = m_prev + 1;
       float w[LW + 1];
+      __pipeline_wait_prior(0);  // ring_scal (and this thread's output-stage copies, issued with them)
       scal[0] = deferred_weights<LW>(m, w, [&](int j) {  // entry j's α, β, γ: the ring's, this token's at j = m
-        const float* sj = ring + (j - 1) * ring_entry + R * N + P;
+        const float* sj = ring_scal + 4 * (j - 1);
         return j == m ? make_float3(t.alpha, t.beta, t.gamma) : make_float3(sj[0], sj[1], sj[2]);
       });
 #pragma unroll
@@ -439,12 +466,72 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       }
     }
   }
+  // Deferred writes, a step in which the head does not write its state: y = A·(H_b·q) + Σ_i coef_i·(k_i·q), so the
+  // rows only read H_b (one FMA per element instead of the update's 3 + W). The k_i·q of the base (entry 0), the
+  // ring's entries and the new token (at LW): FMA rows, per warp (every lane holds its columns of every k); the
+  // tensor-core rows, from the K and Q tables into gtab. Entries past the pending ones are zero, as are their coefs.
+  [[maybe_unused]] float gk[kLazy ? LW + 1 : 1];
+  if constexpr (kLazy) {
+    if (!flush) {
+      if constexpr (TC) {
+        // Thread (j, s): K row j's column segment s against every Q row (k read once for the R ranks), Q segments per
+        // row summed over Q adjacent lanes: a few pipelined loads and shuffles per thread, not a warp per product.
+        constexpr int KK = head_tc_terms(R, LW);
+        constexpr int Q = KK * 32 <= kThreads ? 32 : KK * 16 <= kThreads ? 16 : KK * 8 <= kThreads ? 8 : 4;
+        constexpr int SEG = kHeadTcN / Q;
+        static_assert(KK * Q <= kThreads, "one thread per (K row, segment)");
+        const bool act = tid < KK * Q;
+        const int j = act ? tid / Q : 0, c0 = (tid % Q) * SEG;
+        const float* kt = ktab + head_tc_row(j) + c0;  // rows at even offsets: float2 loads
+        float g[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) g[r] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < SEG; c += 2) {
+          const float2 k = *reinterpret_cast<const float2*>(kt + c);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const float2 q = *reinterpret_cast<const float2*>(qtab + head_tc_row(r) + c0 + c);
+            g[r] = fmaf(k.y, q.y, fmaf(k.x, q.x, g[r]));
+          }
+        }
+#pragma unroll
+        for (int o = 1; o < Q; o <<= 1) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) g[r] += __shfl_xor_sync(0xffffffffu, g[r], o);
+        }
+        if (act && tid % Q == 0) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) gtab[j * R + r] = g[r];
+        }
+        __syncthreads();  // block-uniform: flush is the head's
+      } else {
+        float sk[LW + 1];
+#pragma unroll
+        for (int i = 0; i <= LW; ++i) sk[i] = 0.0f;
+#pragma unroll
+        for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+          for (int e = 0; e < VW; ++e) {  // lanes past N hold zeros
+            const float q = qc[0][v][e];
+            sk[0] = fmaf(kp[0][v][e], q, sk[0]);
+#pragma unroll
+            for (int j = 0; j < LW - 1; ++j) sk[1 + j] = fmaf(kr[j][v][e], q, sk[1 + j]);
+            sk[LW] = fmaf(kc[0][v][e], q, sk[LW]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i <= LW; ++i) gk[i] = warp_sum(sk[i]);
+      }
+    }
+  }
 
   // 4. Rows. Group g takes rows [RG·g, RG·g + RG), then the same RG·groups further on. Whole groups of whole float4
   // rows (P a multiple of RG·groups, N = 128·VPL: the common shapes) run without per-row bound checks, as straight-line
   // code in which the compiler can overlap one row's warp reduction with the next row's FMAs.
-  auto rows = [&](auto checked) {
+  auto rows = [&](auto checked, auto read_only) {
     constexpr bool kChecked = decltype(checked)::value;
+    constexpr bool kReadOnly = decltype(read_only)::value;  // deferred, not this head's write: y from H_b and gk
     for (int p0 = group * RG; p0 < P; p0 += groups * RG) {
       if (p0 != group * RG) load_rows(p0);
 #pragma unroll
@@ -469,28 +556,39 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
           if constexpr (kChecked) {
             if (!on[v]) continue;
           }
-          float hn[VW];
+          if constexpr (kReadOnly) {
 #pragma unroll
-          for (int e = 0; e < VW; ++e) {
-            hn[e] = alpha * hs[i][v].at(e);
+            for (int e = 0; e < VW; ++e) part[0] = fmaf(hs[i][v].at(e), qc[0][v][e], part[0]);
+          } else {
+            float hn[VW];
+#pragma unroll
+            for (int e = 0; e < VW; ++e) {
+              hn[e] = alpha * hs[i][v].at(e);
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
+                if constexpr (kLazy) {
+#pragma unroll
+                  for (int j = 0; j < LW - 1; ++j) hn[e] = fmaf(cr[j], kr[j][v][e], hn[e]);
+                }
+                hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
+              }
+            }
+            state_store4_stream(ssm + int64_t(p) * N + nv[v], hn);  // deferred: this step is the head's write
 #pragma unroll
             for (int r = 0; r < R; ++r) {
-              hn[e] = fmaf(vp[r], kp[r][v][e], hn[e]);
-              if constexpr (kLazy) {
 #pragma unroll
-                for (int j = 0; j < LW - 1; ++j) hn[e] = fmaf(cr[j], kr[j][v][e], hn[e]);
-              }
-              hn[e] = fmaf(vc[r], kc[r][v][e], hn[e]);
+              for (int e = 0; e < VW; ++e) part[r] = fmaf(hn[e], qc[r][v][e], part[r]);
             }
           }
-          if (!kLazy || flush) state_store4_stream(ssm + int64_t(p) * N + nv[v], hn);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-#pragma unroll
-            for (int e = 0; e < VW; ++e) part[r] = fmaf(hn[e], qc[r][v][e], part[r]);
-          }
         }
-        const float y = reduce_ranks<R>(part, lane);
+        float y = reduce_ranks<R>(part, lane);
+        if constexpr (kReadOnly) {  // R = 1
+          float c = vc[0] * gk[LW];
+#pragma unroll
+          for (int j = LW - 2; j >= 0; --j) c = fmaf(cr[j], gk[1 + j], c);
+          y = fmaf(alpha, y, fmaf(vp[0], gk[0], c));
+        }
         const int r = rank_of_lane<R>(lane);
         if (lane % rank_span<R>() == 0 && r < R) ybuf[r * P + p] = y + dskip[r * P + p];
       }
@@ -498,13 +596,25 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   };
   if constexpr (TC) {
     mbar_wait(&hstage_full, 0);  // its initialisation was published by the barriers above
-    head_tc_rows<R, CS, head_tc_terms(R, LW)>(hst, ssm, head_tc_lane(warp, lane), alpha, coef, ktab, qtab, dskip, ybuf,
-                                              yhalf, !kLazy || flush);
+    bool read_only = false;
+    if constexpr (kLazy) {
+      read_only = !flush;
+      if (read_only)
+        head_tc_read_only_y<R, CS, head_tc_terms(R, LW)>(hst, head_tc_lane(warp, lane), alpha, coef, gtab, qtab, dskip,
+                                                         ybuf, yhalf);
+    }
+    if (!read_only)
+      head_tc_rows<R, CS, head_tc_terms(R, LW)>(hst, ssm, head_tc_lane(warp, lane), alpha, coef, ktab, qtab, dskip,
+                                                ybuf, yhalf);
+  } else {
+    const bool whole = P % (groups * RG) == 0 && N == 128 * VPL;
+    bool read_only = false;
+    if constexpr (kLazy) {
+      read_only = !flush;
+      if (read_only) whole ? rows(std::false_type{}, std::true_type{}) : rows(std::true_type{}, std::true_type{});
+    }
+    if (!read_only) whole ? rows(std::false_type{}, std::false_type{}) : rows(std::true_type{}, std::false_type{});
   }
-  else if (P % (groups * RG) == 0 && N == 128 * VPL)
-    rows(std::false_type{});
-  else
-    rows(std::true_type{});
   __pipeline_wait_prior(0);
   __syncthreads();
 

@@ -103,12 +103,11 @@ __device__ __forceinline__ void state_store4_stream(__nv_bfloat16* p, const floa
          make_uint2(*reinterpret_cast<const unsigned*>(&a), *reinterpret_cast<const unsigned*>(&b)));
 }
 
-// KK: the update's rank terms (head_tc_terms; coef columns and ktab rows from KK on are not read). store: whether
-// the updated state goes back to ssm (deferred writes keep it only for y on the steps a head does not write).
+// KK: the update's rank terms (head_tc_terms; coef columns and ktab rows from KK on are not read).
 template <int R, int CS, int KK, typename T>
 __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcLane& l, float alpha, const float* coef,
                                              const float* ktab, const float* qtab, const float* dskip, float* ybuf,
-                                             float* yhalf, bool store = true) {
+                                             float* yhalf) {
   static_assert(R >= 2 && R <= 4, "MIMO ranks");
   constexpr int P = kHeadTcP, N = kHeadTcN, KS = (KK + 7) / 8;  // k-steps of the update
   static_assert(CS >= KK, "the coefficient rows hold every term");
@@ -170,13 +169,11 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
         mma_3xtf32(yacc, ah, ar, qh, qr);
       }
     }
-    if (store) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < 2; ++i) {
 #pragma unroll
-        for (int mm = 0; mm < 2; ++mm)
-          state_store4_stream(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t, hs[i][mm]);
-      }
+      for (int mm = 0; mm < 2; ++mm)
+        state_store4_stream(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t, hs[i][mm]);
     }
   }
   // yacc: (p0, 2t), (p0, 2t + 1), (p1, 2t), (p1, 2t + 1).
@@ -190,6 +187,60 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
     } else {
       yhalf[r * P + p0] = yacc[e];
       yhalf[r * P + p1] = yacc[2 + e];
+    }
+  }
+}
+
+// A deferred-writes step of a head that does not write its state this step (mamba3_decode_gpu.cu): y from the
+// stored base state H_b without forming h' = A·H_b + V·K, as y_r = A·(H_b·q_r) + Σ_j V_j·(K_j·q_r). gtab (KK × R):
+// the K rows' dot products with the Q rows, formed by the kernel; the product is the y product of head_tc_rows on
+// H_b, so a step costs a third of the tensor work of one that writes (W = 2: KK = 12, two update k-steps).
+template <int R, int CS, int KK, typename T>
+__device__ __forceinline__ void head_tc_read_only_y(const T* hsm, const HeadTcLane& l, float A, const float* coef,
+                                                    const float* gtab, const float* qtab, const float* dskip,
+                                                    float* ybuf, float* yhalf) {
+  static_assert(R >= 2 && R <= 4, "MIMO ranks");
+  constexpr int P = kHeadTcP, N = kHeadTcN;
+  static_assert(CS >= KK, "the coefficient rows hold every term");
+  const int p0 = 16 * l.rt + l.g, p1 = p0 + 8;
+  float yacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const bool q_row = l.g < R;
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    float h0[4], h1[4];
+    state_load4(hsm + p0 * N + 64 * l.nh + 16 * m + 4 * l.t, h0);
+    state_load4(hsm + p1 * N + 64 * l.nh + 16 * m + 4 * l.t, h1);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int base = 64 * l.nh + 16 * m + 2 * s;
+      uint32_t ah[4], ar[4], qh[2], qr[2];
+      split_tf32(h0[2 * s], ah[0], ar[0]);
+      split_tf32(h1[2 * s], ah[1], ar[1]);
+      split_tf32(h0[2 * s + 1], ah[2], ar[2]);
+      split_tf32(h1[2 * s + 1], ah[3], ar[3]);
+      const float2 q =
+          q_row ? *reinterpret_cast<const float2*>(qtab + head_tc_row(l.g) + base + 4 * l.t) : make_float2(0.0f, 0.0f);
+      split_tf32(q.x, qh[0], qr[0]);
+      split_tf32(q.y, qh[1], qr[1]);
+      mma_3xtf32(yacc, ah, ar, qh, qr);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = 2 * l.t + e;
+    if (r >= R) continue;
+    if (l.nh == 0) {  // the left half adds the pending tokens' terms and the D skip
+      float c0 = dskip[r * P + p0], c1 = dskip[r * P + p1];
+#pragma unroll
+      for (int j = 0; j < KK; ++j) {
+        c0 = fmaf(coef[p0 * CS + j], gtab[j * R + r], c0);
+        c1 = fmaf(coef[p1 * CS + j], gtab[j * R + r], c1);
+      }
+      ybuf[r * P + p0] = fmaf(A, yacc[e], c0);
+      ybuf[r * P + p1] = fmaf(A, yacc[2 + e], c1);
+    } else {
+      yhalf[r * P + p0] = A * yacc[e];
+      yhalf[r * P + p1] = A * yacc[2 + e];
     }
   }
 }
