@@ -20,7 +20,7 @@ DecodeChoice& choice_slot() {
     d.head_tensor_cores = env_choice("MAMBA3_HEAD_DECODE_TC", {"1", "0"}) != "0";  // on unless "0"
     d.head_tc_min_items = env_integer("MAMBA3_HEAD_DECODE_TC_MIN", d.head_tc_min_items, 1, int64_t(1) << 40);
     d.early_state = env_choice("MAMBA3_DECODE_EARLY_STATE", {"1", "0"}) != "0";  // on unless "0"
-    d.mimo_deferred_writes = env_choice("MAMBA3_DECODE_DEFER_MIMO", {"0", "1"}) == "1";
+    d.mimo_deferred_writes = env_choice("MAMBA3_DECODE_DEFER_MIMO", {"1", "0"}) != "0";  // on unless "0"
     return d;
   }();
   return c;
@@ -44,7 +44,7 @@ bool mamba3_decode_defers_writes(const Mamba3KernelShape& shape, const Mamba3Gpu
   static_cast<Mamba3KernelShape&>(args) = shape;
   const DecodeChoice c = decode_choice();
   // SISO on the head kernel's FMA rows at N ≤ 128 (one float4 per lane: at N = 256 the pending k spill); MIMO on its
-  // tensor-core rows (P = 64, N = 128) when asked, at every batch once deferring.
+  // tensor-core rows (P = 64, N = 128) unless turned off, at every batch once deferring.
   const bool kernel = shape.R == 1 ? !shape.mimo && shape.N <= 128
                                    : head_decode_tc_fits(args) && c.head_tensor_cores && c.mimo_deferred_writes;
   return st.write_every > 1 && st.lazy && st.ring && aligned16(st.ring) && kernel &&

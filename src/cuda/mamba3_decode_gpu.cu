@@ -203,10 +203,9 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   }
   // Deferred writes: the head's count of pending tokens (m_prev, in ring entries 0 … m_prev − 1) and its step phase;
   // this token is entry m = m_prev + 1 counting the base (k_{−1}, x_{−1} in the k and v states) as entry 0. The
-  // ring's entries are requested whole, with the count word rather than after it (one round trip, not two), and
-  // those past the pending ones masked once it arrives (never-written entries may hold anything). The scalars thread
-  // copies the entries' α, β, γ into ring_scal (its deferred weights: a chain of loads otherwise, measured +0.9 ms per
-  // 1.5B MIMO b128 step at W = 4 on an H100).
+  // ring's k and x are loaded for the pending entries only (requesting every entry with the count word and masking
+  // after it arrived spilled at W = 4: 1.5B SISO b128 5.45 → 5.70 ms on an H100). The scalars thread copies every
+  // entry's α, β, γ into ring_scal at once (its deferred weights were a chain of dependent loads).
   int m_prev = 0, phase = 0;
   bool flush = true;
   float* ring = nullptr;
@@ -216,6 +215,9 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   __shared__ __align__(16) float ring_scal[kLazy ? 4 * (LW - 1) : 4];
   if constexpr (kLazy) {
     const int word = a.st.lazy[item];
+    m_prev = min(word & 0xff, LW - 1);
+    phase = (word >> 8) & 0xff;
+    flush = (phase + h) % LW == LW - 1 || m_prev == LW - 1;
     ring = a.st.ring + int64_t(item) * (LW - 1) * ring_entry;
     if (scalars_thread) {
 #pragma unroll
@@ -232,18 +234,8 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
 #pragma unroll
         for (int e = 0; e < VW; ++e) kr[j][v][e] = 0.0f;
         // FMA rows (SISO): every lane; tensor-core rows: the B warp of rank vr, for the K table.
-        if ((!TC || (stager && !is_c)) && on[v]) load_vec(ring + j * ring_entry + (TC ? vr : 0) * N + nv[v], kr[j][v]);
-      }
-    }
-    m_prev = min(word & 0xff, LW - 1);
-    phase = (word >> 8) & 0xff;
-    flush = (phase + h) % LW == LW - 1 || m_prev == LW - 1;
-#pragma unroll
-    for (int j = 0; j < LW - 1; ++j) {
-#pragma unroll
-      for (int v = 0; v < VPL; ++v) {
-#pragma unroll
-        for (int e = 0; e < VW; ++e) kr[j][v][e] = j < m_prev ? kr[j][v][e] : 0.0f;
+        if ((!TC || (stager && !is_c)) && on[v] && j < m_prev)
+          load_vec(ring + j * ring_entry + (TC ? vr : 0) * N + nv[v], kr[j][v]);
       }
     }
   }
@@ -328,14 +320,10 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
     cxc = xrow[cp];
     if constexpr (kLazy) {
 #pragma unroll
-      for (int j = 0; j < LW - 1; ++j) cxr[j] = ring[j * ring_entry + R * N + cp];  // masked below, once m_prev is in
+      for (int j = 0; j < LW - 1; ++j) cxr[j] = j < m_prev ? ring[j * ring_entry + R * N + cp] : 0.0f;
     }
   }
   const float Dh = a.p.D[h];
-  if constexpr (kLazy) {
-#pragma unroll
-    for (int j = 0; j < LW - 1; ++j) cxr[j] = j < m_prev ? cxr[j] : 0.0f;
-  }
 
   // A row the slot mask skips returns here, block-uniform and before the first write and barrier: its mask word is read
   // after every load above was issued, so that its round trip overlaps theirs instead of delaying them (the copies

@@ -52,7 +52,7 @@ bool head_decode_tc_fits(const Mamba3DecodeArgs& a);
 // W−1 of W heads only read their state, so the state traffic falls from 2 to 1 + 1/W reads' worth (the 1.5B SISO b128
 // step moves 13.2 GB of state at W = 1, 9.9 GB at W = 2, 8.2 GB at W = 4). Exact up to f32 rounding: the sums
 // are the recurrence's, in another order. SISO (R = 1, N ≤ 128) on the FMA rows, MIMO on the tensor-core rows (P = 64,
-// N = 128: the update's k-dimension grows from 2R to (W + 1)·R terms; only with DecodeChoice::mimo_deferred_writes);
+// N = 128: the update's k-dimension grows from 2R to (W + 1)·R terms; DecodeChoice::mimo_deferred_writes);
 // other routes settle first.
 constexpr int kMaxStateWriteEvery = 4;
 // Floats of one ring entry (k of every rank, x, α, β, γ; 16-byte multiple), and of a (row, head)'s ring.
@@ -94,14 +94,14 @@ struct DecodeChoice {
   int64_t head_tc_min_items = 512;
   // The head kernel requests its state rows and cached k before waiting for in_proj (mamba3_head_decode_gpu).
   bool early_state = true;
-  // Deferred state writes for MIMO layers on the tensor-core rows (mamba3_decode_defers_writes): off by default —
-  // measured slower (1.5B MIMO R = 4 b128 on an H200: 5.74 → 5.79 ms at W = 2) and its tests not yet run on a GPU.
-  bool mimo_deferred_writes = false;
+  // Deferred state writes for MIMO layers on the tensor-core rows (mamba3_decode_defers_writes): with read-only
+  // steps, 1.5B MIMO R = 4 b128 on an H100 6.99 → 6.93–6.96 ms at W = 2 (without them, an H200: 5.74 → 5.79).
+  bool mimo_deferred_writes = true;
 };
 // Process-wide. Defaults from MAMBA3_DECODE_KERNEL (auto | head | stream), MAMBA3_STREAM_DECODE_MIN (pairs),
 // MAMBA3_STREAM_DECODE_STAGES (2 | 3), MAMBA3_STREAM_DECODE_BLOCKS (per head; 0 = fill the device),
 // MAMBA3_HEAD_DECODE_TC (1 | 0), MAMBA3_HEAD_DECODE_TC_MIN (pairs), MAMBA3_DECODE_EARLY_STATE (1 | 0, default 1) and
-// MAMBA3_DECODE_DEFER_MIMO (0 | 1, default 0),
+// MAMBA3_DECODE_DEFER_MIMO (1 | 0, default 1),
 // read on first use; tests set it.
 DecodeChoice decode_choice();
 void set_decode_choice(const DecodeChoice& c);
