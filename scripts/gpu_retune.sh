@@ -7,8 +7,9 @@
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
-# deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with writes every 2 (default), 1 and
-#         4 steps, and MIMO R = 4 b128 with its opt-in deferred form.
+# deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with the automatic interval (every 4
+#         steps from 128 rows, every 2 below) against every 2, 1 and 4 steps, MIMO R = 4 b128 deferred (default, W = 2)
+#         against every-step writes, and the MIMO step's kernels (ncu, scripts/gpu_profile.sh) at both.
 # wide:   the stream GEMM's wide form (65–128 rows, opt-in: MAMBA3_STREAM_GEMM=all) against cuBLAS: the 1.5B products
 #         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128
 #         (with the norms folded into the products, the default there, and without; and with the Mamba-3 kernels
@@ -52,16 +53,22 @@ if [[ $what == decode || $what == all ]]; then
     2>&1 | tee "$OUT/retune_decode.txt"
 fi
 if [[ $what == deferred || $what == all ]]; then
-  # Deferred state writes (docs/kernels/mamba3_cuda.md): their tests, then SISO every 2 steps (the default) against
-  # every-step writes and every 4, at batch 1, 16 and 128, and MIMO every step (the default) against its opt-in form.
+  # Deferred state writes (docs/kernels/mamba3_cuda.md): their tests, then SISO with the automatic interval against
+  # every 2, every step and every 4, at batch 1, 16 and 128, and MIMO deferred (the default) against every step. Note
+  # that MAMBA3_DECODE_STATE_WRITES applies to MIMO layers too.
   for bin in test_mamba3_gpu test_model_gpu; do
     [[ -x run/bin/$bin ]] && timeout 120 run/bin/$bin --gtest_filter=*Deferred* --gtest_brief=1 2>&1 |
       tail -5 | tee -a "$OUT/retune_deferred.txt"
   done
-  timeout 300 scripts/decode_ab.sh -p 1.5b -b "1 16 128" -r "$rounds" -- "" "MAMBA3_DECODE_STATE_WRITES=1" \
-    "MAMBA3_DECODE_STATE_WRITES=4" 2>&1 | tee -a "$OUT/retune_deferred.txt"
-  timeout 200 scripts/decode_ab.sh -p 1.5b-mimo -b 128 -r "$rounds" -- "" \
-    "MAMBA3_DECODE_DEFER_MIMO=1 MAMBA3_DECODE_STATE_WRITES=2" 2>&1 | tee -a "$OUT/retune_deferred.txt"
+  timeout 300 scripts/decode_ab.sh -p 1.5b -b "1 16 128" -r "$rounds" -- "" "MAMBA3_DECODE_STATE_WRITES=2" \
+    "MAMBA3_DECODE_STATE_WRITES=1" "MAMBA3_DECODE_STATE_WRITES=4" 2>&1 | tee -a "$OUT/retune_deferred.txt"
+  timeout 200 scripts/decode_ab.sh -p 1.5b-mimo -b 128 -r "$rounds" -- "" "MAMBA3_DECODE_DEFER_MIMO=0" \
+    2>&1 | tee -a "$OUT/retune_deferred.txt"
+  # Why MIMO gains little from fewer state bytes: its step's kernels, deferred and every step.
+  for setting in "" "MAMBA3_DECODE_DEFER_MIMO=0"; do
+    echo "== MIMO b128 kernels, ${setting:-defaults}" >> "$OUT/retune_deferred_profile.txt"
+    env $setting timeout 240 scripts/gpu_profile.sh decode 1.5b-mimo 128 >> "$OUT/retune_deferred_profile.txt" 2>&1
+  done
 fi
 if [[ $what == options || $what == all ]]; then
   for setting in "" "MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" "MAMBA3_STREAM_GEMM_WIDE_TILE=64"; do
