@@ -127,14 +127,13 @@ struct CudaModel::Impl {
   bool fold_norms = fold_norms_from_env();  // set_fold_norms
   int state_writes_every = state_writes_from_env();  // set_state_writes_every (0: auto)
 
-  // The write interval of a layer's states in a cache of `batch` rows: the set one where its decode defers, else 1.
-  // Auto (H100, 1.5B, with read-only steps; docs/kernels/mamba3_cuda.md): SISO every 4 steps from 128 rows (b128
-  // 5.60–5.62 → 5.45–5.47 ms against every 2; every step 6.38) and every 2 below (b16 1.970 against 1.986–1.991 at
-  // every 4); MIMO every 2 (b128 6.99 → 6.93–6.96; every 4 is slower, 7.76–7.77).
-  int writes_every(const GpuMamba3Layer& layer, int64_t batch) const {
+  // The write interval of a layer's states: the set one where its decode defers, else 1. Auto: every 2 steps (H100,
+  // 1.5B, with read-only steps; docs/kernels/mamba3_cuda.md: SISO b128 6.38 → 5.57–5.65 ms, MIMO 6.99 → 6.93–6.96).
+  // Every 4 steps is faster for SISO at b128 (5.45–5.47) but 1 % slower at b16, and an interval chosen by the cache's
+  // batch would break copy_row between caches of different sizes (the server's one-row prompt caches and its slots).
+  int writes_every(const GpuMamba3Layer& layer) const {
     if (!layer.defers_state_writes()) return 1;
-    if (state_writes_every > 0) return state_writes_every;
-    return layer.config().is_mimo || batch < 128 ? 2 : kMaxStateWriteEvery;
+    return state_writes_every > 0 ? state_writes_every : 2;
   }
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
@@ -367,9 +366,9 @@ void CudaModel::set_state_writes_every(int every) {
                "set_state_writes_every: {} (state writes every 1, 2 or 4 decode steps; 0: by layer)", every);
   impl_->state_writes_every = every;
 }
-int CudaModel::state_writes_every(int64_t batch) const {
+int CudaModel::state_writes_every() const {
   for (const Impl::Block& b : impl_->blocks)
-    if (b.mamba) return impl_->writes_every(*b.mamba, batch);
+    if (b.mamba) return impl_->writes_every(*b.mamba);
   return 1;
 }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }
@@ -396,25 +395,25 @@ size_t CudaModel::parameter_bytes() const {
   return n;
 }
 
-size_t CudaModel::state_bytes_per_sequence(int64_t batch) const {
+size_t CudaModel::state_bytes_per_sequence() const {
   size_t n = 0;
   for (const Impl::Block& b : impl_->blocks)
     if (b.mamba) {
       const Mamba3StateSizes z(b.mamba->config());
       n += size_t(z.total()) * sizeof(float) - (impl_->state_precision == Precision::BF16 ? size_t(z.ssm) * 2 : 0);
-      if (const int every = impl_->writes_every(*b.mamba, batch); every > 1)
+      if (const int every = impl_->writes_every(*b.mamba); every > 1)
         n += size_t(b.mamba->config().nheads() * (1 + mamba3_ring_floats_per_head(b.mamba->config(), every))) * 4;
     }
   return n;
 }
 
-double CudaModel::decode_state_traffic_per_sequence(int64_t batch) const {
+double CudaModel::decode_state_traffic_per_sequence() const {
   double n = 0;
   for (const Impl::Block& b : impl_->blocks)
     if (b.mamba) {
       const Mamba3StateSizes z(b.mamba->config());
       const double ssm = double(z.ssm) * (impl_->state_precision == Precision::BF16 ? 2 : 4);
-      const int every = impl_->writes_every(*b.mamba, batch);
+      const int every = impl_->writes_every(*b.mamba);
       n += 2.0 * double(z.angle + z.k + z.v) * 4 + ssm * (1.0 + 1.0 / every);
     }
   return n;
@@ -428,7 +427,7 @@ GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
   c->capacity = capacity;
   c->positions.assign(size_t(batch), 0);
   for (const Impl::Block& b : impl_->blocks) {
-    const int every = b.mamba ? impl_->writes_every(*b.mamba, batch) : 1;
+    const int every = b.mamba ? impl_->writes_every(*b.mamba) : 1;
     c->mamba.push_back(b.mamba ? std::make_unique<GpuMamba3State>(b.mamba->config(), batch,
                                                                   impl_->state_precision == Precision::BF16, every)
                                : nullptr);

@@ -272,18 +272,13 @@ TEST(ModelGpu, DeferredStateWritesTrackEveryStepWrites) {
   for (const Case& cs : cases) {
     const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
     const TensorMap w = init_weights(c, 15);
-    {  // the automatic interval: SISO every 4 steps in caches of ≥ 128 rows and every 2 below, MIMO every 2
+    {  // the automatic interval: every 2 steps where the layer's decode defers (SISO and MIMO alike), else 1
       SCOPED_TRACE(std::string(cs.name) + " auto");
       const Mamba3Config& s = c.ssm;
       const bool defers = s.is_mimo ? s.headdim == 64 && s.d_state == 128 : s.d_state % 4 == 0 && s.d_state <= 128;
       cuda::CudaModel m(c, w, cs.name, Precision::F32);
       m.set_state_writes_every(0);
-      EXPECT_EQ(m.state_writes_every(16), defers ? 2 : 1);
-      EXPECT_EQ(m.state_writes_every(128), defers ? (s.is_mimo ? 2 : 4) : 1);
-      if (defers && !s.is_mimo)  // fewer ssm writes per step in the wide cache
-        EXPECT_LT(m.decode_state_traffic_per_sequence(128), m.decode_state_traffic_per_sequence(16));
-      else
-        EXPECT_EQ(m.decode_state_traffic_per_sequence(128), m.decode_state_traffic_per_sequence(16));
+      EXPECT_EQ(m.state_writes_every(), defers ? 2 : 1);
     }
     for (int every : {2, 4}) {
       SCOPED_TRACE(std::string(cs.name) + " every " + std::to_string(every));
