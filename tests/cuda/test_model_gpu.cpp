@@ -329,6 +329,43 @@ TEST(ModelGpu, DeferredStateWritesTrackEveryStepWrites) {
   cuda::set_decode_choice(saved);
 }
 
+// A row moves with its pending tokens between caches of different batches — as the server moves rows between its
+// one-row prompt caches and its slot cache — and decodes on as it would have in its own cache.
+TEST(ModelGpu, DeferredRowsMoveBetweenCacheBatches) {
+  MAMBA3_REQUIRE_GPU();
+  const Case cs = random_cases()[0];  // SISO, d_state 32: its decode defers
+  const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
+  const TensorMap w = init_weights(c, 21);
+  for (int every : {0, 2, 4}) {
+    SCOPED_TRACE("every " + std::to_string(every));
+    cuda::CudaModel m(c, w, cs.name, Precision::F32);
+    m.set_state_writes_every(every);
+    ASSERT_GT(m.state_writes_every(), 1);
+    const int64_t V = c.vocab_padded(), W = 130;
+    cuda::GpuCache one = m.new_cache(1, 64), wide = m.new_cache(W, 64), back = m.new_cache(1, 64);
+    const std::vector<int64_t> prompt = {5, 17, 42, 8, 99};
+    m.prefill(prompt, 1, int64_t(prompt.size()), one);
+    Tensor lo = Tensor::empty(DType::F32, {1, V}), lw = Tensor::empty(DType::F32, {W, V}),
+           lb = Tensor::empty(DType::F32, {1, V});
+    m.step(std::vector<int64_t>{7}, one, lo);  // one token pending at W ≥ 2
+    m.copy_row(one, 0, wide, W - 1);
+    std::vector<int64_t> ids(size_t(W), 3);
+    for (int t = 0; t < 5; ++t) {
+      const int64_t id = 11 + 13 * t;
+      ids[size_t(W - 1)] = id;
+      m.step(std::vector<int64_t>{id}, one, lo);
+      m.step(ids, wide, lw);
+      const double err = rel_l2(rows(lw, W - 1, W), lo);
+      ASSERT_FALSE(std::isnan(err)) << "step " << t;
+      EXPECT_LE(err, 1e-5) << "step " << t << " in the wide cache";
+    }
+    m.copy_row(wide, W - 1, back, 0);
+    m.step(std::vector<int64_t>{23}, one, lo);
+    m.step(std::vector<int64_t>{23}, back, lb);
+    EXPECT_LE(rel_l2(lb, lo), 1e-5) << "back in a one-row cache";
+  }
+}
+
 // Graph-replayed decode gives the same logits as eager decode.
 TEST(ModelGpu, GraphReplayEqualsEager) {
   MAMBA3_REQUIRE_GPU();
