@@ -172,18 +172,18 @@ struct CudaModel::Impl {
   const float* nb(const DeviceBuffer& b) const { return b.empty() ? nullptr : b.as<float>(); }
 
   // Whether a decode step of `rows` rows folds the blocks' RMSNorms into their products (set_fold_norms): bf16
-  // weights and activations; every block a SISO Mamba-3 mixer and a GatedMLP without biases, with RMSNorms without
-  // biases; every product taking the folded forms at this row count (gpu_matrix.h: one row on the matrix-vector
-  // kernel as linear() routes it, 65–128 on the stream GEMM's wide class unless MAMBA3_STREAM_GEMM=0:
-  // stream_gemm_folds_preferred) — else the step runs the add + norm kernels.
+  // weights and activations; every block a Mamba-3 mixer (SISO, or MIMO at more than one row) and a GatedMLP without
+  // biases, with RMSNorms without biases; every product taking the folded forms at this row count (gpu_matrix.h: one
+  // row on the matrix-vector kernel as linear() routes it, 65–128 on the stream GEMM's wide class unless
+  // MAMBA3_STREAM_GEMM=0: stream_gemm_folds_preferred) — else the step runs the add + norm kernels.
   bool folds_norms(int64_t rows) const {
     if (!fold_norms || precision != Precision::BF16 || !config.rms_norm) return false;
     const auto folds = [&](const GpuMatrix& w) { return folded_norm_supported(*ctx, w, rows); };
     for (const Block& b : blocks) {
       if (!b.mamba || !b.has_mlp || !b.norm_b.empty() || !b.norm2_b.empty()) return false;
-      // SISO only: a 1.5B MIMO R = 4 step measured slower folded (H200, b1 1.187–1.195 ms against 1.208–1.209 with
-      // the state requested early either way; SISO 1.127 against 1.135–1.136).
-      if (b.mamba->config().is_mimo) return false;
+      // MIMO folds at the wide class's rows only: a 1.5B MIMO R = 4 step at one row measured slower folded (H200, b1
+      // 1.187–1.195 ms against 1.208–1.209 with the state requested early either way; SISO 1.127 against 1.135–1.136).
+      if (b.mamba->config().is_mimo && rows == 1) return false;
       if (!folds(b.mamba->in_proj()) || !folds(b.mamba->out_proj()) || !folds(b.fc1) || !folds(b.fc2)) return false;
     }
     return !blocks.empty();

@@ -534,7 +534,7 @@ TEST(ModelGpu, FoldedNormsTrackTheNormKernels) {
     expect_close_decodes(c, folded, plain, 1, 5, 8, 23, 1e-2);
     expect_equal_decodes(c, folded_eager, folded, 1, 6, 6, 29);
   }
-  // What does not fold: LayerNorm blocks; MIMO (measured slower folded); an attention layer.
+  // What does not fold at one row: LayerNorm blocks; MIMO (measured slower folded there); an attention layer.
   for (size_t ci : {size_t(0), size_t(2), size_t(3)}) {
     const Case cs = random_cases()[ci];
     const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
@@ -552,6 +552,21 @@ ModelConfig wide_batch_config() {
                     {"d_intermediate", 1032},
                     {"ssm_cfg", {{"layer", "Mamba3"}, {"d_state", 32}, {"headdim", 64}, {"chunk_size", 16}}}};
   return ModelConfig::from_json(cfg, "SISO d_model 512 + MLP");
+}
+// MIMO R = 4 at N = 128, P = 64: the head kernel's tensor-core rows (with deferred state writes by default).
+ModelConfig wide_batch_mimo_config() {
+  const json cfg = {{"d_model", 512},
+                    {"n_layer", 2},
+                    {"vocab_size", 203},
+                    {"d_intermediate", 1032},
+                    {"ssm_cfg",
+                     {{"layer", "Mamba3"},
+                      {"d_state", 128},
+                      {"headdim", 64},
+                      {"chunk_size", 16},
+                      {"is_mimo", true},
+                      {"mimo_rank", 4}}}};
+  return ModelConfig::from_json(cfg, "MIMO R=4 d_model 512 + MLP");
 }
 
 // Batches of 65–128 rows: the bf16 decode (its products through cuBLAS by default, through the stream GEMM's wide
@@ -584,9 +599,7 @@ TEST(ModelGpu, WideBatchDecodeTracksF32) {
 // MAMBA3_STREAM_GEMM=all, ctest test_model_gpu_stream_gemm_wide): logits within bf16 rounding of the unfolded step,
 // graph replay equal to eager decode. Random norm weights, so that a product folding the wrong norm shows. Under
 // MAMBA3_STREAM_GEMM=0 nothing folds at these rows, which the test also checks.
-TEST(ModelGpu, WideBatchFoldedNormsTrackTheNormKernels) {
-  MAMBA3_REQUIRE_GPU();
-  const ModelConfig c = wide_batch_config();
+void expect_wide_batch_folds_track_norm_kernels(const ModelConfig& c) {
   TensorMap w = init_weights(c, 43);
   std::mt19937 wrng(7);
   for (auto& [wname, t] : w)
@@ -608,6 +621,15 @@ TEST(ModelGpu, WideBatchFoldedNormsTrackTheNormKernels) {
     expect_equal_decodes(c, folded_eager, folded, B, 3, 3, 53);
   }
   EXPECT_FALSE(folded.decode_folds_norms(64));  // the narrow forms do not fold
+}
+
+// SISO and MIMO mixers (MIMO folds at these rows, not at one).
+TEST(ModelGpu, WideBatchFoldedNormsTrackTheNormKernels) {
+  MAMBA3_REQUIRE_GPU();
+  SCOPED_TRACE("SISO");
+  expect_wide_batch_folds_track_norm_kernels(wide_batch_config());
+  SCOPED_TRACE("MIMO R = 4");
+  expect_wide_batch_folds_track_norm_kernels(wide_batch_mimo_config());
 }
 
 // l2_prefetch reads nothing back and writes nothing: ranges of awkward lengths (cut to whole 16-byte units, one
