@@ -7,9 +7,9 @@
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
-# deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with the default interval (every 2
-#         steps) against every step and every 4, MIMO R = 4 b128 deferred (default, W = 2) against every-step writes,
-#         and the MIMO step's kernels (ncu, scripts/gpu_profile.sh) at both.
+# deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with the automatic interval (every 4
+#         steps from 128 rows, every 2 below) against every 2, 1 and 4 steps, MIMO R = 4 b128 deferred (default, W = 2)
+#         against every-step writes, and the MIMO step's kernels (ncu, scripts/gpu_profile.sh) at both.
 # wide:   the stream GEMM's wide form (65–128 rows, opt-in: MAMBA3_STREAM_GEMM=all) against cuBLAS: the 1.5B products
 #         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128
 #         (with the norms folded into the products, the default there, and without; and with the Mamba-3 kernels
@@ -53,15 +53,15 @@ if [[ $what == decode || $what == all ]]; then
     2>&1 | tee "$OUT/retune_decode.txt"
 fi
 if [[ $what == deferred || $what == all ]]; then
-  # Deferred state writes (docs/kernels/mamba3_cuda.md): their tests, then SISO with the default interval (2) against
-  # every step and every 4, at batch 1, 16 and 128, and MIMO deferred (the default) against every step. Note that
-  # MAMBA3_DECODE_STATE_WRITES applies to MIMO layers too.
+  # Deferred state writes (docs/kernels/mamba3_cuda.md): their tests, then SISO with the automatic interval against
+  # every 2, every step and every 4, at batch 1, 16 and 128, and MIMO deferred (the default) against every step. Note
+  # that MAMBA3_DECODE_STATE_WRITES applies to MIMO layers too.
   for bin in test_mamba3_gpu test_model_gpu; do
     [[ -x run/bin/$bin ]] && timeout 120 run/bin/$bin --gtest_filter=*Deferred* --gtest_brief=1 2>&1 |
       tail -5 | tee -a "$OUT/retune_deferred.txt"
   done
-  timeout 300 scripts/decode_ab.sh -p 1.5b -b "1 16 128" -r "$rounds" -- "" "MAMBA3_DECODE_STATE_WRITES=1" \
-    "MAMBA3_DECODE_STATE_WRITES=4" 2>&1 | tee -a "$OUT/retune_deferred.txt"
+  timeout 300 scripts/decode_ab.sh -p 1.5b -b "1 16 128" -r "$rounds" -- "" "MAMBA3_DECODE_STATE_WRITES=2" \
+    "MAMBA3_DECODE_STATE_WRITES=1" "MAMBA3_DECODE_STATE_WRITES=4" 2>&1 | tee -a "$OUT/retune_deferred.txt"
   timeout 200 scripts/decode_ab.sh -p 1.5b-mimo -b 128 -r "$rounds" -- "" "MAMBA3_DECODE_DEFER_MIMO=0" \
     2>&1 | tee -a "$OUT/retune_deferred.txt"
   # Why MIMO gains little from fewer state bytes: its step's kernels, deferred and every step.

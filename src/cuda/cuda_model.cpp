@@ -127,13 +127,15 @@ struct CudaModel::Impl {
   bool fold_norms = fold_norms_from_env();  // set_fold_norms
   int state_writes_every = state_writes_from_env();  // set_state_writes_every (0: auto)
 
-  // The write interval of a layer's states: the set one where its decode defers, else 1. Auto: every 2 steps (H100,
-  // 1.5B, with read-only steps; docs/kernels/mamba3_cuda.md: SISO b128 6.38 → 5.57–5.65 ms, MIMO 6.99 → 6.93–6.96).
-  // Every 4 steps is faster for SISO at b128 (5.45–5.47) but 1 % slower at b16, and an interval chosen by the cache's
-  // batch would break copy_row between caches of different sizes (the server's one-row prompt caches and its slots).
-  int writes_every(const GpuMamba3Layer& layer) const {
+  // The write interval of a layer's states in a cache of `batch` rows: the set one where its decode defers, else 1.
+  // Auto (H100, 1.5B, with read-only steps; docs/kernels/mamba3_cuda.md): SISO every 4 steps from 128 rows (b128
+  // 5.60–5.62 → 5.45–5.47 ms against every 2; every step 6.38) and every 2 below (b16 1.970 against 1.986–1.991 at
+  // every 4); MIMO every 2 (b128 6.99 → 6.93–6.96; every 4 is slower, 7.76–7.77). copy_row between caches of
+  // different intervals folds the source row's pending tokens in first (the server's one-row prompt caches and slots).
+  int writes_every(const GpuMamba3Layer& layer, int64_t batch) const {
     if (!layer.defers_state_writes()) return 1;
-    return state_writes_every > 0 ? state_writes_every : 2;
+    if (state_writes_every > 0) return state_writes_every;
+    return layer.config().is_mimo || batch < 128 ? 2 : kMaxStateWriteEvery;
   }
 
   const GpuMatrix& head() const { return tied ? embedding : lm_head; }
@@ -366,9 +368,9 @@ void CudaModel::set_state_writes_every(int every) {
                "set_state_writes_every: {} (state writes every 1, 2 or 4 decode steps; 0: by layer)", every);
   impl_->state_writes_every = every;
 }
-int CudaModel::state_writes_every() const {
+int CudaModel::state_writes_every(int64_t batch) const {
   for (const Impl::Block& b : impl_->blocks)
-    if (b.mamba) return impl_->writes_every(*b.mamba);
+    if (b.mamba) return impl_->writes_every(*b.mamba, batch);
   return 1;
 }
 Precision CudaModel::state_precision() const { return impl_->state_precision; }
@@ -395,25 +397,25 @@ size_t CudaModel::parameter_bytes() const {
   return n;
 }
 
-size_t CudaModel::state_bytes_per_sequence() const {
+size_t CudaModel::state_bytes_per_sequence(int64_t batch) const {
   size_t n = 0;
   for (const Impl::Block& b : impl_->blocks)
     if (b.mamba) {
       const Mamba3StateSizes z(b.mamba->config());
       n += size_t(z.total()) * sizeof(float) - (impl_->state_precision == Precision::BF16 ? size_t(z.ssm) * 2 : 0);
-      if (const int every = impl_->writes_every(*b.mamba); every > 1)
+      if (const int every = impl_->writes_every(*b.mamba, batch); every > 1)
         n += size_t(b.mamba->config().nheads() * (1 + mamba3_ring_floats_per_head(b.mamba->config(), every))) * 4;
     }
   return n;
 }
 
-double CudaModel::decode_state_traffic_per_sequence() const {
+double CudaModel::decode_state_traffic_per_sequence(int64_t batch) const {
   double n = 0;
   for (const Impl::Block& b : impl_->blocks)
     if (b.mamba) {
       const Mamba3StateSizes z(b.mamba->config());
       const double ssm = double(z.ssm) * (impl_->state_precision == Precision::BF16 ? 2 : 4);
-      const int every = impl_->writes_every(*b.mamba);
+      const int every = impl_->writes_every(*b.mamba, batch);
       n += 2.0 * double(z.angle + z.k + z.v) * 4 + ssm * (1.0 + 1.0 / every);
     }
   return n;
@@ -427,7 +429,7 @@ GpuCache CudaModel::new_cache(int64_t batch, int64_t capacity) const {
   c->capacity = capacity;
   c->positions.assign(size_t(batch), 0);
   for (const Impl::Block& b : impl_->blocks) {
-    const int every = b.mamba ? impl_->writes_every(*b.mamba) : 1;
+    const int every = b.mamba ? impl_->writes_every(*b.mamba, batch) : 1;
     c->mamba.push_back(b.mamba ? std::make_unique<GpuMamba3State>(b.mamba->config(), batch,
                                                                   impl_->state_precision == Precision::BF16, every)
                                : nullptr);
@@ -599,12 +601,18 @@ void CudaModel::copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, in
       const Mamba3StateSizes& z = a.mamba[li]->sizes;
       const Mamba3GpuState from = a.mamba[li]->rows_from(src_row), to = b.mamba[li]->rows_from(dst_row);
       MAMBA3_CHECK(a.mamba[li]->ssm_bf16 == b.mamba[li]->ssm_bf16, "copy_row: the caches' state precisions differ");
-      MAMBA3_CHECK(a.mamba[li]->write_every == b.mamba[li]->write_every,
-                   "copy_row: the caches' state write intervals differ ({} vs {})", a.mamba[li]->write_every,
-                   b.mamba[li]->write_every);
-      // A deferring row moves with its pending tokens: the copy continues exactly where the source row is.
-      copy(b.mamba[li]->lazy_row(dst_row), a.mamba[li]->lazy_row(src_row), a.mamba[li]->lazy_row_bytes());
-      copy(b.mamba[li]->ring_row(dst_row), a.mamba[li]->ring_row(src_row), a.mamba[li]->ring_row_bytes());
+      if (a.mamba[li]->write_every == b.mamba[li]->write_every) {
+        // A deferring row moves with its pending tokens: the copy continues exactly where the source row is.
+        copy(b.mamba[li]->lazy_row(dst_row), a.mamba[li]->lazy_row(src_row), a.mamba[li]->lazy_row_bytes());
+        copy(b.mamba[li]->ring_row(dst_row), a.mamba[li]->ring_row(src_row), a.mamba[li]->ring_row_bytes());
+      } else {
+        // Caches of different intervals (the automatic one depends on the cache's batch; the ring is sized by it):
+        // the source row's pending tokens are folded in first (the row's state as spec §4.2 has it, which its own
+        // cache reads on as before), and the copy starts with nothing pending.
+        if (a.mamba[li]->write_every > 1) impl_->blocks[li].mamba->settle(*impl_->ctx, from, 1);
+        if (const size_t n = b.mamba[li]->lazy_row_bytes(); n)
+          MAMBA3_CUDA_CHECK(cudaMemsetAsync(b.mamba[li]->lazy_row(dst_row), 0, n, s));
+      }
       copy(to.angle, from.angle, size_t(z.angle) * 4);
       copy(b.mamba[li]->ssm_row(dst_row), a.mamba[li]->ssm_row(src_row), a.mamba[li]->ssm_row_bytes());
       copy(to.k, from.k, size_t(z.k) * 4);

@@ -52,10 +52,11 @@ class CudaModel {
   Precision precision() const;
   const Context& context() const;
   size_t parameter_bytes() const;       // on the device
-  size_t state_bytes_per_sequence() const;
-  // Bytes of Mamba-3 state a decode step reads and writes per sequence: every state read, and written back — the
-  // ssm state by 1/every of the heads with deferred writes (set_state_writes_every).
-  double decode_state_traffic_per_sequence() const;
+  // Per sequence of a cache of `batch` rows (the deferred writes' interval and ring depend on it).
+  size_t state_bytes_per_sequence(int64_t batch = 1) const;
+  // Bytes of Mamba-3 state a decode step reads and writes per sequence of a `batch`-row cache: every state read, and
+  // written back — the ssm state by 1/every of the heads with deferred writes (set_state_writes_every).
+  double decode_state_traffic_per_sequence(int64_t batch = 1) const;
 
   // The Mamba-3 ssm state of caches made after this call: F32 (default) or BF16 (half the state bytes: read as f32,
   // written rounded to nearest even each step; the arithmetic stays f32). Angle, k and v states stay f32.
@@ -63,12 +64,13 @@ class CudaModel {
   Precision state_precision() const;
 
   // Caches made after this call write each Mamba-3 head's state every `every`-th decode step (1, 2 or 4; 0 = by
-  // layer: every 2 steps; default MAMBA3_DECODE_STATE_WRITES, else 0) where the layer's decode kernel
+  // layer and batch: SISO every 4 in caches of ≥ 128 rows and every 2 below, MIMO every 2; default
+  // MAMBA3_DECODE_STATE_WRITES, else 0) where the layer's decode kernel
   // can defer (mamba3_decode_gpu.h, "Deferred state writes"): the step reads every state but writes 1/every of them.
   // Results equal the every-step writes up to f32 rounding; prefill, copy_row and reset_row keep the exact semantics.
   void set_state_writes_every(int every);
-  // The interval the first Mamba-3 layer's caches get (1 where it does not defer).
-  int state_writes_every() const;
+  // The interval the first Mamba-3 layer's caches of `batch` rows get (1 where it does not defer).
+  int state_writes_every(int64_t batch = 1) const;
 
   // A zeroed cache of `batch` rows; attention layers hold up to `capacity` tokens per row.
   GpuCache new_cache(int64_t batch, int64_t capacity = 4096) const;
@@ -96,7 +98,9 @@ class CudaModel {
   void set_active(GpuCache& cache, std::span<const uint8_t> active) const;
   // Row dst_row of `dst` becomes a copy of row src_row of `src` (Mamba-3 states, attention KV up to the row's
   // position, conv state, position). The caches must come from this model with equal attention capacity. Queued
-  // on the model's stream (device-to-device copies).
+  // on the model's stream (device-to-device copies). Caches of different state write intervals (the automatic one
+  // depends on the batch): the source row's pending tokens are folded into its state first (equal up to f32 rounding,
+  // as any write step), and the copy starts with none pending.
   void copy_row(const GpuCache& src, int64_t src_row, GpuCache& dst, int64_t dst_row) const;
   // Row `row` of `cache` becomes empty: zero Mamba-3 states, no attention tokens, position 0 (queued on the model's
   // stream).

@@ -272,13 +272,18 @@ TEST(ModelGpu, DeferredStateWritesTrackEveryStepWrites) {
   for (const Case& cs : cases) {
     const ModelConfig c = ModelConfig::from_json(cs.config, cs.name);
     const TensorMap w = init_weights(c, 15);
-    {  // the automatic interval: every 2 steps where the layer's decode defers (SISO and MIMO alike), else 1
+    {  // the automatic interval: SISO every 4 steps in caches of ≥ 128 rows and every 2 below, MIMO every 2
       SCOPED_TRACE(std::string(cs.name) + " auto");
       const Mamba3Config& s = c.ssm;
       const bool defers = s.is_mimo ? s.headdim == 64 && s.d_state == 128 : s.d_state % 4 == 0 && s.d_state <= 128;
       cuda::CudaModel m(c, w, cs.name, Precision::F32);
       m.set_state_writes_every(0);
-      EXPECT_EQ(m.state_writes_every(), defers ? 2 : 1);
+      EXPECT_EQ(m.state_writes_every(16), defers ? 2 : 1);
+      EXPECT_EQ(m.state_writes_every(128), defers ? (s.is_mimo ? 2 : 4) : 1);
+      if (defers && !s.is_mimo)  // fewer ssm writes per step in the wide cache
+        EXPECT_LT(m.decode_state_traffic_per_sequence(128), m.decode_state_traffic_per_sequence(16));
+      else
+        EXPECT_EQ(m.decode_state_traffic_per_sequence(128), m.decode_state_traffic_per_sequence(16));
     }
     for (int every : {2, 4}) {
       SCOPED_TRACE(std::string(cs.name) + " every " + std::to_string(every));
@@ -329,8 +334,9 @@ TEST(ModelGpu, DeferredStateWritesTrackEveryStepWrites) {
   cuda::set_decode_choice(saved);
 }
 
-// A row moves with its pending tokens between caches of different batches — as the server moves rows between its
-// one-row prompt caches and its slot cache — and decodes on as it would have in its own cache.
+// A row moves between caches of different batches — as the server moves rows between its one-row prompt caches and
+// its slot cache — with its pending tokens (equal intervals) or with them folded in (the automatic interval differs
+// by batch), and decodes on as it would have in its own cache; the source row decodes on unchanged too.
 TEST(ModelGpu, DeferredRowsMoveBetweenCacheBatches) {
   MAMBA3_REQUIRE_GPU();
   const Case cs = random_cases()[0];  // SISO, d_state 32: its decode defers
@@ -342,6 +348,10 @@ TEST(ModelGpu, DeferredRowsMoveBetweenCacheBatches) {
     m.set_state_writes_every(every);
     ASSERT_GT(m.state_writes_every(), 1);
     const int64_t V = c.vocab_padded(), W = 130;
+    // The automatic interval differs between the two caches (2 and 4): the copies fold the pending tokens in.
+    if (every == 0) {
+      ASSERT_NE(m.state_writes_every(1), m.state_writes_every(W));
+    }
     cuda::GpuCache one = m.new_cache(1, 64), wide = m.new_cache(W, 64), back = m.new_cache(1, 64);
     const std::vector<int64_t> prompt = {5, 17, 42, 8, 99};
     m.prefill(prompt, 1, int64_t(prompt.size()), one);

@@ -121,9 +121,9 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
   const int64_t V = c.vocab_padded();
   std::printf(
       "\n%s: %s weights %.2f GB on the device, decode state %.1f MB per sequence (%s ssm, %.1f MB moved per "
-      "step: state writes every %d steps where deferred), built in %.0f s\n",
+      "step at batch 1: state writes every %d steps where deferred, every %d at batch 128), built in %.0f s\n",
       name.c_str(), a.precision.c_str(), wbytes / 1e9, sbytes / 1e6, a.state_precision.c_str(),
-      m.decode_state_traffic_per_sequence() / 1e6, m.state_writes_every(), load_s);
+      m.decode_state_traffic_per_sequence() / 1e6, m.state_writes_every(), m.state_writes_every(128), load_s);
   std::mt19937 rng(7);
 
   std::printf("  %-10s %10s %12s %12s %10s %10s\n", "decode", "ms/step", "tokens/s", "MB moved", "GB/s",
@@ -138,7 +138,7 @@ void bench_one(const std::string& name, const ModelConfig& c, const CudaBenchArg
     const double ms = median_step_ms(m, cache, a.steps);
     // Bytes of one step: every weight once (the lm_head reads the whole embedding), each state read and written
     // (the ssm states of deferring heads written every few steps: CudaModel::set_state_writes_every), the logits.
-    const double bytes = wbytes + m.decode_state_traffic_per_sequence() * double(B) + 4.0 * double(B * V);
+    const double bytes = wbytes + m.decode_state_traffic_per_sequence(B) * double(B) + 4.0 * double(B * V);
     const double gbs = bytes / (ms * 1e-3) / 1e9;
     std::printf("  b%-9ld %10.3f %12.0f %12.0f %10.0f %9.0f%%\n", long(B), ms, double(B) / (ms * 1e-3), bytes / 1e6,
                 gbs, 100.0 * gbs * 1e9 / copy_bw);
