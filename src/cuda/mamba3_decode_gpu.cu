@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
 #pragma unroll
         for (int e = 0; e < VW; ++e) raw[v][e] = src[nv[v] + e];
       }
-      if constexpr (kMimo) {  // SISO partners are in the lane's own float4
+      if constexpr (kMimo && !TC) {  // SISO partners are in the lane's own float4; TC: by shuffle in phase 3
         if (half % 4 == 0) {  // the float4's partners are the float4 at the same place in the other half
           const int m0 = mate_of(nv[v]);
           load_vec(w + m0, wmate[v]);
@@ -387,8 +387,11 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       for (int e = 0; e < VW; ++e) {
         const int n = nv[v] + e, m = mate_of(n);
         const float self = raw[v][e] * rnorm * wself[v][e] + bself[v][e];
-        const float other = kMimo ? mate[v][e] * rnorm * wmate[v][e] + bmate[v][e]
-                                   : raw[v][e ^ 1] * rnorm * wself[v][e ^ 1] + bself[v][e ^ 1];
+        // TC (N = 128, one float4 per lane): element n's partner n ± 64 is the same element of lane ± 16, normed and
+        // biased there (three fewer vector loads per warp, and their registers).
+        const float other = TC      ? __shfl_xor_sync(0xffffffffu, self, 16)
+                            : kMimo ? mate[v][e] * rnorm * wmate[v][e] + bmate[v][e]
+                                    : raw[v][e ^ 1] * rnorm * wself[v][e ^ 1] + bself[v][e ^ 1];
         const bool low = n < m;
         const int j = kMimo ? (low ? n : m) : (n >> 1);
         if (j < S) {
