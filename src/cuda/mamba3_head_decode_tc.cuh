@@ -130,6 +130,16 @@ __device__ __forceinline__ void head_tc_y_sum(float (&y0)[R], float (&y1)[R]) {
   }
 }
 
+// The update's B element of K row r0 + t (t < 4) at column kn, zero from row KK on: r0 is a compile-time k-step offset
+// in the unrolled loops, so that a whole fragment half in range or past KK costs no compare (W = 2, R = 4: KK = 12, the
+// second k-step's upper half is zero).
+template <int KK>
+__device__ __forceinline__ float head_tc_k_term(const float* ktab, int r0, int t, int kn) {
+  if (r0 >= KK) return 0.0f;
+  if (r0 + 3 < KK || r0 + t < KK) return ktab[head_tc_row(r0 + t) + kn];
+  return 0.0f;
+}
+
 // KK: the update's rank terms (head_tc_terms; coef columns and ktab rows from KK on are not read).
 template <int R, int CS, int KK, typename T>
 __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcLane& l, float alpha, const float* coef,
@@ -144,10 +154,11 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     const int c0 = 8 * ks + l.t, c1 = c0 + 4;
-    split_tf32(c0 < KK ? coef[p0 * CS + c0] : 0.0f, vh[ks][0], vr[ks][0]);
-    split_tf32(c0 < KK ? coef[p1 * CS + c0] : 0.0f, vh[ks][1], vr[ks][1]);
-    split_tf32(c1 < KK ? coef[p0 * CS + c1] : 0.0f, vh[ks][2], vr[ks][2]);
-    split_tf32(c1 < KK ? coef[p1 * CS + c1] : 0.0f, vh[ks][3], vr[ks][3]);
+    const bool in0 = 8 * ks + 3 < KK || c0 < KK, in1 = (8 * ks + 4 < KK) && (8 * ks + 7 < KK || c1 < KK);
+    split_tf32(in0 ? coef[p0 * CS + c0] : 0.0f, vh[ks][0], vr[ks][0]);
+    split_tf32(in0 ? coef[p1 * CS + c0] : 0.0f, vh[ks][1], vr[ks][1]);
+    split_tf32(in1 ? coef[p0 * CS + c1] : 0.0f, vh[ks][2], vr[ks][2]);
+    split_tf32(in1 ? coef[p1 * CS + c1] : 0.0f, vh[ks][3], vr[ks][3]);
   }
   float y0[R], y1[R];  // the lane's columns' part of y of rows p0 / p1, every rank
 #pragma unroll
@@ -179,8 +190,8 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
         for (int ks = 0; ks < KS; ++ks) {
           const int r0 = 8 * ks + l.t, r1 = r0 + 4;
           uint32_t bh[2], br[2];
-          split_tf32(r0 < KK ? ktab[head_tc_row(r0) + kn] : 0.0f, bh[0], br[0]);
-          split_tf32(r1 < KK ? ktab[head_tc_row(r1) + kn] : 0.0f, bh[1], br[1]);
+          split_tf32(head_tc_k_term<KK>(ktab, 8 * ks, l.t, kn), bh[0], br[0]);
+          split_tf32(head_tc_k_term<KK>(ktab, 8 * ks + 4, l.t, kn), bh[1], br[1]);
           mma_3xtf32(c, vh[ks], vr[ks], bh, br);
         }
         h0[2 * s] = c[0], h0[2 * s + 1] = c[1], h1[2 * s] = c[2], h1[2 * s + 1] = c[3];
