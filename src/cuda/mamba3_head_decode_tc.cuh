@@ -188,7 +188,6 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
         float c[4] = {alpha * h0[2 * s], alpha * h0[2 * s + 1], alpha * h1[2 * s], alpha * h1[2 * s + 1]};
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
-          const int r0 = 8 * ks + l.t, r1 = r0 + 4;
           uint32_t bh[2], br[2];
           split_tf32(head_tc_k_term<KK>(ktab, 8 * ks, l.t, kn), bh[0], br[0]);
           split_tf32(head_tc_k_term<KK>(ktab, 8 * ks + 4, l.t, kn), bh[1], br[1]);
