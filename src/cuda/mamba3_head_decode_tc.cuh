@@ -29,14 +29,17 @@
 namespace mamba3::cuda {
 
 constexpr int kHeadTcP = 64, kHeadTcN = 128;
-// K rows (8: cached k of ranks 0..R−1, new k of ranks 0..R−1, zero-padded) and Q rows (R) in shared memory at a pitch
-// of 160 floats plus a per-row shift (0, 2, 16, 18 floats by row mod 4): a fragment's 32 lanes read rows t (or t + 4)
-// at columns 4·(g / 2) + g % 2 + const, which the shifts spread over all 32 banks.
+// K rows (cached k of ranks 0..R−1, new k of ranks 0..R−1, zero-padded; more with deferred writes) in shared memory
+// at a pitch of 160 floats plus a per-row shift (0, 2, 16, 18 floats by row mod 4): a fragment's 32 lanes read rows t
+// (or t + 4) at columns 4·(g / 2) + g % 2 + const, which the shifts spread over all 32 banks.
 constexpr int kHeadTcPitch = 160;
 __host__ __device__ constexpr int head_tc_row(int j) {
   return j * kHeadTcPitch + (j & 1) * 2 + (j & 2) * 8;
 }
-constexpr int kHeadTcKFloats = 8 * kHeadTcPitch, kHeadTcQFloats = 4 * kHeadTcPitch;
+constexpr int kHeadTcKFloats = 8 * kHeadTcPitch;
+// Q rows (R ≤ 4) at pitch N: read one rank at a time as float4 (head_tc_y_fma), so no shifts are needed.
+constexpr int kHeadTcQFloats = 4 * kHeadTcN;
+__host__ __device__ constexpr int head_tc_qrow(int r) { return r * kHeadTcN; }
 // The update's k-dimension: 2R rank terms, or with deferred writes every W steps (W + 1)·R (the base token's k, the
 // W − 1 ring entries', the new token's), padded to whole k-steps of 8.
 __host__ __device__ constexpr int head_tc_terms(int R, int W) { return W > 1 ? (W + 1) * R : 2 * R; }
@@ -104,17 +107,18 @@ __device__ __forceinline__ void state_store4_stream(__nv_bfloat16* p, const floa
          make_uint2(*reinterpret_cast<const unsigned*>(&a), *reinterpret_cast<const unsigned*>(&b)));
 }
 
-// y = h'·Qᵀ by f32 FMAs on the lane's accumulators (no TF32 split of h' or q: the 3×TF32 product took ten split
-// instructions and three MMAs per tile for what four FMAs per rank do here, 1.5B MIMO b128 ncu: the splits were a
-// quarter of the kernel's instructions). c: (p0, col), (p0, col + 1), (p1, col), (p1, col + 1) at physical column col.
+// y = h'·Qᵀ by f32 FMAs on the lane's state values (no TF32 split of h' or q: the 3×TF32 product took ten split
+// instructions and three MMAs per tile for what four FMAs per rank do here; 1.5B MIMO b128 under ncu, the splits were
+// a quarter of the kernel's instructions). h0 / h1: rows p0 / p1 at physical columns col … col + 3, q of every rank
+// as one float4 each (Q rows at pitch N: a warp's lanes read four consecutive float4 of one row, the rest broadcast).
 template <int R>
-__device__ __forceinline__ void head_tc_y_fma(const float (&c)[4], const float* qtab, int col, float (&y0)[R],
-                                              float (&y1)[R]) {
+__device__ __forceinline__ void head_tc_y_fma(const float (&h0)[4], const float (&h1)[4], const float* qtab, int col,
+                                              float (&y0)[R], float (&y1)[R]) {
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const float2 q = *reinterpret_cast<const float2*>(qtab + head_tc_row(r) + col);
-    y0[r] = fmaf(c[1], q.y, fmaf(c[0], q.x, y0[r]));
-    y1[r] = fmaf(c[3], q.y, fmaf(c[2], q.x, y1[r]));
+    const float4 q = *reinterpret_cast<const float4*>(qtab + head_tc_qrow(r) + col);
+    y0[r] = fmaf(h0[3], q.w, fmaf(h0[2], q.z, fmaf(h0[1], q.y, fmaf(h0[0], q.x, y0[r]))));
+    y1[r] = fmaf(h1[3], q.w, fmaf(h1[2], q.z, fmaf(h1[1], q.y, fmaf(h1[0], q.x, y1[r]))));
   }
 }
 // The four lanes t of a row group hold disjoint columns: their sums over the warp's 64 columns, in every one of them.
@@ -194,8 +198,8 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
           mma_3xtf32(c, vh[ks], vr[ks], bh, br);
         }
         h0[2 * s] = c[0], h0[2 * s + 1] = c[1], h1[2 * s] = c[2], h1[2 * s + 1] = c[3];
-        head_tc_y_fma<R>(c, qtab, base + 4 * l.t, y0, y1);
       }
+      head_tc_y_fma<R>(hs[0][mm], hs[1][mm], qtab, 64 * l.nh + 16 * m + 4 * l.t, y0, y1);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -238,11 +242,7 @@ __device__ __forceinline__ void head_tc_read_only_y(const T* hsm, const HeadTcLa
     float h0[4], h1[4];
     state_load4(hsm + p0 * N + 64 * l.nh + 16 * m + 4 * l.t, h0);
     state_load4(hsm + p1 * N + 64 * l.nh + 16 * m + 4 * l.t, h1);
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const float c[4] = {h0[2 * s], h0[2 * s + 1], h1[2 * s], h1[2 * s + 1]};
-      head_tc_y_fma<R>(c, qtab, 64 * l.nh + 16 * m + 2 * s + 4 * l.t, y0, y1);
-    }
+    head_tc_y_fma<R>(h0, h1, qtab, 64 * l.nh + 16 * m + 4 * l.t, y0, y1);
   }
   head_tc_y_sum<R>(y0, y1);
 #pragma unroll
