@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
           *reinterpret_cast<float2*>(row + nv[v] + 2) = make_float2(d[2], d[3]);
         };
         if (is_c) {
-          put(qtab + head_tc_qrow(vr), out);
+          put(qtab + head_tc_row(vr), out);
         } else {
           put(ktab + head_tc_row(vr), kown);
           if constexpr (kLazy) {
@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
           const float2 k = *reinterpret_cast<const float2*>(kt + c);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const float2 q = *reinterpret_cast<const float2*>(qtab + head_tc_qrow(r) + c0 + c);
+            const float2 q = *reinterpret_cast<const float2*>(qtab + head_tc_row(r) + c0 + c);
             g[r] = fmaf(k.y, q.y, fmaf(k.x, q.x, g[r]));
           }
         }

@@ -3,10 +3,11 @@
 // products' accumulator registers from its load to its store:
 //   h' = α·h + V·K   V (P × 2R): vp_r = β·mx_r·x_{−1}, vc_r = γ·mx_r·x;  K (2R × N): cached k of rank r, new k of r
 //   y  = h'·Qᵀ       Q (R × N): the new q of every rank
-// The update as m16n8k8 TF32 products with 3×TF32 (each operand split into a TF32 head and remainder, the remainders'
+// Both as m16n8k8 TF32 products with 3×TF32 (each operand split into a TF32 head and remainder, the remainders'
 // product dropped: relative error ~2^-21 per term against ~2^-24 for an f32 FMA). The split rounds by integer add and
 // mask (five instructions for both parts) instead of cvt.rna.tf32, which sm_90 emulates in ~10. y by f32 FMAs on the
-// update's accumulators (head_tc_y_fma: 2R FMAs per lane and tile against the product's ten splits and three MMAs).
+// accumulators (2R per lane and tile, q of every rank from shared memory, no splits: 10 % fewer instructions) was
+// measured 8 % slower in the step (H100, 1.5B b128 6.76 against 6.23 ms): the shared-memory pipe became the bound.
 // Why: the FMA rows hold k_{−1}, k and q of every rank in registers (12·R per lane) next to the state rows, which
 // caps MIMO R = 4 at two blocks per SM (128 registers) — too few state bytes in flight (1.5B b128: 179 µs per layer
 // in the streaming kernel, 74 % of copy, while SISO's head kernel at three blocks per SM reaches 91 %). Here the
@@ -19,7 +20,7 @@
 // 64·nh + 16·m + 4·t … + 3 (m < 4) as one float4 each — 8 float4 loads and stores per lane, whole 64-byte row pieces
 // per warp. Column order inside a product is free as long as K and Q use the same one: tile nt = 2m + s takes the
 // float4's pair s, so the accumulator (g, 2t + e) of tile nt is physical column 16·m + 4·t + 2·s + e.
-// y takes each accumulator with q at its physical column (head_tc_y_fma), summed over the four lanes t at the end.
+// For y the accumulators become the A fragment of the next product with k-index t ↔ column 2t, t + 4 ↔ 2t + 1.
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -29,17 +30,14 @@
 namespace mamba3::cuda {
 
 constexpr int kHeadTcP = 64, kHeadTcN = 128;
-// K rows (cached k of ranks 0..R−1, new k of ranks 0..R−1, zero-padded; more with deferred writes) in shared memory
-// at a pitch of 160 floats plus a per-row shift (0, 2, 16, 18 floats by row mod 4): a fragment's 32 lanes read rows t
-// (or t + 4) at columns 4·(g / 2) + g % 2 + const, which the shifts spread over all 32 banks.
+// K rows (8: cached k of ranks 0..R−1, new k of ranks 0..R−1, zero-padded) and Q rows (R) in shared memory at a pitch
+// of 160 floats plus a per-row shift (0, 2, 16, 18 floats by row mod 4): a fragment's 32 lanes read rows t (or t + 4)
+// at columns 4·(g / 2) + g % 2 + const, which the shifts spread over all 32 banks.
 constexpr int kHeadTcPitch = 160;
 __host__ __device__ constexpr int head_tc_row(int j) {
   return j * kHeadTcPitch + (j & 1) * 2 + (j & 2) * 8;
 }
-constexpr int kHeadTcKFloats = 8 * kHeadTcPitch;
-// Q rows (R ≤ 4) at pitch N: read one rank at a time as float4 (head_tc_y_fma), so no shifts are needed.
-constexpr int kHeadTcQFloats = 4 * kHeadTcN;
-__host__ __device__ constexpr int head_tc_qrow(int r) { return r * kHeadTcN; }
+constexpr int kHeadTcKFloats = 8 * kHeadTcPitch, kHeadTcQFloats = 4 * kHeadTcPitch;
 // The update's k-dimension: 2R rank terms, or with deferred writes every W steps (W + 1)·R (the base token's k, the
 // W − 1 ring entries', the new token's), padded to whole k-steps of 8.
 __host__ __device__ constexpr int head_tc_terms(int R, int W) { return W > 1 ? (W + 1) * R : 2 * R; }
@@ -107,33 +105,6 @@ __device__ __forceinline__ void state_store4_stream(__nv_bfloat16* p, const floa
          make_uint2(*reinterpret_cast<const unsigned*>(&a), *reinterpret_cast<const unsigned*>(&b)));
 }
 
-// y = h'·Qᵀ by f32 FMAs on the lane's state values (no TF32 split of h' or q: the 3×TF32 product took ten split
-// instructions and three MMAs per tile for what four FMAs per rank do here; 1.5B MIMO b128 under ncu, the splits were
-// a quarter of the kernel's instructions). h0 / h1: rows p0 / p1 at physical columns col … col + 3, q of every rank
-// as one float4 each (Q rows at pitch N: a warp's lanes read four consecutive float4 of one row, the rest broadcast).
-template <int R>
-__device__ __forceinline__ void head_tc_y_fma(const float (&h0)[4], const float (&h1)[4], const float* qtab, int col,
-                                              float (&y0)[R], float (&y1)[R]) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const float4 q = *reinterpret_cast<const float4*>(qtab + head_tc_qrow(r) + col);
-    y0[r] = fmaf(h0[3], q.w, fmaf(h0[2], q.z, fmaf(h0[1], q.y, fmaf(h0[0], q.x, y0[r]))));
-    y1[r] = fmaf(h1[3], q.w, fmaf(h1[2], q.z, fmaf(h1[1], q.y, fmaf(h1[0], q.x, y1[r]))));
-  }
-}
-// The four lanes t of a row group hold disjoint columns: their sums over the warp's 64 columns, in every one of them.
-template <int R>
-__device__ __forceinline__ void head_tc_y_sum(float (&y0)[R], float (&y1)[R]) {
-#pragma unroll
-  for (int o = 1; o < 4; o <<= 1) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      y0[r] += __shfl_xor_sync(0xffffffffu, y0[r], o);
-      y1[r] += __shfl_xor_sync(0xffffffffu, y1[r], o);
-    }
-  }
-}
-
 // The update's B element of K row r0 + t (t < 4) at column kn, zero from row KK on: r0 is a compile-time k-step offset
 // in the unrolled loops, so that a whole fragment half in range or past KK costs no compare (W = 2, R = 4: KK = 12, the
 // second k-step's upper half is zero).
@@ -164,10 +135,9 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
     split_tf32(in1 ? coef[p0 * CS + c1] : 0.0f, vh[ks][2], vr[ks][2]);
     split_tf32(in1 ? coef[p1 * CS + c1] : 0.0f, vh[ks][3], vr[ks][3]);
   }
-  float y0[R], y1[R];  // the lane's columns' part of y of rows p0 / p1, every rank
-#pragma unroll
-  for (int r = 0; r < R; ++r) y0[r] = y1[r] = 0.0f;
-    // The lane's 8 float4 of the state (i: row p0 or p1; m: 16-column piece) in two halves of 4 (16 registers each).
+  float yacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const bool q_row = l.g < R;
+  // The lane's 8 float4 of the state (i: row p0 or p1; m: 16-column piece) in two halves of 4 (16 registers each).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float hs[2][2][4];
@@ -198,8 +168,17 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
           mma_3xtf32(c, vh[ks], vr[ks], bh, br);
         }
         h0[2 * s] = c[0], h0[2 * s + 1] = c[1], h1[2 * s] = c[2], h1[2 * s + 1] = c[3];
+        uint32_t ah[4], ar[4], qh[2], qr[2];
+        split_tf32(c[0], ah[0], ar[0]);
+        split_tf32(c[2], ah[1], ar[1]);
+        split_tf32(c[1], ah[2], ar[2]);
+        split_tf32(c[3], ah[3], ar[3]);
+        const float2 q = q_row ? *reinterpret_cast<const float2*>(qtab + head_tc_row(l.g) + base + 4 * l.t)
+                               : make_float2(0.0f, 0.0f);
+        split_tf32(q.x, qh[0], qr[0]);
+        split_tf32(q.y, qh[1], qr[1]);
+        mma_3xtf32(yacc, ah, ar, qh, qr);
       }
-      head_tc_y_fma<R>(hs[0][mm], hs[1][mm], qtab, 64 * l.nh + 16 * m + 4 * l.t, y0, y1);
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -208,16 +187,16 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
         state_store4_stream(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t, hs[i][mm]);
     }
   }
-  head_tc_y_sum<R>(y0, y1);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r != l.t) continue;  // lane t writes rank t (R ≤ 4)
+  for (int e = 0; e < 2; ++e) {
+    const int r = 2 * l.t + e;
+    if (r >= R) continue;
     if (l.nh == 0) {
-      ybuf[r * P + p0] = y0[r] + dskip[r * P + p0];
-      ybuf[r * P + p1] = y1[r] + dskip[r * P + p1];
+      ybuf[r * P + p0] = yacc[e] + dskip[r * P + p0];
+      ybuf[r * P + p1] = yacc[2 + e] + dskip[r * P + p1];
     } else {
-      yhalf[r * P + p0] = y0[r];
-      yhalf[r * P + p1] = y1[r];
+      yhalf[r * P + p0] = yacc[e];
+      yhalf[r * P + p1] = yacc[2 + e];
     }
   }
 }
@@ -234,20 +213,32 @@ __device__ __forceinline__ void head_tc_read_only_y(const T* hsm, const HeadTcLa
   constexpr int P = kHeadTcP, N = kHeadTcN;
   static_assert(CS >= KK, "the coefficient rows hold every term");
   const int p0 = 16 * l.rt + l.g, p1 = p0 + 8;
-  float y0[R], y1[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) y0[r] = y1[r] = 0.0f;
+  float yacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const bool q_row = l.g < R;
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
     float h0[4], h1[4];
     state_load4(hsm + p0 * N + 64 * l.nh + 16 * m + 4 * l.t, h0);
     state_load4(hsm + p1 * N + 64 * l.nh + 16 * m + 4 * l.t, h1);
-    head_tc_y_fma<R>(h0, h1, qtab, 64 * l.nh + 16 * m + 4 * l.t, y0, y1);
-  }
-  head_tc_y_sum<R>(y0, y1);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r != l.t) continue;  // lane t writes rank t (R ≤ 4)
+    for (int s = 0; s < 2; ++s) {
+      const int base = 64 * l.nh + 16 * m + 2 * s;
+      uint32_t ah[4], ar[4], qh[2], qr[2];
+      split_tf32(h0[2 * s], ah[0], ar[0]);
+      split_tf32(h1[2 * s], ah[1], ar[1]);
+      split_tf32(h0[2 * s + 1], ah[2], ar[2]);
+      split_tf32(h1[2 * s + 1], ah[3], ar[3]);
+      const float2 q =
+          q_row ? *reinterpret_cast<const float2*>(qtab + head_tc_row(l.g) + base + 4 * l.t) : make_float2(0.0f, 0.0f);
+      split_tf32(q.x, qh[0], qr[0]);
+      split_tf32(q.y, qh[1], qr[1]);
+      mma_3xtf32(yacc, ah, ar, qh, qr);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = 2 * l.t + e;
+    if (r >= R) continue;
     if (l.nh == 0) {  // the left half adds the pending tokens' terms and the D skip
       float c0 = dskip[r * P + p0], c1 = dskip[r * P + p1];
 #pragma unroll
@@ -255,11 +246,11 @@ __device__ __forceinline__ void head_tc_read_only_y(const T* hsm, const HeadTcLa
         c0 = fmaf(coef[p0 * CS + j], gtab[j * R + r], c0);
         c1 = fmaf(coef[p1 * CS + j], gtab[j * R + r], c1);
       }
-      ybuf[r * P + p0] = fmaf(A, y0[r], c0);
-      ybuf[r * P + p1] = fmaf(A, y1[r], c1);
+      ybuf[r * P + p0] = fmaf(A, yacc[e], c0);
+      ybuf[r * P + p1] = fmaf(A, yacc[2 + e], c1);
     } else {
-      yhalf[r * P + p0] = A * y0[r];
-      yhalf[r * P + p1] = A * y1[r];
+      yhalf[r * P + p0] = A * yacc[e];
+      yhalf[r * P + p1] = A * yacc[2 + e];
     }
   }
 }
