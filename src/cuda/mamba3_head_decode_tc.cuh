@@ -105,14 +105,12 @@ __device__ __forceinline__ void state_store4_stream(__nv_bfloat16* p, const floa
          make_uint2(*reinterpret_cast<const unsigned*>(&a), *reinterpret_cast<const unsigned*>(&b)));
 }
 
-// The update's B element of K row r0 + t (t < 4) at column kn, zero from row KK on: r0 is a compile-time k-step offset
-// in the unrolled loops, so that a whole fragment half in range or past KK costs no compare (W = 2, R = 4: KK = 12, the
-// second k-step's upper half is zero).
+// Whether the update's term base + t (t < 4) is one of its KK terms: base is a compile-time k-step offset in the
+// unrolled loops, so that a fragment half wholly in range or wholly past KK costs no compare (W = 2, R = 4: KK = 12,
+// the second k-step's upper half is zero). Used for V's columns and K's rows alike.
 template <int KK>
-__device__ __forceinline__ float head_tc_k_term(const float* ktab, int r0, int t, int kn) {
-  if (r0 >= KK) return 0.0f;
-  if (r0 + 3 < KK || r0 + t < KK) return ktab[head_tc_row(r0 + t) + kn];
-  return 0.0f;
+__device__ __forceinline__ bool head_tc_term_in(int base, int t) {
+  return base < KK && (base + 3 < KK || base + t < KK);
 }
 
 // KK: the update's rank terms (head_tc_terms; coef columns and ktab rows from KK on are not read).
@@ -129,14 +127,14 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
     const int c0 = 8 * ks + l.t, c1 = c0 + 4;
-    const bool in0 = 8 * ks + 3 < KK || c0 < KK, in1 = (8 * ks + 4 < KK) && (8 * ks + 7 < KK || c1 < KK);
+    const bool in0 = head_tc_term_in<KK>(8 * ks, l.t), in1 = head_tc_term_in<KK>(8 * ks + 4, l.t);
     split_tf32(in0 ? coef[p0 * CS + c0] : 0.0f, vh[ks][0], vr[ks][0]);
     split_tf32(in0 ? coef[p1 * CS + c0] : 0.0f, vh[ks][1], vr[ks][1]);
     split_tf32(in1 ? coef[p0 * CS + c1] : 0.0f, vh[ks][2], vr[ks][2]);
     split_tf32(in1 ? coef[p1 * CS + c1] : 0.0f, vh[ks][3], vr[ks][3]);
   }
-  float yacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const bool q_row = l.g < R;
+  float yacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // y of rows p0 / p1, ranks 2t and 2t + 1
+  const bool q_row = l.g < R;                // the y product's B columns are ranks; g ≥ R are zero
   // The lane's 8 float4 of the state (i: row p0 or p1; m: 16-column piece) in two halves of 4 (16 registers each).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -163,11 +161,13 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
           uint32_t bh[2], br[2];
-          split_tf32(head_tc_k_term<KK>(ktab, 8 * ks, l.t, kn), bh[0], br[0]);
-          split_tf32(head_tc_k_term<KK>(ktab, 8 * ks + 4, l.t, kn), bh[1], br[1]);
+          const int r0 = 8 * ks + l.t, r1 = r0 + 4;
+          split_tf32(head_tc_term_in<KK>(8 * ks, l.t) ? ktab[head_tc_row(r0) + kn] : 0.0f, bh[0], br[0]);
+          split_tf32(head_tc_term_in<KK>(8 * ks + 4, l.t) ? ktab[head_tc_row(r1) + kn] : 0.0f, bh[1], br[1]);
           mma_3xtf32(c, vh[ks], vr[ks], bh, br);
         }
         h0[2 * s] = c[0], h0[2 * s + 1] = c[1], h1[2 * s] = c[2], h1[2 * s + 1] = c[3];
+        // y: A = h' (k-index t ↔ column 2t, t + 4 ↔ 2t + 1), B = q of rank g at the same two columns.
         uint32_t ah[4], ar[4], qh[2], qr[2];
         split_tf32(c[0], ah[0], ar[0]);
         split_tf32(c[2], ah[1], ar[1]);
@@ -187,6 +187,7 @@ __device__ __forceinline__ void head_tc_rows(const T* hsm, T* ssm, const HeadTcL
         state_store4_stream(ssm + (p0 + 8 * i) * N + 64 * l.nh + 16 * (2 * half + mm) + 4 * l.t, hs[i][mm]);
     }
   }
+  // yacc: (p0, 2t), (p0, 2t + 1), (p1, 2t), (p1, 2t + 1).
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int r = 2 * l.t + e;
