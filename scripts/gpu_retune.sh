@@ -2,7 +2,7 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|decode|deferred|early|wide|options|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|decode|deferred|wide|options|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
@@ -10,8 +10,6 @@
 # deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with the automatic interval (every 4
 #         steps from 128 rows, every 2 below) against every 2, 1 and 4 steps, MIMO R = 4 b128 deferred (default, W = 2)
 #         against every-step writes, and the MIMO step's kernels (ncu, scripts/gpu_profile.sh) at both.
-# early:  the head decode kernel's weights requested before the PDL wait (MAMBA3_DECODE_EARLY_WEIGHTS=1, opt-in) against
-#         the default: 1.5B MIMO R = 4 at b128 (the MIMO/SISO ratio's step) and SISO at b1 and b128.
 # wide:   the stream GEMM's wide form (65–128 rows, opt-in: MAMBA3_STREAM_GEMM=all) against cuBLAS: the 1.5B products
 #         at 96 and 128 rows (default split, then forced splits), and the SISO and MIMO steps at batch 96 and 128
 #         (with the norms folded into the products, the default there, and without; and with the Mamba-3 kernels
@@ -71,12 +69,6 @@ if [[ $what == deferred || $what == all ]]; then
     echo "== MIMO b128 kernels, ${setting:-defaults}" >> "$OUT/retune_deferred_profile.txt"
     env $setting timeout 240 scripts/gpu_profile.sh decode 1.5b-mimo 128 >> "$OUT/retune_deferred_profile.txt" 2>&1
   done
-fi
-if [[ $what == early || $what == all ]]; then
-  timeout 200 scripts/decode_ab.sh -p 1.5b-mimo -b 128 -r "$rounds" -- "" "MAMBA3_DECODE_EARLY_WEIGHTS=1" 2>&1 |
-    tee -a "$OUT/retune_early.txt"
-  timeout 200 scripts/decode_ab.sh -p 1.5b -b "1 128" -r "$rounds" -- "" "MAMBA3_DECODE_EARLY_WEIGHTS=1" 2>&1 |
-    tee -a "$OUT/retune_early.txt"
 fi
 if [[ $what == options || $what == all ]]; then
   for setting in "" "MAMBA3_STREAM_GEMM_WGMMA_DEPTH=1" "MAMBA3_STREAM_GEMM_WIDE_TILE=64"; do

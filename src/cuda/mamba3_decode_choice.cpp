@@ -20,7 +20,6 @@ DecodeChoice& choice_slot() {
     d.head_tensor_cores = env_choice("MAMBA3_HEAD_DECODE_TC", {"1", "0"}) != "0";  // on unless "0"
     d.head_tc_min_items = env_integer("MAMBA3_HEAD_DECODE_TC_MIN", d.head_tc_min_items, 1, int64_t(1) << 40);
     d.early_state = env_choice("MAMBA3_DECODE_EARLY_STATE", {"1", "0"}) != "0";  // on unless "0"
-    d.early_weights = env_choice("MAMBA3_DECODE_EARLY_WEIGHTS", {"0", "1"}) == "1";      // off unless "1"
     d.mimo_deferred_writes = env_choice("MAMBA3_DECODE_DEFER_MIMO", {"1", "0"}) != "0";  // on unless "0"
     return d;
   }();
@@ -58,14 +57,12 @@ bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
   const int64_t pairs = batch * a.H;
   // A deferring state reaches here only where mamba3_decode_defers_writes holds (GpuMamba3Layer::forward settles it
   // and drops the ring otherwise): the head kernel, SISO on its FMA rows, MIMO on its tensor-core rows.
-  if (a.st.write_every > 1)
-    return mamba3_head_decode_gpu(s, a, batch, /*tensor_cores=*/a.R > 1, c.early_state, c.early_weights);
+  if (a.st.write_every > 1) return mamba3_head_decode_gpu(s, a, batch, /*tensor_cores=*/a.R > 1, c.early_state);
   if (a.st.ssm16) {  // the bf16-state mode: only the head kernel reads that state
     const bool tc = c.head_tensor_cores && (c.kernel == DecodeKernel::Head || pairs >= c.head_tc_min_items);
-    return mamba3_head_decode_gpu(s, a, batch, tc, c.early_state, c.early_weights);
+    return mamba3_head_decode_gpu(s, a, batch, tc, c.early_state);
   }
-  if (c.kernel == DecodeKernel::Head)
-    return mamba3_head_decode_gpu(s, a, batch, c.head_tensor_cores, c.early_state, c.early_weights);
+  if (c.kernel == DecodeKernel::Head) return mamba3_head_decode_gpu(s, a, batch, c.head_tensor_cores, c.early_state);
   if (c.kernel == DecodeKernel::Stream &&
       mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages))
     return true;
@@ -75,12 +72,12 @@ bool mamba3_decode_step_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t b
     // from stream_min_items pairs on: the streaming kernel. SISO: the head kernel, faster at every batch measured
     // (b128: 5.16 vs 5.58–5.67 ms per step; in context 144.5 vs 163.5 µs per layer, 91 % of the copy bandwidth).
     if (c.head_tensor_cores && pairs >= c.head_tc_min_items && head_decode_tc_fits(a))
-      return mamba3_head_decode_gpu(s, a, batch, true, c.early_state, c.early_weights);
+      return mamba3_head_decode_gpu(s, a, batch, true, c.early_state);
     if (a.R > 1 && pairs >= c.stream_min_items &&
         mamba3_stream_decode_gpu(s, a, batch, c.blocks_per_head, c.stages))
       return true;
   }
-  return mamba3_head_decode_gpu(s, a, batch, false, c.early_state, c.early_weights);
+  return mamba3_head_decode_gpu(s, a, batch, false, c.early_state);
 }
 
 }  // namespace mamba3::cuda

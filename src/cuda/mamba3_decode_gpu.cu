@@ -103,7 +103,7 @@ struct StateQuad<__nv_bfloat16> {
 // k_{−1}, their coefficients in the row table after vp, the state stored only when the head's turn comes.
 template <int R, int VPL, bool TC, bool BF16S, int LW = 1>
 __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeLayout<R, VPL, TC>::kMinBlocks)
-    mamba3_head_decode_kernel(Mamba3DecodeArgs a, int early) {
+    mamba3_head_decode_kernel(Mamba3DecodeArgs a, bool early_state) {
   using StateT = std::conditional_t<BF16S, __nv_bfloat16, float>;
   using Layout = DecodeLayout<R, VPL, TC>;
   constexpr int kP = TC ? kHeadTcP : kMaxP;  // the channels the per-channel arrays hold
@@ -135,8 +135,6 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   __shared__ float zx_own[3 * kP];  // z, x, norm weight of channel p at p, kP + p, 2·kP + p
   __shared__ float mzo[2 * R * kP];  // MIMO z and o vectors (2, r, p)
   pdl_trigger();
-  // early bit 0: the states requested before the PDL wait (early_state); bit 1: the weights too (early_weights).
-  const bool early_state = (early & 1) != 0, early_weights = early_state && (early & 2) != 0;
   if (!early_state) pdl_wait();
   const int item = blockIdx.x, H = a.H, P = a.P, N = a.N, S = a.S;
   const int b = item / H, h = item % H;
@@ -245,93 +243,49 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
   // (in_proj, which writes zx): under PDL they stream beside its last blocks. The host sets it only for a state its
   // caller marks settled: last written before the step began, which a graph replay or a plain launch at the step's
   // start (the embedding) has seen finish (pdl.h, Mamba3GpuState::settled).
-  // Weights (no decode step writes them): the stagers' norm weight and bias, the coefficient rows' mimo_x, D, and the
-  // output stage's norm weight and MIMO z, o vectors. early_weights (under early_state): requested before the PDL
-  // wait too, so that only in_proj's output (zx) and the states remain for after it.
+  if (early_state) pdl_wait();
   const bool own = tid < P;
-  float raw[VPL][VW], mate[VPL][VW], wself[VPL][VW], wmate[VPL][VW], bself[VPL][VW], bmate[VPL][VW];
-#pragma unroll
-  for (int v = 0; v < VPL; ++v) {
-#pragma unroll
-    for (int e = 0; e < VW; ++e) raw[v][e] = mate[v][e] = wself[v][e] = wmate[v][e] = bself[v][e] = bmate[v][e] = 0.0f;
-  }
-  const int half = N / 2;
-  auto mate_of = [&](int n) { return kMimo ? (n < half ? n + half : n - half) : (n ^ 1); };
-  // Row coefficients' inputs: channel cp of the thread (threads from the fourth warp on, away from the warps that
-  // stage B/C, the angles and the scalars when R is small), all ranks.
-  const int cp = (tid + kThreads - 96) % kThreads;
-  const bool coef_owner = cp < P;
-  float cmx[R], cxp = 0.0f, cxc = 0.0f, cxr[LW > 1 ? LW - 1 : 1] = {};
-#pragma unroll
-  for (int r = 0; r < R; ++r) cmx[r] = 1.0f;
-  float Dh;
-  if (early_state && !early_weights) pdl_wait();
-  {
-    if (own) {
-      if (a.p.norm) __pipeline_memcpy_async(zx_own + 2 * kP + tid, a.p.norm + int64_t(h) * P + tid, 4);
-      if constexpr (kMimo) {
-        for (int r = 0; r < R; ++r) {
-          const int64_t m = (int64_t(h) * R + r) * P + tid;
-          __pipeline_memcpy_async(mzo + r * kP + tid, a.p.mimo_z + m, 4);
-          __pipeline_memcpy_async(mzo + (R + r) * kP + tid, a.p.mimo_o + m, 4);
-        }
-      }
-    }
-    if (stager) {
-      const float* w = is_c ? a.p.C_norm : a.p.B_norm;
-      const float* bias = (is_c ? a.p.C_bias : a.p.B_bias) + (int64_t(h) * R + vr) * N;
-#pragma unroll
-      for (int v = 0; v < VPL; ++v) {
-        if (!on[v]) continue;
-        load_vec(w + nv[v], wself[v]);
-        load_vec(bias + nv[v], bself[v]);
-        if constexpr (kMimo && !TC) {  // SISO partners are in the lane's own float4; TC: by shuffle in phase 3
-          if (half % 4 == 0) {         // the float4's partners are the float4 at the same place in the other half
-            const int m0 = mate_of(nv[v]);
-            load_vec(w + m0, wmate[v]);
-            load_vec(bias + m0, bmate[v]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < VW; ++e) {
-              const int m = mate_of(nv[v] + e);
-              wmate[v][e] = w[m];
-              bmate[v][e] = bias[m];
-            }
-          }
-        }
-      }
-    }
-    if constexpr (kMimo) {
-      if (coef_owner) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) cmx[r] = a.p.mimo_x[(int64_t(h) * R + r) * P + cp];
-      }
-    }
-    Dh = a.p.D[h];
-  }
-  if (early_state && early_weights) pdl_wait();
   if (own) {
     __pipeline_memcpy_async(zx_own + tid, zrow + int64_t(h) * P + tid, 4);
     __pipeline_memcpy_async(zx_own + kP + tid, xrow + tid, 4);
+    if (a.p.norm) __pipeline_memcpy_async(zx_own + 2 * kP + tid, a.p.norm + int64_t(h) * P + tid, 4);
+    if constexpr (kMimo) {
+      for (int r = 0; r < R; ++r) {
+        const int64_t m = (int64_t(h) * R + r) * P + tid;
+        __pipeline_memcpy_async(mzo + r * kP + tid, a.p.mimo_z + m, 4);
+        __pipeline_memcpy_async(mzo + (R + r) * kP + tid, a.p.mimo_o + m, 4);
+      }
+    }
   }
   __pipeline_commit();
   // Everything the staging reads from global memory is requested here, before the first barrier, so that the
   // block waits for one round trip (with its state rows) instead of one per phase.
+  float raw[VPL][VW], mate[VPL][VW], wself[VPL][VW], wmate[VPL][VW], bself[VPL][VW], bmate[VPL][VW];
+  const int half = N / 2;
+  auto mate_of = [&](int n) { return kMimo ? (n < half ? n + half : n - half) : (n ^ 1); };
   if (stager) {
     const float* src = zrow + (is_c ? a.off_C : a.off_B) + int64_t(vr * a.G + h / (H / a.G)) * N;
+    const float* w = is_c ? a.p.C_norm : a.p.B_norm;
+    const float* bias = (is_c ? a.p.C_bias : a.p.B_bias) + (int64_t(h) * R + vr) * N;
     const bool src_vec = reinterpret_cast<uintptr_t>(src) % 16 == 0;  // in_proj rows are not 16-byte aligned in general
 #pragma unroll
     for (int v = 0; v < VPL; ++v) {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) raw[v][e] = mate[v][e] = wself[v][e] = wmate[v][e] = bself[v][e] = bmate[v][e] = 0.0f;
       if (!on[v]) continue;
+      load_vec(w + nv[v], wself[v]);
+      load_vec(bias + nv[v], bself[v]);
       if (src_vec) {
         load_vec(src + nv[v], raw[v]);
       } else {
 #pragma unroll
         for (int e = 0; e < VW; ++e) raw[v][e] = src[nv[v] + e];
       }
-      if constexpr (kMimo && !TC) {
-        if (half % 4 == 0) {
+      if constexpr (kMimo && !TC) {  // SISO partners are in the lane's own float4; TC: by shuffle in phase 3
+        if (half % 4 == 0) {  // the float4's partners are the float4 at the same place in the other half
           const int m0 = mate_of(nv[v]);
+          load_vec(w + m0, wmate[v]);
+          load_vec(bias + m0, bmate[v]);
           if (src_vec) {
             load_vec(src + m0, mate[v]);
           } else {
@@ -340,12 +294,28 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
           }
         } else {
 #pragma unroll
-          for (int e = 0; e < VW; ++e) mate[v][e] = src[mate_of(nv[v] + e)];
+          for (int e = 0; e < VW; ++e) {
+            const int m = mate_of(nv[v] + e);
+            mate[v][e] = src[m];
+            wmate[v][e] = w[m];
+            bmate[v][e] = bias[m];
+          }
         }
       }
     }
   }
+  // Row coefficients' inputs: channel cp of the thread (threads from the fourth warp on, away from the warps that
+  // stage B/C, the angles and the scalars when R is small), all ranks.
+  const int cp = (tid + kThreads - 96) % kThreads;
+  const bool coef_owner = cp < P;
+  float cmx[R], cxp = 0.0f, cxc = 0.0f, cxr[LW > 1 ? LW - 1 : 1] = {};
+#pragma unroll
+  for (int r = 0; r < R; ++r) cmx[r] = 1.0f;
   if (coef_owner) {
+    if constexpr (kMimo) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) cmx[r] = a.p.mimo_x[(int64_t(h) * R + r) * P + cp];
+    }
     cxp = vstate[cp];
     cxc = xrow[cp];
     if constexpr (kLazy) {
@@ -353,6 +323,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
       for (int j = 0; j < LW - 1; ++j) cxr[j] = j < m_prev ? ring[j * ring_entry + R * N + cp] : 0.0f;
     }
   }
+  const float Dh = a.p.D[h];
 
   // A row the slot mask skips returns here, block-uniform and before the first write and barrier: its mask word is read
   // after every load above was issued, so that its round trip overlaps theirs instead of delaying them (the copies
@@ -663,7 +634,7 @@ __global__ void __launch_bounds__(DecodeLayout<R, VPL, TC>::kWarps * 32, DecodeL
 }
 
 template <int R, int VPL, bool BF16S, bool TC = false, int LW = 1>
-void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int early) {
+void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early_state) {
   const auto kernel = mamba3_head_decode_kernel<R, VPL, TC, BF16S, LW>;
   size_t dynamic = 0;
   if constexpr (TC) {
@@ -675,11 +646,11 @@ void launch(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int early) {
     (void)raised;
   }
   launch_pdl(pdl_small(blocks / a.H) || a.st.pdl_any_batch, kernel, blocks, DecodeLayout<R, VPL, TC>::kWarps * 32,
-             dynamic, s, a, early);
+             dynamic, s, a, early_state);
 }
 
 template <int VPL, bool BF16S>
-void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int early) {
+void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early) {
   switch (a.R) {
     case 1:
       launch<1, VPL, BF16S>(s, a, blocks, early);
@@ -697,7 +668,7 @@ void launch_rank(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int earl
 }
 
 template <bool BF16S, int LW = 1>
-void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int early) {
+void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early) {
   switch (a.R) {
     case 2:
       launch<2, 1, BF16S, true, LW>(s, a, blocks, early);
@@ -712,7 +683,7 @@ void launch_tc(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int early)
 }
 
 template <int VPL, bool BF16S>
-void launch_deferred(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int early) {
+void launch_deferred(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool early) {
   if (a.st.write_every == 2)
     launch<1, VPL, BF16S, false, 2>(s, a, blocks, early);
   else
@@ -720,7 +691,7 @@ void launch_deferred(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, int 
 }
 
 template <bool BF16S>
-void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool tensor_cores, int early) {
+void launch_head(cudaStream_t s, const Mamba3DecodeArgs& a, int blocks, bool tensor_cores, bool early) {
   if (a.st.write_every > 1 && a.R > 1) {  // MIMO: the tensor-core rows (mamba3_head_decode_gpu checked the shape)
     if (a.st.write_every == 2)
       launch_tc<BF16S, 2>(s, a, blocks, early);
@@ -821,12 +792,11 @@ bool mamba3_head_decode_reaches(const Mamba3KernelShape& a) {
 }
 
 bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores,
-                            bool early_state, bool early_weights) {
+                            bool early_state) {
   const int64_t blocks = batch * a.H;
   if (!mamba3_head_decode_reaches(a) || blocks >= (int64_t(1) << 31)) return false;
   if (!aligned16(a.st.ssm16 ? static_cast<const void*>(a.st.ssm16) : a.st.ssm) || !aligned16(a.st.k)) return false;
-  // see Mamba3GpuState::settled; the kernel's early bits: 1 the states, 2 the weights too
-  const int early = early_state && a.st.settled ? 1 | (early_weights ? 2 : 0) : 0;
+  const bool early = early_state && a.st.settled;  // see Mamba3GpuState::settled
   if (a.st.write_every > 1) {
     MAMBA3_CHECK(((a.R == 1 && a.N <= 128) || head_decode_tc_fits(a)) &&
                      (a.st.write_every == 2 || a.st.write_every == kMaxStateWriteEvery) && a.st.lazy && a.st.ring &&

@@ -33,11 +33,9 @@ struct Mamba3DecodeArgs : Mamba3KernelShape {  // L = 1
 // accumulators (3×TF32, f32 accuracy; mamba3_head_decode_tc.cuh).
 // early_state: the state rows and cached k are requested before the kernel waits for the one before it (under PDL:
 // beside in_proj's last blocks; MAMBA3_DECODE_EARLY_STATE, DecodeChoice::early_state) — only for a state the caller
-// marks settled (Mamba3GpuState::settled). early_weights (with early_state): the layer's weights the kernel reads
-// (B/C norm weights and biases, D, mimo_x/z/o, the output norm) are requested before that wait too
-// (MAMBA3_DECODE_EARLY_WEIGHTS, DecodeChoice::early_weights).
+// marks settled (Mamba3GpuState::settled).
 bool mamba3_head_decode_gpu(cudaStream_t s, const Mamba3DecodeArgs& a, int64_t batch, bool tensor_cores = false,
-                            bool early_state = false, bool early_weights = false);
+                            bool early_state = false);
 // Whether the head kernel serves this layer shape (with 16-byte aligned ssm/ssm16 and k states, which
 // GpuMamba3State's are): the bf16-state mode decodes only there.
 bool mamba3_head_decode_reaches(const Mamba3KernelShape& shape);
@@ -96,17 +94,13 @@ struct DecodeChoice {
   int64_t head_tc_min_items = 512;
   // The head kernel requests its state rows and cached k before waiting for in_proj (mamba3_head_decode_gpu).
   bool early_state = true;
-  // ... and its weights too (opt-in until measured: the forty-seventh session's H100 profile of the MIMO kernel put
-  // 40 % of its stall samples before the first barrier, on the staging's loads).
-  bool early_weights = false;
   // Deferred state writes for MIMO layers on the tensor-core rows (mamba3_decode_defers_writes): with read-only
   // steps, 1.5B MIMO R = 4 b128 on an H100 6.99 → 6.93–6.96 ms at W = 2 (without them, an H200: 5.74 → 5.79).
   bool mimo_deferred_writes = true;
 };
 // Process-wide. Defaults from MAMBA3_DECODE_KERNEL (auto | head | stream), MAMBA3_STREAM_DECODE_MIN (pairs),
 // MAMBA3_STREAM_DECODE_STAGES (2 | 3), MAMBA3_STREAM_DECODE_BLOCKS (per head; 0 = fill the device),
-// MAMBA3_HEAD_DECODE_TC (1 | 0), MAMBA3_HEAD_DECODE_TC_MIN (pairs), MAMBA3_DECODE_EARLY_STATE (1 | 0, default 1),
-// MAMBA3_DECODE_EARLY_WEIGHTS (0 | 1, default 0) and
+// MAMBA3_HEAD_DECODE_TC (1 | 0), MAMBA3_HEAD_DECODE_TC_MIN (pairs), MAMBA3_DECODE_EARLY_STATE (1 | 0, default 1) and
 // MAMBA3_DECODE_DEFER_MIMO (1 | 0, default 1),
 // read on first use; tests set it.
 DecodeChoice decode_choice();

@@ -72,10 +72,3 @@ add_test(NAME test_model_gpu_state_writes_1 COMMAND test_model_gpu
          --gtest_filter=*Golden*:*MatchesCpuOnRandomModels*:*GreedyGeneration*:*GraphReplay*:*WideBatch*:*Bf16State*)
 set_tests_properties(test_model_gpu_state_writes_1 PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_DECODE_STATE_WRITES=1
                      SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
-# The model decodes with the head kernel also requesting its weights before the PDL wait (MAMBA3_DECODE_EARLY_WEIGHTS=1,
-# opt-in until measured): the golden cases, CPU comparisons, greedy generation, graph replay, wide batches (the PDL
-# steps) and the deferred writes must hold as they do by default.
-add_test(NAME test_model_gpu_early_weights COMMAND test_model_gpu
-         --gtest_filter=*Golden*:*MatchesCpuOnRandomModels*:*GreedyGeneration*:*GraphReplay*:*WideBatch*:*Deferred*)
-set_tests_properties(test_model_gpu_early_weights PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_DECODE_EARLY_WEIGHTS=1
-                     SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
