@@ -200,6 +200,59 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
     }
 }
 
+// The output stage's backward inside the SISO fused core (after a kernel forming e^Λ ⊙ dy alone for the reverse
+// chain) against the output-stage kernel before the chain: the same expressions, token mapping and sum orders, so the
+// same bits, with and without a kept forward, on sequences of whole chunks (batch 3, 3 or 4 heads, one and three
+// chunks, and 24 heads). It must run where it applies and not elsewhere: the output norm, a padded last chunk and the
+// 4-warp block keep the kernel.
+TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreGivesTheKernelsBits) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+  } restore;
+  std::vector<LayerCase> cases = core_shape_cases(false);
+  Mamba3Config c24 = small(false, 1);
+  c24.d_model = 768, c24.d_state = 128, c24.headdim = 64;  // 24 heads, the 125M layer's tiles
+  cases.push_back({"siso N 128 P 64 (24 heads)", c24});
+  int ran = 0;
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {64, 192, 65}) {
+      if (lc.c.d_model == 768 && L != 192) continue;  // (one big case)
+      for (const bool wide : {true, false}) {
+        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (wide ? " 8 warps" : " 4 warps"));
+        auto [mixer, u, dout] = random_layer(lc.c, 3, L, uint32_t(4100 + L));
+        CoreLayerStep step(mixer, u, dout);
+        step.train.set_zx_bf16(true);
+        step.train.set_dzx_bf16(true);
+        step.train.set_state_chain(true);
+        step.train.set_backward_core_fused(true);
+        cuda::train_detail::set_fused_core_wide(wide);
+        const bool applies = wide && !lc.c.is_outproj_norm && L % 64 == 0;
+        for (const bool keep : {false, true}) {
+          SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
+          auto run = [&](bool on) {
+            step.train.set_core_output(on);
+            GpuResult r = step.run(keep);
+            EXPECT_EQ(step.train.core_output_used(), on && applies);
+            return r;
+          };
+          const GpuResult kernel = run(false), core = run(true), again = run(true);
+          ASSERT_NO_FATAL_FAILURE(assert_finite(core));
+          EXPECT_TRUE(bit_identical(core, again)) << "not deterministic";
+          EXPECT_TRUE(bit_identical(kernel, core)) << "the fused core's output part changed bits";
+          if (!bit_identical(kernel, core)) {
+            double worst = 0;
+            std::string where;
+            compare(core, kernel.out, kernel.du, kernel.grads, 1e-6, 1e-6, worst, where);
+            std::printf("  %-34s L=%-3lld differs: worst %.2e (%s)\n", lc.name, (long long)L, worst, where.c_str());
+          }
+          ran += applies;
+        }
+      }
+    }
+  EXPECT_GT(ran, 0) << "no case ran the output part inside the fused core";
+}
+
 // dQ and dK handed from the SISO cores to the rotation backward in bf16 (the default) against the f32 pair: the
 // forward is untouched (the same bits), and du and every gradient move by about a bf16 rounding of dQ and dK, far below
 // the bf16 mode's tolerance against the CPU; some gradient must move (else the switch did nothing). SISO: fused and

@@ -478,13 +478,77 @@ struct CoreSmem {
     return bf16_elems * sizeof(bf16) + size_t(3 * T + 4 * kRows) * 4;
   }
   // The fused core's extra tiles after those (16-byte aligned): dH (P × N) and w ⊙ v (rows × P) in bf16, then the
-  // post-scan part's floats: dL (T), the core's dscale terms (T), Σ_p v·tp per row, ⟨dH, H_c⟩ per warp.
+  // post-scan part's floats: dL (T), the core's dscale terms (T), Σ_p v·tp per row, ⟨dH, H_c⟩ per warp; then (kOut)
+  // Λ's state-read term per row and D's partial per warp of the 8-warp block.
   __host__ __device__ static constexpr size_t post_offset(int T) { return (bytes(T) + 15) / 16 * 16; }
   static constexpr size_t post_bytes(int T) {
     return post_offset(T) + (size_t(P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) +
-           size_t(2 * T + kRows + kCoreWarps) * 4;
+           size_t(2 * T + kRows + kCoreWarps + kRows + 2 * kCoreWarps) * 4;
   }
 };
+
+// ---- The output stage's backward inside the fused core (kOut; fused_core_output_supported: SISO, whole chunks, no
+// output norm, Z and y in bf16 from the forward core, z, dO and dzx in bf16). The dy and e^Λ ⊙ dy tiles arrive as
+// dO's and z's rows; warp w takes tokens w, w + kWarps, … with lane channels lane + 32k — the mapping of
+// batched_output_backward_siso_full_kernel — and forms dy and e^Λ ⊙ dy in place, dz → dzx16's z columns, Λ's
+// state-read term e^Λ·Σ_p dy·Z → dLo and D's partial Σ dy·v per warp → wD, with that kernel's expressions and sum
+// orders: its bits, without dy and e^Λ ⊙ dy written and read back through global memory, and without its launch.
+// y and Z (bf16, per chunk row) and e^Λ of the warp's tokens, requested before the block awaits its tiles.
+template <int P, int kWarps>
+struct CoreOutputLoads {
+  static constexpr int kQ = P / 32, kTok = kRows / kWarps;
+  bf16 y[kTok][kQ], z[kTok][kQ];
+  float e[kTok];
+  __device__ __forceinline__ void issue(const BatchedParams& p, int64_t chunk, int warp, int lane) {
+    const int64_t row = (chunk * kRows + warp) * P + lane;
+    const bf16 *Y16 = reinterpret_cast<const bf16*>(p.WV) + row, *Z16 = reinterpret_cast<const bf16*>(p.Z) + row;
+#pragma unroll
+    for (int j = 0; j < kTok; ++j) {
+      e[j] = p.eL[chunk * p.T + warp + kWarps * j];
+#pragma unroll
+      for (int k = 0; k < kQ; ++k) y[j][k] = Y16[j * kWarps * P + 32 * k], z[j][k] = Z16[j * kWarps * P + 32 * k];
+    }
+  }
+};
+
+template <int P, int kWarps>
+__device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t chunk,
+                                                 const CoreOutputLoads<P, kWarps>& in, bf16* sdY, bf16* sdYe,
+                                                 const bf16* sV, int ld, float* dLo, float* wD) {
+  constexpr int kQ = P / 32, kTok = kRows / kWarps;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const MixerDims& d = p.d;
+  const int64_t bh = chunk / p.nc, tok0 = bh / d.H * d.L + chunk % p.nc * p.T;
+  bf16* dz16 = reinterpret_cast<bf16*>(p.dzx16) + (tok0 + warp) * d.din + bh % d.H * P + lane;
+  float gD = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kTok; ++j) {
+    const int tl = warp + kWarps * j;
+    const float e = in.e[j];
+    float dyn[kQ];
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      const int i = tl * ld + lane + 32 * k;
+      const SisoGateGrad gg =
+          siso_gate_backward(__bfloat162float(sdY[i]), __bfloat162float(sdYe[i]), __bfloat162float(in.y[j][k]));
+      dyn[k] = gg.dyn;
+      dz16[j * kWarps * d.din + 32 * k] = __float2bfloat16_rn(gg.dz);
+    }
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kQ; ++k) {
+      const int i = tl * ld + lane + 32 * k;
+      const float v = dyn[k];
+      sdY[i] = __float2bfloat16_rn(v), sdYe[i] = __float2bfloat16_rn(__fmul_rn(e, v));
+      dot = __fmaf_rn(v, __bfloat162float(in.z[j][k]), dot);
+      gD = __fmaf_rn(v, __bfloat162float(sV[i]), gD);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dLo[tl] = __fmul_rn(e, dot);
+  }
+  gD = warp_sum(gD);
+  if (lane == 0) wD[warp] = gD;
+}
 
 // kPost (SISO, the reverse state chain run before it): also the post-scan core's work (below) from the chunk's dH
 // (dHc16) — dK's second term added to the first in the accumulators, tp = k·dHᵀ, and the epilogue's state part with
@@ -498,7 +562,7 @@ struct CoreSmem {
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
-template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false>
+template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
@@ -507,6 +571,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   static_assert(kWarps == kCoreWarps || (kSplitPhases && kWithDH), "8 warps only for the cores with dH");
   static_assert(!kUnrot || kPost, "un-rotated dQ/dK only from the fused core");
   static_assert(!kHeadSum || kUnrot, "the head sum reads un-rotated dQ/dK");
+  static_assert(!kOut || (kPost && kSplitPhases && !kUnrot), "the output part: the 8-warp fused core");
   using Smem = CoreSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, NS = kRows / 8;  // NS: n-tiles over the chunk's 64 rows
   constexpr int NB = N < 64 ? N : 64, NBT = NB / 8;                  // dQ/dK/G columns per pass, their n-tiles
@@ -521,7 +586,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   bf16* sdH = reinterpret_cast<bf16*>(smem_raw + Smem::post_offset(T));  // kPost only, like the four below
   bf16* sVw = sdH + P * LDN;
   float* dL = reinterpret_cast<float*>(sVw + kRows * LDP);
-  float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows;
+  float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows, *dLo = wsum + kCoreWarps, *wD = dLo + kRows;
   const int64_t chunk = kHeadSum ? head_fastest_chunk(p) : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The phases this warp runs and its 16-row block in them.
@@ -532,8 +597,19 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
   copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
-  copy_tile<kThreads, kRows, P>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P);
-  copy_tile<kThreads, kRows, P>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P);
+  [[maybe_unused]] CoreOutputLoads<P, kWarps> out_loads;
+  if constexpr (kOut) {  // dO's and z's rows into the dy and e^Λ ⊙ dy tiles (core_output_part turns them)
+    const MixerDims& d = p.d;
+    const int64_t bh = chunk / p.nc, tok0 = bh / d.H * d.L + chunk % p.nc * T, col = bh % d.H * P;
+    copy_tile<kThreads, kRows, P>(sdY, LDP, reinterpret_cast<const bf16*>(p.dO16) + tok0 * d.d_inner + col,
+                                  int(d.d_inner));
+    copy_tile<kThreads, kRows, P>(sdYe, LDP, reinterpret_cast<const bf16*>(p.zx16) + tok0 * 2 * d.d_inner + col,
+                                  int(2 * d.d_inner));
+    out_loads.issue(p, chunk, warp, lane);
+  } else {
+    copy_tile<kThreads, kRows, P>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P);
+    copy_tile<kThreads, kRows, P>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P);
+  }
   if constexpr (kWithDH) {
     copy_tile<kThreads, P, N>(sdH, LDN, dHc16 + chunk * P * N);
     copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
@@ -545,6 +621,17 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
+  if constexpr (kOut) {
+    core_output_part<P, kWarps>(p, chunk, out_loads, sdY, sdYe, sV, LDP, dLo, wD);
+    __syncthreads();
+    if (threadIdx.x == 0) {  // D's partial: the warps' sums in order (output_backward_partials)
+      float sum = 0.0f;
+      for (int w = 0; w < kWarps; ++w) sum += wD[w];
+      const MixerDims& d = p.d;
+      const int64_t bh = chunk / p.nc;
+      p.part_D[(bh / d.H * p.nc + chunk % p.nc) * d.H + bh % d.H] = sum;
+    }
+  }
 
   // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
@@ -873,7 +960,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
     const int64_t st = bh * p.d.L + c0 + tl;
     if (kPost || epilogue_here) {
-      dL[tl] = p.dLam[chunk * T + tl] + dl;
+      dL[tl] = (kOut ? dLo[tl] : p.dLam[chunk * T + tl]) + dl;
       dsc_core[tl] = dsc;
       p.dgam[st] = dg;
     } else {
@@ -889,7 +976,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
   }
   if constexpr (kPost) {
-    for (int tl = Tc + threadIdx.x; tl < T; tl += kThreads) dL[tl] = p.dLam[chunk * T + tl];
+    for (int tl = Tc + threadIdx.x; tl < T; tl += kThreads) dL[tl] = kOut ? dLo[tl] : p.dLam[chunk * T + tl];
     post_scan_carry_terms<kThreads>(T, Lam, scale, rdot);  // (rdot and scale: complete since the barrier above)
     __syncthreads();
     if (threadIdx.x < 32) {  // (warp 0 alone from here: a warp barrier, not a block one)
@@ -916,11 +1003,11 @@ __global__ void __launch_bounds__(kCoreThreads)
 
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
-template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kHeadSum = false>
+template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2)
     fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -1042,19 +1129,21 @@ void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
 namespace {
 // A core with dH (kCoreFused or kCoreStates) on 4 or 8 warps, with the rank kR fixed at compile time (see
 // backward_core_body).
-template <int kMode, int kR, bool kUnrot = false>
+template <int kMode, int kR, bool kUnrot = false, bool kOut = false>
 void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc16, const void* dHc16,
                          const char* what) {
   const bool wide = fused_core_wide();
+  MAMBA3_CHECK(wide || !kOut, "{}: the output part runs on the 8-warp block only", what);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
     if (!wide) {
+      if constexpr (kOut) return;  // (refused above)
       launch_core(backward_core_kernel<N, P, kMode, kR, kUnrot>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
                   static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
       return;
     }
-    auto* kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot>;
+    auto* kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut>;
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
@@ -1106,7 +1195,23 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
     launch_core_with_dh<kCoreFused, 1, true>(s, p, Hc16, dHc16, "fused backward core (un-rotating)");
     return;
   }
+  if (p.core_output) {
+    MAMBA3_CHECK(!p.dqk_unrotated && fused_core_output_supported(p),
+                 "fused backward core: the output part unsupported (P {}, L {}, T {}, outnorm {})", p.d.P, p.d.L, p.T,
+                 p.d.outnorm);
+    launch_core_with_dh<kCoreFused, 1, false, true>(s, p, Hc16, dHc16, "fused backward core (with the output part)");
+    return;
+  }
   launch_core_with_dh<kCoreFused, 1>(s, p, Hc16, dHc16, "fused backward core");
+}
+
+bool fused_core_output_supported(const BatchedParams& p) {
+  // The output-stage backward's full-chunk SISO configuration without the norm (whose arithmetic the core runs), on
+  // the 8-warp block (its warps' token mapping is that kernel's).
+  const MixerDims& d = p.d;
+  return post_scan_core_supported(p) && fused_core_wide() && output_backward_siso_applies(p) && p.zy16 && !d.outnorm &&
+         p.zx16 && p.dO16 && p.dzx16 && !p.o && !p.o16 && p.part_D && p.rows == kRows && p.T == kRows &&
+         d.L % p.T == 0 && d.d_inner % 8 == 0;
 }
 
 bool fused_core_unrotate_supported(const BatchedParams& p) {

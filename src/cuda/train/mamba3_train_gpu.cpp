@@ -172,6 +172,14 @@ bool env_zy16() {
   return on;
 }
 
+// MAMBA3_TRAIN_CORE_OUTPUT, read once per process: the SISO fused backward core runs the output stage's backward
+// itself, after a kernel forming only e^Λ ⊙ dy for the reverse chain ("1", the default, where it applies), or the
+// output-stage backward kernel runs before the chain ("0"). The same bits.
+bool env_core_output() {
+  static const bool on = env_choice("MAMBA3_TRAIN_CORE_OUTPUT", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_MIMO_EPILOGUE, read once per process: MIMO's state core runs the epilogue's state part ("core", the
 // default) or stores tp and dV for the MIMO epilogue kernel ("kernel").
 bool env_mimo_epilogue_in_core() {
@@ -250,6 +258,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       core_unrotate_(env_core_unrotate() == "1" || env_core_unrotate() == "heads"),  // ("" when unset: off)
       core_head_sum_(env_core_unrotate() == "heads"),
       zy16_(env_zy16()),
+      core_output_(env_core_output()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
       zx_bf16_(env_zx16()) {
@@ -555,15 +564,27 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // only form it again (from y rounded to bf16 with zy16).
   if (reuse || p.zy16) p.o = nullptr, p.o16 = nullptr;
   mimo_epilogue_in_core_used_ = false;
-  launch_batched_output(s, p, true);
-  prof.mark("output bwd");
-  if (chain && backward_core_fused_ && post_scan_core_supported(p)) {
+  const bool fused_core = chain && backward_core_fused_ && post_scan_core_supported(p);
+  if (fused_core) {
+    p.dqk_unrotated = core_unrotate_ && fused_core_unrotate_supported(p);
+    p.dqk_head_sum = p.dqk_unrotated && core_head_sum_ && fused_core_head_sum_supported(p);
+  }
+  // The output stage's backward inside the fused core where it applies (only e^Λ ⊙ dy, the reverse chain's operand,
+  // formed before), else its kernel.
+  p.core_output = fused_core && core_output_ && !p.dqk_unrotated && fused_core_output_supported(p);
+  core_output_used_ = p.core_output;
+  if (p.core_output) {
+    launch_output_dye(s, p);
+    prof.mark("output dye");
+  } else {
+    launch_batched_output(s, p, true);
+    prof.mark("output bwd");
+  }
+  if (fused_core) {
     // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel.
     launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
     prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
-    p.dqk_unrotated = core_unrotate_ && fused_core_unrotate_supported(p);
-    p.dqk_head_sum = p.dqk_unrotated && core_head_sum_ && fused_core_head_sum_supported(p);
     core_unrotated_ = p.dqk_unrotated, core_head_summed_ = p.dqk_head_sum;
     launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
     prof.mark("backward core");
@@ -817,6 +838,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   bc_norm_fused_ = false;  // (batched_chunks: whether its rotation backward ran the B/C norm backward)
   angle_seg_ready_ = false;  // (batched_chunks: whether it wrote the angle segment sums)
   core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
+  core_output_used_ = false;  // (batched_chunks: whether its fused core ran the output stage's backward)
   core_head_summed_ = false;
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);

@@ -174,6 +174,11 @@ class Mamba3TrainGpu {
   void set_zy16(bool on) { zy16_ = on; }
   // Whether the last chunk pass kept Z and y in bf16 (set_zy16 and its shapes).
   bool zy16_used() const { return zy16_used_; }
+  // The SISO fused backward core runs the output stage's backward itself where it applies (default from
+  // MAMBA3_TRAIN_CORE_OUTPUT, on); the same bits as the output-stage kernel.
+  void set_core_output(bool on) { core_output_ = on; }
+  // Whether the last backward's fused core did (set_core_output and its configuration).
+  bool core_output_used() const { return core_output_used_; }
   // MIMO with the state core, where the epilogue's MIMO instance would run: the core runs the epilogue's state part
   // itself from tp and dv in registers (true) instead of storing tp and dV for the epilogue kernel to read back with V,
   // dy and both chunk states (false). dv and dx the same bits; Σ_p v·tp, ⟨dH, H_c⟩ and the mimo_x partials in other
@@ -319,6 +324,8 @@ class Mamba3TrainGpu {
   bool core_head_summed_ = false;    // the last backward's did (last_backward_core_head_summed)
   bool zy16_ = true;                 // Z and y in bf16 between the SISO forward core and output backward (set_zy16)
   bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
+  bool core_output_ = true;          // the output stage's backward inside the fused core (set_core_output)
+  bool core_output_used_ = false;    // the last backward's fused core ran it (core_output_used)
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)
   bool mimo_y_ = true;               // MIMO's forward core stores y for the output stage (set_mimo_y)

@@ -156,6 +156,10 @@ struct BatchedParams {
   // With dqk_unrotated, the fused core also sums dQ/dK over clusters of 8 heads into dCn/dBn slots and writes the
   // bias partials (fused_core_head_sum_supported); no rotation backward runs.
   bool dqk_head_sum;
+  // The SISO fused core runs the output stage's backward itself (fused_core_output_supported): its dy and e^Λ ⊙ dy
+  // tiles arrive as dO's and z's rows, and it writes dz, D's partials and keeps Λ's state-read term; only e^Λ ⊙ dy
+  // for the reverse chain is formed before it (launch_output_dye). Set in batched_chunks.
+  bool core_output;
   // MIMO's forward core stores y = (e^Λ·Z + D·v) + W·v (chunk_row_y) in WV instead of W·v, and the MIMO output
   // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
   // both run, and kept with the activations (batched_chunks).
@@ -232,6 +236,9 @@ void launch_batched_mask(cudaStream_t s, const BatchedParams& p);
 // y = e^Λ ⊙ Z + WV + D·v, the output stage → o; with `backward` also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state
 // read (dLam, overwritten), the output stage's partials and D's.
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward);
+// e^Λ ⊙ dy alone, for the reverse chain where the fused core does the rest of the output stage's backward
+// (p.core_output): the output-stage backward's values (siso_gate_dy), nothing else written.
+void launch_output_dye(cudaStream_t s, const BatchedParams& p);
 // Whether the output stage's backward runs a SISO instance (mamba3_train_siso.cu; the ones that can read p.zy16's bf16
 // Z and y).
 bool output_backward_siso_applies(const BatchedParams& p);

@@ -23,6 +23,19 @@ __device__ __forceinline__ float gate_sigmoid_f(float z, bool fast) {
   return fast ? __fdividef(1.0f, 1.0f + __expf(-z)) : sigmoid_f(z);
 }
 
+// The SISO output gate's backward at one channel in the bf16 mode (o = yn·silu(z)): dyn = dO·silu(z) and
+// dz = dO·yn·σ(z)·(1 + z·(1 − σ(z))), their roundings spelled out so that every kernel forming them (the output-stage
+// backward, the fused core's output part, the e^Λ ⊙ dy kernel before the reverse chain) gives the same bits.
+__device__ __forceinline__ float siso_gate_dy(float dO, float z, float sg) { return __fmul_rn(dO, __fmul_rn(z, sg)); }
+struct SisoGateGrad {
+  float dyn, dz;
+};
+__device__ __forceinline__ SisoGateGrad siso_gate_backward(float dO, float z, float yn) {
+  const float sg = gate_sigmoid_f(z, true);
+  const float dz = __fmul_rn(__fmul_rn(__fmul_rn(dO, yn), sg), __fmaf_rn(z, __fsub_rn(1.0f, sg), 1.0f));
+  return {siso_gate_dy(dO, z, sg), dz};
+}
+
 // The bf16 bits of v rounded to nearest even (as __float2bfloat16_rn; NaN stays NaN), written out so that host
 // emulations of the kernels can compile it too.
 __host__ __device__ __forceinline__ uint16_t bf16_bits_rn(float v) {

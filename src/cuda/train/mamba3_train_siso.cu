@@ -485,10 +485,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
 #pragma unroll
     for (int k = 0; k < kQ; ++k) {
       const float yn = kNorm ? y[k] * rstd * nw[k] : y[k];
-      const float sg = gate_sigmoid_f(t.z[k], true), si = t.z[k] * sg;  // (bf16 mode only)
-      const float dz = t.dO[k] * yn * sg * (1.0f + t.z[k] * (1.0f - sg));
-      dyn[k] = t.dO[k] * si;
-      dz16[j * dz_step + 32 * k] = __float2bfloat16_rn(dz);
+      const SisoGateGrad gg = siso_gate_backward(t.dO[k], t.z[k], yn);  // (bf16 mode only)
+      dyn[k] = gg.dyn;
+      dz16[j * dz_step + 32 * k] = __float2bfloat16_rn(gg.dz);
       if (kNorm) mean += dyn[k] * nw[k] * (y[k] * rstd);
     }
     if (kNorm) mean = warp_sum(mean) / float(P);
@@ -502,12 +501,12 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
         v = rstd * (dyn[k] * nw[k] - xh * mean);
       }
       const int i = j * row_step + 32 * k;
-      dY[i] = __float2bfloat16_rn(v), dYe[i] = __float2bfloat16_rn(e * v);
-      dot += v * t.zv[k];
-      gD += v * t.vv[k];
+      dY[i] = __float2bfloat16_rn(v), dYe[i] = __float2bfloat16_rn(__fmul_rn(e, v));
+      dot = __fmaf_rn(v, t.zv[k], dot);  // (the roundings as the fused core's output part has them)
+      gD = __fmaf_rn(v, t.vv[k], gD);
     }
     dot = warp_sum(dot);
-    if (lane == 0) dLam[j * kWarps] = 0.0f + e * dot;
+    if (lane == 0) dLam[j * kWarps] = __fmul_rn(e, dot);
   };
   for (int tl = warp; tl < p.T; tl += kTokens * kWarps) {  // (p.T a multiple of kTokens · kWarps)
     Token t[kTokens];
@@ -522,6 +521,40 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
     z16 += kTokens * z_step, dO16 += kTokens * o_step, dz16 += kTokens * dz_step;
   }
   output_backward_partials<P>(p, ix, gn, gD, kNorm);
+}
+
+// e^Λ ⊙ dy for the reverse chain when the fused core forms the rest of the output stage's backward (p.core_output;
+// whole chunks, no output norm, z and dO in bf16): the output-stage backward's e^Λ ⊙ dy bits, from dO, z and e^Λ
+// only. A thread takes 16 consecutive channels of a token (16-byte loads and stores).
+template <int P>
+__global__ void __launch_bounds__(kThreads) output_dye_siso_kernel(const BatchedParams p) {
+  pdl_wait();
+  using bf16 = __nv_bfloat16;
+  constexpr int kPer = 16, kSlots = P / kPer, kRowsPerPass = kThreads / kSlots;
+  const MixerDims& d = p.d;
+  const ChunkIndex ix(p);
+  const int c = int(threadIdx.x) % kSlots * kPer;
+  for (int tl = int(threadIdx.x) / kSlots; tl < p.T; tl += kRowsPerPass) {
+    const int64_t tok = int64_t(ix.b) * d.L + ix.c0 + tl, col = int64_t(ix.h) * P + c;
+    const float e = p.eL[ix.chunk * p.T + tl];
+    const uint4* o4 = reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.dO16) + tok * d.d_inner + col);
+    const uint4* z4 = reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.zx16) + tok * 2 * d.d_inner + col);
+    uint4 ov[2] = {o4[0], o4[1]}, zv[2] = {z4[0], z4[1]}, out[2];
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      const bf16* ob = reinterpret_cast<const bf16*>(&ov[v]);
+      const bf16* zb = reinterpret_cast<const bf16*>(&zv[v]);
+      bf16* wb = reinterpret_cast<bf16*>(&out[v]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float z = __bfloat162float(zb[i]);
+        const float dy = siso_gate_dy(__bfloat162float(ob[i]), z, gate_sigmoid_f(z, true));
+        wb[i] = __float2bfloat16_rn(__fmul_rn(e, dy));
+      }
+    }
+    uint4* w4 = reinterpret_cast<uint4*>(static_cast<bf16*>(p.dYe) + (ix.chunk * p.rows + tl) * P + c);
+    w4[0] = out[0], w4[1] = out[1];
+  }
 }
 
 // The rotation backward's SISO instance (bf16 operands, N 32/64/128): the generic kernel's arithmetic and order, but a
@@ -929,6 +962,16 @@ namespace mamba3::cuda::train_detail {
 
 bool output_backward_siso_applies(const BatchedParams& p) {
   return p.siso_kernels && p.bf16 && !p.d.mimo && (p.d.P == 32 || p.d.P == 64);
+}
+
+void launch_output_dye(cudaStream_t s, const BatchedParams& p) {
+  MAMBA3_CHECK(
+      output_backward_siso_applies(p) && p.dO16 && p.zx16 && p.d.L % p.T == 0 && p.rows == p.T && p.d.d_inner % 8 == 0,
+      "output e^Λ ⊙ dy kernel: unsupported configuration (P {}, L {}, T {})", p.d.P, p.d.L, p.T);
+  if (p.d.P == 64)
+    batched::launch_per_chunk(batched::output_dye_siso_kernel<64>, s, p, 0);
+  else
+    batched::launch_per_chunk(batched::output_dye_siso_kernel<32>, s, p, 0);
 }
 
 }  // namespace mamba3::cuda::train_detail
