@@ -201,11 +201,12 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
 }
 
 // The output stage's backward inside the SISO fused core (after a kernel forming e^Λ ⊙ dy alone for the reverse
-// chain) against the output-stage kernel before the chain: the same expressions, token mapping and sum orders, so the
-// same bits, with and without a kept forward, on sequences of whole chunks (batch 3, 3 or 4 heads, one and three
-// chunks, and 24 heads). It must run where it applies and not elsewhere: the output norm, a padded last chunk and the
-// 4-warp block keep the kernel.
-TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreGivesTheKernelsBits) {
+// chain) against the output-stage kernel before the chain: dy and e^Λ ⊙ dy (and so dQ, dK, dV and what follows from
+// them) are the kernel's bits; Λ's state-read term and D's partial are summed in another order, so du and the
+// gradients move by rounding only. With and without a kept forward, on sequences of whole chunks (batch 3; 4 and 24
+// heads; one and three chunks); deterministic; it must run where it applies and not elsewhere (the output norm, a
+// padded last chunk, an odd in_proj width and the 4-warp block keep the kernel).
+TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
   MAMBA3_REQUIRE_GPU();
   struct Restore {
     ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
@@ -227,7 +228,7 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreGivesTheKernelsBits) {
         step.train.set_state_chain(true);
         step.train.set_backward_core_fused(true);
         cuda::train_detail::set_fused_core_wide(wide);
-        const bool applies = wide && !lc.c.is_outproj_norm && L % 64 == 0;
+        const bool applies = wide && !lc.c.is_outproj_norm && L % 64 == 0 && lc.c.d_in_proj() % 2 == 0;
         for (const bool keep : {false, true}) {
           SCOPED_TRACE(keep ? "kept forward" : "recomputed forward");
           auto run = [&](bool on) {
@@ -239,13 +240,16 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreGivesTheKernelsBits) {
           const GpuResult kernel = run(false), core = run(true), again = run(true);
           ASSERT_NO_FATAL_FAILURE(assert_finite(core));
           EXPECT_TRUE(bit_identical(core, again)) << "not deterministic";
-          EXPECT_TRUE(bit_identical(kernel, core)) << "the fused core's output part changed bits";
-          if (!bit_identical(kernel, core)) {
-            double worst = 0;
-            std::string where;
-            compare(core, kernel.out, kernel.du, kernel.grads, 1e-6, 1e-6, worst, where);
-            std::printf("  %-34s L=%-3lld differs: worst %.2e (%s)\n", lc.name, (long long)L, worst, where.c_str());
+          EXPECT_EQ(std::memcmp(kernel.out.raw(), core.out.raw(), kernel.out.nbytes()), 0) << "the forward moved";
+          if (!applies) {
+            EXPECT_TRUE(bit_identical(kernel, core)) << "the switch changed a path it does not apply to";
           }
+          double worst = 0;
+          std::string where;
+          compare(core, kernel.out, kernel.du, kernel.grads, 1e-5, 1e-5, worst, where);
+          if (applies && !keep)
+            std::printf("  %-34s L=%-3lld core's output part vs kernel: worst %.2e (%s)\n", lc.name, (long long)L,
+                        worst, where.c_str());
           ran += applies;
         }
       }
