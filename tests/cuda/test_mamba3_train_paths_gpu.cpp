@@ -181,6 +181,9 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
       auto [mixer, u, dout] = random_layer(cfg, B, L, uint32_t(1700 + L));
       CoreLayerStep step(mixer, u, dout);
       step.train.set_state_chain(true);
+      // (the output part inside the core sums Λ's term and D's partial in another order than the output-stage kernel
+      // the split path runs: OutputInsideTheFusedCoreTracksTheKernel)
+      step.train.set_core_output(false);
       ASSERT_TRUE(step.train.uses_chunk_cores(true, L)) << "the shape should take the cores";
       auto run = [&](bool fused, bool keep) {
         step.train.set_backward_core_fused(fused);
@@ -255,6 +258,46 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
       }
     }
   EXPECT_GT(ran, 0) << "no case ran the output part inside the fused core";
+}
+
+// w ⊙ v left by the SISO build to its readers (the forward chain and the fused core with the output part form it from
+// v's fragments; any other backward path gets it from a kernel first) against the build writing it: the same bits,
+// with and without a kept forward, with and without the core's output part; it must apply on whole chunks only.
+TEST(Mamba3TrainGpu, VwFormedByItsReadersGivesTheBuildsBits) {
+  MAMBA3_REQUIRE_GPU();
+  std::vector<LayerCase> cases = core_shape_cases(false);
+  Mamba3Config c24 = small(false, 1);
+  c24.d_model = 768, c24.d_state = 128, c24.headdim = 64;  // 24 heads, the 125M layer's tiles
+  cases.push_back({"siso N 128 P 64 (24 heads)", c24});
+  int ran = 0;
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {64, 192, 65}) {
+      if (lc.c.d_model == 768 && L != 192) continue;  // (one big case)
+      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4300 + L));
+      CoreLayerStep step(mixer, u, dout);
+      step.train.set_zx_bf16(true);
+      step.train.set_dzx_bf16(true);
+      step.train.set_state_chain(true);
+      step.train.set_backward_core_fused(true);
+      const bool applies = L % 64 == 0;
+      for (const bool keep : {false, true})
+        for (const bool core_output : {true, false}) {
+          SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed") +
+                       (core_output ? " core output" : " output kernel"));
+          step.train.set_core_output(core_output);
+          auto run = [&](bool on) {
+            step.train.set_vw_formed(on);
+            GpuResult r = step.run(keep);
+            EXPECT_EQ(step.train.vw_formed_used(), on && applies);
+            return r;
+          };
+          const GpuResult written = run(false), formed = run(true);
+          ASSERT_NO_FATAL_FAILURE(assert_finite(formed));
+          EXPECT_TRUE(bit_identical(written, formed)) << "w ⊙ v formed by its readers changed bits";
+          ran += applies;
+        }
+    }
+  EXPECT_GT(ran, 0) << "no case left w ⊙ v to its readers";
 }
 
 // dQ and dK handed from the SISO cores to the rotation backward in bf16 (the default) against the f32 pair: the

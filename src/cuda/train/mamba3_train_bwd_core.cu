@@ -479,7 +479,7 @@ struct CoreSmem {
   }
   // The fused core's extra tiles after those (16-byte aligned): dH (P × N) and w ⊙ v (rows × P) in bf16, then the
   // post-scan part's floats: dL (T), the core's dscale terms (T), Σ_p v·tp per row, ⟨dH, H_c⟩ per warp; then (kOut)
-  // Λ's state-read term per row and D's partial per phase-A warp (room for 8).
+  // Λ's state-read term per row and D's partial per warp of the 8-warp block.
   __host__ __device__ static constexpr size_t post_offset(int T) { return (bytes(T) + 15) / 16 * 16; }
   static constexpr size_t post_bytes(int T) {
     return post_offset(T) + (size_t(P) * LDN + size_t(kRows) * LDP) * sizeof(bf16) +
@@ -488,107 +488,86 @@ struct CoreSmem {
 };
 
 // ---- The output stage's backward inside the fused core (kOut; fused_core_output_supported: SISO, whole chunks, no
-// output norm, Z and y in bf16 from the forward core, z, dO and dzx in bf16), in two parts:
-// - before the products, on every warp: the dy and e^Λ ⊙ dy tiles arrive as dO's and z's rows, and dy = dO·silu(z)
-//   and e^Λ ⊙ dy replace them in place (16-byte pieces; the output-stage backward's expressions: its bits);
-// - after phase A, on its warps (which finish before phase B's): dz → dzx16's z columns, Λ's state-read term
-//   e^Λ·Σ_p dy·Z → dLo and D's partial Σ dy·v → wD, from dO, z, y and Z read again and v from its tile — off the
-//   block's critical path. So dy and e^Λ ⊙ dy never go through global memory, and the output-stage kernel does not
-//   run. Its per-token sum runs over lanes of 8 channels each (a shuffle tree) and D's over a warp's tokens: another
-//   order than the kernel's, so those two (and what follows from them) move by rounding.
-// e^Λ of a thread's rows in the in-place pass, requested before the block awaits its tiles.
+// output norm, Z and y in bf16 from the forward core, z, dO and dzx in bf16). The dy and e^Λ ⊙ dy tiles arrive as
+// dO's and z's rows; before the products every thread takes 16-byte pieces (8 channels of a token) and forms dy and
+// e^Λ ⊙ dy in place (the output-stage backward's expressions: its bits), dz → dzx16's z columns, Λ's state-read term
+// e^Λ·Σ_p dy·Z → dLo (a shuffle tree over the token's P / 8 lanes), D's partial Σ dy·v → wD per warp, and the
+// w ⊙ v tile from v (scale_pair's bits: the build's; no Vw read). So dy and e^Λ ⊙ dy never go through global memory
+// and the output-stage kernel does not run. Λ's term and D's partial are summed in another order than the kernel's:
+// those two (and what follows from them) move by rounding.
+// The pieces' e^Λ, w, y and Z, requested before the block awaits its tiles.
 template <int P, int kThreads>
 struct CoreOutputRows {
-  static constexpr int kPer = 8, kPieces = kRows * P / kPer, kIters = (kPieces + kThreads - 1) / kThreads;
-  float e[kIters];
+  static constexpr int kPer = 8, kPieces = kRows * P / kPer, kIters = kPieces / kThreads;
+  static_assert(kPieces % kThreads == 0 && kThreads % (P / kPer) == 0, "whole passes, whole rows per warp");
+  float e[kIters], w[kIters];
+  uint4 y[kIters], z[kIters];
+  __device__ __forceinline__ static int row(int j) { return (int(threadIdx.x) + j * kThreads) / (P / kPer); }
+  __device__ __forceinline__ static int col(int j) { return (int(threadIdx.x) + j * kThreads) % (P / kPer) * kPer; }
   __device__ __forceinline__ void issue(const BatchedParams& p, int64_t chunk) {
 #pragma unroll
     for (int j = 0; j < kIters; ++j) {
-      const int k = int(threadIdx.x) + j * kThreads;
-      e[j] = k < kPieces ? p.eL[chunk * p.T + k / (P / kPer)] : 0.0f;
+      const int64_t i = (chunk * kRows + row(j)) * P + col(j);
+      e[j] = p.eL[chunk * p.T + row(j)], w[j] = p.wv[chunk * p.T + row(j)];
+      y[j] = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.WV) + i);
+      z[j] = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.Z) + i);
     }
   }
 };
 
 template <int P, int kThreads>
-__device__ __forceinline__ void core_output_dy(const CoreOutputRows<P, kThreads>& rows, bf16* sdY, bf16* sdYe, int ld) {
+__device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t chunk,
+                                                 const CoreOutputRows<P, kThreads>& in, bf16* sdY, bf16* sdYe,
+                                                 const bf16* sV, bf16* sVw, int ld, float* dLo, float* wD) {
   using R = CoreOutputRows<P, kThreads>;
-#pragma unroll
-  for (int j = 0; j < R::kIters; ++j) {
-    const int k = int(threadIdx.x) + j * kThreads;
-    if (k >= R::kPieces) break;
-    const int i = k / (P / R::kPer) * ld + k % (P / R::kPer) * R::kPer;
-    const uint4 ov = *reinterpret_cast<const uint4*>(sdY + i), zv = *reinterpret_cast<const uint4*>(sdYe + i);
-    const bf16 *ob = reinterpret_cast<const bf16*>(&ov), *zb = reinterpret_cast<const bf16*>(&zv);
-    uint4 yv, ev;
-    bf16 *yb = reinterpret_cast<bf16*>(&yv), *eb = reinterpret_cast<bf16*>(&ev);
-#pragma unroll
-    for (int c = 0; c < R::kPer; ++c) {
-      const float z = __bfloat162float(zb[c]);
-      const float v = siso_gate_dy(__bfloat162float(ob[c]), z, gate_sigmoid_f(z, true));
-      yb[c] = __float2bfloat16_rn(v), eb[c] = __float2bfloat16_rn(__fmul_rn(rows.e[j], v));
-    }
-    *reinterpret_cast<uint4*>(sdY + i) = yv, *reinterpret_cast<uint4*>(sdYe + i) = ev;
-  }
-}
-
-// The second part on the kCoreWarps warps of phase A (wq: the warp among them): a lane takes 8 channels of a token
-// (P / 8 lanes per token), the warps' tokens interleaved; every load of the lane's tokens before the arithmetic.
-template <int P>
-__device__ __forceinline__ void core_output_tail(const BatchedParams& p, int64_t chunk, int wq, const bf16* sV, int ld,
-                                                 float* dLo, float* wD) {
-  constexpr int kPer = 8, kLanesPerRow = P / kPer, kRowsPerWarp = 32 / kLanesPerRow;
-  constexpr int kRowsPerPass = kCoreWarps * kRowsPerWarp, kPasses = kRows / kRowsPerPass;
-  static_assert(kRows % kRowsPerPass == 0, "whole passes over the chunk's rows");
-  const int lane = threadIdx.x % 32, c = lane % kLanesPerRow * kPer;
+  constexpr int kLanesPerRow = P / R::kPer;
   const MixerDims& d = p.d;
-  const int64_t bh = chunk / p.nc, tok0 = bh / d.H * d.L + chunk % p.nc * p.T, col = bh % d.H * P + c;
-  const bf16 *dO16 = reinterpret_cast<const bf16*>(p.dO16), *z16 = reinterpret_cast<const bf16*>(p.zx16);
-  const bf16 *Y16 = reinterpret_cast<const bf16*>(p.WV), *Z16 = reinterpret_cast<const bf16*>(p.Z);
-  uint4 ov[kPasses], zv[kPasses], yv[kPasses], Zv[kPasses];
-  float e[kPasses];
-#pragma unroll
-  for (int j = 0; j < kPasses; ++j) {
-    const int tl = j * kRowsPerPass + wq * kRowsPerWarp + lane / kLanesPerRow;
-    const int64_t tok = tok0 + tl, row = (chunk * kRows + tl) * P + c;
-    ov[j] = *reinterpret_cast<const uint4*>(dO16 + tok * d.d_inner + col);
-    zv[j] = *reinterpret_cast<const uint4*>(z16 + tok * 2 * d.d_inner + col);
-    yv[j] = *reinterpret_cast<const uint4*>(Y16 + row), Zv[j] = *reinterpret_cast<const uint4*>(Z16 + row);
-    e[j] = p.eL[chunk * p.T + tl];
-  }
+  const int64_t bh = chunk / p.nc, tok0 = bh / d.H * d.L + chunk % p.nc * p.T;
+  const int lane = threadIdx.x % 32;
   float gD = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kPasses; ++j) {
-    const int tl = j * kRowsPerPass + wq * kRowsPerWarp + lane / kLanesPerRow;
-    const bf16 *ob = reinterpret_cast<const bf16*>(&ov[j]), *zb = reinterpret_cast<const bf16*>(&zv[j]);
-    const bf16 *yb = reinterpret_cast<const bf16*>(&yv[j]), *Zb = reinterpret_cast<const bf16*>(&Zv[j]);
-    const bf16* vb = sV + tl * ld + c;
+  for (int j = 0; j < R::kIters; ++j) {
+    const int r = R::row(j), c = R::col(j), i = r * ld + c;
+    const uint4 ov = *reinterpret_cast<const uint4*>(sdY + i), zv = *reinterpret_cast<const uint4*>(sdYe + i);
+    const uint4 vv = *reinterpret_cast<const uint4*>(sV + i);
+    const bf16 *ob = reinterpret_cast<const bf16*>(&ov), *zb = reinterpret_cast<const bf16*>(&zv);
+    const bf16 *yb = reinterpret_cast<const bf16*>(&in.y[j]), *Zb = reinterpret_cast<const bf16*>(&in.z[j]);
+    const bf16* vb = reinterpret_cast<const bf16*>(&vv);
+    uint4 dyv, dyev, vwv;
+    bf16 *dyb = reinterpret_cast<bf16*>(&dyv), *dyeb = reinterpret_cast<bf16*>(&dyev);
+    __nv_bfloat162 dz[R::kPer / 2];
     float dot = 0.0f;
-    __nv_bfloat162 dz[kPer / 2];
 #pragma unroll
-    for (int k = 0; k < kPer; k += 2) {
+    for (int k = 0; k < R::kPer; k += 2) {
       float g2[2];
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         const SisoGateGrad gg =
             siso_gate_backward(__bfloat162float(ob[k + m]), __bfloat162float(zb[k + m]), __bfloat162float(yb[k + m]));
         g2[m] = gg.dz;
+        dyb[k + m] = __float2bfloat16_rn(gg.dyn), dyeb[k + m] = __float2bfloat16_rn(__fmul_rn(in.e[j], gg.dyn));
         dot = __fmaf_rn(gg.dyn, __bfloat162float(Zb[k + m]), dot);
         gD = __fmaf_rn(gg.dyn, __bfloat162float(vb[k + m]), gD);
       }
       dz[k / 2] = __floats2bfloat162_rn(g2[0], g2[1]);
     }
+    const uint32_t* vu = reinterpret_cast<const uint32_t*>(&vv);
+    uint32_t* vwu = reinterpret_cast<uint32_t*>(&vwv);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) vwu[k] = scale_pair(vu[k], in.w[j], in.w[j]);
+    *reinterpret_cast<uint4*>(sdY + i) = dyv, *reinterpret_cast<uint4*>(sdYe + i) = dyev;
+    *reinterpret_cast<uint4*>(sVw + i) = vwv;
     // (dzx16's rows: pitch din, even: 4-byte stores)
     __nv_bfloat162* dzr =
-        reinterpret_cast<__nv_bfloat162*>(reinterpret_cast<bf16*>(p.dzx16) + (tok0 + tl) * d.din + col);
+        reinterpret_cast<__nv_bfloat162*>(reinterpret_cast<bf16*>(p.dzx16) + (tok0 + r) * d.din + bh % d.H * P + c);
 #pragma unroll
-    for (int k = 0; k < kPer / 2; ++k) dzr[k] = dz[k];
+    for (int k = 0; k < R::kPer / 2; ++k) dzr[k] = dz[k];
 #pragma unroll
     for (int o = kLanesPerRow / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (lane % kLanesPerRow == 0) dLo[tl] = __fmul_rn(e[j], dot);
+    if (lane % kLanesPerRow == 0) dLo[r] = __fmul_rn(in.e[j], dot);
   }
   gD = warp_sum(gD);
-  if (lane == 0) wD[wq] = gD;
+  if (lane == 0) wD[threadIdx.x / 32] = gD;
 }
 
 // kPost (SISO, the reverse state chain run before it): also the post-scan core's work (below) from the chunk's dH
@@ -639,7 +618,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   [[maybe_unused]] CoreOutputRows<P, kThreads> out_rows;
-  if constexpr (kOut) {  // dO's and z's rows into the dy and e^Λ ⊙ dy tiles (core_output_dy turns them)
+  if constexpr (kOut) {  // dO's and z's rows into the dy and e^Λ ⊙ dy tiles (core_output_part turns them)
     const MixerDims& d = p.d;
     const int64_t bh = chunk / p.nc, tok0 = bh / d.H * d.L + chunk % p.nc * T, col = bh % d.H * P;
     copy_tile<kThreads, kRows, P>(sdY, LDP, reinterpret_cast<const bf16*>(p.dO16) + tok0 * d.d_inner + col,
@@ -653,7 +632,8 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
   if constexpr (kWithDH) {
     copy_tile<kThreads, P, N>(sdH, LDN, dHc16 + chunk * P * N);
-    copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
+    // (kOut: the w ⊙ v tile formed from v by core_output_part, scale_pair's bits: the build's; no Vw read)
+    if constexpr (!kOut) copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
@@ -663,7 +643,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
   if constexpr (kOut) {
-    core_output_dy<P, kThreads>(out_rows, sdY, sdYe, LDP);
+    core_output_part<P, kThreads>(p, chunk, out_rows, sdY, sdYe, sV, sVw, LDP, dLo, wD);
     __syncthreads();
   }
 
@@ -794,7 +774,6 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       __syncwarp();
       pair_barrier<true>(wq);
     }
-    if constexpr (kOut) core_output_tail<P>(p, chunk, wq, sV, LDP, dLo, wD);
   }
 
   // ---- Phase B: rows s of this warp (the transposed products).
@@ -988,9 +967,9 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const int c0 = int(chunk % p.nc) * T, Tc = min(T, p.d.L - c0);
   const bool epilogue_here = kMode == kCoreStates && p.epilogue_in_core;
   if constexpr (kOut) {
-    if (threadIdx.x == 0) {  // D's partial: phase A's warps' sums in order
+    if (threadIdx.x == 0) {  // D's partial: the warps' sums in order
       float sum = 0.0f;
-      for (int w = 0; w < kCoreWarps; ++w) sum += wD[w];
+      for (int w = 0; w < kWarps; ++w) sum += wD[w];
       const MixerDims& d = p.d;
       p.part_D[(bh / d.H * p.nc + chunk % p.nc) * d.H + bh % d.H] = sum;
     }

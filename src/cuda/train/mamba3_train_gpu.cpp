@@ -180,6 +180,13 @@ bool env_core_output() {
   return on;
 }
 
+// MAMBA3_TRAIN_VW_FORMED, read once per process: the SISO build leaves w ⊙ v to its readers, which form it from v
+// ("1", the default, where it applies), or writes it ("0"). The same bits.
+bool env_vw_formed() {
+  static const bool on = env_choice("MAMBA3_TRAIN_VW_FORMED", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_MIMO_EPILOGUE, read once per process: MIMO's state core runs the epilogue's state part ("core", the
 // default) or stores tp and dV for the MIMO epilogue kernel ("kernel").
 bool env_mimo_epilogue_in_core() {
@@ -259,6 +266,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       core_head_sum_(env_core_unrotate() == "heads"),
       zy16_(env_zy16()),
       core_output_(env_core_output()),
+      vw_formed_(env_vw_formed()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
       zx_bf16_(env_zx16()) {
@@ -487,10 +495,13 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (!reuse) {  // the forward part (kept activations already hold it)
     act_->chunk_cores = use_cores;
     act_->wv_holds_y = p.wv_holds_y;
+    p.vw_formed = vw_formed_ && chain && vw_formed_supported(p);
+    act_->vw_formed = p.vw_formed;
+    vw_formed_used_ = p.vw_formed;
     launch_batched_build(s, p);
     prof.mark("build");
     if (chain) {
-      launch_state_chain(s, p, p.Vw, p.K, false, act_->Hc16.raw());
+      launch_state_chain(s, p, p.vw_formed ? p.V : p.Vw, p.K, false, act_->Hc16.raw(), p.vw_formed ? p.wv : nullptr);
       prof.mark("state chain");
     } else {
       // ΔH_c = (w ⊙ v)ᵀ·k from zero → slot c + 1; the scan turns the slots into the chunk-start states.
@@ -573,6 +584,12 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // formed before), else its kernel.
   p.core_output = fused_core && core_output_ && !p.dqk_unrotated && fused_core_output_supported(p);
   core_output_used_ = p.core_output;
+  // w ⊙ v left to its readers by the forward: the fused core with the output part forms it; any other path reads Vw.
+  p.vw_formed = act_->vw_formed;
+  if (p.vw_formed && !p.core_output) {
+    launch_form_vw(s, p);
+    prof.mark("form w⊙v");
+  }
   if (p.core_output) {
     launch_output_dye(s, p);
     prof.mark("output dye");

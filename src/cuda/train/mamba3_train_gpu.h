@@ -51,6 +51,7 @@ struct Mamba3TrainActivations {
   bool valid = false;  // a forward's results, not yet consumed by a backward
   bool chunk_cores = false;  // written by the chunk cores (no S, W)
   bool wv_holds_y = false;   // MIMO: WV holds the pre-norm output y (Mamba3TrainGpu::set_mimo_y)
+  bool vw_formed = false;    // bVw not written: its readers form w ⊙ v from v (Mamba3TrainGpu::set_vw_formed)
   size_t bytes() const {
     size_t n = 0;
     for (const DeviceBuffer* b : {&bc_raw, &zx, &zx16, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ,
@@ -177,6 +178,11 @@ class Mamba3TrainGpu {
   // The SISO fused backward core runs the output stage's backward itself where it applies (default from
   // MAMBA3_TRAIN_CORE_OUTPUT, on); the same bits as the output-stage kernel.
   void set_core_output(bool on) { core_output_ = on; }
+  // The SISO forward leaves w ⊙ v to its readers (the forward chain, the fused core with the output part) instead of
+  // the build writing it, where it applies (default from MAMBA3_TRAIN_VW_FORMED, on); the same bits.
+  void set_vw_formed(bool on) { vw_formed_ = on; }
+  // Whether the last chunk pass's forward did (set_vw_formed and its configuration).
+  bool vw_formed_used() const { return vw_formed_used_; }
   // Whether the last backward's fused core did (set_core_output and its configuration).
   bool core_output_used() const { return core_output_used_; }
   // MIMO with the state core, where the epilogue's MIMO instance would run: the core runs the epilogue's state part
@@ -326,6 +332,8 @@ class Mamba3TrainGpu {
   bool zy16_used_ = false;           // the last chunk pass did (zy16_used)
   bool core_output_ = true;          // the output stage's backward inside the fused core (set_core_output)
   bool core_output_used_ = false;    // the last backward's fused core ran it (core_output_used)
+  bool vw_formed_ = true;            // w ⊙ v formed by its readers (set_vw_formed)
+  bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)
   bool mimo_y_ = true;               // MIMO's forward core stores y for the output stage (set_mimo_y)

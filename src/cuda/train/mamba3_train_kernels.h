@@ -160,6 +160,11 @@ struct BatchedParams {
   // tiles arrive as dO's and z's rows, and it writes dz, D's partials and keeps Λ's state-read term; only e^Λ ⊙ dy
   // for the reverse chain is formed before it (launch_output_dye). Set in batched_chunks.
   bool core_output;
+  // The SISO build does not write Vw (w ⊙ v): the forward state chain and the fused backward core form it from v's
+  // fragments and w (p.wv) as bf16(w·v), the build's bits (scale_pair). Needs the full-chunk build with bf16 x
+  // (vw_formed_supported); set in batched_chunks and kept with the activations (a backward on another path forms Vw
+  // first: launch_form_vw).
+  bool vw_formed;
   // MIMO's forward core stores y = (e^Λ·Z + D·v) + W·v (chunk_row_y) in WV instead of W·v, and the MIMO output
   // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
   // both run, and kept with the activations (batched_chunks).
@@ -236,6 +241,11 @@ void launch_batched_mask(cudaStream_t s, const BatchedParams& p);
 // y = e^Λ ⊙ Z + WV + D·v, the output stage → o; with `backward` also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state
 // read (dLam, overwritten), the output stage's partials and D's.
 void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward);
+// Vw = bf16(w ⊙ v) from V and p.wv, where the forward left it to its readers (p.vw_formed) and a path that reads it
+// runs: the build's values.
+void launch_form_vw(cudaStream_t s, const BatchedParams& p);
+// Whether the forward can leave w ⊙ v to its readers (p.vw_formed): the SISO full-chunk build with bf16 x.
+bool vw_formed_supported(const BatchedParams& p);
 // e^Λ ⊙ dy alone, for the reverse chain where the fused core does the rest of the output stage's backward
 // (p.core_output): the output-stage backward's values (siso_gate_dy), nothing else written.
 void launch_output_dye(cudaStream_t s, const BatchedParams& p);

@@ -8,6 +8,7 @@
 
 #include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_batched_common.cuh"
+#include "cuda/train/mma_bf16.cuh"
 
 namespace mamba3::cuda::train_detail::batched {
 
@@ -274,11 +275,15 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
           *reinterpret_cast<uint32_t*>(kd + a * kStepN) = *reinterpret_cast<const uint32_t*>(ko);
         }
       }
+      // (p.vw_formed: the chain and the fused core form w ⊙ v from v themselves, scale_pair's bits)
       if constexpr (kC == 2) {
         *reinterpret_cast<__nv_bfloat162*>(vd + a * kStepP) = __floats2bfloat162_rn(x[a][0], x[a][1]);
-        *reinterpret_cast<__nv_bfloat162*>(wd + a * kStepP) = __floats2bfloat162_rn(w[a] * x[a][0], w[a] * x[a][1]);
+        if (!p.vw_formed)
+          *reinterpret_cast<__nv_bfloat162*>(wd + a * kStepP) =
+              __floats2bfloat162_rn(__fmul_rn(w[a], x[a][0]), __fmul_rn(w[a], x[a][1]));
       } else {
-        vd[a * kStepP] = __float2bfloat16_rn(x[a][0]), wd[a * kStepP] = __float2bfloat16_rn(w[a] * x[a][0]);
+        vd[a * kStepP] = __float2bfloat16_rn(x[a][0]);
+        if (!p.vw_formed) wd[a * kStepP] = __float2bfloat16_rn(__fmul_rn(w[a], x[a][0]));
       }
     }
     qd += kRowsAhead * kStepN, kd += kRowsAhead * kStepN, vd += kRowsAhead * kStepP, wd += kRowsAhead * kStepP;
@@ -521,6 +526,24 @@ __global__ void __launch_bounds__(kThreads, 4) batched_output_backward_siso_full
     z16 += kTokens * z_step, dO16 += kTokens * o_step, dz16 += kTokens * dz_step;
   }
   output_backward_partials<P>(p, ix, gn, gD, kNorm);
+}
+
+// Vw = bf16(w ⊙ v) per chunk row (16-byte pieces), for a backward path that reads it where the forward left it to its
+// readers (p.vw_formed): the build's expression on v's bits.
+__global__ void __launch_bounds__(kThreads) form_vw_kernel(const BatchedParams p) {
+  pdl_wait();
+  using bf16 = __nv_bfloat16;
+  const int64_t chunk = blockIdx.x, n = int64_t(p.rows) * p.d.P / 8;
+  const uint4* v4 = reinterpret_cast<const uint4*>(static_cast<const bf16*>(p.V) + chunk * p.rows * p.d.P);
+  uint4* w4 = reinterpret_cast<uint4*>(static_cast<bf16*>(p.Vw) + chunk * p.rows * p.d.P);
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+    const float w = p.wv[chunk * p.T + k * 8 / p.d.P];
+    uint4 v = v4[k];
+    uint32_t* u = reinterpret_cast<uint32_t*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) u[i] = mma_bf16::scale_pair(u[i], w, w);
+    w4[k] = v;
+  }
 }
 
 // e^Λ ⊙ dy for the reverse chain when the fused core forms the rest of the output stage's backward (p.core_output;
@@ -818,6 +841,7 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   const MixerDims& d = p.d;
   if (!build_siso_applies(p)) return false;
   const bool full = p.build_fast && d.L % p.T == 0 && p.T % (2 * kWarps) == 0;
+  MAMBA3_CHECK(!p.vw_formed || (full && p.zx16), "SISO build: w ⊙ v left to its readers needs whole chunks, bf16 x");
   if (full) {  // the chunk scalars first (batched_build_siso_full_kernel reads w from them)
     const int64_t chunks = int64_t(d.B) * d.H * p.nc;
     launch_train(chunk_scalars_kernel, unsigned((chunks + kWarps - 1) / kWarps), kThreads, 0, s, p);
@@ -962,6 +986,18 @@ namespace mamba3::cuda::train_detail {
 
 bool output_backward_siso_applies(const BatchedParams& p) {
   return p.siso_kernels && p.bf16 && !p.d.mimo && (p.d.P == 32 || p.d.P == 64);
+}
+
+bool vw_formed_supported(const BatchedParams& p) {
+  // The full-chunk build with bf16 x (v = x exactly, so w ⊙ v = bf16(w·v) from v's bits).
+  const MixerDims& d = p.d;
+  return batched::build_siso_applies(p) && p.build_fast && p.zx16 && !d.mimo && d.L % p.T == 0 &&
+         p.T % (2 * batched::kWarps) == 0 && p.rows == p.T && p.T == 64 && p.d.P % 8 == 0;
+}
+
+void launch_form_vw(cudaStream_t s, const BatchedParams& p) {
+  MAMBA3_CHECK(vw_formed_supported(p), "w ⊙ v kernel: unsupported configuration (P {}, L {}, T {})", p.d.P, p.d.L, p.T);
+  batched::launch_per_chunk(batched::form_vw_kernel, s, p, 0);
 }
 
 void launch_output_dye(cudaStream_t s, const BatchedParams& p) {

@@ -34,16 +34,17 @@ constexpr int kStages = 2;   // operand stages (the chunk computed and the next 
 template <int N, int kSlice>
 struct ChainSmem {
   static constexpr int LDA = kSlice + 8, LDN = N + 8;  // 8 bf16 of padding per row: ldmatrix's rows in other banks
-  static constexpr int stage_elems = kRows * (LDA + LDN);
+  // A's and B's rows, then (w_rows) the chunk's 64 row scales in f32 (128 bf16 slots).
+  static constexpr int stage_elems = kRows * (LDA + LDN) + 2 * kRows;
   // The stages, then the bf16 state slice being written (kSlice rows at pitch LDN).
   static constexpr size_t bytes = (size_t(kStages) * stage_elems + size_t(kSlice) * LDN) * sizeof(bf16);
   static constexpr int threads = 32 * 2 * (kSlice / 16);
 };
 
 template <int N, int P, int kSlice>
-__global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_kernel(const BatchedParams p,
-                                                                                   const bf16* A, const bf16* Bm,
-                                                                                   bool reverse, void* out16) {
+__global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads)
+    state_chain_kernel(const BatchedParams p, const bf16* A, const bf16* Bm, bool reverse, void* out16,
+                       const float* w_rows) {
   pdl_wait();
   using Smem = ChainSmem<N, kSlice>;
   constexpr int kLdA = Smem::LDA, LDN = Smem::LDN, SE = Smem::stage_elems, NT = N / 16, slices = P / kSlice;
@@ -65,6 +66,10 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_ker
       bf16* sA = stages + (i % kStages) * SE;
       copy_tile<kThreads, kRows, kSlice>(sA, kLdA, A + chunk * kRows * P + pb, P);
       copy_tile<kThreads, kRows, N>(sA + kRows * kLdA, LDN, Bm + chunk * kRows * N);
+      if (w_rows && threadIdx.x < kRows / 4)  // (16-byte pieces of the chunk's row scales)
+        asm volatile(
+            "cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(sA + kRows * (kLdA + LDN) + 8 * threadIdx.x)),
+            "l"(w_rows + chunk * kRows + 4 * threadIdx.x));
     }
     asm volatile("cp.async.commit_group;");
   };
@@ -100,6 +105,7 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_ker
     asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1) : "memory");
     __syncthreads();  // (also: the slice's reads are done before the next step writes it)
     const bf16 *sA = stages + (i % kStages) * SE, *sB = sA + kRows * kLdA;
+    const float* sW = reinterpret_cast<const float*>(sB + kRows * LDN);
     // A_cᵀ·B_c for the warp's 16 × N/2 tile, k-steps in the backward core's order (its G: the same tiles, same bits).
     float acc[NT][4];
     zero(acc);
@@ -107,6 +113,12 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads) state_chain_ker
     for (int kb = 0; kb < kRows / 16; ++kb) {
       uint32_t a[4];
       load_a_t(sA, kLdA, 16 * kb, pr, a);
+      if (w_rows) {  // A = w ⊙ v formed from v's fragment: rows t = 16kb + 2q, +1 (a[0], a[1]) and + 8 (a[2], a[3])
+        const float2 w0 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q);
+        const float2 w8 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q + 8);
+        a[0] = scale_pair(a[0], w0.x, w0.y), a[1] = scale_pair(a[1], w0.x, w0.y);
+        a[2] = scale_pair(a[2], w8.x, w8.y), a[3] = scale_pair(a[3], w8.x, w8.y);
+      }
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t b[4];
@@ -138,7 +150,7 @@ void set_state_chain_slice(int rows) {
 }
 
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
-                        void* out16) {
+                        void* out16, const float* w_rows) {
   MAMBA3_CHECK(state_chain_supported(p), "state chain: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
                p.rows, p.d.N, p.d.P);
   MAMBA3_CHECK(A && Bop && out16 && p.decay, "state chain: an operand, the decays or the output is null");
@@ -147,7 +159,7 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
     const int64_t blocks = int64_t(p.d.B) * p.d.H * (p.d.P / slice);
     MAMBA3_CHECK(blocks <= 0x7fffffff, "state chain: {} blocks exceed the grid", blocks);
     launch_train(kernel, unsigned(blocks), threads, bytes, s, p, static_cast<const bf16*>(A),
-                 static_cast<const bf16*>(Bop), reverse, out16);
+                 static_cast<const bf16*>(Bop), reverse, out16, w_rows);
     MAMBA3_LAUNCH_CHECK();
   };
   const bool wide = chain_slice() == 64;

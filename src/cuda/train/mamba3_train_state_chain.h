@@ -19,8 +19,10 @@ namespace mamba3::cuda::train_detail {
 bool state_chain_supported(const BatchedParams& p);
 
 // A: (B·H·nc, 64, P) bf16, Bop: (B·H·nc, 64, N) bf16, p.decay (B·H·nc) → out16 (B·H·nc, P, N) bf16.
+// w_rows (B·H·nc, 64) f32, optional: A's rows scaled by them and rounded to bf16 in the fragments before the products
+// (the forward chain's A = w ⊙ v formed from v, p.vw_formed: the build's values, bf16(w·v), without its Vw tensor).
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
-                        void* out16);
+                        void* out16, const float* w_rows = nullptr);
 // Rows of P per chain block, 32 or 64 (the latter where P allows; the same bits): process-wide, default from
 // MAMBA3_TRAIN_CHAIN_SLICE ("32" or "64", unset: 32).
 void set_state_chain_slice(int rows);

@@ -26,6 +26,13 @@ __device__ __forceinline__ void ldsm_x4_trans(const void* p, uint32_t (&r)[4]) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
 }
+// A fragment register (a bf16 pair) scaled by (w0, w1) and rounded to nearest even: bf16(w·v) per element, as a kernel
+// writing w ⊙ v from bf16 v rounds it.
+__device__ __forceinline__ uint32_t scale_pair(uint32_t v, float w0, float w1) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  const __nv_bfloat162 r = __floats2bfloat162_rn(__fmul_rn(w0, f.x), __fmul_rn(w1, f.y));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
 // c += a·b, one m16n8k16 tile (a: 4 registers of bf16 pairs, b: 2).
 __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
