@@ -203,12 +203,12 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
     }
 }
 
-// The output stage's backward inside the SISO fused core (after a kernel forming e^Λ ⊙ dy alone for the reverse
-// chain) against the output-stage kernel before the chain: dy and e^Λ ⊙ dy (and so dQ, dK, dV and what follows from
-// them) are the kernel's bits; Λ's state-read term and D's partial are summed in another order, so du and the
-// gradients move by rounding only. With and without a kept forward, on sequences of whole chunks (batch 3; 4 and 24
-// heads; one and three chunks); deterministic; it must run where it applies and not elsewhere (the output norm, a
-// padded last chunk, an odd in_proj width and the 4-warp block keep the kernel).
+// The output stage's backward inside the SISO fused core (e^Λ ⊙ dy formed by the reverse chain from dO and z, or by a
+// kernel before it: the same bits) against the output-stage kernel before the chain: dy and e^Λ ⊙ dy (and so dQ, dK,
+// dV and what follows from them) are the kernel's bits; Λ's state-read term and D's partial are summed in another
+// order, so du and the gradients move by rounding only. With and without a kept forward, on sequences of whole chunks
+// (batch 3; 4 and 24 heads; one and three chunks); deterministic; it must run where it applies and not elsewhere (the
+// output norm, a padded last chunk, an odd in_proj width and the 4-warp block keep the kernel).
 TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
   MAMBA3_REQUIRE_GPU();
   struct Restore {
@@ -241,8 +241,12 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
             return r;
           };
           const GpuResult kernel = run(false), core = run(true), again = run(true);
+          step.train.set_chain_dye(false);  // e^Λ ⊙ dy from its kernel instead of formed in the reverse chain
+          const GpuResult dye_kernel = run(true);
+          step.train.set_chain_dye(true);
           ASSERT_NO_FATAL_FAILURE(assert_finite(core));
           EXPECT_TRUE(bit_identical(core, again)) << "not deterministic";
+          EXPECT_TRUE(bit_identical(core, dye_kernel)) << "the reverse chain's e^Λ ⊙ dy is not the kernel's";
           EXPECT_EQ(std::memcmp(kernel.out.raw(), core.out.raw(), kernel.out.nbytes()), 0) << "the forward moved";
           if (!applies) {
             EXPECT_TRUE(bit_identical(kernel, core)) << "the switch changed a path it does not apply to";
@@ -260,9 +264,11 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
   EXPECT_GT(ran, 0) << "no case ran the output part inside the fused core";
 }
 
-// w ⊙ v left by the SISO build to its readers (the forward chain and the fused core with the output part form it from
-// v's fragments; any other backward path gets it from a kernel first) against the build writing it: the same bits,
-// with and without a kept forward, with and without the core's output part; it must apply on whole chunks only.
+// w ⊙ v left by the SISO build to its readers (the forward chain scales v's fragments; the fused core with the output
+// part forms its tile from v; a backward on another path gets Vw from a kernel first) against the build writing it:
+// the same bits. The forward leaves it only where the output part is expected (its switch on); a kept forward whose
+// backward then runs the output-stage kernel takes the kernel that forms Vw. Recomputed and kept forwards; whole
+// chunks only.
 TEST(Mamba3TrainGpu, VwFormedByItsReadersGivesTheBuildsBits) {
   MAMBA3_REQUIRE_GPU();
   std::vector<LayerCase> cases = core_shape_cases(false);
@@ -279,22 +285,24 @@ TEST(Mamba3TrainGpu, VwFormedByItsReadersGivesTheBuildsBits) {
       step.train.set_dzx_bf16(true);
       step.train.set_state_chain(true);
       step.train.set_backward_core_fused(true);
-      const bool applies = L % 64 == 0;
+      // (the SISO build's shapes, and the output part's: no output norm)
+      const bool applies = L % 64 == 0 && lc.c.d_in_proj() % 4 == 0 && !lc.c.is_outproj_norm;
       for (const bool keep : {false, true})
         for (const bool core_output : {true, false}) {
           SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed") +
                        (core_output ? " core output" : " output kernel"));
-          step.train.set_core_output(core_output);
           auto run = [&](bool on) {
             step.train.set_vw_formed(on);
-            GpuResult r = step.run(keep);
-            EXPECT_EQ(step.train.vw_formed_used(), on && applies);
+            // a kept forward with the output part expected, its backward on the switch's path
+            step.train.set_core_output(keep || core_output);
+            GpuResult r = step.run(keep, [&] { step.train.set_core_output(core_output); });
+            EXPECT_EQ(step.train.vw_formed_used(), on && applies && (keep || core_output));
             return r;
           };
           const GpuResult written = run(false), formed = run(true);
           ASSERT_NO_FATAL_FAILURE(assert_finite(formed));
           EXPECT_TRUE(bit_identical(written, formed)) << "w ⊙ v formed by its readers changed bits";
-          ran += applies;
+          ran += applies && (keep || core_output);
         }
     }
   EXPECT_GT(ran, 0) << "no case left w ⊙ v to its readers";

@@ -1227,13 +1227,16 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
   launch_core_with_dh<kCoreFused, 1>(s, p, Hc16, dHc16, "fused backward core");
 }
 
-bool fused_core_output_supported(const BatchedParams& p) {
+bool fused_core_output_may_apply(const BatchedParams& p) {
   // The output-stage backward's full-chunk SISO configuration without the norm (whose arithmetic the core runs), on
-  // the 8-warp block (its warps' token mapping is that kernel's).
+  // the 8-warp block; the w ⊙ v tile from v (bf16 x: v = x).
   const MixerDims& d = p.d;
   return post_scan_core_supported(p) && fused_core_wide() && output_backward_siso_applies(p) && p.zy16 && !d.outnorm &&
-         p.zx16 && p.dO16 && p.dzx16 && !p.o && !p.o16 && p.part_D && p.rows == kRows && p.T == kRows &&
-         d.L % p.T == 0 && d.d_inner % 8 == 0 && d.din % 2 == 0;
+         p.zx16 && p.rows == kRows && p.T == kRows && d.L % p.T == 0 && d.d_inner % 8 == 0 && d.din % 2 == 0;
+}
+
+bool fused_core_output_supported(const BatchedParams& p) {
+  return fused_core_output_may_apply(p) && p.dO16 && p.dzx16 && !p.o && !p.o16 && p.part_D;
 }
 
 bool fused_core_unrotate_supported(const BatchedParams& p) {

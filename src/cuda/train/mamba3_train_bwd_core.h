@@ -60,5 +60,8 @@ void set_fused_core_wide(bool on);
 // Whether the fused core can run the output stage's backward itself (p.core_output; after launch_output_dye): SISO,
 // whole chunks, no output norm, Z and y in bf16, z, dO and dzx in bf16, the 8-warp block.
 bool fused_core_output_supported(const BatchedParams& p);
+// Its conditions that a forward can check (the backward's buffers aside): where the forward leaves w ⊙ v to its
+// readers (p.vw_formed), as the core with the output part forms it.
+bool fused_core_output_may_apply(const BatchedParams& p);
 
 }  // namespace mamba3::cuda::train_detail

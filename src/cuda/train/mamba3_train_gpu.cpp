@@ -187,6 +187,13 @@ bool env_vw_formed() {
   return on;
 }
 
+// MAMBA3_TRAIN_CHAIN_DYE, read once per process: with the fused core's output part, the reverse chain forms e^Λ ⊙ dy
+// from dO and z itself ("1", the default) or a kernel writes it first ("0"). The same bits.
+bool env_chain_dye() {
+  static const bool on = env_choice("MAMBA3_TRAIN_CHAIN_DYE", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_MIMO_EPILOGUE, read once per process: MIMO's state core runs the epilogue's state part ("core", the
 // default) or stores tp and dV for the MIMO epilogue kernel ("kernel").
 bool env_mimo_epilogue_in_core() {
@@ -267,6 +274,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       zy16_(env_zy16()),
       core_output_(env_core_output()),
       vw_formed_(env_vw_formed()),
+      chain_dye_(env_chain_dye()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
       zx_bf16_(env_zx16()) {
@@ -495,7 +503,10 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (!reuse) {  // the forward part (kept activations already hold it)
     act_->chunk_cores = use_cores;
     act_->wv_holds_y = p.wv_holds_y;
-    p.vw_formed = vw_formed_ && chain && vw_formed_supported(p);
+    // (only where the backward's fused core is expected to run the output part, which forms w ⊙ v itself: another
+    // path would form Vw in a kernel of its own, which measured slower than the build writing it)
+    p.vw_formed = vw_formed_ && core_output_ && backward_core_fused_ && chain && vw_formed_supported(p) &&
+                  fused_core_output_may_apply(p);
     act_->vw_formed = p.vw_formed;
     vw_formed_used_ = p.vw_formed;
     launch_batched_build(s, p);
@@ -590,16 +601,17 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     launch_form_vw(s, p);
     prof.mark("form w⊙v");
   }
-  if (p.core_output) {
+  const bool chain_dye = p.core_output && chain_dye_;
+  if (p.core_output && !chain_dye) {
     launch_output_dye(s, p);
     prof.mark("output dye");
-  } else {
+  } else if (!p.core_output) {
     launch_batched_output(s, p, true);
     prof.mark("output bwd");
   }
   if (fused_core) {
     // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel.
-    launch_state_chain(s, p, p.dYe, p.Q, true, dHc16_.raw());
+    launch_state_chain(s, p, chain_dye ? nullptr : p.dYe, p.Q, true, dHc16_.raw(), nullptr, chain_dye);
     prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
     core_unrotated_ = p.dqk_unrotated, core_head_summed_ = p.dqk_head_sum;

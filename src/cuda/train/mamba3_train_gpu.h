@@ -181,6 +181,9 @@ class Mamba3TrainGpu {
   // The SISO forward leaves w ⊙ v to its readers (the forward chain, the fused core with the output part) instead of
   // the build writing it, where it applies (default from MAMBA3_TRAIN_VW_FORMED, on); the same bits.
   void set_vw_formed(bool on) { vw_formed_ = on; }
+  // With the fused core's output part, the reverse chain forms e^Λ ⊙ dy from dO and z itself (default from
+  // MAMBA3_TRAIN_CHAIN_DYE, on) instead of a kernel writing it first; the same bits.
+  void set_chain_dye(bool on) { chain_dye_ = on; }
   // Whether the last chunk pass's forward did (set_vw_formed and its configuration).
   bool vw_formed_used() const { return vw_formed_used_; }
   // Whether the last backward's fused core did (set_core_output and its configuration).
@@ -333,6 +336,7 @@ class Mamba3TrainGpu {
   bool core_output_ = true;          // the output stage's backward inside the fused core (set_core_output)
   bool core_output_used_ = false;    // the last backward's fused core ran it (core_output_used)
   bool vw_formed_ = true;            // w ⊙ v formed by its readers (set_vw_formed)
+  bool chain_dye_ = true;            // the reverse chain forms e^Λ ⊙ dy (set_chain_dye)
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)

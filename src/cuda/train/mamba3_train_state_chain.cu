@@ -30,23 +30,39 @@ using namespace mma_bf16;
 constexpr int kRows = kCoreRows;
 constexpr int kStages = 2;   // operand stages (the chunk computed and the next loading: a third was not faster)
 
-// kSlice rows of P per block (32 or 64), two warps per 16 of them (each on half of N's columns).
-template <int N, int kSlice>
+// e^Λ ⊙ dy of a fragment register's two rows (dO and z pairs, e^Λ of each row), bf16: the output-stage backward's
+// value (siso_gate_dy, then e^Λ·dy rounded).
+__device__ __forceinline__ uint32_t dye_pair(uint32_t dO2, uint32_t z2, float e0, float e1) {
+  const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&dO2));
+  const float2 z = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&z2));
+  const float d0 = siso_gate_dy(o.x, z.x, gate_sigmoid_f(z.x, true));
+  const float d1 = siso_gate_dy(o.y, z.y, gate_sigmoid_f(z.y, true));
+  const __nv_bfloat162 r = __floats2bfloat162_rn(__fmul_rn(e0, d0), __fmul_rn(e1, d1));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// kSlice rows of P per block (32 or 64), two warps per 16 of them (each on half of N's columns). kDye: the reverse
+// chain forming A = e^Λ ⊙ dy from dO and z (a second A tile per stage).
+template <int N, int kSlice, bool kDye = false>
 struct ChainSmem {
   static constexpr int LDA = kSlice + 8, LDN = N + 8;  // 8 bf16 of padding per row: ldmatrix's rows in other banks
-  // A's and B's rows, then (w_rows) the chunk's 64 row scales in f32 (128 bf16 slots).
-  static constexpr int stage_elems = kRows * (LDA + LDN) + 2 * kRows;
+  // A's and B's rows, then (w_rows, or e^Λ with kDye) the chunk's 64 row scales in f32 (128 bf16 slots), then (kDye)
+  // z's rows.
+  static constexpr int stage_elems = kRows * (LDA + LDN) + 2 * kRows + (kDye ? kRows * LDA : 0);
   // The stages, then the bf16 state slice being written (kSlice rows at pitch LDN).
   static constexpr size_t bytes = (size_t(kStages) * stage_elems + size_t(kSlice) * LDN) * sizeof(bf16);
   static constexpr int threads = 32 * 2 * (kSlice / 16);
 };
 
-template <int N, int P, int kSlice>
-__global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads)
+// kDye (reverse, p.core_output): A = e^Λ ⊙ dy formed in the fragments from dO's and z's rows (token-major, the head's
+// columns) and e^Λ (w_rows = p.eL), with the output-stage backward's expressions (siso_gate_dy): launch_output_dye's
+// bits, without its kernel (dO and z read here instead of e^Λ ⊙ dy written and read back).
+template <int N, int P, int kSlice, bool kDye = false>
+__global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
     state_chain_kernel(const BatchedParams p, const bf16* A, const bf16* Bm, bool reverse, void* out16,
                        const float* w_rows) {
   pdl_wait();
-  using Smem = ChainSmem<N, kSlice>;
+  using Smem = ChainSmem<N, kSlice, kDye>;
   constexpr int kLdA = Smem::LDA, LDN = Smem::LDN, SE = Smem::stage_elems, NT = N / 16, slices = P / kSlice;
   constexpr int kThreads = Smem::threads, kRowWarps = kSlice / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -64,7 +80,17 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads)
     if (i < nc) {
       const int64_t chunk = chunk_at(i);
       bf16* sA = stages + (i % kStages) * SE;
-      copy_tile<kThreads, kRows, kSlice>(sA, kLdA, A + chunk * kRows * P + pb, P);
+      if constexpr (kDye) {  // dO's and z's rows of the chunk's tokens, the slice's columns of the head
+        const MixerDims& d = p.d;
+        const int64_t tok0 = bh / d.H * d.L + chunk % nc * p.T, col = bh % d.H * P + pb;
+        copy_tile<kThreads, kRows, kSlice>(sA, kLdA, reinterpret_cast<const bf16*>(p.dO16) + tok0 * d.d_inner + col,
+                                           int(d.d_inner));
+        copy_tile<kThreads, kRows, kSlice>(sA + kRows * (kLdA + LDN) + 2 * kRows, kLdA,
+                                           reinterpret_cast<const bf16*>(p.zx16) + tok0 * 2 * d.d_inner + col,
+                                           int(2 * d.d_inner));
+      } else {
+        copy_tile<kThreads, kRows, kSlice>(sA, kLdA, A + chunk * kRows * P + pb, P);
+      }
       copy_tile<kThreads, kRows, N>(sA + kRows * kLdA, LDN, Bm + chunk * kRows * N);
       if (w_rows && threadIdx.x < kRows / 4)  // (16-byte pieces of the chunk's row scales)
         asm volatile(
@@ -113,7 +139,15 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice>::threads)
     for (int kb = 0; kb < kRows / 16; ++kb) {
       uint32_t a[4];
       load_a_t(sA, kLdA, 16 * kb, pr, a);
-      if (w_rows) {  // A = w ⊙ v formed from v's fragment: rows t = 16kb + 2q, +1 (a[0], a[1]) and + 8 (a[2], a[3])
+      if constexpr (kDye) {  // A = e^Λ ⊙ dy from dO's (a) and z's fragments, rows t as below
+        uint32_t zf[4];
+        load_a_t(sB + kRows * LDN + 2 * kRows, kLdA, 16 * kb, pr, zf);
+        const float2 e0 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q);
+        const float2 e8 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q + 8);
+        a[0] = dye_pair(a[0], zf[0], e0.x, e0.y), a[1] = dye_pair(a[1], zf[1], e0.x, e0.y);
+        a[2] = dye_pair(a[2], zf[2], e8.x, e8.y), a[3] = dye_pair(a[3], zf[3], e8.x, e8.y);
+      } else if (w_rows) {  // A = w ⊙ v formed from v's fragment: rows t = 16kb + 2q, +1 (a[0], a[1]) and + 8 (a[2],
+                            // a[3])
         const float2 w0 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q);
         const float2 w8 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q + 8);
         a[0] = scale_pair(a[0], w0.x, w0.y), a[1] = scale_pair(a[1], w0.x, w0.y);
@@ -150,16 +184,19 @@ void set_state_chain_slice(int rows) {
 }
 
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
-                        void* out16, const float* w_rows) {
+                        void* out16, const float* w_rows, bool form_dye) {
   MAMBA3_CHECK(state_chain_supported(p), "state chain: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
                p.rows, p.d.N, p.d.P);
-  MAMBA3_CHECK(A && Bop && out16 && p.decay, "state chain: an operand, the decays or the output is null");
+  MAMBA3_CHECK((A || form_dye) && Bop && out16 && p.decay, "state chain: an operand, the decays or the output is null");
+  MAMBA3_CHECK(
+      !form_dye || (reverse && p.dO16 && p.zx16 && p.eL && p.T == kRows && p.d.L % p.T == 0 && p.d.d_inner % 8 == 0),
+      "state chain: e^Λ ⊙ dy formed from dO and z needs the reverse chain, bf16 dO and z, whole chunks");
   if (p.nc == 0) return;
   const auto launch = [&](auto kernel, size_t bytes, int threads, int slice) {
     const int64_t blocks = int64_t(p.d.B) * p.d.H * (p.d.P / slice);
     MAMBA3_CHECK(blocks <= 0x7fffffff, "state chain: {} blocks exceed the grid", blocks);
     launch_train(kernel, unsigned(blocks), threads, bytes, s, p, static_cast<const bf16*>(A),
-                 static_cast<const bf16*>(Bop), reverse, out16, w_rows);
+                 static_cast<const bf16*>(Bop), reverse, out16, form_dye ? p.eL : w_rows);
     MAMBA3_LAUNCH_CHECK();
   };
   const bool wide = chain_slice() == 64;
@@ -167,14 +204,21 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const auto one = [&](auto slice) {
       constexpr int S = decltype(slice)::value;
-      using Smem = ChainSmem<N, S>;
-      auto* kernel = state_chain_kernel<N, P, S>;
-      if (Smem::bytes > 48 * 1024) {  // once per instance (a host call per layer's launch otherwise)
-        static const cudaError_t opted =
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Smem::bytes));
-        MAMBA3_CUDA_CHECK(opted);
-      }
-      launch(kernel, Smem::bytes, Smem::threads, S);
+      const auto go = [&](auto dye) {
+        constexpr bool kDye = decltype(dye)::value;
+        using Smem = ChainSmem<N, S, kDye>;
+        auto* kernel = state_chain_kernel<N, P, S, kDye>;
+        if (Smem::bytes > 48 * 1024) {  // once per instance (a host call per layer's launch otherwise)
+          static const cudaError_t opted =
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Smem::bytes));
+          MAMBA3_CUDA_CHECK(opted);
+        }
+        launch(kernel, Smem::bytes, Smem::threads, S);
+      };
+      if (form_dye)
+        go(std::true_type{});
+      else
+        go(std::false_type{});
     };
     if constexpr (P % 64 == 0) {  // (no 64-row instance for P = 32)
       if (wide) return one(std::integral_constant<int, 64>{});

@@ -21,8 +21,10 @@ bool state_chain_supported(const BatchedParams& p);
 // A: (B·H·nc, 64, P) bf16, Bop: (B·H·nc, 64, N) bf16, p.decay (B·H·nc) → out16 (B·H·nc, P, N) bf16.
 // w_rows (B·H·nc, 64) f32, optional: A's rows scaled by them and rounded to bf16 in the fragments before the products
 // (the forward chain's A = w ⊙ v formed from v, p.vw_formed: the build's values, bf16(w·v), without its Vw tensor).
+// form_dye (reverse; A unused): A = e^Λ ⊙ dy formed in the fragments from p.dO16, p.zx16 and p.eL with the output-stage
+// backward's expressions (launch_output_dye's bits, without its kernel).
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
-                        void* out16, const float* w_rows = nullptr);
+                        void* out16, const float* w_rows = nullptr, bool form_dye = false);
 // Rows of P per chain block, 32 or 64 (the latter where P allows; the same bits): process-wide, default from
 // MAMBA3_TRAIN_CHAIN_SLICE ("32" or "64", unset: 32).
 void set_state_chain_slice(int rows);
