@@ -71,7 +71,7 @@ TEST(Mamba3TrainGpu, SisoKernelsMatchTheGenericOnes) {
 TEST(Mamba3TrainGpu, StateChainMatchesAFloat64Scan) {
   MAMBA3_REQUIRE_GPU();
   struct Restore {
-    ~Restore() { cuda::train_detail::set_state_chain_slice(32); }
+    ~Restore() { cuda::train_detail::set_state_chain_slice(64); }  // (the default)
   } restore;
   cuda::Context ctx;
   std::mt19937 rng(44);
@@ -212,7 +212,10 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
 TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
   MAMBA3_REQUIRE_GPU();
   struct Restore {
-    ~Restore() { cuda::train_detail::set_fused_core_wide(true); }
+    ~Restore() {
+      cuda::train_detail::set_fused_core_wide(true);
+      cuda::train_detail::set_state_chain_slice(64);
+    }
   } restore;
   std::vector<LayerCase> cases = core_shape_cases(false);
   Mamba3Config c24 = small(false, 1);
@@ -244,6 +247,10 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
           step.train.set_chain_dye(false);  // e^Λ ⊙ dy from its kernel instead of formed in the reverse chain
           const GpuResult dye_kernel = run(true);
           step.train.set_chain_dye(true);
+          cuda::train_detail::set_state_chain_slice(32);  // (the chains in blocks of 32 rows of P, not the default 64)
+          const GpuResult slice32 = run(true);
+          cuda::train_detail::set_state_chain_slice(64);
+          EXPECT_TRUE(bit_identical(core, slice32)) << "chain blocks of 32 rows gave other bits";
           ASSERT_NO_FATAL_FAILURE(assert_finite(core));
           EXPECT_TRUE(bit_identical(core, again)) << "not deterministic";
           EXPECT_TRUE(bit_identical(core, dye_kernel)) << "the reverse chain's e^Λ ⊙ dy is not the kernel's";

@@ -26,7 +26,7 @@ bool state_chain_supported(const BatchedParams& p);
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
                         void* out16, const float* w_rows = nullptr, bool form_dye = false);
 // Rows of P per chain block, 32 or 64 (the latter where P allows; the same bits): process-wide, default from
-// MAMBA3_TRAIN_CHAIN_SLICE ("32" or "64", unset: 32).
+// MAMBA3_TRAIN_CHAIN_SLICE ("32" or "64", unset: 64).
 void set_state_chain_slice(int rows);
 
 }  // namespace mamba3::cuda::train_detail
