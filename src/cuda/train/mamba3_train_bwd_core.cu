@@ -488,20 +488,20 @@ struct CoreSmem {
 };
 
 // ---- The output stage's backward inside the fused core (kOut; fused_core_output_supported: SISO, whole chunks, no
-// output norm, Z and y in bf16 from the forward core, z, dO and dzx in bf16). The dy and e^Λ ⊙ dy tiles arrive as
-// dO's and z's rows; before the products every thread takes 16-byte pieces (8 channels of a token) and forms dy and
-// e^Λ ⊙ dy in place (the output-stage backward's expressions: its bits), dz → dzx16's z columns, Λ's state-read term
-// e^Λ·Σ_p dy·Z → dLo (a shuffle tree over the token's P / 8 lanes), D's partial Σ dy·v → wD per warp, and the
-// w ⊙ v tile from v (scale_pair's bits: the build's; no Vw read). So dy and e^Λ ⊙ dy never go through global memory
-// and the output-stage kernel does not run. Λ's term and D's partial are summed in another order than the kernel's:
-// those two (and what follows from them) move by rounding.
-// The pieces' e^Λ, w, y and Z, requested before the block awaits its tiles.
+// output norm, y in bf16 from the forward core, z, dO and dzx in bf16). The dy and e^Λ ⊙ dy tiles arrive as dO's and
+// z's rows; before the products every thread takes 16-byte pieces (8 channels of a token) and forms dy and e^Λ ⊙ dy in
+// place (the output-stage backward's expressions: its bits), dz → dzx16's z columns, D's partial Σ dy·v → wD per
+// warp, and the w ⊙ v tile from v (scale_pair's bits: the build's; no Vw read). Λ's state-read term e^Λ·Σ_p dy·Z is
+// formed in phase A as Σ_n q·((e^Λ ⊙ dy)·H_c) from dQ's state term (no Z: the forward core writes none where this
+// part is expected, p.z_unread). So dy and e^Λ ⊙ dy never go through global memory and the output-stage kernel does
+// not run. Λ's term, D's partial and dQ (its two terms in the other order) move by rounding against the kernel path.
+// The pieces' e^Λ, w and y, requested before the block awaits its tiles.
 template <int P, int kThreads>
 struct CoreOutputRows {
   static constexpr int kPer = 8, kPieces = kRows * P / kPer, kIters = kPieces / kThreads;
   static_assert(kPieces % kThreads == 0 && kThreads % (P / kPer) == 0, "whole passes, whole rows per warp");
   float e[kIters], w[kIters];
-  uint4 y[kIters], z[kIters];
+  uint4 y[kIters];
   __device__ __forceinline__ static int row(int j) { return (int(threadIdx.x) + j * kThreads) / (P / kPer); }
   __device__ __forceinline__ static int col(int j) { return (int(threadIdx.x) + j * kThreads) % (P / kPer) * kPer; }
   __device__ __forceinline__ void issue(const BatchedParams& p, int64_t chunk) {
@@ -510,7 +510,6 @@ struct CoreOutputRows {
       const int64_t i = (chunk * kRows + row(j)) * P + col(j);
       e[j] = p.eL[chunk * p.T + row(j)], w[j] = p.wv[chunk * p.T + row(j)];
       y[j] = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.WV) + i);
-      z[j] = *reinterpret_cast<const uint4*>(reinterpret_cast<const bf16*>(p.Z) + i);
     }
   }
 };
@@ -518,9 +517,8 @@ struct CoreOutputRows {
 template <int P, int kThreads>
 __device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t chunk,
                                                  const CoreOutputRows<P, kThreads>& in, bf16* sdY, bf16* sdYe,
-                                                 const bf16* sV, bf16* sVw, int ld, float* dLo, float* wD) {
+                                                 const bf16* sV, bf16* sVw, int ld, float* wD) {
   using R = CoreOutputRows<P, kThreads>;
-  constexpr int kLanesPerRow = P / R::kPer;
   const MixerDims& d = p.d;
   const int64_t bh = chunk / p.nc, tok0 = bh / d.H * d.L + chunk % p.nc * p.T;
   const int lane = threadIdx.x % 32;
@@ -531,12 +529,11 @@ __device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t
     const uint4 ov = *reinterpret_cast<const uint4*>(sdY + i), zv = *reinterpret_cast<const uint4*>(sdYe + i);
     const uint4 vv = *reinterpret_cast<const uint4*>(sV + i);
     const bf16 *ob = reinterpret_cast<const bf16*>(&ov), *zb = reinterpret_cast<const bf16*>(&zv);
-    const bf16 *yb = reinterpret_cast<const bf16*>(&in.y[j]), *Zb = reinterpret_cast<const bf16*>(&in.z[j]);
+    const bf16* yb = reinterpret_cast<const bf16*>(&in.y[j]);
     const bf16* vb = reinterpret_cast<const bf16*>(&vv);
     uint4 dyv, dyev, vwv;
     bf16 *dyb = reinterpret_cast<bf16*>(&dyv), *dyeb = reinterpret_cast<bf16*>(&dyev);
     __nv_bfloat162 dz[R::kPer / 2];
-    float dot = 0.0f;
 #pragma unroll
     for (int k = 0; k < R::kPer; k += 2) {
       float g2[2];
@@ -546,7 +543,6 @@ __device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t
             siso_gate_backward(__bfloat162float(ob[k + m]), __bfloat162float(zb[k + m]), __bfloat162float(yb[k + m]));
         g2[m] = gg.dz;
         dyb[k + m] = __float2bfloat16_rn(gg.dyn), dyeb[k + m] = __float2bfloat16_rn(__fmul_rn(in.e[j], gg.dyn));
-        dot = __fmaf_rn(gg.dyn, __bfloat162float(Zb[k + m]), dot);
         gD = __fmaf_rn(gg.dyn, __bfloat162float(vb[k + m]), gD);
       }
       dz[k / 2] = __floats2bfloat162_rn(g2[0], g2[1]);
@@ -562,9 +558,6 @@ __device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t
         reinterpret_cast<__nv_bfloat162*>(reinterpret_cast<bf16*>(p.dzx16) + (tok0 + r) * d.din + bh % d.H * P + c);
 #pragma unroll
     for (int k = 0; k < R::kPer / 2; ++k) dzr[k] = dz[k];
-#pragma unroll
-    for (int o = kLanesPerRow / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (lane % kLanesPerRow == 0) dLo[r] = __fmul_rn(in.e[j], dot);
   }
   gD = warp_sum(gD);
   if (lane == 0) wD[threadIdx.x / 32] = gD;
@@ -643,7 +636,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
   if constexpr (kOut) {
-    core_output_part<P, kThreads>(p, chunk, out_rows, sdY, sdYe, sV, sVw, LDP, dLo, wD);
+    core_output_part<P, kThreads>(p, chunk, out_rows, sdY, sdYe, sV, sVw, LDP, wD);
     __syncthreads();
   }
 
@@ -732,13 +725,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     }
     // dQ = dS·k + (e^Λ ⊙ dy)·H_c, NB columns at a time.
     float* dQ = p.dQ + chunk * kRows * N;
-    // kUnrot: the passes last to first, so that the rotating one (the first) ends the warp's reads of its e^Λ ⊙ dy
-    // rows, which then hold its dφ q terms for phase B (no one else reads them).
-#pragma unroll
-    for (int pass = 0; pass < N / NB; ++pass) {
-      const int n0 = kUnrot ? N - NB - pass * NB : pass * NB;
-      float acc[NBT][4];
-      zero(acc);
+    // kOut: Λ's state-read term e^Λ·Σ_p dy·Z = Σ_n q·((e^Λ ⊙ dy)·H_c) for rows t0 + g and t0 + g + 8, from dQ's
+    // state term (formed first in kOut) and the q tile: no Z read, and the forward core writes none (p.z_unread).
+    [[maybe_unused]] float lam_dot[2] = {0.0f, 0.0f};
+    const auto ds_k = [&](float(&acc)[NBT][4], int n0) {  // acc += dS·k
 #pragma unroll
       for (int kb = 0; kb < NS / 2; ++kb) {
         if (after_rows(kb)) continue;
@@ -749,6 +739,15 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           mma(acc[2 * np], ds[kb], b[0], b[1]), mma(acc[2 * np + 1], ds[kb], b[2], b[3]);
         }
       }
+    };
+    // kUnrot: the passes last to first, so that the rotating one (the first) ends the warp's reads of its e^Λ ⊙ dy
+    // rows, which then hold its dφ q terms for phase B (no one else reads them).
+#pragma unroll
+    for (int pass = 0; pass < N / NB; ++pass) {
+      const int n0 = kUnrot ? N - NB - pass * NB : pass * NB;
+      float acc[NBT][4];
+      zero(acc);
+      if constexpr (!kOut) ds_k(acc, n0);
 #pragma unroll
       for (int kb = 0; kb < P / 16; ++kb) {
         uint32_t a[4];
@@ -759,6 +758,17 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
           load_b_kn(sH, LDN, 16 * kb, n0 + 16 * np, b);
           mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
         }
+      }
+      if constexpr (kOut) {
+#pragma unroll
+        for (int nt = 0; nt < NBT; ++nt) {
+          const int col = n0 + 8 * nt + 2 * q;
+          const float2 qa = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sQ + (t0 + g) * LDN + col));
+          const float2 qb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sQ + (t0 + g + 8) * LDN + col));
+          lam_dot[0] = __fmaf_rn(acc[nt][1], qa.y, __fmaf_rn(acc[nt][0], qa.x, lam_dot[0]));
+          lam_dot[1] = __fmaf_rn(acc[nt][3], qb.y, __fmaf_rn(acc[nt][2], qb.x, lam_dot[1]));
+        }
+        ds_k(acc, n0);
       }
       if constexpr (kUnrot)
         if (n0 == 0) {  // (the angles requested after the products: held across them, the 8-warp block spilled)
@@ -773,6 +783,13 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     if constexpr (kUnrot && kSplitPhases) {  // the q terms are there for the phase-B partner
       __syncwarp();
       pair_barrier<true>(wq);
+    }
+    if constexpr (kOut) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float sum = quad_sum(lam_dot[half]);
+        if (q == 0) dLo[t0 + g + 8 * half] = sum;
+      }
     }
   }
 

@@ -182,8 +182,12 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     }
   }
   const bool zy16 = kOutput && fuse_output && p.zy16;  // (Z and y in bf16: y stored by the output stage below)
-  if (zy16) store_tiles_bf16(z, reinterpret_cast<bf16*>(p.Z) + chunk * kRows * P, P, t0, 0);
-  else store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
+  // (p.z_unread: the backward's fused core forms Λ's state-read term without Z)
+  if (zy16) {
+    if (!p.z_unread) store_tiles_bf16(z, reinterpret_cast<bf16*>(p.Z) + chunk * kRows * P, P, t0, 0);
+  } else {
+    store_tiles(z, p.Z + chunk * kRows * P, P, t0, 0);
+  }
 #pragma unroll
   for (int kb = 0; kb < NS / 2; ++kb) {  // WV = W·v
     if (above(kb)) continue;

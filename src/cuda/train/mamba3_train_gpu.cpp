@@ -509,6 +509,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
                   fused_core_output_may_apply(p);
     act_->vw_formed = p.vw_formed;
     vw_formed_used_ = p.vw_formed;
+    p.z_unread = p.vw_formed && p.zy16;
+    act_->z_unread = p.z_unread;
     launch_batched_build(s, p);
     prof.mark("build");
     if (chain) {
@@ -600,6 +602,16 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (p.vw_formed && !p.core_output) {
     launch_form_vw(s, p);
     prof.mark("form w⊙v");
+  }
+  // Z not written by the forward: the output part forms Λ's term without it; any other path needs Z, which the forward
+  // core writes again (with its other outputs, the same bits).
+  p.z_unread = act_->z_unread;
+  if (p.z_unread && !p.core_output) {
+    BatchedParams fwd = p;
+    fwd.z_unread = false, fwd.o = nullptr, fwd.o16 = act_->o16.raw();
+    launch_batched_forward_core(s, fwd, act_->Hc16.raw());
+    prof.mark("forward core again");
+    p.z_unread = false;
   }
   const bool chain_dye = p.core_output && chain_dye_;
   if (p.core_output && !chain_dye) {

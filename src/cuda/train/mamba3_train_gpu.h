@@ -52,6 +52,7 @@ struct Mamba3TrainActivations {
   bool chunk_cores = false;  // written by the chunk cores (no S, W)
   bool wv_holds_y = false;   // MIMO: WV holds the pre-norm output y (Mamba3TrainGpu::set_mimo_y)
   bool vw_formed = false;    // bVw not written: its readers form w ⊙ v from v (Mamba3TrainGpu::set_vw_formed)
+  bool z_unread = false;     // bZ's Z not written (with vw_formed): the fused core's output part forms Λ's term
   size_t bytes() const {
     size_t n = 0;
     for (const DeviceBuffer* b : {&bc_raw, &zx, &zx16, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ,

@@ -165,6 +165,10 @@ struct BatchedParams {
   // (vw_formed_supported); set in batched_chunks and kept with the activations (a backward on another path forms Vw
   // first: launch_form_vw).
   bool vw_formed;
+  // The SISO forward core does not write Z (zy16 only): the fused core with the output part forms Λ's state-read term
+  // from dQ's state term instead. Set with vw_formed (where the output part is expected) and kept with the
+  // activations; a backward on another path runs the forward core again first (batched_chunks).
+  bool z_unread;
   // MIMO's forward core stores y = (e^Λ·Z + D·v) + W·v (chunk_row_y) in WV instead of W·v, and the MIMO output
   // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
   // both run, and kept with the activations (batched_chunks).
