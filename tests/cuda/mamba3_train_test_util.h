@@ -29,6 +29,9 @@ using cuda::Precision;
 inline constexpr double kOutTolF32 = 2e-5, kGradTolF32 = 1e-4;
 inline constexpr double kTolSisoVsGeneric = 1e-3;  // the SISO kernels against the generic ones (see the test)
 inline constexpr double kTolChainVsPass = 2e-3;    // the forward state chain against products + scan (see the test)
+// The fused core's output part against the output-stage kernel: Λ's state-read term from bf16 e^Λ ⊙ dy and H_c
+// instead of f32 dy and bf16 Z (one bf16 rounding in another operand; measured ≤ 6.1e-4, in dt_bias).
+inline constexpr double kTolCoreOutput = 5e-3;
 inline constexpr double kTolDqk16 = 1e-2;          // bf16 dQ/dK against f32 (see BfloatDqDkTracksTheF32Pair)
 inline constexpr double kTolEpilogueInCore = 1e-4;  // MIMO epilogue in its core: MimoEpilogueInCoreTracksTheKernel
 inline constexpr double kTolZy16 = 2e-2;           // bf16 Z and y against f32 (see BfloatZyTracksTheF32Pair)
