@@ -157,8 +157,9 @@ struct BatchedParams {
   // bias partials (fused_core_head_sum_supported); no rotation backward runs.
   bool dqk_head_sum;
   // The SISO fused core runs the output stage's backward itself (fused_core_output_supported): its dy and e^Λ ⊙ dy
-  // tiles arrive as dO's and z's rows, and it writes dz, D's partials and keeps Λ's state-read term; only e^Λ ⊙ dy
-  // for the reverse chain is formed before it (launch_output_dye). Set in batched_chunks.
+  // tiles arrive as dO's and z's rows, and it writes dz and D's partials and forms Λ's state-read term from dQ's state
+  // term; the reverse chain forms its e^Λ ⊙ dy from dO and z (launch_state_chain's form_dye), or launch_output_dye
+  // writes it first. Set in batched_chunks.
   bool core_output;
   // The SISO build does not write Vw (w ⊙ v): the forward state chain and the fused backward core form it from v's
   // fragments and w (p.wv) as bf16(w·v), the build's bits (scale_pair). Needs the full-chunk build with bf16 x
@@ -251,7 +252,8 @@ void launch_form_vw(cudaStream_t s, const BatchedParams& p);
 // Whether the forward can leave w ⊙ v to its readers (p.vw_formed): the SISO full-chunk build with bf16 x.
 bool vw_formed_supported(const BatchedParams& p);
 // e^Λ ⊙ dy alone, for the reverse chain where the fused core does the rest of the output stage's backward
-// (p.core_output): the output-stage backward's values (siso_gate_dy), nothing else written.
+// (p.core_output) and the chain does not form it itself (Mamba3TrainGpu::set_chain_dye(false)): the output-stage
+// backward's values (siso_gate_dy), nothing else written.
 void launch_output_dye(cudaStream_t s, const BatchedParams& p);
 // Whether the output stage's backward runs a SISO instance (mamba3_train_siso.cu; the ones that can read p.zy16's bf16
 // Z and y).
