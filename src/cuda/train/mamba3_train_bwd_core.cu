@@ -606,24 +606,20 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
   const int wq = warp % kCoreWarps;
 
-  // kOut: the output part's tiles (v, dO, z) in a first cp.async group and the rest in a second, so that the pass
-  // over the first runs while the second arrives.
+  copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
+  copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
+  copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   [[maybe_unused]] CoreOutputRows<P, kThreads> out_rows;
   if constexpr (kOut) {  // dO's and z's rows into the dy and e^Λ ⊙ dy tiles (core_output_part turns them)
     const MixerDims& d = p.d;
     const int64_t bh = chunk / p.nc, tok0 = bh / d.H * d.L + chunk % p.nc * T, col = bh % d.H * P;
-    copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
     copy_tile<kThreads, kRows, P>(sdY, LDP, reinterpret_cast<const bf16*>(p.dO16) + tok0 * d.d_inner + col,
                                   int(d.d_inner));
     copy_tile<kThreads, kRows, P>(sdYe, LDP, reinterpret_cast<const bf16*>(p.zx16) + tok0 * 2 * d.d_inner + col,
                                   int(2 * d.d_inner));
-    asm volatile("cp.async.commit_group;");
-  }
-  copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
-  copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
-  copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
-  if constexpr (!kOut) {
-    copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
+    out_rows.issue(p, chunk);
+  } else {
     copy_tile<kThreads, kRows, P>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P);
     copy_tile<kThreads, kRows, P>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P);
   }
@@ -633,18 +629,16 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     if constexpr (!kOut) copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
-  if constexpr (kOut) out_rows.issue(p, chunk);
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
   }
-  if constexpr (kOut) {
-    asm volatile("cp.async.wait_group 1;" ::: "memory");  // (v, dO and z)
-    __syncthreads();
-    core_output_part<P, kThreads>(p, chunk, out_rows, sdY, sdYe, sV, sVw, LDP, wD);
-  }
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
+  if constexpr (kOut) {
+    core_output_part<P, kThreads>(p, chunk, out_rows, sdY, sdYe, sV, sVw, LDP, wD);
+    __syncthreads();
+  }
 
   // coef(t, s) of spec §5.3 for chunk rows j (t's row) and jj (s's row), with its two gradient weights: G = gc·coef
   // below the token diagonal (Λ_t +, Λ_s −) and on it gc itself (γ_t); E = gc·e^{Λ_t − Λ_s} (scale_s).
