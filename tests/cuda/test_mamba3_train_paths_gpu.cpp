@@ -203,6 +203,23 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
     }
 }
 
+// The SISO core cases and a 24-head layer of the 125M model's tiles (N 128, P 64, S 32).
+std::vector<LayerCase> siso_cases_with_125m_tiles() {
+  std::vector<LayerCase> cases = core_shape_cases(false);
+  Mamba3Config c24 = small(false, 1);
+  c24.d_model = 768, c24.d_state = 128, c24.headdim = 64;  // 24 heads
+  cases.push_back({"siso N 128 P 64 (24 heads)", c24});
+  return cases;
+}
+
+// The training step's path for the output part and w ⊙ v: z, x, dO and dzx in bf16, the chains, the fused core.
+void take_fused_core_with_bf16_operands(CoreLayerStep& step) {
+  step.train.set_zx_bf16(true);
+  step.train.set_dzx_bf16(true);
+  step.train.set_state_chain(true);
+  step.train.set_backward_core_fused(true);
+}
+
 // The output stage's backward inside the SISO fused core (e^Λ ⊙ dy formed by the reverse chain from dO and z, or by a
 // kernel before it: the same bits) against the output-stage kernel before the chain: the output is the same bits and
 // dy and e^Λ ⊙ dy are the kernel's; D's partial is summed in another order and Λ's state-read term comes from dQ's
@@ -218,10 +235,7 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
       cuda::train_detail::set_state_chain_slice(64);
     }
   } restore;
-  std::vector<LayerCase> cases = core_shape_cases(false);
-  Mamba3Config c24 = small(false, 1);
-  c24.d_model = 768, c24.d_state = 128, c24.headdim = 64;  // 24 heads, the 125M layer's tiles
-  cases.push_back({"siso N 128 P 64 (24 heads)", c24});
+  const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
   int ran = 0;
   for (const LayerCase& lc : cases)
     for (const int64_t L : {64, 192, 65}) {
@@ -230,10 +244,7 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
         SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (wide ? " 8 warps" : " 4 warps"));
         auto [mixer, u, dout] = random_layer(lc.c, 3, L, uint32_t(4100 + L));
         CoreLayerStep step(mixer, u, dout);
-        step.train.set_zx_bf16(true);
-        step.train.set_dzx_bf16(true);
-        step.train.set_state_chain(true);
-        step.train.set_backward_core_fused(true);
+        take_fused_core_with_bf16_operands(step);
         cuda::train_detail::set_fused_core_wide(wide);
         const bool applies = wide && !lc.c.is_outproj_norm && L % 64 == 0 && lc.c.d_in_proj() % 2 == 0;
         for (const bool keep : {false, true}) {
@@ -279,20 +290,14 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
 // chunks only.
 TEST(Mamba3TrainGpu, VwFormedByItsReadersGivesTheBuildsBits) {
   MAMBA3_REQUIRE_GPU();
-  std::vector<LayerCase> cases = core_shape_cases(false);
-  Mamba3Config c24 = small(false, 1);
-  c24.d_model = 768, c24.d_state = 128, c24.headdim = 64;  // 24 heads, the 125M layer's tiles
-  cases.push_back({"siso N 128 P 64 (24 heads)", c24});
+  const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
   int ran = 0;
   for (const LayerCase& lc : cases)
     for (const int64_t L : {64, 192, 65}) {
       if (lc.c.d_model == 768 && L != 192) continue;  // (one big case)
       auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4300 + L));
       CoreLayerStep step(mixer, u, dout);
-      step.train.set_zx_bf16(true);
-      step.train.set_dzx_bf16(true);
-      step.train.set_state_chain(true);
-      step.train.set_backward_core_fused(true);
+      take_fused_core_with_bf16_operands(step);
       // (the SISO build's shapes, and the output part's: no output norm)
       const bool applies = L % 64 == 0 && lc.c.d_in_proj() % 4 == 0 && !lc.c.is_outproj_norm;
       for (const bool keep : {false, true})
@@ -663,10 +668,7 @@ TEST(Mamba3TrainGpu, RotationPrefetchKeepsTheBits) {
 // 24 heads. It must run where its shapes take it (S 16 and 32, chunks of 64 tokens) and nowhere else (S 8; L < 64).
 TEST(Mamba3TrainGpu, RotationTotalsGiveTheKernelsBits) {
   MAMBA3_REQUIRE_GPU();
-  std::vector<LayerCase> cases = core_shape_cases(false);
-  Mamba3Config c24 = small(false, 1);
-  c24.d_model = 768, c24.d_state = 128, c24.headdim = 64;  // 24 heads, S 32
-  cases.push_back({"siso N 128 P 64 (24 heads)", c24});
+  const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
   int ran = 0;
   for (const LayerCase& lc : cases)
     for (const bool fused : {true, false})
