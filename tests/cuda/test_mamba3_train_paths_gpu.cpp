@@ -662,6 +662,37 @@ TEST(Mamba3TrainGpu, RotationPrefetchKeepsTheBits) {
       }
 }
 
+// The SISO rotation backward at N 128 with a lane on the rotary pairs l and l + 32 (and with a warp's next token loaded
+// into registers ahead) against four consecutive elements per lane: the same bits, with the B/C norm inside and apart,
+// one and the default heads per block, the angle totals on and off, S 32 (the presets) and 64 (every pair rotates),
+// whole and partial last chunks.
+TEST(Mamba3TrainGpu, RotationSplitLanesKeepTheBits) {
+  MAMBA3_REQUIRE_GPU();
+  for (const double rope : {0.5, 1.0})
+    for (const bool fused : {true, false})
+      for (const int hpb : {0, 1})
+        for (const int64_t L : {128, 100}) {
+          Mamba3Config c = small(false, 1);
+          c.d_model = 128, c.d_state = 128, c.headdim = 64, c.rope_fraction = rope;  // 4 heads
+          SCOPED_TRACE("rope " + std::to_string(rope) + (fused ? " norm inside" : " norm apart") + " hpb " +
+                       std::to_string(hpb) + " L " + std::to_string(L));
+          auto [mixer, u, dout] = random_layer(c, 2, L, uint32_t(3600 + hpb + L));
+          CoreLayerStep step(mixer, u, dout);
+          step.train.set_epilogue_heads(hpb);
+          step.train.set_bc_norm_fusion(fused);
+          step.train.set_rotation_totals(L == 128);
+          auto run = [&](bool split, bool pipe) {
+            step.train.set_rotation_split(split);
+            step.train.set_rotation_pipe(pipe);
+            return step.run();
+          };
+          const GpuResult piped = run(true, true), split = run(true, false), consecutive = run(false, false);
+          ASSERT_NO_FATAL_FAILURE(assert_finite(piped));
+          EXPECT_TRUE(bit_identical(split, consecutive)) << "the lane map changed bits";
+          EXPECT_TRUE(bit_identical(piped, consecutive)) << "the next token in registers changed bits";
+        }
+}
+
 // The SISO rotation backward summing dφ over each angle segment for the angle backward (set_rotation_totals) against
 // the angle backward's totals kernel: the output, du and every gradient the same bits, with the B/C norm inside and
 // apart, one and the default heads per block, whole and partial last segments (L 64, 65, 300), and the 125M layer's

@@ -149,6 +149,20 @@ bool env_rotation_prefetch() {
   return on;
 }
 
+// MAMBA3_TRAIN_ROTATION_SPLIT, read once per process: the SISO rotation backward at N 128 with a lane on the rotary
+// pairs l and l + 32 ("1", the default) or on four consecutive elements ("0"); the same bits.
+bool env_rotation_split() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ROTATION_SPLIT", {"1", "0"}) != "0";
+  return on;
+}
+
+// MAMBA3_TRAIN_ROTATION_PIPE, read once per process: with the split lanes, the SISO rotation backward loads a warp's
+// next token into registers while it works on the current one ("1", the default) or not ("0"); the same bits.
+bool env_rotation_pipe() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ROTATION_PIPE", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: the SISO rotation backward sums dφ per angle segment for the
 // angle backward ("1") or the angle backward's totals kernel does ("0", the default until it has run on a GPU); the
 // same bits.
@@ -268,6 +282,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       build_fast_(env_build_fast()),
       output_full_(env_output_full()),
       rotation_prefetch_(env_rotation_prefetch()),
+      rotation_split_(env_rotation_split()),
+      rotation_pipe_(env_rotation_pipe()),
       rotation_totals_(env_rotation_totals()),
       core_unrotate_(env_core_unrotate() == "1" || env_core_unrotate() == "heads"),  // ("" when unset: off)
       core_head_sum_(env_core_unrotate() == "heads"),
@@ -455,6 +471,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.build_fast = build_fast_;
   p.output_full = output_full_;
   p.rotation_prefetch = rotation_prefetch_;
+  p.rotation_split = rotation_split_;
+  p.rotation_pipe = rotation_pipe_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.zx16 = act_->zx16_used ? act_->zx16.as<uint16_t>() : nullptr;

@@ -166,6 +166,12 @@ class Mamba3TrainGpu {
   // general kernel (false). Default from MAMBA3_TRAIN_OUTPUT_FULL, read once per process: "1" or "0".
   void set_output_full(bool on) { output_full_ = on; }
   void set_rotation_prefetch(bool on) { rotation_prefetch_ = on; }
+  // The SISO rotation backward at N 128 with a lane on the rotary pairs l and l + 32 (true) or on four consecutive
+  // elements (false); the same bits. Default from MAMBA3_TRAIN_ROTATION_SPLIT, read once per process: "1" or "0".
+  void set_rotation_split(bool on) { rotation_split_ = on; }
+  // With the split lanes: a warp's next token loaded into registers while it works on the current one (true) or not
+  // (false); the same bits. Default from MAMBA3_TRAIN_ROTATION_PIPE, read once per process: "1" or "0".
+  void set_rotation_pipe(bool on) { rotation_pipe_ = on; }
   // The SISO rotation backward also summing dφ over each angle segment for the angle backward (true, where
   // train_detail::rotation_backward_writes_angle_totals holds: its chunks are the segments, S 16 or 32), so that the
   // angle backward's totals kernel does not run; or that kernel (false). The same bits. Default from
@@ -326,6 +332,8 @@ class Mamba3TrainGpu {
   bool build_fast_ = true;           // the SISO build's path for full chunks (set_build_fast)
   bool output_full_ = true;          // the SISO output-stage backward's kernel for whole chunks (set_output_full)
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
+  bool rotation_split_ = true;       // its lane map at N 128 (set_rotation_split)
+  bool rotation_pipe_ = true;        // its next token in registers (set_rotation_pipe)
   bool rotation_totals_ = false;     // ... and its angle segment sums (set_rotation_totals)
   bool angle_seg_ready_ = false;     // the last backward's rotation backward wrote them (batched_chunks)
   bool core_unrotate_ = false;       // the fused core un-rotates dQ/dK and forms dφ (set_core_unrotate)

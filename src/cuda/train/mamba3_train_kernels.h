@@ -142,6 +142,12 @@ struct BatchedParams {
   bool output_full;
   // The SISO rotation backward's L2 prefetch of each warp's next token (its loads a round trip from DRAM otherwise).
   bool rotation_prefetch;
+  // The SISO rotation backward at N 128 (with the prefetch) with a lane on the rotary pairs l and l + 32 instead of on
+  // four consecutive elements (every lane rotates at most one pair); the same bits.
+  bool rotation_split;
+  // With the split lanes, q and k formed and bf16 dQ/dK: a warp's next token loaded into registers while it works on
+  // the current one; the same bits.
+  bool rotation_pipe;
   // The SISO forward core (writing the output) stores q·H_cᵀ and the pre-norm output y = e^Λ·Z + D·v + W·v in bf16,
   // in the Z and WV buffers (their first halves), instead of Z and W·v in f32; the SISO output-stage backwards read
   // them so (y as stored, not re-formed). Set only where both apply (batched_chunks).

@@ -599,15 +599,29 @@ __global__ void __launch_bounds__(kThreads) output_dye_siso_kernel(const Batched
 // p.angle_seg (rotation_backward_writes_angle_totals: the chunk is an angle segment, S 16 or 32): each warp also sums
 // its tokens' dφ per head and angle in token order, and the warps' sums are added as the angle totals kernel adds its
 // eight phases (its bits), so that the angle backward needs no totals kernel (a read of dφ: 17–22 µs per 125M layer).
-template <int N, bool kFormQK, int kHb, bool kFuseNorm, bool kPrefetch, bool kUnrotated = false>
+// kSplit (N 128 only): lane l takes the rotary pairs l and l + 32 — elements 2l, 2l + 1, 64 + 2l, 64 + 2l + 1 —
+// instead of the four consecutive elements 4l … 4l + 3. The rotating pairs are the first S (S ≤ 32 in the presets),
+// so with consecutive elements only lanes 0 … S/2 − 1 rotated, two pairs each, while the warp's other lanes waited:
+// split, every lane rotates at most one pair and the warp issues the rotation's instructions once instead of twice.
+// Every element's expressions and every sum's order are the same (all sums are per element or per pair): the bits.
+// kPipe (with kSplit, q and k formed, bf16 dQ/dK, S ≤ 32): a warp's next token's loads go to registers before it works
+// on the current one (and the token after into L2), so that the loads wait behind a token's arithmetic instead of in
+// front of it (ncu, 125M: 38 % of the cycles between a warp's instructions were waits on its loads). The same
+// arithmetic in the same order: the bits.
+template <int N, bool kFormQK, int kHb, bool kFuseNorm, bool kPrefetch, bool kUnrotated = false, bool kSplit = false,
+          bool kPipe = false>
 __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_kernel(const BatchedParams p) {
   pdl_wait();
   static_assert(!kUnrotated || (kFuseNorm && !kFormQK), "the un-rotated instance: the norm inside, q and k unused");
+  static_assert(!kSplit || N == 128, "the split lane map: two pairs per lane, 32 lanes apart");
+  static_assert(!kPipe || (kSplit && kFormQK && kPrefetch && !kUnrotated), "the pipelined instance");
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kPairs = kE / 2;
   using V = std::conditional_t<kE == 4, float4, float2>;
   const MixerDims& d = p.d;
   const int slots = d.H / kHb, spg = slots / d.G, S = d.S;  // (kHb = p.heads_per_block)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
+  // The lane's pair m (its elements 2·pair(m) and 2·pair(m) + 1).
+  const auto pair = [&](int m) { return kSplit ? lane + 32 * m : n0 / 2 + m; };
   const int c = int(blockIdx.x % p.nc), unit = int(blockIdx.x / p.nc % (kFuseNorm ? d.G : slots));
   const int b = int(blockIdx.x / p.nc / (kFuseNorm ? d.G : slots));
   const int c0 = c * p.T, Tc = min(p.T, d.L - c0);
@@ -654,10 +668,158 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
     else v = make_float2(in[0], in[1]);
     *reinterpret_cast<V*>(dst) = v;
   };
+  // The lane's elements of a row (row: its element 0), in the lane map: kE consecutive elements from n0, or (kSplit)
+  // the two elements of each of its pairs.
+  const auto load_row = [&](const float* row, float* out) {
+    if constexpr (kSplit) {
+#pragma unroll
+      for (int m = 0; m < kPairs; ++m) {
+        const float2 v = *reinterpret_cast<const float2*>(row + 2 * pair(m));
+        out[2 * m] = v.x, out[2 * m + 1] = v.y;
+      }
+    } else {
+      load_v(row + n0, out);
+    }
+  };
+  const auto load_row_h = [&](const uint16_t* row, float* out) {
+    if constexpr (kSplit) {
+#pragma unroll
+      for (int m = 0; m < kPairs; ++m) {
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(row + 2 * pair(m));
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+        out[2 * m] = f.x, out[2 * m + 1] = f.y;
+      }
+    } else {
+      load_h(row + n0, out);
+    }
+  };
+  const auto add_row = [&](float* row, const float* in) {
+    if constexpr (kSplit) {
+#pragma unroll
+      for (int m = 0; m < kPairs; ++m) {
+        float2* at = reinterpret_cast<float2*>(row + 2 * pair(m));
+        float2 v = *at;
+        v.x += in[2 * m], v.y += in[2 * m + 1];
+        *at = v;
+      }
+    } else {
+      add_v(row + n0, in);
+    }
+  };
+  const auto store_row = [&](float* row, const float* in) {
+    if constexpr (kSplit) {
+#pragma unroll
+      for (int m = 0; m < kPairs; ++m)
+        *reinterpret_cast<float2*>(row + 2 * pair(m)) = make_float2(in[2 * m], in[2 * m + 1]);
+    } else {
+      store_v(row + n0, in);
+    }
+  };
   for (int slot = slot_begin; slot < slot_end; ++slot) {
     const int h0 = slot * kHb;
     float dphi_sum[kHb][kPairs] = {};  // (totals) this warp's tokens' dφ, in token order
-    if (lane < kLanes)
+    if constexpr (kPipe) {
+      // A token's loads as they arrive: zx's normalised C and B pairs, the heads' dQ and dK pairs (bf16), the angles
+      // of the lane's first pair (S ≤ 32 here: its second pair, 32 + lane, does not rotate).
+      struct Raw {
+        float2 zc[kPairs], zb[kPairs];
+        uint32_t q[kHb][kPairs], k[kHb][kPairs];
+        float ph[kHb];
+      };
+      const int64_t bh0 = int64_t(b) * d.H + h0;
+      const auto load_token = [&](int tl, Raw& r) {
+        const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
+        const float *zC = p.zx + tok * d.din + d.off_C + int64_t(g) * N, *zB = zC + (d.off_B - d.off_C);
+#pragma unroll
+        for (int m = 0; m < kPairs; ++m) {
+          r.zc[m] = *reinterpret_cast<const float2*>(zC + 2 * pair(m));
+          r.zb[m] = *reinterpret_cast<const float2*>(zB + 2 * pair(m));
+        }
+        const bool next = tl + kWarps < Tc;  // (the token after this one, into L2)
+        if (next) prefetch_l2(zC + n0 + kWarps * d.din), prefetch_l2(zB + n0 + kWarps * d.din);
+#pragma unroll
+        for (int i = 0; i < kHb; ++i) {
+          const int64_t bh = bh0 + i, st = bh * d.L + t, jr = ((bh * p.nc + c) * p.rows + tl) * N;
+#pragma unroll
+          for (int m = 0; m < kPairs; ++m) {
+            r.q[i][m] = *reinterpret_cast<const uint32_t*>(p.dQ16 + jr + 2 * pair(m));
+            r.k[i][m] = *reinterpret_cast<const uint32_t*>(p.dK16 + jr + 2 * pair(m));
+          }
+          r.ph[i] = lane < S ? phiv[st * S + lane] : 0.0f;
+          if (next) {
+            prefetch_l2(p.dQ16 + jr + n0 + kWarps * N), prefetch_l2(p.dK16 + jr + n0 + kWarps * N);
+            if (n0 / 2 < S) prefetch_l2(phiv + (st + kWarps) * S + n0 / 2);
+          }
+        }
+      };
+      const auto unpack = [](uint32_t w, float* out) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w));
+        out[0] = f.x, out[1] = f.y;
+      };
+      Raw cur;
+      if (warp < Tc) load_token(warp, cur);
+      for (int tl = warp; tl < Tc; tl += kWarps) {
+        const bool more = tl + kWarps < Tc;
+        Raw nxt;
+        if (more) load_token(tl + kWarps, nxt);
+        const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
+        float zc[kE], zb[kE];
+#pragma unroll
+        for (int m = 0; m < kPairs; ++m) {
+          zc[2 * m] = cur.zc[m].x, zc[2 * m + 1] = cur.zc[m].y;
+          zb[2 * m] = cur.zb[m].x, zb[2 * m + 1] = cur.zb[m].y;
+        }
+        float sC[kE] = {}, sB[kE] = {};  // summed over the slot's heads
+#pragma unroll
+        for (int i = 0; i < kHb; ++i) {
+          const int64_t st = (bh0 + i) * d.L + t;
+          float gq[kE], gk[kE], gc[kE], gb[kE], dp[kPairs], bqv[kE], bkv[kE];
+#pragma unroll
+          for (int m = 0; m < kPairs; ++m) unpack(cur.q[i][m], gq + 2 * m), unpack(cur.k[i][m], gk + 2 * m);
+          if (lane < S) {
+            const int64_t bias = int64_t(h0 + i) * N + 2 * lane;
+            const float2 vc = *reinterpret_cast<const float2*>(p.C_bias + bias);
+            const float2 vb = *reinterpret_cast<const float2*>(p.B_bias + bias);
+            bqv[0] = vc.x, bqv[1] = vc.y, bkv[0] = vb.x, bkv[1] = vb.y;
+          }
+#pragma unroll
+          for (int m = 0; m < kPairs; ++m) {
+            const int a = 2 * m;
+            float ca = gq[a], cb = gq[a + 1], ba = gk[a], bb = gk[a + 1];
+            dp[m] = 0.0f;
+            if (m == 0 && lane < S) {
+              const float2 rot = rotary_cos_sin(cur.ph[i]);
+              const float cs = rot.x, sn = rot.y;
+              const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], bqv[a], bqv[a + 1], cs, sn, true));
+              const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], bkv[a], bkv[a + 1], cs, sn, true));
+              const float qa = q2.x, qb = q2.y, ka = k2.x, kb = k2.y;
+              float acc = 0.0f;
+              acc += gq[a + 1] * qa - gq[a] * qb;
+              acc += gk[a + 1] * ka - gk[a] * kb;
+              dp[m] = acc;
+              ca = gq[a] * cs + gq[a + 1] * sn, cb = gq[a + 1] * cs - gq[a] * sn;
+              ba = gk[a] * cs + gk[a + 1] * sn, bb = gk[a + 1] * cs - gk[a] * sn;
+            }
+            gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
+          }
+          if (totals)
+#pragma unroll
+            for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
+          if (lane < S) dphi_out[st * S + lane] = dp[0];
+          float* gC = mine + (i * 2) * N;
+          add_row(gC, gc), add_row(gC + N, gb);
+#pragma unroll
+          for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
+        }
+        if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
+          add_row(sumCB + (tl * 2) * N, sC), add_row(sumCB + (tl * 2 + 1) * N, sB);
+        } else {
+          const int64_t out = (tok * slots + slot) * N;
+          store_row(dCn + out, sC), store_row(dBn + out, sB);
+        }
+        if (more) cur = nxt;
+      }
+    } else if (lane < kLanes)
       for (int tl = warp; tl < Tc; tl += kWarps) {
         const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
         float zc[kE], zb[kE];  // kFormQK: the token's normalised C and B (the group's), for every head of the slot
@@ -665,18 +827,21 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
         // dependent load round trips, most of them to DRAM (ncu: 57 % of the samples at its first loads).
         const bool next = kPrefetch && tl + kWarps < Tc;
         if constexpr (kFormQK) {
-          const float *zC = p.zx + tok * d.din + d.off_C + int64_t(g) * N + n0, *zB = zC + (d.off_B - d.off_C);
-          load_v(zC, zc), load_v(zB, zb);
-          if (next) prefetch_l2(zC + kWarps * d.din), prefetch_l2(zB + kWarps * d.din);
+          const float *zC = p.zx + tok * d.din + d.off_C + int64_t(g) * N, *zB = zC + (d.off_B - d.off_C);
+          load_row(zC, zc), load_row(zB, zb);
+          // (a prefetch per lane at its n0: the rows' lines whatever the lane map)
+          if (next) prefetch_l2(zC + n0 + kWarps * d.din), prefetch_l2(zB + n0 + kWarps * d.din);
         }
         // The slot's loads: the gradients, q and k (unless formed) and the angles.
         float gq[kHb][kE], gk[kHb][kE], vq[kHb][kE], vk[kHb][kE], ph[kHb][kPairs];
 #pragma unroll
         for (int i = 0; i < kHb; ++i) {
           const int64_t bh = int64_t(b) * d.H + h0 + i, chunk = bh * p.nc + c, st = bh * d.L + t;
-          const int64_t j = (chunk * p.rows + tl) * N + n0;
-          if (p.dQ16) load_h(p.dQ16 + j, gq[i]), load_h(p.dK16 + j, gk[i]);
-          else load_v(dQ + j, gq[i]), load_v(dK + j, gk[i]);
+          const int64_t jr = (chunk * p.rows + tl) * N, j = jr + n0;
+          if (p.dQ16)
+            load_row_h(p.dQ16 + jr, gq[i]), load_row_h(p.dK16 + jr, gk[i]);
+          else
+            load_row(dQ + jr, gq[i]), load_row(dK + jr, gk[i]);
           if (next) {
             if (p.dQ16) prefetch_l2(p.dQ16 + j + kWarps * N), prefetch_l2(p.dK16 + j + kWarps * N);
             else prefetch_l2(dQ + j + kWarps * N), prefetch_l2(dK + j + kWarps * N);
@@ -684,17 +849,17 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           }
           if constexpr (kUnrotated) continue;  // (the gradients are all it reads)
           if constexpr (!kFormQK) {  // (formed: the biases are read where used, from L1 — fewer live registers)
-            load_h(reinterpret_cast<const uint16_t*>(Q + j), vq[i]);
-            load_h(reinterpret_cast<const uint16_t*>(K + j), vk[i]);
+            load_row_h(reinterpret_cast<const uint16_t*>(Q + jr), vq[i]);
+            load_row_h(reinterpret_cast<const uint16_t*>(K + jr), vk[i]);
           }
-          if constexpr (kPairs == 2) {  // (S even: both of the lane's pairs rotate, or neither)
+          if constexpr (kPairs == 2 && !kSplit) {  // (S even: both of the lane's pairs rotate, or neither)
             const float2 v =
                 n0 / 2 < S ? *reinterpret_cast<const float2*>(phiv + st * S + n0 / 2) : make_float2(0.0f, 0.0f);
             ph[i][0] = v.x, ph[i][1] = v.y;
           } else {
 #pragma unroll
             for (int m = 0; m < kPairs; ++m) {
-              const int u = n0 / 2 + m;
+              const int u = pair(m);
               ph[i][m] = u < S ? phiv[st * S + u] : 0.0f;
             }
           }
@@ -707,14 +872,24 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           // (formed q and k: the head's biases for the lane's elements, one vector load each, read where used — from
           // L1 — to keep registers free)
           float bqv[kE], bkv[kE];
-          if constexpr (kFormQK)
+          if constexpr (kFormQK && kSplit) {
+#pragma unroll
+            for (int m = 0; m < kPairs; ++m)
+              if (pair(m) < S) {
+                const int64_t bias = int64_t(h0 + i) * N + 2 * pair(m);
+                const float2 vc = *reinterpret_cast<const float2*>(p.C_bias + bias);
+                const float2 vb = *reinterpret_cast<const float2*>(p.B_bias + bias);
+                bqv[2 * m] = vc.x, bqv[2 * m + 1] = vc.y, bkv[2 * m] = vb.x, bkv[2 * m + 1] = vb.y;
+              }
+          } else if constexpr (kFormQK) {
             if (n0 / 2 < S) {
               const int64_t bias = int64_t(h0 + i) * N + n0;
               load_v(p.C_bias + bias, bqv), load_v(p.B_bias + bias, bkv);
             }
+          }
 #pragma unroll
           for (int m = 0; m < kPairs; ++m) {
-            const int u = n0 / 2 + m, a = 2 * m;
+            const int u = pair(m), a = 2 * m;
             float ca = gq[i][a], cb = gq[i][a + 1], ba = gk[i][a], bb = gk[i][a + 1];
             dp[m] = 0.0f;
             if (!kUnrotated && u < S) {
@@ -745,21 +920,25 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           }
           if constexpr (kUnrotated) {
             // (the core wrote dφ)
+          } else if constexpr (kSplit) {
+#pragma unroll
+            for (int m = 0; m < kPairs; ++m)
+              if (pair(m) < S) dphi_out[st * S + pair(m)] = dp[m];
           } else if constexpr (kPairs == 2) {
             if (n0 / 2 < S) *reinterpret_cast<float2*>(dphi_out + st * S + n0 / 2) = make_float2(dp[0], dp[1]);
           } else if (n0 / 2 < S) {
             dphi_out[st * S + n0 / 2] = dp[0];
           }
-          float* gC = mine + (i * 2) * N + n0;
-          add_v(gC, gc), add_v(gC + N, gb);
+          float* gC = mine + (i * 2) * N;
+          add_row(gC, gc), add_row(gC + N, gb);
 #pragma unroll
           for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
         }
         if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
-          add_v(sumCB + (tl * 2) * N + n0, sC), add_v(sumCB + (tl * 2 + 1) * N + n0, sB);
+          add_row(sumCB + (tl * 2) * N, sC), add_row(sumCB + (tl * 2 + 1) * N, sB);
         } else {
-          const int64_t out = (tok * slots + slot) * N + n0;
-          store_v(dCn + out, sC), store_v(dBn + out, sB);
+          const int64_t out = (tok * slots + slot) * N;
+          store_row(dCn + out, sC), store_row(dBn + out, sB);
         }
       }
     if (totals && lane < kLanes)
@@ -767,7 +946,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
       for (int i = 0; i < kHb; ++i)
 #pragma unroll
         for (int m = 0; m < kPairs; ++m)
-          if (n0 / 2 + m < S) seg_sm[(warp * kHb + i) * S + n0 / 2 + m] = dphi_sum[i][m];
+          if (pair(m) < S) seg_sm[(warp * kHb + i) * S + pair(m)] = dphi_sum[i][m];
     __syncthreads();
     write_bias_partials(p, sm, b, c, h0, kHb, N);
     if (totals) {  // the warps' sums added as the totals kernel adds its phases (warp w: tokens ≡ w mod 8)
@@ -946,7 +1125,15 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p_in) {
     const auto with_prefetch = [&](auto kernel_on, auto kernel_off) {
       launch(p.rotation_prefetch ? kernel_on : kernel_off);
     };
-    if (d.N == 128)
+    if constexpr (kF && !kU) {  // (q and k formed from bf16 dQ/dK: the pipelined instance)
+      if (d.N == 128 && d.S <= 32 && p.rotation_prefetch && p.rotation_split && p.rotation_pipe && p.dQ16) {
+        launch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true, kU, true, true>);
+        return;
+      }
+    }
+    if (d.N == 128 && p.rotation_prefetch && p.rotation_split)
+      launch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true, kU, true>);
+    else if (d.N == 128)
       with_prefetch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true, kU>,
                     batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, false, kU>);
     else if (d.N == 64)
