@@ -715,6 +715,22 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
       store_v(row + n0, in);
     }
   };
+  // A head's un-rotated C and B gradients at a token: into the warp's bias partials and the sums over the slot's heads.
+  const auto head_sums = [&](int i, const float* gc, const float* gb, float* sC, float* sB) {
+    float* gC = mine + (i * 2) * N;
+    add_row(gC, gc), add_row(gC + N, gb);
+#pragma unroll
+    for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
+  };
+  // A token's sums over the slot's heads: into its slot sums in shared memory (the norm inside), else to dCn/dBn.
+  const auto token_sums = [&](int tl, int64_t tok, int slot, const float* sC, const float* sB) {
+    if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
+      add_row(sumCB + (tl * 2) * N, sC), add_row(sumCB + (tl * 2 + 1) * N, sB);
+    } else {
+      const int64_t out = (tok * slots + slot) * N;
+      store_row(dCn + out, sC), store_row(dBn + out, sB);
+    }
+  };
   for (int slot = slot_begin; slot < slot_end; ++slot) {
     const int h0 = slot * kHb;
     float dphi_sum[kHb][kPairs] = {};  // (totals) this warp's tokens' dφ, in token order
@@ -806,17 +822,9 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
 #pragma unroll
             for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
           if (lane < S) dphi_out[st * S + lane] = dp[0];
-          float* gC = mine + (i * 2) * N;
-          add_row(gC, gc), add_row(gC + N, gb);
-#pragma unroll
-          for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
+          head_sums(i, gc, gb, sC, sB);
         }
-        if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
-          add_row(sumCB + (tl * 2) * N, sC), add_row(sumCB + (tl * 2 + 1) * N, sB);
-        } else {
-          const int64_t out = (tok * slots + slot) * N;
-          store_row(dCn + out, sC), store_row(dBn + out, sB);
-        }
+        token_sums(tl, tok, slot, sC, sB);
         if (more) cur = nxt;
       }
     } else if (lane < kLanes)
@@ -929,17 +937,9 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           } else if (n0 / 2 < S) {
             dphi_out[st * S + n0 / 2] = dp[0];
           }
-          float* gC = mine + (i * 2) * N;
-          add_row(gC, gc), add_row(gC + N, gb);
-#pragma unroll
-          for (int e = 0; e < kE; ++e) sC[e] += gc[e], sB[e] += gb[e];
+          head_sums(i, gc, gb, sC, sB);
         }
-        if constexpr (kFuseNorm) {  // (only this warp touches token tl's sums)
-          add_row(sumCB + (tl * 2) * N, sC), add_row(sumCB + (tl * 2 + 1) * N, sB);
-        } else {
-          const int64_t out = (tok * slots + slot) * N;
-          store_row(dCn + out, sC), store_row(dBn + out, sB);
-        }
+        token_sums(tl, tok, slot, sC, sB);
       }
     if (totals && lane < kLanes)
 #pragma unroll
