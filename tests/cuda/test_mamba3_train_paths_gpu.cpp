@@ -357,6 +357,120 @@ TEST(Mamba3TrainGpu, BfloatDqDkTracksTheF32Pair) {
     }
 }
 
+// The angle codes as the segment-block scan writes them (launch_angle_codes) against the same scan's f32 angles: each
+// code within half a step (π/65536 ≈ 4.8e-5) of its angle modulo 2π, on the 125M shape's 24 heads and 32 angles and
+// on 5 heads of 6 angles, over a partial last segment (L 300), with rates and Δ large enough to wrap many times.
+TEST(Mamba3TrainGpu, AngleCodesHoldTheScansAngles) {
+  MAMBA3_REQUIRE_GPU();
+  using cuda::train_detail::AnglesMode;
+  cuda::train_detail::set_angles_mode(AnglesMode::kBlocks);
+  cuda::Context ctx;
+  std::mt19937 rng(61);
+  std::uniform_real_distribution<float> theta(-3.0f, 3.0f), delta(0.0f, 2.0f);
+  for (const auto& [H, S] : std::vector<std::pair<int, int>>{{24, 32}, {5, 6}}) {
+    SCOPED_TRACE("H " + std::to_string(H) + " S " + std::to_string(S));
+    cuda::train_detail::MixerDims d{};
+    d.B = 2, d.L = 300, d.H = H, d.S = S, d.din = S, d.off_ang = 0, d.R = 1, d.G = 1;  // (zx: the angle columns)
+    const int64_t M = int64_t(d.B) * d.L, BHL = int64_t(d.B) * H * d.L;
+    std::vector<float> zx(size_t(M * S)), dt(static_cast<size_t>(BHL));
+    for (auto& v : zx) v = theta(rng);
+    for (auto& v : dt) v = delta(rng);
+    cuda::DeviceBuffer dzx(zx.size() * 4), ddt(dt.size() * 4), phi(size_t(BHL * S) * 4), codes(size_t(BHL * S) * 2);
+    cuda::DeviceBuffer seg(cuda::train_detail::angle_scratch_floats(d) * 4);
+    dzx.upload(zx.data(), dzx.bytes()), ddt.upload(dt.data(), ddt.bytes());
+    poison(codes.raw(), codes.bytes());
+    cuda::train_detail::launch_angles(ctx.stream(), d, dzx.as<float>(), ddt.as<float>(), phi.as<float>(),
+                                      seg.as<float>());
+    ASSERT_TRUE(cuda::train_detail::launch_angle_codes(ctx.stream(), d, dzx.as<float>(), ddt.as<float>(),
+                                                       codes.as<uint16_t>(), seg.as<float>()));
+    ctx.sync();
+    std::vector<float> ph(size_t(BHL * S));
+    std::vector<uint16_t> cd(ph.size());
+    phi.download(ph.data(), phi.bytes()), codes.download(cd.data(), codes.bytes());
+    const double two_pi = 2.0 * 3.14159265358979323846;
+    double worst = 0;
+    int64_t nonzero = 0;
+    for (size_t i = 0; i < ph.size(); ++i) {
+      double e = std::fmod(double(cd[i]) * two_pi / 65536.0 - double(ph[i]), two_pi);
+      if (e > two_pi / 2) e -= two_pi;
+      if (e < -two_pi / 2) e += two_pi;
+      worst = std::max(worst, std::fabs(e));
+      nonzero += cd[i] != 0;
+    }
+    EXPECT_LE(worst, 3.14159265358979323846 / 65536.0 * 1.01) << "a code further than half a step from its angle";
+    EXPECT_GT(nonzero, int64_t(ph.size() / 2)) << "the codes were not written";
+    std::printf("  H %d S %d: worst |code − φ| %.3e rad (half a step %.3e)\n", H, S, worst, 3.14159265358979 / 65536.0);
+  }
+}
+
+// The angles as 16-bit codes (set_angle_codes, the bf16 mode's default) against f32 angles, on the cores' shapes
+// (MIMO too: every batched reader decodes them): each reader takes the same code, within 4.8e-5 of φ, so a rotated q
+// or k moves by at most that fraction of its length before its bf16 rounding (2^-9), and the output, du and every
+// gradient stay within kTolAngleCodes; deterministic; the codes must have been written and must change something.
+TEST(Mamba3TrainGpu, AngleCodesTrackTheF32Angles) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(true))
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(lc.c, B, L, uint32_t(2300 + L));
+      CoreLayerStep step(mixer, u, dout);
+      auto run = [&](bool codes) {
+        step.train.set_angle_codes(codes);
+        GpuResult r = step.run();
+        EXPECT_EQ(step.train.angle_codes_used(), codes);
+        return r;
+      };
+      const GpuResult f32 = run(false), coded = run(true), again = run(true);
+      ASSERT_NO_FATAL_FAILURE(assert_finite(coded));
+      EXPECT_TRUE(bit_identical(coded, again)) << "not deterministic";
+      EXPECT_FALSE(bit_identical(f32, coded)) << "the switch changed nothing";
+      double worst = 0;
+      std::string where;
+      compare(coded, f32.out, f32.du, f32.grads, kTolAngleCodes, kTolAngleCodes, worst, where);
+      std::printf("  %-34s L=%-3lld angle codes vs f32 angles worst %.2e (%s)\n", lc.name, (long long)L, worst,
+                  where.c_str());
+    }
+}
+
+// dφ rounded to bf16 between the SISO rotation backward and the angle backward's segment blocks (set_dphi_bf16, the
+// bf16 default) against f32 dφ: only the angle-derived gradients move (dt_bias, and the dt and angle columns of dzx
+// through du and in_proj's gradient), within kTolDphi16; the forward untouched; deterministic; with the angle totals
+// from the rotation backward and from their own kernel (both sum the rounded values: the same bits). MIMO's rotation
+// backward keeps f32 (the switch must not apply there).
+TEST(Mamba3TrainGpu, BfloatDphiTracksTheF32) {
+  MAMBA3_REQUIRE_GPU();
+  for (const LayerCase& lc : core_shape_cases(true))
+    for (const int64_t L : {65, 300}) {
+      SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L));
+      const int64_t B = 2;
+      auto [mixer, u, dout] = random_layer(lc.c, B, L, uint32_t(2500 + L));
+      CoreLayerStep step(mixer, u, dout);
+      auto run = [&](bool b16, bool totals) {
+        step.train.set_dphi_bf16(b16);
+        step.train.set_rotation_totals(totals);
+        GpuResult r = step.run();
+        EXPECT_EQ(step.train.last_backward_dphi_bf16(), b16 && !lc.c.is_mimo);
+        return r;
+      };
+      const GpuResult f32 = run(false, false), b16 = run(true, false), again = run(true, false);
+      const GpuResult b16_totals = run(true, true);
+      ASSERT_NO_FATAL_FAILURE(assert_finite(b16));
+      EXPECT_TRUE(bit_identical(b16, again)) << "not deterministic";
+      EXPECT_TRUE(bit_identical(b16, b16_totals)) << "the angle totals' two forms differ";
+      EXPECT_EQ(std::memcmp(f32.out.raw(), b16.out.raw(), f32.out.nbytes()), 0) << "the forward moved";
+      if (lc.c.is_mimo) {
+        EXPECT_TRUE(bit_identical(f32, b16)) << "MIMO's f32 dφ moved";
+        continue;
+      }
+      EXPECT_FALSE(bit_identical(f32, b16)) << "the switch changed nothing";
+      double worst = 0;
+      std::string where;
+      compare(b16, f32.out, f32.du, f32.grads, 0.0, kTolDphi16, worst, where);
+      std::printf("  %-34s L=%-3lld bf16 vs f32 dφ worst %.2e (%s)\n", lc.name, (long long)L, worst, where.c_str());
+    }
+}
+
 // dφ, dBn and dCn poisoned with NaN between a forward and a backward (those the backward has reserved).
 void poison_backward_scratch(CoreLayerStep& step) {
   step.ctx.sync();
@@ -945,7 +1059,8 @@ TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
       auto [mixer, u, dout] = random_layer(lc.c, L == 4097 ? 1 : 2, L, uint32_t(70 + L));
       for (const Precision p : {Precision::F32, Precision::BF16}) {
         cuda::train_detail::set_angles_mode(AnglesMode::kSplit);
-        const GpuResult split = run_gpu(mixer, u, dout, p, true, true, 0, true);
+        // (f32 angles and dφ in every mode: the blocks mode would keep bf16's as codes and bf16 dφ, tested apart)
+        const GpuResult split = run_gpu(mixer, u, dout, p, true, true, 0, true, 0, false);
         for (int64_t i = 0; i < split.du.numel(); ++i) ASSERT_TRUE(std::isfinite(split.du.data<float>()[i]));
         for (const AnglesMode mode : {AnglesMode::kFused, AnglesMode::kBlocks}) {
           cuda::train_detail::set_angles_mode(mode);
@@ -953,7 +1068,7 @@ TEST(Mamba3TrainGpu, FusedAnglesGiveTheSplitBits) {
           for (const int shares_in_pass : {1, 0}) {
             if (mode == AnglesMode::kFused && shares_in_pass == 0) continue;
             cuda::train_detail::set_angle_shares_in_pass(shares_in_pass);
-            const GpuResult got = run_gpu(mixer, u, dout, p, true, true, 0, true);
+            const GpuResult got = run_gpu(mixer, u, dout, p, true, true, 0, true, 0, false);
             EXPECT_TRUE(bit_identical(got, split))
                 << precision_name(p)
                 << (mode == AnglesMode::kBlocks ? (shares_in_pass ? " blocks" : " blocks, warp shares") : " fused");

@@ -92,7 +92,8 @@ size_t scan_shared_bytes(const MixerDims& d) { return size_t(kAngleSegment) * (d
 // order), scans again and writes wrap(local + start) into phi.
 template <bool kWrite>
 __global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ zx, const float* __restrict__ dt,
-                                        float* __restrict__ ends, float* __restrict__ phi) {
+                                        float* __restrict__ ends, float* __restrict__ phi,
+                                        uint16_t* __restrict__ codes) {
   pdl_wait();
   extern __shared__ float scan_sm[];
   const Segment s = this_segment(d);
@@ -118,9 +119,13 @@ __global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ z
           start = wrap_angle(start + v[k]);
         }
       }
-      float* out = phi + (bh * d.L + s.t0) * d.S + i;
-      segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i,
-                   [&](int t, float v) { out[int64_t(t) * d.S] = wrap_angle(v + start); });
+      const int64_t at = (bh * d.L + s.t0) * d.S + i;
+      if (codes)  // (the same φ, written as its code)
+        segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i,
+                     [&](int t, float v) { codes[at + int64_t(t) * d.S] = angle_code(wrap_angle(v + start)); });
+      else
+        segment_scan(rate, dts + h * kAngleSegment, d.S, s.n, i,
+                     [&](int t, float v) { phi[at + int64_t(t) * d.S] = wrap_angle(v + start); });
     }
   }
 }
@@ -132,8 +137,26 @@ __global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ z
 // tokens read 128-byte rows 128 bytes apart at 1.6 TB/s.) The order of the sum is this kernel's own; every backward
 // path takes its totals from here (launch_angle_totals), or from the SISO rotation backward at S = 16 and 32, whose
 // eight warps take the same eight phases of tokens (kVec 2 at S = 32 for that), so all of them carry the same bits.
-template <int kS, int kVec = 1>
-__global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
+// dφ element i, from its bf16 rounding where given (AngleBackwardParams::dphi16).
+__device__ __forceinline__ float dphi_at(const float* dphi, const uint16_t* dphi16, int64_t i) {
+  return dphi16 ? __bfloat162float(__ushort_as_bfloat16(dphi16[i])) : dphi[i];
+}
+// dφ elements 4·i4 … 4·i4 + 3 as one vector load, of floats or (kB16) of bf16 values.
+template <bool kB16>
+__device__ __forceinline__ float4 dphi_at4(const void* base, int64_t i4) {
+  if constexpr (kB16) {
+    const uint2 w = reinterpret_cast<const uint2*>(base)[i4];
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+  } else {
+    return reinterpret_cast<const float4*>(base)[i4];
+  }
+}
+
+// kB16: dφ in bf16 (dphi then points at the bf16 values).
+template <int kS, int kVec = 1, bool kB16 = false>
+__global__ void angle_totals_warp_kernel(MixerDims d, const void* __restrict__ dphi, float* __restrict__ seg) {
   pdl_wait();
   constexpr int kGroups = kS / (4 * kVec), kPhases = 32 / kGroups, kBatch = 8, kRow = kS / 4;
   static_assert(kGroups * 4 * kVec == kS && kPhases * kGroups == 32, "whole float4 groups over a warp");
@@ -143,7 +166,7 @@ __global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ 
   const int lane = threadIdx.x % 32, sg = int(task % nseg), t0 = sg * kAngleSegment;
   const int n = min(kAngleSegment, d.L - t0), group = lane % kGroups, phase = lane / kGroups;
   const int64_t bh = task / nseg;
-  const float4* g4 = reinterpret_cast<const float4*>(dphi + (bh * d.L + t0) * kS) + group * kVec;
+  const int64_t g4 = (bh * d.L + t0) * (kS / 4) + group * kVec;  // (in vectors of 4)
   float4 acc[kVec];
 #pragma unroll
   for (int q = 0; q < kVec; ++q) acc[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -153,7 +176,8 @@ __global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ 
     for (int k = 0; k < kBatch; ++k) {
       const int t = t1 + k * kPhases;
 #pragma unroll
-      for (int q = 0; q < kVec; ++q) v[k][q] = t < n ? g4[int64_t(t) * kRow + q] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int q = 0; q < kVec; ++q)
+        v[k][q] = t < n ? dphi_at4<kB16>(dphi, g4 + int64_t(t) * kRow + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k)
@@ -177,7 +201,8 @@ __global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ 
 }
 
 // The same sums for any S, a thread per (bh, segment, angle) walking the segment's tokens in increasing order.
-__global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
+__global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict__ dphi,
+                                           const uint16_t* __restrict__ dphi16, float* __restrict__ seg) {
   pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -185,12 +210,12 @@ __global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict_
   const int i = int(e % d.S);
   const int64_t bs = e / d.S, bh = bs / nseg;
   const int sg = int(bs % nseg), t0 = sg * kAngleSegment, n = min(kAngleSegment, d.L - t0);
-  const float* g = dphi + (bh * d.L + t0) * d.S + i;
+  const int64_t g = (bh * d.L + t0) * d.S + i;
   float run = 0;
   for (int t1 = 0; t1 < n; t1 += kLoadsAhead) {
     float v[kLoadsAhead];
 #pragma unroll
-    for (int k = 0; k < kLoadsAhead; ++k) v[k] = g[int64_t(min(t1 + k, n - 1)) * d.S];
+    for (int k = 0; k < kLoadsAhead; ++k) v[k] = dphi_at(dphi, dphi16, g + int64_t(min(t1 + k, n - 1)) * d.S);
 #pragma unroll
     for (int k = 0; k < kLoadsAhead; ++k) {
       if (t1 + k >= n) break;
@@ -309,13 +334,13 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_kernel
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {
       const int h = min(warp + k * warps, d.H - 1);
-      const float* g = p.dphi + ((int64_t(s.b) * d.H + h) * d.L + s.t0) * d.S;
+      const int64_t g = ((int64_t(s.b) * d.H + h) * d.L + s.t0) * d.S;
 #pragma unroll
       for (int j = 0; j < kTileTokens; ++j)
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           const int i = lane + 32 * c;
-          v[k][j][c] = j < hi && i < d.S ? g[int64_t(hi - 1 - j) * d.S + i] : 0.0f;
+          v[k][j][c] = j < hi && i < d.S ? dphi_at(p.dphi, p.dphi16, g + int64_t(hi - 1 - j) * d.S + i) : 0.0f;
         }
     }
   };
@@ -424,12 +449,19 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_s32_ke
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {
       const int h = min(warp + k * warps, d.H - 1);
-      const float* g = p.dphi + ((int64_t(s.b) * d.H + h) * d.L + s.t0) * kS + lane;
+      const int64_t g = ((int64_t(s.b) * d.H + h) * d.L + s.t0) * kS + lane;
 #pragma unroll
-      for (int j = 0; j < kTileTokens; ++j) v[k][j] = j < hi ? g[int64_t(hi - 1 - j) * kS] : 0.0f;
-      // The tile after it asked of L2 (lane j: its token j's 128-byte row), so that its loads return from there.
+      for (int j = 0; j < kTileTokens; ++j)
+        v[k][j] = j < hi ? dphi_at(p.dphi, p.dphi16, g + int64_t(hi - 1 - j) * kS) : 0.0f;
+      // The tile after it asked of L2 (lane j: its token j's row), so that its loads return from there.
       const int t_next = hi - 1 - kTileTokens - lane;
-      if (lane < kTileTokens && t_next >= 0) prefetch_l2(g - lane + int64_t(t_next) * kS);
+      if (lane < kTileTokens && t_next >= 0) {
+        const int64_t at = g - lane + int64_t(t_next) * kS;
+        if (p.dphi16)
+          prefetch_l2(p.dphi16 + at);
+        else
+          prefetch_l2(p.dphi + at);
+      }
     }
   };
   load_tile(s.n);
@@ -485,35 +517,47 @@ bool blocks_apply(const MixerDims& d, size_t bytes) {
 
 }  // namespace
 
-bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi,
-                          float* seg) {
+bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt, float* phi, float* seg,
+                          uint16_t* codes) {
   const size_t bytes = scan_shared_bytes(d);
   if (!blocks_apply(d, bytes)) return false;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int threads = int(std::min<int64_t>(1024, (int64_t(d.H) * d.S + 31) / 32 * 32));
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
-  launch_train(angle_block_scan_kernel<false>, blocks, threads, bytes, s, d, zx, dt, seg, nullptr);
+  launch_train(angle_block_scan_kernel<false>, blocks, threads, bytes, s, d, zx, dt, seg, nullptr, nullptr);
   MAMBA3_LAUNCH_CHECK();
-  launch_train(angle_block_scan_kernel<true>, blocks, threads, bytes, s, d, zx, dt, seg, phi);
+  launch_train(angle_block_scan_kernel<true>, blocks, threads, bytes, s, d, zx, dt, seg, codes ? nullptr : phi, codes);
   MAMBA3_LAUNCH_CHECK();
   return true;
 }
 
-void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg) {
+void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg, const uint16_t* dphi16) {
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment, tasks = int64_t(d.B) * d.H * nseg;
   if (tasks * d.S == 0) return;
-  const auto warps = [&](auto kernel) { launch_train(kernel, unsigned((tasks + 7) / 8), 256, 0, s, d, dphi, seg); };
+  const void* src = dphi16 ? static_cast<const void*>(dphi16) : static_cast<const void*>(dphi);
+  const auto warps = [&](auto kernel) { launch_train(kernel, unsigned((tasks + 7) / 8), 256, 0, s, d, src, seg); };
+  const auto typed = [&](auto f32, auto b16) { dphi16 ? warps(b16) : warps(f32); };
   switch (d.S) {
-    case 4: warps(angle_totals_warp_kernel<4>); break;
-    case 8: warps(angle_totals_warp_kernel<8>); break;
-    case 16: warps(angle_totals_warp_kernel<16>); break;
-    case 32:
-      warps(angle_totals_warp_kernel<32, 2>);
-      break;  // (eight phases: the rotation backward's warps)
-    case 64: warps(angle_totals_warp_kernel<64>); break;
-    case 128: warps(angle_totals_warp_kernel<128>); break;
+    case 4:
+      typed(angle_totals_warp_kernel<4>, angle_totals_warp_kernel<4, 1, true>);
+      break;
+    case 8:
+      typed(angle_totals_warp_kernel<8>, angle_totals_warp_kernel<8, 1, true>);
+      break;
+    case 16:
+      typed(angle_totals_warp_kernel<16>, angle_totals_warp_kernel<16, 1, true>);
+      break;
+    case 32:  // (eight phases: the rotation backward's warps)
+      typed(angle_totals_warp_kernel<32, 2>, angle_totals_warp_kernel<32, 2, true>);
+      break;
+    case 64:
+      typed(angle_totals_warp_kernel<64>, angle_totals_warp_kernel<64, 1, true>);
+      break;
+    case 128:
+      typed(angle_totals_warp_kernel<128>, angle_totals_warp_kernel<128, 1, true>);
+      break;
     default:
-      launch_train(angle_totals_thread_kernel, unsigned((tasks * d.S + 127) / 128), 128, 0, s, d, dphi, seg);
+      launch_train(angle_totals_thread_kernel, unsigned((tasks * d.S + 127) / 128), 128, 0, s, d, dphi, dphi16, seg);
   }
   MAMBA3_LAUNCH_CHECK();
 }
@@ -528,6 +572,13 @@ bool angle_shares_in_pass() {
 
 void set_angle_shares_in_pass(int mode) { g_angle_shares = mode < 0 ? -1 : mode != 0; }
 
+bool angle_backward_blocks_fit(const MixerDims& d) {
+  const int slots = d.H <= kMaxWarps ? 1 : 2;
+  const bool s32 = d.S == 32 && slots == 1 && angle_shares_in_pass();
+  const size_t bytes = s32 ? backward_s32_shared_bytes(d) : backward_shared_bytes(d);
+  return blocks_apply(d, bytes) && d.S <= 32 * kMaxChunks && d.H <= kMaxWarps * kMaxHeadSlots;
+}
+
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) {
   const MixerDims& d = p.d;
   const int slots = d.H <= kMaxWarps ? 1 : 2, warps = (d.H + slots - 1) / slots;
@@ -535,10 +586,10 @@ bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) 
   // yet; FusedAnglesGiveTheSplitBits has a 25-head case for it.)
   const bool s32 = d.S == 32 && slots == 1 && angle_shares_in_pass();
   const size_t bytes = s32 ? backward_s32_shared_bytes(d) : backward_shared_bytes(d);
-  if (!blocks_apply(d, bytes) || d.S > 32 * kMaxChunks || d.H > kMaxWarps * kMaxHeadSlots) return false;
+  if (!angle_backward_blocks_fit(d)) return false;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
-  if (!p.seg_ready) launch_angle_totals(s, d, p.dphi, p.seg);
+  if (!p.seg_ready) launch_angle_totals(s, d, p.dphi, p.seg, p.dphi16);
   const int chunks = (d.S + 31) / 32;
   const auto kernel = s32 ? angle_block_backward_s32_kernel<1>
                       : chunks == 1

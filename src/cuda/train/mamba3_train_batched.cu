@@ -86,7 +86,7 @@ __device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const
   if (!row.real) return row;
   const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, row_n = (ix.chunk * p.rows + j) * d.N;
   const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
-  const float* phi = p.phi + st * d.S;
+  const int64_t ph0 = st * d.S;  // (the token's angles: batched angle_at)
   const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
   const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
   row.vec = !d.mimo && d.N % 2 == 0 && aligned2(zc) && aligned2(zb) && aligned2(bc) && aligned2(bb) &&
@@ -100,7 +100,7 @@ __device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const
     const float2 zcv = load_pair(zc, ps, row.vec), bcv = load_pair(bc, ps, row.vec);
     const float2 zbv = load_pair(zb, ps, row.vec), bbv = load_pair(bb, ps, row.vec);
     row.cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), row.kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
-    if (ps.rot) row.rot[m] = rotary_cos_sin(phi[u]);
+    if (ps.rot) row.rot[m] = rotary_cos_sin(angle_at(p.phi, p.phi_code, ph0 + u));
   }
   const int64_t tok = int64_t(ix.b) * d.L + t, xcol = d.off_x + int64_t(ix.h) * d.P;
   const float* mx = d.mimo ? p.mimo_x + (int64_t(ix.h) * d.R + r) * d.P : nullptr;
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
     }
     const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t;
     const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
-    const float* phi = p.phi + st * d.S;
+    const int64_t ph0 = st * d.S;
     const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
     const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
     const bool vec = !d.mimo && d.N % 2 == 0 && aligned2(zc) && aligned2(zb) && aligned2(bc) && aligned2(bb) &&
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_kernel(const Batche
         const float2 zcv = load_pair(zc, ps, vec), bcv = load_pair(bc, ps, vec);
         const float2 zbv = load_pair(zb, ps, vec), bbv = load_pair(bb, ps, vec);
         cv[m] = make_float2(zcv.x + bcv.x, zcv.y + bcv.y), kv[m] = make_float2(zbv.x + bbv.x, zbv.y + bbv.y);
-        if (ps.rot) rot[m] = rotary_cos_sin(phi[u]);
+        if (ps.rot) rot[m] = rotary_cos_sin(angle_at(p.phi, p.phi_code, ph0 + u));
       }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
@@ -598,6 +598,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
   const In *__restrict__ Q = static_cast<const In*>(p.Q), *__restrict__ K = static_cast<const In*>(p.K);
   const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK;
   const float* __restrict__ phiv = p.phi;
+  const uint16_t* __restrict__ codes = p.phi_code;
   float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
   extern __shared__ float sm[];  // (kWarps, hb, 2, R·N): gC then gB per warp and head
   for (int e = threadIdx.x; e < kWarps * hb * 2 * RN; e += kThreads) sm[e] = 0.0f;
@@ -617,7 +618,7 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_kernel(con
           float ca = gq.x, cb = gq.y, ba = gk.x, bb = gk.y;
           if (ps.rot) {
             const float2 vq = load_pair(Q + j, ps, vec), vk = load_pair(K + j, ps, vec);
-            const float2 rot = rotary_cos_sin(phiv[st * S + u]);
+            const float2 rot = rotary_cos_sin(angle_at(phiv, codes, st * S + u));
             const float cs = rot.x, sn = rot.y;
             // dφ of the slot's angle, summed over the ranks q then k per rank (the CPU's order); a later rank adds
             // to what this lane wrote for the earlier ones.
@@ -698,6 +699,10 @@ bool rotation_backward_fuses_bc_norm(const BatchedParams& p) { return batched::r
 
 bool rotation_backward_writes_angle_totals(const BatchedParams& p) { return batched::rotation_totals_siso_applies(p); }
 
+bool rotation_backward_writes_dphi16(const BatchedParams& p) {
+  return batched::rotation_backward_siso_applies(p) && !p.dqk_unrotated;
+}
+
 void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   const int hb = p.heads_per_block;
   MAMBA3_CHECK(hb >= 1 && (p.d.H / p.d.G) % hb == 0,
@@ -705,6 +710,9 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
                p.d.H / p.d.G);
   const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "batched rotation backward: {} blocks exceed the grid", blocks);
+  MAMBA3_CHECK(!p.dphi16 || rotation_backward_writes_dphi16(p),
+               "batched rotation backward: bf16 dφ needs the SISO "
+               "instance (rotation_backward_writes_dphi16)");
   // The instances, where they apply.
   if (batched::launch_rotation_backward_siso(s, p) || batched::launch_rotation_backward_mimo(s, p)) return;
   MAMBA3_CHECK(!p.dqk_unrotated, "batched rotation backward: un-rotated dQ/dK need the SISO instance");

@@ -315,11 +315,11 @@ __device__ __forceinline__ void load_pair_angles(const BatchedParams& p, int64_t
   for (int half = 0; half < 2; ++half) {
     const int row = r0 + g + 8 * half;
     const bool real = row < Tc;
-    const float* src = p.phi + (bh * p.d.L + c0 + (real ? row : 0)) * S;
+    const int64_t src = (bh * p.d.L + c0 + (real ? row : 0)) * S;
 #pragma unroll
     for (int nt = 0; nt < NBT; ++nt) {
       const int i = 4 * nt + q;
-      ph[nt][half] = real && i < S ? src[i] : 0.0f;
+      ph[nt][half] = real && i < S ? angle_at(p.phi, p.phi_code, src + i) : 0.0f;
     }
   }
 }
@@ -1262,7 +1262,7 @@ bool fused_core_unrotate_supported(const BatchedParams& p) {
   // The rotating columns in the first pass; dφ's exchange rows (16 × (S + 4) floats, 16-byte rows) inside a warp's 16
   // rows of e^Λ ⊙ dy (pitch P + 8 bf16); bf16 dQ/dK, and the rotation backward's instance that reads them so.
   return post_scan_core_supported(p) && !d.no_rotary && d.S > 0 && d.S % 4 == 0 && 2 * d.S <= NB && 2 * d.S <= d.P &&
-         p.dQ16 && p.dK16 && p.phi && p.dphi && rotation_backward_reads_unrotated(p);
+         p.dQ16 && p.dK16 && (p.phi || p.phi_code) && p.dphi && rotation_backward_reads_unrotated(p);
 }
 
 bool fused_core_head_sum_supported(const BatchedParams& p) {

@@ -163,6 +163,20 @@ bool env_rotation_pipe() {
   return on;
 }
 
+// MAMBA3_TRAIN_ANGLE_CODES, read once per process: the bf16 batched path's rotary angles as 16-bit codes ("1", the
+// default) or in f32 ("0").
+bool env_angle_codes() {
+  static const bool on = env_choice("MAMBA3_TRAIN_ANGLE_CODES", {"1", "0"}) != "0";
+  return on;
+}
+
+// MAMBA3_TRAIN_DPHI16, read once per process: dφ in bf16 between the SISO rotation backward and the angle backward
+// ("1", the default) or in f32 ("0").
+bool env_dphi16() {
+  static const bool on = env_choice("MAMBA3_TRAIN_DPHI16", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: the SISO rotation backward sums dφ per angle segment for the
 // angle backward ("1") or the angle backward's totals kernel does ("0", the default until it has run on a GPU); the
 // same bits.
@@ -284,6 +298,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       rotation_prefetch_(env_rotation_prefetch()),
       rotation_split_(env_rotation_split()),
       rotation_pipe_(env_rotation_pipe()),
+      angle_codes_(env_angle_codes()),
+      dphi_bf16_(env_dphi16()),
       rotation_totals_(env_rotation_totals()),
       core_unrotate_(env_core_unrotate() == "1" || env_core_unrotate() == "heads"),  // ("" when unset: off)
       core_head_sum_(env_core_unrotate() == "heads"),
@@ -388,7 +404,10 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   launch_token_scalars(s, d, f(act_->zx), w.dt_bias, sc);
   mark("token scalars");
   reserve_floats(act_->angle_seg, int64_t(angle_scratch_floats(d)));
-  launch_angles(s, d, f(act_->zx), sc.dt, f(act_->phi), f(act_->angle_seg));
+  // The bf16 batched path's angles as codes where the segment-block scan writes them (its readers all take either).
+  act_->phi_codes = angle_codes_ && o_in_bf16(gemm) &&
+                    launch_angle_codes(s, d, f(act_->zx), sc.dt, act_->phi.as<uint16_t>(), f(act_->angle_seg));
+  if (!act_->phi_codes) launch_angles(s, d, f(act_->zx), sc.dt, f(act_->phi), f(act_->angle_seg));
   mark("angles");
 }
 
@@ -477,7 +496,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.zx16 = act_->zx16_used ? act_->zx16.as<uint16_t>() : nullptr;
   p.lam = f(act_->scalars, 2 * BHL);
-  p.phi = f(act_->phi);
+  p.phi = act_->phi_codes ? nullptr : f(act_->phi);
+  p.phi_code = act_->phi_codes ? act_->phi.as<uint16_t>() : nullptr;
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
   p.D = w.D, p.norm = w.norm;
   if (bf16) p.o16 = act_->o16.raw();  // the out_proj products' operand (o_in_bf16)
@@ -651,6 +671,10 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       bc_norm_fused_ = false;  // (the B/C norm backward's own kernel follows, over H/8 slots)
       return;
     }
+    // dφ in bf16 where this rotation backward writes it and the angle backward's segment blocks read it.
+    if (dphi_bf16_ && bf16 && rotation_backward_writes_dphi16(p) && angle_backward_blocks_apply(d))
+      p.dphi16 = dphi_.as<uint16_t>();
+    dphi16_written_ = p.dphi16 != nullptr;
     launch_batched_rotation_backward(s, p);
     angle_seg_ready_ = rotation_backward_writes_angle_totals(p);
     prof.mark("rotation bwd");
@@ -754,6 +778,7 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   }
   int fwd_blocks = 1;
   const int T = forward_chunk_length(L, fwd_blocks);
+  MAMBA3_CHECK(!act_->phi_codes, "Mamba3TrainGpu: the chunk path reads f32 angles, the last prepare wrote codes");
   ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->phi), f(act_->o));
   p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
   p.parallel = chunk_parallel_;
@@ -787,6 +812,7 @@ void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const 
                                            int64_t L, int T, const PartOffsets& parts) {
   const MixerDims d = make_dims(c_, B, L);
   const int64_t BHL = B * d.H * L;
+  MAMBA3_CHECK(!act_->phi_codes, "Mamba3TrainGpu: the chunk path reads f32 angles, the last prepare wrote codes");
   ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->phi), f(act_->o));
   p.tc = chunk_tc_ && bf16;
   p.parallel = chunk_parallel_;
@@ -896,6 +922,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm, o_Bn, o_Cn};
   bc_norm_fused_ = false;  // (batched_chunks: whether its rotation backward ran the B/C norm backward)
   angle_seg_ready_ = false;  // (batched_chunks: whether it wrote the angle segment sums)
+  dphi16_written_ = false;   // (batched_chunks: whether its rotation backward wrote dφ in bf16)
   core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
   core_output_used_ = false;  // (batched_chunks: whether its fused core ran the output stage's backward)
   core_head_summed_ = false;
@@ -915,6 +942,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.dzx = f(dzx_), ap.dzx16 = dzx16, ap.part_dt_bias = f(part_);
   ap.seg = f(act_->angle_seg);  // reserved by prepare
   ap.seg_ready = angle_seg_ready_;
+  ap.dphi16 = dphi16_written_ ? dphi_.as<uint16_t>() : nullptr;
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
   if (!bc_norm_fused_) {

@@ -48,6 +48,7 @@ struct Mamba3TrainActivations {
   DeviceBuffer bc_raw, zx, zx16, scalars, phi, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
   int64_t B = -1, L = -1;
   bool zx16_used = false;  // the last prepare wrote z and x to zx16 (Mamba3TrainGpu::set_zx_bf16)
+  bool phi_codes = false;  // the last prepare wrote the angles into phi as codes (Mamba3TrainGpu::set_angle_codes)
   bool valid = false;  // a forward's results, not yet consumed by a backward
   bool chunk_cores = false;  // written by the chunk cores (no S, W)
   bool wv_holds_y = false;   // MIMO: WV holds the pre-norm output y (Mamba3TrainGpu::set_mimo_y)
@@ -172,6 +173,17 @@ class Mamba3TrainGpu {
   // With the split lanes: a warp's next token loaded into registers while it works on the current one (true) or not
   // (false); the same bits. Default from MAMBA3_TRAIN_ROTATION_PIPE, read once per process: "1" or "0".
   void set_rotation_pipe(bool on) { rotation_pipe_ = on; }
+  // The bf16 mode's batched path keeps the rotary angles as 16-bit codes (wrap(φ) in steps of 2π/65536, within
+  // 4.8e-5 of φ; half of φ's bytes, written once and read by the build and the rotation backward) (true) or in f32
+  // (false). Default from MAMBA3_TRAIN_ANGLE_CODES, read once per process: "1" or "0".
+  void set_angle_codes(bool on) { angle_codes_ = on; }
+  // The bf16 mode's SISO rotation backward writes dφ rounded to bf16 for the angle backward's segment blocks (true;
+  // half of dφ's bytes, written once and read twice) or in f32 (false). Default from MAMBA3_TRAIN_DPHI16, read once
+  // per process: "1" or "0".
+  void set_dphi_bf16(bool on) { dphi_bf16_ = on; }
+  bool last_backward_dphi_bf16() const { return dphi16_written_; }
+  // Whether the last forward's angles were written as codes.
+  bool angle_codes_used() const { return act_ != nullptr && act_->phi_codes; }
   // The SISO rotation backward also summing dφ over each angle segment for the angle backward (true, where
   // train_detail::rotation_backward_writes_angle_totals holds: its chunks are the segments, S 16 or 32), so that the
   // angle backward's totals kernel does not run; or that kernel (false). The same bits. Default from
@@ -334,6 +346,9 @@ class Mamba3TrainGpu {
   bool rotation_prefetch_ = true;    // the SISO rotation backward's L2 prefetch (set_rotation_prefetch)
   bool rotation_split_ = true;       // its lane map at N 128 (set_rotation_split)
   bool rotation_pipe_ = true;        // its next token in registers (set_rotation_pipe)
+  bool angle_codes_ = true;          // the bf16 batched path's angles as 16-bit codes (set_angle_codes)
+  bool dphi_bf16_ = true;            // dφ in bf16 between the SISO rotation backward and the angle backward
+  bool dphi16_written_ = false;      // the last backward's rotation backward wrote it so (batched_chunks)
   bool rotation_totals_ = false;     // ... and its angle segment sums (set_rotation_totals)
   bool angle_seg_ready_ = false;     // the last backward's rotation backward wrote them (batched_chunks)
   bool core_unrotate_ = false;       // the fused core un-rotates dQ/dK and forms dφ (set_core_unrotate)

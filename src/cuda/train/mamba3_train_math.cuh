@@ -102,6 +102,20 @@ __device__ __forceinline__ float2 rotary_cos_sin(float phi) {
   return make_float2(-c, -s);
 }
 
+// The angle codes (BatchedParams::phi_code): φ ∈ [0, 2π] as round(φ·65536/2π) mod 65536, in steps of 2π/65536 ≈
+// 9.6e-5, so within 4.8e-5 of φ (a rotated q moves by ≤ 4.8e-5 of its length, against its own bf16 rounding's 2^-9;
+// the official SISO kernels keep their angles in bf16, within 2^-6 ≈ 0.016). Half of φ's bytes; 2π wraps to 0.
+constexpr float kCodesPerRadian = 10430.3783504704527f;      // 65536 / 2π
+constexpr float kRadiansPerCode = 9.58737992428525769e-05f;  // 2π / 65536
+__device__ __forceinline__ uint16_t angle_code(float phi) {
+  return uint16_t(__float2uint_rn(__fmul_rn(phi, kCodesPerRadian)) & 0xFFFFu);
+}
+__device__ __forceinline__ float angle_from_code(uint32_t code) { return __fmul_rn(float(code), kRadiansPerCode); }
+// Angle i from the codes where given, else from phi (BatchedParams::phi, phi_code).
+__device__ __forceinline__ float angle_at(const float* phi, const uint16_t* code, int64_t i) {
+  return code ? angle_from_code(code[i]) : phi[i];
+}
+
 // Element n of Rot(in + bias, φ) (phi: the token's S angles).
 __device__ __forceinline__ float bias_rotate_at(const float* in, const float* bias, const float* phi, int n, int N,
                                                 int S, bool halves) {

@@ -67,8 +67,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_mimo_kernel(const B
 #pragma unroll
       for (int e = 0; e < kU; ++e) {
         const int u = u0 + e;
-        const float2 rot = real && qk_lane && u < d.S ? rotary_cos_sin(p.phi[(ix.bh * d.L + ix.c0 + tl) * d.S + u])
-                                                      : make_float2(1.0f, 0.0f);
+        const float2 rot = real && qk_lane && u < d.S
+                               ? rotary_cos_sin(angle_at(p.phi, p.phi_code, (ix.bh * d.L + ix.c0 + tl) * d.S + u))
+                               : make_float2(1.0f, 0.0f);
         cs[a][e][0] = rot.x, cs[a][e][1] = rot.y;
       }
       const float* xr = z + d.off_x + int64_t(ix.h) * P + lane * kC;
@@ -392,7 +393,8 @@ __global__ void __launch_bounds__(kThreads) batched_rotation_backward_mimo_kerne
       const int64_t st = (int64_t(b) * d.H + h0 + hh) * d.L + t;
 #pragma unroll
       for (int e = 0; e < kU; ++e) {
-        const float2 rot = u0 + e < S ? rotary_cos_sin(p.phi[st * S + u0 + e]) : make_float2(1.0f, 0.0f);
+        const float2 rot =
+            u0 + e < S ? rotary_cos_sin(angle_at(p.phi, p.phi_code, st * S + u0 + e)) : make_float2(1.0f, 0.0f);
         cs[hh][e][0] = rot.x, cs[hh][e][1] = rot.y, dph[hh][e] = 0.0f;
       }
     }

@@ -106,8 +106,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
 #pragma unroll
       for (int m = 0; m < kE / 2; ++m) {
         const int u = n0 / 2 + m;
-        const float2 r = real && qk_lane && u < d.S ? rotary_cos_sin(p.phi[(ix.bh * d.L + ix.c0 + tl) * d.S + u])
-                                                    : make_float2(1.0f, 0.0f);
+        const float2 r = real && qk_lane && u < d.S
+                             ? rotary_cos_sin(angle_at(p.phi, p.phi_code, (ix.bh * d.L + ix.c0 + tl) * d.S + u))
+                             : make_float2(1.0f, 0.0f);
         cs[a][m][0] = r.x, cs[a][m][1] = r.y;
       }
       const int64_t xcol = d.off_x + int64_t(ix.h) * P + lane * kC;
@@ -192,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
   const int64_t tok0 = int64_t(ix.b) * d.L + ix.c0 + warp, row0 = ix.chunk * p.rows + warp;
   const float* zc = p.zx + tok0 * d.din + d.off_C + int64_t(g) * N + n0;
   const int bc_off = d.off_B - d.off_C, z_step = kWarps * d.din;  // (32-bit steps: fewer live registers)
-  const float* ph = p.phi + (ix.bh * d.L + ix.c0 + warp) * d.S + n0 / 2;
+  int64_t ph = (ix.bh * d.L + ix.c0 + warp) * d.S + n0 / 2;       // (the row's angles: angle_at)
   const int ph_step = kWarps * d.S;
   const int64_t xcol = d.off_x + int64_t(ix.h) * P + lane * kC;
   const int64_t x_pitch = kX16 ? 2 * int64_t(d.d_inner) : d.din;
@@ -230,7 +231,8 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
       }
 #pragma unroll
       for (int m = 0; m < kE / 2; ++m) {
-        const float2 r = rot[m] ? rotary_cos_sin(ph[a * ph_step + m]) : make_float2(1.0f, 0.0f);
+        const float2 r =
+            rot[m] ? rotary_cos_sin(angle_at(p.phi, p.phi_code, ph + a * ph_step + m)) : make_float2(1.0f, 0.0f);
         cs[a][m][0] = r.x, cs[a][m][1] = r.y;
       }
       if constexpr (kX16) {
@@ -630,7 +632,24 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
   const __nv_bfloat16 *__restrict__ Q = static_cast<const __nv_bfloat16*>(p.Q),
                       *__restrict__ K = static_cast<const __nv_bfloat16*>(p.K);
   const float *__restrict__ dQ = p.dQ, *__restrict__ dK = p.dK, *__restrict__ phiv = p.phi;
+  const uint16_t* __restrict__ codes = p.phi_code;  // (the angles as codes, where given: phiv is then null)
+  // The L2 prefetch of angle i's line, whichever form holds it.
+  const auto prefetch_angle = [&](int64_t i) {
+    if (codes)
+      prefetch_l2(codes + i);
+    else
+      prefetch_l2(phiv + i);
+  };
   float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
+  // dφ as stored: rounded to bf16 where p.dphi16 takes it (the angle totals sum what is stored), and its store.
+  uint16_t* __restrict__ dphi16 = p.dphi16;
+  const auto stored_dphi = [&](float v) { return dphi16 ? __bfloat162float(__float2bfloat16_rn(v)) : v; };
+  const auto store_dphi = [&](int64_t i, float v) {
+    if (dphi16)
+      dphi16[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    else
+      dphi_out[i] = v;
+  };
   // (kWarps, kHb, 2, N): gC then gB per warp and head (the bias partials); kFuseNorm: then (T, 2, N), each token's
   // C and B gradients summed over the slots walked so far.
   extern __shared__ float sm[];
@@ -740,7 +759,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
       struct Raw {
         float2 zc[kPairs], zb[kPairs];
         uint32_t q[kHb][kPairs], k[kHb][kPairs];
-        float ph[kHb];
+        uint32_t ph[kHb];  // (the angle's code, or its f32 bits: decoded where used)
       };
       const int64_t bh0 = int64_t(b) * d.H + h0;
       const auto load_token = [&](int tl, Raw& r) {
@@ -761,10 +780,10 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             r.q[i][m] = *reinterpret_cast<const uint32_t*>(p.dQ16 + jr + 2 * pair(m));
             r.k[i][m] = *reinterpret_cast<const uint32_t*>(p.dK16 + jr + 2 * pair(m));
           }
-          r.ph[i] = lane < S ? phiv[st * S + lane] : 0.0f;
+          r.ph[i] = lane >= S ? 0u : codes ? uint32_t(codes[st * S + lane]) : __float_as_uint(phiv[st * S + lane]);
           if (next) {
             prefetch_l2(p.dQ16 + jr + n0 + kWarps * N), prefetch_l2(p.dK16 + jr + n0 + kWarps * N);
-            if (n0 / 2 < S) prefetch_l2(phiv + (st + kWarps) * S + n0 / 2);
+            if (n0 / 2 < S) prefetch_angle((st + kWarps) * S + n0 / 2);
           }
         }
       };
@@ -804,7 +823,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             float ca = gq[a], cb = gq[a + 1], ba = gk[a], bb = gk[a + 1];
             dp[m] = 0.0f;
             if (m == 0 && lane < S) {
-              const float2 rot = rotary_cos_sin(cur.ph[i]);
+              const float2 rot = rotary_cos_sin(codes ? angle_from_code(cur.ph[i]) : __uint_as_float(cur.ph[i]));
               const float cs = rot.x, sn = rot.y;
               const float2 q2 = __bfloat1622float2(rotated_pair(zc[a], zc[a + 1], bqv[a], bqv[a + 1], cs, sn, true));
               const float2 k2 = __bfloat1622float2(rotated_pair(zb[a], zb[a + 1], bkv[a], bkv[a + 1], cs, sn, true));
@@ -818,10 +837,12 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             }
             gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
           }
+#pragma unroll
+          for (int m = 0; m < kPairs; ++m) dp[m] = stored_dphi(dp[m]);
           if (totals)
 #pragma unroll
             for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
-          if (lane < S) dphi_out[st * S + lane] = dp[0];
+          if (lane < S) store_dphi(st * S + lane, dp[0]);
           head_sums(i, gc, gb, sC, sB);
         }
         token_sums(tl, tok, slot, sC, sB);
@@ -853,7 +874,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           if (next) {
             if (p.dQ16) prefetch_l2(p.dQ16 + j + kWarps * N), prefetch_l2(p.dK16 + j + kWarps * N);
             else prefetch_l2(dQ + j + kWarps * N), prefetch_l2(dK + j + kWarps * N);
-            if (!kUnrotated && n0 / 2 < S) prefetch_l2(phiv + (st + kWarps) * S + n0 / 2);
+            if (!kUnrotated && n0 / 2 < S) prefetch_angle((st + kWarps) * S + n0 / 2);
           }
           if constexpr (kUnrotated) continue;  // (the gradients are all it reads)
           if constexpr (!kFormQK) {  // (formed: the biases are read where used, from L1 — fewer live registers)
@@ -861,14 +882,18 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             load_row_h(reinterpret_cast<const uint16_t*>(K + jr), vk[i]);
           }
           if constexpr (kPairs == 2 && !kSplit) {  // (S even: both of the lane's pairs rotate, or neither)
-            const float2 v =
-                n0 / 2 < S ? *reinterpret_cast<const float2*>(phiv + st * S + n0 / 2) : make_float2(0.0f, 0.0f);
+            const int64_t at = st * S + n0 / 2;
+            float2 v = make_float2(0.0f, 0.0f);
+            if (n0 / 2 < S && codes)
+              v = make_float2(angle_from_code(codes[at]), angle_from_code(codes[at + 1]));
+            else if (n0 / 2 < S)
+              v = *reinterpret_cast<const float2*>(phiv + at);
             ph[i][0] = v.x, ph[i][1] = v.y;
           } else {
 #pragma unroll
             for (int m = 0; m < kPairs; ++m) {
               const int u = pair(m);
-              ph[i][m] = u < S ? phiv[st * S + u] : 0.0f;
+              ph[i][m] = u < S ? angle_at(phiv, codes, st * S + u) : 0.0f;
             }
           }
         }
@@ -922,6 +947,8 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           }
           // dφ of the lane's pairs, one store (S even: both or neither rotate)
           if constexpr (!kUnrotated) {
+#pragma unroll
+            for (int m = 0; m < kPairs; ++m) dp[m] = stored_dphi(dp[m]);
             if (totals)
 #pragma unroll
               for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
@@ -931,11 +958,14 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           } else if constexpr (kSplit) {
 #pragma unroll
             for (int m = 0; m < kPairs; ++m)
-              if (pair(m) < S) dphi_out[st * S + pair(m)] = dp[m];
+              if (pair(m) < S) store_dphi(st * S + pair(m), dp[m]);
           } else if constexpr (kPairs == 2) {
-            if (n0 / 2 < S) *reinterpret_cast<float2*>(dphi_out + st * S + n0 / 2) = make_float2(dp[0], dp[1]);
+            if (n0 / 2 < S && dphi16)
+              *reinterpret_cast<__nv_bfloat162*>(dphi16 + st * S + n0 / 2) = __floats2bfloat162_rn(dp[0], dp[1]);
+            else if (n0 / 2 < S)
+              *reinterpret_cast<float2*>(dphi_out + st * S + n0 / 2) = make_float2(dp[0], dp[1]);
           } else if (n0 / 2 < S) {
-            dphi_out[st * S + n0 / 2] = dp[0];
+            store_dphi(st * S + n0 / 2, dp[0]);
           }
           head_sums(i, gc, gb, sC, sB);
         }
