@@ -137,26 +137,8 @@ __global__ void angle_block_scan_kernel(MixerDims d, const float* __restrict__ z
 // tokens read 128-byte rows 128 bytes apart at 1.6 TB/s.) The order of the sum is this kernel's own; every backward
 // path takes its totals from here (launch_angle_totals), or from the SISO rotation backward at S = 16 and 32, whose
 // eight warps take the same eight phases of tokens (kVec 2 at S = 32 for that), so all of them carry the same bits.
-// dφ element i, from its bf16 rounding where given (AngleBackwardParams::dphi16).
-__device__ __forceinline__ float dphi_at(const float* dphi, const uint16_t* dphi16, int64_t i) {
-  return dphi16 ? __bfloat162float(__ushort_as_bfloat16(dphi16[i])) : dphi[i];
-}
-// dφ elements 4·i4 … 4·i4 + 3 as one vector load, of floats or (kB16) of bf16 values.
-template <bool kB16>
-__device__ __forceinline__ float4 dphi_at4(const void* base, int64_t i4) {
-  if constexpr (kB16) {
-    const uint2 w = reinterpret_cast<const uint2*>(base)[i4];
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
-    return make_float4(a.x, a.y, b.x, b.y);
-  } else {
-    return reinterpret_cast<const float4*>(base)[i4];
-  }
-}
-
-// kB16: dφ in bf16 (dphi then points at the bf16 values).
-template <int kS, int kVec = 1, bool kB16 = false>
-__global__ void angle_totals_warp_kernel(MixerDims d, const void* __restrict__ dphi, float* __restrict__ seg) {
+template <int kS, int kVec = 1>
+__global__ void angle_totals_warp_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
   pdl_wait();
   constexpr int kGroups = kS / (4 * kVec), kPhases = 32 / kGroups, kBatch = 8, kRow = kS / 4;
   static_assert(kGroups * 4 * kVec == kS && kPhases * kGroups == 32, "whole float4 groups over a warp");
@@ -166,7 +148,7 @@ __global__ void angle_totals_warp_kernel(MixerDims d, const void* __restrict__ d
   const int lane = threadIdx.x % 32, sg = int(task % nseg), t0 = sg * kAngleSegment;
   const int n = min(kAngleSegment, d.L - t0), group = lane % kGroups, phase = lane / kGroups;
   const int64_t bh = task / nseg;
-  const int64_t g4 = (bh * d.L + t0) * (kS / 4) + group * kVec;  // (in vectors of 4)
+  const float4* g4 = reinterpret_cast<const float4*>(dphi + (bh * d.L + t0) * kS) + group * kVec;
   float4 acc[kVec];
 #pragma unroll
   for (int q = 0; q < kVec; ++q) acc[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -176,8 +158,7 @@ __global__ void angle_totals_warp_kernel(MixerDims d, const void* __restrict__ d
     for (int k = 0; k < kBatch; ++k) {
       const int t = t1 + k * kPhases;
 #pragma unroll
-      for (int q = 0; q < kVec; ++q)
-        v[k][q] = t < n ? dphi_at4<kB16>(dphi, g4 + int64_t(t) * kRow + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int q = 0; q < kVec; ++q) v[k][q] = t < n ? g4[int64_t(t) * kRow + q] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k)
@@ -201,8 +182,7 @@ __global__ void angle_totals_warp_kernel(MixerDims d, const void* __restrict__ d
 }
 
 // The same sums for any S, a thread per (bh, segment, angle) walking the segment's tokens in increasing order.
-__global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict__ dphi,
-                                           const uint16_t* __restrict__ dphi16, float* __restrict__ seg) {
+__global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict__ dphi, float* __restrict__ seg) {
   pdl_wait();
   const int nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -210,12 +190,12 @@ __global__ void angle_totals_thread_kernel(MixerDims d, const float* __restrict_
   const int i = int(e % d.S);
   const int64_t bs = e / d.S, bh = bs / nseg;
   const int sg = int(bs % nseg), t0 = sg * kAngleSegment, n = min(kAngleSegment, d.L - t0);
-  const int64_t g = (bh * d.L + t0) * d.S + i;
+  const float* g = dphi + (bh * d.L + t0) * d.S + i;
   float run = 0;
   for (int t1 = 0; t1 < n; t1 += kLoadsAhead) {
     float v[kLoadsAhead];
 #pragma unroll
-    for (int k = 0; k < kLoadsAhead; ++k) v[k] = dphi_at(dphi, dphi16, g + int64_t(min(t1 + k, n - 1)) * d.S);
+    for (int k = 0; k < kLoadsAhead; ++k) v[k] = g[int64_t(min(t1 + k, n - 1)) * d.S];
 #pragma unroll
     for (int k = 0; k < kLoadsAhead; ++k) {
       if (t1 + k >= n) break;
@@ -334,13 +314,13 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_kernel
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {
       const int h = min(warp + k * warps, d.H - 1);
-      const int64_t g = ((int64_t(s.b) * d.H + h) * d.L + s.t0) * d.S;
+      const float* g = p.dphi + ((int64_t(s.b) * d.H + h) * d.L + s.t0) * d.S;
 #pragma unroll
       for (int j = 0; j < kTileTokens; ++j)
 #pragma unroll
         for (int c = 0; c < kC; ++c) {
           const int i = lane + 32 * c;
-          v[k][j][c] = j < hi && i < d.S ? dphi_at(p.dphi, p.dphi16, g + int64_t(hi - 1 - j) * d.S + i) : 0.0f;
+          v[k][j][c] = j < hi && i < d.S ? g[int64_t(hi - 1 - j) * d.S + i] : 0.0f;
         }
     }
   };
@@ -449,19 +429,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps, 2) angle_block_backward_s32_ke
 #pragma unroll
     for (int k = 0; k < kSlots; ++k) {
       const int h = min(warp + k * warps, d.H - 1);
-      const int64_t g = ((int64_t(s.b) * d.H + h) * d.L + s.t0) * kS + lane;
+      const float* g = p.dphi + ((int64_t(s.b) * d.H + h) * d.L + s.t0) * kS + lane;
 #pragma unroll
-      for (int j = 0; j < kTileTokens; ++j)
-        v[k][j] = j < hi ? dphi_at(p.dphi, p.dphi16, g + int64_t(hi - 1 - j) * kS) : 0.0f;
-      // The tile after it asked of L2 (lane j: its token j's row), so that its loads return from there.
+      for (int j = 0; j < kTileTokens; ++j) v[k][j] = j < hi ? g[int64_t(hi - 1 - j) * kS] : 0.0f;
+      // The tile after it asked of L2 (lane j: its token j's 128-byte row), so that its loads return from there.
       const int t_next = hi - 1 - kTileTokens - lane;
-      if (lane < kTileTokens && t_next >= 0) {
-        const int64_t at = g - lane + int64_t(t_next) * kS;
-        if (p.dphi16)
-          prefetch_l2(p.dphi16 + at);
-        else
-          prefetch_l2(p.dphi + at);
-      }
+      if (lane < kTileTokens && t_next >= 0) prefetch_l2(g - lane + int64_t(t_next) * kS);
     }
   };
   load_tile(s.n);
@@ -531,33 +504,31 @@ bool launch_angles_blocks(cudaStream_t s, const MixerDims& d, const float* zx, c
   return true;
 }
 
-void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg, const uint16_t* dphi16) {
+void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg) {
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment, tasks = int64_t(d.B) * d.H * nseg;
   if (tasks * d.S == 0) return;
-  const void* src = dphi16 ? static_cast<const void*>(dphi16) : static_cast<const void*>(dphi);
-  const auto warps = [&](auto kernel) { launch_train(kernel, unsigned((tasks + 7) / 8), 256, 0, s, d, src, seg); };
-  const auto typed = [&](auto f32, auto b16) { dphi16 ? warps(b16) : warps(f32); };
+  const auto warps = [&](auto kernel) { launch_train(kernel, unsigned((tasks + 7) / 8), 256, 0, s, d, dphi, seg); };
   switch (d.S) {
     case 4:
-      typed(angle_totals_warp_kernel<4>, angle_totals_warp_kernel<4, 1, true>);
+      warps(angle_totals_warp_kernel<4>);
       break;
     case 8:
-      typed(angle_totals_warp_kernel<8>, angle_totals_warp_kernel<8, 1, true>);
+      warps(angle_totals_warp_kernel<8>);
       break;
     case 16:
-      typed(angle_totals_warp_kernel<16>, angle_totals_warp_kernel<16, 1, true>);
+      warps(angle_totals_warp_kernel<16>);
       break;
-    case 32:  // (eight phases: the rotation backward's warps)
-      typed(angle_totals_warp_kernel<32, 2>, angle_totals_warp_kernel<32, 2, true>);
-      break;
+    case 32:
+      warps(angle_totals_warp_kernel<32, 2>);
+      break;  // (eight phases: the rotation backward's warps)
     case 64:
-      typed(angle_totals_warp_kernel<64>, angle_totals_warp_kernel<64, 1, true>);
+      warps(angle_totals_warp_kernel<64>);
       break;
     case 128:
-      typed(angle_totals_warp_kernel<128>, angle_totals_warp_kernel<128, 1, true>);
+      warps(angle_totals_warp_kernel<128>);
       break;
     default:
-      launch_train(angle_totals_thread_kernel, unsigned((tasks * d.S + 127) / 128), 128, 0, s, d, dphi, dphi16, seg);
+      launch_train(angle_totals_thread_kernel, unsigned((tasks * d.S + 127) / 128), 128, 0, s, d, dphi, seg);
   }
   MAMBA3_LAUNCH_CHECK();
 }
@@ -572,13 +543,6 @@ bool angle_shares_in_pass() {
 
 void set_angle_shares_in_pass(int mode) { g_angle_shares = mode < 0 ? -1 : mode != 0; }
 
-bool angle_backward_blocks_fit(const MixerDims& d) {
-  const int slots = d.H <= kMaxWarps ? 1 : 2;
-  const bool s32 = d.S == 32 && slots == 1 && angle_shares_in_pass();
-  const size_t bytes = s32 ? backward_s32_shared_bytes(d) : backward_shared_bytes(d);
-  return blocks_apply(d, bytes) && d.S <= 32 * kMaxChunks && d.H <= kMaxWarps * kMaxHeadSlots;
-}
-
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) {
   const MixerDims& d = p.d;
   const int slots = d.H <= kMaxWarps ? 1 : 2, warps = (d.H + slots - 1) / slots;
@@ -586,10 +550,10 @@ bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p) 
   // yet; FusedAnglesGiveTheSplitBits has a 25-head case for it.)
   const bool s32 = d.S == 32 && slots == 1 && angle_shares_in_pass();
   const size_t bytes = s32 ? backward_s32_shared_bytes(d) : backward_shared_bytes(d);
-  if (!angle_backward_blocks_fit(d)) return false;
+  if (!blocks_apply(d, bytes) || d.S > 32 * kMaxChunks || d.H > kMaxWarps * kMaxHeadSlots) return false;
   const int64_t nseg = (d.L + kAngleSegment - 1) / kAngleSegment;
   const unsigned blocks = unsigned(int64_t(d.B) * nseg);
-  if (!p.seg_ready) launch_angle_totals(s, d, p.dphi, p.seg, p.dphi16);
+  if (!p.seg_ready) launch_angle_totals(s, d, p.dphi, p.seg);
   const int chunks = (d.S + 31) / 32;
   const auto kernel = s32 ? angle_block_backward_s32_kernel<1>
                       : chunks == 1

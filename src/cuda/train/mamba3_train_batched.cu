@@ -86,7 +86,7 @@ __device__ __forceinline__ BuildRow load_build_row(const BatchedParams& p, const
   if (!row.real) return row;
   const int64_t t = ix.c0 + tl, st = ix.bh * d.L + t, row_n = (ix.chunk * p.rows + j) * d.N;
   const float* z = p.zx + (int64_t(ix.b) * d.L + t) * d.din;
-  const int64_t ph0 = st * d.S;  // (the token's angles: batched angle_at)
+  const int64_t ph0 = st * d.S;  // (the token's angles: angle_at)
   const int64_t bias = (int64_t(ix.h) * d.R + r) * d.N, grp = int64_t(r * d.G + g) * d.N;
   const float *zc = z + d.off_C + grp, *zb = z + d.off_B + grp, *bc = p.C_bias + bias, *bb = p.B_bias + bias;
   row.vec = !d.mimo && d.N % 2 == 0 && aligned2(zc) && aligned2(zb) && aligned2(bc) && aligned2(bb) &&
@@ -699,10 +699,6 @@ bool rotation_backward_fuses_bc_norm(const BatchedParams& p) { return batched::r
 
 bool rotation_backward_writes_angle_totals(const BatchedParams& p) { return batched::rotation_totals_siso_applies(p); }
 
-bool rotation_backward_writes_dphi16(const BatchedParams& p) {
-  return batched::rotation_backward_siso_applies(p) && !p.dqk_unrotated;
-}
-
 void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   const int hb = p.heads_per_block;
   MAMBA3_CHECK(hb >= 1 && (p.d.H / p.d.G) % hb == 0,
@@ -710,9 +706,6 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
                p.d.H / p.d.G);
   const int64_t blocks = int64_t(p.d.B) * (p.d.H / hb) * p.nc;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "batched rotation backward: {} blocks exceed the grid", blocks);
-  MAMBA3_CHECK(!p.dphi16 || rotation_backward_writes_dphi16(p),
-               "batched rotation backward: bf16 dφ needs the SISO "
-               "instance (rotation_backward_writes_dphi16)");
   // The instances, where they apply.
   if (batched::launch_rotation_backward_siso(s, p) || batched::launch_rotation_backward_mimo(s, p)) return;
   MAMBA3_CHECK(!p.dqk_unrotated, "batched rotation backward: un-rotated dQ/dK need the SISO instance");

@@ -170,13 +170,6 @@ bool env_angle_codes() {
   return on;
 }
 
-// MAMBA3_TRAIN_DPHI16, read once per process: dφ in bf16 between the SISO rotation backward and the angle backward
-// ("1", the default) or in f32 ("0").
-bool env_dphi16() {
-  static const bool on = env_choice("MAMBA3_TRAIN_DPHI16", {"1", "0"}) != "0";
-  return on;
-}
-
 // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: the SISO rotation backward sums dφ per angle segment for the
 // angle backward ("1") or the angle backward's totals kernel does ("0", the default until it has run on a GPU); the
 // same bits.
@@ -299,7 +292,6 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       rotation_split_(env_rotation_split()),
       rotation_pipe_(env_rotation_pipe()),
       angle_codes_(env_angle_codes()),
-      dphi_bf16_(env_dphi16()),
       rotation_totals_(env_rotation_totals()),
       core_unrotate_(env_core_unrotate() == "1" || env_core_unrotate() == "heads"),  // ("" when unset: off)
       core_head_sum_(env_core_unrotate() == "heads"),
@@ -671,10 +663,6 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       bc_norm_fused_ = false;  // (the B/C norm backward's own kernel follows, over H/8 slots)
       return;
     }
-    // dφ in bf16 where this rotation backward writes it and the angle backward's segment blocks read it.
-    if (dphi_bf16_ && bf16 && rotation_backward_writes_dphi16(p) && angle_backward_blocks_apply(d))
-      p.dphi16 = dphi_.as<uint16_t>();
-    dphi16_written_ = p.dphi16 != nullptr;
     launch_batched_rotation_backward(s, p);
     angle_seg_ready_ = rotation_backward_writes_angle_totals(p);
     prof.mark("rotation bwd");
@@ -922,7 +910,6 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   const PartOffsets parts{o_D, o_Bb, o_Cb, o_mx, o_mz, o_mo, o_nm, o_Bn, o_Cn};
   bc_norm_fused_ = false;  // (batched_chunks: whether its rotation backward ran the B/C norm backward)
   angle_seg_ready_ = false;  // (batched_chunks: whether it wrote the angle segment sums)
-  dphi16_written_ = false;   // (batched_chunks: whether its rotation backward wrote dφ in bf16)
   core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
   core_output_used_ = false;  // (batched_chunks: whether its fused core ran the output stage's backward)
   core_head_summed_ = false;
@@ -942,7 +929,6 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   ap.dzx = f(dzx_), ap.dzx16 = dzx16, ap.part_dt_bias = f(part_);
   ap.seg = f(act_->angle_seg);  // reserved by prepare
   ap.seg_ready = angle_seg_ready_;
-  ap.dphi16 = dphi16_written_ ? dphi_.as<uint16_t>() : nullptr;
   launch_angle_scalar_backward(s, ap);
   prof.mark("angle bwd");
   if (!bc_norm_fused_) {

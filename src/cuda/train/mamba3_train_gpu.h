@@ -177,11 +177,6 @@ class Mamba3TrainGpu {
   // 4.8e-5 of φ; half of φ's bytes, written once and read by the build and the rotation backward) (true) or in f32
   // (false). Default from MAMBA3_TRAIN_ANGLE_CODES, read once per process: "1" or "0".
   void set_angle_codes(bool on) { angle_codes_ = on; }
-  // The bf16 mode's SISO rotation backward writes dφ rounded to bf16 for the angle backward's segment blocks (true;
-  // half of dφ's bytes, written once and read twice) or in f32 (false). Default from MAMBA3_TRAIN_DPHI16, read once
-  // per process: "1" or "0".
-  void set_dphi_bf16(bool on) { dphi_bf16_ = on; }
-  bool last_backward_dphi_bf16() const { return dphi16_written_; }
   // Whether the last forward's angles were written as codes.
   bool angle_codes_used() const { return act_ != nullptr && act_->phi_codes; }
   // The SISO rotation backward also summing dφ over each angle segment for the angle backward (true, where
@@ -347,8 +342,6 @@ class Mamba3TrainGpu {
   bool rotation_split_ = true;       // its lane map at N 128 (set_rotation_split)
   bool rotation_pipe_ = true;        // its next token in registers (set_rotation_pipe)
   bool angle_codes_ = true;          // the bf16 batched path's angles as 16-bit codes (set_angle_codes)
-  bool dphi_bf16_ = true;            // dφ in bf16 between the SISO rotation backward and the angle backward
-  bool dphi16_written_ = false;      // the last backward's rotation backward wrote it so (batched_chunks)
   bool rotation_totals_ = false;     // ... and its angle segment sums (set_rotation_totals)
   bool angle_seg_ready_ = false;     // the last backward's rotation backward wrote them (batched_chunks)
   bool core_unrotate_ = false;       // the fused core un-rotates dQ/dK and forms dφ (set_core_unrotate)

@@ -194,7 +194,7 @@ struct BatchedParams {
   const float *dt, *A, *lam;             // (B·H, L)
   const float* phi;                      // (B·H, L, S) cumulative rotary angles (launch_angles)
   // The same angles as codes (the bf16 mode, Mamba3TrainGpu::set_angle_codes): wrap(φ) in steps of 2π/65536, half
-  // of φ's bytes; where set, phi is null and every reader takes batched_angle (mamba3_train_batched_common.cuh).
+  // of φ's bytes; where set, phi is null and every reader takes angle_at (mamba3_train_math.cuh).
   const uint16_t* phi_code;
   const float *B_bias, *C_bias, *mimo_x, *mimo_z, *mimo_o, *D, *norm;
   // Built per chunk: Λ (chunk-local prefix of A·Δ), e^Λ, γ = λΔ, scale, w = e^{Λ_last − Λ}·scale; e^{Λ_last}.
@@ -230,9 +230,6 @@ struct BatchedParams {
   float* dLam;                           // (B·H·nc, T) gradient of Λ
   float *dadt, *dgam, *dscale;           // (B·H, L)
   float* dphi;                           // (B·H, L, S)
-  // dφ rounded to bf16 instead (the SISO rotation backward, where the host sets it: Mamba3TrainGpu::set_dphi_bf16);
-  // its angle totals then sum the rounded values, which the angle backward reads.
-  uint16_t* dphi16;
   // The angle backward's sums of dφ over each segment (launch_angle_totals' layout and bits), written by the SISO
   // rotation backward where rotation_backward_writes_angle_totals (its chunks are the segments); null: not written.
   float* angle_seg;
@@ -252,8 +249,6 @@ bool rotation_backward_fuses_bc_norm(const BatchedParams& p);
 // kAngleSegment, S 16 or 32 — where the totals kernel's order is eight phases of tokens, one per warp of the rotation
 // backward — and p.angle_seg given): then AngleBackwardParams::seg_ready may be set.
 bool rotation_backward_writes_angle_totals(const BatchedParams& p);
-// Whether the rotation backward for p can write dφ in bf16 (p.dphi16): the SISO instance, dQ/dK not un-rotated.
-bool rotation_backward_writes_dphi16(const BatchedParams& p);
 // Whether the rotation backward that follows the cores reads bf16 dQ/dK (p.dQ16, p.dK16): its SISO and MIMO instances.
 bool dqk16_supported(const BatchedParams& p);
 // Whether the rotation backward has an instance for dQ16/dK16 already un-rotated by the fused core (p.dqk_unrotated):
@@ -299,7 +294,6 @@ struct AngleBackwardParams {
   const float* zx;
   const float *dt, *A, *lam, *dAdl, *dsp;  // (B·H, L)
   float* dphi;  // (B·H, L, S) per-token dφ in; the per-angle kernels overwrite it with its sums within segments
-  const uint16_t* dphi16;  // dφ in bf16 instead (the segment-block form only: angle_backward_blocks_apply)
   const float *dadt, *dgam, *dscale;
   float* dzx;           // (M, din): the dt, A, trap and angle columns written (the angle ones only without dzx16)
   uint16_t* dzx16;      // (M, din) bf16, the same columns rounded to nearest even (null: not written)
@@ -308,11 +302,8 @@ struct AngleBackwardParams {
   bool seg_ready;       // seg already holds launch_angle_totals' sums (the rotation backward wrote them)
 };
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p);
-// Whether launch_angle_scalar_backward takes the segment-block form for d (the one that reads dφ in bf16).
-bool angle_backward_blocks_apply(const MixerDims& d);
 // Its segment-block form without the dt_bias partial (false: does not apply, nothing launched); dφ is only read.
 bool launch_angle_backward_blocks(cudaStream_t s, const AngleBackwardParams& p);
-bool angle_backward_blocks_fit(const MixerDims& d);  // (its shapes, whatever the mode)
 // Its S = 32 form sums Δ's angle shares after each tile's walk ("pass", the default) or by a warp butterfly per
 // token and head inside it ("warp"); the same bits. MAMBA3_TRAIN_ANGLE_SHARES (read once) or, process-wide,
 // set_angle_shares_in_pass (1 pass, 0 warp, -1 back to the environment's choice) chooses.
@@ -321,8 +312,7 @@ void set_angle_shares_in_pass(int mode);
 // backward path uses for its carries: per angle, the tokens in P phases t ≡ q (mod P) — P = 32, 16, 8, 8, 2, 1 at
 // S = 4, 8, 16, 32, 64, 128 —, each phase summed in token order, the phases added in a butterfly (at P = 8:
 // ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))); other S: a thread per angle in token order.
-void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg,
-                         const uint16_t* dphi16 = nullptr);
+void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, float* seg);
 
 // Per row: the head slots of dBn/dCn ((M, slots, R, N): one per head, or sums over consecutive heads of a group)
 // summed into their B/C groups and the B/C RMSNorm backward (→ dzx's B, C columns, weight partials (M·R·G, N) each).

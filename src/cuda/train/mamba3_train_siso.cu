@@ -640,16 +640,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
     else
       prefetch_l2(phiv + i);
   };
-  float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
-  // dφ as stored: rounded to bf16 where p.dphi16 takes it (the angle totals sum what is stored), and its store.
-  uint16_t* __restrict__ dphi16 = p.dphi16;
-  const auto stored_dphi = [&](float v) { return dphi16 ? __bfloat162float(__float2bfloat16_rn(v)) : v; };
-  const auto store_dphi = [&](int64_t i, float v) {
-    if (dphi16)
-      dphi16[i] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
-    else
-      dphi_out[i] = v;
-  };
+  float* __restrict__ dphi_out = p.dphi, * __restrict__ dCn = p.dCn, * __restrict__ dBn = p.dBn;
   // (kWarps, kHb, 2, N): gC then gB per warp and head (the bias partials); kFuseNorm: then (T, 2, N), each token's
   // C and B gradients summed over the slots walked so far.
   extern __shared__ float sm[];
@@ -837,12 +828,10 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
             }
             gc[a] = ca, gc[a + 1] = cb, gb[a] = ba, gb[a + 1] = bb;
           }
-#pragma unroll
-          for (int m = 0; m < kPairs; ++m) dp[m] = stored_dphi(dp[m]);
           if (totals)
 #pragma unroll
             for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
-          if (lane < S) store_dphi(st * S + lane, dp[0]);
+          if (lane < S) dphi_out[st * S + lane] = dp[0];
           head_sums(i, gc, gb, sC, sB);
         }
         token_sums(tl, tok, slot, sC, sB);
@@ -947,8 +936,6 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           }
           // dφ of the lane's pairs, one store (S even: both or neither rotate)
           if constexpr (!kUnrotated) {
-#pragma unroll
-            for (int m = 0; m < kPairs; ++m) dp[m] = stored_dphi(dp[m]);
             if (totals)
 #pragma unroll
               for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
@@ -958,14 +945,11 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           } else if constexpr (kSplit) {
 #pragma unroll
             for (int m = 0; m < kPairs; ++m)
-              if (pair(m) < S) store_dphi(st * S + pair(m), dp[m]);
+              if (pair(m) < S) dphi_out[st * S + pair(m)] = dp[m];
           } else if constexpr (kPairs == 2) {
-            if (n0 / 2 < S && dphi16)
-              *reinterpret_cast<__nv_bfloat162*>(dphi16 + st * S + n0 / 2) = __floats2bfloat162_rn(dp[0], dp[1]);
-            else if (n0 / 2 < S)
-              *reinterpret_cast<float2*>(dphi_out + st * S + n0 / 2) = make_float2(dp[0], dp[1]);
+            if (n0 / 2 < S) *reinterpret_cast<float2*>(dphi_out + st * S + n0 / 2) = make_float2(dp[0], dp[1]);
           } else if (n0 / 2 < S) {
-            store_dphi(st * S + n0 / 2, dp[0]);
+            dphi_out[st * S + n0 / 2] = dp[0];
           }
           head_sums(i, gc, gb, sC, sB);
         }

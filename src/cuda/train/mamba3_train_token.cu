@@ -591,15 +591,10 @@ bool launch_angle_codes(cudaStream_t s, const MixerDims& d, const float* zx, con
   return angles_mode() == AnglesMode::kBlocks && launch_angles_blocks(s, d, zx, dt, nullptr, seg, codes);
 }
 
-bool angle_backward_blocks_apply(const MixerDims& d) {
-  return int64_t(d.B) * d.H * d.L > 0 && angles_mode() == AnglesMode::kBlocks && angle_backward_blocks_fit(d);
-}
-
 void launch_angle_scalar_backward(cudaStream_t s, const AngleBackwardParams& p) {
   const MixerDims& d = p.d;
   const int64_t BH = int64_t(d.B) * d.H, lanes = BH * d.S;
   if (BH * d.L == 0) return;
-  MAMBA3_CHECK(!p.dphi16 || angle_backward_blocks_apply(d), "angle backward: bf16 dφ needs the segment-block form");
   if (angles_mode() == AnglesMode::kBlocks && launch_angle_backward_blocks(s, p)) {
     launch_train(dt_bias_partial_kernel, blocks_for(BH, kDtBiasWarps), 32 * kDtBiasWarps, 0, s, p);
     MAMBA3_LAUNCH_CHECK();
