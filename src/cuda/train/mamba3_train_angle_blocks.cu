@@ -509,24 +509,14 @@ void launch_angle_totals(cudaStream_t s, const MixerDims& d, const float* dphi, 
   if (tasks * d.S == 0) return;
   const auto warps = [&](auto kernel) { launch_train(kernel, unsigned((tasks + 7) / 8), 256, 0, s, d, dphi, seg); };
   switch (d.S) {
-    case 4:
-      warps(angle_totals_warp_kernel<4>);
-      break;
-    case 8:
-      warps(angle_totals_warp_kernel<8>);
-      break;
-    case 16:
-      warps(angle_totals_warp_kernel<16>);
-      break;
+    case 4: warps(angle_totals_warp_kernel<4>); break;
+    case 8: warps(angle_totals_warp_kernel<8>); break;
+    case 16: warps(angle_totals_warp_kernel<16>); break;
     case 32:
       warps(angle_totals_warp_kernel<32, 2>);
       break;  // (eight phases: the rotation backward's warps)
-    case 64:
-      warps(angle_totals_warp_kernel<64>);
-      break;
-    case 128:
-      warps(angle_totals_warp_kernel<128>);
-      break;
+    case 64: warps(angle_totals_warp_kernel<64>); break;
+    case 128: warps(angle_totals_warp_kernel<128>); break;
     default:
       launch_train(angle_totals_thread_kernel, unsigned((tasks * d.S + 127) / 128), 128, 0, s, d, dphi, seg);
   }

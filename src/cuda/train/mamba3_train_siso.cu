@@ -640,7 +640,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
     else
       prefetch_l2(phiv + i);
   };
-  float* __restrict__ dphi_out = p.dphi, * __restrict__ dCn = p.dCn, * __restrict__ dBn = p.dBn;
+  float *__restrict__ dphi_out = p.dphi, *__restrict__ dCn = p.dCn, *__restrict__ dBn = p.dBn;
   // (kWarps, kHb, 2, N): gC then gB per warp and head (the bias partials); kFuseNorm: then (T, 2, N), each token's
   // C and B gradients summed over the slots walked so far.
   extern __shared__ float sm[];
