@@ -171,8 +171,8 @@ bool env_angle_codes() {
 }
 
 // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: the SISO rotation backward sums dφ per angle segment for the
-// angle backward ("1") or the angle backward's totals kernel does ("0", the default until it has run on a GPU); the
-// same bits.
+// angle backward ("1") or the angle backward's totals kernel does ("0", the default: no step difference on an H100);
+// the same bits.
 bool env_rotation_totals() {
   static const bool on = env_choice("MAMBA3_TRAIN_ROTATION_TOTALS", {"0", "1"}) == "1";
   return on;
@@ -406,15 +406,17 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
 namespace {
 
 // The chunk kernels' inputs shared by forward and backward.
-ChunkParams base_params(const MixerDims& d, int T, const Mamba3TrainWeights& w, const float* zx, const float* scalars,
-                        const float* phi, float* o) {
+// (a: the activations prepare wrote; the chunk path reads f32 angles, never codes)
+ChunkParams base_params(const MixerDims& d, int T, const Mamba3TrainWeights& w, const Mamba3TrainActivations& a) {
+  MAMBA3_CHECK(!a.phi_codes, "Mamba3TrainGpu: the chunk path reads f32 angles, the last prepare wrote codes");
   const int64_t BHL = int64_t(d.B) * d.H * d.L;
+  const float* scalars = f(a.scalars);
   ChunkParams p{};
-  p.d = d, p.T = T, p.zx = zx;
+  p.d = d, p.T = T, p.zx = f(a.zx);
   p.dt = scalars, p.A = scalars + BHL, p.lam = scalars + 2 * BHL;
-  p.phi = phi;
+  p.phi = f(a.phi);
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
-  p.D = w.D, p.norm = w.norm, p.o = o;
+  p.D = w.D, p.norm = w.norm, p.o = f(a.o);
   return p;
 }
 
@@ -766,8 +768,7 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   }
   int fwd_blocks = 1;
   const int T = forward_chunk_length(L, fwd_blocks);
-  MAMBA3_CHECK(!act_->phi_codes, "Mamba3TrainGpu: the chunk path reads f32 angles, the last prepare wrote codes");
-  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->phi), f(act_->o));
+  ChunkParams p = base_params(d, T, w, *act_);
   p.tc = chunk_tc_ && gemm.precision() == Precision::BF16;
   p.parallel = chunk_parallel_;
   if (p.parallel) {  // chunk-start states (B·H, chunks, P, N) and decays from the state kernel and the scan
@@ -800,8 +801,7 @@ void Mamba3TrainGpu::fused_chunks_backward(const Context& ctx, bool bf16, const 
                                            int64_t L, int T, const PartOffsets& parts) {
   const MixerDims d = make_dims(c_, B, L);
   const int64_t BHL = B * d.H * L;
-  MAMBA3_CHECK(!act_->phi_codes, "Mamba3TrainGpu: the chunk path reads f32 angles, the last prepare wrote codes");
-  ChunkParams p = base_params(d, T, w, f(act_->zx), f(act_->scalars), f(act_->phi), f(act_->o));
+  ChunkParams p = base_params(d, T, w, *act_);
   p.tc = chunk_tc_ && bf16;
   p.parallel = chunk_parallel_;
   p.dO = f(dO_), p.dzx = f(dzx_), p.dy = f(dy_), p.Hc = f(act_->Hc);

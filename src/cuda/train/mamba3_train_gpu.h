@@ -182,7 +182,7 @@ class Mamba3TrainGpu {
   // The SISO rotation backward also summing dφ over each angle segment for the angle backward (true, where
   // train_detail::rotation_backward_writes_angle_totals holds: its chunks are the segments, S 16 or 32), so that the
   // angle backward's totals kernel does not run; or that kernel (false). The same bits. Default from
-  // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: "1" or "0" (unset: 0 until it has run on a GPU).
+  // MAMBA3_TRAIN_ROTATION_TOTALS, read once per process: "1" or "0" (unset: 0, the same step time on an H100).
   void set_rotation_totals(bool on) { rotation_totals_ = on; }
   // Whether the last backward's rotation backward wrote them.
   bool last_backward_rotation_totals() const { return angle_seg_ready_; }
