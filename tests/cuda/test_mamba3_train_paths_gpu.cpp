@@ -321,6 +321,44 @@ TEST(Mamba3TrainGpu, VwFormedByItsReadersGivesTheBuildsBits) {
   EXPECT_GT(ran, 0) << "no case left w ⊙ v to its readers";
 }
 
+// q and k stored by the SISO build in their rotated columns only, the chains and cores forming the unrotated half from
+// zx's B/C rows and the biases (the build's expression), against the build storing them whole: the same bits.
+// Recomputed and kept forwards; a kept forward whose backward then leaves the fused core (the build runs again,
+// whole); whole chunks only (L = 65 stores them whole), and the 3-head case's odd in_proj width neither.
+TEST(Mamba3TrainGpu, QkRotatedColumnsOnlyGiveTheBuildsBits) {
+  MAMBA3_REQUIRE_GPU();
+  const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
+  int ran = 0, rebuilt = 0;
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {64, 192, 65}) {
+      if (lc.c.d_model == 768 && L != 192) continue;  // (one big case)
+      auto [mixer, u, dout] = random_layer(lc.c, 2, L, uint32_t(4500 + L));
+      CoreLayerStep step(mixer, u, dout);
+      take_fused_core_with_bf16_operands(step);
+      const bool applies = L % 64 == 0 && lc.c.d_in_proj() % 4 == 0;
+      for (const bool keep : {false, true})
+        for (const bool fused_backward : {true, false}) {
+          if (!keep && !fused_backward) continue;  // (a recomputed forward takes the backward's switches)
+          SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed") +
+                       (fused_backward ? " fused core" : " split cores"));
+          auto run = [&](bool on) {
+            step.train.set_qk_rotated_only(on);
+            step.train.set_backward_core_fused(true);
+            GpuResult r = step.run(keep, [&] { step.train.set_backward_core_fused(fused_backward); });
+            EXPECT_EQ(step.train.qk_rotated_only_used(), on && applies);
+            return r;
+          };
+          const GpuResult whole = run(false), half = run(true);
+          ASSERT_NO_FATAL_FAILURE(assert_finite(half));
+          EXPECT_TRUE(bit_identical(whole, half)) << "q and k formed in part by their readers changed bits";
+          ran += applies;
+          rebuilt += applies && !fused_backward;
+        }
+    }
+  EXPECT_GT(ran, 0) << "no case stored q and k in part";
+  EXPECT_GT(rebuilt, 0) << "no kept forward's backward built q and k again";
+}
+
 // dQ and dK handed from the SISO cores to the rotation backward in bf16 (the default) against the f32 pair: the
 // forward is untouched (the same bits), and du and every gradient move by about a bf16 rounding of dQ and dK, far below
 // the bf16 mode's tolerance against the CPU; some gradient must move (else the switch did nothing). SISO: fused and

@@ -709,6 +709,7 @@ void launch_batched_rotation_backward(cudaStream_t s, const BatchedParams& p) {
   // The instances, where they apply.
   if (batched::launch_rotation_backward_siso(s, p) || batched::launch_rotation_backward_mimo(s, p)) return;
   MAMBA3_CHECK(!p.dqk_unrotated, "batched rotation backward: un-rotated dQ/dK need the SISO instance");
+  MAMBA3_CHECK(!p.qk_rotated_only, "batched rotation backward: q and k stored in part need the SISO instance");
   MAMBA3_CHECK(!p.dQ16 && !p.dK16, "batched rotation backward: bf16 dQ/dK need an instance (dqk16_supported)");
   const size_t bytes = size_t(kWarps) * hb * 2 * p.d.R * p.d.N * sizeof(float);
   const auto kernel = p.bf16 ? batched_rotation_backward_kernel<__nv_bfloat16> : batched_rotation_backward_kernel<float>;

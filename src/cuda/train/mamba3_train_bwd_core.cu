@@ -20,6 +20,7 @@
 #include "cuda/train/mamba3_train_bwd_core.h"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
+#include "cuda/train/qk_unrotated_columns.cuh"
 
 namespace mamba3::cuda::train_detail {
 
@@ -606,8 +607,16 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
   const int wq = warp % kCoreWarps;
 
-  copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
-  copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  // (p.qk_rotated_only, the fused core: q's and k's rotated columns from Q and K, the others formed from zx's rows)
+  const bool qk_half = kPost && p.qk_rotated_only;
+  [[maybe_unused]] UnrotatedColumns<N, kThreads, 2> unrot;
+  if (qk_half) {
+    copy_tile<kThreads, kRows, N / 2>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * (N / 2));
+    copy_tile<kThreads, kRows, N / 2>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * (N / 2));
+  } else {
+    copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
+    copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  }
   copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   [[maybe_unused]] CoreOutputRows<P, kThreads> out_rows;
@@ -629,10 +638,12 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     if constexpr (!kOut) copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
+  if (qk_half) unrot.issue(p, chunk, {true, false});
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
   }
+  if (qk_half) unrot.store({sQ, sK}, LDN);
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
   if constexpr (kOut) {

@@ -12,6 +12,7 @@
 #include "cuda/train/mamba3_train_fwd_core.h"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
+#include "cuda/train/qk_unrotated_columns.cuh"
 
 namespace mamba3::cuda::train_detail {
 
@@ -95,11 +96,20 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       p.zx16 ? reinterpret_cast<const bf16*>(p.zx16) + (int64_t(b) * d.L + c0) * zpitch16 + int64_t(h) * P : nullptr;
   float Dh = 0.0f;
 
-  copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
-  copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  // (p.qk_rotated_only, SISO: q's and k's rotated columns from Q and K, the others formed from zx's rows)
+  const bool qk_half = kR == 1 && p.qk_rotated_only;
+  [[maybe_unused]] UnrotatedColumns<N, kCoreThreads, 2> unrot;
+  if (qk_half) {
+    copy_tile<kCoreThreads, kRows, N / 2>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * (N / 2));
+    copy_tile<kCoreThreads, kRows, N / 2>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * (N / 2));
+  } else {
+    copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
+    copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
+  }
   copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kCoreThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");
+  if (qk_half) unrot.issue(p, chunk, {true, false});
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
@@ -109,6 +119,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
     Dh = p.D[h];
     for (int c = threadIdx.x; c < P; c += kCoreThreads) nws[c] = d.outnorm ? p.norm[int64_t(h) * P + c] : 1.0f;
   }
+  if (qk_half) unrot.store({sQ, sK}, LDN);
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
 

@@ -208,6 +208,14 @@ bool env_vw_formed() {
   return on;
 }
 
+// MAMBA3_TRAIN_QK_ROTATED_ONLY, read once per process: the SISO build stores only q's and k's rotated columns and their
+// readers form the others from zx's rows and the biases ("1", the default, where it applies), or it stores them whole
+// ("0"). The same bits.
+bool env_qk_rotated_only() {
+  static const bool on = env_choice("MAMBA3_TRAIN_QK_ROTATED_ONLY", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_CHAIN_DYE, read once per process: with the fused core's output part, the reverse chain forms e^Λ ⊙ dy
 // from dO and z itself ("1", the default) or a kernel writes it first ("0"). The same bits.
 bool env_chain_dye() {
@@ -299,6 +307,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       core_output_(env_core_output()),
       vw_formed_(env_vw_formed()),
       chain_dye_(env_chain_dye()),
+      qk_rotated_only_(env_qk_rotated_only()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
       zx_bf16_(env_zx16()) {
@@ -543,6 +552,12 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     vw_formed_used_ = p.vw_formed;
     p.z_unread = p.vw_formed && p.zy16;
     act_->z_unread = p.z_unread;
+    // (only where the backward is expected to take the fused core, whose rotation backward forms q and k itself: any
+    // other backward path runs the build again, whole)
+    p.qk_rotated_only = qk_rotated_only_ && chain && backward_core_fused_ && post_scan_core_supported(p) &&
+                        qk_rotated_only_supported(p);
+    act_->qk_rotated_only = p.qk_rotated_only;
+    qk_rotated_only_used_ = p.qk_rotated_only;
     launch_batched_build(s, p);
     prof.mark("build");
     if (chain) {
@@ -621,6 +636,16 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (reuse || p.zy16) p.o = nullptr, p.o16 = nullptr;
   mimo_epilogue_in_core_used_ = false;
   const bool fused_core = chain && backward_core_fused_ && post_scan_core_supported(p);
+  // q and k stored in part by the forward: the fused core and its rotation backward form the rest; any other path
+  // reads them whole, so the build runs again first (the same values; it also writes v and the chunk scalars again).
+  p.qk_rotated_only = act_->qk_rotated_only;
+  if (p.qk_rotated_only && !(fused_core && qk_rotated_only_supported(p))) {
+    BatchedParams whole = p;
+    whole.qk_rotated_only = false, whole.vw_formed = false;
+    launch_batched_build(s, whole);
+    prof.mark("build again");
+    p.qk_rotated_only = false;
+  }
   if (fused_core) {
     p.dqk_unrotated = core_unrotate_ && fused_core_unrotate_supported(p);
     p.dqk_head_sum = p.dqk_unrotated && core_head_sum_ && fused_core_head_sum_supported(p);

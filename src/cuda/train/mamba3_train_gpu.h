@@ -54,6 +54,7 @@ struct Mamba3TrainActivations {
   bool wv_holds_y = false;   // MIMO: WV holds the pre-norm output y (Mamba3TrainGpu::set_mimo_y)
   bool vw_formed = false;    // bVw not written: its readers form w ⊙ v from v (Mamba3TrainGpu::set_vw_formed)
   bool z_unread = false;     // bZ's Z not written (with vw_formed): the fused core's output part forms Λ's term
+  bool qk_rotated_only = false;  // bQ/bK hold only the rotated columns (Mamba3TrainGpu::set_qk_rotated_only)
   size_t bytes() const {
     size_t n = 0;
     for (const DeviceBuffer* b : {&bc_raw, &zx, &zx16, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ,
@@ -200,6 +201,12 @@ class Mamba3TrainGpu {
   void set_chain_dye(bool on) { chain_dye_ = on; }
   // Whether the last chunk pass's forward did (set_vw_formed and its configuration).
   bool vw_formed_used() const { return vw_formed_used_; }
+  // The SISO build stores only q's and k's rotated columns (rope_fraction 0.5: the upper half of the state passes
+  // unrotated) and the chains and cores form the others from zx's B/C rows and the biases, where the fused backward
+  // core is expected (default from MAMBA3_TRAIN_QK_ROTATED_ONLY, on); the same bits.
+  void set_qk_rotated_only(bool on) { qk_rotated_only_ = on; }
+  // Whether the last chunk pass's forward did (set_qk_rotated_only and its configuration).
+  bool qk_rotated_only_used() const { return qk_rotated_only_used_; }
   // Whether the last backward's fused core did (set_core_output and its configuration).
   bool core_output_used() const { return core_output_used_; }
   // MIMO with the state core, where the epilogue's MIMO instance would run: the core runs the epilogue's state part
@@ -355,6 +362,8 @@ class Mamba3TrainGpu {
   bool vw_formed_ = true;            // w ⊙ v formed by its readers (set_vw_formed)
   bool chain_dye_ = true;            // the reverse chain forms e^Λ ⊙ dy (set_chain_dye)
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
+  bool qk_rotated_only_ = true;      // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
+  bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)
   bool mimo_y_ = true;               // MIMO's forward core stores y for the output stage (set_mimo_y)

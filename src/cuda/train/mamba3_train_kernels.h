@@ -186,6 +186,11 @@ struct BatchedParams {
   // instance reads it (the forward nothing else of the chunk rows; the backward Z and v besides). Set only where
   // both run, and kept with the activations (batched_chunks).
   bool wv_holds_y;
+  // Q and K hold only the rotated columns [0, N/2) of each row (row pitch N/2; rope_fraction 0.5): their readers (the
+  // chains, the forward core, the fused backward core) form the unrotated columns from zx's normalised B/C rows and
+  // the biases, the build's bits (qk_unrotated_columns.cuh). SISO only, where qk_rotated_only_supported; set in
+  // batched_chunks and kept with the activations (a backward on another path runs the build again, whole).
+  bool qk_rotated_only;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those
@@ -266,6 +271,9 @@ void launch_batched_output(cudaStream_t s, const BatchedParams& p, bool backward
 void launch_form_vw(cudaStream_t s, const BatchedParams& p);
 // Whether the forward can leave w ⊙ v to its readers (p.vw_formed): the SISO full-chunk build with bf16 x.
 bool vw_formed_supported(const BatchedParams& p);
+// Whether the SISO build may store only q's and k's rotated columns (p.qk_rotated_only): its full-chunk kernel at
+// rope_fraction 0.5 with 16-byte-aligned zx rows and biases, the cores' chunks.
+bool qk_rotated_only_supported(const BatchedParams& p);
 // e^Λ ⊙ dy alone, for the reverse chain where the fused core does the rest of the output stage's backward
 // (p.core_output) and the chain does not form it itself (Mamba3TrainGpu::set_chain_dye(false)): the output-stage
 // backward's values (siso_gate_dy), nothing else written.

@@ -185,7 +185,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
   const MixerDims& d = p.d;
   const ChunkIndex ix(p);
   const int g = ix.h / (d.H / d.G), warp = threadIdx.x / 32, lane = threadIdx.x % 32, n0 = lane * kE;
-  const bool qk_lane = lane < kLanes;
+  // (p.qk_rotated_only: only the lanes on the rotated half [0, N/2) form and store q and k, at row pitch N/2)
+  const bool qk_lane = lane < kLanes && (!p.qk_rotated_only || n0 < N / 2);
+  const int qk_pitch = p.qk_rotated_only ? N / 2 : N;
   float bq[kE], bk[kE];
 #pragma unroll
   for (int e = 0; e < kE; ++e)
@@ -200,14 +202,15 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
   const int x_step = kWarps * int(x_pitch);
   const bf16* x16 = kX16 ? reinterpret_cast<const bf16*>(p.zx16) + tok0 * x_pitch + xcol : nullptr;
   const float* x32 = kX16 ? nullptr : p.zx + tok0 * x_pitch + xcol;
-  bf16* qd = static_cast<bf16*>(p.Q) + row0 * N + n0;
-  bf16* kd = static_cast<bf16*>(p.K) + row0 * N + n0;
+  bf16* qd = static_cast<bf16*>(p.Q) + row0 * qk_pitch + n0;
+  bf16* kd = static_cast<bf16*>(p.K) + row0 * qk_pitch + n0;
   bf16* vd = static_cast<bf16*>(p.V) + row0 * P + lane * kC;
   bf16* wd = static_cast<bf16*>(p.Vw) + row0 * P + lane * kC;
   bool rot[kE / 2];
 #pragma unroll
   for (int m = 0; m < kE / 2; ++m) rot[m] = qk_lane && n0 / 2 + m < d.S;
-  constexpr int kStepN = kWarps * N, kStepP = kWarps * P;
+  const int step_n = kWarps * qk_pitch;
+  constexpr int kStepP = kWarps * P;
   const float* wp = p.wv + ix.chunk * p.T + warp;  // (chunk_scalars_kernel's w, by the build's rows)
   float c[kRowsAhead][kE], k[kRowsAhead][kE], cs[kRowsAhead][kE / 2][2], x[kRowsAhead][kC], w[kRowsAhead];
   // The next kRowsAhead rows' loads into c, k, cs, x; then the pointers step past them.
@@ -270,11 +273,11 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
           ko[m] = rotated_pair(k[a][2 * m], k[a][2 * m + 1], bk[2 * m], bk[2 * m + 1], cv, sv, rot[m]);
         }
         if constexpr (kE == 4) {
-          *reinterpret_cast<uint2*>(qd + a * kStepN) = *reinterpret_cast<const uint2*>(qo);
-          *reinterpret_cast<uint2*>(kd + a * kStepN) = *reinterpret_cast<const uint2*>(ko);
+          *reinterpret_cast<uint2*>(qd + a * step_n) = *reinterpret_cast<const uint2*>(qo);
+          *reinterpret_cast<uint2*>(kd + a * step_n) = *reinterpret_cast<const uint2*>(ko);
         } else {
-          *reinterpret_cast<uint32_t*>(qd + a * kStepN) = *reinterpret_cast<const uint32_t*>(qo);
-          *reinterpret_cast<uint32_t*>(kd + a * kStepN) = *reinterpret_cast<const uint32_t*>(ko);
+          *reinterpret_cast<uint32_t*>(qd + a * step_n) = *reinterpret_cast<const uint32_t*>(qo);
+          *reinterpret_cast<uint32_t*>(kd + a * step_n) = *reinterpret_cast<const uint32_t*>(ko);
         }
       }
       // (p.vw_formed: the chain and the fused core form w ⊙ v from v themselves, scale_pair's bits)
@@ -288,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
         if (!p.vw_formed) wd[a * kStepP] = __float2bfloat16_rn(__fmul_rn(w[a], x[a][0]));
       }
     }
-    qd += kRowsAhead * kStepN, kd += kRowsAhead * kStepN, vd += kRowsAhead * kStepP, wd += kRowsAhead * kStepP;
+    qd += kRowsAhead * step_n, kd += kRowsAhead * step_n, vd += kRowsAhead * kStepP, wd += kRowsAhead * kStepP;
     if (j0 + kRowsAhead * kWarps < p.T) load();
   }
 }
@@ -1035,6 +1038,8 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   if (!build_siso_applies(p)) return false;
   const bool full = p.build_fast && d.L % p.T == 0 && p.T % (2 * kWarps) == 0;
   MAMBA3_CHECK(!p.vw_formed || (full && p.zx16), "SISO build: w ⊙ v left to its readers needs whole chunks, bf16 x");
+  MAMBA3_CHECK(!p.qk_rotated_only || (full && qk_rotated_only_supported(p)),
+               "SISO build: q and k's rotated columns alone need whole chunks and rope_fraction 0.5");
   if (full) {  // the chunk scalars first (batched_build_siso_full_kernel reads w from them)
     const int64_t chunks = int64_t(d.B) * d.H * p.nc;
     launch_train(chunk_scalars_kernel, unsigned((chunks + kWarps - 1) / kWarps), kThreads, 0, s, p);
@@ -1121,6 +1126,7 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p_in) {
   // q and k formed again where the SISO build wrote them (its bits) and the biases' rows are 16-byte aligned.
   const bool form = build_siso_applies(p) && (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0 &&
                     (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0;
+  MAMBA3_CHECK(form || !p.qk_rotated_only, "SISO rotation backward: q and k stored in part must be formed again");
   const int64_t blocks = int64_t(d.B) * (fuse ? d.G : d.H / hb) * p.nc;
   const size_t bytes = (size_t(kWarps) * hb * 2 * d.N + (fuse ? size_t(p.T) * 2 * d.N : 0) +
                         (p.angle_seg ? size_t(kWarps) * hb * d.S : 0)) *
@@ -1194,6 +1200,18 @@ bool vw_formed_supported(const BatchedParams& p) {
   const MixerDims& d = p.d;
   return batched::build_siso_applies(p) && p.build_fast && p.zx16 && !d.mimo && d.L % p.T == 0 &&
          p.T % (2 * batched::kWarps) == 0 && p.rows == p.T && p.T == 64 && p.d.P % 8 == 0;
+}
+
+bool qk_rotated_only_supported(const BatchedParams& p) {
+  // The full-chunk build (whole chunks: the readers form all 64 rows from zx), rope_fraction 0.5 (the upper half of
+  // the state unrotated), the cores' shapes, and the 16-byte alignment of zx's rows and the biases that the readers'
+  // vector loads and the rotation backward's forming of q and k (which then cannot read them) need.
+  const MixerDims& d = p.d;
+  return batched::build_siso_applies(p) && batched::rotation_backward_siso_applies(p) && p.build_fast && !d.mimo &&
+         !d.no_rotary && 4 * d.S == d.N &&
+         d.L % p.T == 0 && p.T % (2 * batched::kWarps) == 0 && p.rows == p.T && p.T == 64 &&
+         (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 &&
+         (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0;
 }
 
 void launch_form_vw(cudaStream_t s, const BatchedParams& p) {

@@ -21,6 +21,7 @@
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mma_bf16.cuh"
+#include "cuda/train/qk_unrotated_columns.cuh"
 
 namespace mamba3::cuda::train_detail {
 
@@ -73,6 +74,11 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const int pr = 16 * (warp % kRowWarps), n0 = (N / 2) * (warp / kRowWarps);  // the warp's first row and column
   const auto chunk_at = [&](int i) { return bh * nc + (reverse ? nc - 1 - i : i); };
+  // p.qk_rotated_only (SISO): B's rotated columns (k's forward, q's in reverse) from Bm at row pitch N/2, the others
+  // formed from zx's rows (registers loaded with the stage's copies, stored into the stage after the chunk before it).
+  const bool qk_half = p.qk_rotated_only;
+  static_assert(kStages == 2, "the formed columns of one stage ahead in registers");
+  [[maybe_unused]] UnrotatedColumns<N, kThreads, 1> unrot;
   // Step i's operands into stage i % kStages (an empty group past the last chunk keeps the group count uniform), by
   // copy_tile's fixed-offset copies (the loop with a division per copy it replaced, run once per chunk, had been two
   // thirds of this kernel's instructions: ncu, 125M, 30.6 → 11.0 M per call, 142 → 124 µs).
@@ -91,7 +97,12 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
       } else {
         copy_tile<kThreads, kRows, kSlice>(sA, kLdA, A + chunk * kRows * P + pb, P);
       }
-      copy_tile<kThreads, kRows, N>(sA + kRows * kLdA, LDN, Bm + chunk * kRows * N);
+      if (qk_half) {
+        copy_tile<kThreads, kRows, N / 2>(sA + kRows * kLdA, LDN, Bm + chunk * kRows * (N / 2));
+        unrot.issue(p, chunk, {reverse});
+      } else {
+        copy_tile<kThreads, kRows, N>(sA + kRows * kLdA, LDN, Bm + chunk * kRows * N);
+      }
       if (w_rows && threadIdx.x < kRows / 4)  // (16-byte pieces of the chunk's row scales)
         asm volatile(
             "cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(sA + kRows * (kLdA + LDN) + 8 * threadIdx.x)),
@@ -99,8 +110,13 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
     }
     asm volatile("cp.async.commit_group;");
   };
+  // (B's formed columns of step i into its stage)
+  const auto store_formed = [&](int i) {
+    if (qk_half && i < nc) unrot.store({stages + (i % kStages) * SE + kRows * kLdA}, LDN);
+  };
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) issue(i);
+  store_formed(0);
 
   float st[NT][4];
   zero(st);
@@ -164,6 +180,7 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[nt][e] = __fmaf_rn(dc, st[nt][e], acc[nt][e]);  // the scan's e·S + Δ
+    store_formed(i + 1);  // (the next step's barrier orders it before that step's reads)
   }
 }
 
