@@ -401,11 +401,6 @@ __device__ __forceinline__ void pair_barrier(int wq) {
 // after a second barrier each block drops its tiles' lines from L2 (discard: no write-back), so that when they are
 // still there the tiles never reach DRAM.
 
-// The chunk (b·H + h)·nc + c of a block in the head-fastest order (b, c, h).
-__device__ __forceinline__ int64_t head_fastest_chunk(const BatchedParams& p) {
-  const int64_t i = blockIdx.x, h = i % p.d.H, bc = i / p.d.H, c = bc % p.nc, b = bc / p.nc;
-  return (b * p.d.H + h) * p.nc + c;
-}
 
 // Every thread of the cluster's blocks: their global stores before it are visible to every block after it.
 __device__ __forceinline__ void cluster_barrier() {
@@ -601,7 +596,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   bf16* sVw = sdH + P * LDN;
   float* dL = reinterpret_cast<float*>(sVw + kRows * LDP);
   float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows, *dLo = wsum + kCoreWarps, *wD = dLo + kRows;
-  const int64_t chunk = kHeadSum ? head_fastest_chunk(p) : int64_t(blockIdx.x);
+  // (the head-fastest order also where the core forms q's and k's unrotated half: a chunk's heads read the same zx
+  // rows close together in time)
+  const int64_t chunk =
+      kHeadSum || (kPost && p.qk_rotated_only && p.qk_head_order) ? head_fastest_chunk(p) : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The phases this warp runs and its 16-row block in them.
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
@@ -610,6 +608,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   // (p.qk_rotated_only, the fused core: q's and k's rotated columns from Q and K, the others formed from zx's rows)
   const bool qk_half = kPost && p.qk_rotated_only;
   [[maybe_unused]] UnrotatedColumns<N, kThreads, 2> unrot;
+  if (qk_half) unrot.issue(p, chunk, {true, false});  // (first: its loads ahead of the copies in the memory pipe)
   if (qk_half) {
     copy_tile<kThreads, kRows, N / 2>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * (N / 2));
     copy_tile<kThreads, kRows, N / 2>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * (N / 2));
@@ -638,7 +637,6 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     if constexpr (!kOut) copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
-  if (qk_half) unrot.issue(p, chunk, {true, false});
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];

@@ -81,7 +81,8 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   const int T = p.T, R = p.d.R;
   float* Lam = reinterpret_cast<float*>(sV + kRows * LDP);
   float *scale = Lam + T, *gam = scale + T, *eLs = gam + T, *nws = eLs + T;
-  const int64_t chunk = blockIdx.x;
+  // (p.qk_rotated_only: a chunk's heads in consecutive blocks, which read the same zx rows)
+  const int64_t chunk = kR == 1 && p.qk_rotated_only && p.qk_head_order ? head_fastest_chunk(p) : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The output stage's operands (fuse_output): its scalars now, its z rows into k's tile once S no longer needs it
   // (kZInK), so that their loads are in flight during the products instead of after them.
@@ -99,6 +100,7 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   // (p.qk_rotated_only, SISO: q's and k's rotated columns from Q and K, the others formed from zx's rows)
   const bool qk_half = kR == 1 && p.qk_rotated_only;
   [[maybe_unused]] UnrotatedColumns<N, kCoreThreads, 2> unrot;
+  if (qk_half) unrot.issue(p, chunk, {true, false});  // (first: its loads ahead of the copies in the memory pipe)
   if (qk_half) {
     copy_tile<kCoreThreads, kRows, N / 2>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * (N / 2));
     copy_tile<kCoreThreads, kRows, N / 2>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * (N / 2));
@@ -109,7 +111,6 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kCoreThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");
-  if (qk_half) unrot.issue(p, chunk, {true, false});
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];

@@ -209,10 +209,10 @@ bool env_vw_formed() {
 }
 
 // MAMBA3_TRAIN_QK_ROTATED_ONLY, read once per process: the SISO build stores only q's and k's rotated columns and their
-// readers form the others from zx's rows and the biases ("1", the default, where it applies), or it stores them whole
-// ("0"). The same bits.
+// readers form the others from the normalised B/C rows and the biases ("1", where it applies), or it stores them whole
+// ("0", the default: measured slower, docs/perf.md "Fifty-second session"). The same bits.
 bool env_qk_rotated_only() {
-  static const bool on = env_choice("MAMBA3_TRAIN_QK_ROTATED_ONLY", {"1", "0"}) != "0";
+  static const bool on = env_choice("MAMBA3_TRAIN_QK_ROTATED_ONLY", {"1", "0"}) == "1";
   return on;
 }
 
@@ -398,7 +398,12 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
     gemm.run_mixed(ctx, false, true, M, din, D, 1.0f, u, u16, D, w.in_proj, w.in_proj16, D, 0.0f, f(act_->zx), din);
   }
   mark("in_proj");
-  launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw));
+  // (the compact copy of the unrotated coordinates that the readers of q and k stored in part take, where the
+  // switch and the bf16 mode's SISO path may use it: batched_chunks decides)
+  act_->bc_unrot_written = qk_rotated_only_ && !d.mimo && o_in_bf16(gemm) && d.N % 8 == 0;
+  if (act_->bc_unrot_written) reserve_floats(act_->bc_unrot, M * 2 * d.G * (d.N / 2));
+  launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw),
+                      act_->bc_unrot_written ? f(act_->bc_unrot) : nullptr);
   mark("normalize bc");
   const TokenScalars sc{f(act_->scalars), f(act_->scalars, BHL), f(act_->scalars, 2 * BHL),
                         f(act_->scalars, 3 * BHL), f(act_->scalars, 4 * BHL)};
@@ -445,7 +450,10 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
   // The bf16 mode keeps o as bf16 only (o_in_bf16) and, with set_zx_bf16, z and x in bf16 too (zx keeps its f32
   // width: the z and x columns there are then unused).
   const int64_t zx16 = bf16 && chunk_batched_ && zx_bf16_ && !d.mimo ? M * 2 * d.d_inner * 2 : 0;
-  return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 + zx16 : 0);
+  // (the compact copy of B/C's unrotated coordinates, where prepare writes it)
+  const int64_t bc_unrot = bf16 && qk_rotated_only_ && !d.mimo && d.N % 8 == 0 ? M * d.G * d.N * 4 : 0;
+  return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 + zx16 : 0) +
+         bc_unrot;
 }
 
 int Mamba3TrainGpu::epilogue_heads() const {
@@ -502,6 +510,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.phi = act_->phi_codes ? nullptr : f(act_->phi);
   p.phi_code = act_->phi_codes ? act_->phi.as<uint16_t>() : nullptr;
   p.B_bias = w.B_bias, p.C_bias = w.C_bias, p.mimo_x = w.mimo_x, p.mimo_z = w.mimo_z, p.mimo_o = w.mimo_o;
+  p.bc_unrot = act_->bc_unrot_written ? f(act_->bc_unrot) : nullptr;
   p.D = w.D, p.norm = w.norm;
   if (bf16) p.o16 = act_->o16.raw();  // the out_proj products' operand (o_in_bf16)
   else p.o = f(act_->o);
@@ -557,6 +566,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     p.qk_rotated_only = qk_rotated_only_ && chain && backward_core_fused_ && post_scan_core_supported(p) &&
                         qk_rotated_only_supported(p);
     act_->qk_rotated_only = p.qk_rotated_only;
+    p.qk_head_order = env_choice("MAMBA3_TRAIN_QK_HEAD_ORDER", {"1", "0"}) != "0";
     qk_rotated_only_used_ = p.qk_rotated_only;
     launch_batched_build(s, p);
     prof.mark("build");
@@ -639,6 +649,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // q and k stored in part by the forward: the fused core and its rotation backward form the rest; any other path
   // reads them whole, so the build runs again first (the same values; it also writes v and the chunk scalars again).
   p.qk_rotated_only = act_->qk_rotated_only;
+  p.qk_head_order = env_choice("MAMBA3_TRAIN_QK_HEAD_ORDER", {"1", "0"}) != "0";
   if (p.qk_rotated_only && !(fused_core && qk_rotated_only_supported(p))) {
     BatchedParams whole = p;
     whole.qk_rotated_only = false, whole.vw_formed = false;

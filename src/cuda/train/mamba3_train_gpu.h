@@ -45,7 +45,9 @@ struct Mamba3TrainActivations {
   // o: the gated output, f32 (o) or, on the batched path in the bf16 mode, only its bf16 rounding (o16: the
   // out_proj products' operand, written by the output kernel).
   // zx16: zx's z and x columns in bf16 (M, 2·d_inner), written by the in_proj instead of zx's own (zx16_used).
-  DeviceBuffer bc_raw, zx, zx16, scalars, phi, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW, bZ, bWV;
+  // bc_unrot: the normalised B/C coordinates [N/2, N) again, compact (BatchedParams::bc_unrot; bc_unrot_written).
+  DeviceBuffer bc_raw, bc_unrot, zx, zx16, scalars, phi, o, o16, angle_seg, Hc, Hc16, bscal, bQ, bK, bV, bVw, bS, bW,
+      bZ, bWV;
   int64_t B = -1, L = -1;
   bool zx16_used = false;  // the last prepare wrote z and x to zx16 (Mamba3TrainGpu::set_zx_bf16)
   bool phi_codes = false;  // the last prepare wrote the angles into phi as codes (Mamba3TrainGpu::set_angle_codes)
@@ -55,9 +57,10 @@ struct Mamba3TrainActivations {
   bool vw_formed = false;    // bVw not written: its readers form w ⊙ v from v (Mamba3TrainGpu::set_vw_formed)
   bool z_unread = false;     // bZ's Z not written (with vw_formed): the fused core's output part forms Λ's term
   bool qk_rotated_only = false;  // bQ/bK hold only the rotated columns (Mamba3TrainGpu::set_qk_rotated_only)
+  bool bc_unrot_written = false;  // the last prepare wrote bc_unrot
   size_t bytes() const {
     size_t n = 0;
-    for (const DeviceBuffer* b : {&bc_raw, &zx, &zx16, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ,
+    for (const DeviceBuffer* b : {&bc_raw, &bc_unrot, &zx, &zx16, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ,
                                   &bK, &bV, &bVw, &bS, &bW, &bZ, &bWV})
       n += b->bytes();
     return n;
@@ -203,7 +206,7 @@ class Mamba3TrainGpu {
   bool vw_formed_used() const { return vw_formed_used_; }
   // The SISO build stores only q's and k's rotated columns (rope_fraction 0.5: the upper half of the state passes
   // unrotated) and the chains and cores form the others from zx's B/C rows and the biases, where the fused backward
-  // core is expected (default from MAMBA3_TRAIN_QK_ROTATED_ONLY, on); the same bits.
+  // core is expected (default from MAMBA3_TRAIN_QK_ROTATED_ONLY, off: measured slower); the same bits.
   void set_qk_rotated_only(bool on) { qk_rotated_only_ = on; }
   // Whether the last chunk pass's forward did (set_qk_rotated_only and its configuration).
   bool qk_rotated_only_used() const { return qk_rotated_only_used_; }
@@ -362,7 +365,7 @@ class Mamba3TrainGpu {
   bool vw_formed_ = true;            // w ⊙ v formed by its readers (set_vw_formed)
   bool chain_dye_ = true;            // the reverse chain forms e^Λ ⊙ dy (set_chain_dye)
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
-  bool qk_rotated_only_ = true;      // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
+  bool qk_rotated_only_ = false;     // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
   bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)

@@ -30,9 +30,10 @@ struct TokenScalars {
 };
 
 // In place on zx (M, din): every B and C vector RMS-normalised and scaled by B_norm / C_norm; the raw vectors saved
-// to bc_raw (M, 2·R·G·N: B's then C's) for the backward.
+// to bc_raw (M, 2·R·G·N: B's then C's) for the backward. bc_unrot (optional): the normalised coordinates [N/2, N) of
+// every vector again, (M, 2·R·G, N/2) in bc_raw's vector order (BatchedParams::bc_unrot).
 void launch_normalize_bc(cudaStream_t s, const MixerDims& d, float* zx, const float* B_norm, const float* C_norm,
-                         float* bc_raw);
+                         float* bc_raw, float* bc_unrot = nullptr);
 void launch_token_scalars(cudaStream_t s, const MixerDims& d, const float* zx, const float* dt_bias, TokenScalars out);
 // The angle scan and the angle backward run in segments of kAngleSegment tokens (each in parallel) with the
 // segments' carries in a scratch of angle_scratch_floats(d) floats, (B·H, segments, S).
@@ -191,6 +192,12 @@ struct BatchedParams {
   // the biases, the build's bits (qk_unrotated_columns.cuh). SISO only, where qk_rotated_only_supported; set in
   // batched_chunks and kept with the activations (a backward on another path runs the build again, whole).
   bool qk_rotated_only;
+  // The normalised B/C coordinates [N/2, N), (M, 2·G, N/2): B's vectors then C's (launch_normalize_bc's bc_unrot), where
+  // the readers of qk_rotated_only form the unrotated half (null: qk_rotated_only does not apply).
+  const float* bc_unrot;
+  // With qk_rotated_only, the forward core and the fused core take their chunks head-fastest ((b, c, h): a chunk's
+  // heads, which read the same zx rows, in consecutive blocks).
+  bool qk_head_order;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those

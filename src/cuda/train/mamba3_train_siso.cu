@@ -1203,13 +1203,15 @@ bool vw_formed_supported(const BatchedParams& p) {
 }
 
 bool qk_rotated_only_supported(const BatchedParams& p) {
-  // The full-chunk build (whole chunks: the readers form all 64 rows from zx), rope_fraction 0.5 (the upper half of
-  // the state unrotated), the cores' shapes, and the 16-byte alignment of zx's rows and the biases that the readers'
-  // vector loads and the rotation backward's forming of q and k (which then cannot read them) need.
+  // The full-chunk build (whole chunks: the readers form all 64 rows), rope_fraction 0.5 (the upper half of the state
+  // unrotated), the cores' shapes, the compact rows the readers form from (bc_unrot), and the 16-byte alignment of
+  // those, zx's rows and the biases that the readers' vector loads and the rotation backward's forming of q and k
+  // (which then cannot read them) need.
   const MixerDims& d = p.d;
   return batched::build_siso_applies(p) && batched::rotation_backward_siso_applies(p) && p.build_fast && !d.mimo &&
          !d.no_rotary && 4 * d.S == d.N &&
-         d.L % p.T == 0 && p.T % (2 * batched::kWarps) == 0 && p.rows == p.T && p.T == 64 &&
+         d.L % p.T == 0 && p.T % (2 * batched::kWarps) == 0 && p.rows == p.T && p.T == 64 && p.bc_unrot &&
+         (reinterpret_cast<uintptr_t>(p.bc_unrot) & 15) == 0 &&
          (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 &&
          (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0;
 }

@@ -59,7 +59,9 @@ struct ChainSmem {
 // columns) and e^Λ (w_rows = p.eL), with the output-stage backward's expressions (siso_gate_dy): launch_output_dye's
 // bits, without its kernel (dO and z read here instead of e^Λ ⊙ dy written and read back).
 template <int N, int P, int kSlice, bool kDye = false>
-__global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
+// (512 threads per SM asked for, ≤ 128 registers: the formed columns' registers (qk_rotated_only) had taken the 125M
+// instances to 154 and 166 registers, one block per SM, and the 192 blocks of a 125M chain into two waves)
+__global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads, 512 / ChainSmem<N, kSlice, kDye>::threads)
     state_chain_kernel(const BatchedParams p, const bf16* A, const bf16* Bm, bool reverse, void* out16,
                        const float* w_rows) {
   pdl_wait();

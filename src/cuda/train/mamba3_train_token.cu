@@ -25,8 +25,11 @@ __device__ __forceinline__ uint16_t bf16_bits(float v) { return __bfloat16_as_us
 // had left 6 of its 8 warps idle at G = 1: 16.8 µs per 125M call): the raw vector is saved to bc_raw (M, 2·R·G·N: B's
 // vectors then C's, as in zx) for the backward, then normalised in zx. Reads 2·R·G·N, writes 4·R·G·N floats per row
 // (copying all din columns into a second buffer had cost 0.12 ms per layer call at 125M).
+// bc_unrot (optional): the normalised coordinates [N/2, N) of every vector once more, (M, 2·R·G, N/2) — a compact copy
+// for the readers that form q's and k's unrotated half from them (BatchedParams::bc_unrot).
 __global__ void normalize_bc_kernel(MixerDims d, float* __restrict__ zx, const float* __restrict__ B_norm,
-                                    const float* __restrict__ C_norm, float* __restrict__ bc_raw) {
+                                    const float* __restrict__ C_norm, float* __restrict__ bc_raw,
+                                    float* __restrict__ bc_unrot) {
   pdl_wait();
   const int RG = d.R * d.G, lane = threadIdx.x % 32;
   const int64_t job = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -39,10 +42,13 @@ __global__ void normalize_bc_kernel(MixerDims d, float* __restrict__ zx, const f
   float ss = 0;
   for (int n = lane; n < d.N; n += 32) ss += v[n] * v[n];
   const float r = 1.0f / sqrtf(warp_sum(ss) / float(d.N) + kEps);
+  const int NR = d.N / 2;
+  float* unrot = bc_unrot ? bc_unrot + (m * 2 * RG + item) * (d.N - NR) - NR : nullptr;
   for (int n = lane; n < d.N; n += 32) {
-    const float x = v[n];
+    const float x = v[n], y = x * r * w[n];
     raw[n] = x;
-    v[n] = x * r * w[n];
+    v[n] = y;
+    if (unrot && n >= NR) unrot[n] = y;
   }
 }
 
@@ -550,9 +556,9 @@ bool launch_angles_fused(cudaStream_t s, const MixerDims& d, const float* zx, co
 }  // namespace
 
 void launch_normalize_bc(cudaStream_t s, const MixerDims& d, float* zx, const float* B_norm, const float* C_norm,
-                         float* bc_raw) {
+                         float* bc_raw, float* bc_unrot) {
   launch_train(normalize_bc_kernel, blocks_for(int64_t(d.B) * d.L * 2 * d.R * d.G * 32, 256), 256, 0, s, d, zx, B_norm,
-               C_norm, bc_raw);
+               C_norm, bc_raw, bc_unrot);
   MAMBA3_LAUNCH_CHECK();
 }
 

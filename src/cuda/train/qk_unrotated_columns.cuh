@@ -4,8 +4,10 @@
 // the group's normalised C/B row (zx, shared by the group's heads) plus the head's bias. Storing them per head cost
 // the build 100 MB of writes per 125M layer and every reader (the chains, the forward core, the fused backward core)
 // as much again to read. A reader now copies the rotated half from Q/K (row pitch N/2) and forms the other half from
-// zx's rows, which the group's heads share (L2-resident between them), with rotated_pair's unrotated branch:
-// bf16(c + bias), the build's bits, so the tiles are the same as when the build stored them whole.
+// the group's rows — a compact f32 copy of them that the B/C normalisation writes (bc_unrot: 8 MB per 125M layer,
+// L2-resident while the heads read it; zx's own rows, 14 KB apart, had made the fused core slower) — with
+// rotated_pair's unrotated branch: bf16(c + bias), the build's bits, so the tiles are the same as when the build stored
+// them whole.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -16,8 +18,14 @@
 
 namespace mamba3::cuda::train_detail {
 
+// The chunk (b·H + h)·nc + c of a block in the head-fastest order (b, c, h).
+__device__ __forceinline__ int64_t head_fastest_chunk(const BatchedParams& p) {
+  const int64_t i = blockIdx.x, h = i % p.d.H, bc = i / p.d.H, c = bc % p.nc, b = bc / p.nc;
+  return (b * p.d.H + h) * p.nc + c;
+}
+
 // The unrotated columns of kTensors tiles (64 rows each) for a block of kThreads: issue() loads a thread's pieces of
-// zx's rows (4 floats a piece) into registers, store() adds the biases and writes them to the shared tiles. Between the
+// the rows (4 floats a piece) into registers, store() adds the biases and writes them to the shared tiles. Between the
 // two the caller has the loads in flight with its other copies (no round trip before them).
 template <int N, int kThreads, int kTensors>
 struct UnrotatedColumns {
@@ -34,13 +42,14 @@ struct UnrotatedColumns {
     const int64_t bh = chunk / p.nc;
     const int h = int(bh % d.H), g = h / (d.H / d.G), c4 = int(threadIdx.x) % kPieces * 4;
     const int64_t tok0 = bh / d.H * d.L + chunk % p.nc * p.T + int(threadIdx.x) / kPieces;
+    const int pitch = 2 * d.G * NU;  // (bc_unrot's token rows: B's G vectors, then C's)
 #pragma unroll
     for (int t = 0; t < kTensors; ++t) {
-      const float* row = p.zx + tok0 * d.din + (is_q[t] ? d.off_C : d.off_B) + int64_t(g) * N + NR + c4;
+      const float* row = p.bc_unrot + tok0 * pitch + ((is_q[t] ? d.G : 0) + g) * NU + c4;
       bias[t] = (is_q[t] ? p.C_bias : p.B_bias) + int64_t(h) * N + NR + c4;
 #pragma unroll
       for (int j = 0; j < kIter; ++j)
-        v[t][j] = __ldg(reinterpret_cast<const float4*>(row + int64_t(j) * kRowStep * d.din));
+        v[t][j] = __ldg(reinterpret_cast<const float4*>(row + j * kRowStep * pitch));
     }
   }
 
