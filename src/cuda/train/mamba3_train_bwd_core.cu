@@ -571,7 +571,10 @@ __device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
-template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false>
+// kQk: q and k stored in their rotated half (p.qk_rotated_only), the fused core forming the rest (an instance of its own,
+// so that the others' code is as it was).
+template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
+          bool kQk = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
@@ -599,14 +602,15 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   // (the head-fastest order also where the core forms q's and k's unrotated half: a chunk's heads read the same zx
   // rows close together in time)
   const int64_t chunk =
-      kHeadSum || (kPost && p.qk_rotated_only && p.qk_head_order) ? head_fastest_chunk(p) : int64_t(blockIdx.x);
+      kHeadSum || (kQk && p.qk_head_order) ? head_fastest_chunk(p) : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The phases this warp runs and its 16-row block in them.
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
   const int wq = warp % kCoreWarps;
 
-  // (p.qk_rotated_only, the fused core: q's and k's rotated columns from Q and K, the others formed from zx's rows)
-  const bool qk_half = kPost && p.qk_rotated_only;
+  // (p.qk_rotated_only, the fused core: q's and k's rotated columns from Q and K, the others formed from bc_unrot)
+  static_assert(!kQk || kPost, "q and k in part only for the fused core");
+  constexpr bool qk_half = kQk;
   [[maybe_unused]] UnrotatedColumns<N, kThreads, 2> unrot;
   if (qk_half) unrot.issue(p, chunk, {true, false});  // (first: its loads ahead of the copies in the memory pipe)
   if (qk_half) {
@@ -641,11 +645,14 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
   }
-  if (qk_half) unrot.store({sQ, sK}, LDN);
+  // (with the output part, the formed half is stored after the first barrier, beside that pass and before its
+  // barrier: off the copies' critical path, which it had lengthened by ~10 %)
+  if (qk_half && !kOut) unrot.store({sQ, sK}, LDN);
   asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
   if constexpr (kOut) {
     core_output_part<P, kThreads>(p, chunk, out_rows, sdY, sdYe, sV, sVw, LDP, wD);
+    if (qk_half) unrot.store({sQ, sK}, LDN);
     __syncthreads();
   }
 
@@ -1042,20 +1049,21 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   if constexpr (kHeadSum) head_sum_epilogue<N, kThreads>(p, chunk, reinterpret_cast<float*>(smem_raw));
 }
 
-template <int N, int P, int kMode, int kR, bool kUnrot = false>
+template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kQk = false>
 __global__ void __launch_bounds__(kCoreThreads)
     backward_core_kernel(const BatchedParams p, const bf16* Hc16, float* g_slots, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, kCoreWarps, kR, kUnrot>(p, Hc16, g_slots, dHc16);
+  backward_core_body<N, P, kMode, kCoreWarps, kR, kUnrot, false, false, kQk>(p, Hc16, g_slots, dHc16);
 }
 
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
-template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false>
+template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
+          bool kQk = false>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2)
     fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut, kQk>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -1182,16 +1190,27 @@ void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc1
                          const char* what) {
   const bool wide = fused_core_wide();
   MAMBA3_CHECK(wide || !kOut, "{}: the output part runs on the 8-warp block only", what);
+  // (q and k stored in part: the fused core's instances that form the rest)
+  MAMBA3_CHECK(!p.qk_rotated_only || kMode == kCoreFused, "{}: q and k stored in part need the fused core", what);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
     if (!wide) {
       if constexpr (kOut) return;  // (refused above)
-      launch_core(backward_core_kernel<N, P, kMode, kR, kUnrot>, what, s, p, bytes, p, static_cast<const bf16*>(Hc16),
-                  static_cast<float*>(nullptr), static_cast<const bf16*>(dHc16));
+      const auto go = [&](auto kernel) {
+        launch_core(kernel, what, s, p, bytes, p, static_cast<const bf16*>(Hc16), static_cast<float*>(nullptr),
+                    static_cast<const bf16*>(dHc16));
+      };
+      if constexpr (kMode == kCoreFused) {
+        if (p.qk_rotated_only) return go(backward_core_kernel<N, P, kMode, kR, kUnrot, true>);
+      }
+      go(backward_core_kernel<N, P, kMode, kR, kUnrot>);
       return;
     }
     auto* kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut>;
+    if constexpr (kMode == kCoreFused) {
+      if (p.qk_rotated_only) kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut, true>;
+    }
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
@@ -1207,6 +1226,7 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
   MAMBA3_CHECK(post_scan_core_supported(p), "fused backward core: unsupported chunk (bf16 {}, rows {}, N {}, P {}, R {})",
                p.bf16, p.rows, p.d.N, p.d.P, p.d.R);
   if (p.dqk_head_sum) {
+    MAMBA3_CHECK(!p.qk_rotated_only, "fused backward core: the head sum reads q and k whole");
     MAMBA3_CHECK(p.dqk_unrotated && fused_core_head_sum_supported(p),
                  "fused backward core: the head sum unsupported (H {}, G {}, N {}, P {}, S {})", p.d.H, p.d.G, p.d.N,
                  p.d.P, p.d.S);

@@ -64,7 +64,9 @@ __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* sr
 
 // fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when fixed at compile
 // time (1, 2, 4), else 0 (read from p; see chunk_coef).
-template <int N, int P, int kR>
+// kQk: q and k stored in their rotated half (p.qk_rotated_only; SISO), the rest formed here (an instance of its own,
+// so that the others' code is as it was).
+template <int N, int P, int kR, bool kQk = false>
 __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
                                                                     bool fuse_output) {
   pdl_wait();
@@ -81,8 +83,8 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   const int T = p.T, R = p.d.R;
   float* Lam = reinterpret_cast<float*>(sV + kRows * LDP);
   float *scale = Lam + T, *gam = scale + T, *eLs = gam + T, *nws = eLs + T;
-  // (p.qk_rotated_only: a chunk's heads in consecutive blocks, which read the same zx rows)
-  const int64_t chunk = kR == 1 && p.qk_rotated_only && p.qk_head_order ? head_fastest_chunk(p) : int64_t(blockIdx.x);
+  // (p.qk_rotated_only: a chunk's heads in consecutive blocks, which read the same bc_unrot rows)
+  const int64_t chunk = kQk && p.qk_head_order ? head_fastest_chunk(p) : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The output stage's operands (fuse_output): its scalars now, its z rows into k's tile once S no longer needs it
   // (kZInK), so that their loads are in flight during the products instead of after them.
@@ -97,8 +99,9 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
       p.zx16 ? reinterpret_cast<const bf16*>(p.zx16) + (int64_t(b) * d.L + c0) * zpitch16 + int64_t(h) * P : nullptr;
   float Dh = 0.0f;
 
-  // (p.qk_rotated_only, SISO: q's and k's rotated columns from Q and K, the others formed from zx's rows)
-  const bool qk_half = kR == 1 && p.qk_rotated_only;
+  // (p.qk_rotated_only, SISO: q's and k's rotated columns from Q and K, the others formed from bc_unrot)
+  static_assert(!kQk || kR == 1, "q and k in part only for SISO");
+  constexpr bool qk_half = kQk;
   [[maybe_unused]] UnrotatedColumns<N, kCoreThreads, 2> unrot;
   if (qk_half) unrot.issue(p, chunk, {true, false});  // (first: its loads ahead of the copies in the memory pipe)
   if (qk_half) {
@@ -302,13 +305,15 @@ bool forward_core_writes_output(const BatchedParams& p) { return !p.d.mimo && p.
 void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16) {
   MAMBA3_CHECK(forward_core_supported(p), "forward core: unsupported chunk (bf16 {}, rows {}, N {}, P {})", p.bf16,
                p.rows, p.d.N, p.d.P);
+  MAMBA3_CHECK(!p.qk_rotated_only || p.d.R == 1, "forward core: q and k stored in part only for SISO");
   const bool out = forward_core_writes_output(p);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     const auto run = [&](auto kernel) {
       launch_core(kernel, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p, static_cast<const bf16*>(Hc16), out);
     };
-    if (p.d.R == 1) run(forward_core_kernel<N, P, 1>);
+    if (p.d.R == 1 && p.qk_rotated_only) run(forward_core_kernel<N, P, 1, true>);
+    else if (p.d.R == 1) run(forward_core_kernel<N, P, 1>);
     else if (p.d.R == 2) run(forward_core_kernel<N, P, 2>);
     else if (p.d.R == 4) run(forward_core_kernel<N, P, 4>);
     else run(forward_core_kernel<N, P, 0>);

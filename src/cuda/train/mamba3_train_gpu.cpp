@@ -564,7 +564,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     // (only where the backward is expected to take the fused core, whose rotation backward forms q and k itself: any
     // other backward path runs the build again, whole)
     p.qk_rotated_only = qk_rotated_only_ && chain && backward_core_fused_ && post_scan_core_supported(p) &&
-                        qk_rotated_only_supported(p);
+                        !(core_unrotate_ && core_head_sum_) && qk_rotated_only_supported(p);
     act_->qk_rotated_only = p.qk_rotated_only;
     p.qk_head_order = env_choice("MAMBA3_TRAIN_QK_HEAD_ORDER", {"1", "0"}) != "0";
     qk_rotated_only_used_ = p.qk_rotated_only;
@@ -650,7 +650,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // reads them whole, so the build runs again first (the same values; it also writes v and the chunk scalars again).
   p.qk_rotated_only = act_->qk_rotated_only;
   p.qk_head_order = env_choice("MAMBA3_TRAIN_QK_HEAD_ORDER", {"1", "0"}) != "0";
-  if (p.qk_rotated_only && !(fused_core && qk_rotated_only_supported(p))) {
+  if (p.qk_rotated_only && !(fused_core && qk_rotated_only_supported(p) && !(core_unrotate_ && core_head_sum_))) {
     BatchedParams whole = p;
     whole.qk_rotated_only = false, whole.vw_formed = false;
     launch_batched_build(s, whole);

@@ -58,13 +58,10 @@ struct ChainSmem {
 // kDye (reverse, p.core_output): A = e^Λ ⊙ dy formed in the fragments from dO's and z's rows (token-major, the head's
 // columns) and e^Λ (w_rows = p.eL), with the output-stage backward's expressions (siso_gate_dy): launch_output_dye's
 // bits, without its kernel (dO and z read here instead of e^Λ ⊙ dy written and read back).
-template <int N, int P, int kSlice, bool kDye = false>
-// (512 threads per SM asked for, ≤ 128 registers: the formed columns' registers (qk_rotated_only) had taken the 125M
-// instances to 154 and 166 registers, one block per SM, and the 192 blocks of a 125M chain into two waves)
-__global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads, 512 / ChainSmem<N, kSlice, kDye>::threads)
-    state_chain_kernel(const BatchedParams p, const bf16* A, const bf16* Bm, bool reverse, void* out16,
-                       const float* w_rows) {
-  pdl_wait();
+// kQk: B's operand (k forward, q in reverse) stored in its rotated half (p.qk_rotated_only), the rest formed here.
+template <int N, int P, int kSlice, bool kDye, bool kQk>
+__device__ __forceinline__ void state_chain_body(const BatchedParams& p, const bf16* A, const bf16* Bm, bool reverse,
+                                                 void* out16, const float* w_rows) {
   using Smem = ChainSmem<N, kSlice, kDye>;
   constexpr int kLdA = Smem::LDA, LDN = Smem::LDN, SE = Smem::stage_elems, NT = N / 16, slices = P / kSlice;
   constexpr int kThreads = Smem::threads, kRowWarps = kSlice / 16;
@@ -78,7 +75,7 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads, 512 / Cha
   const auto chunk_at = [&](int i) { return bh * nc + (reverse ? nc - 1 - i : i); };
   // p.qk_rotated_only (SISO): B's rotated columns (k's forward, q's in reverse) from Bm at row pitch N/2, the others
   // formed from zx's rows (registers loaded with the stage's copies, stored into the stage after the chunk before it).
-  const bool qk_half = p.qk_rotated_only;
+  constexpr bool qk_half = kQk;
   static_assert(kStages == 2, "the formed columns of one stage ahead in registers");
   [[maybe_unused]] UnrotatedColumns<N, kThreads, 1> unrot;
   // Step i's operands into stage i % kStages (an empty group past the last chunk keeps the group count uniform), by
@@ -186,6 +183,25 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads, 512 / Cha
   }
 }
 
+
+template <int N, int P, int kSlice, bool kDye = false>
+__global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
+    state_chain_kernel(const BatchedParams p, const bf16* A, const bf16* Bm, bool reverse, void* out16,
+                       const float* w_rows) {
+  pdl_wait();
+  state_chain_body<N, P, kSlice, kDye, false>(p, A, Bm, reverse, out16, w_rows);
+}
+
+// The instances that form B's unrotated half, asked for 512 threads per SM (≤ 128 registers): the formed columns'
+// registers had taken the 125M ones to 154 and 166 registers, one block per SM, and a 125M chain's 192 blocks into
+// two waves.
+template <int N, int P, int kSlice, bool kDye = false>
+__global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads, 512 / ChainSmem<N, kSlice, kDye>::threads)
+    state_chain_qk_kernel(const BatchedParams p, const bf16* A, const bf16* Bm, bool reverse, void* out16,
+                          const float* w_rows) {
+  pdl_wait();
+  state_chain_body<N, P, kSlice, kDye, true>(p, A, Bm, reverse, out16, w_rows);
+}
 // Rows of P per chain block: set_state_chain_slice, else MAMBA3_TRAIN_CHAIN_SLICE (read once), 64 (the default where P
 // allows; since the forty-ninth session: the reverse chain forming e^Λ ⊙ dy forms each fragment once per block row of
 // warps instead of twice, 125M step −0.2 ms on an H100) or 32.
@@ -228,13 +244,17 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
       const auto go = [&](auto dye) {
         constexpr bool kDye = decltype(dye)::value;
         using Smem = ChainSmem<N, S, kDye>;
-        auto* kernel = state_chain_kernel<N, P, S, kDye>;
+        auto* plain = state_chain_kernel<N, P, S, kDye>;
+        auto* qk = state_chain_qk_kernel<N, P, S, kDye>;  // (p.qk_rotated_only)
         if (Smem::bytes > 48 * 1024) {  // once per instance (a host call per layer's launch otherwise)
           static const cudaError_t opted =
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Smem::bytes));
+              cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Smem::bytes));
+          static const cudaError_t opted_qk =
+              cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Smem::bytes));
           MAMBA3_CUDA_CHECK(opted);
+          MAMBA3_CUDA_CHECK(opted_qk);
         }
-        launch(kernel, Smem::bytes, Smem::threads, S);
+        launch(p.qk_rotated_only ? qk : plain, Smem::bytes, Smem::threads, S);
       };
       if (form_dye)
         go(std::true_type{});
