@@ -401,7 +401,6 @@ __device__ __forceinline__ void pair_barrier(int wq) {
 // after a second barrier each block drops its tiles' lines from L2 (discard: no write-back), so that when they are
 // still there the tiles never reach DRAM.
 
-
 // Every thread of the cluster's blocks: their global stores before it are visible to every block after it.
 __device__ __forceinline__ void cluster_barrier() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
@@ -571,8 +570,8 @@ __device__ __forceinline__ void core_output_part(const BatchedParams& p, int64_t
 // shared tiles and write disjoint outputs), twice the warps in flight for the same arithmetic (the same bits).
 enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
-// kQk: q and k stored in their rotated half (p.qk_rotated_only), the fused core forming the rest (an instance of its own,
-// so that the others' code is as it was).
+// kQk: q and k stored in their rotated half (p.qk_rotated_only), the fused core forming the rest (an instance of its
+// own, so that the others' code is as it was).
 template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
           bool kQk = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
@@ -599,10 +598,9 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   bf16* sVw = sdH + P * LDN;
   float* dL = reinterpret_cast<float*>(sVw + kRows * LDP);
   float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows, *dLo = wsum + kCoreWarps, *wD = dLo + kRows;
-  // (the head-fastest order also where the core forms q's and k's unrotated half: a chunk's heads read the same zx
-  // rows close together in time)
-  const int64_t chunk =
-      kHeadSum || (kQk && p.qk_head_order) ? head_fastest_chunk(p) : int64_t(blockIdx.x);
+  // (the head-fastest order also where the core forms q's and k's unrotated half: a chunk's heads read the same
+  // bc_unrot rows close together in time)
+  const int64_t chunk = kHeadSum || (kQk && p.qk_head_order) ? head_fastest_chunk(p) : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The phases this warp runs and its 16-row block in them.
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;

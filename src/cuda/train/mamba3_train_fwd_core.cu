@@ -67,8 +67,8 @@ __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* sr
 // kQk: q and k stored in their rotated half (p.qk_rotated_only; SISO), the rest formed here (an instance of its own,
 // so that the others' code is as it was).
 template <int N, int P, int kR, bool kQk = false>
-__global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const BatchedParams p, const bf16* Hc16,
-                                                                    bool fuse_output) {
+__global__ void __launch_bounds__(kCoreThreads)
+    forward_core_kernel(const BatchedParams p, const bf16* Hc16, bool fuse_output) {
   pdl_wait();
   using Smem = FwdSmem<N, P>;
   constexpr int LDN = Smem::LDN, LDP = Smem::LDP, LDZ = Smem::LDZ, LDZ16 = Smem::LDZ16, NS = kRows / 8;
@@ -295,7 +295,6 @@ __global__ void __launch_bounds__(kCoreThreads) forward_core_kernel(const Batche
   }
 }
 
-
 }  // namespace
 
 bool forward_core_supported(const BatchedParams& p) { return core_shape_supported(p); }
@@ -312,8 +311,10 @@ void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const v
     const auto run = [&](auto kernel) {
       launch_core(kernel, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p, static_cast<const bf16*>(Hc16), out);
     };
-    if (p.d.R == 1 && p.qk_rotated_only) run(forward_core_kernel<N, P, 1, true>);
-    else if (p.d.R == 1) run(forward_core_kernel<N, P, 1>);
+    if (p.d.R == 1 && p.qk_rotated_only)
+      run(forward_core_kernel<N, P, 1, true>);
+    else if (p.d.R == 1)
+      run(forward_core_kernel<N, P, 1>);
     else if (p.d.R == 2) run(forward_core_kernel<N, P, 2>);
     else if (p.d.R == 4) run(forward_core_kernel<N, P, 4>);
     else run(forward_core_kernel<N, P, 0>);

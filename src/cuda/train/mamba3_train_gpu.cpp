@@ -210,7 +210,7 @@ bool env_vw_formed() {
 
 // MAMBA3_TRAIN_QK_ROTATED_ONLY, read once per process: the SISO build stores only q's and k's rotated columns and their
 // readers form the others from the normalised B/C rows and the biases ("1", where it applies), or it stores them whole
-// ("0", the default: measured slower, docs/perf.md "Fifty-second session"). The same bits.
+// ("0", the default: no step gain measured, docs/perf.md "Fifty-second session"). The same bits.
 bool env_qk_rotated_only() {
   static const bool on = env_choice("MAMBA3_TRAIN_QK_ROTATED_ONLY", {"1", "0"}) == "1";
   return on;

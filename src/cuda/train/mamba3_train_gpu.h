@@ -56,12 +56,12 @@ struct Mamba3TrainActivations {
   bool wv_holds_y = false;   // MIMO: WV holds the pre-norm output y (Mamba3TrainGpu::set_mimo_y)
   bool vw_formed = false;    // bVw not written: its readers form w ⊙ v from v (Mamba3TrainGpu::set_vw_formed)
   bool z_unread = false;     // bZ's Z not written (with vw_formed): the fused core's output part forms Λ's term
-  bool qk_rotated_only = false;  // bQ/bK hold only the rotated columns (Mamba3TrainGpu::set_qk_rotated_only)
+  bool qk_rotated_only = false;   // bQ/bK hold only the rotated columns (Mamba3TrainGpu::set_qk_rotated_only)
   bool bc_unrot_written = false;  // the last prepare wrote bc_unrot
   size_t bytes() const {
     size_t n = 0;
-    for (const DeviceBuffer* b : {&bc_raw, &bc_unrot, &zx, &zx16, &scalars, &phi, &o, &o16, &angle_seg, &Hc, &Hc16, &bscal, &bQ,
-                                  &bK, &bV, &bVw, &bS, &bW, &bZ, &bWV})
+    for (const DeviceBuffer* b : {&bc_raw, &bc_unrot, &zx, &zx16, &scalars, &phi, &o,  &o16, &angle_seg, &Hc,
+                                  &Hc16,   &bscal,    &bQ, &bK,   &bV,      &bVw, &bS, &bW,  &bZ,        &bWV})
       n += b->bytes();
     return n;
   }
@@ -206,7 +206,7 @@ class Mamba3TrainGpu {
   bool vw_formed_used() const { return vw_formed_used_; }
   // The SISO build stores only q's and k's rotated columns (rope_fraction 0.5: the upper half of the state passes
   // unrotated) and the chains and cores form the others from zx's B/C rows and the biases, where the fused backward
-  // core is expected (default from MAMBA3_TRAIN_QK_ROTATED_ONLY, off: measured slower); the same bits.
+  // core is expected (default from MAMBA3_TRAIN_QK_ROTATED_ONLY, off: no step gain measured); the same bits.
   void set_qk_rotated_only(bool on) { qk_rotated_only_ = on; }
   // Whether the last chunk pass's forward did (set_qk_rotated_only and its configuration).
   bool qk_rotated_only_used() const { return qk_rotated_only_used_; }

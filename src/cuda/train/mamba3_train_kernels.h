@@ -192,11 +192,11 @@ struct BatchedParams {
   // the biases, the build's bits (qk_unrotated_columns.cuh). SISO only, where qk_rotated_only_supported; set in
   // batched_chunks and kept with the activations (a backward on another path runs the build again, whole).
   bool qk_rotated_only;
-  // The normalised B/C coordinates [N/2, N), (M, 2·G, N/2): B's vectors then C's (launch_normalize_bc's bc_unrot), where
-  // the readers of qk_rotated_only form the unrotated half (null: qk_rotated_only does not apply).
+  // The normalised B/C coordinates [N/2, N), (M, 2·G, N/2): B's vectors then C's (launch_normalize_bc's bc_unrot),
+  // where the readers of qk_rotated_only form the unrotated half (null: qk_rotated_only does not apply).
   const float* bc_unrot;
   // With qk_rotated_only, the forward core and the fused core take their chunks head-fastest ((b, c, h): a chunk's
-  // heads, which read the same zx rows, in consecutive blocks).
+  // heads, which read the same bc_unrot rows, in consecutive blocks).
   bool qk_head_order;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
@@ -279,7 +279,7 @@ void launch_form_vw(cudaStream_t s, const BatchedParams& p);
 // Whether the forward can leave w ⊙ v to its readers (p.vw_formed): the SISO full-chunk build with bf16 x.
 bool vw_formed_supported(const BatchedParams& p);
 // Whether the SISO build may store only q's and k's rotated columns (p.qk_rotated_only): its full-chunk kernel at
-// rope_fraction 0.5 with 16-byte-aligned zx rows and biases, the cores' chunks.
+// rope_fraction 0.5 with bc_unrot written and 16-byte-aligned zx rows, bc_unrot and biases, the cores' chunks.
 bool qk_rotated_only_supported(const BatchedParams& p);
 // e^Λ ⊙ dy alone, for the reverse chain where the fused core does the rest of the output stage's backward
 // (p.core_output) and the chain does not form it itself (Mamba3TrainGpu::set_chain_dye(false)): the output-stage

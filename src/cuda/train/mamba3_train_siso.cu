@@ -1209,9 +1209,8 @@ bool qk_rotated_only_supported(const BatchedParams& p) {
   // (which then cannot read them) need.
   const MixerDims& d = p.d;
   return batched::build_siso_applies(p) && batched::rotation_backward_siso_applies(p) && p.build_fast && !d.mimo &&
-         !d.no_rotary && 4 * d.S == d.N &&
-         d.L % p.T == 0 && p.T % (2 * batched::kWarps) == 0 && p.rows == p.T && p.T == 64 && p.bc_unrot &&
-         (reinterpret_cast<uintptr_t>(p.bc_unrot) & 15) == 0 &&
+         !d.no_rotary && 4 * d.S == d.N && d.L % p.T == 0 && p.T % (2 * batched::kWarps) == 0 && p.rows == p.T &&
+         p.T == 64 && p.bc_unrot && (reinterpret_cast<uintptr_t>(p.bc_unrot) & 15) == 0 &&
          (reinterpret_cast<uintptr_t>(p.zx) & 15) == 0 && (reinterpret_cast<uintptr_t>(p.B_bias) & 15) == 0 &&
          (reinterpret_cast<uintptr_t>(p.C_bias) & 15) == 0;
 }

@@ -74,7 +74,7 @@ __device__ __forceinline__ void state_chain_body(const BatchedParams& p, const b
   const int pr = 16 * (warp % kRowWarps), n0 = (N / 2) * (warp / kRowWarps);  // the warp's first row and column
   const auto chunk_at = [&](int i) { return bh * nc + (reverse ? nc - 1 - i : i); };
   // p.qk_rotated_only (SISO): B's rotated columns (k's forward, q's in reverse) from Bm at row pitch N/2, the others
-  // formed from zx's rows (registers loaded with the stage's copies, stored into the stage after the chunk before it).
+  // formed from bc_unrot (registers loaded with the stage's copies, stored into the stage after the chunk before it).
   constexpr bool qk_half = kQk;
   static_assert(kStages == 2, "the formed columns of one stage ahead in registers");
   [[maybe_unused]] UnrotatedColumns<N, kThreads, 1> unrot;
@@ -182,7 +182,6 @@ __device__ __forceinline__ void state_chain_body(const BatchedParams& p, const b
     store_formed(i + 1);  // (the next step's barrier orders it before that step's reads)
   }
 }
-
 
 template <int N, int P, int kSlice, bool kDye = false>
 __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)

@@ -5,7 +5,7 @@
 // the build 100 MB of writes per 125M layer and every reader (the chains, the forward core, the fused backward core)
 // as much again to read. A reader now copies the rotated half from Q/K (row pitch N/2) and forms the other half from
 // the group's rows — a compact f32 copy of them that the B/C normalisation writes (bc_unrot: 8 MB per 125M layer,
-// L2-resident while the heads read it; zx's own rows, 14 KB apart, had made the fused core slower) — with
+// L2-resident while the heads read it, where zx's own rows are 14 KB apart) — with
 // rotated_pair's unrotated branch: bf16(c + bias), the build's bits, so the tiles are the same as when the build stored
 // them whole.
 #include <cuda_bf16.h>
@@ -48,8 +48,7 @@ struct UnrotatedColumns {
       const float* row = p.bc_unrot + tok0 * pitch + ((is_q[t] ? d.G : 0) + g) * NU + c4;
       bias[t] = (is_q[t] ? p.C_bias : p.B_bias) + int64_t(h) * N + NR + c4;
 #pragma unroll
-      for (int j = 0; j < kIter; ++j)
-        v[t][j] = __ldg(reinterpret_cast<const float4*>(row + j * kRowStep * pitch));
+      for (int j = 0; j < kIter; ++j) v[t][j] = __ldg(reinterpret_cast<const float4*>(row + j * kRowStep * pitch));
     }
   }
 
