@@ -611,13 +611,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   constexpr bool qk_half = kQk;
   [[maybe_unused]] UnrotatedColumns<N, kThreads, 2> unrot;
   if (qk_half) unrot.issue(p, chunk, {true, false});  // (first: its loads ahead of the copies in the memory pipe)
-  if (qk_half) {
-    copy_tile<kThreads, kRows, N / 2>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * (N / 2));
-    copy_tile<kThreads, kRows, N / 2>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * (N / 2));
-  } else {
-    copy_tile<kThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
-    copy_tile<kThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
-  }
+  copy_qk_tiles<kThreads, N, qk_half>(sQ, sK, LDN, p, chunk);
   copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   [[maybe_unused]] CoreOutputRows<P, kThreads> out_rows;

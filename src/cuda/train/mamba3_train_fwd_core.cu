@@ -104,13 +104,7 @@ __global__ void __launch_bounds__(kCoreThreads)
   constexpr bool qk_half = kQk;
   [[maybe_unused]] UnrotatedColumns<N, kCoreThreads, 2> unrot;
   if (qk_half) unrot.issue(p, chunk, {true, false});  // (first: its loads ahead of the copies in the memory pipe)
-  if (qk_half) {
-    copy_tile<kCoreThreads, kRows, N / 2>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * (N / 2));
-    copy_tile<kCoreThreads, kRows, N / 2>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * (N / 2));
-  } else {
-    copy_tile<kCoreThreads, kRows, N>(sQ, LDN, static_cast<const bf16*>(p.Q) + chunk * kRows * N);
-    copy_tile<kCoreThreads, kRows, N>(sK, LDN, static_cast<const bf16*>(p.K) + chunk * kRows * N);
-  }
+  copy_qk_tiles<kCoreThreads, N, qk_half>(sQ, sK, LDN, p, chunk);
   copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kCoreThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");

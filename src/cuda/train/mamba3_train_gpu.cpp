@@ -216,6 +216,13 @@ bool env_qk_rotated_only() {
   return on;
 }
 
+// MAMBA3_TRAIN_QK_HEAD_ORDER, read once per process: with q and k stored in part, the forward core and the fused core
+// take a chunk's heads in consecutive blocks ("1", the default) or the chunks of a head ("0"). The same bits.
+bool env_qk_head_order() {
+  static const bool on = env_choice("MAMBA3_TRAIN_QK_HEAD_ORDER", {"1", "0"}) != "0";
+  return on;
+}
+
 // MAMBA3_TRAIN_CHAIN_DYE, read once per process: with the fused core's output part, the reverse chain forms e^Λ ⊙ dy
 // from dO and z itself ("1", the default) or a kernel writes it first ("0"). The same bits.
 bool env_chain_dye() {
@@ -308,6 +315,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       vw_formed_(env_vw_formed()),
       chain_dye_(env_chain_dye()),
       qk_rotated_only_(env_qk_rotated_only()),
+      qk_head_order_(env_qk_head_order()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
       zx_bf16_(env_zx16()) {
@@ -400,7 +408,7 @@ void Mamba3TrainGpu::prepare(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   mark("in_proj");
   // (the compact copy of the unrotated coordinates that the readers of q and k stored in part take, where the
   // switch and the bf16 mode's SISO path may use it: batched_chunks decides)
-  act_->bc_unrot_written = qk_rotated_only_ && !d.mimo && o_in_bf16(gemm) && d.N % 8 == 0;
+  act_->bc_unrot_written = writes_bc_unrot(o_in_bf16(gemm));
   if (act_->bc_unrot_written) reserve_floats(act_->bc_unrot, M * 2 * d.G * (d.N / 2));
   launch_normalize_bc(s, d, f(act_->zx), w.B_norm, w.C_norm, f(act_->bc_raw),
                       act_->bc_unrot_written ? f(act_->bc_unrot) : nullptr);
@@ -451,9 +459,13 @@ int64_t Mamba3TrainGpu::activation_bytes(int64_t B, int64_t L, Precision precisi
   // width: the z and x columns there are then unused).
   const int64_t zx16 = bf16 && chunk_batched_ && zx_bf16_ && !d.mimo ? M * 2 * d.d_inner * 2 : 0;
   // (the compact copy of B/C's unrotated coordinates, where prepare writes it)
-  const int64_t bc_unrot = bf16 && qk_rotated_only_ && !d.mimo && d.N % 8 == 0 ? M * d.G * d.N * 4 : 0;
+  const int64_t bc_unrot = writes_bc_unrot(bf16) ? M * d.G * d.N * 4 : 0;
   return floats * 4 + operands * (bf16 ? 2 : 4) + (bf16 ? BHc * d.P * d.N * 2 + M * d.d_inner * 2 + zx16 : 0) +
          bc_unrot;
+}
+
+bool Mamba3TrainGpu::writes_bc_unrot(bool bf16) const {
+  return bf16 && qk_rotated_only_ && !c_.is_mimo && c_.d_state % 8 == 0;
 }
 
 int Mamba3TrainGpu::epilogue_heads() const {
@@ -503,6 +515,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   p.rotation_prefetch = rotation_prefetch_;
   p.rotation_split = rotation_split_;
   p.rotation_pipe = rotation_pipe_;
+  p.qk_head_order = qk_head_order_;
   p.heads_per_block = epilogue_heads();
   p.zx = f(act_->zx), p.dt = f(act_->scalars), p.A = f(act_->scalars, BHL);
   p.zx16 = act_->zx16_used ? act_->zx16.as<uint16_t>() : nullptr;
@@ -547,6 +560,12 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   const int64_t sRN = rows * N, sRP = rows * P, sRR = rows * rows;
 
   if (reuse) MAMBA3_CHECK(act_->chunk_cores == use_cores, "Mamba3TrainGpu: kept activations of another chunk path");
+  // Whether q and k may be stored in part (p.qk_rotated_only): where the backward takes the fused core (not the head
+  // sum), whose rotation backward forms q and k itself, and the shapes allow it.
+  const auto qk_half_applies = [&] {
+    return chain && backward_core_fused_ && post_scan_core_supported(p) && !(core_unrotate_ && core_head_sum_) &&
+           qk_rotated_only_supported(p);
+  };
   // MIMO: y in WV from the forward core for the output instance (a kept forward's choice stands).
   p.wv_holds_y = reuse ? act_->wv_holds_y : mimo_y_ && use_cores && d.mimo && output_mimo_applies(p);
   mimo_y_used_ = p.wv_holds_y;
@@ -563,10 +582,8 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     act_->z_unread = p.z_unread;
     // (only where the backward is expected to take the fused core, whose rotation backward forms q and k itself: any
     // other backward path runs the build again, whole)
-    p.qk_rotated_only = qk_rotated_only_ && chain && backward_core_fused_ && post_scan_core_supported(p) &&
-                        !(core_unrotate_ && core_head_sum_) && qk_rotated_only_supported(p);
+    p.qk_rotated_only = qk_rotated_only_ && qk_half_applies();
     act_->qk_rotated_only = p.qk_rotated_only;
-    p.qk_head_order = env_choice("MAMBA3_TRAIN_QK_HEAD_ORDER", {"1", "0"}) != "0";
     qk_rotated_only_used_ = p.qk_rotated_only;
     launch_batched_build(s, p);
     prof.mark("build");
@@ -649,8 +666,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   // q and k stored in part by the forward: the fused core and its rotation backward form the rest; any other path
   // reads them whole, so the build runs again first (the same values; it also writes v and the chunk scalars again).
   p.qk_rotated_only = act_->qk_rotated_only;
-  p.qk_head_order = env_choice("MAMBA3_TRAIN_QK_HEAD_ORDER", {"1", "0"}) != "0";
-  if (p.qk_rotated_only && !(fused_core && qk_rotated_only_supported(p) && !(core_unrotate_ && core_head_sum_))) {
+  if (p.qk_rotated_only && !qk_half_applies()) {
     BatchedParams whole = p;
     whole.qk_rotated_only = false, whole.vw_formed = false;
     launch_batched_build(s, whole);

@@ -151,6 +151,8 @@ class Mamba3TrainGpu {
   // divisor up to 4). Only the order of the sums over heads changes with it.
   void set_epilogue_heads(int heads) { epilogue_heads_ = heads; }
   int epilogue_heads() const;
+  // Whether prepare writes the compact copy of B/C's unrotated coordinates (set_qk_rotated_only, SISO, the bf16 mode).
+  bool writes_bc_unrot(bool bf16) const;
 
   // The batched path's chunk cores in the bf16 mode: true runs the forward's S, mask, Z and WV and the backward's dW,
   // coef, dV, dQ, dK's first term and G as one tensor-core kernel per chunk each (mamba3_train_fwd_core.h,
@@ -367,6 +369,7 @@ class Mamba3TrainGpu {
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool qk_rotated_only_ = false;     // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
   bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)
+  bool qk_head_order_ = true;          // with it, the cores take a chunk's heads in consecutive blocks
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)
   bool mimo_y_ = true;               // MIMO's forward core stores y for the output stage (set_mimo_y)

@@ -15,6 +15,7 @@
 #include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_batched_common.cuh"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mma_bf16.cuh"
 
 namespace mamba3::cuda::train_detail {
 
@@ -68,5 +69,17 @@ struct UnrotatedColumns {
     }
   }
 };
+
+// The chunk's q and k tiles into sQ and sK (rows at pitch ld) by cp.async, not committed: whole rows from Q and K, or
+// with kHalf (p.qk_rotated_only) their rotated columns [0, N/2), whose rows are then N/2 apart.
+template <int kThreads, int N, bool kHalf>
+__device__ __forceinline__ void copy_qk_tiles(__nv_bfloat16* sQ, __nv_bfloat16* sK, int ld, const BatchedParams& p,
+                                              int64_t chunk) {
+  constexpr int cols = kHalf ? N / 2 : N;
+  mma_bf16::copy_tile<kThreads, kCoreRows, cols>(sQ, ld,
+                                                 static_cast<const __nv_bfloat16*>(p.Q) + chunk * kCoreRows * cols);
+  mma_bf16::copy_tile<kThreads, kCoreRows, cols>(sK, ld,
+                                                 static_cast<const __nv_bfloat16*>(p.K) + chunk * kCoreRows * cols);
+}
 
 }  // namespace mamba3::cuda::train_detail
