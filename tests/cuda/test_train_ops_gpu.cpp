@@ -196,8 +196,9 @@ TEST(TrainOpsGpu, NormBackwardMatchesCpuAndRepeats) {
 }
 
 // The register-row kernels (D = 32·k) and the staged backward rows (wider D, D % 4 == 0; here 768, 1156 and 2048
-// with a last block of fewer rows) against the generic ones: the same arithmetic in the same order, so the residual,
-// y, its bf16 rounding, dx, its bf16 rounding, dw and db are the same bits, with and without accumulation.
+// with a last block of fewer rows; 20,011 rows: more than 2048 blocks of 8) against the generic ones: the same
+// arithmetic in the same order, so the residual, y, its bf16 rounding, dx, its bf16 rounding, dw and db are the same
+// bits, with and without accumulation.
 TEST(TrainOpsGpu, NormRegisterRowsGiveTheSameBits) {
   MAMBA3_REQUIRE_GPU();
   cuda::Context ctx;
@@ -206,7 +207,8 @@ TEST(TrainOpsGpu, NormRegisterRowsGiveTheSameBits) {
   struct Restore {
     ~Restore() { cuda::set_norm_register_rows(true); }
   } restore;
-  for (const auto [rows, D] : {Shape2{301, 256}, Shape2{130, 512}, Shape2{1029, 768}, Shape2{45, 1156}, Shape2{77, 2048}})
+  for (const auto [rows, D] :
+       {Shape2{301, 256}, Shape2{130, 512}, Shape2{1029, 768}, Shape2{45, 1156}, Shape2{77, 2048}, Shape2{20011, 768}})
     for (bool layer : {false, true}) {
       SCOPED_TRACE(fmt::format("rows {} D {} {}", rows, D, layer ? "LayerNorm" : "RMSNorm"));
       const Tensor prev = random_tensor(rng, {rows, D}, -1.5f, 2.5f), hid = random_tensor(rng, {rows, D});
