@@ -5,24 +5,11 @@
 #include <type_traits>
 
 #include "cuda/cuda_check.h"
-#include "cuda/env_switch.h"
 #include "cuda/pdl.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mma_bf16.cuh"
 
 namespace mamba3::cuda::train_detail {
-
-// Blocks ahead for a core's L2 requests (BatchedParams::core_l2_ahead): `cached` when set (≥ 0), else the variable
-// `name`, read once into it: "auto" = blocks_per_sm (the core's resident blocks) × the device's SMs, a count, or 0 —
-// no requests — when unset.
-inline int l2_ahead_blocks(int& cached, const char* name, int blocks_per_sm) {
-  if (cached < 0) {
-    int sms = 0;
-    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    cached = int(env_integer_or_auto(name, 0, int64_t(blocks_per_sm) * sms, 0, 1 << 20));
-  }
-  return cached;
-}
 
 constexpr int kCoreRows = 64;  // chunk rows every core takes
 

@@ -1224,7 +1224,14 @@ void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
 // yet measured (fifty-third session: built, the device's budget spent before a run).
 namespace {
 int g_core_l2_ahead = -1;  // -1: from the environment
-int core_l2_ahead() { return l2_ahead_blocks(g_core_l2_ahead, "MAMBA3_TRAIN_CORE_L2_AHEAD", 2); }
+int core_l2_ahead() {
+  if (g_core_l2_ahead < 0) {
+    int sms = 0;
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    g_core_l2_ahead = int(env_integer_or_auto("MAMBA3_TRAIN_CORE_L2_AHEAD", 0, 2 * sms, 0, 1 << 20));
+  }
+  return g_core_l2_ahead;
+}
 }  // namespace
 void set_core_l2_ahead(int blocks) { g_core_l2_ahead = blocks; }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
+#include "cuda/env_switch.h"
 #include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_fwd_core.h"
@@ -326,7 +327,14 @@ __global__ void __launch_bounds__(kCoreThreads)
 // MAMBA3_TRAIN_FWD_L2_AHEAD (read once; "auto" = the blocks resident at once, three per SM), else 0: none — not yet
 // measured (fifty-third session: built, the device's budget spent before a run).
 int g_forward_l2_ahead = -1;  // -1: from the environment
-int forward_l2_ahead() { return l2_ahead_blocks(g_forward_l2_ahead, "MAMBA3_TRAIN_FWD_L2_AHEAD", 3); }
+int forward_l2_ahead() {
+  if (g_forward_l2_ahead < 0) {
+    int sms = 0;
+    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    g_forward_l2_ahead = int(env_integer_or_auto("MAMBA3_TRAIN_FWD_L2_AHEAD", 0, 3 * sms, 0, 1 << 20));
+  }
+  return g_forward_l2_ahead;
+}
 
 }  // namespace
 
