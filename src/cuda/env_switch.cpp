@@ -30,14 +30,4 @@ int64_t env_integer(const char* name, int64_t fallback, int64_t lo, int64_t hi) 
   return int64_t(n);
 }
 
-int64_t env_integer_or_auto(const char* name, int64_t fallback, int64_t automatic, int64_t lo, int64_t hi) {
-  const char* v = std::getenv(name);
-  if (v && std::string_view(v) == "auto") return automatic;
-  try {
-    return env_integer(name, fallback, lo, hi);
-  } catch (const Error&) {
-    throw Error(fmt::format("{}='{}': expected \"auto\" or an integer in [{}, {}]", name, v, lo, hi));
-  }
-}
-
 }  // namespace mamba3::cuda

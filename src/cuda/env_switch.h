@@ -14,7 +14,4 @@ std::string env_choice(const char* name, std::initializer_list<std::string_view>
 // The variable as an integer in [lo, hi]; `fallback` when unset or empty.
 int64_t env_integer(const char* name, int64_t fallback, int64_t lo, int64_t hi);
 
-// The same, where the value "auto" stands for `automatic` (a value the caller derives, such as from the device).
-int64_t env_integer_or_auto(const char* name, int64_t fallback, int64_t automatic, int64_t lo, int64_t hi);
-
 }  // namespace mamba3::cuda

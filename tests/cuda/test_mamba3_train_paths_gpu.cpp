@@ -14,7 +14,6 @@
 
 #include "core/dtype.h"
 #include "cuda/train/mamba3_train_bwd_core.h"
-#include "cuda/train/mamba3_train_fwd_core.h"
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_state_chain.h"
@@ -199,18 +198,6 @@ TEST(Mamba3TrainGpu, FusedBackwardCoreGivesTheSplitBits) {
           const GpuResult fused = run(true, keep);
           ASSERT_NO_FATAL_FAILURE(assert_finite(fused));
           EXPECT_TRUE(bit_identical(split, fused));
-          if (wide) {  // the L2 requests for the next block's tiles (most blocks have one here): hints, the same bits
-            cuda::train_detail::set_core_l2_ahead(1);
-            cuda::train_detail::set_forward_l2_ahead(1);
-            const GpuResult ahead = run(true, keep);
-            cuda::train_detail::set_core_l2_ahead(0);
-            cuda::train_detail::set_forward_l2_ahead(0);
-            const GpuResult none = run(true, keep);
-            cuda::train_detail::set_core_l2_ahead(-1);
-            cuda::train_detail::set_forward_l2_ahead(-1);
-            EXPECT_TRUE(bit_identical(split, ahead)) << "with the next block's tiles requested into L2";
-            EXPECT_TRUE(bit_identical(split, none)) << "without L2 requests";
-          }
         }
       }
     }
@@ -269,12 +256,6 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
             return r;
           };
           const GpuResult kernel = run(false), core = run(true), again = run(true);
-          cuda::train_detail::set_core_l2_ahead(1);  // (the next block's tiles into L2: hints, the same bits)
-          cuda::train_detail::set_forward_l2_ahead(1);
-          const GpuResult ahead = run(true);
-          cuda::train_detail::set_core_l2_ahead(-1);
-          cuda::train_detail::set_forward_l2_ahead(-1);
-          EXPECT_TRUE(bit_identical(core, ahead)) << "the L2 requests changed the bits";
           step.train.set_chain_dye(false);  // e^Λ ⊙ dy from its kernel instead of formed in the reverse chain
           const GpuResult dye_kernel = run(true);
           step.train.set_chain_dye(true);

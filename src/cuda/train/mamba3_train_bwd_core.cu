@@ -393,46 +393,6 @@ __device__ __forceinline__ void pair_barrier(int wq) {
     pair_barrier_at<kArrive, 4>();
 }
 
-// p.core_l2_ahead: the operand tiles that the fused core's block `next` will copy, requested into L2 (the bulk copy
-// engine for each whole tile, a line per row for dO's and z's rows): the copies of the block that takes its place
-// then find them there instead of waiting on DRAM (ncu, 125M: 18 % of the core's warp samples were in its prologue,
-// most of them waiting on these copies). Blocks retire roughly in grid order, so the block `ahead` places on is about
-// the next one to run where this one runs.
-template <int N, int P, bool kOut>
-__device__ __forceinline__ void core_tiles_to_l2(const BatchedParams& p, int64_t next, const bf16* Hc16,
-                                                 const bf16* dHc16) {
-  const MixerDims& d = p.d;
-  if (next >= int64_t(d.B) * d.H * p.nc) return;
-  const int t = threadIdx.x;
-  constexpr uint32_t kQK = kRows * N * 2, kPN = P * N * 2, kRP = kRows * P * 2;
-  const uint32_t kT = uint32_t(p.T) * 4;
-  if (t == 0) bulk_prefetch_l2(static_cast<const bf16*>(p.Q) + next * kRows * N, kQK);
-  if (t == 32) bulk_prefetch_l2(static_cast<const bf16*>(p.K) + next * kRows * N, kQK);
-  if (t == 64) bulk_prefetch_l2(Hc16 + next * P * N, kPN);
-  if (t == 96) bulk_prefetch_l2(dHc16 + next * P * N, kPN);
-  if (t == 128) bulk_prefetch_l2(static_cast<const bf16*>(p.V) + next * kRows * P, kRP);
-  if (t == 160) bulk_prefetch_l2(p.Lam + next * p.T, kT), bulk_prefetch_l2(p.scale + next * p.T, kT);
-  if (t == 192) bulk_prefetch_l2(p.gam + next * p.T, kT);
-  if constexpr (kOut) {
-    if (t == 224) {
-      bulk_prefetch_l2(reinterpret_cast<const bf16*>(p.WV) + next * kRows * P, kRP);
-      bulk_prefetch_l2(p.eL + next * p.T, kT), bulk_prefetch_l2(p.wv + next * p.T, kT);
-    }
-    // dO's and z's rows: 2·P bytes each at the head's columns (one line at P = 64).
-    const int64_t bh = next / p.nc, tok0 = bh / d.H * d.L + next % p.nc * p.T, col = bh % d.H * P;
-    if (t < kRows)
-      prefetch_l2(reinterpret_cast<const bf16*>(p.dO16) + (tok0 + t) * d.d_inner + col);
-    else if (t < 2 * kRows)
-      prefetch_l2(reinterpret_cast<const bf16*>(p.zx16) + (tok0 + t - kRows) * 2 * d.d_inner + col);
-  } else {
-    if (t == 224) {
-      bulk_prefetch_l2(static_cast<const bf16*>(p.dY) + next * kRows * P, kRP);
-      bulk_prefetch_l2(static_cast<const bf16*>(p.dYe) + next * kRows * P, kRP);
-      bulk_prefetch_l2(static_cast<const bf16*>(p.Vw) + next * kRows * P, kRP);
-    }
-  }
-}
-
 // ---- kHeadSum (p.dqk_head_sum, on top of kUnrot; fused_core_head_sum_supported): the sum over a B/C group's heads
 // that the rotation backward ran, done by clusters of 8 head blocks of one (sequence, chunk) (grid order (b, chunk,
 // head), head fastest). Each block has written its un-rotated bf16 dQ/dK tile; after a cluster barrier block r adds
@@ -613,7 +573,7 @@ enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kQk: q and k stored in their rotated half (p.qk_rotated_only), the fused core forming the rest (an instance of its
 // own, so that the others' code is as it was).
 template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
-          bool kQk = false, bool kL2 = false>
+          bool kQk = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
@@ -673,10 +633,6 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     if constexpr (!kOut) copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
   asm volatile("cp.async.commit_group;");
-  if constexpr (kL2) {  // (an instance of its own: the other instances' code as it was)
-    static_assert(kPost && kSplitPhases && !kQk && !kHeadSum, "L2 requests: the 8-warp fused core, q and k whole");
-    core_tiles_to_l2<N, P, kOut>(p, chunk + p.core_l2_ahead, Hc16, dHc16);
-  }
   for (int tl = threadIdx.x; tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
@@ -1094,13 +1050,12 @@ __global__ void __launch_bounds__(kCoreThreads)
 
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
-// kL2: also the L2 requests for a later block's tiles (p.core_l2_ahead > 0).
 template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
-          bool kQk = false, bool kL2 = false>
+          bool kQk = false>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2)
     fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut, kQk, kL2>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut, kQk>(p, Hc16, nullptr, dHc16);
 }
 
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
@@ -1219,22 +1174,6 @@ bool fused_core_wide() {
 
 void set_fused_core_wide(bool on) { g_fused_core_wide = on ? 1 : 0; }
 
-// Blocks ahead whose tiles the 8-warp fused core requests into L2 (BatchedParams::core_l2_ahead): set_core_l2_ahead,
-// else MAMBA3_TRAIN_CORE_L2_AHEAD (read once; "auto" = the blocks resident at once, two per SM), else 0: none — not
-// yet measured (fifty-third session: built, the device's budget spent before a run).
-namespace {
-int g_core_l2_ahead = -1;  // -1: from the environment
-int core_l2_ahead() {
-  if (g_core_l2_ahead < 0) {
-    int sms = 0;
-    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    g_core_l2_ahead = int(env_integer_or_auto("MAMBA3_TRAIN_CORE_L2_AHEAD", 0, 2 * sms, 0, 1 << 20));
-  }
-  return g_core_l2_ahead;
-}
-}  // namespace
-void set_core_l2_ahead(int blocks) { g_core_l2_ahead = blocks; }
-
 namespace {
 // A core with dH (kCoreFused or kCoreStates) on 4 or 8 warps, with the rank kR fixed at compile time (see
 // backward_core_body).
@@ -1261,22 +1200,14 @@ void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc1
       return;
     }
     auto* kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut>;
-    BatchedParams q = p;
-    q.core_l2_ahead = 0;
     if constexpr (kMode == kCoreFused) {
       if (p.qk_rotated_only) kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut, true>;
-      if constexpr (!kUnrot && N == 128 && P == 64) {  // (the 125M tiles only: the instance is an experiment)
-        if (!p.qk_rotated_only && core_l2_ahead() > 0) {
-          kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut, false, true>;
-          q.core_l2_ahead = core_l2_ahead();
-        }
-      }
     }
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
     MAMBA3_CHECK(blocks <= 0x7fffffff, "{}: {} blocks exceed the grid", what, blocks);
-    launch_train(kernel, unsigned(blocks), 2 * kCoreThreads, bytes, s, q, static_cast<const bf16*>(Hc16),
+    launch_train(kernel, unsigned(blocks), 2 * kCoreThreads, bytes, s, p, static_cast<const bf16*>(Hc16),
                  static_cast<const bf16*>(dHc16));
     MAMBA3_LAUNCH_CHECK();
   });

@@ -57,10 +57,6 @@ bool fused_core_head_sum_supported(const BatchedParams& p);
 // The fused core's block: 8 warps with its two phases on separate warps (true) or 4 running both (false); the same
 // bits. Process-wide; default from MAMBA3_TRAIN_FUSED_CORE_WARPS ("8" or "4", unset: 8).
 void set_fused_core_wide(bool on);
-// The 8-warp fused core's L2 requests for the block `blocks` places later (125M tiles, q and k whole;
-// an instance of its own): 0 = none, the default; MAMBA3_TRAIN_CORE_L2_AHEAD (read once): "auto" = the blocks resident
-// at once, or a count; -1: back to the environment's. Hints only: the same bits. Process-wide, for tests.
-void set_core_l2_ahead(int blocks);
 // Whether the fused core can run the output stage's backward itself (p.core_output; after launch_output_dye): SISO,
 // whole chunks, no output norm, Z and y in bf16, z, dO and dzx in bf16, the 8-warp block.
 bool fused_core_output_supported(const BatchedParams& p);

@@ -7,7 +7,6 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
-#include "cuda/env_switch.h"
 #include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_fwd_core.h"
@@ -63,40 +62,11 @@ __device__ __forceinline__ void copy_z_rows(float* dst, int ldz, const float* sr
   asm volatile("cp.async.commit_group;");
 }
 
-// p.core_l2_ahead (SISO, whole q and k): the tiles that block `next` will copy, requested into L2 while this block's
-// copies are in flight (the bulk copy engine for each whole tile, a line per z row): the copies of the block that
-// takes this one's place then wait on L2 rather than DRAM (the fused backward core's request, the same bits).
-template <int N, int P>
-__device__ __forceinline__ void forward_tiles_to_l2(const BatchedParams& p, int64_t next, const bf16* Hc16,
-                                                    bool fuse_output) {
-  const MixerDims& d = p.d;
-  if (next >= int64_t(d.B) * d.H * p.nc) return;
-  const int t = threadIdx.x;
-  constexpr uint32_t kQK = kRows * N * 2, kPN = P * N * 2, kRP = kRows * P * 2;
-  const uint32_t kT = uint32_t(p.T) * 4;
-  if (t == 0) bulk_prefetch_l2(static_cast<const bf16*>(p.Q) + next * kRows * N, kQK);
-  if (t == 32) bulk_prefetch_l2(static_cast<const bf16*>(p.K) + next * kRows * N, kQK);
-  if (t == 64) bulk_prefetch_l2(Hc16 + next * P * N, kPN);
-  if (t == 96) {
-    bulk_prefetch_l2(static_cast<const bf16*>(p.V) + next * kRows * P, kRP);
-    bulk_prefetch_l2(p.Lam + next * p.T, kT), bulk_prefetch_l2(p.scale + next * p.T, kT);
-    bulk_prefetch_l2(p.gam + next * p.T, kT);
-    if (fuse_output) bulk_prefetch_l2(p.eL + next * p.T, kT);
-  }
-  if (fuse_output && p.zx16 && t < kRows) {  // z's rows: 2·P bytes each at the head's columns
-    const int64_t bh = next / p.nc, c0 = next % p.nc * p.T;
-    if (c0 + t < d.L)
-      prefetch_l2(reinterpret_cast<const bf16*>(p.zx16) + (bh / d.H * d.L + c0 + t) * 2 * int64_t(d.d_inner) +
-                  bh % d.H * P);
-  }
-}
-
 // fuse_output: also the SISO output stage (o16), in place of the output kernel. kR: the rank when fixed at compile
 // time (1, 2, 4), else 0 (read from p; see chunk_coef).
 // kQk: q and k stored in their rotated half (p.qk_rotated_only; SISO), the rest formed here (an instance of its own,
 // so that the others' code is as it was).
-// kL2: also the L2 requests for a later block's tiles (p.core_l2_ahead > 0; SISO, q and k whole).
-template <int N, int P, int kR, bool kQk = false, bool kL2 = false>
+template <int N, int P, int kR, bool kQk = false>
 __global__ void __launch_bounds__(kCoreThreads)
     forward_core_kernel(const BatchedParams p, const bf16* Hc16, bool fuse_output) {
   pdl_wait();
@@ -138,10 +108,6 @@ __global__ void __launch_bounds__(kCoreThreads)
   copy_tile<kCoreThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kCoreThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   asm volatile("cp.async.commit_group;");
-  if constexpr (kL2) {  // (an instance of its own: the other instances' code as it was)
-    static_assert(kR == 1 && !kQk, "L2 requests: SISO, q and k whole");
-    forward_tiles_to_l2<N, P>(p, chunk + p.core_l2_ahead, Hc16, fuse_output);
-  }
   for (int tl = threadIdx.x; tl < T; tl += kCoreThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
@@ -323,22 +289,7 @@ __global__ void __launch_bounds__(kCoreThreads)
   }
 }
 
-// Blocks ahead whose tiles the SISO forward core requests into L2: set_forward_l2_ahead, else
-// MAMBA3_TRAIN_FWD_L2_AHEAD (read once; "auto" = the blocks resident at once, three per SM), else 0: none — not yet
-// measured (fifty-third session: built, the device's budget spent before a run).
-int g_forward_l2_ahead = -1;  // -1: from the environment
-int forward_l2_ahead() {
-  if (g_forward_l2_ahead < 0) {
-    int sms = 0;
-    MAMBA3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    g_forward_l2_ahead = int(env_integer_or_auto("MAMBA3_TRAIN_FWD_L2_AHEAD", 0, 3 * sms, 0, 1 << 20));
-  }
-  return g_forward_l2_ahead;
-}
-
 }  // namespace
-
-void set_forward_l2_ahead(int blocks) { g_forward_l2_ahead = blocks; }
 
 bool forward_core_supported(const BatchedParams& p) { return core_shape_supported(p); }
 
@@ -351,17 +302,9 @@ void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const v
   const bool out = forward_core_writes_output(p);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    BatchedParams q = p;
-    q.core_l2_ahead = 0;
     const auto run = [&](auto kernel) {
-      launch_core(kernel, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), q, static_cast<const bf16*>(Hc16), out);
+      launch_core(kernel, "forward core", s, p, FwdSmem<N, P>::bytes(p.T), p, static_cast<const bf16*>(Hc16), out);
     };
-    if constexpr (N == 128 && P == 64) {  // (the 125M tiles only: the instance is an experiment)
-      if (p.d.R == 1 && !p.qk_rotated_only && forward_l2_ahead() > 0) {
-        q.core_l2_ahead = forward_l2_ahead();
-        return run(forward_core_kernel<N, P, 1, false, true>);
-      }
-    }
     if (p.d.R == 1 && p.qk_rotated_only)
       run(forward_core_kernel<N, P, 1, true>);
     else if (p.d.R == 1)

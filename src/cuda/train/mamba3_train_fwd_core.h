@@ -20,9 +20,4 @@ bool forward_core_writes_output(const BatchedParams& p);
 // norm, the gate). p.S and p.W are not written.
 void launch_batched_forward_core(cudaStream_t s, const BatchedParams& p, const void* Hc16);
 
-// The SISO forward core's L2 requests for the tiles of the block `blocks` places later (125M tiles, q and k whole;
-// an instance of its own): 0 = none, the default; MAMBA3_TRAIN_FWD_L2_AHEAD (read once): "auto" = the blocks resident
-// at once, or a count; -1: back to the environment's. Hints only: the same bits. Process-wide, for tests.
-void set_forward_l2_ahead(int blocks);
-
 }  // namespace mamba3::cuda::train_detail

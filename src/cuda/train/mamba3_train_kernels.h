@@ -198,10 +198,6 @@ struct BatchedParams {
   // With qk_rotated_only, the forward core and the fused core take their chunks head-fastest ((b, c, h): a chunk's
   // heads, which read the same bc_unrot rows, in consecutive blocks).
   bool qk_head_order;
-  // The forward core's and the 8-warp fused core's L2-requesting instances (q and k whole, no head sum) ask L2 for
-  // the operand tiles of the block core_l2_ahead places later in the grid while their own copies are in flight
-  // (set by their launchers; 0: no requests; hints only, the same bits).
-  int core_l2_ahead;
   const float* zx;                       // (M, din), B/C normalised
   // zx's z and x columns rounded to bf16, (M, 2·d_inner) (null: read from zx). Where given, the bf16 mode's in_proj
   // wrote them so (as autocast's linear gives them) and zx's own z and x columns hold nothing: every reader of those

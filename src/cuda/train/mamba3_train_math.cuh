@@ -92,11 +92,6 @@ __device__ __forceinline__ bool rotary_pair(int n, int N, int S, bool halves, in
 
 // A hint: the 32-byte sector at `ptr` into L2 (no register, no wait), for loads a loop will issue an iteration later.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
-// `bytes` (a multiple of 16) from ptr (16-byte aligned) requested into L2 by the bulk copy engine: one instruction
-// for a whole tile, a hint only.
-__device__ __forceinline__ void bulk_prefetch_l2(const void* ptr, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-}
 
 // cos and sin of a wrapped angle φ ∈ [0, 2π) (launch_angles wraps every one) from the SFU's approximations at
 // φ − π ∈ [−π, π), where they are within 2^-21.4 absolute (cos φ = −cos(φ − π), sin φ = −sin(φ − π)). The
