@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "cuda/env_switch.h"
+
 namespace mamba3::cuda {
 
 namespace {
@@ -16,7 +18,14 @@ constexpr int64_t kMaxBlockRows = 4096;
 constexpr int64_t kMaxLogitsBf16 = int64_t(1) << 30;
 constexpr int64_t kMaxBlockRowsBf16 = 32768;
 
+// MAMBA3_TRAIN_LM_BLOCK_ROWS (read once): rows per block where the scratch names none; 0 or unset: automatic.
+int64_t env_block_rows() {
+  static const int64_t rows = env_integer("MAMBA3_TRAIN_LM_BLOCK_ROWS", 0, 0, int64_t(1) << 24);
+  return rows;
+}
+
 int64_t block_rows(int64_t max_block_rows, bool bf16, int64_t N, int64_t Vp) {
+  if (max_block_rows <= 0) max_block_rows = env_block_rows();
   if (max_block_rows > 0) return std::min(max_block_rows, N);
   if (!bf16) return std::min(std::clamp<int64_t>(kMaxLogitFloats / Vp, 1, kMaxBlockRows), N);
   const int64_t most = std::clamp<int64_t>(kMaxLogitsBf16 / Vp, 1, kMaxBlockRowsBf16);
