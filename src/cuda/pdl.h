@@ -51,6 +51,12 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// The first statement of a training kernel launched beside the kernel before it (instead of pdl_wait()): that kernel
+// calls pdl_trigger() right after its own pdl_wait(), so this one starts while it runs, and everything this one reads
+// or writes was complete, and not in use, before that kernel began. It calls pdl_wait() before it exits, so that its
+// completion implies its predecessor's for the kernels after it (test_pdl_wait_first checks both calls). A marker.
+__device__ __forceinline__ void pdl_beside() {}
+
 // Launches `kernel` with the PDL attribute when `use` (and MAMBA3_PDL is not 0), else plainly.
 template <typename... KernelArgs, typename... Args>
 void launch_pdl(bool use, void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t s,

@@ -359,6 +359,51 @@ TEST(Mamba3TrainGpu, QkRotatedColumnsOnlyGiveTheBuildsBits) {
   EXPECT_GT(rebuilt, 0) << "no kept forward's backward built q and k again";
 }
 
+// k, v and the forward state chain in one kernel per sequence-head (set_kv_chain: the build writes q alone, before the
+// kernel or beside it) against the build writing k and v and the chain reading them: the same bits in the output, du
+// and every gradient, with a recomputed and a kept forward (the backward then reads the kv chain's k, v and states).
+// Whole chunks only (L = 65 keeps the build and the chain), and every case where it applies must have taken it.
+TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
+  MAMBA3_REQUIRE_GPU();
+  const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
+  int ran = 0;
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {64, 192, 65}) {
+      if (lc.c.d_model == 768 && L != 192) continue;  // (one big case)
+      for (const int64_t B : {1, 3}) {
+        auto [mixer, u, dout] = random_layer(lc.c, B, L, uint32_t(4700 + L + B));
+        CoreLayerStep step(mixer, u, dout);
+        take_fused_core_with_bf16_operands(step);
+        for (const bool keep : {false, true}) {
+          SCOPED_TRACE(std::string(lc.name) + " B=" + std::to_string(B) + " L=" + std::to_string(L) +
+                       (keep ? " kept" : " recomputed"));
+          bool used = false;
+          auto run = [&](bool on, bool beside) {
+            step.train.set_kv_chain(on);
+            step.train.set_kv_chain_beside(beside);
+            GpuResult r = step.run(keep);
+            if (on)
+              used = step.train.kv_chain_used();
+            else
+              EXPECT_FALSE(step.train.kv_chain_used());
+            return r;
+          };
+          const GpuResult apart = run(false, false), before = run(true, false), beside = run(true, true);
+          ASSERT_NO_FATAL_FAILURE(assert_finite(before));
+          ASSERT_NO_FATAL_FAILURE(assert_finite(beside));
+          EXPECT_TRUE(bit_identical(apart, before)) << "k, v and the forward chain in one kernel changed bits";
+          EXPECT_TRUE(bit_identical(apart, beside)) << "q's build beside the kv chain changed bits";
+          // (the SISO build's shapes: whole chunks, in_proj rows of whole 16-byte pieces; S a multiple of 8)
+          if (L % 64 == 0 && lc.c.d_in_proj() % 4 == 0 && lc.c.num_angles() % 8 == 0) {
+            EXPECT_TRUE(used) << "the kv chain did not run where it applies";
+          }
+          ran += used;
+        }
+      }
+    }
+  EXPECT_GT(ran, 0) << "no case took the kv chain";
+}
+
 // dQ and dK handed from the SISO cores to the rotation backward in bf16 (the default) against the f32 pair: the
 // forward is untouched (the same bits), and du and every gradient move by about a bf16 rounding of dQ and dK, far below
 // the bf16 mode's tolerance against the CPU; some gradient must move (else the switch did nothing). SISO: fused and

@@ -1,4 +1,5 @@
-// Source check (no GPU needed): every kernel under src/cuda/train calls pdl_wait() before anything else, and none is
+// Source check (no GPU needed): every kernel under src/cuda/train calls pdl_wait() before anything else — or, launched
+// beside its predecessor, starts with the pdl_beside() marker and waits before it exits on every path — and none is
 // launched with <<< >>>. launch_train gives every training launch the programmatic-dependent-launch attribute, which
 // lets a kernel start before the one before it has finished; a kernel that read or wrote memory before pdl_wait()
 // would race with its predecessor (src/cuda/pdl.h).
@@ -57,8 +58,21 @@ void check_source(const std::string& name, const std::string& text, Findings& f)
     if (j >= s.size() || s[j] == ';') continue;  // a declaration
     ++f.kernels;
     const size_t first = s.find_first_not_of(" \t\r\n", j + 1);
-    if (first == std::string::npos || s.compare(first, 11, "pdl_wait();") != 0)
+    // (the body: up to the brace that closes it)
+    size_t end = j;
+    for (int braces = 0; end < s.size(); ++end) {
+      if (s[end] == '{') ++braces;
+      if (s[end] == '}' && --braces == 0) break;
+    }
+    const std::string body = s.substr(j, end - j);
+    if (first != std::string::npos && s.compare(first, 13, "pdl_beside();") == 0) {
+      // A kernel launched beside its predecessor waits for it before it exits, on every path.
+      if (body.find("pdl_wait();") == std::string::npos || body.find("return") != std::string::npos)
+        f.problems.push_back(name + ":" + std::to_string(line_of(s, at)) +
+                             ": kernel beside its predecessor does not end with pdl_wait();");
+    } else if (first == std::string::npos || s.compare(first, 11, "pdl_wait();") != 0) {
       f.problems.push_back(name + ":" + std::to_string(line_of(s, at)) + ": kernel does not start with pdl_wait();");
+    }
   }
   for (size_t at = s.find("<<<"); at != std::string::npos; at = s.find("<<<", at + 3))
     f.problems.push_back(name + ":" + std::to_string(line_of(s, at)) + ": <<< >>> launch (use launch_train)");
@@ -70,19 +84,24 @@ TEST(PdlWaitFirst, TheCheckFindsWhatItGuardsAgainst) {
                "// __global__ void in_a_comment() { x(); }\n"
                "template <int N> __global__ void __launch_bounds__(256, 2) fine(int a, float* b) {\n"
                "  pdl_wait();\n  b[a] = 1;\n}\n"
-               "__global__ void declared(int);\n",
+               "__global__ void declared(int);\n"
+               "__global__ void beside(float* b) {\n  pdl_beside();\n  b[0] = 1;\n  pdl_wait();\n}\n",
                f);
-  EXPECT_EQ(f.kernels, 1);
+  EXPECT_EQ(f.kernels, 2);
   EXPECT_TRUE(f.problems.empty()) << f.problems.front();
   Findings bad;
   check_source("bad.cu",
                "__global__ void late(float* b) {\n  b[0] = 1;\n  pdl_wait();\n}\n"
-               "void host() { late<<<1, 32, 0, s>>>(p); }\n",
+               "void host() { late<<<1, 32, 0, s>>>(p); }\n"
+               "__global__ void never(float* b) {\n  pdl_beside();\n  b[0] = 1;\n}\n"
+               "__global__ void early(float* b) {\n  pdl_beside();\n  if (b) return;\n  pdl_wait();\n}\n",
                bad);
-  EXPECT_EQ(bad.kernels, 1);
-  ASSERT_EQ(bad.problems.size(), 2u);
+  EXPECT_EQ(bad.kernels, 3);
+  ASSERT_EQ(bad.problems.size(), 4u);
   EXPECT_EQ(bad.problems[0], "bad.cu:1: kernel does not start with pdl_wait();");
-  EXPECT_EQ(bad.problems[1], "bad.cu:5: <<< >>> launch (use launch_train)");
+  EXPECT_EQ(bad.problems[1], "bad.cu:6: kernel beside its predecessor does not end with pdl_wait();");
+  EXPECT_EQ(bad.problems[2], "bad.cu:10: kernel beside its predecessor does not end with pdl_wait();");
+  EXPECT_EQ(bad.problems[3], "bad.cu:5: <<< >>> launch (use launch_train)");
 }
 
 TEST(PdlWaitFirst, EveryTrainingKernelWaitsFirst) {

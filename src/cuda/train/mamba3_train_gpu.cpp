@@ -216,6 +216,14 @@ bool env_qk_rotated_only() {
   return on;
 }
 
+// MAMBA3_TRAIN_KV_CHAIN, read once per process: the SISO build writes only q and one kernel per sequence-head forms
+// k and v and runs the forward chain on them, q's build before it ("1") or beside it ("beside"), where it applies;
+// or the build writes k and v and the chain reads them ("0", the default until measured on a GPU). The same bits.
+const std::string& env_kv_chain() {
+  static const std::string mode = env_choice("MAMBA3_TRAIN_KV_CHAIN", {"0", "1", "beside"});
+  return mode;
+}
+
 // MAMBA3_TRAIN_QK_HEAD_ORDER, read once per process: with q and k stored in part, the forward core and the fused core
 // take a chunk's heads in consecutive blocks ("1", the default) or the chunks of a head ("0"). The same bits.
 bool env_qk_head_order() {
@@ -315,6 +323,8 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       vw_formed_(env_vw_formed()),
       chain_dye_(env_chain_dye()),
       qk_rotated_only_(env_qk_rotated_only()),
+      kv_chain_(env_kv_chain() != "0"),
+      kv_chain_beside_(env_kv_chain() == "beside"),
       qk_head_order_(env_qk_head_order()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
@@ -585,9 +595,27 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     p.qk_rotated_only = qk_rotated_only_ && qk_half_applies();
     act_->qk_rotated_only = p.qk_rotated_only;
     qk_rotated_only_used_ = p.qk_rotated_only;
-    launch_batched_build(s, p);
-    prof.mark("build");
-    if (chain) {
+    // (k, v and the forward chain in one kernel: the build writes q alone)
+    p.build_q_only = chain && kv_chain_ && kv_chain_supported(p);
+    kv_chain_used_ = p.build_q_only;
+    p.q_beside = p.build_q_only && kv_chain_beside_;
+    if (p.q_beside) {  // the chunk scalars, the kv chain, then q's build beside it
+      launch_chunk_scalars(s, p);
+      launch_kv_chain(s, p, act_->Hc16.raw());
+      launch_build_q_beside(s, p);
+      prof.mark("kv chain + q build");
+      p.build_q_only = p.q_beside = false;
+    } else {
+      launch_batched_build(s, p);
+      prof.mark("build");
+    }
+    if (kv_chain_used_) {
+      if (!kv_chain_beside_) {  // (else launched above)
+        launch_kv_chain(s, p, act_->Hc16.raw());
+        prof.mark("kv chain");
+      }
+      p.build_q_only = false;  // (a build run again later writes k and v)
+    } else if (chain) {
       launch_state_chain(s, p, p.vw_formed ? p.V : p.Vw, p.K, false, act_->Hc16.raw(), p.vw_formed ? p.wv : nullptr);
       prof.mark("state chain");
     } else {

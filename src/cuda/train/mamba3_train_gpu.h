@@ -212,6 +212,15 @@ class Mamba3TrainGpu {
   void set_qk_rotated_only(bool on) { qk_rotated_only_ = on; }
   // Whether the last chunk pass's forward did (set_qk_rotated_only and its configuration).
   bool qk_rotated_only_used() const { return qk_rotated_only_used_; }
+  // The SISO build writes only q, and one kernel per sequence-head forms k and v and runs the forward state chain on
+  // them (launch_kv_chain) instead of the build writing k and v for the chain to read back, where it applies (default
+  // from MAMBA3_TRAIN_KV_CHAIN, off); the same bits.
+  void set_kv_chain(bool on) { kv_chain_ = on; }
+  // With the kv chain, q's build runs beside it (the chain first, its dependents triggered at its start) instead of
+  // before it (default from MAMBA3_TRAIN_KV_CHAIN: "beside"); the same bits.
+  void set_kv_chain_beside(bool on) { kv_chain_beside_ = on; }
+  // Whether the last chunk pass's forward did (set_kv_chain and its configuration).
+  bool kv_chain_used() const { return kv_chain_used_; }
   // Whether the last backward's fused core did (set_core_output and its configuration).
   bool core_output_used() const { return core_output_used_; }
   // MIMO with the state core, where the epilogue's MIMO instance would run: the core runs the epilogue's state part
@@ -369,6 +378,9 @@ class Mamba3TrainGpu {
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool qk_rotated_only_ = false;     // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
   bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)
+  bool kv_chain_ = false;              // k, v and the forward chain in one kernel (set_kv_chain)
+  bool kv_chain_used_ = false;         // the last chunk pass's forward did (kv_chain_used)
+  bool kv_chain_beside_ = false;       // q's build beside the kv chain (set_kv_chain_beside)
   bool qk_head_order_ = true;          // with it, the cores take a chunk's heads in consecutive blocks
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)

@@ -192,6 +192,12 @@ struct BatchedParams {
   // the biases, the build's bits (qk_unrotated_columns.cuh). SISO only, where qk_rotated_only_supported; set in
   // batched_chunks and kept with the activations (a backward on another path runs the build again, whole).
   bool qk_rotated_only;
+  // The SISO build writes only Q: K, V and the forward chain's chunk states come from launch_kv_chain, which forms k
+  // and v itself (the build's bits) on its walk over a sequence-head's chunks (Mamba3TrainGpu::set_kv_chain). Set in
+  // batched_chunks for the forward's build only.
+  bool build_q_only;
+  // With build_q_only: the kv chain runs first and triggers its dependents, and q's build runs beside it.
+  bool q_beside;
   // The normalised B/C coordinates [N/2, N), (M, 2·G, N/2): B's vectors then C's (launch_normalize_bc's bc_unrot),
   // where the readers of qk_rotated_only form the unrotated half (null: qk_rotated_only does not apply).
   const float* bc_unrot;
@@ -268,6 +274,10 @@ bool dqk16_supported(const BatchedParams& p);
 bool rotation_backward_reads_unrotated(const BatchedParams& p);
 // q, k, v, w ⊙ v and the chunk scalars (one block per chunk).
 void launch_batched_build(cudaStream_t s, const BatchedParams& p);
+// The beside order of p.build_q_only (p.q_beside): the chunk scalars alone (the SISO full-chunk build's first kernel),
+// then launch_kv_chain, then q alone beside it (launch_build_q_beside; see build_q_beside_kernel).
+void launch_chunk_scalars(cudaStream_t s, const BatchedParams& p);
+void launch_build_q_beside(cudaStream_t s, const BatchedParams& p);
 // W = S ⊙ coef (one block per chunk).
 void launch_batched_mask(cudaStream_t s, const BatchedParams& p);
 // y = e^Λ ⊙ Z + WV + D·v, the output stage → o; with `backward` also dy, e^Λ ⊙ dy, dz, Λ's gradient from the state

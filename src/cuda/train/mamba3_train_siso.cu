@@ -177,9 +177,9 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_kernel(const B
 // predicates, and the chunk scalars (w for w ⊙ v) from chunk_scalars_kernel, run before, instead of
 // build_chunk_scalars' three barriers and serial scan. (ncu, 125M: half of the general kernel's 1,300 instructions per
 // warp were 64-bit index and address arithmetic, and 21 % of its stall samples were warps waiting at those barriers.)
-template <int N, int P, bool kX16>
-__global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(const BatchedParams p) {
-  pdl_wait();
+// kQOnly (p.build_q_only): q alone — k, v and the forward chain's states come from launch_kv_chain.
+template <int N, int P, bool kX16, bool kQOnly>
+__device__ __forceinline__ void build_siso_full_body(const BatchedParams& p) {
   constexpr int kE = N >= 64 ? N / 32 : 2, kLanes = N / kE, kC = P / 32, kRowsAhead = 2;
   using bf16 = __nv_bfloat16;
   const MixerDims& d = p.d;
@@ -221,12 +221,19 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
       w[a] = wp[a * kWarps];
       if (qk_lane) {
         if constexpr (kE == 4) {
-          const float4 cv = *reinterpret_cast<const float4*>(zca), kv = *reinterpret_cast<const float4*>(zca + bc_off);
+          const float4 cv = *reinterpret_cast<const float4*>(zca);
           c[a][0] = cv.x, c[a][1] = cv.y, c[a][2] = cv.z, c[a][3] = cv.w;
-          k[a][0] = kv.x, k[a][1] = kv.y, k[a][2] = kv.z, k[a][3] = kv.w;
+          if constexpr (!kQOnly) {
+            const float4 kv = *reinterpret_cast<const float4*>(zca + bc_off);
+            k[a][0] = kv.x, k[a][1] = kv.y, k[a][2] = kv.z, k[a][3] = kv.w;
+          }
         } else {
-          const float2 cv = *reinterpret_cast<const float2*>(zca), kv = *reinterpret_cast<const float2*>(zca + bc_off);
-          c[a][0] = cv.x, c[a][1] = cv.y, k[a][0] = kv.x, k[a][1] = kv.y;
+          const float2 cv = *reinterpret_cast<const float2*>(zca);
+          c[a][0] = cv.x, c[a][1] = cv.y;
+          if constexpr (!kQOnly) {
+            const float2 kv = *reinterpret_cast<const float2*>(zca + bc_off);
+            k[a][0] = kv.x, k[a][1] = kv.y;
+          }
         }
       } else {
 #pragma unroll
@@ -238,7 +245,8 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
             rot[m] ? rotary_cos_sin(angle_at(p.phi, p.phi_code, ph + a * ph_step + m)) : make_float2(1.0f, 0.0f);
         cs[a][m][0] = r.x, cs[a][m][1] = r.y;
       }
-      if constexpr (kX16) {
+      if constexpr (kQOnly) {
+      } else if constexpr (kX16) {
         const bf16* xr = x16 + a * x_step;
         if constexpr (kC == 2) {
           const float2 xv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(xr));
@@ -270,16 +278,18 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
         for (int m = 0; m < kE / 2; ++m) {
           const float cv = cs[a][m][0], sv = cs[a][m][1];
           qo[m] = rotated_pair(c[a][2 * m], c[a][2 * m + 1], bq[2 * m], bq[2 * m + 1], cv, sv, rot[m]);
-          ko[m] = rotated_pair(k[a][2 * m], k[a][2 * m + 1], bk[2 * m], bk[2 * m + 1], cv, sv, rot[m]);
+          if constexpr (!kQOnly)
+            ko[m] = rotated_pair(k[a][2 * m], k[a][2 * m + 1], bk[2 * m], bk[2 * m + 1], cv, sv, rot[m]);
         }
         if constexpr (kE == 4) {
           *reinterpret_cast<uint2*>(qd + a * step_n) = *reinterpret_cast<const uint2*>(qo);
-          *reinterpret_cast<uint2*>(kd + a * step_n) = *reinterpret_cast<const uint2*>(ko);
+          if constexpr (!kQOnly) *reinterpret_cast<uint2*>(kd + a * step_n) = *reinterpret_cast<const uint2*>(ko);
         } else {
           *reinterpret_cast<uint32_t*>(qd + a * step_n) = *reinterpret_cast<const uint32_t*>(qo);
-          *reinterpret_cast<uint32_t*>(kd + a * step_n) = *reinterpret_cast<const uint32_t*>(ko);
+          if constexpr (!kQOnly) *reinterpret_cast<uint32_t*>(kd + a * step_n) = *reinterpret_cast<const uint32_t*>(ko);
         }
       }
+      if constexpr (kQOnly) continue;
       // (p.vw_formed: the chain and the fused core form w ⊙ v from v themselves, scale_pair's bits)
       if constexpr (kC == 2) {
         *reinterpret_cast<__nv_bfloat162*>(vd + a * kStepP) = __floats2bfloat162_rn(x[a][0], x[a][1]);
@@ -294,6 +304,23 @@ __global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(co
     qd += kRowsAhead * step_n, kd += kRowsAhead * step_n, vd += kRowsAhead * kStepP, wd += kRowsAhead * kStepP;
     if (j0 + kRowsAhead * kWarps < p.T) load();
   }
+}
+
+template <int N, int P, bool kX16, bool kQOnly = false>
+__global__ void __launch_bounds__(kThreads, 4) batched_build_siso_full_kernel(const BatchedParams p) {
+  pdl_wait();
+  build_siso_full_body<N, P, kX16, kQOnly>(p);
+}
+
+// q alone beside the kv chain (p.q_beside): the kv chain triggers right after its own wait, so this runs while it does.
+// It reads zx's C rows, the angle codes and the biases, all complete before the chunk scalars that the kv chain waited
+// for, and writes Q, which nothing before it reads any more; it waits for the kv chain before it exits, so the forward
+// core, waiting for it, also waits for the kv chain's k, v and states.
+template <int N, int P>
+__global__ void __launch_bounds__(kThreads, 4) build_q_beside_kernel(const BatchedParams p) {
+  pdl_beside();
+  build_siso_full_body<N, P, true, true>(p);
+  pdl_wait();
 }
 
 // The output-stage backward's D and norm-weight partials at the block's end (both SISO kernels): each warp's sums
@@ -1040,6 +1067,8 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   MAMBA3_CHECK(!p.vw_formed || (full && p.zx16), "SISO build: w ⊙ v left to its readers needs whole chunks, bf16 x");
   MAMBA3_CHECK(!p.qk_rotated_only || (full && qk_rotated_only_supported(p)),
                "SISO build: q and k's rotated columns alone need whole chunks and rope_fraction 0.5");
+  MAMBA3_CHECK(!p.build_q_only || (full && p.zx16 && p.vw_formed && !p.qk_rotated_only),
+               "SISO build: q alone (k and v from the kv chain) needs whole chunks, bf16 x, w ⊙ v left to its readers");
   if (full) {  // the chunk scalars first (batched_build_siso_full_kernel reads w from them)
     const int64_t chunks = int64_t(d.B) * d.H * p.nc;
     launch_train(chunk_scalars_kernel, unsigned((chunks + kWarps - 1) / kWarps), kThreads, 0, s, p);
@@ -1051,6 +1080,20 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
       if (full) launch_per_chunk(whole, s, p, 0);
       else launch_per_chunk(general, s, p, size_t(3 * p.T));
     };
+    if constexpr (kX16) {
+      if (p.build_q_only) {  // (full: checked above)
+        if (d.N == 128)
+          d.P == 64 ? launch_per_chunk(batched_build_siso_full_kernel<128, 64, true, true>, s, p, 0)
+                    : launch_per_chunk(batched_build_siso_full_kernel<128, 32, true, true>, s, p, 0);
+        else if (d.N == 64)
+          d.P == 64 ? launch_per_chunk(batched_build_siso_full_kernel<64, 64, true, true>, s, p, 0)
+                    : launch_per_chunk(batched_build_siso_full_kernel<64, 32, true, true>, s, p, 0);
+        else
+          d.P == 64 ? launch_per_chunk(batched_build_siso_full_kernel<32, 64, true, true>, s, p, 0)
+                    : launch_per_chunk(batched_build_siso_full_kernel<32, 32, true, true>, s, p, 0);
+        return;
+      }
+    }
     if (d.N == 128)
       d.P == 64 ? go(batched_build_siso_kernel<128, 64, kX16>, batched_build_siso_full_kernel<128, 64, kX16>)
                 : go(batched_build_siso_kernel<128, 32, kX16>, batched_build_siso_full_kernel<128, 32, kX16>);
@@ -1065,6 +1108,39 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
   else run(std::false_type{});
   return true;
 }
+
+}  // namespace mamba3::cuda::train_detail::batched
+
+namespace mamba3::cuda::train_detail {
+
+void launch_chunk_scalars(cudaStream_t s, const BatchedParams& p) {
+  MAMBA3_CHECK(batched::build_siso_applies(p) && p.build_fast && p.d.L % p.T == 0 && p.T % (2 * batched::kWarps) == 0,
+               "chunk scalars: the SISO full-chunk build's shapes");
+  const int64_t chunks = int64_t(p.d.B) * p.d.H * p.nc;
+  launch_train(batched::chunk_scalars_kernel, unsigned((chunks + batched::kWarps - 1) / batched::kWarps),
+               batched::kThreads, 0, s, p);
+  MAMBA3_LAUNCH_CHECK();
+}
+
+void launch_build_q_beside(cudaStream_t s, const BatchedParams& p) {
+  MAMBA3_CHECK(p.build_q_only && p.q_beside && batched::build_siso_applies(p) && p.zx16 && p.d.L % p.T == 0 &&
+                   p.T % (2 * batched::kWarps) == 0,
+               "q beside the kv chain: the SISO full-chunk build's shapes, bf16 x");
+  const MixerDims& d = p.d;
+  if (d.N == 128)
+    d.P == 64 ? batched::launch_per_chunk(batched::build_q_beside_kernel<128, 64>, s, p, 0)
+              : batched::launch_per_chunk(batched::build_q_beside_kernel<128, 32>, s, p, 0);
+  else if (d.N == 64)
+    d.P == 64 ? batched::launch_per_chunk(batched::build_q_beside_kernel<64, 64>, s, p, 0)
+              : batched::launch_per_chunk(batched::build_q_beside_kernel<64, 32>, s, p, 0);
+  else
+    d.P == 64 ? batched::launch_per_chunk(batched::build_q_beside_kernel<32, 64>, s, p, 0)
+              : batched::launch_per_chunk(batched::build_q_beside_kernel<32, 32>, s, p, 0);
+}
+
+}  // namespace mamba3::cuda::train_detail
+
+namespace mamba3::cuda::train_detail::batched {
 
 bool launch_output_backward_siso(cudaStream_t s, const BatchedParams& p) {
   if (!output_backward_siso_applies(p)) return false;

@@ -25,6 +25,13 @@ bool state_chain_supported(const BatchedParams& p);
 // backward's expressions (launch_output_dye's bits, without its kernel).
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
                         void* out16, const float* w_rows = nullptr, bool form_dye = false);
+// The forward chain with the SISO build's k and v (p.build_q_only: the build wrote only Q): one block per sequence-head
+// forms each chunk's k and v from zx's B rows, the angle codes, x in bf16 and the biases as the build does, stores
+// them to p.K and p.V, and runs the forward chain's step on them (A = w ⊙ v formed from v and p.wv) → out16 = Hc16.
+// The same bits as the build and launch_state_chain. Shapes: kv_chain_supported (SISO, the cores' N and P, whole
+// 64-token chunks, p.vw_formed, bf16 x, angle codes with S a multiple of 8, q and k stored whole).
+bool kv_chain_supported(const BatchedParams& p);
+void launch_kv_chain(cudaStream_t s, const BatchedParams& p, void* out16);
 // Rows of P per chain block, 32 or 64 (the latter where P allows; the same bits): process-wide, default from
 // MAMBA3_TRAIN_CHAIN_SLICE ("32" or "64", unset: 64).
 void set_state_chain_slice(int rows);
