@@ -116,16 +116,6 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
         *reinterpret_cast<__nv_bfloat162*>(kg + r * N) = kv;
       }
     }
-    {  // v = x (bf16) to V
-      constexpr int per_row = P / 8, pieces = kRows * per_row;
-      static_assert(pieces % kThreads == 0, "whole passes over v");
-      bf16* vg = static_cast<bf16*>(p.V) + chunk * kRows * P;
-#pragma unroll
-      for (int j = 0; j < pieces / kThreads; ++j) {
-        const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
-        *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
-      }
-    }
     {  // the state entering chunk i, rounded as the chain rounds it, into the slice (rows g and g + 8 of the warp)
       uint32_t* so = reinterpret_cast<uint32_t*>(sOut) + ((pr + gr) * LDN + n0) / 2 + q;
 #pragma unroll
@@ -144,6 +134,16 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
       for (int j = 0; j < pieces / kThreads; ++j) {
         const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
         *reinterpret_cast<uint4*>(og + r * N + c) = *reinterpret_cast<const uint4*>(sOut + r * LDN + c);
+      }
+    }
+    {  // v = x (bf16) to V (stage i % 2 is next written by issue(i + 2), after the next chunk's second barrier)
+      constexpr int per_row = P / 8, pieces = kRows * per_row;
+      static_assert(pieces % kThreads == 0, "whole passes over v");
+      bf16* vg = static_cast<bf16*>(p.V) + chunk * kRows * P;
+#pragma unroll
+      for (int j = 0; j < pieces / kThreads; ++j) {
+        const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
+        *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
       }
     }
     // (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile: the chain's fragments, k-steps and scaling (scale_pair)
