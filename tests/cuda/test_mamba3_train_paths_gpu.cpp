@@ -360,9 +360,10 @@ TEST(Mamba3TrainGpu, QkRotatedColumnsOnlyGiveTheBuildsBits) {
 }
 
 // k, v and the forward state chain in one kernel per sequence-head (set_kv_chain: the build writes q alone, before the
-// kernel or beside it) against the build writing k and v and the chain reading them: the same bits in the output, du
-// and every gradient, with a recomputed and a kept forward (the backward then reads the kv chain's k, v and states).
-// Whole chunks only (L = 65 keeps the build and the chain), and every case where it applies must have taken it.
+// kernel or beside it, or the kernel forms q too) against the build writing k and v and the chain reading them: the
+// same bits in the output, du and every gradient, with a recomputed and a kept forward (the backward then reads the kv
+// chain's k, v and states). Whole chunks only (L = 65 keeps the build and the chain), and every case where it applies
+// must have taken it.
 TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
   MAMBA3_REQUIRE_GPU();
   const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
@@ -378,9 +379,10 @@ TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
           SCOPED_TRACE(std::string(lc.name) + " B=" + std::to_string(B) + " L=" + std::to_string(L) +
                        (keep ? " kept" : " recomputed"));
           bool used = false;
-          auto run = [&](bool on, bool beside) {
+          auto run = [&](bool on, bool beside, bool with_q = false) {
             step.train.set_kv_chain(on);
             step.train.set_kv_chain_beside(beside);
+            step.train.set_kv_chain_q(with_q);
             GpuResult r = step.run(keep);
             if (on)
               used = step.train.kv_chain_used();
@@ -388,11 +390,14 @@ TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
               EXPECT_FALSE(step.train.kv_chain_used());
             return r;
           };
-          const GpuResult apart = run(false, false), before = run(true, false), beside = run(true, true);
+          const GpuResult apart = run(false, false), before = run(true, false), beside = run(true, true),
+                          with_q = run(true, false, true);
           ASSERT_NO_FATAL_FAILURE(assert_finite(before));
           ASSERT_NO_FATAL_FAILURE(assert_finite(beside));
+          ASSERT_NO_FATAL_FAILURE(assert_finite(with_q));
           EXPECT_TRUE(bit_identical(apart, before)) << "k, v and the forward chain in one kernel changed bits";
           EXPECT_TRUE(bit_identical(apart, beside)) << "q's build beside the kv chain changed bits";
+          EXPECT_TRUE(bit_identical(apart, with_q)) << "q formed by the kv chain changed bits";
           // (the SISO build's shapes: whole chunks, in_proj rows of whole 16-byte pieces; S a multiple of 8)
           if (L % 64 == 0 && lc.c.d_in_proj() % 4 == 0 && lc.c.num_angles() % 8 == 0) {
             EXPECT_TRUE(used) << "the kv chain did not run where it applies";

@@ -217,10 +217,11 @@ bool env_qk_rotated_only() {
 }
 
 // MAMBA3_TRAIN_KV_CHAIN, read once per process: the SISO build writes only q and one kernel per sequence-head forms
-// k and v and runs the forward chain on them, q's build before it ("1") or beside it ("beside"), where it applies;
-// or the build writes k and v and the chain reads them ("0", the default until measured on a GPU). The same bits.
+// k and v and runs the forward chain on them, q's build before it ("1") or beside it ("beside"), or forms q as well
+// ("q"), where it applies; or the build writes k and v and the chain reads them ("0", the default until measured on a
+// GPU). The same bits.
 const std::string& env_kv_chain() {
-  static const std::string mode = env_choice("MAMBA3_TRAIN_KV_CHAIN", {"0", "1", "beside"});
+  static const std::string mode = env_choice("MAMBA3_TRAIN_KV_CHAIN", {"0", "1", "beside", "q"});
   return mode;
 }
 
@@ -325,6 +326,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       qk_rotated_only_(env_qk_rotated_only()),
       kv_chain_(env_kv_chain() != "0"),
       kv_chain_beside_(env_kv_chain() == "beside"),
+      kv_chain_q_(env_kv_chain() == "q"),
       qk_head_order_(env_qk_head_order()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
@@ -598,8 +600,14 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     // (k, v and the forward chain in one kernel: the build writes q alone)
     p.build_q_only = chain && kv_chain_ && kv_chain_supported(p);
     kv_chain_used_ = p.build_q_only;
-    p.q_beside = p.build_q_only && kv_chain_beside_;
-    if (p.q_beside) {  // the chunk scalars, the kv chain, then q's build beside it
+    p.kv_forms_q = p.build_q_only && kv_chain_q_;
+    p.q_beside = p.build_q_only && kv_chain_beside_ && !p.kv_forms_q;
+    if (p.kv_forms_q) {  // the chunk scalars, then the kv chain forming q, k and v
+      launch_chunk_scalars(s, p);
+      launch_kv_chain(s, p, act_->Hc16.raw());
+      prof.mark("kv chain with q");
+      p.build_q_only = p.kv_forms_q = false;
+    } else if (p.q_beside) {  // the chunk scalars, the kv chain, then q's build beside it
       launch_chunk_scalars(s, p);
       launch_kv_chain(s, p, act_->Hc16.raw());
       launch_build_q_beside(s, p);
@@ -610,7 +618,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       prof.mark("build");
     }
     if (kv_chain_used_) {
-      if (!kv_chain_beside_) {  // (else launched above)
+      if (!kv_chain_beside_ && !kv_chain_q_) {  // (else launched above)
         launch_kv_chain(s, p, act_->Hc16.raw());
         prof.mark("kv chain");
       }

@@ -219,6 +219,9 @@ class Mamba3TrainGpu {
   // With the kv chain, q's build runs beside it (the chain first, its dependents triggered at its start) instead of
   // before it (default from MAMBA3_TRAIN_KV_CHAIN: "beside"); the same bits.
   void set_kv_chain_beside(bool on) { kv_chain_beside_ = on; }
+  // With the kv chain, it forms q too and no build kernel runs (MAMBA3_TRAIN_KV_CHAIN=q); the same bits. Takes
+  // precedence over set_kv_chain_beside.
+  void set_kv_chain_q(bool on) { kv_chain_q_ = on; }
   // Whether the last chunk pass's forward did (set_kv_chain and its configuration).
   bool kv_chain_used() const { return kv_chain_used_; }
   // Whether the last backward's fused core did (set_core_output and its configuration).
@@ -381,6 +384,7 @@ class Mamba3TrainGpu {
   bool kv_chain_ = false;              // k, v and the forward chain in one kernel (set_kv_chain)
   bool kv_chain_used_ = false;         // the last chunk pass's forward did (kv_chain_used)
   bool kv_chain_beside_ = false;       // q's build beside the kv chain (set_kv_chain_beside)
+  bool kv_chain_q_ = false;            // the kv chain forms q too (set_kv_chain_q)
   bool qk_head_order_ = true;          // with it, the cores take a chunk's heads in consecutive blocks
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)

@@ -198,6 +198,8 @@ struct BatchedParams {
   bool build_q_only;
   // With build_q_only: the kv chain runs first and triggers its dependents, and q's build runs beside it.
   bool q_beside;
+  // The kv chain forms q as well (no build kernel: the chunk scalars alone before it).
+  bool kv_forms_q;
   // The normalised B/C coordinates [N/2, N), (M, 2·G, N/2): B's vectors then C's (launch_normalize_bc's bc_unrot),
   // where the readers of qk_rotated_only form the unrotated half (null: qk_rotated_only does not apply).
   const float* bc_unrot;

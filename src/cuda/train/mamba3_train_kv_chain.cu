@@ -5,6 +5,7 @@
 // v from shared memory. Against the build writing k and v and the chain reading them back (125M: 150 MB per layer),
 // the chain's operands never leave the SM; B's rows are shared by the group's heads, so they mostly come from L2.
 // The same bits: k and v are the build's values, the products the chain's tiles and k-steps, the scan's multiply-add.
+// With p.kv_forms_q the kernel forms q as well (C's rows through the same buffer), and no build kernel runs.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -43,7 +44,8 @@ struct KvChainSmem {
   static constexpr size_t bytes = out + size_t(P) * LDN * 2;
 };
 
-template <int N, int P>
+// kQ (p.kv_forms_q): q too, from C's rows staged through the same buffer after k's (no build kernel at all).
+template <int N, int P, bool kQ>
 __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel(const BatchedParams p, void* out16) {
   pdl_wait();
   if (p.q_beside) pdl_trigger();  // (q's build beside this kernel: build_q_beside_kernel)
@@ -67,20 +69,37 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
   const int u = int(threadIdx.x) % kPairs, r0 = int(threadIdx.x) / kPairs;    // the thread's pair and first row
   const bool rot = u < S;
   const int x_pitch = 2 * d.d_inner;
+  // The group's rows of B or C (zx's columns from `off`) of the 64 tokens from tok0 into sRaw: N floats a row, N/4
+  // pieces of 16 bytes.
+  const auto copy_rows = [&](int64_t tok0, int off) {
+    constexpr int per_row = N / 4, pieces = kRows * per_row;
+    static_assert(pieces % kThreads == 0, "whole passes over the rows");
+    const float* src = p.zx + tok0 * d.din + off + int64_t(g) * N;
+#pragma unroll
+    for (int j = 0; j < pieces / kThreads; ++j) {
+      const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 4;
+      cp_async16(sRaw + r * N + c, src + int64_t(r) * d.din + c);
+    }
+  };
+  // Rot(row + bias, φ) rounded to bf16 (the build's rotated_pair) for the thread's pair of every kRowStep-th row of
+  // sRaw, to `dst` (global, the chunk's first row) and, where given, to the shared tile sdst.
+  const auto form = [&](const float* bias, bf16* dst, bf16* sdst) {
+    // (the head's bias pair, loaded per chunk: held across the walk it would cost the chain's registers)
+    const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + int64_t(h) * N + 2 * u));
+#pragma unroll 2
+    for (int r = r0; r < kRows; r += kRowStep) {
+      const float2 v = *reinterpret_cast<const float2*>(sRaw + r * N + 2 * u);
+      const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * S + u])) : make_float2(1.0f, 0.0f);
+      const __nv_bfloat162 o = batched::rotated_pair(v.x, v.y, bb.x, bb.y, cs.x, cs.y, rot);
+      if (sdst) *reinterpret_cast<__nv_bfloat162*>(sdst + r * LDN + 2 * u) = o;
+      *reinterpret_cast<__nv_bfloat162*>(dst + r * N + 2 * u) = o;
+    }
+  };
   // Chunk i's inputs into shared memory (v and w into stage i % 2); an empty group past the last chunk.
   const auto issue = [&](int i) {
     if (i < nc) {
       const int64_t chunk = bh * nc + i, tok0 = int64_t(b) * d.L + int64_t(i) * kRows;
-      {  // B's rows: N floats, N/4 pieces of 16 bytes each
-        constexpr int per_row = N / 4, pieces = kRows * per_row;
-        static_assert(pieces % kThreads == 0, "whole passes over B's rows");
-        const float* src = p.zx + tok0 * d.din + d.off_B + int64_t(g) * N;
-#pragma unroll
-        for (int j = 0; j < pieces / kThreads; ++j) {
-          const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 4;
-          cp_async16(sRaw + r * N + c, src + int64_t(r) * d.din + c);
-        }
-      }
+      copy_rows(tok0, d.off_B);
       {  // the chunk's angle codes: 64 rows of S, contiguous
         const uint16_t* src = p.phi_code + (bh * d.L + int64_t(i) * kRows) * S;
         for (int k = threadIdx.x; k < kRows * S / 8; k += kThreads) cp_async16(sCode + 8 * k, src + 8 * k);
@@ -103,19 +122,8 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
     __syncthreads();  // chunk i's inputs are in; the last step's reads of k and of the state slice are done
     const bf16* sA = sA0 + (i % 2) * kRows * LDA;
     const float* sW = sW0 + (i % 2) * kRows;
-    {  // k = Rot(B + bias, φ) rounded to bf16 (the build's rotated_pair): into the chain's tile and to K
-      bf16* kg = static_cast<bf16*>(p.K) + chunk * kRows * N + 2 * u;
-      // (the head's bias pair, loaded per chunk: held across the walk it would cost the chain's registers)
-      const float2 bk = __ldg(reinterpret_cast<const float2*>(p.B_bias + int64_t(h) * N + 2 * u));
-#pragma unroll 2
-      for (int r = r0; r < kRows; r += kRowStep) {
-        const float2 bv = *reinterpret_cast<const float2*>(sRaw + r * N + 2 * u);
-        const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * S + u])) : make_float2(1.0f, 0.0f);
-        const __nv_bfloat162 kv = batched::rotated_pair(bv.x, bv.y, bk.x, bk.y, cs.x, cs.y, rot);
-        *reinterpret_cast<__nv_bfloat162*>(sK + r * LDN + 2 * u) = kv;
-        *reinterpret_cast<__nv_bfloat162*>(kg + r * N) = kv;
-      }
-    }
+    // k = Rot(B + bias, φ): into the chain's tile and to K
+    form(p.B_bias, static_cast<bf16*>(p.K) + chunk * kRows * N, sK);
     {  // the state entering chunk i, rounded as the chain rounds it, into the slice (rows g and g + 8 of the warp)
       uint32_t* so = reinterpret_cast<uint32_t*>(sOut) + ((pr + gr) * LDN + n0) / 2 + q;
 #pragma unroll
@@ -124,8 +132,13 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
         so[nt * 4 + 4 * LDN] = pack(st[nt][2], st[nt][3]);
       }
     }
-    __syncthreads();  // k and the slice are whole; B's rows and the codes are free for the next chunk
-    issue(i + 1);
+    __syncthreads();     // k and the slice are whole; B's rows (and without kQ the codes) are free for the next chunk
+    if constexpr (kQ) {  // C's rows of this chunk next, through the same buffer (the codes stay)
+      copy_rows(int64_t(b) * d.L + int64_t(i) * kRows, d.off_C);
+      asm volatile("cp.async.commit_group;");
+    } else {
+      issue(i + 1);
+    }
     {  // the slice to out16, 16 bytes per thread and row piece
       constexpr int per_row = N / 8, pieces = P * per_row;
       static_assert(pieces % kThreads == 0, "whole passes over the slice");
@@ -145,6 +158,13 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
         const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
         *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
       }
+    }
+    if constexpr (kQ) {  // q = Rot(C + bias, φ) to Q; then the next chunk's inputs, in flight during the product
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+      __syncthreads();  // C's rows are in
+      form(p.C_bias, static_cast<bf16*>(p.Q) + chunk * kRows * N, nullptr);
+      __syncthreads();  // C's rows and the codes are free
+      issue(i + 1);
     }
     // (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile: the chain's fragments, k-steps and scaling (scale_pair)
     float acc[NT][4];
@@ -186,18 +206,23 @@ void launch_kv_chain(cudaStream_t s, const BatchedParams& p, void* out16) {
   MAMBA3_CHECK(kv_chain_supported(p),
                "kv chain: unsupported layer (SISO bf16, whole 64-token chunks, w ⊙ v formed, "
                "bf16 x, angle codes with S % 8 = 0)");
-  MAMBA3_CHECK(p.K && p.V && p.decay && out16, "kv chain: K, V, the decays or the output is null");
+  MAMBA3_CHECK(p.K && p.V && p.decay && out16 && (p.Q || !p.kv_forms_q),
+               "kv chain: Q, K, V, the decays or the output is null");
+  MAMBA3_CHECK(!(p.kv_forms_q && p.q_beside), "kv chain: q formed here and q's build beside it");
   if (p.nc == 0) return;
   const int64_t blocks = int64_t(p.d.B) * p.d.H;
   MAMBA3_CHECK(blocks <= 0x7fffffff, "kv chain: {} blocks exceed the grid", blocks);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
     using Sm = KvChainSmem<N, P>;
-    auto* kernel = kv_chain_kernel<N, P>;
+    auto* kernel = p.kv_forms_q ? kv_chain_kernel<N, P, true> : kv_chain_kernel<N, P, false>;
     if (Sm::bytes > 48 * 1024) {  // once per instance
-      static const cudaError_t opted =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Sm::bytes));
+      static const cudaError_t opted = cudaFuncSetAttribute(
+          kv_chain_kernel<N, P, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Sm::bytes));
+      static const cudaError_t opted_q = cudaFuncSetAttribute(
+          kv_chain_kernel<N, P, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Sm::bytes));
       MAMBA3_CUDA_CHECK(opted);
+      MAMBA3_CUDA_CHECK(opted_q);
     }
     launch_train(kernel, unsigned(blocks), Sm::threads, Sm::bytes, s, p, out16);
     MAMBA3_LAUNCH_CHECK();
