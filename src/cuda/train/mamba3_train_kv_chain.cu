@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.h"
@@ -29,38 +30,43 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
 }
 
-// Byte offsets into the block's shared memory: B's rows (one chunk, f32), the angle codes (up to N/2 per row), two
-// stages of v (the x rows, bf16) and of w, the chunk's k (the chain's B operand) and the state slice written out.
-template <int N, int P>
+// Byte offsets into the block's shared memory: B's rows (one chunk, f32), with kQ C's rows, the angle codes (up to N/2
+// per row), two stages of v (the x rows, bf16) and of w, the chunk's k (the chain's B operand) and, without kQ, the
+// state slice written out (kQ stores the state from its fragments, 16 bytes per lane: room for C's rows instead, at
+// two blocks per SM).
+template <int N, int P, bool kQ>
 struct KvChainSmem {
   static constexpr int threads = 4 * P;  // two warps per 16 rows of P, as the chain's 64-row slice
   static constexpr int LDA = P + 8, LDN = N + 8;
   static constexpr size_t raw = 0;
-  static constexpr size_t codes = raw + size_t(kRows) * N * 4;
+  static constexpr size_t raw_c = raw + size_t(kRows) * N * 4;
+  static constexpr size_t codes = raw_c + (kQ ? size_t(kRows) * N * 4 : 0);
   static constexpr size_t a = codes + size_t(kRows) * (N / 2) * 2;
   static constexpr size_t w = a + 2 * size_t(kRows) * LDA * 2;
   static constexpr size_t k = w + 2 * size_t(kRows) * 4;
   static constexpr size_t out = k + size_t(kRows) * LDN * 2;
-  static constexpr size_t bytes = out + size_t(P) * LDN * 2;
+  static constexpr size_t bytes = out + (kQ ? 0 : size_t(P) * LDN * 2);
 };
 
-// kQ (p.kv_forms_q): q too, from C's rows staged through the same buffer after k's (no build kernel at all).
+// kQ (p.kv_forms_q): q too, from C's rows staged beside B's (no build kernel at all).
 template <int N, int P, bool kQ>
-__global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel(const BatchedParams p, void* out16) {
+__global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
+    kv_chain_kernel(const BatchedParams p, void* out16) {
   pdl_wait();
   if (p.q_beside) pdl_trigger();  // (q's build beside this kernel: build_q_beside_kernel)
-  using Sm = KvChainSmem<N, P>;
+  using Sm = KvChainSmem<N, P, kQ>;
   constexpr int kThreads = Sm::threads, LDA = Sm::LDA, LDN = Sm::LDN, NT = N / 16, kRowWarps = P / 16;
   // Forming k: a thread keeps one rotary pair u and takes every kRowStep-th row (a warp: one row's consecutive pairs).
   constexpr int kPairs = N / 2, kRowStep = kThreads / kPairs;
   static_assert(kThreads % kPairs == 0 && kRows % kRowStep == 0, "whole rows per pass of the block");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sRaw = reinterpret_cast<float*>(smem_raw + Sm::raw);
+  [[maybe_unused]] float* sRawC = reinterpret_cast<float*>(smem_raw + Sm::raw_c);
   uint16_t* sCode = reinterpret_cast<uint16_t*>(smem_raw + Sm::codes);
   bf16* sA0 = reinterpret_cast<bf16*>(smem_raw + Sm::a);
   float* sW0 = reinterpret_cast<float*>(smem_raw + Sm::w);
   bf16* sK = reinterpret_cast<bf16*>(smem_raw + Sm::k);
-  bf16* sOut = reinterpret_cast<bf16*>(smem_raw + Sm::out);
+  [[maybe_unused]] bf16* sOut = reinterpret_cast<bf16*>(smem_raw + Sm::out);
   const MixerDims& d = p.d;
   const int64_t bh = blockIdx.x;
   const int b = int(bh / d.H), h = int(bh % d.H), g = h / (d.H / d.G), nc = p.nc, S = d.S;
@@ -71,24 +77,24 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
   const int x_pitch = 2 * d.d_inner;
   // The group's rows of B or C (zx's columns from `off`) of the 64 tokens from tok0 into sRaw: N floats a row, N/4
   // pieces of 16 bytes.
-  const auto copy_rows = [&](int64_t tok0, int off) {
+  const auto copy_rows = [&](float* dst, int64_t tok0, int off) {
     constexpr int per_row = N / 4, pieces = kRows * per_row;
     static_assert(pieces % kThreads == 0, "whole passes over the rows");
     const float* src = p.zx + tok0 * d.din + off + int64_t(g) * N;
 #pragma unroll
     for (int j = 0; j < pieces / kThreads; ++j) {
       const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 4;
-      cp_async16(sRaw + r * N + c, src + int64_t(r) * d.din + c);
+      cp_async16(dst + r * N + c, src + int64_t(r) * d.din + c);
     }
   };
   // Rot(row + bias, φ) rounded to bf16 (the build's rotated_pair) for the thread's pair of every kRowStep-th row of
   // sRaw, to `dst` (global, the chunk's first row) and, where given, to the shared tile sdst.
-  const auto form = [&](const float* bias, bf16* dst, bf16* sdst) {
+  const auto form = [&](const float* raw, const float* bias, bf16* dst, bf16* sdst) {
     // (the head's bias pair, loaded per chunk: held across the walk it would cost the chain's registers)
     const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + int64_t(h) * N + 2 * u));
 #pragma unroll 2
     for (int r = r0; r < kRows; r += kRowStep) {
-      const float2 v = *reinterpret_cast<const float2*>(sRaw + r * N + 2 * u);
+      const float2 v = *reinterpret_cast<const float2*>(raw + r * N + 2 * u);
       const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * S + u])) : make_float2(1.0f, 0.0f);
       const __nv_bfloat162 o = batched::rotated_pair(v.x, v.y, bb.x, bb.y, cs.x, cs.y, rot);
       if (sdst) *reinterpret_cast<__nv_bfloat162*>(sdst + r * LDN + 2 * u) = o;
@@ -99,7 +105,8 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
   const auto issue = [&](int i) {
     if (i < nc) {
       const int64_t chunk = bh * nc + i, tok0 = int64_t(b) * d.L + int64_t(i) * kRows;
-      copy_rows(tok0, d.off_B);
+      copy_rows(sRaw, tok0, d.off_B);
+      if constexpr (kQ) copy_rows(sRawC, tok0, d.off_C);
       {  // the chunk's angle codes: 64 rows of S, contiguous
         const uint16_t* src = p.phi_code + (bh * d.L + int64_t(i) * kRows) * S;
         for (int k = threadIdx.x; k < kRows * S / 8; k += kThreads) cp_async16(sCode + 8 * k, src + 8 * k);
@@ -122,9 +129,10 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
     __syncthreads();  // chunk i's inputs are in; the last step's reads of k and of the state slice are done
     const bf16* sA = sA0 + (i % 2) * kRows * LDA;
     const float* sW = sW0 + (i % 2) * kRows;
-    // k = Rot(B + bias, φ): into the chain's tile and to K
-    form(p.B_bias, static_cast<bf16*>(p.K) + chunk * kRows * N, sK);
-    {  // the state entering chunk i, rounded as the chain rounds it, into the slice (rows g and g + 8 of the warp)
+    // k = Rot(B + bias, φ): into the chain's tile and to K; with kQ q = Rot(C + bias, φ) to Q
+    form(sRaw, p.B_bias, static_cast<bf16*>(p.K) + chunk * kRows * N, sK);
+    if constexpr (kQ) form(sRawC, p.C_bias, static_cast<bf16*>(p.Q) + chunk * kRows * N, nullptr);
+    if constexpr (!kQ) {  // the state entering chunk i, rounded as the chain rounds it, into the slice (rows g, g + 8)
       uint32_t* so = reinterpret_cast<uint32_t*>(sOut) + ((pr + gr) * LDN + n0) / 2 + q;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -132,14 +140,15 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
         so[nt * 4 + 4 * LDN] = pack(st[nt][2], st[nt][3]);
       }
     }
-    __syncthreads();     // k and the slice are whole; B's rows (and without kQ the codes) are free for the next chunk
-    if constexpr (kQ) {  // C's rows of this chunk next, through the same buffer (the codes stay)
-      copy_rows(int64_t(b) * d.L + int64_t(i) * kRows, d.off_C);
-      asm volatile("cp.async.commit_group;");
-    } else {
-      issue(i + 1);
-    }
-    {  // the slice to out16, 16 bytes per thread and row piece
+    __syncthreads();  // k (and the slice) whole; the rows and the codes are free for the next chunk
+    issue(i + 1);
+    if constexpr (kQ) {  // the state entering chunk i from the fragments (pack's rounding: the chain's bits)
+      bf16* og = static_cast<bf16*>(out16) + chunk * P * N;
+      if constexpr (NT % 4 == 0)
+        store_tiles_bf16(st, og, N, pr, n0);
+      else
+        store_tiles(st, reinterpret_cast<uint16_t*>(og), N, pr, n0);
+    } else {  // the slice to out16, 16 bytes per thread and row piece
       constexpr int per_row = N / 8, pieces = P * per_row;
       static_assert(pieces % kThreads == 0, "whole passes over the slice");
       bf16* og = static_cast<bf16*>(out16) + chunk * P * N;
@@ -158,13 +167,6 @@ __global__ void __launch_bounds__(KvChainSmem<N, P>::threads, 2) kv_chain_kernel
         const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
         *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
       }
-    }
-    if constexpr (kQ) {  // q = Rot(C + bias, φ) to Q; then the next chunk's inputs, in flight during the product
-      asm volatile("cp.async.wait_group 0;" ::: "memory");
-      __syncthreads();  // C's rows are in
-      form(p.C_bias, static_cast<bf16*>(p.Q) + chunk * kRows * N, nullptr);
-      __syncthreads();  // C's rows and the codes are free
-      issue(i + 1);
     }
     // (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile: the chain's fragments, k-steps and scaling (scale_pair)
     float acc[NT][4];
@@ -214,17 +216,18 @@ void launch_kv_chain(cudaStream_t s, const BatchedParams& p, void* out16) {
   MAMBA3_CHECK(blocks <= 0x7fffffff, "kv chain: {} blocks exceed the grid", blocks);
   dispatch_core_shape(p, [&](auto n, auto pp) {
     constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-    using Sm = KvChainSmem<N, P>;
-    auto* kernel = p.kv_forms_q ? kv_chain_kernel<N, P, true> : kv_chain_kernel<N, P, false>;
-    if (Sm::bytes > 48 * 1024) {  // once per instance
-      static const cudaError_t opted = cudaFuncSetAttribute(
-          kv_chain_kernel<N, P, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Sm::bytes));
-      static const cudaError_t opted_q = cudaFuncSetAttribute(
-          kv_chain_kernel<N, P, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Sm::bytes));
+    const auto go = [&](auto with_q) {
+      constexpr bool kQ = decltype(with_q)::value;
+      using Sm = KvChainSmem<N, P, kQ>;
+      static const cudaError_t opted = cudaFuncSetAttribute(  // (once per instance)
+          kv_chain_kernel<N, P, kQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Sm::bytes));
       MAMBA3_CUDA_CHECK(opted);
-      MAMBA3_CUDA_CHECK(opted_q);
-    }
-    launch_train(kernel, unsigned(blocks), Sm::threads, Sm::bytes, s, p, out16);
+      launch_train(kv_chain_kernel<N, P, kQ>, unsigned(blocks), Sm::threads, Sm::bytes, s, p, out16);
+    };
+    if (p.kv_forms_q)
+      go(std::true_type{});
+    else
+      go(std::false_type{});
     MAMBA3_LAUNCH_CHECK();
   });
 }
