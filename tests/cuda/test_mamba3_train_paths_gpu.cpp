@@ -398,8 +398,9 @@ TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
           EXPECT_TRUE(bit_identical(apart, before)) << "k, v and the forward chain in one kernel changed bits";
           EXPECT_TRUE(bit_identical(apart, beside)) << "q's build beside the kv chain changed bits";
           EXPECT_TRUE(bit_identical(apart, with_q)) << "q formed by the kv chain changed bits";
-          // (the SISO build's shapes: whole chunks, in_proj rows of whole 16-byte pieces; S a multiple of 8)
-          if (L % 64 == 0 && lc.c.d_in_proj() % 4 == 0 && lc.c.num_angles() % 8 == 0) {
+          // (where w ⊙ v is left to its readers — whole chunks, in_proj rows of whole 16-byte pieces, no output
+          // norm: VwFormedByItsReadersGivesTheBuildsBits — and S is a multiple of 8)
+          if (L % 64 == 0 && lc.c.d_in_proj() % 4 == 0 && !lc.c.is_outproj_norm && lc.c.num_angles() % 8 == 0) {
             EXPECT_TRUE(used) << "the kv chain did not run where it applies";
           }
           ran += used;
