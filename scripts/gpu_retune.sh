@@ -2,9 +2,12 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|decode|deferred|wide|options|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|kv|decode|deferred|wide|options|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
+# kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN, off by default until measured; fifty-fifth session): its bit test, then
+#         the 125M SISO step with each of its forms (1, beside, q) against the build + chain, and the mixer forward's
+#         parts (MAMBA3_TRAIN_PROFILE=2) without it and with q.
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
 # deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with the automatic interval (every 4
@@ -46,6 +49,22 @@ if [[ $what == train || $what == all ]]; then
   MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train --preset 125m \
     > "$OUT/retune_train_profile.txt" 2>&1
   tail -40 "$OUT/retune_train_profile.txt"
+fi
+if [[ $what == kv || $what == all ]]; then
+  [[ -x run/bin/test_mamba3_train_paths_gpu ]] &&
+    timeout 150 run/bin/test_mamba3_train_paths_gpu --gtest_filter='*KvChain*' --gtest_brief=1 2>&1 | tail -8 |
+    tee -a "$OUT/retune_train.txt"
+  for ((r = 1; r <= rounds; ++r)); do
+    train_row kv-off MAMBA3_TRAIN_KV_CHAIN=0
+    train_row kv-1 MAMBA3_TRAIN_KV_CHAIN=1
+    train_row kv-beside MAMBA3_TRAIN_KV_CHAIN=beside
+    train_row kv-q MAMBA3_TRAIN_KV_CHAIN=q
+  done
+  for m in 0 q; do
+    MAMBA3_TRAIN_KV_CHAIN=$m MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train \
+      --preset 125m --steps 2 > "$OUT/retune_kv_profile_$m.txt" 2>&1
+    echo "kv=$m $(grep 'mixer forward' "$OUT/retune_kv_profile_$m.txt" | tail -1)" | tee -a "$OUT/retune_train.txt"
+  done
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 400 scripts/decode_ab.sh -p 1.5b -b 128 -r "$rounds" -- "" "MAMBA3_GEMM_TUNE=1" \
