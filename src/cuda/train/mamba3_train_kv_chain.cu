@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
   // sRaw, to `dst` (global, the chunk's first row) and, where given, to the shared tile sdst.
   const auto form = [&](const float* raw, const float* bias, bf16* dst, bf16* sdst) {
     // (the head's bias pair, loaded per chunk: held across the walk it would cost the chain's registers)
-    const float2 bb = __ldg(reinterpret_cast<const float2*>(bias + int64_t(h) * N + 2 * u));
+    const float2 bb = make_float2(__ldg(bias + int64_t(h) * N + 2 * u), __ldg(bias + int64_t(h) * N + 2 * u + 1));
 #pragma unroll 2
     for (int r = r0; r < kRows; r += kRowStep) {
       const float2 v = *reinterpret_cast<const float2*>(raw + r * N + 2 * u);
