@@ -87,18 +87,27 @@ __global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
       cp_async16(dst + r * N + c, src + int64_t(r) * d.din + c);
     }
   };
-  // Rot(row + bias, φ) rounded to bf16 (the build's rotated_pair) for the thread's pair of every kRowStep-th row of
-  // sRaw, to `dst` (global, the chunk's first row) and, where given, to the shared tile sdst.
-  const auto form = [&](const float* raw, const float* bias, bf16* dst, bf16* sdst) {
-    // (the head's bias pair, loaded per chunk: held across the walk it would cost the chain's registers)
-    const float2 bb = make_float2(__ldg(bias + int64_t(h) * N + 2 * u), __ldg(bias + int64_t(h) * N + 2 * u + 1));
+  // k = Rot(B + bias, φ) rounded to bf16 (the build's rotated_pair) for the thread's pair of every kRowStep-th row,
+  // to K and to the chain's tile; with kQ also q = Rot(C + bias, φ) to Q, from the same angle's cos and sin.
+  const auto form = [&](int64_t chunk) {
+    // (the heads' bias pairs, loaded per chunk: held across the walk they would cost the chain's registers)
+    const int64_t bi = int64_t(h) * N + 2 * u;
+    const float2 bk = make_float2(__ldg(p.B_bias + bi), __ldg(p.B_bias + bi + 1));
+    [[maybe_unused]] float2 bq;
+    if constexpr (kQ) bq = make_float2(__ldg(p.C_bias + bi), __ldg(p.C_bias + bi + 1));
+    bf16* kg = static_cast<bf16*>(p.K) + chunk * kRows * N + 2 * u;
+    [[maybe_unused]] bf16* qg = static_cast<bf16*>(p.Q) + chunk * kRows * N + 2 * u;
 #pragma unroll 2
     for (int r = r0; r < kRows; r += kRowStep) {
-      const float2 v = *reinterpret_cast<const float2*>(raw + r * N + 2 * u);
       const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * S + u])) : make_float2(1.0f, 0.0f);
-      const __nv_bfloat162 o = batched::rotated_pair(v.x, v.y, bb.x, bb.y, cs.x, cs.y, rot);
-      if (sdst) *reinterpret_cast<__nv_bfloat162*>(sdst + r * LDN + 2 * u) = o;
-      *reinterpret_cast<__nv_bfloat162*>(dst + r * N + 2 * u) = o;
+      const float2 bv = *reinterpret_cast<const float2*>(sRaw + r * N + 2 * u);
+      const __nv_bfloat162 ko = batched::rotated_pair(bv.x, bv.y, bk.x, bk.y, cs.x, cs.y, rot);
+      *reinterpret_cast<__nv_bfloat162*>(sK + r * LDN + 2 * u) = ko;
+      *reinterpret_cast<__nv_bfloat162*>(kg + r * N) = ko;
+      if constexpr (kQ) {
+        const float2 cv = *reinterpret_cast<const float2*>(sRawC + r * N + 2 * u);
+        *reinterpret_cast<__nv_bfloat162*>(qg + r * N) = batched::rotated_pair(cv.x, cv.y, bq.x, bq.y, cs.x, cs.y, rot);
+      }
     }
   };
   // Chunk i's inputs into shared memory (v and w into stage i % 2); an empty group past the last chunk.
@@ -129,9 +138,7 @@ __global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
     __syncthreads();  // chunk i's inputs are in; the last step's reads of k and of the state slice are done
     const bf16* sA = sA0 + (i % 2) * kRows * LDA;
     const float* sW = sW0 + (i % 2) * kRows;
-    // k = Rot(B + bias, φ): into the chain's tile and to K; with kQ q = Rot(C + bias, φ) to Q
-    form(sRaw, p.B_bias, static_cast<bf16*>(p.K) + chunk * kRows * N, sK);
-    if constexpr (kQ) form(sRawC, p.C_bias, static_cast<bf16*>(p.Q) + chunk * kRows * N, nullptr);
+    form(chunk);          // k (and with kQ q)
     if constexpr (!kQ) {  // the state entering chunk i, rounded as the chain rounds it, into the slice (rows g, g + 8)
       uint32_t* so = reinterpret_cast<uint32_t*>(sOut) + ((pr + gr) * LDN + n0) / 2 + q;
 #pragma unroll
