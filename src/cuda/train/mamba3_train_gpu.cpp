@@ -597,32 +597,22 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     p.qk_rotated_only = qk_rotated_only_ && qk_half_applies();
     act_->qk_rotated_only = p.qk_rotated_only;
     qk_rotated_only_used_ = p.qk_rotated_only;
-    // (k, v and the forward chain in one kernel: the build writes q alone)
+    // (k, v and the forward chain in one kernel; q from the build before it, beside it, or from the kernel itself)
     p.build_q_only = chain && kv_chain_ && kv_chain_supported(p);
     kv_chain_used_ = p.build_q_only;
     p.kv_forms_q = p.build_q_only && kv_chain_q_;
     p.q_beside = p.build_q_only && kv_chain_beside_ && !p.kv_forms_q;
-    if (p.kv_forms_q) {  // the chunk scalars, then the kv chain forming q, k and v
+    if (p.kv_forms_q || p.q_beside) {
       launch_chunk_scalars(s, p);
-      launch_kv_chain(s, p, act_->Hc16.raw());
-      prof.mark("kv chain with q");
-      p.build_q_only = p.kv_forms_q = false;
-    } else if (p.q_beside) {  // the chunk scalars, the kv chain, then q's build beside it
-      launch_chunk_scalars(s, p);
-      launch_kv_chain(s, p, act_->Hc16.raw());
-      launch_build_q_beside(s, p);
-      prof.mark("kv chain + q build");
-      p.build_q_only = p.q_beside = false;
     } else {
-      launch_batched_build(s, p);
+      launch_batched_build(s, p);  // (with build_q_only: the chunk scalars and q alone)
       prof.mark("build");
     }
-    if (kv_chain_used_) {
-      if (!kv_chain_beside_ && !kv_chain_q_) {  // (else launched above)
-        launch_kv_chain(s, p, act_->Hc16.raw());
-        prof.mark("kv chain");
-      }
-      p.build_q_only = false;  // (a build run again later writes k and v)
+    if (p.build_q_only) {
+      launch_kv_chain(s, p, act_->Hc16.raw());
+      if (p.q_beside) launch_build_q_beside(s, p);
+      prof.mark("kv chain");
+      p.build_q_only = p.q_beside = p.kv_forms_q = false;  // (a build run again later writes k and v)
     } else if (chain) {
       launch_state_chain(s, p, p.vw_formed ? p.V : p.Vw, p.K, false, act_->Hc16.raw(), p.vw_formed ? p.wv : nullptr);
       prof.mark("state chain");

@@ -18,6 +18,7 @@
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mma_bf16.cuh"
+#include "cuda/train/state_chain_step.cuh"
 
 namespace mamba3::cuda::train_detail {
 
@@ -175,28 +176,17 @@ __global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
         *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
       }
     }
-    // (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile: the chain's fragments, k-steps and scaling (scale_pair)
+    // (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile: the chain's fragments, k-steps and scaling (state_chain_step.cuh)
     float acc[NT][4];
     zero(acc);
 #pragma unroll
     for (int kb = 0; kb < kRows / 16; ++kb) {
       uint32_t a[4];
       load_a_t(sA, LDA, 16 * kb, pr, a);
-      const float2 w0 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q);
-      const float2 w8 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q + 8);
-      a[0] = scale_pair(a[0], w0.x, w0.y), a[1] = scale_pair(a[1], w0.x, w0.y);
-      a[2] = scale_pair(a[2], w8.x, w8.y), a[3] = scale_pair(a[3], w8.x, w8.y);
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t bb[4];
-        load_b_kn(sK, LDN, 16 * kb, n0 + 16 * np, bb);
-        mma(acc[2 * np], a, bb[0], bb[1]), mma(acc[2 * np + 1], a, bb[2], bb[3]);
-      }
+      chain_step::scale_rows(a, sW + 16 * kb);
+      chain_step::accumulate(acc, a, sK, LDN, 16 * kb, n0);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = __fmaf_rn(dc, st[nt][e], acc[nt][e]);  // the scan's e·S + Δ
+    chain_step::scan_update(st, acc, dc);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "cuda/pdl.h"
+#include "cuda/train/chunk_core_launch.cuh"
 #include "cuda/train/mamba3_train_batched_common.cuh"
 #include "cuda/train/mma_bf16.cuh"
 
@@ -1082,15 +1083,10 @@ bool launch_build_siso(cudaStream_t s, const BatchedParams& p) {
     };
     if constexpr (kX16) {
       if (p.build_q_only) {  // (full: checked above)
-        if (d.N == 128)
-          d.P == 64 ? launch_per_chunk(batched_build_siso_full_kernel<128, 64, true, true>, s, p, 0)
-                    : launch_per_chunk(batched_build_siso_full_kernel<128, 32, true, true>, s, p, 0);
-        else if (d.N == 64)
-          d.P == 64 ? launch_per_chunk(batched_build_siso_full_kernel<64, 64, true, true>, s, p, 0)
-                    : launch_per_chunk(batched_build_siso_full_kernel<64, 32, true, true>, s, p, 0);
-        else
-          d.P == 64 ? launch_per_chunk(batched_build_siso_full_kernel<32, 64, true, true>, s, p, 0)
-                    : launch_per_chunk(batched_build_siso_full_kernel<32, 32, true, true>, s, p, 0);
+        dispatch_core_shape(p, [&](auto n, auto pp) {
+          launch_per_chunk(batched_build_siso_full_kernel<decltype(n)::value, decltype(pp)::value, true, true>, s, p,
+                           0);
+        });
         return;
       }
     }
@@ -1126,16 +1122,9 @@ void launch_build_q_beside(cudaStream_t s, const BatchedParams& p) {
   MAMBA3_CHECK(p.build_q_only && p.q_beside && batched::build_siso_applies(p) && p.zx16 && p.d.L % p.T == 0 &&
                    p.T % (2 * batched::kWarps) == 0,
                "q beside the kv chain: the SISO full-chunk build's shapes, bf16 x");
-  const MixerDims& d = p.d;
-  if (d.N == 128)
-    d.P == 64 ? batched::launch_per_chunk(batched::build_q_beside_kernel<128, 64>, s, p, 0)
-              : batched::launch_per_chunk(batched::build_q_beside_kernel<128, 32>, s, p, 0);
-  else if (d.N == 64)
-    d.P == 64 ? batched::launch_per_chunk(batched::build_q_beside_kernel<64, 64>, s, p, 0)
-              : batched::launch_per_chunk(batched::build_q_beside_kernel<64, 32>, s, p, 0);
-  else
-    d.P == 64 ? batched::launch_per_chunk(batched::build_q_beside_kernel<32, 64>, s, p, 0)
-              : batched::launch_per_chunk(batched::build_q_beside_kernel<32, 32>, s, p, 0);
+  dispatch_core_shape(p, [&](auto n, auto pp) {
+    batched::launch_per_chunk(batched::build_q_beside_kernel<decltype(n)::value, decltype(pp)::value>, s, p, 0);
+  });
 }
 
 }  // namespace mamba3::cuda::train_detail

@@ -22,6 +22,7 @@
 #include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mma_bf16.cuh"
 #include "cuda/train/qk_unrotated_columns.cuh"
+#include "cuda/train/state_chain_step.cuh"
 
 namespace mamba3::cuda::train_detail {
 
@@ -161,24 +162,12 @@ __device__ __forceinline__ void state_chain_body(const BatchedParams& p, const b
         const float2 e8 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q + 8);
         a[0] = dye_pair(a[0], zf[0], e0.x, e0.y), a[1] = dye_pair(a[1], zf[1], e0.x, e0.y);
         a[2] = dye_pair(a[2], zf[2], e8.x, e8.y), a[3] = dye_pair(a[3], zf[3], e8.x, e8.y);
-      } else if (w_rows) {  // A = w ⊙ v formed from v's fragment: rows t = 16kb + 2q, +1 (a[0], a[1]) and + 8 (a[2],
-                            // a[3])
-        const float2 w0 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q);
-        const float2 w8 = *reinterpret_cast<const float2*>(sW + 16 * kb + 2 * q + 8);
-        a[0] = scale_pair(a[0], w0.x, w0.y), a[1] = scale_pair(a[1], w0.x, w0.y);
-        a[2] = scale_pair(a[2], w8.x, w8.y), a[3] = scale_pair(a[3], w8.x, w8.y);
+      } else if (w_rows) {  // A = w ⊙ v formed from v's fragment
+        chain_step::scale_rows(a, sW + 16 * kb);
       }
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t b[4];
-        load_b_kn(sB, LDN, 16 * kb, n0 + 16 * np, b);
-        mma(acc[2 * np], a, b[0], b[1]), mma(acc[2 * np + 1], a, b[2], b[3]);
-      }
+      chain_step::accumulate(acc, a, sB, LDN, 16 * kb, n0);
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = __fmaf_rn(dc, st[nt][e], acc[nt][e]);  // the scan's e·S + Δ
+    chain_step::scan_update(st, acc, dc);  // the scan's e·S + Δ
     store_formed(i + 1);  // (the next step's barrier orders it before that step's reads)
   }
 }
