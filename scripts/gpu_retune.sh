@@ -5,9 +5,10 @@
 #   OUT=… scripts/gpu_retune.sh [train|kv|decode|deferred|wide|options|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
-# kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN, off by default until measured; fifty-fifth session): its bit test, then
-#         the 125M SISO step with each of its forms (1, beside, q) against the build + chain, and the mixer forward's
-#         parts (MAMBA3_TRAIN_PROFILE=2) without it and with q.
+# kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN, off by default until measured; fifty-fifth session) and the walk that
+#         adds the forward core's work to it (walk; fifty-sixth session): their bit test, then the 125M SISO step with
+#         each form (1, beside, q, walk) against the build + chain + core, and the mixer forward's parts
+#         (MAMBA3_TRAIN_PROFILE=2) without them, with q and with the walk.
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
 # deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with the automatic interval (every 4
@@ -59,8 +60,9 @@ if [[ $what == kv || $what == all ]]; then
     train_row kv-1 MAMBA3_TRAIN_KV_CHAIN=1
     train_row kv-beside MAMBA3_TRAIN_KV_CHAIN=beside
     train_row kv-q MAMBA3_TRAIN_KV_CHAIN=q
+    train_row kv-walk MAMBA3_TRAIN_KV_CHAIN=walk
   done
-  for m in 0 q; do
+  for m in 0 q walk; do
     MAMBA3_TRAIN_KV_CHAIN=$m MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train \
       --preset 125m --steps 2 > "$OUT/retune_kv_profile_$m.txt" 2>&1
     echo "kv=$m $(grep 'mixer forward' "$OUT/retune_kv_profile_$m.txt" | tail -1)" | tee -a "$OUT/retune_train.txt"

@@ -360,14 +360,15 @@ TEST(Mamba3TrainGpu, QkRotatedColumnsOnlyGiveTheBuildsBits) {
 }
 
 // k, v and the forward state chain in one kernel per sequence-head (set_kv_chain: the build writes q alone, before the
-// kernel or beside it, or the kernel forms q too) against the build writing k and v and the chain reading them: the
-// same bits in the output, du and every gradient, with a recomputed and a kept forward (the backward then reads the kv
-// chain's k, v and states). Whole chunks only (L = 65 keeps the build and the chain), and every case where it applies
-// must have taken it.
+// kernel or beside it, or the kernel forms q too, or also runs the forward core's work: set_kv_chain_walk) against the
+// build writing k and v, the chain reading them and the forward core: the same bits in the output, du and every
+// gradient, with a recomputed and a kept forward (the backward then reads the kv chain's or the walk's q, k, v, states
+// and y). Whole chunks only (L = 65 keeps the build and the chain), and every case where it applies must have taken
+// it.
 TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
   MAMBA3_REQUIRE_GPU();
   const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
-  int ran = 0;
+  int ran = 0, walks = 0;
   for (const LayerCase& lc : cases)
     for (const int64_t L : {64, 192, 65}) {
       if (lc.c.d_model == 768 && L != 192) continue;  // (one big case)
@@ -378,36 +379,50 @@ TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
         for (const bool keep : {false, true}) {
           SCOPED_TRACE(std::string(lc.name) + " B=" + std::to_string(B) + " L=" + std::to_string(L) +
                        (keep ? " kept" : " recomputed"));
-          bool used = false;
-          auto run = [&](bool on, bool beside, bool with_q = false) {
+          bool used = false, walked = false;
+          auto run = [&](bool on, bool beside, bool with_q = false, bool walk = false) {
             step.train.set_kv_chain(on);
             step.train.set_kv_chain_beside(beside);
             step.train.set_kv_chain_q(with_q);
+            step.train.set_kv_chain_walk(walk);
             GpuResult r = step.run(keep);
-            if (on)
+            if (on) {
               used = step.train.kv_chain_used();
-            else
+            } else {
               EXPECT_FALSE(step.train.kv_chain_used());
+            }
+            if (walk && !keep) {
+              walked = step.train.fwd_walk_used();
+            } else if (!keep) {
+              EXPECT_FALSE(step.train.fwd_walk_used());
+            }
             return r;
           };
           const GpuResult apart = run(false, false), before = run(true, false), beside = run(true, true),
-                          with_q = run(true, false, true);
+                          with_q = run(true, false, true), walk = run(true, false, false, true);
           ASSERT_NO_FATAL_FAILURE(assert_finite(before));
           ASSERT_NO_FATAL_FAILURE(assert_finite(beside));
           ASSERT_NO_FATAL_FAILURE(assert_finite(with_q));
+          ASSERT_NO_FATAL_FAILURE(assert_finite(walk));
           EXPECT_TRUE(bit_identical(apart, before)) << "k, v and the forward chain in one kernel changed bits";
           EXPECT_TRUE(bit_identical(apart, beside)) << "q's build beside the kv chain changed bits";
           EXPECT_TRUE(bit_identical(apart, with_q)) << "q formed by the kv chain changed bits";
+          EXPECT_TRUE(bit_identical(apart, walk)) << "the forward core's work in the walk changed bits";
           // (where w ⊙ v is left to its readers — whole chunks, in_proj rows of whole 16-byte pieces, no output
           // norm: VwFormedByItsReadersGivesTheBuildsBits — and S is a multiple of 8)
           if (L % 64 == 0 && lc.c.d_in_proj() % 4 == 0 && !lc.c.is_outproj_norm && lc.c.num_angles() % 8 == 0) {
             EXPECT_TRUE(used) << "the kv chain did not run where it applies";
+            if (!keep) {
+              EXPECT_TRUE(walked) << "the walk did not run where it applies";
+            }
           }
           ran += used;
+          walks += walked;
         }
       }
     }
   EXPECT_GT(ran, 0) << "no case took the kv chain";
+  EXPECT_GT(walks, 0) << "no case took the walk";
 }
 
 // dQ and dK handed from the SISO cores to the rotation backward in bf16 (the default) against the f32 pair: the

@@ -218,10 +218,10 @@ bool env_qk_rotated_only() {
 
 // MAMBA3_TRAIN_KV_CHAIN, read once per process: the SISO build writes only q and one kernel per sequence-head forms
 // k and v and runs the forward chain on them, q's build before it ("1") or beside it ("beside"), or forms q as well
-// ("q"), where it applies; or the build writes k and v and the chain reads them ("0", the default until measured on a
-// GPU). The same bits.
+// ("q"), or forms q and runs the forward core's work too ("walk": launch_fwd_walk), where it applies; or the build
+// writes k and v and the chain reads them ("0", the default until measured on a GPU). The same bits.
 const std::string& env_kv_chain() {
-  static const std::string mode = env_choice("MAMBA3_TRAIN_KV_CHAIN", {"0", "1", "beside", "q"});
+  static const std::string mode = env_choice("MAMBA3_TRAIN_KV_CHAIN", {"0", "1", "beside", "q", "walk"});
   return mode;
 }
 
@@ -327,6 +327,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       kv_chain_(env_kv_chain() != "0"),
       kv_chain_beside_(env_kv_chain() == "beside"),
       kv_chain_q_(env_kv_chain() == "q"),
+      kv_chain_walk_(env_kv_chain() == "walk"),
       qk_head_order_(env_qk_head_order()),
       mimo_epilogue_in_core_(env_mimo_epilogue_in_core()),
       mimo_y_(env_mimo_y()),
@@ -600,7 +601,10 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     // (k, v and the forward chain in one kernel; q from the build before it, beside it, or from the kernel itself)
     p.build_q_only = chain && kv_chain_ && kv_chain_supported(p);
     kv_chain_used_ = p.build_q_only;
-    p.kv_forms_q = p.build_q_only && kv_chain_q_;
+    // (the walk: the kv chain forming q, with the forward core's products and output stage; then no core kernel)
+    const bool walk = p.build_q_only && kv_chain_walk_ && use_cores && fwd_walk_supported(p);
+    fwd_walk_used_ = walk;
+    p.kv_forms_q = p.build_q_only && (kv_chain_q_ || walk);
     p.q_beside = p.build_q_only && kv_chain_beside_ && !p.kv_forms_q;
     if (p.kv_forms_q || p.q_beside) {
       launch_chunk_scalars(s, p);
@@ -608,7 +612,11 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       launch_batched_build(s, p);  // (with build_q_only: the chunk scalars and q alone)
       prof.mark("build");
     }
-    if (p.build_q_only) {
+    if (walk) {
+      launch_fwd_walk(s, p, act_->Hc16.raw());
+      prof.mark("forward walk");
+      p.build_q_only = p.kv_forms_q = false;
+    } else if (p.build_q_only) {
       launch_kv_chain(s, p, act_->Hc16.raw());
       if (p.q_beside) launch_build_q_beside(s, p);
       prof.mark("kv chain");
@@ -624,7 +632,9 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
                         bf16 ? act_->Hc16.as<uint16_t>() : nullptr, !bf16);
       prof.mark("scan");
     }
-    if (use_cores) {
+    if (walk) {
+      // (the walk wrote what the forward core writes)
+    } else if (use_cores) {
       launch_batched_forward_core(s, p, act_->Hc16.raw());
       prof.mark("forward core");
     } else {

@@ -222,6 +222,12 @@ class Mamba3TrainGpu {
   // With the kv chain, it forms q too and no build kernel runs (MAMBA3_TRAIN_KV_CHAIN=q); the same bits. Takes
   // precedence over set_kv_chain_beside.
   void set_kv_chain_q(bool on) { kv_chain_q_ = on; }
+  // With the kv chain, the forward core's work joins it (launch_fwd_walk: q formed in the core's fragments, one kernel
+  // from the chunk scalars to o16) where it applies (MAMBA3_TRAIN_KV_CHAIN=walk); the same bits. Takes precedence over
+  // set_kv_chain_q and set_kv_chain_beside.
+  void set_kv_chain_walk(bool on) { kv_chain_walk_ = on; }
+  // Whether the last chunk pass's forward did (set_kv_chain_walk and its configuration).
+  bool fwd_walk_used() const { return fwd_walk_used_; }
   // Whether the last chunk pass's forward did (set_kv_chain and its configuration).
   bool kv_chain_used() const { return kv_chain_used_; }
   // Whether the last backward's fused core did (set_core_output and its configuration).
@@ -385,6 +391,8 @@ class Mamba3TrainGpu {
   bool kv_chain_used_ = false;         // the last chunk pass's forward did (kv_chain_used)
   bool kv_chain_beside_ = false;       // q's build beside the kv chain (set_kv_chain_beside)
   bool kv_chain_q_ = false;            // the kv chain forms q too (set_kv_chain_q)
+  bool kv_chain_walk_ = false;         // the kv chain with the forward core's work (set_kv_chain_walk)
+  bool fwd_walk_used_ = false;         // the last chunk pass's forward did (fwd_walk_used)
   bool qk_head_order_ = true;          // with it, the cores take a chunk's heads in consecutive blocks
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
   bool mimo_epilogue_in_core_used_ = false;  // the last backward did (mimo_epilogue_in_core_used)

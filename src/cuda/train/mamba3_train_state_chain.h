@@ -32,6 +32,14 @@ void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, c
 // 64-token chunks, p.vw_formed, bf16 x, angle codes with S a multiple of 8, q and k stored whole).
 bool kv_chain_supported(const BatchedParams& p);
 void launch_kv_chain(cudaStream_t s, const BatchedParams& p, void* out16);
+// The kv chain and the forward core in one walk per sequence-head (p.kv_forms_q: no build kernel; the chunk scalars
+// before it): per chunk k, v and the entering state stored (p.K, p.V, out16 = Hc16) and the chain's step as the kv
+// chain runs them, then q formed in the core's fragments and stored (p.Q), and the forward core's products and output
+// stage (y16 to p.WV and o16; Z is not written: p.z_unread). The same bits as the build, the chain and the forward
+// core.
+// Shapes: fwd_walk_supported (the kv chain's, with the SISO output stage in bf16, Z unread, no output norm).
+bool fwd_walk_supported(const BatchedParams& p);
+void launch_fwd_walk(cudaStream_t s, const BatchedParams& p, void* out16);
 // Rows of P per chain block, 32 or 64 (the latter where P allows; the same bits): process-wide, default from
 // MAMBA3_TRAIN_CHAIN_SLICE ("32" or "64", unset: 64).
 void set_state_chain_slice(int rows);

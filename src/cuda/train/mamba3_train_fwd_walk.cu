@@ -1,0 +1,352 @@
+// The SISO mixer's forward from the chunk scalars on as one walk per sequence-head (launch_fwd_walk,
+// mamba3_train_state_chain.h): the kv chain (mamba3_train_kv_chain.cu) and the forward core (mamba3_train_fwd_core.cu)
+// in one kernel. Per chunk the block forms k from the group's B rows (the build's rotated_pair), stores k, v and the
+// state entering the chunk for the backward, runs the chain's step, and then the forward core's products and output
+// stage with q formed in the A fragments from C's rows (again rotated_pair) and k and the state from shared memory —
+// so the forward core's reads of q, k, v and the states (≈ 350 MB per 125M layer) and the build's launch go away.
+// The same bits: every value is formed by the expression, fragments and k-steps of the kernels it replaces.
+//
+// Shared memory is what sets the form (two blocks per SM at 8 warps): one 32 KB buffer takes B's rows, then C's rows
+// of the same chunk (C's copy in flight during the chain's step, the next chunk's B during the output stage), and q
+// never goes to shared memory. Warps: the chain's (16 rows of P × N/2 columns each); in the core's part warp w takes
+// rows 16·(w % 4) of the chunk and 32 columns of P from 32·(w / 4) (S is formed by both warps of a row block).
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_check.h"
+#include "cuda/pdl.h"
+#include "cuda/train/chunk_core_launch.cuh"
+#include "cuda/train/mamba3_train_batched_common.cuh"
+#include "cuda/train/mamba3_train_fwd_core.h"
+#include "cuda/train/mamba3_train_math.cuh"
+#include "cuda/train/mamba3_train_state_chain.h"
+#include "cuda/train/mma_bf16.cuh"
+#include "cuda/train/state_chain_step.cuh"
+
+namespace mamba3::cuda::train_detail {
+
+namespace {
+
+using namespace mma_bf16;
+constexpr int kRows = kCoreRows;
+constexpr int kSlice = 32;  // columns of P per warp in the core's part
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+// Byte offsets into the block's shared memory: the rows buffer (B's, then C's rows of a chunk, f32), the angle codes
+// (up to N/2 per row), two stages of x (bf16: v) and of the chunk scalars (w, Λ, scale, γ, e^Λ: 5 × 64 floats), k,
+// the state entering the chunk (P × N, the Z product's operand) and z (bf16, one stage).
+template <int N, int P>
+struct WalkSmem {
+  static constexpr int threads = 4 * P;  // the chain's warps: two per 16 rows of P
+  static constexpr int LDA = P + 8, LDN = N + 8, LDZ = P + 8, LDW = kRows + 8;
+  static constexpr int kScalars = 5;
+  static constexpr size_t rows = 0;
+  static constexpr size_t codes = rows + size_t(kRows) * N * 4;
+  static constexpr size_t a = codes + size_t(kRows) * (N / 2) * 2;
+  static constexpr size_t scal = a + 2 * size_t(kRows) * LDA * 2;
+  static constexpr size_t k = scal + 2 * size_t(kScalars) * kRows * 4;
+  static constexpr size_t h = k + size_t(kRows) * (LDN > LDW ? LDN : LDW) * 2;  // (k's tile, then W's)
+  static constexpr size_t z = h + size_t(P) * LDN * 2;
+  static constexpr size_t bytes = z + size_t(kRows) * LDZ * 2;
+};
+
+template <int N, int P>
+__global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(const BatchedParams p, void* out16) {
+  pdl_wait();
+  using Sm = WalkSmem<N, P>;
+  constexpr int kThreads = Sm::threads, LDA = Sm::LDA, LDN = Sm::LDN, LDZ = Sm::LDZ, NT = N / 16;
+  constexpr int kRowWarps = P / 16, NS = kRows / 8, ZT = kSlice / 8, LDW = Sm::LDW;
+  constexpr int kSlices = P / kSlice, kNp = NS / 2 / kSlices;  // slices of P; S's 16-column blocks per slice
+  // Forming k: a thread keeps one rotary pair u and takes every kRowStep-th row (a warp: one row's consecutive pairs).
+  constexpr int kPairs = N / 2, kRowStep = kThreads / kPairs;
+  static_assert(kThreads % kPairs == 0 && kRows % kRowStep == 0, "whole rows per pass of the block");
+  static_assert(P % kSlice == 0 && kThreads / 32 == 4 * (P / kSlice), "four row blocks × the slices of P");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sRows = reinterpret_cast<float*>(smem_raw + Sm::rows);
+  uint16_t* sCode = reinterpret_cast<uint16_t*>(smem_raw + Sm::codes);
+  bf16* sA0 = reinterpret_cast<bf16*>(smem_raw + Sm::a);
+  float* sScal0 = reinterpret_cast<float*>(smem_raw + Sm::scal);
+  bf16* sK = reinterpret_cast<bf16*>(smem_raw + Sm::k);
+  bf16* sWt = sK;  // (W once S is formed: k is not read again in the chunk)
+  bf16* sH = reinterpret_cast<bf16*>(smem_raw + Sm::h);
+  bf16* sZ = reinterpret_cast<bf16*>(smem_raw + Sm::z);
+  const MixerDims& d = p.d;
+  const int64_t bh = blockIdx.x;
+  const int b = int(bh / d.H), h = int(bh % d.H), g = h / (d.H / d.G), nc = p.nc, S = d.S;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q = lane % 4;
+  const int pr = 16 * (warp % kRowWarps), n0 = (N / 2) * (warp / kRowWarps);  // the warp's chain tile
+  const int t0 = 16 * (warp % 4), c0 = kSlice * (warp / 4);                   // its rows and P columns in the core
+  const int u = int(threadIdx.x) % kPairs, r0 = int(threadIdx.x) / kPairs;    // the thread's pair and first row
+  const int x_pitch = 2 * d.d_inner;
+  const float Dh = p.D[h];
+
+  // The group's rows of B or C (zx's columns from `off`) of the 64 tokens from tok0 into sRows.
+  const auto copy_rows = [&](int64_t tok0, int off) {
+    constexpr int per_row = N / 4, pieces = kRows * per_row, step = kThreads / per_row;
+    static_assert(pieces % kThreads == 0 && kThreads % per_row == 0, "whole passes over the rows");
+    // (a running source pointer: per-piece offsets held across the walk had cost the 125M instance spills)
+    const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * 4;
+    const float* src = p.zx + (tok0 + r) * d.din + off + int64_t(g) * N + c;
+    const int64_t stride = int64_t(step) * d.din;
+#pragma unroll
+    for (int j = 0; j < pieces / kThreads; ++j, src += stride) cp_async16(sRows + (r + j * step) * N + c, src);
+  };
+  const auto tok_of = [&](int i) { return int64_t(b) * d.L + int64_t(i) * kRows; };
+  // Chunk i's B rows and angle codes (the rows buffer and the codes are free once chunk i - 1's q is formed).
+  const auto issue_b = [&](int i) {
+    if (i < nc) {
+      copy_rows(tok_of(i), d.off_B);
+      const uint16_t* src = p.phi_code + (bh * d.L + int64_t(i) * kRows) * S;
+      for (int k = threadIdx.x; k < kRows * S / 8; k += kThreads) cp_async16(sCode + 8 * k, src + 8 * k);
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+  // Chunk i's x rows and scalars into stage i % 2 (free once chunk i - 2 is done).
+  const auto issue_x = [&](int i) {
+    if (i < nc) {
+      const int64_t chunk = bh * nc + i;
+      const bf16* x16 = reinterpret_cast<const bf16*>(p.zx16) + tok_of(i) * x_pitch + d.off_x + int64_t(h) * P;
+      copy_tile<kThreads, kRows, P>(sA0 + (i % 2) * kRows * LDA, LDA, x16, x_pitch);
+      float* sc = sScal0 + (i % 2) * Sm::kScalars * kRows;
+      const float* src[Sm::kScalars] = {p.wv, p.Lam, p.scale, p.gam, p.eL};
+      for (int k = threadIdx.x; k < Sm::kScalars * kRows / 4; k += kThreads) {
+        const int which = k / (kRows / 4), j = k % (kRows / 4);
+        cp_async16(sc + which * kRows + 4 * j, src[which] + chunk * kRows + 4 * j);
+      }
+    }
+  };
+  // Chunk i's C rows and z (bf16, zx16's z columns).
+  const auto issue_c = [&](int i) {
+    copy_rows(tok_of(i), d.off_C);
+    const bf16* z16 = reinterpret_cast<const bf16*>(p.zx16) + tok_of(i) * x_pitch + int64_t(h) * P;
+    copy_tile<kThreads, kRows, P>(sZ, LDZ, z16, x_pitch);
+  };
+
+  issue_x(0);
+  issue_b(0);  // (one group: x, the scalars, B's rows and the codes of chunk 0)
+  float st[NT][4];
+  zero(st);
+  for (int i = 0; i < nc; ++i) {
+    const int64_t chunk = bh * nc + i;
+    const float dc = p.decay[chunk];
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();  // chunk i's B rows, codes, x and scalars are in; chunk i - 1's reads of k, the state, z are done
+    const bf16* sA = sA0 + (i % 2) * kRows * LDA;
+    const float* sScal = sScal0 + (i % 2) * Sm::kScalars * kRows;
+    const float *sW = sScal, *Lam = sScal + kRows, *scale = sScal + 2 * kRows, *gam = sScal + 3 * kRows,
+                *eL = sScal + 4 * kRows;
+    {  // k = Rot(B + bias, φ) rounded to bf16 (the build's rotated_pair) to K and to the chain's tile
+      const int64_t bi = int64_t(h) * N + 2 * u;
+      const float2 bk = make_float2(__ldg(p.B_bias + bi), __ldg(p.B_bias + bi + 1));
+      const bool rot = u < S;
+      bf16* kg = static_cast<bf16*>(p.K) + chunk * kRows * N + 2 * u;
+#pragma unroll 2
+      for (int r = r0; r < kRows; r += kRowStep) {
+        const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * S + u])) : make_float2(1.0f, 0.0f);
+        const float2 bv = *reinterpret_cast<const float2*>(sRows + r * N + 2 * u);
+        const __nv_bfloat162 ko = batched::rotated_pair(bv.x, bv.y, bk.x, bk.y, cs.x, cs.y, rot);
+        *reinterpret_cast<__nv_bfloat162*>(sK + r * LDN + 2 * u) = ko;
+        *reinterpret_cast<__nv_bfloat162*>(kg + r * N) = ko;
+      }
+    }
+    {  // the state entering chunk i, rounded as the chain rounds it, into sH (rows pr + gr, + 8)
+      uint32_t* so = reinterpret_cast<uint32_t*>(sH) + ((pr + gr) * LDN + n0) / 2 + q;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        so[nt * 4] = pack(st[nt][0], st[nt][1]);
+        so[nt * 4 + 4 * LDN] = pack(st[nt][2], st[nt][3]);
+      }
+    }
+    __syncthreads();  // k and the state whole; B's rows are free
+    issue_c(i);
+    asm volatile("cp.async.commit_group;");
+    issue_x(i + 1);
+    asm volatile("cp.async.commit_group;");
+    {  // the state to out16 and v = x to V, 16 bytes per thread and row piece
+      bf16* og = static_cast<bf16*>(out16) + chunk * P * N;
+      constexpr int per_row = N / 8, pieces = P * per_row;
+      static_assert(pieces % kThreads == 0, "whole passes over the state");
+#pragma unroll
+      for (int j = 0; j < pieces / kThreads; ++j) {
+        const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
+        *reinterpret_cast<uint4*>(og + r * N + c) = *reinterpret_cast<const uint4*>(sH + r * LDN + c);
+      }
+      constexpr int v_row = P / 8, v_pieces = kRows * v_row;
+      static_assert(v_pieces % kThreads == 0, "whole passes over v");
+      bf16* vg = static_cast<bf16*>(p.V) + chunk * kRows * P;
+#pragma unroll
+      for (int j = 0; j < v_pieces / kThreads; ++j) {
+        const int k = int(threadIdx.x) + j * kThreads, r = k / v_row, c = k % v_row * 8;
+        *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
+      }
+    }
+    {  // the chain's step: (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile (state_chain_step.cuh)
+      float acc[NT][4];
+      zero(acc);
+#pragma unroll
+      for (int kb = 0; kb < kRows / 16; ++kb) {
+        uint32_t a[4];
+        load_a_t(sA, LDA, 16 * kb, pr, a);
+        chain_step::scale_rows(a, sW + 16 * kb);
+        chain_step::accumulate(acc, a, sK, LDN, 16 * kb, n0);
+      }
+      chain_step::scan_update(st, acc, dc);
+    }
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    __syncthreads();  // C's rows and z are in
+
+    // The forward core's part for rows t0 … t0 + 15 (forward_core_kernel's products, mask and output stage): S = q·kᵀ
+    // and Z = q·H_cᵀ over the same k-steps, q's A fragment formed per k-step from C's rows.
+    // S's 16-column blocks are split between a row block's warps (the slices): kNp each, those above the causal
+    // diagonal skipped (coef 0, as the forward core skips them); W = S ⊙ coef goes through shared memory to both.
+    float s[2 * kNp][4], z[ZT][4];
+    zero(s), zero(z);
+    const auto s_block = [&](int j) { return kNp * (c0 / kSlice) + j; };  // the warp's j-th 16 columns of s
+    const bool store_q = c0 == 0;                                         // (the first slice's warps store q)
+    {
+      const int64_t ci = int64_t(h) * N;
+      const float* cr = sRows + (t0 + gr) * N;  // rows t0 + gr and (+ 8 · N) t0 + gr + 8
+      const uint16_t* cd = sCode + (t0 + gr) * S;
+      bf16* qg = static_cast<bf16*>(p.Q) + (chunk * kRows + t0 + gr) * N;
+#pragma unroll 1
+      for (int kb = 0; kb < N / 16; ++kb) {
+        uint32_t a[4];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {  // pairs 8·kb + q (a[0], a[1]) and 8·kb + 4 + q (a[2], a[3])
+          const int uu = 8 * kb + 4 * hf + q;
+          const bool rot = uu < S;
+          const float2 bq = make_float2(__ldg(p.C_bias + ci + 2 * uu), __ldg(p.C_bias + ci + 2 * uu + 1));
+#pragma unroll
+          for (int rh = 0; rh < 2; ++rh) {
+            const float2 cs = rot ? rotary_cos_sin(angle_from_code(cd[8 * rh * S + uu])) : make_float2(1.0f, 0.0f);
+            const float2 cv = *reinterpret_cast<const float2*>(cr + 8 * rh * N + 2 * uu);
+            const __nv_bfloat162 qo = batched::rotated_pair(cv.x, cv.y, bq.x, bq.y, cs.x, cs.y, rot);
+            a[2 * hf + rh] = *reinterpret_cast<const uint32_t*>(&qo);
+          }
+        }
+        {  // q to Q, 16 bytes per lane: lane q takes (row gr or gr + 8, columns 16·kb or + 8) after the exchange
+          uint32_t v[4] = {a[0], a[2], a[1], a[3]};
+          quad_transpose(v);
+          if (store_q)
+            *reinterpret_cast<uint4*>(qg + (q / 2) * 8 * N + 16 * kb + (q % 2) * 8) =
+                make_uint4(v[0], v[1], v[2], v[3]);
+        }
+#pragma unroll
+        for (int j = 0; j < kNp; ++j) {
+          const int np = s_block(j);
+          if (np > t0 / 16) continue;
+          uint32_t bb[4];
+          load_b_nk(sK, LDN, 16 * np, 16 * kb, bb);
+          mma(s[2 * j], a, bb[0], bb[1]), mma(s[2 * j + 1], a, bb[2], bb[3]);
+        }
+#pragma unroll
+        for (int np = 0; np < ZT / 2; ++np) {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n]) for the warp's columns
+          uint32_t bb[4];
+          load_b_nk(sH, LDN, c0 + 16 * np, 16 * kb, bb);
+          mma(z[2 * np], a, bb[0], bb[1]), mma(z[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    {  // W = S ⊙ coef (the forward core's siso_coef tiles)
+      const SisoCoefRowsT rows(Lam, gam, t0, gr);
+#pragma unroll
+      for (int j = 0; j < kNp; ++j) {
+        if (s_block(j) > t0 / 16) continue;
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          float cf[4], ex[4];
+          rows.tile(Lam, scale, (2 * s_block(j) + e2) * 8 + 2 * q, cf, ex);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[2 * j + e2][e] *= cf[e];
+        }
+      }
+    }
+    __syncthreads();  // every warp has formed its q and read k: the rows buffer and the codes take chunk i + 1's,
+    issue_b(i + 1);   // and k's tile takes W
+    {
+      uint32_t* wo = reinterpret_cast<uint32_t*>(sWt) + ((t0 + gr) * LDW) / 2 + q;
+#pragma unroll
+      for (int j = 0; j < kNp; ++j) {
+        if (s_block(j) > t0 / 16) continue;
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int col = (2 * s_block(j) + e2) * 8;
+          wo[col / 2] = pack(s[2 * j + e2][0], s[2 * j + e2][1]);
+          wo[col / 2 + 4 * LDW] = pack(s[2 * j + e2][2], s[2 * j + e2][3]);
+        }
+      }
+    }
+    if constexpr (kSlices > 1)  // the row block's warps (named barrier 1 + row block)
+      asm volatile("bar.sync %0, %1;" ::"r"(1 + t0 / 16), "r"(32 * kSlices) : "memory");
+    else
+      __syncwarp();
+    float wv[ZT][4];
+    zero(wv);
+#pragma unroll
+    for (int kb = 0; kb < NS / 2; ++kb) {  // WV = W·v for the warp's columns
+      if (kb > t0 / 16) continue;
+      uint32_t a[4];
+      load_a(sWt, LDW, t0, 16 * kb, a);
+#pragma unroll
+      for (int np = 0; np < ZT / 2; ++np) {
+        uint32_t bb[4];
+        load_b_kn(sA, LDA, 16 * kb, c0 + 16 * np, bb);
+        mma(wv[2 * np], a, bb[0], bb[1]), mma(wv[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    // The output stage (the forward core's, no output norm): y = (e^Λ·Z + D·v) + WV to y16 (p.WV), y·silu(z) to o16.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int tl = t0 + gr + 8 * half;
+      const float e = eL[tl];
+      const int64_t tok = tok_of(i) + tl;
+      uint32_t y16[ZT], o16[ZT];
+#pragma unroll
+      for (int nt = 0; nt < ZT; ++nt) {
+        const int col = c0 + nt * 8 + 2 * q;
+        const float2 vv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sA + tl * LDA + col));
+        const float2 zz = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(sZ + tl * LDZ + col));
+        const float y0 = (e * z[nt][2 * half] + Dh * vv.x) + wv[nt][2 * half];
+        const float y1 = (e * z[nt][2 * half + 1] + Dh * vv.y) + wv[nt][2 * half + 1];
+        y16[nt] = pack(y0, y1);
+        o16[nt] = pack(y0 * (zz.x * gate_sigmoid_f(zz.x, true)), y1 * (zz.y * gate_sigmoid_f(zz.y, true)));
+      }
+      store_row_pairs(y16, reinterpret_cast<bf16*>(p.WV) + (chunk * kRows + tl) * P + c0, true);
+      store_row_pairs(o16, static_cast<bf16*>(p.o16) + tok * d.d_inner + int64_t(h) * P + c0, true);
+    }
+  }
+}
+
+}  // namespace
+
+bool fwd_walk_supported(const BatchedParams& p) {
+  // The kv chain's shapes, with the forward core's SISO output stage in bf16 (y in bf16 and Z not read: w ⊙ v left to
+  // the fused core, which forms Λ's term without Z; no output norm).
+  return kv_chain_supported(p) && forward_core_writes_output(p) && p.zy16 && p.z_unread && !p.d.outnorm &&
+         p.d.P % kSlice == 0 && p.Q && p.K && p.V && p.WV && p.o16 && p.D && p.C_bias && p.B_bias;
+}
+
+void launch_fwd_walk(cudaStream_t s, const BatchedParams& p, void* out16) {
+  MAMBA3_CHECK(fwd_walk_supported(p),
+               "forward walk: unsupported layer (the kv chain's shapes, bf16 Z and y, the output stage without "
+               "the output norm)");
+  MAMBA3_CHECK(p.decay && out16, "forward walk: the decays or the state output is null");
+  if (p.nc == 0) return;
+  const int64_t blocks = int64_t(p.d.B) * p.d.H;
+  MAMBA3_CHECK(blocks <= 0x7fffffff, "forward walk: {} blocks exceed the grid", blocks);
+  dispatch_core_shape(p, [&](auto n, auto pp) {
+    constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+    using Sm = WalkSmem<N, P>;
+    static const cudaError_t opted = cudaFuncSetAttribute(  // (once per instance)
+        fwd_walk_kernel<N, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Sm::bytes));
+    MAMBA3_CUDA_CHECK(opted);
+    launch_train(fwd_walk_kernel<N, P>, unsigned(blocks), Sm::threads, Sm::bytes, s, p, out16);
+    MAMBA3_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace mamba3::cuda::train_detail
