@@ -111,11 +111,11 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
       const int64_t chunk = bh * nc + i;
       const bf16* x16 = reinterpret_cast<const bf16*>(p.zx16) + tok_of(i) * x_pitch + d.off_x + int64_t(h) * P;
       copy_tile<kThreads, kRows, P>(sA0 + (i % 2) * kRows * LDA, LDA, x16, x_pitch);
-      float* sc = sScal0 + (i % 2) * Sm::kScalars * kRows;
-      const float* src[Sm::kScalars] = {p.wv, p.Lam, p.scale, p.gam, p.eL};
-      for (int k = threadIdx.x; k < Sm::kScalars * kRows / 4; k += kThreads) {
-        const int which = k / (kRows / 4), j = k % (kRows / 4);
-        cp_async16(sc + which * kRows + 4 * j, src[which] + chunk * kRows + 4 * j);
+      static_assert(kThreads >= Sm::kScalars * kRows / 4, "one piece of the scalars per thread at most");
+      if (threadIdx.x < Sm::kScalars * kRows / 4) {  // (a select, not an indexed array: no local memory)
+        const int which = int(threadIdx.x) / (kRows / 4), j = int(threadIdx.x) % (kRows / 4);
+        const float* src = which == 0 ? p.wv : which == 1 ? p.Lam : which == 2 ? p.scale : which == 3 ? p.gam : p.eL;
+        cp_async16(sScal0 + ((i % 2) * Sm::kScalars + which) * kRows + 4 * j, src + chunk * kRows + 4 * j);
       }
     }
   };
