@@ -5,11 +5,14 @@
 // Bit-identical where the arithmetic is the same, within stated bounds where only the summation order changes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -380,6 +383,16 @@ TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
           SCOPED_TRACE(std::string(lc.name) + " B=" + std::to_string(B) + " L=" + std::to_string(L) +
                        (keep ? " kept" : " recomputed"));
           bool used = false, walked = false;
+          // (the forward's buffers after a run, to name the tensor that differs)
+          const auto snapshot = [&] {
+            std::vector<std::pair<std::string, std::vector<uint8_t>>> v;
+            for (const auto& [name, buf] : step.train.forward_buffers_for_tests()) {
+              v.emplace_back(name, std::vector<uint8_t>(buf->bytes()));
+              if (buf->bytes()) buf->download(v.back().second.data(), buf->bytes());
+            }
+            return v;
+          };
+          std::vector<std::pair<std::string, std::vector<uint8_t>>> snap_apart, snap_walk;
           auto run = [&](bool on, bool beside, bool with_q = false, bool walk = false) {
             step.train.set_kv_chain(on);
             step.train.set_kv_chain_beside(beside);
@@ -398,8 +411,19 @@ TEST(Mamba3TrainGpu, KvChainGivesTheBuildAndChainBits) {
             }
             return r;
           };
-          const GpuResult apart = run(false, false), before = run(true, false), beside = run(true, true),
-                          with_q = run(true, false, true), walk = run(true, false, false, true);
+          const GpuResult apart = run(false, false);
+          snap_apart = snapshot();
+          const GpuResult before = run(true, false), beside = run(true, true), with_q = run(true, false, true),
+                          walk = run(true, false, false, true);
+          snap_walk = snapshot();
+          for (size_t t = 0; t < snap_apart.size() && t < snap_walk.size(); ++t) {
+            const auto& [name, a] = snap_apart[t];
+            const std::vector<uint8_t>& w = snap_walk[t].second;
+            if (a.size() != w.size()) continue;
+            const auto at = std::mismatch(a.begin(), a.end(), w.begin());
+            EXPECT_TRUE(at.first == a.end())
+                << "the walk's " << name << " differs first at byte " << (at.first - a.begin()) << " of " << a.size();
+          }
           ASSERT_NO_FATAL_FAILURE(assert_finite(before));
           ASSERT_NO_FATAL_FAILURE(assert_finite(beside));
           ASSERT_NO_FATAL_FAILURE(assert_finite(with_q));

@@ -10,6 +10,7 @@
 // Scratch (grow-only, kept between calls) is O(B·L·(d_in + d_inner + H·R·(2N + P) + H·S)) floats for the backward:
 // the per-head gradients of the normalised B and C, (B·L, H, R, N) each, are the largest part.
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cuda/cuda_context.h"
@@ -288,6 +289,13 @@ class Mamba3TrainGpu {
   // Tests: the backward's per-token dφ, dBn and dCn buffers (empty before the first backward), to poison between a
   // forward and a backward so that an element their writers leave out shows as NaN in the gradients.
   std::vector<DeviceBuffer*> backward_scratch_for_tests() { return {&dphi_, &dBn_, &dCn_}; }
+  // Tests: the forward's q, k, v, chunk states, y (bf16 with the cores' output stage) and o16 buffers as the last
+  // forward left them (empty before the first), to name the tensor a path changed when its bits differ.
+  std::vector<std::pair<const char*, const DeviceBuffer*>> forward_buffers_for_tests() const {
+    if (!act_) return {};
+    return {{"Q", &act_->bQ},      {"K", &act_->bK},   {"V", &act_->bV},
+            {"Hc16", &act_->Hc16}, {"WV", &act_->bWV}, {"o16", &act_->o16}};
+  }
   // Whether the batched path runs the cores for sequences of length L in this precision mode (switch and shapes).
   bool uses_chunk_cores(bool bf16, int64_t L) const;
 
