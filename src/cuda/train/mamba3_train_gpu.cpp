@@ -324,7 +324,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       vw_formed_(env_vw_formed()),
       chain_dye_(env_chain_dye()),
       qk_rotated_only_(env_qk_rotated_only()),
-      kv_chain_(env_kv_chain() != "0"),
+      kv_chain_(!env_kv_chain().empty() && env_kv_chain() != "0"),  // ("" when unset: off)
       kv_chain_beside_(env_kv_chain() == "beside"),
       kv_chain_q_(env_kv_chain() == "q"),
       kv_chain_walk_(env_kv_chain() == "walk"),
