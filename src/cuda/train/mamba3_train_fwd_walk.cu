@@ -54,10 +54,14 @@ struct WalkSmem {
   static constexpr size_t bytes = z + size_t(kRows) * LDZ * 2;
 };
 
+// Two blocks per SM on sm_90: 228 KB of shared memory less 1 KB reserved per block, halved.
+constexpr size_t kTwoBlocksSmem = (228 * 1024 - 2 * 1024) / 2;
+
 template <int N, int P>
 __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(const BatchedParams p, void* out16) {
   pdl_wait();
   using Sm = WalkSmem<N, P>;
+  static_assert(Sm::bytes <= kTwoBlocksSmem, "two blocks per SM");
   constexpr int kThreads = Sm::threads, LDA = Sm::LDA, LDN = Sm::LDN, LDZ = Sm::LDZ, NT = N / 16;
   constexpr int kRowWarps = P / 16, NS = kRows / 8, ZT = kSlice / 8, LDW = Sm::LDW;
   constexpr int kSlices = P / kSlice, kNp = NS / 2 / kSlices;  // slices of P; S's 16-column blocks per slice
