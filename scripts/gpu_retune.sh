@@ -6,8 +6,8 @@
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN, off by default until measured; fifty-fifth session) and the walk that
-#         adds the forward core's work to it (walk; fifty-sixth session): their bit test, then the 125M SISO step with
-#         each form (1, beside, q, walk) against the build + chain + core, and the mixer forward's parts
+#         adds the forward core's work to it (walk; fifty-sixth session): the 125M SISO step with each form (walk, q,
+#         1, beside) against the build + chain + core, then their bit test, and the mixer forward's parts
 #         (MAMBA3_TRAIN_PROFILE=2) without them, with q and with the walk.
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
@@ -52,16 +52,19 @@ if [[ $what == train || $what == all ]]; then
   tail -40 "$OUT/retune_train_profile.txt"
 fi
 if [[ $what == kv || $what == all ]]; then
-  [[ -x run/bin/test_mamba3_train_paths_gpu ]] &&
-    timeout 150 run/bin/test_mamba3_train_paths_gpu --gtest_filter='*KvChain*' --gtest_brief=1 2>&1 | tail -8 |
-    tee -a "$OUT/retune_train.txt"
+  # (the steps first, the walk beside the defaults: a device call cut short still says whether it is worth testing)
   for ((r = 1; r <= rounds; ++r)); do
     train_row kv-off MAMBA3_TRAIN_KV_CHAIN=0
+    train_row kv-walk MAMBA3_TRAIN_KV_CHAIN=walk
+    train_row kv-q MAMBA3_TRAIN_KV_CHAIN=q
     train_row kv-1 MAMBA3_TRAIN_KV_CHAIN=1
     train_row kv-beside MAMBA3_TRAIN_KV_CHAIN=beside
-    train_row kv-q MAMBA3_TRAIN_KV_CHAIN=q
-    train_row kv-walk MAMBA3_TRAIN_KV_CHAIN=walk
   done
+  # (the bit test, naming the forward buffer a form changed)
+  [[ -x run/bin/test_mamba3_train_paths_gpu ]] &&
+    timeout 150 run/bin/test_mamba3_train_paths_gpu --gtest_filter='*KvChain*' > "$OUT/retune_kv_test.txt" 2>&1
+  grep -E 'changed bits|differs first|did not run|FAILED|PASSED' "$OUT/retune_kv_test.txt" | head -20 |
+    tee -a "$OUT/retune_train.txt"
   for m in 0 q walk; do
     MAMBA3_TRAIN_KV_CHAIN=$m MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train \
       --preset 125m --steps 2 > "$OUT/retune_kv_profile_$m.txt" 2>&1
