@@ -157,49 +157,16 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
         *reinterpret_cast<__nv_bfloat162*>(kg + r * N) = ko;
       }
     }
-    {  // the state entering chunk i, rounded as the chain rounds it, into sH (rows pr + gr, + 8)
-      uint32_t* so = reinterpret_cast<uint32_t*>(sH) + ((pr + gr) * LDN + n0) / 2 + q;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        so[nt * 4] = pack(st[nt][0], st[nt][1]);
-        so[nt * 4 + 4 * LDN] = pack(st[nt][2], st[nt][3]);
-      }
-    }
+    chain_step::store_slice(st, sH, LDN, pr, n0);  // the state entering chunk i, rounded as the chain rounds it
     __syncthreads();  // k and the state whole; B's rows are free
     issue_c(i);
     asm volatile("cp.async.commit_group;");
     issue_x(i + 1);
     asm volatile("cp.async.commit_group;");
-    {  // the state to out16 and v = x to V, 16 bytes per thread and row piece
-      bf16* og = static_cast<bf16*>(out16) + chunk * P * N;
-      constexpr int per_row = N / 8, pieces = P * per_row;
-      static_assert(pieces % kThreads == 0, "whole passes over the state");
-#pragma unroll
-      for (int j = 0; j < pieces / kThreads; ++j) {
-        const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
-        *reinterpret_cast<uint4*>(og + r * N + c) = *reinterpret_cast<const uint4*>(sH + r * LDN + c);
-      }
-      constexpr int v_row = P / 8, v_pieces = kRows * v_row;
-      static_assert(v_pieces % kThreads == 0, "whole passes over v");
-      bf16* vg = static_cast<bf16*>(p.V) + chunk * kRows * P;
-#pragma unroll
-      for (int j = 0; j < v_pieces / kThreads; ++j) {
-        const int k = int(threadIdx.x) + j * kThreads, r = k / v_row, c = k % v_row * 8;
-        *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
-      }
-    }
-    {  // the chain's step: (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile (state_chain_step.cuh)
-      float acc[NT][4];
-      zero(acc);
-#pragma unroll
-      for (int kb = 0; kb < kRows / 16; ++kb) {
-        uint32_t a[4];
-        load_a_t(sA, LDA, 16 * kb, pr, a);
-        chain_step::scale_rows(a, sW + 16 * kb);
-        chain_step::accumulate(acc, a, sK, LDN, 16 * kb, n0);
-      }
-      chain_step::scan_update(st, acc, dc);
-    }
+    // the state to out16 and v = x to V; the chain's step on w ⊙ v and k (state_chain_step.cuh)
+    chain_step::store_tile_16b<kThreads, P, N>(static_cast<bf16*>(out16) + chunk * P * N, sH, LDN);
+    chain_step::store_tile_16b<kThreads, kRows, P>(static_cast<bf16*>(p.V) + chunk * kRows * P, sA, LDA);
+    chain_step::scaled_step<kRows>(st, sA, LDA, sW, sK, LDN, pr, n0, dc);
     asm volatile("cp.async.wait_group 1;" ::: "memory");
     __syncthreads();  // C's rows and z are in
 

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
   const MixerDims& d = p.d;
   const int64_t bh = blockIdx.x;
   const int b = int(bh / d.H), h = int(bh % d.H), g = h / (d.H / d.G), nc = p.nc, S = d.S;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q = lane % 4;
+  const int warp = threadIdx.x / 32;
   const int pr = 16 * (warp % kRowWarps), n0 = (N / 2) * (warp / kRowWarps);  // the warp's product tile
   const int u = int(threadIdx.x) % kPairs, r0 = int(threadIdx.x) / kPairs;    // the thread's pair and first row
   const bool rot = u < S;
@@ -140,14 +140,8 @@ __global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
     const bf16* sA = sA0 + (i % 2) * kRows * LDA;
     const float* sW = sW0 + (i % 2) * kRows;
     form(chunk);          // k (and with kQ q)
-    if constexpr (!kQ) {  // the state entering chunk i, rounded as the chain rounds it, into the slice (rows g, g + 8)
-      uint32_t* so = reinterpret_cast<uint32_t*>(sOut) + ((pr + gr) * LDN + n0) / 2 + q;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        so[nt * 4] = pack(st[nt][0], st[nt][1]);
-        so[nt * 4 + 4 * LDN] = pack(st[nt][2], st[nt][3]);
-      }
-    }
+    // (without kQ: the state entering chunk i, rounded as the chain rounds it, into the slice)
+    if constexpr (!kQ) chain_step::store_slice(st, sOut, LDN, pr, n0);
     __syncthreads();  // k (and the slice) whole; the rows and the codes are free for the next chunk
     issue(i + 1);
     if constexpr (kQ) {  // the state entering chunk i from the fragments (pack's rounding: the chain's bits)
@@ -156,37 +150,13 @@ __global__ void __launch_bounds__(KvChainSmem<N, P, kQ>::threads, 2)
         store_tiles_bf16(st, og, N, pr, n0);
       else
         store_tiles(st, reinterpret_cast<uint16_t*>(og), N, pr, n0);
-    } else {  // the slice to out16, 16 bytes per thread and row piece
-      constexpr int per_row = N / 8, pieces = P * per_row;
-      static_assert(pieces % kThreads == 0, "whole passes over the slice");
-      bf16* og = static_cast<bf16*>(out16) + chunk * P * N;
-#pragma unroll
-      for (int j = 0; j < pieces / kThreads; ++j) {
-        const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
-        *reinterpret_cast<uint4*>(og + r * N + c) = *reinterpret_cast<const uint4*>(sOut + r * LDN + c);
-      }
+    } else {  // the slice to out16
+      chain_step::store_tile_16b<kThreads, P, N>(static_cast<bf16*>(out16) + chunk * P * N, sOut, LDN);
     }
-    {  // v = x (bf16) to V (stage i % 2 is next written by issue(i + 2), after the next chunk's second barrier)
-      constexpr int per_row = P / 8, pieces = kRows * per_row;
-      static_assert(pieces % kThreads == 0, "whole passes over v");
-      bf16* vg = static_cast<bf16*>(p.V) + chunk * kRows * P;
-#pragma unroll
-      for (int j = 0; j < pieces / kThreads; ++j) {
-        const int k = int(threadIdx.x) + j * kThreads, r = k / per_row, c = k % per_row * 8;
-        *reinterpret_cast<uint4*>(vg + r * P + c) = *reinterpret_cast<const uint4*>(sA + r * LDA + c);
-      }
-    }
-    // (w ⊙ v)ᵀ·k for the warp's 16 × N/2 tile: the chain's fragments, k-steps and scaling (state_chain_step.cuh)
-    float acc[NT][4];
-    zero(acc);
-#pragma unroll
-    for (int kb = 0; kb < kRows / 16; ++kb) {
-      uint32_t a[4];
-      load_a_t(sA, LDA, 16 * kb, pr, a);
-      chain_step::scale_rows(a, sW + 16 * kb);
-      chain_step::accumulate(acc, a, sK, LDN, 16 * kb, n0);
-    }
-    chain_step::scan_update(st, acc, dc);
+    // v = x (bf16) to V (stage i % 2 is next written by issue(i + 2), after the next chunk's second barrier), then the
+    // chain's step on w ⊙ v and k (state_chain_step.cuh)
+    chain_step::store_tile_16b<kThreads, kRows, P>(static_cast<bf16*>(p.V) + chunk * kRows * P, sA, LDA);
+    chain_step::scaled_step<kRows>(st, sA, LDA, sW, sK, LDN, pr, n0, dc);
   }
 }
 
