@@ -37,16 +37,19 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 }
 
 // Byte offsets into the block's shared memory: the rows buffer (B's, then C's rows of a chunk, f32), the angle codes
-// (up to N/2 per row), two stages of x (bf16: v) and of the chunk scalars (w, Λ, scale, γ, e^Λ: 5 × 64 floats), k,
-// the state entering the chunk (P × N, the Z product's operand) and z (bf16, one stage).
+// (up to N/2 per row), both with padded rows (q's fragments read rows gr = 0 … 7 at one column, which rows of N floats
+// or N/2 codes put in the same banks: 4-way conflicts), two stages of x (bf16: v) and of the chunk scalars (w, Λ,
+// scale, γ, e^Λ: 5 × 64 floats), k, the state entering the chunk (P × N, the Z product's operand) and z (bf16, one
+// stage).
 template <int N, int P>
 struct WalkSmem {
   static constexpr int threads = 4 * P;  // the chain's warps: two per 16 rows of P
   static constexpr int LDA = P + 8, LDN = N + 8, LDZ = P + 8, LDW = kRows + 8;
+  static constexpr int LDR = N + 8, LDC = N / 2 + 8;  // (floats of a B/C row, codes of a row: 16-byte multiples)
   static constexpr int kScalars = 5;
   static constexpr size_t rows = 0;
-  static constexpr size_t codes = rows + size_t(kRows) * N * 4;
-  static constexpr size_t a = codes + size_t(kRows) * (N / 2) * 2;
+  static constexpr size_t codes = rows + size_t(kRows) * LDR * 4;
+  static constexpr size_t a = codes + size_t(kRows) * LDC * 2;
   static constexpr size_t scal = a + 2 * size_t(kRows) * LDA * 2;
   static constexpr size_t k = scal + 2 * size_t(kScalars) * kRows * 4;
   static constexpr size_t h = k + size_t(kRows) * (LDN > LDW ? LDN : LDW) * 2;  // (k's tile, then W's)
@@ -63,6 +66,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
   using Sm = WalkSmem<N, P>;
   static_assert(Sm::bytes <= kTwoBlocksSmem, "two blocks per SM");
   constexpr int kThreads = Sm::threads, LDA = Sm::LDA, LDN = Sm::LDN, LDZ = Sm::LDZ, NT = N / 16;
+  constexpr int LDR = Sm::LDR, LDC = Sm::LDC;
   constexpr int kRowWarps = P / 16, NS = kRows / 8, ZT = kSlice / 8, LDW = Sm::LDW;
   constexpr int kSlices = P / kSlice, kNp = NS / 2 / kSlices;  // slices of P; S's 16-column blocks per slice
   // Forming k: a thread keeps one rotary pair u and takes every kRowStep-th row (a warp: one row's consecutive pairs).
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     const float* src = p.zx + (tok0 + r) * d.din + off + int64_t(g) * N + c;
     const int64_t stride = int64_t(step) * d.din;
 #pragma unroll
-    for (int j = 0; j < pieces / kThreads; ++j, src += stride) cp_async16(sRows + (r + j * step) * N + c, src);
+    for (int j = 0; j < pieces / kThreads; ++j, src += stride) cp_async16(sRows + (r + j * step) * LDR + c, src);
   };
   const auto tok_of = [&](int i) { return int64_t(b) * d.L + int64_t(i) * kRows; };
   // Chunk i's B rows and angle codes (the rows buffer and the codes are free once chunk i - 1's q is formed).
@@ -105,7 +109,12 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     if (i < nc) {
       copy_rows(tok_of(i), d.off_B);
       const uint16_t* src = p.phi_code + (bh * d.L + int64_t(i) * kRows) * S;
-      for (int k = threadIdx.x; k < kRows * S / 8; k += kThreads) cp_async16(sCode + 8 * k, src + 8 * k);
+      constexpr int kPieces = N / 16;  // (16 bytes of codes each, at most per row: a thread's (row, piece) fixed)
+#pragma unroll
+      for (int k = threadIdx.x; k < kRows * kPieces; k += kThreads) {
+        const int r = k / kPieces, j = k % kPieces;
+        if (8 * j < S) cp_async16(sCode + r * LDC + 8 * j, src + r * S + 8 * j);
+      }
     }
     asm volatile("cp.async.commit_group;");
   };
@@ -150,8 +159,8 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
       bf16* kg = static_cast<bf16*>(p.K) + chunk * kRows * N + 2 * u;
 #pragma unroll 2
       for (int r = r0; r < kRows; r += kRowStep) {
-        const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * S + u])) : make_float2(1.0f, 0.0f);
-        const float2 bv = *reinterpret_cast<const float2*>(sRows + r * N + 2 * u);
+        const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * LDC + u])) : make_float2(1.0f, 0.0f);
+        const float2 bv = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * u);
         const __nv_bfloat162 ko = batched::rotated_pair(bv.x, bv.y, bk.x, bk.y, cs.x, cs.y, rot);
         *reinterpret_cast<__nv_bfloat162*>(sK + r * LDN + 2 * u) = ko;
         *reinterpret_cast<__nv_bfloat162*>(kg + r * N) = ko;
@@ -180,8 +189,8 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     const bool store_q = c0 == 0;                                         // (the first slice's warps store q)
     {
       const int64_t ci = int64_t(h) * N;
-      const float* cr = sRows + (t0 + gr) * N;  // rows t0 + gr and (+ 8 · N) t0 + gr + 8
-      const uint16_t* cd = sCode + (t0 + gr) * S;
+      const float* cr = sRows + (t0 + gr) * LDR;  // rows t0 + gr and (+ 8 · LDR) t0 + gr + 8
+      const uint16_t* cd = sCode + (t0 + gr) * LDC;
       bf16* qg = static_cast<bf16*>(p.Q) + (chunk * kRows + t0 + gr) * N;
 #pragma unroll 1
       for (int kb = 0; kb < N / 16; ++kb) {
@@ -193,8 +202,8 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
           const float2 bq = make_float2(__ldg(p.C_bias + ci + 2 * uu), __ldg(p.C_bias + ci + 2 * uu + 1));
 #pragma unroll
           for (int rh = 0; rh < 2; ++rh) {
-            const float2 cs = rot ? rotary_cos_sin(angle_from_code(cd[8 * rh * S + uu])) : make_float2(1.0f, 0.0f);
-            const float2 cv = *reinterpret_cast<const float2*>(cr + 8 * rh * N + 2 * uu);
+            const float2 cs = rot ? rotary_cos_sin(angle_from_code(cd[8 * rh * LDC + uu])) : make_float2(1.0f, 0.0f);
+            const float2 cv = *reinterpret_cast<const float2*>(cr + 8 * rh * LDR + 2 * uu);
             const __nv_bfloat162 qo = batched::rotated_pair(cv.x, cv.y, bq.x, bq.y, cs.x, cs.y, rot);
             a[2 * hf + rh] = *reinterpret_cast<const uint32_t*>(&qo);
           }
