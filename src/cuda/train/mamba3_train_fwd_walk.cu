@@ -1,15 +1,18 @@
 // The SISO mixer's forward from the chunk scalars on as one walk per sequence-head (launch_fwd_walk,
 // mamba3_train_state_chain.h): the kv chain (mamba3_train_kv_chain.cu) and the forward core (mamba3_train_fwd_core.cu)
 // in one kernel. Per chunk the block forms k from the group's B rows (the build's rotated_pair), stores k, v and the
-// state entering the chunk for the backward, runs the chain's step, and then the forward core's products and output
-// stage with q formed in the A fragments from C's rows (again rotated_pair) and k and the state from shared memory —
-// so the forward core's reads of q, k, v and the states (≈ 350 MB per 125M layer) and the build's launch go away.
-// The same bits: every value is formed by the expression, fragments and k-steps of the kernels it replaces.
+// state entering the chunk for the backward, runs the chain's step, forms q from C's rows (again rotated_pair), and
+// then runs the forward core's products and output stage with q, k and the state from shared memory — so the forward
+// core's reads of q, k, v and the states (≈ 350 MB per 125M layer) and the build's launch go away. The same bits: every
+// value is formed by the expression, fragments and k-steps of the kernels it replaces.
 //
-// Shared memory is what sets the form (two blocks per SM at 8 warps): one 32 KB buffer takes B's rows, then C's rows
-// of the same chunk (C's copy in flight during the chain's step, the next chunk's B during the output stage), and q
-// never goes to shared memory. Warps: the chain's (16 rows of P × N/2 columns each); in the core's part warp w takes
-// rows 16·(w % 4) of the chunk and 32 columns of P from 32·(w / 4) (S is formed by both warps of a row block).
+// Shared memory is what sets the form (two blocks per SM at 8 warps): one 33 KB buffer takes B's rows, then C's rows
+// of the same chunk (C's copy in flight during the chain's step, the next chunk's B during the output stage), then q
+// over C's rows (a warp forms its own rows' q and overwrites them). q had first been formed in each warp's A fragments
+// per k-step, twice per row block (once per slice of P): on an H200 that walk took 495 µs per 125M layer against 389
+// for the three kernels, 52 % of its 164 M instructions in that loop (fifty-eighth session). Warps: the chain's (16
+// rows of P × N/2 columns each); in the core's part warp w takes rows 16·(w % 4) of the chunk and 32 columns of P from
+// 32·(w / 4) (S is formed by both warps of a row block).
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -36,16 +39,15 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
 }
 
-// Byte offsets into the block's shared memory: the rows buffer (B's, then C's rows of a chunk, f32), the angle codes
-// (up to N/2 per row), both with padded rows (q's fragments read rows gr = 0 … 7 at one column, which rows of N floats
-// or N/2 codes put in the same banks: 4-way conflicts), two stages of x (bf16: v) and of the chunk scalars (w, Λ,
-// scale, γ, e^Λ: 5 × 64 floats), k, the state entering the chunk (P × N, the Z product's operand) and z (bf16, one
-// stage).
+// Byte offsets into the block's shared memory: the rows buffer (B's, then C's rows of a chunk, f32, then q over C's
+// rows: a row pitch of N + 4 floats puts ldmatrix's eight q rows in different banks), the angle codes (up to N/2 per
+// row), two stages of x (bf16: v) and of the chunk scalars (w, Λ, scale, γ, e^Λ: 5 × 64 floats), k, the state
+// entering the chunk (P × N, the Z product's operand) and z (bf16, one stage).
 template <int N, int P>
 struct WalkSmem {
   static constexpr int threads = 4 * P;  // the chain's warps: two per 16 rows of P
   static constexpr int LDA = P + 8, LDN = N + 8, LDZ = P + 8, LDW = kRows + 8;
-  static constexpr int LDR = N + 8, LDC = N / 2 + 8;  // (floats of a B/C row, codes of a row: 16-byte multiples)
+  static constexpr int LDR = N + 4, LDC = N / 2;  // (floats of a B/C row, codes of a row: 16-byte multiples)
   static constexpr int kScalars = 5;
   static constexpr size_t rows = 0;
   static constexpr size_t codes = rows + size_t(kRows) * LDR * 4;
@@ -69,12 +71,18 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
   constexpr int LDR = Sm::LDR, LDC = Sm::LDC;
   constexpr int kRowWarps = P / 16, NS = kRows / 8, ZT = kSlice / 8, LDW = Sm::LDW;
   constexpr int kSlices = P / kSlice, kNp = NS / 2 / kSlices;  // slices of P; S's 16-column blocks per slice
-  // Forming k: a thread keeps one rotary pair u and takes every kRowStep-th row (a warp: one row's consecutive pairs).
-  constexpr int kPairs = N / 2, kRowStep = kThreads / kPairs;
-  static_assert(kThreads % kPairs == 0 && kRows % kRowStep == 0, "whole rows per pass of the block");
+  // Forming k and q: warp w owns rows [w·kRowsPerWarp, (w + 1)·kRowsPerWarp) — so q can replace C's rows in place —
+  // kTpr lanes per row (kRpp rows per pass), a lane on the pairs pl + kTpr·j (j < kPpt): at N 128 pairs l and l + 32,
+  // one rotating and one not where S = N/4, so every lane and warp does the same work.
+  constexpr int kPairs = N / 2, kWarps = kThreads / 32, kRowsPerWarp = kRows / kWarps;
+  constexpr int kTpr = kPairs < 32 ? kPairs : 32, kRpp = 32 / kTpr, kPpt = kPairs / kTpr;
+  constexpr int kPasses = kRowsPerWarp / kRpp, kGroup = kPasses < 4 ? kPasses : 4;
+  static_assert(kRows % kWarps == 0 && kRowsPerWarp % kRpp == 0 && kPasses % kGroup == 0, "whole rows per warp");
+  constexpr int LDQ = 2 * LDR;  // (q in place over C's rows: a row of q in the first half of its C row's floats)
   static_assert(P % kSlice == 0 && kThreads / 32 == 4 * (P / kSlice), "four row blocks × the slices of P");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sRows = reinterpret_cast<float*>(smem_raw + Sm::rows);
+  bf16* sQ = reinterpret_cast<bf16*>(smem_raw + Sm::rows);  // (q over C's rows, row r at r·LDQ)
   uint16_t* sCode = reinterpret_cast<uint16_t*>(smem_raw + Sm::codes);
   bf16* sA0 = reinterpret_cast<bf16*>(smem_raw + Sm::a);
   float* sScal0 = reinterpret_cast<float*>(smem_raw + Sm::scal);
@@ -88,7 +96,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, q = lane % 4;
   const int pr = 16 * (warp % kRowWarps), n0 = (N / 2) * (warp / kRowWarps);  // the warp's chain tile
   const int t0 = 16 * (warp % 4), c0 = kSlice * (warp / 4);                   // its rows and P columns in the core
-  const int u = int(threadIdx.x) % kPairs, r0 = int(threadIdx.x) / kPairs;    // the thread's pair and first row
+  const int pl = lane % kTpr, rl = lane / kTpr;                               // the lane's first pair, row in a pass
   const int x_pitch = 2 * d.d_inner;
   const float Dh = p.D[h];
 
@@ -139,6 +147,45 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     copy_tile<kThreads, kRows, P>(sZ, LDZ, z16, x_pitch);
   };
 
+  // Rot(rows + bias, φ) rounded to bf16 (the build's rotated_pair) for the warp's rows of the rows buffer, to `dst` at
+  // pitch ld and to the chunk's global rows `glob` (pitch N). kGroup rows at a time: their loads and products first,
+  // then (in_place: after the warp's reads of those rows, which the stores overwrite) their stores.
+  const auto form_rows = [&](const float* bias, bf16* dst, int ld, bf16* glob, bool in_place) {
+    float2 bb[kPpt];
+#pragma unroll
+    for (int j = 0; j < kPpt; ++j) {
+      const int64_t bi = int64_t(h) * N + 2 * (pl + kTpr * j);
+      bb[j] = make_float2(__ldg(bias + bi), __ldg(bias + bi + 1));
+    }
+#pragma unroll 1
+    for (int g0 = 0; g0 < kPasses; g0 += kGroup) {
+      __nv_bfloat162 o[kGroup][kPpt];
+#pragma unroll
+      for (int ps = 0; ps < kGroup; ++ps) {
+        const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+#pragma unroll
+        for (int j = 0; j < kPpt; ++j) {
+          const int uu = pl + kTpr * j;
+          const bool rot = uu < S;
+          const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * LDC + uu])) : make_float2(1.0f, 0.0f);
+          const float2 v = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * uu);
+          o[ps][j] = batched::rotated_pair(v.x, v.y, bb[j].x, bb[j].y, cs.x, cs.y, rot);
+        }
+      }
+      if (in_place) __syncwarp();
+#pragma unroll
+      for (int ps = 0; ps < kGroup; ++ps) {
+        const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+#pragma unroll
+        for (int j = 0; j < kPpt; ++j) {
+          const int uu = pl + kTpr * j;
+          *reinterpret_cast<__nv_bfloat162*>(dst + r * ld + 2 * uu) = o[ps][j];
+          *reinterpret_cast<__nv_bfloat162*>(glob + r * N + 2 * uu) = o[ps][j];
+        }
+      }
+    }
+  };
+
   issue_x(0);
   issue_b(0);  // (one group: x, the scalars, B's rows and the codes of chunk 0)
   float st[NT][4];
@@ -152,20 +199,8 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     const float* sScal = sScal0 + (i % 2) * Sm::kScalars * kRows;
     const float *sW = sScal, *Lam = sScal + kRows, *scale = sScal + 2 * kRows, *gam = sScal + 3 * kRows,
                 *eL = sScal + 4 * kRows;
-    {  // k = Rot(B + bias, φ) rounded to bf16 (the build's rotated_pair) to K and to the chain's tile
-      const int64_t bi = int64_t(h) * N + 2 * u;
-      const float2 bk = make_float2(__ldg(p.B_bias + bi), __ldg(p.B_bias + bi + 1));
-      const bool rot = u < S;
-      bf16* kg = static_cast<bf16*>(p.K) + chunk * kRows * N + 2 * u;
-#pragma unroll 2
-      for (int r = r0; r < kRows; r += kRowStep) {
-        const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * LDC + u])) : make_float2(1.0f, 0.0f);
-        const float2 bv = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * u);
-        const __nv_bfloat162 ko = batched::rotated_pair(bv.x, bv.y, bk.x, bk.y, cs.x, cs.y, rot);
-        *reinterpret_cast<__nv_bfloat162*>(sK + r * LDN + 2 * u) = ko;
-        *reinterpret_cast<__nv_bfloat162*>(kg + r * N) = ko;
-      }
-    }
+    // k = Rot(B + bias, φ) rounded to bf16 (the build's rotated_pair) to K and to the chain's tile
+    form_rows(p.B_bias, sK, LDN, static_cast<bf16*>(p.K) + chunk * kRows * N, false);
     chain_step::store_slice(st, sH, LDN, pr, n0);  // the state entering chunk i, rounded as the chain rounds it
     __syncthreads();  // k and the state whole; B's rows are free
     issue_c(i);
@@ -179,56 +214,34 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     asm volatile("cp.async.wait_group 1;" ::: "memory");
     __syncthreads();  // C's rows and z are in
 
+    // q = Rot(C + bias, φ) to Q and over C's rows in place (each warp its own rows).
+    form_rows(p.C_bias, sQ, LDQ, static_cast<bf16*>(p.Q) + chunk * kRows * N, true);
+    __syncthreads();  // q whole
+
     // The forward core's part for rows t0 … t0 + 15 (forward_core_kernel's products, mask and output stage): S = q·kᵀ
-    // and Z = q·H_cᵀ over the same k-steps, q's A fragment formed per k-step from C's rows.
+    // and Z = q·H_cᵀ over the same k-steps, q's A fragments from q's rows.
     // S's 16-column blocks are split between a row block's warps (the slices): kNp each, those above the causal
     // diagonal skipped (coef 0, as the forward core skips them); W = S ⊙ coef goes through shared memory to both.
     float s[2 * kNp][4], z[ZT][4];
     zero(s), zero(z);
     const auto s_block = [&](int j) { return kNp * (c0 / kSlice) + j; };  // the warp's j-th 16 columns of s
-    const bool store_q = c0 == 0;                                         // (the first slice's warps store q)
-    {
-      const int64_t ci = int64_t(h) * N;
-      const float* cr = sRows + (t0 + gr) * LDR;  // rows t0 + gr and (+ 8 · LDR) t0 + gr + 8
-      const uint16_t* cd = sCode + (t0 + gr) * LDC;
-      bf16* qg = static_cast<bf16*>(p.Q) + (chunk * kRows + t0 + gr) * N;
-#pragma unroll 1
-      for (int kb = 0; kb < N / 16; ++kb) {
-        uint32_t a[4];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {  // pairs 8·kb + q (a[0], a[1]) and 8·kb + 4 + q (a[2], a[3])
-          const int uu = 8 * kb + 4 * hf + q;
-          const bool rot = uu < S;
-          const float2 bq = make_float2(__ldg(p.C_bias + ci + 2 * uu), __ldg(p.C_bias + ci + 2 * uu + 1));
+    for (int kb = 0; kb < N / 16; ++kb) {
+      uint32_t a[4];
+      load_a(sQ, LDQ, t0, 16 * kb, a);
 #pragma unroll
-          for (int rh = 0; rh < 2; ++rh) {
-            const float2 cs = rot ? rotary_cos_sin(angle_from_code(cd[8 * rh * LDC + uu])) : make_float2(1.0f, 0.0f);
-            const float2 cv = *reinterpret_cast<const float2*>(cr + 8 * rh * LDR + 2 * uu);
-            const __nv_bfloat162 qo = batched::rotated_pair(cv.x, cv.y, bq.x, bq.y, cs.x, cs.y, rot);
-            a[2 * hf + rh] = *reinterpret_cast<const uint32_t*>(&qo);
-          }
-        }
-        {  // q to Q, 16 bytes per lane: lane q takes (row gr or gr + 8, columns 16·kb or + 8) after the exchange
-          uint32_t v[4] = {a[0], a[2], a[1], a[3]};
-          quad_transpose(v);
-          if (store_q)
-            *reinterpret_cast<uint4*>(qg + (q / 2) * 8 * N + 16 * kb + (q % 2) * 8) =
-                make_uint4(v[0], v[1], v[2], v[3]);
-        }
+      for (int j = 0; j < kNp; ++j) {
+        const int np = s_block(j);
+        if (np > t0 / 16) continue;
+        uint32_t bb[4];
+        load_b_nk(sK, LDN, 16 * np, 16 * kb, bb);
+        mma(s[2 * j], a, bb[0], bb[1]), mma(s[2 * j + 1], a, bb[2], bb[3]);
+      }
 #pragma unroll
-        for (int j = 0; j < kNp; ++j) {
-          const int np = s_block(j);
-          if (np > t0 / 16) continue;
-          uint32_t bb[4];
-          load_b_nk(sK, LDN, 16 * np, 16 * kb, bb);
-          mma(s[2 * j], a, bb[0], bb[1]), mma(s[2 * j + 1], a, bb[2], bb[3]);
-        }
-#pragma unroll
-        for (int np = 0; np < ZT / 2; ++np) {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n]) for the warp's columns
-          uint32_t bb[4];
-          load_b_nk(sH, LDN, c0 + 16 * np, 16 * kb, bb);
-          mma(z[2 * np], a, bb[0], bb[1]), mma(z[2 * np + 1], a, bb[2], bb[3]);
-        }
+      for (int np = 0; np < ZT / 2; ++np) {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n]) for the warp's columns
+        uint32_t bb[4];
+        load_b_nk(sH, LDN, c0 + 16 * np, 16 * kb, bb);
+        mma(z[2 * np], a, bb[0], bb[1]), mma(z[2 * np + 1], a, bb[2], bb[3]);
       }
     }
     {  // W = S ⊙ coef (the forward core's siso_coef tiles)
