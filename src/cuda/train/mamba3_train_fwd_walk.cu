@@ -160,16 +160,26 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
 #pragma unroll 1
     for (int g0 = 0; g0 < kPasses; g0 += kGroup) {
       __nv_bfloat162 o[kGroup][kPpt];
+      // (whether a pair rotates is the lane's for all its rows: one branch per pair index, not per row — a select
+      // per row had merged the rotating and plain paths, costing branches and the negations' moves)
 #pragma unroll
-      for (int ps = 0; ps < kGroup; ++ps) {
-        const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+      for (int j = 0; j < kPpt; ++j) {
+        const int uu = pl + kTpr * j;
+        if (uu < S) {
 #pragma unroll
-        for (int j = 0; j < kPpt; ++j) {
-          const int uu = pl + kTpr * j;
-          const bool rot = uu < S;
-          const float2 cs = rot ? rotary_cos_sin(angle_from_code(sCode[r * LDC + uu])) : make_float2(1.0f, 0.0f);
-          const float2 v = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * uu);
-          o[ps][j] = batched::rotated_pair(v.x, v.y, bb[j].x, bb[j].y, cs.x, cs.y, rot);
+          for (int ps = 0; ps < kGroup; ++ps) {
+            const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+            const float2 cs = rotary_cos_sin(angle_from_code(sCode[r * LDC + uu]));
+            const float2 v = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * uu);
+            o[ps][j] = batched::rotated_pair(v.x, v.y, bb[j].x, bb[j].y, cs.x, cs.y, true);
+          }
+        } else {
+#pragma unroll
+          for (int ps = 0; ps < kGroup; ++ps) {
+            const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+            const float2 v = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * uu);
+            o[ps][j] = batched::rotated_pair(v.x, v.y, bb[j].x, bb[j].y, 1.0f, 0.0f, false);
+          }
         }
       }
       if (in_place) __syncwarp();
