@@ -235,23 +235,33 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     float s[2 * kNp][4], z[ZT][4];
     zero(s), zero(z);
     const auto s_block = [&](int j) { return kNp * (c0 / kSlice) + j; };  // the warp's j-th 16 columns of s
+    {
+      // (load_a's and load_b_nk's lane addresses at k-step 0, formed once: inside the causal skip's branches the
+      // compiler formed them again per k-step and block)
+      const uint32_t a0 = smem_addr(sQ + (t0 + lane % 16) * LDQ + (lane / 16) * 8);
+      const int brow = lane % 8 + (lane / 16) * 8, bcol = ((lane / 8) % 2) * 8;
+      uint32_t k0[kNp], h0[ZT / 2];
 #pragma unroll
-    for (int kb = 0; kb < N / 16; ++kb) {
-      uint32_t a[4];
-      load_a(sQ, LDQ, t0, 16 * kb, a);
+      for (int j = 0; j < kNp; ++j) k0[j] = smem_addr(sK + (16 * s_block(j) + brow) * LDN + bcol);
 #pragma unroll
-      for (int j = 0; j < kNp; ++j) {
-        const int np = s_block(j);
-        if (np > t0 / 16) continue;
-        uint32_t bb[4];
-        load_b_nk(sK, LDN, 16 * np, 16 * kb, bb);
-        mma(s[2 * j], a, bb[0], bb[1]), mma(s[2 * j + 1], a, bb[2], bb[3]);
-      }
+      for (int np = 0; np < ZT / 2; ++np) h0[np] = smem_addr(sH + (c0 + 16 * np + brow) * LDN + bcol);
 #pragma unroll
-      for (int np = 0; np < ZT / 2; ++np) {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n]) for the warp's columns
-        uint32_t bb[4];
-        load_b_nk(sH, LDN, c0 + 16 * np, 16 * kb, bb);
-        mma(z[2 * np], a, bb[0], bb[1]), mma(z[2 * np + 1], a, bb[2], bb[3]);
+      for (int kb = 0; kb < N / 16; ++kb) {
+        uint32_t a[4];
+        ldsm_x4_at(a0 + 32 * kb, a);  // (16 bf16 per k-step)
+#pragma unroll
+        for (int j = 0; j < kNp; ++j) {
+          if (s_block(j) > t0 / 16) continue;
+          uint32_t bb[4];
+          ldsm_x4_at(k0[j] + 32 * kb, bb);
+          mma(s[2 * j], a, bb[0], bb[1]), mma(s[2 * j + 1], a, bb[2], bb[3]);
+        }
+#pragma unroll
+        for (int np = 0; np < ZT / 2; ++np) {  // Z = q·H_cᵀ (B[n][p] = H_c[p][n]) for the warp's columns
+          uint32_t bb[4];
+          ldsm_x4_at(h0[np] + 32 * kb, bb);
+          mma(z[2 * np], a, bb[0], bb[1]), mma(z[2 * np + 1], a, bb[2], bb[3]);
+        }
       }
     }
     {  // W = S ⊙ coef (the forward core's siso_coef tiles)
