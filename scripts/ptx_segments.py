@@ -10,6 +10,8 @@ Per segment (the code after one bar.sync up to the next): its static instruction
 backward branch to a label of the segment: the label and the loop body's instruction count), so that a dynamic
 count is static + body × (trips − 1). PTX is not SASS — ptxas folds, schedules and rematerialises — but the ratio
 between two forms of the same kernel tracks the executed instructions well enough to rank them before a device run.
+For fully unrolled code the SASS itself can be counted without a disassembler: compile with -cubin and divide the
+kernel's .text section size (`readelf -SW k.cubin`) by 16 bytes per sm_90 instruction.
 """
 import collections
 import re
