@@ -6,9 +6,9 @@
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN, off by default until measured; fifty-fifth session) and the walk that
-#         adds the forward core's work to it (walk; fifty-sixth session): the 125M SISO step with each form (walk, q,
-#         1, beside) against the build + chain + core, then their bit test, and the mixer forward's parts
-#         (MAMBA3_TRAIN_PROFILE=2) without them, with q and with the walk.
+#         adds the forward core's work to it (walk; fifty-sixth session, q formed once since the fifty-eighth): the
+#         125M SISO step with the walk against the build + chain + core (then q and 1 once), their bit test, the
+#         mixer forward's parts (MAMBA3_TRAIN_PROFILE=2) with and without the walk, and the walk's SASS counters.
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
 #         H200.
 # deferred: the deferred state writes' tests, the 1.5B SISO steps (b1/b16/b128) with the automatic interval (every 4
@@ -53,23 +53,31 @@ if [[ $what == train || $what == all ]]; then
 fi
 if [[ $what == kv || $what == all ]]; then
   # (the steps first, the walk beside the defaults: a device call cut short still says whether it is worth testing)
+  # (the walk is the candidate since the fifty-eighth session: it alternates with the defaults; the kv chain's other
+  # forms once, after)
   for ((r = 1; r <= rounds; ++r)); do
     train_row kv-off MAMBA3_TRAIN_KV_CHAIN=0
     train_row kv-walk MAMBA3_TRAIN_KV_CHAIN=walk
-    train_row kv-q MAMBA3_TRAIN_KV_CHAIN=q
-    train_row kv-1 MAMBA3_TRAIN_KV_CHAIN=1
-    train_row kv-beside MAMBA3_TRAIN_KV_CHAIN=beside
   done
+  train_row kv-q MAMBA3_TRAIN_KV_CHAIN=q
+  train_row kv-1 MAMBA3_TRAIN_KV_CHAIN=1
   # (the bit test, naming the forward buffer a form changed)
   [[ -x run/bin/test_mamba3_train_paths_gpu ]] &&
     timeout 150 run/bin/test_mamba3_train_paths_gpu --gtest_filter='*KvChain*' > "$OUT/retune_kv_test.txt" 2>&1
   grep -E 'changed bits|differs first|did not run|FAILED|PASSED' "$OUT/retune_kv_test.txt" | head -20 |
     tee -a "$OUT/retune_train.txt"
-  for m in 0 q walk; do
+  for m in 0 walk; do
     MAMBA3_TRAIN_KV_CHAIN=$m MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train \
       --preset 125m --steps 2 > "$OUT/retune_kv_profile_$m.txt" 2>&1
     echo "kv=$m $(grep 'mixer forward' "$OUT/retune_kv_profile_$m.txt" | tail -1)" | tee -a "$OUT/retune_train.txt"
   done
+  # (the walk's SASS source counters: per-instruction stall samples and executed counts, as the fifty-eighth session
+  # read them per segment between block barriers)
+  MAMBA3_TRAIN_KV_CHAIN=walk timeout 150 ncu -k regex:fwd_walk -c 1 --section SourceCounters --section WarpStateStats \
+    --section SpeedOfLight -o "$OUT/retune_kv_walk" "$MAMBA3_BIN" bench --device cuda --train --preset 125m \
+    --steps 1 > "$OUT/retune_kv_ncu.txt" 2>&1 &&
+    timeout 100 ncu -i "$OUT/retune_kv_walk.ncu-rep" --page source --print-source sass --csv \
+      > "$OUT/retune_kv_walk_sass.csv" 2>&1 && xz "$OUT/retune_kv_walk_sass.csv"
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 400 scripts/decode_ab.sh -p 1.5b -b 128 -r "$rounds" -- "" "MAMBA3_GEMM_TUNE=1" \
