@@ -151,6 +151,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
   // pitch ld and to the chunk's global rows `glob` (pitch N). kGroup rows at a time: their loads and products first,
   // then (in_place: after the warp's reads of those rows, which the stores overwrite) their stores.
   const auto form_rows = [&](const float* bias, bf16* dst, int ld, bf16* glob, bool in_place) {
+    const auto row_of = [&](int pass) { return warp * kRowsPerWarp + pass * kRpp + rl; };
     float2 bb[kPpt];
 #pragma unroll
     for (int j = 0; j < kPpt; ++j) {
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
         if (uu < S) {
 #pragma unroll
           for (int ps = 0; ps < kGroup; ++ps) {
-            const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+            const int r = row_of(g0 + ps);
             const float2 cs = rotary_cos_sin(angle_from_code(sCode[r * LDC + uu]));
             const float2 v = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * uu);
             o[ps][j] = batched::rotated_pair(v.x, v.y, bb[j].x, bb[j].y, cs.x, cs.y, true);
@@ -176,7 +177,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
         } else {
 #pragma unroll
           for (int ps = 0; ps < kGroup; ++ps) {
-            const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+            const int r = row_of(g0 + ps);
             const float2 v = *reinterpret_cast<const float2*>(sRows + r * LDR + 2 * uu);
             o[ps][j] = batched::rotated_pair(v.x, v.y, bb[j].x, bb[j].y, 1.0f, 0.0f, false);
           }
@@ -185,7 +186,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
       if (in_place) __syncwarp();
 #pragma unroll
       for (int ps = 0; ps < kGroup; ++ps) {
-        const int r = warp * kRowsPerWarp + (g0 + ps) * kRpp + rl;
+        const int r = row_of(g0 + ps);
 #pragma unroll
         for (int j = 0; j < kPpt; ++j) {
           const int uu = pl + kTpr * j;
