@@ -215,7 +215,7 @@ class Mamba3TrainGpu {
   bool qk_rotated_only_used() const { return qk_rotated_only_used_; }
   // The SISO build writes only q, and one kernel per sequence-head forms k and v and runs the forward state chain on
   // them (launch_kv_chain) instead of the build writing k and v for the chain to read back, where it applies (default
-  // from MAMBA3_TRAIN_KV_CHAIN, off); the same bits.
+  // from MAMBA3_TRAIN_KV_CHAIN: on, as the walk); the same bits.
   void set_kv_chain(bool on) { kv_chain_ = on; }
   // With the kv chain, q's build runs beside it (the chain first, its dependents triggered at its start) instead of
   // before it (default from MAMBA3_TRAIN_KV_CHAIN: "beside"); the same bits.
@@ -223,9 +223,9 @@ class Mamba3TrainGpu {
   // With the kv chain, it forms q too and no build kernel runs (MAMBA3_TRAIN_KV_CHAIN=q); the same bits. Takes
   // precedence over set_kv_chain_beside.
   void set_kv_chain_q(bool on) { kv_chain_q_ = on; }
-  // With the kv chain, the forward core's work joins it (launch_fwd_walk: q formed in the core's fragments, one kernel
-  // from the chunk scalars to o16) where it applies (MAMBA3_TRAIN_KV_CHAIN=walk); the same bits. Takes precedence over
-  // set_kv_chain_q and set_kv_chain_beside.
+  // With the kv chain, the forward core's work joins it (launch_fwd_walk: one kernel per sequence-head from the chunk
+  // scalars to o16) where it applies (default from MAMBA3_TRAIN_KV_CHAIN: on unless another form is set); the same
+  // bits. Takes precedence over set_kv_chain_q and set_kv_chain_beside.
   void set_kv_chain_walk(bool on) { kv_chain_walk_ = on; }
   // Whether the last chunk pass's forward did (set_kv_chain_walk and its configuration).
   bool fwd_walk_used() const { return fwd_walk_used_; }
@@ -395,11 +395,11 @@ class Mamba3TrainGpu {
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool qk_rotated_only_ = false;     // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
   bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)
-  bool kv_chain_ = false;              // k, v and the forward chain in one kernel (set_kv_chain)
+  bool kv_chain_ = true;               // k, v and the forward chain in one kernel (set_kv_chain)
   bool kv_chain_used_ = false;         // the last chunk pass's forward did (kv_chain_used)
   bool kv_chain_beside_ = false;       // q's build beside the kv chain (set_kv_chain_beside)
   bool kv_chain_q_ = false;            // the kv chain forms q too (set_kv_chain_q)
-  bool kv_chain_walk_ = false;         // the kv chain with the forward core's work (set_kv_chain_walk)
+  bool kv_chain_walk_ = true;          // the kv chain with the forward core's work (set_kv_chain_walk)
   bool fwd_walk_used_ = false;         // the last chunk pass's forward did (fwd_walk_used)
   bool qk_head_order_ = true;          // with it, the cores take a chunk's heads in consecutive blocks
   bool mimo_epilogue_in_core_ = true;  // MIMO's state core runs the epilogue's state part (set_mimo_epilogue_in_core)
