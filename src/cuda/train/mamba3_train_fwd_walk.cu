@@ -7,8 +7,9 @@
 // value is formed by the expression, fragments and k-steps of the kernels it replaces.
 //
 // Shared memory is what sets the form (two blocks per SM at 8 warps): one 33 KB buffer takes B's rows, then C's rows
-// of the same chunk (C's copy in flight during the chain's step, the next chunk's B during the output stage), then q
-// over C's rows (a warp forms its own rows' q and overwrites them). q had first been formed in each warp's A fragments
+// of the same chunk (each warp copies its own rows as soon as it has formed their k, and waits for them alone: C's
+// copy in flight during the chain's step; the next chunk's B during the output stage), then q over C's rows (a warp
+// forms its own rows' q and overwrites them). q had first been formed in each warp's A fragments
 // per k-step, twice per row block (once per slice of P): on an H200 that walk took 495 µs per 125M layer against 389
 // for the three kernels, 52 % of its 164 M instructions in that loop (fifty-eighth session). Warps: the chain's (16
 // rows of P × N/2 columns each); in the core's part warp w takes rows 16·(w % 4) of the chunk and 32 columns of P from
@@ -140,9 +141,20 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
       }
     }
   };
-  // Chunk i's C rows and z (bf16, zx16's z columns).
-  const auto issue_c = [&](int i) {
-    copy_rows(tok_of(i), d.off_C);
+  // Chunk i's C rows of this warp's own rows (those it forms k and q of): issued as soon as the warp's k is formed
+  // and waited for by the warp alone, so that no block barrier waits on them — the block-wide copy after k's barrier
+  // had left a quarter of the walk's stall samples at the barrier after it (fifty-ninth session, ncu on an H100).
+  const auto issue_c_own = [&](int i) {
+    constexpr int per_row = N / 4, rows_per_pass = 32 / per_row;
+    static_assert(32 % per_row == 0 && kRowsPerWarp % rows_per_pass == 0, "whole warp passes over the warp's rows");
+    const int r = warp * kRowsPerWarp + lane / per_row, c = lane % per_row * 4;
+    const float* src = p.zx + (tok_of(i) + r) * d.din + d.off_C + int64_t(g) * N + c;  // (a running pointer)
+#pragma unroll
+    for (int j = 0; j < kRowsPerWarp / rows_per_pass; ++j, src += rows_per_pass * d.din)
+      cp_async16(sRows + (r + j * rows_per_pass) * LDR + c, src);
+  };
+  // Chunk i's z (bf16, zx16's z columns).
+  const auto issue_z = [&](int i) {
     const bf16* z16 = reinterpret_cast<const bf16*>(p.zx16) + tok_of(i) * x_pitch + int64_t(h) * P;
     copy_tile<kThreads, kRows, P>(sZ, LDZ, z16, x_pitch);
   };
@@ -210,11 +222,15 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     const float* sScal = sScal0 + (i % 2) * Sm::kScalars * kRows;
     const float *sW = sScal, *Lam = sScal + kRows, *scale = sScal + 2 * kRows, *gam = sScal + 3 * kRows,
                 *eL = sScal + 4 * kRows;
-    // k = Rot(B + bias, φ) rounded to bf16 (the build's rotated_pair) to K and to the chain's tile
+    // k = Rot(B + bias, φ) rounded to bf16 (the build's rotated_pair) to K and to the chain's tile; then the warp's
+    // rows of B are free and take its rows of C (cp.async groups in order: C, z, x of chunk i + 1)
     form_rows(p.B_bias, sK, LDN, static_cast<bf16*>(p.K) + chunk * kRows * N, false);
+    __syncwarp();
+    issue_c_own(i);
+    asm volatile("cp.async.commit_group;");
     chain_step::store_slice(st, sH, LDN, pr, n0);  // the state entering chunk i, rounded as the chain rounds it
-    __syncthreads();  // k and the state whole; B's rows are free
-    issue_c(i);
+    __syncthreads();                               // k and the state whole
+    issue_z(i);
     asm volatile("cp.async.commit_group;");
     issue_x(i + 1);
     asm volatile("cp.async.commit_group;");
@@ -222,10 +238,10 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     chain_step::store_tile_16b<kThreads, P, N>(static_cast<bf16*>(out16) + chunk * P * N, sH, LDN);
     chain_step::store_tile_16b<kThreads, kRows, P>(static_cast<bf16*>(p.V) + chunk * kRows * P, sA, LDA);
     chain_step::scaled_step<kRows>(st, sA, LDA, sW, sK, LDN, pr, n0, dc);
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-    __syncthreads();  // C's rows and z are in
+    asm volatile("cp.async.wait_group 2;" ::: "memory");
+    __syncwarp();  // the warp's C rows are in (its lanes' copies, each waited for by its lane)
 
-    // q = Rot(C + bias, φ) to Q and over C's rows in place (each warp its own rows).
+    // q = Rot(C + bias, φ) to Q and over the warp's C rows in place.
     form_rows(p.C_bias, sQ, LDQ, static_cast<bf16*>(p.Q) + chunk * kRows * N, true);
     __syncthreads();  // q whole
 
@@ -279,8 +295,9 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
         }
       }
     }
+    asm volatile("cp.async.wait_group 1;" ::: "memory");  // (z, for the output stage)
     __syncthreads();  // every warp has formed its q and read k: the rows buffer and the codes take chunk i + 1's,
-    issue_b(i + 1);   // and k's tile takes W
+    issue_b(i + 1);   // and k's tile takes W; z is in
     {
       uint32_t* wo = reinterpret_cast<uint32_t*>(sWt) + ((t0 + gr) * LDW) / 2 + q;
 #pragma unroll
@@ -329,7 +346,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
         y16[nt] = pack(y0, y1);
         o16[nt] = pack(y0 * (zz.x * gate_sigmoid_f(zz.x, true)), y1 * (zz.y * gate_sigmoid_f(zz.y, true)));
       }
-      store_row_pairs(y16, reinterpret_cast<bf16*>(p.WV) + (chunk * kRows + tl) * P + c0, true);
+      store_row_pairs(y16, reinterpret_cast<bf16*>(aligned16(p.WV)) + (chunk * kRows + tl) * P + c0, true);
       store_row_pairs(o16, static_cast<bf16*>(p.o16) + tok * d.d_inner + int64_t(h) * P + c0, true);
     }
   }

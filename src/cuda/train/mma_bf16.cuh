@@ -137,6 +137,15 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&v)[4]) {
   }
 }
 
+// p, stated 16-byte aligned, for the callers of store_row_pairs and store_tiles_bf16: where the compiler cannot prove
+// a row's 16-byte alignment from its buffer's type and offset it splits each 16-byte store into four 4-byte ones
+// (four times the store instructions and L2 requests). It takes the statement at a buffer's base pointer when the
+// row's offset is a visible multiple of 8 elements (the forward walk's y16 rows), not inside the store functions.
+template <typename T>
+__device__ __forceinline__ T* aligned16(T* p) {
+  return static_cast<T*>(__builtin_assume_aligned(p, 16));
+}
+
 // A row's bf16 pairs as the fragments hold them (w[nt]: columns 8·nt + 2q, 8·nt + 2q + 1 of the lane's row, NW a
 // multiple of 4) stored 16 bytes per lane through quad_transpose at `row` (16-byte aligned). store false: the
 // exchange only — every lane of the warp takes part in it, also those whose row is not stored.
