@@ -91,7 +91,8 @@ void register_bench(CLI::App& app) {
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--prompt", a.prompt, "prefill length")->capture_default_str();
-  cmd->add_option("--steps", a.steps, "decode steps timed (median)")->capture_default_str();
+  cmd->add_option("--steps", a.steps, "decode steps timed (median); with --train: optimizer steps timed (default 5)")
+      ->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--device", device, "cpu, or cuda (presets 1.5b, 1.5b-mimo)")->capture_default_str();
 #ifdef MAMBA3_HAVE_CUDA
@@ -118,11 +119,12 @@ void register_bench(CLI::App& app) {
                   "cuda --train: choose cuBLASLt algorithms for the step's products by timing, write them to this "
                   "table (extended if it exists; use it later with MAMBA3_TRAIN_GEMM_ALGOS=FILE) and time with them");
 #endif
-  cmd->callback([] {
+  cmd->callback([cmd] {
     if (device == "cuda") {
 #ifdef MAMBA3_HAVE_CUDA_TRAIN
       if (train) {
         ta.config = a.config;
+        if (cmd->count("--steps") > 0) ta.steps = a.steps;  // (else the training default, not the decode one)
         ta.precision = ca.precision;
         if (a.presets != std::vector<std::string>{"130m", "370m"}) ta.presets = a.presets;
         run_cuda_train_bench(ta);

@@ -57,7 +57,8 @@ struct WalkSmem {
   static constexpr size_t k = scal + 2 * size_t(kScalars) * kRows * 4;
   static constexpr size_t h = k + size_t(kRows) * (LDN > LDW ? LDN : LDW) * 2;  // (k's tile, then W's)
   static constexpr size_t z = h + size_t(P) * LDN * 2;
-  static constexpr size_t bytes = z + size_t(kRows) * LDZ * 2;
+  static constexpr size_t dec = z + size_t(kRows) * LDZ * 2;  // (the chunk's decay, one float per stage)
+  static constexpr size_t bytes = dec + 2 * 4;
 };
 
 // Two blocks per SM on sm_90: 228 KB of shared memory less 1 KB reserved per block, halved.
@@ -91,6 +92,7 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
   bf16* sWt = sK;  // (W once S is formed: k is not read again in the chunk)
   bf16* sH = reinterpret_cast<bf16*>(smem_raw + Sm::h);
   bf16* sZ = reinterpret_cast<bf16*>(smem_raw + Sm::z);
+  float* sDec = reinterpret_cast<float*>(smem_raw + Sm::dec);
   const MixerDims& d = p.d;
   const int64_t bh = blockIdx.x;
   const int b = int(bh / d.H), h = int(bh % d.H), g = h / (d.H / d.G), nc = p.nc, S = d.S;
@@ -139,6 +141,10 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
         const float* src = which == 0 ? p.wv : which == 1 ? p.Lam : which == 2 ? p.scale : which == 3 ? p.gam : p.eL;
         cp_async16(sScal0 + ((i % 2) * Sm::kScalars + which) * kRows + 4 * j, src + chunk * kRows + 4 * j);
       }
+      // (the decay staged with them: loaded from global memory in the chunk itself, its first use in the chain's step
+      // had waited on it — 3 % of the walk's stall samples, ncu on an H100)
+      if (threadIdx.x == kThreads - 1)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(sDec + i % 2)), "l"(p.decay + chunk));
     }
   };
   // Chunk i's C rows of this warp's own rows (those it forms k and q of): issued as soon as the warp's k is formed
@@ -215,10 +221,10 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
   zero(st);
   for (int i = 0; i < nc; ++i) {
     const int64_t chunk = bh * nc + i;
-    const float dc = p.decay[chunk];
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();  // chunk i's B rows, codes, x and scalars are in; chunk i - 1's reads of k, the state, z are done
     const bf16* sA = sA0 + (i % 2) * kRows * LDA;
+    const float dc = sDec[i % 2];
     const float* sScal = sScal0 + (i % 2) * Sm::kScalars * kRows;
     const float *sW = sScal, *Lam = sScal + kRows, *scale = sScal + 2 * kRows, *gam = sScal + 3 * kRows,
                 *eL = sScal + 4 * kRows;
