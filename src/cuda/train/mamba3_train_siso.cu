@@ -783,10 +783,22 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
         uint32_t q[kHb][kPairs], k[kHb][kPairs];
         uint32_t ph[kHb];  // (the angle's code, or its f32 bits: decoded where used)
       };
+      // Addresses as the slot's base pointers (formed once per slot) and 32-bit offsets from them: with 64-bit
+      // indices per token and head (the chunk row, the angle row, the biases' rows) a third of the kernel's
+      // instructions were address arithmetic (ncu, 125M, fifty-ninth session). The launcher takes this instance only
+      // where a slot's offsets fit 32 bits.
       const int64_t bh0 = int64_t(b) * d.H + h0;
+      const uint16_t *q_blk = p.dQ16 + (bh0 * p.nc + c) * p.rows * N, *k_blk = p.dK16 + (bh0 * p.nc + c) * p.rows * N;
+      const int head_qk = p.nc * p.rows * N, head_s = d.L * S;  // a head's step in dQ16/dK16, in the angle rows
+      const int64_t s_blk = (bh0 * d.L + c0) * S;               // the slot's first angle row (token c0 of head h0)
+      const uint16_t* codes_blk = codes ? codes + s_blk : nullptr;
+      const float* phi_blk = codes ? nullptr : phiv + s_blk;
+      float* dphi_blk = dphi_out + s_blk;
+      const float* zC_blk = p.zx + (int64_t(b) * d.L + c0) * d.din + d.off_C + int64_t(g) * N;
+      const int zB_off = d.off_B - d.off_C;
+      const float *cbias = p.C_bias + int64_t(h0) * N + 2 * lane, *bbias = p.B_bias + int64_t(h0) * N + 2 * lane;
       const auto load_token = [&](int tl, Raw& r) {
-        const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
-        const float *zC = p.zx + tok * d.din + d.off_C + int64_t(g) * N, *zB = zC + (d.off_B - d.off_C);
+        const float *zC = zC_blk + tl * d.din, *zB = zC + zB_off;
 #pragma unroll
         for (int m = 0; m < kPairs; ++m) {
           r.zc[m] = *reinterpret_cast<const float2*>(zC + 2 * pair(m));
@@ -796,16 +808,21 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
         if (next) prefetch_l2(zC + n0 + kWarps * d.din), prefetch_l2(zB + n0 + kWarps * d.din);
 #pragma unroll
         for (int i = 0; i < kHb; ++i) {
-          const int64_t bh = bh0 + i, st = bh * d.L + t, jr = ((bh * p.nc + c) * p.rows + tl) * N;
+          const int jr = i * head_qk + tl * N, sr = i * head_s + tl * S;
 #pragma unroll
           for (int m = 0; m < kPairs; ++m) {
-            r.q[i][m] = *reinterpret_cast<const uint32_t*>(p.dQ16 + jr + 2 * pair(m));
-            r.k[i][m] = *reinterpret_cast<const uint32_t*>(p.dK16 + jr + 2 * pair(m));
+            r.q[i][m] = *reinterpret_cast<const uint32_t*>(q_blk + jr + 2 * pair(m));
+            r.k[i][m] = *reinterpret_cast<const uint32_t*>(k_blk + jr + 2 * pair(m));
           }
-          r.ph[i] = lane >= S ? 0u : codes ? uint32_t(codes[st * S + lane]) : __float_as_uint(phiv[st * S + lane]);
+          r.ph[i] = lane >= S ? 0u : codes ? uint32_t(codes_blk[sr + lane]) : __float_as_uint(phi_blk[sr + lane]);
           if (next) {
-            prefetch_l2(p.dQ16 + jr + n0 + kWarps * N), prefetch_l2(p.dK16 + jr + n0 + kWarps * N);
-            if (n0 / 2 < S) prefetch_angle((st + kWarps) * S + n0 / 2);
+            prefetch_l2(q_blk + jr + n0 + kWarps * N), prefetch_l2(k_blk + jr + n0 + kWarps * N);
+            if (n0 / 2 < S) {
+              if (codes)
+                prefetch_l2(codes_blk + sr + kWarps * S + n0 / 2);
+              else
+                prefetch_l2(phi_blk + sr + kWarps * S + n0 / 2);
+            }
           }
         }
       };
@@ -819,7 +836,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
         const bool more = tl + kWarps < Tc;
         Raw nxt;
         if (more) load_token(tl + kWarps, nxt);
-        const int64_t t = c0 + tl, tok = int64_t(b) * d.L + t;
+        const int64_t tok = int64_t(b) * d.L + c0 + tl;
         float zc[kE], zb[kE];
 #pragma unroll
         for (int m = 0; m < kPairs; ++m) {
@@ -829,14 +846,12 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
         float sC[kE] = {}, sB[kE] = {};  // summed over the slot's heads
 #pragma unroll
         for (int i = 0; i < kHb; ++i) {
-          const int64_t st = (bh0 + i) * d.L + t;
           float gq[kE], gk[kE], gc[kE], gb[kE], dp[kPairs], bqv[kE], bkv[kE];
 #pragma unroll
           for (int m = 0; m < kPairs; ++m) unpack(cur.q[i][m], gq + 2 * m), unpack(cur.k[i][m], gk + 2 * m);
           if (lane < S) {
-            const int64_t bias = int64_t(h0 + i) * N + 2 * lane;
-            const float2 vc = *reinterpret_cast<const float2*>(p.C_bias + bias);
-            const float2 vb = *reinterpret_cast<const float2*>(p.B_bias + bias);
+            const float2 vc = *reinterpret_cast<const float2*>(cbias + i * N);
+            const float2 vb = *reinterpret_cast<const float2*>(bbias + i * N);
             bqv[0] = vc.x, bqv[1] = vc.y, bkv[0] = vb.x, bkv[1] = vb.y;
           }
 #pragma unroll
@@ -862,7 +877,7 @@ __global__ void __launch_bounds__(kThreads, 2) batched_rotation_backward_siso_ke
           if (totals)
 #pragma unroll
             for (int m = 0; m < kPairs; ++m) dphi_sum[i][m] += dp[m];
-          if (lane < S) dphi_out[st * S + lane] = dp[0];
+          if (lane < S) dphi_blk[i * head_s + tl * S + lane] = dp[0];
           head_sums(i, gc, gb, sC, sB);
         }
         token_sums(tl, tok, slot, sC, sB);
@@ -1211,7 +1226,12 @@ bool launch_rotation_backward_siso(cudaStream_t s, const BatchedParams& p_in) {
       launch(p.rotation_prefetch ? kernel_on : kernel_off);
     };
     if constexpr (kF && !kU) {  // (q and k formed from bf16 dQ/dK: the pipelined instance)
-      if (d.N == 128 && d.S <= 32 && p.rotation_prefetch && p.rotation_split && p.rotation_pipe && p.dQ16) {
+      // (its offsets within a slot of hb heads in 32 bits: the dQ16/dK16 rows, the angle rows, the zx rows)
+      constexpr int64_t kMax32 = 0x7fffffff;
+      const bool offsets_fit = int64_t(hb) * p.nc * p.rows * d.N < kMax32 && int64_t(hb) * d.L * d.S < kMax32 &&
+                               int64_t(p.T + kWarps) * d.din < kMax32;
+      if (d.N == 128 && d.S <= 32 && p.rotation_prefetch && p.rotation_split && p.rotation_pipe && p.dQ16 &&
+          offsets_fit) {
         launch(batched_rotation_backward_siso_kernel<128, kF, kH, kFuse, true, kU, true, true>);
         return;
       }
