@@ -5,8 +5,8 @@
 #   OUT=… scripts/gpu_retune.sh [train|kv|decode|deferred|wide|options|all] [rounds]
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
-# kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN, off by default until measured; fifty-fifth session) and the walk that
-#         adds the forward core's work to it (walk; fifty-sixth session, q formed once since the fifty-eighth): the
+# kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to
+#         it (walk, the default since the fifty-ninth session; 0: the build, chain and forward core): the
 #         125M SISO step with the walk against the build + chain + core (then q and 1 once), their bit test, the
 #         mixer forward's parts (MAMBA3_TRAIN_PROFILE=2) with and without the walk, and the walk's SASS counters.
 # decode: the 1.5B SISO step at batch 128 (scripts/decode_ab.sh) with the product and launch settings kept off on the
