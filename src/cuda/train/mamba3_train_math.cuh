@@ -14,11 +14,6 @@ constexpr float kEps = 1e-5f;  // RMSNorm epsilon (B/C and output norms)
 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
-// The output stage's gate σ(z) in the bf16 mode (fast): the hardware exponential and an approximate division, a few
-// ulp from sigmoid_f — far inside that mode's bf16 roundings — at a fraction of its instructions (the gate was the
-// largest section of the forward core's output stage). Every kernel that forms or differentiates the batched path's
-// gate takes it from here with the same `fast`, so the cores' o is the generic output kernel's bit for bit. The exact
-// mode keeps sigmoid_f. (-z large: 1 + e^{-z} overflows and the quotient is 0, the limit.)
 // e^{-z} as __expf forms it (z·(−log2 e) rounded, then the hardware 2^x) but with subnormal results flushed to zero:
 // without the flush 2^x takes a range test and two predicated multiplies per element. 1 + e^{-z} is the same float
 // either way (a subnormal is far below half an ulp of 1), so the gate keeps its bits.
@@ -27,6 +22,11 @@ __device__ __forceinline__ float exp_neg_ftz(float z) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(__fmul_rn(z, -1.44269502f)));
   return e;
 }
+// The output stage's gate σ(z) in the bf16 mode (fast): the hardware exponential and an approximate division, a few
+// ulp from sigmoid_f — far inside that mode's bf16 roundings — at a fraction of its instructions (the gate was the
+// largest section of the forward core's output stage). Every kernel that forms or differentiates the batched path's
+// gate takes it from here with the same `fast`, so the cores' o is the generic output kernel's bit for bit. The exact
+// mode keeps sigmoid_f. (-z large: 1 + e^{-z} overflows and the quotient is 0, the limit.)
 __device__ __forceinline__ float gate_sigmoid_f(float z, bool fast) {
   return fast ? __fdividef(1.0f, 1.0f + exp_neg_ftz(z)) : sigmoid_f(z);
 }
