@@ -13,7 +13,7 @@ BUILD=${BUILD:-build-bundle}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMAMBA3_CUDA=ON -DMAMBA3_NATIVE=OFF \
   -DCMAKE_CXX_FLAGS="-march=x86-64-v3" -DMAMBA3_TEST_AREAS=cuda -DMAMBA3_CUDA_ARCH=90-real \
   -DMAMBA3_CUDA_LINEINFO="${BUNDLE_LINEINFO:-OFF}" -DCMAKE_CUDA_FLAGS="--compress-mode=size" >/dev/null
-targets=(mamba3_cli bench_server)
+targets=(mamba3_cli bench_server bench_fused_gemm)
 # BUNDLE_BINS="mamba3 test_x …": build and pack only these test binaries (the device tool carries at most 64 MiB
 # with the tree, and a fresh machine's two cores take long over all of them). BUNDLE_OUT: the archive (default
 # gpu-bundle/bundle.tar.xz), so that runs needing different binaries can carry different archives.
@@ -23,8 +23,8 @@ done
 nice cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}"
 stage=$(mktemp -d)
 mkdir -p "$stage/bin" "$stage/lib"
-cp "$BUILD/tools/mamba3/mamba3" "$BUILD/bench/bench_server" "$stage/bin/"
-for t in "${targets[@]:2}"; do cp "$BUILD/tests/$t" "$stage/bin/"; done
+cp "$BUILD/tools/mamba3/mamba3" "$BUILD/bench/bench_server" "$BUILD/bench/bench_fused_gemm" "$stage/bin/"
+for t in "${targets[@]:3}"; do cp "$BUILD/tests/$t" "$stage/bin/"; done
 if [[ -n ${BUNDLE_BINS:-} ]]; then
   for f in "$stage"/bin/*; do [[ " $BUNDLE_BINS " == *" $(basename "$f") "* ]] || rm "$f"; done
 fi

@@ -10,3 +10,9 @@ target_link_libraries(test_adamw_flat_gpu PRIVATE mamba3_cuda_train_ops)
 # The training products' persisted cuBLASLt algorithm table (label cuda).
 mamba3_cuda_test(test_train_gemm_algos_gpu ${CMAKE_CURRENT_LIST_DIR}/test_train_gemm_algos_gpu.cpp)
 target_link_libraries(test_train_gemm_algos_gpu PRIVATE mamba3_cuda_train_ops)
+# The fused products (TMA + wgmma with the GatedMLP's activation in their epilogues) against float64 and the
+# element-wise kernels (label cuda; skipped without an sm_90 device).
+mamba3_cuda_test(test_fused_gemm_gpu ${CMAKE_CURRENT_LIST_DIR}/test_fused_gemm_gpu.cpp)
+target_link_libraries(test_fused_gemm_gpu PRIVATE mamba3_cuda_train_ops)
+add_test(NAME test_fused_gemm_gpu_mlp COMMAND test_fused_gemm_gpu --gtest_filter=*GatedMlp*)
+set_tests_properties(test_fused_gemm_gpu_mlp PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_TRAIN_FUSED_GEMM=1)

@@ -7,6 +7,7 @@
 #include "cuda/pdl.h"
 #include "cuda/train/block_reduce.cuh"
 #include "cuda/train/gated_mlp_train_gpu.h"
+#include "cuda/train/gated_silu_math.cuh"
 
 namespace mamba3::cuda {
 namespace {
@@ -14,8 +15,7 @@ namespace {
 using train_detail::aligned16;
 using train_detail::grid_for;
 
-// f32 silu with the CPU's formula (ops/mamba3_common.h): σ(g) = 1/(1 + e^−g), silu(g) = g·σ(g).
-__device__ __forceinline__ float sigmoid_f(float g) { return 1.0f / (1.0f + expf(-g)); }
+using gated_silu::sigmoid_f;  // (gated_silu_math.cuh: the fused products' epilogues share these expressions)
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -161,7 +161,31 @@ __global__ void gated_silu_backward_bf16x8_kernel(const uint4* do16, const uint4
   }
 }
 
+// dst (cols, rows) = srcᵀ, bf16 bits, through a 32 × 33 shared tile (a 32 × 8 block: each thread 4 elements).
+__global__ void transpose_bf16_kernel(const uint16_t* src, int64_t rows, int64_t cols, uint16_t* dst) {
+  pdl_wait();
+  __shared__ uint16_t tile[32][33];
+  const int64_t r0 = int64_t(blockIdx.y) * 32, c0 = int64_t(blockIdx.x) * 32;
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int64_t r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[i][threadIdx.x] = src[r * cols + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int64_t c = c0 + i, r = r0 + threadIdx.x;
+    if (c < cols && r < rows) dst[c * rows + r] = tile[threadIdx.x][i];
+  }
+}
+
 }  // namespace
+
+void transpose_bf16_gpu(cudaStream_t s, const uint16_t* src, int64_t rows, int64_t cols, uint16_t* dst) {
+  if (rows <= 0 || cols <= 0) return;
+  MAMBA3_CHECK((rows + 31) / 32 < 65536, "transpose_bf16_gpu: {} rows exceed the grid", rows);
+  launch_train(transpose_bf16_kernel, dim3(unsigned((cols + 31) / 32), unsigned((rows + 31) / 32)), dim3(32, 8), 0, s,
+               src, rows, cols, dst);
+  MAMBA3_LAUNCH_CHECK();
+}
 
 void gated_silu_backward_bf16_gpu(cudaStream_t s, const uint16_t* do16, const uint16_t* h16, int64_t rows,
                                   int64_t d_ff, uint16_t* dh16) {

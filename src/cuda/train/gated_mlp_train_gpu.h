@@ -49,4 +49,7 @@ void gated_silu_backward_gpu(cudaStream_t s, const float* h, int64_t rows, int64
 void gated_silu_backward_bf16_gpu(cudaStream_t s, const uint16_t* do16, const uint16_t* h16, int64_t rows,
                                   int64_t d_ff, uint16_t* dh16);
 
+// dst (cols, rows) = srcᵀ for a (rows, cols) matrix of bf16 bits (fc2's bf16 mirror as the fused do product's B).
+void transpose_bf16_gpu(cudaStream_t s, const uint16_t* src, int64_t rows, int64_t cols, uint16_t* dst);
+
 }  // namespace mamba3::cuda
