@@ -2,7 +2,9 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|kv|decode|deferred|wide|options|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|fused|kv|decode|deferred|wide|options|all] [rounds]
+# fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off / on,
+#         the training tests and memcheck with them on.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to
@@ -50,6 +52,25 @@ if [[ $what == train || $what == all ]]; then
   MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train --preset 125m \
     > "$OUT/retune_train_profile.txt" 2>&1
   tail -40 "$OUT/retune_train_profile.txt"
+fi
+if [[ $what == fused || $what == all ]]; then
+  # The fused GatedMLP products (sixtieth session, opt-in: never run on a GPU yet): their tests first (a hang shows as
+  # the timeout), their per-product times against cuBLAS + the activation kernels, then the step off / on and the
+  # whole-model training tests and memcheck with them on. Needs test_fused_gemm_gpu, bench_fused_gemm and
+  # test_lm_train_gpu in the bundle.
+  bin=$(dirname "$MAMBA3_BIN")
+  MAMBA3_TRAIN_FUSED_GEMM=1 timeout 60 "$bin/test_fused_gemm_gpu" > "$OUT/fused_tests.txt" 2>&1
+  echo "test_fused_gemm_gpu rc=$?"; grep -E "FAILED|Failure|Expected|Which is|OK \]" "$OUT/fused_tests.txt" | head -30
+  timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fused_bench.txt" | tail -14
+  for ((r = 1; r <= rounds; ++r)); do
+    train_row fused-off MAMBA3_TRAIN_FUSED_GEMM=0
+    train_row fused-on MAMBA3_TRAIN_FUSED_GEMM=1
+  done
+  MAMBA3_TRAIN_FUSED_GEMM=1 timeout 240 "$bin/test_lm_train_gpu" > "$OUT/fused_lm.txt" 2>&1
+  echo "test_lm_train_gpu (fused) rc=$?"
+  MAMBA3_TRAIN_FUSED_GEMM=1 timeout 180 compute-sanitizer --tool memcheck "$bin/test_fused_gemm_gpu" \
+    > "$OUT/fused_memcheck.txt" 2>&1
+  echo "memcheck rc=$? $(grep 'ERROR SUMMARY' "$OUT/fused_memcheck.txt")"
 fi
 if [[ $what == kv || $what == all ]]; then
   # (the steps first, the walk beside the defaults: a device call cut short still says whether it is worth testing)
