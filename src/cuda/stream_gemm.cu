@@ -103,12 +103,6 @@ struct FoldArgs {
 // epilogue (twelfth session; 1.295 vs 1.296 before).
 constexpr int kDefaultMinRows = 2;
 
-__device__ __forceinline__ void mbar_init_count(uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
 // A 2-D box of the tensor map at coordinates (c0 = column, c1 = row) into shared memory, completing on bar.
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
                                             uint64_t policy) {

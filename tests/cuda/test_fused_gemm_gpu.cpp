@@ -69,6 +69,11 @@ Tensor columns(const std::vector<uint16_t>& bits, int64_t rows, int64_t ld, int6
 void expect_finite(const Tensor& t, const char* what) {
   for (int64_t i = 0; i < t.numel(); ++i) ASSERT_TRUE(std::isfinite(t.data<float>()[i])) << what << " at " << i;
 }
+// The gated products' shapes: rows, K, d_ff.
+struct GatedCase {
+  int64_t M, K, F;
+};
+
 double silu64(double g) { return g / (1.0 + std::exp(-g)); }
 
 TEST(FusedGemmGpu, PlainProductMatchesFloat64) {
@@ -102,10 +107,7 @@ TEST(FusedGemmGpu, GatedForwardGivesTheActivationKernelsBits) {
   MAMBA3_REQUIRE_FUSED_GEMM();
   cuda::Context ctx;
   std::mt19937 rng(11);
-  struct Case {
-    int64_t M, K, F;
-  };
-  for (const Case c : {Case{300, 96, 128}, Case{1031, 768, 384}, Case{4100, 64, 1536}}) {
+  for (const GatedCase c : {GatedCase{300, 96, 128}, GatedCase{1031, 768, 384}, GatedCase{4100, 64, 1536}}) {
     SCOPED_TRACE(fmt::format("M {} K {} d_ff {}", c.M, c.K, c.F));
     const Bf16Matrix x = random_bf16(rng, c.M, c.K), w1 = random_bf16(rng, 2 * c.F, c.K);
     DeviceBuffer dx = up_bits(x.bits), dw = up_bits(w1.bits), h = nan_bf16(c.M * 2 * c.F), o = nan_bf16(c.M * c.F),
@@ -137,10 +139,7 @@ TEST(FusedGemmGpu, GatedBackwardGivesTheActivationKernelsBits) {
   MAMBA3_REQUIRE_FUSED_GEMM();
   cuda::Context ctx;
   std::mt19937 rng(13);
-  struct Case {
-    int64_t M, K, F;
-  };
-  for (const Case c : {Case{300, 96, 256}, Case{1031, 768, 512}, Case{4100, 64, 1536}}) {
+  for (const GatedCase c : {GatedCase{300, 96, 256}, GatedCase{1031, 768, 512}, GatedCase{4100, 64, 1536}}) {
     SCOPED_TRACE(fmt::format("M {} K {} d_ff {}", c.M, c.K, c.F));
     const Bf16Matrix dy = random_bf16(rng, c.M, c.K), w2t = random_bf16(rng, c.F, c.K),
                      h = random_bf16(rng, c.M, 2 * c.F, -4.0f, 4.0f);

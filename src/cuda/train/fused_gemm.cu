@@ -52,19 +52,6 @@ struct Args {
   int64_t d_ff;
 };
 
-__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_addr(dst)),
-      "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
-      : "memory");
-}
-__device__ __forceinline__ void mbar_init_n(uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_one(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
 // K-major operand rows of 128 bytes, 128-byte swizzled (8-row atoms 1024 bytes apart): wgmma's matrix descriptor.
 __device__ __forceinline__ uint64_t desc_of(const void* p) {
   const uint64_t a = smem_addr(p);
@@ -178,7 +165,7 @@ __global__ void __maxnreg__(224) fused_gemm_kernel(const __grid_constant__ CUten
   const int64_t tiles = ((p.M + kTileM - 1) / kTileM) * p.tiles_n;
   const int kblocks = int((p.K + kKBlock - 1) / kKBlock);
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init_n(&full[s], 1), mbar_init_n(&empty[s], kConsumerThreads / 32);
+    for (int s = 0; s < kStages; ++s) mbar_init_count(&full[s], 1), mbar_init_count(&empty[s], kConsumerThreads / 32);
     mbar_init_fence();
   }
   __syncthreads();
@@ -197,9 +184,9 @@ __global__ void __maxnreg__(224) fused_gemm_kernel(const __grid_constant__ CUten
           const int s = it % kStages;
           if (it >= kStages) mbar_wait(&empty[s], unsigned((it / kStages - 1) & 1));
           expect_bytes(&full[s], kStageBytes);
-          tma_load(stage_a(s), &amap, kb * kKBlock, m0, &full[s]);
-          tma_load(stage_b(s, 0), &bmap, kb * kKBlock, b0, &full[s]);
-          tma_load(stage_b(s, 1), &bmap, kb * kKBlock, b0 + p.b_second, &full[s]);
+          tma_load_2d(stage_a(s), &amap, kb * kKBlock, m0, &full[s]);
+          tma_load_2d(stage_b(s, 0), &bmap, kb * kKBlock, b0, &full[s]);
+          tma_load_2d(stage_b(s, 1), &bmap, kb * kKBlock, b0 + p.b_second, &full[s]);
         }
       }
     }
@@ -223,10 +210,10 @@ __global__ void __maxnreg__(224) fused_gemm_kernel(const __grid_constant__ CUten
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // the previous k-block's products are done
-      if (kb > 0 && lane == 0) mbar_arrive_one(&empty[(it - 1) % kStages]);
+      if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    if (lane == 0) mbar_arrive_one(&empty[(it - 1) % kStages]);
+    if (lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
     const int64_t row_base = (tile / p.tiles_n) * kTileM + 64 * wg;
     const int64_t col0 = (tile % p.tiles_n) * (Epi == kGatedForward ? kHalfN : kTileN);
     epilogue<Epi>(acc0, acc1, row_base, col0, p);
