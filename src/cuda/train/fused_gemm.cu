@@ -1,9 +1,10 @@
 // bf16 training products with the GatedMLP's element-wise halves in their epilogues (fused_gemm.h). sm_90a only.
 //
 // A block per SM walks the output tiles (128 rows × 256 columns) in order tile = blockIdx.x + i·gridDim.x, the
-// columns of a row band fastest (its A rows stay in L2 while the band's tiles run). Warps 0–7 are two consumer
+// columns of a row band fastest (its A rows stay in L2 while the band's tiles run). Warps 4–11 are two consumer
 // warpgroups (rows 64·wg … + 63 of the tile, wgmma m64n128k16 twice per k-step: the tile's two 128-column halves);
-// warp 8's lane 0 is the producer. Per 64-column k-block a stage holds A's 128 × 64 box and B's two 128 × 64 boxes
+// warp 0's lane 0 is the producer (warps 1–3 only give their registers away). Per 64-column k-block a stage holds A's
+// 128 × 64 box and B's two 128 × 64 boxes
 // (48 KB, 128-byte swizzled), four stages in a ring with full/empty mbarriers; the producer runs ahead across tiles,
 // so the next tile's first stages load while the consumers store this one's epilogue. The consumers keep one k-block's
 // products in flight (wgmma.wait_group 1) and release a stage once the products after it are issued.
@@ -35,7 +36,12 @@ constexpr int kTileM = 128, kHalfN = 128, kTileN = 2 * kHalfN, kKBlock = 64;
 constexpr int kStages = 4;
 constexpr int kABytes = kTileM * kKBlock * 2, kBHalfBytes = kHalfN * kKBlock * 2;
 constexpr int kStageBytes = kABytes + 2 * kBHalfBytes;  // 48 KB
-constexpr int kConsumerThreads = 256, kThreads = kConsumerThreads + 32;
+// A producer warpgroup (one thread of it issues the copies) and two consumer warpgroups. The producer's registers go
+// to the consumers (setmaxnreg): the register file is split among the SM's four schedulers, a warp to each in turn, so
+// a ninth warp (a lone producer warp) made one scheduler hold three warps at the consumers' count, and the launch
+// failed at 222 registers per thread. 40 + 2 · 232 registers per thread in each scheduler's share of 16 Ki: 16,128.
+constexpr int kConsumerThreads = 256, kThreads = kConsumerThreads + 128;
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;  // (+ alignment)
 
 enum Epilogue : int { kPlain = 0, kGatedForward = 1, kGatedBackward = 2 };
@@ -153,8 +159,9 @@ __device__ __forceinline__ void epilogue(const float (&a0)[64], const float (&a1
 }
 
 template <int Epi>
-__global__ void __maxnreg__(224) fused_gemm_kernel(const __grid_constant__ CUtensorMap amap,
-                                                   const __grid_constant__ CUtensorMap bmap, const Args p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    fused_gemm_kernel(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap,
+                      const Args p) {
   pdl_wait();
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -172,8 +179,9 @@ __global__ void __maxnreg__(224) fused_gemm_kernel(const __grid_constant__ CUten
   auto stage_a = [&](int s) { return smem + s * kStageBytes; };
   auto stage_b = [&](int s, int half) { return smem + s * kStageBytes + kABytes + half * kBHalfBytes; };
 
-  if (warp == kConsumerThreads / 32) {  // the producer
-    if (lane == 0) {
+  if (warp < 4) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    if (warp == 0 && lane == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&amap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&bmap) : "memory");
       int it = 0;
@@ -193,7 +201,8 @@ __global__ void __maxnreg__(224) fused_gemm_kernel(const __grid_constant__ CUten
     return;
   }
 
-  const int wg = warp / 4;
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  const int wg = warp / 4 - 1;  // the consumer warpgroup: rows 64·wg … of the tile
   int it = 0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     float acc0[64], acc1[64];
