@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
@@ -51,6 +52,12 @@ cuda::DeviceBuffer random_bf16(int64_t n, std::mt19937& rng) {
   return b;
 }
 
+constexpr cuda::FusedGemmSchedule kSchedules[] = {cuda::FusedGemmSchedule::kCooperative,
+                                                  cuda::FusedGemmSchedule::kPingPong};
+std::string label(const char* what, cuda::FusedGemmSchedule s) {
+  return std::string(what) + (s == cuda::FusedGemmSchedule::kPingPong ? " (ping-pong)" : " (cooperative)");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -88,26 +95,30 @@ int main(int argc, char** argv) {
     gemm.run_mixed_bf16_out(ctx, false, true, M, 2 * F, D, 1.0f, nullptr, X, D, nullptr, W1, D, H, 2 * F);
   });
   const double a1 = time_us(s, [&] { cuda::gated_silu_forward_gpu(s, nullptr, M, F, nullptr, O, H); });
-  const double p1 = time_us(s, [&] { cuda::fused_gemm_plain(s, X, D, W1, D, M, 2 * F, D, H, 2 * F); });
-  const double g1 = time_us(s, [&] { cuda::fused_gemm_gated_forward(s, X, D, W1, M, D, F, H, O); });
   row("fc1: cuBLAS", c1, f1);
   row("fc1: activation kernel", a1, 0);
   row("fc1: cuBLAS + activation", c1 + a1, f1);
-  row("fc1: fused product, plain epilogue", p1, f1);
-  row("fc1: fused product with the activation", g1, f1);
+  for (const auto sch : kSchedules) {
+    const double p1 = time_us(s, [&] { cuda::fused_gemm_plain(s, X, D, W1, D, M, 2 * F, D, H, 2 * F, sch); });
+    const double g1 = time_us(s, [&] { cuda::fused_gemm_gated_forward(s, X, D, W1, M, D, F, H, O, sch); });
+    row(label("fc1: fused product, plain epilogue", sch).c_str(), p1, f1);
+    row(label("fc1: fused product with the activation", sch).c_str(), g1, f1);
+  }
   // Backward: the do product (+ the activation's backward).
   const double c2 = time_us(
       s, [&] { gemm.run_mixed_bf16_out(ctx, false, false, M, F, D, 1.0f, nullptr, DY, D, nullptr, W2, F, DO, F); });
   const double a2 = time_us(s, [&] { cuda::gated_silu_backward_bf16_gpu(s, DO, H, M, F, DH); });
   const double t2 = time_us(s, [&] { cuda::transpose_bf16_gpu(s, W2, D, F, const_cast<uint16_t*>(W2T)); });
-  const double p2 = time_us(s, [&] { cuda::fused_gemm_plain(s, DY, D, W2T, D, M, F, D, DO, F); });
-  const double g2 = time_us(s, [&] { cuda::fused_gemm_gated_backward(s, DY, D, W2T, M, D, F, H, DH); });
   row("do: cuBLAS", c2, f2);
   row("do: activation backward kernel", a2, 0);
   row("do: cuBLAS + activation backward", c2 + a2, f2);
   row("do: fc2 transposed (per call)", t2, 0);
-  row("do: fused product, plain epilogue", p2, f2);
-  row("do: fused product with the activation bwd", g2, f2);
-  row("do: fused, with the transpose", g2 + t2, f2);
+  for (const auto sch : kSchedules) {
+    const double p2 = time_us(s, [&] { cuda::fused_gemm_plain(s, DY, D, W2T, D, M, F, D, DO, F, sch); });
+    const double g2 = time_us(s, [&] { cuda::fused_gemm_gated_backward(s, DY, D, W2T, M, D, F, H, DH, sch); });
+    row(label("do: fused product, plain epilogue", sch).c_str(), p2, f2);
+    row(label("do: fused product with the activation bwd", sch).c_str(), g2, f2);
+    row(label("do: fused, with the transpose", sch).c_str(), g2 + t2, f2);
+  }
   return 0;
 }

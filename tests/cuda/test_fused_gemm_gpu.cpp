@@ -76,6 +76,13 @@ struct GatedCase {
 
 double silu64(double g) { return g / (1.0 + std::exp(-g)); }
 
+// Every product test runs both schedules (the default is whichever measured faster).
+constexpr cuda::FusedGemmSchedule kSchedules[] = {cuda::FusedGemmSchedule::kCooperative,
+                                                  cuda::FusedGemmSchedule::kPingPong};
+const char* name_of(cuda::FusedGemmSchedule s) {
+  return s == cuda::FusedGemmSchedule::kPingPong ? "ping-pong" : "cooperative";
+}
+
 TEST(FusedGemmGpu, PlainProductMatchesFloat64) {
   MAMBA3_REQUIRE_FUSED_GEMM();
   cuda::Context ctx;
@@ -84,21 +91,22 @@ TEST(FusedGemmGpu, PlainProductMatchesFloat64) {
     int64_t M, N, K;
   };
   // (5000 × 1024: 160 tiles, more than an H100's SMs, so blocks take a second tile)
-  for (const Case c :
-       {Case{1000, 384, 768}, Case{129, 256, 64}, Case{300, 264, 200}, Case{77, 8, 8}, Case{5000, 1024, 136}}) {
-    SCOPED_TRACE(fmt::format("M {} N {} K {}", c.M, c.N, c.K));
-    const int64_t ldd = c.N + 8;  // (the columns past N must stay untouched)
-    const Bf16Matrix a = random_bf16(rng, c.M, c.K), b = random_bf16(rng, c.N, c.K);
-    DeviceBuffer da = up_bits(a.bits), db = up_bits(b.bits), dd = nan_bf16(c.M * ldd);
-    cuda::fused_gemm_plain(ctx.stream(), da.as<uint16_t>(), c.K, db.as<uint16_t>(), c.K, c.M, c.N, c.K,
-                           dd.as<uint16_t>(), ldd);
-    const std::vector<uint16_t> out = down_bits(dd, c.M * ldd);
-    const Tensor got = columns(out, c.M, ldd, 0, c.N);
-    expect_finite(got, "D");
-    EXPECT_LT(rel_l2(got, product_wt_f64(b.values, a.values).to(DType::F32)), 4e-3);
-    for (int64_t r = 0; r < c.M; ++r)
-      for (int64_t col = c.N; col < ldd; ++col) ASSERT_EQ(out[size_t(r * ldd + col)], 0xFFFF) << "wrote past N";
-  }
+  for (const cuda::FusedGemmSchedule sch : kSchedules)
+    for (const Case c :
+         {Case{1000, 384, 768}, Case{129, 256, 64}, Case{300, 264, 200}, Case{77, 8, 8}, Case{5000, 1024, 136}}) {
+      SCOPED_TRACE(fmt::format("{}: M {} N {} K {}", name_of(sch), c.M, c.N, c.K));
+      const int64_t ldd = c.N + 8;  // (the columns past N must stay untouched)
+      const Bf16Matrix a = random_bf16(rng, c.M, c.K), b = random_bf16(rng, c.N, c.K);
+      DeviceBuffer da = up_bits(a.bits), db = up_bits(b.bits), dd = nan_bf16(c.M * ldd);
+      cuda::fused_gemm_plain(ctx.stream(), da.as<uint16_t>(), c.K, db.as<uint16_t>(), c.K, c.M, c.N, c.K,
+                             dd.as<uint16_t>(), ldd, sch);
+      const std::vector<uint16_t> out = down_bits(dd, c.M * ldd);
+      const Tensor got = columns(out, c.M, ldd, 0, c.N);
+      expect_finite(got, "D");
+      EXPECT_LT(rel_l2(got, product_wt_f64(b.values, a.values).to(DType::F32)), 4e-3);
+      for (int64_t r = 0; r < c.M; ++r)
+        for (int64_t col = c.N; col < ldd; ++col) ASSERT_EQ(out[size_t(r * ldd + col)], 0xFFFF) << "wrote past N";
+    }
 }
 
 // fc1 with the activation: h against the float64 product, o with the bits of gated_silu_forward_gpu run on the
@@ -107,30 +115,31 @@ TEST(FusedGemmGpu, GatedForwardGivesTheActivationKernelsBits) {
   MAMBA3_REQUIRE_FUSED_GEMM();
   cuda::Context ctx;
   std::mt19937 rng(11);
-  for (const GatedCase c : {GatedCase{300, 96, 128}, GatedCase{1031, 768, 384}, GatedCase{4100, 64, 1536}}) {
-    SCOPED_TRACE(fmt::format("M {} K {} d_ff {}", c.M, c.K, c.F));
-    const Bf16Matrix x = random_bf16(rng, c.M, c.K), w1 = random_bf16(rng, 2 * c.F, c.K);
-    DeviceBuffer dx = up_bits(x.bits), dw = up_bits(w1.bits), h = nan_bf16(c.M * 2 * c.F), o = nan_bf16(c.M * c.F),
-                 o_ref = nan_bf16(c.M * c.F);
-    cuda::fused_gemm_gated_forward(ctx.stream(), dx.as<uint16_t>(), c.K, dw.as<uint16_t>(), c.M, c.K, c.F,
-                                   h.as<uint16_t>(), o.as<uint16_t>());
-    cuda::gated_silu_forward_gpu(ctx.stream(), nullptr, c.M, c.F, nullptr, o_ref.as<uint16_t>(), h.as<uint16_t>());
-    const std::vector<uint16_t> hb = down_bits(h, c.M * 2 * c.F), ob = down_bits(o, c.M * c.F),
-                                orb = down_bits(o_ref, c.M * c.F);
-    const Tensor ht = columns(hb, c.M, 2 * c.F, 0, 2 * c.F), ot = columns(ob, c.M, c.F, 0, c.F);
-    expect_finite(ht, "h");
-    expect_finite(ot, "o");
-    EXPECT_TRUE(ob == orb) << "o differs from the activation kernel's on the same h";
-    const Tensor h64 = product_wt_f64(w1.values, x.values);
-    EXPECT_LT(rel_l2(ht, h64.to(DType::F32)), 4e-3);
-    Tensor o64 = Tensor::empty(DType::F32, {c.M, c.F});
-    for (int64_t r = 0; r < c.M; ++r)
-      for (int64_t j = 0; j < c.F; ++j) {
-        const double a = h64.data<double>()[r * 2 * c.F + j], g = h64.data<double>()[r * 2 * c.F + c.F + j];
-        o64.data<float>()[r * c.F + j] = float(a * silu64(g));
-      }
-    EXPECT_LT(rel_l2(ot, o64), 1e-2);
-  }
+  for (const cuda::FusedGemmSchedule sch : kSchedules)
+    for (const GatedCase c : {GatedCase{300, 96, 128}, GatedCase{1031, 768, 384}, GatedCase{4100, 64, 1536}}) {
+      SCOPED_TRACE(fmt::format("{}: M {} K {} d_ff {}", name_of(sch), c.M, c.K, c.F));
+      const Bf16Matrix x = random_bf16(rng, c.M, c.K), w1 = random_bf16(rng, 2 * c.F, c.K);
+      DeviceBuffer dx = up_bits(x.bits), dw = up_bits(w1.bits), h = nan_bf16(c.M * 2 * c.F), o = nan_bf16(c.M * c.F),
+                   o_ref = nan_bf16(c.M * c.F);
+      cuda::fused_gemm_gated_forward(ctx.stream(), dx.as<uint16_t>(), c.K, dw.as<uint16_t>(), c.M, c.K, c.F,
+                                     h.as<uint16_t>(), o.as<uint16_t>(), sch);
+      cuda::gated_silu_forward_gpu(ctx.stream(), nullptr, c.M, c.F, nullptr, o_ref.as<uint16_t>(), h.as<uint16_t>());
+      const std::vector<uint16_t> hb = down_bits(h, c.M * 2 * c.F), ob = down_bits(o, c.M * c.F),
+                                  orb = down_bits(o_ref, c.M * c.F);
+      const Tensor ht = columns(hb, c.M, 2 * c.F, 0, 2 * c.F), ot = columns(ob, c.M, c.F, 0, c.F);
+      expect_finite(ht, "h");
+      expect_finite(ot, "o");
+      EXPECT_TRUE(ob == orb) << "o differs from the activation kernel's on the same h";
+      const Tensor h64 = product_wt_f64(w1.values, x.values);
+      EXPECT_LT(rel_l2(ht, h64.to(DType::F32)), 4e-3);
+      Tensor o64 = Tensor::empty(DType::F32, {c.M, c.F});
+      for (int64_t r = 0; r < c.M; ++r)
+        for (int64_t j = 0; j < c.F; ++j) {
+          const double a = h64.data<double>()[r * 2 * c.F + j], g = h64.data<double>()[r * 2 * c.F + c.F + j];
+          o64.data<float>()[r * c.F + j] = float(a * silu64(g));
+        }
+      EXPECT_LT(rel_l2(ot, o64), 1e-2);
+    }
 }
 
 // The do product with the activation's backward: [da, dg] with the bits of the plain product's do (the same
@@ -139,33 +148,34 @@ TEST(FusedGemmGpu, GatedBackwardGivesTheActivationKernelsBits) {
   MAMBA3_REQUIRE_FUSED_GEMM();
   cuda::Context ctx;
   std::mt19937 rng(13);
-  for (const GatedCase c : {GatedCase{300, 96, 256}, GatedCase{1031, 768, 512}, GatedCase{4100, 64, 1536}}) {
-    SCOPED_TRACE(fmt::format("M {} K {} d_ff {}", c.M, c.K, c.F));
-    const Bf16Matrix dy = random_bf16(rng, c.M, c.K), w2t = random_bf16(rng, c.F, c.K),
-                     h = random_bf16(rng, c.M, 2 * c.F, -4.0f, 4.0f);
-    DeviceBuffer ddy = up_bits(dy.bits), dw = up_bits(w2t.bits), dh_in = up_bits(h.bits), dh = nan_bf16(c.M * 2 * c.F),
-                 do16 = nan_bf16(c.M * c.F), dh_ref = nan_bf16(c.M * 2 * c.F);
-    cuda::fused_gemm_gated_backward(ctx.stream(), ddy.as<uint16_t>(), c.K, dw.as<uint16_t>(), c.M, c.K, c.F,
-                                    dh_in.as<uint16_t>(), dh.as<uint16_t>());
-    cuda::fused_gemm_plain(ctx.stream(), ddy.as<uint16_t>(), c.K, dw.as<uint16_t>(), c.K, c.M, c.F, c.K,
-                           do16.as<uint16_t>(), c.F);
-    cuda::gated_silu_backward_bf16_gpu(ctx.stream(), do16.as<uint16_t>(), dh_in.as<uint16_t>(), c.M, c.F,
-                                       dh_ref.as<uint16_t>());
-    const std::vector<uint16_t> got = down_bits(dh, c.M * 2 * c.F), ref = down_bits(dh_ref, c.M * 2 * c.F);
-    const Tensor gt = columns(got, c.M, 2 * c.F, 0, 2 * c.F);
-    expect_finite(gt, "dh");
-    EXPECT_TRUE(got == ref) << "[da, dg] differ from the plain product + activation backward";
-    const Tensor do64 = product_wt_f64(w2t.values, dy.values);
-    Tensor dh64 = Tensor::empty(DType::F32, {c.M, 2 * c.F});
-    for (int64_t r = 0; r < c.M; ++r)
-      for (int64_t j = 0; j < c.F; ++j) {
-        const double d = do64.data<double>()[r * c.F + j], a = h.values.data<float>()[r * 2 * c.F + j],
-                     g = h.values.data<float>()[r * 2 * c.F + c.F + j], sg = 1.0 / (1.0 + std::exp(-g));
-        dh64.data<float>()[r * 2 * c.F + j] = float(d * g * sg);
-        dh64.data<float>()[r * 2 * c.F + c.F + j] = float(d * a * sg * (1.0 + g * (1.0 - sg)));
-      }
-    EXPECT_LT(rel_l2(gt, dh64), 1e-2);
-  }
+  for (const cuda::FusedGemmSchedule sch : kSchedules)
+    for (const GatedCase c : {GatedCase{300, 96, 256}, GatedCase{1031, 768, 512}, GatedCase{4100, 64, 1536}}) {
+      SCOPED_TRACE(fmt::format("{}: M {} K {} d_ff {}", name_of(sch), c.M, c.K, c.F));
+      const Bf16Matrix dy = random_bf16(rng, c.M, c.K), w2t = random_bf16(rng, c.F, c.K),
+                       h = random_bf16(rng, c.M, 2 * c.F, -4.0f, 4.0f);
+      DeviceBuffer ddy = up_bits(dy.bits), dw = up_bits(w2t.bits), dh_in = up_bits(h.bits),
+                   dh = nan_bf16(c.M * 2 * c.F), do16 = nan_bf16(c.M * c.F), dh_ref = nan_bf16(c.M * 2 * c.F);
+      cuda::fused_gemm_gated_backward(ctx.stream(), ddy.as<uint16_t>(), c.K, dw.as<uint16_t>(), c.M, c.K, c.F,
+                                      dh_in.as<uint16_t>(), dh.as<uint16_t>(), sch);
+      cuda::fused_gemm_plain(ctx.stream(), ddy.as<uint16_t>(), c.K, dw.as<uint16_t>(), c.K, c.M, c.F, c.K,
+                             do16.as<uint16_t>(), c.F, sch);
+      cuda::gated_silu_backward_bf16_gpu(ctx.stream(), do16.as<uint16_t>(), dh_in.as<uint16_t>(), c.M, c.F,
+                                         dh_ref.as<uint16_t>());
+      const std::vector<uint16_t> got = down_bits(dh, c.M * 2 * c.F), ref = down_bits(dh_ref, c.M * 2 * c.F);
+      const Tensor gt = columns(got, c.M, 2 * c.F, 0, 2 * c.F);
+      expect_finite(gt, "dh");
+      EXPECT_TRUE(got == ref) << "[da, dg] differ from the plain product + activation backward";
+      const Tensor do64 = product_wt_f64(w2t.values, dy.values);
+      Tensor dh64 = Tensor::empty(DType::F32, {c.M, 2 * c.F});
+      for (int64_t r = 0; r < c.M; ++r)
+        for (int64_t j = 0; j < c.F; ++j) {
+          const double d = do64.data<double>()[r * c.F + j], a = h.values.data<float>()[r * 2 * c.F + j],
+                       g = h.values.data<float>()[r * 2 * c.F + c.F + j], sg = 1.0 / (1.0 + std::exp(-g));
+          dh64.data<float>()[r * 2 * c.F + j] = float(d * g * sg);
+          dh64.data<float>()[r * 2 * c.F + c.F + j] = float(d * a * sg * (1.0 + g * (1.0 - sg)));
+        }
+      EXPECT_LT(rel_l2(gt, dh64), 1e-2);
+    }
 }
 
 // The GatedMLP's bf16 mode with its operands given in bf16 (as the LM trainer gives them) takes the fused products:

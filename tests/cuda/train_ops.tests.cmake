@@ -16,3 +16,6 @@ mamba3_cuda_test(test_fused_gemm_gpu ${CMAKE_CURRENT_LIST_DIR}/test_fused_gemm_g
 target_link_libraries(test_fused_gemm_gpu PRIVATE mamba3_cuda_train_ops)
 add_test(NAME test_fused_gemm_gpu_mlp COMMAND test_fused_gemm_gpu --gtest_filter=*GatedMlp*)
 set_tests_properties(test_fused_gemm_gpu_mlp PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_TRAIN_FUSED_GEMM=1)
+add_test(NAME test_fused_gemm_gpu_mlp_pingpong COMMAND test_fused_gemm_gpu --gtest_filter=*GatedMlp*)
+set_tests_properties(test_fused_gemm_gpu_mlp_pingpong PROPERTIES LABELS cuda ENVIRONMENT
+                     "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=pingpong")

@@ -32,24 +32,37 @@
 namespace mamba3::cuda {
 namespace {
 
-constexpr int kTileM = 128, kHalfN = 128, kTileN = 2 * kHalfN, kKBlock = 64;
-constexpr int kStages = 4;
-constexpr int kABytes = kTileM * kKBlock * 2, kBHalfBytes = kHalfN * kKBlock * 2;
-constexpr int kStageBytes = kABytes + 2 * kBHalfBytes;  // 48 KB
+constexpr int kTileM = 128, kKBlock = 64;
+constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 // A producer warpgroup (one thread of it issues the copies) and two consumer warpgroups. The producer's registers go
 // to the consumers (setmaxnreg): the register file is split among the SM's four schedulers, a warp to each in turn, so
 // a ninth warp (a lone producer warp) made one scheduler hold three warps at the consumers' count, and the launch
 // failed at 222 registers per thread. 40 + 2 · 232 registers per thread in each scheduler's share of 16 Ki: 16,128.
 constexpr int kConsumerThreads = 256, kThreads = kConsumerThreads + 128;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;  // (+ alignment)
 
 enum Epilogue : int { kPlain = 0, kGatedForward = 1, kGatedBackward = 2 };
+
+// The two schedules' shapes. Cooperative: both consumer warpgroups on one 128 × 256 tile (rows 64·wg …), B's boxes of
+// 128 rows being the tile's column halves. Ping-pong: each warpgroup on its own 128 × 128 tile, the two taking turns
+// with their products (one's epilogue under the other's products), B's boxes of 64 rows side by side in the stage.
+template <bool kPing>
+struct Shape {
+  static constexpr int kBRows = kPing ? 64 : 128;  // rows of each of B's two boxes per stage
+  static constexpr int kBBytes = kBRows * kKBlock * 2;
+  static constexpr int kStageBytes = kABytes + 2 * kBBytes;  // 32 or 48 KB
+  static constexpr int kStages = kPing ? 6 : 4;
+  // (the stages, the full and empty barriers, the ping-pong's two turn barriers, room for the 1024-byte alignment)
+  static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + (2 * kStages + 2) * sizeof(uint64_t) + 1024;
+  // B rows a tile advances by: the gated forward's tile takes kBRows value rows and their gate rows, the others both
+  // boxes' rows
+  __host__ __device__ static constexpr int col_step(int epi) { return epi == kGatedForward ? kBRows : 2 * kBRows; }
+};
 
 struct Args {
   int64_t M, K;
   int tiles_n;        // column tiles per row band
-  int b_second;       // B's row of the second half, relative to the first half's (128, or d_ff for the gated forward)
+  int b_second;       // B's row of the second box, relative to the first box's (kBRows, or d_ff for the gated forward)
   int64_t n_valid;    // plain: output columns (a multiple of 8)
   uint16_t* out;      // plain: D; gated forward: h; gated backward: dh
   int64_t ldo;        // its row pitch (elements)
@@ -72,124 +85,160 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-// Consumer thread t of warpgroup wg: its accumulator pair (d[4j + 2e], d[4j + 2e + 1]) of m64n128k16 is row
-// 16·(t/32 % 4) + (t % 32)/4 + 8e of the warpgroup's 64, columns 8j + 2(t % 4) and the next.
-template <int Epi>
-__device__ __forceinline__ void epilogue(const float (&a0)[64], const float (&a1)[64], int64_t row_base, int64_t col0,
-                                         const Args& p) {
-  const int t = threadIdx.x % 128, lane = t % 32;
-  const int64_t r0 = row_base + 16 * (t / 32) + lane / 4;
-  const int c = 2 * (lane % 4);
+// The epilogues, per accumulator of m64n128k16. Consumer thread t of a warpgroup: its pair (d[4j + 2e],
+// d[4j + 2e + 1]) is row 16·(t/32 % 4) + (t % 32)/4 + 8e of the accumulator's 64, columns 8j + 2(t % 4) and the next.
+__device__ __forceinline__ int64_t frag_row(int64_t row_base, int e) {
+  const int t = threadIdx.x % 128;
+  return row_base + 16 * (t / 32) + (t % 32) / 4 + 8 * e;
+}
+
+// Plain: 128 columns from col0, those past n_valid left out.
+__device__ __forceinline__ void plain_span(const float (&acc)[64], int e, int64_t row, int64_t col0, const Args& p) {
+  if (row >= p.M) return;
+  uint16_t* dst = p.out + row * p.ldo;
+  const int c = 2 * (threadIdx.x % 4);
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int64_t row = r0 + 8 * e;
-    const bool in_rows = row < p.M;  // (every lane takes part in the quad exchanges, also those past M)
-    if constexpr (Epi == kPlain) {
-      if (!in_rows) continue;
-      uint16_t* dst = p.out + row * p.ldo;
+  for (int j = 0; j < 16; ++j) {
+    const int64_t col = col0 + 8 * j + c;
+    if (col < p.n_valid)
+      *reinterpret_cast<uint32_t*>(dst + col) = pack_bf16(acc[4 * j + 2 * e], acc[4 * j + 2 * e + 1]);
+  }
+}
+
+// Gated forward: NT n-tiles of value columns from col0 in A_[4j + 2e …] and their gates in G_[kG + 4j + 2e …]: h's
+// halves and o, 16 bytes per lane through the quad exchange (train_detail::mma_bf16::store_row_pairs: a quarter of the
+// store instructions). Every lane takes part in the exchanges, also those past M.
+template <int NT, int kG>
+__device__ __forceinline__ void gated_forward_rows(const float (&A_)[64], const float (&G_)[64], int e, int64_t row,
+                                                   int64_t col0, const Args& p) {
+  const bool in_rows = row < p.M;
+  uint32_t hv[NT], gv[NT], ov[NT];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int64_t col = col0 + 8 * j + c;
-        if (col < p.n_valid)
-          *reinterpret_cast<uint32_t*>(dst + col) = pack_bf16(a0[4 * j + 2 * e], a0[4 * j + 2 * e + 1]);
-        if (col + kHalfN < p.n_valid)
-          *reinterpret_cast<uint32_t*>(dst + col + kHalfN) = pack_bf16(a1[4 * j + 2 * e], a1[4 * j + 2 * e + 1]);
-      }
-    } else if constexpr (Epi == kGatedForward) {
-      // 16 bytes per lane through the quad exchange (train_detail::mma_bf16::store_row_pairs): a quarter of the store
-      // instructions
-      uint32_t hv[16], gv[16], ov[16];
+  for (int j = 0; j < NT; ++j) {
+    hv[j] = pack_bf16(A_[4 * j + 2 * e], A_[4 * j + 2 * e + 1]);
+    gv[j] = pack_bf16(G_[kG + 4 * j + 2 * e], G_[kG + 4 * j + 2 * e + 1]);
+    const float2 a = unpack_bf16(hv[j]), g = unpack_bf16(gv[j]);
+    ov[j] = pack_bf16(gated_silu::forward(a.x, g.x), gated_silu::forward(a.y, g.y));
+  }
+  uint16_t* h = p.out + row * p.ldo + col0;
+  train_detail::mma_bf16::store_row_pairs(hv, h, in_rows);
+  train_detail::mma_bf16::store_row_pairs(gv, h + p.d_ff, in_rows);
+  train_detail::mma_bf16::store_row_pairs(ov, p.out2 + row * p.d_ff + col0, in_rows);
+}
+
+// Gated backward: do's 128 columns from col0, rounded to bf16 (the product's bf16 output that the element-wise kernel
+// reads), exchanged in each quad so that lane q holds the eight columns of n-tile 4·jg + q: 16-byte loads of h's a and
+// g, 16-byte stores of da and dg.
+__device__ __forceinline__ void gated_backward_span(const float (&acc)[64], int e, int64_t row, int64_t col0,
+                                                    const Args& p) {
+  const bool in_rows = row < p.M;
+  const int lane = threadIdx.x % 32;
+  const uint16_t* h = p.h + row * 2 * p.d_ff;
+  uint16_t* dh = p.out + row * 2 * p.d_ff;
+  uint32_t d[4][4];
+  uint4 av[4], gv[4];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        hv[j] = pack_bf16(a0[4 * j + 2 * e], a0[4 * j + 2 * e + 1]);
-        gv[j] = pack_bf16(a1[4 * j + 2 * e], a1[4 * j + 2 * e + 1]);
-        const float2 a = unpack_bf16(hv[j]), g = unpack_bf16(gv[j]);
-        ov[j] = pack_bf16(gated_silu::forward(a.x, g.x), gated_silu::forward(a.y, g.y));
-      }
-      uint16_t* h = p.out + row * p.ldo + col0;
-      train_detail::mma_bf16::store_row_pairs(hv, h, in_rows);
-      train_detail::mma_bf16::store_row_pairs(gv, h + p.d_ff, in_rows);
-      train_detail::mma_bf16::store_row_pairs(ov, p.out2 + row * p.d_ff + col0, in_rows);
-    } else {
-      const uint16_t* h = p.h + row * 2 * p.d_ff;
-      uint16_t* dh = p.out + row * 2 * p.d_ff;
+  for (int jg = 0; jg < 4; ++jg) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float(&acc)[64] = half == 0 ? a0 : a1;
-        // do rounded to bf16 (the product's bf16 output that the element-wise kernel reads), then exchanged in each
-        // quad so that lane q holds the eight columns of n-tile 4·jg + q: 16-byte loads of a and g, 16-byte stores
-        uint32_t d[4][4];
-        uint4 av[4], gv[4];
+    for (int k = 0; k < 4; ++k) {
+      const int j = 4 * jg + k;
+      d[jg][k] = pack_bf16(acc[4 * j + 2 * e], acc[4 * j + 2 * e + 1]);
+    }
+    train_detail::mma_bf16::quad_transpose(d[jg]);
+    const int64_t col = col0 + (4 * jg + lane % 4) * 8;
+    if (in_rows) {
+      av[jg] = __ldg(reinterpret_cast<const uint4*>(h + col));
+      gv[jg] = __ldg(reinterpret_cast<const uint4*>(h + p.d_ff + col));
+    }
+  }
 #pragma unroll
-        for (int jg = 0; jg < 4; ++jg) {
+  for (int jg = 0; jg < 4; ++jg) {
+    const int64_t col = col0 + (4 * jg + lane % 4) * 8;
+    const uint32_t a4[4] = {av[jg].x, av[jg].y, av[jg].z, av[jg].w};
+    const uint32_t g4[4] = {gv[jg].x, gv[jg].y, gv[jg].z, gv[jg].w};
+    uint32_t da4[4], dg4[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int j = 4 * jg + k;
-            d[jg][k] = pack_bf16(acc[4 * j + 2 * e], acc[4 * j + 2 * e + 1]);
-          }
-          train_detail::mma_bf16::quad_transpose(d[jg]);
-          const int64_t col = col0 + half * kHalfN + (4 * jg + lane % 4) * 8;
-          if (in_rows) {
-            av[jg] = __ldg(reinterpret_cast<const uint4*>(h + col));
-            gv[jg] = __ldg(reinterpret_cast<const uint4*>(h + p.d_ff + col));
-          }
-        }
-#pragma unroll
-        for (int jg = 0; jg < 4; ++jg) {
-          const int64_t col = col0 + half * kHalfN + (4 * jg + lane % 4) * 8;
-          const uint32_t a4[4] = {av[jg].x, av[jg].y, av[jg].z, av[jg].w};
-          const uint32_t g4[4] = {gv[jg].x, gv[jg].y, gv[jg].z, gv[jg].w};
-          uint32_t da4[4], dg4[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const float2 dd = unpack_bf16(d[jg][k]), a = unpack_bf16(a4[k]), g = unpack_bf16(g4[k]);
-            float da0, dg0, da1, dg1;
-            gated_silu::backward(dd.x, a.x, g.x, da0, dg0);
-            gated_silu::backward(dd.y, a.y, g.y, da1, dg1);
-            da4[k] = pack_bf16(da0, da1), dg4[k] = pack_bf16(dg0, dg1);
-          }
-          if (in_rows) {
-            *reinterpret_cast<uint4*>(dh + col) = make_uint4(da4[0], da4[1], da4[2], da4[3]);
-            *reinterpret_cast<uint4*>(dh + p.d_ff + col) = make_uint4(dg4[0], dg4[1], dg4[2], dg4[3]);
-          }
-        }
-      }
+    for (int k = 0; k < 4; ++k) {
+      const float2 dd = unpack_bf16(d[jg][k]), a = unpack_bf16(a4[k]), g = unpack_bf16(g4[k]);
+      float da0, dg0, da1, dg1;
+      gated_silu::backward(dd.x, a.x, g.x, da0, dg0);
+      gated_silu::backward(dd.y, a.y, g.y, da1, dg1);
+      da4[k] = pack_bf16(da0, da1), dg4[k] = pack_bf16(dg0, dg1);
+    }
+    if (in_rows) {
+      *reinterpret_cast<uint4*>(dh + col) = make_uint4(da4[0], da4[1], da4[2], da4[3]);
+      *reinterpret_cast<uint4*>(dh + p.d_ff + col) = make_uint4(dg4[0], dg4[1], dg4[2], dg4[3]);
     }
   }
 }
 
-template <int Epi>
+// A warpgroup's two accumulators out. Cooperative: rows row_base … + 63 (row_base = the tile's + 64·wg), acc0 the
+// tile's first 128 columns (box 0), acc1 the next 128 (box 1; the gated forward: the gates of acc0's columns).
+// Ping-pong: acc_r rows row_base + 64·r …, its columns n < 64 from box 0 and n ≥ 64 from box 1.
+template <int Epi, bool kPing>
+__device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&acc1)[64], int64_t row_base,
+                                         int64_t col0, const Args& p) {
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    if constexpr (!kPing) {
+      const int64_t row = frag_row(row_base, e);
+      if constexpr (Epi == kPlain)
+        plain_span(acc0, e, row, col0, p), plain_span(acc1, e, row, col0 + 128, p);
+      else if constexpr (Epi == kGatedForward)
+        gated_forward_rows<16, 0>(acc0, acc1, e, row, col0, p);
+      else
+        gated_backward_span(acc0, e, row, col0, p), gated_backward_span(acc1, e, row, col0 + 128, p);
+    } else {
+      const int64_t row0 = frag_row(row_base, e), row1 = frag_row(row_base + 64, e);
+      if constexpr (Epi == kPlain)
+        plain_span(acc0, e, row0, col0, p), plain_span(acc1, e, row1, col0, p);
+      else if constexpr (Epi == kGatedForward)
+        gated_forward_rows<8, 32>(acc0, acc0, e, row0, col0, p),
+            gated_forward_rows<8, 32>(acc1, acc1, e, row1, col0, p);
+      else
+        gated_backward_span(acc0, e, row0, col0, p), gated_backward_span(acc1, e, row1, col0, p);
+    }
+  }
+}
+
+template <int Epi, bool kPing>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap,
                       const Args p) {
+  using S = Shape<kPing>;
+  constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes;
   pdl_wait();
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
+  uint64_t* turn = empty + kStages;  // ping-pong: turn[c], consumer warpgroup c may start its products
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tiles = ((p.M + kTileM - 1) / kTileM) * p.tiles_n;
   const int kblocks = int((p.K + kKBlock - 1) / kKBlock);
+  constexpr unsigned kConsumerWarps = kConsumerThreads / 32,
+                     kStageReaders = kPing ? kConsumerWarps / 2 : kConsumerWarps;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init_count(&full[s], 1), mbar_init_count(&empty[s], kConsumerThreads / 32);
+    for (int s = 0; s < kStages; ++s) mbar_init_count(&full[s], 1), mbar_init_count(&empty[s], kStageReaders);
+    mbar_init_count(&turn[0], kConsumerWarps / 2), mbar_init_count(&turn[1], kConsumerWarps / 2);
     mbar_init_fence();
   }
   __syncthreads();
   auto stage_a = [&](int s) { return smem + s * kStageBytes; };
-  auto stage_b = [&](int s, int half) { return smem + s * kStageBytes + kABytes + half * kBHalfBytes; };
+  auto stage_b = [&](int s, int box) { return smem + s * kStageBytes + kABytes + box * S::kBBytes; };
 
   if (warp < 4) {  // the producer warpgroup
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
     if (warp == 0 && lane == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&amap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&bmap) : "memory");
-      int it = 0;
+      int64_t it = 0;
       for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const int m0 = int(tile / p.tiles_n) * kTileM;
-        const int b0 = int(tile % p.tiles_n) * (Epi == kGatedForward ? kHalfN : kTileN);
+        const int b0 = int(tile % p.tiles_n) * S::col_step(Epi);
         for (int kb = 0; kb < kblocks; ++kb, ++it) {
-          const int s = it % kStages;
+          const int s = int(it % kStages);
           if (it >= kStages) mbar_wait(&empty[s], unsigned((it / kStages - 1) & 1));
           expect_bytes(&full[s], kStageBytes);
           tma_load_2d(stage_a(s), &amap, kb * kKBlock, m0, &full[s]);
@@ -202,30 +251,45 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
-  const int wg = warp / 4 - 1;  // the consumer warpgroup: rows 64·wg … of the tile
-  int it = 0;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  const int wg = warp / 4 - 1;  // the consumer warpgroup
+  // The block's tiles in order li = 0, 1, …: cooperative, both warpgroups on each; ping-pong, warpgroup wg on li ≡ wg
+  // (mod 2), its products only once the other's products of tile li − 1 are issued (turn[wg]). The turns keep each
+  // warpgroup's wait on a stage at most one phase ahead of that stage's barrier (the other's stages between are
+  // consumed), which the parity waits need, and make the schedule: one warpgroup's epilogue under the other's products.
+  for (int64_t li = kPing ? wg : 0;; li += kPing ? 2 : 1) {
+    const int64_t tile = blockIdx.x + li * gridDim.x;
+    if (tile >= tiles) break;
+    if (kPing && li > 0) mbar_wait(&turn[wg], unsigned(((li - 1) / 2) & 1));
     float acc0[64], acc1[64];
+    int64_t it = li * kblocks;
     for (int kb = 0; kb < kblocks; ++kb, ++it) {
-      const int s = it % kStages;
+      const int s = int(it % kStages);
       mbar_wait(&full[s], unsigned((it / kStages) & 1));
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-      const unsigned char* a = stage_a(s) + wg * 64 * 128;
+      const unsigned char* a = stage_a(s) + (kPing ? 0 : wg * 64 * 128);
 #pragma unroll
       for (int kk = 0; kk < kKBlock / 16; ++kk) {
-        const uint64_t da = desc_of(a + kk * 32);
-        wgmma::Mma<kHalfN>::run(acc0, da, desc_of(stage_b(s, 0) + kk * 32), kb > 0 || kk > 0);
-        wgmma::Mma<kHalfN>::run(acc1, da, desc_of(stage_b(s, 1) + kk * 32), kb > 0 || kk > 0);
+        const int sc = kb > 0 || kk > 0;
+        if constexpr (kPing) {  // rows 0–63 and 64–127 against both boxes (128 rows side by side)
+          const uint64_t db = desc_of(stage_b(s, 0) + kk * 32);
+          wgmma::Mma<128>::run(acc0, desc_of(a + kk * 32), db, sc);
+          wgmma::Mma<128>::run(acc1, desc_of(a + 64 * 128 + kk * 32), db, sc);
+        } else {  // the warpgroup's 64 rows against each box
+          const uint64_t da = desc_of(a + kk * 32);
+          wgmma::Mma<128>::run(acc0, da, desc_of(stage_b(s, 0) + kk * 32), sc);
+          wgmma::Mma<128>::run(acc1, da, desc_of(stage_b(s, 1) + kk * 32), sc);
+        }
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // the previous k-block's products are done
       if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
     }
+    if (kPing && lane == 0) mbar_arrive(&turn[1 - wg]);
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     if (lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
-    const int64_t row_base = (tile / p.tiles_n) * kTileM + 64 * wg;
-    const int64_t col0 = (tile % p.tiles_n) * (Epi == kGatedForward ? kHalfN : kTileN);
-    epilogue<Epi>(acc0, acc1, row_base, col0, p);
+    const int64_t row_base = (tile / p.tiles_n) * kTileM + (kPing ? 0 : 64 * wg);
+    const int64_t col0 = (tile % p.tiles_n) * S::col_step(Epi);
+    epilogue<Epi, kPing>(acc0, acc1, row_base, col0, p);
   }
 }
 
@@ -241,13 +305,13 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// (rows × cols) bf16, rows `ld` elements apart, in boxes of 128 rows × 64 columns, 128-byte swizzled; reads outside
-// the matrix give zeros (the last row band's missing rows, K's last partial k-block).
-CUtensorMap operand_map(const void* base, int64_t rows, int64_t cols, int64_t ld) {
+// (rows × cols) bf16, rows `ld` elements apart, in boxes of box_rows rows × 64 columns, 128-byte swizzled; reads
+// outside the matrix give zeros (the last row band's missing rows, K's last partial k-block).
+CUtensorMap operand_map(const void* base, int64_t rows, int64_t cols, int64_t ld, int box_rows) {
   CUtensorMap map{};
   const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
   const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
-  const cuuint32_t box[2] = {cuuint32_t(kKBlock), cuuint32_t(kHalfN)};
+  const cuuint32_t box[2] = {cuuint32_t(kKBlock), cuuint32_t(box_rows)};
   const cuuint32_t unit[2] = {1, 1};
   const CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
                                  unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -260,17 +324,33 @@ CUtensorMap operand_map(const void* base, int64_t rows, int64_t cols, int64_t ld
 bool aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 bool operand_ok(const void* p, int64_t ld, int64_t K) { return p && aligned(p) && ld % 8 == 0 && ld >= K; }
 
-template <int Epi>
-void launch(cudaStream_t s, const CUtensorMap& amap, const CUtensorMap& bmap, const Args& p) {
+template <int Epi, bool kPing>
+void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_t ldb, int64_t b_rows, Args p,
+               int64_t N) {
+  using S = Shape<kPing>;
   if (p.M <= 0) return;
-  static const cudaError_t opted =
-      cudaFuncSetAttribute(fused_gemm_kernel<Epi>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes));
+  static const cudaError_t opted = cudaFuncSetAttribute(
+      fused_gemm_kernel<Epi, kPing>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
   MAMBA3_CUDA_CHECK(opted);
+  p.tiles_n = int((N + S::col_step(Epi) - 1) / S::col_step(Epi));
+  if (Epi != kGatedForward) p.b_second = S::kBRows;
+  const CUtensorMap amap = operand_map(A, p.M, p.K, lda, kTileM), bmap = operand_map(B, b_rows, p.K, ldb, S::kBRows);
   static const int sms = device_info().sm_count;
   const int64_t tiles = ((p.M + kTileM - 1) / kTileM) * p.tiles_n;
   const unsigned grid = unsigned(tiles < sms ? tiles : sms);
-  launch_train(fused_gemm_kernel<Epi>, grid, kThreads, kSmemBytes, s, amap, bmap, p);
+  launch_train(fused_gemm_kernel<Epi, kPing>, grid, kThreads, S::kSmemBytes, s, amap, bmap, p);
   MAMBA3_LAUNCH_CHECK();
+}
+
+// N: the B rows the tiles walk (plain: the output columns; gated forward: d_ff, the value rows; backward: d_ff).
+template <int Epi>
+void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t lda, const void* B, int64_t ldb,
+            int64_t b_rows, const Args& p, int64_t N) {
+  if (schedule == FusedGemmSchedule::kDefault) schedule = fused_gemm_default_schedule();
+  if (schedule == FusedGemmSchedule::kPingPong)
+    launch_as<Epi, true>(s, A, lda, B, ldb, b_rows, p, N);
+  else
+    launch_as<Epi, false>(s, A, lda, B, ldb, b_rows, p, N);
 }
 
 }  // namespace
@@ -294,6 +374,14 @@ bool fused_gemm_enabled() {
   return on;
 }
 
+FusedGemmSchedule fused_gemm_default_schedule() {
+  static const FusedGemmSchedule schedule = [] {
+    const std::string v = env_choice("MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE", {"cooperative", "pingpong"});
+    return v == "pingpong" ? FusedGemmSchedule::kPingPong : FusedGemmSchedule::kCooperative;
+  }();
+  return schedule;
+}
+
 bool fused_gemm_plain_supported(const void* A, int64_t lda, const void* B, int64_t ldb, int64_t N, int64_t K,
                                 const void* D, int64_t ldd) {
   return K >= 1 && K % 8 == 0 && N >= 1 && N % 8 == 0 && operand_ok(A, lda, K) && operand_ok(B, ldb, K) && D &&
@@ -301,45 +389,42 @@ bool fused_gemm_plain_supported(const void* A, int64_t lda, const void* B, int64
 }
 bool fused_gemm_gated_forward_supported(const void* x, int64_t ldx, const void* w1, int64_t K, int64_t d_ff,
                                         const void* h, const void* o) {
-  return K >= 1 && K % 8 == 0 && d_ff >= kHalfN && d_ff % kHalfN == 0 && operand_ok(x, ldx, K) &&
-         operand_ok(w1, K, K) && h && o && aligned(h) && aligned(o);
+  return K >= 1 && K % 8 == 0 && d_ff >= 128 && d_ff % 128 == 0 && operand_ok(x, ldx, K) && operand_ok(w1, K, K) && h &&
+         o && aligned(h) && aligned(o);
 }
 bool fused_gemm_gated_backward_supported(const void* dy, int64_t ldy, const void* w2t, int64_t K, int64_t d_ff,
                                          const void* h, const void* dh) {
-  return K >= 1 && K % 8 == 0 && d_ff >= kTileN && d_ff % kTileN == 0 && operand_ok(dy, ldy, K) &&
-         operand_ok(w2t, K, K) && h && dh && aligned(h) && aligned(dh);
+  return K >= 1 && K % 8 == 0 && d_ff >= 256 && d_ff % 256 == 0 && operand_ok(dy, ldy, K) && operand_ok(w2t, K, K) &&
+         h && dh && aligned(h) && aligned(dh);
 }
 
 void fused_gemm_plain(cudaStream_t s, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t M,
-                      int64_t N, int64_t K, uint16_t* D, int64_t ldd) {
+                      int64_t N, int64_t K, uint16_t* D, int64_t ldd, FusedGemmSchedule schedule) {
   MAMBA3_CHECK(fused_gemm_plain_supported(A, lda, B, ldb, N, K, D, ldd),
                "fused_gemm_plain: unsupported operands (N {} K {} lda {} ldb {} ldd {}: 16-byte aligned rows, K and "
                "N multiples of 8)",
                N, K, lda, ldb, ldd);
   Args p{};
-  p.M = M, p.K = K, p.tiles_n = int((N + kTileN - 1) / kTileN), p.b_second = kHalfN, p.n_valid = N, p.out = D,
-  p.ldo = ldd;
-  launch<kPlain>(s, operand_map(A, M, K, lda), operand_map(B, N, K, ldb), p);
+  p.M = M, p.K = K, p.n_valid = N, p.out = D, p.ldo = ldd;
+  launch<kPlain>(s, schedule, A, lda, B, ldb, N, p, N);
 }
 
 void fused_gemm_gated_forward(cudaStream_t s, const uint16_t* x, int64_t ldx, const uint16_t* w1, int64_t M, int64_t K,
-                              int64_t d_ff, uint16_t* h, uint16_t* o) {
+                              int64_t d_ff, uint16_t* h, uint16_t* o, FusedGemmSchedule schedule) {
   MAMBA3_CHECK(fused_gemm_gated_forward_supported(x, ldx, w1, K, d_ff, h, o),
                "fused_gemm_gated_forward: unsupported operands (K {} d_ff {} ldx {})", K, d_ff, ldx);
   Args p{};
-  p.M = M, p.K = K, p.tiles_n = int(d_ff / kHalfN), p.b_second = int(d_ff), p.out = h, p.ldo = 2 * d_ff, p.out2 = o,
-  p.d_ff = d_ff;
-  launch<kGatedForward>(s, operand_map(x, M, K, ldx), operand_map(w1, 2 * d_ff, K, K), p);
+  p.M = M, p.K = K, p.b_second = int(d_ff), p.out = h, p.ldo = 2 * d_ff, p.out2 = o, p.d_ff = d_ff;
+  launch<kGatedForward>(s, schedule, x, ldx, w1, K, 2 * d_ff, p, d_ff);
 }
 
 void fused_gemm_gated_backward(cudaStream_t s, const uint16_t* dy, int64_t ldy, const uint16_t* w2t, int64_t M,
-                               int64_t K, int64_t d_ff, const uint16_t* h, uint16_t* dh) {
+                               int64_t K, int64_t d_ff, const uint16_t* h, uint16_t* dh, FusedGemmSchedule schedule) {
   MAMBA3_CHECK(fused_gemm_gated_backward_supported(dy, ldy, w2t, K, d_ff, h, dh),
                "fused_gemm_gated_backward: unsupported operands (K {} d_ff {} ldy {})", K, d_ff, ldy);
   Args p{};
-  p.M = M, p.K = K, p.tiles_n = int(d_ff / kTileN), p.b_second = kHalfN, p.out = dh, p.ldo = 2 * d_ff, p.h = h,
-  p.d_ff = d_ff;
-  launch<kGatedBackward>(s, operand_map(dy, M, K, ldy), operand_map(w2t, d_ff, K, K), p);
+  p.M = M, p.K = K, p.out = dh, p.ldo = 2 * d_ff, p.h = h, p.d_ff = d_ff;
+  launch<kGatedBackward>(s, schedule, dy, ldy, w2t, K, d_ff, p, d_ff);
 }
 
 }  // namespace mamba3::cuda

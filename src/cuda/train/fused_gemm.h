@@ -5,8 +5,9 @@
 // cuBLASLt has no gated epilogue.
 //
 // Every product is D = A·Bᵀ with A (M, K) and B (Nb, K) bf16, both rows K-contiguous (16-byte aligned rows, K a
-// multiple of 8), f32 accumulation; tiles of 128 rows × 256 columns on one block per SM (persistent), a producer warp
-// issuing the operands' bulk tensor copies into a 4-stage ring, two consumer warpgroups.
+// multiple of 8), f32 accumulation, one block per SM (persistent): a producer warpgroup issuing the operands' bulk
+// tensor copies into a ring of stages, two consumer warpgroups — cooperative (both on one 128 × 256 tile) or
+// ping-pong (each on its own 128 × 128 tile, one's epilogue under the other's products).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +20,11 @@ bool fused_gemm_device_supported();
 // kFusedGemmDefault). The callers fall back to cuBLAS and the element-wise kernels otherwise.
 bool fused_gemm_enabled();
 
+enum class FusedGemmSchedule { kDefault, kCooperative, kPingPong };
+// The schedule kDefault stands for: MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE (read once; "cooperative" | "pingpong", default
+// cooperative).
+FusedGemmSchedule fused_gemm_default_schedule();
+
 // The shapes the kernels take: 16-byte aligned matrices with rows a multiple of 8 elements apart, K ≥ 1, K % 8 == 0.
 // The gated forms need d_ff % 128 == 0 (forward) or % 256 == 0 (backward); the plain form N % 8 == 0.
 bool fused_gemm_plain_supported(const void* A, int64_t lda, const void* B, int64_t ldb, int64_t N, int64_t K,
@@ -30,17 +36,20 @@ bool fused_gemm_gated_backward_supported(const void* dy, int64_t ldy, const void
 
 // D (M, N) bf16 = A·Bᵀ rounded once (B (N, K)). For tests and measurement against cuBLAS.
 void fused_gemm_plain(cudaStream_t s, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t M,
-                      int64_t N, int64_t K, uint16_t* D, int64_t ldd);
+                      int64_t N, int64_t K, uint16_t* D, int64_t ldd,
+                      FusedGemmSchedule schedule = FusedGemmSchedule::kDefault);
 
 // fc1 with the activation: h (M, 2·d_ff) bf16 = x·w1ᵀ rounded once, [a, g] = h's halves, and o (M, d_ff) bf16 =
 // a ⊙ silu(g) from those rounded values (gated_silu_forward_gpu's expression: the same bits as the product followed
 // by that kernel, up to the product's summation order). x (M, K) rows ldx apart, w1 (2·d_ff, K).
 void fused_gemm_gated_forward(cudaStream_t s, const uint16_t* x, int64_t ldx, const uint16_t* w1, int64_t M, int64_t K,
-                              int64_t d_ff, uint16_t* h, uint16_t* o);
+                              int64_t d_ff, uint16_t* h, uint16_t* o,
+                              FusedGemmSchedule schedule = FusedGemmSchedule::kDefault);
 
 // The activation's backward in the do product: do = dy·w2 rounded once to bf16 (w2t = w2ᵀ, (d_ff, K) with K = D),
 // then dh (M, 2·d_ff) bf16 = [da, dg] from do and h's [a, g] (gated_silu_backward_bf16_gpu's expressions).
 void fused_gemm_gated_backward(cudaStream_t s, const uint16_t* dy, int64_t ldy, const uint16_t* w2t, int64_t M,
-                               int64_t K, int64_t d_ff, const uint16_t* h, uint16_t* dh);
+                               int64_t K, int64_t d_ff, const uint16_t* h, uint16_t* dh,
+                               FusedGemmSchedule schedule = FusedGemmSchedule::kDefault);
 
 }  // namespace mamba3::cuda
