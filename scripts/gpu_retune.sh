@@ -3,8 +3,8 @@
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
 #   OUT=… scripts/gpu_retune.sh [train|fused|kv|decode|deferred|wide|options|all] [rounds]
-# fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off / on,
-#         the training tests and memcheck with them on.
+# fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
+#         cooperative / ping-pong, the training tests and memcheck with them on.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to
@@ -54,8 +54,8 @@ if [[ $what == train || $what == all ]]; then
   tail -40 "$OUT/retune_train_profile.txt"
 fi
 if [[ $what == fused || $what == all ]]; then
-  # The fused GatedMLP products (sixtieth session, opt-in: never run on a GPU yet): their tests first (a hang shows as
-  # the timeout), their per-product times against cuBLAS + the activation kernels, then the step off / on and the
+  # The fused GatedMLP products (opt-in; correct and slower than cuBLAS on the sixty-first session's H100): their
+  # tests first (a hang shows as the timeout), their per-product times against cuBLAS + the activation kernels, then the step off / on and the
   # whole-model training tests and memcheck with them on. Needs test_fused_gemm_gpu, bench_fused_gemm and
   # test_lm_train_gpu in the bundle.
   bin=$(dirname "$MAMBA3_BIN")
@@ -64,7 +64,8 @@ if [[ $what == fused || $what == all ]]; then
   timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fused_bench.txt" | tail -14
   for ((r = 1; r <= rounds; ++r)); do
     train_row fused-off MAMBA3_TRAIN_FUSED_GEMM=0
-    train_row fused-on MAMBA3_TRAIN_FUSED_GEMM=1
+    train_row fused-coop MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=cooperative
+    train_row fused-ping MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=pingpong
   done
   MAMBA3_TRAIN_FUSED_GEMM=1 timeout 240 "$bin/test_lm_train_gpu" > "$OUT/fused_lm.txt" 2>&1
   echo "test_lm_train_gpu (fused) rc=$?"

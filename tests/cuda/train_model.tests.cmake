@@ -2,7 +2,7 @@
 if(TARGET mamba3_cuda_train)
   mamba3_cuda_test(test_lm_train_gpu ${CMAKE_CURRENT_LIST_DIR}/test_lm_train_gpu.cpp)
   target_link_libraries(test_lm_train_gpu PRIVATE mamba3_cuda_train)
-  # The GatedMLP through the fused products (docs/kernels/fused_gemm.md; opt-in until measured on an H100).
+  # The GatedMLP through the fused products (docs/kernels/fused_gemm.md; opt-in: slower than cuBLAS on an H100).
   add_test(NAME test_lm_train_gpu_fused_mlp COMMAND test_lm_train_gpu)
   set_tests_properties(test_lm_train_gpu_fused_mlp PROPERTIES LABELS cuda ENVIRONMENT MAMBA3_TRAIN_FUSED_GEMM=1)
 endif()

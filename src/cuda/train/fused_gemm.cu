@@ -355,7 +355,8 @@ void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t l
 
 }  // namespace
 
-// Off until measured on an H100 (the sixtieth session's device starts all failed): MAMBA3_TRAIN_FUSED_GEMM=1 opts in.
+// Off: on an H100 the mainloop runs at ≈ 65 % of cuBLAS's pace, which costs more than the epilogues save (the
+// sixty-first session; docs/kernels/fused_gemm.md). MAMBA3_TRAIN_FUSED_GEMM=1 opts in.
 constexpr bool kFusedGemmDefault = false;
 
 bool fused_gemm_device_supported() {
