@@ -52,10 +52,12 @@ cuda::DeviceBuffer random_bf16(int64_t n, std::mt19937& rng) {
   return b;
 }
 
-constexpr cuda::FusedGemmSchedule kSchedules[] = {cuda::FusedGemmSchedule::kCooperative,
-                                                  cuda::FusedGemmSchedule::kPingPong};
+constexpr cuda::FusedGemmSchedule kSchedules[] = {
+    cuda::FusedGemmSchedule::kCooperative, cuda::FusedGemmSchedule::kPingPong, cuda::FusedGemmSchedule::kMulticast};
 std::string label(const char* what, cuda::FusedGemmSchedule s) {
-  return std::string(what) + (s == cuda::FusedGemmSchedule::kPingPong ? " (ping-pong)" : " (cooperative)");
+  return std::string(what) + (s == cuda::FusedGemmSchedule::kPingPong    ? " (ping-pong)"
+                              : s == cuda::FusedGemmSchedule::kMulticast ? " (multicast)"
+                                                                         : " (cooperative)");
 }
 
 }  // namespace

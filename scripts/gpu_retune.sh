@@ -4,7 +4,7 @@
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
 #   OUT=… scripts/gpu_retune.sh [train|fused|kv|decode|deferred|wide|options|all] [rounds]
 # fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
-#         cooperative / ping-pong, the training tests and memcheck with them on.
+#         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to
@@ -66,6 +66,7 @@ if [[ $what == fused || $what == all ]]; then
     train_row fused-off MAMBA3_TRAIN_FUSED_GEMM=0
     train_row fused-coop MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=cooperative
     train_row fused-ping MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=pingpong
+    train_row fused-mc MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast
   done
   MAMBA3_TRAIN_FUSED_GEMM=1 timeout 240 "$bin/test_lm_train_gpu" > "$OUT/fused_lm.txt" 2>&1
   echo "test_lm_train_gpu (fused) rc=$?"

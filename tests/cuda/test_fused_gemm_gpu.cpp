@@ -77,10 +77,12 @@ struct GatedCase {
 double silu64(double g) { return g / (1.0 + std::exp(-g)); }
 
 // Every product test runs both schedules (the default is whichever measured faster).
-constexpr cuda::FusedGemmSchedule kSchedules[] = {cuda::FusedGemmSchedule::kCooperative,
-                                                  cuda::FusedGemmSchedule::kPingPong};
+constexpr cuda::FusedGemmSchedule kSchedules[] = {
+    cuda::FusedGemmSchedule::kCooperative, cuda::FusedGemmSchedule::kPingPong, cuda::FusedGemmSchedule::kMulticast};
 const char* name_of(cuda::FusedGemmSchedule s) {
-  return s == cuda::FusedGemmSchedule::kPingPong ? "ping-pong" : "cooperative";
+  return s == cuda::FusedGemmSchedule::kPingPong    ? "ping-pong"
+         : s == cuda::FusedGemmSchedule::kMulticast ? "multicast"
+                                                    : "cooperative";
 }
 
 TEST(FusedGemmGpu, PlainProductMatchesFloat64) {

@@ -19,3 +19,6 @@ set_tests_properties(test_fused_gemm_gpu_mlp PROPERTIES LABELS cuda ENVIRONMENT 
 add_test(NAME test_fused_gemm_gpu_mlp_pingpong COMMAND test_fused_gemm_gpu --gtest_filter=*GatedMlp*)
 set_tests_properties(test_fused_gemm_gpu_mlp_pingpong PROPERTIES LABELS cuda ENVIRONMENT
                      "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=pingpong")
+add_test(NAME test_fused_gemm_gpu_mlp_multicast COMMAND test_fused_gemm_gpu --gtest_filter=*GatedMlp*)
+set_tests_properties(test_fused_gemm_gpu_mlp_multicast PROPERTIES LABELS cuda ENVIRONMENT
+                     "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast")

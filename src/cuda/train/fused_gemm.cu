@@ -201,13 +201,45 @@ __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&
   }
 }
 
-template <int Epi, bool kPing>
+// The cluster helpers of the multicast form (two blocks along M sharing B's boxes).
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+// Every thread of both blocks; shared-memory writes and barrier initialisations before it are visible after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// One arrival on the mbarrier at `local`'s offset in the cluster's block `rank`.
+__device__ __forceinline__ void mbar_arrive_remote(uint64_t* local, unsigned rank) {
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+// tma_load_2d into the same offset of every block in `mask` (bit r: the cluster's block r), each completing its bytes
+// on its own barrier at bar's offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, int c0, int c1, uint64_t* bar,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(mask)
+      : "memory");
+}
+
+// kMc (cooperative only): the grid in clusters of two blocks that take row bands 2·pair + rank of the same column
+// tile; each block copies its own A box and one of B's two boxes, the latter into both blocks' stages (multicast), so
+// each SM pulls 32 KB per k-block out of L2 instead of 48. A stage is refilled only once both blocks' consumers are
+// done with it: their releases arrive on both blocks' empty barriers.
+template <int Epi, bool kPing, bool kMc>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap,
                       const Args p) {
+  pdl_wait();
+  static_assert(!(kPing && kMc), "the multicast form is cooperative");
   using S = Shape<kPing>;
   constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes;
-  pdl_wait();
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -215,16 +247,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = full + kStages;
   uint64_t* turn = empty + kStages;  // ping-pong: turn[c], consumer warpgroup c may start its products
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t tiles = ((p.M + kTileM - 1) / kTileM) * p.tiles_n;
+  const int64_t bands = (p.M + kTileM - 1) / kTileM;
   const int kblocks = int((p.K + kKBlock - 1) / kKBlock);
+  const unsigned rank = kMc ? cluster_rank() : 0;
+  // The block's li-th tile: its row band and column tile, or false past the last.
+  const int64_t units = kMc ? (bands + 1) / 2 * p.tiles_n : bands * p.tiles_n;
+  const int64_t first = kMc ? blockIdx.x / 2 : blockIdx.x, stride = kMc ? gridDim.x / 2 : gridDim.x;
+  auto tile_at = [&](int64_t li, int64_t& band, int64_t& col_tile) {
+    const int64_t u = first + li * stride;
+    if (u >= units) return false;
+    band = kMc ? 2 * (u / p.tiles_n) + rank : u / p.tiles_n, col_tile = u % p.tiles_n;
+    return true;
+  };
   constexpr unsigned kConsumerWarps = kConsumerThreads / 32,
-                     kStageReaders = kPing ? kConsumerWarps / 2 : kConsumerWarps;
+                     kStageReaders = (kPing ? kConsumerWarps / 2 : kConsumerWarps) * (kMc ? 2 : 1);
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init_count(&full[s], 1), mbar_init_count(&empty[s], kStageReaders);
     mbar_init_count(&turn[0], kConsumerWarps / 2), mbar_init_count(&turn[1], kConsumerWarps / 2);
     mbar_init_fence();
   }
-  __syncthreads();
+  if constexpr (kMc)
+    cluster_sync();  // (the peer's barriers initialised before any copy or arrival reaches them)
+  else
+    __syncthreads();
   auto stage_a = [&](int s) { return smem + s * kStageBytes; };
   auto stage_b = [&](int s, int box) { return smem + s * kStageBytes + kABytes + box * S::kBBytes; };
 
@@ -233,32 +278,41 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0 && lane == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&amap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&bmap) : "memory");
-      int64_t it = 0;
-      for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = int(tile / p.tiles_n) * kTileM;
-        const int b0 = int(tile % p.tiles_n) * S::col_step(Epi);
+      int64_t it = 0, band, col_tile;
+      for (int64_t li = 0; tile_at(li, band, col_tile); ++li) {
+        const int m0 = int(band * kTileM), b0 = int(col_tile * S::col_step(Epi));
         for (int kb = 0; kb < kblocks; ++kb, ++it) {
           const int s = int(it % kStages);
           if (it >= kStages) mbar_wait(&empty[s], unsigned((it / kStages - 1) & 1));
           expect_bytes(&full[s], kStageBytes);
           tma_load_2d(stage_a(s), &amap, kb * kKBlock, m0, &full[s]);
-          tma_load_2d(stage_b(s, 0), &bmap, kb * kKBlock, b0, &full[s]);
-          tma_load_2d(stage_b(s, 1), &bmap, kb * kKBlock, b0 + p.b_second, &full[s]);
+          if constexpr (kMc) {
+            tma_load_2d_multicast(stage_b(s, int(rank)), &bmap, kb * kKBlock, b0 + int(rank) * p.b_second, &full[s],
+                                  uint16_t(3));
+          } else {
+            tma_load_2d(stage_b(s, 0), &bmap, kb * kKBlock, b0, &full[s]);
+            tma_load_2d(stage_b(s, 1), &bmap, kb * kKBlock, b0 + p.b_second, &full[s]);
+          }
         }
       }
     }
+    if constexpr (kMc) cluster_sync();  // (no block leaves while its peer may still arrive on its barriers)
     return;
   }
 
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
   const int wg = warp / 4 - 1;  // the consumer warpgroup
+  const auto release = [&](int64_t it) {
+    if (lane != 0) return;
+    mbar_arrive(&empty[it % kStages]);
+    if constexpr (kMc) mbar_arrive_remote(&empty[it % kStages], rank ^ 1u);
+  };
   // The block's tiles in order li = 0, 1, …: cooperative, both warpgroups on each; ping-pong, warpgroup wg on li ≡ wg
   // (mod 2), its products only once the other's products of tile li − 1 are issued (turn[wg]). The turns keep each
   // warpgroup's wait on a stage at most one phase ahead of that stage's barrier (the other's stages between are
   // consumed), which the parity waits need, and make the schedule: one warpgroup's epilogue under the other's products.
-  for (int64_t li = kPing ? wg : 0;; li += kPing ? 2 : 1) {
-    const int64_t tile = blockIdx.x + li * gridDim.x;
-    if (tile >= tiles) break;
+  int64_t band, col_tile;
+  for (int64_t li = kPing ? wg : 0; tile_at(li, band, col_tile); li += kPing ? 2 : 1) {
     if (kPing && li > 0) mbar_wait(&turn[wg], unsigned(((li - 1) / 2) & 1));
     float acc0[64], acc1[64];
     int64_t it = li * kblocks;
@@ -282,15 +336,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // the previous k-block's products are done
-      if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
+      if (kb > 0) release(it - 1);
     }
     if (kPing && lane == 0) mbar_arrive(&turn[1 - wg]);
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    if (lane == 0) mbar_arrive(&empty[(it - 1) % kStages]);
-    const int64_t row_base = (tile / p.tiles_n) * kTileM + (kPing ? 0 : 64 * wg);
-    const int64_t col0 = (tile % p.tiles_n) * S::col_step(Epi);
+    release(it - 1);
+    const int64_t row_base = band * kTileM + (kPing ? 0 : 64 * wg);
+    const int64_t col0 = col_tile * S::col_step(Epi);
     epilogue<Epi, kPing>(acc0, acc1, row_base, col0, p);
   }
+  if constexpr (kMc) cluster_sync();
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -324,21 +379,56 @@ CUtensorMap operand_map(const void* base, int64_t rows, int64_t cols, int64_t ld
 bool aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 bool operand_ok(const void* p, int64_t ld, int64_t K) { return p && aligned(p) && ld % 8 == 0 && ld >= K; }
 
-template <int Epi, bool kPing>
+// The launch's configuration: the cluster attribute (kMc: clusters of two blocks along x) beside PDL's.
+struct LaunchConfig {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute[2]{};
+  LaunchConfig(unsigned grid, size_t smem, cudaStream_t s, bool cluster) {
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = s;
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = train_pdl_enabled() && pdl_enabled() ? 1 : 0;
+    attribute[1].id = cudaLaunchAttributeClusterDimension;
+    attribute[1].val.clusterDim.x = 2, attribute[1].val.clusterDim.y = 1, attribute[1].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = cluster ? 2 : 1;
+  }
+};
+
+template <int Epi, bool kPing, bool kMc>
 void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_t ldb, int64_t b_rows, Args p,
                int64_t N) {
   using S = Shape<kPing>;
   if (p.M <= 0) return;
-  static const cudaError_t opted = cudaFuncSetAttribute(
-      fused_gemm_kernel<Epi, kPing>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
+  constexpr auto kernel = fused_gemm_kernel<Epi, kPing, kMc>;
+  static const cudaError_t opted =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
   MAMBA3_CUDA_CHECK(opted);
   p.tiles_n = int((N + S::col_step(Epi) - 1) / S::col_step(Epi));
   if (Epi != kGatedForward) p.b_second = S::kBRows;
   const CUtensorMap amap = operand_map(A, p.M, p.K, lda, kTileM), bmap = operand_map(B, b_rows, p.K, ldb, S::kBRows);
-  static const int sms = device_info().sm_count;
-  const int64_t tiles = ((p.M + kTileM - 1) / kTileM) * p.tiles_n;
-  const unsigned grid = unsigned(tiles < sms ? tiles : sms);
-  launch_train(fused_gemm_kernel<Epi, kPing>, grid, kThreads, S::kSmemBytes, s, amap, bmap, p);
+  const int64_t bands = (p.M + kTileM - 1) / kTileM;
+  unsigned grid = 0;
+  if constexpr (kMc) {
+    // (a cluster's blocks share a GPC, so the clusters at once are not simply SMs / 2)
+    static const int clusters = [] {
+      LaunchConfig probe(2, S::kSmemBytes, nullptr, true);
+      int n = 0;
+      MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &probe.config));
+      MAMBA3_CHECK(n > 0, "fused_gemm: no cluster of two blocks fits the device");
+      return n;
+    }();
+    const int64_t pairs = (bands + 1) / 2 * p.tiles_n;
+    grid = 2 * unsigned(pairs < clusters ? pairs : clusters);
+  } else {
+    static const int sms = device_info().sm_count;
+    const int64_t tiles = bands * p.tiles_n;
+    grid = unsigned(tiles < sms ? tiles : sms);
+  }
+  LaunchConfig launch(grid, S::kSmemBytes, s, kMc);
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, amap, bmap, p));
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -348,9 +438,11 @@ void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t l
             int64_t b_rows, const Args& p, int64_t N) {
   if (schedule == FusedGemmSchedule::kDefault) schedule = fused_gemm_default_schedule();
   if (schedule == FusedGemmSchedule::kPingPong)
-    launch_as<Epi, true>(s, A, lda, B, ldb, b_rows, p, N);
+    launch_as<Epi, true, false>(s, A, lda, B, ldb, b_rows, p, N);
+  else if (schedule == FusedGemmSchedule::kMulticast)
+    launch_as<Epi, false, true>(s, A, lda, B, ldb, b_rows, p, N);
   else
-    launch_as<Epi, false>(s, A, lda, B, ldb, b_rows, p, N);
+    launch_as<Epi, false, false>(s, A, lda, B, ldb, b_rows, p, N);
 }
 
 }  // namespace
@@ -377,8 +469,10 @@ bool fused_gemm_enabled() {
 
 FusedGemmSchedule fused_gemm_default_schedule() {
   static const FusedGemmSchedule schedule = [] {
-    const std::string v = env_choice("MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE", {"cooperative", "pingpong"});
-    return v == "pingpong" ? FusedGemmSchedule::kPingPong : FusedGemmSchedule::kCooperative;
+    const std::string v = env_choice("MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE", {"cooperative", "pingpong", "multicast"});
+    return v == "pingpong"    ? FusedGemmSchedule::kPingPong
+           : v == "multicast" ? FusedGemmSchedule::kMulticast
+                              : FusedGemmSchedule::kCooperative;
   }();
   return schedule;
 }

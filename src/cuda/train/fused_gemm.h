@@ -20,9 +20,11 @@ bool fused_gemm_device_supported();
 // kFusedGemmDefault). The callers fall back to cuBLAS and the element-wise kernels otherwise.
 bool fused_gemm_enabled();
 
-enum class FusedGemmSchedule { kDefault, kCooperative, kPingPong };
-// The schedule kDefault stands for: MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE (read once; "cooperative" | "pingpong", default
-// cooperative).
+// kMulticast: the cooperative tiles in clusters of two blocks along M that share B's boxes (each block copies one into
+// both blocks' shared memory), a third less traffic out of L2 per block.
+enum class FusedGemmSchedule { kDefault, kCooperative, kPingPong, kMulticast };
+// The schedule kDefault stands for: MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE (read once; "cooperative" | "pingpong" |
+// "multicast", default cooperative).
 FusedGemmSchedule fused_gemm_default_schedule();
 
 // The shapes the kernels take: 16-byte aligned matrices with rows a multiple of 8 elements apart, K ≥ 1, K % 8 == 0.
