@@ -53,13 +53,6 @@ struct Launch {
   int pdl_prefill;    // 1: the first `stages` copies before griddepcontrol.wait (separate kernels under PDL)
 };
 
-__device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_addr(dst)),
-      "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
-      : "memory");
-}
 __device__ __forceinline__ void bulk_1d(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
@@ -127,8 +120,9 @@ __global__ void __launch_bounds__(kThreads, 1) stream_kernel(const __grid_consta
             unit_at(p, j, b, g, i, tile, kb);
             const int w_bytes = p.stage_bytes - (p.with_x ? kXBoxBytes : 0);
             for (int x = 0; x < p.boxes; ++x)
-              tma_2d(dst + x * (w_bytes / p.boxes), &p.map[j], (kb * p.boxes + x) * 64, tile * p.box_rows, &full[s]);
-            if (p.with_x) tma_2d(dst + w_bytes, &p.xmap[j], kb * 64, 0, &full[s]);
+              tma_load_2d(dst + x * (w_bytes / p.boxes), &p.map[j], (kb * p.boxes + x) * 64, tile * p.box_rows,
+                          &full[s]);
+            if (p.with_x) tma_load_2d(dst + w_bytes, &p.xmap[j], kb * 64, 0, &full[s]);
           }
         }
       }

@@ -59,6 +59,17 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const void* map, int c0, 
       "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
       : "memory");
 }
+// Every thread of every block of the cluster; shared-memory writes (and mbarrier initialisations) before it are visible
+// to the cluster after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// wgmma's matrix descriptor of a K-major operand whose rows of 128 bytes a tensor copy wrote 128-byte swizzled (8-row
+// atoms 1024 bytes apart; tensor_map.h's boxes).
+__device__ __forceinline__ uint64_t sw128_desc(const void* p) {
+  const uint64_t a = smem_addr(p);
+  return ((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
 // Makes an mbarrier's initialisation visible to the bulk copy engine (before the first copy that completes on it).
 __device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
 

@@ -18,6 +18,7 @@
 #include "cuda/pdl.h"
 #include "cuda/stream_gemm.h"
 #include "cuda/stream_gemm_layout.h"
+#include "cuda/tensor_map.h"
 #include "cuda/wgmma_bf16.cuh"
 
 namespace mamba3::cuda {
@@ -121,15 +122,6 @@ __device__ __forceinline__ uint64_t l2_policy_evict_last() {
   uint64_t p;
   asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
   return p;
-}
-// Shared-memory matrix descriptor of a K-major operand in 128-byte swizzled rows (8-row atoms 1024 bytes apart).
-__device__ __forceinline__ uint64_t smem_desc(const void* p) {
-  const uint64_t a = smem_addr(p);
-  return ((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-// Every thread of every block of the cluster; shared-memory writes before it are visible to the cluster after it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 // The float at the same shared-memory offset as `local` in the cluster's block `rank`.
 __device__ __forceinline__ float load_peer(const float* local, int rank) {
@@ -345,7 +337,7 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
         const uint8_t* w_rows = stage_w(s, b) + wg * 64 * 128;
 #pragma unroll
         for (int kk = 0; kk < kBox / 16; ++kk)
-          wgmma::Mma<NB>::run(acc, smem_desc(w_rows + kk * 32), smem_desc(stage_x(s, b) + kk * 32),
+          wgmma::Mma<NB>::run(acc, sw128_desc(w_rows + kk * 32), sw128_desc(stage_x(s, b) + kk * 32),
                               i > 0 || b > 0 || kk > 0);
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -466,31 +458,9 @@ __global__ void __launch_bounds__(F::kThreads, F::kBlocksPerSm)
   cluster_sync();  // no block leaves while its peers may still read its part
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    MAMBA3_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status));
-    MAMBA3_CHECK(status == cudaDriverEntryPointSuccess && p, "stream_gemm: the driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
-// A (rows × cols) bf16 matrix with rows `stride` elements apart, read in boxes of box_rows × 64 columns, 128-byte
-// swizzled; out-of-range rows and columns read as zeros.
+// A (rows × cols) bf16 matrix with rows `stride` elements apart, read in boxes of box_rows × 64 columns.
 CUtensorMap tensor_map(const void* base, int64_t rows, int64_t cols, int64_t stride, int box_rows) {
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(stride) * 2};
-  const cuuint32_t box[2] = {cuuint32_t(kBox), cuuint32_t(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides,
-                                    box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  MAMBA3_CHECK(r == CUDA_SUCCESS, "stream_gemm: cuTensorMapEncodeTiled failed ({}) for a {}×{} matrix", int(r), rows,
-               cols);
-  return map;
+  return bf16_tensor_map(base, rows, cols, stride, box_rows, kBox, "stream_gemm");
 }
 
 // Blocks per tile of the narrow forms, a function of (N, K, SM count) only, so rows are batch-invariant. A block

@@ -12,8 +12,6 @@
 // The two halves of B's tile are separate boxes so that the gated forward can take fc1's value rows j0 … j0 + 127 and
 // its gate rows d_ff + j0 … together: each consumer thread then holds a and g of the same (row, column) in its two
 // accumulators, and the epilogue forms o = a ⊙ silu(g) in registers.
-#include <cuda.h>
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -24,6 +22,7 @@
 #include "cuda/cuda_context.h"
 #include "cuda/env_switch.h"
 #include "cuda/pdl.h"
+#include "cuda/tensor_map.h"
 #include "cuda/train/fused_gemm.h"
 #include "cuda/train/gated_silu_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
@@ -70,12 +69,6 @@ struct Args {
   const uint16_t* h;  // gated backward: h (M, 2·d_ff)
   int64_t d_ff;
 };
-
-// K-major operand rows of 128 bytes, 128-byte swizzled (8-row atoms 1024 bytes apart): wgmma's matrix descriptor.
-__device__ __forceinline__ uint64_t desc_of(const void* p) {
-  const uint64_t a = smem_addr(p);
-  return ((a & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -207,10 +200,6 @@ __device__ __forceinline__ unsigned cluster_rank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return r;
 }
-// Every thread of both blocks; shared-memory writes and barrier initialisations before it are visible after it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
 // One arrival on the mbarrier at `local`'s offset in the cluster's block `rank`.
 __device__ __forceinline__ void mbar_arrive_remote(uint64_t* local, unsigned rank) {
   unsigned remote;
@@ -325,13 +314,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < kKBlock / 16; ++kk) {
         const int sc = kb > 0 || kk > 0;
         if constexpr (kPing) {  // rows 0–63 and 64–127 against both boxes (128 rows side by side)
-          const uint64_t db = desc_of(stage_b(s, 0) + kk * 32);
-          wgmma::Mma<128>::run(acc0, desc_of(a + kk * 32), db, sc);
-          wgmma::Mma<128>::run(acc1, desc_of(a + 64 * 128 + kk * 32), db, sc);
+          const uint64_t db = sw128_desc(stage_b(s, 0) + kk * 32);
+          wgmma::Mma<128>::run(acc0, sw128_desc(a + kk * 32), db, sc);
+          wgmma::Mma<128>::run(acc1, sw128_desc(a + 64 * 128 + kk * 32), db, sc);
         } else {  // the warpgroup's 64 rows against each box
-          const uint64_t da = desc_of(a + kk * 32);
-          wgmma::Mma<128>::run(acc0, da, desc_of(stage_b(s, 0) + kk * 32), sc);
-          wgmma::Mma<128>::run(acc1, da, desc_of(stage_b(s, 1) + kk * 32), sc);
+          const uint64_t da = sw128_desc(a + kk * 32);
+          wgmma::Mma<128>::run(acc0, da, sw128_desc(stage_b(s, 0) + kk * 32), sc);
+          wgmma::Mma<128>::run(acc1, da, sw128_desc(stage_b(s, 1) + kk * 32), sc);
         }
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -348,32 +337,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kMc) cluster_sync();
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    MAMBA3_CUDA_CHECK(
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status));
-    MAMBA3_CHECK(status == cudaDriverEntryPointSuccess && f, "fused_gemm: the driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// (rows × cols) bf16, rows `ld` elements apart, in boxes of box_rows rows × 64 columns, 128-byte swizzled; reads
-// outside the matrix give zeros (the last row band's missing rows, K's last partial k-block).
+// (rows × cols) bf16, rows `ld` elements apart, in boxes of box_rows rows × 64 columns.
 CUtensorMap operand_map(const void* base, int64_t rows, int64_t cols, int64_t ld, int box_rows) {
-  CUtensorMap map{};
-  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
-  const cuuint32_t box[2] = {cuuint32_t(kKBlock), cuuint32_t(box_rows)};
-  const cuuint32_t unit[2] = {1, 1};
-  const CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
-                                 unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  MAMBA3_CHECK(r == CUDA_SUCCESS, "fused_gemm: cuTensorMapEncodeTiled failed ({}) for a {}×{} operand", int(r), rows,
-               cols);
-  return map;
+  return bf16_tensor_map(base, rows, cols, ld, box_rows, kKBlock, "fused_gemm");
 }
 
 bool aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
