@@ -303,7 +303,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   int64_t band, col_tile;
   for (int64_t li = kPing ? wg : 0; tile_at(li, band, col_tile); li += kPing ? 2 : 1) {
     if (kPing && li > 0) mbar_wait(&turn[wg], unsigned(((li - 1) / 2) & 1));
-    float acc0[64], acc1[64];
+    // Cooperative: one m64n256 accumulator over both boxes (box 1 follows box 0 in the stage, so one descriptor spans
+    // 256 rows and A is read once per k-step, not twice); its halves are acc0 (box 0) and acc1 (box 1).
+    float acc[128];
+    float(&acc0)[64] = *reinterpret_cast<float(*)[64]>(acc);
+    float(&acc1)[64] = *reinterpret_cast<float(*)[64]>(acc + 64);
     int64_t it = li * kblocks;
     for (int kb = 0; kb < kblocks; ++kb, ++it) {
       const int s = int(it % kStages);
@@ -317,10 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint64_t db = sw128_desc(stage_b(s, 0) + kk * 32);
           wgmma::Mma<128>::run(acc0, sw128_desc(a + kk * 32), db, sc);
           wgmma::Mma<128>::run(acc1, sw128_desc(a + 64 * 128 + kk * 32), db, sc);
-        } else {  // the warpgroup's 64 rows against each box
-          const uint64_t da = sw128_desc(a + kk * 32);
-          wgmma::Mma<128>::run(acc0, da, sw128_desc(stage_b(s, 0) + kk * 32), sc);
-          wgmma::Mma<128>::run(acc1, da, sw128_desc(stage_b(s, 1) + kk * 32), sc);
+        } else {  // the warpgroup's 64 rows against both boxes
+          wgmma::Mma<256>::run(acc, sw128_desc(a + kk * 32), sw128_desc(stage_b(s, 0) + kk * 32), sc);
         }
       }
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
