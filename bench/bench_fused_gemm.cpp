@@ -88,6 +88,8 @@ int main(int argc, char** argv) {
   const double f1 = 2.0 * M * D * 2 * F, f2 = 2.0 * M * D * F;
   std::printf("rows %lld, D %lld, d_ff %lld (%s)\n", (long long)M, (long long)D, (long long)F,
               cuda::device_info().name.c_str());
+  std::printf("multicast: %d clusters of two blocks (%d SMs)\n", cuda::fused_gemm_multicast_clusters(),
+              cuda::device_info().sm_count);
   std::printf("%-44s %9s %9s\n", "", "µs", "TFLOP/s");
   auto row = [&](const char* label, double us, double flops) {
     std::printf("%-44s %9.1f %9.1f\n", label, us, flops / us * 1e-6);
@@ -103,6 +105,8 @@ int main(int argc, char** argv) {
   for (const auto sch : kSchedules) {
     const double p1 = time_us(s, [&] { cuda::fused_gemm_plain(s, X, D, W1, D, M, 2 * F, D, H, 2 * F, sch); });
     const double g1 = time_us(s, [&] { cuda::fused_gemm_gated_forward(s, X, D, W1, M, D, F, H, O, sch); });
+    const double m1 = time_us(s, [&] { cuda::fused_gemm_mainloop_only(s, X, D, W1, D, M, 2 * F, D, sch); });
+    row(label("fc1: fused mainloop alone (nothing stored)", sch).c_str(), m1, f1);
     row(label("fc1: fused product, plain epilogue", sch).c_str(), p1, f1);
     row(label("fc1: fused product with the activation", sch).c_str(), g1, f1);
   }

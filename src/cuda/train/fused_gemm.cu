@@ -40,7 +40,8 @@ constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 constexpr int kConsumerThreads = 256, kThreads = kConsumerThreads + 128;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
-enum Epilogue : int { kPlain = 0, kGatedForward = 1, kGatedBackward = 2 };
+// kNone stores nothing: the mainloop alone, for measurement (fused_gemm_mainloop_only).
+enum Epilogue : int { kPlain = 0, kGatedForward = 1, kGatedBackward = 2, kNone = 3 };
 
 // The two schedules' shapes. Cooperative: both consumer warpgroups on one 128 × 256 tile (rows 64·wg …), B's boxes of
 // 128 rows being the tile's column halves. Ping-pong: each warpgroup on its own 128 × 128 tile, the two taking turns
@@ -171,8 +172,9 @@ __device__ __forceinline__ void gated_backward_span(const float (&acc)[64], int 
 template <int Epi, bool kPing>
 __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&acc1)[64], int64_t row_base,
                                          int64_t col0, const Args& p) {
+  // (kNone: the products' results still reach the registers — wgmma is asm volatile —, but nothing is stored)
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
+  for (int e = 0; e < 2 && Epi != kNone; ++e) {
     if constexpr (!kPing) {
       const int64_t row = frag_row(row_base, e);
       if constexpr (Epi == kPlain)
@@ -365,6 +367,16 @@ struct LaunchConfig {
   }
 };
 
+// The two-block clusters of `kernel` the device holds at once (a cluster's blocks share a GPC, so not simply SMs / 2).
+template <typename Kernel>
+int max_active_clusters(Kernel kernel, size_t smem) {
+  LaunchConfig probe(2, smem, nullptr, true);
+  int n = 0;
+  MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &probe.config));
+  MAMBA3_CHECK(n > 0, "fused_gemm: no cluster of two blocks fits the device");
+  return n;
+}
+
 template <int Epi, bool kPing, bool kMc>
 void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_t ldb, int64_t b_rows, Args p,
                int64_t N) {
@@ -382,11 +394,8 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   if constexpr (kMc) {
     // (a cluster's blocks share a GPC, so the clusters at once are not simply SMs / 2)
     static const int clusters = [] {
-      LaunchConfig probe(2, S::kSmemBytes, nullptr, true);
-      int n = 0;
-      MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &probe.config));
-      MAMBA3_CHECK(n > 0, "fused_gemm: no cluster of two blocks fits the device");
-      return n;
+      const int forced = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS", 0, 0, 1024));
+      return forced > 0 ? forced : max_active_clusters(kernel, S::kSmemBytes);
     }();
     const int64_t pairs = (bands + 1) / 2 * p.tiles_n;
     grid = 2 * unsigned(pairs < clusters ? pairs : clusters);
@@ -470,6 +479,20 @@ void fused_gemm_plain(cudaStream_t s, const uint16_t* A, int64_t lda, const uint
   Args p{};
   p.M = M, p.K = K, p.n_valid = N, p.out = D, p.ldo = ldd;
   launch<kPlain>(s, schedule, A, lda, B, ldb, N, p, N);
+}
+
+void fused_gemm_mainloop_only(cudaStream_t s, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t M,
+                              int64_t N, int64_t K, FusedGemmSchedule schedule) {
+  MAMBA3_CHECK(N % 256 == 0 && operand_ok(A, lda, K) && operand_ok(B, ldb, K) && K % 8 == 0,
+               "fused_gemm_mainloop_only: unsupported operands (N {} K {})", N, K);
+  Args p{};
+  p.M = M, p.K = K, p.n_valid = N;
+  launch<kNone>(s, schedule, A, lda, B, ldb, N, p, N);
+}
+
+int fused_gemm_multicast_clusters() {
+  const int forced = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS", 0, 0, 1024));
+  return forced > 0 ? forced : max_active_clusters(fused_gemm_kernel<kPlain, false, true>, Shape<false>::kSmemBytes);
 }
 
 void fused_gemm_gated_forward(cudaStream_t s, const uint16_t* x, int64_t ldx, const uint16_t* w1, int64_t M, int64_t K,

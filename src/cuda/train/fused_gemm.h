@@ -41,6 +41,13 @@ void fused_gemm_plain(cudaStream_t s, const uint16_t* A, int64_t lda, const uint
                       int64_t N, int64_t K, uint16_t* D, int64_t ldd,
                       FusedGemmSchedule schedule = FusedGemmSchedule::kDefault);
 
+// For measurement only: the plain product's mainloop with nothing stored (N a multiple of 256).
+void fused_gemm_mainloop_only(cudaStream_t s, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, int64_t M,
+                              int64_t N, int64_t K, FusedGemmSchedule schedule = FusedGemmSchedule::kDefault);
+// The two-block clusters the multicast schedule launches (the device's most at once for the kernel, or
+// MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS where set: for measurement).
+int fused_gemm_multicast_clusters();
+
 // fc1 with the activation: h (M, 2·d_ff) bf16 = x·w1ᵀ rounded once, [a, g] = h's halves, and o (M, d_ff) bf16 =
 // a ⊙ silu(g) from those rounded values (gated_silu_forward_gpu's expression: the same bits as the product followed
 // by that kernel, up to the product's summation order). x (M, K) rows ldx apart, w1 (2·d_ff, K).
