@@ -2,9 +2,12 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|fused|kv|decode|deferred|wide|options|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|fused|fusediag|kv|decode|deferred|wide|options|all] [rounds]
 # fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
 #         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
+# fusediag: why their mainloop trails cuBLAS (sixty-second session, not yet run): the per-product times with the
+#         mainloop alone (nothing stored) and the multicast cluster count, the multicast products at a forced 66
+#         clusters, the step off against multicast at 66, ncu of the cooperative mainloop alone and of cuBLAS's fc1.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to
@@ -73,6 +76,27 @@ if [[ $what == fused || $what == all ]]; then
   MAMBA3_TRAIN_FUSED_GEMM=1 timeout 180 compute-sanitizer --tool memcheck "$bin/test_fused_gemm_gpu" \
     > "$OUT/fused_memcheck.txt" 2>&1
   echo "memcheck rc=$? $(grep 'ERROR SUMMARY' "$OUT/fused_memcheck.txt")"
+fi
+if [[ $what == fusediag ]]; then
+  # (a device call cut short still returns what is written first: the per-product times)
+  bin=$(dirname "$MAMBA3_BIN")
+  timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench.txt" | tail -32
+  MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS=66 timeout 60 "$bin/bench_fused_gemm" 2>&1 | grep -E "clusters|multicast"
+  for ((r = 1; r <= rounds; ++r)); do
+    train_row fused-off MAMBA3_TRAIN_FUSED_GEMM=0
+    train_row fused-mc66 MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast \
+      MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS=66
+  done
+  # The cooperative mainloop alone is the bench's first fused launch (skip its three warm-ups); cuBLAS's fc1 product
+  # is its first product.
+  timeout 120 ncu -k regex:fused_gemm_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy "$bin/bench_fused_gemm" \
+    > "$OUT/fusediag_ncu.txt" 2>&1
+  echo "ncu (mainloop alone) rc=$?"
+  timeout 120 ncu -k "regex:xmma|sm90|gemm|cutlass" --launch-count 1 --section SpeedOfLight --section LaunchStats \
+    --section MemoryWorkloadAnalysis --section WarpStateStats "$bin/bench_fused_gemm" > "$OUT/fusediag_ncu_cublas.txt" 2>&1
+  echo "ncu (cuBLAS fc1) rc=$?"
+  grep -hE "Duration|Throughput|Stall|L2 Hit|Cluster|Grid Size" "$OUT"/fusediag_ncu*.txt | head -40
 fi
 if [[ $what == kv || $what == all ]]; then
   # (the steps first, the walk beside the defaults: a device call cut short still says whether it is worth testing)
