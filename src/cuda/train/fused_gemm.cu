@@ -196,29 +196,6 @@ __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&
   }
 }
 
-// The cluster helpers of the multicast form (two blocks along M sharing B's boxes).
-__device__ __forceinline__ unsigned cluster_rank() {
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-// One arrival on the mbarrier at `local`'s offset in the cluster's block `rank`.
-__device__ __forceinline__ void mbar_arrive_remote(uint64_t* local, unsigned rank) {
-  unsigned remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-// tma_load_2d into the same offset of every block in `mask` (bit r: the cluster's block r), each completing its bytes
-// on its own barrier at bar's offset.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const void* map, int c0, int c1, uint64_t* bar,
-                                                      uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
-      "%3}], [%4], %5;" ::"r"(smem_addr(dst)),
-      "l"(map), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "h"(mask)
-      : "memory");
-}
-
 // kMc (cooperative only): the grid in clusters of two blocks that take row bands 2·pair + rank of the same column
 // tile; each block copies its own A box and one of B's two boxes, the latter into both blocks' stages (multicast), so
 // each SM pulls 32 KB per k-block out of L2 instead of 48. A stage is refilled only once both blocks' consumers are
@@ -367,9 +344,12 @@ struct LaunchConfig {
   }
 };
 
-// The two-block clusters of `kernel` the device holds at once (a cluster's blocks share a GPC, so not simply SMs / 2).
+// The two-block clusters the multicast launch of `kernel` takes: MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS where set (for
+// measurement), else as many as the device holds at once (a cluster's blocks share a GPC, so not simply SMs / 2).
 template <typename Kernel>
-int max_active_clusters(Kernel kernel, size_t smem) {
+int multicast_clusters(Kernel kernel, size_t smem) {
+  const int forced = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS", 0, 0, 1024));
+  if (forced > 0) return forced;
   LaunchConfig probe(2, smem, nullptr, true);
   int n = 0;
   MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &probe.config));
@@ -392,11 +372,7 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   const int64_t bands = (p.M + kTileM - 1) / kTileM;
   unsigned grid = 0;
   if constexpr (kMc) {
-    // (a cluster's blocks share a GPC, so the clusters at once are not simply SMs / 2)
-    static const int clusters = [] {
-      const int forced = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS", 0, 0, 1024));
-      return forced > 0 ? forced : max_active_clusters(kernel, S::kSmemBytes);
-    }();
+    static const int clusters = multicast_clusters(kernel, S::kSmemBytes);
     const int64_t pairs = (bands + 1) / 2 * p.tiles_n;
     grid = 2 * unsigned(pairs < clusters ? pairs : clusters);
   } else {
@@ -491,8 +467,7 @@ void fused_gemm_mainloop_only(cudaStream_t s, const uint16_t* A, int64_t lda, co
 }
 
 int fused_gemm_multicast_clusters() {
-  const int forced = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS", 0, 0, 1024));
-  return forced > 0 ? forced : max_active_clusters(fused_gemm_kernel<kPlain, false, true>, Shape<false>::kSmemBytes);
+  return multicast_clusters(fused_gemm_kernel<kPlain, false, true>, Shape<false>::kSmemBytes);
 }
 
 void fused_gemm_gated_forward(cudaStream_t s, const uint16_t* x, int64_t ldx, const uint16_t* w1, int64_t M, int64_t K,
