@@ -40,7 +40,8 @@ constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 constexpr int kConsumerThreads = 256, kThreads = kConsumerThreads + 128;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
-// kNone stores nothing: the mainloop alone, for measurement (fused_gemm_mainloop_only).
+// kNone stores nothing: the mainloop alone, for measurement (fused_gemm_mainloop_only). Its accumulators feed a store
+// that never runs (n_valid ≥ 0), since ptxas drops products whose results are never read.
 enum Epilogue : int { kPlain = 0, kGatedForward = 1, kGatedBackward = 2, kNone = 3 };
 
 // The two schedules' shapes. Cooperative: both consumer warpgroups on one 128 × 256 tile (rows 64·wg …), B's boxes of
@@ -69,6 +70,7 @@ struct Args {
   uint16_t* out2;     // gated forward: o (M, d_ff)
   const uint16_t* h;  // gated backward: h (M, 2·d_ff)
   int64_t d_ff;
+  bool remote_cta;  // multicast: the releases' remote arrivals at CTA scope (mbar_arrive_remote_cta), for measurement
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -172,7 +174,12 @@ __device__ __forceinline__ void gated_backward_span(const float (&acc)[64], int 
 template <int Epi, bool kPing>
 __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&acc1)[64], int64_t row_base,
                                          int64_t col0, const Args& p) {
-  // (kNone: the products' results still reach the registers — wgmma is asm volatile —, but nothing is stored)
+  if constexpr (Epi == kNone) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sum += acc0[i] + acc1[i];
+    if (p.n_valid < 0) reinterpret_cast<float*>(p.out)[threadIdx.x] = sum;
+  }
 #pragma unroll
   for (int e = 0; e < 2 && Epi != kNone; ++e) {
     if constexpr (!kPing) {
@@ -273,7 +280,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto release = [&](int64_t it) {
     if (lane != 0) return;
     mbar_arrive(&empty[it % kStages]);
-    if constexpr (kMc) mbar_arrive_remote(&empty[it % kStages], rank ^ 1u);
+    if constexpr (kMc) {
+      if (p.remote_cta)
+        mbar_arrive_remote_cta(&empty[it % kStages], rank ^ 1u);
+      else
+        mbar_arrive_remote(&empty[it % kStages], rank ^ 1u);
+    }
   };
   // The block's tiles in order li = 0, 1, …: cooperative, both warpgroups on each; ping-pong, warpgroup wg on li ≡ wg
   // (mod 2), its products only once the other's products of tile li − 1 are issued (turn[wg]). The turns keep each
@@ -329,18 +341,23 @@ bool operand_ok(const void* p, int64_t ld, int64_t K) { return p && aligned(p) &
 // The launch's configuration: the cluster attribute (kMc: clusters of two blocks along x) beside PDL's.
 struct LaunchConfig {
   cudaLaunchConfig_t config{};
-  cudaLaunchAttribute attribute[2]{};
-  LaunchConfig(unsigned grid, size_t smem, cudaStream_t s, bool cluster) {
+  cudaLaunchAttribute attribute[3]{};
+  LaunchConfig(unsigned grid, size_t smem, cudaStream_t s, bool cluster, bool pdl = true) {
     config.gridDim = dim3(grid);
     config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = smem;
     config.stream = s;
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[0].val.programmaticStreamSerializationAllowed = train_pdl_enabled() && pdl_enabled() ? 1 : 0;
+    attribute[0].val.programmaticStreamSerializationAllowed = pdl && train_pdl_enabled() && pdl_enabled() ? 1 : 0;
     attribute[1].id = cudaLaunchAttributeClusterDimension;
     attribute[1].val.clusterDim.x = 2, attribute[1].val.clusterDim.y = 1, attribute[1].val.clusterDim.z = 1;
+    // MAMBA3_TRAIN_FUSED_GEMM_SPREAD=1 (measurement): the clusters spread over the GPCs (cuBLAS's nvjet kernels ask
+    // for it) rather than the driver's default placement.
+    static const bool spread = env_integer("MAMBA3_TRAIN_FUSED_GEMM_SPREAD", 0, 0, 1) == 1;
+    attribute[2].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+    attribute[2].val.clusterSchedulingPolicyPreference = cudaClusterSchedulingPolicySpread;
     config.attrs = attribute;
-    config.numAttrs = cluster ? 2 : 1;
+    config.numAttrs = cluster ? (spread ? 3 : 2) : 1;
   }
 };
 
@@ -350,11 +367,13 @@ template <typename Kernel>
 int multicast_clusters(Kernel kernel, size_t smem) {
   const int forced = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS", 0, 0, 1024));
   if (forced > 0) return forced;
-  LaunchConfig probe(2, smem, nullptr, true);
+  // (the probe without PDL's attribute: with it the query answered 0 on the sixty-third session's H100, where 66
+  // clusters ran. Where it still answers 0 or fails, SMs / 2: the blocks of a cluster sit on one TPC's two SMs, and
+  // clusters that do not fit at once only start later — each walks its own tiles.)
+  LaunchConfig probe(2, smem, nullptr, true, false);
   int n = 0;
-  MAMBA3_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &probe.config));
-  MAMBA3_CHECK(n > 0, "fused_gemm: no cluster of two blocks fits the device");
-  return n;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &probe.config) != cudaSuccess) (void)cudaGetLastError(), n = 0;
+  return n > 0 ? n : device_info().sm_count / 2;
 }
 
 template <int Epi, bool kPing, bool kMc>
@@ -367,6 +386,8 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
   MAMBA3_CUDA_CHECK(opted);
   p.tiles_n = int((N + S::col_step(Epi) - 1) / S::col_step(Epi));
+  static const bool remote_cta = env_choice("MAMBA3_TRAIN_FUSED_GEMM_REMOTE", {"cluster", "cta"}) == "cta";
+  p.remote_cta = remote_cta;
   if (Epi != kGatedForward) p.b_second = S::kBRows;
   const CUtensorMap amap = operand_map(A, p.M, p.K, lda, kTileM), bmap = operand_map(B, b_rows, p.K, ldb, S::kBRows);
   const int64_t bands = (p.M + kTileM - 1) / kTileM;
@@ -463,7 +484,7 @@ void fused_gemm_mainloop_only(cudaStream_t s, const uint16_t* A, int64_t lda, co
                "fused_gemm_mainloop_only: unsupported operands (N {} K {})", N, K);
   Args p{};
   p.M = M, p.K = K, p.n_valid = N;
-  launch<kNone>(s, schedule, A, lda, B, ldb, N, p, N);
+  launch<kNone>(s, schedule, A, lda, B, ldb, N, p, N);  // (n_valid ≥ 0: kNone's store never runs)
 }
 
 int fused_gemm_multicast_clusters() {
