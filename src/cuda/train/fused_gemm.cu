@@ -32,6 +32,7 @@ namespace mamba3::cuda {
 namespace {
 
 constexpr int kTileM = 128, kKBlock = 64;
+constexpr int kTmaBufBytes = 2 * 2 * 8192;     // kTma: two 64 × 64 bf16 buffers per consumer warpgroup
 constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 // A producer warpgroup (one thread of it issues the copies) and two consumer warpgroups. The producer's registers go
 // to the consumers (setmaxnreg): the register file is split among the SM's four schedulers, a warp to each in turn, so
@@ -203,22 +204,95 @@ __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&
   }
 }
 
+// The cooperative tile's epilogue through shared memory (kTma, MAMBA3_TRAIN_FUSED_GEMM_STORE=tma): the warpgroup's
+// 64 rows leave in boxes of 64 × 64 bf16, each written by the warpgroup into one of its two 8 KB buffers (128-byte
+// swizzle: 16-byte chunk c of row r at c ^ (r % 8), so a warp's eight rows fill all 32 banks) and stored by one
+// thread as a bulk tensor copy, which runs on while the warpgroup fills the other buffer and goes on to the next
+// tile. A buffer is written again only once its copy has read it (bulk_wait_group_read<1>: the other one may still
+// be in flight). ek counts the warpgroup's boxes across its tiles.
+struct TmaOut {
+  const CUtensorMap* map;   // out (plain: D; gated forward: h)
+  const CUtensorMap* map2;  // gated forward: o
+  unsigned char* buf;       // the warpgroup's two buffers
+  int bar;                  // its named barrier
+  int ek;
+};
+// One box: write(buf) fills it from the fragments, then it goes to (column c0, row r0) of `map`.
+template <typename Write>
+__device__ __forceinline__ void tma_box(TmaOut& o, const CUtensorMap* map, int64_t c0, int64_t r0, Write write) {
+  const bool issuer = threadIdx.x % 128 == 0;
+  unsigned char* buf = o.buf + (o.ek & 1) * 8192;
+  if (o.ek >= 2) {
+    if (issuer) bulk_wait_group_read<1>();
+    asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
+  }
+  write(buf);
+  fence_proxy_async_shared();
+  asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
+  if (issuer) tma_store_2d(map, int(c0), int(r0), buf), bulk_commit_group();
+  ++o.ek;
+}
+// The thread's pairs of n-tiles j0 … j0 + 7 of an m64n128 accumulator (columns 8j + 2q, rows 16·warp + lane/4 + 8e)
+// into a 64 × 64 box, each as pair(acc index) → the packed bf16 pair.
+template <typename Pair>
+__device__ __forceinline__ void write_box(unsigned char* buf, int j0, Pair pair) {
+  const int t = threadIdx.x % 128, g = t % 32 / 4, q = t % 4;
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = 16 * (t / 32) + g + 8 * e;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj)
+      *reinterpret_cast<uint32_t*>(buf + r * 128 + ((jj ^ g) << 4) + 4 * q) = pair(4 * (j0 + jj) + 2 * e);
+  }
+}
+template <int Epi>
+__device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const float (&acc1)[64], int64_t row_base,
+                                             int64_t col0, const Args& p, TmaOut& o) {
+  const auto from0 = [&](int i) { return pack_bf16(acc0[i], acc0[i + 1]); };
+  const auto from1 = [&](int i) { return pack_bf16(acc1[i], acc1[i + 1]); };
+  if constexpr (Epi == kPlain) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (col0 + 64 * c >= p.n_valid) break;
+      if (c < 2)
+        tma_box(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from0); });
+      else
+        tma_box(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * (c - 2), from1); });
+    }
+  } else {  // gated forward: h's values and gates, then o from their roundings (gated_forward_rows' expressions)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      tma_box(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from0); });
+      tma_box(o, o.map, p.d_ff + col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from1); });
+      tma_box(o, o.map2, col0 + 64 * c, row_base, [&](unsigned char* b) {
+        write_box(b, 8 * c, [&](int i) {
+          const float2 a = unpack_bf16(from0(i)), g = unpack_bf16(from1(i));
+          return pack_bf16(gated_silu::forward(a.x, g.x), gated_silu::forward(a.y, g.y));
+        });
+      });
+    }
+  }
+}
+
 // kMc (cooperative only): the grid in clusters of two blocks that take row bands 2·pair + rank of the same column
 // tile; each block copies its own A box and one of B's two boxes, the latter into both blocks' stages (multicast), so
 // each SM pulls 32 KB per k-block out of L2 instead of 48. A stage is refilled only once both blocks' consumers are
 // done with it: their releases arrive on both blocks' empty barriers.
-template <int Epi, bool kPing, bool kMc>
+template <int Epi, bool kPing, bool kMc, bool kTma>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap,
+                      const __grid_constant__ CUtensorMap omap, const __grid_constant__ CUtensorMap omap2,
                       const Args p) {
   pdl_wait();
   static_assert(!(kPing && kMc), "the multicast form is cooperative");
+  static_assert(!kTma || (!kPing && (Epi == kPlain || Epi == kGatedForward)), "shared-memory epilogues: cooperative");
   using S = Shape<kPing>;
   constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  // (kTma: the consumers' epilogue buffers, 2 × 2 × 8 KB, after the stages)
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + (kTma ? kTmaBufBytes : 0));
   uint64_t* empty = full + kStages;
   uint64_t* turn = empty + kStages;  // ping-pong: turn[c], consumer warpgroup c may start its products
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -292,6 +366,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // warpgroup's wait on a stage at most one phase ahead of that stage's barrier (the other's stages between are
   // consumed), which the parity waits need, and make the schedule: one warpgroup's epilogue under the other's products.
   int64_t band, col_tile;
+  TmaOut tma_out{&omap, &omap2, smem + kStages * kStageBytes + wg * 16384, 1 + wg, 0};
   for (int64_t li = kPing ? wg : 0; tile_at(li, band, col_tile); li += kPing ? 2 : 1) {
     if (kPing && li > 0) mbar_wait(&turn[wg], unsigned(((li - 1) / 2) & 1));
     // Cooperative: one m64n256 accumulator over both boxes (box 1 follows box 0 in the stage, so one descriptor spans
@@ -325,7 +400,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     release(it - 1);
     const int64_t row_base = band * kTileM + (kPing ? 0 : 64 * wg);
     const int64_t col0 = col_tile * S::col_step(Epi);
-    epilogue<Epi, kPing>(acc0, acc1, row_base, col0, p);
+    if constexpr (kTma)
+      tma_epilogue<Epi>(acc0, acc1, row_base, col0, p, tma_out);
+    else
+      epilogue<Epi, kPing>(acc0, acc1, row_base, col0, p);
+  }
+  if constexpr (kTma) {
+    if (threadIdx.x % 128 == 0) bulk_wait_group_all();
   }
   if constexpr (kMc) cluster_sync();
 }
@@ -376,24 +457,31 @@ int multicast_clusters(Kernel kernel, size_t smem) {
   return n > 0 ? n : device_info().sm_count / 2;
 }
 
-template <int Epi, bool kPing, bool kMc>
+template <int Epi, bool kPing, bool kMc, bool kTma>
 void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_t ldb, int64_t b_rows, Args p,
                int64_t N) {
   using S = Shape<kPing>;
   if (p.M <= 0) return;
-  constexpr auto kernel = fused_gemm_kernel<Epi, kPing, kMc>;
-  static const cudaError_t opted =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
+  constexpr auto kernel = fused_gemm_kernel<Epi, kPing, kMc, kTma>;
+  constexpr size_t smem = S::kSmemBytes + (kTma ? kTmaBufBytes : 0);
+  static const cudaError_t opted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   MAMBA3_CUDA_CHECK(opted);
   p.tiles_n = int((N + S::col_step(Epi) - 1) / S::col_step(Epi));
   static const bool remote_cta = env_choice("MAMBA3_TRAIN_FUSED_GEMM_REMOTE", {"cluster", "cta"}) == "cta";
   p.remote_cta = remote_cta;
   if (Epi != kGatedForward) p.b_second = S::kBRows;
   const CUtensorMap amap = operand_map(A, p.M, p.K, lda, kTileM), bmap = operand_map(B, b_rows, p.K, ldb, S::kBRows);
+  // kTma: the outputs in 64 × 64 boxes (plain: D's n_valid columns; gated forward: h's 2·d_ff and o's d_ff)
+  CUtensorMap omap = amap, omap2 = amap;
+  if constexpr (kTma) {
+    omap =
+        Epi == kPlain ? operand_map(p.out, p.M, p.n_valid, p.ldo, 64) : operand_map(p.out, p.M, 2 * p.d_ff, p.ldo, 64);
+    if (Epi == kGatedForward) omap2 = operand_map(p.out2, p.M, p.d_ff, p.d_ff, 64);
+  }
   const int64_t bands = (p.M + kTileM - 1) / kTileM;
   unsigned grid = 0;
   if constexpr (kMc) {
-    static const int clusters = multicast_clusters(kernel, S::kSmemBytes);
+    static const int clusters = multicast_clusters(kernel, smem);
     const int64_t pairs = (bands + 1) / 2 * p.tiles_n;
     grid = 2 * unsigned(pairs < clusters ? pairs : clusters);
   } else {
@@ -401,8 +489,8 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
     const int64_t tiles = bands * p.tiles_n;
     grid = unsigned(tiles < sms ? tiles : sms);
   }
-  LaunchConfig launch(grid, S::kSmemBytes, s, kMc);
-  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, amap, bmap, p));
+  LaunchConfig launch(grid, smem, s, kMc);
+  MAMBA3_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, amap, bmap, omap, omap2, p));
   MAMBA3_LAUNCH_CHECK();
 }
 
@@ -411,12 +499,18 @@ template <int Epi>
 void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t lda, const void* B, int64_t ldb,
             int64_t b_rows, const Args& p, int64_t N) {
   if (schedule == FusedGemmSchedule::kDefault) schedule = fused_gemm_default_schedule();
+  // MAMBA3_TRAIN_FUSED_GEMM_STORE=tma: the cooperative and multicast plain and gated forward epilogues through shared
+  // memory and bulk tensor stores (tma_epilogue); direct (default): each thread stores its fragments.
+  static const bool tma = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE", {"direct", "tma"}) == "tma";
+  constexpr bool kTmaForm = Epi == kPlain || Epi == kGatedForward;
   if (schedule == FusedGemmSchedule::kPingPong)
-    launch_as<Epi, true, false>(s, A, lda, B, ldb, b_rows, p, N);
+    launch_as<Epi, true, false, false>(s, A, lda, B, ldb, b_rows, p, N);
   else if (schedule == FusedGemmSchedule::kMulticast)
-    launch_as<Epi, false, true>(s, A, lda, B, ldb, b_rows, p, N);
+    tma&& kTmaForm ? launch_as<Epi, false, true, kTmaForm>(s, A, lda, B, ldb, b_rows, p, N)
+                   : launch_as<Epi, false, true, false>(s, A, lda, B, ldb, b_rows, p, N);
   else
-    launch_as<Epi, false, false>(s, A, lda, B, ldb, b_rows, p, N);
+    tma&& kTmaForm ? launch_as<Epi, false, false, kTmaForm>(s, A, lda, B, ldb, b_rows, p, N)
+                   : launch_as<Epi, false, false, false>(s, A, lda, B, ldb, b_rows, p, N);
 }
 
 }  // namespace
@@ -488,7 +582,7 @@ void fused_gemm_mainloop_only(cudaStream_t s, const uint16_t* A, int64_t lda, co
 }
 
 int fused_gemm_multicast_clusters() {
-  return multicast_clusters(fused_gemm_kernel<kPlain, false, true>, Shape<false>::kSmemBytes);
+  return multicast_clusters(fused_gemm_kernel<kPlain, false, true, false>, Shape<false>::kSmemBytes);
 }
 
 void fused_gemm_gated_forward(cudaStream_t s, const uint16_t* x, int64_t ldx, const uint16_t* w1, int64_t M, int64_t K,
