@@ -5,9 +5,10 @@
 #   OUT=… scripts/gpu_retune.sh [train|fused|fusediag|kv|decode|deferred|wide|options|all] [rounds]
 # fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
 #         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
-# fusediag: why their mainloop trails cuBLAS (sixty-second session, not yet run): the per-product times with the
-#         mainloop alone (nothing stored) and the multicast cluster count, the multicast products at a forced 66
-#         clusters, the step off against multicast at 66, ncu of the cooperative mainloop alone and of cuBLAS's fc1.
+# fusediag: the fused products' epilogues through shared memory and bulk tensor stores (sixty-third session, not yet
+#         run; bundle: mamba3 bench_fused_gemm test_fused_gemm_gpu test_lm_train_gpu): per-product times beside the
+#         direct stores, their tests, the step off / cooperative / multicast with them, memcheck, ncu of the
+#         direct-store product.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to
@@ -79,24 +80,33 @@ if [[ $what == fused || $what == all ]]; then
 fi
 if [[ $what == fusediag ]]; then
   # (a device call cut short still returns what is written first: the per-product times)
+  # The sixty-third session found the direct-store epilogue costing ≈ 80 µs of fc1's 173 (the mainloop with its
+  # products, nothing stored: 92.9); these are the shared-memory + bulk-store epilogues' questions.
   bin=$(dirname "$MAMBA3_BIN")
-  timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench.txt" | tail -32
-  MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS=66 timeout 60 "$bin/bench_fused_gemm" 2>&1 | grep -E "clusters|multicast"
+  timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench.txt" | tail -26
+  MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench_tma.txt" |
+    grep -E "fused|rror"
+  MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 60 "$bin/test_fused_gemm_gpu" \
+    > "$OUT/fusediag_tests.txt" 2>&1
+  echo "test_fused_gemm_gpu (tma) rc=$?"; grep -E "FAILED|Failure|Expected|Which is" "$OUT/fusediag_tests.txt" | head
   for ((r = 1; r <= rounds; ++r)); do
     train_row fused-off MAMBA3_TRAIN_FUSED_GEMM=0
-    train_row fused-mc66 MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast \
-      MAMBA3_TRAIN_FUSED_GEMM_CLUSTERS=66
+    train_row fused-coop-tma MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma
+    train_row fused-mc-tma MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma \
+      MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast
   done
-  # The cooperative mainloop alone is the bench's first fused launch (skip its three warm-ups); cuBLAS's fc1 product
-  # is its first product.
-  timeout 120 ncu -k regex:fused_gemm_kernel --launch-skip 3 --launch-count 1 --section SpeedOfLight \
-    --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy "$bin/bench_fused_gemm" \
+  MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 240 "$bin/test_lm_train_gpu" \
+    > "$OUT/fusediag_lm.txt" 2>&1
+  echo "test_lm_train_gpu (fused, tma) rc=$?"
+  MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 180 compute-sanitizer --tool memcheck \
+    "$bin/test_fused_gemm_gpu" > "$OUT/fusediag_memcheck.txt" 2>&1
+  echo "memcheck rc=$? $(grep 'ERROR SUMMARY' "$OUT/fusediag_memcheck.txt")"
+  # The cooperative plain product with direct stores: where its warps wait.
+  timeout 120 ncu -k "regex:fused_gemm_kernel<0, 0, 0, 0>" --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats "$bin/bench_fused_gemm" \
     > "$OUT/fusediag_ncu.txt" 2>&1
-  echo "ncu (mainloop alone) rc=$?"
-  timeout 120 ncu -k "regex:xmma|sm90|gemm|cutlass" --launch-count 1 --section SpeedOfLight --section LaunchStats \
-    --section MemoryWorkloadAnalysis --section WarpStateStats "$bin/bench_fused_gemm" > "$OUT/fusediag_ncu_cublas.txt" 2>&1
-  echo "ncu (cuBLAS fc1) rc=$?"
-  grep -hE "Duration|Throughput|Stall|L2 Hit|Cluster|Grid Size" "$OUT"/fusediag_ncu*.txt | head -40
+  echo "ncu (plain, direct stores) rc=$?"
+  grep -hE "Duration|Throughput|Stall|L2 Hit|Issued" "$OUT"/fusediag_ncu.txt | head -24
 fi
 if [[ $what == kv || $what == all ]]; then
   # (the steps first, the walk beside the defaults: a device call cut short still says whether it is worth testing)

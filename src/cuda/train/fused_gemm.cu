@@ -71,7 +71,7 @@ struct Args {
   uint16_t* out2;     // gated forward: o (M, d_ff)
   const uint16_t* h;  // gated backward: h (M, 2·d_ff)
   int64_t d_ff;
-  bool remote_cta;  // multicast: the releases' remote arrivals at CTA scope (mbar_arrive_remote_cta), for measurement
+  bool remote_cta;  // multicast: the releases' remote arrivals at CTA scope (mbar_arrive_remote_cta) or cluster scope
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -467,7 +467,9 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   static const cudaError_t opted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   MAMBA3_CUDA_CHECK(opted);
   p.tiles_n = int((N + S::col_step(Epi) - 1) / S::col_step(Epi));
-  static const bool remote_cta = env_choice("MAMBA3_TRAIN_FUSED_GEMM_REMOTE", {"cluster", "cta"}) == "cta";
+  // (CTA scope by default: on the sixty-third session's H100 the cluster-scope release made each stage's turn so slow
+  // that the multicast mainloop took 154 µs against 99 for fc1; MAMBA3_TRAIN_FUSED_GEMM_REMOTE=cluster restores it)
+  static const bool remote_cta = env_choice("MAMBA3_TRAIN_FUSED_GEMM_REMOTE", {"cluster", "cta"}) != "cluster";
   p.remote_cta = remote_cta;
   if (Epi != kGatedForward) p.b_second = S::kBRows;
   const CUtensorMap amap = operand_map(A, p.M, p.K, lda, kTileM), bmap = operand_map(B, b_rows, p.K, ldb, S::kBRows);
