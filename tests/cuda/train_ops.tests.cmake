@@ -22,3 +22,7 @@ set_tests_properties(test_fused_gemm_gpu_mlp_pingpong PROPERTIES LABELS cuda ENV
 add_test(NAME test_fused_gemm_gpu_mlp_multicast COMMAND test_fused_gemm_gpu --gtest_filter=*GatedMlp*)
 set_tests_properties(test_fused_gemm_gpu_mlp_multicast PROPERTIES LABELS cuda ENVIRONMENT
                      "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast")
+# The cooperative and multicast epilogues through shared memory and bulk tensor stores (every test of the binary).
+add_test(NAME test_fused_gemm_gpu_tma COMMAND test_fused_gemm_gpu)
+set_tests_properties(test_fused_gemm_gpu_tma PROPERTIES LABELS cuda ENVIRONMENT
+                     "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma")
