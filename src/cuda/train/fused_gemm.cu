@@ -232,6 +232,23 @@ __device__ __forceinline__ void tma_box(TmaOut& o, const CUtensorMap* map, int64
   if (issuer) tma_store_2d(map, int(c0), int(r0), buf), bulk_commit_group();
   ++o.ek;
 }
+// Two boxes at once (the gated backward's da and dg of the same columns): both buffers, written by write(buf0, buf1),
+// then both copies in one group. The buffers are written again only once both earlier copies have read them.
+template <typename Write>
+__device__ __forceinline__ void tma_box_pair(TmaOut& o, const CUtensorMap* map, int64_t c0, int64_t c1, int64_t r0,
+                                             Write write) {
+  const bool issuer = threadIdx.x % 128 == 0;
+  if (o.ek > 0) {
+    if (issuer) bulk_wait_group_read<0>();
+    asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
+  }
+  write(o.buf, o.buf + 8192);
+  fence_proxy_async_shared();
+  asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
+  if (issuer) tma_store_2d(map, int(c0), int(r0), o.buf), tma_store_2d(map, int(c1), int(r0), o.buf + 8192);
+  if (issuer) bulk_commit_group();
+  o.ek += 2;
+}
 // The thread's pairs of n-tiles j0 … j0 + 7 of an m64n128 accumulator (columns 8j + 2q, rows 16·warp + lane/4 + 8e)
 // into a 64 × 64 box, each as pair(acc index) → the packed bf16 pair.
 template <typename Pair>
@@ -259,6 +276,56 @@ __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const floa
       else
         tma_box(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * (c - 2), from1); });
     }
+  } else if constexpr (Epi == kGatedBackward) {
+    // da and dg of 64 columns at a time: do's pairs exchanged in each quad as gated_backward_span does (lane q: n-tile
+    // 4·jg + q's eight columns), h's a and g loaded 16 bytes per lane, and da, dg written as 16-byte chunks of the
+    // boxes (chunk 4·jh + q of row r at (4·jh + q) ^ (r % 8)).
+    const int t = threadIdx.x % 128, g = t % 32 / 4, q = t % 4;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float(&acc)[64] = c < 2 ? acc0 : acc1;
+      const int64_t cols = col0 + (c < 2 ? 0 : 128);  // the accumulator's first column
+      const int cb = c % 2;                           // the box's half of the accumulator
+      tma_box_pair(o, o.map, cols + 64 * cb, p.d_ff + cols + 64 * cb, row_base,
+                   [&](unsigned char* bda, unsigned char* bdg) {
+#pragma unroll
+                     for (int e = 0; e < 2; ++e) {
+                       const int r = 16 * (t / 32) + g + 8 * e;
+                       const int64_t row = row_base + r;
+                       const uint16_t* h = p.h + row * 2 * p.d_ff;
+#pragma unroll
+                       for (int jh = 0; jh < 2; ++jh) {
+                         const int jg = 2 * cb + jh;
+                         uint32_t d[4];
+#pragma unroll
+                         for (int k = 0; k < 4; ++k) {
+                           const int j = 4 * jg + k;
+                           d[k] = pack_bf16(acc[4 * j + 2 * e], acc[4 * j + 2 * e + 1]);
+                         }
+                         train_detail::mma_bf16::quad_transpose(d);
+                         const int64_t col = cols + (4 * jg + q) * 8;
+                         uint4 av = make_uint4(0, 0, 0, 0), gv = av;
+                         if (row < p.M) {
+                           av = __ldg(reinterpret_cast<const uint4*>(h + col));
+                           gv = __ldg(reinterpret_cast<const uint4*>(h + p.d_ff + col));
+                         }
+                         const uint32_t a4[4] = {av.x, av.y, av.z, av.w}, g4[4] = {gv.x, gv.y, gv.z, gv.w};
+                         uint32_t da4[4], dg4[4];
+#pragma unroll
+                         for (int k = 0; k < 4; ++k) {
+                           const float2 dd = unpack_bf16(d[k]), a = unpack_bf16(a4[k]), gg = unpack_bf16(g4[k]);
+                           float da0, dg0, da1, dg1;
+                           gated_silu::backward(dd.x, a.x, gg.x, da0, dg0);
+                           gated_silu::backward(dd.y, a.y, gg.y, da1, dg1);
+                           da4[k] = pack_bf16(da0, da1), dg4[k] = pack_bf16(dg0, dg1);
+                         }
+                         const int off = r * 128 + (((4 * jh + q) ^ g) << 4);
+                         *reinterpret_cast<uint4*>(bda + off) = make_uint4(da4[0], da4[1], da4[2], da4[3]);
+                         *reinterpret_cast<uint4*>(bdg + off) = make_uint4(dg4[0], dg4[1], dg4[2], dg4[3]);
+                       }
+                     }
+                   });
+    }
   } else {  // gated forward: h's values and gates, then o from their roundings (gated_forward_rows' expressions)
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
@@ -285,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                       const Args p) {
   pdl_wait();
   static_assert(!(kPing && kMc), "the multicast form is cooperative");
-  static_assert(!kTma || (!kPing && (Epi == kPlain || Epi == kGatedForward)), "shared-memory epilogues: cooperative");
+  static_assert(!kTma || (!kPing && Epi != kNone), "shared-memory epilogues: cooperative");
   using S = Shape<kPing>;
   constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes;
   extern __shared__ unsigned char smem_raw[];
@@ -473,7 +540,8 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   p.remote_cta = remote_cta;
   if (Epi != kGatedForward) p.b_second = S::kBRows;
   const CUtensorMap amap = operand_map(A, p.M, p.K, lda, kTileM), bmap = operand_map(B, b_rows, p.K, ldb, S::kBRows);
-  // kTma: the outputs in 64 × 64 boxes (plain: D's n_valid columns; gated forward: h's 2·d_ff and o's d_ff)
+  // kTma: the outputs in 64 × 64 boxes (plain: D's n_valid columns; gated forward: h's 2·d_ff and o's d_ff; gated
+  // backward: dh's 2·d_ff)
   CUtensorMap omap = amap, omap2 = amap;
   if constexpr (kTma) {
     omap =
@@ -501,10 +569,10 @@ template <int Epi>
 void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t lda, const void* B, int64_t ldb,
             int64_t b_rows, const Args& p, int64_t N) {
   if (schedule == FusedGemmSchedule::kDefault) schedule = fused_gemm_default_schedule();
-  // MAMBA3_TRAIN_FUSED_GEMM_STORE=tma: the cooperative and multicast plain and gated forward epilogues through shared
-  // memory and bulk tensor stores (tma_epilogue); direct (default): each thread stores its fragments.
+  // MAMBA3_TRAIN_FUSED_GEMM_STORE=tma: the cooperative and multicast epilogues through shared memory and bulk tensor
+  // stores (tma_epilogue); direct (default): each thread stores its fragments.
   static const bool tma = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE", {"direct", "tma"}) == "tma";
-  constexpr bool kTmaForm = Epi == kPlain || Epi == kGatedForward;
+  constexpr bool kTmaForm = Epi != kNone;
   if (schedule == FusedGemmSchedule::kPingPong)
     launch_as<Epi, true, false, false>(s, A, lda, B, ldb, b_rows, p, N);
   else if (schedule == FusedGemmSchedule::kMulticast)
