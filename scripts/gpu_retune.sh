@@ -7,8 +7,8 @@
 #         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
 # fusediag: the fused products' epilogues through shared memory and bulk tensor stores (sixty-third session, not yet
 #         run; bundle: mamba3 bench_fused_gemm test_fused_gemm_gpu test_lm_train_gpu): per-product times beside the
-#         direct stores, their tests, the step off / cooperative / multicast with them, memcheck, ncu of the
-#         direct-store product.
+#         direct stores (all three epilogues), their tests, the step off / cooperative / multicast with them,
+#         memcheck, ncu of the direct-store product.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to
