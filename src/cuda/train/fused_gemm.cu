@@ -211,7 +211,7 @@ __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&
 // tile. A buffer is written again only once its copy has read it (bulk_wait_group_read<1>: the other one may still
 // be in flight). ek counts the warpgroup's boxes across its tiles.
 struct TmaOut {
-  const CUtensorMap* map;   // out (plain: D; gated forward: h)
+  const CUtensorMap* map;   // out (plain: D; gated forward: h; gated backward: dh)
   const CUtensorMap* map2;  // gated forward: o
   unsigned char* buf;       // the warpgroup's two buffers
   int bar;                  // its named barrier
