@@ -84,19 +84,18 @@ __device__ __forceinline__ unsigned cluster_rank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
   return r;
 }
-// One arrival on the mbarrier at `local`'s offset in the cluster's block `rank`, with release semantics at cluster
-// scope (the arriving thread's earlier memory operations visible to the whole cluster first).
+// One arrival on the mbarrier at `local`'s offset in the cluster's block `rank`. kCluster: release semantics at cluster
+// scope (the arriving thread's earlier memory operations visible to the whole cluster first); otherwise the
+// instruction's default, release at CTA scope — enough where the arrival only says "my reads of this buffer are done"
+// to a bulk copy that will overwrite it.
+template <bool kCluster = true>
 __device__ __forceinline__ void mbar_arrive_remote(uint64_t* local, unsigned rank) {
   unsigned remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-// mbar_arrive_remote with the instruction's default semantics (release at CTA scope): enough where the arrival only
-// says "my reads of this buffer are done" to a bulk copy that will overwrite it.
-__device__ __forceinline__ void mbar_arrive_remote_cta(uint64_t* local, unsigned rank) {
-  unsigned remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(local)), "r"(rank));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+  if constexpr (kCluster)
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+  else
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 // Every thread of every block of the cluster; shared-memory writes (and mbarrier initialisations) before it are visible
 // to the cluster after it.

@@ -71,7 +71,8 @@ struct Args {
   uint16_t* out2;     // gated forward: o (M, d_ff)
   const uint16_t* h;  // gated backward: h (M, 2·d_ff)
   int64_t d_ff;
-  bool remote_cta;  // multicast: the releases' remote arrivals at CTA scope (mbar_arrive_remote_cta) or cluster scope
+  bool
+      remote_cta;  // multicast: the releases' remote arrivals at CTA scope (mbar_arrive_remote<false>) or cluster scope
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -217,37 +218,33 @@ struct TmaOut {
   int bar;                  // its named barrier
   int ek;
 };
-// One box: write(buf) fills it from the fragments, then it goes to (column c0, row r0) of `map`.
+// kBoxes boxes (one, or the gated backward's da and dg of the same columns): write(buf0, buf1) fills them from the
+// fragments (one box: buf0 alone, the buffer after the previous box's; two: both buffers), then they go to columns
+// c[i], row r0 of `map` in one group. A buffer is written again only once its copy has read it: bulk_wait_group_read
+// leaves in flight the copies of the other buffer (one box) or none (two).
+template <int kBoxes, typename Write>
+__device__ __forceinline__ void tma_boxes(TmaOut& o, const CUtensorMap* map, const int64_t (&c)[kBoxes], int64_t r0,
+                                          Write write) {
+  static_assert(kBoxes == 1 || kBoxes == 2, "two buffers");
+  const bool issuer = threadIdx.x % 128 == 0;
+  unsigned char* buf = o.buf + (o.ek & 1) * 8192;  // (ek stays even with two boxes)
+  if (o.ek >= 2) {
+    if (issuer) bulk_wait_group_read<2 - kBoxes>();
+    asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
+  }
+  write(buf, buf + 8192);
+  fence_proxy_async_shared();
+  asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
+  if (issuer) {
+#pragma unroll
+    for (int i = 0; i < kBoxes; ++i) tma_store_2d(map, int(c[i]), int(r0), buf + i * 8192);
+    bulk_commit_group();
+  }
+  o.ek += kBoxes;
+}
 template <typename Write>
 __device__ __forceinline__ void tma_box(TmaOut& o, const CUtensorMap* map, int64_t c0, int64_t r0, Write write) {
-  const bool issuer = threadIdx.x % 128 == 0;
-  unsigned char* buf = o.buf + (o.ek & 1) * 8192;
-  if (o.ek >= 2) {
-    if (issuer) bulk_wait_group_read<1>();
-    asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
-  }
-  write(buf);
-  fence_proxy_async_shared();
-  asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
-  if (issuer) tma_store_2d(map, int(c0), int(r0), buf), bulk_commit_group();
-  ++o.ek;
-}
-// Two boxes at once (the gated backward's da and dg of the same columns): both buffers, written by write(buf0, buf1),
-// then both copies in one group. The buffers are written again only once both earlier copies have read them.
-template <typename Write>
-__device__ __forceinline__ void tma_box_pair(TmaOut& o, const CUtensorMap* map, int64_t c0, int64_t c1, int64_t r0,
-                                             Write write) {
-  const bool issuer = threadIdx.x % 128 == 0;
-  if (o.ek > 0) {
-    if (issuer) bulk_wait_group_read<0>();
-    asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
-  }
-  write(o.buf, o.buf + 8192);
-  fence_proxy_async_shared();
-  asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
-  if (issuer) tma_store_2d(map, int(c0), int(r0), o.buf), tma_store_2d(map, int(c1), int(r0), o.buf + 8192);
-  if (issuer) bulk_commit_group();
-  o.ek += 2;
+  tma_boxes<1>(o, map, {c0}, r0, [&](unsigned char* b, unsigned char*) { write(b); });
 }
 // The thread's pairs of n-tiles j0 … j0 + 7 of an m64n128 accumulator (columns 8j + 2q, rows 16·warp + lane/4 + 8e)
 // into a 64 × 64 box, each as pair(acc index) → the packed bf16 pair.
@@ -286,7 +283,7 @@ __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const floa
       const float(&acc)[64] = c < 2 ? acc0 : acc1;
       const int64_t cols = col0 + (c < 2 ? 0 : 128);  // the accumulator's first column
       const int cb = c % 2;                           // the box's half of the accumulator
-      tma_box_pair(o, o.map, cols + 64 * cb, p.d_ff + cols + 64 * cb, row_base,
+      tma_boxes<2>(o, o.map, {cols + 64 * cb, p.d_ff + cols + 64 * cb}, row_base,
                    [&](unsigned char* bda, unsigned char* bdg) {
 #pragma unroll
                      for (int e = 0; e < 2; ++e) {
@@ -423,9 +420,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_arrive(&empty[it % kStages]);
     if constexpr (kMc) {
       if (p.remote_cta)
-        mbar_arrive_remote_cta(&empty[it % kStages], rank ^ 1u);
+        mbar_arrive_remote<false>(&empty[it % kStages], rank ^ 1u);
       else
-        mbar_arrive_remote(&empty[it % kStages], rank ^ 1u);
+        mbar_arrive_remote<true>(&empty[it % kStages], rank ^ 1u);
     }
   };
   // The block's tiles in order li = 0, 1, …: cooperative, both warpgroups on each; ping-pong, warpgroup wg on li ≡ wg
