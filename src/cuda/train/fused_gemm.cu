@@ -24,6 +24,7 @@
 #include "cuda/pdl.h"
 #include "cuda/tensor_map.h"
 #include "cuda/train/fused_gemm.h"
+#include "cuda/train/fused_gemm_layout.h"
 #include "cuda/train/gated_silu_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
 #include "cuda/wgmma_bf16.cuh"
@@ -32,7 +33,7 @@ namespace mamba3::cuda {
 namespace {
 
 constexpr int kTileM = 128, kKBlock = 64;
-constexpr int kTmaBufBytes = 2 * 2 * 8192;     // kTma: two 64 × 64 bf16 buffers per consumer warpgroup
+constexpr int kTmaBufBytes = 2 * 2 * fused_layout::kBoxBytes;  // kTma: two 64 × 64 bf16 buffers per consumer warpgroup
 constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 // A producer warpgroup (one thread of it issues the copies) and two consumer warpgroups. The producer's registers go
 // to the consumers (setmaxnreg): the register file is split among the SM's four schedulers, a warp to each in turn, so
@@ -86,8 +87,7 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t v) {
 // The epilogues, per accumulator of m64n128k16. Consumer thread t of a warpgroup: its pair (d[4j + 2e],
 // d[4j + 2e + 1]) is row 16·(t/32 % 4) + (t % 32)/4 + 8e of the accumulator's 64, columns 8j + 2(t % 4) and the next.
 __device__ __forceinline__ int64_t frag_row(int64_t row_base, int e) {
-  const int t = threadIdx.x % 128;
-  return row_base + 16 * (t / 32) + (t % 32) / 4 + 8 * e;
+  return row_base + fused_layout::frag_row(threadIdx.x % 128, e);
 }
 
 // Plain: 128 columns from col0, those past n_valid left out.
@@ -227,17 +227,17 @@ __device__ __forceinline__ void tma_boxes(TmaOut& o, const CUtensorMap* map, con
                                           Write write) {
   static_assert(kBoxes == 1 || kBoxes == 2, "two buffers");
   const bool issuer = threadIdx.x % 128 == 0;
-  unsigned char* buf = o.buf + (o.ek & 1) * 8192;  // (ek stays even with two boxes)
+  unsigned char* buf = o.buf + (o.ek & 1) * fused_layout::kBoxBytes;  // (ek stays even with two boxes)
   if (o.ek >= 2) {
     if (issuer) bulk_wait_group_read<2 - kBoxes>();
     asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
   }
-  write(buf, buf + 8192);
+  write(buf, buf + fused_layout::kBoxBytes);
   fence_proxy_async_shared();
   asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
   if (issuer) {
 #pragma unroll
-    for (int i = 0; i < kBoxes; ++i) tma_store_2d(map, int(c[i]), int(r0), buf + i * 8192);
+    for (int i = 0; i < kBoxes; ++i) tma_store_2d(map, int(c[i]), int(r0), buf + i * fused_layout::kBoxBytes);
     bulk_commit_group();
   }
   o.ek += kBoxes;
@@ -250,13 +250,12 @@ __device__ __forceinline__ void tma_box(TmaOut& o, const CUtensorMap* map, int64
 // into a 64 × 64 box, each as pair(acc index) → the packed bf16 pair.
 template <typename Pair>
 __device__ __forceinline__ void write_box(unsigned char* buf, int j0, Pair pair) {
-  const int t = threadIdx.x % 128, g = t % 32 / 4, q = t % 4;
+  const int t = threadIdx.x % 128;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    const int r = 16 * (t / 32) + g + 8 * e;
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj)
-      *reinterpret_cast<uint32_t*>(buf + r * 128 + ((jj ^ g) << 4) + 4 * q) = pair(4 * (j0 + jj) + 2 * e);
+      *reinterpret_cast<uint32_t*>(buf + fused_layout::box_pair_offset(t, e, jj)) = pair(4 * (j0 + jj) + 2 * e);
   }
 }
 template <int Epi>
@@ -277,7 +276,7 @@ __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const floa
     // da and dg of 64 columns at a time: do's pairs exchanged in each quad as gated_backward_span does (lane q: n-tile
     // 4·jg + q's eight columns), h's a and g loaded 16 bytes per lane, and da, dg written as 16-byte chunks of the
     // boxes (chunk 4·jh + q of row r at (4·jh + q) ^ (r % 8)).
-    const int t = threadIdx.x % 128, g = t % 32 / 4, q = t % 4;
+    const int t = threadIdx.x % 128, q = t % 4;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const float(&acc)[64] = c < 2 ? acc0 : acc1;
@@ -287,9 +286,9 @@ __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const floa
                    [&](unsigned char* bda, unsigned char* bdg) {
 #pragma unroll
                      for (int e = 0; e < 2; ++e) {
-                       const int r = 16 * (t / 32) + g + 8 * e;
-                       const int64_t row = row_base + r;
+                       const int64_t row = row_base + fused_layout::frag_row(t, e);
                        const uint16_t* h = p.h + row * 2 * p.d_ff;
+                       uint4 da_v[2], dg_v[2];  // the lane's 16 bytes of n-tile 4·jh + q, jh = 0, 1
 #pragma unroll
                        for (int jh = 0; jh < 2; ++jh) {
                          const int jg = 2 * cb + jh;
@@ -316,9 +315,16 @@ __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const floa
                            gated_silu::backward(dd.y, a.y, gg.y, da1, dg1);
                            da4[k] = pack_bf16(da0, da1), dg4[k] = pack_bf16(dg0, dg1);
                          }
-                         const int off = r * 128 + (((4 * jh + q) ^ g) << 4);
-                         *reinterpret_cast<uint4*>(bda + off) = make_uint4(da4[0], da4[1], da4[2], da4[3]);
-                         *reinterpret_cast<uint4*>(bdg + off) = make_uint4(dg4[0], dg4[1], dg4[2], dg4[3]);
+                         da_v[jh] = make_uint4(da4[0], da4[1], da4[2], da4[3]);
+                         dg_v[jh] = make_uint4(dg4[0], dg4[1], dg4[2], dg4[3]);
+                       }
+                       // (store s takes jh = s on even fragment rows, 1 − s on odd ones: fused_layout::quad_half)
+                       const bool swap = fused_layout::quad_half(t, 0) == 1;
+#pragma unroll
+                       for (int s = 0; s < 2; ++s) {
+                         const int off = fused_layout::box_quad_offset(t, e, fused_layout::quad_half(t, s));
+                         *reinterpret_cast<uint4*>(bda + off) = swap ? da_v[1 - s] : da_v[s];
+                         *reinterpret_cast<uint4*>(bdg + off) = swap ? dg_v[1 - s] : dg_v[s];
                        }
                      }
                    });
@@ -430,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // warpgroup's wait on a stage at most one phase ahead of that stage's barrier (the other's stages between are
   // consumed), which the parity waits need, and make the schedule: one warpgroup's epilogue under the other's products.
   int64_t band, col_tile;
-  TmaOut tma_out{&omap, &omap2, smem + kStages * kStageBytes + wg * 16384, 1 + wg, 0};
+  TmaOut tma_out{&omap, &omap2, smem + kStages * kStageBytes + wg * 2 * fused_layout::kBoxBytes, 1 + wg, 0};
   for (int64_t li = kPing ? wg : 0; tile_at(li, band, col_tile); li += kPing ? 2 : 1) {
     if (kPing && li > 0) mbar_wait(&turn[wg], unsigned(((li - 1) / 2) & 1));
     // Cooperative: one m64n256 accumulator over both boxes (box 1 follows box 0 in the stage, so one descriptor spans
