@@ -1,6 +1,7 @@
 // The fused training products (src/cuda/train/fused_gemm.cu) against cuBLAS and the element-wise kernels they
 // replace, at the GatedMLP's shapes (default: 125M, 16384 rows, D 768, d_ff 1536). Prints µs per call (CUDA events,
-// the median of 5 runs of 20 calls) and TFLOP/s of the product. Usage: bench_fused_gemm [rows] [D] [d_ff]
+// the median of 5 runs of 20 calls) and TFLOP/s of the product, then the step's other bf16-result A·Bᵀ products
+// against the plain kernel. Usage: bench_fused_gemm [rows] [D] [d_ff]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -69,6 +70,8 @@ int main(int argc, char** argv) {
     std::printf("bench_fused_gemm: needs an sm_90 device\n");
     return 0;
   }
+  // (the cuBLAS rows are TrainGemm's products: kept on cuBLAS whatever the caller's environment says)
+  unsetenv("MAMBA3_TRAIN_FUSED_GEMM_PLAIN");
   cuda::Context ctx;
   cuda::TrainGemm gemm(cuda::Precision::BF16);
   const cudaStream_t s = ctx.stream();
@@ -126,6 +129,26 @@ int main(int argc, char** argv) {
     row(label("do: fused product, plain epilogue", sch).c_str(), p2, f2);
     row(label("do: fused product with the activation bwd", sch).c_str(), g2, f2);
     row(label("do: fused, with the transpose", sch).c_str(), g2 + t2, f2);
+  }
+  // The step's other A·Bᵀ products with a bf16 result, which MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1 moves onto the plain
+  // kernel (the 125M shapes at D 768: in_proj's 3432 columns, out_proj and fc2 over K 1536, the lm_head's 50280
+  // logits), the default schedule.
+  struct Product {
+    const char* name;
+    int64_t n, k;
+  };
+  for (const Product& pr :
+       {Product{"in_proj", 3432, D}, Product{"out_proj / fc2", D, 2 * D}, Product{"lm_head logits", 50280, D}}) {
+    cuda::DeviceBuffer a = random_bf16(M * pr.k, rng), b = random_bf16(pr.n * pr.k, rng), c(size_t(M * pr.n) * 2);
+    const auto* A = a.as<uint16_t>();
+    const auto* B = b.as<uint16_t>();
+    auto* C = c.as<uint16_t>();
+    const double fl = 2.0 * M * pr.n * pr.k;
+    const double cb =
+        time_us(s, [&] { gemm.run_bf16_out(ctx, false, true, M, pr.n, pr.k, 1.0f, A, pr.k, B, pr.k, C, pr.n); });
+    const double fu = time_us(s, [&] { cuda::fused_gemm_plain(s, A, pr.k, B, pr.k, M, pr.n, pr.k, C, pr.n); });
+    row((std::string(pr.name) + ": cuBLAS").c_str(), cb, fl);
+    row((std::string(pr.name) + ": fused plain").c_str(), fu, fl);
   }
   return 0;
 }

@@ -6,8 +6,10 @@
 # fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
 #         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
 # fusediag: the fused products' epilogues through shared memory and bulk tensor stores (sixty-third session, not yet
-#         run; bundle: mamba3 bench_fused_gemm test_fused_gemm_gpu test_lm_train_gpu): per-product times beside the
-#         direct stores (all three epilogues), their tests, the step off / cooperative / multicast with them,
+#         run; bundle: mamba3 bench_fused_gemm test_fused_gemm_gpu test_lm_train_gpu test_train_ops_gpu): per-product
+#         times beside the direct stores (all three epilogues; then in_proj, out_proj/fc2 and the lm_head's logits on
+#         the plain kernel against cuBLAS), their tests, the step off / cooperative / multicast with them, the step with
+#         every bf16-result A·Bᵀ product on the plain kernel (MAMBA3_TRAIN_FUSED_GEMM_PLAIN, sixty-fourth session),
 #         memcheck, ncu of the direct-store product.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
@@ -83,8 +85,8 @@ if [[ $what == fusediag ]]; then
   # The sixty-third session found the direct-store epilogue costing ≈ 80 µs of fc1's 173 (the mainloop with its
   # products, nothing stored: 92.9); these are the shared-memory + bulk-store epilogues' questions.
   bin=$(dirname "$MAMBA3_BIN")
-  timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench.txt" | tail -26
-  MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 60 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench_tma.txt" |
+  timeout 90 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench.txt" | tail -40
+  MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 90 "$bin/bench_fused_gemm" 2>&1 | tee "$OUT/fusediag_bench_tma.txt" |
     grep -E "fused|rror"
   MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 60 "$bin/test_fused_gemm_gpu" \
     > "$OUT/fusediag_tests.txt" 2>&1
@@ -94,10 +96,15 @@ if [[ $what == fusediag ]]; then
     train_row fused-coop-tma MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma
     train_row fused-mc-tma MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma \
       MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast
+    train_row plain-tma MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma
+    train_row all-tma MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma
   done
-  MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 240 "$bin/test_lm_train_gpu" \
-    > "$OUT/fusediag_lm.txt" 2>&1
-  echo "test_lm_train_gpu (fused, tma) rc=$?"
+  MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 120 "$bin/test_train_ops_gpu" \
+    --gtest_filter='*Bf16Output*:*LmHead*' > "$OUT/fusediag_plain_ops.txt" 2>&1
+  echo "test_train_ops_gpu (plain kernel, tma) rc=$?"; tail -1 "$OUT/fusediag_plain_ops.txt"
+  MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 240 \
+    "$bin/test_lm_train_gpu" > "$OUT/fusediag_lm.txt" 2>&1
+  echo "test_lm_train_gpu (fused and plain kernels, tma) rc=$?"
   MAMBA3_TRAIN_FUSED_GEMM=1 MAMBA3_TRAIN_FUSED_GEMM_STORE=tma timeout 180 compute-sanitizer --tool memcheck \
     "$bin/test_fused_gemm_gpu" > "$OUT/fusediag_memcheck.txt" 2>&1
   echo "memcheck rc=$? $(grep 'ERROR SUMMARY' "$OUT/fusediag_memcheck.txt")"

@@ -780,8 +780,11 @@ TEST(TrainOpsGpu, TrainGemmBf16OutputIsTheRoundedProduct) {
     int64_t m, n, k;
     bool ta, tb;
   };
+  // (the A·Bᵀ cases with N and K multiples of 8 also run on the fused products' kernel under
+  // MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1: ctest's test_train_ops_gpu_fused_plain; 300 × 520 × 776: several row bands, a
+  // partial column tile and k-block)
   for (const Case& c : {Case{33, 1000, 64, false, true}, Case{5, 7, 130, false, true}, Case{1, 259, 48, false, false},
-                        Case{67, 130, 48, true, false}}) {
+                        Case{67, 130, 48, true, false}, Case{300, 520, 776, false, true}}) {
     SCOPED_TRACE(fmt::format("m {} n {} k {} ta {} tb {}", c.m, c.n, c.k, c.ta, c.tb));
     const int64_t lda = c.ta ? c.m : c.k, ldb = c.tb ? c.k : c.n;
     const std::vector<uint16_t> a = bf16_bits(random_tensor(rng, {c.m * c.k})),

@@ -1,6 +1,11 @@
 # GPU training's dense ops and AdamW against their CPU counterparts (label cuda).
 mamba3_cuda_test(test_train_ops_gpu ${CMAKE_CURRENT_LIST_DIR}/test_train_ops_gpu.cpp)
 target_link_libraries(test_train_ops_gpu PRIVATE mamba3_cuda_train_ops)
+# TrainGemm's bf16-result A·Bᵀ products and the lm_head on the fused products' plain kernel (MAMBA3_TRAIN_FUSED_GEMM_PLAIN;
+# without an sm_90 device the products stay on cuBLAS).
+add_test(NAME test_train_ops_gpu_fused_plain COMMAND test_train_ops_gpu --gtest_filter=*Bf16Output*:*LmHead*)
+set_tests_properties(test_train_ops_gpu_fused_plain PROPERTIES LABELS cuda SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
+                     ENVIRONMENT MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1)
 # Product operands rounded by their producers against rounding afterwards (label cuda).
 mamba3_cuda_test(test_train_bf16_operands_gpu ${CMAKE_CURRENT_LIST_DIR}/test_train_bf16_operands_gpu.cpp)
 target_link_libraries(test_train_bf16_operands_gpu PRIVATE mamba3_cuda_train_ops)

@@ -1,7 +1,8 @@
 // bf16 training products with the GatedMLP's element-wise halves in their epilogues (fused_gemm.h). sm_90a only.
 //
 // A block per SM walks the output tiles (128 rows × 256 columns) in order tile = blockIdx.x + i·gridDim.x, the
-// columns of a row band fastest (its A rows stay in L2 while the band's tiles run). Warps 4–11 are two consumer
+// columns of a row band fastest (the resident tiles share their A rows; B stays in L2 across bands), or the bands of
+// a column tile fastest where B is the larger operand (Args::bands_fastest). Warps 4–11 are two consumer
 // warpgroups (rows 64·wg … + 63 of the tile, wgmma m64n128k16 twice per k-step: the tile's two 128-column halves);
 // warp 0's lane 0 is the producer (warps 1–3 only give their registers away). Per 64-column k-block a stage holds A's
 // 128 × 64 box and B's two 128 × 64 boxes
@@ -74,6 +75,9 @@ struct Args {
   int64_t d_ff;
   bool
       remote_cta;  // multicast: the releases' remote arrivals at CTA scope (mbar_arrive_remote<false>) or cluster scope
+  // The tile order: a column tile's row bands fastest (B's tile read once while A stays in L2: where B is the larger
+  // operand, e.g. the lm_head's 50280 rows) or, by default, a row band's column tiles fastest.
+  bool bands_fastest;
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -375,7 +379,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto tile_at = [&](int64_t li, int64_t& band, int64_t& col_tile) {
     const int64_t u = first + li * stride;
     if (u >= units) return false;
-    band = kMc ? 2 * (u / p.tiles_n) + rank : u / p.tiles_n, col_tile = u % p.tiles_n;
+    if (!kMc && p.bands_fastest)
+      band = u % bands, col_tile = u / bands;
+    else
+      band = kMc ? 2 * (u / p.tiles_n) + rank : u / p.tiles_n, col_tile = u % p.tiles_n;
     return true;
   };
   constexpr unsigned kConsumerWarps = kConsumerThreads / 32,
@@ -542,6 +549,9 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   static const bool remote_cta = env_choice("MAMBA3_TRAIN_FUSED_GEMM_REMOTE", {"cluster", "cta"}) != "cluster";
   p.remote_cta = remote_cta;
   if (Epi != kGatedForward) p.b_second = S::kBRows;
+  // (the tiles resident at once read B's column tiles of about one row band: a B larger than A, which L2 cannot keep
+  // across bands, would come from DRAM once per band — 128 times for the lm_head's 77 MB at 16384 rows)
+  p.bands_fastest = !kMc && b_rows > p.M;
   const CUtensorMap amap = operand_map(A, p.M, p.K, lda, kTileM), bmap = operand_map(B, b_rows, p.K, ldb, S::kBRows);
   // kTma: the outputs in 64 × 64 boxes (plain: D's n_valid columns; gated forward: h's 2·d_ff and o's d_ff; gated
   // backward: dh's 2·d_ff)
@@ -605,6 +615,12 @@ bool fused_gemm_enabled() {
     const std::string v = env_choice("MAMBA3_TRAIN_FUSED_GEMM", {"1", "0"});
     return fused_gemm_device_supported() && (v.empty() ? kFusedGemmDefault : v == "1");
   }();
+  return on;
+}
+
+bool fused_gemm_plain_enabled() {
+  static const bool on =
+      fused_gemm_device_supported() && env_choice("MAMBA3_TRAIN_FUSED_GEMM_PLAIN", {"1", "0"}) == "1";
   return on;
 }
 

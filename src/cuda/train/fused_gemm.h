@@ -19,6 +19,10 @@ bool fused_gemm_device_supported();
 // Whether the GatedMLP takes them: a supported device and MAMBA3_TRAIN_FUSED_GEMM (read once; "1" | "0", default
 // kFusedGemmDefault). The callers fall back to cuBLAS and the element-wise kernels otherwise.
 bool fused_gemm_enabled();
+// Whether TrainGemm's bf16-result products of the form A·Bᵀ (the forward projections: in_proj, out_proj, fc1 and fc2
+// outside the gated form, the lm_head's logits) take fused_gemm_plain instead of cuBLAS: a supported device and
+// MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1 (read once; off by default: for measurement against cuBLAS).
+bool fused_gemm_plain_enabled();
 
 // kMulticast: the cooperative tiles in clusters of two blocks along M that share B's boxes (each block copies one into
 // both blocks' shared memory), a third less traffic out of L2 per block.

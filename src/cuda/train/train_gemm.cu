@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda/pdl.h"
+#include "cuda/train/fused_gemm.h"
 #include "cuda/train/train_gemm.h"
 #include "cuda/train/train_gemm_algos.h"
 #include "cuda/train/train_gemm_profile.h"
@@ -184,7 +185,11 @@ void TrainGemm::run_bf16_out(const Context& ctx, bool ta, bool tb, int64_t m, in
   const GemmCall call{ta, tb, true, false, m, n, k, lda, ldb, ldc};
   const bool profiled = gemm_profile::recording();
   if (profiled) gemm_profile::before(ctx.stream());
-  if (!lt_ || !lt_->run(ctx, call, alpha, beta, A, B, C))
+  // (MAMBA3_TRAIN_FUSED_GEMM_PLAIN=1: C = A·Bᵀ on the fused products' TMA + wgmma kernel, where its shapes fit)
+  if (!ta && tb && alpha == 1.0f && fused_gemm_plain_enabled() &&
+      fused_gemm_plain_supported(A, lda, B, ldb, n, k, C, ldc))
+    fused_gemm_plain(ctx.stream(), A, lda, B, ldb, m, n, k, C, ldc);
+  else if (!lt_ || !lt_->run(ctx, call, alpha, beta, A, B, C))
     MAMBA3_CUBLAS_CHECK(cublasGemmEx(ctx.cublas(), opb, opa, int(n), int(m), int(k), &alpha, B, CUDA_R_16BF, int(ldb),
                                      A, CUDA_R_16BF, int(lda), &beta, C, CUDA_R_16BF, int(ldc), CUBLAS_COMPUTE_32F,
                                      CUBLAS_GEMM_DEFAULT));
