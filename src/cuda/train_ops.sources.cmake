@@ -13,11 +13,5 @@ if(TARGET mamba3_cuda)
   )
   target_link_libraries(mamba3_cuda_train_ops PUBLIC mamba3_cuda)
   set_target_properties(mamba3_cuda_train_ops PROPERTIES CUDA_ARCHITECTURES "${MAMBA3_CUDA_ARCH}")
-  # The fused products (train/fused_gemm.cu) issue wgmma, which only the sm_90a target has: compiled for it alone,
-  # as the stream GEMM is (src/cuda/CMakeLists.txt).
-  add_library(mamba3_cuda_train_sm90a OBJECT ${CMAKE_CURRENT_LIST_DIR}/train/fused_gemm.cu)
-  set_target_properties(mamba3_cuda_train_sm90a PROPERTIES CUDA_ARCHITECTURES OFF)
-  target_compile_options(mamba3_cuda_train_sm90a PRIVATE -gencode=arch=compute_90a,code=sm_90a)
-  target_link_libraries(mamba3_cuda_train_sm90a PRIVATE mamba3_cuda CUDA::cudart)
-  target_sources(mamba3_cuda_train_ops PRIVATE $<TARGET_OBJECTS:mamba3_cuda_train_sm90a>)
+  # (the fused products, train/fused_gemm.cu, are in mamba3_cuda's sm_90a objects: TrainGemm calls them)
 endif()
