@@ -34,7 +34,12 @@ namespace mamba3::cuda {
 namespace {
 
 constexpr int kTileM = 128, kKBlock = 64;
-constexpr int kTmaBufBytes = 2 * 2 * fused_layout::kBoxBytes;  // kTma: two 64 × 64 bf16 buffers per consumer warpgroup
+// kTma: kTmaBufs 64 × 64 bf16 buffers per consumer warpgroup (two: measured on the sixty-fourth session's H100, where
+// the gated epilogues waited on the copies' reads of the buffers they refill). Four (three stages then, for shared
+// memory) would let more of a tile's boxes drain under the next tile's products: built, not yet measured — the
+// gated forward's instances then spill ≈ 130 bytes.
+constexpr int kTmaBufs = 2;
+constexpr int kTmaBufBytes = 2 * kTmaBufs * fused_layout::kBoxBytes;
 constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 // A producer warpgroup (one thread of it issues the copies) and two consumer warpgroups. The producer's registers go
 // to the consumers (setmaxnreg): the register file is split among the SM's four schedulers, a warp to each in turn, so
@@ -50,12 +55,12 @@ enum Epilogue : int { kPlain = 0, kGatedForward = 1, kGatedBackward = 2, kNone =
 // The two schedules' shapes. Cooperative: both consumer warpgroups on one 128 × 256 tile (rows 64·wg …), B's boxes of
 // 128 rows being the tile's column halves. Ping-pong: each warpgroup on its own 128 × 128 tile, the two taking turns
 // with their products (one's epilogue under the other's products), B's boxes of 64 rows side by side in the stage.
-template <bool kPing>
+template <bool kPing, bool kTma = false>
 struct Shape {
   static constexpr int kBRows = kPing ? 64 : 128;  // rows of each of B's two boxes per stage
   static constexpr int kBBytes = kBRows * kKBlock * 2;
   static constexpr int kStageBytes = kABytes + 2 * kBBytes;  // 32 or 48 KB
-  static constexpr int kStages = kPing ? 6 : 4;
+  static constexpr int kStages = kPing ? 6 : kTma && kTmaBufs > 2 ? 3 : 4;  // (more buffers take the fourth stage)
   // (the stages, the full and empty barriers, the ping-pong's two turn barriers, room for the 1024-byte alignment)
   static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + (2 * kStages + 2) * sizeof(uint64_t) + 1024;
   // B rows a tile advances by: the gated forward's tile takes kBRows value rows and their gate rows, the others both
@@ -210,11 +215,11 @@ __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&
 }
 
 // The cooperative tile's epilogue through shared memory (kTma, MAMBA3_TRAIN_FUSED_GEMM_STORE=tma): the warpgroup's
-// 64 rows leave in boxes of 64 × 64 bf16, each written by the warpgroup into one of its two 8 KB buffers (128-byte
-// swizzle: 16-byte chunk c of row r at c ^ (r % 8), so a warp's eight rows fill all 32 banks) and stored by one
-// thread as a bulk tensor copy, which runs on while the warpgroup fills the other buffer and goes on to the next
-// tile. A buffer is written again only once its copy has read it (bulk_wait_group_read<1>: the other one may still
-// be in flight). ek counts the warpgroup's boxes across its tiles.
+// 64 rows leave in boxes of 64 × 64 bf16, each written by the warpgroup into the next of its kTmaBufs 8 KB buffers
+// (128-byte swizzle: 16-byte chunk c of row r at c ^ (r % 8), so a warp's eight rows fill all 32 banks) and stored by
+// one thread as a bulk tensor copy, which runs on while the warpgroup fills the next buffer and goes on to the next
+// tile. A buffer is written again only once its copy has read it (bulk_wait_group_read: the later copies may still be
+// in flight). ek counts the warpgroup's boxes across its tiles.
 struct TmaOut {
   const CUtensorMap* map;   // out (plain: D; gated forward: h; gated backward: dh)
   const CUtensorMap* map2;  // gated forward: o
@@ -223,17 +228,17 @@ struct TmaOut {
   int ek;
 };
 // kBoxes boxes (one, or the gated backward's da and dg of the same columns): write(buf0, buf1) fills them from the
-// fragments (one box: buf0 alone, the buffer after the previous box's; two: both buffers), then they go to columns
-// c[i], row r0 of `map` in one group. A buffer is written again only once its copy has read it: bulk_wait_group_read
-// leaves in flight the copies of the other buffer (one box) or none (two).
+// fragments (one box: buf0 alone, the buffer after the previous box's; two: two adjacent buffers), then they go to
+// columns c[i], row r0 of `map` in one group. A buffer is written again only once its copy has read it:
+// bulk_wait_group_read leaves in flight the groups of the other buffers.
 template <int kBoxes, typename Write>
 __device__ __forceinline__ void tma_boxes(TmaOut& o, const CUtensorMap* map, const int64_t (&c)[kBoxes], int64_t r0,
                                           Write write) {
   static_assert(kBoxes == 1 || kBoxes == 2, "two buffers");
   const bool issuer = threadIdx.x % 128 == 0;
-  unsigned char* buf = o.buf + (o.ek & 1) * fused_layout::kBoxBytes;  // (ek stays even with two boxes)
-  if (o.ek >= 2) {
-    if (issuer) bulk_wait_group_read<2 - kBoxes>();
+  unsigned char* buf = o.buf + (o.ek % kTmaBufs) * fused_layout::kBoxBytes;  // (ek stays even with two boxes)
+  if (o.ek >= kTmaBufs) {
+    if (issuer) bulk_wait_group_read<(kTmaBufs - kBoxes) / kBoxes>();
     asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
   }
   write(buf, buf + fused_layout::kBoxBytes);
@@ -360,12 +365,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   pdl_wait();
   static_assert(!(kPing && kMc), "the multicast form is cooperative");
   static_assert(!kTma || (!kPing && Epi != kNone), "shared-memory epilogues: cooperative");
-  using S = Shape<kPing>;
+  using S = Shape<kPing, kTma>;
   constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  // (kTma: the consumers' epilogue buffers, 2 × 2 × 8 KB, after the stages)
+  // (kTma: the consumers' epilogue buffers, 2 × kTmaBufs × 8 KB, after the stages)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + (kTma ? kTmaBufBytes : 0));
   uint64_t* empty = full + kStages;
   uint64_t* turn = empty + kStages;  // ping-pong: turn[c], consumer warpgroup c may start its products
@@ -443,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // warpgroup's wait on a stage at most one phase ahead of that stage's barrier (the other's stages between are
   // consumed), which the parity waits need, and make the schedule: one warpgroup's epilogue under the other's products.
   int64_t band, col_tile;
-  TmaOut tma_out{&omap, &omap2, smem + kStages * kStageBytes + wg * 2 * fused_layout::kBoxBytes, 1 + wg, 0};
+  TmaOut tma_out{&omap, &omap2, smem + kStages * kStageBytes + wg * kTmaBufs * fused_layout::kBoxBytes, 1 + wg, 0};
   for (int64_t li = kPing ? wg : 0; tile_at(li, band, col_tile); li += kPing ? 2 : 1) {
     if (kPing && li > 0) mbar_wait(&turn[wg], unsigned(((li - 1) / 2) & 1));
     // Cooperative: one m64n256 accumulator over both boxes (box 1 follows box 0 in the stage, so one descriptor spans
@@ -537,7 +542,7 @@ int multicast_clusters(Kernel kernel, size_t smem) {
 template <int Epi, bool kPing, bool kMc, bool kTma>
 void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_t ldb, int64_t b_rows, Args p,
                int64_t N) {
-  using S = Shape<kPing>;
+  using S = Shape<kPing, kTma>;
   if (p.M <= 0) return;
   constexpr auto kernel = fused_gemm_kernel<Epi, kPing, kMc, kTma>;
   constexpr size_t smem = S::kSmemBytes + (kTma ? kTmaBufBytes : 0);
