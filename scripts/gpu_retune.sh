@@ -5,11 +5,12 @@
 #   OUT=… scripts/gpu_retune.sh [train|fused|fusediag|kv|decode|deferred|wide|options|all] [rounds]
 # fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
 #         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
-# fusediag: the fused products' epilogues through shared memory and bulk tensor stores (sixty-third session, not yet
-#         run; bundle: mamba3 bench_fused_gemm test_fused_gemm_gpu test_lm_train_gpu test_train_ops_gpu): per-product
-#         times beside the direct stores (all three epilogues; then in_proj, out_proj/fc2 and the lm_head's logits on
+# fusediag: the fused products' epilogues through shared memory and bulk tensor stores (sixty-third session; first
+#         run in the sixty-fourth: plain at cuBLAS's pace, gated slower; bundle: mamba3 bench_fused_gemm
+#         test_fused_gemm_gpu test_lm_train_gpu test_train_ops_gpu): per-product times beside the direct stores (all three epilogues; then in_proj, out_proj/fc2 and the lm_head's logits on
 #         the plain kernel against cuBLAS), their tests, the step off / cooperative / multicast with them, the step with
-#         every bf16-result A·Bᵀ product on the plain kernel (MAMBA3_TRAIN_FUSED_GEMM_PLAIN, sixty-fourth session),
+#         every bf16-result A·Bᵀ product on the plain kernel (MAMBA3_TRAIN_FUSED_GEMM_PLAIN, sixty-fourth session;
+#         for kTmaBufs = 4 rebuild with that constant in src/cuda/train/fused_gemm.cu),
 #         memcheck, ncu of the direct-store product.
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
