@@ -3,11 +3,7 @@
 // where the row epilogue keeps and reads them. Plain C++ shared by the kernel and a host
 // test (tests/cuda/test_stream_gemm_layout.cpp, label cpu), so that CI checks the coverage of every mapping without
 // a GPU.
-#if defined(__CUDACC__)
-#define MAMBA3_LAYOUT_FN __host__ __device__ __forceinline__ constexpr
-#else
-#define MAMBA3_LAYOUT_FN inline constexpr
-#endif
+#include "cuda/layout_fn.h"
 
 namespace mamba3::cuda::stream_layout {
 
@@ -35,5 +31,3 @@ MAMBA3_LAYOUT_FN RowRange epilogue_rows(int rank, int split, int nb) {
 }
 
 }  // namespace mamba3::cuda::stream_layout
-
-#undef MAMBA3_LAYOUT_FN

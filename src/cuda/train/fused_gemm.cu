@@ -234,7 +234,7 @@ struct TmaOut {
 template <int kBoxes, typename Write>
 __device__ __forceinline__ void tma_boxes(TmaOut& o, const CUtensorMap* map, const int64_t (&c)[kBoxes], int64_t r0,
                                           Write write) {
-  static_assert(kBoxes == 1 || kBoxes == 2, "two buffers");
+  static_assert((kBoxes == 1 || kBoxes == 2) && kTmaBufs % 2 == 0, "groups of one or two of an even count of buffers");
   const bool issuer = threadIdx.x % 128 == 0;
   unsigned char* buf = o.buf + (o.ek % kTmaBufs) * fused_layout::kBoxBytes;  // (ek stays even with two boxes)
   if (o.ek >= kTmaBufs) {

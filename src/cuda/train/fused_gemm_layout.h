@@ -4,11 +4,7 @@
 // 64 × 64 bf16 box that a bulk tensor store with the 128-byte swizzle reads. Plain C++ shared by the kernel and a host
 // test (tests/cuda/test_fused_gemm_layout.cpp, label cpu), so that CI checks the boxes' coverage and bank pattern
 // without a GPU.
-#if defined(__CUDACC__)
-#define MAMBA3_LAYOUT_FN __host__ __device__ __forceinline__ constexpr
-#else
-#define MAMBA3_LAYOUT_FN inline constexpr
-#endif
+#include "cuda/layout_fn.h"
 
 namespace mamba3::cuda::fused_layout {
 
@@ -34,5 +30,3 @@ MAMBA3_LAYOUT_FN int box_quad_offset(int t, int e, int jh) { return box_chunk_of
 MAMBA3_LAYOUT_FN int quad_half(int t, int s) { return s ^ ((t % 32 / 4) & 1); }
 
 }  // namespace mamba3::cuda::fused_layout
-
-#undef MAMBA3_LAYOUT_FN
