@@ -31,3 +31,13 @@ set_tests_properties(test_fused_gemm_gpu_mlp_multicast PROPERTIES LABELS cuda EN
 add_test(NAME test_fused_gemm_gpu_tma COMMAND test_fused_gemm_gpu)
 set_tests_properties(test_fused_gemm_gpu_tma PROPERTIES LABELS cuda ENVIRONMENT
                      "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma")
+# The same with four buffers per warpgroup (three stages), and with the gated backward's direct stores beside them.
+add_test(NAME test_fused_gemm_gpu_tma4 COMMAND test_fused_gemm_gpu)
+set_tests_properties(test_fused_gemm_gpu_tma4 PROPERTIES LABELS cuda ENVIRONMENT
+                     "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma;MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS=4")
+add_test(NAME test_fused_gemm_gpu_tma_pingpong COMMAND test_fused_gemm_gpu)
+set_tests_properties(test_fused_gemm_gpu_tma_pingpong PROPERTIES LABELS cuda ENVIRONMENT
+                     "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma;MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=pingpong")
+add_test(NAME test_fused_gemm_gpu_tma_bwd_direct COMMAND test_fused_gemm_gpu)
+set_tests_properties(test_fused_gemm_gpu_tma_bwd_direct PROPERTIES LABELS cuda ENVIRONMENT
+                     "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma;MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD=direct")

@@ -34,12 +34,12 @@ namespace mamba3::cuda {
 namespace {
 
 constexpr int kTileM = 128, kKBlock = 64;
-// kTma: kTmaBufs 64 × 64 bf16 buffers per consumer warpgroup (two: measured on the sixty-fourth session's H100, where
-// the gated epilogues waited on the copies' reads of the buffers they refill). Four (three stages then, for shared
-// memory) would let more of a tile's boxes drain under the next tile's products: built, not yet measured — the
-// gated forward's instances then spill ≈ 130 bytes.
-constexpr int kTmaBufs = 2;
-constexpr int kTmaBufBytes = 2 * kTmaBufs * fused_layout::kBoxBytes;
+// kBufs (a template parameter): the shared-memory epilogue's 64 × 64 bf16 buffers per consumer warpgroup, 0 for the
+// direct stores. Two leave the four stages (measured on the sixty-fourth session's H100, where the gated epilogues
+// waited on the copies' reads of the buffers they refill); four take the fourth stage's room
+// (MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS=4) so that more of a tile's boxes drain under the next tile's products.
+template <int kBufs>
+constexpr int kTmaBufBytes = 2 * kBufs* fused_layout::kBoxBytes;
 constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 // A producer warpgroup (one thread of it issues the copies) and two consumer warpgroups. The producer's registers go
 // to the consumers (setmaxnreg): the register file is split among the SM's four schedulers, a warp to each in turn, so
@@ -55,12 +55,14 @@ enum Epilogue : int { kPlain = 0, kGatedForward = 1, kGatedBackward = 2, kNone =
 // The two schedules' shapes. Cooperative: both consumer warpgroups on one 128 × 256 tile (rows 64·wg …), B's boxes of
 // 128 rows being the tile's column halves. Ping-pong: each warpgroup on its own 128 × 128 tile, the two taking turns
 // with their products (one's epilogue under the other's products), B's boxes of 64 rows side by side in the stage.
-template <bool kPing, bool kTma = false>
+template <bool kPing, int kBufs = 0>
 struct Shape {
   static constexpr int kBRows = kPing ? 64 : 128;  // rows of each of B's two boxes per stage
   static constexpr int kBBytes = kBRows * kKBlock * 2;
   static constexpr int kStageBytes = kABytes + 2 * kBBytes;  // 32 or 48 KB
-  static constexpr int kStages = kPing ? 6 : kTma && kTmaBufs > 2 ? 3 : 4;  // (more buffers take the fourth stage)
+  // (the epilogue's buffers take the room of the stages: four per warpgroup that of a fourth 48 KB stage, or of two
+  // of ping-pong's 32 KB stages)
+  static constexpr int kStages = kPing ? (kBufs > 2 ? 4 : 6) : kBufs > 2 ? 3 : 4;
   // (the stages, the full and empty barriers, the ping-pong's two turn barriers, room for the 1024-byte alignment)
   static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + (2 * kStages + 2) * sizeof(uint64_t) + 1024;
   // B rows a tile advances by: the gated forward's tile takes kBRows value rows and their gate rows, the others both
@@ -83,6 +85,10 @@ struct Args {
   // The tile order: a column tile's row bands fastest (B's tile read once while A stays in L2: where B is the larger
   // operand, e.g. the lm_head's 50280 rows) or, by default, a row band's column tiles fastest.
   bool bands_fastest;
+  // Gated backward: the producer asks L2 for the tile's rows of h (a and g, omap2) as it starts the tile's copies, so
+  // that the epilogue's loads of h, a tile's products later, hit L2 rather than DRAM
+  // (MAMBA3_TRAIN_FUSED_GEMM_PREFETCH).
+  bool prefetch_h;
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -215,7 +221,7 @@ __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&
 }
 
 // The cooperative tile's epilogue through shared memory (kTma, MAMBA3_TRAIN_FUSED_GEMM_STORE=tma): the warpgroup's
-// 64 rows leave in boxes of 64 × 64 bf16, each written by the warpgroup into the next of its kTmaBufs 8 KB buffers
+// 64 rows leave in boxes of 64 × 64 bf16, each written by the warpgroup into the next of its kBufs 8 KB buffers
 // (128-byte swizzle: 16-byte chunk c of row r at c ^ (r % 8), so a warp's eight rows fill all 32 banks) and stored by
 // one thread as a bulk tensor copy, which runs on while the warpgroup fills the next buffer and goes on to the next
 // tile. A buffer is written again only once its copy has read it (bulk_wait_group_read: the later copies may still be
@@ -231,14 +237,14 @@ struct TmaOut {
 // fragments (one box: buf0 alone, the buffer after the previous box's; two: two adjacent buffers), then they go to
 // columns c[i], row r0 of `map` in one group. A buffer is written again only once its copy has read it:
 // bulk_wait_group_read leaves in flight the groups of the other buffers.
-template <int kBoxes, typename Write>
+template <int kBufs, int kBoxes, typename Write>
 __device__ __forceinline__ void tma_boxes(TmaOut& o, const CUtensorMap* map, const int64_t (&c)[kBoxes], int64_t r0,
                                           Write write) {
-  static_assert((kBoxes == 1 || kBoxes == 2) && kTmaBufs % 2 == 0, "groups of one or two of an even count of buffers");
+  static_assert((kBoxes == 1 || kBoxes == 2) && kBufs % 2 == 0, "groups of one or two of an even count of buffers");
   const bool issuer = threadIdx.x % 128 == 0;
-  unsigned char* buf = o.buf + (o.ek % kTmaBufs) * fused_layout::kBoxBytes;  // (ek stays even with two boxes)
-  if (o.ek >= kTmaBufs) {
-    if (issuer) bulk_wait_group_read<(kTmaBufs - kBoxes) / kBoxes>();
+  unsigned char* buf = o.buf + (o.ek % kBufs) * fused_layout::kBoxBytes;  // (ek stays even with two boxes)
+  if (o.ek >= kBufs) {
+    if (issuer) bulk_wait_group_read<(kBufs - kBoxes) / kBoxes>();
     asm volatile("bar.sync %0, 128;" ::"r"(o.bar) : "memory");
   }
   write(buf, buf + fused_layout::kBoxBytes);
@@ -251,9 +257,9 @@ __device__ __forceinline__ void tma_boxes(TmaOut& o, const CUtensorMap* map, con
   }
   o.ek += kBoxes;
 }
-template <typename Write>
+template <int kBufs, typename Write>
 __device__ __forceinline__ void tma_box(TmaOut& o, const CUtensorMap* map, int64_t c0, int64_t r0, Write write) {
-  tma_boxes<1>(o, map, {c0}, r0, [&](unsigned char* b, unsigned char*) { write(b); });
+  tma_boxes<kBufs, 1>(o, map, {c0}, r0, [&](unsigned char* b, unsigned char*) { write(b); });
 }
 // The thread's pairs of n-tiles j0 … j0 + 7 of an m64n128 accumulator (columns 8j + 2q, rows 16·warp + lane/4 + 8e)
 // into a 64 × 64 box, each as pair(acc index) → the packed bf16 pair.
@@ -267,19 +273,41 @@ __device__ __forceinline__ void write_box(unsigned char* buf, int j0, Pair pair)
       *reinterpret_cast<uint32_t*>(buf + fused_layout::box_pair_offset(t, e, jj)) = pair(4 * (j0 + jj) + 2 * e);
   }
 }
-template <int Epi>
+// Cooperative: acc1 holds the 128 columns after acc0's, in the same rows. Ping-pong: acc1 holds the 64 rows after
+// acc0's, in the same columns (a 128 × 128 tile; the gated forward's acc_r: values in n-tiles 0–7, gates in 8–15).
+template <int Epi, int kBufs, bool kPing>
 __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const float (&acc1)[64], int64_t row_base,
                                              int64_t col0, const Args& p, TmaOut& o) {
   const auto from0 = [&](int i) { return pack_bf16(acc0[i], acc0[i + 1]); };
   const auto from1 = [&](int i) { return pack_bf16(acc1[i], acc1[i + 1]); };
+  // accumulator half c / 2's first row and column
+  const auto acc_row = [&](int c) { return row_base + (kPing && c >= 2 ? 64 : 0); };
+  const auto acc_col = [&](int c) { return col0 + (!kPing && c >= 2 ? 128 : 0); };
   if constexpr (Epi == kPlain) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      if (col0 + 64 * c >= p.n_valid) break;
+      const int64_t col = acc_col(c) + 64 * (c % 2);
+      if (col >= p.n_valid) continue;
       if (c < 2)
-        tma_box(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from0); });
+        tma_box<kBufs>(o, o.map, col, acc_row(c), [&](unsigned char* b) { write_box(b, 8 * c, from0); });
       else
-        tma_box(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * (c - 2), from1); });
+        tma_box<kBufs>(o, o.map, col, acc_row(c), [&](unsigned char* b) { write_box(b, 8 * (c - 2), from1); });
+    }
+  } else if constexpr (Epi == kGatedForward && kPing) {
+    // per 64 rows: h's values (n-tiles 0–7) and gates (8–15), then o from their roundings
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float(&acc)[64] = r == 0 ? acc0 : acc1;
+      const auto from = [&](int i) { return pack_bf16(acc[i], acc[i + 1]); };
+      const int64_t row = row_base + 64 * r;
+      tma_box<kBufs>(o, o.map, col0, row, [&](unsigned char* b) { write_box(b, 0, from); });
+      tma_box<kBufs>(o, o.map, p.d_ff + col0, row, [&](unsigned char* b) { write_box(b, 8, from); });
+      tma_box<kBufs>(o, o.map2, col0, row, [&](unsigned char* b) {
+        write_box(b, 0, [&](int i) {
+          const float2 a = unpack_bf16(from(i)), g = unpack_bf16(from(i + 32));
+          return pack_bf16(gated_silu::forward(a.x, g.x), gated_silu::forward(a.y, g.y));
+        });
+      });
     }
   } else if constexpr (Epi == kGatedBackward) {
     // da and dg of 64 columns at a time: do's pairs exchanged in each quad as gated_backward_span does (lane q: n-tile
@@ -289,61 +317,72 @@ __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const floa
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const float(&acc)[64] = c < 2 ? acc0 : acc1;
-      const int64_t cols = col0 + (c < 2 ? 0 : 128);  // the accumulator's first column
-      const int cb = c % 2;                           // the box's half of the accumulator
-      tma_boxes<2>(o, o.map, {cols + 64 * cb, p.d_ff + cols + 64 * cb}, row_base,
-                   [&](unsigned char* bda, unsigned char* bdg) {
+      const int64_t cols = acc_col(c), rows = acc_row(c);  // the accumulator's first column and row
+      const int cb = c % 2;                                // the box's half of the accumulator
+      // h's a and g for both fragment rows and both n-tiles, loaded before tma_boxes waits for its buffers, so the
+      // loads' latency passes under that wait
+      uint4 av[2][2], gv[2][2];
 #pragma unroll
-                     for (int e = 0; e < 2; ++e) {
-                       const int64_t row = row_base + fused_layout::frag_row(t, e);
-                       const uint16_t* h = p.h + row * 2 * p.d_ff;
-                       uint4 da_v[2], dg_v[2];  // the lane's 16 bytes of n-tile 4·jh + q, jh = 0, 1
+      for (int e = 0; e < 2; ++e) {
+        const int64_t row = rows + fused_layout::frag_row(t, e);
+        const uint16_t* h = p.h + row * 2 * p.d_ff;
 #pragma unroll
-                       for (int jh = 0; jh < 2; ++jh) {
-                         const int jg = 2 * cb + jh;
-                         uint32_t d[4];
+        for (int jh = 0; jh < 2; ++jh) {
+          const int64_t col = cols + (4 * (2 * cb + jh) + q) * 8;
+          av[e][jh] = gv[e][jh] = make_uint4(0, 0, 0, 0);
+          if (row < p.M) {
+            av[e][jh] = __ldg(reinterpret_cast<const uint4*>(h + col));
+            gv[e][jh] = __ldg(reinterpret_cast<const uint4*>(h + p.d_ff + col));
+          }
+        }
+      }
+      tma_boxes<kBufs, 2>(o, o.map, {cols + 64 * cb, p.d_ff + cols + 64 * cb}, rows,
+                          [&](unsigned char* bda, unsigned char* bdg) {
 #pragma unroll
-                         for (int k = 0; k < 4; ++k) {
-                           const int j = 4 * jg + k;
-                           d[k] = pack_bf16(acc[4 * j + 2 * e], acc[4 * j + 2 * e + 1]);
-                         }
-                         train_detail::mma_bf16::quad_transpose(d);
-                         const int64_t col = cols + (4 * jg + q) * 8;
-                         uint4 av = make_uint4(0, 0, 0, 0), gv = av;
-                         if (row < p.M) {
-                           av = __ldg(reinterpret_cast<const uint4*>(h + col));
-                           gv = __ldg(reinterpret_cast<const uint4*>(h + p.d_ff + col));
-                         }
-                         const uint32_t a4[4] = {av.x, av.y, av.z, av.w}, g4[4] = {gv.x, gv.y, gv.z, gv.w};
-                         uint32_t da4[4], dg4[4];
+                            for (int e = 0; e < 2; ++e) {
+                              uint4 da_v[2], dg_v[2];  // the lane's 16 bytes of n-tile 4·jh + q, jh = 0, 1
 #pragma unroll
-                         for (int k = 0; k < 4; ++k) {
-                           const float2 dd = unpack_bf16(d[k]), a = unpack_bf16(a4[k]), gg = unpack_bf16(g4[k]);
-                           float da0, dg0, da1, dg1;
-                           gated_silu::backward(dd.x, a.x, gg.x, da0, dg0);
-                           gated_silu::backward(dd.y, a.y, gg.y, da1, dg1);
-                           da4[k] = pack_bf16(da0, da1), dg4[k] = pack_bf16(dg0, dg1);
-                         }
-                         da_v[jh] = make_uint4(da4[0], da4[1], da4[2], da4[3]);
-                         dg_v[jh] = make_uint4(dg4[0], dg4[1], dg4[2], dg4[3]);
-                       }
-                       // (store s takes jh = s on even fragment rows, 1 − s on odd ones: fused_layout::quad_half)
-                       const bool swap = fused_layout::quad_half(t, 0) == 1;
+                              for (int jh = 0; jh < 2; ++jh) {
+                                const int jg = 2 * cb + jh;
+                                uint32_t d[4];
 #pragma unroll
-                       for (int s = 0; s < 2; ++s) {
-                         const int off = fused_layout::box_quad_offset(t, e, fused_layout::quad_half(t, s));
-                         *reinterpret_cast<uint4*>(bda + off) = swap ? da_v[1 - s] : da_v[s];
-                         *reinterpret_cast<uint4*>(bdg + off) = swap ? dg_v[1 - s] : dg_v[s];
-                       }
-                     }
-                   });
+                                for (int k = 0; k < 4; ++k) {
+                                  const int j = 4 * jg + k;
+                                  d[k] = pack_bf16(acc[4 * j + 2 * e], acc[4 * j + 2 * e + 1]);
+                                }
+                                train_detail::mma_bf16::quad_transpose(d);
+                                const uint4 ah = av[e][jh], gh = gv[e][jh];
+                                const uint32_t a4[4] = {ah.x, ah.y, ah.z, ah.w}, g4[4] = {gh.x, gh.y, gh.z, gh.w};
+                                uint32_t da4[4], dg4[4];
+#pragma unroll
+                                for (int k = 0; k < 4; ++k) {
+                                  const float2 dd = unpack_bf16(d[k]), a = unpack_bf16(a4[k]), gg = unpack_bf16(g4[k]);
+                                  float da0, dg0, da1, dg1;
+                                  gated_silu::backward(dd.x, a.x, gg.x, da0, dg0);
+                                  gated_silu::backward(dd.y, a.y, gg.y, da1, dg1);
+                                  da4[k] = pack_bf16(da0, da1), dg4[k] = pack_bf16(dg0, dg1);
+                                }
+                                da_v[jh] = make_uint4(da4[0], da4[1], da4[2], da4[3]);
+                                dg_v[jh] = make_uint4(dg4[0], dg4[1], dg4[2], dg4[3]);
+                              }
+                              // (store s takes jh = s on even fragment rows, 1 − s on odd ones:
+                              // fused_layout::quad_half)
+                              const bool swap = fused_layout::quad_half(t, 0) == 1;
+#pragma unroll
+                              for (int s = 0; s < 2; ++s) {
+                                const int off = fused_layout::box_quad_offset(t, e, fused_layout::quad_half(t, s));
+                                *reinterpret_cast<uint4*>(bda + off) = swap ? da_v[1 - s] : da_v[s];
+                                *reinterpret_cast<uint4*>(bdg + off) = swap ? dg_v[1 - s] : dg_v[s];
+                              }
+                            }
+                          });
     }
   } else {  // gated forward: h's values and gates, then o from their roundings (gated_forward_rows' expressions)
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      tma_box(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from0); });
-      tma_box(o, o.map, p.d_ff + col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from1); });
-      tma_box(o, o.map2, col0 + 64 * c, row_base, [&](unsigned char* b) {
+      tma_box<kBufs>(o, o.map, col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from0); });
+      tma_box<kBufs>(o, o.map, p.d_ff + col0 + 64 * c, row_base, [&](unsigned char* b) { write_box(b, 8 * c, from1); });
+      tma_box<kBufs>(o, o.map2, col0 + 64 * c, row_base, [&](unsigned char* b) {
         write_box(b, 8 * c, [&](int i) {
           const float2 a = unpack_bf16(from0(i)), g = unpack_bf16(from1(i));
           return pack_bf16(gated_silu::forward(a.x, g.x), gated_silu::forward(a.y, g.y));
@@ -357,21 +396,22 @@ __device__ __forceinline__ void tma_epilogue(const float (&acc0)[64], const floa
 // tile; each block copies its own A box and one of B's two boxes, the latter into both blocks' stages (multicast), so
 // each SM pulls 32 KB per k-block out of L2 instead of 48. A stage is refilled only once both blocks' consumers are
 // done with it: their releases arrive on both blocks' empty barriers.
-template <int Epi, bool kPing, bool kMc, bool kTma>
+template <int Epi, bool kPing, bool kMc, int kBufs>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gemm_kernel(const __grid_constant__ CUtensorMap amap, const __grid_constant__ CUtensorMap bmap,
                       const __grid_constant__ CUtensorMap omap, const __grid_constant__ CUtensorMap omap2,
                       const Args p) {
   pdl_wait();
   static_assert(!(kPing && kMc), "the multicast form is cooperative");
-  static_assert(!kTma || (!kPing && Epi != kNone), "shared-memory epilogues: cooperative");
-  using S = Shape<kPing, kTma>;
+  constexpr bool kTma = kBufs > 0;
+  static_assert(!kTma || Epi != kNone, "the mainloop alone stores nothing");
+  using S = Shape<kPing, kBufs>;
   constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  // (kTma: the consumers' epilogue buffers, 2 × kTmaBufs × 8 KB, after the stages)
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + (kTma ? kTmaBufBytes : 0));
+  // (kTma: the consumers' epilogue buffers, 2 × kBufs × 8 KB, after the stages)
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + (kTma ? kTmaBufBytes<kBufs> : 0));
   uint64_t* empty = full + kStages;
   uint64_t* turn = empty + kStages;  // ping-pong: turn[c], consumer warpgroup c may start its products
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -409,9 +449,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0 && lane == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&amap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&bmap) : "memory");
+      if (Epi == kGatedBackward && p.prefetch_h) asm volatile("prefetch.tensormap [%0];" ::"l"(&omap2) : "memory");
       int64_t it = 0, band, col_tile;
       for (int64_t li = 0; tile_at(li, band, col_tile); ++li) {
         const int m0 = int(band * kTileM), b0 = int(col_tile * S::col_step(Epi));
+        if (Epi == kGatedBackward && p.prefetch_h) {  // the tile's 128 rows of h: a's and g's 256 columns, 16 boxes
+#pragma unroll 1
+          for (int i = 0; i < 16; ++i)
+            tma_prefetch_l2_2d(&omap2, int((i & 8 ? p.d_ff : 0) + b0 + 64 * (i & 3)), m0 + 64 * ((i >> 2) & 1));
+        }
         for (int kb = 0; kb < kblocks; ++kb, ++it) {
           const int s = int(it % kStages);
           if (it >= kStages) mbar_wait(&empty[s], unsigned((it / kStages - 1) & 1));
@@ -448,7 +494,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // warpgroup's wait on a stage at most one phase ahead of that stage's barrier (the other's stages between are
   // consumed), which the parity waits need, and make the schedule: one warpgroup's epilogue under the other's products.
   int64_t band, col_tile;
-  TmaOut tma_out{&omap, &omap2, smem + kStages * kStageBytes + wg * kTmaBufs * fused_layout::kBoxBytes, 1 + wg, 0};
+  TmaOut tma_out{&omap, &omap2, smem + kStages * kStageBytes + wg * kBufs * fused_layout::kBoxBytes, 1 + wg, 0};
   for (int64_t li = kPing ? wg : 0; tile_at(li, band, col_tile); li += kPing ? 2 : 1) {
     if (kPing && li > 0) mbar_wait(&turn[wg], unsigned(((li - 1) / 2) & 1));
     // Cooperative: one m64n256 accumulator over both boxes (box 1 follows box 0 in the stage, so one descriptor spans
@@ -483,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t row_base = band * kTileM + (kPing ? 0 : 64 * wg);
     const int64_t col0 = col_tile * S::col_step(Epi);
     if constexpr (kTma)
-      tma_epilogue<Epi>(acc0, acc1, row_base, col0, p, tma_out);
+      tma_epilogue<Epi, kBufs, kPing>(acc0, acc1, row_base, col0, p, tma_out);
     else
       epilogue<Epi, kPing>(acc0, acc1, row_base, col0, p);
   }
@@ -539,13 +585,14 @@ int multicast_clusters(Kernel kernel, size_t smem) {
   return n > 0 ? n : device_info().sm_count / 2;
 }
 
-template <int Epi, bool kPing, bool kMc, bool kTma>
+template <int Epi, bool kPing, bool kMc, int kBufs>
 void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_t ldb, int64_t b_rows, Args p,
                int64_t N) {
-  using S = Shape<kPing, kTma>;
+  using S = Shape<kPing, kBufs>;
+  constexpr bool kTma = kBufs > 0;
   if (p.M <= 0) return;
-  constexpr auto kernel = fused_gemm_kernel<Epi, kPing, kMc, kTma>;
-  constexpr size_t smem = S::kSmemBytes + (kTma ? kTmaBufBytes : 0);
+  constexpr auto kernel = fused_gemm_kernel<Epi, kPing, kMc, kBufs>;
+  constexpr size_t smem = S::kSmemBytes + (kTma ? kTmaBufBytes<kBufs> : 0);
   static const cudaError_t opted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   MAMBA3_CUDA_CHECK(opted);
   p.tiles_n = int((N + S::col_step(Epi) - 1) / S::col_step(Epi));
@@ -561,6 +608,11 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   // kTma: the outputs in 64 × 64 boxes (plain: D's n_valid columns; gated forward: h's 2·d_ff and o's d_ff; gated
   // backward: dh's 2·d_ff)
   CUtensorMap omap = amap, omap2 = amap;
+  // MAMBA3_TRAIN_FUSED_GEMM_PREFETCH=1: the gated backward's h asked of L2 a tile ahead of its epilogue (omap2 then
+  // maps h: 64 × 64 boxes of its 2·d_ff columns).
+  static const bool prefetch = env_integer("MAMBA3_TRAIN_FUSED_GEMM_PREFETCH", 0, 0, 1) == 1;
+  p.prefetch_h = Epi == kGatedBackward && prefetch;
+  if (p.prefetch_h) omap2 = operand_map(p.h, p.M, 2 * p.d_ff, 2 * p.d_ff, 64);
   if constexpr (kTma) {
     omap =
         Epi == kPlain ? operand_map(p.out, p.M, p.n_valid, p.ldo, 64) : operand_map(p.out, p.M, 2 * p.d_ff, p.ldo, 64);
@@ -587,18 +639,38 @@ template <int Epi>
 void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t lda, const void* B, int64_t ldb,
             int64_t b_rows, const Args& p, int64_t N) {
   if (schedule == FusedGemmSchedule::kDefault) schedule = fused_gemm_default_schedule();
-  // MAMBA3_TRAIN_FUSED_GEMM_STORE=tma: the cooperative and multicast epilogues through shared memory and bulk tensor
-  // stores (tma_epilogue); direct (default): each thread stores its fragments.
-  static const bool tma = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE", {"direct", "tma"}) == "tma";
-  constexpr bool kTmaForm = Epi != kNone;
-  if (schedule == FusedGemmSchedule::kPingPong)
-    launch_as<Epi, true, false, false>(s, A, lda, B, ldb, b_rows, p, N);
-  else if (schedule == FusedGemmSchedule::kMulticast)
-    tma&& kTmaForm ? launch_as<Epi, false, true, kTmaForm>(s, A, lda, B, ldb, b_rows, p, N)
-                   : launch_as<Epi, false, true, false>(s, A, lda, B, ldb, b_rows, p, N);
-  else
-    tma&& kTmaForm ? launch_as<Epi, false, false, kTmaForm>(s, A, lda, B, ldb, b_rows, p, N)
-                   : launch_as<Epi, false, false, false>(s, A, lda, B, ldb, b_rows, p, N);
+  // MAMBA3_TRAIN_FUSED_GEMM_STORE=tma: the epilogues through shared memory and bulk tensor stores (tma_epilogue), in
+  // MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS (2, the default, or 4) buffers per warpgroup; direct (default): each thread stores
+  // its fragments. MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD (direct | tma) sets the gated backward's form apart: on the
+  // sixty-fourth session's H100 its direct stores beat two buffers (139 against 199 µs) while the other epilogues
+  // gained from shared memory.
+  static const std::string store = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE", {"direct", "tma"});
+  static const std::string store_bwd = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD", {"direct", "tma"});
+  static const int bufs = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS", 2, 2, 4));
+  MAMBA3_CHECK(bufs == 2 || bufs == 4, "MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS must be 2 or 4 (got {})", bufs);
+  const std::string& form = Epi == kGatedBackward && !store_bwd.empty() ? store_bwd : store;
+  const int kbufs = Epi != kNone && form == "tma" ? bufs : 0;
+  if (Epi == kNone) {
+    if (schedule == FusedGemmSchedule::kPingPong)
+      launch_as<Epi, true, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
+    else if (schedule == FusedGemmSchedule::kMulticast)
+      launch_as<Epi, false, true, 0>(s, A, lda, B, ldb, b_rows, p, N);
+    else
+      launch_as<Epi, false, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
+  } else if constexpr (Epi != kNone) {
+    if (schedule == FusedGemmSchedule::kPingPong)
+      kbufs == 4   ? launch_as<Epi, true, false, 4>(s, A, lda, B, ldb, b_rows, p, N)
+      : kbufs == 2 ? launch_as<Epi, true, false, 2>(s, A, lda, B, ldb, b_rows, p, N)
+                   : launch_as<Epi, true, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
+    else if (schedule == FusedGemmSchedule::kMulticast)
+      kbufs == 4   ? launch_as<Epi, false, true, 4>(s, A, lda, B, ldb, b_rows, p, N)
+      : kbufs == 2 ? launch_as<Epi, false, true, 2>(s, A, lda, B, ldb, b_rows, p, N)
+                   : launch_as<Epi, false, true, 0>(s, A, lda, B, ldb, b_rows, p, N);
+    else
+      kbufs == 4   ? launch_as<Epi, false, false, 4>(s, A, lda, B, ldb, b_rows, p, N)
+      : kbufs == 2 ? launch_as<Epi, false, false, 2>(s, A, lda, B, ldb, b_rows, p, N)
+                   : launch_as<Epi, false, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
+  }
 }
 
 }  // namespace
@@ -676,7 +748,7 @@ void fused_gemm_mainloop_only(cudaStream_t s, const uint16_t* A, int64_t lda, co
 }
 
 int fused_gemm_multicast_clusters() {
-  return multicast_clusters(fused_gemm_kernel<kPlain, false, true, false>, Shape<false>::kSmemBytes);
+  return multicast_clusters(fused_gemm_kernel<kPlain, false, true, 0>, Shape<false>::kSmemBytes);
 }
 
 void fused_gemm_gated_forward(cudaStream_t s, const uint16_t* x, int64_t ldx, const uint16_t* w1, int64_t M, int64_t K,
