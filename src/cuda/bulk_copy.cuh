@@ -116,12 +116,6 @@ __device__ __forceinline__ void tma_store_2d(const void* map, int c0, int c1, co
                "r"(c1), "r"(smem_addr(src))
                : "memory");
 }
-// A 2-D box of the map at (c0 = column, c1 = row) brought into L2 (no shared memory, no completion to wait for), so
-// that later loads of it hit L2.
-__device__ __forceinline__ void tma_prefetch_l2_2d(const void* map, int c0, int c1) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(map), "r"(c0), "r"(c1)
-               : "memory");
-}
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // Until at most N of the thread's bulk groups still read their shared source.
 template <int N>

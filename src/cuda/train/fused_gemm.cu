@@ -85,10 +85,6 @@ struct Args {
   // The tile order: a column tile's row bands fastest (B's tile read once while A stays in L2: where B is the larger
   // operand, e.g. the lm_head's 50280 rows) or, by default, a row band's column tiles fastest.
   bool bands_fastest;
-  // Gated backward: the producer asks L2 for the tile's rows of h (a and g, omap2) as it starts the tile's copies, so
-  // that the epilogue's loads of h, a tile's products later, hit L2 rather than DRAM
-  // (MAMBA3_TRAIN_FUSED_GEMM_PREFETCH).
-  bool prefetch_h;
 };
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -449,15 +445,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == 0 && lane == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(&amap) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(&bmap) : "memory");
-      if (Epi == kGatedBackward && p.prefetch_h) asm volatile("prefetch.tensormap [%0];" ::"l"(&omap2) : "memory");
       int64_t it = 0, band, col_tile;
       for (int64_t li = 0; tile_at(li, band, col_tile); ++li) {
         const int m0 = int(band * kTileM), b0 = int(col_tile * S::col_step(Epi));
-        if (Epi == kGatedBackward && p.prefetch_h) {  // the tile's 128 rows of h: a's and g's 256 columns, 16 boxes
-#pragma unroll 1
-          for (int i = 0; i < 16; ++i)
-            tma_prefetch_l2_2d(&omap2, int((i & 8 ? p.d_ff : 0) + b0 + 64 * (i & 3)), m0 + 64 * ((i >> 2) & 1));
-        }
         for (int kb = 0; kb < kblocks; ++kb, ++it) {
           const int s = int(it % kStages);
           if (it >= kStages) mbar_wait(&empty[s], unsigned((it / kStages - 1) & 1));
@@ -608,11 +598,6 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   // kTma: the outputs in 64 × 64 boxes (plain: D's n_valid columns; gated forward: h's 2·d_ff and o's d_ff; gated
   // backward: dh's 2·d_ff)
   CUtensorMap omap = amap, omap2 = amap;
-  // MAMBA3_TRAIN_FUSED_GEMM_PREFETCH=1: the gated backward's h asked of L2 a tile ahead of its epilogue (omap2 then
-  // maps h: 64 × 64 boxes of its 2·d_ff columns).
-  static const bool prefetch = env_integer("MAMBA3_TRAIN_FUSED_GEMM_PREFETCH", 0, 0, 1) == 1;
-  p.prefetch_h = Epi == kGatedBackward && prefetch;
-  if (p.prefetch_h) omap2 = operand_map(p.h, p.M, 2 * p.d_ff, 2 * p.d_ff, 64);
   if constexpr (kTma) {
     omap =
         Epi == kPlain ? operand_map(p.out, p.M, p.n_valid, p.ldo, 64) : operand_map(p.out, p.M, 2 * p.d_ff, p.ldo, 64);
