@@ -9,9 +9,10 @@
 #         run in the sixty-fourth: plain at cuBLAS's pace, gated slower; bundle: mamba3 bench_fused_gemm
 #         test_fused_gemm_gpu test_lm_train_gpu test_train_ops_gpu): per-product times beside the direct stores (all three epilogues; then in_proj, out_proj/fc2 and the lm_head's logits on
 #         the plain kernel against cuBLAS), their tests, the step off / cooperative / multicast with them, the step with
-#         every bf16-result A·Bᵀ product on the plain kernel (MAMBA3_TRAIN_FUSED_GEMM_PLAIN, sixty-fourth session;
-#         for kTmaBufs = 4 rebuild with that constant in src/cuda/train/fused_gemm.cu),
-#         memcheck, ncu of the direct-store product.
+#         every bf16-result A·Bᵀ product on the plain kernel (MAMBA3_TRAIN_FUSED_GEMM_PLAIN, sixty-fourth session),
+#         memcheck, ncu of the direct-store product. (Sixty-fifth session: ping-pong with shared memory
+#         (MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=pingpong), the gated backward's form apart
+#         (MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD=direct); neither gains in the step.)
 # train:  the 125M SISO step (`mamba3 bench --train`) with each byte-saving variant that lost by latency on the H200,
 #         and the step's parts (MAMBA3_TRAIN_PROFILE=2).
 # kv:     the kv chain (MAMBA3_TRAIN_KV_CHAIN; fifty-fifth session) and the walk that adds the forward core's work to

@@ -27,14 +27,12 @@ set_tests_properties(test_fused_gemm_gpu_mlp_pingpong PROPERTIES LABELS cuda ENV
 add_test(NAME test_fused_gemm_gpu_mlp_multicast COMMAND test_fused_gemm_gpu --gtest_filter=*GatedMlp*)
 set_tests_properties(test_fused_gemm_gpu_mlp_multicast PROPERTIES LABELS cuda ENVIRONMENT
                      "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=multicast")
-# The cooperative and multicast epilogues through shared memory and bulk tensor stores (every test of the binary).
+# The epilogues of all three schedules through shared memory and bulk tensor stores (every test of the binary).
 add_test(NAME test_fused_gemm_gpu_tma COMMAND test_fused_gemm_gpu)
 set_tests_properties(test_fused_gemm_gpu_tma PROPERTIES LABELS cuda ENVIRONMENT
                      "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma")
-# The same with four buffers per warpgroup (three stages), and with the gated backward's direct stores beside them.
-add_test(NAME test_fused_gemm_gpu_tma4 COMMAND test_fused_gemm_gpu)
-set_tests_properties(test_fused_gemm_gpu_tma4 PROPERTIES LABELS cuda ENVIRONMENT
-                     "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma;MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS=4")
+# The same on the ping-pong schedule by default (the GatedMLP test), and with the gated backward's direct stores beside
+# the others' shared-memory epilogues.
 add_test(NAME test_fused_gemm_gpu_tma_pingpong COMMAND test_fused_gemm_gpu)
 set_tests_properties(test_fused_gemm_gpu_tma_pingpong PROPERTIES LABELS cuda ENVIRONMENT
                      "MAMBA3_TRAIN_FUSED_GEMM=1;MAMBA3_TRAIN_FUSED_GEMM_STORE=tma;MAMBA3_TRAIN_FUSED_GEMM_SCHEDULE=pingpong")

@@ -35,9 +35,10 @@ namespace {
 
 constexpr int kTileM = 128, kKBlock = 64;
 // kBufs (a template parameter): the shared-memory epilogue's 64 × 64 bf16 buffers per consumer warpgroup, 0 for the
-// direct stores. Two leave the four stages (measured on the sixty-fourth session's H100, where the gated epilogues
-// waited on the copies' reads of the buffers they refill); four take the fourth stage's room
-// (MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS=4) so that more of a tile's boxes drain under the next tile's products.
+// direct stores. kTmaBufs of them are built: two leave the cooperative schedule its four stages. Four (three stages)
+// were measured on the sixty-fifth session's H100 and gained nothing: the gated epilogues did not get faster, and the
+// products lost the stage (the lm_head's logits 2049 → 2215 µs).
+constexpr int kTmaBufs = 2;
 template <int kBufs>
 constexpr int kTmaBufBytes = 2 * kBufs* fused_layout::kBoxBytes;
 constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
@@ -624,17 +625,14 @@ template <int Epi>
 void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t lda, const void* B, int64_t ldb,
             int64_t b_rows, const Args& p, int64_t N) {
   if (schedule == FusedGemmSchedule::kDefault) schedule = fused_gemm_default_schedule();
-  // MAMBA3_TRAIN_FUSED_GEMM_STORE=tma: the epilogues through shared memory and bulk tensor stores (tma_epilogue), in
-  // MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS (2, the default, or 4) buffers per warpgroup; direct (default): each thread stores
-  // its fragments. MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD (direct | tma) sets the gated backward's form apart: on the
-  // sixty-fourth session's H100 its direct stores beat two buffers (139 against 199 µs) while the other epilogues
-  // gained from shared memory.
+  // MAMBA3_TRAIN_FUSED_GEMM_STORE=tma: the epilogues through shared memory and bulk tensor stores (tma_epilogue);
+  // direct (default): each thread stores its fragments. MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD (direct | tma) sets the
+  // gated backward's form apart: on the sixty-fourth and sixty-fifth sessions' H100s its direct stores beat the shared
+  // memory (139.7 against 158.4 µs) while the plain epilogue gained from shared memory.
   static const std::string store = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE", {"direct", "tma"});
   static const std::string store_bwd = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD", {"direct", "tma"});
-  static const int bufs = int(env_integer("MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS", 2, 2, 4));
-  MAMBA3_CHECK(bufs == 2 || bufs == 4, "MAMBA3_TRAIN_FUSED_GEMM_TMA_BUFS must be 2 or 4 (got {})", bufs);
   const std::string& form = Epi == kGatedBackward && !store_bwd.empty() ? store_bwd : store;
-  const int kbufs = Epi != kNone && form == "tma" ? bufs : 0;
+  const bool tma = Epi != kNone && form == "tma";
   if (Epi == kNone) {
     if (schedule == FusedGemmSchedule::kPingPong)
       launch_as<Epi, true, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
@@ -644,17 +642,14 @@ void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t l
       launch_as<Epi, false, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
   } else if constexpr (Epi != kNone) {
     if (schedule == FusedGemmSchedule::kPingPong)
-      kbufs == 4   ? launch_as<Epi, true, false, 4>(s, A, lda, B, ldb, b_rows, p, N)
-      : kbufs == 2 ? launch_as<Epi, true, false, 2>(s, A, lda, B, ldb, b_rows, p, N)
-                   : launch_as<Epi, true, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
+      tma ? launch_as<Epi, true, false, kTmaBufs>(s, A, lda, B, ldb, b_rows, p, N)
+          : launch_as<Epi, true, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
     else if (schedule == FusedGemmSchedule::kMulticast)
-      kbufs == 4   ? launch_as<Epi, false, true, 4>(s, A, lda, B, ldb, b_rows, p, N)
-      : kbufs == 2 ? launch_as<Epi, false, true, 2>(s, A, lda, B, ldb, b_rows, p, N)
-                   : launch_as<Epi, false, true, 0>(s, A, lda, B, ldb, b_rows, p, N);
+      tma ? launch_as<Epi, false, true, kTmaBufs>(s, A, lda, B, ldb, b_rows, p, N)
+          : launch_as<Epi, false, true, 0>(s, A, lda, B, ldb, b_rows, p, N);
     else
-      kbufs == 4   ? launch_as<Epi, false, false, 4>(s, A, lda, B, ldb, b_rows, p, N)
-      : kbufs == 2 ? launch_as<Epi, false, false, 2>(s, A, lda, B, ldb, b_rows, p, N)
-                   : launch_as<Epi, false, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
+      tma ? launch_as<Epi, false, false, kTmaBufs>(s, A, lda, B, ldb, b_rows, p, N)
+          : launch_as<Epi, false, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
   }
 }
 
