@@ -39,8 +39,8 @@ constexpr int kTileM = 128, kKBlock = 64;
 // were measured on the sixty-fifth session's H100 and gained nothing: the gated epilogues did not get faster, and the
 // products lost the stage (the lm_head's logits 2049 → 2215 µs).
 constexpr int kTmaBufs = 2;
-template <int kBufs>
-constexpr int kTmaBufBytes = 2 * kBufs* fused_layout::kBoxBytes;
+// Both consumer warpgroups' buffers.
+__host__ __device__ constexpr int tma_buf_bytes(int bufs) { return 2 * bufs * fused_layout::kBoxBytes; }
 constexpr int kABytes = kTileM * kKBlock * 2;  // A's 128 × 64 box
 // A producer warpgroup (one thread of it issues the copies) and two consumer warpgroups. The producer's registers go
 // to the consumers (setmaxnreg): the register file is split among the SM's four schedulers, a warp to each in turn, so
@@ -61,9 +61,9 @@ struct Shape {
   static constexpr int kBRows = kPing ? 64 : 128;  // rows of each of B's two boxes per stage
   static constexpr int kBBytes = kBRows * kKBlock * 2;
   static constexpr int kStageBytes = kABytes + 2 * kBBytes;  // 32 or 48 KB
-  // (the epilogue's buffers take the room of the stages: four per warpgroup that of a fourth 48 KB stage, or of two
-  // of ping-pong's 32 KB stages)
-  static constexpr int kStages = kPing ? (kBufs > 2 ? 4 : 6) : kBufs > 2 ? 3 : 4;
+  // (two epilogue buffers per warpgroup fit beside the stages; more would take a stage's room)
+  static_assert(kBufs <= 2, "the stages leave room for two epilogue buffers per warpgroup");
+  static constexpr int kStages = kPing ? 6 : 4;
   // (the stages, the full and empty barriers, the ping-pong's two turn barriers, room for the 1024-byte alignment)
   static constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + (2 * kStages + 2) * sizeof(uint64_t) + 1024;
   // B rows a tile advances by: the gated forward's tile takes kBRows value rows and their gate rows, the others both
@@ -217,8 +217,8 @@ __device__ __forceinline__ void epilogue(const float (&acc0)[64], const float (&
   }
 }
 
-// The cooperative tile's epilogue through shared memory (kTma, MAMBA3_TRAIN_FUSED_GEMM_STORE=tma): the warpgroup's
-// 64 rows leave in boxes of 64 × 64 bf16, each written by the warpgroup into the next of its kBufs 8 KB buffers
+// The epilogue through shared memory (kTma, MAMBA3_TRAIN_FUSED_GEMM_STORE=tma), per warpgroup: its 64-row halves of
+// the tile leave in boxes of 64 × 64 bf16, each written by the warpgroup into the next of its kBufs 8 KB buffers
 // (128-byte swizzle: 16-byte chunk c of row r at c ^ (r % 8), so a warp's eight rows fill all 32 banks) and stored by
 // one thread as a bulk tensor copy, which runs on while the warpgroup fills the next buffer and goes on to the next
 // tile. A buffer is written again only once its copy has read it (bulk_wait_group_read: the later copies may still be
@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* smem =
       reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   // (kTma: the consumers' epilogue buffers, 2 × kBufs × 8 KB, after the stages)
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + (kTma ? kTmaBufBytes<kBufs> : 0));
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + (kTma ? tma_buf_bytes(kBufs) : 0));
   uint64_t* empty = full + kStages;
   uint64_t* turn = empty + kStages;  // ping-pong: turn[c], consumer warpgroup c may start its products
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -583,7 +583,7 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   constexpr bool kTma = kBufs > 0;
   if (p.M <= 0) return;
   constexpr auto kernel = fused_gemm_kernel<Epi, kPing, kMc, kBufs>;
-  constexpr size_t smem = S::kSmemBytes + (kTma ? kTmaBufBytes<kBufs> : 0);
+  constexpr size_t smem = S::kSmemBytes + (kTma ? tma_buf_bytes(kBufs) : 0);
   static const cudaError_t opted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   MAMBA3_CUDA_CHECK(opted);
   p.tiles_n = int((N + S::col_step(Epi) - 1) / S::col_step(Epi));
@@ -620,6 +620,18 @@ void launch_as(cudaStream_t s, const void* A, int64_t lda, const void* B, int64_
   MAMBA3_LAUNCH_CHECK();
 }
 
+// The instance of `schedule` with kBufs epilogue buffers (0: direct stores).
+template <int Epi, int kBufs>
+void launch_on(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t lda, const void* B, int64_t ldb,
+               int64_t b_rows, const Args& p, int64_t N) {
+  if (schedule == FusedGemmSchedule::kPingPong)
+    launch_as<Epi, true, false, kBufs>(s, A, lda, B, ldb, b_rows, p, N);
+  else if (schedule == FusedGemmSchedule::kMulticast)
+    launch_as<Epi, false, true, kBufs>(s, A, lda, B, ldb, b_rows, p, N);
+  else
+    launch_as<Epi, false, false, kBufs>(s, A, lda, B, ldb, b_rows, p, N);
+}
+
 // N: the B rows the tiles walk (plain: the output columns; gated forward: d_ff, the value rows; backward: d_ff).
 template <int Epi>
 void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t lda, const void* B, int64_t ldb,
@@ -633,24 +645,11 @@ void launch(cudaStream_t s, FusedGemmSchedule schedule, const void* A, int64_t l
   static const std::string store_bwd = env_choice("MAMBA3_TRAIN_FUSED_GEMM_STORE_BWD", {"direct", "tma"});
   const std::string& form = Epi == kGatedBackward && !store_bwd.empty() ? store_bwd : store;
   const bool tma = Epi != kNone && form == "tma";
-  if (Epi == kNone) {
-    if (schedule == FusedGemmSchedule::kPingPong)
-      launch_as<Epi, true, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
-    else if (schedule == FusedGemmSchedule::kMulticast)
-      launch_as<Epi, false, true, 0>(s, A, lda, B, ldb, b_rows, p, N);
-    else
-      launch_as<Epi, false, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
-  } else if constexpr (Epi != kNone) {
-    if (schedule == FusedGemmSchedule::kPingPong)
-      tma ? launch_as<Epi, true, false, kTmaBufs>(s, A, lda, B, ldb, b_rows, p, N)
-          : launch_as<Epi, true, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
-    else if (schedule == FusedGemmSchedule::kMulticast)
-      tma ? launch_as<Epi, false, true, kTmaBufs>(s, A, lda, B, ldb, b_rows, p, N)
-          : launch_as<Epi, false, true, 0>(s, A, lda, B, ldb, b_rows, p, N);
-    else
-      tma ? launch_as<Epi, false, false, kTmaBufs>(s, A, lda, B, ldb, b_rows, p, N)
-          : launch_as<Epi, false, false, 0>(s, A, lda, B, ldb, b_rows, p, N);
-  }
+  if constexpr (Epi == kNone)
+    launch_on<Epi, 0>(s, schedule, A, lda, B, ldb, b_rows, p, N);
+  else
+    tma ? launch_on<Epi, kTmaBufs>(s, schedule, A, lda, B, ldb, b_rows, p, N)
+        : launch_on<Epi, 0>(s, schedule, A, lda, B, ldb, b_rows, p, N);
 }
 
 }  // namespace
