@@ -286,6 +286,52 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
   EXPECT_GT(ran, 0) << "no case ran the output part inside the fused core";
 }
 
+// The fused core with the output part beside the reverse chain (launched while the chain runs, each chunk waiting for
+// the chain's counter of its dH) against it after the chain: the same bits — also with the chain in blocks of 32 rows
+// of P (two counts per chunk), after the counters were zeroed for another block count, and over repeated backwards
+// (the counters only grow). Recomputed and kept forwards; one, three and sixteen chunks, batch 3 and 4 (the longest
+// with the 24-head tiles, so that many blocks wait while the chain runs); it must run wherever the output part does.
+TEST(Mamba3TrainGpu, CoreBesideTheReverseChainGivesTheSameBits) {
+  MAMBA3_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { cuda::train_detail::set_state_chain_slice(64); }
+  } restore;
+  const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
+  int ran = 0;
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {64, 192, 65, 1024}) {
+      const bool big = lc.c.d_model == 768;
+      if (big != (L == 1024) && !(big && L == 192)) continue;  // (the 24-head tiles: 3 and 16 chunks)
+      const int64_t batch = L == 1024 ? 4 : 3;
+      auto [mixer, u, dout] = random_layer(lc.c, batch, L, uint32_t(4700 + L));
+      CoreLayerStep step(mixer, u, dout);
+      take_fused_core_with_bf16_operands(step);
+      const bool applies = !lc.c.is_outproj_norm && L % 64 == 0 && lc.c.d_in_proj() % 2 == 0;
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
+        auto run = [&](bool on) {
+          step.train.set_core_beside(on);
+          GpuResult r = step.run(keep);
+          EXPECT_EQ(step.train.core_beside_used(), on && applies);
+          return r;
+        };
+        const GpuResult after = run(false), beside = run(true), again = run(true);
+        cuda::train_detail::set_state_chain_slice(32);
+        const GpuResult slice32 = run(true);
+        cuda::train_detail::set_state_chain_slice(64);
+        const GpuResult back = run(true);
+        step.train.set_core_beside(false);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(beside));
+        EXPECT_TRUE(bit_identical(after, beside)) << "beside the chain gave other bits";
+        EXPECT_TRUE(bit_identical(after, again)) << "a second backward beside the chain gave other bits";
+        EXPECT_TRUE(bit_identical(after, slice32)) << "beside chain blocks of 32 rows gave other bits";
+        EXPECT_TRUE(bit_identical(after, back)) << "beside, after the counters were zeroed again, gave other bits";
+        ran += applies;
+      }
+    }
+  EXPECT_GT(ran, 0) << "no case ran the fused core beside the chain";
+}
+
 // w ⊙ v left by the SISO build to its readers (the forward chain scales v's fragments; the fused core with the output
 // part forms its tile from v; a backward on another path gets Vw from a kernel first) against the build writing it:
 // the same bits. The forward leaves it only where the output part is expected (its switch on); a kept forward whose

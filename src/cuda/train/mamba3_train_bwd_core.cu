@@ -17,6 +17,7 @@
 #include "cuda/env_switch.h"
 #include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
+#include "cuda/train/chunk_ready.cuh"
 #include "cuda/train/mamba3_train_bwd_core.h"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mma_bf16.cuh"
@@ -572,8 +573,17 @@ enum CoreMode { kCoreOnly = 0, kCoreFused = 1, kCoreStates = 2 };
 // kR: the rank when fixed at compile time (1 for the fused core, 2 or 4 for MIMO's state core; 0: p.d.R).
 // kQk: q and k stored in their rotated half (p.qk_rotated_only), the fused core forming the rest (an instance of its
 // own, so that the others' code is as it was).
+// Block i's chunk with the chunks taken last to first over all sequence-heads (kBeside, below).
+__device__ __forceinline__ int64_t chunk_last_first(const BatchedParams& p) {
+  const int64_t bhs = int64_t(p.d.B) * p.d.H, i = blockIdx.x, bh = i % bhs, c = p.nc - 1 - i / bhs;
+  return bh * p.nc + c;
+}
+
+// kBeside (the fused core with the output part, p.chain_ready): launched while the reverse chain runs, the blocks take
+// the chunks last to first (all sequence-heads' last chunks, then the ones before: the order the chain stores their
+// dH in) and wait for each chunk's counter before copying its dH tile (chunk_ready.cuh).
 template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
-          bool kQk = false>
+          bool kQk = false, bool kBeside = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
@@ -600,7 +610,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   float *dsc_core = dL + T, *rdot = dsc_core + T, *wsum = rdot + kRows, *dLo = wsum + kCoreWarps, *wD = dLo + kRows;
   // (the head-fastest order also where the core forms q's and k's unrotated half: a chunk's heads read the same
   // bc_unrot rows close together in time)
-  const int64_t chunk = kHeadSum || (kQk && p.qk_head_order) ? head_fastest_chunk(p) : int64_t(blockIdx.x);
+  static_assert(!kBeside || (kOut && !kQk && !kHeadSum), "beside the chain: the output part's instance");
+  const int64_t chunk = kBeside                                ? chunk_last_first(p)
+                        : kHeadSum || (kQk && p.qk_head_order) ? head_fastest_chunk(p)
+                                                               : int64_t(blockIdx.x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   // The phases this warp runs and its 16-row block in them.
   const bool do_a = !kSplitPhases || warp < kCoreWarps, do_b = !kSplitPhases || warp >= kCoreWarps;
@@ -628,6 +641,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     copy_tile<kThreads, kRows, P>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P);
   }
   if constexpr (kWithDH) {
+    if constexpr (kBeside) {  // (the other tiles' copies in flight meanwhile)
+      if (threadIdx.x == 0) chunk_ready_wait(p.chain_ready + chunk, p.chain_ready_target);
+      __syncthreads();
+    }
     copy_tile<kThreads, P, N>(sdH, LDN, dHc16 + chunk * P * N);
     // (kOut: the w ⊙ v tile formed from v by core_output_part, scale_pair's bits: the build's; no Vw read)
     if constexpr (!kOut) copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
@@ -1070,6 +1087,19 @@ __global__ void __launch_bounds__(2 * kCoreThreads, 2)
   backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut, kQk>(p, Hc16, nullptr, dHc16);
 }
 
+// The 8-warp fused core with the output part beside the reverse chain (p.chain_ready): that chain triggers right after
+// its own wait, so this starts while it runs. It reads the chain's dH per chunk once the chunk's counter says it is
+// stored, and otherwise only what was complete before the chain began (the forward's tiles, dO, z, the chunk scalars);
+// nothing it writes is read by the chain. It waits for the chain before it exits, so the kernels after it, waiting for
+// it, also wait for the chain.
+template <int N, int P>
+__global__ void __launch_bounds__(2 * kCoreThreads, 2)
+    fused_core_beside_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
+  pdl_beside();
+  backward_core_body<N, P, kCoreFused, 2 * kCoreWarps, 1, false, false, true, false, true>(p, Hc16, nullptr, dHc16);
+  pdl_wait();
+}
+
 // The post-scan core (SISO): per chunk, tp = k·dHᵀ and dK += (w ⊙ v)·dH on tensor cores from the scan's bf16 dH, then
 // the epilogue's state part from tp in registers: dv = (dV + D·dy) + w ⊙ tp → dx (dzx's x columns and their bf16
 // twin), Σ_p v·tp per token, ⟨dH, H_c⟩, and Λ's and scale's state-carry terms (→ dadt, dscale) as the epilogue
@@ -1271,6 +1301,23 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
     MAMBA3_CHECK(!p.dqk_unrotated && fused_core_output_supported(p),
                  "fused backward core: the output part unsupported (P {}, L {}, T {}, outnorm {})", p.d.P, p.d.L, p.T,
                  p.d.outnorm);
+    if (p.chain_ready) {  // beside the reverse chain (the 8-warp instance without q and k in part)
+      MAMBA3_CHECK(fused_core_wide() && !p.qk_rotated_only,
+                   "fused backward core beside the chain: the 8-warp block with q and k whole");
+      dispatch_core_shape(p, [&](auto n, auto pp) {
+        constexpr int N = decltype(n)::value, P = decltype(pp)::value;
+        auto* kernel = fused_core_beside_kernel<N, P>;
+        const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
+        if (bytes > 48 * 1024)
+          MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+        const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
+        MAMBA3_CHECK(blocks <= 0x7fffffff, "fused backward core beside the chain: {} blocks exceed the grid", blocks);
+        launch_train(kernel, unsigned(blocks), 2 * kCoreThreads, bytes, s, p, static_cast<const bf16*>(Hc16),
+                     static_cast<const bf16*>(dHc16));
+        MAMBA3_LAUNCH_CHECK();
+      });
+      return;
+    }
     launch_core_with_dh<kCoreFused, 1, false, true>(s, p, Hc16, dHc16, "fused backward core (with the output part)");
     return;
   }
@@ -1284,6 +1331,8 @@ bool fused_core_output_may_apply(const BatchedParams& p) {
   return post_scan_core_supported(p) && fused_core_wide() && output_backward_siso_applies(p) && p.zy16 && !d.outnorm &&
          p.zx16 && p.rows == kRows && p.T == kRows && d.L % p.T == 0 && d.d_inner % 8 == 0 && d.din % 2 == 0;
 }
+
+bool fused_core_beside_supported(const BatchedParams& p) { return fused_core_wide() && !p.qk_rotated_only; }
 
 bool fused_core_output_supported(const BatchedParams& p) {
   return fused_core_output_may_apply(p) && p.dO16 && p.dzx16 && !p.o && !p.o16 && p.part_D;

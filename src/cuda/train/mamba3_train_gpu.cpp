@@ -240,6 +240,13 @@ bool env_chain_dye() {
   return on;
 }
 
+// MAMBA3_TRAIN_CORE_BESIDE, read once per process: the fused core beside the reverse chain ("1") or after it ("0",
+// the default until measured). The same bits.
+bool env_core_beside() {
+  static const bool on = env_choice("MAMBA3_TRAIN_CORE_BESIDE", {"0", "1"}) == "1";
+  return on;
+}
+
 // MAMBA3_TRAIN_MIMO_EPILOGUE, read once per process: MIMO's state core runs the epilogue's state part ("core", the
 // default) or stores tp and dV for the MIMO epilogue kernel ("kernel").
 bool env_mimo_epilogue_in_core() {
@@ -324,6 +331,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       core_output_(env_core_output()),
       vw_formed_(env_vw_formed()),
       chain_dye_(env_chain_dye()),
+      core_beside_(env_core_beside()),
       qk_rotated_only_(env_qk_rotated_only()),
       kv_chain_(env_kv_chain() != "0"),  // ("" when unset: the walk)
       kv_chain_beside_(env_kv_chain() == "beside"),
@@ -743,12 +751,27 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     prof.mark("output bwd");
   }
   if (fused_core) {
-    // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel.
+    // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel — beside the chain where
+    // set (the chain's per-chunk counters, zeroed whenever the shape they count for changes).
+    core_beside_used_ = chain_dye && core_beside_ && fused_core_beside_supported(p);
+    if (core_beside_used_) {
+      const int64_t chunks = BHc;
+      const int blocks = state_chain_blocks_per_head(p);
+      if (chain_ready_chunks_ != chunks || chain_ready_blocks_ != blocks || chain_ready_launches_ > (1u << 30)) {
+        reserve_elems(chain_ready_, chunks, sizeof(unsigned));
+        MAMBA3_CUDA_CHECK(cudaMemsetAsync(chain_ready_.raw(), 0, size_t(chunks) * sizeof(unsigned), s));
+        chain_ready_chunks_ = chunks, chain_ready_blocks_ = blocks, chain_ready_launches_ = 0;
+      }
+      ++chain_ready_launches_;
+      p.chain_ready = chain_ready_.as<unsigned>();
+      p.chain_ready_target = chain_ready_launches_ * unsigned(blocks);
+    }
     launch_state_chain(s, p, chain_dye ? nullptr : p.dYe, p.Q, true, dHc16_.raw(), nullptr, chain_dye);
     prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
     core_unrotated_ = p.dqk_unrotated, core_head_summed_ = p.dqk_head_sum;
     launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
+    p.chain_ready = nullptr;  // (no later kernel waits on the counters)
     prof.mark("backward core");
     if (p.dqk_head_sum) {
       bc_norm_fused_ = false;  // (the B/C norm backward's own kernel follows, over H/8 slots)
@@ -1001,6 +1024,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   angle_seg_ready_ = false;  // (batched_chunks: whether it wrote the angle segment sums)
   core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
   core_output_used_ = false;  // (batched_chunks: whether its fused core ran the output stage's backward)
+  core_beside_used_ = false;
   core_head_summed_ = false;
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);

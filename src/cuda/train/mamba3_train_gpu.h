@@ -205,6 +205,12 @@ class Mamba3TrainGpu {
   // With the fused core's output part, the reverse chain forms e^Λ ⊙ dy from dO and z itself (default from
   // MAMBA3_TRAIN_CHAIN_DYE, on) instead of a kernel writing it first; the same bits.
   void set_chain_dye(bool on) { chain_dye_ = on; }
+  // With the reverse chain forming e^Λ ⊙ dy and the output part in the fused core, the fused core runs beside the
+  // reverse chain (launched while it runs, each chunk waiting for the chain's counter of its dH) instead of after it
+  // (default from MAMBA3_TRAIN_CORE_BESIDE, off until measured); the same bits.
+  void set_core_beside(bool on) { core_beside_ = on; }
+  // Whether the last backward's fused core did (set_core_beside and its configuration).
+  bool core_beside_used() const { return core_beside_used_; }
   // Whether the last chunk pass's forward did (set_vw_formed and its configuration).
   bool vw_formed_used() const { return vw_formed_used_; }
   // The SISO build stores only q's and k's rotated columns (rope_fraction 0.5: the upper half of the state passes
@@ -392,6 +398,8 @@ class Mamba3TrainGpu {
   bool core_output_used_ = false;    // the last backward's fused core ran it (core_output_used)
   bool vw_formed_ = true;            // w ⊙ v formed by its readers (set_vw_formed)
   bool chain_dye_ = true;            // the reverse chain forms e^Λ ⊙ dy (set_chain_dye)
+  bool core_beside_ = false;         // the fused core beside the reverse chain (set_core_beside)
+  bool core_beside_used_ = false;    // the last backward's did (core_beside_used)
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool qk_rotated_only_ = false;     // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
   bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)
@@ -417,6 +425,12 @@ class Mamba3TrainGpu {
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdQK16_, bdV_, bdWf_, bdS_, dHc16_;
+  // The reverse chain's per-chunk counters for the fused core beside it (BatchedParams::chain_ready), the chunks and
+  // chain blocks per sequence-head they were zeroed for, and the chain launches since.
+  DeviceBuffer chain_ready_;
+  int64_t chain_ready_chunks_ = 0;
+  int chain_ready_blocks_ = 0;
+  unsigned chain_ready_launches_ = 0;
   // dzx's bf16 copy (M, d_in), written by its producers (set_dzx_bf16). backward() offers it to the chunk stage in
   // dzx16_offer_, for batched_chunks to take into BatchedParams::dzx16 (`p.dzx16 = std::exchange(dzx16_offer_,
   // nullptr);`), and only if it was taken (the z and x columns written) do the other producers write theirs and the

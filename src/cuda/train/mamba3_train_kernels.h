@@ -247,6 +247,12 @@ struct BatchedParams {
   // The same rounded to bf16 (the scans' copies): in the bf16 mode the epilogue's ⟨dH, H_c⟩ reads these, and the
   // scans write no f32 states (Hc and dHc then hold the scans' inputs).
   const void *Hc16, *dHc16;
+  // The fused core beside the reverse chain (Mamba3TrainGpu::set_core_beside; null: not): one counter per chunk
+  // (B·H·nc, chunk order of Hc16) that the reverse chain raises by one per block of P rows once the dH entering that
+  // chunk is stored (release), and the value at which the fused core, launched while the chain runs, may read it
+  // (acquire). The counters only grow; the caller counts the launches (target = launches × the chain's P blocks).
+  unsigned* chain_ready;
+  unsigned chain_ready_target;
   float* dLam;                           // (B·H·nc, T) gradient of Λ
   float *dadt, *dgam, *dscale;           // (B·H, L)
   float* dphi;                           // (B·H, L, S)

@@ -18,6 +18,7 @@
 #include "cuda/env_switch.h"
 #include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
+#include "cuda/train/chunk_ready.cuh"
 #include "cuda/train/mamba3_train_math.cuh"
 #include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mma_bf16.cuh"
@@ -133,6 +134,9 @@ __device__ __forceinline__ void state_chain_body(const BatchedParams& p, const b
       so[nt * 4 + 4 * LDN] = pack(st[nt][2], st[nt][3]);
     }
     __syncthreads();  // the slice is whole; every warp is done with the stage step i + kStages − 1 loads into
+    // (the previous chunk's dH for the fused core beside this chain: its stores, a step old, are behind this barrier,
+    // so the release's fence has little left to wait for)
+    if (p.chain_ready && i > 0 && threadIdx.x == 0) chunk_ready_publish(p.chain_ready + chunk_at(i - 1));
     issue(i + kStages - 1);
     {
       constexpr int per_row = N / 8, pieces = kSlice * per_row;  // 16-byte pieces of the slice
@@ -170,6 +174,10 @@ __device__ __forceinline__ void state_chain_body(const BatchedParams& p, const b
     chain_step::scan_update(st, acc, dc);  // the scan's e·S + Δ
     store_formed(i + 1);  // (the next step's barrier orders it before that step's reads)
   }
+  if (p.chain_ready && nc > 0) {  // the last chunk's dH
+    __syncthreads();
+    if (threadIdx.x == 0) chunk_ready_publish(p.chain_ready + chunk_at(nc - 1));
+  }
 }
 
 template <int N, int P, int kSlice, bool kDye = false>
@@ -177,6 +185,7 @@ __global__ void __launch_bounds__(ChainSmem<N, kSlice, kDye>::threads)
     state_chain_kernel(const BatchedParams p, const bf16* A, const bf16* Bm, bool reverse, void* out16,
                        const float* w_rows) {
   pdl_wait();
+  if (p.chain_ready) pdl_trigger();  // (the fused core beside it: every block of this grid resident or done first)
   state_chain_body<N, P, kSlice, kDye, false>(p, A, Bm, reverse, out16, w_rows);
 }
 
@@ -206,6 +215,10 @@ bool state_chain_supported(const BatchedParams& p) { return core_shape_supported
 void set_state_chain_slice(int rows) {
   MAMBA3_CHECK(rows == 32 || rows == 64, "set_state_chain_slice: {} rows (32 or 64)", rows);
   g_chain_slice = rows;
+}
+
+int state_chain_blocks_per_head(const BatchedParams& p) {
+  return p.d.P % 64 == 0 && chain_slice() == 64 ? p.d.P / 64 : p.d.P / 32;
 }
 
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,

@@ -23,8 +23,13 @@ bool state_chain_supported(const BatchedParams& p);
 // (the forward chain's A = w ⊙ v formed from v, p.vw_formed: the build's values, bf16(w·v), without its Vw tensor).
 // form_dye (reverse; A unused): A = e^Λ ⊙ dy formed in the fragments from p.dO16, p.zx16 and p.eL with the output-stage
 // backward's expressions (launch_output_dye's bits, without its kernel).
+// With p.chain_ready (reverse): each block raises the counter of every chunk once its dH is stored, and the grid
+// triggers its dependents right after its own wait (the fused core beside it); state_chain_blocks_per_head blocks
+// raise each counter.
 void launch_state_chain(cudaStream_t s, const BatchedParams& p, const void* A, const void* Bop, bool reverse,
                         void* out16, const float* w_rows = nullptr, bool form_dye = false);
+// The chain's blocks per sequence-head (P over the rows of P per block) for p's shape.
+int state_chain_blocks_per_head(const BatchedParams& p);
 // The forward chain with the SISO build's k and v (p.build_q_only: the build wrote only Q): one block per sequence-head
 // forms each chunk's k and v from zx's B rows, the angle codes, x in bf16 and the biases as the build does, stores
 // them to p.K and p.V, and runs the forward chain's step on them (A = w ⊙ v formed from v and p.wv) → out16 = Hc16.
