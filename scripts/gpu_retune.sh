@@ -2,7 +2,11 @@
 # On a GPU machine of another kind than the defaults were measured on (they were chosen on an H200): the switches
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
-#   OUT=… scripts/gpu_retune.sh [train|fused|fusediag|kv|decode|deferred|wide|options|all] [rounds]
+#   OUT=… scripts/gpu_retune.sh [train|fused|fusediag|kv|beside|decode|deferred|wide|options|all] [rounds]
+# beside: the fused backward core beside the reverse chain and with its state tiles staged (sixty-sixth session, built
+#         without a device; bundle: mamba3 test_mamba3_train_paths_gpu test_lm_train_gpu): the 125M SISO step with
+#         each and both against the defaults, their bit test, the training tests with both, the backward's parts,
+#         memcheck.
 # fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
 #         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
 # fusediag: the fused products' epilogues through shared memory and bulk tensor stores (sixty-third session; first
@@ -144,6 +148,29 @@ if [[ $what == kv || $what == all ]]; then
     --steps 1 > "$OUT/retune_kv_ncu.txt" 2>&1 &&
     timeout 100 ncu -i "$OUT/retune_kv_walk.ncu-rep" --page source --print-source sass --csv \
       > "$OUT/retune_kv_walk_sass.csv" 2>&1 && xz "$OUT/retune_kv_walk_sass.csv"
+fi
+if [[ $what == beside || $what == all ]]; then
+  # (the steps first, alternating: a device call cut short still says whether either is worth testing)
+  for ((r = 1; r <= rounds; ++r)); do
+    train_row defaults
+    train_row beside MAMBA3_TRAIN_CORE_BESIDE=1
+    train_row staged MAMBA3_TRAIN_CORE_STAGED=1
+    train_row both MAMBA3_TRAIN_CORE_BESIDE=1 MAMBA3_TRAIN_CORE_STAGED=1
+  done
+  [[ -x run/bin/test_mamba3_train_paths_gpu ]] &&
+    timeout 150 run/bin/test_mamba3_train_paths_gpu --gtest_filter='*Beside*' > "$OUT/retune_beside_test.txt" 2>&1
+  grep -E 'other bits|did not run|Expected|FAILED|PASSED' "$OUT/retune_beside_test.txt" | head -20 |
+    tee -a "$OUT/retune_train.txt"
+  [[ -x run/bin/test_lm_train_gpu ]] && MAMBA3_TRAIN_CORE_BESIDE=1 MAMBA3_TRAIN_CORE_STAGED=1 timeout 150 \
+    run/bin/test_lm_train_gpu > "$OUT/retune_beside_lm.txt" 2>&1
+  tail -1 "$OUT/retune_beside_lm.txt" | sed 's/^/lm train tests, both on: /' | tee -a "$OUT/retune_train.txt"
+  for m in "A=1" "MAMBA3_TRAIN_CORE_STAGED=1"; do  # (the backward's parts: beside is one mark with the chain)
+    env $m MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train --preset 125m --steps 2 \
+      > "$OUT/retune_beside_profile.txt" 2>&1
+    echo "$m $(grep -E 'mixer backward' "$OUT/retune_beside_profile.txt" | tail -1)" | tee -a "$OUT/retune_train.txt"
+  done
+  timeout 200 compute-sanitizer --tool memcheck run/bin/test_mamba3_train_paths_gpu --gtest_filter='*Beside*' \
+    2>&1 | tail -3 | tee -a "$OUT/retune_train.txt"
 fi
 if [[ $what == decode || $what == all ]]; then
   timeout 400 scripts/decode_ab.sh -p 1.5b -b 128 -r "$rounds" -- "" "MAMBA3_GEMM_TUNE=1" \

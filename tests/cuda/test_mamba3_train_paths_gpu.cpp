@@ -287,11 +287,13 @@ TEST(Mamba3TrainGpu, OutputInsideTheFusedCoreTracksTheKernel) {
 }
 
 // The fused core with the output part beside the reverse chain (launched while the chain runs, each chunk waiting for
-// the chain's counter of its dH) against it after the chain: the same bits — also with the chain in blocks of 32 rows
-// of P (two counts per chunk), after the counters were zeroed for another block count, and over repeated backwards
-// (the counters only grow). Recomputed and kept forwards; one, three and sixteen chunks, batch 3 and 4 (the longest
-// with the 24-head tiles, so that many blocks wait while the chain runs); it must run wherever the output part does.
-TEST(Mamba3TrainGpu, CoreBesideTheReverseChainGivesTheSameBits) {
+// the chain's counter of its dH) and with its state tiles in its phases' own copies (staged), each and both, against
+// the core after the chain with every tile in one group: the same bits — beside also with the chain in blocks of 32
+// rows of P (two counts per chunk), after the counters were zeroed for another block count, and over repeated
+// backwards (the counters only grow). Recomputed and kept forwards; one, three and sixteen chunks, batch 3 and 4 (the
+// longest with the 24-head tiles, so that many blocks wait while the chain runs); both must run wherever the output
+// part does.
+TEST(Mamba3TrainGpu, CoreBesideTheChainAndStagedTilesGiveTheSameBits) {
   MAMBA3_REQUIRE_GPU();
   struct Restore {
     ~Restore() { cuda::train_detail::set_state_chain_slice(64); }
@@ -309,21 +311,27 @@ TEST(Mamba3TrainGpu, CoreBesideTheReverseChainGivesTheSameBits) {
       const bool applies = !lc.c.is_outproj_norm && L % 64 == 0 && lc.c.d_in_proj() % 2 == 0;
       for (const bool keep : {false, true}) {
         SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
-        auto run = [&](bool on) {
-          step.train.set_core_beside(on);
+        auto run = [&](bool beside, bool staged) {
+          step.train.set_core_beside(beside);
+          step.train.set_core_staged(staged);
           GpuResult r = step.run(keep);
-          EXPECT_EQ(step.train.core_beside_used(), on && applies);
+          EXPECT_EQ(step.train.core_beside_used(), beside && applies);
+          EXPECT_EQ(step.train.core_staged_used(), staged && applies);
           return r;
         };
-        const GpuResult after = run(false), beside = run(true), again = run(true);
+        const GpuResult after = run(false, false), beside = run(true, false), again = run(true, false);
+        const GpuResult staged = run(false, true), both = run(true, true);
         cuda::train_detail::set_state_chain_slice(32);
-        const GpuResult slice32 = run(true);
+        const GpuResult slice32 = run(true, true);
         cuda::train_detail::set_state_chain_slice(64);
-        const GpuResult back = run(true);
+        const GpuResult back = run(true, false);
         step.train.set_core_beside(false);
+        step.train.set_core_staged(false);
         ASSERT_NO_FATAL_FAILURE(assert_finite(beside));
         EXPECT_TRUE(bit_identical(after, beside)) << "beside the chain gave other bits";
         EXPECT_TRUE(bit_identical(after, again)) << "a second backward beside the chain gave other bits";
+        EXPECT_TRUE(bit_identical(after, staged)) << "the staged state tiles gave other bits";
+        EXPECT_TRUE(bit_identical(after, both)) << "staged and beside the chain gave other bits";
         EXPECT_TRUE(bit_identical(after, slice32)) << "beside chain blocks of 32 rows gave other bits";
         EXPECT_TRUE(bit_identical(after, back)) << "beside, after the counters were zeroed again, gave other bits";
         ran += applies;

@@ -394,6 +394,15 @@ __device__ __forceinline__ void pair_barrier(int wq) {
     pair_barrier_at<kArrive, 4>();
 }
 
+// Named barriers 5 (phase A's four warps) and 6 (phase B's) of the 8-warp block (kStaged).
+template <bool kPhaseA>
+__device__ __forceinline__ void phase_barrier() {
+  if constexpr (kPhaseA)
+    asm volatile("bar.sync 5, %0;" ::"n"(kCoreThreads) : "memory");
+  else
+    asm volatile("bar.sync 6, %0;" ::"n"(kCoreThreads) : "memory");
+}
+
 // ---- kHeadSum (p.dqk_head_sum, on top of kUnrot; fused_core_head_sum_supported): the sum over a B/C group's heads
 // that the rotation backward ran, done by clusters of 8 head blocks of one (sequence, chunk) (grid order (b, chunk,
 // head), head fastest). Each block has written its un-rotated bf16 dQ/dK tile; after a cluster barrier block r adds
@@ -583,7 +592,7 @@ __device__ __forceinline__ int64_t chunk_last_first(const BatchedParams& p) {
 // the chunks last to first (all sequence-heads' last chunks, then the ones before: the order the chain stores their
 // dH in) and wait for each chunk's counter before copying its dH tile (chunk_ready.cuh).
 template <int N, int P, int kMode, int kWarps, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
-          bool kQk = false, bool kBeside = false>
+          bool kQk = false, bool kBeside = false, bool kStaged = false>
 __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const bf16* Hc16, float* g_slots,
                                                    const bf16* dHc16) {
   constexpr int kThreads = 32 * kWarps;
@@ -611,6 +620,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   // (the head-fastest order also where the core forms q's and k's unrotated half: a chunk's heads read the same
   // bc_unrot rows close together in time)
   static_assert(!kBeside || (kOut && !kQk && !kHeadSum), "beside the chain: the output part's instance");
+  static_assert(!kStaged || (kOut && kSplitPhases && !kQk && !kHeadSum), "staged tiles: the output part's instance");
   const int64_t chunk = kBeside                                ? chunk_last_first(p)
                         : kHeadSum || (kQk && p.qk_head_order) ? head_fastest_chunk(p)
                                                                : int64_t(blockIdx.x);
@@ -625,7 +635,7 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   [[maybe_unused]] UnrotatedColumns<N, kThreads, 2> unrot;
   if (qk_half) unrot.issue(p, chunk, {true, false});  // (first: its loads ahead of the copies in the memory pipe)
   copy_qk_tiles<kThreads, N, qk_half>(sQ, sK, LDN, p, chunk);
-  copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
+  if constexpr (!kStaged) copy_tile<kThreads, P, N>(sH, LDN, Hc16 + chunk * P * N);
   copy_tile<kThreads, kRows, P>(sV, LDP, static_cast<const bf16*>(p.V) + chunk * kRows * P);
   [[maybe_unused]] CoreOutputRows<P, kThreads> out_rows;
   if constexpr (kOut) {  // dO's and z's rows into the dy and e^Λ ⊙ dy tiles (core_output_part turns them)
@@ -640,12 +650,14 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     copy_tile<kThreads, kRows, P>(sdY, LDP, static_cast<const bf16*>(p.dY) + chunk * kRows * P);
     copy_tile<kThreads, kRows, P>(sdYe, LDP, static_cast<const bf16*>(p.dYe) + chunk * kRows * P);
   }
-  if constexpr (kWithDH) {
+  if constexpr (kWithDH && !kStaged) {
     if constexpr (kBeside) {  // (the other tiles' copies in flight meanwhile)
       if (threadIdx.x == 0) chunk_ready_wait(p.chain_ready + chunk, p.chain_ready_target);
       __syncthreads();
     }
     copy_tile<kThreads, P, N>(sdH, LDN, dHc16 + chunk * P * N);
+  }
+  if constexpr (kWithDH) {
     // (kOut: the w ⊙ v tile formed from v by core_output_part, scale_pair's bits: the build's; no Vw read)
     if constexpr (!kOut) copy_tile<kThreads, kRows, P>(sVw, LDP, static_cast<const bf16*>(p.Vw) + chunk * kRows * P);
   }
@@ -659,6 +671,22 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
                  "l"(src + chunk * T + j));
   }
   asm volatile("cp.async.commit_group;");
+  // kStaged: the state tiles in a second group of copies that only their phase's warps issue and wait for — H_c by
+  // phase A's warps (first read by dQ's state term), dH by phase B's (first read by dK's second term) — so that the
+  // barrier below waits for the other tiles alone and the state tiles arrive during the first products. Beside the
+  // chain, phase B's first thread waits for dH's counter (phase B's barrier then orders its warps' copies after it).
+  if constexpr (kStaged) {
+    if (do_a) {
+      copy_tile_by<kCoreThreads, P, N>(int(threadIdx.x) % kCoreThreads, sH, LDN, Hc16 + chunk * P * N);
+    } else {
+      if constexpr (kBeside) {
+        if (threadIdx.x == kCoreThreads) chunk_ready_wait(p.chain_ready + chunk, p.chain_ready_target);
+        phase_barrier<false>();
+      }
+      copy_tile_by<kCoreThreads, P, N>(int(threadIdx.x) % kCoreThreads, sdH, LDN, dHc16 + chunk * P * N);
+    }
+    asm volatile("cp.async.commit_group;");
+  }
   for (int tl = threadIdx.x; !scalars_async && tl < T; tl += kThreads) {
     const int64_t i = chunk * T + tl;
     Lam[tl] = p.Lam[i], scale[tl] = p.scale[i], gam[tl] = p.gam[i];
@@ -666,7 +694,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   // (with the output part, the formed half is stored after the first barrier, beside that pass and before its
   // barrier: off the copies' critical path, which it had lengthened by ~10 %)
   if (qk_half && !kOut) unrot.store({sQ, sK}, LDN);
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  if constexpr (kStaged)
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+  else
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
   __syncthreads();
   if constexpr (kOut) {
     core_output_part<P, kThreads>(p, chunk, out_rows, sdY, sdYe, sV, sVw, LDP, wD);
@@ -759,6 +790,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
     for (int kb = 0; kb < NS / 2; ++kb) {
       ds[kb][0] = pack(dw[2 * kb][0], dw[2 * kb][1]), ds[kb][1] = pack(dw[2 * kb][2], dw[2 * kb][3]);
       ds[kb][2] = pack(dw[2 * kb + 1][0], dw[2 * kb + 1][1]), ds[kb][3] = pack(dw[2 * kb + 1][2], dw[2 * kb + 1][3]);
+    }
+    if constexpr (kStaged) {  // H_c's copies (phase A's own group) complete and seen by the phase's warps
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+      phase_barrier<true>();
     }
     // dQ = dS·k + (e^Λ ⊙ dy)·H_c, NB columns at a time.
     float* dQ = p.dQ + chunk * kRows * N;
@@ -922,6 +957,10 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
       if (kMode != kCoreStates || !p.epilogue_in_core) store_tiles(dv, p.dV + chunk * kRows * P, P, s0, 0);
     }
     float* dK = p.dK + chunk * kRows * N;
+    if constexpr (kStaged) {  // dH's copies (phase B's own group) complete and seen by the phase's warps
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+      phase_barrier<false>();
+    }
     // dK = dSᵀ·q; kUnrot: the passes last to first, so that the rotating one (the first) ends the loop and meets
     // phase A's dφ terms as late as possible.
 #pragma unroll
@@ -1011,12 +1050,16 @@ __device__ __forceinline__ void backward_core_body(const BatchedParams& p, const
   }
 
   // ⟨dH, H_c⟩ by the first four warps, as in the post-scan core (its sum order); also for MIMO's epilogue in the core.
-  if (kPost || (kMode == kCoreStates && p.epilogue_in_core)) {
+  // (kStaged: after the barrier below, where phase B's dH copies are seen by phase A's warps)
+  if (!kStaged && (kPost || (kMode == kCoreStates && p.epilogue_in_core))) {
     if (threadIdx.x < kCoreThreads) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
   }
 
   // ---- The chunk scalars' gradients from coef, per token (as the coef kernel forms them).
   __syncthreads();
+  if constexpr (kStaged) {
+    if (threadIdx.x < kCoreThreads) post_scan_state_dot<N, P>(sdH, sH, LDN, wsum);
+  }
   const int64_t bh = chunk / p.nc;
   const int c0 = int(chunk % p.nc) * T, Tc = min(T, p.d.L - c0);
   const bool epilogue_here = kMode == kCoreStates && p.epilogue_in_core;
@@ -1080,11 +1123,12 @@ __global__ void __launch_bounds__(kCoreThreads)
 // The cores with dH with their phases on separate warps: 256 threads, at most 128 registers so that two blocks share
 // an SM.
 template <int N, int P, int kMode, int kR, bool kUnrot = false, bool kHeadSum = false, bool kOut = false,
-          bool kQk = false>
+          bool kQk = false, bool kStaged = false>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2)
     fused_core_wide_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
   pdl_wait();
-  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut, kQk>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kMode, 2 * kCoreWarps, kR, kUnrot, kHeadSum, kOut, kQk, false, kStaged>(p, Hc16, nullptr,
+                                                                                                   dHc16);
 }
 
 // The 8-warp fused core with the output part beside the reverse chain (p.chain_ready): that chain triggers right after
@@ -1092,11 +1136,12 @@ __global__ void __launch_bounds__(2 * kCoreThreads, 2)
 // stored, and otherwise only what was complete before the chain began (the forward's tiles, dO, z, the chunk scalars);
 // nothing it writes is read by the chain. It waits for the chain before it exits, so the kernels after it, waiting for
 // it, also wait for the chain.
-template <int N, int P>
+template <int N, int P, bool kStaged>
 __global__ void __launch_bounds__(2 * kCoreThreads, 2)
     fused_core_beside_kernel(const BatchedParams p, const bf16* Hc16, const bf16* dHc16) {
   pdl_beside();
-  backward_core_body<N, P, kCoreFused, 2 * kCoreWarps, 1, false, false, true, false, true>(p, Hc16, nullptr, dHc16);
+  backward_core_body<N, P, kCoreFused, 2 * kCoreWarps, 1, false, false, true, false, true, kStaged>(p, Hc16, nullptr,
+                                                                                                    dHc16);
   pdl_wait();
 }
 
@@ -1245,6 +1290,10 @@ void launch_core_with_dh(cudaStream_t s, const BatchedParams& p, const void* Hc1
     if constexpr (kMode == kCoreFused) {
       if (p.qk_rotated_only) kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut, true>;
     }
+    if constexpr (kOut) {  // (the state tiles in their phases' own copies: p.core_staged, q and k whole)
+      if (p.core_staged && !p.qk_rotated_only)
+        kernel = fused_core_wide_kernel<N, P, kMode, kR, kUnrot, false, kOut, false, true>;
+    }
     if (bytes > 48 * 1024)
       MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const int64_t blocks = int64_t(p.d.B) * p.d.H * p.nc;
@@ -1306,7 +1355,7 @@ void launch_batched_backward_fused_core(cudaStream_t s, const BatchedParams& p, 
                    "fused backward core beside the chain: the 8-warp block with q and k whole");
       dispatch_core_shape(p, [&](auto n, auto pp) {
         constexpr int N = decltype(n)::value, P = decltype(pp)::value;
-        auto* kernel = fused_core_beside_kernel<N, P>;
+        auto* kernel = p.core_staged ? fused_core_beside_kernel<N, P, true> : fused_core_beside_kernel<N, P, false>;
         const size_t bytes = CoreSmem<N, P>::post_bytes(p.T);
         if (bytes > 48 * 1024)
           MAMBA3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));

@@ -63,8 +63,9 @@ bool fused_core_output_supported(const BatchedParams& p);
 // Its conditions that a forward can check (the backward's buffers aside): where the forward leaves w ⊙ v to its
 // readers (p.vw_formed), as the core with the output part forms it.
 bool fused_core_output_may_apply(const BatchedParams& p);
-// Whether the fused core with the output part can run beside the reverse chain (p.chain_ready: the 8-warp block, q and
-// k stored whole); p.core_output must hold as well.
+// Whether the fused core with the output part can run beside the reverse chain (p.chain_ready), or with its state
+// tiles in its phases' own copies (p.core_staged): the 8-warp block, q and k stored whole; p.core_output must hold as
+// well.
 bool fused_core_beside_supported(const BatchedParams& p);
 
 }  // namespace mamba3::cuda::train_detail

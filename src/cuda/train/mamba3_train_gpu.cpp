@@ -247,6 +247,13 @@ bool env_core_beside() {
   return on;
 }
 
+// MAMBA3_TRAIN_CORE_STAGED, read once per process: the fused core's state tiles in its phases' own copies ("1") or
+// with the other tiles ("0", the default until measured). The same bits.
+bool env_core_staged() {
+  static const bool on = env_choice("MAMBA3_TRAIN_CORE_STAGED", {"0", "1"}) == "1";
+  return on;
+}
+
 // MAMBA3_TRAIN_MIMO_EPILOGUE, read once per process: MIMO's state core runs the epilogue's state part ("core", the
 // default) or stores tp and dV for the MIMO epilogue kernel ("kernel").
 bool env_mimo_epilogue_in_core() {
@@ -332,6 +339,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       vw_formed_(env_vw_formed()),
       chain_dye_(env_chain_dye()),
       core_beside_(env_core_beside()),
+      core_staged_(env_core_staged()),
       qk_rotated_only_(env_qk_rotated_only()),
       kv_chain_(env_kv_chain() != "0"),  // ("" when unset: the walk)
       kv_chain_beside_(env_kv_chain() == "beside"),
@@ -753,6 +761,9 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
   if (fused_core) {
     // The reverse chain first (it needs only e^Λ ⊙ dy and q), then both cores in one kernel — beside the chain where
     // set (the chain's per-chunk counters, zeroed whenever the shape they count for changes).
+    // (both where the 8-warp instance with the output part runs, q and k whole: fused_core_beside_supported)
+    p.core_staged = core_staged_ && p.core_output && fused_core_beside_supported(p);
+    core_staged_used_ = p.core_staged;
     core_beside_used_ = chain_dye && core_beside_ && fused_core_beside_supported(p);
     if (core_beside_used_) {
       const int64_t chunks = BHc;
@@ -767,7 +778,9 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       p.chain_ready_target = chain_ready_launches_ * unsigned(blocks);
     }
     launch_state_chain(s, p, chain_dye ? nullptr : p.dYe, p.Q, true, dHc16_.raw(), nullptr, chain_dye);
-    prof.mark("state chain rev");
+    // (beside: no event between the two launches, which would hold the core back until the chain ends; the profile
+    // counts both as the core)
+    if (!core_beside_used_) prof.mark("state chain rev");
     p.Hc16 = act_->Hc16.raw(), p.dHc16 = dHc16_.raw();
     core_unrotated_ = p.dqk_unrotated, core_head_summed_ = p.dqk_head_sum;
     launch_batched_backward_fused_core(s, p, act_->Hc16.raw(), dHc16_.raw());
@@ -1025,6 +1038,7 @@ void Mamba3TrainGpu::backward(const Context& ctx, TrainGemm& gemm, const Mamba3T
   core_unrotated_ = false;  // (batched_chunks: whether its fused core un-rotated dQ/dK)
   core_output_used_ = false;  // (batched_chunks: whether its fused core ran the output stage's backward)
   core_beside_used_ = false;
+  core_staged_used_ = false;
   core_head_summed_ = false;
   if (batched) batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, true, &parts, prof, reuse);
   else fused_chunks_backward(ctx, gemm.precision() == Precision::BF16, w, B, L, T, parts);

@@ -211,6 +211,12 @@ class Mamba3TrainGpu {
   void set_core_beside(bool on) { core_beside_ = on; }
   // Whether the last backward's fused core did (set_core_beside and its configuration).
   bool core_beside_used() const { return core_beside_used_; }
+  // The fused core with the output part (8 warps) copies the state tiles H_c and dH in its phases' own groups, each
+  // waited for just before the phase's first product that reads it, instead of with the other tiles before the first
+  // barrier (default from MAMBA3_TRAIN_CORE_STAGED, off until measured); the same bits.
+  void set_core_staged(bool on) { core_staged_ = on; }
+  // Whether the last backward's fused core did (set_core_staged and its configuration).
+  bool core_staged_used() const { return core_staged_used_; }
   // Whether the last chunk pass's forward did (set_vw_formed and its configuration).
   bool vw_formed_used() const { return vw_formed_used_; }
   // The SISO build stores only q's and k's rotated columns (rope_fraction 0.5: the upper half of the state passes
@@ -400,6 +406,8 @@ class Mamba3TrainGpu {
   bool chain_dye_ = true;            // the reverse chain forms e^Λ ⊙ dy (set_chain_dye)
   bool core_beside_ = false;         // the fused core beside the reverse chain (set_core_beside)
   bool core_beside_used_ = false;    // the last backward's did (core_beside_used)
+  bool core_staged_ = false;         // the fused core's state tiles in its phases' own copies (set_core_staged)
+  bool core_staged_used_ = false;    // the last backward's did (core_staged_used)
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool qk_rotated_only_ = false;     // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
   bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)

@@ -253,6 +253,10 @@ struct BatchedParams {
   // (acquire). The counters only grow; the caller counts the launches (target = launches × the chain's P blocks).
   unsigned* chain_ready;
   unsigned chain_ready_target;
+  // The 8-warp fused core with the output part copies the state tiles in their phases' own groups (H_c by phase A's
+  // warps, dH by phase B's), waited for just before their first products (Mamba3TrainGpu::set_core_staged); the same
+  // bits.
+  bool core_staged;
   float* dLam;                           // (B·H·nc, T) gradient of Λ
   float *dadt, *dgam, *dscale;           // (B·H, L)
   float* dphi;                           // (B·H, L, S)

@@ -72,15 +72,16 @@ __device__ __forceinline__ void load_b_kn(const bf16* X, int ld, int k0, int n0,
 }
 
 // ROWS × COLS bf16 (in global memory at row pitch src_ld, COLS a multiple of 8) into shared memory at pitch ld, 16
-// bytes a copy, by a block of kThreads threads. A thread keeps one column piece and takes every (kThreads / pieces per row)-th row,
-// so its copies are one address plus compile-time offsets: the loop over pieces with a division per copy that this
-// replaced cost ~20 instructions per copy (about a sixth of the fused backward core's instructions).
+// bytes a copy, by a block of kThreads threads. A thread keeps one column piece and takes every (kThreads / pieces per
+// row)-th row, so its copies are one address plus compile-time offsets: the loop over pieces with a division per copy
+// that this replaced cost ~20 instructions per copy (about a sixth of the fused backward core's instructions).
+// copy_tile_by: the same by a group of kThreads threads, `tid` the thread's index in the group.
 template <int kThreads, int ROWS, int COLS>
-__device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, int src_ld = COLS) {
+__device__ __forceinline__ void copy_tile_by(int tid, bf16* dst, int ld, const bf16* src, int src_ld = COLS) {
   constexpr int per_row = COLS / 8, pieces = ROWS * per_row;
   static_assert(COLS % 8 == 0 && kThreads % per_row == 0, "a thread's pieces in one column");
   constexpr int step = kThreads / per_row;  // rows per pass of the block
-  const int r = int(threadIdx.x) / per_row, c = int(threadIdx.x) % per_row * 8;
+  const int r = tid / per_row, c = tid % per_row * 8;
   dst += r * ld + c, src += r * src_ld + c;
   if constexpr (pieces % kThreads == 0) {
 #pragma unroll
@@ -92,6 +93,10 @@ __device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, in
     if (r < ROWS)
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
   }
+}
+template <int kThreads, int ROWS, int COLS>
+__device__ __forceinline__ void copy_tile(bf16* dst, int ld, const bf16* src, int src_ld = COLS) {
+  copy_tile_by<kThreads, ROWS, COLS>(int(threadIdx.x), dst, ld, src, src_ld);
 }
 
 // Two accumulator values at o: as f32, or rounded to bf16 (nearest even; uint16_t holds the bits).
