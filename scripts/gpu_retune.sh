@@ -3,10 +3,10 @@
 # whose choice depends on the balance of bandwidth, arithmetic and latency, measured again against the defaults,
 # settings alternating in each round. After scripts/gpu_run.sh (or a bundle unpacked into run/). Logs go to $OUT.
 #   OUT=… scripts/gpu_retune.sh [train|fused|fusediag|kv|beside|decode|deferred|wide|options|all] [rounds]
-# beside: the fused backward core beside the reverse chain and with its state tiles staged (sixty-sixth session, built
-#         without a device; bundle: mamba3 test_mamba3_train_paths_gpu test_lm_train_gpu): the 125M SISO step with
-#         each and both against the defaults, their bit test, the training tests with both, the backward's parts,
-#         memcheck.
+# beside: the fused backward core beside the reverse chain, with its state tiles staged, and out_proj beside the
+#         forward walk (sixty-sixth session, built without a device; bundle: mamba3 test_mamba3_train_paths_gpu
+#         test_lm_train_gpu): the 125M SISO step with each and with all against the defaults, their tests, the
+#         training tests with all three, the mixer's parts, memcheck.
 # fused:  the GatedMLP's fused products (docs/kernels/fused_gemm.md): tests, per-product times, the step off /
 #         cooperative / ping-pong / multicast, the training tests and memcheck with them on.
 # fusediag: the fused products' epilogues through shared memory and bulk tensor stores (sixty-third session; first
@@ -156,18 +156,22 @@ if [[ $what == beside || $what == all ]]; then
     train_row beside MAMBA3_TRAIN_CORE_BESIDE=1
     train_row staged MAMBA3_TRAIN_CORE_STAGED=1
     train_row both MAMBA3_TRAIN_CORE_BESIDE=1 MAMBA3_TRAIN_CORE_STAGED=1
+    train_row outproj MAMBA3_TRAIN_OUT_PROJ_BESIDE=1
+    train_row all3 MAMBA3_TRAIN_CORE_BESIDE=1 MAMBA3_TRAIN_CORE_STAGED=1 MAMBA3_TRAIN_OUT_PROJ_BESIDE=1
   done
   [[ -x run/bin/test_mamba3_train_paths_gpu ]] &&
-    timeout 150 run/bin/test_mamba3_train_paths_gpu --gtest_filter='*Beside*' > "$OUT/retune_beside_test.txt" 2>&1
+    timeout 200 run/bin/test_mamba3_train_paths_gpu --gtest_filter='*Beside*' > "$OUT/retune_beside_test.txt" 2>&1
   grep -E 'other bits|did not run|Expected|FAILED|PASSED' "$OUT/retune_beside_test.txt" | head -20 |
     tee -a "$OUT/retune_train.txt"
-  [[ -x run/bin/test_lm_train_gpu ]] && MAMBA3_TRAIN_CORE_BESIDE=1 MAMBA3_TRAIN_CORE_STAGED=1 timeout 150 \
-    run/bin/test_lm_train_gpu > "$OUT/retune_beside_lm.txt" 2>&1
-  tail -1 "$OUT/retune_beside_lm.txt" | sed 's/^/lm train tests, both on: /' | tee -a "$OUT/retune_train.txt"
-  for m in "A=1" "MAMBA3_TRAIN_CORE_STAGED=1"; do  # (the backward's parts: beside is one mark with the chain)
+  [[ -x run/bin/test_lm_train_gpu ]] && MAMBA3_TRAIN_CORE_BESIDE=1 MAMBA3_TRAIN_CORE_STAGED=1 \
+    MAMBA3_TRAIN_OUT_PROJ_BESIDE=1 timeout 150 run/bin/test_lm_train_gpu > "$OUT/retune_beside_lm.txt" 2>&1
+  tail -1 "$OUT/retune_beside_lm.txt" | sed 's/^/lm train tests, all three on: /' | tee -a "$OUT/retune_train.txt"
+  # (the mixer's parts: beside, the chain and the core are one mark, and the walk and out_proj)
+  for m in "A=1" "MAMBA3_TRAIN_CORE_STAGED=1"; do
     env $m MAMBA3_TRAIN_PROFILE=2 timeout 120 "$MAMBA3_BIN" bench --device cuda --train --preset 125m --steps 2 \
       > "$OUT/retune_beside_profile.txt" 2>&1
     echo "$m $(grep -E 'mixer backward' "$OUT/retune_beside_profile.txt" | tail -1)" | tee -a "$OUT/retune_train.txt"
+    echo "$m $(grep -E 'mixer forward' "$OUT/retune_beside_profile.txt" | tail -1)" | tee -a "$OUT/retune_train.txt"
   done
   timeout 200 compute-sanitizer --tool memcheck run/bin/test_mamba3_train_paths_gpu --gtest_filter='*Beside*' \
     2>&1 | tail -3 | tee -a "$OUT/retune_train.txt"

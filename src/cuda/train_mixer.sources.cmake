@@ -13,7 +13,8 @@ if(TARGET mamba3_cuda)
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_fwd_core.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_state_chain.cu
     ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_kv_chain.cu
-    ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_fwd_walk.cu)
+    ${CMAKE_CURRENT_LIST_DIR}/train/mamba3_train_fwd_walk.cu
+    ${CMAKE_CURRENT_LIST_DIR}/train/out_proj_beside.cu)
   target_link_libraries(mamba3_cuda_train_mixer PUBLIC mamba3_cuda)
   set_target_properties(mamba3_cuda_train_mixer PROPERTIES CUDA_ARCHITECTURES "${MAMBA3_CUDA_ARCH}")
 endif()

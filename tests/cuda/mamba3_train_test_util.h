@@ -260,6 +260,9 @@ struct CoreLayerStep {
   DeviceLayer layer;
   cuda::DeviceBuffer ud, dd, out, du;
   cuda::Mamba3TrainActivations kept;
+  // out_proj's bf16 weight mirror, where a test sets one (the trainer's parameter store keeps one); the products then
+  // read it instead of rounding the weight (the same values).
+  const uint16_t* out_proj16 = nullptr;
 
   CoreLayerStep(const Mamba3Mixer& m, const Tensor& u, const Tensor& dout)
       : B(u.dim(0)), L(u.dim(1)), D(m.config().d_model), train(m.config()), layer(m),
@@ -274,9 +277,11 @@ struct CoreLayerStep {
     layer.zero_grads();
     poison(du.raw(), du.bytes());
     poison(out.raw(), out.bytes());
-    train.forward(ctx, gemm, layer.weights(), B, L, ud.as<float>(), out.as<float>(), keep ? &kept : nullptr);
+    cuda::Mamba3TrainWeights w = layer.weights();
+    w.out_proj16 = out_proj16;
+    train.forward(ctx, gemm, w, B, L, ud.as<float>(), out.as<float>(), keep ? &kept : nullptr);
     if (between) between();
-    train.backward(ctx, gemm, layer.weights(), layer.grads(), B, L, ud.as<float>(), dd.as<float>(), du.as<float>(),
+    train.backward(ctx, gemm, w, layer.grads(), B, L, ud.as<float>(), dd.as<float>(), du.as<float>(),
                    keep ? &kept : nullptr);
     ctx.sync();
     return GpuResult{from_device_f32(out.raw(), {B, L, D}), from_device_f32(du.raw(), {B, L, D}),

@@ -20,6 +20,7 @@
 #include "cuda/train/mamba3_train_gpu.h"
 #include "cuda/train/mamba3_train_kernels.h"
 #include "cuda/train/mamba3_train_state_chain.h"
+#include "cuda/train/out_proj_beside.h"
 #include "gpu_test_util.h"
 #include "mamba3_train_test_util.h"
 #include "support/test_support.h"
@@ -338,6 +339,107 @@ TEST(Mamba3TrainGpu, CoreBesideTheChainAndStagedTilesGiveTheSameBits) {
       }
     }
   EXPECT_GT(ran, 0) << "no case ran the fused core beside the chain";
+}
+
+// out_proj's product beside the walk (out_proj_beside.h) on its own, its counters already at their target (so nothing
+// waits), against a float64 product of the same bf16 operands: f32 results to f32 rounding, bf16 results to one bf16
+// rounding. Several sequences and chunks, K of one and of 24 steps, one and six column tiles.
+TEST(Mamba3TrainGpu, OutProjBesideMatchesAFloat64Product) {
+  MAMBA3_REQUIRE_GPU();
+  struct Shape3 {
+    int64_t B, L;
+    int K, D;
+  };
+  int ran = 0;
+  for (const Shape3 sh : {Shape3{2, 192, 64, 128}, Shape3{3, 128, 192, 256}, Shape3{1, 128, 1536, 768}})
+    for (const bool f32_out : {true, false}) {
+      SCOPED_TRACE("B " + std::to_string(sh.B) + " L " + std::to_string(sh.L) + " K " + std::to_string(sh.K) + " D " +
+                   std::to_string(sh.D) + (f32_out ? " f32" : " bf16"));
+      const int64_t M = sh.B * sh.L;
+      std::mt19937 rng(uint32_t(91 + M + sh.K));
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      Tensor a = Tensor::empty(DType::F32, {M, sh.K}), w = Tensor::empty(DType::F32, {sh.D, sh.K});
+      for (int64_t i = 0; i < a.numel(); ++i) a.data<float>()[i] = nd(rng);
+      for (int64_t i = 0; i < w.numel(); ++i) w.data<float>()[i] = nd(rng) / std::sqrt(float(sh.K));
+      const Tensor a16 = a.to(DType::BF16).to(DType::F32), w16 = w.to(DType::BF16).to(DType::F32);
+      cuda::DeviceBuffer ad = to_device_activation(a, cuda::Precision::BF16);
+      cuda::DeviceBuffer wd = to_device_activation(w, cuda::Precision::BF16);
+      cuda::DeviceBuffer out(size_t(M * sh.D) * (f32_out ? 4 : 2));
+      poison(out.raw(), out.bytes());
+      const int nc = int(sh.L / 64);
+      std::vector<unsigned> counts(size_t(sh.B * nc), 3u);  // (the target below: every chunk's rows there)
+      cuda::DeviceBuffer ready(counts.size() * sizeof(unsigned));
+      ready.upload(counts.data(), counts.size() * sizeof(unsigned));
+      ASSERT_TRUE(cuda::train_detail::out_proj_beside_supported(sh.L, sh.K, sh.D, ad.raw(), wd.raw(), out.raw()));
+      cuda::train_detail::OutProjBesideParams op{};
+      op.o16 = ad.as<uint16_t>(), op.w16 = wd.as<uint16_t>();
+      op.out16 = f32_out ? nullptr : out.as<uint16_t>(), op.out = f32_out ? out.as<float>() : nullptr;
+      op.B = sh.B, op.L = sh.L, op.K = sh.K, op.D = sh.D, op.nc = nc, op.ready = ready.as<unsigned>(), op.target = 3;
+      cuda::Context ctx;
+      cuda::train_detail::launch_out_proj_beside(ctx.stream(), op);
+      ctx.sync();
+      Tensor got = Tensor::empty(f32_out ? DType::F32 : DType::BF16, {M, sh.D});
+      out.download(got.raw(), got.nbytes());
+      got = got.to(DType::F32);
+      double err = 0, ref_sq = 0;
+      for (int64_t r = 0; r < M; ++r)
+        for (int n = 0; n < sh.D; ++n) {
+          double ref = 0;
+          for (int k = 0; k < sh.K; ++k)
+            ref += double(a16.data<float>()[r * sh.K + k]) * double(w16.data<float>()[int64_t(n) * sh.K + k]);
+          const double g = got.data<float>()[r * sh.D + n];
+          ASSERT_TRUE(std::isfinite(g)) << "row " << r << " column " << n;
+          err += (g - ref) * (g - ref), ref_sq += ref * ref;
+        }
+      const double rel = std::sqrt(err / ref_sq);
+      EXPECT_LT(rel, f32_out ? 1e-6 : 3e-3) << "relative error " << rel;
+      ++ran;
+    }
+  EXPECT_GT(ran, 0);
+}
+
+// out_proj beside the forward walk against cuBLAS after it, on the same layer (out_proj's weight given as its bf16
+// mirror in both): out to f32 rounding (another summation order), du and every gradient the same bits (the backward
+// does not read out). Recomputed and kept forwards, repeated forwards (the counters only grow); it must run wherever
+// the walk runs with whole chunks, K % 64 and d_model % 128 — the 24-head tiles' layer at three and sixteen chunks.
+TEST(Mamba3TrainGpu, OutProjBesideTheWalkTracksTheProduct) {
+  MAMBA3_REQUIRE_GPU();
+  const std::vector<LayerCase> cases = siso_cases_with_125m_tiles();
+  int ran = 0;
+  for (const LayerCase& lc : cases)
+    for (const int64_t L : {64, 192, 1024}) {
+      const bool big = lc.c.d_model == 768;
+      if (L == 1024 && !big) continue;
+      const int64_t batch = L == 1024 ? 2 : 3;
+      auto [mixer, u, dout] = random_layer(lc.c, batch, L, uint32_t(4900 + L));
+      CoreLayerStep step(mixer, u, dout);
+      take_fused_core_with_bf16_operands(step);
+      cuda::DeviceBuffer w16 = to_device_activation(mixer.param("out_proj.weight"), cuda::Precision::BF16);
+      step.out_proj16 = w16.as<uint16_t>();
+      for (const bool keep : {false, true}) {
+        SCOPED_TRACE(std::string(lc.name) + " L=" + std::to_string(L) + (keep ? " kept" : " recomputed"));
+        step.train.set_out_proj_beside(false);
+        const GpuResult after = step.run(keep);
+        const bool applies = step.train.fwd_walk_used() && lc.c.d_model % 128 == 0 && lc.c.d_inner() % 64 == 0;
+        step.train.set_out_proj_beside(true);
+        const GpuResult beside = step.run(keep), again = step.run(keep);
+        EXPECT_EQ(step.train.out_proj_beside_used(), applies);
+        step.train.set_out_proj_beside(false);
+        ASSERT_NO_FATAL_FAILURE(assert_finite(beside));
+        EXPECT_TRUE(bit_identical(beside, again)) << "not deterministic";
+        EXPECT_TRUE(bit_identical(after, beside, false)) << "the backward moved";
+        double err = 0, ref_sq = 0;
+        const float *x = beside.out.data<float>(), *y = after.out.data<float>();
+        for (int64_t i = 0; i < after.out.numel(); ++i)
+          err += double(x[i] - y[i]) * (x[i] - y[i]), ref_sq += double(y[i]) * y[i];
+        EXPECT_LT(std::sqrt(err / ref_sq), 1e-5) << "out beside the walk is not cuBLAS's product to rounding";
+        if (!applies) {
+          EXPECT_TRUE(bit_identical(after, beside)) << "the switch changed a path it does not apply to";
+        }
+        ran += applies;
+      }
+    }
+  EXPECT_GT(ran, 0) << "no case ran out_proj beside the walk";
 }
 
 // w ⊙ v left by the SISO build to its readers (the forward chain scales v's fragments; the fused core with the output

@@ -21,6 +21,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/pdl.h"
 #include "cuda/train/chunk_core_launch.cuh"
+#include "cuda/train/chunk_ready.cuh"
 #include "cuda/train/mamba3_train_batched_common.cuh"
 #include "cuda/train/mamba3_train_fwd_core.h"
 #include "cuda/train/mamba3_train_math.cuh"
@@ -67,6 +68,7 @@ constexpr size_t kTwoBlocksSmem = (228 * 1024 - 2 * 1024) / 2;
 template <int N, int P>
 __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(const BatchedParams p, void* out16) {
   pdl_wait();
+  if (p.walk_ready) pdl_trigger();  // (out_proj beside it: every block of this grid resident or done first)
   using Sm = WalkSmem<N, P>;
   static_assert(Sm::bytes <= kTwoBlocksSmem, "two blocks per SM");
   constexpr int kThreads = Sm::threads, LDA = Sm::LDA, LDN = Sm::LDN, LDZ = Sm::LDZ, NT = N / 16;
@@ -223,6 +225,8 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
     const int64_t chunk = bh * nc + i;
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();  // chunk i's B rows, codes, x and scalars are in; chunk i - 1's reads of k, the state, z are done
+    // (chunk i − 1's o16 rows, stored before this barrier, for out_proj beside the walk: out_proj_beside.h)
+    if (p.walk_ready && i > 0 && threadIdx.x == 0) chunk_ready_publish(p.walk_ready + int64_t(b) * nc + (i - 1));
     const bf16* sA = sA0 + (i % 2) * kRows * LDA;
     const float dc = sDec[i % 2];
     const float* sScal = sScal0 + (i % 2) * Sm::kScalars * kRows;
@@ -355,6 +359,10 @@ __global__ void __launch_bounds__(WalkSmem<N, P>::threads, 2) fwd_walk_kernel(co
       store_row_pairs(y16, reinterpret_cast<bf16*>(aligned16(p.WV)) + (chunk * kRows + tl) * P + c0, true);
       store_row_pairs(o16, static_cast<bf16*>(p.o16) + tok * d.d_inner + int64_t(h) * P + c0, true);
     }
+  }
+  if (p.walk_ready && nc > 0) {  // the last chunk's o16 rows
+    __syncthreads();
+    if (threadIdx.x == 0) chunk_ready_publish(p.walk_ready + int64_t(b) * nc + (nc - 1));
   }
 }
 

@@ -12,8 +12,9 @@
 #include "cuda/env_switch.h"
 #include "cuda/train/mamba3_train_bwd_core.h"
 #include "cuda/train/mamba3_train_fwd_core.h"
-#include "cuda/train/mamba3_train_state_chain.h"
 #include "cuda/train/mamba3_train_kernels.h"
+#include "cuda/train/mamba3_train_state_chain.h"
+#include "cuda/train/out_proj_beside.h"
 #include "cuda/train/phase_profile.h"
 
 namespace mamba3::cuda {
@@ -247,6 +248,13 @@ bool env_core_beside() {
   return on;
 }
 
+// MAMBA3_TRAIN_OUT_PROJ_BESIDE, read once per process: the mixer's out_proj beside the forward walk ("1") or after
+// it ("0", the default until measured). To rounding (the product's own summation order).
+bool env_out_proj_beside() {
+  static const bool on = env_choice("MAMBA3_TRAIN_OUT_PROJ_BESIDE", {"0", "1"}) == "1";
+  return on;
+}
+
 // MAMBA3_TRAIN_CORE_STAGED, read once per process: the fused core's state tiles in its phases' own copies ("1") or
 // with the other tiles ("0", the default until measured). The same bits.
 bool env_core_staged() {
@@ -340,6 +348,7 @@ Mamba3TrainGpu::Mamba3TrainGpu(const Mamba3Config& c)
       chain_dye_(env_chain_dye()),
       core_beside_(env_core_beside()),
       core_staged_(env_core_staged()),
+      out_proj_beside_(env_out_proj_beside()),
       qk_rotated_only_(env_qk_rotated_only()),
       kv_chain_(env_kv_chain() != "0"),  // ("" when unset: the walk)
       kv_chain_beside_(env_kv_chain() == "beside"),
@@ -630,8 +639,24 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       prof.mark("build");
     }
     if (walk) {
+      // out_proj beside the walk where forward() asked for it (walk_ready_wanted_: its shapes and operands checked
+      // there): the walk's per-(sequence, chunk) counters, zeroed whenever the shape they count for changes.
+      walk_ready_used_ = !backward && walk_ready_wanted_ && d.L % p.T == 0 && p.T == 64;
+      if (walk_ready_used_) {
+        const int64_t chunks = B * nc;
+        if (walk_ready_chunks_ != chunks || walk_ready_heads_ != d.H || walk_ready_launches_ > (1u << 30)) {
+          reserve_elems(walk_ready_, chunks, sizeof(unsigned));
+          MAMBA3_CUDA_CHECK(cudaMemsetAsync(walk_ready_.raw(), 0, size_t(chunks) * sizeof(unsigned), s));
+          walk_ready_chunks_ = chunks, walk_ready_heads_ = int(d.H), walk_ready_launches_ = 0;
+        }
+        ++walk_ready_launches_;
+        p.walk_ready = walk_ready_.as<unsigned>();
+      }
       launch_fwd_walk(s, p, act_->Hc16.raw());
-      prof.mark("forward walk");
+      p.walk_ready = nullptr;
+      // (beside: no event between the walk and out_proj, which would hold the product back until the walk ends; the
+      // profile counts both as out_proj)
+      if (!walk_ready_used_) prof.mark("forward walk");
       p.build_q_only = p.kv_forms_q = false;
     } else if (p.build_q_only) {
       launch_kv_chain(s, p, act_->Hc16.raw());
@@ -884,9 +909,26 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
   PhaseProfile prof(ctx.stream(), "mixer forward profile", 2);
   prepare(ctx, gemm, w, B, L, u, u16, &prof);
   if (chunk_batched_) {
-    batched_chunks(ctx, gemm.precision() == Precision::BF16, w, B, L, false, nullptr, prof);
+    // out_proj beside the walk (set_out_proj_beside): asked for here, where its operands are known; batched_chunks
+    // says whether the walk ran with the counters (walk_ready_used_).
+    const bool bf16 = gemm.precision() == Precision::BF16;
+    walk_ready_wanted_ = out_proj_beside_ && bf16 && o_in_bf16(gemm) && w.out_proj16 &&
+                         out_proj_beside_supported(L, c_.d_inner(), c_.d_model, act_->o16.raw(), w.out_proj16,
+                                                   out16 ? static_cast<const void*>(out16) : out);
+    walk_ready_used_ = false;
+    batched_chunks(ctx, bf16, w, B, L, false, nullptr, prof);
+    walk_ready_wanted_ = false;
     act_->B = B, act_->L = L, act_->valid = true;
-    out_projection(ctx, gemm, w, B * L, out, out16);
+    out_proj_beside_used_ = walk_ready_used_;
+    if (walk_ready_used_) {
+      OutProjBesideParams op{};
+      op.o16 = act_->o16.as<uint16_t>(), op.w16 = w.out_proj16, op.out16 = out16, op.out = out16 ? nullptr : out;
+      op.B = B, op.L = L, op.K = int(c_.d_inner()), op.D = int(c_.d_model), op.nc = int(L / 64);
+      op.ready = walk_ready_.as<unsigned>(), op.target = walk_ready_launches_ * unsigned(walk_ready_heads_);
+      launch_out_proj_beside(ctx.stream(), op);
+    } else {
+      out_projection(ctx, gemm, w, B * L, out, out16);
+    }
     prof.mark("out_proj");
     prof.report();
     return;

@@ -217,6 +217,13 @@ class Mamba3TrainGpu {
   void set_core_staged(bool on) { core_staged_ = on; }
   // Whether the last backward's fused core did (set_core_staged and its configuration).
   bool core_staged_used() const { return core_staged_used_; }
+  // With the forward walk in the bf16 mode and out_proj's bf16 weight mirror, out_proj runs beside the walk — its own
+  // product of 64-row tiles, each waiting for the walk's counter of its (sequence, chunk) — instead of after it
+  // (default from MAMBA3_TRAIN_OUT_PROJ_BESIDE, off until measured); out to rounding (another summation order than
+  // cuBLAS's), the backward the same bits.
+  void set_out_proj_beside(bool on) { out_proj_beside_ = on; }
+  // Whether the last forward did (set_out_proj_beside and its configuration).
+  bool out_proj_beside_used() const { return out_proj_beside_used_; }
   // Whether the last chunk pass's forward did (set_vw_formed and its configuration).
   bool vw_formed_used() const { return vw_formed_used_; }
   // The SISO build stores only q's and k's rotated columns (rope_fraction 0.5: the upper half of the state passes
@@ -408,6 +415,8 @@ class Mamba3TrainGpu {
   bool core_beside_used_ = false;    // the last backward's did (core_beside_used)
   bool core_staged_ = false;         // the fused core's state tiles in its phases' own copies (set_core_staged)
   bool core_staged_used_ = false;    // the last backward's did (core_staged_used)
+  bool out_proj_beside_ = false;     // out_proj beside the forward walk (set_out_proj_beside)
+  bool out_proj_beside_used_ = false;  // the last forward's did (out_proj_beside_used)
   bool vw_formed_used_ = false;      // the last chunk pass's forward did (vw_formed_used)
   bool qk_rotated_only_ = false;     // q and k stored in part, formed in part by their readers (set_qk_rotated_only)
   bool qk_rotated_only_used_ = false;  // the last chunk pass's forward did (qk_rotated_only_used)
@@ -436,6 +445,13 @@ class Mamba3TrainGpu {
   // The reverse chain's per-chunk counters for the fused core beside it (BatchedParams::chain_ready), the chunks and
   // chain blocks per sequence-head they were zeroed for, and the chain launches since.
   DeviceBuffer chain_ready_;
+  // The forward walk's per-(sequence, chunk) counters for out_proj beside it: whether forward() asks for them this
+  // call, whether the walk took them, the chunks and heads they were zeroed for, and the walk's launches since.
+  DeviceBuffer walk_ready_;
+  bool walk_ready_wanted_ = false, walk_ready_used_ = false;
+  int64_t walk_ready_chunks_ = 0;
+  int walk_ready_heads_ = 0;
+  unsigned walk_ready_launches_ = 0;
   int64_t chain_ready_chunks_ = 0;
   int chain_ready_blocks_ = 0;
   unsigned chain_ready_launches_ = 0;

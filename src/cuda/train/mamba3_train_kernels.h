@@ -253,6 +253,10 @@ struct BatchedParams {
   // (acquire). The counters only grow; the caller counts the launches (target = launches × the chain's P blocks).
   unsigned* chain_ready;
   unsigned chain_ready_target;
+  // out_proj beside the forward walk (Mamba3TrainGpu::set_out_proj_beside; null: not): (B, nc) counters that every
+  // head's walk raises by one once a chunk's o16 rows are stored (release); the walk then also triggers its
+  // dependents right after its own wait (out_proj_beside.h).
+  unsigned* walk_ready;
   // The 8-warp fused core with the output part copies the state tiles in their phases' own groups (H_c by phase A's
   // warps, dH by phase B's), waited for just before their first products (Mamba3TrainGpu::set_core_staged); the same
   // bits.
