@@ -642,16 +642,7 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
       // out_proj beside the walk where forward() asked for it (walk_ready_wanted_: its shapes and operands checked
       // there): the walk's per-(sequence, chunk) counters, zeroed whenever the shape they count for changes.
       walk_ready_used_ = !backward && walk_ready_wanted_ && d.L % p.T == 0 && p.T == 64;
-      if (walk_ready_used_) {
-        const int64_t chunks = B * nc;
-        if (walk_ready_chunks_ != chunks || walk_ready_heads_ != d.H || walk_ready_launches_ > (1u << 30)) {
-          reserve_elems(walk_ready_, chunks, sizeof(unsigned));
-          MAMBA3_CUDA_CHECK(cudaMemsetAsync(walk_ready_.raw(), 0, size_t(chunks) * sizeof(unsigned), s));
-          walk_ready_chunks_ = chunks, walk_ready_heads_ = int(d.H), walk_ready_launches_ = 0;
-        }
-        ++walk_ready_launches_;
-        p.walk_ready = walk_ready_.as<unsigned>();
-      }
+      if (walk_ready_used_) p.walk_ready = walk_ready_.next_launch(s, B * nc, int(d.H));  // (every head's walk)
       launch_fwd_walk(s, p, act_->Hc16.raw());
       p.walk_ready = nullptr;
       // (beside: no event between the walk and out_proj, which would hold the product back until the walk ends; the
@@ -790,17 +781,9 @@ void Mamba3TrainGpu::batched_chunks(const Context& ctx, bool bf16, const Mamba3T
     p.core_staged = core_staged_ && p.core_output && fused_core_beside_supported(p);
     core_staged_used_ = p.core_staged;
     core_beside_used_ = chain_dye && core_beside_ && fused_core_beside_supported(p);
-    if (core_beside_used_) {
-      const int64_t chunks = BHc;
-      const int blocks = state_chain_blocks_per_head(p);
-      if (chain_ready_chunks_ != chunks || chain_ready_blocks_ != blocks || chain_ready_launches_ > (1u << 30)) {
-        reserve_elems(chain_ready_, chunks, sizeof(unsigned));
-        MAMBA3_CUDA_CHECK(cudaMemsetAsync(chain_ready_.raw(), 0, size_t(chunks) * sizeof(unsigned), s));
-        chain_ready_chunks_ = chunks, chain_ready_blocks_ = blocks, chain_ready_launches_ = 0;
-      }
-      ++chain_ready_launches_;
-      p.chain_ready = chain_ready_.as<unsigned>();
-      p.chain_ready_target = chain_ready_launches_ * unsigned(blocks);
+    if (core_beside_used_) {  // (every chain block of a sequence-head raises its chunks' counters)
+      p.chain_ready = chain_ready_.next_launch(s, BHc, state_chain_blocks_per_head(p));
+      p.chain_ready_target = chain_ready_.target();
     }
     launch_state_chain(s, p, chain_dye ? nullptr : p.dYe, p.Q, true, dHc16_.raw(), nullptr, chain_dye);
     // (beside: no event between the two launches, which would hold the core back until the chain ends; the profile
@@ -924,7 +907,7 @@ void Mamba3TrainGpu::forward(const Context& ctx, TrainGemm& gemm, const Mamba3Tr
       OutProjBesideParams op{};
       op.o16 = act_->o16.as<uint16_t>(), op.w16 = w.out_proj16, op.out16 = out16, op.out = out16 ? nullptr : out;
       op.B = B, op.L = L, op.K = int(c_.d_inner()), op.D = int(c_.d_model), op.nc = int(L / 64);
-      op.ready = walk_ready_.as<unsigned>(), op.target = walk_ready_launches_ * unsigned(walk_ready_heads_);
+      op.ready = walk_ready_.counters(), op.target = walk_ready_.target();
       launch_out_proj_beside(ctx.stream(), op);
     } else {
       out_projection(ctx, gemm, w, B * L, out, out16);

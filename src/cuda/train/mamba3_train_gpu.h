@@ -15,6 +15,7 @@
 
 #include "cuda/cuda_context.h"
 #include "cuda/device_buffer.h"
+#include "cuda/train/chunk_ready_counters.h"
 #include "cuda/train/phase_profile.h"
 #include "cuda/train/train_gemm.h"
 #include "ops/mamba3_config.h"
@@ -442,19 +443,12 @@ class Mamba3TrainGpu {
   // Batched path (BatchedParams), backward only: dLam (B·H·nc, T); dq, dk (rows, N) and dy, e^Λ ⊙ dy, dv (rows, P)
   // per chunk; dW (f32) and dS (operand type), (rows, rows) per chunk; the bf16 copy of dHc (bf16 mode).
   DeviceBuffer bdLam_, bdY_, bdYe_, bdQ_, bdK_, bdQK16_, bdV_, bdWf_, bdS_, dHc16_;
-  // The reverse chain's per-chunk counters for the fused core beside it (BatchedParams::chain_ready), the chunks and
-  // chain blocks per sequence-head they were zeroed for, and the chain launches since.
-  DeviceBuffer chain_ready_;
-  // The forward walk's per-(sequence, chunk) counters for out_proj beside it: whether forward() asks for them this
-  // call, whether the walk took them, the chunks and heads they were zeroed for, and the walk's launches since.
-  DeviceBuffer walk_ready_;
+  // The reverse chain's per-chunk counters for the fused core beside it (BatchedParams::chain_ready).
+  train_detail::ChunkReadyCounters chain_ready_;
+  // The forward walk's per-(sequence, chunk) counters for out_proj beside it, whether forward() asks for them this
+  // call, and whether the walk took them.
+  train_detail::ChunkReadyCounters walk_ready_;
   bool walk_ready_wanted_ = false, walk_ready_used_ = false;
-  int64_t walk_ready_chunks_ = 0;
-  int walk_ready_heads_ = 0;
-  unsigned walk_ready_launches_ = 0;
-  int64_t chain_ready_chunks_ = 0;
-  int chain_ready_blocks_ = 0;
-  unsigned chain_ready_launches_ = 0;
   // dzx's bf16 copy (M, d_in), written by its producers (set_dzx_bf16). backward() offers it to the chunk stage in
   // dzx16_offer_, for batched_chunks to take into BatchedParams::dzx16 (`p.dzx16 = std::exchange(dzx16_offer_,
   // nullptr);`), and only if it was taken (the z and x columns written) do the other producers write theirs and the
